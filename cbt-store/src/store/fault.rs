@@ -1,0 +1,280 @@
+//! Fault-injecting wrapper for tests: fails chosen calls, damages bodies, and counts calls per
+//! operation, so crash, resume and retry behaviour can be tested deterministically.
+//!
+//! Owns only injection and counting; every call that no rule hits is forwarded unchanged.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+
+use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, StoreError};
+
+/// Which matching calls a [`FaultRule`] hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Only the n-th matching call (1-based).
+    Nth(u64),
+    /// Every matching call after the first n (n = 0: every call).
+    After(u64),
+    /// The first n matching calls, then no more.
+    FirstN(u64),
+}
+
+/// What happens to a call a rule hits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail with [`StoreError::Transient`] without touching the inner store.
+    Transient,
+    /// Forward the call, then fail with [`StoreError::Transient`] (the write landed, the answer
+    /// was lost).
+    TransientAfterCall,
+    /// Fail with a non-transient [`StoreError::Backend`] without touching the inner store.
+    Permanent,
+    /// `put`: store only the first n bytes; `get`/`get_range`: return only the first n bytes.
+    Truncate(usize),
+    /// `put`: store the body with one bit flipped; `get`/`get_range`: return it flipped.
+    /// The flipped bit is in the middle of the body (empty bodies are left alone).
+    FlipBit,
+}
+
+/// One injection rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRule {
+    /// Operation the rule applies to (`None`: all operations).
+    pub op: Option<Op>,
+    /// Only keys containing this substring (`None`: all keys).
+    pub key_contains: Option<String>,
+    /// Which matching calls are hit.
+    pub when: When,
+    /// What happens to them.
+    pub fault: Fault,
+}
+
+impl FaultRule {
+    /// Rule for `op` on every key.
+    pub fn new(op: Op, when: When, fault: Fault) -> Self {
+        Self {
+            op: Some(op),
+            key_contains: None,
+            when,
+            fault,
+        }
+    }
+
+    /// Same rule restricted to keys containing `needle`.
+    pub fn on_keys_containing(mut self, needle: impl Into<String>) -> Self {
+        self.key_contains = Some(needle.into());
+        self
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rules: Vec<(FaultRule, u64)>,
+    calls: BTreeMap<Op, u64>,
+    injected: u64,
+}
+
+/// [`ObjectStore`] wrapper that injects faults by rule and counts calls.
+#[derive(Debug, Clone)]
+pub struct FaultyStore {
+    inner: Arc<dyn ObjectStore>,
+    state: Arc<Mutex<State>>,
+}
+
+impl FaultyStore {
+    /// Wraps `inner` with no rules.
+    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner,
+            state: Arc::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a rule; rules are checked in the order added and the first hit wins.
+    pub fn add_rule(&self, rule: FaultRule) -> &Self {
+        self.state().rules.push((rule, 0));
+        self
+    }
+
+    /// Shorthand: fail the n-th (1-based) call of `op` with a transient error.
+    pub fn fail_nth(&self, op: Op, n: u64) -> &Self {
+        self.add_rule(FaultRule::new(op, When::Nth(n), Fault::Transient))
+    }
+
+    /// Shorthand: every call of `op` after the first `n` fails permanently, as if the process
+    /// lost its store mid-run (a "crash" point for resume tests).
+    pub fn fail_after(&self, op: Op, n: u64) -> &Self {
+        self.add_rule(FaultRule::new(op, When::After(n), Fault::Permanent))
+    }
+
+    /// Removes every rule (counters are kept).
+    pub fn clear_rules(&self) {
+        self.state().rules.clear();
+    }
+
+    /// Calls of `op` seen so far (hit by a rule or not).
+    pub fn calls(&self, op: Op) -> u64 {
+        self.state().calls.get(&op).copied().unwrap_or(0)
+    }
+
+    /// Calls of every operation seen so far.
+    pub fn call_counts(&self) -> BTreeMap<Op, u64> {
+        self.state().calls.clone()
+    }
+
+    /// Number of calls a rule has hit.
+    pub fn injected(&self) -> u64 {
+        self.state().injected
+    }
+
+    /// Zeroes the call counters.
+    pub fn reset_counts(&self) {
+        let mut s = self.state();
+        s.calls.clear();
+        s.injected = 0;
+    }
+
+    fn check(&self, op: Op, key: &str) -> Option<Fault> {
+        let mut s = self.state();
+        *s.calls.entry(op).or_default() += 1;
+        let mut hit = None;
+        for (rule, seen) in s.rules.iter_mut() {
+            if rule.op.is_some_and(|o| o != op)
+                || rule
+                    .key_contains
+                    .as_deref()
+                    .is_some_and(|n| !key.contains(n))
+            {
+                continue;
+            }
+            *seen += 1;
+            let fires = match rule.when {
+                When::Nth(n) => *seen == n,
+                When::After(n) => *seen > n,
+                When::FirstN(n) => *seen <= n,
+            };
+            if fires && hit.is_none() {
+                hit = Some(rule.fault.clone());
+            }
+        }
+        if hit.is_some() {
+            s.injected += 1;
+        }
+        hit
+    }
+}
+
+fn injected(op: Op, key: &str, permanent: bool) -> StoreError {
+    if permanent {
+        StoreError::Backend {
+            op,
+            key: key.to_string(),
+            message: "injected permanent fault".into(),
+        }
+    } else {
+        StoreError::Transient {
+            op,
+            key: key.to_string(),
+            message: "injected transient fault".into(),
+        }
+    }
+}
+
+fn damage(body: Bytes, fault: &Fault) -> Bytes {
+    match fault {
+        Fault::Truncate(n) => body.slice(..(*n).min(body.len())),
+        Fault::FlipBit if !body.is_empty() => {
+            let mut b = BytesMut::from(body.as_ref());
+            let mid = b.len() / 2;
+            b[mid] ^= 0x10;
+            b.freeze()
+        }
+        _ => body,
+    }
+}
+
+/// Decides what to do before forwarding; returns the fault to apply to the result, if any.
+macro_rules! pre {
+    ($self:ident, $op:expr, $key:expr) => {{
+        let fault = $self.check($op, $key);
+        match fault {
+            Some(Fault::Transient) => return Err(injected($op, $key, false)),
+            Some(Fault::Permanent) => return Err(injected($op, $key, true)),
+            other => other,
+        }
+    }};
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FaultyStore {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        let fault = pre!(self, Op::Put, key);
+        let body = match &fault {
+            Some(f) => damage(body, f),
+            None => body,
+        };
+        let out = self.inner.put(key, body, mode).await?;
+        if fault == Some(Fault::TransientAfterCall) {
+            return Err(injected(Op::Put, key, false));
+        }
+        Ok(out)
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let fault = pre!(self, Op::Get, key);
+        let body = self.inner.get(key).await?;
+        match fault {
+            Some(Fault::TransientAfterCall) => Err(injected(Op::Get, key, false)),
+            Some(f) => Ok(damage(body, &f)),
+            None => Ok(body),
+        }
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let fault = pre!(self, Op::GetRange, key);
+        let body = self.inner.get_range(key, range).await?;
+        match fault {
+            Some(Fault::TransientAfterCall) => Err(injected(Op::GetRange, key, false)),
+            Some(f) => Ok(damage(body, &f)),
+            None => Ok(body),
+        }
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        let fault = pre!(self, Op::Head, key);
+        let out = self.inner.head(key).await?;
+        if fault == Some(Fault::TransientAfterCall) {
+            return Err(injected(Op::Head, key, false));
+        }
+        Ok(out)
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        let fault = pre!(self, Op::List, prefix);
+        let out = self.inner.list_page(prefix, continuation).await?;
+        if fault == Some(Fault::TransientAfterCall) {
+            return Err(injected(Op::List, prefix, false));
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let fault = pre!(self, Op::Delete, key);
+        self.inner.delete(key).await?;
+        if fault == Some(Fault::TransientAfterCall) {
+            return Err(injected(Op::Delete, key, false));
+        }
+        Ok(())
+    }
+}

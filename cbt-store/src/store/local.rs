@@ -1,0 +1,415 @@
+//! Directory-backed object store: the embedded default backend.
+//!
+//! Owns the on-disk object format and its atomicity. Each object is one file at
+//! `<root>/<key>` holding the body followed by an 8-byte trailer (`CBTC` magic + crc32c of the
+//! body, little endian), so body and checksum are always replaced together. Writes go to a
+//! staging file in `<root>/.cbt-tmp/` (same file system), are fsynced, then made visible with
+//! `rename` (overwrite) or `link` (create-if-absent: the kernel refuses to link over an existing
+//! name, so of two racers exactly one wins). A reader therefore never sees a partial object.
+//! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed and
+//! [`LocalStore::remove_stale_staging`] deletes them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+
+use super::{
+    ListPage, ObjectMeta, ObjectStore, PutMode, PutOutcome, StoreError, validate_key,
+    validate_prefix,
+};
+
+/// Name of the staging directory under the root (reserved: no key may start with it).
+pub(crate) const TEMP_DIR: &str = ".cbt-tmp";
+const TRAILER_MAGIC: [u8; 4] = *b"CBTC";
+/// Bytes of framing after every body.
+pub const TRAILER_LEN: u64 = 8;
+/// Default number of objects per listing page.
+pub const DEFAULT_PAGE_SIZE: usize = 1000;
+
+static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Object store in a local directory (see the module docs for the format and guarantees).
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    root: PathBuf,
+    page_size: usize,
+}
+
+impl LocalStore {
+    /// Opens the store rooted at `root`, creating the directory (and parents) if needed.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the directory cannot be created or is not a directory.
+    pub fn new(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref().to_path_buf();
+        let io_err = |source| StoreError::Io {
+            key: root.display().to_string(),
+            source,
+        };
+        fs::create_dir_all(root.join(TEMP_DIR)).map_err(io_err)?;
+        let root = root.canonicalize().map_err(io_err)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                root,
+                page_size: DEFAULT_PAGE_SIZE,
+            }),
+        })
+    }
+
+    /// Same store with at most `page_size` (>= 1) objects per [`ObjectStore::list_page`].
+    pub fn with_page_size(self, page_size: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                root: self.inner.root.clone(),
+                page_size: page_size.max(1),
+            }),
+        }
+    }
+
+    /// Root directory of the store.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// File holding `key` (for tools and tests that inspect the on-disk format).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidKey`] for a key that breaks the key rules.
+    pub fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
+        validate_key(key)?;
+        Ok(self.inner.root.join(key))
+    }
+
+    /// Deletes staging files older than `min_age` left by crashed writers; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the staging directory cannot be read.
+    pub fn remove_stale_staging(&self, min_age: Duration) -> Result<usize, StoreError> {
+        let dir = self.inner.root.join(TEMP_DIR);
+        let io_err = |source| StoreError::Io {
+            key: TEMP_DIR.to_string(),
+            source,
+        };
+        let now = SystemTime::now();
+        let mut removed = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err)? {
+            let entry = entry.map_err(io_err)?;
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= min_age);
+            if old && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn blocking<T, F>(&self, key: &str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Io {
+                key: key.to_string(),
+                source: io::Error::other(format!("local store worker failed: {e}")),
+            })?
+    }
+}
+
+fn io_at(key: &str) -> impl Fn(io::Error) -> StoreError + '_ {
+    move |source| {
+        if source.kind() == io::ErrorKind::NotFound {
+            StoreError::NotFound {
+                key: key.to_string(),
+            }
+        } else {
+            StoreError::Io {
+                key: key.to_string(),
+                source,
+            }
+        }
+    }
+}
+
+fn body_size(key: &str, file_len: u64) -> Result<u64, StoreError> {
+    file_len
+        .checked_sub(TRAILER_LEN)
+        .ok_or_else(|| StoreError::Malformed {
+            key: key.to_string(),
+            reason: format!(
+                "file is {file_len} bytes, shorter than the {TRAILER_LEN}-byte checksum trailer"
+            ),
+        })
+}
+
+impl Inner {
+    fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<PutOutcome, StoreError> {
+        let target = self.root.join(key);
+        let io = io_at(key);
+        let parent = target.parent().unwrap_or(&self.root);
+        if mode == PutMode::IfAbsent && target.exists() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        fs::create_dir_all(parent).map_err(&io)?;
+        let staging = self.root.join(TEMP_DIR).join(format!(
+            "{}-{}-{}",
+            std::process::id(),
+            STAGING_COUNTER.fetch_add(1, Ordering::Relaxed),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0)
+        ));
+        let result = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staging)
+                .map_err(&io)?;
+            let mut trailer = [0u8; TRAILER_LEN as usize];
+            trailer[..4].copy_from_slice(&TRAILER_MAGIC);
+            trailer[4..].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            file.write_all(body).map_err(&io)?;
+            file.write_all(&trailer).map_err(&io)?;
+            file.sync_all().map_err(&io)?;
+            drop(file);
+            let outcome = match mode {
+                PutMode::Overwrite => {
+                    fs::rename(&staging, &target).map_err(&io)?;
+                    PutOutcome::Created
+                }
+                PutMode::IfAbsent => match fs::hard_link(&staging, &target) {
+                    Ok(()) => PutOutcome::Created,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
+                    Err(e) => return Err(io(e)),
+                },
+            };
+            // The new directory entry must survive a crash before we report success.
+            File::open(parent).and_then(|d| d.sync_all()).map_err(&io)?;
+            Ok(outcome)
+        })();
+        // After rename the staging name is gone; after link (or any failure) remove it.
+        let _ = fs::remove_file(&staging);
+        result
+    }
+
+    fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let io = io_at(key);
+        let mut file = File::open(self.root.join(key)).map_err(&io)?;
+        let mut data = Vec::new();
+        file.read_to_end(&mut data).map_err(&io)?;
+        let size = body_size(key, data.len() as u64)? as usize;
+        let trailer = &data[size..];
+        if trailer[..4] != TRAILER_MAGIC {
+            return Err(StoreError::Malformed {
+                key: key.to_string(),
+                reason:
+                    "checksum trailer magic is missing (not written by this store, or truncated)"
+                        .into(),
+            });
+        }
+        let mut stored = [0u8; 4];
+        stored.copy_from_slice(&trailer[4..]);
+        let expected = u32::from_le_bytes(stored);
+        let actual = crc32c::crc32c(&data[..size]);
+        if expected != actual {
+            return Err(StoreError::Corrupt {
+                key: key.to_string(),
+                expected,
+                actual,
+            });
+        }
+        data.truncate(size);
+        Ok(Bytes::from(data))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let io = io_at(key);
+        let file = File::open(self.root.join(key)).map_err(&io)?;
+        let size = body_size(key, file.metadata().map_err(&io)?.len())?;
+        if range.start >= range.end || range.end > size {
+            return Err(StoreError::RangeNotSatisfiable {
+                key: key.to_string(),
+                start: range.start,
+                end: range.end,
+                size: Some(size),
+            });
+        }
+        let len = usize::try_from(range.end - range.start).map_err(|_| {
+            StoreError::RangeNotSatisfiable {
+                key: key.to_string(),
+                start: range.start,
+                end: range.end,
+                size: Some(size),
+            }
+        })?;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, range.start).map_err(&io)?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        match fs::metadata(self.root.join(key)) {
+            Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: body_size(key, meta.len())?,
+                last_modified: meta.modified().ok(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_at(key)(e)),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match fs::remove_file(self.root.join(key)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_at(key)(e)),
+        }
+    }
+
+    fn list_page(&self, prefix: &str, after: Option<&str>) -> Result<ListPage, StoreError> {
+        let mut out = Vec::with_capacity(self.page_size.min(4096) + 1);
+        self.walk(&self.root, "", prefix, after, &mut out)?;
+        let next = if out.len() > self.page_size {
+            out.truncate(self.page_size);
+            out.last().map(|m| m.key.clone())
+        } else {
+            None
+        };
+        Ok(ListPage { objects: out, next })
+    }
+
+    /// Depth-first walk in key order. Children are sorted by the string their keys start with
+    /// (`name/` for a directory, `name` for a file); because a name never contains `/`, every
+    /// key under a directory compares the same way against a sibling as that string does, so
+    /// the walk yields keys in global byte order and whole subtrees before `after` are skipped.
+    fn walk(
+        &self,
+        dir: &Path,
+        key_prefix: &str,
+        prefix: &str,
+        after: Option<&str>,
+        out: &mut Vec<ObjectMeta>,
+    ) -> Result<(), StoreError> {
+        let io = io_at(key_prefix);
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io(e)),
+        };
+        let mut children = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(&io)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue; // not a key this store could have written
+            };
+            if key_prefix.is_empty() && name == TEMP_DIR {
+                continue;
+            }
+            let ft = entry.file_type().map_err(&io)?;
+            if ft.is_dir() {
+                children.push((format!("{key_prefix}{name}/"), true, entry.path()));
+            } else if ft.is_file() {
+                children.push((format!("{key_prefix}{name}"), false, entry.path()));
+            }
+        }
+        children.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, is_dir, path) in children {
+            if out.len() > self.page_size {
+                return Ok(());
+            }
+            if is_dir {
+                if !(key.starts_with(prefix) || prefix.starts_with(key.as_str())) {
+                    continue;
+                }
+                if after.is_some_and(|a| key.as_str() < a && !a.starts_with(key.as_str())) {
+                    continue;
+                }
+                self.walk(&path, &key, prefix, after, out)?;
+            } else {
+                if !key.starts_with(prefix) || after.is_some_and(|a| key.as_str() <= a) {
+                    continue;
+                }
+                let meta = match fs::metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
+                    Err(e) => return Err(io_at(&key)(e)),
+                };
+                out.push(ObjectMeta {
+                    size: meta.len().saturating_sub(TRAILER_LEN),
+                    last_modified: meta.modified().ok(),
+                    key,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for LocalStore {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.put(&k, &body, mode))
+            .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.get(&k)).await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.get_range(&k, range))
+            .await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.head(&k)).await
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        validate_prefix(prefix)?;
+        let p = prefix.to_string();
+        self.blocking(prefix, move |inner| {
+            inner.list_page(&p, continuation.as_deref())
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.delete(&k)).await
+    }
+}

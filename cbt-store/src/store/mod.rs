@@ -1,0 +1,515 @@
+//! The object store boundary: a small async trait every backend implements, the error type
+//! all backends share, key validation, and opening a store from a URL.
+//!
+//! Owns: [`ObjectStore`], [`StoreError`], key rules, [`open_url`]. Backends live in
+//! [`local`] (directory store, the embedded default) and [`s3`]; wrappers that implement the
+//! same trait live in [`retry`] (backoff on transient errors) and [`fault`] (fault injection
+//! for tests). Nothing here knows about repositories, chunks or manifests.
+
+pub mod fault;
+pub mod local;
+pub mod retry;
+pub mod s3;
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+pub use local::LocalStore;
+pub use retry::{RetryPolicy, RetryingStore};
+pub use s3::{S3Config, S3Options, S3Store};
+
+/// Longest key (in bytes) any backend accepts.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// A flat namespace of immutable-ish blobs addressed by `/`-separated keys.
+///
+/// Keys are relative to the store's root (directory or bucket prefix) and are validated by
+/// [`validate_key`] in every backend, so a key can never address anything outside the root.
+#[async_trait::async_trait]
+pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
+    /// Writes `body` under `key`, with its crc32c stored beside it (S3: `x-amz-checksum-crc32c`).
+    ///
+    /// # Guarantees
+    /// Readers see either the previous object or the whole new one, never a partial body.
+    /// With [`PutMode::IfAbsent`], of two concurrent writers of the same key exactly one gets
+    /// [`PutOutcome::Created`]; the other gets [`PutOutcome::AlreadyExists`] and the stored body
+    /// is the winner's.
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidKey`] for a bad key; transport and backend failures otherwise.
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError>;
+
+    /// Reads the whole object and verifies its stored crc32c.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if absent, [`StoreError::Corrupt`] / [`StoreError::Malformed`]
+    /// if the bytes do not match their checksum.
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Reads bytes `[range.start, range.end)` of the object. A partial read cannot be checked
+    /// against the whole-object checksum; callers verify ranges with their own hashes.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if absent, [`StoreError::RangeNotSatisfiable`] if the range is
+    /// empty, reversed, or ends past the object's end.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError>;
+
+    /// Metadata of the object, or `None` if absent.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError>;
+
+    /// One page of objects whose key starts with `prefix`, in lexicographic (byte) order,
+    /// starting after the key `continuation` names (pass back [`ListPage::next`]).
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError>;
+
+    /// Removes the object; deleting an absent key succeeds.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// How [`ObjectStore::put`] treats an existing object under the same key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PutMode {
+    /// Replace any existing object.
+    Overwrite,
+    /// Create only if no object has this key (S3 `If-None-Match: *`).
+    IfAbsent,
+}
+
+/// What a successful [`ObjectStore::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PutOutcome {
+    /// The body was stored.
+    Created,
+    /// `IfAbsent` and an object already had this key; nothing was written.
+    AlreadyExists,
+}
+
+/// Metadata of one stored object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the store root.
+    pub key: String,
+    /// Body size in bytes (without any backend framing).
+    pub size: u64,
+    /// Last modification time, where the backend reports one.
+    pub last_modified: Option<SystemTime>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ListPage {
+    /// Objects of this page in lexicographic key order.
+    pub objects: Vec<ObjectMeta>,
+    /// Continuation token for the next page; `None` when the listing is complete.
+    pub next: Option<String>,
+}
+
+/// Lists every object under `prefix` by following continuation tokens.
+///
+/// Memory grows with the number of objects listed; use [`ObjectStore::list_page`] directly to
+/// stream very large listings.
+///
+/// # Errors
+/// The first error of any page.
+pub async fn list_all(
+    store: &dyn ObjectStore,
+    prefix: &str,
+) -> Result<Vec<ObjectMeta>, StoreError> {
+    let mut out = Vec::new();
+    let mut continuation = None;
+    loop {
+        let page = store.list_page(prefix, continuation.take()).await?;
+        out.extend(page.objects);
+        match page.next {
+            Some(next) => continuation = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Coarse class of a [`StoreError`], for callers deciding what to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The object does not exist.
+    NotFound,
+    /// Worth retrying later: throttling, timeouts, 5xx, dropped connections.
+    Transient,
+    /// Fix the configuration: bad URL, credentials, missing bucket.
+    Config,
+    /// Stored bytes are damaged: repair needed.
+    Integrity,
+    /// The caller passed something invalid (key, range).
+    InvalidInput,
+    /// Anything else (unexpected backend answer, local I/O failure).
+    Other,
+}
+
+/// Operation names used in error messages and fault counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Op {
+    /// [`ObjectStore::put`]
+    Put,
+    /// [`ObjectStore::get`]
+    Get,
+    /// [`ObjectStore::get_range`]
+    GetRange,
+    /// [`ObjectStore::head`]
+    Head,
+    /// [`ObjectStore::list_page`]
+    List,
+    /// [`ObjectStore::delete`]
+    Delete,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Put => "put",
+            Op::Get => "get",
+            Op::GetRange => "get_range",
+            Op::Head => "head",
+            Op::List => "list",
+            Op::Delete => "delete",
+        })
+    }
+}
+
+/// Everything an object store operation can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No object has this key.
+    #[error("object `{key}` not found")]
+    NotFound {
+        /// Key that was asked for.
+        key: String,
+    },
+    /// The stored bytes do not match their stored crc32c.
+    #[error(
+        "object `{key}` is corrupt: crc32c {actual:#010x} does not match stored {expected:#010x}"
+    )]
+    Corrupt {
+        /// Damaged object.
+        key: String,
+        /// Checksum stored with the object.
+        expected: u32,
+        /// Checksum of the bytes read.
+        actual: u32,
+    },
+    /// The object's framing is damaged (truncated file, missing or unreadable checksum).
+    #[error("object `{key}` is damaged: {reason}")]
+    Malformed {
+        /// Damaged object.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The key breaks the key rules (see [`validate_key`]).
+    #[error("invalid object key `{key}`: {reason}")]
+    InvalidKey {
+        /// Offending key (possibly truncated for display).
+        key: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A ranged read asked for bytes the object does not have.
+    #[error("range {start}..{end} not satisfiable for object `{key}`{}", size.map(|s| format!(" of {s} bytes")).unwrap_or_default())]
+    RangeNotSatisfiable {
+        /// Object read.
+        key: String,
+        /// Requested start.
+        start: u64,
+        /// Requested end (exclusive).
+        end: u64,
+        /// Object size, where known.
+        size: Option<u64>,
+    },
+    /// A store URL could not be understood.
+    #[error("invalid store URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The bucket does not exist.
+    #[error(
+        "bucket `{bucket}` does not exist (create it first, or check the bucket name and endpoint)"
+    )]
+    BucketNotFound {
+        /// Bucket name.
+        bucket: String,
+    },
+    /// The server rejected the credentials or the signature, or denied access.
+    #[error(
+        "access to bucket `{bucket}` denied ({code}): {message} (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile)"
+    )]
+    AccessDenied {
+        /// Bucket name.
+        bucket: String,
+        /// S3 error code, e.g. `SignatureDoesNotMatch`, `InvalidAccessKeyId`, `AccessDenied`.
+        code: String,
+        /// Server message.
+        message: String,
+    },
+    /// Some other configuration problem (missing credentials, bad option).
+    #[error("object store configuration error: {message}")]
+    Config {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The endpoint could not be reached (connection refused, DNS failure, connect timeout).
+    #[error("cannot reach object store endpoint {endpoint}: {message}")]
+    Unreachable {
+        /// Endpoint URL.
+        endpoint: String,
+        /// Transport error.
+        message: String,
+    },
+    /// A failure worth retrying: throttling, timeout, 5xx, connection reset.
+    #[error("transient error during {op} of `{key}`: {message}")]
+    Transient {
+        /// Operation that failed.
+        op: Op,
+        /// Key (or prefix) involved.
+        key: String,
+        /// What happened.
+        message: String,
+    },
+    /// Local file system I/O failed.
+    #[error("I/O error on object `{key}`: {source}")]
+    Io {
+        /// Key involved.
+        key: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The backend answered with an error that fits no other variant.
+    #[error("object store error during {op} of `{key}`: {message}")]
+    Backend {
+        /// Operation that failed.
+        op: Op,
+        /// Key (or prefix) involved.
+        key: String,
+        /// Error code and message from the backend.
+        message: String,
+    },
+}
+
+impl StoreError {
+    /// Classification a caller can branch on.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::NotFound { .. } => ErrorKind::NotFound,
+            StoreError::Corrupt { .. } | StoreError::Malformed { .. } => ErrorKind::Integrity,
+            StoreError::InvalidKey { .. } | StoreError::RangeNotSatisfiable { .. } => {
+                ErrorKind::InvalidInput
+            }
+            StoreError::InvalidUrl { .. }
+            | StoreError::BucketNotFound { .. }
+            | StoreError::AccessDenied { .. }
+            | StoreError::Config { .. } => ErrorKind::Config,
+            StoreError::Unreachable { .. } | StoreError::Transient { .. } => ErrorKind::Transient,
+            StoreError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {
+                    ErrorKind::Transient
+                }
+                _ => ErrorKind::Other,
+            },
+            StoreError::Backend { .. } => ErrorKind::Other,
+        }
+    }
+
+    /// True when retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.kind() == ErrorKind::Transient
+    }
+}
+
+/// Checks a key against the rules every backend enforces.
+///
+/// A key is 1..=[`MAX_KEY_LEN`] bytes of `/`-separated non-empty segments; no segment is `.`
+/// or `..`; no leading or trailing `/`; no NUL, backslash or ASCII control characters; and the
+/// first segment is not `.cbt-tmp` (reserved for the local store's staging files).
+///
+/// # Errors
+/// [`StoreError::InvalidKey`] naming the rule broken.
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let bad = |reason: &'static str| {
+        let mut shown: String = key.chars().take(120).collect();
+        if shown.len() < key.len() {
+            shown.push('…');
+        }
+        Err(StoreError::InvalidKey { key: shown, reason })
+    };
+    if key.is_empty() {
+        return bad("key is empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return bad("key is longer than 1024 bytes");
+    }
+    if key.starts_with('/') {
+        return bad("key starts with `/`");
+    }
+    if key.ends_with('/') {
+        return bad("key ends with `/`");
+    }
+    if key
+        .chars()
+        .any(|c| c == '\0' || c == '\\' || c.is_ascii_control())
+    {
+        return bad("key contains NUL, backslash or a control character");
+    }
+    for (i, seg) in key.split('/').enumerate() {
+        match seg {
+            "" => return bad("key has an empty path segment (`//`)"),
+            "." | ".." => return bad("key has a `.` or `..` path segment"),
+            local::TEMP_DIR if i == 0 => return bad("key uses the reserved `.cbt-tmp` prefix"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Validates a listing prefix: empty, or a key-like string that may end with `/`.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    validate_key(prefix.strip_suffix('/').unwrap_or(prefix)).map_err(|e| match e {
+        StoreError::InvalidKey { reason, .. } => StoreError::InvalidKey {
+            key: prefix.to_string(),
+            reason,
+        },
+        other => other,
+    })
+}
+
+/// Opens a store from a URL: `file:///abs/path` (or a plain absolute/relative path) for a
+/// [`LocalStore`], `s3://bucket[/prefix]` for an [`S3Store`] configured by `opts`.
+///
+/// The returned store is wrapped in a [`RetryingStore`] with `opts.retry` as its policy.
+///
+/// # Errors
+/// [`StoreError::InvalidUrl`] for an unknown scheme or malformed URL; backend errors from
+/// creating the directory or connecting to S3.
+pub async fn open_url(url: &str, opts: &S3Options) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let inner: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("s3://") {
+        let (bucket, prefix) = match rest.split_once('/') {
+            Some((b, p)) => (b, p.trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        if bucket.is_empty() {
+            return Err(StoreError::InvalidUrl {
+                url: url.to_string(),
+                reason: "missing bucket name (expected s3://bucket[/prefix])".into(),
+            });
+        }
+        if !prefix.is_empty() {
+            validate_key(prefix).map_err(|e| StoreError::InvalidUrl {
+                url: url.to_string(),
+                reason: format!("bad prefix: {e}"),
+            })?;
+        }
+        let cfg = S3Config::from_options(bucket, prefix, opts);
+        Arc::new(S3Store::connect(cfg).await?)
+    } else if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(StoreError::InvalidUrl {
+                url: url.to_string(),
+                reason: "file URLs need an absolute path: file:///path/to/repo".into(),
+            });
+        }
+        Arc::new(LocalStore::new(path)?)
+    } else if url.contains("://") {
+        return Err(StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: "unsupported scheme (use file:///path or s3://bucket/prefix)".into(),
+        });
+    } else if url.is_empty() {
+        return Err(StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: "empty repository URL".into(),
+        });
+    } else {
+        Arc::new(LocalStore::new(url)?)
+    };
+    Ok(Arc::new(RetryingStore::new(inner, opts.retry.clone())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_rules() {
+        for good in [
+            "a",
+            "a/b",
+            "chunks/ab/cdef",
+            "x.y",
+            "..a",
+            "a/.b",
+            "sn@p-1_2",
+        ] {
+            assert!(validate_key(good).is_ok(), "{good}");
+        }
+        let long = "a".repeat(MAX_KEY_LEN + 1);
+        for bad in [
+            "",
+            "/a",
+            "a/",
+            "a//b",
+            "../a",
+            "a/../b",
+            "a/.",
+            ".",
+            "a\0b",
+            "a\\b",
+            "a\nb",
+            ".cbt-tmp/x",
+            long.as_str(),
+        ] {
+            assert!(
+                matches!(validate_key(bad), Err(StoreError::InvalidKey { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(validate_key("x/.cbt-tmp").is_ok());
+        assert!(validate_prefix("").is_ok());
+        assert!(validate_prefix("chunks/").is_ok());
+        assert!(validate_prefix("../").is_err());
+    }
+
+    #[test]
+    fn classification() {
+        let t = StoreError::Transient {
+            op: Op::Get,
+            key: "k".into(),
+            message: "503".into(),
+        };
+        assert!(t.is_transient());
+        assert!(!StoreError::NotFound { key: "k".into() }.is_transient());
+        assert_eq!(
+            StoreError::Corrupt {
+                key: "k".into(),
+                expected: 1,
+                actual: 2
+            }
+            .kind(),
+            ErrorKind::Integrity
+        );
+        assert_eq!(
+            StoreError::BucketNotFound { bucket: "b".into() }.kind(),
+            ErrorKind::Config
+        );
+    }
+}

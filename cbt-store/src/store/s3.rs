@@ -1,0 +1,766 @@
+//! S3 backend (AWS S3 and compatible servers) on aws-sdk-s3 with the ring-based HTTPS client.
+//!
+//! Owns: client construction (endpoint, region, path style, credentials from the standard AWS
+//! chain: environment, profile, web identity, container/instance metadata), checksums on the
+//! wire, conditional creates, multipart uploads of large bodies, and the mapping of S3 errors
+//! to [`StoreError`]. The SDK's own retries are turned off: [`super::RetryingStore`] retries,
+//! so the classification here (transient or not) is the single source of truth.
+//!
+//! Integrity: every PUT carries `x-amz-checksum-crc32c` (the server verifies the body) and the
+//! crc32c as user metadata `cbt-crc32c`; a whole-object GET asks for the checksum
+//! (`ChecksumMode::Enabled`) and compares both with the bytes received.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart};
+use aws_smithy_http_client::tls;
+use bytes::Bytes;
+
+use super::{
+    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, RetryPolicy, StoreError,
+    validate_key, validate_prefix,
+};
+
+/// User-metadata name under which the body's crc32c (8 hex digits) is stored.
+pub const CRC_METADATA: &str = "cbt-crc32c";
+/// Smallest part size S3 accepts (except for the last part).
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+
+/// User-facing S3 settings shared by every bucket a program opens (flags, config file).
+///
+/// Credentials are deliberately absent: they come from the standard AWS chain
+/// (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, web identity, instance roles).
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// Custom endpoint URL (MinIO, SeaweedFS, Ceph RGW...); `None` for AWS.
+    pub endpoint: Option<String>,
+    /// Region; `None` takes it from the AWS chain, falling back to `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); defaults to true when an endpoint is set.
+    pub force_path_style: Option<bool>,
+    /// Bodies at least this large are uploaded in parts.
+    pub multipart_threshold: u64,
+    /// Size of each part of a multipart upload (at least 5 MiB).
+    pub part_size: u64,
+    /// Retry policy of the store returned by [`super::open_url`].
+    pub retry: RetryPolicy,
+    /// Limit on one attempt of one request (connect + transfer).
+    pub attempt_timeout: Duration,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: None,
+            force_path_style: None,
+            multipart_threshold: 64 * 1024 * 1024,
+            part_size: 16 * 1024 * 1024,
+            retry: RetryPolicy::default(),
+            attempt_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Explicit access key pair, for embedding programs and tests; normal use leaves it out.
+#[derive(Clone)]
+pub struct StaticCredentials {
+    /// Access key id.
+    pub access_key_id: String,
+    /// Secret access key.
+    pub secret_access_key: String,
+}
+
+impl std::fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Everything needed to open one bucket/prefix.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket (no leading or trailing `/`; empty for the bucket root).
+    pub prefix: String,
+    /// Custom endpoint URL; `None` for AWS.
+    pub endpoint: Option<String>,
+    /// Region; `None` takes it from the AWS chain, falling back to `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing.
+    pub force_path_style: bool,
+    /// Bodies at least this large are uploaded in parts.
+    pub multipart_threshold: u64,
+    /// Size of each part (raised to [`MIN_PART_SIZE`] if smaller).
+    pub part_size: u64,
+    /// Objects per listing page (S3 caps it at 1000).
+    pub page_size: i32,
+    /// Limit on one attempt of one request.
+    pub attempt_timeout: Duration,
+    /// Limit on establishing a connection.
+    pub connect_timeout: Duration,
+    /// Use these instead of the AWS credential chain.
+    pub credentials: Option<StaticCredentials>,
+    /// Probe the bucket when connecting, so a missing bucket or bad credentials fail early.
+    pub check_on_connect: bool,
+}
+
+impl S3Config {
+    /// Configuration for `bucket`/`prefix` with defaults.
+    pub fn new(bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self::from_options(&bucket.into(), &prefix.into(), &S3Options::default())
+    }
+
+    /// Configuration for `bucket`/`prefix` from user-facing options.
+    pub fn from_options(bucket: &str, prefix: &str, opts: &S3Options) -> Self {
+        Self {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: opts.endpoint.clone(),
+            region: opts.region.clone(),
+            force_path_style: opts.force_path_style.unwrap_or(opts.endpoint.is_some()),
+            multipart_threshold: opts.multipart_threshold,
+            part_size: opts.part_size,
+            page_size: 1000,
+            attempt_timeout: opts.attempt_timeout,
+            connect_timeout: Duration::from_secs(10),
+            credentials: None,
+            check_on_connect: true,
+        }
+    }
+}
+
+/// [`ObjectStore`] on one S3 bucket and key prefix.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    cfg: S3Config,
+    endpoint_label: String,
+}
+
+impl S3Store {
+    /// Builds the client and, unless `check_on_connect` is off, lists one key to prove the
+    /// bucket exists and the credentials work.
+    ///
+    /// # Errors
+    /// [`StoreError::BucketNotFound`], [`StoreError::AccessDenied`],
+    /// [`StoreError::Unreachable`], or [`StoreError::Config`] (e.g. no credentials found).
+    pub async fn connect(cfg: S3Config) -> Result<Self, StoreError> {
+        if cfg.bucket.is_empty() {
+            return Err(StoreError::Config {
+                message: "S3 bucket name is empty".into(),
+            });
+        }
+        if !cfg.prefix.is_empty() {
+            validate_key(&cfg.prefix)?;
+        }
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(http)
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(cfg.connect_timeout)
+                    .operation_attempt_timeout(cfg.attempt_timeout)
+                    .build(),
+            );
+        if let Some(region) = &cfg.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &cfg.endpoint {
+            loader = loader.endpoint_url(endpoint.clone());
+        }
+        if let Some(c) = &cfg.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.clone(),
+                None,
+                None,
+                "cbt-static",
+            ));
+        }
+        let sdk = loader.load().await;
+        let mut builder =
+            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(cfg.force_path_style);
+        if sdk.region().is_none() {
+            builder = builder.region(Region::new("us-east-1"));
+        }
+        let client = Client::from_conf(builder.build());
+        let endpoint_label = cfg
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| "AWS S3 (default endpoint)".to_string());
+        let store = Self {
+            client,
+            cfg,
+            endpoint_label,
+        };
+        if store.cfg.check_on_connect {
+            store
+                .client
+                .list_objects_v2()
+                .bucket(&store.cfg.bucket)
+                .prefix(store.full_key(""))
+                .max_keys(1)
+                .send()
+                .await
+                .map_err(|e| store.classify(Op::List, "", e))?;
+        }
+        Ok(store)
+    }
+
+    /// Bucket this store writes to.
+    pub fn bucket(&self) -> &str {
+        &self.cfg.bucket
+    }
+
+    /// The underlying SDK client (for tools that need bucket-level calls).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.cfg.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{}", self.cfg.prefix, key)
+        }
+    }
+
+    fn strip_prefix<'a>(&self, full: &'a str) -> Option<&'a str> {
+        if self.cfg.prefix.is_empty() {
+            Some(full)
+        } else {
+            full.strip_prefix(self.cfg.prefix.as_str())?
+                .strip_prefix('/')
+        }
+    }
+
+    /// Maps an SDK error to a [`StoreError`]: the one place S3 failures are classified.
+    fn classify<E>(
+        &self,
+        op: Op,
+        key: &str,
+        err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().map(str::to_string);
+        let text = format!("{}", DisplayErrorContext(&err));
+        match &err {
+            SdkError::DispatchFailure(d) => {
+                let lower = text.to_ascii_lowercase();
+                if d.is_user() {
+                    StoreError::Config { message: text }
+                } else if d.is_timeout()
+                    || lower.contains("connect")
+                    || lower.contains("refused")
+                    || lower.contains("dns")
+                {
+                    StoreError::Unreachable {
+                        endpoint: self.endpoint_label.clone(),
+                        message: text,
+                    }
+                } else {
+                    StoreError::Transient {
+                        op,
+                        key: key.to_string(),
+                        message: text,
+                    }
+                }
+            }
+            SdkError::TimeoutError(_) => StoreError::Transient {
+                op,
+                key: key.to_string(),
+                message: format!("request timed out: {text}"),
+            },
+            SdkError::ResponseError(_) => StoreError::Transient {
+                op,
+                key: key.to_string(),
+                message: format!("unreadable response: {text}"),
+            },
+            SdkError::ConstructionFailure(_) => StoreError::Config {
+                message: format!(
+                    "cannot build the S3 request (credentials or configuration): {text}"
+                ),
+            },
+            _ => self.classify_status(op, key, status, code.as_deref(), err.message(), text),
+        }
+    }
+
+    fn classify_status(
+        &self,
+        op: Op,
+        key: &str,
+        status: Option<u16>,
+        code: Option<&str>,
+        message: Option<&str>,
+        text: String,
+    ) -> StoreError {
+        let message = message.map(str::to_string).unwrap_or(text);
+        match (code, status) {
+            (Some("NoSuchBucket"), _) => StoreError::BucketNotFound {
+                bucket: self.cfg.bucket.clone(),
+            },
+            (Some("NoSuchKey"), _) | (None, Some(404)) => StoreError::NotFound {
+                key: key.to_string(),
+            },
+            (
+                Some(
+                    c @ ("SignatureDoesNotMatch"
+                    | "InvalidAccessKeyId"
+                    | "AccessDenied"
+                    | "ExpiredToken"
+                    | "InvalidToken"
+                    | "TokenRefreshRequired"
+                    | "AuthorizationHeaderMalformed"),
+                ),
+                _,
+            ) => StoreError::AccessDenied {
+                bucket: self.cfg.bucket.clone(),
+                code: c.to_string(),
+                message,
+            },
+            (code, Some(403)) => StoreError::AccessDenied {
+                bucket: self.cfg.bucket.clone(),
+                code: code.unwrap_or("403 Forbidden").to_string(),
+                message,
+            },
+            (Some("InvalidRange"), _) | (_, Some(416)) => StoreError::RangeNotSatisfiable {
+                key: key.to_string(),
+                start: 0,
+                end: 0,
+                size: None,
+            },
+            (
+                Some(
+                    "SlowDown"
+                    | "Throttling"
+                    | "ThrottlingException"
+                    | "RequestTimeout"
+                    | "InternalError"
+                    | "ServiceUnavailable"
+                    | "RequestTimeTooSkewed"
+                    | "ConditionalRequestConflict"
+                    | "BadDigest"
+                    | "XAmzContentChecksumMismatch"
+                    | "IncompleteBody",
+                ),
+                _,
+            )
+            | (_, Some(408 | 409 | 429 | 500..=599)) => StoreError::Transient {
+                op,
+                key: key.to_string(),
+                message: format!("{}: {message}", code.unwrap_or("HTTP error")),
+            },
+            (code, status) => StoreError::Backend {
+                op,
+                key: key.to_string(),
+                message: format!(
+                    "{} (HTTP {}): {message}",
+                    code.unwrap_or("unknown error"),
+                    status.map(|s| s.to_string()).unwrap_or_else(|| "?".into())
+                ),
+            },
+        }
+    }
+
+    async fn put_single(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .checksum_crc32_c(crc_b64(crc))
+            .metadata(CRC_METADATA, format!("{crc:08x}"))
+            .body(ByteStream::from(body));
+        if mode == PutMode::IfAbsent {
+            req = req.if_none_match("*");
+        }
+        match req.send().await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) if mode == PutMode::IfAbsent && is_precondition_failed(&e) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(self.classify(Op::Put, key, e)),
+        }
+    }
+
+    async fn put_multipart(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let full = self.full_key(key);
+        if mode == PutMode::IfAbsent && self.head(key).await?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(&full)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .metadata(CRC_METADATA, format!("{crc:08x}"))
+            .send()
+            .await
+            .map_err(|e| self.classify(Op::Put, key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let result = self.upload_parts(key, &full, &upload_id, body, mode).await;
+        if !matches!(result, Ok(PutOutcome::Created)) {
+            // Abandoned parts cost storage until aborted; failure to abort is only logged.
+            if let Err(e) = self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.cfg.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(key, error = %DisplayErrorContext(&e), "could not abort multipart upload");
+            }
+        }
+        result
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let part_size = self.cfg.part_size.max(MIN_PART_SIZE) as usize;
+        let mut parts = Vec::new();
+        for (i, start) in (0..body.len()).step_by(part_size).enumerate() {
+            let part = body.slice(start..(start + part_size).min(body.len()));
+            let number = i as i32 + 1;
+            let part_crc = crc_b64(crc32c::crc32c(&part));
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.cfg.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(number)
+                .checksum_crc32_c(&part_crc)
+                .body(ByteStream::from(part))
+                .send()
+                .await
+                .map_err(|e| self.classify(Op::Put, key, e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .checksum_crc32_c(part_crc)
+                    .build(),
+            );
+        }
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.cfg.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
+        if mode == PutMode::IfAbsent {
+            req = req.if_none_match("*");
+        }
+        match req.send().await {
+            Ok(_) => Ok(PutOutcome::Created),
+            Err(e) if mode == PutMode::IfAbsent && is_precondition_failed(&e) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(self.classify(Op::Put, key, e)),
+        }
+    }
+}
+
+fn is_precondition_failed<E: ProvideErrorMetadata>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    e.raw_response().is_some_and(|r| r.status().as_u16() == 412)
+        || e.code() == Some("PreconditionFailed")
+}
+
+/// Base64 of the big-endian crc32c, the form S3 uses in `x-amz-checksum-crc32c`.
+pub fn crc_b64(crc: u32) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = crc.to_be_bytes();
+    let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+    let m = u32::from(b[3]) << 16;
+    let idx = [
+        n >> 18,
+        (n >> 12) & 63,
+        (n >> 6) & 63,
+        n & 63,
+        m >> 18,
+        (m >> 12) & 63,
+    ];
+    let mut s: String = idx.iter().map(|&i| ALPHABET[i as usize] as char).collect();
+    s.push_str("==");
+    s
+}
+
+fn parse_crc_b64(s: &str) -> Option<u32> {
+    let decode = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = s.as_bytes();
+    if bytes.len() != 8 || &bytes[6..] != b"==" {
+        return None;
+    }
+    let mut acc: u64 = 0;
+    for &c in &bytes[..6] {
+        acc = (acc << 6) | u64::from(decode(c)?);
+    }
+    // 36 bits decoded; the low 4 are padding.
+    Some((acc >> 4) as u32)
+}
+
+fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<SystemTime> {
+    SystemTime::try_from(*t).ok()
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for S3Store {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        validate_key(key)?;
+        let crc = crc32c::crc32c(&body);
+        if body.len() as u64 >= self.cfg.multipart_threshold.max(MIN_PART_SIZE) {
+            self.put_multipart(key, body, crc, mode).await
+        } else {
+            self.put_single(key, body, crc, mode).await
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| self.classify(Op::Get, key, e))?;
+        let wire_crc = out.checksum_crc32_c().and_then(parse_crc_b64);
+        let meta_crc = out
+            .metadata()
+            .and_then(|m| m.get(CRC_METADATA))
+            .and_then(|v| u32::from_str_radix(v, 16).ok());
+        let body = match out.body.collect().await {
+            Ok(b) => b.into_bytes(),
+            Err(e) => {
+                let text = format!("{}", DisplayErrorContext(&e));
+                return Err(if text.to_ascii_lowercase().contains("checksum mismatch") {
+                    StoreError::Malformed {
+                        key: key.to_string(),
+                        reason: format!(
+                            "body does not match the checksum the server stored: {text}"
+                        ),
+                    }
+                } else {
+                    StoreError::Transient {
+                        op: Op::Get,
+                        key: key.to_string(),
+                        message: format!("body read failed: {text}"),
+                    }
+                });
+            }
+        };
+        let actual = crc32c::crc32c(&body);
+        let Some(expected) = meta_crc.or(wire_crc) else {
+            return Err(StoreError::Malformed {
+                key: key.to_string(),
+                reason: "object carries no crc32c (not written by this tool?)".into(),
+            });
+        };
+        for expected in [meta_crc, wire_crc].into_iter().flatten() {
+            if expected != actual {
+                return Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+        let _ = expected;
+        Ok(body)
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let unsatisfiable = |size| StoreError::RangeNotSatisfiable {
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+            size,
+        };
+        if range.start >= range.end {
+            return Err(unsatisfiable(None));
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .send()
+            .await
+            .map_err(|e| match self.classify(Op::GetRange, key, e) {
+                StoreError::RangeNotSatisfiable { .. } => unsatisfiable(None),
+                other => other,
+            })?;
+        let total = out
+            .content_range()
+            .and_then(|r| r.rsplit('/').next())
+            .and_then(|t| t.parse::<u64>().ok());
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| StoreError::Transient {
+                op: Op::GetRange,
+                key: key.to_string(),
+                message: format!("body read failed: {}", DisplayErrorContext(&e)),
+            })?
+            .into_bytes();
+        // S3 clamps a range that runs past the end instead of failing; the trait does not.
+        if body.len() as u64 != range.end - range.start {
+            return Err(unsatisfiable(total));
+        }
+        Ok(body)
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        validate_key(key)?;
+        match self
+            .client
+            .head_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                last_modified: out.last_modified().and_then(to_system_time),
+            })),
+            Err(e) => match self.classify(Op::Head, key, e) {
+                StoreError::NotFound { .. } => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        validate_prefix(prefix)?;
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.cfg.bucket)
+            .prefix(self.full_key(prefix))
+            .max_keys(self.cfg.page_size)
+            .set_continuation_token(continuation)
+            .send()
+            .await
+            .map_err(|e| self.classify(Op::List, prefix, e))?;
+        let objects = out
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                let key = self.strip_prefix(o.key()?)?;
+                Some(ObjectMeta {
+                    key: key.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    last_modified: o.last_modified().and_then(to_system_time),
+                })
+            })
+            .collect();
+        let next = if out.is_truncated() == Some(true) {
+            out.next_continuation_token().map(str::to_string)
+        } else {
+            None
+        };
+        Ok(ListPage { objects, next })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        validate_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.classify(Op::Delete, key, e) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc_base64_round_trip() {
+        // crc32c("123456789") = 0xe3069283, which S3 writes as "4waSgw==".
+        assert_eq!(crc_b64(0xe306_9283), "4waSgw==");
+        for v in [0, 1, 0xffff_ffff, 0x1234_5678, 0xe306_9283] {
+            assert_eq!(parse_crc_b64(&crc_b64(v)), Some(v));
+        }
+        assert_eq!(parse_crc_b64("nope"), None);
+    }
+}
