@@ -1,0 +1,448 @@
+//! An in-process fake Kubernetes API server for tests, with a simulated
+//! snapshot controller and CSI driver.
+//!
+//! What it serves (plain HTTP on loopback, so `kube::Client` talks to it exactly
+//! as to a cluster, through a kubeconfig this crate writes):
+//! namespaces, PersistentVolumeClaims, CSIDrivers, StorageClasses, VolumeSnapshots,
+//! VolumeSnapshotContents and VolumeSnapshotClasses; get, list (label and field
+//! selectors), watch (from a resourceVersion, JSON lines), create, replace,
+//! patch (merge, JSON patch; strategic merge for built-ins), delete, `/status`,
+//! server-side `dryRun=All`. Errors are metav1.Status bodies with the real codes
+//! (404 NotFound, 409 AlreadyExists/Conflict, 422 Invalid with causes, 410 Expired).
+//!
+//! Several instances may share one [`SharedBackend`]: their simulated drivers
+//! then see each other's snapshot handles, like two clusters attached to one
+//! storage array. [`Faults`] injects HTTP errors and driver misbehaviour.
+//!
+//! Not simulated: server-side apply, finalizers, admission webhooks, RBAC,
+//! pagination (`limit`/`continue` are ignored; every list is one page).
+
+mod backend;
+mod controller;
+mod faults;
+mod server;
+mod store;
+mod values;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+pub use backend::{BackendSnapshot, SharedBackend};
+pub use faults::{FaultAction, Faults, HttpFault};
+pub use store::{ApiError, Cause};
+pub use values::{format_quantity, parse_quantity};
+
+use store::{Selector, Store, find_type_by_kind};
+
+/// One request as the server saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedRequest {
+    /// HTTP method.
+    pub method: String,
+    /// URL path.
+    pub path: String,
+    /// Raw query string.
+    pub query: String,
+}
+
+pub(crate) struct State {
+    store: Mutex<Store>,
+    faults: Faults,
+    requests: Mutex<Vec<RecordedRequest>>,
+    backend: SharedBackend,
+    driver: String,
+    token: Option<String>,
+    changed: Notify,
+}
+
+impl State {
+    fn lock_store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, r: RecordedRequest) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(r);
+    }
+}
+
+/// Configures a fake cluster before it starts.
+pub struct FakeKubeBuilder {
+    driver: String,
+    backend: SharedBackend,
+    token: Option<String>,
+    log_cap: usize,
+}
+
+impl FakeKubeBuilder {
+    /// Name of the simulated CSI driver (default `hostpath.csi.k8s.io`).
+    pub fn driver(mut self, driver: &str) -> Self {
+        self.driver = driver.to_string();
+        self
+    }
+
+    /// Storage backend, shared with other fake clusters.
+    pub fn backend(mut self, backend: SharedBackend) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Bearer token every request must carry (default `fake-token`).
+    pub fn token(mut self, token: Option<&str>) -> Self {
+        self.token = token.map(str::to_string);
+        self
+    }
+
+    /// How many events watches can replay from (older resourceVersions get 410).
+    pub fn event_log_capacity(mut self, cap: usize) -> Self {
+        self.log_cap = cap;
+        self
+    }
+
+    /// Binds 127.0.0.1 on a free port and starts serving and reconciling.
+    ///
+    /// # Errors
+    /// When the listener cannot be bound.
+    pub async fn start(self) -> std::io::Result<FakeKube> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            store: Mutex::new(Store::new(self.log_cap)),
+            faults: Faults::default(),
+            requests: Mutex::new(Vec::new()),
+            backend: self.backend,
+            driver: self.driver,
+            token: self.token,
+            changed: Notify::new(),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
+        let controller = tokio::spawn(controller_loop(state.clone()));
+        Ok(FakeKube {
+            addr,
+            state,
+            stop: stop_tx,
+            tasks: vec![accept, controller],
+        })
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: watch::Receiver<bool>) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| server::handle(state.clone(), req));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.changed() => {}
+            }
+        });
+    }
+}
+
+async fn controller_loop(state: Arc<State>) {
+    loop {
+        tokio::select! {
+            _ = state.changed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        let mut store = state.lock_store();
+        // A few passes so chains (content -> snapshot -> PVC) settle in one wake-up.
+        for _ in 0..4 {
+            if !controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver) {
+                break;
+            }
+        }
+    }
+}
+
+/// A running fake cluster. Dropping it stops the server.
+pub struct FakeKube {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn type_of(api_version: &str, kind: &str) -> Result<&'static store::ResourceType, ApiError> {
+    find_type_by_kind(api_version, kind).ok_or_else(|| {
+        ApiError::bad_request(format!("fake-kube does not serve {api_version} {kind}"))
+    })
+}
+
+impl FakeKube {
+    /// A builder with defaults (driver `hostpath.csi.k8s.io`, own backend, token `fake-token`).
+    pub fn builder() -> FakeKubeBuilder {
+        FakeKubeBuilder {
+            driver: "hostpath.csi.k8s.io".into(),
+            backend: SharedBackend::new(),
+            token: Some("fake-token".into()),
+            log_cap: 10_000,
+        }
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:43121`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The simulated driver's name.
+    pub fn driver(&self) -> &str {
+        &self.state.driver
+    }
+
+    /// The storage backend.
+    pub fn backend(&self) -> &SharedBackend {
+        &self.state.backend
+    }
+
+    /// The fault switches.
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A kubeconfig with one context named `context` pointing at this server.
+    pub fn kubeconfig_yaml(&self, context: &str) -> String {
+        kubeconfig_yaml(&[(self, context)], context)
+    }
+
+    /// Writes [`Self::kubeconfig_yaml`] to `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_kubeconfig(&self, path: &Path, context: &str) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml(context))
+    }
+
+    /// Creates an object as a client would (validation and status rules apply).
+    ///
+    /// # Errors
+    /// The API error a client would get.
+    pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
+        let rt = type_of(
+            obj["apiVersion"].as_str().unwrap_or(""),
+            obj["kind"].as_str().unwrap_or(""),
+        )?;
+        let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);
+        let created = self
+            .state
+            .lock_store()
+            .create(rt, ns.as_deref(), obj, false)?;
+        self.state.changed.notify_one();
+        Ok(created)
+    }
+
+    /// Reads an object (`ns` ignored for cluster-scoped kinds).
+    pub fn get(&self, api_version: &str, kind: &str, ns: &str, name: &str) -> Option<Value> {
+        let rt = type_of(api_version, kind).ok()?;
+        self.state.lock_store().get(rt, ns, name).ok()
+    }
+
+    /// Lists all objects of a kind in all namespaces.
+    pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
+        match type_of(api_version, kind) {
+            Ok(rt) => self.state.lock_store().list(rt, None, &Selector::default()),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Overwrites an object's status, as a controller would.
+    pub fn set_status(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        status: Value,
+    ) -> bool {
+        let Ok(rt) = type_of(api_version, kind) else {
+            return false;
+        };
+        self.state
+            .lock_store()
+            .controller_update(rt, ns, name, |o| o["status"] = status)
+    }
+
+    /// Deletes an object with the controllers' side effects.
+    ///
+    /// # Errors
+    /// The API error a client would get.
+    pub fn delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: &str,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let rt = type_of(api_version, kind)?;
+        let mut store = self.state.lock_store();
+        controller::delete_with_effects(
+            &mut store,
+            &self.state.backend,
+            &self.state.driver,
+            rt,
+            ns,
+            name,
+            false,
+        )
+    }
+
+    /// Creates a namespace.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_namespace(&self, name: &str) -> Result<Value, ApiError> {
+        self.create(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}))
+    }
+
+    /// Creates a CSIDriver object.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_csidriver(&self, name: &str) -> Result<Value, ApiError> {
+        self.create(json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": {"name": name},
+            "spec": {"attachRequired": false, "podInfoOnMount": false, "volumeLifecycleModes": ["Persistent"]},
+        }))
+    }
+
+    /// Creates a VolumeSnapshotClass (policy `Delete`), optionally the driver's default.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_snapshot_class(
+        &self,
+        name: &str,
+        driver: &str,
+        default: bool,
+    ) -> Result<Value, ApiError> {
+        let mut class = json!({
+            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
+            "metadata": {"name": name}, "driver": driver, "deletionPolicy": "Delete",
+        });
+        if default {
+            class["metadata"]["annotations"] =
+                json!({"snapshot.storage.kubernetes.io/is-default-class": "true"});
+        }
+        self.create(class)
+    }
+
+    /// Creates a bound PVC with the given size, volume mode, access modes and labels.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_pvc(
+        &self,
+        ns: &str,
+        name: &str,
+        size: &str,
+        volume_mode: &str,
+        access_modes: &[&str],
+        labels: &[(&str, &str)],
+    ) -> Result<Value, ApiError> {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        let created = self.create(json!({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": {
+                "accessModes": access_modes, "volumeMode": volume_mode,
+                "storageClassName": "csi-hostpath-sc",
+                "resources": {"requests": {"storage": size}},
+                "volumeName": format!("pv-{name}"),
+            },
+        }))?;
+        self.set_status(
+            "v1",
+            "PersistentVolumeClaim",
+            ns,
+            name,
+            json!({"phase": "Bound", "capacity": {"storage": size}, "accessModes": access_modes}),
+        );
+        Ok(created)
+    }
+
+    /// Creates a StorageClass provisioned by `driver`.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_storage_class(&self, name: &str, driver: &str) -> Result<Value, ApiError> {
+        self.create(json!({
+            "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+            "provisioner": driver, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
+        }))
+    }
+
+    /// A cluster ready for snapshots: namespace `ns`, the CSIDriver, StorageClass
+    /// `csi-hostpath-sc` and a default snapshot class `csi-snapclass` for this server's driver.
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_standard(&self, ns: &str) -> Result<(), ApiError> {
+        let driver = self.state.driver.clone();
+        self.seed_namespace(ns)?;
+        self.seed_csidriver(&driver)?;
+        self.seed_storage_class("csi-hostpath-sc", &driver)?;
+        self.seed_snapshot_class("csi-snapclass", &driver, true)?;
+        Ok(())
+    }
+}
+
+/// One kubeconfig holding a context per `(server, context name)`; `current` is the current context.
+pub fn kubeconfig_yaml(servers: &[(&FakeKube, &str)], current: &str) -> String {
+    let mut clusters = Vec::new();
+    let mut contexts = Vec::new();
+    let mut users = Vec::new();
+    for (server, ctx) in servers {
+        clusters
+            .push(json!({"name": format!("{ctx}-cluster"), "cluster": {"server": server.url()}}));
+        contexts.push(json!({"name": ctx, "context": {"cluster": format!("{ctx}-cluster"), "user": format!("{ctx}-user"), "namespace": "default"}}));
+        let user = match &server.state.token {
+            Some(t) => json!({"token": t}),
+            None => json!({}),
+        };
+        users.push(json!({"name": format!("{ctx}-user"), "user": user}));
+    }
+    // JSON is valid YAML; kubeconfig loaders accept it.
+    let doc = json!({
+        "apiVersion": "v1", "kind": "Config", "current-context": current,
+        "clusters": clusters, "contexts": contexts, "users": users, "preferences": {},
+    });
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+}

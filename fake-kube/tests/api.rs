@@ -1,0 +1,414 @@
+//! Drives the fake API server with kube::Client (through a kubeconfig, over HTTP)
+//! and with raw HTTP, checking the REST semantics and the simulated controllers.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use fake_kube::{FakeKube, HttpFault, SharedBackend};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
+    PatchParams, PostParams, WatchEvent, WatchParams,
+};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn ar(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("snapshot.storage.k8s.io", "v1", kind),
+        plural,
+    )
+}
+
+async fn client_for(server: &FakeKube, context: &str) -> kube::Client {
+    let kc = Kubeconfig::from_yaml(&server.kubeconfig_yaml(context)).unwrap();
+    let opts = KubeConfigOptions {
+        context: Some(context.into()),
+        ..Default::default()
+    };
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &opts)
+        .await
+        .unwrap();
+    config.default_retry = false;
+    kube::Client::try_from(config).unwrap()
+}
+
+fn dyn_obj(ar: &ApiResource, v: Value) -> DynamicObject {
+    let mut v = v;
+    v["apiVersion"] = json!(ar.api_version);
+    v["kind"] = json!(ar.kind);
+    serde_json::from_value(v).unwrap()
+}
+
+async fn raw(server: &FakeKube, method: &str, path: &str, ctype: &str, body: &str) -> (u16, Value) {
+    let addr = server.url().trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer fake-token\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let code: u16 = out[9..12].parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn wait_ready(api: &Api<DynamicObject>, name: &str) -> DynamicObject {
+    for _ in 0..200 {
+        let o = api.get(name).await.unwrap();
+        if o.data["status"]["readyToUse"] == json!(true) {
+            return o;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name} never became ready");
+}
+
+#[tokio::test]
+async fn dynamic_and_prebound_snapshots_across_two_clusters() {
+    let backend = SharedBackend::new();
+    let a = FakeKube::builder()
+        .backend(backend.clone())
+        .start()
+        .await
+        .unwrap();
+    let b = FakeKube::builder()
+        .backend(backend.clone())
+        .start()
+        .await
+        .unwrap();
+    a.seed_standard("apps").unwrap();
+    b.seed_standard("dr").unwrap();
+    a.seed_pvc(
+        "apps",
+        "data",
+        "2Gi",
+        "Block",
+        &["ReadWriteOnce"],
+        &[("app", "db")],
+    )
+    .unwrap();
+    let ca = client_for(&a, "origin").await;
+    let cb = client_for(&b, "dest").await;
+
+    let vs_ar = ar("VolumeSnapshot", "volumesnapshots");
+    let vsc_ar = ar("VolumeSnapshotContent", "volumesnapshotcontents");
+    let vs_a: Api<DynamicObject> = Api::namespaced_with(ca.clone(), "apps", &vs_ar);
+    vs_a.create(
+        &PostParams::default(),
+        &dyn_obj(&vs_ar, json!({"metadata": {"name": "s1"}, "spec": {"source": {"persistentVolumeClaimName": "data"}}})),
+    )
+    .await
+    .unwrap();
+    let ready = wait_ready(&vs_a, "s1").await;
+    assert_eq!(ready.data["status"]["restoreSize"], "2Gi");
+    let cname = ready.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vsc_a: Api<DynamicObject> = Api::all_with(ca.clone(), &vsc_ar);
+    let content = vsc_a.get(&cname).await.unwrap();
+    let handle = content.data["status"]["snapshotHandle"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(content.data["spec"]["sourceVolumeMode"], "Block");
+    assert_eq!(content.data["status"]["restoreSize"], 2i64 << 30);
+    assert_eq!(backend.handles(), vec![handle.clone()]);
+
+    // Destination: a pre-bound Retain content for the same handle, then its snapshot.
+    let vsc_b: Api<DynamicObject> = Api::all_with(cb.clone(), &vsc_ar);
+    let vs_b: Api<DynamicObject> = Api::namespaced_with(cb.clone(), "dr", &vs_ar);
+    vsc_b.create(&PostParams::default(), &dyn_obj(&vsc_ar, json!({
+        "metadata": {"name": "moved"},
+        "spec": {"volumeSnapshotRef": {"name": "s1", "namespace": "dr"}, "deletionPolicy": "Retain",
+                 "driver": "hostpath.csi.k8s.io", "source": {"snapshotHandle": handle}, "sourceVolumeMode": null,
+                 "volumeSnapshotClassName": "csi-snapclass"}
+    }))).await.unwrap();
+    let created = vs_b
+        .create(&PostParams::default(), &dyn_obj(&vs_ar, json!({"metadata": {"name": "s1"}, "spec": {"source": {"volumeSnapshotContentName": "moved"}}})))
+        .await
+        .unwrap();
+    let ready_b = wait_ready(&vs_b, "s1").await;
+    assert_eq!(
+        ready_b.data["status"]["boundVolumeSnapshotContentName"],
+        "moved"
+    );
+    let moved = vsc_b.get("moved").await.unwrap();
+    assert_eq!(
+        moved.data["spec"]["volumeSnapshotRef"]["uid"].as_str(),
+        created.metadata.uid.as_deref()
+    );
+
+    // Unknown handle: error status, never ready.
+    vsc_b.create(&PostParams::default(), &dyn_obj(&vsc_ar, json!({
+        "metadata": {"name": "ghost"},
+        "spec": {"volumeSnapshotRef": {"name": "g", "namespace": "dr"}, "deletionPolicy": "Retain",
+                 "driver": "hostpath.csi.k8s.io", "source": {"snapshotHandle": "nope"}}
+    }))).await.unwrap();
+    let mut ghost = None;
+    for _ in 0..100 {
+        let g = vsc_b.get("ghost").await.unwrap();
+        if g.data["status"]["error"].is_object() {
+            ghost = Some(g);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ghost = ghost.expect("unknown handle must produce an error status");
+    assert_eq!(ghost.data["status"]["readyToUse"], false);
+
+    // Retain keeps the backend snapshot; Delete (the dynamic one) removes it.
+    vs_b.delete("s1", &DeleteParams::default()).await.unwrap();
+    vsc_b
+        .delete("moved", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(backend.handles(), vec![handle.clone()]);
+    vs_a.delete("s1", &DeleteParams::default()).await.unwrap();
+    assert!(backend.handles().is_empty());
+    assert!(vsc_a.get_opt(&cname).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn status_codes_selectors_patches_and_watch() {
+    let a = FakeKube::builder().start().await.unwrap();
+    a.seed_standard("apps").unwrap();
+    let c = client_for(&a, "ctx").await;
+    let vs_ar = ar("VolumeSnapshot", "volumesnapshots");
+    let vsc_ar = ar("VolumeSnapshotContent", "volumesnapshotcontents");
+    let vs: Api<DynamicObject> = Api::namespaced_with(c.clone(), "apps", &vs_ar);
+
+    // 404 with a Status body.
+    match vs.get("missing").await {
+        Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (404, "NotFound")),
+        other => panic!("expected 404, got {other:?}"),
+    }
+    // Namespace that does not exist.
+    let vs_nowhere: Api<DynamicObject> = Api::namespaced_with(c.clone(), "nowhere", &vs_ar);
+    let obj = dyn_obj(
+        &vs_ar,
+        json!({"metadata": {"name": "x", "labels": {"app": "db"}}, "spec": {"source": {"persistentVolumeClaimName": "p"}}}),
+    );
+    match vs_nowhere.create(&PostParams::default(), &obj).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 404);
+            assert!(
+                s.message.contains("namespaces \"nowhere\" not found"),
+                "{}",
+                s.message
+            );
+        }
+        other => panic!("expected 404, got {other:?}"),
+    }
+    vs.create(&PostParams::default(), &obj).await.unwrap();
+    match vs.create(&PostParams::default(), &obj).await {
+        Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (409, "AlreadyExists")),
+        other => panic!("expected 409, got {other:?}"),
+    }
+    // 422 with causes.
+    let vsc: Api<DynamicObject> = Api::all_with(c.clone(), &vsc_ar);
+    let bad = dyn_obj(
+        &vsc_ar,
+        json!({"metadata": {"name": "bad"}, "spec": {"deletionPolicy": "Keep", "source": {}}}),
+    );
+    match vsc.create(&PostParams::default(), &bad).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
+            let fields: Vec<String> = s
+                .details
+                .unwrap()
+                .causes
+                .iter()
+                .map(|c| c.field.clone())
+                .collect();
+            for f in [
+                "spec.volumeSnapshotRef",
+                "spec.deletionPolicy",
+                "spec.driver",
+                "spec.source",
+            ] {
+                assert!(fields.contains(&f.to_string()), "{fields:?} lacks {f}");
+            }
+        }
+        other => panic!("expected 422, got {other:?}"),
+    }
+    // Label selectors.
+    let obj2 = dyn_obj(
+        &vs_ar,
+        json!({"metadata": {"name": "y", "labels": {"app": "web"}}, "spec": {"source": {"persistentVolumeClaimName": "p"}}}),
+    );
+    vs.create(&PostParams::default(), &obj2).await.unwrap();
+    let names = |l: kube::core::ObjectList<DynamicObject>| -> Vec<String> {
+        l.items
+            .into_iter()
+            .map(|o| o.metadata.name.unwrap())
+            .collect()
+    };
+    assert_eq!(
+        names(
+            vs.list(&ListParams::default().labels("app=db"))
+                .await
+                .unwrap()
+        ),
+        ["x"]
+    );
+    assert_eq!(
+        names(
+            vs.list(&ListParams::default().labels("app in (db,web)"))
+                .await
+                .unwrap()
+        ),
+        ["x", "y"]
+    );
+
+    // Merge patch (kube) and JSON patch (raw HTTP), then a stale-resourceVersion replace.
+    let patched = vs
+        .patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "gold"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(patched.metadata.labels.as_ref().unwrap()["tier"], "gold");
+    let (code, body) = raw(
+        &a,
+        "PATCH",
+        "/apis/snapshot.storage.k8s.io/v1/namespaces/apps/volumesnapshots/x",
+        "application/json-patch+json",
+        r#"[{"op":"remove","path":"/metadata/labels/tier"}]"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["metadata"]["labels"].get("tier").is_none());
+    let (code, body) = raw(
+        &a,
+        "PATCH",
+        "/apis/snapshot.storage.k8s.io/v1/namespaces/apps/volumesnapshots/x",
+        "application/strategic-merge-patch+json",
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        (code, body["reason"].as_str()),
+        (415, Some("UnsupportedMediaType"))
+    );
+    let mut stale = patched.clone();
+    stale.metadata.labels = None;
+    match vs.replace("x", &PostParams::default(), &stale).await {
+        Err(kube::Error::Api(s)) => assert_eq!((s.code, s.reason.as_str()), (409, "Conflict")),
+        other => panic!("expected 409 Conflict, got {other:?}"),
+    }
+    // Immutable source.
+    let mut current = vs.get("x").await.unwrap();
+    current.data["spec"]["source"] = json!({"persistentVolumeClaimName": "other"});
+    match vs.replace("x", &PostParams::default(), &current).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 422),
+        other => panic!("expected 422, got {other:?}"),
+    }
+
+    // Watch from a resourceVersion sees only later changes.
+    let rv = vs
+        .get("y")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let wp = WatchParams::default().fields("metadata.name=y").timeout(5);
+    let mut stream = vs.watch(&wp, &rv).await.unwrap().boxed();
+    vs.patch(
+        "y",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"seen": "1"}}})),
+    )
+    .await
+    .unwrap();
+    vs.patch(
+        "x",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"other": "1"}}})),
+    )
+    .await
+    .unwrap();
+    vs.delete("y", &DeleteParams::default()).await.unwrap();
+    let first = stream.try_next().await.unwrap().unwrap();
+    match first {
+        WatchEvent::Modified(o) => assert_eq!(o.metadata.labels.unwrap()["seen"], "1"),
+        other => panic!("expected Modified, got {other:?}"),
+    }
+    assert!(matches!(
+        stream.try_next().await.unwrap().unwrap(),
+        WatchEvent::Deleted(_)
+    ));
+
+    // Faults: 429 on the next request, then a dropped connection.
+    let ns: Api<Namespace> = Api::all(c.clone());
+    a.faults().add_http(HttpFault::status(429, 1));
+    match ns.get("apps").await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 429),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    a.faults()
+        .add_http(HttpFault::status(500, 1).method("GET").reset());
+    assert!(ns.get("apps").await.is_err());
+    assert!(ns.get("apps").await.is_ok());
+    a.faults().fail_nth_request(2, 503);
+    assert!(ns.get("apps").await.is_ok());
+    assert!(ns.get("apps").await.is_err());
+    assert!(ns.get("apps").await.is_ok());
+
+    // Missing token is refused.
+    let (code, _) = {
+        let addr = a.url().trim_start_matches("http://").to_string();
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        (out[9..12].parse::<u16>().unwrap(), ())
+    };
+    assert_eq!(code, 401);
+}
+
+#[tokio::test]
+async fn driver_faults_error_and_never_ready() {
+    let a = FakeKube::builder().start().await.unwrap();
+    a.seed_standard("apps").unwrap();
+    a.seed_pvc("apps", "data", "1Gi", "Filesystem", &["ReadWriteOnce"], &[])
+        .unwrap();
+    let c = client_for(&a, "ctx").await;
+    let vs_ar = ar("VolumeSnapshot", "volumesnapshots");
+    let vs: Api<DynamicObject> = Api::namespaced_with(c, "apps", &vs_ar);
+    a.faults().set_snapshot_error(Some("array offline"));
+    vs.create(&PostParams::default(), &dyn_obj(&vs_ar, json!({"metadata": {"name": "e"}, "spec": {"source": {"persistentVolumeClaimName": "data"}}})))
+        .await
+        .unwrap();
+    let mut err = None;
+    for _ in 0..100 {
+        let o = vs.get("e").await.unwrap();
+        if let Some(m) = o.data["status"]["error"]["message"].as_str() {
+            err = Some(m.to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(err.unwrap().contains("array offline"));
+    a.faults().set_snapshot_error(None);
+    a.faults().set_never_ready(true);
+    vs.create(&PostParams::default(), &dyn_obj(&vs_ar, json!({"metadata": {"name": "n"}, "spec": {"source": {"persistentVolumeClaimName": "data"}}})))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let o = vs.get("n").await.unwrap();
+    assert!(o.data["status"]["boundVolumeSnapshotContentName"].is_string());
+    assert_eq!(o.data["status"]["readyToUse"], false);
+    a.faults().set_never_ready(false);
+    wait_ready(&vs, "n").await;
+}
