@@ -1,1 +1,22 @@
-//! Placeholder: this crate is being built.
+//! Pure types and algorithms for CBT block-volume backups.
+//!
+//! This crate owns the decisions, never the I/O: byte-range algebra ([`ranges`]), name rules for
+//! anything that ends up in an object key ([`names`]), the versioned snapshot manifest
+//! ([`manifest`]), backup and restore plans ([`plan`]) and garbage-collection reachability plus
+//! retention ([`gc`]). It has no async runtime, no network, no filesystem access and no clock:
+//! time is always passed in by the caller, so every function is deterministic and testable.
+
+pub mod error;
+pub mod gc;
+pub mod manifest;
+pub mod names;
+pub mod plan;
+pub mod ranges;
+pub mod time;
+
+pub use error::{CoreError, ErrorKind};
+pub use manifest::{ChunkHash, ChunkMap, ChunkRef, ChunkState, Manifest};
+pub use names::{SnapshotName, VolumeName};
+pub use plan::{BackupPlan, RestorePlan};
+pub use ranges::{ByteRange, ChunkGeometry, RangeSet};
+pub use time::Timestamp;

@@ -1,0 +1,147 @@
+//! The one error type of `cbt-core` and its coarse classification.
+//!
+//! Every variant carries the values a user needs to act on it (the offending name, offset,
+//! version, chunk index). Callers branch on [`CoreError::kind`], never on message text.
+
+/// What kind of failure a [`CoreError`] is, so callers (and the CLI's exit codes) can react.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The caller passed bad input (a range, a name, a policy); fix the request.
+    Usage,
+    /// Stored data is not what it must be (bad manifest, wrong geometry); repair needed.
+    Integrity,
+    /// Stored data was written by a newer version of this software; upgrade to read it.
+    Unsupported,
+}
+
+/// Errors produced by the pure core.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// A byte range of length zero was given where every range must hold data.
+    #[error("empty byte range at offset {offset}: length must be > 0")]
+    EmptyRange {
+        /// Start of the rejected range.
+        offset: u64,
+    },
+    /// `offset + len` does not fit in 64 bits.
+    #[error("byte range at offset {offset} with length {len} overflows u64")]
+    RangeOverflow {
+        /// Start of the rejected range.
+        offset: u64,
+        /// Length of the rejected range.
+        len: u64,
+    },
+    /// A signed extent (as CSI sends them) had a negative offset or length.
+    #[error("negative extent: offset {offset}, length {len}")]
+    NegativeExtent {
+        /// Offset as received.
+        offset: i64,
+        /// Length as received.
+        len: i64,
+    },
+    /// A byte range reaches past the end of the volume.
+    #[error("range [{start}, {end}) reaches past the end of the volume ({volume_size} bytes)")]
+    RangePastEnd {
+        /// Start of the offending range.
+        start: u64,
+        /// End (exclusive) of the offending range.
+        end: u64,
+        /// Size of the volume.
+        volume_size: u64,
+    },
+    /// A chunk size outside the supported set.
+    #[error("invalid chunk size {size}: must be a power of two between {min} and {max} bytes")]
+    InvalidChunkSize {
+        /// The rejected size.
+        size: u64,
+        /// Smallest accepted size.
+        min: u64,
+        /// Largest accepted size.
+        max: u64,
+    },
+    /// A name that would be unsafe or ambiguous inside an object key.
+    #[error("invalid {what} name {name:?}: {reason}")]
+    InvalidName {
+        /// Which kind of name (volume, snapshot, label key...).
+        what: &'static str,
+        /// The rejected name (escaped by `{:?}` when printed).
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A content hash that is not 64 lowercase hex digits.
+    #[error("invalid chunk hash {value:?}: expected 64 lowercase hex digits")]
+    InvalidHash {
+        /// The rejected text.
+        value: String,
+    },
+    /// The manifest was written with a format version this build cannot read.
+    #[error(
+        "manifest format version {found} is not supported (this build reads versions {min_supported}..={max_supported}); upgrade cbt"
+    )]
+    UnsupportedManifestVersion {
+        /// Version found in the manifest.
+        found: u64,
+        /// Oldest version this build reads.
+        min_supported: u32,
+        /// Newest version this build reads.
+        max_supported: u32,
+    },
+    /// The manifest bytes are not a well-formed manifest.
+    #[error("manifest cannot be decoded: {message}")]
+    ManifestDecode {
+        /// What the decoder said.
+        message: String,
+    },
+    /// The manifest decodes but breaks an invariant (bad index, wrong chunk length, ...).
+    #[error("manifest is inconsistent: {reason}")]
+    ManifestInvalid {
+        /// The broken invariant, with values.
+        reason: String,
+    },
+    /// A chunk index at or beyond the number of chunks in the volume.
+    #[error("chunk index {index} out of range: volume has {chunk_count} chunks")]
+    ChunkIndexOutOfRange {
+        /// The offending index.
+        index: u64,
+        /// Number of chunks in the volume.
+        chunk_count: u64,
+    },
+    /// A stored chunk's raw length disagrees with the volume geometry.
+    #[error("chunk {index}: raw length {raw_len} but the geometry says {expected}")]
+    ChunkLengthMismatch {
+        /// Chunk index.
+        index: u64,
+        /// Length recorded for the chunk.
+        raw_len: u64,
+        /// Length the volume geometry requires.
+        expected: u64,
+    },
+    /// A child snapshot cannot be derived from this parent.
+    #[error("cannot derive snapshot from parent {parent:?}: {reason}")]
+    IncompatibleParent {
+        /// Name of the parent snapshot.
+        parent: String,
+        /// Why not.
+        reason: String,
+    },
+    /// A retention policy with no rule, which would delete every snapshot.
+    #[error(
+        "retention policy has no rule (keep-last / keep-within); refusing to delete everything"
+    )]
+    EmptyRetentionPolicy,
+}
+
+impl CoreError {
+    /// Classifies the error for callers that react by kind (retry, fix input, repair).
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CoreError::UnsupportedManifestVersion { .. } => ErrorKind::Unsupported,
+            CoreError::ManifestDecode { .. }
+            | CoreError::ManifestInvalid { .. }
+            | CoreError::ChunkLengthMismatch { .. } => ErrorKind::Integrity,
+            _ => ErrorKind::Usage,
+        }
+    }
+}

@@ -1,0 +1,682 @@
+//! The versioned snapshot manifest: the complete chunk map of one backed-up snapshot.
+//!
+//! Owns the manifest's in-memory model, its invariants and its JSON wire form. A manifest maps
+//! the *whole* volume (every chunk index is either zero/unallocated or a reference to one stored
+//! chunk), so restoring a snapshot reads one manifest and never walks a chain; the parent link
+//! is lineage only. An incremental manifest is its parent's map with the changed chunks
+//! replaced ([`Manifest::derive_child`]).
+//!
+//! # Size bound
+//! Only stored chunks are serialized, one JSON array `[index,"hash",stored_size,crc32c,raw_len]`
+//! of about 100 bytes each. At the default 4 MiB chunk size a fully allocated 1 TiB volume has
+//! 262,144 entries: about 26 MiB of JSON, roughly 15 MiB once the store layer compresses it
+//! (the 32-byte hashes are incompressible). In memory an entry costs about 70 bytes (map node
+//! included), about 18 MiB per fully allocated TiB; zero chunks cost nothing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+use crate::names::{SnapshotName, VolumeName, validate_name};
+use crate::ranges::{ChunkGeometry, RangeSet};
+use crate::time::Timestamp;
+
+/// The manifest format version this build writes.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The oldest manifest format version this build reads.
+pub const MIN_MANIFEST_FORMAT_VERSION: u32 = 1;
+
+/// A 32-byte content hash (BLAKE3 of the chunk's raw bytes) that names a stored chunk.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChunkHash(pub [u8; 32]);
+
+impl ChunkHash {
+    /// Lowercase hex, 64 characters.
+    pub fn to_hex(&self) -> String {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(HEX[(b >> 4) as usize] as char);
+            s.push(HEX[(b & 15) as usize] as char);
+        }
+        s
+    }
+
+    /// Parses 64 lowercase hex digits.
+    ///
+    /// # Errors
+    /// [`CoreError::InvalidHash`] for anything else.
+    pub fn from_hex(s: &str) -> Result<Self, CoreError> {
+        let bad = || CoreError::InvalidHash {
+            value: s.chars().take(80).collect(),
+        };
+        let b = s.as_bytes();
+        if b.len() != 64 {
+            return Err(bad());
+        }
+        let nib = |c: u8| match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            _ => None,
+        };
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            let hi = nib(b[2 * i]).ok_or_else(bad)?;
+            let lo = nib(b[2 * i + 1]).ok_or_else(bad)?;
+            *o = (hi << 4) | lo;
+        }
+        Ok(ChunkHash(out))
+    }
+}
+
+impl fmt::Debug for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkHash({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for ChunkHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for ChunkHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ChunkHash::from_hex(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where one chunk's bytes are stored and how to check them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkRef {
+    /// BLAKE3 of the raw bytes; also the chunk object's name.
+    pub hash: ChunkHash,
+    /// Size of the stored object in bytes (header + payload + trailer).
+    pub stored_size: u64,
+    /// crc32c of the raw (uncompressed) bytes.
+    pub crc32c: u32,
+    /// Number of raw bytes (the chunk size, or less for the volume's last chunk).
+    pub raw_len: u64,
+}
+
+/// The content of one chunk index: all zeros / unallocated, or a stored chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChunkState {
+    /// Reads as zeros; nothing is stored.
+    Zero,
+    /// Stored in the referenced chunk object.
+    Stored(ChunkRef),
+}
+
+/// Maps every chunk index of a volume to its [`ChunkState`]; only stored chunks take memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkMap {
+    geometry: ChunkGeometry,
+    stored: BTreeMap<u64, ChunkRef>,
+}
+
+impl ChunkMap {
+    /// A map of `geometry` where every chunk is zero.
+    pub fn new(geometry: ChunkGeometry) -> Self {
+        ChunkMap {
+            geometry,
+            stored: BTreeMap::new(),
+        }
+    }
+
+    /// The volume geometry this map covers.
+    pub fn geometry(&self) -> &ChunkGeometry {
+        &self.geometry
+    }
+
+    /// The state of chunk `index` (indices past the end read as zero).
+    pub fn get(&self, index: u64) -> ChunkState {
+        self.stored
+            .get(&index)
+            .map_or(ChunkState::Zero, |r| ChunkState::Stored(*r))
+    }
+
+    /// Sets chunk `index`, checking the index and the chunk's raw length against the geometry.
+    ///
+    /// # Errors
+    /// [`CoreError::ChunkIndexOutOfRange`] or [`CoreError::ChunkLengthMismatch`].
+    pub fn set(&mut self, index: u64, state: ChunkState) -> Result<(), CoreError> {
+        let count = self.geometry.chunk_count();
+        if index >= count {
+            return Err(CoreError::ChunkIndexOutOfRange {
+                index,
+                chunk_count: count,
+            });
+        }
+        match state {
+            ChunkState::Zero => {
+                self.stored.remove(&index);
+            }
+            ChunkState::Stored(r) => {
+                let expected = self.geometry.chunk_len(index);
+                if r.raw_len != expected {
+                    return Err(CoreError::ChunkLengthMismatch {
+                        index,
+                        raw_len: r.raw_len,
+                        expected,
+                    });
+                }
+                self.stored.insert(index, r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stored chunks in ascending index order.
+    pub fn iter_stored(&self) -> impl Iterator<Item = (u64, &ChunkRef)> + '_ {
+        self.stored.iter().map(|(i, r)| (*i, r))
+    }
+
+    /// Number of stored (non-zero) chunk indices.
+    pub fn stored_count(&self) -> u64 {
+        self.stored.len() as u64
+    }
+
+    /// Raw bytes held by stored chunks (the snapshot's allocated, non-zero data).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.stored.values().map(|r| r.raw_len).sum()
+    }
+
+    /// Bytes of the volume that read as zero.
+    pub fn zero_bytes(&self) -> u64 {
+        self.geometry.volume_size() - self.allocated_bytes()
+    }
+
+    /// Distinct stored chunks referenced by this map, with their stored sizes.
+    pub fn unique_chunks(&self) -> BTreeMap<ChunkHash, u64> {
+        self.stored
+            .values()
+            .map(|r| (r.hash, r.stored_size))
+            .collect()
+    }
+
+    /// The byte ranges that hold stored data (merged across neighbouring chunks).
+    pub fn allocated_ranges(&self) -> RangeSet {
+        RangeSet::from_ranges(
+            self.stored
+                .keys()
+                .filter_map(|i| self.geometry.chunk_range(*i).ok()),
+        )
+    }
+}
+
+/// Lineage link to the snapshot an incremental backup was based on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// Name of the parent snapshot in this repository.
+    pub snapshot: SnapshotName,
+    /// Unique id of the parent (guards against a later snapshot reusing the name).
+    pub snapshot_id: String,
+}
+
+/// Where the backed-up data came from on the Kubernetes/CSI side, kept so a chain of
+/// incrementals survives the deletion of the base VolumeSnapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceInfo {
+    /// CSI driver name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub csi_driver: Option<String>,
+    /// CSI snapshot handle of the backed-up snapshot (the next delta's base).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub csi_snapshot_id: Option<String>,
+    /// CSI snapshot handle the changed ranges were computed against, for incrementals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base_csi_snapshot_id: Option<String>,
+    /// Namespace of the PVC / VolumeSnapshot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Name of the PVC backed up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<String>,
+    /// Name of the VolumeSnapshot read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_snapshot: Option<String>,
+    /// Free-form description of a non-Kubernetes source (an image path, a device).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Figures of the backup run that produced a manifest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackupStats {
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes in chunks whose content differs from the parent's (all non-zero data for a full).
+    pub bytes_changed: u64,
+    /// Stored (compressed, framed) bytes uploaded.
+    pub bytes_uploaded: u64,
+    /// Raw bytes not uploaded because an identical chunk was already stored.
+    pub bytes_deduplicated: u64,
+    /// Raw bytes read that turned out to be all zeros (never stored).
+    pub bytes_zero: u64,
+    /// Chunks read from the source.
+    pub chunks_read: u64,
+    /// Chunk objects written.
+    pub objects_written: u64,
+    /// Chunks found already stored.
+    pub chunks_deduplicated: u64,
+    /// Chunks that were all zeros.
+    pub chunks_zero: u64,
+    /// Wall time of the run in milliseconds.
+    pub wall_ms: u64,
+}
+
+/// Identity and metadata of a new snapshot, everything except its chunk map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// Volume the snapshot belongs to.
+    pub volume: VolumeName,
+    /// Snapshot name, unique within the volume.
+    pub snapshot: SnapshotName,
+    /// Unique id (the engine derives it from a hash; must pass name validation).
+    pub snapshot_id: String,
+    /// Creation time, injected by the caller.
+    pub created: Timestamp,
+    /// Kubernetes/CSI provenance.
+    pub source: SourceInfo,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Figures of the run.
+    pub stats: BackupStats,
+}
+
+/// One backed-up snapshot: metadata plus the complete chunk map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Volume the snapshot belongs to.
+    pub volume: VolumeName,
+    /// Snapshot name, unique within the volume.
+    pub snapshot: SnapshotName,
+    /// Unique id of this snapshot.
+    pub snapshot_id: String,
+    /// Creation time.
+    pub created: Timestamp,
+    /// The complete chunk map (also fixes volume size and chunk size).
+    pub chunks: ChunkMap,
+    /// Lineage: the snapshot this one was derived from, if incremental.
+    pub parent: Option<ParentRef>,
+    /// Kubernetes/CSI provenance.
+    pub source: SourceInfo,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Figures of the run that produced it.
+    pub stats: BackupStats,
+}
+
+impl Manifest {
+    /// Assembles a manifest from its metadata and a complete chunk map.
+    ///
+    /// # Errors
+    /// [`CoreError::InvalidName`] if the snapshot id is not a valid name.
+    pub fn new(
+        meta: SnapshotMeta,
+        chunks: ChunkMap,
+        parent: Option<ParentRef>,
+    ) -> Result<Self, CoreError> {
+        validate_name("snapshot id", &meta.snapshot_id)?;
+        Ok(Manifest {
+            volume: meta.volume,
+            snapshot: meta.snapshot,
+            snapshot_id: meta.snapshot_id,
+            created: meta.created,
+            chunks,
+            parent,
+            source: meta.source,
+            labels: meta.labels,
+            stats: meta.stats,
+        })
+    }
+
+    /// Builds an incremental manifest: the parent's map, resized to `volume_size`, with
+    /// `changes` applied. Chunks not in `changes` keep the parent's state.
+    ///
+    /// When the size changed, the chunk that was the parent's short last chunk (or becomes the
+    /// child's) no longer has the same length; it must be among `changes`
+    /// ([`crate::plan::BackupPlan::incremental`] always includes it).
+    ///
+    /// # Errors
+    /// [`CoreError::IncompatibleParent`] for another volume or a stale boundary chunk;
+    /// [`CoreError::ChunkIndexOutOfRange`] / [`CoreError::ChunkLengthMismatch`] for bad changes.
+    pub fn derive_child<I>(
+        parent: &Manifest,
+        meta: SnapshotMeta,
+        volume_size: u64,
+        changes: I,
+    ) -> Result<Manifest, CoreError>
+    where
+        I: IntoIterator<Item = (u64, ChunkState)>,
+    {
+        let incompatible = |reason: String| CoreError::IncompatibleParent {
+            parent: parent.snapshot.to_string(),
+            reason,
+        };
+        if parent.volume != meta.volume {
+            return Err(incompatible(format!(
+                "parent belongs to volume {:?}, not {:?}",
+                parent.volume.as_str(),
+                meta.volume.as_str()
+            )));
+        }
+        let geometry = ChunkGeometry::new(volume_size, parent.chunks.geometry().chunk_size())?;
+        let mut map = ChunkMap::new(geometry);
+        let mut changed = std::collections::BTreeSet::new();
+        for (index, state) in changes {
+            map.set(index, state)?;
+            changed.insert(index);
+        }
+        let count = geometry.chunk_count();
+        for (index, r) in parent.chunks.iter_stored() {
+            if index >= count || changed.contains(&index) {
+                continue;
+            }
+            if r.raw_len != geometry.chunk_len(index) {
+                return Err(incompatible(format!(
+                    "chunk {index} changed length with the volume size and was not re-read"
+                )));
+            }
+            map.stored.insert(index, *r);
+        }
+        Manifest::new(
+            meta,
+            map,
+            Some(ParentRef {
+                snapshot: parent.snapshot.clone(),
+                snapshot_id: parent.snapshot_id.clone(),
+            }),
+        )
+    }
+
+    /// Size of the volume in bytes.
+    pub fn volume_size(&self) -> u64 {
+        self.chunks.geometry().volume_size()
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.chunks.geometry().chunk_size()
+    }
+
+    /// Serializes to the compact JSON wire form (always the current format version).
+    pub fn to_json(&self) -> Vec<u8> {
+        let wire = WireRef {
+            format_version: MANIFEST_FORMAT_VERSION,
+            volume: &self.volume,
+            snapshot: &self.snapshot,
+            snapshot_id: &self.snapshot_id,
+            created_unix_ms: self.created,
+            volume_size: self.volume_size(),
+            chunk_size: self.chunk_size(),
+            parent: self.parent.as_ref(),
+            source: &self.source,
+            labels: &self.labels,
+            stats: &self.stats,
+            chunks: self
+                .chunks
+                .iter_stored()
+                .map(|(i, r)| (i, r.hash, r.stored_size, r.crc32c, r.raw_len))
+                .collect(),
+        };
+        // Serializing plain structs of strings and integers into a Vec cannot fail.
+        serde_json::to_vec(&wire).unwrap_or_default()
+    }
+
+    /// Parses the JSON wire form, checking the format version before anything else.
+    ///
+    /// # Errors
+    /// [`CoreError::UnsupportedManifestVersion`] for a version this build does not know;
+    /// [`CoreError::ManifestDecode`] for malformed JSON; [`CoreError::ManifestInvalid`] when an
+    /// invariant is broken (bad index, wrong chunk length, duplicate index, bad name).
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, CoreError> {
+        #[derive(Deserialize)]
+        struct Probe {
+            format_version: Option<u64>,
+        }
+        let probe: Probe =
+            serde_json::from_slice(bytes).map_err(|e| CoreError::ManifestDecode {
+                message: e.to_string(),
+            })?;
+        let version = probe
+            .format_version
+            .ok_or_else(|| CoreError::ManifestDecode {
+                message: "missing format_version".into(),
+            })?;
+        if version < u64::from(MIN_MANIFEST_FORMAT_VERSION)
+            || version > u64::from(MANIFEST_FORMAT_VERSION)
+        {
+            return Err(CoreError::UnsupportedManifestVersion {
+                found: version,
+                min_supported: MIN_MANIFEST_FORMAT_VERSION,
+                max_supported: MANIFEST_FORMAT_VERSION,
+            });
+        }
+        let wire: Wire = serde_json::from_slice(bytes).map_err(|e| CoreError::ManifestDecode {
+            message: e.to_string(),
+        })?;
+        let invalid = |reason: String| CoreError::ManifestInvalid { reason };
+        let geometry = ChunkGeometry::new(wire.volume_size, wire.chunk_size)
+            .map_err(|e| invalid(e.to_string()))?;
+        let mut map = ChunkMap::new(geometry);
+        for (index, hash, stored_size, crc32c, raw_len) in wire.chunks {
+            if map.stored.contains_key(&index) {
+                return Err(invalid(format!("chunk {index} listed twice")));
+            }
+            let r = ChunkRef {
+                hash,
+                stored_size,
+                crc32c,
+                raw_len,
+            };
+            map.set(index, ChunkState::Stored(r))
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        let meta = SnapshotMeta {
+            volume: wire.volume,
+            snapshot: wire.snapshot,
+            snapshot_id: wire.snapshot_id,
+            created: wire.created_unix_ms,
+            source: wire.source,
+            labels: wire.labels,
+            stats: wire.stats,
+        };
+        Manifest::new(meta, map, wire.parent).map_err(|e| invalid(e.to_string()))
+    }
+}
+
+type WireChunk = (u64, ChunkHash, u64, u32, u64);
+
+#[derive(Serialize)]
+struct WireRef<'a> {
+    format_version: u32,
+    volume: &'a VolumeName,
+    snapshot: &'a SnapshotName,
+    snapshot_id: &'a str,
+    created_unix_ms: Timestamp,
+    volume_size: u64,
+    chunk_size: u64,
+    parent: Option<&'a ParentRef>,
+    source: &'a SourceInfo,
+    labels: &'a BTreeMap<String, String>,
+    stats: &'a BackupStats,
+    chunks: Vec<WireChunk>,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    volume: VolumeName,
+    snapshot: SnapshotName,
+    snapshot_id: String,
+    created_unix_ms: Timestamp,
+    volume_size: u64,
+    chunk_size: u64,
+    #[serde(default)]
+    parent: Option<ParentRef>,
+    #[serde(default)]
+    source: SourceInfo,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    stats: BackupStats,
+    chunks: Vec<WireChunk>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(b: u8) -> ChunkHash {
+        ChunkHash([b; 32])
+    }
+
+    fn meta(name: &str) -> SnapshotMeta {
+        SnapshotMeta {
+            volume: VolumeName::new("vol").unwrap(),
+            snapshot: SnapshotName::new(name).unwrap(),
+            snapshot_id: format!("id-{name}"),
+            created: Timestamp(1000),
+            source: SourceInfo {
+                csi_snapshot_id: Some("snap-handle".into()),
+                ..Default::default()
+            },
+            labels: BTreeMap::from([("k".into(), "v".into())]),
+            stats: BackupStats::default(),
+        }
+    }
+
+    fn stored(b: u8, raw_len: u64) -> ChunkState {
+        ChunkState::Stored(ChunkRef {
+            hash: h(b),
+            stored_size: 100 + u64::from(b),
+            crc32c: u32::from(b),
+            raw_len,
+        })
+    }
+
+    fn sample() -> Manifest {
+        let g = ChunkGeometry::new(10_000, 4096).unwrap();
+        let mut map = ChunkMap::new(g);
+        map.set(0, stored(1, 4096)).unwrap();
+        map.set(2, stored(2, 10_000 - 8192)).unwrap();
+        Manifest::new(meta("s1"), map, None).unwrap()
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let m = sample();
+        let bytes = m.to_json();
+        assert_eq!(Manifest::from_json(&bytes).unwrap(), m);
+        assert_eq!(m.chunks.allocated_bytes(), 4096 + 10_000 - 8192);
+        assert_eq!(m.chunks.get(1), ChunkState::Zero);
+    }
+
+    #[test]
+    fn future_and_missing_versions_are_typed_errors() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["format_version"] = 2.into();
+        // A future version may change any field; it must be rejected before decoding them.
+        v["chunks"] = "something new".into();
+        let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::UnsupportedManifestVersion {
+                found: 2,
+                min_supported: 1,
+                max_supported: 1
+            }
+        );
+        assert_eq!(err.kind(), crate::ErrorKind::Unsupported);
+        v.as_object_mut().unwrap().remove("format_version");
+        assert!(matches!(
+            Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+            Err(CoreError::ManifestDecode { .. })
+        ));
+        assert!(matches!(
+            Manifest::from_json(b"{not json"),
+            Err(CoreError::ManifestDecode { .. })
+        ));
+    }
+
+    #[test]
+    fn inconsistent_manifests_are_rejected() {
+        let base: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        let cases: Vec<(&str, serde_json::Value)> = vec![
+            ("index past end", serde_json::json!([[3, h(1), 1, 1, 4096]])),
+            ("wrong raw len", serde_json::json!([[0, h(1), 1, 1, 4000]])),
+            (
+                "duplicate",
+                serde_json::json!([[0, h(1), 1, 1, 4096], [0, h(2), 1, 1, 4096]]),
+            ),
+        ];
+        for (what, chunks) in cases {
+            let mut v = base.clone();
+            v["chunks"] = chunks;
+            assert!(
+                matches!(
+                    Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+                    Err(CoreError::ManifestInvalid { .. })
+                ),
+                "{what}"
+            );
+        }
+        let mut v = base.clone();
+        v["snapshot"] = "../escape".into();
+        assert!(Manifest::from_json(&serde_json::to_vec(&v).unwrap()).is_err());
+        let mut v = base;
+        v["chunks"] = serde_json::json!([[0, "ZZ", 1, 1, 4096]]);
+        assert!(Manifest::from_json(&serde_json::to_vec(&v).unwrap()).is_err());
+    }
+
+    #[test]
+    fn derive_child_replaces_changed_chunks_and_handles_resize() {
+        let parent = sample();
+        let child = Manifest::derive_child(
+            &parent,
+            meta("s2"),
+            10_000,
+            [(1, stored(3, 4096)), (0, ChunkState::Zero)],
+        )
+        .unwrap();
+        assert_eq!(child.chunks.get(0), ChunkState::Zero);
+        assert_eq!(child.chunks.get(1), stored(3, 4096));
+        assert_eq!(child.chunks.get(2), parent.chunks.get(2));
+        assert_eq!(child.parent.as_ref().unwrap().snapshot_id, "id-s1");
+
+        // Growing the volume changes the old short last chunk's length: it must be re-read.
+        let err = Manifest::derive_child(&parent, meta("s3"), 20_000, []).unwrap_err();
+        assert!(matches!(err, CoreError::IncompatibleParent { .. }));
+        let grown =
+            Manifest::derive_child(&parent, meta("s3"), 20_000, [(2, stored(4, 4096))]).unwrap();
+        assert_eq!(grown.chunks.geometry().chunk_count(), 5);
+        // Shrinking drops chunks past the new end.
+        let shrunk = Manifest::derive_child(&parent, meta("s4"), 4096, []).unwrap();
+        assert_eq!(shrunk.chunks.stored_count(), 1);
+
+        let mut other = meta("s5");
+        other.volume = VolumeName::new("other").unwrap();
+        assert!(Manifest::derive_child(&parent, other, 10_000, []).is_err());
+    }
+
+    #[test]
+    fn hash_hex_round_trip() {
+        let x = ChunkHash([0xab; 32]);
+        assert_eq!(ChunkHash::from_hex(&x.to_hex()).unwrap(), x);
+        assert!(ChunkHash::from_hex(&"AB".repeat(32)).is_err());
+        assert!(ChunkHash::from_hex("ab").is_err());
+    }
+}
