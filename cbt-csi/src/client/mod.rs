@@ -1,0 +1,834 @@
+//! The streaming metadata client for both APIs (CSI `csi.v1` and the Kubernetes
+//! `snapshotmetadata` sidecar API).
+//!
+//! One [`MetadataClient`] owns a gRPC channel (unix socket, plain TCP or TLS with a private CA).
+//! [`MetadataClient::stream`] opens a [`MetadataStream`] that yields normalized batches of
+//! extents, one per response message, and transparently resumes a broken stream from the end of
+//! the last range received, with exponential backoff and jitter.
+//!
+//! # Guarantees
+//! - A call returns `Ok(None)` (end) only after the server's clean end-of-stream, so a completed
+//!   call covered the whole volume from the starting offset.
+//! - Across resumes no range is lost and, for a driver that streams in order (as the spec
+//!   requires), none is emitted twice; see [`crate::normalize`] for sloppy drivers.
+//! - Memory: one decoded response message at a time (tonic's 4 MiB decode limit, i.e. at most
+//!   ~190k tuples) plus the batch handed to the caller. The collecting helpers additionally hold
+//!   the merged result.
+
+mod backoff;
+mod connect;
+pub(crate) use connect::error_chain;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
+
+use crate::error::{Call, CsiError, is_retryable};
+use crate::normalize::{Normalizer, RawMessage};
+use crate::pb;
+use crate::ranges::{BlockType, Extent, MetadataResult, MetadataSummary, merge_extents};
+
+pub use backoff::RetryPolicy;
+
+/// Supplies the bearer token for each attempt, so a long call can use a fresh token on resume.
+#[async_trait::async_trait]
+pub trait TokenSource: Send + Sync + std::fmt::Debug {
+    /// Returns the token to send; an error aborts the call.
+    async fn token(&self) -> Result<String, String>;
+}
+
+/// A token that never changes.
+#[derive(Clone)]
+pub struct StaticToken(pub String);
+
+impl std::fmt::Debug for StaticToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StaticToken(<redacted>)")
+    }
+}
+
+#[async_trait::async_trait]
+impl TokenSource for StaticToken {
+    async fn token(&self) -> Result<String, String> {
+        Ok(self.0.clone())
+    }
+}
+
+/// How to reach and talk to a metadata service.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `unix:///path/socket`, `https://host:port`, `host:port` (TLS) or `http://host:port` (plain).
+    pub endpoint: String,
+    /// PEM CA bundle the server certificate must chain to (the SnapshotMetadataService
+    /// `caCert`); without it, the system roots are used for TLS endpoints.
+    pub ca_pem: Option<Vec<u8>>,
+    /// TLS server name to verify instead of the endpoint's host.
+    pub server_name: Option<String>,
+    /// Bearer token: CSI API as `authorization: Bearer` metadata, Kubernetes API in the
+    /// request's `security_token` field.
+    pub token: Option<Arc<dyn TokenSource>>,
+    /// Timeout for establishing the connection.
+    pub connect_timeout: Duration,
+    /// Deadline for a whole call, resumes included; `None` waits forever.
+    pub deadline: Option<Duration>,
+    /// Resume behaviour for broken streams.
+    pub retry: RetryPolicy,
+}
+
+impl ClientConfig {
+    /// A configuration with defaults: no TLS CA, no token, 10 s connect timeout, no deadline.
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            ca_pem: None,
+            server_name: None,
+            token: None,
+            connect_timeout: Duration::from_secs(10),
+            deadline: None,
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Trusts only the CAs in this PEM bundle.
+    pub fn with_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
+    /// Verifies the server certificate against this name.
+    pub fn with_server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Uses a fixed bearer token.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(Arc::new(StaticToken(token.into())));
+        self
+    }
+
+    /// Uses a token source asked once per attempt.
+    pub fn with_token_source(mut self, source: Arc<dyn TokenSource>) -> Self {
+        self.token = Some(source);
+        self
+    }
+
+    /// Sets the deadline for each whole call.
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sets the resume policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+}
+
+/// What to ask, in which API flavour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// CSI GetMetadataAllocated of a snapshot handle.
+    CsiAllocated {
+        /// CSI snapshot id (handle).
+        snapshot_id: String,
+    },
+    /// CSI GetMetadataDelta between two snapshot handles of one volume.
+    CsiDelta {
+        /// Older snapshot handle.
+        base_snapshot_id: String,
+        /// Newer snapshot handle.
+        target_snapshot_id: String,
+    },
+    /// Kubernetes API GetMetadataAllocated of a VolumeSnapshot.
+    K8sAllocated {
+        /// Namespace of the VolumeSnapshot.
+        namespace: String,
+        /// VolumeSnapshot name.
+        snapshot_name: String,
+    },
+    /// Kubernetes API GetMetadataDelta: base as CSI handle, target as VolumeSnapshot name.
+    K8sDelta {
+        /// Namespace of the target VolumeSnapshot.
+        namespace: String,
+        /// CSI handle of the base snapshot (its VolumeSnapshotContent `status.snapshotHandle`).
+        base_snapshot_id: String,
+        /// VolumeSnapshot name of the target.
+        target_snapshot_name: String,
+    },
+}
+
+impl Query {
+    /// Which RPC this query calls.
+    pub fn call(&self) -> Call {
+        match self {
+            Self::CsiAllocated { .. } | Self::K8sAllocated { .. } => Call::Allocated,
+            Self::CsiDelta { .. } | Self::K8sDelta { .. } => Call::Delta,
+        }
+    }
+
+    /// True for the Kubernetes sidecar API.
+    pub fn is_kubernetes(&self) -> bool {
+        matches!(self, Self::K8sAllocated { .. } | Self::K8sDelta { .. })
+    }
+
+    /// The snapshots named, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::CsiAllocated { snapshot_id } => snapshot_id.clone(),
+            Self::CsiDelta {
+                base_snapshot_id,
+                target_snapshot_id,
+            } => {
+                format!("{base_snapshot_id} -> {target_snapshot_id}")
+            }
+            Self::K8sAllocated {
+                namespace,
+                snapshot_name,
+            } => format!("{namespace}/{snapshot_name}"),
+            Self::K8sDelta {
+                namespace,
+                base_snapshot_id,
+                target_snapshot_name,
+            } => {
+                format!("{base_snapshot_id} -> {namespace}/{target_snapshot_name}")
+            }
+        }
+    }
+
+    fn base_and_target(&self) -> (String, String) {
+        match self {
+            Self::CsiDelta {
+                base_snapshot_id,
+                target_snapshot_id,
+            } => (base_snapshot_id.clone(), target_snapshot_id.clone()),
+            Self::K8sDelta {
+                namespace,
+                base_snapshot_id,
+                target_snapshot_name,
+            } => (
+                base_snapshot_id.clone(),
+                format!("{namespace}/{target_snapshot_name}"),
+            ),
+            other => (String::new(), other.describe()),
+        }
+    }
+}
+
+/// One metadata call: the query, where to start and how many tuples per message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetadataRequest {
+    /// What to ask.
+    pub query: Query,
+    /// Byte offset to start from (0 for the whole volume).
+    pub starting_offset: u64,
+    /// Tuples per response message; 0 lets the server choose.
+    pub max_results: u32,
+    /// CSI secrets (CSI API only; never logged).
+    pub secrets: std::collections::HashMap<String, String>,
+}
+
+impl MetadataRequest {
+    /// A request for the whole volume with server-chosen message sizes.
+    pub fn new(query: Query) -> Self {
+        Self {
+            query,
+            starting_offset: 0,
+            max_results: 0,
+            secrets: Default::default(),
+        }
+    }
+
+    /// Starts at `offset`.
+    pub fn starting_at(mut self, offset: u64) -> Self {
+        self.starting_offset = offset;
+        self
+    }
+
+    /// Caps tuples per message.
+    pub fn max_results(mut self, n: u32) -> Self {
+        self.max_results = n;
+        self
+    }
+}
+
+/// One response message after normalization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// New extents, sorted and disjoint.
+    pub extents: Vec<Extent>,
+    /// Block type of the stream.
+    pub block_type: BlockType,
+    /// Volume capacity in bytes.
+    pub capacity: u64,
+}
+
+/// A connected client for one endpoint; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct MetadataClient {
+    channel: Channel,
+    config: Arc<ClientConfig>,
+}
+
+impl MetadataClient {
+    /// Connects to the endpoint of `config`.
+    ///
+    /// # Errors
+    /// [`CsiError::InvalidEndpoint`], [`CsiError::Tls`] or [`CsiError::Connect`].
+    pub async fn connect(config: ClientConfig) -> Result<Self, CsiError> {
+        let channel = connect::connect(&config).await?;
+        Ok(Self {
+            channel,
+            config: Arc::new(config),
+        })
+    }
+
+    /// The configuration this client was built with.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Opens a resumable stream of normalized batches for `request`.
+    pub fn stream(&self, request: MetadataRequest) -> MetadataStream {
+        MetadataStream::new(self.clone(), request)
+    }
+
+    /// Runs the call to completion, handing each batch to `f`; an error from `f` cancels the call.
+    ///
+    /// # Errors
+    /// Any [`CsiError`] of the call, or [`CsiError::Consumer`] wrapping the callback's error.
+    pub async fn for_each_batch<F, E>(
+        &self,
+        request: MetadataRequest,
+        mut f: F,
+    ) -> Result<MetadataSummary, CsiError>
+    where
+        F: FnMut(&Batch) -> Result<(), E>,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut s = self.stream(request);
+        while let Some(b) = s.next_batch().await? {
+            f(&b).map_err(|e| CsiError::Consumer { source: e.into() })?;
+        }
+        Ok(s.summary())
+    }
+
+    /// Runs the call to completion and collects sorted, merged extents with totals.
+    ///
+    /// Memory grows with the number of distinct extents in the answer (16 bytes each).
+    ///
+    /// # Errors
+    /// Any [`CsiError`] of the call.
+    pub async fn collect(&self, request: MetadataRequest) -> Result<MetadataResult, CsiError> {
+        let mut s = self.stream(request);
+        let mut extents: Vec<Extent> = Vec::new();
+        let mut sorted = true;
+        while let Some(b) = s.next_batch().await? {
+            for e in b.extents {
+                match extents.last_mut() {
+                    Some(last) if e.offset == last.end() => last.len += e.len,
+                    Some(last) if e.offset < last.end() => {
+                        sorted = false;
+                        extents.push(e);
+                    }
+                    _ => extents.push(e),
+                }
+            }
+        }
+        if !sorted {
+            merge_extents(&mut extents);
+        }
+        let mut summary = s.summary();
+        summary.ranges = extents.len() as u64;
+        summary.bytes = extents.iter().map(|e| e.len).sum();
+        Ok(MetadataResult { extents, summary })
+    }
+
+    /// Collects the call's answer directly as cbt-core's range set, with totals.
+    ///
+    /// # Errors
+    /// Any [`CsiError`] of the call.
+    pub async fn collect_range_set(
+        &self,
+        request: MetadataRequest,
+    ) -> Result<(cbt_core::RangeSet, MetadataSummary), CsiError> {
+        let r = self.collect(request).await?;
+        Ok((r.to_range_set(), r.summary))
+    }
+
+    /// Asks the CSI Identity service for the plugin name, version and whether it advertises the
+    /// SNAPSHOT_METADATA_SERVICE capability (CSI endpoints only).
+    ///
+    /// # Errors
+    /// [`CsiError::Status`] (or a more specific variant) if the plugin answers with an error.
+    pub async fn plugin_info(&self) -> Result<PluginInfo, CsiError> {
+        let mut c = pb::csi::identity_client::IdentityClient::new(self.channel.clone());
+        let info = c
+            .get_plugin_info(pb::csi::GetPluginInfoRequest {})
+            .await
+            .map_err(|s| {
+                map_status(
+                    &Query::CsiAllocated {
+                        snapshot_id: String::new(),
+                    },
+                    0,
+                    s,
+                )
+            })?
+            .into_inner();
+        let caps = c
+            .get_plugin_capabilities(pb::csi::GetPluginCapabilitiesRequest {})
+            .await
+            .map_err(|s| {
+                map_status(
+                    &Query::CsiAllocated {
+                        snapshot_id: String::new(),
+                    },
+                    0,
+                    s,
+                )
+            })?
+            .into_inner();
+        let snapshot_metadata = caps.capabilities.iter().any(|c| {
+            matches!(&c.r#type, Some(pb::csi::plugin_capability::Type::Service(s))
+                if s.r#type == pb::csi::plugin_capability::service::Type::SnapshotMetadataService as i32)
+        });
+        Ok(PluginInfo {
+            name: info.name,
+            vendor_version: info.vendor_version,
+            snapshot_metadata,
+        })
+    }
+}
+
+/// What the CSI Identity service reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// Driver name.
+    pub name: String,
+    /// Driver version.
+    pub vendor_version: String,
+    /// Whether SNAPSHOT_METADATA_SERVICE is advertised.
+    pub snapshot_metadata: bool,
+}
+
+enum Attempt {
+    CsiAllocated(Streaming<pb::csi::GetMetadataAllocatedResponse>),
+    CsiDelta(Streaming<pb::csi::GetMetadataDeltaResponse>),
+    K8sAllocated(Streaming<pb::k8s::GetMetadataAllocatedResponse>),
+    K8sDelta(Streaming<pb::k8s::GetMetadataDeltaResponse>),
+}
+
+fn tuples_csi(v: &[pb::csi::BlockMetadata]) -> Vec<(i64, i64)> {
+    v.iter().map(|b| (b.byte_offset, b.size_bytes)).collect()
+}
+
+fn tuples_k8s(v: &[pb::k8s::BlockMetadata]) -> Vec<(i64, i64)> {
+    v.iter().map(|b| (b.byte_offset, b.size_bytes)).collect()
+}
+
+impl Attempt {
+    async fn message(&mut self) -> Result<Option<RawMessage>, Status> {
+        Ok(match self {
+            Self::CsiAllocated(s) => s.message().await?.map(|m| RawMessage {
+                block_type: m.block_metadata_type,
+                capacity: m.volume_capacity_bytes,
+                tuples: tuples_csi(&m.block_metadata),
+            }),
+            Self::CsiDelta(s) => s.message().await?.map(|m| RawMessage {
+                block_type: m.block_metadata_type,
+                capacity: m.volume_capacity_bytes,
+                tuples: tuples_csi(&m.block_metadata),
+            }),
+            Self::K8sAllocated(s) => s.message().await?.map(|m| RawMessage {
+                block_type: m.block_metadata_type,
+                capacity: m.volume_capacity_bytes,
+                tuples: tuples_k8s(&m.block_metadata),
+            }),
+            Self::K8sDelta(s) => s.message().await?.map(|m| RawMessage {
+                block_type: m.block_metadata_type,
+                capacity: m.volume_capacity_bytes,
+                tuples: tuples_k8s(&m.block_metadata),
+            }),
+        })
+    }
+}
+
+/// A resumable stream of normalized batches for one call. Obtain it from
+/// [`MetadataClient::stream`]; pull with [`MetadataStream::next_batch`] or adapt with
+/// [`MetadataStream::into_stream`].
+pub struct MetadataStream {
+    client: MetadataClient,
+    request: MetadataRequest,
+    norm: Normalizer,
+    current: Option<Attempt>,
+    attempt_start_offset: u64,
+    failures: u32,
+    attempts: u32,
+    deadline_at: Option<Instant>,
+    done: bool,
+    rng: backoff::Jitter,
+    emitted_ranges: u64,
+    emitted_bytes: u64,
+}
+
+impl std::fmt::Debug for MetadataStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetadataStream")
+            .field("query", &self.request.query)
+            .field("resume_offset", &self.norm.resume_offset())
+            .field("attempts", &self.attempts)
+            .finish()
+    }
+}
+
+impl MetadataStream {
+    fn new(client: MetadataClient, request: MetadataRequest) -> Self {
+        let deadline_at = client.config.deadline.map(|d| Instant::now() + d);
+        let rng = backoff::Jitter::new(client.config.retry.seed);
+        Self {
+            norm: Normalizer::new(request.starting_offset),
+            attempt_start_offset: request.starting_offset,
+            client,
+            request,
+            current: None,
+            failures: 0,
+            attempts: 0,
+            deadline_at,
+            done: false,
+            rng,
+            emitted_ranges: 0,
+            emitted_bytes: 0,
+        }
+    }
+
+    /// Where the call would resume if the stream broke now.
+    pub fn resume_offset(&self) -> u64 {
+        self.norm.resume_offset()
+    }
+
+    /// Totals so far (complete once `next_batch` returned `Ok(None)`). `ranges` counts extents
+    /// as emitted in batches; touching extents of consecutive batches are not merged here.
+    pub fn summary(&self) -> MetadataSummary {
+        MetadataSummary {
+            volume_capacity_bytes: self.norm.capacity().unwrap_or(0),
+            block_type: self.norm.block_type(),
+            block_size: self.norm.block_size(),
+            ranges: self.emitted_ranges,
+            bytes: self.emitted_bytes,
+            tuples_received: self.norm.tuples_received(),
+            messages: self.norm.messages(),
+            attempts: self.attempts,
+            out_of_order_tuples: self.norm.out_of_order(),
+        }
+    }
+
+    /// Adapts this stream into a `futures::Stream` of batches.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Batch, CsiError>> + Send {
+        futures::stream::try_unfold(self, |mut s| async move {
+            Ok(s.next_batch().await?.map(|b| (b, s)))
+        })
+    }
+
+    /// Next batch of new extents, `Ok(None)` after the server's clean end-of-stream.
+    ///
+    /// Batches with no new extent are skipped. Broken streams are resumed according to the
+    /// [`RetryPolicy`].
+    ///
+    /// # Errors
+    /// Non-retryable statuses as their typed variants, [`CsiError::ProtocolViolation`],
+    /// [`CsiError::DeadlineExceeded`], [`CsiError::RetriesExhausted`], [`CsiError::Token`].
+    pub async fn next_batch(&mut self) -> Result<Option<Batch>, CsiError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if self.current.is_none() {
+                match self.open().await {
+                    Ok(a) => self.current = Some(a),
+                    Err(Failure::Fatal(e)) => {
+                        self.done = true;
+                        return Err(e);
+                    }
+                    Err(Failure::Retry(status)) => {
+                        self.after_failure(status).await?;
+                        continue;
+                    }
+                }
+            }
+            let Some(attempt) = self.current.as_mut() else {
+                continue;
+            };
+            let next = match self.deadline_at {
+                Some(at) => match tokio::time::timeout_at(at, attempt.message()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.done = true;
+                        return Err(self.deadline_error());
+                    }
+                },
+                None => attempt.message().await,
+            };
+            match next {
+                Ok(Some(raw)) => {
+                    let extents = self.norm.accept(&raw).map_err(|v| {
+                        self.done = true;
+                        CsiError::ProtocolViolation {
+                            call: self.request.query.call(),
+                            offset: v.offset,
+                            detail: v.detail,
+                        }
+                    })?;
+                    if self.norm.resume_offset() > self.attempt_start_offset {
+                        self.failures = 0;
+                    }
+                    if extents.is_empty() {
+                        continue;
+                    }
+                    self.emitted_ranges += extents.len() as u64;
+                    self.emitted_bytes += extents.iter().map(|e| e.len).sum::<u64>();
+                    let block_type = self.norm.block_type().unwrap_or(BlockType::VariableLength);
+                    return Ok(Some(Batch {
+                        extents,
+                        block_type,
+                        capacity: self.norm.capacity().unwrap_or(0),
+                    }));
+                }
+                Ok(None) => {
+                    self.done = true;
+                    self.current = None;
+                    return Ok(None);
+                }
+                Err(status) => {
+                    self.current = None;
+                    if !is_retryable(status.code()) {
+                        self.done = true;
+                        return Err(self.map(status));
+                    }
+                    self.after_failure(status).await?;
+                }
+            }
+        }
+    }
+
+    fn map(&self, status: Status) -> CsiError {
+        if status.code() == tonic::Code::DeadlineExceeded && self.deadline_at.is_some() {
+            return self.deadline_error();
+        }
+        map_status(&self.request.query, self.attempt_start_offset, status)
+    }
+
+    fn deadline_error(&self) -> CsiError {
+        CsiError::DeadlineExceeded {
+            call: self.request.query.call(),
+            deadline: self.client.config.deadline.unwrap_or_default(),
+            resume_offset: self.norm.resume_offset(),
+        }
+    }
+
+    async fn after_failure(&mut self, status: Status) -> Result<(), CsiError> {
+        self.failures += 1;
+        let policy = &self.client.config.retry;
+        tracing::debug!(code = ?status.code(), message = status.message(), failures = self.failures,
+            resume_offset = self.norm.resume_offset(), "metadata stream broke");
+        if self.failures >= policy.max_attempts.max(1) {
+            self.done = true;
+            let call = self.request.query.call();
+            if self.request.query.is_kubernetes()
+                && status.code() == tonic::Code::Unavailable
+                && self.norm.messages() == 0
+            {
+                return Err(CsiError::SnapshotUnavailable {
+                    call,
+                    snapshots: self.request.query.describe(),
+                    message: status.message().to_string(),
+                });
+            }
+            return Err(CsiError::RetriesExhausted {
+                call,
+                attempts: self.failures,
+                code: status.code(),
+                message: status.message().to_string(),
+                resume_offset: self.norm.resume_offset(),
+            });
+        }
+        let delay = policy.delay(self.failures, &mut self.rng);
+        match self.deadline_at {
+            Some(at) if Instant::now() + delay >= at => {
+                self.done = true;
+                Err(self.deadline_error())
+            }
+            _ => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn open(&mut self) -> Result<Attempt, Failure> {
+        self.attempts += 1;
+        let offset = self.norm.resume_offset();
+        self.attempt_start_offset = offset;
+        let token = match &self.client.config.token {
+            Some(src) => Some(
+                src.token()
+                    .await
+                    .map_err(|reason| Failure::Fatal(CsiError::Token { reason }))?,
+            ),
+            None => None,
+        };
+        let req = &self.request;
+        let off = i64::try_from(offset).unwrap_or(i64::MAX);
+        let max = i32::try_from(req.max_results).unwrap_or(i32::MAX);
+        let remaining = self
+            .deadline_at
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        let channel = self.client.channel.clone();
+        let result = match &req.query {
+            Query::CsiAllocated { snapshot_id } => {
+                let r = pb::csi::GetMetadataAllocatedRequest {
+                    snapshot_id: snapshot_id.clone(),
+                    starting_offset: off,
+                    max_results: max,
+                    secrets: req.secrets.clone(),
+                };
+                let r = decorate(tonic::Request::new(r), token.as_deref(), remaining)?;
+                pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .get_metadata_allocated(r)
+                    .await
+                    .map(|r| Attempt::CsiAllocated(r.into_inner()))
+            }
+            Query::CsiDelta {
+                base_snapshot_id,
+                target_snapshot_id,
+            } => {
+                let r = pb::csi::GetMetadataDeltaRequest {
+                    base_snapshot_id: base_snapshot_id.clone(),
+                    target_snapshot_id: target_snapshot_id.clone(),
+                    starting_offset: off,
+                    max_results: max,
+                    secrets: req.secrets.clone(),
+                };
+                let r = decorate(tonic::Request::new(r), token.as_deref(), remaining)?;
+                pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .get_metadata_delta(r)
+                    .await
+                    .map(|r| Attempt::CsiDelta(r.into_inner()))
+            }
+            Query::K8sAllocated {
+                namespace,
+                snapshot_name,
+            } => {
+                let r = pb::k8s::GetMetadataAllocatedRequest {
+                    security_token: token.unwrap_or_default(),
+                    namespace: namespace.clone(),
+                    snapshot_name: snapshot_name.clone(),
+                    starting_offset: off,
+                    max_results: max,
+                };
+                let r = decorate(tonic::Request::new(r), None, remaining)?;
+                pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .get_metadata_allocated(r)
+                    .await
+                    .map(|r| Attempt::K8sAllocated(r.into_inner()))
+            }
+            Query::K8sDelta {
+                namespace,
+                base_snapshot_id,
+                target_snapshot_name,
+            } => {
+                let r = pb::k8s::GetMetadataDeltaRequest {
+                    security_token: token.unwrap_or_default(),
+                    namespace: namespace.clone(),
+                    base_snapshot_id: base_snapshot_id.clone(),
+                    target_snapshot_name: target_snapshot_name.clone(),
+                    starting_offset: off,
+                    max_results: max,
+                };
+                let r = decorate(tonic::Request::new(r), None, remaining)?;
+                pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .get_metadata_delta(r)
+                    .await
+                    .map(|r| Attempt::K8sDelta(r.into_inner()))
+            }
+        };
+        result.map_err(|status| {
+            if is_retryable(status.code()) {
+                Failure::Retry(status)
+            } else {
+                Failure::Fatal(self.map(status))
+            }
+        })
+    }
+}
+
+enum Failure {
+    Fatal(CsiError),
+    Retry(Status),
+}
+
+fn decorate<T>(
+    mut r: tonic::Request<T>,
+    token: Option<&str>,
+    remaining: Option<Duration>,
+) -> Result<tonic::Request<T>, Failure> {
+    if let Some(t) = token {
+        let v = format!("Bearer {t}").parse().map_err(|_| {
+            Failure::Fatal(CsiError::Token {
+                reason: "token contains characters not allowed in a gRPC header".into(),
+            })
+        })?;
+        r.metadata_mut().insert("authorization", v);
+    }
+    if let Some(d) = remaining {
+        r.set_timeout(d);
+    }
+    Ok(r)
+}
+
+/// Maps a non-retryable status to the typed error with guidance for this query.
+pub fn map_status(query: &Query, offset: u64, status: Status) -> CsiError {
+    use tonic::Code;
+    let call = query.call();
+    let message = status.message().to_string();
+    match status.code() {
+        Code::InvalidArgument => CsiError::InvalidArgument { call, message },
+        Code::NotFound => CsiError::SnapshotNotFound {
+            call,
+            snapshots: query.describe(),
+            message,
+        },
+        Code::Unauthenticated => CsiError::Unauthenticated { call, message },
+        Code::PermissionDenied => CsiError::PermissionDenied { call, message },
+        Code::OutOfRange => CsiError::OutOfRange {
+            call,
+            offset,
+            message,
+        },
+        Code::FailedPrecondition if call == Call::Delta => {
+            let (base, target) = query.base_and_target();
+            CsiError::CbtNotEnabled {
+                base,
+                target,
+                message,
+            }
+        }
+        Code::FailedPrecondition => CsiError::FailedPrecondition { call, message },
+        Code::Unimplemented => CsiError::Unimplemented { call, message },
+        Code::Unavailable if query.is_kubernetes() => CsiError::SnapshotUnavailable {
+            call,
+            snapshots: query.describe(),
+            message,
+        },
+        code => CsiError::Status {
+            call,
+            code,
+            message,
+        },
+    }
+}

@@ -1,0 +1,279 @@
+//! The crate's error type: every gRPC status and local failure mapped to a variant that says what
+//! went wrong and what to do about it.
+
+use std::time::Duration;
+
+/// What a caller can do about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Retry later: the service or network is temporarily unable to answer.
+    Transient,
+    /// Fix configuration or the request: endpoint, TLS, token, RBAC, snapshot names, offsets.
+    Config,
+    /// The service cannot answer this kind of request (e.g. no CBT for a delta): take a full backup.
+    Unsupported,
+    /// The server broke the protocol (driver bug); report it to the driver's maintainers.
+    Protocol,
+    /// The caller aborted the call (its callback returned an error).
+    Aborted,
+}
+
+/// Which RPC a failure belongs to, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// GetMetadataAllocated.
+    Allocated,
+    /// GetMetadataDelta.
+    Delta,
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Allocated => "GetMetadataAllocated",
+            Self::Delta => "GetMetadataDelta",
+        })
+    }
+}
+
+/// Errors of the metadata client and server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CsiError {
+    /// The endpoint string cannot be used.
+    #[error(
+        "invalid endpoint {endpoint:?}: {reason} (use unix:///path/to/socket or https://host:port)"
+    )]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        endpoint: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// TLS settings cannot be used (bad CA bundle, TLS on a unix socket, ...).
+    #[error("TLS configuration for {endpoint}: {reason}")]
+    Tls {
+        /// The endpoint being configured.
+        endpoint: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The connection to the service could not be established.
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// Transport error, with its causes.
+        reason: String,
+    },
+    /// The request was rejected as malformed (INVALID_ARGUMENT).
+    #[error("{call} rejected the request as invalid: {message}")]
+    InvalidArgument {
+        /// The RPC.
+        call: Call,
+        /// The server's message.
+        message: String,
+    },
+    /// A snapshot id is unknown to the driver (NOT_FOUND).
+    #[error(
+        "{call}: snapshot not found ({snapshots}): {message}; check that the snapshot handle(s) exist on the storage backend"
+    )]
+    SnapshotNotFound {
+        /// The RPC.
+        call: Call,
+        /// The snapshot id(s) of the request.
+        snapshots: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The Kubernetes sidecar answered UNAVAILABLE for a call that never made progress: the
+    /// VolumeSnapshot (or its content) does not exist or is not ready, or the driver is not ready.
+    #[error(
+        "{call}: snapshot {snapshots} unavailable: {message}; check that the VolumeSnapshot exists in that namespace, is readyToUse, and that the CSI driver is running"
+    )]
+    SnapshotUnavailable {
+        /// The RPC.
+        call: Call,
+        /// The VolumeSnapshot names / ids of the request.
+        snapshots: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The token was missing or rejected (UNAUTHENTICATED).
+    #[error(
+        "{call}: not authenticated: {message}; pass a valid token (for the Kubernetes API: a ServiceAccount token for the SnapshotMetadataService audience)"
+    )]
+    Unauthenticated {
+        /// The RPC.
+        call: Call,
+        /// The server's message.
+        message: String,
+    },
+    /// The identity may not read these snapshots (PERMISSION_DENIED).
+    #[error(
+        "{call}: permission denied: {message}; grant `get` on volumesnapshots (snapshot.storage.k8s.io) in the namespace to the token's identity"
+    )]
+    PermissionDenied {
+        /// The RPC.
+        call: Call,
+        /// The server's message.
+        message: String,
+    },
+    /// The starting offset lies outside the volume (OUT_OF_RANGE).
+    #[error("{call}: starting offset {offset} is outside the volume: {message}")]
+    OutOfRange {
+        /// The RPC.
+        call: Call,
+        /// The offset that was sent.
+        offset: u64,
+        /// The server's message.
+        message: String,
+    },
+    /// Delta not possible (FAILED_PRECONDITION on GetMetadataDelta).
+    #[error(
+        "GetMetadataDelta {base} -> {target}: CBT not enabled or delta not possible for these snapshots ({message}); do a full backup instead"
+    )]
+    CbtNotEnabled {
+        /// Base snapshot of the request.
+        base: String,
+        /// Target snapshot of the request.
+        target: String,
+        /// The server's message.
+        message: String,
+    },
+    /// FAILED_PRECONDITION on GetMetadataAllocated.
+    #[error("{call}: failed precondition: {message}")]
+    FailedPrecondition {
+        /// The RPC.
+        call: Call,
+        /// The server's message.
+        message: String,
+    },
+    /// The endpoint does not serve this API (UNIMPLEMENTED): wrong endpoint or wrong API flavour.
+    #[error(
+        "{call}: not implemented by the endpoint: {message}; is this a CSI driver socket (csi.v1) or the Kubernetes snapshot-metadata sidecar (snapshotmetadata)?"
+    )]
+    Unimplemented {
+        /// The RPC.
+        call: Call,
+        /// The server's message.
+        message: String,
+    },
+    /// Any other non-retryable status.
+    #[error("{call}: server error {code:?}: {message}")]
+    Status {
+        /// The RPC.
+        call: Call,
+        /// The gRPC code.
+        code: tonic::Code,
+        /// The server's message.
+        message: String,
+    },
+    /// The per-call deadline passed.
+    #[error(
+        "{call}: deadline of {deadline:?} exceeded; {resume_offset} bytes of the volume were covered; raise the deadline"
+    )]
+    DeadlineExceeded {
+        /// The RPC.
+        call: Call,
+        /// The configured deadline.
+        deadline: Duration,
+        /// Where a new call could resume.
+        resume_offset: u64,
+    },
+    /// Retryable failures kept happening without progress.
+    #[error(
+        "{call}: stream failed {attempts} times in a row without progress (last: {code:?}: {message}); resume offset {resume_offset}; check the service's health"
+    )]
+    RetriesExhausted {
+        /// The RPC.
+        call: Call,
+        /// Consecutive failed attempts.
+        attempts: u32,
+        /// Last gRPC code.
+        code: tonic::Code,
+        /// Last message.
+        message: String,
+        /// Where a new call could resume.
+        resume_offset: u64,
+    },
+    /// The server broke the protocol (type or capacity changed, invalid tuple, ...).
+    #[error("{call}: protocol violation by the server{}: {detail}", offset.map(|o| format!(" at byte offset {o}")).unwrap_or_default())]
+    ProtocolViolation {
+        /// The RPC.
+        call: Call,
+        /// Offending tuple's offset, if any.
+        offset: Option<i64>,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The token source failed.
+    #[error("cannot obtain a security token: {reason}")]
+    Token {
+        /// Why.
+        reason: String,
+    },
+    /// The caller's batch callback returned an error; the call was cancelled.
+    #[error("metadata consumer failed: {source}")]
+    Consumer {
+        /// The callback's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Local I/O of the file-backed server or its configuration.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done (path included).
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Invalid server configuration.
+    #[error("server configuration: {reason}")]
+    ServerConfig {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl CsiError {
+    /// What a caller can do about this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::Connect { .. }
+            | Self::DeadlineExceeded { .. }
+            | Self::RetriesExhausted { .. } => ErrorKind::Transient,
+            Self::SnapshotUnavailable { .. } => ErrorKind::Transient,
+            Self::CbtNotEnabled { .. } => ErrorKind::Unsupported,
+            Self::ProtocolViolation { .. } => ErrorKind::Protocol,
+            Self::Consumer { .. } => ErrorKind::Aborted,
+            Self::Status { code, .. } if is_retryable(*code) => ErrorKind::Transient,
+            Self::Io { .. } => ErrorKind::Transient,
+            _ => ErrorKind::Config,
+        }
+    }
+
+    /// True for service answers that a retry of the same request cannot change (the codes the
+    /// CSI spec prescribes for bad requests, plus authentication and authorization).
+    pub fn is_non_retryable_service_error(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidArgument { .. }
+                | Self::SnapshotNotFound { .. }
+                | Self::Unauthenticated { .. }
+                | Self::PermissionDenied { .. }
+                | Self::OutOfRange { .. }
+                | Self::CbtNotEnabled { .. }
+                | Self::FailedPrecondition { .. }
+                | Self::Unimplemented { .. }
+        )
+    }
+}
+
+/// gRPC codes the client retries (with resume) instead of failing the call.
+pub fn is_retryable(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        Unavailable | Aborted | Internal | Unknown | ResourceExhausted | Cancelled
+    )
+}

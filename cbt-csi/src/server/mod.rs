@@ -1,0 +1,860 @@
+//! A file-backed SnapshotMetadata server: serves the CSI `csi.v1` SnapshotMetadata and Identity
+//! services and the Kubernetes `snapshotmetadata` API from a directory of snapshot images.
+//!
+//! # Directory layout
+//! - `DIR/<snapshot-id>`: a snapshot image (regular file, sparse files welcome). The snapshot id
+//!   (CSI handle) is the file name: 1-128 characters of `[A-Za-z0-9._-]`, not starting with `.`,
+//!   not ending in `.meta.json`.
+//! - `DIR/<snapshot-id>.meta.json` (optional): `{"volume_id": "...", "namespace": "...",
+//!   "cbt": true}`. `volume_id` names the source volume (a delta between snapshots of different
+//!   declared volumes is INVALID_ARGUMENT; an undeclared volume matches any); `namespace` is the
+//!   VolumeSnapshot namespace for the Kubernetes API (default `default`); `cbt: false` makes
+//!   deltas of that snapshot FAILED_PRECONDITION, like a backend without CBT.
+//!
+//! The Kubernetes API resolves a VolumeSnapshot `namespace/name` to the image whose id is `name`
+//! and whose namespace matches (otherwise UNAVAILABLE, as the sidecar answers for a missing
+//! VolumeSnapshot); `base_snapshot_id` is a CSI handle, unknown ones are NOT_FOUND.
+//!
+//! # Status codes
+//! INVALID_ARGUMENT for empty or malformed ids, negative max_results and volume mismatch;
+//! NOT_FOUND for unknown CSI ids; OUT_OF_RANGE for `starting_offset` < 0 or > capacity;
+//! FAILED_PRECONDITION for a delta between images of different sizes (the volume was resized
+//! between snapshots: the request is well-formed but the system state makes a delta impossible,
+//! and the remedy is a full backup, which is what CSI prescribes FAILED_PRECONDITION for) or with
+//! CBT disabled; UNAUTHENTICATED for a missing or wrong token when the server has one.
+//!
+//! # Memory
+//! Per call: two scan windows (`window` bytes each), one zero block, one message being built
+//! (≤ `max_results` tuples) and at most two queued messages.
+
+mod scan;
+
+use std::net::SocketAddr;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use futures::Stream;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use crate::error::CsiError;
+use crate::pb;
+use crate::ranges::BlockType;
+
+pub use scan::{Geometry, ScanStats};
+
+/// Test hook: break streams on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultPlan {
+    /// Abort a stream with UNAVAILABLE after this many messages.
+    pub drop_after_messages: u32,
+    /// How many streams to abort in total (then behave normally).
+    pub times: u32,
+}
+
+/// Configuration of the file-backed server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Directory of snapshot images.
+    pub dir: PathBuf,
+    /// Block granularity in bytes (power of two, 512 B .. 64 MiB).
+    pub block_size: u64,
+    /// Tuple style of responses.
+    pub block_type: BlockType,
+    /// Cap of tuples per message (also used when a request leaves max_results at 0).
+    pub max_results: u32,
+    /// Required bearer token (CSI: `authorization` metadata; Kubernetes API: `security_token`).
+    pub token: Option<String>,
+    /// Bytes read per scan window (multiple of block_size).
+    pub window: u64,
+    /// Driver name reported by the Identity service.
+    pub driver_name: String,
+    /// Stream-breaking test hook.
+    pub fault: Option<FaultPlan>,
+}
+
+impl ServerOptions {
+    /// Defaults: 64 KiB VARIABLE_LENGTH blocks, 1024 tuples per message, 1 MiB windows, no token.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            block_size: 64 * 1024,
+            block_type: BlockType::VariableLength,
+            max_results: 1024,
+            token: None,
+            window: 1024 * 1024,
+            driver_name: "file.cbt.example.com".to_string(),
+            fault: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), CsiError> {
+        let bad = |reason: String| Err(CsiError::ServerConfig { reason });
+        if !self.block_size.is_power_of_two() || !(512..=64 << 20).contains(&self.block_size) {
+            return bad(format!(
+                "block size {} must be a power of two between 512 B and 64 MiB",
+                self.block_size
+            ));
+        }
+        if self.max_results == 0 {
+            return bad("max_results must be at least 1".into());
+        }
+        if !self.dir.is_dir() {
+            return bad(format!(
+                "snapshot directory {} does not exist or is not a directory",
+                self.dir.display()
+            ));
+        }
+        if self.token.as_deref() == Some("") {
+            return bad("the token must not be empty".into());
+        }
+        Ok(())
+    }
+
+    fn geometry(&self) -> Geometry {
+        let window = (self.window.max(self.block_size) / self.block_size) * self.block_size;
+        Geometry {
+            block: self.block_size,
+            window,
+        }
+    }
+}
+
+/// Optional per-snapshot metadata (`<id>.meta.json`).
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    /// Source volume identity.
+    #[serde(default)]
+    pub volume_id: Option<String>,
+    /// VolumeSnapshot namespace for the Kubernetes API.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Whether deltas are possible (default true).
+    #[serde(default)]
+    pub cbt: Option<bool>,
+}
+
+/// Checks a snapshot id against the naming rules of the directory layout.
+pub fn validate_snapshot_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!(
+            "snapshot id must be 1-128 characters, got {}",
+            id.len()
+        ));
+    }
+    if id.starts_with('.') {
+        return Err(format!("snapshot id {id:?} must not start with '.'"));
+    }
+    if id.ends_with(".meta.json") {
+        return Err(format!("snapshot id {id:?} must not end with .meta.json"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "snapshot id {id:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ -"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes the metadata file of snapshot `id` in `dir`.
+///
+/// # Errors
+/// [`CsiError::Io`] if the file cannot be written, [`CsiError::ServerConfig`] for a bad id.
+pub fn write_snapshot_meta(dir: &Path, id: &str, meta: &SnapshotMeta) -> Result<(), CsiError> {
+    validate_snapshot_id(id).map_err(|reason| CsiError::ServerConfig { reason })?;
+    let path = dir.join(format!("{id}.meta.json"));
+    let body = serde_json::to_vec_pretty(meta).map_err(|e| CsiError::ServerConfig {
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&path, body).map_err(|source| CsiError::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    })
+}
+
+struct Snapshot {
+    file: std::fs::File,
+    size: u64,
+    meta: SnapshotMeta,
+}
+
+enum Lookup {
+    Found(Snapshot),
+    Missing,
+}
+
+fn open_snapshot(dir: &Path, id: &str) -> Result<Lookup, Status> {
+    validate_snapshot_id(id).map_err(Status::invalid_argument)?;
+    let path = dir.join(id);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Lookup::Missing),
+        Err(e) => return Err(Status::internal(format!("opening snapshot {id}: {e}"))),
+    };
+    let md = file
+        .metadata()
+        .map_err(|e| Status::internal(format!("stat of snapshot {id}: {e}")))?;
+    if !md.is_file() {
+        return Ok(Lookup::Missing);
+    }
+    let meta_path = dir.join(format!("{id}.meta.json"));
+    let meta = match std::fs::read(&meta_path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            Status::internal(format!("snapshot metadata {}: {e}", meta_path.display()))
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => SnapshotMeta::default(),
+        Err(e) => {
+            return Err(Status::internal(format!(
+                "reading {}: {e}",
+                meta_path.display()
+            )));
+        }
+    };
+    Ok(Lookup::Found(Snapshot {
+        file,
+        size: md.len(),
+        meta,
+    }))
+}
+
+/// The services over one directory; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct FileMetadataService {
+    opts: Arc<ServerOptions>,
+    drops_left: Arc<AtomicU32>,
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// A finished response message, common to both APIs.
+struct Msg {
+    block_type: BlockType,
+    capacity: u64,
+    tuples: Vec<(u64, u64)>,
+}
+
+/// Turns block runs into tuples and messages, and sends them.
+struct Packer {
+    tx: mpsc::Sender<Result<Msg, Status>>,
+    block_type: BlockType,
+    block: u64,
+    capacity: u64,
+    per_msg: usize,
+    pending: Vec<(u64, u64)>,
+    sent: u32,
+    failed: bool,
+    drop_after: Option<(u32, Arc<AtomicU32>)>,
+}
+
+impl Packer {
+    fn push(&mut self, off: u64, len: u64) -> ControlFlow<()> {
+        match self.block_type {
+            BlockType::VariableLength => self.tuple(off, len),
+            BlockType::FixedLength => {
+                let end = off + len;
+                let mut o = off;
+                while o < end {
+                    self.tuple(o, self.block.min(end - o))?;
+                    o += self.block;
+                }
+                ControlFlow::Continue(())
+            }
+        }
+    }
+
+    fn tuple(&mut self, off: u64, len: u64) -> ControlFlow<()> {
+        self.pending.push((off, len));
+        if self.pending.len() >= self.per_msg {
+            return self.flush();
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// Sends the pending tuples; Break when the client is gone or the fault hook fired.
+    fn flush(&mut self) -> ControlFlow<()> {
+        if let Some((n, left)) = &self.drop_after
+            && self.sent >= *n
+            && left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+                .is_ok()
+        {
+            let _ = self.tx.blocking_send(Err(Status::unavailable(format!(
+                "stream dropped after {n} messages (test fault injection)"
+            ))));
+            self.failed = true;
+            return ControlFlow::Break(());
+        }
+        let msg = Msg {
+            block_type: self.block_type,
+            capacity: self.capacity,
+            tuples: std::mem::take(&mut self.pending),
+        };
+        self.sent += 1;
+        if self.tx.blocking_send(Ok(msg)).is_err() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+enum Work {
+    Allocated(Snapshot),
+    Delta(Snapshot, Snapshot),
+}
+
+impl FileMetadataService {
+    /// Validates options and builds the services.
+    ///
+    /// # Errors
+    /// [`CsiError::ServerConfig`] for unusable options.
+    pub fn new(opts: ServerOptions) -> Result<Self, CsiError> {
+        opts.validate()?;
+        let drops = opts.fault.map(|f| f.times).unwrap_or(0);
+        Ok(Self {
+            opts: Arc::new(opts),
+            drops_left: Arc::new(AtomicU32::new(drops)),
+        })
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &ServerOptions {
+        &self.opts
+    }
+
+    fn check_csi_token<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.opts.token else {
+            return Ok(());
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match got.and_then(|v| v.strip_prefix("Bearer ")) {
+            Some(t) if t == expected => Ok(()),
+            Some(_) => Err(Status::unauthenticated("bearer token rejected")),
+            None => Err(Status::unauthenticated(
+                "missing authorization: Bearer <token> metadata",
+            )),
+        }
+    }
+
+    fn check_k8s_token(&self, token: &str) -> Result<(), Status> {
+        if token.is_empty() {
+            return Err(Status::invalid_argument("security_token is required"));
+        }
+        match &self.opts.token {
+            Some(expected) if expected != token => {
+                Err(Status::unauthenticated("security token rejected"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn csi_lookup(&self, id: &str, field: &str) -> Result<Snapshot, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument(format!("{field} is required")));
+        }
+        match open_snapshot(&self.opts.dir, id)? {
+            Lookup::Found(s) => Ok(s),
+            Lookup::Missing => Err(Status::not_found(format!("snapshot {id} not found"))),
+        }
+    }
+
+    fn k8s_lookup(&self, namespace: &str, name: &str) -> Result<Snapshot, Status> {
+        match open_snapshot(&self.opts.dir, name) {
+            Ok(Lookup::Found(s))
+                if s.meta.namespace.as_deref().unwrap_or("default") == namespace =>
+            {
+                Ok(s)
+            }
+            Ok(_) => Err(Status::unavailable(format!(
+                "VolumeSnapshot {namespace}/{name} not found or not ready"
+            ))),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                Err(Status::unavailable(format!(
+                    "VolumeSnapshot {namespace}/{name} not found: {}",
+                    s.message()
+                )))
+            }
+            Err(s) => Err(s),
+        }
+    }
+
+    fn check_delta(
+        base: &Snapshot,
+        target: &Snapshot,
+        base_id: &str,
+        target_id: &str,
+    ) -> Result<(), Status> {
+        if let (Some(a), Some(b)) = (&base.meta.volume_id, &target.meta.volume_id)
+            && a != b
+        {
+            return Err(Status::invalid_argument(format!(
+                "base snapshot {base_id} (volume {a}) and target snapshot {target_id} (volume {b}) belong to different volumes"
+            )));
+        }
+        if base.meta.cbt == Some(false) || target.meta.cbt == Some(false) {
+            return Err(Status::failed_precondition(
+                "changed block tracking is not enabled for these snapshots",
+            ));
+        }
+        if base.size != target.size {
+            return Err(Status::failed_precondition(format!(
+                "base snapshot {base_id} is {} bytes but target {target_id} is {} bytes (volume resized); a delta across a resize is not supported",
+                base.size, target.size
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_paging(offset: i64, max_results: i32, capacity: u64) -> Result<u64, Status> {
+        if max_results < 0 {
+            return Err(Status::invalid_argument(format!(
+                "max_results {max_results} is negative"
+            )));
+        }
+        if offset < 0 || offset as u64 > capacity {
+            return Err(Status::out_of_range(format!(
+                "starting_offset {offset} is outside the volume [0, {capacity}]"
+            )));
+        }
+        Ok(offset as u64)
+    }
+
+    /// Runs the scan on a blocking thread and streams messages through a small channel.
+    fn run(&self, work: Work, start: u64, max_results: i32) -> mpsc::Receiver<Result<Msg, Status>> {
+        let (tx, rx) = mpsc::channel::<Result<Msg, Status>>(2);
+        let opts = self.opts.clone();
+        let per_msg = if max_results > 0 {
+            (max_results as u32).min(opts.max_results)
+        } else {
+            opts.max_results
+        } as usize;
+        let drop_after = match opts.fault {
+            Some(f) if self.drops_left.load(Ordering::SeqCst) > 0 => {
+                Some((f.drop_after_messages, self.drops_left.clone()))
+            }
+            _ => None,
+        };
+        tokio::task::spawn_blocking(move || {
+            let g = opts.geometry();
+            let capacity = match &work {
+                Work::Allocated(s) => s.size,
+                Work::Delta(_, t) => t.size,
+            };
+            let mut out = Packer {
+                tx,
+                block_type: opts.block_type,
+                block: g.block,
+                capacity,
+                per_msg,
+                pending: Vec::with_capacity(per_msg.min(65536)),
+                sent: 0,
+                failed: false,
+                drop_after,
+            };
+            let res = match &work {
+                Work::Allocated(s) => {
+                    scan::allocated(&s.file, s.size, start, g, |o, l| out.push(o, l))
+                }
+                Work::Delta(b, t) => {
+                    scan::delta(&b.file, &t.file, t.size, start, g, |o, l| out.push(o, l))
+                }
+            };
+            match res {
+                Err(e) => {
+                    let _ = out.tx.blocking_send(Err(Status::internal(format!(
+                        "reading snapshot image: {e}"
+                    ))));
+                }
+                Ok(_) if out.failed => {}
+                // A final (possibly empty) message: an empty answer still reports type and capacity.
+                Ok(_) if !out.pending.is_empty() || out.sent == 0 => {
+                    let _ = out.flush();
+                }
+                Ok(_) => {}
+            }
+        });
+        rx
+    }
+
+    fn csi_stream<T: Send + 'static>(
+        &self,
+        work: Work,
+        start: u64,
+        max_results: i32,
+        wrap: fn(Msg) -> T,
+    ) -> ResponseStream<T> {
+        let rx = self.run(work, start, max_results);
+        Box::pin(futures::stream::unfold(rx, move |mut rx| async move {
+            rx.recv().await.map(|m| (m.map(wrap), rx))
+        }))
+    }
+}
+
+fn csi_tuples(t: Vec<(u64, u64)>) -> Vec<pb::csi::BlockMetadata> {
+    t.into_iter()
+        .map(|(o, l)| pb::csi::BlockMetadata {
+            byte_offset: o as i64,
+            size_bytes: l as i64,
+        })
+        .collect()
+}
+
+fn k8s_tuples(t: Vec<(u64, u64)>) -> Vec<pb::k8s::BlockMetadata> {
+    t.into_iter()
+        .map(|(o, l)| pb::k8s::BlockMetadata {
+            byte_offset: o as i64,
+            size_bytes: l as i64,
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService {
+    type GetMetadataAllocatedStream = ResponseStream<pb::csi::GetMetadataAllocatedResponse>;
+    type GetMetadataDeltaStream = ResponseStream<pb::csi::GetMetadataDeltaResponse>;
+
+    async fn get_metadata_allocated(
+        &self,
+        request: Request<pb::csi::GetMetadataAllocatedRequest>,
+    ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
+        self.check_csi_token(&request)?;
+        let r = request.into_inner();
+        let snap = self.csi_lookup(&r.snapshot_id, "snapshot_id")?;
+        let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
+        Ok(Response::new(self.csi_stream(
+            Work::Allocated(snap),
+            start,
+            r.max_results,
+            |m| pb::csi::GetMetadataAllocatedResponse {
+                block_metadata_type: m.block_type.to_wire(),
+                volume_capacity_bytes: m.capacity as i64,
+                block_metadata: csi_tuples(m.tuples),
+            },
+        )))
+    }
+
+    async fn get_metadata_delta(
+        &self,
+        request: Request<pb::csi::GetMetadataDeltaRequest>,
+    ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
+        self.check_csi_token(&request)?;
+        let r = request.into_inner();
+        let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
+        let target = self.csi_lookup(&r.target_snapshot_id, "target_snapshot_id")?;
+        Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_id)?;
+        let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
+        Ok(Response::new(self.csi_stream(
+            Work::Delta(base, target),
+            start,
+            r.max_results,
+            |m| pb::csi::GetMetadataDeltaResponse {
+                block_metadata_type: m.block_type.to_wire(),
+                volume_capacity_bytes: m.capacity as i64,
+                block_metadata: csi_tuples(m.tuples),
+            },
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService {
+    type GetMetadataAllocatedStream = ResponseStream<pb::k8s::GetMetadataAllocatedResponse>;
+    type GetMetadataDeltaStream = ResponseStream<pb::k8s::GetMetadataDeltaResponse>;
+
+    async fn get_metadata_allocated(
+        &self,
+        request: Request<pb::k8s::GetMetadataAllocatedRequest>,
+    ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
+        let r = request.into_inner();
+        if r.namespace.is_empty() || r.snapshot_name.is_empty() {
+            return Err(Status::invalid_argument(
+                "namespace and snapshot_name are required",
+            ));
+        }
+        self.check_k8s_token(&r.security_token)?;
+        let snap = self.k8s_lookup(&r.namespace, &r.snapshot_name)?;
+        let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
+        Ok(Response::new(self.csi_stream(
+            Work::Allocated(snap),
+            start,
+            r.max_results,
+            |m| pb::k8s::GetMetadataAllocatedResponse {
+                block_metadata_type: m.block_type.to_wire(),
+                volume_capacity_bytes: m.capacity as i64,
+                block_metadata: k8s_tuples(m.tuples),
+            },
+        )))
+    }
+
+    async fn get_metadata_delta(
+        &self,
+        request: Request<pb::k8s::GetMetadataDeltaRequest>,
+    ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
+        let r = request.into_inner();
+        if r.namespace.is_empty()
+            || r.base_snapshot_id.is_empty()
+            || r.target_snapshot_name.is_empty()
+        {
+            return Err(Status::invalid_argument(
+                "namespace, base_snapshot_id and target_snapshot_name are required",
+            ));
+        }
+        self.check_k8s_token(&r.security_token)?;
+        let target = self.k8s_lookup(&r.namespace, &r.target_snapshot_name)?;
+        let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
+        Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_name)?;
+        let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
+        Ok(Response::new(self.csi_stream(
+            Work::Delta(base, target),
+            start,
+            r.max_results,
+            |m| pb::k8s::GetMetadataDeltaResponse {
+                block_metadata_type: m.block_type.to_wire(),
+                volume_capacity_bytes: m.capacity as i64,
+                block_metadata: k8s_tuples(m.tuples),
+            },
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::csi::identity_server::Identity for FileMetadataService {
+    async fn get_plugin_info(
+        &self,
+        _request: Request<pb::csi::GetPluginInfoRequest>,
+    ) -> Result<Response<pb::csi::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(pb::csi::GetPluginInfoResponse {
+            name: self.opts.driver_name.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _request: Request<pb::csi::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<pb::csi::GetPluginCapabilitiesResponse>, Status> {
+        use pb::csi::plugin_capability::{Service, Type, service};
+        Ok(Response::new(pb::csi::GetPluginCapabilitiesResponse {
+            capabilities: vec![pb::csi::PluginCapability {
+                r#type: Some(Type::Service(Service {
+                    r#type: service::Type::SnapshotMetadataService as i32,
+                })),
+            }],
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _request: Request<pb::csi::ProbeRequest>,
+    ) -> Result<Response<pb::csi::ProbeResponse>, Status> {
+        Ok(Response::new(pb::csi::ProbeResponse { ready: Some(true) }))
+    }
+}
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A unix socket path (a stale socket file there is replaced).
+    Unix(PathBuf),
+    /// A TCP address (port 0 picks a free port).
+    Tcp(SocketAddr),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = CsiError;
+    fn from_str(s: &str) -> Result<Self, CsiError> {
+        let bad = |reason: &str| CsiError::ServerConfig {
+            reason: format!("listen address {s:?}: {reason}"),
+        };
+        if let Some(p) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if p.is_empty() {
+                return Err(bad("empty socket path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        let addr = s.strip_prefix("tcp://").unwrap_or(s);
+        addr.parse()
+            .map(Self::Tcp)
+            .map_err(|_| bad("expected unix:///path or tcp://IP:PORT"))
+    }
+}
+
+/// PEM server certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsIdentity {
+    /// Certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Private key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+/// A server running on a background task.
+#[derive(Debug)]
+pub struct RunningServer {
+    endpoint: String,
+    local_addr: Option<SocketAddr>,
+    socket_path: Option<PathBuf>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    /// Client endpoint string: `unix:///path`, `http://ip:port` or `https://ip:port`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Bound TCP address, if listening on TCP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Stops accepting, drains connections and removes the socket file.
+    ///
+    /// # Errors
+    /// [`CsiError::ServerConfig`] if the server task failed.
+    pub async fn shutdown(mut self) -> Result<(), CsiError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let r = (&mut self.task).await;
+        if let Some(p) = &self.socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CsiError::ServerConfig {
+                reason: format!("server failed: {e}"),
+            }),
+            Err(e) => Err(CsiError::ServerConfig {
+                reason: format!("server task failed: {e}"),
+            }),
+        }
+    }
+
+    /// Waits until the server stops (it stops only on error or [`RunningServer::shutdown`]).
+    ///
+    /// # Errors
+    /// [`CsiError::ServerConfig`] if the server failed.
+    pub async fn wait(mut self) -> Result<(), CsiError> {
+        let r = (&mut self.task).await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CsiError::ServerConfig {
+                reason: format!("server failed: {e}"),
+            }),
+            Err(e) => Err(CsiError::ServerConfig {
+                reason: format!("server task failed: {e}"),
+            }),
+        }
+    }
+}
+
+/// Binds `listen` and serves all services of `service` (both APIs and Identity) in the background.
+///
+/// # Errors
+/// [`CsiError::Io`] if the address cannot be bound, [`CsiError::ServerConfig`] for TLS problems.
+pub async fn spawn(
+    service: FileMetadataService,
+    listen: Listen,
+    tls: Option<TlsIdentity>,
+) -> Result<RunningServer, CsiError> {
+    let mut builder = tonic::transport::Server::builder();
+    let tls_on = tls.is_some();
+    if let Some(id) = tls {
+        if matches!(listen, Listen::Unix(_)) {
+            return Err(CsiError::ServerConfig {
+                reason: "TLS is only supported on TCP listeners".into(),
+            });
+        }
+        let cfg = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(id.cert_pem, id.key_pem),
+        );
+        builder = builder
+            .tls_config(cfg)
+            .map_err(|e| CsiError::ServerConfig {
+                reason: format!("TLS: {}", crate::client::error_chain(&e)),
+            })?;
+    }
+    let router = builder
+        .add_service(
+            pb::csi::snapshot_metadata_server::SnapshotMetadataServer::new(service.clone()),
+        )
+        .add_service(
+            pb::k8s::snapshot_metadata_server::SnapshotMetadataServer::new(service.clone()),
+        )
+        .add_service(pb::csi::identity_server::IdentityServer::new(service));
+    let (tx, rx) = oneshot::channel::<()>();
+    let signal = async move {
+        let _ = rx.await;
+    };
+    match listen {
+        Listen::Unix(path) => {
+            if let Ok(md) = std::fs::symlink_metadata(&path) {
+                use std::os::unix::fs::FileTypeExt;
+                if md.file_type().is_socket() {
+                    let _ = std::fs::remove_file(&path);
+                } else {
+                    return Err(CsiError::ServerConfig {
+                        reason: format!(
+                            "{} exists and is not a socket; refusing to replace it",
+                            path.display()
+                        ),
+                    });
+                }
+            }
+            let listener =
+                tokio::net::UnixListener::bind(&path).map_err(|source| CsiError::Io {
+                    context: format!("binding unix socket {}", path.display()),
+                    source,
+                })?;
+            let incoming = futures::stream::unfold(listener, |l| async move {
+                let r = l.accept().await.map(|(s, _)| s);
+                Some((r, l))
+            });
+            let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
+            Ok(RunningServer {
+                endpoint: format!("unix://{}", path.display()),
+                local_addr: None,
+                socket_path: Some(path),
+                shutdown: Some(tx),
+                task,
+            })
+        }
+        Listen::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| CsiError::Io {
+                    context: format!("binding {addr}"),
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| CsiError::Io {
+                context: format!("local address of {addr}"),
+                source,
+            })?;
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
+            let scheme = if tls_on { "https" } else { "http" };
+            Ok(RunningServer {
+                endpoint: format!("{scheme}://{local}"),
+                local_addr: Some(local),
+                socket_path: None,
+                shutdown: Some(tx),
+                task,
+            })
+        }
+    }
+}

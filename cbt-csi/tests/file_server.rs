@@ -1,0 +1,529 @@
+//! The client against the project's file-backed server over a real unix socket and TCP+TLS.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+
+use std::time::Duration;
+
+use cbt_csi::server::{FaultPlan, FileMetadataService, Listen, ServerOptions, TlsIdentity, spawn};
+use cbt_csi::{
+    BlockType, ClientConfig, CsiError, ErrorKind, MetadataClient, MetadataRequest, Query,
+};
+use common::{client, copy, ext, image, serve_unix, write};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+
+fn alloc(id: &str) -> Query {
+    Query::CsiAllocated {
+        snapshot_id: id.into(),
+    }
+}
+
+fn delta(base: &str, target: &str) -> Query {
+    Query::CsiDelta {
+        base_snapshot_id: base.into(),
+        target_snapshot_id: target.into(),
+    }
+}
+
+/// 4 MiB image: data at 0..100 KiB, a zero-filled (allocated) block, data at 1 MiB and the tail.
+fn standard_image(dir: &std::path::Path, id: &str) {
+    image(
+        dir,
+        id,
+        4 * MIB,
+        &[
+            (0, vec![1u8; 100 * KIB as usize]),
+            (512 * KIB, vec![0u8; 64 * KIB as usize]),
+            (MIB + 5, vec![2u8; 10]),
+            (4 * MIB - 1, vec![3u8]),
+        ],
+    );
+}
+
+fn opts(dir: &std::path::Path, block: u64, t: BlockType) -> ServerOptions {
+    let mut o = ServerOptions::new(dir);
+    o.block_size = block;
+    o.block_type = t;
+    o
+}
+
+#[tokio::test]
+async fn allocated_over_unix_socket_fixed_and_variable() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "snap-1");
+    for t in [BlockType::FixedLength, BlockType::VariableLength] {
+        let srv = serve_unix(opts(snaps.path(), 4 * KIB, t), sock.path()).await;
+        let c = client(srv.endpoint()).await;
+        let r = c
+            .collect(MetadataRequest::new(alloc("snap-1")))
+            .await
+            .unwrap();
+        // 100 KiB = 25 blocks; the zero-filled block is not reported.
+        assert_eq!(
+            r.extents,
+            vec![
+                ext(0, 100 * KIB),
+                ext(MIB, 4 * KIB),
+                ext(4 * MIB - 4 * KIB, 4 * KIB)
+            ]
+        );
+        assert_eq!(r.summary.volume_capacity_bytes, 4 * MIB);
+        assert_eq!(r.summary.block_type, Some(t));
+        assert_eq!(r.summary.bytes, 108 * KIB);
+        let expected_tuples = if t == BlockType::FixedLength { 27 } else { 3 };
+        assert_eq!(r.summary.tuples_received, expected_tuples);
+        if t == BlockType::FixedLength {
+            assert_eq!(r.summary.block_size, Some(4 * KIB));
+        }
+        let set = r.to_range_set();
+        assert_eq!(set.total_bytes(), 108 * KIB);
+        srv.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn paging_edge_cases() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    // 10 allocated 4 KiB blocks, each separated by a hole, in a volume whose size is not a
+    // multiple of the block size; the last (partial) block holds data too.
+    let size = 100 * 4 * KIB + 1000;
+    let mut writes: Vec<(u64, Vec<u8>)> =
+        (0..9).map(|i| (i * 8 * 4 * KIB, vec![7u8; 10])).collect();
+    writes.push((size - 1, vec![1u8]));
+    image(snaps.path(), "paged", size, &writes);
+    image(snaps.path(), "empty", 8 * MIB, &[]);
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.max_results = 4;
+    let srv = serve_unix(o, sock.path()).await;
+    let c = client(srv.endpoint()).await;
+
+    let full = c
+        .collect(MetadataRequest::new(alloc("paged")))
+        .await
+        .unwrap();
+    let mut expected: Vec<_> = (0..9).map(|i| ext(i * 32 * KIB, 4 * KIB)).collect();
+    expected.push(ext(100 * 4 * KIB, 1000)); // last partial block, clipped to the capacity
+    assert_eq!(full.extents, expected);
+    // Server cap of 4 per message: 10 tuples -> 3 messages.
+    assert_eq!(full.summary.messages, 3);
+
+    // Requests above the server cap (4) get the cap.
+    for (max, messages) in [(1u32, 10u64), (2, 5), (3, 4), (5, 3), (1000, 3)] {
+        let r = c
+            .collect(MetadataRequest::new(alloc("paged")).max_results(max))
+            .await
+            .unwrap();
+        assert_eq!(r.extents, expected, "max_results {max}");
+        assert_eq!(r.summary.messages, messages, "max_results {max}");
+    }
+
+    // Starting inside a block: the block containing the offset is clipped to the offset.
+    let r = c
+        .collect(MetadataRequest::new(alloc("paged")).starting_at(32 * KIB + 100))
+        .await
+        .unwrap();
+    assert_eq!(r.extents.first(), Some(&ext(32 * KIB + 100, 4 * KIB - 100)));
+    assert_eq!(r.extents.len(), 9);
+    // Starting exactly at capacity is valid and empty.
+    let r = c
+        .collect(MetadataRequest::new(alloc("paged")).starting_at(size))
+        .await
+        .unwrap();
+    assert!(r.extents.is_empty());
+
+    // Empty volume: a clean stream with no ranges, but capacity and type are known.
+    let r = c
+        .collect(MetadataRequest::new(alloc("empty")).max_results(1))
+        .await
+        .unwrap();
+    assert!(r.extents.is_empty());
+    assert_eq!(r.summary.volume_capacity_bytes, 8 * MIB);
+    assert_eq!(r.summary.block_type, Some(BlockType::FixedLength));
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn delta_over_unix_socket() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "s1");
+    copy(snaps.path(), "s1", "s2");
+    write(snaps.path(), "s2", 8 * KIB, &[9u8; 3]); // changed
+    write(snaps.path(), "s2", 2 * MIB, &[1u8; 5000]); // new data in a hole (2 blocks)
+    write(snaps.path(), "s2", 4 * MIB - 1, &[0u8]); // zeroed
+    let srv = serve_unix(
+        opts(snaps.path(), 4 * KIB, BlockType::FixedLength),
+        sock.path(),
+    )
+    .await;
+    let c = client(srv.endpoint()).await;
+    let r = c
+        .collect(MetadataRequest::new(delta("s1", "s2")).max_results(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.extents,
+        vec![
+            ext(8 * KIB, 4 * KIB),
+            ext(2 * MIB, 8 * KIB),
+            ext(4 * MIB - 4 * KIB, 4 * KIB)
+        ]
+    );
+    let same = c
+        .collect(MetadataRequest::new(delta("s1", "s1")))
+        .await
+        .unwrap();
+    assert!(same.extents.is_empty());
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn kubernetes_api_with_token_and_namespaces() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "vs-1");
+    copy(snaps.path(), "vs-1", "vs-2");
+    write(snaps.path(), "vs-2", 0, &[5u8]);
+    for id in ["vs-1", "vs-2"] {
+        cbt_csi::server::write_snapshot_meta(
+            snaps.path(),
+            id,
+            &cbt_csi::server::SnapshotMeta {
+                volume_id: Some("pvc-a".into()),
+                namespace: Some("apps".into()),
+                cbt: None,
+            },
+        )
+        .unwrap();
+    }
+    let mut o = opts(snaps.path(), 64 * KIB, BlockType::VariableLength);
+    o.token = Some("s3cret".into());
+    let srv = serve_unix(o, sock.path()).await;
+    let ep = srv.endpoint().to_string();
+    let with_token = MetadataClient::connect(ClientConfig::new(&ep).with_token("s3cret"))
+        .await
+        .unwrap();
+    let q = Query::K8sAllocated {
+        namespace: "apps".into(),
+        snapshot_name: "vs-1".into(),
+    };
+    let r = with_token
+        .collect(MetadataRequest::new(q.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.extents,
+        vec![
+            ext(0, 128 * KIB),
+            ext(MIB, 64 * KIB),
+            ext(4 * MIB - 64 * KIB, 64 * KIB)
+        ]
+    );
+    let d = Query::K8sDelta {
+        namespace: "apps".into(),
+        base_snapshot_id: "vs-1".into(),
+        target_snapshot_name: "vs-2".into(),
+    };
+    let r = with_token.collect(MetadataRequest::new(d)).await.unwrap();
+    assert_eq!(r.extents, vec![ext(0, 64 * KIB)]);
+
+    // The CSI API on the same server takes the token as bearer metadata.
+    let r = with_token
+        .collect(MetadataRequest::new(alloc("vs-1")))
+        .await
+        .unwrap();
+    assert_eq!(r.summary.bytes, 256 * KIB);
+
+    let wrong = MetadataClient::connect(ClientConfig::new(&ep).with_token("nope"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        wrong.collect(MetadataRequest::new(q.clone())).await,
+        Err(CsiError::Unauthenticated { .. })
+    ));
+    let none = common::client(&ep).await;
+    let e = none.collect(MetadataRequest::new(q)).await.unwrap_err();
+    assert!(matches!(e, CsiError::InvalidArgument { .. }), "{e}");
+    assert!(matches!(
+        none.collect(MetadataRequest::new(alloc("vs-1"))).await,
+        Err(CsiError::Unauthenticated { .. })
+    ));
+
+    // A VolumeSnapshot in another namespace is "not found or not ready": UNAVAILABLE from the
+    // sidecar, mapped (after retries) to SnapshotUnavailable with guidance.
+    let other = Query::K8sAllocated {
+        namespace: "default".into(),
+        snapshot_name: "vs-1".into(),
+    };
+    let e = with_token
+        .collect(MetadataRequest::new(other))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::SnapshotUnavailable { .. }), "{e}");
+    assert!(e.to_string().contains("readyToUse"));
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn tls_with_private_ca_and_server_name_override() {
+    let snaps = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "snap-1");
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let tls = TlsIdentity {
+        cert_pem: std::fs::read(fixtures.join("server.pem")).unwrap(),
+        key_pem: std::fs::read(fixtures.join("server.key")).unwrap(),
+    };
+    let ca = std::fs::read(fixtures.join("ca.pem")).unwrap();
+    let svc =
+        FileMetadataService::new(opts(snaps.path(), 64 * KIB, BlockType::VariableLength)).unwrap();
+    let srv = spawn(svc, Listen::Tcp("127.0.0.1:0".parse().unwrap()), Some(tls))
+        .await
+        .unwrap();
+    let addr = srv.local_addr().unwrap();
+    assert!(srv.endpoint().starts_with("https://"));
+
+    // Verified by IP SAN.
+    let c = MetadataClient::connect(
+        ClientConfig::new(format!("https://{addr}")).with_ca_pem(ca.clone()),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .collect(MetadataRequest::new(alloc("snap-1")))
+        .await
+        .unwrap();
+    assert_eq!(r.summary.bytes, 256 * KIB);
+
+    // Bare host:port (as in SnapshotMetadataService.spec.address) with a server name override,
+    // as used when connecting through a port-forward to a Service DNS name.
+    let c = MetadataClient::connect(
+        ClientConfig::new(format!("{addr}"))
+            .with_ca_pem(ca.clone())
+            .with_server_name("snapshot-metadata.cbt-test.svc"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.collect(MetadataRequest::new(alloc("snap-1")))
+            .await
+            .unwrap()
+            .summary
+            .bytes,
+        256 * KIB
+    );
+
+    // Wrong name, wrong CA, garbage CA: refused.
+    let bad_name = MetadataClient::connect(
+        ClientConfig::new(format!("https://{addr}"))
+            .with_ca_pem(ca.clone())
+            .with_server_name("evil.example.com"),
+    )
+    .await;
+    assert!(
+        matches!(bad_name, Err(CsiError::Connect { .. })),
+        "{bad_name:?}"
+    );
+    let other = std::fs::read(fixtures.join("other-ca.pem")).unwrap();
+    let bad_ca =
+        MetadataClient::connect(ClientConfig::new(format!("https://{addr}")).with_ca_pem(other))
+            .await;
+    assert!(
+        matches!(bad_ca, Err(CsiError::Connect { .. })),
+        "{bad_ca:?}"
+    );
+    let garbage = MetadataClient::connect(
+        ClientConfig::new(format!("https://{addr}")).with_ca_pem(b"not a pem".to_vec()),
+    )
+    .await;
+    assert!(matches!(garbage, Err(CsiError::Tls { .. })));
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn resume_after_dropped_streams_loses_and_duplicates_nothing() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    // 64 allocated blocks separated by holes.
+    let writes: Vec<(u64, Vec<u8>)> = (0..64)
+        .map(|i| (i * 2 * 4 * KIB, vec![1u8; 4096]))
+        .collect();
+    image(snaps.path(), "s", 64 * 2 * 4 * KIB, &writes);
+    copy(snaps.path(), "s", "t");
+    for i in (0..64).step_by(3) {
+        write(snaps.path(), "t", i * 2 * 4 * KIB + 7, &[2u8]);
+    }
+    for q in [alloc("s"), delta("s", "t")] {
+        for t in [BlockType::FixedLength, BlockType::VariableLength] {
+            let baseline = {
+                let srv = serve_unix(opts(snaps.path(), 4 * KIB, t), sock.path()).await;
+                let r = client(srv.endpoint())
+                    .await
+                    .collect(MetadataRequest::new(q.clone()).max_results(3))
+                    .await
+                    .unwrap();
+                srv.shutdown().await.unwrap();
+                r
+            };
+            let mut o = opts(snaps.path(), 4 * KIB, t);
+            o.fault = Some(FaultPlan {
+                drop_after_messages: 2,
+                times: 3,
+            });
+            let srv = serve_unix(o, sock.path()).await;
+            let c = client(srv.endpoint()).await;
+            // Streaming consumer: batches must be strictly increasing and disjoint.
+            let mut last_end = 0u64;
+            let mut total = 0u64;
+            let summary = c
+                .for_each_batch(MetadataRequest::new(q.clone()).max_results(3), |b| {
+                    for e in &b.extents {
+                        assert!(
+                            e.offset >= last_end,
+                            "overlap or disorder at {e:?} after {last_end}"
+                        );
+                        last_end = e.end();
+                        total += e.len;
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+                .unwrap();
+            assert_eq!(summary.attempts, 4, "{q:?} {t:?}");
+            assert_eq!(total, baseline.summary.bytes, "{q:?} {t:?}");
+            srv.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn retries_are_bounded_without_progress() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "s");
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.fault = Some(FaultPlan {
+        drop_after_messages: 0,
+        times: 1000,
+    });
+    let srv = serve_unix(o, sock.path()).await;
+    let c = client(srv.endpoint()).await;
+    let e = c
+        .collect(MetadataRequest::new(alloc("s")))
+        .await
+        .unwrap_err();
+    match &e {
+        CsiError::RetriesExhausted {
+            attempts,
+            code,
+            resume_offset,
+            ..
+        } => {
+            assert_eq!(*attempts, 4);
+            assert_eq!(*code, tonic::Code::Unavailable);
+            assert_eq!(*resume_offset, 0);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(e.kind(), ErrorKind::Transient);
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn server_status_codes_map_to_typed_errors() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "a");
+    copy(snaps.path(), "a", "b");
+    image(snaps.path(), "small", MIB, &[]);
+    image(snaps.path(), "other-vol", 4 * MIB, &[]);
+    image(snaps.path(), "no-cbt", 4 * MIB, &[]);
+    let meta = |v: &str, cbt: Option<bool>| cbt_csi::server::SnapshotMeta {
+        volume_id: Some(v.into()),
+        namespace: None,
+        cbt,
+    };
+    cbt_csi::server::write_snapshot_meta(snaps.path(), "a", &meta("v1", None)).unwrap();
+    cbt_csi::server::write_snapshot_meta(snaps.path(), "other-vol", &meta("v2", None)).unwrap();
+    cbt_csi::server::write_snapshot_meta(snaps.path(), "no-cbt", &meta("v1", Some(false))).unwrap();
+    let srv = serve_unix(
+        opts(snaps.path(), 4 * KIB, BlockType::FixedLength),
+        sock.path(),
+    )
+    .await;
+    let c = client(srv.endpoint()).await;
+    let run = |q: Query, off: u64| {
+        let c = c.clone();
+        async move {
+            c.collect(MetadataRequest::new(q).starting_at(off))
+                .await
+                .unwrap_err()
+        }
+    };
+    let e = run(alloc("missing"), 0).await;
+    assert!(matches!(e, CsiError::SnapshotNotFound { .. }), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert!(matches!(
+        run(alloc("../etc/passwd"), 0).await,
+        CsiError::InvalidArgument { .. }
+    ));
+    assert!(matches!(
+        run(alloc(""), 0).await,
+        CsiError::InvalidArgument { .. }
+    ));
+    let e = run(alloc("a"), 4 * MIB + 1).await;
+    assert!(
+        matches!(e, CsiError::OutOfRange { offset, .. } if offset == 4 * MIB + 1),
+        "{e}"
+    );
+    let e = run(delta("small", "a"), 0).await;
+    assert!(matches!(e, CsiError::CbtNotEnabled { .. }), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(e.to_string().contains("full backup"));
+    assert!(matches!(
+        run(delta("no-cbt", "a"), 0).await,
+        CsiError::CbtNotEnabled { .. }
+    ));
+    assert!(matches!(
+        run(delta("other-vol", "a"), 0).await,
+        CsiError::InvalidArgument { .. }
+    ));
+    assert!(matches!(
+        run(delta("a", "missing"), 0).await,
+        CsiError::SnapshotNotFound { .. }
+    ));
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn identity_reports_snapshot_metadata_capability() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    let srv = serve_unix(ServerOptions::new(snaps.path()), sock.path()).await;
+    let c = client(srv.endpoint()).await;
+    let info = c.plugin_info().await.unwrap();
+    assert!(info.snapshot_metadata);
+    assert_eq!(info.name, "file.cbt.example.com");
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn connect_errors_are_typed() {
+    let e = MetadataClient::connect(ClientConfig::new("unix:///nonexistent/dir/sock"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::Connect { .. }), "{e}");
+    assert_eq!(e.kind(), ErrorKind::Transient);
+    let e = MetadataClient::connect(ClientConfig::new("gopher://x:1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::InvalidEndpoint { .. }));
+    let e = MetadataClient::connect(ClientConfig::new("unix:///x").with_ca_pem(b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::Tls { .. }));
+    let _ = Duration::ZERO;
+}
