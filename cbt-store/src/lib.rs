@@ -4,3 +4,6 @@
 //! wrappers. The repository format and the backup/restore engine sit on top of it.
 
 pub mod store;
+
+#[cfg(feature = "testing")]
+pub mod testing;

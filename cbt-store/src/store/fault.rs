@@ -14,7 +14,7 @@ use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, StoreErr
 /// Which matching calls a [`FaultRule`] hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum When {
-    /// Only the n-th matching call (1-based).
+    /// Only the n-th matching call (1-based), counted from when the rule was added.
     Nth(u64),
     /// Every matching call after the first n (n = 0: every call).
     After(u64),

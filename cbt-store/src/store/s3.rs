@@ -319,7 +319,10 @@ impl S3Store {
             (Some("NoSuchBucket"), _) => StoreError::BucketNotFound {
                 bucket: self.cfg.bucket.clone(),
             },
-            (Some("NoSuchKey"), _) | (None, Some(404)) => StoreError::NotFound {
+            (Some("InvalidBucketName"), _) => StoreError::Config {
+                message: format!("`{}` is not a valid bucket name", self.cfg.bucket),
+            },
+            (Some("NoSuchKey" | "NotFound"), _) | (_, Some(404)) => StoreError::NotFound {
                 key: key.to_string(),
             },
             (

@@ -1,0 +1,148 @@
+//! Test support shared by this crate's tests and its users' tests (enabled by the `testing`
+//! feature): an in-process S3 server on loopback and the object-store conformance suite.
+//!
+//! Nothing here is used by production code paths.
+
+pub mod conformance;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+
+use crate::store::s3::{S3Config, S3Options, StaticCredentials};
+use crate::store::{RetryPolicy, S3Store, StoreError};
+
+/// Access key id the test server accepts.
+pub const TEST_ACCESS_KEY: &str = "cbt-test-access";
+/// Secret key the test server accepts.
+pub const TEST_SECRET_KEY: &str = "cbt-test-secret-key-0123456789";
+/// Region the test clients sign for.
+pub const TEST_REGION: &str = "us-east-1";
+
+/// A real S3 HTTP server (s3s + s3s-fs) on `127.0.0.1:<random port>`, storing into a temp dir.
+/// SigV4 signatures are checked against [`TEST_ACCESS_KEY`]/[`TEST_SECRET_KEY`].
+/// The server stops when this value is dropped.
+#[derive(Debug)]
+pub struct S3TestServer {
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl S3TestServer {
+    /// Starts the server on the current tokio runtime.
+    ///
+    /// # Errors
+    /// If the temp dir or the listening socket cannot be created.
+    pub async fn start() -> std::io::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("cbt-s3-").tempdir()?;
+        let fs = s3s_fs::FileSystem::new(dir.path())
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(TEST_ACCESS_KEY, TEST_SECRET_KEY));
+        let service = builder.build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let task = tokio::spawn(async move {
+            let http = ConnBuilder::new(TokioExecutor::new());
+            loop {
+                let Ok((socket, _)) = listener.accept().await else {
+                    continue;
+                };
+                let conn = http
+                    .serve_connection(TokioIo::new(socket), service.clone())
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        Ok(Self { addr, dir, task })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Directory holding the buckets (`<dir>/<bucket>/<key>`), for tests that damage objects.
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// File of `key` in `bucket` on the server's disk.
+    pub fn object_path(&self, bucket: &str, key: &str) -> PathBuf {
+        self.dir.path().join(bucket).join(key)
+    }
+
+    /// Creates a bucket (a directory for s3s-fs).
+    ///
+    /// # Errors
+    /// If the directory cannot be created.
+    pub fn create_bucket(&self, bucket: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.dir.path().join(bucket))
+    }
+
+    /// Options pointing at this server (credentials still come from the AWS chain; see
+    /// [`Self::env`] for child processes or [`Self::config`] for in-process clients).
+    pub fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: Some(self.endpoint()),
+            region: Some(TEST_REGION.to_string()),
+            force_path_style: Some(true),
+            retry: RetryPolicy {
+                max_attempts: 2,
+                base_delay: std::time::Duration::from_millis(10),
+                max_delay: std::time::Duration::from_millis(50),
+            },
+            ..S3Options::default()
+        }
+    }
+
+    /// Config for `bucket`/`prefix` on this server with the valid test credentials.
+    pub fn config(&self, bucket: &str, prefix: &str) -> S3Config {
+        let mut cfg = S3Config::from_options(bucket, prefix, &self.options());
+        cfg.credentials = Some(StaticCredentials {
+            access_key_id: TEST_ACCESS_KEY.into(),
+            secret_access_key: TEST_SECRET_KEY.into(),
+        });
+        cfg
+    }
+
+    /// Connects an [`S3Store`] to `bucket`/`prefix` (the bucket must exist).
+    ///
+    /// # Errors
+    /// As [`S3Store::connect`].
+    pub async fn store(&self, bucket: &str, prefix: &str) -> Result<S3Store, StoreError> {
+        S3Store::connect(self.config(bucket, prefix)).await
+    }
+
+    /// Environment for a child process (e.g. the `cbt` binary) to reach this server through the
+    /// standard AWS credential chain, with instance-metadata lookups disabled.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY.to_string()),
+            ("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY.to_string()),
+            ("AWS_REGION", TEST_REGION.to_string()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+            (
+                "AWS_CONFIG_FILE",
+                "/nonexistent/cbt-test-aws-config".to_string(),
+            ),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/cbt-test-aws-credentials".to_string(),
+            ),
+        ]
+    }
+}
+
+impl Drop for S3TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
