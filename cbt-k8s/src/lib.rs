@@ -1,1 +1,16 @@
-//! Placeholder: this crate is being built.
+//! Kubernetes side of the toolkit: typed snapshot objects, client construction
+//! from kubeconfig, retries and waits, and the SnapShift core.
+//!
+//! Library crates leave the k8s-openapi version feature to the final binary.
+
+pub mod connect;
+pub mod error;
+pub mod quantity;
+pub mod retry;
+pub mod snapshift;
+pub mod snapshot;
+pub mod wait;
+
+pub use connect::{Cluster, ClusterTarget, connect};
+pub use error::{Error, ErrorKind};
+pub use retry::RetryPolicy;

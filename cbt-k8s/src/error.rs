@@ -1,0 +1,204 @@
+//! The crate's error type and its classification.
+
+use std::time::Duration;
+
+/// What a caller can do about an [`Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Retry later: throttling, timeouts, 5xx, dropped connections.
+    Transient,
+    /// Fix configuration: kubeconfig, context, missing driver/class/namespace, RBAC, bad input.
+    Config,
+    /// An object already exists and differs; a human must decide.
+    Conflict,
+    /// The storage driver or snapshot controller reported a failure.
+    Backend,
+    /// The API server rejected an object we built: a bug in this crate.
+    Bug,
+}
+
+/// Errors of the Kubernetes layer (connection, snapshot objects, SnapShift).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A kubeconfig could not be read or parsed.
+    #[error("cannot load kubeconfig from {origin}: {source}")]
+    Kubeconfig {
+        /// Where it was read from (a path or `KUBECONFIG=...`).
+        origin: String,
+        /// Underlying error.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// The requested context is not in the kubeconfig.
+    #[error("context {context:?} not found in kubeconfig {origin} (available: {available})")]
+    ContextNotFound {
+        /// Requested context.
+        context: String,
+        /// Where the kubeconfig came from.
+        origin: String,
+        /// Contexts that do exist, comma separated.
+        available: String,
+    },
+    /// No context was requested and the kubeconfig has no current-context.
+    #[error(
+        "no context chosen and kubeconfig {origin} has no current-context; name one explicitly"
+    )]
+    NoContext {
+        /// Where the kubeconfig came from.
+        origin: String,
+    },
+    /// The client for a context could not be built.
+    #[error("cannot build a Kubernetes client for context {context:?}: {source}")]
+    Client {
+        /// Context name.
+        context: String,
+        /// Underlying error.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// An API call failed.
+    #[error("{verb} {kind} {object} in cluster {cluster:?}: {source}")]
+    Api {
+        /// Context name of the cluster.
+        cluster: String,
+        /// What was attempted (get, list, create, delete, watch).
+        verb: &'static str,
+        /// Object kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        object: String,
+        /// Underlying error.
+        #[source]
+        source: Box<kube::Error>,
+    },
+    /// A required object does not exist.
+    #[error("{kind} {object} not found in cluster {cluster:?}{hint}")]
+    NotFound {
+        /// Context name of the cluster.
+        cluster: String,
+        /// Object kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        object: String,
+        /// Extra guidance, starting with "; " when present.
+        hint: String,
+    },
+    /// The destination cluster lacks something the migration needs.
+    #[error("cluster {cluster:?} is not ready: {problem}. Fix: {fix}")]
+    Preflight {
+        /// Context name of the cluster.
+        cluster: String,
+        /// What is missing or wrong.
+        problem: String,
+        /// How to fix it.
+        fix: String,
+    },
+    /// An object with the planned name exists and is not the one we would create.
+    #[error(
+        "{kind} {object} already exists in cluster {cluster:?} and differs ({reason}); it was left untouched"
+    )]
+    Conflict {
+        /// Context name of the cluster.
+        cluster: String,
+        /// Object kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        object: String,
+        /// How it differs.
+        reason: String,
+    },
+    /// The snapshot controller or driver reported an error on a snapshot.
+    #[error("VolumeSnapshot {object} in cluster {cluster:?} failed: {message}")]
+    SnapshotFailed {
+        /// Context name of the cluster.
+        cluster: String,
+        /// `namespace/name`.
+        object: String,
+        /// The controller's message.
+        message: String,
+    },
+    /// A wait exceeded its deadline.
+    #[error(
+        "timed out after {waited:?} waiting for {what} in cluster {cluster:?} (last seen: {last_state})"
+    )]
+    Timeout {
+        /// Context name of the cluster.
+        cluster: String,
+        /// What was awaited.
+        what: String,
+        /// How long we waited.
+        waited: Duration,
+        /// The last observed state.
+        last_state: String,
+    },
+    /// Snapshot objects that should agree do not.
+    #[error("inconsistent snapshot objects in cluster {cluster:?}: {problem}")]
+    Inconsistent {
+        /// Context name of the cluster.
+        cluster: String,
+        /// What disagrees.
+        problem: String,
+    },
+    /// A caller-supplied value is unusable.
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// Which input.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Classifies the error for retry decisions and exit codes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
+            Error::Timeout { .. } => ErrorKind::Transient,
+            Error::Conflict { .. } => ErrorKind::Conflict,
+            Error::SnapshotFailed { .. } | Error::Inconsistent { .. } => ErrorKind::Backend,
+            Error::Kubeconfig { .. }
+            | Error::ContextNotFound { .. }
+            | Error::NoContext { .. }
+            | Error::NotFound { .. }
+            | Error::Preflight { .. }
+            | Error::InvalidInput { .. } => ErrorKind::Config,
+        }
+    }
+
+    pub(crate) fn api(
+        cluster: &str,
+        verb: &'static str,
+        kind: &'static str,
+        object: impl Into<String>,
+        source: kube::Error,
+    ) -> Self {
+        Error::Api {
+            cluster: cluster.to_string(),
+            verb,
+            kind,
+            object: object.into(),
+            source: Box::new(source),
+        }
+    }
+}
+
+fn classify(err: &kube::Error) -> ErrorKind {
+    if crate::retry::is_transient(err) {
+        return ErrorKind::Transient;
+    }
+    match err {
+        kube::Error::Api(status) => match status.code {
+            409 => ErrorKind::Conflict,
+            400 | 422 | 415 => ErrorKind::Bug,
+            _ => ErrorKind::Config,
+        },
+        kube::Error::SerdeError(_) => ErrorKind::Bug,
+        _ => ErrorKind::Config,
+    }
+}
+
+/// `namespace/name`.
+pub(crate) fn ns_name(ns: &str, name: &str) -> String {
+    format!("{ns}/{name}")
+}

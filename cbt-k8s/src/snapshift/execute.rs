@@ -1,0 +1,1281 @@
+//! SnapShift I/O: runs migrations and verifications against two clusters.
+//!
+//! Order of a migration: origin snapshot (cut or taken) -> wait readyToUse ->
+//! read its content -> destination preflight -> compare what already exists ->
+//! create content, then snapshot -> wait readyToUse -> optional PVC. Objects
+//! this run created in the destination are removed again on failure (unless
+//! `keep_partial`); the storage snapshot never is, because the destination
+//! content is `Retain` and origin objects are never deleted.
+//!
+//! # Guarantees
+//! - Idempotent: a re-run finds its own objects by name and provenance and
+//!   reports [`Outcome::AlreadyMigrated`]; a foreign object under a planned name
+//!   is a [`Error::Conflict`] and is never modified.
+//! - Nothing is written in a dry run; reads (including the destination preflight) still happen.
+//! - Memory per migration is a handful of objects; a batch holds `concurrency` migrations at once.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::core::Resource;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+
+use super::metadata::{LABEL_MIGRATED, MetadataFilter, Provenance};
+use super::plan::{
+    DestinationContext, Existing, MigrationRequest, OriginSnapshot, PvcShape, SnapshotSource,
+    check_migrated_pair, compare_content, compare_pvc, compare_snapshot, is_own_origin_snapshot,
+    origin_from_objects, plan_destination, plan_origin_snapshot,
+};
+use crate::Error;
+use crate::connect::Cluster;
+use crate::error::ns_name;
+use crate::retry::RetryPolicy;
+use crate::snapshot::{VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
+use crate::wait::{Check, WaitError, wait_for};
+
+/// A step of one migration, for progress display.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Checking the destination cluster.
+    Preflight,
+    /// Creating the origin VolumeSnapshot (`namespace/name`).
+    CreatingOriginSnapshot(String),
+    /// Waiting for the origin snapshot to be ready.
+    WaitingOrigin(String),
+    /// Creating a destination object (`Kind name`).
+    Creating(String),
+    /// Waiting for the destination snapshot to be ready.
+    WaitingDestination(String),
+    /// Removing what this run created after a failure.
+    CleaningUp,
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::Preflight => write!(f, "checking destination"),
+            Stage::CreatingOriginSnapshot(o) => write!(f, "creating origin snapshot {o}"),
+            Stage::WaitingOrigin(o) => write!(f, "waiting for origin snapshot {o}"),
+            Stage::Creating(o) => write!(f, "creating {o}"),
+            Stage::WaitingDestination(o) => write!(f, "waiting for destination snapshot {o}"),
+            Stage::CleaningUp => write!(f, "cleaning up"),
+        }
+    }
+}
+
+/// Receives progress; implemented by the CLI (spinners) or by tests.
+pub trait Progress: Send + Sync {
+    /// `item` (a request label) entered `stage`.
+    fn stage(&self, item: &str, stage: &Stage);
+}
+
+/// Discards progress.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn stage(&self, _item: &str, _stage: &Stage) {}
+}
+
+/// Knobs of a migration run.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// Deadline for one migration, waits included.
+    pub timeout: Duration,
+    /// Leave destination objects in place after a failure.
+    pub keep_partial: bool,
+    /// Plan and print only.
+    pub dry_run: bool,
+    /// Which labels/annotations travel.
+    pub filter: MetadataFilter,
+    /// Retry policy for API calls.
+    pub retry: RetryPolicy,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(300),
+            keep_partial: false,
+            dry_run: false,
+            filter: MetadataFilter::default(),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Which cluster a planned object belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Side {
+    /// The origin cluster.
+    Origin,
+    /// The destination cluster.
+    Destination,
+}
+
+/// What a dry run would do with an object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum PlannedAction {
+    /// It would be created.
+    Create,
+    /// It exists already and would be used as is.
+    Exists,
+}
+
+/// One object of a dry-run plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedObject {
+    /// Which side.
+    pub side: Side,
+    /// Context name of that side.
+    pub cluster: String,
+    /// Create or reuse.
+    pub action: PlannedAction,
+    /// Kind.
+    pub kind: &'static str,
+    /// `namespace/name` or `name`.
+    pub name: String,
+    /// The object as it would be sent.
+    pub object: serde_json::Value,
+}
+
+/// How a migration ended when it did not fail.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Objects were created (listed as `Kind name`).
+    Migrated {
+        /// What this run created in the destination.
+        created: Vec<String>,
+    },
+    /// Every destination object already existed, matched, and the snapshot is ready.
+    AlreadyMigrated,
+    /// Dry run: what would be done.
+    DryRun(Vec<PlannedObject>),
+}
+
+/// Result of one migration.
+#[derive(Debug)]
+pub struct MigrationReport {
+    /// Request label, e.g. `pvc apps/data`.
+    pub item: String,
+    /// Destination snapshot `namespace/name`, once known.
+    pub destination: Option<String>,
+    /// Snapshot handle, once known.
+    pub handle: Option<String>,
+    /// Outcome or error.
+    pub result: Result<Outcome, Error>,
+    /// Destination objects removed after a failure.
+    pub removed: Vec<String>,
+    /// Destination objects left behind after a failure (`keep_partial`, or removal failed).
+    pub kept: Vec<String>,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Result of verifying one migrated snapshot.
+#[derive(Clone, Debug, Serialize)]
+pub struct VerifyReport {
+    /// Destination snapshot `namespace/name`.
+    pub snapshot: String,
+    /// Origin snapshot `namespace/name`, from provenance.
+    pub origin: Option<String>,
+    /// Destination snapshot handle.
+    pub handle: Option<String>,
+    /// Problems found; empty means healthy.
+    pub problems: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+enum Created {
+    Content(String),
+    Snapshot(String, String),
+    Pvc(String, String),
+}
+
+impl fmt::Display for Created {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Created::Content(n) => write!(f, "VolumeSnapshotContent {n}"),
+            Created::Snapshot(ns, n) => write!(f, "VolumeSnapshot {ns}/{n}"),
+            Created::Pvc(ns, n) => write!(f, "PersistentVolumeClaim {ns}/{n}"),
+        }
+    }
+}
+
+#[derive(Default)]
+struct RunState {
+    created: Vec<Created>,
+    destination: Option<String>,
+    handle: Option<String>,
+}
+
+/// Moves snapshots from one cluster to another that shares the storage.
+pub struct SnapShift {
+    origin: Cluster,
+    dest: Cluster,
+    opts: MigrateOptions,
+    progress: Arc<dyn Progress>,
+}
+
+fn to_json<K: Serialize>(obj: &K) -> serde_json::Value {
+    serde_json::to_value(obj).unwrap_or(serde_json::Value::Null)
+}
+
+fn describe_snapshot(vs: &VolumeSnapshot) -> String {
+    match vs.bound_content() {
+        Some(c) => format!("bound to {c}, readyToUse={}", vs.is_ready()),
+        None => "not bound to a content yet".to_string(),
+    }
+}
+
+impl SnapShift {
+    /// A migrator between two connected clusters.
+    pub fn new(origin: Cluster, dest: Cluster, opts: MigrateOptions) -> Self {
+        Self {
+            origin,
+            dest,
+            opts,
+            progress: Arc::new(NoProgress),
+        }
+    }
+
+    /// Reports progress to `progress`.
+    pub fn with_progress(mut self, progress: Arc<dyn Progress>) -> Self {
+        self.progress = progress;
+        self
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &MigrateOptions {
+        &self.opts
+    }
+
+    /// Names of PVCs in the origin namespace matching a label selector, sorted.
+    ///
+    /// # Errors
+    /// API failures.
+    pub async fn pvcs_matching(
+        &self,
+        namespace: &str,
+        selector: &str,
+    ) -> Result<Vec<String>, Error> {
+        let api: Api<PersistentVolumeClaim> =
+            Api::namespaced(self.origin.client.clone(), namespace);
+        let lp = ListParams::default().labels(selector);
+        let list = self
+            .opts
+            .retry
+            .run(None, || api.list(&lp))
+            .await
+            .map_err(|e| {
+                Error::api(
+                    &self.origin.context,
+                    "list",
+                    "PersistentVolumeClaim",
+                    format!("{namespace} (selector {selector})"),
+                    e,
+                )
+            })?;
+        let mut names: Vec<String> = list
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Runs several migrations, at most `concurrency` at a time; one failure does not stop the others.
+    /// Reports come back in request order.
+    pub async fn migrate_all(
+        &self,
+        requests: &[MigrationRequest],
+        concurrency: usize,
+    ) -> Vec<MigrationReport> {
+        let mut reports: Vec<(usize, MigrationReport)> =
+            futures::stream::iter(requests.iter().enumerate())
+                .map(|(i, r)| async move { (i, self.migrate(r).await) })
+                .buffer_unordered(concurrency.max(1))
+                .collect()
+                .await;
+        reports.sort_by_key(|(i, _)| *i);
+        reports.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// Runs one migration. Never panics on API answers; every failure is in the report.
+    pub async fn migrate(&self, req: &MigrationRequest) -> MigrationReport {
+        let started = Instant::now();
+        let item = req.label();
+        let mut state = RunState::default();
+        let result = self.run(req, &item, &mut state).await;
+        let (mut removed, mut kept) = (Vec::new(), Vec::new());
+        if result.is_err() && !state.created.is_empty() {
+            if self.opts.keep_partial {
+                kept = state.created.iter().map(ToString::to_string).collect();
+            } else {
+                self.progress.stage(&item, &Stage::CleaningUp);
+                (removed, kept) = self.cleanup(&state.created).await;
+            }
+        }
+        MigrationReport {
+            item,
+            destination: state.destination,
+            handle: state.handle,
+            result,
+            removed,
+            kept,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    async fn get_opt<K>(
+        &self,
+        cluster: &Cluster,
+        api: &Api<K>,
+        kind: &'static str,
+        ns: Option<&str>,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<Option<K>, Error>
+    where
+        K: Resource + Clone + DeserializeOwned + fmt::Debug,
+    {
+        let object = ns.map_or_else(|| name.to_string(), |ns| ns_name(ns, name));
+        self.opts
+            .retry
+            .run(Some(deadline), || api.get_opt(name))
+            .await
+            .map_err(|e| Error::api(&cluster.context, "get", kind, object, e))
+    }
+
+    /// Creates `desired`; if a retried POST finds it already there, adopts it when
+    /// `compare` says it is ours.
+    #[allow(clippy::too_many_arguments)]
+    async fn create_or_adopt<K>(
+        &self,
+        cluster: &Cluster,
+        api: &Api<K>,
+        kind: &'static str,
+        object: &str,
+        desired: &K,
+        compare: impl Fn(&K, &K) -> Existing,
+        deadline: Instant,
+    ) -> Result<K, Error>
+    where
+        K: Resource + Clone + DeserializeOwned + Serialize + fmt::Debug,
+    {
+        let pp = PostParams::default();
+        let created = self
+            .opts
+            .retry
+            .run(Some(deadline), || api.create(&pp, desired))
+            .await;
+        match created {
+            Ok(k) => Ok(k),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let name = desired.meta().name.clone().unwrap_or_default();
+                let existing = self
+                    .opts
+                    .retry
+                    .run(Some(deadline), || api.get(&name))
+                    .await
+                    .map_err(|e| Error::api(&cluster.context, "get", kind, object, e))?;
+                match compare(desired, &existing) {
+                    Existing::Matches => Ok(existing),
+                    Existing::Differs(reason) => Err(Error::Conflict {
+                        cluster: cluster.context.clone(),
+                        kind,
+                        object: object.to_string(),
+                        reason: format!("created concurrently by someone else: {reason}"),
+                    }),
+                    Existing::Absent => Err(Error::api(
+                        &cluster.context,
+                        "create",
+                        kind,
+                        object,
+                        kube::Error::Api(status),
+                    )),
+                }
+            }
+            Err(e) => Err(Error::api(&cluster.context, "create", kind, object, e)),
+        }
+    }
+}
+
+impl SnapShift {
+    async fn run(
+        &self,
+        req: &MigrationRequest,
+        item: &str,
+        state: &mut RunState,
+    ) -> Result<Outcome, Error> {
+        req.validate()?;
+        let deadline = Instant::now() + self.opts.timeout;
+        let (o, d) = (&self.origin, &self.dest);
+        let ons = req.namespace.as_str();
+        let dns = req.dest_namespace();
+        let vs_name = req.origin_snapshot_name();
+        let vs_object = ns_name(ons, &vs_name);
+        state.destination = Some(ns_name(dns, &vs_name));
+        let o_vs: Api<VolumeSnapshot> = Api::namespaced(o.client.clone(), ons);
+        let o_pvc: Api<PersistentVolumeClaim> = Api::namespaced(o.client.clone(), ons);
+        let mut planned = Vec::new();
+
+        // 1. The origin snapshot: taken as named, or cut from the PVC (reusing our own from an earlier run).
+        let existing = self
+            .get_opt(o, &o_vs, "VolumeSnapshot", Some(ons), &vs_name, deadline)
+            .await?;
+        let mut origin_pvc = None;
+        let existing = match &req.source {
+            SnapshotSource::Snapshot(_) => Some(existing.ok_or_else(|| Error::NotFound {
+                cluster: o.context.clone(),
+                kind: "VolumeSnapshot",
+                object: vs_object.clone(),
+                hint: format!(
+                    "; list them with: kubectl --context {} -n {ons} get volumesnapshots",
+                    o.context
+                ),
+            })?),
+            SnapshotSource::Pvc(pvc_name) => {
+                let pvc = self
+                    .get_opt(
+                        o,
+                        &o_pvc,
+                        "PersistentVolumeClaim",
+                        Some(ons),
+                        pvc_name,
+                        deadline,
+                    )
+                    .await?
+                    .ok_or_else(|| Error::NotFound {
+                        cluster: o.context.clone(),
+                        kind: "PersistentVolumeClaim",
+                        object: ns_name(ons, pvc_name),
+                        hint: "; check the namespace and the PVC name".into(),
+                    })?;
+                origin_pvc = Some(pvc);
+                match existing {
+                    Some(vs) if is_own_origin_snapshot(&vs, pvc_name) => Some(vs),
+                    Some(_) => {
+                        return Err(Error::Conflict {
+                            cluster: o.context.clone(),
+                            kind: "VolumeSnapshot",
+                            object: vs_object,
+                            reason: format!(
+                                "it was not cut by snapshift from PVC {pvc_name}; move it as an existing snapshot, or choose another snapshot name"
+                            ),
+                        });
+                    }
+                    None => None,
+                }
+            }
+        };
+        if let Some(vs) = &existing
+            && self.opts.dry_run
+        {
+            planned.push(self.planned(
+                Side::Origin,
+                PlannedAction::Exists,
+                "VolumeSnapshot",
+                vs_object.clone(),
+                vs,
+            ));
+        }
+        if existing.is_none() {
+            let Some(pvc) = origin_pvc.as_ref() else {
+                return Err(Error::NotFound {
+                    cluster: o.context.clone(),
+                    kind: "VolumeSnapshot",
+                    object: vs_object,
+                    hint: String::new(),
+                });
+            };
+            let desired = plan_origin_snapshot(req, pvc, &self.opts.filter);
+            // Check the destination before cutting a snapshot that could not land there.
+            let driver = self.driver_of_pvc(pvc, deadline).await;
+            let dest_class = match &driver {
+                Some(driver) => {
+                    self.progress.stage(item, &Stage::Preflight);
+                    Some(
+                        self.preflight(driver, dns, req.snapshot_class.as_deref(), deadline)
+                            .await?,
+                    )
+                }
+                None => None,
+            };
+            if self.opts.dry_run {
+                let (Some(driver), Some(dest_class)) = (driver, dest_class) else {
+                    return Err(Error::InvalidInput {
+                        what: "dry run".into(),
+                        reason: format!(
+                            "the CSI driver of PVC {} is unknown (its StorageClass is missing or unreadable), so the destination cannot be planned before the snapshot exists",
+                            ns_name(ons, &pvc.metadata.name.clone().unwrap_or_default())
+                        ),
+                    });
+                };
+                planned.push(self.planned(
+                    Side::Origin,
+                    PlannedAction::Create,
+                    "VolumeSnapshot",
+                    vs_object,
+                    &desired,
+                ));
+                let shape = PvcShape::from_pvc(pvc)?;
+                let origin = OriginSnapshot {
+                    namespace: ons.to_string(),
+                    name: vs_name.clone(),
+                    content_name: String::new(),
+                    handle: None,
+                    driver,
+                    restore_size: None,
+                    source_volume_mode: match shape.volume_mode.as_deref() {
+                        Some("Block") => Some(VolumeMode::Block),
+                        _ => Some(VolumeMode::Filesystem),
+                    },
+                    class: req.origin_snapshot_class.clone(),
+                    labels: desired.metadata.labels.clone().unwrap_or_default(),
+                    annotations: desired.metadata.annotations.clone().unwrap_or_default(),
+                    pvc: Some(shape),
+                };
+                return self
+                    .plan_and_compare(req, &origin, dest_class, planned, state, deadline)
+                    .await;
+            }
+            self.progress
+                .stage(item, &Stage::CreatingOriginSnapshot(vs_object.clone()));
+            let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
+            self.create_or_adopt(
+                o,
+                &o_vs,
+                "VolumeSnapshot",
+                &vs_object,
+                &desired,
+                |_, e| {
+                    if is_own_origin_snapshot(e, &pvc_name) {
+                        Existing::Matches
+                    } else {
+                        Existing::Differs("it was not cut by snapshift from this PVC".into())
+                    }
+                },
+                deadline,
+            )
+            .await?;
+        }
+
+        // 2. Wait for it, then read its content.
+        self.progress
+            .stage(item, &Stage::WaitingOrigin(vs_object.clone()));
+        let vs = self
+            .wait_snapshot_ready(o, &o_vs, ons, &vs_name, deadline)
+            .await?;
+        let content_name = vs.bound_content().unwrap_or_default().to_string();
+        let o_vsc: Api<VolumeSnapshotContent> = Api::all(o.client.clone());
+        let vsc = self
+            .get_opt(o, &o_vsc, "VolumeSnapshotContent", None, &content_name, deadline)
+            .await?
+            .ok_or_else(|| Error::Inconsistent {
+                cluster: o.context.clone(),
+                problem: format!(
+                    "VolumeSnapshot {vs_object} is bound to VolumeSnapshotContent {content_name:?}, which does not exist"
+                ),
+            })?;
+        if origin_pvc.is_none()
+            && let Some(pvc_name) = vs.spec.source.persistent_volume_claim_name.as_deref()
+        {
+            origin_pvc = self
+                .get_opt(
+                    o,
+                    &o_pvc,
+                    "PersistentVolumeClaim",
+                    Some(ons),
+                    pvc_name,
+                    deadline,
+                )
+                .await?;
+        }
+        let origin = origin_from_objects(&o.context, &vs, &vsc, origin_pvc.as_ref())?;
+        state.handle = origin.handle.clone();
+
+        // 3. Destination.
+        self.progress.stage(item, &Stage::Preflight);
+        let dest_class = self
+            .preflight(&origin.driver, dns, req.snapshot_class.as_deref(), deadline)
+            .await?;
+        if self.opts.dry_run {
+            return self
+                .plan_and_compare(req, &origin, dest_class, planned, state, deadline)
+                .await;
+        }
+        let ctx = DestinationContext {
+            origin_context: &o.context,
+            origin_server: &o.server,
+            dest_class: Some(&dest_class),
+            filter: &self.opts.filter,
+        };
+        let plan = plan_destination(&origin, req, &ctx)?;
+        let (ex_content, ex_snapshot, ex_pvc) = self.existing(&plan, dns, deadline).await?;
+        let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
+        let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);
+        let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
+        let content_name = plan.content.metadata.name.clone().unwrap_or_default();
+        if ex_content == Existing::Absent {
+            let what = format!("VolumeSnapshotContent {content_name}");
+            self.progress.stage(item, &Stage::Creating(what));
+            self.create_or_adopt(
+                d,
+                &d_vsc,
+                "VolumeSnapshotContent",
+                &content_name,
+                &plan.content,
+                compare_content,
+                deadline,
+            )
+            .await?;
+            state.created.push(Created::Content(content_name.clone()));
+        }
+        let dest_object = ns_name(dns, &vs_name);
+        if ex_snapshot == Existing::Absent {
+            self.progress.stage(
+                item,
+                &Stage::Creating(format!("VolumeSnapshot {dest_object}")),
+            );
+            self.create_or_adopt(
+                d,
+                &d_vs,
+                "VolumeSnapshot",
+                &dest_object,
+                &plan.snapshot,
+                compare_snapshot,
+                deadline,
+            )
+            .await?;
+            state
+                .created
+                .push(Created::Snapshot(dns.to_string(), vs_name.clone()));
+        }
+        self.progress
+            .stage(item, &Stage::WaitingDestination(dest_object.clone()));
+        self.wait_snapshot_ready(d, &d_vs, dns, &vs_name, deadline)
+            .await?;
+        if let Some(pvc) = &plan.pvc
+            && ex_pvc == Existing::Absent
+        {
+            let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
+            let object = ns_name(dns, &pvc_name);
+            self.progress.stage(
+                item,
+                &Stage::Creating(format!("PersistentVolumeClaim {object}")),
+            );
+            self.create_or_adopt(
+                d,
+                &d_pvc,
+                "PersistentVolumeClaim",
+                &object,
+                pvc,
+                compare_pvc,
+                deadline,
+            )
+            .await?;
+            state.created.push(Created::Pvc(dns.to_string(), pvc_name));
+        }
+        if state.created.is_empty() {
+            Ok(Outcome::AlreadyMigrated)
+        } else {
+            Ok(Outcome::Migrated {
+                created: state.created.iter().map(ToString::to_string).collect(),
+            })
+        }
+    }
+
+    fn planned<K: Serialize>(
+        &self,
+        side: Side,
+        action: PlannedAction,
+        kind: &'static str,
+        name: String,
+        obj: &K,
+    ) -> PlannedObject {
+        let cluster = match side {
+            Side::Origin => self.origin.context.clone(),
+            Side::Destination => self.dest.context.clone(),
+        };
+        let mut object = to_json(obj);
+        // Server-assigned fields say nothing about the plan.
+        if let Some(meta) = object.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for k in [
+                "uid",
+                "resourceVersion",
+                "creationTimestamp",
+                "generation",
+                "managedFields",
+            ] {
+                meta.remove(k);
+            }
+        }
+        PlannedObject {
+            side,
+            cluster,
+            action,
+            kind,
+            name,
+            object,
+        }
+    }
+
+    /// Dry-run tail: plan the destination and mark what already exists.
+    async fn plan_and_compare(
+        &self,
+        req: &MigrationRequest,
+        origin: &OriginSnapshot,
+        dest_class: String,
+        mut planned: Vec<PlannedObject>,
+        state: &mut RunState,
+        deadline: Instant,
+    ) -> Result<Outcome, Error> {
+        let ctx = DestinationContext {
+            origin_context: &self.origin.context,
+            origin_server: &self.origin.server,
+            dest_class: Some(&dest_class),
+            filter: &self.opts.filter,
+        };
+        let plan = plan_destination(origin, req, &ctx)?;
+        let dns = req.dest_namespace();
+        state.handle = origin.handle.clone();
+        let (c, s, p) = if origin.handle.is_some() {
+            self.existing(&plan, dns, deadline).await?
+        } else {
+            // Without a handle nothing can match; report names that are taken.
+            self.names_taken(&plan, dns, deadline).await?
+        };
+        let action = |e: &Existing| match e {
+            Existing::Matches => PlannedAction::Exists,
+            _ => PlannedAction::Create,
+        };
+        let content_name = plan.content.metadata.name.clone().unwrap_or_default();
+        planned.push(self.planned(
+            Side::Destination,
+            action(&c),
+            "VolumeSnapshotContent",
+            content_name,
+            &plan.content,
+        ));
+        let vs_name = ns_name(
+            dns,
+            &plan.snapshot.metadata.name.clone().unwrap_or_default(),
+        );
+        planned.push(self.planned(
+            Side::Destination,
+            action(&s),
+            "VolumeSnapshot",
+            vs_name,
+            &plan.snapshot,
+        ));
+        if let Some(pvc) = &plan.pvc {
+            let name = ns_name(dns, &pvc.metadata.name.clone().unwrap_or_default());
+            planned.push(self.planned(
+                Side::Destination,
+                action(&p),
+                "PersistentVolumeClaim",
+                name,
+                pvc,
+            ));
+        }
+        Ok(Outcome::DryRun(planned))
+    }
+
+    /// Looks up the planned destination names; a differing object is a conflict.
+    async fn existing(
+        &self,
+        plan: &super::plan::DestinationPlan,
+        dns: &str,
+        deadline: Instant,
+    ) -> Result<(Existing, Existing, Existing), Error> {
+        let d = &self.dest;
+        let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
+        let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);
+        let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
+        let content_name = plan.content.metadata.name.clone().unwrap_or_default();
+        let vs_name = plan.snapshot.metadata.name.clone().unwrap_or_default();
+        let c = match self
+            .get_opt(
+                d,
+                &d_vsc,
+                "VolumeSnapshotContent",
+                None,
+                &content_name,
+                deadline,
+            )
+            .await?
+        {
+            Some(e) => compare_content(&plan.content, &e),
+            None => Existing::Absent,
+        };
+        let s = match self
+            .get_opt(d, &d_vs, "VolumeSnapshot", Some(dns), &vs_name, deadline)
+            .await?
+        {
+            Some(e) => compare_snapshot(&plan.snapshot, &e),
+            None => Existing::Absent,
+        };
+        let p = match &plan.pvc {
+            Some(pvc) => {
+                let name = pvc.metadata.name.clone().unwrap_or_default();
+                match self
+                    .get_opt(
+                        d,
+                        &d_pvc,
+                        "PersistentVolumeClaim",
+                        Some(dns),
+                        &name,
+                        deadline,
+                    )
+                    .await?
+                {
+                    Some(e) => compare_pvc(pvc, &e),
+                    None => Existing::Absent,
+                }
+            }
+            None => Existing::Absent,
+        };
+        let conflicts = [
+            ("VolumeSnapshotContent", content_name, &c),
+            ("VolumeSnapshot", ns_name(dns, &vs_name), &s),
+            (
+                "PersistentVolumeClaim",
+                ns_name(
+                    dns,
+                    &plan
+                        .pvc
+                        .as_ref()
+                        .and_then(|p| p.metadata.name.clone())
+                        .unwrap_or_default(),
+                ),
+                &p,
+            ),
+        ];
+        for (kind, object, e) in conflicts {
+            if let Existing::Differs(reason) = e {
+                return Err(Error::Conflict {
+                    cluster: d.context.clone(),
+                    kind,
+                    object,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        Ok((c, s, p))
+    }
+
+    async fn names_taken(
+        &self,
+        plan: &super::plan::DestinationPlan,
+        dns: &str,
+        deadline: Instant,
+    ) -> Result<(Existing, Existing, Existing), Error> {
+        let d = &self.dest;
+        let taken = |kind: &'static str, object: String| Error::Conflict {
+            cluster: d.context.clone(),
+            kind,
+            object,
+            reason: "the name is already taken".into(),
+        };
+        let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
+        let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);
+        let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
+        let content_name = plan.content.metadata.name.clone().unwrap_or_default();
+        if self
+            .get_opt(
+                d,
+                &d_vsc,
+                "VolumeSnapshotContent",
+                None,
+                &content_name,
+                deadline,
+            )
+            .await?
+            .is_some()
+        {
+            return Err(taken("VolumeSnapshotContent", content_name));
+        }
+        let vs_name = plan.snapshot.metadata.name.clone().unwrap_or_default();
+        if self
+            .get_opt(d, &d_vs, "VolumeSnapshot", Some(dns), &vs_name, deadline)
+            .await?
+            .is_some()
+        {
+            return Err(taken("VolumeSnapshot", ns_name(dns, &vs_name)));
+        }
+        if let Some(pvc) = &plan.pvc {
+            let name = pvc.metadata.name.clone().unwrap_or_default();
+            if self
+                .get_opt(
+                    d,
+                    &d_pvc,
+                    "PersistentVolumeClaim",
+                    Some(dns),
+                    &name,
+                    deadline,
+                )
+                .await?
+                .is_some()
+            {
+                return Err(taken("PersistentVolumeClaim", ns_name(dns, &name)));
+            }
+        }
+        Ok((Existing::Absent, Existing::Absent, Existing::Absent))
+    }
+
+    async fn wait_snapshot_ready(
+        &self,
+        cluster: &Cluster,
+        api: &Api<VolumeSnapshot>,
+        ns: &str,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<VolumeSnapshot, Error> {
+        let object = ns_name(ns, name);
+        let check = |vs: &VolumeSnapshot| {
+            if vs.is_ready() && vs.bound_content().is_some() {
+                Check::Done
+            } else if let Some(message) = vs.error_message() {
+                Check::Failed(message.to_string())
+            } else {
+                Check::Pending(describe_snapshot(vs))
+            }
+        };
+        let started = Instant::now();
+        match wait_for(api, name, &self.opts.retry, deadline, check).await {
+            Ok(vs) => Ok(vs),
+            Err(WaitError::Failed(message)) => Err(Error::SnapshotFailed {
+                cluster: cluster.context.clone(),
+                object,
+                message,
+            }),
+            Err(WaitError::Timeout(last_state)) => Err(Error::Timeout {
+                cluster: cluster.context.clone(),
+                what: format!("VolumeSnapshot {object} to become readyToUse"),
+                waited: started.elapsed(),
+                last_state,
+            }),
+            Err(WaitError::Gone) => Err(Error::NotFound {
+                cluster: cluster.context.clone(),
+                kind: "VolumeSnapshot",
+                object,
+                hint: "; it disappeared while waiting for it".into(),
+            }),
+            Err(WaitError::Api(e)) => Err(Error::api(
+                &cluster.context,
+                "watch",
+                "VolumeSnapshot",
+                object,
+                e,
+            )),
+        }
+    }
+
+    /// The CSI driver that provisions a PVC, from its StorageClass; `None` if unknown.
+    async fn driver_of_pvc(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        deadline: Instant,
+    ) -> Option<String> {
+        let class = pvc.spec.as_ref()?.storage_class_name.clone()?;
+        let api: Api<StorageClass> = Api::all(self.origin.client.clone());
+        match self
+            .opts
+            .retry
+            .run(Some(deadline), || api.get_opt(&class))
+            .await
+        {
+            Ok(sc) => sc.map(|sc| sc.provisioner),
+            Err(e) => {
+                tracing::debug!(error = %e, class, "cannot read the PVC's StorageClass");
+                None
+            }
+        }
+    }
+
+    /// Checks the destination can take a snapshot of `driver` in `ns`; returns the class to use.
+    async fn preflight(
+        &self,
+        driver: &str,
+        ns: &str,
+        class: Option<&str>,
+        deadline: Instant,
+    ) -> Result<String, Error> {
+        let d = &self.dest;
+        let kubectl = format!("kubectl --context {}", d.context);
+        let fail = |problem: String, fix: String| Error::Preflight {
+            cluster: d.context.clone(),
+            problem,
+            fix,
+        };
+        let namespaces: Api<Namespace> = Api::all(d.client.clone());
+        if self
+            .get_opt(d, &namespaces, "Namespace", None, ns, deadline)
+            .await?
+            .is_none()
+        {
+            return Err(fail(
+                format!("namespace {ns} does not exist"),
+                format!(
+                    "create it ({kubectl} create namespace {ns}) or pick another destination namespace"
+                ),
+            ));
+        }
+        let drivers: Api<CSIDriver> = Api::all(d.client.clone());
+        if self
+            .get_opt(d, &drivers, "CSIDriver", None, driver, deadline)
+            .await?
+            .is_none()
+        {
+            return Err(fail(
+                format!("CSIDriver {driver} is not installed"),
+                format!(
+                    "install the {driver} CSI driver there, attached to the same storage as the origin ({kubectl} get csidrivers shows what is installed)"
+                ),
+            ));
+        }
+        let classes: Api<VolumeSnapshotClass> = Api::all(d.client.clone());
+        if let Some(class) = class {
+            return match self
+                .get_opt(d, &classes, "VolumeSnapshotClass", None, class, deadline)
+                .await?
+            {
+                None => Err(fail(
+                    format!("VolumeSnapshotClass {class} does not exist"),
+                    format!(
+                        "create it for driver {driver}, or leave the class out to use the driver's default"
+                    ),
+                )),
+                Some(k) if k.spec.driver != driver => Err(fail(
+                    format!(
+                        "VolumeSnapshotClass {class} belongs to driver {}, but the snapshot was taken by {driver}",
+                        k.spec.driver
+                    ),
+                    format!("name a VolumeSnapshotClass of driver {driver}"),
+                )),
+                Some(_) => Ok(class.to_string()),
+            };
+        }
+        let lp = ListParams::default();
+        let list = self
+            .opts
+            .retry
+            .run(Some(deadline), || classes.list(&lp))
+            .await
+            .map_err(|e| Error::api(&d.context, "list", "VolumeSnapshotClass", "(all)", e))?;
+        let for_driver: Vec<VolumeSnapshotClass> = list
+            .items
+            .into_iter()
+            .filter(|k| k.spec.driver == driver)
+            .collect();
+        let names = |ks: &[&VolumeSnapshotClass]| -> String {
+            ks.iter()
+                .filter_map(|k| k.metadata.name.clone())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let defaults: Vec<&VolumeSnapshotClass> =
+            for_driver.iter().filter(|k| k.is_default()).collect();
+        match (defaults.len(), for_driver.len()) {
+            (1, _) => Ok(defaults[0].metadata.name.clone().unwrap_or_default()),
+            (0, 1) => Ok(for_driver[0].metadata.name.clone().unwrap_or_default()),
+            (0, 0) => Err(fail(
+                format!("no VolumeSnapshotClass for driver {driver}"),
+                format!(
+                    "create one for {driver} (annotated snapshot.storage.kubernetes.io/is-default-class=true); the moved snapshot needs it for restores and CBT"
+                ),
+            )),
+            (0, _) => Err(fail(
+                format!(
+                    "{} VolumeSnapshotClasses for driver {driver} ({}) and none is the default",
+                    for_driver.len(),
+                    names(&for_driver.iter().collect::<Vec<_>>())
+                ),
+                "name one explicitly".into(),
+            )),
+            (n, _) => Err(fail(
+                format!(
+                    "{n} VolumeSnapshotClasses are marked default for driver {driver} ({})",
+                    names(&defaults)
+                ),
+                "name one explicitly, or unmark all but one".into(),
+            )),
+        }
+    }
+
+    /// Deletes what a failed run created, newest first. Returns (removed, kept).
+    async fn cleanup(&self, created: &[Created]) -> (Vec<String>, Vec<String>) {
+        // The run's deadline may be spent; cleanup gets its own.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let d = &self.dest;
+        let (mut removed, mut kept) = (Vec::new(), Vec::new());
+        for obj in created.iter().rev() {
+            let dp = DeleteParams::default();
+            let result = match obj {
+                Created::Content(n) => {
+                    let api: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
+                    self.opts
+                        .retry
+                        .run(Some(deadline), || api.delete(n, &dp))
+                        .await
+                        .map(|_| ())
+                }
+                Created::Snapshot(ns, n) => {
+                    let api: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), ns);
+                    self.opts
+                        .retry
+                        .run(Some(deadline), || api.delete(n, &dp))
+                        .await
+                        .map(|_| ())
+                }
+                Created::Pvc(ns, n) => {
+                    let api: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), ns);
+                    self.opts
+                        .retry
+                        .run(Some(deadline), || api.delete(n, &dp))
+                        .await
+                        .map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => removed.push(obj.to_string()),
+                Err(kube::Error::Api(s)) if s.code == 404 => removed.push(obj.to_string()),
+                Err(e) => kept.push(format!("{obj} (delete failed: {e})")),
+            }
+        }
+        (removed, kept)
+    }
+
+    /// Checks migrated snapshots in `dest_namespace`: `names`, or every snapshot SnapShift labelled.
+    ///
+    /// # Errors
+    /// API failures listing or reading the destination.
+    pub async fn verify(
+        &self,
+        dest_namespace: &str,
+        names: &[String],
+    ) -> Result<Vec<VerifyReport>, Error> {
+        let deadline = Instant::now() + self.opts.timeout;
+        let (o, d) = (&self.origin, &self.dest);
+        let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dest_namespace);
+        let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
+        let o_vsc: Api<VolumeSnapshotContent> = Api::all(o.client.clone());
+        let mut snapshots = Vec::new();
+        let mut reports = Vec::new();
+        if names.is_empty() {
+            let lp = ListParams::default().labels(&format!("{LABEL_MIGRATED}=true"));
+            let list = self
+                .opts
+                .retry
+                .run(Some(deadline), || d_vs.list(&lp))
+                .await
+                .map_err(|e| Error::api(&d.context, "list", "VolumeSnapshot", dest_namespace, e))?;
+            snapshots = list.items;
+        } else {
+            for name in names {
+                match self
+                    .get_opt(
+                        d,
+                        &d_vs,
+                        "VolumeSnapshot",
+                        Some(dest_namespace),
+                        name,
+                        deadline,
+                    )
+                    .await?
+                {
+                    Some(vs) => snapshots.push(vs),
+                    None => reports.push(VerifyReport {
+                        snapshot: ns_name(dest_namespace, name),
+                        origin: None,
+                        handle: None,
+                        problems: vec![format!(
+                            "VolumeSnapshot does not exist in cluster {:?}",
+                            d.context
+                        )],
+                    }),
+                }
+            }
+        }
+        for dvs in snapshots {
+            let name = dvs.metadata.name.clone().unwrap_or_default();
+            let mut report = VerifyReport {
+                snapshot: ns_name(dest_namespace, &name),
+                origin: None,
+                handle: None,
+                problems: Vec::new(),
+            };
+            let content_name = dvs
+                .bound_content()
+                .map(str::to_string)
+                .or_else(|| dvs.spec.source.volume_snapshot_content_name.clone());
+            let dvsc = match &content_name {
+                Some(c) => {
+                    self.get_opt(d, &d_vsc, "VolumeSnapshotContent", None, c, deadline)
+                        .await?
+                }
+                None => None,
+            };
+            report.handle = dvsc
+                .as_ref()
+                .and_then(|c| c.snapshot_handle().map(str::to_string));
+            let Some(prov) = Provenance::from_annotations(dvs.metadata.annotations.as_ref()) else {
+                report
+                    .problems
+                    .push("no provenance annotations: not migrated by snapshift".into());
+                reports.push(report);
+                continue;
+            };
+            report.origin = Some(ns_name(&prov.namespace, &prov.name));
+            if prov.server != o.server {
+                report.problems.push(format!(
+                    "migrated from API server {}, but the origin context {:?} points at {}",
+                    prov.server, o.context, o.server
+                ));
+            }
+            let o_vs: Api<VolumeSnapshot> = Api::namespaced(o.client.clone(), &prov.namespace);
+            let Some(ovs) = self
+                .get_opt(
+                    o,
+                    &o_vs,
+                    "VolumeSnapshot",
+                    Some(&prov.namespace),
+                    &prov.name,
+                    deadline,
+                )
+                .await?
+            else {
+                report.problems.push(format!(
+                    "origin VolumeSnapshot {}/{} no longer exists in cluster {:?}",
+                    prov.namespace, prov.name, o.context
+                ));
+                reports.push(report);
+                continue;
+            };
+            let ovsc = match ovs.bound_content() {
+                Some(c) => {
+                    self.get_opt(o, &o_vsc, "VolumeSnapshotContent", None, c, deadline)
+                        .await?
+                }
+                None => None,
+            };
+            report.problems.extend(check_migrated_pair(
+                &ovs,
+                ovsc.as_ref(),
+                &dvs,
+                dvsc.as_ref(),
+            ));
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+}
