@@ -5,5 +5,9 @@
 
 pub mod store;
 
+pub mod chunk;
+pub mod engine;
+pub mod repo;
+
 #[cfg(feature = "testing")]
 pub mod testing;

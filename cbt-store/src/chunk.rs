@@ -1,0 +1,370 @@
+//! Chunk object codec: how one chunk's raw bytes become a self-checking stored object.
+//!
+//! Owns the byte layout of chunk objects and nothing else (no I/O). A chunk object is named by
+//! the BLAKE3 hash of its raw bytes and laid out as:
+//!
+//! ```text
+//! offset  size  field
+//! 0       4     magic "CBCH"
+//! 4       1     format version (1)
+//! 5       1     codec: 0 = raw, 1 = zstd
+//! 6       2     reserved, zero
+//! 8       4     raw length, u32 little endian
+//! 12      4     crc32c of the raw bytes, u32 LE
+//! 16      32    BLAKE3 hash of the raw bytes
+//! 48      n     payload (raw bytes, or one zstd frame)
+//! 48+n    4     crc32c of bytes [0, 48+n), u32 LE
+//! ```
+//!
+//! The trailer crc catches damage to the stored bytes before decompression; the raw crc32c and
+//! the hash catch anything else (a decompression bug, a misnamed object). Data that does not
+//! shrink under zstd is stored raw, so a stored chunk is at most raw length + 52 bytes.
+
+use bytes::Bytes;
+use cbt_core::{ChunkHash, ChunkRef};
+
+/// Magic bytes at the start of every chunk object.
+pub const CHUNK_MAGIC: [u8; 4] = *b"CBCH";
+/// Chunk object format version this build writes and reads.
+pub const CHUNK_FORMAT_VERSION: u8 = 1;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 48;
+/// Bytes after the payload.
+pub const TRAILER_LEN: usize = 4;
+/// Total framing overhead per chunk object.
+pub const OVERHEAD: usize = HEADER_LEN + TRAILER_LEN;
+
+const CODEC_RAW: u8 = 0;
+const CODEC_ZSTD: u8 = 1;
+
+/// Why a stored chunk object was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ChunkDecodeError {
+    /// Shorter than the framing, or shorter/longer than the manifest says.
+    #[error("object is {actual} bytes, expected {expected}")]
+    Size {
+        /// Expected size.
+        expected: u64,
+        /// Actual size.
+        actual: u64,
+    },
+    /// Does not start with the chunk magic.
+    #[error("not a chunk object (bad magic)")]
+    Magic,
+    /// Written by a newer format.
+    #[error("chunk format version {0} is not supported (this build reads version 1); upgrade cbt")]
+    Version(u8),
+    /// Unknown compression codec.
+    #[error("unknown chunk codec {0}")]
+    Codec(u8),
+    /// The trailer crc32c does not match the stored bytes.
+    #[error("object checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    ObjectCrc {
+        /// Trailer value.
+        stored: u32,
+        /// Computed over the object.
+        computed: u32,
+    },
+    /// The payload does not decompress to the recorded length.
+    #[error("payload does not decompress to {raw_len} bytes: {message}")]
+    Decompress {
+        /// Expected raw length.
+        raw_len: u64,
+        /// What the decoder said.
+        message: String,
+    },
+    /// The raw bytes do not match the recorded crc32c.
+    #[error("raw data crc32c {computed:#010x} does not match recorded {expected:#010x}")]
+    RawCrc {
+        /// Recorded value.
+        expected: u32,
+        /// Computed value.
+        computed: u32,
+    },
+    /// The raw bytes do not hash to the chunk's name.
+    #[error("content hash {computed} does not match chunk name {expected}")]
+    Hash {
+        /// The name / recorded hash (hex).
+        expected: String,
+        /// Hash of the decoded bytes (hex).
+        computed: String,
+    },
+    /// Header fields disagree with the manifest's reference.
+    #[error("header disagrees with the manifest: {0}")]
+    Mismatch(String),
+}
+
+/// A chunk ready to upload: its reference (for the manifest) and its object body.
+#[derive(Debug, Clone)]
+pub struct EncodedChunk {
+    /// Hash, stored size, raw crc32c and raw length.
+    pub chunk: ChunkRef,
+    /// The object body.
+    pub body: Bytes,
+}
+
+/// Content hash of raw chunk bytes (BLAKE3).
+pub fn hash_raw(raw: &[u8]) -> ChunkHash {
+    ChunkHash(*blake3::hash(raw).as_bytes())
+}
+
+/// Object key of a chunk: `chunks/<first two hex digits>/<hash>`, fanned out for listings.
+pub fn chunk_key(hash: &ChunkHash) -> String {
+    let hex = hash.to_hex();
+    format!("chunks/{}/{}", &hex[..2], hex)
+}
+
+/// Parses a key produced by [`chunk_key`] back into the hash (`None` for anything else).
+pub fn parse_chunk_key(key: &str) -> Option<ChunkHash> {
+    let rest = key.strip_prefix("chunks/")?;
+    let (fan, hex) = rest.split_once('/')?;
+    let hash = ChunkHash::from_hex(hex).ok()?;
+    (fan.len() == 2 && hex.starts_with(fan)).then_some(hash)
+}
+
+/// Encodes `raw` (at most 4 GiB - 1 bytes) into a chunk object, compressing with zstd at
+/// `level` when that makes it smaller (`level <= 0` disables compression).
+pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
+    let hash = hash_raw(raw);
+    let raw_crc = crc32c::crc32c(raw);
+    let mut body = Vec::new();
+    let mut codec = CODEC_RAW;
+    if level > 0 {
+        let bound = zstd::zstd_safe::compress_bound(raw.len());
+        body.resize(HEADER_LEN + bound + TRAILER_LEN, 0);
+        if let Ok(n) = zstd::bulk::compress_to_buffer(raw, &mut body[HEADER_LEN..], level)
+            && n < raw.len()
+        {
+            body.truncate(HEADER_LEN + n);
+            codec = CODEC_ZSTD;
+        }
+    }
+    if codec == CODEC_RAW {
+        body.clear();
+        body.reserve_exact(raw.len() + OVERHEAD);
+        body.resize(HEADER_LEN, 0);
+        body.extend_from_slice(raw);
+    }
+    body[0..4].copy_from_slice(&CHUNK_MAGIC);
+    body[4] = CHUNK_FORMAT_VERSION;
+    body[5] = codec;
+    body[6..8].fill(0);
+    // Chunk sizes are capped at 64 MiB by cbt-core, so the length always fits.
+    body[8..12].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    body[12..16].copy_from_slice(&raw_crc.to_le_bytes());
+    body[16..48].copy_from_slice(&hash.0);
+    let crc = crc32c::crc32c(&body);
+    body.extend_from_slice(&crc.to_le_bytes());
+    EncodedChunk {
+        chunk: ChunkRef {
+            hash,
+            stored_size: body.len() as u64,
+            crc32c: raw_crc,
+            raw_len: raw.len() as u64,
+        },
+        body: Bytes::from(body),
+    }
+}
+
+fn le32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+/// Checks a stored object against the manifest's reference and decodes it into `out`
+/// (cleared first; its capacity is reused).
+///
+/// # Errors
+/// A [`ChunkDecodeError`] naming the first check that failed.
+pub fn decode_into(
+    body: &[u8],
+    expected: &ChunkRef,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkDecodeError> {
+    if body.len() as u64 != expected.stored_size {
+        return Err(ChunkDecodeError::Size {
+            expected: expected.stored_size,
+            actual: body.len() as u64,
+        });
+    }
+    let header = decode_header(body)?;
+    if header.hash != expected.hash {
+        return Err(ChunkDecodeError::Mismatch(format!(
+            "header names chunk {}",
+            header.hash
+        )));
+    }
+    if header.raw_len != expected.raw_len || header.raw_crc != expected.crc32c {
+        return Err(ChunkDecodeError::Mismatch(format!(
+            "header says {} bytes with crc32c {:#010x}, manifest says {} bytes with {:#010x}",
+            header.raw_len, header.raw_crc, expected.raw_len, expected.crc32c
+        )));
+    }
+    decode_payload(body, &header, out)
+}
+
+/// Checks a stored object on its own (no manifest), as `verify` does for unreferenced data;
+/// decodes into `out` and returns the chunk reference it describes.
+///
+/// # Errors
+/// A [`ChunkDecodeError`] naming the first check that failed.
+pub fn decode_standalone(body: &[u8], out: &mut Vec<u8>) -> Result<ChunkRef, ChunkDecodeError> {
+    let header = decode_header(body)?;
+    decode_payload(body, &header, out)?;
+    Ok(ChunkRef {
+        hash: header.hash,
+        stored_size: body.len() as u64,
+        crc32c: header.raw_crc,
+        raw_len: header.raw_len,
+    })
+}
+
+struct Header {
+    codec: u8,
+    raw_len: u64,
+    raw_crc: u32,
+    hash: ChunkHash,
+}
+
+fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
+    if body.len() < OVERHEAD {
+        return Err(ChunkDecodeError::Size {
+            expected: OVERHEAD as u64,
+            actual: body.len() as u64,
+        });
+    }
+    if body[0..4] != CHUNK_MAGIC {
+        return Err(ChunkDecodeError::Magic);
+    }
+    if body[4] != CHUNK_FORMAT_VERSION {
+        return Err(ChunkDecodeError::Version(body[4]));
+    }
+    let split = body.len() - TRAILER_LEN;
+    let stored = le32(&body[split..]);
+    let computed = crc32c::crc32c(&body[..split]);
+    if stored != computed {
+        return Err(ChunkDecodeError::ObjectCrc { stored, computed });
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&body[16..48]);
+    Ok(Header {
+        codec: body[5],
+        raw_len: u64::from(le32(&body[8..12])),
+        raw_crc: le32(&body[12..16]),
+        hash: ChunkHash(hash),
+    })
+}
+
+fn decode_payload(body: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), ChunkDecodeError> {
+    let payload = &body[HEADER_LEN..body.len() - TRAILER_LEN];
+    out.clear();
+    match h.codec {
+        CODEC_RAW => out.extend_from_slice(payload),
+        CODEC_ZSTD => {
+            out.reserve(h.raw_len as usize);
+            zstd::bulk::Decompressor::new()
+                .and_then(|mut d| d.decompress_to_buffer(payload, out))
+                .map_err(|e| ChunkDecodeError::Decompress {
+                    raw_len: h.raw_len,
+                    message: e.to_string(),
+                })?;
+        }
+        other => return Err(ChunkDecodeError::Codec(other)),
+    }
+    if out.len() as u64 != h.raw_len {
+        return Err(ChunkDecodeError::Decompress {
+            raw_len: h.raw_len,
+            message: format!("got {} bytes", out.len()),
+        });
+    }
+    let computed = crc32c::crc32c(out);
+    if computed != h.raw_crc {
+        return Err(ChunkDecodeError::RawCrc {
+            expected: h.raw_crc,
+            computed,
+        });
+    }
+    let computed = hash_raw(out);
+    if computed != h.hash {
+        return Err(ChunkDecodeError::Hash {
+            expected: h.hash.to_hex(),
+            computed: computed.to_hex(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_compressible_and_random() {
+        let text = b"hello block world ".repeat(500);
+        let mut noise = vec![0u8; 9000];
+        let mut x = 0x1234_5678u32;
+        for b in &mut noise {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        for (raw, compressed) in [(&text[..], true), (&noise[..], false)] {
+            let e = encode(raw, 3);
+            assert_eq!(e.body[5] == CODEC_ZSTD, compressed);
+            assert!(e.body.len() <= raw.len() + OVERHEAD);
+            let mut out = Vec::new();
+            decode_into(&e.body, &e.chunk, &mut out).unwrap();
+            assert_eq!(out, raw);
+            assert_eq!(decode_standalone(&e.body, &mut out).unwrap(), e.chunk);
+        }
+        let raw_only = encode(&text, 0);
+        assert_eq!(raw_only.body.len(), text.len() + OVERHEAD);
+        assert_eq!(raw_only.chunk.hash, encode(&text, 3).chunk.hash);
+    }
+
+    #[test]
+    fn every_damage_is_detected() {
+        let raw = b"some data that compresses well well well well".repeat(100);
+        let e = encode(&raw, 3);
+        let mut out = Vec::new();
+        for pos in [0, 4, 5, 9, 13, 20, 60, e.body.len() - 1] {
+            let mut bad = e.body.to_vec();
+            bad[pos] ^= 0x40;
+            assert!(
+                decode_into(&bad, &e.chunk, &mut out).is_err(),
+                "flip at {pos}"
+            );
+        }
+        let short = &e.body[..e.body.len() - 1];
+        assert!(matches!(
+            decode_into(short, &e.chunk, &mut out),
+            Err(ChunkDecodeError::Size { .. })
+        ));
+        let mut other = e.chunk;
+        other.hash = ChunkHash([7; 32]);
+        assert!(matches!(
+            decode_into(&e.body, &other, &mut out),
+            Err(ChunkDecodeError::Mismatch(_))
+        ));
+        let mut future = e.body.to_vec();
+        future[4] = 9;
+        assert_eq!(
+            decode_standalone(&future, &mut out),
+            Err(ChunkDecodeError::Version(9))
+        );
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let h = hash_raw(b"x");
+        let key = chunk_key(&h);
+        assert!(key.starts_with("chunks/"));
+        assert_eq!(parse_chunk_key(&key), Some(h));
+        assert_eq!(parse_chunk_key("chunks/zz/abc"), None);
+        assert_eq!(parse_chunk_key(&key.replace("chunks/", "chunks/00")), None);
+    }
+}

@@ -1,0 +1,429 @@
+//! The backup pipeline: source -> chunks -> repository -> manifest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cbt_core::manifest::{BackupStats, ChunkMap, SnapshotMeta, SourceInfo};
+use cbt_core::plan::{BackupPlan, ChunkRead};
+use cbt_core::{ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName};
+use futures::{StreamExt, TryStreamExt};
+
+use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
+use crate::chunk::{self, EncodedChunk};
+use crate::repo::{RepoError, Repository, Result, random_id};
+
+/// Full or incremental.
+#[derive(Debug, Clone)]
+pub enum BackupMode {
+    /// Read every chunk that may hold data. `allocated` are the allocated ranges (CSI
+    /// `GetMetadataAllocated`); when `None`, the source's own data map (SEEK_DATA) is used, or
+    /// the whole volume. All-zero chunks are detected and never stored.
+    Full {
+        /// Allocated byte ranges, if known.
+        allocated: Option<RangeSet>,
+    },
+    /// Read only the chunks touched by `changed` (CSI `GetMetadataDelta` against the parent's
+    /// snapshot); every other chunk keeps the parent's state.
+    Incremental {
+        /// The snapshot this one is based on.
+        parent: Box<Manifest>,
+        /// Byte ranges changed since the parent.
+        changed: RangeSet,
+    },
+}
+
+/// What to back up and how to name it.
+#[derive(Debug, Clone)]
+pub struct BackupRequest {
+    /// Volume name (manifest prefix).
+    pub volume: VolumeName,
+    /// New snapshot name (must not exist yet).
+    pub snapshot: SnapshotName,
+    /// Full or incremental.
+    pub mode: BackupMode,
+    /// Creation time recorded in the manifest (injected).
+    pub created: Timestamp,
+    /// Kubernetes/CSI provenance recorded in the manifest.
+    pub source_info: SourceInfo,
+    /// Labels recorded in the manifest.
+    pub labels: BTreeMap<String, String>,
+    /// Chunk size of a full backup (default: the repository's). Incrementals use the parent's.
+    pub chunk_size: Option<u64>,
+    /// Volume size (default: the source size). May not exceed the source size.
+    pub volume_size: Option<u64>,
+}
+
+/// The committed snapshot and the figures of the run.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    /// The manifest as committed.
+    pub manifest: Manifest,
+    /// Figures of the run (also stored in the manifest).
+    pub stats: BackupStats,
+    /// Read throughput in MB/s (bytes read / wall time).
+    pub read_mb_per_s: f64,
+}
+
+/// Result of the CPU stage for one chunk.
+enum Encoded {
+    Zero(ChunkRead),
+    Data(ChunkRead, EncodedChunk),
+}
+
+/// Result of the upload stage for one chunk.
+struct Done {
+    index: u64,
+    state: ChunkState,
+    raw_len: u64,
+    uploaded_bytes: u64,
+    deduplicated: bool,
+}
+
+/// Backs up `source` into `repo` as a new snapshot.
+///
+/// # Guarantees
+/// The snapshot becomes visible only when its manifest is written, last, with `IfAbsent`,
+/// after every chunk it references is stored. If the run fails or is killed at any point no
+/// snapshot is visible; re-running the same request re-reads the source but uploads only the
+/// chunks that had not landed. A shared repository lock is held throughout, so GC cannot
+/// remove chunks the run relies on.
+///
+/// # Errors
+/// [`RepoError::SnapshotExists`]; [`RepoError::Locked`] while prune/GC runs;
+/// [`RepoError::InvalidRequest`] (parent of another volume, deleted parent, volume larger than
+/// the source); [`RepoError::Core`] for ranges past the end; [`RepoError::SourceIo`]; store
+/// errors with the chunk key.
+pub async fn backup(
+    repo: &Repository,
+    source: Arc<dyn BlockSource>,
+    req: BackupRequest,
+    opts: &EngineOptions,
+) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let opts = opts.normalized();
+    let source_size = source.size();
+    let volume_size = req.volume_size.unwrap_or(source_size);
+    if volume_size > source_size {
+        return Err(RepoError::InvalidRequest {
+            reason: format!(
+                "volume size {volume_size} exceeds the size of {} ({source_size} bytes)",
+                source.describe()
+            ),
+        });
+    }
+    let plan = match &req.mode {
+        BackupMode::Full { allocated } => {
+            let chunk_size = req.chunk_size.unwrap_or(repo.config().chunk_size);
+            let detected;
+            let allocated = match allocated {
+                Some(a) => Some(a),
+                None => {
+                    detected = source
+                        .data_ranges()
+                        .map_err(|e| RepoError::SourceIo {
+                            path: source.describe(),
+                            offset: 0,
+                            len: 0,
+                            source: e,
+                        })?
+                        .map(|r| r.clip(volume_size));
+                    detected.as_ref()
+                }
+            };
+            BackupPlan::full(volume_size, chunk_size, allocated)?
+        }
+        BackupMode::Incremental { parent, changed } => {
+            if parent.volume != req.volume {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!(
+                        "parent {}/{} belongs to another volume than {}",
+                        parent.volume, parent.snapshot, req.volume
+                    ),
+                });
+            }
+            BackupPlan::incremental(parent, changed, volume_size)?
+        }
+    };
+    if repo.snapshot_exists(&req.volume, &req.snapshot).await? {
+        return Err(RepoError::SnapshotExists {
+            volume: req.volume.to_string(),
+            snapshot: req.snapshot.to_string(),
+        });
+    }
+    let purpose = format!("backup {}/{}", req.volume, req.snapshot);
+    let lock = repo.lock_shared(&purpose, req.created).await?;
+    let result = run_locked(repo, source, req, &opts, plan, started).await;
+    match result {
+        Ok(outcome) => {
+            lock.release().await?;
+            Ok(outcome)
+        }
+        Err(e) => {
+            // The original error matters more than a failure to release.
+            let _ = lock.release().await;
+            Err(e)
+        }
+    }
+}
+
+async fn run_locked(
+    repo: &Repository,
+    source: Arc<dyn BlockSource>,
+    req: BackupRequest,
+    opts: &EngineOptions,
+    plan: BackupPlan,
+    started: Instant,
+) -> Result<BackupOutcome> {
+    let parent = match &req.mode {
+        BackupMode::Incremental { parent, .. } => {
+            // Under the lock, the parent (and so every chunk it references) cannot be GC'd any
+            // more; make sure it was not deleted before we got here.
+            if !repo
+                .snapshot_exists(&parent.volume, &parent.snapshot)
+                .await?
+            {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!(
+                        "parent snapshot {}/{} was deleted; back up in full",
+                        parent.volume, parent.snapshot
+                    ),
+                });
+            }
+            Some(parent.as_ref())
+        }
+        BackupMode::Full { .. } => None,
+    };
+    let geometry = *plan.geometry();
+    let done = run_pipeline(repo, source, &plan, parent, opts).await?;
+
+    let mut stats = BackupStats::default();
+    let mut changes = Vec::with_capacity(done.len());
+    for d in done {
+        stats.bytes_read += d.raw_len;
+        stats.chunks_read += 1;
+        match d.state {
+            ChunkState::Zero => {
+                stats.bytes_zero += d.raw_len;
+                stats.chunks_zero += 1;
+            }
+            ChunkState::Stored(_) => {
+                if d.deduplicated {
+                    stats.bytes_deduplicated += d.raw_len;
+                    stats.chunks_deduplicated += 1;
+                } else {
+                    stats.objects_written += 1;
+                    stats.bytes_uploaded += d.uploaded_bytes;
+                }
+            }
+        }
+        let before = parent.map_or(ChunkState::Zero, |p| p.chunks.get(d.index));
+        if !same_content(&before, &d.state) {
+            stats.bytes_changed += d.raw_len;
+        }
+        changes.push((d.index, d.state));
+    }
+    stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+
+    let meta = SnapshotMeta {
+        volume: req.volume.clone(),
+        snapshot: req.snapshot.clone(),
+        snapshot_id: random_id("snapshot"),
+        created: req.created,
+        source: req.source_info.clone(),
+        labels: req.labels.clone(),
+        stats,
+    };
+    let manifest = match parent {
+        Some(p) => Manifest::derive_child(p, meta, geometry.volume_size(), changes)?,
+        None => {
+            let mut map = ChunkMap::new(geometry);
+            for (i, s) in changes {
+                map.set(i, s)?;
+            }
+            Manifest::new(meta, map, None)?
+        }
+    };
+    repo.commit_manifest(&manifest).await?;
+    Ok(BackupOutcome {
+        read_mb_per_s: mb_per_s(stats.bytes_read, stats.wall_ms),
+        stats: manifest.stats,
+        manifest,
+    })
+}
+
+fn same_content(a: &ChunkState, b: &ChunkState) -> bool {
+    match (a, b) {
+        (ChunkState::Zero, ChunkState::Zero) => true,
+        (ChunkState::Stored(x), ChunkState::Stored(y)) => x.hash == y.hash,
+        _ => false,
+    }
+}
+
+/// Buffers of one chunk size, reused between the reader and the CPU stage.
+#[derive(Clone, Default)]
+struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl BufferPool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self
+            .0
+            .lock()
+            .map(|mut p| p.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut p) = self.0.lock() {
+            p.push(buf);
+        }
+    }
+}
+
+async fn run_pipeline(
+    repo: &Repository,
+    source: Arc<dyn BlockSource>,
+    plan: &BackupPlan,
+    parent: Option<&Manifest>,
+    opts: &EngineOptions,
+) -> Result<Vec<Done>> {
+    let pool = BufferPool::default();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
+
+    // Reader: one blocking thread issuing sequential preads, `readahead` chunks ahead.
+    let reader_plan = plan.clone();
+    let reader_pool = pool.clone();
+    let reader = tokio::task::spawn_blocking(move || {
+        for r in reader_plan.reads() {
+            let mut buf = reader_pool.take(r.len as usize);
+            let item = source
+                .read_exact_at(&mut buf, r.offset)
+                .map(|()| (r, buf))
+                .map_err(|e| RepoError::SourceIo {
+                    path: source.describe(),
+                    offset: r.offset,
+                    len: r.len,
+                    source: e,
+                });
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return; // the pipeline stopped (error downstream) or we reported ours
+            }
+        }
+    });
+
+    // Chunks already known to be stored: the parent's (kept alive by our lock) and ours.
+    let known: Arc<Mutex<HashMap<ChunkHash, u64>>> = Arc::new(Mutex::new(
+        parent
+            .map(|p| p.chunks.unique_chunks().into_iter().collect())
+            .unwrap_or_default(),
+    ));
+    let total = Progress {
+        chunks_total: plan.chunk_count(),
+        bytes_total: plan.read_bytes(),
+        ..Progress::default()
+    };
+    let progress = Arc::new(Mutex::new(total));
+    let level = opts.compression_level;
+
+    let raw_stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let cpu_pool = pool.clone();
+    let results: Vec<Done> = raw_stream
+        .map(move |item| {
+            let pool = cpu_pool.clone();
+            async move {
+                let (r, buf) = item?;
+                tokio::task::spawn_blocking(move || {
+                    let out = if is_zero(&buf) {
+                        Encoded::Zero(r)
+                    } else {
+                        Encoded::Data(r, chunk::encode(&buf, level))
+                    };
+                    pool.give(buf);
+                    out
+                })
+                .await
+                .map_err(|e| RepoError::Internal {
+                    message: format!("chunk encoder task failed: {e}"),
+                })
+            }
+        })
+        .buffered(opts.workers)
+        .map(|encoded| {
+            let known = known.clone();
+            let progress = progress.clone();
+            async move {
+                let done = match encoded? {
+                    Encoded::Zero(r) => Done {
+                        index: r.index,
+                        state: ChunkState::Zero,
+                        raw_len: r.len,
+                        uploaded_bytes: 0,
+                        deduplicated: false,
+                    },
+                    Encoded::Data(r, e) => upload(repo, &known, r, e).await?,
+                };
+                let snapshot = {
+                    let mut p = progress.lock().map_err(|_| RepoError::Internal {
+                        message: "progress lock poisoned".into(),
+                    })?;
+                    p.chunks_done += 1;
+                    p.bytes_done += done.raw_len;
+                    p.bytes_transferred += done.uploaded_bytes;
+                    *p
+                };
+                opts.report(&snapshot);
+                Ok::<_, RepoError>(done)
+            }
+        })
+        .buffer_unordered(opts.transfers)
+        .try_collect()
+        .await?;
+    reader.await.map_err(|e| RepoError::Internal {
+        message: format!("reader task failed: {e}"),
+    })?;
+    Ok(results)
+}
+
+async fn upload(
+    repo: &Repository,
+    known: &Mutex<HashMap<ChunkHash, u64>>,
+    r: ChunkRead,
+    e: EncodedChunk,
+) -> Result<Done> {
+    let poisoned = || RepoError::Internal {
+        message: "dedup table lock poisoned".into(),
+    };
+    let hash = e.chunk.hash;
+    let known_size = known.lock().map_err(|_| poisoned())?.get(&hash).copied();
+    if let Some(stored_size) = known_size {
+        let mut chunk = e.chunk;
+        chunk.stored_size = stored_size;
+        return Ok(Done {
+            index: r.index,
+            state: ChunkState::Stored(chunk),
+            raw_len: r.len,
+            uploaded_bytes: 0,
+            deduplicated: true,
+        });
+    }
+    let body_len = e.body.len() as u64;
+    let put = repo.put_chunk(e).await?;
+    known
+        .lock()
+        .map_err(|_| poisoned())?
+        .insert(hash, put.chunk.stored_size);
+    Ok(Done {
+        index: r.index,
+        state: ChunkState::Stored(put.chunk),
+        raw_len: r.len,
+        uploaded_bytes: if put.uploaded { body_len } else { 0 },
+        deduplicated: !put.uploaded,
+    })
+}

@@ -1,0 +1,130 @@
+//! The backup/restore engine: moves bytes between block sources/targets and a repository.
+//!
+//! Owns the pipelines and their memory bounds; decisions come from `cbt_core::plan`.
+//!
+//! * backup: plan -> read (one reader thread, `readahead` chunks ahead) -> zero check, BLAKE3,
+//!   crc32c and zstd on `workers` blocking tasks -> `transfers` uploads in flight -> manifest.
+//! * restore: manifest -> `transfers` downloads in flight -> verify + decompress + `pwrite` on
+//!   blocking tasks -> fsync.
+//!
+//! # Memory bound
+//! Backup holds at most `(1 + readahead + 2 * workers + transfers) * (chunk_size + 52)` bytes
+//! of chunk data (raw buffers are pooled and reused; an encoded body lives until its upload
+//! finishes). Restore holds at most `2 * transfers * (chunk_size + 52)`. Neither depends on
+//! the volume size; only the chunk map does (see `cbt_core::manifest`, about 18 MiB per fully
+//! allocated TiB at 4 MiB chunks). With the defaults (4 MiB chunks, readahead 4, 2 workers,
+//! 8 transfers) a backup uses at most 68 MiB of buffers.
+
+mod backup;
+mod restore;
+mod source;
+
+use std::sync::Arc;
+
+pub use backup::{BackupMode, BackupOutcome, BackupRequest, backup};
+pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
+pub use source::{BlockSource, FileSource};
+
+use crate::chunk::OVERHEAD;
+
+/// Progress of a running backup or restore, passed to the progress callback.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Chunks finished.
+    pub chunks_done: u64,
+    /// Chunks planned.
+    pub chunks_total: u64,
+    /// Raw bytes finished.
+    pub bytes_done: u64,
+    /// Raw bytes planned.
+    pub bytes_total: u64,
+    /// Stored bytes transferred so far (uploaded or downloaded).
+    pub bytes_transferred: u64,
+}
+
+/// Callback receiving [`Progress`] after each chunk (called from async tasks: keep it cheap).
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
+
+/// Tuning of the pipelines (see the module docs for the memory bound).
+#[derive(Clone)]
+pub struct EngineOptions {
+    /// Chunks read ahead of the hashing stage (backup).
+    pub readahead: usize,
+    /// Blocking tasks hashing/compressing (backup) at once.
+    pub workers: usize,
+    /// Uploads (backup) or downloads (restore) in flight.
+    pub transfers: usize,
+    /// zstd level for chunk data (0 stores raw).
+    pub compression_level: i32,
+    /// Called after each chunk.
+    pub progress: Option<ProgressFn>,
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("readahead", &self.readahead)
+            .field("workers", &self.workers)
+            .field("transfers", &self.transfers)
+            .field("compression_level", &self.compression_level)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        EngineOptions {
+            readahead: 4,
+            workers: cpus.clamp(1, 8),
+            transfers: 8,
+            compression_level: 3,
+            progress: None,
+        }
+    }
+}
+
+impl EngineOptions {
+    fn normalized(&self) -> EngineOptions {
+        EngineOptions {
+            readahead: self.readahead.max(1),
+            workers: self.workers.max(1),
+            transfers: self.transfers.max(1),
+            compression_level: self.compression_level,
+            progress: self.progress.clone(),
+        }
+    }
+
+    /// Upper bound of chunk-buffer memory of a backup with these options.
+    pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
+        let o = self.normalized();
+        (1 + o.readahead + 2 * o.workers + o.transfers) as u64 * (chunk_size + OVERHEAD as u64)
+    }
+
+    /// Upper bound of chunk-buffer memory of a restore with these options.
+    pub fn restore_memory_bound(&self, chunk_size: u64) -> u64 {
+        2 * self.normalized().transfers as u64 * (chunk_size + OVERHEAD as u64)
+    }
+
+    fn report(&self, p: &Progress) {
+        if let Some(cb) = &self.progress {
+            cb(p);
+        }
+    }
+}
+
+/// Megabytes (10^6 bytes) per second of `bytes` over `ms` milliseconds.
+pub(crate) fn mb_per_s(bytes: u64, ms: u64) -> f64 {
+    if ms == 0 {
+        0.0
+    } else {
+        bytes as f64 / 1e6 / (ms as f64 / 1e3)
+    }
+}
+
+/// Whether a buffer is all zeros (16 bytes at a time).
+pub(crate) fn is_zero(buf: &[u8]) -> bool {
+    let (chunks, rest) = buf.as_chunks::<16>();
+    chunks.iter().all(|c| u128::from_ne_bytes(*c) == 0) && rest.iter().all(|b| *b == 0)
+}

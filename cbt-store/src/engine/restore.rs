@@ -1,0 +1,329 @@
+//! The restore pipeline: manifest -> downloads -> verify/decompress -> pwrite.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cbt_core::plan::{RestorePlan, TargetState};
+use cbt_core::{Manifest, RangeSet, SnapshotName, VolumeName};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use super::{EngineOptions, Progress, mb_per_s};
+use crate::repo::{ChunkContext, RepoError, Repository, Result, decode_chunk};
+
+/// How the target is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetKind {
+    /// A file created by the restore: sized to the volume, sparse, zero chunks skipped.
+    NewFile,
+    /// An existing regular file, truncated and re-sized: sparse, zero chunks skipped.
+    ReplacedFile,
+    /// A block device (or a file with `in_place`): its size is kept, it must hold the volume,
+    /// and zero chunks are zeroed (hole punch, else written zeros) so the result is exact.
+    InPlace,
+}
+
+/// Options of a restore.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RestoreOptions {
+    /// Allow writing to an existing file or device.
+    pub overwrite: bool,
+    /// Treat an existing regular file like a device: keep its size, zero what must be zero.
+    pub in_place: bool,
+    /// Compute and return the plan without touching the target.
+    pub dry_run: bool,
+}
+
+/// What a restore did (or, for a dry run, would do).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RestoreReport {
+    /// Volume restored.
+    pub volume: VolumeName,
+    /// Snapshot restored.
+    pub snapshot: SnapshotName,
+    /// Target path.
+    pub target: PathBuf,
+    /// How the target was treated.
+    pub kind: TargetKind,
+    /// True if nothing was written.
+    pub dry_run: bool,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+    /// Chunks fetched.
+    pub chunks: u64,
+    /// Stored bytes downloaded.
+    pub bytes_downloaded: u64,
+    /// Data bytes written.
+    pub bytes_written: u64,
+    /// Bytes zeroed on the target (in-place targets only).
+    pub bytes_zeroed: u64,
+    /// Wall time in milliseconds.
+    pub wall_ms: u64,
+    /// Write throughput in MB/s (bytes written / wall time).
+    pub write_mb_per_s: f64,
+}
+
+/// Restores `volume/snapshot` to the file or block device at `target`.
+///
+/// # Errors
+/// See [`restore_manifest`]; also [`RepoError::SnapshotNotFound`] and manifest errors.
+pub async fn restore(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    target: &Path,
+    opts: &RestoreOptions,
+    engine: &EngineOptions,
+) -> Result<RestoreReport> {
+    let manifest = repo.load_manifest(volume, snapshot).await?;
+    restore_manifest(repo, &manifest, target, opts, engine).await
+}
+
+/// Restores a loaded manifest to `target`.
+///
+/// Every chunk is checked (object size and crc32c, raw crc32c, BLAKE3) before it is written.
+/// A new file is created sparse at the volume size and only non-zero chunks are written; it
+/// is removed again if the restore fails. An existing file is truncated first (unless
+/// `in_place`); a device keeps its size and gets zeros where the snapshot has zeros. The
+/// target is fsynced at the end.
+///
+/// # Errors
+/// [`RepoError::TargetExists`] without `overwrite`; [`RepoError::TargetTooSmall`] for a
+/// device smaller than the volume; [`RepoError::ChunkMissing`] / [`RepoError::ChunkCorrupt`]
+/// naming the chunk index and key; [`RepoError::TargetIo`]; store errors.
+pub async fn restore_manifest(
+    repo: &Repository,
+    manifest: &Manifest,
+    target: &Path,
+    opts: &RestoreOptions,
+    engine: &EngineOptions,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let engine = engine.normalized();
+    let volume_size = manifest.volume_size();
+    let tio = |offset: Option<u64>| {
+        let path = target.to_path_buf();
+        move |source: io::Error| RepoError::TargetIo {
+            path: path.clone(),
+            offset,
+            source,
+        }
+    };
+    let kind = match fs::metadata(target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => TargetKind::NewFile,
+        Err(e) => return Err(tio(None)(e)),
+        Ok(meta) => {
+            if !opts.overwrite {
+                return Err(RepoError::TargetExists {
+                    path: target.to_path_buf(),
+                });
+            }
+            let ft = meta.file_type();
+            if ft.is_block_device() || ft.is_char_device() || (ft.is_file() && opts.in_place) {
+                TargetKind::InPlace
+            } else if ft.is_file() {
+                TargetKind::ReplacedFile
+            } else {
+                return Err(tio(None)(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "not a regular file or block device",
+                )));
+            }
+        }
+    };
+    if kind == TargetKind::InPlace {
+        let size = OpenOptions::new()
+            .read(true)
+            .open(target)
+            .and_then(|mut f| f.seek(SeekFrom::End(0)))
+            .map_err(tio(None))?;
+        if size < volume_size {
+            return Err(RepoError::TargetTooSmall {
+                path: target.to_path_buf(),
+                target_size: size,
+                volume_size,
+            });
+        }
+    }
+    let state = match kind {
+        TargetKind::InPlace => TargetState::Dirty,
+        _ => TargetState::Zeroed,
+    };
+    let plan = RestorePlan::new(manifest, state);
+    let mut report = RestoreReport {
+        volume: manifest.volume.clone(),
+        snapshot: manifest.snapshot.clone(),
+        target: target.to_path_buf(),
+        kind,
+        dry_run: opts.dry_run,
+        volume_size,
+        chunks: plan.fetches().len() as u64,
+        bytes_downloaded: plan.fetch_bytes(),
+        bytes_written: plan.write_bytes(),
+        bytes_zeroed: plan.zero_bytes(),
+        wall_ms: 0,
+        write_mb_per_s: 0.0,
+    };
+    if opts.dry_run {
+        return Ok(report);
+    }
+
+    let file = match kind {
+        TargetKind::NewFile => OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .and_then(|f| f.set_len(volume_size).map(|()| f)),
+        TargetKind::ReplacedFile => OpenOptions::new().write(true).open(target).and_then(|f| {
+            // Truncating to zero first drops every old block, so the file is exact and sparse.
+            f.set_len(0)?;
+            f.set_len(volume_size)?;
+            Ok(f)
+        }),
+        TargetKind::InPlace => OpenOptions::new().write(true).open(target),
+    }
+    .map_err(tio(None))?;
+    let file = Arc::new(file);
+
+    let result = write_all(repo, manifest, &plan, file.clone(), target, &engine).await;
+    if result.is_err() && kind == TargetKind::NewFile {
+        // Do not leave a half-restored image that looks like a complete one.
+        let _ = fs::remove_file(target);
+    }
+    result?;
+    report.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    report.write_mb_per_s = mb_per_s(report.bytes_written, report.wall_ms);
+    Ok(report)
+}
+
+async fn write_all(
+    repo: &Repository,
+    manifest: &Manifest,
+    plan: &RestorePlan,
+    file: Arc<File>,
+    target: &Path,
+    engine: &EngineOptions,
+) -> Result<()> {
+    let path = target.to_path_buf();
+    if !plan.zero_ranges().is_empty() {
+        let (f, p, zero) = (file.clone(), path.clone(), plan.zero_ranges().clone());
+        let chunk = plan.geometry().chunk_size() as usize;
+        tokio::task::spawn_blocking(move || zero_ranges(&f, &p, &zero, chunk))
+            .await
+            .map_err(|e| RepoError::Internal {
+                message: format!("zeroing task failed: {e}"),
+            })??;
+    }
+    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
+    let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let progress = Arc::new(Mutex::new(Progress {
+        chunks_total: plan.fetches().len() as u64,
+        bytes_total: plan.write_bytes(),
+        ..Progress::default()
+    }));
+    futures::stream::iter(plan.fetches().iter().copied())
+        .map(|f| {
+            let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
+            let progress = progress.clone();
+            async move {
+                let at = ChunkContext {
+                    snapshot: &name,
+                    index: f.index,
+                    offset: f.offset,
+                };
+                let body = repo.fetch_chunk(&f.chunk, at).await?;
+                let downloaded = body.len() as u64;
+                let name2 = name.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut buf = pool
+                        .lock()
+                        .ok()
+                        .and_then(|mut p| p.pop())
+                        .unwrap_or_default();
+                    let at = ChunkContext {
+                        snapshot: &name2,
+                        index: f.index,
+                        offset: f.offset,
+                    };
+                    decode_chunk(&body, &f.chunk, at, &mut buf)?;
+                    file.write_all_at(&buf, f.offset)
+                        .map_err(|source| RepoError::TargetIo {
+                            path,
+                            offset: Some(f.offset),
+                            source,
+                        })?;
+                    if let Ok(mut p) = pool.lock() {
+                        p.push(buf);
+                    }
+                    Ok::<_, RepoError>(())
+                })
+                .await
+                .map_err(|e| RepoError::Internal {
+                    message: format!("restore writer task failed: {e}"),
+                })??;
+                let snapshot = {
+                    let mut p = progress.lock().map_err(|_| RepoError::Internal {
+                        message: "progress lock poisoned".into(),
+                    })?;
+                    p.chunks_done += 1;
+                    p.bytes_done += f.chunk.raw_len;
+                    p.bytes_transferred += downloaded;
+                    *p
+                };
+                engine.report(&snapshot);
+                Ok::<_, RepoError>(())
+            }
+        })
+        .buffer_unordered(engine.transfers)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(|e| RepoError::Internal {
+            message: format!("fsync task failed: {e}"),
+        })?
+        .map_err(|source| RepoError::TargetIo {
+            path: p,
+            offset: None,
+            source,
+        })
+}
+
+/// Makes `ranges` read as zeros: punch holes where the file system or device supports it,
+/// otherwise write zeros in pieces of at most `piece` bytes.
+fn zero_ranges(file: &File, path: &Path, ranges: &RangeSet, piece: usize) -> Result<()> {
+    use rustix::fs::{FallocateFlags, fallocate};
+    let mut zeros: Vec<u8> = Vec::new();
+    for r in ranges {
+        let punched = fallocate(
+            file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            r.start(),
+            r.len(),
+        );
+        if punched.is_ok() {
+            continue;
+        }
+        if zeros.is_empty() {
+            zeros = vec![0u8; piece.max(4096)];
+        }
+        let mut off = r.start();
+        while off < r.end() {
+            let n = (r.end() - off).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], off)
+                .map_err(|source| RepoError::TargetIo {
+                    path: path.to_path_buf(),
+                    offset: Some(off),
+                    source,
+                })?;
+            off += n as u64;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,251 @@
+//! The error type of the repository and the engine, and its classification for exit codes.
+
+use std::path::PathBuf;
+
+use cbt_core::CoreError;
+
+use crate::chunk::ChunkDecodeError;
+use crate::store::{ErrorKind as StoreKind, StoreError};
+
+/// What a caller (or the CLI's exit code) should do about a [`RepoError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Bad arguments or configuration (name, range, target, credentials, missing snapshot).
+    Usage,
+    /// Stored or read data is damaged or inconsistent: repair needed.
+    Integrity,
+    /// I/O or a transient store failure: retry (a backup resumes where it stopped).
+    Transient,
+    /// Another process holds the repository lock, or the object already exists.
+    Conflict,
+    /// Written by a newer version: upgrade.
+    Unsupported,
+    /// A bug in this software (a task panicked).
+    Bug,
+}
+
+/// Everything the repository and engine can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// An object-store call failed; `context` says what the repository was doing.
+    #[error("{context}: {source}")]
+    Store {
+        /// What was being done, with names.
+        context: String,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// A pure-core check failed (bad range, name, chunk size, retention policy).
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The store holds no repository.
+    #[error("no repository found (no `config` object); run `cbt repo init` first")]
+    NotInitialized,
+    /// `init` found an existing repository.
+    #[error("a repository already exists here (id {id})")]
+    AlreadyInitialized {
+        /// Id of the existing repository.
+        id: String,
+    },
+    /// The repository config is damaged or of a newer format.
+    #[error("repository config: {reason}")]
+    BadConfig {
+        /// What is wrong.
+        reason: String,
+        /// True if it is a newer format version rather than damage.
+        unsupported: bool,
+    },
+    /// No such snapshot.
+    #[error("snapshot {volume}/{snapshot} not found")]
+    SnapshotNotFound {
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        snapshot: String,
+    },
+    /// A snapshot with this name already exists (snapshots are immutable).
+    #[error("snapshot {volume}/{snapshot} already exists; choose another name")]
+    SnapshotExists {
+        /// Volume.
+        volume: String,
+        /// Snapshot.
+        snapshot: String,
+    },
+    /// A manifest object cannot be read.
+    #[error("manifest `{key}`: {source}")]
+    Manifest {
+        /// Object key.
+        key: String,
+        /// Decode or version error.
+        #[source]
+        source: CoreError,
+    },
+    /// A manifest object's framing is damaged.
+    #[error("manifest `{key}` is damaged: {reason}")]
+    ManifestFraming {
+        /// Object key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A stored chunk referenced by a snapshot is missing.
+    #[error("snapshot {snapshot}: chunk {index} (offset {offset}) object `{key}` is missing")]
+    ChunkMissing {
+        /// `volume/snapshot`.
+        snapshot: String,
+        /// Chunk index.
+        index: u64,
+        /// Byte offset of the chunk in the volume.
+        offset: u64,
+        /// Object key.
+        key: String,
+    },
+    /// A stored chunk failed an integrity check.
+    #[error(
+        "snapshot {snapshot}: chunk {index} (offset {offset}) object `{key}` is corrupt: {reason}"
+    )]
+    ChunkCorrupt {
+        /// `volume/snapshot`.
+        snapshot: String,
+        /// Chunk index.
+        index: u64,
+        /// Byte offset of the chunk in the volume.
+        offset: u64,
+        /// Object key.
+        key: String,
+        /// What failed.
+        reason: ChunkDecodeError,
+    },
+    /// Another process holds a conflicting lock.
+    #[error(
+        "repository is locked: {holders:?}; if that process is gone, remove the lock with `break_lock` (cbt repo unlock)"
+    )]
+    Locked {
+        /// Descriptions of the conflicting locks.
+        holders: Vec<String>,
+    },
+    /// Reading the backup source failed.
+    #[error("reading {path} at offset {offset} ({len} bytes): {source}")]
+    SourceIo {
+        /// Source path.
+        path: String,
+        /// Offset of the failed read.
+        offset: u64,
+        /// Length of the failed read.
+        len: u64,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening, sizing or writing the restore target failed.
+    #[error("restore target {path}{}: {source}", offset.map(|o| format!(" at offset {o}")).unwrap_or_default())]
+    TargetIo {
+        /// Target path.
+        path: PathBuf,
+        /// Offset of the failed write, if any.
+        offset: Option<u64>,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The restore target cannot hold the volume.
+    #[error("restore target {path} holds {target_size} bytes but the snapshot needs {volume_size}")]
+    TargetTooSmall {
+        /// Target path.
+        path: PathBuf,
+        /// Its size.
+        target_size: u64,
+        /// Snapshot volume size.
+        volume_size: u64,
+    },
+    /// The restore target exists and overwriting was not allowed.
+    #[error("restore target {path} already exists; pass overwrite to replace its contents")]
+    TargetExists {
+        /// Target path.
+        path: PathBuf,
+    },
+    /// The backup request is inconsistent (wrong parent volume, chunk size of a parent...).
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// What is wrong.
+        reason: String,
+    },
+    /// An object written by a newer format this build cannot read.
+    #[error("object `{key}`: {reason}")]
+    UnsupportedObject {
+        /// Object key.
+        key: String,
+        /// What is unknown.
+        reason: String,
+    },
+    /// A bug: a worker task panicked, or encoding in memory failed.
+    #[error("internal error: {message}")]
+    Internal {
+        /// What failed.
+        message: String,
+    },
+}
+
+impl RepoError {
+    /// Wraps a store error with what the repository was doing.
+    pub fn store(context: impl Into<String>, source: StoreError) -> Self {
+        RepoError::Store {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Classifies the error for exit codes and retry decisions.
+    pub fn class(&self) -> ErrorClass {
+        use cbt_core::ErrorKind as CK;
+        match self {
+            RepoError::Store { source, .. } => match source.kind() {
+                StoreKind::Transient | StoreKind::Other => ErrorClass::Transient,
+                StoreKind::Integrity => ErrorClass::Integrity,
+                StoreKind::Config | StoreKind::InvalidInput | StoreKind::NotFound => {
+                    ErrorClass::Usage
+                }
+            },
+            RepoError::Core(e) | RepoError::Manifest { source: e, .. } => match e.kind() {
+                CK::Usage => ErrorClass::Usage,
+                CK::Integrity => ErrorClass::Integrity,
+                CK::Unsupported => ErrorClass::Unsupported,
+            },
+            RepoError::BadConfig { unsupported, .. } => {
+                if *unsupported {
+                    ErrorClass::Unsupported
+                } else {
+                    ErrorClass::Integrity
+                }
+            }
+            RepoError::ChunkCorrupt {
+                reason: ChunkDecodeError::Version(_),
+                ..
+            } => ErrorClass::Unsupported,
+            RepoError::ManifestFraming { .. }
+            | RepoError::ChunkMissing { .. }
+            | RepoError::ChunkCorrupt { .. } => ErrorClass::Integrity,
+            RepoError::Locked { .. }
+            | RepoError::SnapshotExists { .. }
+            | RepoError::AlreadyInitialized { .. } => ErrorClass::Conflict,
+            RepoError::SourceIo { .. } | RepoError::TargetIo { .. } => ErrorClass::Transient,
+            RepoError::NotInitialized
+            | RepoError::SnapshotNotFound { .. }
+            | RepoError::TargetTooSmall { .. }
+            | RepoError::TargetExists { .. }
+            | RepoError::InvalidRequest { .. } => ErrorClass::Usage,
+            RepoError::UnsupportedObject { .. } => ErrorClass::Unsupported,
+            RepoError::Internal { .. } => ErrorClass::Bug,
+        }
+    }
+
+    /// True when retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.class() == ErrorClass::Transient
+    }
+}
+
+/// Result alias for repository and engine operations.
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;

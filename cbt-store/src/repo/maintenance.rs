@@ -1,0 +1,436 @@
+//! Repository maintenance: verify, garbage collection, prune and status.
+//!
+//! Owns executing the pure decisions of `cbt_core::gc` against the store. Every deletion here
+//! happens under the exclusive lock, after *all* manifests were read successfully: a manifest
+//! that cannot be read aborts GC, because its references would be unknown.
+
+use std::collections::{BTreeMap, HashMap};
+
+use cbt_core::gc::{RetentionDecision, RetentionPolicy, plan_gc, referenced_chunks};
+use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
+use futures::{StreamExt, TryStreamExt};
+use serde::Serialize;
+
+use super::{
+    ChunkContext, RepoError, Repository, Result, SnapshotSummary, decode_chunk, manifest_key,
+    stored_chunks,
+};
+use crate::chunk;
+
+/// Chunk deletions in flight during GC.
+const DELETE_CONCURRENCY: usize = 16;
+
+/// What `verify` checks.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// Only this volume (all when `None`).
+    pub volume: Option<VolumeName>,
+    /// Only this snapshot of `volume`.
+    pub snapshot: Option<SnapshotName>,
+    /// Download every referenced chunk and check its crc32c and content hash, not only its
+    /// presence and size.
+    pub read_data: bool,
+    /// Downloads in flight with `read_data` (0 = 8).
+    pub concurrency: usize,
+}
+
+/// What is wrong with one reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// The manifest itself cannot be read.
+    ManifestUnreadable {
+        /// Why.
+        message: String,
+    },
+    /// The chunk object does not exist.
+    Missing,
+    /// The chunk object has another size than the manifest records.
+    SizeMismatch {
+        /// Size in the manifest.
+        expected: u64,
+        /// Size in the store.
+        actual: u64,
+    },
+    /// The chunk's data failed a check.
+    Corrupt {
+        /// Which check.
+        message: String,
+    },
+}
+
+/// One problem found by `verify`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyProblem {
+    /// `volume/snapshot` (for a chunk shared by several snapshots: the first one checked).
+    pub snapshot: String,
+    /// Chunk index, when the problem is a chunk.
+    pub index: Option<u64>,
+    /// Object key.
+    pub key: String,
+    /// What is wrong.
+    pub problem: ProblemKind,
+}
+
+/// Result of `verify`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Manifests checked.
+    pub snapshots: u64,
+    /// Chunk references checked.
+    pub chunk_refs: u64,
+    /// Distinct chunks downloaded and checked (with `read_data`).
+    pub chunks_read: u64,
+    /// Stored bytes downloaded.
+    pub bytes_read: u64,
+    /// Everything found wrong.
+    pub problems: Vec<VerifyProblem>,
+}
+
+impl VerifyReport {
+    /// True when nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Result of garbage collection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    /// True if nothing was deleted because it was a dry run.
+    pub dry_run: bool,
+    /// Chunks deleted (or that would be).
+    pub deleted_chunks: u64,
+    /// Bytes reclaimed (or that would be).
+    pub reclaimed_bytes: u64,
+    /// Chunks kept.
+    pub kept_chunks: u64,
+    /// Referenced chunks not found in the store (run `verify`).
+    pub missing_chunks: Vec<ChunkHash>,
+}
+
+/// What `prune` does.
+#[derive(Debug, Clone)]
+pub struct PruneOptions {
+    /// Retention policy applied to each volume.
+    pub policy: RetentionPolicy,
+    /// The current time (injected).
+    pub now: Timestamp,
+    /// Only this volume (all when `None`).
+    pub volume: Option<VolumeName>,
+    /// Report without deleting anything.
+    pub dry_run: bool,
+}
+
+/// Result of `prune`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PruneReport {
+    /// Per volume: what the policy keeps and removes.
+    pub decisions: Vec<(VolumeName, RetentionDecision)>,
+    /// Snapshots deleted (or that would be), as `volume/snapshot`.
+    pub removed: Vec<String>,
+    /// The garbage collection that followed.
+    pub gc: GcReport,
+}
+
+/// Per-snapshot figures of `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotStatus {
+    /// The snapshot.
+    pub summary: SnapshotSummary,
+    /// Stored bytes referenced by no other snapshot (what deleting it would reclaim).
+    pub exclusive_stored_bytes: u64,
+}
+
+/// Repository totals.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RepoStatus {
+    /// Every snapshot.
+    pub snapshots: Vec<SnapshotStatus>,
+    /// Chunk objects in the store.
+    pub stored_chunks: u64,
+    /// Bytes of chunk objects in the store.
+    pub stored_bytes: u64,
+    /// Sum over snapshots of their allocated (non-zero) bytes.
+    pub logical_bytes: u64,
+    /// Chunk objects no snapshot references (reclaimed by the next GC).
+    pub unreferenced_chunks: u64,
+    /// Bytes of those.
+    pub unreferenced_bytes: u64,
+    /// `logical_bytes / referenced stored bytes`: how much dedup + compression save.
+    pub dedup_ratio: f64,
+}
+
+impl Repository {
+    /// Checks snapshots: every referenced chunk exists with the recorded size, and with
+    /// `read_data` its bytes match crc32c and content hash. Problems are collected, not
+    /// returned as errors.
+    ///
+    /// # Errors
+    /// Only failures to list or talk to the store, or a missing requested snapshot.
+    pub async fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut manifests = Vec::new();
+        if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
+            manifests.push(self.load_manifest(v, s).await?);
+        } else {
+            for (v, s) in self.manifest_keys(opts.volume.as_ref()).await? {
+                match self.load_manifest(&v, &s).await {
+                    Ok(m) => manifests.push(m),
+                    Err(e) if e.is_transient() => return Err(e),
+                    Err(e) => report.problems.push(VerifyProblem {
+                        snapshot: format!("{v}/{s}"),
+                        index: None,
+                        key: manifest_key(&v, &s),
+                        problem: ProblemKind::ManifestUnreadable {
+                            message: e.to_string(),
+                        },
+                    }),
+                }
+            }
+        }
+        let stored = stored_chunks(self.store().as_ref()).await?;
+        // First reference of each distinct chunk that is present with the right size.
+        let mut to_read: BTreeMap<ChunkHash, (String, u64, u64, ChunkRef)> = BTreeMap::new();
+        for m in &manifests {
+            report.snapshots += 1;
+            let name = format!("{}/{}", m.volume, m.snapshot);
+            let g = *m.chunks.geometry();
+            for (index, r) in m.chunks.iter_stored() {
+                report.chunk_refs += 1;
+                let key = chunk::chunk_key(&r.hash);
+                let problem = match stored.get(&r.hash) {
+                    None => Some(ProblemKind::Missing),
+                    Some(&actual) if actual != r.stored_size => Some(ProblemKind::SizeMismatch {
+                        expected: r.stored_size,
+                        actual,
+                    }),
+                    Some(_) => None,
+                };
+                match problem {
+                    Some(problem) => report.problems.push(VerifyProblem {
+                        snapshot: name.clone(),
+                        index: Some(index),
+                        key,
+                        problem,
+                    }),
+                    None => {
+                        to_read
+                            .entry(r.hash)
+                            .or_insert_with(|| (name.clone(), index, g.chunk_offset(index), *r));
+                    }
+                }
+            }
+        }
+        if opts.read_data {
+            let concurrency = if opts.concurrency == 0 {
+                8
+            } else {
+                opts.concurrency
+            };
+            let results: Vec<(u64, Option<VerifyProblem>)> = futures::stream::iter(to_read)
+                .map(|(_, (snapshot, index, offset, r))| async move {
+                    let at = ChunkContext {
+                        snapshot: &snapshot,
+                        index,
+                        offset,
+                    };
+                    let outcome = match self.fetch_chunk(&r, at).await {
+                        Ok(body) => {
+                            let len = body.len() as u64;
+                            let (snap, rr) = (snapshot.clone(), r);
+                            tokio::task::spawn_blocking(move || {
+                                let mut out = Vec::new();
+                                let at = ChunkContext {
+                                    snapshot: &snap,
+                                    index,
+                                    offset,
+                                };
+                                decode_chunk(&body, &rr, at, &mut out).map(|()| len)
+                            })
+                            .await
+                            .map_err(|e| RepoError::Internal {
+                                message: e.to_string(),
+                            })?
+                        }
+                        Err(e) => Err(e),
+                    };
+                    match outcome {
+                        Ok(len) => Ok((len, None)),
+                        Err(e) if e.is_transient() => Err(e),
+                        Err(e) => Ok((
+                            0,
+                            Some(VerifyProblem {
+                                snapshot,
+                                index: Some(index),
+                                key: chunk::chunk_key(&r.hash),
+                                problem: match e {
+                                    RepoError::ChunkMissing { .. } => ProblemKind::Missing,
+                                    other => ProblemKind::Corrupt {
+                                        message: other.to_string(),
+                                    },
+                                },
+                            }),
+                        )),
+                    }
+                })
+                .buffer_unordered(concurrency)
+                .try_collect()
+                .await?;
+            for (len, problem) in results {
+                report.chunks_read += 1;
+                report.bytes_read += len;
+                report.problems.extend(problem);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Deletes chunk objects no manifest references, under the exclusive lock.
+    ///
+    /// # Errors
+    /// [`RepoError::Locked`] while a backup runs or a crashed one left its lock; any
+    /// unreadable manifest (GC never guesses references); store errors.
+    pub async fn gc(&self, now: Timestamp, dry_run: bool) -> Result<GcReport> {
+        let lock = self.lock_exclusive("gc", now).await?;
+        let result = async {
+            let manifests = self.load_manifests(None).await?;
+            self.collect_garbage(&manifests, dry_run).await
+        }
+        .await;
+        lock.release().await?;
+        result
+    }
+
+    async fn collect_garbage(&self, manifests: &[Manifest], dry_run: bool) -> Result<GcReport> {
+        let referenced = referenced_chunks(manifests);
+        let stored = stored_chunks(self.store().as_ref()).await?;
+        let plan = plan_gc(&referenced, stored);
+        if !dry_run {
+            let store = self.store();
+            futures::stream::iter(plan.delete.iter())
+                .map(|h| async move {
+                    let key = chunk::chunk_key(h);
+                    store
+                        .delete(&key)
+                        .await
+                        .map_err(|e| RepoError::store(format!("deleting chunk {key}"), e))
+                })
+                .buffer_unordered(DELETE_CONCURRENCY)
+                .try_collect::<Vec<()>>()
+                .await?;
+        }
+        Ok(GcReport {
+            dry_run,
+            deleted_chunks: plan.delete.len() as u64,
+            reclaimed_bytes: plan.reclaim_bytes,
+            kept_chunks: plan.kept,
+            missing_chunks: plan.missing,
+        })
+    }
+
+    /// Applies a retention policy to each volume, deletes the snapshots it removes, then
+    /// garbage-collects, all under one exclusive lock.
+    ///
+    /// # Errors
+    /// [`RepoError::Locked`]; [`cbt_core::CoreError::EmptyRetentionPolicy`]; any unreadable
+    /// manifest; store errors.
+    pub async fn prune(&self, opts: &PruneOptions) -> Result<PruneReport> {
+        // Reject an empty policy before taking any lock.
+        opts.policy.evaluate(&[], opts.now)?;
+        let lock = self.lock_exclusive("prune", opts.now).await?;
+        let result = self.prune_locked(opts).await;
+        lock.release().await?;
+        result
+    }
+
+    async fn prune_locked(&self, opts: &PruneOptions) -> Result<PruneReport> {
+        let manifests = self.load_manifests(None).await?;
+        let mut by_volume: BTreeMap<&VolumeName, Vec<(SnapshotName, Timestamp)>> = BTreeMap::new();
+        for m in &manifests {
+            if opts.volume.as_ref().is_none_or(|v| v == &m.volume) {
+                by_volume
+                    .entry(&m.volume)
+                    .or_default()
+                    .push((m.snapshot.clone(), m.created));
+            }
+        }
+        let mut report = PruneReport::default();
+        let mut removed: Vec<(VolumeName, SnapshotName)> = Vec::new();
+        for (volume, snaps) in by_volume {
+            let decision = opts.policy.evaluate(&snaps, opts.now)?;
+            removed.extend(decision.remove.iter().map(|s| (volume.clone(), s.clone())));
+            report.decisions.push((volume.clone(), decision));
+        }
+        if !opts.dry_run {
+            for (v, s) in &removed {
+                let key = manifest_key(v, s);
+                self.store()
+                    .delete(&key)
+                    .await
+                    .map_err(|e| RepoError::store(format!("deleting manifest {key}"), e))?;
+            }
+        }
+        let remaining: Vec<Manifest> = manifests
+            .into_iter()
+            .filter(|m| {
+                !removed
+                    .iter()
+                    .any(|(v, s)| v == &m.volume && s == &m.snapshot)
+            })
+            .collect();
+        report.removed = removed.iter().map(|(v, s)| format!("{v}/{s}")).collect();
+        report.gc = self.collect_garbage(&remaining, opts.dry_run).await?;
+        Ok(report)
+    }
+
+    /// Totals: per-snapshot sizes, stored bytes, unreferenced data and the dedup ratio.
+    ///
+    /// # Errors
+    /// Any unreadable manifest; store errors.
+    pub async fn status(&self) -> Result<RepoStatus> {
+        let manifests = self.load_manifests(None).await?;
+        let stored = stored_chunks(self.store().as_ref()).await?;
+        let mut refcount: HashMap<ChunkHash, u32> = HashMap::new();
+        for m in &manifests {
+            for h in m.chunks.unique_chunks().keys() {
+                *refcount.entry(*h).or_default() += 1;
+            }
+        }
+        let mut status = RepoStatus {
+            stored_chunks: stored.len() as u64,
+            stored_bytes: stored.values().sum(),
+            ..Default::default()
+        };
+        for (h, size) in &stored {
+            if !refcount.contains_key(h) {
+                status.unreferenced_chunks += 1;
+                status.unreferenced_bytes += size;
+            }
+        }
+        for m in &manifests {
+            let exclusive = m
+                .chunks
+                .unique_chunks()
+                .iter()
+                .filter(|(h, _)| refcount.get(*h) == Some(&1))
+                .map(|(_, s)| *s)
+                .sum();
+            status.logical_bytes += m.chunks.allocated_bytes();
+            status.snapshots.push(SnapshotStatus {
+                summary: SnapshotSummary::of(m),
+                exclusive_stored_bytes: exclusive,
+            });
+        }
+        let referenced = status.stored_bytes - status.unreferenced_bytes;
+        status.dedup_ratio = if referenced == 0 {
+            0.0
+        } else {
+            status.logical_bytes as f64 / referenced as f64
+        };
+        status.snapshots.sort_by(|a, b| {
+            (&a.summary.volume, a.summary.created).cmp(&(&b.summary.volume, b.summary.created))
+        });
+        Ok(status)
+    }
+}

@@ -1,0 +1,651 @@
+//! The backup repository: its layout on an object store, snapshots, chunks and locks.
+//!
+//! Owns every key the repository writes and the rules that keep the repository consistent.
+//! It must not read block devices or files (that is [`crate::engine`]).
+//!
+//! # Layout
+//! ```text
+//! config                           repository config (JSON): format version, id, chunk size
+//! chunks/<hh>/<blake3 hex>         chunk objects (format in crate::chunk), content addressed
+//! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON manifest)
+//! locks/exclusive                  held by prune / gc
+//! locks/shared/<lock id>           one per running backup
+//! ```
+//! Object keys are built only from validated [`VolumeName`]/[`SnapshotName`]s and hex hashes,
+//! so no user input can address anything outside these prefixes.
+//!
+//! # Guarantees
+//! * A snapshot is visible only once its manifest exists; the manifest is written last, with
+//!   `IfAbsent`, after every chunk it references has landed. Snapshots are never overwritten.
+//! * Chunks are immutable and written with `IfAbsent`: a chunk already stored is never
+//!   uploaded again, so an interrupted backup resumes by re-reading but not re-uploading.
+//! * Locking (see [`lock`]): backups hold a shared lock, prune/GC an exclusive one. GC refuses
+//!   to run while any shared lock exists, so it can never delete a chunk that a running backup
+//!   has uploaded (or deduplicated against) but not yet referenced from a manifest.
+
+mod error;
+pub mod lock;
+mod maintenance;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cbt_core::manifest::{BackupStats, ParentRef, SourceInfo};
+use cbt_core::ranges::{DEFAULT_CHUNK_SIZE, validate_chunk_size};
+use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
+use futures::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+pub use error::{ErrorClass, RepoError, Result};
+pub use lock::{LockInfo, LockKind, RepoLock};
+pub use maintenance::{
+    GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus, SnapshotStatus, VerifyOptions,
+    VerifyProblem, VerifyReport,
+};
+
+use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
+use crate::store::{ObjectStore, PutMode, PutOutcome, StoreError, list_all};
+
+/// Repository format version this build writes and reads.
+pub const REPO_FORMAT_VERSION: u32 = 1;
+const CONFIG_KEY: &str = "config";
+const REPO_FORMAT_NAME: &str = "cbt-repository";
+const MANIFEST_MAGIC: [u8; 4] = *b"CBMF";
+const MANIFEST_ENCODING_ZSTD_JSON: u8 = 1;
+/// Manifests read concurrently by listings.
+const LIST_CONCURRENCY: usize = 8;
+
+/// The repository's `config` object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepoConfig {
+    /// Always `cbt-repository`.
+    pub format: String,
+    /// Repository format version.
+    pub version: u32,
+    /// Random id of the repository.
+    pub id: String,
+    /// Chunk size of new (non-incremental) backups.
+    pub chunk_size: u64,
+    /// When the repository was created.
+    pub created_unix_ms: Timestamp,
+}
+
+/// Options of [`Repository::init`].
+#[derive(Debug, Clone, Copy)]
+pub struct InitOptions {
+    /// Default chunk size (power of two, 4 KiB..=64 MiB); 4 MiB when `None`.
+    pub chunk_size: Option<u64>,
+    /// Creation time (injected).
+    pub now: Timestamp,
+}
+
+/// A manifest without its chunk map: what listings show.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SnapshotSummary {
+    /// Volume.
+    pub volume: VolumeName,
+    /// Snapshot name.
+    pub snapshot: SnapshotName,
+    /// Unique id.
+    pub snapshot_id: String,
+    /// Creation time.
+    pub created: Timestamp,
+    /// Volume size in bytes.
+    pub volume_size: u64,
+    /// Chunk size in bytes.
+    pub chunk_size: u64,
+    /// Raw bytes of non-zero chunks.
+    pub allocated_bytes: u64,
+    /// Number of non-zero chunks.
+    pub stored_chunks: u64,
+    /// Stored bytes of the distinct chunks it references.
+    pub referenced_stored_bytes: u64,
+    /// Parent (lineage), if incremental.
+    pub parent: Option<ParentRef>,
+    /// Kubernetes/CSI provenance.
+    pub source: SourceInfo,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Figures of the backup run.
+    pub stats: BackupStats,
+}
+
+impl SnapshotSummary {
+    /// Summarizes a manifest.
+    pub fn of(m: &Manifest) -> Self {
+        SnapshotSummary {
+            volume: m.volume.clone(),
+            snapshot: m.snapshot.clone(),
+            snapshot_id: m.snapshot_id.clone(),
+            created: m.created,
+            volume_size: m.volume_size(),
+            chunk_size: m.chunk_size(),
+            allocated_bytes: m.chunks.allocated_bytes(),
+            stored_chunks: m.chunks.stored_count(),
+            referenced_stored_bytes: m.chunks.unique_chunks().values().sum(),
+            parent: m.parent.clone(),
+            source: m.source.clone(),
+            labels: m.labels.clone(),
+            stats: m.stats,
+        }
+    }
+}
+
+/// What [`Repository::put_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkPut {
+    /// The reference to record in the manifest (stored size of the object actually stored).
+    pub chunk: ChunkRef,
+    /// True if this call uploaded the object; false if it was already stored.
+    pub uploaded: bool,
+}
+
+/// An open repository on an object store. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+    config: RepoConfig,
+}
+
+/// Key of a snapshot's manifest.
+pub fn manifest_key(volume: &VolumeName, snapshot: &SnapshotName) -> String {
+    format!("snapshots/{volume}/{snapshot}")
+}
+
+fn parse_manifest_key(key: &str) -> Option<(VolumeName, SnapshotName)> {
+    let rest = key.strip_prefix("snapshots/")?;
+    let (v, s) = rest.split_once('/')?;
+    Some((VolumeName::new(v).ok()?, SnapshotName::new(s).ok()?))
+}
+
+/// A short random hex id (repository, snapshot and lock ids). Mixes the process's random
+/// hasher seed with time and a counter; uniqueness, not secrecy, is what matters.
+pub(crate) fn random_id(tag: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write(tag.as_bytes());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let hash = blake3::hash(&h.finish().to_le_bytes());
+    hash.to_hex()[..20].to_string()
+}
+
+impl Repository {
+    /// Creates a repository on an empty store.
+    ///
+    /// # Errors
+    /// [`RepoError::AlreadyInitialized`] if a config exists; store errors.
+    ///
+    /// # Guarantees
+    /// The config is written with `IfAbsent`: of two concurrent inits exactly one wins.
+    pub async fn init(store: Arc<dyn ObjectStore>, opts: InitOptions) -> Result<Self> {
+        let chunk_size = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+        validate_chunk_size(chunk_size)?;
+        let config = RepoConfig {
+            format: REPO_FORMAT_NAME.into(),
+            version: REPO_FORMAT_VERSION,
+            id: random_id("repo"),
+            chunk_size,
+            created_unix_ms: opts.now,
+        };
+        let body = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig {
+            reason: e.to_string(),
+            unsupported: false,
+        })?;
+        match store
+            .put(CONFIG_KEY, Bytes::from(body), PutMode::IfAbsent)
+            .await
+            .map_err(|e| RepoError::store("writing repository config", e))?
+        {
+            PutOutcome::Created => Ok(Repository { store, config }),
+            PutOutcome::AlreadyExists => {
+                let existing = Repository::open(store).await?;
+                Err(RepoError::AlreadyInitialized {
+                    id: existing.config.id,
+                })
+            }
+        }
+    }
+
+    /// Opens an existing repository, checking its format version.
+    ///
+    /// # Errors
+    /// [`RepoError::NotInitialized`], [`RepoError::BadConfig`], store errors.
+    pub async fn open(store: Arc<dyn ObjectStore>) -> Result<Self> {
+        let body = match store.get(CONFIG_KEY).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => return Err(RepoError::NotInitialized),
+            Err(e) => return Err(RepoError::store("reading repository config", e)),
+        };
+        #[derive(Deserialize)]
+        struct Probe {
+            format: String,
+            version: u64,
+        }
+        let bad = |reason: String, unsupported| RepoError::BadConfig {
+            reason,
+            unsupported,
+        };
+        let probe: Probe = serde_json::from_slice(&body).map_err(|e| bad(e.to_string(), false))?;
+        if probe.format != REPO_FORMAT_NAME {
+            return Err(bad(format!("unknown format {:?}", probe.format), false));
+        }
+        if probe.version != u64::from(REPO_FORMAT_VERSION) {
+            return Err(bad(
+                format!(
+                    "repository format version {} is not supported (this build reads {REPO_FORMAT_VERSION}); upgrade cbt",
+                    probe.version
+                ),
+                true,
+            ));
+        }
+        let config: RepoConfig =
+            serde_json::from_slice(&body).map_err(|e| bad(e.to_string(), false))?;
+        validate_chunk_size(config.chunk_size).map_err(|e| bad(e.to_string(), false))?;
+        Ok(Repository { store, config })
+    }
+
+    /// The repository config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// The underlying object store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    // ---- manifests -------------------------------------------------------------------------
+
+    /// Whether a snapshot exists.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn snapshot_exists(
+        &self,
+        volume: &VolumeName,
+        snapshot: &SnapshotName,
+    ) -> Result<bool> {
+        let key = manifest_key(volume, snapshot);
+        self.store
+            .head(&key)
+            .await
+            .map(|m| m.is_some())
+            .map_err(|e| RepoError::store(format!("checking snapshot {volume}/{snapshot}"), e))
+    }
+
+    /// Reads and decodes a snapshot's manifest.
+    ///
+    /// # Errors
+    /// [`RepoError::SnapshotNotFound`]; [`RepoError::Manifest`] for an unreadable or
+    /// future-version manifest; [`RepoError::ManifestFraming`]; store errors.
+    pub async fn load_manifest(
+        &self,
+        volume: &VolumeName,
+        snapshot: &SnapshotName,
+    ) -> Result<Manifest> {
+        let key = manifest_key(volume, snapshot);
+        let body = match self.store.get(&key).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(RepoError::SnapshotNotFound {
+                    volume: volume.to_string(),
+                    snapshot: snapshot.to_string(),
+                });
+            }
+            Err(e) => return Err(RepoError::store(format!("reading manifest {key}"), e)),
+        };
+        let m = decode_manifest(&key, &body)?;
+        if &m.volume != volume || &m.snapshot != snapshot {
+            return Err(RepoError::ManifestFraming {
+                key,
+                reason: format!("it describes {}/{}", m.volume, m.snapshot),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Commits a manifest, making the snapshot visible.
+    ///
+    /// # Errors
+    /// [`RepoError::SnapshotExists`] if the name is taken; store errors.
+    ///
+    /// # Guarantees
+    /// Written with `IfAbsent`: an existing snapshot is never replaced. Call it only after
+    /// every chunk the manifest references is stored.
+    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let key = manifest_key(&manifest.volume, &manifest.snapshot);
+        let body = encode_manifest(manifest)?;
+        match self
+            .store
+            .put(&key, body, PutMode::IfAbsent)
+            .await
+            .map_err(|e| RepoError::store(format!("writing manifest {key}"), e))?
+        {
+            PutOutcome::Created => Ok(()),
+            PutOutcome::AlreadyExists => Err(RepoError::SnapshotExists {
+                volume: manifest.volume.to_string(),
+                snapshot: manifest.snapshot.to_string(),
+            }),
+        }
+    }
+
+    /// Volumes that have at least one snapshot.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn list_volumes(&self) -> Result<Vec<VolumeName>> {
+        let mut v: Vec<VolumeName> = self
+            .manifest_keys(None)
+            .await?
+            .into_iter()
+            .map(|(vol, _)| vol)
+            .collect();
+        v.dedup();
+        Ok(v)
+    }
+
+    /// `(volume, snapshot)` of every manifest key, optionally for one volume, in key order.
+    async fn manifest_keys(
+        &self,
+        volume: Option<&VolumeName>,
+    ) -> Result<Vec<(VolumeName, SnapshotName)>> {
+        let prefix = match volume {
+            Some(v) => format!("snapshots/{v}/"),
+            None => "snapshots/".to_string(),
+        };
+        let objects = list_all(self.store.as_ref(), &prefix)
+            .await
+            .map_err(|e| RepoError::store(format!("listing {prefix}"), e))?;
+        // Keys that are not valid names were not written by us; they are ignored, not trusted.
+        Ok(objects
+            .iter()
+            .filter_map(|o| parse_manifest_key(&o.key))
+            .collect())
+    }
+
+    /// Loads every manifest (optionally of one volume).
+    ///
+    /// # Errors
+    /// The first unreadable manifest, with its key; store errors.
+    pub async fn load_manifests(&self, volume: Option<&VolumeName>) -> Result<Vec<Manifest>> {
+        let keys = self.manifest_keys(volume).await?;
+        futures::stream::iter(keys)
+            .map(|(v, s)| async move { self.load_manifest(&v, &s).await })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// Summaries of snapshots (optionally of one volume), oldest first within each volume.
+    ///
+    /// # Errors
+    /// The first unreadable manifest, with its key; store errors.
+    pub async fn list_snapshots(
+        &self,
+        volume: Option<&VolumeName>,
+    ) -> Result<Vec<SnapshotSummary>> {
+        let mut v: Vec<SnapshotSummary> = self
+            .load_manifests(volume)
+            .await?
+            .iter()
+            .map(SnapshotSummary::of)
+            .collect();
+        v.sort_by(|a, b| {
+            (&a.volume, a.created, &a.snapshot).cmp(&(&b.volume, b.created, &b.snapshot))
+        });
+        Ok(v)
+    }
+
+    /// The newest snapshot of a volume (the natural parent of the next incremental).
+    ///
+    /// # Errors
+    /// The first unreadable manifest; store errors.
+    pub async fn latest_snapshot(&self, volume: &VolumeName) -> Result<Option<Manifest>> {
+        let all = self.load_manifests(Some(volume)).await?;
+        Ok(all
+            .into_iter()
+            .max_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot))))
+    }
+
+    /// Deletes one snapshot's manifest. Its chunks stay until garbage collection; other
+    /// snapshots never depend on it (each manifest maps its whole volume).
+    ///
+    /// # Errors
+    /// [`RepoError::SnapshotNotFound`]; store errors.
+    pub async fn delete_snapshot(
+        &self,
+        volume: &VolumeName,
+        snapshot: &SnapshotName,
+    ) -> Result<()> {
+        if !self.snapshot_exists(volume, snapshot).await? {
+            return Err(RepoError::SnapshotNotFound {
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        }
+        let key = manifest_key(volume, snapshot);
+        self.store
+            .delete(&key)
+            .await
+            .map_err(|e| RepoError::store(format!("deleting manifest {key}"), e))
+    }
+
+    // ---- chunks ----------------------------------------------------------------------------
+
+    /// Stores an encoded chunk unless an intact copy is already stored.
+    ///
+    /// A `head` comes first so existing chunks cost no upload; a missing chunk is written with
+    /// `IfAbsent`. An existing object whose size differs from this encoding is fetched and
+    /// checked; if it is damaged it is replaced by this (verified-by-construction) copy.
+    ///
+    /// # Errors
+    /// Store errors, with the chunk key.
+    pub async fn put_chunk(&self, encoded: EncodedChunk) -> Result<ChunkPut> {
+        let key = chunk::chunk_key(&encoded.chunk.hash);
+        let ctx = |what: &str| format!("{what} chunk {key}");
+        if let Some(meta) = self
+            .store
+            .head(&key)
+            .await
+            .map_err(|e| RepoError::store(ctx("checking"), e))?
+        {
+            if let Some(existing) = self.existing_chunk(&key, meta.size, &encoded).await? {
+                return Ok(ChunkPut {
+                    chunk: existing,
+                    uploaded: false,
+                });
+            }
+            self.store
+                .put(&key, encoded.body, PutMode::Overwrite)
+                .await
+                .map_err(|e| RepoError::store(ctx("repairing"), e))?;
+            return Ok(ChunkPut {
+                chunk: encoded.chunk,
+                uploaded: true,
+            });
+        }
+        match self
+            .store
+            .put(&key, encoded.body.clone(), PutMode::IfAbsent)
+            .await
+            .map_err(|e| RepoError::store(ctx("uploading"), e))?
+        {
+            PutOutcome::Created => Ok(ChunkPut {
+                chunk: encoded.chunk,
+                uploaded: true,
+            }),
+            PutOutcome::AlreadyExists => {
+                // Lost a race with another writer of the same content; use what it stored.
+                let size = self
+                    .store
+                    .head(&key)
+                    .await
+                    .map_err(|e| RepoError::store(ctx("checking"), e))?
+                    .map_or(encoded.chunk.stored_size, |m| m.size);
+                let chunk = self
+                    .existing_chunk(&key, size, &encoded)
+                    .await?
+                    .unwrap_or(encoded.chunk);
+                Ok(ChunkPut {
+                    chunk,
+                    uploaded: false,
+                })
+            }
+        }
+    }
+
+    /// The reference of an already stored chunk, or `None` if the stored copy is damaged.
+    async fn existing_chunk(
+        &self,
+        key: &str,
+        size: u64,
+        encoded: &EncodedChunk,
+    ) -> Result<Option<ChunkRef>> {
+        if size == encoded.chunk.stored_size {
+            // Same content hash and same framed size: the same chunk (integrity of the stored
+            // bytes is `verify`'s job; paying a download per chunk here would defeat dedup).
+            return Ok(Some(encoded.chunk));
+        }
+        let body = match self.store.get(key).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == crate::store::ErrorKind::Integrity => return Ok(None),
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(RepoError::store(format!("reading chunk {key}"), e)),
+        };
+        let mut out = Vec::new();
+        match chunk::decode_standalone(&body, &mut out) {
+            Ok(r) if r.hash == encoded.chunk.hash => Ok(Some(r)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Downloads and fully verifies one chunk into `out`; `index`/`offset`/`snapshot` only
+    /// give errors their context.
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`], store errors.
+    pub async fn read_chunk(
+        &self,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let body = self.fetch_chunk(expected, at).await?;
+        decode_chunk(&body, expected, at, out)
+    }
+
+    /// Downloads one chunk object without decoding it (decode with [`decode_chunk`]).
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the store's own checksum
+    /// fails, store errors.
+    pub async fn fetch_chunk(&self, expected: &ChunkRef, at: ChunkContext<'_>) -> Result<Bytes> {
+        let key = chunk::chunk_key(&expected.hash);
+        match self.store.get(&key).await {
+            Ok(b) => Ok(b),
+            Err(StoreError::NotFound { .. }) => Err(RepoError::ChunkMissing {
+                snapshot: at.snapshot.to_string(),
+                index: at.index,
+                offset: at.offset,
+                key,
+            }),
+            Err(e) if e.kind() == crate::store::ErrorKind::Integrity => {
+                Err(RepoError::ChunkCorrupt {
+                    snapshot: at.snapshot.to_string(),
+                    index: at.index,
+                    offset: at.offset,
+                    key,
+                    reason: ChunkDecodeError::Mismatch(e.to_string()),
+                })
+            }
+            Err(e) => Err(RepoError::store(format!("reading chunk {key}"), e)),
+        }
+    }
+}
+
+/// Where a chunk sits, for error messages.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkContext<'a> {
+    /// `volume/snapshot`.
+    pub snapshot: &'a str,
+    /// Chunk index.
+    pub index: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+}
+
+/// Verifies and decodes a downloaded chunk object (CPU work: run it off the async threads).
+///
+/// # Errors
+/// [`RepoError::ChunkCorrupt`] naming the failed check.
+pub fn decode_chunk(
+    body: &[u8],
+    expected: &ChunkRef,
+    at: ChunkContext<'_>,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    chunk::decode_into(body, expected, out).map_err(|reason| RepoError::ChunkCorrupt {
+        snapshot: at.snapshot.to_string(),
+        index: at.index,
+        offset: at.offset,
+        key: chunk::chunk_key(&expected.hash),
+        reason,
+    })
+}
+
+fn encode_manifest(m: &Manifest) -> Result<Bytes> {
+    let json = m.to_json();
+    let z = zstd::bulk::compress(&json, 3).map_err(|e| RepoError::Internal {
+        message: format!("compressing manifest: {e}"),
+    })?;
+    let mut body = Vec::with_capacity(z.len() + 5);
+    body.extend_from_slice(&MANIFEST_MAGIC);
+    body.push(MANIFEST_ENCODING_ZSTD_JSON);
+    body.extend_from_slice(&z);
+    Ok(Bytes::from(body))
+}
+
+fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
+    let framing = |reason: String| RepoError::ManifestFraming {
+        key: key.to_string(),
+        reason,
+    };
+    if body.len() < 5 || body[..4] != MANIFEST_MAGIC {
+        return Err(framing("not a manifest object (bad magic)".into()));
+    }
+    if body[4] != MANIFEST_ENCODING_ZSTD_JSON {
+        return Err(RepoError::UnsupportedObject {
+            key: key.to_string(),
+            reason: format!(
+                "manifest encoding {} is unknown (written by a newer cbt?); upgrade cbt",
+                body[4]
+            ),
+        });
+    }
+    let json = zstd::stream::decode_all(&body[5..])
+        .map_err(|e| framing(format!("cannot decompress: {e}")))?;
+    Manifest::from_json(&json).map_err(|source| RepoError::Manifest {
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// Chunk hashes stored in the repository with their sizes (one full listing of `chunks/`).
+pub(crate) async fn stored_chunks(store: &dyn ObjectStore) -> Result<BTreeMap<ChunkHash, u64>> {
+    let objects = list_all(store, "chunks/")
+        .await
+        .map_err(|e| RepoError::store("listing chunks/", e))?;
+    Ok(objects
+        .iter()
+        .filter_map(|o| Some((chunk::parse_chunk_key(&o.key)?, o.size)))
+        .collect())
+}

@@ -1,0 +1,356 @@
+//! Backup -> change -> incremental -> restore, byte for byte, on a local-store repository.
+#![allow(clippy::unwrap_used)]
+
+mod engine_support;
+
+use std::sync::{Arc, Mutex};
+
+use cbt_core::gc::RetentionPolicy;
+use cbt_core::{ChunkState, Timestamp};
+use cbt_store::engine::{
+    self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
+};
+use cbt_store::repo::{ErrorClass, PruneOptions, RepoError, VerifyOptions};
+use engine_support::*;
+
+const SIZE: usize = 8 * 1024 * 1024 + 12_345; // 129 chunks, the last one short
+
+#[tokio::test]
+async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
+    let fx = Fixture::new().await;
+    let mut img = image(SIZE, 1);
+    let v1 = img.clone();
+    let src = fx.write("disk.img", &img);
+
+    let seen = Arc::new(Mutex::new(Vec::<Progress>::new()));
+    let mut o = opts();
+    let seen2 = seen.clone();
+    o.progress = Some(Arc::new(move |p: &Progress| seen2.lock().unwrap().push(*p)));
+    let source = Arc::new(FileSource::open(&src).unwrap());
+    let first = engine::backup(&fx.repo, source, request("db", "s1", full(), 10), &o)
+        .await
+        .unwrap();
+    let st = first.stats;
+    assert_eq!(
+        st.bytes_read, SIZE as u64,
+        "image is not sparse: every byte is read"
+    );
+    assert!(st.chunks_zero > 0 && st.objects_written > 0);
+    assert_eq!(
+        st.chunks_read,
+        st.chunks_zero + st.objects_written + st.chunks_deduplicated
+    );
+    assert!(
+        st.bytes_uploaded < st.bytes_read - st.bytes_zero,
+        "text compresses"
+    );
+    let last = *seen.lock().unwrap().last().unwrap();
+    assert_eq!(last.chunks_done, last.chunks_total);
+    assert_eq!(last.bytes_done, SIZE as u64);
+
+    // Change about 1% of the volume in 8 places.
+    let changed = mutate(&mut img, 8, SIZE / 800, 5);
+    std::fs::write(&src, &img).unwrap();
+    let parent = Box::new(first.manifest.clone());
+    let mode = BackupMode::Incremental {
+        parent,
+        changed: changed.clone(),
+    };
+    let second = backup_file(&fx.repo, &src, request("db", "s2", mode, 20))
+        .await
+        .unwrap();
+    let st2 = second.stats;
+    assert!(
+        st2.chunks_read <= 16,
+        "only changed chunks are read: {st2:?}"
+    );
+    assert!(st2.objects_written <= st2.chunks_read);
+    assert!(st2.bytes_changed > 0 && st2.bytes_changed <= st2.bytes_read);
+    assert_eq!(
+        second.manifest.parent.as_ref().unwrap().snapshot.as_str(),
+        "s1"
+    );
+    // Unchanged chunks keep the parent's references.
+    let untouched = (0..first.manifest.chunks.geometry().chunk_count())
+        .find(|i| {
+            !changed
+                .chunks(first.manifest.chunks.geometry())
+                .contains(*i)
+        })
+        .unwrap();
+    assert_eq!(
+        first.manifest.chunks.get(untouched),
+        second.manifest.chunks.get(untouched)
+    );
+
+    for (name, expected) in [("s1", &v1), ("s2", &img)] {
+        let out = fx.path(&format!("restore-{name}.img"));
+        let r = engine::restore(
+            &fx.repo,
+            &vol("db"),
+            &snap(name),
+            &out,
+            &RestoreOptions::default(),
+            &opts(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.kind, TargetKind::NewFile);
+        assert!(std::fs::read(&out).unwrap() == *expected, "{name} differs");
+    }
+
+    // Keep only the newest: s1 goes, its exclusive chunks are collected, s2 still restores.
+    let before = fx.repo.status().await.unwrap();
+    let report = fx
+        .repo
+        .prune(&PruneOptions {
+            policy: RetentionPolicy {
+                keep_last: Some(1),
+                keep_within: None,
+            },
+            now: Timestamp::from_unix_secs(100),
+            volume: None,
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.removed, vec!["db/s1".to_string()]);
+    assert!(report.gc.deleted_chunks > 0);
+    let after = fx.repo.status().await.unwrap();
+    assert_eq!(after.snapshots.len(), 1);
+    assert_eq!(after.unreferenced_chunks, 0);
+    assert_eq!(
+        after.stored_chunks,
+        before.stored_chunks - report.gc.deleted_chunks
+    );
+    let out = fx.path("after-prune.img");
+    engine::restore(
+        &fx.repo,
+        &vol("db"),
+        &snap("s2"),
+        &out,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&out).unwrap() == img);
+    let verify = fx
+        .repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(verify.is_ok(), "{:?}", verify.problems);
+    assert_eq!(
+        verify.chunks_read,
+        second.manifest.chunks.unique_chunks().len() as u64
+    );
+}
+
+#[tokio::test]
+async fn sparse_source_reads_only_data_and_same_image_dedups() {
+    let fx = Fixture::new().await;
+    let path = fx.path("sparse.img");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(64 * CS).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&noise(3, 100_000), 10 * CS).unwrap();
+    f.sync_all().unwrap();
+    let one = backup_file(&fx.repo, &path, request("v", "a", full(), 1))
+        .await
+        .unwrap();
+    assert!(one.manifest.chunks.stored_count() >= 2);
+    assert_eq!(one.manifest.chunks.get(0), ChunkState::Zero);
+    // SEEK_DATA is honoured where the file system supports it (tmpfs, ext4, xfs, btrfs).
+    if FileSource::open(&path).unwrap().data_ranges_supported() {
+        assert!(
+            one.stats.bytes_read < 8 * CS,
+            "holes were read: {:?}",
+            one.stats
+        );
+    }
+    let two = backup_file(&fx.repo, &path, request("v", "b", full(), 2))
+        .await
+        .unwrap();
+    assert_eq!(two.stats.objects_written, 0);
+    assert_eq!(two.stats.bytes_uploaded, 0);
+    assert_eq!(two.stats.chunks_deduplicated, one.stats.objects_written);
+    assert_eq!(two.manifest.chunks, one.manifest.chunks);
+
+    // Same name twice is refused and the first snapshot is untouched.
+    let err = backup_file(&fx.repo, &path, request("v", "b", full(), 3))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::SnapshotExists { .. }));
+    assert_eq!(err.class(), ErrorClass::Conflict);
+}
+
+#[tokio::test]
+async fn restore_targets_existing_files_in_place_and_dry_run() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 9);
+    let src = fx.write("disk.img", &img);
+    backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let (v, s) = (vol("v"), snap("s"));
+
+    // Dry run: the plan, nothing written.
+    let target = fx.path("new.img");
+    let dry = RestoreOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let plan = engine::restore(&fx.repo, &v, &s, &target, &dry, &opts())
+        .await
+        .unwrap();
+    assert!(plan.dry_run && plan.chunks > 0 && plan.bytes_written > 0);
+    assert!(!target.exists());
+
+    // Existing target without overwrite: refused, untouched.
+    let garbage = vec![0xA5u8; SIZE + 1000];
+    let existing = fx.write("existing.img", &garbage);
+    let err = engine::restore(
+        &fx.repo,
+        &v,
+        &s,
+        &existing,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RepoError::TargetExists { .. }));
+    assert!(std::fs::read(&existing).unwrap() == garbage);
+
+    // Overwrite a file: replaced, exact size and content.
+    let over = RestoreOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    let r = engine::restore(&fx.repo, &v, &s, &existing, &over, &opts())
+        .await
+        .unwrap();
+    assert_eq!(r.kind, TargetKind::ReplacedFile);
+    assert!(std::fs::read(&existing).unwrap() == img);
+
+    // In place (device-like): size kept, zero chunks really zeroed, data exact.
+    let dev = fx.write("device.img", &garbage);
+    let in_place = RestoreOptions {
+        overwrite: true,
+        in_place: true,
+        dry_run: false,
+    };
+    let r = engine::restore(&fx.repo, &v, &s, &dev, &in_place, &opts())
+        .await
+        .unwrap();
+    assert_eq!(r.kind, TargetKind::InPlace);
+    assert!(r.bytes_zeroed > 0);
+    let got = std::fs::read(&dev).unwrap();
+    assert_eq!(got.len(), garbage.len());
+    assert!(got[..SIZE] == img[..], "in-place restore is not exact");
+    assert!(
+        got[SIZE..].iter().all(|b| *b == 0xA5),
+        "bytes past the volume are left alone"
+    );
+
+    // A device smaller than the volume is refused before anything is written.
+    let small = fx.write("small.img", &vec![1u8; SIZE - 1]);
+    let err = engine::restore(&fx.repo, &v, &s, &small, &in_place, &opts())
+        .await
+        .unwrap_err();
+    match err {
+        RepoError::TargetTooSmall {
+            target_size,
+            volume_size,
+            ..
+        } => {
+            assert_eq!((target_size, volume_size), (SIZE as u64 - 1, SIZE as u64));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(std::fs::read(&small).unwrap().iter().all(|b| *b == 1));
+}
+
+#[tokio::test]
+async fn bad_requests_are_clear_errors() {
+    let fx = Fixture::new().await;
+    let img = image(4 * CS as usize, 2);
+    let src = fx.write("d.img", &img);
+
+    // Allocated ranges past the end of the volume.
+    let past = cbt_core::RangeSet::try_from_extents([(3 * CS, 2 * CS)]).unwrap();
+    let err = backup_file(
+        &fx.repo,
+        &src,
+        request(
+            "v",
+            "s",
+            BackupMode::Full {
+                allocated: Some(past),
+            },
+            1,
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        RepoError::Core(cbt_core::CoreError::RangePastEnd { .. })
+    ));
+    assert_eq!(err.class(), ErrorClass::Usage);
+
+    // Volume larger than the source.
+    let mut req = request("v", "s", full(), 1);
+    req.volume_size = Some(5 * CS);
+    let err = backup_file(&fx.repo, &src, req).await.unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }));
+
+    // Parent of another volume.
+    let base = backup_file(&fx.repo, &src, request("v", "base", full(), 1))
+        .await
+        .unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(base.manifest.clone()),
+        changed: cbt_core::RangeSet::new(),
+    };
+    let err = backup_file(&fx.repo, &src, request("other", "x", mode, 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }));
+
+    // Deleted parent: refused (its chunks may be gone after GC).
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("base"))
+        .await
+        .unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(base.manifest),
+        changed: cbt_core::RangeSet::new(),
+    };
+    let err = backup_file(&fx.repo, &src, request("v", "y", mode, 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }));
+    assert!(fx.repo.list_snapshots(None).await.unwrap().is_empty());
+    assert!(
+        fx.repo.list_locks().await.unwrap().is_empty(),
+        "failed runs release their lock"
+    );
+
+    // Missing snapshot.
+    let err = engine::restore(
+        &fx.repo,
+        &vol("v"),
+        &snap("nope"),
+        &fx.path("o"),
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RepoError::SnapshotNotFound { .. }));
+}
