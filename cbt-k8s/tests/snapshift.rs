@@ -1,0 +1,631 @@
+//! SnapShift through the library against two fake clusters that share one
+//! storage backend, reached through a kubeconfig with two contexts.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cbt_k8s::snapshift::{
+    MigrateOptions, MigrationRequest, Outcome, PlannedAction, Side, SnapShift,
+};
+use cbt_k8s::{ClusterTarget, Error, ErrorKind, RetryPolicy, connect};
+use fake_kube::{FakeKube, HttpFault, SharedBackend};
+use serde_json::json;
+
+const SNAP: &str = "snapshot.storage.k8s.io/v1";
+
+struct Env {
+    backend: SharedBackend,
+    east: FakeKube,
+    west: FakeKube,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+async fn env() -> Env {
+    let backend = SharedBackend::new();
+    let east = FakeKube::builder()
+        .backend(backend.clone())
+        .start()
+        .await
+        .unwrap();
+    let west = FakeKube::builder()
+        .backend(backend.clone())
+        .start()
+        .await
+        .unwrap();
+    east.seed_standard("apps").unwrap();
+    west.seed_standard("apps").unwrap();
+    west.seed_namespace("dr").unwrap();
+    east.seed_pvc(
+        "apps",
+        "db",
+        "2Gi",
+        "Block",
+        &["ReadWriteOnce"],
+        &[("app", "db")],
+    )
+    .unwrap();
+    east.seed_pvc(
+        "apps",
+        "web",
+        "1Gi",
+        "Filesystem",
+        &["ReadWriteMany"],
+        &[("app", "web")],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        fake_kube::kubeconfig_yaml(&[(&east, "east"), (&west, "west")], "east"),
+    )
+    .unwrap();
+    Env {
+        backend,
+        east,
+        west,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+fn opts() -> MigrateOptions {
+    MigrateOptions {
+        timeout: Duration::from_secs(10),
+        retry: RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        },
+        ..Default::default()
+    }
+}
+
+async fn shift(env: &Env, opts: MigrateOptions) -> SnapShift {
+    let target = |ctx: &str| ClusterTarget {
+        kubeconfig: Some(env.kubeconfig.clone()),
+        context: Some(ctx.to_string()),
+    };
+    let origin = connect(&target("east")).await.unwrap();
+    let dest = connect(&target("west")).await.unwrap();
+    SnapShift::new(origin, dest, opts)
+}
+
+fn to_dr(mut r: MigrationRequest) -> MigrationRequest {
+    r.to_namespace = Some("dr".into());
+    r
+}
+
+fn writes(server: &FakeKube) -> Vec<String> {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+#[tokio::test]
+async fn migrates_a_pvc_with_a_restored_pvc_and_is_idempotent() {
+    let env = env().await;
+    let s = shift(&env, opts()).await;
+    let mut req = to_dr(MigrationRequest::for_pvc("apps", "db"));
+    req.create_pvc = true;
+    let report = s.migrate(&req).await;
+    let created = match report.result {
+        Ok(Outcome::Migrated { created }) => created,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(created.len(), 3, "{created:?}");
+    assert_eq!(report.destination.as_deref(), Some("dr/db-snapshift"));
+    let handle = report.handle.unwrap();
+    assert_eq!(env.backend.handles(), vec![handle.clone()]);
+
+    let vsc = env
+        .west
+        .get(
+            SNAP,
+            "VolumeSnapshotContent",
+            "",
+            "snapshift-dr-db-snapshift",
+        )
+        .unwrap();
+    assert_eq!(vsc["spec"]["deletionPolicy"], "Retain");
+    assert_eq!(vsc["spec"]["source"]["snapshotHandle"], handle.as_str());
+    assert_eq!(vsc["spec"]["sourceVolumeMode"], "Block");
+    assert_eq!(vsc["spec"]["volumeSnapshotClassName"], "csi-snapclass");
+    assert_eq!(vsc["spec"]["volumeSnapshotRef"]["namespace"], "dr");
+    assert_eq!(
+        vsc["metadata"]["annotations"]["snapshift.cbt.io/origin-context"],
+        "east"
+    );
+    let vs = env
+        .west
+        .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    assert_eq!(vs["status"]["readyToUse"], true);
+    assert_eq!(vs["metadata"]["labels"]["app"], "db");
+    let pvc = env
+        .west
+        .get("v1", "PersistentVolumeClaim", "dr", "db")
+        .unwrap();
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "2Gi");
+    assert_eq!(pvc["spec"]["volumeMode"], "Block");
+    assert_eq!(pvc["spec"]["dataSource"]["name"], "db-snapshift");
+    let origin_vs = env
+        .east
+        .get(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+        .unwrap();
+    assert_eq!(
+        origin_vs["metadata"]["annotations"]["snapshift.cbt.io/created-by"],
+        "snapshift"
+    );
+
+    // Re-run: nothing new is written to the destination.
+    let before = writes(&env.west).len();
+    let again = s.migrate(&req).await;
+    assert!(
+        matches!(again.result, Ok(Outcome::AlreadyMigrated)),
+        "{:?}",
+        again.result
+    );
+    assert_eq!(writes(&env.west).len(), before);
+    assert_eq!(env.backend.handles().len(), 1, "no second snapshot was cut");
+
+    // verify: healthy, then broken once the origin snapshot is gone.
+    let reports = s.verify("dr", &[]).await.unwrap();
+    assert_eq!(reports.len(), 1);
+    assert!(reports[0].problems.is_empty(), "{:?}", reports[0].problems);
+    assert_eq!(reports[0].origin.as_deref(), Some("apps/db-snapshift"));
+    env.east
+        .delete(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+        .unwrap();
+    let reports = s.verify("dr", &["db-snapshift".to_string()]).await.unwrap();
+    assert!(
+        reports[0]
+            .problems
+            .iter()
+            .any(|p| p.contains("no longer exists")),
+        "{:?}",
+        reports[0].problems
+    );
+    // The origin snapshot was Delete-policy: gone from the backend, so the copy cannot be ready any more.
+    assert!(env.backend.handles().is_empty());
+}
+
+#[tokio::test]
+async fn moves_an_existing_snapshot_and_dry_run_writes_nothing() {
+    let env = env().await;
+    env.east
+        .create(json!({"apiVersion": SNAP, "kind": "VolumeSnapshot",
+            "metadata": {"name": "nightly", "namespace": "apps",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "team": "a"}},
+            "spec": {"source": {"persistentVolumeClaimName": "web"}}}))
+        .unwrap();
+    let mut o = opts();
+    o.dry_run = true;
+    let s = shift(&env, o).await;
+    let west_writes = writes(&env.west).len();
+    let east_writes = writes(&env.east).len();
+    let report = s
+        .migrate(&MigrationRequest::for_snapshot("apps", "nightly"))
+        .await;
+    let objects = match report.result {
+        Ok(Outcome::DryRun(objects)) => objects,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(writes(&env.west).len(), west_writes);
+    assert_eq!(writes(&env.east).len(), east_writes);
+    let kinds: Vec<(Side, PlannedAction, &str)> =
+        objects.iter().map(|o| (o.side, o.action, o.kind)).collect();
+    assert_eq!(
+        kinds,
+        [
+            (Side::Origin, PlannedAction::Exists, "VolumeSnapshot"),
+            (
+                Side::Destination,
+                PlannedAction::Create,
+                "VolumeSnapshotContent"
+            ),
+            (Side::Destination, PlannedAction::Create, "VolumeSnapshot"),
+        ]
+    );
+    let handle = env.backend.handles()[0].clone();
+    assert_eq!(
+        objects[1].object["spec"]["source"]["snapshotHandle"],
+        handle.as_str()
+    );
+    assert_eq!(objects[2].object["metadata"]["annotations"]["team"], "a");
+    assert!(
+        objects[2].object["metadata"]["annotations"]
+            .get("kubectl.kubernetes.io/last-applied-configuration")
+            .is_none()
+    );
+
+    // Dry run of a PVC: the origin snapshot would be created, handle pending.
+    let report = s.migrate(&MigrationRequest::for_pvc("apps", "db")).await;
+    let Ok(Outcome::DryRun(objects)) = report.result else {
+        panic!("{:?}", report.result)
+    };
+    assert_eq!(
+        (objects[0].side, objects[0].action),
+        (Side::Origin, PlannedAction::Create)
+    );
+    assert!(
+        objects[1].object["spec"]["source"]["snapshotHandle"]
+            .as_str()
+            .unwrap()
+            .starts_with('<')
+    );
+    assert!(
+        env.east
+            .get(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+            .is_none()
+    );
+
+    // The real thing, for the existing snapshot, keeps its name.
+    let s = shift(&env, opts()).await;
+    let report = s
+        .migrate(&MigrationRequest::for_snapshot("apps", "nightly"))
+        .await;
+    assert!(
+        matches!(report.result, Ok(Outcome::Migrated { .. })),
+        "{:?}",
+        report.result
+    );
+    assert!(
+        env.west
+            .get(SNAP, "VolumeSnapshot", "apps", "nightly")
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn conflicts_are_errors_and_leave_objects_untouched() {
+    let env = env().await;
+    let foreign = env
+        .west
+        .create(json!({"apiVersion": SNAP, "kind": "VolumeSnapshot",
+            "metadata": {"name": "db-snapshift", "namespace": "dr"},
+            "spec": {"source": {"volumeSnapshotContentName": "something-else"}}}))
+        .unwrap();
+    let s = shift(&env, opts()).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    match &report.result {
+        Err(
+            e @ Error::Conflict {
+                kind,
+                object,
+                cluster,
+                ..
+            },
+        ) => {
+            assert_eq!(
+                (*kind, object.as_str(), cluster.as_str()),
+                ("VolumeSnapshot", "dr/db-snapshift", "west")
+            );
+            assert_eq!(e.kind(), ErrorKind::Conflict);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The fake controller marks the foreign snapshot as broken; we never wrote to the destination.
+    let now = env
+        .west
+        .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    assert_eq!(now["spec"], foreign["spec"]);
+    assert!(now["metadata"].get("annotations").is_none());
+    assert!(writes(&env.west).is_empty(), "{:?}", writes(&env.west));
+    assert!(
+        env.west
+            .get(
+                SNAP,
+                "VolumeSnapshotContent",
+                "",
+                "snapshift-dr-db-snapshift"
+            )
+            .is_none()
+    );
+
+    // An origin snapshot under our default name that snapshift did not cut is a conflict too.
+    env.east
+        .create(json!({"apiVersion": SNAP, "kind": "VolumeSnapshot",
+            "metadata": {"name": "web-snapshift", "namespace": "apps"},
+            "spec": {"source": {"persistentVolumeClaimName": "web"}}}))
+        .unwrap();
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "web")))
+        .await;
+    assert!(
+        matches!(&report.result, Err(Error::Conflict { cluster, .. }) if cluster == "east"),
+        "{:?}",
+        report.result
+    );
+}
+
+#[tokio::test]
+async fn preflight_failures_name_the_missing_object_and_create_nothing() {
+    let env = env().await;
+    let s = shift(&env, opts()).await;
+    // Missing namespace.
+    let mut req = MigrationRequest::for_pvc("apps", "db");
+    req.to_namespace = Some("nowhere".into());
+    let report = s.migrate(&req).await;
+    match &report.result {
+        Err(Error::Preflight {
+            cluster,
+            problem,
+            fix,
+        }) => {
+            assert_eq!(cluster, "west");
+            assert!(problem.contains("namespace nowhere"), "{problem}");
+            assert!(fix.contains("create namespace nowhere"), "{fix}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The driver is known from the StorageClass, so no origin snapshot was cut.
+    assert!(
+        env.east
+            .get(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+            .is_none()
+    );
+
+    // Named class that does not exist, then one for another driver.
+    let mut req = to_dr(MigrationRequest::for_pvc("apps", "db"));
+    req.snapshot_class = Some("gold".into());
+    let report = s.migrate(&req).await;
+    assert!(
+        matches!(&report.result, Err(Error::Preflight { problem, .. }) if problem.contains("VolumeSnapshotClass gold does not exist")),
+        "{:?}",
+        report.result
+    );
+    env.west
+        .seed_snapshot_class("gold", "other.csi.example.com", false)
+        .unwrap();
+    let report = s.migrate(&req).await;
+    assert!(
+        matches!(&report.result, Err(Error::Preflight { problem, .. }) if problem.contains("belongs to driver other.csi.example.com")),
+        "{:?}",
+        report.result
+    );
+
+    // No class at all for the driver.
+    env.west
+        .delete(SNAP, "VolumeSnapshotClass", "", "csi-snapclass")
+        .unwrap();
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    assert!(
+        matches!(&report.result, Err(Error::Preflight { problem, .. }) if problem.contains("no VolumeSnapshotClass for driver hostpath.csi.k8s.io")),
+        "{:?}",
+        report.result
+    );
+
+    // Missing CSIDriver.
+    env.west
+        .delete("storage.k8s.io/v1", "CSIDriver", "", "hostpath.csi.k8s.io")
+        .unwrap();
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    match &report.result {
+        Err(e @ Error::Preflight { problem, .. }) => {
+            assert!(
+                problem.contains("CSIDriver hostpath.csi.k8s.io is not installed"),
+                "{problem}"
+            );
+            assert_eq!(e.kind(), ErrorKind::Config);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(env.west.list(SNAP, "VolumeSnapshotContent").is_empty());
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
+    assert!(env.backend.handles().is_empty());
+}
+
+#[tokio::test]
+async fn origin_snapshot_error_is_reported_with_the_driver_message() {
+    let env = env().await;
+    env.east
+        .faults()
+        .set_snapshot_error(Some("array is read-only"));
+    let s = shift(&env, opts()).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    match &report.result {
+        Err(
+            e @ Error::SnapshotFailed {
+                cluster, message, ..
+            },
+        ) => {
+            assert_eq!(cluster, "east");
+            assert!(message.contains("array is read-only"), "{message}");
+            assert_eq!(e.kind(), ErrorKind::Backend);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
+}
+
+#[tokio::test]
+async fn timeout_cleans_up_the_destination_but_never_the_storage_snapshot() {
+    let env = env().await;
+    env.west.faults().set_never_ready(true);
+    let mut o = opts();
+    o.timeout = Duration::from_millis(1500);
+    let s = shift(&env, o).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    match &report.result {
+        Err(e @ Error::Timeout { cluster, what, .. }) => {
+            assert_eq!(cluster, "west");
+            assert!(what.contains("dr/db-snapshift"), "{what}");
+            assert_eq!(e.kind(), ErrorKind::Transient);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(report.removed.len(), 2, "{:?}", report.removed);
+    assert!(report.kept.is_empty());
+    assert!(env.west.list(SNAP, "VolumeSnapshotContent").is_empty());
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
+    assert_eq!(
+        env.backend.handles().len(),
+        1,
+        "Retain: the shared snapshot survives cleanup"
+    );
+    assert!(
+        env.east
+            .get(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+            .is_some()
+    );
+
+    // --keep-partial leaves them; a later run (driver healthy again) completes from there.
+    let mut o = opts();
+    o.timeout = Duration::from_millis(1500);
+    o.keep_partial = true;
+    let s = shift(&env, o).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    assert!(report.result.is_err());
+    assert_eq!(report.kept.len(), 2, "{:?}", report.kept);
+    assert!(report.removed.is_empty());
+    assert_eq!(env.west.list(SNAP, "VolumeSnapshot").len(), 1);
+    env.west.faults().set_never_ready(false);
+    let s = shift(&env, opts()).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    assert!(
+        matches!(report.result, Ok(Outcome::AlreadyMigrated)),
+        "{:?}",
+        report.result
+    );
+}
+
+#[tokio::test]
+async fn batch_continues_past_a_failing_item() {
+    let env = env().await;
+    let s = shift(&env, opts()).await;
+    assert_eq!(
+        s.pvcs_matching("apps", "app in (db,web)").await.unwrap(),
+        ["db", "web"]
+    );
+    let reqs: Vec<MigrationRequest> = ["db", "missing", "web"]
+        .iter()
+        .map(|p| to_dr(MigrationRequest::for_pvc("apps", p)))
+        .collect();
+    let reports = s.migrate_all(&reqs, 2).await;
+    let items: Vec<&str> = reports.iter().map(|r| r.item.as_str()).collect();
+    assert_eq!(items, ["pvc apps/db", "pvc apps/missing", "pvc apps/web"]);
+    assert!(reports[0].result.is_ok());
+    assert!(matches!(
+        &reports[1].result,
+        Err(Error::NotFound {
+            kind: "PersistentVolumeClaim",
+            ..
+        })
+    ));
+    assert!(reports[2].result.is_ok());
+    assert_eq!(env.west.list(SNAP, "VolumeSnapshot").len(), 2);
+}
+
+#[tokio::test]
+async fn transient_api_errors_are_retried() {
+    let env = env().await;
+    env.west.faults().add_http(
+        HttpFault::status(429, 2)
+            .method("POST")
+            .path_contains("volumesnapshotcontents"),
+    );
+    env.west.faults().add_http(
+        HttpFault::status(500, 1)
+            .method("GET")
+            .path_contains("/csidrivers/"),
+    );
+    env.west.faults().add_http(
+        HttpFault::status(503, 1)
+            .method("POST")
+            .path_contains("volumesnapshots"),
+    );
+    env.east.faults().add_http(
+        HttpFault::status(500, 1)
+            .method("GET")
+            .reset()
+            .path_contains("persistentvolumeclaims"),
+    );
+    let s = shift(&env, opts()).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    assert!(
+        matches!(report.result, Ok(Outcome::Migrated { .. })),
+        "{:?}",
+        report.result
+    );
+    let posts = env
+        .west
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/volumesnapshotcontents"))
+        .count();
+    assert_eq!(posts, 3, "two 429s, then success");
+
+    // A permanent error is not retried, and classified.
+    let mut o = opts();
+    o.retry.max_attempts = 2;
+    let s = shift(&env, o).await;
+    env.west.faults().add_http(
+        HttpFault::status(500, 5)
+            .method("GET")
+            .path_contains("/namespaces/dr"),
+    );
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "web")))
+        .await;
+    match &report.result {
+        Err(e @ Error::Api { cluster, .. }) => {
+            assert_eq!(cluster, "west");
+            assert_eq!(e.kind(), ErrorKind::Transient);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unknown_context_and_bad_kubeconfig_are_config_errors() {
+    let env = env().await;
+    let err = connect(&ClusterTarget {
+        kubeconfig: Some(env.kubeconfig.clone()),
+        context: Some("north".into()),
+    })
+    .await
+    .unwrap_err();
+    match &err {
+        Error::ContextNotFound { available, .. } => assert_eq!(available, "east, west"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = connect(&ClusterTarget {
+        kubeconfig: Some(env.kubeconfig.with_extension("missing")),
+        context: None,
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Kubeconfig { .. }));
+    // current-context is used when none is named.
+    let c = connect(&ClusterTarget {
+        kubeconfig: Some(env.kubeconfig.clone()),
+        context: None,
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.context, "east");
+}
