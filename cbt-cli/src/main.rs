@@ -1,1 +1,198 @@
-fn main() {}
+//! `cbt`: back up block volumes (Kubernetes CSI snapshots, devices, image files) to object
+//! storage using changed-block tracking, and restore, verify, list and prune them.
+//!
+//! This binary only parses arguments, calls one library function per command and prints the
+//! result; everything a library user needs lives in `cbt-store`, `cbt-csi` and `cbt-k8s`.
+
+mod commands;
+mod error;
+mod output;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cbt_store::repo::Repository;
+use cbt_store::store::{ObjectStore, S3Options, open_url};
+use clap::{Parser, Subcommand};
+
+use crate::error::{CliError, EXIT_CODES_HELP, ExitClass};
+use crate::output::{Format, Output};
+
+/// Command-line interface of `cbt`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cbt",
+    version,
+    about = "Changed-block-tracking backups of block volumes to object storage",
+    after_long_help = EXIT_CODES_HELP,
+    after_help = "Run `cbt --help` for exit codes."
+)]
+pub struct Cli {
+    /// Repository URL: file:///path (local directory) or s3://bucket[/prefix]. S3 credentials
+    /// come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
+    /// web identity, instance role), never from the command line.
+    #[arg(long, env = "CBT_REPO", global = true, value_name = "URL")]
+    pub repo: Option<String>,
+
+    /// S3 endpoint URL for S3-compatible servers (MinIO, Ceph RGW, SeaweedFS); implies
+    /// path-style addressing.
+    #[arg(long, env = "CBT_S3_ENDPOINT", global = true, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region (default: from the AWS configuration, else us-east-1).
+    #[arg(long, env = "CBT_S3_REGION", global = true, value_name = "REGION")]
+    pub s3_region: Option<String>,
+
+    /// Output format: `human` text, or one JSON document on stdout (errors included).
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
+    pub output: Format,
+
+    /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands. Each variant's arguments live in its module under `commands/`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or inspect a repository.
+    #[command(subcommand)]
+    Repo(commands::repo::RepoCommand),
+    /// Back up a device or image file as a new snapshot (full or incremental).
+    Backup(commands::backup::BackupArgs),
+    /// Restore a snapshot to a device or image file.
+    Restore(commands::restore::RestoreArgs),
+    /// Check that snapshots are complete (and with --read-data, intact).
+    Verify(commands::maint::VerifyArgs),
+    /// List snapshots.
+    List(commands::maint::ListArgs),
+    /// Show one snapshot in detail.
+    Show(commands::maint::ShowArgs),
+    /// Delete one snapshot (its data is reclaimed by the next prune).
+    Delete(commands::maint::DeleteArgs),
+    /// Delete snapshots by retention policy, then unreferenced data.
+    Prune(commands::maint::PruneArgs),
+    /// Repository totals: snapshots, stored bytes, deduplication.
+    Status,
+    /// Inspect or break repository locks.
+    #[command(subcommand)]
+    Lock(commands::maint::LockCommand),
+}
+
+/// Everything a command needs besides its own arguments.
+pub struct Ctx {
+    /// Global flags.
+    pub repo_url: Option<String>,
+    /// S3 settings from the flags.
+    pub s3: S3Options,
+    /// Where output goes.
+    pub out: Output,
+}
+
+impl Ctx {
+    /// Opens the object store named by `--repo`.
+    pub async fn store(&self) -> Result<Arc<dyn ObjectStore>, CliError> {
+        let url = self.repo_url.as_deref().ok_or_else(|| {
+            CliError::config("no repository given").with_hint(
+                "pass --repo file:///path or --repo s3://bucket/prefix (or set CBT_REPO)",
+            )
+        })?;
+        Ok(open_url(url, &self.s3).await?)
+    }
+
+    /// Opens the repository named by `--repo`.
+    pub async fn repo(&self) -> Result<Repository, CliError> {
+        Ok(Repository::open(self.store().await?).await?)
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
+    match cli.command {
+        Command::Repo(cmd) => commands::repo::run(&ctx, cmd).await,
+        Command::Backup(args) => commands::backup::run(&ctx, args).await,
+        Command::Restore(args) => commands::restore::run(&ctx, args).await,
+        Command::Verify(args) => commands::maint::verify(&ctx, args).await,
+        Command::List(args) => commands::maint::list(&ctx, args).await,
+        Command::Show(args) => commands::maint::show(&ctx, args).await,
+        Command::Delete(args) => commands::maint::delete(&ctx, args).await,
+        Command::Prune(args) => commands::maint::prune(&ctx, args).await,
+        Command::Status => commands::maint::status(&ctx).await,
+        Command::Lock(cmd) => commands::maint::lock(&ctx, cmd).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitClass::Usage.exit_code(),
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    let out = Output { format: cli.output };
+    let ctx = Ctx {
+        repo_url: cli.repo.clone(),
+        s3: S3Options {
+            endpoint: cli.s3_endpoint.clone(),
+            region: cli.s3_region.clone(),
+            attempt_timeout: Duration::from_secs(120),
+            ..S3Options::default()
+        },
+        out,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            out.error(&CliError {
+                class: ExitClass::Internal,
+                message: format!("cannot start the async runtime: {e}"),
+                hint: None,
+            });
+            return ExitClass::Internal.exit_code();
+        }
+    };
+    match runtime.block_on(run(cli, ctx)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            out.error(&e);
+            e.class.exit_code()
+        }
+    }
+}

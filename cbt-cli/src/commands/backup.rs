@@ -1,0 +1,200 @@
+//! `cbt backup`: back up a device or image file as a new snapshot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cbt_core::manifest::SourceInfo;
+use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions, FileSource};
+use clap::{ArgGroup, Args};
+
+use super::parse::{self, RANGES_FORMAT_HELP};
+use crate::Ctx;
+use crate::error::{CliError, ExitClass};
+use crate::output::bytes;
+
+/// Arguments of `cbt backup`.
+#[derive(Debug, Args)]
+#[command(
+    after_long_help = RANGES_FORMAT_HELP,
+    group(ArgGroup::new("mode").required(true).args(["full", "changed_ranges", "metadata_endpoint"]))
+)]
+pub struct BackupArgs {
+    /// Block device or image file to read (e.g. the device of a snapshot-backed PVC).
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// Volume name the snapshot belongs to (letters, digits, `.`, `-`, `_`).
+    #[arg(long)]
+    pub volume: String,
+    /// Name of the new snapshot (must not exist yet).
+    #[arg(long)]
+    pub snapshot: String,
+    /// Read every allocated chunk (no parent). All-zero chunks are detected and not stored.
+    #[arg(long, conflicts_with = "parent")]
+    pub full: bool,
+    /// With --full: JSON file of the allocated ranges (CSI GetMetadataAllocated); without it
+    /// the device's own data map (SEEK_DATA) or the whole device is read.
+    #[arg(long, requires = "full", value_name = "FILE.json")]
+    pub allocated_ranges: Option<PathBuf>,
+    /// JSON file of the ranges changed since --parent (CSI GetMetadataDelta); only the chunks
+    /// they touch are read, every other chunk is taken from the parent.
+    #[arg(long, requires = "parent", value_name = "FILE.json")]
+    pub changed_ranges: Option<PathBuf>,
+    /// Snapshot the changed ranges are relative to (same volume).
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Label recorded in the snapshot (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Chunk size of a full backup (default: the repository's). Incrementals keep the parent's.
+    #[arg(long, value_parser = parse::size)]
+    pub chunk_size: Option<u64>,
+    /// zstd level for chunk data (0 stores raw; 1 is fastest; 3 default).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compression_level: i32,
+    /// Uploads in flight (and at most this many compression workers).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: Option<u16>,
+    /// Ranges from a SnapshotMetadata service (--metadata-endpoint, --snapshot-id, ...).
+    #[command(flatten)]
+    pub cbt: Box<crate::metadata_cmd::CbtBackupArgs>,
+}
+
+/// Engine options from `--jobs` / `--compression-level`.
+pub fn engine_options(jobs: Option<u16>, compression_level: i32) -> EngineOptions {
+    let mut opts = EngineOptions {
+        compression_level,
+        ..EngineOptions::default()
+    };
+    if let Some(j) = jobs {
+        opts.transfers = usize::from(j);
+        opts.workers = opts.workers.min(usize::from(j));
+    }
+    opts
+}
+
+/// Runs `cbt backup`.
+pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
+    let volume = VolumeName::new(&args.volume)?;
+    let snapshot = SnapshotName::new(&args.snapshot)?;
+    let parent = args.parent.as_deref().map(SnapshotName::new).transpose()?;
+    let labels = parse::labels(&args.labels)?;
+    let allocated = args
+        .allocated_ranges
+        .as_deref()
+        .map(parse::ranges_file)
+        .transpose()?;
+    let changed = args
+        .changed_ranges
+        .as_deref()
+        .map(parse::ranges_file)
+        .transpose()?;
+
+    let source = FileSource::open(&args.device).map_err(|e| {
+        let class = if e.kind() == std::io::ErrorKind::NotFound
+            || e.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            ExitClass::Usage
+        } else {
+            ExitClass::Transient
+        };
+        CliError {
+            class,
+            message: format!("cannot open --device {}: {e}", args.device.display()),
+            hint: None,
+        }
+    })?;
+
+    let repo = ctx.repo().await?;
+    let service = match &args.cbt.metadata_endpoint {
+        Some(_) => Some(
+            crate::metadata_cmd::plan_backup(&repo, &volume, parent.as_ref(), &args.cbt).await?,
+        ),
+        None => None,
+    };
+    let mut csi_source = SourceInfo::default();
+    let (mode, volume_size) = match (service, changed, parent) {
+        (Some(plan), _, _) => {
+            csi_source = plan.source;
+            (plan.mode, plan.volume_size)
+        }
+        (None, Some(changed), Some(parent)) => {
+            let parent_manifest = repo.load_manifest(&volume, &parent).await?;
+            (
+                BackupMode::Incremental {
+                    parent: Box::new(parent_manifest),
+                    changed: changed.ranges,
+                },
+                Some(changed.volume_size),
+            )
+        }
+        _ => {
+            let size = allocated.as_ref().map(|a| a.volume_size);
+            (
+                BackupMode::Full {
+                    allocated: allocated.map(|a| a.ranges),
+                },
+                size,
+            )
+        }
+    };
+    let req = BackupRequest {
+        volume,
+        snapshot,
+        mode,
+        created: Timestamp::from_system_time(std::time::SystemTime::now()),
+        source_info: SourceInfo {
+            path: Some(args.device.display().to_string()),
+            ..csi_source
+        },
+        labels,
+        chunk_size: args.chunk_size,
+        volume_size,
+    };
+    let mut opts = engine_options(args.jobs, args.compression_level);
+    let bar = ctx.out.progress("backup");
+    if let Some((_, cb)) = &bar {
+        opts.progress = Some(cb.clone());
+    }
+    let result = engine::backup(&repo, Arc::new(source), req, &opts).await;
+    if let Some((b, _)) = bar {
+        b.finish_and_clear();
+    }
+    let outcome = result?;
+    let m = &outcome.manifest;
+    let s = &outcome.stats;
+    ctx.out.emit(
+        &serde_json::json!({
+            "volume": m.volume,
+            "snapshot": m.snapshot,
+            "snapshot_id": m.snapshot_id,
+            "parent": m.parent.as_ref().map(|p| &p.snapshot),
+            "volume_size": m.volume_size(),
+            "chunk_size": m.chunk_size(),
+            "stats": s,
+            "read_mb_per_s": outcome.read_mb_per_s,
+        }),
+        || {
+            format!(
+                "snapshot {}/{} committed ({}{})\n  read {} ({} changed), uploaded {} in {} objects, \
+                 deduplicated {}, zero {}\n  {:.1} s, {:.1} MB/s read",
+                m.volume,
+                m.snapshot,
+                m.snapshot_id,
+                m.parent
+                    .as_ref()
+                    .map(|p| format!(", parent {}", p.snapshot))
+                    .unwrap_or_default(),
+                bytes(s.bytes_read),
+                bytes(s.bytes_changed),
+                bytes(s.bytes_uploaded),
+                s.objects_written,
+                bytes(s.bytes_deduplicated),
+                bytes(s.bytes_zero),
+                s.wall_ms as f64 / 1000.0,
+                outcome.read_mb_per_s
+            )
+        },
+    );
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! Parsers for argument values and input files (sizes, durations, labels, range files).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use cbt_core::RangeSet;
+use serde::Deserialize;
+
+use crate::error::CliError;
+
+/// Help text of the `--changed-ranges` / `--allocated-ranges` file format.
+pub const RANGES_FORMAT_HELP: &str = "\
+Range files (--changed-ranges, --allocated-ranges) are JSON:
+  {\"volume_size\": 10737418240,
+   \"ranges\": [{\"offset\": 0, \"length\": 1048576},
+              {\"offset\": 4194304, \"length\": 65536}]}
+Offsets and lengths are in bytes; ranges may be unsorted, overlapping or adjacent (they are
+merged); every range must end at or before volume_size. volume_size is the size of the
+volume the ranges describe (CSI volume_capacity_bytes); it must not exceed the size of
+--device. Changed ranges are relative to the --parent snapshot, as reported by CSI
+GetMetadataDelta; allocated ranges come from GetMetadataAllocated.";
+
+/// A parsed range file.
+#[derive(Debug, Clone)]
+pub struct RangesFile {
+    /// Size of the volume the ranges describe.
+    pub volume_size: u64,
+    /// The ranges, merged.
+    pub ranges: RangeSet,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRanges {
+    volume_size: u64,
+    ranges: Vec<RawRange>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRange {
+    offset: u64,
+    length: u64,
+}
+
+/// Reads and validates a range file.
+pub fn ranges_file(path: &Path) -> Result<RangesFile, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::usage(format!("cannot read ranges file {}: {e}", path.display())))?;
+    let raw: RawRanges = serde_json::from_str(&text).map_err(|e| {
+        CliError::usage(format!("ranges file {} is not valid: {e}", path.display()))
+            .with_hint("see `cbt backup --help` for the format")
+    })?;
+    let ranges = RangeSet::try_from_extents(raw.ranges.iter().map(|r| (r.offset, r.length)))
+        .map_err(|e| CliError::usage(format!("ranges file {}: {e}", path.display())))?;
+    if ranges.end() > raw.volume_size {
+        return Err(CliError::usage(format!(
+            "ranges file {}: a range ends at byte {}, past volume_size {}",
+            path.display(),
+            ranges.end(),
+            raw.volume_size
+        )));
+    }
+    Ok(RangesFile {
+        volume_size: raw.volume_size,
+        ranges,
+    })
+}
+
+/// Parses a byte size: `4194304`, `4M`, `4MiB`, `512K`, `1G` (binary units).
+pub fn size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 4M, 4MiB, 65536)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use K, M or G)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size `{s}` is too large"))
+}
+
+/// Parses a duration: `90s`, `30m`, `12h`, `7d`, `2w`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 7d, 12h, 30m)"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        "" => return Err(format!("`{s}` needs a unit: s, m, h, d or w")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use s, m, h, d or w)"
+            ));
+        }
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("duration `{s}` is too large"))
+}
+
+/// Parses `key=value` labels into a map (later keys win).
+pub fn labels(items: &[String]) -> Result<BTreeMap<String, String>, CliError> {
+    let mut out = BTreeMap::new();
+    for item in items {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| CliError::usage(format!("label `{item}` is not key=value")))?;
+        if k.is_empty() {
+            return Err(CliError::usage(format!("label `{item}` has an empty key")));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(size("4M"), Ok(4 << 20));
+        assert_eq!(size("4MiB"), Ok(4 << 20));
+        assert_eq!(size("65536"), Ok(65536));
+        assert!(size("4X").is_err());
+        assert!(size("M").is_err());
+        assert!(size("99999999999999G").is_err());
+        assert_eq!(duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(duration("30m"), Ok(Duration::from_secs(1800)));
+        assert!(duration("7").is_err());
+        assert!(duration("7y").is_err());
+    }
+
+    #[test]
+    fn labels_parse() {
+        let l = labels(&["a=b".into(), "c=d=e".into()]).expect("valid labels");
+        assert_eq!(l["a"], "b");
+        assert_eq!(l["c"], "d=e");
+        assert!(labels(&["nokey".into()]).is_err());
+        assert!(labels(&["=v".into()]).is_err());
+    }
+
+    #[test]
+    fn range_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("r.json");
+        std::fs::write(&p, r#"{"volume_size": 100, "ranges": [{"offset": 50, "length": 10}, {"offset": 0, "length": 5}]}"#)
+            .expect("write");
+        let r = ranges_file(&p).expect("valid file");
+        assert_eq!(r.volume_size, 100);
+        assert_eq!(r.ranges.total_bytes(), 15);
+        std::fs::write(
+            &p,
+            r#"{"volume_size": 100, "ranges": [{"offset": 95, "length": 10}]}"#,
+        )
+        .expect("write");
+        assert!(ranges_file(&p).is_err());
+        std::fs::write(
+            &p,
+            r#"{"volume_size": 100, "ranges": [{"offset": 1, "len": 1}]}"#,
+        )
+        .expect("write");
+        assert!(ranges_file(&p).is_err());
+        std::fs::write(
+            &p,
+            r#"{"volume_size": 100, "ranges": [{"offset": 18446744073709551615, "length": 2}]}"#,
+        )
+        .expect("write");
+        assert!(ranges_file(&p).is_err());
+    }
+}

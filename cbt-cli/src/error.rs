@@ -1,0 +1,208 @@
+//! Errors of the `cbt` command and their exit codes.
+//!
+//! Every failure is reduced to an [`ExitClass`] (which fixes the exit code), a message and an
+//! optional hint telling the user what to do. Library errors are classified by their own
+//! `kind()`/`class()`, never by message text.
+
+use std::process::ExitCode;
+
+use cbt_store::repo::{ErrorClass, RepoError};
+use cbt_store::store::{ErrorKind as StoreKind, StoreError};
+
+/// Exit codes, printed in `cbt --help`.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  success
+  1  internal error (a bug: please report it)
+  2  usage: bad arguments or input (names, ranges file, unknown snapshot, target)
+  3  integrity: stored or read data is damaged (verify found problems, checksum mismatch)
+  4  I/O or transient failure (network, timeouts, throttling, device errors): retry later;
+     an interrupted backup resumes without re-uploading what already landed
+  5  configuration: repository URL, credentials, missing bucket, repository not initialized
+  6  conflict: the repository is locked by another process, or the object already exists
+  7  unsupported: written by a newer version of cbt; upgrade";
+
+/// What kind of failure ended the command; decides the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitClass {
+    /// Exit 1.
+    Internal,
+    /// Exit 2.
+    Usage,
+    /// Exit 3.
+    Integrity,
+    /// Exit 4.
+    Transient,
+    /// Exit 5.
+    Config,
+    /// Exit 6.
+    Conflict,
+    /// Exit 7.
+    Unsupported,
+}
+
+impl ExitClass {
+    /// The process exit code.
+    pub fn code(self) -> u8 {
+        match self {
+            ExitClass::Internal => 1,
+            ExitClass::Usage => 2,
+            ExitClass::Integrity => 3,
+            ExitClass::Transient => 4,
+            ExitClass::Config => 5,
+            ExitClass::Conflict => 6,
+            ExitClass::Unsupported => 7,
+        }
+    }
+
+    /// Short name used in JSON error documents.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitClass::Internal => "internal",
+            ExitClass::Usage => "usage",
+            ExitClass::Integrity => "integrity",
+            ExitClass::Transient => "transient",
+            ExitClass::Config => "config",
+            ExitClass::Conflict => "conflict",
+            ExitClass::Unsupported => "unsupported",
+        }
+    }
+
+    /// As an [`ExitCode`].
+    pub fn exit_code(self) -> ExitCode {
+        ExitCode::from(self.code())
+    }
+}
+
+/// A failed command: class, message and what to do about it.
+#[derive(Debug)]
+pub struct CliError {
+    /// Decides the exit code.
+    pub class: ExitClass,
+    /// What went wrong (with names, keys, offsets).
+    pub message: String,
+    /// What the user can do.
+    pub hint: Option<String>,
+}
+
+impl CliError {
+    /// Bad arguments or input.
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self {
+            class: ExitClass::Usage,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Bad configuration.
+    pub fn config(message: impl Into<String>) -> Self {
+        Self {
+            class: ExitClass::Config,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Adds a hint.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+fn store_class(e: &StoreError) -> ExitClass {
+    match e.kind() {
+        StoreKind::Config => ExitClass::Config,
+        StoreKind::Integrity => ExitClass::Integrity,
+        StoreKind::Transient | StoreKind::Other => ExitClass::Transient,
+        StoreKind::InvalidInput | StoreKind::NotFound => ExitClass::Usage,
+    }
+}
+
+fn store_hint(e: &StoreError) -> Option<String> {
+    match e {
+        StoreError::AccessDenied { .. } => Some(
+            "credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+             AWS_PROFILE, web identity or the instance role"
+                .into(),
+        ),
+        StoreError::BucketNotFound { bucket } => Some(format!(
+            "create the bucket `{bucket}` first, or check --s3-endpoint/--s3-region"
+        )),
+        StoreError::Unreachable { .. } => {
+            Some("check --s3-endpoint and that the server is up; then retry".into())
+        }
+        StoreError::InvalidUrl { .. } => {
+            Some("use --repo file:///path/to/repo or --repo s3://bucket/prefix".into())
+        }
+        _ if e.kind() == StoreKind::Integrity => {
+            Some("run `cbt verify --read-data` to list every damaged object".into())
+        }
+        _ if e.is_transient() => Some("this looks temporary: retry later".into()),
+        _ => None,
+    }
+}
+
+impl From<StoreError> for CliError {
+    fn from(e: StoreError) -> Self {
+        CliError {
+            class: store_class(&e),
+            hint: store_hint(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<RepoError> for CliError {
+    fn from(e: RepoError) -> Self {
+        let (class, hint) = match &e {
+            RepoError::Store { source, .. } => (store_class(source), store_hint(source)),
+            RepoError::NotInitialized => (
+                ExitClass::Config,
+                Some("check --repo, or create it with `cbt repo init`".into()),
+            ),
+            RepoError::Locked { .. } => (
+                ExitClass::Conflict,
+                Some(
+                    "another cbt process is using the repository; if it died, see `cbt lock list` \
+                     and `cbt lock break <id>`"
+                        .into(),
+                ),
+            ),
+            _ => {
+                let class = match e.class() {
+                    ErrorClass::Usage => ExitClass::Usage,
+                    ErrorClass::Integrity => ExitClass::Integrity,
+                    ErrorClass::Transient => ExitClass::Transient,
+                    ErrorClass::Conflict => ExitClass::Conflict,
+                    ErrorClass::Unsupported => ExitClass::Unsupported,
+                    _ => ExitClass::Internal,
+                };
+                let hint = match class {
+                    ExitClass::Integrity => Some(
+                        "run `cbt verify --read-data` to list every damaged object".to_string(),
+                    ),
+                    ExitClass::Transient => Some(
+                        "retry; an interrupted backup resumes without re-uploading stored chunks"
+                            .to_string(),
+                    ),
+                    ExitClass::Unsupported => Some("upgrade cbt".to_string()),
+                    _ => None,
+                };
+                (class, hint)
+            }
+        };
+        CliError {
+            class,
+            hint,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<cbt_core::CoreError> for CliError {
+    fn from(e: cbt_core::CoreError) -> Self {
+        RepoError::from(e).into()
+    }
+}

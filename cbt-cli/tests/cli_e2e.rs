@@ -1,0 +1,580 @@
+//! End-to-end tests of the `cbt` binary: real processes against a local repository and
+//! against a real S3 server on loopback (s3s-fs, started in this test process).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cbt_store::testing::S3TestServer;
+
+const CHUNK: usize = 64 * 1024;
+const IMAGE_SIZE: usize = 64 * CHUNK; // 4 MiB
+
+struct Cbt {
+    repo: String,
+    env: Vec<(&'static str, String)>,
+    extra: Vec<String>,
+}
+
+impl Cbt {
+    fn cmd(&self, args: &[&str]) -> Output {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cbt"));
+        c.arg("--repo").arg(&self.repo);
+        c.args(&self.extra);
+        c.args(args);
+        c.env_remove("CBT_REPO");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "cbt {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+}
+
+/// Deterministic image: random chunks, compressible chunks and all-zero holes.
+fn make_image(path: &Path) -> Vec<u8> {
+    let mut data = vec![0u8; IMAGE_SIZE];
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    for (i, chunk) in data.chunks_mut(CHUNK).enumerate() {
+        match i % 4 {
+            0 | 1 => {
+                for b in chunk.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+            2 => chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = (j % 7) as u8 + b'a'),
+            _ => {} // hole
+        }
+    }
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Changes a few ranges (one inside a hole) and returns the changed-ranges JSON.
+fn change_image(path: &Path, data: &mut [u8]) -> String {
+    let changes = [
+        (5 * CHUNK + 100, 5000usize),
+        (3 * CHUNK + 10, 10),
+        (40 * CHUNK, CHUNK + 1),
+    ];
+    for &(off, len) in &changes {
+        for (i, b) in data[off..off + len].iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+        }
+    }
+    std::fs::write(path, &*data).unwrap();
+    let ranges: Vec<String> = changes
+        .iter()
+        .map(|(o, l)| format!(r#"{{"offset": {o}, "length": {l}}}"#))
+        .collect();
+    format!(
+        r#"{{"volume_size": {IMAGE_SIZE}, "ranges": [{}]}}"#,
+        ranges.join(", ")
+    )
+}
+
+fn full_cycle(cbt: &Cbt, work: &Path) {
+    let image = work.join("disk.img");
+    let v1 = make_image(&image);
+
+    let init = cbt.json(&["repo", "init", "--chunk-size", "64K"]);
+    assert_eq!(init["chunk_size"], 65536);
+
+    let b1 = cbt.json(&[
+        "backup",
+        "--device",
+        image.to_str().unwrap(),
+        "--volume",
+        "pvc-data",
+        "--snapshot",
+        "snap-1",
+        "--full",
+        "--label",
+        "app=db",
+    ]);
+    assert_eq!(b1["snapshot"], "snap-1");
+    assert_eq!(b1["volume_size"], IMAGE_SIZE);
+    let up1 = b1["stats"]["bytes_uploaded"].as_u64().unwrap();
+    assert!(up1 > 0);
+
+    let mut v2 = v1.clone();
+    let ranges = change_image(&image, &mut v2);
+    let ranges_path = work.join("changed.json");
+    std::fs::write(&ranges_path, ranges).unwrap();
+    let b2 = cbt.json(&[
+        "backup",
+        "--device",
+        image.to_str().unwrap(),
+        "--volume",
+        "pvc-data",
+        "--snapshot",
+        "snap-2",
+        "--changed-ranges",
+        ranges_path.to_str().unwrap(),
+        "--parent",
+        "snap-1",
+        "--jobs",
+        "2",
+    ]);
+    assert_eq!(b2["parent"], "snap-1");
+    // Only the 4 touched chunks were read; the incremental uploads far less than the full.
+    assert_eq!(
+        b2["stats"]["bytes_read"].as_u64().unwrap(),
+        4 * CHUNK as u64
+    );
+    assert!(b2["stats"]["bytes_uploaded"].as_u64().unwrap() < up1 / 4);
+
+    let r1 = work.join("r1.img");
+    let r2 = work.join("r2.img");
+    cbt.ok(&[
+        "restore",
+        "--volume",
+        "pvc-data",
+        "--snapshot",
+        "snap-1",
+        "--target",
+        r1.to_str().unwrap(),
+    ]);
+    cbt.ok(&[
+        "restore",
+        "--volume",
+        "pvc-data",
+        "--snapshot",
+        "snap-2",
+        "--target",
+        r2.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&r1).unwrap() == v1,
+        "restore of snap-1 differs from the original"
+    );
+    assert!(
+        std::fs::read(&r2).unwrap() == v2,
+        "restore of snap-2 differs from the changed image"
+    );
+
+    let dry = cbt.json(&[
+        "restore",
+        "--volume",
+        "pvc-data",
+        "--snapshot",
+        "snap-2",
+        "--target",
+        work.join("never.img").to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(dry["dry_run"], true);
+    assert!(!work.join("never.img").exists());
+
+    let list = cbt.json(&["list"]);
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let show = cbt.json(&["show", "--volume", "pvc-data", "--snapshot", "snap-1"]);
+    assert_eq!(show["labels"]["app"], "db");
+    cbt.ok(&["verify", "--read-data"]);
+
+    let pruned = cbt.json(&["prune", "--keep-last", "1"]);
+    assert_eq!(pruned["removed"], serde_json::json!(["pvc-data/snap-1"]));
+    let list = cbt.json(&["list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["snapshot"], "snap-2");
+
+    // The survivor restores intact without its parent.
+    std::fs::remove_file(&r2).unwrap();
+    cbt.ok(&[
+        "restore",
+        "--volume",
+        "pvc-data",
+        "--snapshot",
+        "snap-2",
+        "--target",
+        r2.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::read(&r2).unwrap() == v2,
+        "snap-2 after pruning snap-1 differs"
+    );
+    cbt.ok(&["verify", "--read-data"]);
+    let status = cbt.json(&["status"]);
+    assert_eq!(status["snapshots"].as_array().unwrap().len(), 1);
+    assert_eq!(status["unreferenced_chunks"], 0);
+}
+
+#[test]
+fn local_repository_full_incremental_restore_prune() {
+    let work = tempfile::tempdir().unwrap();
+    let cbt = Cbt {
+        repo: format!("file://{}", work.path().join("repo").display()),
+        env: vec![],
+        extra: vec![],
+    };
+    full_cycle(&cbt, work.path());
+}
+
+fn s3_cbt(server: &S3TestServer, bucket: &str) -> Cbt {
+    Cbt {
+        repo: format!("s3://{bucket}/backups/cluster-a"),
+        env: server.env(),
+        extra: vec!["--s3-endpoint".into(), server.endpoint()],
+    }
+}
+
+#[test]
+fn s3_repository_full_incremental_restore_prune() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(S3TestServer::start()).unwrap();
+    server.create_bucket("cbt-e2e").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    full_cycle(&s3_cbt(&server, "cbt-e2e"), work.path());
+    assert!(
+        server
+            .object_path("cbt-e2e", "backups/cluster-a/config")
+            .exists()
+    );
+}
+
+fn fails(out: &Output, code: i32, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "stderr does not mention `{needle}`: {stderr}"
+    );
+}
+
+#[test]
+fn bad_input_gets_the_right_exit_code_and_message() {
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("disk.img");
+    make_image(&image);
+    let img = image.to_str().unwrap();
+    let repo_dir = work.path().join("repo");
+    let cbt = Cbt {
+        repo: format!("file://{}", repo_dir.display()),
+        env: vec![],
+        extra: vec![],
+    };
+
+    // Repository missing: configuration error.
+    fails(&cbt.cmd(&["list"]), 5, "cbt repo init");
+    // No --repo at all.
+    let out = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .env_remove("CBT_REPO")
+        .arg("list")
+        .output()
+        .unwrap();
+    fails(&out, 5, "--repo");
+    // Unknown URL scheme.
+    let out = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .args(["--repo", "ftp://x/y", "list"])
+        .output()
+        .unwrap();
+    fails(&out, 5, "unsupported scheme");
+
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
+    // A second init does not touch the first.
+    fails(&cbt.cmd(&["repo", "init"]), 6, "already exists");
+
+    // Hostile names never reach the store.
+    for name in ["../../etc", "a/b", ".", "x\ny"] {
+        let out = cbt.cmd(&[
+            "backup",
+            "--device",
+            img,
+            "--volume",
+            "v",
+            "--snapshot",
+            name,
+            "--full",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "snapshot name {name:?}");
+    }
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "../v",
+        "--snapshot",
+        "s",
+        "--full",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!work.path().join("v").exists() && !work.path().join("etc").exists());
+
+    // Usage errors from clap: neither --full nor --changed-ranges.
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // --changed-ranges needs --parent.
+    let ranges = work.path().join("r.json");
+    std::fs::write(
+        &ranges,
+        format!(r#"{{"volume_size": {IMAGE_SIZE}, "ranges": [{{"offset": 0, "length": 10}}]}}"#),
+    )
+    .unwrap();
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s",
+        "--changed-ranges",
+        ranges.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+
+    cbt.ok(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "base",
+        "--full",
+    ]);
+    // Ranges past the end of the volume.
+    std::fs::write(
+        &ranges,
+        format!(
+            r#"{{"volume_size": {IMAGE_SIZE}, "ranges": [{{"offset": {}, "length": 10}}]}}"#,
+            IMAGE_SIZE - 5
+        ),
+    )
+    .unwrap();
+    fails(
+        &cbt.cmd(&[
+            "backup",
+            "--device",
+            img,
+            "--volume",
+            "v",
+            "--snapshot",
+            "s2",
+            "--changed-ranges",
+            ranges.to_str().unwrap(),
+            "--parent",
+            "base",
+        ]),
+        2,
+        "past volume_size",
+    );
+    // A volume larger than the device.
+    std::fs::write(
+        &ranges,
+        format!(
+            r#"{{"volume_size": {}, "ranges": [{{"offset": 0, "length": 10}}]}}"#,
+            IMAGE_SIZE * 2
+        ),
+    )
+    .unwrap();
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s2",
+        "--changed-ranges",
+        ranges.to_str().unwrap(),
+        "--parent",
+        "base",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Malformed ranges file.
+    std::fs::write(&ranges, "{not json").unwrap();
+    fails(
+        &cbt.cmd(&[
+            "backup",
+            "--device",
+            img,
+            "--volume",
+            "v",
+            "--snapshot",
+            "s2",
+            "--changed-ranges",
+            ranges.to_str().unwrap(),
+            "--parent",
+            "base",
+        ]),
+        2,
+        "not valid",
+    );
+    // Unknown parent, unknown snapshot, missing device.
+    std::fs::write(
+        &ranges,
+        format!(r#"{{"volume_size": {IMAGE_SIZE}, "ranges": []}}"#),
+    )
+    .unwrap();
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s2",
+        "--changed-ranges",
+        ranges.to_str().unwrap(),
+        "--parent",
+        "nope",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = cbt.cmd(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "nope",
+        "--target",
+        work.path().join("x.img").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    fails(
+        &cbt.cmd(&[
+            "backup",
+            "--device",
+            "/nonexistent/disk",
+            "--volume",
+            "v",
+            "--snapshot",
+            "s3",
+            "--full",
+        ]),
+        2,
+        "/nonexistent/disk",
+    );
+    // The same snapshot name twice: conflict, the first is untouched.
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "base",
+        "--full",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // JSON errors are one document on stdout.
+    let out = cbt.cmd(&["-o", "json", "show", "--volume", "v", "--snapshot", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["error"]["class"], "usage");
+
+    // Damage a stored chunk: verify --read-data exits 3 and names it.
+    let chunk = find_chunk_file(&repo_dir.join("chunks"));
+    let mut raw = std::fs::read(&chunk).unwrap();
+    let mid = raw.len() / 2;
+    raw[mid] ^= 0xff;
+    std::fs::write(&chunk, raw).unwrap();
+    let out = cbt.cmd(&["verify", "--read-data"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PROBLEM"));
+    let out = cbt.cmd(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "base",
+        "--target",
+        work.path().join("bad.img").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn find_chunk_file(dir: &Path) -> PathBuf {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                return p;
+            }
+        }
+    }
+    panic!("no chunk under {}", dir.display());
+}
+
+#[test]
+fn s3_errors_map_to_exit_codes() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(S3TestServer::start()).unwrap();
+    server.create_bucket("cbt-errors").unwrap();
+    let mut cbt = s3_cbt(&server, "missing-bucket");
+    fails(&cbt.cmd(&["repo", "init"]), 5, "missing-bucket");
+    cbt.repo = "s3://cbt-errors/p".into();
+    cbt.env.retain(|(k, _)| *k != "AWS_SECRET_ACCESS_KEY");
+    cbt.env.push(("AWS_SECRET_ACCESS_KEY", "wrong".into()));
+    fails(&cbt.cmd(&["repo", "init"]), 5, "SignatureDoesNotMatch");
+    // Unreachable endpoint: transient class (exit 4) after bounded retries.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cbt = Cbt {
+        repo: "s3://cbt-errors/p".into(),
+        env: server.env(),
+        extra: vec!["--s3-endpoint".into(), format!("http://127.0.0.1:{port}")],
+    };
+    fails(&cbt.cmd(&["list"]), 4, "cannot reach");
+}
