@@ -201,10 +201,14 @@ impl Repository {
         let info = self.lock_info(LockKind::Exclusive, purpose, now);
         if self.put_lock(EXCLUSIVE_KEY, &info).await? == PutOutcome::AlreadyExists {
             let holders = match self.read_lock(EXCLUSIVE_KEY).await? {
+                // A retried write whose first attempt landed finds its own lock.
+                Some(h) if h.id == info.id => vec![],
                 Some(h) => vec![h.describe()],
                 None => vec!["exclusive lock (just released; retry)".into()],
             };
-            return Err(RepoError::Locked { holders });
+            if !holders.is_empty() {
+                return Err(RepoError::Locked { holders });
+            }
         }
         let lock = RepoLock {
             store: self.store().clone(),

@@ -331,10 +331,19 @@ impl Repository {
             .map_err(|e| RepoError::store(format!("writing manifest {key}"), e))?
         {
             PutOutcome::Created => Ok(()),
-            PutOutcome::AlreadyExists => Err(RepoError::SnapshotExists {
-                volume: manifest.volume.to_string(),
-                snapshot: manifest.snapshot.to_string(),
-            }),
+            PutOutcome::AlreadyExists => {
+                // A retried write whose first attempt landed finds its own manifest.
+                let existing = self
+                    .load_manifest(&manifest.volume, &manifest.snapshot)
+                    .await;
+                match existing {
+                    Ok(m) if m.snapshot_id == manifest.snapshot_id => Ok(()),
+                    _ => Err(RepoError::SnapshotExists {
+                        volume: manifest.volume.to_string(),
+                        snapshot: manifest.snapshot.to_string(),
+                    }),
+                }
+            }
         }
     }
 

@@ -1,0 +1,204 @@
+//! Crash/resume and retry behaviour of backups, with counted store calls.
+#![allow(clippy::unwrap_used)]
+
+mod engine_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cbt_store::engine::{self, EngineOptions, FileSource, RestoreOptions};
+use cbt_store::repo::{ErrorClass, RepoError, Repository};
+use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
+use cbt_store::store::{ObjectStore, Op, RetryPolicy, RetryingStore, list_all};
+use engine_support::*;
+
+const SIZE: usize = 40 * CS as usize + 777;
+
+fn serial_opts() -> EngineOptions {
+    // One upload in flight: the fault hits a well-defined call and nothing else is in flight.
+    EngineOptions {
+        transfers: 1,
+        ..opts()
+    }
+}
+
+async fn chunk_count(store: &dyn ObjectStore) -> usize {
+    list_all(store, "chunks/").await.unwrap().len()
+}
+
+#[tokio::test]
+async fn killed_backup_leaves_nothing_visible_and_resumes_without_reupload() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 4);
+    let src = fx.write("d.img", &img);
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+    let source = Arc::new(FileSource::open(&src).unwrap());
+
+    // The store "dies" after 5 chunk uploads.
+    faulty.add_rule(
+        FaultRule::new(Op::Put, When::After(5), Fault::Permanent).on_keys_containing("chunks/"),
+    );
+    let err = engine::backup(
+        &repo,
+        source.clone(),
+        request("v", "s", full(), 1),
+        &serial_opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RepoError::Store { .. }), "{err:?}");
+    assert!(
+        repo.list_snapshots(None).await.unwrap().is_empty(),
+        "no partial snapshot"
+    );
+    assert!(
+        repo.list_locks().await.unwrap().is_empty(),
+        "lock released on failure"
+    );
+    assert_eq!(chunk_count(fx.store.as_ref()).await, 5);
+
+    // Resume: same request, healthy store. The 5 landed chunks are not uploaded again.
+    faulty.clear_rules();
+    faulty.reset_counts();
+    let out = engine::backup(
+        &repo,
+        source.clone(),
+        request("v", "s", full(), 1),
+        &serial_opts(),
+    )
+    .await
+    .unwrap();
+    let unique = out.manifest.chunks.unique_chunks().len() as u64;
+    assert_eq!(out.stats.objects_written + 5, unique);
+    // Every put of the resumed run: the uploaded chunks, the lock and the manifest.
+    assert_eq!(faulty.calls(Op::Put), out.stats.objects_written + 2);
+    assert_eq!(chunk_count(fx.store.as_ref()).await as u64, unique);
+
+    let target = fx.path("r.img");
+    engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&target).unwrap() == img);
+}
+
+#[tokio::test]
+async fn lost_manifest_write_and_lost_answers_resume_cleanly() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 6);
+    let src = fx.write("d.img", &img);
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+    let source = Arc::new(FileSource::open(&src).unwrap());
+
+    // Crash exactly at the commit point: every chunk landed, the manifest did not.
+    faulty.add_rule(
+        FaultRule::new(Op::Put, When::After(0), Fault::Permanent).on_keys_containing("snapshots/"),
+    );
+    engine::backup(&repo, source.clone(), request("v", "s", full(), 1), &opts())
+        .await
+        .unwrap_err();
+    assert!(!repo.snapshot_exists(&vol("v"), &snap("s")).await.unwrap());
+    let landed = chunk_count(fx.store.as_ref()).await;
+    assert!(landed > 0);
+
+    // A chunk upload whose answer is lost (it landed): the run fails, the re-run dedups it.
+    faulty.clear_rules();
+    faulty.add_rule(
+        FaultRule::new(Op::Put, When::Nth(1), Fault::TransientAfterCall)
+            .on_keys_containing("snapshots/"),
+    );
+    let err = engine::backup(&repo, source.clone(), request("v", "s", full(), 1), &opts())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Transient);
+    // The manifest did land: the snapshot exists and is complete.
+    faulty.clear_rules();
+    faulty.reset_counts();
+    let err = engine::backup(&repo, source, request("v", "s", full(), 1), &opts())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::SnapshotExists { .. }));
+    assert_eq!(
+        faulty.calls(Op::Put),
+        0,
+        "an existing snapshot is refused before any upload"
+    );
+    let target = fx.path("r.img");
+    engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&target).unwrap() == img);
+}
+
+#[tokio::test]
+async fn transient_store_errors_are_retried_by_the_retrying_store() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 8);
+    let src = fx.write("d.img", &img);
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    // Every third chunk upload and every fifth chunk download fails once.
+    faulty.add_rule(
+        FaultRule::new(Op::Put, When::Nth(3), Fault::Transient).on_keys_containing("chunks/"),
+    );
+    faulty.add_rule(
+        FaultRule::new(Op::Get, When::Nth(5), Fault::Transient).on_keys_containing("chunks/"),
+    );
+    // The manifest write lands but its answer is lost; the retry sees "already exists" and
+    // must recognise its own manifest instead of reporting a conflict.
+    faulty.add_rule(
+        FaultRule::new(Op::Put, When::Nth(1), Fault::TransientAfterCall)
+            .on_keys_containing("snapshots/"),
+    );
+    // Same for the exclusive lock of a GC.
+    faulty.add_rule(
+        FaultRule::new(Op::Put, When::Nth(1), Fault::TransientAfterCall)
+            .on_keys_containing("locks/exclusive"),
+    );
+    let policy = RetryPolicy {
+        max_attempts: 4,
+        base_delay: Duration::from_millis(1),
+        max_delay: Duration::from_millis(5),
+    };
+    let store: Arc<dyn ObjectStore> = Arc::new(RetryingStore::new(faulty.clone(), policy));
+    let repo = Repository::open(store).await.unwrap();
+    engine::backup(
+        &repo,
+        Arc::new(FileSource::open(&src).unwrap()),
+        request("v", "s", full(), 1),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    let target = fx.path("r.img");
+    engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&target).unwrap() == img);
+    let gc = repo.gc(cbt_core::Timestamp(5), false).await.unwrap();
+    assert_eq!(gc.deleted_chunks, 0);
+    assert!(faulty.injected() >= 4, "faults were injected");
+}

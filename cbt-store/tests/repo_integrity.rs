@@ -1,0 +1,472 @@
+//! Broken-on-purpose repositories: corrupted, truncated, missing and future-format objects,
+//! hostile names, and the lock protocol.
+#![allow(clippy::unwrap_used)]
+
+mod engine_support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cbt_core::{ChunkState, CoreError, Manifest, Timestamp};
+use cbt_store::chunk::{self, ChunkDecodeError};
+use cbt_store::engine::{self, BackupOutcome, RestoreOptions};
+use cbt_store::repo::{
+    ErrorClass, ProblemKind, RepoError, Repository, VerifyOptions, manifest_key,
+};
+use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
+use cbt_store::store::{ObjectStore, Op, PutMode};
+use engine_support::*;
+
+const SIZE: usize = 16 * CS as usize;
+
+async fn setup() -> (Fixture, BackupOutcome, Vec<u8>) {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 11);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    (fx, out, img)
+}
+
+/// First stored chunk of the manifest: (index, key).
+fn first_chunk(out: &BackupOutcome) -> (u64, String) {
+    let (i, r) = out.manifest.chunks.iter_stored().next().unwrap();
+    (i, chunk::chunk_key(&r.hash))
+}
+
+async fn restore_err(fx: &Fixture, repo: &Repository) -> RepoError {
+    let target = fx.path("restored.img");
+    let err = engine::restore(
+        repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        !target.exists(),
+        "a failed restore removes the file it created"
+    );
+    err
+}
+
+async fn verify(repo: &Repository, read_data: bool) -> Vec<(Option<u64>, ProblemKind)> {
+    repo.verify(&VerifyOptions {
+        read_data,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .problems
+    .into_iter()
+    .map(|p| (p.index, p.problem))
+    .collect()
+}
+
+#[tokio::test]
+async fn flipped_byte_on_disk_is_caught_by_restore_and_verify() {
+    let (fx, out, _) = setup().await;
+    let (index, key) = first_chunk(&out);
+    let path = fx.local.path_of(&key).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[60] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    match restore_err(&fx, &fx.repo).await {
+        e @ RepoError::ChunkCorrupt { .. } => {
+            assert_eq!(e.class(), ErrorClass::Integrity);
+            let RepoError::ChunkCorrupt {
+                index: i, key: k, ..
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!((i, k), (index, key.clone()));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(verify(&fx.repo, false).await.is_empty(), "sizes are intact");
+    let problems = verify(&fx.repo, true).await;
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].0, Some(index));
+    assert!(matches!(problems[0].1, ProblemKind::Corrupt { .. }));
+}
+
+#[tokio::test]
+async fn damage_behind_the_store_checksum_is_caught_by_the_chunk_format() {
+    let (fx, out, _) = setup().await;
+    let (index, _) = first_chunk(&out);
+    // The bytes come back damaged although the store believes them intact.
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    faulty.add_rule(
+        FaultRule::new(Op::Get, When::Nth(1), Fault::FlipBit).on_keys_containing("chunks/"),
+    );
+    let repo = Repository::open(faulty.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    let mut opts1 = opts();
+    opts1.transfers = 1;
+    let target = fx.path("x.img");
+    let err = engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts1,
+    )
+    .await
+    .unwrap_err();
+    match err {
+        RepoError::ChunkCorrupt {
+            index: i, reason, ..
+        } => {
+            assert_eq!(i, index);
+            assert!(
+                matches!(reason, ChunkDecodeError::ObjectCrc { .. }),
+                "{reason:?}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // A truncated body fails the size check first.
+    faulty.clear_rules();
+    faulty.add_rule(
+        FaultRule::new(Op::Get, When::After(0), Fault::Truncate(100)).on_keys_containing("chunks/"),
+    );
+    let problems = verify(&repo, true).await;
+    assert_eq!(
+        problems.len() as u64,
+        out.manifest.chunks.unique_chunks().len() as u64
+    );
+    assert!(
+        problems.iter().all(
+            |(_, p)| matches!(p, ProblemKind::Corrupt { message } if message.contains("bytes"))
+        )
+    );
+}
+
+#[tokio::test]
+async fn truncated_and_missing_objects() {
+    let (fx, out, _) = setup().await;
+    let mut stored = out.manifest.chunks.iter_stored();
+    let (i1, r1) = stored.next().unwrap();
+    let (i2, r2) = stored.next().unwrap();
+    // Truncate one chunk file on disk and delete another.
+    let p1 = fx.local.path_of(&chunk::chunk_key(&r1.hash)).unwrap();
+    let len = std::fs::metadata(&p1).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p1)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    fx.store.delete(&chunk::chunk_key(&r2.hash)).await.unwrap();
+
+    let problems = verify(&fx.repo, false).await;
+    assert!(
+        problems.contains(&(
+            Some(i1),
+            ProblemKind::SizeMismatch {
+                expected: r1.stored_size,
+                actual: r1.stored_size - 10
+            }
+        )),
+        "{problems:?}"
+    );
+    assert!(
+        problems.contains(&(Some(i2), ProblemKind::Missing)),
+        "{problems:?}"
+    );
+    let err = restore_err(&fx, &fx.repo).await;
+    assert_eq!(err.class(), ErrorClass::Integrity, "{err:?}");
+    assert!(matches!(
+        err,
+        RepoError::ChunkCorrupt { .. } | RepoError::ChunkMissing { .. }
+    ));
+
+    // Backing up the same data again repairs the damaged chunk and re-uploads the missing one.
+    let src = fx.path("d.img");
+    let again = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
+        .await
+        .unwrap();
+    assert_eq!(again.stats.objects_written, 2, "{:?}", again.stats);
+    assert!(verify(&fx.repo, true).await.is_empty());
+}
+
+#[tokio::test]
+async fn future_formats_are_typed_errors_not_misreads() {
+    let (fx, out, _) = setup().await;
+    let key = manifest_key(&vol("v"), &snap("s"));
+
+    // A manifest of format version 99.
+    let mut json: serde_json::Value = serde_json::from_slice(&out.manifest.to_json()).unwrap();
+    json["format_version"] = 99.into();
+    let mut body = b"CBMF\x01".to_vec();
+    body.extend(zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 1).unwrap());
+    fx.store
+        .put(&key, Bytes::from(body), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let err = fx
+        .repo
+        .load_manifest(&vol("v"), &snap("s"))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        RepoError::Manifest {
+            source: CoreError::UnsupportedManifestVersion { found: 99, .. },
+            ..
+        }
+    ));
+    assert_eq!(err.class(), ErrorClass::Unsupported);
+    let problems = verify(&fx.repo, false).await;
+    assert!(matches!(
+        problems[0].1,
+        ProblemKind::ManifestUnreadable { .. }
+    ));
+    // GC must not guess what an unreadable manifest references.
+    let err = fx.repo.gc(Timestamp(0), false).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Unsupported);
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+
+    // An unknown manifest encoding.
+    fx.store
+        .put(
+            &key,
+            Bytes::from_static(b"CBMF\x07junk"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let err = fx
+        .repo
+        .load_manifest(&vol("v"), &snap("s"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::UnsupportedObject { .. }));
+
+    // A chunk object of a future format version.
+    fx.store
+        .put(
+            &key,
+            Bytes::from(fx_manifest_body(&out.manifest)),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let (_, ckey) = first_chunk(&out);
+    let mut cbody = fx.store.get(&ckey).await.unwrap().to_vec();
+    cbody[4] = 2;
+    fx.store
+        .put(&ckey, Bytes::from(cbody), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let err = restore_err(&fx, &fx.repo).await;
+    assert!(matches!(
+        err,
+        RepoError::ChunkCorrupt {
+            reason: ChunkDecodeError::Version(2),
+            ..
+        }
+    ));
+    assert_eq!(err.class(), ErrorClass::Unsupported);
+
+    // A repository config of a future version.
+    let cfg = fx.store.get("config").await.unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
+    cfg["version"] = 2.into();
+    fx.store
+        .put(
+            "config",
+            Bytes::from(serde_json::to_vec(&cfg).unwrap()),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let err = Repository::open(fx.store.clone()).await.unwrap_err();
+    assert!(matches!(
+        err,
+        RepoError::BadConfig {
+            unsupported: true,
+            ..
+        }
+    ));
+    assert_eq!(err.class(), ErrorClass::Unsupported);
+}
+
+fn fx_manifest_body(m: &Manifest) -> Vec<u8> {
+    let mut body = b"CBMF\x01".to_vec();
+    body.extend(zstd::bulk::compress(&m.to_json(), 1).unwrap());
+    body
+}
+
+#[tokio::test]
+async fn hostile_names_never_reach_keys() {
+    let (fx, out, _) = setup().await;
+    for bad in ["../../etc", "a/b", "..", "", "x\0y", "snap\n", "../config"] {
+        assert!(cbt_core::VolumeName::new(bad).is_err(), "{bad:?}");
+        assert!(cbt_core::SnapshotName::new(bad).is_err(), "{bad:?}");
+    }
+    // A manifest stored under another name than it describes is rejected, not trusted.
+    let other = manifest_key(&vol("v"), &snap("renamed"));
+    fx.store
+        .put(
+            &other,
+            Bytes::from(fx_manifest_body(&out.manifest)),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let err = fx
+        .repo
+        .load_manifest(&vol("v"), &snap("renamed"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::ManifestFraming { .. }));
+    fx.store.delete(&other).await.unwrap();
+    // Foreign keys under snapshots/ that are not valid names are ignored by listings.
+    fx.store
+        .put(
+            "snapshots/v/bad name",
+            Bytes::from_static(b"x"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    fx.store
+        .put(
+            "snapshots/v/-dash",
+            Bytes::from_static(b"x"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let list = fx.repo.list_snapshots(None).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].snapshot.as_str(), "s");
+    // Names in a manifest are validated on read.
+    let mut json: serde_json::Value = serde_json::from_slice(&out.manifest.to_json()).unwrap();
+    json["volume"] = "../x".into();
+    assert!(Manifest::from_json(&serde_json::to_vec(&json).unwrap()).is_err());
+}
+
+#[tokio::test]
+async fn locks_keep_gc_and_backups_apart_until_broken() {
+    let (fx, out, img) = setup().await;
+    // A backup that crashed left its shared lock behind.
+    let stale = fx
+        .repo
+        .lock_shared("backup v/crashed", Timestamp(5))
+        .await
+        .unwrap();
+    let stale_id = stale.info().id.clone();
+    std::mem::forget(stale);
+    let err = fx.repo.gc(Timestamp(6), false).await.unwrap_err();
+    assert!(matches!(err, RepoError::Locked { .. }));
+    assert_eq!(err.class(), ErrorClass::Conflict);
+    let locks = fx.repo.list_locks().await.unwrap();
+    assert_eq!(
+        locks.len(),
+        1,
+        "the failed GC removed its own exclusive lock"
+    );
+    assert_eq!(locks[0].purpose, "backup v/crashed");
+
+    // Explicitly breaking it lets GC run.
+    assert!(fx.repo.break_lock(&stale_id).await.unwrap());
+    assert!(!fx.repo.break_lock(&stale_id).await.unwrap());
+    let gc = fx.repo.gc(Timestamp(7), false).await.unwrap();
+    assert_eq!(gc.deleted_chunks, 0);
+    assert_eq!(
+        gc.kept_chunks,
+        out.manifest.chunks.unique_chunks().len() as u64
+    );
+
+    // While GC holds the exclusive lock, a backup is refused and leaves nothing behind.
+    let excl = fx.repo.lock_exclusive("gc", Timestamp(8)).await.unwrap();
+    let src = fx.write("d2.img", &img);
+    let err = backup_file(&fx.repo, &src, request("v", "s2", full(), 9))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::Locked { .. }));
+    assert!(fx.repo.lock_exclusive("gc2", Timestamp(8)).await.is_err());
+    excl.release().await.unwrap();
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+    backup_file(&fx.repo, &src, request("v", "s2", full(), 9))
+        .await
+        .unwrap();
+
+    // Orphans of a killed backup are collected; referenced chunks never are.
+    let orphan = chunk::encode(&noise(77, 5000), 1);
+    fx.repo.put_chunk(orphan.clone()).await.unwrap();
+    let dry = fx.repo.gc(Timestamp(10), true).await.unwrap();
+    assert_eq!((dry.deleted_chunks, dry.dry_run), (1, true));
+    assert!(
+        fx.store
+            .head(&chunk::chunk_key(&orphan.chunk.hash))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let real = fx.repo.gc(Timestamp(10), false).await.unwrap();
+    assert_eq!(real.deleted_chunks, 1);
+    assert!(
+        fx.store
+            .head(&chunk::chunk_key(&orphan.chunk.hash))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(verify(&fx.repo, true).await.is_empty());
+    let st = fx.repo.status().await.unwrap();
+    assert_eq!(st.snapshots.len(), 2);
+    assert!(
+        st.dedup_ratio > 1.0,
+        "two identical snapshots share chunks: {}",
+        st.dedup_ratio
+    );
+    assert!(st.snapshots.iter().all(|s| s.exclusive_stored_bytes == 0));
+    assert!(
+        matches!(out.manifest.chunks.get(3), ChunkState::Zero),
+        "image() leaves chunks 3..6 zero"
+    );
+}
+
+#[tokio::test]
+async fn init_twice_and_open_empty() {
+    let fx = Fixture::new().await;
+    let err = Repository::init(
+        fx.store.clone(),
+        cbt_store::repo::InitOptions {
+            chunk_size: None,
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, RepoError::AlreadyInitialized { ref id } if id == &fx.repo.config().id));
+    let empty = tempfile::tempdir().unwrap();
+    let store = Arc::new(cbt_store::store::LocalStore::new(empty.path()).unwrap());
+    assert!(matches!(
+        Repository::open(store.clone()).await.unwrap_err(),
+        RepoError::NotInitialized
+    ));
+    let bad = Repository::init(
+        store,
+        cbt_store::repo::InitOptions {
+            chunk_size: Some(1000),
+            now: Timestamp(0),
+        },
+    )
+    .await;
+    assert!(matches!(
+        bad.unwrap_err(),
+        RepoError::Core(CoreError::InvalidChunkSize { .. })
+    ));
+}
