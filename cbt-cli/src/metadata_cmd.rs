@@ -1,0 +1,724 @@
+//! `cbt metadata allocated|delta` (query a SnapshotMetadata service, like the Kubernetes
+//! snapshot-metadata-lister) and `cbt serve-metadata` (the file-backed server). Argument parsing
+//! and printing only; the work is done by `cbt_csi`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cbt_csi::client::Batch;
+use cbt_csi::server::{FaultPlan, FileMetadataService, Listen, ServerOptions, TlsIdentity};
+use cbt_csi::{
+    BlockType, ClientConfig, CsiError, ErrorKind, MetadataClient, MetadataRequest, Query,
+};
+
+use crate::Ctx;
+use crate::error::{CliError, ExitClass};
+
+/// Connection settings of a metadata service besides its endpoint (shared by `metadata` and
+/// `backup`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnArgs {
+    /// Bearer token (CSI: authorization metadata; Kubernetes API: security_token).
+    #[arg(
+        long = "metadata-token",
+        env = "CBT_METADATA_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token (e.g. a projected ServiceAccount token).
+    #[arg(long = "metadata-token-file", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle the server certificate must chain to (the SnapshotMetadataService caCert).
+    #[arg(long = "metadata-ca-file")]
+    pub ca_file: Option<PathBuf>,
+    /// TLS server name to verify instead of the endpoint host.
+    #[arg(long = "metadata-server-name")]
+    pub server_name: Option<String>,
+    /// Use the Kubernetes SnapshotMetadata API: namespace of the VolumeSnapshot(s).
+    /// Snapshots are then VolumeSnapshot names, except the delta base, which is a CSI handle.
+    #[arg(long = "metadata-namespace")]
+    pub namespace: Option<String>,
+    /// Deadline for each metadata call in seconds, resumes included.
+    #[arg(long = "metadata-deadline-secs", default_value_t = 600)]
+    pub deadline_secs: u64,
+    /// Consecutive failed attempts without progress before a call fails.
+    #[arg(long = "metadata-max-attempts", default_value_t = 6)]
+    pub max_attempts: u32,
+    /// Tuples per response message (0 = server chooses).
+    #[arg(
+        long = "metadata-max-results",
+        visible_alias = "max-results",
+        default_value_t = 0
+    )]
+    pub max_results: u32,
+}
+
+impl ConnArgs {
+    /// Builds the client configuration for `endpoint`, reading the token and CA files.
+    ///
+    /// # Errors
+    /// A usage error if a file cannot be read.
+    pub fn client_config(&self, endpoint: &str) -> Result<ClientConfig, CliError> {
+        let mut c = ClientConfig::new(endpoint);
+        let token = match (&self.token, &self.token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(p)) => Some(read(p)?.trim().to_string()),
+            (None, None) => None,
+        };
+        if let Some(t) = token {
+            c = c.with_token(t);
+        }
+        if let Some(p) = &self.ca_file {
+            c = c.with_ca_pem(read(p)?.into_bytes());
+        }
+        if let Some(n) = &self.server_name {
+            c = c.with_server_name(n);
+        }
+        c = c.with_deadline(Duration::from_secs(self.deadline_secs.max(1)));
+        c.retry.max_attempts = self.max_attempts.max(1);
+        Ok(c)
+    }
+
+    /// The allocated query for `snapshot` in this API flavour.
+    pub fn allocated(&self, snapshot: &str) -> Query {
+        match &self.namespace {
+            Some(ns) => Query::K8sAllocated {
+                namespace: ns.clone(),
+                snapshot_name: snapshot.to_string(),
+            },
+            None => Query::CsiAllocated {
+                snapshot_id: snapshot.to_string(),
+            },
+        }
+    }
+
+    /// The delta query from `base` (CSI handle) to `target` in this API flavour.
+    pub fn delta(&self, base: &str, target: &str) -> Query {
+        match &self.namespace {
+            Some(ns) => Query::K8sDelta {
+                namespace: ns.clone(),
+                base_snapshot_id: base.to_string(),
+                target_snapshot_name: target.to_string(),
+            },
+            None => Query::CsiDelta {
+                base_snapshot_id: base.to_string(),
+                target_snapshot_id: target.to_string(),
+            },
+        }
+    }
+}
+
+/// Endpoint plus connection settings of `cbt metadata`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EndpointArgs {
+    /// Service endpoint: unix:///path/csi.sock (CSI driver), https://host:port or host:port
+    /// (Kubernetes snapshot-metadata sidecar, TLS), http://host:port (plain TCP).
+    #[arg(
+        long = "metadata-endpoint",
+        visible_alias = "endpoint",
+        env = "CBT_METADATA_ENDPOINT"
+    )]
+    pub endpoint: String,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+fn read(p: &PathBuf) -> Result<String, CliError> {
+    std::fs::read_to_string(p)
+        .map_err(|e| CliError::usage(format!("cannot read {}: {e}", p.display())))
+}
+
+impl From<CsiError> for CliError {
+    fn from(e: CsiError) -> Self {
+        let (class, hint) = match &e {
+            CsiError::InvalidEndpoint { .. } | CsiError::Tls { .. } => (ExitClass::Config, None),
+            CsiError::Unauthenticated { .. }
+            | CsiError::PermissionDenied { .. }
+            | CsiError::Token { .. } => (
+                ExitClass::Config,
+                Some("check --metadata-token / --metadata-token-file and the identity's RBAC"),
+            ),
+            CsiError::Unimplemented { .. } => (
+                ExitClass::Config,
+                Some(
+                    "use --metadata-namespace only with the Kubernetes sidecar, and omit it for a CSI driver socket",
+                ),
+            ),
+            CsiError::InvalidArgument { .. }
+            | CsiError::SnapshotNotFound { .. }
+            | CsiError::OutOfRange { .. } => (ExitClass::Usage, None),
+            CsiError::CbtNotEnabled { .. } | CsiError::FailedPrecondition { .. } => {
+                (ExitClass::Usage, None)
+            }
+            CsiError::ProtocolViolation { .. } => (
+                ExitClass::Integrity,
+                Some(
+                    "the metadata service broke the protocol; report it to the CSI driver's maintainers",
+                ),
+            ),
+            _ => match e.kind() {
+                ErrorKind::Transient => (
+                    ExitClass::Transient,
+                    Some("this looks temporary: retry later"),
+                ),
+                ErrorKind::Config => (ExitClass::Config, None),
+                ErrorKind::Unsupported => (ExitClass::Usage, None),
+                ErrorKind::Protocol => (ExitClass::Integrity, None),
+                _ => (ExitClass::Internal, None),
+            },
+        };
+        CliError {
+            class,
+            message: e.to_string(),
+            hint: hint.map(str::to_string),
+        }
+    }
+}
+
+fn output_error(e: std::io::Error) -> CliError {
+    CliError {
+        class: ExitClass::Transient,
+        message: format!("writing output: {e}"),
+        hint: None,
+    }
+}
+
+/// `cbt metadata ...`: list allocated or changed ranges of snapshots.
+#[derive(Debug, clap::Subcommand)]
+pub enum MetadataCommand {
+    /// Ranges holding data in a snapshot (GetMetadataAllocated).
+    Allocated {
+        /// Snapshot: CSI snapshot handle, or VolumeSnapshot name with --metadata-namespace.
+        #[arg(long, short = 's')]
+        snapshot: String,
+        /// Byte offset to start from.
+        #[arg(long, default_value_t = 0)]
+        starting_offset: u64,
+        /// Only print totals.
+        #[arg(long)]
+        summary_only: bool,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+    /// Ranges that changed between two snapshots of a volume (GetMetadataDelta).
+    Delta {
+        /// Base (older) snapshot: always a CSI snapshot handle.
+        #[arg(long, short = 'b')]
+        base: String,
+        /// Target (newer) snapshot: CSI handle, or VolumeSnapshot name with --metadata-namespace.
+        #[arg(long, short = 's', visible_alias = "target")]
+        snapshot: String,
+        /// Byte offset to start from.
+        #[arg(long, default_value_t = 0)]
+        starting_offset: u64,
+        /// Only print totals.
+        #[arg(long)]
+        summary_only: bool,
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
+}
+
+/// Runs `cbt metadata ...`, streaming ranges to stdout (memory stays bounded by one message).
+///
+/// # Errors
+/// [`CliError`] on any failure; nothing is printed as complete unless the stream ended
+/// cleanly.
+pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliError> {
+    let json = ctx.out.json();
+    let (query, endpoint, starting_offset, summary_only) = match cmd {
+        MetadataCommand::Allocated {
+            snapshot,
+            starting_offset,
+            summary_only,
+            endpoint,
+        } => (
+            endpoint.conn.allocated(&snapshot),
+            endpoint,
+            starting_offset,
+            summary_only,
+        ),
+        MetadataCommand::Delta {
+            base,
+            snapshot,
+            starting_offset,
+            summary_only,
+            endpoint,
+        } => (
+            endpoint.conn.delta(&base, &snapshot),
+            endpoint,
+            starting_offset,
+            summary_only,
+        ),
+    };
+    let client = MetadataClient::connect(endpoint.conn.client_config(&endpoint.endpoint)?).await?;
+    let request = MetadataRequest::new(query.clone())
+        .starting_at(starting_offset)
+        .max_results(endpoint.conn.max_results);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    // Ranges are printed as they arrive, so memory stays bounded by one message even in JSON.
+    // Nothing is printed before the first range, so an immediate failure prints only the error.
+    let prefix = if json {
+        format!(
+            "{{\"query\":{},\"ranges\":[",
+            serde_json::json!(query.describe())
+        )
+    } else {
+        format!("{:>20} {:>16}\n", "OFFSET", "LENGTH")
+    };
+    let mut started = false;
+    let mut first = true;
+    let mut io_err: Option<std::io::Error> = None;
+    let mut print = |out: &mut dyn Write, b: &Batch| -> Result<(), std::io::Error> {
+        if summary_only {
+            return Ok(());
+        }
+        for e in &b.extents {
+            if !started {
+                out.write_all(prefix.as_bytes())?;
+                started = true;
+            }
+            if json {
+                if !first {
+                    out.write_all(b",")?;
+                }
+                write!(out, "{{\"offset\":{},\"length\":{}}}", e.offset, e.len)?;
+            } else {
+                writeln!(out, "{:>20} {:>16}", e.offset, e.len)?;
+            }
+            first = false;
+        }
+        Ok(())
+    };
+    let result = client
+        .for_each_batch(request, |b| {
+            print(&mut out, b).map_err(|e| {
+                let msg = e.to_string();
+                io_err = Some(e);
+                msg
+            })
+        })
+        .await;
+    if let Some(e) = io_err {
+        return Err(output_error(e));
+    }
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            // Close what was started so the partial listing is visibly incomplete.
+            if started {
+                let tail = if json {
+                    "],\"complete\":false}\n"
+                } else {
+                    "(incomplete: the call failed)\n"
+                };
+                let _ = out.write_all(tail.as_bytes());
+            }
+            let _ = out.flush();
+            return Err(e.into());
+        }
+    };
+    if json {
+        if !started {
+            out.write_all(prefix.as_bytes()).map_err(output_error)?;
+        }
+        writeln!(
+            out,
+            "],\"complete\":true,\"summary\":{}}}",
+            serde_json::to_string(&summary).unwrap_or_default()
+        )
+        .map_err(output_error)?;
+    } else {
+        if !started && !summary_only {
+            out.write_all(prefix.as_bytes()).map_err(output_error)?;
+        }
+        let block_type = summary.block_type.map(BlockType::as_str).unwrap_or("-");
+        writeln!(
+            out,
+            "ranges: {}  bytes: {} ({})  capacity: {} ({})  block type: {}{}  messages: {}  attempts: {}",
+            summary.ranges,
+            summary.bytes,
+            human(summary.bytes),
+            summary.volume_capacity_bytes,
+            human(summary.volume_capacity_bytes),
+            block_type,
+            summary.block_size.map(|b| format!(" ({b} B blocks)")).unwrap_or_default(),
+            summary.messages,
+            summary.attempts,
+        )
+        .map_err(output_error)?;
+    }
+    out.flush().map_err(output_error)?;
+    Ok(())
+}
+
+/// Binary-prefixed size for humans.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Tuple style flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BlockTypeArg {
+    /// Equal-size blocks (FIXED_LENGTH).
+    Fixed,
+    /// Coalesced extents (VARIABLE_LENGTH).
+    Variable,
+}
+
+/// `cbt serve-metadata`: serve the CSI and Kubernetes SnapshotMetadata APIs from image files.
+#[derive(Debug, clap::Args)]
+pub struct ServeMetadataArgs {
+    /// Directory of snapshot images (snapshot id = file name; optional <id>.meta.json).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// unix:///path/to.sock or tcp://IP:PORT.
+    #[arg(long)]
+    pub listen: String,
+    /// PEM server certificate (TCP only; enables TLS together with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require this bearer token.
+    #[arg(long, env = "CBT_METADATA_SERVER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Block granularity in bytes (power of two; K/M suffixes accepted).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub block_size: u64,
+    /// Tuple style of responses.
+    #[arg(long, value_enum, default_value_t = BlockTypeArg::Variable)]
+    pub block_type: BlockTypeArg,
+    /// Maximum tuples per response message.
+    #[arg(long, default_value_t = 1024)]
+    pub max_results: u32,
+    /// Test hook: abort streams with UNAVAILABLE after this many messages.
+    #[arg(long, hide = true)]
+    pub drop_after: Option<u32>,
+    /// Test hook: how many streams --drop-after aborts.
+    #[arg(long, hide = true, default_value_t = 1)]
+    pub drop_times: u32,
+}
+
+/// Parses `4096`, `64K`, `1M`, `1G` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&s[..i], 1u64 << 10),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&s[..i], 1 << 20),
+        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 1M)"))
+}
+
+/// Runs the server until Ctrl-C (or SIGTERM).
+///
+/// # Errors
+/// [`CliError`] if the options are unusable or the server fails.
+pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError> {
+    let mut opts = ServerOptions::new(&args.dir);
+    opts.block_size = args.block_size;
+    opts.block_type = match args.block_type {
+        BlockTypeArg::Fixed => BlockType::FixedLength,
+        BlockTypeArg::Variable => BlockType::VariableLength,
+    };
+    opts.max_results = args.max_results;
+    opts.token = args.token.clone();
+    opts.fault = args.drop_after.map(|n| FaultPlan {
+        drop_after_messages: n,
+        times: args.drop_times,
+    });
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(TlsIdentity {
+            cert_pem: read(c)?.into_bytes(),
+            key_pem: read(k)?.into_bytes(),
+        }),
+        _ => None,
+    };
+    let listen: Listen = args.listen.parse()?;
+    let service = FileMetadataService::new(opts)?;
+    let server = cbt_csi::server::spawn(service, listen, tls).await?;
+    eprintln!(
+        "serving CSI and Kubernetes SnapshotMetadata APIs from {} on {}",
+        args.dir.display(),
+        server.endpoint()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError {
+            class: ExitClass::Internal,
+            message: format!("cannot install SIGTERM handler: {e}"),
+            hint: None,
+        })?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    server.shutdown().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999999G").is_err());
+    }
+}
+
+/// `cbt backup` flags that take the ranges to read from a SnapshotMetadata service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CbtBackupArgs {
+    /// Take the ranges to read from this SnapshotMetadata service (see `cbt metadata --help`):
+    /// allocated ranges for a full backup, changed ranges for an incremental (--base-snapshot-id).
+    #[arg(
+        long = "metadata-endpoint",
+        requires = "snapshot_id",
+        value_name = "URL"
+    )]
+    pub metadata_endpoint: Option<String>,
+    /// The snapshot being backed up: CSI snapshot handle, or VolumeSnapshot name with
+    /// --metadata-namespace. Recorded in the manifest so a later incremental can use it as base.
+    #[arg(long, requires = "metadata_endpoint", value_name = "ID")]
+    pub snapshot_id: Option<String>,
+    /// Incremental: CSI snapshot handle the delta is computed against. It must be the snapshot the
+    /// repository's latest backup of this volume was taken from (see --allow-non-latest-base);
+    /// that backup becomes the parent.
+    #[arg(long, requires = "metadata_endpoint", value_name = "ID")]
+    pub base_snapshot_id: Option<String>,
+    /// With --metadata-namespace: the CSI handle of --snapshot-id (its VolumeSnapshotContent
+    /// status.snapshotHandle), recorded so the next incremental can name it as base.
+    #[arg(long, requires = "namespace", value_name = "HANDLE")]
+    pub snapshot_handle: Option<String>,
+    /// Accept a base that is not the latest backup of the volume (the matching older backup
+    /// becomes the parent).
+    #[arg(long, requires = "base_snapshot_id")]
+    pub allow_non_latest_base: bool,
+    /// If the service refuses the request (CBT not enabled, snapshot unknown, ...), take a full
+    /// backup instead (reading the device's data map, or every byte) rather than failing.
+    #[arg(long, requires = "metadata_endpoint")]
+    pub fallback_full: bool,
+    #[command(flatten)]
+    pub conn: ConnArgs,
+}
+
+/// What the metadata service decided for a backup.
+#[derive(Debug)]
+pub struct ServicePlan {
+    /// Full with allocated ranges, or incremental with changed ranges and the parent.
+    pub mode: cbt_store::engine::BackupMode,
+    /// Volume size reported by the service.
+    pub volume_size: Option<u64>,
+    /// Provenance to record in the manifest.
+    pub source: cbt_core::manifest::SourceInfo,
+}
+
+/// Picks the parent backup of an incremental whose delta base is CSI snapshot `base`.
+///
+/// The parent is the backup taken from `base` (or `explicit`, which must have been taken from
+/// `base`); unless `allow_non_latest`, it must be the latest backup of the volume, so that an
+/// incremental never silently builds on an older state.
+///
+/// # Errors
+/// A usage error naming the volume, the base and the latest backup.
+pub fn choose_parent(
+    mut manifests: Vec<cbt_core::Manifest>,
+    volume: &cbt_core::VolumeName,
+    base: &str,
+    explicit: Option<&cbt_core::SnapshotName>,
+    allow_non_latest: bool,
+) -> Result<cbt_core::Manifest, CliError> {
+    manifests.sort_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot)));
+    let full_hint = "take a full backup instead (omit --base-snapshot-id)";
+    let Some(latest) = manifests.last() else {
+        return Err(CliError::usage(format!(
+            "volume {volume} has no backup in this repository, so there is no parent for a delta from {base}"
+        ))
+        .with_hint(full_hint));
+    };
+    let from = |m: &cbt_core::Manifest| {
+        m.source
+            .csi_snapshot_id
+            .clone()
+            .unwrap_or_else(|| "an unrecorded snapshot".into())
+    };
+    let candidate = match explicit {
+        Some(p) => manifests.iter().find(|m| &m.snapshot == p).ok_or_else(|| {
+            CliError::usage(format!("--parent {p}: no such backup of volume {volume}"))
+        })?,
+        None => manifests.iter().rev().find(|m| m.source.csi_snapshot_id.as_deref() == Some(base)).ok_or_else(|| {
+            CliError::usage(format!(
+                "no backup of volume {volume} was taken from CSI snapshot {base} (the latest, {}, was taken from {})",
+                latest.snapshot,
+                from(latest)
+            ))
+            .with_hint(full_hint)
+        })?,
+    };
+    if candidate.source.csi_snapshot_id.as_deref() != Some(base) {
+        return Err(CliError::usage(format!(
+            "--parent {} was taken from {}, not from --base-snapshot-id {base}",
+            candidate.snapshot,
+            from(candidate)
+        )));
+    }
+    if candidate.snapshot_id != latest.snapshot_id && !allow_non_latest {
+        return Err(CliError::usage(format!(
+            "base CSI snapshot {base} is backup {} of volume {volume}, but the latest backup is {} (taken from {})",
+            candidate.snapshot,
+            latest.snapshot,
+            from(latest)
+        ))
+        .with_hint(format!(
+            "use --base-snapshot-id {} to build on the latest backup, or pass --allow-non-latest-base",
+            from(latest)
+        )));
+    }
+    Ok(candidate.clone())
+}
+
+/// Asks the service for the ranges of a backup (allocated for a full, delta for an
+/// incremental) and decides the parent. Progress notes go to stderr.
+///
+/// # Errors
+/// Service failures as [`CliError`]s: non-retryable ones suggest `--fallback-full`, which turns
+/// them into a full backup instead.
+pub async fn plan_backup(
+    repo: &cbt_store::repo::Repository,
+    volume: &cbt_core::VolumeName,
+    explicit_parent: Option<&cbt_core::SnapshotName>,
+    args: &CbtBackupArgs,
+) -> Result<ServicePlan, CliError> {
+    use cbt_store::engine::BackupMode;
+    let (Some(endpoint), Some(snapshot)) = (&args.metadata_endpoint, &args.snapshot_id) else {
+        return Err(CliError::usage("--metadata-endpoint needs --snapshot-id"));
+    };
+    let k8s = args.conn.namespace.is_some();
+    let source = cbt_core::manifest::SourceInfo {
+        csi_snapshot_id: if k8s {
+            args.snapshot_handle.clone()
+        } else {
+            Some(snapshot.clone())
+        },
+        base_csi_snapshot_id: args.base_snapshot_id.clone(),
+        namespace: args.conn.namespace.clone(),
+        volume_snapshot: k8s.then(|| snapshot.clone()),
+        ..Default::default()
+    };
+    if k8s && args.snapshot_handle.is_none() {
+        eprintln!(
+            "warning: no --snapshot-handle given: the CSI handle of {snapshot} is not recorded, so a later incremental cannot name this backup as its base"
+        );
+    }
+    let parent = match &args.base_snapshot_id {
+        Some(base) => Some(choose_parent(
+            repo.load_manifests(Some(volume)).await?,
+            volume,
+            base,
+            explicit_parent,
+            args.allow_non_latest_base,
+        )?),
+        None => None,
+    };
+    let client = MetadataClient::connect(args.conn.client_config(endpoint)?).await?;
+    let query = match &args.base_snapshot_id {
+        Some(base) => args.conn.delta(base, snapshot),
+        None => args.conn.allocated(snapshot),
+    };
+    let request = MetadataRequest::new(query.clone()).max_results(args.conn.max_results);
+    match client.collect_range_set(request).await {
+        Ok((ranges, summary)) => {
+            eprintln!(
+                "metadata: {} {}: {} ranges, {} of {} ({}, {} attempt(s))",
+                query.call(),
+                query.describe(),
+                summary.ranges,
+                human(summary.bytes),
+                human(summary.volume_capacity_bytes),
+                summary.block_type.map(BlockType::as_str).unwrap_or("-"),
+                summary.attempts
+            );
+            let volume_size = Some(summary.volume_capacity_bytes);
+            let mode = match parent {
+                Some(p) => BackupMode::Incremental {
+                    parent: Box::new(p),
+                    changed: ranges,
+                },
+                None => BackupMode::Full {
+                    allocated: Some(ranges),
+                },
+            };
+            Ok(ServicePlan {
+                mode,
+                volume_size,
+                source,
+            })
+        }
+        Err(e) if e.is_non_retryable_service_error() && args.fallback_full => {
+            eprintln!("warning: {e}\nwarning: --fallback-full: taking a full backup instead");
+            let mut source = source;
+            source.base_csi_snapshot_id = None;
+            // A failed delta may still leave the allocated map available.
+            let allocated = if args.base_snapshot_id.is_some() {
+                let req = MetadataRequest::new(args.conn.allocated(snapshot))
+                    .max_results(args.conn.max_results);
+                match client.collect_range_set(req).await {
+                    Ok((r, s)) => Some((r, s.volume_capacity_bytes)),
+                    Err(e2) => {
+                        eprintln!(
+                            "warning: allocated ranges unavailable too ({e2}); reading the device's data map"
+                        );
+                        None
+                    }
+                }
+            } else {
+                eprintln!(
+                    "warning: reading the device's data map (or every byte) instead of service metadata"
+                );
+                None
+            };
+            let volume_size = allocated.as_ref().map(|(_, c)| *c);
+            Ok(ServicePlan {
+                mode: BackupMode::Full {
+                    allocated: allocated.map(|(r, _)| r),
+                },
+                volume_size,
+                source,
+            })
+        }
+        Err(e) => {
+            let non_retryable = e.is_non_retryable_service_error();
+            let mut err = CliError::from(e);
+            if non_retryable {
+                err.hint = Some(format!(
+                    "{}pass --fallback-full to take a full backup instead of failing",
+                    err.hint.map(|h| format!("{h}; ")).unwrap_or_default()
+                ));
+            }
+            Err(err)
+        }
+    }
+}
