@@ -510,8 +510,25 @@ impl SnapShift {
                 }
                 None => None,
             };
+            let shape = PvcShape::from_pvc(pvc)?;
+            let pending = OriginSnapshot {
+                namespace: ons.to_string(),
+                name: vs_name.clone(),
+                content_name: String::new(),
+                handle: None,
+                driver: driver.clone().unwrap_or_default(),
+                restore_size: None,
+                source_volume_mode: match shape.volume_mode.as_deref() {
+                    Some("Block") => Some(VolumeMode::Block),
+                    _ => Some(VolumeMode::Filesystem),
+                },
+                class: req.origin_snapshot_class.clone(),
+                labels: desired.metadata.labels.clone().unwrap_or_default(),
+                annotations: desired.metadata.annotations.clone().unwrap_or_default(),
+                pvc: Some(shape),
+            };
             if self.opts.dry_run {
-                let (Some(driver), Some(dest_class)) = (driver, dest_class) else {
+                let (Some(_), Some(dest_class)) = (driver, dest_class) else {
                     return Err(Error::InvalidInput {
                         what: "dry run".into(),
                         reason: format!(
@@ -527,27 +544,20 @@ impl SnapShift {
                     vs_object,
                     &desired,
                 ));
-                let shape = PvcShape::from_pvc(pvc)?;
-                let origin = OriginSnapshot {
-                    namespace: ons.to_string(),
-                    name: vs_name.clone(),
-                    content_name: String::new(),
-                    handle: None,
-                    driver,
-                    restore_size: None,
-                    source_volume_mode: match shape.volume_mode.as_deref() {
-                        Some("Block") => Some(VolumeMode::Block),
-                        _ => Some(VolumeMode::Filesystem),
-                    },
-                    class: req.origin_snapshot_class.clone(),
-                    labels: desired.metadata.labels.clone().unwrap_or_default(),
-                    annotations: desired.metadata.annotations.clone().unwrap_or_default(),
-                    pvc: Some(shape),
-                };
                 return self
-                    .plan_and_compare(req, &origin, dest_class, planned, state, deadline)
+                    .plan_and_compare(req, &pending, dest_class, planned, state, deadline)
                     .await;
             }
+            // A snapshot not cut yet cannot match anything already in the destination:
+            // refuse before cutting one that could never land.
+            let ctx = DestinationContext {
+                origin_context: &o.context,
+                origin_server: &o.server,
+                dest_class: dest_class.as_deref(),
+                filter: &self.opts.filter,
+            };
+            self.names_taken(&plan_destination(&pending, req, &ctx)?, dns, deadline)
+                .await?;
             self.progress
                 .stage(item, &Stage::CreatingOriginSnapshot(vs_object.clone()));
             let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
@@ -884,7 +894,8 @@ impl SnapShift {
             cluster: d.context.clone(),
             kind,
             object,
-            reason: "the name is already taken".into(),
+            reason: "the name is taken, and a snapshot that is not cut yet cannot be what it holds"
+                .into(),
         };
         let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
         let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);

@@ -1,0 +1,436 @@
+//! Drives the real `snapshift` binary against two fake clusters sharing one
+//! storage backend; kubeconfigs are written to disk and resolved as kubectl would.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use fake_kube::{FakeKube, HttpFault, SharedBackend};
+use serde_json::{Value, json};
+
+const SNAP: &str = "snapshot.storage.k8s.io/v1";
+
+struct Env {
+    backend: SharedBackend,
+    east: FakeKube,
+    west: FakeKube,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+async fn env() -> Env {
+    let backend = SharedBackend::new();
+    let east = FakeKube::builder()
+        .backend(backend.clone())
+        .start()
+        .await
+        .unwrap();
+    let west = FakeKube::builder()
+        .backend(backend.clone())
+        .start()
+        .await
+        .unwrap();
+    east.seed_standard("apps").unwrap();
+    west.seed_standard("dr").unwrap();
+    east.seed_pvc(
+        "apps",
+        "db",
+        "2Gi",
+        "Block",
+        &["ReadWriteOnce"],
+        &[("app", "db")],
+    )
+    .unwrap();
+    east.seed_pvc(
+        "apps",
+        "web",
+        "1Gi",
+        "Filesystem",
+        &["ReadWriteMany"],
+        &[("app", "web")],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    east.write_kubeconfig(&dir.path().join("east.yaml"), "east")
+        .unwrap();
+    west.write_kubeconfig(&dir.path().join("west.yaml"), "west")
+        .unwrap();
+    std::fs::write(
+        dir.path().join("both.yaml"),
+        fake_kube::kubeconfig_yaml(&[(&east, "east"), (&west, "west")], "east"),
+    )
+    .unwrap();
+    Env {
+        backend,
+        east,
+        west,
+        dir,
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary off the runtime threads so the fake servers keep serving.
+async fn snapshift(home: &Path, kubeconfig_env: Option<String>, args: &[&str]) -> Run {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let home = home.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_snapshift"));
+        cmd.args(&args).env("HOME", &home).env_remove("RUST_LOG");
+        match kubeconfig_env {
+            Some(v) => cmd.env("KUBECONFIG", v),
+            None => cmd.env_remove("KUBECONFIG"),
+        };
+        let out = cmd.output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn writes(server: &FakeKube) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.method != "GET")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_flow_through_a_kubeconfig_list_then_rerun_and_verify() {
+    let env = env().await;
+    let list = std::env::join_paths([env.path("east.yaml"), env.path("west.yaml")])
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let args = [
+        "migrate",
+        "--pvc",
+        "db",
+        "-n",
+        "apps",
+        "--from-context",
+        "east",
+        "--to-context",
+        "west",
+        "--to-namespace",
+        "dr",
+        "--create-pvc",
+        "--pvc-name",
+        "db-copy",
+        "--timeout",
+        "20s",
+    ];
+    let run = snapshift(env.dir.path(), Some(list.clone()), &args).await;
+    assert_eq!(
+        run.code, 0,
+        "stdout:\n{}\nstderr:\n{}",
+        run.stdout, run.stderr
+    );
+    assert!(run.stdout.contains("pvc apps/db"), "{}", run.stdout);
+    assert!(run.stdout.contains("migrated"), "{}", run.stdout);
+    assert!(run.stdout.contains("dr/db-snapshift"), "{}", run.stdout);
+    assert!(
+        run.stderr
+            .contains("waiting for destination snapshot dr/db-snapshift"),
+        "{}",
+        run.stderr
+    );
+    let handle = env.backend.handles()[0].clone();
+    assert!(run.stdout.contains(&handle));
+    let vsc = env
+        .west
+        .get(
+            SNAP,
+            "VolumeSnapshotContent",
+            "",
+            "snapshift-dr-db-snapshift",
+        )
+        .unwrap();
+    assert_eq!(vsc["spec"]["source"]["snapshotHandle"], handle.as_str());
+    assert_eq!(vsc["spec"]["deletionPolicy"], "Retain");
+    let mut bound = false;
+    for _ in 0..100 {
+        let pvc = env
+            .west
+            .get("v1", "PersistentVolumeClaim", "dr", "db-copy")
+            .unwrap();
+        if pvc["status"]["phase"] == "Bound" {
+            assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "2Gi");
+            bound = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(bound, "restored PVC binds once the moved snapshot is ready");
+
+    // Same command again: already migrated, nothing written.
+    let before = writes(&env.west);
+    let mut json_args = args.to_vec();
+    json_args.extend(["-o", "json"]);
+    let run = snapshift(env.dir.path(), Some(list.clone()), &json_args).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["items"][0]["result"], "already-migrated");
+    assert_eq!(doc["failed"], 0);
+    assert_eq!(writes(&env.west), before);
+
+    let run = snapshift(
+        env.dir.path(),
+        Some(list),
+        &[
+            "verify",
+            "--from-context",
+            "east",
+            "--to-context",
+            "west",
+            "--to-namespace",
+            "dr",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("db-snapshift") && run.stdout.contains("ok"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_prints_yaml_and_creates_nothing() {
+    let env = env().await;
+    let east = env.path("east.yaml");
+    let west = env.path("west.yaml");
+    let args = [
+        "migrate",
+        "--pvc",
+        "db",
+        "-n",
+        "apps",
+        "--to-namespace",
+        "dr",
+        "--create-pvc",
+        "--dry-run",
+        "--from-kubeconfig",
+        east.to_str().unwrap(),
+        "--to-kubeconfig",
+        west.to_str().unwrap(),
+    ];
+    let run = snapshift(env.dir.path(), None, &args).await;
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    for needle in [
+        "# origin (context east): would create VolumeSnapshot apps/db-snapshift",
+        "# destination (context west): would create VolumeSnapshotContent snapshift-dr-db-snapshift",
+        "# destination (context west): would create PersistentVolumeClaim dr/db",
+        "kind: VolumeSnapshotContent",
+        "deletionPolicy: Retain",
+        "volumeSnapshotContentName: snapshift-dr-db-snapshift",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "missing {needle:?} in\n{}",
+            run.stdout
+        );
+    }
+    assert_eq!(writes(&env.east), 0);
+    assert_eq!(writes(&env.west), 0);
+    assert!(env.backend.handles().is_empty());
+
+    let mut json_args = args.to_vec();
+    json_args.extend(["-o", "json"]);
+    let run = snapshift(env.dir.path(), None, &json_args).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    let objects = doc["items"][0]["objects"].as_array().unwrap();
+    assert_eq!(objects.len(), 4);
+    assert_eq!(objects[1]["object"]["spec"]["deletionPolicy"], "Retain");
+    assert_eq!(writes(&env.west), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_map_to_exit_codes_with_actionable_messages() {
+    let env = env().await;
+    let kc = env.path("both.yaml").to_str().unwrap().to_string();
+    let base = [
+        "migrate",
+        "--kubeconfig",
+        kc.as_str(),
+        "--from-context",
+        "east",
+        "--to-context",
+        "west",
+        "-n",
+        "apps",
+    ];
+
+    // Missing destination namespace: configuration error.
+    let mut args = base.to_vec();
+    args.extend(["--pvc", "db", "--to-namespace", "nowhere"]);
+    let run = snapshift(env.dir.path(), None, &args).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("namespace nowhere does not exist"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("kubectl --context west create namespace nowhere"),
+        "{}",
+        run.stderr
+    );
+
+    // Unknown context.
+    let run = snapshift(
+        env.dir.path(),
+        None,
+        &[
+            "migrate",
+            "--kubeconfig",
+            &kc,
+            "--from-context",
+            "north",
+            "--pvc",
+            "db",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 3);
+    assert!(
+        run.stderr.contains("context \"north\" not found"),
+        "{}",
+        run.stderr
+    );
+
+    // Conflict.
+    env.west
+        .create(json!({"apiVersion": SNAP, "kind": "VolumeSnapshot",
+            "metadata": {"name": "web-snapshift", "namespace": "dr"},
+            "spec": {"source": {"volumeSnapshotContentName": "other"}}}))
+        .unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--pvc", "web", "--to-namespace", "dr"]);
+    let run = snapshift(env.dir.path(), None, &args).await;
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("already exists in cluster \"west\" and differs"),
+        "{}",
+        run.stderr
+    );
+
+    // Timeout: cleanup is reported, exit code says "retry later".
+    env.west.faults().set_never_ready(true);
+    let mut args = base.to_vec();
+    args.extend(["--pvc", "db", "--to-namespace", "dr", "--timeout", "1s"]);
+    let run = snapshift(env.dir.path(), None, &args).await;
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(run.stderr.contains("timed out"), "{}", run.stderr);
+    assert!(run.stderr.contains("removed from the destination: VolumeSnapshot dr/db-snapshift, VolumeSnapshotContent snapshift-dr-db-snapshift"), "{}", run.stderr);
+    assert!(
+        env.west
+            .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+            .is_none()
+    );
+    assert_eq!(env.backend.handles().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_by_selector_reports_each_item_and_survives_transient_errors() {
+    let env = env().await;
+    // A PVC that matches but is not bound: its snapshot fails.
+    env.east
+        .create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "cache", "namespace": "apps", "labels": {"app": "db"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "csi-hostpath-sc",
+                     "resources": {"requests": {"storage": "1Gi"}}}}))
+        .unwrap();
+    env.west
+        .faults()
+        .add_http(HttpFault::status(429, 1).method("POST"));
+    env.west.faults().add_http(
+        HttpFault::status(500, 1)
+            .method("GET")
+            .reset()
+            .path_contains("/csidrivers/"),
+    );
+    env.east.faults().fail_nth_request(3, 503);
+    let kc = env.path("both.yaml").to_str().unwrap().to_string();
+    let run = snapshift(
+        env.dir.path(),
+        None,
+        &[
+            "migrate",
+            "--kubeconfig",
+            &kc,
+            "--from-context",
+            "east",
+            "--to-context",
+            "west",
+            "-n",
+            "apps",
+            "--to-namespace",
+            "dr",
+            "-l",
+            "app=db",
+            "--concurrency",
+            "2",
+            "-o",
+            "json",
+            "--retry-backoff",
+            "20ms",
+        ],
+    )
+    .await;
+    assert_eq!(
+        run.code, 6,
+        "backend failure of one item\n{}\n{}",
+        run.stdout, run.stderr
+    );
+    let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["item"], "pvc apps/cache");
+    assert_eq!(items[0]["result"], "failed");
+    assert_eq!(items[0]["error"]["kind"], "backend");
+    assert!(
+        items[0]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not yet bound")
+    );
+    assert_eq!(items[1]["item"], "pvc apps/db");
+    assert_eq!(items[1]["result"], "migrated");
+    assert!(items[1]["seconds"].as_f64().is_some());
+    assert_eq!(doc["failed"], 1);
+    assert!(
+        env.west
+            .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+            .is_some()
+    );
+    assert!(
+        env.west
+            .get(SNAP, "VolumeSnapshot", "dr", "cache-snapshift")
+            .is_none()
+    );
+    assert!(
+        run.stderr.contains("retrying"),
+        "retries are logged: {}",
+        run.stderr
+    );
+}
