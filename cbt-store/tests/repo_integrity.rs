@@ -89,6 +89,24 @@ async fn flipped_byte_on_disk_is_caught_by_restore_and_verify() {
         }
         other => panic!("unexpected {other:?}"),
     }
+    // Replacing an existing file: a failed restore leaves the old file as it was.
+    let old = fx.write("old.img", b"previous contents");
+    let over = RestoreOptions {
+        overwrite: true,
+        ..Default::default()
+    };
+    let err = engine::restore(&fx.repo, &vol("v"), &snap("s"), &old, &over, &opts())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::ChunkCorrupt { .. }));
+    assert_eq!(std::fs::read(&old).unwrap(), b"previous contents");
+    let leftovers: Vec<_> = std::fs::read_dir(fx.dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("cbt-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary restore file left behind");
+
     assert!(verify(&fx.repo, false).await.is_empty(), "sizes are intact");
     let problems = verify(&fx.repo, true).await;
     assert_eq!(problems.len(), 1);

@@ -21,7 +21,9 @@ use crate::repo::{ChunkContext, RepoError, Repository, Result, decode_chunk};
 pub enum TargetKind {
     /// A file created by the restore: sized to the volume, sparse, zero chunks skipped.
     NewFile,
-    /// An existing regular file, truncated and re-sized: sparse, zero chunks skipped.
+    /// An existing regular file, replaced atomically: the snapshot is restored into a sparse
+    /// temporary file beside it that is renamed over it only once complete and fsynced (the old
+    /// file survives a failed restore; the new file gets default permissions).
     ReplacedFile,
     /// A block device (or a file with `in_place`): its size is kept, it must hold the volume,
     /// and zero chunks are zeroed (hole punch, else written zeros) so the result is exact.
@@ -88,9 +90,9 @@ pub async fn restore(
 ///
 /// Every chunk is checked (object size and crc32c, raw crc32c, BLAKE3) before it is written.
 /// A new file is created sparse at the volume size and only non-zero chunks are written; it
-/// is removed again if the restore fails. An existing file is truncated first (unless
-/// `in_place`); a device keeps its size and gets zeros where the snapshot has zeros. The
-/// target is fsynced at the end.
+/// is removed again if the restore fails. An existing file is replaced atomically (unless
+/// `in_place`). A device keeps its size and gets zeros where the snapshot has zeros; a failed
+/// restore leaves it partially written. The target is fsynced at the end.
 ///
 /// # Errors
 /// [`RepoError::TargetExists`] without `overwrite`; [`RepoError::TargetTooSmall`] for a
@@ -173,27 +175,36 @@ pub async fn restore_manifest(
         return Ok(report);
     }
 
+    // A replaced file is written as a new file beside it and renamed over it at the end.
+    let write_path = match kind {
+        TargetKind::ReplacedFile => {
+            let mut name = target.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(
+                ".cbt-restore-{}",
+                crate::repo::random_id("restore")
+            ));
+            target.with_file_name(name)
+        }
+        _ => target.to_path_buf(),
+    };
     let file = match kind {
-        TargetKind::NewFile => OpenOptions::new()
+        TargetKind::NewFile | TargetKind::ReplacedFile => OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(target)
+            .open(&write_path)
             .and_then(|f| f.set_len(volume_size).map(|()| f)),
-        TargetKind::ReplacedFile => OpenOptions::new().write(true).open(target).and_then(|f| {
-            // Truncating to zero first drops every old block, so the file is exact and sparse.
-            f.set_len(0)?;
-            f.set_len(volume_size)?;
-            Ok(f)
-        }),
         TargetKind::InPlace => OpenOptions::new().write(true).open(target),
     }
     .map_err(tio(None))?;
     let file = Arc::new(file);
 
-    let result = write_all(repo, manifest, &plan, file.clone(), target, &engine).await;
-    if result.is_err() && kind == TargetKind::NewFile {
-        // Do not leave a half-restored image that looks like a complete one.
-        let _ = fs::remove_file(target);
+    let mut result = write_all(repo, manifest, &plan, file.clone(), &write_path, &engine).await;
+    if result.is_ok() && kind == TargetKind::ReplacedFile {
+        result = fs::rename(&write_path, target).map_err(tio(None));
+    }
+    if result.is_err() && kind != TargetKind::InPlace {
+        // Never leave a half-restored image that looks like a complete one.
+        let _ = fs::remove_file(&write_path);
     }
     result?;
     report.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -167,12 +167,17 @@ impl Repository {
     /// returned as errors.
     ///
     /// # Errors
-    /// Only failures to list or talk to the store, or a missing requested snapshot.
+    /// Only failures to list or talk to the store, a missing requested snapshot, or a
+    /// snapshot given without its volume.
     pub async fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         let mut manifests = Vec::new();
         if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
             manifests.push(self.load_manifest(v, s).await?);
+        } else if let Some(s) = &opts.snapshot {
+            return Err(RepoError::InvalidRequest {
+                reason: format!("snapshot {s} given without its volume"),
+            });
         } else {
             for (v, s) in self.manifest_keys(opts.volume.as_ref()).await? {
                 match self.load_manifest(&v, &s).await {
