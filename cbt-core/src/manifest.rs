@@ -414,7 +414,11 @@ impl Manifest {
     }
 
     /// Serializes to the compact JSON wire form (always the current format version).
-    pub fn to_json(&self) -> Vec<u8> {
+    ///
+    /// # Errors
+    /// [`CoreError::ManifestInvalid`] if the encoder fails, which plain strings and integers
+    /// never make it do; the error exists so a broken manifest is never written silently.
+    pub fn to_json(&self) -> Result<Vec<u8>, CoreError> {
         let wire = WireRef {
             format_version: MANIFEST_FORMAT_VERSION,
             volume: &self.volume,
@@ -433,8 +437,9 @@ impl Manifest {
                 .map(|(i, r)| (i, r.hash, r.stored_size, r.crc32c, r.raw_len))
                 .collect(),
         };
-        // Serializing plain structs of strings and integers into a Vec cannot fail.
-        serde_json::to_vec(&wire).unwrap_or_default()
+        serde_json::to_vec(&wire).map_err(|e| CoreError::ManifestInvalid {
+            reason: format!("cannot encode: {e}"),
+        })
     }
 
     /// Parses the JSON wire form, checking the format version before anything else.
@@ -579,7 +584,7 @@ mod tests {
     #[test]
     fn json_round_trip() {
         let m = sample();
-        let bytes = m.to_json();
+        let bytes = m.to_json().unwrap();
         assert_eq!(Manifest::from_json(&bytes).unwrap(), m);
         assert_eq!(m.chunks.allocated_bytes(), 4096 + 10_000 - 8192);
         assert_eq!(m.chunks.get(1), ChunkState::Zero);
@@ -587,7 +592,8 @@ mod tests {
 
     #[test]
     fn future_and_missing_versions_are_typed_errors() {
-        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
         v["format_version"] = 2.into();
         // A future version may change any field; it must be rejected before decoding them.
         v["chunks"] = "something new".into();
@@ -614,7 +620,7 @@ mod tests {
 
     #[test]
     fn inconsistent_manifests_are_rejected() {
-        let base: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        let base: serde_json::Value = serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
         let cases: Vec<(&str, serde_json::Value)> = vec![
             ("index past end", serde_json::json!([[3, h(1), 1, 1, 4096]])),
             ("wrong raw len", serde_json::json!([[0, h(1), 1, 1, 4000]])),

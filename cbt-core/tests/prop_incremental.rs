@@ -134,6 +134,6 @@ proptest! {
         prop_assert!(target == image, "restored image differs");
 
         // The manifest survives its wire form unchanged.
-        prop_assert_eq!(Manifest::from_json(&child.to_json()).unwrap(), child);
+        prop_assert_eq!(Manifest::from_json(&child.to_json().unwrap()).unwrap(), child);
     }
 }

@@ -322,6 +322,16 @@ async fn bad_requests_are_clear_errors() {
         .unwrap_err();
     assert!(matches!(err, RepoError::InvalidRequest { .. }));
 
+    // An incremental cannot change the chunk size.
+    let mode = BackupMode::Incremental {
+        parent: Box::new(base.manifest.clone()),
+        changed: cbt_core::RangeSet::new(),
+    };
+    let mut req = request("v", "z", mode, 2);
+    req.chunk_size = Some(2 * CS);
+    let err = backup_file(&fx.repo, &src, req).await.unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }));
+
     // Deleted parent: refused (its chunks may be gone after GC).
     fx.repo
         .delete_snapshot(&vol("v"), &snap("base"))

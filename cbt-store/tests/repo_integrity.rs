@@ -222,7 +222,8 @@ async fn future_formats_are_typed_errors_not_misreads() {
     let key = manifest_key(&vol("v"), &snap("s"));
 
     // A manifest of format version 99.
-    let mut json: serde_json::Value = serde_json::from_slice(&out.manifest.to_json()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&out.manifest.to_json().unwrap()).unwrap();
     json["format_version"] = 99.into();
     let mut body = b"CBMF\x01".to_vec();
     body.extend(zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 1).unwrap());
@@ -320,7 +321,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
 
 fn fx_manifest_body(m: &Manifest) -> Vec<u8> {
     let mut body = b"CBMF\x01".to_vec();
-    body.extend(zstd::bulk::compress(&m.to_json(), 1).unwrap());
+    body.extend(zstd::bulk::compress(&m.to_json().unwrap(), 1).unwrap());
     body
 }
 
@@ -369,7 +370,8 @@ async fn hostile_names_never_reach_keys() {
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].snapshot.as_str(), "s");
     // Names in a manifest are validated on read.
-    let mut json: serde_json::Value = serde_json::from_slice(&out.manifest.to_json()).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&out.manifest.to_json().unwrap()).unwrap();
     json["volume"] = "../x".into();
     assert!(Manifest::from_json(&serde_json::to_vec(&json).unwrap()).is_err());
 }

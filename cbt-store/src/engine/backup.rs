@@ -48,7 +48,8 @@ pub struct BackupRequest {
     pub source_info: SourceInfo,
     /// Labels recorded in the manifest.
     pub labels: BTreeMap<String, String>,
-    /// Chunk size of a full backup (default: the repository's). Incrementals use the parent's.
+    /// Chunk size of a full backup (default: the repository's). Incrementals use the parent's;
+    /// giving a different one is an error.
     pub chunk_size: Option<u64>,
     /// Volume size (default: the source size). May not exceed the source size.
     pub volume_size: Option<u64>,
@@ -139,6 +140,14 @@ pub async fn backup(
                     reason: format!(
                         "parent {}/{} belongs to another volume than {}",
                         parent.volume, parent.snapshot, req.volume
+                    ),
+                });
+            }
+            if let Some(cs) = req.chunk_size.filter(|cs| *cs != parent.chunk_size()) {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!(
+                        "chunk size {cs} differs from the parent's {}; an incremental keeps its parent's chunk size",
+                        parent.chunk_size()
                     ),
                 });
             }

@@ -612,7 +612,7 @@ pub fn decode_chunk(
 }
 
 fn encode_manifest(m: &Manifest) -> Result<Bytes> {
-    let json = m.to_json();
+    let json = m.to_json()?;
     let z = zstd::bulk::compress(&json, 3).map_err(|e| RepoError::Internal {
         message: format!("compressing manifest: {e}"),
     })?;
