@@ -3,10 +3,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cbt_k8s::snapshift::{
-    MigrateOptions, MigrationRequest, Outcome, PlannedAction, Side, SnapShift,
+    MigrateOptions, MigrationRequest, Outcome, PlannedAction, Progress, Side, SnapShift, Stage,
 };
 use cbt_k8s::{ClusterTarget, Error, ErrorKind, RetryPolicy, connect};
 use fake_kube::{FakeKube, HttpFault, SharedBackend};
@@ -628,4 +629,94 @@ async fn unknown_context_and_bad_kubeconfig_are_config_errors() {
     .await
     .unwrap();
     assert_eq!(c.context, "east");
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(String, Stage)>>);
+
+impl Progress for Recorder {
+    fn stage(&self, item: &str, stage: &Stage) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((item.to_string(), stage.clone()));
+    }
+}
+
+#[tokio::test]
+async fn concurrency_one_runs_items_one_after_another() {
+    let env = env().await;
+    let recorder = Arc::new(Recorder::default());
+    let s = shift(&env, opts()).await.with_progress(recorder.clone());
+    let reqs: Vec<MigrationRequest> = ["db", "web"]
+        .iter()
+        .map(|p| to_dr(MigrationRequest::for_pvc("apps", p)))
+        .collect();
+    let reports = s.migrate_all(&reqs, 1).await;
+    assert!(reports.iter().all(|r| r.result.is_ok()));
+    let items: Vec<String> = recorder
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(i, _)| i.clone())
+        .collect();
+    let first_web = items.iter().position(|i| i == "pvc apps/web").unwrap();
+    assert!(items[..first_web].iter().all(|i| i == "pvc apps/db"));
+    assert!(
+        items[first_web..].iter().all(|i| i == "pvc apps/web"),
+        "{items:?}"
+    );
+    let recorded = recorder.0.lock().unwrap();
+    assert!(
+        recorded
+            .iter()
+            .any(|(_, s)| matches!(s, Stage::WaitingDestination(d) if d == "dr/web-snapshift"))
+    );
+}
+
+#[tokio::test]
+async fn readiness_is_awaited_with_a_watch_from_the_resource_version() {
+    let env = env().await;
+    env.west.faults().set_controller_paused(true);
+    let s = shift(&env, opts()).await;
+    let req = to_dr(MigrationRequest::for_pvc("apps", "db"));
+    let run = tokio::spawn(async move { s.migrate(&req).await });
+    // Hold the destination snapshot unready until the client is watching it.
+    let mut watch_query = None;
+    for _ in 0..500 {
+        watch_query = env
+            .west
+            .requests()
+            .into_iter()
+            .find(|r| {
+                r.query.contains("watch=true") && r.path.ends_with("/namespaces/dr/volumesnapshots")
+            })
+            .map(|r| r.query);
+        if watch_query.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let query = watch_query.expect("the client watches the destination snapshot");
+    assert!(
+        query.contains("fieldSelector=metadata.name%3Ddb-snapshift"),
+        "{query}"
+    );
+    let vs = env
+        .west
+        .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    let rv = vs["metadata"]["resourceVersion"].as_str().unwrap();
+    assert!(
+        query.contains(&format!("resourceVersion={rv}")),
+        "{query} should resume from {rv}"
+    );
+    env.west.faults().set_controller_paused(false);
+    let report = run.await.unwrap();
+    assert!(
+        matches!(report.result, Ok(Outcome::Migrated { .. })),
+        "{:?}",
+        report.result
+    );
 }

@@ -75,6 +75,7 @@ struct Inner {
     http: Vec<HttpFault>,
     snapshot_error: Option<String>,
     never_ready: bool,
+    controller_paused: bool,
 }
 
 /// The fault switches of one fake server; clones share state.
@@ -108,6 +109,15 @@ impl Faults {
     /// Makes snapshot contents never report readyToUse=true.
     pub fn set_never_ready(&self, never: bool) {
         self.lock().never_ready = never;
+    }
+
+    /// Stops (true) or resumes (false) the simulated controllers, to hold objects in a state.
+    pub fn set_controller_paused(&self, paused: bool) {
+        self.lock().controller_paused = paused;
+    }
+
+    pub(crate) fn controller_paused(&self) -> bool {
+        self.lock().controller_paused
     }
 
     pub(crate) fn snapshot_error(&self) -> Option<String> {

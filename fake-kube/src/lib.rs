@@ -162,6 +162,9 @@ async fn controller_loop(state: Arc<State>) {
             _ = state.changed.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+        if state.faults.controller_paused() {
+            continue;
+        }
         let mut store = state.lock_store();
         // A few passes so chains (content -> snapshot -> PVC) settle in one wake-up.
         for _ in 0..4 {

@@ -218,6 +218,15 @@ pub(crate) async fn handle(
             }
             Ok(json_response(code, &v))
         }
+        Ok(Reply::WatchExpired(e)) => {
+            let line = event_line("ERROR", &e.to_status());
+            let mut resp = Response::new(full(line.to_vec()));
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            Ok(resp)
+        }
         Ok(Reply::Watch(replay, rx, filter, timeout)) => {
             Ok(watch_response(replay, rx, filter, timeout))
         }
@@ -227,6 +236,7 @@ pub(crate) async fn handle(
 
 enum Reply {
     Json(u16, Value),
+    WatchExpired(ApiError),
     Watch(
         Vec<Event>,
         tokio::sync::broadcast::Receiver<Event>,
@@ -286,7 +296,13 @@ fn dispatch(
                 let timeout = query_param(query, "timeoutSeconds")
                     .and_then(|v| v.parse::<u64>().ok())
                     .unwrap_or(1800);
-                let (replay, rx) = store.watch(rt, route.ns.as_deref(), since, &sel)?;
+                let (replay, rx) = match store.watch(rt, route.ns.as_deref(), since, &sel) {
+                    Ok(w) => w,
+                    // Like the real server: a watch from a compacted resourceVersion is
+                    // answered 200 with one ERROR event carrying 410 Expired.
+                    Err(e) if e.code == 410 => return Ok(Reply::WatchExpired(e)),
+                    Err(e) => return Err(e),
+                };
                 return Ok(Reply::Watch(
                     replay,
                     rx,

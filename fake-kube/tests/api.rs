@@ -412,3 +412,46 @@ async fn driver_faults_error_and_never_ready() {
     a.faults().set_never_ready(false);
     wait_ready(&vs, "n").await;
 }
+
+#[tokio::test]
+async fn watch_from_a_compacted_resource_version_gets_410_expired() {
+    let a = FakeKube::builder()
+        .event_log_capacity(2)
+        .start()
+        .await
+        .unwrap();
+    for ns in ["a", "b", "c", "d"] {
+        a.seed_namespace(ns).unwrap();
+    }
+    let c = client_for(&a, "ctx").await;
+    let ns: Api<Namespace> = Api::all(c);
+    let mut stream = ns
+        .watch(&WatchParams::default().timeout(2), "1")
+        .await
+        .unwrap()
+        .boxed();
+    match stream.try_next().await.unwrap().unwrap() {
+        WatchEvent::Error(status) => {
+            assert_eq!((status.code, status.reason.as_str()), (410, "Expired"))
+        }
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    // From the current version the watch works and sees new objects.
+    let rv = ns
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut stream = ns
+        .watch(&WatchParams::default().timeout(2), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    a.seed_namespace("e").unwrap();
+    match stream.try_next().await.unwrap().unwrap() {
+        WatchEvent::Added(n) => assert_eq!(n.metadata.name.as_deref(), Some("e")),
+        other => panic!("expected Added, got {other:?}"),
+    }
+}

@@ -22,7 +22,11 @@ use serde_json::{Value, json};
 #[command(
     name = "snapshift",
     version,
-    about = "Move VolumeSnapshots between Kubernetes clusters that share a storage backend, without copying data"
+    about = "Move VolumeSnapshots between Kubernetes clusters that share a storage backend, without copying data",
+    after_help = "Exit codes: 0 success; 1 several kinds of failure in one batch; 2 usage; \
+3 configuration (kubeconfig, context, missing driver/class/namespace, bad input); \
+4 conflict with an existing object; 5 transient (timeout, throttling, 5xx): retry later; \
+6 storage/snapshot controller failure, or verify found problems; 70 bug."
 )]
 struct Cli {
     #[command(subcommand)]

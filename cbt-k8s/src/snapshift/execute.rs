@@ -584,7 +584,20 @@ impl SnapShift {
             .stage(item, &Stage::WaitingOrigin(vs_object.clone()));
         let vs = self
             .wait_snapshot_ready(o, &o_vs, ons, &vs_name, deadline)
-            .await?;
+            .await
+            .map_err(|e| match (e, &req.source) {
+                // Our own failed snapshot would be found again by the next run: say how to retry.
+                (Error::SnapshotFailed { cluster, object, message }, SnapshotSource::Pvc(_)) => {
+                    Error::SnapshotFailed {
+                        message: format!(
+                            "{message} (snapshift cut this snapshot; delete it with `kubectl --context {cluster} -n {ons} delete volumesnapshot {vs_name}` before retrying)"
+                        ),
+                        cluster,
+                        object,
+                    }
+                }
+                (e, _) => e,
+            })?;
         let content_name = vs.bound_content().unwrap_or_default().to_string();
         let o_vsc: Api<VolumeSnapshotContent> = Api::all(o.client.clone());
         let vsc = self
