@@ -6,6 +6,7 @@
 
 mod commands;
 mod error;
+mod metadata_cmd;
 mod output;
 
 use std::process::ExitCode;
@@ -88,6 +89,12 @@ pub enum Command {
     /// Inspect or break repository locks.
     #[command(subcommand)]
     Lock(commands::maint::LockCommand),
+    /// Query a SnapshotMetadata service (CSI driver or Kubernetes sidecar) for allocated or
+    /// changed ranges.
+    #[command(subcommand)]
+    Metadata(metadata_cmd::MetadataCommand),
+    /// Serve the CSI and Kubernetes SnapshotMetadata APIs from a directory of snapshot images.
+    ServeMetadata(metadata_cmd::ServeMetadataArgs),
 }
 
 /// Everything a command needs besides its own arguments.
@@ -144,6 +151,8 @@ async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
         Command::Prune(args) => commands::maint::prune(&ctx, args).await,
         Command::Status => commands::maint::status(&ctx).await,
         Command::Lock(cmd) => commands::maint::lock(&ctx, cmd).await,
+        Command::Metadata(cmd) => metadata_cmd::run_metadata(&ctx, cmd).await,
+        Command::ServeMetadata(args) => metadata_cmd::run_serve_metadata(args).await,
     }
 }
 

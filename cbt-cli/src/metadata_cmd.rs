@@ -271,36 +271,61 @@ pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliErro
     let mut started = false;
     let mut first = true;
     let mut io_err: Option<std::io::Error> = None;
-    let mut print = |out: &mut dyn Write, b: &Batch| -> Result<(), std::io::Error> {
+    // One extent is held back so extents touching across messages print as one range.
+    let mut pending: Option<cbt_csi::Extent> = None;
+    let mut emit = |out: &mut dyn Write, e: cbt_csi::Extent| -> Result<(), std::io::Error> {
+        if !started {
+            out.write_all(prefix.as_bytes())?;
+            started = true;
+        }
+        if json {
+            if !first {
+                out.write_all(b",")?;
+            }
+            write!(out, "{{\"offset\":{},\"length\":{}}}", e.offset, e.len)?;
+        } else {
+            writeln!(out, "{:>20} {:>16}", e.offset, e.len)?;
+        }
+        first = false;
+        Ok(())
+    };
+    let mut print = |out: &mut dyn Write, b: Option<&Batch>| -> Result<(), std::io::Error> {
         if summary_only {
             return Ok(());
         }
+        let Some(b) = b else {
+            return match pending.take() {
+                Some(p) => emit(out, p),
+                None => Ok(()),
+            };
+        };
         for e in &b.extents {
-            if !started {
-                out.write_all(prefix.as_bytes())?;
-                started = true;
-            }
-            if json {
-                if !first {
-                    out.write_all(b",")?;
+            match &mut pending {
+                Some(p) if p.end() == e.offset => p.len += e.len,
+                Some(p) => {
+                    let done = *p;
+                    *p = *e;
+                    emit(out, done)?;
                 }
-                write!(out, "{{\"offset\":{},\"length\":{}}}", e.offset, e.len)?;
-            } else {
-                writeln!(out, "{:>20} {:>16}", e.offset, e.len)?;
+                None => pending = Some(*e),
             }
-            first = false;
         }
         Ok(())
     };
     let result = client
         .for_each_batch(request, |b| {
-            print(&mut out, b).map_err(|e| {
+            print(&mut out, Some(b)).map_err(|e| {
                 let msg = e.to_string();
                 io_err = Some(e);
                 msg
             })
         })
         .await;
+    if result.is_ok()
+        && let Err(e) = print(&mut out, None)
+    {
+        io_err = Some(e);
+    }
     if let Some(e) = io_err {
         return Err(output_error(e));
     }

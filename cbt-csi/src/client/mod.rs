@@ -475,6 +475,7 @@ pub struct MetadataStream {
     rng: backoff::Jitter,
     emitted_ranges: u64,
     emitted_bytes: u64,
+    last_end: Option<u64>,
 }
 
 impl std::fmt::Debug for MetadataStream {
@@ -504,6 +505,7 @@ impl MetadataStream {
             rng,
             emitted_ranges: 0,
             emitted_bytes: 0,
+            last_end: None,
         }
     }
 
@@ -513,7 +515,8 @@ impl MetadataStream {
     }
 
     /// Totals so far (complete once `next_batch` returned `Ok(None)`). `ranges` counts extents
-    /// as emitted in batches; touching extents of consecutive batches are not merged here.
+    /// as if touching extents of consecutive batches were merged (as [`MetadataClient::collect`]
+    /// does); the batches themselves are not merged with each other.
     pub fn summary(&self) -> MetadataSummary {
         MetadataSummary {
             volume_capacity_bytes: self.norm.capacity().unwrap_or(0),
@@ -590,7 +593,12 @@ impl MetadataStream {
                     if extents.is_empty() {
                         continue;
                     }
-                    self.emitted_ranges += extents.len() as u64;
+                    // Count ranges as merged across batches, like the collected result.
+                    let touching = extents
+                        .first()
+                        .is_some_and(|e| Some(e.offset) == self.last_end);
+                    self.emitted_ranges += extents.len() as u64 - u64::from(touching);
+                    self.last_end = extents.last().map(|e| e.end());
                     self.emitted_bytes += extents.iter().map(|e| e.len).sum::<u64>();
                     let block_type = self.norm.block_type().unwrap_or(BlockType::VariableLength);
                     return Ok(Some(Batch {

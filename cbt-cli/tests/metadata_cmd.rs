@@ -1,0 +1,421 @@
+//! `cbt serve-metadata`, `cbt metadata allocated|delta` and `cbt backup --metadata-endpoint`
+//! as real processes over a unix socket.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+
+struct Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path, sock: &Path, extra: &[&str]) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .args(["serve-metadata", "--dir"])
+        .arg(dir)
+        .arg("--listen")
+        .arg(format!("unix://{}", sock.display()))
+        .args(["--block-size", "64K"])
+        .args(extra)
+        .env_remove("CBT_METADATA_SERVER_TOKEN")
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Server {
+        child,
+        endpoint: format!("unix://{}", sock.display()),
+    }
+}
+
+fn cbt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .args(args)
+        .env_remove("CBT_REPO")
+        .env_remove("CBT_METADATA_ENDPOINT")
+        .env_remove("CBT_METADATA_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = cbt(args);
+    assert!(
+        out.status.success(),
+        "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn image(path: &Path, size: u64, writes: &[(u64, u8, usize)]) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    for &(off, byte, len) in writes {
+        f.write_all_at(&vec![byte; len], off).unwrap();
+    }
+}
+
+fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let snaps = t.path().join("snaps");
+    std::fs::create_dir(&snaps).unwrap();
+    let sock = t.path().join("m.sock");
+    (t, snaps, sock)
+}
+
+#[test]
+fn metadata_lists_allocated_and_delta_as_table_and_json() {
+    let (_t, snaps, sock) = dirs();
+    image(
+        &snaps.join("s1"),
+        8 * MIB,
+        &[(0, 1, 100_000), (4 * MIB, 2, 10)],
+    );
+    std::fs::copy(snaps.join("s1"), snaps.join("s2")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snaps.join("s2"))
+        .unwrap()
+        .write_all_at(&[9], 6 * MIB)
+        .unwrap();
+    let srv = serve(
+        &snaps,
+        &sock,
+        &[
+            "--token",
+            "tok",
+            "--block-type",
+            "fixed",
+            "--max-results",
+            "1",
+        ],
+    );
+    let ep = srv.endpoint.as_str();
+
+    let table = ok(&[
+        "metadata",
+        "allocated",
+        "--metadata-endpoint",
+        ep,
+        "--metadata-token",
+        "tok",
+        "-s",
+        "s1",
+    ]);
+    assert!(table.contains("OFFSET"), "{table}");
+    assert!(table.contains("ranges: 2  bytes: 196608"), "{table}");
+    assert!(table.contains("FIXED_LENGTH (65536 B blocks)"), "{table}");
+
+    let token_file = snaps.parent().unwrap().join("token");
+    std::fs::write(&token_file, "tok\n").unwrap();
+    let json = ok(&[
+        "-o",
+        "json",
+        "metadata",
+        "delta",
+        "--endpoint",
+        ep,
+        "--metadata-token-file",
+        token_file.to_str().unwrap(),
+        "-b",
+        "s1",
+        "-s",
+        "s2",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["complete"], true);
+    assert_eq!(
+        v["ranges"],
+        serde_json::json!([{"offset": 6 * MIB, "length": 65536}])
+    );
+    assert_eq!(v["summary"]["volume_capacity_bytes"], 8 * MIB);
+
+    // Missing token: configuration error (exit 5) with a hint; unknown snapshot: usage (exit 2).
+    let out = cbt(&["metadata", "allocated", "--endpoint", ep, "-s", "s1"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not authenticated"));
+    let out = cbt(&[
+        "-o",
+        "json",
+        "metadata",
+        "allocated",
+        "--endpoint",
+        ep,
+        "--metadata-token",
+        "tok",
+        "-s",
+        "nope",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("snapshot not found")
+    );
+}
+
+#[test]
+fn metadata_resumes_a_dropped_stream() {
+    let (_t, snaps, sock) = dirs();
+    let writes: Vec<(u64, u8, usize)> = (0..20).map(|i| (i * 2 * 65536, 1u8, 10)).collect();
+    image(&snaps.join("s"), 40 * 65536, &writes);
+    let srv = serve(
+        &snaps,
+        &sock,
+        &[
+            "--max-results",
+            "2",
+            "--drop-after",
+            "3",
+            "--drop-times",
+            "2",
+        ],
+    );
+    let json = ok(&[
+        "-o",
+        "json",
+        "metadata",
+        "allocated",
+        "--endpoint",
+        &srv.endpoint,
+        "-s",
+        "s",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["ranges"].as_array().unwrap().len(), 20);
+    assert_eq!(v["summary"]["attempts"], 3);
+}
+
+#[test]
+fn backup_takes_ranges_from_the_service_and_records_lineage() {
+    let (t, snaps, sock) = dirs();
+    let repo = format!("file://{}", t.path().join("repo").display());
+    image(
+        &snaps.join("snap-1"),
+        16 * MIB,
+        &[(0, 1, 300_000), (9 * MIB, 2, 5000)],
+    );
+    std::fs::copy(snaps.join("snap-1"), snaps.join("snap-2")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snaps.join("snap-2"))
+        .unwrap()
+        .write_all_at(&[7; 100], 12 * MIB)
+        .unwrap();
+    image(&snaps.join("resized"), 32 * MIB, &[(0, 1, 10)]);
+    let srv = serve(&snaps, &sock, &[]);
+    let ep = srv.endpoint.as_str();
+    ok(&["--repo", &repo, "repo", "init", "--chunk-size", "1M"]);
+    let dev = |id: &str| snaps.join(id).display().to_string();
+
+    let full = cbt(&[
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &dev("snap-1"),
+        "--volume",
+        "v",
+        "--snapshot",
+        "b1",
+        "--metadata-endpoint",
+        ep,
+        "--snapshot-id",
+        "snap-1",
+    ]);
+    assert!(
+        full.status.success(),
+        "{}",
+        String::from_utf8_lossy(&full.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&full.stderr).contains("GetMetadataAllocated snap-1: 2 ranges")
+    );
+    let incr = cbt(&[
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &dev("snap-2"),
+        "--volume",
+        "v",
+        "--snapshot",
+        "b2",
+        "--metadata-endpoint",
+        ep,
+        "--snapshot-id",
+        "snap-2",
+        "--base-snapshot-id",
+        "snap-1",
+    ]);
+    assert!(
+        incr.status.success(),
+        "{}",
+        String::from_utf8_lossy(&incr.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&incr.stderr)
+            .contains("GetMetadataDelta snap-1 -> snap-2: 1 ranges")
+    );
+
+    let show: serde_json::Value = serde_json::from_str(&ok(&[
+        "--repo",
+        &repo,
+        "-o",
+        "json",
+        "show",
+        "--volume",
+        "v",
+        "--snapshot",
+        "b2",
+    ]))
+    .unwrap();
+    assert_eq!(show["parent"]["snapshot"], "b1");
+    assert_eq!(show["source"]["csi_snapshot_id"], "snap-2");
+    assert_eq!(show["source"]["base_csi_snapshot_id"], "snap-1");
+    // Only the one changed 1 MiB chunk was read.
+    assert_eq!(show["stats"]["bytes_read"], MIB);
+
+    // The restored incremental equals the second snapshot.
+    let target = t.path().join("restored.img");
+    ok(&[
+        "--repo",
+        &repo,
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "b2",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(snaps.join("snap-2")).unwrap()
+    );
+
+    // A base that is not the latest backup is refused unless allowed.
+    let again = [
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &dev("snap-2"),
+        "--volume",
+        "v",
+        "--snapshot",
+        "b3",
+        "--metadata-endpoint",
+        ep,
+        "--snapshot-id",
+        "snap-2",
+        "--base-snapshot-id",
+        "snap-1",
+    ];
+    let out = cbt(&again);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-non-latest-base"));
+    let mut allowed = again.to_vec();
+    allowed.push("--allow-non-latest-base");
+    ok(&allowed);
+    let show: serde_json::Value = serde_json::from_str(&ok(&[
+        "--repo",
+        &repo,
+        "-o",
+        "json",
+        "show",
+        "--volume",
+        "v",
+        "--snapshot",
+        "b3",
+    ]))
+    .unwrap();
+    assert_eq!(show["parent"]["snapshot"], "b1");
+
+    // A delta the service refuses (base of another size: FAILED_PRECONDITION) fails with a hint,
+    // and with --fallback-full becomes a full backup.
+    std::fs::copy(snaps.join("snap-2"), snaps.join("snap-2b")).unwrap();
+    let refused = [
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &dev("snap-2b"),
+        "--volume",
+        "w",
+        "--snapshot",
+        "c1",
+        "--metadata-endpoint",
+        ep,
+        "--snapshot-id",
+        "snap-2b",
+    ];
+    ok(&refused);
+    let delta = [
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &dev("resized"),
+        "--volume",
+        "w",
+        "--snapshot",
+        "c2",
+        "--metadata-endpoint",
+        ep,
+        "--snapshot-id",
+        "resized",
+        "--base-snapshot-id",
+        "snap-2b",
+    ];
+    let out = cbt(&delta);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("full backup") && err.contains("--fallback-full"),
+        "{err}"
+    );
+    let mut fallback = delta.to_vec();
+    fallback.push("--fallback-full");
+    let out = cbt(&fallback);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let show: serde_json::Value = serde_json::from_str(&ok(&[
+        "--repo",
+        &repo,
+        "-o",
+        "json",
+        "show",
+        "--volume",
+        "w",
+        "--snapshot",
+        "c2",
+    ]))
+    .unwrap();
+    assert!(show["parent"].is_null());
+    assert_eq!(show["volume_size"], 32 * MIB);
+}
