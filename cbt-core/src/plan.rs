@@ -129,6 +129,15 @@ pub struct ChunkFetch {
     pub chunk: ChunkRef,
 }
 
+/// One distinct stored chunk and every place the restore writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchGroup {
+    /// The stored chunk.
+    pub chunk: ChunkRef,
+    /// `(chunk index, byte offset)` of every copy, ascending.
+    pub targets: Vec<(u64, u64)>,
+}
+
 /// What restoring one manifest onto a target does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestorePlan {
@@ -171,6 +180,34 @@ impl RestorePlan {
     /// Chunks to fetch and write, ascending by offset.
     pub fn fetches(&self) -> &[ChunkFetch] {
         &self.fetch
+    }
+
+    /// The fetches grouped by stored chunk, in order of first use: each distinct chunk is
+    /// downloaded once and written to every offset that holds it.
+    pub fn fetch_groups(&self) -> Vec<FetchGroup> {
+        let mut groups: Vec<FetchGroup> = Vec::new();
+        let mut by_hash = std::collections::HashMap::new();
+        for f in &self.fetch {
+            let slot = *by_hash.entry(f.chunk.hash).or_insert_with(|| {
+                groups.push(FetchGroup {
+                    chunk: f.chunk,
+                    targets: Vec::new(),
+                });
+                groups.len() - 1
+            });
+            groups[slot].targets.push((f.index, f.offset));
+        }
+        groups
+    }
+
+    /// Bytes downloaded when each distinct chunk is fetched once (see [`Self::fetch_groups`]).
+    pub fn unique_fetch_bytes(&self) -> u64 {
+        let mut seen = std::collections::HashSet::new();
+        self.fetch
+            .iter()
+            .filter(|f| seen.insert(f.chunk.hash))
+            .map(|f| f.chunk.stored_size)
+            .sum()
     }
 
     /// Byte ranges that must be zeroed on the target (empty for a zeroed target).
@@ -283,6 +320,20 @@ mod tests {
             &RangeSet::try_from_extents([(0, 4096), (8192, 10_000 - 8192)]).unwrap()
         );
         assert!(matches!(dirty.chunk_state(1), ChunkState::Stored(_)));
+
+        // Two indices holding the same chunk are fetched once.
+        let mut m = manifest(4 * 4096, &[0, 2]);
+        let r = match m.chunks.get(0) {
+            ChunkState::Stored(r) => r,
+            ChunkState::Zero => unreachable!(),
+        };
+        m.chunks.set(3, ChunkState::Stored(r)).unwrap();
+        let p = RestorePlan::new(&m, TargetState::Zeroed);
+        let groups = p.fetch_groups();
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].targets, vec![(0, 0), (3, 3 * 4096)]);
+        assert_eq!(p.fetch_bytes(), 30);
+        assert_eq!(p.unique_fetch_bytes(), 20);
         assert_eq!(dirty.chunk_state(0), ChunkState::Zero);
     }
 }

@@ -56,9 +56,11 @@ impl MemStore {
     fn restore(&self, m: &Manifest, target: &mut Vec<u8>, state: TargetState) {
         target.resize(m.volume_size() as usize, 0);
         let plan = RestorePlan::new(m, state);
-        for f in plan.fetches() {
-            let data = &self.chunks[&f.chunk.hash];
-            target[f.offset as usize..f.offset as usize + data.len()].copy_from_slice(data);
+        for g in plan.fetch_groups() {
+            let data = &self.chunks[&g.chunk.hash];
+            for (_, off) in g.targets {
+                target[off as usize..off as usize + data.len()].copy_from_slice(data);
+            }
         }
         for z in plan.zero_ranges() {
             target[z.start() as usize..z.end() as usize].fill(0);

@@ -364,3 +364,48 @@ async fn bad_requests_are_clear_errors() {
     .unwrap_err();
     assert!(matches!(err, RepoError::SnapshotNotFound { .. }));
 }
+
+#[tokio::test]
+async fn repeated_chunks_are_stored_once_and_downloaded_once() {
+    use cbt_store::store::fault::FaultyStore;
+    use cbt_store::store::{ObjectStore, Op};
+    let fx = Fixture::new().await;
+    let block = noise(42, CS as usize);
+    let mut img = Vec::new();
+    for _ in 0..8 {
+        img.extend_from_slice(&block);
+        img.extend(std::iter::repeat_n(0u8, CS as usize));
+    }
+    let src = fx.write("rep.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    assert_eq!(out.stats.objects_written, 1);
+    assert_eq!(out.stats.chunks_deduplicated, 7);
+    assert_eq!(out.stats.chunks_zero, 8);
+
+    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let repo = cbt_store::repo::Repository::open(counting.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    counting.reset_counts();
+    let target = fx.path("rep-restored.img");
+    let r = engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        counting.calls(Op::Get),
+        2,
+        "one manifest and one chunk download"
+    );
+    assert_eq!(r.chunks, 8);
+    assert_eq!(r.bytes_written, 8 * CS);
+    assert!(std::fs::read(&target).unwrap() == img);
+}

@@ -1,4 +1,5 @@
-//! The restore pipeline: manifest -> downloads -> verify/decompress -> pwrite.
+//! The restore pipeline: manifest -> downloads (each distinct chunk once) ->
+//! verify/decompress -> pwrite to every offset holding that chunk.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -56,9 +57,9 @@ pub struct RestoreReport {
     pub dry_run: bool,
     /// Volume size in bytes.
     pub volume_size: u64,
-    /// Chunks fetched.
+    /// Non-zero chunks written.
     pub chunks: u64,
-    /// Stored bytes downloaded.
+    /// Stored bytes downloaded (each distinct chunk once).
     pub bytes_downloaded: u64,
     /// Data bytes written.
     pub bytes_written: u64,
@@ -165,7 +166,7 @@ pub async fn restore_manifest(
         dry_run: opts.dry_run,
         volume_size,
         chunks: plan.fetches().len() as u64,
-        bytes_downloaded: plan.fetch_bytes(),
+        bytes_downloaded: plan.unique_fetch_bytes(),
         bytes_written: plan.write_bytes(),
         bytes_zeroed: plan.zero_bytes(),
         wall_ms: 0,
@@ -237,18 +238,20 @@ async fn write_all(
         bytes_total: plan.write_bytes(),
         ..Progress::default()
     }));
-    futures::stream::iter(plan.fetches().iter().copied())
-        .map(|f| {
+    futures::stream::iter(plan.fetch_groups())
+        .map(|g| {
             let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
             let progress = progress.clone();
             async move {
+                let (index, offset) = g.targets[0];
                 let at = ChunkContext {
                     snapshot: &name,
-                    index: f.index,
-                    offset: f.offset,
+                    index,
+                    offset,
                 };
-                let body = repo.fetch_chunk(&f.chunk, at).await?;
+                let body = repo.fetch_chunk(&g.chunk, at).await?;
                 let downloaded = body.len() as u64;
+                let copies = g.targets.len() as u64;
                 let name2 = name.clone();
                 tokio::task::spawn_blocking(move || {
                     let mut buf = pool
@@ -258,16 +261,18 @@ async fn write_all(
                         .unwrap_or_default();
                     let at = ChunkContext {
                         snapshot: &name2,
-                        index: f.index,
-                        offset: f.offset,
+                        index,
+                        offset,
                     };
-                    decode_chunk(&body, &f.chunk, at, &mut buf)?;
-                    file.write_all_at(&buf, f.offset)
-                        .map_err(|source| RepoError::TargetIo {
-                            path,
-                            offset: Some(f.offset),
-                            source,
-                        })?;
+                    decode_chunk(&body, &g.chunk, at, &mut buf)?;
+                    for (_, off) in &g.targets {
+                        file.write_all_at(&buf, *off)
+                            .map_err(|source| RepoError::TargetIo {
+                                path: path.clone(),
+                                offset: Some(*off),
+                                source,
+                            })?;
+                    }
                     if let Ok(mut p) = pool.lock() {
                         p.push(buf);
                     }
@@ -281,8 +286,8 @@ async fn write_all(
                     let mut p = progress.lock().map_err(|_| RepoError::Internal {
                         message: "progress lock poisoned".into(),
                     })?;
-                    p.chunks_done += 1;
-                    p.bytes_done += f.chunk.raw_len;
+                    p.chunks_done += copies;
+                    p.bytes_done += g.chunk.raw_len * copies;
                     p.bytes_transferred += downloaded;
                     *p
                 };
