@@ -149,6 +149,41 @@ fn metadata_lists_allocated_and_delta_as_table_and_json() {
     );
     assert_eq!(v["summary"]["volume_capacity_bytes"], 8 * MIB);
 
+    // The Kubernetes API flavour on the same server: VolumeSnapshot name + namespace.
+    let k8s = ok(&[
+        "metadata",
+        "allocated",
+        "--endpoint",
+        ep,
+        "--metadata-token",
+        "tok",
+        "--metadata-namespace",
+        "default",
+        "-s",
+        "s1",
+    ]);
+    assert!(k8s.contains("ranges: 2  bytes: 196608"), "{k8s}");
+    let out = cbt(&[
+        "metadata",
+        "allocated",
+        "--endpoint",
+        ep,
+        "--metadata-token",
+        "tok",
+        "--metadata-namespace",
+        "other",
+        "-s",
+        "s1",
+        "--metadata-max-attempts",
+        "1",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "VolumeSnapshot not found/not ready is transient"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("readyToUse"));
+
     // Missing token: configuration error (exit 5) with a hint; unknown snapshot: usage (exit 2).
     let out = cbt(&["metadata", "allocated", "--endpoint", ep, "-s", "s1"]);
     assert_eq!(out.status.code(), Some(5));

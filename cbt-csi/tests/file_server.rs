@@ -527,3 +527,54 @@ async fn connect_errors_are_typed() {
     assert!(matches!(e, CsiError::Tls { .. }));
     let _ = Duration::ZERO;
 }
+
+#[derive(Debug, Default)]
+struct CountingToken(std::sync::atomic::AtomicU32);
+
+#[async_trait::async_trait]
+impl cbt_csi::client::TokenSource for CountingToken {
+    async fn token(&self) -> Result<String, String> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok("tok".into())
+    }
+}
+
+#[tokio::test]
+async fn a_fresh_token_is_fetched_for_every_attempt_and_consumer_errors_cancel() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    let writes: Vec<(u64, Vec<u8>)> = (0..10).map(|i| (i * 8 * KIB, vec![1u8; 10])).collect();
+    image(snaps.path(), "s", 80 * KIB, &writes);
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.token = Some("tok".into());
+    o.fault = Some(FaultPlan {
+        drop_after_messages: 1,
+        times: 2,
+    });
+    let srv = serve_unix(o, sock.path()).await;
+    let tokens = std::sync::Arc::new(CountingToken::default());
+    let c = MetadataClient::connect(
+        ClientConfig::new(srv.endpoint())
+            .with_token_source(tokens.clone())
+            .with_retry(common::fast_retry()),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .collect(MetadataRequest::new(alloc("s")).max_results(2))
+        .await
+        .unwrap();
+    assert_eq!(r.summary.ranges, 10);
+    assert_eq!(r.summary.attempts, 3);
+    assert_eq!(tokens.0.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+    let e = c
+        .for_each_batch(MetadataRequest::new(alloc("s")).max_results(1), |_| {
+            Err(std::io::Error::other("disk full"))
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::Consumer { .. }));
+    assert_eq!(e.kind(), ErrorKind::Aborted);
+    srv.shutdown().await.unwrap();
+}
