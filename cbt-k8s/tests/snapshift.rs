@@ -579,6 +579,57 @@ async fn transient_api_errors_are_retried() {
         .count();
     assert_eq!(posts, 3, "two 429s, then success");
 
+    // A create that lands but whose answer is lost: the retry meets 409 and adopts the object.
+    let mut o = opts();
+    o.timeout = Duration::from_millis(1500);
+    env.west.faults().add_http(
+        HttpFault::status(504, 1)
+            .method("POST")
+            .path_contains("volumesnapshotcontents")
+            .after_processing(),
+    );
+    env.west.faults().set_never_ready(true);
+    let s2 = shift(&env, o).await;
+    let report = s2
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "web")))
+        .await;
+    assert!(
+        matches!(report.result, Err(Error::Timeout { .. })),
+        "{:?}",
+        report.result
+    );
+    let posts = env
+        .west
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/volumesnapshotcontents"))
+        .count();
+    assert_eq!(
+        posts,
+        3 + 2,
+        "db: two 429s + success; web: lost answer + retry"
+    );
+    // The adopted content counts as created by this run, so cleanup removes it.
+    assert!(
+        report
+            .removed
+            .iter()
+            .any(|r| r.starts_with("VolumeSnapshotContent snapshift-dr-web-snapshift")),
+        "{:?}",
+        report.removed
+    );
+    assert!(
+        env.west
+            .get(
+                SNAP,
+                "VolumeSnapshotContent",
+                "",
+                "snapshift-dr-web-snapshift"
+            )
+            .is_none()
+    );
+    env.west.faults().set_never_ready(false);
+
     // A permanent error is not retried, and classified.
     let mut o = opts();
     o.retry.max_attempts = 2;

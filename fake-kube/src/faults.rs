@@ -13,6 +13,8 @@ pub enum FaultAction {
     Status(u16),
     /// Close the connection without an answer (the client sees a reset / incomplete message).
     Reset,
+    /// Carry the request out, then answer with this status anyway (a timeout after commit).
+    StatusAfterProcessing(u16),
 }
 
 /// One HTTP fault rule.
@@ -60,6 +62,14 @@ impl HttpFault {
     /// Lets `skip` matching requests through first (so `skip(n-1)` fails the n-th).
     pub fn skip(mut self, skip: u32) -> Self {
         self.skip = skip;
+        self
+    }
+
+    /// Applies the request, then answers with the fault's status instead of the result.
+    pub fn after_processing(mut self) -> Self {
+        if let FaultAction::Status(code) = self.action {
+            self.action = FaultAction::StatusAfterProcessing(code);
+        }
         self
     }
 

@@ -54,6 +54,29 @@ fn json_response(code: u16, value: &Value) -> Response<Body> {
     resp
 }
 
+fn fault_response(code: u16, retry_after_seconds: u32) -> Response<Body> {
+    let reason = match code {
+        429 => "TooManyRequests",
+        503 => "ServiceUnavailable",
+        504 => "Timeout",
+        _ => "InternalError",
+    };
+    let mut status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": format!("fault injected: {reason}"), "reason": reason, "code": code,
+    });
+    if retry_after_seconds > 0 {
+        status["details"] = json!({"retryAfterSeconds": retry_after_seconds});
+    }
+    let mut resp = json_response(code, &status);
+    if retry_after_seconds > 0
+        && let Ok(v) = hyper::header::HeaderValue::from_str(&retry_after_seconds.to_string())
+    {
+        resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
+    }
+    resp
+}
+
 fn error_response(err: &ApiError) -> Response<Body> {
     json_response(err.code, &err.to_status())
 }
@@ -140,34 +163,16 @@ pub(crate) async fn handle(
         path: path.clone(),
         query: query.clone(),
     });
-    if let Some(fault) = state.faults.take_http(method.as_str(), &path) {
-        return match fault.action {
-            FaultAction::Reset => Err(DropConnection),
+    let fault = state.faults.take_http(method.as_str(), &path);
+    let mut fail_after = None;
+    if let Some(fault) = fault {
+        match fault.action {
+            FaultAction::Reset => return Err(DropConnection),
             FaultAction::Status(code) => {
-                let reason = match code {
-                    429 => "TooManyRequests",
-                    500 => "InternalError",
-                    503 => "ServiceUnavailable",
-                    504 => "Timeout",
-                    _ => "InternalError",
-                };
-                let mut status = json!({
-                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": format!("fault injected: {reason}"), "reason": reason, "code": code,
-                });
-                if fault.retry_after_seconds > 0 {
-                    status["details"] = json!({"retryAfterSeconds": fault.retry_after_seconds});
-                }
-                let mut resp = json_response(code, &status);
-                if fault.retry_after_seconds > 0
-                    && let Ok(v) =
-                        hyper::header::HeaderValue::from_str(&fault.retry_after_seconds.to_string())
-                {
-                    resp.headers_mut().insert(hyper::header::RETRY_AFTER, v);
-                }
-                Ok(resp)
+                return Ok(fault_response(code, fault.retry_after_seconds));
             }
-        };
+            FaultAction::StatusAfterProcessing(code) => fail_after = Some(code),
+        }
     }
     if let Some(token) = &state.token {
         let expected = format!("Bearer {token}");
@@ -211,6 +216,13 @@ pub(crate) async fn handle(
         &body,
         dry_run,
     );
+    if let Some(code) = fail_after {
+        // The change is made, but the client never hears so (a timeout after commit).
+        if method != Method::GET {
+            state.changed.notify_one();
+        }
+        return Ok(fault_response(code, 0));
+    }
     match result {
         Ok(Reply::Json(code, v)) => {
             if method != Method::GET && !dry_run {
