@@ -37,10 +37,8 @@ fn expected(alloc: &[bool], origin: u64) -> Vec<Extent> {
         .enumerate()
         .filter(|&(_, &a)| a)
         .map(|(i, _)| Extent::new(i as u64 * BLOCK, BLOCK))
-        .filter_map(|e| {
-            (e.end() > origin)
-                .then(|| Extent::new(e.offset.max(origin), e.end() - e.offset.max(origin)))
-        })
+        .filter(|e| e.end() > origin)
+        .map(|e| Extent::new(e.offset.max(origin), e.end() - e.offset.max(origin)))
         .collect();
     merge_extents(&mut v);
     v
