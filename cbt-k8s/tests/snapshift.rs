@@ -121,6 +121,14 @@ async fn migrates_a_pvc_with_a_restored_pvc_and_is_idempotent() {
     };
     assert_eq!(created.len(), 3, "{created:?}");
     assert_eq!(report.destination.as_deref(), Some("dr/db-snapshift"));
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("deletionPolicy Delete")),
+        "{:?}",
+        report.warnings
+    );
     let handle = report.handle.unwrap();
     assert_eq!(env.backend.handles(), vec![handle.clone()]);
 

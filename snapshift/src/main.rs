@@ -409,6 +409,9 @@ async fn migrate(args: MigrateArgs) -> ExitCode {
         print_reports(&reports, args.output);
     }
     for r in &reports {
+        for w in &r.warnings {
+            eprintln!("warning: {}: {w}", r.item);
+        }
         if let Err(e) = &r.result {
             eprintln!("error: {}: {e}", r.item);
             if !r.removed.is_empty() {
@@ -434,6 +437,7 @@ async fn migrate(args: MigrateArgs) -> ExitCode {
 fn report_json(r: &MigrationReport) -> Value {
     let mut v = json!({
         "item": r.item,
+        "warnings": r.warnings,
         "destination": r.destination,
         "handle": r.handle,
         "seconds": (r.elapsed.as_secs_f64() * 1000.0).round() / 1000.0,

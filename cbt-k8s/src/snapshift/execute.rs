@@ -37,7 +37,9 @@ use crate::Error;
 use crate::connect::Cluster;
 use crate::error::ns_name;
 use crate::retry::RetryPolicy;
-use crate::snapshot::{VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
+use crate::snapshot::{
+    DeletionPolicy, VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
+};
 use crate::wait::{Check, WaitError, wait_for};
 
 /// A step of one migration, for progress display.
@@ -175,6 +177,8 @@ pub struct MigrationReport {
     pub removed: Vec<String>,
     /// Destination objects left behind after a failure (`keep_partial`, or removal failed).
     pub kept: Vec<String>,
+    /// Things that worked but deserve attention (e.g. an origin content that can delete the shared snapshot).
+    pub warnings: Vec<String>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -214,6 +218,7 @@ struct RunState {
     created: Vec<Created>,
     destination: Option<String>,
     handle: Option<String>,
+    warnings: Vec<String>,
 }
 
 /// Moves snapshots from one cluster to another that shares the storage.
@@ -331,6 +336,7 @@ impl SnapShift {
             result,
             removed,
             kept,
+            warnings: state.warnings,
             elapsed: started.elapsed(),
         }
     }
@@ -625,6 +631,12 @@ impl SnapShift {
         }
         let origin = origin_from_objects(&o.context, &vs, &vsc, origin_pvc.as_ref())?;
         state.handle = origin.handle.clone();
+        if vsc.spec.deletion_policy == DeletionPolicy::Delete {
+            state.warnings.push(format!(
+                "origin VolumeSnapshotContent {} has deletionPolicy Delete: deleting origin snapshot {} deletes the storage snapshot the destination copy uses; to decouple them: kubectl --context {} patch volumesnapshotcontent {} --type merge -p '{{\"spec\":{{\"deletionPolicy\":\"Retain\"}}}}'",
+                origin.content_name, vs_object, o.context, origin.content_name
+            ));
+        }
 
         // 3. Destination.
         self.progress.stage(item, &Stage::Preflight);

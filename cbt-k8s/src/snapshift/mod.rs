@@ -4,6 +4,33 @@
 //!
 //! `plan` and `metadata` are pure (what to create and how existing objects
 //! compare); `execute` does the API calls.
+//!
+//! # Example
+//! ```no_run
+//! use cbt_k8s::snapshift::{MigrateOptions, MigrationRequest, Outcome, SnapShift};
+//! use cbt_k8s::{ClusterTarget, connect};
+//!
+//! # async fn run() -> Result<(), cbt_k8s::Error> {
+//! let side = |ctx: &str| ClusterTarget { kubeconfig: None, context: Some(ctx.to_string()) };
+//! let shift = SnapShift::new(
+//!     connect(&side("east")).await?,
+//!     connect(&side("west")).await?,
+//!     MigrateOptions::default(),
+//! );
+//! let mut request = MigrationRequest::for_pvc("apps", "db");
+//! request.to_namespace = Some("dr".into());
+//! let report = shift.migrate(&request).await;
+//! for warning in &report.warnings {
+//!     eprintln!("warning: {warning}");
+//! }
+//! match report.result? {
+//!     Outcome::Migrated { created } => println!("created {created:?}"),
+//!     Outcome::AlreadyMigrated => println!("already migrated"),
+//!     Outcome::DryRun(plan) => println!("{} objects planned", plan.len()),
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod execute;
 pub mod metadata;
