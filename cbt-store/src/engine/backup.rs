@@ -120,8 +120,13 @@ pub async fn backup(
             let allocated = match allocated {
                 Some(a) => Some(a),
                 None => {
-                    detected = source
-                        .data_ranges()
+                    // Walking extents is a syscall per extent: keep it off the async threads.
+                    let src = source.clone();
+                    detected = tokio::task::spawn_blocking(move || src.data_ranges())
+                        .await
+                        .map_err(|e| RepoError::Internal {
+                            message: format!("extent scan task failed: {e}"),
+                        })?
                         .map_err(|e| RepoError::SourceIo {
                             path: source.describe(),
                             offset: 0,
@@ -161,7 +166,8 @@ pub async fn backup(
         });
     }
     let purpose = format!("backup {}/{}", req.volume, req.snapshot);
-    let lock = repo.lock_shared(&purpose, req.created).await?;
+    let now = Timestamp::from_system_time(std::time::SystemTime::now());
+    let lock = repo.lock_shared(&purpose, now).await?;
     let result = run_locked(repo, source, req, &opts, plan, started).await;
     match result {
         Ok(outcome) => {

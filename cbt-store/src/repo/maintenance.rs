@@ -3,8 +3,12 @@
 //! Owns executing the pure decisions of `cbt_core::gc` against the store. Every deletion here
 //! happens under the exclusive lock, after *all* manifests were read successfully: a manifest
 //! that cannot be read aborts GC, because its references would be unknown.
+//!
+//! Manifests are streamed (a few at a time), never all held at once: memory is bounded by the
+//! number of *distinct* chunks in the repository (about 50 bytes each), not by the number of
+//! snapshots times their size.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use cbt_core::gc::{RetentionDecision, RetentionPolicy, plan_gc, referenced_chunks};
 use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
@@ -19,6 +23,8 @@ use crate::chunk;
 
 /// Chunk deletions in flight during GC.
 const DELETE_CONCURRENCY: usize = 16;
+/// Manifests loaded concurrently while streaming.
+const LOAD_CONCURRENCY: usize = 4;
 
 /// What `verify` checks.
 #[derive(Debug, Clone, Default)]
@@ -171,33 +177,37 @@ impl Repository {
     /// snapshot given without its volume.
     pub async fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
-        let mut manifests = Vec::new();
-        if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
-            manifests.push(self.load_manifest(v, s).await?);
+        let stored = stored_chunks(self.store().as_ref()).await?;
+        let keys = if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
+            vec![(v.clone(), s.clone())]
         } else if let Some(s) = &opts.snapshot {
             return Err(RepoError::InvalidRequest {
                 reason: format!("snapshot {s} given without its volume"),
             });
         } else {
-            for (v, s) in self.manifest_keys(opts.volume.as_ref()).await? {
-                match self.load_manifest(&v, &s).await {
-                    Ok(m) => manifests.push(m),
-                    Err(e) if e.is_transient() => return Err(e),
-                    Err(e) => report.problems.push(VerifyProblem {
+            self.manifest_keys(opts.volume.as_ref()).await?
+        };
+        let single = opts.snapshot.is_some();
+        // First reference of each distinct chunk that is present with the right size.
+        let mut to_read: BTreeMap<ChunkHash, (String, u64, u64, ChunkRef)> = BTreeMap::new();
+        let mut manifests = self.manifest_stream(keys);
+        while let Some((v, s, loaded)) = manifests.next().await {
+            let m = match loaded {
+                Ok(m) => m,
+                Err(e) if single || e.is_transient() => return Err(e),
+                Err(RepoError::SnapshotNotFound { .. }) => continue, // deleted since listed
+                Err(e) => {
+                    report.problems.push(VerifyProblem {
                         snapshot: format!("{v}/{s}"),
                         index: None,
                         key: manifest_key(&v, &s),
                         problem: ProblemKind::ManifestUnreadable {
                             message: e.to_string(),
                         },
-                    }),
+                    });
+                    continue;
                 }
-            }
-        }
-        let stored = stored_chunks(self.store().as_ref()).await?;
-        // First reference of each distinct chunk that is present with the right size.
-        let mut to_read: BTreeMap<ChunkHash, (String, u64, u64, ChunkRef)> = BTreeMap::new();
-        for m in &manifests {
+            };
             report.snapshots += 1;
             let name = format!("{}/{}", m.volume, m.snapshot);
             let g = *m.chunks.geometry();
@@ -299,16 +309,51 @@ impl Repository {
     pub async fn gc(&self, now: Timestamp, dry_run: bool) -> Result<GcReport> {
         let lock = self.lock_exclusive("gc", now).await?;
         let result = async {
-            let manifests = self.load_manifests(None).await?;
-            self.collect_garbage(&manifests, dry_run).await
+            let keys = self.manifest_keys(None).await?;
+            self.collect_garbage(keys, dry_run).await
         }
         .await;
         lock.release().await?;
         result
     }
 
-    async fn collect_garbage(&self, manifests: &[Manifest], dry_run: bool) -> Result<GcReport> {
-        let referenced = referenced_chunks(manifests);
+    /// Streams the manifests of `keys` (a few loaded concurrently), in key order.
+    fn manifest_stream(
+        &self,
+        keys: Vec<(VolumeName, SnapshotName)>,
+    ) -> impl futures::Stream<Item = (VolumeName, SnapshotName, Result<Manifest>)> + '_ {
+        futures::stream::iter(keys)
+            .map(move |(v, s)| async move {
+                let m = self.load_manifest(&v, &s).await;
+                (v, s, m)
+            })
+            .buffered(LOAD_CONCURRENCY)
+    }
+
+    /// Every chunk referenced by the manifests of `keys`; fails on the first unreadable one.
+    async fn referenced(
+        &self,
+        keys: Vec<(VolumeName, SnapshotName)>,
+    ) -> Result<BTreeMap<ChunkHash, u64>> {
+        let mut referenced = BTreeMap::new();
+        let mut manifests = self.manifest_stream(keys);
+        while let Some((_, _, m)) = manifests.next().await {
+            match m {
+                Ok(m) => referenced.append(&mut referenced_chunks([&m])),
+                // Deleted since the listing: its chunks need no protection any more.
+                Err(RepoError::SnapshotNotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(referenced)
+    }
+
+    async fn collect_garbage(
+        &self,
+        keys: Vec<(VolumeName, SnapshotName)>,
+        dry_run: bool,
+    ) -> Result<GcReport> {
+        let referenced = self.referenced(keys).await?;
         let stored = stored_chunks(self.store().as_ref()).await?;
         let plan = plan_gc(&referenced, stored);
         if !dry_run {
@@ -350,22 +395,26 @@ impl Repository {
     }
 
     async fn prune_locked(&self, opts: &PruneOptions) -> Result<PruneReport> {
-        let manifests = self.load_manifests(None).await?;
-        let mut by_volume: BTreeMap<&VolumeName, Vec<(SnapshotName, Timestamp)>> = BTreeMap::new();
-        for m in &manifests {
-            if opts.volume.as_ref().is_none_or(|v| v == &m.volume) {
-                by_volume
-                    .entry(&m.volume)
-                    .or_default()
-                    .push((m.snapshot.clone(), m.created));
+        let keys = self.manifest_keys(None).await?;
+        let mut by_volume: BTreeMap<VolumeName, Vec<(SnapshotName, Timestamp)>> = BTreeMap::new();
+        let mut manifests = self.manifest_stream(keys.clone());
+        while let Some((v, s, m)) = manifests.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(RepoError::SnapshotNotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            if opts.volume.as_ref().is_none_or(|want| want == &v) {
+                by_volume.entry(v).or_default().push((s, m.created));
             }
         }
+        drop(manifests);
         let mut report = PruneReport::default();
-        let mut removed: Vec<(VolumeName, SnapshotName)> = Vec::new();
+        let mut removed: BTreeSet<(VolumeName, SnapshotName)> = BTreeSet::new();
         for (volume, snaps) in by_volume {
             let decision = opts.policy.evaluate(&snaps, opts.now)?;
             removed.extend(decision.remove.iter().map(|s| (volume.clone(), s.clone())));
-            report.decisions.push((volume.clone(), decision));
+            report.decisions.push((volume, decision));
         }
         if !opts.dry_run {
             for (v, s) in &removed {
@@ -376,16 +425,9 @@ impl Repository {
                     .map_err(|e| RepoError::store(format!("deleting manifest {key}"), e))?;
             }
         }
-        let remaining: Vec<Manifest> = manifests
-            .into_iter()
-            .filter(|m| {
-                !removed
-                    .iter()
-                    .any(|(v, s)| v == &m.volume && s == &m.snapshot)
-            })
-            .collect();
         report.removed = removed.iter().map(|(v, s)| format!("{v}/{s}")).collect();
-        report.gc = self.collect_garbage(&remaining, opts.dry_run).await?;
+        let remaining = keys.into_iter().filter(|k| !removed.contains(k)).collect();
+        report.gc = self.collect_garbage(remaining, opts.dry_run).await?;
         Ok(report)
     }
 
@@ -394,14 +436,24 @@ impl Repository {
     /// # Errors
     /// Any unreadable manifest; store errors.
     pub async fn status(&self) -> Result<RepoStatus> {
-        let manifests = self.load_manifests(None).await?;
+        let keys = self.manifest_keys(None).await?;
         let stored = stored_chunks(self.store().as_ref()).await?;
+        // Pass 1: how many snapshots reference each chunk, plus the summaries.
         let mut refcount: HashMap<ChunkHash, u32> = HashMap::new();
-        for m in &manifests {
+        let mut summaries = Vec::new();
+        let mut manifests = self.manifest_stream(keys);
+        while let Some((_, _, m)) = manifests.next().await {
+            let m = match m {
+                Ok(m) => m,
+                Err(RepoError::SnapshotNotFound { .. }) => continue, // deleted since listed
+                Err(e) => return Err(e),
+            };
             for h in m.chunks.unique_chunks().keys() {
                 *refcount.entry(*h).or_default() += 1;
             }
+            summaries.push(SnapshotSummary::of(&m));
         }
+        drop(manifests);
         let mut status = RepoStatus {
             stored_chunks: stored.len() as u64,
             stored_bytes: stored.values().sum(),
@@ -413,18 +465,32 @@ impl Repository {
                 status.unreferenced_bytes += size;
             }
         }
-        for m in &manifests {
-            let exclusive = m
-                .chunks
-                .unique_chunks()
-                .iter()
-                .filter(|(h, _)| refcount.get(*h) == Some(&1))
-                .map(|(_, s)| *s)
-                .sum();
-            status.logical_bytes += m.chunks.allocated_bytes();
+        // Pass 2: bytes only one snapshot references.
+        let mut exclusive = Vec::with_capacity(summaries.len());
+        let seen: Vec<(VolumeName, SnapshotName)> = summaries
+            .iter()
+            .map(|s: &SnapshotSummary| (s.volume.clone(), s.snapshot.clone()))
+            .collect();
+        let mut manifests = self.manifest_stream(seen);
+        while let Some((_, _, m)) = manifests.next().await {
+            let bytes = match m {
+                Ok(m) => m
+                    .chunks
+                    .unique_chunks()
+                    .iter()
+                    .filter(|(h, _)| refcount.get(*h) == Some(&1))
+                    .map(|(_, s)| *s)
+                    .sum::<u64>(),
+                Err(RepoError::SnapshotNotFound { .. }) => 0,
+                Err(e) => return Err(e),
+            };
+            exclusive.push(bytes);
+        }
+        for (summary, exclusive_stored_bytes) in summaries.into_iter().zip(exclusive) {
+            status.logical_bytes += summary.allocated_bytes;
             status.snapshots.push(SnapshotStatus {
-                summary: SnapshotSummary::of(m),
-                exclusive_stored_bytes: exclusive,
+                summary,
+                exclusive_stored_bytes,
             });
         }
         let referenced = status.stored_bytes - status.unreferenced_bytes;

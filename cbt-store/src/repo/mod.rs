@@ -381,7 +381,8 @@ impl Repository {
             .collect())
     }
 
-    /// Loads every manifest (optionally of one volume).
+    /// Loads every manifest (optionally of one volume) into memory at once; prefer
+    /// [`Repository::list_snapshots`] when summaries suffice.
     ///
     /// # Errors
     /// The first unreadable manifest, with its key; store errors.
@@ -402,12 +403,17 @@ impl Repository {
         &self,
         volume: Option<&VolumeName>,
     ) -> Result<Vec<SnapshotSummary>> {
-        let mut v: Vec<SnapshotSummary> = self
-            .load_manifests(volume)
-            .await?
-            .iter()
-            .map(SnapshotSummary::of)
-            .collect();
+        let keys = self.manifest_keys(volume).await?;
+        // Summaries only: each manifest is dropped as soon as it is summarized.
+        let mut v: Vec<SnapshotSummary> = futures::stream::iter(keys)
+            .map(|(v, s)| async move {
+                self.load_manifest(&v, &s)
+                    .await
+                    .map(|m| SnapshotSummary::of(&m))
+            })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await?;
         v.sort_by(|a, b| {
             (&a.volume, a.created, &a.snapshot).cmp(&(&b.volume, b.created, &b.snapshot))
         });
@@ -419,10 +425,15 @@ impl Repository {
     /// # Errors
     /// The first unreadable manifest; store errors.
     pub async fn latest_snapshot(&self, volume: &VolumeName) -> Result<Option<Manifest>> {
-        let all = self.load_manifests(Some(volume)).await?;
-        Ok(all
+        let newest = self
+            .list_snapshots(Some(volume))
+            .await?
             .into_iter()
-            .max_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot))))
+            .max_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot)));
+        match newest {
+            Some(s) => Ok(Some(self.load_manifest(volume, &s.snapshot).await?)),
+            None => Ok(None),
+        }
     }
 
     /// Deletes one snapshot's manifest. Its chunks stay until garbage collection; other
