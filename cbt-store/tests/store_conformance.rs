@@ -8,9 +8,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use cbt_store::store::s3::{S3Config, S3Store, StaticCredentials};
-use cbt_store::store::{LocalStore, ObjectStore};
+use std::sync::Arc;
+
+use cbt_store::store::{LocalStore, RetryPolicy, RetryingStore};
 use cbt_store::testing::S3TestServer;
 use cbt_store::testing::conformance::{self, Capabilities};
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 4,
+        base_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(200),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_store_conforms() {
@@ -40,7 +50,9 @@ async fn s3_store_conforms_against_in_process_server() {
     server.create_bucket("conformance").unwrap();
     let mut cfg = server.config("conformance", "repo/one");
     cfg.page_size = 7;
-    let store = S3Store::connect(cfg).await.unwrap();
+    // As `open_url` returns it: behind the retry wrapper (the SDK's own retries are off, and a
+    // pooled keep-alive connection closed by the server is a normal transient failure).
+    let store = RetryingStore::new(Arc::new(S3Store::connect(cfg).await.unwrap()), fast_retry());
     conformance::run_all(
         &store,
         Capabilities {
@@ -141,18 +153,18 @@ async fn s3_store_conforms_against_seaweedfs_when_installed() {
         access_key_id: cbt_store::testing::TEST_ACCESS_KEY.into(),
         secret_access_key: cbt_store::testing::TEST_SECRET_KEY.into(),
     });
-    let store = S3Store::connect(cfg).await.unwrap();
+    let s3 = S3Store::connect(cfg).await.unwrap();
     // SeaweedFS takes a few seconds to elect a master and open its S3 port.
     let mut ready = false;
     for _ in 0..120 {
-        if store
+        if s3
             .client()
             .create_bucket()
             .bucket("cbt-conformance")
             .send()
             .await
             .is_ok()
-            || store
+            || s3
                 .client()
                 .head_bucket()
                 .bucket("cbt-conformance")
@@ -166,9 +178,9 @@ async fn s3_store_conforms_against_seaweedfs_when_installed() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(ready, "SeaweedFS did not become ready within 60 s");
-    let store: &dyn ObjectStore = &store;
+    let store = RetryingStore::new(Arc::new(s3), fast_retry());
     conformance::run_all(
-        store,
+        &store,
         Capabilities {
             atomic_if_absent: false,
             page_size: Some(7),

@@ -6,8 +6,9 @@
 //! staging file in `<root>/.cbt-tmp/` (same file system), are fsynced, then made visible with
 //! `rename` (overwrite) or `link` (create-if-absent: the kernel refuses to link over an existing
 //! name, so of two racers exactly one wins). A reader therefore never sees a partial object.
-//! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed and
-//! [`LocalStore::remove_stale_staging`] deletes them.
+//! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed, and those
+//! older than [`STALE_STAGING_AGE`] are deleted when the store is opened
+//! ([`LocalStore::remove_stale_staging`] does it on demand).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -30,6 +31,8 @@ pub(crate) const TEMP_DIR: &str = ".cbt-tmp";
 const TRAILER_MAGIC: [u8; 4] = *b"CBTC";
 /// Bytes of framing after every body.
 pub const TRAILER_LEN: u64 = 8;
+/// Staging files older than this are removed when a store is opened.
+pub const STALE_STAGING_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Default number of objects per listing page.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
 
@@ -60,12 +63,17 @@ impl LocalStore {
         };
         fs::create_dir_all(root.join(TEMP_DIR)).map_err(io_err)?;
         let root = root.canonicalize().map_err(io_err)?;
-        Ok(Self {
+        let store = Self {
             inner: Arc::new(Inner {
                 root,
                 page_size: DEFAULT_PAGE_SIZE,
             }),
-        })
+        };
+        // No live writer keeps a staging file for a day; older ones are crash leftovers.
+        if let Err(e) = store.remove_stale_staging(STALE_STAGING_AGE) {
+            tracing::warn!(error = %e, "could not clean up stale staging files");
+        }
+        Ok(store)
     }
 
     /// Same store with at most `page_size` (>= 1) objects per [`ObjectStore::list_page`].

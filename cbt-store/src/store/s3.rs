@@ -266,19 +266,15 @@ impl S3Store {
         let text = format!("{}", DisplayErrorContext(&err));
         match &err {
             SdkError::DispatchFailure(d) => {
-                let lower = text.to_ascii_lowercase();
                 if d.is_user() {
                     StoreError::Config { message: text }
-                } else if d.is_timeout()
-                    || lower.contains("connect")
-                    || lower.contains("refused")
-                    || lower.contains("dns")
-                {
+                } else if d.is_timeout() || cannot_connect(&err, &text) {
                     StoreError::Unreachable {
                         endpoint: self.endpoint_label.clone(),
                         message: text,
                     }
                 } else {
+                    // Includes a pooled connection closed by the server mid-request.
                     StoreError::Transient {
                         op,
                         key: key.to_string(),
@@ -509,6 +505,30 @@ impl S3Store {
             Err(e) => Err(self.classify(Op::Put, key, e)),
         }
     }
+}
+
+/// True when the request failed before any connection was made: refused, unroutable, DNS.
+fn cannot_connect(err: &(dyn std::error::Error + 'static), text: &str) -> bool {
+    use std::io::ErrorKind as K;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                K::ConnectionRefused
+                    | K::HostUnreachable
+                    | K::NetworkUnreachable
+                    | K::AddrNotAvailable
+            )
+        }) {
+            return true;
+        }
+        cur = e.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    lower.contains("dns error")
+        || lower.contains("failed to lookup address")
+        || lower.contains("connection refused")
 }
 
 fn is_precondition_failed<E: ProvideErrorMetadata>(
