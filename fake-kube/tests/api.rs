@@ -455,3 +455,43 @@ async fn watch_from_a_compacted_resource_version_gets_410_expired() {
         other => panic!("expected Added, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn kube_runtime_await_condition_works_against_the_fake() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let a = FakeKube::builder().start().await.unwrap();
+    a.seed_standard("apps").unwrap();
+    a.faults().set_controller_paused(true);
+    let c = client_for(&a, "ctx").await;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(c, "apps");
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data", "namespace": "apps"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }))
+    .unwrap();
+    pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+    let waiter = tokio::spawn(kube::runtime::wait::await_condition(
+        pvcs.clone(),
+        "data",
+        |p: Option<&PersistentVolumeClaim>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.phase.as_deref())
+                == Some("Bound")
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished());
+    a.set_status(
+        "v1",
+        "PersistentVolumeClaim",
+        "apps",
+        "data",
+        json!({"phase": "Bound"}),
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("watcher saw the change")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.unwrap().status.unwrap().phase.as_deref(), Some("Bound"));
+}

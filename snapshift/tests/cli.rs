@@ -295,6 +295,16 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         run.stderr
     );
 
+    // No kubeconfig anywhere (no flag, no KUBECONFIG, empty HOME).
+    let run = snapshift(env.dir.path(), None, &["migrate", "--pvc", "db"]).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("cannot load kubeconfig from ~/.kube/config"),
+        "{}",
+        run.stderr
+    );
+
     // Unknown context.
     let run = snapshift(
         env.dir.path(),
