@@ -409,3 +409,29 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     assert_eq!(r.bytes_written, 8 * CS);
     assert!(std::fs::read(&target).unwrap() == img);
 }
+
+#[tokio::test]
+async fn buffers_are_bounded_by_options_not_volume_size() {
+    let fx = Fixture::new().await;
+    let img = noise(5, 200 * CS as usize);
+    let src = fx.write("big.img", &img);
+    let o = EngineOptions {
+        readahead: 2,
+        workers: 2,
+        transfers: 3,
+        compression_level: 1,
+        progress: None,
+    };
+    let source = Arc::new(FileSource::open(&src).unwrap());
+    let out = engine::backup(&fx.repo, source, request("v", "s", full(), 1), &o)
+        .await
+        .unwrap();
+    assert_eq!(out.stats.chunks_read, 200);
+    assert!(out.raw_buffers_allocated >= 1);
+    assert!(
+        out.raw_buffers_allocated <= (o.readahead + o.workers + 1) as u64,
+        "{} raw buffers for 200 chunks",
+        out.raw_buffers_allocated
+    );
+    assert!(o.backup_memory_bound(CS) < 20 * CS);
+}

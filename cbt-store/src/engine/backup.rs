@@ -64,6 +64,9 @@ pub struct BackupOutcome {
     pub stats: BackupStats,
     /// Read throughput in MB/s (bytes read / wall time).
     pub read_mb_per_s: f64,
+    /// Raw chunk buffers allocated by the run (buffers are reused; at most
+    /// `readahead + workers + 1` whatever the volume size).
+    pub raw_buffers_allocated: u64,
 }
 
 /// Result of the CPU stage for one chunk.
@@ -210,7 +213,7 @@ async fn run_locked(
         BackupMode::Full { .. } => None,
     };
     let geometry = *plan.geometry();
-    let done = run_pipeline(repo, source, &plan, parent, opts).await?;
+    let (done, raw_buffers_allocated) = run_pipeline(repo, source, &plan, parent, opts).await?;
 
     let mut stats = BackupStats::default();
     let mut changes = Vec::with_capacity(done.len());
@@ -262,6 +265,7 @@ async fn run_locked(
     repo.commit_manifest(&manifest).await?;
     Ok(BackupOutcome {
         read_mb_per_s: mb_per_s(stats.bytes_read, stats.wall_ms),
+        raw_buffers_allocated,
         stats: manifest.stats,
         manifest,
     })
@@ -277,25 +281,31 @@ fn same_content(a: &ChunkState, b: &ChunkState) -> bool {
 
 /// Buffers of one chunk size, reused between the reader and the CPU stage.
 #[derive(Clone, Default)]
-struct BufferPool(Arc<Mutex<Vec<Vec<u8>>>>);
+struct BufferPool {
+    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    allocated: Arc<std::sync::atomic::AtomicU64>,
+}
 
 impl BufferPool {
     fn take(&self, len: usize) -> Vec<u8> {
-        let mut buf = self
-            .0
-            .lock()
-            .map(|mut p| p.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let reused = self.free.lock().map(|mut p| p.pop()).ok().flatten();
+        let mut buf = reused.unwrap_or_else(|| {
+            self.allocated
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Vec::new()
+        });
         buf.resize(len, 0);
         buf
     }
 
     fn give(&self, buf: Vec<u8>) {
-        if let Ok(mut p) = self.0.lock() {
+        if let Ok(mut p) = self.free.lock() {
             p.push(buf);
         }
+    }
+
+    fn allocated(&self) -> u64 {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -305,7 +315,7 @@ async fn run_pipeline(
     plan: &BackupPlan,
     parent: Option<&Manifest>,
     opts: &EngineOptions,
-) -> Result<Vec<Done>> {
+) -> Result<(Vec<Done>, u64)> {
     let pool = BufferPool::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
 
@@ -403,7 +413,7 @@ async fn run_pipeline(
     reader.await.map_err(|e| RepoError::Internal {
         message: format!("reader task failed: {e}"),
     })?;
-    Ok(results)
+    Ok((results, pool.allocated()))
 }
 
 async fn upload(
