@@ -304,6 +304,13 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(vs.error_message(), Some("boom"));
+        // restoreSize is int-or-string in the CRD.
+        let numeric: VolumeSnapshotStatus =
+            serde_json::from_value(json!({"restoreSize": 1073741824, "readyToUse": true})).unwrap();
+        assert_eq!(
+            crate::quantity::to_bytes(&numeric.restore_size.unwrap()).unwrap(),
+            1 << 30
+        );
         assert_eq!(VolumeSnapshot::plural(&()), "volumesnapshots");
 
         let class: VolumeSnapshotClass = serde_json::from_value(json!({
