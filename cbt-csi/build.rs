@@ -1,7 +1,11 @@
 //! Compiles the CSI and Kubernetes SnapshotMetadata protos with protox (pure Rust, no protoc).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto", "proto/snapshotmetadata.proto"];
+    let protos = [
+        "proto/csi.proto",
+        "proto/snapshotmetadata.proto",
+        "proto/health.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -35,4 +35,9 @@ pub mod pb {
     pub mod k8s {
         tonic::include_proto!("snapshotmetadata");
     }
+    /// `grpc.health.v1`: standard health checking, also served by the sidecar.
+    #[allow(missing_docs, clippy::all)]
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
 }

@@ -499,7 +499,7 @@ async fn server_status_codes_map_to_typed_errors() {
 }
 
 #[tokio::test]
-async fn identity_reports_snapshot_metadata_capability() {
+async fn identity_and_health_report_the_snapshot_metadata_service() {
     let snaps = tempfile::tempdir().unwrap();
     let sock = tempfile::tempdir().unwrap();
     let srv = serve_unix(ServerOptions::new(snaps.path()), sock.path()).await;
@@ -507,6 +507,9 @@ async fn identity_reports_snapshot_metadata_capability() {
     let info = c.plugin_info().await.unwrap();
     assert!(info.snapshot_metadata);
     assert_eq!(info.name, "file.cbt.example.com");
+    assert!(c.health("").await.unwrap());
+    assert!(c.health("snapshotmetadata.SnapshotMetadata").await.unwrap());
+    assert!(!c.health("no.such.Service").await.unwrap());
     srv.shutdown().await.unwrap();
 }
 

@@ -406,6 +406,33 @@ impl MetadataClient {
     }
 }
 
+impl MetadataClient {
+    /// Asks `grpc.health.v1.Health` whether `service` ("" = the whole server) is SERVING, as
+    /// the Kubernetes sidecar reports once its driver is ready; an unknown service is `false`.
+    ///
+    /// # Errors
+    /// The mapped status if the check itself fails (e.g. UNIMPLEMENTED without a health service).
+    pub async fn health(&self, service: &str) -> Result<bool, CsiError> {
+        let mut c = pb::health::health_client::HealthClient::new(self.channel.clone());
+        let req = pb::health::HealthCheckRequest {
+            service: service.to_string(),
+        };
+        match c.check(req).await {
+            Ok(r) => Ok(r.into_inner().status
+                == pb::health::health_check_response::ServingStatus::Serving as i32),
+            // The health protocol answers NOT_FOUND for a service it does not know: not serving.
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(map_status(
+                &Query::CsiAllocated {
+                    snapshot_id: String::new(),
+                },
+                0,
+                s,
+            )),
+        }
+    }
+}
+
 /// What the CSI Identity service reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginInfo {

@@ -660,6 +660,47 @@ impl pb::csi::identity_server::Identity for FileMetadataService {
     }
 }
 
+/// Services reported SERVING by the health service (besides the empty name: the whole server).
+const HEALTH_SERVICES: [&str; 3] = [
+    "csi.v1.SnapshotMetadata",
+    "csi.v1.Identity",
+    "snapshotmetadata.SnapshotMetadata",
+];
+
+fn health_status(service: &str) -> Result<pb::health::HealthCheckResponse, Status> {
+    if service.is_empty() || HEALTH_SERVICES.contains(&service) {
+        Ok(pb::health::HealthCheckResponse {
+            status: pb::health::health_check_response::ServingStatus::Serving as i32,
+        })
+    } else {
+        Err(Status::not_found(format!("unknown service {service:?}")))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::health::health_server::Health for FileMetadataService {
+    type WatchStream = ResponseStream<pb::health::HealthCheckResponse>;
+
+    async fn check(
+        &self,
+        request: Request<pb::health::HealthCheckRequest>,
+    ) -> Result<Response<pb::health::HealthCheckResponse>, Status> {
+        health_status(&request.into_inner().service).map(Response::new)
+    }
+
+    async fn watch(
+        &self,
+        request: Request<pb::health::HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        // The status never changes while the server runs: send it once, then keep the stream open.
+        let first = health_status(&request.into_inner().service)?;
+        use futures::StreamExt;
+        Ok(Response::new(Box::pin(
+            futures::stream::iter([Ok(first)]).chain(futures::stream::pending()),
+        )))
+    }
+}
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -762,7 +803,8 @@ impl RunningServer {
     }
 }
 
-/// Binds `listen` and serves all services of `service` (both APIs and Identity) in the background.
+/// Binds `listen` and serves all services of `service` (both APIs, Identity and
+/// `grpc.health.v1.Health`) in the background.
 ///
 /// # Errors
 /// [`CsiError::Io`] if the address cannot be bound, [`CsiError::ServerConfig`] for TLS problems.
@@ -795,7 +837,10 @@ pub async fn spawn(
         .add_service(
             pb::k8s::snapshot_metadata_server::SnapshotMetadataServer::new(service.clone()),
         )
-        .add_service(pb::csi::identity_server::IdentityServer::new(service));
+        .add_service(pb::csi::identity_server::IdentityServer::new(
+            service.clone(),
+        ))
+        .add_service(pb::health::health_server::HealthServer::new(service));
     let (tx, rx) = oneshot::channel::<()>();
     let signal = async move {
         let _ = rx.await;
