@@ -172,6 +172,26 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
             one.stats
         );
     }
+    // The restored file is sparse: zero chunks and zero blocks inside chunks stay holes.
+    let restored = fx.path("sparse-restored.img");
+    engine::restore(
+        &fx.repo,
+        &vol("v"),
+        &snap("a"),
+        &restored,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&path).unwrap());
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&restored).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 100_000 + 8192,
+        "restored file holds {allocated} bytes of blocks"
+    );
+
     let two = backup_file(&fx.repo, &path, request("v", "b", full(), 2))
         .await
         .unwrap();

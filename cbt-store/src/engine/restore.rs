@@ -199,7 +199,18 @@ pub async fn restore_manifest(
     .map_err(tio(None))?;
     let file = Arc::new(file);
 
-    let mut result = write_all(repo, manifest, &plan, file.clone(), &write_path, &engine).await;
+    // A zeroed (fresh) target already reads as zeros: zero blocks inside chunks stay holes.
+    let sparse = state == TargetState::Zeroed;
+    let mut result = write_all(
+        repo,
+        manifest,
+        &plan,
+        file.clone(),
+        &write_path,
+        sparse,
+        &engine,
+    )
+    .await;
     if result.is_ok() && kind == TargetKind::ReplacedFile {
         result = fs::rename(&write_path, target).map_err(tio(None));
     }
@@ -219,6 +230,7 @@ async fn write_all(
     plan: &RestorePlan,
     file: Arc<File>,
     target: &Path,
+    sparse: bool,
     engine: &EngineOptions,
 ) -> Result<()> {
     let path = target.to_path_buf();
@@ -266,12 +278,13 @@ async fn write_all(
                     };
                     decode_chunk(&body, &g.chunk, at, &mut buf)?;
                     for (_, off) in &g.targets {
-                        file.write_all_at(&buf, *off)
-                            .map_err(|source| RepoError::TargetIo {
+                        write_chunk(&file, &buf, *off, sparse).map_err(|(at, source)| {
+                            RepoError::TargetIo {
                                 path: path.clone(),
-                                offset: Some(*off),
+                                offset: Some(at),
                                 source,
-                            })?;
+                            }
+                        })?;
                     }
                     if let Ok(mut p) = pool.lock() {
                         p.push(buf);
@@ -309,6 +322,39 @@ async fn write_all(
             offset: None,
             source,
         })
+}
+
+/// Block size below which zero runs inside a chunk are written rather than skipped.
+const SPARSE_BLOCK: usize = 4096;
+
+/// Writes one chunk at `offset`. With `sparse` (the target already reads as zeros), runs of
+/// all-zero 4 KiB blocks are skipped so they stay holes. Errors carry the failing offset.
+fn write_chunk(file: &File, buf: &[u8], offset: u64, sparse: bool) -> Result<(), (u64, io::Error)> {
+    if !sparse {
+        return file.write_all_at(buf, offset).map_err(|e| (offset, e));
+    }
+    let mut run_start: Option<usize> = None;
+    let mut pos = 0;
+    while pos < buf.len() {
+        let end = (pos + SPARSE_BLOCK).min(buf.len());
+        let zero = super::is_zero(&buf[pos..end]);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(pos),
+            (true, Some(start)) => {
+                let at = offset + start as u64;
+                file.write_all_at(&buf[start..pos], at)
+                    .map_err(|e| (at, e))?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        pos = end;
+    }
+    if let Some(start) = run_start {
+        let at = offset + start as u64;
+        file.write_all_at(&buf[start..], at).map_err(|e| (at, e))?;
+    }
+    Ok(())
 }
 
 /// Makes `ranges` read as zeros: punch holes where the file system or device supports it,
