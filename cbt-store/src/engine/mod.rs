@@ -14,6 +14,44 @@
 //! the volume size; only the chunk map does (see `cbt_core::manifest`, about 18 MiB per fully
 //! allocated TiB at 4 MiB chunks). With the defaults (4 MiB chunks, readahead 4, 2 workers,
 //! 8 transfers) a backup uses at most 68 MiB of buffers.
+//!
+//! # Example
+//! ```no_run
+//! use std::sync::Arc;
+//! use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
+//! use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions};
+//! use cbt_store::repo::{InitOptions, Repository};
+//! use cbt_store::store::{LocalStore, ObjectStore};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new("/backups/repo")?);
+//! let now = Timestamp::from_system_time(std::time::SystemTime::now());
+//! let repo = Repository::init(store, InitOptions { chunk_size: None, now }).await?;
+//! let volume = VolumeName::from_pvc("prod", "db-0")?;
+//! let request = |name: &str, mode| -> Result<BackupRequest, cbt_core::CoreError> {
+//!     Ok(BackupRequest {
+//!         volume: volume.clone(),
+//!         snapshot: SnapshotName::new(name)?,
+//!         mode,
+//!         created: now,
+//!         source_info: Default::default(),
+//!         labels: Default::default(),
+//!         chunk_size: None,
+//!         volume_size: None,
+//!     })
+//! };
+//! let opts = EngineOptions::default();
+//! let source = Arc::new(FileSource::open("/dev/vdb")?);
+//! let full = engine::backup(&repo, source.clone(), request("mon", BackupMode::Full { allocated: None })?, &opts).await?;
+//! // Ranges changed since "mon", e.g. from CSI GetMetadataDelta as (offset, length) pairs.
+//! let changed = RangeSet::try_from_extents([(0, 4096), (1 << 30, 65536)])?;
+//! let parent = Box::new(full.manifest);
+//! engine::backup(&repo, source, request("tue", BackupMode::Incremental { parent, changed })?, &opts).await?;
+//! engine::restore(&repo, &volume, &SnapshotName::new("tue")?, "/tmp/db.img".as_ref(),
+//!     &RestoreOptions::default(), &opts).await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod backup;
 mod restore;
