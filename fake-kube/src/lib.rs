@@ -14,6 +14,9 @@
 //! then see each other's snapshot handles, like two clusters attached to one
 //! storage array. [`Faults`] injects HTTP errors and driver misbehaviour.
 //!
+//! Extra resource types (e.g. SnapshotMetadataService) can be served with
+//! [`FakeKubeBuilder::serve`]; for them only `metadata.name` is validated.
+//!
 //! Not simulated: server-side apply, finalizers, admission webhooks, RBAC,
 //! pagination (`limit`/`continue` are ignored; every list is one page).
 
@@ -37,10 +40,10 @@ use tokio::task::JoinHandle;
 
 pub use backend::{BackendSnapshot, SharedBackend};
 pub use faults::{FaultAction, Faults, HttpFault};
-pub use store::{ApiError, Cause};
+pub use store::{ApiError, Cause, ResourceType};
 pub use values::{format_quantity, parse_quantity};
 
-use store::{Selector, Store, find_type_by_kind};
+use store::{Selector, Store, TYPES, find_type_by_kind};
 
 /// One request as the server saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +64,7 @@ pub(crate) struct State {
     driver: String,
     token: Option<String>,
     changed: Notify,
+    types: Vec<&'static ResourceType>,
 }
 
 impl State {
@@ -78,6 +82,7 @@ impl State {
 
 /// Configures a fake cluster before it starts.
 pub struct FakeKubeBuilder {
+    extra_types: Vec<ResourceType>,
     driver: String,
     backend: SharedBackend,
     token: Option<String>,
@@ -109,6 +114,12 @@ impl FakeKubeBuilder {
         self
     }
 
+    /// Also serves this resource type (CRUD, list, watch, patch; only `metadata.name` is validated).
+    pub fn serve(mut self, rt: ResourceType) -> Self {
+        self.extra_types.push(rt);
+        self
+    }
+
     /// Binds 127.0.0.1 on a free port and starts serving and reconciling.
     ///
     /// # Errors
@@ -124,6 +135,16 @@ impl FakeKubeBuilder {
             driver: self.driver,
             token: self.token,
             changed: Notify::new(),
+            // Leaked once per test server so routes can hold `&'static` types like the built-ins.
+            types: TYPES
+                .iter()
+                .copied()
+                .chain(
+                    self.extra_types
+                        .into_iter()
+                        .map(|t| &*Box::leak(Box::new(t))),
+                )
+                .collect(),
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
@@ -192,8 +213,12 @@ impl Drop for FakeKube {
     }
 }
 
-fn type_of(api_version: &str, kind: &str) -> Result<&'static store::ResourceType, ApiError> {
-    find_type_by_kind(api_version, kind).ok_or_else(|| {
+fn type_of(
+    state: &State,
+    api_version: &str,
+    kind: &str,
+) -> Result<&'static store::ResourceType, ApiError> {
+    find_type_by_kind(&state.types, api_version, kind).ok_or_else(|| {
         ApiError::bad_request(format!("fake-kube does not serve {api_version} {kind}"))
     })
 }
@@ -202,6 +227,7 @@ impl FakeKube {
     /// A builder with defaults (driver `hostpath.csi.k8s.io`, own backend, token `fake-token`).
     pub fn builder() -> FakeKubeBuilder {
         FakeKubeBuilder {
+            extra_types: Vec::new(),
             driver: "hostpath.csi.k8s.io".into(),
             backend: SharedBackend::new(),
             token: Some("fake-token".into()),
@@ -257,6 +283,7 @@ impl FakeKube {
     /// The API error a client would get.
     pub fn create(&self, obj: Value) -> Result<Value, ApiError> {
         let rt = type_of(
+            &self.state,
             obj["apiVersion"].as_str().unwrap_or(""),
             obj["kind"].as_str().unwrap_or(""),
         )?;
@@ -271,13 +298,13 @@ impl FakeKube {
 
     /// Reads an object (`ns` ignored for cluster-scoped kinds).
     pub fn get(&self, api_version: &str, kind: &str, ns: &str, name: &str) -> Option<Value> {
-        let rt = type_of(api_version, kind).ok()?;
+        let rt = type_of(&self.state, api_version, kind).ok()?;
         self.state.lock_store().get(rt, ns, name).ok()
     }
 
     /// Lists all objects of a kind in all namespaces.
     pub fn list(&self, api_version: &str, kind: &str) -> Vec<Value> {
-        match type_of(api_version, kind) {
+        match type_of(&self.state, api_version, kind) {
             Ok(rt) => self.state.lock_store().list(rt, None, &Selector::default()),
             Err(_) => Vec::new(),
         }
@@ -292,7 +319,7 @@ impl FakeKube {
         name: &str,
         status: Value,
     ) -> bool {
-        let Ok(rt) = type_of(api_version, kind) else {
+        let Ok(rt) = type_of(&self.state, api_version, kind) else {
             return false;
         };
         self.state
@@ -311,7 +338,7 @@ impl FakeKube {
         ns: &str,
         name: &str,
     ) -> Result<Value, ApiError> {
-        let rt = type_of(api_version, kind)?;
+        let rt = type_of(&self.state, api_version, kind)?;
         let mut store = self.state.lock_store();
         controller::delete_with_effects(
             &mut store,

@@ -119,7 +119,7 @@ struct Route {
     part: Part,
 }
 
-fn route(path: &str) -> Result<Route, ApiError> {
+fn route(path: &str, types: &[&'static ResourceType]) -> Result<Route, ApiError> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
         ["api", v, rest @ ..] => ("", *v, rest),
@@ -138,7 +138,7 @@ fn route(path: &str) -> Result<Route, ApiError> {
         [plural, name, sub] => (*plural, Some(name.to_string()), Some(*sub)),
         _ => return Err(ApiError::no_route()),
     };
-    let rt = find_type(group, version, plural).ok_or_else(ApiError::no_route)?;
+    let rt = find_type(types, group, version, plural).ok_or_else(ApiError::no_route)?;
     if ns.is_some() && !rt.namespaced {
         return Err(ApiError::no_route());
     }
@@ -202,7 +202,7 @@ pub(crate) async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(DropConnection),
     };
-    let route = match route(&path) {
+    let route = match route(&path, &state.types) {
         Ok(r) => r,
         Err(e) => return Ok(error_response(&e)),
     };
@@ -452,20 +452,24 @@ fn watch_response(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::store::TYPES;
 
     #[test]
     fn routes() {
-        let r = route("/apis/snapshot.storage.k8s.io/v1/namespaces/a/volumesnapshots/x/status")
-            .unwrap();
+        let r = route(
+            "/apis/snapshot.storage.k8s.io/v1/namespaces/a/volumesnapshots/x/status",
+            &TYPES,
+        )
+        .unwrap();
         assert_eq!(r.rt.plural, "volumesnapshots");
         assert_eq!(r.ns.as_deref(), Some("a"));
         assert_eq!(r.name.as_deref(), Some("x"));
         assert_eq!(r.part, Part::Status);
-        let r = route("/api/v1/namespaces/a").unwrap();
+        let r = route("/api/v1/namespaces/a", &TYPES).unwrap();
         assert_eq!((r.rt.plural, r.name.as_deref()), ("namespaces", Some("a")));
-        let r = route("/api/v1/namespaces").unwrap();
+        let r = route("/api/v1/namespaces", &TYPES).unwrap();
         assert!(r.name.is_none());
-        assert!(route("/apis/storage.k8s.io/v1/namespaces/a/csidrivers").is_err());
+        assert!(route("/apis/storage.k8s.io/v1/namespaces/a/csidrivers", &TYPES).is_err());
         assert_eq!(percent_decode("app%3Ddb%2Ctier+x"), "app=db,tier x");
         assert_eq!(
             query_param("a=1&labelSelector=app%3Ddb", "labelSelector").as_deref(),

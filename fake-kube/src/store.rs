@@ -135,16 +135,25 @@ pub static TYPES: [&ResourceType; 7] = [
 ];
 
 /// Finds a type by path components.
-pub fn find_type(group: &str, version: &str, plural: &str) -> Option<&'static ResourceType> {
-    TYPES
+pub fn find_type(
+    types: &[&'static ResourceType],
+    group: &str,
+    version: &str,
+    plural: &str,
+) -> Option<&'static ResourceType> {
+    types
         .iter()
         .copied()
         .find(|t| t.group == group && t.version == version && t.plural == plural)
 }
 
 /// Finds a type by `apiVersion` and `kind`.
-pub fn find_type_by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceType> {
-    TYPES
+pub fn find_type_by_kind(
+    types: &[&'static ResourceType],
+    api_version: &str,
+    kind: &str,
+) -> Option<&'static ResourceType> {
+    types
         .iter()
         .copied()
         .find(|t| t.api_version() == api_version && t.kind == kind)

@@ -495,3 +495,51 @@ async fn kube_runtime_await_condition_works_against_the_fake() {
         .unwrap();
     assert_eq!(got.unwrap().status.unwrap().phase.as_deref(), Some("Bound"));
 }
+
+#[tokio::test]
+async fn extra_resource_types_can_be_served() {
+    let a = FakeKube::builder()
+        .serve(fake_kube::ResourceType {
+            group: "cbt.storage.k8s.io",
+            version: "v1beta1",
+            plural: "snapshotmetadataservices",
+            kind: "SnapshotMetadataService",
+            namespaced: false,
+            status_subresource: false,
+            crd: true,
+        })
+        .start()
+        .await
+        .unwrap();
+    let c = client_for(&a, "ctx").await;
+    let sms_ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("cbt.storage.k8s.io", "v1beta1", "SnapshotMetadataService"),
+        "snapshotmetadataservices",
+    );
+    let api: Api<DynamicObject> = Api::all_with(c, &sms_ar);
+    api.create(
+        &PostParams::default(),
+        &dyn_obj(
+            &sms_ar,
+            json!({"metadata": {"name": "hostpath.csi.k8s.io"},
+                   "spec": {"address": "svc.ns:6443", "audience": "aud", "caCert": "Y2E="}}),
+        ),
+    )
+    .await
+    .unwrap();
+    let got = api.get("hostpath.csi.k8s.io").await.unwrap();
+    assert_eq!(got.data["spec"]["audience"], "aud");
+    assert_eq!(
+        api.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    assert!(
+        a.get(
+            "cbt.storage.k8s.io/v1beta1",
+            "SnapshotMetadataService",
+            "",
+            "hostpath.csi.k8s.io"
+        )
+        .is_some()
+    );
+}
