@@ -187,6 +187,12 @@ fn output_error(e: std::io::Error) -> CliError {
 /// `cbt metadata ...`: list allocated or changed ranges of snapshots.
 #[derive(Debug, clap::Subcommand)]
 pub enum MetadataCommand {
+    /// Check the service: gRPC health and, for a CSI driver socket, the plugin identity and its
+    /// SNAPSHOT_METADATA_SERVICE capability.
+    Probe {
+        #[command(flatten)]
+        endpoint: EndpointArgs,
+    },
     /// Ranges holding data in a snapshot (GetMetadataAllocated).
     Allocated {
         /// Snapshot: CSI snapshot handle, or VolumeSnapshot name with --metadata-namespace.
@@ -228,6 +234,7 @@ pub enum MetadataCommand {
 pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliError> {
     let json = ctx.out.json();
     let (query, endpoint, starting_offset, summary_only) = match cmd {
+        MetadataCommand::Probe { endpoint } => return probe(ctx, &endpoint).await,
         MetadataCommand::Allocated {
             snapshot,
             starting_offset,
@@ -377,6 +384,64 @@ pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliErro
     }
     out.flush().map_err(output_error)?;
     Ok(())
+}
+
+/// `cbt metadata probe`: health, and identity for CSI endpoints. Fails (exit 4) unless the
+/// service is SERVING and, for a CSI driver, advertises SNAPSHOT_METADATA_SERVICE.
+async fn probe(ctx: &Ctx, endpoint: &EndpointArgs) -> Result<(), CliError> {
+    let client = MetadataClient::connect(endpoint.conn.client_config(&endpoint.endpoint)?).await?;
+    // Health is optional for CSI drivers; the Kubernetes sidecar always registers it.
+    let health = match client.health("").await {
+        Ok(serving) => Some(serving),
+        Err(CsiError::Unimplemented { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let info = if endpoint.conn.namespace.is_none() {
+        Some(client.plugin_info().await?)
+    } else {
+        None
+    };
+    let ok = health != Some(false) && info.as_ref().is_none_or(|i| i.snapshot_metadata);
+    ctx.out.emit(
+        &serde_json::json!({
+            "endpoint": endpoint.endpoint,
+            "serving": health,
+            "driver": info.as_ref().map(|i| &i.name),
+            "vendor_version": info.as_ref().map(|i| &i.vendor_version),
+            "snapshot_metadata_capability": info.as_ref().map(|i| i.snapshot_metadata),
+            "ready": ok,
+        }),
+        || {
+            let mut t = format!("endpoint: {}\n", endpoint.endpoint);
+            t.push_str(&format!(
+                "health:   {}\n",
+                match health {
+                    Some(true) => "SERVING",
+                    Some(false) => "NOT_SERVING",
+                    None => "no health service",
+                }
+            ));
+            if let Some(i) = &info {
+                t.push_str(&format!(
+                    "driver:   {} {}\nSNAPSHOT_METADATA_SERVICE capability: {}\n",
+                    i.name,
+                    i.vendor_version,
+                    if i.snapshot_metadata { "yes" } else { "NO" }
+                ));
+            }
+            t.push_str(if ok { "ready: yes" } else { "ready: NO" });
+            t
+        },
+    );
+    if ok {
+        Ok(())
+    } else {
+        Err(CliError {
+            class: ExitClass::Transient,
+            message: format!("the metadata service at {} is not ready", endpoint.endpoint),
+            hint: Some("check the CSI driver and its snapshot-metadata sidecar; the driver must report SNAPSHOT_METADATA_SERVICE".into()),
+        })
+    }
 }
 
 /// Binary-prefixed size for humans.

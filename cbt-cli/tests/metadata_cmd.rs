@@ -111,6 +111,16 @@ fn metadata_lists_allocated_and_delta_as_table_and_json() {
     );
     let ep = srv.endpoint.as_str();
 
+    let probe = ok(&["metadata", "probe", "--metadata-endpoint", ep]);
+    assert!(
+        probe.contains("SNAPSHOT_METADATA_SERVICE capability: yes") && probe.contains("ready: yes"),
+        "{probe}"
+    );
+    let probe: serde_json::Value =
+        serde_json::from_str(&ok(&["-o", "json", "metadata", "probe", "--endpoint", ep])).unwrap();
+    assert_eq!(probe["serving"], true);
+    assert_eq!(probe["driver"], "file.cbt.example.com");
+
     let table = ok(&[
         "metadata",
         "allocated",

@@ -204,9 +204,13 @@ async fn kubernetes_api_with_token_and_namespaces() {
     o.token = Some("s3cret".into());
     let srv = serve_unix(o, sock.path()).await;
     let ep = srv.endpoint().to_string();
-    let with_token = MetadataClient::connect(ClientConfig::new(&ep).with_token("s3cret"))
-        .await
-        .unwrap();
+    let with_token = MetadataClient::connect(
+        ClientConfig::new(&ep)
+            .with_token("s3cret")
+            .with_retry(common::fast_retry()),
+    )
+    .await
+    .unwrap();
     let q = Query::K8sAllocated {
         namespace: "apps".into(),
         snapshot_name: "vs-1".into(),
