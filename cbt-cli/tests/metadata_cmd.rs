@@ -464,3 +464,85 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     assert!(show["parent"].is_null());
     assert_eq!(show["volume_size"], 32 * MIB);
 }
+
+#[test]
+fn backup_through_the_kubernetes_api_records_names_and_handles() {
+    let (t, snaps, sock) = dirs();
+    let repo = format!("file://{}", t.path().join("repo").display());
+    image(&snaps.join("vs-1"), 4 * MIB, &[(0, 1, 70_000)]);
+    std::fs::copy(snaps.join("vs-1"), snaps.join("vs-2")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snaps.join("vs-2"))
+        .unwrap()
+        .write_all_at(&[3; 10], 3 * MIB)
+        .unwrap();
+    let srv = serve(&snaps, &sock, &["--token", "sa-token"]);
+    let ep = srv.endpoint.as_str();
+    ok(&["--repo", &repo, "repo", "init", "--chunk-size", "1M"]);
+    let dev = |id: &str| snaps.join(id).display().to_string();
+    let d1 = dev("vs-1");
+    let k8s = [
+        "--metadata-endpoint",
+        ep,
+        "--metadata-namespace",
+        "default",
+        "--metadata-token",
+        "sa-token",
+    ];
+    let mut full = vec![
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &d1,
+        "--volume",
+        "pvc",
+        "--snapshot",
+        "k1",
+        "--snapshot-id",
+        "vs-1",
+        "--snapshot-handle",
+        "vs-1",
+    ];
+    full.extend_from_slice(&k8s);
+    ok(&full);
+    let d2 = dev("vs-2");
+    let mut incr = vec![
+        "--repo",
+        &repo,
+        "backup",
+        "--device",
+        &d2,
+        "--volume",
+        "pvc",
+        "--snapshot",
+        "k2",
+        "--snapshot-id",
+        "vs-2",
+        "--snapshot-handle",
+        "vs-2",
+        "--base-snapshot-id",
+        "vs-1",
+    ];
+    incr.extend_from_slice(&k8s);
+    ok(&incr);
+    let show: serde_json::Value = serde_json::from_str(&ok(&[
+        "--repo",
+        &repo,
+        "-o",
+        "json",
+        "show",
+        "--volume",
+        "pvc",
+        "--snapshot",
+        "k2",
+    ]))
+    .unwrap();
+    assert_eq!(show["parent"]["snapshot"], "k1");
+    assert_eq!(show["source"]["namespace"], "default");
+    assert_eq!(show["source"]["volume_snapshot"], "vs-2");
+    assert_eq!(show["source"]["csi_snapshot_id"], "vs-2");
+    assert_eq!(show["source"]["base_csi_snapshot_id"], "vs-1");
+    assert_eq!(show["stats"]["bytes_read"], MIB);
+}
