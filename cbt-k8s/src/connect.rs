@@ -1,10 +1,10 @@
 //! Building clients from kubeconfig the way kubectl resolves it.
 //!
 //! An explicit kubeconfig path wins; otherwise `KUBECONFIG` (a list of files,
-//! merged first-wins) or `~/.kube/config`. The context is the one named, else
+//! merged first-wins, missing ones skipped) or `~/.kube/config`. The context is the one named, else
 //! the current-context. Each side of a migration may use its own file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -43,26 +43,73 @@ impl std::fmt::Debug for Cluster {
 
 /// Loads the kubeconfig for a target; returns it with a description of its origin.
 ///
+/// Like kubectl: an explicit path must exist; files listed in `KUBECONFIG` that
+/// do not exist are skipped (the others are merged, first wins); without
+/// `KUBECONFIG`, `~/.kube/config` is read.
+///
 /// # Errors
-/// [`Error::Kubeconfig`] when a file is missing or malformed.
+/// [`Error::NoKubeconfig`] when no file is found, [`Error::Kubeconfig`] when one
+/// cannot be read or parsed.
 pub fn load_kubeconfig(target: &ClusterTarget) -> Result<(Kubeconfig, String), Error> {
-    match &target.kubeconfig {
-        Some(path) => {
-            let origin = path.display().to_string();
-            Kubeconfig::read_from(path)
-                .map(|kc| (kc, origin.clone()))
-                .map_err(|source| Error::Kubeconfig { origin, source })
-        }
-        None => {
-            let origin = match std::env::var_os("KUBECONFIG") {
-                Some(v) if !v.is_empty() => format!("KUBECONFIG={}", v.to_string_lossy()),
-                _ => "~/.kube/config".to_string(),
-            };
-            Kubeconfig::read()
-                .map(|kc| (kc, origin.clone()))
-                .map_err(|source| Error::Kubeconfig { origin, source })
-        }
+    if let Some(path) = &target.kubeconfig {
+        let origin = path.display().to_string();
+        return Kubeconfig::read_from(path)
+            .map(|kc| (kc, origin.clone()))
+            .map_err(|source| Error::Kubeconfig { origin, source });
     }
+    let listed: Vec<PathBuf> = std::env::var_os("KUBECONFIG")
+        .map(|v| {
+            std::env::split_paths(&v)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if listed.is_empty() {
+        let Some(home) = std::env::home_dir() else {
+            return Err(Error::NoKubeconfig {
+                tried: "KUBECONFIG is unset and the home directory is unknown".into(),
+            });
+        };
+        let path = home.join(".kube").join("config");
+        if is_missing(&path) {
+            return Err(Error::NoKubeconfig {
+                tried: format!("KUBECONFIG is unset and {} does not exist", path.display()),
+            });
+        }
+        let origin = path.display().to_string();
+        return Kubeconfig::read_from(&path)
+            .map(|kc| (kc, origin.clone()))
+            .map_err(|source| Error::Kubeconfig { origin, source });
+    }
+    let joined = std::env::join_paths(&listed)
+        .map(|j| j.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{listed:?}"));
+    let origin = format!("KUBECONFIG={joined}");
+    let mut merged: Option<Kubeconfig> = None;
+    for path in listed.iter().filter(|p| !is_missing(p)) {
+        let kc = Kubeconfig::read_from(path).map_err(|source| Error::Kubeconfig {
+            origin: path.display().to_string(),
+            source,
+        })?;
+        merged = Some(match merged {
+            None => kc,
+            Some(m) => m.merge(kc).map_err(|source| Error::Kubeconfig {
+                origin: origin.clone(),
+                source,
+            })?,
+        });
+    }
+    match merged {
+        Some(kc) => Ok((kc, origin)),
+        None => Err(Error::NoKubeconfig {
+            tried: format!("none of the files in {origin} exists"),
+        }),
+    }
+}
+
+// kubectl skips missing files (broken symlinks included) but reports unreadable ones.
+fn is_missing(path: &Path) -> bool {
+    matches!(std::fs::metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
 }
 
 /// Connects to the target's context.

@@ -29,6 +29,14 @@ pub enum Error {
         #[source]
         source: kube::config::KubeconfigError,
     },
+    /// No kubeconfig file was found where kubectl would look.
+    #[error(
+        "no kubeconfig found: {tried}; point KUBECONFIG at one, or name a kubeconfig file explicitly"
+    )]
+    NoKubeconfig {
+        /// Where we looked.
+        tried: String,
+    },
     /// The requested context is not in the kubeconfig.
     #[error("context {context:?} not found in kubeconfig {origin} (available: {available})")]
     ContextNotFound {
@@ -158,6 +166,7 @@ impl Error {
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::SnapshotFailed { .. } | Error::Inconsistent { .. } => ErrorKind::Backend,
             Error::Kubeconfig { .. }
+            | Error::NoKubeconfig { .. }
             | Error::ContextNotFound { .. }
             | Error::NoContext { .. }
             | Error::NotFound { .. }

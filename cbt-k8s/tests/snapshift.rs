@@ -138,7 +138,7 @@ async fn migrates_a_pvc_with_a_restored_pvc_and_is_idempotent() {
             SNAP,
             "VolumeSnapshotContent",
             "",
-            "snapshift-dr-db-snapshift",
+            "snapshift-dr.db-snapshift",
         )
         .unwrap();
     assert_eq!(vsc["spec"]["deletionPolicy"], "Retain");
@@ -335,7 +335,7 @@ async fn conflicts_are_errors_and_leave_objects_untouched() {
                 SNAP,
                 "VolumeSnapshotContent",
                 "",
-                "snapshift-dr-db-snapshift"
+                "snapshift-dr.db-snapshift"
             )
             .is_none()
     );
@@ -622,7 +622,7 @@ async fn transient_api_errors_are_retried() {
         report
             .removed
             .iter()
-            .any(|r| r.starts_with("VolumeSnapshotContent snapshift-dr-web-snapshift")),
+            .any(|r| r.starts_with("VolumeSnapshotContent snapshift-dr.web-snapshift")),
         "{:?}",
         report.removed
     );
@@ -632,7 +632,7 @@ async fn transient_api_errors_are_retried() {
                 SNAP,
                 "VolumeSnapshotContent",
                 "",
-                "snapshift-dr-web-snapshift"
+                "snapshift-dr.web-snapshift"
             )
             .is_none()
     );
@@ -778,4 +778,117 @@ async fn readiness_is_awaited_with_a_watch_from_the_resource_version() {
         "{:?}",
         report.result
     );
+}
+
+#[tokio::test]
+async fn longest_names_give_valid_objects_and_bad_names_touch_nothing() {
+    let env = env().await;
+    // A PVC name at the 253-character limit: every derived name must stay a valid object name
+    // (the fake API server rejects invalid ones with 422, as the real one does).
+    let long = format!("{}-db", "p".repeat(250));
+    assert_eq!(long.len(), 253);
+    env.east
+        .seed_pvc("apps", &long, "1Gi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+    let s = shift(&env, opts()).await;
+    let mut req = to_dr(MigrationRequest::for_pvc("apps", &long));
+    req.create_pvc = true;
+    let report = s.migrate(&req).await;
+    let created = match report.result {
+        Ok(Outcome::Migrated { created }) => created,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(created.len(), 3, "{created:?}");
+    let vs = env.west.list(SNAP, "VolumeSnapshot");
+    let vs_name = vs[0]["metadata"]["name"].as_str().unwrap();
+    assert!(
+        vs_name.len() <= 253 && vs_name.starts_with("ppp"),
+        "{vs_name}"
+    );
+    assert_eq!(vs[0]["status"]["readyToUse"], true);
+    let vsc = env.west.list(SNAP, "VolumeSnapshotContent");
+    let vsc_name = vsc[0]["metadata"]["name"].as_str().unwrap();
+    assert!(vsc_name.len() <= 253, "{vsc_name}");
+    assert!(
+        env.west
+            .get("v1", "PersistentVolumeClaim", "dr", &long)
+            .is_some()
+    );
+    assert!(matches!(
+        s.migrate(&req).await.result,
+        Ok(Outcome::AlreadyMigrated)
+    ));
+
+    // Invalid names are refused before any API call.
+    let (east_before, west_before) = (env.east.requests().len(), env.west.requests().len());
+    for bad in ["DB", "db_1", "../db", &"x".repeat(254)] {
+        let report = s
+            .migrate(&to_dr(MigrationRequest::for_pvc("apps", bad)))
+            .await;
+        match &report.result {
+            Err(e @ Error::InvalidInput { what, .. }) => {
+                assert!(what.contains("PVC name"), "{e}");
+                assert_eq!(e.kind(), ErrorKind::Config);
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    assert_eq!(env.east.requests().len(), east_before);
+    assert_eq!(env.west.requests().len(), west_before);
+}
+
+#[tokio::test]
+async fn same_cluster_and_namespace_on_both_sides_is_refused() {
+    let env = env().await;
+    // Both contexts left to current-context: the same cluster twice.
+    let target = ClusterTarget {
+        kubeconfig: Some(env.kubeconfig.clone()),
+        context: None,
+    };
+    let s = SnapShift::new(
+        connect(&target).await.unwrap(),
+        connect(&target).await.unwrap(),
+        opts(),
+    );
+    let report = s.migrate(&MigrationRequest::for_pvc("apps", "db")).await;
+    match &report.result {
+        Err(e @ Error::InvalidInput { reason, .. }) => {
+            assert!(
+                reason.contains("same cluster") && reason.contains("namespace apps"),
+                "{e}"
+            );
+            assert_eq!(e.kind(), ErrorKind::Config);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(writes(&env.east).is_empty(), "{:?}", writes(&env.east));
+    assert!(env.backend.handles().is_empty(), "no snapshot was cut");
+
+    // The same cluster into another namespace is a legitimate move.
+    env.east.seed_namespace("dr").unwrap();
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    assert!(
+        matches!(report.result, Ok(Outcome::Migrated { .. })),
+        "{:?}",
+        report.result
+    );
+    let moved = env
+        .east
+        .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    assert_eq!(moved["status"]["readyToUse"], true);
+}
+
+#[tokio::test]
+async fn a_malformed_selector_is_a_config_error_naming_it() {
+    let env = env().await;
+    let s = shift(&env, opts()).await;
+    let err = s.pvcs_matching("apps", "app in (db").await.unwrap_err();
+    match &err {
+        Error::InvalidInput { what, .. } => assert!(what.contains("app in (db"), "{err}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.kind(), ErrorKind::Config);
 }

@@ -116,7 +116,7 @@ struct MigrateArgs {
     #[arg(long, requires = "create_pvc")]
     storage_class: Option<String>,
     /// Deadline per item, e.g. 90s, 5m, 1h.
-    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = parse_timeout)]
     timeout: Duration,
     /// Print what would be created on each side and create nothing.
     #[arg(long)]
@@ -146,7 +146,7 @@ struct VerifyArgs {
     #[arg(long = "snapshot", value_name = "NAME")]
     snapshots: Vec<String>,
     /// Deadline for the whole check.
-    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = parse_timeout)]
     timeout: Duration,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "table")]
@@ -178,19 +178,29 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
             .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n * 60),
-            "h" => Duration::from_secs(n * 3600),
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => Some(Duration::from_secs(n)),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
             _ => {
                 return Err(format!(
                     "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h)"
                 ));
             }
         };
+        total = part
+            .and_then(|p| total.checked_add(p))
+            .ok_or_else(|| format!("invalid duration {s:?}: too long"))?;
     }
     Ok(total)
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("a timeout must be longer than zero, e.g. 90s".into()),
+        d => Ok(d),
+    }
 }
 
 fn exit_code(kind: ErrorKind) -> u8 {
@@ -628,6 +638,13 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("5 minutes").is_err());
         assert!(parse_duration("m5").is_err());
+        assert!(parse_duration("99999999999999999h").is_err(), "overflow");
+        assert!(parse_timeout("0s").is_err());
+        assert_eq!(parse_timeout("2m").unwrap(), Duration::from_secs(120));
+        assert!(
+            parse_duration("18446744073709551615s1s").is_err(),
+            "overflow"
+        );
     }
 
     #[test]

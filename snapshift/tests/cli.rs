@@ -113,10 +113,15 @@ fn writes(server: &FakeKube) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_flow_through_a_kubeconfig_list_then_rerun_and_verify() {
     let env = env().await;
-    let list = std::env::join_paths([env.path("east.yaml"), env.path("west.yaml")])
-        .unwrap()
-        .into_string()
-        .unwrap();
+    // kubectl skips listed files that do not exist; so do we.
+    let list = std::env::join_paths([
+        env.path("absent.yaml"),
+        env.path("east.yaml"),
+        env.path("west.yaml"),
+    ])
+    .unwrap()
+    .into_string()
+    .unwrap();
     let args = [
         "migrate",
         "--pvc",
@@ -158,7 +163,7 @@ async fn full_flow_through_a_kubeconfig_list_then_rerun_and_verify() {
             SNAP,
             "VolumeSnapshotContent",
             "",
-            "snapshift-dr-db-snapshift",
+            "snapshift-dr.db-snapshift",
         )
         .unwrap();
     assert_eq!(vsc["spec"]["source"]["snapshotHandle"], handle.as_str());
@@ -235,11 +240,11 @@ async fn dry_run_prints_yaml_and_creates_nothing() {
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     for needle in [
         "# origin (context east): would create VolumeSnapshot apps/db-snapshift",
-        "# destination (context west): would create VolumeSnapshotContent snapshift-dr-db-snapshift",
+        "# destination (context west): would create VolumeSnapshotContent snapshift-dr.db-snapshift",
         "# destination (context west): would create PersistentVolumeClaim dr/db",
         "kind: VolumeSnapshotContent",
         "deletionPolicy: Retain",
-        "volumeSnapshotContentName: snapshift-dr-db-snapshift",
+        "volumeSnapshotContentName: snapshift-dr.db-snapshift",
     ] {
         assert!(
             run.stdout.contains(needle),
@@ -300,7 +305,41 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     assert_eq!(run.code, 3, "{}", run.stderr);
     assert!(
         run.stderr
-            .contains("cannot load kubeconfig from ~/.kube/config"),
+            .contains("no kubeconfig found: KUBECONFIG is unset and")
+            && run.stderr.contains(".kube/config does not exist"),
+        "{}",
+        run.stderr
+    );
+    // KUBECONFIG naming only files that do not exist.
+    let run = snapshift(
+        env.dir.path(),
+        Some(env.path("gone.yaml").to_str().unwrap().to_string()),
+        &["migrate", "--pvc", "db"],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("none of the files in KUBECONFIG=") && run.stderr.contains("gone.yaml"),
+        "{}",
+        run.stderr
+    );
+    // An explicit kubeconfig that does not exist is an error, not skipped.
+    let gone = env.path("gone.yaml");
+    let run = snapshift(
+        env.dir.path(),
+        None,
+        &[
+            "migrate",
+            "--kubeconfig",
+            gone.to_str().unwrap(),
+            "--pvc",
+            "db",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("cannot load kubeconfig from") && run.stderr.contains("gone.yaml"),
         "{}",
         run.stderr
     );
@@ -323,6 +362,31 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     assert_eq!(run.code, 3);
     assert!(
         run.stderr.contains("context \"north\" not found"),
+        "{}",
+        run.stderr
+    );
+
+    // Forgetting the destination: both sides fall back to current-context.
+    let run = snapshift(
+        env.dir.path(),
+        None,
+        &["migrate", "--kubeconfig", &kc, "-n", "apps", "--pvc", "db"],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("are the same cluster"),
+        "{}",
+        run.stderr
+    );
+
+    // A selector the API server cannot parse is the user's input, not a bug.
+    let mut args = base.to_vec();
+    args.extend(["--to-namespace", "dr", "-l", "app in (db"]);
+    let run = snapshift(env.dir.path(), None, &args).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("invalid label selector \"app in (db\""),
         "{}",
         run.stderr
     );
@@ -351,7 +415,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     let run = snapshift(env.dir.path(), None, &args).await;
     assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(run.stderr.contains("timed out"), "{}", run.stderr);
-    assert!(run.stderr.contains("removed from the destination: VolumeSnapshot dr/db-snapshift, VolumeSnapshotContent snapshift-dr-db-snapshift"), "{}", run.stderr);
+    assert!(run.stderr.contains("removed from the destination: VolumeSnapshot dr/db-snapshift, VolumeSnapshotContent snapshift-dr.db-snapshift"), "{}", run.stderr);
     assert!(
         env.west
             .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")

@@ -279,14 +279,22 @@ impl SnapShift {
             .retry
             .run(None, || api.list(&lp))
             .await
-            .map_err(|e| {
-                Error::api(
+            .map_err(|e| match e {
+                // The server parses the selector: a 400 means the user's selector is malformed.
+                kube::Error::Api(status) if status.code == 400 => Error::InvalidInput {
+                    what: format!("label selector {selector:?}"),
+                    reason: format!(
+                        "{} (expected e.g. app=db, tier in (a,b), !legacy)",
+                        status.message
+                    ),
+                },
+                e => Error::api(
                     &self.origin.context,
                     "list",
                     "PersistentVolumeClaim",
                     format!("{namespace} (selector {selector})"),
                     e,
-                )
+                ),
             })?;
         let mut names: Vec<String> = list
             .items
@@ -427,6 +435,17 @@ impl SnapShift {
         let (o, d) = (&self.origin, &self.dest);
         let ons = req.namespace.as_str();
         let dns = req.dest_namespace();
+        // Both contexts default to current-context: forgetting the destination must not
+        // "migrate" a snapshot onto itself.
+        if o.server == d.server && ons == dns {
+            return Err(Error::InvalidInput {
+                what: "destination".into(),
+                reason: format!(
+                    "origin (context {:?}) and destination (context {:?}) are the same cluster ({}) and namespace {ons}; choose another destination context or namespace",
+                    o.context, d.context, o.server
+                ),
+            });
+        }
         let vs_name = req.origin_snapshot_name();
         let vs_object = ns_name(ons, &vs_name);
         state.destination = Some(ns_name(dns, &vs_name));

@@ -190,8 +190,11 @@ pub fn default_origin_snapshot_name(pvc: &str) -> String {
 }
 
 /// Name of the destination VolumeSnapshotContent (cluster scoped, so it carries the namespace).
+///
+/// Namespaces cannot contain '.', so the first '.' separates it from the snapshot
+/// name and distinct pairs never share a name (`a-b`/`c` vs `a`/`b-c`).
 pub fn dest_content_name(dest_namespace: &str, snapshot: &str) -> String {
-    bounded_name(format!("snapshift-{dest_namespace}-{snapshot}"), 253)
+    bounded_name(format!("snapshift-{dest_namespace}.{snapshot}"), 253)
 }
 
 /// The VolumeSnapshot to cut from `pvc` in the origin.
@@ -830,7 +833,7 @@ mod tests {
         let plan = plan_destination(&origin, &req, &ctx(&filter)).unwrap();
 
         let c = serde_json::to_value(&plan.content).unwrap();
-        assert_eq!(c["metadata"]["name"], "snapshift-dr-db-snap");
+        assert_eq!(c["metadata"]["name"], "snapshift-dr.db-snap");
         assert_eq!(
             c["spec"]["volumeSnapshotRef"],
             serde_json::json!({"name": "db-snap", "namespace": "dr"})
@@ -852,7 +855,7 @@ mod tests {
         assert_eq!(s["metadata"]["namespace"], "dr");
         assert_eq!(
             s["spec"]["source"],
-            serde_json::json!({"volumeSnapshotContentName": "snapshift-dr-db-snap"})
+            serde_json::json!({"volumeSnapshotContentName": "snapshift-dr.db-snap"})
         );
         assert_eq!(s["metadata"]["labels"]["app"], "db");
         assert_eq!(s["metadata"]["annotations"]["owner"], "team-a");
@@ -946,6 +949,19 @@ mod tests {
         let n2 = dest_content_name("ns2", &long);
         assert!(n1.len() <= 253 && validate_name("x", &n1).is_ok());
         assert_ne!(n1, n2);
+        assert_ne!(dest_content_name("a-b", "c"), dest_content_name("a", "b-c"));
+        assert_eq!(dest_content_name("dr", "db"), "snapshift-dr.db");
+        // The longest legal inputs still give a valid, distinct name.
+        let ns = "n".repeat(63);
+        let max = "s".repeat(253);
+        let n3 = dest_content_name(&ns, &max);
+        assert!(n3.len() <= 253 && validate_name("x", &n3).is_ok(), "{n3}");
+        assert_ne!(n3, dest_content_name(&ns, &"s".repeat(252)));
+        let snap = default_origin_snapshot_name(&max);
+        assert!(
+            snap.len() <= 253 && validate_name("x", &snap).is_ok(),
+            "{snap}"
+        );
         assert_eq!(default_origin_snapshot_name("db"), "db-snapshift");
         let mut req = MigrationRequest::for_pvc("apps", "db");
         req.pvc_name = Some("x".into());
@@ -972,7 +988,7 @@ mod tests {
         .unwrap();
         let mut dvs = plan.snapshot.clone();
         dvs.status = Some(VolumeSnapshotStatus {
-            bound_volume_snapshot_content_name: Some("snapshift-apps-db-snap".into()),
+            bound_volume_snapshot_content_name: Some("snapshift-apps.db-snap".into()),
             ready_to_use: Some(true),
             ..Default::default()
         });
