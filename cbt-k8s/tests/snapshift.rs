@@ -402,6 +402,63 @@ async fn preflight_failures_name_the_missing_object_and_create_nothing() {
         report.result
     );
 
+    // A restored PVC needs a StorageClass of the same driver, or it would stay Pending.
+    let preflight_problem = |report: cbt_k8s::snapshift::MigrationReport| match report.result {
+        Err(Error::Preflight { problem, fix, .. }) => (problem, fix),
+        other => panic!("{other:?}"),
+    };
+    let mut req = to_dr(MigrationRequest::for_pvc("apps", "db"));
+    req.create_pvc = true;
+    req.storage_class = Some("platinum".into());
+    let (problem, fix) = preflight_problem(s.migrate(&req).await);
+    assert!(
+        problem.contains("StorageClass platinum does not exist"),
+        "{problem}"
+    );
+    assert!(
+        fix.contains("provisioned by hostpath.csi.k8s.io: csi-hostpath-sc"),
+        "{fix}"
+    );
+    env.west
+        .seed_storage_class("platinum", "other.csi.example.com", false)
+        .unwrap();
+    let (problem, _) = preflight_problem(s.migrate(&req).await);
+    assert!(
+        problem.contains("StorageClass platinum is provisioned by other.csi.example.com"),
+        "{problem}"
+    );
+    env.west
+        .delete("storage.k8s.io/v1", "StorageClass", "", "csi-hostpath-sc")
+        .unwrap();
+    env.west
+        .seed_storage_class("csi-hostpath-sc", "hostpath.csi.k8s.io", false)
+        .unwrap();
+    req.storage_class = None;
+    let (problem, fix) = preflight_problem(s.migrate(&req).await);
+    assert!(
+        problem.contains("no StorageClass is marked default"),
+        "{problem}"
+    );
+    assert!(fix.contains("csi-hostpath-sc"), "{fix}");
+    // The same request without a PVC does not need one.
+    req.create_pvc = false;
+    let report = s.migrate(&req).await;
+    assert!(report.result.is_ok(), "{:?}", report.result);
+    env.west
+        .delete(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    env.west
+        .delete(
+            SNAP,
+            "VolumeSnapshotContent",
+            "",
+            "snapshift-dr.db-snapshift",
+        )
+        .unwrap();
+    env.east
+        .delete(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+        .unwrap();
+
     // No class at all for the driver.
     env.west
         .delete(SNAP, "VolumeSnapshotClass", "", "csi-snapclass")

@@ -5,7 +5,8 @@
 //! VolumeSnapshot gets a `snapcontent-<uid>` content with a handle cut on the
 //! shared backend; a pre-provisioned content is looked up by handle (unknown
 //! handle = error status) and its VolumeSnapshot bound; mis-bound or handle-less
-//! contents are errors; a PVC restored from a ready snapshot binds. Deleting a
+//! contents are errors; a PVC restored from a ready snapshot binds when its
+//! StorageClass is provisioned by this cluster's driver. Deleting a
 //! `Delete`-policy content deletes the backend snapshot, `Retain` never does.
 //! Only contents whose driver is this cluster's simulated driver are served.
 
@@ -14,7 +15,7 @@ use serde_json::{Value, json};
 use crate::backend::SharedBackend;
 use crate::faults::Faults;
 use crate::store::{
-    ApiError, PVCS, ResourceType, Selector, Store, VOLUME_SNAPSHOT_CLASSES,
+    ApiError, PVCS, ResourceType, STORAGE_CLASSES, Selector, Store, VOLUME_SNAPSHOT_CLASSES,
     VOLUME_SNAPSHOT_CONTENTS, VOLUME_SNAPSHOTS,
 };
 use crate::values::{format_quantity, parse_quantity, rfc3339_from_unix_nanos, rfc3339_now};
@@ -39,7 +40,7 @@ pub(crate) fn reconcile(
     let mut changed = false;
     changed |= sidecar(store, backend, faults, driver);
     changed |= snapshot_controller(store, backend, faults, driver);
-    changed |= provisioner(store);
+    changed |= provisioner(store, driver);
     changed
 }
 
@@ -324,13 +325,32 @@ fn dynamic_snapshot(
     true
 }
 
-fn provisioner(store: &mut Store) -> bool {
+fn provisioner(store: &mut Store, driver: &str) -> bool {
     let mut changed = false;
     for pvc in store.list(&PVCS, None, &Selector::default()) {
         if s(&pvc, &["status", "phase"]) == Some("Bound") {
             continue;
         }
         if s(&pvc, &["spec", "dataSource", "kind"]) != Some("VolumeSnapshot") {
+            continue;
+        }
+        // Only this cluster's driver provisions, and only for classes it is the provisioner of;
+        // any other PVC stays Pending, as with a real external-provisioner.
+        let class_driver = s(&pvc, &["spec", "storageClassName"])
+            .and_then(|c| store.get(&STORAGE_CLASSES, "", c).ok())
+            .and_then(|c| s(&c, &["provisioner"]).map(str::to_string));
+        if class_driver.as_deref() != Some(driver) {
+            if pvc["status"].is_null() {
+                let (ns, name) = (
+                    s(&pvc, &["metadata", "namespace"])
+                        .unwrap_or("")
+                        .to_string(),
+                    s(&pvc, &["metadata", "name"]).unwrap_or("").to_string(),
+                );
+                changed |= store.controller_update(&PVCS, &ns, &name, |o| {
+                    o["status"] = json!({"phase": "Pending"});
+                });
+            }
             continue;
         }
         let (Some(ns), Some(name), Some(vs_name)) = (

@@ -428,18 +428,28 @@ impl FakeKube {
         Ok(created)
     }
 
-    /// Creates a StorageClass provisioned by `driver`.
+    /// Creates a StorageClass provisioned by `driver`, optionally the cluster's default.
     ///
     /// # Errors
     /// As [`Self::create`].
-    pub fn seed_storage_class(&self, name: &str, driver: &str) -> Result<Value, ApiError> {
-        self.create(json!({
+    pub fn seed_storage_class(
+        &self,
+        name: &str,
+        driver: &str,
+        default: bool,
+    ) -> Result<Value, ApiError> {
+        let mut class = json!({
             "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
             "provisioner": driver, "reclaimPolicy": "Delete", "volumeBindingMode": "Immediate",
-        }))
+        });
+        if default {
+            class["metadata"]["annotations"] =
+                json!({"storageclass.kubernetes.io/is-default-class": "true"});
+        }
+        self.create(class)
     }
 
-    /// A cluster ready for snapshots: namespace `ns`, the CSIDriver, StorageClass
+    /// A cluster ready for snapshots: namespace `ns`, the CSIDriver, the default StorageClass
     /// `csi-hostpath-sc` and a default snapshot class `csi-snapclass` for this server's driver.
     ///
     /// # Errors
@@ -448,7 +458,7 @@ impl FakeKube {
         let driver = self.state.driver.clone();
         self.seed_namespace(ns)?;
         self.seed_csidriver(&driver)?;
-        self.seed_storage_class("csi-hostpath-sc", &driver)?;
+        self.seed_storage_class("csi-hostpath-sc", &driver, true)?;
         self.seed_snapshot_class("csi-snapclass", &driver, true)?;
         Ok(())
     }

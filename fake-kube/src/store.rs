@@ -513,6 +513,9 @@ impl Store {
             }
             String::new()
         };
+        if rt == &PVCS {
+            self.default_storage_class(&mut obj);
+        }
         let causes = validate(rt, &obj);
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, &causes));
@@ -546,6 +549,34 @@ impl Store {
         self.objects.insert(key, obj.clone());
         self.emit("ADDED", rt, &ns, obj.clone());
         Ok(obj)
+    }
+
+    /// The DefaultStorageClass admission plugin: a PVC that names no class (the field
+    /// absent, not "") gets the default one, the most recently created if several.
+    fn default_storage_class(&self, pvc: &mut Value) {
+        if pvc["spec"]
+            .get("storageClassName")
+            .is_some_and(|c| !c.is_null())
+        {
+            return;
+        }
+        let default = self
+            .list(&STORAGE_CLASSES, None, &Selector::default())
+            .into_iter()
+            .filter(|c| {
+                let a = &c["metadata"]["annotations"];
+                a["storageclass.kubernetes.io/is-default-class"] == "true"
+                    || a["storageclass.beta.kubernetes.io/is-default-class"] == "true"
+            })
+            .max_by_key(|c| {
+                c["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            });
+        if let (Some(class), Some(spec)) = (default, pvc["spec"].as_object_mut()) {
+            spec.insert("storageClassName".into(), class["metadata"]["name"].clone());
+        }
     }
 
     /// Replaces an object (PUT).

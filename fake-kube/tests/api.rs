@@ -144,6 +144,43 @@ async fn dynamic_and_prebound_snapshots_across_two_clusters() {
         created.metadata.uid.as_deref()
     );
 
+    // Restores: a PVC naming no class gets the default (admission) and binds; one whose class
+    // another driver provisions, or that opts out of classes with "", stays Pending.
+    b.seed_storage_class("other-sc", "other.csi.example.com", false)
+        .unwrap();
+    for (name, class) in [
+        ("r-default", None),
+        ("r-other", Some("other-sc")),
+        ("r-none", Some("")),
+    ] {
+        let mut pvc = json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "namespace": "dr"},
+            "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}},
+                     "dataSource": {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "s1"}}});
+        if let Some(class) = class {
+            pvc["spec"]["storageClassName"] = json!(class);
+        }
+        b.create(pvc).unwrap();
+    }
+    let phase = |name: &str| {
+        b.get("v1", "PersistentVolumeClaim", "dr", name).unwrap()["status"]["phase"]
+            .as_str()
+            .map(str::to_string)
+    };
+    for _ in 0..100 {
+        if phase("r-default").as_deref() == Some("Bound") && phase("r-other").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let restored = b
+        .get("v1", "PersistentVolumeClaim", "dr", "r-default")
+        .unwrap();
+    assert_eq!(restored["spec"]["storageClassName"], "csi-hostpath-sc");
+    assert_eq!(phase("r-default").as_deref(), Some("Bound"));
+    assert_eq!(phase("r-other").as_deref(), Some("Pending"));
+    assert_eq!(phase("r-none").as_deref(), Some("Pending"));
+
     // Unknown handle: error status, never ready.
     vsc_b.create(&PostParams::default(), &dyn_obj(&vsc_ar, json!({
         "metadata": {"name": "ghost"},

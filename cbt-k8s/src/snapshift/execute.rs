@@ -221,6 +221,17 @@ struct RunState {
     warnings: Vec<String>,
 }
 
+fn is_default_storage_class(class: &StorageClass) -> bool {
+    class.metadata.annotations.as_ref().is_some_and(|a| {
+        [
+            "storageclass.kubernetes.io/is-default-class",
+            "storageclass.beta.kubernetes.io/is-default-class",
+        ]
+        .iter()
+        .any(|k| a.get(*k).is_some_and(|v| v == "true"))
+    })
+}
+
 /// Moves snapshots from one cluster to another that shares the storage.
 pub struct SnapShift {
     origin: Cluster,
@@ -528,10 +539,7 @@ impl SnapShift {
             let dest_class = match &driver {
                 Some(driver) => {
                     self.progress.stage(item, &Stage::Preflight);
-                    Some(
-                        self.preflight(driver, dns, req.snapshot_class.as_deref(), deadline)
-                            .await?,
-                    )
+                    Some(self.preflight_request(driver, req, deadline).await?)
                 }
                 None => None,
             };
@@ -660,7 +668,7 @@ impl SnapShift {
         // 3. Destination.
         self.progress.stage(item, &Stage::Preflight);
         let dest_class = self
-            .preflight(&origin.driver, dns, req.snapshot_class.as_deref(), deadline)
+            .preflight_request(&origin.driver, req, deadline)
             .await?;
         if self.opts.dry_run {
             return self
@@ -1055,6 +1063,109 @@ impl SnapShift {
                 None
             }
         }
+    }
+
+    /// Everything the destination needs for `req`: [`Self::preflight`], plus a usable
+    /// StorageClass when a PVC is to be restored. Returns the VolumeSnapshotClass to use.
+    async fn preflight_request(
+        &self,
+        driver: &str,
+        req: &MigrationRequest,
+        deadline: Instant,
+    ) -> Result<String, Error> {
+        let class = self
+            .preflight(
+                driver,
+                req.dest_namespace(),
+                req.snapshot_class.as_deref(),
+                deadline,
+            )
+            .await?;
+        if req.create_pvc {
+            self.restore_storage_class(driver, req.storage_class.as_deref(), deadline)
+                .await?;
+        }
+        Ok(class)
+    }
+
+    /// Checks that a PVC restored from a snapshot of `driver` can be provisioned: the named
+    /// StorageClass (or the default one) exists and belongs to that driver. A PVC whose class
+    /// has another provisioner would stay Pending forever.
+    async fn restore_storage_class(
+        &self,
+        driver: &str,
+        named: Option<&str>,
+        deadline: Instant,
+    ) -> Result<(), Error> {
+        let d = &self.dest;
+        let api: Api<StorageClass> = Api::all(d.client.clone());
+        let lp = ListParams::default();
+        let classes = self
+            .opts
+            .retry
+            .run(Some(deadline), || api.list(&lp))
+            .await
+            .map_err(|e| Error::api(&d.context, "list", "StorageClass", "(all)", e))?
+            .items;
+        let of_driver: Vec<String> = classes
+            .iter()
+            .filter(|c| c.provisioner == driver)
+            .filter_map(|c| c.metadata.name.clone())
+            .collect();
+        let choose = if of_driver.is_empty() {
+            format!(
+                "no StorageClass there is provisioned by {driver}; create one (kubectl --context {} get storageclasses lists them)",
+                d.context
+            )
+        } else {
+            format!(
+                "name a StorageClass provisioned by {driver}: {}",
+                of_driver.join(", ")
+            )
+        };
+        let fail = |problem: String| Error::Preflight {
+            cluster: d.context.clone(),
+            problem,
+            fix: choose.clone(),
+        };
+        let found = match named {
+            Some(name) => match classes
+                .iter()
+                .find(|c| c.metadata.name.as_deref() == Some(name))
+            {
+                Some(c) => c,
+                None => return Err(fail(format!("StorageClass {name} does not exist"))),
+            },
+            None => {
+                let defaults: Vec<&StorageClass> = classes
+                    .iter()
+                    .filter(|c| is_default_storage_class(c))
+                    .collect();
+                match defaults.as_slice() {
+                    [only] => *only,
+                    [] => {
+                        return Err(fail(
+                            "no StorageClass is marked default, so the restored PVC would not be provisioned"
+                                .into(),
+                        ));
+                    }
+                    _ => {
+                        return Err(fail(format!(
+                            "{} StorageClasses are marked default",
+                            defaults.len()
+                        )));
+                    }
+                }
+            }
+        };
+        if found.provisioner != driver {
+            return Err(fail(format!(
+                "StorageClass {} is provisioned by {}, but the snapshot belongs to driver {driver}; the restored PVC would stay Pending",
+                found.metadata.name.as_deref().unwrap_or("?"),
+                found.provisioner
+            )));
+        }
+        Ok(())
     }
 
     /// Checks the destination can take a snapshot of `driver` in `ns`; returns the class to use.
