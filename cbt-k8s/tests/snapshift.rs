@@ -949,3 +949,47 @@ async fn a_malformed_selector_is_a_config_error_naming_it() {
     }
     assert_eq!(err.kind(), ErrorKind::Config);
 }
+
+#[tokio::test]
+async fn a_destination_without_the_snapshot_api_is_named_as_such() {
+    let env = env().await;
+    let bare = FakeKube::builder()
+        .backend(env.backend.clone())
+        .without_snapshot_api()
+        .start()
+        .await
+        .unwrap();
+    bare.seed_namespace("apps").unwrap();
+    bare.seed_csidriver("hostpath.csi.k8s.io").unwrap();
+    let path = env.kubeconfig.with_file_name("bare.yaml");
+    std::fs::write(
+        &path,
+        fake_kube::kubeconfig_yaml(&[(&env.east, "east"), (&bare, "bare")], "east"),
+    )
+    .unwrap();
+    let target = |ctx: &str| ClusterTarget {
+        kubeconfig: Some(path.clone()),
+        context: Some(ctx.to_string()),
+    };
+    let s = SnapShift::new(
+        connect(&target("east")).await.unwrap(),
+        connect(&target("bare")).await.unwrap(),
+        opts(),
+    );
+    for class in [None, Some("csi-snapclass")] {
+        let mut req = MigrationRequest::for_pvc("apps", "db");
+        req.snapshot_class = class.map(str::to_string);
+        match s.migrate(&req).await.result {
+            Err(e @ Error::Preflight { .. }) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("snapshot.storage.k8s.io/v1 API is not served")
+                        && msg.contains("install the external-snapshotter CRDs"),
+                    "{msg}"
+                );
+            }
+            other => panic!("{class:?}: {other:?}"),
+        }
+    }
+    assert!(env.backend.handles().is_empty(), "no snapshot was cut");
+}

@@ -83,6 +83,7 @@ impl State {
 /// Configures a fake cluster before it starts.
 pub struct FakeKubeBuilder {
     extra_types: Vec<ResourceType>,
+    snapshot_api: bool,
     driver: String,
     backend: SharedBackend,
     token: Option<String>,
@@ -114,6 +115,13 @@ impl FakeKubeBuilder {
         self
     }
 
+    /// Serves no `snapshot.storage.k8s.io` types, like a cluster without the snapshot CRDs
+    /// (their paths answer 404 NotFound, as an API server does for unknown resources).
+    pub fn without_snapshot_api(mut self) -> Self {
+        self.snapshot_api = false;
+        self
+    }
+
     /// Also serves this resource type (CRUD, list, watch, patch; only `metadata.name` is validated).
     pub fn serve(mut self, rt: ResourceType) -> Self {
         self.extra_types.push(rt);
@@ -139,6 +147,7 @@ impl FakeKubeBuilder {
             types: TYPES
                 .iter()
                 .copied()
+                .filter(|t| self.snapshot_api || t.group != "snapshot.storage.k8s.io")
                 .chain(
                     self.extra_types
                         .into_iter()
@@ -228,6 +237,7 @@ impl FakeKube {
     pub fn builder() -> FakeKubeBuilder {
         FakeKubeBuilder {
             extra_types: Vec::new(),
+            snapshot_api: true,
             driver: "hostpath.csi.k8s.io".into(),
             backend: SharedBackend::new(),
             token: Some("fake-token".into()),

@@ -38,7 +38,7 @@ use crate::connect::Cluster;
 use crate::error::ns_name;
 use crate::retry::RetryPolicy;
 use crate::snapshot::{
-    DeletionPolicy, VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
+    DeletionPolicy, GROUP, VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
 };
 use crate::wait::{Check, WaitError, wait_for};
 
@@ -1210,17 +1210,37 @@ impl SnapShift {
             ));
         }
         let classes: Api<VolumeSnapshotClass> = Api::all(d.client.clone());
+        let lp = ListParams::default();
+        // A 404 on the collection means the snapshot CRDs are not installed at all.
+        let no_api = |e: kube::Error| {
+            match e {
+            kube::Error::Api(status) if status.code == 404 => fail(
+                format!("the {GROUP}/v1 API is not served: the VolumeSnapshot CRDs are not installed"),
+                "install the external-snapshotter CRDs and snapshot-controller there, and a VolumeSnapshotClass for the driver".into(),
+            ),
+            e => Error::api(&d.context, "list", "VolumeSnapshotClass", "(all)", e),
+        }
+        };
         if let Some(class) = class {
             return match self
                 .get_opt(d, &classes, "VolumeSnapshotClass", None, class, deadline)
                 .await?
             {
-                None => Err(fail(
-                    format!("VolumeSnapshotClass {class} does not exist"),
-                    format!(
-                        "create it for driver {driver}, or leave the class out to use the driver's default"
-                    ),
-                )),
+                None => {
+                    // Tell "no such class" from "no snapshot API" (only on this error path,
+                    // so a named class needs no list permission).
+                    self.opts
+                        .retry
+                        .run(Some(deadline), || classes.list(&lp))
+                        .await
+                        .map_err(no_api)?;
+                    Err(fail(
+                        format!("VolumeSnapshotClass {class} does not exist"),
+                        format!(
+                            "create it for driver {driver}, or leave the class out to use the driver's default"
+                        ),
+                    ))
+                }
                 Some(k) if k.spec.driver != driver => Err(fail(
                     format!(
                         "VolumeSnapshotClass {class} belongs to driver {}, but the snapshot was taken by {driver}",
@@ -1231,13 +1251,12 @@ impl SnapShift {
                 Some(_) => Ok(class.to_string()),
             };
         }
-        let lp = ListParams::default();
         let list = self
             .opts
             .retry
             .run(Some(deadline), || classes.list(&lp))
             .await
-            .map_err(|e| Error::api(&d.context, "list", "VolumeSnapshotClass", "(all)", e))?;
+            .map_err(no_api)?;
         let for_driver: Vec<VolumeSnapshotClass> = list
             .items
             .into_iter()
