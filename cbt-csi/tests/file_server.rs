@@ -585,3 +585,40 @@ async fn a_fresh_token_is_fetched_for_every_attempt_and_consumer_errors_cancel()
     assert_eq!(e.kind(), ErrorKind::Aborted);
     srv.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn batches_as_a_futures_stream() {
+    use futures::TryStreamExt;
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "s");
+    let srv = serve_unix(
+        opts(snaps.path(), 4 * KIB, BlockType::FixedLength),
+        sock.path(),
+    )
+    .await;
+    let c = client(srv.endpoint()).await;
+    let batches: Vec<_> = c
+        .stream(MetadataRequest::new(alloc("s")).max_results(5))
+        .into_stream()
+        .try_collect()
+        .await
+        .unwrap();
+    // 27 blocks, 5 per message.
+    assert_eq!(batches.len(), 6);
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.capacity == 4 * MIB && b.block_type == BlockType::FixedLength)
+    );
+    let bytes: u64 = batches.iter().flat_map(|b| &b.extents).map(|e| e.len).sum();
+    assert_eq!(bytes, 108 * KIB);
+    let e = c
+        .stream(MetadataRequest::new(alloc("nope")))
+        .into_stream()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::SnapshotNotFound { .. }));
+    srv.shutdown().await.unwrap();
+}
