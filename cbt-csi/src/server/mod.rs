@@ -21,7 +21,8 @@
 //! FAILED_PRECONDITION for a delta between images of different sizes (the volume was resized
 //! between snapshots: the request is well-formed but the system state makes a delta impossible,
 //! and the remedy is a full backup, which is what CSI prescribes FAILED_PRECONDITION for) or with
-//! CBT disabled; UNAUTHENTICATED for a missing or wrong token when the server has one.
+//! CBT disabled; UNAUTHENTICATED for a missing or wrong token when the server has one (the
+//! Identity and health services need no token, like the sidecar's health service).
 //!
 //! # Memory
 //! Per call: two scan windows (`window` bytes each), one zero block, one message being built
