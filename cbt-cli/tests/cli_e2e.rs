@@ -578,3 +578,67 @@ fn s3_errors_map_to_exit_codes() {
     };
     fails(&cbt.cmd(&["list"]), 4, "cannot reach");
 }
+
+#[test]
+fn a_dead_process_lock_blocks_prune_until_broken() {
+    let work = tempfile::tempdir().unwrap();
+    let repo_dir = work.path().join("repo");
+    let image = work.path().join("disk.img");
+    make_image(&image);
+    let cbt = Cbt {
+        repo: format!("file://{}", repo_dir.display()),
+        env: vec![],
+        extra: vec![],
+    };
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
+    assert_eq!(cbt.json(&["lock", "list"]), serde_json::json!([]));
+
+    // A backup process that died while holding its lock (the lock object stays behind).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let lock_id = rt.block_on(async {
+        let store = std::sync::Arc::new(cbt_store::store::LocalStore::new(&repo_dir).unwrap());
+        let repo = cbt_store::repo::Repository::open(store).await.unwrap();
+        let lock = repo
+            .lock_exclusive(
+                "crashed prune",
+                cbt_core::Timestamp::from_system_time(std::time::SystemTime::now()),
+            )
+            .await
+            .unwrap();
+        let id = lock.info().id.clone();
+        std::mem::forget(lock);
+        id
+    });
+
+    let img = image.to_str().unwrap();
+    fails(
+        &cbt.cmd(&[
+            "backup",
+            "--device",
+            img,
+            "--volume",
+            "v",
+            "--snapshot",
+            "s1",
+            "--full",
+        ]),
+        6,
+        "lock",
+    );
+    let locks = cbt.json(&["lock", "list"]);
+    assert_eq!(locks[0]["id"], lock_id.as_str());
+    fails(&cbt.cmd(&["lock", "break", "no-such-lock"]), 2, "no lock");
+    let broken = cbt.json(&["lock", "break", &lock_id]);
+    assert_eq!(broken["broken"], lock_id.as_str());
+    assert_eq!(cbt.json(&["lock", "list"]), serde_json::json!([]));
+    cbt.ok(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--full",
+    ]);
+}
