@@ -292,6 +292,48 @@ mod tests {
     }
 
     #[test]
+    fn holes_are_never_read() {
+        // 1 GiB sparse images with two 4 KiB data blocks: each scan reads at most one window
+        // per data extent (the window is cut at the next hole).
+        let size = 1u64 << 30;
+        let a = tempfile::tempfile().unwrap();
+        let b = tempfile::tempfile().unwrap();
+        for f in [&a, &b] {
+            f.set_len(size).unwrap();
+            f.write_all_at(&[1u8; 4096], 100 << 20).unwrap();
+        }
+        b.write_all_at(&[2u8; 4096], 700 << 20).unwrap();
+        let g = Geometry {
+            block: 4096,
+            window: 1 << 20,
+        };
+        let mut n = 0;
+        let stats = allocated(&b, size, 0, g, |_, _| {
+            n += 1;
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(n, 2);
+        assert!(
+            stats.bytes_read <= 2 * 8192,
+            "read {} bytes",
+            stats.bytes_read
+        );
+        let mut v = Vec::new();
+        let stats = delta(&a, &b, size, 0, g, |o, l| {
+            v.push((o, l));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(v, vec![(700 << 20, 4096)]);
+        assert!(
+            stats.bytes_read <= 4 * 8192,
+            "read {} bytes",
+            stats.bytes_read
+        );
+    }
+
+    #[test]
     fn delta_finds_changed_blocks_including_zeroed_ones() {
         let size = 256 * 1024;
         let a = tempfile::tempfile().unwrap();
