@@ -13,6 +13,8 @@ pub enum ErrorKind {
     Conflict,
     /// The storage driver or snapshot controller reported a failure.
     Backend,
+    /// The caller asked to stop (e.g. Ctrl-C).
+    Cancelled,
     /// The API server rejected an object we built: a bug in this crate.
     Bug,
 }
@@ -147,6 +149,9 @@ pub enum Error {
         /// What disagrees.
         problem: String,
     },
+    /// The caller cancelled the operation before it finished.
+    #[error("cancelled before completion")]
+    Cancelled,
     /// A caller-supplied value is unusable.
     #[error("invalid {what}: {reason}")]
     InvalidInput {
@@ -163,6 +168,7 @@ impl Error {
         match self {
             Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
             Error::Timeout { .. } => ErrorKind::Transient,
+            Error::Cancelled => ErrorKind::Cancelled,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::SnapshotFailed { .. } | Error::Inconsistent { .. } => ErrorKind::Backend,
             Error::Kubeconfig { .. }

@@ -993,3 +993,62 @@ async fn a_destination_without_the_snapshot_api_is_named_as_such() {
     }
     assert!(env.backend.handles().is_empty(), "no snapshot was cut");
 }
+
+/// Requests cancellation as soon as a migration starts waiting for the destination snapshot.
+struct CancelWhileWaiting(tokio::sync::watch::Sender<bool>);
+
+impl Progress for CancelWhileWaiting {
+    fn stage(&self, _item: &str, stage: &Stage) {
+        if matches!(stage, Stage::WaitingDestination(_)) {
+            let _ = self.0.send(true);
+        }
+    }
+}
+
+#[tokio::test]
+async fn cancelling_stops_the_wait_and_removes_what_the_run_created() {
+    let env = env().await;
+    env.west.faults().set_never_ready(true);
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // A long timeout: only the cancellation can end this wait quickly.
+    let mut o = opts();
+    o.timeout = Duration::from_secs(120);
+    let s = shift(&env, o)
+        .await
+        .with_progress(Arc::new(CancelWhileWaiting(tx)))
+        .with_cancel(rx);
+    let reqs = [
+        to_dr(MigrationRequest::for_pvc("apps", "db")),
+        to_dr(MigrationRequest::for_pvc("apps", "web")),
+    ];
+    let started = std::time::Instant::now();
+    let reports = s.migrate_all(&reqs, 1).await;
+    assert!(started.elapsed() < Duration::from_secs(60));
+    for r in &reports {
+        match &r.result {
+            Err(e @ Error::Cancelled) => assert_eq!(e.kind(), ErrorKind::Cancelled),
+            other => panic!("{}: {other:?}", r.item),
+        }
+    }
+    assert_eq!(
+        reports[0].removed,
+        [
+            "VolumeSnapshot dr/db-snapshift",
+            "VolumeSnapshotContent snapshift-dr.db-snapshift"
+        ]
+    );
+    // The second item never started: nothing cut, nothing created.
+    assert!(reports[1].removed.is_empty() && reports[1].kept.is_empty());
+    assert!(
+        env.east
+            .get(SNAP, "VolumeSnapshot", "apps", "web-snapshift")
+            .is_none()
+    );
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
+    assert!(env.west.list(SNAP, "VolumeSnapshotContent").is_empty());
+    assert_eq!(
+        env.backend.handles().len(),
+        1,
+        "the storage snapshot is never removed"
+    );
+}

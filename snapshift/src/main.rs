@@ -26,7 +26,8 @@ use serde_json::{Value, json};
     after_help = "Exit codes: 0 success; 1 several kinds of failure in one batch; 2 usage; \
 3 configuration (kubeconfig, context, missing driver/class/namespace, bad input); \
 4 conflict with an existing object; 5 transient (timeout, throttling, 5xx): retry later; \
-6 storage/snapshot controller failure, or verify found problems; 70 bug."
+6 storage/snapshot controller failure, or verify found problems; 70 bug; \
+130 interrupted (Ctrl-C: what the run created in the destination is removed first; a second Ctrl-C quits at once)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -209,6 +210,7 @@ fn exit_code(kind: ErrorKind) -> u8 {
         ErrorKind::Conflict => 4,
         ErrorKind::Transient => 5,
         ErrorKind::Backend => 6,
+        ErrorKind::Cancelled => 130,
         ErrorKind::Bug => 70,
     }
 }
@@ -219,6 +221,7 @@ fn kind_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Conflict => "conflict",
         ErrorKind::Transient => "transient",
         ErrorKind::Backend => "backend",
+        ErrorKind::Cancelled => "cancelled",
         ErrorKind::Bug => "bug",
     }
 }
@@ -299,6 +302,35 @@ fn retry_policy(c: &ClusterArgs) -> RetryPolicy {
     }
 }
 
+/// First Ctrl-C: stop and clean up (the library removes what it created); second: quit now.
+fn interrupt_handler() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Registered before returning, so an interrupt can never slip in before the handler exists.
+    #[cfg(unix)]
+    let Ok(mut interrupts) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+    else {
+        return rx;
+    };
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut next = async || interrupts.recv().await.is_some();
+        #[cfg(not(unix))]
+        let mut next = async || tokio::signal::ctrl_c().await.is_ok();
+        if !next().await {
+            return;
+        }
+        eprintln!(
+            "snapshift: interrupted; removing what this run created in the destination (Ctrl-C again to quit at once)"
+        );
+        let _ = tx.send(true);
+        if next().await {
+            std::process::exit(130);
+        }
+    });
+    rx
+}
+
 fn fail(err: &Error) -> ExitCode {
     eprintln!("error: {err}");
     ExitCode::from(exit_code(err.kind()))
@@ -354,7 +386,9 @@ async fn migrate(args: MigrateArgs) -> ExitCode {
         retry: retry_policy(&args.clusters),
     };
     let progress = Arc::new(StderrProgress::new());
-    let shift = SnapShift::new(origin, dest, opts).with_progress(progress.clone());
+    let shift = SnapShift::new(origin, dest, opts)
+        .with_progress(progress.clone())
+        .with_cancel(interrupt_handler());
 
     let pvcs = match &args.selector {
         Some(sel) => match shift.pvcs_matching(&namespace, sel).await {

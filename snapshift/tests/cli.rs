@@ -508,3 +508,66 @@ async fn batch_by_selector_reports_each_item_and_survives_transient_errors() {
         run.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_removes_what_the_run_created_and_exits_130() {
+    use std::io::{BufRead, BufReader, Read};
+    let env = env().await;
+    env.west.faults().set_never_ready(true);
+    let kc = env.path("both.yaml");
+    let home = env.dir.path().to_path_buf();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_snapshift"))
+            .args(["migrate", "--kubeconfig"])
+            .arg(&kc)
+            .args([
+                "--from-context",
+                "east",
+                "--to-context",
+                "west",
+                "-n",
+                "apps",
+                "--to-namespace",
+                "dr",
+                "--pvc",
+                "db",
+                "--timeout",
+                "2m",
+            ])
+            .env("HOME", &home)
+            .env_remove("KUBECONFIG")
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut reader = BufReader::new(child.stderr.take().unwrap());
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(reader.read_line(&mut line).unwrap() > 0, "{seen}");
+            seen.push_str(&line);
+            if line.contains("waiting for destination snapshot") {
+                break;
+            }
+        }
+        let status = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        reader.read_to_string(&mut seen).unwrap();
+        let code = child.wait().unwrap().code().unwrap_or(-1);
+        (code, seen)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 130, "{stderr}");
+    assert!(stderr.contains("interrupted; removing"), "{stderr}");
+    assert!(
+        stderr.contains("removed from the destination: VolumeSnapshot dr/db-snapshift, VolumeSnapshotContent snapshift-dr.db-snapshift"),
+        "{stderr}"
+    );
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
+    assert_eq!(env.backend.handles().len(), 1);
+}

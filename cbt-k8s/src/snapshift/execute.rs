@@ -25,6 +25,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::core::Resource;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::metadata::{LABEL_MIGRATED, MetadataFilter, Provenance};
@@ -238,6 +239,7 @@ pub struct SnapShift {
     dest: Cluster,
     opts: MigrateOptions,
     progress: Arc<dyn Progress>,
+    cancel: Option<watch::Receiver<bool>>,
 }
 
 fn to_json<K: Serialize>(obj: &K) -> serde_json::Value {
@@ -259,7 +261,33 @@ impl SnapShift {
             dest,
             opts,
             progress: Arc::new(NoProgress),
+            cancel: None,
         }
+    }
+
+    /// Stops migrations once `cancel` turns true (e.g. on Ctrl-C): waits end at once, no
+    /// further object is created, and what a run already created is removed as after any
+    /// other failure. An API call in flight is finished first, so nothing is left half-known.
+    pub fn with_cancel(mut self, cancel: watch::Receiver<bool>) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    fn check_cancelled(&self) -> Result<(), Error> {
+        match &self.cancel {
+            Some(rx) if *rx.borrow() => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    /// Resolves when cancellation is requested; never if it cannot be any more.
+    async fn cancelled(&self) {
+        if let Some(mut rx) = self.cancel.clone()
+            && rx.wait_for(|c| *c).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending::<()>().await;
     }
 
     /// Reports progress to `progress`.
@@ -442,6 +470,7 @@ impl SnapShift {
         state: &mut RunState,
     ) -> Result<Outcome, Error> {
         req.validate()?;
+        self.check_cancelled()?;
         let deadline = Instant::now() + self.opts.timeout;
         let (o, d) = (&self.origin, &self.dest);
         let ons = req.namespace.as_str();
@@ -591,6 +620,7 @@ impl SnapShift {
             };
             self.names_taken(&plan_destination(&pending, req, &ctx)?, dns, deadline)
                 .await?;
+            self.check_cancelled()?;
             self.progress
                 .stage(item, &Stage::CreatingOriginSnapshot(vs_object.clone()));
             let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
@@ -688,6 +718,7 @@ impl SnapShift {
         let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
         let content_name = plan.content.metadata.name.clone().unwrap_or_default();
         if ex_content == Existing::Absent {
+            self.check_cancelled()?;
             let what = format!("VolumeSnapshotContent {content_name}");
             self.progress.stage(item, &Stage::Creating(what));
             self.create_or_adopt(
@@ -704,6 +735,7 @@ impl SnapShift {
         }
         let dest_object = ns_name(dns, &vs_name);
         if ex_snapshot == Existing::Absent {
+            self.check_cancelled()?;
             self.progress.stage(
                 item,
                 &Stage::Creating(format!("VolumeSnapshot {dest_object}")),
@@ -729,6 +761,7 @@ impl SnapShift {
         if let Some(pvc) = &plan.pvc
             && ex_pvc == Existing::Absent
         {
+            self.check_cancelled()?;
             let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
             let object = ns_name(dns, &pvc_name);
             self.progress.stage(
@@ -1014,7 +1047,12 @@ impl SnapShift {
             }
         };
         let started = Instant::now();
-        match wait_for(api, name, &self.opts.retry, deadline, check).await {
+        let waited = tokio::select! {
+            biased;
+            () = self.cancelled() => return Err(Error::Cancelled),
+            r = wait_for(api, name, &self.opts.retry, deadline, check) => r,
+        };
+        match waited {
             Ok(vs) => Ok(vs),
             Err(WaitError::Failed(message)) => Err(Error::SnapshotFailed {
                 cluster: cluster.context.clone(),
