@@ -20,6 +20,8 @@
 //! the hash catch anything else (a decompression bug, a misnamed object). Data that does not
 //! shrink under zstd is stored raw, so a stored chunk is at most raw length + 52 bytes.
 
+use std::sync::Mutex;
+
 use bytes::Bytes;
 use cbt_core::{ChunkHash, ChunkRef};
 
@@ -123,25 +125,69 @@ pub fn parse_chunk_key(key: &str) -> Option<ChunkHash> {
     (fan.len() == 2 && hex.starts_with(fan)).then_some(hash)
 }
 
+/// zstd contexts kept for reuse. At most as many exist as chunks are encoded or decoded at
+/// once (the engine's `workers` / `transfers`), and at most [`MAX_POOLED`] are kept.
+static COMPRESSORS: Mutex<Vec<(i32, zstd::bulk::Compressor<'static>)>> = Mutex::new(Vec::new());
+static DECOMPRESSORS: Mutex<Vec<zstd::bulk::Decompressor<'static>>> = Mutex::new(Vec::new());
+const MAX_POOLED: usize = 16;
+
+fn give_back<T>(pool: &Mutex<Vec<T>>, item: T) {
+    if let Ok(mut p) = pool.lock()
+        && p.len() < MAX_POOLED
+    {
+        p.push(item);
+    }
+}
+
+/// Compresses `raw` into a new buffer whose untouched capacity is never made resident;
+/// `None` if compression fails or does not shrink the data.
+fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
+    let pooled = COMPRESSORS.lock().ok().and_then(|mut p| {
+        let i = p.iter().position(|(l, _)| *l == level)?;
+        Some(p.swap_remove(i).1)
+    });
+    let mut c = match pooled {
+        Some(c) => c,
+        None => zstd::bulk::Compressor::new(level).ok()?,
+    };
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+    let result = c.compress_to_buffer(raw, &mut out);
+    give_back(&COMPRESSORS, (level, c));
+    match result {
+        Ok(n) if n < raw.len() => Some(out),
+        _ => None,
+    }
+}
+
+fn decompress(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+    let pooled = DECOMPRESSORS.lock().ok().and_then(|mut p| p.pop());
+    let mut d = match pooled {
+        Some(d) => d,
+        None => zstd::bulk::Decompressor::new()?,
+    };
+    let result = d.decompress_to_buffer(payload, out);
+    give_back(&DECOMPRESSORS, d);
+    result
+}
+
 /// Encodes `raw` (at most 4 GiB - 1 bytes) into a chunk object, compressing with zstd at
-/// `level` when that makes it smaller (`level <= 0` disables compression).
+/// `level` when that makes it smaller (`level <= 0` disables compression). The body is
+/// allocated at its exact size.
 pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     let hash = hash_raw(raw);
     let raw_crc = crc32c::crc32c(raw);
-    let mut body = Vec::new();
     let mut codec = CODEC_RAW;
-    if level > 0 {
-        let bound = zstd::zstd_safe::compress_bound(raw.len());
-        body.resize(HEADER_LEN + bound + TRAILER_LEN, 0);
-        if let Ok(n) = zstd::bulk::compress_to_buffer(raw, &mut body[HEADER_LEN..], level)
-            && n < raw.len()
-        {
-            body.truncate(HEADER_LEN + n);
-            codec = CODEC_ZSTD;
-        }
+    let mut body = Vec::new();
+    if level > 0
+        && let Some(z) = compress(raw, level)
+    {
+        // Copy into an exact-size body so an upload in flight holds only the stored bytes.
+        body.reserve_exact(z.len() + OVERHEAD);
+        body.resize(HEADER_LEN, 0);
+        body.extend_from_slice(&z);
+        codec = CODEC_ZSTD;
     }
     if codec == CODEC_RAW {
-        body.clear();
         body.reserve_exact(raw.len() + OVERHEAD);
         body.resize(HEADER_LEN, 0);
         body.extend_from_slice(raw);
@@ -264,12 +310,10 @@ fn decode_payload(body: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), Chun
         CODEC_RAW => out.extend_from_slice(payload),
         CODEC_ZSTD => {
             out.reserve(h.raw_len as usize);
-            zstd::bulk::Decompressor::new()
-                .and_then(|mut d| d.decompress_to_buffer(payload, out))
-                .map_err(|e| ChunkDecodeError::Decompress {
-                    raw_len: h.raw_len,
-                    message: e.to_string(),
-                })?;
+            decompress(payload, out).map_err(|e| ChunkDecodeError::Decompress {
+                raw_len: h.raw_len,
+                message: e.to_string(),
+            })?;
         }
         other => return Err(ChunkDecodeError::Codec(other)),
     }
