@@ -19,7 +19,9 @@ Offsets and lengths are in bytes; ranges may be unsorted, overlapping or adjacen
 merged); every range must end at or before volume_size. volume_size is the size of the
 volume the ranges describe (CSI volume_capacity_bytes); it must not exceed the size of
 --device. Changed ranges are relative to the --parent snapshot, as reported by CSI
-GetMetadataDelta; allocated ranges come from GetMetadataAllocated.";
+GetMetadataDelta; allocated ranges come from GetMetadataAllocated. The JSON printed by
+`cbt metadata ... -o json` is accepted as is (volume size from its summary; an incomplete
+listing is refused).";
 
 /// A parsed range file.
 #[derive(Debug, Clone)]
@@ -30,11 +32,19 @@ pub struct RangesFile {
     pub ranges: RangeSet,
 }
 
+/// Also accepts the document `cbt metadata ... -o json` prints (its `summary` carries the
+/// volume size and `complete` says whether the listing finished), so the two commands pipe.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct RawRanges {
-    volume_size: u64,
+    volume_size: Option<u64>,
     ranges: Vec<RawRange>,
+    complete: Option<bool>,
+    summary: Option<RawSummary>,
+}
+
+#[derive(Deserialize)]
+struct RawSummary {
+    volume_capacity_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -52,18 +62,32 @@ pub fn ranges_file(path: &Path) -> Result<RangesFile, CliError> {
         CliError::usage(format!("ranges file {} is not valid: {e}", path.display()))
             .with_hint("see `cbt backup --help` for the format")
     })?;
+    if raw.complete == Some(false) {
+        return Err(CliError::usage(format!(
+            "ranges file {} is an incomplete listing (the metadata call failed part way)",
+            path.display()
+        ))
+        .with_hint("list the ranges again; backing up from a partial list would miss changes"));
+    }
+    let volume_size = raw
+        .volume_size
+        .or(raw.summary.and_then(|s| s.volume_capacity_bytes))
+        .ok_or_else(|| {
+            CliError::usage(format!("ranges file {} has no volume_size", path.display()))
+                .with_hint("see `cbt backup --help` for the format")
+        })?;
     let ranges = RangeSet::try_from_extents(raw.ranges.iter().map(|r| (r.offset, r.length)))
         .map_err(|e| CliError::usage(format!("ranges file {}: {e}", path.display())))?;
-    if ranges.end() > raw.volume_size {
+    if ranges.end() > volume_size {
         return Err(CliError::usage(format!(
             "ranges file {}: a range ends at byte {}, past volume_size {}",
             path.display(),
             ranges.end(),
-            raw.volume_size
+            volume_size
         )));
     }
     Ok(RangesFile {
-        volume_size: raw.volume_size,
+        volume_size,
         ranges,
     })
 }
@@ -182,5 +206,21 @@ mod tests {
         )
         .expect("write");
         assert!(ranges_file(&p).is_err());
+        // What `cbt metadata -o json` prints.
+        std::fs::write(
+            &p,
+            r#"{"query":"delta","ranges":[{"offset":0,"length":4096}],"complete":true,"summary":{"volume_capacity_bytes":8192,"messages":1}}"#,
+        )
+        .expect("write");
+        let r = ranges_file(&p).expect("metadata output is accepted");
+        assert_eq!((r.volume_size, r.ranges.total_bytes()), (8192, 4096));
+        std::fs::write(
+            &p,
+            r#"{"query":"delta","ranges":[{"offset":0,"length":4096}],"complete":false}"#,
+        )
+        .expect("write");
+        assert!(ranges_file(&p).is_err(), "an incomplete listing is refused");
+        std::fs::write(&p, r#"{"ranges":[]}"#).expect("write");
+        assert!(ranges_file(&p).is_err(), "volume size is required");
     }
 }
