@@ -561,9 +561,11 @@ fn print_table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) {
 fn print_dry_run(reports: &[MigrationReport], output: Output) {
     if output == Output::Json {
         let items: Vec<Value> = reports.iter().map(report_json).collect();
+        let failed = reports.iter().filter(|r| r.result.is_err()).count();
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"items": items})).unwrap_or_default()
+            serde_json::to_string_pretty(&json!({"items": items, "failed": failed}))
+                .unwrap_or_default()
         );
         return;
     }

@@ -261,10 +261,48 @@ async fn dry_run_prints_yaml_and_creates_nothing() {
     let run = snapshift(env.dir.path(), None, &json_args).await;
     assert_eq!(run.code, 0, "{}", run.stderr);
     let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["failed"], 0);
     let objects = doc["items"][0]["objects"].as_array().unwrap();
     assert_eq!(objects.len(), 4);
     assert_eq!(objects[1]["object"]["spec"]["deletionPolicy"], "Retain");
+    assert_eq!(objects[2]["object"]["metadata"]["labels"]["app"], "db");
+    assert_eq!(objects[3]["object"]["metadata"]["labels"]["app"], "db");
+    assert_eq!(
+        objects[2]["object"]["metadata"]["annotations"]["snapshift.cbt.io/origin-context"],
+        "east"
+    );
     assert_eq!(writes(&env.west), 0);
+
+    // Label/annotation filters: a skipped prefix stays behind, an allow-list keeps only its own.
+    for (flag, prefix, copied) in [
+        ("--skip-prefix", "ap", false),
+        ("--copy-prefix", "team.", false),
+        ("--copy-prefix", "app", true),
+    ] {
+        let mut filtered = json_args.clone();
+        filtered.extend([flag, prefix]);
+        let run = snapshift(env.dir.path(), None, &filtered).await;
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let doc: Value = serde_json::from_str(&run.stdout).unwrap();
+        for o in doc["items"][0]["objects"].as_array().unwrap() {
+            if o["kind"] == "VolumeSnapshotContent" {
+                continue;
+            }
+            let labels = &o["object"]["metadata"]["labels"];
+            assert_eq!(
+                labels.get("app").is_some(),
+                copied,
+                "{flag} {prefix}: {} {labels}",
+                o["name"]
+            );
+            if o["side"] == "Destination" {
+                assert_eq!(
+                    labels["snapshift.cbt.io/migrated"], "true",
+                    "always stamped"
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
