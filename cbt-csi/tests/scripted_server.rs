@@ -460,3 +460,15 @@ async fn a_million_range_delta_streams_in_bounded_memory() {
     assert_eq!(summary.messages, (RANGES / PER_MSG) as u64);
     assert!(largest_batch <= PER_MSG as usize);
 }
+
+#[tokio::test]
+async fn an_oversized_message_is_a_protocol_violation_not_an_offset_error() {
+    let tuples: Vec<(i64, i64)> = (0..500).map(|i| (i * 8192, 4096)).collect();
+    let s = serve(fixed(vec![Ok(msg(1, 500 * 8192, &tuples))])).await;
+    let mut cfg = ClientConfig::new(&s.endpoint);
+    cfg.max_message_bytes = 1024;
+    let c = MetadataClient::connect(cfg).await.unwrap();
+    let e = c.collect(alloc()).await.unwrap_err();
+    assert!(matches!(e, CsiError::ProtocolViolation { .. }), "{e}");
+    assert!(e.to_string().contains("max_results"));
+}

@@ -11,9 +11,10 @@
 //!   call covered the whole volume from the starting offset.
 //! - Across resumes no range is lost and, for a driver that streams in order (as the spec
 //!   requires), none is emitted twice; see [`crate::normalize`] for sloppy drivers.
-//! - Memory: one decoded response message at a time (tonic's 4 MiB decode limit, i.e. at most
-//!   ~190k tuples) plus the batch handed to the caller. The collecting helpers additionally hold
-//!   the merged result.
+//! - Memory: one decoded response message at a time, at most
+//!   [`ClientConfig::max_message_bytes`] on the wire (16 MiB by default, roughly 1.5 million
+//!   tuples; with `max_results` = N, about 48 N bytes decoded) plus the batch handed to the
+//!   caller. The collecting helpers additionally hold the merged result (16 bytes per extent).
 
 mod backoff;
 mod connect;
@@ -77,6 +78,9 @@ pub struct ClientConfig {
     pub deadline: Option<Duration>,
     /// Resume behaviour for broken streams.
     pub retry: RetryPolicy,
+    /// Largest response message accepted (bytes); bounds the memory of one batch. A driver
+    /// sending larger messages fails the call with a protocol violation (lower max_results).
+    pub max_message_bytes: usize,
 }
 
 impl ClientConfig {
@@ -90,6 +94,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             deadline: None,
             retry: RetryPolicy::default(),
+            max_message_bytes: 16 << 20,
         }
     }
 
@@ -652,6 +657,19 @@ impl MetadataStream {
     }
 
     fn map(&self, status: Status) -> CsiError {
+        // tonic reports an oversized message as OUT_OF_RANGE; it is not about the offset.
+        if status.code() == tonic::Code::OutOfRange
+            && status.message().contains("message length too large")
+        {
+            return CsiError::ProtocolViolation {
+                call: self.request.query.call(),
+                offset: None,
+                detail: format!(
+                    "{} (ClientConfig::max_message_bytes); request fewer tuples per message with max_results",
+                    status.message()
+                ),
+            };
+        }
         if status.code() == tonic::Code::DeadlineExceeded && self.deadline_at.is_some() {
             return self.deadline_error();
         }
@@ -724,6 +742,7 @@ impl MetadataStream {
             .deadline_at
             .map(|at| at.saturating_duration_since(Instant::now()));
         let channel = self.client.channel.clone();
+        let max_msg = self.client.config.max_message_bytes;
         let result = match &req.query {
             Query::CsiAllocated { snapshot_id } => {
                 let r = pb::csi::GetMetadataAllocatedRequest {
@@ -734,6 +753,7 @@ impl MetadataStream {
                 };
                 let r = decorate(tonic::Request::new(r), token.as_deref(), remaining)?;
                 pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .max_decoding_message_size(max_msg)
                     .get_metadata_allocated(r)
                     .await
                     .map(|r| Attempt::CsiAllocated(r.into_inner()))
@@ -751,6 +771,7 @@ impl MetadataStream {
                 };
                 let r = decorate(tonic::Request::new(r), token.as_deref(), remaining)?;
                 pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .max_decoding_message_size(max_msg)
                     .get_metadata_delta(r)
                     .await
                     .map(|r| Attempt::CsiDelta(r.into_inner()))
@@ -768,6 +789,7 @@ impl MetadataStream {
                 };
                 let r = decorate(tonic::Request::new(r), None, remaining)?;
                 pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .max_decoding_message_size(max_msg)
                     .get_metadata_allocated(r)
                     .await
                     .map(|r| Attempt::K8sAllocated(r.into_inner()))
@@ -787,6 +809,7 @@ impl MetadataStream {
                 };
                 let r = decorate(tonic::Request::new(r), None, remaining)?;
                 pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+                    .max_decoding_message_size(max_msg)
                     .get_metadata_delta(r)
                     .await
                     .map(|r| Attempt::K8sDelta(r.into_inner()))
