@@ -721,6 +721,19 @@ pub fn check_migrated_pair(
             ovsc.spec.driver, dvsc.spec.driver
         ));
     }
+    let r = &dvsc.spec.volume_snapshot_ref;
+    if r.name != dest_vs.metadata.name || r.namespace != dest_vs.metadata.namespace {
+        problems.push(format!(
+            "destination content points at {}/{}, not at this snapshot",
+            r.namespace.as_deref().unwrap_or("?"),
+            r.name.as_deref().unwrap_or("?")
+        ));
+    }
+    if dvsc.spec.volume_snapshot_class_name.is_none() {
+        problems.push(
+            "destination content has no VolumeSnapshotClass: CBT calls on it need one".into(),
+        );
+    }
     if dvsc.spec.deletion_policy != DeletionPolicy::Retain {
         problems.push(
             "destination content is not Retain: deleting it would delete the shared snapshot"
@@ -1000,6 +1013,16 @@ mod tests {
         wrong.spec.deletion_policy = DeletionPolicy::Delete;
         let problems = check_migrated_pair(&vs, Some(&vsc), &dvs, Some(&wrong));
         assert_eq!(problems.len(), 4, "{problems:?}");
+        let mut misbound = dvsc.clone();
+        misbound.spec.volume_snapshot_ref.name = Some("other".into());
+        misbound.spec.volume_snapshot_class_name = None;
+        let problems = check_migrated_pair(&vs, Some(&vsc), &dvs, Some(&misbound));
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("points at apps/other"), "{problems:?}");
+        assert!(
+            problems[1].contains("no VolumeSnapshotClass"),
+            "{problems:?}"
+        );
         assert_eq!(check_migrated_pair(&vs, Some(&vsc), &dvs, None).len(), 1);
     }
 }
