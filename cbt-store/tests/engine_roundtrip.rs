@@ -251,10 +251,20 @@ async fn restore_targets_existing_files_in_place_and_dry_run() {
         overwrite: true,
         ..Default::default()
     };
-    let r = engine::restore(&fx.repo, &v, &s, &existing, &over, &opts())
+    let seen = Arc::new(Mutex::new(Vec::<Progress>::new()));
+    let mut with_progress = opts();
+    let seen2 = seen.clone();
+    with_progress.progress = Some(Arc::new(move |p: &Progress| seen2.lock().unwrap().push(*p)));
+    let r = engine::restore(&fx.repo, &v, &s, &existing, &over, &with_progress)
         .await
         .unwrap();
     assert_eq!(r.kind, TargetKind::ReplacedFile);
+    let last = *seen.lock().unwrap().last().unwrap();
+    assert_eq!(
+        (last.chunks_done, last.bytes_done),
+        (r.chunks, r.bytes_written)
+    );
+    assert_eq!(last.bytes_transferred, r.bytes_downloaded);
     assert!(std::fs::read(&existing).unwrap() == img);
 
     // In place (device-like): size kept, zero chunks really zeroed, data exact.
