@@ -289,7 +289,7 @@ async fn deadline_covers_a_stalled_stream() {
     }))
     .await;
     let c = MetadataClient::connect(
-        ClientConfig::new(&s.endpoint).with_deadline(Duration::from_millis(300)),
+        ClientConfig::new(&s.endpoint).with_deadline(Duration::from_millis(1000)),
     )
     .await
     .unwrap();
