@@ -465,3 +465,31 @@ async fn buffers_are_bounded_by_options_not_volume_size() {
     );
     assert!(o.backup_memory_bound(CS) < 20 * CS);
 }
+
+#[tokio::test]
+async fn empty_and_tiny_volumes_round_trip() {
+    let fx = Fixture::new().await;
+    for (name, data) in [
+        ("empty", Vec::new()),
+        ("tiny", b"x".to_vec()),
+        ("odd", noise(1, 4097)),
+    ] {
+        let src = fx.write(&format!("{name}.img"), &data);
+        let out = backup_file(&fx.repo, &src, request(name, "s", full(), 1))
+            .await
+            .unwrap();
+        assert_eq!(out.manifest.volume_size(), data.len() as u64);
+        let target = fx.path(&format!("{name}.restored"));
+        engine::restore(
+            &fx.repo,
+            &vol(name),
+            &snap("s"),
+            &target,
+            &RestoreOptions::default(),
+            &opts(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), data, "{name}");
+    }
+}
