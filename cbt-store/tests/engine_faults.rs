@@ -202,3 +202,35 @@ async fn transient_store_errors_are_retried_by_the_retrying_store() {
     assert_eq!(gc.deleted_chunks, 0);
     assert!(faulty.injected() >= 4, "faults were injected");
 }
+
+#[tokio::test]
+async fn concurrent_backups_share_the_repository_and_same_name_races_have_one_winner() {
+    let fx = Fixture::new().await;
+    let a = fx.write("a.img", &image(SIZE, 51));
+    let b = fx.write("b.img", &image(SIZE, 52));
+    let (ra, rb, rc) = tokio::join!(
+        backup_file(&fx.repo, &a, request("va", "s", full(), 1)),
+        backup_file(&fx.repo, &b, request("vb", "s", full(), 1)),
+        backup_file(&fx.repo, &b, request("vb", "s", full(), 1)),
+    );
+    ra.unwrap();
+    // Of the two writers of vb/s exactly one commits; the other is told it exists.
+    let outcomes = [rb, rc];
+    assert_eq!(outcomes.iter().filter(|r| r.is_ok()).count(), 1);
+    assert!(
+        outcomes
+            .iter()
+            .any(|r| matches!(r, Err(RepoError::SnapshotExists { .. })))
+    );
+    assert_eq!(fx.repo.list_snapshots(None).await.unwrap().len(), 2);
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+    let report = fx
+        .repo
+        .verify(&cbt_store::repo::VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
