@@ -5,8 +5,10 @@
 
 pub mod conformance;
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
@@ -31,6 +33,84 @@ pub struct S3TestServer {
     addr: SocketAddr,
     dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
+    faults: Arc<Mutex<VecDeque<InjectedError>>>,
+}
+
+/// An S3 error answer the server gives instead of serving a connection's first request.
+#[derive(Debug, Clone)]
+pub struct InjectedError {
+    /// HTTP status, e.g. 503.
+    pub status: u16,
+    /// S3 error code, e.g. `SlowDown`.
+    pub code: String,
+}
+
+impl InjectedError {
+    /// `status` with S3 error `code`.
+    pub fn new(status: u16, code: &str) -> Self {
+        Self {
+            status,
+            code: code.to_string(),
+        }
+    }
+
+    /// No answer at all: the connection is held open silently for a minute (a hung server).
+    pub fn hang() -> Self {
+        Self {
+            status: 0,
+            code: String::new(),
+        }
+    }
+}
+
+/// Reads one HTTP/1.1 request (head and `Content-Length` body) and answers it with `err`, then
+/// closes the connection.
+async fn answer_with_error(
+    mut socket: tokio::net::TcpStream,
+    err: InjectedError,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let body_len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut have = buf.len() - head_end;
+    while have < body_len {
+        let n = socket.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        have += n;
+    }
+    if err.status == 0 {
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        return Ok(());
+    }
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{}</Code><Message>injected by S3TestServer</Message></Error>",
+        err.code
+    );
+    let resp = format!(
+        "HTTP/1.1 {} Injected\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        err.status,
+        body.len()
+    );
+    socket.write_all(resp.as_bytes()).await?;
+    socket.shutdown().await
 }
 
 impl S3TestServer {
@@ -47,12 +127,19 @@ impl S3TestServer {
         let service = builder.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let faults: Arc<Mutex<VecDeque<InjectedError>>> = Arc::default();
+        let pending = faults.clone();
         let task = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
                     continue;
                 };
+                let fault = pending.lock().ok().and_then(|mut q| q.pop_front());
+                if let Some(err) = fault {
+                    tokio::spawn(answer_with_error(socket, err));
+                    continue;
+                }
                 let conn = http
                     .serve_connection(TokioIo::new(socket), service.clone())
                     .into_owned();
@@ -61,7 +148,21 @@ impl S3TestServer {
                 });
             }
         });
-        Ok(Self { addr, dir, task })
+        Ok(Self {
+            addr,
+            dir,
+            task,
+            faults,
+        })
+    }
+
+    /// The next `errors.len()` new connections each get one of `errors` (in order) as the
+    /// answer to their first request, and are closed. Clients that open a connection per
+    /// attempt (a new client, or after a `Connection: close`) see them one per request.
+    pub fn fail_next_connections(&self, errors: impl IntoIterator<Item = InjectedError>) {
+        if let Ok(mut q) = self.faults.lock() {
+            q.extend(errors);
+        }
     }
 
     /// `http://127.0.0.1:<port>`.

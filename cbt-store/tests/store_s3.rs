@@ -150,11 +150,7 @@ async fn open_url_picks_backends_and_rejects_bad_urls() {
     let server = S3TestServer::start().await.unwrap();
     server.create_bucket("urls").unwrap();
     // Credentials come from the standard chain; here the process environment.
-    for (k, v) in server.env() {
-        // SAFETY: this test binary sets these variables before any other thread reads them
-        // only in this test; the values are identical in every test that sets them.
-        unsafe { std::env::set_var(k, v) };
-    }
+    set_test_credentials(&server);
     let store: Arc<dyn ObjectStore> = open_url("s3://urls/deep/prefix", &server.options())
         .await
         .unwrap();
@@ -191,4 +187,96 @@ async fn open_url_picks_backends_and_rejects_bad_urls() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::BucketNotFound { .. }), "{err:?}");
+}
+
+fn set_test_credentials(server: &S3TestServer) {
+    for (k, v) in server.env() {
+        // SAFETY: every test of this binary that sets these variables sets the same values.
+        unsafe { std::env::set_var(k, v) };
+    }
+}
+
+#[tokio::test]
+async fn open_url_retries_a_throttled_probe_and_gives_up_after_the_policy() {
+    use cbt_store::store::RetryPolicy;
+    use cbt_store::testing::InjectedError;
+    use std::time::Duration;
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("throttled").unwrap();
+    set_test_credentials(&server);
+    let mut opts = server.options();
+    opts.retry = RetryPolicy {
+        max_attempts: 3,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(20),
+    };
+    server.fail_next_connections([
+        InjectedError::new(503, "SlowDown"),
+        InjectedError::new(500, "InternalError"),
+    ]);
+    let store = open_url("s3://throttled/p", &opts).await.unwrap();
+    store
+        .put("k", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+
+    server.fail_next_connections((0..3).map(|_| InjectedError::new(503, "SlowDown")));
+    let err = open_url("s3://throttled/p", &opts).await.unwrap_err();
+    match &err {
+        StoreError::Transient { message, .. } => assert!(message.contains("SlowDown"), "{message}"),
+        other => panic!("expected Transient, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn http_errors_are_classified_by_s3_code_and_status() {
+    use cbt_store::testing::InjectedError;
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("classify").unwrap();
+    let mut cfg = server.config("classify", "");
+    cfg.check_on_connect = false;
+    cfg.attempt_timeout = std::time::Duration::from_millis(500);
+    let store = S3Store::connect(cfg).await.unwrap();
+    store
+        .put("k", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+
+    type Expect = fn(&StoreError) -> bool;
+    let cases: Vec<(InjectedError, Expect)> = vec![
+        (InjectedError::new(503, "SlowDown"), |e| {
+            matches!(e, StoreError::Transient { .. })
+        }),
+        (InjectedError::new(500, "InternalError"), |e| {
+            matches!(e, StoreError::Transient { .. })
+        }),
+        (InjectedError::new(429, "TooManyRequests"), |e| {
+            matches!(e, StoreError::Transient { .. })
+        }),
+        (InjectedError::new(403, "AccessDenied"), |e| {
+            matches!(e, StoreError::AccessDenied { .. })
+        }),
+        (InjectedError::new(404, "NoSuchBucket"), |e| {
+            matches!(e, StoreError::BucketNotFound { .. })
+        }),
+        (InjectedError::new(400, "InvalidArgument"), |e| {
+            matches!(e, StoreError::Backend { .. })
+        }),
+        (InjectedError::hang(), |e| {
+            matches!(e, StoreError::Transient { .. })
+        }),
+    ];
+    for (injected, expected) in cases {
+        let label = format!("{} {}", injected.status, injected.code);
+        // A fresh client per case, so the request opens a new connection and meets the fault.
+        let mut cfg = server.config("classify", "");
+        cfg.check_on_connect = false;
+        cfg.attempt_timeout = std::time::Duration::from_millis(500);
+        let store = S3Store::connect(cfg).await.unwrap();
+        server.fail_next_connections([injected]);
+        let err = store.get("k").await.unwrap_err();
+        assert!(expected(&err), "{label}: got {err:?}");
+    }
+    // And the object is still readable once the server behaves.
+    assert_eq!(store.get("k").await.unwrap(), Bytes::from_static(b"v"));
 }

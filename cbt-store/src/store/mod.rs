@@ -396,7 +396,9 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
 /// Opens a store from a URL: `file:///abs/path` (or a plain absolute/relative path) for a
 /// [`LocalStore`], `s3://bucket[/prefix]` for an [`S3Store`] configured by `opts`.
 ///
-/// The returned store is wrapped in a [`RetryingStore`] with `opts.retry` as its policy.
+/// The returned store is wrapped in a [`RetryingStore`] with `opts.retry` as its policy. The
+/// S3 connection probe is retried on transient errors (throttling, 5xx, timeouts) but not when
+/// the endpoint refuses connections or the credentials are rejected: those fail at once.
 ///
 /// # Errors
 /// [`StoreError::InvalidUrl`] for an unknown scheme or malformed URL; backend errors from
@@ -420,7 +422,21 @@ pub async fn open_url(url: &str, opts: &S3Options) -> Result<Arc<dyn ObjectStore
             })?;
         }
         let cfg = S3Config::from_options(bucket, prefix, opts);
-        Arc::new(S3Store::connect(cfg).await?)
+        // Throttling or a 5xx on the first request should not fail a whole command; a refused
+        // connection or bad credentials fail at once with their own error.
+        let mut attempt = 1;
+        loop {
+            match S3Store::connect(cfg.clone()).await {
+                Ok(store) => break Arc::new(store),
+                Err(e @ StoreError::Transient { .. }) if attempt < opts.retry.max_attempts => {
+                    let delay = opts.retry.backoff(attempt - 1, 0.5);
+                    tracing::debug!(error = %e, ?delay, "retrying S3 connection probe");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     } else if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(StoreError::InvalidUrl {
