@@ -436,6 +436,25 @@ impl Repository {
         }
     }
 
+    /// The newest snapshot of `volume` taken from the CSI snapshot `csi_snapshot_id`
+    /// (`source.csi_snapshot_id`): the parent to use for a delta whose base is that snapshot.
+    /// Only summaries are held while searching.
+    ///
+    /// # Errors
+    /// The first unreadable manifest; store errors.
+    pub async fn find_by_csi_snapshot_id(
+        &self,
+        volume: &VolumeName,
+        csi_snapshot_id: &str,
+    ) -> Result<Option<SnapshotSummary>> {
+        Ok(self
+            .list_snapshots(Some(volume))
+            .await?
+            .into_iter()
+            .rev()
+            .find(|s| s.source.csi_snapshot_id.as_deref() == Some(csi_snapshot_id)))
+    }
+
     /// Deletes one snapshot's manifest. Its chunks stay until garbage collection; other
     /// snapshots never depend on it (each manifest maps its whole volume).
     ///
