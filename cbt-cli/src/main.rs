@@ -67,7 +67,7 @@ pub struct Cli {
 /// Subcommands. Each variant's arguments live in its module under `commands/`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create or inspect a repository.
+    /// Create a repository.
     #[command(subcommand)]
     Repo(commands::repo::RepoCommand),
     /// Back up a device or image file as a new snapshot (full or incremental).
