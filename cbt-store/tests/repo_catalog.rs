@@ -80,6 +80,18 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
             .unwrap()
             .is_none()
     );
+    let found = fx
+        .repo
+        .find_by_csi_snapshot_id(&vol("vol-a"), "snap-handle-1")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.snapshot.as_str(), "mon");
+    let none = fx
+        .repo
+        .find_by_csi_snapshot_id(&vol("vol-a"), "other")
+        .await;
+    assert!(none.unwrap().is_none());
     let shown = fx
         .repo
         .load_manifest(&vol("vol-a"), &snap("mon"))
