@@ -176,7 +176,19 @@ impl Inner {
         if mode == PutMode::IfAbsent && target.exists() {
             return Ok(PutOutcome::AlreadyExists);
         }
+        let new_dirs = !parent.is_dir();
         fs::create_dir_all(parent).map_err(&io)?;
+        if new_dirs {
+            // Make the new directory chain itself durable, not only the file inside it.
+            let mut dir = parent.parent();
+            while let Some(d) = dir {
+                File::open(d).and_then(|f| f.sync_all()).map_err(&io)?;
+                if d == self.root {
+                    break;
+                }
+                dir = d.parent();
+            }
+        }
         let staging = self.root.join(TEMP_DIR).join(format!(
             "{}-{}-{}",
             std::process::id(),

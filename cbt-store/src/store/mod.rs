@@ -5,6 +5,10 @@
 //! [`local`] (directory store, the embedded default) and [`s3`]; wrappers that implement the
 //! same trait live in [`retry`] (backoff on transient errors) and [`fault`] (fault injection
 //! for tests). Nothing here knows about repositories, chunks or manifests.
+//!
+//! Memory: a `put` or `get` holds one whole object body (plus, for S3, one part of a multipart
+//! upload in flight); callers bound it by bounding object sizes (chunks are at most 64 MiB).
+//! Listings hold one page.
 
 pub mod fault;
 pub mod local;
