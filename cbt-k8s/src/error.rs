@@ -67,7 +67,11 @@ pub enum Error {
         source: Box<kube::Error>,
     },
     /// An API call failed.
-    #[error("{verb} {kind} {object} in cluster {cluster:?}: {source}")]
+    #[error(
+        "{verb} {kind} {object} in cluster {cluster:?}: {}{}",
+        describe(source),
+        api_hint(source, cluster, verb, kind)
+    )]
     Api {
         /// Context name of the cluster.
         cluster: String,
@@ -210,6 +214,52 @@ fn classify(err: &kube::Error) -> ErrorKind {
         },
         kube::Error::SerdeError(_) => ErrorKind::Bug,
         _ => ErrorKind::Config,
+    }
+}
+
+// kube's Display of an API error ends with a Debug dump of the whole Status; users need
+// the server's message, reason and code.
+pub(crate) fn describe(source: &kube::Error) -> String {
+    match source {
+        kube::Error::Api(status) => {
+            let reason = if status.reason.is_empty() {
+                String::new()
+            } else {
+                format!("{}, ", status.reason)
+            };
+            format!("{} ({reason}HTTP {})", status.message, status.code)
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Plural resource name for `kubectl auth can-i`.
+fn resource_of(kind: &str) -> String {
+    match kind {
+        "VolumeSnapshot" => "volumesnapshots.snapshot.storage.k8s.io".into(),
+        "VolumeSnapshotContent" => "volumesnapshotcontents.snapshot.storage.k8s.io".into(),
+        "VolumeSnapshotClass" => "volumesnapshotclasses.snapshot.storage.k8s.io".into(),
+        "PersistentVolumeClaim" => "persistentvolumeclaims".into(),
+        "StorageClass" => "storageclasses.storage.k8s.io".into(),
+        "CSIDriver" => "csidrivers.storage.k8s.io".into(),
+        other => format!("{}s", other.to_ascii_lowercase()),
+    }
+}
+
+// Credentials and RBAC are what users most often have to fix; say how.
+fn api_hint(source: &kube::Error, cluster: &str, verb: &str, kind: &str) -> String {
+    let kube::Error::Api(status) = source else {
+        return String::new();
+    };
+    match status.code {
+        401 => format!(
+            ". The credentials of context {cluster:?} were rejected: refresh them (log in again, or renew the token/certificate in the kubeconfig)"
+        ),
+        403 => format!(
+            ". Permission denied: check with `kubectl --context {cluster} auth can-i {verb} {}` and grant it to that user",
+            resource_of(kind)
+        ),
+        _ => String::new(),
     }
 }
 

@@ -72,7 +72,7 @@ impl RetryPolicy {
                     if deadline.is_some_and(|d| Instant::now() + wait > d) {
                         return Err(e);
                     }
-                    tracing::warn!(attempt, ?wait, error = %e, "transient API error, retrying");
+                    tracing::warn!(attempt, ?wait, error = %crate::error::describe(&e), "transient API error, retrying");
                     tokio::time::sleep(wait).await;
                     delay = (delay * 2).min(self.max_backoff);
                     attempt += 1;

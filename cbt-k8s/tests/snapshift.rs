@@ -1052,3 +1052,39 @@ async fn cancelling_stops_the_wait_and_removes_what_the_run_created() {
         "the storage snapshot is never removed"
     );
 }
+
+#[tokio::test]
+async fn a_failed_cleanup_reports_what_was_left_and_why() {
+    let env = env().await;
+    env.west.faults().set_never_ready(true);
+    env.west.faults().add_http(
+        HttpFault::status(403, 1)
+            .method("DELETE")
+            .path_contains("/volumesnapshots/"),
+    );
+    let mut o = opts();
+    o.timeout = Duration::from_millis(800);
+    let s = shift(&env, o).await;
+    let report = s
+        .migrate(&to_dr(MigrationRequest::for_pvc("apps", "db")))
+        .await;
+    assert!(
+        matches!(report.result, Err(Error::Timeout { .. })),
+        "{:?}",
+        report.result
+    );
+    assert!(report.removed.is_empty(), "{:?}", report.removed);
+    assert_eq!(report.kept.len(), 2, "{:?}", report.kept);
+    assert!(
+        report.kept[0].starts_with("VolumeSnapshot dr/db-snapshift (delete failed: ")
+            && report.kept[0].contains("HTTP 403"),
+        "{:?}",
+        report.kept
+    );
+    assert_eq!(
+        report.kept[1],
+        "VolumeSnapshotContent snapshift-dr.db-snapshift (its VolumeSnapshot could not be removed)"
+    );
+    assert_eq!(env.west.list(SNAP, "VolumeSnapshot").len(), 1);
+    assert_eq!(env.west.list(SNAP, "VolumeSnapshotContent").len(), 1);
+}

@@ -55,7 +55,15 @@ fn json_response(code: u16, value: &Value) -> Response<Body> {
 }
 
 fn fault_response(code: u16, retry_after_seconds: u32) -> Response<Body> {
+    // The StatusReason the API server pairs with each code.
     let reason = match code {
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "Conflict",
+        410 => "Expired",
+        422 => "Invalid",
         429 => "TooManyRequests",
         503 => "ServiceUnavailable",
         504 => "Timeout",

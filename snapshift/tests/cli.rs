@@ -418,6 +418,63 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         run.stderr
     );
 
+    // Stale credentials for the destination: say which context and what to do.
+    let stale = env.path("west-stale.yaml");
+    std::fs::write(
+        &stale,
+        std::fs::read_to_string(env.path("west.yaml"))
+            .unwrap()
+            .replace("fake-token", "stale-token"),
+    )
+    .unwrap();
+    let east = env.path("east.yaml");
+    let run = snapshift(
+        env.dir.path(),
+        None,
+        &[
+            "migrate",
+            "--from-kubeconfig",
+            east.to_str().unwrap(),
+            "--to-kubeconfig",
+            stale.to_str().unwrap(),
+            "-n",
+            "apps",
+            "--to-namespace",
+            "dr",
+            "--pvc",
+            "db",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("credentials of context \"west\" were rejected: refresh them"),
+        "{}",
+        run.stderr
+    );
+
+    // RBAC: the command to check the missing permission is spelled out.
+    env.west.faults().add_http(
+        HttpFault::status(403, 1)
+            .method("POST")
+            .path_contains("volumesnapshotcontents"),
+    );
+    let mut args = base.to_vec();
+    args.extend(["--pvc", "db", "--to-namespace", "dr"]);
+    let run = snapshift(env.dir.path(), None, &args).await;
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "kubectl --context west auth can-i create volumesnapshotcontents.snapshot.storage.k8s.io"
+        ),
+        "{}",
+        run.stderr
+    );
+    env.east
+        .delete(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+        .unwrap();
+
     // A selector the API server cannot parse is the user's input, not a bug.
     let mut args = base.to_vec();
     args.extend(["--to-namespace", "dr", "-l", "app in (db"]);

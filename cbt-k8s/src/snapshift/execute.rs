@@ -1341,9 +1341,15 @@ impl SnapShift {
         let deadline = Instant::now() + Duration::from_secs(60);
         let d = &self.dest;
         let (mut removed, mut kept) = (Vec::new(), Vec::new());
+        let mut snapshot_kept = false;
         for obj in created.iter().rev() {
             let dp = DeleteParams::default();
             let result = match obj {
+                // A snapshot left behind keeps its content, so it is not left pointing at nothing.
+                Created::Content(_) if snapshot_kept => {
+                    kept.push(format!("{obj} (its VolumeSnapshot could not be removed)"));
+                    continue;
+                }
                 Created::Content(n) => {
                     let api: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
                     self.opts
@@ -1372,7 +1378,13 @@ impl SnapShift {
             match result {
                 Ok(()) => removed.push(obj.to_string()),
                 Err(kube::Error::Api(s)) if s.code == 404 => removed.push(obj.to_string()),
-                Err(e) => kept.push(format!("{obj} (delete failed: {e})")),
+                Err(e) => {
+                    snapshot_kept |= matches!(obj, Created::Snapshot(..));
+                    kept.push(format!(
+                        "{obj} (delete failed: {})",
+                        crate::error::describe(&e)
+                    ));
+                }
             }
         }
         (removed, kept)
