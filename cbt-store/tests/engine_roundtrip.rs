@@ -446,6 +446,7 @@ async fn buffers_are_bounded_by_options_not_volume_size() {
     let img = noise(5, 200 * CS as usize);
     let src = fx.write("big.img", &img);
     let o = EngineOptions {
+        readers: 3,
         readahead: 2,
         workers: 2,
         transfers: 3,
@@ -459,7 +460,7 @@ async fn buffers_are_bounded_by_options_not_volume_size() {
     assert_eq!(out.stats.chunks_read, 200);
     assert!(out.raw_buffers_allocated >= 1);
     assert!(
-        out.raw_buffers_allocated <= (o.readahead + o.workers + 1) as u64,
+        out.raw_buffers_allocated <= (o.readers + o.readahead + o.workers) as u64,
         "{} raw buffers for 200 chunks",
         out.raw_buffers_allocated
     );

@@ -65,7 +65,7 @@ pub struct BackupOutcome {
     /// Read throughput in MB/s (bytes read / wall time).
     pub read_mb_per_s: f64,
     /// Raw chunk buffers allocated by the run (buffers are reused; at most
-    /// `readahead + workers + 1` whatever the volume size).
+    /// `readers + readahead + workers` whatever the volume size).
     pub raw_buffers_allocated: u64,
 }
 
@@ -279,7 +279,40 @@ fn same_content(a: &ChunkState, b: &ChunkState) -> bool {
     }
 }
 
-/// Buffers of one chunk size, reused between the reader and the CPU stage.
+/// Shared position in a backup plan: hands out its reads in ascending order.
+struct ReadCursor {
+    plan: BackupPlan,
+    run: usize,
+    next: u64,
+}
+
+impl ReadCursor {
+    fn new(plan: BackupPlan) -> Self {
+        let next = plan.chunks().runs().first().map_or(0, |r| r.start);
+        ReadCursor { plan, run: 0, next }
+    }
+
+    fn next(&mut self) -> Option<ChunkRead> {
+        let runs = self.plan.chunks().runs();
+        loop {
+            let run = runs.get(self.run)?;
+            if self.next < run.end {
+                let index = self.next;
+                self.next += 1;
+                let g = self.plan.geometry();
+                return Some(ChunkRead {
+                    index,
+                    offset: g.chunk_offset(index),
+                    len: g.chunk_len(index),
+                });
+            }
+            self.run += 1;
+            self.next = runs.get(self.run).map_or(0, |r| r.start);
+        }
+    }
+}
+
+/// Buffers of one chunk size, reused between the readers and the CPU stage.
 #[derive(Clone, Default)]
 struct BufferPool {
     free: Arc<Mutex<Vec<Vec<u8>>>>,
@@ -319,27 +352,35 @@ async fn run_pipeline(
     let pool = BufferPool::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
 
-    // Reader: one blocking thread issuing sequential preads, `readahead` chunks ahead.
-    let reader_plan = plan.clone();
-    let reader_pool = pool.clone();
-    let reader = tokio::task::spawn_blocking(move || {
-        for r in reader_plan.reads() {
-            let mut buf = reader_pool.take(r.len as usize);
-            let item = source
-                .read_exact_at(&mut buf, r.offset)
-                .map(|()| (r, buf))
-                .map_err(|e| RepoError::SourceIo {
-                    path: source.describe(),
-                    offset: r.offset,
-                    len: r.len,
-                    source: e,
-                });
-            let failed = item.is_err();
-            if tx.blocking_send(item).is_err() || failed {
-                return; // the pipeline stopped (error downstream) or we reported ours
+    // Readers: `readers` blocking threads taking the next planned chunk in offset order and
+    // issuing preads, at most `readahead` chunks ahead of the hashing stage. Several readers
+    // keep several requests in flight, which network block devices (RBD, iSCSI) need.
+    let cursor = Arc::new(Mutex::new(ReadCursor::new(plan.clone())));
+    let mut readers = Vec::with_capacity(opts.readers);
+    for _ in 0..opts.readers {
+        let (cursor, pool, source, tx) = (cursor.clone(), pool.clone(), source.clone(), tx.clone());
+        readers.push(tokio::task::spawn_blocking(move || {
+            loop {
+                let next = cursor.lock().ok().and_then(|mut c| c.next());
+                let Some(r) = next else { return };
+                let mut buf = pool.take(r.len as usize);
+                let item = source
+                    .read_exact_at(&mut buf, r.offset)
+                    .map(|()| (r, buf))
+                    .map_err(|e| RepoError::SourceIo {
+                        path: source.describe(),
+                        offset: r.offset,
+                        len: r.len,
+                        source: e,
+                    });
+                let failed = item.is_err();
+                if tx.blocking_send(item).is_err() || failed {
+                    return; // the pipeline stopped (error downstream) or we reported ours
+                }
             }
-        }
-    });
+        }));
+    }
+    drop(tx);
 
     // Chunks already known to be stored: the parent's (kept alive by our lock) and ours.
     let known: Arc<Mutex<HashMap<ChunkHash, u64>>> = Arc::new(Mutex::new(
@@ -410,9 +451,11 @@ async fn run_pipeline(
         .buffer_unordered(opts.transfers)
         .try_collect()
         .await?;
-    reader.await.map_err(|e| RepoError::Internal {
-        message: format!("reader task failed: {e}"),
-    })?;
+    for reader in readers {
+        reader.await.map_err(|e| RepoError::Internal {
+            message: format!("reader task failed: {e}"),
+        })?;
+    }
     Ok((results, pool.allocated()))
 }
 

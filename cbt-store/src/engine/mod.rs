@@ -2,20 +2,22 @@
 //!
 //! Owns the pipelines and their memory bounds; decisions come from `cbt_core::plan`.
 //!
-//! * backup: plan -> read (one reader thread, `readahead` chunks ahead) -> zero check, BLAKE3,
+//! * backup: plan -> read (`readers` threads, `readahead` chunks ahead) -> zero check, BLAKE3,
 //!   crc32c and zstd on `workers` blocking tasks -> `transfers` uploads in flight -> manifest.
 //! * restore: manifest -> `transfers` downloads in flight -> verify + decompress + `pwrite` on
 //!   blocking tasks -> fsync.
 //!
 //! # Memory bound
-//! Backup holds at most `(1 + readahead + 2 * workers + transfers) * (chunk_size + 52)` bytes
-//! of chunk data: raw buffers are pooled and reused (at most `readahead + workers + 1` exist,
+//! Backup holds at most `(readers + readahead + 2 * workers + transfers) * (chunk_size + 52)`
+//! bytes of chunk data: raw buffers are pooled and reused (at most `readers + readahead +
+//! workers` exist,
 //! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body has its exact stored size and
 //! lives until its upload finishes. Restore holds at most `2 * transfers * (chunk_size + 52)`.
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
 //! None of this depends on the volume size; only the chunk map does (see `cbt_core::manifest`,
 //! about 18 MiB per fully allocated TiB at 4 MiB chunks). With the defaults (4 MiB chunks,
-//! readahead 4, 2 workers, 8 transfers) a backup uses at most 68 MiB of chunk buffers; the
+//! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 72 MiB of chunk
+//! buffers; the
 //! whole `cbt-benches` e2e process (512 MiB image, backup + incremental + restore) peaked at
 //! about 160 MB RSS.
 //!
@@ -90,6 +92,9 @@ pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 /// Tuning of the pipelines (see the module docs for the memory bound).
 #[derive(Clone)]
 pub struct EngineOptions {
+    /// Threads reading the source concurrently (backup); more than one keeps several
+    /// requests in flight on network block devices.
+    pub readers: usize,
     /// Chunks read ahead of the hashing stage (backup).
     pub readahead: usize,
     /// Blocking tasks hashing/compressing (backup) at once.
@@ -105,6 +110,7 @@ pub struct EngineOptions {
 impl std::fmt::Debug for EngineOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineOptions")
+            .field("readers", &self.readers)
             .field("readahead", &self.readahead)
             .field("workers", &self.workers)
             .field("transfers", &self.transfers)
@@ -118,6 +124,7 @@ impl Default for EngineOptions {
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         EngineOptions {
+            readers: 2,
             readahead: 4,
             workers: cpus.clamp(1, 8),
             transfers: 8,
@@ -130,6 +137,7 @@ impl Default for EngineOptions {
 impl EngineOptions {
     fn normalized(&self) -> EngineOptions {
         EngineOptions {
+            readers: self.readers.max(1),
             readahead: self.readahead.max(1),
             workers: self.workers.max(1),
             transfers: self.transfers.max(1),
@@ -141,7 +149,8 @@ impl EngineOptions {
     /// Upper bound of chunk-buffer memory of a backup with these options.
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
-        (1 + o.readahead + 2 * o.workers + o.transfers) as u64 * (chunk_size + OVERHEAD as u64)
+        (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64
+            * (chunk_size + OVERHEAD as u64)
     }
 
     /// Upper bound of chunk-buffer memory of a restore with these options.

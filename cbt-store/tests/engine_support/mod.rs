@@ -97,6 +97,7 @@ pub async fn init(store: Arc<dyn ObjectStore>) -> Repository {
 
 pub fn opts() -> EngineOptions {
     EngineOptions {
+        readers: 2,
         readahead: 2,
         workers: 2,
         transfers: 4,
