@@ -948,6 +948,16 @@ async fn a_malformed_selector_is_a_config_error_naming_it() {
         other => panic!("{other:?}"),
     }
     assert_eq!(err.kind(), ErrorKind::Config);
+
+    // verify puts its inputs into request paths too: they are checked first.
+    let before = env.west.requests().len();
+    for (ns, names) in [("../kube-system", vec![]), ("dr", vec!["a/b".to_string()])] {
+        assert!(
+            matches!(s.verify(ns, &names).await, Err(Error::InvalidInput { .. })),
+            "{ns} {names:?}"
+        );
+    }
+    assert_eq!(env.west.requests().len(), before);
 }
 
 #[tokio::test]

@@ -32,7 +32,7 @@ use super::metadata::{LABEL_MIGRATED, MetadataFilter, Provenance};
 use super::plan::{
     DestinationContext, Existing, MigrationRequest, OriginSnapshot, PvcShape, SnapshotSource,
     check_migrated_pair, compare_content, compare_pvc, compare_snapshot, is_own_origin_snapshot,
-    origin_from_objects, plan_destination, plan_origin_snapshot,
+    origin_from_objects, plan_destination, plan_origin_snapshot, validate_name, validate_namespace,
 };
 use crate::Error;
 use crate::connect::Cluster;
@@ -1393,12 +1393,16 @@ impl SnapShift {
     /// Checks migrated snapshots in `dest_namespace`: `names`, or every snapshot SnapShift labelled.
     ///
     /// # Errors
-    /// API failures listing or reading the destination.
+    /// Invalid names; API failures listing or reading either side.
     pub async fn verify(
         &self,
         dest_namespace: &str,
         names: &[String],
     ) -> Result<Vec<VerifyReport>, Error> {
+        validate_namespace("namespace", dest_namespace)?;
+        for name in names {
+            validate_name("snapshot name", name)?;
+        }
         let deadline = Instant::now() + self.opts.timeout;
         let (o, d) = (&self.origin, &self.dest);
         let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dest_namespace);

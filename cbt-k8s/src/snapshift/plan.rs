@@ -110,8 +110,8 @@ impl MigrationRequest {
     /// # Errors
     /// [`Error::InvalidInput`] naming the bad value.
     pub fn validate(&self) -> Result<(), Error> {
-        validate_name("namespace", &self.namespace)?;
-        validate_name("destination namespace", self.dest_namespace())?;
+        validate_namespace("namespace", &self.namespace)?;
+        validate_namespace("destination namespace", self.dest_namespace())?;
         match &self.source {
             SnapshotSource::Pvc(p) => validate_name("PVC name", p)?,
             SnapshotSource::Snapshot(s) => validate_name("snapshot name", s)?,
@@ -164,6 +164,25 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
         || !name.ends_with(|c: char| c.is_ascii_alphanumeric())
     {
         return Err(bad("must start and end with a letter or digit"));
+    }
+    Ok(())
+}
+
+/// Checks a namespace name: a DNS-1123 label (at most 63 characters, no '.').
+///
+/// # Errors
+/// [`Error::InvalidInput`] with the reason.
+pub fn validate_namespace(what: &str, name: &str) -> Result<(), Error> {
+    validate_name(what, name)?;
+    let bad = |reason: &str| Error::InvalidInput {
+        what: format!("{what} {name:?}"),
+        reason: reason.to_string(),
+    };
+    if name.len() > 63 {
+        return Err(bad("must be at most 63 characters"));
+    }
+    if name.contains('.') {
+        return Err(bad("may not contain '.'"));
     }
     Ok(())
 }
@@ -986,6 +1005,13 @@ mod tests {
                 .validate()
                 .is_err()
         );
+        assert!(validate_namespace("ns", &"n".repeat(63)).is_ok());
+        for bad in ["a.b", &"n".repeat(64), "Apps"] {
+            assert!(validate_namespace("ns", bad).is_err(), "{bad}");
+            let mut req = MigrationRequest::for_pvc("apps", "db");
+            req.to_namespace = Some(bad.to_string());
+            assert!(req.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]
