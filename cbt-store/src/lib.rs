@@ -2,6 +2,10 @@
 //!
 //! [`store`] is the object-store boundary: the [`store::ObjectStore`] trait, its backends and
 //! wrappers. The repository format and the backup/restore engine sit on top of it.
+//!
+//! Cargo feature `testing` adds the `testing` module: an in-process S3 server on
+//! loopback (`testing::S3TestServer`) and the object-store conformance suite, for this
+//! crate's tests and for users testing their own stores or tools.
 
 pub mod store;
 

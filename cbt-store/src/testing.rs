@@ -133,6 +133,8 @@ impl S3TestServer {
             let http = ConnBuilder::new(TokioExecutor::new());
             loop {
                 let Ok((socket, _)) = listener.accept().await else {
+                    // Out of descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 };
                 let fault = pending.lock().ok().and_then(|mut q| q.pop_front());
