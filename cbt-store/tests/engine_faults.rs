@@ -234,3 +234,33 @@ async fn concurrent_backups_share_the_repository_and_same_name_races_have_one_wi
         .unwrap();
     assert!(report.is_ok(), "{:?}", report.problems);
 }
+
+#[tokio::test]
+async fn a_lost_lock_write_does_not_leave_a_stale_lock() {
+    let fx = Fixture::new().await;
+    let src = fx.write("d.img", &image(4 * CS as usize, 3));
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let repo = Repository::open(faulty.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    for key in ["locks/shared/", "locks/exclusive"] {
+        faulty.clear_rules();
+        faulty.add_rule(
+            FaultRule::new(Op::Put, When::Nth(1), Fault::TransientAfterCall)
+                .on_keys_containing(key),
+        );
+        if key.contains("shared") {
+            backup_file(&repo, &src, request("v", "s", full(), 1))
+                .await
+                .unwrap_err();
+        } else {
+            repo.gc(cbt_core::Timestamp(1), false).await.unwrap_err();
+        }
+        assert!(repo.list_locks().await.unwrap().is_empty(), "{key}");
+    }
+    faulty.clear_rules();
+    backup_file(&repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    repo.gc(cbt_core::Timestamp(2), false).await.unwrap();
+}

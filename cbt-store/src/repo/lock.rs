@@ -171,7 +171,11 @@ impl Repository {
     pub async fn lock_shared(&self, purpose: &str, now: Timestamp) -> Result<RepoLock> {
         let info = self.lock_info(LockKind::Shared, purpose, now);
         let key = format!("{SHARED_PREFIX}{}", info.id);
-        self.put_lock(&key, &info).await?;
+        if let Err(e) = self.put_lock(&key, &info).await {
+            // The write may have landed with its answer lost: do not leave a stale lock.
+            let _ = self.store().delete(&key).await;
+            return Err(e);
+        }
         let lock = RepoLock {
             store: self.store().clone(),
             key,
@@ -199,7 +203,19 @@ impl Repository {
     /// [`RepoError::Locked`] while any other lock exists; store errors.
     pub async fn lock_exclusive(&self, purpose: &str, now: Timestamp) -> Result<RepoLock> {
         let info = self.lock_info(LockKind::Exclusive, purpose, now);
-        if self.put_lock(EXCLUSIVE_KEY, &info).await? == PutOutcome::AlreadyExists {
+        let outcome = match self.put_lock(EXCLUSIVE_KEY, &info).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Remove the lock only if the lost write was ours.
+                if let Ok(Some(h)) = self.read_lock(EXCLUSIVE_KEY).await
+                    && h.id == info.id
+                {
+                    let _ = self.store().delete(EXCLUSIVE_KEY).await;
+                }
+                return Err(e);
+            }
+        };
+        if outcome == PutOutcome::AlreadyExists {
             let holders = match self.read_lock(EXCLUSIVE_KEY).await? {
                 // A retried write whose first attempt landed finds its own lock.
                 Some(h) if h.id == info.id => vec![],
