@@ -196,7 +196,7 @@ pub enum MetadataCommand {
     /// Ranges holding data in a snapshot (GetMetadataAllocated).
     Allocated {
         /// Snapshot: CSI snapshot handle, or VolumeSnapshot name with --metadata-namespace.
-        #[arg(long, short = 's')]
+        #[arg(long, short = 's', visible_alias = "snapshot-id")]
         snapshot: String,
         /// Byte offset to start from.
         #[arg(long, default_value_t = 0)]
@@ -210,10 +210,10 @@ pub enum MetadataCommand {
     /// Ranges that changed between two snapshots of a volume (GetMetadataDelta).
     Delta {
         /// Base (older) snapshot: always a CSI snapshot handle.
-        #[arg(long, short = 'b')]
+        #[arg(long, short = 'b', visible_alias = "base-snapshot-id")]
         base: String,
         /// Target (newer) snapshot: CSI handle, or VolumeSnapshot name with --metadata-namespace.
-        #[arg(long, short = 's', visible_alias = "target")]
+        #[arg(long, short = 's', visible_aliases = ["target", "snapshot-id"])]
         snapshot: String,
         /// Byte offset to start from.
         #[arg(long, default_value_t = 0)]
@@ -383,6 +383,14 @@ pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliErro
         .map_err(output_error)?;
     }
     out.flush().map_err(output_error)?;
+    if summary.out_of_order_tuples > 0 {
+        // Ranges are printed as they arrive (bounded memory), so a driver that breaks the order
+        // can make the listing repeat ranges; collecting consumers such as `cbt backup` are exact.
+        eprintln!(
+            "warning: the service sent {} tuple(s) out of order (a driver bug); ranges printed above may be unsorted or repeated and the byte total may count them twice",
+            summary.out_of_order_tuples
+        );
+    }
     Ok(())
 }
 
@@ -804,7 +812,7 @@ pub async fn plan_backup(
             let mut err = CliError::from(e);
             if non_retryable {
                 err.hint = Some(format!(
-                    "{}pass --fallback-full to take a full backup instead of failing",
+                    "{}the service refused the request, so retrying will not help: pass --fallback-full to take a full backup instead of failing",
                     err.hint.map(|h| format!("{h}; ")).unwrap_or_default()
                 ));
             }

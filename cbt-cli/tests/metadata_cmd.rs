@@ -146,9 +146,10 @@ fn metadata_lists_allocated_and_delta_as_table_and_json() {
         ep,
         "--metadata-token-file",
         token_file.to_str().unwrap(),
-        "-b",
+        // The spellings `cbt backup` uses (and the README shows) work here too.
+        "--base-snapshot-id",
         "s1",
-        "-s",
+        "--snapshot-id",
         "s2",
     ]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -438,16 +439,21 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("full backup") && err.contains("--fallback-full"),
+        err.contains("full backup")
+            && err.contains("retrying will not help")
+            && err.contains("--fallback-full"),
         "{err}"
     );
     let mut fallback = delta.to_vec();
     fallback.push("--fallback-full");
     let out = cbt(&fallback);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    // The full backup still reads only what GetMetadataAllocated reports.
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains("--fallback-full: taking a full backup instead")
+            && !err.contains("allocated ranges unavailable"),
+        "{err}"
     );
     let show: serde_json::Value = serde_json::from_str(&ok(&[
         "--repo",
@@ -463,6 +469,10 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     .unwrap();
     assert!(show["parent"].is_null());
     assert_eq!(show["volume_size"], 32 * MIB);
+    // Recorded as taken from `resized`, with no delta base: the next incremental can build on it.
+    assert_eq!(show["source"]["csi_snapshot_id"], "resized");
+    assert!(show["source"]["base_csi_snapshot_id"].is_null());
+    assert_eq!(show["stats"]["bytes_read"], MIB);
 }
 
 #[test]
