@@ -521,9 +521,11 @@ pub fn plan_destination(
                     origin.namespace, origin.name
                 ),
             })?;
+        // Some drivers report 0 when they do not know the size; a 0-byte PVC is invalid.
         let bytes = origin
             .restore_size
-            .or(shape.requested_bytes)
+            .filter(|b| *b > 0)
+            .or(shape.requested_bytes.filter(|b| *b > 0))
             .ok_or_else(|| Error::InvalidInput {
                 what: "PVC size".into(),
                 reason: format!(
@@ -968,6 +970,26 @@ mod tests {
             plan.pvc.unwrap().spec.unwrap().access_modes.unwrap(),
             ["ReadWriteOnce"]
         );
+        // A driver reporting restoreSize 0: the origin PVC's size is used, else it is an error.
+        let (vs, mut vsc, pvc) = origin_objects();
+        vsc.status.as_mut().unwrap().restore_size = Some(0);
+        let origin = origin_from_objects("east", &vs, &vsc, Some(&pvc)).unwrap();
+        let plan = plan_destination(&origin, &req, &ctx(&filter)).unwrap();
+        let size = &plan
+            .pvc
+            .unwrap()
+            .spec
+            .unwrap()
+            .resources
+            .unwrap()
+            .requests
+            .unwrap()["storage"];
+        assert_eq!(size.0, "1Gi");
+        let origin = origin_from_objects("east", &vs, &vsc, None).unwrap();
+        assert!(matches!(
+            plan_destination(&origin, &req, &ctx(&filter)),
+            Err(Error::InvalidInput { what, .. }) if what == "PVC size"
+        ));
     }
 
     #[test]
