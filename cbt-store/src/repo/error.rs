@@ -41,7 +41,7 @@ pub enum RepoError {
     #[error(transparent)]
     Core(#[from] CoreError),
     /// The store holds no repository.
-    #[error("no repository found (no `config` object); run `cbt repo init` first")]
+    #[error("no repository found (no `config` object); initialize one first")]
     NotInitialized,
     /// `init` found an existing repository.
     #[error("a repository already exists here (id {id})")]
@@ -120,7 +120,7 @@ pub enum RepoError {
     },
     /// Another process holds a conflicting lock.
     #[error(
-        "repository is locked: {holders:?}; if that process is gone, remove the lock with `break_lock` (cbt repo unlock)"
+        "repository is locked: {}; if that process is gone, break its lock by id", holders.join("; ")
     )]
     Locked {
         /// Descriptions of the conflicting locks.

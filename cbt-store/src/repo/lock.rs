@@ -14,7 +14,7 @@
 //! a GC can never both proceed. Both may back off; retrying later resolves that.
 //!
 //! Locks do not expire: a crashed process leaves its lock behind and GC refuses to run until
-//! an operator removes it with [`Repository::break_lock`] (`cbt repo unlock`). Expiry by age
+//! an operator removes it with [`Repository::break_lock`] (`cbt lock break <id>`). Expiry by age
 //! would let a slow-but-alive backup lose its protection, which is worse than a manual step.
 
 use std::sync::Arc;
