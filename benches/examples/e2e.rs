@@ -4,7 +4,9 @@
 //!
 //! Usage: `cargo run --release -p cbt-benches --example e2e [SIZE]` where SIZE is like `2G`
 //! (default) or `256M`; `CBT_E2E_SIZE` works too. Set `CBT_E2E_DIR` to pick the temp dir's
-//! parent (the default temp dir may be a RAM disk).
+//! parent (the default temp dir may be a RAM disk). `CBT_E2E_STORE=s3` runs the same steps
+//! against an in-process S3 server on loopback (s3s-fs, through the real SDK and HTTP)
+//! instead of the local directory store.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,7 +19,8 @@ use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
 };
 use cbt_store::repo::{InitOptions, Repository};
-use cbt_store::store::LocalStore;
+use cbt_store::store::{LocalStore, ObjectStore, RetryPolicy, RetryingStore};
+use cbt_store::testing::S3TestServer;
 
 const CHUNK: u64 = 4 * 1024 * 1024;
 const BUF: usize = 4 * 1024 * 1024;
@@ -192,7 +195,19 @@ async fn run(size: u64) -> Res<()> {
         read_bytes >> 20
     );
 
-    let store = Arc::new(LocalStore::new(dir.path().join("repo"))?);
+    let use_s3 = std::env::var("CBT_E2E_STORE").is_ok_and(|v| v == "s3");
+    let mut _server = None;
+    let store: Arc<dyn ObjectStore> = if use_s3 {
+        let server = S3TestServer::start().await?;
+        server.create_bucket("bench")?;
+        let s3 = server.store("bench", "repo").await?;
+        _server = Some(server);
+        println!("store: in-process S3 server (s3s-fs) on loopback");
+        Arc::new(RetryingStore::new(Arc::new(s3), RetryPolicy::default()))
+    } else {
+        println!("store: local directory");
+        Arc::new(LocalStore::new(dir.path().join("repo"))?)
+    };
     let repo = Repository::init(
         store,
         InitOptions {
