@@ -399,7 +399,8 @@ pub(crate) fn delete_with_effects(
     dry_run: bool,
 ) -> Result<Value, ApiError> {
     let deleted = store.delete(rt, ns, name, dry_run)?;
-    if dry_run {
+    // Dry run, or held by finalizers: nothing is gone yet.
+    if dry_run || store.get(rt, ns, name).is_ok() {
         return Ok(deleted);
     }
     if rt == &VOLUME_SNAPSHOTS

@@ -320,6 +320,33 @@ impl FakeKube {
         }
     }
 
+    /// Applies a JSON merge patch to an object as a client would (validation applies;
+    /// removing the last finalizer of a terminating object completes its deletion).
+    ///
+    /// # Errors
+    /// The API error a client would get.
+    pub fn merge_patch(
+        &self,
+        api_version: &str,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value, ApiError> {
+        let rt = type_of(&self.state, api_version, kind)?;
+        let patched = self.state.lock_store().patch(
+            rt,
+            ns,
+            name,
+            store::PatchType::Merge,
+            patch,
+            store::Part::Main,
+            false,
+        )?;
+        self.state.changed.notify_one();
+        Ok(patched)
+    }
+
     /// Overwrites an object's status, as a controller would.
     pub fn set_status(
         &self,

@@ -691,6 +691,7 @@ impl Store {
         for field in [
             "uid",
             "creationTimestamp",
+            "deletionTimestamp",
             "namespace",
             "name",
             "generation",
@@ -721,6 +722,15 @@ impl Store {
         if dry_run {
             return Ok(new);
         }
+        if new["metadata"].get("deletionTimestamp").is_some()
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty())
+        {
+            // The last finalizer is gone: the pending deletion completes.
+            self.store_modified(rt, ns, name, new.clone());
+            return self.delete(rt, ns, name, false);
+        }
         self.store_modified(rt, ns, name, new.clone());
         Ok(new)
     }
@@ -746,6 +756,17 @@ impl Store {
         };
         if dry_run {
             return Ok(obj);
+        }
+        // Finalizers hold the object, marked terminating, until an update removes the last one.
+        if obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+        {
+            if obj["metadata"].get("deletionTimestamp").is_none() {
+                obj["metadata"]["deletionTimestamp"] = Value::String(rfc3339_now());
+                self.store_modified(rt, ns, name, obj.clone());
+            }
+            return self.get(rt, ns, name);
         }
         self.objects.remove(&key);
         self.rv += 1;

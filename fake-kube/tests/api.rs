@@ -580,3 +580,97 @@ async fn extra_resource_types_can_be_served() {
         .is_some()
     );
 }
+
+#[tokio::test]
+async fn finalizers_hold_a_deleted_object_until_the_last_one_is_removed() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+    let a = FakeKube::builder().start().await.unwrap();
+    a.seed_standard("apps").unwrap();
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client_for(&a, "a").await, "apps");
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "held", "finalizers": ["kubernetes.io/pvc-protection"]},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}
+    }))
+    .unwrap();
+    pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+    let rv = pvcs
+        .get("held")
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+
+    // DELETE answers 200 with the object, now terminating; it stays readable and its name taken.
+    let answer = pvcs.delete("held", &DeleteParams::default()).await.unwrap();
+    let terminating = answer.left().unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert!(
+        pvcs.get("held")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    let err = pvcs.create(&PostParams::default(), &pvc).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 409 && s.reason == "AlreadyExists"));
+    // A client cannot unset deletionTimestamp.
+    pvcs.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"deletionTimestamp": null, "labels": {"x": "y"}}})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        pvcs.get("held")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+
+    // Removing the last finalizer completes the deletion; a watch sees MODIFIED, then DELETED.
+    pvcs.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    assert!(pvcs.get_opt("held").await.unwrap().is_none());
+    let events: Vec<String> = pvcs
+        .watch(
+            &WatchParams::default()
+                .fields("metadata.name=held")
+                .timeout(1),
+            &rv,
+        )
+        .await
+        .unwrap()
+        .try_collect::<Vec<_>>()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            match e {
+                WatchEvent::Added(_) => "ADDED",
+                WatchEvent::Modified(_) => "MODIFIED",
+                WatchEvent::Deleted(_) => "DELETED",
+                _ => "OTHER",
+            }
+            .to_string()
+        })
+        .collect();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("DELETED"),
+        "{events:?}"
+    );
+    assert!(
+        events[..events.len() - 1].iter().all(|e| e == "MODIFIED"),
+        "{events:?}"
+    );
+}
