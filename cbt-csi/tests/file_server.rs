@@ -622,3 +622,158 @@ async fn batches_as_a_futures_stream() {
     assert!(matches!(e, CsiError::SnapshotNotFound { .. }));
     srv.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn hostile_snapshot_ids_are_rejected_before_touching_the_filesystem() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "s");
+    cbt_csi::server::write_snapshot_meta(snaps.path(), "s", &Default::default()).unwrap();
+    // A real file next to the snapshot directory that traversal would reach.
+    image(
+        snaps.path().parent().unwrap(),
+        "outside",
+        MIB,
+        &[(0, vec![1])],
+    );
+    std::fs::create_dir(snaps.path().join("a-directory")).unwrap();
+    let srv = serve_unix(
+        opts(snaps.path(), 4 * KIB, BlockType::FixedLength),
+        sock.path(),
+    )
+    .await;
+    // The Kubernetes API requires some token even when the server checks none.
+    let c = MetadataClient::connect(
+        ClientConfig::new(srv.endpoint())
+            .with_token("t")
+            .with_retry(common::fast_retry()),
+    )
+    .await
+    .unwrap();
+    let outside = format!(
+        "../{}",
+        snaps.path().parent().unwrap().join("outside").display()
+    );
+    let long = "x".repeat(129);
+    let hostile = [
+        "../outside",
+        outside.as_str(),
+        "/etc/passwd",
+        "a/b",
+        ".",
+        "..",
+        ".hidden",
+        "s.meta.json",
+        "s\0",
+        "s\n",
+        "s ",
+        long.as_str(),
+    ];
+    for id in hostile {
+        let e = c
+            .collect(MetadataRequest::new(alloc(id)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CsiError::InvalidArgument { .. }), "{id:?}: {e}");
+        let e = c
+            .collect(MetadataRequest::new(delta(id, "s")))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CsiError::InvalidArgument { .. }), "{id:?}: {e}");
+        let e = c
+            .collect(MetadataRequest::new(delta("s", id)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CsiError::InvalidArgument { .. }), "{id:?}: {e}");
+        // Kubernetes API: a name that cannot exist is an unavailable VolumeSnapshot, as the
+        // sidecar answers; the base handle is checked like a CSI id.
+        let e = c
+            .collect(MetadataRequest::new(Query::K8sAllocated {
+                namespace: "default".into(),
+                snapshot_name: id.into(),
+            }))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, CsiError::SnapshotUnavailable { .. }),
+            "{id:?}: {e}"
+        );
+        let e = c
+            .collect(MetadataRequest::new(Query::K8sDelta {
+                namespace: "default".into(),
+                base_snapshot_id: id.into(),
+                target_snapshot_name: "s".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CsiError::InvalidArgument { .. }), "{id:?}: {e}");
+    }
+    // Well-formed but absent (the longest legal id, a directory): NOT_FOUND.
+    for id in ["x".repeat(128), "a-directory".to_string()] {
+        let e = c
+            .collect(MetadataRequest::new(alloc(&id)))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CsiError::SnapshotNotFound { .. }), "{id}: {e}");
+    }
+    srv.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn delta_at_the_edges_of_a_volume_with_a_partial_last_block() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    // 100 blocks of 4 KiB plus a 1000-byte tail, fully written (no holes to skip).
+    let size = 100 * 4 * KIB + 1000;
+    image(snaps.path(), "a", size, &[(0, vec![3u8; size as usize])]);
+    copy(snaps.path(), "a", "b");
+    write(snaps.path(), "b", 0, &[4u8]); // first byte
+    write(snaps.path(), "b", 4 * KIB - 1, &[4u8]); // last byte of block 0 (same block)
+    write(snaps.path(), "b", 4 * KIB, &[4u8]); // first byte of block 1
+    write(snaps.path(), "b", 64 * KIB - 1, &[4u8]); // last byte of a scan window
+    write(snaps.path(), "b", size - 1, &[4u8]); // last byte of the volume
+    for t in [BlockType::FixedLength, BlockType::VariableLength] {
+        let mut o = opts(snaps.path(), 4 * KIB, t);
+        o.window = 64 * KIB;
+        let srv = serve_unix(o, sock.path()).await;
+        let c = client(srv.endpoint()).await;
+        let r = c
+            .collect(MetadataRequest::new(delta("a", "b")).max_results(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.extents,
+            vec![
+                ext(0, 8 * KIB),
+                ext(60 * KIB, 4 * KIB),
+                ext(100 * 4 * KIB, 1000)
+            ],
+            "{t:?}"
+        );
+        assert_eq!(r.summary.volume_capacity_bytes, size);
+        // From inside the partial last block: only its tail, clipped to the offset.
+        let r = c
+            .collect(MetadataRequest::new(delta("a", "b")).starting_at(size - 10))
+            .await
+            .unwrap();
+        assert_eq!(r.extents, vec![ext(size - 10, 10)], "{t:?}");
+        // From the capacity itself: a clean, empty answer; one byte further: OUT_OF_RANGE.
+        let r = c
+            .collect(MetadataRequest::new(delta("a", "b")).starting_at(size))
+            .await
+            .unwrap();
+        assert!(r.extents.is_empty());
+        let e = c
+            .collect(MetadataRequest::new(delta("a", "b")).starting_at(size + 1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CsiError::OutOfRange { .. }), "{e}");
+        // Base and target swapped: the same blocks differ.
+        let r = c
+            .collect(MetadataRequest::new(delta("b", "a")))
+            .await
+            .unwrap();
+        assert_eq!(r.summary.bytes, 12 * KIB + 1000);
+        srv.shutdown().await.unwrap();
+    }
+}

@@ -460,12 +460,17 @@ impl FileMetadataService {
                 failed: false,
                 drop_after,
             };
+            // The receiver is dropped when the client cancels or disconnects: stop reading then.
+            let probe = out.tx.clone();
+            let cancelled = || probe.is_closed();
             let res = match &work {
                 Work::Allocated(s) => {
-                    scan::allocated(&s.file, s.size, start, g, |o, l| out.push(o, l))
+                    scan::allocated(&s.file, s.size, start, g, cancelled, |o, l| out.push(o, l))
                 }
                 Work::Delta(b, t) => {
-                    scan::delta(&b.file, &t.file, t.size, start, g, |o, l| out.push(o, l))
+                    scan::delta(&b.file, &t.file, t.size, start, g, cancelled, |o, l| {
+                        out.push(o, l)
+                    })
                 }
             };
             match res {

@@ -114,7 +114,9 @@ pub struct ScanStats {
 }
 
 /// Emits `(offset, len)` of every maximal run of blocks at or after the block containing
-/// `start` that holds non-zero data. Stops early when `emit` breaks.
+/// `start` that holds non-zero data. Stops early when `emit` breaks, or when `cancelled` (asked
+/// before every window) says the caller is gone: a scan that finds nothing to emit would
+/// otherwise read to the end of the image for nobody.
 ///
 /// # Errors
 /// I/O errors reading the image.
@@ -123,6 +125,7 @@ pub fn allocated(
     size: u64,
     start: u64,
     g: Geometry,
+    cancelled: impl Fn() -> bool,
     mut emit: impl FnMut(u64, u64) -> ControlFlow<()>,
 ) -> io::Result<ScanStats> {
     let mut stats = ScanStats::default();
@@ -134,6 +137,9 @@ pub fn allocated(
     };
     let mut pos = g.align_down(start);
     while pos < size {
+        if cancelled() {
+            return Ok(stats);
+        }
         let Some(d) = next_data(file, pos, size)? else {
             break;
         };
@@ -163,7 +169,8 @@ pub fn allocated(
 
 /// Emits `(offset, len)` of every maximal run of blocks, at or after the block containing
 /// `start`, whose content differs between `base` and `target` (both `size` bytes). Regions that
-/// are holes in both images are skipped unread; a hole compares as zeros.
+/// are holes in both images are skipped unread; a hole compares as zeros. `cancelled` and `emit`
+/// stop the scan early as in [`allocated`].
 ///
 /// # Errors
 /// I/O errors reading either image.
@@ -173,6 +180,7 @@ pub fn delta(
     size: u64,
     start: u64,
     g: Geometry,
+    cancelled: impl Fn() -> bool,
     mut emit: impl FnMut(u64, u64) -> ControlFlow<()>,
 ) -> io::Result<ScanStats> {
     let mut stats = ScanStats::default();
@@ -184,6 +192,9 @@ pub fn delta(
     };
     let mut pos = g.align_down(start);
     while pos < size {
+        if cancelled() {
+            return Ok(stats);
+        }
         let da = next_data(base, pos, size)?;
         let db = next_data(target, pos, size)?;
         let d = match (da, db) {
@@ -245,10 +256,17 @@ mod tests {
 
     fn collect_alloc(f: &File, size: u64, start: u64, g: Geometry) -> Vec<(u64, u64)> {
         let mut v = Vec::new();
-        allocated(f, size, start, g, |o, l| {
-            v.push((o, l));
-            ControlFlow::Continue(())
-        })
+        allocated(
+            f,
+            size,
+            start,
+            g,
+            || false,
+            |o, l| {
+                v.push((o, l));
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
         v
     }
@@ -308,10 +326,17 @@ mod tests {
             window: 1 << 20,
         };
         let mut n = 0;
-        let stats = allocated(&b, size, 0, g, |_, _| {
-            n += 1;
-            ControlFlow::Continue(())
-        })
+        let stats = allocated(
+            &b,
+            size,
+            0,
+            g,
+            || false,
+            |_, _| {
+                n += 1;
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
         assert_eq!(n, 2);
         assert!(
@@ -320,10 +345,18 @@ mod tests {
             stats.bytes_read
         );
         let mut v = Vec::new();
-        let stats = delta(&a, &b, size, 0, g, |o, l| {
-            v.push((o, l));
-            ControlFlow::Continue(())
-        })
+        let stats = delta(
+            &a,
+            &b,
+            size,
+            0,
+            g,
+            || false,
+            |o, l| {
+                v.push((o, l));
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
         assert_eq!(v, vec![(700 << 20, 4096)]);
         assert!(
@@ -331,6 +364,35 @@ mod tests {
             "read {} bytes",
             stats.bytes_read
         );
+    }
+
+    #[test]
+    fn a_cancelled_scan_stops_reading_even_when_it_finds_nothing() {
+        // Two identical, fully written 1 MiB images: the delta is empty, so only the
+        // cancellation check can end the scan before the last byte.
+        let size = 1u64 << 20;
+        let a = tempfile::tempfile().unwrap();
+        let b = tempfile::tempfile().unwrap();
+        for f in [&a, &b] {
+            f.write_all_at(&vec![5u8; size as usize], 0).unwrap();
+        }
+        let g = Geometry {
+            block: 4096,
+            window: 65536,
+        };
+        let never = |_: u64, _: u64| -> ControlFlow<()> { panic!("nothing differs") };
+        let full = delta(&a, &b, size, 0, g, || false, never).unwrap();
+        assert_eq!(full.bytes_read, 2 * size);
+        // The caller goes away after two windows.
+        let asked = std::cell::Cell::new(0u32);
+        let gone = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        };
+        let cut = delta(&a, &b, size, 0, g, gone, never).unwrap();
+        assert_eq!(cut.bytes_read, 2 * 2 * g.window);
+        let cut = allocated(&a, size, 0, g, || true, |_, _| ControlFlow::Continue(())).unwrap();
+        assert_eq!(cut.bytes_read, 0);
     }
 
     #[test]
@@ -351,10 +413,18 @@ mod tests {
             window: 65536,
         };
         let mut v = Vec::new();
-        delta(&a, &b, size, 0, g, |o, l| {
-            v.push((o, l));
-            ControlFlow::Continue(())
-        })
+        delta(
+            &a,
+            &b,
+            size,
+            0,
+            g,
+            || false,
+            |o, l| {
+                v.push((o, l));
+                ControlFlow::Continue(())
+            },
+        )
         .unwrap();
         assert_eq!(v, vec![(8192, 4096), (4096 * 5, 4096), (size - 4096, 4096)]);
     }
