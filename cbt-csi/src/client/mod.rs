@@ -15,6 +15,9 @@
 //!   [`ClientConfig::max_message_bytes`] on the wire (16 MiB by default, roughly 1.5 million
 //!   tuples; with `max_results` = N, about 48 N bytes decoded) plus the batch handed to the
 //!   caller. The collecting helpers additionally hold the merged result (16 bytes per extent).
+//!   Measured (`tests/bounded_memory.rs`, counting allocator, server and client in one process):
+//!   1,000,000 ranges at 10,000 per message peak at about 2 MB of heap when streamed, against
+//!   about 18 MB when collected.
 
 mod backoff;
 mod connect;
