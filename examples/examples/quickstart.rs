@@ -10,16 +10,22 @@
 //! 5. Incremental backup: ranges from GetMetadataDelta(snap-1, snap-2); the parent is the
 //!    backup taken from snap-1 (recorded in its manifest as the CSI snapshot id).
 //! 6. Restores both backups and proves them byte-identical to their snapshots.
+//!
+//! It fails unless the delta is exactly the blocks it changed, each backup read exactly the
+//! repository chunks holding the service's ranges (and uploaded no more), and both restores
+//! are byte-identical.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use cbt_core::manifest::SourceInfo;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_csi::ranges::merge_extents;
 use cbt_csi::server::{
     FileMetadataService, Listen, ServerOptions, SnapshotMeta, write_snapshot_meta,
 };
-use cbt_csi::{ClientConfig, MetadataClient, MetadataRequest, MetadataSummary, Query};
+use cbt_csi::{ClientConfig, Extent, MetadataClient, MetadataRequest, MetadataResult, Query};
 use cbt_examples::{Noise, SnapshotMethod, same_content, snapshot_image};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource, RestoreOptions,
@@ -64,23 +70,58 @@ fn make_volume(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(written)
 }
 
-/// Overwrites 4 KiB in ~1% of the 64 KiB blocks, some inside holes.
-fn change_volume(path: &std::path::Path) -> std::io::Result<u64> {
+/// Overwrites 4 KiB of random bytes in ~1% of the 64 KiB blocks, some inside holes, and
+/// returns the indices of the blocks written: the truth the delta is checked against.
+fn change_volume(path: &std::path::Path) -> std::io::Result<BTreeSet<u64>> {
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
     let blocks = VOLUME_SIZE / BLOCK;
-    let changes = blocks / 100;
     let mut noise = Noise::new(99);
     let mut buf = vec![0u8; 4096];
-    for _ in 0..changes {
+    let mut changed = BTreeSet::new();
+    for _ in 0..blocks / 100 {
         let block = noise.next_u64() % blocks;
         noise.fill(&mut buf);
         f.write_all_at(&buf, block * BLOCK + (noise.next_u64() % 15) * 4096)?;
+        changed.insert(block);
     }
     f.sync_all()?;
-    Ok(changes)
+    Ok(changed)
 }
 
-fn snapshot(volume: &std::path::Path, dir: &std::path::Path, id: &str) -> Result<(), Error> {
+/// The blocks of `blocks` as sorted, merged extents (what a correct delta must report).
+fn block_extents(blocks: &BTreeSet<u64>) -> Vec<Extent> {
+    let mut v: Vec<Extent> = blocks
+        .iter()
+        .map(|b| Extent::new(b * BLOCK, BLOCK))
+        .collect();
+    merge_extents(&mut v);
+    v
+}
+
+/// Bytes of the repository chunks the extents touch: what a backup of them must read, since
+/// the engine reads and stores whole chunks.
+fn chunk_cover(extents: &[Extent]) -> u64 {
+    let mut chunks = 0;
+    let mut last: Option<u64> = None;
+    for e in extents {
+        let (first, end) = (e.offset / CHUNK, (e.end() - 1) / CHUNK);
+        let first = match last {
+            Some(l) if l >= first => l + 1,
+            _ => first,
+        };
+        if end >= first {
+            chunks += end - first + 1;
+            last = Some(end);
+        }
+    }
+    (chunks * CHUNK).min(VOLUME_SIZE)
+}
+
+fn pct(part: u64, whole: u64) -> f64 {
+    100.0 * part as f64 / whole.max(1) as f64
+}
+
+fn snapshot(volume: &std::path::Path, dir: &std::path::Path, id: &str) -> Result<String, Error> {
     let how = snapshot_image(volume, &dir.join(id))?;
     write_snapshot_meta(
         dir,
@@ -91,32 +132,63 @@ fn snapshot(volume: &std::path::Path, dir: &std::path::Path, id: &str) -> Result
             cbt: None,
         },
     )?;
-    match how {
-        SnapshotMethod::Reflink => println!("  snapshot {id}: reflink"),
+    Ok(match how {
+        SnapshotMethod::Reflink => format!("snapshot {id} (reflink)"),
         SnapshotMethod::SparseCopy { bytes } => {
-            println!("  snapshot {id}: sparse copy of {}", mib(bytes))
+            format!("snapshot {id} (sparse copy of {})", mib(bytes))
         }
-    }
-    Ok(())
+    })
 }
 
-fn report(label: &str, meta: &MetadataSummary, out: &BackupOutcome, secs: f64) {
-    let s = &out.stats;
+/// Prints what a backup asked the service, read, skipped and uploaded, and checks that it read
+/// exactly the chunks holding the service's ranges.
+fn report(
+    call: &str,
+    meta: &MetadataResult,
+    out: &BackupOutcome,
+    secs: f64,
+    what: &str,
+    note: &str,
+) -> Result<(), Error> {
+    let (m, s) = (&meta.summary, &out.stats);
+    let expected_read = chunk_cover(&meta.extents);
     println!(
-        "{label}: metadata {} ranges / {} in {} message(s); read {}, skipped {} of {}, zero {}, \
-         uploaded {} in {} objects, deduplicated {}; {:.2} s",
-        meta.ranges,
-        mib(meta.bytes),
-        meta.messages,
+        "     {call:<20} {} ranges, {} {what} ({:.1}% of the volume){note}",
+        m.ranges,
+        mib(m.bytes),
+        pct(m.bytes, VOLUME_SIZE)
+    );
+    println!(
+        "     {:<20} {} = the {} chunks of {} KiB holding those ranges; skipped {} ({:.1}%)",
+        "read",
         mib(s.bytes_read),
+        s.chunks_read,
+        CHUNK / 1024,
         mib(VOLUME_SIZE - s.bytes_read.min(VOLUME_SIZE)),
-        mib(VOLUME_SIZE),
-        mib(s.bytes_zero),
+        pct(VOLUME_SIZE - s.bytes_read.min(VOLUME_SIZE), VOLUME_SIZE)
+    );
+    println!(
+        "     {:<20} {} (zstd) in {} objects; {:.2} s",
+        "uploaded",
         mib(s.bytes_uploaded),
         s.objects_written,
-        mib(s.bytes_deduplicated),
         secs
     );
+    if s.objects_written > s.chunks_read {
+        return Err(format!(
+            "uploaded {} objects for {} chunks read",
+            s.objects_written, s.chunks_read
+        )
+        .into());
+    }
+    if s.bytes_read != expected_read {
+        return Err(format!(
+            "read {} bytes, but the chunks holding the service's ranges are {expected_read} bytes",
+            s.bytes_read
+        )
+        .into());
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -132,17 +204,20 @@ async fn main() -> Result<(), Error> {
     for d in [&volumes, &snaps, &repo_dir, &restored] {
         std::fs::create_dir_all(d)?;
     }
-    println!("working in {}", work.path().display());
+    println!(
+        "cbt quickstart: CBT backups over gRPC into a local repository (in {})",
+        work.path().display()
+    );
 
     // 1. Volume and first snapshot.
     let volume_path = volumes.join("pvc-demo.img");
     let data = make_volume(&volume_path)?;
+    let snap1 = snapshot(&volume_path, &snaps, "snap-1")?;
     println!(
-        "volume: {} with {} of data, holes and 2 MiB of written zeros",
+        "1. volume pvc-demo: {}, {} of data + 2 MiB of written zeros, the rest holes\n   {snap1}",
         mib(VOLUME_SIZE),
         mib(data)
     );
-    snapshot(&volume_path, &snaps, "snap-1")?;
 
     // 2. Metadata server on a unix socket.
     let mut opts = ServerOptions::new(&snaps);
@@ -154,7 +229,11 @@ async fn main() -> Result<(), Error> {
     )
     .await?;
     let client = MetadataClient::connect(ClientConfig::new(server.endpoint())).await?;
-    println!("metadata server: {}", server.endpoint());
+    println!(
+        "2. file-backed SnapshotMetadata server on {} ({} KiB blocks)",
+        server.endpoint(),
+        BLOCK / 1024
+    );
 
     // 3. Repository (embedded default: a local directory) and the full backup.
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&repo_dir)?);
@@ -170,9 +249,10 @@ async fn main() -> Result<(), Error> {
     let volume = VolumeName::new("pvc-demo")?;
     let engine_opts = EngineOptions::default();
 
+    println!("3. full backup full-1 of snap-1");
     let t = Instant::now();
-    let (allocated, meta1) = client
-        .collect_range_set(MetadataRequest::new(Query::CsiAllocated {
+    let allocated = client
+        .collect(MetadataRequest::new(Query::CsiAllocated {
             snapshot_id: "snap-1".into(),
         }))
         .await?;
@@ -183,7 +263,7 @@ async fn main() -> Result<(), Error> {
             volume: volume.clone(),
             snapshot: SnapshotName::new("full-1")?,
             mode: BackupMode::Full {
-                allocated: Some(allocated),
+                allocated: Some(allocated.to_range_set()),
             },
             created: now(),
             source_info: SourceInfo {
@@ -192,25 +272,29 @@ async fn main() -> Result<(), Error> {
             },
             labels: Default::default(),
             chunk_size: None,
-            volume_size: Some(meta1.volume_capacity_bytes),
+            volume_size: Some(allocated.summary.volume_capacity_bytes),
         },
         &engine_opts,
     )
     .await?;
     report(
-        "full backup       ",
-        &meta1,
+        "GetMetadataAllocated",
+        &allocated,
         &full,
         t.elapsed().as_secs_f64(),
-    );
+        "allocated",
+        "; the written zeros are not",
+    )?;
 
     // 4. Change ~1% of the blocks, second snapshot.
     let changed = change_volume(&volume_path)?;
+    let snap2 = snapshot(&volume_path, &snaps, "snap-2")?;
     println!(
-        "changed {changed} of {} 64 KiB blocks (4 KiB each)",
-        VOLUME_SIZE / BLOCK
+        "4. changed 4 KiB inside {} of the {} blocks ({:.1}%)\n   {snap2}",
+        changed.len(),
+        VOLUME_SIZE / BLOCK,
+        pct(changed.len() as u64, VOLUME_SIZE / BLOCK)
     );
-    snapshot(&volume_path, &snaps, "snap-2")?;
 
     // 5. Incremental: the parent is the backup whose recorded CSI snapshot id is the delta base.
     let t = Instant::now();
@@ -220,12 +304,17 @@ async fn main() -> Result<(), Error> {
         .await?
         .filter(|m| m.source.csi_snapshot_id.as_deref() == Some(base))
         .ok_or("the latest backup was not taken from the delta base")?;
-    let (delta, meta2) = client
-        .collect_range_set(MetadataRequest::new(Query::CsiDelta {
+    println!(
+        "5. incremental backup incr-2 of snap-2, parent {} (the backup taken from {base})",
+        parent.snapshot
+    );
+    let delta = client
+        .collect(MetadataRequest::new(Query::CsiDelta {
             base_snapshot_id: base.into(),
             target_snapshot_id: "snap-2".into(),
         }))
         .await?;
+    let exact = delta.extents == block_extents(&changed);
     let incr = engine::backup(
         &repo,
         Arc::new(FileSource::open(snaps.join("snap-2"))?),
@@ -234,7 +323,7 @@ async fn main() -> Result<(), Error> {
             snapshot: SnapshotName::new("incr-2")?,
             mode: BackupMode::Incremental {
                 parent: Box::new(parent),
-                changed: delta,
+                changed: delta.to_range_set(),
             },
             created: now(),
             source_info: SourceInfo {
@@ -244,22 +333,31 @@ async fn main() -> Result<(), Error> {
             },
             labels: Default::default(),
             chunk_size: None,
-            volume_size: Some(meta2.volume_capacity_bytes),
+            volume_size: Some(delta.summary.volume_capacity_bytes),
         },
         &engine_opts,
     )
     .await?;
     report(
-        "incremental backup",
-        &meta2,
+        "GetMetadataDelta",
+        &delta,
         &incr,
         t.elapsed().as_secs_f64(),
-    );
+        "changed",
+        &format!(
+            " = exactly the {} blocks written: {}",
+            changed.len(),
+            if exact { "yes" } else { "NO" }
+        ),
+    )?;
     server.shutdown().await?;
 
     // 6. Restore both and compare with their snapshots.
-    let mut all_ok = true;
-    for (name, snap) in [("full-1", "snap-1"), ("incr-2", "snap-2")] {
+    let mut all_ok = exact;
+    for (i, (name, snap)) in [("full-1", "snap-1"), ("incr-2", "snap-2")]
+        .into_iter()
+        .enumerate()
+    {
         let target = restored.join(format!("{name}.img"));
         let r = engine::restore(
             &repo,
@@ -273,23 +371,28 @@ async fn main() -> Result<(), Error> {
         let same = same_content(&target, &snaps.join(snap))?;
         all_ok &= same;
         println!(
-            "restore {name}: wrote {}, downloaded {}, {:.2} s; byte-identical to {snap}: {}",
-            mib(r.bytes_written),
+            "{} restore {name}: downloaded {}, wrote {}; byte-identical to {snap}: {}",
+            if i == 0 { "6." } else { "  " },
             mib(r.bytes_downloaded),
-            r.wall_ms as f64 / 1000.0,
+            mib(r.bytes_written),
             if same { "yes" } else { "NO" }
         );
     }
 
+    let (f, n) = (&full.stats, &incr.stats);
     println!(
-        "summary: incremental read {} ({:.1}% of the volume) for {} changed per the service; total {:.1} s",
-        mib(incr.stats.bytes_read),
-        100.0 * incr.stats.bytes_read as f64 / VOLUME_SIZE as f64,
-        mib(meta2.bytes),
+        "incremental vs full: read {} vs {} ({:.1}%), uploaded {} vs {} ({:.1}%); total {:.1} s",
+        mib(n.bytes_read),
+        mib(f.bytes_read),
+        pct(n.bytes_read, f.bytes_read),
+        mib(n.bytes_uploaded),
+        mib(f.bytes_uploaded),
+        pct(n.bytes_uploaded, f.bytes_uploaded),
         started.elapsed().as_secs_f64()
     );
     if !all_ok {
-        return Err("a restored image differs from its snapshot".into());
+        return Err("a check failed (see NO above)".into());
     }
+    println!("OK: the incremental read and uploaded only the chunks holding the changed blocks");
     Ok(())
 }
