@@ -121,6 +121,20 @@ pub enum Error {
         /// How it differs.
         reason: String,
     },
+    /// An object under a name the operation needs is being deleted (held by finalizers).
+    #[error(
+        "{kind} {object} in cluster {cluster:?} is being deleted (waiting on finalizers: {finalizers}); run again once it is gone"
+    )]
+    Terminating {
+        /// Context name of the cluster.
+        cluster: String,
+        /// Object kind.
+        kind: &'static str,
+        /// `namespace/name` or `name`.
+        object: String,
+        /// Finalizers still present, comma separated ("none" if empty).
+        finalizers: String,
+    },
     /// The snapshot controller or driver reported an error on a snapshot.
     #[error("VolumeSnapshot {object} in cluster {cluster:?} failed: {message}")]
     SnapshotFailed {
@@ -171,7 +185,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
-            Error::Timeout { .. } => ErrorKind::Transient,
+            Error::Timeout { .. } | Error::Terminating { .. } => ErrorKind::Transient,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::SnapshotFailed { .. } | Error::Inconsistent { .. } => ErrorKind::Backend,

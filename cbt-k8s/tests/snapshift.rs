@@ -1098,3 +1098,117 @@ async fn a_failed_cleanup_reports_what_was_left_and_why() {
     assert_eq!(env.west.list(SNAP, "VolumeSnapshot").len(), 1);
     assert_eq!(env.west.list(SNAP, "VolumeSnapshotContent").len(), 1);
 }
+
+#[tokio::test]
+async fn an_object_still_being_deleted_is_reported_not_reused() {
+    let env = env().await;
+    let s = shift(&env, opts()).await;
+    let req = to_dr(MigrationRequest::for_pvc("apps", "db"));
+    assert!(s.migrate(&req).await.result.is_ok());
+    // Someone deletes the moved snapshot; a finalizer holds it.
+    env.west
+        .merge_patch(
+            SNAP,
+            "VolumeSnapshot",
+            "dr",
+            "db-snapshift",
+            &json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+        )
+        .unwrap();
+    env.west
+        .delete(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    let before = writes(&env.west).len();
+    let report = s.migrate(&req).await;
+    match &report.result {
+        Err(
+            e @ Error::Terminating {
+                cluster,
+                kind,
+                object,
+                finalizers,
+            },
+        ) => {
+            assert_eq!(
+                (cluster.as_str(), *kind, object.as_str()),
+                ("west", "VolumeSnapshot", "dr/db-snapshift")
+            );
+            assert_eq!(finalizers, "example.com/hold");
+            assert_eq!(e.kind(), ErrorKind::Transient);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(writes(&env.west).len(), before, "nothing written");
+
+    // Once it is gone, the kept content is still bound to the old snapshot's uid: a dry run
+    // says it would be re-bound, and a re-run re-creates just the snapshot, which binds.
+    env.west
+        .merge_patch(
+            SNAP,
+            "VolumeSnapshot",
+            "dr",
+            "db-snapshift",
+            &json!({"metadata": {"finalizers": null}}),
+        )
+        .unwrap();
+    let mut dry = opts();
+    dry.dry_run = true;
+    let planned = match shift(&env, dry).await.migrate(&req).await.result {
+        Ok(Outcome::DryRun(objects)) => objects,
+        other => panic!("{other:?}"),
+    };
+    let actions: Vec<(&str, PlannedAction)> = planned.iter().map(|o| (o.kind, o.action)).collect();
+    assert_eq!(
+        actions,
+        [
+            ("VolumeSnapshot", PlannedAction::Exists),
+            ("VolumeSnapshotContent", PlannedAction::Rebind),
+            ("VolumeSnapshot", PlannedAction::Create),
+        ]
+    );
+    let report = s.migrate(&req).await;
+    match report.result {
+        Ok(Outcome::Migrated { created }) => {
+            assert_eq!(created, ["VolumeSnapshot dr/db-snapshift"])
+        }
+        other => panic!("{other:?}"),
+    }
+    let moved = env
+        .west
+        .get(SNAP, "VolumeSnapshot", "dr", "db-snapshift")
+        .unwrap();
+    assert_eq!(moved["status"]["readyToUse"], true);
+    let content = env
+        .west
+        .get(
+            SNAP,
+            "VolumeSnapshotContent",
+            "",
+            "snapshift-dr.db-snapshift",
+        )
+        .unwrap();
+    assert_eq!(
+        content["spec"]["volumeSnapshotRef"]["uid"],
+        moved["metadata"]["uid"]
+    );
+
+    // The origin snapshot being deleted is refused the same way, before anything is written.
+    env.east
+        .merge_patch(
+            SNAP,
+            "VolumeSnapshot",
+            "apps",
+            "db-snapshift",
+            &json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+        )
+        .unwrap();
+    env.east
+        .delete(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+        .unwrap();
+    let report = s.migrate(&req).await;
+    assert!(
+        matches!(&report.result, Err(Error::Terminating { cluster, .. }) if cluster == "east"),
+        "{:?}",
+        report.result
+    );
+}

@@ -582,6 +582,7 @@ fn print_dry_run(reports: &[MigrationReport], output: Output) {
             let action = match o.action {
                 PlannedAction::Create => "would create",
                 PlannedAction::Exists => "exists, unchanged",
+                PlannedAction::Rebind => "exists, would be re-bound to the re-created snapshot",
             };
             println!("---");
             println!(

@@ -21,7 +21,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::{CSIDriver, StorageClass};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::core::Resource;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -32,7 +32,8 @@ use super::metadata::{LABEL_MIGRATED, MetadataFilter, Provenance};
 use super::plan::{
     DestinationContext, Existing, MigrationRequest, OriginSnapshot, PvcShape, SnapshotSource,
     check_migrated_pair, compare_content, compare_pvc, compare_snapshot, is_own_origin_snapshot,
-    origin_from_objects, plan_destination, plan_origin_snapshot, validate_name, validate_namespace,
+    origin_from_objects, plan_destination, plan_origin_snapshot, stale_binding, validate_name,
+    validate_namespace,
 };
 use crate::Error;
 use crate::connect::Cluster;
@@ -130,6 +131,9 @@ pub enum PlannedAction {
     Create,
     /// It exists already and would be used as is.
     Exists,
+    /// It exists and is ours, but its `volumeSnapshotRef.uid` names a destination snapshot
+    /// deleted since; the uid would be cleared so the re-created snapshot can bind it.
+    Rebind,
 }
 
 /// One object of a dry-run plan.
@@ -197,6 +201,16 @@ pub struct VerifyReport {
     pub problems: Vec<String>,
 }
 
+/// What exists under the planned destination names.
+struct Found {
+    content: Existing,
+    snapshot: Existing,
+    pvc: Existing,
+    /// The content is ours but still bound (by uid) to a destination snapshot that was
+    /// deleted since; the controller would report it misbound to a re-created one.
+    rebind_content: bool,
+}
+
 #[derive(Clone, Debug)]
 enum Created {
     Content(String),
@@ -244,6 +258,31 @@ pub struct SnapShift {
 
 fn to_json<K: Serialize>(obj: &K) -> serde_json::Value {
     serde_json::to_value(obj).unwrap_or(serde_json::Value::Null)
+}
+
+/// `Err(Terminating)` if `obj` is being deleted: reusing it, or waiting on it, would fail later
+/// in a confusing way.
+fn not_terminating<K: Resource>(
+    cluster: &Cluster,
+    kind: &'static str,
+    object: &str,
+    obj: &K,
+) -> Result<(), Error> {
+    let meta = obj.meta();
+    if meta.deletion_timestamp.is_none() {
+        return Ok(());
+    }
+    let finalizers = meta.finalizers.clone().unwrap_or_default();
+    Err(Error::Terminating {
+        cluster: cluster.context.clone(),
+        kind,
+        object: object.to_string(),
+        finalizers: if finalizers.is_empty() {
+            "none".into()
+        } else {
+            finalizers.join(", ")
+        },
+    })
 }
 
 fn describe_snapshot(vs: &VolumeSnapshot) -> String {
@@ -497,6 +536,9 @@ impl SnapShift {
         let existing = self
             .get_opt(o, &o_vs, "VolumeSnapshot", Some(ons), &vs_name, deadline)
             .await?;
+        if let Some(vs) = &existing {
+            not_terminating(o, "VolumeSnapshot", &vs_object, vs)?;
+        }
         let mut origin_pvc = None;
         let existing = match &req.source {
             SnapshotSource::Snapshot(_) => Some(existing.ok_or_else(|| Error::NotFound {
@@ -712,12 +754,39 @@ impl SnapShift {
             filter: &self.opts.filter,
         };
         let plan = plan_destination(&origin, req, &ctx)?;
-        let (ex_content, ex_snapshot, ex_pvc) = self.existing(&plan, dns, deadline).await?;
+        let found = self.existing(&plan, dns, deadline).await?;
+        let (ex_content, ex_snapshot, ex_pvc) = (&found.content, &found.snapshot, &found.pvc);
         let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
         let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);
         let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
         let content_name = plan.content.metadata.name.clone().unwrap_or_default();
-        if ex_content == Existing::Absent {
+        if found.rebind_content {
+            self.check_cancelled()?;
+            self.progress.stage(
+                item,
+                &Stage::Creating(format!(
+                    "VolumeSnapshotContent {content_name} (re-binding after its snapshot was deleted)"
+                )),
+            );
+            // Ours and Retain: clearing the uid lets the snapshot-controller bind the new snapshot.
+            let patch =
+                Patch::Merge(serde_json::json!({"spec": {"volumeSnapshotRef": {"uid": null}}}));
+            let pp = PatchParams::default();
+            self.opts
+                .retry
+                .run(Some(deadline), || d_vsc.patch(&content_name, &pp, &patch))
+                .await
+                .map_err(|e| {
+                    Error::api(
+                        &d.context,
+                        "patch",
+                        "VolumeSnapshotContent",
+                        &content_name,
+                        e,
+                    )
+                })?;
+        }
+        if *ex_content == Existing::Absent {
             self.check_cancelled()?;
             let what = format!("VolumeSnapshotContent {content_name}");
             self.progress.stage(item, &Stage::Creating(what));
@@ -734,7 +803,7 @@ impl SnapShift {
             state.created.push(Created::Content(content_name.clone()));
         }
         let dest_object = ns_name(dns, &vs_name);
-        if ex_snapshot == Existing::Absent {
+        if *ex_snapshot == Existing::Absent {
             self.check_cancelled()?;
             self.progress.stage(
                 item,
@@ -759,7 +828,7 @@ impl SnapShift {
         self.wait_snapshot_ready(d, &d_vs, dns, &vs_name, deadline)
             .await?;
         if let Some(pvc) = &plan.pvc
-            && ex_pvc == Existing::Absent
+            && *ex_pvc == Existing::Absent
         {
             self.check_cancelled()?;
             let pvc_name = pvc.metadata.name.clone().unwrap_or_default();
@@ -843,7 +912,7 @@ impl SnapShift {
         let plan = plan_destination(origin, req, &ctx)?;
         let dns = req.dest_namespace();
         state.handle = origin.handle.clone();
-        let (c, s, p) = if origin.handle.is_some() {
+        let found = if origin.handle.is_some() {
             self.existing(&plan, dns, deadline).await?
         } else {
             // Without a handle nothing can match; report names that are taken.
@@ -854,9 +923,14 @@ impl SnapShift {
             _ => PlannedAction::Create,
         };
         let content_name = plan.content.metadata.name.clone().unwrap_or_default();
+        let content_action = if found.rebind_content {
+            PlannedAction::Rebind
+        } else {
+            action(&found.content)
+        };
         planned.push(self.planned(
             Side::Destination,
-            action(&c),
+            content_action,
             "VolumeSnapshotContent",
             content_name,
             &plan.content,
@@ -867,7 +941,7 @@ impl SnapShift {
         );
         planned.push(self.planned(
             Side::Destination,
-            action(&s),
+            action(&found.snapshot),
             "VolumeSnapshot",
             vs_name,
             &plan.snapshot,
@@ -876,7 +950,7 @@ impl SnapShift {
             let name = ns_name(dns, &pvc.metadata.name.clone().unwrap_or_default());
             planned.push(self.planned(
                 Side::Destination,
-                action(&p),
+                action(&found.pvc),
                 "PersistentVolumeClaim",
                 name,
                 pvc,
@@ -891,14 +965,14 @@ impl SnapShift {
         plan: &super::plan::DestinationPlan,
         dns: &str,
         deadline: Instant,
-    ) -> Result<(Existing, Existing, Existing), Error> {
+    ) -> Result<Found, Error> {
         let d = &self.dest;
         let d_vsc: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
         let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);
         let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
         let content_name = plan.content.metadata.name.clone().unwrap_or_default();
         let vs_name = plan.snapshot.metadata.name.clone().unwrap_or_default();
-        let c = match self
+        let found_content = self
             .get_opt(
                 d,
                 &d_vsc,
@@ -907,18 +981,28 @@ impl SnapShift {
                 &content_name,
                 deadline,
             )
-            .await?
-        {
-            Some(e) => compare_content(&plan.content, &e),
+            .await?;
+        let c = match &found_content {
+            Some(e) => {
+                not_terminating(d, "VolumeSnapshotContent", &content_name, e)?;
+                compare_content(&plan.content, e)
+            }
             None => Existing::Absent,
         };
-        let s = match self
+        let found_snapshot = self
             .get_opt(d, &d_vs, "VolumeSnapshot", Some(dns), &vs_name, deadline)
-            .await?
-        {
-            Some(e) => compare_snapshot(&plan.snapshot, &e),
+            .await?;
+        let s = match &found_snapshot {
+            Some(e) => {
+                not_terminating(d, "VolumeSnapshot", &ns_name(dns, &vs_name), e)?;
+                compare_snapshot(&plan.snapshot, e)
+            }
             None => Existing::Absent,
         };
+        let rebind_content = c == Existing::Matches
+            && found_content
+                .as_ref()
+                .is_some_and(|vsc| stale_binding(vsc, found_snapshot.as_ref()));
         let p = match &plan.pvc {
             Some(pvc) => {
                 let name = pvc.metadata.name.clone().unwrap_or_default();
@@ -933,7 +1017,10 @@ impl SnapShift {
                     )
                     .await?
                 {
-                    Some(e) => compare_pvc(pvc, &e),
+                    Some(e) => {
+                        not_terminating(d, "PersistentVolumeClaim", &ns_name(dns, &name), &e)?;
+                        compare_pvc(pvc, &e)
+                    }
                     None => Existing::Absent,
                 }
             }
@@ -965,7 +1052,12 @@ impl SnapShift {
                 });
             }
         }
-        Ok((c, s, p))
+        Ok(Found {
+            content: c,
+            snapshot: s,
+            pvc: p,
+            rebind_content,
+        })
     }
 
     async fn names_taken(
@@ -973,7 +1065,7 @@ impl SnapShift {
         plan: &super::plan::DestinationPlan,
         dns: &str,
         deadline: Instant,
-    ) -> Result<(Existing, Existing, Existing), Error> {
+    ) -> Result<Found, Error> {
         let d = &self.dest;
         let taken = |kind: &'static str, object: String| Error::Conflict {
             cluster: d.context.clone(),
@@ -986,46 +1078,42 @@ impl SnapShift {
         let d_vs: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), dns);
         let d_pvc: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), dns);
         let content_name = plan.content.metadata.name.clone().unwrap_or_default();
-        if self
-            .get_opt(
-                d,
-                &d_vsc,
-                "VolumeSnapshotContent",
-                None,
-                &content_name,
-                deadline,
-            )
+        let kind = "VolumeSnapshotContent";
+        if let Some(e) = self
+            .get_opt(d, &d_vsc, kind, None, &content_name, deadline)
             .await?
-            .is_some()
         {
-            return Err(taken("VolumeSnapshotContent", content_name));
+            not_terminating(d, kind, &content_name, &e)?;
+            return Err(taken(kind, content_name));
         }
         let vs_name = plan.snapshot.metadata.name.clone().unwrap_or_default();
-        if self
-            .get_opt(d, &d_vs, "VolumeSnapshot", Some(dns), &vs_name, deadline)
+        let kind = "VolumeSnapshot";
+        if let Some(e) = self
+            .get_opt(d, &d_vs, kind, Some(dns), &vs_name, deadline)
             .await?
-            .is_some()
         {
-            return Err(taken("VolumeSnapshot", ns_name(dns, &vs_name)));
+            let object = ns_name(dns, &vs_name);
+            not_terminating(d, kind, &object, &e)?;
+            return Err(taken(kind, object));
         }
         if let Some(pvc) = &plan.pvc {
             let name = pvc.metadata.name.clone().unwrap_or_default();
-            if self
-                .get_opt(
-                    d,
-                    &d_pvc,
-                    "PersistentVolumeClaim",
-                    Some(dns),
-                    &name,
-                    deadline,
-                )
+            let kind = "PersistentVolumeClaim";
+            if let Some(e) = self
+                .get_opt(d, &d_pvc, kind, Some(dns), &name, deadline)
                 .await?
-                .is_some()
             {
-                return Err(taken("PersistentVolumeClaim", ns_name(dns, &name)));
+                let object = ns_name(dns, &name);
+                not_terminating(d, kind, &object, &e)?;
+                return Err(taken(kind, object));
             }
         }
-        Ok((Existing::Absent, Existing::Absent, Existing::Absent))
+        Ok(Found {
+            content: Existing::Absent,
+            snapshot: Existing::Absent,
+            pvc: Existing::Absent,
+            rebind_content: false,
+        })
     }
 
     async fn wait_snapshot_ready(

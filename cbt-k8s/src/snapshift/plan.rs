@@ -660,6 +660,15 @@ pub fn compare_content(
     })())
 }
 
+/// True if `content` is bound by uid to a snapshot other than `snapshot` (or to one that
+/// no longer exists): a snapshot re-created under the same name would be refused as misbound.
+pub fn stale_binding(content: &VolumeSnapshotContent, snapshot: Option<&VolumeSnapshot>) -> bool {
+    match &content.spec.volume_snapshot_ref.uid {
+        None => false,
+        Some(uid) => snapshot.and_then(|s| s.metadata.uid.as_ref()) != Some(uid),
+    }
+}
+
 /// Compares an existing destination snapshot with the planned one.
 pub fn compare_snapshot(desired: &VolumeSnapshot, existing: &VolumeSnapshot) -> Existing {
     verdict((|| {
@@ -938,6 +947,18 @@ mod tests {
             compare_pvc(plan.pvc.as_ref().unwrap(), plan.pvc.as_ref().unwrap()),
             Existing::Matches
         );
+
+        // Binding by uid: unbound is fine, bound to this snapshot is fine, anything else is stale.
+        let mut bound = plan.content.clone();
+        let mut snap = plan.snapshot.clone();
+        snap.metadata.uid = Some("u1".into());
+        assert!(!stale_binding(&bound, Some(&snap)));
+        assert!(!stale_binding(&bound, None));
+        bound.spec.volume_snapshot_ref.uid = Some("u1".into());
+        assert!(!stale_binding(&bound, Some(&snap)));
+        assert!(stale_binding(&bound, None));
+        snap.metadata.uid = Some("u2".into());
+        assert!(stale_binding(&bound, Some(&snap)));
     }
 
     #[test]
