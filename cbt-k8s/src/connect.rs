@@ -48,11 +48,18 @@ impl std::fmt::Debug for Cluster {
 /// `KUBECONFIG`, `~/.kube/config` is read.
 ///
 /// # Errors
-/// [`Error::NoKubeconfig`] when no file is found, [`Error::Kubeconfig`] when one
-/// cannot be read or parsed.
+/// [`Error::NoKubeconfig`] when no file is found (or a named one does not exist),
+/// [`Error::Kubeconfig`] when one cannot be read or parsed.
 pub fn load_kubeconfig(target: &ClusterTarget) -> Result<(Kubeconfig, String), Error> {
+    let fix = "set KUBECONFIG, or name a kubeconfig file explicitly".to_string();
     if let Some(path) = &target.kubeconfig {
         let origin = path.display().to_string();
+        if is_missing(path) {
+            return Err(Error::NoKubeconfig {
+                tried: format!("{origin} does not exist"),
+                fix: "check the path".into(),
+            });
+        }
         return Kubeconfig::read_from(path)
             .map(|kc| (kc, origin.clone()))
             .map_err(|source| Error::Kubeconfig { origin, source });
@@ -68,12 +75,14 @@ pub fn load_kubeconfig(target: &ClusterTarget) -> Result<(Kubeconfig, String), E
         let Some(home) = std::env::home_dir() else {
             return Err(Error::NoKubeconfig {
                 tried: "KUBECONFIG is unset and the home directory is unknown".into(),
+                fix,
             });
         };
         let path = home.join(".kube").join("config");
         if is_missing(&path) {
             return Err(Error::NoKubeconfig {
                 tried: format!("KUBECONFIG is unset and {} does not exist", path.display()),
+                fix,
             });
         }
         let origin = path.display().to_string();
@@ -103,6 +112,7 @@ pub fn load_kubeconfig(target: &ClusterTarget) -> Result<(Kubeconfig, String), E
         Some(kc) => Ok((kc, origin)),
         None => Err(Error::NoKubeconfig {
             tried: format!("none of the files in {origin} exists"),
+            fix,
         }),
     }
 }

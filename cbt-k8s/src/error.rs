@@ -32,12 +32,12 @@ pub enum Error {
         source: kube::config::KubeconfigError,
     },
     /// No kubeconfig file was found where kubectl would look.
-    #[error(
-        "no kubeconfig found: {tried}; point KUBECONFIG at one, or name a kubeconfig file explicitly"
-    )]
+    #[error("no kubeconfig found: {tried}; {fix}")]
     NoKubeconfig {
         /// Where we looked.
         tried: String,
+        /// What to do about it.
+        fix: String,
     },
     /// The requested context is not in the kubeconfig.
     #[error("context {context:?} not found in kubeconfig {origin} (available: {available})")]

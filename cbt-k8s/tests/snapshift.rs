@@ -736,7 +736,18 @@ async fn unknown_context_and_bad_kubeconfig_are_config_errors() {
     })
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Kubeconfig { .. }));
+    assert!(matches!(err, Error::NoKubeconfig { .. }), "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    // A file that exists but is not a kubeconfig.
+    let garbage = env.kubeconfig.with_extension("garbage");
+    std::fs::write(&garbage, "clusters: [unterminated").unwrap();
+    let err = connect(&ClusterTarget {
+        kubeconfig: Some(garbage),
+        context: None,
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Kubeconfig { .. }), "{err:?}");
     // current-context is used when none is named.
     let c = connect(&ClusterTarget {
         kubeconfig: Some(env.kubeconfig.clone()),

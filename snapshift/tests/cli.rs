@@ -377,7 +377,10 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     .await;
     assert_eq!(run.code, 3, "{}", run.stderr);
     assert!(
-        run.stderr.contains("cannot load kubeconfig from") && run.stderr.contains("gone.yaml"),
+        run.stderr.contains("no kubeconfig found: ")
+            && run
+                .stderr
+                .contains("gone.yaml does not exist; check the path"),
         "{}",
         run.stderr
     );
