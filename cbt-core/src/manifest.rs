@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
 use crate::names::{SnapshotName, VolumeName, validate_name};
-use crate::ranges::{ChunkGeometry, RangeSet};
+use crate::ranges::{ChunkGeometry, ChunkSet, RangeSet};
 use crate::time::Timestamp;
 
 /// The manifest format version this build writes.
@@ -376,14 +376,21 @@ impl Manifest {
         }
         let geometry = ChunkGeometry::new(volume_size, parent.chunks.geometry().chunk_size())?;
         let mut map = ChunkMap::new(geometry);
-        let mut changed = std::collections::BTreeSet::new();
+        // Changed indices kept as runs: ascending input (what the engine passes) costs one
+        // range per run of neighbouring chunks, not a set entry per chunk.
+        let mut runs: Vec<std::ops::Range<u64>> = Vec::new();
         for (index, state) in changes {
             map.set(index, state)?;
-            changed.insert(index);
+            match runs.last_mut() {
+                Some(last) if last.end == index => last.end += 1,
+                // `set` accepted the index, so it is below the chunk count and `+ 1` fits.
+                _ => runs.push(index..index + 1),
+            }
         }
+        let changed = ChunkSet::from_runs(runs);
         let count = geometry.chunk_count();
         for (index, r) in parent.chunks.iter_stored() {
-            if index >= count || changed.contains(&index) {
+            if index >= count || changed.contains(index) {
                 continue;
             }
             if r.raw_len != geometry.chunk_len(index) {
@@ -672,6 +679,38 @@ mod tests {
         // Shrinking drops chunks past the new end.
         let shrunk = Manifest::derive_child(&parent, meta("s4"), 4096, []).unwrap();
         assert_eq!(shrunk.chunks.stored_count(), 1);
+
+        // Changes in any order (and repeated) override the parent at exactly their indices.
+        let parent4 = {
+            let g = ChunkGeometry::new(4 * 4096, 4096).unwrap();
+            let mut map = ChunkMap::new(g);
+            for i in 0..4 {
+                map.set(i, stored(10 + i as u8, 4096)).unwrap();
+            }
+            Manifest::new(meta("p4"), map, None).unwrap()
+        };
+        let child = Manifest::derive_child(
+            &parent4,
+            meta("c4"),
+            4 * 4096,
+            [
+                (3, ChunkState::Zero),
+                (0, stored(20, 4096)),
+                (3, stored(21, 4096)),
+                (2, ChunkState::Zero),
+            ],
+        )
+        .unwrap();
+        let states: Vec<ChunkState> = (0..4).map(|i| child.chunks.get(i)).collect();
+        assert_eq!(
+            states,
+            vec![
+                stored(20, 4096),
+                parent4.chunks.get(1),
+                ChunkState::Zero,
+                stored(21, 4096)
+            ]
+        );
 
         let mut other = meta("s5");
         other.volume = VolumeName::new("other").unwrap();

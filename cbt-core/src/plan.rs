@@ -1,11 +1,14 @@
 //! Backup and restore plans: which chunks to read, fetch, write or zero, computed as data.
 //!
 //! Owns the decision of *what* an engine run does; the engine in `cbt-store` only executes a
-//! plan. Plans are compact: a backup plan is a set of chunk-index runs, a restore plan lists
-//! the stored chunks of one manifest plus the byte ranges that must read as zero.
+//! plan. Plans are compact: a backup plan is a set of chunk-index runs, a restore plan borrows
+//! the manifest's chunk map and adds only the byte ranges that must read as zero and the
+//! offsets of chunks stored at several indices.
+
+use std::collections::HashMap;
 
 use crate::error::CoreError;
-use crate::manifest::{ChunkRef, ChunkState, Manifest};
+use crate::manifest::{ChunkHash, ChunkRef, ChunkState, Manifest};
 use crate::ranges::{ByteRange, ChunkGeometry, ChunkSet, RangeSet};
 
 /// One chunk the backup reads from the source.
@@ -139,26 +142,46 @@ pub struct FetchGroup {
 }
 
 /// What restoring one manifest onto a target does.
+///
+/// The plan borrows the manifest's chunk map instead of copying it: fetches are produced
+/// lazily in index order. Only chunks stored at more than one index get an entry of their own
+/// (their list of offsets), so the plan's memory is the zero ranges plus the duplicates, not a
+/// second copy of the map. Building it counts references per distinct chunk in a transient
+/// table (about 50 bytes per distinct stored chunk, freed before the plan is returned).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RestorePlan {
-    geometry: ChunkGeometry,
-    fetch: Vec<ChunkFetch>,
+pub struct RestorePlan<'a> {
+    manifest: &'a Manifest,
     zero: RangeSet,
+    /// Offsets of every chunk stored at several indices, keyed by hash.
+    duplicates: HashMap<ChunkHash, Vec<(u64, u64)>>,
+    unique_fetch_bytes: u64,
 }
 
-impl RestorePlan {
+impl<'a> RestorePlan<'a> {
     /// Plans restoring `manifest` onto a target in `target` state.
-    pub fn new(manifest: &Manifest, target: TargetState) -> Self {
+    pub fn new(manifest: &'a Manifest, target: TargetState) -> Self {
         let geometry = *manifest.chunks.geometry();
-        let fetch: Vec<ChunkFetch> = manifest
-            .chunks
-            .iter_stored()
-            .map(|(index, chunk)| ChunkFetch {
-                index,
-                offset: geometry.chunk_offset(index),
-                chunk: *chunk,
-            })
-            .collect();
+        let mut counts: HashMap<ChunkHash, u32> = HashMap::new();
+        let mut unique_fetch_bytes = 0;
+        for (_, r) in manifest.chunks.iter_stored() {
+            let n = counts.entry(r.hash).or_insert(0);
+            if *n == 0 {
+                unique_fetch_bytes += r.stored_size;
+            }
+            *n = n.saturating_add(1);
+        }
+        counts.retain(|_, n| *n > 1);
+        let mut duplicates: HashMap<ChunkHash, Vec<(u64, u64)>> = HashMap::new();
+        if !counts.is_empty() {
+            for (index, r) in manifest.chunks.iter_stored() {
+                if counts.contains_key(&r.hash) {
+                    duplicates
+                        .entry(r.hash)
+                        .or_default()
+                        .push((index, geometry.chunk_offset(index)));
+                }
+            }
+        }
         let zero = match target {
             TargetState::Zeroed => RangeSet::new(),
             TargetState::Dirty => {
@@ -166,48 +189,58 @@ impl RestorePlan {
             }
         };
         RestorePlan {
-            geometry,
-            fetch,
+            manifest,
             zero,
+            duplicates,
+            unique_fetch_bytes,
         }
     }
 
     /// Geometry of the snapshot being restored.
     pub fn geometry(&self) -> &ChunkGeometry {
-        &self.geometry
+        self.manifest.chunks.geometry()
     }
 
     /// Chunks to fetch and write, ascending by offset.
-    pub fn fetches(&self) -> &[ChunkFetch] {
-        &self.fetch
+    pub fn fetches(&self) -> impl Iterator<Item = ChunkFetch> + '_ {
+        let g = *self.geometry();
+        self.manifest
+            .chunks
+            .iter_stored()
+            .map(move |(index, chunk)| ChunkFetch {
+                index,
+                offset: g.chunk_offset(index),
+                chunk: *chunk,
+            })
+    }
+
+    /// Number of chunk indices written (stored chunks of the manifest).
+    pub fn fetch_count(&self) -> u64 {
+        self.manifest.chunks.stored_count()
     }
 
     /// The fetches grouped by stored chunk, in order of first use: each distinct chunk is
     /// downloaded once and written to every offset that holds it.
-    pub fn fetch_groups(&self) -> Vec<FetchGroup> {
-        let mut groups: Vec<FetchGroup> = Vec::new();
-        let mut by_hash = std::collections::HashMap::new();
-        for f in &self.fetch {
-            let slot = *by_hash.entry(f.chunk.hash).or_insert_with(|| {
-                groups.push(FetchGroup {
+    pub fn fetch_groups(&self) -> impl Iterator<Item = FetchGroup> + '_ {
+        self.fetches()
+            .filter_map(|f| match self.duplicates.get(&f.chunk.hash) {
+                None => Some(FetchGroup {
                     chunk: f.chunk,
-                    targets: Vec::new(),
-                });
-                groups.len() - 1
-            });
-            groups[slot].targets.push((f.index, f.offset));
-        }
-        groups
+                    targets: vec![(f.index, f.offset)],
+                }),
+                // Emitted at its first index only; later copies are written by that group.
+                Some(targets) => {
+                    (targets.first().map(|t| t.0) == Some(f.index)).then(|| FetchGroup {
+                        chunk: f.chunk,
+                        targets: targets.clone(),
+                    })
+                }
+            })
     }
 
     /// Bytes downloaded when each distinct chunk is fetched once (see [`Self::fetch_groups`]).
     pub fn unique_fetch_bytes(&self) -> u64 {
-        let mut seen = std::collections::HashSet::new();
-        self.fetch
-            .iter()
-            .filter(|f| seen.insert(f.chunk.hash))
-            .map(|f| f.chunk.stored_size)
-            .sum()
+        self.unique_fetch_bytes
     }
 
     /// Byte ranges that must be zeroed on the target (empty for a zeroed target).
@@ -217,12 +250,12 @@ impl RestorePlan {
 
     /// Bytes downloaded from the store (stored object sizes, duplicates counted each time).
     pub fn fetch_bytes(&self) -> u64 {
-        self.fetch.iter().map(|f| f.chunk.stored_size).sum()
+        self.fetches().map(|f| f.chunk.stored_size).sum()
     }
 
     /// Data bytes written to the target (excluding zeroing).
     pub fn write_bytes(&self) -> u64 {
-        self.fetch.iter().map(|f| f.chunk.raw_len).sum()
+        self.manifest.chunks.allocated_bytes()
     }
 
     /// Bytes zeroed on the target.
@@ -232,17 +265,14 @@ impl RestorePlan {
 
     /// The state of chunk `index` in the plan's manifest.
     pub fn chunk_state(&self, index: u64) -> ChunkState {
-        match self.fetch.binary_search_by_key(&index, |f| f.index) {
-            Ok(i) => ChunkState::Stored(self.fetch[i].chunk),
-            Err(_) => ChunkState::Zero,
-        }
+        self.manifest.chunks.get(index)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{ChunkHash, ChunkMap, SnapshotMeta};
+    use crate::manifest::{ChunkMap, SnapshotMeta};
     use crate::names::{SnapshotName, VolumeName};
     use crate::time::Timestamp;
 
@@ -311,7 +341,8 @@ mod tests {
     fn restore_plan_zeroes_only_dirty_targets() {
         let m = manifest(10_000, &[1]);
         let fresh = RestorePlan::new(&m, TargetState::Zeroed);
-        assert_eq!(fresh.fetches().len(), 1);
+        assert_eq!(fresh.fetches().count(), 1);
+        assert_eq!(fresh.fetch_count(), 1);
         assert_eq!(fresh.zero_bytes(), 0);
         assert_eq!(fresh.write_bytes(), 4096);
         let dirty = RestorePlan::new(&m, TargetState::Dirty);
@@ -329,7 +360,7 @@ mod tests {
         };
         m.chunks.set(3, ChunkState::Stored(r)).unwrap();
         let p = RestorePlan::new(&m, TargetState::Zeroed);
-        let groups = p.fetch_groups();
+        let groups: Vec<FetchGroup> = p.fetch_groups().collect();
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].targets, vec![(0, 0), (3, 3 * 4096)]);
         assert_eq!(p.fetch_bytes(), 30);

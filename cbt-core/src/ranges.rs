@@ -14,9 +14,25 @@ use crate::error::CoreError;
 
 /// A non-empty half-open byte range `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawByteRange")]
 pub struct ByteRange {
     start: u64,
     end: u64,
+}
+
+/// The wire form of a [`ByteRange`], validated before it becomes one (an empty or inverted
+/// range must not slip in through deserialization).
+#[derive(Deserialize)]
+struct RawByteRange {
+    start: u64,
+    end: u64,
+}
+
+impl TryFrom<RawByteRange> for ByteRange {
+    type Error = CoreError;
+    fn try_from(r: RawByteRange) -> Result<Self, CoreError> {
+        ByteRange::from_bounds(r.start, r.end)
+    }
 }
 
 impl ByteRange {
@@ -112,12 +128,9 @@ pub struct RangeSet {
 impl TryFrom<Vec<ByteRange>> for RangeSet {
     type Error = CoreError;
     fn try_from(v: Vec<ByteRange>) -> Result<Self, CoreError> {
-        // Deserialized ranges may be hand-written; re-validate every one and normalize.
-        let mut checked = Vec::with_capacity(v.len());
-        for r in v {
-            checked.push(ByteRange::from_bounds(r.start, r.end)?);
-        }
-        Ok(RangeSet::from_ranges(checked))
+        // Every element was validated when it was deserialized; hand-written input may still
+        // be unsorted or overlapping, so normalize.
+        Ok(RangeSet::from_ranges(v))
     }
 }
 
@@ -355,9 +368,25 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 4 * 1024 * 1024;
 
 /// How a volume of `volume_size` bytes is cut into fixed-size chunks (the last may be short).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawGeometry")]
 pub struct ChunkGeometry {
     volume_size: u64,
     chunk_size: u64,
+}
+
+/// The wire form of a [`ChunkGeometry`]: a chunk size of 0 would divide by zero later, so it
+/// is validated on the way in like [`ChunkGeometry::new`] does.
+#[derive(Deserialize)]
+struct RawGeometry {
+    volume_size: u64,
+    chunk_size: u64,
+}
+
+impl TryFrom<RawGeometry> for ChunkGeometry {
+    type Error = CoreError;
+    fn try_from(g: RawGeometry) -> Result<Self, CoreError> {
+        ChunkGeometry::new(g.volume_size, g.chunk_size)
+    }
 }
 
 impl ChunkGeometry {

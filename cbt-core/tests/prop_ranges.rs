@@ -87,3 +87,77 @@ proptest! {
         }
     }
 }
+
+/// The same small universe shifted so that its last byte is `u64::MAX - 1`: the highest
+/// addressable half-open range ends exactly at `u64::MAX`.
+const TOP: u64 = u64::MAX - (U + 64);
+
+fn shift_up(s: &RangeSet) -> RangeSet {
+    RangeSet::from_ranges(
+        s.iter()
+            .map(|r| ByteRange::from_bounds(TOP + r.start(), TOP + r.end()).unwrap()),
+    )
+}
+
+proptest! {
+    #[test]
+    fn set_ops_are_exact_at_the_top_of_u64(a in arb_set(), b in arb_set(), clip in 0..U + 64) {
+        let (ta, tb) = (shift_up(&a), shift_up(&b));
+        prop_assert_eq!(ta.union(&tb), shift_up(&a.union(&b)));
+        prop_assert_eq!(ta.intersect(&tb), shift_up(&a.intersect(&b)));
+        prop_assert_eq!(ta.subtract(&tb), shift_up(&a.subtract(&b)));
+        prop_assert_eq!(ta.clip(TOP + clip), shift_up(&a.clip(clip)));
+        prop_assert_eq!(ta.total_bytes(), a.total_bytes());
+        let mut ins = ta.clone();
+        for r in &tb {
+            ins.insert(*r);
+        }
+        prop_assert_eq!(ins, ta.union(&tb));
+        // A range reaching u64::MAX itself is representable and merges like any other.
+        let last = ByteRange::from_bounds(u64::MAX - 1, u64::MAX).unwrap();
+        let with_last = ta.union(&RangeSet::from_ranges([last]));
+        prop_assert_eq!(with_last.end(), u64::MAX);
+        prop_assert!(with_last.contains(u64::MAX - 1));
+        prop_assert!(!with_last.contains(u64::MAX));
+    }
+
+    #[test]
+    fn chunking_a_volume_that_ends_at_u64_max(a in arb_set(), shift in 12u32..27) {
+        // Largest volume: u64::MAX bytes, so the last chunk is one byte short of full.
+        let cs = 1u64 << shift;
+        let g = ChunkGeometry::new(u64::MAX, cs).unwrap();
+        prop_assert_eq!(g.chunk_count(), u64::MAX / cs + 1);
+        let last = g.chunk_count() - 1;
+        prop_assert_eq!(g.chunk_len(last), cs - 1);
+        prop_assert_eq!(g.chunk_range(last).unwrap().end(), u64::MAX);
+        prop_assert!(g.chunk_range(last + 1).is_err());
+        let ta = shift_up(&a);
+        let aligned = ta.align_out(&g);
+        prop_assert!(ta.subtract(&aligned).is_empty());
+        for r in &aligned {
+            prop_assert!(r.start() % cs == 0);
+            prop_assert!(r.end() % cs == 0 || r.end() == u64::MAX);
+        }
+        prop_assert_eq!(aligned.clone(), aligned.chunks(&g).to_byte_ranges(&g));
+    }
+}
+
+#[test]
+fn deserialization_rejects_empty_ranges_and_bad_geometry() {
+    assert!(serde_json::from_str::<ByteRange>(r#"{"start":5,"end":5}"#).is_err());
+    assert!(serde_json::from_str::<ByteRange>(r#"{"start":9,"end":5}"#).is_err());
+    assert!(
+        serde_json::from_str::<RangeSet>(r#"[{"start":0,"end":4},{"start":9,"end":5}]"#).is_err()
+    );
+    let s: RangeSet =
+        serde_json::from_str(r#"[{"start":8,"end":12},{"start":0,"end":4},{"start":4,"end":6}]"#)
+            .unwrap();
+    assert_eq!(s, RangeSet::try_from_extents([(0, 6), (8, 4)]).unwrap());
+    // A chunk size of 0 would divide by zero in chunk_count().
+    assert!(serde_json::from_str::<ChunkGeometry>(r#"{"volume_size":10,"chunk_size":0}"#).is_err());
+    assert!(
+        serde_json::from_str::<ChunkGeometry>(r#"{"volume_size":10,"chunk_size":5000}"#).is_err()
+    );
+    let g: ChunkGeometry = serde_json::from_str(r#"{"volume_size":10,"chunk_size":4096}"#).unwrap();
+    assert_eq!(g.chunk_count(), 1);
+}

@@ -165,7 +165,7 @@ pub async fn restore_manifest(
         kind,
         dry_run: opts.dry_run,
         volume_size,
-        chunks: plan.fetches().len() as u64,
+        chunks: plan.fetch_count(),
         bytes_downloaded: plan.unique_fetch_bytes(),
         bytes_written: plan.write_bytes(),
         bytes_zeroed: plan.zero_bytes(),
@@ -227,7 +227,7 @@ pub async fn restore_manifest(
 async fn write_all(
     repo: &Repository,
     manifest: &Manifest,
-    plan: &RestorePlan,
+    plan: &RestorePlan<'_>,
     file: Arc<File>,
     target: &Path,
     sparse: bool,
@@ -246,7 +246,7 @@ async fn write_all(
     let name = format!("{}/{}", manifest.volume, manifest.snapshot);
     let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
     let progress = Arc::new(Mutex::new(Progress {
-        chunks_total: plan.fetches().len() as u64,
+        chunks_total: plan.fetch_count(),
         bytes_total: plan.write_bytes(),
         ..Progress::default()
     }));
