@@ -369,12 +369,14 @@ pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliErro
         let block_type = summary.block_type.map(BlockType::as_str).unwrap_or("-");
         writeln!(
             out,
-            "ranges: {}  bytes: {} ({})  capacity: {} ({})  block type: {}{}  messages: {}  attempts: {}",
+            "ranges: {}  bytes: {} ({})  capacity: {}  block type: {}{}  messages: {}  attempts: {}",
             summary.ranges,
             summary.bytes,
             human(summary.bytes),
-            summary.volume_capacity_bytes,
-            human(summary.volume_capacity_bytes),
+            summary
+                .volume_capacity_bytes
+                .map(|c| format!("{c} ({})", human(c)))
+                .unwrap_or_else(|| "- (no message received)".into()),
             block_type,
             summary.block_size.map(|b| format!(" ({b} B blocks)")).unwrap_or_default(),
             summary.messages,
@@ -755,11 +757,15 @@ pub async fn plan_backup(
                 query.describe(),
                 summary.ranges,
                 human(summary.bytes),
-                human(summary.volume_capacity_bytes),
+                summary
+                    .volume_capacity_bytes
+                    .map(human)
+                    .unwrap_or_else(|| "a volume of unreported size".into()),
                 summary.block_type.map(BlockType::as_str).unwrap_or("-"),
                 summary.attempts
             );
-            let volume_size = Some(summary.volume_capacity_bytes);
+            // A stream without any message reports no capacity: the device's size is used then.
+            let volume_size = summary.volume_capacity_bytes;
             let mode = match parent {
                 Some(p) => BackupMode::Incremental {
                     parent: Box::new(p),
@@ -798,7 +804,7 @@ pub async fn plan_backup(
                 );
                 None
             };
-            let volume_size = allocated.as_ref().map(|(_, c)| *c);
+            let volume_size = allocated.as_ref().and_then(|(_, c)| *c);
             Ok(ServicePlan {
                 mode: BackupMode::Full {
                     allocated: allocated.map(|(r, _)| r),

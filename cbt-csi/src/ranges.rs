@@ -71,8 +71,9 @@ impl Extent {
 /// Totals of one metadata call.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct MetadataSummary {
-    /// Volume size reported by the service (0 if the stream carried no message).
-    pub volume_capacity_bytes: u64,
+    /// Volume size reported by the service; `None` if the stream carried no message at all (a
+    /// driver may answer "nothing allocated/changed" that way), so the size is unknown, not 0.
+    pub volume_capacity_bytes: Option<u64>,
     /// Block-metadata type reported by the service (`None` if the stream carried no message).
     pub block_type: Option<BlockType>,
     /// Size of a FIXED_LENGTH block, taken from the first full tuple.

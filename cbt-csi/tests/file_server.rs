@@ -70,7 +70,7 @@ async fn allocated_over_unix_socket_fixed_and_variable() {
                 ext(4 * MIB - 4 * KIB, 4 * KIB)
             ]
         );
-        assert_eq!(r.summary.volume_capacity_bytes, 4 * MIB);
+        assert_eq!(r.summary.volume_capacity_bytes, Some(4 * MIB));
         assert_eq!(r.summary.block_type, Some(t));
         assert_eq!(r.summary.bytes, 108 * KIB);
         let expected_tuples = if t == BlockType::FixedLength { 27 } else { 3 };
@@ -141,7 +141,7 @@ async fn paging_edge_cases() {
         .await
         .unwrap();
     assert!(r.extents.is_empty());
-    assert_eq!(r.summary.volume_capacity_bytes, 8 * MIB);
+    assert_eq!(r.summary.volume_capacity_bytes, Some(8 * MIB));
     assert_eq!(r.summary.block_type, Some(BlockType::FixedLength));
     srv.shutdown().await.unwrap();
 }
@@ -750,7 +750,7 @@ async fn delta_at_the_edges_of_a_volume_with_a_partial_last_block() {
             ],
             "{t:?}"
         );
-        assert_eq!(r.summary.volume_capacity_bytes, size);
+        assert_eq!(r.summary.volume_capacity_bytes, Some(size));
         // From inside the partial last block: only its tail, clipped to the offset.
         let r = c
             .collect(MetadataRequest::new(delta("a", "b")).starting_at(size - 10))

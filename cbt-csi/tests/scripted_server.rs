@@ -144,6 +144,23 @@ async fn sloppy_driver_tuples_are_normalized() {
 }
 
 #[tokio::test]
+async fn a_stream_without_any_message_is_empty_with_unknown_capacity() {
+    // Legal: a clean end-of-stream with no message says "nothing allocated/changed", but it
+    // carries no capacity; reporting 0 would let a backup record a zero-byte volume.
+    let s = serve(fixed(vec![])).await;
+    let c = common::client(&s.endpoint).await;
+    for req in [alloc(), delta()] {
+        let r = c.collect(req).await.unwrap();
+        assert!(r.extents.is_empty());
+        assert_eq!(r.summary.volume_capacity_bytes, None);
+        assert_eq!(r.summary.block_type, None);
+        assert_eq!(r.summary.messages, 0);
+    }
+    let json = serde_json::to_value(c.collect(alloc()).await.unwrap().summary).unwrap();
+    assert!(json["volume_capacity_bytes"].is_null(), "{json}");
+}
+
+#[tokio::test]
 async fn protocol_violations_abort_the_call() {
     let cases = vec![
         (

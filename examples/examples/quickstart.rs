@@ -272,7 +272,7 @@ async fn main() -> Result<(), Error> {
             },
             labels: Default::default(),
             chunk_size: None,
-            volume_size: Some(allocated.summary.volume_capacity_bytes),
+            volume_size: allocated.summary.volume_capacity_bytes,
         },
         &engine_opts,
     )
@@ -333,7 +333,7 @@ async fn main() -> Result<(), Error> {
             },
             labels: Default::default(),
             chunk_size: None,
-            volume_size: Some(delta.summary.volume_capacity_bytes),
+            volume_size: delta.summary.volume_capacity_bytes,
         },
         &engine_opts,
     )

@@ -554,7 +554,7 @@ impl MetadataStream {
     /// does); the batches themselves are not merged with each other.
     pub fn summary(&self) -> MetadataSummary {
         MetadataSummary {
-            volume_capacity_bytes: self.norm.capacity().unwrap_or(0),
+            volume_capacity_bytes: self.norm.capacity(),
             block_type: self.norm.block_type(),
             block_size: self.norm.block_size(),
             ranges: self.emitted_ranges,
