@@ -224,6 +224,17 @@ fn open_snapshot(dir: &Path, id: &str) -> Result<Lookup, Status> {
     }))
 }
 
+/// Compares a presented token with the expected one in time independent of where they differ,
+/// so response timing does not reveal a prefix of the secret.
+fn token_matches(presented: &str, expected: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(a.len() ^ b.len(), |d, (x, y)| d | usize::from(x ^ y));
+    diff == 0
+}
+
 /// The services over one directory; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct FileMetadataService {
@@ -337,7 +348,7 @@ impl FileMetadataService {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match got.and_then(|v| v.strip_prefix("Bearer ")) {
-            Some(t) if t == expected => Ok(()),
+            Some(t) if token_matches(t, expected) => Ok(()),
             Some(_) => Err(Status::unauthenticated("bearer token rejected")),
             None => Err(Status::unauthenticated(
                 "missing authorization: Bearer <token> metadata",
@@ -350,7 +361,7 @@ impl FileMetadataService {
             return Err(Status::invalid_argument("security_token is required"));
         }
         match &self.opts.token {
-            Some(expected) if expected != token => {
+            Some(expected) if !token_matches(token, expected) => {
                 Err(Status::unauthenticated("security token rejected"))
             }
             _ => Ok(()),
@@ -907,5 +918,38 @@ pub async fn spawn(
                 task,
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(token_matches("s3cret", "s3cret"));
+        for wrong in ["", "s3cre", "s3cretX", "S3cret", "s3creT", "x"] {
+            assert!(!token_matches(wrong, "s3cret"), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_ids_follow_the_directory_rules() {
+        assert!(validate_snapshot_id("snap-1.v2_a").is_ok());
+        assert!(validate_snapshot_id(&"x".repeat(128)).is_ok());
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../a",
+            "a/b",
+            ".h",
+            "a.meta.json",
+            "a\0",
+            "é",
+        ] {
+            assert!(validate_snapshot_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_snapshot_id(&"x".repeat(129)).is_err());
     }
 }
