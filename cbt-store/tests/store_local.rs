@@ -162,3 +162,46 @@ async fn if_absent_on_existing_object_does_not_touch_it() {
     assert_eq!(before, after);
     assert_eq!(store.get("m").await.unwrap(), Bytes::from_static(b"first"));
 }
+
+#[tokio::test]
+async fn object_and_prefix_clash_is_a_clear_error_and_reads_see_no_object() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path()).unwrap();
+    store
+        .put("a", Bytes::from_static(b"x"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let err = store
+        .put("a/b", Bytes::from_static(b"y"), PutMode::Overwrite)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidKey { .. }), "{err:?}");
+    store
+        .put("d/e", Bytes::from_static(b"y"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let err = store
+        .put("d", Bytes::from_static(b"x"), PutMode::IfAbsent)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidKey { .. }), "{err:?}");
+    // "d" is a directory, "a/b" runs through a file: neither is an object.
+    assert!(matches!(
+        store.get("d").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.get("a/b").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.get_range("d", 0..1).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(store.head("d").await.unwrap().is_none());
+    assert!(store.head("a/b").await.unwrap().is_none());
+    store.delete("d").await.unwrap();
+    store.delete("a/b").await.unwrap();
+    assert_eq!(store.get("d/e").await.unwrap(), Bytes::from_static(b"y"));
+    assert_eq!(store.get("a").await.unwrap(), Bytes::from_static(b"x"));
+}

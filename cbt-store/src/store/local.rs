@@ -6,6 +6,8 @@
 //! staging file in `<root>/.cbt-tmp/` (same file system), are fsynced, then made visible with
 //! `rename` (overwrite) or `link` (create-if-absent: the kernel refuses to link over an existing
 //! name, so of two racers exactly one wins). A reader therefore never sees a partial object.
+//! Unlike S3, a key cannot be both an object and a "directory" of other keys (`a` and `a/b`);
+//! such a put is refused with [`StoreError::InvalidKey`].
 //! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed, and those
 //! older than [`STALE_STAGING_AGE`] are deleted when the store is opened
 //! ([`LocalStore::remove_stale_staging`] does it on demand).
@@ -35,6 +37,10 @@ pub const TRAILER_LEN: u64 = 8;
 pub const STALE_STAGING_AGE: Duration = Duration::from_secs(24 * 3600);
 /// Default number of objects per listing page.
 pub const DEFAULT_PAGE_SIZE: usize = 1000;
+
+/// Why a key that is both an object and a "directory" of other keys is refused.
+const PREFIX_CLASH: &str =
+    "the local store cannot hold both an object `a` and objects under `a/` (S3 can)";
 
 static STAGING_COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -144,7 +150,10 @@ impl LocalStore {
 
 fn io_at(key: &str) -> impl Fn(io::Error) -> StoreError + '_ {
     move |source| {
-        if source.kind() == io::ErrorKind::NotFound {
+        if matches!(
+            source.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::IsADirectory | io::ErrorKind::NotADirectory
+        ) {
             StoreError::NotFound {
                 key: key.to_string(),
             }
@@ -173,11 +182,26 @@ impl Inner {
         let target = self.root.join(key);
         let io = io_at(key);
         let parent = target.parent().unwrap_or(&self.root);
+        if target.is_dir() {
+            return Err(StoreError::InvalidKey {
+                key: key.to_string(),
+                reason: PREFIX_CLASH,
+            });
+        }
         if mode == PutMode::IfAbsent && target.exists() {
             return Ok(PutOutcome::AlreadyExists);
         }
         let new_dirs = !parent.is_dir();
-        fs::create_dir_all(parent).map_err(&io)?;
+        fs::create_dir_all(parent).map_err(|e| {
+            if parent.ancestors().any(Path::is_file) {
+                StoreError::InvalidKey {
+                    key: key.to_string(),
+                    reason: PREFIX_CLASH,
+                }
+            } else {
+                io(e)
+            }
+        })?;
         if new_dirs {
             // Make the new directory chain itself durable, not only the file inside it.
             let mut dir = parent.parent();
@@ -294,7 +318,14 @@ impl Inner {
                 last_modified: meta.modified().ok(),
             })),
             Ok(_) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(io_at(key)(e)),
         }
     }
@@ -302,7 +333,17 @@ impl Inner {
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         match fs::remove_file(self.root.join(key)) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            // A directory or a file-in-the-path means no object has this key.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound
+                        | io::ErrorKind::IsADirectory
+                        | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(io_at(key)(e)),
         }
     }
