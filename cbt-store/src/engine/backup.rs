@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cbt_core::manifest::{BackupStats, ChunkMap, SnapshotMeta, SourceInfo};
+use cbt_core::manifest::{BackupStats, ChunkMap, ParentRef, SnapshotMeta, SourceInfo};
 use cbt_core::plan::{BackupPlan, ChunkRead};
 use cbt_core::{ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName};
 use futures::{StreamExt, TryStreamExt};
@@ -31,6 +31,17 @@ pub enum BackupMode {
         /// Byte ranges changed since the parent.
         changed: RangeSet,
     },
+    /// A full backup (read like [`BackupMode::Full`]) that records `parent` as its lineage:
+    /// for when the previous backup is known but no delta can be had (its CSI snapshot was
+    /// deleted, CBT refused, the chunk size changes). The parent must exist in the repository
+    /// with this id and belong to the same volume; its chunks seed deduplication, so chunks
+    /// that did not change cost neither an upload nor an existence check.
+    FullWithParent {
+        /// Allocated byte ranges, if known (as for [`BackupMode::Full`]).
+        allocated: Option<RangeSet>,
+        /// The previous snapshot of this volume in the repository.
+        parent: ParentRef,
+    },
 }
 
 /// What to back up and how to name it.
@@ -48,8 +59,9 @@ pub struct BackupRequest {
     pub source_info: SourceInfo,
     /// Labels recorded in the manifest.
     pub labels: BTreeMap<String, String>,
-    /// Chunk size of a full backup (default: the repository's). Incrementals use the parent's;
-    /// giving a different one is an error.
+    /// Chunk size of a full backup (default: the repository's, also with
+    /// [`BackupMode::FullWithParent`]). Incrementals use the parent's; giving a different one is
+    /// an error.
     pub chunk_size: Option<u64>,
     /// Volume size (default: the source size). May not exceed the source size.
     pub volume_size: Option<u64>,
@@ -117,7 +129,14 @@ pub async fn backup(
         });
     }
     let plan = match &req.mode {
-        BackupMode::Full { allocated } => {
+        BackupMode::Full { allocated } | BackupMode::FullWithParent { allocated, .. } => {
+            if let BackupMode::FullWithParent { parent, .. } = &req.mode
+                && parent.snapshot == req.snapshot
+            {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!("snapshot {} cannot be its own parent", req.snapshot),
+                });
+            }
             let chunk_size = req.chunk_size.unwrap_or(repo.config().chunk_size);
             let detected;
             let allocated = match allocated {
@@ -193,31 +212,101 @@ async fn run_locked(
     plan: BackupPlan,
     started: Instant,
 ) -> Result<BackupOutcome> {
-    let parent = match &req.mode {
+    // Under the lock no GC can start, so the parent (and every chunk it references) stays
+    // as long as it still exists now, with the same id: a parent deleted and re-created under
+    // the same name before we got here may have lost chunks the caller's copy references.
+    let loaded_parent;
+    let parent: Option<&Manifest> = match &req.mode {
         BackupMode::Incremental { parent, .. } => {
-            // Under the lock, the parent (and so every chunk it references) cannot be GC'd any
-            // more; make sure it was not deleted before we got here.
-            if !repo
-                .snapshot_exists(&parent.volume, &parent.snapshot)
-                .await?
-            {
+            let stored =
+                load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?;
+            if stored.chunks != parent.chunks {
                 return Err(RepoError::InvalidRequest {
                     reason: format!(
-                        "parent snapshot {}/{} was deleted; back up in full",
+                        "the parent manifest given for {}/{} differs from the stored one; load it from the repository",
                         parent.volume, parent.snapshot
                     ),
                 });
             }
+            drop(stored);
             Some(parent.as_ref())
+        }
+        BackupMode::FullWithParent { parent, .. } => {
+            loaded_parent =
+                load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?;
+            Some(&loaded_parent)
         }
         BackupMode::Full { .. } => None,
     };
     let geometry = *plan.geometry();
-    let (done, raw_buffers_allocated) = run_pipeline(repo, source, &plan, parent, opts).await?;
+    let (read, mut stats, raw_buffers_allocated) =
+        run_pipeline(repo, source, &plan, parent, opts).await?;
+    stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
-    let mut stats = BackupStats::default();
-    let mut changes = Vec::with_capacity(done.len());
-    for d in done {
+    let meta = SnapshotMeta {
+        volume: req.volume.clone(),
+        snapshot: req.snapshot.clone(),
+        snapshot_id: random_id("snapshot"),
+        created: req.created,
+        source: req.source_info.clone(),
+        labels: req.labels.clone(),
+        stats,
+    };
+    let manifest = match (&req.mode, parent) {
+        (BackupMode::Incremental { .. }, Some(p)) => {
+            // Every planned chunk was read: its new state replaces the parent's.
+            let changes = plan.chunks().iter().map(|i| (i, read.get(i)));
+            Manifest::derive_child(p, meta, geometry.volume_size(), changes)?
+        }
+        (_, p) => Manifest::new(
+            meta,
+            read,
+            p.map(|p| ParentRef {
+                snapshot: p.snapshot.clone(),
+                snapshot_id: p.snapshot_id.clone(),
+            }),
+        )?,
+    };
+    repo.commit_manifest(&manifest).await?;
+    Ok(BackupOutcome {
+        read_mb_per_s: mb_per_s(stats.bytes_read, stats.wall_ms),
+        raw_buffers_allocated,
+        stats: manifest.stats,
+        manifest,
+    })
+}
+
+/// Loads the parent under the backup's lock and checks it is the snapshot the caller meant.
+async fn load_parent(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    snapshot_id: &str,
+) -> Result<Manifest> {
+    let gone = |what: &str| RepoError::InvalidRequest {
+        reason: format!("parent snapshot {volume}/{snapshot} {what}; back up in full"),
+    };
+    match repo.load_manifest(volume, snapshot).await {
+        Ok(m) if m.snapshot_id == snapshot_id => Ok(m),
+        Ok(m) => Err(gone(&format!(
+            "was replaced (id {} is now {}): it may have lost chunks to GC",
+            snapshot_id, m.snapshot_id
+        ))),
+        Err(RepoError::SnapshotNotFound { .. }) => Err(gone("does not exist (deleted?)")),
+        Err(e) => Err(e),
+    }
+}
+
+/// What the pipeline hands back: the new state of every chunk read, folded as results arrive
+/// (stored chunks only, exactly the memory of the chunk map they become), and the figures.
+struct Folded {
+    read: ChunkMap,
+    stats: BackupStats,
+}
+
+impl Folded {
+    fn add(&mut self, d: Done, compare: Option<&Manifest>) -> Result<()> {
+        let stats = &mut self.stats;
         stats.bytes_read += d.raw_len;
         stats.chunks_read += 1;
         match d.state {
@@ -235,40 +324,13 @@ async fn run_locked(
                 }
             }
         }
-        let before = parent.map_or(ChunkState::Zero, |p| p.chunks.get(d.index));
+        let before = compare.map_or(ChunkState::Zero, |p| p.chunks.get(d.index));
         if !same_content(&before, &d.state) {
             stats.bytes_changed += d.raw_len;
         }
-        changes.push((d.index, d.state));
+        self.read.set(d.index, d.state)?;
+        Ok(())
     }
-    stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-
-    let meta = SnapshotMeta {
-        volume: req.volume.clone(),
-        snapshot: req.snapshot.clone(),
-        snapshot_id: random_id("snapshot"),
-        created: req.created,
-        source: req.source_info.clone(),
-        labels: req.labels.clone(),
-        stats,
-    };
-    let manifest = match parent {
-        Some(p) => Manifest::derive_child(p, meta, geometry.volume_size(), changes)?,
-        None => {
-            let mut map = ChunkMap::new(geometry);
-            for (i, s) in changes {
-                map.set(i, s)?;
-            }
-            Manifest::new(meta, map, None)?
-        }
-    };
-    repo.commit_manifest(&manifest).await?;
-    Ok(BackupOutcome {
-        read_mb_per_s: mb_per_s(stats.bytes_read, stats.wall_ms),
-        raw_buffers_allocated,
-        stats: manifest.stats,
-        manifest,
-    })
 }
 
 fn same_content(a: &ChunkState, b: &ChunkState) -> bool {
@@ -348,7 +410,7 @@ async fn run_pipeline(
     plan: &BackupPlan,
     parent: Option<&Manifest>,
     opts: &EngineOptions,
-) -> Result<(Vec<Done>, u64)> {
+) -> Result<(ChunkMap, BackupStats, u64)> {
     let pool = BufferPool::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
 
@@ -382,12 +444,9 @@ async fn run_pipeline(
     }
     drop(tx);
 
-    // Chunks already known to be stored: the parent's (kept alive by our lock) and ours.
-    let known: Arc<Mutex<HashMap<ChunkHash, u64>>> = Arc::new(Mutex::new(
-        parent
-            .map(|p| p.chunks.unique_chunks().into_iter().collect())
-            .unwrap_or_default(),
-    ));
+    // Chunks this run stored or found stored, so repeats cost no existence check. Capped:
+    // past the cap the table starts over (a repeat then costs one HEAD, never an upload).
+    let known: Arc<Mutex<HashMap<ChunkHash, u64>>> = Arc::default();
     let total = Progress {
         chunks_total: plan.chunk_count(),
         bytes_total: plan.read_bytes(),
@@ -400,7 +459,9 @@ async fn run_pipeline(
         rx.recv().await.map(|item| (item, rx))
     });
     let cpu_pool = pool.clone();
-    let results: Vec<Done> = raw_stream
+    // Chunk-by-chunk comparison with the parent only makes sense in the same geometry.
+    let compare = parent.filter(|p| p.chunk_size() == plan.geometry().chunk_size());
+    let folded = raw_stream
         .map(move |item| {
             let pool = cpu_pool.clone();
             async move {
@@ -433,7 +494,7 @@ async fn run_pipeline(
                         uploaded_bytes: 0,
                         deduplicated: false,
                     },
-                    Encoded::Data(r, e) => upload(repo, &known, r, e).await?,
+                    Encoded::Data(r, e) => upload(repo, parent, &known, r, e).await?,
                 };
                 let snapshot = {
                     let mut p = progress.lock().map_err(|_| RepoError::Internal {
@@ -449,18 +510,31 @@ async fn run_pipeline(
             }
         })
         .buffer_unordered(opts.transfers)
-        .try_collect()
+        .try_fold(
+            Folded {
+                read: ChunkMap::new(*plan.geometry()),
+                stats: BackupStats::default(),
+            },
+            |mut acc, done| async move {
+                acc.add(done, compare)?;
+                Ok(acc)
+            },
+        )
         .await?;
     for reader in readers {
         reader.await.map_err(|e| RepoError::Internal {
             message: format!("reader task failed: {e}"),
         })?;
     }
-    Ok((results, pool.allocated()))
+    Ok((folded.read, folded.stats, pool.allocated()))
 }
+
+/// Most entries of a backup's table of chunks known to be stored (about 60 bytes each).
+const KNOWN_CHUNKS_CAP: usize = 65_536;
 
 async fn upload(
     repo: &Repository,
+    parent: Option<&Manifest>,
     known: &Mutex<HashMap<ChunkHash, u64>>,
     r: ChunkRead,
     e: EncodedChunk,
@@ -469,7 +543,16 @@ async fn upload(
         message: "dedup table lock poisoned".into(),
     };
     let hash = e.chunk.hash;
-    let known_size = known.lock().map_err(|_| poisoned())?.get(&hash).copied();
+    // An unchanged chunk has the parent's hash at the same index; the parent (kept alive by
+    // our lock) vouches that it is stored, without a table of the parent's hashes.
+    let from_parent = parent.and_then(|p| match p.chunks.get(r.index) {
+        ChunkState::Stored(c) if c.hash == hash => Some(c.stored_size),
+        _ => None,
+    });
+    let known_size = match from_parent {
+        Some(size) => Some(size),
+        None => known.lock().map_err(|_| poisoned())?.get(&hash).copied(),
+    };
     if let Some(stored_size) = known_size {
         let mut chunk = e.chunk;
         chunk.stored_size = stored_size;
@@ -483,10 +566,13 @@ async fn upload(
     }
     let body_len = e.body.len() as u64;
     let put = repo.put_chunk(e).await?;
-    known
-        .lock()
-        .map_err(|_| poisoned())?
-        .insert(hash, put.chunk.stored_size);
+    {
+        let mut known = known.lock().map_err(|_| poisoned())?;
+        if known.len() >= KNOWN_CHUNKS_CAP {
+            known.clear();
+        }
+        known.insert(hash, put.chunk.stored_size);
+    }
     Ok(Done {
         index: r.index,
         state: ChunkState::Stored(put.chunk),

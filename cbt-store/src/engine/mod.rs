@@ -14,8 +14,14 @@
 //! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body has its exact stored size and
 //! lives until its upload finishes. Restore holds at most `2 * transfers * (chunk_size + 52)`.
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
-//! None of this depends on the volume size; only the chunk map does (see `cbt_core::manifest`,
-//! about 18 MiB per fully allocated TiB at 4 MiB chunks). With the defaults (4 MiB chunks,
+//! None of this depends on the volume size; only chunk maps do (see `cbt_core::manifest`,
+//! about 18 MiB per fully allocated TiB at 4 MiB chunks). A backup folds each chunk's result
+//! into the new map as it arrives (no per-chunk list besides it); an incremental also holds
+//! its parent's map, and the child's map is built from both at the end. Hashes this run stored
+//! are remembered for deduplication in a table capped at 65,536 entries (about 4 MiB).
+//! A restore holds the manifest's map, the ranges to zero and the offsets of chunks stored at
+//! several indices; planning counts references in a transient table (about 50 bytes per
+//! distinct chunk). With the defaults (4 MiB chunks,
 //! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 72 MiB of chunk
 //! buffers; the
 //! whole `cbt-benches` e2e process (512 MiB image, backup + incremental + restore) peaked at

@@ -1,0 +1,220 @@
+//! Lineage of full backups and the parent checks that keep an incremental from referencing
+//! chunks that garbage collection removed.
+#![allow(clippy::unwrap_used)]
+
+mod engine_support;
+
+use std::sync::Arc;
+
+use cbt_core::gc::RetentionPolicy;
+use cbt_core::manifest::ParentRef;
+use cbt_core::{ChunkState, Timestamp};
+use cbt_store::engine::{self, BackupMode, FileSource, RestoreOptions};
+use cbt_store::repo::{PruneOptions, RepoError, Repository};
+use cbt_store::store::fault::FaultyStore;
+use cbt_store::store::{ObjectStore, Op};
+use engine_support::*;
+
+const SIZE: usize = 24 * CS as usize + 1234;
+
+#[tokio::test]
+async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
+    let fx = Fixture::new().await;
+    let mut img = image(SIZE, 11);
+    let path = fx.write("d.img", &img);
+    let first = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    mutate(&mut img, 3, 5000, 2);
+    std::fs::write(&path, &img).unwrap();
+
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+    let parent = ParentRef {
+        snapshot: snap("a"),
+        snapshot_id: first.manifest.snapshot_id.clone(),
+    };
+    let mode = BackupMode::FullWithParent {
+        allocated: None,
+        parent: parent.clone(),
+    };
+    faulty.reset_counts();
+    let out = backup_file(&repo, &path, request("v", "b", mode, 20))
+        .await
+        .unwrap();
+    assert_eq!(out.manifest.parent, Some(parent.clone()));
+    assert_eq!(
+        repo.load_manifest(&vol("v"), &snap("b"))
+            .await
+            .unwrap()
+            .parent,
+        Some(parent)
+    );
+    // Only the 3 mutated chunks are new: they alone are checked and uploaded.
+    assert_eq!(out.stats.objects_written, 3);
+    // Puts: the lock, 3 chunks, the manifest. Heads: the name check and the 3 new chunks
+    // only; the unchanged chunks are vouched for by the parent.
+    assert_eq!(faulty.calls(Op::Put), 5, "{:?}", faulty.call_counts());
+    assert!(out.manifest.chunks.stored_count() > 10);
+    assert_eq!(faulty.calls(Op::Head), 4, "{:?}", faulty.call_counts());
+    assert_eq!(out.stats.bytes_changed, 3 * CS);
+    assert!(
+        out.stats.bytes_read > 3 * CS,
+        "a full backup reads everything"
+    );
+
+    let target = fx.path("b.img");
+    engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("b"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&target).unwrap() == img);
+}
+
+#[tokio::test]
+async fn full_with_a_wrong_or_missing_parent_is_refused_before_anything_is_stored() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 12);
+    let path = fx.write("d.img", &img);
+    let first = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    let cases = [
+        ("missing", snap("nope"), first.manifest.snapshot_id.clone()),
+        ("other id", snap("a"), "not-the-id".to_string()),
+        ("itself", snap("b"), first.manifest.snapshot_id.clone()),
+    ];
+    for (what, snapshot, snapshot_id) in cases {
+        let mode = BackupMode::FullWithParent {
+            allocated: None,
+            parent: ParentRef {
+                snapshot,
+                snapshot_id,
+            },
+        };
+        let err = backup_file(&fx.repo, &path, request("v", "b", mode, 20))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RepoError::InvalidRequest { .. }),
+            "{what}: {err:?}"
+        );
+        assert!(
+            !fx.repo
+                .snapshot_exists(&vol("v"), &snap("b"))
+                .await
+                .unwrap()
+        );
+    }
+}
+
+/// The caller loads the parent, then (before the backup takes its lock) a prune deletes it
+/// and GC removes the chunks only it referenced, and a new snapshot takes its name. The
+/// incremental must refuse: committing it would reference chunks that are gone.
+#[tokio::test]
+async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
+    let fx = Fixture::new().await;
+    let mut img = image(SIZE, 13);
+    let path = fx.write("d.img", &img);
+    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    let loaded = fx.repo.load_manifest(&vol("v"), &snap("a")).await.unwrap();
+    assert_eq!(loaded, a.manifest);
+
+    // Meanwhile: "a" is deleted and collected, and a different image is backed up as "a".
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("a"))
+        .await
+        .unwrap();
+    let other = fx.write("other.img", &image(SIZE, 99));
+    backup_file(&fx.repo, &other, request("v", "a", full(), 15))
+        .await
+        .unwrap();
+    let gc = fx.repo.gc(Timestamp(16), false).await.unwrap();
+    assert!(gc.deleted_chunks > 0, "the old parent's chunks are gone");
+
+    let changed = mutate(&mut img, 2, 3000, 5);
+    std::fs::write(&path, &img).unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(loaded.clone()),
+        changed: changed.clone(),
+    };
+    let err = backup_file(&fx.repo, &path, request("v", "b", mode, 20))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+    assert!(
+        !fx.repo
+            .snapshot_exists(&vol("v"), &snap("b"))
+            .await
+            .unwrap()
+    );
+
+    // Deleted outright (pruned) before the lock: refused the same way.
+    let prune = fx
+        .repo
+        .prune(&PruneOptions {
+            policy: RetentionPolicy {
+                keep_last: Some(1),
+                keep_within: None,
+            },
+            now: Timestamp::from_unix_secs(100),
+            volume: None,
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    assert!(prune.removed.is_empty());
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("a"))
+        .await
+        .unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(loaded),
+        changed,
+    };
+    let err = backup_file(&fx.repo, &path, request("v", "b", mode, 20))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+    assert!(fx.repo.list_snapshots(None).await.unwrap().is_empty());
+}
+
+/// A parent whose map was edited by the caller (not what the repository holds) is refused:
+/// the child would otherwise reference chunks nobody checked.
+#[tokio::test]
+async fn incremental_refuses_a_parent_that_differs_from_the_stored_one() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 14);
+    let path = fx.write("d.img", &img);
+    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    let mut forged = a.manifest.clone();
+    let (index, r) = forged
+        .chunks
+        .iter_stored()
+        .map(|(i, r)| (i, *r))
+        .next()
+        .unwrap();
+    let mut fake = r;
+    fake.hash = cbt_core::ChunkHash([0x5a; 32]);
+    forged.chunks.set(index, ChunkState::Stored(fake)).unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(forged),
+        changed: cbt_core::RangeSet::new(),
+    };
+    let src = Arc::new(FileSource::open(&path).unwrap());
+    let err = engine::backup(&fx.repo, src, request("v", "b", mode, 20), &opts())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+}
