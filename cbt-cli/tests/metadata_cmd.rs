@@ -556,3 +556,98 @@ fn backup_through_the_kubernetes_api_records_names_and_handles() {
     assert_eq!(show["source"]["base_csi_snapshot_id"], "vs-1");
     assert_eq!(show["stats"]["bytes_read"], MIB);
 }
+
+/// Starts `cbt serve-metadata` on a free loopback TCP port with the test TLS identity and
+/// returns the server and its `https://127.0.0.1:PORT` endpoint (read from its stderr).
+fn serve_tls(dir: &Path, extra: &[&str]) -> (Server, String) {
+    use std::io::BufRead;
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cbt-csi/tests/fixtures");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .args(["serve-metadata", "--dir"])
+        .arg(dir)
+        .args(["--listen", "tcp://127.0.0.1:0", "--tls-cert"])
+        .arg(fixtures.join("server.pem"))
+        .arg("--tls-key")
+        .arg(fixtures.join("server.key"))
+        .args(extra)
+        .env_remove("CBT_METADATA_SERVER_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    // Keep draining, so later server output never meets a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let endpoint = line
+        .trim()
+        .rsplit(" on ")
+        .next()
+        .filter(|e| e.starts_with("https://"))
+        .unwrap_or_else(|| panic!("unexpected server output {line:?}"))
+        .to_string();
+    (
+        Server {
+            child,
+            endpoint: endpoint.clone(),
+        },
+        endpoint,
+    )
+}
+
+#[test]
+fn metadata_over_tls_with_the_ca_bundle_server_name_and_token() {
+    let (_t, snaps, _sock) = dirs();
+    image(&snaps.join("vs-1"), 4 * MIB, &[(0, 1, 70_000)]);
+    let (_srv, https) = serve_tls(&snaps, &["--token", "sa-token"]);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cbt-csi/tests/fixtures");
+    let ca = fixtures.join("ca.pem");
+    let other_ca = fixtures.join("other-ca.pem");
+    // As a SnapshotMetadataService gives it: bare host:port, caCert, audience-scoped token;
+    // the server name stands in for the Service DNS name behind a port-forward.
+    let host_port = https.trim_start_matches("https://").to_string();
+    let k8s = |ca: &Path, name: &str| {
+        cbt(&[
+            "metadata",
+            "allocated",
+            "--endpoint",
+            &host_port,
+            "--metadata-ca-file",
+            ca.to_str().unwrap(),
+            "--metadata-server-name",
+            name,
+            "--metadata-namespace",
+            "default",
+            "--metadata-token",
+            "sa-token",
+            "--snapshot-id",
+            "vs-1",
+            "--metadata-max-attempts",
+            "1",
+        ])
+    };
+    let out = k8s(&ca, "snapshot-metadata.cbt-test.svc");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ranges: 1  bytes: 131072"), "{stdout}");
+
+    // A certificate from another CA, or for another name, is refused before any request.
+    for (ca, name) in [
+        (&other_ca, "snapshot-metadata.cbt-test.svc"),
+        (&ca, "evil.example.com"),
+    ] {
+        let out = k8s(ca, name);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: accepted");
+        assert!(err.contains("cannot connect to"), "{name}: {err}");
+    }
+    // A file that is not a PEM bundle is a configuration error naming the problem.
+    let bogus = snaps.join("vs-1");
+    let out = k8s(&bogus, "snapshot-metadata.cbt-test.svc");
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM certificate"));
+}
