@@ -218,3 +218,52 @@ async fn incremental_refuses_a_parent_that_differs_from_the_stored_one() {
         .unwrap_err();
     assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
 }
+
+/// A source that fails at one offset with a chosen error kind.
+struct Failing {
+    size: u64,
+    at: u64,
+    kind: std::io::ErrorKind,
+}
+
+impl cbt_store::engine::BlockSource for Failing {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset == self.at {
+            return Err(std::io::Error::new(self.kind, "injected"));
+        }
+        buf.fill(7);
+        Ok(())
+    }
+    fn describe(&self) -> String {
+        "failing-source".into()
+    }
+}
+
+#[tokio::test]
+async fn source_errors_carry_offset_and_a_class_that_says_whether_to_retry() {
+    use cbt_store::repo::ErrorClass;
+    let fx = Fixture::new().await;
+    for (kind, class) in [
+        (std::io::ErrorKind::UnexpectedEof, ErrorClass::Usage),
+        (std::io::ErrorKind::PermissionDenied, ErrorClass::Usage),
+        (std::io::ErrorKind::Other, ErrorClass::Transient),
+    ] {
+        let src = Arc::new(Failing {
+            size: 8 * CS,
+            at: 5 * CS,
+            kind,
+        });
+        let err = engine::backup(&fx.repo, src, request("v", "s", full(), 1), &opts())
+            .await
+            .unwrap_err();
+        match &err {
+            RepoError::SourceIo { offset, len, .. } => assert_eq!((*offset, *len), (5 * CS, CS)),
+            other => panic!("{kind:?}: {other:?}"),
+        }
+        assert_eq!(err.class(), class, "{kind:?}");
+        assert!(fx.repo.list_snapshots(None).await.unwrap().is_empty());
+    }
+}

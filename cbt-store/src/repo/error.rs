@@ -230,7 +230,9 @@ impl RepoError {
             RepoError::Locked { .. }
             | RepoError::SnapshotExists { .. }
             | RepoError::AlreadyInitialized { .. } => ErrorClass::Conflict,
-            RepoError::SourceIo { .. } | RepoError::TargetIo { .. } => ErrorClass::Transient,
+            RepoError::SourceIo { source, .. } | RepoError::TargetIo { source, .. } => {
+                io_class(source)
+            }
             RepoError::NotInitialized
             | RepoError::SnapshotNotFound { .. }
             | RepoError::TargetTooSmall { .. }
@@ -244,6 +246,25 @@ impl RepoError {
     /// True when retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
         self.class() == ErrorClass::Transient
+    }
+}
+
+/// A missing path, a denied permission or a device shorter than expected will fail the same
+/// way on retry: the operator must act. Anything else (EIO, timeouts of network block devices,
+/// interrupted calls) may pass on a later attempt.
+fn io_class(e: &std::io::Error) -> ErrorClass {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::NotFound
+        | K::PermissionDenied
+        | K::InvalidInput
+        | K::UnexpectedEof
+        | K::ReadOnlyFilesystem
+        | K::IsADirectory
+        | K::NotADirectory
+        | K::StorageFull
+        | K::FileTooLarge => ErrorClass::Usage,
+        _ => ErrorClass::Transient,
     }
 }
 
