@@ -320,7 +320,10 @@ impl Repository {
     ///
     /// # Guarantees
     /// Written with `IfAbsent`: an existing snapshot is never replaced. Call it only after
-    /// every chunk the manifest references is stored.
+    /// every chunk the manifest references is stored, while holding the shared lock
+    /// ([`Repository::lock_shared`]) taken before the first of those chunks was stored or
+    /// found stored, and before any parent it was derived from was read: without that lock
+    /// a GC may remove referenced chunks in between. [`crate::engine::backup`] does all this.
     pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
         let key = manifest_key(&manifest.volume, &manifest.snapshot);
         let body = encode_manifest(manifest)?;
@@ -481,6 +484,9 @@ impl Repository {
     // ---- chunks ----------------------------------------------------------------------------
 
     /// Stores an encoded chunk unless an intact copy is already stored.
+    ///
+    /// Hold a shared lock ([`Repository::lock_shared`]) until the manifest referencing the
+    /// chunk is committed: an unreferenced chunk is garbage to GC.
     ///
     /// A `head` comes first so existing chunks cost no upload; a missing chunk is written with
     /// `IfAbsent`. An existing object whose size differs from this encoding is fetched and
