@@ -20,6 +20,9 @@ use clap::{Parser, Subcommand};
 use crate::error::{CliError, EXIT_CODES_HELP, ExitClass};
 use crate::output::{Format, Output};
 
+/// Help heading of the options every subcommand accepts, so they stay apart from its own.
+const GLOBAL: &str = "Global options";
+
 /// Command-line interface of `cbt`.
 #[derive(Debug, Parser)]
 #[command(
@@ -33,16 +36,16 @@ pub struct Cli {
     /// Repository URL: file:///path (local directory) or s3://bucket[/prefix]. S3 credentials
     /// come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
     /// web identity, instance role), never from the command line.
-    #[arg(long, env = "CBT_REPO", global = true, value_name = "URL")]
+    #[arg(long, env = "CBT_REPO", global = true, value_name = "URL", help_heading = GLOBAL)]
     pub repo: Option<String>,
 
     /// S3 endpoint URL for S3-compatible servers (MinIO, Ceph RGW, SeaweedFS); implies
     /// path-style addressing.
-    #[arg(long, env = "CBT_S3_ENDPOINT", global = true, value_name = "URL")]
+    #[arg(long, env = "CBT_S3_ENDPOINT", global = true, value_name = "URL", help_heading = GLOBAL)]
     pub s3_endpoint: Option<String>,
 
     /// S3 region (default: from the AWS configuration, else us-east-1).
-    #[arg(long, env = "CBT_S3_REGION", global = true, value_name = "REGION")]
+    #[arg(long, env = "CBT_S3_REGION", global = true, value_name = "REGION", help_heading = GLOBAL)]
     pub s3_region: Option<String>,
 
     /// Output format: `human` text, or one JSON document on stdout (errors included).
@@ -51,12 +54,13 @@ pub struct Cli {
         long = "output",
         value_enum,
         default_value = "human",
-        global = true
+        global = true,
+        help_heading = GLOBAL
     )]
     pub output: Format,
 
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, help_heading = GLOBAL)]
     pub verbose: u8,
 
     /// The command to run.
