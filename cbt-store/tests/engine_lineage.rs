@@ -330,3 +330,26 @@ async fn incrementals_across_grow_and_shrink_restore_exactly() {
     // The older snapshots are unaffected.
     assert!(restore("a").await == img);
 }
+
+/// A backup whose manifest landed reports success even if its lock cannot be removed (a
+/// retry would only hit "snapshot exists"); the lock stays visible to GC, which names it.
+#[tokio::test]
+async fn a_committed_backup_succeeds_even_if_its_lock_cannot_be_released() {
+    use cbt_store::store::fault::{Fault, FaultRule, When};
+    let fx = Fixture::new().await;
+    let path = fx.write("d.img", &image(SIZE, 16));
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+    faulty.add_rule(
+        FaultRule::new(Op::Delete, When::FirstN(1), Fault::Permanent).on_keys_containing("locks/"),
+    );
+    let out = backup_file(&repo, &path, request("v", "s", full(), 1)).await;
+    assert!(out.is_ok(), "{out:?}");
+    assert!(repo.snapshot_exists(&vol("v"), &snap("s")).await.unwrap());
+    let locks = repo.list_locks().await.unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].purpose, "backup v/s");
+    let err = repo.gc(Timestamp(5), false).await.unwrap_err();
+    assert!(matches!(err, RepoError::Locked { .. }), "{err:?}");
+}

@@ -193,7 +193,11 @@ pub async fn backup(
     let result = run_locked(repo, source, req, &opts, plan, started).await;
     match result {
         Ok(outcome) => {
-            lock.release().await?;
+            // The snapshot is committed: reporting failure now would make a caller retry a
+            // backup that exists. A shared lock left behind only delays GC, which names it.
+            if let Err(e) = lock.release().await {
+                tracing::warn!(error = %e, "backup committed but its lock stays; break it with `cbt lock break` once no backup runs");
+            }
             Ok(outcome)
         }
         Err(e) => {

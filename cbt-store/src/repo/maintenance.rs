@@ -313,8 +313,12 @@ impl Repository {
             self.collect_garbage(keys, dry_run).await
         }
         .await;
-        lock.release().await?;
-        result
+        // The run's own error comes first; a lock that stays behind blocks every backup, so
+        // failing to release it is reported even after a successful run.
+        let released = lock.release().await;
+        let report = result?;
+        released?;
+        Ok(report)
     }
 
     /// Streams the manifests of `keys` (a few loaded concurrently), in key order.
@@ -390,8 +394,12 @@ impl Repository {
         opts.policy.evaluate(&[], opts.now)?;
         let lock = self.lock_exclusive("prune", opts.now).await?;
         let result = self.prune_locked(opts).await;
-        lock.release().await?;
-        result
+        // The run's own error comes first; a lock that stays behind blocks every backup, so
+        // failing to release it is reported even after a successful run.
+        let released = lock.release().await;
+        let report = result?;
+        released?;
+        Ok(report)
     }
 
     async fn prune_locked(&self, opts: &PruneOptions) -> Result<PruneReport> {

@@ -322,8 +322,9 @@ impl Repository {
     /// Written with `IfAbsent`: an existing snapshot is never replaced. Call it only after
     /// every chunk the manifest references is stored, while holding the shared lock
     /// ([`Repository::lock_shared`]) taken before the first of those chunks was stored or
-    /// found stored, and before any parent it was derived from was read: without that lock
-    /// a GC may remove referenced chunks in between. [`crate::engine::backup`] does all this.
+    /// found stored, and re-check under it that any parent it was derived from still exists
+    /// with the same id: otherwise a GC may remove referenced chunks in between.
+    /// [`crate::engine::backup`] does all this.
     pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
         let key = manifest_key(&manifest.volume, &manifest.snapshot);
         let body = encode_manifest(manifest)?;
