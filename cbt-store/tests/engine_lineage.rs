@@ -353,3 +353,46 @@ async fn a_committed_backup_succeeds_even_if_its_lock_cannot_be_released() {
     let err = repo.gc(Timestamp(5), false).await.unwrap_err();
     assert!(matches!(err, RepoError::Locked { .. }), "{err:?}");
 }
+
+/// Restore takes a shared lock (one lock write, removed afterwards) so GC cannot start under
+/// it, yet still restores next to a (possibly stale) exclusive lock.
+#[tokio::test]
+async fn restore_locks_when_it_can_and_still_restores_when_it_cannot() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 17);
+    let path = fx.write("d.img", &img);
+    backup_file(&fx.repo, &path, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+    faulty.reset_counts();
+    let target = fx.path("r1.img");
+    let run = |target: std::path::PathBuf| {
+        let repo = repo.clone();
+        async move {
+            engine::restore(
+                &repo,
+                &vol("v"),
+                &snap("s"),
+                &target,
+                &RestoreOptions::default(),
+                &opts(),
+            )
+            .await
+            .unwrap();
+            std::fs::read(&target).unwrap()
+        }
+    };
+    assert!(run(target).await == img);
+    assert_eq!(faulty.calls(Op::Put), 1, "{:?}", faulty.call_counts());
+    assert_eq!(faulty.calls(Op::Delete), 1, "{:?}", faulty.call_counts());
+    assert!(repo.list_locks().await.unwrap().is_empty());
+
+    let excl = repo.lock_exclusive("prune", Timestamp(3)).await.unwrap();
+    assert!(run(fx.path("r2.img")).await == img);
+    let locks = repo.list_locks().await.unwrap();
+    assert_eq!(locks.len(), 1, "only the exclusive lock: {locks:?}");
+    excl.release().await.unwrap();
+}

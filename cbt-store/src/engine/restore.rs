@@ -90,6 +90,9 @@ pub async fn restore(
 /// Restores a loaded manifest to `target`.
 ///
 /// Every chunk is checked (object size and crc32c, raw crc32c, BLAKE3) before it is written.
+/// A shared repository lock is held while chunks are read when the store allows it (so GC
+/// cannot start meanwhile); without one (read-only credentials, a prune holding the exclusive
+/// lock) the restore still runs and a chunk collected under it fails as missing.
 /// A new file is created sparse at the volume size and only non-zero chunks are written; it
 /// is removed again if the restore fails. An existing file is replaced atomically (unless
 /// `in_place`). A device keeps its size and gets zeros where the snapshot has zeros; a failed
@@ -175,6 +178,19 @@ pub async fn restore_manifest(
     if opts.dry_run {
         return Ok(report);
     }
+    // A shared lock keeps GC from starting while chunks are being read. Restore must work from
+    // read-only credentials and next to a stale exclusive lock (disaster recovery), so without
+    // the lock it proceeds: every chunk is verified, so a chunk collected meanwhile is a
+    // ChunkMissing error, never wrong data.
+    let purpose = format!("restore {}/{}", manifest.volume, manifest.snapshot);
+    let now = cbt_core::Timestamp::from_system_time(std::time::SystemTime::now());
+    let lock = match repo.lock_shared(&purpose, now).await {
+        Ok(lock) => Some(lock),
+        Err(e) => {
+            tracing::warn!(error = %e, "restoring without a repository lock");
+            None
+        }
+    };
 
     // A replaced file is written as a new file beside it and renamed over it at the end.
     let write_path = match kind {
@@ -217,6 +233,11 @@ pub async fn restore_manifest(
     if result.is_err() && kind != TargetKind::InPlace {
         // Never leave a half-restored image that looks like a complete one.
         let _ = fs::remove_file(&write_path);
+    }
+    if let Some(lock) = lock
+        && let Err(e) = lock.release().await
+    {
+        tracing::warn!(error = %e, "restore finished but its lock stays; break it by hand");
     }
     result?;
     report.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
