@@ -39,6 +39,15 @@ pub struct ConnArgs {
     /// Snapshots are then VolumeSnapshot names, except the delta base, which is a CSI handle.
     #[arg(long = "metadata-namespace")]
     pub namespace: Option<String>,
+    /// JSON object of CSI secrets sent with every call (e.g. {"userID": "...", "userKey": "..."}),
+    /// for a CSI driver socket that needs backend credentials. Not with --metadata-namespace:
+    /// the sidecar takes secrets from the VolumeSnapshotClass.
+    #[arg(
+        long = "metadata-secrets-file",
+        value_name = "FILE.json",
+        conflicts_with = "namespace"
+    )]
+    pub secrets_file: Option<PathBuf>,
     /// Deadline for each metadata call in seconds, resumes included.
     #[arg(long = "metadata-deadline-secs", default_value_t = 600)]
     pub deadline_secs: u64,
@@ -78,6 +87,27 @@ impl ConnArgs {
         c = c.with_deadline(Duration::from_secs(self.deadline_secs.max(1)));
         c.retry.max_attempts = self.max_attempts.max(1);
         Ok(c)
+    }
+
+    /// A request for `query` with this connection's max_results and CSI secrets.
+    ///
+    /// # Errors
+    /// A usage error if the secrets file cannot be read or is not a JSON object of strings.
+    pub fn request(&self, query: Query) -> Result<MetadataRequest, CliError> {
+        let mut r = MetadataRequest::new(query).max_results(self.max_results);
+        if let Some(p) = &self.secrets_file {
+            let secrets = serde_json::from_str(&read(p)?).map_err(|e| {
+                // The parser's message may quote the file; it must not echo secret values.
+                CliError::usage(format!(
+                    "--metadata-secrets-file {}: not a JSON object of string values (line {}, column {})",
+                    p.display(),
+                    e.line(),
+                    e.column()
+                ))
+            })?;
+            r = r.with_secrets(secrets);
+        }
+        Ok(r)
     }
 
     /// The allocated query for `snapshot` in this API flavour.
@@ -260,9 +290,10 @@ pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliErro
         ),
     };
     let client = MetadataClient::connect(endpoint.conn.client_config(&endpoint.endpoint)?).await?;
-    let request = MetadataRequest::new(query.clone())
-        .starting_at(starting_offset)
-        .max_results(endpoint.conn.max_results);
+    let request = endpoint
+        .conn
+        .request(query.clone())?
+        .starting_at(starting_offset);
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     // Ranges are printed as they arrive, so memory stays bounded by one message even in JSON.
@@ -497,6 +528,10 @@ pub struct ServeMetadataArgs {
     /// Require this bearer token.
     #[arg(long, env = "CBT_METADATA_SERVER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// JSON object of CSI secrets every CSI call must carry, like a driver that needs backend
+    /// credentials (missing key: INVALID_ARGUMENT; wrong value: PERMISSION_DENIED).
+    #[arg(long, value_name = "FILE.json")]
+    pub secrets_file: Option<PathBuf>,
     /// Block granularity in bytes (power of two; K/M suffixes accepted).
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub block_size: u64,
@@ -542,6 +577,16 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
     };
     opts.max_results = args.max_results;
     opts.token = args.token.clone();
+    if let Some(p) = &args.secrets_file {
+        opts.secrets = Some(serde_json::from_str(&read(p)?).map_err(|e| {
+            CliError::usage(format!(
+                "--secrets-file {}: not a JSON object of string values (line {}, column {})",
+                p.display(),
+                e.line(),
+                e.column()
+            ))
+        })?);
+    }
     opts.fault = args.drop_after.map(|n| FaultPlan {
         drop_after_messages: n,
         times: args.drop_times,
@@ -748,7 +793,7 @@ pub async fn plan_backup(
         Some(base) => args.conn.delta(base, snapshot),
         None => args.conn.allocated(snapshot),
     };
-    let request = MetadataRequest::new(query.clone()).max_results(args.conn.max_results);
+    let request = args.conn.request(query.clone())?;
     match client.collect_range_set(request).await {
         Ok((ranges, summary)) => {
             eprintln!(
@@ -787,8 +832,7 @@ pub async fn plan_backup(
             source.base_csi_snapshot_id = None;
             // A failed delta may still leave the allocated map available.
             let allocated = if args.base_snapshot_id.is_some() {
-                let req = MetadataRequest::new(args.conn.allocated(snapshot))
-                    .max_results(args.conn.max_results);
+                let req = args.conn.request(args.conn.allocated(snapshot))?;
                 match client.collect_range_set(req).await {
                     Ok((r, s)) => Some((r, s.volume_capacity_bytes)),
                     Err(e2) => {

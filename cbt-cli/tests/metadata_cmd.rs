@@ -651,3 +651,64 @@ fn metadata_over_tls_with_the_ca_bundle_server_name_and_token() {
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no PEM certificate"));
 }
+
+#[test]
+fn csi_secrets_from_a_file_reach_the_driver() {
+    let (t, snaps, sock) = dirs();
+    image(&snaps.join("s1"), 4 * MIB, &[(0, 1, 10)]);
+    let required = t.path().join("driver-secrets.json");
+    std::fs::write(&required, r#"{"userKey": "k3y"}"#).unwrap();
+    let srv = serve(
+        &snaps,
+        &sock,
+        &["--secrets-file", required.to_str().unwrap()],
+    );
+    let ep = srv.endpoint.as_str();
+    let sent = t.path().join("secrets.json");
+    let list = |secrets: Option<&Path>| {
+        let mut args = vec!["metadata", "allocated", "--endpoint", ep, "-s", "s1"];
+        if let Some(p) = secrets {
+            args.extend(["--metadata-secrets-file", p.to_str().unwrap()]);
+        }
+        cbt(&args)
+    };
+    std::fs::write(&sent, r#"{"userID": "admin", "userKey": "k3y"}"#).unwrap();
+    let out = list(Some(&sent));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ranges: 1"));
+
+    let out = list(None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("\"userKey\" is required"));
+    std::fs::write(&sent, r#"{"userKey": "wrong"}"#).unwrap();
+    let out = list(Some(&sent));
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("credentials"));
+    // A malformed file is refused without echoing its content.
+    std::fs::write(&sent, r#"{"userKey": 12345678}"#).unwrap();
+    let out = list(Some(&sent));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("not a JSON object of string values") && !err.contains("12345678"),
+        "{err}"
+    );
+    // The Kubernetes API takes secrets from the VolumeSnapshotClass, not from the client.
+    let out = cbt(&[
+        "metadata",
+        "allocated",
+        "--endpoint",
+        ep,
+        "--metadata-namespace",
+        "default",
+        "--metadata-secrets-file",
+        sent.to_str().unwrap(),
+        "-s",
+        "s1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -111,7 +111,7 @@ pub enum CsiError {
     },
     /// The identity may not read these snapshots (PERMISSION_DENIED).
     #[error(
-        "{call}: permission denied: {message}; grant `get` on volumesnapshots (snapshot.storage.k8s.io) in the namespace to the token's identity"
+        "{call}: permission denied: {message}; Kubernetes API: grant `get` on volumesnapshots (snapshot.storage.k8s.io) in the namespace to the token's identity; CSI driver: check the credentials (secrets) sent"
     )]
     PermissionDenied {
         /// The RPC.

@@ -814,3 +814,53 @@ async fn delta_at_the_edges_of_a_volume_with_a_partial_last_block() {
         srv.shutdown().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn csi_secrets_are_sent_and_checked() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    standard_image(snaps.path(), "s");
+    copy(snaps.path(), "s", "t");
+    let mut o = opts(snaps.path(), 64 * KIB, BlockType::VariableLength);
+    o.secrets = Some([("userKey".to_string(), "k3y".to_string())].into());
+    let srv = serve_unix(o, sock.path()).await;
+    let c = client(srv.endpoint()).await;
+    let secrets = |v: &str| -> std::collections::HashMap<String, String> {
+        [
+            ("userID".to_string(), "admin".to_string()),
+            ("userKey".to_string(), v.to_string()),
+        ]
+        .into()
+    };
+    let r = c
+        .collect(MetadataRequest::new(alloc("s")).with_secrets(secrets("k3y")))
+        .await
+        .unwrap();
+    assert_eq!(r.summary.bytes, 256 * KIB);
+    let r = c
+        .collect(MetadataRequest::new(delta("s", "t")).with_secrets(secrets("k3y")))
+        .await
+        .unwrap();
+    assert!(r.extents.is_empty());
+    let e = c
+        .collect(MetadataRequest::new(alloc("s")))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::InvalidArgument { .. }), "{e}");
+    assert!(e.to_string().contains("userKey"), "{e}");
+    let e = c
+        .collect(MetadataRequest::new(delta("s", "t")).with_secrets(secrets("wrong")))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::PermissionDenied { .. }), "{e}");
+    // Secret values never appear when a request is logged.
+    let dbg = format!(
+        "{:?}",
+        MetadataRequest::new(alloc("s")).with_secrets(secrets("k3y"))
+    );
+    assert!(
+        dbg.contains("userKey") && !dbg.contains("k3y") && !dbg.contains("admin"),
+        "{dbg}"
+    );
+    srv.shutdown().await.unwrap();
+}

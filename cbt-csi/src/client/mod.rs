@@ -229,7 +229,7 @@ impl Query {
 }
 
 /// One metadata call: the query, where to start and how many tuples per message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct MetadataRequest {
     /// What to ask.
     pub query: Query,
@@ -262,6 +262,26 @@ impl MetadataRequest {
     pub fn max_results(mut self, n: u32) -> Self {
         self.max_results = n;
         self
+    }
+
+    /// Sends these CSI secrets (CSI API only; the Kubernetes sidecar supplies its own).
+    pub fn with_secrets(mut self, secrets: std::collections::HashMap<String, String>) -> Self {
+        self.secrets = secrets;
+        self
+    }
+}
+
+impl std::fmt::Debug for MetadataRequest {
+    // Secret values never reach logs: only their keys are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut keys: Vec<&String> = self.secrets.keys().collect();
+        keys.sort();
+        f.debug_struct("MetadataRequest")
+            .field("query", &self.query)
+            .field("starting_offset", &self.starting_offset)
+            .field("max_results", &self.max_results)
+            .field("secret_keys", &keys)
+            .finish()
     }
 }
 

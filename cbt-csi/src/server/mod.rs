@@ -22,7 +22,9 @@
 //! between snapshots: the request is well-formed but the system state makes a delta impossible,
 //! and the remedy is a full backup, which is what CSI prescribes FAILED_PRECONDITION for) or with
 //! CBT disabled; UNAUTHENTICATED for a missing or wrong token when the server has one (the
-//! Identity and health services need no token, like the sidecar's health service).
+//! Identity and health services need no token, like the sidecar's health service); with
+//! [`ServerOptions::secrets`], INVALID_ARGUMENT for a CSI call missing a secret key and
+//! PERMISSION_DENIED for a wrong value.
 //!
 //! # Memory
 //! Per call: two scan windows (`window` bytes each), one zero block, one message being built
@@ -75,6 +77,10 @@ pub struct ServerOptions {
     pub driver_name: String,
     /// Stream-breaking test hook.
     pub fault: Option<FaultPlan>,
+    /// CSI secrets every CSI SnapshotMetadata call must carry, as a driver configured with
+    /// backend credentials requires (missing key: INVALID_ARGUMENT, wrong value:
+    /// PERMISSION_DENIED). The Kubernetes API carries no secrets (the sidecar adds them).
+    pub secrets: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl ServerOptions {
@@ -89,6 +95,7 @@ impl ServerOptions {
             window: 1024 * 1024,
             driver_name: "file.cbt.example.com".to_string(),
             fault: None,
+            secrets: None,
         }
     }
 
@@ -356,6 +363,31 @@ impl FileMetadataService {
         }
     }
 
+    fn check_csi_secrets(
+        &self,
+        got: &std::collections::HashMap<String, String>,
+    ) -> Result<(), Status> {
+        let Some(required) = &self.opts.secrets else {
+            return Ok(());
+        };
+        for (key, value) in required {
+            match got.get(key) {
+                None => {
+                    return Err(Status::invalid_argument(format!(
+                        "secret {key:?} is required"
+                    )));
+                }
+                Some(v) if !token_matches(v, value) => {
+                    return Err(Status::permission_denied(format!(
+                        "secret {key:?} rejected"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     fn check_k8s_token(&self, token: &str) -> Result<(), Status> {
         if token.is_empty() {
             return Err(Status::invalid_argument("security_token is required"));
@@ -544,6 +576,7 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
     ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
         self.check_csi_token(&request)?;
         let r = request.into_inner();
+        self.check_csi_secrets(&r.secrets)?;
         let snap = self.csi_lookup(&r.snapshot_id, "snapshot_id")?;
         let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
         Ok(Response::new(self.csi_stream(
@@ -564,6 +597,7 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
     ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
         self.check_csi_token(&request)?;
         let r = request.into_inner();
+        self.check_csi_secrets(&r.secrets)?;
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         let target = self.csi_lookup(&r.target_snapshot_id, "target_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_id)?;
