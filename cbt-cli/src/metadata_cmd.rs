@@ -761,6 +761,13 @@ pub async fn plan_backup(
     let (Some(endpoint), Some(snapshot)) = (&args.metadata_endpoint, &args.snapshot_id) else {
         return Err(CliError::usage("--metadata-endpoint needs --snapshot-id"));
     };
+    if let (Some(p), None) = (explicit_parent, &args.base_snapshot_id) {
+        // Without a delta base this would be a full backup that silently ignores --parent.
+        return Err(CliError::usage(format!(
+            "--parent {p} with --metadata-endpoint needs --base-snapshot-id (the CSI snapshot that backup was taken from)"
+        ))
+        .with_hint("omit --parent for a full backup from GetMetadataAllocated"));
+    }
     let k8s = args.conn.namespace.is_some();
     let source = cbt_core::manifest::SourceInfo {
         csi_snapshot_id: if k8s {

@@ -382,6 +382,12 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     let out = cbt(&again);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-non-latest-base"));
+    // --parent without a delta base would be a full backup ignoring it: refused.
+    let mut no_base = again[..again.len() - 2].to_vec();
+    no_base.extend(["--parent", "b1"]);
+    let out = cbt(&no_base);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs --base-snapshot-id"));
     let mut allowed = again.to_vec();
     allowed.push("--allow-non-latest-base");
     ok(&allowed);
