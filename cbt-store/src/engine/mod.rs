@@ -27,6 +27,25 @@
 //! whole `cbt-benches` e2e process (512 MiB image, backup + incremental + restore) peaked at
 //! about 160 MB RSS.
 //!
+//! # Choosing the chunk size
+//! A changed byte costs its whole chunk: re-read, and re-uploaded unless identical content is
+//! stored. Smaller chunks upload less per change but make every manifest (written in full by
+//! each backup) and every in-memory chunk map larger. Measured with
+//! `cargo test --release -p cbt-store --test engine_measure -- --ignored --nocapture`: 1 GiB
+//! of incompressible data, 289 scattered writes of 8..64 KiB (4 KiB aligned) covering 1%:
+//!
+//! | chunk size      | chunks touched | uploaded per changed byte | manifest per fully allocated TiB |
+//! |-----------------|----------------|---------------------------|----------------------------------|
+//! | 4 MiB (default) | 65% (166/256)  | 64.8                      | 11.9 MB stored, ~18 MiB in memory |
+//! | 1 MiB           | 25% (257/1024) | 25.1                      | 47 MB stored, ~73 MiB in memory   |
+//! | 256 KiB         | 7.7% (317/4096)| 7.7                       | 190 MB stored, ~290 MiB in memory |
+//!
+//! Writes that cluster (logs, sequential files, most file systems) touch far fewer chunks than
+//! this uniform scatter, and compressible data uploads less. The 4 MiB default keeps
+//! manifests and memory small for large volumes; volumes with scattered small writes
+//! (databases) trade memory for upload volume with 1 MiB or 256 KiB (a full backup picks the
+//! size, its incrementals keep it).
+//!
 //! # Example
 //! ```no_run
 //! use std::sync::Arc;
