@@ -432,8 +432,8 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     .unwrap();
     assert_eq!(
         counting.calls(Op::Get),
-        2,
-        "one manifest and one chunk download"
+        3,
+        "the manifest, the lock's check for an exclusive holder and one chunk download"
     );
     assert_eq!(r.chunks, 8);
     assert_eq!(r.bytes_written, 8 * CS);
