@@ -396,3 +396,39 @@ async fn restore_locks_when_it_can_and_still_restores_when_it_cannot() {
     assert_eq!(locks.len(), 1, "only the exclusive lock: {locks:?}");
     excl.release().await.unwrap();
 }
+
+/// A lock's holder can be told dead when it ran on this host; locks of live processes and of
+/// other hosts are never reported gone.
+#[tokio::test]
+async fn locks_of_dead_local_processes_are_recognised() {
+    let fx = Fixture::new().await;
+    let lock = fx
+        .repo
+        .lock_shared("backup v/x", Timestamp(1))
+        .await
+        .unwrap();
+    let mine = lock.info().clone();
+    if mine.holder_gone_here().is_none() {
+        return; // no /proc: nothing to tell
+    }
+    assert_eq!(
+        mine.holder_gone_here(),
+        Some(false),
+        "this process is alive"
+    );
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = child.id();
+    child.wait().unwrap();
+    let dead = cbt_store::repo::LockInfo {
+        pid: dead_pid,
+        ..mine.clone()
+    };
+    assert_eq!(dead.holder_gone_here(), Some(true));
+    let elsewhere = cbt_store::repo::LockInfo {
+        host: "some-other-host-name".into(),
+        pid: dead_pid,
+        ..mine
+    };
+    assert_eq!(elsewhere.holder_gone_here(), None);
+    lock.release().await.unwrap();
+}

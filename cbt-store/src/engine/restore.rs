@@ -227,8 +227,20 @@ pub async fn restore_manifest(
         &engine,
     )
     .await;
-    if result.is_ok() && kind == TargetKind::ReplacedFile {
-        result = fs::rename(&write_path, target).map_err(tio(None));
+    if result.is_ok() && kind != TargetKind::InPlace {
+        if kind == TargetKind::ReplacedFile {
+            result = fs::rename(&write_path, target).map_err(tio(None));
+        }
+        // The new name must survive a crash too, not only the file's data.
+        if result.is_ok() {
+            let dir = match target.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            result = File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(tio(None));
+        }
     }
     if result.is_err() && kind != TargetKind::InPlace {
         // Never leave a half-restored image that looks like a complete one.

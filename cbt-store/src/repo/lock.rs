@@ -14,8 +14,10 @@
 //! a GC can never both proceed. Both may back off; retrying later resolves that.
 //!
 //! Locks do not expire: a crashed process leaves its lock behind and GC refuses to run until
-//! an operator removes it with [`Repository::break_lock`] (`cbt lock break <id>`). Expiry by age
-//! would let a slow-but-alive backup lose its protection, which is worse than a manual step.
+//! an operator removes it with [`Repository::break_lock`] (`cbt lock break <id>`).
+//! Expiry by age would let a slow-but-alive backup lose its protection, which is worse than a
+//! manual step. [`LockInfo::holder_gone_here`] tells whether a holder ran on this host and is
+//! gone, which is what an operator (or the CLI) needs to know before breaking a lock.
 
 use std::sync::Arc;
 
@@ -58,6 +60,18 @@ pub struct LockInfo {
 }
 
 impl LockInfo {
+    /// Whether the holder is known to be gone: the lock names this host and no process with
+    /// its pid runs here. `None` when that cannot be told (another host, no `/proc`); a pid
+    /// reused by another process reads as alive, so a `Some(true)` is safe to act on with
+    /// [`Repository::break_lock`] as long as host names are unique (pods' are).
+    pub fn holder_gone_here(&self) -> Option<bool> {
+        if self.pid == 0 || self.host != host_name() || !std::path::Path::new("/proc/self").exists()
+        {
+            return None;
+        }
+        Some(!std::path::Path::new(&format!("/proc/{}", self.pid)).exists())
+    }
+
     fn describe(&self) -> String {
         format!(
             "{:?} lock {} held by {} (pid {} on {}) since {}",
