@@ -432,3 +432,44 @@ async fn locks_of_dead_local_processes_are_recognised() {
     assert_eq!(elsewhere.holder_gone_here(), None);
     lock.release().await.unwrap();
 }
+
+/// `verify --read-data` names the snapshot and index where a damaged chunk is first used.
+#[tokio::test]
+async fn verify_read_data_names_the_snapshot_of_a_damaged_chunk() {
+    use cbt_store::repo::{ProblemKind, VerifyOptions};
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 18);
+    let path = fx.write("d.img", &img);
+    let a = backup_file(&fx.repo, &path, request("a-vol", "s1", full(), 1))
+        .await
+        .unwrap();
+    backup_file(&fx.repo, &path, request("b-vol", "s2", full(), 2))
+        .await
+        .unwrap();
+    let (index, r) = a.manifest.chunks.iter_stored().nth(2).unwrap();
+    let key = cbt_store::chunk::chunk_key(&r.hash);
+    let file = fx.local.path_of(&key).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[70] ^= 0x10;
+    std::fs::write(&file, &bytes).unwrap();
+    let report = fx
+        .repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.snapshots, 2);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let p = &report.problems[0];
+    assert_eq!(
+        (p.snapshot.as_str(), p.index, p.key.as_str()),
+        ("a-vol/s1", Some(index), key.as_str())
+    );
+    assert!(matches!(p.problem, ProblemKind::Corrupt { .. }));
+    assert_eq!(
+        report.chunks_read,
+        a.manifest.chunks.unique_chunks().len() as u64
+    );
+}

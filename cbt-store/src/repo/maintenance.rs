@@ -5,8 +5,9 @@
 //! that cannot be read aborts GC, because its references would be unknown.
 //!
 //! Manifests are streamed (a few at a time), never all held at once: memory is bounded by the
-//! number of *distinct* chunks in the repository (about 50 bytes each), not by the number of
-//! snapshots times their size.
+//! number of *distinct* chunks in the repository (about 50 bytes each for GC and status, about
+//! 150 for `verify`, which remembers where each chunk was first referenced), not by the number
+//! of snapshots times their size.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -189,7 +190,10 @@ impl Repository {
         };
         let single = opts.snapshot.is_some();
         // First reference of each distinct chunk that is present with the right size.
-        let mut to_read: BTreeMap<ChunkHash, (String, u64, u64, ChunkRef)> = BTreeMap::new();
+        // Per distinct chunk only its first reference: snapshot names are kept once, in
+        // `names`, and referred to by position.
+        let mut names: Vec<String> = Vec::new();
+        let mut to_read: BTreeMap<ChunkHash, (u32, u64, u64, ChunkRef)> = BTreeMap::new();
         let mut manifests = self.manifest_stream(keys);
         while let Some((v, s, loaded)) = manifests.next().await {
             let m = match loaded {
@@ -210,6 +214,10 @@ impl Repository {
             };
             report.snapshots += 1;
             let name = format!("{}/{}", m.volume, m.snapshot);
+            let name_pos = u32::try_from(names.len()).map_err(|_| RepoError::Internal {
+                message: "more than 4 billion snapshots".into(),
+            })?;
+            let mut name_used = false;
             let g = *m.chunks.geometry();
             for (index, r) in m.chunks.iter_stored() {
                 report.chunk_refs += 1;
@@ -230,21 +238,27 @@ impl Repository {
                         problem,
                     }),
                     None => {
-                        to_read
-                            .entry(r.hash)
-                            .or_insert_with(|| (name.clone(), index, g.chunk_offset(index), *r));
+                        to_read.entry(r.hash).or_insert_with(|| {
+                            name_used = true;
+                            (name_pos, index, g.chunk_offset(index), *r)
+                        });
                     }
                 }
             }
+            if name_used {
+                names.push(name);
+            }
         }
         if opts.read_data {
+            let names = &names;
             let concurrency = if opts.concurrency == 0 {
                 8
             } else {
                 opts.concurrency
             };
-            let results: Vec<(u64, Option<VerifyProblem>)> = futures::stream::iter(to_read)
-                .map(|(_, (snapshot, index, offset, r))| async move {
+            report = futures::stream::iter(to_read)
+                .map(|(_, (name_pos, index, offset, r))| async move {
+                    let snapshot = names.get(name_pos as usize).cloned().unwrap_or_default();
                     let at = ChunkContext {
                         snapshot: &snapshot,
                         index,
@@ -290,13 +304,14 @@ impl Repository {
                     }
                 })
                 .buffer_unordered(concurrency)
-                .try_collect()
+                // Folded as they finish: nothing per chunk is kept but the problems.
+                .try_fold(report, |mut report, (len, problem)| async move {
+                    report.chunks_read += 1;
+                    report.bytes_read += len;
+                    report.problems.extend(problem);
+                    Ok(report)
+                })
                 .await?;
-            for (len, problem) in results {
-                report.chunks_read += 1;
-                report.bytes_read += len;
-                report.problems.extend(problem);
-            }
         }
         Ok(report)
     }
