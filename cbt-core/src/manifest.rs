@@ -256,6 +256,10 @@ pub struct SourceInfo {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BackupStats {
+    /// Bytes the ranges given to the backup cover, before alignment to chunks: what CBT
+    /// reported as changed (incremental) or allocated (full; the whole volume when unknown).
+    /// `bytes_read` over this is the chunk-alignment amplification.
+    pub bytes_in_ranges: u64,
     /// Bytes read from the source.
     pub bytes_read: u64,
     /// Bytes in chunks whose content differs from the parent's (all non-zero data for a full).

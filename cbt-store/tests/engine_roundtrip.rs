@@ -35,6 +35,7 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
         st.bytes_read, SIZE as u64,
         "image is not sparse: every byte is read"
     );
+    assert_eq!(st.bytes_in_ranges, SIZE as u64, "no allocation map: all of it");
     assert!(st.chunks_zero > 0 && st.objects_written > 0);
     assert_eq!(
         st.chunks_read,
@@ -66,6 +67,12 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
     );
     assert!(st2.objects_written <= st2.chunks_read);
     assert!(st2.bytes_changed > 0 && st2.bytes_changed <= st2.bytes_read);
+    assert_eq!(
+        st2.bytes_in_ranges,
+        changed.total_bytes(),
+        "the stats keep what CBT reported, before chunk alignment"
+    );
+    assert!(st2.bytes_in_ranges <= st2.bytes_read);
     assert_eq!(
         second.manifest.parent.as_ref().unwrap().snapshot.as_str(),
         "s1"

@@ -176,8 +176,9 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         }),
         || {
             format!(
-                "snapshot {}/{} committed ({}{})\n  read {} ({} changed), uploaded {} in {} objects, \
-                 deduplicated {}, zero {}\n  {:.1} s, {:.1} MB/s read",
+                "snapshot {}/{} committed ({}{})\n  ranges cover {}; read {} in whole chunks, of which {} \
+                 differ from the parent\n  uploaded {} in {} object(s), deduplicated {}, zero {}\n  \
+                 {:.1} s, {:.1} MB/s read",
                 m.volume,
                 m.snapshot,
                 m.snapshot_id,
@@ -185,6 +186,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
                     .as_ref()
                     .map(|p| format!(", parent {}", p.snapshot))
                     .unwrap_or_default(),
+                bytes(s.bytes_in_ranges),
                 bytes(s.bytes_read),
                 bytes(s.bytes_changed),
                 bytes(s.bytes_uploaded),

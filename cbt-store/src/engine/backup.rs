@@ -128,7 +128,7 @@ pub async fn backup(
             ),
         });
     }
-    let plan = match &req.mode {
+    let (plan, bytes_in_ranges) = match &req.mode {
         BackupMode::Full { allocated } | BackupMode::FullWithParent { allocated, .. } => {
             if let BackupMode::FullWithParent { parent, .. } = &req.mode
                 && parent.snapshot == req.snapshot
@@ -159,7 +159,11 @@ pub async fn backup(
                     detected.as_ref()
                 }
             };
-            BackupPlan::full(volume_size, chunk_size, allocated)?
+            let in_ranges = allocated.map_or(volume_size, |a| a.clip(volume_size).total_bytes());
+            (
+                BackupPlan::full(volume_size, chunk_size, allocated)?,
+                in_ranges,
+            )
         }
         BackupMode::Incremental { parent, changed } => {
             if parent.volume != req.volume {
@@ -178,7 +182,11 @@ pub async fn backup(
                     ),
                 });
             }
-            BackupPlan::incremental(parent, changed, volume_size)?
+            let in_ranges = changed.clip(volume_size).total_bytes();
+            (
+                BackupPlan::incremental(parent, changed, volume_size)?,
+                in_ranges,
+            )
         }
     };
     if repo.snapshot_exists(&req.volume, &req.snapshot).await? {
@@ -190,7 +198,7 @@ pub async fn backup(
     let purpose = format!("backup {}/{}", req.volume, req.snapshot);
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
     let lock = repo.lock_shared(&purpose, now).await?;
-    let result = run_locked(repo, source, req, &opts, plan, started).await;
+    let result = run_locked(repo, source, req, &opts, plan, bytes_in_ranges, started).await;
     match result {
         Ok(outcome) => {
             // The snapshot is committed: reporting failure now would make a caller retry a
@@ -214,6 +222,7 @@ async fn run_locked(
     req: BackupRequest,
     opts: &EngineOptions,
     plan: BackupPlan,
+    bytes_in_ranges: u64,
     started: Instant,
 ) -> Result<BackupOutcome> {
     // Under the lock no GC can start, so the parent (and every chunk it references) stays
@@ -246,6 +255,7 @@ async fn run_locked(
     let (read, mut stats, raw_buffers_allocated) =
         run_pipeline(repo, source, &plan, parent, opts).await?;
     stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    stats.bytes_in_ranges = bytes_in_ranges;
 
     let meta = SnapshotMeta {
         volume: req.volume.clone(),
