@@ -235,6 +235,84 @@ fn local_repository_full_incremental_restore_prune() {
     full_cycle(&cbt, work.path());
 }
 
+/// `--full --parent`: a full read that records lineage and uploads only what differs.
+#[test]
+fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
+    let work = tempfile::tempdir().unwrap();
+    let cbt = Cbt {
+        repo: format!("file://{}", work.path().join("repo").display()),
+        env: vec![],
+        extra: vec![],
+    };
+    let image = work.path().join("disk.img");
+    let mut data = make_image(&image);
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
+    let dev = image.to_str().unwrap();
+    cbt.ok(&[
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        "a",
+        "--full",
+    ]);
+    change_image(&image, &mut data);
+    let b = cbt.json(&[
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        "b",
+        "--full",
+        "--parent",
+        "a",
+    ]);
+    assert_eq!(b["parent"], "a");
+    let st = &b["stats"];
+    assert_eq!(st["bytes_read"], st["bytes_in_ranges"], "a full read");
+    let changed = st["bytes_changed"].as_u64().unwrap();
+    assert!(changed > 0 && changed < IMAGE_SIZE as u64 / 4, "{st}");
+    assert!(
+        st["objects_written"].as_u64().unwrap() <= changed.div_ceil(CHUNK as u64),
+        "only chunks that differ from the parent are uploaded: {st}"
+    );
+    let restored = work.path().join("b.img");
+    cbt.ok(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "b",
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&restored).unwrap(), data);
+    // A parent that does not exist is a usage error, and nothing is written.
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        "c",
+        "--full",
+        "--parent",
+        "zz",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(cbt.json(&["list"]).as_array().unwrap().len(), 2);
+}
+
 fn s3_cbt(server: &S3TestServer, bucket: &str) -> Cbt {
     Cbt {
         repo: format!("s3://{bucket}/backups/cluster-a"),

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cbt_core::manifest::SourceInfo;
+use cbt_core::manifest::{ParentRef, SourceInfo};
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions, FileSource};
 use clap::{ArgGroup, Args};
@@ -29,8 +29,10 @@ pub struct BackupArgs {
     /// Name of the new snapshot (must not exist yet).
     #[arg(long)]
     pub snapshot: String,
-    /// Read every allocated chunk (no parent). All-zero chunks are detected and not stored.
-    #[arg(long, conflicts_with = "parent")]
+    /// Read every allocated chunk. All-zero chunks are detected and not stored. With --parent,
+    /// the parent is recorded as lineage (for when no delta can be had) and chunks identical to
+    /// the parent's cost neither an upload nor an existence check.
+    #[arg(long)]
     pub full: bool,
     /// With --full: JSON file of the allocated ranges (CSI GetMetadataAllocated); without it
     /// the device's own data map (SEEK_DATA) or the whole device is read.
@@ -40,7 +42,8 @@ pub struct BackupArgs {
     /// they touch are read, every other chunk is taken from the parent.
     #[arg(long, requires = "parent", value_name = "FILE.json")]
     pub changed_ranges: Option<PathBuf>,
-    /// Snapshot the changed ranges are relative to (same volume).
+    /// Snapshot the changed ranges are relative to (same volume); with --full, the lineage
+    /// to record.
     #[arg(long)]
     pub parent: Option<String>,
     /// Label recorded in the snapshot (repeatable).
@@ -128,7 +131,21 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
                 Some(changed.volume_size),
             )
         }
-        _ => {
+        (None, None, Some(parent)) => {
+            let size = allocated.as_ref().map(|a| a.volume_size);
+            let parent_manifest = repo.load_manifest(&volume, &parent).await?;
+            (
+                BackupMode::FullWithParent {
+                    allocated: allocated.map(|a| a.ranges),
+                    parent: ParentRef {
+                        snapshot: parent_manifest.snapshot,
+                        snapshot_id: parent_manifest.snapshot_id,
+                    },
+                },
+                size,
+            )
+        }
+        (None, _, None) => {
             let size = allocated.as_ref().map(|a| a.volume_size);
             (
                 BackupMode::Full {
