@@ -235,6 +235,129 @@ fn local_repository_full_incremental_restore_prune() {
     full_cycle(&cbt, work.path());
 }
 
+fn count_files(dir: &Path) -> usize {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| {
+                if e.file_type().unwrap().is_dir() {
+                    count_files(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum(),
+        Err(_) => 0,
+    }
+}
+
+/// SIGKILL of a real `cbt backup` process mid-upload: no snapshot becomes visible, and the
+/// re-run uploads only the chunks that had not landed.
+#[test]
+fn a_killed_backup_process_leaves_no_snapshot_and_the_rerun_resumes() {
+    let work = tempfile::tempdir().unwrap();
+    let repo_dir = work.path().join("repo");
+    let cbt = Cbt {
+        repo: format!("file://{}", repo_dir.display()),
+        env: vec![],
+        extra: vec![],
+    };
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
+    // 24 MiB of incompressible data; zstd level 19 makes the first run slow enough to be
+    // killed part way (the content hash does not depend on the level, so the re-run at
+    // level 1 finds what the first run stored).
+    let image = work.path().join("disk.img");
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..24 * 1024 * 1024 / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&image, &data).unwrap();
+    let dev = image.to_str().unwrap();
+    let total_chunks = data.len() / CHUNK;
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .args([
+            "--repo", &cbt.repo, "backup", "--device", dev, "--volume", "v",
+        ])
+        .args([
+            "--snapshot",
+            "s",
+            "--full",
+            "--compression-level",
+            "19",
+            "--jobs",
+            "1",
+        ])
+        .env_remove("CBT_REPO")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let chunks_dir = repo_dir.join("chunks");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while count_files(&chunks_dir) < 8 {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the backup finished before it could be killed"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no chunk landed in 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let landed = count_files(&chunks_dir);
+    assert!(
+        landed < total_chunks,
+        "killed mid-upload: {landed} of {total_chunks}"
+    );
+    assert_eq!(
+        cbt.json(&["list"]).as_array().unwrap().len(),
+        0,
+        "no snapshot is visible after the kill"
+    );
+
+    let b = cbt.json(&[
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s",
+        "--full",
+        "--compression-level",
+        "1",
+    ]);
+    let st = &b["stats"];
+    assert_eq!(st["chunks_read"], total_chunks);
+    assert_eq!(
+        st["chunks_deduplicated"], landed,
+        "every chunk that landed before the kill is reused: {st}"
+    );
+    assert_eq!(st["objects_written"], total_chunks - landed, "{st}");
+    assert_eq!(count_files(&chunks_dir), total_chunks);
+    let restored = work.path().join("out.img");
+    cbt.ok(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "s",
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(std::fs::read(&restored).unwrap(), data);
+    cbt.ok(&["verify", "--read-data"]);
+}
+
 /// `--full --parent`: a full read that records lineage and uploads only what differs.
 #[test]
 fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
