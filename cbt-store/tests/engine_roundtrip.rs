@@ -35,7 +35,10 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
         st.bytes_read, SIZE as u64,
         "image is not sparse: every byte is read"
     );
-    assert_eq!(st.bytes_in_ranges, SIZE as u64, "no allocation map: all of it");
+    assert_eq!(
+        st.bytes_in_ranges, SIZE as u64,
+        "no allocation map: all of it"
+    );
     assert!(st.chunks_zero > 0 && st.objects_written > 0);
     assert_eq!(
         st.chunks_read,
