@@ -159,7 +159,10 @@ fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
     }
 }
 
-fn decompress(payload: &[u8], out: &mut Vec<u8>) -> std::io::Result<usize> {
+fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
+    payload: &[u8],
+    out: &mut W,
+) -> std::io::Result<usize> {
     let pooled = DECOMPRESSORS.lock().ok().and_then(|mut p| p.pop());
     let mut d = match pooled {
         Some(d) => d,
@@ -229,6 +232,52 @@ pub fn decode_into(
     expected: &ChunkRef,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkDecodeError> {
+    let header = check_against(body, expected)?;
+    decode_payload(body, &header, out)
+}
+
+/// Like [`decode_into`], but decodes into `out`, which must be exactly the chunk's raw length
+/// (so a caller can decode straight into memory it chose, e.g. aligned for direct I/O).
+///
+/// # Errors
+/// A [`ChunkDecodeError`] naming the first check that failed; [`ChunkDecodeError::Size`] if
+/// `out` is not `expected.raw_len` bytes.
+pub fn decode_into_slice(
+    body: &[u8],
+    expected: &ChunkRef,
+    out: &mut [u8],
+) -> Result<(), ChunkDecodeError> {
+    if out.len() as u64 != expected.raw_len {
+        return Err(ChunkDecodeError::Size {
+            expected: expected.raw_len,
+            actual: out.len() as u64,
+        });
+    }
+    let h = check_against(body, expected)?;
+    let payload = &body[HEADER_LEN..body.len() - TRAILER_LEN];
+    let n = match h.codec {
+        CODEC_RAW if payload.len() == out.len() => {
+            out.copy_from_slice(payload);
+            out.len()
+        }
+        CODEC_RAW => payload.len(),
+        CODEC_ZSTD => decompress(payload, out).map_err(|e| ChunkDecodeError::Decompress {
+            raw_len: h.raw_len,
+            message: e.to_string(),
+        })?,
+        other => return Err(ChunkDecodeError::Codec(other)),
+    };
+    if n != out.len() {
+        return Err(ChunkDecodeError::Decompress {
+            raw_len: h.raw_len,
+            message: format!("got {n} bytes"),
+        });
+    }
+    verify_raw(out, &h)
+}
+
+/// Checks the object's size and framing, and that its header agrees with `expected`.
+fn check_against(body: &[u8], expected: &ChunkRef) -> Result<Header, ChunkDecodeError> {
     if body.len() as u64 != expected.stored_size {
         return Err(ChunkDecodeError::Size {
             expected: expected.stored_size,
@@ -248,7 +297,7 @@ pub fn decode_into(
             header.raw_len, header.raw_crc, expected.raw_len, expected.crc32c
         )));
     }
-    decode_payload(body, &header, out)
+    Ok(header)
 }
 
 /// Checks a stored object on its own (no manifest), as `verify` does for unreferenced data;
@@ -323,6 +372,11 @@ fn decode_payload(body: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), Chun
             message: format!("got {} bytes", out.len()),
         });
     }
+    verify_raw(out, h)
+}
+
+/// Checks decoded bytes against the header's crc32c and content hash.
+fn verify_raw(out: &[u8], h: &Header) -> Result<(), ChunkDecodeError> {
     let computed = crc32c::crc32c(out);
     if computed != h.raw_crc {
         return Err(ChunkDecodeError::RawCrc {
@@ -364,6 +418,14 @@ mod tests {
             decode_into(&e.body, &e.chunk, &mut out).unwrap();
             assert_eq!(out, raw);
             assert_eq!(decode_standalone(&e.body, &mut out).unwrap(), e.chunk);
+            let mut exact = vec![0u8; raw.len()];
+            decode_into_slice(&e.body, &e.chunk, &mut exact).unwrap();
+            assert_eq!(exact, raw);
+            let mut short = vec![0u8; raw.len() - 1];
+            assert!(matches!(
+                decode_into_slice(&e.body, &e.chunk, &mut short),
+                Err(ChunkDecodeError::Size { .. })
+            ));
         }
         let raw_only = encode(&text, 0);
         assert_eq!(raw_only.body.len(), text.len() + OVERHEAD);
@@ -381,6 +443,11 @@ mod tests {
             assert!(
                 decode_into(&bad, &e.chunk, &mut out).is_err(),
                 "flip at {pos}"
+            );
+            let mut exact = vec![0u8; raw.len()];
+            assert!(
+                decode_into_slice(&bad, &e.chunk, &mut exact).is_err(),
+                "flip at {pos} (slice)"
             );
         }
         let short = &e.body[..e.body.len() - 1];

@@ -1,9 +1,17 @@
 //! The restore pipeline: manifest -> downloads (each distinct chunk once) ->
 //! verify/decompress -> pwrite to every offset holding that chunk.
+//!
+//! Chunks are decoded into 4 KiB-aligned buffers and written with `O_DIRECT` where the target
+//! allows it: a restore writes each byte once and never reads it back, so copying it through
+//! the page cache only costs a kernel copy plus page allocation per byte (measured at about a
+//! fifth of direct-write speed on a VM) and leaves the final fsync all the writeback. Pieces
+//! that direct I/O cannot take (an unaligned tail, a file system that refuses `O_DIRECT`) go
+//! through the ordinary descriptor; the final `fsync` covers both.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -14,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{EngineOptions, Progress, mb_per_s};
-use crate::repo::{ChunkContext, RepoError, Repository, Result, decode_chunk};
+use crate::repo::{ChunkContext, RepoError, Repository, Result, decode_chunk_into_slice};
 
 /// How the target is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -213,7 +221,7 @@ pub async fn restore_manifest(
         TargetKind::InPlace => OpenOptions::new().write(true).open(target),
     }
     .map_err(tio(None))?;
-    let file = Arc::new(file);
+    let file = Arc::new(Target::new(file));
 
     // A zeroed (fresh) target already reads as zeros: zero blocks inside chunks stay holes.
     let sparse = state == TargetState::Zeroed;
@@ -261,7 +269,7 @@ async fn write_all(
     repo: &Repository,
     manifest: &Manifest,
     plan: &RestorePlan<'_>,
-    file: Arc<File>,
+    file: Arc<Target>,
     target: &Path,
     sparse: bool,
     engine: &EngineOptions,
@@ -270,14 +278,15 @@ async fn write_all(
     if !plan.zero_ranges().is_empty() {
         let (f, p, zero) = (file.clone(), path.clone(), plan.zero_ranges().clone());
         let chunk = plan.geometry().chunk_size() as usize;
-        tokio::task::spawn_blocking(move || zero_ranges(&f, &p, &zero, chunk))
+        tokio::task::spawn_blocking(move || zero_ranges(&f.file, &p, &zero, chunk))
             .await
             .map_err(|e| RepoError::Internal {
                 message: format!("zeroing task failed: {e}"),
             })??;
     }
     let name = format!("{}/{}", manifest.volume, manifest.snapshot);
-    let pool: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    // At most `transfers` buffers exist: one per chunk being decoded and written.
+    let pool: Arc<Mutex<Vec<AlignedBuf>>> = Arc::default();
     let progress = Arc::new(Mutex::new(Progress {
         chunks_total: plan.fetch_count(),
         bytes_total: plan.write_bytes(),
@@ -309,15 +318,17 @@ async fn write_all(
                         index,
                         offset,
                     };
-                    decode_chunk(&body, &g.chunk, at, &mut buf)?;
+                    let raw = buf.resize(g.chunk.raw_len as usize);
+                    decode_chunk_into_slice(&body, &g.chunk, at, raw)?;
+                    drop(body);
                     for (_, off) in &g.targets {
-                        write_chunk(&file, &buf, *off, sparse).map_err(|(at, source)| {
-                            RepoError::TargetIo {
+                        write_chunk(&file, buf.as_slice(), *off, sparse).map_err(
+                            |(at, source)| RepoError::TargetIo {
                                 path: path.clone(),
                                 offset: Some(at),
                                 source,
-                            }
-                        })?;
+                            },
+                        )?;
                     }
                     if let Ok(mut p) = pool.lock() {
                         p.push(buf);
@@ -345,7 +356,7 @@ async fn write_all(
         .try_collect::<Vec<()>>()
         .await?;
     let p = path.clone();
-    tokio::task::spawn_blocking(move || file.sync_all())
+    tokio::task::spawn_blocking(move || file.file.sync_all())
         .await
         .map_err(|e| RepoError::Internal {
             message: format!("fsync task failed: {e}"),
@@ -360,11 +371,98 @@ async fn write_all(
 /// Block size below which zero runs inside a chunk are written rather than skipped.
 const SPARSE_BLOCK: usize = 4096;
 
+/// Alignment of memory, offsets and lengths for direct writes: the largest logical block
+/// size of the disks we restore to (512 B and 4 KiB sectors both divide it).
+const DIRECT_ALIGN: usize = 4096;
+
+/// One aligned block; `size == align` so a slice of them has no padding.
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Block([u8; DIRECT_ALIGN]);
+
+/// A chunk buffer whose start is [`DIRECT_ALIGN`]-aligned, as `O_DIRECT` requires.
+#[derive(Default)]
+struct AlignedBuf {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Sets the length to `len` (growing the buffer if needed) and returns the bytes.
+    fn resize(&mut self, len: usize) -> &mut [u8] {
+        let need = len.div_ceil(DIRECT_ALIGN);
+        if self.blocks.len() < need {
+            self.blocks.resize(need, Block([0; DIRECT_ALIGN]));
+        }
+        self.len = len;
+        // SAFETY: `Block` is `repr(C)` around a byte array with size equal to its alignment,
+        // so `blocks` is `blocks.len() * DIRECT_ALIGN` initialized bytes without padding, and
+        // `len` does not exceed that; the borrow of `self` guards the memory.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), len) }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: as in `resize`; `len` never exceeds the initialized blocks.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.len) }
+    }
+}
+
+/// The restore target: the ordinary descriptor (zeroing, unaligned pieces, fsync) and, when
+/// the file system accepts it, a second `O_DIRECT` descriptor on the same file for the bulk.
+struct Target {
+    file: File,
+    direct: Option<File>,
+}
+
+impl Target {
+    fn new(file: File) -> Self {
+        // Reopening through /proc names the same open inode, never whatever the path points
+        // at now. Without /proc or O_DIRECT support everything goes through `file`.
+        let direct = OpenOptions::new()
+            .write(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| tracing::debug!(error = %e, "restore target refuses O_DIRECT"))
+            .ok();
+        Self { file, direct }
+    }
+
+    /// Writes `data` at `at`: the aligned prefix directly when possible, the rest buffered.
+    fn write_at(&self, data: &[u8], at: u64) -> Result<(), (u64, io::Error)> {
+        let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        if let Some(direct) = &self.direct
+            && whole > 0
+            && at.is_multiple_of(DIRECT_ALIGN as u64)
+            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+        {
+            match direct.write_all_at(&data[..whole], at) {
+                Ok(()) => {
+                    let tail_at = at + whole as u64;
+                    return self
+                        .file
+                        .write_all_at(&data[whole..], tail_at)
+                        .map_err(|e| (tail_at, e));
+                }
+                // A device with larger sectors, or a file system that only refuses at write
+                // time: the buffered path below writes the same bytes.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {}
+                Err(e) => return Err((at, e)),
+            }
+        }
+        self.file.write_all_at(data, at).map_err(|e| (at, e))
+    }
+}
+
 /// Writes one chunk at `offset`. With `sparse` (the target already reads as zeros), runs of
 /// all-zero 4 KiB blocks are skipped so they stay holes. Errors carry the failing offset.
-fn write_chunk(file: &File, buf: &[u8], offset: u64, sparse: bool) -> Result<(), (u64, io::Error)> {
+fn write_chunk(
+    file: &Target,
+    buf: &[u8],
+    offset: u64,
+    sparse: bool,
+) -> Result<(), (u64, io::Error)> {
     if !sparse {
-        return file.write_all_at(buf, offset).map_err(|e| (offset, e));
+        return file.write_at(buf, offset);
     }
     let mut run_start: Option<usize> = None;
     let mut pos = 0;
@@ -374,9 +472,7 @@ fn write_chunk(file: &File, buf: &[u8], offset: u64, sparse: bool) -> Result<(),
         match (zero, run_start) {
             (false, None) => run_start = Some(pos),
             (true, Some(start)) => {
-                let at = offset + start as u64;
-                file.write_all_at(&buf[start..pos], at)
-                    .map_err(|e| (at, e))?;
+                file.write_at(&buf[start..pos], offset + start as u64)?;
                 run_start = None;
             }
             _ => {}
@@ -384,8 +480,7 @@ fn write_chunk(file: &File, buf: &[u8], offset: u64, sparse: bool) -> Result<(),
         pos = end;
     }
     if let Some(start) = run_start {
-        let at = offset + start as u64;
-        file.write_all_at(&buf[start..], at).map_err(|e| (at, e))?;
+        file.write_at(&buf[start..], offset + start as u64)?;
     }
     Ok(())
 }
@@ -421,4 +516,49 @@ fn zero_ranges(file: &File, path: &Path, ranges: &RangeSet, piece: usize) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Direct and buffered pieces of one write land exactly, whatever the alignment, and a
+    /// target without a direct descriptor writes the same bytes.
+    #[test]
+    fn aligned_and_unaligned_pieces_land_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = AlignedBuf::default();
+        let len = 3 * DIRECT_ALIGN + 123;
+        for (i, b) in buf.resize(len).iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        let data = buf.as_slice();
+        for with_direct in [true, false] {
+            let path = dir.path().join(format!("t-{with_direct}"));
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .unwrap();
+            let mut t = Target::new(file);
+            if !with_direct {
+                t.direct = None;
+            }
+            // Aligned offset (direct prefix + buffered tail), unaligned offset (all buffered),
+            // unaligned memory (all buffered).
+            t.write_at(data, 0).unwrap();
+            t.write_at(data, 8 * DIRECT_ALIGN as u64 + 7).unwrap();
+            t.write_at(&data[1..], 16 * DIRECT_ALIGN as u64).unwrap();
+            t.file.sync_all().unwrap();
+            let got = fs::read(&path).unwrap();
+            assert_eq!(&got[..len], data);
+            let at = 8 * DIRECT_ALIGN + 7;
+            assert_eq!(&got[at..at + len], data);
+            let at = 16 * DIRECT_ALIGN;
+            assert_eq!(&got[at..at + len - 1], &data[1..]);
+            assert!(got[len..8 * DIRECT_ALIGN + 7].iter().all(|&b| b == 0));
+        }
+    }
 }

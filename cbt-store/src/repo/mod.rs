@@ -648,6 +648,25 @@ pub fn decode_chunk(
     })
 }
 
+/// Like [`decode_chunk`], but into `out`, which must be exactly the chunk's raw length.
+///
+/// # Errors
+/// [`RepoError::ChunkCorrupt`] naming the failed check.
+pub fn decode_chunk_into_slice(
+    body: &[u8],
+    expected: &ChunkRef,
+    at: ChunkContext<'_>,
+    out: &mut [u8],
+) -> Result<()> {
+    chunk::decode_into_slice(body, expected, out).map_err(|reason| RepoError::ChunkCorrupt {
+        snapshot: at.snapshot.to_string(),
+        index: at.index,
+        offset: at.offset,
+        key: chunk::chunk_key(&expected.hash),
+        reason,
+    })
+}
+
 fn encode_manifest(m: &Manifest) -> Result<Bytes> {
     let json = m.to_json()?;
     let z = zstd::bulk::compress(&json, 3).map_err(|e| RepoError::Internal {
