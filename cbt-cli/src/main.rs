@@ -135,8 +135,15 @@ fn init_logging(verbose: u8) {
         2 => "debug",
         _ => "trace",
     };
+    // The AWS SDK logs every failed step of its credential chain (IMDS probes and the like) as
+    // a warning; the error we return says what matters, so its chatter stays below -vvv.
+    let directives = if verbose >= 3 {
+        default.to_string()
+    } else {
+        format!("{default},aws_config=error,aws_smithy_runtime=error,aws_sdk_s3=error")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(directives));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -778,6 +778,26 @@ fn s3_errors_map_to_exit_codes() {
         extra: vec!["--s3-endpoint".into(), format!("http://127.0.0.1:{port}")],
     };
     fails(&cbt.cmd(&["list"]), 4, "cannot reach");
+
+    // No credentials anywhere in the AWS chain: a configuration error (exit 5) that says what
+    // to set, not a retried "dispatch failure".
+    let home = tempfile::tempdir().unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cbt"));
+    c.args([
+        "--repo",
+        "s3://cbt-errors/p",
+        "--s3-endpoint",
+        &server.endpoint(),
+        "list",
+    ]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") || k.starts_with("CBT_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("HOME", home.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    fails(&c.output().unwrap(), 5, "AWS_ACCESS_KEY_ID");
 }
 
 #[test]

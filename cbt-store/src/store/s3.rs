@@ -195,6 +195,22 @@ impl S3Store {
             ));
         }
         let sdk = loader.load().await;
+        // Without a credential source every request would fail later as a retried "dispatch
+        // failure"; resolving once here makes it a configuration error that says what to set.
+        if let Some(provider) = sdk.credentials_provider() {
+            use aws_sdk_s3::config::ProvideCredentials;
+            provider
+                .provide_credentials()
+                .await
+                .map_err(|e| StoreError::Config {
+                    message: format!(
+                        "no usable AWS credentials for s3://{} ({e}); set AWS_ACCESS_KEY_ID and \
+                         AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run with a web identity or \
+                         instance role",
+                        cfg.bucket
+                    ),
+                })?;
+        }
         let mut builder =
             aws_sdk_s3::config::Builder::from(&sdk).force_path_style(cfg.force_path_style);
         if sdk.region().is_none() {
