@@ -194,7 +194,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         || {
             format!(
                 "snapshot {}/{} committed ({}{})\n  ranges cover {}; read {} in whole chunks, of which {} \
-                 differ from the parent\n  uploaded {} in {} object(s), deduplicated {}, zero {}\n  \
+                 {}\n  uploaded {} in {} object(s), deduplicated {}, zero {}\n  \
                  {:.1} s, {:.1} MB/s read",
                 m.volume,
                 m.snapshot,
@@ -206,6 +206,11 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
                 bytes(s.bytes_in_ranges),
                 bytes(s.bytes_read),
                 bytes(s.bytes_changed),
+                if m.parent.is_some() {
+                    "differ from the parent"
+                } else {
+                    "hold data"
+                },
                 bytes(s.bytes_uploaded),
                 s.objects_written,
                 bytes(s.bytes_deduplicated),
