@@ -131,28 +131,23 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
                 Some(changed.volume_size),
             )
         }
-        (None, None, Some(parent)) => {
+        (None, _, parent) => {
             let size = allocated.as_ref().map(|a| a.volume_size);
-            let parent_manifest = repo.load_manifest(&volume, &parent).await?;
-            (
-                BackupMode::FullWithParent {
-                    allocated: allocated.map(|a| a.ranges),
-                    parent: ParentRef {
-                        snapshot: parent_manifest.snapshot,
-                        snapshot_id: parent_manifest.snapshot_id,
-                    },
-                },
-                size,
-            )
-        }
-        (None, _, None) => {
-            let size = allocated.as_ref().map(|a| a.volume_size);
-            (
-                BackupMode::Full {
-                    allocated: allocated.map(|a| a.ranges),
-                },
-                size,
-            )
+            let allocated = allocated.map(|a| a.ranges);
+            let mode = match parent {
+                Some(parent) => {
+                    let parent_manifest = repo.load_manifest(&volume, &parent).await?;
+                    BackupMode::FullWithParent {
+                        allocated,
+                        parent: ParentRef {
+                            snapshot: parent_manifest.snapshot,
+                            snapshot_id: parent_manifest.snapshot_id,
+                        },
+                    }
+                }
+                None => BackupMode::Full { allocated },
+            };
+            (mode, size)
         }
     };
     let req = BackupRequest {
