@@ -83,6 +83,9 @@ pub struct CliError {
     pub message: String,
     /// What the user can do.
     pub hint: Option<String>,
+    /// The command already printed this error as part of its own JSON document, so the
+    /// generic error document is not printed again (stdout stays one document).
+    pub reported: bool,
 }
 
 impl CliError {
@@ -92,6 +95,7 @@ impl CliError {
             class: ExitClass::Usage,
             message: message.into(),
             hint: None,
+            reported: false,
         }
     }
 
@@ -101,7 +105,19 @@ impl CliError {
             class: ExitClass::Config,
             message: message.into(),
             hint: None,
+            reported: false,
         }
+    }
+
+    /// The error as a JSON value (`class`, `exit_code`, `message`, `hint`), for embedding in a
+    /// command's own output document.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "class": self.class.name(),
+            "exit_code": self.class.code(),
+            "message": self.message,
+            "hint": self.hint,
+        })
     }
 
     /// Adds a hint.
@@ -147,6 +163,7 @@ fn store_hint(e: &StoreError) -> Option<String> {
 impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
         CliError {
+            reported: false,
             class: store_class(&e),
             hint: store_hint(&e),
             message: e.to_string(),
@@ -194,6 +211,7 @@ impl From<RepoError> for CliError {
             }
         };
         CliError {
+            reported: false,
             class,
             hint,
             message: e.to_string(),

@@ -201,6 +201,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             out.error(&CliError {
+                reported: false,
                 class: ExitClass::Internal,
                 message: format!("cannot start the async runtime: {e}"),
                 hint: None,

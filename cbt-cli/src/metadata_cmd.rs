@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cbt_csi::client::Batch;
-use cbt_csi::server::{FaultPlan, FileMetadataService, Listen, ServerOptions, TlsIdentity};
+use cbt_csi::server::{
+    FaultPlan, FaultStatus, FileMetadataService, Listen, ServerOptions, TlsIdentity,
+};
 use cbt_csi::{
     BlockType, ClientConfig, CsiError, ErrorKind, MetadataClient, MetadataRequest, Query,
 };
@@ -181,6 +183,18 @@ impl From<CsiError> for CliError {
             CsiError::CbtNotEnabled { .. } | CsiError::FailedPrecondition { .. } => {
                 (ExitClass::Usage, None)
             }
+            CsiError::DeadlineExceeded { .. } => (
+                ExitClass::Transient,
+                Some(
+                    "raise --metadata-deadline-secs: the service was still answering when cbt's own deadline expired",
+                ),
+            ),
+            CsiError::ServerTimeLimit { .. } => (
+                ExitClass::Transient,
+                Some(
+                    "the service's stream time limit is shorter than the time it needs for one message; raise it (sidecar flag --max-streaming-duration-min)",
+                ),
+            ),
             CsiError::ProtocolViolation { .. } => (
                 ExitClass::Integrity,
                 Some(
@@ -199,6 +213,7 @@ impl From<CsiError> for CliError {
             },
         };
         CliError {
+            reported: false,
             class,
             message: e.to_string(),
             hint: hint.map(str::to_string),
@@ -208,6 +223,7 @@ impl From<CsiError> for CliError {
 
 fn output_error(e: std::io::Error) -> CliError {
     CliError {
+        reported: false,
         class: ExitClass::Transient,
         message: format!("writing output: {e}"),
         hint: None,
@@ -350,39 +366,56 @@ pub async fn run_metadata(ctx: &Ctx, cmd: MetadataCommand) -> Result<(), CliErro
         }
         Ok(())
     };
-    let result = client
-        .for_each_batch(request, |b| {
-            print(&mut out, Some(b)).map_err(|e| {
-                let msg = e.to_string();
-                io_err = Some(e);
-                msg
-            })
-        })
-        .await;
-    if result.is_ok()
-        && let Err(e) = print(&mut out, None)
-    {
-        io_err = Some(e);
-    }
+    // The stream is driven here (not through for_each_batch) so that its totals are still at
+    // hand when the call fails midway: a failed JSON listing is one complete document too.
+    let mut stream = client.stream(request);
+    let result = loop {
+        match stream.next_batch().await {
+            Ok(Some(b)) => {
+                if let Err(e) = print(&mut out, Some(&b)) {
+                    io_err = Some(e);
+                    break Ok(());
+                }
+            }
+            Ok(None) => {
+                if let Err(e) = print(&mut out, None) {
+                    io_err = Some(e);
+                }
+                break Ok(());
+            }
+            Err(e) => {
+                // The extent held back is complete as far as this call got: print it too.
+                if let Err(io) = print(&mut out, None) {
+                    io_err = Some(io);
+                }
+                break Err(e);
+            }
+        }
+    };
     if let Some(e) = io_err {
         return Err(output_error(e));
     }
-    let summary = match result {
-        Ok(s) => s,
-        Err(e) => {
-            // Close what was started so the partial listing is visibly incomplete.
-            if started {
-                let tail = if json {
-                    "],\"complete\":false}\n"
-                } else {
-                    "(incomplete: the call failed)\n"
-                };
-                let _ = out.write_all(tail.as_bytes());
+    let summary = stream.summary();
+    if let Err(e) = result {
+        let mut err = CliError::from(e);
+        if json {
+            // Ranges already printed stay valid; the document says they are not the whole answer.
+            if !started {
+                let _ = out.write_all(prefix.as_bytes());
             }
-            let _ = out.flush();
-            return Err(e.into());
+            let _ = writeln!(
+                out,
+                "],\"complete\":false,\"summary\":{},\"error\":{}}}",
+                serde_json::to_string(&summary).unwrap_or_else(|_| "null".into()),
+                err.to_json()
+            );
+            err.reported = true;
+        } else if started {
+            let _ = out.write_all(b"(incomplete: the call failed)\n");
         }
-    };
+        let _ = out.flush();
+        return Err(err);
+    }
     if json {
         if !started {
             out.write_all(prefix.as_bytes()).map_err(output_error)?;
@@ -478,6 +511,7 @@ async fn probe(ctx: &Ctx, endpoint: &EndpointArgs) -> Result<(), CliError> {
         Ok(())
     } else {
         Err(CliError {
+            reported: false,
             class: ExitClass::Transient,
             message: format!("the metadata service at {} is not ready", endpoint.endpoint),
             hint: Some("check the CSI driver and its snapshot-metadata sidecar; the driver must report SNAPSHOT_METADATA_SERVICE".into()),
@@ -541,12 +575,20 @@ pub struct ServeMetadataArgs {
     /// Maximum tuples per response message.
     #[arg(long, default_value_t = 1024)]
     pub max_results: u32,
-    /// Test hook: abort streams with UNAVAILABLE after this many messages.
+    /// End any call that streams longer than this many seconds with DEADLINE_EXCEEDED, as the
+    /// Kubernetes snapshot-metadata sidecar does (--max-streaming-duration-min); clients resume.
+    #[arg(long, value_name = "SECS")]
+    pub max_stream_secs: Option<f64>,
+    /// Test hook: abort streams after this many messages.
     #[arg(long, hide = true)]
     pub drop_after: Option<u32>,
     /// Test hook: how many streams --drop-after aborts.
     #[arg(long, hide = true, default_value_t = 1)]
     pub drop_times: u32,
+    /// Test hook: end dropped streams with DEADLINE_EXCEEDED (a stream time limit) instead of
+    /// UNAVAILABLE.
+    #[arg(long, hide = true)]
+    pub drop_deadline: bool,
 }
 
 /// Parses `4096`, `64K`, `1M`, `1G` (binary units).
@@ -590,7 +632,18 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
     opts.fault = args.drop_after.map(|n| FaultPlan {
         drop_after_messages: n,
         times: args.drop_times,
+        status: if args.drop_deadline {
+            FaultStatus::DeadlineExceeded
+        } else {
+            FaultStatus::Unavailable
+        },
     });
+    opts.max_stream_duration = match args.max_stream_secs {
+        Some(s) => Some(Duration::try_from_secs_f64(s).map_err(|_| {
+            CliError::usage(format!("--max-stream-secs {s}: not a duration in seconds"))
+        })?),
+        None => None,
+    };
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(TlsIdentity {
             cert_pem: read(c)?.into_bytes(),
@@ -608,6 +661,7 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
     );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError {
+            reported: false,
             class: ExitClass::Internal,
             message: format!("cannot install SIGTERM handler: {e}"),
             hint: None,

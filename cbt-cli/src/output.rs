@@ -51,15 +51,9 @@ impl Output {
     /// Prints a failure (stderr for people; the JSON document on stdout for scripts).
     pub fn error(&self, e: &CliError) {
         match self.format {
+            Format::Json if e.reported => {}
             Format::Json => {
-                let doc = serde_json::json!({
-                    "error": {
-                        "class": e.class.name(),
-                        "exit_code": e.class.code(),
-                        "message": e.message,
-                        "hint": e.hint,
-                    }
-                });
+                let doc = serde_json::json!({ "error": e.to_json() });
                 println!("{doc:#}");
             }
             Format::Human => {

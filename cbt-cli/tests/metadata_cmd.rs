@@ -718,3 +718,189 @@ fn csi_secrets_from_a_file_reach_the_driver() {
     ]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `cbt -o json metadata <args>` against `ep`: (exit code, the one JSON document on stdout).
+fn metadata_json(ep: &str, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let mut all = vec!["-o", "json", "metadata"];
+    all.extend_from_slice(&args[..1]);
+    all.extend(["--endpoint", ep]);
+    all.extend_from_slice(&args[1..]);
+    let out = cbt(&all);
+    let text = String::from_utf8(out.stdout).unwrap();
+    // One document: serde_json::from_str refuses trailing content.
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (out.status.code(), v)
+}
+
+#[test]
+fn listings_and_backups_resume_streams_cut_at_the_servers_time_limit() {
+    let (t, snaps, sock) = dirs();
+    let repo = format!("file://{}", t.path().join("repo").display());
+    // 24 data blocks of 64 KiB separated by holes; snap-2 changes 8 of them.
+    let writes: Vec<(u64, u8, usize)> = (0..24).map(|i| (i * 2 * 65536, 1u8, 65536)).collect();
+    image(&snaps.join("snap-1"), 48 * 65536, &writes);
+    std::fs::copy(snaps.join("snap-1"), snaps.join("snap-2")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(snaps.join("snap-2"))
+        .unwrap();
+    for i in (0..24).step_by(3) {
+        f.write_all_at(&[9; 100], i * 2 * 65536 + 1000).unwrap();
+    }
+    drop(f);
+
+    let uncut = {
+        let srv = serve(
+            &snaps,
+            &sock.with_file_name("a.sock"),
+            &["--max-results", "1"],
+        );
+        let a = metadata_json(&srv.endpoint, &["allocated", "-s", "snap-2"]).1;
+        let d = metadata_json(&srv.endpoint, &["delta", "-b", "snap-1", "-s", "snap-2"]).1;
+        (a, d)
+    };
+    assert_eq!(uncut.0["ranges"].as_array().unwrap().len(), 24);
+    assert_eq!(uncut.1["ranges"].as_array().unwrap().len(), 8);
+
+    // Every stream ends with DEADLINE_EXCEEDED after 2 one-tuple messages, like a sidecar whose
+    // --max-streaming-duration-min is far shorter than the listing.
+    let cut_args = [
+        "--max-results",
+        "1",
+        "--drop-after",
+        "2",
+        "--drop-times",
+        "1000000",
+        "--drop-deadline",
+    ];
+    {
+        let srv = serve(&snaps, &sock.with_file_name("b.sock"), &cut_args);
+        let (code, a) = metadata_json(&srv.endpoint, &["allocated", "-s", "snap-2"]);
+        assert_eq!(code, Some(0), "{a}");
+        assert_eq!(a["ranges"], uncut.0["ranges"]);
+        assert_eq!(a["complete"], true);
+        assert_eq!(a["summary"]["attempts"], 12, "24 blocks, 2 per stream");
+        let (code, d) = metadata_json(&srv.endpoint, &["delta", "-b", "snap-1", "-s", "snap-2"]);
+        assert_eq!(code, Some(0), "{d}");
+        assert_eq!(d["ranges"], uncut.1["ranges"]);
+
+        // cbt backup through the same cutting server: full, then an incremental that reads only
+        // the changed chunks.
+        ok(&["--repo", &repo, "repo", "init", "--chunk-size", "64K"]);
+        let dev = |id: &str| snaps.join(id).display().to_string();
+        for (snap, base) in [("snap-1", None), ("snap-2", Some("snap-1"))] {
+            let mut args = vec![
+                "--repo",
+                &repo,
+                "backup",
+                "--volume",
+                "v",
+                "--metadata-endpoint",
+                &srv.endpoint,
+            ];
+            let device = dev(snap);
+            args.extend([
+                "--device",
+                &device,
+                "--snapshot",
+                snap,
+                "--snapshot-id",
+                snap,
+            ]);
+            if let Some(b) = base {
+                args.extend(["--base-snapshot-id", b]);
+            }
+            ok(&args);
+        }
+        let show: serde_json::Value = serde_json::from_str(&ok(&[
+            "--repo",
+            &repo,
+            "-o",
+            "json",
+            "show",
+            "--volume",
+            "v",
+            "--snapshot",
+            "snap-2",
+        ]))
+        .unwrap();
+        assert_eq!(show["stats"]["bytes_read"], 8 * 65536);
+        let target = t.path().join("restored.img");
+        ok(&[
+            "--repo",
+            &repo,
+            "restore",
+            "--volume",
+            "v",
+            "--snapshot",
+            "snap-2",
+            "--target",
+            target.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            std::fs::read(snaps.join("snap-2")).unwrap()
+        );
+    }
+
+    // A limit that cuts before the first message cannot make progress: a bounded number of
+    // attempts, exit 4, and one complete JSON document that names the server's limit.
+    {
+        let srv = serve(
+            &snaps,
+            &sock.with_file_name("c.sock"),
+            &[
+                "--drop-after",
+                "0",
+                "--drop-times",
+                "1000000",
+                "--drop-deadline",
+            ],
+        );
+        let (code, v) = metadata_json(
+            &srv.endpoint,
+            &[
+                "delta",
+                "-b",
+                "snap-1",
+                "-s",
+                "snap-2",
+                "--metadata-max-attempts",
+                "3",
+            ],
+        );
+        assert_eq!(code, Some(4), "{v}");
+        assert_eq!(v["complete"], false);
+        assert_eq!(v["ranges"], serde_json::json!([]));
+        assert_eq!(v["summary"]["attempts"], 3);
+        assert_eq!(v["error"]["class"], "transient");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("its own time limit"), "{msg}");
+    }
+
+    // A listing that fails midway (one broken stream, no retries allowed) is still one document:
+    // the ranges received, complete=false, totals and the error.
+    {
+        let srv = serve(
+            &snaps,
+            &sock.with_file_name("d.sock"),
+            &[
+                "--max-results",
+                "1",
+                "--drop-after",
+                "2",
+                "--drop-times",
+                "1",
+            ],
+        );
+        let (code, v) = metadata_json(
+            &srv.endpoint,
+            &["allocated", "-s", "snap-2", "--metadata-max-attempts", "1"],
+        );
+        assert_eq!(code, Some(4), "{v}");
+        assert_eq!(v["complete"], false);
+        assert_eq!(v["ranges"].as_array().unwrap().len(), 2, "{v}");
+        assert_eq!(v["summary"]["tuples_received"], 2);
+        assert_eq!(v["error"]["exit_code"], 4);
+    }
+}

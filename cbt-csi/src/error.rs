@@ -169,15 +169,38 @@ pub enum CsiError {
         /// The server's message.
         message: String,
     },
-    /// The per-call deadline passed.
+    /// This client's own per-call deadline passed (not a limit of the server: a server's time
+    /// limit is resumed, see [`CsiError::ServerTimeLimit`]).
     #[error(
-        "{call}: deadline of {deadline:?} exceeded; {resume_offset} bytes of the volume were covered; raise the deadline"
+        "{call}: this client's own deadline of {deadline:?} expired after {attempts} attempt(s) with the listing {}; the service was still answering: raise the client's deadline",
+        coverage(*starting_offset, *resume_offset, *capacity)
     )]
     DeadlineExceeded {
         /// The RPC.
         call: Call,
         /// The configured deadline.
         deadline: Duration,
+        /// Where the call started.
+        starting_offset: u64,
+        /// Where a new call could resume.
+        resume_offset: u64,
+        /// Volume size reported by the service, if any message arrived.
+        capacity: Option<u64>,
+        /// Attempts made (the first call plus resumes).
+        attempts: u32,
+    },
+    /// The service ended every attempt at its own stream time limit (DEADLINE_EXCEEDED from the
+    /// server) before sending a single new range, so resuming cannot make progress.
+    #[error(
+        "{call}: the service ended the stream at its own time limit {attempts} times in a row without sending a new range (last: {message}); resume offset {resume_offset}; raise the service's stream time limit (Kubernetes sidecar: --max-streaming-duration-min) or make the driver answer faster"
+    )]
+    ServerTimeLimit {
+        /// The RPC.
+        call: Call,
+        /// Consecutive attempts cut without progress.
+        attempts: u32,
+        /// The server's last message.
+        message: String,
         /// Where a new call could resume.
         resume_offset: u64,
     },
@@ -235,12 +258,24 @@ pub enum CsiError {
     },
 }
 
+/// "at byte X of Y (Z%)" for deadline messages: how far a listing got.
+fn coverage(start: u64, resume: u64, capacity: Option<u64>) -> String {
+    match capacity {
+        Some(c) if c > 0 => {
+            let pct = (resume.min(c) as f64) * 100.0 / c as f64;
+            format!("covered up to byte {resume} of {c} ({pct:.1}%, started at {start})")
+        }
+        _ => format!("covered up to byte {resume} (started at {start}; no volume size received)"),
+    }
+}
+
 impl CsiError {
     /// What a caller can do about this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Connect { .. }
             | Self::DeadlineExceeded { .. }
+            | Self::ServerTimeLimit { .. }
             | Self::RetriesExhausted { .. } => ErrorKind::Transient,
             Self::SnapshotUnavailable { .. } => ErrorKind::Transient,
             Self::CbtNotEnabled { .. } => ErrorKind::Unsupported,

@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use cbt_csi::server::{FaultPlan, FileMetadataService, Listen, ServerOptions, TlsIdentity, spawn};
+use cbt_csi::server::{
+    FaultPlan, FaultStatus, FileMetadataService, Listen, ServerOptions, TlsIdentity, spawn,
+};
 use cbt_csi::{
     BlockType, ClientConfig, CsiError, ErrorKind, MetadataClient, MetadataRequest, Query,
 };
@@ -351,6 +353,7 @@ async fn tls_with_private_ca_and_server_name_override() {
     o.fault = Some(FaultPlan {
         drop_after_messages: 5,
         times: 2,
+        status: FaultStatus::Unavailable,
     });
     let svc = FileMetadataService::new(o).unwrap();
     let tls = TlsIdentity {
@@ -413,6 +416,7 @@ async fn resume_after_dropped_streams_loses_and_duplicates_nothing() {
             o.fault = Some(FaultPlan {
                 drop_after_messages: 2,
                 times: 3,
+                status: FaultStatus::Unavailable,
             });
             let srv = serve_unix(o, sock.path()).await;
             let c = client(srv.endpoint()).await;
@@ -449,6 +453,7 @@ async fn retries_are_bounded_without_progress() {
     o.fault = Some(FaultPlan {
         drop_after_messages: 0,
         times: 1000,
+        status: FaultStatus::Unavailable,
     });
     let srv = serve_unix(o, sock.path()).await;
     let c = client(srv.endpoint()).await;
@@ -594,6 +599,7 @@ async fn a_fresh_token_is_fetched_for_every_attempt_and_consumer_errors_cancel()
     o.fault = Some(FaultPlan {
         drop_after_messages: 1,
         times: 2,
+        status: FaultStatus::Unavailable,
     });
     let srv = serve_unix(o, sock.path()).await;
     let tokens = std::sync::Arc::new(CountingToken::default());
@@ -862,5 +868,223 @@ async fn csi_secrets_are_sent_and_checked() {
         dbg.contains("userKey") && !dbg.contains("k3y") && !dbg.contains("admin"),
         "{dbg}"
     );
+    srv.shutdown().await.unwrap();
+}
+
+/// 64 allocated 4 KiB blocks separated by holes in "s"; "t" changes every third one. Both carry
+/// Kubernetes metadata (namespace "apps") so the sidecar API can name them too.
+fn scattered_pair(dir: &std::path::Path) {
+    let writes: Vec<(u64, Vec<u8>)> = (0..64)
+        .map(|i| (i * 2 * 4 * KIB, vec![1u8; 4096]))
+        .collect();
+    image(dir, "s", 64 * 2 * 4 * KIB, &writes);
+    copy(dir, "s", "t");
+    for i in (0..64).step_by(3) {
+        write(dir, "t", i * 2 * 4 * KIB + 7, &[2u8]);
+    }
+    for id in ["s", "t"] {
+        cbt_csi::server::write_snapshot_meta(
+            dir,
+            id,
+            &cbt_csi::server::SnapshotMeta {
+                volume_id: Some("pvc-a".into()),
+                namespace: Some("apps".into()),
+                cbt: None,
+            },
+        )
+        .unwrap();
+    }
+}
+
+/// Server options requiring the token "tok" (the Kubernetes API always carries one).
+fn tok(mut o: ServerOptions) -> ServerOptions {
+    o.token = Some("tok".into());
+    o
+}
+
+/// A fast-retrying client sending the token "tok".
+async fn tok_client(endpoint: &str) -> MetadataClient {
+    MetadataClient::connect(
+        ClientConfig::new(endpoint)
+            .with_token("tok")
+            .with_retry(common::fast_retry()),
+    )
+    .await
+    .unwrap()
+}
+
+/// Every query flavour over the scattered pair: CSI and Kubernetes API, allocated and delta.
+fn all_queries() -> Vec<Query> {
+    vec![
+        alloc("s"),
+        delta("s", "t"),
+        Query::K8sAllocated {
+            namespace: "apps".into(),
+            snapshot_name: "s".into(),
+        },
+        Query::K8sDelta {
+            namespace: "apps".into(),
+            base_snapshot_id: "s".into(),
+            target_snapshot_name: "t".into(),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn a_stream_cut_at_the_servers_time_limit_is_resumed_exactly() {
+    // The Kubernetes sidecar ends every call at its stream time limit with DEADLINE_EXCEEDED
+    // after the messages sent so far. Here every stream is cut after 2 messages, so a listing
+    // of N messages takes about N/2 attempts, all of which make progress.
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    scattered_pair(snaps.path());
+    for q in all_queries() {
+        for t in [BlockType::FixedLength, BlockType::VariableLength] {
+            let baseline = {
+                let srv = serve_unix(tok(opts(snaps.path(), 4 * KIB, t)), sock.path()).await;
+                let r = tok_client(srv.endpoint())
+                    .await
+                    .collect(MetadataRequest::new(q.clone()).max_results(1))
+                    .await
+                    .unwrap();
+                srv.shutdown().await.unwrap();
+                r
+            };
+            assert!(
+                baseline.summary.messages >= 6,
+                "{q:?} {t:?}: enough messages to cut"
+            );
+            let mut o = tok(opts(snaps.path(), 4 * KIB, t));
+            o.fault = Some(FaultPlan {
+                drop_after_messages: 2,
+                times: u32::MAX,
+                status: FaultStatus::DeadlineExceeded,
+            });
+            let srv = serve_unix(o, sock.path()).await;
+            // A client deadline far in the future: the cuts must not be taken for it.
+            let c = MetadataClient::connect(
+                ClientConfig::new(srv.endpoint())
+                    .with_token("tok")
+                    .with_retry(common::fast_retry())
+                    .with_deadline(Duration::from_secs(600)),
+            )
+            .await
+            .unwrap();
+            let mut last_end = 0u64;
+            let mut streamed = Vec::new();
+            let summary = c
+                .for_each_batch(MetadataRequest::new(q.clone()).max_results(1), |b| {
+                    for e in &b.extents {
+                        assert!(e.offset >= last_end, "{e:?} repeats or precedes {last_end}");
+                        last_end = e.end();
+                        streamed.push(*e);
+                    }
+                    Ok::<_, std::io::Error>(())
+                })
+                .await
+                .unwrap();
+            cbt_csi::ranges::merge_extents(&mut streamed);
+            assert_eq!(streamed, baseline.extents, "{q:?} {t:?}");
+            assert_eq!(summary.bytes, baseline.summary.bytes, "{q:?} {t:?}");
+            // More cuts than the retry policy's attempts: progress resets the count.
+            let cuts = summary.attempts - 1;
+            assert!(
+                cuts >= common::fast_retry().max_attempts,
+                "{q:?} {t:?}: {cuts} cuts"
+            );
+            let collected = c
+                .collect(MetadataRequest::new(q.clone()).max_results(1))
+                .await
+                .unwrap();
+            assert_eq!(collected.extents, baseline.extents, "{q:?} {t:?}");
+            srv.shutdown().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_time_limit_that_cuts_before_any_message_fails_after_bounded_attempts() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    scattered_pair(snaps.path());
+    for q in all_queries() {
+        let mut o = tok(opts(snaps.path(), 4 * KIB, BlockType::FixedLength));
+        o.fault = Some(FaultPlan {
+            drop_after_messages: 0,
+            times: u32::MAX,
+            status: FaultStatus::DeadlineExceeded,
+        });
+        let srv = serve_unix(o, sock.path()).await;
+        let c = tok_client(srv.endpoint()).await;
+        let e = c
+            .collect(MetadataRequest::new(q.clone()))
+            .await
+            .unwrap_err();
+        match &e {
+            CsiError::ServerTimeLimit {
+                attempts,
+                resume_offset,
+                ..
+            } => {
+                assert_eq!(*attempts, common::fast_retry().max_attempts, "{q:?}");
+                assert_eq!(*resume_offset, 0);
+            }
+            other => panic!("{q:?}: unexpected {other:?}"),
+        }
+        assert_eq!(e.kind(), ErrorKind::Transient);
+        srv.shutdown().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_real_stream_time_limit_is_resumed_to_the_same_answer() {
+    // The time-based limit (serve-metadata --max-stream-secs) rather than the message-count
+    // hook: a zero limit lets every stream deliver nothing, a tiny one cuts at some point that
+    // depends on timing; either way the answer is exact or the failure names the server's limit.
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    scattered_pair(snaps.path());
+    let q = delta("s", "t");
+    let baseline = {
+        let srv = serve_unix(
+            opts(snaps.path(), 4 * KIB, BlockType::FixedLength),
+            sock.path(),
+        )
+        .await;
+        let r = client(srv.endpoint())
+            .await
+            .collect(MetadataRequest::new(q.clone()).max_results(1))
+            .await
+            .unwrap();
+        srv.shutdown().await.unwrap();
+        r
+    };
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.max_stream_duration = Some(Duration::ZERO);
+    let srv = serve_unix(o, sock.path()).await;
+    let e = client(srv.endpoint())
+        .await
+        .collect(MetadataRequest::new(q.clone()).max_results(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CsiError::ServerTimeLimit { .. }), "{e:?}");
+    srv.shutdown().await.unwrap();
+
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.max_stream_duration = Some(Duration::from_millis(5));
+    let srv = serve_unix(o, sock.path()).await;
+    let c = MetadataClient::connect(ClientConfig::new(srv.endpoint()).with_retry(
+        cbt_csi::RetryPolicy {
+            max_attempts: 1000,
+            ..common::fast_retry()
+        },
+    ))
+    .await
+    .unwrap();
+    let r = c
+        .collect(MetadataRequest::new(q).max_results(1))
+        .await
+        .unwrap();
+    assert_eq!(r.extents, baseline.extents);
     srv.shutdown().await.unwrap();
 }

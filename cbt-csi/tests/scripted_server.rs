@@ -311,9 +311,52 @@ async fn deadline_covers_a_stalled_stream() {
     .await
     .unwrap();
     let e = c.collect(alloc()).await.unwrap_err();
-    match e {
-        CsiError::DeadlineExceeded { resume_offset, .. } => assert_eq!(resume_offset, 4096),
+    match &e {
+        CsiError::DeadlineExceeded {
+            resume_offset,
+            capacity,
+            attempts,
+            ..
+        } => {
+            assert_eq!(*resume_offset, 4096);
+            assert_eq!(*capacity, Some(1 << 20));
+            assert_eq!(*attempts, 1);
+        }
         other => panic!("unexpected {other:?}"),
+    }
+    // The message names the limit that fired (ours, not the server's) and how far it got.
+    let text = e.to_string();
+    assert!(text.contains("this client's own deadline of 1s"), "{text}");
+    assert!(text.contains("4096 of 1048576 (0.4%"), "{text}");
+}
+
+#[tokio::test]
+async fn a_server_deadline_before_ours_is_resumed_not_reported_as_ours() {
+    // A scripted driver that ends each stream with DEADLINE_EXCEEDED after one block, and a
+    // client whose own deadline is far away: the listing completes.
+    let s = serve(Arc::new(|start| {
+        let first = start - start % 4096;
+        let mut v: Vec<Result<_, Status>> = Vec::new();
+        if first < 40960 {
+            v.push(Ok(msg(1, 40960, &[(first, 4096)])));
+        }
+        if first + 4096 < 40960 {
+            v.push(Err(Status::deadline_exceeded("stream time limit")));
+        }
+        Ok(Box::pin(futures::stream::iter(v)) as Msgs)
+    }))
+    .await;
+    let c = MetadataClient::connect(
+        ClientConfig::new(&s.endpoint)
+            .with_retry(fast_retry())
+            .with_deadline(Duration::from_secs(600)),
+    )
+    .await
+    .unwrap();
+    for req in [alloc(), delta()] {
+        let r = c.collect(req).await.unwrap();
+        assert_eq!(r.extents, vec![ext(0, 40960)]);
+        assert_eq!(r.summary.attempts, 10);
     }
 }
 

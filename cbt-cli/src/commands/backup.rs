@@ -102,6 +102,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
             ExitClass::Transient
         };
         CliError {
+            reported: false,
             class,
             message: format!("cannot open --device {}: {e}", args.device.display()),
             hint: None,

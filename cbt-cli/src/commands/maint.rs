@@ -85,6 +85,7 @@ pub async fn verify(ctx: &Ctx, args: VerifyArgs) -> Result<(), CliError> {
         Ok(())
     } else {
         Err(CliError {
+            reported: false,
             class: ExitClass::Integrity,
             message: format!("verify found {} problem(s)", report.problems.len()),
             hint: Some(

@@ -9,6 +9,12 @@
 //! # Guarantees
 //! - A call returns `Ok(None)` (end) only after the server's clean end-of-stream, so a completed
 //!   call covered the whole volume from the starting offset.
+//! - A stream the server ends at its own time limit (DEADLINE_EXCEEDED or CANCELLED before this
+//!   client's deadline, as the Kubernetes sidecar does at `--max-streaming-duration-min`) is
+//!   resumed like a broken one; attempts that delivered new ranges do not count against the
+//!   [`RetryPolicy`], so a listing cut any number of times completes, while a limit that cuts
+//!   before any new range fails with [`CsiError::ServerTimeLimit`] after bounded attempts. Only
+//!   this client's own deadline yields [`CsiError::DeadlineExceeded`].
 //! - Across resumes no range is lost and, for a driver that streams in order (as the spec
 //!   requires), none is emitted twice; see [`crate::normalize`] for sloppy drivers.
 //! - Memory: one decoded response message at a time, at most
@@ -669,7 +675,7 @@ impl MetadataStream {
                 }
                 Err(status) => {
                     self.current = None;
-                    if !is_retryable(status.code()) {
+                    if !self.resumable(&status) {
                         self.done = true;
                         return Err(self.map(status));
                     }
@@ -677,6 +683,26 @@ impl MetadataStream {
                 }
             }
         }
+    }
+
+    /// Whether a failed attempt is resumed: retryable codes, and a DEADLINE_EXCEEDED or
+    /// CANCELLED that this client's own deadline cannot explain. The Kubernetes sidecar ends
+    /// every call at its stream time limit with DEADLINE_EXCEEDED after the messages sent so
+    /// far (contracts §7), and a driver may do the same; such a cut is resumed like a broken
+    /// connection, not reported as the client's deadline.
+    fn resumable(&self, status: &Status) -> bool {
+        match status.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => !self.own_deadline_passed(),
+            code => is_retryable(code),
+        }
+    }
+
+    /// True once this client's deadline has (nearly) passed. The margin covers a server that
+    /// enforces the `grpc-timeout` we sent and answers a moment before our own timer fires.
+    fn own_deadline_passed(&self) -> bool {
+        const MARGIN: Duration = Duration::from_millis(250);
+        self.deadline_at
+            .is_some_and(|at| Instant::now() + MARGIN >= at)
     }
 
     fn map(&self, status: Status) -> CsiError {
@@ -693,7 +719,11 @@ impl MetadataStream {
                 ),
             };
         }
-        if status.code() == tonic::Code::DeadlineExceeded && self.deadline_at.is_some() {
+        if matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ) && self.own_deadline_passed()
+        {
             return self.deadline_error();
         }
         map_status(&self.request.query, self.attempt_start_offset, status)
@@ -703,18 +733,38 @@ impl MetadataStream {
         CsiError::DeadlineExceeded {
             call: self.request.query.call(),
             deadline: self.client.config.deadline.unwrap_or_default(),
+            starting_offset: self.request.starting_offset,
             resume_offset: self.norm.resume_offset(),
+            capacity: self.norm.capacity(),
+            attempts: self.attempts,
         }
     }
 
     async fn after_failure(&mut self, status: Status) -> Result<(), CsiError> {
         self.failures += 1;
         let policy = &self.client.config.retry;
-        tracing::debug!(code = ?status.code(), message = status.message(), failures = self.failures,
-            resume_offset = self.norm.resume_offset(), "metadata stream broke");
+        if status.code() == tonic::Code::DeadlineExceeded {
+            tracing::info!(
+                message = status.message(),
+                failures = self.failures,
+                resume_offset = self.norm.resume_offset(),
+                "the service ended the stream at its time limit; resuming"
+            );
+        } else {
+            tracing::debug!(code = ?status.code(), message = status.message(), failures = self.failures,
+                resume_offset = self.norm.resume_offset(), "metadata stream broke");
+        }
         if self.failures >= policy.max_attempts.max(1) {
             self.done = true;
             let call = self.request.query.call();
+            if status.code() == tonic::Code::DeadlineExceeded {
+                return Err(CsiError::ServerTimeLimit {
+                    call,
+                    attempts: self.failures,
+                    message: status.message().to_string(),
+                    resume_offset: self.norm.resume_offset(),
+                });
+            }
             if self.request.query.is_kubernetes()
                 && status.code() == tonic::Code::Unavailable
                 && self.norm.messages() == 0
@@ -839,7 +889,7 @@ impl MetadataStream {
             }
         };
         result.map_err(|status| {
-            if is_retryable(status.code()) {
+            if self.resumable(&status) {
                 Failure::Retry(status)
             } else {
                 Failure::Fatal(self.map(status))

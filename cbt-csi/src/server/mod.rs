@@ -52,10 +52,36 @@ pub use scan::{Geometry, ScanStats};
 /// Test hook: break streams on purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FaultPlan {
-    /// Abort a stream with UNAVAILABLE after this many messages.
+    /// Abort a stream after this many messages.
     pub drop_after_messages: u32,
     /// How many streams to abort in total (then behave normally).
     pub times: u32,
+    /// The status the aborted stream ends with.
+    pub status: FaultStatus,
+}
+
+/// How a [`FaultPlan`] ends a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FaultStatus {
+    /// UNAVAILABLE, as a broken connection or a restarting sidecar shows.
+    #[default]
+    Unavailable,
+    /// DEADLINE_EXCEEDED, as the Kubernetes sidecar ends a call at its
+    /// `--max-streaming-duration-min` limit (contracts §7).
+    DeadlineExceeded,
+}
+
+impl FaultStatus {
+    fn status(self, n: u32) -> Status {
+        match self {
+            Self::Unavailable => Status::unavailable(format!(
+                "stream dropped after {n} messages (test fault injection)"
+            )),
+            Self::DeadlineExceeded => Status::deadline_exceeded(format!(
+                "stream time limit reached after {n} messages (test fault injection)"
+            )),
+        }
+    }
 }
 
 /// Configuration of the file-backed server.
@@ -77,6 +103,9 @@ pub struct ServerOptions {
     pub driver_name: String,
     /// Stream-breaking test hook.
     pub fault: Option<FaultPlan>,
+    /// Longest time one call may stream before it is ended with DEADLINE_EXCEEDED, like the
+    /// Kubernetes sidecar's `--max-streaming-duration-min`; `None` streams without a limit.
+    pub max_stream_duration: Option<std::time::Duration>,
     /// CSI secrets every CSI SnapshotMetadata call must carry, as a driver configured with
     /// backend credentials requires (missing key: INVALID_ARGUMENT, wrong value:
     /// PERMISSION_DENIED). The Kubernetes API carries no secrets (the sidecar adds them).
@@ -95,6 +124,7 @@ impl ServerOptions {
             window: 1024 * 1024,
             driver_name: "file.cbt.example.com".to_string(),
             fault: None,
+            max_stream_duration: None,
             secrets: None,
         }
     }
@@ -268,7 +298,9 @@ struct Packer {
     pending: Vec<(u64, u64)>,
     sent: u32,
     failed: bool,
-    drop_after: Option<(u32, Arc<AtomicU32>)>,
+    drop_after: Option<(u32, FaultStatus, Arc<AtomicU32>)>,
+    /// When the call's stream time limit expires.
+    cut_at: Option<std::time::Instant>,
 }
 
 impl Packer {
@@ -297,14 +329,25 @@ impl Packer {
 
     /// Sends the pending tuples; Break when the client is gone or the fault hook fired.
     fn flush(&mut self) -> ControlFlow<()> {
-        if let Some((n, left)) = &self.drop_after
+        if let Some((n, status, left)) = &self.drop_after
             && self.sent >= *n
             && left
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
                 .is_ok()
         {
-            let _ = self.tx.blocking_send(Err(Status::unavailable(format!(
-                "stream dropped after {n} messages (test fault injection)"
+            let _ = self.tx.blocking_send(Err(status.status(*n)));
+            self.failed = true;
+            return ControlFlow::Break(());
+        }
+        if self
+            .cut_at
+            .is_some_and(|at| std::time::Instant::now() >= at)
+        {
+            // What the sidecar does when its per-call limit expires: the messages sent so far
+            // stand, the stream ends with DEADLINE_EXCEEDED and nothing says where to resume.
+            let _ = self.tx.blocking_send(Err(Status::deadline_exceeded(format!(
+                "stream time limit reached after {} messages",
+                self.sent
             ))));
             self.failed = true;
             return ControlFlow::Break(());
@@ -482,10 +525,13 @@ impl FileMetadataService {
         } as usize;
         let drop_after = match opts.fault {
             Some(f) if self.drops_left.load(Ordering::SeqCst) > 0 => {
-                Some((f.drop_after_messages, self.drops_left.clone()))
+                Some((f.drop_after_messages, f.status, self.drops_left.clone()))
             }
             _ => None,
         };
+        let cut_at = opts
+            .max_stream_duration
+            .and_then(|d| std::time::Instant::now().checked_add(d));
         tokio::task::spawn_blocking(move || {
             let g = opts.geometry();
             let capacity = match &work {
@@ -502,6 +548,7 @@ impl FileMetadataService {
                 sent: 0,
                 failed: false,
                 drop_after,
+                cut_at,
             };
             // The receiver is dropped when the client cancels or disconnects: stop reading then.
             let probe = out.tx.clone();
