@@ -724,210 +724,96 @@ pub struct CbtBackupArgs {
     pub conn: ConnArgs,
 }
 
-/// What the metadata service decided for a backup.
-#[derive(Debug)]
-pub struct ServicePlan {
-    /// Full with allocated ranges, or incremental with changed ranges and the parent.
-    pub mode: cbt_store::engine::BackupMode,
-    /// Volume size reported by the service.
-    pub volume_size: Option<u64>,
-    /// Provenance to record in the manifest.
-    pub source: cbt_core::manifest::SourceInfo,
-}
-
-/// Picks the parent backup of an incremental whose delta base is CSI snapshot `base`.
-///
-/// The parent is the backup taken from `base` (or `explicit`, which must have been taken from
-/// `base`); unless `allow_non_latest`, it must be the latest backup of the volume, so that an
-/// incremental never silently builds on an older state.
+/// The library's CBT backup spec for these flags (the binary only translates flags).
 ///
 /// # Errors
-/// A usage error naming the volume, the base and the latest backup.
-pub fn choose_parent(
-    mut manifests: Vec<cbt_core::Manifest>,
-    volume: &cbt_core::VolumeName,
-    base: &str,
-    explicit: Option<&cbt_core::SnapshotName>,
-    allow_non_latest: bool,
-) -> Result<cbt_core::Manifest, CliError> {
-    manifests.sort_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot)));
-    let full_hint = "take a full backup instead (omit --base-snapshot-id)";
-    let Some(latest) = manifests.last() else {
-        return Err(CliError::usage(format!(
-            "volume {volume} has no backup in this repository, so there is no parent for a delta from {base}"
-        ))
-        .with_hint(full_hint));
-    };
-    let from = |m: &cbt_core::Manifest| {
-        m.source
-            .csi_snapshot_id
-            .clone()
-            .unwrap_or_else(|| "an unrecorded snapshot".into())
-    };
-    let candidate = match explicit {
-        Some(p) => manifests.iter().find(|m| &m.snapshot == p).ok_or_else(|| {
-            CliError::usage(format!("--parent {p}: no such backup of volume {volume}"))
-        })?,
-        None => manifests.iter().rev().find(|m| m.source.csi_snapshot_id.as_deref() == Some(base)).ok_or_else(|| {
-            CliError::usage(format!(
-                "no backup of volume {volume} was taken from CSI snapshot {base} (the latest, {}, was taken from {})",
-                latest.snapshot,
-                from(latest)
-            ))
-            .with_hint(full_hint)
-        })?,
-    };
-    if candidate.source.csi_snapshot_id.as_deref() != Some(base) {
-        return Err(CliError::usage(format!(
-            "--parent {} was taken from {}, not from --base-snapshot-id {base}",
-            candidate.snapshot,
-            from(candidate)
-        )));
-    }
-    if candidate.snapshot_id != latest.snapshot_id && !allow_non_latest {
-        return Err(CliError::usage(format!(
-            "base CSI snapshot {base} is backup {} of volume {volume}, but the latest backup is {} (taken from {})",
-            candidate.snapshot,
-            latest.snapshot,
-            from(latest)
-        ))
-        .with_hint(format!(
-            "use --base-snapshot-id {} to build on the latest backup, or pass --allow-non-latest-base",
-            from(latest)
-        )));
-    }
-    Ok(candidate.clone())
-}
-
-/// Asks the service for the ranges of a backup (allocated for a full, delta for an
-/// incremental) and decides the parent. Progress notes go to stderr.
-///
-/// # Errors
-/// Service failures as [`CliError`]s: non-retryable ones suggest `--fallback-full`, which turns
-/// them into a full backup instead.
-pub async fn plan_backup(
-    repo: &cbt_store::repo::Repository,
-    volume: &cbt_core::VolumeName,
-    explicit_parent: Option<&cbt_core::SnapshotName>,
+/// A usage error if the secrets file cannot be read or parsed.
+pub fn cbt_spec(
     args: &CbtBackupArgs,
-) -> Result<ServicePlan, CliError> {
-    use cbt_store::engine::BackupMode;
-    let (Some(endpoint), Some(snapshot)) = (&args.metadata_endpoint, &args.snapshot_id) else {
-        return Err(CliError::usage("--metadata-endpoint needs --snapshot-id"));
+    volume: &cbt_core::VolumeName,
+    parent: Option<&cbt_core::SnapshotName>,
+) -> Result<Option<cbt_store::engine::cbt::CbtBackupSpec>, CliError> {
+    use cbt_store::engine::cbt::{CbtBackupSpec, CbtTarget, DeltaBase};
+    let Some(snapshot) = &args.snapshot_id else {
+        return Ok(None);
     };
-    if let (Some(p), None) = (explicit_parent, &args.base_snapshot_id) {
-        // Without a delta base this would be a full backup that silently ignores --parent.
-        return Err(CliError::usage(format!(
-            "--parent {p} with --metadata-endpoint needs --base-snapshot-id (the CSI snapshot that backup was taken from)"
-        ))
-        .with_hint("omit --parent for a full backup from GetMetadataAllocated"));
-    }
-    let k8s = args.conn.namespace.is_some();
-    let source = cbt_core::manifest::SourceInfo {
-        csi_snapshot_id: if k8s {
-            args.snapshot_handle.clone()
-        } else {
-            Some(snapshot.clone())
+    let target = match &args.conn.namespace {
+        Some(ns) => CbtTarget::Kubernetes {
+            namespace: ns.clone(),
+            snapshot_name: snapshot.clone(),
+            snapshot_handle: args.snapshot_handle.clone(),
         },
-        base_csi_snapshot_id: args.base_snapshot_id.clone(),
-        namespace: args.conn.namespace.clone(),
-        volume_snapshot: k8s.then(|| snapshot.clone()),
-        ..Default::default()
+        None => CbtTarget::Csi {
+            snapshot_id: snapshot.clone(),
+        },
     };
-    if k8s && args.snapshot_handle.is_none() {
-        eprintln!(
-            "warning: no --snapshot-handle given: the CSI handle of {snapshot} is not recorded, so a later incremental cannot name this backup as its base"
-        );
-    }
-    let parent = match &args.base_snapshot_id {
-        Some(base) => Some(choose_parent(
-            repo.load_manifests(Some(volume)).await?,
-            volume,
-            base,
-            explicit_parent,
-            args.allow_non_latest_base,
-        )?),
-        None => None,
+    let template = args.conn.request(Query::CsiAllocated {
+        snapshot_id: String::new(),
+    })?;
+    let mut spec = CbtBackupSpec::new(volume.clone(), target);
+    spec.base = match &args.base_snapshot_id {
+        Some(b) => DeltaBase::Handle(b.clone()),
+        None => DeltaBase::Full,
     };
-    let client = MetadataClient::connect(args.conn.client_config(endpoint)?).await?;
-    let query = match &args.base_snapshot_id {
-        Some(base) => args.conn.delta(base, snapshot),
-        None => args.conn.allocated(snapshot),
-    };
-    let request = args.conn.request(query.clone())?;
-    match client.collect_range_set(request).await {
-        Ok((ranges, summary)) => {
-            eprintln!(
-                "metadata: {} {}: {} ranges, {} of {} ({}, {} attempt(s))",
-                query.call(),
-                query.describe(),
-                summary.ranges,
-                human(summary.bytes),
-                summary
-                    .volume_capacity_bytes
-                    .map(human)
-                    .unwrap_or_else(|| "a volume of unreported size".into()),
-                summary.block_type.map(BlockType::as_str).unwrap_or("-"),
-                summary.attempts
-            );
-            // A stream without any message reports no capacity: the device's size is used then.
-            let volume_size = summary.volume_capacity_bytes;
-            let mode = match parent {
-                Some(p) => BackupMode::Incremental {
-                    parent: Box::new(p),
-                    changed: ranges,
-                },
-                None => BackupMode::Full {
-                    allocated: Some(ranges),
-                },
-            };
-            Ok(ServicePlan {
-                mode,
-                volume_size,
-                source,
-            })
-        }
-        Err(e) if e.is_non_retryable_service_error() && args.fallback_full => {
-            eprintln!("warning: {e}\nwarning: --fallback-full: taking a full backup instead");
-            let mut source = source;
-            source.base_csi_snapshot_id = None;
-            // A failed delta may still leave the allocated map available.
-            let allocated = if args.base_snapshot_id.is_some() {
-                let req = args.conn.request(args.conn.allocated(snapshot))?;
-                match client.collect_range_set(req).await {
-                    Ok((r, s)) => Some((r, s.volume_capacity_bytes)),
-                    Err(e2) => {
-                        eprintln!(
-                            "warning: allocated ranges unavailable too ({e2}); reading the device's data map"
-                        );
-                        None
-                    }
+    spec.explicit_parent = parent.cloned();
+    spec.allow_non_latest_base = args.allow_non_latest_base;
+    spec.fallback_full = args.fallback_full;
+    spec.max_results = template.max_results;
+    spec.secrets = template.secrets;
+    Ok(Some(spec))
+}
+
+impl From<cbt_store::engine::cbt::CbtPlanError> for CliError {
+    fn from(e: cbt_store::engine::cbt::CbtPlanError) -> Self {
+        use cbt_core::lineage::LineageError;
+        use cbt_store::engine::cbt::CbtPlanError;
+        // The library's guidance speaks of decisions; here they are named by their flags.
+        match e {
+            CbtPlanError::Metadata { source, refused } => {
+                let mut err = CliError::from(source);
+                if refused {
+                    err.hint = Some(format!(
+                        "{}the service refused the request, so retrying will not help: pass --fallback-full to take a full backup instead of failing",
+                        err.hint.map(|h| format!("{h}; ")).unwrap_or_default()
+                    ));
                 }
-            } else {
-                eprintln!(
-                    "warning: reading the device's data map (or every byte) instead of service metadata"
-                );
-                None
-            };
-            let volume_size = allocated.as_ref().and_then(|(_, c)| *c);
-            Ok(ServicePlan {
-                mode: BackupMode::Full {
-                    allocated: allocated.map(|(r, _)| r),
-                },
-                volume_size,
-                source,
-            })
-        }
-        Err(e) => {
-            let non_retryable = e.is_non_retryable_service_error();
-            let mut err = CliError::from(e);
-            if non_retryable {
-                err.hint = Some(format!(
-                    "{}the service refused the request, so retrying will not help: pass --fallback-full to take a full backup instead of failing",
-                    err.hint.map(|h| format!("{h}; ")).unwrap_or_default()
-                ));
+                err
             }
-            Err(err)
+            CbtPlanError::Repo(r) => CliError::from(r),
+            CbtPlanError::ParentWithoutBase { parent } => CliError::usage(format!(
+                "--parent {parent} with --metadata-endpoint needs --base-snapshot-id (the CSI snapshot that backup was taken from)"
+            ))
+            .with_hint("omit --parent for a full backup from GetMetadataAllocated"),
+            CbtPlanError::Lineage(l) => {
+                let hint = match &l {
+                    LineageError::BaseNotLatest { latest_from, .. } => format!(
+                        "use --base-snapshot-id {latest_from} to build on the latest backup, or pass --allow-non-latest-base"
+                    ),
+                    LineageError::NoBackup { .. } | LineageError::NoBackupFromBase { .. } => {
+                        "take a full backup instead (omit --base-snapshot-id)".into()
+                    }
+                    other => other.guidance(),
+                };
+                CliError::usage(l.to_string()).with_hint(hint)
+            }
+            other => CliError::usage(other.to_string()),
         }
     }
+}
+
+/// One line describing a metadata answer: call, snapshots, ranges, bytes, capacity, attempts.
+pub fn describe_answer(query: &Query, summary: &cbt_csi::MetadataSummary) -> String {
+    format!(
+        "{} {}: {} ranges, {} of {} ({}, {} attempt(s))",
+        query.call(),
+        query.describe(),
+        summary.ranges,
+        human(summary.bytes),
+        summary
+            .volume_capacity_bytes
+            .map(human)
+            .unwrap_or_else(|| "a volume of unreported size".into()),
+        summary.block_type.map(BlockType::as_str).unwrap_or("-"),
+        summary.attempts
+    )
 }

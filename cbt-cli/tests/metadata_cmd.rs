@@ -457,7 +457,7 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     assert!(out.status.success(), "{err}");
     // The full backup still reads only what GetMetadataAllocated reports.
     assert!(
-        err.contains("--fallback-full: taking a full backup instead")
+        err.contains("falling back to a full backup")
             && !err.contains("allocated ranges unavailable"),
         "{err}"
     );

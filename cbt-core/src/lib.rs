@@ -8,6 +8,7 @@
 
 pub mod error;
 pub mod gc;
+pub mod lineage;
 pub mod manifest;
 pub mod names;
 pub mod plan;

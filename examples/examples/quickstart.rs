@@ -9,6 +9,9 @@
 //! 4. Changes ~1% of the volume's 64 KiB blocks, snapshots again.
 //! 5. Incremental backup: ranges from GetMetadataDelta(snap-1, snap-2); the parent is the
 //!    backup taken from snap-1 (recorded in its manifest as the CSI snapshot id).
+//!    Both backups are planned by `cbt_store::engine::cbt::plan_cbt_backup` with
+//!    `DeltaBase::Latest`, as `cbt backup --pvc` does: the first finds no backup and asks for
+//!    the allocated ranges, the second finds the first and asks for the delta from its handle.
 //! 6. Restores both backups and proves them byte-identical to their snapshots.
 //!
 //! It fails unless the delta is exactly the blocks it changed, each backup read exactly the
@@ -19,14 +22,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cbt_core::manifest::SourceInfo;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_csi::ranges::merge_extents;
 use cbt_csi::server::{
     FileMetadataService, Listen, ServerOptions, SnapshotMeta, write_snapshot_meta,
 };
-use cbt_csi::{ClientConfig, Extent, MetadataClient, MetadataRequest, MetadataResult, Query};
+use cbt_csi::{ClientConfig, Extent, MetadataClient, MetadataResult};
 use cbt_examples::{Noise, SnapshotMethod, same_content, snapshot_image};
+use cbt_store::engine::cbt::{CbtBackupSpec, CbtTarget, DeltaBase, plan_cbt_backup};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource, RestoreOptions,
 };
@@ -191,6 +194,53 @@ fn report(
     Ok(())
 }
 
+/// Plans a backup of snapshot `id` with the library planner (base: the volume's latest backup)
+/// and runs it; returns the outcome and the service's answer as extents.
+async fn cbt_backup(
+    repo: &Repository,
+    client: &MetadataClient,
+    volume: &VolumeName,
+    snaps: &std::path::Path,
+    id: &str,
+    name: &str,
+) -> Result<(BackupOutcome, MetadataResult), Error> {
+    let mut spec = CbtBackupSpec::new(
+        volume.clone(),
+        CbtTarget::Csi {
+            snapshot_id: id.into(),
+        },
+    );
+    spec.base = DeltaBase::Latest;
+    let plan = plan_cbt_backup(repo, client, &spec).await?;
+    let ranges = match &plan.mode {
+        BackupMode::Full { allocated: Some(r) } => r.clone(),
+        BackupMode::Incremental { changed, .. } => changed.clone(),
+        other => return Err(format!("unexpected plan {other:?}").into()),
+    };
+    let summary = plan.metadata.clone().ok_or("no metadata answer")?;
+    let extents = ranges
+        .iter()
+        .map(|r| Extent::new(r.start(), r.len()))
+        .collect();
+    let outcome = engine::backup(
+        repo,
+        Arc::new(FileSource::open(snaps.join(id))?),
+        BackupRequest {
+            volume: volume.clone(),
+            snapshot: SnapshotName::new(name)?,
+            mode: plan.mode,
+            created: Timestamp::from_system_time(std::time::SystemTime::now()),
+            source_info: plan.source,
+            labels: Default::default(),
+            chunk_size: None,
+            volume_size: plan.volume_size,
+        },
+        &EngineOptions::default(),
+    )
+    .await?;
+    Ok((outcome, MetadataResult { extents, summary }))
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let started = Instant::now();
@@ -251,32 +301,7 @@ async fn main() -> Result<(), Error> {
 
     println!("3. full backup full-1 of snap-1");
     let t = Instant::now();
-    let allocated = client
-        .collect(MetadataRequest::new(Query::CsiAllocated {
-            snapshot_id: "snap-1".into(),
-        }))
-        .await?;
-    let full = engine::backup(
-        &repo,
-        Arc::new(FileSource::open(snaps.join("snap-1"))?),
-        BackupRequest {
-            volume: volume.clone(),
-            snapshot: SnapshotName::new("full-1")?,
-            mode: BackupMode::Full {
-                allocated: Some(allocated.to_range_set()),
-            },
-            created: now(),
-            source_info: SourceInfo {
-                csi_snapshot_id: Some("snap-1".into()),
-                ..SourceInfo::default()
-            },
-            labels: Default::default(),
-            chunk_size: None,
-            volume_size: allocated.summary.volume_capacity_bytes,
-        },
-        &engine_opts,
-    )
-    .await?;
+    let (full, allocated) = cbt_backup(&repo, &client, &volume, &snaps, "snap-1", "full-1").await?;
     report(
         "GetMetadataAllocated",
         &allocated,
@@ -296,48 +321,16 @@ async fn main() -> Result<(), Error> {
         pct(changed.len() as u64, VOLUME_SIZE / BLOCK)
     );
 
-    // 5. Incremental: the parent is the backup whose recorded CSI snapshot id is the delta base.
+    // 5. Incremental: the planner finds the latest backup of the volume, asks for the delta from
+    // the CSI snapshot it recorded, and makes that backup the parent.
     let t = Instant::now();
-    let base = "snap-1";
-    let parent = repo
-        .latest_snapshot(&volume)
-        .await?
-        .filter(|m| m.source.csi_snapshot_id.as_deref() == Some(base))
-        .ok_or("the latest backup was not taken from the delta base")?;
-    println!(
-        "5. incremental backup incr-2 of snap-2, parent {} (the backup taken from {base})",
-        parent.snapshot
-    );
-    let delta = client
-        .collect(MetadataRequest::new(Query::CsiDelta {
-            base_snapshot_id: base.into(),
-            target_snapshot_id: "snap-2".into(),
-        }))
-        .await?;
+    println!("5. incremental backup incr-2 of snap-2 (base: the latest backup's CSI snapshot)");
+    let (incr, delta) = cbt_backup(&repo, &client, &volume, &snaps, "snap-2", "incr-2").await?;
+    let parent = incr.manifest.parent.as_ref().map(|p| p.snapshot.as_str());
+    if parent != Some("full-1") {
+        return Err(format!("the incremental's parent is {parent:?}, not full-1").into());
+    }
     let exact = delta.extents == block_extents(&changed);
-    let incr = engine::backup(
-        &repo,
-        Arc::new(FileSource::open(snaps.join("snap-2"))?),
-        BackupRequest {
-            volume: volume.clone(),
-            snapshot: SnapshotName::new("incr-2")?,
-            mode: BackupMode::Incremental {
-                parent: Box::new(parent),
-                changed: delta.to_range_set(),
-            },
-            created: now(),
-            source_info: SourceInfo {
-                csi_snapshot_id: Some("snap-2".into()),
-                base_csi_snapshot_id: Some(base.into()),
-                ..SourceInfo::default()
-            },
-            labels: Default::default(),
-            chunk_size: None,
-            volume_size: delta.summary.volume_capacity_bytes,
-        },
-        &engine_opts,
-    )
-    .await?;
     report(
         "GetMetadataDelta",
         &delta,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use cbt_core::manifest::{ParentRef, SourceInfo};
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_store::engine::cbt::plan_cbt_backup;
 use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions, FileSource};
 use clap::{ArgGroup, Args};
 
@@ -110,11 +111,26 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
     })?;
 
     let repo = ctx.repo().await?;
-    let service = match &args.cbt.metadata_endpoint {
-        Some(_) => Some(
-            crate::metadata_cmd::plan_backup(&repo, &volume, parent.as_ref(), &args.cbt).await?,
-        ),
-        None => None,
+    let service = match (
+        &args.cbt.metadata_endpoint,
+        crate::metadata_cmd::cbt_spec(&args.cbt, &volume, parent.as_ref())?,
+    ) {
+        (Some(endpoint), Some(spec)) => {
+            let client =
+                cbt_csi::MetadataClient::connect(args.cbt.conn.client_config(endpoint)?).await?;
+            let plan = plan_cbt_backup(&repo, &client, &spec).await?;
+            if let (Some(q), Some(s)) = (&plan.query, &plan.metadata) {
+                eprintln!("metadata: {}", crate::metadata_cmd::describe_answer(q, s));
+            }
+            for note in &plan.notes {
+                eprintln!("warning: {note}");
+            }
+            Some(plan)
+        }
+        (Some(_), None) => {
+            return Err(CliError::usage("--metadata-endpoint needs --snapshot-id"));
+        }
+        _ => None,
     };
     let mut csi_source = SourceInfo::default();
     let (mode, volume_size) = match (service, changed, parent) {

@@ -90,6 +90,9 @@ mod source;
 
 use std::sync::Arc;
 
+#[cfg(feature = "csi")]
+pub mod cbt;
+
 pub use backup::{BackupMode, BackupOutcome, BackupRequest, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
 pub use source::{BlockSource, FileSource};
