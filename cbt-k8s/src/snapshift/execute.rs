@@ -304,15 +304,19 @@ fn not_terminating<K: Resource>(
     })
 }
 
-/// The result of an optional check's API call: `Ok(Some(answer))`, or `Ok(None)` when RBAC
-/// forbade it (recorded in `state`, so the run goes on without the check); other errors stay errors.
-fn optional<T>(
-    result: Result<T, Error>,
+/// Runs an optional check's API call: `Ok(Some(answer))`, or `Ok(None)` when RBAC forbids it
+/// (recorded in `state`, so the run goes on without the check, and not asked again in this
+/// run); other errors stay errors. `call` is a future, so it is not sent when skipped.
+async fn optional<T>(
     check: OptionalCheck,
     cluster: &Cluster,
     state: &mut RunState,
+    call: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<Option<T>, Error> {
-    match result {
+    if state.skipped.iter().any(|s| s.check == check) {
+        return Ok(None);
+    }
+    match call.await {
         Ok(v) => Ok(Some(v)),
         Err(e) if e.is_forbidden() => {
             state.skip(check, cluster);
@@ -1280,15 +1284,18 @@ impl SnapShift {
         let d = &self.dest;
         let api: Api<StorageClass> = Api::all(d.client.clone());
         let lp = ListParams::default();
-        let classes = match self.opts.retry.run(Some(deadline), || api.list(&lp)).await {
-            Ok(list) => list.items,
-            // Only a check: the PVC is created either way.
-            Err(e) if crate::error::is_forbidden(&e) => {
-                state.skip(OptionalCheck::RestoreStorageClass, d);
-                return Ok(());
-            }
-            Err(e) => return Err(Error::api(&d.context, "list", "StorageClass", "(all)", e)),
+        let list = async {
+            self.opts
+                .retry
+                .run(Some(deadline), || api.list(&lp))
+                .await
+                .map_err(|e| Error::api(&d.context, "list", "StorageClass", "(all)", e))
         };
+        // Only a check: the PVC is created either way.
+        let Some(list) = optional(OptionalCheck::RestoreStorageClass, d, state, list).await? else {
+            return Ok(());
+        };
+        let classes = list.items;
         let of_driver: Vec<String> = classes
             .iter()
             .filter(|c| c.provisioner == driver)
@@ -1371,10 +1378,9 @@ impl SnapShift {
             fix,
         };
         let namespaces: Api<Namespace> = Api::all(d.client.clone());
-        let namespace = self
-            .get_opt(d, &namespaces, "Namespace", None, ns, deadline)
-            .await;
-        if optional(namespace, OptionalCheck::DestinationNamespace, d, state)?
+        let namespace = self.get_opt(d, &namespaces, "Namespace", None, ns, deadline);
+        if optional(OptionalCheck::DestinationNamespace, d, state, namespace)
+            .await?
             .is_some_and(|found| found.is_none())
         {
             return Err(fail(
@@ -1385,10 +1391,9 @@ impl SnapShift {
             ));
         }
         let drivers: Api<CSIDriver> = Api::all(d.client.clone());
-        let csi_driver = self
-            .get_opt(d, &drivers, "CSIDriver", None, driver, deadline)
-            .await;
-        if optional(csi_driver, OptionalCheck::DestinationDriver, d, state)?
+        let csi_driver = self.get_opt(d, &drivers, "CSIDriver", None, driver, deadline);
+        if optional(OptionalCheck::DestinationDriver, d, state, csi_driver)
+            .await?
             .is_some_and(|found| found.is_none())
         {
             return Err(fail(
@@ -1411,10 +1416,9 @@ impl SnapShift {
         }
         };
         if let Some(class) = class {
-            let named = self
-                .get_opt(d, &classes, "VolumeSnapshotClass", None, class, deadline)
-                .await;
-            let Some(named) = optional(named, OptionalCheck::NamedSnapshotClass, d, state)? else {
+            let named = self.get_opt(d, &classes, "VolumeSnapshotClass", None, class, deadline);
+            let Some(named) = optional(OptionalCheck::NamedSnapshotClass, d, state, named).await?
+            else {
                 return Ok(class.to_string());
             };
             return match named {
