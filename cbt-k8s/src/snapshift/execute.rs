@@ -1183,12 +1183,15 @@ impl SnapShift {
         let mut notice = Notice::Watch;
         let waited = tokio::select! {
             biased;
-            () = self.cancelled() => return Err(Error::Cancelled),
-            r = wait_for(api, name, &self.opts.retry, deadline, &mut notice, check) => r,
+            () = self.cancelled() => None,
+            r = wait_for(api, name, &self.opts.retry, deadline, &mut notice, check) => Some(r),
         };
         if notice == Notice::Poll {
             state.skip(OptionalCheck::WatchSnapshots(side), cluster);
         }
+        let Some(waited) = waited else {
+            return Err(Error::Cancelled);
+        };
         match waited {
             Ok(vs) => Ok(vs),
             Err(WaitError::Failed(message)) => Err(Error::SnapshotFailed {
