@@ -199,6 +199,12 @@ impl Error {
         }
     }
 
+    /// True if the API server refused the call for lack of permission (HTTP 403 Forbidden):
+    /// RBAC, not the object, is what needs fixing.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Error::Api { source, .. } if is_forbidden(source))
+    }
+
     pub(crate) fn api(
         cluster: &str,
         verb: &'static str,
@@ -214,6 +220,11 @@ impl Error {
             source: Box::new(source),
         }
     }
+}
+
+/// True for a 403 Forbidden answer.
+pub(crate) fn is_forbidden(err: &kube::Error) -> bool {
+    matches!(err, kube::Error::Api(status) if status.code == 403)
 }
 
 fn classify(err: &kube::Error) -> ErrorKind {

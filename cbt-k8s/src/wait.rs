@@ -1,5 +1,7 @@
 //! Waiting for an object to reach a state: get, then watch from its
 //! resourceVersion, re-getting after a closed or expired watch, all under one deadline.
+//! A caller without `watch` permission still gets there: a 403 on the watch switches
+//! the wait to polling with `get` (recorded in [`Notice`], so the caller can say so).
 
 use std::fmt::Debug;
 use std::time::Duration;
@@ -23,6 +25,19 @@ pub enum Check {
     Failed(String),
 }
 
+/// How a wait learns that the object changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Notice {
+    /// Watch from the last seen resourceVersion: prompt, one request per change.
+    #[default]
+    Watch,
+    /// Poll with `get`, backing off from 250 ms to 2 s: what is left when `watch` is forbidden.
+    Poll,
+}
+
+const FIRST_POLL: Duration = Duration::from_millis(250);
+const MAX_POLL: Duration = Duration::from_secs(2);
+
 /// Why a wait ended without reaching the state.
 #[derive(Debug)]
 pub enum WaitError {
@@ -38,6 +53,9 @@ pub enum WaitError {
 
 /// Waits until `check` says [`Check::Done`] for object `name`, or `deadline`.
 ///
+/// `notice` says how changes are noticed; a watch answered 403 Forbidden turns it into
+/// [`Notice::Poll`] for the rest of this wait (and tells the caller so through it).
+///
 /// # Errors
 /// See [`WaitError`].
 pub async fn wait_for<K>(
@@ -45,12 +63,14 @@ pub async fn wait_for<K>(
     name: &str,
     retry: &RetryPolicy,
     deadline: Instant,
+    notice: &mut Notice,
     check: impl Fn(&K) -> Check,
 ) -> Result<K, WaitError>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let mut last = "not observed yet".to_string();
+    let mut poll = FIRST_POLL;
     loop {
         let got = match timeout_at(deadline, retry.run(Some(deadline), || api.get_opt(name))).await
         {
@@ -75,6 +95,13 @@ where
         if remaining.is_zero() {
             return Err(WaitError::Timeout(last));
         }
+        if *notice == Notice::Poll {
+            // Sleeping past the deadline would only delay the timeout.
+            let nap = poll.min(remaining);
+            tokio::time::sleep(nap).await;
+            poll = (poll * 2).min(MAX_POLL);
+            continue;
+        }
         let rv = got.meta().resource_version.clone().unwrap_or_default();
         let secs = u32::try_from(remaining.as_secs().clamp(1, 290)).unwrap_or(290);
         let params = WatchParams::default()
@@ -82,6 +109,11 @@ where
             .timeout(secs);
         let stream = match timeout_at(deadline, api.watch(&params, &rv)).await {
             Err(_) => return Err(WaitError::Timeout(last)),
+            Ok(Err(e)) if crate::error::is_forbidden(&e) => {
+                tracing::debug!(error = %e, "watch forbidden, polling with get instead");
+                *notice = Notice::Poll;
+                continue;
+            }
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "watch failed, falling back to get");
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -17,16 +17,26 @@
 //! Extra resource types (e.g. SnapshotMetadataService) can be served with
 //! [`FakeKubeBuilder::serve`]; for them only `metadata.name` is validated.
 //!
-//! Not simulated: server-side apply, finalizers, admission webhooks, RBAC,
+//! RBAC is opt-in: with [`FakeKubeBuilder::rbac`] every request is authorized against
+//! Roles, ClusterRoles and bindings (e.g. parsed from a tool's manifests with
+//! [`rbac::Policy::from_yaml`]) for the identity its bearer token maps to
+//! ([`FakeKubeBuilder::user`]); a denial is the apiserver's 403 Forbidden Status. The
+//! builder's own token stays an administrator (`system:masters`), and the `seed_*`, `get`,
+//! `create`... methods of [`FakeKube`] act as the cluster itself, unchecked. Every request's
+//! identity, attributes and decision are kept in [`FakeKube::access_log`].
+//!
+//! Not simulated: server-side apply, admission webhooks, aggregated ClusterRoles,
 //! pagination (`limit`/`continue` are ignored; every list is one page).
 
 mod backend;
 mod controller;
 mod faults;
+pub mod rbac;
 mod server;
 mod store;
 mod values;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -43,6 +53,8 @@ pub use faults::{FaultAction, Faults, HttpFault};
 pub use store::{ApiError, Cause, ResourceType};
 pub use values::{format_quantity, parse_quantity};
 
+use rbac::{Policy, RequestAttributes, UserInfo};
+
 use store::{Selector, Store, TYPES, find_type_by_kind};
 
 /// One request as the server saw it.
@@ -56,6 +68,17 @@ pub struct RecordedRequest {
     pub query: String,
 }
 
+/// One authorization decision: who asked for what, and whether it was allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessRecord {
+    /// The authenticated user name.
+    pub user: String,
+    /// What the request asked for.
+    pub attributes: RequestAttributes,
+    /// False if RBAC denied it (answered 403).
+    pub allowed: bool,
+}
+
 pub(crate) struct State {
     store: Mutex<Store>,
     faults: Faults,
@@ -63,6 +86,9 @@ pub(crate) struct State {
     backend: SharedBackend,
     driver: String,
     token: Option<String>,
+    users: HashMap<String, UserInfo>,
+    policy: Mutex<Option<Policy>>,
+    access: Mutex<Vec<AccessRecord>>,
     changed: Notify,
     types: Vec<&'static ResourceType>,
 }
@@ -78,6 +104,42 @@ impl State {
             .unwrap_or_else(|p| p.into_inner())
             .push(r);
     }
+
+    /// The identity a bearer token authenticates as; `None` = 401. The builder's token is an
+    /// administrator; without one, unknown callers are anonymous (as with anonymous auth on).
+    pub(crate) fn authenticate(&self, authorization: Option<&str>) -> Option<UserInfo> {
+        let bearer = authorization.and_then(|h| h.strip_prefix("Bearer "));
+        if let Some(user) = bearer.and_then(|t| self.users.get(t)) {
+            return Some(user.clone());
+        }
+        match &self.token {
+            Some(token) if bearer == Some(token.as_str()) => Some(UserInfo::admin()),
+            Some(_) => None,
+            None => Some(UserInfo {
+                name: "system:anonymous".into(),
+                groups: vec!["system:unauthenticated".into()],
+            }),
+        }
+    }
+
+    /// Decides (when a policy is loaded) and records one request; true if it may proceed.
+    pub(crate) fn authorize(&self, user: &UserInfo, attributes: RequestAttributes) -> bool {
+        let allowed = self
+            .policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|p| p.allows(user, &attributes));
+        self.access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(AccessRecord {
+                user: user.name.clone(),
+                attributes,
+                allowed,
+            });
+        allowed
+    }
 }
 
 /// Configures a fake cluster before it starts.
@@ -87,6 +149,8 @@ pub struct FakeKubeBuilder {
     driver: String,
     backend: SharedBackend,
     token: Option<String>,
+    users: HashMap<String, UserInfo>,
+    policy: Option<Policy>,
     log_cap: usize,
 }
 
@@ -106,6 +170,21 @@ impl FakeKubeBuilder {
     /// Bearer token every request must carry (default `fake-token`).
     pub fn token(mut self, token: Option<&str>) -> Self {
         self.token = token.map(str::to_string);
+        self
+    }
+
+    /// Enforces RBAC: every request must be allowed by `policy` for its caller's identity
+    /// (the builder's own token is an administrator and always is).
+    pub fn rbac(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Accepts `token` as a bearer token authenticating as `user` (e.g.
+    /// [`UserInfo::service_account`]); write a kubeconfig for it with
+    /// [`FakeKube::kubeconfig_yaml_as`].
+    pub fn user(mut self, token: &str, user: UserInfo) -> Self {
+        self.users.insert(token.to_string(), user);
         self
     }
 
@@ -142,6 +221,9 @@ impl FakeKubeBuilder {
             backend: self.backend,
             driver: self.driver,
             token: self.token,
+            users: self.users,
+            policy: Mutex::new(self.policy),
+            access: Mutex::new(Vec::new()),
             changed: Notify::new(),
             // Leaked once per test server so routes can hold `&'static` types like the built-ins.
             types: TYPES
@@ -241,6 +323,8 @@ impl FakeKube {
             driver: "hostpath.csi.k8s.io".into(),
             backend: SharedBackend::new(),
             token: Some("fake-token".into()),
+            users: HashMap::new(),
+            policy: None,
             log_cap: 10_000,
         }
     }
@@ -274,9 +358,49 @@ impl FakeKube {
             .clone()
     }
 
+    /// Replaces the RBAC policy (`None` stops enforcing); takes effect from the next request.
+    pub fn set_rbac(&self, policy: Option<Policy>) {
+        *self.state.policy.lock().unwrap_or_else(|p| p.into_inner()) = policy;
+    }
+
+    /// Every authorization decision so far, in request order.
+    pub fn access_log(&self) -> Vec<AccessRecord> {
+        self.state
+            .access
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The requests RBAC denied so far.
+    pub fn denied(&self) -> Vec<AccessRecord> {
+        self.access_log()
+            .into_iter()
+            .filter(|r| !r.allowed)
+            .collect()
+    }
+
     /// A kubeconfig with one context named `context` pointing at this server.
     pub fn kubeconfig_yaml(&self, context: &str) -> String {
         kubeconfig_yaml(&[(self, context)], context)
+    }
+
+    /// Like [`Self::kubeconfig_yaml`], authenticating with `token` (see [`FakeKubeBuilder::user`]).
+    pub fn kubeconfig_yaml_as(&self, context: &str, token: &str) -> String {
+        kubeconfig_yaml_as(&[(self, context, Some(token))], context)
+    }
+
+    /// Writes [`Self::kubeconfig_yaml_as`] to `path`.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn write_kubeconfig_as(
+        &self,
+        path: &Path,
+        context: &str,
+        token: &str,
+    ) -> std::io::Result<()> {
+        std::fs::write(path, self.kubeconfig_yaml_as(context, token))
     }
 
     /// Writes [`Self::kubeconfig_yaml`] to `path`.
@@ -503,14 +627,21 @@ impl FakeKube {
 
 /// One kubeconfig holding a context per `(server, context name)`; `current` is the current context.
 pub fn kubeconfig_yaml(servers: &[(&FakeKube, &str)], current: &str) -> String {
+    let with_default_tokens: Vec<(&FakeKube, &str, Option<&str>)> =
+        servers.iter().map(|(s, c)| (*s, *c, None)).collect();
+    kubeconfig_yaml_as(&with_default_tokens, current)
+}
+
+/// Like [`kubeconfig_yaml`], with a bearer token per context (`None` = the server's own token).
+pub fn kubeconfig_yaml_as(servers: &[(&FakeKube, &str, Option<&str>)], current: &str) -> String {
     let mut clusters = Vec::new();
     let mut contexts = Vec::new();
     let mut users = Vec::new();
-    for (server, ctx) in servers {
+    for (server, ctx, token) in servers {
         clusters
             .push(json!({"name": format!("{ctx}-cluster"), "cluster": {"server": server.url()}}));
         contexts.push(json!({"name": ctx, "context": {"cluster": format!("{ctx}-cluster"), "user": format!("{ctx}-user"), "namespace": "default"}}));
-        let user = match &server.state.token {
+        let user = match token.or(server.state.token.as_deref()) {
             Some(t) => json!({"token": t}),
             None => json!({}),
         };

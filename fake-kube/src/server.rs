@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::faults::FaultAction;
+use crate::rbac::{self, RequestAttributes};
 use crate::store::{ApiError, Event, Part, PatchType, ResourceType, Selector, find_type};
 use crate::{RecordedRequest, State};
 
@@ -113,7 +114,7 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn query_param(query: &str, key: &str) -> Option<String> {
+pub(crate) fn query_param(query: &str, key: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (percent_decode(k) == key).then(|| percent_decode(v))
@@ -182,19 +183,21 @@ pub(crate) async fn handle(
             FaultAction::StatusAfterProcessing(code) => fail_after = Some(code),
         }
     }
-    if let Some(token) = &state.token {
-        let expected = format!("Bearer {token}");
-        let got = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if got != Some(expected.as_str()) {
-            return Ok(json_response(
-                401,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                    "message": "Unauthorized", "reason": "Unauthorized", "code": 401}),
-            ));
-        }
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(user) = state.authenticate(authorization) else {
+        return Ok(json_response(
+            401,
+            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": "Unauthorized", "reason": "Unauthorized", "code": 401}),
+        ));
+    };
+    // Like the apiserver: authorize before the body is read or the path is resolved.
+    let attributes = RequestAttributes::from_request(method.as_str(), &path, &query);
+    if !state.authorize(&user, attributes.clone()) {
+        return Ok(json_response(403, &rbac::forbidden(&user, &attributes)));
     }
     let content_type = req
         .headers()

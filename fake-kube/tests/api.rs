@@ -674,3 +674,115 @@ async fn finalizers_hold_a_deleted_object_until_the_last_one_is_removed() {
         "{events:?}"
     );
 }
+
+#[tokio::test]
+async fn rbac_is_enforced_per_token_with_apiserver_forbidden_answers() {
+    use fake_kube::rbac::{Policy, UserInfo};
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+
+    let policy = Policy::from_yaml(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: pvc-reader}
+rules:
+  - apiGroups: [""]
+    resources: [persistentvolumeclaims]
+    verbs: [list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: pvc-reader, namespace: apps}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: pvc-reader}
+subjects: [{kind: ServiceAccount, name: bot, namespace: tools}]
+"#,
+    )
+    .unwrap();
+    let server = FakeKube::builder()
+        .rbac(policy)
+        .user("bot-token", UserInfo::service_account("tools", "bot"))
+        .start()
+        .await
+        .unwrap();
+    server.seed_namespace("apps").unwrap();
+    server.seed_namespace("other").unwrap();
+    let kc = Kubeconfig::from_yaml(&server.kubeconfig_yaml_as("bot", "bot-token")).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    config.default_retry = false;
+    let bot = kube::Client::try_from(config).unwrap();
+
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(bot.clone(), "apps");
+    assert!(
+        pvcs.list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    let err = pvcs.get("data").await.unwrap_err();
+    let kube::Error::Api(status) = err else {
+        panic!("{err:?}")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        status.message,
+        "persistentvolumeclaims \"data\" is forbidden: User \"system:serviceaccount:tools:bot\" cannot get resource \"persistentvolumeclaims\" in API group \"\" in the namespace \"apps\""
+    );
+    // The binding is namespaced: the same verb elsewhere is denied.
+    let elsewhere: Api<PersistentVolumeClaim> = Api::namespaced(bot.clone(), "other");
+    assert!(elsewhere.list(&ListParams::default()).await.is_err());
+    // A watch is its own verb, and the denial comes back before any event.
+    let stream = pvcs.watch(&WatchParams::default().timeout(1), "0").await;
+    assert!(stream.is_ok(), "watch is granted");
+    let namespaces: Api<Namespace> = Api::all(bot);
+    assert!(matches!(
+        namespaces.list(&ListParams::default()).await,
+        Err(kube::Error::Api(s)) if s.code == 403
+    ));
+
+    let denied: Vec<(String, String, String)> = server
+        .denied()
+        .into_iter()
+        .map(|r| {
+            (
+                r.attributes.verb,
+                r.attributes.resource,
+                r.attributes.namespace,
+            )
+        })
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            ("get".into(), "persistentvolumeclaims".into(), "apps".into()),
+            (
+                "list".into(),
+                "persistentvolumeclaims".into(),
+                "other".into()
+            ),
+            ("list".into(), "namespaces".into(), "".into()),
+        ]
+    );
+    assert!(
+        server
+            .access_log()
+            .iter()
+            .all(|r| r.user == "system:serviceaccount:tools:bot")
+    );
+    // The builder's own token is an administrator; the seeding methods bypass the API.
+    let admin: Api<PersistentVolumeClaim> =
+        Api::namespaced(client_for(&server, "admin").await, "other");
+    assert!(admin.list(&ListParams::default()).await.is_ok());
+    // Policies can be swapped at run time; an unknown token is 401, not 403.
+    server.set_rbac(Some(Policy::new()));
+    assert!(matches!(
+        pvcs.list(&ListParams::default()).await,
+        Err(kube::Error::Api(s)) if s.code == 403
+    ));
+    let (code, _) = raw(&server, "GET", "/api/v1/namespaces", "application/json", "").await;
+    assert_eq!(code, 200, "admin token");
+    server.set_rbac(None);
+    assert!(pvcs.get_opt("data").await.unwrap().is_none());
+}

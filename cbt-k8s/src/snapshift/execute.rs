@@ -35,6 +35,7 @@ use super::plan::{
     origin_from_objects, plan_destination, plan_origin_snapshot, stale_binding, validate_name,
     validate_namespace,
 };
+use super::rbac::{OptionalCheck, SkippedCheck};
 use crate::Error;
 use crate::connect::Cluster;
 use crate::error::ns_name;
@@ -42,7 +43,7 @@ use crate::retry::RetryPolicy;
 use crate::snapshot::{
     DeletionPolicy, GROUP, VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
 };
-use crate::wait::{Check, WaitError, wait_for};
+use crate::wait::{Check, Notice, WaitError, wait_for};
 
 /// A step of one migration, for progress display.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +117,7 @@ impl Default for MigrateOptions {
 }
 
 /// Which cluster a planned object belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Side {
     /// The origin cluster.
     Origin,
@@ -184,6 +185,8 @@ pub struct MigrationReport {
     pub kept: Vec<String>,
     /// Things that worked but deserve attention (e.g. an origin content that can delete the shared snapshot).
     pub warnings: Vec<String>,
+    /// Optional checks RBAC forbade, so the run went on without them (each also in `warnings`).
+    pub skipped_checks: Vec<SkippedCheck>,
     /// Wall time.
     pub elapsed: Duration,
 }
@@ -234,6 +237,22 @@ struct RunState {
     destination: Option<String>,
     handle: Option<String>,
     warnings: Vec<String>,
+    skipped: Vec<SkippedCheck>,
+}
+
+impl RunState {
+    /// Records that RBAC forbade an optional check (once per run: preflight runs twice).
+    fn skip(&mut self, check: OptionalCheck, cluster: &Cluster) {
+        let skipped = SkippedCheck {
+            check,
+            cluster: cluster.context.clone(),
+        };
+        if !self.skipped.contains(&skipped) {
+            tracing::warn!(check = ?check, cluster = %cluster.context, "optional check forbidden by RBAC, skipped");
+            self.warnings.push(skipped.to_string());
+            self.skipped.push(skipped);
+        }
+    }
 }
 
 fn is_default_storage_class(class: &StorageClass) -> bool {
@@ -283,6 +302,28 @@ fn not_terminating<K: Resource>(
             finalizers.join(", ")
         },
     })
+}
+
+/// Runs an optional check's API call: `Ok(Some(answer))`, or `Ok(None)` when RBAC forbids it
+/// (recorded in `state`, so the run goes on without the check, and not asked again in this
+/// run); other errors stay errors. `call` is a future, so it is not sent when skipped.
+async fn optional<T>(
+    check: OptionalCheck,
+    cluster: &Cluster,
+    state: &mut RunState,
+    call: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<Option<T>, Error> {
+    if state.skipped.iter().any(|s| s.check == check) {
+        return Ok(None);
+    }
+    match call.await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_forbidden() => {
+            state.skip(check, cluster);
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn describe_snapshot(vs: &VolumeSnapshot) -> String {
@@ -423,6 +464,7 @@ impl SnapShift {
             removed,
             kept,
             warnings: state.warnings,
+            skipped_checks: state.skipped,
             elapsed: started.elapsed(),
         }
     }
@@ -606,11 +648,11 @@ impl SnapShift {
             };
             let desired = plan_origin_snapshot(req, pvc, &self.opts.filter);
             // Check the destination before cutting a snapshot that could not land there.
-            let driver = self.driver_of_pvc(pvc, deadline).await;
+            let driver = self.driver_of_pvc(pvc, state, deadline).await;
             let dest_class = match &driver {
                 Some(driver) => {
                     self.progress.stage(item, &Stage::Preflight);
-                    Some(self.preflight_request(driver, req, deadline).await?)
+                    Some(self.preflight_request(driver, req, state, deadline).await?)
                 }
                 None => None,
             };
@@ -636,7 +678,7 @@ impl SnapShift {
                     return Err(Error::InvalidInput {
                         what: "dry run".into(),
                         reason: format!(
-                            "the CSI driver of PVC {} is unknown (its StorageClass is missing or unreadable), so the destination cannot be planned before the snapshot exists",
+                            "the CSI driver of PVC {} is unknown (its StorageClass is missing, or reading it is forbidden: `get storageclasses` in the origin), so the destination cannot be planned before the snapshot exists",
                             ns_name(ons, &pvc.metadata.name.clone().unwrap_or_default())
                         ),
                     });
@@ -688,7 +730,7 @@ impl SnapShift {
         self.progress
             .stage(item, &Stage::WaitingOrigin(vs_object.clone()));
         let vs = self
-            .wait_snapshot_ready(o, &o_vs, ons, &vs_name, deadline)
+            .wait_snapshot_ready(o, Side::Origin, &o_vs, ons, &vs_name, state, deadline)
             .await
             .map_err(|e| match (e, &req.source) {
                 // Our own failed snapshot would be found again by the next run: say how to retry.
@@ -740,7 +782,7 @@ impl SnapShift {
         // 3. Destination.
         self.progress.stage(item, &Stage::Preflight);
         let dest_class = self
-            .preflight_request(&origin.driver, req, deadline)
+            .preflight_request(&origin.driver, req, state, deadline)
             .await?;
         if self.opts.dry_run {
             return self
@@ -825,7 +867,7 @@ impl SnapShift {
         }
         self.progress
             .stage(item, &Stage::WaitingDestination(dest_object.clone()));
-        self.wait_snapshot_ready(d, &d_vs, dns, &vs_name, deadline)
+        self.wait_snapshot_ready(d, Side::Destination, &d_vs, dns, &vs_name, state, deadline)
             .await?;
         if let Some(pvc) = &plan.pvc
             && *ex_pvc == Existing::Absent
@@ -1116,12 +1158,15 @@ impl SnapShift {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn wait_snapshot_ready(
         &self,
         cluster: &Cluster,
+        side: Side,
         api: &Api<VolumeSnapshot>,
         ns: &str,
         name: &str,
+        state: &mut RunState,
         deadline: Instant,
     ) -> Result<VolumeSnapshot, Error> {
         let object = ns_name(ns, name);
@@ -1135,10 +1180,17 @@ impl SnapShift {
             }
         };
         let started = Instant::now();
+        let mut notice = Notice::Watch;
         let waited = tokio::select! {
             biased;
-            () = self.cancelled() => return Err(Error::Cancelled),
-            r = wait_for(api, name, &self.opts.retry, deadline, check) => r,
+            () = self.cancelled() => None,
+            r = wait_for(api, name, &self.opts.retry, deadline, &mut notice, check) => Some(r),
+        };
+        if notice == Notice::Poll {
+            state.skip(OptionalCheck::WatchSnapshots(side), cluster);
+        }
+        let Some(waited) = waited else {
+            return Err(Error::Cancelled);
         };
         match waited {
             Ok(vs) => Ok(vs),
@@ -1169,10 +1221,12 @@ impl SnapShift {
         }
     }
 
-    /// The CSI driver that provisions a PVC, from its StorageClass; `None` if unknown.
+    /// The CSI driver that provisions a PVC, from its StorageClass; `None` if unknown
+    /// (no class, class gone, or reading it forbidden: then the check is recorded as skipped).
     async fn driver_of_pvc(
         &self,
         pvc: &PersistentVolumeClaim,
+        state: &mut RunState,
         deadline: Instant,
     ) -> Option<String> {
         let class = pvc.spec.as_ref()?.storage_class_name.clone()?;
@@ -1184,6 +1238,10 @@ impl SnapShift {
             .await
         {
             Ok(sc) => sc.map(|sc| sc.provisioner),
+            Err(e) if crate::error::is_forbidden(&e) => {
+                state.skip(OptionalCheck::OriginDriver, &self.origin);
+                None
+            }
             Err(e) => {
                 tracing::debug!(error = %e, class, "cannot read the PVC's StorageClass");
                 None
@@ -1197,6 +1255,7 @@ impl SnapShift {
         &self,
         driver: &str,
         req: &MigrationRequest,
+        state: &mut RunState,
         deadline: Instant,
     ) -> Result<String, Error> {
         let class = self
@@ -1204,11 +1263,12 @@ impl SnapShift {
                 driver,
                 req.dest_namespace(),
                 req.snapshot_class.as_deref(),
+                state,
                 deadline,
             )
             .await?;
         if req.create_pvc {
-            self.restore_storage_class(driver, req.storage_class.as_deref(), deadline)
+            self.restore_storage_class(driver, req.storage_class.as_deref(), state, deadline)
                 .await?;
         }
         Ok(class)
@@ -1221,18 +1281,24 @@ impl SnapShift {
         &self,
         driver: &str,
         named: Option<&str>,
+        state: &mut RunState,
         deadline: Instant,
     ) -> Result<(), Error> {
         let d = &self.dest;
         let api: Api<StorageClass> = Api::all(d.client.clone());
         let lp = ListParams::default();
-        let classes = self
-            .opts
-            .retry
-            .run(Some(deadline), || api.list(&lp))
-            .await
-            .map_err(|e| Error::api(&d.context, "list", "StorageClass", "(all)", e))?
-            .items;
+        let list = async {
+            self.opts
+                .retry
+                .run(Some(deadline), || api.list(&lp))
+                .await
+                .map_err(|e| Error::api(&d.context, "list", "StorageClass", "(all)", e))
+        };
+        // Only a check: the PVC is created either way.
+        let Some(list) = optional(OptionalCheck::RestoreStorageClass, d, state, list).await? else {
+            return Ok(());
+        };
+        let classes = list.items;
         let of_driver: Vec<String> = classes
             .iter()
             .filter(|c| c.provisioner == driver)
@@ -1295,11 +1361,16 @@ impl SnapShift {
     }
 
     /// Checks the destination can take a snapshot of `driver` in `ns`; returns the class to use.
+    ///
+    /// The namespace, CSIDriver and named-class lookups only catch problems early: when RBAC
+    /// forbids one it is skipped (recorded in `state`). Choosing the driver's default class
+    /// needs `list volumesnapshotclasses`: without it there is no class to put on the content.
     async fn preflight(
         &self,
         driver: &str,
         ns: &str,
         class: Option<&str>,
+        state: &mut RunState,
         deadline: Instant,
     ) -> Result<String, Error> {
         let d = &self.dest;
@@ -1310,10 +1381,10 @@ impl SnapShift {
             fix,
         };
         let namespaces: Api<Namespace> = Api::all(d.client.clone());
-        if self
-            .get_opt(d, &namespaces, "Namespace", None, ns, deadline)
+        let namespace = self.get_opt(d, &namespaces, "Namespace", None, ns, deadline);
+        if optional(OptionalCheck::DestinationNamespace, d, state, namespace)
             .await?
-            .is_none()
+            .is_some_and(|found| found.is_none())
         {
             return Err(fail(
                 format!("namespace {ns} does not exist"),
@@ -1323,10 +1394,10 @@ impl SnapShift {
             ));
         }
         let drivers: Api<CSIDriver> = Api::all(d.client.clone());
-        if self
-            .get_opt(d, &drivers, "CSIDriver", None, driver, deadline)
+        let csi_driver = self.get_opt(d, &drivers, "CSIDriver", None, driver, deadline);
+        if optional(OptionalCheck::DestinationDriver, d, state, csi_driver)
             .await?
-            .is_none()
+            .is_some_and(|found| found.is_none())
         {
             return Err(fail(
                 format!("CSIDriver {driver} is not installed"),
@@ -1348,18 +1419,26 @@ impl SnapShift {
         }
         };
         if let Some(class) = class {
-            return match self
-                .get_opt(d, &classes, "VolumeSnapshotClass", None, class, deadline)
-                .await?
-            {
+            let named = self.get_opt(d, &classes, "VolumeSnapshotClass", None, class, deadline);
+            let Some(named) = optional(OptionalCheck::NamedSnapshotClass, d, state, named).await?
+            else {
+                return Ok(class.to_string());
+            };
+            return match named {
                 None => {
                     // Tell "no such class" from "no snapshot API" (only on this error path,
-                    // so a named class needs no list permission).
-                    self.opts
+                    // so a named class needs no list permission: a forbidden list says nothing).
+                    match self
+                        .opts
                         .retry
                         .run(Some(deadline), || classes.list(&lp))
                         .await
-                        .map_err(no_api)?;
+                    {
+                        Err(e) if crate::error::is_forbidden(&e) => {}
+                        other => {
+                            other.map_err(no_api)?;
+                        }
+                    }
                     Err(fail(
                         format!("VolumeSnapshotClass {class} does not exist"),
                         format!(
@@ -1454,6 +1533,9 @@ impl SnapShift {
                         .await
                         .map(|_| ())
                 }
+                // Not reached today: the PVC is a run's last step, so no later failure undoes it.
+                // The example RBAC manifests therefore grant no `delete` on PVCs; should a step
+                // ever follow it, the 403 would be reported in `kept` and the manifests need it.
                 Created::Pvc(ns, n) => {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), ns);
                     self.opts

@@ -3,7 +3,8 @@
 //! VolumeSnapshotContent for the same snapshot handle.
 //!
 //! `plan` and `metadata` are pure (what to create and how existing objects
-//! compare); `execute` does the API calls.
+//! compare); `execute` does the API calls; `rbac` names the checks a run skips,
+//! with a warning, when RBAC forbids them.
 //!
 //! # Example
 //! ```no_run
@@ -35,6 +36,7 @@
 pub mod execute;
 pub mod metadata;
 pub mod plan;
+pub mod rbac;
 
 pub use execute::{
     MigrateOptions, MigrationReport, NoProgress, Outcome, PlannedAction, PlannedObject, Progress,
@@ -42,3 +44,4 @@ pub use execute::{
 };
 pub use metadata::{MetadataFilter, Provenance};
 pub use plan::{MigrationRequest, SnapshotSource};
+pub use rbac::{OptionalCheck, SkippedCheck};
