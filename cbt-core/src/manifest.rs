@@ -244,6 +244,21 @@ pub struct SourceInfo {
     /// Name of the PVC backed up.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pvc: Option<String>,
+    /// `metadata.uid` of that PVC (a re-created PVC of the same name has another).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pvc_uid: Option<String>,
+    /// StorageClass of the PVC (a restore uses it unless told otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_class: Option<String>,
+    /// Access modes of the PVC.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub access_modes: Vec<String>,
+    /// Volume mode of the PVC (`Block`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_mode: Option<String>,
+    /// Labels of the PVC.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub pvc_labels: BTreeMap<String, String>,
     /// Name of the VolumeSnapshot read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume_snapshot: Option<String>,

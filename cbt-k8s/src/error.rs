@@ -178,6 +178,50 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The CSI driver has no SnapshotMetadataService object: CBT is not available for it.
+    #[error(
+        "CSI driver {driver} has no SnapshotMetadataService in cluster {cluster:?} (or the cbt.storage.k8s.io/v1beta1 CRD is not installed): changed block tracking is not available for it; deploy the external-snapshot-metadata sidecar with the driver, or run `cbt doctor --driver {driver}` to see what is missing"
+    )]
+    NoMetadataService {
+        /// Context name of the cluster.
+        cluster: String,
+        /// CSI driver name.
+        driver: String,
+    },
+    /// The SnapshotMetadataService object (or what it leads to) cannot be used.
+    #[error("SnapshotMetadataService {driver}: {problem}")]
+    MetadataService {
+        /// CSI driver name.
+        driver: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The PersistentVolumeClaim cannot be backed up with CBT as it is.
+    #[error("PersistentVolumeClaim {object} in cluster {cluster:?} {problem}; {fix}")]
+    PvcUnsuitable {
+        /// Context name of the cluster.
+        cluster: String,
+        /// `namespace/name`.
+        object: String,
+        /// What is wrong (e.g. "is not bound (phase Pending)").
+        problem: String,
+        /// What to do.
+        fix: String,
+    },
+    /// A data-mover Job failed.
+    #[error("data mover Job {object} in cluster {cluster:?} failed: {reason}{}", log_tail.as_deref().map(|l| format!("\n--- last lines of its log ---\n{l}")).unwrap_or_default())]
+    MoverFailed {
+        /// Context name of the cluster.
+        cluster: String,
+        /// `namespace/name` of the Job.
+        object: String,
+        /// Why (the container's termination reason and message, or the Job's condition).
+        reason: String,
+        /// The end of the pod's log, when it could be read.
+        log_tail: Option<String>,
+        /// The class of the mover's own error, when it reported one (its exit class name).
+        mover_class: Option<String>,
+    },
 }
 
 impl Error {
@@ -195,7 +239,15 @@ impl Error {
             | Error::NoContext { .. }
             | Error::NotFound { .. }
             | Error::Preflight { .. }
+            | Error::NoMetadataService { .. }
+            | Error::MetadataService { .. }
+            | Error::PvcUnsuitable { .. }
             | Error::InvalidInput { .. } => ErrorKind::Config,
+            Error::MoverFailed { mover_class, .. } => match mover_class.as_deref() {
+                Some("usage" | "config") => ErrorKind::Config,
+                Some("transient") | None => ErrorKind::Transient,
+                _ => ErrorKind::Backend,
+            },
         }
     }
 
@@ -267,6 +319,9 @@ fn resource_of(kind: &str) -> String {
         "PersistentVolumeClaim" => "persistentvolumeclaims".into(),
         "StorageClass" => "storageclasses.storage.k8s.io".into(),
         "CSIDriver" => "csidrivers.storage.k8s.io".into(),
+        "SnapshotMetadataService" => "snapshotmetadataservices.cbt.storage.k8s.io".into(),
+        "ServiceAccount" => "serviceaccounts/token".into(),
+        "Job" => "jobs.batch".into(),
         other => format!("{}s", other.to_ascii_lowercase()),
     }
 }

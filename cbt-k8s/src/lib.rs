@@ -5,6 +5,8 @@
 
 pub mod connect;
 pub mod error;
+pub mod metadata_service;
+pub mod pvc;
 pub mod quantity;
 pub mod retry;
 pub mod snapshift;

@@ -87,6 +87,7 @@
 mod backup;
 mod restore;
 mod source;
+mod verify_target;
 
 use std::sync::Arc;
 
@@ -96,6 +97,7 @@ pub mod cbt;
 pub use backup::{BackupMode, BackupOutcome, BackupRequest, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
 pub use source::{BlockSource, FileSource};
+pub use verify_target::{TargetVerifyReport, verify_target};
 
 use crate::chunk::OVERHEAD;
 

@@ -1,0 +1,82 @@
+//! `engine::verify_target`: a restored device is read back and compared with the manifest.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_store::engine::{
+    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, verify_target,
+};
+use cbt_store::repo::{InitOptions, Repository};
+use cbt_store::store::{LocalStore, ObjectStore};
+
+#[tokio::test]
+async fn a_restored_target_verifies_and_a_changed_byte_is_found() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(1 << 20).unwrap();
+    f.write_all_at(&[7u8; 5000], 70_000).unwrap();
+    f.write_all_at(&[9u8; 10], (1 << 20) - 10).unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
+    let repo = Repository::init(
+        store,
+        InitOptions {
+            chunk_size: Some(64 * 1024),
+            now: Timestamp::from_unix_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    let snap = SnapshotName::new("s").unwrap();
+    let out = engine::backup(
+        &repo,
+        Arc::new(FileSource::open(&src).unwrap()),
+        BackupRequest {
+            volume: volume.clone(),
+            snapshot: snap.clone(),
+            mode: BackupMode::Full { allocated: None },
+            created: Timestamp::from_unix_secs(2),
+            source_info: Default::default(),
+            labels: Default::default(),
+            chunk_size: None,
+            volume_size: None,
+        },
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let target = t.path().join("restored.img");
+    engine::restore(
+        &repo,
+        &volume,
+        &snap,
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let r = verify_target(&out.manifest, &target).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(r.bytes_checked, 1 << 20);
+    assert_eq!(r.chunks_ok, 16);
+
+    // A changed byte in a stored chunk and one in a zero chunk are both found.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    w.write_all_at(&[1], 70_001).unwrap();
+    w.write_all_at(&[1], 5 * 64 * 1024 + 3).unwrap();
+    let r = verify_target(&out.manifest, &target).await.unwrap();
+    assert_eq!(r.mismatched, vec![1, 5]);
+    assert_eq!(r.mismatched_count, 2);
+
+    // A target shorter than the volume cannot hold it.
+    w.set_len(1000).unwrap();
+    let e = verify_target(&out.manifest, &target).await.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+}
