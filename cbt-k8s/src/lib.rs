@@ -6,9 +6,12 @@
 pub mod connect;
 pub mod error;
 pub mod metadata_service;
+pub mod mover;
 pub mod pvc;
+pub mod pvc_backup;
 pub mod quantity;
 pub mod retry;
+pub mod sidecar;
 pub mod snapshift;
 pub mod snapshot;
 pub mod wait;

@@ -84,6 +84,20 @@ impl FaultStatus {
     }
 }
 
+/// What the Kubernetes SnapshotMetadata API of the server asks of the cluster, as the
+/// external-snapshot-metadata sidecar does: check the caller's token and rights, and turn a
+/// VolumeSnapshot name into its CSI handle. Without one, VolumeSnapshot names are image file
+/// names and the static [`ServerOptions::token`] is checked.
+#[async_trait::async_trait]
+pub trait SidecarAuthority: Send + Sync + std::fmt::Debug {
+    /// Accepts `token` for reading VolumeSnapshots in `namespace` (TokenReview for the audience
+    /// plus authorization in the sidecar), or returns UNAUTHENTICATED / PERMISSION_DENIED.
+    async fn authorize(&self, token: &str, namespace: &str) -> Result<(), Status>;
+    /// The CSI handle of VolumeSnapshot `namespace/name`, which must be ready and bound
+    /// (UNAVAILABLE otherwise, as the sidecar answers).
+    async fn resolve(&self, namespace: &str, name: &str) -> Result<String, Status>;
+}
+
 /// Configuration of the file-backed server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -103,6 +117,9 @@ pub struct ServerOptions {
     pub driver_name: String,
     /// Stream-breaking test hook.
     pub fault: Option<FaultPlan>,
+    /// Resolves VolumeSnapshot names and checks tokens through a cluster (see
+    /// [`SidecarAuthority`]); snapshot files are then named by CSI handle.
+    pub sidecar: Option<Arc<dyn SidecarAuthority>>,
     /// Longest time one call may stream before it is ended with DEADLINE_EXCEEDED, like the
     /// Kubernetes sidecar's `--max-streaming-duration-min`; `None` streams without a limit.
     pub max_stream_duration: Option<std::time::Duration>,
@@ -125,6 +142,7 @@ impl ServerOptions {
             driver_name: "file.cbt.example.com".to_string(),
             fault: None,
             max_stream_duration: None,
+            sidecar: None,
             secrets: None,
         }
     }
@@ -431,9 +449,12 @@ impl FileMetadataService {
         Ok(())
     }
 
-    fn check_k8s_token(&self, token: &str) -> Result<(), Status> {
+    async fn check_k8s_token(&self, token: &str, namespace: &str) -> Result<(), Status> {
         if token.is_empty() {
             return Err(Status::invalid_argument("security_token is required"));
+        }
+        if let Some(sidecar) = &self.opts.sidecar {
+            return sidecar.authorize(token, namespace).await;
         }
         match &self.opts.token {
             Some(expected) if !token_matches(token, expected) => {
@@ -453,7 +474,17 @@ impl FileMetadataService {
         }
     }
 
-    fn k8s_lookup(&self, namespace: &str, name: &str) -> Result<Snapshot, Status> {
+    async fn k8s_lookup(&self, namespace: &str, name: &str) -> Result<Snapshot, Status> {
+        if let Some(sidecar) = &self.opts.sidecar {
+            let handle = sidecar.resolve(namespace, name).await?;
+            return match open_snapshot(&self.opts.dir, &handle)? {
+                Lookup::Found(s) => Ok(s),
+                // The driver does not know the handle its own content names.
+                Lookup::Missing => Err(Status::not_found(format!(
+                    "snapshot {handle} (VolumeSnapshot {namespace}/{name}) not found"
+                ))),
+            };
+        }
         match open_snapshot(&self.opts.dir, name) {
             Ok(Lookup::Found(s))
                 if s.meta.namespace.as_deref().unwrap_or("default") == namespace =>
@@ -677,8 +708,9 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
                 "namespace and snapshot_name are required",
             ));
         }
-        self.check_k8s_token(&r.security_token)?;
-        let snap = self.k8s_lookup(&r.namespace, &r.snapshot_name)?;
+        self.check_k8s_token(&r.security_token, &r.namespace)
+            .await?;
+        let snap = self.k8s_lookup(&r.namespace, &r.snapshot_name).await?;
         let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
         Ok(Response::new(self.csi_stream(
             Work::Allocated(snap),
@@ -705,8 +737,11 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
                 "namespace, base_snapshot_id and target_snapshot_name are required",
             ));
         }
-        self.check_k8s_token(&r.security_token)?;
-        let target = self.k8s_lookup(&r.namespace, &r.target_snapshot_name)?;
+        self.check_k8s_token(&r.security_token, &r.namespace)
+            .await?;
+        let target = self
+            .k8s_lookup(&r.namespace, &r.target_snapshot_name)
+            .await?;
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_name)?;
         let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
