@@ -99,6 +99,9 @@ pub enum Command {
     Metadata(metadata_cmd::MetadataCommand),
     /// Serve the CSI and Kubernetes SnapshotMetadata APIs from a directory of snapshot images.
     ServeMetadata(metadata_cmd::ServeMetadataArgs),
+    /// Run as the data mover of a `backup --pvc` / `restore --to-pvc` Job (spec in CBT_MOVER_SPEC).
+    #[command(hide = true)]
+    Mover(commands::k8s::MoverArgs),
 }
 
 /// Everything a command needs besides its own arguments.
@@ -164,6 +167,7 @@ async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
         Command::Lock(cmd) => commands::maint::lock(&ctx, cmd).await,
         Command::Metadata(cmd) => metadata_cmd::run_metadata(&ctx, cmd).await,
         Command::ServeMetadata(args) => metadata_cmd::run_serve_metadata(args).await,
+        Command::Mover(args) => commands::k8s::mover(&args).await,
     }
 }
 
@@ -215,5 +219,16 @@ fn main() -> ExitCode {
             out.error(&e);
             e.class.exit_code()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // Flattened argument sets (metadata, PVC, cluster) must not reuse ids or flags.
+        super::Cli::command().debug_assert();
     }
 }

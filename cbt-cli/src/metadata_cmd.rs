@@ -575,6 +575,21 @@ pub struct ServeMetadataArgs {
     /// Maximum tuples per response message.
     #[arg(long, default_value_t = 1024)]
     pub max_results: u32,
+    /// Act as the Kubernetes snapshot-metadata sidecar: check each caller's token with a
+    /// TokenReview for this audience and its right to get VolumeSnapshots with a
+    /// SubjectAccessReview, and resolve VolumeSnapshot names to CSI handles (the files in --dir
+    /// are then named by handle). Uses the kubeconfig like kubectl.
+    #[arg(long, value_name = "AUDIENCE")]
+    pub kubernetes_audience: Option<String>,
+    /// Kubeconfig for --kubernetes-audience.
+    #[arg(long, requires = "kubernetes_audience")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context for --kubernetes-audience.
+    #[arg(long, requires = "kubernetes_audience")]
+    pub context: Option<String>,
+    /// CSI driver name reported by the Identity service and required of snapshot contents.
+    #[arg(long)]
+    pub driver: Option<String>,
     /// End any call that streams longer than this many seconds with DEADLINE_EXCEEDED, as the
     /// Kubernetes snapshot-metadata sidecar does (--max-streaming-duration-min); clients resume.
     #[arg(long, value_name = "SECS")]
@@ -644,6 +659,22 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
         })?),
         None => None,
     };
+    if let Some(d) = &args.driver {
+        opts.driver_name = d.clone();
+    }
+    if let Some(audience) = &args.kubernetes_audience {
+        let cluster = cbt_k8s::connect(&cbt_k8s::ClusterTarget {
+            kubeconfig: args.kubeconfig.clone(),
+            context: args.context.clone(),
+        })
+        .await
+        .map_err(|e| CliError::config(e.to_string()))?;
+        opts.sidecar = Some(std::sync::Arc::new(cbt_k8s::sidecar::KubeSidecar::new(
+            cluster.client,
+            audience,
+            &opts.driver_name,
+        )));
+    }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(c), Some(k)) => Some(TlsIdentity {
             cert_pem: read(c)?.into_bytes(),

@@ -127,7 +127,18 @@ fn is_missing(path: &Path) -> bool {
 /// # Errors
 /// Missing/malformed kubeconfig, unknown or absent context, unusable client settings.
 pub async fn connect(target: &ClusterTarget) -> Result<Cluster, Error> {
-    let (kubeconfig, origin) = load_kubeconfig(target)?;
+    let (kubeconfig, origin) = match load_kubeconfig(target) {
+        Ok(found) => found,
+        // Like kubectl in a pod: no kubeconfig anywhere, but a service account mounted.
+        Err(Error::NoKubeconfig { .. })
+            if target.kubeconfig.is_none()
+                && target.context.is_none()
+                && std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() =>
+        {
+            return connect_in_cluster().await;
+        }
+        Err(e) => return Err(e),
+    };
     let context = match target
         .context
         .clone()
@@ -163,6 +174,28 @@ pub async fn connect(target: &ClusterTarget) -> Result<Cluster, Error> {
             source,
         })?;
     // Our RetryPolicy decides retries (bounded by deadlines); kube's layer would retry up to 15 times.
+    config.default_retry = false;
+    let server = config.cluster_url.to_string();
+    let default_namespace = config.default_namespace.clone();
+    let client = kube::Client::try_from(config).map_err(|source| Error::Client {
+        context: context.clone(),
+        source: Box::new(source),
+    })?;
+    Ok(Cluster {
+        client,
+        context,
+        server,
+        default_namespace,
+    })
+}
+
+/// The pod's own service account, as kubectl uses it when no kubeconfig exists.
+async fn connect_in_cluster() -> Result<Cluster, Error> {
+    let context = "in-cluster".to_string();
+    let mut config = kube::Config::incluster().map_err(|e| Error::NoKubeconfig {
+        tried: format!("no kubeconfig, and the in-cluster configuration is unusable ({e})"),
+        fix: "run inside a pod with a service account token, or set KUBECONFIG".into(),
+    })?;
     config.default_retry = false;
     let server = config.cluster_url.to_string();
     let default_namespace = config.default_namespace.clone();

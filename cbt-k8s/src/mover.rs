@@ -57,7 +57,7 @@ pub struct MoverSpec {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum MoverTask {
     /// Back up the device (a volume restored from a VolumeSnapshot) with CBT.
-    Backup(BackupTask),
+    Backup(Box<BackupTask>),
     /// Restore a snapshot onto the device and read it back.
     Restore(RestoreTask),
 }

@@ -156,6 +156,37 @@ pub async fn inspect_pvc(
     })
 }
 
+/// Names of the PVCs in `namespace` matching the label `selector`, sorted.
+///
+/// # Errors
+/// [`Error::Api`] for API failures (a malformed selector is the API server's 400).
+pub async fn pvcs_matching(
+    cluster: &crate::connect::Cluster,
+    namespace: &str,
+    selector: &str,
+) -> Result<Vec<String>, Error> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client.clone(), namespace);
+    let list = api
+        .list(&kube::api::ListParams::default().labels(selector))
+        .await
+        .map_err(|e| {
+            Error::api(
+                &cluster.context,
+                "list",
+                "PersistentVolumeClaim",
+                namespace,
+                e,
+            )
+        })?;
+    let mut names: Vec<String> = list
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The provisioner of a StorageClass, if it exists.
 ///
 /// # Errors

@@ -18,18 +18,20 @@ use crate::output::bytes;
 #[derive(Debug, Args)]
 #[command(
     after_long_help = RANGES_FORMAT_HELP,
-    group(ArgGroup::new("mode").required(true).args(["full", "changed_ranges", "metadata_endpoint"]))
+    group(ArgGroup::new("mode").required(true).args(["full", "changed_ranges", "metadata_endpoint", "pvcs", "selector"]))
 )]
 pub struct BackupArgs {
     /// Block device or image file to read (e.g. the device of a snapshot-backed PVC).
-    #[arg(long, value_name = "PATH")]
-    pub device: PathBuf,
-    /// Volume name the snapshot belongs to (letters, digits, `.`, `-`, `_`).
-    #[arg(long)]
-    pub volume: String,
-    /// Name of the new snapshot (must not exist yet).
-    #[arg(long)]
-    pub snapshot: String,
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["pvcs", "selector"], conflicts_with_all = ["pvcs", "selector"])]
+    pub device: Option<PathBuf>,
+    /// Volume name the snapshot belongs to (letters, digits, `.`, `-`, `_`); with --pvc it is
+    /// `<namespace>.<pvc>`.
+    #[arg(long, required_unless_present_any = ["pvcs", "selector"])]
+    pub volume: Option<String>,
+    /// Name of the new snapshot (must not exist yet); with --pvc, the time of the run
+    /// (`YYYYMMDDTHHMMSSZ`).
+    #[arg(long, required_unless_present_any = ["pvcs", "selector"])]
+    pub snapshot: Option<String>,
     /// Read every allocated chunk. All-zero chunks are detected and not stored. With --parent,
     /// the parent is recorded as lineage (for when no delta can be had) and chunks identical to
     /// the parent's cost neither an upload nor an existence check.
@@ -62,6 +64,12 @@ pub struct BackupArgs {
     /// Ranges from a SnapshotMetadata service (--metadata-endpoint, --snapshot-id, ...).
     #[command(flatten)]
     pub cbt: Box<crate::metadata_cmd::CbtBackupArgs>,
+    /// Back up PersistentVolumeClaims in a cluster (--pvc, --selector, ...).
+    #[command(flatten, next_help_heading = "Kubernetes PVCs")]
+    pub pvc: Box<super::k8s::PvcBackupArgs>,
+    /// Cluster and data-mover settings for --pvc.
+    #[command(flatten, next_help_heading = "Kubernetes PVCs")]
+    pub kube: Box<super::k8s::KubeArgs>,
 }
 
 /// Engine options from `--jobs` / `--compression-level`.
@@ -79,8 +87,19 @@ pub fn engine_options(jobs: Option<u16>, compression_level: i32) -> EngineOption
 
 /// Runs `cbt backup`.
 pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
-    let volume = VolumeName::new(&args.volume)?;
-    let snapshot = SnapshotName::new(&args.snapshot)?;
+    if !args.pvc.pvcs.is_empty() || args.pvc.selector.is_some() {
+        let labels = parse::labels(&args.labels)?;
+        return super::k8s::backup(ctx, &args.pvc, &args.kube, labels, args.cbt.fallback_full)
+            .await;
+    }
+    let (Some(device), Some(volume), Some(snapshot)) = (&args.device, &args.volume, &args.snapshot)
+    else {
+        return Err(CliError::usage(
+            "--device, --volume and --snapshot are required without --pvc",
+        ));
+    };
+    let volume = VolumeName::new(volume)?;
+    let snapshot = SnapshotName::new(snapshot)?;
     let parent = args.parent.as_deref().map(SnapshotName::new).transpose()?;
     let labels = parse::labels(&args.labels)?;
     let allocated = args
@@ -94,7 +113,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         .map(parse::ranges_file)
         .transpose()?;
 
-    let source = FileSource::open(&args.device).map_err(|e| {
+    let source = FileSource::open(device).map_err(|e| {
         let class = if e.kind() == std::io::ErrorKind::NotFound
             || e.kind() == std::io::ErrorKind::PermissionDenied
         {
@@ -105,7 +124,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         CliError {
             reported: false,
             class,
-            message: format!("cannot open --device {}: {e}", args.device.display()),
+            message: format!("cannot open --device {}: {e}", device.display()),
             hint: None,
         }
     })?;
@@ -173,7 +192,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         mode,
         created: Timestamp::from_system_time(std::time::SystemTime::now()),
         source_info: SourceInfo {
-            path: Some(args.device.display().to_string()),
+            path: Some(device.display().to_string()),
             ..csi_source
         },
         labels,

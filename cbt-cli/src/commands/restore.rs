@@ -21,8 +21,13 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub snapshot: String,
     /// Image file to create, or block device to write (needs --overwrite if it exists).
-    #[arg(long, value_name = "PATH")]
-    pub target: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "to_pvc",
+        conflicts_with = "to_pvc"
+    )]
+    pub target: Option<PathBuf>,
     /// Allow writing over an existing file or device.
     #[arg(long)]
     pub overwrite: bool,
@@ -36,10 +41,30 @@ pub struct RestoreArgs {
     /// Downloads in flight.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub jobs: Option<u16>,
+    /// Restore into a new PersistentVolumeClaim (--to-pvc, --storage-class, --size).
+    #[command(flatten, next_help_heading = "Kubernetes PVCs")]
+    pub pvc: Box<super::k8s::PvcRestoreArgs>,
+    /// Cluster and data-mover settings for --to-pvc.
+    #[command(flatten, next_help_heading = "Kubernetes PVCs")]
+    pub kube: Box<super::k8s::KubeArgs>,
 }
 
 /// Runs `cbt restore`.
 pub async fn run(ctx: &Ctx, args: RestoreArgs) -> Result<(), CliError> {
+    if args.pvc.to_pvc.is_some() {
+        return super::k8s::restore(
+            ctx,
+            &args.volume,
+            &args.snapshot,
+            &args.pvc,
+            &args.kube,
+            args.dry_run,
+        )
+        .await;
+    }
+    let Some(target) = &args.target else {
+        return Err(CliError::usage("--target (or --to-pvc) is required"));
+    };
     let volume = VolumeName::new(&args.volume)?;
     let snapshot = SnapshotName::new(&args.snapshot)?;
     let repo = ctx.repo().await?;
@@ -56,7 +81,7 @@ pub async fn run(ctx: &Ctx, args: RestoreArgs) -> Result<(), CliError> {
         &repo,
         &volume,
         &snapshot,
-        &args.target,
+        target,
         &RestoreOptions {
             overwrite: args.overwrite,
             in_place: args.in_place,

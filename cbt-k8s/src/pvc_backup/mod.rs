@@ -330,7 +330,7 @@ fn backup_job(
         s3_endpoint: opts.target.s3_endpoint.clone(),
         s3_region: opts.target.s3_region.clone(),
         device: objects::DEVICE_PATH.into(),
-        task: MoverTask::Backup(BackupTask {
+        task: MoverTask::Backup(Box::new(BackupTask {
             volume: volume.to_string(),
             snapshot: opts.run_name.clone(),
             metadata: endpoint.map(|e| MetadataAccess {
@@ -346,7 +346,7 @@ fn backup_job(
             source,
             labels: opts.labels.clone(),
             compression_level: 1,
-        }),
+        })),
     };
     let mut rt = opts.runtime.clone();
     rt.token_audience = endpoint.map(|e| e.audience.clone());

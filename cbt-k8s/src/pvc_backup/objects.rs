@@ -148,6 +148,7 @@ pub struct MoverRuntime {
 }
 
 /// The mover Job running `spec` with PVC `pvc` attached as a raw block device.
+#[allow(clippy::too_many_arguments)] // one value per part of the object, all required
 pub fn mover_job(
     name: &str,
     namespace: &str,
