@@ -23,12 +23,19 @@
 mod backend;
 mod controller;
 mod faults;
+mod jobs;
+mod kinds;
+mod kubelet;
 mod server;
 mod store;
+mod subresources;
+mod tokens;
 mod values;
+mod volumes;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,9 +45,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-pub use backend::{BackendSnapshot, SharedBackend};
+pub use backend::{BackendError, BackendSnapshot, SharedBackend};
 pub use faults::{FaultAction, Faults, HttpFault};
 pub use store::{ApiError, Cause, ResourceType};
+pub use tokens::{
+    API_SERVER_AUDIENCE, Authenticated, BoundObject, MintedToken, ServiceAccountRef, TokenRegistry,
+    TokenRejection, UserInfo,
+};
 pub use values::{format_quantity, parse_quantity};
 
 use store::{Selector, Store, TYPES, find_type_by_kind};
@@ -65,6 +76,8 @@ pub(crate) struct State {
     token: Option<String>,
     changed: Notify,
     types: Vec<&'static ResourceType>,
+    tokens: TokenRegistry,
+    kubelet: kubelet::Kubelet,
 }
 
 impl State {
@@ -88,9 +101,26 @@ pub struct FakeKubeBuilder {
     backend: SharedBackend,
     token: Option<String>,
     log_cap: usize,
+    images: BTreeMap<String, PathBuf>,
+    job_backoff: Duration,
 }
 
 impl FakeKubeBuilder {
+    /// Registers a container image: pods using `image` run `host_executable` as a child
+    /// process (see the kubelet rules in the crate docs).
+    pub fn image(mut self, image: &str, host_executable: impl Into<PathBuf>) -> Self {
+        self.images
+            .insert(image.to_string(), host_executable.into());
+        self
+    }
+
+    /// Base of the Job controller's retry back-off after a failed pod, doubled per failure
+    /// (default 10 ms to keep tests fast; real clusters use 10 s).
+    pub fn job_backoff(mut self, base: Duration) -> Self {
+        self.job_backoff = base;
+        self
+    }
+
     /// Name of the simulated CSI driver (default `hostpath.csi.k8s.io`).
     pub fn driver(mut self, driver: &str) -> Self {
         self.driver = driver.to_string();
@@ -131,7 +161,7 @@ impl FakeKubeBuilder {
     /// Binds 127.0.0.1 on a free port and starts serving and reconciling.
     ///
     /// # Errors
-    /// When the listener cannot be bound.
+    /// When the listener cannot be bound or the kubelet's temporary directory cannot be made.
     pub async fn start(self) -> std::io::Result<FakeKube> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -148,12 +178,15 @@ impl FakeKubeBuilder {
                 .iter()
                 .copied()
                 .filter(|t| self.snapshot_api || t.group != "snapshot.storage.k8s.io")
+                .chain(kinds::WORKLOAD_TYPES.iter().copied())
                 .chain(
                     self.extra_types
                         .into_iter()
                         .map(|t| &*Box::leak(Box::new(t))),
                 )
                 .collect(),
+            tokens: TokenRegistry::default(),
+            kubelet: kubelet::Kubelet::new(self.images, self.job_backoff)?,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
@@ -198,7 +231,9 @@ async fn controller_loop(state: Arc<State>) {
         let mut store = state.lock_store();
         // A few passes so chains (content -> snapshot -> PVC) settle in one wake-up.
         for _ in 0..4 {
-            if !controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver) {
+            let snapshots =
+                controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver);
+            if !(kubelet::reconcile(&state, &mut store) | snapshots) {
                 break;
             }
         }
@@ -215,6 +250,8 @@ pub struct FakeKube {
 
 impl Drop for FakeKube {
     fn drop(&mut self) {
+        // No container process outlives its cluster.
+        self.state.kubelet.kill_all();
         let _ = self.stop.send(true);
         for t in &self.tasks {
             t.abort();
@@ -242,6 +279,8 @@ impl FakeKube {
             backend: SharedBackend::new(),
             token: Some("fake-token".into()),
             log_cap: 10_000,
+            images: BTreeMap::new(),
+            job_backoff: Duration::from_millis(10),
         }
     }
 
@@ -428,7 +467,8 @@ impl FakeKube {
         self.create(class)
     }
 
-    /// Creates a bound PVC with the given size, volume mode, access modes and labels.
+    /// Creates a bound PVC with the given size, volume mode, access modes and labels; with a
+    /// data-backed backend also its PersistentVolume `pv-<name>` and an all-zero volume file.
     ///
     /// # Errors
     /// As [`Self::create`].
@@ -462,6 +502,15 @@ impl FakeKube {
             name,
             json!({"phase": "Bound", "capacity": {"storage": size}, "accessModes": access_modes}),
         );
+        if self.state.backend.data_dir().is_some() {
+            volumes::back_seeded_pvc(
+                &mut self.state.lock_store(),
+                &self.state.backend,
+                &self.state.driver,
+                ns,
+                name,
+            )?;
+        }
         Ok(created)
     }
 
