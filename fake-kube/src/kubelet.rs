@@ -12,9 +12,12 @@
 //! so multi-call binaries such as busybox work. `$(VAR)` references are expanded as upstream.
 //!
 //! A per-pod temporary directory holds everything the container sees at an in-container path:
-//! `volumeDevices` of a `persistentVolumeClaim` volume are the claim's backing file (the claim
-//! must exist, be Bound and be `volumeMode: Block`; a missing or unbound claim keeps the pod
-//! Pending as unschedulable); `volumeMounts` of `secret`, `configMap`, `emptyDir` and
+//! `volumeDevices` of a `persistentVolumeClaim` volume are symlinks to the claim's backing file
+//! (the claim must exist, be Bound and be `volumeMode: Block`; a missing or unbound claim keeps
+//! the pod Pending as unschedulable). A device is still a regular file: opening it with
+//! truncation or writing past its end changes its size, which a real device would not; the
+//! kubelet sets the size back when the container exits and records a `BlockDeviceResized`
+//! warning event on the pod; `volumeMounts` of `secret`, `configMap`, `emptyDir` and
 //! `projected` (secret, configMap, serviceAccountToken) volumes are materialized as files,
 //! tokens minted through the cluster's [`crate::TokenRegistry`] for the pod's ServiceAccount and
 //! bound to the pod; `terminationMessagePath` is an empty file. Every occurrence of such a path
@@ -58,6 +61,9 @@ const FALLBACK_LOG_LINES: usize = 80;
 const FALLBACK_LOG_BYTES: usize = 2048;
 /// The node every pod is scheduled to.
 const NODE: &str = "fake-node";
+/// How long a failed pull shows as `ErrImagePull` before `ImagePullBackOff` (shortened from
+/// the kubelet's 10 s back-off so tests see both states quickly).
+const IMAGE_PULL_BACKOFF: Duration = Duration::from_millis(200);
 
 /// Why the kubelet killed a container.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +89,8 @@ pub(crate) struct Kubelet {
     images: BTreeMap<String, PathBuf>,
     root: tempfile::TempDir,
     pods: Mutex<BTreeMap<String, PodRuntime>>,
+    /// When each pod's image pull first failed, by pod uid.
+    pull_failed: Mutex<BTreeMap<String, std::time::Instant>>,
     pub(crate) jobs: crate::jobs::JobController,
 }
 
@@ -108,6 +116,7 @@ impl Kubelet {
             images,
             root: tempfile::Builder::new().prefix("fake-kubelet-").tempdir()?,
             pods: Mutex::new(BTreeMap::new()),
+            pull_failed: Mutex::new(BTreeMap::new()),
             jobs: crate::jobs::JobController::new(job_backoff),
         })
     }
@@ -212,6 +221,12 @@ fn reap_deleted(state: &State, store: &Store) -> bool {
         .iter()
         .filter_map(|p| s(p, &["metadata", "uid"]).map(str::to_string))
         .collect();
+    state
+        .kubelet
+        .pull_failed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|uid, _| live.contains(uid));
     let mut pods = state.kubelet.pods();
     let gone: Vec<String> = pods
         .keys()
@@ -405,6 +420,11 @@ enum VolumePlan {
     EmptyDir,
 }
 
+/// Volume name to how it is materialized.
+type VolumePlans = BTreeMap<String, VolumePlan>;
+/// devicePath to the backing file.
+type Devices = Vec<(String, PathBuf)>;
+
 /// Everything needed to start the container, decided before any file is written.
 struct Plan {
     exe: PathBuf,
@@ -412,9 +432,8 @@ struct Plan {
     argv: Vec<String>,
     env: Vec<(String, Vec<u8>)>,
     working_dir: Option<String>,
-    /// devicePath -> backing file.
-    devices: Vec<(String, PathBuf)>,
-    volumes: BTreeMap<String, VolumePlan>,
+    devices: Devices,
+    volumes: VolumePlans,
     /// (mountPath, volume name, subPath).
     mounts: Vec<(String, String, Option<String>)>,
     termination_path: String,
@@ -542,7 +561,7 @@ fn plan_volumes(
     spec: &Value,
     c: &Value,
     backend: &crate::SharedBackend,
-) -> Result<(BTreeMap<String, VolumePlan>, Vec<(String, PathBuf)>), Blocked> {
+) -> Result<(VolumePlans, Devices), Blocked> {
     let volumes: BTreeMap<String, &Value> = spec["volumes"]
         .as_array()
         .into_iter()
@@ -869,9 +888,15 @@ fn plan(state: &State, store: &Store, pod: &Value, c: &Value) -> Result<Plan, Bl
     }
     let image = c["image"].as_str().unwrap_or("");
     let Some(exe) = state.kubelet.images.get(image).cloned() else {
-        let backoff = pod["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
-            .as_str()
-            .is_some_and(|r| r == "ErrImagePull" || r == "ImagePullBackOff");
+        let uid = s(pod, &["metadata", "uid"]).unwrap_or("").to_string();
+        let first_failure = *state
+            .kubelet
+            .pull_failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(uid)
+            .or_insert_with(std::time::Instant::now);
+        let backoff = first_failure.elapsed() >= IMAGE_PULL_BACKOFF;
         return Err(if backoff {
             Blocked::Waiting {
                 reason: "ImagePullBackOff",
@@ -1046,7 +1071,18 @@ fn materialize(
         table.push((mount_path.clone(), host.to_string_lossy().into_owned()));
     }
     for (device, file) in &plan.devices {
-        table.push((device.clone(), file.to_string_lossy().into_owned()));
+        // A symlink in the pod's own tree, like a device node in the container's /dev:
+        // renaming a file over it replaces the link, never the volume.
+        let rel = device.trim_start_matches('/');
+        if rel.is_empty() || Path::new(rel).components().any(|c| c.as_os_str() == "..") {
+            return Err(format!("invalid devicePath {device:?}"));
+        }
+        let link = dir.join("devices").join(rel);
+        if let Some(parent) = link.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| io_message("creating", parent, &e))?;
+        }
+        std::os::unix::fs::symlink(file, &link).map_err(|e| io_message("linking", &link, &e))?;
+        table.push((device.clone(), link.to_string_lossy().into_owned()));
     }
     let term = dir.join("termination-log");
     std::fs::write(&term, b"").map_err(|e| io_message("creating", &term, &e))?;
@@ -1207,6 +1243,15 @@ fn launch(
         .filter(|p| p.is_dir())
         .unwrap_or_else(|| dir.clone());
     cmd.current_dir(cwd);
+    // Sizes before the process can touch the files.
+    let devices = plan
+        .devices
+        .iter()
+        .filter_map(|(path, file)| {
+            let size = std::fs::metadata(file).ok()?.len();
+            Some((path.clone(), file.clone(), size))
+        })
+        .collect();
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
@@ -1261,6 +1306,7 @@ fn launch(
     );
     let oom = state.faults.take_oom_kill();
     let exit = Exit {
+        devices,
         state: Arc::downgrade(state),
         uid,
         ns,
@@ -1278,6 +1324,8 @@ fn launch(
 
 /// What the supervisor needs to report a container's end.
 struct Exit {
+    /// (devicePath, backing file, size at start) of each attached block device.
+    devices: Vec<(String, PathBuf, u64)>,
     state: Weak<State>,
     uid: String,
     ns: String,
@@ -1330,6 +1378,7 @@ async fn supervise(
         _ if code == 0 => (0, "Completed"),
         _ => (code, "Error"),
     };
+    let resized = restore_device_sizes(&exit.devices);
     let mut message = read_tail(&exit.term, MAX_TERMINATION_MESSAGE);
     if message.is_empty() && exit.fallback_to_logs && code != 0 {
         message = log_tail(&exit.log, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES);
@@ -1361,6 +1410,16 @@ async fn supervise(
         {
             let status = terminated_status(&pod["status"], &pod, &exit.container, &term);
             update_status(&mut store, &pod, status);
+            for m in &resized {
+                record_event(
+                    &mut store,
+                    &pod,
+                    "Warning",
+                    "BlockDeviceResized",
+                    m,
+                    "kubelet",
+                );
+            }
             if reason == "OOMKilled" {
                 record_event(
                     &mut store,
@@ -1377,6 +1436,32 @@ async fn supervise(
         }
     }
     state.changed.notify_one();
+}
+
+/// A block device cannot change size, a file can (`>` truncates it, writes past the end grow
+/// it): put each backing file back to its size and say what a real device would have done.
+fn restore_device_sizes(devices: &[(String, PathBuf, u64)]) -> Vec<String> {
+    let mut messages = Vec::new();
+    for (path, file, size) in devices {
+        let Ok(now) = std::fs::metadata(file).map(|m| m.len()) else {
+            continue;
+        };
+        if now == *size {
+            continue;
+        }
+        let restored = std::fs::OpenOptions::new()
+            .write(true)
+            .open(file)
+            .and_then(|f| f.set_len(*size));
+        messages.push(format!(
+            "the container changed the size of block device {path} from {size} to {now} bytes (truncated on open, or written past its end); a real device keeps its size{}",
+            match restored {
+                Ok(()) => format!(", so fake-kube set it back to {size} bytes (truncated data is lost)"),
+                Err(e) => format!("; restoring the size failed: {e}"),
+            }
+        ));
+    }
+    messages
 }
 
 /// The last `max` bytes of a file as text ("" if unreadable).
