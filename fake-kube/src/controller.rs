@@ -6,7 +6,8 @@
 //! shared backend; a pre-provisioned content is looked up by handle (unknown
 //! handle = error status) and its VolumeSnapshot bound; mis-bound or handle-less
 //! contents are errors; a PVC restored from a ready snapshot binds when its
-//! StorageClass is provisioned by this cluster's driver. Deleting a
+//! StorageClass is provisioned by this cluster's driver (with a data-backed backend
+//! `volumes` provisions instead, and snapshots copy the volume's file). Deleting a
 //! `Delete`-policy content deletes the backend snapshot, `Retain` never does.
 //! Only contents whose driver is this cluster's simulated driver are served.
 

@@ -1,24 +1,68 @@
 //! An in-process fake Kubernetes API server for tests, with a simulated
-//! snapshot controller and CSI driver.
+//! snapshot controller, CSI driver, job controller and kubelet.
 //!
 //! What it serves (plain HTTP on loopback, so `kube::Client` talks to it exactly
 //! as to a cluster, through a kubeconfig this crate writes):
-//! namespaces, PersistentVolumeClaims, CSIDrivers, StorageClasses, VolumeSnapshots,
-//! VolumeSnapshotContents and VolumeSnapshotClasses; get, list (label and field
-//! selectors), watch (from a resourceVersion, JSON lines), create, replace,
-//! patch (merge, JSON patch; strategic merge for built-ins), delete, `/status`,
-//! server-side `dryRun=All`. Errors are metav1.Status bodies with the real codes
-//! (404 NotFound, 409 AlreadyExists/Conflict, 422 Invalid with causes, 410 Expired).
+//! namespaces, PersistentVolumeClaims, PersistentVolumes, CSIDrivers, StorageClasses,
+//! VolumeSnapshots, VolumeSnapshotContents, VolumeSnapshotClasses, ServiceAccounts, Secrets,
+//! ConfigMaps, Events, Pods and batch/v1 Jobs; get, list (label selectors; field selectors on
+//! `metadata.name`/`namespace`, `involvedObject.*`, `reason`, `type`, `status.phase`,
+//! `spec.nodeName`...), watch (from a resourceVersion, JSON lines), create, replace, patch
+//! (merge, JSON patch; strategic merge for built-ins), delete, `/status`, server-side
+//! `dryRun=All`. Subresources: `serviceaccounts/{name}/token` (TokenRequest), `pods/{name}/log`
+//! (`container`, `tailLines`, `limitBytes`), and create-only `tokenreviews`. Errors are
+//! metav1.Status bodies with the real codes (404 NotFound, 409 AlreadyExists/Conflict, 422
+//! Invalid with causes, 410 Expired, 403 Forbidden from the ServiceAccount admission check).
 //!
 //! Several instances may share one [`SharedBackend`]: their simulated drivers
 //! then see each other's snapshot handles, like two clusters attached to one
-//! storage array. [`Faults`] injects HTTP errors and driver misbehaviour.
+//! storage array. [`Faults`] injects HTTP errors, driver misbehaviour, forbidden
+//! TokenRequests and OOM kills.
+//!
+//! # Volumes with bytes
+//! A backend made with [`SharedBackend::with_data_dir`] keeps block volumes as sparse files and
+//! snapshots as hole-preserving copies named by handle (the directory `cbt serve-metadata`
+//! serves); the simulated external-provisioner then creates a PersistentVolume and a volume
+//! file for every Pending claim of the driver's StorageClasses (empty, restored from a
+//! snapshot, or cloned), refuses restores smaller than the snapshot with a `ProvisioningFailed`
+//! event, and reclaims PVs and files when claims go. See [`FakeKube::pvc_backing_file`].
+//! Without a data directory no PV objects exist and only restores bind, as before.
+//!
+//! # Tokens
+//! TokenRequests mint random opaque tokens held in the cluster's [`TokenRegistry`]
+//! (audiences, expiry on an adjustable clock, optional pod binding); TokenReview authenticates
+//! them as `system:serviceaccount:<ns>:<name>` while the account (and bound pod) exists.
+//!
+//! # Workloads
+//! Every namespace gets a `default` ServiceAccount. A Job gets pods `<job>-<xxxxx>` from its
+//! template (labels `batch.kubernetes.io/job-name`, `job-name`, controller uid; owner
+//! reference), retried with back-off ([`FakeKubeBuilder::job_backoff`]) up to `backoffLimit`,
+//! bounded by `activeDeadlineSeconds`. The kubelet runs a pod's first container as a real
+//! child process: its image maps to a host executable ([`FakeKubeBuilder::image`]), claims
+//! attached as `volumeDevices` are the claims' files, secret/configMap/projected
+//! (serviceAccountToken) volumes and the termination-message file live in a per-pod temporary
+//! directory, and in-container paths in command, args, env and workingDir are rewritten to
+//! host paths. The exit code, termination message (or log tail) and log are reported as a
+//! kubelet would. The rules are in the `kubelet` module docs (rendered with
+//! `--document-private-items`).
 //!
 //! Extra resource types (e.g. SnapshotMetadataService) can be served with
 //! [`FakeKubeBuilder::serve`]; for them only `metadata.name` is validated.
 //!
-//! Not simulated: server-side apply, finalizers, admission webhooks, RBAC,
-//! pagination (`limit`/`continue` are ignored; every list is one page).
+//! Not simulated: server-side apply, admission webhooks, RBAC, pagination (`limit`/`continue`
+//! are ignored; every list is one page); finalizers other than user-set ones (no
+//! pvc-protection, so a claim in use can be deleted); static PV binding; containers other
+//! than a pod's first (no init or sidecar containers), restarts (every restartPolicy is Never),
+//! graceful termination (deletion is SIGKILL at once), resources and probes, `follow` on
+//! logs; Job parallelism beyond counts, Indexed jobs, podFailurePolicy, suspend semantics
+//! beyond creating no pods, ttlSecondsAfterFinished; Foreground deletion (collected like
+//! Background). Containers are not isolated: they see the host file system and network, and
+//! only paths that appear in command, args, env or workingDir are translated, so a program
+//! that hard-codes an in-container path (say `/dev/termination-log`) would miss its mount.
+//! Devices are regular files behind symlinks: size changes a real device cannot make are
+//! undone after the container exits and reported as a `BlockDeviceResized` warning event.
+//! [`Faults::set_controller_paused`] pauses the job controller and kubelet too (running
+//! processes keep running).
 
 mod backend;
 mod controller;
@@ -403,7 +447,8 @@ impl FakeKube {
             .controller_update(rt, ns, name, |o| o["status"] = status)
     }
 
-    /// Deletes an object with the controllers' side effects.
+    /// Deletes an object with the controllers' side effects (a Job's pods are then collected,
+    /// as with `propagationPolicy: Background`).
     ///
     /// # Errors
     /// The API error a client would get.

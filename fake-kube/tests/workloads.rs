@@ -625,23 +625,44 @@ async fn job_pod_reads_the_device_and_a_secret_and_reports_through_its_terminati
 
     let script = "head -c 4 /dev/xvda > /dev/termination-log; \
                   echo \"key=$AWS_ACCESS_KEY_ID pod=$POD_NAME dev=$DEV\"; \
-                  env | sort | cut -d= -f1 | tr '\\n' ' '; echo; echo to-stderr >&2";
+                  env | sort | cut -d= -f1 | tr '\\n' ' '; echo; \
+                  echo \"mounted=$(cat /etc/s3/AWS_ACCESS_KEY_ID) ns=$NS\"; echo to-stderr >&2";
     let job = sh_job(
         "backup-data",
         script,
         json!({"spec": {"template": {"spec": {
-            "volumes": [{"name": "src", "persistentVolumeClaim": {"claimName": "restore-tmp"}}],
+            "volumes": [{"name": "src", "persistentVolumeClaim": {"claimName": "restore-tmp"}},
+                        {"name": "creds", "secret": {"secretName": "s3-creds"}}],
             "containers": [{"name": "mover", "image": "busybox", "command": ["sh", "-c", script],
                 "volumeDevices": [{"name": "src", "devicePath": "/dev/xvda"}],
+                "volumeMounts": [{"name": "creds", "mountPath": "/etc/s3", "readOnly": true}],
                 "env": [
                     {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}}},
                     {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                     {"name": "DEV", "value": "/dev/xvda"},
+                    {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                 ]}],
         }}}}),
     );
     let jobs: Api<Job> = Api::namespaced(c.clone(), NS);
     jobs.create(&PostParams::default(), &job).await.unwrap();
+    // Jobs are watchable: kube-runtime's waiter sees the Complete condition arrive.
+    let complete = tokio::time::timeout(
+        Duration::from_secs(10),
+        kube::runtime::wait::await_condition(jobs.clone(), "backup-data", |j: Option<&Job>| {
+            j.and_then(|j| j.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Complete" && c.status == "True")
+                })
+        }),
+    )
+    .await
+    .expect("the job completes")
+    .unwrap()
+    .unwrap();
+    assert_eq!(complete.status.unwrap().succeeded, Some(1));
     assert_eq!(
         wait_job_finished(&k, "backup-data", 10).await,
         ("Complete".to_string(), "CompletionsReached".to_string())
@@ -696,9 +717,10 @@ async fn job_pod_reads_the_device_and_a_secret_and_reports_through_its_terminati
         std::fs::canonicalize(&shown).unwrap(),
         std::fs::canonicalize(&dev).unwrap()
     );
+    assert!(log.contains("mounted=AKIA123 ns=apps\n"), "{log}");
     let env_line = log.lines().nth(1).unwrap();
     let names: Vec<&str> = env_line.split_whitespace().collect();
-    for expected in ["AWS_ACCESS_KEY_ID", "DEV", "HOME", "PATH", "POD_NAME"] {
+    for expected in ["AWS_ACCESS_KEY_ID", "DEV", "HOME", "NS", "PATH", "POD_NAME"] {
         assert!(names.contains(&expected), "{env_line}");
     }
     for leaked in ["CARGO", "USER", "RUST_TEST_THREADS", "CARGO_TARGET_DIR"] {
