@@ -50,7 +50,7 @@ use tokio::sync::oneshot;
 use crate::State;
 use crate::kinds::{CONFIG_MAPS, PODS, SECRETS, SERVICE_ACCOUNTS, record_event, secret_bytes};
 use crate::store::{NAMESPACES, PVCS, Selector, Store};
-use crate::tokens::{BoundObject, ServiceAccountRef};
+use crate::tokens::{BoundObject, ServiceAccountId};
 use crate::values::rfc3339_now;
 
 /// How much of the termination file becomes the message (the kubelet's limit).
@@ -1036,7 +1036,7 @@ fn materialize(
                     audience,
                     expiration,
                 } => {
-                    let sa = ServiceAccountRef {
+                    let sa = ServiceAccountId {
                         namespace: ns.to_string(),
                         name: sa_name.to_string(),
                         uid: sa_uid.clone(),

@@ -93,8 +93,8 @@ pub use backend::{BackendError, BackendSnapshot, SharedBackend};
 pub use faults::{FaultAction, Faults, HttpFault};
 pub use store::{ApiError, Cause, ResourceType};
 pub use tokens::{
-    API_SERVER_AUDIENCE, Authenticated, BoundObject, MintedToken, ServiceAccountRef, TokenRegistry,
-    TokenRejection, UserInfo,
+    API_SERVER_AUDIENCE, Authenticated, BoundObject, MintedToken, ServiceAccountId, TokenRegistry,
+    TokenRejection, TokenUser,
 };
 pub use values::{format_quantity, parse_quantity};
 

@@ -32,7 +32,7 @@ pub const DEFAULT_EXPIRATION_SECONDS: i64 = 3600;
 
 /// The ServiceAccount a token is issued for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceAccountRef {
+pub struct ServiceAccountId {
     /// Namespace of the ServiceAccount.
     pub namespace: String,
     /// Name of the ServiceAccount.
@@ -58,7 +58,7 @@ pub struct MintedToken {
     /// The bearer token string.
     pub token: String,
     /// Whom it authenticates as.
-    pub service_account: ServiceAccountRef,
+    pub service_account: ServiceAccountId,
     /// Audiences it is valid for.
     pub audiences: Vec<String>,
     /// Issue time, Unix seconds on the registry's clock.
@@ -78,7 +78,7 @@ impl MintedToken {
 
 /// The identity a TokenReview reports for an accepted token.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UserInfo {
+pub struct TokenUser {
     /// `system:serviceaccount:<ns>:<name>`.
     pub username: String,
     /// The ServiceAccount's uid.
@@ -93,7 +93,7 @@ pub struct UserInfo {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Authenticated {
     /// The authenticated user.
-    pub user: UserInfo,
+    pub user: TokenUser,
     /// Intersection of the requested audiences and the token's.
     pub audiences: Vec<String>,
     /// The registry's record of the token.
@@ -169,7 +169,7 @@ impl TokenRegistry {
     /// Issues a token for `sa` valid for `audiences` (the API server's audience if empty).
     pub fn mint(
         &self,
-        sa: &ServiceAccountRef,
+        sa: &ServiceAccountId,
         audiences: &[String],
         expiration_seconds: i64,
         bound_object: Option<BoundObject>,
@@ -244,7 +244,7 @@ impl TokenRegistry {
             );
         }
         Ok(Authenticated {
-            user: UserInfo {
+            user: TokenUser {
                 username: format!("system:serviceaccount:{}:{}", sa.namespace, sa.name),
                 uid: sa.uid.clone(),
                 groups: vec![
@@ -429,7 +429,7 @@ pub(crate) fn token_request(
             })
         }
     };
-    let sa_ref = ServiceAccountRef {
+    let sa_ref = ServiceAccountId {
         namespace: ns.to_string(),
         name: name.to_string(),
         uid: sa["metadata"]["uid"].as_str().unwrap_or("").to_string(),
@@ -523,8 +523,8 @@ pub(crate) fn random_string(alphabet: &[u8], len: usize) -> String {
 mod tests {
     use super::*;
 
-    fn sa() -> ServiceAccountRef {
-        ServiceAccountRef {
+    fn sa() -> ServiceAccountId {
+        ServiceAccountId {
             namespace: "ns".into(),
             name: "backup".into(),
             uid: "u1".into(),
