@@ -123,8 +123,19 @@ fn finished(job: &Value) -> bool {
 /// Runs the Job controller and the job-pod garbage collector once; true if anything changed.
 pub(crate) fn reconcile(state: &State, store: &mut Store) -> bool {
     let mut changed = collect_garbage(store);
-    for job in store.list(&JOBS, None, &Selector::default()) {
-        changed |= sync_job(state, store, &job);
+    let jobs = store.list(&JOBS, None, &Selector::default());
+    // Forget the back-off of jobs that are gone.
+    let live: std::collections::BTreeSet<&str> = jobs
+        .iter()
+        .filter_map(|j| j["metadata"]["uid"].as_str())
+        .collect();
+    state
+        .kubelet
+        .jobs
+        .retry()
+        .retain(|uid, _| live.contains(uid.as_str()));
+    for job in &jobs {
+        changed |= sync_job(state, store, job);
     }
     changed
 }

@@ -443,6 +443,8 @@ struct Plan {
 /// Why a container cannot start yet.
 enum Blocked {
     Unschedulable(String),
+    /// A WaitForFirstConsumer claim is being provisioned for the pod: nothing to report yet.
+    Binding,
     Waiting {
         reason: &'static str,
         message: Option<String>,
@@ -878,6 +880,10 @@ fn plan(state: &State, store: &Store, pod: &Value, c: &Value) -> Result<Plan, Bl
                     )));
                 }
                 Ok(p) if s(&p, &["status", "phase"]) != Some("Bound") => {
+                    // A delayed-binding claim is provisioned for this pod; the scheduler waits.
+                    if crate::volumes::waits_for_consumer(store, &p) {
+                        return Err(Blocked::Binding);
+                    }
                     return Err(Blocked::Unschedulable(
                         "pod has unbound immediate PersistentVolumeClaims".into(),
                     ));
@@ -1111,6 +1117,16 @@ fn sync_pod(state: &Arc<State>, store: &mut Store, pod: &Value) -> bool {
     let plan = match plan(state, store, pod, &c) {
         Ok(p) => p,
         Err(Blocked::Unschedulable(why)) => return set_unschedulable(store, pod, &why),
+        Err(Blocked::Binding) => {
+            if !pod["status"].is_null() {
+                return false;
+            }
+            return update_status(
+                store,
+                pod,
+                json!({"phase": "Pending", "qosClass": "BestEffort"}),
+            );
+        }
         Err(Blocked::Waiting {
             reason,
             message,

@@ -24,8 +24,9 @@
 //! snapshots as hole-preserving copies named by handle (the directory `cbt serve-metadata`
 //! serves); the simulated external-provisioner then creates a PersistentVolume and a volume
 //! file for every Pending claim of the driver's StorageClasses (empty, restored from a
-//! snapshot, or cloned), refuses restores smaller than the snapshot with a `ProvisioningFailed`
-//! event, and reclaims PVs and files when claims go. See [`FakeKube::pvc_backing_file`].
+//! snapshot, or cloned; with `WaitForFirstConsumer` only once a pod uses the claim), refuses
+//! restores smaller than the snapshot with a `ProvisioningFailed` event, and reclaims PVs and
+//! files when claims go. See [`FakeKube::pvc_backing_file`].
 //! Without a data directory no PV objects exist and only restores bind, as before.
 //!
 //! # Tokens

@@ -6,7 +6,9 @@
 //! PersistentVolume `pvc-<claim uid>` bound to it, and is bound itself. A restore smaller than
 //! the snapshot's restoreSize stays Pending with a `ProvisioningFailed` event carrying the
 //! external-provisioner's message. When a claim goes away its PV is released: `Delete` removes
-//! the PV and the volume file, `Retain` leaves the PV `Released`.
+//! the PV and the volume file, `Retain` leaves the PV `Released`. A class with
+//! `volumeBindingMode: WaitForFirstConsumer` provisions only once a pod uses the claim (until
+//! then the claim is Pending with a `WaitForFirstConsumer` event).
 //!
 //! Without a data directory none of this runs (the provisioner in `controller` binds only
 //! restores, without PV objects, as before).
@@ -156,6 +158,19 @@ fn provision(store: &mut Store, backend: &SharedBackend, driver: &str) -> bool {
         if s(&class, &["provisioner"]) != Some(driver) {
             continue;
         }
+        if s(&class, &["volumeBindingMode"]) == Some("WaitForFirstConsumer")
+            && !has_consumer(store, &ns, &name)
+        {
+            changed |= record_event(
+                store,
+                &pvc,
+                "Normal",
+                "WaitForFirstConsumer",
+                "waiting for first consumer to be created before binding",
+                "persistentvolume-controller",
+            );
+            continue;
+        }
         let request = pvc["spec"]["resources"]["requests"]["storage"].clone();
         let requested = request.as_str().and_then(parse_quantity).unwrap_or(0);
         let source = match resolve_source(store, &pvc, &ns, requested) {
@@ -212,6 +227,26 @@ fn provision(store: &mut Store, backend: &SharedBackend, driver: &str) -> bool {
         changed = true;
     }
     changed
+}
+
+/// True if a pod in `ns` uses claim `name` (what a WaitForFirstConsumer class waits for).
+fn has_consumer(store: &Store, ns: &str, name: &str) -> bool {
+    store
+        .list(&crate::kinds::PODS, Some(ns), &Selector::default())
+        .iter()
+        .any(|p| {
+            p["spec"]["volumes"].as_array().is_some_and(|vs| {
+                vs.iter()
+                    .any(|v| v["persistentVolumeClaim"]["claimName"].as_str() == Some(name))
+            })
+        })
+}
+
+/// True if claim `ns/name` waits for a consumer (its class binds WaitForFirstConsumer).
+pub(crate) fn waits_for_consumer(store: &Store, pvc: &Value) -> bool {
+    s(pvc, &["spec", "storageClassName"])
+        .and_then(|c| store.get(&STORAGE_CLASSES, "", c).ok())
+        .is_some_and(|c| s(&c, &["volumeBindingMode"]) == Some("WaitForFirstConsumer"))
 }
 
 fn provisioning_failed(store: &mut Store, pvc: &Value, class: &str, message: &str) -> bool {

@@ -1307,3 +1307,67 @@ async fn pods_wait_for_their_claims_and_bad_commands_fail_to_start() {
         other => panic!("expected 403, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn wait_for_first_consumer_claims_bind_when_a_pod_uses_them() {
+    let data = tempfile::tempdir().unwrap();
+    let k = cluster(data.path()).await;
+    let c = client_for(&k).await;
+    k.create(
+        json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "late"}, "provisioner": "hostpath.csi.k8s.io",
+        "reclaimPolicy": "Delete", "volumeBindingMode": "WaitForFirstConsumer"}),
+    )
+    .unwrap();
+    let mut pvc = block_pvc("late-claim", "1Mi");
+    pvc.spec.as_mut().unwrap().storage_class_name = Some("late".into());
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(c.clone(), NS);
+    pvcs.create(&PostParams::default(), &pvc).await.unwrap();
+    wait_for("WaitForFirstConsumer event", 5, || {
+        k.list("v1", "Event")
+            .into_iter()
+            .find(|e| e["reason"] == "WaitForFirstConsumer")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        pvcs.get("late-claim")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase
+            .as_deref(),
+        Some("Pending"),
+        "no binding before a consumer exists"
+    );
+    let job = sh_job(
+        "consumer",
+        "wc -c < /dev/vol > /dev/termination-log",
+        json!({"spec": {"template": {"spec": {
+            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "late-claim"}}],
+            "containers": [{"name": "mover", "image": "busybox",
+                "command": ["sh", "-c", "wc -c < /dev/vol > /dev/termination-log"],
+                "volumeDevices": [{"name": "v", "devicePath": "/dev/vol"}]}]}}}}),
+    );
+    Api::<Job>::namespaced(c.clone(), NS)
+        .create(&PostParams::default(), &job)
+        .await
+        .unwrap();
+    assert_eq!(wait_job_finished(&k, "consumer", 10).await.0, "Complete");
+    let pod = job_pods(&c, "consumer").await.remove(0);
+    assert_eq!(
+        terminated(&pod)["message"].as_str().map(str::trim),
+        Some("1048576")
+    );
+    assert_eq!(
+        pvcs.get("late-claim")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase
+            .as_deref(),
+        Some("Bound")
+    );
+}
