@@ -6,7 +6,8 @@
 //! shared backend; a pre-provisioned content is looked up by handle (unknown
 //! handle = error status) and its VolumeSnapshot bound; mis-bound or handle-less
 //! contents are errors; a PVC restored from a ready snapshot binds when its
-//! StorageClass is provisioned by this cluster's driver. Deleting a
+//! StorageClass is provisioned by this cluster's driver (with a data-backed backend
+//! `volumes` provisions instead, and snapshots copy the volume's file). Deleting a
 //! `Delete`-policy content deletes the backend snapshot, `Retain` never does.
 //! Only contents whose driver is this cluster's simulated driver are served.
 
@@ -40,7 +41,11 @@ pub(crate) fn reconcile(
     let mut changed = false;
     changed |= sidecar(store, backend, faults, driver);
     changed |= snapshot_controller(store, backend, faults, driver);
-    changed |= provisioner(store, driver);
+    changed |= if backend.data_dir().is_some() {
+        crate::volumes::reconcile(store, backend, driver)
+    } else {
+        provisioner(store, driver)
+    };
     changed
 }
 
@@ -283,14 +288,23 @@ fn dynamic_snapshot(
             format!("failed to take snapshot of the volume: {message}"),
         );
     }
-    let size = s(&pvc, &["status", "capacity", "storage"])
-        .or_else(|| s(&pvc, &["spec", "resources", "requests", "storage"]))
-        .and_then(parse_quantity)
-        .unwrap_or(0);
-    let volume = s(&pvc, &["spec", "volumeName"])
-        .unwrap_or(pvc_name)
-        .to_string();
-    let snap = backend.create_snapshot(&volume, size);
+    let (volume, snap) = if backend.data_dir().is_some() {
+        // Data-backed: the bytes of the PV's volume file are copied.
+        match crate::volumes::snapshot_pvc(store, backend, &pvc) {
+            Ok(cut) => cut,
+            Err(message) => return set_vs_error(store, ns, name, message),
+        }
+    } else {
+        let size = s(&pvc, &["status", "capacity", "storage"])
+            .or_else(|| s(&pvc, &["spec", "resources", "requests", "storage"]))
+            .and_then(parse_quantity)
+            .unwrap_or(0);
+        let volume = s(&pvc, &["spec", "volumeName"])
+            .unwrap_or(pvc_name)
+            .to_string();
+        let snap = backend.create_snapshot(&volume, size);
+        (volume, snap)
+    };
     let cname = format!("snapcontent-{uid}");
     let content = json!({
         "metadata": {"name": cname},

@@ -86,6 +86,8 @@ struct Inner {
     snapshot_error: Option<String>,
     never_ready: bool,
     controller_paused: bool,
+    token_request_forbidden: bool,
+    oom_kills: u32,
 }
 
 /// The fault switches of one fake server; clones share state.
@@ -163,5 +165,34 @@ impl Faults {
             return Some(fault.clone());
         }
         None
+    }
+}
+
+/// Workload faults: token issuance and the simulated kubelet.
+impl Faults {
+    /// Makes every TokenRequest (`serviceaccounts/<name>/token`) answer 403 Forbidden (false heals).
+    pub fn set_token_request_forbidden(&self, forbidden: bool) {
+        self.lock().token_request_forbidden = forbidden;
+    }
+
+    /// OOM-kills the next `pods` containers the kubelet starts: the process is killed at once
+    /// and reported terminated with reason `OOMKilled`, exit code 137.
+    pub fn oom_kill_next_pods(&self, pods: u32) {
+        self.lock().oom_kills = pods;
+    }
+
+    pub(crate) fn token_request_forbidden(&self) -> bool {
+        self.lock().token_request_forbidden
+    }
+
+    /// Consumes one pending OOM kill, if any.
+    pub(crate) fn take_oom_kill(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.oom_kills > 0 {
+            inner.oom_kills -= 1;
+            true
+        } else {
+            false
+        }
     }
 }

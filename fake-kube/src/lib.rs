@@ -1,18 +1,51 @@
 //! An in-process fake Kubernetes API server for tests, with a simulated
-//! snapshot controller and CSI driver.
+//! snapshot controller, CSI driver, job controller and kubelet.
 //!
 //! What it serves (plain HTTP on loopback, so `kube::Client` talks to it exactly
 //! as to a cluster, through a kubeconfig this crate writes):
-//! namespaces, PersistentVolumeClaims, CSIDrivers, StorageClasses, VolumeSnapshots,
-//! VolumeSnapshotContents and VolumeSnapshotClasses; get, list (label and field
-//! selectors), watch (from a resourceVersion, JSON lines), create, replace,
-//! patch (merge, JSON patch; strategic merge for built-ins), delete, `/status`,
-//! server-side `dryRun=All`. Errors are metav1.Status bodies with the real codes
-//! (404 NotFound, 409 AlreadyExists/Conflict, 422 Invalid with causes, 410 Expired).
+//! namespaces, PersistentVolumeClaims, PersistentVolumes, CSIDrivers, StorageClasses,
+//! VolumeSnapshots, VolumeSnapshotContents, VolumeSnapshotClasses, ServiceAccounts, Secrets,
+//! ConfigMaps, Events, Pods and batch/v1 Jobs; get, list (label selectors; field selectors on
+//! `metadata.name`/`namespace`, `involvedObject.*`, `reason`, `type`, `status.phase`,
+//! `spec.nodeName`...), watch (from a resourceVersion, JSON lines), create, replace, patch
+//! (merge, JSON patch; strategic merge for built-ins), delete, `/status`, server-side
+//! `dryRun=All`. Subresources: `serviceaccounts/{name}/token` (TokenRequest), `pods/{name}/log`
+//! (`container`, `tailLines`, `limitBytes`), and create-only `tokenreviews`. Errors are
+//! metav1.Status bodies with the real codes (404 NotFound, 409 AlreadyExists/Conflict, 422
+//! Invalid with causes, 410 Expired, 403 Forbidden from the ServiceAccount admission check).
 //!
 //! Several instances may share one [`SharedBackend`]: their simulated drivers
 //! then see each other's snapshot handles, like two clusters attached to one
-//! storage array. [`Faults`] injects HTTP errors and driver misbehaviour.
+//! storage array. [`Faults`] injects HTTP errors, driver misbehaviour, forbidden
+//! TokenRequests and OOM kills.
+//!
+//! # Volumes with bytes
+//! A backend made with [`SharedBackend::with_data_dir`] keeps block volumes as sparse files and
+//! snapshots as hole-preserving copies named by handle (the directory `cbt serve-metadata`
+//! serves); the simulated external-provisioner then creates a PersistentVolume and a volume
+//! file for every Pending claim of the driver's StorageClasses (empty, restored from a
+//! snapshot, or cloned; with `WaitForFirstConsumer` only once a pod uses the claim), refuses
+//! restores smaller than the snapshot with a `ProvisioningFailed` event, and reclaims PVs and
+//! files when claims go. See [`FakeKube::pvc_backing_file`].
+//! Without a data directory no PV objects exist and only restores bind, as before.
+//!
+//! # Tokens
+//! TokenRequests mint random opaque tokens held in the cluster's [`TokenRegistry`]
+//! (audiences, expiry on an adjustable clock, optional pod binding); TokenReview authenticates
+//! them as `system:serviceaccount:<ns>:<name>` while the account (and bound pod) exists.
+//!
+//! # Workloads
+//! Every namespace gets a `default` ServiceAccount. A Job gets pods `<job>-<xxxxx>` from its
+//! template (labels `batch.kubernetes.io/job-name`, `job-name`, controller uid; owner
+//! reference), retried with back-off ([`FakeKubeBuilder::job_backoff`]) up to `backoffLimit`,
+//! bounded by `activeDeadlineSeconds`. The kubelet runs a pod's first container as a real
+//! child process: its image maps to a host executable ([`FakeKubeBuilder::image`]), claims
+//! attached as `volumeDevices` are the claims' files, secret/configMap/projected
+//! (serviceAccountToken) volumes and the termination-message file live in a per-pod temporary
+//! directory, and in-container paths in command, args, env and workingDir are rewritten to
+//! host paths. The exit code, termination message (or log tail) and log are reported as a
+//! kubelet would. The rules are in the `kubelet` module docs (rendered with
+//! `--document-private-items`).
 //!
 //! Extra resource types (e.g. SnapshotMetadataService) can be served with
 //! [`FakeKubeBuilder::serve`]; for them only `metadata.name` is validated.
@@ -25,20 +58,38 @@
 //! `create`... methods of [`FakeKube`] act as the cluster itself, unchecked. Every request's
 //! identity, attributes and decision are kept in [`FakeKube::access_log`].
 //!
-//! Not simulated: server-side apply, admission webhooks, aggregated ClusterRoles,
-//! pagination (`limit`/`continue` are ignored; every list is one page).
+//! Not simulated: server-side apply, admission webhooks, aggregated ClusterRoles, pagination (`limit`/`continue`
+//! are ignored; every list is one page); finalizers other than user-set ones (no
+//! pvc-protection, so a claim in use can be deleted); static PV binding; containers other
+//! than a pod's first (no init or sidecar containers), restarts (every restartPolicy is Never),
+//! graceful termination (deletion is SIGKILL at once), resources and probes, `follow` on
+//! logs; Job parallelism beyond counts, Indexed jobs, podFailurePolicy, suspend semantics
+//! beyond creating no pods, ttlSecondsAfterFinished; Foreground deletion (collected like
+//! Background). Containers are not isolated: they see the host file system and network, and
+//! only paths that appear in command, args, env or workingDir are translated, so a program
+//! that hard-codes an in-container path (say `/dev/termination-log`) would miss its mount.
+//! Devices are regular files behind symlinks: size changes a real device cannot make are
+//! undone after the container exits and reported as a `BlockDeviceResized` warning event.
+//! [`Faults::set_controller_paused`] pauses the job controller and kubelet too (running
+//! processes keep running).
 
 mod backend;
 mod controller;
 mod faults;
+mod jobs;
+mod kinds;
+mod kubelet;
 pub mod rbac;
 mod server;
 mod store;
+mod subresources;
+mod tokens;
 mod values;
+mod volumes;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,9 +99,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-pub use backend::{BackendSnapshot, SharedBackend};
+pub use backend::{BackendError, BackendSnapshot, SharedBackend};
 pub use faults::{FaultAction, Faults, HttpFault};
 pub use store::{ApiError, Cause, ResourceType};
+pub use tokens::{
+    API_SERVER_AUDIENCE, Authenticated, BoundObject, MintedToken, ServiceAccountId, TokenRegistry,
+    TokenRejection, TokenUser,
+};
 pub use values::{format_quantity, parse_quantity};
 
 use rbac::{Policy, RequestAttributes, UserInfo};
@@ -91,6 +146,8 @@ pub(crate) struct State {
     access: Mutex<Vec<AccessRecord>>,
     changed: Notify,
     types: Vec<&'static ResourceType>,
+    tokens: TokenRegistry,
+    kubelet: kubelet::Kubelet,
 }
 
 impl State {
@@ -152,9 +209,26 @@ pub struct FakeKubeBuilder {
     users: HashMap<String, UserInfo>,
     policy: Option<Policy>,
     log_cap: usize,
+    images: BTreeMap<String, PathBuf>,
+    job_backoff: Duration,
 }
 
 impl FakeKubeBuilder {
+    /// Registers a container image: pods using `image` run `host_executable` as a child
+    /// process (see the kubelet rules in the crate docs).
+    pub fn image(mut self, image: &str, host_executable: impl Into<PathBuf>) -> Self {
+        self.images
+            .insert(image.to_string(), host_executable.into());
+        self
+    }
+
+    /// Base of the Job controller's retry back-off after a failed pod, doubled per failure
+    /// (default 10 ms to keep tests fast; real clusters use 10 s).
+    pub fn job_backoff(mut self, base: Duration) -> Self {
+        self.job_backoff = base;
+        self
+    }
+
     /// Name of the simulated CSI driver (default `hostpath.csi.k8s.io`).
     pub fn driver(mut self, driver: &str) -> Self {
         self.driver = driver.to_string();
@@ -210,7 +284,7 @@ impl FakeKubeBuilder {
     /// Binds 127.0.0.1 on a free port and starts serving and reconciling.
     ///
     /// # Errors
-    /// When the listener cannot be bound.
+    /// When the listener cannot be bound or the kubelet's temporary directory cannot be made.
     pub async fn start(self) -> std::io::Result<FakeKube> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -230,12 +304,15 @@ impl FakeKubeBuilder {
                 .iter()
                 .copied()
                 .filter(|t| self.snapshot_api || t.group != "snapshot.storage.k8s.io")
+                .chain(kinds::WORKLOAD_TYPES.iter().copied())
                 .chain(
                     self.extra_types
                         .into_iter()
                         .map(|t| &*Box::leak(Box::new(t))),
                 )
                 .collect(),
+            tokens: TokenRegistry::default(),
+            kubelet: kubelet::Kubelet::new(self.images, self.job_backoff)?,
         });
         let (stop_tx, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
@@ -280,7 +357,9 @@ async fn controller_loop(state: Arc<State>) {
         let mut store = state.lock_store();
         // A few passes so chains (content -> snapshot -> PVC) settle in one wake-up.
         for _ in 0..4 {
-            if !controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver) {
+            let snapshots =
+                controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver);
+            if !(kubelet::reconcile(&state, &mut store) | snapshots) {
                 break;
             }
         }
@@ -297,6 +376,8 @@ pub struct FakeKube {
 
 impl Drop for FakeKube {
     fn drop(&mut self) {
+        // No container process outlives its cluster.
+        self.state.kubelet.kill_all();
         let _ = self.stop.send(true);
         for t in &self.tasks {
             t.abort();
@@ -326,6 +407,8 @@ impl FakeKube {
             users: HashMap::new(),
             policy: None,
             log_cap: 10_000,
+            images: BTreeMap::new(),
+            job_backoff: Duration::from_millis(10),
         }
     }
 
@@ -488,7 +571,8 @@ impl FakeKube {
             .controller_update(rt, ns, name, |o| o["status"] = status)
     }
 
-    /// Deletes an object with the controllers' side effects.
+    /// Deletes an object with the controllers' side effects (a Job's pods are then collected,
+    /// as with `propagationPolicy: Background`).
     ///
     /// # Errors
     /// The API error a client would get.
@@ -552,7 +636,8 @@ impl FakeKube {
         self.create(class)
     }
 
-    /// Creates a bound PVC with the given size, volume mode, access modes and labels.
+    /// Creates a bound PVC with the given size, volume mode, access modes and labels; with a
+    /// data-backed backend also its PersistentVolume `pv-<name>` and an all-zero volume file.
     ///
     /// # Errors
     /// As [`Self::create`].
@@ -586,6 +671,15 @@ impl FakeKube {
             name,
             json!({"phase": "Bound", "capacity": {"storage": size}, "accessModes": access_modes}),
         );
+        if self.state.backend.data_dir().is_some() {
+            volumes::back_seeded_pvc(
+                &mut self.state.lock_store(),
+                &self.state.backend,
+                &self.state.driver,
+                ns,
+                name,
+            )?;
+        }
         Ok(created)
     }
 

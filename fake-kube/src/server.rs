@@ -121,11 +121,13 @@ pub(crate) fn query_param(query: &str, key: &str) -> Option<String> {
     })
 }
 
-struct Route {
-    rt: &'static ResourceType,
-    ns: Option<String>,
-    name: Option<String>,
-    part: Part,
+pub(crate) struct Route {
+    pub(crate) rt: &'static ResourceType,
+    pub(crate) ns: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) part: Part,
+    /// A subresource other than `status` (`token`, `log`), answered by `subresources`.
+    pub(crate) sub: Option<String>,
 }
 
 fn route(path: &str, types: &[&'static ResourceType]) -> Result<Route, ApiError> {
@@ -151,12 +153,19 @@ fn route(path: &str, types: &[&'static ResourceType]) -> Result<Route, ApiError>
     if ns.is_some() && !rt.namespaced {
         return Err(ApiError::no_route());
     }
-    let part = match sub {
-        None => Part::Main,
-        Some("status") if rt.status_subresource => Part::Status,
+    let (part, sub) = match sub {
+        None => (Part::Main, None),
+        Some("status") if rt.status_subresource => (Part::Status, None),
+        Some(s) if crate::subresources::serves(rt, s) => (Part::Main, Some(s.to_string())),
         Some(_) => return Err(ApiError::no_route()),
     };
-    Ok(Route { rt, ns, name, part })
+    Ok(Route {
+        rt,
+        ns,
+        name,
+        part,
+        sub,
+    })
 }
 
 /// Handles one request.
@@ -253,12 +262,23 @@ pub(crate) async fn handle(
         Ok(Reply::Watch(replay, rx, filter, timeout)) => {
             Ok(watch_response(replay, rx, filter, timeout))
         }
+        Ok(Reply::Text(code, text)) => {
+            let mut resp = Response::new(full(text.into_bytes()));
+            *resp.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain"),
+            );
+            Ok(resp)
+        }
         Err(e) => Ok(error_response(&e)),
     }
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Json(u16, Value),
+    /// A plain-text body (pod logs).
+    Text(u16, String),
     WatchExpired(ApiError),
     Watch(
         Vec<Event>,
@@ -268,7 +288,7 @@ enum Reply {
     ),
 }
 
-struct WatchFilter {
+pub(crate) struct WatchFilter {
     rt: &'static ResourceType,
     ns: Option<String>,
     sel: Selector,
@@ -302,6 +322,9 @@ fn dispatch(
     let rt = route.rt;
     let ns = route.ns.as_deref().unwrap_or("");
     let mut store = state.lock_store();
+    if let Some(reply) = crate::subresources::dispatch(state, &store, method, route, query, body) {
+        return reply;
+    }
     match (method, route.name.as_deref()) {
         (&Method::GET, None) => {
             let sel = Selector::parse(
@@ -394,6 +417,11 @@ fn dispatch(
                 name,
                 dry_run,
             )?;
+            if !dry_run {
+                let policy =
+                    crate::jobs::propagation_policy(query_param(query, "propagationPolicy"), body);
+                crate::jobs::after_delete(&mut store, rt, &deleted, policy.as_deref());
+            }
             Ok(Reply::Json(200, deleted))
         }
         _ => Err(ApiError::method_not_allowed()),

@@ -516,6 +516,8 @@ impl Store {
         if rt == &PVCS {
             self.default_storage_class(&mut obj);
         }
+        crate::kinds::normalize(rt, &mut obj)?;
+        crate::kinds::admit(self, rt, &obj)?;
         let causes = validate(rt, &obj);
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, &causes));
@@ -706,6 +708,7 @@ impl Store {
             }
         }
         new["metadata"]["resourceVersion"] = current_rv;
+        crate::kinds::normalize(rt, &mut new)?;
         let causes = validate(rt, &new);
         let mut causes = causes;
         causes.extend(immutability(rt, &existing, &new));
@@ -1078,6 +1081,7 @@ pub fn validate(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
             &mut causes,
         );
     }
+    causes.extend(crate::kinds::validate(rt, obj));
     causes
 }
 
@@ -1354,7 +1358,10 @@ impl Selector {
                 )));
             };
             let k = k.trim();
-            if k != "metadata.name" && k != "metadata.namespace" {
+            if k != "metadata.name"
+                && k != "metadata.namespace"
+                && !crate::kinds::EXTRA_FIELD_LABELS.contains(&k)
+            {
                 return Err(ApiError::bad_request(format!(
                     "field label not supported: {k}"
                 )));
@@ -1378,11 +1385,7 @@ impl Selector {
         });
         labels_ok
             && self.fields.iter().all(|(k, v, eq)| {
-                let actual = match k.as_str() {
-                    "metadata.name" => obj["metadata"]["name"].as_str(),
-                    _ => obj["metadata"]["namespace"].as_str(),
-                }
-                .unwrap_or("");
+                let actual = crate::kinds::field_value(obj, k);
                 (actual == v) == *eq
             })
     }
