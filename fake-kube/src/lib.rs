@@ -73,6 +73,7 @@
 //! [`Faults::set_controller_paused`] pauses the job controller and kubelet too (running
 //! processes keep running).
 
+mod access_review;
 mod backend;
 mod controller;
 mod faults;
@@ -180,6 +181,16 @@ impl State {
     }
 
     /// Decides (when a policy is loaded) and records one request; true if it may proceed.
+    /// What the RBAC policy says (everything is allowed without one), unrecorded: for access
+    /// reviews, which ask about a request rather than make one.
+    pub(crate) fn policy_allows(&self, user: &UserInfo, attributes: &RequestAttributes) -> bool {
+        self.policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_none_or(|p| p.allows(user, attributes))
+    }
+
     pub(crate) fn authorize(&self, user: &UserInfo, attributes: RequestAttributes) -> bool {
         let allowed = self
             .policy
@@ -305,6 +316,7 @@ impl FakeKubeBuilder {
                 .copied()
                 .filter(|t| self.snapshot_api || t.group != "snapshot.storage.k8s.io")
                 .chain(kinds::WORKLOAD_TYPES.iter().copied())
+                .chain(access_review::ACCESS_REVIEW_TYPES.iter().copied())
                 .chain(
                     self.extra_types
                         .into_iter()

@@ -227,15 +227,18 @@ pub(crate) async fn handle(
         Err(e) => return Ok(error_response(&e)),
     };
     let dry_run = query_param(&query, "dryRun").is_some_and(|v| v == "All");
-    let result = dispatch(
-        &state,
-        &method,
-        &route,
-        &query,
-        &content_type,
-        &body,
-        dry_run,
-    );
+    let result = match crate::access_review::dispatch(&state, &user, &method, &route, &body) {
+        Some(reply) => reply,
+        None => dispatch(
+            &state,
+            &method,
+            &route,
+            &query,
+            &content_type,
+            &body,
+            dry_run,
+        ),
+    };
     if let Some(code) = fail_after {
         // The change is made, but the client never hears so (a timeout after commit).
         if method != Method::GET {
