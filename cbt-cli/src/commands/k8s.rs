@@ -234,7 +234,7 @@ pub async fn backup(
         fallback_full,
         run_name: run_name(now),
         labels,
-        dry_run: dry_run,
+        dry_run,
     };
     let cancel = cancel_on_signal();
     let results: Vec<(String, Result<PvcBackupReport, CliError>)> = {
@@ -394,7 +394,7 @@ pub async fn restore(
             .clone()
             .or_else(|| manifest.source.storage_class.clone()),
         access_modes: manifest.source.access_modes.clone(),
-        dry_run: dry_run,
+        dry_run,
     };
     let report = restore_to_pvc(&cluster, &opts, cancel_on_signal())
         .await
