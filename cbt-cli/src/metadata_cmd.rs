@@ -748,8 +748,9 @@ pub struct CbtBackupArgs {
     #[arg(long, requires = "base_snapshot_id")]
     pub allow_non_latest_base: bool,
     /// If the service refuses the request (CBT not enabled, snapshot unknown, ...), take a full
-    /// backup instead (reading the device's data map, or every byte) rather than failing.
-    #[arg(long, requires = "metadata_endpoint")]
+    /// backup instead (reading the device's data map, or every byte) rather than failing. With
+    /// --pvc, also when the driver has no SnapshotMetadata service at all.
+    #[arg(long)]
     pub fallback_full: bool,
     #[command(flatten)]
     pub conn: ConnArgs,

@@ -327,5 +327,342 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A size below the backed-up volume is refused before anything is created.
+    let mut small = argv.clone();
+    let at = small.iter().position(|a| *a == "restored").unwrap();
+    small[at] = "small";
+    small.extend(["--size", "1M"]);
+    let out = env.cbt(&small).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        env.kube
+            .get("v1", "PersistentVolumeClaim", NS, "small")
+            .is_none()
+    );
     drop(env.t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ctrl_c_while_waiting_for_the_snapshot_cleans_up() {
+    let env = Env::start().await;
+    env.ok(&["repo", "init"]).await;
+    env.kube
+        .seed_pvc(NS, "data", "4Mi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+    env.kube.faults().set_never_ready(true);
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+    let endpoint = env.s3.endpoint();
+    cmd.args([
+        "--repo",
+        &env.repo,
+        "--s3-endpoint",
+        &endpoint,
+        "backup",
+        "--pvc",
+        "data",
+    ]);
+    cmd.args(env.kube_args());
+    for (k, v) in env.s3.env() {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env
+        .ours("snapshot.storage.k8s.io/v1", "VolumeSnapshot")
+        .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot was created"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    env.assert_clean(0, "Ctrl-C");
+}
+
+impl Env {
+    /// `cbt -o json backup --pvc <pvc> <extra> <cluster flags>`: exit code and the JSON document.
+    async fn backup(&self, pvc: &str, extra: &[&str]) -> (Option<i32>, Value, String) {
+        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", pvc]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.kube_args());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.cbt(&argv).await;
+        let doc = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (
+            out.status.code(),
+            doc,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Asserts that no object created by cbt is left besides `snapshots` VolumeSnapshots.
+    fn assert_clean(&self, snapshots: usize, case: &str) {
+        assert!(self.ours("batch/v1", "Job").is_empty(), "{case}: Job left");
+        assert!(self.ours("v1", "Pod").is_empty(), "{case}: Pod left");
+        assert!(
+            self.ours("v1", "PersistentVolumeClaim").is_empty(),
+            "{case}: temporary PVC left"
+        );
+        assert_eq!(
+            self.ours("snapshot.storage.k8s.io/v1", "VolumeSnapshot")
+                .len(),
+            snapshots,
+            "{case}: VolumeSnapshots"
+        );
+    }
+}
+
+/// The error document of a failed single-PVC run.
+fn error_of(doc: &Value) -> &Value {
+    &doc["results"][0]["error"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
+    let env = Env::start().await;
+    env.ok(&["repo", "init", "--chunk-size", "256K"]).await;
+    env.kube
+        .seed_pvc(NS, "data", "8Mi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+    env.kube
+        .seed_pvc(NS, "files", "8Mi", "Filesystem", &["ReadWriteOnce"], &[])
+        .unwrap();
+
+    // A PVC that does not exist, and a filesystem PVC: configuration errors, nothing created.
+    for (pvc, what) in [("nope", "not found"), ("files", "volumeMode Filesystem")] {
+        let (code, doc, _) = env.backup(pvc, &[]).await;
+        assert_eq!(code, Some(5), "{pvc}: {doc:#}");
+        assert_eq!(error_of(&doc)["class"], "config");
+        assert!(
+            error_of(&doc)["message"].as_str().unwrap().contains(what),
+            "{doc:#}"
+        );
+        env.assert_clean(0, pvc);
+    }
+
+    // A snapshot the driver fails: the controller's message verbatim, the snapshot deleted.
+    env.kube
+        .faults()
+        .set_snapshot_error(Some("backend pool is full"));
+    let (code, doc, _) = env.backup("data", &[]).await;
+    assert_eq!(code, Some(4), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("backend pool is full"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "snapshot error");
+    env.kube.faults().set_snapshot_error(None);
+
+    // A snapshot that never becomes ready: a timeout, then the same cleanup.
+    env.kube.faults().set_never_ready(true);
+    let (code, doc, _) = env.backup("data", &["--snapshot-timeout-secs", "1"]).await;
+    assert_eq!(code, Some(4), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("timed out"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "never ready");
+    env.kube.faults().set_never_ready(false);
+
+    // A mover image that cannot be pulled fails fast, naming the image.
+    let mut args = vec!["--image", "registry.example/missing:1"];
+    let (code, doc, _) = {
+        let mut a: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut kube = env.kube_args();
+        let at = kube.iter().position(|s| s == "--image").unwrap();
+        kube.drain(at..at + 2);
+        a.extend(kube);
+        a.extend(args.drain(..).map(str::to_string));
+        let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+        let out = env.cbt(&argv).await;
+        (
+            out.status.code(),
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+            (),
+        )
+    };
+    assert_eq!(code, Some(5), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("ErrImagePull"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "image pull");
+
+    // A mover killed by the kernel (OOM): its reason, and the same cleanup.
+    env.kube.faults().oom_kill_next_pods(1);
+    let (code, doc, _) = env.backup("data", &[]).await;
+    assert_eq!(code, Some(4), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("OOMKilled"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "OOM");
+
+    // A missing S3 Secret stops the mover before it starts.
+    env.kube.delete("v1", "Secret", NS, "s3-creds").unwrap();
+    let (code, doc, _) = env.backup("data", &[]).await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    let message = error_of(&doc)["message"].as_str().unwrap();
+    assert!(
+        message.contains("CreateContainerConfigError") && message.contains("s3-creds"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "missing secret");
+
+    // Nothing reached the repository.
+    let list = env.ok(&["-o", "json", "list"]).await;
+    assert_eq!(
+        list["snapshots"].as_array().map(Vec::len).unwrap_or(0),
+        0,
+        "{list:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_cbt_a_backup_fails_unless_a_full_read_is_allowed() {
+    let env = Env::start().await;
+    env.ok(&["repo", "init", "--chunk-size", "256K"]).await;
+    env.kube
+        .seed_pvc(NS, "data", "4Mi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+    write(&env.kube.pvc_backing_file(NS, "data").unwrap(), 0, 7, 1000);
+    // The driver was deployed without the metadata sidecar (no SnapshotMetadataService).
+    env.kube
+        .delete(
+            "cbt.storage.k8s.io/v1beta1",
+            "SnapshotMetadataService",
+            "",
+            DRIVER,
+        )
+        .unwrap();
+    let (code, doc, _) = env.backup("data", &[]).await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("SnapshotMetadataService"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "no CBT");
+
+    let (code, doc, _) = env.backup("data", &["--fallback-full"]).await;
+    assert_eq!(code, Some(0), "{doc:#}");
+    let m = &doc["results"][0]["report"]["mover"];
+    assert!(m["metadata_call"].is_null(), "{doc:#}");
+    // Every chunk holding data is read without ranges from a service (the fake's devices are
+    // sparse files, so the device's own data map applies; a real device is read whole).
+    assert_eq!(m["bytes_read"], 256 * 1024, "{doc:#}");
+    assert!(
+        m["notes"].as_array().is_some_and(|n| n.iter().any(|n| n
+            .as_str()
+            .unwrap_or("")
+            .contains("no SnapshotMetadata service"))),
+        "{doc:#}"
+    );
+    env.assert_clean(1, "fallback full");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
+    let env = Env::start().await;
+    env.ok(&["repo", "init", "--chunk-size", "256K"]).await;
+    for (i, name) in ["pg-data", "pg-wal", "pg-conf"].iter().enumerate() {
+        env.kube
+            .seed_pvc(
+                NS,
+                name,
+                "4Mi",
+                "Block",
+                &["ReadWriteOnce"],
+                &[("backup", "cbt")],
+            )
+            .unwrap();
+        let dev = env.kube.pvc_backing_file(NS, name).unwrap();
+        write(&dev, (i as u64) * MIB, i as u8 + 1, 5000);
+    }
+    env.kube
+        .seed_pvc(NS, "other", "4Mi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+
+    // Dry run: the objects as YAML, nothing created, nothing in the repository.
+    let mut args: Vec<String> = ["backup", "--selector", "backup=cbt", "--dry-run"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(env.kube_args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.cbt(&argv).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        yaml.matches("\nkind: VolumeSnapshot\n").count(),
+        3,
+        "{yaml}"
+    );
+    assert_eq!(yaml.matches("\nkind: Job\n").count(), 3, "{yaml}");
+    assert!(yaml.contains("secretKeyRef") && !yaml.contains("AWS_SECRET_ACCESS_KEY\n    value"));
+    env.assert_clean(0, "dry run");
+
+    let mut args: Vec<String> = ["-o", "json", "backup", "--selector", "backup=cbt"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(env.kube_args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let doc = env.ok(&argv).await;
+    let results = doc["results"].as_array().unwrap();
+    let mut pvcs: Vec<&str> = results.iter().map(|r| r["pvc"].as_str().unwrap()).collect();
+    pvcs.sort();
+    assert_eq!(pvcs, ["pg-conf", "pg-data", "pg-wal"]);
+    assert!(results.iter().all(|r| r["ok"] == true), "{doc:#}");
+    env.assert_clean(3, "selector");
+    let list = env.ok(&["-o", "json", "list"]).await;
+    assert_eq!(list.as_array().map(Vec::len), Some(3), "{list:#}");
 }

@@ -98,6 +98,11 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
             "--device, --volume and --snapshot are required without --pvc",
         ));
     };
+    if args.cbt.fallback_full && args.cbt.metadata_endpoint.is_none() {
+        return Err(CliError::usage(
+            "--fallback-full needs --metadata-endpoint (or --pvc): there is no service to fall back from",
+        ));
+    }
     let volume = VolumeName::new(volume)?;
     let snapshot = SnapshotName::new(snapshot)?;
     let parent = args.parent.as_deref().map(SnapshotName::new).transpose()?;
