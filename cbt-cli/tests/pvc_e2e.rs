@@ -666,3 +666,82 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
     let list = env.ok(&["-o", "json", "list"]).await;
     assert_eq!(list.as_array().map(Vec::len), Some(3), "{list:#}");
 }
+
+/// Figures for the docs (run with `cargo test --release -p cbt-cli --test pvc_e2e --
+/// --ignored --nocapture`; size with CBT_MEASURE_MIB, default 1024): wall time of a PVC backup
+/// split into snapshot wait / mover start / data, for a full and a 1% incremental, and bytes
+/// read per changed byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "measurement, prints figures"]
+async fn measure_pvc_backup() {
+    let mib: u64 = std::env::var("CBT_MEASURE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let env = Env::start().await;
+    env.ok(&["repo", "init", "--chunk-size", "1M"]).await;
+    env.kube
+        .seed_pvc(
+            NS,
+            "data",
+            &format!("{mib}Mi"),
+            "Block",
+            &["ReadWriteOnce"],
+            &[],
+        )
+        .unwrap();
+    let device = env.kube.pvc_backing_file(NS, "data").unwrap();
+    // Half the volume holds incompressible-ish data, the rest is never written.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&device)
+        .unwrap();
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..mib / 2 {
+        for b in buf.chunks_mut(8) {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            b.copy_from_slice(&seed.to_le_bytes()[..b.len()]);
+        }
+        f.write_all_at(&buf, i * 2 * MIB).unwrap();
+    }
+    drop(f);
+    let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(env.kube_args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = std::time::Instant::now();
+    let full = env.ok(&argv).await;
+    let full_s = t.elapsed().as_secs_f64();
+    // 1% of the volume changed in 64 KiB writes spread over it.
+    let writes = (mib * MIB / 100) / (64 * 1024);
+    let stride = (mib * MIB) / writes.max(1);
+    for i in 0..writes {
+        write(&device, i * stride, 0x5a, 64 * 1024);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let t = std::time::Instant::now();
+    let incr = env.ok(&argv).await;
+    let incr_s = t.elapsed().as_secs_f64();
+    for (what, doc, wall) in [("full", &full, full_s), ("1% incremental", &incr, incr_s)] {
+        let r = &doc["results"][0]["report"];
+        let m = &r["mover"];
+        let read = m["bytes_read"].as_f64().unwrap_or(0.0);
+        let in_ranges = m["bytes_in_ranges"].as_f64().unwrap_or(1.0);
+        println!(
+            "{what:>15}: {mib} MiB volume, wall {wall:.2} s = snapshot wait {:.2} s + mover start {:.2} s + data {:.2} s + cleanup {:.2} s (+ orchestration); read {:.1} MiB for {:.1} MiB reported ({:.2} bytes read per changed byte), uploaded {:.1} MiB",
+            r["times"]["snapshot_wait_s"].as_f64().unwrap_or(0.0),
+            r["times"]["mover_start_s"].as_f64().unwrap_or(0.0),
+            r["times"]["data_s"].as_f64().unwrap_or(0.0),
+            r["times"]["cleanup_s"].as_f64().unwrap_or(0.0),
+            read / MIB as f64,
+            in_ranges / MIB as f64,
+            read / in_ranges,
+            m["bytes_transferred"].as_f64().unwrap_or(0.0) / MIB as f64,
+        );
+    }
+}
