@@ -397,6 +397,84 @@ impl S3Store {
         }
     }
 
+    /// Whole-object GET with checksum checks; with `max_len`, an object whose announced
+    /// length is larger is refused before its body is read, and the body is read piece by
+    /// piece so a server that announces less than it sends cannot make us hold more.
+    async fn get_limited(&self, key: &str, max_len: Option<u64>) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let too_large = |size| StoreError::TooLarge {
+            key: key.to_string(),
+            size,
+            limit: max_len.unwrap_or(u64::MAX),
+        };
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| self.classify(Op::Get, key, e))?;
+        let announced = out.content_length().and_then(|n| u64::try_from(n).ok());
+        if let (Some(max), Some(n)) = (max_len, announced)
+            && n > max
+        {
+            // Dropping the response closes the connection without reading the body.
+            return Err(too_large(Some(n)));
+        }
+        let wire_crc = out.checksum_crc32_c().and_then(parse_crc_b64);
+        let meta_crc = out
+            .metadata()
+            .and_then(|m| m.get(CRC_METADATA))
+            .and_then(|v| u32::from_str_radix(v, 16).ok());
+        let body_failed = |text: String| {
+            if text.to_ascii_lowercase().contains("checksum mismatch") {
+                StoreError::Malformed {
+                    key: key.to_string(),
+                    reason: format!("body does not match the checksum the server stored: {text}"),
+                }
+            } else {
+                StoreError::Transient {
+                    op: Op::Get,
+                    key: key.to_string(),
+                    message: format!("body read failed: {text}"),
+                }
+            }
+        };
+        let mut stream = out.body;
+        let mut buf = bytes::BytesMut::with_capacity(
+            announced
+                .map_or(0, |n| n.min(max_len.unwrap_or(u64::MAX)))
+                .min(64 << 20) as usize,
+        );
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| body_failed(format!("{}", DisplayErrorContext(&e))))?;
+            if max_len.is_some_and(|max| (buf.len() + piece.len()) as u64 > max) {
+                return Err(too_large(None));
+            }
+            buf.extend_from_slice(&piece);
+        }
+        let body = buf.freeze();
+        let actual = crc32c::crc32c(&body);
+        if meta_crc.or(wire_crc).is_none() {
+            return Err(StoreError::Malformed {
+                key: key.to_string(),
+                reason: "object carries no crc32c (not written by this tool?)".into(),
+            });
+        }
+        for expected in [meta_crc, wire_crc].into_iter().flatten() {
+            if expected != actual {
+                return Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(body)
+    }
+
     async fn put_single(
         &self,
         key: &str,
@@ -613,59 +691,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        validate_key(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.cfg.bucket)
-            .key(self.full_key(key))
-            .checksum_mode(ChecksumMode::Enabled)
-            .send()
-            .await
-            .map_err(|e| self.classify(Op::Get, key, e))?;
-        let wire_crc = out.checksum_crc32_c().and_then(parse_crc_b64);
-        let meta_crc = out
-            .metadata()
-            .and_then(|m| m.get(CRC_METADATA))
-            .and_then(|v| u32::from_str_radix(v, 16).ok());
-        let body = match out.body.collect().await {
-            Ok(b) => b.into_bytes(),
-            Err(e) => {
-                let text = format!("{}", DisplayErrorContext(&e));
-                return Err(if text.to_ascii_lowercase().contains("checksum mismatch") {
-                    StoreError::Malformed {
-                        key: key.to_string(),
-                        reason: format!(
-                            "body does not match the checksum the server stored: {text}"
-                        ),
-                    }
-                } else {
-                    StoreError::Transient {
-                        op: Op::Get,
-                        key: key.to_string(),
-                        message: format!("body read failed: {text}"),
-                    }
-                });
-            }
-        };
-        let actual = crc32c::crc32c(&body);
-        let Some(expected) = meta_crc.or(wire_crc) else {
-            return Err(StoreError::Malformed {
-                key: key.to_string(),
-                reason: "object carries no crc32c (not written by this tool?)".into(),
-            });
-        };
-        for expected in [meta_crc, wire_crc].into_iter().flatten() {
-            if expected != actual {
-                return Err(StoreError::Corrupt {
-                    key: key.to_string(),
-                    expected,
-                    actual,
-                });
-            }
-        }
-        let _ = expected;
-        Ok(body)
+        self.get_limited(key, None).await
+    }
+
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        self.get_limited(key, Some(max_len)).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
