@@ -849,7 +849,9 @@ fn a_dead_process_lock_blocks_prune_until_broken() {
     let locks = cbt.json(&["lock", "list"]);
     assert_eq!(locks[0]["id"], lock_id.as_str());
     fails(&cbt.cmd(&["lock", "break", "no-such-lock"]), 2, "no lock");
-    let broken = cbt.json(&["lock", "break", &lock_id]);
+    // Its holder (this test process) is alive on this host: refused without --force.
+    fails(&cbt.cmd(&["lock", "break", &lock_id]), 6, "--force");
+    let broken = cbt.json(&["lock", "break", &lock_id, "--force"]);
     assert_eq!(broken["broken"], lock_id.as_str());
     assert_eq!(cbt.json(&["lock", "list"]), serde_json::json!([]));
     cbt.ok(&[
