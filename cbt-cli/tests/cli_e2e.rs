@@ -199,6 +199,10 @@ fn full_cycle(cbt: &Cbt, work: &Path) {
 
     let pruned = cbt.json(&["prune", "--keep-last", "1"]);
     assert_eq!(pruned["removed"], serde_json::json!(["pvc-data/snap-1"]));
+    // Its data was written moments ago: the grace period keeps it from this prune.
+    assert_eq!(pruned["gc"]["deleted_chunks"], 0);
+    let recent = pruned["gc"]["recent_chunks"].as_u64().unwrap();
+    assert!(recent > 0);
     let list = cbt.json(&["list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["snapshot"], "snap-2");
@@ -221,7 +225,13 @@ fn full_cycle(cbt: &Cbt, work: &Path) {
     cbt.ok(&["verify", "--read-data"]);
     let status = cbt.json(&["status"]);
     assert_eq!(status["snapshots"].as_array().unwrap().len(), 1);
+    assert_eq!(status["unreferenced_chunks"], recent);
+    // With no grace (no backup can be running), the unreferenced data goes.
+    let pruned = cbt.json(&["prune", "--keep-last", "1", "--gc-grace", "0s"]);
+    assert_eq!(pruned["gc"]["deleted_chunks"], recent);
+    let status = cbt.json(&["status"]);
     assert_eq!(status["unreferenced_chunks"], 0);
+    cbt.ok(&["verify", "--read-data"]);
 }
 
 #[test]
