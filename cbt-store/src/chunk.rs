@@ -407,8 +407,26 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
 }
 
 fn decode_payload(body: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), ChunkDecodeError> {
-    if !matches!(h.codec, CODEC_RAW | CODEC_ZSTD) {
-        return Err(ChunkDecodeError::Codec(h.codec));
+    let payload = &body[HEADER_LEN..body.len() - TRAILER_LEN];
+    let short = |message: String| ChunkDecodeError::Decompress {
+        raw_len: h.raw_len,
+        message,
+    };
+    // Everything that can be refused without the output buffer is refused before it is
+    // allocated: a few forged header bytes must not cost a 64 MiB buffer.
+    match h.codec {
+        CODEC_RAW if payload.len() as u64 != h.raw_len => {
+            return Err(short(format!("got {} bytes", payload.len())));
+        }
+        CODEC_ZSTD => match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(declared)) if declared != h.raw_len => {
+                return Err(short(format!("frame declares {declared} bytes")));
+            }
+            Err(_) => return Err(short("not a zstd frame".into())),
+            _ => {}
+        },
+        CODEC_RAW => {}
+        other => return Err(ChunkDecodeError::Codec(other)),
     }
     out.clear();
     // Exactly the raw length (at most MAX_RAW_LEN, checked with the header), whatever

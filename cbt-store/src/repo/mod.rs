@@ -812,7 +812,20 @@ fn encode_manifest(m: &Manifest) -> Result<Bytes> {
     Ok(Bytes::from(body))
 }
 
-fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
+/// Largest zstd window a manifest frame may ask for (16 MiB). Ours are compressed at level 3
+/// (at most 2 MiB); the decoder allocates the window a frame header asks for, so a few
+/// forged header bytes must not make it allocate the format's 128 MiB maximum.
+const MANIFEST_WINDOW_LOG_MAX: u32 = 24;
+
+/// Decodes a manifest object as stored (`CBMF`, encoding byte, zstd JSON), validating it
+/// ([`Manifest::validate`]); `key` only names the object in errors. This is the one decoder
+/// every manifest read goes through.
+///
+/// # Errors
+/// [`RepoError::ManifestFraming`] for bad framing or an undecodable stream;
+/// [`RepoError::UnsupportedObject`] for an unknown encoding; [`RepoError::Manifest`] for
+/// anything the manifest decoder or [`Manifest::validate`] rejects.
+pub fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
     let framing = |reason: String| RepoError::ManifestFraming {
         key: key.to_string(),
         reason,
@@ -831,7 +844,10 @@ fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
     }
     // Streamed: the JSON is read no further than the geometry it declares allows, so a small
     // object that inflates to gigabytes fails after that many bytes, not after all of them.
-    let decoder = zstd::stream::read::Decoder::with_buffer(&body[5..])
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(&body[5..])
+        .map_err(|e| framing(format!("cannot decompress: {e}")))?;
+    decoder
+        .window_log_max(MANIFEST_WINDOW_LOG_MAX)
         .map_err(|e| framing(format!("cannot decompress: {e}")))?;
     Manifest::from_json_reader(decoder).map_err(|source| RepoError::Manifest {
         key: key.to_string(),
