@@ -26,7 +26,7 @@ use bytes::Bytes;
 
 pub use local::LocalStore;
 pub use retry::{RetryPolicy, RetryingStore};
-pub use s3::{S3Config, S3Options, S3Store};
+pub use s3::{ConditionalWrites, S3Config, S3Options, S3Store};
 
 /// Longest key (in bytes) any backend accepts.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -249,6 +249,18 @@ pub enum StoreError {
         /// The offending path, relative to the root.
         path: String,
     },
+    /// The S3 server does not honour conditional writes (`If-None-Match: *`), found by the
+    /// probe at connect: create-if-absent writes (locks, snapshot manifests, the repository
+    /// config) are refused rather than silently overwriting what is there.
+    #[error(
+        "the S3 server at {endpoint} does not honour conditional writes (If-None-Match: *): {detail}; refusing exclusive writes (locks, snapshot manifests), which would silently overwrite existing objects there"
+    )]
+    ConditionalWritesUnsupported {
+        /// The server (endpoint URL).
+        endpoint: String,
+        /// What the probe saw.
+        detail: String,
+    },
     /// The key breaks the key rules (see [`validate_key`]).
     #[error("invalid object key `{key}`: {reason}")]
     InvalidKey {
@@ -357,7 +369,8 @@ impl StoreError {
             StoreError::InvalidUrl { .. }
             | StoreError::BucketNotFound { .. }
             | StoreError::AccessDenied { .. }
-            | StoreError::Config { .. } => ErrorKind::Config,
+            | StoreError::Config { .. }
+            | StoreError::ConditionalWritesUnsupported { .. } => ErrorKind::Config,
             StoreError::Unreachable { .. } | StoreError::Transient { .. } => ErrorKind::Transient,
             StoreError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {

@@ -9,6 +9,18 @@
 //! Integrity: every PUT carries `x-amz-checksum-crc32c` (the server verifies the body) and the
 //! crc32c as user metadata `cbt-crc32c`; a whole-object GET asks for the checksum
 //! (`ChecksumMode::Enabled`) and compares both with the bytes received.
+//!
+//! # Knowing the server
+//! Create-if-absent ([`PutMode::IfAbsent`], S3 `If-None-Match: *`) is what keeps locks
+//! exclusive and snapshots immutable, and not every S3-compatible server honours it: some
+//! ignore the header and overwrite. [`S3Store::connect`] therefore probes the server (when
+//! `check_on_connect` is on): it creates a scratch object under `.cbt-probe/` with the
+//! condition, writes it again with the condition (which must be refused), and reads it back
+//! (which must return the first body: conditional writes honoured, reads after writes
+//! consistent), then deletes it. On a server that fails, every `IfAbsent` put is refused with
+//! [`StoreError::ConditionalWritesUnsupported`] naming the server; reads (restore, verify,
+//! list) keep working. Credentials that may not write (a read-only restore) leave the answer
+//! [`ConditionalWrites::Unknown`] and change nothing.
 
 use std::ops::Range;
 use std::time::{Duration, SystemTime};
@@ -141,12 +153,31 @@ impl S3Config {
     }
 }
 
+/// What the connect-time probe found out about conditional writes on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionalWrites {
+    /// `If-None-Match: *` is honoured and a read after a write sees it.
+    Honoured,
+    /// The server overwrote an existing object despite `If-None-Match: *`, or a read right
+    /// after a write did not see it: exclusive writes are refused.
+    Ignored,
+    /// Not probed (`check_on_connect` off) or the probe could not write (read-only
+    /// credentials): writes go to the server as asked.
+    Unknown,
+}
+
+/// Key prefix of the connect-time probe's scratch objects (deleted right after).
+const PROBE_PREFIX: &str = ".cbt-probe";
+
 /// [`ObjectStore`] on one S3 bucket and key prefix.
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
     cfg: S3Config,
     endpoint_label: String,
+    conditional: ConditionalWrites,
+    /// What the probe saw, for the error of a refused write.
+    conditional_detail: String,
 }
 
 impl S3Store {
@@ -221,10 +252,12 @@ impl S3Store {
             .endpoint
             .clone()
             .unwrap_or_else(|| "AWS S3 (default endpoint)".to_string());
-        let store = Self {
+        let mut store = Self {
             client,
             cfg,
             endpoint_label,
+            conditional: ConditionalWrites::Unknown,
+            conditional_detail: String::new(),
         };
         if store.cfg.check_on_connect {
             store
@@ -236,8 +269,79 @@ impl S3Store {
                 .send()
                 .await
                 .map_err(|e| store.classify(Op::List, "", e))?;
+            let (found, detail) = store.probe_conditional_writes().await?;
+            if found == ConditionalWrites::Ignored {
+                tracing::warn!(endpoint = %store.endpoint_label, %detail, "S3 server ignores conditional writes; exclusive writes will be refused");
+            }
+            store.conditional = found;
+            store.conditional_detail = detail;
         }
         Ok(store)
+    }
+
+    /// What the connect-time probe found out about conditional writes (see the module docs).
+    pub fn conditional_writes(&self) -> ConditionalWrites {
+        self.conditional
+    }
+
+    /// Writes a scratch object twice with `If-None-Match: *` and reads it back.
+    async fn probe_conditional_writes(&self) -> Result<(ConditionalWrites, String), StoreError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let key = format!(
+            "{PROBE_PREFIX}/{:x}-{:x}-{:x}",
+            nanos,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let (first, second) = (Bytes::from_static(b"first"), Bytes::from_static(b"second"));
+        let put = |body: Bytes| {
+            let crc = crc32c::crc32c(&body);
+            self.put_single(&key, body, crc, PutMode::IfAbsent)
+        };
+        match put(first.clone()).await {
+            Ok(PutOutcome::Created) => {}
+            // No write permission (or a leftover): nothing to learn, nothing to refuse.
+            Ok(PutOutcome::AlreadyExists) => {
+                return Ok((ConditionalWrites::Unknown, String::new()));
+            }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "conditional-write probe could not write");
+                return Ok((ConditionalWrites::Unknown, String::new()));
+            }
+        }
+        let result = async {
+            let again = put(second).await?;
+            let read = match self.get_limited(&key, Some(64)).await {
+                Ok(b) => Some(b),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            Ok(match (again, read) {
+                (PutOutcome::Created, _) => (
+                    ConditionalWrites::Ignored,
+                    "a second create of the same key was accepted and overwrote the first".into(),
+                ),
+                (_, None) => (
+                    ConditionalWrites::Ignored,
+                    "an object just written could not be read back".into(),
+                ),
+                (_, Some(b)) if b != first => (
+                    ConditionalWrites::Ignored,
+                    "an object read back right after it was written has other contents".into(),
+                ),
+                _ => (ConditionalWrites::Honoured, String::new()),
+            })
+        }
+        .await;
+        if let Err(e) = self.delete(&key).await {
+            tracing::warn!(%key, error = %e, "could not delete the conditional-write probe object");
+        }
+        result
     }
 
     /// Bucket this store writes to.
@@ -682,6 +786,12 @@ fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<SystemTime> {
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
         validate_key(key)?;
+        if mode == PutMode::IfAbsent && self.conditional == ConditionalWrites::Ignored {
+            return Err(StoreError::ConditionalWritesUnsupported {
+                endpoint: self.endpoint_label.clone(),
+                detail: self.conditional_detail.clone(),
+            });
+        }
         let crc = crc32c::crc32c(&body);
         if body.len() as u64 >= self.cfg.multipart_threshold.max(MIN_PART_SIZE) {
             self.put_multipart(key, body, crc, mode).await
