@@ -522,15 +522,18 @@ async fn releasing_a_broken_lock_leaves_the_new_holders_lock_alone() {
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
 }
 
+/// `(reading started, may read)` and the condition variable signalling changes of either.
+type Gate = Arc<(Mutex<(bool, bool)>, Condvar)>;
+
 /// A block source that stops before its first read until released, so a test can act while
 /// a backup is running.
 struct Gated {
     inner: FileSource,
-    gate: Arc<(Mutex<(bool, bool)>, Condvar)>,
+    gate: Gate,
 }
 
 impl Gated {
-    fn new(path: &std::path::Path) -> (Arc<Self>, Arc<(Mutex<(bool, bool)>, Condvar)>) {
+    fn new(path: &std::path::Path) -> (Arc<Self>, Gate) {
         let gate = Arc::new((Mutex::new((false, false)), Condvar::new()));
         let src = Arc::new(Gated {
             inner: FileSource::open(path).unwrap(),
@@ -560,7 +563,7 @@ impl BlockSource for Gated {
     }
 }
 
-async fn wait_started(gate: &Arc<(Mutex<(bool, bool)>, Condvar)>) {
+async fn wait_started(gate: &Gate) {
     loop {
         if gate.0.lock().unwrap().0 {
             return;
@@ -569,7 +572,7 @@ async fn wait_started(gate: &Arc<(Mutex<(bool, bool)>, Condvar)>) {
     }
 }
 
-fn open_gate(gate: &Arc<(Mutex<(bool, bool)>, Condvar)>) {
+fn open_gate(gate: &Gate) {
     gate.0.lock().unwrap().1 = true;
     gate.1.notify_all();
 }

@@ -4,16 +4,7 @@
 //! happens under the exclusive lock, after *all* manifests were read successfully: a manifest
 //! that cannot be read aborts GC, because its references would be unknown.
 //!
-//! # Grace period
-//! Locks protect the backups GC can see. A backup it cannot see (its lock broken by an
-//! operator, or written by a tool that does not lock) may have uploaded chunks that no
-//! manifest references yet. GC therefore never deletes an unreferenced chunk the store
-//! modified within the grace period ([`DEFAULT_GC_GRACE`], 24 hours, far above the longest
-//! backup), counted back from the earlier of the caller's clock and the store's (the store's
-//! time is the modification time of the exclusive lock GC just wrote). A store that reports no
-//! modification time for a chunk keeps it. Retention orders snapshots by
-//! [`cbt_core::gc::trusted_created`]: the recorded creation time, but never later than when the
-//! store received the manifest.
+//! GC keeps recently written unreferenced chunks (the grace period, see the `repo` module docs).
 //!
 //! Manifests are streamed (a few at a time), never all held at once: memory is bounded by the
 //! number of *distinct* chunks in the repository (about 50 bytes each for GC and status, about
@@ -125,7 +116,7 @@ impl VerifyReport {
 }
 
 /// Unreferenced chunks younger than this are not deleted by default: far longer than any
-/// backup runs, so GC never races a writer it cannot see (see the module docs).
+/// backup runs, so GC never races a writer it cannot see (see the `repo` module docs).
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
 
 /// What `gc` does.

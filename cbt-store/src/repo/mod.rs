@@ -9,8 +9,12 @@
 //! chunks/<hh>/<blake3 hex>         chunk objects (format in crate::chunk), content addressed
 //! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON manifest)
 //! locks/exclusive                  held by prune / gc
-//! locks/shared/<lock id>           one per running backup
+//! locks/shared/<lock id>           one per running backup (and restore, when it may write)
+//! .cbt-probe/<id>                  S3 only: the connect-time conditional-write probe, deleted
+//!                                  right after (see crate::store::s3)
 //! ```
+//! A manifest's JSON keeps `format_version`, `volume_size` and `chunk_size` before the chunk
+//! list: readers bound what they decode by that geometry before reading the list.
 //! Object keys are built only from validated [`VolumeName`]/[`SnapshotName`]s and hex hashes,
 //! so no user input can address anything outside these prefixes.
 //!
@@ -33,6 +37,25 @@
 //! * Locking (see [`lock`]): backups hold a shared lock, prune/GC an exclusive one. GC refuses
 //!   to run while any shared lock exists, so it can never delete a chunk that a running backup
 //!   has uploaded (or deduplicated against) but not yet referenced from a manifest.
+//! * When that protection is taken away (an operator breaks a live backup's lock), the backup
+//!   finds out before committing and fails instead (its lock object, its parent and the chunks
+//!   it found stored are re-checked), and GC's grace period keeps recently written chunks
+//!   (see below) from a writer it cannot see.
+//! * Only the lock object a process took is ever deleted by its release; breaking a lock
+//!   whose holder may be alive needs [`BreakMode::Force`].
+//! * A restore checks that every chunk it needs is stored before it writes the first byte,
+//!   and never writes outside `[0, volume_size)` of its target.
+//!
+//! # Grace period
+//! Locks protect the backups GC can see. A backup it cannot see (its lock broken by an
+//! operator, or written by a tool that does not lock) may have uploaded chunks that no
+//! manifest references yet. GC therefore never deletes an unreferenced chunk the store
+//! modified within the grace period ([`DEFAULT_GC_GRACE`], 24 hours, far above the longest
+//! backup), counted back from the earlier of the caller's clock and the store's (the store's
+//! time is the modification time of the exclusive lock GC just wrote). A store that reports no
+//! modification time for a chunk keeps it. Retention orders snapshots by
+//! [`cbt_core::gc::trusted_created`]: the recorded creation time, but never later than when the
+//! store received the manifest.
 
 mod error;
 pub mod lock;
