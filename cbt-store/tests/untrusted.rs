@@ -737,3 +737,44 @@ fn bomb_frames_decode_with_the_reference_decoder() {
     assert_eq!(out.len(), 300_003);
     assert!(out.starts_with(b"abcxxx"));
 }
+
+/// With many distinct chunks, the check before the first write lists `chunks/` page by page
+/// instead of asking for each chunk, and still finds the missing one.
+#[tokio::test]
+async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() {
+    use cbt_store::store::Op;
+    use cbt_store::store::fault::FaultyStore;
+    let fx = Fixture::new().await;
+    let img = noise(77, 1100 * 4096);
+    let src = fx.write("d.img", &img);
+    let mut req = request("v", "s", full(), 1);
+    req.chunk_size = Some(4096);
+    let out = backup_file(&fx.repo, &src, req).await.unwrap();
+    assert!(out.manifest.chunks.unique_chunks().len() > 1024);
+    let (index, r) = out.manifest.chunks.iter_stored().nth(700).unwrap();
+    std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
+    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    counting.reset_counts();
+    let device = fx.write("device.img", &vec![0xAA; img.len()]);
+    let err = engine::restore(&repo, &vol("v"), &snap("s"), &device, &in_place(), &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RepoError::ChunkMissing { index: i, .. } if i == index),
+        "{err:?}"
+    );
+    assert!(std::fs::read(&device).unwrap().iter().all(|b| *b == 0xAA));
+    assert!(
+        counting.calls(Op::Head) < 10,
+        "{:?}",
+        counting.call_counts()
+    );
+    assert!(
+        counting.calls(Op::List) >= 2,
+        "{:?}",
+        counting.call_counts()
+    );
+}

@@ -738,11 +738,29 @@ impl Repository {
                 .try_collect()
                 .await?
         } else {
-            let stored = stored_chunks(self.store.as_ref()).await?;
-            distinct
-                .keys()
-                .map(|h| (*h, stored.get(h).map(|c| c.size)))
-                .collect()
+            // Page by page, keeping only the chunks asked about: memory follows `refs`, not
+            // the size of the repository.
+            let mut sizes: BTreeMap<ChunkHash, Option<u64>> =
+                distinct.keys().map(|h| (*h, None)).collect();
+            let mut continuation = None;
+            loop {
+                let page = self
+                    .store
+                    .list_page("chunks/", continuation.take())
+                    .await
+                    .map_err(|e| RepoError::store("listing chunks/", e))?;
+                for o in &page.objects {
+                    if let Some(slot) =
+                        chunk::parse_chunk_key(&o.key).and_then(|h| sizes.get_mut(&h))
+                    {
+                        *slot = Some(o.size);
+                    }
+                }
+                match page.next {
+                    Some(next) => continuation = Some(next),
+                    None => break sizes,
+                }
+            }
         };
         for r in refs {
             let key = chunk::chunk_key(&r.chunk.hash);
