@@ -7,9 +7,10 @@
 //! GC keeps recently written unreferenced chunks (the grace period, see the `repo` module docs).
 //!
 //! Manifests are streamed (a few at a time), never all held at once: memory is bounded by the
-//! number of *distinct* chunks in the repository (about 50 bytes each for GC and status, about
-//! 150 for `verify`, which remembers where each chunk was first referenced), not by the number
-//! of snapshots times their size.
+//! number of *distinct* chunks in the repository (about 150 bytes each for GC and status: the
+//! listing keeps each chunk's size and modification time; about 250 for `verify`, which also
+//! remembers where each distinct reference was first seen), not by the number of snapshots
+//! times their size.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
