@@ -152,6 +152,11 @@ fn store_hint(e: &StoreError) -> Option<String> {
         StoreError::InvalidUrl { .. } => {
             Some("use --repo file:///path/to/repo or --repo s3://bucket/prefix".into())
         }
+        StoreError::ConditionalWritesUnsupported { .. } => Some(
+            "use an S3 server that honours If-None-Match: * (AWS S3, recent MinIO, Ceph RGW, \
+             SeaweedFS); restore, verify and list still work against this one"
+                .into(),
+        ),
         _ if e.kind() == StoreKind::Integrity => {
             Some("run `cbt verify --read-data` to list every damaged object".into())
         }

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::sync::Arc;
 
+use cbt_core::text::Escaped;
 use cbt_store::engine::{Progress, ProgressFn};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -57,9 +58,11 @@ impl Output {
                 println!("{doc:#}");
             }
             Format::Human => {
-                eprintln!("error: {}", e.message);
+                // Messages quote repository text (lock holders, names in decode errors):
+                // never let it reach the terminal raw.
+                eprintln!("error: {}", Escaped(&e.message));
                 if let Some(h) = &e.hint {
-                    eprintln!("hint: {h}");
+                    eprintln!("hint: {}", Escaped(h));
                 }
             }
         }

@@ -199,6 +199,10 @@ fn full_cycle(cbt: &Cbt, work: &Path) {
 
     let pruned = cbt.json(&["prune", "--keep-last", "1"]);
     assert_eq!(pruned["removed"], serde_json::json!(["pvc-data/snap-1"]));
+    // Its data was written moments ago: the grace period keeps it from this prune.
+    assert_eq!(pruned["gc"]["deleted_chunks"], 0);
+    let recent = pruned["gc"]["recent_chunks"].as_u64().unwrap();
+    assert!(recent > 0);
     let list = cbt.json(&["list"]);
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert_eq!(list[0]["snapshot"], "snap-2");
@@ -221,7 +225,13 @@ fn full_cycle(cbt: &Cbt, work: &Path) {
     cbt.ok(&["verify", "--read-data"]);
     let status = cbt.json(&["status"]);
     assert_eq!(status["snapshots"].as_array().unwrap().len(), 1);
+    assert_eq!(status["unreferenced_chunks"], recent);
+    // With no grace (no backup can be running), the unreferenced data goes.
+    let pruned = cbt.json(&["prune", "--keep-last", "1", "--gc-grace", "0s"]);
+    assert_eq!(pruned["gc"]["deleted_chunks"], recent);
+    let status = cbt.json(&["status"]);
     assert_eq!(status["unreferenced_chunks"], 0);
+    cbt.ok(&["verify", "--read-data"]);
 }
 
 #[test]
@@ -849,7 +859,9 @@ fn a_dead_process_lock_blocks_prune_until_broken() {
     let locks = cbt.json(&["lock", "list"]);
     assert_eq!(locks[0]["id"], lock_id.as_str());
     fails(&cbt.cmd(&["lock", "break", "no-such-lock"]), 2, "no lock");
-    let broken = cbt.json(&["lock", "break", &lock_id]);
+    // Its holder (this test process) is alive on this host: refused without --force.
+    fails(&cbt.cmd(&["lock", "break", &lock_id]), 6, "--force");
+    let broken = cbt.json(&["lock", "break", &lock_id, "--force"]);
     assert_eq!(broken["broken"], lock_id.as_str());
     assert_eq!(cbt.json(&["lock", "list"]), serde_json::json!([]));
     cbt.ok(&[

@@ -126,6 +126,47 @@ pub enum CoreError {
         /// Why not.
         reason: String,
     },
+    /// Two references to the same content hash disagree about what is stored under it.
+    #[error(
+        "chunk {hash} is recorded at index {first_index} as {first} and at index {index} as {other}; one content hash must have one raw length, stored size and checksum"
+    )]
+    ConflictingChunkRefs {
+        /// The content hash.
+        hash: String,
+        /// First index that references it.
+        first_index: u64,
+        /// How the first index records it (`raw/stored/crc`).
+        first: String,
+        /// A later index that records it differently.
+        index: u64,
+        /// How that index records it.
+        other: String,
+    },
+    /// A stored chunk's recorded object size cannot hold its data (or is absurdly large).
+    #[error(
+        "chunk {index}: stored size {stored_size} is impossible for {raw_len} raw bytes (must be 1..={max})"
+    )]
+    StoredSizeOutOfBounds {
+        /// Chunk index.
+        index: u64,
+        /// Recorded stored size.
+        stored_size: u64,
+        /// Recorded raw length.
+        raw_len: u64,
+        /// Largest stored size the format allows for this raw length.
+        max: u64,
+    },
+    /// The manifest text is larger than any manifest of its geometry can be.
+    #[error(
+        "manifest is larger than {limit} bytes{}, more than any manifest can need; refusing to decode it",
+        chunk_count.map(|c| format!(" (the limit for {c} chunks)")).unwrap_or_default()
+    )]
+    ManifestTooLarge {
+        /// The limit that was exceeded, in bytes of JSON.
+        limit: u64,
+        /// Chunk count the limit was derived from, once the geometry was known.
+        chunk_count: Option<u64>,
+    },
     /// A retention policy with no rule, which would delete every snapshot.
     #[error(
         "retention policy has no rule (keep-last / keep-within); refusing to delete everything"
@@ -140,7 +181,10 @@ impl CoreError {
             CoreError::UnsupportedManifestVersion { .. } => ErrorKind::Unsupported,
             CoreError::ManifestDecode { .. }
             | CoreError::ManifestInvalid { .. }
-            | CoreError::ChunkLengthMismatch { .. } => ErrorKind::Integrity,
+            | CoreError::ChunkLengthMismatch { .. }
+            | CoreError::ConflictingChunkRefs { .. }
+            | CoreError::StoredSizeOutOfBounds { .. }
+            | CoreError::ManifestTooLarge { .. } => ErrorKind::Integrity,
             _ => ErrorKind::Usage,
         }
     }

@@ -2,9 +2,10 @@
 //!
 //! This crate owns the decisions, never the I/O: byte-range algebra ([`ranges`]), name rules for
 //! anything that ends up in an object key ([`names`]), the versioned snapshot manifest
-//! ([`manifest`]), backup and restore plans ([`plan`]) and garbage-collection reachability plus
-//! retention ([`gc`]). It has no async runtime, no network, no filesystem access and no clock:
-//! time is always passed in by the caller, so every function is deterministic and testable.
+//! ([`manifest`]), backup and restore plans ([`plan`]), garbage-collection reachability plus
+//! retention ([`gc`]), and escaping repository text for printing ([`text`]). It has no async
+//! runtime, no network, no filesystem access and no clock: time is always passed in by the
+//! caller, so every function is deterministic and testable.
 
 pub mod error;
 pub mod gc;
@@ -13,6 +14,7 @@ pub mod manifest;
 pub mod names;
 pub mod plan;
 pub mod ranges;
+pub mod text;
 pub mod time;
 
 pub use error::{CoreError, ErrorKind};

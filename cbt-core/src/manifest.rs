@@ -12,9 +12,26 @@
 //! 262,144 entries: 26.8 MB of JSON, 12.7 MB once the repository compresses it with zstd
 //! (measured; the 32-byte hashes are incompressible). In memory an entry costs about 70 bytes (map node
 //! included), about 18 MiB per fully allocated TiB; zero chunks cost nothing.
+//!
+//! # Trust
+//! A manifest read from storage is untrusted input. Every decoded manifest passes
+//! [`Manifest::validate`] before anyone sees it: indices inside the volume, raw lengths that
+//! match the chunk geometry, stored sizes a chunk object of that raw length can have, one raw
+//! length / stored size / checksum per content hash, and totals that fit in 64 bits. A restore
+//! planned from a valid manifest therefore never addresses a byte outside `[0, volume_size)`.
+//!
+//! Decoding is bounded by the geometry the manifest declares, not by what the bytes inflate
+//! to: [`Manifest::from_json_reader`] reads the header fields first (the writer puts
+//! `format_version`, `volume_size` and `chunk_size` before the chunk list, and v1 readers rely
+//! on that order), then accepts at most [`max_json_len`] bytes for that many chunks
+//! ([`MAX_METADATA_JSON`] for everything but the entries, [`MAX_CHUNK_ENTRY_JSON`] per entry).
+//! Before the geometry is known only [`MAX_METADATA_JSON`] bytes are read.
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::io::{self, BufReader, Read};
+use std::rc::Rc;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +44,22 @@ use crate::time::Timestamp;
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
 /// The oldest manifest format version this build reads.
 pub const MIN_MANIFEST_FORMAT_VERSION: u32 = 1;
+
+/// Most framing bytes (header + trailer) a stored chunk object may add to its raw bytes; a
+/// recorded stored size above `raw_len + MAX_CHUNK_FRAMING` is rejected. `cbt-store`'s chunk
+/// format uses 52 and checks at compile time that it stays below this.
+pub const MAX_CHUNK_FRAMING: u64 = 256;
+/// Most bytes of manifest JSON besides the chunk entries (names, source, labels, stats).
+/// [`Manifest::to_json`] refuses to write more, so every manifest written is readable.
+pub const MAX_METADATA_JSON: u64 = 1 << 20;
+/// Most bytes one compact chunk entry can take:
+/// `[<u64>,"<64 hex>",<u64>,<u32>,<u64>],` is at most 143 bytes.
+pub const MAX_CHUNK_ENTRY_JSON: u64 = 144;
+
+/// The most bytes of JSON a manifest of `geometry` can need (saturating).
+pub fn max_json_len(geometry: &ChunkGeometry) -> u64 {
+    MAX_METADATA_JSON.saturating_add(geometry.chunk_count().saturating_mul(MAX_CHUNK_ENTRY_JSON))
+}
 
 /// A 32-byte content hash (BLAKE3 of the chunk's raw bytes) that names a stored chunk.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -188,13 +221,20 @@ impl ChunkMap {
     }
 
     /// Raw bytes held by stored chunks (the snapshot's allocated, non-zero data).
+    ///
+    /// Every stored index is distinct and its raw length is the geometry's, so the sum never
+    /// exceeds the volume size; it saturates rather than trusting that.
     pub fn allocated_bytes(&self) -> u64 {
-        self.stored.values().map(|r| r.raw_len).sum()
+        self.stored
+            .values()
+            .fold(0u64, |acc, r| acc.saturating_add(r.raw_len))
     }
 
     /// Bytes of the volume that read as zero.
     pub fn zero_bytes(&self) -> u64 {
-        self.geometry.volume_size() - self.allocated_bytes()
+        self.geometry
+            .volume_size()
+            .saturating_sub(self.allocated_bytes())
     }
 
     /// Distinct stored chunks referenced by this map, with their stored sizes.
@@ -340,17 +380,18 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Assembles a manifest from its metadata and a complete chunk map.
+    /// Assembles a manifest from its metadata and a complete chunk map, and validates it.
     ///
     /// # Errors
-    /// [`CoreError::InvalidName`] if the snapshot id is not a valid name.
+    /// [`CoreError::InvalidName`] if the snapshot id is not a valid name; any error of
+    /// [`Manifest::validate`].
     pub fn new(
         meta: SnapshotMeta,
         chunks: ChunkMap,
         parent: Option<ParentRef>,
     ) -> Result<Self, CoreError> {
         validate_name("snapshot id", &meta.snapshot_id)?;
-        Ok(Manifest {
+        let m = Manifest {
             volume: meta.volume,
             snapshot: meta.snapshot,
             snapshot_id: meta.snapshot_id,
@@ -360,7 +401,98 @@ impl Manifest {
             source: meta.source,
             labels: meta.labels,
             stats: meta.stats,
-        })
+        };
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Checks everything a reader relies on, so that a manifest from storage can be used
+    /// without further checks: every stored index lies inside the volume with the raw length
+    /// the geometry gives it; every stored size is one a chunk object of that raw length can
+    /// have (`1..=raw_len + MAX_CHUNK_FRAMING`); every reference to one content hash records the
+    /// same raw length, stored size and checksum; and the sums callers take (allocated bytes,
+    /// stored bytes of the distinct chunks) fit in 64 bits.
+    ///
+    /// Every constructor and decoder calls it; it costs one pass and a table of the distinct
+    /// chunks (about 50 bytes each), freed on return.
+    ///
+    /// # Errors
+    /// [`CoreError::ChunkIndexOutOfRange`], [`CoreError::ChunkLengthMismatch`],
+    /// [`CoreError::StoredSizeOutOfBounds`], [`CoreError::ConflictingChunkRefs`],
+    /// [`CoreError::ManifestInvalid`] for totals that overflow, [`CoreError::InvalidName`].
+    pub fn validate(&self) -> Result<(), CoreError> {
+        validate_name("snapshot id", &self.snapshot_id)?;
+        let g = self.chunks.geometry();
+        let count = g.chunk_count();
+        let mut first: HashMap<ChunkHash, (u64, ChunkRef)> = HashMap::new();
+        let mut allocated: u64 = 0;
+        let mut stored_total: u64 = 0;
+        let overflow = |what: &str| CoreError::ManifestInvalid {
+            reason: format!("{what} overflows 64 bits"),
+        };
+        for (index, r) in self.chunks.iter_stored() {
+            if index >= count {
+                return Err(CoreError::ChunkIndexOutOfRange {
+                    index,
+                    chunk_count: count,
+                });
+            }
+            let expected = g.chunk_len(index);
+            if r.raw_len != expected {
+                return Err(CoreError::ChunkLengthMismatch {
+                    index,
+                    raw_len: r.raw_len,
+                    expected,
+                });
+            }
+            // raw_len <= 64 MiB here (it equals a chunk length), so the sum cannot overflow.
+            let max = r.raw_len + MAX_CHUNK_FRAMING;
+            if r.stored_size == 0 || r.stored_size > max {
+                return Err(CoreError::StoredSizeOutOfBounds {
+                    index,
+                    stored_size: r.stored_size,
+                    raw_len: r.raw_len,
+                    max,
+                });
+            }
+            allocated = allocated
+                .checked_add(r.raw_len)
+                .ok_or_else(|| overflow("allocated bytes"))?;
+            match first.get(&r.hash) {
+                Some((first_index, f)) => {
+                    if f != r {
+                        let show = |c: &ChunkRef| {
+                            format!(
+                                "raw {} / stored {} / crc32c {:#010x}",
+                                c.raw_len, c.stored_size, c.crc32c
+                            )
+                        };
+                        return Err(CoreError::ConflictingChunkRefs {
+                            hash: r.hash.to_hex(),
+                            first_index: *first_index,
+                            first: show(f),
+                            index,
+                            other: show(r),
+                        });
+                    }
+                }
+                None => {
+                    stored_total = stored_total
+                        .checked_add(r.stored_size)
+                        .ok_or_else(|| overflow("stored bytes"))?;
+                    first.insert(r.hash, (index, *r));
+                }
+            }
+        }
+        if allocated > g.volume_size() {
+            return Err(CoreError::ManifestInvalid {
+                reason: format!(
+                    "stored chunks hold {allocated} bytes, more than the volume's {}",
+                    g.volume_size()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Builds an incremental manifest: the parent's map, resized to `volume_size`, with
@@ -463,17 +595,31 @@ impl Manifest {
                 .map(|(i, r)| (i, r.hash, r.stored_size, r.crc32c, r.raw_len))
                 .collect(),
         };
-        serde_json::to_vec(&wire).map_err(|e| CoreError::ManifestInvalid {
+        let json = serde_json::to_vec(&wire).map_err(|e| CoreError::ManifestInvalid {
             reason: format!("cannot encode: {e}"),
-        })
+        })?;
+        // Readers refuse anything larger; refusing here keeps every written manifest readable.
+        let limit = max_json_len(self.chunks.geometry());
+        if json.len() as u64 > limit {
+            return Err(CoreError::ManifestInvalid {
+                reason: format!(
+                    "encoded manifest is {} bytes, more than the {limit} a reader accepts (labels \
+                     or source descriptions too long?)",
+                    json.len()
+                ),
+            });
+        }
+        Ok(json)
     }
 
     /// Parses the JSON wire form, checking the format version before anything else.
     ///
     /// # Errors
     /// [`CoreError::UnsupportedManifestVersion`] for a version this build does not know;
-    /// [`CoreError::ManifestDecode`] for malformed JSON; [`CoreError::ManifestInvalid`] when an
-    /// invariant is broken (bad index, wrong chunk length, duplicate index, bad name).
+    /// [`CoreError::ManifestDecode`] for malformed JSON; [`CoreError::ManifestTooLarge`] for
+    /// more bytes than its geometry can need; [`CoreError::ManifestInvalid`] when an
+    /// invariant is broken (bad index, wrong chunk length, duplicate index, bad name), or any
+    /// other error of [`Manifest::validate`].
     pub fn from_json(bytes: &[u8]) -> Result<Manifest, CoreError> {
         #[derive(Deserialize)]
         struct Probe {
@@ -503,6 +649,13 @@ impl Manifest {
         let invalid = |reason: String| CoreError::ManifestInvalid { reason };
         let geometry = ChunkGeometry::new(wire.volume_size, wire.chunk_size)
             .map_err(|e| invalid(e.to_string()))?;
+        let limit = max_json_len(&geometry);
+        if bytes.len() as u64 > limit {
+            return Err(CoreError::ManifestTooLarge {
+                limit,
+                chunk_count: Some(geometry.chunk_count()),
+            });
+        }
         let mut map = ChunkMap::new(geometry);
         for (index, hash, stored_size, crc32c, raw_len) in wire.chunks {
             if map.stored.contains_key(&index) {
@@ -526,7 +679,167 @@ impl Manifest {
             labels: wire.labels,
             stats: wire.stats,
         };
-        Manifest::new(meta, map, wire.parent).map_err(|e| invalid(e.to_string()))
+        Manifest::new(meta, map, wire.parent).map_err(|e| match e {
+            // Keep the typed consistency errors; wrap the rest (names) as before.
+            e @ (CoreError::ConflictingChunkRefs { .. }
+            | CoreError::StoredSizeOutOfBounds { .. }
+            | CoreError::ManifestInvalid { .. }) => e,
+            other => invalid(other.to_string()),
+        })
+    }
+
+    /// Decodes a manifest from a stream of JSON (e.g. a decompressor), reading no more than
+    /// its declared geometry can need.
+    ///
+    /// The header fields are read first: at most [`MAX_METADATA_JSON`] bytes may come before
+    /// `volume_size` and `chunk_size`; once both are known the whole document may be at most
+    /// [`max_json_len`] bytes. A few KiB of compressed data that would inflate to gigabytes is
+    /// therefore rejected after reading at most that many bytes, with memory bounded the same
+    /// way. Then the text is decoded like [`Manifest::from_json`].
+    ///
+    /// # Errors
+    /// [`CoreError::ManifestTooLarge`] past the limit; [`CoreError::ManifestDecode`] for
+    /// malformed JSON, a header field out of order, or a failing reader (a damaged compressed
+    /// stream); otherwise as [`Manifest::from_json`].
+    pub fn from_json_reader<R: Read>(reader: R) -> Result<Manifest, CoreError> {
+        let state = Rc::new(ProbeState {
+            limit: Cell::new(MAX_METADATA_JSON),
+            chunk_count: Cell::new(None),
+            exceeded: Cell::new(false),
+            failure: RefCell::new(None),
+        });
+        let capped = Capped {
+            inner: reader,
+            buf: Vec::new(),
+            state: state.clone(),
+        };
+        // serde_json reads a byte at a time: buffer so the source sees large reads.
+        let mut buffered = BufReader::with_capacity(64 * 1024, capped);
+        let probed = {
+            let mut de = serde_json::Deserializer::from_reader(&mut buffered);
+            serde::Deserializer::deserialize_map(&mut de, HeaderVisitor { state: &state })
+        };
+        let too_large = |state: &ProbeState| CoreError::ManifestTooLarge {
+            limit: state.limit.get(),
+            chunk_count: state.chunk_count.get(),
+        };
+        if let Err(e) = probed {
+            if state.exceeded.get() {
+                return Err(too_large(&state));
+            }
+            if let Some(typed) = state.failure.borrow_mut().take() {
+                return Err(typed);
+            }
+            return Err(CoreError::ManifestDecode {
+                message: e.to_string(),
+            });
+        }
+        if state.chunk_count.get().is_none() {
+            return Err(CoreError::ManifestDecode {
+                message: "missing volume_size or chunk_size".into(),
+            });
+        }
+        // The rest (trailing whitespace, or garbage `from_json` rejects) under the same limit.
+        if let Err(e) = io::copy(&mut buffered, &mut io::sink()) {
+            if state.exceeded.get() {
+                return Err(too_large(&state));
+            }
+            return Err(CoreError::ManifestDecode {
+                message: e.to_string(),
+            });
+        }
+        let bytes = std::mem::take(&mut buffered.get_mut().buf);
+        drop(buffered);
+        Manifest::from_json(&bytes)
+    }
+}
+
+/// What the header probe of [`Manifest::from_json_reader`] learned, shared with the reader.
+struct ProbeState {
+    /// Bytes the reader may still produce in total.
+    limit: Cell<u64>,
+    /// Chunk count once `volume_size` and `chunk_size` are known.
+    chunk_count: Cell<Option<u64>>,
+    /// The reader stopped because the limit was exceeded.
+    exceeded: Cell<bool>,
+    /// A typed error found by the probe (serde only carries strings).
+    failure: RefCell<Option<CoreError>>,
+}
+
+/// A reader that keeps what it reads and fails once more than the shared limit was read.
+struct Capped<R> {
+    inner: R,
+    buf: Vec<u8>,
+    state: Rc<ProbeState>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.buf.extend_from_slice(&out[..n]);
+        if self.buf.len() as u64 > self.state.limit.get() {
+            self.state.exceeded.set(true);
+            return Err(io::Error::other("manifest exceeds its size limit"));
+        }
+        Ok(n)
+    }
+}
+
+/// Reads the version and geometry fields and skips everything else without keeping it.
+struct HeaderVisitor<'a> {
+    state: &'a ProbeState,
+}
+
+impl HeaderVisitor<'_> {
+    fn fail<E: serde::de::Error>(&self, e: CoreError) -> E {
+        let msg = e.to_string();
+        *self.state.failure.borrow_mut() = Some(e);
+        E::custom(msg)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for HeaderVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a manifest object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (mut volume_size, mut chunk_size) = (None, None);
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "format_version" => {
+                    let version: u64 = map.next_value()?;
+                    if version < u64::from(MIN_MANIFEST_FORMAT_VERSION)
+                        || version > u64::from(MANIFEST_FORMAT_VERSION)
+                    {
+                        return Err(self.fail(CoreError::UnsupportedManifestVersion {
+                            found: version,
+                            min_supported: MIN_MANIFEST_FORMAT_VERSION,
+                            max_supported: MANIFEST_FORMAT_VERSION,
+                        }));
+                    }
+                }
+                "volume_size" => volume_size = Some(map.next_value::<u64>()?),
+                "chunk_size" => chunk_size = Some(map.next_value::<u64>()?),
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            if self.state.chunk_count.get().is_none()
+                && let (Some(v), Some(c)) = (volume_size, chunk_size)
+            {
+                let g = ChunkGeometry::new(v, c).map_err(|e| {
+                    self.fail(CoreError::ManifestInvalid {
+                        reason: e.to_string(),
+                    })
+                })?;
+                self.state.chunk_count.set(Some(g.chunk_count()));
+                self.state.limit.set(max_json_len(&g));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -763,6 +1076,135 @@ mod tests {
         let m = Manifest::new(meta("big"), map, None).unwrap();
         let per_entry = m.to_json().unwrap().len() as u64 / g.chunk_count();
         assert!(per_entry <= 110, "{per_entry} bytes per chunk entry");
+    }
+
+    #[test]
+    fn one_hash_must_mean_one_chunk() {
+        // The short last chunk claims the content of a full one: restoring it would write a
+        // whole chunk past the end of the volume.
+        let base: serde_json::Value = serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
+        let mut v = base.clone();
+        v["chunks"] = serde_json::json!([[0, h(1), 101, 1, 4096], [2, h(1), 101, 1, 1808]]);
+        let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(matches!(
+            err,
+            CoreError::ConflictingChunkRefs {
+                first_index: 0,
+                index: 2,
+                ..
+            }
+        ));
+        assert_eq!(err.kind(), crate::ErrorKind::Integrity);
+        // Same hash, same length, different checksum or stored size.
+        for other in [
+            serde_json::json!([1, h(1), 101, 2, 4096]),
+            serde_json::json!([1, h(1), 102, 1, 4096]),
+        ] {
+            let mut v = base.clone();
+            v["chunks"] = serde_json::json!([[0, h(1), 101, 1, 4096], other]);
+            assert!(matches!(
+                Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+                Err(CoreError::ConflictingChunkRefs { .. })
+            ));
+        }
+        // Stored sizes no chunk object can have.
+        for stored in [0, 4096 + MAX_CHUNK_FRAMING + 1, u64::MAX] {
+            let mut v = base.clone();
+            v["chunks"] = serde_json::json!([[0, h(1), stored, 1, 4096]]);
+            assert!(matches!(
+                Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+                Err(CoreError::StoredSizeOutOfBounds { .. })
+            ));
+        }
+        // Built in memory, the same inconsistency is refused at construction.
+        let g = ChunkGeometry::new(3 * 4096, 4096).unwrap();
+        let mut map = ChunkMap::new(g);
+        map.set(0, stored(1, 4096)).unwrap();
+        let mut bad = stored(1, 4096);
+        if let ChunkState::Stored(r) = &mut bad {
+            r.crc32c ^= 1;
+        }
+        map.set(1, bad).unwrap();
+        assert!(matches!(
+            Manifest::new(meta("x"), map, None),
+            Err(CoreError::ConflictingChunkRefs { .. })
+        ));
+    }
+
+    #[test]
+    fn reader_decoding_is_bounded_by_the_declared_geometry() {
+        let m = sample();
+        let json = m.to_json().unwrap();
+        assert_eq!(Manifest::from_json_reader(&json[..]).unwrap(), m);
+
+        // A valid header followed by an endless stream: stopped at the geometry's limit.
+        let endless = json[..json.len() - 1]
+            .iter()
+            .copied()
+            .chain(b",\"labels2\":\"".iter().copied())
+            .chain(std::iter::repeat(b'x'));
+        struct It<I>(I, u64);
+        impl<I: Iterator<Item = u8>> Read for It<I> {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = self.0.next().unwrap_or(b' ');
+                    self.1 += 1;
+                    if self.1 > 64 << 20 {
+                        return Ok(i); // the test's own backstop: never reached
+                    }
+                }
+                Ok(out.len())
+            }
+        }
+        let err = Manifest::from_json_reader(It(endless, 0)).unwrap_err();
+        let limit = max_json_len(m.chunks.geometry());
+        assert_eq!(
+            err,
+            CoreError::ManifestTooLarge {
+                limit,
+                chunk_count: Some(3)
+            }
+        );
+        // Before the geometry is known only the metadata budget is read.
+        let err = Manifest::from_json_reader(It(std::iter::repeat(b' '), 0)).unwrap_err();
+        assert_eq!(
+            err,
+            CoreError::ManifestTooLarge {
+                limit: MAX_METADATA_JSON,
+                chunk_count: None
+            }
+        );
+        // A future version stops the read at once, whatever follows.
+        let future = b"{\"format_version\":9,\"x\":\""
+            .iter()
+            .copied()
+            .chain(std::iter::repeat(b'y'));
+        assert!(matches!(
+            Manifest::from_json_reader(It(future, 0)),
+            Err(CoreError::UnsupportedManifestVersion { found: 9, .. })
+        ));
+        // A zero chunk size is refused before it can divide anything.
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["chunk_size"] = 0.into();
+        assert!(matches!(
+            Manifest::from_json_reader(&serde_json::to_vec(&v).unwrap()[..]),
+            Err(CoreError::ManifestInvalid { .. })
+        ));
+        // Garbage after the document is still refused.
+        let mut trailing = json.clone();
+        trailing.extend_from_slice(b" x");
+        assert!(matches!(
+            Manifest::from_json_reader(&trailing[..]),
+            Err(CoreError::ManifestDecode { .. })
+        ));
+        // The writer refuses what a reader would refuse.
+        let mut big = sample();
+        big.labels
+            .insert("k".into(), "v".repeat(MAX_METADATA_JSON as usize));
+        assert!(matches!(
+            big.to_json(),
+            Err(CoreError::ManifestInvalid { .. })
+        ));
     }
 
     #[test]

@@ -19,6 +19,13 @@
 //! The trailer crc catches damage to the stored bytes before decompression; the raw crc32c and
 //! the hash catch anything else (a decompression bug, a misnamed object). Data that does not
 //! shrink under zstd is stored raw, so a stored chunk is at most raw length + 52 bytes.
+//!
+//! # Bounds
+//! Decoding trusts nothing in the object. The raw length in the header is at most
+//! [`MAX_RAW_LEN`] (the largest chunk size); a raw payload must be exactly that long; a zstd
+//! payload must declare that content size if it declares one, and is decompressed into a
+//! buffer of exactly the raw length, so a frame that would produce more fails instead of
+//! growing memory. Objects are read with [`max_object_len`] as the limit.
 
 use std::sync::Mutex;
 
@@ -35,6 +42,17 @@ pub const HEADER_LEN: usize = 48;
 pub const TRAILER_LEN: usize = 4;
 /// Total framing overhead per chunk object.
 pub const OVERHEAD: usize = HEADER_LEN + TRAILER_LEN;
+
+/// Largest raw length a chunk can have (the largest chunk size).
+pub const MAX_RAW_LEN: u64 = cbt_core::ranges::MAX_CHUNK_SIZE;
+
+// Manifests accept stored sizes up to raw length + MAX_CHUNK_FRAMING; ours must fit.
+const _: () = assert!(OVERHEAD as u64 <= cbt_core::manifest::MAX_CHUNK_FRAMING);
+
+/// Largest object a chunk of `raw_len` raw bytes can be stored as (raw codec plus framing).
+pub fn max_object_len(raw_len: u64) -> u64 {
+    raw_len.saturating_add(OVERHEAD as u64)
+}
 
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
@@ -91,6 +109,14 @@ pub enum ChunkDecodeError {
         expected: String,
         /// Hash of the decoded bytes (hex).
         computed: String,
+    },
+    /// The header claims more raw bytes than any chunk can have.
+    #[error("header claims {raw_len} raw bytes, more than the largest chunk ({max})")]
+    RawTooLarge {
+        /// Claimed raw length.
+        raw_len: u64,
+        /// Largest chunk size.
+        max: u64,
     },
     /// Header fields disagree with the manifest's reference.
     #[error("header disagrees with the manifest: {0}")]
@@ -254,26 +280,40 @@ pub fn decode_into_slice(
         });
     }
     let h = check_against(body, expected)?;
+    decode_exact(body, &h, out)?;
+    verify_raw(out, &h)
+}
+
+/// Decodes the payload into `out`, which is exactly the header's raw length: a raw payload
+/// must be that long, a zstd frame must declare (if it declares) and produce exactly that
+/// many bytes; it can never write past `out`.
+fn decode_exact(body: &[u8], h: &Header, out: &mut [u8]) -> Result<(), ChunkDecodeError> {
     let payload = &body[HEADER_LEN..body.len() - TRAILER_LEN];
+    let short = |message: String| ChunkDecodeError::Decompress {
+        raw_len: h.raw_len,
+        message,
+    };
     let n = match h.codec {
         CODEC_RAW if payload.len() == out.len() => {
             out.copy_from_slice(payload);
             out.len()
         }
         CODEC_RAW => payload.len(),
-        CODEC_ZSTD => decompress(payload, out).map_err(|e| ChunkDecodeError::Decompress {
-            raw_len: h.raw_len,
-            message: e.to_string(),
-        })?,
+        CODEC_ZSTD => {
+            // A frame that announces another size is refused before any work is done.
+            if let Ok(Some(declared)) = zstd::zstd_safe::get_frame_content_size(payload)
+                && declared != h.raw_len
+            {
+                return Err(short(format!("frame declares {declared} bytes")));
+            }
+            decompress(payload, out).map_err(|e| short(e.to_string()))?
+        }
         other => return Err(ChunkDecodeError::Codec(other)),
     };
     if n != out.len() {
-        return Err(ChunkDecodeError::Decompress {
-            raw_len: h.raw_len,
-            message: format!("got {n} bytes"),
-        });
+        return Err(short(format!("got {n} bytes")));
     }
-    verify_raw(out, &h)
+    Ok(())
 }
 
 /// Checks the object's size and framing, and that its header agrees with `expected`.
@@ -344,9 +384,23 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
     }
     let mut hash = [0u8; 32];
     hash.copy_from_slice(&body[16..48]);
+    let raw_len = u64::from(le32(&body[8..12]));
+    if raw_len > MAX_RAW_LEN {
+        return Err(ChunkDecodeError::RawTooLarge {
+            raw_len,
+            max: MAX_RAW_LEN,
+        });
+    }
+    // Neither codec ever stores more than the raw bytes plus framing.
+    if body.len() as u64 > max_object_len(raw_len) {
+        return Err(ChunkDecodeError::Size {
+            expected: max_object_len(raw_len),
+            actual: body.len() as u64,
+        });
+    }
     Ok(Header {
         codec: body[5],
-        raw_len: u64::from(le32(&body[8..12])),
+        raw_len,
         raw_crc: le32(&body[12..16]),
         hash: ChunkHash(hash),
     })
@@ -354,24 +408,35 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
 
 fn decode_payload(body: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), ChunkDecodeError> {
     let payload = &body[HEADER_LEN..body.len() - TRAILER_LEN];
-    out.clear();
+    let short = |message: String| ChunkDecodeError::Decompress {
+        raw_len: h.raw_len,
+        message,
+    };
+    // Everything that can be refused without the output buffer is refused before it is
+    // allocated: a few forged header bytes must not cost a 64 MiB buffer.
     match h.codec {
-        CODEC_RAW => out.extend_from_slice(payload),
-        CODEC_ZSTD => {
-            out.reserve(h.raw_len as usize);
-            decompress(payload, out).map_err(|e| ChunkDecodeError::Decompress {
-                raw_len: h.raw_len,
-                message: e.to_string(),
-            })?;
+        CODEC_RAW if payload.len() as u64 != h.raw_len => {
+            return Err(short(format!("got {} bytes", payload.len())));
         }
+        CODEC_ZSTD => match zstd::zstd_safe::get_frame_content_size(payload) {
+            Ok(Some(declared)) if declared != h.raw_len => {
+                return Err(short(format!("frame declares {declared} bytes")));
+            }
+            Err(_) => return Err(short("not a zstd frame".into())),
+            _ => {}
+        },
+        CODEC_RAW => {}
         other => return Err(ChunkDecodeError::Codec(other)),
     }
-    if out.len() as u64 != h.raw_len {
-        return Err(ChunkDecodeError::Decompress {
-            raw_len: h.raw_len,
-            message: format!("got {} bytes", out.len()),
-        });
+    out.clear();
+    // Exactly the raw length (at most MAX_RAW_LEN, checked with the header), whatever
+    // capacity a reused buffer has: the decoder cannot produce more than this.
+    out.resize(h.raw_len as usize, 0);
+    let decoded = decode_exact(body, h, out);
+    if decoded.is_err() {
+        out.clear();
     }
+    decoded?;
     verify_raw(out, h)
 }
 
@@ -467,6 +532,64 @@ mod tests {
             decode_standalone(&future, &mut out),
             Err(ChunkDecodeError::Version(9))
         );
+    }
+
+    /// Re-frames `payload` as a chunk object with a valid trailer (what an attacker with write
+    /// access to the store can do), so the checks past the trailer crc are reached.
+    fn forge(codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut body = vec![0u8; HEADER_LEN];
+        body[0..4].copy_from_slice(&CHUNK_MAGIC);
+        body[4] = CHUNK_FORMAT_VERSION;
+        body[5] = codec;
+        body[8..12].copy_from_slice(&raw_len.to_le_bytes());
+        body.extend_from_slice(payload);
+        let crc = crc32c::crc32c(&body);
+        body.extend_from_slice(&crc.to_le_bytes());
+        body
+    }
+
+    #[test]
+    fn bombs_and_lies_are_refused_at_bounded_memory() {
+        let mut out = Vec::new();
+        // 64 MiB + 1 of zeros claimed by a header: refused before anything is allocated.
+        let huge = forge(CODEC_ZSTD, (MAX_RAW_LEN + 1) as u32, &[0; 16]);
+        assert!(matches!(
+            decode_standalone(&huge, &mut out),
+            Err(ChunkDecodeError::RawTooLarge { .. })
+        ));
+        assert_eq!(out.capacity(), 0);
+        // A frame of 16 MiB of zeros (a few hundred bytes) under a header claiming 4 KiB.
+        let bomb = zstd::bulk::compress(&vec![0u8; 16 << 20], 19).unwrap();
+        assert!(bomb.len() < 4096);
+        let framed = forge(CODEC_ZSTD, 4096, &bomb);
+        assert!(matches!(
+            decode_standalone(&framed, &mut out),
+            Err(ChunkDecodeError::Decompress { .. })
+        ));
+        assert!(out.capacity() < 1 << 20, "{}", out.capacity());
+        // The same without a declared content size: the decoder stops at 4 KiB.
+        let mut c = zstd::stream::Encoder::new(Vec::new(), 19).unwrap();
+        c.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut c, &vec![0u8; 16 << 20]).unwrap();
+        let undeclared = forge(CODEC_ZSTD, 4096, &c.finish().unwrap());
+        assert!(matches!(
+            decode_standalone(&undeclared, &mut out),
+            Err(ChunkDecodeError::Decompress { .. })
+        ));
+        let mut exact = vec![0u8; 4096];
+        let r = ChunkRef {
+            hash: ChunkHash([0; 32]),
+            stored_size: undeclared.len() as u64,
+            crc32c: 0,
+            raw_len: 4096,
+        };
+        assert!(decode_into_slice(&undeclared, &r, &mut exact).is_err());
+        // A raw payload longer than its header says, and an object larger than any encoding.
+        assert!(decode_standalone(&forge(CODEC_RAW, 10, &[1; 11]), &mut out).is_err());
+        assert!(matches!(
+            decode_standalone(&forge(CODEC_RAW, 10, &[1; 200]), &mut out),
+            Err(ChunkDecodeError::Size { .. })
+        ));
     }
 
     #[test]

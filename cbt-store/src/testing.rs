@@ -113,16 +113,134 @@ async fn answer_with_error(
     socket.shutdown().await
 }
 
+/// An S3 server that ignores `If-None-Match` on writes, as some S3-compatible servers do:
+/// forwards to s3s-fs with the condition removed.
+struct IgnoresConditionalWrites(s3s_fs::FileSystem);
+
+#[async_trait::async_trait]
+impl s3s::S3 for IgnoresConditionalWrites {
+    async fn put_object(
+        &self,
+        mut req: s3s::S3Request<s3s::dto::PutObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::PutObjectOutput>> {
+        req.input.if_none_match = None;
+        self.0.put_object(req).await
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        mut req: s3s::S3Request<s3s::dto::CompleteMultipartUploadInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CompleteMultipartUploadOutput>> {
+        req.input.if_none_match = None;
+        self.0.complete_multipart_upload(req).await
+    }
+
+    // Everything else unchanged.
+    async fn create_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::CreateBucketInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CreateBucketOutput>> {
+        self.0.create_bucket(req).await
+    }
+
+    async fn delete_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::DeleteObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteObjectOutput>> {
+        self.0.delete_object(req).await
+    }
+
+    async fn delete_objects(
+        &self,
+        req: s3s::S3Request<s3s::dto::DeleteObjectsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteObjectsOutput>> {
+        self.0.delete_objects(req).await
+    }
+
+    async fn get_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::GetObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
+        self.0.get_object(req).await
+    }
+
+    async fn head_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadBucketInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadBucketOutput>> {
+        self.0.head_bucket(req).await
+    }
+
+    async fn head_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
+        self.0.head_object(req).await
+    }
+
+    async fn list_objects(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListObjectsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsOutput>> {
+        self.0.list_objects(req).await
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListObjectsV2Input>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsV2Output>> {
+        self.0.list_objects_v2(req).await
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: s3s::S3Request<s3s::dto::CreateMultipartUploadInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CreateMultipartUploadOutput>> {
+        self.0.create_multipart_upload(req).await
+    }
+
+    async fn upload_part(
+        &self,
+        req: s3s::S3Request<s3s::dto::UploadPartInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::UploadPartOutput>> {
+        self.0.upload_part(req).await
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: s3s::S3Request<s3s::dto::AbortMultipartUploadInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::AbortMultipartUploadOutput>> {
+        self.0.abort_multipart_upload(req).await
+    }
+}
+
 impl S3TestServer {
     /// Starts the server on the current tokio runtime.
     ///
     /// # Errors
     /// If the temp dir or the listening socket cannot be created.
     pub async fn start() -> std::io::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Starts a server that ignores `If-None-Match: *` (it overwrites existing objects on a
+    /// conditional write), like some S3-compatible servers: for tests of what cbt does there.
+    ///
+    /// # Errors
+    /// If the temp dir or the listening socket cannot be created.
+    pub async fn start_ignoring_conditional_writes() -> std::io::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(ignore_conditional_writes: bool) -> std::io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("cbt-s3-").tempdir()?;
         let fs = s3s_fs::FileSystem::new(dir.path())
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        let mut builder = S3ServiceBuilder::new(fs);
+        let mut builder = if ignore_conditional_writes {
+            S3ServiceBuilder::new(IgnoresConditionalWrites(fs))
+        } else {
+            S3ServiceBuilder::new(fs)
+        };
         builder.set_auth(SimpleAuth::from_single(TEST_ACCESS_KEY, TEST_SECRET_KEY));
         let service = builder.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

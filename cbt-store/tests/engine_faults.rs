@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cbt_store::engine::{self, EngineOptions, FileSource, RestoreOptions};
-use cbt_store::repo::{ErrorClass, RepoError, Repository};
+use cbt_store::repo::{ErrorClass, GcOptions, RepoError, Repository};
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
 use cbt_store::store::{ObjectStore, Op, RetryPolicy, RetryingStore, list_all};
 use engine_support::*;
@@ -198,7 +198,14 @@ async fn transient_store_errors_are_retried_by_the_retrying_store() {
     .await
     .unwrap();
     assert!(std::fs::read(&target).unwrap() == img);
-    let gc = repo.gc(cbt_core::Timestamp(5), false).await.unwrap();
+    let gc = repo
+        .gc(&GcOptions {
+            now: cbt_core::Timestamp(5),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap();
     assert_eq!(gc.deleted_chunks, 0);
     assert!(faulty.injected() >= 4, "faults were injected");
 }
@@ -254,7 +261,13 @@ async fn a_lost_lock_write_does_not_leave_a_stale_lock() {
                 .await
                 .unwrap_err();
         } else {
-            repo.gc(cbt_core::Timestamp(1), false).await.unwrap_err();
+            repo.gc(&GcOptions {
+                now: cbt_core::Timestamp(1),
+                dry_run: false,
+                grace: std::time::Duration::ZERO,
+            })
+            .await
+            .unwrap_err();
         }
         assert!(repo.list_locks().await.unwrap().is_empty(), "{key}");
     }
@@ -262,5 +275,11 @@ async fn a_lost_lock_write_does_not_leave_a_stale_lock() {
     backup_file(&repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    repo.gc(cbt_core::Timestamp(2), false).await.unwrap();
+    repo.gc(&GcOptions {
+        now: cbt_core::Timestamp(2),
+        dry_run: false,
+        grace: std::time::Duration::ZERO,
+    })
+    .await
+    .unwrap();
 }

@@ -121,6 +121,7 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
             now: Timestamp::from_unix_secs(100),
             volume: None,
             dry_run: false,
+            gc_grace: std::time::Duration::ZERO,
         })
         .await
         .unwrap();
@@ -442,8 +443,9 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     .unwrap();
     assert_eq!(
         counting.calls(Op::Get),
-        3,
-        "the manifest, the lock's check for an exclusive holder and one chunk download"
+        4,
+        "the manifest, the lock's check for an exclusive holder, one chunk download and the \
+         lock read back before it is released (only our own lock is deleted)"
     );
     assert_eq!(r.chunks, 8);
     assert_eq!(r.bytes_written, 8 * CS);

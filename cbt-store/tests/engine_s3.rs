@@ -76,6 +76,7 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
             now: Timestamp::from_unix_secs(10),
             volume: Some(vol("pvc")),
             dry_run: false,
+            gc_grace: std::time::Duration::ZERO,
         })
         .await
         .unwrap();

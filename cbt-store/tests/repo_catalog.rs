@@ -6,7 +6,7 @@ mod engine_support;
 use cbt_core::Timestamp;
 use cbt_core::gc::RetentionPolicy;
 use cbt_store::engine::{self, BackupMode, RestoreOptions};
-use cbt_store::repo::{PruneOptions, RepoError, VerifyOptions};
+use cbt_store::repo::{GcOptions, PruneOptions, RepoError, VerifyOptions};
 use engine_support::*;
 
 #[tokio::test]
@@ -130,6 +130,7 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
             now: Timestamp::from_unix_secs(300),
             volume: None,
             dry_run: true,
+            gc_grace: std::time::Duration::ZERO,
         })
         .await
         .unwrap();
@@ -152,7 +153,11 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
         .unwrap_err();
     assert!(matches!(err, RepoError::SnapshotNotFound { .. }));
     fx.repo
-        .gc(Timestamp::from_unix_secs(301), false)
+        .gc(&GcOptions {
+            now: Timestamp::from_unix_secs(301),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
         .await
         .unwrap();
     let out = fx.path("tue.img");

@@ -11,7 +11,8 @@ use cbt_core::{ChunkState, CoreError, Manifest, Timestamp};
 use cbt_store::chunk::{self, ChunkDecodeError};
 use cbt_store::engine::{self, BackupOutcome, RestoreOptions};
 use cbt_store::repo::{
-    ErrorClass, ProblemKind, RepoError, Repository, VerifyOptions, manifest_key,
+    BreakMode, ErrorClass, GcOptions, HolderState, ProblemKind, RepoError, Repository,
+    VerifyOptions, manifest_key,
 };
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
 use cbt_store::store::{ObjectStore, Op, PutMode};
@@ -250,7 +251,15 @@ async fn future_formats_are_typed_errors_not_misreads() {
         ProblemKind::ManifestUnreadable { .. }
     ));
     // GC must not guess what an unreadable manifest references.
-    let err = fx.repo.gc(Timestamp(0), false).await.unwrap_err();
+    let err = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(0),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Unsupported);
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
 
@@ -387,7 +396,15 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
         .unwrap();
     let stale_id = stale.info().id.clone();
     std::mem::forget(stale);
-    let err = fx.repo.gc(Timestamp(6), false).await.unwrap_err();
+    let err = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(6),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap_err();
     assert!(matches!(err, RepoError::Locked { .. }));
     assert_eq!(err.class(), ErrorClass::Conflict);
     let locks = fx.repo.list_locks().await.unwrap();
@@ -398,10 +415,44 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
     );
     assert_eq!(locks[0].purpose, "backup v/crashed");
 
+    // Its holder (this very process) is alive: breaking needs force.
+    let refused = fx
+        .repo
+        .break_lock(&stale_id, BreakMode::IfHolderGone)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        refused,
+        RepoError::LockInUse {
+            state: HolderState::AliveHere,
+            ..
+        }
+    ));
+    assert_eq!(refused.class(), ErrorClass::Conflict);
     // Explicitly breaking it lets GC run.
-    assert!(fx.repo.break_lock(&stale_id).await.unwrap());
-    assert!(!fx.repo.break_lock(&stale_id).await.unwrap());
-    let gc = fx.repo.gc(Timestamp(7), false).await.unwrap();
+    assert!(
+        fx.repo
+            .break_lock(&stale_id, BreakMode::Force)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        fx.repo
+            .break_lock(&stale_id, BreakMode::Force)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let gc = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(7),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap();
     assert_eq!(gc.deleted_chunks, 0);
     assert_eq!(
         gc.kept_chunks,
@@ -425,7 +476,15 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
     // Orphans of a killed backup are collected; referenced chunks never are.
     let orphan = chunk::encode(&noise(77, 5000), 1);
     fx.repo.put_chunk(orphan.clone()).await.unwrap();
-    let dry = fx.repo.gc(Timestamp(10), true).await.unwrap();
+    let dry = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(10),
+            dry_run: true,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap();
     assert_eq!((dry.deleted_chunks, dry.dry_run), (1, true));
     assert!(
         fx.store
@@ -434,7 +493,15 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
             .unwrap()
             .is_some()
     );
-    let real = fx.repo.gc(Timestamp(10), false).await.unwrap();
+    let real = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(10),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap();
     assert_eq!(real.deleted_chunks, 1);
     assert!(
         fx.store

@@ -205,3 +205,102 @@ async fn object_and_prefix_clash_is_a_clear_error_and_reads_see_no_object() {
     assert_eq!(store.get("d/e").await.unwrap(), Bytes::from_static(b"y"));
     assert_eq!(store.get("a").await.unwrap(), Bytes::from_static(b"x"));
 }
+
+/// Symbolic links planted inside the repository are never followed: writes and deletes through
+/// a linked directory, the staging directory or a linked object fail with `UnsafePath` and
+/// leave the link's target untouched; a delete of a linked key removes only the link.
+#[tokio::test]
+async fn symlinks_inside_the_root_are_never_followed() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("victim"), b"precious").unwrap();
+    let store = LocalStore::new(dir.path().join("repo")).unwrap();
+    let root = store.root().to_path_buf();
+
+    // A directory on the way is a link to a directory outside the root.
+    std::fs::create_dir(root.join("chunks")).unwrap();
+    symlink(&outside, root.join("chunks/ab")).unwrap();
+    let unsafe_path = |r: Result<_, StoreError>| matches!(r, Err(StoreError::UnsafePath { .. }));
+    assert!(unsafe_path(
+        store
+            .put("chunks/ab/victim", body(1, 10), PutMode::Overwrite)
+            .await
+            .map(|_| ())
+    ));
+    assert!(unsafe_path(
+        store
+            .put("chunks/ab/new", body(1, 10), PutMode::IfAbsent)
+            .await
+            .map(|_| ())
+    ));
+    assert!(unsafe_path(store.delete("chunks/ab/victim").await));
+    assert!(unsafe_path(store.get("chunks/ab/victim").await.map(|_| ())));
+    assert!(unsafe_path(
+        store.head("chunks/ab/victim").await.map(|_| ())
+    ));
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"precious");
+    assert!(!outside.join("new").exists());
+    // Listings skip the link instead of descending into it.
+    let listed = cbt_store::store::list_all(&store, "chunks/").await.unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+
+    // An object that is a link to a file outside: not read, not overwritten; deleting the key
+    // removes the link only.
+    std::fs::create_dir(root.join("snapshots")).unwrap();
+    symlink(outside.join("victim"), root.join("snapshots/m")).unwrap();
+    assert!(unsafe_path(store.get("snapshots/m").await.map(|_| ())));
+    assert!(unsafe_path(
+        store
+            .put("snapshots/m", body(2, 10), PutMode::Overwrite)
+            .await
+            .map(|_| ())
+    ));
+    store.delete("snapshots/m").await.unwrap();
+    assert!(std::fs::symlink_metadata(root.join("snapshots/m")).is_err());
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"precious");
+
+    // The staging directory replaced by a link: writes refuse to stage outside, and the
+    // stale-staging sweep refuses to delete there.
+    std::fs::remove_dir_all(root.join(".cbt-tmp")).unwrap();
+    symlink(&outside, root.join(".cbt-tmp")).unwrap();
+    assert!(unsafe_path(
+        store
+            .put("x", body(3, 10), PutMode::Overwrite)
+            .await
+            .map(|_| ())
+    ));
+    assert!(matches!(
+        store.remove_stale_staging(Duration::ZERO),
+        Err(StoreError::UnsafePath { .. })
+    ));
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"precious");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+}
+
+/// A bounded read refuses an object larger than its limit from the file size, before reading
+/// it; a key linked to a device (`/dev/zero` reads forever) is refused, not streamed.
+#[tokio::test]
+async fn bounded_reads_refuse_large_objects_before_reading_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = LocalStore::new(dir.path()).unwrap();
+    store
+        .put("locks/exclusive", body(5, 1 << 20), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.get_bounded("locks/exclusive", 64 * 1024).await,
+        Err(StoreError::TooLarge {
+            size: Some(1_048_576),
+            limit: 65_536,
+            ..
+        })
+    ));
+    std::fs::create_dir_all(dir.path().join("dev")).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.path().join("dev/zero")).unwrap();
+    assert!(matches!(
+        store.get_bounded("dev/zero", 10).await,
+        Err(StoreError::UnsafePath { .. })
+    ));
+}

@@ -3,8 +3,9 @@
 use std::fmt::Write as _;
 
 use cbt_core::gc::RetentionPolicy;
+use cbt_core::text::Escaped;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
-use cbt_store::repo::{PruneOptions, SnapshotSummary, VerifyOptions};
+use cbt_store::repo::{BreakMode, PruneOptions, RepoError, SnapshotSummary, VerifyOptions};
 use clap::{ArgGroup, Args, Subcommand};
 
 use super::parse;
@@ -179,8 +180,9 @@ pub async fn show(ctx: &Ctx, args: ShowArgs) -> Result<(), CliError> {
             s.stored_chunks
         );
         let _ = writeln!(t, "stored:        {}", bytes(s.referenced_stored_bytes));
+        // Labels are free text from the repository: escaped, like everything it wrote.
         for (k, v) in &s.labels {
-            let _ = writeln!(t, "label:         {k}={v}");
+            let _ = writeln!(t, "label:         {}={}", Escaped(k), Escaped(v));
         }
         let st = &s.stats;
         let _ = write!(
@@ -236,6 +238,11 @@ pub struct PruneArgs {
     /// Show what would be deleted without deleting anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// Keep unreferenced data written within this long (e.g. 24h, 2d; 0s deletes all of
+    /// it): protects backups prune cannot see (a broken lock). Keep it well above the
+    /// longest backup.
+    #[arg(long, value_parser = parse::duration, value_name = "DURATION", default_value = "24h")]
+    pub gc_grace: std::time::Duration,
 }
 
 /// Runs `cbt prune`.
@@ -251,6 +258,7 @@ pub async fn prune(ctx: &Ctx, args: PruneArgs) -> Result<(), CliError> {
             now: now(),
             volume,
             dry_run: args.dry_run,
+            gc_grace: args.gc_grace,
         })
         .await?;
     ctx.out.emit(&report, || {
@@ -276,6 +284,14 @@ pub async fn prune(ctx: &Ctx, args: PruneArgs) -> Result<(), CliError> {
             bytes(report.gc.reclaimed_bytes),
             report.gc.kept_chunks
         );
+        if report.gc.recent_chunks > 0 {
+            let _ = write!(
+                s,
+                "\n{} unreferenced chunk(s) ({}) are younger than the grace period and stay",
+                report.gc.recent_chunks,
+                bytes(report.gc.recent_bytes)
+            );
+        }
         if !report.gc.missing_chunks.is_empty() {
             let _ = write!(
                 s,
@@ -296,7 +312,7 @@ pub async fn status(ctx: &Ctx) -> Result<(), CliError> {
         let mut s = format!(
             "repository {} (chunk size {})\n{} snapshot(s), {} logical, {} stored in {} chunk(s), \
              ratio {:.2}",
-            repo.config().id,
+            Escaped(&repo.config().id),
             bytes(repo.config().chunk_size),
             st.snapshots.len(),
             bytes(st.logical_bytes),
@@ -332,10 +348,15 @@ pub async fn status(ctx: &Ctx) -> Result<(), CliError> {
 pub enum LockCommand {
     /// List the locks held on the repository.
     List,
-    /// Remove a lock left by a process that died (check `cbt lock list` first).
+    /// Remove a lock left by a process that died. Refuses while the holder is alive on this
+    /// host, or when that cannot be told (another host), unless --force.
     Break {
         /// Id of the lock to remove.
         id: String,
+        /// Break it even if its holder may still be running: that backup then fails before
+        /// committing, and a prune it was protecting against may delete data it uses.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -354,10 +375,10 @@ pub async fn lock(ctx: &Ctx, cmd: LockCommand) -> Result<(), CliError> {
                     .map(|l| {
                         format!(
                             "{} {:?} {} on {} pid {} since {}",
-                            l.id,
+                            Escaped(&l.id),
                             l.kind,
-                            l.purpose,
-                            l.host,
+                            Escaped(&l.purpose),
+                            Escaped(&l.host),
                             l.pid,
                             l.created.to_rfc3339()
                         )
@@ -367,16 +388,46 @@ pub async fn lock(ctx: &Ctx, cmd: LockCommand) -> Result<(), CliError> {
             });
             Ok(())
         }
-        LockCommand::Break { id } => {
-            if repo.break_lock(&id).await? {
-                ctx.out.emit(&serde_json::json!({"broken": id}), || {
-                    format!("removed lock {id}")
-                });
-                Ok(())
+        LockCommand::Break { id, force } => {
+            let mode = if force {
+                BreakMode::Force
             } else {
-                Err(CliError::usage(format!("no lock with id `{id}`"))
-                    .with_hint("see `cbt lock list`"))
+                BreakMode::IfHolderGone
+            };
+            match repo.break_lock(&id, mode).await {
+                Ok(Some(info)) => {
+                    if force && info.holder_gone_here() != Some(true) {
+                        eprintln!(
+                            "warning: broke {} although its holder may still be running; if it \
+                             is, its backup will fail before committing, or its prune may have \
+                             deleted data: run `cbt verify` once it has finished",
+                            info.describe()
+                        );
+                    }
+                    ctx.out.emit(&serde_json::json!({"broken": id}), || {
+                        format!("removed lock {}", Escaped(&id))
+                    });
+                    Ok(())
+                }
+                Ok(None) => Err(
+                    CliError::usage(format!("no lock with id `{}`", Escaped(&id)))
+                        .with_hint("see `cbt lock list`"),
+                ),
+                Err(e @ RepoError::LockInUse { .. }) => Err(CliError::from(e)
+                    .with_hint("wait for it to finish; if you are sure it is gone, pass --force")),
+                Err(e) => Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prune_grace_default_is_the_library_default() {
+        assert_eq!(
+            super::parse::duration("24h"),
+            Ok(cbt_store::repo::DEFAULT_GC_GRACE)
+        );
     }
 }

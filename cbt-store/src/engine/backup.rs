@@ -11,7 +11,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::{self, EncodedChunk};
-use crate::repo::{RepoError, Repository, Result, random_id};
+use crate::repo::{ChunkAt, RepoError, RepoLock, Repository, Result, random_id};
 
 /// Full or incremental.
 #[derive(Debug, Clone)]
@@ -94,6 +94,9 @@ struct Done {
     raw_len: u64,
     uploaded_bytes: u64,
     deduplicated: bool,
+    /// Deduplicated because the parent has the same chunk at the same index (the parent's
+    /// existence vouches for it) rather than because it was found stored.
+    from_parent: bool,
 }
 
 /// Backs up `source` into `repo` as a new snapshot.
@@ -103,10 +106,14 @@ struct Done {
 /// after every chunk it references is stored. If the run fails or is killed at any point no
 /// snapshot is visible; re-running the same request re-reads the source but uploads only the
 /// chunks that had not landed. A shared repository lock is held throughout, so GC cannot
-/// remove chunks the run relies on.
+/// remove chunks the run relies on; just before committing, the run checks that the lock is
+/// still held (an operator may have broken it), that the parent still exists, and that every
+/// chunk it deduplicated against instead of uploading is still stored, and fails with
+/// [`RepoError::LockLost`] / [`RepoError::ChunkMissing`] instead of committing otherwise.
 ///
 /// # Errors
 /// [`RepoError::SnapshotExists`]; [`RepoError::Locked`] while prune/GC runs;
+/// [`RepoError::LockLost`] if the lock was broken while it ran;
 /// [`RepoError::InvalidRequest`] (parent of another volume, deleted parent, volume larger than
 /// the source); [`RepoError::Core`] for ranges past the end; [`RepoError::SourceIo`]; store
 /// errors with the chunk key.
@@ -198,7 +205,17 @@ pub async fn backup(
     let purpose = format!("backup {}/{}", req.volume, req.snapshot);
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
     let lock = repo.lock_shared(&purpose, now).await?;
-    let result = run_locked(repo, source, req, &opts, plan, bytes_in_ranges, started).await;
+    let result = run_locked(
+        repo,
+        source,
+        req,
+        &opts,
+        plan,
+        bytes_in_ranges,
+        started,
+        &lock,
+    )
+    .await;
     match result {
         Ok(outcome) => {
             // The snapshot is committed: reporting failure now would make a caller retry a
@@ -216,6 +233,7 @@ pub async fn backup(
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one private call site; the pieces are distinct
 async fn run_locked(
     repo: &Repository,
     source: Arc<dyn BlockSource>,
@@ -224,6 +242,7 @@ async fn run_locked(
     plan: BackupPlan,
     bytes_in_ranges: u64,
     started: Instant,
+    lock: &RepoLock,
 ) -> Result<BackupOutcome> {
     // Under the lock no GC can start, so the parent (and every chunk it references) stays
     // as long as it still exists now, with the same id: a parent deleted and re-created under
@@ -252,7 +271,7 @@ async fn run_locked(
         BackupMode::Full { .. } => None,
     };
     let geometry = *plan.geometry();
-    let (read, mut stats, raw_buffers_allocated) =
+    let (read, mut stats, raw_buffers_allocated, found_stored) =
         run_pipeline(repo, source, &plan, parent, opts).await?;
     stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     stats.bytes_in_ranges = bytes_in_ranges;
@@ -281,6 +300,7 @@ async fn run_locked(
             }),
         )?,
     };
+    recheck_before_commit(repo, lock, &manifest, parent, found_stored, opts).await?;
     repo.commit_manifest(&manifest).await?;
     Ok(BackupOutcome {
         read_mb_per_s: mb_per_s(stats.bytes_read, stats.wall_ms),
@@ -288,6 +308,50 @@ async fn run_locked(
         stats: manifest.stats,
         manifest,
     })
+}
+
+/// The last checks before a backup commits, for the case the lock protocol cannot cover: an
+/// operator broke the lock while the backup ran, and a prune deleted data under it.
+///
+/// The lock object must still be ours (nobody recreates a broken lock, so if it is there it
+/// was there all along and no GC can have run); the parent must still exist (its chunks, which
+/// the new manifest inherits, are then still referenced and kept by any GC); and every chunk
+/// this run found already stored instead of uploading must still be stored. Chunks this run
+/// uploaded itself are protected by GC's grace period.
+async fn recheck_before_commit(
+    repo: &Repository,
+    lock: &RepoLock,
+    manifest: &Manifest,
+    parent: Option<&Manifest>,
+    found_stored: HashMap<ChunkHash, ChunkAt>,
+    opts: &EngineOptions,
+) -> Result<()> {
+    let lost = || RepoError::LockLost {
+        purpose: lock.info().purpose.clone(),
+    };
+    if !lock.still_held().await? {
+        return Err(lost());
+    }
+    if let Some(p) = parent
+        && !repo.snapshot_exists(&p.volume, &p.snapshot).await?
+    {
+        return Err(RepoError::InvalidRequest {
+            reason: format!(
+                "parent snapshot {}/{} was deleted while the backup ran; nothing was committed: back up in full",
+                p.volume, p.snapshot
+            ),
+        });
+    }
+    let mut refs: Vec<ChunkAt> = found_stored.into_values().collect();
+    refs.sort_by_key(|r| r.index);
+    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
+    repo.check_chunks_stored(&name, &refs, opts.transfers)
+        .await?;
+    // The checks above took time: the lock must not have gone meanwhile either.
+    if !lock.still_held().await? {
+        return Err(lost());
+    }
+    Ok(())
 }
 
 /// Loads the parent under the backup's lock and checks it is the snapshot the caller meant.
@@ -316,6 +380,9 @@ async fn load_parent(
 struct Folded {
     read: ChunkMap,
     stats: BackupStats,
+    /// Distinct chunks this run found already stored instead of uploading (not those the
+    /// parent vouches for), re-checked before the commit.
+    found_stored: HashMap<ChunkHash, ChunkAt>,
 }
 
 impl Folded {
@@ -328,10 +395,17 @@ impl Folded {
                 stats.bytes_zero += d.raw_len;
                 stats.chunks_zero += 1;
             }
-            ChunkState::Stored(_) => {
+            ChunkState::Stored(chunk) => {
                 if d.deduplicated {
                     stats.bytes_deduplicated += d.raw_len;
                     stats.chunks_deduplicated += 1;
+                    if !d.from_parent {
+                        self.found_stored.entry(chunk.hash).or_insert(ChunkAt {
+                            index: d.index,
+                            offset: self.read.geometry().chunk_offset(d.index),
+                            chunk,
+                        });
+                    }
                 } else {
                     stats.objects_written += 1;
                     stats.bytes_uploaded += d.uploaded_bytes;
@@ -424,7 +498,7 @@ async fn run_pipeline(
     plan: &BackupPlan,
     parent: Option<&Manifest>,
     opts: &EngineOptions,
-) -> Result<(ChunkMap, BackupStats, u64)> {
+) -> Result<(ChunkMap, BackupStats, u64, HashMap<ChunkHash, ChunkAt>)> {
     let pool = BufferPool::default();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
 
@@ -507,6 +581,7 @@ async fn run_pipeline(
                         raw_len: r.len,
                         uploaded_bytes: 0,
                         deduplicated: false,
+                        from_parent: false,
                     },
                     Encoded::Data(r, e) => upload(repo, parent, &known, r, e).await?,
                 };
@@ -528,6 +603,7 @@ async fn run_pipeline(
             Folded {
                 read: ChunkMap::new(*plan.geometry()),
                 stats: BackupStats::default(),
+                found_stored: HashMap::new(),
             },
             |mut acc, done| async move {
                 acc.add(done, compare)?;
@@ -540,7 +616,12 @@ async fn run_pipeline(
             message: format!("reader task failed: {e}"),
         })?;
     }
-    Ok((folded.read, folded.stats, pool.allocated()))
+    Ok((
+        folded.read,
+        folded.stats,
+        pool.allocated(),
+        folded.found_stored,
+    ))
 }
 
 /// Most entries of a backup's table of chunks known to be stored (about 60 bytes each).
@@ -567,6 +648,7 @@ async fn upload(
         Some(size) => Some(size),
         None => known.lock().map_err(|_| poisoned())?.get(&hash).copied(),
     };
+    let from_parent = from_parent.is_some();
     if let Some(stored_size) = known_size {
         let mut chunk = e.chunk;
         chunk.stored_size = stored_size;
@@ -576,6 +658,7 @@ async fn upload(
             raw_len: r.len,
             uploaded_bytes: 0,
             deduplicated: true,
+            from_parent,
         });
     }
     let body_len = e.body.len() as u64;
@@ -593,5 +676,6 @@ async fn upload(
         raw_len: r.len,
         uploaded_bytes: if put.uploaded { body_len } else { 0 },
         deduplicated: !put.uploaded,
+        from_parent: false,
     })
 }

@@ -7,6 +7,15 @@
 //! fifth of direct-write speed on a VM) and leaves the final fsync all the writeback. Pieces
 //! that direct I/O cannot take (an unaligned tail, a file system that refuses `O_DIRECT`) go
 //! through the ordinary descriptor; the final `fsync` covers both.
+//!
+//! # Before the first byte, and after a failure
+//! A restore checks everything it needs before it touches the target: the manifest is
+//! validated (whoever built it), the shared lock is taken when the store allows it, and every
+//! chunk the snapshot references is confirmed stored with its recorded size. Only then is the
+//! target opened for writing. Writes are clamped to the volume: the target refuses any write
+//! that would end past `volume_size`, whatever a manifest says. If an in-place restore fails
+//! after it started writing, the error ([`RepoError::RestoreIncomplete`]) says which byte
+//! ranges hold the snapshot and which hold the device's previous contents or partial writes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -17,12 +26,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cbt_core::plan::{RestorePlan, TargetState};
-use cbt_core::{Manifest, RangeSet, SnapshotName, VolumeName};
+use cbt_core::{ByteRange, Manifest, RangeSet, SnapshotName, VolumeName};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{EngineOptions, Progress, mb_per_s};
-use crate::repo::{ChunkContext, RepoError, Repository, Result, decode_chunk_into_slice};
+use crate::repo::{ChunkAt, ChunkContext, RepoError, Repository, Result, decode_chunk_into_slice};
 
 /// How the target is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -119,6 +128,8 @@ pub async fn restore_manifest(
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     let engine = engine.normalized();
+    // Loaders validate; a caller may have built or edited the manifest in memory.
+    manifest.validate()?;
     let volume_size = manifest.volume_size();
     let tio = |offset: Option<u64>| {
         let path = target.to_path_buf();
@@ -199,6 +210,27 @@ pub async fn restore_manifest(
             None
         }
     };
+    // Every chunk must be there before the first byte is written: a device must not be
+    // half-overwritten for want of data that was missing from the start.
+    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
+    let refs: Vec<ChunkAt> = plan
+        .fetch_groups()
+        .map(|g| ChunkAt {
+            index: g.targets[0].0,
+            offset: g.targets[0].1,
+            chunk: g.chunk,
+        })
+        .collect();
+    let present = repo
+        .check_chunks_stored(&name, &refs, engine.transfers)
+        .await;
+    drop(refs);
+    if let Err(e) = present {
+        if let Some(lock) = lock {
+            let _ = lock.release().await;
+        }
+        return Err(e);
+    }
 
     // A replaced file is written as a new file beside it and renamed over it at the end.
     let write_path = match kind {
@@ -220,8 +252,19 @@ pub async fn restore_manifest(
             .and_then(|f| f.set_len(volume_size).map(|()| f)),
         TargetKind::InPlace => OpenOptions::new().write(true).open(target),
     }
-    .map_err(tio(None))?;
-    let file = Arc::new(Target::new(file));
+    .map_err(tio(None));
+    let file = match file {
+        Ok(f) => Arc::new(Target::new(f, volume_size)),
+        Err(e) => {
+            if let Some(lock) = lock {
+                let _ = lock.release().await;
+            }
+            return Err(e);
+        }
+    };
+    // Byte ranges completely written with the snapshot, for the error of a failed in-place
+    // restore.
+    let restored: Arc<Mutex<RangeSet>> = Arc::default();
 
     // A zeroed (fresh) target already reads as zeros: zero blocks inside chunks stay holes.
     let sparse = state == TargetState::Zeroed;
@@ -233,8 +276,20 @@ pub async fn restore_manifest(
         &write_path,
         sparse,
         &engine,
+        &restored,
     )
     .await;
+    if kind == TargetKind::InPlace
+        && let Err(e) = result
+    {
+        let restored = restored.lock().map(|r| r.clone()).unwrap_or_default();
+        result = Err(RepoError::RestoreIncomplete {
+            path: target.to_path_buf(),
+            volume_size,
+            restored,
+            source: Box::new(e),
+        });
+    }
     if result.is_ok() && kind != TargetKind::InPlace {
         if kind == TargetKind::ReplacedFile {
             result = fs::rename(&write_path, target).map_err(tio(None));
@@ -265,6 +320,7 @@ pub async fn restore_manifest(
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)] // one private call site; the pieces are distinct
 async fn write_all(
     repo: &Repository,
     manifest: &Manifest,
@@ -273,16 +329,26 @@ async fn write_all(
     target: &Path,
     sparse: bool,
     engine: &EngineOptions,
+    restored: &Arc<Mutex<RangeSet>>,
 ) -> Result<()> {
     let path = target.to_path_buf();
+    let mark = |offset: u64, len: u64| {
+        if let (Ok(r), Ok(mut done)) = (ByteRange::new(offset, len), restored.lock()) {
+            done.insert(r);
+        }
+    };
     if !plan.zero_ranges().is_empty() {
         let (f, p, zero) = (file.clone(), path.clone(), plan.zero_ranges().clone());
         let chunk = plan.geometry().chunk_size() as usize;
-        tokio::task::spawn_blocking(move || zero_ranges(&f.file, &p, &zero, chunk))
+        let zeroed = zero.clone();
+        tokio::task::spawn_blocking(move || zero_ranges(&f, &p, &zero, chunk))
             .await
             .map_err(|e| RepoError::Internal {
                 message: format!("zeroing task failed: {e}"),
             })??;
+        for r in &zeroed {
+            mark(r.start(), r.len());
+        }
     }
     let name = format!("{}/{}", manifest.volume, manifest.snapshot);
     // At most `transfers` buffers exist: one per chunk being decoded and written.
@@ -296,6 +362,7 @@ async fn write_all(
         .map(|g| {
             let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
             let progress = progress.clone();
+            let mark = &mark;
             async move {
                 let (index, offset) = g.targets[0];
                 let at = ChunkContext {
@@ -307,7 +374,8 @@ async fn write_all(
                 let downloaded = body.len() as u64;
                 let copies = g.targets.len() as u64;
                 let name2 = name.clone();
-                tokio::task::spawn_blocking(move || {
+                let chunk_len = g.chunk.raw_len;
+                let targets = tokio::task::spawn_blocking(move || {
                     let mut buf = pool
                         .lock()
                         .ok()
@@ -333,18 +401,21 @@ async fn write_all(
                     if let Ok(mut p) = pool.lock() {
                         p.push(buf);
                     }
-                    Ok::<_, RepoError>(())
+                    Ok::<_, RepoError>(g.targets)
                 })
                 .await
                 .map_err(|e| RepoError::Internal {
                     message: format!("restore writer task failed: {e}"),
                 })??;
+                for (_, off) in &targets {
+                    mark(*off, chunk_len);
+                }
                 let snapshot = {
                     let mut p = progress.lock().map_err(|_| RepoError::Internal {
                         message: "progress lock poisoned".into(),
                     })?;
                     p.chunks_done += copies;
-                    p.bytes_done += g.chunk.raw_len * copies;
+                    p.bytes_done += chunk_len * copies;
                     p.bytes_transferred += downloaded;
                     *p
                 };
@@ -409,13 +480,16 @@ impl AlignedBuf {
 
 /// The restore target: the ordinary descriptor (zeroing, unaligned pieces, fsync) and, when
 /// the file system accepts it, a second `O_DIRECT` descriptor on the same file for the bulk.
+/// Every write goes through [`Target::write_at`], which refuses anything ending past `limit`
+/// (the volume size): the last line of defence, whatever a manifest says.
 struct Target {
     file: File,
     direct: Option<File>,
+    limit: u64,
 }
 
 impl Target {
-    fn new(file: File) -> Self {
+    fn new(file: File, limit: u64) -> Self {
         // Reopening through /proc names the same open inode, never whatever the path points
         // at now. Without /proc or O_DIRECT support everything goes through `file`.
         let direct = OpenOptions::new()
@@ -424,11 +498,33 @@ impl Target {
             .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|e| tracing::debug!(error = %e, "restore target refuses O_DIRECT"))
             .ok();
-        Self { file, direct }
+        Self {
+            file,
+            direct,
+            limit,
+        }
+    }
+
+    /// Refuses a write of `len` bytes at `at` unless it lies inside `[0, limit)`.
+    fn check_bounds(&self, at: u64, len: u64) -> Result<(), (u64, io::Error)> {
+        match at.checked_add(len) {
+            Some(end) if end <= self.limit => Ok(()),
+            _ => Err((
+                at,
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "refusing to write {len} bytes at offset {at}: outside the volume [0, {})",
+                        self.limit
+                    ),
+                ),
+            )),
+        }
     }
 
     /// Writes `data` at `at`: the aligned prefix directly when possible, the rest buffered.
     fn write_at(&self, data: &[u8], at: u64) -> Result<(), (u64, io::Error)> {
+        self.check_bounds(at, data.len() as u64)?;
         let whole = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         if let Some(direct) = &self.direct
             && whole > 0
@@ -487,10 +583,18 @@ fn write_chunk(
 
 /// Makes `ranges` read as zeros: punch holes where the file system or device supports it,
 /// otherwise write zeros in pieces of at most `piece` bytes.
-fn zero_ranges(file: &File, path: &Path, ranges: &RangeSet, piece: usize) -> Result<()> {
+fn zero_ranges(target: &Target, path: &Path, ranges: &RangeSet, piece: usize) -> Result<()> {
     use rustix::fs::{FallocateFlags, fallocate};
+    let file = &target.file;
     let mut zeros: Vec<u8> = Vec::new();
     for r in ranges {
+        target
+            .check_bounds(r.start(), r.len())
+            .map_err(|(at, source)| RepoError::TargetIo {
+                path: path.to_path_buf(),
+                offset: Some(at),
+                source,
+            })?;
         let punched = fallocate(
             file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -542,7 +646,7 @@ mod tests {
                 .create_new(true)
                 .open(&path)
                 .unwrap();
-            let mut t = Target::new(file);
+            let mut t = Target::new(file, 32 * DIRECT_ALIGN as u64);
             if !with_direct {
                 t.direct = None;
             }

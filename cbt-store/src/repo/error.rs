@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 
-use cbt_core::CoreError;
+use cbt_core::{CoreError, RangeSet};
 
 use crate::chunk::ChunkDecodeError;
+use crate::repo::lock::HolderState;
 use crate::store::{ErrorKind as StoreKind, StoreError};
 
 /// What a caller (or the CLI's exit code) should do about a [`RepoError`].
@@ -126,6 +127,46 @@ pub enum RepoError {
         /// Descriptions of the conflicting locks.
         holders: Vec<String>,
     },
+    /// `break_lock` refused: the holder is alive on this host, or its state cannot be told.
+    #[error("{}", match state {
+        HolderState::AliveHere => format!("refusing to break lock {id}: its holder is still running on this host ({holder}); breaking it would let prune delete data it is using"),
+        HolderState::Unknown => format!("refusing to break lock {id}: cannot tell whether its holder is still running ({holder}); check that host first"),
+    })]
+    LockInUse {
+        /// The lock's id.
+        id: String,
+        /// Who holds it (escaped for printing).
+        holder: String,
+        /// What is known about the holder.
+        state: HolderState,
+    },
+    /// A backup's lock disappeared before it committed (broken by an operator): GC may have
+    /// removed data it relies on, so nothing was committed.
+    #[error(
+        "the lock of {purpose} was broken while it ran; nothing was committed (GC may have removed data it relied on): run it again"
+    )]
+    LockLost {
+        /// What the lock protected.
+        purpose: String,
+    },
+    /// A restore into an existing device or file failed after writing to it.
+    #[error(
+        "restore to {path} failed after writing to it: {source}; {} of {volume_size} bytes hold the snapshot ({}), the rest ({}) holds the target's previous contents or partly written chunks",
+        restored.total_bytes(),
+        short_ranges(restored),
+        short_ranges(&RangeSet::full(*volume_size).subtract(restored))
+    )]
+    RestoreIncomplete {
+        /// Target path.
+        path: PathBuf,
+        /// Size of the snapshot's volume.
+        volume_size: u64,
+        /// Byte ranges that were completely written with the snapshot's contents.
+        restored: RangeSet,
+        /// What failed.
+        #[source]
+        source: Box<RepoError>,
+    },
     /// Reading the backup source failed.
     #[error("reading {path} at offset {offset} ({len} bytes): {source}")]
     SourceIo {
@@ -227,7 +268,10 @@ impl RepoError {
             RepoError::ManifestFraming { .. }
             | RepoError::ChunkMissing { .. }
             | RepoError::ChunkCorrupt { .. } => ErrorClass::Integrity,
+            RepoError::RestoreIncomplete { source, .. } => source.class(),
             RepoError::Locked { .. }
+            | RepoError::LockInUse { .. }
+            | RepoError::LockLost { .. }
             | RepoError::SnapshotExists { .. }
             | RepoError::AlreadyInitialized { .. } => ErrorClass::Conflict,
             RepoError::SourceIo { source, .. } | RepoError::TargetIo { source, .. } => {
@@ -266,6 +310,19 @@ fn io_class(e: &std::io::Error) -> ErrorClass {
         | K::FileTooLarge => ErrorClass::Usage,
         _ => ErrorClass::Transient,
     }
+}
+
+/// At most a few ranges of a set, for messages (`[0, 4096), [8192, 12288), … (17 ranges)`).
+fn short_ranges(set: &RangeSet) -> String {
+    const SHOWN: usize = 4;
+    if set.is_empty() {
+        return "none".into();
+    }
+    let mut s: Vec<String> = set.iter().take(SHOWN).map(ToString::to_string).collect();
+    if set.len() > SHOWN {
+        s.push(format!("… ({} ranges)", set.len()));
+    }
+    s.join(", ")
 }
 
 /// Result alias for repository and engine operations.

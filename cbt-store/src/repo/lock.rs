@@ -17,12 +17,24 @@
 //! an operator removes it with [`Repository::break_lock`] (`cbt lock break <id>`).
 //! Expiry by age would let a slow-but-alive backup lose its protection, which is worse than a
 //! manual step. [`LockInfo::holder_gone_here`] tells whether a holder ran on this host and is
-//! gone, which is what an operator (or the CLI) needs to know before breaking a lock.
+//! gone; `break_lock` breaks only such a lock unless forced ([`BreakMode::Force`]), because
+//! breaking a live holder's lock exposes its work to GC.
+//!
+//! Breaking is never silently fatal for the holder: a backup re-checks before it commits that
+//! its lock object still exists ([`RepoLock::still_held`]) and fails instead of committing,
+//! and GC's grace period keeps the chunks such a backup uploaded meanwhile.
+//!
+//! Releasing (or dropping) a lock, and breaking one, delete a lock object only after reading
+//! it back and finding the expected id: a lock that was broken and then taken by another
+//! process (`locks/exclusive` is one key for every holder) is left alone. The object stores
+//! offer no conditional delete, so a replacement in the instant between that read and the
+//! delete is not excluded; it would need a lock broken by hand at that very moment.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use cbt_core::Timestamp;
+use cbt_core::text::Escaped;
 use serde::{Deserialize, Serialize};
 
 use super::{Repository, Result, random_id};
@@ -30,6 +42,8 @@ use crate::repo::RepoError;
 use crate::store::{ObjectStore, PutMode, PutOutcome, StoreError, list_all};
 
 const EXCLUSIVE_KEY: &str = "locks/exclusive";
+/// Largest lock object accepted (ours are a few hundred bytes).
+pub const MAX_LOCK_LEN: u64 = 64 * 1024;
 const SHARED_PREFIX: &str = "locks/shared/";
 
 /// Which kind of lock.
@@ -72,10 +86,17 @@ impl LockInfo {
         Some(!std::path::Path::new(&format!("/proc/{}", self.pid)).exists())
     }
 
-    fn describe(&self) -> String {
+    /// One line for people; the holder's own text (id, purpose, host) is escaped, since
+    /// anyone with write access to the repository can put anything there.
+    pub fn describe(&self) -> String {
         format!(
             "{:?} lock {} held by {} (pid {} on {}) since {}",
-            self.kind, self.id, self.purpose, self.pid, self.host, self.created
+            self.kind,
+            Escaped(&self.id),
+            Escaped(&self.purpose),
+            self.pid,
+            Escaped(&self.host),
+            self.created
         )
     }
 }
@@ -96,16 +117,43 @@ impl RepoLock {
         &self.info
     }
 
-    /// Removes the lock object.
+    /// Whether the lock is still in place: its object exists and carries this lock's id
+    /// (false once someone broke it, even if another lock now has the same key).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn still_held(&self) -> Result<bool> {
+        Ok(read_lock_id(self.store.as_ref(), &self.key)
+            .await?
+            .as_deref()
+            == Some(self.info.id.as_str()))
+    }
+
+    /// When the store wrote this lock object, by the store's own clock (`None` if the store
+    /// does not say, or the object is gone): a time the repository can trust.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn stored_at(&self) -> Result<Option<Timestamp>> {
+        let meta = self
+            .store
+            .head(&self.key)
+            .await
+            .map_err(|e| RepoError::store(format!("checking lock {}", self.key), e))?;
+        Ok(meta
+            .and_then(|m| m.last_modified)
+            .map(Timestamp::from_system_time))
+    }
+
+    /// Removes the lock object, if it is still ours.
     ///
     /// # Errors
     /// Store errors (the lock then stays and must be broken by hand).
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
-        self.store
-            .delete(&self.key)
+        remove_if_ours(self.store.as_ref(), &self.key, &self.info.id)
             .await
-            .map_err(|e| RepoError::store(format!("releasing lock {}", self.key), e))
+            .map(|_| ())
     }
 }
 
@@ -117,13 +165,58 @@ impl Drop for RepoLock {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let store = self.store.clone();
             let key = std::mem::take(&mut self.key);
+            let id = std::mem::take(&mut self.info.id);
             handle.spawn(async move {
-                if let Err(e) = store.delete(&key).await {
+                if let Err(e) = remove_if_ours(store.as_ref(), &key, &id).await {
                     tracing::warn!(%key, error = %e, "could not remove lock; break it by hand");
                 }
             });
         }
     }
+}
+
+/// The id in the lock object at `key` (`None` if absent or unreadable).
+async fn read_lock_id(store: &dyn ObjectStore, key: &str) -> Result<Option<String>> {
+    match store.get_bounded(key, MAX_LOCK_LEN).await {
+        Ok(b) => Ok(serde_json::from_slice::<LockInfo>(&b).ok().map(|i| i.id)),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) if e.kind() == crate::store::ErrorKind::Integrity => Ok(None),
+        Err(e) => Err(RepoError::store(format!("reading lock {key}"), e)),
+    }
+}
+
+/// Deletes the lock object at `key` only if it carries `id`; true if it was deleted.
+async fn remove_if_ours(store: &dyn ObjectStore, key: &str, id: &str) -> Result<bool> {
+    if read_lock_id(store, key).await?.as_deref() != Some(id) {
+        tracing::warn!(%key, id, "lock was broken or replaced; leaving the current one alone");
+        return Ok(false);
+    }
+    store
+        .delete(key)
+        .await
+        .map_err(|e| RepoError::store(format!("releasing lock {key}"), e))?;
+    Ok(true)
+}
+
+/// How [`Repository::break_lock`] treats a holder that may still be running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakMode {
+    /// Break only a lock whose holder ran on this host and is gone
+    /// ([`LockInfo::holder_gone_here`] is `Some(true)`).
+    IfHolderGone,
+    /// Break it whatever the holder's state: its work loses its protection against GC
+    /// (a backup then fails before committing; a prune may already have deleted data).
+    Force,
+}
+
+/// What the holder of a lock is known to be, for [`RepoError::LockInUse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HolderState {
+    /// Running on this host (its process exists).
+    AliveHere,
+    /// Cannot be told: another host, an unreadable lock object, or no `/proc`.
+    Unknown,
 }
 
 fn host_name() -> String {
@@ -148,22 +241,28 @@ impl Repository {
     }
 
     async fn read_lock(&self, key: &str) -> Result<Option<LockInfo>> {
-        match self.store().get(key).await {
-            Ok(b) => Ok(Some(serde_json::from_slice(&b).unwrap_or_else(|_| {
-                LockInfo {
-                    id: key.rsplit('/').next().unwrap_or(key).to_string(),
-                    kind: if key == EXCLUSIVE_KEY {
-                        LockKind::Exclusive
-                    } else {
-                        LockKind::Shared
-                    },
-                    purpose: "unreadable lock object".into(),
-                    host: "unknown".into(),
-                    pid: 0,
-                    created: Timestamp(0),
-                }
-            }))),
+        // A lock object that cannot be read still stands for a holder: it keeps blocking what
+        // it blocks, and shows up (by its key) for an operator to inspect and break.
+        let unreadable = |why: &str| LockInfo {
+            id: key.rsplit('/').next().unwrap_or(key).to_string(),
+            kind: if key == EXCLUSIVE_KEY {
+                LockKind::Exclusive
+            } else {
+                LockKind::Shared
+            },
+            purpose: format!("unreadable lock object ({why})"),
+            host: "unknown".into(),
+            pid: 0,
+            created: Timestamp(0),
+        };
+        match self.store().get_bounded(key, MAX_LOCK_LEN).await {
+            Ok(b) => Ok(Some(
+                serde_json::from_slice(&b).unwrap_or_else(|_| unreadable("not a lock")),
+            )),
             Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) if e.kind() == crate::store::ErrorKind::Integrity => {
+                Ok(Some(unreadable("damaged or oversized")))
+            }
             Err(e) => Err(RepoError::store(format!("reading lock {key}"), e)),
         }
     }
@@ -299,21 +398,43 @@ impl Repository {
         Ok(out)
     }
 
-    /// Removes a lock left behind by a process that is gone. Returns false if no lock has
-    /// this id. Breaking the lock of a live process exposes it to GC: check first.
+    /// Removes a lock left behind by a process that is gone, and returns what it said;
+    /// `None` if no lock has this id. Unless `mode` is [`BreakMode::Force`], only a lock whose
+    /// holder ran on this host and is gone is broken.
     ///
     /// # Errors
-    /// Store errors.
-    pub async fn break_lock(&self, id: &str) -> Result<bool> {
+    /// [`RepoError::LockInUse`] for a holder alive on this host or whose state cannot be told
+    /// (another host), without `Force`; store errors.
+    pub async fn break_lock(&self, id: &str, mode: BreakMode) -> Result<Option<LockInfo>> {
         for (key, info) in self.lock_objects().await? {
-            if info.id == id {
+            if info.id != id {
+                continue;
+            }
+            let state = match info.holder_gone_here() {
+                Some(true) => None,
+                Some(false) => Some(HolderState::AliveHere),
+                None => Some(HolderState::Unknown),
+            };
+            if let Some(holder) = state
+                && mode != BreakMode::Force
+            {
+                return Err(RepoError::LockInUse {
+                    id: info.id.clone(),
+                    holder: info.describe(),
+                    state: holder,
+                });
+            }
+            // Read back just before deleting: delete only the lock object we judged.
+            if self.read_lock(&key).await?.as_ref() == Some(&info) {
                 self.store()
                     .delete(&key)
                     .await
                     .map_err(|e| RepoError::store(format!("breaking lock {key}"), e))?;
-                return Ok(true);
+                return Ok(Some(info));
             }
+            // Released (or replaced) while we looked: nothing of that id is left to break.
+            return Ok(None);
         }
-        Ok(false)
+        Ok(None)
     }
 }

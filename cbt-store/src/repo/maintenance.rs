@@ -4,23 +4,37 @@
 //! happens under the exclusive lock, after *all* manifests were read successfully: a manifest
 //! that cannot be read aborts GC, because its references would be unknown.
 //!
+//! GC keeps recently written unreferenced chunks (the grace period, see the `repo` module docs).
+//!
 //! Manifests are streamed (a few at a time), never all held at once: memory is bounded by the
-//! number of *distinct* chunks in the repository (about 50 bytes each for GC and status, about
-//! 150 for `verify`, which remembers where each chunk was first referenced), not by the number
-//! of snapshots times their size.
+//! number of *distinct* chunks in the repository (about 150 bytes each for GC and status: the
+//! listing keeps each chunk's size and modification time; about 250 for `verify`, which also
+//! remembers where each distinct reference was first seen), not by the number of snapshots
+//! times their size.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
-use cbt_core::gc::{RetentionDecision, RetentionPolicy, plan_gc, referenced_chunks};
+use cbt_core::gc::{
+    RetentionDecision, RetentionPolicy, plan_gc_with_grace, referenced_chunks, trusted_created,
+    trusted_now,
+};
 use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{
-    ChunkContext, RepoError, Repository, Result, SnapshotSummary, decode_chunk, manifest_key,
-    stored_chunks,
+    ChunkContext, RepoError, RepoLock, Repository, Result, SnapshotSummary, decode_chunk,
+    manifest_key, stored_chunks,
 };
 use crate::chunk;
+
+/// What makes two chunk references the same check for `verify --read-data`.
+type RefKey = (ChunkHash, u64, u32, u64);
+
+fn ref_key(r: &ChunkRef) -> RefKey {
+    (r.hash, r.stored_size, r.crc32c, r.raw_len)
+}
 
 /// Chunk deletions in flight during GC.
 const DELETE_CONCURRENCY: usize = 16;
@@ -86,7 +100,8 @@ pub struct VerifyReport {
     pub snapshots: u64,
     /// Chunk references checked.
     pub chunk_refs: u64,
-    /// Distinct chunks downloaded and checked (with `read_data`).
+    /// Chunk downloads checked (with `read_data`): one per distinct chunk and way it is
+    /// referenced (hash, size, checksum, length), so every reference is checked.
     pub chunks_read: u64,
     /// Stored bytes downloaded.
     pub bytes_read: u64,
@@ -101,6 +116,22 @@ impl VerifyReport {
     }
 }
 
+/// Unreferenced chunks younger than this are not deleted by default: far longer than any
+/// backup runs, so GC never races a writer it cannot see (see the `repo` module docs).
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// What `gc` does.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// The current time (injected); the store's clock is consulted too, the earlier wins.
+    pub now: Timestamp,
+    /// Report without deleting anything.
+    pub dry_run: bool,
+    /// Keep unreferenced chunks modified within this long ([`DEFAULT_GC_GRACE`]; zero
+    /// deletes every unreferenced chunk, for when no writer can possibly be running).
+    pub grace: Duration,
+}
+
 /// Result of garbage collection.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct GcReport {
@@ -110,8 +141,14 @@ pub struct GcReport {
     pub deleted_chunks: u64,
     /// Bytes reclaimed (or that would be).
     pub reclaimed_bytes: u64,
-    /// Chunks kept.
+    /// Chunks kept (referenced, or within the grace period).
     pub kept_chunks: u64,
+    /// Unreferenced chunks kept because they are younger than the grace period.
+    pub recent_chunks: u64,
+    /// Bytes of those.
+    pub recent_bytes: u64,
+    /// Unreferenced chunks modified at or after this time were kept (none with no grace).
+    pub grace_cutoff: Option<Timestamp>,
     /// Referenced chunks not found in the store (run `verify`).
     pub missing_chunks: Vec<ChunkHash>,
 }
@@ -127,6 +164,8 @@ pub struct PruneOptions {
     pub volume: Option<VolumeName>,
     /// Report without deleting anything.
     pub dry_run: bool,
+    /// Grace period of the garbage collection that follows ([`GcOptions::grace`]).
+    pub gc_grace: Duration,
 }
 
 /// Result of `prune`.
@@ -189,11 +228,14 @@ impl Repository {
             self.manifest_keys(opts.volume.as_ref()).await?
         };
         let single = opts.snapshot.is_some();
-        // First reference of each distinct chunk that is present with the right size.
-        // Per distinct chunk only its first reference: snapshot names are kept once, in
-        // `names`, and referred to by position.
+        // Every distinct reference (hash, stored size, crc32c, raw length) that is present with
+        // the right size, with the first place it was seen. References that agree on all four
+        // are the same check, so each object is downloaded once per distinct way it is
+        // referenced: a manifest that records a stored chunk with the wrong checksum or length
+        // is caught even when another manifest references the same chunk correctly. Snapshot
+        // names are kept once, in `names`, and referred to by position.
         let mut names: Vec<String> = Vec::new();
-        let mut to_read: BTreeMap<ChunkHash, (u32, u64, u64, ChunkRef)> = BTreeMap::new();
+        let mut to_read: BTreeMap<RefKey, (u32, u64, u64, ChunkRef)> = BTreeMap::new();
         let mut manifests = self.manifest_stream(keys);
         while let Some((v, s, loaded)) = manifests.next().await {
             let m = match loaded {
@@ -224,9 +266,9 @@ impl Repository {
                 let key = chunk::chunk_key(&r.hash);
                 let problem = match stored.get(&r.hash) {
                     None => Some(ProblemKind::Missing),
-                    Some(&actual) if actual != r.stored_size => Some(ProblemKind::SizeMismatch {
+                    Some(c) if c.size != r.stored_size => Some(ProblemKind::SizeMismatch {
                         expected: r.stored_size,
-                        actual,
+                        actual: c.size,
                     }),
                     Some(_) => None,
                 };
@@ -238,7 +280,7 @@ impl Repository {
                         problem,
                     }),
                     None => {
-                        to_read.entry(r.hash).or_insert_with(|| {
+                        to_read.entry(ref_key(r)).or_insert_with(|| {
                             name_used = true;
                             (name_pos, index, g.chunk_offset(index), *r)
                         });
@@ -316,16 +358,18 @@ impl Repository {
         Ok(report)
     }
 
-    /// Deletes chunk objects no manifest references, under the exclusive lock.
+    /// Deletes chunk objects no manifest references, under the exclusive lock, except those
+    /// within the grace period.
     ///
     /// # Errors
     /// [`RepoError::Locked`] while a backup runs or a crashed one left its lock; any
     /// unreadable manifest (GC never guesses references); store errors.
-    pub async fn gc(&self, now: Timestamp, dry_run: bool) -> Result<GcReport> {
-        let lock = self.lock_exclusive("gc", now).await?;
+    pub async fn gc(&self, opts: &GcOptions) -> Result<GcReport> {
+        let lock = self.lock_exclusive("gc", opts.now).await?;
         let result = async {
+            let cutoff = grace_cutoff(&lock, opts.now, opts.grace).await?;
             let keys = self.manifest_keys(None).await?;
-            self.collect_garbage(keys, dry_run).await
+            self.collect_garbage(keys, opts.dry_run, cutoff).await
         }
         .await;
         // The run's own error comes first; a lock that stays behind blocks every backup, so
@@ -371,10 +415,11 @@ impl Repository {
         &self,
         keys: Vec<(VolumeName, SnapshotName)>,
         dry_run: bool,
+        recent_since: Option<Timestamp>,
     ) -> Result<GcReport> {
         let referenced = self.referenced(keys).await?;
         let stored = stored_chunks(self.store().as_ref()).await?;
-        let plan = plan_gc(&referenced, stored);
+        let plan = plan_gc_with_grace(&referenced, stored.into_values(), recent_since);
         if !dry_run {
             let store = self.store();
             futures::stream::iter(plan.delete.iter())
@@ -394,6 +439,9 @@ impl Repository {
             deleted_chunks: plan.delete.len() as u64,
             reclaimed_bytes: plan.reclaim_bytes,
             kept_chunks: plan.kept,
+            recent_chunks: plan.recent,
+            recent_bytes: plan.recent_bytes,
+            grace_cutoff: recent_since,
             missing_chunks: plan.missing,
         })
     }
@@ -408,7 +456,7 @@ impl Repository {
         // Reject an empty policy before taking any lock.
         opts.policy.evaluate(&[], opts.now)?;
         let lock = self.lock_exclusive("prune", opts.now).await?;
-        let result = self.prune_locked(opts).await;
+        let result = self.prune_locked(opts, &lock).await;
         // The run's own error comes first; a lock that stays behind blocks every backup, so
         // failing to release it is reported even after a successful run.
         let released = lock.release().await;
@@ -417,8 +465,13 @@ impl Repository {
         Ok(report)
     }
 
-    async fn prune_locked(&self, opts: &PruneOptions) -> Result<PruneReport> {
-        let keys = self.manifest_keys(None).await?;
+    async fn prune_locked(&self, opts: &PruneOptions, lock: &RepoLock) -> Result<PruneReport> {
+        let store_now = lock.stored_at().await?;
+        let now = trusted_now(opts.now, store_now);
+        let listed = self.manifest_listing(None).await?;
+        let stored_at: BTreeMap<(VolumeName, SnapshotName), Option<Timestamp>> =
+            listed.into_iter().map(|(v, s, t)| ((v, s), t)).collect();
+        let keys: Vec<(VolumeName, SnapshotName)> = stored_at.keys().cloned().collect();
         let mut by_volume: BTreeMap<VolumeName, Vec<(SnapshotName, Timestamp)>> = BTreeMap::new();
         let mut manifests = self.manifest_stream(keys.clone());
         while let Some((v, s, m)) = manifests.next().await {
@@ -428,14 +481,20 @@ impl Repository {
                 Err(e) => return Err(e),
             };
             if opts.volume.as_ref().is_none_or(|want| want == &v) {
-                by_volume.entry(v).or_default().push((s, m.created));
+                // Never later than the store received it: a writer's clock running ahead
+                // cannot make its snapshot outlive newer ones.
+                let at = stored_at.get(&(v.clone(), s.clone())).copied().flatten();
+                by_volume
+                    .entry(v)
+                    .or_default()
+                    .push((s, trusted_created(m.created, at)));
             }
         }
         drop(manifests);
         let mut report = PruneReport::default();
         let mut removed: BTreeSet<(VolumeName, SnapshotName)> = BTreeSet::new();
         for (volume, snaps) in by_volume {
-            let decision = opts.policy.evaluate(&snaps, opts.now)?;
+            let decision = opts.policy.evaluate(&snaps, now)?;
             removed.extend(decision.remove.iter().map(|s| (volume.clone(), s.clone())));
             report.decisions.push((volume, decision));
         }
@@ -450,7 +509,10 @@ impl Repository {
         }
         report.removed = removed.iter().map(|(v, s)| format!("{v}/{s}")).collect();
         let remaining = keys.into_iter().filter(|k| !removed.contains(k)).collect();
-        report.gc = self.collect_garbage(remaining, opts.dry_run).await?;
+        let cutoff = (!opts.gc_grace.is_zero()).then(|| now.saturating_sub(opts.gc_grace));
+        report.gc = self
+            .collect_garbage(remaining, opts.dry_run, cutoff)
+            .await?;
         Ok(report)
     }
 
@@ -477,15 +539,16 @@ impl Repository {
             summaries.push(SnapshotSummary::of(&m));
         }
         drop(manifests);
+        // Sizes come from the store and sums over many manifests: saturate, never wrap.
         let mut status = RepoStatus {
             stored_chunks: stored.len() as u64,
-            stored_bytes: stored.values().sum(),
+            stored_bytes: stored.values().fold(0u64, |a, c| a.saturating_add(c.size)),
             ..Default::default()
         };
-        for (h, size) in &stored {
+        for (h, c) in &stored {
             if !refcount.contains_key(h) {
                 status.unreferenced_chunks += 1;
-                status.unreferenced_bytes += size;
+                status.unreferenced_bytes = status.unreferenced_bytes.saturating_add(c.size);
             }
         }
         // Pass 2: bytes only one snapshot references.
@@ -502,21 +565,22 @@ impl Repository {
                     .unique_chunks()
                     .iter()
                     .filter(|(h, _)| refcount.get(*h) == Some(&1))
-                    .map(|(_, s)| *s)
-                    .sum::<u64>(),
+                    .fold(0u64, |a, (_, s)| a.saturating_add(*s)),
                 Err(RepoError::SnapshotNotFound { .. }) => 0,
                 Err(e) => return Err(e),
             };
             exclusive.push(bytes);
         }
         for (summary, exclusive_stored_bytes) in summaries.into_iter().zip(exclusive) {
-            status.logical_bytes += summary.allocated_bytes;
+            status.logical_bytes = status.logical_bytes.saturating_add(summary.allocated_bytes);
             status.snapshots.push(SnapshotStatus {
                 summary,
                 exclusive_stored_bytes,
             });
         }
-        let referenced = status.stored_bytes - status.unreferenced_bytes;
+        let referenced = status
+            .stored_bytes
+            .saturating_sub(status.unreferenced_bytes);
         status.dedup_ratio = if referenced == 0 {
             0.0
         } else {
@@ -527,4 +591,18 @@ impl Repository {
         });
         Ok(status)
     }
+}
+
+/// The grace cutoff for a GC run holding `lock`: `grace` before the earlier of `now` and the
+/// store's time of the lock object; `None` (delete every unreferenced chunk) for no grace.
+async fn grace_cutoff(
+    lock: &RepoLock,
+    now: Timestamp,
+    grace: Duration,
+) -> Result<Option<Timestamp>> {
+    if grace.is_zero() {
+        return Ok(None);
+    }
+    let store_now = lock.stored_at().await?;
+    Ok(Some(trusted_now(now, store_now).saturating_sub(grace)))
 }

@@ -9,10 +9,25 @@
 //! chunks/<hh>/<blake3 hex>         chunk objects (format in crate::chunk), content addressed
 //! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON manifest)
 //! locks/exclusive                  held by prune / gc
-//! locks/shared/<lock id>           one per running backup
+//! locks/shared/<lock id>           one per running backup (and restore, when it may write)
+//! .cbt-probe/<id>                  S3 only: the connect-time conditional-write probe, deleted
+//!                                  right after (see crate::store::s3)
 //! ```
+//! A manifest's JSON keeps `format_version`, `volume_size` and `chunk_size` before the chunk
+//! list: readers bound what they decode by that geometry before reading the list.
 //! Object keys are built only from validated [`VolumeName`]/[`SnapshotName`]s and hex hashes,
 //! so no user input can address anything outside these prefixes.
+//!
+//! # Reading untrusted objects
+//! Everything read back is treated as hostile input. Every read is bounded by a size known
+//! before the read ([`ObjectStore::get_bounded`]): the config and lock objects by
+//! [`MAX_CONFIG_LEN`] and [`lock::MAX_LOCK_LEN`], a manifest object by
+//! [`MAX_MANIFEST_OBJECT_LEN`] and its decompressed JSON by the geometry it declares
+//! ([`Manifest::from_json_reader`]), a chunk object by the stored size its manifest records
+//! (itself bounded by the chunk's raw length, see [`cbt_core::Manifest::validate`]).
+//! Decompression never produces more than that bound: a few KiB that would inflate to
+//! gigabytes are an error naming the object. Every manifest is validated before use, so
+//! nothing downstream (restore, verify, GC) acts on an inconsistent one.
 //!
 //! # Guarantees
 //! * A snapshot is visible only once its manifest exists; the manifest is written last, with
@@ -22,6 +37,25 @@
 //! * Locking (see [`lock`]): backups hold a shared lock, prune/GC an exclusive one. GC refuses
 //!   to run while any shared lock exists, so it can never delete a chunk that a running backup
 //!   has uploaded (or deduplicated against) but not yet referenced from a manifest.
+//! * When that protection is taken away (an operator breaks a live backup's lock), the backup
+//!   finds out before committing and fails instead (its lock object, its parent and the chunks
+//!   it found stored are re-checked), and GC's grace period keeps recently written chunks
+//!   (see below) from a writer it cannot see.
+//! * Only the lock object a process took is ever deleted by its release; breaking a lock
+//!   whose holder may be alive needs [`BreakMode::Force`].
+//! * A restore checks that every chunk it needs is stored before it writes the first byte,
+//!   and never writes outside `[0, volume_size)` of its target.
+//!
+//! # Grace period
+//! Locks protect the backups GC can see. A backup it cannot see (its lock broken by an
+//! operator, or written by a tool that does not lock) may have uploaded chunks that no
+//! manifest references yet. GC therefore never deletes an unreferenced chunk the store
+//! modified within the grace period ([`DEFAULT_GC_GRACE`], 24 hours, far above the longest
+//! backup), counted back from the earlier of the caller's clock and the store's (the store's
+//! time is the modification time of the exclusive lock GC just wrote). A store that reports no
+//! modification time for a chunk keeps it. Retention orders snapshots by
+//! [`cbt_core::gc::trusted_created`]: the recorded creation time, but never later than when the
+//! store received the manifest.
 
 mod error;
 pub mod lock;
@@ -31,6 +65,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cbt_core::gc::StoredChunk;
 use cbt_core::manifest::{BackupStats, ParentRef, SourceInfo};
 use cbt_core::ranges::{DEFAULT_CHUNK_SIZE, validate_chunk_size};
 use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
@@ -38,10 +73,10 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 pub use error::{ErrorClass, RepoError, Result};
-pub use lock::{LockInfo, LockKind, RepoLock};
+pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
-    GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus, SnapshotStatus, VerifyOptions,
-    VerifyProblem, VerifyReport,
+    DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
+    SnapshotStatus, VerifyOptions, VerifyProblem, VerifyReport,
 };
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
@@ -55,6 +90,11 @@ const MANIFEST_MAGIC: [u8; 4] = *b"CBMF";
 const MANIFEST_ENCODING_ZSTD_JSON: u8 = 1;
 /// Manifests read concurrently by listings.
 const LIST_CONCURRENCY: usize = 8;
+/// Largest `config` object accepted (ours are a few hundred bytes).
+pub const MAX_CONFIG_LEN: u64 = 64 * 1024;
+/// Largest stored (compressed) manifest object accepted: 1 GiB, about 80 TiB of fully
+/// allocated volume at 4 MiB chunks (manifests store about 12.7 MB per such TiB).
+pub const MAX_MANIFEST_OBJECT_LEN: u64 = 1 << 30;
 
 /// The repository's `config` object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,7 +260,7 @@ impl Repository {
     /// # Errors
     /// [`RepoError::NotInitialized`], [`RepoError::BadConfig`], store errors.
     pub async fn open(store: Arc<dyn ObjectStore>) -> Result<Self> {
-        let body = match store.get(CONFIG_KEY).await {
+        let body = match store.get_bounded(CONFIG_KEY, MAX_CONFIG_LEN).await {
             Ok(b) => b,
             Err(StoreError::NotFound { .. }) => return Err(RepoError::NotInitialized),
             Err(e) => return Err(RepoError::store("reading repository config", e)),
@@ -293,7 +333,7 @@ impl Repository {
         snapshot: &SnapshotName,
     ) -> Result<Manifest> {
         let key = manifest_key(volume, snapshot);
-        let body = match self.store.get(&key).await {
+        let body = match self.store.get_bounded(&key, MAX_MANIFEST_OBJECT_LEN).await {
             Ok(b) => b,
             Err(StoreError::NotFound { .. }) => {
                 return Err(RepoError::SnapshotNotFound {
@@ -371,6 +411,19 @@ impl Repository {
         &self,
         volume: Option<&VolumeName>,
     ) -> Result<Vec<(VolumeName, SnapshotName)>> {
+        Ok(self
+            .manifest_listing(volume)
+            .await?
+            .into_iter()
+            .map(|(v, s, _)| (v, s))
+            .collect())
+    }
+
+    /// Like `manifest_keys`, with when the store last wrote each manifest (its own clock).
+    async fn manifest_listing(
+        &self,
+        volume: Option<&VolumeName>,
+    ) -> Result<Vec<(VolumeName, SnapshotName, Option<Timestamp>)>> {
         let prefix = match volume {
             Some(v) => format!("snapshots/{v}/"),
             None => "snapshots/".to_string(),
@@ -381,7 +434,10 @@ impl Repository {
         // Keys that are not valid names were not written by us; they are ignored, not trusted.
         Ok(objects
             .iter()
-            .filter_map(|o| parse_manifest_key(&o.key))
+            .filter_map(|o| {
+                let (v, s) = parse_manifest_key(&o.key)?;
+                Some((v, s, o.last_modified.map(Timestamp::from_system_time)))
+            })
             .collect())
     }
 
@@ -561,7 +617,11 @@ impl Repository {
             // bytes is `verify`'s job; paying a download per chunk here would defeat dedup).
             return Ok(Some(encoded.chunk));
         }
-        let body = match self.store.get(key).await {
+        let body = match self
+            .store
+            .get_bounded(key, chunk::max_object_len(encoded.chunk.raw_len))
+            .await
+        {
             Ok(b) => b,
             Err(e) if e.kind() == crate::store::ErrorKind::Integrity => return Ok(None),
             Err(StoreError::NotFound { .. }) => return Ok(None),
@@ -596,8 +656,19 @@ impl Repository {
     /// fails, store errors.
     pub async fn fetch_chunk(&self, expected: &ChunkRef, at: ChunkContext<'_>) -> Result<Bytes> {
         let key = chunk::chunk_key(&expected.hash);
-        match self.store.get(&key).await {
+        // The manifest says how large the object is; a larger one is not read at all.
+        match self.store.get_bounded(&key, expected.stored_size).await {
             Ok(b) => Ok(b),
+            Err(StoreError::TooLarge { size, .. }) => Err(RepoError::ChunkCorrupt {
+                snapshot: at.snapshot.to_string(),
+                index: at.index,
+                offset: at.offset,
+                key,
+                reason: ChunkDecodeError::Size {
+                    expected: expected.stored_size,
+                    actual: size.unwrap_or(u64::MAX),
+                },
+            }),
             Err(StoreError::NotFound { .. }) => Err(RepoError::ChunkMissing {
                 snapshot: at.snapshot.to_string(),
                 index: at.index,
@@ -615,6 +686,109 @@ impl Repository {
             }
             Err(e) => Err(RepoError::store(format!("reading chunk {key}"), e)),
         }
+    }
+}
+
+/// Above this many distinct chunks, [`Repository::check_chunks_stored`] lists `chunks/` once
+/// instead of asking for each chunk (a listing page covers 1000 chunks).
+const HEAD_CHECK_LIMIT: usize = 1024;
+
+/// One chunk reference to check, with where it sits (for the error).
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkAt {
+    /// Chunk index in the snapshot.
+    pub index: u64,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// The reference.
+    pub chunk: ChunkRef,
+}
+
+impl Repository {
+    /// Checks that every chunk in `refs` is stored with its recorded size, before a caller
+    /// commits to using them (a restore before its first write, a backup before it commits).
+    /// Asks for each distinct chunk (`concurrency` at a time) when there are few, lists
+    /// `chunks/` once when there are many.
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkMissing`] / [`RepoError::ChunkCorrupt`] (wrong size) for the first
+    /// bad chunk in `refs` order, naming `snapshot`, its index and offset; store errors.
+    pub async fn check_chunks_stored(
+        &self,
+        snapshot: &str,
+        refs: &[ChunkAt],
+        concurrency: usize,
+    ) -> Result<()> {
+        let mut distinct: BTreeMap<ChunkHash, usize> = BTreeMap::new();
+        for (i, r) in refs.iter().enumerate() {
+            distinct.entry(r.chunk.hash).or_insert(i);
+        }
+        let sizes: BTreeMap<ChunkHash, Option<u64>> = if distinct.len() <= HEAD_CHECK_LIMIT {
+            let store = &self.store;
+            futures::stream::iter(distinct.keys().copied())
+                .map(|hash| async move {
+                    let key = chunk::chunk_key(&hash);
+                    store
+                        .head(&key)
+                        .await
+                        .map(|m| (hash, m.map(|m| m.size)))
+                        .map_err(|e| RepoError::store(format!("checking chunk {key}"), e))
+                })
+                .buffer_unordered(concurrency.max(1))
+                .try_collect()
+                .await?
+        } else {
+            // Page by page, keeping only the chunks asked about: memory follows `refs`, not
+            // the size of the repository.
+            let mut sizes: BTreeMap<ChunkHash, Option<u64>> =
+                distinct.keys().map(|h| (*h, None)).collect();
+            let mut continuation = None;
+            loop {
+                let page = self
+                    .store
+                    .list_page("chunks/", continuation.take())
+                    .await
+                    .map_err(|e| RepoError::store("listing chunks/", e))?;
+                for o in &page.objects {
+                    if let Some(slot) =
+                        chunk::parse_chunk_key(&o.key).and_then(|h| sizes.get_mut(&h))
+                    {
+                        *slot = Some(o.size);
+                    }
+                }
+                match page.next {
+                    Some(next) => continuation = Some(next),
+                    None => break sizes,
+                }
+            }
+        };
+        for r in refs {
+            let key = chunk::chunk_key(&r.chunk.hash);
+            match sizes.get(&r.chunk.hash).copied().flatten() {
+                None => {
+                    return Err(RepoError::ChunkMissing {
+                        snapshot: snapshot.to_string(),
+                        index: r.index,
+                        offset: r.offset,
+                        key,
+                    });
+                }
+                Some(size) if size != r.chunk.stored_size => {
+                    return Err(RepoError::ChunkCorrupt {
+                        snapshot: snapshot.to_string(),
+                        index: r.index,
+                        offset: r.offset,
+                        key,
+                        reason: ChunkDecodeError::Size {
+                            expected: r.chunk.stored_size,
+                            actual: size,
+                        },
+                    });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -679,7 +853,20 @@ fn encode_manifest(m: &Manifest) -> Result<Bytes> {
     Ok(Bytes::from(body))
 }
 
-fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
+/// Largest zstd window a manifest frame may ask for (16 MiB). Ours are compressed at level 3
+/// (at most 2 MiB); the decoder allocates the window a frame header asks for, so a few
+/// forged header bytes must not make it allocate the format's 128 MiB maximum.
+const MANIFEST_WINDOW_LOG_MAX: u32 = 24;
+
+/// Decodes a manifest object as stored (`CBMF`, encoding byte, zstd JSON), validating it
+/// ([`Manifest::validate`]); `key` only names the object in errors. This is the one decoder
+/// every manifest read goes through.
+///
+/// # Errors
+/// [`RepoError::ManifestFraming`] for bad framing or an undecodable stream;
+/// [`RepoError::UnsupportedObject`] for an unknown encoding; [`RepoError::Manifest`] for
+/// anything the manifest decoder or [`Manifest::validate`] rejects.
+pub fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
     let framing = |reason: String| RepoError::ManifestFraming {
         key: key.to_string(),
         reason,
@@ -696,21 +883,39 @@ fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
             ),
         });
     }
-    let json = zstd::stream::decode_all(&body[5..])
+    // Streamed: the JSON is read no further than the geometry it declares allows, so a small
+    // object that inflates to gigabytes fails after that many bytes, not after all of them.
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(&body[5..])
         .map_err(|e| framing(format!("cannot decompress: {e}")))?;
-    Manifest::from_json(&json).map_err(|source| RepoError::Manifest {
+    decoder
+        .window_log_max(MANIFEST_WINDOW_LOG_MAX)
+        .map_err(|e| framing(format!("cannot decompress: {e}")))?;
+    Manifest::from_json_reader(decoder).map_err(|source| RepoError::Manifest {
         key: key.to_string(),
         source,
     })
 }
 
-/// Chunk hashes stored in the repository with their sizes (one full listing of `chunks/`).
-pub(crate) async fn stored_chunks(store: &dyn ObjectStore) -> Result<BTreeMap<ChunkHash, u64>> {
+/// Chunks stored in the repository with their sizes and store-reported modification times
+/// (one full listing of `chunks/`).
+pub(crate) async fn stored_chunks(
+    store: &dyn ObjectStore,
+) -> Result<BTreeMap<ChunkHash, StoredChunk>> {
     let objects = list_all(store, "chunks/")
         .await
         .map_err(|e| RepoError::store("listing chunks/", e))?;
     Ok(objects
         .iter()
-        .filter_map(|o| Some((chunk::parse_chunk_key(&o.key)?, o.size)))
+        .filter_map(|o| {
+            let hash = chunk::parse_chunk_key(&o.key)?;
+            Some((
+                hash,
+                StoredChunk {
+                    hash,
+                    size: o.size,
+                    modified: o.last_modified.map(Timestamp::from_system_time),
+                },
+            ))
+        })
         .collect())
 }

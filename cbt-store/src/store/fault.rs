@@ -237,6 +237,16 @@ impl ObjectStore for FaultyStore {
         }
     }
 
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        let fault = pre!(self, Op::Get, key);
+        let body = self.inner.get_bounded(key, max_len).await?;
+        match fault {
+            Some(Fault::TransientAfterCall) => Err(injected(Op::Get, key, false)),
+            Some(f) => Ok(damage(body, &f)),
+            None => Ok(body),
+        }
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let fault = pre!(self, Op::GetRange, key);
         let body = self.inner.get_range(key, range).await?;

@@ -11,10 +11,21 @@
 //! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed, and those
 //! older than [`STALE_STAGING_AGE`] are deleted when the store is opened
 //! ([`LocalStore::remove_stale_staging`] does it on demand).
+//!
+//! # Staying inside the root
+//! Keys are validated ([`super::validate_key`]), but whoever can write into the repository
+//! directory can also plant a symbolic link (`chunks/ab -> /etc`). Every operation therefore
+//! walks from the root one path segment at a time with `openat(O_NOFOLLOW | O_DIRECTORY)` and
+//! acts on names relative to the directory it opened (`renameat`, `linkat`, `unlinkat`,
+//! `openat(O_NOFOLLOW)`): a link anywhere below the root is never followed, and meeting one is
+//! [`StoreError::UnsafePath`]. A delete of a key that is itself a link removes the link, never
+//! its target. Only the root path itself is resolved normally (it was chosen by the operator
+//! and canonicalized at open). Listings skip links.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::ops::Range;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,6 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
 
 use super::{
     ListPage, ObjectMeta, ObjectStore, PutMode, PutOutcome, StoreError, validate_key,
@@ -116,16 +129,24 @@ impl LocalStore {
             key: TEMP_DIR.to_string(),
             source,
         };
+        // Deleting inside a linked-to directory would delete outside the root.
+        if !fs::symlink_metadata(&dir).map_err(io_err)?.is_dir() {
+            return Err(StoreError::UnsafePath {
+                key: TEMP_DIR.to_string(),
+                path: TEMP_DIR.to_string(),
+            });
+        }
         let now = SystemTime::now();
         let mut removed = 0;
         for entry in fs::read_dir(&dir).map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
-            let old = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| now.duration_since(t).ok())
-                .is_some_and(|age| age >= min_age);
+            let old = entry.file_type().is_ok_and(|t| t.is_file())
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| now.duration_since(t).ok())
+                    .is_some_and(|age| age >= min_age);
             if old && fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
@@ -177,43 +198,150 @@ fn body_size(key: &str, file_len: u64) -> Result<u64, StoreError> {
         })
 }
 
+/// Flags of every directory opened on the way to an object: never through a symbolic link.
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// What a name inside a directory is, without following it (`None`: it does not exist).
+fn kind_at(dir: &OwnedFd, name: &str) -> io::Result<Option<FileType>> {
+    match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some(FileType::from_raw_mode(st.st_mode))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Where the directory walk to a key's parent ended.
+enum Parent {
+    /// The directory holding the key's last segment, and that segment.
+    Found(OwnedFd, String),
+    /// A directory on the way does not exist (or is a regular file): no such object.
+    Missing,
+    /// A directory on the way is a regular file: the key clashes with an object `a` of `a/b`.
+    Clash,
+}
+
 impl Inner {
-    fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<PutOutcome, StoreError> {
-        let target = self.root.join(key);
+    fn unsafe_path(key: &str, segments: &[&str]) -> StoreError {
+        StoreError::UnsafePath {
+            key: key.to_string(),
+            path: segments.join("/"),
+        }
+    }
+
+    /// Opens the root directory itself (the one path that is resolved normally: the operator
+    /// chose it, and it was canonicalized when the store was opened).
+    fn root_dir(&self, key: &str) -> Result<OwnedFd, StoreError> {
+        rfs::open(&self.root, dir_flags(), Mode::empty()).map_err(|e| io_at(key)(e.into()))
+    }
+
+    /// Walks from the root to the directory holding `key`'s last segment one segment at a
+    /// time, relative to the directory before, never following a symbolic link (a link
+    /// anywhere on the way is [`StoreError::UnsafePath`]). With `create`, missing directories
+    /// are made (and their parents fsynced so the new entries survive a crash).
+    fn parent_of(&self, key: &str, create: bool) -> Result<Parent, StoreError> {
         let io = io_at(key);
-        let parent = target.parent().unwrap_or(&self.root);
-        if target.is_dir() {
+        let segments: Vec<&str> = key.split('/').collect();
+        let Some((last, dirs)) = segments.split_last() else {
             return Err(StoreError::InvalidKey {
                 key: key.to_string(),
-                reason: PREFIX_CLASH,
+                reason: "key is empty",
             });
-        }
-        if mode == PutMode::IfAbsent && target.exists() {
-            return Ok(PutOutcome::AlreadyExists);
-        }
-        let new_dirs = !parent.is_dir();
-        fs::create_dir_all(parent).map_err(|e| {
-            if parent.ancestors().any(Path::is_file) {
-                StoreError::InvalidKey {
-                    key: key.to_string(),
-                    reason: PREFIX_CLASH,
+        };
+        let mut dir = self.root_dir(key)?;
+        for (i, seg) in dirs.iter().enumerate() {
+            let mut made = false;
+            loop {
+                match rfs::openat(&dir, *seg, dir_flags(), Mode::empty()) {
+                    Ok(next) => {
+                        if made {
+                            rfs::fsync(&dir).map_err(|e| io(e.into()))?;
+                        }
+                        dir = next;
+                        break;
+                    }
+                    Err(Errno::NOENT) if create && !made => {
+                        match rfs::mkdirat(&dir, *seg, Mode::from_raw_mode(0o777)) {
+                            Ok(()) | Err(Errno::EXIST) => made = true,
+                            Err(e) => return Err(io(e.into())),
+                        }
+                    }
+                    Err(Errno::NOENT) => return Ok(Parent::Missing),
+                    // O_NOFOLLOW | O_DIRECTORY fail with ELOOP or ENOTDIR on a link; ENOTDIR
+                    // also on a regular file. Look at what is there to tell them apart.
+                    Err(Errno::LOOP | Errno::NOTDIR) => {
+                        return match kind_at(&dir, seg).map_err(&io)? {
+                            Some(FileType::RegularFile) => Ok(Parent::Clash),
+                            None => Ok(Parent::Missing),
+                            Some(_) => Err(Self::unsafe_path(key, &segments[..=i])),
+                        };
+                    }
+                    Err(e) => return Err(io(e.into())),
                 }
-            } else {
-                io(e)
-            }
-        })?;
-        if new_dirs {
-            // Make the new directory chain itself durable, not only the file inside it.
-            let mut dir = parent.parent();
-            while let Some(d) = dir {
-                File::open(d).and_then(|f| f.sync_all()).map_err(&io)?;
-                if d == self.root {
-                    break;
-                }
-                dir = d.parent();
             }
         }
-        let staging = self.root.join(TEMP_DIR).join(format!(
+        Ok(Parent::Found(dir, (*last).to_string()))
+    }
+
+    /// Opens an object's file for reading without following a link; `None` if absent.
+    fn open_object(&self, key: &str) -> Result<Option<File>, StoreError> {
+        let io = io_at(key);
+        let (dir, name) = match self.parent_of(key, false)? {
+            Parent::Found(dir, name) => (dir, name),
+            Parent::Missing | Parent::Clash => return Ok(None),
+        };
+        match rfs::openat(
+            &dir,
+            name.as_str(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let file = File::from(fd);
+                // A directory opens fine read-only; it is not an object.
+                if file.metadata().map_err(&io)?.is_file() {
+                    Ok(Some(file))
+                } else {
+                    Ok(None)
+                }
+            }
+            Err(Errno::NOENT | Errno::NOTDIR) => Ok(None),
+            Err(Errno::LOOP) => Err(Self::unsafe_path(key, &key.split('/').collect::<Vec<_>>())),
+            Err(e) => Err(io(e.into())),
+        }
+    }
+
+    /// The staging directory, opened without following a link.
+    fn staging_dir(&self, key: &str) -> Result<OwnedFd, StoreError> {
+        let root = self.root_dir(key)?;
+        rfs::openat(&root, TEMP_DIR, dir_flags(), Mode::empty()).map_err(|e| match e {
+            Errno::LOOP | Errno::NOTDIR => Self::unsafe_path(key, &[TEMP_DIR]),
+            e => io_at(key)(e.into()),
+        })
+    }
+
+    fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<PutOutcome, StoreError> {
+        let io = io_at(key);
+        let clash = || StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: PREFIX_CLASH,
+        };
+        let (parent, name) = match self.parent_of(key, true)? {
+            Parent::Found(dir, name) => (dir, name),
+            Parent::Missing | Parent::Clash => return Err(clash()),
+        };
+        match kind_at(&parent, &name).map_err(&io)? {
+            Some(FileType::Directory) => return Err(clash()),
+            Some(FileType::RegularFile) if mode == PutMode::IfAbsent => {
+                return Ok(PutOutcome::AlreadyExists);
+            }
+            Some(FileType::RegularFile) | None => {}
+            // A link (or anything else) where an object belongs was not written by us.
+            Some(_) => return Err(Self::unsafe_path(key, &key.split('/').collect::<Vec<_>>())),
+        }
+        let staging_dir = self.staging_dir(key)?;
+        let staging = format!(
             "{}-{}-{}",
             std::process::id(),
             STAGING_COUNTER.fetch_add(1, Ordering::Relaxed),
@@ -221,13 +349,16 @@ impl Inner {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos())
                 .unwrap_or(0)
-        ));
+        );
         let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&staging)
-                .map_err(&io)?;
+            let fd = rfs::openat(
+                &staging_dir,
+                staging.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o666),
+            )
+            .map_err(|e| io(e.into()))?;
+            let mut file = File::from(fd);
             let mut trailer = [0u8; TRAILER_LEN as usize];
             trailer[..4].copy_from_slice(&TRAILER_MAGIC);
             trailer[4..].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
@@ -235,31 +366,58 @@ impl Inner {
             file.write_all(&trailer).map_err(&io)?;
             file.sync_all().map_err(&io)?;
             drop(file);
+            // Both calls work on names inside directories we opened without following links:
+            // the new entry lands exactly at `key` under the root.
             let outcome = match mode {
                 PutMode::Overwrite => {
-                    fs::rename(&staging, &target).map_err(&io)?;
+                    rfs::renameat(&staging_dir, staging.as_str(), &parent, name.as_str())
+                        .map_err(|e| io(e.into()))?;
                     PutOutcome::Created
                 }
-                PutMode::IfAbsent => match fs::hard_link(&staging, &target) {
+                PutMode::IfAbsent => match rfs::linkat(
+                    &staging_dir,
+                    staging.as_str(),
+                    &parent,
+                    name.as_str(),
+                    AtFlags::empty(),
+                ) {
                     Ok(()) => PutOutcome::Created,
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => PutOutcome::AlreadyExists,
-                    Err(e) => return Err(io(e)),
+                    Err(Errno::EXIST) => PutOutcome::AlreadyExists,
+                    Err(e) => return Err(io(e.into())),
                 },
             };
             // The new directory entry must survive a crash before we report success.
-            File::open(parent).and_then(|d| d.sync_all()).map_err(&io)?;
+            rfs::fsync(&parent).map_err(|e| io(e.into()))?;
             Ok(outcome)
         })();
         // After rename the staging name is gone; after link (or any failure) remove it.
-        let _ = fs::remove_file(&staging);
+        let _ = rfs::unlinkat(&staging_dir, staging.as_str(), AtFlags::empty());
         result
     }
 
-    fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+    /// Reads and checks a whole object; refuses one whose body exceeds `max_len` before
+    /// reading it, and never reads more than the file's size at open.
+    fn get(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
         let io = io_at(key);
-        let mut file = File::open(self.root.join(key)).map_err(&io)?;
-        let mut data = Vec::new();
-        file.read_to_end(&mut data).map_err(&io)?;
+        let file = self.open_object(key)?.ok_or_else(|| StoreError::NotFound {
+            key: key.to_string(),
+        })?;
+        let file_len = file.metadata().map_err(&io)?.len();
+        let body_len = body_size(key, file_len)?;
+        if body_len > max_len {
+            return Err(StoreError::TooLarge {
+                key: key.to_string(),
+                size: Some(body_len),
+                limit: max_len,
+            });
+        }
+        let len = usize::try_from(file_len).map_err(|_| StoreError::TooLarge {
+            key: key.to_string(),
+            size: Some(body_len),
+            limit: max_len,
+        })?;
+        let mut data = Vec::with_capacity(len);
+        file.take(file_len).read_to_end(&mut data).map_err(&io)?;
         let size = body_size(key, data.len() as u64)? as usize;
         let trailer = &data[size..];
         if trailer[..4] != TRAILER_MAGIC {
@@ -287,7 +445,9 @@ impl Inner {
 
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let io = io_at(key);
-        let file = File::open(self.root.join(key)).map_err(&io)?;
+        let file = self.open_object(key)?.ok_or_else(|| StoreError::NotFound {
+            key: key.to_string(),
+        })?;
         let size = body_size(key, file.metadata().map_err(&io)?.len())?;
         if range.start >= range.end || range.end > size {
             return Err(StoreError::RangeNotSatisfiable {
@@ -311,40 +471,27 @@ impl Inner {
     }
 
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        match fs::metadata(self.root.join(key)) {
-            Ok(meta) if meta.is_file() => Ok(Some(ObjectMeta {
-                key: key.to_string(),
-                size: body_size(key, meta.len())?,
-                last_modified: meta.modified().ok(),
-            })),
-            Ok(_) => Ok(None),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                Ok(None)
-            }
-            Err(e) => Err(io_at(key)(e)),
-        }
+        let Some(file) = self.open_object(key)? else {
+            return Ok(None);
+        };
+        let meta = file.metadata().map_err(io_at(key))?;
+        Ok(Some(ObjectMeta {
+            key: key.to_string(),
+            size: body_size(key, meta.len())?,
+            last_modified: meta.modified().ok(),
+        }))
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match fs::remove_file(self.root.join(key)) {
-            Ok(()) => Ok(()),
-            // A directory or a file-in-the-path means no object has this key.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::NotFound
-                        | io::ErrorKind::IsADirectory
-                        | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(io_at(key)(e)),
+        let (dir, name) = match self.parent_of(key, false)? {
+            Parent::Found(dir, name) => (dir, name),
+            // A missing directory or a file-in-the-path means no object has this key.
+            Parent::Missing | Parent::Clash => return Ok(()),
+        };
+        // unlinkat removes the name itself: a link there is removed, never what it points to.
+        match rfs::unlinkat(&dir, name.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT | Errno::ISDIR | Errno::NOTDIR) => Ok(()),
+            Err(e) => Err(io_at(key)(e.into())),
         }
     }
 
@@ -411,7 +558,7 @@ impl Inner {
                 if !key.starts_with(prefix) || after.is_some_and(|a| key.as_str() <= a) {
                     continue;
                 }
-                let meta = match fs::metadata(&path) {
+                let meta = match fs::symlink_metadata(&path) {
                     Ok(m) => m,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // deleted meanwhile
                     Err(e) => return Err(io_at(&key)(e)),
@@ -439,7 +586,15 @@ impl ObjectStore for LocalStore {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         validate_key(key)?;
         let k = key.to_string();
-        self.blocking(key, move |inner| inner.get(&k)).await
+        self.blocking(key, move |inner| inner.get(&k, u64::MAX))
+            .await
+    }
+
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.get(&k, max_len))
+            .await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

@@ -7,8 +7,10 @@
 //! for tests). Nothing here knows about repositories, chunks or manifests.
 //!
 //! Memory: a `put` or `get` holds one whole object body (plus, for S3, one part of a multipart
-//! upload in flight); callers bound it by bounding object sizes (chunks are at most 64 MiB).
-//! Listings hold one page.
+//! upload in flight). Objects read back are untrusted, so readers that know how large an object
+//! can be (the repository always does) use [`ObjectStore::get_bounded`], which refuses a larger
+//! object before reading its body wherever the backend reports the size up front (both
+//! backends do) and never holds more than the limit. Listings hold one page.
 
 pub mod fault;
 pub mod local;
@@ -24,7 +26,7 @@ use bytes::Bytes;
 
 pub use local::LocalStore;
 pub use retry::{RetryPolicy, RetryingStore};
-pub use s3::{S3Config, S3Options, S3Store};
+pub use s3::{ConditionalWrites, S3Config, S3Options, S3Store};
 
 /// Longest key (in bytes) any backend accepts.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -53,6 +55,14 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::NotFound`] if absent, [`StoreError::Corrupt`] / [`StoreError::Malformed`]
     /// if the bytes do not match their checksum.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Like [`ObjectStore::get`], for an object that cannot legitimately be larger than
+    /// `max_len` bytes: a larger one is refused with [`StoreError::TooLarge`] without reading
+    /// more than `max_len` bytes of it (backends check the size they are told first).
+    ///
+    /// # Errors
+    /// As [`ObjectStore::get`], plus [`StoreError::TooLarge`].
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError>;
 
     /// Reads bytes `[range.start, range.end)` of the object. A partial read cannot be checked
     /// against the whole-object checksum; callers verify ranges with their own hashes.
@@ -215,6 +225,42 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The object is larger than its reader allows for that kind of object.
+    #[error(
+        "object `{key}` is {} than the {limit} bytes an object of its kind may have; refusing to read it",
+        size.map(|s| format!("{s} bytes, more")).unwrap_or_else(|| "larger".into())
+    )]
+    TooLarge {
+        /// Object read.
+        key: String,
+        /// Its size, when the backend said.
+        size: Option<u64>,
+        /// The limit.
+        limit: u64,
+    },
+    /// The local store found a symbolic link (or another non-directory) where a directory of
+    /// its own, or an object, should be; it never follows links inside its root.
+    #[error(
+        "object `{key}`: `{path}` inside the store root is a symbolic link; the local store never follows links inside its root (remove it)"
+    )]
+    UnsafePath {
+        /// Key being accessed.
+        key: String,
+        /// The offending path, relative to the root.
+        path: String,
+    },
+    /// The S3 server does not honour conditional writes (`If-None-Match: *`), found by the
+    /// probe at connect: create-if-absent writes (locks, snapshot manifests, the repository
+    /// config) are refused rather than silently overwriting what is there.
+    #[error(
+        "the S3 server at {endpoint} does not honour conditional writes (If-None-Match: *): {detail}; refusing exclusive writes (locks, snapshot manifests), which would silently overwrite existing objects there"
+    )]
+    ConditionalWritesUnsupported {
+        /// The server (endpoint URL).
+        endpoint: String,
+        /// What the probe saw.
+        detail: String,
+    },
     /// The key breaks the key rules (see [`validate_key`]).
     #[error("invalid object key `{key}`: {reason}")]
     InvalidKey {
@@ -313,14 +359,18 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             StoreError::NotFound { .. } => ErrorKind::NotFound,
-            StoreError::Corrupt { .. } | StoreError::Malformed { .. } => ErrorKind::Integrity,
+            StoreError::Corrupt { .. }
+            | StoreError::Malformed { .. }
+            | StoreError::TooLarge { .. }
+            | StoreError::UnsafePath { .. } => ErrorKind::Integrity,
             StoreError::InvalidKey { .. } | StoreError::RangeNotSatisfiable { .. } => {
                 ErrorKind::InvalidInput
             }
             StoreError::InvalidUrl { .. }
             | StoreError::BucketNotFound { .. }
             | StoreError::AccessDenied { .. }
-            | StoreError::Config { .. } => ErrorKind::Config,
+            | StoreError::Config { .. }
+            | StoreError::ConditionalWritesUnsupported { .. } => ErrorKind::Config,
             StoreError::Unreachable { .. } | StoreError::Transient { .. } => ErrorKind::Transient,
             StoreError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {

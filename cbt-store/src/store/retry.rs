@@ -167,6 +167,11 @@ impl ObjectStore for RetryingStore {
         self.run(Op::Get, key, |s| s.get(key)).await
     }
 
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        self.run(Op::Get, key, |s| s.get_bounded(key, max_len))
+            .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         self.run(Op::GetRange, key, |s| s.get_range(key, range.clone()))
             .await

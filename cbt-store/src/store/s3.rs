@@ -9,6 +9,18 @@
 //! Integrity: every PUT carries `x-amz-checksum-crc32c` (the server verifies the body) and the
 //! crc32c as user metadata `cbt-crc32c`; a whole-object GET asks for the checksum
 //! (`ChecksumMode::Enabled`) and compares both with the bytes received.
+//!
+//! # Knowing the server
+//! Create-if-absent ([`PutMode::IfAbsent`], S3 `If-None-Match: *`) is what keeps locks
+//! exclusive and snapshots immutable, and not every S3-compatible server honours it: some
+//! ignore the header and overwrite. [`S3Store::connect`] therefore probes the server (when
+//! `check_on_connect` is on): it creates a scratch object under `.cbt-probe/` with the
+//! condition, writes it again with the condition (which must be refused), and reads it back
+//! (which must return the first body: conditional writes honoured, reads after writes
+//! consistent), then deletes it. On a server that fails, every `IfAbsent` put is refused with
+//! [`StoreError::ConditionalWritesUnsupported`] naming the server; reads (restore, verify,
+//! list) keep working. Credentials that may not write (a read-only restore) leave the answer
+//! [`ConditionalWrites::Unknown`] and change nothing.
 
 use std::ops::Range;
 use std::time::{Duration, SystemTime};
@@ -141,12 +153,31 @@ impl S3Config {
     }
 }
 
+/// What the connect-time probe found out about conditional writes on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionalWrites {
+    /// `If-None-Match: *` is honoured and a read after a write sees it.
+    Honoured,
+    /// The server overwrote an existing object despite `If-None-Match: *`, or a read right
+    /// after a write did not see it: exclusive writes are refused.
+    Ignored,
+    /// Not probed (`check_on_connect` off) or the probe could not write (read-only
+    /// credentials): writes go to the server as asked.
+    Unknown,
+}
+
+/// Key prefix of the connect-time probe's scratch objects (deleted right after).
+const PROBE_PREFIX: &str = ".cbt-probe";
+
 /// [`ObjectStore`] on one S3 bucket and key prefix.
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
     cfg: S3Config,
     endpoint_label: String,
+    conditional: ConditionalWrites,
+    /// What the probe saw, for the error of a refused write.
+    conditional_detail: String,
 }
 
 impl S3Store {
@@ -221,10 +252,12 @@ impl S3Store {
             .endpoint
             .clone()
             .unwrap_or_else(|| "AWS S3 (default endpoint)".to_string());
-        let store = Self {
+        let mut store = Self {
             client,
             cfg,
             endpoint_label,
+            conditional: ConditionalWrites::Unknown,
+            conditional_detail: String::new(),
         };
         if store.cfg.check_on_connect {
             store
@@ -236,8 +269,79 @@ impl S3Store {
                 .send()
                 .await
                 .map_err(|e| store.classify(Op::List, "", e))?;
+            let (found, detail) = store.probe_conditional_writes().await?;
+            if found == ConditionalWrites::Ignored {
+                tracing::warn!(endpoint = %store.endpoint_label, %detail, "S3 server ignores conditional writes; exclusive writes will be refused");
+            }
+            store.conditional = found;
+            store.conditional_detail = detail;
         }
         Ok(store)
+    }
+
+    /// What the connect-time probe found out about conditional writes (see the module docs).
+    pub fn conditional_writes(&self) -> ConditionalWrites {
+        self.conditional
+    }
+
+    /// Writes a scratch object twice with `If-None-Match: *` and reads it back.
+    async fn probe_conditional_writes(&self) -> Result<(ConditionalWrites, String), StoreError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let key = format!(
+            "{PROBE_PREFIX}/{:x}-{:x}-{:x}",
+            nanos,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let (first, second) = (Bytes::from_static(b"first"), Bytes::from_static(b"second"));
+        let put = |body: Bytes| {
+            let crc = crc32c::crc32c(&body);
+            self.put_single(&key, body, crc, PutMode::IfAbsent)
+        };
+        match put(first.clone()).await {
+            Ok(PutOutcome::Created) => {}
+            // No write permission (or a leftover): nothing to learn, nothing to refuse.
+            Ok(PutOutcome::AlreadyExists) => {
+                return Ok((ConditionalWrites::Unknown, String::new()));
+            }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "conditional-write probe could not write");
+                return Ok((ConditionalWrites::Unknown, String::new()));
+            }
+        }
+        let result = async {
+            let again = put(second).await?;
+            let read = match self.get_limited(&key, Some(64)).await {
+                Ok(b) => Some(b),
+                Err(StoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            Ok(match (again, read) {
+                (PutOutcome::Created, _) => (
+                    ConditionalWrites::Ignored,
+                    "a second create of the same key was accepted and overwrote the first".into(),
+                ),
+                (_, None) => (
+                    ConditionalWrites::Ignored,
+                    "an object just written could not be read back".into(),
+                ),
+                (_, Some(b)) if b != first => (
+                    ConditionalWrites::Ignored,
+                    "an object read back right after it was written has other contents".into(),
+                ),
+                _ => (ConditionalWrites::Honoured, String::new()),
+            })
+        }
+        .await;
+        if let Err(e) = self.delete(&key).await {
+            tracing::warn!(%key, error = %e, "could not delete the conditional-write probe object");
+        }
+        result
     }
 
     /// Bucket this store writes to.
@@ -395,6 +499,84 @@ impl S3Store {
                 ),
             },
         }
+    }
+
+    /// Whole-object GET with checksum checks; with `max_len`, an object whose announced
+    /// length is larger is refused before its body is read, and the body is read piece by
+    /// piece so a server that announces less than it sends cannot make us hold more.
+    async fn get_limited(&self, key: &str, max_len: Option<u64>) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let too_large = |size| StoreError::TooLarge {
+            key: key.to_string(),
+            size,
+            limit: max_len.unwrap_or(u64::MAX),
+        };
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.cfg.bucket)
+            .key(self.full_key(key))
+            .checksum_mode(ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| self.classify(Op::Get, key, e))?;
+        let announced = out.content_length().and_then(|n| u64::try_from(n).ok());
+        if let (Some(max), Some(n)) = (max_len, announced)
+            && n > max
+        {
+            // Dropping the response closes the connection without reading the body.
+            return Err(too_large(Some(n)));
+        }
+        let wire_crc = out.checksum_crc32_c().and_then(parse_crc_b64);
+        let meta_crc = out
+            .metadata()
+            .and_then(|m| m.get(CRC_METADATA))
+            .and_then(|v| u32::from_str_radix(v, 16).ok());
+        let body_failed = |text: String| {
+            if text.to_ascii_lowercase().contains("checksum mismatch") {
+                StoreError::Malformed {
+                    key: key.to_string(),
+                    reason: format!("body does not match the checksum the server stored: {text}"),
+                }
+            } else {
+                StoreError::Transient {
+                    op: Op::Get,
+                    key: key.to_string(),
+                    message: format!("body read failed: {text}"),
+                }
+            }
+        };
+        let mut stream = out.body;
+        let mut buf = bytes::BytesMut::with_capacity(
+            announced
+                .map_or(0, |n| n.min(max_len.unwrap_or(u64::MAX)))
+                .min(64 << 20) as usize,
+        );
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| body_failed(format!("{}", DisplayErrorContext(&e))))?;
+            if max_len.is_some_and(|max| (buf.len() + piece.len()) as u64 > max) {
+                return Err(too_large(None));
+            }
+            buf.extend_from_slice(&piece);
+        }
+        let body = buf.freeze();
+        let actual = crc32c::crc32c(&body);
+        if meta_crc.or(wire_crc).is_none() {
+            return Err(StoreError::Malformed {
+                key: key.to_string(),
+                reason: "object carries no crc32c (not written by this tool?)".into(),
+            });
+        }
+        for expected in [meta_crc, wire_crc].into_iter().flatten() {
+            if expected != actual {
+                return Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(body)
     }
 
     async fn put_single(
@@ -604,6 +786,12 @@ fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<SystemTime> {
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
         validate_key(key)?;
+        if mode == PutMode::IfAbsent && self.conditional == ConditionalWrites::Ignored {
+            return Err(StoreError::ConditionalWritesUnsupported {
+                endpoint: self.endpoint_label.clone(),
+                detail: self.conditional_detail.clone(),
+            });
+        }
         let crc = crc32c::crc32c(&body);
         if body.len() as u64 >= self.cfg.multipart_threshold.max(MIN_PART_SIZE) {
             self.put_multipart(key, body, crc, mode).await
@@ -613,59 +801,11 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        validate_key(key)?;
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.cfg.bucket)
-            .key(self.full_key(key))
-            .checksum_mode(ChecksumMode::Enabled)
-            .send()
-            .await
-            .map_err(|e| self.classify(Op::Get, key, e))?;
-        let wire_crc = out.checksum_crc32_c().and_then(parse_crc_b64);
-        let meta_crc = out
-            .metadata()
-            .and_then(|m| m.get(CRC_METADATA))
-            .and_then(|v| u32::from_str_radix(v, 16).ok());
-        let body = match out.body.collect().await {
-            Ok(b) => b.into_bytes(),
-            Err(e) => {
-                let text = format!("{}", DisplayErrorContext(&e));
-                return Err(if text.to_ascii_lowercase().contains("checksum mismatch") {
-                    StoreError::Malformed {
-                        key: key.to_string(),
-                        reason: format!(
-                            "body does not match the checksum the server stored: {text}"
-                        ),
-                    }
-                } else {
-                    StoreError::Transient {
-                        op: Op::Get,
-                        key: key.to_string(),
-                        message: format!("body read failed: {text}"),
-                    }
-                });
-            }
-        };
-        let actual = crc32c::crc32c(&body);
-        let Some(expected) = meta_crc.or(wire_crc) else {
-            return Err(StoreError::Malformed {
-                key: key.to_string(),
-                reason: "object carries no crc32c (not written by this tool?)".into(),
-            });
-        };
-        for expected in [meta_crc, wire_crc].into_iter().flatten() {
-            if expected != actual {
-                return Err(StoreError::Corrupt {
-                    key: key.to_string(),
-                    expected,
-                    actual,
-                });
-            }
-        }
-        let _ = expected;
-        Ok(body)
+        self.get_limited(key, None).await
+    }
+
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        self.get_limited(key, Some(max_len)).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

@@ -45,10 +45,46 @@ pub async fn run_all(store: &dyn ObjectStore, caps: Capabilities) {
     if_absent(store).await;
     if_absent_race(store, caps).await;
     ranged_get(store).await;
+    bounded_get(store).await;
     pagination(store, caps).await;
     delete(store).await;
     missing_objects(store).await;
     invalid_keys(store).await;
+}
+
+/// `get_bounded` returns objects up to the limit and refuses larger ones with `TooLarge`,
+/// an integrity error (an object larger than its kind allows is damage, not a hiccup).
+pub async fn bounded_get(store: &dyn ObjectStore) {
+    let key = "conf/bounded/object";
+    let data = body(77, 4096);
+    store
+        .put(key, data.clone(), PutMode::Overwrite)
+        .await
+        .expect("put for bounded get");
+    assert_eq!(
+        store.get_bounded(key, 4096).await.expect("exact limit"),
+        data,
+        "get_bounded at the exact size returns the body"
+    );
+    match store.get_bounded(key, 4095).await {
+        Err(e @ StoreError::TooLarge { .. }) => {
+            assert_eq!(
+                e.kind(),
+                ErrorKind::Integrity,
+                "TooLarge is an integrity error"
+            );
+            assert!(!e.is_transient(), "TooLarge must not be retried");
+        }
+        other => panic!("get_bounded below the size must be TooLarge, got {other:?}"),
+    }
+    assert!(
+        matches!(
+            store.get_bounded("conf/bounded/missing", 10).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "get_bounded of a missing key is NotFound"
+    );
+    store.delete(key).await.expect("delete");
 }
 
 /// Put then get returns the same bytes; overwrite replaces; head reports the body size.

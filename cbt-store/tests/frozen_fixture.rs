@@ -1,0 +1,302 @@
+//! The frozen repository fixture: a small repository in the current (v1) format, committed
+//! under `tests/fixtures/repo-v1/`, that every future version must still list, verify and
+//! restore to the same bytes (as restic and rustic keep theirs).
+//!
+//! The fixture was written once by `generate_frozen_fixture` (ignored; see
+//! `tests/fixtures/README.md`) with the library's own writer. It must never be regenerated to
+//! make a test pass: `repo-v1.json` records the checksum of every file in it, and the test
+//! fails if any file was added, removed or changed, so a regeneration is always a visible,
+//! deliberate change of both.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cbt_core::manifest::SourceInfo;
+use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
+use cbt_store::engine::{
+    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
+};
+use cbt_store::repo::{InitOptions, Repository, VerifyOptions};
+use cbt_store::store::{LocalStore, ObjectStore};
+use serde::{Deserialize, Serialize};
+
+const CS: usize = 4096;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// What the fixture must read back as; written by the generator, then frozen.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Expected {
+    /// Repository format version of the fixture.
+    format: u32,
+    /// Snapshots in listing order.
+    snapshots: Vec<ExpectedSnapshot>,
+    /// Every file of the fixture (path relative to its root) and the BLAKE3 of its bytes.
+    files: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct ExpectedSnapshot {
+    volume: String,
+    snapshot: String,
+    parent: Option<String>,
+    created_unix_ms: i64,
+    volume_size: u64,
+    chunk_size: u64,
+    allocated_bytes: u64,
+    stored_chunks: u64,
+    labels: BTreeMap<String, String>,
+    /// BLAKE3 (hex) of the restored image.
+    image_blake3: String,
+}
+
+/// The three images: a full backup, an incremental, and an incremental of a grown volume.
+/// Raw and zstd-compressed chunks, zero chunks, one chunk stored at two indices, and a short
+/// last chunk.
+fn images() -> Vec<Vec<u8>> {
+    let mut x: u64 = 0x5eed_f12e_d0c0_ffee;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let text =
+        |n: usize| b"frozen fixture of cbt repository format v1. ".repeat(n / 44 + 1)[..n].to_vec();
+    let mut v1 = Vec::new();
+    v1.extend(noise(CS)); // 0: raw (incompressible)
+    v1.extend(text(CS)); // 1: zstd
+    v1.extend(vec![0; CS]); // 2: zero
+    v1.extend(text(CS)); // 3: same chunk as 1
+    v1.extend(noise(CS / 2)); // 4: half data, half zeros
+    v1.extend(vec![0; CS / 2]);
+    v1.extend(vec![0; CS]); // 5: zero
+    let mut v2 = v1.clone();
+    v2[CS + 10..CS + 20].copy_from_slice(b"CHANGED!!!"); // 1 changes, 3 keeps the old text
+    v2[2 * CS..3 * CS].copy_from_slice(&noise(CS)); // 2: zero -> data
+    let mut v3 = v2.clone();
+    v3.extend(text(CS)); // 6: new, full
+    v3.extend(noise(1000)); // 7: short last chunk
+    v3[5 * CS..5 * CS + 5].copy_from_slice(b"hello"); // 5: zero -> data
+    vec![v1, v2, v3]
+}
+
+fn blake3_hex(data: &[u8]) -> String {
+    cbt_store::chunk::hash_raw(data).to_hex()
+}
+
+/// Every file under `root` (relative path -> BLAKE3), skipping the store's staging directory.
+fn file_sums(root: &Path) -> BTreeMap<String, String> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == ".cbt-tmp" {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                walk(&p, root, out);
+            } else {
+                out.insert(rel, blake3_hex(&std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Opens, lists, verifies (reading every chunk) and restores the frozen repository.
+#[tokio::test]
+async fn frozen_fixture_v1_is_still_read() {
+    let root = fixtures().join("repo-v1");
+    let expected: Expected =
+        serde_json::from_slice(&std::fs::read(fixtures().join("repo-v1.json")).unwrap()).unwrap();
+    assert_eq!(expected.format, cbt_store::repo::REPO_FORMAT_VERSION);
+    assert_eq!(
+        file_sums(&root),
+        expected.files,
+        "the frozen fixture changed: it must never be regenerated or edited (see tests/fixtures/README.md)"
+    );
+
+    // Work on a copy: opening a local store and restoring (which locks) write to it.
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("repo");
+    copy_tree(&root, &copy);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
+    let repo = Repository::open(store).await.unwrap();
+    assert_eq!(repo.config().chunk_size, CS as u64);
+
+    let listed = repo.list_snapshots(None).await.unwrap();
+    assert_eq!(listed.len(), expected.snapshots.len());
+    for (s, e) in listed.iter().zip(&expected.snapshots) {
+        assert_eq!(s.volume.as_str(), e.volume);
+        assert_eq!(s.snapshot.as_str(), e.snapshot);
+        assert_eq!(s.parent.as_ref().map(|p| p.snapshot.to_string()), e.parent);
+        assert_eq!(s.created.unix_millis(), e.created_unix_ms);
+        assert_eq!(s.volume_size, e.volume_size);
+        assert_eq!(s.chunk_size, e.chunk_size);
+        assert_eq!(s.allocated_bytes, e.allocated_bytes);
+        assert_eq!(s.stored_chunks, e.stored_chunks);
+        assert_eq!(s.labels, e.labels);
+    }
+
+    let report = repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.snapshots, expected.snapshots.len() as u64);
+
+    for e in &expected.snapshots {
+        let target = work.path().join(format!("{}.img", e.snapshot));
+        let r = engine::restore(
+            &repo,
+            &VolumeName::new(&e.volume).unwrap(),
+            &SnapshotName::new(&e.snapshot).unwrap(),
+            &target,
+            &RestoreOptions::default(),
+            &EngineOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.volume_size, e.volume_size);
+        let data = std::fs::read(&target).unwrap();
+        assert_eq!(data.len() as u64, e.volume_size);
+        assert_eq!(
+            blake3_hex(&data),
+            e.image_blake3,
+            "{} restores differently",
+            e.snapshot
+        );
+    }
+    // The images the fixture was made from are still what this file generates.
+    for (img, e) in images().iter().zip(&expected.snapshots) {
+        assert_eq!(blake3_hex(img), e.image_blake3);
+    }
+}
+
+/// Writes a new fixture to `$CBT_FIXTURE_OUT` (which must not exist yet). Only for a new
+/// format version: the committed v1 fixture is frozen. See `tests/fixtures/README.md`.
+#[tokio::test]
+#[ignore = "writes a new fixture; run by hand, see tests/fixtures/README.md"]
+async fn generate_frozen_fixture() {
+    let out = PathBuf::from(
+        std::env::var("CBT_FIXTURE_OUT").expect("set CBT_FIXTURE_OUT to a new directory"),
+    );
+    assert!(
+        !out.exists(),
+        "{} exists: never overwrite a fixture",
+        out.display()
+    );
+    let work = tempfile::tempdir().unwrap();
+    let root = out.join("repo-v1");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&root).unwrap());
+    let repo = Repository::init(
+        store,
+        InitOptions {
+            chunk_size: Some(CS as u64),
+            now: Timestamp(1_767_225_600_000), // 2026-01-01
+        },
+    )
+    .await
+    .unwrap();
+    let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
+    let imgs = images();
+    let mut parent: Option<cbt_core::Manifest> = None;
+    let mut expected = Expected {
+        format: cbt_store::repo::REPO_FORMAT_VERSION,
+        snapshots: Vec::new(),
+        files: BTreeMap::new(),
+    };
+    for (i, img) in imgs.iter().enumerate() {
+        let path = work.path().join(format!("v{i}.img"));
+        std::fs::write(&path, img).unwrap();
+        let name = SnapshotName::new(format!("snap-{}", i + 1)).unwrap();
+        let mode = match parent.take() {
+            None => BackupMode::Full { allocated: None },
+            Some(p) => {
+                // Changed ranges as CBT would report them: everything that differs, plus
+                // the grown area.
+                let prev = &imgs[i - 1];
+                let mut extents = Vec::new();
+                for (c, chunk) in img.chunks(CS).enumerate() {
+                    let start = c * CS;
+                    if prev.get(start..start + chunk.len()) != Some(chunk) {
+                        extents.push((start as u64, chunk.len() as u64));
+                    }
+                }
+                BackupMode::Incremental {
+                    parent: Box::new(p),
+                    changed: RangeSet::try_from_extents(extents).unwrap(),
+                }
+            }
+        };
+        let req = BackupRequest {
+            volume: volume.clone(),
+            snapshot: name.clone(),
+            mode,
+            created: Timestamp(1_767_225_600_000 + (i as i64 + 1) * 86_400_000),
+            source_info: SourceInfo {
+                csi_driver: Some("hostpath.csi.k8s.io".into()),
+                csi_snapshot_id: Some(format!("snap-handle-{}", i + 1)),
+                namespace: Some("prod".into()),
+                pvc: Some("db-0".into()),
+                ..Default::default()
+            },
+            labels: BTreeMap::from([("fixture".into(), "v1".into())]),
+            chunk_size: None,
+            volume_size: None,
+        };
+        let src = Arc::new(FileSource::open(&path).unwrap());
+        let done = engine::backup(&repo, src, req, &EngineOptions::default())
+            .await
+            .unwrap();
+        let m = &done.manifest;
+        expected.snapshots.push(ExpectedSnapshot {
+            volume: volume.to_string(),
+            snapshot: name.to_string(),
+            parent: m.parent.as_ref().map(|p| p.snapshot.to_string()),
+            created_unix_ms: m.created.unix_millis(),
+            volume_size: m.volume_size(),
+            chunk_size: m.chunk_size(),
+            allocated_bytes: m.chunks.allocated_bytes(),
+            stored_chunks: m.chunks.stored_count(),
+            labels: m.labels.clone(),
+            image_blake3: blake3_hex(img),
+        });
+        parent = Some(done.manifest);
+    }
+    std::fs::remove_dir_all(root.join(".cbt-tmp")).unwrap();
+    expected.files = file_sums(&root);
+    std::fs::write(
+        out.join("repo-v1.json"),
+        serde_json::to_vec_pretty(&expected).unwrap(),
+    )
+    .unwrap();
+}

@@ -1,0 +1,116 @@
+//! Knowing the store: an S3-compatible server that ignores `If-None-Match: *` is detected at
+//! connect, and exclusive writes (locks, manifests, the config) are refused with an error
+//! naming it, instead of silently overwriting. Against the in-process S3 server, once as is
+//! and once as a stand-in that drops the condition.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cbt_core::Timestamp;
+use cbt_store::repo::{ErrorClass, InitOptions, RepoError, Repository};
+use cbt_store::store::s3::S3Store;
+use cbt_store::store::{
+    ConditionalWrites, ErrorKind, ObjectStore, PutMode, PutOutcome, StoreError, list_all,
+};
+use cbt_store::testing::S3TestServer;
+
+#[tokio::test]
+async fn a_server_that_honours_conditional_writes_is_recognised_and_left_clean() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    let store = server.store("bkt", "repo").await.unwrap();
+    assert_eq!(store.conditional_writes(), ConditionalWrites::Honoured);
+    assert!(
+        list_all(&store, "").await.unwrap().is_empty(),
+        "probe object left behind"
+    );
+    let k = "locks/exclusive";
+    let b = Bytes::from_static(b"x");
+    assert_eq!(
+        store.put(k, b.clone(), PutMode::IfAbsent).await.unwrap(),
+        PutOutcome::Created
+    );
+    assert_eq!(
+        store.put(k, b, PutMode::IfAbsent).await.unwrap(),
+        PutOutcome::AlreadyExists
+    );
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_conditional_writes_gets_no_exclusive_writes() {
+    let server = S3TestServer::start_ignoring_conditional_writes()
+        .await
+        .unwrap();
+    server.create_bucket("bkt").unwrap();
+
+    // What happens without the probe: both "creates" succeed, the second overwrites.
+    let mut blind = server.config("bkt", "blind");
+    blind.check_on_connect = false;
+    let blind = S3Store::connect(blind).await.unwrap();
+    assert_eq!(blind.conditional_writes(), ConditionalWrites::Unknown);
+    for body in [&b"first"[..], b"second"] {
+        let out = blind
+            .put("k", Bytes::copy_from_slice(body), PutMode::IfAbsent)
+            .await
+            .unwrap();
+        assert_eq!(out, PutOutcome::Created);
+    }
+    assert_eq!(blind.get("k").await.unwrap(), Bytes::from_static(b"second"));
+
+    // With the probe: detected, and exclusive writes are refused, naming the server.
+    let store = server.store("bkt", "repo").await.unwrap();
+    assert_eq!(store.conditional_writes(), ConditionalWrites::Ignored);
+    let err = store
+        .put(
+            "locks/exclusive",
+            Bytes::from_static(b"x"),
+            PutMode::IfAbsent,
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        StoreError::ConditionalWritesUnsupported { endpoint, .. } => {
+            assert_eq!(endpoint, &server.endpoint());
+        }
+        other => panic!("expected ConditionalWritesUnsupported, got {other:?}"),
+    }
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(!err.is_transient());
+    assert!(err.to_string().contains(&server.endpoint()));
+    assert!(
+        list_all(&store, "").await.unwrap().is_empty(),
+        "nothing was written"
+    );
+    // Plain writes and reads still work.
+    store
+        .put("k", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    assert_eq!(store.get("k").await.unwrap(), Bytes::from_static(b"v"));
+    store.delete("k").await.unwrap();
+
+    // A repository cannot be created (or locked, or committed to) there.
+    let store: Arc<dyn ObjectStore> = Arc::new(store);
+    let err = Repository::init(
+        store,
+        InitOptions {
+            chunk_size: None,
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            RepoError::Store {
+                source: StoreError::ConditionalWritesUnsupported { .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), ErrorClass::Usage);
+}

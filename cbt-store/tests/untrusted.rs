@@ -1,0 +1,780 @@
+//! "Trust nothing you read": repositories written with the library's own writer, then edited
+//! the way someone with write access to the store could, and what every reader does with
+//! them. Each test names the behaviour it pins; each failed before the checks it tests existed.
+#![allow(clippy::unwrap_used)]
+
+mod engine_support;
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use cbt_core::gc::RetentionPolicy;
+use cbt_core::{CoreError, Timestamp};
+use cbt_store::chunk::{self, ChunkDecodeError};
+use cbt_store::engine::{self, BackupMode, BlockSource, FileSource, RestoreOptions};
+use cbt_store::repo::{
+    BreakMode, ErrorClass, GcOptions, ProblemKind, PruneOptions, RepoError, Repository,
+    VerifyOptions, manifest_key,
+};
+use cbt_store::store::{ObjectStore, PutMode};
+use engine_support::*;
+
+const SIZE: usize = 12 * CS as usize;
+
+/// The JSON inside a stored manifest object.
+async fn manifest_json(store: &dyn ObjectStore, volume: &str, snapshot: &str) -> serde_json::Value {
+    let body = store
+        .get(&manifest_key(&vol(volume), &snap(snapshot)))
+        .await
+        .unwrap();
+    serde_json::from_slice(&zstd::stream::decode_all(&body[5..]).unwrap()).unwrap()
+}
+
+/// Writes `json` back as the manifest object, framed exactly as the writer frames it.
+async fn put_manifest_json(
+    store: &dyn ObjectStore,
+    volume: &str,
+    snapshot: &str,
+    json: &serde_json::Value,
+) {
+    let z = zstd::bulk::compress(&serde_json::to_vec(json).unwrap(), 3).unwrap();
+    put_manifest_body(store, volume, snapshot, &z).await;
+}
+
+async fn put_manifest_body(store: &dyn ObjectStore, volume: &str, snapshot: &str, z: &[u8]) {
+    let mut body = b"CBMF\x01".to_vec();
+    body.extend_from_slice(z);
+    store
+        .put(
+            &manifest_key(&vol(volume), &snap(snapshot)),
+            Bytes::from(body),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+}
+
+fn chunk_file(fx: &Fixture, hash: &cbt_core::ChunkHash) -> std::path::PathBuf {
+    fx.local.path_of(&chunk::chunk_key(hash)).unwrap()
+}
+
+fn set_mtime(path: &std::path::Path, t: SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
+/// The short last chunk of a volume recorded with the hash (and checksum and stored size) of
+/// a full chunk: one content hash with two raw lengths. Restoring it used to write a whole
+/// chunk past the end of the volume, growing the target; now every loader refuses it.
+#[tokio::test]
+async fn a_hash_recorded_with_two_lengths_is_refused_and_nothing_is_written_past_the_volume() {
+    let fx = Fixture::new().await;
+    let size = SIZE + 1000; // a short last chunk of 1000 bytes
+    let img = image(size, 3);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let last = out.manifest.chunks.geometry().chunk_count() - 1;
+    // A full chunk that compresses well, so its stored size is plausible for 1000 raw bytes.
+    let (_, full_chunk) = out
+        .manifest
+        .chunks
+        .iter_stored()
+        .filter(|(i, _)| *i != last)
+        .min_by_key(|(_, r)| r.stored_size)
+        .unwrap();
+    assert!(full_chunk.stored_size < 1000);
+    let mut json = manifest_json(fx.store.as_ref(), "v", "s").await;
+    let chunks = json["chunks"].as_array_mut().unwrap();
+    chunks.retain(|c| c[0] != last);
+    chunks.push(serde_json::json!([
+        last,
+        full_chunk.hash,
+        full_chunk.stored_size,
+        full_chunk.crc32c,
+        1000
+    ]));
+    put_manifest_json(fx.store.as_ref(), "v", "s", &json).await;
+
+    let target = fx.path("r.img");
+    let err = engine::restore(
+        &fx.repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            RepoError::Manifest {
+                source: CoreError::ConflictingChunkRefs { index, .. },
+                ..
+            } if *index == last
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), ErrorClass::Integrity);
+    assert!(!target.exists());
+    // Every other reader refuses it the same way; verify reports it instead of failing.
+    assert!(matches!(
+        fx.repo.list_snapshots(None).await,
+        Err(RepoError::Manifest { .. })
+    ));
+    let report = fx.repo.verify(&VerifyOptions::default()).await.unwrap();
+    assert!(matches!(
+        report.problems[..],
+        [cbt_store::repo::VerifyProblem {
+            problem: ProblemKind::ManifestUnreadable { .. },
+            ..
+        }]
+    ));
+}
+
+/// Two snapshots reference the same chunk; the second records the wrong checksum for it. A
+/// restore of the second fails, so `verify --read-data` must say so, although the first
+/// reference it meets (in the first snapshot) is correct.
+#[tokio::test]
+async fn verify_read_data_checks_every_reference_not_one_per_hash() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 5);
+    let src = fx.write("d.img", &img);
+    backup_file(&fx.repo, &src, request("v", "s1", full(), 1))
+        .await
+        .unwrap();
+    let s2 = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
+        .await
+        .unwrap();
+    let (index, r) = s2.manifest.chunks.iter_stored().next().unwrap();
+    let mut json = manifest_json(fx.store.as_ref(), "v", "s2").await;
+    // Consistently wrong within s2 (every index holding this chunk), so s2 alone is valid.
+    for c in json["chunks"].as_array_mut().unwrap() {
+        if c[1] == serde_json::json!(r.hash) {
+            c[3] = serde_json::json!(r.crc32c ^ 1);
+        }
+    }
+    put_manifest_json(fx.store.as_ref(), "v", "s2", &json).await;
+
+    let report = fx
+        .repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bad: Vec<_> = report
+        .problems
+        .iter()
+        .map(|p| (p.snapshot.as_str(), p.index, &p.problem))
+        .collect();
+    assert!(
+        matches!(bad[..], [("v/s2", Some(i), ProblemKind::Corrupt { .. })] if i == index),
+        "{bad:?}"
+    );
+    let target = fx.path("r.img");
+    let err = engine::restore(
+        &fx.repo,
+        &vol("v"),
+        &snap("s2"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        RepoError::ChunkCorrupt {
+            reason: ChunkDecodeError::Mismatch(_),
+            ..
+        }
+    ));
+}
+
+/// A zstd frame of `len` bytes of `fill` after `prefix`, built from RLE blocks: a few hundred
+/// KiB that inflate to gigabytes, the shape of a decompression bomb.
+fn bomb_frame(prefix: &[u8], fill: u8, len: u64) -> Vec<u8> {
+    const BLOCK: u64 = 128 * 1024;
+    let mut f = vec![0x28, 0xb5, 0x2f, 0xfd]; // magic
+    f.push(0x00); // no content size, no checksum, no dictionary, window descriptor follows
+    f.push(7 << 3); // window 2^(10+7) = 128 KiB
+    let header = |last: bool, kind: u32, size: u64| {
+        let v = (size as u32) << 3 | kind << 1 | u32::from(last);
+        v.to_le_bytes()[..3].to_vec()
+    };
+    f.extend(header(false, 0, prefix.len() as u64)); // raw block
+    f.extend_from_slice(prefix);
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        left -= n;
+        f.extend(header(left == 0, 1, n)); // RLE block
+        f.push(fill);
+    }
+    f
+}
+
+/// A manifest object of a few hundred KiB whose JSON inflates to 1 GiB (a valid manifest
+/// followed by whitespace, which JSON allows): refused after reading what its geometry can
+/// need, instead of being inflated whole.
+#[tokio::test]
+async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_limit() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 7);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let json = out.manifest.to_json().unwrap();
+    let bomb = bomb_frame(&json, b' ', 1 << 30);
+    assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+    put_manifest_body(fx.store.as_ref(), "v", "s", &bomb).await;
+
+    let started = std::time::Instant::now();
+    let err = fx
+        .repo
+        .load_manifest(&vol("v"), &snap("s"))
+        .await
+        .unwrap_err();
+    let limit = cbt_core::manifest::max_json_len(out.manifest.chunks.geometry());
+    assert!(
+        matches!(
+            err,
+            RepoError::Manifest {
+                source: CoreError::ManifestTooLarge { limit: l, chunk_count: Some(12) },
+                ..
+            } if l == limit
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), ErrorClass::Integrity);
+    // Stopping at the limit (about 1 MiB) is quick; inflating the gigabyte is not.
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The same frame without the whitespace is a valid manifest: the framing is right.
+    put_manifest_body(fx.store.as_ref(), "v", "s", &bomb_frame(&json, b' ', 1)).await;
+    assert_eq!(
+        fx.repo.load_manifest(&vol("v"), &snap("s")).await.unwrap(),
+        out.manifest
+    );
+}
+
+/// Config and lock objects larger than any this software writes are refused from their size,
+/// unread; an oversized lock still counts as a lock.
+#[tokio::test]
+async fn oversized_config_and_lock_objects_are_not_read() {
+    let fx = Fixture::new().await;
+    let junk = Bytes::from(vec![b' '; 200 * 1024]);
+    fx.store
+        .put("locks/exclusive", junk.clone(), PutMode::Overwrite)
+        .await
+        .unwrap();
+    // An unreadable lock still blocks what it blocks, and is listed for an operator.
+    let locks = fx.repo.list_locks().await.unwrap();
+    assert_eq!(locks.len(), 1);
+    assert!(locks[0].purpose.contains("unreadable"));
+    fx.store
+        .put("config", junk, PutMode::Overwrite)
+        .await
+        .unwrap();
+    let err = Repository::open(fx.store.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            RepoError::Store {
+                source: cbt_store::store::StoreError::TooLarge { limit: 65_536, .. },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.class(), ErrorClass::Integrity);
+}
+
+fn in_place() -> RestoreOptions {
+    RestoreOptions {
+        overwrite: true,
+        in_place: true,
+        dry_run: false,
+    }
+}
+
+/// An in-place restore of a snapshot with a missing chunk refuses before it writes anything:
+/// the device keeps every byte it had (it used to be zeroed and partly overwritten first).
+#[tokio::test]
+async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 9);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let (index, r) = out.manifest.chunks.iter_stored().last().unwrap();
+    std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
+
+    let device = fx.write("device.img", &vec![0xAA; SIZE]);
+    let err = engine::restore(
+        &fx.repo,
+        &vol("v"),
+        &snap("s"),
+        &device,
+        &in_place(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, RepoError::ChunkMissing { index: i, .. } if i == index),
+        "{err:?}"
+    );
+    assert!(
+        std::fs::read(&device).unwrap().iter().all(|b| *b == 0xAA),
+        "the device was written before the restore knew it could finish"
+    );
+    // The shared lock the restore took is gone again.
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+}
+
+/// A chunk whose stored bytes are damaged (same size, so only reading it tells) fails an
+/// in-place restore midway; the error says which ranges hold the snapshot, and they do.
+#[tokio::test]
+async fn a_failed_in_place_restore_says_which_ranges_hold_the_snapshot() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 13);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let (index, r) = out.manifest.chunks.iter_stored().nth(2).unwrap();
+    let path = chunk_file(&fx, &r.hash);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[60] ^= 0x01;
+    // Re-frame with a valid store trailer: the damage is visible only to the chunk format.
+    let body_len = bytes.len() - 8;
+    let crc = crc32c::crc32c(&bytes[..body_len]);
+    bytes[body_len + 4..].copy_from_slice(&crc.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+
+    let device = fx.write("device.img", &vec![0xAA; SIZE]);
+    let mut one = opts();
+    one.transfers = 1;
+    let err = engine::restore(&fx.repo, &vol("v"), &snap("s"), &device, &in_place(), &one)
+        .await
+        .unwrap_err();
+    let RepoError::RestoreIncomplete {
+        restored,
+        volume_size,
+        source,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}");
+    };
+    assert!(
+        matches!(**source, RepoError::ChunkCorrupt { index: i, .. } if i == index),
+        "{source:?}"
+    );
+    assert_eq!(err.class(), ErrorClass::Integrity);
+    assert_eq!(*volume_size, SIZE as u64);
+    let bad = out.manifest.chunks.geometry().chunk_range(index).unwrap();
+    assert!(!restored.contains(bad.start()));
+    assert!(restored.total_bytes() > 0);
+    let now = std::fs::read(&device).unwrap();
+    for range in restored {
+        let r = range.start() as usize..range.end() as usize;
+        assert!(
+            now[r.clone()] == img[r.clone()],
+            "{r:?} does not hold the snapshot"
+        );
+    }
+    assert!(err.to_string().contains("hold the snapshot"));
+}
+
+/// Unreferenced chunks written within the grace period survive GC; older ones go. A caller
+/// clock running ahead does not shorten the grace: the store's clock is consulted too.
+#[tokio::test]
+async fn gc_keeps_unreferenced_chunks_younger_than_the_grace_period() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 21);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("s"))
+        .await
+        .unwrap();
+    let unique: Vec<_> = out.manifest.chunks.unique_chunks().into_keys().collect();
+    assert!(unique.len() >= 4);
+    let real_now = Timestamp::from_system_time(SystemTime::now());
+    let gc = |now: Timestamp| {
+        let repo = fx.repo.clone();
+        async move {
+            repo.gc(&GcOptions {
+                now,
+                dry_run: false,
+                grace: Duration::from_secs(24 * 3600),
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // Just written: nothing is deleted, even by a caller whose clock is a month ahead.
+    let month_ahead = Timestamp(real_now.0 + 30 * 86_400_000);
+    let report = gc(month_ahead).await;
+    assert_eq!(report.deleted_chunks, 0);
+    assert_eq!(report.recent_chunks, unique.len() as u64);
+    // Half of them aged two days (by the store's own clock): those go, the rest stay.
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+    let (old, young) = unique.split_at(unique.len() / 2);
+    for h in old {
+        set_mtime(&chunk_file(&fx, h), two_days_ago);
+    }
+    let report = gc(real_now).await;
+    assert_eq!(report.deleted_chunks, old.len() as u64);
+    assert_eq!(report.recent_chunks, young.len() as u64);
+    for h in old {
+        assert!(!chunk_file(&fx, h).exists());
+    }
+    for h in young {
+        assert!(chunk_file(&fx, h).exists());
+    }
+}
+
+/// A writer whose clock ran a year ahead recorded its snapshot as created next year; the
+/// store received it before two newer snapshots. `keep-last 2` keeps the two newer ones.
+#[tokio::test]
+async fn retention_orders_by_a_time_the_store_vouches_for() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 23);
+    let src = fx.write("d.img", &img);
+    let now = SystemTime::now();
+    let ts = |t: SystemTime| Timestamp::from_system_time(t);
+    let hour = Duration::from_secs(3600);
+    let mut r = request("v", "rogue", full(), 0);
+    r.created = ts(now + 365 * 24 * hour);
+    backup_file(&fx.repo, &src, r).await.unwrap();
+    set_mtime(
+        &fx.local
+            .path_of(&manifest_key(&vol("v"), &snap("rogue")))
+            .unwrap(),
+        now - 3 * hour,
+    );
+    for (name, ago) in [("a", 2), ("b", 1)] {
+        let mut r = request("v", name, full(), 0);
+        r.created = ts(now - ago * hour);
+        backup_file(&fx.repo, &src, r).await.unwrap();
+    }
+    let report = fx
+        .repo
+        .prune(&PruneOptions {
+            policy: RetentionPolicy {
+                keep_last: Some(2),
+                keep_within: None,
+            },
+            now: ts(now),
+            volume: None,
+            dry_run: true,
+            gc_grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert_eq!(report.removed, vec!["v/rogue".to_string()]);
+}
+
+/// A lock that was broken and then taken by someone else is not deleted when its first
+/// holder releases (or drops) it.
+#[tokio::test]
+async fn releasing_a_broken_lock_leaves_the_new_holders_lock_alone() {
+    let fx = Fixture::new().await;
+    let first = fx
+        .repo
+        .lock_exclusive("prune 1", Timestamp(1))
+        .await
+        .unwrap();
+    let first_id = first.info().id.clone();
+    fx.repo
+        .break_lock(&first_id, BreakMode::Force)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = fx
+        .repo
+        .lock_exclusive("prune 2", Timestamp(2))
+        .await
+        .unwrap();
+    assert!(!first.still_held().await.unwrap());
+    first.release().await.unwrap();
+    let locks = fx.repo.list_locks().await.unwrap();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].id, second.info().id);
+    assert!(second.still_held().await.unwrap());
+    second.release().await.unwrap();
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+}
+
+/// `(reading started, may read)` and the condition variable signalling changes of either.
+type Gate = Arc<(Mutex<(bool, bool)>, Condvar)>;
+
+/// A block source that stops before its first read until released, so a test can act while
+/// a backup is running.
+struct Gated {
+    inner: FileSource,
+    gate: Gate,
+}
+
+impl Gated {
+    fn new(path: &std::path::Path) -> (Arc<Self>, Gate) {
+        let gate = Arc::new((Mutex::new((false, false)), Condvar::new()));
+        let src = Arc::new(Gated {
+            inner: FileSource::open(path).unwrap(),
+            gate: gate.clone(),
+        });
+        (src, gate)
+    }
+}
+
+impl BlockSource for Gated {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let (lock, cv) = &*self.gate;
+        let mut state = lock.lock().unwrap();
+        state.0 = true; // reading started
+        cv.notify_all();
+        while !state.1 {
+            state = cv.wait(state).unwrap();
+        }
+        drop(state);
+        self.inner.read_exact_at(buf, offset)
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+async fn wait_started(gate: &Gate) {
+    loop {
+        if gate.0.lock().unwrap().0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn open_gate(gate: &Gate) {
+    gate.0.lock().unwrap().1 = true;
+    gate.1.notify_all();
+}
+
+/// A store that deletes one object the first time a shared lock object is read back, which
+/// is what a backup does first when it checks, before committing, that its lock still holds:
+/// the deletion lands after every deduplication decision and before the commit.
+#[derive(Debug)]
+struct DeleteAtRecheck {
+    inner: Arc<dyn ObjectStore>,
+    victim: String,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for DeleteAtRecheck {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<cbt_store::store::PutOutcome, cbt_store::store::StoreError> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, cbt_store::store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_bounded(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> Result<Bytes, cbt_store::store::StoreError> {
+        if key.starts_with("locks/shared/")
+            && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            self.inner.delete(&self.victim).await?;
+        }
+        self.inner.get_bounded(key, max_len).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, cbt_store::store::StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(
+        &self,
+        key: &str,
+    ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
+        self.inner.head(key).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
+        self.inner.list_page(prefix, continuation).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// A backup that deduplicates against chunks already stored fails before committing when one
+/// of them disappears while it runs (here deleted by hand; in life, a prune after its lock
+/// was broken): committing would publish a snapshot that cannot be restored.
+#[tokio::test]
+async fn a_backup_does_not_commit_when_a_chunk_it_deduplicated_against_is_gone() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 31);
+    let path = fx.write("d.img", &img);
+    let first = backup_file(&fx.repo, &path, request("v", "s1", full(), 1))
+        .await
+        .unwrap();
+    let (_, gone) = first.manifest.chunks.iter_stored().nth(1).unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(DeleteAtRecheck {
+        inner: fx.store.clone(),
+        victim: chunk::chunk_key(&gone.hash),
+        fired: Default::default(),
+    });
+    let repo = Repository::open(store).await.unwrap();
+    // The same data again, as an unrelated full backup: every chunk is found stored.
+    let err = backup_file(&repo, &path, request("w", "s2", full(), 2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::ChunkMissing { .. }), "{err:?}");
+    assert!(
+        !fx.repo
+            .snapshot_exists(&vol("w"), &snap("s2"))
+            .await
+            .unwrap()
+    );
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+}
+
+/// A backup whose lock is broken while it runs fails before committing, even when nothing it
+/// uses was deleted (it cannot know that), and leaves no snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_lock_was_broken_does_not_commit() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 33);
+    let path = fx.write("d.img", &img);
+    let (src, gate) = Gated::new(&path);
+    let repo = fx.repo.clone();
+    let running = tokio::spawn(async move {
+        engine::backup(&repo, src, request("v", "s", full(), 1), &opts()).await
+    });
+    wait_started(&gate).await;
+    let locks = fx.repo.list_locks().await.unwrap();
+    assert_eq!(locks.len(), 1);
+    fx.repo
+        .break_lock(&locks[0].id, BreakMode::Force)
+        .await
+        .unwrap()
+        .unwrap();
+    open_gate(&gate);
+    let err = running.await.unwrap().unwrap_err();
+    assert!(matches!(err, RepoError::LockLost { .. }), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Conflict);
+    assert!(
+        !fx.repo
+            .snapshot_exists(&vol("v"), &snap("s"))
+            .await
+            .unwrap()
+    );
+    // An incremental on a parent deleted meanwhile fails the same way.
+    let parent = backup_file(&fx.repo, &path, request("v", "p", full(), 2))
+        .await
+        .unwrap();
+    let (src, gate) = Gated::new(&path);
+    let repo = fx.repo.clone();
+    let changed = cbt_core::RangeSet::try_from_extents([(0, 10)]).unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(parent.manifest),
+        changed,
+    };
+    let running = tokio::spawn(async move {
+        engine::backup(&repo, src, request("v", "c", mode, 3), &opts()).await
+    });
+    wait_started(&gate).await;
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("p"))
+        .await
+        .unwrap();
+    open_gate(&gate);
+    let err = running.await.unwrap().unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+    assert!(
+        !fx.repo
+            .snapshot_exists(&vol("v"), &snap("c"))
+            .await
+            .unwrap()
+    );
+}
+
+/// The hand-built frames of the bomb test are real zstd: the reference decoder agrees.
+#[test]
+fn bomb_frames_decode_with_the_reference_decoder() {
+    let f = bomb_frame(b"abc", b'x', 300_000);
+    let out = zstd::stream::decode_all(&f[..]).unwrap();
+    assert_eq!(out.len(), 300_003);
+    assert!(out.starts_with(b"abcxxx"));
+}
+
+/// With many distinct chunks, the check before the first write lists `chunks/` page by page
+/// instead of asking for each chunk, and still finds the missing one.
+#[tokio::test]
+async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() {
+    use cbt_store::store::Op;
+    use cbt_store::store::fault::FaultyStore;
+    let fx = Fixture::new().await;
+    let img = noise(77, 1100 * 4096);
+    let src = fx.write("d.img", &img);
+    let mut req = request("v", "s", full(), 1);
+    req.chunk_size = Some(4096);
+    let out = backup_file(&fx.repo, &src, req).await.unwrap();
+    assert!(out.manifest.chunks.unique_chunks().len() > 1024);
+    let (index, r) = out.manifest.chunks.iter_stored().nth(700).unwrap();
+    std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
+    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    counting.reset_counts();
+    let device = fx.write("device.img", &vec![0xAA; img.len()]);
+    let err = engine::restore(&repo, &vol("v"), &snap("s"), &device, &in_place(), &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RepoError::ChunkMissing { index: i, .. } if i == index),
+        "{err:?}"
+    );
+    assert!(std::fs::read(&device).unwrap().iter().all(|b| *b == 0xAA));
+    assert!(
+        counting.calls(Op::Head) < 10,
+        "{:?}",
+        counting.call_counts()
+    );
+    assert!(
+        counting.calls(Op::List) >= 2,
+        "{:?}",
+        counting.call_counts()
+    );
+}
