@@ -11,7 +11,7 @@
 //! uses, fails here.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -453,6 +453,114 @@ async fn release_on_watch(kube: &FakeKube, from: usize) {
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
+}
+
+/// `(identity, scope, resource, verb) -> need` from the README's RBAC table.
+fn readme_table() -> BTreeMap<(String, String, String, String), String> {
+    let readme = read("README.md");
+    let start = readme
+        .find("<!-- cbt-rbac-table")
+        .expect("README has the cbt RBAC table marker");
+    let mut rows = BTreeMap::new();
+    for line in readme[start..].lines().skip(3) {
+        if !line.starts_with('|') {
+            break;
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        let [identity, scope, resource, verb, need, ..] = cells.as_slice() else {
+            panic!("malformed RBAC table row: {line}");
+        };
+        let key = (
+            identity.to_string(),
+            scope.to_string(),
+            resource.to_string(),
+            verb.to_string(),
+        );
+        assert!(
+            rows.insert(key, need.to_string()).is_none(),
+            "row twice: {line}"
+        );
+    }
+    rows
+}
+
+/// The same key -> the first word of the comment above each rule of rbac.yaml (its need). The
+/// identity is the name of the Role or ClusterRole the rule is in (named after its account).
+fn manifest_comments() -> BTreeMap<(String, String, String, String), String> {
+    let text = read("examples/kubernetes/rbac.yaml");
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let value = |line: &str, key: &str| -> String {
+        line.strip_prefix(key)
+            .unwrap_or_else(|| panic!("rbac.yaml: expected {key} in {line:?}"))
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim_matches('"')
+            .to_string()
+    };
+    let mut out = BTreeMap::new();
+    let (mut scope, mut role) = ("", String::new());
+    for (i, line) in lines.iter().enumerate() {
+        match *line {
+            "kind: Role" => scope = "namespace",
+            "kind: ClusterRole" => scope = "cluster",
+            l if l.starts_with("kind: ") => scope = "",
+            _ => {}
+        }
+        if *line == "metadata:" && !scope.is_empty() {
+            role = value(lines[i + 1], "name:");
+        }
+        if !line.starts_with("- apiGroups:") {
+            continue;
+        }
+        let comment = lines[..i]
+            .iter()
+            .rev()
+            .take_while(|l| l.starts_with('#'))
+            .last()
+            .unwrap_or_else(|| panic!("rbac.yaml: the rule at line {} has no comment", i + 1));
+        let need = comment
+            .trim_start_matches('#')
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_string();
+        let key = (
+            role.clone(),
+            scope.to_string(),
+            value(lines[i + 1], "resources:"),
+            value(lines[i + 2], "verbs:"),
+        );
+        out.insert(key, need);
+    }
+    out
+}
+
+#[test]
+fn the_readme_table_and_the_manifest_comments_match_the_rules() {
+    let ex = Example::load();
+    let mut granted = BTreeSet::new();
+    for account in [ORCHESTRATOR, MOVER] {
+        for g in ex.grants(account) {
+            granted.insert((account.to_string(), g.scope.to_string(), g.resource, g.verb));
+        }
+    }
+    let table = readme_table();
+    let documented: BTreeSet<_> = table.keys().cloned().collect();
+    assert_eq!(
+        documented, granted,
+        "README RBAC table rows vs rbac.yaml rules"
+    );
+    for need in table.values() {
+        assert!(
+            ["required", "optional", "cleanup"].contains(&need.as_str()),
+            "unknown need {need:?}"
+        );
+    }
+    assert_eq!(
+        manifest_comments(),
+        table,
+        "the comment above each rule starts with the need the README gives it"
+    );
 }
 
 #[test]
