@@ -726,6 +726,10 @@ async fn every_flow_works_with_exactly_the_example_rights_and_the_mover_needs_it
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!out.status.success(), "{stdout}");
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // A permission problem is the user's to fix: the configuration class (exit 5), not a
+    // transient failure that a retry would cure.
+    assert_eq!(out.status.code(), Some(5), "{doc:#}");
+    assert_eq!(doc["results"][0]["error"]["class"], "config", "{doc:#}");
     let error = doc["results"][0]["error"].to_string();
     assert!(
         error.contains(&format!(
