@@ -43,7 +43,7 @@ print(" ".join(str(i) for i in sorted(rnd.sample(data, max(1, chunks // 100)))))
 EOF
 )
 
-secs() { local s=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $s" | bc; }
+secs() { local s; s=$(date +%s.%N); "$@" >/dev/null; echo "$(date +%s.%N) - $s" | bc; }
 sync
 read_s=$(secs dd if="$img" of=/dev/null bs=4M status=none)
 
@@ -60,7 +60,7 @@ for i in $changed; do
   ranges="$ranges{\"offset\": $((i * 4194304)), \"length\": 4194304},"
 done
 echo "{\"volume_size\": $((chunks * 4194304)), \"ranges\": [${ranges%,}]}" > "$work/changed.json"
-changed_mib=$(( $(echo $changed | wc -w) * 4 ))
+changed_mib=$(( $(echo "$changed" | wc -w) * 4 ))
 
 r_incr=$(secs restic backup -q "$img")
 c_incr=$(secs "$cbt" backup --device "$img" --volume disk --snapshot s2 --parent s1 --changed-ranges "$work/changed.json")
