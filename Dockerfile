@@ -8,9 +8,10 @@
 # do, and `docker run cbt:dev cbt --help` works the same way.
 #
 # Why two targets: a mover opens the PVC as a raw block device, which the container runtime
-# creates owned by root (mode 0660) unless it is configured to hand devices to the pod's
-# runAsUser, and the mover Jobs set no user. The orchestrator needs no such access, so its
-# image runs unprivileged; the mover image differs only in its default user.
+# creates owned by root (mode 0660). The mover Jobs cbt creates ask for uid 0 (with every
+# capability dropped), so the default image works as the mover too; the `mover` target, whose
+# default user is root, is for clusters where a policy rewrites the pod's runAsUser. The
+# orchestrator needs no such access, so the default image runs unprivileged.
 
 # Build: the toolchain the project is tested with. No protoc needed (protos compile in Rust).
 FROM rust:1.95-bookworm AS builder

@@ -253,11 +253,19 @@ impl MoverError {
                 ErrorClass::Unsupported => "unsupported",
                 _ => "transient",
             },
-            Self::Plan(CbtPlanError::Metadata { refused: true, .. }) => "usage",
+            // The service's own answer says whose fault it is (RBAC and TLS are configuration).
+            Self::Plan(CbtPlanError::Metadata { source, .. }) | Self::Metadata(source) => {
+                match source.kind() {
+                    cbt_csi::ErrorKind::Config => "config",
+                    cbt_csi::ErrorKind::Unsupported => "usage",
+                    cbt_csi::ErrorKind::Protocol => "integrity",
+                    _ => "transient",
+                }
+            }
             Self::Plan(CbtPlanError::Lineage(_) | CbtPlanError::ParentWithoutBase { .. }) => {
                 "usage"
             }
-            Self::Plan(_) | Self::Metadata(_) | Self::Io { .. } => "transient",
+            Self::Plan(_) | Self::Io { .. } => "transient",
             Self::VerifyFailed { .. } => "integrity",
         }
     }

@@ -233,8 +233,17 @@ pub fn mover_job(
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
         termination_message_path: Some("/dev/termination-log".into()),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
+        // A raw block device node is owned by root (mode 0660, group disk): the mover opens it
+        // as uid 0, without any capability, so one image serves the orchestrator (non-root)
+        // and the mover alike.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            capabilities: Some(k8s_openapi::api::core::v1::Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
             ..Default::default()
         }),
         ..Default::default()
