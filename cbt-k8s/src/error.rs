@@ -145,6 +145,46 @@ pub enum Error {
         /// The controller's message.
         message: String,
     },
+    /// The snapshot controller or driver reported an error on a group snapshot.
+    #[error("VolumeGroupSnapshot {object} in cluster {cluster:?} failed: {message}")]
+    GroupSnapshotFailed {
+        /// Context name of the cluster.
+        cluster: String,
+        /// `namespace/name`.
+        object: String,
+        /// The controller's message, verbatim.
+        message: String,
+    },
+    /// Members of a group backup failed; the others' outcome is in the group's report.
+    #[error(
+        "{failed} of {total} members of VolumeGroupSnapshot {group} in cluster {cluster:?} failed (first: PVC {pvc}: {message}); {fate}"
+    )]
+    GroupMemberFailed {
+        /// Context name of the cluster.
+        cluster: String,
+        /// `namespace/name` of the VolumeGroupSnapshot.
+        group: String,
+        /// `namespace/name` of the first member PVC that failed.
+        pvc: String,
+        /// How many members failed.
+        failed: usize,
+        /// How many members the group has.
+        total: usize,
+        /// That member's error message.
+        message: String,
+        /// Its classification, which the whole run takes.
+        kind: ErrorKind,
+        /// What became of the group snapshot.
+        fate: String,
+    },
+    /// Work that was not started because the run it belongs to had already failed.
+    #[error("{object} was not backed up: {reason}")]
+    Skipped {
+        /// What was skipped (`namespace/name`).
+        object: String,
+        /// Why.
+        reason: String,
+    },
     /// A wait exceeded its deadline.
     #[error(
         "timed out after {waited:?} waiting for {what} in cluster {cluster:?} (last seen: {last_state})"
@@ -229,7 +269,11 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
-            Error::Timeout { .. } | Error::Terminating { .. } => ErrorKind::Transient,
+            Error::Timeout { .. } | Error::Terminating { .. } | Error::Skipped { .. } => {
+                ErrorKind::Transient
+            }
+            Error::GroupMemberFailed { kind, .. } => *kind,
+            Error::GroupSnapshotFailed { .. } => ErrorKind::Backend,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::SnapshotFailed { .. } | Error::Inconsistent { .. } => ErrorKind::Backend,
@@ -316,6 +360,13 @@ fn resource_of(kind: &str) -> String {
         "VolumeSnapshot" => "volumesnapshots.snapshot.storage.k8s.io".into(),
         "VolumeSnapshotContent" => "volumesnapshotcontents.snapshot.storage.k8s.io".into(),
         "VolumeSnapshotClass" => "volumesnapshotclasses.snapshot.storage.k8s.io".into(),
+        "VolumeGroupSnapshot" => "volumegroupsnapshots.groupsnapshot.storage.k8s.io".into(),
+        "VolumeGroupSnapshotContent" => {
+            "volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io".into()
+        }
+        "VolumeGroupSnapshotClass" => {
+            "volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io".into()
+        }
         "PersistentVolumeClaim" => "persistentvolumeclaims".into(),
         "StorageClass" => "storageclasses.storage.k8s.io".into(),
         "CSIDriver" => "csidrivers.storage.k8s.io".into(),
