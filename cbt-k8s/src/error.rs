@@ -156,27 +156,8 @@ pub enum Error {
         message: String,
     },
     /// Members of a group backup failed; the others' outcome is in the group's report.
-    #[error(
-        "{failed} of {total} members of VolumeGroupSnapshot {group} in cluster {cluster:?} failed (first: PVC {pvc}: {message}); {fate}"
-    )]
-    GroupMemberFailed {
-        /// Context name of the cluster.
-        cluster: String,
-        /// `namespace/name` of the VolumeGroupSnapshot.
-        group: String,
-        /// `namespace/name` of the first member PVC that failed.
-        pvc: String,
-        /// How many members failed.
-        failed: usize,
-        /// How many members the group has.
-        total: usize,
-        /// That member's error message.
-        message: String,
-        /// Its classification, which the whole run takes.
-        kind: ErrorKind,
-        /// What became of the group snapshot.
-        fate: String,
-    },
+    #[error("{0}")]
+    GroupMemberFailed(Box<GroupMemberFailure>),
     /// Work that was not started because the run it belongs to had already failed.
     #[error("{object} was not backed up: {reason}")]
     Skipped {
@@ -264,6 +245,31 @@ pub enum Error {
     },
 }
 
+/// Which members of a group backup failed and what became of the group (boxed in
+/// [`Error::GroupMemberFailed`] to keep [`Error`] small).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{failed} of {total} members of VolumeGroupSnapshot {group} in cluster {cluster:?} failed (first: PVC {pvc}: {message}); {fate}"
+)]
+pub struct GroupMemberFailure {
+    /// Context name of the cluster.
+    pub cluster: String,
+    /// `namespace/name` of the VolumeGroupSnapshot.
+    pub group: String,
+    /// `namespace/name` of the first member PVC that failed.
+    pub pvc: String,
+    /// How many members failed or were not started.
+    pub failed: usize,
+    /// How many members the group has.
+    pub total: usize,
+    /// That member's error message.
+    pub message: String,
+    /// Its classification, which the whole run takes.
+    pub kind: ErrorKind,
+    /// What became of the group snapshot.
+    pub fate: String,
+}
+
 impl Error {
     /// Classifies the error for retry decisions and exit codes.
     pub fn kind(&self) -> ErrorKind {
@@ -272,7 +278,7 @@ impl Error {
             Error::Timeout { .. } | Error::Terminating { .. } | Error::Skipped { .. } => {
                 ErrorKind::Transient
             }
-            Error::GroupMemberFailed { kind, .. } => *kind,
+            Error::GroupMemberFailed(f) => f.kind,
             Error::GroupSnapshotFailed { .. } => ErrorKind::Backend,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Conflict { .. } => ErrorKind::Conflict,

@@ -51,7 +51,7 @@ use super::{
     back_up_from_snapshot, backup_job, cleanup, is_not_found, wait_cancel,
 };
 use crate::connect::Cluster;
-use crate::error::{Error, ns_name};
+use crate::error::{Error, GroupMemberFailure, ns_name};
 use crate::group_snapshot::{
     VolumeGroupSnapshot, VolumeGroupSnapshotClass, VolumeGroupSnapshotContent,
     VolumeGroupSnapshotSource, VolumeGroupSnapshotSpec, label_selector,
@@ -863,7 +863,7 @@ async fn settle(
     let Err(e) = &first.result else {
         return Err(Error::Cancelled);
     };
-    Err(Error::GroupMemberFailed {
+    Err(Error::GroupMemberFailed(Box::new(GroupMemberFailure {
         cluster: cluster.context.clone(),
         group: ns_name(ns, group_name),
         pvc: ns_name(ns, &first.pvc),
@@ -872,7 +872,7 @@ async fn settle(
         message: e.to_string(),
         kind: e.kind(),
         fate,
-    })
+    })))
 }
 
 /// Deletes the group this run created (its members go with it), recording the outcome.
