@@ -505,6 +505,23 @@ async fn missing_group_support_is_a_config_error_that_creates_nothing() {
     );
     assert_eq!(yaml.matches("\nkind: Job\n").count(), 3, "{yaml}");
     env.assert_clean(0, "dry run");
+
+    // Without a default VolumeSnapshotClass the metadata sidecar would refuse every member.
+    env.kube
+        .delete(VS_API, "VolumeSnapshotClass", "", "csi-snapclass")
+        .unwrap();
+    let (code, doc, _) = env
+        .group_backup(&["--group-snapshot-class", "csi-group"])
+        .await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    assert!(
+        doc["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("from the driver's default VolumeSnapshotClass"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "no default snapshot class");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -632,4 +649,34 @@ async fn a_failing_group_or_member_fails_the_run_and_cleans_up() {
     }
     assert_eq!(doc["group"]["deleted_groups"], json!([kept]));
     env.assert_clean(1, "after the kept group");
+
+    // For people: the group, its cut, and a line per member.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let mut args: Vec<String> = ["backup", "--selector", "app=pg", "--group"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(env.kube_args());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.cbt(&argv).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("VolumeGroupSnapshot {NS}/cbt-group-"))
+            && text.contains("(class csi-group, cut at ")
+            && text.contains("3 member(s)"),
+        "{text}"
+    );
+    for pvc in MEMBERS {
+        assert!(
+            text.contains(&format!("{NS}/{pvc}: backup {NS}.{pvc}/"))
+                && text.contains("(incremental, parent"),
+            "{text}"
+        );
+    }
+    assert!(text.contains("deleted old group snapshots: "), "{text}");
 }

@@ -5,7 +5,9 @@
 //! 1. The PVCs the selector matches are checked as for `--pvc` and must share one CSI driver;
 //!    the group snapshot API (`groupsnapshot.storage.k8s.io/v1`) must be served and the driver
 //!    must have a VolumeGroupSnapshotClass (the named one, else its default); its
-//!    SnapshotMetadataService is found as for `--pvc`.
+//!    SnapshotMetadataService is found as for `--pvc`, and with one the driver needs a single
+//!    default VolumeSnapshotClass (the sidecar takes the secrets of member snapshots, which name
+//!    no class, from it).
 //! 2. One VolumeGroupSnapshot with that selector (marked ours by label and annotation, like the
 //!    per-PVC snapshots) is created and awaited (`status.error` verbatim, or a timeout).
 //! 3. Its bound content's `volumeSnapshotInfoList` pairs each volume handle with a snapshot
@@ -101,7 +103,7 @@ pub struct GroupBackupReport {
     pub group_content: Option<String>,
     /// The instant every member was cut at (`status.creationTime`).
     pub cut_time: Option<String>,
-    /// The member PVCs, in the order of `members` in the outcome.
+    /// The PVCs the selector matched, sorted (the members once the group is cut).
     pub pvcs: Vec<String>,
     /// True when the new group was deleted because the run failed.
     pub group_deleted: bool,
@@ -359,6 +361,28 @@ async fn run(
         }
         Err(e) => return Err(e),
     };
+    if endpoint.is_some() {
+        // Member VolumeSnapshots name no VolumeSnapshotClass (the controller makes them), so
+        // the SnapshotMetadata sidecar takes the secrets from the driver's default class and
+        // refuses every call without exactly one: catch that before cutting anything.
+        match super::snapshot_class_for(cluster, &driver, None).await {
+            Ok(_) => {}
+            Err(Error::Preflight {
+                cluster, problem, ..
+            }) => {
+                return Err(Error::Preflight {
+                    cluster,
+                    problem: format!(
+                        "{problem}: the SnapshotMetadata sidecar reads the secrets of a group's member snapshots, which name no class, from the driver's default VolumeSnapshotClass"
+                    ),
+                    fix: format!(
+                        "annotate exactly one VolumeSnapshotClass of {driver} with snapshot.storage.kubernetes.io/is-default-class: \"true\""
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
     // The selector object (sorted maps) is the canonical form: `a=1,b=2` and `b=2,a=1` are
     // one selector for retention.
     let canonical = serde_json::to_string(&selector).unwrap_or_default();
@@ -413,8 +437,17 @@ async fn run(
         }
     };
 
-    outcome.members =
-        back_up_members(cluster, opts, endpoint.as_ref(), &cut, members, &cancel).await;
+    let waited = outcome.report.times.snapshot_wait_s;
+    outcome.members = back_up_members(
+        cluster,
+        opts,
+        endpoint.as_ref(),
+        &cut,
+        waited,
+        members,
+        &cancel,
+    )
+    .await;
     let t = Instant::now();
     let result = settle(cluster, opts, &group_name, outcome, &cancel).await;
     outcome.report.times.cleanup_s = t.elapsed().as_secs_f64();
@@ -721,6 +754,7 @@ async fn back_up_members(
     opts: &GroupBackupOptions,
     endpoint: Option<&MetadataEndpoint>,
     cut: &GroupCut,
+    waited: f64,
     members: Vec<Member>,
     cancel: &watch::Receiver<bool>,
 ) -> Vec<GroupMemberResult> {
@@ -740,7 +774,13 @@ async fn back_up_members(
                         }),
                     };
                 }
-                let result = back_up_member(cluster, opts, endpoint, cut, &m, cancel).await;
+                let result = back_up_member(cluster, opts, endpoint, cut, &m, cancel)
+                    .await
+                    .map(|mut r| {
+                        // Every member waited for the same group snapshot.
+                        r.times.snapshot_wait_s = waited;
+                        r
+                    });
                 if result.is_err() {
                     failed.store(true, Ordering::SeqCst);
                 }
