@@ -453,6 +453,42 @@ async fn missing_group_support_is_a_config_error_that_creates_nothing() {
     );
     env.assert_clean(0, "no default group class");
 
+    // A selected PVC of another CSI driver: one group is cut by one driver.
+    env.kube
+        .create(json!({"apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": "pv-foreign"},
+            "spec": {"capacity": {"storage": "8Mi"}, "accessModes": ["ReadWriteOnce"],
+                     "volumeMode": "Block", "persistentVolumeReclaimPolicy": "Retain",
+                     "csi": {"driver": "foreign.csi.example", "volumeHandle": "f-1"}}}))
+        .unwrap();
+    env.kube
+        .create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "foreign", "namespace": NS, "labels": {"app": "pg"}},
+            "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                     "resources": {"requests": {"storage": "8Mi"}}, "volumeName": "pv-foreign"}}))
+        .unwrap();
+    env.kube.set_status(
+        "v1",
+        "PersistentVolumeClaim",
+        NS,
+        "foreign",
+        json!({"phase": "Bound", "capacity": {"storage": "8Mi"}}),
+    );
+    let (code, doc, _) = env
+        .group_backup(&["--group-snapshot-class", "csi-group"])
+        .await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    let message = doc["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("use different CSI drivers")
+            && message.contains("foreign (foreign.csi.example)"),
+        "{doc:#}"
+    );
+    env.kube
+        .delete("v1", "PersistentVolumeClaim", NS, "foreign")
+        .unwrap();
+    env.assert_clean(0, "two drivers");
+
     // --group needs --selector; --snapshot-class does not apply to it.
     for args in [
         &["backup", "--pvc", "data", "--group"][..],
