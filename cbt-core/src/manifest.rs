@@ -302,6 +302,10 @@ pub struct SourceInfo {
     /// Name of the VolumeSnapshot read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub volume_snapshot: Option<String>,
+    /// Name of the VolumeGroupSnapshot the VolumeSnapshot was a member of: the backups
+    /// recording the same group were cut at one instant (crash-consistent together).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume_group_snapshot: Option<String>,
     /// Free-form description of a non-Kubernetes source (an image path, a device).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -927,6 +931,25 @@ mod tests {
         assert_eq!(Manifest::from_json(&bytes).unwrap(), m);
         assert_eq!(m.chunks.allocated_bytes(), 4096 + 10_000 - 8192);
         assert_eq!(m.chunks.get(1), ChunkState::Zero);
+    }
+
+    #[test]
+    fn the_group_snapshot_name_is_optional_on_the_wire() {
+        // Written only when set, so manifests without a group are byte-for-byte as before,
+        // and manifests written before the field existed still read.
+        let m = sample();
+        let text = String::from_utf8(m.to_json().unwrap()).unwrap();
+        assert!(!text.contains("volume_group_snapshot"));
+        let mut grouped = sample();
+        grouped.source.volume_group_snapshot = Some("cbt-group-1".into());
+        let back = Manifest::from_json(&grouped.to_json().unwrap()).unwrap();
+        assert_eq!(
+            back.source.volume_group_snapshot.as_deref(),
+            Some("cbt-group-1")
+        );
+        let old: SourceInfo =
+            serde_json::from_str(r#"{"csi_driver":"d","volume_snapshot":"vs"}"#).unwrap();
+        assert_eq!(old.volume_group_snapshot, None);
     }
 
     #[test]

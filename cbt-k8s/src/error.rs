@@ -145,6 +145,27 @@ pub enum Error {
         /// The controller's message.
         message: String,
     },
+    /// The snapshot controller or driver reported an error on a group snapshot.
+    #[error("VolumeGroupSnapshot {object} in cluster {cluster:?} failed: {message}")]
+    GroupSnapshotFailed {
+        /// Context name of the cluster.
+        cluster: String,
+        /// `namespace/name`.
+        object: String,
+        /// The controller's message, verbatim.
+        message: String,
+    },
+    /// Members of a group backup failed; the others' outcome is in the group's report.
+    #[error("{0}")]
+    GroupMemberFailed(Box<GroupMemberFailure>),
+    /// Work that was not started because the run it belongs to had already failed.
+    #[error("{object} was not backed up: {reason}")]
+    Skipped {
+        /// What was skipped (`namespace/name`).
+        object: String,
+        /// Why.
+        reason: String,
+    },
     /// A wait exceeded its deadline.
     #[error(
         "timed out after {waited:?} waiting for {what} in cluster {cluster:?} (last seen: {last_state})"
@@ -224,12 +245,41 @@ pub enum Error {
     },
 }
 
+/// Which members of a group backup failed and what became of the group (boxed in
+/// [`Error::GroupMemberFailed`] to keep [`Error`] small).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{failed} of {total} members of VolumeGroupSnapshot {group} in cluster {cluster:?} failed (first: PVC {pvc}: {message}); {fate}"
+)]
+pub struct GroupMemberFailure {
+    /// Context name of the cluster.
+    pub cluster: String,
+    /// `namespace/name` of the VolumeGroupSnapshot.
+    pub group: String,
+    /// `namespace/name` of the first member PVC that failed.
+    pub pvc: String,
+    /// How many members failed or were not started.
+    pub failed: usize,
+    /// How many members the group has.
+    pub total: usize,
+    /// That member's error message.
+    pub message: String,
+    /// Its classification, which the whole run takes.
+    pub kind: ErrorKind,
+    /// What became of the group snapshot.
+    pub fate: String,
+}
+
 impl Error {
     /// Classifies the error for retry decisions and exit codes.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
-            Error::Timeout { .. } | Error::Terminating { .. } => ErrorKind::Transient,
+            Error::Timeout { .. } | Error::Terminating { .. } | Error::Skipped { .. } => {
+                ErrorKind::Transient
+            }
+            Error::GroupMemberFailed(f) => f.kind,
+            Error::GroupSnapshotFailed { .. } => ErrorKind::Backend,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Conflict { .. } => ErrorKind::Conflict,
             Error::SnapshotFailed { .. } | Error::Inconsistent { .. } => ErrorKind::Backend,
@@ -316,6 +366,13 @@ fn resource_of(kind: &str) -> String {
         "VolumeSnapshot" => "volumesnapshots.snapshot.storage.k8s.io".into(),
         "VolumeSnapshotContent" => "volumesnapshotcontents.snapshot.storage.k8s.io".into(),
         "VolumeSnapshotClass" => "volumesnapshotclasses.snapshot.storage.k8s.io".into(),
+        "VolumeGroupSnapshot" => "volumegroupsnapshots.groupsnapshot.storage.k8s.io".into(),
+        "VolumeGroupSnapshotContent" => {
+            "volumegroupsnapshotcontents.groupsnapshot.storage.k8s.io".into()
+        }
+        "VolumeGroupSnapshotClass" => {
+            "volumegroupsnapshotclasses.groupsnapshot.storage.k8s.io".into()
+        }
         "PersistentVolumeClaim" => "persistentvolumeclaims".into(),
         "StorageClass" => "storageclasses.storage.k8s.io".into(),
         "CSIDriver" => "csidrivers.storage.k8s.io".into(),

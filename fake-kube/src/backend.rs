@@ -223,6 +223,38 @@ impl SharedBackend {
     /// # Errors
     /// [`BackendError::VolumeNotFound`], [`BackendError::NoDataDir`] or [`BackendError::Io`].
     pub fn snapshot_volume(&self, volume_handle: &str) -> Result<BackendSnapshot, BackendError> {
+        self.cut(volume_handle, crate::values::unix_nanos_now())
+    }
+
+    /// Cuts one snapshot of each volume in `volume_handles`, all stamped with the same creation
+    /// time (the data-backed CreateVolumeGroupSnapshot). The copies are one point in time only if
+    /// nothing writes the volumes meanwhile: the simulated controller calls this holding the
+    /// store lock, so no API-driven change interleaves (container processes writing their
+    /// devices directly are not stopped). If any copy fails, the ones already made are deleted.
+    ///
+    /// # Errors
+    /// [`BackendError::VolumeNotFound`], [`BackendError::NoDataDir`] or [`BackendError::Io`].
+    pub fn snapshot_group(
+        &self,
+        volume_handles: &[String],
+    ) -> Result<Vec<BackendSnapshot>, BackendError> {
+        let created = crate::values::unix_nanos_now();
+        let mut cut = Vec::with_capacity(volume_handles.len());
+        for handle in volume_handles {
+            match self.cut(handle, created) {
+                Ok(snap) => cut.push(snap),
+                Err(e) => {
+                    for snap in &cut {
+                        self.delete(&snap.handle);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(cut)
+    }
+
+    fn cut(&self, volume_handle: &str, created: i64) -> Result<BackendSnapshot, BackendError> {
         let data = self.require_data()?;
         let src = data.join("volumes").join(volume_handle);
         if !src.is_file() {
@@ -251,7 +283,7 @@ impl SharedBackend {
             handle: handle.clone(),
             source_volume: volume_handle.to_string(),
             size_bytes: i64::try_from(size).unwrap_or(i64::MAX),
-            created_unix_nanos: crate::values::unix_nanos_now(),
+            created_unix_nanos: created,
         };
         self.lock().snapshots.insert(handle, snap.clone());
         Ok(snap)
@@ -284,6 +316,27 @@ impl SharedBackend {
         };
         inner.snapshots.insert(snap.handle.clone(), snap.clone());
         snap
+    }
+
+    /// Cuts a snapshot of each `(volume, size)` at one instant and returns them (the simulated
+    /// CreateVolumeGroupSnapshot RPC of a backend without bytes).
+    pub fn create_group_snapshot(&self, volumes: &[(String, i64)]) -> Vec<BackendSnapshot> {
+        let created = crate::values::unix_nanos_now();
+        let mut inner = self.lock();
+        volumes
+            .iter()
+            .map(|(volume, size)| {
+                inner.next += 1;
+                let snap = BackendSnapshot {
+                    handle: format!("snap-{:06}", inner.next),
+                    source_volume: volume.clone(),
+                    size_bytes: *size,
+                    created_unix_nanos: created,
+                };
+                inner.snapshots.insert(snap.handle.clone(), snap.clone());
+                snap
+            })
+            .collect()
     }
 
     /// Looks a handle up (the simulated ListSnapshots-by-id RPC).

@@ -10,6 +10,7 @@
 //! `volumes` provisions instead, and snapshots copy the volume's file). Deleting a
 //! `Delete`-policy content deletes the backend snapshot, `Retain` never does.
 //! Only contents whose driver is this cluster's simulated driver are served.
+//! Group snapshots are simulated in `groups`, hooked in here.
 
 use serde_json::{Value, json};
 
@@ -41,6 +42,7 @@ pub(crate) fn reconcile(
     let mut changed = false;
     changed |= sidecar(store, backend, faults, driver);
     changed |= snapshot_controller(store, backend, faults, driver);
+    changed |= crate::groups::reconcile(store, backend, faults, driver);
     changed |= if backend.data_dir().is_some() {
         crate::volumes::reconcile(store, backend, driver)
     } else {
@@ -67,12 +69,19 @@ fn sidecar(store: &mut Store, backend: &SharedBackend, faults: &Faults, driver: 
             .map(str::to_string);
         let Some(handle) = handle else { continue };
         let new_status = match backend.get(&handle) {
-            Some(snap) => json!({
-                "snapshotHandle": handle,
-                "readyToUse": !never_ready,
-                "restoreSize": snap.size_bytes,
-                "creationTime": snap.created_unix_nanos,
-            }),
+            Some(snap) => {
+                let mut status = json!({
+                    "snapshotHandle": handle,
+                    "readyToUse": !never_ready,
+                    "restoreSize": snap.size_bytes,
+                    "creationTime": snap.created_unix_nanos,
+                });
+                // A group member keeps the handle of the group it was cut in.
+                if let Some(group) = s(&vsc, &["status", "volumeGroupSnapshotHandle"]) {
+                    status["volumeGroupSnapshotHandle"] = json!(group);
+                }
+                status
+            }
             None => {
                 let message = format!(
                     "failed to list snapshot for content {name}: snapshot {handle} not found on the storage backend"
@@ -119,7 +128,13 @@ fn sync_vs_from_content(store: &mut Store, ns: &str, name: &str, content: &Value
     if cs["error"].is_object() {
         status["error"] = cs["error"].clone();
     }
-    store.controller_update(&VOLUME_SNAPSHOTS, ns, name, |o| o["status"] = status)
+    store.controller_update(&VOLUME_SNAPSHOTS, ns, name, |o| {
+        // Set by the group controller when it made this member; the content does not carry it.
+        if let Some(group) = s(o, &["status", "volumeGroupSnapshotName"]) {
+            status["volumeGroupSnapshotName"] = json!(group);
+        }
+        o["status"] = status;
+    })
 }
 
 fn find_class(store: &Store, vs: &Value, driver: &str) -> Result<Value, String> {
@@ -434,6 +449,7 @@ pub(crate) fn delete_with_effects(
             false,
         )?;
     }
+    crate::groups::after_delete(store, backend, driver, rt, &deleted)?;
     if rt == &VOLUME_SNAPSHOT_CONTENTS
         && s(&deleted, &["spec", "deletionPolicy"]) == Some("Delete")
         && s(&deleted, &["spec", "driver"]) == Some(driver)

@@ -47,6 +47,15 @@
 //! kubelet would. The rules are in the `kubelet` module docs (rendered with
 //! `--document-private-items`).
 //!
+//! # Group snapshots
+//! With [`FakeKubeBuilder::group_snapshot_api`] the `groupsnapshot.storage.k8s.io/v1` kinds are
+//! served too and a VolumeGroupSnapshot with a selector and a class of this driver is cut like
+//! external-snapshotter v8 does it: every selected bound claim's backend snapshot at one
+//! instant (volume files copied under the store lock), a VolumeGroupSnapshotContent listing the
+//! volume/snapshot handle pairs, and one member VolumeSnapshot + VolumeSnapshotContent per
+//! claim (owned by the group, `status.volumeGroupSnapshotName`, the in-group finalizer).
+//! Deleting the group deletes the members. The rules are in the `groups` module docs.
+//!
 //! Extra resource types (e.g. SnapshotMetadataService) can be served with
 //! [`FakeKubeBuilder::serve`]; for them only `metadata.name` is validated.
 //!
@@ -77,6 +86,7 @@ mod access_review;
 mod backend;
 mod controller;
 mod faults;
+mod groups;
 mod jobs;
 mod kinds;
 mod kubelet;
@@ -222,6 +232,7 @@ pub struct FakeKubeBuilder {
     log_cap: usize,
     images: BTreeMap<String, PathBuf>,
     job_backoff: Duration,
+    group_snapshot_api: bool,
 }
 
 impl FakeKubeBuilder {
@@ -286,6 +297,15 @@ impl FakeKubeBuilder {
         self
     }
 
+    /// Also serves the `groupsnapshot.storage.k8s.io/v1` kinds (VolumeGroupSnapshot,
+    /// VolumeGroupSnapshotContent, VolumeGroupSnapshotClass), like a cluster with the group
+    /// snapshot CRDs and the snapshot-controller's group feature on; the simulated controller
+    /// then cuts group snapshots (see the crate docs). Off by default, like the CRDs.
+    pub fn group_snapshot_api(mut self) -> Self {
+        self.group_snapshot_api = true;
+        self
+    }
+
     /// Also serves this resource type (CRUD, list, watch, patch; only `metadata.name` is validated).
     pub fn serve(mut self, rt: ResourceType) -> Self {
         self.extra_types.push(rt);
@@ -315,6 +335,12 @@ impl FakeKubeBuilder {
                 .iter()
                 .copied()
                 .filter(|t| self.snapshot_api || t.group != "snapshot.storage.k8s.io")
+                .chain(
+                    groups::GROUP_TYPES
+                        .iter()
+                        .copied()
+                        .filter(|_| self.snapshot_api && self.group_snapshot_api),
+                )
                 .chain(kinds::WORKLOAD_TYPES.iter().copied())
                 .chain(access_review::ACCESS_REVIEW_TYPES.iter().copied())
                 .chain(
@@ -421,6 +447,7 @@ impl FakeKube {
             log_cap: 10_000,
             images: BTreeMap::new(),
             job_backoff: Duration::from_millis(10),
+            group_snapshot_api: false,
         }
     }
 
@@ -644,6 +671,28 @@ impl FakeKube {
         if default {
             class["metadata"]["annotations"] =
                 json!({"snapshot.storage.kubernetes.io/is-default-class": "true"});
+        }
+        self.create(class)
+    }
+
+    /// Creates a VolumeGroupSnapshotClass (policy `Delete`), optionally the driver's default
+    /// (needs [`FakeKubeBuilder::group_snapshot_api`]).
+    ///
+    /// # Errors
+    /// As [`Self::create`].
+    pub fn seed_group_snapshot_class(
+        &self,
+        name: &str,
+        driver: &str,
+        default: bool,
+    ) -> Result<Value, ApiError> {
+        let mut class = json!({
+            "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshotClass",
+            "metadata": {"name": name}, "driver": driver, "deletionPolicy": "Delete",
+        });
+        if default {
+            class["metadata"]["annotations"] =
+                json!({"groupsnapshot.storage.kubernetes.io/is-default-class": "true"});
         }
         self.create(class)
     }

@@ -1082,6 +1082,7 @@ pub fn validate(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
         );
     }
     causes.extend(crate::kinds::validate(rt, obj));
+    causes.extend(crate::groups::validate(rt, obj));
     causes
 }
 
@@ -1104,6 +1105,7 @@ fn immutability(rt: &ResourceType, old: &Value, new: &Value) -> Vec<Cause> {
     if rt == &PVCS && old["spec"]["dataSource"] != new["spec"]["dataSource"] {
         causes.push(Cause::invalid("spec.dataSource", "field is immutable"));
     }
+    causes.extend(crate::groups::immutability(rt, old, new));
     causes
 }
 

@@ -87,6 +87,10 @@ pub fn engine_options(jobs: Option<u16>, compression_level: i32) -> EngineOption
 
 /// Runs `cbt backup`.
 pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
+    if args.pvc.group && args.pvc.selector.is_none() {
+        return Err(CliError::usage("--group needs --selector")
+            .with_hint("a group snapshot is cut of the PVCs a label selector matches, e.g. --selector app=postgres --group"));
+    }
     if !args.pvc.pvcs.is_empty() || args.pvc.selector.is_some() {
         let labels = parse::labels(&args.labels)?;
         return super::k8s::backup(ctx, &args.pvc, &args.kube, labels, args.cbt.fallback_full)

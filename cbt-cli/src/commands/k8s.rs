@@ -1,11 +1,12 @@
-//! The Kubernetes flavour of `cbt backup` (`--pvc`) and `cbt restore` (`--to-pvc`), and the
-//! data mover (`cbt mover`) their Jobs run. Flags and printing only; the work is
-//! `cbt_k8s::pvc_backup` and `cbt_k8s::mover`.
+//! The Kubernetes flavour of `cbt backup` (`--pvc`, `--selector [--group]`) and `cbt restore`
+//! (`--to-pvc`), and the data mover (`cbt mover`) their Jobs run. Flags and printing only; the
+//! work is `cbt_k8s::pvc_backup` and `cbt_k8s::mover`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_k8s::pvc_backup::group::{GroupBackupOptions, GroupBackupOutcome, back_up_group};
 use cbt_k8s::pvc_backup::objects::MoverRuntime;
 use cbt_k8s::pvc_backup::{
     PvcBackupOptions, PvcBackupReport, PvcRestoreOptions, RepoTarget, back_up_pvc, restore_to_pvc,
@@ -65,15 +66,25 @@ pub struct PvcBackupArgs {
     #[arg(long, short = 'l', conflicts_with = "pvcs")]
     pub selector: Option<String>,
     /// VolumeSnapshotClass (default: the driver's default class).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub snapshot_class: Option<String>,
+    /// Cut every PVC matching --selector at one crash-consistent instant (a
+    /// VolumeGroupSnapshot), then back up each incrementally against its own previous backup.
+    // Not `requires = "selector"`: clap lets the "mode" group (which --full or --pvc satisfy)
+    // stand in for it, so `cbt backup` checks for --selector itself.
+    #[arg(long, conflicts_with = "pvcs")]
+    pub group: bool,
+    /// VolumeGroupSnapshotClass for --group (default: the driver's default group class).
+    #[arg(long, requires = "group", value_name = "CLASS")]
+    pub group_snapshot_class: Option<String>,
     /// Seconds to wait for a VolumeSnapshot to become ready.
     #[arg(long, default_value_t = 600)]
     pub snapshot_timeout_secs: u64,
-    /// VolumeSnapshots cut by cbt kept per PVC (the newest; at least 1, the next delta's base).
+    /// VolumeSnapshots cut by cbt kept per PVC (the newest; at least 1, the next delta's base);
+    /// with --group, VolumeGroupSnapshots kept per selector.
     #[arg(long, default_value_t = 1)]
     pub keep_snapshots: usize,
-    /// PVCs backed up at once.
+    /// PVCs backed up at once (with --group: members).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub concurrency: u16,
     /// Print the objects that would be created, as YAML (JSON with -o json), and create nothing.
@@ -237,6 +248,15 @@ pub async fn backup(
         dry_run,
     };
     let cancel = cancel_on_signal();
+    if let (true, Some(selector)) = (pvcs.group, &pvcs.selector) {
+        let opts = GroupBackupOptions {
+            pvc: opts,
+            selector: selector.clone(),
+            group_class: pvcs.group_snapshot_class.clone(),
+            concurrency: usize::from(pvcs.concurrency),
+        };
+        return group_backup(ctx, &cluster, &opts, cancel).await;
+    }
     let results: Vec<(String, Result<PvcBackupReport, CliError>)> = {
         use futures::StreamExt;
         futures::stream::iter(names.iter().cloned())
@@ -297,6 +317,75 @@ pub async fn backup(
     // The JSON document above already carries every error.
     err.reported = ctx.out.json() && !dry_run;
     Err(err)
+}
+
+/// `cbt backup --selector ... --group`: one VolumeGroupSnapshot, then each member.
+async fn group_backup(
+    ctx: &Ctx,
+    cluster: &cbt_k8s::Cluster,
+    opts: &GroupBackupOptions,
+    cancel: watch::Receiver<bool>,
+) -> Result<(), CliError> {
+    let dry_run = opts.pvc.dry_run;
+    let (outcome, error) = match back_up_group(cluster, opts, cancel).await {
+        Ok(outcome) => (outcome, None),
+        Err(failure) => (failure.outcome, Some(k8s_error(failure.error))),
+    };
+    let GroupBackupOutcome { report, members } = outcome;
+    if dry_run && error.is_none() {
+        return print_objects(ctx, &report.planned_objects);
+    }
+    let results: Vec<(String, Result<PvcBackupReport, CliError>)> = members
+        .into_iter()
+        .map(|m| (m.pvc, m.result.map_err(k8s_error)))
+        .collect();
+    let namespace = report.namespace.clone();
+    let doc: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(name, r)| match r {
+            Ok(rep) => serde_json::json!({"pvc": name, "ok": true, "report": rep}),
+            Err(e) => serde_json::json!({"pvc": name, "ok": false, "error": e.to_json()}),
+        })
+        .collect();
+    let mut json = serde_json::json!({ "namespace": namespace, "group": report, "results": doc });
+    if let Some(e) = &error {
+        json["error"] = e.to_json();
+    }
+    ctx.out.emit(&json, || {
+        let mut text = format!(
+            "VolumeGroupSnapshot {namespace}/{} (class {}, cut at {}): {} member(s)\n",
+            report.group.as_deref().unwrap_or("?"),
+            report.group_class.as_deref().unwrap_or("?"),
+            report.cut_time.as_deref().unwrap_or("?"),
+            results.len()
+        );
+        let members = human_backup_summary(&namespace, &results);
+        if !members.is_empty() {
+            text.push_str(&members);
+            text.push('\n');
+        }
+        for n in &report.notes {
+            text.push_str(&format!("note: {n}\n"));
+        }
+        if !report.deleted_groups.is_empty() {
+            text.push_str(&format!(
+                "deleted old group snapshots: {}\n",
+                report.deleted_groups.join(", ")
+            ));
+        }
+        if report.group_deleted {
+            text.push_str("the new group snapshot was deleted\n");
+        }
+        text
+    });
+    match error {
+        None => Ok(()),
+        Some(mut e) => {
+            // The JSON document above already carries the error.
+            e.reported = ctx.out.json();
+            Err(e)
+        }
+    }
 }
 
 fn human_backup_summary(

@@ -18,7 +18,11 @@
 //! # Guarantees
 //! - Cancellation (the `cancel` channel, e.g. Ctrl-C) and timeouts run the same cleanup.
 //! - The repository changes only through the mover's atomic commit.
+//!
+//! Several PVCs cut together at one instant (a VolumeGroupSnapshot) are backed up by
+//! [`group::back_up_group`], which runs this pipeline from the temporary PVC on per member.
 
+pub mod group;
 pub mod objects;
 
 use std::time::Duration;
@@ -121,7 +125,7 @@ pub struct PvcBackupReport {
 
 /// Objects created by this run, deleted on the way out unless kept.
 #[derive(Default)]
-struct Created {
+pub(crate) struct Created {
     snapshot: Option<String>,
     pvc: Option<String>,
     job: Option<String>,
@@ -262,6 +266,7 @@ pub async fn back_up_pvc(
             &volume,
             endpoint.as_ref(),
             opts,
+            None,
         );
         report.planned_objects = vec![
             serde_json::to_value(&vs).unwrap_or_default(),
@@ -300,6 +305,19 @@ pub async fn back_up_pvc(
     result.map(|()| report)
 }
 
+/// The group snapshot a member VolumeSnapshot was cut in, as recorded in its backup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct GroupCut {
+    /// Name of the VolumeGroupSnapshot.
+    pub(crate) name: String,
+    /// Its `status.creationTime` (RFC 3339): the instant every member was cut at.
+    pub(crate) cut_time: Option<String>,
+}
+
+/// Manifest label holding [`GroupCut::cut_time`]: backups with the same value (and the same
+/// `source.volume_group_snapshot`) are crash-consistent with each other.
+pub const GROUP_CUT_TIME_LABEL: &str = "cbt.io/group-cut-time";
+
 #[allow(clippy::too_many_arguments)] // the values the Job is built from
 fn backup_job(
     job_name: &str,
@@ -310,6 +328,7 @@ fn backup_job(
     volume: &str,
     endpoint: Option<&MetadataEndpoint>,
     opts: &PvcBackupOptions,
+    group: Option<&GroupCut>,
 ) -> Job {
     let source = cbt_core::manifest::SourceInfo {
         csi_driver: Some(pvc.driver.clone()),
@@ -321,9 +340,14 @@ fn backup_job(
         volume_mode: Some(pvc.volume_mode.clone()),
         pvc_labels: pvc.labels.clone(),
         volume_snapshot: Some(vs_name.to_string()),
+        volume_group_snapshot: group.map(|g| g.name.clone()),
         csi_snapshot_id: Some(handle.to_string()),
         ..Default::default()
     };
+    let mut labels = opts.labels.clone();
+    if let Some(t) = group.and_then(|g| g.cut_time.as_ref()) {
+        labels.insert(GROUP_CUT_TIME_LABEL.to_string(), t.clone());
+    }
     let spec = MoverSpec {
         version: MOVER_SPEC_VERSION,
         repo: opts.target.repo.clone(),
@@ -344,7 +368,7 @@ fn backup_job(
             }),
             fallback_full: opts.fallback_full,
             source,
-            labels: opts.labels.clone(),
+            labels,
             compression_level: 1,
         })),
     };
@@ -374,6 +398,29 @@ async fn run_backup(
     report: &mut PvcBackupReport,
     cancel: watch::Receiver<bool>,
 ) -> Result<(), Error> {
+    let handle = cut_snapshot(cluster, opts, vs, created, report, cancel.clone()).await?;
+    let vs_name = vs.metadata.name.clone().unwrap_or_default();
+    let ready = ReadySnapshot {
+        name: &vs_name,
+        handle: &handle,
+        group: None,
+    };
+    back_up_from_snapshot(
+        cluster, pvc, volume, endpoint, opts, &ready, src, job_name, created, report, cancel,
+    )
+    .await
+}
+
+/// Creates `vs`, waits until it is ready (its `status.error` verbatim on failure) and returns
+/// the CSI handle of its bound content.
+async fn cut_snapshot(
+    cluster: &Cluster,
+    opts: &PvcBackupOptions,
+    vs: &VolumeSnapshot,
+    created: &mut Created,
+    report: &mut PvcBackupReport,
+    cancel: watch::Receiver<bool>,
+) -> Result<String, Error> {
     let ctx = &cluster.context;
     let ns = &opts.namespace;
     let retry = RetryPolicy::default();
@@ -424,7 +471,7 @@ async fn run_backup(
         .get_opt(&content_name)
         .await
         .map_err(|e| Error::api(ctx, "get", "VolumeSnapshotContent", &content_name, e))?;
-    let handle = content
+    content
         .as_ref()
         .and_then(|c| c.snapshot_handle())
         .map(str::to_string)
@@ -434,8 +481,40 @@ async fn run_backup(
                 "VolumeSnapshot {} is ready but its content {content_name:?} has no snapshot handle",
                 ns_name(ns, &vs_name)
             ),
-        })?;
-    report.snapshot_handle = Some(handle.clone());
+        })
+}
+
+/// A ready VolumeSnapshot a backup reads: its name, CSI handle and, for a group member, the
+/// group.
+pub(crate) struct ReadySnapshot<'a> {
+    /// VolumeSnapshot name (in the backup's namespace).
+    pub(crate) name: &'a str,
+    /// CSI snapshot handle of its bound content.
+    pub(crate) handle: &'a str,
+    /// The group it was cut in, if any.
+    pub(crate) group: Option<&'a GroupCut>,
+}
+
+/// The backup from a ready snapshot on: the temporary PVC `src` restored from it, then the
+/// mover Job. The caller owns cleanup (everything made is recorded in `created`).
+#[allow(clippy::too_many_arguments)] // one run's state, threaded through its steps
+pub(crate) async fn back_up_from_snapshot(
+    cluster: &Cluster,
+    pvc: &PvcInfo,
+    volume: &str,
+    endpoint: Option<&MetadataEndpoint>,
+    opts: &PvcBackupOptions,
+    snapshot: &ReadySnapshot<'_>,
+    src: &PersistentVolumeClaim,
+    job_name: &str,
+    created: &mut Created,
+    report: &mut PvcBackupReport,
+    cancel: watch::Receiver<bool>,
+) -> Result<(), Error> {
+    let ctx = &cluster.context;
+    let ns = &opts.namespace;
+    report.volume_snapshot = Some(snapshot.name.to_string());
+    report.snapshot_handle = Some(snapshot.handle.to_string());
     if cancelled(&cancel) {
         return Err(Error::Cancelled);
     }
@@ -456,7 +535,15 @@ async fn run_backup(
         })?;
     created.pvc = Some(src_name.clone());
     let job = backup_job(
-        job_name, &src_name, &vs_name, &handle, pvc, volume, endpoint, opts,
+        job_name,
+        &src_name,
+        snapshot.name,
+        snapshot.handle,
+        pvc,
+        volume,
+        endpoint,
+        opts,
+        snapshot.group,
     );
     let mover = run_mover(cluster, ns, &job, created, report, t, cancel).await?;
     report.mover = Some(mover);
