@@ -143,11 +143,14 @@ pub(crate) fn validate(obj: &Value) -> Vec<Cause> {
     causes
 }
 
+/// What makes two CRD-served types the same: group, version, plural, kind, namespaced, status.
+type TypeKey = (String, String, String, String, bool, bool);
+
 /// Interned resource types of CRD-served versions: each distinct shape is leaked once, so
 /// routes can hold `&'static` types like the built-ins however often CRDs come and go.
 #[derive(Default)]
 pub(crate) struct CrdTypes {
-    interned: Mutex<BTreeMap<(String, String, String, String, bool, bool), &'static ResourceType>>,
+    interned: Mutex<BTreeMap<TypeKey, &'static ResourceType>>,
 }
 
 fn leak(s: &str) -> &'static str {
