@@ -1,4 +1,4 @@
-//! API discovery: `/api`, `/api/v1`, `/apis`, `/apis/{group}` and `/apis/{group}/{version}`,
+//! API discovery: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}` and `/apis/{group}/{version}`,
 //! derived from the types served at the moment of the request (built-ins, `serve`d extras and
 //! established CRDs), so a client can ask "is this resource served?" the way kubectl and
 //! client-go do. Only the legacy (non-aggregated) JSON documents are served.
@@ -120,6 +120,12 @@ pub(crate) fn answer(
             .collect()
     };
     Some(match segs.as_slice() {
+        ["version"] => Ok(json!({
+            "major": "1", "minor": "36", "gitVersion": "v1.36.0-fake-kube",
+            "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.25", "compiler": "gc",
+            "platform": "linux/amd64",
+        })),
         ["api"] => Ok(json!({"kind": "APIVersions", "versions": ["v1"],
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]})),
         ["api", "v1"] => Ok(resource_list("v1", &served("", "v1"))),

@@ -57,7 +57,7 @@
 //! # Network objects and discovery
 //! Services (with a cluster IP and port defaults) and `discovery.k8s.io/v1` EndpointSlices are
 //! stored and validated; no controller derives slices from pods and nothing listens on a
-//! cluster IP, so tests write the slices themselves. API discovery (`/api`, `/api/v1`, `/apis`,
+//! cluster IP, so tests write the slices themselves. `/version` and API discovery (`/api`, `/api/v1`, `/apis`,
 //! `/apis/{group}`, `/apis/{group}/{version}`) lists what is served at that moment.
 //!
 //! RBAC is opt-in: with [`FakeKubeBuilder::rbac`] every request is authorized against

@@ -228,6 +228,7 @@ async fn discovery_and_self_reviews_are_open_to_every_authenticated_user() {
         .await
         .unwrap();
     let c = client(&server.kubeconfig_yaml_as("n", "nobody-token"), "n").await;
+    assert_eq!(c.apiserver_version().await.unwrap().major, "1");
     assert!(
         c.list_core_api_versions()
             .await
