@@ -161,36 +161,45 @@ fn judge_rbac(namespace: &str, total: usize, denied: &[Permission]) -> Check {
     )
 }
 
-/// (11) The identity running doctor may do everything backup and restore do.
-pub(crate) async fn orchestrator_rbac(ctx: &Ctx<'_>) -> Check {
-    let id = CheckId::OrchestratorRbac;
-    let ns = &ctx.opts.namespace;
-    let reviews: Api<SelfSubjectAccessReview> = Api::all(ctx.client());
+/// The permissions of `permissions` the caller (the identity of `client`) lacks in
+/// `namespace`, asked with one SelfSubjectAccessReview each.
+///
+/// # Errors
+/// The first failed review (e.g. 403 if even "may I" questions are forbidden).
+pub async fn denied_permissions(
+    client: &kube::Client,
+    namespace: &str,
+    permissions: &[Permission],
+) -> Result<Vec<Permission>, kube::Error> {
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     let mut denied = Vec::new();
-    for p in ORCHESTRATOR_PERMISSIONS {
+    for p in permissions {
         let review = SelfSubjectAccessReview {
             spec: SelfSubjectAccessReviewSpec {
-                resource_attributes: Some(attributes(p, ns)),
+                resource_attributes: Some(attributes(p, namespace)),
                 ..Default::default()
             },
             ..Default::default()
         };
-        match reviews.create(&PostParams::default(), &review).await {
-            Ok(answer) => {
-                if !answer.status.is_some_and(|s| s.allowed) {
-                    denied.push(*p);
-                }
-            }
-            Err(e) => {
-                return Check::unchecked(
-                    id,
-                    "create selfsubjectaccessreviews.authorization.k8s.io",
-                    &e,
-                );
-            }
+        let answer = reviews.create(&PostParams::default(), &review).await?;
+        if !answer.status.is_some_and(|s| s.allowed) {
+            denied.push(*p);
         }
     }
-    judge_rbac(ns, ORCHESTRATOR_PERMISSIONS.len(), &denied)
+    Ok(denied)
+}
+
+/// (11) The identity running doctor may do everything backup and restore do.
+pub(crate) async fn orchestrator_rbac(ctx: &Ctx<'_>) -> Check {
+    let ns = &ctx.opts.namespace;
+    match denied_permissions(&ctx.client(), ns, ORCHESTRATOR_PERMISSIONS).await {
+        Ok(denied) => judge_rbac(ns, ORCHESTRATOR_PERMISSIONS.len(), &denied),
+        Err(e) => Check::unchecked(
+            CheckId::OrchestratorRbac,
+            "create selfsubjectaccessreviews.authorization.k8s.io",
+            &e,
+        ),
+    }
 }
 
 /// (12) The mover's ServiceAccount may get VolumeSnapshots in the namespace: the sidecar's

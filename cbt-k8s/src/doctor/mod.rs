@@ -34,6 +34,8 @@ use k8s_openapi::api::storage::v1::CSIDriver;
 use kube::api::{Api, ListParams};
 use serde::Serialize;
 
+pub use access::denied_permissions;
+
 use crate::connect::Cluster;
 use crate::error::{describe, is_forbidden};
 
@@ -276,7 +278,7 @@ pub struct DoctorReport {
 }
 
 impl DoctorReport {
-    /// The first check with this id (for a driver, if given).
+    /// The first check with this id.
     pub fn check(&self, id: CheckId) -> Option<&Check> {
         self.checks.iter().find(|c| c.id == id)
     }

@@ -25,7 +25,7 @@
 pub mod objects;
 pub mod permissions;
 
-pub use permissions::{MOVER_PERMISSION, ORCHESTRATOR_PERMISSIONS, Permission};
+pub use permissions::{MOVER_PERMISSION, ORCHESTRATOR_PERMISSIONS, Permission, rbac_objects};
 
 use std::time::Duration;
 

@@ -243,6 +243,61 @@ pub const MOVER_PERMISSION: Permission = p(
     "the sidecar's SubjectAccessReview of the mover's token",
 );
 
+/// One RBAC rule granting `p` (JSON, as in a Role or ClusterRole).
+fn rule(p: &Permission) -> serde_json::Value {
+    serde_json::json!({
+        "apiGroups": [p.group],
+        "resources": [if p.subresource.is_empty() {
+            p.resource.to_string()
+        } else {
+            format!("{}/{}", p.resource, p.subresource)
+        }],
+        "verbs": [p.verb],
+    })
+}
+
+/// Least-privilege RBAC objects granting `permissions` to `subject` (a binding subject, e.g.
+/// `{"kind": "ServiceAccount", "name": "backup", "namespace": "ops"}`): a Role and RoleBinding
+/// named `name` in `namespace` for the namespaced ones, a ClusterRole and ClusterRoleBinding
+/// named `name` for the cluster-scoped ones (omitted when there are none).
+pub fn rbac_objects(
+    permissions: &[Permission],
+    namespace: &str,
+    name: &str,
+    subject: &serde_json::Value,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for scope in [Scope::Namespace, Scope::Cluster] {
+        let rules: Vec<serde_json::Value> = permissions
+            .iter()
+            .filter(|p| p.scope == scope)
+            .map(rule)
+            .collect();
+        if rules.is_empty() {
+            continue;
+        }
+        let (role_kind, binding_kind) = match scope {
+            Scope::Namespace => ("Role", "RoleBinding"),
+            Scope::Cluster => ("ClusterRole", "ClusterRoleBinding"),
+        };
+        let mut meta = serde_json::json!({"name": name});
+        if scope == Scope::Namespace {
+            meta["namespace"] = serde_json::json!(namespace);
+        }
+        out.push(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": role_kind,
+            "metadata": meta, "rules": rules,
+        }));
+        out.push(serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": binding_kind,
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": name},
+            "subjects": [subject],
+        }));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +317,26 @@ mod tests {
             ORCHESTRATOR_PERMISSIONS[4].to_string(),
             "get persistentvolumes (cluster-wide)"
         );
+    }
+
+    #[test]
+    fn rbac_objects_split_by_scope() {
+        let sa = serde_json::json!({"kind": "ServiceAccount", "name": "b", "namespace": "ops"});
+        let objs = rbac_objects(ORCHESTRATOR_PERMISSIONS, "db", "cbt", &sa);
+        let kinds: Vec<&str> = objs.iter().filter_map(|o| o["kind"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]
+        );
+        assert_eq!(objs[0]["metadata"]["namespace"], "db");
+        assert!(objs[2]["metadata"].get("namespace").is_none());
+        assert!(
+            objs[0]["rules"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["resources"][0] == "pods/log"))
+        );
+        let mover = rbac_objects(&[MOVER_PERMISSION], "db", "m", &sa);
+        assert_eq!(mover.len(), 2);
     }
 
     #[test]
