@@ -99,6 +99,10 @@ pub enum Command {
     Metadata(metadata_cmd::MetadataCommand),
     /// Serve the CSI and Kubernetes SnapshotMetadata APIs from a directory of snapshot images.
     ServeMetadata(metadata_cmd::ServeMetadataArgs),
+    /// Check that CBT backups can work in a cluster: snapshot API and controller, the driver's
+    /// SnapshotMetadataService and sidecar, TLS, tokens, snapshot class, RBAC; one line per
+    /// check with the fix (exit 5 if any check fails).
+    Doctor(commands::doctor::DoctorArgs),
     /// Run as the data mover of a `backup --pvc` / `restore --to-pvc` Job (spec in CBT_MOVER_SPEC).
     #[command(hide = true)]
     Mover(commands::k8s::MoverArgs),
@@ -167,6 +171,7 @@ async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
         Command::Lock(cmd) => commands::maint::lock(&ctx, cmd).await,
         Command::Metadata(cmd) => metadata_cmd::run_metadata(&ctx, cmd).await,
         Command::ServeMetadata(args) => metadata_cmd::run_serve_metadata(args).await,
+        Command::Doctor(args) => commands::doctor::run(&ctx, &args).await,
         Command::Mover(args) => commands::k8s::mover(&args).await,
     }
 }

@@ -1,9 +1,11 @@
 //! Kubernetes side of the toolkit: typed snapshot and group snapshot objects, client construction
-//! from kubeconfig, retries and waits, and the SnapShift core.
+//! from kubeconfig, retries and waits, PVC backup and restore, `cbt doctor`, and the SnapShift
+//! core.
 //!
 //! Library crates leave the k8s-openapi version feature to the final binary.
 
 pub mod connect;
+pub mod doctor;
 pub mod error;
 pub mod group_snapshot;
 pub mod metadata_service;

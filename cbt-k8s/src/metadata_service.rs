@@ -105,17 +105,21 @@ impl MetadataEndpoint {
 
 /// The host of `host:port` (IPv6 in brackets allowed), if a port is present.
 fn host_of(address: &str) -> Option<String> {
+    split_address(address).map(|(host, _)| host)
+}
+
+/// Splits a `spec.address` into host and port (IPv6 in brackets allowed); `None` without a
+/// valid port or with an empty host.
+pub fn split_address(address: &str) -> Option<(String, u16)> {
     let (host, port) = match address.strip_prefix('[') {
-        Some(rest) => {
-            let (h, p) = rest.split_once("]:")?;
-            (h, p)
-        }
+        Some(rest) => rest.split_once("]:")?,
         None => address.rsplit_once(':')?,
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
+    let port = port.parse::<u16>().ok()?;
+    if host.is_empty() {
         return None;
     }
-    Some(host.to_string())
+    Some((host.to_string(), port))
 }
 
 /// Reads the SnapshotMetadataService of `driver`.

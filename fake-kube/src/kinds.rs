@@ -152,6 +152,7 @@ pub(crate) fn secret_bytes(secret: &Value, key: &str) -> Option<Vec<u8>> {
 /// # Errors
 /// 400 BadRequest for Secret `data` that is not base64 (the API server fails to decode it).
 pub(crate) fn normalize(rt: &ResourceType, obj: &mut Value) -> Result<(), ApiError> {
+    crate::network::normalize(rt, obj);
     if rt == &SECRETS {
         normalize_secret(obj)?;
     } else if rt == &PODS {
@@ -355,7 +356,10 @@ fn validate_pod_spec(spec: &Value, path: &str, causes: &mut Vec<Cause>) {
 
 /// Field checks the API server makes for these kinds (appended to the store's own).
 pub(crate) fn validate(rt: &ResourceType, obj: &Value) -> Vec<Cause> {
-    let mut causes = Vec::new();
+    let mut causes = crate::network::validate(rt, obj);
+    if rt == &crate::crds::CUSTOM_RESOURCE_DEFINITIONS {
+        causes.extend(crate::crds::validate(obj));
+    }
     if rt == &PODS {
         validate_pod_spec(&obj["spec"], "spec", &mut causes);
     } else if rt == &JOBS {

@@ -5,7 +5,8 @@
 //! as to a cluster, through a kubeconfig this crate writes):
 //! namespaces, PersistentVolumeClaims, PersistentVolumes, CSIDrivers, StorageClasses,
 //! VolumeSnapshots, VolumeSnapshotContents, VolumeSnapshotClasses, ServiceAccounts, Secrets,
-//! ConfigMaps, Events, Pods and batch/v1 Jobs; get, list (label selectors; field selectors on
+//! ConfigMaps, Events, Pods, batch/v1 Jobs, Services, EndpointSlices and
+//! CustomResourceDefinitions; get, list (label selectors; field selectors on
 //! `metadata.name`/`namespace`, `involvedObject.*`, `reason`, `type`, `status.phase`,
 //! `spec.nodeName`...), watch (from a resourceVersion, JSON lines), create, replace, patch
 //! (merge, JSON patch; strategic merge for built-ins), delete, `/status`, server-side
@@ -57,7 +58,16 @@
 //! Deleting the group deletes the members. The rules are in the `groups` module docs.
 //!
 //! Extra resource types (e.g. SnapshotMetadataService) can be served with
-//! [`FakeKubeBuilder::serve`]; for them only `metadata.name` is validated.
+//! [`FakeKubeBuilder::serve`], or by creating their CustomResourceDefinition
+//! (`apiextensions.k8s.io/v1`; [`FakeKube::install_yaml`] with the upstream manifests in
+//! [`crds::upstream`]): its served versions are routed while the CRD exists. For such types
+//! only `metadata.name` is validated (no OpenAPI schema, no CEL).
+//!
+//! # Network objects and discovery
+//! Services (with a cluster IP and port defaults) and `discovery.k8s.io/v1` EndpointSlices are
+//! stored and validated; no controller derives slices from pods and nothing listens on a
+//! cluster IP, so tests write the slices themselves. `/version` and API discovery (`/api`, `/api/v1`, `/apis`,
+//! `/apis/{group}`, `/apis/{group}/{version}`) lists what is served at that moment.
 //!
 //! RBAC is opt-in: with [`FakeKubeBuilder::rbac`] every request is authorized against
 //! Roles, ClusterRoles and bindings (e.g. parsed from a tool's manifests with
@@ -85,11 +95,14 @@
 mod access_review;
 mod backend;
 mod controller;
+pub mod crds;
+mod discovery;
 mod faults;
 mod groups;
 mod jobs;
 mod kinds;
 mod kubelet;
+mod network;
 pub mod rbac;
 mod server;
 mod store;
@@ -156,7 +169,9 @@ pub(crate) struct State {
     policy: Mutex<Option<Policy>>,
     access: Mutex<Vec<AccessRecord>>,
     changed: Notify,
+    /// Built-in and `serve`d types; CRD-defined ones come from the store (see `served_types`).
     types: Vec<&'static ResourceType>,
+    crd_types: crds::CrdTypes,
     tokens: TokenRegistry,
     kubelet: kubelet::Kubelet,
 }
@@ -164,6 +179,23 @@ pub(crate) struct State {
 impl State {
     fn lock_store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every type served right now: the built-ins first (they win over a CRD serving the same
+    /// resource), then the versions established CRDs serve. Locks the store briefly: never
+    /// call it while holding the store lock.
+    pub(crate) fn served_types(&self) -> Vec<&'static ResourceType> {
+        let crd_types = self.crd_types.served(&self.lock_store());
+        let mut all = self.types.clone();
+        for t in crd_types {
+            if !all
+                .iter()
+                .any(|b| (b.group, b.version, b.plural) == (t.group, t.version, t.plural))
+            {
+                all.push(t);
+            }
+        }
+        all
     }
 
     fn record(&self, r: RecordedRequest) {
@@ -198,7 +230,7 @@ impl State {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_none_or(|p| p.allows(user, attributes))
+            .is_none_or(|p| p.allows(user, attributes) || rbac::bootstrap_allows(user, attributes))
     }
 
     pub(crate) fn authorize(&self, user: &UserInfo, attributes: RequestAttributes) -> bool {
@@ -207,7 +239,9 @@ impl State {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
-            .is_none_or(|p| p.allows(user, &attributes));
+            .is_none_or(|p| {
+                p.allows(user, &attributes) || rbac::bootstrap_allows(user, &attributes)
+            });
         self.access
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -343,12 +377,15 @@ impl FakeKubeBuilder {
                 )
                 .chain(kinds::WORKLOAD_TYPES.iter().copied())
                 .chain(access_review::ACCESS_REVIEW_TYPES.iter().copied())
+                .chain(network::NETWORK_TYPES.iter().copied())
+                .chain(std::iter::once(&crds::CUSTOM_RESOURCE_DEFINITIONS))
                 .chain(
                     self.extra_types
                         .into_iter()
                         .map(|t| &*Box::leak(Box::new(t))),
                 )
                 .collect(),
+            crd_types: crds::CrdTypes::default(),
             tokens: TokenRegistry::default(),
             kubelet: kubelet::Kubelet::new(self.images, self.job_backoff)?,
         });
@@ -395,9 +432,10 @@ async fn controller_loop(state: Arc<State>) {
         let mut store = state.lock_store();
         // A few passes so chains (content -> snapshot -> PVC) settle in one wake-up.
         for _ in 0..4 {
+            let crds = crds::reconcile(&mut store);
             let snapshots =
                 controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver);
-            if !(kubelet::reconcile(&state, &mut store) | snapshots) {
+            if !(kubelet::reconcile(&state, &mut store) | snapshots | crds) {
                 break;
             }
         }
@@ -428,7 +466,7 @@ fn type_of(
     api_version: &str,
     kind: &str,
 ) -> Result<&'static store::ResourceType, ApiError> {
-    find_type_by_kind(&state.types, api_version, kind).ok_or_else(|| {
+    find_type_by_kind(&state.served_types(), api_version, kind).ok_or_else(|| {
         ApiError::bad_request(format!("fake-kube does not serve {api_version} {kind}"))
     })
 }
@@ -633,6 +671,21 @@ impl FakeKube {
             name,
             false,
         )
+    }
+
+    /// Creates every object of a (multi-document) YAML text, e.g. the upstream CRD manifests
+    /// in [`crds::upstream`]; a CustomResourceDefinition starts serving its versions at once.
+    ///
+    /// # Errors
+    /// 400 BadRequest for YAML that does not parse, else as [`Self::create`] (stops at the
+    /// first failure).
+    pub fn install_yaml(&self, yaml: &str) -> Result<Vec<Value>, ApiError> {
+        let docs: Vec<Value> = serde_saphyr::from_multiple(yaml)
+            .map_err(|e| ApiError::bad_request(format!("cannot parse YAML: {e}")))?;
+        docs.into_iter()
+            .filter(|d| !d.is_null())
+            .map(|d| self.create(d))
+            .collect()
     }
 
     /// Creates a namespace.

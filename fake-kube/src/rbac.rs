@@ -13,6 +13,8 @@
 //! namespace, a RoleBinding that references a ClusterRole granting it in the binding's
 //! namespace only, User/Group/ServiceAccount subjects (a ServiceAccount subject without a
 //! namespace means the binding's), and the `system:masters` group bypassing RBAC.
+//! The bootstrap grants every real cluster has for authenticated users (discovery, and
+//! "may I" reviews) apply on top of any loaded policy ([`bootstrap_allows`]).
 //! Not simulated: aggregated ClusterRoles (`aggregationRule`), escalation checks on
 //! writes to RBAC objects, impersonation.
 
@@ -557,6 +559,34 @@ impl Policy {
                 .rules_for(user, &attrs.namespace)
                 .any(|rule| rule.allows(attrs))
     }
+}
+
+/// What every cluster grants every authenticated user through its bootstrap ClusterRoles,
+/// whatever policy is loaded: `system:discovery` (GET on the discovery and version paths) and
+/// `system:basic-user` (create SelfSubjectAccessReviews, SelfSubjectRulesReviews and
+/// SelfSubjectReviews, i.e. "what may I do" and "who am I").
+pub fn bootstrap_allows(user: &UserInfo, attrs: &RequestAttributes) -> bool {
+    if !user.groups.iter().any(|g| g == AUTHENTICATED_GROUP) {
+        return false;
+    }
+    if !attrs.resource_request {
+        let p = attrs.path.trim_end_matches('/');
+        return attrs.verb == "get"
+            && (matches!(
+                p,
+                "/api" | "/apis" | "/version" | "/healthz" | "/livez" | "/readyz"
+            ) || p.starts_with("/api/")
+                || p.starts_with("/apis/"));
+    }
+    attrs.verb == "create"
+        && attrs.subresource.is_empty()
+        && matches!(
+            (attrs.api_group.as_str(), attrs.resource.as_str()),
+            (
+                "authorization.k8s.io",
+                "selfsubjectaccessreviews" | "selfsubjectrulesreviews"
+            ) | ("authentication.k8s.io", "selfsubjectreviews")
+        )
 }
 
 /// The apiserver's 403 answer for a denied request: a metav1.Status body with reason

@@ -222,7 +222,16 @@ pub(crate) async fn handle(
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(DropConnection),
     };
-    let route = match route(&path, &state.types) {
+    let types = state.served_types();
+    if method == Method::GET
+        && let Some(doc) = crate::discovery::answer(&path, &types)
+    {
+        return Ok(match doc {
+            Ok(v) => json_response(200, &v),
+            Err(e) => error_response(&e),
+        });
+    }
+    let route = match route(&path, &types) {
         Ok(r) => r,
         Err(e) => return Ok(error_response(&e)),
     };

@@ -106,7 +106,8 @@ pub struct PvcRestoreArgs {
     pub size: Option<u64>,
 }
 
-fn k8s_error(e: cbt_k8s::Error) -> CliError {
+/// A Kubernetes-layer error as the CLI reports it (class from its kind).
+pub(crate) fn k8s_error(e: cbt_k8s::Error) -> CliError {
     let class = match e.kind() {
         ErrorKind::Transient | ErrorKind::Backend | ErrorKind::Cancelled => ExitClass::Transient,
         ErrorKind::Config => ExitClass::Config,

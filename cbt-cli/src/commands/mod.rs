@@ -1,6 +1,7 @@
 //! One module per command group; each exposes its clap arguments and a `run`-style function.
 
 pub mod backup;
+pub mod doctor;
 pub mod k8s;
 pub mod maint;
 pub mod parse;

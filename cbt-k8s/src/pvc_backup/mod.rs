@@ -15,6 +15,9 @@
 //!    ones this tool cut for the same PVC beyond `keep_snapshots`. On failure the new snapshot
 //!    is deleted too. Nothing this tool did not create (label and annotation) is ever deleted.
 //!
+//! The API permissions these flows use are listed in [`ORCHESTRATOR_PERMISSIONS`]; keep it
+//! in step with the code (a test compares it with the requests the flows make).
+//!
 //! # Guarantees
 //! - Cancellation (the `cancel` channel, e.g. Ctrl-C) and timeouts run the same cleanup.
 //! - The repository changes only through the mover's atomic commit.
@@ -24,6 +27,9 @@
 
 pub mod group;
 pub mod objects;
+pub mod permissions;
+
+pub use permissions::{MOVER_PERMISSION, ORCHESTRATOR_PERMISSIONS, Permission, rbac_objects};
 
 use std::time::Duration;
 
