@@ -1,0 +1,1 @@
+//! Mapping tables rendered from the translation code.
