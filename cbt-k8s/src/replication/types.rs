@@ -819,8 +819,7 @@ pub struct DellCSIReplicationGroupSpec {
     /// DellCSIReplicationGroup parameters class, if any.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub request_parameters_class: String,
-    /// One-shot verb; the sidecar clears it when done (required: `""` = none).
-    #[serde(default)]
+    /// One-shot verb; the sidecar clears it when done (required by the CRD: `""` = none).
     pub action: String,
     /// Remote cluster id (`self` for single-cluster replication).
     pub remote_cluster_id: String,
@@ -868,8 +867,7 @@ pub struct ReplicationLinkState {
     /// `SYNCHRONIZED`, `SYNC_IN_PROGRESS`, `SUSPENDED`, `FAILEDOVER`, `INVALID`, `UNKNOWN`, `EMPTY`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub state: String,
-    /// True when this side is the replication source.
-    #[serde(default)]
+    /// True when this side is the replication source (required by the CRD).
     pub is_source: bool,
     /// When the link state was last polled successfully.
     #[serde(default, skip_serializing_if = "Option::is_none")]
