@@ -19,7 +19,8 @@
 //! failed-over source: `REPROTECT_LOCAL` (csi-addons' primary "enables
 //! mirroring", and PowerStore reprotects only from the new source);
 //! secondary on a source with a synchronised link: `FAILOVER_REMOTE` (planned
-//! failover hands the source role to the peer); a suspended link: `RESUME`
+//! failover hands the source role to the peer), preceded by `REPROTECT_LOCAL`
+//! when the source is failed over (not replicating); a suspended link: `RESUME`
 //! (on a secondary only with `autoResync` or `resync`; never when a person
 //! suspended it); resync on a secondary: `SYNC`. We never send `SUSPEND`.
 //!
@@ -373,10 +374,9 @@ pub fn need(desired: ReplicationState, auto_resync: bool, view: &RgView) -> Need
             Secondary,
             "waiting for the running sync to finish before the planned failover",
         )),
-        (Secondary, true, L::FailedOver) => Need::Done(Report::in_progress(
-            Secondary,
-            "the peer failed over; waiting for it to reprotect",
-        )),
+        // Failed over to this site: replication must run from here before the
+        // source role can be handed back with a planned failover.
+        (Secondary, true, L::FailedOver) => Need::Verb(DellAction::ReprotectLocal),
         (Secondary, true, _) => Need::Done(Report::failed(
             Secondary,
             &format!(
