@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cbt_k8s::replication::types::*;
-use k8s_openapi::api::core::v1::{LocalObjectReference, ObjectReference, TypedLocalObjectReference};
+use k8s_openapi::api::core::v1::{
+    LocalObjectReference, ObjectReference, TypedLocalObjectReference,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     Condition, LabelSelector, LabelSelectorRequirement, ObjectMeta, Time,
 };
@@ -187,7 +189,12 @@ fn vgrc(max: bool) -> VolumeGroupReplicationClass {
     let mut o = VolumeGroupReplicationClass::new(
         "vgrc",
         VolumeGroupReplicationClassSpec {
-            provisioner: if max { "csi-powerstore.dellemc.com" } else { "" }.into(),
+            provisioner: if max {
+                "csi-powerstore.dellemc.com"
+            } else {
+                ""
+            }
+            .into(),
             parameters: if max { params() } else { None },
         },
     );
@@ -524,7 +531,9 @@ fn check_fields(v: &Value, schema: &Value, path: &str, errs: &mut Vec<String>) {
                 } else if schema["additionalProperties"].is_object() {
                     check_fields(child, &schema["additionalProperties"], &p, errs);
                 } else {
-                    errs.push(format!("{p}: we write it, the CRD has no such field (it would be pruned)"));
+                    errs.push(format!(
+                        "{p}: we write it, the CRD has no such field (it would be pruned)"
+                    ));
                 }
             }
         }
@@ -550,7 +559,10 @@ fn check_required_written(v: &Value, schema: &Value, path: &str, errs: &mut Vec<
             for r in schema["required"].as_array().into_iter().flatten() {
                 let r = r.as_str().unwrap_or_default();
                 if !map.contains_key(r) {
-                    errs.push(format!("{}: required by the CRD, not written", join(path, r)));
+                    errs.push(format!(
+                        "{}: required by the CRD, not written",
+                        join(path, r)
+                    ));
                 }
             }
             for (k, child) in map {
@@ -595,7 +607,11 @@ fn keys(
                 s.push(Seg::Key(k.clone()));
                 let child_schema = schema["properties"]
                     .get(k)
-                    .or_else(|| schema["additionalProperties"].as_object().map(|_| &schema["additionalProperties"]))
+                    .or_else(|| {
+                        schema["additionalProperties"]
+                            .as_object()
+                            .map(|_| &schema["additionalProperties"])
+                    })
                     .cloned()
                     .unwrap_or(Value::Null);
                 let p = join(path, k);
@@ -649,7 +665,8 @@ fn every_written_field_exists_in_the_crd_with_the_same_type() {
             errs.extend(e.into_iter().map(|e| format!("{kind} ({label}): {e}")));
         }
         // The max value must survive a read: it is a shape the API server serves.
-        (case.read)(case.max.clone()).unwrap_or_else(|e| panic!("{kind}: max value does not read back: {e}"));
+        (case.read)(case.max.clone())
+            .unwrap_or_else(|e| panic!("{kind}: max value does not read back: {e}"));
     }
     assert!(errs.is_empty(), "drift:\n{}", errs.join("\n"));
 }
@@ -665,7 +682,11 @@ fn every_required_field_is_written() {
             errs.extend(e.into_iter().map(|e| format!("{kind} ({label}): {e}")));
         }
     }
-    assert!(errs.is_empty(), "missing required fields:\n{}", errs.join("\n"));
+    assert!(
+        errs.is_empty(),
+        "missing required fields:\n{}",
+        errs.join("\n")
+    );
 }
 
 #[test]
@@ -685,17 +706,17 @@ fn required_fields_are_required_and_optional_ones_optional_when_read() {
             if path == "spec" {
                 continue;
             }
-            let inside_k8s = case
-                .k8s_owned
-                .iter()
-                .any(|o| path.strip_prefix(o).is_some_and(|rest| rest.starts_with('.')));
+            let inside_k8s = case.k8s_owned.iter().any(|o| {
+                path.strip_prefix(o)
+                    .is_some_and(|rest| rest.starts_with('.'))
+            });
             let mut v = case.max.clone();
             remove(&mut v, &segs);
             let result = (case.read)(v);
             match (required, result) {
-                (true, Ok(())) if !inside_k8s => {
-                    errs.push(format!("{kind}: {path} is required by the CRD but reads as optional"))
-                }
+                (true, Ok(())) if !inside_k8s => errs.push(format!(
+                    "{kind}: {path} is required by the CRD but reads as optional"
+                )),
                 (false, Err(e)) => errs.push(format!(
                     "{kind}: {path} is optional in the CRD but required when read: {e}"
                 )),
@@ -718,7 +739,11 @@ fn vendored_crds_match_shared() {
         if path.extension().is_none_or(|e| e != "yaml") {
             continue;
         }
-        let name = path.file_name().expect("name").to_string_lossy().to_string();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
         let group = name.split('_').next().expect("group prefix");
         let theirs = std::fs::read(shared.join(group).join(&name)).expect("shared copy");
         assert_eq!(
@@ -732,7 +757,10 @@ fn vendored_crds_match_shared() {
 #[test]
 fn the_checker_catches_drift() {
     // A field the CRD does not have, a wrong type, a missing required field.
-    let schema = schema("replication.storage.openshift.io_volumereplications.yaml", VERSION);
+    let schema = schema(
+        "replication.storage.openshift.io_volumereplications.yaml",
+        VERSION,
+    );
     let mut v = to_json(&vr(true));
     v["spec"]["extra"] = json!("x");
     v["status"]["lastSyncBytes"] = json!("12");
@@ -740,10 +768,16 @@ fn the_checker_catches_drift() {
     check_fields(&v, &schema, "", &mut errs);
     assert_eq!(errs.len(), 2, "{errs:?}");
     let mut v = to_json(&vr(false));
-    v["spec"].as_object_mut().expect("spec").remove("autoResync");
+    v["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("autoResync");
     let mut errs = Vec::new();
     check_required_written(&v, &schema, "", &mut errs);
-    assert_eq!(errs, vec!["spec.autoResync: required by the CRD, not written".to_string()]);
+    assert_eq!(
+        errs,
+        vec!["spec.autoResync: required by the CRD, not written".to_string()]
+    );
     // Reading: a required field is refused when absent, an optional one is not.
     let mut all = Vec::new();
     keys(&to_json(&vr(true)), &schema, &[], "", &mut all);

@@ -4,9 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use cbt_k8s::replication::translate::conditions::{
-    self, ReportKind, reasons, types as ctypes,
-};
+use cbt_k8s::replication::translate::conditions::{self, ReportKind, reasons, types as ctypes};
 use cbt_k8s::replication::translate::dell::{self, LEDGER_ANNOTATION, Ledger};
 use cbt_k8s::replication::translate::trident::{self, LAST_APPLIED_ANNOTATION};
 use cbt_k8s::replication::translate::{
@@ -116,7 +114,10 @@ fn grp(vgr: &VolumeGroupReplication) -> Subject {
     Subject::from_group(vgr).expect("subject")
 }
 
-fn cond<'a>(plan: &'a Plan, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+fn cond<'a>(
+    plan: &'a Plan,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
     plan.status
         .as_ref()?
         .replication()
@@ -157,7 +158,10 @@ fn merge(target: &mut Value, patch: &Value) {
 
 /// Applies a merge patch like the API server: refuses a stale resourceVersion,
 /// bumps generation when spec changes. Returns false on conflict.
-fn patch_object<T: serde::Serialize + serde::de::DeserializeOwned>(obj: &mut T, patch: &Value) -> bool {
+fn patch_object<T: serde::Serialize + serde::de::DeserializeOwned>(
+    obj: &mut T,
+    patch: &Value,
+) -> bool {
     let mut v = serde_json::to_value(&*obj).expect("to json");
     let rv = v["metadata"]["resourceVersion"].clone();
     if let Some(want) = patch["metadata"].get("resourceVersion")
@@ -184,19 +188,26 @@ fn apply_trident(obs: &mut TridentObserved, writes: &[BackendWrite]) {
                 let mut t = t.clone();
                 t.metadata.resource_version = Some("1".into());
                 t.metadata.generation = Some(1);
-                t.metadata.uid = Some(format!("uid-{}", t.metadata.name.clone().unwrap_or_default()));
+                t.metadata.uid = Some(format!(
+                    "uid-{}",
+                    t.metadata.name.clone().unwrap_or_default()
+                ));
                 assert!(
-                    !obs.relationships.iter().any(|o| o.metadata.name == t.metadata.name),
+                    !obs.relationships
+                        .iter()
+                        .any(|o| o.metadata.name == t.metadata.name),
                     "create of an existing TMR"
                 );
-                obs.relationships.push(t);
+                obs.relationships.push(*t);
             }
             BackendWrite::Create(BackendObject::MirrorUpdate(u)) => {
                 assert!(
-                    !obs.updates.iter().any(|o| o.metadata.name == u.metadata.name),
+                    !obs.updates
+                        .iter()
+                        .any(|o| o.metadata.name == u.metadata.name),
                     "create of an existing TAMU"
                 );
-                obs.updates.push(u.clone());
+                obs.updates.push((**u).clone());
             }
             BackendWrite::Patch { target, patch } => {
                 let t = obs
@@ -250,7 +261,11 @@ fn settle_trident(obs: &mut TridentObserved, t: &Time) {
 // ---------------------------------------------------------------------------
 
 fn trident_class() -> ClassView {
-    class("vrc", TRIDENT, &[("replicationPolicy", "MirrorAllSnapshots")])
+    class(
+        "vrc",
+        TRIDENT,
+        &[("replicationPolicy", "MirrorAllSnapshots")],
+    )
 }
 
 #[test]
@@ -274,12 +289,19 @@ fn trident_primary_creates_a_promoted_tmr_then_reports_primary() {
     assert_eq!(ann[OWNER_ANNOTATION], "VolumeReplication/app/vr-db");
     assert_eq!(ann[CLASS_ANNOTATION], "vrc");
     assert_eq!(
-        serde_json::from_str::<TridentMirrorRelationshipSpec>(&ann[LAST_APPLIED_ANNOTATION]).expect("json"),
+        serde_json::from_str::<TridentMirrorRelationshipSpec>(&ann[LAST_APPLIED_ANNOTATION])
+            .expect("json"),
         tmr.spec
     );
     let owner = &tmr.metadata.owner_references.as_ref().expect("owner")[0];
-    assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("VolumeReplication", "uid-vr"));
-    assert_eq!(cond(&p, ctypes::COMPLETED).expect("completed").status, "False");
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("VolumeReplication", "uid-vr")
+    );
+    assert_eq!(
+        cond(&p, ctypes::COMPLETED).expect("completed").status,
+        "False"
+    );
     let st = p.status.as_ref().expect("status").replication();
     assert_eq!(st.last_start_time, Some(at(0)));
     assert_eq!(st.observed_generation, 1);
@@ -295,7 +317,11 @@ fn trident_primary_creates_a_promoted_tmr_then_reports_primary() {
     assert_eq!(st.last_start_time, Some(at(0)));
     assert!(conditions::ramen_accepts_primary(st, 1));
     assert!(p2.events.iter().any(|e| e.reason == reasons::PROMOTED));
-    let p3 = plan(&with_status(Request { now: at(20), ..r }, &p2), &Observed::Trident(obs)).expect("plan");
+    let p3 = plan(
+        &with_status(Request { now: at(20), ..r }, &p2),
+        &Observed::Trident(obs),
+    )
+    .expect("plan");
     assert!(p3.is_noop(), "{p3:?}");
 }
 
@@ -308,23 +334,45 @@ fn trident_secondary_needs_a_remote_handle_and_uses_the_first_source() {
     );
     let p = plan(&r, &Observed::Nothing).expect("plan");
     assert!(p.writes.is_empty());
-    assert!(matches!(p.rejection, Some(Rejection::MissingParameter { ref key, .. }) if key == "remoteVolumeHandle"));
+    assert!(
+        matches!(p.rejection, Some(Rejection::MissingParameter { ref key, .. }) if key == "remoteVolumeHandle")
+    );
     let v = cond(&p, ctypes::VALIDATED).expect("validated");
-    assert_eq!((v.status.as_str(), v.reason.as_str()), ("False", reasons::PREREQUISITE_NOT_MET));
-    assert!(v.message.contains("spec.replicationHandle"), "{}", v.message);
+    assert_eq!(
+        (v.status.as_str(), v.reason.as_str()),
+        ("False", reasons::PREREQUISITE_NOT_MET)
+    );
+    assert!(
+        v.message.contains("spec.replicationHandle"),
+        "{}",
+        v.message
+    );
 
     // spec.replicationHandle wins over the PVC annotation.
     let r = req(
-        vol(&vr("db", ReplicationState::Secondary, false, "svmB:trident_pvc_1")),
+        vol(&vr(
+            "db",
+            ReplicationState::Secondary,
+            false,
+            "svmB:trident_pvc_1",
+        )),
         trident_class(),
-        vec![pvc("db", TRIDENT, &[], &[(PVC_REMOTE_HANDLE_ANNOTATION, "svmB:other")])],
+        vec![pvc(
+            "db",
+            TRIDENT,
+            &[],
+            &[(PVC_REMOTE_HANDLE_ANNOTATION, "svmB:other")],
+        )],
     );
     let p = plan(&r, &Observed::Nothing).expect("plan");
     let [BackendWrite::Create(BackendObject::MirrorRelationship(tmr))] = p.writes.as_slice() else {
         panic!("{:?}", p.writes)
     };
     assert_eq!(tmr.spec.state, MirrorState::Established);
-    assert_eq!(tmr.spec.volume_mappings[0].remote_volume_handle, "svmB:trident_pvc_1");
+    assert_eq!(
+        tmr.spec.volume_mappings[0].remote_volume_handle,
+        "svmB:trident_pvc_1"
+    );
 
     // A handle that is not <svm>:<volume> is refused.
     let r = req(
@@ -333,12 +381,20 @@ fn trident_secondary_needs_a_remote_handle_and_uses_the_first_source() {
         vec![],
     );
     let p = plan(&r, &Observed::Nothing).expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::InvalidRemoteHandle { .. })));
+    assert!(matches!(
+        p.rejection,
+        Some(Rejection::InvalidRemoteHandle { .. })
+    ));
     assert!(p.writes.is_empty());
 }
 
 /// A TMR as we would have made it, in `state`, reported by Trident as `status`.
-fn our_tmr(subject: &Subject, pvc: &str, state: MirrorState, status: MirrorStatusState) -> TridentMirrorRelationship {
+fn our_tmr(
+    subject: &Subject,
+    pvc: &str,
+    state: MirrorState,
+    status: MirrorStatusState,
+) -> TridentMirrorRelationship {
     let spec = TridentMirrorRelationshipSpec {
         state,
         replication_policy: "MirrorAllSnapshots".into(),
@@ -363,7 +419,10 @@ fn our_tmr(subject: &Subject, pvc: &str, state: MirrorState, status: MirrorStatu
             annotations: Some(BTreeMap::from([
                 (OWNER_ANNOTATION.into(), subject.owner_key()),
                 (CLASS_ANNOTATION.into(), subject.class_name.clone()),
-                (LAST_APPLIED_ANNOTATION.into(), serde_json::to_string(&spec).expect("json")),
+                (
+                    LAST_APPLIED_ANNOTATION.into(),
+                    serde_json::to_string(&spec).expect("json"),
+                ),
             ])),
             ..ObjectMeta::default()
         },
@@ -384,31 +443,65 @@ fn our_tmr(subject: &Subject, pvc: &str, state: MirrorState, status: MirrorStatu
 fn trident_demoting_a_promoted_volume_reestablishes_it() {
     let s = vol(&vr("db", ReplicationState::Secondary, false, ""));
     let tmr = our_tmr(&s, "db", MirrorState::Promoted, MirrorStatusState::Promoted);
-    let r = req(s, trident_class(), vec![pvc("db", TRIDENT, &[], &[(PVC_REMOTE_HANDLE_ANNOTATION, "svmB:db")])]);
-    let p = plan(&r, &Observed::Trident(TridentObserved { relationships: vec![tmr], updates: vec![] })).expect("plan");
+    let r = req(
+        s,
+        trident_class(),
+        vec![pvc(
+            "db",
+            TRIDENT,
+            &[],
+            &[(PVC_REMOTE_HANDLE_ANNOTATION, "svmB:db")],
+        )],
+    );
+    let p = plan(
+        &r,
+        &Observed::Trident(TridentObserved {
+            relationships: vec![tmr],
+            updates: vec![],
+        }),
+    )
+    .expect("plan");
     let [BackendWrite::Patch { target, patch }] = p.writes.as_slice() else {
         panic!("{:?}", p.writes)
     };
     assert_eq!(target.name, "db");
     assert_eq!(patch["spec"]["state"], "reestablished");
     assert_eq!(patch["metadata"]["resourceVersion"], "7");
-    assert_eq!(patch["spec"]["volumeMappings"][0]["remoteVolumeHandle"], "svmB:db");
-    assert!(p.events.iter().any(|e| e.message.contains("overwrites its local data")));
+    assert_eq!(
+        patch["spec"]["volumeMappings"][0]["remoteVolumeHandle"],
+        "svmB:db"
+    );
+    assert!(
+        p.events
+            .iter()
+            .any(|e| e.message.contains("overwrites its local data"))
+    );
 }
 
 #[test]
 fn trident_resync_of_a_healthy_destination_is_one_mirror_update_per_generation() {
     let s = vol(&vr("db", ReplicationState::Resync, false, ""));
-    let tmr = our_tmr(&s, "db", MirrorState::Established, MirrorStatusState::Established);
+    let tmr = our_tmr(
+        &s,
+        "db",
+        MirrorState::Established,
+        MirrorStatusState::Established,
+    );
     let r = req(s, trident_class(), vec![pvc("db", TRIDENT, &[], &[])]);
-    let mut obs = TridentObserved { relationships: vec![tmr], updates: vec![] };
+    let mut obs = TridentObserved {
+        relationships: vec![tmr],
+        updates: vec![],
+    };
     let p = plan(&r, &Observed::Trident(obs.clone())).expect("plan");
     let [BackendWrite::Create(BackendObject::MirrorUpdate(u))] = p.writes.as_slice() else {
         panic!("{:?}", p.writes)
     };
     assert_eq!(u.metadata.name.as_deref(), Some("db-resync-g1"));
     assert_eq!(u.spec.trident_mirror_relationship_name, "db");
-    assert_eq!(u.metadata.owner_references.as_ref().expect("owner")[0].uid, "uid-db");
+    assert_eq!(
+        u.metadata.owner_references.as_ref().expect("owner")[0].uid,
+        "uid-db"
+    );
     apply_trident(&mut obs, &p.writes);
     let r = with_status(r, &p);
     let p = plan(&r, &Observed::Trident(obs.clone())).expect("plan");
@@ -431,7 +524,15 @@ fn trident_reports_failed_and_invalid_members_by_name() {
     let mut b = our_tmr(&s, "b", MirrorState::Established, MirrorStatusState::Failed);
     b.status.as_mut().expect("status").conditions[0].message = "SnapMirror broken-off".into();
     let obs = TridentObserved {
-        relationships: vec![our_tmr(&s, "a", MirrorState::Established, MirrorStatusState::Established), b],
+        relationships: vec![
+            our_tmr(
+                &s,
+                "a",
+                MirrorState::Established,
+                MirrorStatusState::Established,
+            ),
+            b,
+        ],
         updates: vec![],
     };
     let r = req(s, class("vgrc", TRIDENT, &[]), pvcs);
@@ -439,12 +540,25 @@ fn trident_reports_failed_and_invalid_members_by_name() {
     assert!(p.writes.is_empty());
     let d = cond(&p, ctypes::DEGRADED).expect("degraded");
     assert_eq!(d.status, "True");
-    assert!(d.message.contains("PVC b") && d.message.contains("SnapMirror broken-off"), "{}", d.message);
+    assert!(
+        d.message.contains("PVC b") && d.message.contains("SnapMirror broken-off"),
+        "{}",
+        d.message
+    );
     assert!(!d.message.contains("PVC a"));
     let c = cond(&p, ctypes::COMPLETED).expect("completed");
-    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", reasons::FAILED_TO_DEMOTE));
-    let SubjectStatus::Group(g) = p.status.expect("status") else { panic!() };
-    let names: Vec<_> = g.persistent_volume_claims_ref_list.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", reasons::FAILED_TO_DEMOTE)
+    );
+    let SubjectStatus::Group(g) = p.status.expect("status") else {
+        panic!()
+    };
+    let names: Vec<_> = g
+        .persistent_volume_claims_ref_list
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
     assert_eq!(names, ["a", "b"]);
 }
 
@@ -455,20 +569,43 @@ fn trident_group_is_all_or_nothing_on_bad_members() {
         pvc("a", TRIDENT, &[("app", "shop")], &[]),
         pvc("b", "ebs.csi.aws.com", &[("app", "shop")], &[]),
     ];
-    let p = plan(&req(s, class("vgrc", TRIDENT, &[]), pvcs), &Observed::Nothing).expect("plan");
+    let p = plan(
+        &req(s, class("vgrc", TRIDENT, &[]), pvcs),
+        &Observed::Nothing,
+    )
+    .expect("plan");
     assert!(p.writes.is_empty(), "no write for the good member either");
     assert!(matches!(p.rejection, Some(Rejection::ForeignDriver { ref pvc, .. }) if pvc == "b"));
-    assert_eq!(p.rejection.as_ref().map(Rejection::kind), Some(RejectionKind::Pvc));
+    assert_eq!(
+        p.rejection.as_ref().map(Rejection::kind),
+        Some(RejectionKind::Pvc)
+    );
 }
 
 #[test]
 fn trident_refuses_tmrs_not_ours_edited_or_bound_to_another_class() {
     let s = vol(&vr("db", ReplicationState::Primary, false, ""));
-    let r = req(s.clone(), trident_class(), vec![pvc("db", TRIDENT, &[], &[])]);
+    let r = req(
+        s.clone(),
+        trident_class(),
+        vec![pvc("db", TRIDENT, &[], &[])],
+    );
     let run = |t: TridentMirrorRelationship| {
-        plan(&r, &Observed::Trident(TridentObserved { relationships: vec![t], updates: vec![] })).expect("plan")
+        plan(
+            &r,
+            &Observed::Trident(TridentObserved {
+                relationships: vec![t],
+                updates: vec![],
+            }),
+        )
+        .expect("plan")
     };
-    let mine = our_tmr(&s, "db", MirrorState::Established, MirrorStatusState::Established);
+    let mine = our_tmr(
+        &s,
+        "db",
+        MirrorState::Established,
+        MirrorStatusState::Established,
+    );
 
     let mut foreign = mine.clone();
     foreign.metadata.annotations = None;
@@ -479,19 +616,39 @@ fn trident_refuses_tmrs_not_ours_edited_or_bound_to_another_class() {
     let mut edited = mine.clone();
     edited.spec.replication_schedule = "1min".into();
     let p = run(edited);
-    let Some(Rejection::ChangedByHand { detail, .. }) = &p.rejection else { panic!("{p:?}") };
+    let Some(Rejection::ChangedByHand { detail, .. }) = &p.rejection else {
+        panic!("{p:?}")
+    };
     assert!(detail.contains("replicationSchedule"), "{detail}");
     assert!(p.writes.is_empty());
 
     let mut other_owner = mine.clone();
-    other_owner.metadata.annotations.as_mut().expect("ann").insert(OWNER_ANNOTATION.into(), "VolumeReplication/app/other".into());
+    other_owner
+        .metadata
+        .annotations
+        .as_mut()
+        .expect("ann")
+        .insert(
+            OWNER_ANNOTATION.into(),
+            "VolumeReplication/app/other".into(),
+        );
     let p = run(other_owner);
-    assert!(matches!(p.rejection, Some(Rejection::ClaimedElsewhere { .. })));
+    assert!(matches!(
+        p.rejection,
+        Some(Rejection::ClaimedElsewhere { .. })
+    ));
 
     let mut rebound = mine;
-    rebound.metadata.annotations.as_mut().expect("ann").insert(CLASS_ANNOTATION.into(), "old-class".into());
+    rebound
+        .metadata
+        .annotations
+        .as_mut()
+        .expect("ann")
+        .insert(CLASS_ANNOTATION.into(), "old-class".into());
     let p = run(rebound);
-    assert!(matches!(p.rejection, Some(Rejection::ImmutableFieldChanged { ref was, .. }) if was == "old-class"));
+    assert!(
+        matches!(p.rejection, Some(Rejection::ImmutableFieldChanged { ref was, .. }) if was == "old-class")
+    );
     assert!(p.writes.is_empty());
 }
 
@@ -507,10 +664,15 @@ fn trident_remote_handle_is_immutable_once_set() {
     );
     let p = plan(
         &req(s, trident_class(), vec![pvc("db", TRIDENT, &[], &[])]),
-        &Observed::Trident(TridentObserved { relationships: vec![tmr2], updates: vec![] }),
+        &Observed::Trident(TridentObserved {
+            relationships: vec![tmr2],
+            updates: vec![],
+        }),
     )
     .expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::ImmutableFieldChanged { ref field, .. }) if field == "spec.replicationHandle"));
+    assert!(
+        matches!(p.rejection, Some(Rejection::ImmutableFieldChanged { ref field, .. }) if field == "spec.replicationHandle")
+    );
     assert!(p.writes.is_empty());
 }
 
@@ -519,11 +681,19 @@ fn trident_deletion_deletes_our_tmrs_and_says_it_promotes() {
     let mut v = vr("db", ReplicationState::Secondary, false, "");
     v.metadata.deletion_timestamp = Some(at(0));
     let s = vol(&v);
-    let mine = our_tmr(&s, "db", MirrorState::Established, MirrorStatusState::Established);
+    let mine = our_tmr(
+        &s,
+        "db",
+        MirrorState::Established,
+        MirrorStatusState::Established,
+    );
     let mut not_mine = mine.clone();
     not_mine.metadata.name = Some("other".into());
     not_mine.metadata.annotations = None;
-    let mut obs = TridentObserved { relationships: vec![mine, not_mine], updates: vec![] };
+    let mut obs = TridentObserved {
+        relationships: vec![mine, not_mine],
+        updates: vec![],
+    };
     let r = req(s, trident_class(), vec![]);
     let p = plan(&r, &Observed::Trident(obs.clone())).expect("plan");
     assert_eq!(p.writes.len(), 1);
@@ -542,12 +712,25 @@ fn group_shrink_deletes_the_dropped_members_tmr() {
     let obs = TridentObserved {
         relationships: vec![
             our_tmr(&s, "a", MirrorState::Promoted, MirrorStatusState::Promoted),
-            our_tmr(&s, "gone", MirrorState::Promoted, MirrorStatusState::Promoted),
+            our_tmr(
+                &s,
+                "gone",
+                MirrorState::Promoted,
+                MirrorStatusState::Promoted,
+            ),
         ],
         updates: vec![],
     };
     let p = plan(
-        &req(s, class("vgrc", TRIDENT, &[("replicationPolicy", "MirrorAllSnapshots")]), vec![pvc("a", TRIDENT, &[("app", "shop")], &[])]),
+        &req(
+            s,
+            class(
+                "vgrc",
+                TRIDENT,
+                &[("replicationPolicy", "MirrorAllSnapshots")],
+            ),
+            vec![pvc("a", TRIDENT, &[("app", "shop")], &[])],
+        ),
         &Observed::Trident(obs),
     )
     .expect("plan");
@@ -559,28 +742,97 @@ fn group_shrink_deletes_the_dropped_members_tmr() {
 // Bad input common to backends
 // ---------------------------------------------------------------------------
 
+/// Which rejection a case expects.
+type Expect = fn(&Rejection) -> bool;
+
 #[test]
 fn bad_input_is_reported_and_never_written() {
     let shop = |n: &str| pvc(n, TRIDENT, &[("app", "shop")], &[]);
     let g = |external| grp(&vgr(ReplicationState::Primary, false, external));
-    let cases: Vec<(&str, Request, fn(&Rejection) -> bool)> = vec![
-        ("class missing", Request { class: None, ..req(g(true), trident_class(), vec![shop("a")]) }, |r| matches!(r, Rejection::ClassNotFound { .. })),
-        ("unknown provisioner", req(g(true), class("x", "ebs.csi.aws.com", &[]), vec![shop("a")]), |r| matches!(r, Rejection::UnknownProvisioner { .. })),
-        ("selector matches none", req(g(true), trident_class(), vec![pvc("a", TRIDENT, &[], &[])]), |r| matches!(r, Rejection::SelectorMatchedNone { .. })),
-        ("selector matches 101", req(g(true), trident_class(), (0..101).map(|i| shop(&format!("p{i:03}"))).collect()), |r| matches!(r, Rejection::TooManyPvcs { matched: 101, max: 100 })),
-        ("not external", req(g(false), trident_class(), vec![shop("a")]), |r| matches!(r, Rejection::ExternalRequired { .. })),
-        ("claimed by a VR", req(g(true), trident_class(), vec![pvc("a", TRIDENT, &[("app", "shop")], &[(PVC_VR_ANNOTATION, "vr-x/app")])]), |r| matches!(r, Rejection::ClaimedElsewhere { .. })),
-        ("remote handle for a group", req(g(true), class("vgrc", TRIDENT, &[("remoteVolumeHandle", "svm:v")]), vec![shop("a"), shop("b")]), |r| matches!(r, Rejection::InvalidParameter { .. })),
+    let cases: Vec<(&str, Request, Expect)> = vec![
+        (
+            "class missing",
+            Request {
+                class: None,
+                ..req(g(true), trident_class(), vec![shop("a")])
+            },
+            |r| matches!(r, Rejection::ClassNotFound { .. }),
+        ),
+        (
+            "unknown provisioner",
+            req(g(true), class("x", "ebs.csi.aws.com", &[]), vec![shop("a")]),
+            |r| matches!(r, Rejection::UnknownProvisioner { .. }),
+        ),
+        (
+            "selector matches none",
+            req(g(true), trident_class(), vec![pvc("a", TRIDENT, &[], &[])]),
+            |r| matches!(r, Rejection::SelectorMatchedNone { .. }),
+        ),
+        (
+            "selector matches 101",
+            req(
+                g(true),
+                trident_class(),
+                (0..101).map(|i| shop(&format!("p{i:03}"))).collect(),
+            ),
+            |r| {
+                matches!(
+                    r,
+                    Rejection::TooManyPvcs {
+                        matched: 101,
+                        max: 100
+                    }
+                )
+            },
+        ),
+        (
+            "not external",
+            req(g(false), trident_class(), vec![shop("a")]),
+            |r| matches!(r, Rejection::ExternalRequired { .. }),
+        ),
+        (
+            "claimed by a VR",
+            req(
+                g(true),
+                trident_class(),
+                vec![pvc(
+                    "a",
+                    TRIDENT,
+                    &[("app", "shop")],
+                    &[(PVC_VR_ANNOTATION, "vr-x/app")],
+                )],
+            ),
+            |r| matches!(r, Rejection::ClaimedElsewhere { .. }),
+        ),
+        (
+            "remote handle for a group",
+            req(
+                g(true),
+                class("vgrc", TRIDENT, &[("remoteVolumeHandle", "svm:v")]),
+                vec![shop("a"), shop("b")],
+            ),
+            |r| matches!(r, Rejection::InvalidParameter { .. }),
+        ),
     ];
     for (name, r, expect) in cases {
         let p = plan(&r, &Observed::Nothing).expect(name);
-        let rej = p.rejection.as_ref().unwrap_or_else(|| panic!("{name}: no rejection"));
+        let rej = p
+            .rejection
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no rejection"));
         assert!(expect(rej), "{name}: {rej:?}");
         assert!(p.writes.is_empty(), "{name}");
         let v = cond(&p, ctypes::VALIDATED).unwrap_or_else(|| panic!("{name}: no Validated"));
-        assert_eq!((v.status.as_str(), v.reason.as_str()), ("False", reasons::PREREQUISITE_NOT_MET), "{name}");
+        assert_eq!(
+            (v.status.as_str(), v.reason.as_str()),
+            ("False", reasons::PREREQUISITE_NOT_MET),
+            "{name}"
+        );
         assert_eq!(v.message, rej.to_string());
-        assert!(p.events.iter().any(|e| e.type_ == EventType::Warning), "{name}");
+        assert!(
+            p.events.iter().any(|e| e.type_ == EventType::Warning),
+            "{name}"
+        );
     }
 }
 
@@ -595,19 +847,33 @@ fn a_bad_selector_operator_is_refused() {
         },
     ]);
     let p = plan(
-        &req(grp(&v), trident_class(), vec![pvc("a", TRIDENT, &[("app", "shop")], &[])]),
+        &req(
+            grp(&v),
+            trident_class(),
+            vec![pvc("a", TRIDENT, &[("app", "shop")], &[])],
+        ),
         &Observed::Nothing,
     )
     .expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::InvalidSelector { .. })));
+    assert!(matches!(
+        p.rejection,
+        Some(Rejection::InvalidSelector { .. })
+    ));
 }
 
 #[test]
 fn a_mismatched_observation_is_a_caller_error() {
-    let r = req(vol(&vr("db", ReplicationState::Primary, false, "")), trident_class(), vec![]);
+    let r = req(
+        vol(&vr("db", ReplicationState::Primary, false, "")),
+        trident_class(),
+        vec![],
+    );
     assert!(matches!(
         plan(&r, &Observed::Dell(DellObserved::default())),
-        Err(TranslateError::ObservationMismatch { backend: Backend::Trident, .. })
+        Err(TranslateError::ObservationMismatch {
+            backend: Backend::Trident,
+            ..
+        })
     ));
 }
 
@@ -618,20 +884,37 @@ fn a_mismatched_observation_is_a_caller_error() {
 #[test]
 fn ceph_is_validated_and_never_driven() {
     let c = |params: &[(&str, &str)]| class("vrc", "openshift-storage.rbd.csi.ceph.com", params);
-    let r = req(vol(&vr("db", ReplicationState::Primary, false, "")), c(&[("schedulingInterval", "5m")]), vec![]);
+    let r = req(
+        vol(&vr("db", ReplicationState::Primary, false, "")),
+        c(&[("schedulingInterval", "5m")]),
+        vec![],
+    );
     let p = plan(&r, &Observed::Nothing).expect("plan");
     assert_eq!(p.backend, Some(Backend::CephRbd));
     assert!(p.is_noop() && p.rejection.is_none(), "{p:?}");
 
-    let r = req(vol(&vr("db", ReplicationState::Primary, false, "")), c(&[("schedulingInterval", "5x")]), vec![]);
+    let r = req(
+        vol(&vr("db", ReplicationState::Primary, false, "")),
+        c(&[("schedulingInterval", "5x")]),
+        vec![],
+    );
     let p = plan(&r, &Observed::Nothing).expect("plan");
     assert!(p.writes.is_empty() && p.status.is_none());
-    assert!(matches!(p.rejection, Some(Rejection::InvalidParameter { ref key, .. }) if key == "schedulingInterval"));
+    assert!(
+        matches!(p.rejection, Some(Rejection::InvalidParameter { ref key, .. }) if key == "schedulingInterval")
+    );
     assert_eq!(p.events.len(), 1);
 
-    let r = req(grp(&vgr(ReplicationState::Primary, false, true)), c(&[]), vec![]);
+    let r = req(
+        grp(&vgr(ReplicationState::Primary, false, true)),
+        c(&[]),
+        vec![],
+    );
     let p = plan(&r, &Observed::Nothing).expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::ExternalOnCeph { .. })));
+    assert!(matches!(
+        p.rejection,
+        Some(Rejection::ExternalOnCeph { .. })
+    ));
     assert!(p.status.is_none());
 }
 
@@ -640,7 +923,11 @@ fn ceph_is_validated_and_never_driven() {
 // ---------------------------------------------------------------------------
 
 fn dell_class() -> ClassView {
-    class("vgrc", DELL, &[("remoteSystem", "RT-B"), ("rpo", "Five_Minutes")])
+    class(
+        "vgrc",
+        DELL,
+        &[("remoteSystem", "RT-B"), ("rpo", "Five_Minutes")],
+    )
 }
 
 fn rg_named(name: &str, is_source: bool, link: &str) -> DellCSIReplicationGroup {
@@ -652,7 +939,10 @@ fn rg_named(name: &str, is_source: bool, link: &str) -> DellCSIReplicationGroup 
             remote_cluster_id: "self".into(),
             protection_group_id: "pg-1".into(),
             remote_protection_group_id: "pg-2".into(),
-            protection_group_attributes: BTreeMap::from([("remoteSystemName".into(), "RT-B".into())]),
+            protection_group_attributes: BTreeMap::from([(
+                "remoteSystemName".into(),
+                "RT-B".into(),
+            )]),
             ..Default::default()
         },
     );
@@ -679,21 +969,32 @@ fn dell_pvcs(names: &[&str]) -> Vec<PvcInfo> {
 }
 
 fn dell_req(state: ReplicationState, auto: bool) -> Request {
-    req(grp(&vgr(state, auto, true)), dell_class(), dell_pvcs(&["a", "b"]))
+    req(
+        grp(&vgr(state, auto, true)),
+        dell_class(),
+        dell_pvcs(&["a", "b"]),
+    )
 }
 
 fn dell_verbs(p: &Plan) -> Vec<String> {
     p.writes
         .iter()
         .filter_map(|w| match w {
-            BackendWrite::Patch { patch, .. } => patch["spec"]["action"].as_str().map(str::to_string),
+            BackendWrite::Patch { patch, .. } => {
+                patch["spec"]["action"].as_str().map(str::to_string)
+            }
             _ => None,
         })
         .collect()
 }
 
 fn bump_rv(rg: &mut DellCSIReplicationGroup) {
-    let n: u64 = rg.metadata.resource_version.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let n: u64 = rg
+        .metadata
+        .resource_version
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     rg.metadata.resource_version = Some((n + 1).to_string());
 }
 
@@ -708,7 +1009,9 @@ fn sidecar_finish(rg: &mut DellCSIReplicationGroup, t: &Time, ok: bool, fresh_po
     if ok {
         match verb.as_str() {
             "FAILOVER_REMOTE" => (link.is_source, link.state) = (false, "FAILEDOVER".into()),
-            "UNPLANNED_FAILOVER_LOCAL" => (link.is_source, link.state) = (true, "FAILEDOVER".into()),
+            "UNPLANNED_FAILOVER_LOCAL" => {
+                (link.is_source, link.state) = (true, "FAILEDOVER".into())
+            }
             "REPROTECT_LOCAL" => (link.is_source, link.state) = (true, "SYNCHRONIZED".into()),
             "RESUME" | "SYNC" => link.state = "SYNCHRONIZED".into(),
             "SUSPEND" => link.state = "SUSPENDED".into(),
@@ -741,7 +1044,9 @@ fn sidecar_finish(rg: &mut DellCSIReplicationGroup, t: &Time, ok: bool, fresh_po
 fn apply_dell(obs: &mut DellObserved, writes: &[BackendWrite]) -> bool {
     let mut all = true;
     for w in writes {
-        let BackendWrite::Patch { target, patch } = w else { panic!("Dell plans only patch: {w:?}") };
+        let BackendWrite::Patch { target, patch } = w else {
+            panic!("Dell plans only patch: {w:?}")
+        };
         let rg = obs
             .groups
             .iter_mut()
@@ -755,13 +1060,22 @@ fn apply_dell(obs: &mut DellObserved, writes: &[BackendWrite]) -> bool {
 #[test]
 fn dell_planned_demotion_sends_failover_remote_once() {
     let r = dell_req(ReplicationState::Secondary, false);
-    let mut obs = DellObserved { groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")] };
+    let mut obs = DellObserved {
+        groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")],
+    };
     let p = plan(&r, &Observed::Dell(obs.clone())).expect("plan");
     assert_eq!(dell_verbs(&p), ["FAILOVER_REMOTE"]);
-    let BackendWrite::Patch { patch, target } = &p.writes[0] else { panic!() };
+    let BackendWrite::Patch { patch, target } = &p.writes[0] else {
+        panic!()
+    };
     assert_eq!(target.namespace, None);
     assert_eq!(patch["metadata"]["resourceVersion"], "1");
-    let ledger: Ledger = serde_json::from_str(patch["metadata"]["annotations"][LEDGER_ANNOTATION].as_str().expect("ledger")).expect("json");
+    let ledger: Ledger = serde_json::from_str(
+        patch["metadata"]["annotations"][LEDGER_ANNOTATION]
+            .as_str()
+            .expect("ledger"),
+    )
+    .expect("json");
     assert_eq!(ledger.transition, "secondary@1");
     assert_eq!(ledger.sent, ["FAILOVER_REMOTE"]);
     assert!(apply_dell(&mut obs, &p.writes));
@@ -770,7 +1084,12 @@ fn dell_planned_demotion_sends_failover_remote_once() {
     let p = plan(&r, &Observed::Dell(obs.clone())).expect("plan");
     assert!(p.writes.is_empty());
     obs.groups[0].status.as_mut().expect("st").state = "FAILOVER_REMOTE_IN_PROGRESS".into();
-    assert!(plan(&r, &Observed::Dell(obs.clone())).expect("plan").writes.is_empty());
+    assert!(
+        plan(&r, &Observed::Dell(obs.clone()))
+            .expect("plan")
+            .writes
+            .is_empty()
+    );
     sidecar_finish(&mut obs.groups[0], &at(5), true, true);
     let p = plan(&r, &Observed::Dell(obs.clone())).expect("plan");
     assert!(p.writes.is_empty());
@@ -782,7 +1101,9 @@ fn dell_planned_demotion_sends_failover_remote_once() {
 #[test]
 fn dell_failed_verb_is_reported_not_resent_until_the_ledger_is_removed() {
     let r = dell_req(ReplicationState::Primary, false);
-    let mut obs = DellObserved { groups: vec![rg_named("rg-1", false, "SYNCHRONIZED")] };
+    let mut obs = DellObserved {
+        groups: vec![rg_named("rg-1", false, "SYNCHRONIZED")],
+    };
     let p = plan(&r, &Observed::Dell(obs.clone())).expect("plan");
     assert_eq!(dell_verbs(&p), ["UNPLANNED_FAILOVER_LOCAL"]);
     apply_dell(&mut obs, &p.writes);
@@ -791,10 +1112,23 @@ fn dell_failed_verb_is_reported_not_resent_until_the_ledger_is_removed() {
     assert!(p.writes.is_empty());
     let c = cond(&p, ctypes::COMPLETED).expect("completed");
     assert_eq!(c.reason, reasons::FAILED_TO_PROMOTE);
-    assert!(c.message.contains("boom") && c.message.contains(LEDGER_ANNOTATION), "{}", c.message);
-    obs.groups[0].metadata.annotations.as_mut().expect("ann").remove(LEDGER_ANNOTATION);
+    assert!(
+        c.message.contains("boom") && c.message.contains(LEDGER_ANNOTATION),
+        "{}",
+        c.message
+    );
+    obs.groups[0]
+        .metadata
+        .annotations
+        .as_mut()
+        .expect("ann")
+        .remove(LEDGER_ANNOTATION);
     let p = plan(&r, &Observed::Dell(obs)).expect("plan");
-    assert_eq!(dell_verbs(&p), ["UNPLANNED_FAILOVER_LOCAL"], "retried once the ledger is gone");
+    assert_eq!(
+        dell_verbs(&p),
+        ["UNPLANNED_FAILOVER_LOCAL"],
+        "retried once the ledger is gone"
+    );
 }
 
 #[test]
@@ -802,33 +1136,61 @@ fn dell_refuses_partial_groups_hand_actions_and_resync_on_the_source() {
     // A PVC of the protection group left out of the selection.
     let mut pvcs = dell_pvcs(&["a", "b"]);
     pvcs.push(pvc("c", DELL, &[(dell::RG_LABEL, "rg-1")], &[]));
-    let r = req(grp(&vgr(ReplicationState::Primary, false, true)), dell_class(), pvcs);
-    let obs = Observed::Dell(DellObserved { groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")] });
+    let r = req(
+        grp(&vgr(ReplicationState::Primary, false, true)),
+        dell_class(),
+        pvcs,
+    );
+    let obs = Observed::Dell(DellObserved {
+        groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")],
+    });
     let p = plan(&r, &obs).expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::PartialProtectionGroup { ref others, .. }) if others == "c"));
+    assert!(
+        matches!(p.rejection, Some(Rejection::PartialProtectionGroup { ref others, .. }) if others == "c")
+    );
 
     // Someone else set spec.action.
     let mut g = rg_named("rg-1", true, "SYNCHRONIZED");
     g.spec.action = "SUSPEND".into();
-    let p = plan(&dell_req(ReplicationState::Primary, false), &Observed::Dell(DellObserved { groups: vec![g] })).expect("plan");
+    let p = plan(
+        &dell_req(ReplicationState::Primary, false),
+        &Observed::Dell(DellObserved { groups: vec![g] }),
+    )
+    .expect("plan");
     assert!(matches!(p.rejection, Some(Rejection::ChangedByHand { .. })));
     assert!(p.writes.is_empty());
 
     // resync on the source.
     let p = plan(&dell_req(ReplicationState::Resync, false), &obs).expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::ConflictingState { .. })));
-    assert_eq!(p.rejection.as_ref().map(Rejection::kind), Some(RejectionKind::Conflict));
+    assert!(matches!(
+        p.rejection,
+        Some(Rejection::ConflictingState { .. })
+    ));
+    assert_eq!(
+        p.rejection.as_ref().map(Rejection::kind),
+        Some(RejectionKind::Conflict)
+    );
 
     // Missing rpo.
-    let r = req(grp(&vgr(ReplicationState::Primary, false, true)), class("vgrc", DELL, &[("remoteSystem", "RT-B")]), dell_pvcs(&["a", "b"]));
+    let r = req(
+        grp(&vgr(ReplicationState::Primary, false, true)),
+        class("vgrc", DELL, &[("remoteSystem", "RT-B")]),
+        dell_pvcs(&["a", "b"]),
+    );
     let p = plan(&r, &obs).expect("plan");
-    assert!(matches!(p.rejection, Some(Rejection::MissingParameter { ref key, .. }) if key == "rpo"));
+    assert!(
+        matches!(p.rejection, Some(Rejection::MissingParameter { ref key, .. }) if key == "rpo")
+    );
 
     // A suspension made by a person is reported, not undone.
     let mut g = rg_named("rg-1", false, "SYNCHRONIZED");
     g.spec.action = "SUSPEND".into();
     sidecar_finish(&mut g, &at(1), true, true);
-    let p = plan(&dell_req(ReplicationState::Secondary, true), &Observed::Dell(DellObserved { groups: vec![g] })).expect("plan");
+    let p = plan(
+        &dell_req(ReplicationState::Secondary, true),
+        &Observed::Dell(DellObserved { groups: vec![g] }),
+    )
+    .expect("plan");
     assert!(p.writes.is_empty());
     let d = cond(&p, ctypes::DEGRADED).expect("degraded");
     assert!(d.message.contains("RESUME"), "{}", d.message);
@@ -837,12 +1199,18 @@ fn dell_refuses_partial_groups_hand_actions_and_resync_on_the_source() {
 #[test]
 fn dell_waits_for_a_link_poll_after_an_action() {
     let r = dell_req(ReplicationState::Primary, false);
-    let mut obs = DellObserved { groups: vec![rg_named("rg-1", false, "SYNCHRONIZED")] };
+    let mut obs = DellObserved {
+        groups: vec![rg_named("rg-1", false, "SYNCHRONIZED")],
+    };
     let p = plan(&r, &Observed::Dell(obs.clone())).expect("plan");
     apply_dell(&mut obs, &p.writes);
     // The verb ran but the link state is from before it (isSource still false).
     let g = &mut obs.groups[0];
-    g.status.as_mut().expect("st").replication_link_state.last_successful_update = Some(at(0));
+    g.status
+        .as_mut()
+        .expect("st")
+        .replication_link_state
+        .last_successful_update = Some(at(0));
     let verb = g.spec.action.clone();
     g.spec.action.clear();
     g.status.as_mut().expect("st").last_action = LastAction {
@@ -852,7 +1220,12 @@ fn dell_waits_for_a_link_poll_after_an_action() {
     };
     let p = plan(&r, &Observed::Dell(obs)).expect("plan");
     assert!(p.writes.is_empty());
-    assert!(cond(&p, ctypes::COMPLETED).expect("c").message.contains("poll"));
+    assert!(
+        cond(&p, ctypes::COMPLETED)
+            .expect("c")
+            .message
+            .contains("poll")
+    );
 }
 
 #[test]
@@ -861,7 +1234,9 @@ fn dell_deletion_leaves_the_rg_alone() {
     v.metadata.deletion_timestamp = Some(at(0));
     let p = plan(
         &req(grp(&v), dell_class(), dell_pvcs(&["a", "b"])),
-        &Observed::Dell(DellObserved { groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")] }),
+        &Observed::Dell(DellObserved {
+            groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")],
+        }),
     )
     .expect("plan");
     assert!(p.writes.is_empty() && p.deletion_complete && p.status.is_none());
@@ -884,14 +1259,33 @@ fn any_mirror_status() -> impl Strategy<Value = MirrorStatusState> {
 
 fn any_link() -> impl Strategy<Value = String> {
     prop_oneof![
-        prop::sample::select(vec!["SYNCHRONIZED", "SYNC_IN_PROGRESS", "SUSPENDED", "FAILEDOVER", "INVALID", "UNKNOWN", "EMPTY", ""]).prop_map(str::to_string),
+        prop::sample::select(vec![
+            "SYNCHRONIZED",
+            "SYNC_IN_PROGRESS",
+            "SUSPENDED",
+            "FAILEDOVER",
+            "INVALID",
+            "UNKNOWN",
+            "EMPTY",
+            ""
+        ])
+        .prop_map(str::to_string),
         "[A-Z_]{0,12}",
     ]
 }
 
 fn any_rg_state() -> impl Strategy<Value = String> {
     prop_oneof![
-        prop::sample::select(vec!["", "Ready", "Error", "Invalid", "Deleting", "SYNC_IN_PROGRESS", "FAILOVER_REMOTE_IN_PROGRESS"]).prop_map(str::to_string),
+        prop::sample::select(vec![
+            "",
+            "Ready",
+            "Error",
+            "Invalid",
+            "Deleting",
+            "SYNC_IN_PROGRESS",
+            "FAILOVER_REMOTE_IN_PROGRESS"
+        ])
+        .prop_map(str::to_string),
         "[A-Za-z_]{0,12}",
     ]
 }
@@ -901,16 +1295,26 @@ fn check_status(st: &VolumeReplicationStatus, generation: i64) -> Result<(), Tes
     prop_assert_eq!(st.observed_generation, generation);
     let pattern = |r: &str| {
         r.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
-            && r.chars().all(|c| c.is_ascii_alphanumeric() || "_,:".contains(c))
+            && r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_,:".contains(c))
     };
     for t in conditions::MANAGED_TYPES {
-        prop_assert!(st.conditions.iter().filter(|c| c.type_ == t).count() <= 1, "duplicate {}", t);
+        prop_assert!(
+            st.conditions.iter().filter(|c| c.type_ == t).count() <= 1,
+            "duplicate {}",
+            t
+        );
     }
-    prop_assert!(st.conditions.iter().any(|c| c.type_ == ctypes::COMPLETED), "no Completed");
+    prop_assert!(
+        st.conditions.iter().any(|c| c.type_ == ctypes::COMPLETED),
+        "no Completed"
+    );
     for c in &st.conditions {
         prop_assert!(
-            reasons::CSI_ADDONS.contains(&c.reason.as_str()) || reasons::OWN.contains(&c.reason.as_str()),
-            "reason {} is not a known constant", c.reason
+            reasons::CSI_ADDONS.contains(&c.reason.as_str())
+                || reasons::OWN.contains(&c.reason.as_str()),
+            "reason {} is not a known constant",
+            c.reason
         );
         prop_assert!(pattern(&c.reason));
         prop_assert!(["True", "False", "Unknown"].contains(&c.status.as_str()));
@@ -921,17 +1325,25 @@ fn check_status(st: &VolumeReplicationStatus, generation: i64) -> Result<(), Tes
 }
 
 /// Ramen accepts the status exactly when the report says the role is reached.
-fn check_ramen(desired: ReplicationState, kind: ReportKind, st: &VolumeReplicationStatus) -> Result<(), TestCaseError> {
+fn check_ramen(
+    desired: ReplicationState,
+    kind: ReportKind,
+    st: &VolumeReplicationStatus,
+) -> Result<(), TestCaseError> {
     match desired {
         ReplicationState::Primary => prop_assert_eq!(
             conditions::ramen_accepts_primary(st, st.observed_generation),
             matches!(kind, ReportKind::Converged | ReportKind::ConvergedDegraded),
-            "primary {:?} {:?}", kind, st
+            "primary {:?} {:?}",
+            kind,
+            st
         ),
         _ => prop_assert_eq!(
             conditions::ramen_accepts_secondary(st, st.observed_generation),
             matches!(kind, ReportKind::Converged | ReportKind::Resyncing),
-            "secondary {:?} {:?}", kind, st
+            "secondary {:?} {:?}",
+            kind,
+            st
         ),
     }
     Ok(())
@@ -1080,11 +1492,10 @@ proptest! {
             let g = &mut obs.groups[0];
             match event {
                 0 | 1 => sidecar_finish(g, &t, ok, fresh),
-                2 => {
-                    if !g.spec.action.is_empty() {
-                        g.status.as_mut().expect("st").state = format!("{}_IN_PROGRESS", g.spec.action);
-                        bump_rv(g);
-                    }
+                2 if !g.spec.action.is_empty() => {
+                    g.status.as_mut().expect("st").state =
+                        format!("{}_IN_PROGRESS", g.spec.action);
+                    bump_rv(g);
                 }
                 3 => {
                     g.status.as_mut().expect("st").replication_link_state.last_successful_update = Some(t.clone());

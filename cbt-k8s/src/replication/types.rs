@@ -19,7 +19,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{LocalObjectReference, ObjectReference, TypedLocalObjectReference};
+use k8s_openapi::api::core::v1::{
+    LocalObjectReference, ObjectReference, TypedLocalObjectReference,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -925,7 +927,11 @@ pub struct DellActionAnnotation {
 impl DellCSIReplicationGroup {
     /// The sidecar's record of the last action, if present and readable.
     pub fn sidecar_action(&self) -> Option<DellActionAnnotation> {
-        let raw = self.metadata.annotations.as_ref()?.get(DELL_ACTION_ANNOTATION)?;
+        let raw = self
+            .metadata
+            .annotations
+            .as_ref()?
+            .get(DELL_ACTION_ANNOTATION)?;
         serde_json::from_str(raw).ok()
     }
 }

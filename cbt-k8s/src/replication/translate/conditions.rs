@@ -233,7 +233,12 @@ impl Report {
                 reasons::PROMOTED,
                 "is promoted to primary and replicating to secondary",
             ),
-            c(types::DEGRADED, CondStatus::False, reasons::HEALTHY, "is healthy"),
+            c(
+                types::DEGRADED,
+                CondStatus::False,
+                reasons::HEALTHY,
+                "is healthy",
+            ),
             c(
                 types::RESYNCING,
                 CondStatus::False,
@@ -297,7 +302,12 @@ impl Report {
                     reasons::DEMOTED,
                     "is demoted to secondary",
                 ),
-                c(types::DEGRADED, CondStatus::False, reasons::HEALTHY, "is healthy"),
+                c(
+                    types::DEGRADED,
+                    CondStatus::False,
+                    reasons::HEALTHY,
+                    "is healthy",
+                ),
                 c(
                     types::RESYNCING,
                     CondStatus::False,
@@ -360,7 +370,12 @@ impl Report {
                     reasons::DEMOTED,
                     "is demoted to secondary",
                 ),
-                c(types::DEGRADED, CondStatus::True, reasons::VOLUME_DEGRADED, detail),
+                c(
+                    types::DEGRADED,
+                    CondStatus::True,
+                    reasons::VOLUME_DEGRADED,
+                    detail,
+                ),
                 c(
                     types::RESYNCING,
                     CondStatus::False,
@@ -656,6 +671,9 @@ fn cond<'a>(status: &'a VolumeReplicationStatus, type_: &str) -> Option<&'a str>
         .conditions
         .iter()
         .find(|c| c.type_ == type_)
-        .filter(|c| c.observed_generation.is_none_or(|g| g == status.observed_generation))
+        .filter(|c| {
+            c.observed_generation
+                .is_none_or(|g| g == status.observed_generation)
+        })
         .map(|c| c.status.as_str())
 }

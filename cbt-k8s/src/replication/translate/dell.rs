@@ -346,8 +346,7 @@ pub fn need(desired: ReplicationState, auto_resync: bool, view: &RgView) -> Need
             format!("link state is {link:?}: {}", view.link_error)
         }
     };
-    let by_hand =
-        "replication was suspended by a person (spec.action SUSPEND); set spec.action RESUME on the RG to resume it";
+    let by_hand = "replication was suspended by a person (spec.action SUSPEND); set spec.action RESUME on the RG to resume it";
     match (desired, view.is_source, &view.link) {
         (Primary, false, _) => Need::Verb(DellAction::UnplannedFailoverLocal),
         (Primary, true, L::FailedOver) => Need::Verb(DellAction::ReprotectLocal),
@@ -425,7 +424,9 @@ pub fn decide(
     ever_sent: &[String],
     rg_name: &str,
 ) -> Decision {
-    let retry = format!("remove annotation {LEDGER_ANNOTATION} from RG {rg_name} to let cbt-replicator retry");
+    let retry = format!(
+        "remove annotation {LEDGER_ANNOTATION} from RG {rg_name} to let cbt-replicator retry"
+    );
     if let Some(p) = &view.pending {
         let p = p.to_ascii_uppercase();
         if ever_sent.contains(&p) {
@@ -436,7 +437,9 @@ pub fn decide(
         }
         return Decision::Reject(Rejection::ChangedByHand {
             object: format!("DellCSIReplicationGroup {rg_name}"),
-            detail: format!("spec.action is {p:?}, which cbt-replicator did not request; let it finish or clear it"),
+            detail: format!(
+                "spec.action is {p:?}, which cbt-replicator did not request; let it finish or clear it"
+            ),
         });
     }
     match &view.state {
@@ -481,28 +484,26 @@ pub fn decide(
     match need(desired, auto_resync, view) {
         Need::Conflict(detail) => Decision::Reject(Rejection::ConflictingState { detail }),
         Need::Done(report) => Decision::Report(report),
-        Need::Verb(verb) if sent.iter().any(|s| s == verb.as_str()) => {
-            match view.result_of(verb) {
-                VerbResult::Failed(err) => Decision::Report(Report::failed(
-                    desired,
-                    &format!("{} failed: {err}; {retry}", verb.as_str()),
-                )),
-                VerbResult::Succeeded(at) if verb == DellAction::Sync => Decision::Report(
-                    Report::secondary("resync (SYNC) done").with_last_sync(at),
-                ),
-                VerbResult::Succeeded(_) => Decision::Report(Report::in_progress(
-                    desired,
-                    &format!(
-                        "{} succeeded but the link state does not show it; {retry} if it stays so",
-                        verb.as_str()
-                    ),
-                )),
-                VerbResult::Unknown => Decision::Report(Report::in_progress(
-                    desired,
-                    &format!("{} requested", verb.as_str()),
-                )),
+        Need::Verb(verb) if sent.iter().any(|s| s == verb.as_str()) => match view.result_of(verb) {
+            VerbResult::Failed(err) => Decision::Report(Report::failed(
+                desired,
+                &format!("{} failed: {err}; {retry}", verb.as_str()),
+            )),
+            VerbResult::Succeeded(at) if verb == DellAction::Sync => {
+                Decision::Report(Report::secondary("resync (SYNC) done").with_last_sync(at))
             }
-        }
+            VerbResult::Succeeded(_) => Decision::Report(Report::in_progress(
+                desired,
+                &format!(
+                    "{} succeeded but the link state does not show it; {retry} if it stays so",
+                    verb.as_str()
+                ),
+            )),
+            VerbResult::Unknown => Decision::Report(Report::in_progress(
+                desired,
+                &format!("{} requested", verb.as_str()),
+            )),
+        },
         Need::Verb(verb) => Decision::Request(verb),
     }
 }
@@ -574,7 +575,9 @@ pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
     let view = RgView::of(rg);
     match decide(s.desired, s.auto_resync, &view, &sent, &ever_sent, &rg_name) {
         Decision::Reject(r) => reject(req, backend, r),
-        Decision::Report(report) => finish(req, backend, Vec::new(), Vec::new(), &report, Some(&names)),
+        Decision::Report(report) => {
+            finish(req, backend, Vec::new(), Vec::new(), &report, Some(&names))
+        }
         Decision::Request(verb) => {
             let mut now_sent = sent;
             now_sent.push(verb.as_str().to_string());
@@ -602,13 +605,23 @@ pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
             let event = Event {
                 type_: EventType::Normal,
                 reason: "RequestedAction".into(),
-                message: format!("requested {} on DellCSIReplicationGroup {rg_name}", verb.as_str()),
+                message: format!(
+                    "requested {} on DellCSIReplicationGroup {rg_name}",
+                    verb.as_str()
+                ),
             };
             let report = Report::in_progress(
                 s.desired,
                 &format!("{} requested on RG {rg_name}", verb.as_str()),
             );
-            finish(req, backend, vec![write], vec![event], &report, Some(&names))
+            finish(
+                req,
+                backend,
+                vec![write],
+                vec![event],
+                &report,
+                Some(&names),
+            )
         }
     }
 }
@@ -645,11 +658,9 @@ fn check_params(class: &ClassView) -> Result<(), Rejection> {
                 params::RPO,
                 "ASYNC replication needs a recovery point objective; copy rpo from the StorageClass",
             )),
-            Some(r) if !params::RPO_VALUES.contains(&r) => Err(invalid(
-                params::RPO,
-                r,
-                &params::RPO_VALUES.join(", "),
-            )),
+            Some(r) if !params::RPO_VALUES.contains(&r) => {
+                Err(invalid(params::RPO, r, &params::RPO_VALUES.join(", ")))
+            }
             Some(_) => Ok(()),
         },
         "SYNC" => match rpo {

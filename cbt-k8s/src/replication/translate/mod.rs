@@ -269,10 +269,13 @@ fn names(
         kind,
         field: "metadata.name",
     })?;
-    let namespace = meta.namespace.clone().ok_or(TranslateError::MissingMetadata {
-        kind,
-        field: "metadata.namespace",
-    })?;
+    let namespace = meta
+        .namespace
+        .clone()
+        .ok_or(TranslateError::MissingMetadata {
+            kind,
+            field: "metadata.namespace",
+        })?;
     Ok((namespace, name))
 }
 
@@ -288,7 +291,11 @@ pub struct ClassView {
 }
 
 impl ClassView {
-    fn new(name: Option<&String>, provisioner: &str, params: Option<&BTreeMap<String, String>>) -> Self {
+    fn new(
+        name: Option<&String>,
+        provisioner: &str,
+        params: Option<&BTreeMap<String, String>>,
+    ) -> Self {
         Self {
             name: name.cloned().unwrap_or_default(),
             provisioner: provisioner.to_string(),
@@ -420,9 +427,9 @@ impl fmt::Display for ObjectKey {
 #[derive(Clone, Debug, PartialEq)]
 pub enum BackendObject {
     /// A TridentMirrorRelationship.
-    MirrorRelationship(TridentMirrorRelationship),
+    MirrorRelationship(Box<TridentMirrorRelationship>),
     /// A TridentActionMirrorUpdate.
-    MirrorUpdate(TridentActionMirrorUpdate),
+    MirrorUpdate(Box<TridentActionMirrorUpdate>),
 }
 
 impl BackendObject {
@@ -593,13 +600,17 @@ pub enum RejectionKind {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
     /// The class named by the spec does not exist.
-    #[error("replication class {class:?} does not exist; create it or fix the class name (immutable: recreate the object)")]
+    #[error(
+        "replication class {class:?} does not exist; create it or fix the class name (immutable: recreate the object)"
+    )]
     ClassNotFound {
         /// Class name.
         class: String,
     },
     /// The class names a driver no backend here serves.
-    #[error("class {class:?} names provisioner {provisioner:?}, which cbt-replicator does not serve (supported: {supported}); use a class of a supported driver")]
+    #[error(
+        "class {class:?} names provisioner {provisioner:?}, which cbt-replicator does not serve (supported: {supported}); use a class of a supported driver"
+    )]
     UnknownProvisioner {
         /// Class name.
         class: String,
@@ -631,7 +642,9 @@ pub enum Rejection {
         expected: String,
     },
     /// A remote volume handle is not `<svm>:<volume>`.
-    #[error("remote volume handle {value:?} from {origin} is not <svm>:<volume> (the peer TridentMirrorRelationship's status localVolumeHandle)")]
+    #[error(
+        "remote volume handle {value:?} from {origin} is not <svm>:<volume> (the peer TridentMirrorRelationship's status localVolumeHandle)"
+    )]
     InvalidRemoteHandle {
         /// Where it came from.
         origin: String,
@@ -639,7 +652,9 @@ pub enum Rejection {
         value: String,
     },
     /// The data source is not a PVC.
-    #[error("dataSource {kind} {name:?} is not supported for {backend}: only PersistentVolumeClaim (use a VolumeGroupReplication for groups)")]
+    #[error(
+        "dataSource {kind} {name:?} is not supported for {backend}: only PersistentVolumeClaim (use a VolumeGroupReplication for groups)"
+    )]
     UnsupportedDataSource {
         /// Its kind.
         kind: String,
@@ -655,13 +670,17 @@ pub enum Rejection {
         problem: String,
     },
     /// The group selector matches no PVC.
-    #[error("spec.source.selector matches no PVC in namespace {namespace:?}; label the PVCs to replicate")]
+    #[error(
+        "spec.source.selector matches no PVC in namespace {namespace:?}; label the PVCs to replicate"
+    )]
     SelectorMatchedNone {
         /// Namespace searched.
         namespace: String,
     },
     /// The group selector matches too many PVCs.
-    #[error("spec.source.selector matches {matched} PVCs; a group holds at most {max}: narrow the selector or split the group")]
+    #[error(
+        "spec.source.selector matches {matched} PVCs; a group holds at most {max}: narrow the selector or split the group"
+    )]
     TooManyPvcs {
         /// How many matched.
         matched: usize,
@@ -677,7 +696,9 @@ pub enum Rejection {
         hint: String,
     },
     /// A member PVC belongs to another CSI driver.
-    #[error("PVC {pvc:?} is provisioned by {driver:?}, not {expected:?}; remove it from the group (labels) or use a class for its driver")]
+    #[error(
+        "PVC {pvc:?} is provisioned by {driver:?}, not {expected:?}; remove it from the group (labels) or use a class for its driver"
+    )]
     ForeignDriver {
         /// PVC name.
         pvc: String,
@@ -687,7 +708,9 @@ pub enum Rejection {
         expected: String,
     },
     /// A PVC or backend object is already driven by another csi-addons object.
-    #[error("{object} is already replicated by {owner}; a PVC may be in one VolumeReplication or one VolumeGroupReplication only")]
+    #[error(
+        "{object} is already replicated by {owner}; a PVC may be in one VolumeReplication or one VolumeGroupReplication only"
+    )]
     ClaimedElsewhere {
         /// The PVC or backend object.
         object: String,
@@ -695,13 +718,17 @@ pub enum Rejection {
         owner: String,
     },
     /// A backend object with the name we need exists and was not made by us.
-    #[error("{object} exists and was not created by cbt-replicator; delete it (deleting a TridentMirrorRelationship promotes its volume) or replicate this PVC with it by hand")]
+    #[error(
+        "{object} exists and was not created by cbt-replicator; delete it (deleting a TridentMirrorRelationship promotes its volume) or replicate this PVC with it by hand"
+    )]
     NotOurs {
         /// The object.
         object: String,
     },
     /// An immutable input differs from what the backend objects were made with.
-    #[error("{field} changed from {was:?} to {now:?}, but it is immutable for {object}; restore it, or delete and recreate the replication")]
+    #[error(
+        "{field} changed from {was:?} to {now:?}, but it is immutable for {object}; restore it, or delete and recreate the replication"
+    )]
     ImmutableFieldChanged {
         /// The backend object bound to the old value.
         object: String,
@@ -713,7 +740,9 @@ pub enum Rejection {
         now: String,
     },
     /// A backend object we own differs from what we last wrote.
-    #[error("{object} was changed outside cbt-replicator ({detail}); undo the change, or delete the object to let cbt-replicator recreate it")]
+    #[error(
+        "{object} was changed outside cbt-replicator ({detail}); undo the change, or delete the object to let cbt-replicator recreate it"
+    )]
     ChangedByHand {
         /// The object.
         object: String,
@@ -727,7 +756,9 @@ pub enum Rejection {
         detail: String,
     },
     /// A VolumeGroupReplication for a vendor backend must be marked external.
-    #[error("VolumeGroupReplication uses {backend} (class {class:?}) but spec.external is false, so the csi-addons controller would drive it too; recreate it with spec.external: true (immutable)")]
+    #[error(
+        "VolumeGroupReplication uses {backend} (class {class:?}) but spec.external is false, so the csi-addons controller would drive it too; recreate it with spec.external: true (immutable)"
+    )]
     ExternalRequired {
         /// Backend.
         backend: Backend,
@@ -735,13 +766,17 @@ pub enum Rejection {
         class: String,
     },
     /// A Ceph group marked external: nobody would reconcile it.
-    #[error("VolumeGroupReplication is external but its class {class:?} is Ceph, which the csi-addons controller serves and cbt-replicator never drives; recreate it with spec.external: false")]
+    #[error(
+        "VolumeGroupReplication is external but its class {class:?} is Ceph, which the csi-addons controller serves and cbt-replicator never drives; recreate it with spec.external: false"
+    )]
     ExternalOnCeph {
         /// Class name.
         class: String,
     },
     /// Dell: a member PVC is not in any protection group.
-    #[error("PVC {pvc:?} has no label {label}: it is not replicated by Dell (StorageClass needs isReplicationEnabled: \"true\"), or the Dell sidecar has not labelled it yet")]
+    #[error(
+        "PVC {pvc:?} has no label {label}: it is not replicated by Dell (StorageClass needs isReplicationEnabled: \"true\"), or the Dell sidecar has not labelled it yet"
+    )]
     NotInProtectionGroup {
         /// PVC name.
         pvc: String,
@@ -749,13 +784,17 @@ pub enum Rejection {
         label: &'static str,
     },
     /// Dell: members are in different protection groups.
-    #[error("the PVCs span protection groups {groups}; Dell fails over whole protection groups, so one VolumeGroupReplication must match exactly one")]
+    #[error(
+        "the PVCs span protection groups {groups}; Dell fails over whole protection groups, so one VolumeGroupReplication must match exactly one"
+    )]
     SpansProtectionGroups {
         /// The groups, comma separated.
         groups: String,
     },
     /// Dell: the protection group holds PVCs the subject does not select.
-    #[error("protection group {group} also holds PVCs {others} that this object does not select; Dell fails over the whole group, so select all of them (a VolumeGroupReplication)")]
+    #[error(
+        "protection group {group} also holds PVCs {others} that this object does not select; Dell fails over the whole group, so select all of them (a VolumeGroupReplication)"
+    )]
     PartialProtectionGroup {
         /// RG name.
         group: String,

@@ -188,17 +188,33 @@ pub fn member_report(
         }
     };
     let Some(spec) = view.spec else {
-        return member(MemberKind::InProgress, "TridentMirrorRelationship not created yet");
+        return member(
+            MemberKind::InProgress,
+            "TridentMirrorRelationship not created yet",
+        );
     };
     if view.stale {
         return member(
             MemberKind::InProgress,
-            format!("Trident has not acted on spec.state {:?} yet", spec.as_str()),
+            format!(
+                "Trident has not acted on spec.state {:?} yet",
+                spec.as_str()
+            ),
         );
     }
     let destination_spec = matches!(spec, M::Established | M::Reestablished);
     match (&view.status, desired) {
-        (S::Failed, _) => member(MemberKind::Failed, with_msg("Trident reports failed".into())),
+        (S::Failed, ReplicationState::Secondary) if spec == M::Established => member(
+            MemberKind::Failed,
+            format!(
+                "{}; autoResync: true or replicationState: resync reestablishes it (a resync that overwrites the local volume)",
+                with_msg("Trident reports failed".into())
+            ),
+        ),
+        (S::Failed, _) => member(
+            MemberKind::Failed,
+            with_msg("Trident reports failed".into()),
+        ),
         (S::Invalid, _) => member(
             MemberKind::Invalid,
             with_msg("Trident reports the relationship invalid".into()),
@@ -210,12 +226,15 @@ pub fn member_report(
         (S::Promoted, ReplicationState::Primary) if spec == M::Promoted => {
             member(MemberKind::PrimaryOk, "promoted")
         }
-        (S::Established | S::Reestablished, ReplicationState::Secondary | ReplicationState::Resync)
-            if destination_spec =>
-        {
+        (
+            S::Established | S::Reestablished,
+            ReplicationState::Secondary | ReplicationState::Resync,
+        ) if destination_spec => {
             if desired == ReplicationState::Resync && spec == M::Established {
                 match update {
-                    TamuView::Absent => member(MemberKind::InProgress, "mirror update not requested yet"),
+                    TamuView::Absent => {
+                        member(MemberKind::InProgress, "mirror update not requested yet")
+                    }
                     TamuView::InProgress => member(MemberKind::Resyncing, "mirror update running"),
                     TamuView::Succeeded(t) => MemberReport {
                         kind: MemberKind::SecondaryOk,
@@ -227,7 +246,7 @@ pub fn member_report(
                     }
                 }
             } else {
-                member(MemberKind::SecondaryOk, format!("{}", view.status.as_str()))
+                member(MemberKind::SecondaryOk, view.status.as_str())
             }
         }
         (
@@ -237,7 +256,10 @@ pub fn member_report(
             MemberKind::Resyncing,
             format!("SnapMirror transfer running ({})", view.status.as_str()),
         ),
-        (S::Empty, _) => member(MemberKind::InProgress, "Trident has not reported a state yet"),
+        (S::Empty, _) => member(
+            MemberKind::InProgress,
+            "Trident has not reported a state yet",
+        ),
         (status, _) => member(
             MemberKind::InProgress,
             format!(
@@ -371,11 +393,7 @@ pub fn plan(req: &Request, class: &ClassView, obs: &TridentObserved) -> Plan {
     finish(req, backend, writes, events, &report, Some(&names))
 }
 
-fn deletion_plan(
-    req: &Request,
-    obs: &TridentObserved,
-    ours: &dyn Fn(&ObjectMeta) -> bool,
-) -> Plan {
+fn deletion_plan(req: &Request, obs: &TridentObserved, ours: &dyn Fn(&ObjectMeta) -> bool) -> Plan {
     let ns = &req.subject.namespace;
     let mut writes = Vec::new();
     let mut events = Vec::new();
@@ -517,7 +535,11 @@ fn plan_member(
         }
         Step::MirrorUpdate => {
             let Some(tmr) = tmr else {
-                return Ok((Vec::new(), Vec::new(), member(MemberKind::InProgress, "no TMR")));
+                return Ok((
+                    Vec::new(),
+                    Vec::new(),
+                    member(MemberKind::InProgress, "no TMR"),
+                ));
             };
             return Ok(mirror_update(req, name, &update_name, tmr));
         }
@@ -591,11 +613,19 @@ fn check_ours(
     }
 }
 
-fn describe_diff(last: &TridentMirrorRelationshipSpec, now: &TridentMirrorRelationshipSpec) -> String {
+fn describe_diff(
+    last: &TridentMirrorRelationshipSpec,
+    now: &TridentMirrorRelationshipSpec,
+) -> String {
     let a = serde_json::to_value(last).unwrap_or_default();
     let b = serde_json::to_value(now).unwrap_or_default();
     let mut diffs = Vec::new();
-    for key in ["state", "replicationPolicy", "replicationSchedule", "volumeMappings"] {
+    for key in [
+        "state",
+        "replicationPolicy",
+        "replicationSchedule",
+        "volumeMappings",
+    ] {
         if a.get(key) != b.get(key) {
             diffs.push(format!(
                 "spec.{key} is {} but cbt-replicator wrote {}",
@@ -696,7 +726,9 @@ fn remote_handle(
             format!("PVC annotation {PVC_REMOTE_HANDLE_ANNOTATION}"),
         ),
         (
-            class.param(params::REMOTE_VOLUME_HANDLE).map(str::to_string),
+            class
+                .param(params::REMOTE_VOLUME_HANDLE)
+                .map(str::to_string),
             format!("class parameter {}", params::REMOTE_VOLUME_HANDLE),
         ),
     ];
@@ -748,7 +780,7 @@ fn write_tmr(
                 status: None,
             };
             (
-                BackendWrite::Create(BackendObject::MirrorRelationship(tmr)),
+                BackendWrite::Create(BackendObject::MirrorRelationship(Box::new(tmr))),
                 Event {
                     type_: EventType::Normal,
                     reason: "CreatedMirrorRelationship".into(),
@@ -834,7 +866,9 @@ fn mirror_update(
         status: None,
     };
     (
-        vec![BackendWrite::Create(BackendObject::MirrorUpdate(update))],
+        vec![BackendWrite::Create(BackendObject::MirrorUpdate(Box::new(
+            update,
+        )))],
         vec![Event {
             type_: EventType::Normal,
             reason: "RequestedMirrorUpdate".into(),
