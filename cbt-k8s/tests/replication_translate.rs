@@ -440,6 +440,58 @@ fn our_tmr(
 }
 
 #[test]
+fn trident_destination_pvc_may_come_after_its_tmr_but_a_primary_needs_its_pvc() {
+    let r = req(
+        vol(&vr("db", ReplicationState::Secondary, false, "svmB:db")),
+        trident_class(),
+        vec![],
+    );
+    let mut obs = TridentObserved::default();
+    let p = plan(&r, &Observed::Trident(obs.clone())).expect("plan");
+    assert_eq!(p.writes.len(), 1);
+    apply_trident(&mut obs, &p.writes);
+    settle_trident(&mut obs, &at(1));
+    let p = plan(&with_status(r, &p), &Observed::Trident(obs)).expect("plan");
+    assert!(p.writes.is_empty());
+    let c = cond(&p, ctypes::COMPLETED).expect("completed");
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message
+            .contains("trident.netapp.io/mirrorRelationship: db"),
+        "{}",
+        c.message
+    );
+
+    let r = req(
+        vol(&vr("db", ReplicationState::Primary, false, "")),
+        trident_class(),
+        vec![],
+    );
+    let p = plan(&r, &Observed::Nothing).expect("plan");
+    assert!(matches!(p.rejection, Some(Rejection::PvcMissing { .. })));
+    assert!(p.writes.is_empty());
+}
+
+#[test]
+fn conditions_are_stamped_in_whole_seconds() {
+    let mut r = req(
+        vol(&vr("db", ReplicationState::Primary, false, "")),
+        trident_class(),
+        vec![pvc("db", TRIDENT, &[], &[])],
+    );
+    r.now = Time(k8s_openapi::jiff::Timestamp::new(1_767_225_600, 123_456_789).expect("time"));
+    let p = plan(&r, &Observed::Nothing).expect("plan");
+    let st = p.status.expect("status");
+    assert_eq!(st.replication().last_start_time, Some(at(0)));
+    assert!(
+        st.replication()
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time == at(0))
+    );
+}
+
+#[test]
 fn trident_demoting_a_promoted_volume_reestablishes_it() {
     let s = vol(&vr("db", ReplicationState::Secondary, false, ""));
     let tmr = our_tmr(&s, "db", MirrorState::Promoted, MirrorStatusState::Promoted);
@@ -1483,10 +1535,11 @@ proptest! {
                 prop_assert!(!seen.contains(&verb), "{} sent twice for {}: {:?}", verb, transition, seen);
                 seen.push(verb);
             }
-            if !p.writes.is_empty() && !apply_dell(&mut obs, &p.writes) {
-                // Conflict: the write did not happen.
-                let v = sent.get_mut(&transition).expect("sent");
-                v.pop();
+            if !p.writes.is_empty() {
+                prop_assert!(apply_dell(&mut obs, &p.writes), "patch from a fresh observation conflicted");
+                // Applied and re-observed before the sidecar moves: nothing more to send.
+                let after = plan(&with_status(r.clone(), &p), &Observed::Dell(obs.clone())).expect("plan");
+                prop_assert!(after.writes.is_empty(), "wrote again: {:?}", after.writes);
             }
             r = with_status(r, &p);
             let g = &mut obs.groups[0];

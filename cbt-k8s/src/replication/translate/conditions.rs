@@ -543,6 +543,9 @@ pub fn merge_status(
     now: &Time,
     started: bool,
 ) -> VolumeReplicationStatus {
+    // The API server stores whole seconds; stamping finer times would make a
+    // status we computed differ from the same status read back.
+    let now = &Time(k8s_openapi::jiff::Timestamp::from_second(now.0.as_second()).unwrap_or(now.0));
     let current = &subject.status;
     let generation = subject.generation;
     let mut conditions: Vec<Condition> = Vec::new();

@@ -509,6 +509,14 @@ fn plan_member(
     if let Some(tmr) = tmr {
         check_ours(req, class, tmr)?;
     }
+    let pvc_exists = pvc(req, name).is_some();
+    if !pvc_exists && s.desired == ReplicationState::Primary {
+        return Err(Rejection::PvcMissing {
+            pvc: name.to_string(),
+            hint: "a primary replicates an existing volume: create the PVC or fix spec.dataSource"
+                .into(),
+        });
+    }
     let (view, message) = view_of(tmr, name);
     let update_name = format!("{name}-resync-g{}", s.generation);
     let update = obs.updates.iter().find(|u| {
@@ -553,6 +561,19 @@ fn plan_member(
             _ => TamuView::InProgress,
         },
     };
+    if !pvc_exists {
+        // Trident makes the destination volume when the PVC is created after its TMR.
+        return Ok((
+            Vec::new(),
+            Vec::new(),
+            member(
+                MemberKind::InProgress,
+                format!(
+                    "PVC {name} does not exist yet: create it with annotation {PVC_MIRROR_ANNOTATION}: {name} so Trident makes it the destination volume"
+                ),
+            ),
+        ));
+    }
     Ok((
         Vec::new(),
         Vec::new(),
