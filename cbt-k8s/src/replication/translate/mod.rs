@@ -17,6 +17,13 @@
 //!
 //! Bad input never produces a backend write: the plan carries a [`Rejection`]
 //! (a typed reason with what to fix) and a `Validated=False` condition.
+//!
+//! Status ownership: for Trident and Dell classes we own the csi-addons status.
+//! For Ceph the csi-addons controller owns it, so Ceph plans never carry one.
+//! A rejection made before the backend is known (class missing, unknown
+//! provisioner) does carry a status; whether such an object is ours to write
+//! (say, a VolumeGroupReplication with `spec.external: true`) is for the
+//! controller to decide before it writes.
 
 pub mod ceph;
 pub mod conditions;
