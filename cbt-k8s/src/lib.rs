@@ -1,6 +1,6 @@
 //! Kubernetes side of the toolkit: typed snapshot and group snapshot objects, client construction
-//! from kubeconfig, retries and waits, PVC backup and restore, `cbt doctor`, and the SnapShift
-//! core.
+//! from kubeconfig, retries and waits, PVC backup and restore, `cbt doctor`, the SnapShift core,
+//! and the csi-addons volume replication types and their translation to backends.
 //!
 //! Library crates leave the k8s-openapi version feature to the final binary.
 
@@ -13,6 +13,7 @@ pub mod mover;
 pub mod pvc;
 pub mod pvc_backup;
 pub mod quantity;
+pub mod replication;
 pub mod retry;
 pub mod sidecar;
 pub mod snapshift;
