@@ -327,6 +327,24 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // With --overwrite it writes into the existing PVC (scribbled on first) and verifies.
+    write(&target, 0, 0xee, 4096);
+    let mut again = argv.clone();
+    again.push("--overwrite");
+    let doc = env.ok(&again).await;
+    assert!(
+        doc["notes"][0].as_str().unwrap().contains("overwrote"),
+        "{doc:#}"
+    );
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(&device).unwrap()
+    );
+    assert!(
+        env.kube
+            .get("v1", "PersistentVolumeClaim", NS, "restored")
+            .is_some()
+    );
     // A size below the backed-up volume is refused before anything is created.
     let mut small = argv.clone();
     let at = small.iter().position(|a| *a == "restored").unwrap();
@@ -539,6 +557,41 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         "{doc:#}"
     );
     env.assert_clean(0, "OOM");
+
+    // A SnapshotMetadataService whose CA is not the one the sidecar's certificate chains to:
+    // the mover's TLS handshake fails, a configuration error, and the same cleanup.
+    let good_ca = env
+        .kube
+        .get(
+            "cbt.storage.k8s.io/v1beta1",
+            "SnapshotMetadataService",
+            "",
+            DRIVER,
+        )
+        .unwrap()["spec"]["caCert"]
+        .clone();
+    let other = std::fs::read(fixture("other-ca.pem")).unwrap();
+    env.kube
+        .merge_patch(
+            "cbt.storage.k8s.io/v1beta1",
+            "SnapshotMetadataService",
+            "",
+            DRIVER,
+            &json!({"spec": {"caCert": serde_json::to_value(k8s_openapi::ByteString(other)).unwrap()}}),
+        )
+        .unwrap();
+    let (code, doc, _) = env.backup("data", &[]).await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    env.assert_clean(0, "wrong CA");
+    env.kube
+        .merge_patch(
+            "cbt.storage.k8s.io/v1beta1",
+            "SnapshotMetadataService",
+            "",
+            DRIVER,
+            &json!({"spec": {"caCert": good_ca}}),
+        )
+        .unwrap();
 
     // A missing S3 Secret stops the mover before it starts.
     env.kube.delete("v1", "Secret", NS, "s3-creds").unwrap();

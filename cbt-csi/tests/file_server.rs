@@ -330,7 +330,7 @@ async fn tls_with_private_ca_and_server_name_override() {
     )
     .await;
     assert!(
-        matches!(bad_name, Err(CsiError::Connect { .. })),
+        matches!(bad_name, Err(CsiError::Tls { .. })),
         "{bad_name:?}"
     );
     let other = std::fs::read(fixtures.join("other-ca.pem")).unwrap();
@@ -338,7 +338,7 @@ async fn tls_with_private_ca_and_server_name_override() {
         MetadataClient::connect(ClientConfig::new(format!("https://{addr}")).with_ca_pem(other))
             .await;
     assert!(
-        matches!(bad_ca, Err(CsiError::Connect { .. })),
+        matches!(bad_ca, Err(CsiError::Tls { .. })),
         "{bad_ca:?}"
     );
     let garbage = MetadataClient::connect(

@@ -440,6 +440,7 @@ pub async fn restore(
     args: &PvcRestoreArgs,
     kube: &KubeArgs,
     dry_run: bool,
+    overwrite: bool,
 ) -> Result<(), CliError> {
     let Some(pvc) = &args.to_pvc else {
         return Err(CliError::usage("--to-pvc is required"));
@@ -485,6 +486,7 @@ pub async fn restore(
             .or_else(|| manifest.source.storage_class.clone()),
         access_modes: manifest.source.access_modes.clone(),
         dry_run,
+        overwrite,
     };
     let report = restore_to_pvc(&cluster, &opts, cancel_on_signal())
         .await

@@ -28,7 +28,8 @@ pub struct RestoreArgs {
         conflicts_with = "to_pvc"
     )]
     pub target: Option<PathBuf>,
-    /// Allow writing over an existing file or device.
+    /// Allow writing over an existing file or device (with --to-pvc: into an existing block PVC
+    /// at least the volume's size; its contents are lost).
     #[arg(long)]
     pub overwrite: bool,
     /// Treat an existing file like a device: keep its size, write zeros where the snapshot
@@ -59,6 +60,7 @@ pub async fn run(ctx: &Ctx, args: RestoreArgs) -> Result<(), CliError> {
             &args.pvc,
             &args.kube,
             args.dry_run,
+            args.overwrite,
         )
         .await;
     }

@@ -114,10 +114,29 @@ pub(super) async fn connect(config: &ClientConfig) -> Result<Channel, CsiError> 
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| CsiError::Connect {
-            endpoint: ep_str.to_string(),
-            reason: error_chain(&e),
+        .map_err(|e| {
+            let reason = error_chain(&e);
+            // A certificate the CA does not vouch for (or for another name) will not change on
+            // retry: it is configuration (the CA bundle or the server name), not a network fault.
+            if is_certificate_rejection(&reason) {
+                CsiError::Tls {
+                    endpoint: ep_str.to_string(),
+                    reason: format!(
+                        "{reason}; the server's certificate does not chain to the given CA or is not for this server name"
+                    ),
+                }
+            } else {
+                CsiError::Connect {
+                    endpoint: ep_str.to_string(),
+                    reason,
+                }
+            }
         })
+}
+
+/// True when a connection failed because rustls refused the server's certificate.
+fn is_certificate_rejection(chain: &str) -> bool {
+    chain.contains("invalid peer certificate")
 }
 
 /// Joins an error and its sources: tonic's top-level transport error says little on its own.

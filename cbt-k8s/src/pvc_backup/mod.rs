@@ -896,6 +896,9 @@ pub struct PvcRestoreOptions {
     pub access_modes: Vec<String>,
     /// Print the objects instead of creating them.
     pub dry_run: bool,
+    /// Write into an existing PVC of that name (Block, at least the volume's size) instead of
+    /// refusing it; its previous contents are lost.
+    pub overwrite: bool,
 }
 
 /// What a restore did.
@@ -979,26 +982,45 @@ pub async fn restore_to_pvc(
         return Ok(report);
     }
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(cluster.client.clone(), ns);
-    if let Some(existing) = pvcs
+    let existing = pvcs
         .get_opt(&opts.pvc)
         .await
-        .map_err(|e| Error::api(ctx, "get", "PersistentVolumeClaim", &object, e))?
-    {
-        let _ = existing;
-        return Err(Error::Conflict {
-            cluster: ctx.clone(),
-            kind: "PersistentVolumeClaim",
-            object,
-            reason: "a restore creates a new PVC and never writes into an existing one; choose another name or delete it".into(),
-        });
+        .map_err(|e| Error::api(ctx, "get", "PersistentVolumeClaim", &object, e))?;
+    let mut created = Created::default();
+    match existing {
+        Some(_) if !opts.overwrite => {
+            return Err(Error::Conflict {
+                cluster: ctx.clone(),
+                kind: "PersistentVolumeClaim",
+                object,
+                reason: "a restore creates a new PVC and writes into an existing one only with --overwrite; choose another name, delete it, or pass --overwrite".into(),
+            });
+        }
+        Some(_) => {
+            // Someone else's PVC: checked like a backup source, never deleted by us.
+            let info = inspect_pvc(&cluster.client, ctx, ns, &opts.pvc).await?;
+            if info.size_bytes < opts.size_bytes {
+                return Err(Error::PvcUnsuitable {
+                    cluster: ctx.clone(),
+                    object,
+                    problem: format!(
+                        "holds {} bytes, less than the {} bytes of the backed-up volume",
+                        info.size_bytes, opts.size_bytes
+                    ),
+                    fix: "expand it, or restore into a new PVC".into(),
+                });
+            }
+            report
+                .notes
+                .push(format!("overwrote the existing PVC {object}"));
+        }
+        None => {
+            pvcs.create(&PostParams::default(), &pvc)
+                .await
+                .map_err(|e| Error::api(ctx, "create", "PersistentVolumeClaim", &object, e))?;
+            created.pvc = Some(opts.pvc.clone());
+        }
     }
-    pvcs.create(&PostParams::default(), &pvc)
-        .await
-        .map_err(|e| Error::api(ctx, "create", "PersistentVolumeClaim", &object, e))?;
-    let mut created = Created {
-        pvc: Some(opts.pvc.clone()),
-        ..Created::default()
-    };
     let started = Instant::now();
     let mut scratch = PvcBackupReport {
         pvc: object.clone(),
@@ -1029,7 +1051,7 @@ pub async fn restore_to_pvc(
     let t = Instant::now();
     cleanup(cluster, ns, &created, true, &mut scratch).await;
     report.times.cleanup_s = t.elapsed().as_secs_f64();
-    report.notes = scratch.notes;
+    report.notes.extend(scratch.notes);
     report.mover = Some(result?);
     Ok(report)
 }
