@@ -337,10 +337,7 @@ async fn tls_with_private_ca_and_server_name_override() {
     let bad_ca =
         MetadataClient::connect(ClientConfig::new(format!("https://{addr}")).with_ca_pem(other))
             .await;
-    assert!(
-        matches!(bad_ca, Err(CsiError::Tls { .. })),
-        "{bad_ca:?}"
-    );
+    assert!(matches!(bad_ca, Err(CsiError::Tls { .. })), "{bad_ca:?}");
     let garbage = MetadataClient::connect(
         ClientConfig::new(format!("https://{addr}")).with_ca_pem(b"not a pem".to_vec()),
     )

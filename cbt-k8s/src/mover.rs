@@ -212,7 +212,7 @@ pub enum MoverError {
     Repo(#[from] RepoError),
     /// Planning the CBT backup failed.
     #[error(transparent)]
-    Plan(#[from] CbtPlanError),
+    Plan(Box<CbtPlanError>),
     /// The metadata service could not be reached.
     #[error(transparent)]
     Metadata(#[from] cbt_csi::CsiError),
@@ -238,10 +238,23 @@ pub enum MoverError {
     },
 }
 
+impl From<CbtPlanError> for MoverError {
+    fn from(e: CbtPlanError) -> Self {
+        Self::Plan(Box::new(e))
+    }
+}
+
 impl MoverError {
     /// A short class name for the report (the CLI's exit-class names).
     pub fn class(&self) -> &'static str {
         use cbt_store::repo::ErrorClass;
+        if let Self::Plan(p) = self {
+            return match p.as_ref() {
+                CbtPlanError::Metadata { source, .. } => metadata_class(source),
+                CbtPlanError::Lineage(_) | CbtPlanError::ParentWithoutBase { .. } => "usage",
+                _ => "transient",
+            };
+        }
         match self {
             Self::Spec(_) => "usage",
             Self::Store(e) if e.is_transient() => "transient",
@@ -253,21 +266,21 @@ impl MoverError {
                 ErrorClass::Unsupported => "unsupported",
                 _ => "transient",
             },
-            // The service's own answer says whose fault it is (RBAC and TLS are configuration).
-            Self::Plan(CbtPlanError::Metadata { source, .. }) | Self::Metadata(source) => {
-                match source.kind() {
-                    cbt_csi::ErrorKind::Config => "config",
-                    cbt_csi::ErrorKind::Unsupported => "usage",
-                    cbt_csi::ErrorKind::Protocol => "integrity",
-                    _ => "transient",
-                }
-            }
-            Self::Plan(CbtPlanError::Lineage(_) | CbtPlanError::ParentWithoutBase { .. }) => {
-                "usage"
-            }
+            Self::Metadata(source) => metadata_class(source),
             Self::Plan(_) | Self::Io { .. } => "transient",
             Self::VerifyFailed { .. } => "integrity",
         }
+    }
+}
+
+/// The class of a metadata-service failure: the service's answer says whose fault it is (RBAC
+/// and TLS are configuration, a refused delta is usage, a broken protocol is integrity).
+fn metadata_class(source: &cbt_csi::CsiError) -> &'static str {
+    match source.kind() {
+        cbt_csi::ErrorKind::Config => "config",
+        cbt_csi::ErrorKind::Unsupported => "usage",
+        cbt_csi::ErrorKind::Protocol => "integrity",
+        _ => "transient",
     }
 }
 
