@@ -9,69 +9,14 @@ use std::process::ExitCode;
 use cbt_store::repo::{ErrorClass, RepoError};
 use cbt_store::store::{ErrorKind as StoreKind, StoreError};
 
-/// Exit codes, printed in `cbt --help`.
-pub const EXIT_CODES_HELP: &str = "\
-Exit codes:
-  0  success
-  1  internal error (a bug: please report it)
-  2  usage: bad arguments or input (names, ranges file, unknown snapshot, target)
-  3  integrity: stored or read data is damaged (verify found problems, checksum mismatch)
-  4  I/O or transient failure (network, timeouts, throttling, device errors): retry later;
-     an interrupted backup resumes without re-uploading what already landed
-  5  configuration: repository URL, credentials, missing bucket, repository not initialized
-  6  conflict: the repository is locked by another process, or the object already exists
-  7  unsupported: written by a newer version of cbt; upgrade";
+/// Exit codes, printed in `cbt --help`: the toolkit's one table (shared with `snapshift`).
+pub const EXIT_CODES_HELP: &str = cbt_core::exit::HELP;
 
-/// What kind of failure ended the command; decides the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitClass {
-    /// Exit 1.
-    Internal,
-    /// Exit 2.
-    Usage,
-    /// Exit 3.
-    Integrity,
-    /// Exit 4.
-    Transient,
-    /// Exit 5.
-    Config,
-    /// Exit 6.
-    Conflict,
-    /// Exit 7.
-    Unsupported,
-}
+pub use cbt_core::exit::ExitClass;
 
-impl ExitClass {
-    /// The process exit code.
-    pub fn code(self) -> u8 {
-        match self {
-            ExitClass::Internal => 1,
-            ExitClass::Usage => 2,
-            ExitClass::Integrity => 3,
-            ExitClass::Transient => 4,
-            ExitClass::Config => 5,
-            ExitClass::Conflict => 6,
-            ExitClass::Unsupported => 7,
-        }
-    }
-
-    /// Short name used in JSON error documents.
-    pub fn name(self) -> &'static str {
-        match self {
-            ExitClass::Internal => "internal",
-            ExitClass::Usage => "usage",
-            ExitClass::Integrity => "integrity",
-            ExitClass::Transient => "transient",
-            ExitClass::Config => "config",
-            ExitClass::Conflict => "conflict",
-            ExitClass::Unsupported => "unsupported",
-        }
-    }
-
-    /// As an [`ExitCode`].
-    pub fn exit_code(self) -> ExitCode {
-        ExitCode::from(self.code())
-    }
+/// The process exit code of a class.
+pub fn exit_code(class: ExitClass) -> ExitCode {
+    ExitCode::from(class.code())
 }
 
 /// A failed command: class, message and what to do about it.

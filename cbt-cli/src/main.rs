@@ -187,7 +187,7 @@ fn main() -> ExitCode {
                 | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
                     ExitCode::SUCCESS
                 }
-                _ => ExitClass::Usage.exit_code(),
+                _ => error::exit_code(ExitClass::Usage),
             };
         }
     };
@@ -215,14 +215,14 @@ fn main() -> ExitCode {
                 message: format!("cannot start the async runtime: {e}"),
                 hint: None,
             });
-            return ExitClass::Internal.exit_code();
+            return error::exit_code(ExitClass::Internal);
         }
     };
     match runtime.block_on(run(cli, ctx)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             out.error(&e);
-            e.class.exit_code()
+            error::exit_code(e.class)
         }
     }
 }

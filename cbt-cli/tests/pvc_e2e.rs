@@ -413,7 +413,7 @@ async fn ctrl_c_while_waiting_for_the_snapshot_cleans_up() {
     let out = child.wait_with_output().await.unwrap();
     assert_eq!(
         out.status.code(),
-        Some(4),
+        Some(130),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -490,7 +490,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         .faults()
         .set_snapshot_error(Some("backend pool is full"));
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(4), "{doc:#}");
+    assert_eq!(code, Some(8), "{doc:#}");
     assert!(
         error_of(&doc)["message"]
             .as_str()

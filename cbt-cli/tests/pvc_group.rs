@@ -577,7 +577,7 @@ async fn a_failing_group_or_member_fails_the_run_and_cleans_up() {
         .faults()
         .set_snapshot_error(Some("consistency group quota exceeded"));
     let (code, doc, _) = env.group_backup(&[]).await;
-    assert_eq!(code, Some(4), "{doc:#}");
+    assert_eq!(code, Some(8), "{doc:#}");
     assert!(
         doc["error"]["message"]
             .as_str()

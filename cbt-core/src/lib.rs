@@ -8,6 +8,7 @@
 //! caller, so every function is deterministic and testable.
 
 pub mod error;
+pub mod exit;
 pub mod gc;
 pub mod lineage;
 pub mod manifest;

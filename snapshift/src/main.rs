@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cbt_core::exit::ExitClass;
 use cbt_k8s::snapshift::{
     MetadataFilter, MigrateOptions, MigrationReport, MigrationRequest, Outcome, PlannedAction,
     Progress, Side, SnapShift, Stage,
@@ -23,11 +24,7 @@ use serde_json::{Value, json};
     name = "snapshift",
     version,
     about = "Move VolumeSnapshots between Kubernetes clusters that share a storage backend, without copying data",
-    after_help = "Exit codes: 0 success; 1 several kinds of failure in one batch; 2 usage; \
-3 configuration (kubeconfig, context, missing driver/class/namespace, bad input); \
-4 conflict with an existing object; 5 transient (timeout, throttling, 5xx): retry later; \
-6 storage/snapshot controller failure, or verify found problems; 70 bug; \
-130 interrupted (Ctrl-C: what the run created in the destination is removed first; a second Ctrl-C quits at once)."
+    after_help = cbt_core::exit::HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -204,15 +201,20 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     }
 }
 
-fn exit_code(kind: ErrorKind) -> u8 {
+/// The toolkit's shared exit class of an error kind (one table for cbt and snapshift).
+fn exit_class(kind: ErrorKind) -> ExitClass {
     match kind {
-        ErrorKind::Config => 3,
-        ErrorKind::Conflict => 4,
-        ErrorKind::Transient => 5,
-        ErrorKind::Backend => 6,
-        ErrorKind::Cancelled => 130,
-        ErrorKind::Bug => 70,
+        ErrorKind::Config => ExitClass::Config,
+        ErrorKind::Conflict => ExitClass::Conflict,
+        ErrorKind::Transient => ExitClass::Transient,
+        ErrorKind::Backend => ExitClass::Backend,
+        ErrorKind::Cancelled => ExitClass::Interrupted,
+        ErrorKind::Bug => ExitClass::Internal,
     }
+}
+
+fn exit_code(kind: ErrorKind) -> u8 {
+    exit_class(kind).code()
 }
 
 fn kind_name(kind: ErrorKind) -> &'static str {
@@ -394,7 +396,7 @@ async fn migrate(args: MigrateArgs) -> ExitCode {
         Some(sel) => match shift.pvcs_matching(&namespace, sel).await {
             Ok(names) if names.is_empty() => {
                 eprintln!("error: no PVC in namespace {namespace} matches selector {sel:?}");
-                return ExitCode::from(3);
+                return ExitCode::from(ExitClass::Config.code());
             }
             Ok(names) => names,
             Err(e) => return fail(&e),
@@ -407,13 +409,13 @@ async fn migrate(args: MigrateArgs) -> ExitCode {
         eprintln!(
             "error: --pvc-name and --snapshot-name name one object; they need exactly one item"
         );
-        return ExitCode::from(2);
+        return ExitCode::from(ExitClass::Usage.code());
     }
     if args.snapshot_name.is_some() && pvcs.is_empty() {
         eprintln!(
             "error: --snapshot-name names the snapshot cut from --pvc; with --snapshot the name is given"
         );
-        return ExitCode::from(2);
+        return ExitCode::from(ExitClass::Usage.code());
     }
     let requests: Vec<MigrationRequest> = pvcs
         .iter()
@@ -466,15 +468,13 @@ async fn migrate(args: MigrateArgs) -> ExitCode {
             }
         }
     }
-    let kinds: BTreeSet<u8> = reports
+    let failed = reports
         .iter()
         .filter_map(|r| r.result.as_ref().err())
-        .map(|e| exit_code(e.kind()))
-        .collect();
-    match kinds.len() {
-        0 => ExitCode::SUCCESS,
-        1 => ExitCode::from(kinds.into_iter().next().unwrap_or(1)),
-        _ => ExitCode::from(1),
+        .map(|e| exit_class(e.kind()));
+    match ExitClass::of_batch(failed) {
+        None => ExitCode::SUCCESS,
+        Some(class) => ExitCode::from(class.code()),
     }
 }
 
@@ -654,10 +654,10 @@ async fn verify(args: VerifyArgs) -> ExitCode {
     }
     if reports.is_empty() {
         eprintln!("error: no migrated snapshots found in namespace {namespace}");
-        return ExitCode::from(3);
+        return ExitCode::from(ExitClass::Config.code());
     }
     if bad > 0 {
-        ExitCode::from(6)
+        ExitCode::from(ExitClass::Integrity.code())
     } else {
         ExitCode::SUCCESS
     }

@@ -325,7 +325,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     let mut args = base.to_vec();
     args.extend(["--pvc", "db", "--to-namespace", "nowhere"]);
     let run = snapshift(env.dir.path(), None, &args).await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr.contains("namespace nowhere does not exist"),
         "{}",
@@ -340,7 +340,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
 
     // No kubeconfig anywhere (no flag, no KUBECONFIG, empty HOME).
     let run = snapshift(env.dir.path(), None, &["migrate", "--pvc", "db"]).await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr
             .contains("no kubeconfig found: KUBECONFIG is unset and")
@@ -355,7 +355,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         &["migrate", "--pvc", "db"],
     )
     .await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr.contains("none of the files in KUBECONFIG=") && run.stderr.contains("gone.yaml"),
         "{}",
@@ -375,7 +375,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         ],
     )
     .await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr.contains("no kubeconfig found: ")
             && run
@@ -400,7 +400,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         ],
     )
     .await;
-    assert_eq!(run.code, 3);
+    assert_eq!(run.code, 5);
     assert!(
         run.stderr.contains("context \"north\" not found"),
         "{}",
@@ -414,7 +414,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         &["migrate", "--kubeconfig", &kc, "-n", "apps", "--pvc", "db"],
     )
     .await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr.contains("are the same cluster"),
         "{}",
@@ -449,7 +449,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
         ],
     )
     .await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr
             .contains("credentials of context \"west\" were rejected: refresh them"),
@@ -466,7 +466,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     let mut args = base.to_vec();
     args.extend(["--pvc", "db", "--to-namespace", "dr"]);
     let run = snapshift(env.dir.path(), None, &args).await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr.contains(
             "kubectl --context west auth can-i create volumesnapshotcontents.snapshot.storage.k8s.io"
@@ -482,7 +482,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     let mut args = base.to_vec();
     args.extend(["--to-namespace", "dr", "-l", "app in (db"]);
     let run = snapshift(env.dir.path(), None, &args).await;
-    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr.contains("invalid label selector \"app in (db\""),
         "{}",
@@ -498,7 +498,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     let mut args = base.to_vec();
     args.extend(["--pvc", "web", "--to-namespace", "dr"]);
     let run = snapshift(env.dir.path(), None, &args).await;
-    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert_eq!(run.code, 6, "{}", run.stderr);
     assert!(
         run.stderr
             .contains("already exists in cluster \"west\" and differs"),
@@ -511,7 +511,7 @@ async fn failures_map_to_exit_codes_with_actionable_messages() {
     let mut args = base.to_vec();
     args.extend(["--pvc", "db", "--to-namespace", "dr", "--timeout", "1s"]);
     let run = snapshift(env.dir.path(), None, &args).await;
-    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert_eq!(run.code, 4, "{}", run.stderr);
     assert!(run.stderr.contains("timed out"), "{}", run.stderr);
     assert!(run.stderr.contains("removed from the destination: VolumeSnapshot dr/db-snapshift, VolumeSnapshotContent snapshift-dr.db-snapshift"), "{}", run.stderr);
     assert!(
@@ -570,7 +570,7 @@ async fn batch_by_selector_reports_each_item_and_survives_transient_errors() {
     )
     .await;
     assert_eq!(
-        run.code, 6,
+        run.code, 8,
         "backend failure of one item\n{}\n{}",
         run.stdout, run.stderr
     );

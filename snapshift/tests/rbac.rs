@@ -237,7 +237,7 @@ async fn a_missing_required_right_stops_before_cutting_and_a_missing_optional_on
     )
     .await;
     let run = snapshift(env.dir.path(), &MIGRATE_DB).await;
-    assert_eq!(run.code, 3, "{}\n{}", run.stdout, run.stderr);
+    assert_eq!(run.code, 5, "{}\n{}", run.stdout, run.stderr);
     assert!(
         run.stderr.contains(
             "persistentvolumeclaims \"db\" is forbidden: User \"system:serviceaccount:snapshift:snapshift\" cannot get resource \"persistentvolumeclaims\" in API group \"\" in the namespace \"dr\""

@@ -109,7 +109,9 @@ pub struct PvcRestoreArgs {
 /// A Kubernetes-layer error as the CLI reports it (class from its kind).
 pub(crate) fn k8s_error(e: cbt_k8s::Error) -> CliError {
     let class = match e.kind() {
-        ErrorKind::Transient | ErrorKind::Backend | ErrorKind::Cancelled => ExitClass::Transient,
+        ErrorKind::Transient => ExitClass::Transient,
+        ErrorKind::Backend => ExitClass::Backend,
+        ErrorKind::Cancelled => ExitClass::Interrupted,
         ErrorKind::Config => ExitClass::Config,
         ErrorKind::Conflict => ExitClass::Conflict,
         ErrorKind::Bug => ExitClass::Internal,
@@ -295,7 +297,12 @@ pub async fn backup(
             || human_backup_summary(&namespace, &results),
         );
     }
-    let mut failures = results.into_iter().filter_map(|(_, r)| r.err());
+    let failures: Vec<CliError> = results.into_iter().filter_map(|(_, r)| r.err()).collect();
+    // One class for the batch: the items' common class, or "partial" when they differ.
+    let Some(class) = ExitClass::of_batch(failures.iter().map(|e| e.class)) else {
+        return Ok(());
+    };
+    let mut failures = failures.into_iter();
     let Some(first) = failures.next() else {
         return Ok(());
     };
@@ -305,7 +312,7 @@ pub async fn backup(
     } else {
         CliError {
             reported: false,
-            class: first.class,
+            class,
             message: format!(
                 "{} of {} PVC backups failed (first: {})",
                 others + 1,
