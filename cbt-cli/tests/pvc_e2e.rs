@@ -20,6 +20,7 @@ const NS: &str = "db";
 const DRIVER: &str = "hostpath.csi.k8s.io";
 const AUDIENCE: &str = "cbt-e2e";
 const IMAGE: &str = "registry.example/cbt:e2e";
+const SLOW_IMAGE: &str = "registry.example/slow:e2e";
 
 fn sms() -> ResourceType {
     ResourceType {
@@ -52,11 +53,19 @@ impl Env {
     async fn start() -> Self {
         let t = tempfile::tempdir().unwrap();
         let backend = SharedBackend::with_data_dir(t.path().join("array")).unwrap();
+        // A mover image that never finishes, to interrupt a run while its Job is running.
+        // Named `cbt`, as the Job's command says: the image's entrypoint must be found.
+        std::fs::create_dir(t.path().join("slow")).unwrap();
+        let slow = t.path().join("slow").join("cbt");
+        std::fs::write(&slow, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let kube = FakeKube::builder()
             .driver(DRIVER)
             .backend(backend)
             .serve(sms())
             .image(IMAGE, env!("CARGO_BIN_EXE_cbt"))
+            .image(SLOW_IMAGE, slow)
             .start()
             .await
             .unwrap();
@@ -366,59 +375,79 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ctrl_c_while_waiting_for_the_snapshot_cleans_up() {
+async fn ctrl_c_at_each_step_cleans_up() {
     let env = Env::start().await;
     env.ok(&["repo", "init"]).await;
     env.kube
         .seed_pvc(NS, "data", "4Mi", "Block", &["ReadWriteOnce"], &[])
         .unwrap();
-    env.kube.faults().set_never_ready(true);
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-    let endpoint = env.s3.endpoint();
-    cmd.args([
-        "--repo",
-        &env.repo,
-        "--s3-endpoint",
-        &endpoint,
-        "backup",
-        "--pvc",
-        "data",
-    ]);
-    cmd.args(env.kube_args());
-    for (k, v) in env.s3.env() {
-        cmd.env(k, v);
+    // (step, extra flags, what must exist before the interrupt)
+    let steps: [(&str, &[&str], (&str, &str)); 2] = [
+        (
+            "waiting for the snapshot",
+            &[],
+            ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"),
+        ),
+        (
+            "waiting for the mover",
+            &["--image", SLOW_IMAGE],
+            ("v1", "Pod"),
+        ),
+    ];
+    for (step, extra, (api, kind)) in steps {
+        env.kube.faults().set_never_ready(extra.is_empty());
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+        let endpoint = env.s3.endpoint();
+        cmd.args([
+            "--repo",
+            &env.repo,
+            "--s3-endpoint",
+            &endpoint,
+            "backup",
+            "--pvc",
+            "data",
+        ]);
+        let mut kube = env.kube_args();
+        if !extra.is_empty() {
+            let at = kube.iter().position(|a| a == "--image").unwrap();
+            kube.drain(at..at + 2);
+        }
+        cmd.args(kube).args(extra);
+        for (k, v) in env.s3.env() {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while env.ours(api, kind).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{step}: no {kind} appeared"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let status = std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{step}: {stderr}");
+        assert!(stderr.contains("interrupted"), "{step}: {stderr}");
+        env.assert_clean(0, step);
     }
-    let child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while env
-        .ours("snapshot.storage.k8s.io/v1", "VolumeSnapshot")
-        .is_empty()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no snapshot was created"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let out = child.wait_with_output().await.unwrap();
+    env.kube.faults().set_never_ready(false);
+    let list = env.ok(&["-o", "json", "list"]).await;
     assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        list.as_array().map(Vec::len),
+        Some(0),
+        "nothing committed: {list:#}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
-    env.assert_clean(0, "Ctrl-C");
 }
 
 impl Env {
