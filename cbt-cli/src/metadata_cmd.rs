@@ -559,9 +559,20 @@ pub struct ServeMetadataArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Require this bearer token.
+    /// Require this bearer token (prefer --token-file or CBT_METADATA_SERVER_TOKEN: a command
+    /// line is visible to every user of the host).
     #[arg(long, env = "CBT_METADATA_SERVER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Require the bearer token held in this file.
+    #[arg(long, value_name = "PATH", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Serve a TCP listener without TLS or without a token (refused otherwise: anyone who can
+    /// reach the port could read every snapshot's block map).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Metadata calls served at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    pub max_concurrent_calls: usize,
     /// JSON object of CSI secrets every CSI call must carry, like a driver that needs backend
     /// credentials (missing key: INVALID_ARGUMENT; wrong value: PERMISSION_DENIED).
     #[arg(long, value_name = "FILE.json")]
@@ -633,7 +644,14 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
         BlockTypeArg::Variable => BlockType::VariableLength,
     };
     opts.max_results = args.max_results;
-    opts.token = args.token.clone();
+    opts.max_concurrent_calls = args.max_concurrent_calls.max(1);
+    opts.token = match &args.token_file {
+        Some(p) => Some(read(p)?.trim().to_string()),
+        None => args.token.clone(),
+    };
+    if opts.token.as_deref() == Some("") {
+        return Err(CliError::usage("the metadata server token is empty"));
+    }
     if let Some(p) = &args.secrets_file {
         opts.secrets = Some(serde_json::from_str(&read(p)?).map_err(|e| {
             CliError::usage(format!(
@@ -683,6 +701,24 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
         _ => None,
     };
     let listen: Listen = args.listen.parse()?;
+    if matches!(listen, Listen::Tcp(_)) && !args.insecure {
+        // A TCP port is reachable by others: refuse to serve it in the clear or to anyone.
+        if tls.is_none() {
+            return Err(
+                CliError::usage(format!("{} is a TCP listener without TLS", args.listen))
+                    .with_hint("pass --tls-cert and --tls-key (or --insecure for a test setup)"),
+            );
+        }
+        if opts.token.is_none() && args.kubernetes_audience.is_none() {
+            return Err(CliError::usage(format!(
+                "{} is a TCP listener without authentication",
+                args.listen
+            ))
+            .with_hint(
+                "pass --token-file (or CBT_METADATA_SERVER_TOKEN), or --kubernetes-audience to check callers' ServiceAccount tokens (or --insecure for a test setup)",
+            ));
+        }
+    }
     let service = FileMetadataService::new(opts)?;
     let server = cbt_csi::server::spawn(service, listen, tls).await?;
     eprintln!(

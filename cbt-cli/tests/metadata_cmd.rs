@@ -905,3 +905,44 @@ fn listings_and_backups_resume_streams_cut_at_the_servers_time_limit() {
         assert_eq!(v["error"]["exit_code"], 4);
     }
 }
+
+#[test]
+fn a_tcp_listener_needs_tls_and_a_token_unless_insecure() {
+    let (_t, snaps, _sock) = dirs();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cbt-csi/tests/fixtures");
+    let cert = fixtures.join("server.pem").display().to_string();
+    let key = fixtures.join("server.key").display().to_string();
+    let dir = snaps.display().to_string();
+    let base = [
+        "serve-metadata",
+        "--dir",
+        &dir,
+        "--listen",
+        "tcp://127.0.0.1:0",
+    ];
+    let plain = cbt(&base);
+    assert_eq!(plain.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("without TLS"));
+    let mut tls = base.to_vec();
+    tls.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    let open = cbt(&tls);
+    assert_eq!(open.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&open.stderr).contains("without authentication"));
+    // With --insecure it serves (and is stopped here).
+    let mut insecure = base.to_vec();
+    insecure.push("--insecure");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .args(&insecure)
+        .env_remove("CBT_METADATA_SERVER_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("serving"), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

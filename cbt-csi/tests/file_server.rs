@@ -1085,3 +1085,43 @@ async fn a_real_stream_time_limit_is_resumed_to_the_same_answer() {
     assert_eq!(r.extents, baseline.extents);
     srv.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn calls_beyond_the_servers_limit_are_refused_until_one_ends() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    scattered_pair(snaps.path());
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.max_concurrent_calls = 1;
+    let srv = serve_unix(o, sock.path()).await;
+    let c = client(srv.endpoint()).await;
+    // One tuple per message: the first call stays open after its first batch.
+    let mut first = c.stream(MetadataRequest::new(alloc("s")).max_results(1));
+    assert!(first.next_batch().await.unwrap().is_some());
+    let refused = MetadataClient::connect(
+        ClientConfig::new(srv.endpoint()).with_retry(cbt_csi::RetryPolicy::none()),
+    )
+    .await
+    .unwrap()
+    .collect(MetadataRequest::new(alloc("s")))
+    .await
+    .unwrap_err();
+    match &refused {
+        CsiError::RetriesExhausted { code, .. } => {
+            assert_eq!(*code, tonic::Code::ResourceExhausted)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Once the first call is gone, the next one is served (resumes retry the refusal).
+    drop(first);
+    let mut patient = ClientConfig::new(srv.endpoint()).with_retry(common::fast_retry());
+    patient.retry.max_attempts = 20;
+    let r = MetadataClient::connect(patient)
+        .await
+        .unwrap()
+        .collect(MetadataRequest::new(alloc("s")))
+        .await
+        .unwrap();
+    assert_eq!(r.summary.bytes, 64 * 4 * KIB);
+    srv.shutdown().await.unwrap();
+}

@@ -117,6 +117,12 @@ pub struct ServerOptions {
     pub driver_name: String,
     /// Stream-breaking test hook.
     pub fault: Option<FaultPlan>,
+    /// Metadata calls served at once, over all connections; further calls are refused with
+    /// RESOURCE_EXHAUSTED (clients retry with backoff) so a flood cannot exhaust threads or
+    /// file handles.
+    pub max_concurrent_calls: usize,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_streams_per_connection: u32,
     /// Resolves VolumeSnapshot names and checks tokens through a cluster (see
     /// [`SidecarAuthority`]); snapshot files are then named by CSI handle.
     pub sidecar: Option<Arc<dyn SidecarAuthority>>,
@@ -142,6 +148,8 @@ impl ServerOptions {
             driver_name: "file.cbt.example.com".to_string(),
             fault: None,
             max_stream_duration: None,
+            max_concurrent_calls: 64,
+            max_streams_per_connection: 16,
             sidecar: None,
             secrets: None,
         }
@@ -295,6 +303,7 @@ fn token_matches(presented: &str, expected: &str) -> bool {
 pub struct FileMetadataService {
     opts: Arc<ServerOptions>,
     drops_left: Arc<AtomicU32>,
+    calls: Arc<tokio::sync::Semaphore>,
 }
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -397,6 +406,9 @@ impl FileMetadataService {
         opts.validate()?;
         let drops = opts.fault.map(|f| f.times).unwrap_or(0);
         Ok(Self {
+            calls: Arc::new(tokio::sync::Semaphore::new(
+                opts.max_concurrent_calls.max(1),
+            )),
             opts: Arc::new(opts),
             drops_left: Arc::new(AtomicU32::new(drops)),
         })
@@ -611,17 +623,31 @@ impl FileMetadataService {
         rx
     }
 
+    /// A permit for one metadata call, or RESOURCE_EXHAUSTED when `max_concurrent_calls` are
+    /// running; held until the call's stream is dropped.
+    fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.calls.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} metadata calls are running, the server's limit; retry later",
+                self.opts.max_concurrent_calls
+            ))
+        })
+    }
+
     fn csi_stream<T: Send + 'static>(
         &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
         work: Work,
         start: u64,
         max_results: i32,
         wrap: fn(Msg) -> T,
     ) -> ResponseStream<T> {
         let rx = self.run(work, start, max_results);
-        Box::pin(futures::stream::unfold(rx, move |mut rx| async move {
-            rx.recv().await.map(|m| (m.map(wrap), rx))
-        }))
+        // The permit travels with the stream: the call counts until the client is done with it.
+        Box::pin(futures::stream::unfold(
+            (rx, permit),
+            move |(mut rx, permit)| async move { rx.recv().await.map(|m| (m.map(wrap), (rx, permit))) },
+        ))
     }
 }
 
@@ -656,8 +682,10 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         let r = request.into_inner();
         self.check_csi_secrets(&r.secrets)?;
         let snap = self.csi_lookup(&r.snapshot_id, "snapshot_id")?;
+        let permit = self.admit()?;
         let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
         Ok(Response::new(self.csi_stream(
+            permit,
             Work::Allocated(snap),
             start,
             r.max_results,
@@ -679,8 +707,10 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         let target = self.csi_lookup(&r.target_snapshot_id, "target_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_id)?;
+        let permit = self.admit()?;
         let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
         Ok(Response::new(self.csi_stream(
+            permit,
             Work::Delta(base, target),
             start,
             r.max_results,
@@ -711,8 +741,10 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         self.check_k8s_token(&r.security_token, &r.namespace)
             .await?;
         let snap = self.k8s_lookup(&r.namespace, &r.snapshot_name).await?;
+        let permit = self.admit()?;
         let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
         Ok(Response::new(self.csi_stream(
+            permit,
             Work::Allocated(snap),
             start,
             r.max_results,
@@ -744,8 +776,10 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
             .await?;
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_name)?;
+        let permit = self.admit()?;
         let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
         Ok(Response::new(self.csi_stream(
+            permit,
             Work::Delta(base, target),
             start,
             r.max_results,
@@ -946,7 +980,8 @@ pub async fn spawn(
     listen: Listen,
     tls: Option<TlsIdentity>,
 ) -> Result<RunningServer, CsiError> {
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(service.opts.max_streams_per_connection.max(1)));
     let tls_on = tls.is_some();
     if let Some(id) = tls {
         if matches!(listen, Listen::Unix(_)) {
