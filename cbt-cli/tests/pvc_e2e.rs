@@ -514,6 +514,58 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         env.assert_clean(0, pvc);
     }
 
+    // A PVC that is not bound yet: a configuration error naming the phase, nothing created.
+    env.kube
+        .create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "pending", "namespace": NS},
+            "spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
+                     "storageClassName": "no-such-class",
+                     "resources": {"requests": {"storage": "1Mi"}}}}))
+        .unwrap();
+    let (code, doc, _) = env.backup("pending", &[]).await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("not bound"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "unbound");
+
+    // No VolumeSnapshotClass for the driver: refused before anything is created.
+    let class = env
+        .kube
+        .get(
+            "snapshot.storage.k8s.io/v1",
+            "VolumeSnapshotClass",
+            "",
+            "csi-snapclass",
+        )
+        .unwrap();
+    env.kube
+        .delete(
+            "snapshot.storage.k8s.io/v1",
+            "VolumeSnapshotClass",
+            "",
+            "csi-snapclass",
+        )
+        .unwrap();
+    let (code, doc, _) = env.backup("data", &[]).await;
+    assert_eq!(code, Some(5), "{doc:#}");
+    assert!(
+        error_of(&doc)["message"]
+            .as_str()
+            .unwrap()
+            .contains("VolumeSnapshotClass"),
+        "{doc:#}"
+    );
+    env.assert_clean(0, "no snapshot class");
+    let mut class = class;
+    class["metadata"] = json!({"name": "csi-snapclass",
+        "annotations": class["metadata"]["annotations"].clone()});
+    env.kube.create(class).unwrap();
+
     // A snapshot the driver fails: the controller's message verbatim, the snapshot deleted.
     env.kube
         .faults()
