@@ -761,6 +761,26 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
         .seed_pvc(NS, "other", "4Mi", "Block", &["ReadWriteOnce"], &[])
         .unwrap();
 
+    // Without a mover image there is nothing to run: a usage error, nothing created.
+    let mut args: Vec<String> = ["backup", "--selector", "backup=cbt"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut kube = env.kube_args();
+    let at = kube.iter().position(|a| a == "--image").unwrap();
+    kube.drain(at..at + 2);
+    args.extend(kube);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = env.cbt(&argv).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--image"));
+    env.assert_clean(0, "no image");
+
     // Dry run: the objects as YAML, nothing created, nothing in the repository.
     let mut args: Vec<String> = ["backup", "--selector", "backup=cbt", "--dry-run"]
         .iter()

@@ -1088,40 +1088,41 @@ async fn a_real_stream_time_limit_is_resumed_to_the_same_answer() {
 
 #[tokio::test]
 async fn calls_beyond_the_servers_limit_are_refused_until_one_ends() {
+    use cbt_csi::pb::csi::snapshot_metadata_server::SnapshotMetadata;
     let snaps = tempfile::tempdir().unwrap();
-    let sock = tempfile::tempdir().unwrap();
     scattered_pair(snaps.path());
     let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
     o.max_concurrent_calls = 1;
-    let srv = serve_unix(o, sock.path()).await;
-    let c = client(srv.endpoint()).await;
-    // One tuple per message: the first call stays open after its first batch.
-    let mut first = c.stream(MetadataRequest::new(alloc("s")).max_results(1));
-    assert!(first.next_batch().await.unwrap().is_some());
-    let refused = MetadataClient::connect(
-        ClientConfig::new(srv.endpoint()).with_retry(cbt_csi::RetryPolicy::none()),
-    )
-    .await
-    .unwrap()
-    .collect(MetadataRequest::new(alloc("s")))
-    .await
-    .unwrap_err();
-    match &refused {
-        CsiError::RetriesExhausted { code, .. } => {
-            assert_eq!(*code, tonic::Code::ResourceExhausted)
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    // Once the first call is gone, the next one is served (resumes retry the refusal).
-    drop(first);
-    let mut patient = ClientConfig::new(srv.endpoint()).with_retry(common::fast_retry());
-    patient.retry.max_attempts = 20;
-    let r = MetadataClient::connect(patient)
+    let svc = FileMetadataService::new(o).unwrap();
+    // The service itself, without a network in between: a response stream that nobody reads is
+    // a call in progress (over a connection, flow-control buffers could let it finish early).
+    let call = || {
+        tonic::Request::new(cbt_csi::pb::csi::GetMetadataAllocatedRequest {
+            snapshot_id: "s".into(),
+            starting_offset: 0,
+            max_results: 1,
+            secrets: Default::default(),
+        })
+    };
+    let first = svc.get_metadata_allocated(call()).await.unwrap();
+    let refused = svc.get_metadata_allocated(call()).await.err().unwrap();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    // The delta call shares the limit.
+    let delta = svc
+        .get_metadata_delta(tonic::Request::new(
+            cbt_csi::pb::csi::GetMetadataDeltaRequest {
+                base_snapshot_id: "s".into(),
+                target_snapshot_id: "t".into(),
+                starting_offset: 0,
+                max_results: 0,
+                secrets: Default::default(),
+            },
+        ))
         .await
-        .unwrap()
-        .collect(MetadataRequest::new(alloc("s")))
-        .await
+        .err()
         .unwrap();
-    assert_eq!(r.summary.bytes, 64 * 4 * KIB);
-    srv.shutdown().await.unwrap();
+    assert_eq!(delta.code(), tonic::Code::ResourceExhausted);
+    // When the first call's stream is gone, the next call is admitted.
+    drop(first);
+    assert!(svc.get_metadata_allocated(call()).await.is_ok());
 }

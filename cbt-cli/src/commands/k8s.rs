@@ -36,13 +36,10 @@ pub struct KubeArgs {
     /// Kubeconfig context (default: the current context).
     #[arg(long)]
     pub context: Option<String>,
-    /// Container image with the `cbt` binary, run as the data mover (see the Dockerfile).
-    #[arg(
-        long,
-        env = "CBT_MOVER_IMAGE",
-        default_value = "ghcr.io/cbt-project/cbt:latest"
-    )]
-    pub image: String,
+    /// Container image with the `cbt` binary, run as the data mover: built from the
+    /// repository's Dockerfile and pushed to a registry the cluster can pull from.
+    #[arg(long, env = "CBT_MOVER_IMAGE")]
+    pub image: Option<String>,
     /// ServiceAccount the mover runs as: the backup identity whose token the metadata sidecar
     /// checks (it needs `get volumesnapshots` in the namespace).
     #[arg(long, default_value = "cbt-mover")]
@@ -124,14 +121,20 @@ pub(crate) fn k8s_error(e: cbt_k8s::Error) -> CliError {
     }
 }
 
-fn runtime(kube: &KubeArgs) -> MoverRuntime {
-    MoverRuntime {
-        image: kube.image.clone(),
+fn runtime(kube: &KubeArgs) -> Result<MoverRuntime, CliError> {
+    let image = kube.image.clone().ok_or_else(|| {
+        CliError::usage("the data mover needs an image: pass --image (or set CBT_MOVER_IMAGE)")
+            .with_hint(
+                "build it from the repository's Dockerfile and push it to a registry the cluster pulls from",
+            )
+    })?;
+    Ok(MoverRuntime {
+        image,
         service_account: kube.service_account.clone(),
         s3_secret: kube.s3_secret.clone(),
         token_audience: None,
         active_deadline_seconds: kube.mover_timeout_secs.max(60),
-    }
+    })
 }
 
 fn repo_target(ctx: &Ctx) -> Result<RepoTarget, CliError> {
@@ -241,7 +244,7 @@ pub async fn backup(
     let opts = PvcBackupOptions {
         namespace: namespace.clone(),
         target,
-        runtime: runtime(kube),
+        runtime: runtime(kube)?,
         snapshot_class: pvcs.snapshot_class.clone(),
         snapshot_timeout: Duration::from_secs(pvcs.snapshot_timeout_secs.max(1)),
         keep_snapshots: pvcs.keep_snapshots.max(1),
@@ -483,7 +486,7 @@ pub async fn restore(
         namespace,
         pvc: pvc.clone(),
         target,
-        runtime: runtime(kube),
+        runtime: runtime(kube)?,
         volume: volume.to_string(),
         snapshot: snapshot.to_string(),
         size_bytes: size,
