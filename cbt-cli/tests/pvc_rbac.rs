@@ -653,7 +653,17 @@ async fn every_flow_works_with_exactly_the_example_rights_and_the_mover_needs_it
     env.write(&ns, "data", 0, 1, 3 * MIB as usize);
 
     // Dry runs: what `cbt backup --pvc --dry-run` reads (with and without a named class).
-    let base = strings(&["backup", "--pvc", "data", "-n", &ns, "--dry-run"]);
+    let image = flag(&cbt_args(&ex.cronjob), "--image").to_string();
+    let base = strings(&[
+        "backup",
+        "--pvc",
+        "data",
+        "-n",
+        &ns,
+        "--dry-run",
+        "--image",
+        &image,
+    ]);
     let dry = env.ok(&env.in_cluster(base.clone())).await;
     assert!(dry.is_null(), "YAML, not JSON");
     let mut named = base.clone();
