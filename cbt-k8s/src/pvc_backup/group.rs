@@ -842,7 +842,7 @@ async fn back_up_member(
     .await;
     let t = Instant::now();
     // `created.snapshot` is never set for a member: only the Job and the temporary PVC go.
-    cleanup(cluster, ns, &created, true, &mut report).await;
+    cleanup(cluster, ns, &created, true, &mut report.notes).await;
     report.times.cleanup_s = t.elapsed().as_secs_f64();
     result.map(|()| report)
 }

@@ -298,7 +298,7 @@ pub async fn back_up_pvc(
     let t = Instant::now();
     // The snapshot stays only when the backup it serves was committed.
     let keep_snapshot = result.is_ok();
-    cleanup(cluster, ns, &created, keep_snapshot, &mut report).await;
+    cleanup(cluster, ns, &created, keep_snapshot, &mut report.notes).await;
     if result.is_ok() {
         match retention(cluster, &pvc, &vs_name, opts.keep_snapshots).await {
             Ok(deleted) => report.deleted_snapshots = deleted,
@@ -551,7 +551,7 @@ pub(crate) async fn back_up_from_snapshot(
         opts,
         snapshot.group,
     );
-    let mover = run_mover(cluster, ns, &job, created, report, t, cancel).await?;
+    let mover = run_mover(cluster, ns, &job, created, &mut report.times, t, cancel).await?;
     report.mover = Some(mover);
     Ok(())
 }
@@ -562,7 +562,7 @@ async fn run_mover(
     ns: &str,
     job: &Job,
     created: &mut Created,
-    report: &mut PvcBackupReport,
+    times: &mut StepTimes,
     started: Instant,
     cancel: watch::Receiver<bool>,
 ) -> Result<MoverReport, Error> {
@@ -580,7 +580,7 @@ async fn run_mover(
         .unwrap_or(3600);
     // The Job's own deadline stops the pod; ours adds a margin for status to arrive.
     let deadline = Instant::now() + Duration::from_secs(deadline_secs.unsigned_abs() + 30);
-    let watch = watch_mover(cluster, ns, &job_name, deadline, report, started);
+    let watch = watch_mover(cluster, ns, &job_name, deadline, times, started);
     tokio::select! {
         r = watch => r,
         _ = wait_cancel(cancel) => Err(Error::Cancelled),
@@ -606,7 +606,7 @@ async fn watch_mover(
     ns: &str,
     job_name: &str,
     deadline: Instant,
-    report: &mut PvcBackupReport,
+    times: &mut StepTimes,
     started: Instant,
 ) -> Result<MoverReport, Error> {
     let ctx = &cluster.context;
@@ -633,7 +633,7 @@ async fn watch_mover(
             if let Some(state) = cs.and_then(|c| c.state.as_ref()) {
                 if state.running.is_some() || state.terminated.is_some() {
                     running_since.get_or_insert_with(|| {
-                        report.times.mover_start_s = started.elapsed().as_secs_f64();
+                        times.mover_start_s = started.elapsed().as_secs_f64();
                         Instant::now()
                     });
                 }
@@ -662,7 +662,7 @@ async fn watch_mover(
                         .as_deref()
                         .and_then(|m| serde_json::from_str(m.trim()).ok());
                     if let Some(since) = running_since {
-                        report.times.data_s = since.elapsed().as_secs_f64();
+                        times.data_s = since.elapsed().as_secs_f64();
                     }
                     if t.exit_code == 0 {
                         return parsed.filter(|r| r.ok).ok_or_else(|| Error::MoverFailed {
@@ -758,7 +758,7 @@ async fn cleanup(
     ns: &str,
     created: &Created,
     keep_snapshot: bool,
-    report: &mut PvcBackupReport,
+    notes: &mut Vec<String>,
 ) {
     let background = DeleteParams {
         propagation_policy: Some(PropagationPolicy::Background),
@@ -769,9 +769,7 @@ async fn cleanup(
         if let Err(e) = jobs.delete(j, &background).await
             && !is_not_found(&e)
         {
-            report
-                .notes
-                .push(format!("could not delete mover Job {ns}/{j}: {e}"));
+            notes.push(format!("could not delete mover Job {ns}/{j}: {e}"));
         }
     }
     if let Some(p) = &created.pvc {
@@ -779,9 +777,7 @@ async fn cleanup(
         if let Err(e) = pvcs.delete(p, &DeleteParams::default()).await
             && !is_not_found(&e)
         {
-            report
-                .notes
-                .push(format!("could not delete temporary PVC {ns}/{p}: {e}"));
+            notes.push(format!("could not delete temporary PVC {ns}/{p}: {e}"));
         }
     }
     if !keep_snapshot && let Some(s) = &created.snapshot {
@@ -789,9 +785,7 @@ async fn cleanup(
         if let Err(e) = vss.delete(s, &DeleteParams::default()).await
             && !is_not_found(&e)
         {
-            report
-                .notes
-                .push(format!("could not delete VolumeSnapshot {ns}/{s}: {e}"));
+            notes.push(format!("could not delete VolumeSnapshot {ns}/{s}: {e}"));
         }
     }
 }
@@ -1022,36 +1016,23 @@ pub async fn restore_to_pvc(
         }
     }
     let started = Instant::now();
-    let mut scratch = PvcBackupReport {
-        pvc: object.clone(),
-        volume: opts.volume.clone(),
-        volume_snapshot: None,
-        snapshot_handle: None,
-        mover: None,
-        deleted_snapshots: Vec::new(),
-        times: StepTimes::default(),
-        planned_objects: Vec::new(),
-        notes: Vec::new(),
-    };
     let result = run_mover(
         cluster,
         ns,
         &job,
         &mut created,
-        &mut scratch,
+        &mut report.times,
         started,
         cancel,
     )
     .await;
-    report.times = scratch.times.clone();
     // The filled PVC is the product: only the Job goes on success.
     if result.is_ok() {
         created.pvc = None;
     }
     let t = Instant::now();
-    cleanup(cluster, ns, &created, true, &mut scratch).await;
+    cleanup(cluster, ns, &created, true, &mut report.notes).await;
     report.times.cleanup_s = t.elapsed().as_secs_f64();
-    report.notes.extend(scratch.notes);
     report.mover = Some(result?);
     Ok(report)
 }
