@@ -159,6 +159,14 @@ impl Env {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
+    /// [`Self::kube_args`] without `--image`, for runs that name another image or none.
+    fn kube_args_without_image(&self) -> Vec<String> {
+        let mut args = self.kube_args();
+        let at = args.iter().position(|a| a == "--image").unwrap();
+        args.drain(at..at + 2);
+        args
+    }
+
     fn kube_args(&self) -> Vec<String> {
         [
             "-n",
@@ -407,11 +415,11 @@ async fn ctrl_c_at_each_step_cleans_up() {
             "--pvc",
             "data",
         ]);
-        let mut kube = env.kube_args();
-        if !extra.is_empty() {
-            let at = kube.iter().position(|a| a == "--image").unwrap();
-            kube.drain(at..at + 2);
-        }
+        let kube = if extra.is_empty() {
+            env.kube_args()
+        } else {
+            env.kube_args_without_image()
+        };
         cmd.args(kube).args(extra);
         for (k, v) in env.s3.env() {
             cmd.env(k, v);
@@ -603,10 +611,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let mut kube = env.kube_args();
-        let at = kube.iter().position(|s| s == "--image").unwrap();
-        kube.drain(at..at + 2);
-        a.extend(kube);
+        a.extend(env.kube_args_without_image());
         a.extend(args.drain(..).map(str::to_string));
         let argv: Vec<&str> = a.iter().map(String::as_str).collect();
         let out = env.cbt(&argv).await;
@@ -766,10 +771,7 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let mut kube = env.kube_args();
-    let at = kube.iter().position(|a| a == "--image").unwrap();
-    kube.drain(at..at + 2);
-    args.extend(kube);
+    args.extend(env.kube_args_without_image());
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = env.cbt(&argv).await;
     assert_eq!(

@@ -47,19 +47,9 @@ impl PvcInfo {
         if full.len() <= 253 {
             return full;
         }
-        let digest = short_digest(full.as_bytes());
+        let digest = crate::pvc_backup::objects::short_hash(&[&full]);
         format!("{}-{}", &full[..253 - 17], &digest[..16])
     }
-}
-
-/// A short stable hex digest (FNV-1a, 64 bits): only for shortening names, not for security.
-fn short_digest(data: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 /// Reads a PVC and its PersistentVolume and checks that CBT can back it up.
