@@ -780,7 +780,14 @@ async fn every_flow_works_with_exactly_the_example_rights_and_the_mover_needs_it
     let (glabel, gvalue) = group_selector.split_once('=').unwrap();
     for (pvc, size) in [("pg-data", "16Mi"), ("pg-wal", "8Mi"), ("pg-conf", "4Mi")] {
         env.kube
-            .seed_pvc(&ns, pvc, size, "Block", &["ReadWriteOnce"], &[(glabel, gvalue)])
+            .seed_pvc(
+                &ns,
+                pvc,
+                size,
+                "Block",
+                &["ReadWriteOnce"],
+                &[(glabel, gvalue)],
+            )
             .unwrap();
     }
     env.write(&ns, "pg-data", 0, 4, 2 * MIB as usize);
