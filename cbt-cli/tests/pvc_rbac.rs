@@ -14,19 +14,20 @@
 //! uses, fails here.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use cbt_csi::server::{FileMetadataService, Listen, RunningServer, ServerOptions, TlsIdentity};
+use cbt_csi::server::RunningServer;
 use cbt_store::testing::S3TestServer;
 use fake_kube::rbac::{Policy, RequestAttributes, UserInfo};
-use fake_kube::{AccessRecord, FakeKube, ResourceType, SharedBackend};
-use serde_json::{Value, json};
+use fake_kube::{AccessRecord, FakeKube, SharedBackend};
+use serde_json::Value;
+use support::{DRIVER, sms};
 
 const MIB: u64 = 1 << 20;
-const DRIVER: &str = "hostpath.csi.k8s.io";
 const AUDIENCE: &str = "cbt-rbac";
 /// The bearer token the orchestrator's kubeconfig carries; fake-kube maps it to `cbt-backup`.
 const TOKEN: &str = "cbt-backup-sa-token";
@@ -56,22 +57,6 @@ fn yaml_doc(rel: &str) -> Value {
     let mut docs = yaml_docs(rel);
     assert_eq!(docs.len(), 1, "{rel} holds one object");
     docs.remove(0)
-}
-
-fn fixture(name: &str) -> PathBuf {
-    repo_file("cbt-csi/tests/fixtures").join(name)
-}
-
-fn sms() -> ResourceType {
-    ResourceType {
-        group: "cbt.storage.k8s.io",
-        version: "v1beta1",
-        plural: "snapshotmetadataservices",
-        kind: "SnapshotMetadataService",
-        namespaced: false,
-        status_subresource: false,
-        crd: true,
-    }
 }
 
 /// One verb on one resource, namespaced (granted by a Role in the app namespace) or cluster
@@ -336,14 +321,8 @@ impl Env {
             .unwrap();
 
         // The repository, and the Secret of the example with the test server's credentials.
-        let s3 = S3TestServer::start().await.unwrap();
-        s3.create_bucket("backups").unwrap();
-        let creds: serde_json::Map<String, Value> = s3
-            .env()
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET"))
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
+        let s3 = support::s3_server().await;
+        let creds = support::s3_credentials(&s3);
         let mut secret = ex.secret.clone();
         for (k, v) in &creds {
             assert!(
@@ -356,39 +335,8 @@ impl Env {
 
         // The metadata sidecar with an administrator's client, as in pvc_e2e.rs: its
         // SubjectAccessReview for the mover's token is answered from the example policy.
-        let cluster = cbt_k8s::connect(&cbt_k8s::ClusterTarget {
-            kubeconfig: Some(admin_kubeconfig),
-            context: None,
-        })
-        .await
-        .unwrap();
-        let mut opts = ServerOptions::new(kube.snapshots_dir().unwrap());
-        opts.block_size = 64 * 1024;
-        opts.driver_name = DRIVER.into();
-        opts.sidecar = Some(Arc::new(cbt_k8s::sidecar::KubeSidecar::new(
-            cluster.client,
-            AUDIENCE,
-            DRIVER,
-        )));
-        let sidecar = cbt_csi::server::spawn(
-            FileMetadataService::new(opts).unwrap(),
-            Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-            Some(TlsIdentity {
-                cert_pem: std::fs::read(fixture("server.pem")).unwrap(),
-                key_pem: std::fs::read(fixture("server.key")).unwrap(),
-            }),
-        )
-        .await
-        .unwrap();
-        let port = sidecar.local_addr().unwrap().port();
-        let ca = std::fs::read(fixture("ca.pem")).unwrap();
-        kube.create(json!({
-            "apiVersion": "cbt.storage.k8s.io/v1beta1", "kind": "SnapshotMetadataService",
-            "metadata": {"name": DRIVER},
-            "spec": {"address": format!("localhost:{port}"), "audience": AUDIENCE,
-                     "caCert": serde_json::to_value(k8s_openapi::ByteString(ca)).unwrap()},
-        }))
-        .unwrap();
+        let sidecar = support::start_sidecar(&kube, &admin_kubeconfig, AUDIENCE).await;
+        support::register_sidecar(&kube, &sidecar, AUDIENCE);
         Env {
             t,
             kube,
