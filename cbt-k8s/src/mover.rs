@@ -410,11 +410,13 @@ async fn plan_from_service(
 ) -> Result<CbtBackupPlan, MoverError> {
     let token = std::fs::read_to_string(&m.token_file)
         .map_err(io(format!("reading the metadata token {}", m.token_file)))?;
-    let config = cbt_csi::ClientConfig::new(format!("https://{}", m.address))
-        .with_ca_pem(m.ca_pem.clone().into_bytes())
-        .with_server_name(m.server_name.clone())
-        .with_token(token.trim().to_string())
-        .with_deadline(std::time::Duration::from_secs(3600));
+    let config = crate::metadata_service::sidecar_client_config(
+        &m.address,
+        m.ca_pem.clone().into_bytes(),
+        &m.server_name,
+    )
+    .with_token(token.trim().to_string())
+    .with_deadline(std::time::Duration::from_secs(3600));
     let client = MetadataClient::connect(config).await?;
     let mut spec = CbtBackupSpec::new(
         volume.clone(),
