@@ -22,7 +22,8 @@ cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
 stores=${STORES:-local seaweedfs}
 command -v restic >/dev/null || { echo "restic not on PATH (apt-get install -y restic)" >&2; exit 2; }
-cargo build --release -q -p cbt-cli -p cbt-benches --example limit
+cargo build --release -q -p cbt-cli --bin cbt
+cargo build --release -q -p cbt-benches --example limit
 target=${CARGO_TARGET_DIR:-$PWD/target}
 cbt=$target/release/cbt
 limit=$target/release/examples/limit
