@@ -131,7 +131,7 @@ pub struct EncodedChunk {
     pub chunk: ChunkRef,
     /// The object body.
     pub body: Bytes,
-    /// crc32c of the whole body, for [`crate::store::ObjectStore::put_with_crc`].
+    /// crc32c of the whole body, for [`crate::store::PutOptions::crc32c`].
     pub body_crc32c: u32,
 }
 

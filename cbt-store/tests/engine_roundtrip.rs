@@ -5,12 +5,16 @@ mod engine_support;
 
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use cbt_core::gc::RetentionPolicy;
 use cbt_core::{ChunkState, Timestamp};
 use cbt_store::engine::{
     self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
 };
 use cbt_store::repo::{ErrorClass, PruneOptions, RepoError, VerifyOptions};
+use cbt_store::store::{
+    ListPage, LocalStore, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome, StoreError,
+};
 use engine_support::*;
 
 const SIZE: usize = 8 * 1024 * 1024 + 12_345; // 129 chunks, the last one short
@@ -505,4 +509,103 @@ async fn empty_and_tiny_volumes_round_trip() {
         .unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), data, "{name}");
     }
+}
+
+/// Forwards to a local store and records, in order, every put (with its options) and sync.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn ObjectStore>,
+    log: std::sync::Mutex<Vec<(String, Option<PutOptions>)>>,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Recording {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        self.put_with(key, body, PutOptions::new(mode)).await
+    }
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: PutOptions,
+    ) -> Result<PutOutcome, StoreError> {
+        self.log.lock().unwrap().push((key.to_string(), Some(opts)));
+        self.inner.put_with(key, body, opts).await
+    }
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.log.lock().unwrap().push(("<sync>".into(), None));
+        self.inner.sync().await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        self.inner.get_bounded(key, max_len).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(key).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        self.inner.list_page(prefix, continuation).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+#[tokio::test]
+async fn chunks_are_put_with_their_crc_and_deferred_durability_and_synced_before_the_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
+    let rec = Arc::new(Recording {
+        inner: local,
+        log: Default::default(),
+    });
+    let repo = init(rec.clone()).await;
+    let img = image(20 * CS as usize, 5);
+    let path = dir.path().join("img");
+    std::fs::write(&path, &img).unwrap();
+    rec.log.lock().unwrap().clear();
+    backup_file(&repo, &path, request("v", "s1", full(), 2_000))
+        .await
+        .unwrap();
+    let log = rec.log.lock().unwrap().clone();
+    let chunk_puts: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].0.starts_with("chunks/"))
+        .collect();
+    assert!(chunk_puts.len() > 5, "{log:?}");
+    for &i in &chunk_puts {
+        let o = log[i].1.unwrap();
+        assert!(o.defer_sync && o.crc32c.is_some(), "{:?}", log[i]);
+    }
+    let manifest = log
+        .iter()
+        .position(|(k, _)| k.starts_with("snapshots/"))
+        .expect("manifest written");
+    assert!(!log[manifest].1.unwrap().defer_sync);
+    let last_chunk = *chunk_puts.last().unwrap();
+    assert!(
+        log[last_chunk..manifest].iter().any(|(k, _)| k == "<sync>"),
+        "no sync between the last chunk and the manifest: {log:?}"
+    );
+    // What was written that way reads back (the crc handed over was right).
+    let restored = dir.path().join("out");
+    engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s1"),
+        &restored,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&restored).unwrap(), img);
 }

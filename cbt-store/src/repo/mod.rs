@@ -80,7 +80,7 @@ pub use maintenance::{
 };
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
-use crate::store::{ObjectStore, PutMode, PutOutcome, StoreError, list_all};
+use crate::store::{ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, list_all};
 
 /// Repository format version this build writes and reads.
 pub const REPO_FORMAT_VERSION: u32 = 1;
@@ -368,6 +368,12 @@ impl Repository {
     pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
         let key = manifest_key(&manifest.volume, &manifest.snapshot);
         let body = encode_manifest(manifest)?;
+        // Chunks are put with deferred durability; they must be on disk before the manifest
+        // that references them can be.
+        self.store
+            .sync()
+            .await
+            .map_err(|e| RepoError::store(format!("syncing chunks before manifest {key}"), e))?;
         match self
             .store
             .put(&key, body, PutMode::IfAbsent)
@@ -554,6 +560,12 @@ impl Repository {
     pub async fn put_chunk(&self, encoded: EncodedChunk) -> Result<ChunkPut> {
         let key = chunk::chunk_key(&encoded.chunk.hash);
         let ctx = |what: &str| format!("{what} chunk {key}");
+        // Durable at the latest when a manifest is committed (`commit_manifest` syncs first).
+        let chunk_put = |mode| PutOptions {
+            mode,
+            crc32c: Some(encoded.body_crc32c),
+            defer_sync: true,
+        };
         if let Some(meta) = self
             .store
             .head(&key)
@@ -567,7 +579,7 @@ impl Repository {
                 });
             }
             self.store
-                .put_with_crc(&key, encoded.body, encoded.body_crc32c, PutMode::Overwrite)
+                .put_with(&key, encoded.body, chunk_put(PutMode::Overwrite))
                 .await
                 .map_err(|e| RepoError::store(ctx("repairing"), e))?;
             return Ok(ChunkPut {
@@ -577,12 +589,7 @@ impl Repository {
         }
         match self
             .store
-            .put_with_crc(
-                &key,
-                encoded.body.clone(),
-                encoded.body_crc32c,
-                PutMode::IfAbsent,
-            )
+            .put_with(&key, encoded.body.clone(), chunk_put(PutMode::IfAbsent))
             .await
             .map_err(|e| RepoError::store(ctx("uploading"), e))?
         {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, StoreError};
+use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError};
 
 /// Which matching calls a [`FaultRule`] hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,24 +227,33 @@ impl ObjectStore for FaultyStore {
         Ok(out)
     }
 
-    async fn put_with_crc(
+    async fn put_with(
         &self,
         key: &str,
         body: Bytes,
-        crc32c: u32,
-        mode: PutMode,
+        opts: PutOptions,
     ) -> Result<PutOutcome, StoreError> {
         let fault = pre!(self, Op::Put, key);
-        // A damaged body is stored as `put` stores it (with its own checksum), so a damage
-        // rule behaves the same whichever of the two calls the caller used.
+        // A damaged body is stored with its own checksum, as `put` stores it, so a damage rule
+        // behaves the same whichever of the two calls the caller used.
         let out = match &fault {
-            Some(f) => self.inner.put(key, damage(body, f), mode).await?,
-            None => self.inner.put_with_crc(key, body, crc32c, mode).await?,
+            Some(f) => {
+                let opts = PutOptions {
+                    crc32c: None,
+                    ..opts
+                };
+                self.inner.put_with(key, damage(body, f), opts).await?
+            }
+            None => self.inner.put_with(key, body, opts).await?,
         };
         if fault == Some(Fault::TransientAfterCall) {
             return Err(injected(Op::Put, key, false));
         }
         Ok(out)
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.inner.sync().await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {

@@ -88,24 +88,32 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::InvalidKey`] for a bad key; transport and backend failures otherwise.
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError>;
 
-    /// Like [`ObjectStore::put`], for a caller that already knows the body's crc32c (the chunk
-    /// encoder derives it while building the body), so the backend does not read the body
-    /// again to checksum it. `crc32c` must be the crc32c of `body`: a wrong value makes the
-    /// object read back as [`StoreError::Corrupt`], never as other bytes.
+    /// Like [`ObjectStore::put`], with what the caller knows or allows besides the mode (see
+    /// [`PutOptions`]): the body's crc32c, so the backend does not read the body again to
+    /// checksum it, and whether durability may wait for [`ObjectStore::sync`].
     ///
-    /// The default ignores `crc32c` and calls `put`; backends and wrappers override it.
+    /// The default ignores both and calls `put`; backends and wrappers override it (a wrapper
+    /// that overrides it must also forward [`ObjectStore::sync`]).
     ///
     /// # Errors
     /// As [`ObjectStore::put`].
-    async fn put_with_crc(
+    async fn put_with(
         &self,
         key: &str,
         body: Bytes,
-        crc32c: u32,
-        mode: PutMode,
+        opts: PutOptions,
     ) -> Result<PutOutcome, StoreError> {
-        let _ = crc32c;
-        self.put(key, body, mode).await
+        self.put(key, body, opts.mode).await
+    }
+
+    /// Makes every object put so far with [`PutOptions::defer_sync`] durable (survives a
+    /// crash of the machine) before returning. Backends whose puts are always durable (S3)
+    /// do nothing.
+    ///
+    /// # Errors
+    /// Backend failures.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// Reads the whole object and verifies its stored crc32c.
@@ -153,6 +161,33 @@ pub enum PutMode {
     Overwrite,
     /// Create only if no object has this key (S3 `If-None-Match: *`).
     IfAbsent,
+}
+
+/// How [`ObjectStore::put_with`] writes an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutOptions {
+    /// Existing-object behaviour.
+    pub mode: PutMode,
+    /// The crc32c of the body when the caller already knows it (the chunk encoder derives it
+    /// while building the body). A wrong value makes the object read back as
+    /// [`StoreError::Corrupt`], never as other bytes.
+    pub crc32c: Option<u32>,
+    /// The object need not be durable when the put returns, only after the next
+    /// [`ObjectStore::sync`]. A backup puts its chunks this way and syncs once before it
+    /// commits the manifest, instead of paying one or two `fsync`s per chunk on a local store.
+    /// Readers see the object at once either way.
+    pub defer_sync: bool,
+}
+
+impl PutOptions {
+    /// `mode`, nothing known, durable on return: what [`ObjectStore::put`] does.
+    pub fn new(mode: PutMode) -> Self {
+        PutOptions {
+            mode,
+            crc32c: None,
+            defer_sync: false,
+        }
+    }
 }
 
 /// What a successful [`ObjectStore::put`] did.

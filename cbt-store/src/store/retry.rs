@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, StoreError};
+use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError};
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,17 +163,18 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
-    async fn put_with_crc(
+    async fn put_with(
         &self,
         key: &str,
         body: Bytes,
-        crc32c: u32,
-        mode: PutMode,
+        opts: PutOptions,
     ) -> Result<PutOutcome, StoreError> {
-        self.run(Op::Put, key, |s| {
-            s.put_with_crc(key, body.clone(), crc32c, mode)
-        })
-        .await
+        self.run(Op::Put, key, |s| s.put_with(key, body.clone(), opts))
+            .await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.run(Op::Put, "", |s| s.sync()).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {

@@ -36,8 +36,8 @@ use aws_smithy_http_client::tls;
 use bytes::Bytes;
 
 use super::{
-    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, StoreError, validate_key,
-    validate_prefix,
+    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError,
+    validate_key, validate_prefix,
 };
 
 /// User-metadata name under which the body's crc32c (8 hex digits) is stored.
@@ -751,19 +751,26 @@ fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<SystemTime> {
 #[async_trait::async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
-        let crc = crc32c::crc32c(&body);
-        self.put_with_crc(key, body, crc, mode).await
+        self.put_with(key, body, PutOptions::new(mode)).await
     }
 
-    async fn put_with_crc(
+    // S3 puts are durable when acknowledged: `defer_sync` changes nothing and `sync` is the
+    // trait's no-op.
+    async fn put_with(
         &self,
         key: &str,
         body: Bytes,
-        crc: u32,
-        mode: PutMode,
+        opts: PutOptions,
     ) -> Result<PutOutcome, StoreError> {
         validate_key(key)?;
-        debug_assert_eq!(crc, crc32c::crc32c(&body), "put_with_crc: wrong crc32c");
+        let mode = opts.mode;
+        let crc = match opts.crc32c {
+            Some(crc) => {
+                debug_assert_eq!(crc, crc32c::crc32c(&body), "put_with: wrong crc32c");
+                crc
+            }
+            None => crc32c::crc32c(&body),
+        };
         if mode == PutMode::IfAbsent && self.conditional == ConditionalWrites::Ignored {
             return Err(StoreError::ConditionalWritesUnsupported {
                 endpoint: self.endpoint_label.clone(),
