@@ -139,9 +139,10 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
     let mine = holder == cfg.identity;
     if !mine && !holder.is_empty() {
         let duration = i64::from(spec.lease_duration_seconds.unwrap_or(secs));
-        let expired = spec.renew_time.as_ref().is_none_or(|t| {
-            t.0.as_second().saturating_add(duration) < now.0.as_second()
-        });
+        let expired = spec
+            .renew_time
+            .as_ref()
+            .is_none_or(|t| t.0.as_second().saturating_add(duration) < now.0.as_second());
         if !expired {
             return Ok(false);
         }
@@ -156,10 +157,7 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, ku
     }
     lease.spec = Some(new_spec);
     // The resourceVersion read above makes a concurrent takeover fail with 409.
-    match api
-        .replace(&cfg.name, &PostParams::default(), &lease)
-        .await
-    {
+    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
         Err(e) => Err(e),
@@ -182,10 +180,7 @@ pub async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<(), kube::Er
     }
     spec.holder_identity = None;
     spec.lease_duration_seconds = Some(1);
-    match api
-        .replace(&cfg.name, &PostParams::default(), &lease)
-        .await
-    {
+    match api.replace(&cfg.name, &PostParams::default(), &lease).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(e) => Err(e),
@@ -217,13 +212,7 @@ pub async fn hold(
                 leadership.revoke();
                 if matches!(&e, kube::Error::Api(s) if matches!(s.code, 401 | 403 | 404)) {
                     on_change(false);
-                    return Err(Error::api(
-                        "in-cluster",
-                        "update",
-                        "Lease",
-                        object,
-                        e,
-                    ));
+                    return Err(Error::api("in-cluster", "update", "Lease", object, e));
                 }
                 tracing::warn!(error = %e, "cannot renew the leader Lease");
             }

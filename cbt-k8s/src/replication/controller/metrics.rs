@@ -77,9 +77,7 @@ impl Metrics {
         let mut inner = lock(&self.inner);
         match state {
             Some(s) => {
-                inner
-                    .states
-                    .insert(key.to_string(), (kind, s.to_string()));
+                inner.states.insert(key.to_string(), (kind, s.to_string()));
             }
             None => {
                 inner.states.remove(key);
@@ -181,9 +179,21 @@ mod tests {
         m.reconciled("VolumeReplication", "converged", Duration::from_millis(20));
         m.reconciled("VolumeReplication", "converged", Duration::from_millis(300));
         m.error("VolumeReplication", "transient");
-        m.set_state("VolumeReplication", "VolumeReplication/a/x", Some("Primary"));
-        m.set_state("VolumeReplication", "VolumeReplication/a/y", Some("Primary"));
-        m.set_state("VolumeReplication", "VolumeReplication/a/z", Some("Secondary"));
+        m.set_state(
+            "VolumeReplication",
+            "VolumeReplication/a/x",
+            Some("Primary"),
+        );
+        m.set_state(
+            "VolumeReplication",
+            "VolumeReplication/a/y",
+            Some("Primary"),
+        );
+        m.set_state(
+            "VolumeReplication",
+            "VolumeReplication/a/z",
+            Some("Secondary"),
+        );
         m.set_state("VolumeReplication", "VolumeReplication/a/z", None);
         m.set_leader(true);
         let text = m.render();

@@ -327,9 +327,7 @@ pub async fn reconcile_once(
             let api: Api<VolumeGroupReplication> = Api::namespaced(client.clone(), namespace);
             api.get_opt(name)
                 .await
-                .map_err(|e| {
-                    Error::api(cluster, "get", "VolumeGroupReplication", &object_name, e)
-                })?
+                .map_err(|e| Error::api(cluster, "get", "VolumeGroupReplication", &object_name, e))?
                 .map(|o| Object::Group(Box::new(o)))
         }
     };
@@ -348,7 +346,12 @@ pub async fn reconcile_once(
         reason: e.to_string(),
     })?;
     let class = read_class(ctx, &subject).await?;
-    let has_finalizer = obj.meta().finalizers.iter().flatten().any(|f| f == FINALIZER);
+    let has_finalizer = obj
+        .meta()
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == FINALIZER);
     if !owned(&ctx.config, &subject, class.as_ref(), has_finalizer) {
         return Ok(Outcome::bare(Verdict::NotServed, None));
     }
@@ -563,7 +566,9 @@ async fn read_class(ctx: &Context, s: &Subject) -> Result<Option<ClassView>, Err
             let api: Api<VolumeReplicationClass> = Api::all(ctx.client.clone());
             api.get_opt(&s.class_name)
                 .await
-                .map_err(|e| Error::api(cluster, "get", "VolumeReplicationClass", &s.class_name, e))?
+                .map_err(|e| {
+                    Error::api(cluster, "get", "VolumeReplicationClass", &s.class_name, e)
+                })?
                 .map(|c| ClassView::from_volume_class(&c))
         }
         SubjectKind::Group => {
@@ -571,7 +576,13 @@ async fn read_class(ctx: &Context, s: &Subject) -> Result<Option<ClassView>, Err
             api.get_opt(&s.class_name)
                 .await
                 .map_err(|e| {
-                    Error::api(cluster, "get", "VolumeGroupReplicationClass", &s.class_name, e)
+                    Error::api(
+                        cluster,
+                        "get",
+                        "VolumeGroupReplicationClass",
+                        &s.class_name,
+                        e,
+                    )
                 })?
                 .map(|c| ClassView::from_group_class(&c))
         }
@@ -693,14 +704,26 @@ async fn read_observed(
                     .list(&lp)
                     .await
                     .map_err(|e| {
-                        Error::api(cluster, "list", "TridentMirrorRelationship", &s.namespace, e)
+                        Error::api(
+                            cluster,
+                            "list",
+                            "TridentMirrorRelationship",
+                            &s.namespace,
+                            e,
+                        )
                     })?
                     .items;
                 obs.updates = tamus
                     .list(&lp)
                     .await
                     .map_err(|e| {
-                        Error::api(cluster, "list", "TridentActionMirrorUpdate", &s.namespace, e)
+                        Error::api(
+                            cluster,
+                            "list",
+                            "TridentActionMirrorUpdate",
+                            &s.namespace,
+                            e,
+                        )
                     })?
                     .items;
             }
@@ -739,9 +762,11 @@ async fn read_observed(
             names.dedup();
             let mut obs = DellObserved::default();
             for n in names {
-                if let Some(rg) = rgs.get_opt(&n).await.map_err(|e| {
-                    Error::api(cluster, "get", "DellCSIReplicationGroup", &n, e)
-                })? {
+                if let Some(rg) = rgs
+                    .get_opt(&n)
+                    .await
+                    .map_err(|e| Error::api(cluster, "get", "DellCSIReplicationGroup", &n, e))?
+                {
                     obs.groups.push(rg);
                 }
             }
@@ -755,7 +780,8 @@ async fn add_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Result
     let meta = obj.meta();
     let mut finalizers = meta.finalizers.clone().unwrap_or_default();
     finalizers.push(FINALIZER.to_string());
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
     patch_subject(ctx, kind, meta, &patch).await
 }
 
@@ -768,7 +794,8 @@ async fn remove_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Res
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
+    let patch =
+        json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
     patch_subject(ctx, kind, meta, &patch).await
 }
 
@@ -824,10 +851,12 @@ async fn write_status(
     let patch = json!({ "status": body });
     let pp = PatchParams::default();
     let res = match kind {
-        SubjectKind::Volume => Api::<VolumeReplication>::namespaced(ctx.client.clone(), &s.namespace)
-            .patch_status(&s.name, &pp, &Patch::Merge(&patch))
-            .await
-            .map(|_| ()),
+        SubjectKind::Volume => {
+            Api::<VolumeReplication>::namespaced(ctx.client.clone(), &s.namespace)
+                .patch_status(&s.name, &pp, &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        }
         SubjectKind::Group => {
             Api::<VolumeGroupReplication>::namespaced(ctx.client.clone(), &s.namespace)
                 .patch_status(&s.name, &pp, &Patch::Merge(&patch))
@@ -876,7 +905,13 @@ async fn release_pvcs(ctx: &Context, s: &Subject) -> Result<bool, Error> {
     let me = s.csi_addons_owner();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
     let pvcs = api.list(&ListParams::default()).await.map_err(|e| {
-        Error::api(&ctx.cluster, "list", "PersistentVolumeClaim", &s.namespace, e)
+        Error::api(
+            &ctx.cluster,
+            "list",
+            "PersistentVolumeClaim",
+            &s.namespace,
+            e,
+        )
     })?;
     for pvc in pvcs.items {
         if pvc.annotations().get(key) == Some(&me)
@@ -967,10 +1002,12 @@ async fn execute(ctx: &Context, s: &Subject, w: &BackendWrite) -> Result<bool, E
                     .patch(&target.name, &pp, &Patch::Merge(patch))
                     .await
                     .map(|_| ()),
-                "DellCSIReplicationGroup" => Api::<DellCSIReplicationGroup>::all(ctx.client.clone())
-                    .patch(&target.name, &pp, &Patch::Merge(patch))
-                    .await
-                    .map(|_| ()),
+                "DellCSIReplicationGroup" => {
+                    Api::<DellCSIReplicationGroup>::all(ctx.client.clone())
+                        .patch(&target.name, &pp, &Patch::Merge(patch))
+                        .await
+                        .map(|_| ())
+                }
                 other => {
                     return Err(Error::InvalidInput {
                         what: "planned write".into(),
@@ -1046,7 +1083,10 @@ where
         + serde::de::DeserializeOwned
         + std::fmt::Debug,
 {
-    Api::namespaced(ctx.client.clone(), target.namespace.as_deref().unwrap_or("default"))
+    Api::namespaced(
+        ctx.client.clone(),
+        target.namespace.as_deref().unwrap_or("default"),
+    )
 }
 
 async fn finish_deletion(
@@ -1077,7 +1117,9 @@ async fn finish_deletion(
             requeue: Some(delay),
         });
     }
-    if !release_pvcs(ctx, &req.subject).await? || !remove_finalizer(ctx, obj, req.subject.kind).await? {
+    if !release_pvcs(ctx, &req.subject).await?
+        || !remove_finalizer(ctx, obj, req.subject.kind).await?
+    {
         return Ok(Outcome {
             result: Verdict::Conflict,
             plan: the_plan,
@@ -1099,10 +1141,7 @@ async fn record_event(ctx: &Context, reference: &ObjectReference, ev: &super::tr
     let now = ctx.clock.now();
     let event = KubeEvent {
         metadata: ObjectMeta {
-            generate_name: Some(format!(
-                "{}.",
-                reference.name.clone().unwrap_or_default()
-            )),
+            generate_name: Some(format!("{}.", reference.name.clone().unwrap_or_default())),
             namespace: Some(ns.clone()),
             ..ObjectMeta::default()
         },
@@ -1175,7 +1214,8 @@ async fn reconcile_arc(
         Err(e) => {
             ctx.metrics
                 .reconciled(kind.kind(), "error", started.elapsed());
-            ctx.metrics.error(kind.kind(), &format!("{:?}", e.kind()).to_lowercase());
+            ctx.metrics
+                .error(kind.kind(), &format!("{:?}", e.kind()).to_lowercase());
             tracing::warn!(kind = kind.kind(), namespace = %ns, name = %name, error = %e, "reconcile failed");
             Err(ReconcileError(Box::new(e)))
         }
@@ -1199,7 +1239,11 @@ fn owner_of(meta: &ObjectMeta) -> Option<(String, String, String)> {
 }
 
 fn dell_owner(rg: &DellCSIReplicationGroup) -> Option<(String, String, String)> {
-    let raw = rg.metadata.annotations.as_ref()?.get(dell::LEDGER_ANNOTATION)?;
+    let raw = rg
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(dell::LEDGER_ANNOTATION)?;
     let v: Value = serde_json::from_str(raw).ok()?;
     let owner = v.get("owner")?.as_str()?;
     let mut parts = owner.splitn(3, '/');
@@ -1225,7 +1269,10 @@ fn refs_for<K: Resource<DynamicType = ()>>(
 /// Backend objects, PVCs and classes trigger the subjects they concern through watches
 /// (backend objects by our label, mapped back through the owner annotation); every subject
 /// is also re-read on its own schedule, so a missed event delays but never loses work.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
