@@ -11,6 +11,7 @@
 //! executes the resulting [`translate::Plan`]. Nothing here does I/O.
 
 pub mod controller;
+pub mod crds;
 pub mod mapping;
 pub mod translate;
 pub mod types;

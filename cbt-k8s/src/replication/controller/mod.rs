@@ -24,9 +24,11 @@
 
 pub mod leader;
 pub mod metrics;
+pub mod process;
 pub mod serve;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -141,6 +143,7 @@ pub struct Context {
     /// Time source.
     pub clock: Arc<dyn Clock>,
     attempts: Mutex<HashMap<String, u32>>,
+    in_flight: AtomicUsize,
 }
 
 impl Context {
@@ -179,6 +182,7 @@ impl Context {
             leadership,
             clock,
             attempts: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -1202,7 +1206,10 @@ async fn reconcile_arc(
 ) -> Result<Action, ReconcileError> {
     let started = Instant::now();
     let ns = ns.unwrap_or_default();
-    match reconcile_once(&ctx, kind, &ns, &name).await {
+    ctx.in_flight.fetch_add(1, Ordering::SeqCst);
+    let res = reconcile_once(&ctx, kind, &ns, &name).await;
+    ctx.in_flight.fetch_sub(1, Ordering::SeqCst);
+    match res {
         Ok(outcome) => {
             ctx.metrics
                 .reconciled(kind.kind(), outcome.result.label(), started.elapsed());
@@ -1269,10 +1276,7 @@ fn refs_for<K: Resource<DynamicType = ()>>(
 /// Backend objects, PVCs and classes trigger the subjects they concern through watches
 /// (backend objects by our label, mapped back through the owner annotation); every subject
 /// is also re-read on its own schedule, so a missed event delays but never loses work.
-pub async fn run(
-    ctx: Arc<Context>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send) {
     let client = ctx.client.clone();
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -1365,9 +1369,25 @@ pub async fn run(
     let vgr = vgr_ctl
         .run(reconcile_vgr, error_policy, ctx.clone())
         .for_each(|_| async {});
-    let stopper = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    };
-    tokio::join!(vr, vgr, stopper);
+    let both = futures::future::join(vr, vgr);
+    tokio::pin!(both);
+    tokio::select! {
+        _ = &mut both => {}
+        _ = shutdown => {
+            let _ = stop_tx.send(true);
+            // kube-runtime's graceful shutdown would also wait for every scheduled requeue;
+            // wait only for the reconciles running now (each is safe to cut: state is in
+            // the cluster), at most SHUTDOWN_GRACE.
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while ctx.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                tokio::select! {
+                    _ = &mut both => return,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        }
+    }
 }
+
+/// How long a shutdown waits for running reconciles.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
