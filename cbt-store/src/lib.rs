@@ -10,6 +10,7 @@
 pub mod store;
 
 pub mod chunk;
+pub mod crypto;
 pub mod engine;
 pub mod repo;
 
