@@ -87,7 +87,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 pub use codec::Codec;
-pub use error::{ErrorClass, RepoError, Result};
+pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
