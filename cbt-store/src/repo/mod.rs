@@ -676,7 +676,7 @@ impl Repository {
                 });
             }
             self.store
-                .put(&key, encoded.body, PutMode::Overwrite)
+                .put_with_crc(&key, encoded.body, encoded.body_crc32c, PutMode::Overwrite)
                 .await
                 .map_err(|e| RepoError::store(ctx("repairing"), e))?;
             return Ok(ChunkPut {
@@ -686,7 +686,12 @@ impl Repository {
         }
         match self
             .store
-            .put(&key, encoded.body.clone(), PutMode::IfAbsent)
+            .put_with_crc(
+                &key,
+                encoded.body.clone(),
+                encoded.body_crc32c,
+                PutMode::IfAbsent,
+            )
             .await
             .map_err(|e| RepoError::store(ctx("uploading"), e))?
         {

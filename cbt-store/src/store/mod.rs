@@ -88,6 +88,26 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::InvalidKey`] for a bad key; transport and backend failures otherwise.
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError>;
 
+    /// Like [`ObjectStore::put`], for a caller that already knows the body's crc32c (the chunk
+    /// encoder derives it while building the body), so the backend does not read the body
+    /// again to checksum it. `crc32c` must be the crc32c of `body`: a wrong value makes the
+    /// object read back as [`StoreError::Corrupt`], never as other bytes.
+    ///
+    /// The default ignores `crc32c` and calls `put`; backends and wrappers override it.
+    ///
+    /// # Errors
+    /// As [`ObjectStore::put`].
+    async fn put_with_crc(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc32c: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let _ = crc32c;
+        self.put(key, body, mode).await
+    }
+
     /// Reads the whole object and verifies its stored crc32c.
     ///
     /// # Errors
