@@ -243,6 +243,25 @@ pub enum Error {
         /// The class of the mover's own error, when it reported one (its exit class name).
         mover_class: Option<String>,
     },
+    /// This replica lost the leader Lease while serving; it stops so it restarts as a follower.
+    #[error(
+        "lost leadership of Lease {lease} (identity {identity:?}): another replica serves now; restarting is safe"
+    )]
+    LeadershipLost {
+        /// `namespace/name` of the Lease.
+        lease: String,
+        /// This replica's identity.
+        identity: String,
+    },
+    /// A local listener (metrics endpoint) could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Which members of a group backup failed and what became of the group (boxed in
@@ -275,9 +294,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
-            Error::Timeout { .. } | Error::Terminating { .. } | Error::Skipped { .. } => {
-                ErrorKind::Transient
-            }
+            Error::Timeout { .. }
+            | Error::Terminating { .. }
+            | Error::Skipped { .. }
+            | Error::LeadershipLost { .. } => ErrorKind::Transient,
             Error::GroupMemberFailed(f) => f.kind,
             Error::GroupSnapshotFailed { .. } => ErrorKind::Backend,
             Error::Cancelled => ErrorKind::Cancelled,
@@ -292,6 +312,7 @@ impl Error {
             | Error::NoMetadataService { .. }
             | Error::MetadataService { .. }
             | Error::PvcUnsuitable { .. }
+            | Error::Listen { .. }
             | Error::InvalidInput { .. } => ErrorKind::Config,
             Error::MoverFailed { mover_class, .. } => match mover_class.as_deref() {
                 Some("usage" | "config") => ErrorKind::Config,
