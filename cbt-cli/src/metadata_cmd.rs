@@ -546,6 +546,9 @@ pub struct ServeMetadataArgs {
     /// Metadata calls served at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
     pub max_concurrent_calls: usize,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
     /// JSON object of CSI secrets every CSI call must carry, like a driver that needs backend
     /// credentials (missing key: INVALID_ARGUMENT; wrong value: PERMISSION_DENIED).
     #[arg(long, value_name = "FILE.json")]
@@ -603,6 +606,7 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
     };
     opts.max_results = args.max_results;
     opts.max_concurrent_calls = args.max_concurrent_calls.max(1);
+    opts.max_connections = args.max_connections.max(1);
     opts.token = match &args.token_file {
         Some(p) => Some(read(p)?.trim().to_string()),
         None => args.token.clone(),

@@ -218,6 +218,18 @@ pub enum CsiError {
         /// What was wrong.
         detail: String,
     },
+    /// The collected answer has more distinct ranges than the client accepts.
+    #[error(
+        "{call}: the service's answer has more than {limit} distinct ranges ({ranges} so far); stream it in batches instead of collecting, or raise the client's max_collected_ranges"
+    )]
+    AnswerTooLarge {
+        /// The RPC.
+        call: Call,
+        /// Ranges held when the limit was passed.
+        ranges: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The token source failed.
     #[error("cannot obtain a security token: {reason}")]
     Token {
@@ -267,7 +279,7 @@ impl CsiError {
             | Self::RetriesExhausted { .. } => ErrorKind::Transient,
             Self::SnapshotUnavailable { .. } => ErrorKind::Transient,
             Self::CbtNotEnabled { .. } => ErrorKind::Unsupported,
-            Self::ProtocolViolation { .. } => ErrorKind::Protocol,
+            Self::ProtocolViolation { .. } | Self::AnswerTooLarge { .. } => ErrorKind::Protocol,
             Self::Consumer { .. } => ErrorKind::Cancelled,
             Self::Status { code, .. } if is_retryable(*code) => ErrorKind::Transient,
             Self::Io { .. } => ErrorKind::Transient,

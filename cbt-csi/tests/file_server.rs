@@ -1127,3 +1127,59 @@ async fn calls_beyond_the_servers_limit_are_refused_until_one_ends() {
     drop(first);
     assert!(svc.get_metadata_allocated(call()).await.is_ok());
 }
+
+#[tokio::test]
+async fn connections_beyond_the_servers_limit_are_closed_until_one_ends() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    scattered_pair(snaps.path());
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.max_connections = 1;
+    let srv = serve_unix(o, sock.path()).await;
+    let alloc = || {
+        MetadataRequest::new(Query::CsiAllocated {
+            snapshot_id: "s".into(),
+        })
+    };
+    // The first client holds the only connection and is served.
+    let first = common::client(srv.endpoint()).await;
+    let expected = first.collect(alloc()).await.unwrap();
+    assert_eq!(expected.extents.len(), 64);
+    // A second one is closed as soon as it connects, however often it retries.
+    let second = match MetadataClient::connect(
+        ClientConfig::new(srv.endpoint()).with_retry(common::fast_retry()),
+    )
+    .await
+    {
+        Ok(c) => Some(c.collect(alloc()).await),
+        Err(e) => {
+            assert!(matches!(e, CsiError::Connect { .. }), "{e}");
+            None
+        }
+    };
+    if let Some(r) = second {
+        assert!(r.is_err(), "a connection beyond the limit was served");
+    }
+    // The first connection still works; once it is gone, a new client is admitted.
+    assert_eq!(first.collect(alloc()).await.unwrap(), expected);
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let third = MetadataClient::connect(
+            ClientConfig::new(srv.endpoint()).with_retry(common::fast_retry()),
+        )
+        .await;
+        if let Ok(c) = third
+            && let Ok(r) = c.collect(alloc()).await
+        {
+            assert_eq!(r, expected);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the released connection permit was never reused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    srv.shutdown().await.unwrap();
+}

@@ -330,7 +330,7 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
     let e = repo
         .codec()
         .decode_chunk(
-            &body,
+            body,
             &a,
             cbt_store::repo::ChunkContext {
                 snapshot: "pvc/one",

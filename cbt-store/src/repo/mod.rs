@@ -760,10 +760,10 @@ impl Repository {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let body = self.fetch_chunk(expected, at).await?;
-        self.codec.decode_chunk(&body, expected, at, out)
+        self.codec.decode_chunk(body, expected, at, out)
     }
 
-    /// Downloads one chunk object without decoding it (decode with [`decode_chunk`]).
+    /// Downloads one chunk object without decoding it (decode with [`Codec::decode_chunk`]).
     ///
     /// # Errors
     /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the store's own checksum
