@@ -5,5 +5,6 @@ pub mod doctor;
 pub mod k8s;
 pub mod maint;
 pub mod parse;
+pub mod replication;
 pub mod repo;
 pub mod restore;
