@@ -27,20 +27,6 @@ const BUF: usize = 4 * 1024 * 1024;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split].parse().ok()?;
-    let mult = match s[split..].to_ascii_lowercase().as_str() {
-        "" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
 struct Rng(u64);
 impl Rng {
     fn fill(&mut self, buf: &mut [u8]) {
@@ -322,7 +308,7 @@ fn main() -> Res<()> {
         .nth(1)
         .or_else(|| std::env::var("CBT_E2E_SIZE").ok());
     let size = match arg {
-        Some(s) => parse_size(&s).ok_or_else(|| format!("bad size `{s}` (e.g. 2G, 256M)"))?,
+        Some(s) => cbt_core::units::parse_size(&s)?,
         None => 2 << 30,
     };
     tokio::runtime::Builder::new_multi_thread()

@@ -129,6 +129,42 @@ impl From<RepoError> for CliError {
                 ExitClass::Config,
                 Some("check --repo, or create it with `cbt repo init`".into()),
             ),
+            RepoError::KeyRequired => (
+                ExitClass::Config,
+                Some("set CBT_PASSWORD, or pass --password-file (or set CBT_PASSWORD_FILE)".into()),
+            ),
+            RepoError::WrongPassword { .. } => (
+                ExitClass::Config,
+                Some(
+                    "check CBT_PASSWORD / the password file; each password added with \
+                     `cbt key add` opens the repository"
+                        .into(),
+                ),
+            ),
+            RepoError::NotEncrypted => (
+                ExitClass::Config,
+                Some(
+                    "unset CBT_PASSWORD / CBT_PASSWORD_FILE for this repository; if it was \
+                     created encrypted, its config has been edited: restore it before writing"
+                        .into(),
+                ),
+            ),
+            RepoError::Crypto(cbt_store::crypto::CryptoError::BadPassword { .. })
+            | RepoError::Crypto(cbt_store::crypto::CryptoError::PasswordFile { .. }) => (
+                ExitClass::Config,
+                Some("check CBT_PASSWORD / the password file".into()),
+            ),
+            RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => (
+                ExitClass::Usage,
+                Some(
+                    "to rotate a password: `cbt key add` the new one, then `cbt key remove` the \
+                     old slot while opening with the new password"
+                        .into(),
+                ),
+            ),
+            RepoError::KeySlotNotFound { .. } => {
+                (ExitClass::Usage, Some("see `cbt key list`".into()))
+            }
             RepoError::Locked { .. } => (
                 ExitClass::Conflict,
                 Some(

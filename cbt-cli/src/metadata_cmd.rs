@@ -577,8 +577,8 @@ pub struct ServeMetadataArgs {
     /// credentials (missing key: INVALID_ARGUMENT; wrong value: PERMISSION_DENIED).
     #[arg(long, value_name = "FILE.json")]
     pub secrets_file: Option<PathBuf>,
-    /// Block granularity in bytes (power of two; K/M suffixes accepted).
-    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    /// Block granularity in bytes (power of two; 64K, 64KiB, 1M ...).
+    #[arg(long, default_value = "64K", value_parser = cbt_core::units::parse_size)]
     pub block_size: u64,
     /// Tuple style of responses.
     #[arg(long, value_enum, default_value_t = BlockTypeArg::Variable)]
@@ -615,21 +615,6 @@ pub struct ServeMetadataArgs {
     /// UNAVAILABLE.
     #[arg(long, hide = true)]
     pub drop_deadline: bool,
-}
-
-/// Parses `4096`, `64K`, `1M`, `1G` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.eq_ignore_ascii_case(&'k') => (&s[..i], 1u64 << 10),
-        Some((i, c)) if c.eq_ignore_ascii_case(&'m') => (&s[..i], 1 << 20),
-        Some((i, c)) if c.eq_ignore_ascii_case(&'g') => (&s[..i], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 1M)"))
 }
 
 /// Runs the server until Ctrl-C (or SIGTERM).
@@ -739,20 +724,6 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
     }
     server.shutdown().await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64K"), Ok(65536));
-        assert_eq!(parse_size("1m"), Ok(1 << 20));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("99999999999999G").is_err());
-    }
 }
 
 /// `cbt backup` flags that take the ranges to read from a SnapshotMetadata service.

@@ -5,13 +5,14 @@
 //! The per-check scenarios live in `cbt-k8s/tests/doctor.rs`.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use cbt_csi::server::{FileMetadataService, Listen, RunningServer, ServerOptions, TlsIdentity};
+use cbt_csi::server::RunningServer;
 use cbt_k8s::pvc_backup::permissions::{Need, Scope};
 use cbt_k8s::pvc_backup::{MOVER_PERMISSION, ORCHESTRATOR_PERMISSIONS, rbac_objects};
 use cbt_store::testing::S3TestServer;
@@ -19,20 +20,14 @@ use fake_kube::crds::upstream;
 use fake_kube::rbac::{Policy, UserInfo};
 use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
+use support::DRIVER;
 
 const NS: &str = "db";
-const DRIVER: &str = "hostpath.csi.k8s.io";
 const AUDIENCE: &str = "cbt-doctor-cli";
 const IMAGE: &str = "registry.example/cbt:doctor";
 const PLUGIN_IMAGE: &str = "registry.k8s.io/sig-storage/hostpathplugin:v1.17.0";
 const OPERATOR: &str = "backup-operator";
 const OPERATOR_TOKEN: &str = "backup-operator-token";
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../cbt-csi/tests/fixtures")
-        .join(name)
-}
 
 struct Env {
     t: tempfile::TempDir,
@@ -83,46 +78,14 @@ impl Env {
         kube.write_kubeconfig_as(&operator, "fake", OPERATOR_TOKEN)
             .unwrap();
 
-        let s3 = S3TestServer::start().await.unwrap();
-        s3.create_bucket("backups").unwrap();
-        let creds: serde_json::Map<String, Value> = s3
-            .env()
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET"))
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        kube.create(json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "s3-creds", "namespace": NS}, "stringData": creds}))
-            .unwrap();
+        let s3 = support::s3_server().await;
+        support::create_s3_secret(&kube, &s3, NS, "s3-creds");
         kube.create(json!({"apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": "bad-creds", "namespace": NS},
             "stringData": {"AWS_ACCESS_KEY_ID": "nobody", "AWS_SECRET_ACCESS_KEY": "wrong"}}))
             .unwrap();
 
-        let cluster = cbt_k8s::connect(&cbt_k8s::ClusterTarget {
-            kubeconfig: Some(admin.clone()),
-            context: None,
-        })
-        .await
-        .unwrap();
-        let mut opts = ServerOptions::new(kube.snapshots_dir().unwrap());
-        opts.block_size = 64 * 1024;
-        opts.driver_name = DRIVER.into();
-        opts.sidecar = Some(Arc::new(cbt_k8s::sidecar::KubeSidecar::new(
-            cluster.client,
-            AUDIENCE,
-            DRIVER,
-        )));
-        let sidecar = cbt_csi::server::spawn(
-            FileMetadataService::new(opts).unwrap(),
-            Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-            Some(TlsIdentity {
-                cert_pem: std::fs::read(fixture("server.pem")).unwrap(),
-                key_pem: std::fs::read(fixture("server.key")).unwrap(),
-            }),
-        )
-        .await
-        .unwrap();
+        let sidecar = support::start_sidecar(&kube, &admin, AUDIENCE).await;
         let port = sidecar.local_addr().unwrap().port();
 
         // The driver's pod with the sidecar, its Service and the slice the endpoint-slice
@@ -166,7 +129,7 @@ impl Env {
         } else {
             format!("localhost:{port}")
         };
-        let ca = std::fs::read(fixture("ca.pem")).unwrap();
+        let ca = std::fs::read(support::csi_fixture("ca.pem")).unwrap();
         kube.create(json!({
             "apiVersion": "cbt.storage.k8s.io/v1beta1", "kind": "SnapshotMetadataService",
             "metadata": {"name": DRIVER},

@@ -28,7 +28,7 @@ fn serve(dir: &Path, sock: &Path, extra: &[&str]) -> Server {
         .arg(dir)
         .arg("--listen")
         .arg(format!("unix://{}", sock.display()))
-        .args(["--block-size", "64K"])
+        .args(["--block-size", "64KiB"])
         .args(extra)
         .env_remove("CBT_METADATA_SERVER_TOKEN")
         .spawn()
@@ -272,7 +272,7 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     image(&snaps.join("resized"), 32 * MIB, &[(0, 1, 10)]);
     let srv = serve(&snaps, &sock, &[]);
     let ep = srv.endpoint.as_str();
-    ok(&["--repo", &repo, "repo", "init", "--chunk-size", "1M"]);
+    ok(&["--repo", &repo, "repo", "init", "--chunk-size", "1MiB"]);
     let dev = |id: &str| snaps.join(id).display().to_string();
 
     let full = cbt(&[

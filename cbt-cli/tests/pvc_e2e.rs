@@ -6,39 +6,22 @@
 //! through the SnapshotMetadataService object, and the repository is the in-process S3 server.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+mod support;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use cbt_csi::server::{FileMetadataService, Listen, RunningServer, ServerOptions, TlsIdentity};
+use cbt_csi::server::RunningServer;
 use cbt_store::testing::S3TestServer;
-use fake_kube::{FakeKube, ResourceType, SharedBackend};
+use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
+use support::{DRIVER, sms};
 
 const MIB: u64 = 1 << 20;
 const NS: &str = "db";
-const DRIVER: &str = "hostpath.csi.k8s.io";
 const AUDIENCE: &str = "cbt-e2e";
 const IMAGE: &str = "registry.example/cbt:e2e";
 const SLOW_IMAGE: &str = "registry.example/slow:e2e";
-
-fn sms() -> ResourceType {
-    ResourceType {
-        group: "cbt.storage.k8s.io",
-        version: "v1beta1",
-        plural: "snapshotmetadataservices",
-        kind: "SnapshotMetadataService",
-        namespaced: false,
-        status_subresource: false,
-        crd: true,
-    }
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../cbt-csi/tests/fixtures")
-        .join(name)
-}
 
 struct Env {
     t: tempfile::TempDir,
@@ -77,53 +60,13 @@ impl Env {
         kube.write_kubeconfig(&kubeconfig, "fake").unwrap();
 
         // The repository and the mover's credentials, by reference in a Secret.
-        let s3 = S3TestServer::start().await.unwrap();
-        s3.create_bucket("backups").unwrap();
-        let creds: serde_json::Map<String, Value> = s3
-            .env()
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET"))
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
-        kube.create(json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "s3-creds", "namespace": NS}, "stringData": creds}))
-            .unwrap();
+        let s3 = support::s3_server().await;
+        support::create_s3_secret(&kube, &s3, NS, "s3-creds");
 
         // The metadata sidecar: the file server over the array's snapshot files, checking
         // tokens and names through the cluster, over TLS with the test CA.
-        let cluster = cbt_k8s::connect(&cbt_k8s::ClusterTarget {
-            kubeconfig: Some(kubeconfig.clone()),
-            context: None,
-        })
-        .await
-        .unwrap();
-        let mut opts = ServerOptions::new(kube.snapshots_dir().unwrap());
-        opts.block_size = 64 * 1024;
-        opts.driver_name = DRIVER.into();
-        opts.sidecar = Some(Arc::new(cbt_k8s::sidecar::KubeSidecar::new(
-            cluster.client,
-            AUDIENCE,
-            DRIVER,
-        )));
-        let sidecar = cbt_csi::server::spawn(
-            FileMetadataService::new(opts).unwrap(),
-            Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-            Some(TlsIdentity {
-                cert_pem: std::fs::read(fixture("server.pem")).unwrap(),
-                key_pem: std::fs::read(fixture("server.key")).unwrap(),
-            }),
-        )
-        .await
-        .unwrap();
-        let port = sidecar.local_addr().unwrap().port();
-        let ca = std::fs::read(fixture("ca.pem")).unwrap();
-        kube.create(json!({
-            "apiVersion": "cbt.storage.k8s.io/v1beta1", "kind": "SnapshotMetadataService",
-            "metadata": {"name": DRIVER},
-            "spec": {"address": format!("localhost:{port}"), "audience": AUDIENCE,
-                     "caCert": serde_json::to_value(k8s_openapi::ByteString(ca)).unwrap()},
-        }))
-        .unwrap();
+        let sidecar = support::start_sidecar(&kube, &kubeconfig, AUDIENCE).await;
+        support::register_sidecar(&kube, &sidecar, AUDIENCE);
         let repo = "s3://backups/cluster-a".to_string();
         Env {
             t,
@@ -656,7 +599,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         )
         .unwrap()["spec"]["caCert"]
         .clone();
-    let other = std::fs::read(fixture("other-ca.pem")).unwrap();
+    let other = std::fs::read(support::csi_fixture("other-ca.pem")).unwrap();
     env.kube
         .merge_patch(
             "cbt.storage.k8s.io/v1beta1",

@@ -4,6 +4,9 @@
 //! `cbt-backup` ServiceAccount, and the commands run are the ones in the example CronJob and
 //! restore Job (only the repository URL, S3 endpoint and kubeconfig differ: the test's servers).
 //!
+//! `rbac-group.yaml` extends `rbac.yaml` for `--group` (`cronjob-group.yaml`); the policy loaded
+//! is the two together, and the group CronJob's command runs under it.
+//!
 //! Proves the manifests complete (no request of any flow is denied), minimal (every grant is
 //! used by some flow), and the mover's grant exactly what the metadata sidecar's
 //! SubjectAccessReview asks for (without it the backup fails with a permission error; the mover
@@ -11,25 +14,31 @@
 //! uses, fails here.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use cbt_csi::server::{FileMetadataService, Listen, RunningServer, ServerOptions, TlsIdentity};
+use cbt_csi::server::RunningServer;
 use cbt_store::testing::S3TestServer;
 use fake_kube::rbac::{Policy, RequestAttributes, UserInfo};
-use fake_kube::{AccessRecord, FakeKube, ResourceType, SharedBackend};
-use serde_json::{Value, json};
+use fake_kube::{AccessRecord, FakeKube, SharedBackend};
+use serde_json::Value;
+use support::{DRIVER, sms};
 
 const MIB: u64 = 1 << 20;
-const DRIVER: &str = "hostpath.csi.k8s.io";
 const AUDIENCE: &str = "cbt-rbac";
 /// The bearer token the orchestrator's kubeconfig carries; fake-kube maps it to `cbt-backup`.
 const TOKEN: &str = "cbt-backup-sa-token";
 const ORCHESTRATOR: &str = "cbt-backup";
 const MOVER: &str = "cbt-mover";
 const SNAPSHOT_PLACEHOLDER: &str = "REPLACE-WITH-SNAPSHOT-NAME";
+/// The RBAC manifests of the example, in the order `kubectl apply` would take them.
+const RBAC_FILES: [&str; 2] = [
+    "examples/kubernetes/rbac.yaml",
+    "examples/kubernetes/rbac-group.yaml",
+];
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -48,22 +57,6 @@ fn yaml_doc(rel: &str) -> Value {
     let mut docs = yaml_docs(rel);
     assert_eq!(docs.len(), 1, "{rel} holds one object");
     docs.remove(0)
-}
-
-fn fixture(name: &str) -> PathBuf {
-    repo_file("cbt-csi/tests/fixtures").join(name)
-}
-
-fn sms() -> ResourceType {
-    ResourceType {
-        group: "cbt.storage.k8s.io",
-        version: "v1beta1",
-        plural: "snapshotmetadataservices",
-        kind: "SnapshotMetadataService",
-        namespaced: false,
-        status_subresource: false,
-        crd: true,
-    }
 }
 
 /// One verb on one resource, namespaced (granted by a Role in the app namespace) or cluster
@@ -114,18 +107,21 @@ struct Example {
     /// Namespace and ServiceAccount objects, created in the fake cluster as `kubectl apply` would.
     objects: Vec<Value>,
     cronjob: Value,
+    /// The `--group` CronJob (cronjob-group.yaml).
+    group_cronjob: Value,
     restore_job: Value,
     secret: Value,
 }
 
 impl Example {
     fn load() -> Self {
-        let policy = Policy::from_yaml(&read("examples/kubernetes/rbac.yaml")).unwrap();
+        let all_rbac: Vec<String> = RBAC_FILES.iter().map(|f| read(f)).collect();
+        let policy = Policy::from_yaml(&all_rbac.join("\n---\n")).unwrap();
         let ns_obj = yaml_doc("examples/kubernetes/namespace.yaml");
         assert_eq!(ns_obj["kind"], "Namespace");
         let namespace = ns_obj["metadata"]["name"].as_str().unwrap().to_string();
         let mut objects = vec![ns_obj];
-        for doc in yaml_docs("examples/kubernetes/rbac.yaml") {
+        for doc in RBAC_FILES.iter().flat_map(|f| yaml_docs(f)) {
             if doc["kind"] == "ServiceAccount" {
                 assert_eq!(doc["metadata"]["namespace"], namespace.as_str());
                 objects.push(doc);
@@ -142,6 +138,7 @@ impl Example {
             namespace,
             objects,
             cronjob: yaml_doc("examples/kubernetes/cronjob.yaml"),
+            group_cronjob: yaml_doc("examples/kubernetes/cronjob-group.yaml"),
             restore_job: yaml_doc("examples/kubernetes/restore-job.yaml"),
             secret: yaml_doc("examples/kubernetes/s3-secret.example.yaml"),
         }
@@ -296,10 +293,11 @@ impl Env {
             .driver(DRIVER)
             .backend(backend)
             .serve(sms())
+            .group_snapshot_api()
             .rbac(ex.policy.clone())
             .user(TOKEN, ex.user(ORCHESTRATOR));
         // The images the examples name all run this build of cbt.
-        for obj in [&ex.cronjob, &ex.restore_job] {
+        for obj in [&ex.cronjob, &ex.group_cronjob, &ex.restore_job] {
             let args = cbt_args(obj);
             builder = builder.image(flag(&args, "--image"), env!("CARGO_BIN_EXE_cbt"));
         }
@@ -314,6 +312,8 @@ impl Env {
             .unwrap();
         kube.seed_snapshot_class("csi-snapclass", DRIVER, true)
             .unwrap();
+        kube.seed_group_snapshot_class("csi-group", DRIVER, true)
+            .unwrap();
         let admin_kubeconfig = t.path().join("admin-kubeconfig");
         kube.write_kubeconfig(&admin_kubeconfig, "admin").unwrap();
         let kubeconfig = t.path().join("kubeconfig");
@@ -321,14 +321,8 @@ impl Env {
             .unwrap();
 
         // The repository, and the Secret of the example with the test server's credentials.
-        let s3 = S3TestServer::start().await.unwrap();
-        s3.create_bucket("backups").unwrap();
-        let creds: serde_json::Map<String, Value> = s3
-            .env()
-            .into_iter()
-            .filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET"))
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect();
+        let s3 = support::s3_server().await;
+        let creds = support::s3_credentials(&s3);
         let mut secret = ex.secret.clone();
         for (k, v) in &creds {
             assert!(
@@ -341,39 +335,8 @@ impl Env {
 
         // The metadata sidecar with an administrator's client, as in pvc_e2e.rs: its
         // SubjectAccessReview for the mover's token is answered from the example policy.
-        let cluster = cbt_k8s::connect(&cbt_k8s::ClusterTarget {
-            kubeconfig: Some(admin_kubeconfig),
-            context: None,
-        })
-        .await
-        .unwrap();
-        let mut opts = ServerOptions::new(kube.snapshots_dir().unwrap());
-        opts.block_size = 64 * 1024;
-        opts.driver_name = DRIVER.into();
-        opts.sidecar = Some(Arc::new(cbt_k8s::sidecar::KubeSidecar::new(
-            cluster.client,
-            AUDIENCE,
-            DRIVER,
-        )));
-        let sidecar = cbt_csi::server::spawn(
-            FileMetadataService::new(opts).unwrap(),
-            Listen::Tcp("127.0.0.1:0".parse().unwrap()),
-            Some(TlsIdentity {
-                cert_pem: std::fs::read(fixture("server.pem")).unwrap(),
-                key_pem: std::fs::read(fixture("server.key")).unwrap(),
-            }),
-        )
-        .await
-        .unwrap();
-        let port = sidecar.local_addr().unwrap().port();
-        let ca = std::fs::read(fixture("ca.pem")).unwrap();
-        kube.create(json!({
-            "apiVersion": "cbt.storage.k8s.io/v1beta1", "kind": "SnapshotMetadataService",
-            "metadata": {"name": DRIVER},
-            "spec": {"address": format!("localhost:{port}"), "audience": AUDIENCE,
-                     "caCert": serde_json::to_value(k8s_openapi::ByteString(ca)).unwrap()},
-        }))
-        .unwrap();
+        let sidecar = support::start_sidecar(&kube, &admin_kubeconfig, AUDIENCE).await;
+        support::register_sidecar(&kube, &sidecar, AUDIENCE);
         Env {
             t,
             kube,
@@ -484,14 +447,39 @@ fn readme_table() -> BTreeMap<(String, String, String, String), String> {
     rows
 }
 
-/// The same key -> the first word of the comment above each rule of rbac.yaml (its need). The
-/// identity is the name of the Role or ClusterRole the rule is in (named after its account).
-fn manifest_comments() -> BTreeMap<(String, String, String, String), String> {
-    let text = read("examples/kubernetes/rbac.yaml");
+/// The same key -> the first word of the comment above each rule of the RBAC files (its need).
+/// The identity is the account the rule's Role or ClusterRole is bound to.
+fn manifest_comments(ex: &Example) -> BTreeMap<(String, String, String, String), String> {
+    let mut out = BTreeMap::new();
+    for file in RBAC_FILES {
+        for ((role, scope, resource, verb), need) in file_comments(file) {
+            let accounts: BTreeSet<&str> = ex
+                .policy
+                .bindings
+                .iter()
+                .filter(|b| b.role == role && b.cluster_role == (scope == "cluster"))
+                .flat_map(|b| b.subjects.iter().map(|s| s.name.as_str()))
+                .collect();
+            let [account] = accounts.into_iter().collect::<Vec<_>>()[..] else {
+                panic!("{file}: role {role} is bound to exactly one account");
+            };
+            let key = (account.to_string(), scope, resource, verb);
+            assert!(
+                out.insert(key.clone(), need).is_none(),
+                "{key:?} twice in the RBAC files"
+            );
+        }
+    }
+    out
+}
+
+/// `(role, scope, resource, verb) -> need` of one file.
+fn file_comments(file: &str) -> BTreeMap<(String, String, String, String), String> {
+    let text = read(file);
     let lines: Vec<&str> = text.lines().map(str::trim).collect();
     let value = |line: &str, key: &str| -> String {
         line.strip_prefix(key)
-            .unwrap_or_else(|| panic!("rbac.yaml: expected {key} in {line:?}"))
+            .unwrap_or_else(|| panic!("{file}: expected {key} in {line:?}"))
             .trim()
             .trim_matches(|c| c == '[' || c == ']')
             .trim_matches('"')
@@ -517,7 +505,7 @@ fn manifest_comments() -> BTreeMap<(String, String, String, String), String> {
             .rev()
             .take_while(|l| l.starts_with('#'))
             .last()
-            .unwrap_or_else(|| panic!("rbac.yaml: the rule at line {} has no comment", i + 1));
+            .unwrap_or_else(|| panic!("{file}: the rule at line {} has no comment", i + 1));
         let need = comment
             .trim_start_matches('#')
             .split_whitespace()
@@ -557,7 +545,7 @@ fn the_readme_table_and_the_manifest_comments_match_the_rules() {
         );
     }
     assert_eq!(
-        manifest_comments(),
+        manifest_comments(&ex),
         table,
         "the comment above each rule starts with the need the README gives it"
     );
@@ -579,7 +567,7 @@ fn the_example_jobs_run_as_the_example_identity_with_the_example_secret() {
         BTreeSet::from(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"])
     );
     let mut images = BTreeSet::new();
-    for obj in [&ex.cronjob, &ex.restore_job] {
+    for obj in [&ex.cronjob, &ex.group_cronjob, &ex.restore_job] {
         let kind = obj["kind"].as_str().unwrap();
         assert_eq!(
             obj["metadata"]["namespace"],
@@ -625,6 +613,17 @@ fn the_example_jobs_run_as_the_example_identity_with_the_example_secret() {
         "the CronJob backs up a labelled set"
     );
     assert_eq!(cbt_args(&ex.restore_job)[0], "restore");
+    let group = cbt_args(&ex.group_cronjob);
+    assert_eq!(group[0], "backup");
+    assert!(
+        group.iter().any(|a| a == "--group") && group.iter().any(|a| a == "--selector"),
+        "the group CronJob cuts a labelled set at once: {group:?}"
+    );
+    assert_eq!(ex.group_cronjob["spec"]["concurrencyPolicy"], "Forbid");
+    assert_ne!(
+        ex.group_cronjob["metadata"]["name"], ex.cronjob["metadata"]["name"],
+        "both CronJobs can be applied together"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -722,6 +721,55 @@ async fn every_flow_works_with_exactly_the_example_rights_and_the_mover_needs_it
         "requests the manifests do not grant: {denied:#?}"
     );
 
+    // The group CronJob's command: a PostgreSQL-like set cut at one instant, twice (full, then
+    // incremental with the first group deleted by retention), with rbac-group.yaml's rules.
+    let group_cron = env.in_cluster(cbt_args(&ex.group_cronjob));
+    let group_selector = flag(&group_cron, "--selector").to_string();
+    let (glabel, gvalue) = group_selector.split_once('=').unwrap();
+    for (pvc, size) in [("pg-data", "16Mi"), ("pg-wal", "8Mi"), ("pg-conf", "4Mi")] {
+        env.kube
+            .seed_pvc(
+                &ns,
+                pvc,
+                size,
+                "Block",
+                &["ReadWriteOnce"],
+                &[(glabel, gvalue)],
+            )
+            .unwrap();
+    }
+    env.write(&ns, "pg-data", 0, 4, 2 * MIB as usize);
+    env.write(&ns, "pg-wal", 0, 5, MIB as usize);
+    let from = env.kube.access_log().len();
+    env.kube.faults().set_controller_paused(true);
+    let (gfirst, ()) = tokio::join!(env.ok(&group_cron), release_on_watch(&env.kube, from));
+    let members = gfirst["results"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "the labelled set only: {gfirst:#}");
+    assert!(members.iter().all(|m| m["ok"] == true), "{gfirst:#}");
+    env.write(&ns, "pg-wal", 2 * MIB, 6, 64 * 1024);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let gsecond = env.ok(&group_cron).await;
+    let wal = gsecond["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["pvc"] == "pg-wal")
+        .unwrap();
+    assert_eq!(
+        wal["report"]["mover"]["metadata_call"], "GetMetadataDelta",
+        "{gsecond:#}"
+    );
+    assert_eq!(
+        gsecond["group"]["deleted_groups"].as_array().map(Vec::len),
+        Some(1),
+        "retention deleted the first group: {gsecond:#}"
+    );
+    let denied = env.kube.denied();
+    assert!(
+        denied.is_empty(),
+        "requests the manifests do not grant: {denied:#?}"
+    );
+
     // The mover's rule, removed: the sidecar's SubjectAccessReview for the mover's token is
     // refused, the mover fails with the permission error, and the orchestrator reports it
     // (with the mover's log) and cleans up, all within its own rights.
@@ -773,7 +821,7 @@ async fn every_flow_works_with_exactly_the_example_rights_and_the_mover_needs_it
     let unused: Vec<String> = granted.difference(&used).map(ToString::to_string).collect();
     assert!(
         unused.is_empty(),
-        "granted in rbac.yaml but used by no flow (remove the rule): {unused:?}"
+        "granted in the RBAC files but used by no flow (remove the rule): {unused:?}"
     );
     let ungranted: Vec<String> = used.difference(&granted).map(ToString::to_string).collect();
     assert!(ungranted.is_empty(), "used but not granted: {ungranted:?}");

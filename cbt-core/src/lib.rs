@@ -3,12 +3,15 @@
 //! This crate owns the decisions, never the I/O: byte-range algebra ([`ranges`]), name rules for
 //! anything that ends up in an object key ([`names`]), the versioned snapshot manifest
 //! ([`manifest`]), backup and restore plans ([`plan`]), garbage-collection reachability plus
-//! retention ([`gc`]), and escaping repository text for printing ([`text`]). It has no async
-//! runtime, no network, no filesystem access and no clock: time is always passed in by the
-//! caller, so every function is deterministic and testable.
+//! retention ([`gc`]), escaping repository text for printing ([`text`]), and parsing the sizes
+//! and durations users type ([`units`]). It has no async runtime, no network and no clock: time
+//! is always passed in by the caller, so every function is deterministic and testable. The one
+//! filesystem call is [`extents`], asking the kernel where a caller-opened file's data is
+//! (`SEEK_DATA`/`SEEK_HOLE`), so that every crate walks sparse files by the same rules.
 
 pub mod error;
 pub mod exit;
+pub mod extents;
 pub mod gc;
 pub mod lineage;
 pub mod manifest;
@@ -17,6 +20,7 @@ pub mod plan;
 pub mod ranges;
 pub mod text;
 pub mod time;
+pub mod units;
 
 pub use error::{CoreError, ErrorKind};
 pub use manifest::{ChunkHash, ChunkMap, ChunkRef, ChunkState, Manifest};

@@ -97,10 +97,21 @@ impl MetadataEndpoint {
 
     /// The gRPC client configuration: TLS to the address, only this CA, its host as name.
     pub fn client_config(&self) -> cbt_csi::ClientConfig {
-        cbt_csi::ClientConfig::new(format!("https://{}", self.address))
-            .with_ca_pem(self.ca_pem.clone())
-            .with_server_name(self.server_name.clone())
+        sidecar_client_config(&self.address, self.ca_pem.clone(), &self.server_name)
     }
+}
+
+/// TLS to a metadata sidecar at `address`, trusting only `ca_pem` and checking `server_name`:
+/// the one place both the orchestrator's checks and the mover build this (no system roots, so
+/// a certificate from any other CA is refused).
+pub fn sidecar_client_config(
+    address: &str,
+    ca_pem: Vec<u8>,
+    server_name: &str,
+) -> cbt_csi::ClientConfig {
+    cbt_csi::ClientConfig::new(format!("https://{address}"))
+        .with_ca_pem(ca_pem)
+        .with_server_name(server_name.to_string())
 }
 
 /// The host of `host:port` (IPv6 in brackets allowed), if a port is present.

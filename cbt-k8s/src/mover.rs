@@ -52,6 +52,17 @@ pub struct MoverSpec {
     pub task: MoverTask,
 }
 
+impl MoverSpec {
+    /// The S3 settings the spec carries, as the store takes them.
+    pub fn s3_options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            ..S3Options::default()
+        }
+    }
+}
+
 /// A mover's job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -322,12 +333,7 @@ pub fn parse_spec(text: &str) -> Result<MoverSpec, MoverError> {
 /// completed.
 pub async fn run(spec: &MoverSpec, now: Timestamp) -> Result<MoverReport, MoverError> {
     let started = std::time::Instant::now();
-    let s3 = S3Options {
-        endpoint: spec.s3_endpoint.clone(),
-        region: spec.s3_region.clone(),
-        ..S3Options::default()
-    };
-    let store = open_url(&spec.repo, &s3).await?;
+    let store = open_url(&spec.repo, &spec.s3_options()).await?;
     let repo = Repository::open(store).await?;
     let device = PathBuf::from(&spec.device);
     let mut report = match &spec.task {
@@ -404,11 +410,13 @@ async fn plan_from_service(
 ) -> Result<CbtBackupPlan, MoverError> {
     let token = std::fs::read_to_string(&m.token_file)
         .map_err(io(format!("reading the metadata token {}", m.token_file)))?;
-    let config = cbt_csi::ClientConfig::new(format!("https://{}", m.address))
-        .with_ca_pem(m.ca_pem.clone().into_bytes())
-        .with_server_name(m.server_name.clone())
-        .with_token(token.trim().to_string())
-        .with_deadline(std::time::Duration::from_secs(3600));
+    let config = crate::metadata_service::sidecar_client_config(
+        &m.address,
+        m.ca_pem.clone().into_bytes(),
+        &m.server_name,
+    )
+    .with_token(token.trim().to_string())
+    .with_deadline(std::time::Duration::from_secs(3600));
     let client = MetadataClient::connect(config).await?;
     let mut spec = CbtBackupSpec::new(
         volume.clone(),

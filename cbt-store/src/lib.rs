@@ -3,13 +3,20 @@
 //! [`store`] is the object-store boundary: the [`store::ObjectStore`] trait, its backends and
 //! wrappers. The repository format and the backup/restore engine sit on top of it.
 //!
-//! Cargo feature `testing` adds the `testing` module: an in-process S3 server on
-//! loopback (`testing::S3TestServer`) and the object-store conformance suite, for this
-//! crate's tests and for users testing their own stores or tools.
+//! Cargo features:
+//! - `s3` (default): the S3 backend (`store::s3`, on the AWS SDK). A program that embeds only
+//!   the local directory store turns default features off and does not compile the SDK; an
+//!   `s3://` URL is then refused with [`store::StoreError::InvalidUrl`].
+//! - `csi`: plan backups from a SnapshotMetadata service (`engine::cbt`).
+//! - `testing` (implies `s3`): the `testing` module, an in-process S3 server on loopback
+//!   (`testing::S3TestServer`) and the object-store conformance suite, and `store::fault`, the
+//!   fault-injecting store wrapper, for this crate's tests and for users testing their own
+//!   stores or tools.
 
 pub mod store;
 
 pub mod chunk;
+pub mod crypto;
 pub mod engine;
 pub mod repo;
 

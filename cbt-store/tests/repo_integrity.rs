@@ -308,7 +308,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
     // A repository config of a future version.
     let cfg = fx.store.get("config").await.unwrap();
     let mut cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
-    cfg["version"] = 2.into();
+    cfg["version"] = 3.into(); // 2 is the encrypted format
     fx.store
         .put(
             "config",

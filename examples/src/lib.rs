@@ -19,22 +19,6 @@ pub enum SnapshotMethod {
     },
 }
 
-fn seek(f: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off =
-        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek on an open descriptor owned by `f`; no memory is passed to the kernel.
-    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(Some(r as u64))
-}
-
 /// Copies `src` to a new file `dst` as a point-in-time image: a reflink if the filesystem
 /// supports it, otherwise only the data extents (holes stay holes).
 ///
@@ -55,10 +39,10 @@ pub fn snapshot_image(src: &Path, dst: &Path) -> io::Result<SnapshotMethod> {
     let mut pos = 0;
     let mut copied = 0;
     while pos < size {
-        let Some(data) = seek(&s, pos, libc::SEEK_DATA)? else {
+        let Some(data) = cbt_core::extents::next_data(&s, pos, size)? else {
             break;
         };
-        let hole = seek(&s, data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let hole = cbt_core::extents::next_hole(&s, data, size)?;
         let mut off = data;
         while off < hole {
             let n = ((hole - off) as usize).min(buf.len());

@@ -376,29 +376,6 @@ fn remove_if_present(path: &Path) -> Result<bool, BackendError> {
 /// Copy granularity; all-zero blocks of this size are skipped, so they stay holes.
 const BLOCK: usize = 64 << 10;
 
-/// The data extents of `file` below `len`, from SEEK_DATA/SEEK_HOLE; None if the file
-/// system cannot tell (then every byte is treated as data and zero blocks are skipped).
-fn data_extents(file: &File, len: u64) -> Option<Vec<(u64, u64)>> {
-    use rustix::fs::{SeekFrom, seek};
-    let mut extents = Vec::new();
-    let mut pos = 0;
-    while pos < len {
-        let start = match seek(file, SeekFrom::Data(pos)) {
-            Ok(s) => s,
-            // ENXIO: no data at or after `pos`, the rest is a hole.
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(_) => return None,
-        };
-        if start >= len {
-            break;
-        }
-        let end = seek(file, SeekFrom::Hole(start)).ok()?.min(len);
-        extents.push((start, end));
-        pos = end;
-    }
-    Some(extents)
-}
-
 /// Copies `src` to a new file `dst` writing only non-zero data, so holes stay holes; the copy
 /// is `size` bytes long (default: the source's length; a larger size grows it with a hole).
 /// Returns the copy's length.
@@ -414,9 +391,12 @@ fn copy_sparse(src: &Path, dst: &Path, size: Option<u64>) -> Result<u64, Backend
         .set_len(out_len)
         .map_err(io_err(format!("sizing {}", dst.display())))?;
     let copy_len = src_len.min(out_len);
-    let extents = data_extents(&input, copy_len).unwrap_or_else(|| vec![(0, copy_len)]);
+    // A source that cannot report holes is all data; its zero blocks are still skipped below.
+    let extents = cbt_core::extents::data_ranges(&input, copy_len)
+        .map_err(io_err(format!("finding the data of {}", src.display())))?
+        .unwrap_or_else(|| cbt_core::RangeSet::full(copy_len));
     let mut buf = vec![0u8; BLOCK];
-    for (start, end) in extents {
+    for (start, end) in extents.iter().map(|r| (r.start(), r.end())) {
         let mut off = start;
         while off < end {
             let n = usize::try_from(end - off).unwrap_or(BLOCK).min(BLOCK);

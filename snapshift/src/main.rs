@@ -151,51 +151,10 @@ struct VerifyArgs {
     output: Output,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "invalid duration {s:?}: expected e.g. 90s, 5m, 1h30m, 250ms"
-            ));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Some(Duration::from_millis(n)),
-            "s" => Some(Duration::from_secs(n)),
-            "m" => n.checked_mul(60).map(Duration::from_secs),
-            "h" => n.checked_mul(3600).map(Duration::from_secs),
-            _ => {
-                return Err(format!(
-                    "invalid duration {s:?}: unknown unit {unit:?} (use ms, s, m, h)"
-                ));
-            }
-        };
-        total = part
-            .and_then(|p| total.checked_add(p))
-            .ok_or_else(|| format!("invalid duration {s:?}: too long"))?;
-    }
-    Ok(total)
-}
+use cbt_core::units::parse_duration;
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
-    match parse_duration(s)? {
+    match parse_duration(s).map_err(|e| e.to_string())? {
         d if d.is_zero() => Err("a timeout must be longer than zero, e.g. 90s".into()),
         d => Ok(d),
     }
@@ -669,18 +628,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(parse_duration("5 minutes").is_err());
-        assert!(parse_duration("m5").is_err());
-        assert!(parse_duration("99999999999999999h").is_err(), "overflow");
-        assert!(parse_timeout("0s").is_err());
+    fn timeouts_use_the_shared_duration_parser_and_refuse_zero() {
         assert_eq!(parse_timeout("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_timeout("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("90").is_err(), "a bare number needs a unit");
         assert!(
-            parse_duration("18446744073709551615s1s").is_err(),
-            "overflow"
+            Cli::try_parse_from([
+                "snapshift",
+                "migrate",
+                "-l",
+                "a=b",
+                "--timeout",
+                "5 minutes"
+            ])
+            .is_err()
         );
     }
 

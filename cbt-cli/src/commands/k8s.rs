@@ -149,8 +149,7 @@ fn repo_target(ctx: &Ctx) -> Result<RepoTarget, CliError> {
     }
     Ok(RepoTarget {
         repo,
-        s3_endpoint: ctx.s3.endpoint.clone(),
-        s3_region: ctx.s3.region.clone(),
+        s3: ctx.s3.clone(),
     })
 }
 

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod doctor;
 pub mod k8s;
+pub mod key;
 pub mod maint;
 pub mod parse;
 pub mod replication;

@@ -1,8 +1,8 @@
-//! Parsers for argument values and input files (sizes, durations, labels, range files).
+//! Parsers for argument values and input files (labels, range files); sizes and durations are
+//! `cbt_core::units`, shared with snapshift.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
 
 use cbt_core::RangeSet;
 use serde::Deserialize;
@@ -92,50 +92,7 @@ pub fn ranges_file(path: &Path) -> Result<RangesFile, CliError> {
     })
 }
 
-/// Parses a byte size: `4194304`, `4M`, `4MiB`, `512K`, `1G` (binary units).
-pub fn size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 4M, 4MiB, 65536)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` (use K, M or G)")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size `{s}` is too large"))
-}
-
-/// Parses a duration: `90s`, `30m`, `12h`, `7d`, `2w`.
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (e.g. 7d, 12h, 30m)"))?;
-    let secs = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        "" => return Err(format!("`{s}` needs a unit: s, m, h, d or w")),
-        other => {
-            return Err(format!(
-                "unknown duration unit `{other}` (use s, m, h, d or w)"
-            ));
-        }
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("duration `{s}` is too large"))
-}
+pub use cbt_core::units::{parse_duration as duration, parse_size as size};
 
 /// Parses `key=value` labels into a map (later keys win).
 pub fn labels(items: &[String]) -> Result<BTreeMap<String, String>, CliError> {
@@ -155,20 +112,6 @@ pub fn labels(items: &[String]) -> Result<BTreeMap<String, String>, CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_and_durations() {
-        assert_eq!(size("4M"), Ok(4 << 20));
-        assert_eq!(size("4MiB"), Ok(4 << 20));
-        assert_eq!(size("65536"), Ok(65536));
-        assert!(size("4X").is_err());
-        assert!(size("M").is_err());
-        assert!(size("99999999999999G").is_err());
-        assert_eq!(duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert_eq!(duration("30m"), Ok(Duration::from_secs(1800)));
-        assert!(duration("7").is_err());
-        assert!(duration("7y").is_err());
-    }
 
     #[test]
     fn labels_parse() {

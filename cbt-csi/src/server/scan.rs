@@ -9,7 +9,6 @@ use std::fs::File;
 use std::io;
 use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 
 /// Scan geometry.
 #[derive(Debug, Clone, Copy)]
@@ -29,38 +28,9 @@ impl Geometry {
     }
 }
 
-fn seek(file: &File, pos: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off =
-        libc::off_t::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: lseek on a file descriptor we own for the duration of the call; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            // Filesystems without hole support: everything is data.
-            Some(libc::EINVAL) if whence == libc::SEEK_DATA => Ok(Some(pos)),
-            _ => Err(e),
-        };
-    }
-    Ok(Some(r as u64))
-}
-
-/// Start of the next data at or after `pos`, `None` if only holes remain.
-pub fn next_data(file: &File, pos: u64, size: u64) -> io::Result<Option<u64>> {
-    if pos >= size {
-        return Ok(None);
-    }
-    Ok(seek(file, pos, libc::SEEK_DATA)?.filter(|&d| d < size))
-}
-
-/// Start of the next hole at or after `pos` (the file size if none).
-pub fn next_hole(file: &File, pos: u64, size: u64) -> io::Result<u64> {
-    if pos >= size {
-        return Ok(size);
-    }
-    Ok(seek(file, pos, libc::SEEK_HOLE)?.unwrap_or(size).min(size))
-}
+/// Where data and holes are: the shared walker, which treats a file that cannot report holes
+/// (a block device, EINVAL) as all data.
+pub use cbt_core::extents::{next_data, next_hole};
 
 fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;

@@ -33,6 +33,7 @@ pub use permissions::{MOVER_PERMISSION, ORCHESTRATOR_PERMISSIONS, Permission, rb
 
 use std::time::Duration;
 
+use cbt_store::store::S3Options;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
@@ -60,10 +61,9 @@ use objects::{
 pub struct RepoTarget {
     /// Repository URL as the mover will open it.
     pub repo: String,
-    /// S3 endpoint for S3-compatible servers.
-    pub s3_endpoint: Option<String>,
-    /// S3 region.
-    pub s3_region: Option<String>,
+    /// S3 settings (the same type `cbt` builds from its flags); the mover receives the endpoint
+    /// and region.
+    pub s3: S3Options,
 }
 
 /// Options of a PVC backup.
@@ -357,8 +357,8 @@ fn backup_job(
     let spec = MoverSpec {
         version: MOVER_SPEC_VERSION,
         repo: opts.target.repo.clone(),
-        s3_endpoint: opts.target.s3_endpoint.clone(),
-        s3_region: opts.target.s3_region.clone(),
+        s3_endpoint: opts.target.s3.endpoint.clone(),
+        s3_region: opts.target.s3.region.clone(),
         device: objects::DEVICE_PATH.into(),
         task: MoverTask::Backup(Box::new(BackupTask {
             volume: volume.to_string(),
@@ -948,8 +948,8 @@ pub async fn restore_to_pvc(
     let spec = MoverSpec {
         version: MOVER_SPEC_VERSION,
         repo: opts.target.repo.clone(),
-        s3_endpoint: opts.target.s3_endpoint.clone(),
-        s3_region: opts.target.s3_region.clone(),
+        s3_endpoint: opts.target.s3.endpoint.clone(),
+        s3_region: opts.target.s3.region.clone(),
         device: objects::DEVICE_PATH.into(),
         task: MoverTask::Restore(RestoreTask {
             volume: opts.volume.clone(),

@@ -5,7 +5,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use cbt_core::{ByteRange, RangeSet};
+use cbt_core::RangeSet;
 
 /// Something a backup can read at arbitrary offsets from several threads at once.
 pub trait BlockSource: Send + Sync + 'static {
@@ -93,42 +93,12 @@ impl BlockSource for FileSource {
         if !self.regular {
             return Ok(None);
         }
-        data_ranges_of(&self.file, self.size)
+        cbt_core::extents::data_ranges(&self.file, self.size)
     }
 
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
-}
-
-/// Walks a file's data extents with `SEEK_DATA`/`SEEK_HOLE`; `None` where unsupported.
-fn data_ranges_of(file: &File, size: u64) -> io::Result<Option<RangeSet>> {
-    use rustix::fs::{SeekFrom as RSeek, seek};
-    let mut ranges = Vec::new();
-    let mut pos = 0u64;
-    while pos < size {
-        let start = match seek(file, RSeek::Data(pos)) {
-            Ok(s) => s,
-            // ENXIO: no data at or after `pos`.
-            Err(e) if e == rustix::io::Errno::NXIO => break,
-            Err(e) if e == rustix::io::Errno::INVAL || e == rustix::io::Errno::OPNOTSUPP => {
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if start >= size {
-            break;
-        }
-        let end = match seek(file, RSeek::Hole(start)) {
-            Ok(e) => e.min(size),
-            Err(e) => return Err(e.into()),
-        };
-        if let Ok(r) = ByteRange::from_bounds(start, end) {
-            ranges.push(r);
-        }
-        pos = end.max(start + 1);
-    }
-    Ok(Some(RangeSet::from_ranges(ranges)))
 }
 
 #[cfg(test)]

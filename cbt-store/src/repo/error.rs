@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use cbt_core::{CoreError, RangeSet};
 
 use crate::chunk::ChunkDecodeError;
+use crate::crypto::{CryptoError, SealError};
 use crate::repo::lock::HolderState;
 use crate::store::{ErrorKind as StoreKind, StoreError};
 
@@ -221,6 +222,89 @@ pub enum RepoError {
         /// What is unknown.
         reason: String,
     },
+    /// The repository is encrypted and no key or password was supplied.
+    #[error("the repository is encrypted and no password was given")]
+    KeyRequired,
+    /// A key or password was supplied but the repository is not encrypted (refused, so a
+    /// repository whose config was edited to drop encryption is never written to in the clear).
+    #[error("a password was given but the repository is not encrypted")]
+    NotEncrypted,
+    /// No key slot opens with the password.
+    #[error(
+        "wrong password: none of the repository's {slots} key slot(s) opens with it{}",
+        if invalid.is_empty() { String::new() } else { format!(" ({} damaged slot(s) skipped: {})", invalid.len(), invalid.join("; ")) }
+    )]
+    WrongPassword {
+        /// Usable slots tried.
+        slots: usize,
+        /// Slots skipped as damaged or out of bounds (`id: reason`, escaped).
+        invalid: Vec<String>,
+    },
+    /// The repository is encrypted but holds no key slot at all.
+    #[error(
+        "the repository is encrypted but has no key slot (`keys/` is empty): it cannot be opened with a password"
+    )]
+    NoKeySlot,
+    /// A key opened but is not this repository's key (its key id differs from the config's).
+    #[error(
+        "the key from {source_desc} is not this repository's key (key id {found}, the config says {expected})"
+    )]
+    KeyMismatch {
+        /// Which slot (or "the supplied key").
+        source_desc: String,
+        /// Key id of the key that opened.
+        found: String,
+        /// Key id in the config.
+        expected: String,
+    },
+    /// A key slot is damaged or out of bounds.
+    #[error("key slot {id} is unusable: {reason}")]
+    KeySlotInvalid {
+        /// Slot id (escaped).
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No such key slot.
+    #[error("no key slot {id}")]
+    KeySlotNotFound {
+        /// Slot id.
+        id: String,
+    },
+    /// Refused removing the key slot that opened the repository.
+    #[error(
+        "key slot {id} is the one this password opened; open the repository with another password to remove it"
+    )]
+    KeyInUse {
+        /// Slot id.
+        id: String,
+    },
+    /// Refused removing the last usable key slot (the data could never be read again).
+    #[error("key slot {id} is the repository's last usable key slot; add another password first")]
+    LastKeySlot {
+        /// Slot id.
+        id: String,
+    },
+    /// More key slots than any repository of ours has.
+    #[error("the repository lists {count} key slots, more than the {max} accepted")]
+    TooManyKeySlots {
+        /// Slots listed.
+        count: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Key handling failed (unusable password or password file, KDF parameters, RNG).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// An encrypted object (manifest, lock) failed to open.
+    #[error("object `{key}`: {source}")]
+    Sealed {
+        /// Object key.
+        key: String,
+        /// What failed.
+        #[source]
+        source: SealError,
+    },
     /// A bug: a worker task panicked, or encoding in memory failed.
     #[error("internal error: {message}")]
     Internal {
@@ -262,9 +346,27 @@ impl RepoError {
                 }
             }
             RepoError::ChunkCorrupt {
-                reason: ChunkDecodeError::Version(_),
+                reason:
+                    ChunkDecodeError::Version(_) | ChunkDecodeError::Sealed(SealError::Version(_)),
+                ..
+            }
+            | RepoError::Sealed {
+                source: SealError::Version(_),
                 ..
             } => ErrorClass::Unsupported,
+            RepoError::Sealed { .. }
+            | RepoError::NoKeySlot
+            | RepoError::KeyMismatch { .. }
+            | RepoError::KeySlotInvalid { .. }
+            | RepoError::TooManyKeySlots { .. } => ErrorClass::Integrity,
+            RepoError::KeyRequired
+            | RepoError::NotEncrypted
+            | RepoError::WrongPassword { .. }
+            | RepoError::KeySlotNotFound { .. }
+            | RepoError::KeyInUse { .. }
+            | RepoError::LastKeySlot { .. } => ErrorClass::Usage,
+            RepoError::Crypto(CryptoError::Random) => ErrorClass::Bug,
+            RepoError::Crypto(_) => ErrorClass::Usage,
             RepoError::ManifestFraming { .. }
             | RepoError::ChunkMissing { .. }
             | RepoError::ChunkCorrupt { .. } => ErrorClass::Integrity,

@@ -2,9 +2,9 @@
 //! all backends share, key validation, and opening a store from a URL.
 //!
 //! Owns: [`ObjectStore`], [`StoreError`], key rules, [`open_url`]. Backends live in
-//! [`local`] (directory store, the embedded default) and [`s3`]; wrappers that implement the
-//! same trait live in [`retry`] (backoff on transient errors) and [`fault`] (fault injection
-//! for tests). Nothing here knows about repositories, chunks or manifests.
+//! [`local`] (directory store, the embedded default) and `s3` (cargo feature `s3`, on by
+//! default); wrappers that implement the same trait live in [`retry`] (backoff on transient
+//! errors) and `fault` (fault injection for tests, cargo feature `testing`). Nothing here knows about repositories, chunks or manifests.
 //!
 //! Memory: a `put` or `get` holds one whole object body (plus, for S3, one part of a multipart
 //! upload in flight). Objects read back are untrusted, so readers that know how large an object
@@ -12,21 +12,60 @@
 //! object before reading its body wherever the backend reports the size up front (both
 //! backends do) and never holds more than the limit. Listings hold one page.
 
+#[cfg(feature = "testing")]
 pub mod fault;
 pub mod local;
 pub mod retry;
+#[cfg(feature = "s3")]
 pub mod s3;
 
 use std::fmt;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
 pub use local::LocalStore;
 pub use retry::{RetryPolicy, RetryingStore};
-pub use s3::{ConditionalWrites, S3Config, S3Options, S3Store};
+#[cfg(feature = "s3")]
+pub use s3::{ConditionalWrites, S3Config, S3Store};
+
+/// User-facing S3 settings shared by every bucket a program opens (flags, config file).
+///
+/// Credentials are deliberately absent: they come from the standard AWS chain
+/// (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, web identity, instance roles).
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// Custom endpoint URL (MinIO, SeaweedFS, Ceph RGW...); `None` for AWS.
+    pub endpoint: Option<String>,
+    /// Region; `None` takes it from the AWS chain, falling back to `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`); defaults to true when an endpoint is set.
+    pub force_path_style: Option<bool>,
+    /// Bodies at least this large are uploaded in parts.
+    pub multipart_threshold: u64,
+    /// Size of each part of a multipart upload (at least 5 MiB).
+    pub part_size: u64,
+    /// Retry policy of the store returned by [`super::open_url`].
+    pub retry: RetryPolicy,
+    /// Limit on one attempt of one request (connect + transfer).
+    pub attempt_timeout: Duration,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            region: None,
+            force_path_style: None,
+            multipart_threshold: 64 * 1024 * 1024,
+            part_size: 16 * 1024 * 1024,
+            retry: RetryPolicy::default(),
+            attempt_timeout: Duration::from_secs(120),
+        }
+    }
+}
 
 /// Longest key (in bytes) any backend accepts.
 pub const MAX_KEY_LEN: usize = 1024;
@@ -448,7 +487,8 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
 }
 
 /// Opens a store from a URL: `file:///abs/path` (or a plain absolute/relative path) for a
-/// [`LocalStore`], `s3://bucket[/prefix]` for an [`S3Store`] configured by `opts`.
+/// [`LocalStore`], `s3://bucket[/prefix]` for an S3 store configured by `opts`
+/// (refused with [`StoreError::InvalidUrl`] when built without the `s3` feature).
 ///
 /// The returned store is wrapped in a [`RetryingStore`] with `opts.retry` as its policy. The
 /// S3 connection probe is retried on transient errors (throttling, 5xx, timeouts) but not when
@@ -459,38 +499,7 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
 /// creating the directory or connecting to S3.
 pub async fn open_url(url: &str, opts: &S3Options) -> Result<Arc<dyn ObjectStore>, StoreError> {
     let inner: Arc<dyn ObjectStore> = if let Some(rest) = url.strip_prefix("s3://") {
-        let (bucket, prefix) = match rest.split_once('/') {
-            Some((b, p)) => (b, p.trim_end_matches('/')),
-            None => (rest, ""),
-        };
-        if bucket.is_empty() {
-            return Err(StoreError::InvalidUrl {
-                url: url.to_string(),
-                reason: "missing bucket name (expected s3://bucket[/prefix])".into(),
-            });
-        }
-        if !prefix.is_empty() {
-            validate_key(prefix).map_err(|e| StoreError::InvalidUrl {
-                url: url.to_string(),
-                reason: format!("bad prefix: {e}"),
-            })?;
-        }
-        let cfg = S3Config::from_options(bucket, prefix, opts);
-        // Throttling or a 5xx on the first request should not fail a whole command; a refused
-        // connection or bad credentials fail at once with their own error.
-        let mut attempt = 1;
-        loop {
-            match S3Store::connect(cfg.clone()).await {
-                Ok(store) => break Arc::new(store),
-                Err(e @ StoreError::Transient { .. }) if attempt < opts.retry.max_attempts => {
-                    let delay = opts.retry.backoff(attempt - 1, 0.5);
-                    tracing::debug!(error = %e, ?delay, "retrying S3 connection probe");
-                    tokio::time::sleep(delay).await;
-                    attempt += 1;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        open_s3(url, rest, opts).await?
     } else if let Some(path) = url.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(StoreError::InvalidUrl {
@@ -513,6 +522,61 @@ pub async fn open_url(url: &str, opts: &S3Options) -> Result<Arc<dyn ObjectStore
         Arc::new(LocalStore::new(url)?)
     };
     Ok(Arc::new(RetryingStore::new(inner, opts.retry.clone())))
+}
+
+/// The `s3://bucket[/prefix]` part of [`open_url`] (`rest` is what follows the scheme).
+#[cfg(feature = "s3")]
+async fn open_s3(
+    url: &str,
+    rest: &str,
+    opts: &S3Options,
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    let (bucket, prefix) = match rest.split_once('/') {
+        Some((b, p)) => (b, p.trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    if bucket.is_empty() {
+        return Err(StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: "missing bucket name (expected s3://bucket[/prefix])".into(),
+        });
+    }
+    if !prefix.is_empty() {
+        validate_key(prefix).map_err(|e| StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: format!("bad prefix: {e}"),
+        })?;
+    }
+    let cfg = S3Config::from_options(bucket, prefix, opts);
+    // Throttling or a 5xx on the first request should not fail a whole command; a refused
+    // connection or bad credentials fail at once with their own error.
+    let mut attempt = 1;
+    loop {
+        match S3Store::connect(cfg.clone()).await {
+            Ok(store) => return Ok(Arc::new(store)),
+            Err(e @ StoreError::Transient { .. }) if attempt < opts.retry.max_attempts => {
+                let delay = opts.retry.backoff(attempt - 1, 0.5);
+                tracing::debug!(error = %e, ?delay, "retrying S3 connection probe");
+                tokio::time::sleep(delay).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Without the `s3` feature an `s3://` URL is a configuration error, never a local path.
+#[cfg(not(feature = "s3"))]
+async fn open_s3(
+    url: &str,
+    _rest: &str,
+    _opts: &S3Options,
+) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    Err(StoreError::InvalidUrl {
+        url: url.to_string(),
+        reason: "this build has no S3 support (cbt-store was built without its `s3` feature)"
+            .into(),
+    })
 }
 
 #[cfg(test)]

@@ -36,8 +36,8 @@ use aws_smithy_http_client::tls;
 use bytes::Bytes;
 
 use super::{
-    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, RetryPolicy, StoreError,
-    validate_key, validate_prefix,
+    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOutcome, StoreError, validate_key,
+    validate_prefix,
 };
 
 /// User-metadata name under which the body's crc32c (8 hex digits) is stored.
@@ -45,41 +45,7 @@ pub const CRC_METADATA: &str = "cbt-crc32c";
 /// Smallest part size S3 accepts (except for the last part).
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 
-/// User-facing S3 settings shared by every bucket a program opens (flags, config file).
-///
-/// Credentials are deliberately absent: they come from the standard AWS chain
-/// (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, web identity, instance roles).
-#[derive(Debug, Clone)]
-pub struct S3Options {
-    /// Custom endpoint URL (MinIO, SeaweedFS, Ceph RGW...); `None` for AWS.
-    pub endpoint: Option<String>,
-    /// Region; `None` takes it from the AWS chain, falling back to `us-east-1`.
-    pub region: Option<String>,
-    /// Path-style addressing (`endpoint/bucket/key`); defaults to true when an endpoint is set.
-    pub force_path_style: Option<bool>,
-    /// Bodies at least this large are uploaded in parts.
-    pub multipart_threshold: u64,
-    /// Size of each part of a multipart upload (at least 5 MiB).
-    pub part_size: u64,
-    /// Retry policy of the store returned by [`super::open_url`].
-    pub retry: RetryPolicy,
-    /// Limit on one attempt of one request (connect + transfer).
-    pub attempt_timeout: Duration,
-}
-
-impl Default for S3Options {
-    fn default() -> Self {
-        Self {
-            endpoint: None,
-            region: None,
-            force_path_style: None,
-            multipart_threshold: 64 * 1024 * 1024,
-            part_size: 16 * 1024 * 1024,
-            retry: RetryPolicy::default(),
-            attempt_timeout: Duration::from_secs(120),
-        }
-    }
-}
+pub use super::S3Options;
 
 /// Explicit access key pair, for embedding programs and tests; normal use leaves it out.
 #[derive(Clone)]

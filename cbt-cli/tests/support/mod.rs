@@ -1,0 +1,110 @@
+//! The fake cluster the Kubernetes tests of `cbt` share: the SnapshotMetadataService resource
+//! type, an S3 repository server with its credentials, and the metadata sidecar (the file
+//! server over the fake array's snapshots, over TLS with the test CA, checking tokens through
+//! the cluster as the real sidecar does). Each test file builds its own `FakeKube` (images,
+//! users, RBAC and APIs differ) and takes the rest from here.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+#![allow(dead_code)] // each test binary uses a part
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cbt_csi::server::{FileMetadataService, Listen, RunningServer, ServerOptions, TlsIdentity};
+use cbt_store::testing::S3TestServer;
+use fake_kube::{FakeKube, ResourceType};
+use serde_json::{Value, json};
+
+/// The CSI driver of the fake array.
+pub const DRIVER: &str = "hostpath.csi.k8s.io";
+/// The bucket every test repository lives in.
+pub const BUCKET: &str = "backups";
+
+/// The SnapshotMetadataService kind, served as a CRD.
+pub fn sms() -> ResourceType {
+    ResourceType {
+        group: "cbt.storage.k8s.io",
+        version: "v1beta1",
+        plural: "snapshotmetadataservices",
+        kind: "SnapshotMetadataService",
+        namespaced: false,
+        status_subresource: false,
+        crd: true,
+    }
+}
+
+/// A file of cbt-csi's test fixtures (the test CA, the sidecar's certificate and key).
+pub fn csi_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../cbt-csi/tests/fixtures")
+        .join(name)
+}
+
+/// An S3 server on loopback with the test bucket.
+pub async fn s3_server() -> S3TestServer {
+    let s3 = S3TestServer::start().await.unwrap();
+    s3.create_bucket(BUCKET).unwrap();
+    s3
+}
+
+/// The server's access key and secret as a Secret's `stringData`.
+pub fn s3_credentials(s3: &S3TestServer) -> serde_json::Map<String, Value> {
+    s3.env()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("AWS_ACCESS") || k.starts_with("AWS_SECRET"))
+        .map(|(k, v)| (k.to_string(), json!(v)))
+        .collect()
+}
+
+/// Creates Secret `name` in `ns` holding the server's credentials (the mover's, by reference).
+pub fn create_s3_secret(kube: &FakeKube, s3: &S3TestServer, ns: &str, name: &str) {
+    kube.create(json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name, "namespace": ns}, "stringData": s3_credentials(s3)}))
+        .unwrap();
+}
+
+/// Starts the metadata sidecar on loopback TCP with TLS; its TokenReview and
+/// SubjectAccessReview go to the cluster with the credentials of `admin_kubeconfig`.
+pub async fn start_sidecar(
+    kube: &FakeKube,
+    admin_kubeconfig: &Path,
+    audience: &str,
+) -> RunningServer {
+    let cluster = cbt_k8s::connect(&cbt_k8s::ClusterTarget {
+        kubeconfig: Some(admin_kubeconfig.to_path_buf()),
+        context: None,
+    })
+    .await
+    .unwrap();
+    let mut opts = ServerOptions::new(kube.snapshots_dir().unwrap());
+    opts.block_size = 64 * 1024;
+    opts.driver_name = DRIVER.into();
+    opts.sidecar = Some(Arc::new(cbt_k8s::sidecar::KubeSidecar::new(
+        cluster.client,
+        audience,
+        DRIVER,
+    )));
+    cbt_csi::server::spawn(
+        FileMetadataService::new(opts).unwrap(),
+        Listen::Tcp("127.0.0.1:0".parse().unwrap()),
+        Some(TlsIdentity {
+            cert_pem: std::fs::read(csi_fixture("server.pem")).unwrap(),
+            key_pem: std::fs::read(csi_fixture("server.key")).unwrap(),
+        }),
+    )
+    .await
+    .unwrap()
+}
+
+/// Creates the driver's SnapshotMetadataService pointing at `sidecar` (by `localhost`, the
+/// name its certificate carries) with the test CA.
+pub fn register_sidecar(kube: &FakeKube, sidecar: &RunningServer, audience: &str) {
+    let port = sidecar.local_addr().unwrap().port();
+    let ca = std::fs::read(csi_fixture("ca.pem")).unwrap();
+    kube.create(json!({
+        "apiVersion": "cbt.storage.k8s.io/v1beta1", "kind": "SnapshotMetadataService",
+        "metadata": {"name": DRIVER},
+        "spec": {"address": format!("localhost:{port}"), "audience": audience,
+                 "caCert": serde_json::to_value(k8s_openapi::ByteString(ca)).unwrap()},
+    }))
+    .unwrap();
+}
