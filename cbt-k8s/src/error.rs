@@ -239,6 +239,22 @@ pub enum Error {
         /// This replica's identity.
         identity: String,
     },
+    /// The replication controller refused the change (Validated=False).
+    #[error("{object} was refused: {message}")]
+    ReplicationRejected {
+        /// `namespace/name`.
+        object: String,
+        /// The controller's reason, saying what to fix.
+        message: String,
+    },
+    /// The storage backend failed to make the change.
+    #[error("{object} failed on the backend: {message}")]
+    ReplicationFailed {
+        /// `namespace/name`.
+        object: String,
+        /// The status message.
+        message: String,
+    },
     /// A local listener (metrics endpoint) could not be opened.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -299,7 +315,9 @@ impl Error {
             | Error::MetadataService { .. }
             | Error::PvcUnsuitable { .. }
             | Error::Listen { .. }
+            | Error::ReplicationRejected { .. }
             | Error::InvalidInput { .. } => ErrorKind::Config,
+            Error::ReplicationFailed { .. } => ErrorKind::Backend,
             Error::MoverFailed { mover_class, .. } => {
                 use cbt_core::exit::ExitClass as X;
                 match mover_class.as_deref().map(X::from_name) {

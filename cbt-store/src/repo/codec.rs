@@ -65,6 +65,8 @@ impl Codec {
         };
         let name = keys.chunk_name(&plain.chunk.hash);
         let body = keys.seal(ObjectKind::Chunk, &chunk::chunk_key(&name), &plain.body)?;
+        // The store's checksum covers the bytes stored: the sealed ones, one more pass.
+        let body_crc32c = crc32c::crc32c(&body);
         Ok(EncodedChunk {
             chunk: ChunkRef {
                 hash: name,
@@ -72,6 +74,7 @@ impl Codec {
                 ..plain.chunk
             },
             body: Bytes::from(body),
+            body_crc32c,
         })
     }
 
