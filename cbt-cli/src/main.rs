@@ -13,7 +13,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbt_store::repo::Repository;
+use cbt_store::crypto::Password;
+use cbt_store::repo::{RepoKey, Repository};
 use cbt_store::store::{ObjectStore, S3Options, open_url};
 use clap::{Parser, Subcommand};
 
@@ -47,6 +48,11 @@ pub struct Cli {
     /// S3 region (default: from the AWS configuration, else us-east-1).
     #[arg(long, env = "CBT_S3_REGION", global = true, value_name = "REGION", help_heading = GLOBAL)]
     pub s3_region: Option<String>,
+
+    /// File holding the password of an encrypted repository (one trailing newline is
+    /// ignored). The password can also come from CBT_PASSWORD; never from the command line.
+    #[arg(long, env = "CBT_PASSWORD_FILE", global = true, value_name = "PATH", help_heading = GLOBAL)]
+    pub password_file: Option<std::path::PathBuf>,
 
     /// Output format: `human` text, or one JSON document on stdout (errors included).
     #[arg(
@@ -93,6 +99,9 @@ pub enum Command {
     /// Inspect or break repository locks.
     #[command(subcommand)]
     Lock(commands::maint::LockCommand),
+    /// Manage the passwords (key slots) of an encrypted repository.
+    #[command(subcommand)]
+    Key(commands::key::KeyCommand),
     /// Query a SnapshotMetadata service (CSI driver or Kubernetes sidecar) for allocated or
     /// changed ranges.
     #[command(subcommand)]
@@ -103,6 +112,10 @@ pub enum Command {
     /// SnapshotMetadataService and sidecar, TLS, tokens, snapshot class, RBAC; one line per
     /// check with the fix (exit 5 if any check fails).
     Doctor(commands::doctor::DoctorArgs),
+    /// csi-addons volume replication (served by cbt-replicator): status, promote, demote,
+    /// resync.
+    #[command(subcommand)]
+    Replication(commands::replication::ReplicationCommand),
     /// Run as the data mover of a `backup --pvc` / `restore --to-pvc` Job (spec in CBT_MOVER_SPEC).
     #[command(hide = true)]
     Mover(commands::k8s::MoverArgs),
@@ -116,6 +129,8 @@ pub struct Ctx {
     pub s3: S3Options,
     /// Where output goes.
     pub out: Output,
+    /// `--password-file` / CBT_PASSWORD_FILE.
+    pub password_file: Option<std::path::PathBuf>,
 }
 
 impl Ctx {
@@ -129,9 +144,50 @@ impl Ctx {
         Ok(open_url(url, &self.s3).await?)
     }
 
-    /// Opens the repository named by `--repo`.
+    /// The password of an encrypted repository: CBT_PASSWORD, else `--password-file` /
+    /// CBT_PASSWORD_FILE; `None` when neither is set.
+    pub fn password(&self) -> Result<Option<Password>, CliError> {
+        password_from(
+            "CBT_PASSWORD",
+            self.password_file.as_deref(),
+            "--password-file",
+        )
+    }
+
+    /// Opens the repository named by `--repo` (with the password, if one is given).
     pub async fn repo(&self) -> Result<Repository, CliError> {
-        Ok(Repository::open(self.store().await?).await?)
+        let store = self.store().await?;
+        Ok(match self.password()? {
+            Some(pw) => Repository::open_with_key(store, &RepoKey::Password(pw)).await?,
+            None => Repository::open(store).await?,
+        })
+    }
+}
+
+/// A password from the environment variable `var`, else from `file`; both set is an error
+/// (which one is meant cannot be guessed).
+pub fn password_from(
+    var: &str,
+    file: Option<&std::path::Path>,
+    flag: &str,
+) -> Result<Option<Password>, CliError> {
+    let from_env = std::env::var_os(var);
+    match (from_env, file) {
+        (Some(_), Some(_)) => Err(CliError::config(format!(
+            "both {var} and {flag} are set; set only one"
+        ))),
+        (Some(v), None) => {
+            let v = v
+                .into_string()
+                .map_err(|_| CliError::config(format!("{var} is not valid UTF-8")))?;
+            Ok(Some(
+                Password::new(v).map_err(cbt_store::repo::RepoError::from)?,
+            ))
+        }
+        (None, Some(path)) => Ok(Some(
+            Password::from_file(path).map_err(cbt_store::repo::RepoError::from)?,
+        )),
+        (None, None) => Ok(None),
     }
 }
 
@@ -169,10 +225,12 @@ async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
         Command::Prune(args) => commands::maint::prune(&ctx, args).await,
         Command::Status => commands::maint::status(&ctx).await,
         Command::Lock(cmd) => commands::maint::lock(&ctx, cmd).await,
+        Command::Key(cmd) => commands::key::run(&ctx, cmd).await,
         Command::Metadata(cmd) => metadata_cmd::run_metadata(&ctx, cmd).await,
         Command::ServeMetadata(args) => metadata_cmd::run_serve_metadata(args).await,
         Command::Doctor(args) => commands::doctor::run(&ctx, &args).await,
         Command::Mover(args) => commands::k8s::mover(&args).await,
+        Command::Replication(cmd) => commands::replication::run(&ctx, cmd).await,
     }
 }
 
@@ -202,6 +260,7 @@ fn main() -> ExitCode {
             ..S3Options::default()
         },
         out,
+        password_file: cli.password_file.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

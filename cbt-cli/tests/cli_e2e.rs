@@ -23,7 +23,15 @@ impl Cbt {
         c.arg("--repo").arg(&self.repo);
         c.args(&self.extra);
         c.args(args);
-        c.env_remove("CBT_REPO");
+        for var in [
+            "CBT_REPO",
+            "CBT_PASSWORD",
+            "CBT_PASSWORD_FILE",
+            "CBT_NEW_PASSWORD",
+            "CBT_NEW_PASSWORD_FILE",
+        ] {
+            c.env_remove(var);
+        }
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -98,12 +106,15 @@ fn change_image(path: &Path, data: &mut [u8]) -> String {
     )
 }
 
-fn full_cycle(cbt: &Cbt, work: &Path) {
+fn full_cycle(cbt: &Cbt, work: &Path, init_extra: &[&str]) {
     let image = work.join("disk.img");
     let v1 = make_image(&image);
 
-    let init = cbt.json(&["repo", "init", "--chunk-size", "64K"]);
+    let mut init = vec!["repo", "init", "--chunk-size", "64K"];
+    init.extend_from_slice(init_extra);
+    let init = cbt.json(&init);
     assert_eq!(init["chunk_size"], 65536);
+    assert_eq!(init["encrypted"], init_extra.contains(&"--encryption"));
 
     let b1 = cbt.json(&[
         "backup",
@@ -242,7 +253,7 @@ fn local_repository_full_incremental_restore_prune() {
         env: vec![],
         extra: vec![],
     };
-    full_cycle(&cbt, work.path());
+    full_cycle(&cbt, work.path(), &[]);
 }
 
 fn count_files(dir: &Path) -> usize {
@@ -460,7 +471,7 @@ fn s3_repository_full_incremental_restore_prune() {
     let server = rt.block_on(S3TestServer::start()).unwrap();
     server.create_bucket("cbt-e2e").unwrap();
     let work = tempfile::tempdir().unwrap();
-    full_cycle(&s3_cbt(&server, "cbt-e2e"), work.path());
+    full_cycle(&s3_cbt(&server, "cbt-e2e"), work.path(), &[]);
     assert!(
         server
             .object_path("cbt-e2e", "backups/cluster-a/config")
@@ -892,5 +903,152 @@ fn seaweedfs_repository_full_incremental_restore_prune_when_installed() {
         env: weed.env(),
         extra: vec!["--s3-endpoint".into(), weed.endpoint()],
     };
-    full_cycle(&cbt, work.path());
+    full_cycle(&cbt, work.path(), &[]);
+}
+
+#[test]
+fn encrypted_local_repository_full_cycle() {
+    let work = tempfile::tempdir().unwrap();
+    let cbt = Cbt {
+        repo: format!("file://{}", work.path().join("repo").display()),
+        env: vec![("CBT_PASSWORD", "local secret".into())],
+        extra: vec![],
+    };
+    full_cycle(&cbt, work.path(), &["--encryption"]);
+}
+
+#[test]
+fn encrypted_s3_repository_full_cycle() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = rt.block_on(S3TestServer::start()).unwrap();
+    server.create_bucket("cbt-enc").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let pw = work.path().join("pw");
+    std::fs::write(&pw, "s3 secret\n").unwrap();
+    let mut cbt = s3_cbt(&server, "cbt-enc");
+    cbt.extra
+        .extend(["--password-file".to_string(), pw.display().to_string()]);
+    full_cycle(&cbt, work.path(), &["--encryption"]);
+}
+
+#[test]
+fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
+    let work = tempfile::tempdir().unwrap();
+    let repo_dir = work.path().join("repo");
+    let image = work.path().join("disk.img");
+    make_image(&image);
+    let with = |pw: &str| Cbt {
+        repo: format!("file://{}", repo_dir.display()),
+        env: vec![("CBT_PASSWORD", pw.into())],
+        extra: vec![],
+    };
+    let none = Cbt {
+        repo: format!("file://{}", repo_dir.display()),
+        env: vec![],
+        extra: vec![],
+    };
+    let first = with("first password");
+    // --encryption needs a password; a password without --encryption is refused too.
+    fails(
+        &none.cmd(&["repo", "init", "--encryption"]),
+        5,
+        "CBT_PASSWORD",
+    );
+    fails(&first.cmd(&["repo", "init"]), 5, "--encryption");
+    let init = first.json(&["repo", "init", "--encryption", "--chunk-size", "64K"]);
+    let first_slot = init["key_slot"].as_str().unwrap().to_string();
+    first.ok(&[
+        "backup",
+        "--device",
+        image.to_str().unwrap(),
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--full",
+    ]);
+
+    // No password, a wrong one, both sources at once: configuration errors (exit 5).
+    fails(&none.cmd(&["list"]), 5, "CBT_PASSWORD");
+    fails(&with("nope").cmd(&["list"]), 5, "wrong password");
+    let pw_file = work.path().join("pw");
+    std::fs::write(&pw_file, "first password\n").unwrap();
+    let both = Cbt {
+        extra: vec!["--password-file".into(), pw_file.display().to_string()],
+        ..with("first password")
+    };
+    fails(&both.cmd(&["list"]), 5, "set only one");
+    let by_file = Cbt {
+        extra: vec!["--password-file".into(), pw_file.display().to_string()],
+        ..Cbt {
+            repo: format!("file://{}", repo_dir.display()),
+            env: vec![],
+            extra: vec![],
+        }
+    };
+    assert_eq!(by_file.json(&["list"]).as_array().unwrap().len(), 1);
+
+    // Rotation: add a second password, remove the first with it.
+    fails(&first.cmd(&["key", "add"]), 5, "CBT_NEW_PASSWORD");
+    let mut adder = with("first password");
+    adder
+        .env
+        .push(("CBT_NEW_PASSWORD", "second password".into()));
+    let added = adder.json(&["key", "add"]);
+    let second_slot = added["id"].as_str().unwrap().to_string();
+    let second = with("second password");
+    let keys = second.json(&["key", "list"]);
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    assert!(
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == second_slot.as_str() && k["current"] == true)
+    );
+    fails(
+        &second.cmd(&["key", "remove", &second_slot]),
+        2,
+        "another password",
+    );
+    second.ok(&["key", "remove", &first_slot]);
+    fails(&first.cmd(&["list"]), 5, "wrong password");
+    let restored = work.path().join("r.img");
+    second.ok(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&image).unwrap());
+
+    // A chunk edited on disk: verify and restore report damage (exit 3).
+    let chunk = find_chunk_file(&repo_dir.join("chunks"));
+    let mut bytes = std::fs::read(&chunk).unwrap();
+    bytes[60] ^= 0x10;
+    std::fs::write(&chunk, bytes).unwrap();
+    let out = second.cmd(&["verify", "--read-data"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = second.cmd(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--target",
+        work.path().join("r2.img").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

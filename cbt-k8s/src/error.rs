@@ -2,22 +2,8 @@
 
 use std::time::Duration;
 
-/// What a caller can do about an [`Error`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Retry later: throttling, timeouts, 5xx, dropped connections.
-    Transient,
-    /// Fix configuration: kubeconfig, context, missing driver/class/namespace, RBAC, bad input.
-    Config,
-    /// An object already exists and differs; a human must decide.
-    Conflict,
-    /// The storage driver or snapshot controller reported a failure.
-    Backend,
-    /// The caller asked to stop (e.g. Ctrl-C).
-    Cancelled,
-    /// The API server rejected an object we built: a bug in this crate.
-    Bug,
-}
+/// The toolkit's one error-kind vocabulary ([`Error::kind`] classifies into it).
+pub use cbt_core::ErrorKind;
 
 /// Errors of the Kubernetes layer (connection, snapshot objects, SnapShift).
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +229,41 @@ pub enum Error {
         /// The class of the mover's own error, when it reported one (its exit class name).
         mover_class: Option<String>,
     },
+    /// This replica lost the leader Lease while serving; it stops so it restarts as a follower.
+    #[error(
+        "lost leadership of Lease {lease} (identity {identity:?}): another replica serves now; restarting is safe"
+    )]
+    LeadershipLost {
+        /// `namespace/name` of the Lease.
+        lease: String,
+        /// This replica's identity.
+        identity: String,
+    },
+    /// The replication controller refused the change (Validated=False).
+    #[error("{object} was refused: {message}")]
+    ReplicationRejected {
+        /// `namespace/name`.
+        object: String,
+        /// The controller's reason, saying what to fix.
+        message: String,
+    },
+    /// The storage backend failed to make the change.
+    #[error("{object} failed on the backend: {message}")]
+    ReplicationFailed {
+        /// `namespace/name`.
+        object: String,
+        /// The status message.
+        message: String,
+    },
+    /// A local listener (metrics endpoint) could not be opened.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Which members of a group backup failed and what became of the group (boxed in
@@ -275,9 +296,10 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Api { source, .. } | Error::Client { source, .. } => classify(source),
-            Error::Timeout { .. } | Error::Terminating { .. } | Error::Skipped { .. } => {
-                ErrorKind::Transient
-            }
+            Error::Timeout { .. }
+            | Error::Terminating { .. }
+            | Error::Skipped { .. }
+            | Error::LeadershipLost { .. } => ErrorKind::Transient,
             Error::GroupMemberFailed(f) => f.kind,
             Error::GroupSnapshotFailed { .. } => ErrorKind::Backend,
             Error::Cancelled => ErrorKind::Cancelled,
@@ -292,12 +314,26 @@ impl Error {
             | Error::NoMetadataService { .. }
             | Error::MetadataService { .. }
             | Error::PvcUnsuitable { .. }
+            | Error::Listen { .. }
+            | Error::ReplicationRejected { .. }
             | Error::InvalidInput { .. } => ErrorKind::Config,
-            Error::MoverFailed { mover_class, .. } => match mover_class.as_deref() {
-                Some("usage" | "config") => ErrorKind::Config,
-                Some("transient") | None => ErrorKind::Transient,
-                _ => ErrorKind::Backend,
-            },
+            Error::ReplicationFailed { .. } => ErrorKind::Backend,
+            Error::MoverFailed { mover_class, .. } => {
+                use cbt_core::exit::ExitClass as X;
+                match mover_class.as_deref().map(X::from_name) {
+                    // A mover that died without a report (killed, out of memory): retry.
+                    None => ErrorKind::Transient,
+                    // The mover's request is built from the user's setup, so a request it
+                    // refuses is configuration, not the user's typing.
+                    Some(Some(X::Usage | X::Config)) => ErrorKind::Config,
+                    Some(Some(X::Integrity)) => ErrorKind::Integrity,
+                    Some(Some(X::Conflict)) => ErrorKind::Conflict,
+                    Some(Some(X::Unsupported)) => ErrorKind::Unsupported,
+                    Some(Some(X::Transient)) => ErrorKind::Transient,
+                    Some(Some(X::Internal)) => ErrorKind::Bug,
+                    Some(_) => ErrorKind::Backend,
+                }
+            }
         }
     }
 

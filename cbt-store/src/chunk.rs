@@ -122,6 +122,10 @@ pub enum ChunkDecodeError {
     /// Header fields disagree with the manifest's reference.
     #[error("header disagrees with the manifest: {0}")]
     Mismatch(String),
+    /// The encryption envelope of an encrypted repository's chunk failed (see
+    /// [`crate::crypto`]).
+    #[error("{0}")]
+    Sealed(crate::crypto::SealError),
 }
 
 /// A chunk ready to upload: its reference (for the manifest) and its object body.
@@ -398,6 +402,14 @@ pub fn decode_standalone(body: &[u8], out: &mut Vec<u8>) -> Result<ChunkRef, Chu
         crc32c: header.raw_crc,
         raw_len: header.raw_len,
     })
+}
+
+/// The content hash recorded in a chunk object's header, without checking anything else
+/// (`None` if the object is shorter than a header).
+pub fn header_hash(body: &[u8]) -> Option<ChunkHash> {
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(body.get(16..48)?);
+    Some(ChunkHash(hash))
 }
 
 struct Header {

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use cbt_core::manifest::SourceInfo;
 use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
+use cbt_store::crypto::{KdfParams, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
 };
-use cbt_store::repo::{InitOptions, Repository, VerifyOptions};
+use cbt_store::repo::{InitOptions, RepoError, RepoKey, Repository, VerifyOptions};
 use cbt_store::store::{LocalStore, ObjectStore};
 use serde::{Deserialize, Serialize};
 
@@ -131,10 +132,38 @@ fn copy_tree(from: &Path, to: &Path) {
 /// Opens, lists, verifies (reading every chunk) and restores the frozen repository.
 #[tokio::test]
 async fn frozen_fixture_v1_is_still_read() {
-    let root = fixtures().join("repo-v1");
+    check_fixture("repo-v1", None).await;
+}
+
+/// The password of the frozen encrypted fixture (it is a test fixture: no secret).
+const ENC_PASSWORD: &str = "frozen fixture password v1";
+/// Its key derivation parameters: small, so the test is fast; within every bound.
+const ENC_KDF: KdfParams = KdfParams {
+    memory_kib: 1024,
+    iterations: 1,
+    parallelism: 1,
+};
+
+/// The same for the frozen encrypted repository (format version 2): opened with its password,
+/// refused without it or with another one.
+#[tokio::test]
+async fn frozen_encrypted_fixture_v1_is_still_read() {
+    check_fixture("repo-enc-v1", Some(ENC_PASSWORD)).await;
+}
+
+async fn check_fixture(name: &str, password: Option<&str>) {
+    let root = fixtures().join(name);
     let expected: Expected =
-        serde_json::from_slice(&std::fs::read(fixtures().join("repo-v1.json")).unwrap()).unwrap();
-    assert_eq!(expected.format, cbt_store::repo::REPO_FORMAT_VERSION);
+        serde_json::from_slice(&std::fs::read(fixtures().join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    assert_eq!(
+        expected.format,
+        if password.is_some() {
+            cbt_store::repo::ENCRYPTED_REPO_FORMAT_VERSION
+        } else {
+            cbt_store::repo::REPO_FORMAT_VERSION
+        }
+    );
     assert_eq!(
         file_sums(&root),
         expected.files,
@@ -146,7 +175,21 @@ async fn frozen_fixture_v1_is_still_read() {
     let copy = work.path().join("repo");
     copy_tree(&root, &copy);
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
-    let repo = Repository::open(store).await.unwrap();
+    let repo = match password {
+        None => Repository::open(store).await.unwrap(),
+        Some(pw) => {
+            assert!(matches!(
+                Repository::open(store.clone()).await,
+                Err(RepoError::KeyRequired)
+            ));
+            assert!(matches!(
+                Repository::open_with_key(store.clone(), &key("not the password")).await,
+                Err(RepoError::WrongPassword { slots: 1, .. })
+            ));
+            Repository::open_with_key(store, &key(pw)).await.unwrap()
+        }
+    };
+    assert_eq!(repo.is_encrypted(), password.is_some());
     assert_eq!(repo.config().chunk_size, CS as u64);
 
     let listed = repo.list_snapshots(None).await.unwrap();
@@ -201,11 +244,11 @@ async fn frozen_fixture_v1_is_still_read() {
     }
 }
 
-/// Writes a new fixture to `$CBT_FIXTURE_OUT` (which must not exist yet). Only for a new
-/// format version: the committed v1 fixture is frozen. See `tests/fixtures/README.md`.
-#[tokio::test]
-#[ignore = "writes a new fixture; run by hand, see tests/fixtures/README.md"]
-async fn generate_frozen_fixture() {
+fn key(password: &str) -> RepoKey {
+    RepoKey::Password(Password::new(password).unwrap())
+}
+
+fn fixture_out() -> PathBuf {
     let out = PathBuf::from(
         std::env::var("CBT_FIXTURE_OUT").expect("set CBT_FIXTURE_OUT to a new directory"),
     );
@@ -214,23 +257,56 @@ async fn generate_frozen_fixture() {
         "{} exists: never overwrite a fixture",
         out.display()
     );
-    let work = tempfile::tempdir().unwrap();
+    out
+}
+
+fn fixture_init() -> InitOptions {
+    InitOptions {
+        chunk_size: Some(CS as u64),
+        now: Timestamp(1_767_225_600_000), // 2026-01-01
+    }
+}
+
+/// Writes a new fixture to `$CBT_FIXTURE_OUT` (which must not exist yet). Only for a new
+/// format version: the committed v1 fixture is frozen. See `tests/fixtures/README.md`.
+#[tokio::test]
+#[ignore = "writes a new fixture; run by hand, see tests/fixtures/README.md"]
+async fn generate_frozen_fixture() {
+    let out = fixture_out();
     let root = out.join("repo-v1");
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&root).unwrap());
-    let repo = Repository::init(
+    let repo = Repository::init(store, fixture_init()).await.unwrap();
+    write_fixture(&repo, &out, "repo-v1").await;
+}
+
+/// Writes a new encrypted fixture (`repo-enc-v1`, password [`ENC_PASSWORD`]) to
+/// `$CBT_FIXTURE_OUT`. See `tests/fixtures/README.md`.
+#[tokio::test]
+#[ignore = "writes a new fixture; run by hand, see tests/fixtures/README.md"]
+async fn generate_frozen_encrypted_fixture() {
+    let out = fixture_out();
+    let root = out.join("repo-enc-v1");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&root).unwrap());
+    let repo = Repository::init_encrypted(
         store,
-        InitOptions {
-            chunk_size: Some(CS as u64),
-            now: Timestamp(1_767_225_600_000), // 2026-01-01
-        },
+        fixture_init(),
+        &Password::new(ENC_PASSWORD).unwrap(),
+        ENC_KDF,
     )
     .await
     .unwrap();
+    write_fixture(&repo, &out, "repo-enc-v1").await;
+}
+
+/// Backs up [`images`] into `repo` (at `out/name`) and writes `out/name.json`.
+async fn write_fixture(repo: &Repository, out: &Path, name: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let root = out.join(name);
     let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
     let imgs = images();
     let mut parent: Option<cbt_core::Manifest> = None;
     let mut expected = Expected {
-        format: cbt_store::repo::REPO_FORMAT_VERSION,
+        format: repo.config().version,
         snapshots: Vec::new(),
         files: BTreeMap::new(),
     };
@@ -274,7 +350,7 @@ async fn generate_frozen_fixture() {
             volume_size: None,
         };
         let src = Arc::new(FileSource::open(&path).unwrap());
-        let done = engine::backup(&repo, src, req, &EngineOptions::default())
+        let done = engine::backup(repo, src, req, &EngineOptions::default())
             .await
             .unwrap();
         let m = &done.manifest;
@@ -295,7 +371,7 @@ async fn generate_frozen_fixture() {
     std::fs::remove_dir_all(root.join(".cbt-tmp")).unwrap();
     expected.files = file_sums(&root);
     std::fs::write(
-        out.join("repo-v1.json"),
+        out.join(format!("{name}.json")),
         serde_json::to_vec_pretty(&expected).unwrap(),
     )
     .unwrap();

@@ -3,8 +3,8 @@
 //! A CRD object is validated as the API server does for the fields that decide what gets
 //! served (name `<plural>.<group>`, group, names, scope, versions with exactly one storage
 //! version) and is then "established": while it exists, every version it marks `served` is
-//! routed like a built-in type (CRUD, list, watch, patch; objects are not checked against the
-//! schema, only `metadata.name`). Deleting or editing the CRD changes what is served from the
+//! routed like a built-in type (CRUD, list, watch, patch; objects are checked against the
+//! version's schema by the `schema` module). Deleting or editing the CRD changes what is served from the
 //! next request on; objects written through it stay in the store, as etcd keeps them. All
 //! versions of one CRD share their objects (one key per plural), like the API server's
 //! storage version without conversion webhooks.

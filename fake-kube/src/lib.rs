@@ -61,7 +61,7 @@
 //! [`FakeKubeBuilder::serve`], or by creating their CustomResourceDefinition
 //! (`apiextensions.k8s.io/v1`; [`FakeKube::install_yaml`] with the upstream manifests in
 //! [`crds::upstream`]): its served versions are routed while the CRD exists. For such types
-//! only `metadata.name` is validated (no OpenAPI schema, no CEL).
+//! objects are checked against the version's `openAPIV3Schema` like a structural schema (unknown fields pruned; types, required, enums, item and length bounds; the `self == oldSelf` immutability rules of CEL, no other CEL). With [`FakeKubeBuilder::replication_api`] the replication CRDs are installed and simulated backends run (module `replication`).
 //!
 //! # Network objects and discovery
 //! Services (with a cluster IP and port defaults) and `discovery.k8s.io/v1` EndpointSlices are
@@ -104,6 +104,8 @@ mod kinds;
 mod kubelet;
 mod network;
 pub mod rbac;
+mod replication;
+mod schema;
 mod server;
 mod store;
 mod subresources;
@@ -125,6 +127,7 @@ use tokio::task::JoinHandle;
 
 pub use backend::{BackendError, BackendSnapshot, SharedBackend};
 pub use faults::{FaultAction, Faults, HttpFault};
+pub use replication::{REPLICATION_CRDS, ReplicationSim};
 pub use store::{ApiError, Cause, ResourceType};
 pub use tokens::{
     API_SERVER_AUDIENCE, Authenticated, BoundObject, MintedToken, ServiceAccountId, TokenRegistry,
@@ -174,6 +177,7 @@ pub(crate) struct State {
     crd_types: crds::CrdTypes,
     tokens: TokenRegistry,
     kubelet: kubelet::Kubelet,
+    replication: Option<ReplicationSim>,
 }
 
 impl State {
@@ -267,6 +271,7 @@ pub struct FakeKubeBuilder {
     images: BTreeMap<String, PathBuf>,
     job_backoff: Duration,
     group_snapshot_api: bool,
+    replication_api: bool,
 }
 
 impl FakeKubeBuilder {
@@ -331,6 +336,14 @@ impl FakeKubeBuilder {
         self
     }
 
+    /// Installs the csi-addons replication, Trident and Dell CRDs (objects checked against
+    /// their schemas), serves Leases, and runs the simulated Trident mirror controller and Dell
+    /// replication sidecar ([`FakeKube::replication`]; rules in the `replication` module docs).
+    pub fn replication_api(mut self) -> Self {
+        self.replication_api = true;
+        self
+    }
+
     /// Also serves the `groupsnapshot.storage.k8s.io/v1` kinds (VolumeGroupSnapshot,
     /// VolumeGroupSnapshotContent, VolumeGroupSnapshotClass), like a cluster with the group
     /// snapshot CRDs and the snapshot-controller's group feature on; the simulated controller
@@ -379,6 +392,7 @@ impl FakeKubeBuilder {
                 .chain(access_review::ACCESS_REVIEW_TYPES.iter().copied())
                 .chain(network::NETWORK_TYPES.iter().copied())
                 .chain(std::iter::once(&crds::CUSTOM_RESOURCE_DEFINITIONS))
+                .chain(std::iter::once(&replication::LEASES).filter(|_| self.replication_api))
                 .chain(
                     self.extra_types
                         .into_iter()
@@ -388,7 +402,23 @@ impl FakeKubeBuilder {
             crd_types: crds::CrdTypes::default(),
             tokens: TokenRegistry::default(),
             kubelet: kubelet::Kubelet::new(self.images, self.job_backoff)?,
+            replication: self.replication_api.then(ReplicationSim::default),
         });
+        if self.replication_api {
+            let mut store = state.lock_store();
+            for text in REPLICATION_CRDS {
+                let docs: Vec<Value> = serde_saphyr::from_multiple(text)
+                    .map_err(|e| std::io::Error::other(format!("replication CRD: {e}")))?;
+                for doc in docs.into_iter().filter(|d| !d.is_null()) {
+                    store
+                        .create(&crds::CUSTOM_RESOURCE_DEFINITIONS, None, doc, false)
+                        .map_err(|e| {
+                            std::io::Error::other(format!("replication CRD: {}", e.message))
+                        })?;
+                }
+            }
+            crds::reconcile(&mut store);
+        }
         let (stop_tx, stop_rx) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, state.clone(), stop_rx));
         let controller = tokio::spawn(controller_loop(state.clone()));
@@ -433,9 +463,16 @@ async fn controller_loop(state: Arc<State>) {
         // A few passes so chains (content -> snapshot -> PVC) settle in one wake-up.
         for _ in 0..4 {
             let crds = crds::reconcile(&mut store);
+            let replicated = match &state.replication {
+                Some(sim) => {
+                    let types = state.crd_types.served(&store);
+                    replication::reconcile(&mut store, &types, sim)
+                }
+                None => false,
+            };
             let snapshots =
                 controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver);
-            if !(kubelet::reconcile(&state, &mut store) | snapshots | crds) {
+            if !(kubelet::reconcile(&state, &mut store) | snapshots | crds | replicated) {
                 break;
             }
         }
@@ -486,6 +523,7 @@ impl FakeKube {
             images: BTreeMap::new(),
             job_backoff: Duration::from_millis(10),
             group_snapshot_api: false,
+            replication_api: false,
         }
     }
 
@@ -588,6 +626,11 @@ impl FakeKube {
             .create(rt, ns.as_deref(), obj, false)?;
         self.state.changed.notify_one();
         Ok(created)
+    }
+
+    /// The simulated replication backends' knobs (needs [`FakeKubeBuilder::replication_api`]).
+    pub fn replication(&self) -> Option<&ReplicationSim> {
+        self.state.replication.as_ref()
     }
 
     /// Reads an object (`ns` ignored for cluster-scoped kinds).

@@ -427,6 +427,24 @@ impl Store {
         let _ = self.tx.send(event);
     }
 
+    /// The `openAPIV3Schema` of a CRD-served type's version, while its CRD exists.
+    fn crd_schema(&self, rt: &'static ResourceType) -> Option<Value> {
+        if !rt.crd {
+            return None;
+        }
+        let crd = self.objects.get(&(
+            crate::crds::CUSTOM_RESOURCE_DEFINITIONS.plural,
+            String::new(),
+            format!("{}.{}", rt.plural, rt.group),
+        ))?;
+        crd["spec"]["versions"]
+            .as_array()?
+            .iter()
+            .find(|v| v["name"].as_str() == Some(rt.version))
+            .map(|v| v["schema"]["openAPIV3Schema"].clone())
+            .filter(Value::is_object)
+    }
+
     fn next_uid(&mut self) -> String {
         self.uid += 1;
         // Deterministic, UUID-shaped.
@@ -518,7 +536,10 @@ impl Store {
         }
         crate::kinds::normalize(rt, &mut obj)?;
         crate::kinds::admit(self, rt, &obj)?;
-        let causes = validate(rt, &obj);
+        let mut causes = validate(rt, &obj);
+        if let Some(schema) = self.crd_schema(rt) {
+            causes.extend(crate::schema::check(&schema, &mut obj));
+        }
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, &causes));
         }
@@ -712,6 +733,10 @@ impl Store {
         let causes = validate(rt, &new);
         let mut causes = causes;
         causes.extend(immutability(rt, &existing, &new));
+        if let Some(schema) = self.crd_schema(rt) {
+            causes.extend(crate::schema::check(&schema, &mut new));
+            causes.extend(crate::schema::transitions(&schema, &existing, &new));
+        }
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, name, &causes));
         }

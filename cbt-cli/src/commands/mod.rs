@@ -3,7 +3,9 @@
 pub mod backup;
 pub mod doctor;
 pub mod k8s;
+pub mod key;
 pub mod maint;
 pub mod parse;
+pub mod replication;
 pub mod repo;
 pub mod restore;

@@ -10,7 +10,10 @@
 //! class, the PVCs and the backend objects, calls [`translate::plan`], and
 //! executes the resulting [`translate::Plan`]. Nothing here does I/O.
 
+pub mod controller;
+pub mod crds;
 pub mod mapping;
+pub mod ops;
 pub mod translate;
 pub mod types;
 

@@ -10,7 +10,7 @@ use cbt_core::{ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestam
 use futures::{StreamExt, TryStreamExt};
 
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
-use crate::chunk::{self, EncodedChunk};
+use crate::chunk::EncodedChunk;
 use crate::repo::{ChunkAt, RepoError, RepoLock, Repository, Result, random_id};
 
 /// Full or incremental.
@@ -547,18 +547,20 @@ async fn run_pipeline(
         rx.recv().await.map(|item| (item, rx))
     });
     let cpu_pool = pool.clone();
+    let codec = repo.codec().clone();
     // Chunk-by-chunk comparison with the parent only makes sense in the same geometry.
     let compare = parent.filter(|p| p.chunk_size() == plan.geometry().chunk_size());
     let folded = raw_stream
         .map(move |item| {
             let pool = cpu_pool.clone();
+            let codec = codec.clone();
             async move {
                 let (r, buf) = item?;
                 tokio::task::spawn_blocking(move || {
                     let out = if is_zero(&buf) {
-                        Encoded::Zero(r)
+                        Ok(Encoded::Zero(r))
                     } else {
-                        Encoded::Data(r, chunk::encode(&buf, level))
+                        codec.encode_chunk(&buf, level).map(|e| Encoded::Data(r, e))
                     };
                     pool.give(buf);
                     out
@@ -566,7 +568,7 @@ async fn run_pipeline(
                 .await
                 .map_err(|e| RepoError::Internal {
                     message: format!("chunk encoder task failed: {e}"),
-                })
+                })?
             }
         })
         .buffered(opts.workers)

@@ -31,7 +31,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{EngineOptions, Progress, mb_per_s};
-use crate::repo::{ChunkAt, ChunkContext, RepoError, Repository, Result, decode_chunk_into_slice};
+use crate::repo::{ChunkAt, ChunkContext, RepoError, Repository, Result};
 
 /// How the target is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -375,6 +375,7 @@ async fn write_all(
                 let copies = g.targets.len() as u64;
                 let name2 = name.clone();
                 let chunk_len = g.chunk.raw_len;
+                let codec = repo.codec().clone();
                 let targets = tokio::task::spawn_blocking(move || {
                     let mut buf = pool
                         .lock()
@@ -387,8 +388,7 @@ async fn write_all(
                         offset,
                     };
                     let raw = buf.resize(g.chunk.raw_len as usize);
-                    decode_chunk_into_slice(&body, &g.chunk, at, raw)?;
-                    drop(body);
+                    codec.decode_chunk_into_slice(body, &g.chunk, at, raw)?;
                     for (_, off) in &g.targets {
                         write_chunk(&file, buf.as_slice(), *off, sparse).map_err(
                             |(at, source)| RepoError::TargetIo {

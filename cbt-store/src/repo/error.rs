@@ -5,25 +5,9 @@ use std::path::PathBuf;
 use cbt_core::{CoreError, RangeSet};
 
 use crate::chunk::ChunkDecodeError;
+use crate::crypto::{CryptoError, SealError};
 use crate::repo::lock::HolderState;
-use crate::store::{ErrorKind as StoreKind, StoreError};
-
-/// What a caller (or the CLI's exit code) should do about a [`RepoError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Bad arguments or configuration (name, range, target, credentials, missing snapshot).
-    Usage,
-    /// Stored or read data is damaged or inconsistent: repair needed.
-    Integrity,
-    /// I/O or a transient store failure: retry (a backup resumes where it stopped).
-    Transient,
-    /// Another process holds the repository lock, or the object already exists.
-    Conflict,
-    /// Written by a newer version: upgrade.
-    Unsupported,
-    /// A bug in this software (a task panicked).
-    Bug,
-}
+use crate::store::{ErrorKind, StoreError};
 
 /// Everything the repository and engine can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +205,89 @@ pub enum RepoError {
         /// What is unknown.
         reason: String,
     },
+    /// The repository is encrypted and no key or password was supplied.
+    #[error("the repository is encrypted and no password was given")]
+    KeyRequired,
+    /// A key or password was supplied but the repository is not encrypted (refused, so a
+    /// repository whose config was edited to drop encryption is never written to in the clear).
+    #[error("a password was given but the repository is not encrypted")]
+    NotEncrypted,
+    /// No key slot opens with the password.
+    #[error(
+        "wrong password: none of the repository's {slots} key slot(s) opens with it{}",
+        if invalid.is_empty() { String::new() } else { format!(" ({} damaged slot(s) skipped: {})", invalid.len(), invalid.join("; ")) }
+    )]
+    WrongPassword {
+        /// Usable slots tried.
+        slots: usize,
+        /// Slots skipped as damaged or out of bounds (`id: reason`, escaped).
+        invalid: Vec<String>,
+    },
+    /// The repository is encrypted but holds no key slot at all.
+    #[error(
+        "the repository is encrypted but has no key slot (`keys/` is empty): it cannot be opened with a password"
+    )]
+    NoKeySlot,
+    /// A key opened but is not this repository's key (its key id differs from the config's).
+    #[error(
+        "the key from {source_desc} is not this repository's key (key id {found}, the config says {expected})"
+    )]
+    KeyMismatch {
+        /// Which slot (or "the supplied key").
+        source_desc: String,
+        /// Key id of the key that opened.
+        found: String,
+        /// Key id in the config.
+        expected: String,
+    },
+    /// A key slot is damaged or out of bounds.
+    #[error("key slot {id} is unusable: {reason}")]
+    KeySlotInvalid {
+        /// Slot id (escaped).
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No such key slot.
+    #[error("no key slot {id}")]
+    KeySlotNotFound {
+        /// Slot id.
+        id: String,
+    },
+    /// Refused removing the key slot that opened the repository.
+    #[error(
+        "key slot {id} is the one this password opened; open the repository with another password to remove it"
+    )]
+    KeyInUse {
+        /// Slot id.
+        id: String,
+    },
+    /// Refused removing the last usable key slot (the data could never be read again).
+    #[error("key slot {id} is the repository's last usable key slot; add another password first")]
+    LastKeySlot {
+        /// Slot id.
+        id: String,
+    },
+    /// More key slots than any repository of ours has.
+    #[error("the repository lists {count} key slots, more than the {max} accepted")]
+    TooManyKeySlots {
+        /// Slots listed.
+        count: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// Key handling failed (unusable password or password file, KDF parameters, RNG).
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    /// An encrypted object (manifest, lock) failed to open.
+    #[error("object `{key}`: {source}")]
+    Sealed {
+        /// Object key.
+        key: String,
+        /// What failed.
+        #[source]
+        source: SealError,
+    },
     /// A bug: a worker task panicked, or encoding in memory failed.
     #[error("internal error: {message}")]
     Internal {
@@ -238,65 +305,76 @@ impl RepoError {
         }
     }
 
-    /// Classifies the error for exit codes and retry decisions.
-    pub fn class(&self) -> ErrorClass {
-        use cbt_core::ErrorKind as CK;
+    /// Classifies the error in the toolkit's one vocabulary, for exit codes and retry
+    /// decisions.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            RepoError::Store { source, .. } => match source.kind() {
-                StoreKind::Transient | StoreKind::Other => ErrorClass::Transient,
-                StoreKind::Integrity => ErrorClass::Integrity,
-                StoreKind::Config | StoreKind::InvalidInput | StoreKind::NotFound => {
-                    ErrorClass::Usage
-                }
-            },
-            RepoError::Core(e) | RepoError::Manifest { source: e, .. } => match e.kind() {
-                CK::Usage => ErrorClass::Usage,
-                CK::Integrity => ErrorClass::Integrity,
-                CK::Unsupported => ErrorClass::Unsupported,
-            },
+            RepoError::Store { source, .. } => source.kind(),
+            RepoError::Core(e) | RepoError::Manifest { source: e, .. } => e.kind(),
             RepoError::BadConfig { unsupported, .. } => {
                 if *unsupported {
-                    ErrorClass::Unsupported
+                    ErrorKind::Unsupported
                 } else {
-                    ErrorClass::Integrity
+                    ErrorKind::Integrity
                 }
             }
             RepoError::ChunkCorrupt {
-                reason: ChunkDecodeError::Version(_),
+                reason:
+                    ChunkDecodeError::Version(_) | ChunkDecodeError::Sealed(SealError::Version(_)),
                 ..
-            } => ErrorClass::Unsupported,
+            }
+            | RepoError::Sealed {
+                source: SealError::Version(_),
+                ..
+            } => ErrorKind::Unsupported,
+            RepoError::Sealed { .. }
+            | RepoError::NoKeySlot
+            | RepoError::KeyMismatch { .. }
+            | RepoError::KeySlotInvalid { .. }
+            | RepoError::TooManyKeySlots { .. } => ErrorKind::Integrity,
+            // The password (or its absence) is the user's setup, like any credential.
+            RepoError::KeyRequired
+            | RepoError::NotEncrypted
+            | RepoError::WrongPassword { .. }
+            | RepoError::Crypto(CryptoError::BadPassword { .. })
+            | RepoError::Crypto(CryptoError::PasswordFile { .. }) => ErrorKind::Config,
+            RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => ErrorKind::Usage,
+            RepoError::KeySlotNotFound { .. } => ErrorKind::NotFound,
+            RepoError::Crypto(CryptoError::Random) => ErrorKind::Bug,
+            RepoError::Crypto(_) => ErrorKind::Usage,
             RepoError::ManifestFraming { .. }
             | RepoError::ChunkMissing { .. }
-            | RepoError::ChunkCorrupt { .. } => ErrorClass::Integrity,
-            RepoError::RestoreIncomplete { source, .. } => source.class(),
+            | RepoError::ChunkCorrupt { .. } => ErrorKind::Integrity,
+            RepoError::RestoreIncomplete { source, .. } => source.kind(),
             RepoError::Locked { .. }
             | RepoError::LockInUse { .. }
             | RepoError::LockLost { .. }
             | RepoError::SnapshotExists { .. }
-            | RepoError::AlreadyInitialized { .. } => ErrorClass::Conflict,
+            | RepoError::AlreadyInitialized { .. } => ErrorKind::Conflict,
             RepoError::SourceIo { source, .. } | RepoError::TargetIo { source, .. } => {
-                io_class(source)
+                io_kind(source)
             }
-            RepoError::NotInitialized
-            | RepoError::SnapshotNotFound { .. }
-            | RepoError::TargetTooSmall { .. }
+            // No repository at the URL given: the URL (or a missing `cbt repo init`) is setup.
+            RepoError::NotInitialized => ErrorKind::Config,
+            RepoError::SnapshotNotFound { .. } => ErrorKind::NotFound,
+            RepoError::TargetTooSmall { .. }
             | RepoError::TargetExists { .. }
-            | RepoError::InvalidRequest { .. } => ErrorClass::Usage,
-            RepoError::UnsupportedObject { .. } => ErrorClass::Unsupported,
-            RepoError::Internal { .. } => ErrorClass::Bug,
+            | RepoError::InvalidRequest { .. } => ErrorKind::Usage,
+            RepoError::UnsupportedObject { .. } => ErrorKind::Unsupported,
+            RepoError::Internal { .. } => ErrorKind::Bug,
         }
     }
 
     /// True when retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        self.class() == ErrorClass::Transient
+        self.kind().is_transient()
     }
 }
 
 /// A missing path, a denied permission or a device shorter than expected will fail the same
 /// way on retry: the operator must act. Anything else (EIO, timeouts of network block devices,
 /// interrupted calls) may pass on a later attempt.
-fn io_class(e: &std::io::Error) -> ErrorClass {
+fn io_kind(e: &std::io::Error) -> ErrorKind {
     use std::io::ErrorKind as K;
     match e.kind() {
         K::NotFound
@@ -307,8 +385,8 @@ fn io_class(e: &std::io::Error) -> ErrorClass {
         | K::IsADirectory
         | K::NotADirectory
         | K::StorageFull
-        | K::FileTooLarge => ErrorClass::Usage,
-        _ => ErrorClass::Transient,
+        | K::FileTooLarge => ErrorKind::Usage,
+        _ => ErrorKind::Transient,
     }
 }
 

@@ -24,8 +24,8 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{
-    ChunkContext, RepoError, RepoLock, Repository, Result, SnapshotSummary, decode_chunk,
-    manifest_key, stored_chunks,
+    ChunkContext, RepoError, RepoLock, Repository, Result, SnapshotSummary, manifest_key,
+    stored_chunks,
 };
 use crate::chunk;
 
@@ -310,6 +310,7 @@ impl Repository {
                         Ok(body) => {
                             let len = body.len() as u64;
                             let (snap, rr) = (snapshot.clone(), r);
+                            let codec = self.codec().clone();
                             tokio::task::spawn_blocking(move || {
                                 let mut out = Vec::new();
                                 let at = ChunkContext {
@@ -317,7 +318,7 @@ impl Repository {
                                     index,
                                     offset,
                                 };
-                                decode_chunk(&body, &rr, at, &mut out).map(|()| len)
+                                codec.decode_chunk(body, &rr, at, &mut out).map(|()| len)
                             })
                             .await
                             .map_err(|e| RepoError::Internal {

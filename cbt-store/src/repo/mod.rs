@@ -12,7 +12,19 @@
 //! locks/shared/<lock id>           one per running backup (and restore, when it may write)
 //! .cbt-probe/<id>                  S3 only: the connect-time conditional-write probe, deleted
 //!                                  right after (see crate::store::s3)
+//! keys/<slot id>                   encrypted repositories only: key slots (see crate::crypto)
 //! ```
+//! # Encryption
+//! A repository created with [`Repository::init_encrypted`] (config version
+//! [`ENCRYPTED_REPO_FORMAT_VERSION`], so older builds refuse it instead of writing into it in
+//! the clear) seals every chunk and manifest object ([`Codec`], [`crate::crypto`]) and names
+//! chunks by a keyed hash. The config stays readable (it carries no key material, only the
+//! scheme and the key id). Open it with [`Repository::open_with_key`]; [`Repository::open`]
+//! refuses with [`RepoError::KeyRequired`], and `open_with_key` refuses an unencrypted
+//! repository ([`RepoError::NotEncrypted`]). Passwords are managed with
+//! [`Repository::add_key`], [`Repository::list_keys`] and [`Repository::remove_key`].
+//! Lock objects are not sealed: they carry the holder's host name, process id and purpose so
+//! that `lock list` and `lock break` work for whoever can reach the store.
 //! A manifest's JSON keeps `format_version`, `volume_size` and `chunk_size` before the chunk
 //! list: readers bound what they decode by that geometry before reading the list.
 //! Object keys are built only from validated [`VolumeName`]/[`SnapshotName`]s and hex hashes,
@@ -57,7 +69,9 @@
 //! [`cbt_core::gc::trusted_created`]: the recorded creation time, but never later than when the
 //! store received the manifest.
 
+mod codec;
 mod error;
+mod keys;
 pub mod lock;
 mod maintenance;
 
@@ -72,7 +86,9 @@ use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeNam
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-pub use error::{ErrorClass, RepoError, Result};
+pub use codec::Codec;
+pub use error::{RepoError, Result};
+pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
     DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
@@ -80,10 +96,13 @@ pub use maintenance::{
 };
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
+use crate::crypto::ObjectKind;
 use crate::store::{ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, list_all};
 
-/// Repository format version this build writes and reads.
+/// Repository format version this build writes and reads (unencrypted repositories).
 pub const REPO_FORMAT_VERSION: u32 = 1;
+/// Repository format version of encrypted repositories: version 1 plus sealed objects.
+pub const ENCRYPTED_REPO_FORMAT_VERSION: u32 = 2;
 const CONFIG_KEY: &str = "config";
 const REPO_FORMAT_NAME: &str = "cbt-repository";
 const MANIFEST_MAGIC: [u8; 4] = *b"CBMF";
@@ -109,6 +128,18 @@ pub struct RepoConfig {
     pub chunk_size: u64,
     /// When the repository was created.
     pub created_unix_ms: Timestamp,
+    /// Present in encrypted repositories (version [`ENCRYPTED_REPO_FORMAT_VERSION`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionConfig>,
+}
+
+/// The readable part of an encrypted repository's config: no key material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionConfig {
+    /// Always [`crate::crypto::SCHEME`].
+    pub scheme: String,
+    /// Id derived from the master key: a key that opens a slot must derive this id.
+    pub key_id: String,
 }
 
 /// Options of [`Repository::init`].
@@ -186,6 +217,9 @@ pub struct ChunkPut {
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
     config: RepoConfig,
+    codec: Codec,
+    /// The key slot whose password opened this repository, if any.
+    slot: Option<String>,
 }
 
 /// Key of a snapshot's manifest.
@@ -235,7 +269,18 @@ impl Repository {
             id: random_id("repo"),
             chunk_size,
             created_unix_ms: opts.now,
+            encryption: None,
         };
+        Self::write_config(store, config, Codec::plain(), None).await
+    }
+
+    /// Writes a new repository's config with `IfAbsent`.
+    async fn write_config(
+        store: Arc<dyn ObjectStore>,
+        config: RepoConfig,
+        codec: Codec,
+        slot: Option<String>,
+    ) -> Result<Self> {
         let body = serde_json::to_vec_pretty(&config).map_err(|e| RepoError::BadConfig {
             reason: e.to_string(),
             unsupported: false,
@@ -245,21 +290,62 @@ impl Repository {
             .await
             .map_err(|e| RepoError::store("writing repository config", e))?
         {
-            PutOutcome::Created => Ok(Repository { store, config }),
+            PutOutcome::Created => Ok(Repository {
+                store,
+                config,
+                codec,
+                slot,
+            }),
             PutOutcome::AlreadyExists => {
-                let existing = Repository::open(store).await?;
-                Err(RepoError::AlreadyInitialized {
-                    id: existing.config.id,
-                })
+                let existing = read_config(store.as_ref()).await?;
+                Err(RepoError::AlreadyInitialized { id: existing.id })
             }
         }
     }
 
-    /// Opens an existing repository, checking its format version.
+    /// Opens an existing unencrypted repository, checking its format version.
     ///
     /// # Errors
-    /// [`RepoError::NotInitialized`], [`RepoError::BadConfig`], store errors.
+    /// [`RepoError::NotInitialized`], [`RepoError::BadConfig`], store errors;
+    /// [`RepoError::KeyRequired`] for an encrypted repository (use
+    /// [`Repository::open_with_key`]).
     pub async fn open(store: Arc<dyn ObjectStore>) -> Result<Self> {
+        let config = read_config(store.as_ref()).await?;
+        if config.encryption.is_some() {
+            return Err(RepoError::KeyRequired);
+        }
+        Ok(Repository {
+            store,
+            config,
+            codec: Codec::plain(),
+            slot: None,
+        })
+    }
+
+    /// The repository config.
+    pub fn config(&self) -> &RepoConfig {
+        &self.config
+    }
+
+    /// Whether the repository is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.codec.is_encrypted()
+    }
+
+    /// How this repository encodes chunks and manifests (clone it into worker tasks).
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    /// The underlying object store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+}
+
+/// Reads and checks the `config` object (either format version).
+async fn read_config(store: &dyn ObjectStore) -> Result<RepoConfig> {
+    {
         let body = match store.get_bounded(CONFIG_KEY, MAX_CONFIG_LEN).await {
             Ok(b) => b,
             Err(StoreError::NotFound { .. }) => return Err(RepoError::NotInitialized),
@@ -278,10 +364,12 @@ impl Repository {
         if probe.format != REPO_FORMAT_NAME {
             return Err(bad(format!("unknown format {:?}", probe.format), false));
         }
-        if probe.version != u64::from(REPO_FORMAT_VERSION) {
+        if probe.version != u64::from(REPO_FORMAT_VERSION)
+            && probe.version != u64::from(ENCRYPTED_REPO_FORMAT_VERSION)
+        {
             return Err(bad(
                 format!(
-                    "repository format version {} is not supported (this build reads {REPO_FORMAT_VERSION}); upgrade cbt",
+                    "repository format version {} is not supported (this build reads {REPO_FORMAT_VERSION} and {ENCRYPTED_REPO_FORMAT_VERSION}); upgrade cbt",
                     probe.version
                 ),
                 true,
@@ -290,19 +378,37 @@ impl Repository {
         let config: RepoConfig =
             serde_json::from_slice(&body).map_err(|e| bad(e.to_string(), false))?;
         validate_chunk_size(config.chunk_size).map_err(|e| bad(e.to_string(), false))?;
-        Ok(Repository { store, config })
+        match (&config.encryption, config.version) {
+            (None, REPO_FORMAT_VERSION) => {}
+            (Some(enc), ENCRYPTED_REPO_FORMAT_VERSION) => {
+                if enc.scheme != crate::crypto::SCHEME {
+                    return Err(bad(
+                        format!(
+                            "encryption scheme {:?} is not supported; upgrade cbt",
+                            cbt_core::text::escape(&enc.scheme)
+                        ),
+                        true,
+                    ));
+                }
+            }
+            (None, _) => {
+                return Err(bad(
+                    "version 2 (encrypted) without an `encryption` section".into(),
+                    false,
+                ));
+            }
+            (Some(_), _) => {
+                return Err(bad(
+                    "an `encryption` section in a version 1 (unencrypted) config".into(),
+                    false,
+                ));
+            }
+        }
+        Ok(config)
     }
+}
 
-    /// The repository config.
-    pub fn config(&self) -> &RepoConfig {
-        &self.config
-    }
-
-    /// The underlying object store.
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
-    }
-
+impl Repository {
     // ---- manifests -------------------------------------------------------------------------
 
     /// Whether a snapshot exists.
@@ -343,6 +449,7 @@ impl Repository {
             }
             Err(e) => return Err(RepoError::store(format!("reading manifest {key}"), e)),
         };
+        let body = self.codec.open_object(ObjectKind::Manifest, &key, body)?;
         let m = decode_manifest(&key, &body)?;
         if &m.volume != volume || &m.snapshot != snapshot {
             return Err(RepoError::ManifestFraming {
@@ -367,7 +474,9 @@ impl Repository {
     /// [`crate::engine::backup`] does all this.
     pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
         let key = manifest_key(&manifest.volume, &manifest.snapshot);
-        let body = encode_manifest(manifest)?;
+        let body =
+            self.codec
+                .seal_object(ObjectKind::Manifest, &key, encode_manifest(manifest)?)?;
         // Chunks are put with deferred durability; they must be on disk before the manifest
         // that references them can be.
         self.store
@@ -631,7 +740,7 @@ impl Repository {
         }
         let body = match self
             .store
-            .get_bounded(key, chunk::max_object_len(encoded.chunk.raw_len))
+            .get_bounded(key, self.codec.max_chunk_object_len(encoded.chunk.raw_len))
             .await
         {
             Ok(b) => b,
@@ -640,7 +749,7 @@ impl Repository {
             Err(e) => return Err(RepoError::store(format!("reading chunk {key}"), e)),
         };
         let mut out = Vec::new();
-        match chunk::decode_standalone(&body, &mut out) {
+        match self.codec.decode_standalone(key, &body, &mut out) {
             Ok(r) if r.hash == encoded.chunk.hash => Ok(Some(r)),
             _ => Ok(None),
         }
@@ -658,10 +767,10 @@ impl Repository {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let body = self.fetch_chunk(expected, at).await?;
-        decode_chunk(&body, expected, at, out)
+        self.codec.decode_chunk(body, expected, at, out)
     }
 
-    /// Downloads one chunk object without decoding it (decode with [`decode_chunk`]).
+    /// Downloads one chunk object without decoding it (decode with [`Codec::decode_chunk`]).
     ///
     /// # Errors
     /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the store's own checksum
@@ -813,44 +922,6 @@ pub struct ChunkContext<'a> {
     pub index: u64,
     /// Byte offset in the volume.
     pub offset: u64,
-}
-
-/// Verifies and decodes a downloaded chunk object (CPU work: run it off the async threads).
-///
-/// # Errors
-/// [`RepoError::ChunkCorrupt`] naming the failed check.
-pub fn decode_chunk(
-    body: &[u8],
-    expected: &ChunkRef,
-    at: ChunkContext<'_>,
-    out: &mut Vec<u8>,
-) -> Result<()> {
-    chunk::decode_into(body, expected, out).map_err(|reason| RepoError::ChunkCorrupt {
-        snapshot: at.snapshot.to_string(),
-        index: at.index,
-        offset: at.offset,
-        key: chunk::chunk_key(&expected.hash),
-        reason,
-    })
-}
-
-/// Like [`decode_chunk`], but into `out`, which must be exactly the chunk's raw length.
-///
-/// # Errors
-/// [`RepoError::ChunkCorrupt`] naming the failed check.
-pub fn decode_chunk_into_slice(
-    body: &[u8],
-    expected: &ChunkRef,
-    at: ChunkContext<'_>,
-    out: &mut [u8],
-) -> Result<()> {
-    chunk::decode_into_slice(body, expected, out).map_err(|reason| RepoError::ChunkCorrupt {
-        snapshot: at.snapshot.to_string(),
-        index: at.index,
-        offset: at.offset,
-        key: chunk::chunk_key(&expected.hash),
-        reason,
-    })
 }
 
 fn encode_manifest(m: &Manifest) -> Result<Bytes> {

@@ -242,22 +242,8 @@ pub async fn list_all(
     }
 }
 
-/// Coarse class of a [`StoreError`], for callers deciding what to do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// The object does not exist.
-    NotFound,
-    /// Worth retrying later: throttling, timeouts, 5xx, dropped connections.
-    Transient,
-    /// Fix the configuration: bad URL, credentials, missing bucket.
-    Config,
-    /// Stored bytes are damaged: repair needed.
-    Integrity,
-    /// The caller passed something invalid (key, range).
-    InvalidInput,
-    /// Anything else (unexpected backend answer, local I/O failure).
-    Other,
-}
+/// The toolkit's one error-kind vocabulary ([`StoreError::kind`] classifies into it).
+pub use cbt_core::ErrorKind;
 
 /// Operation names used in error messages and fault counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -458,7 +444,7 @@ impl StoreError {
             | StoreError::TooLarge { .. }
             | StoreError::UnsafePath { .. } => ErrorKind::Integrity,
             StoreError::InvalidKey { .. } | StoreError::RangeNotSatisfiable { .. } => {
-                ErrorKind::InvalidInput
+                ErrorKind::Usage
             }
             StoreError::InvalidUrl { .. }
             | StoreError::BucketNotFound { .. }
@@ -470,9 +456,14 @@ impl StoreError {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {
                     ErrorKind::Transient
                 }
-                _ => ErrorKind::Other,
+                // The directory or its files cannot be used as they are: fix the setup.
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    ErrorKind::Config
+                }
+                // EIO, a full disk: the storage under the repository failed.
+                _ => ErrorKind::Backend,
             },
-            StoreError::Backend { .. } => ErrorKind::Other,
+            StoreError::Backend { .. } => ErrorKind::Backend,
         }
     }
 

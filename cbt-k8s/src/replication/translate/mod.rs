@@ -251,7 +251,7 @@ impl Subject {
     }
 
     /// The value csi-addons writes in a PVC's owner annotation (`name/namespace`).
-    fn csi_addons_owner(&self) -> String {
+    pub fn csi_addons_owner(&self) -> String {
         format!("{}/{}", self.name, self.namespace)
     }
 

@@ -1,0 +1,1227 @@
+//! The replication controller end to end against fake-kube with the real CRDs and the simulated
+//! Trident mirror controller and Dell replication sidecar: per backend new primary, new
+//! secondary, planned and unplanned failover, failback with resync, groups (a failing member,
+//! members joining and leaving), deletion cleanup, a restart mid-transition, two replicas,
+//! and the bad inputs of the issue (each: a condition with an actionable reason, an event, no
+//! backend write).
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cbt_k8s::replication::controller::{
+    Config, Context, FINALIZER, Leadership, Metrics, OWNER_UID_LABEL, Verdict, leader,
+    reconcile_once, run,
+};
+use cbt_k8s::replication::translate::SubjectKind;
+use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
+use cbt_k8s::replication::types::{
+    PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, VolumeGroupReplicationStatus, VolumeReplicationStatus,
+};
+use cbt_k8s::{ClusterTarget, connect};
+use fake_kube::FakeKube;
+use fake_kube::rbac::UserInfo;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+const NS: &str = "app";
+const TRIDENT: &str = "csi.trident.netapp.io";
+const DELL: &str = "csi-powerstore.dellemc.com";
+const VR_API: &str = "replication.storage.openshift.io/v1alpha1";
+const TMR_API: &str = "trident.netapp.io/v1";
+const RG_API: &str = "replication.storage.dell.com/v1";
+const RG_LABEL: &str = "replication.storage.dell.com/replicationGroupName";
+
+struct Env {
+    fake: FakeKube,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+async fn env() -> Env {
+    env_with(FakeKube::builder()).await
+}
+
+async fn env_with(builder: fake_kube::FakeKubeBuilder) -> Env {
+    let fake = builder.replication_api().start().await.unwrap();
+    fake.seed_namespace(NS).unwrap();
+    fake.seed_storage_class("ontap", TRIDENT, false).unwrap();
+    fake.seed_storage_class("powerstore", DELL, false).unwrap();
+    fake.seed_storage_class("other", "ebs.csi.aws.com", false)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    fake.write_kubeconfig(&kubeconfig, "test").unwrap();
+    Env {
+        fake,
+        _dir: dir,
+        kubeconfig,
+    }
+}
+
+impl Env {
+    async fn client_as(&self, token: Option<&str>) -> kube::Client {
+        let path = match token {
+            None => self.kubeconfig.clone(),
+            Some(t) => {
+                let p = self.kubeconfig.with_extension(t);
+                self.fake.write_kubeconfig_as(&p, "test", t).unwrap();
+                p
+            }
+        };
+        connect(&ClusterTarget {
+            kubeconfig: Some(path),
+            context: None,
+        })
+        .await
+        .unwrap()
+        .client
+    }
+
+    async fn ctx(&self, config: Config) -> Arc<Context> {
+        Arc::new(Context::new(
+            self.client_as(None).await,
+            "test",
+            config,
+            Arc::new(Metrics::default()),
+            Leadership::always(),
+        ))
+    }
+
+    fn pvc(&self, name: &str, class: &str, labels: Value) {
+        self.fake
+            .create(json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": name, "namespace": NS, "labels": labels},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                         "resources": {"requests": {"storage": "1Gi"}}},
+            }))
+            .unwrap();
+    }
+
+    fn vrc(&self, name: &str, provisioner: &str, params: Value) {
+        self.fake
+            .create(json!({
+                "apiVersion": VR_API, "kind": "VolumeReplicationClass",
+                "metadata": {"name": name},
+                "spec": {"provisioner": provisioner, "parameters": params},
+            }))
+            .unwrap();
+    }
+
+    fn vgrc(&self, name: &str, provisioner: &str, params: Value) {
+        self.fake
+            .create(json!({
+                "apiVersion": VR_API, "kind": "VolumeGroupReplicationClass",
+                "metadata": {"name": name},
+                "spec": {"provisioner": provisioner, "parameters": params},
+            }))
+            .unwrap();
+    }
+
+    fn vr(&self, name: &str, class: &str, pvc: &str, state: &str, handle: &str) {
+        self.fake
+            .create(json!({
+                "apiVersion": VR_API, "kind": "VolumeReplication",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"volumeReplicationClass": class, "replicationState": state,
+                         "dataSource": {"kind": "PersistentVolumeClaim", "name": pvc},
+                         "autoResync": false, "replicationHandle": handle},
+            }))
+            .unwrap();
+    }
+
+    fn vgr(&self, name: &str, class: &str, selector: Value, state: &str) {
+        self.fake
+            .create(json!({
+                "apiVersion": VR_API, "kind": "VolumeGroupReplication",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {"volumeGroupReplicationClassName": class, "replicationState": state,
+                         "source": {"selector": selector}, "autoResync": false, "external": true},
+            }))
+            .unwrap();
+    }
+
+    fn set_state(&self, kind: &str, name: &str, patch: Value) {
+        self.fake
+            .merge_patch(VR_API, kind, NS, name, &json!({"spec": patch}))
+            .unwrap();
+    }
+
+    fn get(&self, api: &str, kind: &str, name: &str) -> Option<Value> {
+        self.fake.get(api, kind, NS, name)
+    }
+
+    fn vr_status(&self, name: &str) -> (VolumeReplicationStatus, i64) {
+        let o = self.get(VR_API, "VolumeReplication", name).unwrap();
+        (
+            serde_json::from_value(o["status"].clone()).unwrap_or_default(),
+            o["metadata"]["generation"].as_i64().unwrap(),
+        )
+    }
+
+    fn vgr_status(&self, name: &str) -> (VolumeGroupReplicationStatus, i64) {
+        let o = self.get(VR_API, "VolumeGroupReplication", name).unwrap();
+        (
+            serde_json::from_value(o["status"].clone()).unwrap_or_default(),
+            o["metadata"]["generation"].as_i64().unwrap(),
+        )
+    }
+
+    fn events(&self) -> Vec<(String, String, String)> {
+        self.fake
+            .list("v1", "Event")
+            .into_iter()
+            .map(|e| {
+                (
+                    e["involvedObject"]["name"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                    e["reason"].as_str().unwrap_or("").to_string(),
+                    e["message"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn tmr_state(&self, name: &str) -> (String, String) {
+        let t = self
+            .get(TMR_API, "TridentMirrorRelationship", name)
+            .unwrap();
+        (
+            t["spec"]["state"].as_str().unwrap_or("").to_string(),
+            t["status"]["conditions"][0]["state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
+    }
+
+    fn local_handle(&self, tmr: &str) -> String {
+        self.get(TMR_API, "TridentMirrorRelationship", tmr).unwrap()["status"]["conditions"][0]
+            ["localVolumeHandle"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    fn rg(&self, name: &str, is_source: bool, link: &str, pvcs: &[&str]) {
+        self.fake
+            .create(json!({
+                "apiVersion": RG_API, "kind": "DellCSIReplicationGroup",
+                "metadata": {"name": name},
+                "spec": {"driverName": DELL, "action": "", "remoteClusterId": "self",
+                         "protectionGroupId": "pg-1", "remoteProtectionGroupId": "pg-2",
+                         "protectionGroupAttributes": {"remoteSystemName": "PS-B"}},
+            }))
+            .unwrap();
+        self.fake.set_status(
+            RG_API,
+            "DellCSIReplicationGroup",
+            "",
+            name,
+            json!({"state": "Ready", "replicationLinkState": {"state": link, "isSource": is_source}}),
+        );
+        for p in pvcs {
+            self.pvc(p, "powerstore", json!({RG_LABEL: name, "app": "pg"}));
+        }
+    }
+}
+
+fn fast() -> Config {
+    let mut c = Config::new(vec![TRIDENT.into(), DELL.into()]);
+    c.retry_base = Duration::from_millis(50);
+    c.retry_max = Duration::from_millis(400);
+    c.conflict_retry = Duration::from_millis(20);
+    c.resync = Duration::from_secs(2);
+    c
+}
+
+fn cond<'a>(s: &'a VolumeReplicationStatus, t: &str) -> Option<(&'a str, &'a str, &'a str)> {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+}
+
+/// Polls until `f` holds (10 s at most; the simulated backends act within milliseconds).
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
+    }
+
+    fn kill(self) {
+        self.task.abort();
+    }
+}
+
+fn start(ctx: Arc<Context>) -> Running {
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(ctx, async move {
+        let _ = rx.await;
+    }));
+    Running {
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn trident_env_classes(e: &Env) {
+    e.vrc(
+        "trident",
+        TRIDENT,
+        json!({"replicationPolicy": "MirrorAllSnapshots", "replicationSchedule": "5min"}),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Trident
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.vr("data", "trident", "data", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        let (s, g) = e.vr_status("data");
+        ramen_accepts_primary(&s, g)
+    })
+    .await;
+    let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
+    assert_eq!(tmr["spec"]["state"], "promoted");
+    assert_eq!(tmr["spec"]["volumeMappings"][0]["localPVCName"], "data");
+    assert_eq!(tmr["spec"]["replicationPolicy"], "MirrorAllSnapshots");
+    assert_eq!(
+        tmr["metadata"]["annotations"]["replication.cbt.io/owner"],
+        "VolumeReplication/app/data"
+    );
+    assert!(tmr["metadata"]["labels"][OWNER_UID_LABEL].is_string());
+    let (s, _) = e.vr_status("data");
+    assert_eq!(s.state.map(|s| s.as_str()), Some("Primary"));
+    assert_eq!(cond(&s, "Completed").unwrap().1, "Promoted");
+    let vr = e.get(VR_API, "VolumeReplication", "data").unwrap();
+    assert!(
+        vr["metadata"]["finalizers"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(FINALIZER))
+    );
+    let pvc = e.get("v1", "PersistentVolumeClaim", "data").unwrap();
+    assert_eq!(
+        pvc["metadata"]["annotations"][PVC_VR_ANNOTATION],
+        "data/app"
+    );
+    until("creation event", || {
+        e.events()
+            .iter()
+            .any(|(o, r, _)| o == "data" && r == "CreatedMirrorRelationship")
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn trident_new_secondary_establishes_with_the_remote_handle() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.vr(
+        "data",
+        "trident",
+        "data",
+        "secondary",
+        "svm1:trident_app_data",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("secondary", || {
+        let (s, g) = e.vr_status("data");
+        ramen_accepts_secondary(&s, g)
+    })
+    .await;
+    let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
+    assert_eq!(tmr["spec"]["state"], "established");
+    assert_eq!(
+        tmr["spec"]["volumeMappings"][0]["remoteVolumeHandle"],
+        "svm1:trident_app_data"
+    );
+    assert_eq!(
+        e.vr_status("data").0.state.map(|s| s.as_str()),
+        Some("Secondary")
+    );
+    ctl.stop().await;
+}
+
+/// Site A primary, site B secondary; planned failover (A demoted, B promoted), then failback
+/// with resync (B demoted with a reestablish that overwrites B, A promoted).
+#[tokio::test]
+async fn trident_planned_failover_and_failback_across_two_clusters() {
+    let a = env().await;
+    let b = env().await;
+    for e in [&a, &b] {
+        trident_env_classes(e);
+        e.pvc("data", "ontap", json!({}));
+    }
+    a.vr("data", "trident", "data", "primary", "");
+    let ctl_a = start(a.ctx(fast()).await);
+    until("A primary", || {
+        ramen_accepts_primary(&a.vr_status("data").0, a.vr_status("data").1)
+    })
+    .await;
+    let a_handle = a.local_handle("data");
+    b.vr("data", "trident", "data", "secondary", &a_handle);
+    let ctl_b = start(b.ctx(fast()).await);
+    until("B secondary", || {
+        ramen_accepts_secondary(&b.vr_status("data").0, b.vr_status("data").1)
+    })
+    .await;
+    let b_handle = b.local_handle("data");
+
+    // Planned failover: demote A (it learns B's handle), then promote B.
+    a.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "secondary", "replicationHandle": b_handle}),
+    );
+    until("A secondary", || {
+        ramen_accepts_secondary(&a.vr_status("data").0, a.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(a.tmr_state("data").0, "reestablished");
+    b.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "primary"}),
+    );
+    until("B primary", || {
+        ramen_accepts_primary(&b.vr_status("data").0, b.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(b.tmr_state("data"), ("promoted".into(), "promoted".into()));
+
+    // Failback with resync: B back to secondary (reestablished: overwritten from A), A primary.
+    b.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "secondary"}),
+    );
+    until("B secondary again", || {
+        ramen_accepts_secondary(&b.vr_status("data").0, b.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(b.tmr_state("data").0, "reestablished");
+    assert!(
+        b.events()
+            .iter()
+            .any(|(_, r, m)| r == "UpdatedMirrorRelationship" && m.contains("overwrites"))
+    );
+    a.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "primary"}),
+    );
+    until("A primary again", || {
+        ramen_accepts_primary(&a.vr_status("data").0, a.vr_status("data").1)
+    })
+    .await;
+    ctl_a.stop().await;
+    ctl_b.stop().await;
+}
+
+/// Unplanned failover: the secondary is promoted while the primary site is gone; when it comes
+/// back it is demoted with autoResync and resyncs from the new primary.
+#[tokio::test]
+async fn trident_unplanned_failover_then_resync_of_the_old_primary() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.vr(
+        "data",
+        "trident",
+        "data",
+        "secondary",
+        "svm1:trident_app_data",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("secondary", || {
+        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    e.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "primary"}),
+    );
+    until("promoted", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(e.tmr_state("data"), ("promoted".into(), "promoted".into()));
+    e.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "secondary", "autoResync": true}),
+    );
+    until("resynced", || {
+        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(
+        e.tmr_state("data"),
+        ("reestablished".into(), "reestablished".into())
+    );
+    ctl.stop().await;
+}
+
+/// A group of three: one member fails to promote -> Degraded naming it, nothing reported as
+/// done; when the fault clears the group converges.
+#[tokio::test]
+async fn trident_group_of_three_with_one_member_failing_to_promote() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    for p in ["pg-data", "pg-wal", "pg-config"] {
+        e.pvc(p, "ontap", json!({"app": "pg"}));
+    }
+    let sim = e.fake.replication().unwrap();
+    sim.fail_trident_promotion(NS, "pg-wal", true);
+    e.vgr(
+        "pg",
+        "trident-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("degraded naming pg-wal", || {
+        let (s, _) = e.vgr_status("pg");
+        cond(&s.replication, "Degraded")
+            .is_some_and(|(st, _, m)| st == "True" && m.contains("pg-wal"))
+    })
+    .await;
+    let (s, g) = e.vgr_status("pg");
+    assert!(!ramen_accepts_primary(&s.replication, g));
+    assert_eq!(cond(&s.replication, "Completed").unwrap().0, "False");
+    assert_eq!(s.persistent_volume_claims_ref_list.len(), 3);
+    until("failure event", || {
+        e.events()
+            .iter()
+            .any(|(o, r, _)| o == "pg" && r.starts_with("FailedTo"))
+    })
+    .await;
+    sim.fail_trident_promotion(NS, "pg-wal", false);
+    until("group primary", || {
+        let (s, g) = e.vgr_status("pg");
+        ramen_accepts_primary(&s.replication, g)
+    })
+    .await;
+    for p in ["pg-data", "pg-wal", "pg-config"] {
+        assert_eq!(e.tmr_state(p), ("promoted".into(), "promoted".into()));
+        let pvc = e.get("v1", "PersistentVolumeClaim", p).unwrap();
+        assert_eq!(pvc["metadata"]["annotations"][PVC_VGR_ANNOTATION], "pg/app");
+    }
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn trident_pvcs_join_and_leave_a_group() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    for p in ["pg-data", "pg-wal"] {
+        e.pvc(p, "ontap", json!({"app": "pg"}));
+    }
+    e.vgr(
+        "pg",
+        "trident-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("two members", || {
+        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
+    })
+    .await;
+    e.pvc("pg-config", "ontap", json!({"app": "pg"}));
+    until("third member", || {
+        e.vgr_status("pg").0.persistent_volume_claims_ref_list.len() == 3
+            && e.get(TMR_API, "TridentMirrorRelationship", "pg-config")
+                .is_some()
+    })
+    .await;
+    // pg-wal leaves: its relationship is deleted (Trident promotes it) and its claim released.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {"app": null}}}),
+        )
+        .unwrap();
+    until("pg-wal gone", || {
+        e.get(TMR_API, "TridentMirrorRelationship", "pg-wal")
+            .is_none()
+            && e.vgr_status("pg").0.persistent_volume_claims_ref_list.len() == 2
+    })
+    .await;
+    let wal = e.get("v1", "PersistentVolumeClaim", "pg-wal").unwrap();
+    assert!(
+        wal["metadata"]["annotations"]
+            .get(PVC_VGR_ANNOTATION)
+            .is_none()
+    );
+    // Events are recorded after the status write.
+    until("deletion event", || {
+        e.events()
+            .iter()
+            .any(|(_, r, m)| r == "DeletingMirrorRelationship" && m.contains("pg-wal"))
+    })
+    .await;
+    until("converged", || {
+        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_replication_deletes_only_what_it_created() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.pvc("foreign", "ontap", json!({}));
+    // A TMR made by hand for another PVC: never ours.
+    e.fake
+        .create(
+            json!({"apiVersion": TMR_API, "kind": "TridentMirrorRelationship",
+            "metadata": {"name": "foreign", "namespace": NS},
+            "spec": {"state": "promoted", "volumeMappings": [{"localPVCName": "foreign"}]}}),
+        )
+        .unwrap();
+    e.vr("data", "trident", "data", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    e.fake
+        .delete(VR_API, "VolumeReplication", NS, "data")
+        .unwrap();
+    until("VR gone", || {
+        e.get(VR_API, "VolumeReplication", "data").is_none()
+    })
+    .await;
+    assert!(
+        e.get(TMR_API, "TridentMirrorRelationship", "data")
+            .is_none()
+    );
+    assert!(
+        e.get(TMR_API, "TridentMirrorRelationship", "foreign")
+            .is_some()
+    );
+    let pvc = e.get("v1", "PersistentVolumeClaim", "data").unwrap();
+    assert!(
+        pvc["metadata"]["annotations"]
+            .get(PVC_VR_ANNOTATION)
+            .is_none()
+    );
+    until("deletion event", || {
+        e.events()
+            .iter()
+            .any(|(_, r, m)| r == "DeletingMirrorRelationship" && m.contains("promotes"))
+    })
+    .await;
+    ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Dell
+// ---------------------------------------------------------------------------
+
+fn dell_classes(e: &Env) {
+    let p = json!({"remoteSystem": "PS-B", "rpo": "Five_Minutes"});
+    e.vrc("powerstore", DELL, p.clone());
+    e.vgrc("powerstore-group", DELL, p);
+}
+
+#[tokio::test]
+async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sends_one() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg(
+        "rg-pg",
+        true,
+        "SYNCHRONIZED",
+        &["pg-data", "pg-wal", "pg-config"],
+    );
+    e.vgr(
+        "pg",
+        "powerstore-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
+    })
+    .await;
+    let sim = e.fake.replication().unwrap();
+    assert!(sim.dell_actions().is_empty());
+    // Planned failover from this site: FAILOVER_REMOTE, once.
+    e.set_state(
+        "VolumeGroupReplication",
+        "pg",
+        json!({"replicationState": "secondary"}),
+    );
+    until("secondary", || {
+        ramen_accepts_secondary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
+    })
+    .await;
+    assert_eq!(
+        sim.dell_actions(),
+        vec![("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
+    );
+    until("action event", || {
+        e.events()
+            .iter()
+            .any(|(o, r, _)| o == "pg" && r == "RequestedAction")
+    })
+    .await;
+    ctl.stop().await;
+}
+
+/// Unplanned failover to this (target) site: UNPLANNED_FAILOVER_LOCAL then REPROTECT_LOCAL;
+/// then failback: planned failover back (REPROTECT is done, FAILOVER_REMOTE), and resync of
+/// the secondary (SYNC).
+#[tokio::test]
+async fn dell_unplanned_failover_failback_and_resync() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg("rg-1", false, "SYNCHRONIZED", &["vol"]);
+    e.vr("vol", "powerstore", "vol", "secondary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("secondary", || {
+        ramen_accepts_secondary(&e.vr_status("vol").0, e.vr_status("vol").1)
+    })
+    .await;
+    e.set_state(
+        "VolumeReplication",
+        "vol",
+        json!({"replicationState": "primary"}),
+    );
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("vol").0, e.vr_status("vol").1)
+    })
+    .await;
+    let sim = e.fake.replication().unwrap();
+    let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
+    e.set_state(
+        "VolumeReplication",
+        "vol",
+        json!({"replicationState": "secondary"}),
+    );
+    until("secondary again", || {
+        ramen_accepts_secondary(&e.vr_status("vol").0, e.vr_status("vol").1)
+    })
+    .await;
+    // The peer (not simulated) would reprotect; here the link is brought back by hand.
+    e.fake.set_status(
+        RG_API,
+        "DellCSIReplicationGroup",
+        "",
+        "rg-1",
+        json!({"state": "Ready", "replicationLinkState": {"state": "SYNCHRONIZED", "isSource": false}}),
+    );
+    e.set_state(
+        "VolumeReplication",
+        "vol",
+        json!({"replicationState": "resync"}),
+    );
+    until("resynced", || {
+        let (s, g) = e.vr_status("vol");
+        ramen_accepts_secondary(&s, g) && s.observed_generation == g
+    })
+    .await;
+    let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        verbs,
+        [
+            "UNPLANNED_FAILOVER_LOCAL",
+            "REPROTECT_LOCAL",
+            "FAILOVER_REMOTE",
+            "SYNC"
+        ]
+    );
+    ctl.stop().await;
+}
+
+/// The controller dies right after sending a verb; a new one must not send it again.
+#[tokio::test]
+async fn dell_restart_mid_transition_sends_no_verb_twice() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg("rg-1", false, "SYNCHRONIZED", &["vol"]);
+    let sim = e.fake.replication().unwrap();
+    sim.set_dell_paused(true);
+    e.vr("vol", "powerstore", "vol", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("verb requested", || {
+        e.fake
+            .get(RG_API, "DellCSIReplicationGroup", "", "rg-1")
+            .unwrap()["spec"]["action"]
+            == "UNPLANNED_FAILOVER_LOCAL"
+    })
+    .await;
+    ctl.kill();
+    // A new process, a few reconciles while the sidecar is still away: nothing new is sent.
+    let ctx = e.ctx(fast()).await;
+    for _ in 0..3 {
+        let out = reconcile_once(&ctx, SubjectKind::Volume, NS, "vol")
+            .await
+            .unwrap();
+        assert!(out.plan.writes.is_empty(), "{:?}", out.plan.writes);
+    }
+    sim.set_dell_paused(false);
+    let ctl = start(ctx);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("vol").0, e.vr_status("vol").1)
+    })
+    .await;
+    let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
+    ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Replicas and restarts
+// ---------------------------------------------------------------------------
+
+/// Trident: killed after creating the relationship, restarted: same objects, converges.
+#[tokio::test]
+async fn trident_restart_mid_transition_converges_without_duplicates() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.fake.replication().unwrap().set_trident_stuck(true);
+    e.vr("data", "trident", "data", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("promoting", || {
+        e.get(TMR_API, "TridentMirrorRelationship", "data")
+            .is_some_and(|t| t["status"]["conditions"][0]["state"] == "promoting")
+    })
+    .await;
+    ctl.kill();
+    let uid =
+        e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"].clone();
+    e.fake.replication().unwrap().set_trident_stuck(false);
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(
+        e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"],
+        uid
+    );
+    assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_only_the_leader_writes() {
+    let e = env_with(
+        FakeKube::builder()
+            .user("token-a", UserInfo::new("replica-a", &[]))
+            .user("token-b", UserInfo::new("replica-b", &[])),
+    )
+    .await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    let mut running = Vec::new();
+    for (token, id) in [("token-a", "replica-a"), ("token-b", "replica-b")] {
+        let client = e.client_as(Some(token)).await;
+        let leadership = Leadership::elected();
+        let mut lease = leader::LeaseConfig::new(NS, "cbt-replicator", id);
+        lease.lease_duration = Duration::from_secs(3);
+        lease.retry_period = Duration::from_millis(100);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let hold = tokio::spawn(leader::hold(
+            client.clone(),
+            lease,
+            leadership.clone(),
+            stop_rx,
+            |_| {},
+        ));
+        let ctx = Arc::new(Context::new(
+            client,
+            "test",
+            fast(),
+            Arc::new(Metrics::default()),
+            leadership,
+        ));
+        running.push((start(ctx), hold, stop_tx));
+    }
+    e.vr("data", "trident", "data", "primary", "");
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    let lease = e
+        .get("coordination.k8s.io/v1", "Lease", "cbt-replicator")
+        .unwrap();
+    let holder = lease["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let writers: std::collections::BTreeSet<String> = e
+        .fake
+        .access_log()
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r.attributes.verb.as_str(),
+                "create" | "update" | "patch" | "delete"
+            ) && r.attributes.resource != "leases"
+        })
+        .map(|r| r.user)
+        .filter(|u| u.starts_with("replica-"))
+        .collect();
+    assert_eq!(
+        writers.into_iter().collect::<Vec<_>>(),
+        vec![holder.clone()]
+    );
+    // The leader stops: the other takes over and serves a new object.
+    let idx = if holder == "replica-a" { 0 } else { 1 };
+    let (ctl, hold, stop) = running.remove(idx);
+    let _ = stop.send(true);
+    let _ = hold.await;
+    ctl.stop().await;
+    e.pvc("more", "ontap", json!({}));
+    e.vr("more", "trident", "more", "primary", "");
+    until("served by the other", || {
+        ramen_accepts_primary(&e.vr_status("more").0, e.vr_status("more").1)
+    })
+    .await;
+    let lease = e
+        .get("coordination.k8s.io/v1", "Lease", "cbt-replicator")
+        .unwrap();
+    assert_ne!(lease["spec"]["holderIdentity"].as_str().unwrap(), holder);
+    for (ctl, hold, stop) in running {
+        let _ = stop.send(true);
+        let _ = hold.await;
+        ctl.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bad input: a condition with an actionable reason, an event, no backend write
+// ---------------------------------------------------------------------------
+
+fn backend_snapshot(e: &Env) -> (Vec<Value>, Vec<Value>) {
+    let strip = |mut v: Value| {
+        v["status"] = Value::Null;
+        v
+    };
+    (
+        e.fake
+            .list(TMR_API, "TridentMirrorRelationship")
+            .into_iter()
+            .map(strip)
+            .collect(),
+        e.fake
+            .list(RG_API, "DellCSIReplicationGroup")
+            .into_iter()
+            .map(|r| r["spec"].clone())
+            .collect(),
+    )
+}
+
+async fn rejected(e: &Env, kind: SubjectKind, name: &str, needle: &str) {
+    let ctx = e.ctx(fast()).await;
+    let backend_before = backend_snapshot(e);
+    let out = reconcile_once(&ctx, kind, NS, name).await.unwrap();
+    assert_eq!(out.result, Verdict::Rejected, "{name}: {:?}", out.plan);
+    assert!(out.plan.writes.is_empty());
+    let status = match kind {
+        SubjectKind::Volume => e.vr_status(name).0,
+        SubjectKind::Group => e.vgr_status(name).0.replication,
+    };
+    let (st, reason, message) = cond(&status, "Validated").unwrap();
+    assert_eq!((st, reason), ("False", "PrerequisiteNotMet"), "{name}");
+    assert!(
+        message.contains(needle),
+        "{name}: {message:?} lacks {needle:?}"
+    );
+    assert!(
+        e.events()
+            .iter()
+            .any(|(o, r, m)| o == name && r == "PrerequisiteNotMet" && m.contains(needle)),
+        "{name}: no event: {:?}",
+        e.events()
+    );
+    assert_eq!(
+        backend_snapshot(e),
+        backend_before,
+        "{name}: backend written"
+    );
+    // Reconciling again changes nothing and repeats no event.
+    let before = e.events().len();
+    let again = reconcile_once(&ctx, kind, NS, name).await.unwrap();
+    assert!(again.plan.is_noop(), "{name}: {:?}", again.plan);
+    assert_eq!(e.events().len(), before);
+}
+
+#[tokio::test]
+async fn bad_inputs_are_reported_and_write_nothing() {
+    let e = env().await;
+    e.vrc("mystery", "csi.example.com", json!({}));
+    e.vrc("trident-nohandle", TRIDENT, json!({}));
+    e.vrc("dell-noremote", DELL, json!({"rpo": "Five_Minutes"}));
+    e.vrc("dell-norpo", DELL, json!({"remoteSystem": "PS-B"}));
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.pvc("a", "ontap", json!({"app": "mixed"}));
+    e.pvc("b", "other", json!({"app": "mixed"}));
+    e.pvc("c", "ontap", json!({}));
+    e.rg("rg-1", true, "SYNCHRONIZED", &["d"]);
+
+    e.vr("unknown-driver", "mystery", "c", "primary", "");
+    rejected(&e, SubjectKind::Volume, "unknown-driver", "csi.example.com").await;
+    e.vr("no-class", "does-not-exist", "c", "primary", "");
+    rejected(&e, SubjectKind::Volume, "no-class", "does-not-exist").await;
+    e.vr("no-handle", "trident-nohandle", "c", "secondary", "");
+    rejected(&e, SubjectKind::Volume, "no-handle", "remoteVolumeHandle").await;
+    e.vr("no-remote", "dell-noremote", "d", "primary", "");
+    rejected(&e, SubjectKind::Volume, "no-remote", "remoteSystem").await;
+    e.vr("no-rpo", "dell-norpo", "d", "primary", "");
+    rejected(&e, SubjectKind::Volume, "no-rpo", "rpo").await;
+    e.vgr(
+        "empty",
+        "trident-group",
+        json!({"matchLabels": {"app": "nothing"}}),
+        "primary",
+    );
+    rejected(&e, SubjectKind::Group, "empty", "matches no PVC").await;
+    e.vgr(
+        "mixed",
+        "trident-group",
+        json!({"matchLabels": {"app": "mixed"}}),
+        "primary",
+    );
+    rejected(&e, SubjectKind::Group, "mixed", "ebs.csi.aws.com").await;
+}
+
+#[tokio::test]
+async fn too_many_pvcs_in_a_group_are_refused() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    for i in 0..101 {
+        e.pvc(&format!("v{i}"), "ontap", json!({"app": "big"}));
+    }
+    e.vgr(
+        "big",
+        "trident-group",
+        json!({"matchLabels": {"app": "big"}}),
+        "primary",
+    );
+    rejected(&e, SubjectKind::Group, "big", "at most 100").await;
+}
+
+#[tokio::test]
+async fn a_pvc_in_another_replication_is_refused() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.pvc("data", "ontap", json!({"app": "pg"}));
+    e.vr("first", "trident", "data", "primary", "");
+    let ctx = e.ctx(fast()).await;
+    let out = reconcile_once(&ctx, SubjectKind::Volume, NS, "first")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::InProgress);
+    e.vr("second", "trident", "data", "primary", "");
+    rejected(&e, SubjectKind::Volume, "second", "already replicated").await;
+    e.vgr(
+        "group",
+        "trident-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let out = reconcile_once(&ctx, SubjectKind::Group, NS, "group")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::Rejected);
+    assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
+}
+
+#[tokio::test]
+async fn a_relationship_changed_by_hand_is_reported_not_overwritten() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.vr("data", "trident", "data", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    ctl.stop().await;
+    e.fake
+        .merge_patch(
+            TMR_API,
+            "TridentMirrorRelationship",
+            NS,
+            "data",
+            &json!({"spec": {"replicationSchedule": "1min"}}),
+        )
+        .unwrap();
+    let ctx = e.ctx(fast()).await;
+    let out = reconcile_once(&ctx, SubjectKind::Volume, NS, "data")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::Rejected);
+    assert!(out.plan.writes.is_empty());
+    let (s, _) = e.vr_status("data");
+    assert!(
+        cond(&s, "Validated")
+            .unwrap()
+            .2
+            .contains("changed outside cbt-replicator")
+    );
+    assert_eq!(
+        e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["spec"]["replicationSchedule"],
+        "1min"
+    );
+}
+
+#[tokio::test]
+async fn immutable_fields_and_schema_violations_are_refused_by_the_api() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.vrc("trident-2", TRIDENT, json!({}));
+    e.pvc("data", "ontap", json!({}));
+    e.vr("data", "trident", "data", "primary", "");
+    let err = e
+        .fake
+        .merge_patch(
+            VR_API,
+            "VolumeReplication",
+            NS,
+            "data",
+            &json!({"spec": {"volumeReplicationClass": "trident-2"}}),
+        )
+        .unwrap_err();
+    assert_eq!(err.code, 422);
+    let err = e
+        .fake
+        .create(json!({"apiVersion": VR_API, "kind": "VolumeReplication",
+            "metadata": {"name": "bad", "namespace": NS},
+            "spec": {"volumeReplicationClass": "trident", "replicationState": "Primary",
+                     "dataSource": {"kind": "PersistentVolumeClaim", "name": "data"}}}))
+        .unwrap_err();
+    assert_eq!(err.code, 422);
+    let err = e
+        .fake
+        .create(json!({"apiVersion": TMR_API, "kind": "TridentMirrorRelationship",
+            "metadata": {"name": "two", "namespace": NS},
+            "spec": {"state": "promoted", "volumeMappings": [{"localPVCName": "a"}, {"localPVCName": "b"}]}}))
+        .unwrap_err();
+    assert_eq!(err.code, 422);
+}
+
+#[tokio::test]
+async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.fake.replication().unwrap().set_trident_stuck(true);
+    e.vr("data", "trident", "data", "primary", "");
+    let mut config = fast();
+    config.converge_timeout = Duration::from_secs(1);
+    let ctx = e.ctx(config).await;
+    let metrics = ctx.metrics.clone();
+    let ctl = start(ctx);
+    until("degraded", || {
+        let (s, _) = e.vr_status("data");
+        cond(&s, "Degraded").is_some_and(|(st, _, m)| st == "True" && m.contains("not converged"))
+    })
+    .await;
+    until("NotConverging event", || {
+        e.events()
+            .iter()
+            .any(|(o, r, _)| o == "data" && r == "NotConverging")
+    })
+    .await;
+    // Backoff, not a tight loop: a handful of reconciles in a second, not hundreds.
+    let n0 = metrics.reconcile_count("VolumeReplication", "not_converging");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let n1 = metrics.reconcile_count("VolumeReplication", "not_converging");
+    assert!(n1 - n0 <= 5, "{n0} -> {n1}");
+    e.fake.replication().unwrap().set_trident_stuck(false);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    let (s, _) = e.vr_status("data");
+    assert_eq!(cond(&s, "Degraded").unwrap().0, "False");
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn trident_resync_of_a_destination_requests_one_mirror_update() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.vr(
+        "data",
+        "trident",
+        "data",
+        "secondary",
+        "svm1:trident_app_data",
+    );
+    let ctx = e.ctx(fast()).await;
+    let ctl = start(ctx.clone());
+    until("secondary", || {
+        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    e.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "resync"}),
+    );
+    until("resynced", || {
+        let (s, g) = e.vr_status("data");
+        ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
+    })
+    .await;
+    let updates = e.fake.list(TMR_API, "TridentActionMirrorUpdate");
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0]["spec"]["tridentMirrorRelationshipName"], "data");
+    ctl.stop().await;
+    let out = reconcile_once(&ctx, SubjectKind::Volume, NS, "data")
+        .await
+        .unwrap();
+    assert!(out.plan.is_noop(), "{:?}", out.plan);
+}

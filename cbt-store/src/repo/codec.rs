@@ -1,0 +1,232 @@
+//! How the repository turns chunks and manifests into stored objects and back: the plain
+//! encodings of [`crate::chunk`] and the manifest framing, followed (in an encrypted
+//! repository) by the sealing stage of [`crate::crypto`].
+//!
+//! Owns the order of the stages and the translation between plain content hashes and stored
+//! chunk names; it must not know the chunk or manifest byte layouts (those stay in their
+//! modules) nor perform I/O. In an encrypted repository a manifest's chunk references carry
+//! the stored name (the keyed hash), the sealed size, the raw crc32c and the raw length; the
+//! plain content hash lives only inside the sealed chunk.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cbt_core::ChunkRef;
+
+use super::{ChunkContext, RepoError, Result};
+use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
+use crate::crypto::{ObjectKind, RepoKeys, SEALED_OVERHEAD};
+
+/// The object codec of one repository: plain, or sealed with the repository's keys. Cheap to
+/// clone (worker tasks each take one).
+#[derive(Debug, Clone, Default)]
+pub struct Codec {
+    keys: Option<Arc<RepoKeys>>,
+}
+
+impl Codec {
+    /// The codec of an unencrypted repository.
+    pub fn plain() -> Self {
+        Codec { keys: None }
+    }
+
+    /// The codec of an encrypted repository.
+    pub fn sealed(keys: Arc<RepoKeys>) -> Self {
+        Codec { keys: Some(keys) }
+    }
+
+    /// Whether objects are sealed.
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    pub(crate) fn keys(&self) -> Option<&Arc<RepoKeys>> {
+        self.keys.as_ref()
+    }
+
+    /// Largest stored object a chunk of `raw_len` raw bytes can have.
+    pub fn max_chunk_object_len(&self, raw_len: u64) -> u64 {
+        let plain = chunk::max_object_len(raw_len);
+        match self.keys {
+            Some(_) => plain.saturating_add(SEALED_OVERHEAD as u64),
+            None => plain,
+        }
+    }
+
+    /// Encodes raw chunk bytes into the object to store and the reference to record
+    /// (CPU work: call it off async threads).
+    ///
+    /// # Errors
+    /// [`RepoError::Crypto`] if the system RNG fails (encrypted repositories only).
+    pub fn encode_chunk(&self, raw: &[u8], level: i32) -> Result<EncodedChunk> {
+        let plain = chunk::encode(raw, level);
+        let Some(keys) = &self.keys else {
+            return Ok(plain);
+        };
+        let name = keys.chunk_name(&plain.chunk.hash);
+        let body = keys.seal(ObjectKind::Chunk, &chunk::chunk_key(&name), &plain.body)?;
+        // The store's checksum covers the bytes stored: the sealed ones, one more pass.
+        let body_crc32c = crc32c::crc32c(&body);
+        Ok(EncodedChunk {
+            chunk: ChunkRef {
+                hash: name,
+                stored_size: body.len() as u64,
+                ..plain.chunk
+            },
+            body: Bytes::from(body),
+            body_crc32c,
+        })
+    }
+
+    /// Opens a sealed chunk (in place when `body` is not shared, so the engine's download is
+    /// decrypted without a copy) and hands its plain object, with the reference the plain
+    /// decoder checks it against, to `decode`.
+    fn open_chunk<T>(
+        keys: &RepoKeys,
+        body: Bytes,
+        expected: &ChunkRef,
+        decode: impl FnOnce(&[u8], &ChunkRef) -> std::result::Result<T, ChunkDecodeError>,
+    ) -> std::result::Result<T, ChunkDecodeError> {
+        if body.len() as u64 != expected.stored_size {
+            return Err(ChunkDecodeError::Size {
+                expected: expected.stored_size,
+                actual: body.len() as u64,
+            });
+        }
+        let mut buf = match body.try_into_mut() {
+            Ok(owned) => owned,
+            Err(shared) => bytes::BytesMut::from(&shared[..]),
+        };
+        let range = keys
+            .open_in_place(
+                ObjectKind::Chunk,
+                &chunk::chunk_key(&expected.hash),
+                &mut buf,
+            )
+            .map_err(ChunkDecodeError::Sealed)?;
+        let inner = &buf[range];
+        let plain_hash = chunk::header_hash(inner).ok_or(ChunkDecodeError::Size {
+            expected: chunk::OVERHEAD as u64,
+            actual: inner.len() as u64,
+        })?;
+        // Authenticated, so written by a key holder; still, its content must be what the name
+        // says.
+        if keys.chunk_name(&plain_hash) != expected.hash {
+            return Err(ChunkDecodeError::Mismatch(
+                "the sealed chunk holds content of another name".into(),
+            ));
+        }
+        let plain_ref = ChunkRef {
+            hash: plain_hash,
+            stored_size: inner.len() as u64,
+            ..*expected
+        };
+        decode(inner, &plain_ref)
+    }
+
+    fn corrupt(expected: &ChunkRef, at: ChunkContext<'_>, reason: ChunkDecodeError) -> RepoError {
+        RepoError::ChunkCorrupt {
+            snapshot: at.snapshot.to_string(),
+            index: at.index,
+            offset: at.offset,
+            key: chunk::chunk_key(&expected.hash),
+            reason,
+        }
+    }
+
+    /// Verifies and decodes a downloaded chunk object into `out` (CPU work: run it off the
+    /// async threads). Pass the body unshared: an encrypted one is then opened in place.
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkCorrupt`] naming the failed check.
+    pub fn decode_chunk(
+        &self,
+        body: Bytes,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let result = match &self.keys {
+            None => chunk::decode_into(&body, expected, out),
+            Some(keys) => Self::open_chunk(keys, body, expected, |inner, r| {
+                chunk::decode_into(inner, r, out)
+            }),
+        };
+        result.map_err(|reason| Self::corrupt(expected, at, reason))
+    }
+
+    /// Like [`Codec::decode_chunk`], but into `out`, which must be exactly the chunk's raw
+    /// length.
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkCorrupt`] naming the failed check.
+    pub fn decode_chunk_into_slice(
+        &self,
+        body: Bytes,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let result = match &self.keys {
+            None => chunk::decode_into_slice(&body, expected, out),
+            Some(keys) => Self::open_chunk(keys, body, expected, |inner, r| {
+                chunk::decode_into_slice(inner, r, out)
+            }),
+        };
+        result.map_err(|reason| Self::corrupt(expected, at, reason))
+    }
+
+    /// Checks a stored chunk object on its own (no manifest) and returns the reference it
+    /// describes, as recorded in manifests; `key` is where it is stored.
+    ///
+    /// # Errors
+    /// A [`ChunkDecodeError`] naming the first check that failed.
+    pub fn decode_standalone(
+        &self,
+        key: &str,
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> std::result::Result<ChunkRef, ChunkDecodeError> {
+        let Some(keys) = &self.keys else {
+            return chunk::decode_standalone(body, out);
+        };
+        let inner = keys
+            .open(ObjectKind::Chunk, key, body)
+            .map_err(ChunkDecodeError::Sealed)?;
+        let r = chunk::decode_standalone(&inner, out)?;
+        Ok(ChunkRef {
+            hash: keys.chunk_name(&r.hash),
+            stored_size: body.len() as u64,
+            ..r
+        })
+    }
+
+    /// Seals a manifest's plain object for storage at `key` (returned unchanged when
+    /// unencrypted).
+    ///
+    /// # Errors
+    /// [`RepoError::Crypto`] if the system RNG fails.
+    pub(crate) fn seal_object(&self, kind: ObjectKind, key: &str, plain: Bytes) -> Result<Bytes> {
+        match &self.keys {
+            None => Ok(plain),
+            Some(keys) => Ok(Bytes::from(keys.seal(kind, key, &plain)?)),
+        }
+    }
+
+    /// Opens an object read from `key` (returned unchanged when unencrypted).
+    ///
+    /// # Errors
+    /// [`RepoError::Sealed`] if the envelope is damaged or fails authentication.
+    pub(crate) fn open_object(&self, kind: ObjectKind, key: &str, body: Bytes) -> Result<Bytes> {
+        match &self.keys {
+            None => Ok(body),
+            Some(keys) => keys
+                .open(kind, key, &body)
+                .map(Bytes::from)
+                .map_err(|source| RepoError::Sealed {
+                    key: key.to_string(),
+                    source,
+                }),
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! Encrypted repositories through the library interface: round trips on the local store and
+//! on S3, wrong keys, tampered chunks, manifests and key slots, hostile KDF parameters, key
+//! slot management, and that nothing readable about the data reaches the store.
+#![allow(clippy::unwrap_used)]
+
+mod engine_support;
+
+use std::sync::Arc;
+
+use cbt_core::Timestamp;
+use cbt_store::chunk;
+use cbt_store::crypto::{KdfParams, MasterKey, Password, SealError};
+use cbt_store::engine::{self, BackupMode, RestoreOptions};
+use cbt_store::repo::{
+    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, ProblemKind, RepoError, RepoKey, Repository,
+    VerifyOptions,
+};
+use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutMode, list_all};
+use cbt_store::testing::S3TestServer;
+use engine_support::*;
+
+/// Small enough that every open takes milliseconds in tests; the bounds are the same.
+const FAST: KdfParams = KdfParams {
+    memory_kib: 256,
+    iterations: 1,
+    parallelism: 1,
+};
+const TEXT: &[u8] = b"block volumes deserve good backups ";
+
+fn pw(s: &str) -> RepoKey {
+    RepoKey::Password(Password::new(s).unwrap())
+}
+
+async fn init_enc(store: Arc<dyn ObjectStore>, password: &str) -> Repository {
+    Repository::init_encrypted(
+        store,
+        InitOptions {
+            chunk_size: Some(CS),
+            now: Timestamp::from_unix_secs(1_000),
+        },
+        &Password::new(password).unwrap(),
+        FAST,
+    )
+    .await
+    .unwrap()
+}
+
+struct Enc {
+    fx: Fixture,
+    store: Arc<dyn ObjectStore>,
+    local: LocalStore,
+    repo: Repository,
+}
+
+async fn enc_fixture() -> Enc {
+    let fx = Fixture::new().await; // its own repository is unused; only the temp dir
+    let local = LocalStore::new(fx.dir.path().join("enc")).unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(local.clone());
+    let repo = init_enc(store.clone(), "hunter2").await;
+    Enc {
+        fx,
+        store,
+        local,
+        repo,
+    }
+}
+
+/// Backs up `img` as `pvc/one`, then a changed copy as the incremental `pvc/two`.
+async fn two_snapshots(repo: &Repository, fx: &Fixture) -> (Vec<u8>, Vec<u8>, cbt_core::Manifest) {
+    let size = 20 * CS as usize + 777;
+    let mut img = image(size, 5);
+    let v1 = img.clone();
+    let src = fx.write("enc.img", &img);
+    let first = backup_file(repo, &src, request("pvc", "one", full(), 1))
+        .await
+        .unwrap();
+    let changed = mutate(&mut img, 3, 3000, 9);
+    std::fs::write(&src, &img).unwrap();
+    let mode = BackupMode::Incremental {
+        parent: Box::new(first.manifest.clone()),
+        changed,
+    };
+    backup_file(repo, &src, request("pvc", "two", mode, 2))
+        .await
+        .unwrap();
+    (v1, img, first.manifest)
+}
+
+async fn restore_eq(repo: &Repository, fx: &Fixture, name: &str, expected: &[u8]) {
+    let out = fx.path(&format!("{name}.out"));
+    let _ = std::fs::remove_file(&out);
+    engine::restore(
+        repo,
+        &vol("pvc"),
+        &snap(name),
+        &out,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert!(std::fs::read(&out).unwrap() == expected, "{name} differs");
+}
+
+/// Every object of a store (key, bytes), in key order.
+async fn all_objects(store: &dyn ObjectStore) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for o in list_all(store, "").await.unwrap() {
+        out.push((o.key.clone(), store.get(&o.key).await.unwrap().to_vec()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn encrypted_round_trip_on_the_local_store_leaks_no_content() {
+    let Enc {
+        fx,
+        store,
+        local,
+        repo,
+    } = enc_fixture().await;
+    assert!(repo.is_encrypted());
+    assert_eq!(repo.config().version, ENCRYPTED_REPO_FORMAT_VERSION);
+    let (v1, v2, first) = two_snapshots(&repo, &fx).await;
+
+    let reopened = Repository::open_with_key(store.clone(), &pw("hunter2"))
+        .await
+        .unwrap();
+    assert!(reopened.opened_slot().is_some());
+    restore_eq(&reopened, &fx, "one", &v1).await;
+    restore_eq(&reopened, &fx, "two", &v2).await;
+    let listed = reopened.list_snapshots(None).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let report = reopened
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+
+    // Chunk names are keyed: no stored chunk is named by the plain hash of its content.
+    let raw_chunks: Vec<&[u8]> = v1.chunks(CS as usize).collect();
+    for (_, r) in first.chunks.iter_stored() {
+        assert!(local.path_of(&chunk::chunk_key(&r.hash)).unwrap().exists());
+    }
+    for raw in &raw_chunks {
+        let plain = chunk::chunk_key(&chunk::hash_raw(raw));
+        assert!(
+            !local.path_of(&plain).unwrap().exists(),
+            "{plain} is stored"
+        );
+    }
+    // Nothing stored contains the image's text, the labels' words or plain chunk hashes.
+    let plain_hashes: Vec<[u8; 32]> = raw_chunks.iter().map(|c| chunk::hash_raw(c).0).collect();
+    for (path, bytes) in all_objects(store.as_ref()).await {
+        if path == "config" || path.starts_with("keys/") || path.starts_with("locks") {
+            continue;
+        }
+        assert_eq!(&bytes[..4], b"CBEN", "{path} is not sealed");
+        assert!(
+            !bytes.windows(TEXT.len()).any(|w| w == TEXT),
+            "{path} holds plaintext"
+        );
+        for h in &plain_hashes {
+            assert!(
+                !bytes.windows(32).any(|w| w == h),
+                "{path} holds a plain hash"
+            );
+        }
+    }
+    let config = String::from_utf8(store.get("config").await.unwrap().to_vec()).unwrap();
+    assert!(config.contains("\"encryption\""));
+
+    // Deduplication still works within the repository.
+    let again = backup_file(
+        &reopened,
+        &fx.path("enc.img"),
+        request("pvc", "three", full(), 3),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.stats.objects_written, 0);
+    assert!(again.stats.chunks_deduplicated > 0);
+}
+
+#[tokio::test]
+async fn encrypted_round_trip_over_s3() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("backups").unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(server.store("backups", "enc/repo").await.unwrap());
+    let repo = init_enc(store.clone(), "s3 password").await;
+    let fx = Fixture::new().await;
+    let (v1, v2, _) = two_snapshots(&repo, &fx).await;
+    let reopened = Repository::open_with_key(store.clone(), &pw("s3 password"))
+        .await
+        .unwrap();
+    restore_eq(&reopened, &fx, "one", &v1).await;
+    restore_eq(&reopened, &fx, "two", &v2).await;
+    let report = reopened
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert!(matches!(
+        Repository::open_with_key(store, &pw("wrong")).await,
+        Err(RepoError::WrongPassword { slots: 1, .. })
+    ));
+}
+
+#[tokio::test]
+async fn wrong_or_missing_keys_are_typed_errors_and_change_nothing() {
+    let Enc {
+        fx, store, repo, ..
+    } = enc_fixture().await;
+    two_snapshots(&repo, &fx).await;
+    let before = all_objects(store.as_ref()).await;
+
+    let e = Repository::open(store.clone()).await.unwrap_err();
+    assert!(matches!(e, RepoError::KeyRequired), "{e}");
+    // A missing password is setup, like any missing credential.
+    assert_eq!(e.kind(), ErrorKind::Config);
+    let e = Repository::open_with_key(store.clone(), &pw("hunter3"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RepoError::WrongPassword { slots: 1, invalid } if invalid.is_empty()),
+        "{e}"
+    );
+    // Another key entirely (a tool's own key for another repository).
+    let e = Repository::open_with_key(
+        store.clone(),
+        &RepoKey::Master(MasterKey::generate().unwrap()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, RepoError::KeyMismatch { .. }), "{e}");
+    // The master key itself opens it (embedding tools that keep the key).
+    let master = repo.master_key().unwrap().clone();
+    let by_key = Repository::open_with_key(store.clone(), &RepoKey::Master(master))
+        .await
+        .unwrap();
+    assert_eq!(by_key.list_snapshots(None).await.unwrap().len(), 2);
+    assert_eq!(by_key.opened_slot(), None);
+    assert_eq!(before, all_objects(store.as_ref()).await);
+
+    // A password against an unencrypted repository is refused too (no silent downgrade).
+    let e = Repository::open_with_key(fx.store.clone(), &pw("hunter2"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RepoError::NotEncrypted), "{e}");
+    // And an unencrypted repository is what it was: version 1, no encryption section.
+    let plain = Repository::open(fx.store.clone()).await.unwrap();
+    assert!(!plain.is_encrypted());
+    assert_eq!(plain.config().version, 1);
+    assert!(plain.config().encryption.is_none());
+}
+
+/// Flips one ciphertext byte of the object at `key`, then (if `fix_crc`) recomputes the trailing
+/// crc32c, as someone editing the object on purpose would.
+async fn tamper(store: &dyn ObjectStore, key: &str, fix_crc: bool) {
+    let mut b = store.get(key).await.unwrap().to_vec();
+    b[50] ^= 0x01;
+    if fix_crc {
+        let n = b.len() - 4;
+        let crc = crc32c::crc32c(&b[..n]);
+        b[n..].copy_from_slice(&crc.to_le_bytes());
+    }
+    store.put(key, b.into(), PutMode::Overwrite).await.unwrap();
+}
+
+#[tokio::test]
+async fn tampered_chunks_and_manifests_are_integrity_errors() {
+    let Enc {
+        fx, store, repo, ..
+    } = enc_fixture().await;
+    let (_, _, first) = two_snapshots(&repo, &fx).await;
+    let mut stored = first
+        .chunks
+        .iter_stored()
+        .map(|(_, r)| *r)
+        .collect::<Vec<_>>();
+    stored.dedup_by_key(|r| r.hash);
+    let (a, b) = (stored[0], stored[1]);
+    tamper(store.as_ref(), &chunk::chunk_key(&a.hash), true).await;
+    tamper(store.as_ref(), &chunk::chunk_key(&b.hash), false).await;
+
+    let out = fx.path("t.out");
+    let e = engine::restore(
+        &repo,
+        &vol("pvc"),
+        &snap("one"),
+        &out,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
+    assert!(matches!(e, RepoError::ChunkCorrupt { .. }), "{e}");
+    let report = repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let corrupt: Vec<&str> = report
+        .problems
+        .iter()
+        .filter(|p| matches!(p.problem, ProblemKind::Corrupt { .. }))
+        .map(|p| p.key.as_str())
+        .collect();
+    assert!(
+        corrupt.contains(&chunk::chunk_key(&a.hash).as_str()),
+        "{:?}",
+        report.problems
+    );
+    assert!(
+        corrupt.contains(&chunk::chunk_key(&b.hash).as_str()),
+        "{:?}",
+        report.problems
+    );
+    let mut buf = Vec::new();
+    let body = store.get(&chunk::chunk_key(&a.hash)).await.unwrap();
+    let e = repo
+        .codec()
+        .decode_chunk(
+            body,
+            &a,
+            cbt_store::repo::ChunkContext {
+                snapshot: "pvc/one",
+                index: 0,
+                offset: 0,
+            },
+            &mut buf,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RepoError::ChunkCorrupt {
+                reason: chunk::ChunkDecodeError::Sealed(SealError::Authentication),
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    // A manifest edited in place fails authentication; one copied over another snapshot's
+    // name does too (the object key is authenticated).
+    let key_two = cbt_store::repo::manifest_key(&vol("pvc"), &snap("two"));
+    tamper(store.as_ref(), &key_two, true).await;
+    let e = repo
+        .load_manifest(&vol("pvc"), &snap("two"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            RepoError::Sealed {
+                source: SealError::Authentication,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Integrity);
+    let one = store
+        .get(&cbt_store::repo::manifest_key(&vol("pvc"), &snap("one")))
+        .await
+        .unwrap();
+    let key_moved = cbt_store::repo::manifest_key(&vol("pvc"), &snap("moved"));
+    store.put(&key_moved, one, PutMode::IfAbsent).await.unwrap();
+    let e = repo
+        .load_manifest(&vol("pvc"), &snap("moved"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            RepoError::Sealed {
+                source: SealError::Authentication,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn tampered_and_hostile_key_slots_are_refused_at_bounded_cost() {
+    let Enc {
+        fx: _fx,
+        store,
+        repo,
+        ..
+    } = enc_fixture().await;
+    let id = repo.opened_slot().unwrap().to_string();
+    let slot_key = format!("keys/{id}");
+    let original = store.get(&slot_key).await.unwrap().to_vec();
+    let put = |body: Vec<u8>| {
+        let (store, key) = (store.clone(), slot_key.clone());
+        async move {
+            store
+                .put(&key, body.into(), PutMode::Overwrite)
+                .await
+                .unwrap();
+        }
+    };
+    let mut slot: serde_json::Value = serde_json::from_slice(&original).unwrap();
+
+    // A wrapped key edited: the right password no longer opens it.
+    let mut edited = slot.clone();
+    let w = edited["wrapped_key"].as_str().unwrap().to_string();
+    let flipped = format!("{}{}", if w.starts_with('0') { "1" } else { "0" }, &w[1..]);
+    edited["wrapped_key"] = flipped.into();
+    put(serde_json::to_vec(&edited).unwrap()).await;
+    let e = Repository::open_with_key(store.clone(), &pw("hunter2"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, RepoError::WrongPassword { slots: 1, .. }),
+        "{e}"
+    );
+
+    // Parameters that would demand 4 TiB of memory or a million passes: refused without
+    // deriving anything, and named.
+    for (field, value) in [("memory_kib", u32::MAX), ("iterations", 1_000_000)] {
+        slot["params"][field] = value.into();
+        put(serde_json::to_vec(&slot).unwrap()).await;
+        let e = Repository::open_with_key(store.clone(), &pw("hunter2"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, RepoError::WrongPassword { slots: 0, invalid } if invalid.len() == 1),
+            "{e}"
+        );
+        slot = serde_json::from_slice(&original).unwrap();
+    }
+    // A slot that is not a slot, and one far larger than any slot.
+    put(b"{\"format\": \"cbt-key\"".to_vec()).await;
+    assert!(matches!(
+        Repository::open_with_key(store.clone(), &pw("hunter2")).await,
+        Err(RepoError::WrongPassword { slots: 0, .. })
+    ));
+    put(vec![b' '; 1 << 20]).await;
+    assert!(matches!(
+        Repository::open_with_key(store.clone(), &pw("hunter2")).await,
+        Err(RepoError::WrongPassword { slots: 0, .. })
+    ));
+    // A hostile slot beside a good one does not stop the good one.
+    put(original.clone()).await;
+    let mut hostile = slot.clone();
+    hostile["id"] = "ffffffffffffffffffff".into();
+    hostile["params"]["memory_kib"] = u32::MAX.into();
+    store
+        .put(
+            "keys/ffffffffffffffffffff",
+            serde_json::to_vec(&hostile).unwrap().into(),
+            PutMode::IfAbsent,
+        )
+        .await
+        .unwrap();
+    let ok = Repository::open_with_key(store.clone(), &pw("hunter2"))
+        .await
+        .unwrap();
+    let listed = ok.list_keys().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|s| s.problem.is_some()));
+    // No slot at all: a clear error, not "wrong password".
+    store.delete(&slot_key).await.unwrap();
+    store.delete("keys/ffffffffffffffffffff").await.unwrap();
+    assert!(matches!(
+        Repository::open_with_key(store, &pw("hunter2")).await,
+        Err(RepoError::NoKeySlot)
+    ));
+}
+
+#[tokio::test]
+async fn key_slots_are_added_and_removed_without_rewriting_data() {
+    let Enc {
+        fx, store, repo, ..
+    } = enc_fixture().await;
+    let (v1, _, _) = two_snapshots(&repo, &fx).await;
+    let data_before: Vec<_> = all_objects(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|(p, _)| p.starts_with("chunks") || p.starts_with("snapshots"))
+        .collect();
+    let first = repo.opened_slot().unwrap().to_string();
+    let added = repo
+        .add_key(
+            &Password::new("second").unwrap(),
+            FAST,
+            Timestamp::from_unix_secs(5),
+        )
+        .await
+        .unwrap();
+    let listed = repo.list_keys().await.unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().any(|s| s.id == first && s.current));
+    assert!(listed.iter().any(|s| s.id == added.id && !s.current));
+
+    // Both passwords open it; the slot in use cannot be removed.
+    let by_second = Repository::open_with_key(store.clone(), &pw("second"))
+        .await
+        .unwrap();
+    assert_eq!(by_second.opened_slot(), Some(added.id.as_str()));
+    assert!(matches!(
+        by_second.remove_key(&added.id).await,
+        Err(RepoError::KeyInUse { .. })
+    ));
+    assert!(matches!(
+        by_second.remove_key("0123456789abcdef0123").await,
+        Err(RepoError::KeySlotNotFound { .. })
+    ));
+    // Rotation: remove the first password using the second.
+    by_second.remove_key(&first).await.unwrap();
+    assert!(matches!(
+        Repository::open_with_key(store.clone(), &pw("hunter2")).await,
+        Err(RepoError::WrongPassword { .. })
+    ));
+    restore_eq(&by_second, &fx, "one", &v1).await;
+    // Opened by master key (no slot in use), the last slot still cannot go.
+    let master = RepoKey::Master(by_second.master_key().unwrap().clone());
+    let by_key = Repository::open_with_key(store.clone(), &master)
+        .await
+        .unwrap();
+    let e = by_key.remove_key(&added.id).await.unwrap_err();
+    assert!(matches!(e, RepoError::LastKeySlot { .. }), "{e}");
+    // Hostile parameters are refused when adding too.
+    let e = by_key
+        .add_key(
+            &Password::new("x").unwrap(),
+            KdfParams {
+                memory_kib: u32::MAX,
+                ..FAST
+            },
+            Timestamp::from_unix_secs(6),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RepoError::Crypto(_)), "{e}");
+
+    let data_after: Vec<_> = all_objects(store.as_ref())
+        .await
+        .into_iter()
+        .filter(|(p, _)| p.starts_with("chunks") || p.starts_with("snapshots"))
+        .collect();
+    assert_eq!(data_before, data_after, "key changes must not rewrite data");
+    // Key management needs an encrypted repository.
+    assert!(matches!(
+        fx.repo.list_keys().await,
+        Err(RepoError::NotEncrypted)
+    ));
+}
+
+#[tokio::test]
+async fn two_repositories_name_the_same_data_differently() {
+    let a = enc_fixture().await;
+    let b = enc_fixture().await;
+    let img = image(4 * CS as usize, 3);
+    let src = a.fx.write("same.img", &img);
+    let ma = backup_file(&a.repo, &src, request("pvc", "x", full(), 1))
+        .await
+        .unwrap()
+        .manifest;
+    let mb = backup_file(&b.repo, &src, request("pvc", "x", full(), 1))
+        .await
+        .unwrap()
+        .manifest;
+    let names = |m: &cbt_core::Manifest| {
+        m.chunks
+            .iter_stored()
+            .map(|(_, r)| r.hash)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert!(!names(&ma).is_empty());
+    assert!(names(&ma).is_disjoint(&names(&mb)));
+}

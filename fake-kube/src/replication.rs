@@ -1,0 +1,369 @@
+//! Simulated replication backends: a Trident mirror controller and a Dell replication sidecar.
+//!
+//! With [`crate::FakeKubeBuilder::replication_api`] the cluster installs the real CRDs of
+//! csi-addons replication, Trident (TridentMirrorRelationship, TridentActionMirrorUpdate) and
+//! Dell (DellCSIReplicationGroup) from `fake-kube/crds/` (objects are then checked against
+//! their schemas, see the `schema` module), serves `coordination.k8s.io/v1` Leases, and runs:
+//!
+//! - **Trident**: for every TMR whose status does not describe its current `spec.state` and
+//!   generation, the status condition goes to the `-ing` form (`promoting`, `establishing`,
+//!   `reestablishing`) and, after the configured delay, to the state itself, with
+//!   `localVolumeHandle` `svm0:trident_<ns>_<pvc>` and the spec's remote handle. Injected
+//!   faults: a TMR that fails to promote reports `failed` (and is retried, like Trident's
+//!   requeue, once the fault is cleared), a TMR marked invalid reports `invalid`, and
+//!   [`ReplicationSim::set_trident_stuck`] keeps every transition in its `-ing` form. A
+//!   TridentActionMirrorUpdate is `Succeeded` at once.
+//! - **Dell**: the sidecar picks up a non-empty `spec.action` of an RG of driver
+//!   `csi-powerstore.dellemc.com`: state `<ACTION>_IN_PROGRESS`, then after the delay it
+//!   records annotation `Action`, `lastAction` ("Action X succeeded" / "Action X failed with
+//!   error E"), a condition, the new `replicationLinkState` (polled at the same instant) and
+//!   clears `spec.action`. Every verb picked up is kept in [`ReplicationSim::dell_actions`], so
+//!   tests can prove no verb ran twice.
+//!
+//! Link changes per verb (this side): `FAILOVER_REMOTE` -> not source, `FAILEDOVER`;
+//! `UNPLANNED_FAILOVER_LOCAL` -> source, `FAILEDOVER`; `REPROTECT_LOCAL` -> source,
+//! `SYNCHRONIZED`; `SUSPEND` -> `SUSPENDED`; `RESUME`, `SYNC` -> `SYNCHRONIZED`. The peer
+//! cluster's RG is not moved: a second fake cluster has its own RG.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::store::{ResourceType, Selector, Store};
+use crate::values::rfc3339_now;
+
+/// `coordination.k8s.io/v1` Lease (leader election).
+pub(crate) static LEASES: ResourceType = ResourceType {
+    group: "coordination.k8s.io",
+    version: "v1",
+    plural: "leases",
+    kind: "Lease",
+    namespaced: true,
+    status_subresource: false,
+    crd: false,
+};
+
+/// The replication CRDs installed by `replication_api`, byte-identical copies of the upstream
+/// manifests (csi-addons v0.14+ HEAD, Trident 71dd716, csm-replication v1.14).
+pub const REPLICATION_CRDS: [&str; 8] = [
+    include_str!("../crds/replication.storage.openshift.io_volumereplications.yaml"),
+    include_str!("../crds/replication.storage.openshift.io_volumereplicationclasses.yaml"),
+    include_str!("../crds/replication.storage.openshift.io_volumegroupreplications.yaml"),
+    include_str!("../crds/replication.storage.openshift.io_volumegroupreplicationclasses.yaml"),
+    include_str!("../crds/replication.storage.openshift.io_volumegroupreplicationcontents.yaml"),
+    include_str!("../crds/trident.netapp.io_tridentmirrorrelationships.yaml"),
+    include_str!("../crds/trident.netapp.io_tridentactionmirrorupdates.yaml"),
+    include_str!("../crds/replication.storage.dell.com_dellcsireplicationgroups.yaml"),
+];
+
+const DELL_DRIVER: &str = "csi-powerstore.dellemc.com";
+
+#[derive(Default)]
+struct SimState {
+    trident_delay: Duration,
+    trident_stuck: bool,
+    trident_fail_promote: BTreeSet<String>,
+    trident_invalid: BTreeMap<String, String>,
+    dell_delay: Duration,
+    dell_fail: BTreeMap<String, String>,
+    dell_paused: bool,
+    ready_at: HashMap<String, Instant>,
+    dell_history: Vec<(String, String)>,
+}
+
+/// Timing and fault knobs of the simulated replication backends, shared with the test.
+#[derive(Clone, Default)]
+pub struct ReplicationSim {
+    inner: Arc<Mutex<SimState>>,
+}
+
+impl ReplicationSim {
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How long a TMR transition stays in its `-ing` state (default 0: next controller pass).
+    pub fn set_trident_delay(&self, d: Duration) {
+        self.lock().trident_delay = d;
+    }
+
+    /// Keeps every TMR transition in its `-ing` state (a backend that never converges).
+    pub fn set_trident_stuck(&self, stuck: bool) {
+        self.lock().trident_stuck = stuck;
+    }
+
+    /// Makes promoting TMR `ns/name` fail (`failed`) until called again with `false`.
+    pub fn fail_trident_promotion(&self, ns: &str, name: &str, fail: bool) {
+        let key = format!("{ns}/{name}");
+        let mut s = self.lock();
+        if fail {
+            s.trident_fail_promote.insert(key);
+        } else {
+            s.trident_fail_promote.remove(&key);
+        }
+    }
+
+    /// Makes TMR `ns/name` report `invalid` with `message` (None clears it).
+    pub fn set_trident_invalid(&self, ns: &str, name: &str, message: Option<&str>) {
+        let key = format!("{ns}/{name}");
+        let mut s = self.lock();
+        match message {
+            Some(m) => {
+                s.trident_invalid.insert(key, m.to_string());
+            }
+            None => {
+                s.trident_invalid.remove(&key);
+            }
+        }
+    }
+
+    /// How long a Dell action runs (default 0).
+    pub fn set_dell_delay(&self, d: Duration) {
+        self.lock().dell_delay = d;
+    }
+
+    /// Makes Dell verb `action` fail finally with `error` (None: succeed again).
+    pub fn fail_dell_action(&self, action: &str, error: Option<&str>) {
+        let mut s = self.lock();
+        match error {
+            Some(e) => {
+                s.dell_fail.insert(action.to_string(), e.to_string());
+            }
+            None => {
+                s.dell_fail.remove(action);
+            }
+        }
+    }
+
+    /// Stops the Dell sidecar (actions stay pending) until resumed.
+    pub fn set_dell_paused(&self, paused: bool) {
+        self.lock().dell_paused = paused;
+    }
+
+    /// Every Dell verb the sidecar picked up, as (RG name, verb), in order.
+    pub fn dell_actions(&self) -> Vec<(String, String)> {
+        self.lock().dell_history.clone()
+    }
+}
+
+fn text<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut cur = v;
+    for p in path {
+        match cur.get(p) {
+            Some(n) => cur = n,
+            None => return "",
+        }
+    }
+    cur.as_str().unwrap_or("")
+}
+
+/// Runs both simulated backends once; true if anything changed.
+pub(crate) fn reconcile(
+    store: &mut Store,
+    types: &[&'static ResourceType],
+    sim: &ReplicationSim,
+) -> bool {
+    let find = |plural: &str| types.iter().copied().find(|t| t.plural == plural);
+    let mut changed = false;
+    if let Some(rt) = find("tridentmirrorrelationships") {
+        changed |= trident(store, rt, sim);
+    }
+    if let Some(rt) = find("tridentactionmirrorupdates") {
+        changed |= mirror_updates(store, rt);
+    }
+    if let Some(rt) = find("dellcsireplicationgroups") {
+        changed |= dell(store, rt, sim);
+    }
+    changed
+}
+
+fn trident(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -> bool {
+    let mut changed = false;
+    let now = Instant::now();
+    for tmr in store.list(rt, None, &Selector::default()) {
+        if tmr["metadata"]["deletionTimestamp"].is_string() {
+            continue;
+        }
+        let ns = text(&tmr, &["metadata", "namespace"]).to_string();
+        let name = text(&tmr, &["metadata", "name"]).to_string();
+        let key = format!("{ns}/{name}");
+        let generation = tmr["metadata"]["generation"].as_i64().unwrap_or(1);
+        let desired = text(&tmr, &["spec", "state"]).to_string();
+        let cond = tmr["status"]["conditions"][0].clone();
+        let cur = text(&cond, &["state"]).to_string();
+        let cur_gen = cond["observedGeneration"].as_i64().unwrap_or(0);
+        let mut s = sim.lock();
+        let ing = match desired.as_str() {
+            "promoted" => "promoting",
+            "established" => "establishing",
+            "reestablished" => "reestablishing",
+            _ => "",
+        };
+        let (next, message) = if let Some(m) = s.trident_invalid.get(&key) {
+            ("invalid".to_string(), m.clone())
+        } else if desired.is_empty() {
+            (String::new(), String::new())
+        } else if cur_gen == generation && cur == desired {
+            continue;
+        } else if cur_gen == generation && cur == "failed" {
+            if s.trident_fail_promote.contains(&key) {
+                continue;
+            }
+            // Trident requeues a failed relationship: retry once the fault is gone.
+            let at = now + s.trident_delay;
+            s.ready_at.insert(key.clone(), at);
+            (ing.to_string(), String::new())
+        } else if cur_gen == generation && cur == ing {
+            if s.trident_stuck || s.ready_at.get(&key).is_some_and(|t| now < *t) {
+                continue;
+            }
+            s.ready_at.remove(&key);
+            if desired == "promoted" && s.trident_fail_promote.contains(&key) {
+                (
+                    "failed".to_string(),
+                    "Failed to promote volume: SnapMirror break failed (injected fault)"
+                        .to_string(),
+                )
+            } else {
+                (desired.clone(), String::new())
+            }
+        } else {
+            let at = now + s.trident_delay;
+            s.ready_at.insert(key.clone(), at);
+            (ing.to_string(), String::new())
+        };
+        drop(s);
+        if cur == next && cur_gen == generation {
+            continue;
+        }
+        let mapping = &tmr["spec"]["volumeMappings"][0];
+        let pvc = text(mapping, &["localPVCName"]).to_string();
+        let status = json!({"conditions": [{
+            "state": next,
+            "message": message,
+            "lastTransitionTime": rfc3339_now(),
+            "observedGeneration": generation,
+            "localPVCName": pvc,
+            "localVolumeHandle": format!("svm0:trident_{}_{}", ns.replace('-', "_"), pvc.replace('-', "_")),
+            "remoteVolumeHandle": text(mapping, &["remoteVolumeHandle"]),
+            "replicationPolicy": text(&tmr, &["spec", "replicationPolicy"]),
+            "replicationSchedule": text(&tmr, &["spec", "replicationSchedule"]),
+        }]});
+        changed |= store.controller_update(rt, &ns, &name, |o| o["status"] = status);
+    }
+    changed
+}
+
+fn mirror_updates(store: &mut Store, rt: &'static ResourceType) -> bool {
+    let mut changed = false;
+    for u in store.list(rt, None, &Selector::default()) {
+        if !text(&u, &["status", "state"]).is_empty() {
+            continue;
+        }
+        let ns = text(&u, &["metadata", "namespace"]).to_string();
+        let name = text(&u, &["metadata", "name"]).to_string();
+        let now = rfc3339_now();
+        changed |= store.controller_update(rt, &ns, &name, |o| {
+            o["status"] = json!({
+                "state": "Succeeded",
+                "completionTime": now,
+                "previousTransferTime": now,
+                "localVolumeHandle": "",
+                "remoteVolumeHandle": "",
+            });
+        });
+    }
+    changed
+}
+
+fn dell(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -> bool {
+    let mut changed = false;
+    let now = Instant::now();
+    for rg in store.list(rt, None, &Selector::default()) {
+        if text(&rg, &["spec", "driverName"]) != DELL_DRIVER {
+            continue;
+        }
+        let name = text(&rg, &["metadata", "name"]).to_string();
+        let action = text(&rg, &["spec", "action"]).trim().to_ascii_uppercase();
+        let state = text(&rg, &["status", "state"]).to_string();
+        let key = format!("rg/{name}");
+        let mut s = sim.lock();
+        if s.dell_paused || action.is_empty() {
+            continue;
+        }
+        if !state.ends_with("_IN_PROGRESS") {
+            s.dell_history.push((name.clone(), action.clone()));
+            let at = now + s.dell_delay;
+            s.ready_at.insert(key, at);
+            drop(s);
+            let st = format!("{action}_IN_PROGRESS");
+            changed |= store.controller_update(rt, "", &name, |o| o["status"]["state"] = json!(st));
+            continue;
+        }
+        if s.ready_at.get(&key).is_some_and(|t| now < *t) {
+            continue;
+        }
+        s.ready_at.remove(&key);
+        let failure = s.dell_fail.get(&action).cloned();
+        drop(s);
+        let at = rfc3339_now();
+        let mut is_source = rg["status"]["replicationLinkState"]["isSource"]
+            .as_bool()
+            .unwrap_or(false);
+        let mut link = text(&rg, &["status", "replicationLinkState", "state"]).to_string();
+        let condition = match &failure {
+            Some(e) => format!("Action {action} failed with error {e}"),
+            None => {
+                match action.as_str() {
+                    "FAILOVER_REMOTE" => {
+                        is_source = false;
+                        link = "FAILEDOVER".into();
+                    }
+                    "UNPLANNED_FAILOVER_LOCAL" | "FAILOVER_LOCAL" => {
+                        is_source = true;
+                        link = "FAILEDOVER".into();
+                    }
+                    "REPROTECT_LOCAL" => {
+                        is_source = true;
+                        link = "SYNCHRONIZED".into();
+                    }
+                    "SUSPEND" => link = "SUSPENDED".into(),
+                    "RESUME" | "SYNC" => link = "SYNCHRONIZED".into(),
+                    _ => {}
+                }
+                format!("Action {action} succeeded")
+            }
+        };
+        let error = failure.clone().unwrap_or_default();
+        let annotation = json!({
+            "name": action.to_ascii_lowercase(),
+            "completed": true,
+            "finalError": error,
+            "finishTime": at,
+            "protectionGroupStatus": "",
+        })
+        .to_string();
+        changed |= store.controller_update(rt, "", &name, |o| {
+            o["metadata"]["annotations"]["Action"] = json!(annotation);
+            o["spec"]["action"] = json!("");
+            let last = json!({"condition": condition, "time": at, "errorMessage": error});
+            let mut conds = o["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            conds.insert(0, last.clone());
+            conds.truncate(20);
+            o["status"]["state"] = json!(if failure.is_some() { "Error" } else { "Ready" });
+            o["status"]["lastAction"] = last;
+            o["status"]["conditions"] = json!(conds);
+            o["status"]["replicationLinkState"] = json!({
+                "state": link,
+                "isSource": is_source,
+                "lastSuccessfulUpdate": at,
+            });
+        });
+    }
+    changed
+}
