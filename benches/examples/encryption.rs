@@ -27,20 +27,6 @@ const CHUNK: u64 = 4 * 1024 * 1024;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split].parse().ok()?;
-    let mult = match s[split..].to_ascii_lowercase().as_str() {
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(mult)
-}
-
 fn generate(path: &Path, size: u64) -> Res<()> {
     let mut f = File::create(path)?;
     f.set_len(size)?;
@@ -286,7 +272,7 @@ fn cpu_cost() -> Res<()> {
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
     let size = match args.next() {
-        Some(s) => parse_size(&s).ok_or_else(|| format!("bad size `{s}` (e.g. 512M, 2G)"))?,
+        Some(s) => cbt_core::units::parse_size(&s)?,
         None => 512 << 20,
     };
     let rounds = match args.next() {
