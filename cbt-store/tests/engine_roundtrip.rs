@@ -516,12 +516,7 @@ async fn a_dry_run_checks_that_every_chunk_is_stored() {
         .await
         .unwrap()
         .manifest;
-    let (index, gone) = m
-        .chunks
-        .iter_stored()
-        .map(|(i, r)| (i, *r))
-        .nth(5)
-        .unwrap();
+    let (index, gone) = m.chunks.iter_stored().map(|(i, r)| (i, *r)).nth(5).unwrap();
     fx.store
         .delete(&cbt_store::chunk::chunk_key(&gone.hash))
         .await
