@@ -44,6 +44,16 @@ impl Codec {
         self.keys.as_ref()
     }
 
+    /// The hash a manifest records for a chunk of these raw bytes: BLAKE3, keyed (the chunk's
+    /// stored name) in an encrypted repository.
+    pub fn chunk_hash(&self, raw: &[u8]) -> cbt_core::ChunkHash {
+        let plain = chunk::hash_raw(raw);
+        match &self.keys {
+            Some(keys) => keys.chunk_name(&plain),
+            None => plain,
+        }
+    }
+
     /// Largest stored object a chunk of `raw_len` raw bytes can have.
     pub fn max_chunk_object_len(&self, raw_len: u64) -> u64 {
         let plain = chunk::max_object_len(raw_len);
