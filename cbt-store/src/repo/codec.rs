@@ -74,7 +74,12 @@ impl Codec {
             return Ok(plain);
         };
         let name = keys.chunk_name(&plain.chunk.hash);
-        let body = keys.seal(ObjectKind::Chunk, &chunk::chunk_key(&name), &plain.body)?;
+        // The encoded body is fresh and unshared: sealed in its own buffer, not copied.
+        let body: Vec<u8> = match plain.body.try_into_mut() {
+            Ok(owned) => owned.into(),
+            Err(shared) => shared.to_vec(),
+        };
+        let body = keys.seal_vec(ObjectKind::Chunk, &chunk::chunk_key(&name), body)?;
         Ok(EncodedChunk {
             chunk: ChunkRef {
                 hash: name,
