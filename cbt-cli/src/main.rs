@@ -112,6 +112,10 @@ pub enum Command {
     /// SnapshotMetadataService and sidecar, TLS, tokens, snapshot class, RBAC; one line per
     /// check with the fix (exit 5 if any check fails).
     Doctor(commands::doctor::DoctorArgs),
+    /// csi-addons volume replication (served by cbt-replicator): status, promote, demote,
+    /// resync.
+    #[command(subcommand)]
+    Replication(commands::replication::ReplicationCommand),
     /// Run as the data mover of a `backup --pvc` / `restore --to-pvc` Job (spec in CBT_MOVER_SPEC).
     #[command(hide = true)]
     Mover(commands::k8s::MoverArgs),
@@ -226,6 +230,7 @@ async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
         Command::ServeMetadata(args) => metadata_cmd::run_serve_metadata(args).await,
         Command::Doctor(args) => commands::doctor::run(&ctx, &args).await,
         Command::Mover(args) => commands::k8s::mover(&args).await,
+        Command::Replication(cmd) => commands::replication::run(&ctx, cmd).await,
     }
 }
 

@@ -508,7 +508,7 @@ async fn server_status_codes_map_to_typed_errors() {
     };
     let e = run(alloc("missing"), 0).await;
     assert!(matches!(e, CsiError::SnapshotNotFound { .. }), "{e}");
-    assert_eq!(e.kind(), ErrorKind::Config);
+    assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(matches!(
         run(alloc("../etc/passwd"), 0).await,
         CsiError::InvalidArgument { .. }
@@ -522,6 +522,7 @@ async fn server_status_codes_map_to_typed_errors() {
         matches!(e, CsiError::OutOfRange { offset, .. } if offset == 4 * MIB + 1),
         "{e}"
     );
+    assert_eq!(e.kind(), ErrorKind::Usage);
     let e = run(delta("small", "a"), 0).await;
     assert!(matches!(e, CsiError::CbtNotEnabled { .. }), "{e}");
     assert_eq!(e.kind(), ErrorKind::Unsupported);
@@ -622,7 +623,7 @@ async fn a_fresh_token_is_fetched_for_every_attempt_and_consumer_errors_cancel()
         .await
         .unwrap_err();
     assert!(matches!(e, CsiError::Consumer { .. }));
-    assert_eq!(e.kind(), ErrorKind::Aborted);
+    assert_eq!(e.kind(), ErrorKind::Cancelled);
     srv.shutdown().await.unwrap();
 }
 

@@ -2,22 +2,8 @@
 
 use std::time::Duration;
 
-/// What a caller can do about an [`Error`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Retry later: throttling, timeouts, 5xx, dropped connections.
-    Transient,
-    /// Fix configuration: kubeconfig, context, missing driver/class/namespace, RBAC, bad input.
-    Config,
-    /// An object already exists and differs; a human must decide.
-    Conflict,
-    /// The storage driver or snapshot controller reported a failure.
-    Backend,
-    /// The caller asked to stop (e.g. Ctrl-C).
-    Cancelled,
-    /// The API server rejected an object we built: a bug in this crate.
-    Bug,
-}
+/// The toolkit's one error-kind vocabulary ([`Error::kind`] classifies into it).
+pub use cbt_core::ErrorKind;
 
 /// Errors of the Kubernetes layer (connection, snapshot objects, SnapShift).
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +239,22 @@ pub enum Error {
         /// This replica's identity.
         identity: String,
     },
+    /// The replication controller refused the change (Validated=False).
+    #[error("{object} was refused: {message}")]
+    ReplicationRejected {
+        /// `namespace/name`.
+        object: String,
+        /// The controller's reason, saying what to fix.
+        message: String,
+    },
+    /// The storage backend failed to make the change.
+    #[error("{object} failed on the backend: {message}")]
+    ReplicationFailed {
+        /// `namespace/name`.
+        object: String,
+        /// The status message.
+        message: String,
+    },
     /// A local listener (metrics endpoint) could not be opened.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -313,12 +315,25 @@ impl Error {
             | Error::MetadataService { .. }
             | Error::PvcUnsuitable { .. }
             | Error::Listen { .. }
+            | Error::ReplicationRejected { .. }
             | Error::InvalidInput { .. } => ErrorKind::Config,
-            Error::MoverFailed { mover_class, .. } => match mover_class.as_deref() {
-                Some("usage" | "config") => ErrorKind::Config,
-                Some("transient") | None => ErrorKind::Transient,
-                _ => ErrorKind::Backend,
-            },
+            Error::ReplicationFailed { .. } => ErrorKind::Backend,
+            Error::MoverFailed { mover_class, .. } => {
+                use cbt_core::exit::ExitClass as X;
+                match mover_class.as_deref().map(X::from_name) {
+                    // A mover that died without a report (killed, out of memory): retry.
+                    None => ErrorKind::Transient,
+                    // The mover's request is built from the user's setup, so a request it
+                    // refuses is configuration, not the user's typing.
+                    Some(Some(X::Usage | X::Config)) => ErrorKind::Config,
+                    Some(Some(X::Integrity)) => ErrorKind::Integrity,
+                    Some(Some(X::Conflict)) => ErrorKind::Conflict,
+                    Some(Some(X::Unsupported)) => ErrorKind::Unsupported,
+                    Some(Some(X::Transient)) => ErrorKind::Transient,
+                    Some(Some(X::Internal)) => ErrorKind::Bug,
+                    Some(_) => ErrorKind::Backend,
+                }
+            }
         }
     }
 

@@ -1187,3 +1187,41 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
     assert_eq!(cond(&s, "Degraded").unwrap().0, "False");
     ctl.stop().await;
 }
+
+#[tokio::test]
+async fn trident_resync_of_a_destination_requests_one_mirror_update() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    e.vr(
+        "data",
+        "trident",
+        "data",
+        "secondary",
+        "svm1:trident_app_data",
+    );
+    let ctx = e.ctx(fast()).await;
+    let ctl = start(ctx.clone());
+    until("secondary", || {
+        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    e.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "resync"}),
+    );
+    until("resynced", || {
+        let (s, g) = e.vr_status("data");
+        ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
+    })
+    .await;
+    let updates = e.fake.list(TMR_API, "TridentActionMirrorUpdate");
+    assert_eq!(updates.len(), 1);
+    assert_eq!(updates[0]["spec"]["tridentMirrorRelationshipName"], "data");
+    ctl.stop().await;
+    let out = reconcile_once(&ctx, SubjectKind::Volume, NS, "data")
+        .await
+        .unwrap();
+    assert!(out.plan.is_noop(), "{:?}", out.plan);
+}

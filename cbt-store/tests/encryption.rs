@@ -12,10 +12,10 @@ use cbt_store::chunk;
 use cbt_store::crypto::{KdfParams, MasterKey, Password, SealError};
 use cbt_store::engine::{self, BackupMode, RestoreOptions};
 use cbt_store::repo::{
-    ENCRYPTED_REPO_FORMAT_VERSION, ErrorClass, InitOptions, ProblemKind, RepoError, RepoKey,
-    Repository, VerifyOptions,
+    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, ProblemKind, RepoError, RepoKey, Repository,
+    VerifyOptions,
 };
-use cbt_store::store::{LocalStore, ObjectStore, PutMode, list_all};
+use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutMode, list_all};
 use cbt_store::testing::S3TestServer;
 use engine_support::*;
 
@@ -228,7 +228,8 @@ async fn wrong_or_missing_keys_are_typed_errors_and_change_nothing() {
 
     let e = Repository::open(store.clone()).await.unwrap_err();
     assert!(matches!(e, RepoError::KeyRequired), "{e}");
-    assert_eq!(e.class(), ErrorClass::Usage);
+    // A missing password is setup, like any missing credential.
+    assert_eq!(e.kind(), ErrorKind::Config);
     let e = Repository::open_with_key(store.clone(), &pw("hunter3"))
         .await
         .unwrap_err();
@@ -305,7 +306,7 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.class(), ErrorClass::Integrity, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
     assert!(matches!(e, RepoError::ChunkCorrupt { .. }), "{e}");
     let report = repo
         .verify(&VerifyOptions {
@@ -374,7 +375,7 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
         ),
         "{e}"
     );
-    assert_eq!(e.class(), ErrorClass::Integrity);
+    assert_eq!(e.kind(), ErrorKind::Integrity);
     let one = store
         .get(&cbt_store::repo::manifest_key(&vol("pvc"), &snap("one")))
         .await
@@ -629,4 +630,14 @@ async fn lock_objects_are_sealed_and_still_block_when_unreadable() {
         .await
         .unwrap_err();
     assert!(matches!(e, RepoError::Locked { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn sealed_chunks_carry_the_checksum_of_their_stored_bytes() {
+    let Enc { fx: _fx, repo, .. } = enc_fixture().await;
+    for raw in [image(CS as usize, 1), vec![b'x'; 5000]] {
+        let e = repo.codec().encode_chunk(&raw, 3).unwrap();
+        assert_eq!(e.body_crc32c, crc32c::crc32c(&e.body));
+        assert_eq!(e.chunk.stored_size, e.body.len() as u64);
+    }
 }

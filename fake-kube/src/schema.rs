@@ -39,6 +39,10 @@ pub(crate) fn check(schema: &Value, obj: &mut Value) -> Vec<Cause> {
         return causes;
     };
     let props = schema.get("properties").and_then(Value::as_object);
+    let preserve = schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true);
     let keys: Vec<String> = map.keys().cloned().collect();
     for key in keys {
         if matches!(key.as_str(), "apiVersion" | "kind" | "metadata") {
@@ -53,6 +57,7 @@ pub(crate) fn check(schema: &Value, obj: &mut Value) -> Vec<Cause> {
                     map.remove(&key);
                 }
             }
+            None if preserve => {}
             None => {
                 map.remove(&key);
             }
@@ -338,6 +343,14 @@ mod tests {
             .map(|c| c.reason)
             .collect();
         assert_eq!(reasons, ["FieldValueTooMany", "FieldValueRequired"]);
+    }
+
+    #[test]
+    fn preserve_unknown_fields_keeps_everything() {
+        let schema = json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true});
+        let mut obj = json!({"spec": {"a": 1}, "status": {"b": "c"}});
+        assert!(check(&schema, &mut obj).is_empty());
+        assert_eq!(obj, json!({"spec": {"a": 1}, "status": {"b": "c"}}));
     }
 
     #[test]

@@ -6,5 +6,6 @@ pub mod k8s;
 pub mod key;
 pub mod maint;
 pub mod parse;
+pub mod replication;
 pub mod repo;
 pub mod restore;

@@ -13,6 +13,7 @@
 pub mod controller;
 pub mod crds;
 pub mod mapping;
+pub mod ops;
 pub mod translate;
 pub mod types;
 

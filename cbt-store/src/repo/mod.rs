@@ -88,7 +88,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 pub use codec::Codec;
-pub use error::{ErrorClass, RepoError, Result};
+pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
@@ -677,7 +677,7 @@ impl Repository {
                 });
             }
             self.store
-                .put(&key, encoded.body, PutMode::Overwrite)
+                .put_with_crc(&key, encoded.body, encoded.body_crc32c, PutMode::Overwrite)
                 .await
                 .map_err(|e| RepoError::store(ctx("repairing"), e))?;
             return Ok(ChunkPut {
@@ -687,7 +687,12 @@ impl Repository {
         }
         match self
             .store
-            .put(&key, encoded.body.clone(), PutMode::IfAbsent)
+            .put_with_crc(
+                &key,
+                encoded.body.clone(),
+                encoded.body_crc32c,
+                PutMode::IfAbsent,
+            )
             .await
             .map_err(|e| RepoError::store(ctx("uploading"), e))?
         {

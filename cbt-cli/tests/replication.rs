@@ -1,0 +1,241 @@
+//! `cbt replication status|promote|demote|resync` against fake-kube with the replication
+//! controller running in-process and the simulated Trident backend.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cbt_core::exit::ExitClass;
+use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, run};
+use cbt_k8s::{ClusterTarget, connect};
+use fake_kube::FakeKube;
+use serde_json::{Value, json};
+
+const NS: &str = "app";
+const VR_API: &str = "replication.storage.openshift.io/v1alpha1";
+const TRIDENT: &str = "csi.trident.netapp.io";
+
+struct Env {
+    fake: FakeKube,
+    _dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn env() -> Env {
+    let fake = FakeKube::builder().replication_api().start().await.unwrap();
+    fake.seed_namespace(NS).unwrap();
+    fake.seed_storage_class("ontap", TRIDENT, false).unwrap();
+    fake.create(
+        json!({"apiVersion": VR_API, "kind": "VolumeReplicationClass",
+        "metadata": {"name": "trident"}, "spec": {"provisioner": TRIDENT}}),
+    )
+    .unwrap();
+    fake.create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data", "namespace": NS},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "ontap",
+                 "resources": {"requests": {"storage": "1Gi"}}}}))
+        .unwrap();
+    fake.create(json!({"apiVersion": VR_API, "kind": "VolumeReplication",
+        "metadata": {"name": "data", "namespace": NS},
+        "spec": {"volumeReplicationClass": "trident", "replicationState": "primary",
+                 "dataSource": {"kind": "PersistentVolumeClaim", "name": "data"},
+                 "autoResync": false, "replicationHandle": ""}}))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("config");
+    fake.write_kubeconfig(&kubeconfig, "test").unwrap();
+    let client = connect(&ClusterTarget {
+        kubeconfig: Some(kubeconfig.clone()),
+        context: None,
+    })
+    .await
+    .unwrap()
+    .client;
+    let mut config = Config::new(vec![TRIDENT.into()]);
+    config.retry_base = Duration::from_millis(50);
+    config.retry_max = Duration::from_millis(300);
+    let ctx = Arc::new(Context::new(
+        client,
+        "test",
+        config,
+        Arc::new(Metrics::default()),
+        Leadership::always(),
+    ));
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(run(ctx, async move {
+        let _ = rx.await;
+    }));
+    Env {
+        fake,
+        _dir: dir,
+        kubeconfig,
+        _stop: stop,
+    }
+}
+
+async fn cbt(kubeconfig: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cbt"));
+    cmd.args(args).arg("--kubeconfig").arg(kubeconfig);
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+async fn primary(e: &Env) {
+    for _ in 0..400 {
+        let vr = e.fake.get(VR_API, "VolumeReplication", NS, "data").unwrap();
+        if vr["status"]["state"] == "Primary" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_desired_observed_backend_and_conditions() {
+    let e = env().await;
+    primary(&e).await;
+    let out = cbt(&e.kubeconfig, &["replication", "status", "-n", NS]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8(out.stdout).unwrap();
+    let header = table.lines().next().unwrap();
+    for col in [
+        "NAME",
+        "DESIRED",
+        "OBSERVED",
+        "BACKEND",
+        "LAST SYNC",
+        "LAG",
+        "CONDITIONS",
+    ] {
+        assert!(header.contains(col), "{table}");
+    }
+    let line = table.lines().find(|l| l.starts_with("app")).unwrap();
+    for word in [
+        "data",
+        "primary",
+        "Primary",
+        "NetApp Trident",
+        "completed (Promoted)",
+        "healthy",
+    ] {
+        assert!(line.contains(word), "{word:?} missing in {line:?}");
+    }
+    let out = cbt(&e.kubeconfig, &["replication", "status", "-o", "json"]).await;
+    assert!(out.status.success());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = &doc["items"][0];
+    assert_eq!(item["name"], "data");
+    assert_eq!(item["observed"], "Primary");
+    assert_eq!(item["backend"], "NetApp Trident");
+    assert_eq!(item["current"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demote_waits_and_prints_the_backend_change_or_the_refusal() {
+    let e = env().await;
+    primary(&e).await;
+    // No remote handle anywhere: the controller refuses, with what to set.
+    let out = cbt(
+        &e.kubeconfig,
+        &["replication", "demote", "data", "-n", NS, "--timeout", "20"],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(ExitClass::Config.code())),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("remoteVolumeHandle"), "{}", text(&out));
+    // Back to primary (nothing was written to the backend, so nothing changes there).
+    let out = cbt(&e.kubeconfig, &["replication", "promote", "data", "-n", NS]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("backend: no object changed"),
+        "{}",
+        text(&out)
+    );
+    e.fake
+        .merge_patch(
+            VR_API,
+            "VolumeReplication",
+            NS,
+            "data",
+            &json!({"spec": {"replicationHandle": "svm1:trident_app_data"}}),
+        )
+        .unwrap();
+    let out = cbt(
+        &e.kubeconfig,
+        &["replication", "demote", "data", "-n", NS, "--timeout", "20"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("primary -> secondary"), "{t}");
+    assert!(
+        t.contains("backend: TridentMirrorRelationship app/data: spec.state \"promoted\", status \"promoted\" -> spec.state \"reestablished\", status \"reestablished\""),
+        "{t}"
+    );
+    let out = cbt(
+        &e.kubeconfig,
+        &["replication", "promote", "data", "-n", NS, "-o", "json"],
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["to"], "primary");
+    assert_eq!(doc["result"]["observed"], "Primary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_names_and_timeouts_have_their_exit_codes() {
+    let e = env().await;
+    primary(&e).await;
+    let out = cbt(&e.kubeconfig, &["replication", "promote", "nope", "-n", NS]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(ExitClass::Config.code())),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("nope"));
+    e.fake
+        .merge_patch(
+            VR_API,
+            "VolumeReplication",
+            NS,
+            "data",
+            &json!({"spec": {"replicationHandle": "svm1:trident_app_data"}}),
+        )
+        .unwrap();
+    let out = cbt(&e.kubeconfig, &["replication", "demote", "data", "-n", NS]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    // The backend stops moving: promoting cannot finish within the timeout.
+    e.fake.replication().unwrap().set_trident_stuck(true);
+    let out = cbt(
+        &e.kubeconfig,
+        &["replication", "promote", "data", "-n", NS, "--timeout", "1"],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(ExitClass::Transient.code())),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("timed out"), "{}", text(&out));
+}
