@@ -844,3 +844,109 @@ async fn measure_pvc_backup() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
+    let env = Env::start().await;
+    // The mover gets the password from the same Secret as the S3 credentials.
+    let mut creds = support::s3_credentials(&env.s3);
+    creds.insert("CBT_PASSWORD".into(), json!("pvc secret"));
+    env.kube
+        .create(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "s3-enc", "namespace": NS}, "stringData": creds}))
+        .unwrap();
+    let run = |args: Vec<String>, password: Option<&'static str>| {
+        let env = &env;
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+            cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()]);
+            cmd.args(&args);
+            cmd.env_remove("CBT_REPO")
+                .env_remove("KUBECONFIG")
+                .env_remove("CBT_PASSWORD_FILE");
+            match password {
+                Some(p) => cmd.env("CBT_PASSWORD", p),
+                None => cmd.env_remove("CBT_PASSWORD"),
+            };
+            for (k, v) in env.s3.env() {
+                cmd.env(k, v);
+            }
+            cmd.output().await.unwrap()
+        }
+    };
+    let kube_args = || -> Vec<String> {
+        let mut a = env.kube_args();
+        let at = a.iter().position(|x| x == "s3-creds").unwrap();
+        a[at] = "s3-enc".into();
+        a
+    };
+    let ok = |out: std::process::Output| -> Value {
+        assert!(
+            out.status.success(),
+            "failed ({:?})\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    ok(run(
+        ["repo", "init", "--encryption", "--chunk-size", "256K"]
+            .map(String::from)
+            .to_vec(),
+        Some("pvc secret"),
+    )
+    .await);
+    env.kube
+        .seed_pvc(NS, "data", "8Mi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+    let device = env.kube.pvc_backing_file(NS, "data").unwrap();
+    write(&device, 0, 7, MIB as usize);
+
+    let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
+        .map(String::from)
+        .to_vec();
+    args.extend(kube_args());
+    let doc = ok(run(args, Some("pvc secret")).await);
+    let r = &doc["results"][0];
+    assert_eq!(r["ok"], true, "{doc:#}");
+    let snap = r["report"]["mover"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let mut args: Vec<String> = [
+        "-o",
+        "json",
+        "restore",
+        "--volume",
+        "db.data",
+        "--snapshot",
+        &snap,
+        "--to-pvc",
+        "restored",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(kube_args());
+    // Without the password the orchestrator stops before creating anything (exit 5).
+    let out = run(args.clone(), None).await;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        env.kube
+            .get("v1", "PersistentVolumeClaim", NS, "restored")
+            .is_none()
+    );
+    ok(run(args, Some("pvc secret")).await);
+    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(&device).unwrap()
+    );
+    drop(env.t);
+}

@@ -321,9 +321,26 @@ pub fn parse_spec(text: &str) -> Result<MoverSpec, MoverError> {
 /// [`MoverError`] for any failure; nothing is committed to the repository unless the backup
 /// completed.
 pub async fn run(spec: &MoverSpec, now: Timestamp) -> Result<MoverReport, MoverError> {
+    run_with_key(spec, None, now).await
+}
+
+/// Like [`run`], opening the repository with `key` when one is given (an encrypted repository;
+/// the Job gets the password as `CBT_PASSWORD` from the S3 credentials Secret, see
+/// [`crate::pvc_backup::objects::S3_SECRET_KEYS`]).
+///
+/// # Errors
+/// As [`run`]; [`RepoError::KeyRequired`] for an encrypted repository without a key.
+pub async fn run_with_key(
+    spec: &MoverSpec,
+    key: Option<&cbt_store::repo::RepoKey>,
+    now: Timestamp,
+) -> Result<MoverReport, MoverError> {
     let started = std::time::Instant::now();
     let store = open_url(&spec.repo, &spec.s3_options()).await?;
-    let repo = Repository::open(store).await?;
+    let repo = match key {
+        Some(k) => Repository::open_with_key(store, k).await?,
+        None => Repository::open(store).await?,
+    };
     let device = PathBuf::from(&spec.device);
     let mut report = match &spec.task {
         MoverTask::Backup(t) => backup(&repo, &device, t, now).await?,
@@ -464,7 +481,7 @@ async fn restore(
     };
     let r =
         engine::restore_manifest(repo, &manifest, device, &opts, &EngineOptions::default()).await?;
-    let check = verify_target(&manifest, device)
+    let check = verify_target(repo.codec(), &manifest, device)
         .await
         .map_err(io(format!("reading back {}", device.display())))?;
     if !check.is_ok() {

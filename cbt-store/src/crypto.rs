@@ -437,11 +437,42 @@ impl RepoKeys {
         plain: &[u8],
     ) -> Result<Vec<u8>, CryptoError> {
         let mut out = Vec::with_capacity(plain.len() + SEALED_OVERHEAD);
-        out.extend_from_slice(&SEALED_MAGIC);
-        out.push(SEALED_VERSION);
-        out.push(kind as u8);
-        out.extend_from_slice(&[0, 0]);
         out.resize(SEALED_HEADER_LEN, 0);
+        out.extend_from_slice(plain);
+        self.seal_framed(kind, object_key, out)
+    }
+
+    /// Like [`RepoKeys::seal`], but in `plain`'s own buffer: it grows by the envelope and the
+    /// bytes move up in place, so a freshly encoded multi-megabyte chunk costs no second
+    /// allocation (whose pages would all be faulted in again).
+    ///
+    /// # Errors
+    /// [`CryptoError::Random`] if the system RNG fails.
+    pub fn seal_vec(
+        &self,
+        kind: ObjectKind,
+        object_key: &str,
+        mut plain: Vec<u8>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let n = plain.len();
+        plain.reserve_exact(SEALED_OVERHEAD);
+        plain.resize(n + SEALED_HEADER_LEN, 0);
+        plain.copy_within(0..n, SEALED_HEADER_LEN);
+        self.seal_framed(kind, object_key, plain)
+    }
+
+    /// Seals `out[SEALED_HEADER_LEN..]` in place: fills the header, encrypts, appends tag and
+    /// crc.
+    fn seal_framed(
+        &self,
+        kind: ObjectKind,
+        object_key: &str,
+        mut out: Vec<u8>,
+    ) -> Result<Vec<u8>, CryptoError> {
+        out[..4].copy_from_slice(&SEALED_MAGIC);
+        out[4] = SEALED_VERSION;
+        out[5] = kind as u8;
+        out[6..8].fill(0);
         fill_random(&mut out[8..SEALED_HEADER_LEN])?;
         let key = self
             .object_key(kind, &out[8..8 + SALT_LEN])
@@ -449,7 +480,6 @@ impl RepoKeys {
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&out[8 + SALT_LEN..SEALED_HEADER_LEN]);
         let aad = aad(&out[..SEALED_HEADER_LEN], object_key);
-        out.extend_from_slice(plain);
         let tag = key
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
@@ -741,6 +771,15 @@ mod tests {
         assert_eq!(sealed.len(), plain.len() + SEALED_OVERHEAD);
         assert_eq!(
             keys.open(ObjectKind::Chunk, "chunks/ab/x", &sealed)
+                .unwrap(),
+            plain
+        );
+        let in_place = keys
+            .seal_vec(ObjectKind::Chunk, "chunks/ab/x", plain.clone())
+            .unwrap();
+        assert_eq!(in_place.len(), sealed.len());
+        assert_eq!(
+            keys.open(ObjectKind::Chunk, "chunks/ab/x", &in_place)
                 .unwrap(),
             plain
         );

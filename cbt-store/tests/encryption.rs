@@ -53,15 +53,21 @@ struct Enc {
 }
 
 async fn enc_fixture() -> Enc {
-    let fx = Fixture::new().await; // its own repository is unused; only the temp dir
-    let local = LocalStore::new(fx.dir.path().join("enc")).unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(local.clone());
-    let repo = init_enc(store.clone(), "hunter2").await;
-    Enc {
-        fx,
-        store,
-        local,
-        repo,
+    Enc::new_with_password("hunter2").await
+}
+
+impl Enc {
+    async fn new_with_password(password: &str) -> Enc {
+        let fx = Fixture::new().await; // its own repository is unused; only the temp dir
+        let local = LocalStore::new(fx.dir.path().join("enc")).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(local.clone());
+        let repo = init_enc(store.clone(), password).await;
+        Enc {
+            fx,
+            store,
+            local,
+            repo,
+        }
     }
 }
 
@@ -582,4 +588,56 @@ async fn two_repositories_name_the_same_data_differently() {
     };
     assert!(!names(&ma).is_empty());
     assert!(names(&ma).is_disjoint(&names(&mb)));
+}
+
+#[tokio::test]
+async fn lock_objects_are_sealed_and_still_block_when_unreadable() {
+    let Enc {
+        fx: _fx,
+        store,
+        repo,
+        ..
+    } = enc_fixture().await;
+    let lock = repo
+        .lock_shared("backup secret-volume/snap", Timestamp::from_unix_secs(7))
+        .await
+        .unwrap();
+    let key = format!("locks/shared/{}", lock.info().id);
+    let raw = store.get(&key).await.unwrap();
+    assert_eq!(&raw[..4], b"CBEN");
+    assert!(!raw.windows(13).any(|w| w == b"secret-volume"));
+    let listed = repo.list_locks().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].purpose, "backup secret-volume/snap");
+    assert!(lock.still_held().await.unwrap());
+
+    // A lock written under another key (or damaged) cannot be opened, but still blocks GC.
+    let other = Enc::new_with_password("other").await;
+    let foreign = other
+        .repo
+        .lock_shared("foreign", Timestamp::from_unix_secs(8))
+        .await
+        .unwrap();
+    let fkey = format!("locks/shared/{}", foreign.info().id);
+    let body = other.store.get(&fkey).await.unwrap();
+    store.put(&fkey, body, PutMode::IfAbsent).await.unwrap();
+    lock.release().await.unwrap();
+    let listed = repo.list_locks().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].purpose.contains("unreadable"), "{:?}", listed[0]);
+    let e = repo
+        .lock_exclusive("prune", Timestamp::from_unix_secs(9))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, RepoError::Locked { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn sealed_chunks_carry_the_checksum_of_their_stored_bytes() {
+    let Enc { fx: _fx, repo, .. } = enc_fixture().await;
+    for raw in [image(CS as usize, 1), vec![b'x'; 5000]] {
+        let e = repo.codec().encode_chunk(&raw, 3).unwrap();
+        assert_eq!(e.body_crc32c, crc32c::crc32c(&e.body));
+        assert_eq!(e.chunk.stored_size, e.body.len() as u64);
+    }
 }

@@ -610,3 +610,33 @@ async fn chunks_are_put_with_their_crc_and_deferred_durability_and_synced_before
     .unwrap();
     assert_eq!(std::fs::read(&restored).unwrap(), img);
 }
+
+#[tokio::test]
+async fn a_dry_run_checks_that_every_chunk_is_stored() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 11);
+    let src = fx.write("disk.img", &img);
+    let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap()
+        .manifest;
+    let (index, gone) = m.chunks.iter_stored().map(|(i, r)| (i, *r)).nth(5).unwrap();
+    fx.store
+        .delete(&cbt_store::chunk::chunk_key(&gone.hash))
+        .await
+        .unwrap();
+    let target = fx.path("never.img");
+    let dry = RestoreOptions {
+        dry_run: true,
+        ..Default::default()
+    };
+    let err = engine::restore(&fx.repo, &vol("v"), &snap("s"), &target, &dry, &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RepoError::ChunkMissing { index: i, .. } if *i <= index),
+        "{err}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Integrity);
+    assert!(!target.exists());
+}

@@ -5,6 +5,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_store::crypto::{KdfParams, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, verify_target,
 };
@@ -13,6 +14,16 @@ use cbt_store::store::{LocalStore, ObjectStore};
 
 #[tokio::test]
 async fn a_restored_target_verifies_and_a_changed_byte_is_found() {
+    check(false).await;
+}
+
+/// The same from an encrypted repository, whose manifests record keyed chunk hashes.
+#[tokio::test]
+async fn a_target_restored_from_an_encrypted_repository_verifies() {
+    check(true).await;
+}
+
+async fn check(encrypted: bool) {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src.img");
     let f = std::fs::File::create(&src).unwrap();
@@ -20,15 +31,22 @@ async fn a_restored_target_verifies_and_a_changed_byte_is_found() {
     f.write_all_at(&[7u8; 5000], 70_000).unwrap();
     f.write_all_at(&[9u8; 10], (1 << 20) - 10).unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: Some(64 * 1024),
-            now: Timestamp::from_unix_secs(1),
-        },
-    )
-    .await
+    let init = InitOptions {
+        chunk_size: Some(64 * 1024),
+        now: Timestamp::from_unix_secs(1),
+    };
+    let repo = if encrypted {
+        let kdf = KdfParams {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        Repository::init_encrypted(store, init, &Password::new("pw").unwrap(), kdf).await
+    } else {
+        Repository::init(store, init).await
+    }
     .unwrap();
+    assert_eq!(repo.is_encrypted(), encrypted);
     let volume = VolumeName::new("v").unwrap();
     let snap = SnapshotName::new("s").unwrap();
     let out = engine::backup(
@@ -59,7 +77,9 @@ async fn a_restored_target_verifies_and_a_changed_byte_is_found() {
     )
     .await
     .unwrap();
-    let r = verify_target(&out.manifest, &target).await.unwrap();
+    let r = verify_target(repo.codec(), &out.manifest, &target)
+        .await
+        .unwrap();
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(r.bytes_checked, 1 << 20);
     assert_eq!(r.chunks_ok, 16);
@@ -71,12 +91,16 @@ async fn a_restored_target_verifies_and_a_changed_byte_is_found() {
         .unwrap();
     w.write_all_at(&[1], 70_001).unwrap();
     w.write_all_at(&[1], 5 * 64 * 1024 + 3).unwrap();
-    let r = verify_target(&out.manifest, &target).await.unwrap();
+    let r = verify_target(repo.codec(), &out.manifest, &target)
+        .await
+        .unwrap();
     assert_eq!(r.mismatched, vec![1, 5]);
     assert_eq!(r.mismatched_count, 2);
 
     // A target shorter than the volume cannot hold it.
     w.set_len(1000).unwrap();
-    let e = verify_target(&out.manifest, &target).await.unwrap_err();
+    let e = verify_target(repo.codec(), &out.manifest, &target)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
 }

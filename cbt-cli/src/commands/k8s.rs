@@ -523,8 +523,13 @@ pub struct MoverArgs {
 /// Runs the mover and reports; the exit code follows the error class.
 pub async fn mover(args: &MoverArgs) -> Result<(), CliError> {
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
+    // The password of an encrypted repository comes from the Job's Secret, as CBT_PASSWORD.
+    let key = match crate::password_from("CBT_PASSWORD", None, "") {
+        Ok(p) => p.map(cbt_store::repo::RepoKey::Password),
+        Err(e) => return Err(e),
+    };
     let result = match cbt_k8s::mover::spec_from_env() {
-        Ok(spec) => cbt_k8s::mover::run(&spec, now).await,
+        Ok(spec) => cbt_k8s::mover::run_with_key(&spec, key.as_ref(), now).await,
         Err(e) => Err(e),
     };
     let report = match &result {

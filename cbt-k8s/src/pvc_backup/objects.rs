@@ -35,11 +35,13 @@ pub const DEVICE_PATH: &str = "/dev/cbt-volume";
 pub const TOKEN_DIR: &str = "/var/run/secrets/cbt";
 /// File name of the token inside [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "metadata-token";
-/// Keys of the S3 credentials Secret, passed as the standard AWS variables.
-pub const S3_SECRET_KEYS: [(&str, bool); 3] = [
+/// Keys of the S3 credentials Secret, passed to the mover as the standard AWS variables, plus
+/// the optional password of an encrypted repository (`CBT_PASSWORD`).
+pub const S3_SECRET_KEYS: [(&str, bool); 4] = [
     ("AWS_ACCESS_KEY_ID", false),
     ("AWS_SECRET_ACCESS_KEY", false),
     ("AWS_SESSION_TOKEN", true),
+    ("CBT_PASSWORD", true),
 ];
 
 /// Labels and annotations marking an object as ours.

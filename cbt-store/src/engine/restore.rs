@@ -55,7 +55,9 @@ pub struct RestoreOptions {
     pub overwrite: bool,
     /// Treat an existing regular file like a device: keep its size, zero what must be zero.
     pub in_place: bool,
-    /// Compute and return the plan without touching the target.
+    /// Compute and return the plan without touching the target; every chunk the plan would
+    /// fetch is still checked to be stored (a missing one fails the dry run as it would the
+    /// restore).
     pub dry_run: bool,
 }
 
@@ -194,7 +196,21 @@ pub async fn restore_manifest(
         wall_ms: 0,
         write_mb_per_s: 0.0,
     };
+    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
+    let refs = || -> Vec<ChunkAt> {
+        plan.fetch_groups()
+            .map(|g| ChunkAt {
+                index: g.targets[0].0,
+                offset: g.targets[0].1,
+                chunk: g.chunk,
+            })
+            .collect()
+    };
     if opts.dry_run {
+        // The plan is only worth showing if it can be carried out: every chunk it would fetch
+        // is checked to be stored, with its recorded size, as the real restore does first.
+        repo.check_chunks_stored(&name, &refs(), engine.transfers)
+            .await?;
         return Ok(report);
     }
     // A shared lock keeps GC from starting while chunks are being read. Restore must work from
@@ -212,15 +228,7 @@ pub async fn restore_manifest(
     };
     // Every chunk must be there before the first byte is written: a device must not be
     // half-overwritten for want of data that was missing from the start.
-    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
-    let refs: Vec<ChunkAt> = plan
-        .fetch_groups()
-        .map(|g| ChunkAt {
-            index: g.targets[0].0,
-            offset: g.targets[0].1,
-            chunk: g.chunk,
-        })
-        .collect();
+    let refs = refs();
     let present = repo
         .check_chunks_stored(&name, &refs, engine.transfers)
         .await;

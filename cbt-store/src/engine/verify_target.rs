@@ -1,5 +1,6 @@
 //! Proving a restored device holds a snapshot: every chunk of the target is read back and
-//! compared with the manifest (BLAKE3 for stored chunks, all zeros for zero chunks).
+//! compared with the manifest (the chunk's recorded hash for stored chunks: BLAKE3, keyed in an
+//! encrypted repository; all zeros for zero chunks).
 //!
 //! Reads the target only, never the repository, so it checks what landed on the device, not
 //! what was downloaded. Memory: one chunk buffer. Time: one sequential read of the volume.
@@ -10,6 +11,8 @@ use std::path::Path;
 
 use cbt_core::{ChunkState, Manifest};
 use serde::Serialize;
+
+use crate::repo::Codec;
 
 /// Result of [`verify_target`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -31,23 +34,30 @@ impl TargetVerifyReport {
     }
 }
 
-/// Reads `target` back and compares every chunk with `manifest`.
+/// Reads `target` back and compares every chunk with `manifest`, read from the repository
+/// whose [`Codec`] is `codec` (`repo.codec()`: it knows how chunks are named).
 ///
 /// # Errors
 /// An I/O error opening or reading the target (a target shorter than the volume is an
 /// `UnexpectedEof` error naming the offset).
 pub async fn verify_target(
+    codec: &Codec,
     manifest: &Manifest,
     target: &Path,
 ) -> std::io::Result<TargetVerifyReport> {
     let manifest = manifest.clone();
     let target = target.to_path_buf();
-    tokio::task::spawn_blocking(move || verify_blocking(&manifest, &target))
+    let codec = codec.clone();
+    tokio::task::spawn_blocking(move || verify_blocking(&codec, &manifest, &target))
         .await
         .map_err(std::io::Error::other)?
 }
 
-fn verify_blocking(manifest: &Manifest, target: &Path) -> std::io::Result<TargetVerifyReport> {
+fn verify_blocking(
+    codec: &Codec,
+    manifest: &Manifest,
+    target: &Path,
+) -> std::io::Result<TargetVerifyReport> {
     let file = File::open(target)?;
     let geometry = *manifest.chunks.geometry();
     let mut buf = vec![0u8; usize::try_from(geometry.chunk_size()).map_err(std::io::Error::other)?];
@@ -70,9 +80,7 @@ fn verify_blocking(manifest: &Manifest, target: &Path) -> std::io::Result<Target
         report.bytes_checked += len as u64;
         let ok = match manifest.chunks.get(index) {
             ChunkState::Zero => chunk.iter().all(|b| *b == 0),
-            ChunkState::Stored(r) => {
-                r.raw_len == len as u64 && *blake3::hash(chunk).as_bytes() == r.hash.0
-            }
+            ChunkState::Stored(r) => r.raw_len == len as u64 && codec.chunk_hash(chunk) == r.hash,
         };
         if ok {
             report.chunks_ok += 1;

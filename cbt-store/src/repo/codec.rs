@@ -44,6 +44,16 @@ impl Codec {
         self.keys.as_ref()
     }
 
+    /// The hash a manifest records for a chunk of these raw bytes: BLAKE3, keyed (the chunk's
+    /// stored name) in an encrypted repository.
+    pub fn chunk_hash(&self, raw: &[u8]) -> cbt_core::ChunkHash {
+        let plain = chunk::hash_raw(raw);
+        match &self.keys {
+            Some(keys) => keys.chunk_name(&plain),
+            None => plain,
+        }
+    }
+
     /// Largest stored object a chunk of `raw_len` raw bytes can have.
     pub fn max_chunk_object_len(&self, raw_len: u64) -> u64 {
         let plain = chunk::max_object_len(raw_len);
@@ -64,9 +74,18 @@ impl Codec {
             return Ok(plain);
         };
         let name = keys.chunk_name(&plain.chunk.hash);
-        let body = keys.seal(ObjectKind::Chunk, &chunk::chunk_key(&name), &plain.body)?;
-        // The store's checksum covers the bytes stored: the sealed ones, one more pass.
-        let body_crc32c = crc32c::crc32c(&body);
+        // The encoded body is fresh and unshared: sealed in its own buffer, not copied.
+        let body: Vec<u8> = match plain.body.try_into_mut() {
+            Ok(owned) => owned.into(),
+            Err(shared) => shared.to_vec(),
+        };
+        let body = keys.seal_vec(ObjectKind::Chunk, &chunk::chunk_key(&name), body)?;
+        // The store's checksum covers the bytes stored: the sealed ones. Their last four bytes
+        // are the crc32c of all before them, so extending it over those four costs no pass.
+        let split = body.len() - 4;
+        let mut trailer = [0u8; 4];
+        trailer.copy_from_slice(&body[split..]);
+        let body_crc32c = crc32c::crc32c_append(u32::from_le_bytes(trailer), &trailer);
         Ok(EncodedChunk {
             chunk: ChunkRef {
                 hash: name,

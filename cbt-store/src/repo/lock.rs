@@ -37,7 +37,8 @@ use cbt_core::Timestamp;
 use cbt_core::text::Escaped;
 use serde::{Deserialize, Serialize};
 
-use super::{Repository, Result, random_id};
+use super::{Codec, Repository, Result, random_id};
+use crate::crypto::ObjectKind;
 use crate::repo::RepoError;
 use crate::store::{ObjectStore, PutMode, PutOutcome, StoreError, list_all};
 
@@ -106,6 +107,7 @@ impl LockInfo {
 #[derive(Debug)]
 pub struct RepoLock {
     store: Arc<dyn ObjectStore>,
+    codec: Codec,
     key: String,
     info: LockInfo,
     released: bool,
@@ -123,7 +125,7 @@ impl RepoLock {
     /// # Errors
     /// Store errors.
     pub async fn still_held(&self) -> Result<bool> {
-        Ok(read_lock_id(self.store.as_ref(), &self.key)
+        Ok(read_lock_id(self.store.as_ref(), &self.codec, &self.key)
             .await?
             .as_deref()
             == Some(self.info.id.as_str()))
@@ -151,7 +153,7 @@ impl RepoLock {
     /// Store errors (the lock then stays and must be broken by hand).
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
-        remove_if_ours(self.store.as_ref(), &self.key, &self.info.id)
+        remove_if_ours(self.store.as_ref(), &self.codec, &self.key, &self.info.id)
             .await
             .map(|_| ())
     }
@@ -164,10 +166,11 @@ impl Drop for RepoLock {
         }
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let store = self.store.clone();
+            let codec = self.codec.clone();
             let key = std::mem::take(&mut self.key);
             let id = std::mem::take(&mut self.info.id);
             handle.spawn(async move {
-                if let Err(e) = remove_if_ours(store.as_ref(), &key, &id).await {
+                if let Err(e) = remove_if_ours(store.as_ref(), &codec, &key, &id).await {
                     tracing::warn!(%key, error = %e, "could not remove lock; break it by hand");
                 }
             });
@@ -176,9 +179,13 @@ impl Drop for RepoLock {
 }
 
 /// The id in the lock object at `key` (`None` if absent or unreadable).
-async fn read_lock_id(store: &dyn ObjectStore, key: &str) -> Result<Option<String>> {
+async fn read_lock_id(store: &dyn ObjectStore, codec: &Codec, key: &str) -> Result<Option<String>> {
     match store.get_bounded(key, MAX_LOCK_LEN).await {
-        Ok(b) => Ok(serde_json::from_slice::<LockInfo>(&b).ok().map(|i| i.id)),
+        Ok(b) => Ok(codec
+            .open_object(ObjectKind::Lock, key, b)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<LockInfo>(&b).ok())
+            .map(|i| i.id)),
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) if e.kind() == crate::store::ErrorKind::Integrity => Ok(None),
         Err(e) => Err(RepoError::store(format!("reading lock {key}"), e)),
@@ -186,8 +193,13 @@ async fn read_lock_id(store: &dyn ObjectStore, key: &str) -> Result<Option<Strin
 }
 
 /// Deletes the lock object at `key` only if it carries `id`; true if it was deleted.
-async fn remove_if_ours(store: &dyn ObjectStore, key: &str, id: &str) -> Result<bool> {
-    if read_lock_id(store, key).await?.as_deref() != Some(id) {
+async fn remove_if_ours(
+    store: &dyn ObjectStore,
+    codec: &Codec,
+    key: &str,
+    id: &str,
+) -> Result<bool> {
+    if read_lock_id(store, codec, key).await?.as_deref() != Some(id) {
         tracing::warn!(%key, id, "lock was broken or replaced; leaving the current one alone");
         return Ok(false);
     }
@@ -257,7 +269,12 @@ impl Repository {
         };
         match self.store().get_bounded(key, MAX_LOCK_LEN).await {
             Ok(b) => Ok(Some(
-                serde_json::from_slice(&b).unwrap_or_else(|_| unreadable("not a lock")),
+                match self.codec().open_object(ObjectKind::Lock, key, b) {
+                    Ok(b) => {
+                        serde_json::from_slice(&b).unwrap_or_else(|_| unreadable("not a lock"))
+                    }
+                    Err(_) => unreadable("cannot be opened with this repository's key"),
+                },
             )),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) if e.kind() == crate::store::ErrorKind::Integrity => {
@@ -271,8 +288,11 @@ impl Repository {
         let body = serde_json::to_vec_pretty(info).map_err(|e| RepoError::Internal {
             message: format!("encoding lock: {e}"),
         })?;
+        let body = self
+            .codec()
+            .seal_object(ObjectKind::Lock, key, Bytes::from(body))?;
         self.store()
-            .put(key, Bytes::from(body), PutMode::IfAbsent)
+            .put(key, body, PutMode::IfAbsent)
             .await
             .map_err(|e| RepoError::store(format!("taking lock {key}"), e))
     }
@@ -291,6 +311,7 @@ impl Repository {
         }
         let lock = RepoLock {
             store: self.store().clone(),
+            codec: self.codec().clone(),
             key,
             info,
             released: false,
@@ -341,6 +362,7 @@ impl Repository {
         }
         let lock = RepoLock {
             store: self.store().clone(),
+            codec: self.codec().clone(),
             key: EXCLUSIVE_KEY.to_string(),
             info,
             released: false,

@@ -23,8 +23,9 @@
 //! refuses with [`RepoError::KeyRequired`], and `open_with_key` refuses an unencrypted
 //! repository ([`RepoError::NotEncrypted`]). Passwords are managed with
 //! [`Repository::add_key`], [`Repository::list_keys`] and [`Repository::remove_key`].
-//! Lock objects are not sealed: they carry the holder's host name, process id and purpose so
-//! that `lock list` and `lock break` work for whoever can reach the store.
+//! Lock objects are sealed too (their holder's host, process id and purpose name volumes and
+//! snapshots); a lock that cannot be opened still blocks what it blocks and is listed as
+//! unreadable, so it can be broken by id.
 //! A manifest's JSON keeps `format_version`, `volume_size` and `chunk_size` before the chunk
 //! list: readers bound what they decode by that geometry before reading the list.
 //! Object keys are built only from validated [`VolumeName`]/[`SnapshotName`]s and hex hashes,
