@@ -1,5 +1,6 @@
 # The `cbt` image: the orchestrator (`cbt backup --pvc`, `cbt restore --to-pvc`, and every
-# repository command), the replication controller `cbt-replicator`, and, built with `--target mover`, the data mover its Jobs run.
+# repository command), the replication controller `cbt-replicator`, and, built with
+# `--target mover`, the data mover its Jobs run.
 #
 #   docker build -t cbt:dev .                         # orchestrator and CLI, runs as UID 65532
 #   docker build --target mover -t cbt-mover:dev .    # mover Jobs: same binary, runs as root
