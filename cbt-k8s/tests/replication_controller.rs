@@ -1225,3 +1225,45 @@ async fn trident_resync_of_a_destination_requests_one_mirror_update() {
         .unwrap();
     assert!(out.plan.is_noop(), "{:?}", out.plan);
 }
+
+/// 409s on writes (a status patch, a create that went through but answered Conflict) and 410s
+/// on the backend watch: the controller retries from fresh reads and converges, with one TMR.
+#[tokio::test]
+async fn conflicts_and_stale_watches_are_retried_to_convergence() {
+    use fake_kube::HttpFault;
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    let faults = e.fake.faults();
+    faults.add_http(
+        HttpFault::status(409, 2)
+            .method("PATCH")
+            .path_contains("/volumereplications/data/status"),
+    );
+    faults.add_http(
+        HttpFault::status(409, 1)
+            .method("POST")
+            .path_contains("/tridentmirrorrelationships")
+            .after_processing(),
+    );
+    faults.add_http(
+        HttpFault::status(410, 2)
+            .method("GET")
+            .path_contains("/tridentmirrorrelationships"),
+    );
+    e.vr("data", "trident", "data", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
+    let statuses = e
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/volumereplications/data/status"))
+        .count();
+    assert!(statuses >= 3, "{statuses}");
+    ctl.stop().await;
+}
