@@ -493,6 +493,18 @@ async fn trident_unplanned_failover_then_resync_of_the_old_primary() {
         e.tmr_state("data"),
         ("reestablished".into(), "reestablished".into())
     );
+    // A resync of the reestablished destination: one transfer now.
+    e.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "resync"}),
+    );
+    until("resync transfer", || {
+        let (s, g) = e.vr_status("data");
+        ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
+    })
+    .await;
+    assert_eq!(e.fake.list(TMR_API, "TridentActionMirrorUpdate").len(), 1);
     ctl.stop().await;
 }
 
