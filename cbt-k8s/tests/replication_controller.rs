@@ -1279,3 +1279,72 @@ async fn conflicts_and_stale_watches_are_retried_to_convergence() {
     assert!(statuses >= 3, "{statuses}");
     ctl.stop().await;
 }
+
+/// Dell: the group's verb fails on the array. The group reports it failed (Degraded, with the
+/// error and how to retry) and the verb is not sent again on its own: a one-shot verb is retried
+/// only when a person removes the ledger, after which it converges.
+#[tokio::test]
+async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg(
+        "rg-pg",
+        false,
+        "SYNCHRONIZED",
+        &["pg-data", "pg-wal", "pg-config"],
+    );
+    let sim = e.fake.replication().unwrap();
+    sim.fail_dell_action(
+        "UNPLANNED_FAILOVER_LOCAL",
+        Some("remote system unreachable"),
+    );
+    e.vgr(
+        "pg",
+        "powerstore-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("degraded", || {
+        let (s, _) = e.vgr_status("pg");
+        cond(&s.replication, "Degraded")
+            .is_some_and(|(st, _, m)| st == "True" && m.contains("remote system unreachable"))
+    })
+    .await;
+    let (s, g) = e.vgr_status("pg");
+    assert!(!ramen_accepts_primary(&s.replication, g));
+    assert!(
+        cond(&s.replication, "Completed")
+            .unwrap()
+            .2
+            .contains("dell-actions")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.dell_actions().len(), 1);
+    // The array is back and a person asks for a retry.
+    sim.fail_dell_action("UNPLANNED_FAILOVER_LOCAL", None);
+    e.fake
+        .merge_patch(
+            RG_API,
+            "DellCSIReplicationGroup",
+            "",
+            "rg-pg",
+            &json!({"metadata": {"annotations": {"replication.cbt.io/dell-actions": null}}}),
+        )
+        .unwrap();
+    until("primary", || {
+        let (s, g) = e.vgr_status("pg");
+        ramen_accepts_primary(&s.replication, g)
+    })
+    .await;
+    let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        verbs,
+        [
+            "UNPLANNED_FAILOVER_LOCAL",
+            "UNPLANNED_FAILOVER_LOCAL",
+            "REPROTECT_LOCAL"
+        ]
+    );
+    ctl.stop().await;
+}
