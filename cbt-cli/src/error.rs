@@ -1,13 +1,14 @@
 //! Errors of the `cbt` command and their exit codes.
 //!
 //! Every failure is reduced to an [`ExitClass`] (which fixes the exit code), a message and an
-//! optional hint telling the user what to do. Library errors are classified by their own
-//! `kind()`/`class()`, never by message text.
+//! optional hint telling the user what to do. Library errors classify themselves into the
+//! toolkit's one [`cbt_core::ErrorKind`] (`kind()`), which [`ExitClass::from`] maps to the one
+//! exit-code table; this module adds only the hints, never re-classifies.
 
 use std::process::ExitCode;
 
-use cbt_store::repo::{ErrorClass, RepoError};
-use cbt_store::store::{ErrorKind as StoreKind, StoreError};
+use cbt_store::repo::RepoError;
+use cbt_store::store::{ErrorKind, StoreError};
 
 /// Exit codes, printed in `cbt --help`: the toolkit's one table (shared with `snapshift`).
 pub const EXIT_CODES_HELP: &str = cbt_core::exit::HELP;
@@ -72,15 +73,6 @@ impl CliError {
     }
 }
 
-fn store_class(e: &StoreError) -> ExitClass {
-    match e.kind() {
-        StoreKind::Config => ExitClass::Config,
-        StoreKind::Integrity => ExitClass::Integrity,
-        StoreKind::Transient | StoreKind::Other => ExitClass::Transient,
-        StoreKind::InvalidInput | StoreKind::NotFound => ExitClass::Usage,
-    }
-}
-
 fn store_hint(e: &StoreError) -> Option<String> {
     match e {
         StoreError::AccessDenied { .. } => Some(
@@ -102,7 +94,7 @@ fn store_hint(e: &StoreError) -> Option<String> {
              SeaweedFS); restore, verify and list still work against this one"
                 .into(),
         ),
-        _ if e.kind() == StoreKind::Integrity => {
+        _ if e.kind() == ErrorKind::Integrity => {
             Some("run `cbt verify --read-data` to list every damaged object".into())
         }
         _ if e.is_transient() => Some("this looks temporary: retry later".into()),
@@ -114,7 +106,7 @@ impl From<StoreError> for CliError {
     fn from(e: StoreError) -> Self {
         CliError {
             reported: false,
-            class: store_class(&e),
+            class: ExitClass::from(e.kind()),
             hint: store_hint(&e),
             message: e.to_string(),
         }
@@ -123,78 +115,51 @@ impl From<StoreError> for CliError {
 
 impl From<RepoError> for CliError {
     fn from(e: RepoError) -> Self {
-        let (class, hint) = match &e {
-            RepoError::Store { source, .. } => (store_class(source), store_hint(source)),
-            RepoError::NotInitialized => (
-                ExitClass::Config,
-                Some("check --repo, or create it with `cbt repo init`".into()),
+        let class = ExitClass::from(e.kind());
+        let hint = match &e {
+            RepoError::Store { source, .. } => store_hint(source),
+            RepoError::NotInitialized => {
+                Some("check --repo, or create it with `cbt repo init`".into())
+            }
+            RepoError::KeyRequired => {
+                Some("set CBT_PASSWORD, or pass --password-file (or set CBT_PASSWORD_FILE)".into())
+            }
+            RepoError::WrongPassword { .. } => Some(
+                "check CBT_PASSWORD / the password file; each password added with \
+                 `cbt key add` opens the repository"
+                    .into(),
             ),
-            RepoError::KeyRequired => (
-                ExitClass::Config,
-                Some("set CBT_PASSWORD, or pass --password-file (or set CBT_PASSWORD_FILE)".into()),
-            ),
-            RepoError::WrongPassword { .. } => (
-                ExitClass::Config,
-                Some(
-                    "check CBT_PASSWORD / the password file; each password added with \
-                     `cbt key add` opens the repository"
-                        .into(),
-                ),
-            ),
-            RepoError::NotEncrypted => (
-                ExitClass::Config,
-                Some(
-                    "unset CBT_PASSWORD / CBT_PASSWORD_FILE for this repository; if it was \
-                     created encrypted, its config has been edited: restore it before writing"
-                        .into(),
-                ),
+            RepoError::NotEncrypted => Some(
+                "unset CBT_PASSWORD / CBT_PASSWORD_FILE for this repository; if it was \
+                 created encrypted, its config has been edited: restore it before writing"
+                    .into(),
             ),
             RepoError::Crypto(cbt_store::crypto::CryptoError::BadPassword { .. })
-            | RepoError::Crypto(cbt_store::crypto::CryptoError::PasswordFile { .. }) => (
-                ExitClass::Config,
-                Some("check CBT_PASSWORD / the password file".into()),
-            ),
-            RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => (
-                ExitClass::Usage,
-                Some(
-                    "to rotate a password: `cbt key add` the new one, then `cbt key remove` the \
-                     old slot while opening with the new password"
-                        .into(),
-                ),
-            ),
-            RepoError::KeySlotNotFound { .. } => {
-                (ExitClass::Usage, Some("see `cbt key list`".into()))
+            | RepoError::Crypto(cbt_store::crypto::CryptoError::PasswordFile { .. }) => {
+                Some("check CBT_PASSWORD / the password file".into())
             }
-            RepoError::Locked { .. } => (
-                ExitClass::Conflict,
-                Some(
-                    "another cbt process is using the repository; if it died, see `cbt lock list` \
-                     and `cbt lock break <id>`"
-                        .into(),
-                ),
+            RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => Some(
+                "to rotate a password: `cbt key add` the new one, then `cbt key remove` the \
+                 old slot while opening with the new password"
+                    .into(),
             ),
-            _ => {
-                let class = match e.class() {
-                    ErrorClass::Usage => ExitClass::Usage,
-                    ErrorClass::Integrity => ExitClass::Integrity,
-                    ErrorClass::Transient => ExitClass::Transient,
-                    ErrorClass::Conflict => ExitClass::Conflict,
-                    ErrorClass::Unsupported => ExitClass::Unsupported,
-                    _ => ExitClass::Internal,
-                };
-                let hint = match class {
-                    ExitClass::Integrity => Some(
-                        "run `cbt verify --read-data` to list every damaged object".to_string(),
-                    ),
-                    ExitClass::Transient => Some(
-                        "retry; an interrupted backup resumes without re-uploading stored chunks"
-                            .to_string(),
-                    ),
-                    ExitClass::Unsupported => Some("upgrade cbt".to_string()),
-                    _ => None,
-                };
-                (class, hint)
-            }
+            RepoError::KeySlotNotFound { .. } => Some("see `cbt key list`".into()),
+            RepoError::Locked { .. } => Some(
+                "another cbt process is using the repository; if it died, see `cbt lock list` \
+                 and `cbt lock break <id>`"
+                    .into(),
+            ),
+            _ => match class {
+                ExitClass::Integrity => {
+                    Some("run `cbt verify --read-data` to list every damaged object".to_string())
+                }
+                ExitClass::Transient => Some(
+                    "retry; an interrupted backup resumes without re-uploading stored chunks"
+                        .to_string(),
+                ),
+                ExitClass::Unsupported => Some("upgrade cbt".to_string()),
+                _ => None,
+            },
         };
         CliError {
             reported: false,

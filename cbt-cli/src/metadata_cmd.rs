@@ -10,9 +10,7 @@ use cbt_csi::client::Batch;
 use cbt_csi::server::{
     FaultPlan, FaultStatus, FileMetadataService, Listen, ServerOptions, TlsIdentity,
 };
-use cbt_csi::{
-    BlockType, ClientConfig, CsiError, ErrorKind, MetadataClient, MetadataRequest, Query,
-};
+use cbt_csi::{BlockType, ClientConfig, CsiError, MetadataClient, MetadataRequest, Query};
 
 use crate::Ctx;
 use crate::error::{CliError, ExitClass};
@@ -163,58 +161,33 @@ fn read(p: &PathBuf) -> Result<String, CliError> {
 
 impl From<CsiError> for CliError {
     fn from(e: CsiError) -> Self {
-        let (class, hint) = match &e {
-            CsiError::InvalidEndpoint { .. } | CsiError::Tls { .. } => (ExitClass::Config, None),
+        let hint = match &e {
             CsiError::Unauthenticated { .. }
             | CsiError::PermissionDenied { .. }
-            | CsiError::Token { .. } => (
-                ExitClass::Config,
-                Some("check --metadata-token / --metadata-token-file and the identity's RBAC"),
-            ),
-            CsiError::Unimplemented { .. } => (
-                ExitClass::Config,
-                Some(
-                    "use --metadata-namespace only with the Kubernetes sidecar, and omit it for a CSI driver socket",
-                ),
-            ),
-            CsiError::InvalidArgument { .. }
-            | CsiError::SnapshotNotFound { .. }
-            | CsiError::OutOfRange { .. } => (ExitClass::Usage, None),
-            CsiError::CbtNotEnabled { .. } | CsiError::FailedPrecondition { .. } => {
-                (ExitClass::Usage, None)
+            | CsiError::Token { .. } => {
+                Some("check --metadata-token / --metadata-token-file and the identity's RBAC")
             }
-            CsiError::DeadlineExceeded { .. } => (
-                ExitClass::Transient,
-                Some(
-                    "raise --metadata-deadline-secs: the service was still answering when cbt's own deadline expired",
-                ),
+            CsiError::Unimplemented { .. } => Some(
+                "use --metadata-namespace only with the Kubernetes sidecar, and omit it for a CSI driver socket",
             ),
-            CsiError::ServerTimeLimit { .. } => (
-                ExitClass::Transient,
-                Some(
-                    "the service's stream time limit is shorter than the time it needs for one message; raise it (sidecar flag --max-streaming-duration-min)",
-                ),
+            CsiError::DeadlineExceeded { .. } => Some(
+                "raise --metadata-deadline-secs: the service was still answering when cbt's own deadline expired",
             ),
-            CsiError::ProtocolViolation { .. } => (
-                ExitClass::Integrity,
-                Some(
-                    "the metadata service broke the protocol; report it to the CSI driver's maintainers",
-                ),
+            CsiError::ServerTimeLimit { .. } => Some(
+                "the service's stream time limit is shorter than the time it needs for one message; raise it (sidecar flag --max-streaming-duration-min)",
             ),
-            _ => match e.kind() {
-                ErrorKind::Transient => (
-                    ExitClass::Transient,
-                    Some("this looks temporary: retry later"),
-                ),
-                ErrorKind::Config => (ExitClass::Config, None),
-                ErrorKind::Unsupported => (ExitClass::Usage, None),
-                ErrorKind::Protocol => (ExitClass::Integrity, None),
-                _ => (ExitClass::Internal, None),
-            },
+            CsiError::ProtocolViolation { .. } => Some(
+                "the metadata service broke the protocol; report it to the CSI driver's maintainers",
+            ),
+            CsiError::CbtNotEnabled { .. } => {
+                Some("take a full backup (--full), or enable changed-block tracking for the volume")
+            }
+            _ if e.kind().is_transient() => Some("this looks temporary: retry later"),
+            _ => None,
         };
         CliError {
             reported: false,
-            class,
+            class: ExitClass::from(e.kind()),
             message: e.to_string(),
             hint: hint.map(str::to_string),
         }
@@ -573,6 +546,9 @@ pub struct ServeMetadataArgs {
     /// Metadata calls served at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 64)]
     pub max_concurrent_calls: usize,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
     /// JSON object of CSI secrets every CSI call must carry, like a driver that needs backend
     /// credentials (missing key: INVALID_ARGUMENT; wrong value: PERMISSION_DENIED).
     #[arg(long, value_name = "FILE.json")]
@@ -630,6 +606,7 @@ pub async fn run_serve_metadata(args: ServeMetadataArgs) -> Result<(), CliError>
     };
     opts.max_results = args.max_results;
     opts.max_concurrent_calls = args.max_concurrent_calls.max(1);
+    opts.max_connections = args.max_connections.max(1);
     opts.token = match &args.token_file {
         Some(p) => Some(read(p)?.trim().to_string()),
         None => args.token.clone(),

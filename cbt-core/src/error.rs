@@ -3,15 +3,61 @@
 //! Every variant carries the values a user needs to act on it (the offending name, offset,
 //! version, chunk index). Callers branch on [`CoreError::kind`], never on message text.
 
-/// What kind of failure a [`CoreError`] is, so callers (and the CLI's exit codes) can react.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a caller can do about a failure: the one vocabulary every crate of the toolkit
+/// (`cbt-core`, `cbt-csi`, `cbt-store`, `cbt-k8s`) classifies its errors into, so an embedding
+/// tool branches on one enum, and every binary turns it into the one exit-code table
+/// ([`crate::exit::ExitClass`] implements `From<ErrorKind>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorKind {
-    /// The caller passed bad input (a range, a name, a policy); fix the request.
+    /// The request is wrong (a name, range, flag, policy, a target too small): fix the request.
     Usage,
-    /// Stored data is not what it must be (bad manifest, wrong geometry); repair needed.
+    /// What the request names does not exist (an object, a snapshot).
+    NotFound,
+    /// Configuration: endpoint, credentials, password, TLS, kubeconfig, RBAC, a missing CRD,
+    /// driver or class.
+    Config,
+    /// Stored or read data is damaged or inconsistent: repair needed.
     Integrity,
-    /// Stored data was written by a newer version of this software; upgrade to read it.
+    /// A peer (a metadata service, an API server) broke its protocol: report it to its
+    /// maintainers.
+    Protocol,
+    /// Retry later: throttling, timeouts, 5xx, dropped connections, I/O that may pass.
+    Transient,
+    /// Someone else holds or changed what this needs: a lock, an object that exists and differs.
+    Conflict,
+    /// Not supported: written by a newer version of this software, or a feature the peer does
+    /// not offer (no changed-block tracking for a volume).
     Unsupported,
+    /// The storage system, snapshot controller or a Job reported a failure of its own.
+    Backend,
+    /// The caller (or a signal) stopped the operation.
+    Cancelled,
+    /// A bug in this software.
+    Bug,
+}
+
+impl ErrorKind {
+    /// True when the same operation may succeed if retried later.
+    pub fn is_transient(self) -> bool {
+        self == Self::Transient
+    }
+
+    /// Short snake-case name, as JSON documents write it (`error.kind`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Usage => "usage",
+            Self::NotFound => "not_found",
+            Self::Config => "config",
+            Self::Integrity => "integrity",
+            Self::Protocol => "protocol",
+            Self::Transient => "transient",
+            Self::Conflict => "conflict",
+            Self::Unsupported => "unsupported",
+            Self::Backend => "backend",
+            Self::Cancelled => "cancelled",
+            Self::Bug => "bug",
+        }
+    }
 }
 
 /// Errors produced by the pure core.

@@ -20,7 +20,7 @@ pub enum ExitClass {
     Config,
     /// An object exists and differs, or the repository is locked.
     Conflict,
-    /// Written by a newer version: upgrade.
+    /// Written by a newer version (upgrade), or a feature the storage does not offer.
     Unsupported,
     /// The storage system, snapshot controller or a Job reported a failure of its own.
     Backend,
@@ -63,6 +63,11 @@ impl ExitClass {
         }
     }
 
+    /// The class named `name` (as [`ExitClass::name`] writes it, e.g. in a mover's report).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// Every class, in code order.
     pub const ALL: [ExitClass; 10] = [
         Self::Partial,
@@ -90,6 +95,23 @@ impl ExitClass {
     }
 }
 
+impl From<crate::ErrorKind> for ExitClass {
+    fn from(kind: crate::ErrorKind) -> Self {
+        use crate::ErrorKind as K;
+        match kind {
+            K::Usage | K::NotFound => Self::Usage,
+            K::Config => Self::Config,
+            K::Integrity | K::Protocol => Self::Integrity,
+            K::Transient => Self::Transient,
+            K::Conflict => Self::Conflict,
+            K::Unsupported => Self::Unsupported,
+            K::Backend => Self::Backend,
+            K::Cancelled => Self::Interrupted,
+            K::Bug => Self::Internal,
+        }
+    }
+}
+
 /// The table as printed in every binary's `--help`.
 pub const HELP: &str = "\
 Exit codes (the same for cbt and snapshift):
@@ -102,7 +124,8 @@ Exit codes (the same for cbt and snapshift):
   5    configuration: credentials, repository, kubeconfig/context, missing driver, class or
        CRD, RBAC, TLS
   6    conflict: the repository is locked, or an object exists and differs
-  7    unsupported: written by a newer version; upgrade
+  7    unsupported: written by a newer version (upgrade), or a feature the storage does not
+       offer (changed-block tracking not enabled for the volume: take a full backup)
   8    backend: the storage system, snapshot controller or a data-mover Job failed
   70   internal error (a bug: please report it)
   130  interrupted (what the run created was cleaned up first)";
@@ -122,6 +145,14 @@ mod tests {
                 "{c:?} missing from HELP"
             );
         }
+    }
+
+    #[test]
+    fn names_read_back() {
+        for c in ExitClass::ALL {
+            assert_eq!(ExitClass::from_name(c.name()), Some(c));
+        }
+        assert_eq!(ExitClass::from_name("nonsense"), None);
     }
 
     #[test]

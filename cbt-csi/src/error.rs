@@ -3,20 +3,8 @@
 
 use std::time::Duration;
 
-/// What a caller can do about an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Retry later: the service or network is temporarily unable to answer.
-    Transient,
-    /// Fix configuration or the request: endpoint, TLS, token, RBAC, snapshot names, offsets.
-    Config,
-    /// The service cannot answer this kind of request (e.g. no CBT for a delta): take a full backup.
-    Unsupported,
-    /// The server broke the protocol (driver bug); report it to the driver's maintainers.
-    Protocol,
-    /// The caller aborted the call (its callback returned an error).
-    Aborted,
-}
+/// The toolkit's one error-kind vocabulary ([`CsiError::kind`] classifies into it).
+pub use cbt_core::ErrorKind;
 
 /// Which RPC a failure belongs to, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -230,6 +218,18 @@ pub enum CsiError {
         /// What was wrong.
         detail: String,
     },
+    /// The collected answer has more distinct ranges than the client accepts.
+    #[error(
+        "{call}: the service's answer has more than {limit} distinct ranges ({ranges} so far); stream it in batches instead of collecting, or raise the client's max_collected_ranges"
+    )]
+    AnswerTooLarge {
+        /// The RPC.
+        call: Call,
+        /// Ranges held when the limit was passed.
+        ranges: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// The token source failed.
     #[error("cannot obtain a security token: {reason}")]
     Token {
@@ -279,10 +279,15 @@ impl CsiError {
             | Self::RetriesExhausted { .. } => ErrorKind::Transient,
             Self::SnapshotUnavailable { .. } => ErrorKind::Transient,
             Self::CbtNotEnabled { .. } => ErrorKind::Unsupported,
-            Self::ProtocolViolation { .. } => ErrorKind::Protocol,
-            Self::Consumer { .. } => ErrorKind::Aborted,
+            Self::ProtocolViolation { .. } | Self::AnswerTooLarge { .. } => ErrorKind::Protocol,
+            Self::Consumer { .. } => ErrorKind::Cancelled,
             Self::Status { code, .. } if is_retryable(*code) => ErrorKind::Transient,
             Self::Io { .. } => ErrorKind::Transient,
+            // The request named something wrong: the service's answer will not change.
+            Self::InvalidArgument { .. }
+            | Self::OutOfRange { .. }
+            | Self::FailedPrecondition { .. } => ErrorKind::Usage,
+            Self::SnapshotNotFound { .. } => ErrorKind::NotFound,
             _ => ErrorKind::Config,
         }
     }

@@ -18,7 +18,8 @@ pub mod ranges;
 pub mod server;
 
 pub use client::{
-    ClientConfig, MetadataClient, MetadataRequest, MetadataStream, Query, RetryPolicy,
+    ClientConfig, DEFAULT_DEADLINE, DEFAULT_MAX_COLLECTED_RANGES, DEFAULT_MAX_OUT_OF_ORDER,
+    MetadataClient, MetadataRequest, MetadataStream, Query, RetryPolicy,
 };
 pub use error::{CsiError, ErrorKind};
 pub use ranges::{BlockType, Extent, MetadataResult, MetadataSummary};

@@ -48,6 +48,7 @@ pub struct Normalizer {
     capacity: Option<u64>,
     block_size: Option<u64>,
     out_of_order: u64,
+    max_out_of_order: u64,
     tuples: u64,
     messages: u64,
 }
@@ -63,9 +64,18 @@ impl Normalizer {
             capacity: None,
             block_size: None,
             out_of_order: 0,
+            max_out_of_order: u64::MAX,
             tuples: 0,
             messages: 0,
         }
+    }
+
+    /// Fails [`Normalizer::accept`] once more than `max` ranges arrived out of order (each is
+    /// handed on, so a driver streaming them without end would grow every consumer that
+    /// buffers them).
+    pub fn with_max_out_of_order(mut self, max: u64) -> Self {
+        self.max_out_of_order = max;
+        self
     }
 
     /// Offset to send in the next attempt after a broken stream.
@@ -211,6 +221,18 @@ impl Normalizer {
             if start < last_start {
                 // Out of order: keep the part below the last extent, drop what overlaps it.
                 self.out_of_order += 1;
+                if self.out_of_order > self.max_out_of_order {
+                    return Err(Violation {
+                        offset: Some(start as i64),
+                        detail: format!(
+                            "the server sent more than {} ranges out of order (starting below \
+                             ranges it had already sent; the spec requires ascending offsets): \
+                             this one starts at byte {start}, after a range at byte {last_start}; \
+                             {} tuples in {} messages so far",
+                            self.max_out_of_order, self.tuples, self.messages
+                        ),
+                    });
+                }
                 out.push(Extent::new(start, end.min(last_start) - start));
                 if end > frontier {
                     out.push(Extent::new(frontier, end - frontier));

@@ -508,7 +508,7 @@ async fn server_status_codes_map_to_typed_errors() {
     };
     let e = run(alloc("missing"), 0).await;
     assert!(matches!(e, CsiError::SnapshotNotFound { .. }), "{e}");
-    assert_eq!(e.kind(), ErrorKind::Config);
+    assert_eq!(e.kind(), ErrorKind::NotFound);
     assert!(matches!(
         run(alloc("../etc/passwd"), 0).await,
         CsiError::InvalidArgument { .. }
@@ -522,6 +522,7 @@ async fn server_status_codes_map_to_typed_errors() {
         matches!(e, CsiError::OutOfRange { offset, .. } if offset == 4 * MIB + 1),
         "{e}"
     );
+    assert_eq!(e.kind(), ErrorKind::Usage);
     let e = run(delta("small", "a"), 0).await;
     assert!(matches!(e, CsiError::CbtNotEnabled { .. }), "{e}");
     assert_eq!(e.kind(), ErrorKind::Unsupported);
@@ -622,7 +623,7 @@ async fn a_fresh_token_is_fetched_for_every_attempt_and_consumer_errors_cancel()
         .await
         .unwrap_err();
     assert!(matches!(e, CsiError::Consumer { .. }));
-    assert_eq!(e.kind(), ErrorKind::Aborted);
+    assert_eq!(e.kind(), ErrorKind::Cancelled);
     srv.shutdown().await.unwrap();
 }
 
@@ -1125,4 +1126,60 @@ async fn calls_beyond_the_servers_limit_are_refused_until_one_ends() {
     // When the first call's stream is gone, the next call is admitted.
     drop(first);
     assert!(svc.get_metadata_allocated(call()).await.is_ok());
+}
+
+#[tokio::test]
+async fn connections_beyond_the_servers_limit_are_closed_until_one_ends() {
+    let snaps = tempfile::tempdir().unwrap();
+    let sock = tempfile::tempdir().unwrap();
+    scattered_pair(snaps.path());
+    let mut o = opts(snaps.path(), 4 * KIB, BlockType::FixedLength);
+    o.max_connections = 1;
+    let srv = serve_unix(o, sock.path()).await;
+    let alloc = || {
+        MetadataRequest::new(Query::CsiAllocated {
+            snapshot_id: "s".into(),
+        })
+    };
+    // The first client holds the only connection and is served.
+    let first = common::client(srv.endpoint()).await;
+    let expected = first.collect(alloc()).await.unwrap();
+    assert_eq!(expected.extents.len(), 64);
+    // A second one is closed as soon as it connects, however often it retries.
+    let second = match MetadataClient::connect(
+        ClientConfig::new(srv.endpoint()).with_retry(common::fast_retry()),
+    )
+    .await
+    {
+        Ok(c) => Some(c.collect(alloc()).await),
+        Err(e) => {
+            assert!(matches!(e, CsiError::Connect { .. }), "{e}");
+            None
+        }
+    };
+    if let Some(r) = second {
+        assert!(r.is_err(), "a connection beyond the limit was served");
+    }
+    // The first connection still works; once it is gone, a new client is admitted.
+    assert_eq!(first.collect(alloc()).await.unwrap(), expected);
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let third = MetadataClient::connect(
+            ClientConfig::new(srv.endpoint()).with_retry(common::fast_retry()),
+        )
+        .await;
+        if let Ok(c) = third
+            && let Ok(r) = c.collect(alloc()).await
+        {
+            assert_eq!(r, expected);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the released connection permit was never reused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    srv.shutdown().await.unwrap();
 }

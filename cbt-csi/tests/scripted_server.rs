@@ -532,3 +532,88 @@ async fn an_oversized_message_is_a_protocol_violation_not_an_offset_error() {
     assert!(matches!(e, CsiError::ProtocolViolation { .. }), "{e}");
     assert!(e.to_string().contains("max_results"));
 }
+
+/// A driver that sends one range, then the same lower range again and again without end.
+fn endless_out_of_order(repeats: Option<usize>) -> Script {
+    Arc::new(move |_| {
+        use futures::StreamExt;
+        let first = futures::stream::iter(vec![Ok(msg(2, 1 << 30, &[(1 << 20, 4096)]))]);
+        let again = futures::stream::repeat_with(|| Ok(msg(2, 1 << 30, &[(0, 4096)])));
+        Ok(match repeats {
+            Some(n) => Box::pin(first.chain(again.take(n))) as Msgs,
+            None => Box::pin(first.chain(again)) as Msgs,
+        })
+    })
+}
+
+#[tokio::test]
+async fn the_client_has_a_deadline_and_bounds_unless_told_otherwise() {
+    let c = ClientConfig::new("unix:///x");
+    assert_eq!(c.deadline, Some(cbt_csi::DEFAULT_DEADLINE));
+    assert_eq!(c.max_out_of_order, cbt_csi::DEFAULT_MAX_OUT_OF_ORDER);
+    assert_eq!(
+        c.max_collected_ranges,
+        cbt_csi::DEFAULT_MAX_COLLECTED_RANGES
+    );
+    assert_eq!(c.without_deadline().deadline, None);
+}
+
+#[tokio::test]
+async fn endless_out_of_order_ranges_are_a_protocol_violation_naming_them() {
+    let s = serve(endless_out_of_order(None)).await;
+    let mut config = ClientConfig::new(&s.endpoint);
+    config.max_out_of_order = 1000;
+    let c = MetadataClient::connect(config).await.unwrap();
+    for streamed in [false, true] {
+        let e = if streamed {
+            let mut st = c.stream(alloc());
+            loop {
+                match st.next_batch().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("the endless stream ended"),
+                    Err(e) => break e,
+                }
+            }
+        } else {
+            c.collect(alloc()).await.unwrap_err()
+        };
+        assert!(
+            matches!(
+                e,
+                CsiError::ProtocolViolation {
+                    offset: Some(0),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(e.kind(), ErrorKind::Protocol);
+        assert!(e.to_string().contains("out of order"), "{e}");
+    }
+}
+
+#[tokio::test]
+async fn collected_memory_follows_the_answer_not_what_the_server_repeats() {
+    // 20,000 out-of-order repeats of one range, collected under a bound of 100 ranges: the
+    // repeats are merged as they come, so the answer (2 ranges) is all that is held.
+    let s = serve(endless_out_of_order(Some(20_000))).await;
+    let mut config = ClientConfig::new(&s.endpoint);
+    config.max_collected_ranges = 100;
+    let c = MetadataClient::connect(config).await.unwrap();
+    let r = c.collect(alloc()).await.unwrap();
+    assert_eq!(r.extents, vec![ext(0, 4096), ext(1 << 20, 4096)]);
+    assert_eq!(r.summary.out_of_order_tuples, 20_000);
+
+    // An answer that really has more distinct ranges than the bound fails, naming it.
+    let many: Vec<(i64, i64)> = (0..300).map(|i| (i * 8192, 4096)).collect();
+    let s = serve(fixed(vec![Ok(msg(2, 1 << 30, &many))])).await;
+    let mut config = ClientConfig::new(&s.endpoint);
+    config.max_collected_ranges = 100;
+    let c = MetadataClient::connect(config).await.unwrap();
+    let e = c.collect(alloc()).await.unwrap_err();
+    assert!(
+        matches!(e, CsiError::AnswerTooLarge { limit: 100, .. }),
+        "{e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Protocol);
+}

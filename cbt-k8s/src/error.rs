@@ -2,22 +2,8 @@
 
 use std::time::Duration;
 
-/// What a caller can do about an [`Error`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// Retry later: throttling, timeouts, 5xx, dropped connections.
-    Transient,
-    /// Fix configuration: kubeconfig, context, missing driver/class/namespace, RBAC, bad input.
-    Config,
-    /// An object already exists and differs; a human must decide.
-    Conflict,
-    /// The storage driver or snapshot controller reported a failure.
-    Backend,
-    /// The caller asked to stop (e.g. Ctrl-C).
-    Cancelled,
-    /// The API server rejected an object we built: a bug in this crate.
-    Bug,
-}
+/// The toolkit's one error-kind vocabulary ([`Error::kind`] classifies into it).
+pub use cbt_core::ErrorKind;
 
 /// Errors of the Kubernetes layer (connection, snapshot objects, SnapShift).
 #[derive(Debug, thiserror::Error)]
@@ -332,11 +318,22 @@ impl Error {
             | Error::ReplicationRejected { .. }
             | Error::InvalidInput { .. } => ErrorKind::Config,
             Error::ReplicationFailed { .. } => ErrorKind::Backend,
-            Error::MoverFailed { mover_class, .. } => match mover_class.as_deref() {
-                Some("usage" | "config") => ErrorKind::Config,
-                Some("transient") | None => ErrorKind::Transient,
-                _ => ErrorKind::Backend,
-            },
+            Error::MoverFailed { mover_class, .. } => {
+                use cbt_core::exit::ExitClass as X;
+                match mover_class.as_deref().map(X::from_name) {
+                    // A mover that died without a report (killed, out of memory): retry.
+                    None => ErrorKind::Transient,
+                    // The mover's request is built from the user's setup, so a request it
+                    // refuses is configuration, not the user's typing.
+                    Some(Some(X::Usage | X::Config)) => ErrorKind::Config,
+                    Some(Some(X::Integrity)) => ErrorKind::Integrity,
+                    Some(Some(X::Conflict)) => ErrorKind::Conflict,
+                    Some(Some(X::Unsupported)) => ErrorKind::Unsupported,
+                    Some(Some(X::Transient)) => ErrorKind::Transient,
+                    Some(Some(X::Internal)) => ErrorKind::Bug,
+                    Some(_) => ErrorKind::Backend,
+                }
+            }
         }
     }
 

@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use cbt_core::ErrorKind;
+use cbt_core::exit::ExitClass;
 use cbt_core::manifest::ParentRef;
 use cbt_core::manifest::SourceInfo;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
@@ -256,42 +258,29 @@ impl From<CbtPlanError> for MoverError {
 }
 
 impl MoverError {
-    /// A short class name for the report (the CLI's exit-class names).
-    pub fn class(&self) -> &'static str {
-        use cbt_store::repo::ErrorClass;
-        if let Self::Plan(p) = self {
-            return match p.as_ref() {
-                CbtPlanError::Metadata { source, .. } => metadata_class(source),
-                CbtPlanError::Lineage(_) | CbtPlanError::ParentWithoutBase { .. } => "usage",
-                _ => "transient",
-            };
-        }
+    /// Classifies the failure in the toolkit's one vocabulary.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Spec(_) => "usage",
-            Self::Store(e) if e.is_transient() => "transient",
-            Self::Store(_) => "config",
-            Self::Repo(e) => match e.class() {
-                ErrorClass::Usage => "usage",
-                ErrorClass::Integrity => "integrity",
-                ErrorClass::Conflict => "conflict",
-                ErrorClass::Unsupported => "unsupported",
-                _ => "transient",
+            Self::Plan(p) => match p.as_ref() {
+                CbtPlanError::Metadata { source, .. } => source.kind(),
+                CbtPlanError::Lineage(_) | CbtPlanError::ParentWithoutBase { .. } => {
+                    ErrorKind::Usage
+                }
+                _ => ErrorKind::Transient,
             },
-            Self::Metadata(source) => metadata_class(source),
-            Self::Plan(_) | Self::Io { .. } => "transient",
-            Self::VerifyFailed { .. } => "integrity",
+            Self::Spec(_) => ErrorKind::Usage,
+            Self::Store(e) => e.kind(),
+            Self::Repo(e) => e.kind(),
+            Self::Metadata(source) => source.kind(),
+            Self::Io { .. } => ErrorKind::Transient,
+            Self::VerifyFailed { .. } => ErrorKind::Integrity,
         }
     }
-}
 
-/// The class of a metadata-service failure: the service's answer says whose fault it is (RBAC
-/// and TLS are configuration, a refused delta is usage, a broken protocol is integrity).
-fn metadata_class(source: &cbt_csi::CsiError) -> &'static str {
-    match source.kind() {
-        cbt_csi::ErrorKind::Config => "config",
-        cbt_csi::ErrorKind::Unsupported => "usage",
-        cbt_csi::ErrorKind::Protocol => "integrity",
-        _ => "transient",
+    /// The exit-class name for the report ([`ExitClass::name`]), which the orchestrator reads
+    /// back.
+    pub fn class(&self) -> &'static str {
+        ExitClass::from(self.kind()).name()
     }
 }
 

@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
+use cbt_k8s::ClusterTarget;
 use cbt_k8s::replication::controller::Config;
 use cbt_k8s::replication::controller::leader::LeaseConfig;
 use cbt_k8s::replication::controller::process::{RunOptions, run_replicator};
-use cbt_k8s::{ClusterTarget, ErrorKind};
 use clap::{Parser, Subcommand};
 
 /// Volume replication controller (csi-addons API on Trident and PowerStore).
@@ -77,17 +77,6 @@ struct RunArgs {
     /// Log level (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
-}
-
-fn exit_class(kind: ErrorKind) -> ExitClass {
-    match kind {
-        ErrorKind::Config => ExitClass::Config,
-        ErrorKind::Conflict => ExitClass::Conflict,
-        ErrorKind::Transient => ExitClass::Transient,
-        ErrorKind::Backend => ExitClass::Backend,
-        ErrorKind::Cancelled => ExitClass::Interrupted,
-        ErrorKind::Bug => ExitClass::Internal,
-    }
 }
 
 async fn shutdown_signal() {
@@ -162,7 +151,7 @@ async fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cbt-replicator: {e}");
-                    ExitCode::from(exit_class(e.kind()).code())
+                    ExitCode::from(ExitClass::from(e.kind()).code())
                 }
             }
         }

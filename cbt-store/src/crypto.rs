@@ -82,8 +82,8 @@ pub const SCHEME: &str = "aes256gcm-hkdf-blake3keyed-argon2id-v1";
 
 /// Largest key slot object accepted (ours are about 500 bytes).
 pub const MAX_KEY_SLOT_LEN: u64 = 4096;
-/// Most Argon2 memory a key slot may ask for: 1 GiB.
-pub const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
+/// Most Argon2 memory a key slot may ask for: 512 MiB (8x the default).
+pub const MAX_KDF_MEMORY_KIB: u32 = 1 << 19;
 /// Most Argon2 passes a key slot may ask for.
 pub const MAX_KDF_ITERATIONS: u32 = 16;
 /// Most Argon2 lanes a key slot may ask for.
@@ -474,22 +474,39 @@ impl RepoKeys {
         object_key: &str,
         sealed: &[u8],
     ) -> Result<Vec<u8>, SealError> {
+        let mut buf = sealed.to_vec();
+        let plain = self.open_in_place(kind, object_key, &mut buf)?;
+        buf.truncate(plain.end);
+        buf.drain(..plain.start);
+        Ok(buf)
+    }
+
+    /// Opens a sealed object in its own buffer (no copy): returns where in `sealed` the plain
+    /// encoding now is. On error the buffer's contents are unspecified.
+    ///
+    /// # Errors
+    /// A [`SealError`] naming the first check that failed.
+    pub fn open_in_place(
+        &self,
+        kind: ObjectKind,
+        object_key: &str,
+        sealed: &mut [u8],
+    ) -> Result<std::ops::Range<usize>, SealError> {
         check_envelope(kind, sealed)?;
         let key = self.object_key(kind, &sealed[8..8 + SALT_LEN])?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&sealed[8 + SALT_LEN..SEALED_HEADER_LEN]);
         let aad = aad(&sealed[..SEALED_HEADER_LEN], object_key);
-        let mut buf = sealed[SEALED_HEADER_LEN..sealed.len() - 4].to_vec();
+        let end = sealed.len() - 4;
         let n = key
             .open_in_place(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(&aad),
-                &mut buf,
+                &mut sealed[SEALED_HEADER_LEN..end],
             )
             .map_err(|_| SealError::Authentication)?
             .len();
-        buf.truncate(n);
-        Ok(buf)
+        Ok(SEALED_HEADER_LEN..SEALED_HEADER_LEN + n)
     }
 }
 

@@ -12,10 +12,10 @@ use cbt_store::chunk;
 use cbt_store::crypto::{KdfParams, MasterKey, Password, SealError};
 use cbt_store::engine::{self, BackupMode, RestoreOptions};
 use cbt_store::repo::{
-    ENCRYPTED_REPO_FORMAT_VERSION, ErrorClass, InitOptions, ProblemKind, RepoError, RepoKey,
-    Repository, VerifyOptions,
+    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, ProblemKind, RepoError, RepoKey, Repository,
+    VerifyOptions,
 };
-use cbt_store::store::{LocalStore, ObjectStore, PutMode, list_all};
+use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutMode, list_all};
 use cbt_store::testing::S3TestServer;
 use engine_support::*;
 
@@ -222,7 +222,8 @@ async fn wrong_or_missing_keys_are_typed_errors_and_change_nothing() {
 
     let e = Repository::open(store.clone()).await.unwrap_err();
     assert!(matches!(e, RepoError::KeyRequired), "{e}");
-    assert_eq!(e.class(), ErrorClass::Usage);
+    // A missing password is setup, like any missing credential.
+    assert_eq!(e.kind(), ErrorKind::Config);
     let e = Repository::open_with_key(store.clone(), &pw("hunter3"))
         .await
         .unwrap_err();
@@ -299,7 +300,7 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
     )
     .await
     .unwrap_err();
-    assert_eq!(e.class(), ErrorClass::Integrity, "{e}");
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
     assert!(matches!(e, RepoError::ChunkCorrupt { .. }), "{e}");
     let report = repo
         .verify(&VerifyOptions {
@@ -329,7 +330,7 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
     let e = repo
         .codec()
         .decode_chunk(
-            &body,
+            body,
             &a,
             cbt_store::repo::ChunkContext {
                 snapshot: "pvc/one",
@@ -368,7 +369,7 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
         ),
         "{e}"
     );
-    assert_eq!(e.class(), ErrorClass::Integrity);
+    assert_eq!(e.kind(), ErrorKind::Integrity);
     let one = store
         .get(&cbt_store::repo::manifest_key(&vol("pvc"), &snap("one")))
         .await

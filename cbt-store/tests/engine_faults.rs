@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cbt_store::engine::{self, EngineOptions, FileSource, RestoreOptions};
-use cbt_store::repo::{ErrorClass, GcOptions, RepoError, Repository};
+use cbt_store::repo::{GcOptions, RepoError, Repository};
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
-use cbt_store::store::{ObjectStore, Op, RetryPolicy, RetryingStore, list_all};
+use cbt_store::store::{ErrorKind, ObjectStore, Op, RetryPolicy, RetryingStore, list_all};
 use engine_support::*;
 
 const SIZE: usize = 40 * CS as usize + 777;
@@ -120,7 +120,7 @@ async fn lost_manifest_write_and_lost_answers_resume_cleanly() {
     let err = engine::backup(&repo, source.clone(), request("v", "s", full(), 1), &opts())
         .await
         .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Transient);
+    assert_eq!(err.kind(), ErrorKind::Transient);
     // The manifest did land: the snapshot exists and is complete.
     faulty.clear_rules();
     faulty.reset_counts();

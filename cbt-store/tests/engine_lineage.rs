@@ -254,12 +254,12 @@ impl cbt_store::engine::BlockSource for Failing {
 
 #[tokio::test]
 async fn source_errors_carry_offset_and_a_class_that_says_whether_to_retry() {
-    use cbt_store::repo::ErrorClass;
+    use cbt_store::store::ErrorKind;
     let fx = Fixture::new().await;
     for (kind, class) in [
-        (std::io::ErrorKind::UnexpectedEof, ErrorClass::Usage),
-        (std::io::ErrorKind::PermissionDenied, ErrorClass::Usage),
-        (std::io::ErrorKind::Other, ErrorClass::Transient),
+        (std::io::ErrorKind::UnexpectedEof, ErrorKind::Usage),
+        (std::io::ErrorKind::PermissionDenied, ErrorKind::Usage),
+        (std::io::ErrorKind::Other, ErrorKind::Transient),
     ] {
         let src = Arc::new(Failing {
             size: 8 * CS,
@@ -273,7 +273,7 @@ async fn source_errors_carry_offset_and_a_class_that_says_whether_to_retry() {
             RepoError::SourceIo { offset, len, .. } => assert_eq!((*offset, *len), (5 * CS, CS)),
             other => panic!("{kind:?}: {other:?}"),
         }
-        assert_eq!(err.class(), class, "{kind:?}");
+        assert_eq!(err.kind(), class, "{kind:?}");
         assert!(fx.repo.list_snapshots(None).await.unwrap().is_empty());
     }
 }

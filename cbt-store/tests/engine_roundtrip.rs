@@ -10,7 +10,8 @@ use cbt_core::{ChunkState, Timestamp};
 use cbt_store::engine::{
     self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
 };
-use cbt_store::repo::{ErrorClass, PruneOptions, RepoError, VerifyOptions};
+use cbt_store::repo::{PruneOptions, RepoError, VerifyOptions};
+use cbt_store::store::ErrorKind;
 use engine_support::*;
 
 const SIZE: usize = 8 * 1024 * 1024 + 12_345; // 129 chunks, the last one short
@@ -216,7 +217,7 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
         .await
         .unwrap_err();
     assert!(matches!(err, RepoError::SnapshotExists { .. }));
-    assert_eq!(err.class(), ErrorClass::Conflict);
+    assert_eq!(err.kind(), ErrorKind::Conflict);
 }
 
 #[tokio::test]
@@ -342,7 +343,7 @@ async fn bad_requests_are_clear_errors() {
         err,
         RepoError::Core(cbt_core::CoreError::RangePastEnd { .. })
     ));
-    assert_eq!(err.class(), ErrorClass::Usage);
+    assert_eq!(err.kind(), ErrorKind::Usage);
 
     // Volume larger than the source.
     let mut req = request("v", "s", full(), 1);

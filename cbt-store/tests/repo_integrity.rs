@@ -11,11 +11,11 @@ use cbt_core::{ChunkState, CoreError, Manifest, Timestamp};
 use cbt_store::chunk::{self, ChunkDecodeError};
 use cbt_store::engine::{self, BackupOutcome, RestoreOptions};
 use cbt_store::repo::{
-    BreakMode, ErrorClass, GcOptions, HolderState, ProblemKind, RepoError, Repository,
-    VerifyOptions, manifest_key,
+    BreakMode, GcOptions, HolderState, ProblemKind, RepoError, Repository, VerifyOptions,
+    manifest_key,
 };
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
-use cbt_store::store::{ObjectStore, Op, PutMode};
+use cbt_store::store::{ErrorKind, ObjectStore, Op, PutMode};
 use engine_support::*;
 
 const SIZE: usize = 16 * CS as usize;
@@ -79,7 +79,7 @@ async fn flipped_byte_on_disk_is_caught_by_restore_and_verify() {
 
     match restore_err(&fx, &fx.repo).await {
         e @ RepoError::ChunkCorrupt { .. } => {
-            assert_eq!(e.class(), ErrorClass::Integrity);
+            assert_eq!(e.kind(), ErrorKind::Integrity);
             let RepoError::ChunkCorrupt {
                 index: i, key: k, ..
             } = e
@@ -202,7 +202,7 @@ async fn truncated_and_missing_objects() {
         "{problems:?}"
     );
     let err = restore_err(&fx, &fx.repo).await;
-    assert_eq!(err.class(), ErrorClass::Integrity, "{err:?}");
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err:?}");
     assert!(matches!(
         err,
         RepoError::ChunkCorrupt { .. } | RepoError::ChunkMissing { .. }
@@ -244,7 +244,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
             ..
         }
     ));
-    assert_eq!(err.class(), ErrorClass::Unsupported);
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
     let problems = verify(&fx.repo, false).await;
     assert!(matches!(
         problems[0].1,
@@ -260,7 +260,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Unsupported);
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
 
     // An unknown manifest encoding.
@@ -303,7 +303,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
             ..
         }
     ));
-    assert_eq!(err.class(), ErrorClass::Unsupported);
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
 
     // A repository config of a future version.
     let cfg = fx.store.get("config").await.unwrap();
@@ -325,7 +325,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
             ..
         }
     ));
-    assert_eq!(err.class(), ErrorClass::Unsupported);
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
 }
 
 fn fx_manifest_body(m: &Manifest) -> Vec<u8> {
@@ -406,7 +406,7 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
         .await
         .unwrap_err();
     assert!(matches!(err, RepoError::Locked { .. }));
-    assert_eq!(err.class(), ErrorClass::Conflict);
+    assert_eq!(err.kind(), ErrorKind::Conflict);
     let locks = fx.repo.list_locks().await.unwrap();
     assert_eq!(
         locks.len(),
@@ -428,7 +428,7 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
             ..
         }
     ));
-    assert_eq!(refused.class(), ErrorClass::Conflict);
+    assert_eq!(refused.kind(), ErrorKind::Conflict);
     // Explicitly breaking it lets GC run.
     assert!(
         fx.repo

@@ -14,10 +14,10 @@ use cbt_core::{CoreError, Timestamp};
 use cbt_store::chunk::{self, ChunkDecodeError};
 use cbt_store::engine::{self, BackupMode, BlockSource, FileSource, RestoreOptions};
 use cbt_store::repo::{
-    BreakMode, ErrorClass, GcOptions, ProblemKind, PruneOptions, RepoError, Repository,
-    VerifyOptions, manifest_key,
+    BreakMode, GcOptions, ProblemKind, PruneOptions, RepoError, Repository, VerifyOptions,
+    manifest_key,
 };
-use cbt_store::store::{ObjectStore, PutMode};
+use cbt_store::store::{ErrorKind, ObjectStore, PutMode};
 use engine_support::*;
 
 const SIZE: usize = 12 * CS as usize;
@@ -123,7 +123,7 @@ async fn a_hash_recorded_with_two_lengths_is_refused_and_nothing_is_written_past
         ),
         "{err:?}"
     );
-    assert_eq!(err.class(), ErrorClass::Integrity);
+    assert_eq!(err.kind(), ErrorKind::Integrity);
     assert!(!target.exists());
     // Every other reader refuses it the same way; verify reports it instead of failing.
     assert!(matches!(
@@ -257,7 +257,7 @@ async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_li
         ),
         "{err:?}"
     );
-    assert_eq!(err.class(), ErrorClass::Integrity);
+    assert_eq!(err.kind(), ErrorKind::Integrity);
     // Stopping at the limit (about 1 MiB) is quick; inflating the gigabyte is not.
     assert!(started.elapsed() < Duration::from_secs(20));
     // The same frame without the whitespace is a valid manifest: the framing is right.
@@ -297,7 +297,7 @@ async fn oversized_config_and_lock_objects_are_not_read() {
         ),
         "{err:?}"
     );
-    assert_eq!(err.class(), ErrorClass::Integrity);
+    assert_eq!(err.kind(), ErrorKind::Integrity);
 }
 
 fn in_place() -> RestoreOptions {
@@ -383,7 +383,7 @@ async fn a_failed_in_place_restore_says_which_ranges_hold_the_snapshot() {
         matches!(**source, RepoError::ChunkCorrupt { index: i, .. } if i == index),
         "{source:?}"
     );
-    assert_eq!(err.class(), ErrorClass::Integrity);
+    assert_eq!(err.kind(), ErrorKind::Integrity);
     assert_eq!(*volume_size, SIZE as u64);
     let bad = out.manifest.chunks.geometry().chunk_range(index).unwrap();
     assert!(!restored.contains(bad.start()));
@@ -692,7 +692,7 @@ async fn a_backup_whose_lock_was_broken_does_not_commit() {
     open_gate(&gate);
     let err = running.await.unwrap().unwrap_err();
     assert!(matches!(err, RepoError::LockLost { .. }), "{err:?}");
-    assert_eq!(err.class(), ErrorClass::Conflict);
+    assert_eq!(err.kind(), ErrorKind::Conflict);
     assert!(
         !fx.repo
             .snapshot_exists(&vol("v"), &snap("s"))

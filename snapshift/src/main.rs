@@ -162,14 +162,7 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 
 /// The toolkit's shared exit class of an error kind (one table for cbt and snapshift).
 fn exit_class(kind: ErrorKind) -> ExitClass {
-    match kind {
-        ErrorKind::Config => ExitClass::Config,
-        ErrorKind::Conflict => ExitClass::Conflict,
-        ErrorKind::Transient => ExitClass::Transient,
-        ErrorKind::Backend => ExitClass::Backend,
-        ErrorKind::Cancelled => ExitClass::Interrupted,
-        ErrorKind::Bug => ExitClass::Internal,
-    }
+    ExitClass::from(kind)
 }
 
 fn exit_code(kind: ErrorKind) -> u8 {
@@ -177,14 +170,7 @@ fn exit_code(kind: ErrorKind) -> u8 {
 }
 
 fn kind_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Config => "config",
-        ErrorKind::Conflict => "conflict",
-        ErrorKind::Transient => "transient",
-        ErrorKind::Backend => "backend",
-        ErrorKind::Cancelled => "cancelled",
-        ErrorKind::Bug => "bug",
-    }
+    kind.name()
 }
 
 /// Progress on stderr: spinners on a terminal, plain lines otherwise.

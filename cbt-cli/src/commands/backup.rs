@@ -55,8 +55,13 @@ pub struct BackupArgs {
     /// Chunk size of a full backup (default: the repository's). Incrementals keep the parent's.
     #[arg(long, value_parser = parse::size)]
     pub chunk_size: Option<u64>,
-    /// zstd level for chunk data (0 stores raw; 1 is fastest; 3 default).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+    /// zstd level for chunk data (0 stores raw; 1, the default, is fastest; higher levels
+    /// store less and take longer). Chunks a sample shows incompressible are stored raw.
+    #[arg(
+        long,
+        default_value_t = cbt_store::chunk::DEFAULT_COMPRESSION_LEVEL,
+        value_parser = clap::value_parser!(i32).range(0..=19)
+    )]
     pub compression_level: i32,
     /// Uploads in flight (and at most this many compression workers).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]

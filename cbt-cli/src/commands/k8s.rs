@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
+use cbt_k8s::ClusterTarget;
 use cbt_k8s::pvc_backup::group::{GroupBackupOptions, GroupBackupOutcome, back_up_group};
 use cbt_k8s::pvc_backup::objects::MoverRuntime;
 use cbt_k8s::pvc_backup::{
     PvcBackupOptions, PvcBackupReport, PvcRestoreOptions, RepoTarget, back_up_pvc, restore_to_pvc,
 };
-use cbt_k8s::{ClusterTarget, ErrorKind};
 use clap::Args;
 use tokio::sync::watch;
 
@@ -105,14 +105,7 @@ pub struct PvcRestoreArgs {
 
 /// A Kubernetes-layer error as the CLI reports it (class from its kind).
 pub(crate) fn k8s_error(e: cbt_k8s::Error) -> CliError {
-    let class = match e.kind() {
-        ErrorKind::Transient => ExitClass::Transient,
-        ErrorKind::Backend => ExitClass::Backend,
-        ErrorKind::Cancelled => ExitClass::Interrupted,
-        ErrorKind::Config => ExitClass::Config,
-        ErrorKind::Conflict => ExitClass::Conflict,
-        ErrorKind::Bug => ExitClass::Internal,
-    };
+    let class = ExitClass::from(e.kind());
     CliError {
         reported: false,
         class,
@@ -548,14 +541,7 @@ pub async fn mover(args: &MoverArgs) -> Result<(), CliError> {
     match result {
         Ok(_) => Ok(()),
         Err(e) => {
-            let class = match e.class() {
-                "usage" => ExitClass::Usage,
-                "config" => ExitClass::Config,
-                "integrity" => ExitClass::Integrity,
-                "conflict" => ExitClass::Conflict,
-                "unsupported" => ExitClass::Unsupported,
-                _ => ExitClass::Transient,
-            };
+            let class = ExitClass::from(e.kind());
             Err(CliError {
                 reported: false,
                 class,

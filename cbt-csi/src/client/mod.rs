@@ -24,6 +24,10 @@
 //!   Measured (`tests/bounded_memory.rs`, counting allocator, server and client in one process):
 //!   1,000,000 ranges at 10,000 per message peak at about 2 MB of heap when streamed, against
 //!   about 18 MB when collected.
+//! - Whatever the server streams, a call ends: by default within [`DEFAULT_DEADLINE`]; after
+//!   [`ClientConfig::max_out_of_order`] ranges sent out of order (a protocol violation naming
+//!   them); and [`MetadataClient::collect`] holds at most
+//!   [`ClientConfig::max_collected_ranges`] merged ranges, merging repeats as they arrive.
 
 mod backoff;
 mod connect;
@@ -83,17 +87,34 @@ pub struct ClientConfig {
     pub token: Option<Arc<dyn TokenSource>>,
     /// Timeout for establishing the connection.
     pub connect_timeout: Duration,
-    /// Deadline for a whole call, resumes included; `None` waits forever.
+    /// Deadline for a whole call, resumes included ([`DEFAULT_DEADLINE`] unless changed);
+    /// `None` waits forever, which a service that never ends its stream turns into a hang.
     pub deadline: Option<Duration>,
     /// Resume behaviour for broken streams.
     pub retry: RetryPolicy,
     /// Largest response message accepted (bytes); bounds the memory of one batch. A driver
     /// sending larger messages fails the call with a protocol violation (lower max_results).
     pub max_message_bytes: usize,
+    /// Most ranges a call accepts out of order (starting below ranges already received) before
+    /// it fails with a protocol violation; the spec requires ascending order, and every such
+    /// range is handed on (and, by [`MetadataClient::collect`], buffered) until merged.
+    pub max_out_of_order: u64,
+    /// Most distinct ranges [`MetadataClient::collect`] holds (16 bytes each) before it fails
+    /// with [`CsiError::AnswerTooLarge`]; stream with [`MetadataClient::stream`] for more.
+    pub max_collected_ranges: usize,
 }
 
+/// Default [`ClientConfig::deadline`]: one hour per call, resumes included (a listing of a
+/// large volume takes minutes; a service that never ends its stream is cut off).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(3600);
+/// Default [`ClientConfig::max_out_of_order`].
+pub const DEFAULT_MAX_OUT_OF_ORDER: u64 = 1 << 20;
+/// Default [`ClientConfig::max_collected_ranges`]: 16 Mi ranges (256 MiB).
+pub const DEFAULT_MAX_COLLECTED_RANGES: usize = 16 << 20;
+
 impl ClientConfig {
-    /// A configuration with defaults: no TLS CA, no token, 10 s connect timeout, no deadline.
+    /// A configuration with defaults: no TLS CA, no token, 10 s connect timeout, a
+    /// [`DEFAULT_DEADLINE`] per call, and the default bounds on what a server may send.
     pub fn new(endpoint: impl Into<String>) -> Self {
         Self {
             endpoint: endpoint.into(),
@@ -101,10 +122,18 @@ impl ClientConfig {
             server_name: None,
             token: None,
             connect_timeout: Duration::from_secs(10),
-            deadline: None,
+            deadline: Some(DEFAULT_DEADLINE),
             retry: RetryPolicy::default(),
             max_message_bytes: 16 << 20,
+            max_out_of_order: DEFAULT_MAX_OUT_OF_ORDER,
+            max_collected_ranges: DEFAULT_MAX_COLLECTED_RANGES,
         }
+    }
+
+    /// Removes the per-call deadline (a call then waits as long as the service streams).
+    pub fn without_deadline(mut self) -> Self {
+        self.deadline = None;
+        self
     }
 
     /// Trusts only the CAs in this PEM bundle.
@@ -354,27 +383,50 @@ impl MetadataClient {
 
     /// Runs the call to completion and collects sorted, merged extents with totals.
     ///
-    /// Memory grows with the number of distinct extents in the answer (16 bytes each).
+    /// Memory grows with the number of distinct extents in the answer (16 bytes each), up to
+    /// [`ClientConfig::max_collected_ranges`]: ranges received out of order are merged in
+    /// whenever as many have accumulated as the merged list holds, so repeats cost no memory.
     ///
     /// # Errors
-    /// Any [`CsiError`] of the call.
+    /// Any [`CsiError`] of the call; [`CsiError::AnswerTooLarge`] past the bound.
     pub async fn collect(&self, request: MetadataRequest) -> Result<MetadataResult, CsiError> {
+        let call = request.query.call();
+        let limit = self.config.max_collected_ranges;
         let mut s = self.stream(request);
         let mut extents: Vec<Extent> = Vec::new();
-        let mut sorted = true;
+        // Extents at [..merged_len] are sorted and disjoint; the rest arrived out of order.
+        let mut merged_len = 0usize;
         while let Some(b) = s.next_batch().await? {
             for e in b.extents {
                 match extents.last_mut() {
                     Some(last) if e.offset == last.end() => last.len += e.len,
-                    Some(last) if e.offset < last.end() => {
-                        sorted = false;
+                    Some(last) if e.offset < last.end() => extents.push(e),
+                    _ => {
                         extents.push(e);
+                        if merged_len + 1 == extents.len() {
+                            merged_len += 1;
+                        }
                     }
-                    _ => extents.push(e),
+                }
+            }
+            let unsorted = extents.len() - merged_len;
+            if unsorted > 0 && unsorted >= merged_len.max(4096) {
+                merge_extents(&mut extents);
+                merged_len = extents.len();
+            }
+            if extents.len() > limit {
+                merge_extents(&mut extents);
+                merged_len = extents.len();
+                if extents.len() > limit {
+                    return Err(CsiError::AnswerTooLarge {
+                        call,
+                        ranges: extents.len() as u64,
+                        limit: limit as u64,
+                    });
                 }
             }
         }
-        if !sorted {
+        if merged_len < extents.len() {
             merge_extents(&mut extents);
         }
         let mut summary = s.summary();
@@ -554,7 +606,8 @@ impl MetadataStream {
         let deadline_at = client.config.deadline.map(|d| Instant::now() + d);
         let rng = backoff::Jitter::new(client.config.retry.seed);
         Self {
-            norm: Normalizer::new(request.starting_offset),
+            norm: Normalizer::new(request.starting_offset)
+                .with_max_out_of_order(client.config.max_out_of_order),
             attempt_start_offset: request.starting_offset,
             client,
             request,

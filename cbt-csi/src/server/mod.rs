@@ -123,6 +123,10 @@ pub struct ServerOptions {
     pub max_concurrent_calls: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// Connections open at once; a connection beyond it is closed as soon as it is accepted
+    /// (clients see a reset and retry), so idle or slow clients cannot exhaust file handles
+    /// and memory.
+    pub max_connections: usize,
     /// Resolves VolumeSnapshot names and checks tokens through a cluster (see
     /// [`SidecarAuthority`]); snapshot files are then named by CSI handle.
     pub sidecar: Option<Arc<dyn SidecarAuthority>>,
@@ -150,6 +154,7 @@ impl ServerOptions {
             max_stream_duration: None,
             max_concurrent_calls: 64,
             max_streams_per_connection: 16,
+            max_connections: 256,
             sidecar: None,
             secrets: None,
         }
@@ -982,6 +987,9 @@ pub async fn spawn(
 ) -> Result<RunningServer, CsiError> {
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(service.opts.max_streams_per_connection.max(1)));
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        service.opts.max_connections.max(1),
+    ));
     let tls_on = tls.is_some();
     if let Some(id) = tls {
         if matches!(listen, Listen::Unix(_)) {
@@ -1037,6 +1045,7 @@ pub async fn spawn(
                 let r = l.accept().await.map(|(s, _)| s);
                 Some((r, l))
             });
+            let incoming = limit_connections(incoming, connections);
             let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
             Ok(RunningServer {
                 endpoint: format!("unix://{}", path.display()),
@@ -1059,6 +1068,7 @@ pub async fn spawn(
             })?;
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let incoming = limit_connections(incoming, connections);
             let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal));
             let scheme = if tls_on { "https" } else { "http" };
             Ok(RunningServer {
@@ -1070,6 +1080,101 @@ pub async fn spawn(
             })
         }
     }
+}
+
+/// An accepted connection holding one of the server's connection permits until it closes.
+#[derive(Debug)]
+pub struct LimitedConnection<IO> {
+    inner: IO,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<IO: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for LimitedConnection<IO>
+{
+    type ConnectInfo = IO::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for LimitedConnection<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for LimitedConnection<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Admits accepted connections while permits last; one beyond the limit is closed at once.
+fn limit_connections<S, IO, E>(
+    incoming: S,
+    permits: Arc<tokio::sync::Semaphore>,
+) -> impl Stream<Item = Result<LimitedConnection<IO>, E>>
+where
+    S: Stream<Item = Result<IO, E>>,
+{
+    use futures::StreamExt;
+    incoming.filter_map(move |conn| {
+        let permits = permits.clone();
+        async move {
+            match conn {
+                Err(e) => Some(Err(e)),
+                Ok(io) => match permits.try_acquire_owned() {
+                    Ok(permit) => Some(Ok(LimitedConnection {
+                        inner: io,
+                        _permit: permit,
+                    })),
+                    Err(_) => {
+                        tracing::warn!(
+                            "connection refused: the server's connection limit is reached"
+                        );
+                        drop(io);
+                        None
+                    }
+                },
+            }
+        }
+    })
 }
 
 #[cfg(test)]

@@ -375,7 +375,7 @@ fn backup_job(
             fallback_full: opts.fallback_full,
             source,
             labels,
-            compression_level: 1,
+            compression_level: cbt_store::chunk::DEFAULT_COMPRESSION_LEVEL,
         })),
     };
     let mut rt = opts.runtime.clone();

@@ -131,7 +131,8 @@ pub struct EngineOptions {
     pub workers: usize,
     /// Uploads (backup) or downloads (restore) in flight.
     pub transfers: usize,
-    /// zstd level for chunk data (0 stores raw).
+    /// zstd level for chunk data (0 stores raw; default
+    /// [`crate::chunk::DEFAULT_COMPRESSION_LEVEL`]).
     pub compression_level: i32,
     /// Called after each chunk.
     pub progress: Option<ProgressFn>,
@@ -158,7 +159,7 @@ impl Default for EngineOptions {
             readahead: 4,
             workers: cpus.clamp(1, 8),
             transfers: 8,
-            compression_level: 3,
+            compression_level: crate::chunk::DEFAULT_COMPRESSION_LEVEL,
             progress: None,
         }
     }

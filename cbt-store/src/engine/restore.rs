@@ -388,8 +388,7 @@ async fn write_all(
                         offset,
                     };
                     let raw = buf.resize(g.chunk.raw_len as usize);
-                    codec.decode_chunk_into_slice(&body, &g.chunk, at, raw)?;
-                    drop(body);
+                    codec.decode_chunk_into_slice(body, &g.chunk, at, raw)?;
                     for (_, off) in &g.targets {
                         write_chunk(&file, buf.as_slice(), *off, sparse).map_err(
                             |(at, source)| RepoError::TargetIo {

@@ -65,6 +65,8 @@ impl Codec {
         };
         let name = keys.chunk_name(&plain.chunk.hash);
         let body = keys.seal(ObjectKind::Chunk, &chunk::chunk_key(&name), &plain.body)?;
+        // The store's checksum covers the bytes stored: the sealed ones, one more pass.
+        let body_crc32c = crc32c::crc32c(&body);
         Ok(EncodedChunk {
             chunk: ChunkRef {
                 hash: name,
@@ -72,26 +74,38 @@ impl Codec {
                 ..plain.chunk
             },
             body: Bytes::from(body),
+            body_crc32c,
         })
     }
 
-    /// Opens a sealed chunk and returns its plain object with the reference the plain decoder
-    /// checks it against.
-    fn open_chunk(
+    /// Opens a sealed chunk (in place when `body` is not shared, so the engine's download is
+    /// decrypted without a copy) and hands its plain object, with the reference the plain
+    /// decoder checks it against, to `decode`.
+    fn open_chunk<T>(
         keys: &RepoKeys,
-        body: &[u8],
+        body: Bytes,
         expected: &ChunkRef,
-    ) -> std::result::Result<(Vec<u8>, ChunkRef), ChunkDecodeError> {
+        decode: impl FnOnce(&[u8], &ChunkRef) -> std::result::Result<T, ChunkDecodeError>,
+    ) -> std::result::Result<T, ChunkDecodeError> {
         if body.len() as u64 != expected.stored_size {
             return Err(ChunkDecodeError::Size {
                 expected: expected.stored_size,
                 actual: body.len() as u64,
             });
         }
-        let inner = keys
-            .open(ObjectKind::Chunk, &chunk::chunk_key(&expected.hash), body)
+        let mut buf = match body.try_into_mut() {
+            Ok(owned) => owned,
+            Err(shared) => bytes::BytesMut::from(&shared[..]),
+        };
+        let range = keys
+            .open_in_place(
+                ObjectKind::Chunk,
+                &chunk::chunk_key(&expected.hash),
+                &mut buf,
+            )
             .map_err(ChunkDecodeError::Sealed)?;
-        let plain_hash = chunk::header_hash(&inner).ok_or(ChunkDecodeError::Size {
+        let inner = &buf[range];
+        let plain_hash = chunk::header_hash(inner).ok_or(ChunkDecodeError::Size {
             expected: chunk::OVERHEAD as u64,
             actual: inner.len() as u64,
         })?;
@@ -107,7 +121,7 @@ impl Codec {
             stored_size: inner.len() as u64,
             ..*expected
         };
-        Ok((inner, plain_ref))
+        decode(inner, &plain_ref)
     }
 
     fn corrupt(expected: &ChunkRef, at: ChunkContext<'_>, reason: ChunkDecodeError) -> RepoError {
@@ -121,21 +135,22 @@ impl Codec {
     }
 
     /// Verifies and decodes a downloaded chunk object into `out` (CPU work: run it off the
-    /// async threads).
+    /// async threads). Pass the body unshared: an encrypted one is then opened in place.
     ///
     /// # Errors
     /// [`RepoError::ChunkCorrupt`] naming the failed check.
     pub fn decode_chunk(
         &self,
-        body: &[u8],
+        body: Bytes,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let result = match &self.keys {
-            None => chunk::decode_into(body, expected, out),
-            Some(keys) => Self::open_chunk(keys, body, expected)
-                .and_then(|(inner, r)| chunk::decode_into(&inner, &r, out)),
+            None => chunk::decode_into(&body, expected, out),
+            Some(keys) => Self::open_chunk(keys, body, expected, |inner, r| {
+                chunk::decode_into(inner, r, out)
+            }),
         };
         result.map_err(|reason| Self::corrupt(expected, at, reason))
     }
@@ -147,15 +162,16 @@ impl Codec {
     /// [`RepoError::ChunkCorrupt`] naming the failed check.
     pub fn decode_chunk_into_slice(
         &self,
-        body: &[u8],
+        body: Bytes,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
         out: &mut [u8],
     ) -> Result<()> {
         let result = match &self.keys {
-            None => chunk::decode_into_slice(body, expected, out),
-            Some(keys) => Self::open_chunk(keys, body, expected)
-                .and_then(|(inner, r)| chunk::decode_into_slice(&inner, &r, out)),
+            None => chunk::decode_into_slice(&body, expected, out),
+            Some(keys) => Self::open_chunk(keys, body, expected, |inner, r| {
+                chunk::decode_into_slice(inner, r, out)
+            }),
         };
         result.map_err(|reason| Self::corrupt(expected, at, reason))
     }

@@ -7,24 +7,7 @@ use cbt_core::{CoreError, RangeSet};
 use crate::chunk::ChunkDecodeError;
 use crate::crypto::{CryptoError, SealError};
 use crate::repo::lock::HolderState;
-use crate::store::{ErrorKind as StoreKind, StoreError};
-
-/// What a caller (or the CLI's exit code) should do about a [`RepoError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Bad arguments or configuration (name, range, target, credentials, missing snapshot).
-    Usage,
-    /// Stored or read data is damaged or inconsistent: repair needed.
-    Integrity,
-    /// I/O or a transient store failure: retry (a backup resumes where it stopped).
-    Transient,
-    /// Another process holds the repository lock, or the object already exists.
-    Conflict,
-    /// Written by a newer version: upgrade.
-    Unsupported,
-    /// A bug in this software (a task panicked).
-    Bug,
-}
+use crate::store::{ErrorKind, StoreError};
 
 /// Everything the repository and engine can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -322,27 +305,17 @@ impl RepoError {
         }
     }
 
-    /// Classifies the error for exit codes and retry decisions.
-    pub fn class(&self) -> ErrorClass {
-        use cbt_core::ErrorKind as CK;
+    /// Classifies the error in the toolkit's one vocabulary, for exit codes and retry
+    /// decisions.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            RepoError::Store { source, .. } => match source.kind() {
-                StoreKind::Transient | StoreKind::Other => ErrorClass::Transient,
-                StoreKind::Integrity => ErrorClass::Integrity,
-                StoreKind::Config | StoreKind::InvalidInput | StoreKind::NotFound => {
-                    ErrorClass::Usage
-                }
-            },
-            RepoError::Core(e) | RepoError::Manifest { source: e, .. } => match e.kind() {
-                CK::Usage => ErrorClass::Usage,
-                CK::Integrity => ErrorClass::Integrity,
-                CK::Unsupported => ErrorClass::Unsupported,
-            },
+            RepoError::Store { source, .. } => source.kind(),
+            RepoError::Core(e) | RepoError::Manifest { source: e, .. } => e.kind(),
             RepoError::BadConfig { unsupported, .. } => {
                 if *unsupported {
-                    ErrorClass::Unsupported
+                    ErrorKind::Unsupported
                 } else {
-                    ErrorClass::Integrity
+                    ErrorKind::Integrity
                 }
             }
             RepoError::ChunkCorrupt {
@@ -353,52 +326,55 @@ impl RepoError {
             | RepoError::Sealed {
                 source: SealError::Version(_),
                 ..
-            } => ErrorClass::Unsupported,
+            } => ErrorKind::Unsupported,
             RepoError::Sealed { .. }
             | RepoError::NoKeySlot
             | RepoError::KeyMismatch { .. }
             | RepoError::KeySlotInvalid { .. }
-            | RepoError::TooManyKeySlots { .. } => ErrorClass::Integrity,
+            | RepoError::TooManyKeySlots { .. } => ErrorKind::Integrity,
+            // The password (or its absence) is the user's setup, like any credential.
             RepoError::KeyRequired
             | RepoError::NotEncrypted
             | RepoError::WrongPassword { .. }
-            | RepoError::KeySlotNotFound { .. }
-            | RepoError::KeyInUse { .. }
-            | RepoError::LastKeySlot { .. } => ErrorClass::Usage,
-            RepoError::Crypto(CryptoError::Random) => ErrorClass::Bug,
-            RepoError::Crypto(_) => ErrorClass::Usage,
+            | RepoError::Crypto(CryptoError::BadPassword { .. })
+            | RepoError::Crypto(CryptoError::PasswordFile { .. }) => ErrorKind::Config,
+            RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => ErrorKind::Usage,
+            RepoError::KeySlotNotFound { .. } => ErrorKind::NotFound,
+            RepoError::Crypto(CryptoError::Random) => ErrorKind::Bug,
+            RepoError::Crypto(_) => ErrorKind::Usage,
             RepoError::ManifestFraming { .. }
             | RepoError::ChunkMissing { .. }
-            | RepoError::ChunkCorrupt { .. } => ErrorClass::Integrity,
-            RepoError::RestoreIncomplete { source, .. } => source.class(),
+            | RepoError::ChunkCorrupt { .. } => ErrorKind::Integrity,
+            RepoError::RestoreIncomplete { source, .. } => source.kind(),
             RepoError::Locked { .. }
             | RepoError::LockInUse { .. }
             | RepoError::LockLost { .. }
             | RepoError::SnapshotExists { .. }
-            | RepoError::AlreadyInitialized { .. } => ErrorClass::Conflict,
+            | RepoError::AlreadyInitialized { .. } => ErrorKind::Conflict,
             RepoError::SourceIo { source, .. } | RepoError::TargetIo { source, .. } => {
-                io_class(source)
+                io_kind(source)
             }
-            RepoError::NotInitialized
-            | RepoError::SnapshotNotFound { .. }
-            | RepoError::TargetTooSmall { .. }
+            // No repository at the URL given: the URL (or a missing `cbt repo init`) is setup.
+            RepoError::NotInitialized => ErrorKind::Config,
+            RepoError::SnapshotNotFound { .. } => ErrorKind::NotFound,
+            RepoError::TargetTooSmall { .. }
             | RepoError::TargetExists { .. }
-            | RepoError::InvalidRequest { .. } => ErrorClass::Usage,
-            RepoError::UnsupportedObject { .. } => ErrorClass::Unsupported,
-            RepoError::Internal { .. } => ErrorClass::Bug,
+            | RepoError::InvalidRequest { .. } => ErrorKind::Usage,
+            RepoError::UnsupportedObject { .. } => ErrorKind::Unsupported,
+            RepoError::Internal { .. } => ErrorKind::Bug,
         }
     }
 
     /// True when retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        self.class() == ErrorClass::Transient
+        self.kind().is_transient()
     }
 }
 
 /// A missing path, a denied permission or a device shorter than expected will fail the same
 /// way on retry: the operator must act. Anything else (EIO, timeouts of network block devices,
 /// interrupted calls) may pass on a later attempt.
-fn io_class(e: &std::io::Error) -> ErrorClass {
+fn io_kind(e: &std::io::Error) -> ErrorKind {
     use std::io::ErrorKind as K;
     match e.kind() {
         K::NotFound
@@ -409,8 +385,8 @@ fn io_class(e: &std::io::Error) -> ErrorClass {
         | K::IsADirectory
         | K::NotADirectory
         | K::StorageFull
-        | K::FileTooLarge => ErrorClass::Usage,
-        _ => ErrorClass::Transient,
+        | K::FileTooLarge => ErrorKind::Usage,
+        _ => ErrorKind::Transient,
     }
 }
 

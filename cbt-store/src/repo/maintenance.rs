@@ -318,7 +318,7 @@ impl Repository {
                                     index,
                                     offset,
                                 };
-                                codec.decode_chunk(&body, &rr, at, &mut out).map(|()| len)
+                                codec.decode_chunk(body, &rr, at, &mut out).map(|()| len)
                             })
                             .await
                             .map_err(|e| RepoError::Internal {

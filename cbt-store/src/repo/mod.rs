@@ -87,7 +87,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 pub use codec::Codec;
-pub use error::{ErrorClass, RepoError, Result};
+pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
@@ -676,7 +676,7 @@ impl Repository {
                 });
             }
             self.store
-                .put(&key, encoded.body, PutMode::Overwrite)
+                .put_with_crc(&key, encoded.body, encoded.body_crc32c, PutMode::Overwrite)
                 .await
                 .map_err(|e| RepoError::store(ctx("repairing"), e))?;
             return Ok(ChunkPut {
@@ -686,7 +686,12 @@ impl Repository {
         }
         match self
             .store
-            .put(&key, encoded.body.clone(), PutMode::IfAbsent)
+            .put_with_crc(
+                &key,
+                encoded.body.clone(),
+                encoded.body_crc32c,
+                PutMode::IfAbsent,
+            )
             .await
             .map_err(|e| RepoError::store(ctx("uploading"), e))?
         {
@@ -755,10 +760,10 @@ impl Repository {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let body = self.fetch_chunk(expected, at).await?;
-        self.codec.decode_chunk(&body, expected, at, out)
+        self.codec.decode_chunk(body, expected, at, out)
     }
 
-    /// Downloads one chunk object without decoding it (decode with [`decode_chunk`]).
+    /// Downloads one chunk object without decoding it (decode with [`Codec::decode_chunk`]).
     ///
     /// # Errors
     /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the store's own checksum

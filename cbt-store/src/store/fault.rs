@@ -227,6 +227,26 @@ impl ObjectStore for FaultyStore {
         Ok(out)
     }
 
+    async fn put_with_crc(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc32c: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let fault = pre!(self, Op::Put, key);
+        // A damaged body is stored as `put` stores it (with its own checksum), so a damage
+        // rule behaves the same whichever of the two calls the caller used.
+        let out = match &fault {
+            Some(f) => self.inner.put(key, damage(body, f), mode).await?,
+            None => self.inner.put_with_crc(key, body, crc32c, mode).await?,
+        };
+        if fault == Some(Fault::TransientAfterCall) {
+            return Err(injected(Op::Put, key, false));
+        }
+        Ok(out)
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let fault = pre!(self, Op::Get, key);
         let body = self.inner.get(key).await?;

@@ -321,7 +321,13 @@ impl Inner {
         })
     }
 
-    fn put(&self, key: &str, body: &[u8], mode: PutMode) -> Result<PutOutcome, StoreError> {
+    fn put(
+        &self,
+        key: &str,
+        body: &[u8],
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
         let io = io_at(key);
         let clash = || StoreError::InvalidKey {
             key: key.to_string(),
@@ -361,7 +367,7 @@ impl Inner {
             let mut file = File::from(fd);
             let mut trailer = [0u8; TRAILER_LEN as usize];
             trailer[..4].copy_from_slice(&TRAILER_MAGIC);
-            trailer[4..].copy_from_slice(&crc32c::crc32c(body).to_le_bytes());
+            trailer[4..].copy_from_slice(&crc.to_le_bytes());
             file.write_all(body).map_err(&io)?;
             file.write_all(&trailer).map_err(&io)?;
             file.sync_all().map_err(&io)?;
@@ -579,7 +585,23 @@ impl ObjectStore for LocalStore {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
         validate_key(key)?;
         let k = key.to_string();
-        self.blocking(key, move |inner| inner.put(&k, &body, mode))
+        self.blocking(key, move |inner| {
+            inner.put(&k, &body, crc32c::crc32c(&body), mode)
+        })
+        .await
+    }
+
+    async fn put_with_crc(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        validate_key(key)?;
+        debug_assert_eq!(crc, crc32c::crc32c(&body), "put_with_crc: wrong crc32c");
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.put(&k, &body, crc, mode))
             .await
     }
 

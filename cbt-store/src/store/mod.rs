@@ -88,6 +88,26 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// [`StoreError::InvalidKey`] for a bad key; transport and backend failures otherwise.
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError>;
 
+    /// Like [`ObjectStore::put`], for a caller that already knows the body's crc32c (the chunk
+    /// encoder derives it while building the body), so the backend does not read the body
+    /// again to checksum it. `crc32c` must be the crc32c of `body`: a wrong value makes the
+    /// object read back as [`StoreError::Corrupt`], never as other bytes.
+    ///
+    /// The default ignores `crc32c` and calls `put`; backends and wrappers override it.
+    ///
+    /// # Errors
+    /// As [`ObjectStore::put`].
+    async fn put_with_crc(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc32c: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        let _ = crc32c;
+        self.put(key, body, mode).await
+    }
+
     /// Reads the whole object and verifies its stored crc32c.
     ///
     /// # Errors
@@ -187,22 +207,8 @@ pub async fn list_all(
     }
 }
 
-/// Coarse class of a [`StoreError`], for callers deciding what to do next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// The object does not exist.
-    NotFound,
-    /// Worth retrying later: throttling, timeouts, 5xx, dropped connections.
-    Transient,
-    /// Fix the configuration: bad URL, credentials, missing bucket.
-    Config,
-    /// Stored bytes are damaged: repair needed.
-    Integrity,
-    /// The caller passed something invalid (key, range).
-    InvalidInput,
-    /// Anything else (unexpected backend answer, local I/O failure).
-    Other,
-}
+/// The toolkit's one error-kind vocabulary ([`StoreError::kind`] classifies into it).
+pub use cbt_core::ErrorKind;
 
 /// Operation names used in error messages and fault counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -403,7 +409,7 @@ impl StoreError {
             | StoreError::TooLarge { .. }
             | StoreError::UnsafePath { .. } => ErrorKind::Integrity,
             StoreError::InvalidKey { .. } | StoreError::RangeNotSatisfiable { .. } => {
-                ErrorKind::InvalidInput
+                ErrorKind::Usage
             }
             StoreError::InvalidUrl { .. }
             | StoreError::BucketNotFound { .. }
@@ -415,9 +421,14 @@ impl StoreError {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {
                     ErrorKind::Transient
                 }
-                _ => ErrorKind::Other,
+                // The directory or its files cannot be used as they are: fix the setup.
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                    ErrorKind::Config
+                }
+                // EIO, a full disk: the storage under the repository failed.
+                _ => ErrorKind::Backend,
             },
-            StoreError::Backend { .. } => ErrorKind::Other,
+            StoreError::Backend { .. } => ErrorKind::Backend,
         }
     }
 

@@ -163,6 +163,19 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
+    async fn put_with_crc(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc32c: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
+        self.run(Op::Put, key, |s| {
+            s.put_with_crc(key, body.clone(), crc32c, mode)
+        })
+        .await
+    }
+
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.run(Op::Get, key, |s| s.get(key)).await
     }

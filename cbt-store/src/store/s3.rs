@@ -751,14 +751,25 @@ fn to_system_time(t: &aws_sdk_s3::primitives::DateTime) -> Option<SystemTime> {
 #[async_trait::async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        let crc = crc32c::crc32c(&body);
+        self.put_with_crc(key, body, crc, mode).await
+    }
+
+    async fn put_with_crc(
+        &self,
+        key: &str,
+        body: Bytes,
+        crc: u32,
+        mode: PutMode,
+    ) -> Result<PutOutcome, StoreError> {
         validate_key(key)?;
+        debug_assert_eq!(crc, crc32c::crc32c(&body), "put_with_crc: wrong crc32c");
         if mode == PutMode::IfAbsent && self.conditional == ConditionalWrites::Ignored {
             return Err(StoreError::ConditionalWritesUnsupported {
                 endpoint: self.endpoint_label.clone(),
                 detail: self.conditional_detail.clone(),
             });
         }
-        let crc = crc32c::crc32c(&body);
         if body.len() as u64 >= self.cfg.multipart_threshold.max(MIN_PART_SIZE) {
             self.put_multipart(key, body, crc, mode).await
         } else {
