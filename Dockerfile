@@ -1,5 +1,6 @@
 # The `cbt` image: the orchestrator (`cbt backup --pvc`, `cbt restore --to-pvc`, and every
-# repository command) and, built with `--target mover`, the data mover its Jobs run.
+# repository command), the replication controller `cbt-replicator`, and, built with
+# `--target mover`, the data mover its Jobs run.
 #
 #   docker build -t cbt:dev .                         # orchestrator and CLI, runs as UID 65532
 #   docker build --target mover -t cbt-mover:dev .    # mover Jobs: same binary, runs as root
@@ -18,8 +19,9 @@ FROM rust:1.95-bookworm AS builder
 WORKDIR /src
 COPY . .
 # --locked: build exactly the dependency versions of Cargo.lock.
-RUN cargo build --release --locked -p cbt-cli \
-    && install -m 0755 target/release/cbt /cbt
+RUN cargo build --release --locked -p cbt-cli -p cbt-replicator \
+    && install -m 0755 target/release/cbt /cbt \
+    && install -m 0755 target/release/cbt-replicator /cbt-replicator
 
 # Runtime: glibc (the binary links it) and the CA roots that S3 over TLS and the Kubernetes
 # API use; nothing else.
@@ -31,6 +33,8 @@ RUN apt-get update \
     && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin cbt
 COPY --from=builder /cbt /usr/local/bin/cbt
+# The replication controller (examples/replication/deployment.yaml).
+COPY --from=builder /cbt-replicator /usr/local/bin/cbt-replicator
 
 FROM runtime AS mover
 USER 0:0

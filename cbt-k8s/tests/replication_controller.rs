@@ -493,6 +493,18 @@ async fn trident_unplanned_failover_then_resync_of_the_old_primary() {
         e.tmr_state("data"),
         ("reestablished".into(), "reestablished".into())
     );
+    // A resync of the reestablished destination: one transfer now.
+    e.set_state(
+        "VolumeReplication",
+        "data",
+        json!({"replicationState": "resync"}),
+    );
+    until("resync transfer", || {
+        let (s, g) = e.vr_status("data");
+        ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
+    })
+    .await;
+    assert_eq!(e.fake.list(TMR_API, "TridentActionMirrorUpdate").len(), 1);
     ctl.stop().await;
 }
 
@@ -1224,4 +1236,115 @@ async fn trident_resync_of_a_destination_requests_one_mirror_update() {
         .await
         .unwrap();
     assert!(out.plan.is_noop(), "{:?}", out.plan);
+}
+
+/// 409s on writes (a status patch, a create that went through but answered Conflict) and 410s
+/// on the backend watch: the controller retries from fresh reads and converges, with one TMR.
+#[tokio::test]
+async fn conflicts_and_stale_watches_are_retried_to_convergence() {
+    use fake_kube::HttpFault;
+    let e = env().await;
+    trident_env_classes(&e);
+    e.pvc("data", "ontap", json!({}));
+    let faults = e.fake.faults();
+    faults.add_http(
+        HttpFault::status(409, 2)
+            .method("PATCH")
+            .path_contains("/volumereplications/data/status"),
+    );
+    faults.add_http(
+        HttpFault::status(409, 1)
+            .method("POST")
+            .path_contains("/tridentmirrorrelationships")
+            .after_processing(),
+    );
+    faults.add_http(
+        HttpFault::status(410, 2)
+            .method("GET")
+            .path_contains("/tridentmirrorrelationships"),
+    );
+    e.vr("data", "trident", "data", "primary", "");
+    let ctl = start(e.ctx(fast()).await);
+    until("primary", || {
+        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
+    })
+    .await;
+    assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
+    let statuses = e
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with("/volumereplications/data/status"))
+        .count();
+    assert!(statuses >= 3, "{statuses}");
+    ctl.stop().await;
+}
+
+/// Dell: the group's verb fails on the array. The group reports it failed (Degraded, with the
+/// error and how to retry) and the verb is not sent again on its own: a one-shot verb is retried
+/// only when a person removes the ledger, after which it converges.
+#[tokio::test]
+async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg(
+        "rg-pg",
+        false,
+        "SYNCHRONIZED",
+        &["pg-data", "pg-wal", "pg-config"],
+    );
+    let sim = e.fake.replication().unwrap();
+    sim.fail_dell_action(
+        "UNPLANNED_FAILOVER_LOCAL",
+        Some("remote system unreachable"),
+    );
+    e.vgr(
+        "pg",
+        "powerstore-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let ctl = start(e.ctx(fast()).await);
+    until("degraded", || {
+        let (s, _) = e.vgr_status("pg");
+        cond(&s.replication, "Degraded")
+            .is_some_and(|(st, _, m)| st == "True" && m.contains("remote system unreachable"))
+    })
+    .await;
+    let (s, g) = e.vgr_status("pg");
+    assert!(!ramen_accepts_primary(&s.replication, g));
+    assert!(
+        cond(&s.replication, "Completed")
+            .unwrap()
+            .2
+            .contains("dell-actions")
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sim.dell_actions().len(), 1);
+    // The array is back and a person asks for a retry.
+    sim.fail_dell_action("UNPLANNED_FAILOVER_LOCAL", None);
+    e.fake
+        .merge_patch(
+            RG_API,
+            "DellCSIReplicationGroup",
+            "",
+            "rg-pg",
+            &json!({"metadata": {"annotations": {"replication.cbt.io/dell-actions": null}}}),
+        )
+        .unwrap();
+    until("primary", || {
+        let (s, g) = e.vgr_status("pg");
+        ramen_accepts_primary(&s.replication, g)
+    })
+    .await;
+    let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        verbs,
+        [
+            "UNPLANNED_FAILOVER_LOCAL",
+            "UNPLANNED_FAILOVER_LOCAL",
+            "REPROTECT_LOCAL"
+        ]
+    );
+    ctl.stop().await;
 }

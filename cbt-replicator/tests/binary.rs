@@ -271,3 +271,41 @@ fn an_unreachable_kubeconfig_is_a_config_error() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("kubeconfig"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_crds_are_a_config_error_that_says_how_to_install_them() {
+    let fake = FakeKube::builder().start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config");
+    fake.write_kubeconfig(&path, "test").unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "run",
+                "--no-leader-election",
+                "--provisioners",
+                "csi.trident.netapp.io",
+            ])
+            .arg("--kubeconfig")
+            .arg(&path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(cbt_core::exit::ExitClass::Config.code()))
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("volumereplications.replication.storage.openshift.io"),
+        "{err}"
+    );
+    assert!(
+        err.contains("tridentmirrorrelationships.trident.netapp.io"),
+        "{err}"
+    );
+    assert!(!err.contains("dellcsireplicationgroups"), "{err}");
+    assert!(err.contains("cbt-replicator crds"), "{err}");
+}

@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use serde_json::{Value, json};
 
-use crate::store::{Cause, ResourceType, Selector, Store};
+use crate::store::{Cause, ResourceType, Store};
 use crate::values::rfc3339_now;
 
 /// `apiextensions.k8s.io/v1` CustomResourceDefinition.
@@ -192,14 +192,14 @@ impl CrdTypes {
     /// The types the CRDs in `store` serve right now.
     pub(crate) fn served(&self, store: &Store) -> Vec<&'static ResourceType> {
         let mut out = Vec::new();
-        for crd in store.list(&CUSTOM_RESOURCE_DEFINITIONS, None, &Selector::default()) {
+        for crd in store.iter_type(&CUSTOM_RESOURCE_DEFINITIONS) {
             if crd["metadata"]["deletionTimestamp"].is_string() {
                 continue;
             }
-            let group = text(&crd, &["spec", "group"]);
-            let plural = text(&crd, &["spec", "names", "plural"]);
-            let kind = text(&crd, &["spec", "names", "kind"]);
-            let namespaced = text(&crd, &["spec", "scope"]) == "Namespaced";
+            let group = text(crd, &["spec", "group"]);
+            let plural = text(crd, &["spec", "names", "plural"]);
+            let kind = text(crd, &["spec", "names", "kind"]);
+            let namespaced = text(crd, &["spec", "scope"]) == "Namespaced";
             for v in crd["spec"]["versions"].as_array().into_iter().flatten() {
                 if v["served"].as_bool() != Some(true) {
                     continue;
@@ -216,7 +216,30 @@ impl CrdTypes {
 /// storage version recorded. Returns true if anything changed.
 pub(crate) fn reconcile(store: &mut Store) -> bool {
     let mut changed = false;
-    for crd in store.list(&CUSTOM_RESOURCE_DEFINITIONS, None, &Selector::default()) {
+    // Borrowed first (CRDs are large): only those whose status is behind are copied.
+    let behind: Vec<Value> = store
+        .iter_type(&CUSTOM_RESOURCE_DEFINITIONS)
+        .filter(|crd| {
+            !crd["status"]["conditions"].is_array()
+                || crd["status"]["acceptedNames"] != crd["spec"]["names"]
+                || crd["status"]["storedVersions"]
+                    .as_array()
+                    .map_or(0, Vec::len)
+                    == 0
+                || crd["spec"]["versions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|v| {
+                        v["storage"].as_bool() == Some(true)
+                            && !crd["status"]["storedVersions"]
+                                .as_array()
+                                .is_some_and(|a| a.iter().any(|x| *x == v["name"]))
+                    })
+        })
+        .cloned()
+        .collect();
+    for crd in behind {
         let name = text(&crd, &["metadata", "name"]).to_string();
         let names = crd["spec"]["names"].clone();
         let storage: Vec<String> = crd["spec"]["versions"]

@@ -428,7 +428,7 @@ impl Store {
     }
 
     /// The `openAPIV3Schema` of a CRD-served type's version, while its CRD exists.
-    fn crd_schema(&self, rt: &'static ResourceType) -> Option<Value> {
+    fn crd_schema(&self, rt: &'static ResourceType) -> Option<&Value> {
         if !rt.crd {
             return None;
         }
@@ -441,8 +441,8 @@ impl Store {
             .as_array()?
             .iter()
             .find(|v| v["name"].as_str() == Some(rt.version))
-            .map(|v| v["schema"]["openAPIV3Schema"].clone())
-            .filter(Value::is_object)
+            .map(|v| &v["schema"]["openAPIV3Schema"])
+            .filter(|v| v.is_object())
     }
 
     fn next_uid(&mut self) -> String {
@@ -457,6 +457,14 @@ impl Store {
             .get(&Self::key(rt, ns, name))
             .cloned()
             .ok_or_else(|| ApiError::not_found(rt, name))
+    }
+
+    /// Every stored object of a type, borrowed (no copies: CRDs are large).
+    pub fn iter_type(&self, rt: &'static ResourceType) -> impl Iterator<Item = &Value> {
+        self.objects
+            .iter()
+            .filter(move |((plural, _, _), _)| *plural == rt.plural)
+            .map(|(_, v)| v)
     }
 
     /// Lists objects of a type, in one namespace or all, filtered by a selector.
@@ -538,7 +546,7 @@ impl Store {
         crate::kinds::admit(self, rt, &obj)?;
         let mut causes = validate(rt, &obj);
         if let Some(schema) = self.crd_schema(rt) {
-            causes.extend(crate::schema::check(&schema, &mut obj));
+            causes.extend(crate::schema::check(schema, &mut obj));
         }
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, &name, &causes));
@@ -734,8 +742,8 @@ impl Store {
         let mut causes = causes;
         causes.extend(immutability(rt, &existing, &new));
         if let Some(schema) = self.crd_schema(rt) {
-            causes.extend(crate::schema::check(&schema, &mut new));
-            causes.extend(crate::schema::transitions(&schema, &existing, &new));
+            causes.extend(crate::schema::check(schema, &mut new));
+            causes.extend(crate::schema::transitions(schema, &existing, &new));
         }
         if !causes.is_empty() {
             return Err(ApiError::invalid(rt, name, &causes));

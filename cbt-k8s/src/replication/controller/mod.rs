@@ -1285,27 +1285,36 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         let _ = rx.wait_for(|s| *s).await;
     };
 
+    let serves_trident = ctx.config.serves(super::translate::trident::DRIVER);
+    let serves_dell = ctx.config.serves(dell::DRIVER);
     let vr_ctl = Controller::new(
         Api::<VolumeReplication>::all(client.clone()),
         watcher::Config::default(),
     );
     let vr_store = vr_ctl.store();
-    let vr_ctl = vr_ctl
-        .watches(
-            Api::<TridentMirrorRelationship>::all(client.clone()),
-            ours.clone(),
-            |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
-        )
-        .watches(
-            Api::<TridentActionMirrorUpdate>::all(client.clone()),
-            ours.clone(),
-            |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
-        )
-        .watches(
+    let mut vr_ctl = vr_ctl;
+    // Backend kinds are watched only for the backends served: their CRDs may be absent.
+    if serves_trident {
+        vr_ctl = vr_ctl
+            .watches(
+                Api::<TridentMirrorRelationship>::all(client.clone()),
+                ours.clone(),
+                |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
+            )
+            .watches(
+                Api::<TridentActionMirrorUpdate>::all(client.clone()),
+                ours.clone(),
+                |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
+            );
+    }
+    if serves_dell {
+        vr_ctl = vr_ctl.watches(
             Api::<DellCSIReplicationGroup>::all(client.clone()),
             watcher::Config::default(),
             |o| refs_for(SubjectKind::Volume, dell_owner(&o)),
-        )
+        );
+    }
+    let vr_ctl = vr_ctl
         .watches(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             watcher::Config::default(),
@@ -1331,22 +1340,28 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default(),
     );
     let vgr_store = vgr_ctl.store();
-    let vgr_ctl = vgr_ctl
-        .watches(
-            Api::<TridentMirrorRelationship>::all(client.clone()),
-            ours.clone(),
-            |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
-        )
-        .watches(
-            Api::<TridentActionMirrorUpdate>::all(client.clone()),
-            ours,
-            |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
-        )
-        .watches(
+    let mut vgr_ctl = vgr_ctl;
+    if serves_trident {
+        vgr_ctl = vgr_ctl
+            .watches(
+                Api::<TridentMirrorRelationship>::all(client.clone()),
+                ours.clone(),
+                |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
+            )
+            .watches(
+                Api::<TridentActionMirrorUpdate>::all(client.clone()),
+                ours,
+                |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
+            );
+    }
+    if serves_dell {
+        vgr_ctl = vgr_ctl.watches(
             Api::<DellCSIReplicationGroup>::all(client.clone()),
             watcher::Config::default(),
             |o| refs_for(SubjectKind::Group, dell_owner(&o)),
-        )
+        );
+    }
+    let vgr_ctl = vgr_ctl
         .watches(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             watcher::Config::default(),
@@ -1387,6 +1402,87 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         }
     }
+}
+
+/// Checks that the API serves every kind the controller needs for `config`.
+///
+/// # Errors
+/// [`Error::Preflight`] naming the missing CustomResourceDefinition and how to install it;
+/// API errors otherwise.
+pub async fn preflight(client: &kube::Client, cluster: &str, config: &Config) -> Result<(), Error> {
+    let lp = ListParams::default().limit(1);
+    let mut missing = Vec::new();
+    macro_rules! probe {
+        ($t:ty, $crd:expr, $fix:expr) => {
+            match Api::<$t>::all(client.clone()).list(&lp).await {
+                Ok(_) => {}
+                Err(e) if is_code(&e, 404) => missing.push(($crd, $fix)),
+                Err(e) => return Err(Error::api(cluster, "list", stringify!($t), "", e)),
+            }
+        };
+    }
+    let csi_addons =
+        "install them: `cbt-replicator crds | kubectl apply -f -` (or install csi-addons)";
+    probe!(
+        VolumeReplication,
+        "volumereplications.replication.storage.openshift.io",
+        csi_addons
+    );
+    probe!(
+        VolumeReplicationClass,
+        "volumereplicationclasses.replication.storage.openshift.io",
+        csi_addons
+    );
+    probe!(
+        VolumeGroupReplication,
+        "volumegroupreplications.replication.storage.openshift.io",
+        csi_addons
+    );
+    probe!(
+        VolumeGroupReplicationClass,
+        "volumegroupreplicationclasses.replication.storage.openshift.io",
+        csi_addons
+    );
+    if config.serves(super::translate::trident::DRIVER) {
+        let fix =
+            "install Trident 22.10 or later (or drop csi.trident.netapp.io from --provisioners)";
+        probe!(
+            TridentMirrorRelationship,
+            "tridentmirrorrelationships.trident.netapp.io",
+            fix
+        );
+        probe!(
+            TridentActionMirrorUpdate,
+            "tridentactionmirrorupdates.trident.netapp.io",
+            fix
+        );
+    }
+    if config.serves(dell::DRIVER) {
+        probe!(
+            DellCSIReplicationGroup,
+            "dellcsireplicationgroups.replication.storage.dell.com",
+            "install Dell CSM replication (or drop csi-powerstore.dellemc.com from --provisioners)"
+        );
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Preflight {
+        cluster: cluster.to_string(),
+        problem: format!(
+            "CustomResourceDefinition(s) not served: {}",
+            missing
+                .iter()
+                .map(|(c, _)| *c)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        fix: {
+            let mut fixes: Vec<&str> = missing.iter().map(|(_, f)| *f).collect();
+            fixes.dedup();
+            fixes.join("; ")
+        },
+    })
 }
 
 /// How long a shutdown waits for running reconciles.

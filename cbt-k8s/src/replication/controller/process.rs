@@ -41,6 +41,7 @@ pub async fn run_replicator(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let cluster = connect(&opts.target).await?;
+    super::preflight(&cluster.client, &cluster.context, &opts.config).await?;
     let metrics = Arc::new(Metrics::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let shutdown_tx = stop_tx.clone();

@@ -18,7 +18,7 @@
 //!   overwrites the local volume with the peer's data once the peer is the
 //!   source); `autoResync` also reestablishes a `failed` destination;
 //! - resync: like secondary, plus one TridentActionMirrorUpdate (a transfer
-//!   now) per generation for a healthy `established` destination;
+//!   now) per generation for a healthy `established` or `reestablished` destination;
 //! - deleting the VolumeReplication deletes its TMRs. **Deleting a TMR makes
 //!   Trident promote the volume** (it breaks and releases the SnapMirror
 //!   relationship), so on a secondary site the volume becomes writable and
@@ -128,7 +128,9 @@ pub fn step(
             Step::Set(M::Reestablished)
         }
         (ReplicationState::Resync, Some(M::Established)) if failed => Step::Set(M::Reestablished),
-        (ReplicationState::Resync, Some(M::Established)) if healthy && !update_exists => {
+        (ReplicationState::Resync, Some(M::Established | M::Reestablished))
+            if healthy && !update_exists =>
+        {
             Step::MirrorUpdate
         }
         (_, Some(M::Established | M::Reestablished)) => Step::Keep,
@@ -230,7 +232,7 @@ pub fn member_report(
             S::Established | S::Reestablished,
             ReplicationState::Secondary | ReplicationState::Resync,
         ) if destination_spec => {
-            if desired == ReplicationState::Resync && spec == M::Established {
+            if desired == ReplicationState::Resync {
                 match update {
                     TamuView::Absent => {
                         member(MemberKind::InProgress, "mirror update not requested yet")
