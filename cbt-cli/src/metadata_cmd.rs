@@ -161,35 +161,11 @@ fn read(p: &PathBuf) -> Result<String, CliError> {
 
 impl From<CsiError> for CliError {
     fn from(e: CsiError) -> Self {
-        let hint = match &e {
-            CsiError::Unauthenticated { .. }
-            | CsiError::PermissionDenied { .. }
-            | CsiError::Token { .. } => {
-                Some("check --metadata-token / --metadata-token-file and the identity's RBAC")
-            }
-            CsiError::Unimplemented { .. } => Some(
-                "use --metadata-namespace only with the Kubernetes sidecar, and omit it for a CSI driver socket",
-            ),
-            CsiError::DeadlineExceeded { .. } => Some(
-                "raise --metadata-deadline-secs: the service was still answering when cbt's own deadline expired",
-            ),
-            CsiError::ServerTimeLimit { .. } => Some(
-                "the service's stream time limit is shorter than the time it needs for one message; raise it (sidecar flag --max-streaming-duration-min)",
-            ),
-            CsiError::ProtocolViolation { .. } => Some(
-                "the metadata service broke the protocol; report it to the CSI driver's maintainers",
-            ),
-            CsiError::CbtNotEnabled { .. } => {
-                Some("take a full backup (--full), or enable changed-block tracking for the volume")
-            }
-            _ if e.kind().is_transient() => Some("this looks temporary: retry later"),
-            _ => None,
-        };
         CliError {
             reported: false,
             class: ExitClass::from(e.kind()),
+            hint: e.guidance().map(str::to_string),
             message: e.to_string(),
-            hint: hint.map(str::to_string),
         }
     }
 }

@@ -292,6 +292,34 @@ impl CsiError {
         }
     }
 
+    /// What the user can do about it, in one line (`None` when the message says it all).
+    pub fn guidance(&self) -> Option<&'static str> {
+        match self {
+            CsiError::Unauthenticated { .. }
+            | CsiError::PermissionDenied { .. }
+            | CsiError::Token { .. } => {
+                Some("check --metadata-token / --metadata-token-file and the identity's RBAC")
+            }
+            CsiError::Unimplemented { .. } => Some(
+                "use --metadata-namespace only with the Kubernetes sidecar, and omit it for a CSI driver socket",
+            ),
+            CsiError::DeadlineExceeded { .. } => Some(
+                "raise --metadata-deadline-secs: the service was still answering when cbt's own deadline expired",
+            ),
+            CsiError::ServerTimeLimit { .. } => Some(
+                "the service's stream time limit is shorter than the time it needs for one message; raise it (sidecar flag --max-streaming-duration-min)",
+            ),
+            CsiError::ProtocolViolation { .. } => Some(
+                "the metadata service broke the protocol; report it to the CSI driver's maintainers",
+            ),
+            CsiError::CbtNotEnabled { .. } => {
+                Some("take a full backup (--full), or enable changed-block tracking for the volume")
+            }
+            _ if self.kind().is_transient() => Some("this looks temporary: retry later"),
+            _ => None,
+        }
+    }
+
     /// True for service answers that a retry of the same request cannot change (the codes the
     /// CSI spec prescribes for bad requests, plus authentication and authorization).
     pub fn is_non_retryable_service_error(&self) -> bool {

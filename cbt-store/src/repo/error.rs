@@ -369,6 +369,56 @@ impl RepoError {
     pub fn is_transient(&self) -> bool {
         self.kind().is_transient()
     }
+
+    /// What the user can do about it, in one line: the library knows the cause, so it says
+    /// the remedy (`None` when the message says it all).
+    pub fn guidance(&self) -> Option<String> {
+        match self {
+            RepoError::Store { source, .. } => source.guidance(),
+            RepoError::NotInitialized => {
+                Some("check --repo, or create it with `cbt repo init`".into())
+            }
+            RepoError::KeyRequired => {
+                Some("set CBT_PASSWORD, or pass --password-file (or set CBT_PASSWORD_FILE)".into())
+            }
+            RepoError::WrongPassword { .. } => Some(
+                "check CBT_PASSWORD / the password file; each password added with \
+                 `cbt key add` opens the repository"
+                    .into(),
+            ),
+            RepoError::NotEncrypted => Some(
+                "unset CBT_PASSWORD / CBT_PASSWORD_FILE for this repository; if it was \
+                 created encrypted, its config has been edited: restore it before writing"
+                    .into(),
+            ),
+            RepoError::Crypto(CryptoError::BadPassword { .. })
+            | RepoError::Crypto(CryptoError::PasswordFile { .. }) => {
+                Some("check CBT_PASSWORD / the password file".into())
+            }
+            RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => Some(
+                "to rotate a password: `cbt key add` the new one, then `cbt key remove` the \
+                 old slot while opening with the new password"
+                    .into(),
+            ),
+            RepoError::KeySlotNotFound { .. } => Some("see `cbt key list`".into()),
+            RepoError::Locked { .. } => Some(
+                "another cbt process is using the repository; if it died, see `cbt lock list` \
+                 and `cbt lock break <id>`"
+                    .into(),
+            ),
+            _ => match self.kind() {
+                ErrorKind::Integrity => {
+                    Some("run `cbt verify --read-data` to list every damaged object".to_string())
+                }
+                ErrorKind::Transient => Some(
+                    "retry; an interrupted backup resumes without re-uploading stored chunks"
+                        .to_string(),
+                ),
+                ErrorKind::Unsupported => Some("upgrade cbt".to_string()),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// A missing path, a denied permission or a device shorter than expected will fail the same

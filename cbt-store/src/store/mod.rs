@@ -471,6 +471,37 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient
     }
+
+    /// What the user can do about it, in one line (`None` when the message says it all).
+    pub fn guidance(&self) -> Option<String> {
+        let e = self;
+        match e {
+            StoreError::AccessDenied { .. } => Some(
+                "credentials come from the standard AWS chain: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+                 AWS_PROFILE, web identity or the instance role"
+                    .into(),
+            ),
+            StoreError::BucketNotFound { bucket } => Some(format!(
+                "create the bucket `{bucket}` first, or check --s3-endpoint/--s3-region"
+            )),
+            StoreError::Unreachable { .. } => {
+                Some("check --s3-endpoint and that the server is up; then retry".into())
+            }
+            StoreError::InvalidUrl { .. } => {
+                Some("use --repo file:///path/to/repo or --repo s3://bucket/prefix".into())
+            }
+            StoreError::ConditionalWritesUnsupported { .. } => Some(
+                "use an S3 server that honours If-None-Match: * (AWS S3, recent MinIO, Ceph RGW, \
+                 SeaweedFS); restore, verify and list still work against this one"
+                    .into(),
+            ),
+            _ if e.kind() == ErrorKind::Integrity => {
+                Some("run `cbt verify --read-data` to list every damaged object".into())
+            }
+            _ if e.is_transient() => Some("this looks temporary: retry later".into()),
+            _ => None,
+        }
+    }
 }
 
 /// Checks a key against the rules every backend enforces.
