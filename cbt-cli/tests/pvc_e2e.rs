@@ -9,10 +9,8 @@
 mod support;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use cbt_csi::server::RunningServer;
-use cbt_store::testing::S3TestServer;
 use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
 use support::{DRIVER, sms};
@@ -23,14 +21,7 @@ const AUDIENCE: &str = "cbt-e2e";
 const IMAGE: &str = "registry.example/cbt:e2e";
 const SLOW_IMAGE: &str = "registry.example/slow:e2e";
 
-struct Env {
-    t: tempfile::TempDir,
-    kube: FakeKube,
-    s3: S3TestServer,
-    _sidecar: RunningServer,
-    kubeconfig: PathBuf,
-    repo: String,
-}
+type Env = support::Cluster;
 
 impl Env {
     async fn start() -> Self {
@@ -52,54 +43,7 @@ impl Env {
             .start()
             .await
             .unwrap();
-        kube.seed_standard(NS).unwrap();
-        kube.create(json!({"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": "cbt-mover", "namespace": NS}}))
-            .unwrap();
-        let kubeconfig = t.path().join("kubeconfig");
-        kube.write_kubeconfig(&kubeconfig, "fake").unwrap();
-
-        // The repository and the mover's credentials, by reference in a Secret.
-        let s3 = support::s3_server().await;
-        support::create_s3_secret(&kube, &s3, NS, "s3-creds");
-
-        // The metadata sidecar: the file server over the array's snapshot files, checking
-        // tokens and names through the cluster, over TLS with the test CA.
-        let sidecar = support::start_sidecar(&kube, &kubeconfig, AUDIENCE).await;
-        support::register_sidecar(&kube, &sidecar, AUDIENCE);
-        let repo = "s3://backups/cluster-a".to_string();
-        Env {
-            t,
-            kube,
-            s3,
-            _sidecar: sidecar,
-            kubeconfig,
-            repo,
-        }
-    }
-
-    /// Runs the `cbt` binary with the repository, the S3 endpoint and the kubeconfig.
-    async fn cbt(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-        cmd.args(["--repo", &self.repo, "--s3-endpoint", &self.s3.endpoint()]);
-        cmd.args(args);
-        cmd.env_remove("CBT_REPO").env_remove("KUBECONFIG");
-        for (k, v) in self.s3.env() {
-            cmd.env(k, v);
-        }
-        cmd.output().await.unwrap()
-    }
-
-    async fn ok(&self, args: &[&str]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        support::Cluster::from_kube(t, kube, NS, AUDIENCE).await
     }
 
     /// [`Self::kube_args`] without `--image`, for runs that name another image or none.

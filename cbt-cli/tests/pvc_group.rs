@@ -10,8 +10,6 @@ mod support;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use cbt_csi::server::RunningServer;
-use cbt_store::testing::S3TestServer;
 use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
 use support::{DRIVER, sms};
@@ -25,14 +23,7 @@ const GROUP_API: &str = "groupsnapshot.storage.k8s.io/v1";
 const VS_API: &str = "snapshot.storage.k8s.io/v1";
 const MEMBERS: [&str; 3] = ["conf", "data", "wal"];
 
-struct Env {
-    t: tempfile::TempDir,
-    kube: FakeKube,
-    s3: S3TestServer,
-    _sidecar: RunningServer,
-    kubeconfig: PathBuf,
-    repo: String,
-}
+type Env = support::Cluster;
 
 impl Env {
     /// The `pvc_e2e` cluster; with `group_api` the group snapshot CRDs are served.
@@ -48,50 +39,7 @@ impl Env {
             builder = builder.group_snapshot_api();
         }
         let kube = builder.start().await.unwrap();
-        kube.seed_standard(NS).unwrap();
-        kube.create(json!({"apiVersion": "v1", "kind": "ServiceAccount",
-            "metadata": {"name": "cbt-mover", "namespace": NS}}))
-            .unwrap();
-        let kubeconfig = t.path().join("kubeconfig");
-        kube.write_kubeconfig(&kubeconfig, "fake").unwrap();
-
-        let s3 = support::s3_server().await;
-        support::create_s3_secret(&kube, &s3, NS, "s3-creds");
-
-        let sidecar = support::start_sidecar(&kube, &kubeconfig, AUDIENCE).await;
-        support::register_sidecar(&kube, &sidecar, AUDIENCE);
-        let repo = "s3://backups/cluster-a".to_string();
-        Env {
-            t,
-            kube,
-            s3,
-            _sidecar: sidecar,
-            kubeconfig,
-            repo,
-        }
-    }
-
-    async fn cbt(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-        cmd.args(["--repo", &self.repo, "--s3-endpoint", &self.s3.endpoint()]);
-        cmd.args(args);
-        cmd.env_remove("CBT_REPO").env_remove("KUBECONFIG");
-        for (k, v) in self.s3.env() {
-            cmd.env(k, v);
-        }
-        cmd.output().await.unwrap()
-    }
-
-    async fn ok(&self, args: &[&str]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        support::Cluster::from_kube(t, kube, NS, AUDIENCE).await
     }
 
     fn kube_args(&self) -> Vec<String> {

@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a part
 
 use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 
 use cbt_csi::server::{FileMetadataService, Listen, RunningServer, ServerOptions, TlsIdentity};
@@ -107,4 +108,72 @@ pub fn register_sidecar(kube: &FakeKube, sidecar: &RunningServer, audience: &str
                  "caCert": serde_json::to_value(k8s_openapi::ByteString(ca)).unwrap()},
     }))
     .unwrap();
+}
+
+/// A fake cluster ready for `cbt backup --pvc`: the namespace with the standard classes, the
+/// mover's ServiceAccount, an admin kubeconfig, the S3 repository with its Secret `s3-creds`,
+/// and the metadata sidecar registered for the driver.
+pub struct Cluster {
+    /// Holds the array's files and the kubeconfig.
+    pub t: tempfile::TempDir,
+    /// The API server.
+    pub kube: FakeKube,
+    /// The repository's S3 server.
+    pub s3: S3TestServer,
+    /// The metadata sidecar (kept running).
+    pub _sidecar: RunningServer,
+    /// The admin kubeconfig.
+    pub kubeconfig: PathBuf,
+    /// The repository URL.
+    pub repo: String,
+}
+
+impl Cluster {
+    /// Completes a started `kube` (built over `t`) for namespace `ns`.
+    pub async fn from_kube(t: tempfile::TempDir, kube: FakeKube, ns: &str, audience: &str) -> Self {
+        kube.seed_standard(ns).unwrap();
+        kube.create(json!({"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": "cbt-mover", "namespace": ns}}))
+            .unwrap();
+        let kubeconfig = t.path().join("kubeconfig");
+        kube.write_kubeconfig(&kubeconfig, "fake").unwrap();
+        // The repository and the mover's credentials, by reference in a Secret.
+        let s3 = s3_server().await;
+        create_s3_secret(&kube, &s3, ns, "s3-creds");
+        let sidecar = start_sidecar(&kube, &kubeconfig, audience).await;
+        register_sidecar(&kube, &sidecar, audience);
+        Cluster {
+            t,
+            kube,
+            s3,
+            _sidecar: sidecar,
+            kubeconfig,
+            repo: format!("s3://{BUCKET}/cluster-a"),
+        }
+    }
+
+    /// Runs the `cbt` binary with the repository and the S3 endpoint (and its credentials).
+    pub async fn cbt(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+        cmd.args(["--repo", &self.repo, "--s3-endpoint", &self.s3.endpoint()]);
+        cmd.args(args);
+        cmd.env_remove("CBT_REPO").env_remove("KUBECONFIG");
+        for (k, v) in self.s3.env() {
+            cmd.env(k, v);
+        }
+        cmd.output().await.unwrap()
+    }
+
+    /// [`Cluster::cbt`] that must succeed; its stdout as JSON (`Null` when it is not JSON).
+    pub async fn ok(&self, args: &[&str]) -> Value {
+        let out = self.cbt(args).await;
+        assert!(
+            out.status.success(),
+            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
 }
