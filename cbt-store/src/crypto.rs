@@ -1,4 +1,5 @@
-//! Encryption at rest: the repository key, password key slots, and the sealed-object envelope.
+//! Encryption at rest: the repository key, password and key-file key slots, and the
+//! sealed-object envelope.
 //!
 //! Owns every cryptographic decision of the repository format and nothing else: no I/O, no
 //! object keys beyond the ones handed in, no chunk or manifest layout. The repository seals an
@@ -17,6 +18,12 @@
 //! sealed with AES-256-GCM under that key (the repository id and slot id are authenticated
 //! with it, so a slot cannot be moved to another repository or renamed). Adding or removing a
 //! password writes or deletes one slot; no data is re-encrypted.
+//!
+//! A slot can instead be opened by a [`KeyFile`]: a file holding 256 random bits. Its wrapping
+//! key is `HKDF-SHA256(salt = the slot's random salt, secret)`, a fast derivation, since a
+//! random secret needs no stretching against guessing. The slot records the key file's id (a
+//! hash of its secret, revealing nothing of it), so a listing tells which file opens which
+//! slot and a wrong key file is named as such without any slot being tried.
 //!
 //! Slots are read back as hostile input: they are small ([`MAX_KEY_SLOT_LEN`]) and their KDF
 //! parameters must lie within [`KdfParams::validate`]'s bounds (at most [`MAX_KDF_MEMORY_KIB`]
@@ -90,6 +97,10 @@ pub const MAX_KDF_ITERATIONS: u32 = 16;
 pub const MAX_KDF_PARALLELISM: u32 = 16;
 /// Longest password accepted, in bytes.
 pub const MAX_PASSWORD_LEN: usize = 4096;
+/// Largest key file accepted, in bytes (ours are about 300).
+pub const MAX_KEY_FILE_LEN: u64 = 4096;
+/// First word of the line of a key file that holds the secret.
+pub const KEY_FILE_MAGIC: &str = "cbt-key-file";
 
 /// What a sealed object holds; authenticated with it, so one kind cannot pass for another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,6 +251,190 @@ impl fmt::Debug for Password {
     }
 }
 
+/// A key file's secret: 256 random bits that open the key slots made for it. Zeroed when
+/// dropped; never printed.
+///
+/// On disk it is text: comment lines (`#`) and one line `cbt-key-file v1 <64 hex digits>`.
+#[derive(Clone)]
+pub struct KeyFile {
+    secret: Zeroizing<[u8; 32]>,
+    id: String,
+}
+
+impl KeyFile {
+    /// A new random key file secret from the system RNG.
+    ///
+    /// # Errors
+    /// [`CryptoError::Random`] if the system RNG fails.
+    pub fn generate() -> Result<Self, CryptoError> {
+        let mut k = Zeroizing::new([0u8; 32]);
+        fill_random(&mut k[..])?;
+        Ok(Self::from_secret(k))
+    }
+
+    fn from_secret(secret: Zeroizing<[u8; 32]>) -> Self {
+        let id = derive_32(&secret, b"cbt key file id v1");
+        KeyFile {
+            id: to_hex(&id[..8]),
+            secret,
+        }
+    }
+
+    /// The key file's id: 16 hex digits derived from the secret (they reveal nothing of it),
+    /// recorded in the slots it opens and printed in the file's comment.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The file's contents.
+    pub fn to_text(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!(
+            "# cbt repository key file, id {id}. It opens every repository that has a key slot\n\
+             # for it: keep it secret, and keep a copy (without it or a password the data\n\
+             # cannot be read).\n\
+             {KEY_FILE_MAGIC} v1 {}\n",
+            Zeroizing::new(to_hex(&self.secret[..])).as_str(),
+            id = self.id
+        ))
+    }
+
+    /// Parses a key file's contents (at most [`MAX_KEY_FILE_LEN`] bytes).
+    ///
+    /// # Errors
+    /// [`CryptoError::KeyFile`] (with an empty path) naming what is wrong.
+    pub fn parse(text: &[u8]) -> Result<Self, CryptoError> {
+        Self::parse_at(text, std::path::Path::new(""))
+    }
+
+    fn parse_at(text: &[u8], path: &std::path::Path) -> Result<Self, CryptoError> {
+        let bad = |reason: &str| CryptoError::KeyFile {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        if text.len() as u64 > MAX_KEY_FILE_LEN {
+            return Err(bad(&format!(
+                "larger than {MAX_KEY_FILE_LEN} bytes: not a key file"
+            )));
+        }
+        let text = std::str::from_utf8(text).map_err(|_| bad("not text: not a key file"))?;
+        let mut found = None;
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if found.is_some() {
+                return Err(bad("more than one key line"));
+            }
+            found = Some(line);
+        }
+        let line = found.ok_or_else(|| bad("no key line: not a key file"))?;
+        let mut words = line.split_ascii_whitespace();
+        if words.next() != Some(KEY_FILE_MAGIC) {
+            return Err(bad("not a cbt key file"));
+        }
+        match words.next() {
+            Some("v1") => {}
+            Some(v) => {
+                return Err(bad(&format!(
+                    "key file version {:?} is not supported (this build reads v1); upgrade cbt",
+                    v.chars().take(16).collect::<String>()
+                )));
+            }
+            None => return Err(bad("the key line has no version")),
+        }
+        let hex = words
+            .next()
+            .ok_or_else(|| bad("the key line has no secret"))?;
+        if words.next().is_some() {
+            return Err(bad("unexpected words after the secret"));
+        }
+        let bytes = Zeroizing::new(
+            from_hex(hex, 32).ok_or_else(|| bad("the secret is not 64 hex digits"))?,
+        );
+        let mut secret = Zeroizing::new([0u8; 32]);
+        secret.copy_from_slice(&bytes);
+        Ok(Self::from_secret(secret))
+    }
+
+    /// Reads a key file (bounded: a file larger than [`MAX_KEY_FILE_LEN`] is refused unread).
+    ///
+    /// # Errors
+    /// [`CryptoError::KeyFile`] if it cannot be read or is not a key file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, CryptoError> {
+        use std::io::Read;
+        let failed = |reason: String| CryptoError::KeyFile {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let file = std::fs::File::open(path).map_err(|e| failed(e.to_string()))?;
+        let mut bytes = Zeroizing::new(Vec::new());
+        file.take(MAX_KEY_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| failed(e.to_string()))?;
+        Self::parse_at(&bytes, path)
+    }
+
+    /// Writes the key file to a new file at `path`, readable by its owner only (mode 0600 on
+    /// Unix), and syncs it.
+    ///
+    /// # Errors
+    /// [`CryptoError::KeyFileExists`] if anything exists at `path` (never overwritten);
+    /// [`CryptoError::KeyFileWrite`] for other failures (a partial file is removed).
+    pub fn write_new(&self, path: &std::path::Path) -> Result<(), CryptoError> {
+        use std::io::Write;
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut file = match opts.open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(CryptoError::KeyFileExists {
+                    path: path.to_path_buf(),
+                });
+            }
+            Err(e) => {
+                return Err(CryptoError::KeyFileWrite {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let written = file
+            .write_all(self.to_text().as_bytes())
+            .and_then(|()| file.sync_all());
+        if let Err(e) = written {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(CryptoError::KeyFileWrite {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The wrapping key of a slot with this salt.
+    fn wrapping_key(&self, salt: &[u8]) -> Zeroizing<[u8; 32]> {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(&self.secret[..]);
+        let mut out = Zeroizing::new([0u8; 32]);
+        // Expanding 32 bytes from SHA-256 cannot fail (the limit is 255 * 32).
+        if let Ok(okm) = prk.expand(&[b"cbt key file slot v1"], Len(32)) {
+            let _ = okm.fill(&mut out[..]);
+        }
+        out
+    }
+}
+
+impl fmt::Debug for KeyFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyFile({}, <redacted>)", self.id)
+    }
+}
+
 /// Failures of key handling (not of sealed objects: see [`SealError`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -265,6 +460,28 @@ pub enum CryptoError {
     #[error("key derivation parameters out of bounds: {reason}")]
     KdfParams {
         /// Which bound.
+        reason: String,
+    },
+    /// A key file cannot be read, or is not a key file.
+    #[error("cannot use key file {}: {reason}", path.display())]
+    KeyFile {
+        /// The file (empty when parsed from memory).
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A new key file was not written because something exists at its path.
+    #[error("{} already exists; a key file is never overwritten", path.display())]
+    KeyFileExists {
+        /// The path.
+        path: std::path::PathBuf,
+    },
+    /// A new key file could not be written.
+    #[error("cannot write key file {}: {reason}", path.display())]
+    KeyFileWrite {
+        /// The path.
+        path: std::path::PathBuf,
+        /// What failed.
         reason: String,
     },
 }
@@ -582,7 +799,7 @@ pub fn check_envelope(kind: ObjectKind, sealed: &[u8]) -> Result<(), SealError> 
     Ok(())
 }
 
-/// One key slot as stored at `keys/<id>`: the master key wrapped under a password.
+/// One key slot as stored at `keys/<id>`: the master key wrapped under a password or a key file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeySlot {
     /// Always `cbt-key`.
@@ -593,11 +810,15 @@ pub struct KeySlot {
     pub id: String,
     /// When the slot was added.
     pub created_unix_ms: cbt_core::Timestamp,
-    /// Always `argon2id` (version 0x13).
+    /// `argon2id` (version 0x13; a password slot) or `hkdf-sha256` (a key-file slot).
     pub kdf: String,
-    /// Argon2id parameters.
-    pub params: KdfParams,
-    /// Argon2 salt (hex, 32 bytes).
+    /// Argon2id parameters (password slots only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<KdfParams>,
+    /// Id of the key file that opens it (key-file slots only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file_id: Option<String>,
+    /// KDF salt (hex, 32 bytes).
     pub salt: String,
     /// AES-256-GCM nonce || ciphertext || tag of the master key (hex).
     pub wrapped_key: String,
@@ -605,8 +826,19 @@ pub struct KeySlot {
 
 /// Slot format name.
 pub const KEY_SLOT_FORMAT: &str = "cbt-key";
-const KDF_NAME: &str = "argon2id";
+const KDF_ARGON2ID: &str = "argon2id";
+const KDF_HKDF: &str = "hkdf-sha256";
 const WRAPPED_LEN: usize = NONCE_LEN + 32 + TAG_LEN;
+
+/// What opens a key slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotKind {
+    /// A password (Argon2id).
+    Password,
+    /// A key file (HKDF).
+    KeyFile,
+}
 
 /// Why a key slot could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -618,6 +850,12 @@ pub enum SlotError {
     /// The password does not open it (or its wrapped key was altered).
     #[error("the password does not open this key slot")]
     WrongPassword,
+    /// The key file does not open it (or its wrapped key was altered).
+    #[error("the key file does not open this key slot")]
+    WrongKeyFile,
+    /// The slot is of another kind than the secret tried (a password against a key-file slot).
+    #[error("this key slot is opened by a {0:?}, not by what was given")]
+    OtherKind(SlotKind),
 }
 
 fn slot_aad(repo_id: &str, slot_id: &str) -> Vec<u8> {
@@ -637,6 +875,31 @@ fn from_hex(s: &str, len: usize) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// Seals the master key under `kek`; returns nonce || ciphertext || tag.
+fn wrap_master(
+    master: &MasterKey,
+    kek: &[u8; 32],
+    repo_id: &str,
+    id: &str,
+) -> Result<Vec<u8>, CryptoError> {
+    let key =
+        LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &kek[..]).map_err(|_| CryptoError::Random)?);
+    let mut nonce = [0u8; NONCE_LEN];
+    fill_random(&mut nonce)?;
+    let mut buf = Zeroizing::new(master.0.to_vec());
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(slot_aad(repo_id, id)),
+            &mut buf[..],
+        )
+        .map_err(|_| CryptoError::Random)?;
+    let mut wrapped = nonce.to_vec();
+    wrapped.extend_from_slice(&buf);
+    wrapped.extend_from_slice(tag.as_ref());
+    Ok(wrapped)
+}
+
 impl KeySlot {
     /// Wraps `master` under `password` as slot `id` of repository `repo_id` (CPU- and
     /// memory-heavy: call it off async threads).
@@ -654,35 +917,58 @@ impl KeySlot {
         let mut salt = [0u8; 32];
         fill_random(&mut salt)?;
         let kek = params.derive(password, &salt)?;
-        let key = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &kek[..]).map_err(|_| CryptoError::Random)?,
-        );
-        let mut nonce = [0u8; NONCE_LEN];
-        fill_random(&mut nonce)?;
-        let mut buf = Zeroizing::new(master.0.to_vec());
-        let tag = key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(slot_aad(repo_id, id)),
-                &mut buf[..],
-            )
-            .map_err(|_| CryptoError::Random)?;
-        let mut wrapped = nonce.to_vec();
-        wrapped.extend_from_slice(&buf);
-        wrapped.extend_from_slice(tag.as_ref());
+        let wrapped = wrap_master(master, &kek, repo_id, id)?;
         Ok(KeySlot {
             format: KEY_SLOT_FORMAT.into(),
             version: 1,
             id: id.into(),
             created_unix_ms: created,
-            kdf: KDF_NAME.into(),
-            params,
+            kdf: KDF_ARGON2ID.into(),
+            params: Some(params),
+            key_file_id: None,
             salt: to_hex(&salt),
             wrapped_key: to_hex(&wrapped),
         })
     }
 
-    /// Checks everything about the slot that needs no password: format, sizes and KDF bounds.
+    /// Wraps `master` under `key_file` as slot `id` of repository `repo_id` (fast: HKDF).
+    ///
+    /// # Errors
+    /// [`CryptoError::Random`].
+    pub fn wrap_key_file(
+        master: &MasterKey,
+        key_file: &KeyFile,
+        repo_id: &str,
+        id: &str,
+        created: cbt_core::Timestamp,
+    ) -> Result<Self, CryptoError> {
+        let mut salt = [0u8; 32];
+        fill_random(&mut salt)?;
+        let kek = key_file.wrapping_key(&salt);
+        let wrapped = wrap_master(master, &kek, repo_id, id)?;
+        Ok(KeySlot {
+            format: KEY_SLOT_FORMAT.into(),
+            version: 1,
+            id: id.into(),
+            created_unix_ms: created,
+            kdf: KDF_HKDF.into(),
+            params: None,
+            key_file_id: Some(key_file.id().to_string()),
+            salt: to_hex(&salt),
+            wrapped_key: to_hex(&wrapped),
+        })
+    }
+
+    /// What opens this slot (`None` for an unknown KDF).
+    pub fn kind(&self) -> Option<SlotKind> {
+        match self.kdf.as_str() {
+            KDF_ARGON2ID => Some(SlotKind::Password),
+            KDF_HKDF => Some(SlotKind::KeyFile),
+            _ => None,
+        }
+    }
+
+    /// Checks everything about the slot that needs no secret: format, sizes and KDF bounds.
     ///
     /// # Errors
     /// [`SlotError::Invalid`] naming what is wrong.
@@ -697,12 +983,30 @@ impl KeySlot {
                 self.version
             ));
         }
-        if self.kdf != KDF_NAME {
-            return bad(format!("unknown key derivation {:?}", self.kdf));
+        match (self.kind(), self.params, &self.key_file_id) {
+            (Some(SlotKind::Password), Some(params), None) => params
+                .validate()
+                .map_err(|e| SlotError::Invalid(e.to_string()))?,
+            (Some(SlotKind::Password), _, _) => {
+                return bad("a password slot needs Argon2id parameters and no key file id".into());
+            }
+            (Some(SlotKind::KeyFile), None, Some(id)) => {
+                if from_hex(id, 8).is_none() {
+                    return bad("key file id is not 16 hex digits".into());
+                }
+            }
+            (Some(SlotKind::KeyFile), _, _) => {
+                return bad(
+                    "a key-file slot needs a key file id and no Argon2id parameters".into(),
+                );
+            }
+            (None, _, _) => {
+                return bad(format!(
+                    "unknown key derivation {:?}",
+                    self.kdf.chars().take(32).collect::<String>()
+                ));
+            }
         }
-        self.params
-            .validate()
-            .map_err(|e| SlotError::Invalid(e.to_string()))?;
         if from_hex(&self.salt, 32).is_none() {
             return bad("salt is not 32 bytes of hex".into());
         }
@@ -712,21 +1016,11 @@ impl KeySlot {
         Ok(())
     }
 
-    /// Unwraps the master key with `password` (CPU- and memory-heavy: call it off async
-    /// threads). The slot is validated first, so a forged slot costs at most the bounded KDF.
-    ///
-    /// # Errors
-    /// [`SlotError::Invalid`] for a damaged or forged slot; [`SlotError::WrongPassword`].
-    pub fn unwrap_key(&self, password: &Password, repo_id: &str) -> Result<MasterKey, SlotError> {
-        self.validate()?;
+    /// Opens the wrapped key with `kek`; `None` when authentication fails.
+    fn open_wrapped(&self, kek: &[u8; 32], repo_id: &str) -> Result<Option<MasterKey>, SlotError> {
         let invalid = |s: &str| SlotError::Invalid(s.to_string());
-        let salt = from_hex(&self.salt, 32).ok_or_else(|| invalid("bad salt"))?;
         let mut wrapped =
             from_hex(&self.wrapped_key, WRAPPED_LEN).ok_or_else(|| invalid("bad wrapped key"))?;
-        let kek = self
-            .params
-            .derive(password, &salt)
-            .map_err(|e| SlotError::Invalid(e.to_string()))?;
         let key = LessSafeKey::new(
             UnboundKey::new(&AES_256_GCM, &kek[..]).map_err(|_| invalid("bad key"))?,
         );
@@ -743,12 +1037,58 @@ impl KeySlot {
                 k.copy_from_slice(plain);
                 let master = MasterKey::from_bytes(k);
                 k.zeroize();
-                Ok(master)
+                Some(master)
             }
-            _ => Err(SlotError::WrongPassword),
+            _ => None,
         };
         wrapped.zeroize();
-        result
+        Ok(result)
+    }
+
+    /// Unwraps the master key with `password` (CPU- and memory-heavy: call it off async
+    /// threads). The slot is validated first, so a forged slot costs at most the bounded KDF.
+    ///
+    /// # Errors
+    /// [`SlotError::Invalid`] for a damaged or forged slot; [`SlotError::OtherKind`] for a
+    /// key-file slot; [`SlotError::WrongPassword`].
+    pub fn unwrap_key(&self, password: &Password, repo_id: &str) -> Result<MasterKey, SlotError> {
+        self.validate()?;
+        let Some(params) = self
+            .params
+            .filter(|_| self.kind() == Some(SlotKind::Password))
+        else {
+            return Err(SlotError::OtherKind(SlotKind::KeyFile));
+        };
+        let salt = from_hex(&self.salt, 32).ok_or_else(|| SlotError::Invalid("bad salt".into()))?;
+        let kek = params
+            .derive(password, &salt)
+            .map_err(|e| SlotError::Invalid(e.to_string()))?;
+        self.open_wrapped(&kek, repo_id)?
+            .ok_or(SlotError::WrongPassword)
+    }
+
+    /// Unwraps the master key with `key_file` (fast).
+    ///
+    /// # Errors
+    /// [`SlotError::Invalid`] for a damaged or forged slot; [`SlotError::OtherKind`] for a
+    /// password slot; [`SlotError::WrongKeyFile`] for a slot of another key file, or whose
+    /// wrapped key was altered.
+    pub fn unwrap_with_key_file(
+        &self,
+        key_file: &KeyFile,
+        repo_id: &str,
+    ) -> Result<MasterKey, SlotError> {
+        self.validate()?;
+        if self.kind() != Some(SlotKind::KeyFile) {
+            return Err(SlotError::OtherKind(SlotKind::Password));
+        }
+        if self.key_file_id.as_deref() != Some(key_file.id()) {
+            return Err(SlotError::WrongKeyFile);
+        }
+        let salt = from_hex(&self.salt, 32).ok_or_else(|| SlotError::Invalid("bad salt".into()))?;
+        let kek = key_file.wrapping_key(&salt);
+        self.open_wrapped(&kek, repo_id)?
+            .ok_or(SlotError::WrongKeyFile)
     }
 }
 
@@ -875,7 +1215,7 @@ mod tests {
             },
         ] {
             let mut hostile = slot.clone();
-            hostile.params = params;
+            hostile.params = Some(params);
             assert!(matches!(
                 hostile.unwrap_key(&pw, "repo1"),
                 Err(SlotError::Invalid(_))
@@ -890,6 +1230,134 @@ mod tests {
         assert!(Password::new("").is_err());
         assert_eq!(format!("{pw:?}"), "Password(<redacted>)");
         assert_eq!(format!("{master:?}"), "MasterKey(<redacted>)");
+    }
+
+    #[test]
+    fn key_files_round_trip_and_refuse_what_is_not_one() {
+        let master = MasterKey::generate().unwrap();
+        let kf = KeyFile::generate().unwrap();
+        assert_eq!(kf.id().len(), 16);
+        assert_eq!(
+            format!("{kf:?}"),
+            format!("KeyFile({}, <redacted>)", kf.id())
+        );
+        let text = kf.to_text();
+        assert!(text.contains(kf.id()));
+        let back = KeyFile::parse(text.as_bytes()).unwrap();
+        assert_eq!(back.id(), kf.id());
+        let slot =
+            KeySlot::wrap_key_file(&master, &kf, "repo1", "s1", cbt_core::Timestamp(0)).unwrap();
+        slot.validate().unwrap();
+        assert_eq!(slot.kind(), Some(SlotKind::KeyFile));
+        assert_eq!(
+            *slot
+                .unwrap_with_key_file(&back, "repo1")
+                .unwrap()
+                .to_bytes(),
+            *master.to_bytes()
+        );
+        // Another key file, another repository, a password: refused, each by name.
+        let other = KeyFile::generate().unwrap();
+        assert_eq!(
+            slot.unwrap_with_key_file(&other, "repo1").unwrap_err(),
+            SlotError::WrongKeyFile
+        );
+        assert_eq!(
+            slot.unwrap_with_key_file(&kf, "repo2").unwrap_err(),
+            SlotError::WrongKeyFile
+        );
+        let pw = Password::new("pw").unwrap();
+        assert_eq!(
+            slot.unwrap_key(&pw, "repo1").unwrap_err(),
+            SlotError::OtherKind(SlotKind::KeyFile)
+        );
+        let pw_slot =
+            KeySlot::wrap(&master, &pw, FAST, "repo1", "s2", cbt_core::Timestamp(0)).unwrap();
+        assert_eq!(
+            pw_slot.unwrap_with_key_file(&kf, "repo1").unwrap_err(),
+            SlotError::OtherKind(SlotKind::Password)
+        );
+        // A slot claiming another key file's id, or mixing kinds, is refused before any use.
+        let mut forged = slot.clone();
+        forged.key_file_id = Some(other.id().to_string());
+        assert_eq!(
+            forged.unwrap_with_key_file(&other, "repo1").unwrap_err(),
+            SlotError::WrongKeyFile
+        );
+        let mut mixed = slot.clone();
+        mixed.params = Some(FAST);
+        assert!(matches!(mixed.validate(), Err(SlotError::Invalid(_))));
+        // Serialized slots keep their shape: password slots have params, key-file slots not.
+        let json = serde_json::to_value(&slot).unwrap();
+        assert!(json.get("params").is_none());
+        assert_eq!(json["kdf"], "hkdf-sha256");
+        let json = serde_json::to_value(&pw_slot).unwrap();
+        assert!(json.get("key_file_id").is_none());
+
+        let hex = "ab".repeat(32);
+        for (bad, why) in [
+            (String::new(), "no key line"),
+            ("# only a comment\n".into(), "no key line"),
+            (format!("cbt-key-file v2 {hex}\n"), "version"),
+            (format!("other-file v1 {hex}\n"), "not a cbt key file"),
+            ("cbt-key-file v1 abcd\n".into(), "64 hex"),
+            (format!("cbt-key-file v1 {hex} extra\n"), "unexpected"),
+            (
+                format!("cbt-key-file v1 {hex}\ncbt-key-file v1 {hex}\n"),
+                "more than one",
+            ),
+            ("x".repeat(MAX_KEY_FILE_LEN as usize + 1), "larger than"),
+        ] {
+            match KeyFile::parse(bad.as_bytes()) {
+                Err(CryptoError::KeyFile { reason, .. }) => {
+                    assert!(reason.contains(why), "{reason} for {bad:?}")
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            KeyFile::parse(&[0xff, 0xfe]),
+            Err(CryptoError::KeyFile { .. })
+        ));
+        // Comments and blank lines around the key line are fine.
+        let ok = format!("\n# note\n  cbt-key-file v1 {hex}  \n\n");
+        KeyFile::parse(ok.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn key_files_are_written_private_and_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo.key");
+        let kf = KeyFile::generate().unwrap();
+        kf.write_new(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(KeyFile::from_file(&path).unwrap().id(), kf.id());
+        let before = std::fs::read(&path).unwrap();
+        assert!(matches!(
+            KeyFile::generate().unwrap().write_new(&path),
+            Err(CryptoError::KeyFileExists { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(matches!(
+            kf.write_new(&dir.path().join("no/such/dir/k")),
+            Err(CryptoError::KeyFileWrite { .. })
+        ));
+        // A huge file is refused without being read whole.
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'#'; 1 << 20]).unwrap();
+        assert!(matches!(
+            KeyFile::from_file(&big),
+            Err(CryptoError::KeyFile { reason, .. }) if reason.contains("larger than")
+        ));
+        assert!(matches!(
+            KeyFile::from_file(&dir.path().join("missing")),
+            Err(CryptoError::KeyFile { .. })
+        ));
     }
 
     #[test]

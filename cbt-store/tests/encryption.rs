@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use cbt_core::Timestamp;
 use cbt_store::chunk;
-use cbt_store::crypto::{KdfParams, MasterKey, Password, SealError};
+use cbt_store::crypto::{KdfParams, KeyFile, MasterKey, Password, SealError, SlotKind};
 use cbt_store::engine::{self, BackupMode, RestoreOptions};
 use cbt_store::repo::{
-    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, ProblemKind, RepoError, RepoKey, Repository,
-    VerifyOptions,
+    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, NewKey, ProblemKind, RepoError, RepoKey,
+    Repository, VerifyOptions,
 };
 use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutMode, list_all};
 use cbt_store::testing::S3TestServer;
@@ -518,15 +518,22 @@ async fn key_slots_are_added_and_removed_without_rewriting_data() {
         .unwrap();
     assert_eq!(by_second.opened_slot(), Some(added.id.as_str()));
     assert!(matches!(
-        by_second.remove_key(&added.id).await,
+        by_second
+            .remove_key(&added.id, Timestamp::from_unix_secs(7))
+            .await,
         Err(RepoError::KeyInUse { .. })
     ));
     assert!(matches!(
-        by_second.remove_key("0123456789abcdef0123").await,
+        by_second
+            .remove_key("0123456789abcdef0123", Timestamp::from_unix_secs(7))
+            .await,
         Err(RepoError::KeySlotNotFound { .. })
     ));
     // Rotation: remove the first password using the second.
-    by_second.remove_key(&first).await.unwrap();
+    by_second
+        .remove_key(&first, Timestamp::from_unix_secs(7))
+        .await
+        .unwrap();
     assert!(matches!(
         Repository::open_with_key(store.clone(), &pw("hunter2")).await,
         Err(RepoError::WrongPassword { .. })
@@ -537,7 +544,10 @@ async fn key_slots_are_added_and_removed_without_rewriting_data() {
     let by_key = Repository::open_with_key(store.clone(), &master)
         .await
         .unwrap();
-    let e = by_key.remove_key(&added.id).await.unwrap_err();
+    let e = by_key
+        .remove_key(&added.id, Timestamp::from_unix_secs(7))
+        .await
+        .unwrap_err();
     assert!(matches!(e, RepoError::LastKeySlot { .. }), "{e}");
     // Hostile parameters are refused when adding too.
     let e = by_key
@@ -640,4 +650,272 @@ async fn sealed_chunks_carry_the_checksum_of_their_stored_bytes() {
         assert_eq!(e.body_crc32c, crc32c::crc32c(&e.body));
         assert_eq!(e.chunk.stored_size, e.body.len() as u64);
     }
+}
+
+#[tokio::test]
+async fn key_files_open_a_repository_and_a_wrong_one_changes_nothing() {
+    let fx = Fixture::new().await;
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(fx.dir.path().join("kf")).unwrap());
+    let kf = KeyFile::generate().unwrap();
+    let password = Password::new("also a password").unwrap();
+    let init = InitOptions {
+        chunk_size: Some(CS),
+        now: Timestamp::from_unix_secs(1_000),
+    };
+    // No key at all is refused before anything is written.
+    assert!(matches!(
+        Repository::init_encrypted_with(store.clone(), init, &[]).await,
+        Err(RepoError::InvalidRequest { .. })
+    ));
+    assert!(all_objects(store.as_ref()).await.is_empty());
+    let repo = Repository::init_encrypted_with(
+        store.clone(),
+        init,
+        &[NewKey::KeyFile(&kf), NewKey::Password(&password, FAST)],
+    )
+    .await
+    .unwrap();
+    let (v1, v2, _) = two_snapshots(&repo, &fx).await;
+
+    // The key file read back from disk opens it, at the slot made for it.
+    let path = fx.path("repo.key");
+    kf.write_new(&path).unwrap();
+    let by_file = Repository::open_with_key(
+        store.clone(),
+        &RepoKey::KeyFile(KeyFile::from_file(&path).unwrap()),
+    )
+    .await
+    .unwrap();
+    restore_eq(&by_file, &fx, "one", &v1).await;
+    restore_eq(&by_file, &fx, "two", &v2).await;
+    let slots = by_file.list_keys().await.unwrap();
+    assert_eq!(slots.len(), 2);
+    let file_slot = slots
+        .iter()
+        .find(|s| s.kind == Some(SlotKind::KeyFile))
+        .unwrap();
+    assert!(file_slot.current);
+    assert_eq!(file_slot.key_file_id.as_deref(), Some(kf.id()));
+    assert!(file_slot.params.is_none());
+    assert_eq!(by_file.opened_slot(), Some(file_slot.id.as_str()));
+    let pw_slot = slots
+        .iter()
+        .find(|s| s.kind == Some(SlotKind::Password))
+        .unwrap();
+    assert!(!pw_slot.current && pw_slot.params.is_some());
+
+    // Another key file: a typed error naming it, and nothing changed in the store.
+    let before = all_objects(store.as_ref()).await;
+    let other = KeyFile::generate().unwrap();
+    let e = Repository::open_with_key(store.clone(), &RepoKey::KeyFile(other.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RepoError::WrongKeyFile { key_file_id, slots: 0, others: 2, invalid }
+            if key_file_id == other.id() && invalid.is_empty()),
+        "{e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Config);
+    assert_eq!(all_objects(store.as_ref()).await, before);
+
+    // A key-file slot whose wrapped key was edited: refused as damaged, not opened.
+    let slot_key = format!("keys/{}", file_slot.id);
+    let mut slot: serde_json::Value =
+        serde_json::from_slice(&store.get(&slot_key).await.unwrap()).unwrap();
+    let wrapped = slot["wrapped_key"].as_str().unwrap().to_string();
+    let flipped = if wrapped.ends_with('0') { "1" } else { "0" };
+    slot["wrapped_key"] = format!("{}{flipped}", &wrapped[..wrapped.len() - 1]).into();
+    let original = store.get(&slot_key).await.unwrap();
+    store.delete(&slot_key).await.unwrap();
+    store
+        .put(
+            &slot_key,
+            serde_json::to_vec(&slot).unwrap().into(),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    let e = Repository::open_with_key(store.clone(), &RepoKey::KeyFile(kf.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RepoError::WrongKeyFile { slots: 1, invalid, .. } if invalid.len() == 1),
+        "{e}"
+    );
+    store
+        .put(&slot_key, original, PutMode::Overwrite)
+        .await
+        .unwrap();
+
+    // Rotation to a new key file: add it, drop the password and the old file with it.
+    let new_kf = KeyFile::generate().unwrap();
+    let added = by_file
+        .add_key_file(&new_kf, Timestamp::from_unix_secs(2_000))
+        .await
+        .unwrap();
+    assert_eq!(added.kind, Some(SlotKind::KeyFile));
+    let by_new = Repository::open_with_key(store.clone(), &RepoKey::KeyFile(new_kf))
+        .await
+        .unwrap();
+    let now = Timestamp::from_unix_secs(2_001);
+    by_new.remove_key(&pw_slot.id, now).await.unwrap();
+    by_new.remove_key(&file_slot.id, now).await.unwrap();
+    assert!(matches!(
+        by_new.remove_key(&added.id, now).await,
+        Err(RepoError::KeyInUse { .. })
+    ));
+    assert!(matches!(
+        Repository::open_with_key(store.clone(), &RepoKey::KeyFile(kf)).await,
+        Err(RepoError::WrongKeyFile {
+            slots: 0,
+            others: 1,
+            ..
+        })
+    ));
+    assert!(matches!(
+        Repository::open_with_key(store.clone(), &RepoKey::Password(password)).await,
+        Err(RepoError::WrongPassword { slots: 0, .. })
+    ));
+    restore_eq(&by_new, &fx, "two", &v2).await;
+    // No key-change lock is left behind.
+    assert!(by_new.list_locks().await.unwrap().is_empty());
+}
+
+/// Delays every delete of a key slot, so that two removals racing each other both read the
+/// slots before either deletes one (what a key removal without a lock would get wrong).
+#[derive(Debug)]
+struct SlowKeyDeletes(Arc<dyn ObjectStore>);
+
+#[async_trait::async_trait]
+impl ObjectStore for SlowKeyDeletes {
+    async fn put(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        mode: PutMode,
+    ) -> Result<cbt_store::store::PutOutcome, cbt_store::store::StoreError> {
+        self.0.put(key, body, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<bytes::Bytes, cbt_store::store::StoreError> {
+        self.0.get(key).await
+    }
+    async fn get_bounded(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> Result<bytes::Bytes, cbt_store::store::StoreError> {
+        self.0.get_bounded(key, max_len).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<bytes::Bytes, cbt_store::store::StoreError> {
+        self.0.get_range(key, range).await
+    }
+    async fn head(
+        &self,
+        key: &str,
+    ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
+        self.0.head(key).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
+        self.0.list_page(prefix, continuation).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
+        if key.starts_with("keys/") {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        self.0.delete(key).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_key_removals_never_remove_the_last_usable_slot() {
+    let fx = Fixture::new().await;
+    let store: Arc<dyn ObjectStore> = Arc::new(SlowKeyDeletes(Arc::new(
+        LocalStore::new(fx.dir.path().join("race")).unwrap(),
+    )));
+    let repo = init_enc(store.clone(), "alpha").await;
+    repo.add_key(
+        &Password::new("beta").unwrap(),
+        FAST,
+        Timestamp::from_unix_secs(1),
+    )
+    .await
+    .unwrap();
+    // Two operators, each opened with their own password, remove the other's slot at once.
+    let by_alpha = Repository::open_with_key(store.clone(), &pw("alpha"))
+        .await
+        .unwrap();
+    let by_beta = Repository::open_with_key(store.clone(), &pw("beta"))
+        .await
+        .unwrap();
+    let alpha_slot = by_alpha.opened_slot().unwrap().to_string();
+    let beta_slot = by_beta.opened_slot().unwrap().to_string();
+    let now = Timestamp::from_unix_secs(2);
+    let (a, b) = tokio::join!(
+        by_alpha.remove_key(&beta_slot, now),
+        by_beta.remove_key(&alpha_slot, now)
+    );
+    let outcomes = [&a, &b];
+    assert_eq!(
+        outcomes.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "exactly one removal wins: {a:?} {b:?}"
+    );
+    for r in outcomes {
+        if let Err(e) = r {
+            assert!(
+                matches!(e, RepoError::Locked { .. } | RepoError::LastKeySlot { .. }),
+                "{e}"
+            );
+        }
+    }
+    let left = by_alpha.list_keys().await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let survivor = if a.is_ok() { "alpha" } else { "beta" };
+    Repository::open_with_key(store.clone(), &pw(survivor))
+        .await
+        .unwrap();
+    assert!(by_alpha.list_locks().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn key_changes_wait_for_each_other_but_not_for_backups_or_gc() {
+    let Enc { fx: _fx, repo, .. } = enc_fixture().await;
+    let now = Timestamp::from_unix_secs(3);
+    let held = repo.lock_keys("key remove", now).await.unwrap();
+    let listed = repo.list_locks().await.unwrap();
+    assert!(listed.iter().any(|l| l.id == held.info().id), "{listed:?}");
+    assert!(matches!(
+        repo.add_key(&Password::new("x").unwrap(), FAST, now).await,
+        Err(RepoError::Locked { .. })
+    ));
+    assert!(matches!(
+        repo.add_key_file(&KeyFile::generate().unwrap(), now).await,
+        Err(RepoError::Locked { .. })
+    ));
+    assert_eq!(repo.list_keys().await.unwrap().len(), 1);
+    // Independent of the backup/GC locks.
+    let shared = repo.lock_shared("backup", now).await.unwrap();
+    shared.release().await.unwrap();
+    let gc = repo.lock_exclusive("gc", now).await.unwrap();
+    gc.release().await.unwrap();
+    // A key-change lock left by a dead process is broken by id like any other.
+    let id = held.info().id.clone();
+    std::mem::forget(held);
+    assert!(
+        repo.break_lock(&id, cbt_store::repo::BreakMode::Force)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    repo.add_key(&Password::new("x").unwrap(), FAST, now)
+        .await
+        .unwrap();
 }

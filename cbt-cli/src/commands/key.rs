@@ -85,7 +85,8 @@ pub async fn run(ctx: &Ctx, cmd: KeyCommand) -> Result<(), CliError> {
             Ok(())
         }
         KeyCommand::Remove { id } => {
-            repo.remove_key(&id).await?;
+            let now = Timestamp::from_system_time(std::time::SystemTime::now());
+            repo.remove_key(&id, now).await?;
             ctx.out.emit(&serde_json::json!({ "removed": id }), || {
                 format!("removed key slot {}", Escaped(&id))
             });

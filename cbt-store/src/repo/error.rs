@@ -206,11 +206,11 @@ pub enum RepoError {
         reason: String,
     },
     /// The repository is encrypted and no key or password was supplied.
-    #[error("the repository is encrypted and no password was given")]
+    #[error("the repository is encrypted and no password or key file was given")]
     KeyRequired,
     /// A key or password was supplied but the repository is not encrypted (refused, so a
     /// repository whose config was edited to drop encryption is never written to in the clear).
-    #[error("a password was given but the repository is not encrypted")]
+    #[error("a password or key file was given but the repository is not encrypted")]
     NotEncrypted,
     /// No key slot opens with the password.
     #[error(
@@ -220,6 +220,22 @@ pub enum RepoError {
     WrongPassword {
         /// Usable slots tried.
         slots: usize,
+        /// Slots skipped as damaged or out of bounds (`id: reason`, escaped).
+        invalid: Vec<String>,
+    },
+    /// No key slot opens with the key file.
+    #[error(
+        "wrong key file: no key slot of this repository opens with key file {key_file_id} \
+         ({slots} slot(s) made for it tried, {others} other slot(s)){}",
+        if invalid.is_empty() { String::new() } else { format!(" ({} damaged slot(s) skipped: {})", invalid.len(), invalid.join("; ")) }
+    )]
+    WrongKeyFile {
+        /// Id of the key file given.
+        key_file_id: String,
+        /// Slots made for this key file that were tried.
+        slots: usize,
+        /// Slots of passwords or other key files (not tried).
+        others: usize,
         /// Slots skipped as damaged or out of bounds (`id: reason`, escaped).
         invalid: Vec<String>,
     },
@@ -256,14 +272,16 @@ pub enum RepoError {
     },
     /// Refused removing the key slot that opened the repository.
     #[error(
-        "key slot {id} is the one this password opened; open the repository with another password to remove it"
+        "key slot {id} is the one that opened the repository; open it with another password or key file to remove it"
     )]
     KeyInUse {
         /// Slot id.
         id: String,
     },
     /// Refused removing the last usable key slot (the data could never be read again).
-    #[error("key slot {id} is the repository's last usable key slot; add another password first")]
+    #[error(
+        "key slot {id} is the repository's last usable key slot; add another password or key file first"
+    )]
     LastKeySlot {
         /// Slot id.
         id: String,
@@ -336,8 +354,13 @@ impl RepoError {
             RepoError::KeyRequired
             | RepoError::NotEncrypted
             | RepoError::WrongPassword { .. }
+            | RepoError::WrongKeyFile { .. }
             | RepoError::Crypto(CryptoError::BadPassword { .. })
-            | RepoError::Crypto(CryptoError::PasswordFile { .. }) => ErrorKind::Config,
+            | RepoError::Crypto(CryptoError::PasswordFile { .. })
+            | RepoError::Crypto(CryptoError::KeyFile { .. })
+            | RepoError::Crypto(CryptoError::KeyFileWrite { .. }) => ErrorKind::Config,
+            // Refusing to overwrite: the user named a path that is taken.
+            RepoError::Crypto(CryptoError::KeyFileExists { .. }) => ErrorKind::Conflict,
             RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => ErrorKind::Usage,
             RepoError::KeySlotNotFound { .. } => ErrorKind::NotFound,
             RepoError::Crypto(CryptoError::Random) => ErrorKind::Bug,
@@ -378,8 +401,21 @@ impl RepoError {
             RepoError::NotInitialized => {
                 Some("check --repo, or create it with `cbt repo init`".into())
             }
-            RepoError::KeyRequired => {
-                Some("set CBT_PASSWORD, or pass --password-file (or set CBT_PASSWORD_FILE)".into())
+            RepoError::KeyRequired => Some(
+                "set CBT_PASSWORD, or pass --password-file (CBT_PASSWORD_FILE) or --key-file \
+                 (CBT_KEY_FILE)"
+                    .into(),
+            ),
+            RepoError::WrongKeyFile { .. } => Some(
+                "check --key-file / CBT_KEY_FILE; `cbt key list` shows the ids of the key files \
+                 that open the repository"
+                    .into(),
+            ),
+            RepoError::Crypto(CryptoError::KeyFile { .. }) => {
+                Some("check --key-file / CBT_KEY_FILE: it must name a file cbt wrote".into())
+            }
+            RepoError::Crypto(CryptoError::KeyFileExists { .. }) => {
+                Some("choose a path where nothing exists yet".into())
             }
             RepoError::WrongPassword { .. } => Some(
                 "check CBT_PASSWORD / the password file; each password added with \
@@ -387,7 +423,7 @@ impl RepoError {
                     .into(),
             ),
             RepoError::NotEncrypted => Some(
-                "unset CBT_PASSWORD / CBT_PASSWORD_FILE for this repository; if it was \
+                "unset CBT_PASSWORD / CBT_PASSWORD_FILE / CBT_KEY_FILE for this repository; if it was \
                  created encrypted, its config has been edited: restore it before writing"
                     .into(),
             ),
@@ -396,8 +432,8 @@ impl RepoError {
                 Some("check CBT_PASSWORD / the password file".into())
             }
             RepoError::KeyInUse { .. } | RepoError::LastKeySlot { .. } => Some(
-                "to rotate a password: `cbt key add` the new one, then `cbt key remove` the \
-                 old slot while opening with the new password"
+                "to rotate a password or key file: `cbt key add` the new one, then `cbt key \
+                 remove` the old slot while opening with the new one"
                     .into(),
             ),
             RepoError::KeySlotNotFound { .. } => Some("see `cbt key list`".into()),

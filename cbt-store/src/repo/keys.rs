@@ -1,9 +1,14 @@
-//! Encrypted repositories: creating one, opening one with a password or a key, and managing its
-//! key slots (`keys/<slot id>`). The cryptography itself is in [`crate::crypto`].
+//! Encrypted repositories: creating one, opening one with a password, a key file or the master
+//! key, and managing its key slots (`keys/<slot id>`). The cryptography itself is in
+//! [`crate::crypto`].
 //!
 //! Every slot read from the store is hostile input: read with [`MAX_KEY_SLOT_LEN`], parsed,
 //! and validated (KDF parameters bounded) before any key derivation runs; at most
 //! [`MAX_KEY_SLOTS`] slots are considered. Key derivation runs on blocking threads.
+//!
+//! Adding and removing slots happens under the key-change lock ([`Repository::lock_keys`]),
+//! and a removal re-reads the slots inside it: two removals racing each other cannot both
+//! count the other's slot as the one that remains.
 
 use std::sync::Arc;
 
@@ -18,7 +23,8 @@ use super::{
     RepoConfig, RepoError, Repository, Result, random_id, read_config,
 };
 use crate::crypto::{
-    KdfParams, KeySlot, MAX_KEY_SLOT_LEN, MasterKey, Password, RepoKeys, SCHEME, SlotError,
+    KdfParams, KeyFile, KeySlot, MAX_KEY_SLOT_LEN, MasterKey, Password, RepoKeys, SCHEME,
+    SlotError, SlotKind,
 };
 use crate::store::{ObjectStore, PutMode, PutOutcome, StoreError};
 use cbt_core::ranges::{DEFAULT_CHUNK_SIZE, validate_chunk_size};
@@ -30,8 +36,10 @@ const KEYS_PREFIX: &str = "keys/";
 /// What opens an encrypted repository.
 #[derive(Debug, Clone)]
 pub enum RepoKey {
-    /// A password, tried against every key slot.
+    /// A password, tried against every password slot.
     Password(Password),
+    /// A key file, tried against the slots made for it.
+    KeyFile(KeyFile),
     /// The master key itself (for tools that keep it, e.g. in a secret store); no slot is
     /// needed.
     Master(MasterKey),
@@ -44,9 +52,13 @@ pub struct KeySlotInfo {
     pub id: String,
     /// When it was added (`None` if the slot is unreadable).
     pub created: Option<Timestamp>,
-    /// Its Argon2id parameters (`None` if unreadable).
+    /// What opens it (`None` if unreadable).
+    pub kind: Option<SlotKind>,
+    /// Its Argon2id parameters (password slots).
     pub params: Option<KdfParams>,
-    /// Whether this slot's password opened the repository.
+    /// The id of the key file that opens it (key-file slots).
+    pub key_file_id: Option<String>,
+    /// Whether this slot opened the repository.
     pub current: bool,
     /// Why the slot is unusable, if it is.
     pub problem: Option<String>,
@@ -54,6 +66,15 @@ pub struct KeySlotInfo {
 
 fn slot_key(id: &str) -> String {
     format!("{KEYS_PREFIX}{id}")
+}
+
+/// A new key slot's secret.
+#[derive(Debug, Clone, Copy)]
+pub enum NewKey<'a> {
+    /// A password, stretched with these Argon2id parameters.
+    Password(&'a Password, KdfParams),
+    /// A key file.
+    KeyFile(&'a KeyFile),
 }
 
 /// Slot ids we write are 20 hex digits; anything else under `keys/` was not written by us.
@@ -117,29 +138,55 @@ impl Repository {
     /// key slot under `password` with `kdf`.
     ///
     /// # Errors
-    /// [`RepoError::AlreadyInitialized`] if a config exists; [`RepoError::Crypto`] for KDF
-    /// parameters out of bounds; store errors.
-    ///
-    /// # Guarantees
-    /// The key slot is written before the config, and the config with `IfAbsent`: a crash
-    /// leaves either no repository or a complete one; the loser of two concurrent inits
-    /// deletes the slot it wrote.
+    /// As [`Repository::init_encrypted_with`].
     pub async fn init_encrypted(
         store: Arc<dyn ObjectStore>,
         opts: InitOptions,
         password: &Password,
         kdf: KdfParams,
     ) -> Result<Self> {
+        Self::init_encrypted_with(store, opts, &[NewKey::Password(password, kdf)]).await
+    }
+
+    /// Creates an encrypted repository on an empty store: a random master key, wrapped in one
+    /// key slot per entry of `keys` (passwords, key files). The returned repository counts as
+    /// opened by the first.
+    ///
+    /// # Errors
+    /// [`RepoError::InvalidRequest`] for no key; [`RepoError::AlreadyInitialized`] if a config
+    /// exists; [`RepoError::Crypto`] for KDF parameters out of bounds; store errors.
+    ///
+    /// # Guarantees
+    /// The key slots are written before the config, and the config with `IfAbsent`: a crash
+    /// leaves either no repository or a complete one; the loser of two concurrent inits
+    /// deletes the slots it wrote.
+    pub async fn init_encrypted_with(
+        store: Arc<dyn ObjectStore>,
+        opts: InitOptions,
+        keys: &[NewKey<'_>],
+    ) -> Result<Self> {
         let chunk_size = opts.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
         validate_chunk_size(chunk_size)?;
-        kdf.validate()?;
+        if keys.is_empty() || keys.len() > MAX_KEY_SLOTS {
+            return Err(RepoError::InvalidRequest {
+                reason: format!(
+                    "an encrypted repository needs 1 to {MAX_KEY_SLOTS} keys, {} given",
+                    keys.len()
+                ),
+            });
+        }
+        for k in keys {
+            if let NewKey::Password(_, kdf) = k {
+                kdf.validate()?;
+            }
+        }
         match read_config(store.as_ref()).await {
             Err(RepoError::NotInitialized) => {}
             Ok(existing) => return Err(RepoError::AlreadyInitialized { id: existing.id }),
             Err(e) => return Err(e),
         }
         let master = MasterKey::generate()?;
-        let keys = Arc::new(RepoKeys::derive(&master));
+        let repo_keys = Arc::new(RepoKeys::derive(&master));
         let config = RepoConfig {
             format: REPO_FORMAT_NAME.into(),
             version: ENCRYPTED_REPO_FORMAT_VERSION,
@@ -148,40 +195,45 @@ impl Repository {
             created_unix_ms: opts.now,
             encryption: Some(EncryptionConfig {
                 scheme: SCHEME.into(),
-                key_id: keys.key_id().to_string(),
+                key_id: repo_keys.key_id().to_string(),
             }),
         };
-        let slot_id = write_slot(
-            store.as_ref(),
-            &master,
-            password.clone(),
-            kdf,
-            &config.id,
-            opts.now,
-        )
-        .await?;
+        let mut written = Vec::new();
+        for k in keys {
+            match write_slot(store.as_ref(), &master, *k, &config.id, opts.now).await {
+                Ok(id) => written.push(id),
+                Err(e) => {
+                    for id in &written {
+                        let _ = store.delete(&slot_key(id)).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let created = Self::write_config(
             store.clone(),
             config,
-            Codec::sealed(keys),
-            Some(slot_id.clone()),
+            Codec::sealed(repo_keys),
+            written.first().cloned(),
         )
         .await;
         if created.is_err() {
             // Not ours to keep: the repository (if any) belongs to whoever wrote the config.
-            let _ = store.delete(&slot_key(&slot_id)).await;
+            for id in &written {
+                let _ = store.delete(&slot_key(id)).await;
+            }
         }
         created
     }
 
-    /// Opens an encrypted repository with a password (tried against each key slot) or with
-    /// its master key.
+    /// Opens an encrypted repository with a password (tried against each password slot), a key
+    /// file (tried against the slots made for it) or its master key.
     ///
     /// # Errors
     /// [`RepoError::NotEncrypted`] if the repository is not encrypted;
-    /// [`RepoError::WrongPassword`] if no slot opens; [`RepoError::NoKeySlot`];
-    /// [`RepoError::KeyMismatch`] if the key is not this repository's;
-    /// [`RepoError::TooManyKeySlots`]; the errors of [`Repository::open`].
+    /// [`RepoError::WrongPassword`] / [`RepoError::WrongKeyFile`] if no slot opens;
+    /// [`RepoError::NoKeySlot`]; [`RepoError::KeyMismatch`] if the key is not this
+    /// repository's; [`RepoError::TooManyKeySlots`]; the errors of [`Repository::open`].
     pub async fn open_with_key(store: Arc<dyn ObjectStore>, key: &RepoKey) -> Result<Self> {
         let config = read_config(store.as_ref()).await?;
         let Some(enc) = config.encryption.clone() else {
@@ -189,8 +241,8 @@ impl Repository {
         };
         let (master, slot) = match key {
             RepoKey::Master(m) => (m.clone(), None),
-            RepoKey::Password(pw) => {
-                let (m, id) = unlock(store.as_ref(), pw, &config.id).await?;
+            RepoKey::Password(_) | RepoKey::KeyFile(_) => {
+                let (m, id) = unlock(store.as_ref(), key, &config.id).await?;
                 (m, Some(id))
             }
         };
@@ -219,7 +271,7 @@ impl Repository {
         self.codec.keys().map(|k| k.master())
     }
 
-    /// The id of the key slot whose password opened this repository.
+    /// The id of the key slot whose password or key file opened this repository.
     pub fn opened_slot(&self) -> Option<&str> {
         self.slot.as_deref()
     }
@@ -228,39 +280,70 @@ impl Repository {
         self.codec.keys().ok_or(RepoError::NotEncrypted)
     }
 
-    /// Adds a key slot: `password` will open the repository too. No data is rewritten.
+    /// Adds a password slot: `password` will open the repository too. No data is rewritten.
     ///
     /// # Errors
-    /// [`RepoError::NotEncrypted`]; [`RepoError::TooManyKeySlots`] at [`MAX_KEY_SLOTS`];
-    /// [`RepoError::Crypto`] for KDF parameters out of bounds; store errors.
+    /// As [`Repository::add_key_slot`].
     pub async fn add_key(
         &self,
         password: &Password,
         kdf: KdfParams,
         now: Timestamp,
     ) -> Result<KeySlotInfo> {
+        self.add_key_slot(NewKey::Password(password, kdf), now)
+            .await
+    }
+
+    /// Adds a key-file slot: `key_file` will open the repository too. No data is rewritten.
+    ///
+    /// # Errors
+    /// As [`Repository::add_key_slot`].
+    pub async fn add_key_file(&self, key_file: &KeyFile, now: Timestamp) -> Result<KeySlotInfo> {
+        self.add_key_slot(NewKey::KeyFile(key_file), now).await
+    }
+
+    /// Adds a key slot for a password or key file, under the key-change lock.
+    ///
+    /// # Errors
+    /// [`RepoError::NotEncrypted`]; [`RepoError::Locked`] while another key change runs;
+    /// [`RepoError::TooManyKeySlots`] at [`MAX_KEY_SLOTS`]; [`RepoError::Crypto`] for KDF
+    /// parameters out of bounds; store errors.
+    pub async fn add_key_slot(&self, new: NewKey<'_>, now: Timestamp) -> Result<KeySlotInfo> {
         let keys = self.require_keys()?;
-        kdf.validate()?;
-        let count = slot_ids(self.store.as_ref()).await?.len();
-        if count >= MAX_KEY_SLOTS {
-            return Err(RepoError::TooManyKeySlots {
-                count: count + 1,
-                max: MAX_KEY_SLOTS,
-            });
+        if let NewKey::Password(_, kdf) = new {
+            kdf.validate()?;
         }
-        let id = write_slot(
-            self.store.as_ref(),
-            keys.master(),
-            password.clone(),
-            kdf,
-            &self.config.id,
-            now,
-        )
-        .await?;
+        let lock = self.lock_keys("key add", now).await?;
+        let result = async {
+            let count = slot_ids(self.store.as_ref()).await?.len();
+            if count >= MAX_KEY_SLOTS {
+                return Err(RepoError::TooManyKeySlots {
+                    count: count + 1,
+                    max: MAX_KEY_SLOTS,
+                });
+            }
+            write_slot(
+                self.store.as_ref(),
+                keys.master(),
+                new,
+                &self.config.id,
+                now,
+            )
+            .await
+        }
+        .await;
+        release_key_lock(lock).await;
+        let id = result?;
+        let (kind, params, key_file_id) = match new {
+            NewKey::Password(_, kdf) => (SlotKind::Password, Some(kdf), None),
+            NewKey::KeyFile(f) => (SlotKind::KeyFile, None, Some(f.id().to_string())),
+        };
         Ok(KeySlotInfo {
             id,
             created: Some(now),
-            params: Some(kdf),
+            kind: Some(kind),
+            params,
+            key_file_id,
             current: false,
             problem: None,
         })
@@ -283,14 +366,18 @@ impl Repository {
                 Ok(s) => KeySlotInfo {
                     id,
                     created: Some(s.created_unix_ms),
-                    params: Some(s.params),
+                    kind: s.kind(),
+                    params: s.params,
+                    key_file_id: s.key_file_id,
                     current,
                     problem: None,
                 },
                 Err(problem) => KeySlotInfo {
                     id,
                     created: None,
+                    kind: None,
                     params: None,
+                    key_file_id: None,
                     current,
                     problem: Some(problem),
                 },
@@ -299,17 +386,18 @@ impl Repository {
         Ok(out)
     }
 
-    /// Removes a key slot: its password no longer opens the repository.
+    /// Removes a key slot: its password or key file no longer opens the repository.
     ///
     /// # Errors
     /// [`RepoError::KeySlotNotFound`]; [`RepoError::KeyInUse`] for the slot that opened this
     /// repository; [`RepoError::LastKeySlot`] if no other usable slot would remain;
-    /// [`RepoError::NotEncrypted`]; store errors.
+    /// [`RepoError::Locked`] while another key change runs; [`RepoError::NotEncrypted`]; store
+    /// errors.
     ///
     /// # Guarantees
-    /// Another usable slot exists when the slot is deleted. Two removals racing each other
-    /// can still remove two slots; run key changes from one place.
-    pub async fn remove_key(&self, id: &str) -> Result<()> {
+    /// Runs under the key-change lock and reads the slots inside it: another usable slot
+    /// exists when the slot is deleted, even against a concurrent removal.
+    pub async fn remove_key(&self, id: &str, now: Timestamp) -> Result<()> {
         self.require_keys()?;
         if !valid_slot_id(id) {
             return Err(RepoError::KeySlotNotFound {
@@ -319,6 +407,13 @@ impl Repository {
         if self.slot.as_deref() == Some(id) {
             return Err(RepoError::KeyInUse { id: id.to_string() });
         }
+        let lock = self.lock_keys("key remove", now).await?;
+        let result = self.remove_key_locked(id).await;
+        release_key_lock(lock).await;
+        result
+    }
+
+    async fn remove_key_locked(&self, id: &str) -> Result<()> {
         let slots = self.list_keys().await?;
         if !slots.iter().any(|s| s.id == id) {
             return Err(RepoError::KeySlotNotFound { id: id.to_string() });
@@ -338,19 +433,36 @@ impl Repository {
     }
 }
 
+/// Releases the key-change lock after the change is done; a failure to release does not
+/// undo the change, so it is only logged (the lock stays listed and can be broken).
+async fn release_key_lock(lock: super::RepoLock) {
+    let id = lock.info().id.clone();
+    if let Err(e) = lock.release().await {
+        tracing::warn!(lock = %id, error = %e, "could not release the key-change lock; see `cbt lock list`");
+    }
+}
+
 /// Wraps `master` in a new slot and stores it; returns the slot id.
 async fn write_slot(
     store: &dyn ObjectStore,
     master: &MasterKey,
-    password: Password,
-    kdf: KdfParams,
+    new: NewKey<'_>,
     repo_id: &str,
     now: Timestamp,
 ) -> Result<String> {
     let id = random_id("key");
-    let (master, repo_id2, id2) = (master.clone(), repo_id.to_string(), id.clone());
-    let slot =
-        blocking(move || KeySlot::wrap(&master, &password, kdf, &repo_id2, &id2, now)).await??;
+    let slot = match new {
+        NewKey::Password(password, kdf) => {
+            let (master, password, repo_id2, id2) = (
+                master.clone(),
+                password.clone(),
+                repo_id.to_string(),
+                id.clone(),
+            );
+            blocking(move || KeySlot::wrap(&master, &password, kdf, &repo_id2, &id2, now)).await??
+        }
+        NewKey::KeyFile(f) => KeySlot::wrap_key_file(master, f, repo_id, &id, now)?,
+    };
     let body = serde_json::to_vec_pretty(&slot).map_err(|e| RepoError::Internal {
         message: format!("encoding key slot: {e}"),
     })?;
@@ -367,10 +479,11 @@ async fn write_slot(
     }
 }
 
-/// Tries `password` against every slot; returns the master key and the slot that opened.
+/// Tries a password or key file against the slots of its kind; returns the master key and
+/// the slot that opened.
 async fn unlock(
     store: &dyn ObjectStore,
-    password: &Password,
+    key: &RepoKey,
     repo_id: &str,
 ) -> Result<(MasterKey, String)> {
     let ids = slot_ids(store).await?;
@@ -390,6 +503,7 @@ async fn unlock(
     }
     let mut invalid = Vec::new();
     let mut tried = 0;
+    let mut others = 0;
     for (id, slot) in slots {
         let slot = match slot {
             Ok(s) => s,
@@ -399,16 +513,47 @@ async fn unlock(
                 continue;
             }
         };
-        tried += 1;
-        let (pw, rid) = (password.clone(), repo_id.to_string());
-        match blocking(move || slot.unwrap_key(&pw, &rid)).await? {
+        let opened = match key {
+            RepoKey::Password(pw) => {
+                if slot.kind() != Some(SlotKind::Password) {
+                    others += 1;
+                    continue;
+                }
+                tried += 1;
+                let (pw, rid) = (pw.clone(), repo_id.to_string());
+                blocking(move || slot.unwrap_key(&pw, &rid)).await?
+            }
+            RepoKey::KeyFile(f) => {
+                if slot.key_file_id.as_deref() != Some(f.id()) {
+                    others += 1;
+                    continue;
+                }
+                tried += 1;
+                slot.unwrap_with_key_file(f, repo_id)
+            }
+            RepoKey::Master(_) => {
+                return Err(RepoError::Internal {
+                    message: "unlock called with the master key".into(),
+                });
+            }
+        };
+        match opened {
             Ok(master) => return Ok((master, id)),
             Err(SlotError::WrongPassword) => {}
+            // The slot names this key file, so a failure means it was altered.
             Err(e) => invalid.push(format!("{id}: {}", escape(&e.to_string()))),
         }
     }
-    Err(RepoError::WrongPassword {
-        slots: tried,
-        invalid,
+    Err(match key {
+        RepoKey::KeyFile(f) => RepoError::WrongKeyFile {
+            key_file_id: f.id().to_string(),
+            slots: tried,
+            others,
+            invalid,
+        },
+        _ => RepoError::WrongPassword {
+            slots: tried,
+            invalid,
+        },
     })
 }

@@ -1,7 +1,12 @@
-//! Repository locks: shared for backups, exclusive for prune / GC.
+//! Repository locks: shared for backups, exclusive for prune / GC, and one for key changes.
 //!
-//! Owns the lock protocol; holds no data. Lock objects are small JSON files:
-//! `locks/exclusive` and `locks/shared/<id>`.
+//! Owns the lock protocol; holds no data. Lock objects are small JSON files (sealed in an
+//! encrypted repository): `locks/exclusive`, `locks/shared/<id>` and `locks/keys`.
+//!
+//! `locks/keys` serializes changes of the key slots (`cbt key add|remove`): created with
+//! `IfAbsent` like the exclusive lock, but independent of the others, so a password can be
+//! changed while a backup runs, and two removals can never both see the other's slot as the
+//! one that remains. It is listed and broken like the others.
 //!
 //! # Protocol
 //! * Shared: create `locks/shared/<id>`, *then* check `locks/exclusive`; if it exists, remove
@@ -43,6 +48,7 @@ use crate::repo::RepoError;
 use crate::store::{ObjectStore, PutMode, PutOutcome, StoreError, list_all};
 
 const EXCLUSIVE_KEY: &str = "locks/exclusive";
+const KEYS_LOCK_KEY: &str = "locks/keys";
 /// Largest lock object accepted (ours are a few hundred bytes).
 pub const MAX_LOCK_LEN: u64 = 64 * 1024;
 const SHARED_PREFIX: &str = "locks/shared/";
@@ -336,37 +342,7 @@ impl Repository {
     /// # Errors
     /// [`RepoError::Locked`] while any other lock exists; store errors.
     pub async fn lock_exclusive(&self, purpose: &str, now: Timestamp) -> Result<RepoLock> {
-        let info = self.lock_info(LockKind::Exclusive, purpose, now);
-        let outcome = match self.put_lock(EXCLUSIVE_KEY, &info).await {
-            Ok(o) => o,
-            Err(e) => {
-                // Remove the lock only if the lost write was ours.
-                if let Ok(Some(h)) = self.read_lock(EXCLUSIVE_KEY).await
-                    && h.id == info.id
-                {
-                    let _ = self.store().delete(EXCLUSIVE_KEY).await;
-                }
-                return Err(e);
-            }
-        };
-        if outcome == PutOutcome::AlreadyExists {
-            let holders = match self.read_lock(EXCLUSIVE_KEY).await? {
-                // A retried write whose first attempt landed finds its own lock.
-                Some(h) if h.id == info.id => vec![],
-                Some(h) => vec![h.describe()],
-                None => vec!["exclusive lock (just released; retry)".into()],
-            };
-            if !holders.is_empty() {
-                return Err(RepoError::Locked { holders });
-            }
-        }
-        let lock = RepoLock {
-            store: self.store().clone(),
-            codec: self.codec().clone(),
-            key: EXCLUSIVE_KEY.to_string(),
-            info,
-            released: false,
-        };
+        let lock = self.take_single(EXCLUSIVE_KEY, purpose, now).await?;
         let shared = match self.shared_locks().await {
             Ok(s) => s.into_iter().map(|(_, info)| info).collect::<Vec<_>>(),
             Err(e) => {
@@ -380,6 +356,50 @@ impl Repository {
         lock.release().await?;
         Err(RepoError::Locked {
             holders: shared.iter().map(LockInfo::describe).collect(),
+        })
+    }
+
+    /// Takes the key-change lock (`locks/keys`): one key slot change at a time; backups,
+    /// restores and GC are not affected.
+    ///
+    /// # Errors
+    /// [`RepoError::Locked`] while another key change holds it; store errors.
+    pub async fn lock_keys(&self, purpose: &str, now: Timestamp) -> Result<RepoLock> {
+        self.take_single(KEYS_LOCK_KEY, purpose, now).await
+    }
+
+    /// Creates the single-holder lock object `key` (`IfAbsent`).
+    async fn take_single(&self, key: &str, purpose: &str, now: Timestamp) -> Result<RepoLock> {
+        let info = self.lock_info(LockKind::Exclusive, purpose, now);
+        let outcome = match self.put_lock(key, &info).await {
+            Ok(o) => o,
+            Err(e) => {
+                // Remove the lock only if the lost write was ours.
+                if let Ok(Some(h)) = self.read_lock(key).await
+                    && h.id == info.id
+                {
+                    let _ = self.store().delete(key).await;
+                }
+                return Err(e);
+            }
+        };
+        if outcome == PutOutcome::AlreadyExists {
+            let holders = match self.read_lock(key).await? {
+                // A retried write whose first attempt landed finds its own lock.
+                Some(h) if h.id == info.id => vec![],
+                Some(h) => vec![h.describe()],
+                None => vec![format!("{key} (just released; retry)")],
+            };
+            if !holders.is_empty() {
+                return Err(RepoError::Locked { holders });
+            }
+        }
+        Ok(RepoLock {
+            store: self.store().clone(),
+            codec: self.codec().clone(),
+            key: key.to_string(),
+            info,
+            released: false,
         })
     }
 
@@ -410,12 +430,12 @@ impl Repository {
     }
 
     async fn lock_objects(&self) -> Result<Vec<(String, LockInfo)>> {
-        let mut out: Vec<(String, LockInfo)> = self
-            .read_lock(EXCLUSIVE_KEY)
-            .await?
-            .map(|i| (EXCLUSIVE_KEY.to_string(), i))
-            .into_iter()
-            .collect();
+        let mut out: Vec<(String, LockInfo)> = Vec::new();
+        for key in [EXCLUSIVE_KEY, KEYS_LOCK_KEY] {
+            if let Some(info) = self.read_lock(key).await? {
+                out.push((key.to_string(), info));
+            }
+        }
         out.extend(self.shared_locks().await?);
         Ok(out)
     }

@@ -10,19 +10,22 @@
 //! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON manifest)
 //! locks/exclusive                  held by prune / gc
 //! locks/shared/<lock id>           one per running backup (and restore, when it may write)
+//! locks/keys                       held while key slots are added or removed
 //! .cbt-probe/<id>                  S3 only: the connect-time conditional-write probe, deleted
 //!                                  right after (see crate::store::s3)
 //! keys/<slot id>                   encrypted repositories only: key slots (see crate::crypto)
 //! ```
 //! # Encryption
-//! A repository created with [`Repository::init_encrypted`] (config version
+//! A repository created with [`Repository::init_encrypted`] or
+//! [`Repository::init_encrypted_with`] (config version
 //! [`ENCRYPTED_REPO_FORMAT_VERSION`], so older builds refuse it instead of writing into it in
 //! the clear) seals every chunk and manifest object ([`Codec`], [`crate::crypto`]) and names
 //! chunks by a keyed hash. The config stays readable (it carries no key material, only the
 //! scheme and the key id). Open it with [`Repository::open_with_key`]; [`Repository::open`]
 //! refuses with [`RepoError::KeyRequired`], and `open_with_key` refuses an unencrypted
-//! repository ([`RepoError::NotEncrypted`]). Passwords are managed with
-//! [`Repository::add_key`], [`Repository::list_keys`] and [`Repository::remove_key`].
+//! repository ([`RepoError::NotEncrypted`]). Passwords and key files are managed with
+//! [`Repository::add_key`], [`Repository::add_key_file`], [`Repository::list_keys`] and
+//! [`Repository::remove_key`], one change at a time under `locks/keys`.
 //! Lock objects are sealed too (their holder's host, process id and purpose name volumes and
 //! snapshots); a lock that cannot be opened still blocks what it blocks and is listed as
 //! unreadable, so it can be broken by id.
@@ -89,7 +92,7 @@ use serde::{Deserialize, Serialize};
 
 pub use codec::Codec;
 pub use error::{RepoError, Result};
-pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
+pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, NewKey, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
     DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
