@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbt_store::crypto::Password;
+use cbt_store::crypto::{KeyFile, Password};
 use cbt_store::repo::{RepoKey, Repository};
 use cbt_store::store::{ObjectStore, S3Options, open_url};
 use clap::{Parser, Subcommand};
@@ -53,6 +53,11 @@ pub struct Cli {
     /// ignored). The password can also come from CBT_PASSWORD; never from the command line.
     #[arg(long, env = "CBT_PASSWORD_FILE", global = true, value_name = "PATH", help_heading = GLOBAL)]
     pub password_file: Option<std::path::PathBuf>,
+
+    /// Key file of an encrypted repository, instead of a password (written by `cbt repo init
+    /// --key-file-out` or `cbt key add --key-file-out`).
+    #[arg(long, env = "CBT_KEY_FILE", global = true, value_name = "PATH", help_heading = GLOBAL)]
+    pub key_file: Option<std::path::PathBuf>,
 
     /// Output format: `human` text, or one JSON document on stdout (errors included).
     #[arg(
@@ -131,6 +136,8 @@ pub struct Ctx {
     pub out: Output,
     /// `--password-file` / CBT_PASSWORD_FILE.
     pub password_file: Option<std::path::PathBuf>,
+    /// `--key-file` / CBT_KEY_FILE.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Ctx {
@@ -154,11 +161,29 @@ impl Ctx {
         )
     }
 
-    /// Opens the repository named by `--repo` (with the password, if one is given).
+    /// The key of an encrypted repository: a password (see [`Ctx::password`]) or the key file
+    /// of `--key-file` / CBT_KEY_FILE; `None` when none is given, an error when both are.
+    pub fn key(&self) -> Result<Option<RepoKey>, CliError> {
+        let password = self.password()?;
+        match (password, &self.key_file) {
+            (Some(_), Some(_)) => Err(CliError::config(
+                "both a password (CBT_PASSWORD or --password-file) and a key file (--key-file) are given",
+            )
+            .with_hint("set only one: either opens the repository")),
+            (Some(pw), None) => Ok(Some(RepoKey::Password(pw))),
+            (None, Some(path)) => Ok(Some(RepoKey::KeyFile(
+                KeyFile::from_file(path).map_err(cbt_store::repo::RepoError::from)?,
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Opens the repository named by `--repo` (with the password or key file, if one is
+    /// given).
     pub async fn repo(&self) -> Result<Repository, CliError> {
         let store = self.store().await?;
-        Ok(match self.password()? {
-            Some(pw) => Repository::open_with_key(store, &RepoKey::Password(pw)).await?,
+        Ok(match self.key()? {
+            Some(key) => Repository::open_with_key(store, &key).await?,
             None => Repository::open(store).await?,
         })
     }
@@ -261,6 +286,7 @@ fn main() -> ExitCode {
         },
         out,
         password_file: cli.password_file.clone(),
+        key_file: cli.key_file.clone(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -29,6 +29,7 @@ impl Cbt {
             "CBT_PASSWORD_FILE",
             "CBT_NEW_PASSWORD",
             "CBT_NEW_PASSWORD_FILE",
+            "CBT_KEY_FILE",
         ] {
             c.env_remove(var);
         }
@@ -1050,5 +1051,240 @@ fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
         Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Every file under `dir` with its contents, for "nothing changed" checks.
+fn tree(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn encrypted_repository_with_key_files_through_the_binary() {
+    let work = tempfile::tempdir().unwrap();
+    let repo_dir = work.path().join("repo");
+    let image = work.path().join("disk.img");
+    make_image(&image);
+    let img = image.to_str().unwrap();
+    let at = |dir: &Path, extra: Vec<String>, env: Vec<(&'static str, String)>| Cbt {
+        repo: format!("file://{}", dir.display()),
+        env,
+        extra,
+    };
+    let k1 = work.path().join("k1.key");
+    let none = at(&repo_dir, vec![], vec![]);
+    let with_file = |k: &Path| {
+        at(
+            &repo_dir,
+            vec!["--key-file".into(), k.display().to_string()],
+            vec![],
+        )
+    };
+
+    // --key-file-out needs --encryption (usage), and a password alone is not a key file.
+    fails(
+        &none.cmd(&["repo", "init", "--key-file-out", k1.to_str().unwrap()]),
+        2,
+        "--encryption",
+    );
+    assert!(!k1.exists());
+    let init = none.json(&[
+        "repo",
+        "init",
+        "--encryption",
+        "--chunk-size",
+        "64K",
+        "--key-file-out",
+        k1.to_str().unwrap(),
+    ]);
+    assert_eq!(init["encrypted"], true);
+    let k1_id = init["key_file"]["id"].as_str().unwrap().to_string();
+    assert!(std::fs::read_to_string(&k1).unwrap().contains(&k1_id));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&k1).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "a key file is private");
+    }
+    // A second repository asked to write over it: refused (exit 6), the file and the other
+    // location untouched.
+    let other_dir = work.path().join("other");
+    let k1_text = std::fs::read(&k1).unwrap();
+    fails(
+        &at(&other_dir, vec![], vec![]).cmd(&[
+            "repo",
+            "init",
+            "--encryption",
+            "--key-file-out",
+            k1.to_str().unwrap(),
+        ]),
+        6,
+        "never overwritten",
+    );
+    assert_eq!(std::fs::read(&k1).unwrap(), k1_text);
+    assert!(!other_dir.join("config").exists());
+
+    // The key file opens it, from the flag and from CBT_KEY_FILE.
+    with_file(&k1).ok(&[
+        "backup",
+        "--device",
+        img,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--full",
+    ]);
+    let by_env = at(
+        &repo_dir,
+        vec![],
+        vec![("CBT_KEY_FILE", k1.display().to_string())],
+    );
+    assert_eq!(by_env.json(&["list"]).as_array().unwrap().len(), 1);
+    fails(&none.cmd(&["list"]), 5, "CBT_KEY_FILE");
+
+    // Wrong key files: typed configuration errors (exit 5), and nothing in the repository
+    // changes.
+    let before = tree(&repo_dir);
+    let k_other = work.path().join("other.key");
+    at(&other_dir, vec![], vec![]).ok(&[
+        "repo",
+        "init",
+        "--encryption",
+        "--key-file-out",
+        k_other.to_str().unwrap(),
+    ]);
+    fails(&with_file(&k_other).cmd(&["list"]), 5, "wrong key file");
+    fails(
+        &with_file(&k_other).cmd(&[
+            "backup",
+            "--device",
+            img,
+            "--volume",
+            "v",
+            "--snapshot",
+            "s9",
+            "--full",
+        ]),
+        5,
+        "wrong key file",
+    );
+    let garbage = work.path().join("garbage.key");
+    std::fs::write(&garbage, "hunter2\n").unwrap();
+    fails(&with_file(&garbage).cmd(&["list"]), 5, "not a cbt key file");
+    let huge = work.path().join("huge.key");
+    std::fs::write(&huge, vec![b'#'; 1 << 20]).unwrap();
+    fails(&with_file(&huge).cmd(&["list"]), 5, "larger than");
+    fails(
+        &with_file(&work.path().join("missing.key")).cmd(&["list"]),
+        5,
+        "missing.key",
+    );
+    let both = at(
+        &repo_dir,
+        vec!["--key-file".into(), k1.display().to_string()],
+        vec![("CBT_PASSWORD", "x".into())],
+    );
+    fails(&both.cmd(&["list"]), 5, "set only one");
+    assert_eq!(
+        tree(&repo_dir),
+        before,
+        "a refused key changed the repository"
+    );
+
+    // key add: a new key file (never over an existing one), an existing key file, a password.
+    let k2 = work.path().join("k2.key");
+    fails(
+        &with_file(&k1).cmd(&["key", "add", "--key-file-out", k1.to_str().unwrap()]),
+        6,
+        "never overwritten",
+    );
+    let added = with_file(&k1).json(&["key", "add", "--key-file-out", k2.to_str().unwrap()]);
+    let k2_slot = added["slot"]["id"].as_str().unwrap().to_string();
+    assert_eq!(added["slot"]["kind"], "key-file");
+    let shared = with_file(&k1).json(&["key", "add", "--new-key-file", k_other.to_str().unwrap()]);
+    assert_eq!(shared["kind"], "key-file");
+    let mut adder = with_file(&k1);
+    adder
+        .env
+        .push(("CBT_NEW_PASSWORD", "a password too".into()));
+    assert_eq!(adder.json(&["key", "add"])["kind"], "password");
+    fails(
+        &adder.cmd(&[
+            "key",
+            "add",
+            "--key-file-out",
+            work.path().join("k3.key").to_str().unwrap(),
+        ]),
+        2,
+        "give one new key",
+    );
+    assert!(!work.path().join("k3.key").exists());
+
+    // The listing says what opens each slot; `*` marks the one in use.
+    let listed = with_file(&k2).json(&["key", "list"]);
+    let slots = listed.as_array().unwrap();
+    assert_eq!(slots.len(), 4);
+    assert_eq!(slots.iter().filter(|s| s["kind"] == "key-file").count(), 3);
+    assert_eq!(slots.iter().filter(|s| s["kind"] == "password").count(), 1);
+    let k1_slot = slots
+        .iter()
+        .find(|s| s["key_file_id"] == k1_id.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        slots
+            .iter()
+            .any(|s| s["id"] == k2_slot.as_str() && s["current"] == true)
+    );
+    let text = with_file(&k2).ok(&["key", "list"]);
+    assert!(text.contains(&format!("key file {k1_id}")), "{text}");
+    assert!(text.contains("password"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("* ") && l.contains(&k2_slot)),
+        "{text}"
+    );
+
+    // Rotation away from k1: removed while opened with k2; k1 then opens nothing.
+    fails(
+        &with_file(&k2).cmd(&["key", "remove", &k2_slot]),
+        2,
+        "another password or key file",
+    );
+    with_file(&k2).ok(&["key", "remove", &k1_slot]);
+    fails(&with_file(&k1).cmd(&["list"]), 5, "wrong key file");
+    let restored = work.path().join("r.img");
+    with_file(&k2).ok(&[
+        "restore",
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&image).unwrap());
+    // The other repository's key file, added as a slot, opens this one too.
+    assert_eq!(
+        with_file(&k_other)
+            .json(&["list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
     );
 }

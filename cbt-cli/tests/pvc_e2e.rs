@@ -894,3 +894,141 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
     );
     drop(env.t);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_pvcs() {
+    let env = Env::start().await;
+    let key_file = env.t.path().join("repo.key");
+    let run = |args: Vec<String>| {
+        let env = &env;
+        let key_file = key_file.clone();
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+            cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()]);
+            cmd.args(&args);
+            cmd.env_remove("CBT_REPO")
+                .env_remove("KUBECONFIG")
+                .env_remove("CBT_PASSWORD")
+                .env_remove("CBT_PASSWORD_FILE")
+                .env("CBT_KEY_FILE", &key_file);
+            for (k, v) in env.s3.env() {
+                cmd.env(k, v);
+            }
+            cmd.output().await.unwrap()
+        }
+    };
+    let ok = |out: std::process::Output| -> Value {
+        assert!(
+            out.status.success(),
+            "failed ({:?})\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    // `repo init` writes the key file; CBT_KEY_FILE names it for every later command.
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+    cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()])
+        .args([
+            "repo",
+            "init",
+            "--encryption",
+            "--chunk-size",
+            "256K",
+            "--key-file-out",
+        ])
+        .arg(&key_file)
+        .env_remove("CBT_REPO")
+        .env_remove("CBT_PASSWORD")
+        .env_remove("CBT_PASSWORD_FILE")
+        .env_remove("CBT_KEY_FILE");
+    for (k, v) in env.s3.env() {
+        cmd.env(k, v);
+    }
+    ok(cmd.output().await.unwrap());
+
+    // One Secret without the key file, one with it (and a password that must not be used).
+    let creds = support::s3_credentials(&env.s3);
+    let mut with_key = creds.clone();
+    with_key.insert(
+        "CBT_KEY_FILE".into(),
+        json!(std::fs::read_to_string(&key_file).unwrap()),
+    );
+    with_key.insert(
+        "CBT_PASSWORD".into(),
+        json!("not this repository's password"),
+    );
+    for (name, data) in [("s3-nokey", creds), ("s3-kf", with_key)] {
+        env.kube
+            .create(json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": name, "namespace": NS}, "stringData": data}))
+            .unwrap();
+    }
+    let kube_args = |secret: &str| -> Vec<String> {
+        let mut a = env.kube_args();
+        let at = a.iter().position(|x| x == "s3-creds").unwrap();
+        a[at] = secret.into();
+        a
+    };
+    env.kube
+        .seed_pvc(NS, "data", "8Mi", "Block", &["ReadWriteOnce"], &[])
+        .unwrap();
+    let device = env.kube.pvc_backing_file(NS, "data").unwrap();
+    write(&device, 0, 11, MIB as usize);
+    let backup = |secret: &str| {
+        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
+            .map(String::from)
+            .to_vec();
+        args.extend(kube_args(secret));
+        args
+    };
+
+    // A Secret without CBT_KEY_FILE stops the mover before it starts: a configuration error
+    // naming the key, nothing committed.
+    let out = run(backup("s3-nokey")).await;
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("CBT_KEY_FILE"), "{all}");
+    let listed = ok(run(["-o", "json", "list"].map(String::from).to_vec()).await);
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+
+    let doc = ok(run(backup("s3-kf")).await);
+    let r = &doc["results"][0];
+    assert_eq!(r["ok"], true, "{doc:#}");
+    let snap = r["report"]["mover"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut args: Vec<String> = [
+        "-o",
+        "json",
+        "restore",
+        "--volume",
+        "db.data",
+        "--snapshot",
+        &snap,
+        "--to-pvc",
+        "restored",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(kube_args("s3-kf"));
+    ok(run(args).await);
+    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
+    assert_eq!(
+        std::fs::read(&target).unwrap(),
+        std::fs::read(&device).unwrap()
+    );
+    drop(env.t);
+}

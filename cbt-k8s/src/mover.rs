@@ -326,7 +326,8 @@ pub async fn run(spec: &MoverSpec, now: Timestamp) -> Result<MoverReport, MoverE
 
 /// Like [`run`], opening the repository with `key` when one is given (an encrypted repository;
 /// the Job gets the password as `CBT_PASSWORD` from the S3 credentials Secret, see
-/// [`crate::pvc_backup::objects::S3_SECRET_KEYS`]).
+/// [`crate::pvc_backup::objects::S3_SECRET_KEYS`], or the key file's contents as
+/// [`crate::pvc_backup::objects::KEY_FILE_ENV`]).
 ///
 /// # Errors
 /// As [`run`]; [`RepoError::KeyRequired`] for an encrypted repository without a key.

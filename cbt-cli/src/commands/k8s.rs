@@ -114,7 +114,9 @@ pub(crate) fn k8s_error(e: cbt_k8s::Error) -> CliError {
     }
 }
 
-fn runtime(kube: &KubeArgs) -> Result<MoverRuntime, CliError> {
+/// The mover Job's settings; `key_file`: the repository is opened with a key file, which the
+/// Job then takes from the S3 Secret instead of `CBT_PASSWORD`.
+fn runtime(kube: &KubeArgs, key_file: bool) -> Result<MoverRuntime, CliError> {
     let image = kube.image.clone().ok_or_else(|| {
         CliError::usage("the data mover needs an image: pass --image (or set CBT_MOVER_IMAGE)")
             .with_hint(
@@ -125,6 +127,7 @@ fn runtime(kube: &KubeArgs) -> Result<MoverRuntime, CliError> {
         image,
         service_account: kube.service_account.clone(),
         s3_secret: kube.s3_secret.clone(),
+        key_file,
         token_audience: None,
         active_deadline_seconds: kube.mover_timeout_secs.max(60),
     })
@@ -236,7 +239,7 @@ pub async fn backup(
     let opts = PvcBackupOptions {
         namespace: namespace.clone(),
         target,
-        runtime: runtime(kube)?,
+        runtime: runtime(kube, ctx.key_file.is_some())?,
         snapshot_class: pvcs.snapshot_class.clone(),
         snapshot_timeout: Duration::from_secs(pvcs.snapshot_timeout_secs.max(1)),
         keep_snapshots: pvcs.keep_snapshots.max(1),
@@ -478,7 +481,7 @@ pub async fn restore(
         namespace,
         pvc: pvc.clone(),
         target,
-        runtime: runtime(kube)?,
+        runtime: runtime(kube, ctx.key_file.is_some())?,
         volume: volume.to_string(),
         snapshot: snapshot.to_string(),
         size_bytes: size,
@@ -520,14 +523,38 @@ pub struct MoverArgs {
     pub result_file: Option<PathBuf>,
 }
 
+/// The key of an encrypted repository, from the Job's Secret: the password as CBT_PASSWORD,
+/// or the key file's contents as [`cbt_k8s::pvc_backup::objects::KEY_FILE_ENV`].
+fn mover_key() -> Result<Option<cbt_store::repo::RepoKey>, CliError> {
+    use cbt_k8s::pvc_backup::objects::{KEY_FILE_ENV, KEY_FILE_SECRET_KEY};
+    let password = crate::password_from("CBT_PASSWORD", None, "")?;
+    let key_file = match std::env::var_os(KEY_FILE_ENV) {
+        None => None,
+        Some(text) => Some(
+            cbt_store::crypto::KeyFile::parse(text.as_encoded_bytes()).map_err(|e| {
+                CliError::config(format!(
+                    "the Secret's {KEY_FILE_SECRET_KEY} is not a key file: {e}"
+                ))
+                .with_hint(format!(
+                    "store the file written by `cbt repo init --key-file-out` or `cbt key add --key-file-out` under key {KEY_FILE_SECRET_KEY}"
+                ))
+            })?,
+        ),
+    };
+    match (password, key_file) {
+        (Some(_), Some(_)) => Err(CliError::config(format!(
+            "both CBT_PASSWORD and {KEY_FILE_ENV} are set; set only one"
+        ))),
+        (Some(p), None) => Ok(Some(cbt_store::repo::RepoKey::Password(p))),
+        (None, Some(k)) => Ok(Some(cbt_store::repo::RepoKey::KeyFile(k))),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Runs the mover and reports; the exit code follows the error class.
 pub async fn mover(args: &MoverArgs) -> Result<(), CliError> {
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
-    // The password of an encrypted repository comes from the Job's Secret, as CBT_PASSWORD.
-    let key = match crate::password_from("CBT_PASSWORD", None, "") {
-        Ok(p) => p.map(cbt_store::repo::RepoKey::Password),
-        Err(e) => return Err(e),
-    };
+    let key = mover_key()?;
     let result = match cbt_k8s::mover::spec_from_env() {
         Ok(spec) => cbt_k8s::mover::run_with_key(&spec, key.as_ref(), now).await,
         Err(e) => Err(e),

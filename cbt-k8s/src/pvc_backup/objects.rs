@@ -36,13 +36,22 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/cbt";
 /// File name of the token inside [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "metadata-token";
 /// Keys of the S3 credentials Secret, passed to the mover as the standard AWS variables, plus
-/// the optional password of an encrypted repository (`CBT_PASSWORD`).
+/// the optional password of an encrypted repository (`CBT_PASSWORD`; not passed when the
+/// repository is opened with a key file, see [`KEY_FILE_SECRET_KEY`]).
 pub const S3_SECRET_KEYS: [(&str, bool); 4] = [
     ("AWS_ACCESS_KEY_ID", false),
     ("AWS_SECRET_ACCESS_KEY", false),
     ("AWS_SESSION_TOKEN", true),
     ("CBT_PASSWORD", true),
 ];
+
+/// Key of the S3 credentials Secret holding the key file of an encrypted repository opened with
+/// one (`kubectl create secret generic S3_SECRET --from-file=CBT_KEY_FILE=repo.key ...`).
+pub const KEY_FILE_SECRET_KEY: &str = "CBT_KEY_FILE";
+/// Variable through which the mover gets the key file's contents (the Secret's
+/// [`KEY_FILE_SECRET_KEY`]): a reference, required, so a Secret without it stops the Job at
+/// once with `CreateContainerConfigError` instead of a mover that cannot open the repository.
+pub const KEY_FILE_ENV: &str = "CBT_MOVER_KEY_FILE";
 
 /// Labels and annotations marking an object as ours.
 fn ours(role: &str, pvc_uid: Option<&str>, volume: &str, created_by: &str) -> ObjectMeta {
@@ -143,6 +152,9 @@ pub struct MoverRuntime {
     pub service_account: String,
     /// Secret with the S3 credentials ([`S3_SECRET_KEYS`]); `None` for a local repository.
     pub s3_secret: Option<String>,
+    /// The repository is opened with a key file: the mover gets it from the Secret's
+    /// [`KEY_FILE_SECRET_KEY`] (as [`KEY_FILE_ENV`]) instead of `CBT_PASSWORD`.
+    pub key_file: bool,
     /// Audience of the projected metadata token (backups only).
     pub token_audience: Option<String>,
     /// Seconds before the Job is stopped.
@@ -171,19 +183,26 @@ pub fn mover_job(
         value_from: None,
     }];
     if let Some(secret) = &rt.s3_secret {
-        for (key, optional) in S3_SECRET_KEYS {
-            env.push(EnvVar {
-                name: key.into(),
-                value: None,
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret.clone(),
-                        key: key.into(),
-                        optional: optional.then_some(true),
-                    }),
-                    ..Default::default()
+        let from_secret = |name: &str, key: &str, optional: bool| EnvVar {
+            name: name.into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.clone(),
+                    key: key.into(),
+                    optional: optional.then_some(true),
                 }),
-            });
+                ..Default::default()
+            }),
+        };
+        for (key, optional) in S3_SECRET_KEYS {
+            if rt.key_file && key == "CBT_PASSWORD" {
+                continue;
+            }
+            env.push(from_secret(key, key, optional));
+        }
+        if rt.key_file {
+            env.push(from_secret(KEY_FILE_ENV, KEY_FILE_SECRET_KEY, false));
         }
     }
     let mut volumes = vec![Volume {
@@ -336,6 +355,7 @@ mod tests {
             image: "cbt:dev".into(),
             service_account: "cbt-mover".into(),
             s3_secret: Some("s3-creds".into()),
+            key_file: false,
             token_audience: Some("aud".into()),
             active_deadline_seconds: 60,
         };
@@ -354,5 +374,35 @@ mod tests {
             "aud"
         );
         assert_eq!(json["spec"]["backoffLimit"], 0);
+        let names = |json: &serde_json::Value| -> Vec<String> {
+            json["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array()
+                .unwrap_or(&Vec::new())
+                .iter()
+                .filter_map(|e| e["name"].as_str().map(str::to_string))
+                .collect()
+        };
+        assert!(names(&json).contains(&"CBT_PASSWORD".to_string()));
+        assert!(!names(&json).contains(&KEY_FILE_ENV.to_string()));
+
+        // Opened with a key file: the mover gets it (required) instead of the password.
+        let rt = MoverRuntime {
+            key_file: true,
+            ..rt
+        };
+        let job = mover_job("j", "ns", "pvc", &spec, &rt, "mover", "v", "test");
+        let json = serde_json::to_value(&job).expect("serializes");
+        assert!(!names(&json).contains(&"CBT_PASSWORD".to_string()));
+        let env = json["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let kf = env
+            .iter()
+            .find(|e| e["name"] == KEY_FILE_ENV)
+            .expect("key file variable");
+        assert!(kf["value"].is_null(), "by reference only");
+        assert_eq!(kf["valueFrom"]["secretKeyRef"]["key"], KEY_FILE_SECRET_KEY);
+        assert!(kf["valueFrom"]["secretKeyRef"]["optional"].is_null());
     }
 }
