@@ -1288,3 +1288,45 @@ fn encrypted_repository_with_key_files_through_the_binary() {
         1
     );
 }
+
+/// One exit-code table: `cbt --help` prints the library's table, and the README holds it once,
+/// with exactly the codes of `ExitClass` (plus 0).
+#[test]
+fn the_exit_code_table_is_in_help_and_once_in_the_readme() {
+    use cbt_core::exit::{ExitClass, HELP};
+    let out = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stdout).unwrap().contains(HELP));
+    let short = Command::new(env!("CARGO_BIN_EXE_cbt"))
+        .arg("-h")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8(short.stdout)
+            .unwrap()
+            .contains("exit codes")
+    );
+
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    assert_eq!(readme.matches("| code | meaning |").count(), 1, "one table");
+    let rows: Vec<u8> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| code | meaning |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.split('|').nth(1).unwrap().trim().parse().unwrap())
+        .collect();
+    let mut expected: Vec<u8> = ExitClass::ALL.iter().map(|c| c.code()).collect();
+    expected.insert(0, 0);
+    assert_eq!(rows, expected, "README table vs ExitClass");
+    let help_codes: Vec<u8> = HELP
+        .lines()
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(help_codes, expected, "--help table vs ExitClass");
+}

@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 /// Volume replication controller (csi-addons API on Trident and PowerStore).
 #[derive(Parser)]
-#[command(name = "cbt-replicator", version)]
+#[command(name = "cbt-replicator", version, after_long_help = cbt_core::exit::HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -309,3 +309,14 @@ async fn missing_crds_are_a_config_error_that_says_how_to_install_them() {
     assert!(!err.contains("dellcsireplicationgroups"), "{err}");
     assert!(err.contains("cbt-replicator crds"), "{err}");
 }
+
+#[test]
+fn help_prints_the_toolkits_one_exit_code_table() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains(cbt_core::exit::HELP)
+    );
+}

@@ -669,3 +669,16 @@ async fn ctrl_c_removes_what_the_run_created_and_exits_130() {
     assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
     assert_eq!(env.backend.handles().len(), 1);
 }
+
+#[test]
+fn help_prints_the_toolkits_one_exit_code_table() {
+    for flag in ["-h", "--help"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_snapshift"))
+            .arg(flag)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        assert!(help.contains(cbt_core::exit::HELP), "{flag}: {help}");
+    }
+}
