@@ -300,6 +300,64 @@ async fn oversized_config_and_lock_objects_are_not_read() {
     assert_eq!(err.kind(), ErrorKind::Integrity);
 }
 
+/// A chunk object replaced by one far larger than the size its manifest records (here a
+/// sparse 1 GiB file) is refused from its size, never read: restore names the chunk with both
+/// sizes (the object's as the store reports it, without the local store's own framing), and
+/// `verify --read-data` reports it.
+#[tokio::test]
+async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 4);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let (index, r) = out.manifest.chunks.iter_stored().next().unwrap();
+    let file = chunk_file(&fx, &r.hash);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let target = fx.path("out.img");
+    let err = engine::restore(
+        &fx.repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            RepoError::ChunkCorrupt {
+                index: i,
+                reason: ChunkDecodeError::Size { expected, actual },
+                ..
+            } if *i == index && *expected == r.stored_size && *actual > 1 << 29
+        ),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Integrity);
+    let report = fx
+        .repo
+        .verify(&VerifyOptions {
+            read_data: true,
+            ..VerifyOptions::default()
+        })
+        .await
+        .unwrap();
+    assert!(
+        report.problems.iter().any(|p| p.index == Some(index)),
+        "{:?}",
+        report.problems
+    );
+}
+
 fn in_place() -> RestoreOptions {
     RestoreOptions {
         overwrite: true,
