@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use cbt_core::manifest::SourceInfo;
 use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
-use cbt_store::crypto::{KdfParams, Password};
+use cbt_store::crypto::{KdfParams, KeyFile, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
 };
@@ -149,6 +149,104 @@ const ENC_KDF: KdfParams = KdfParams {
 #[tokio::test]
 async fn frozen_encrypted_fixture_v1_is_still_read() {
     check_fixture("repo-enc-v1", Some(ENC_PASSWORD)).await;
+}
+
+/// The frozen key-file slot of `repo-enc-v1` (`repo-enc-v1-key-file/keys/<id>`, written by
+/// `generate_frozen_key_file_slot`) still opens it with the frozen key file
+/// (`repo-enc-v1-key-file/repo.key`): the key file format, the slot format and the HKDF
+/// derivation are frozen too. Another key file is refused as such.
+#[tokio::test]
+async fn frozen_encrypted_fixture_v1_opens_with_its_frozen_key_file() {
+    let overlay = fixtures().join("repo-enc-v1-key-file");
+    let expected: BTreeMap<String, String> = serde_json::from_slice(
+        &std::fs::read(fixtures().join("repo-enc-v1-key-file.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        file_sums(&overlay),
+        expected,
+        "the frozen key-file slot changed: it must never be regenerated or edited"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("repo");
+    copy_tree(&fixtures().join("repo-enc-v1"), &copy);
+    copy_tree(&overlay.join("keys"), &copy.join("keys"));
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
+    let key_file = KeyFile::from_file(&overlay.join("repo.key")).unwrap();
+    assert!(matches!(
+        Repository::open_with_key(
+            store.clone(),
+            &RepoKey::KeyFile(KeyFile::generate().unwrap())
+        )
+        .await,
+        Err(RepoError::WrongKeyFile {
+            slots: 0,
+            others: 2,
+            ..
+        })
+    ));
+    let repo = Repository::open_with_key(store, &RepoKey::KeyFile(key_file))
+        .await
+        .unwrap();
+    let slots = repo.list_keys().await.unwrap();
+    assert_eq!(slots.len(), 2);
+    assert!(
+        slots
+            .iter()
+            .any(|s| s.current && s.kind == Some(cbt_store::crypto::SlotKind::KeyFile))
+    );
+    for (img, n) in images().iter().zip(1..) {
+        let target = work.path().join(format!("snap-{n}.img"));
+        engine::restore(
+            &repo,
+            &VolumeName::from_pvc("prod", "db-0").unwrap(),
+            &SnapshotName::new(format!("snap-{n}")).unwrap(),
+            &target,
+            &RestoreOptions::default(),
+            &EngineOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(std::fs::read(&target).unwrap() == *img, "snap-{n} differs");
+    }
+}
+
+/// Writes the frozen key-file slot of `repo-enc-v1` and its key file to `$CBT_FIXTURE_OUT`
+/// (`repo-enc-v1-key-file/`, `repo-enc-v1-key-file.json`). See `tests/fixtures/README.md`.
+#[tokio::test]
+#[ignore = "writes a new fixture; run by hand, see tests/fixtures/README.md"]
+async fn generate_frozen_key_file_slot() {
+    let out = fixture_out();
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("repo");
+    copy_tree(&fixtures().join("repo-enc-v1"), &copy);
+    let before: Vec<_> = std::fs::read_dir(copy.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
+    let repo = Repository::open_with_key(store, &key(ENC_PASSWORD))
+        .await
+        .unwrap();
+    let kf = KeyFile::generate().unwrap();
+    let root = out.join("repo-enc-v1-key-file");
+    std::fs::create_dir_all(root.join("keys")).unwrap();
+    kf.write_new(&root.join("repo.key")).unwrap();
+    let slot = repo
+        .add_key_file(&kf, Timestamp(1_767_225_600_000))
+        .await
+        .unwrap();
+    assert!(!before.contains(&std::ffi::OsString::from(&slot.id)));
+    std::fs::copy(
+        copy.join("keys").join(&slot.id),
+        root.join("keys").join(&slot.id),
+    )
+    .unwrap();
+    std::fs::write(
+        out.join("repo-enc-v1-key-file.json"),
+        serde_json::to_vec_pretty(&file_sums(&root)).unwrap(),
+    )
+    .unwrap();
 }
 
 async fn check_fixture(name: &str, password: Option<&str>) {
