@@ -567,20 +567,30 @@ fn backup_through_the_kubernetes_api_records_names_and_handles() {
 /// Starts `cbt serve-metadata` on a free loopback TCP port with the test TLS identity and
 /// returns the server and its `https://127.0.0.1:PORT` endpoint (read from its stderr).
 fn serve_tls(dir: &Path, extra: &[&str]) -> (Server, String) {
+    serve_tls_with_token_env(dir, extra, None)
+}
+
+/// [`serve_tls`] with `CBT_METADATA_SERVER_TOKEN` set to `token_env` (unset for `None`).
+fn serve_tls_with_token_env(
+    dir: &Path,
+    extra: &[&str],
+    token_env: Option<&str>,
+) -> (Server, String) {
     use std::io::BufRead;
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cbt-csi/tests/fixtures");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cbt"))
-        .args(["serve-metadata", "--dir"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cbt"));
+    cmd.args(["serve-metadata", "--dir"])
         .arg(dir)
         .args(["--listen", "tcp://127.0.0.1:0", "--tls-cert"])
         .arg(fixtures.join("server.pem"))
         .arg("--tls-key")
         .arg(fixtures.join("server.key"))
         .args(extra)
-        .env_remove("CBT_METADATA_SERVER_TOKEN")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+        .env_remove("CBT_METADATA_SERVER_TOKEN");
+    if let Some(t) = token_env {
+        cmd.env("CBT_METADATA_SERVER_TOKEN", t);
+    }
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
@@ -946,4 +956,58 @@ fn a_tcp_listener_needs_tls_and_a_token_unless_insecure() {
     assert!(line.contains("serving"), "{line}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The server's token never has to be on its command line: from a file (one trailing newline
+/// ignored) or from CBT_METADATA_SERVER_TOKEN; callers with another token are refused.
+#[test]
+fn a_tcp_server_takes_its_token_from_a_file_or_the_environment() {
+    let (_t, snaps, _sock) = dirs();
+    image(&snaps.join("vs-1"), 4 * MIB, &[(0, 1, 70_000)]);
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cbt-csi/tests/fixtures");
+    let ca = fixtures.join("ca.pem");
+    let token_file = snaps.parent().unwrap().join("server-token");
+    std::fs::write(&token_file, "from-a-file\n").unwrap();
+    let call = |https: &str, token: &str| {
+        cbt(&[
+            "metadata",
+            "allocated",
+            "--endpoint",
+            https.trim_start_matches("https://"),
+            "--metadata-ca-file",
+            ca.to_str().unwrap(),
+            "--metadata-server-name",
+            "snapshot-metadata.cbt-test.svc",
+            "--metadata-namespace",
+            "default",
+            "--metadata-token",
+            token,
+            "--snapshot-id",
+            "vs-1",
+            "--metadata-max-attempts",
+            "1",
+        ])
+    };
+    let (_a, by_file) = serve_tls(&snaps, &["--token-file", token_file.to_str().unwrap()]);
+    let (_b, by_env) = serve_tls_with_token_env(&snaps, &[], Some("from-the-env"));
+    for (https, good, bad) in [
+        (&by_file, "from-a-file", "from-the-env"),
+        (&by_env, "from-the-env", "from-a-file"),
+    ] {
+        let out = call(https, good);
+        assert!(
+            out.status.success(),
+            "{https}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("ranges: 1"));
+        let out = call(https, bad);
+        assert!(!out.status.success(), "{https} accepted another token");
+        assert_eq!(
+            out.status.code(),
+            Some(5),
+            "{https}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
