@@ -1215,6 +1215,11 @@ fn encrypted_repository_with_key_files_through_the_binary() {
     assert_eq!(added["slot"]["kind"], "key-file");
     let shared = with_file(&k1).json(&["key", "add", "--new-key-file", k_other.to_str().unwrap()]);
     assert_eq!(shared["kind"], "key-file");
+    fails(
+        &with_file(&k1).cmd(&["key", "add", "--new-key-file", k_other.to_str().unwrap()]),
+        6,
+        "already opens this repository",
+    );
     let mut adder = with_file(&k1);
     adder
         .env

@@ -747,6 +747,18 @@ async fn key_files_open_a_repository_and_a_wrong_one_changes_nothing() {
         .await
         .unwrap();
 
+    // A key file that already opens it is not added twice.
+    let e = by_file
+        .add_key_file(&kf, Timestamp::from_unix_secs(1_999))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, RepoError::KeyFileAlreadyAdded { slot, .. } if *slot == file_slot.id),
+        "{e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(by_file.list_keys().await.unwrap().len(), 2);
+
     // Rotation to a new key file: add it, drop the password and the old file with it.
     let new_kf = KeyFile::generate().unwrap();
     let added = by_file

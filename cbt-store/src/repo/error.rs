@@ -239,6 +239,14 @@ pub enum RepoError {
         /// Slots skipped as damaged or out of bounds (`id: reason`, escaped).
         invalid: Vec<String>,
     },
+    /// The key file being added already opens the repository.
+    #[error("key file {key_file_id} already opens this repository (key slot {slot})")]
+    KeyFileAlreadyAdded {
+        /// Id of the key file.
+        key_file_id: String,
+        /// The slot made for it.
+        slot: String,
+    },
     /// The repository is encrypted but holds no key slot at all.
     #[error(
         "the repository is encrypted but has no key slot (`keys/` is empty): it cannot be opened with a password"
@@ -370,6 +378,7 @@ impl RepoError {
             | RepoError::ChunkCorrupt { .. } => ErrorKind::Integrity,
             RepoError::RestoreIncomplete { source, .. } => source.kind(),
             RepoError::Locked { .. }
+            | RepoError::KeyFileAlreadyAdded { .. }
             | RepoError::LockInUse { .. }
             | RepoError::LockLost { .. }
             | RepoError::SnapshotExists { .. }

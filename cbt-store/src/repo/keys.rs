@@ -306,6 +306,7 @@ impl Repository {
     ///
     /// # Errors
     /// [`RepoError::NotEncrypted`]; [`RepoError::Locked`] while another key change runs;
+    /// [`RepoError::KeyFileAlreadyAdded`] for a key file that already has a slot;
     /// [`RepoError::TooManyKeySlots`] at [`MAX_KEY_SLOTS`]; [`RepoError::Crypto`] for KDF
     /// parameters out of bounds; store errors.
     pub async fn add_key_slot(&self, new: NewKey<'_>, now: Timestamp) -> Result<KeySlotInfo> {
@@ -315,7 +316,20 @@ impl Repository {
         }
         let lock = self.lock_keys("key add", now).await?;
         let result = async {
-            let count = slot_ids(self.store.as_ref()).await?.len();
+            let ids = slot_ids(self.store.as_ref()).await?;
+            let count = ids.len();
+            if let NewKey::KeyFile(f) = new {
+                for id in ids {
+                    if let Ok(Ok(slot)) = read_slot(self.store.as_ref(), &id).await
+                        && slot.key_file_id.as_deref() == Some(f.id())
+                    {
+                        return Err(RepoError::KeyFileAlreadyAdded {
+                            key_file_id: f.id().to_string(),
+                            slot: id,
+                        });
+                    }
+                }
+            }
             if count >= MAX_KEY_SLOTS {
                 return Err(RepoError::TooManyKeySlots {
                     count: count + 1,
