@@ -254,7 +254,7 @@ async fn run(cli: Cli, ctx: Ctx) -> Result<(), CliError> {
         Command::Metadata(cmd) => metadata_cmd::run_metadata(&ctx, cmd).await,
         Command::ServeMetadata(args) => metadata_cmd::run_serve_metadata(args).await,
         Command::Doctor(args) => commands::doctor::run(&ctx, &args).await,
-        Command::Mover(args) => commands::k8s::mover(&args).await,
+        Command::Mover(args) => commands::k8s::mover(&args, ctx.key_file.as_deref()).await,
         Command::Replication(cmd) => commands::replication::run(&ctx, cmd).await,
     }
 }

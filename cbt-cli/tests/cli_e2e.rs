@@ -30,6 +30,8 @@ impl Cbt {
             "CBT_NEW_PASSWORD",
             "CBT_NEW_PASSWORD_FILE",
             "CBT_KEY_FILE",
+            "CBT_MOVER_KEY_FILE",
+            "CBT_MOVER_SPEC",
         ] {
             c.env_remove(var);
         }
@@ -1291,6 +1293,55 @@ fn encrypted_repository_with_key_files_through_the_binary() {
             .unwrap()
             .len(),
         1
+    );
+
+    // The data mover takes the key file's contents from its Job (CBT_MOVER_KEY_FILE, from the
+    // Secret) or a key file path like every command; both at once is refused.
+    let device = work.path().join("device.img");
+    std::fs::write(&device, vec![0u8; IMAGE_SIZE]).unwrap();
+    let spec = serde_json::json!({
+        "version": 1,
+        "repo": format!("file://{}", repo_dir.display()),
+        "device": device.display().to_string(),
+        "task": {"op": "restore", "volume": "v", "snapshot": "s1"},
+    })
+    .to_string();
+    let mover = |extra: Vec<String>, env: Vec<(&'static str, String)>| {
+        let mut env = env;
+        env.push(("CBT_MOVER_SPEC", spec.clone()));
+        at(&repo_dir, extra, env).cmd(&["mover"])
+    };
+    let k2_text = std::fs::read_to_string(&k2).unwrap();
+    let out = mover(vec![], vec![("CBT_MOVER_KEY_FILE", k2_text.clone())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&device).unwrap() == std::fs::read(&image).unwrap());
+    std::fs::write(&device, vec![0u8; IMAGE_SIZE]).unwrap();
+    let out = mover(vec!["--key-file".into(), k2.display().to_string()], vec![]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::fs::read(&device).unwrap() == std::fs::read(&image).unwrap());
+    fails(
+        &mover(
+            vec!["--key-file".into(), k2.display().to_string()],
+            vec![("CBT_MOVER_KEY_FILE", k2_text)],
+        ),
+        5,
+        "set only one",
+    );
+    fails(
+        &mover(
+            vec![],
+            vec![("CBT_MOVER_KEY_FILE", "not a key file".into())],
+        ),
+        5,
+        "is not a key file",
     );
 }
 

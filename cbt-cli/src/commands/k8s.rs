@@ -524,13 +524,25 @@ pub struct MoverArgs {
 }
 
 /// The key of an encrypted repository, from the Job's Secret: the password as CBT_PASSWORD,
-/// or the key file's contents as [`cbt_k8s::pvc_backup::objects::KEY_FILE_ENV`].
-fn mover_key() -> Result<Option<cbt_store::repo::RepoKey>, CliError> {
+/// or the key file's contents as [`cbt_k8s::pvc_backup::objects::KEY_FILE_ENV`]; outside a
+/// Job, a key file named by `--key-file` / CBT_KEY_FILE works too.
+fn mover_key(
+    key_file_path: Option<&std::path::Path>,
+) -> Result<Option<cbt_store::repo::RepoKey>, CliError> {
     use cbt_k8s::pvc_backup::objects::{KEY_FILE_ENV, KEY_FILE_SECRET_KEY};
     let password = crate::password_from("CBT_PASSWORD", None, "")?;
-    let key_file = match std::env::var_os(KEY_FILE_ENV) {
-        None => None,
-        Some(text) => Some(
+    let key_file = match (std::env::var_os(KEY_FILE_ENV), key_file_path) {
+        (Some(_), Some(_)) => {
+            return Err(CliError::config(format!(
+                "both {KEY_FILE_ENV} and --key-file (CBT_KEY_FILE) are set; set only one"
+            )));
+        }
+        (None, Some(path)) => Some(
+            cbt_store::crypto::KeyFile::from_file(path)
+                .map_err(cbt_store::repo::RepoError::from)?,
+        ),
+        (None, None) => None,
+        (Some(text), None) => Some(
             cbt_store::crypto::KeyFile::parse(text.as_encoded_bytes()).map_err(|e| {
                 CliError::config(format!(
                     "the Secret's {KEY_FILE_SECRET_KEY} is not a key file: {e}"
@@ -552,9 +564,9 @@ fn mover_key() -> Result<Option<cbt_store::repo::RepoKey>, CliError> {
 }
 
 /// Runs the mover and reports; the exit code follows the error class.
-pub async fn mover(args: &MoverArgs) -> Result<(), CliError> {
+pub async fn mover(args: &MoverArgs, key_file: Option<&std::path::Path>) -> Result<(), CliError> {
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
-    let key = mover_key()?;
+    let key = mover_key(key_file)?;
     let result = match cbt_k8s::mover::spec_from_env() {
         Ok(spec) => cbt_k8s::mover::run_with_key(&spec, key.as_ref(), now).await,
         Err(e) => Err(e),
