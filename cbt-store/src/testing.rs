@@ -434,7 +434,7 @@ impl SeaweedServer {
         cfg
     }
 
-    /// Waits (up to 60 s) until the S3 gateway answers, then creates `bucket`.
+    /// Waits (up to 180 s: a loaded 2-core CI machine has taken more than 60) until the S3 gateway answers, then creates `bucket`.
     ///
     /// # Errors
     /// [`StoreError::Unreachable`] if SeaweedFS does not come up in time.
@@ -442,7 +442,7 @@ impl SeaweedServer {
         let mut cfg = self.config(bucket, "");
         cfg.check_on_connect = false;
         let s3 = S3Store::connect(cfg).await?;
-        for _ in 0..120 {
+        for _ in 0..360 {
             let created = s3
                 .client()
                 .create_bucket()
@@ -465,7 +465,7 @@ impl SeaweedServer {
         }
         Err(StoreError::Unreachable {
             endpoint: self.endpoint(),
-            message: "SeaweedFS did not become ready within 60 s".into(),
+            message: "SeaweedFS did not become ready within 180 s".into(),
         })
     }
 
