@@ -53,10 +53,11 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     );
     // Only the 3 mutated chunks are new: they alone are checked and uploaded.
     assert_eq!(out.stats.objects_written, 3);
-    // Puts: the lock, 3 chunks, the manifest. Heads: the name check, the 3 new chunks and,
-    // before the commit, the parent's manifest; the unchanged chunks are vouched for by the
-    // parent, whose existence is checked once instead of each of its chunks.
-    assert_eq!(faulty.calls(Op::Put), 5, "{:?}", faulty.call_counts());
+    // Puts: the lock, 3 chunks, the manifest's one map segment and its head. Heads: the name
+    // check, the 3 new chunks and, before the commit, the parent's manifest; the unchanged
+    // chunks are vouched for by the parent, whose existence is checked once instead of each of
+    // its chunks.
+    assert_eq!(faulty.calls(Op::Put), 6, "{:?}", faulty.call_counts());
     assert!(out.manifest.chunks.stored_count() > 10);
     assert_eq!(faulty.calls(Op::Head), 5, "{:?}", faulty.call_counts());
     assert_eq!(out.stats.bytes_changed, 3 * CS);

@@ -448,8 +448,8 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     .unwrap();
     assert_eq!(
         counting.calls(Op::Get),
-        4,
-        "the manifest, the lock's check for an exclusive holder, one chunk download and the \
+        5,
+        "the manifest head, its one map segment, the lock's check for an exclusive holder, one chunk download and the \
          lock read back before it is released (only our own lock is deleted)"
     );
     assert_eq!(r.chunks, 8);

@@ -23,12 +23,14 @@ use engine_support::*;
 const SIZE: usize = 12 * CS as usize;
 
 /// The JSON inside a stored manifest object.
-async fn manifest_json(store: &dyn ObjectStore, volume: &str, snapshot: &str) -> serde_json::Value {
-    let body = store
-        .get(&manifest_key(&vol(volume), &snap(snapshot)))
+/// The manifest in its format-1 (single JSON document) form, which every build still reads:
+/// tampering with it is how these tests forge hostile manifests.
+async fn manifest_json(repo: &Repository, volume: &str, snapshot: &str) -> serde_json::Value {
+    let m = repo
+        .load_manifest(&vol(volume), &snap(snapshot))
         .await
         .unwrap();
-    serde_json::from_slice(&zstd::stream::decode_all(&body[5..]).unwrap()).unwrap()
+    serde_json::from_slice(&m.to_json().unwrap()).unwrap()
 }
 
 /// Writes `json` back as the manifest object, framed exactly as the writer frames it.
@@ -90,7 +92,7 @@ async fn a_hash_recorded_with_two_lengths_is_refused_and_nothing_is_written_past
         .min_by_key(|(_, r)| r.stored_size)
         .unwrap();
     assert!(full_chunk.stored_size < 1000);
-    let mut json = manifest_json(fx.store.as_ref(), "v", "s").await;
+    let mut json = manifest_json(&fx.repo, "v", "s").await;
     let chunks = json["chunks"].as_array_mut().unwrap();
     chunks.retain(|c| c[0] != last);
     chunks.push(serde_json::json!([
@@ -155,7 +157,7 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
         .await
         .unwrap();
     let (index, r) = s2.manifest.chunks.iter_stored().next().unwrap();
-    let mut json = manifest_json(fx.store.as_ref(), "v", "s2").await;
+    let mut json = manifest_json(&fx.repo, "v", "s2").await;
     // Consistently wrong within s2 (every index holding this chunk), so s2 alone is valid.
     for c in json["chunks"].as_array_mut().unwrap() {
         if c[1] == serde_json::json!(r.hash) {

@@ -75,13 +75,14 @@ mod error;
 mod keys;
 pub mod lock;
 mod maintenance;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use cbt_core::gc::StoredChunk;
-use cbt_core::manifest::{BackupStats, ParentRef, SourceInfo};
+use cbt_core::manifest::{BackupStats, MapLocation, ParentRef, SourceInfo, StoredManifest};
 use cbt_core::ranges::{DEFAULT_CHUNK_SIZE, validate_chunk_size};
 use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
 use futures::{StreamExt, TryStreamExt};
@@ -90,6 +91,7 @@ use serde::{Deserialize, Serialize};
 pub use codec::Codec;
 pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
+pub use tree::{MetadataWritten, SEGMENT_BATCH, segment_key};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
     DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
@@ -429,16 +431,32 @@ impl Repository {
             .map_err(|e| RepoError::store(format!("checking snapshot {volume}/{snapshot}"), e))
     }
 
-    /// Reads and decodes a snapshot's manifest.
+    /// Reads and decodes a snapshot's manifest, with its whole chunk map (the segments of a
+    /// format-2 manifest are read and validated; memory follows the map).
     ///
     /// # Errors
     /// [`RepoError::SnapshotNotFound`]; [`RepoError::Manifest`] for an unreadable or
-    /// future-version manifest; [`RepoError::ManifestFraming`]; store errors.
+    /// future-version manifest or segment; [`RepoError::ManifestFraming`]; store errors.
     pub async fn load_manifest(
         &self,
         volume: &VolumeName,
         snapshot: &SnapshotName,
     ) -> Result<Manifest> {
+        match self.load_stored(volume, snapshot).await? {
+            StoredManifest::V1(m) => Ok(m),
+            StoredManifest::V2(head) => self.load_tree_manifest(head).await,
+        }
+    }
+
+    /// Reads a snapshot's manifest object: a whole format-1 manifest or a format-2 head.
+    ///
+    /// # Errors
+    /// As [`Repository::load_manifest`], except that no segment is read.
+    pub async fn load_stored(
+        &self,
+        volume: &VolumeName,
+        snapshot: &SnapshotName,
+    ) -> Result<StoredManifest> {
         let key = manifest_key(volume, snapshot);
         let body = match self.store.get_bounded(&key, MAX_MANIFEST_OBJECT_LEN).await {
             Ok(b) => b,
@@ -451,17 +469,23 @@ impl Repository {
             Err(e) => return Err(RepoError::store(format!("reading manifest {key}"), e)),
         };
         let body = self.codec.open_object(ObjectKind::Manifest, &key, body)?;
-        let m = decode_manifest(&key, &body)?;
-        if &m.volume != volume || &m.snapshot != snapshot {
+        let m = decode_stored_manifest(&key, &body)?;
+        let (v, s) = match &m {
+            StoredManifest::V1(m) => (&m.volume, &m.snapshot),
+            StoredManifest::V2(h) => (&h.volume, &h.snapshot),
+        };
+        if v != volume || s != snapshot {
             return Err(RepoError::ManifestFraming {
                 key,
-                reason: format!("it describes {}/{}", m.volume, m.snapshot),
+                reason: format!("it describes {v}/{s}"),
             });
         }
         Ok(m)
     }
 
-    /// Commits a manifest, making the snapshot visible.
+    /// Commits a manifest in format 2, making the snapshot visible: its map is written as a
+    /// segment tree (segments already stored, e.g. shared with a parent, are not written
+    /// again), then the head. Returns the metadata written.
     ///
     /// # Errors
     /// [`RepoError::SnapshotExists`] if the name is taken; store errors.
@@ -473,38 +497,12 @@ impl Repository {
     /// found stored, and re-check under it that any parent it was derived from still exists
     /// with the same id: otherwise a GC may remove referenced chunks in between.
     /// [`crate::engine::backup`] does all this.
-    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
-        let key = manifest_key(&manifest.volume, &manifest.snapshot);
-        let body =
-            self.codec
-                .seal_object(ObjectKind::Manifest, &key, encode_manifest(manifest)?)?;
-        // Chunks are put with deferred durability; they must be on disk before the manifest
-        // that references them can be.
-        self.store
-            .sync()
-            .await
-            .map_err(|e| RepoError::store(format!("syncing chunks before manifest {key}"), e))?;
-        match self
-            .store
-            .put(&key, body, PutMode::IfAbsent)
-            .await
-            .map_err(|e| RepoError::store(format!("writing manifest {key}"), e))?
-        {
-            PutOutcome::Created => Ok(()),
-            PutOutcome::AlreadyExists => {
-                // A retried write whose first attempt landed finds its own manifest.
-                let existing = self
-                    .load_manifest(&manifest.volume, &manifest.snapshot)
-                    .await;
-                match existing {
-                    Ok(m) if m.snapshot_id == manifest.snapshot_id => Ok(()),
-                    _ => Err(RepoError::SnapshotExists {
-                        volume: manifest.volume.to_string(),
-                        snapshot: manifest.snapshot.to_string(),
-                    }),
-                }
-            }
-        }
+    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<MetadataWritten> {
+        let (root, mut written) = self.write_tree(manifest).await?;
+        let mut head = manifest.head();
+        head.map = MapLocation::Tree { root };
+        written.head_bytes = self.commit_head(&head).await?;
+        Ok(written)
     }
 
     /// Volumes that have at least one snapshot.
@@ -925,9 +923,9 @@ pub struct ChunkContext<'a> {
     pub offset: u64,
 }
 
-fn encode_manifest(m: &Manifest) -> Result<Bytes> {
-    let json = m.to_json()?;
-    let z = zstd::bulk::compress(&json, 3).map_err(|e| RepoError::Internal {
+/// Frames a manifest document for storage: `CBMF`, encoding byte 1, zstd(JSON).
+pub(crate) fn frame_manifest_json(json: &[u8]) -> Result<Bytes> {
+    let z = zstd::bulk::compress(json, 3).map_err(|e| RepoError::Internal {
         message: format!("compressing manifest: {e}"),
     })?;
     let mut body = Vec::with_capacity(z.len() + 5);
@@ -951,6 +949,23 @@ const MANIFEST_WINDOW_LOG_MAX: u32 = 24;
 /// [`RepoError::UnsupportedObject`] for an unknown encoding; [`RepoError::Manifest`] for
 /// anything the manifest decoder or [`Manifest::validate`] rejects.
 pub fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
+    match decode_stored_manifest(key, body)? {
+        StoredManifest::V1(m) => Ok(m),
+        StoredManifest::V2(_) => Err(RepoError::Manifest {
+            key: key.to_string(),
+            source: cbt_core::CoreError::ManifestDecode {
+                message: "a format-2 head: its chunk map is in segments".into(),
+            },
+        }),
+    }
+}
+
+/// Decodes a manifest object of either format (a whole format-1 manifest, or a format-2
+/// head whose segments are not read), as [`decode_manifest`] does.
+///
+/// # Errors
+/// As [`decode_manifest`].
+pub fn decode_stored_manifest(key: &str, body: &[u8]) -> Result<StoredManifest> {
     let framing = |reason: String| RepoError::ManifestFraming {
         key: key.to_string(),
         reason,
@@ -974,7 +989,7 @@ pub fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
     decoder
         .window_log_max(MANIFEST_WINDOW_LOG_MAX)
         .map_err(|e| framing(format!("cannot decompress: {e}")))?;
-    Manifest::from_json_reader(decoder).map_err(|source| RepoError::Manifest {
+    cbt_core::manifest::decode_json_reader(decoder).map_err(|source| RepoError::Manifest {
         key: key.to_string(),
         source,
     })
