@@ -70,7 +70,7 @@ async fn killed_backup_leaves_nothing_visible_and_resumes_without_reupload() {
     )
     .await
     .unwrap();
-    let unique = out.manifest.chunks.unique_chunks().len() as u64;
+    let unique = out.manifest.as_ref().unwrap().chunks.unique_chunks().len() as u64;
     assert_eq!(out.stats.objects_written + 5, unique);
     // Every put of the resumed run: the uploaded chunks, the lock, the manifest's one map
     // segment and its head.

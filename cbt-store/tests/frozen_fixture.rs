@@ -353,7 +353,7 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str) {
         let done = engine::backup(repo, src, req, &EngineOptions::default())
             .await
             .unwrap();
-        let m = &done.manifest;
+        let m = done.manifest.as_ref().unwrap();
         expected.snapshots.push(ExpectedSnapshot {
             volume: volume.to_string(),
             snapshot: name.to_string(),
@@ -366,7 +366,7 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str) {
             labels: m.labels.clone(),
             image_blake3: blake3_hex(img),
         });
-        parent = Some(done.manifest);
+        parent = Some(done.manifest.unwrap());
     }
     std::fs::remove_dir_all(root.join(".cbt-tmp")).unwrap();
     expected.files = file_sums(&root);

@@ -76,8 +76,9 @@
 //! let full = engine::backup(&repo, source.clone(), request("mon", BackupMode::Full { allocated: None })?, &opts).await?;
 //! // Ranges changed since "mon", e.g. from CSI GetMetadataDelta as (offset, length) pairs.
 //! let changed = RangeSet::try_from_extents([(0, 4096), (1 << 30, 65536)])?;
-//! let parent = Box::new(full.manifest);
-//! engine::backup(&repo, source, request("tue", BackupMode::Incremental { parent, changed })?, &opts).await?;
+//! // Reads only the parent's head and the map segments the change touches.
+//! let parent = full.head.as_parent();
+//! engine::backup(&repo, source, request("tue", BackupMode::IncrementalOf { parent, changed })?, &opts).await?;
 //! engine::restore(&repo, &volume, &SnapshotName::new("tue")?, "/tmp/db.img".as_ref(),
 //!     &RestoreOptions::default(), &opts).await?;
 //! # Ok(())
@@ -94,7 +95,7 @@ use std::sync::Arc;
 #[cfg(feature = "csi")]
 pub mod cbt;
 
-pub use backup::{BackupMode, BackupOutcome, BackupRequest, backup};
+pub use backup::{BackupMode, BackupOutcome, BackupRequest, MetadataIo, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
 pub use source::{BlockSource, FileSource};
 pub use verify_target::{TargetVerifyReport, verify_target};

@@ -27,9 +27,9 @@ use super::{
     ChunkContext, RepoError, RepoLock, Repository, Result, SnapshotSummary, manifest_key,
     segment_key, stored_chunks,
 };
+use crate::chunk;
 use cbt_core::manifest::{MapLocation, StoredManifest};
 use cbt_core::maptree::{Segment, TreeShape};
-use crate::chunk;
 
 /// What makes two chunk references the same check for `verify --read-data`.
 type RefKey = (ChunkHash, u64, u32, u64);

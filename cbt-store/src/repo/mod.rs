@@ -91,12 +91,12 @@ use serde::{Deserialize, Serialize};
 pub use codec::Codec;
 pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, RepoKey};
-pub use tree::{MetadataWritten, SEGMENT_BATCH, segment_key};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
     DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
     SnapshotStatus, VerifyOptions, VerifyProblem, VerifyReport,
 };
+pub use tree::{MetadataWritten, SEGMENT_BATCH, segment_key};
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
 use crate::crypto::ObjectKind;
@@ -498,11 +498,25 @@ impl Repository {
     /// with the same id: otherwise a GC may remove referenced chunks in between.
     /// [`crate::engine::backup`] does all this.
     pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<MetadataWritten> {
-        let (root, mut written) = self.write_tree(manifest).await?;
+        self.commit_manifest_head(manifest).await.map(|(_, w)| w)
+    }
+
+    /// [`Repository::commit_manifest`], also returning the head as committed.
+    ///
+    /// # Errors
+    /// As [`Repository::commit_manifest`].
+    pub async fn commit_manifest_head(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<(cbt_core::manifest::ManifestHead, MetadataWritten)> {
         let mut head = manifest.head();
+        // Refused before anything is written, like every other invalid manifest.
+        head.map = MapLocation::Tree { root: None };
+        head.to_json()?;
+        let (root, mut written) = self.write_tree(manifest).await?;
         head.map = MapLocation::Tree { root };
         written.head_bytes = self.commit_head(&head).await?;
-        Ok(written)
+        Ok((head, written))
     }
 
     /// Volumes that have at least one snapshot.
@@ -564,6 +578,23 @@ impl Repository {
         let keys = self.manifest_keys(volume).await?;
         futures::stream::iter(keys)
             .map(|(v, s)| async move { self.load_manifest(&v, &s).await })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// The heads of every snapshot (optionally of one volume): metadata without maps, so a
+    /// format-2 repository reads one small object per snapshot.
+    ///
+    /// # Errors
+    /// The first unreadable manifest, with its key; store errors.
+    pub async fn load_heads(
+        &self,
+        volume: Option<&VolumeName>,
+    ) -> Result<Vec<cbt_core::manifest::ManifestHead>> {
+        let keys = self.manifest_keys(volume).await?;
+        futures::stream::iter(keys)
+            .map(|(v, s)| async move { self.load_head(&v, &s).await })
             .buffered(LIST_CONCURRENCY)
             .try_collect()
             .await
