@@ -53,7 +53,8 @@
 //!   same segments), plus a head of a few hundred bytes (at most
 //!   [`crate::manifest::MAX_HEAD_JSON`]). Both under the 2 MB budget, and independent of the
 //!   volume size except through the depth (one more node per path per 128× growth).
-//!   [`max_incremental_metadata`] is the bound as code (one full segment per level per leaf).
+//!   [`max_incremental_segment_bytes`] is the bound as code (one full segment per level per
+//!   leaf).
 //!
 //! # Trust
 //! Segments come from storage and are hostile until checked: [`decode_segment`] is given the
@@ -174,15 +175,13 @@ impl TreeShape {
     }
 }
 
-/// Upper bound of the metadata an incremental writes (and reads from its parent) when its
-/// changes touch `touched_leaves` leaves: one leaf and one node per level for each, the root,
-/// and a head. The bound of the module docs, as code.
-pub fn max_incremental_metadata(shape: &TreeShape, touched_leaves: u64) -> u64 {
+/// Upper bound of the segment bytes an incremental writes (and reads from its parent) when
+/// its changes touch `touched_leaves` leaves: one full segment per level on each path (the
+/// bound of the module docs, as code). The head adds its own size (at most
+/// [`crate::manifest::MAX_HEAD_JSON`], a few hundred bytes without long labels).
+pub fn max_incremental_segment_bytes(shape: &TreeShape, touched_leaves: u64) -> u64 {
     let per_leaf = MAX_SEGMENT_LEN.saturating_mul(u64::from(shape.root_level()) + 1);
-    touched_leaves
-        .saturating_mul(per_leaf)
-        .saturating_add(MAX_SEGMENT_LEN)
-        .saturating_add(crate::manifest::MAX_HEAD_JSON)
+    touched_leaves.saturating_mul(per_leaf)
 }
 
 /// One decoded segment.
@@ -955,8 +954,8 @@ mod tests {
         assert_eq!(loaded.leaves.len(), 4);
         let (new_root, new) = derive_tree(&shape, root, &loaded, &changes, &namer).unwrap();
         let written: usize = new.iter().map(|s| s.bytes.len()).sum();
-        assert!(written as u64 <= max_incremental_metadata(&shape, 5));
-        assert!(loaded_bytes as u64 <= max_incremental_metadata(&shape, 5));
+        assert!(written as u64 <= max_incremental_segment_bytes(&shape, 5));
+        assert!(loaded_bytes as u64 <= max_incremental_segment_bytes(&shape, 5));
         for s in new {
             store.insert(s.seg.name, (s.pos, s.bytes));
         }
