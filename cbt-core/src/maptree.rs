@@ -360,8 +360,8 @@ pub fn decode_segment(
         let mut entries = Vec::with_capacity(count as usize);
         for _ in 0..count {
             let slot = slot_of(&mut r)?;
-            // `first` is a multiple of LEAF_SPAN below the chunk count, so this cannot overflow.
-            let index = first + slot;
+            // Checked: the position is the caller's, and a caller may be wrong too.
+            let index = first.checked_add(slot).unwrap_or(u64::MAX);
             if index >= chunk_count {
                 return Err(bad(format!(
                     "chunk index {index} past the volume's {chunk_count} chunks"
