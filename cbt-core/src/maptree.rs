@@ -361,7 +361,7 @@ pub fn decode_segment(
         for _ in 0..count {
             let slot = slot_of(&mut r)?;
             // Checked: the position is the caller's, and a caller may be wrong too.
-            let index = first.checked_add(slot).unwrap_or(u64::MAX);
+            let index = first.saturating_add(slot);
             if index >= chunk_count {
                 return Err(bad(format!(
                     "chunk index {index} past the volume's {chunk_count} chunks"
@@ -446,6 +446,9 @@ pub fn decode_segment(
     Ok(seg)
 }
 
+/// A node being filled by [`TreeWriter`]: its position and the children so far.
+type OpenNode = (SegmentPos, Vec<(SegmentPos, SegmentRef)>);
+
 /// Builds the segment tree of a chunk map from its stored chunks in ascending index order,
 /// holding one open segment per level (at most `(root level + 1) · 128` entries) whatever the
 /// volume size. Finished segments are handed out by [`TreeWriter::take_finished`].
@@ -454,7 +457,7 @@ pub struct TreeWriter<'a> {
     namer: &'a (dyn Fn(&[u8]) -> ChunkHash + Sync),
     leaf: Option<(SegmentPos, Vec<(u64, ChunkRef)>)>,
     /// `nodes[l - 1]`: the open node of level `l`.
-    nodes: Vec<Option<(SegmentPos, Vec<(SegmentPos, SegmentRef)>)>>,
+    nodes: Vec<Option<OpenNode>>,
     last: Option<u64>,
     root: Option<SegmentRef>,
     finished: Vec<EncodedSegment>,
@@ -807,14 +810,11 @@ mod tests {
         }
     }
 
+    /// Stored segments by name, as a repository would hold them.
+    type SegmentStore = BTreeMap<ChunkHash, (SegmentPos, Vec<u8>)>;
+
     /// Writes a full tree and reads it back through `decode_segment` from the root.
-    fn build(
-        g: ChunkGeometry,
-        indices: &[u64],
-    ) -> (
-        Option<SegmentRef>,
-        BTreeMap<ChunkHash, (SegmentPos, Vec<u8>)>,
-    ) {
+    fn build(g: ChunkGeometry, indices: &[u64]) -> (Option<SegmentRef>, SegmentStore) {
         let shape = TreeShape::new(g);
         let mut w = TreeWriter::new(shape, &namer);
         let mut all = BTreeMap::new();
@@ -831,11 +831,7 @@ mod tests {
         (root, all)
     }
 
-    fn read_all(
-        shape: &TreeShape,
-        root: Option<SegmentRef>,
-        store: &BTreeMap<ChunkHash, (SegmentPos, Vec<u8>)>,
-    ) -> Vec<u64> {
+    fn read_all(shape: &TreeShape, root: Option<SegmentRef>, store: &SegmentStore) -> Vec<u64> {
         let mut out = Vec::new();
         let mut stack = root
             .map(|r| (shape.root_pos(), r))
