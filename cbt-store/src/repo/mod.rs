@@ -7,7 +7,11 @@
 //! ```text
 //! config                           repository config (JSON): format version, id, chunk size
 //! chunks/<hh>/<blake3 hex>         chunk objects (format in crate::chunk), content addressed
-//! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON manifest)
+//! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON): a format-2
+//!                                  head (metadata + root of the map's segment tree), or a
+//!                                  whole format-1 manifest (still read, no longer written)
+//! segments/<hh>/<name>             format-2 map segments (binary, see cbt_core::maptree),
+//!                                  named by the hash of their bytes, shared between snapshots
 //! locks/exclusive                  held by prune / gc
 //! locks/shared/<lock id>           one per running backup (and restore, when it may write)
 //! .cbt-probe/<id>                  S3 only: the connect-time conditional-write probe, deleted
@@ -17,8 +21,8 @@
 //! # Encryption
 //! A repository created with [`Repository::init_encrypted`] (config version
 //! [`ENCRYPTED_REPO_FORMAT_VERSION`], so older builds refuse it instead of writing into it in
-//! the clear) seals every chunk and manifest object ([`Codec`], [`crate::crypto`]) and names
-//! chunks by a keyed hash. The config stays readable (it carries no key material, only the
+//! the clear) seals every chunk, manifest and segment object ([`Codec`], [`crate::crypto`]) and
+//! names chunks and segments by a keyed hash. The config stays readable (it carries no key material, only the
 //! scheme and the key id). Open it with [`Repository::open_with_key`]; [`Repository::open`]
 //! refuses with [`RepoError::KeyRequired`], and `open_with_key` refuses an unencrypted
 //! repository ([`RepoError::NotEncrypted`]). Passwords are managed with
@@ -35,16 +39,20 @@
 //! Everything read back is treated as hostile input. Every read is bounded by a size known
 //! before the read ([`ObjectStore::get_bounded`]): the config and lock objects by
 //! [`MAX_CONFIG_LEN`] and [`lock::MAX_LOCK_LEN`], a manifest object by
-//! [`MAX_MANIFEST_OBJECT_LEN`] and its decompressed JSON by the geometry it declares
-//! ([`Manifest::from_json_reader`]), a chunk object by the stored size its manifest records
+//! [`MAX_MANIFEST_OBJECT_LEN`] and its decompressed JSON by the version and geometry it
+//! declares ([`cbt_core::manifest::decode_json_reader`]: a format-2 head by
+//! [`cbt_core::manifest::MAX_HEAD_JSON`]), a segment by the length its parent records (at
+//! most [`cbt_core::maptree::MAX_SEGMENT_LEN`], then checked against its name and position),
+//! a chunk object by the stored size its manifest records
 //! (itself bounded by the chunk's raw length, see [`cbt_core::Manifest::validate`]).
 //! Decompression never produces more than that bound: a few KiB that would inflate to
 //! gigabytes are an error naming the object. Every manifest is validated before use, so
 //! nothing downstream (restore, verify, GC) acts on an inconsistent one.
 //!
 //! # Guarantees
-//! * A snapshot is visible only once its manifest exists; the manifest is written last, with
-//!   `IfAbsent`, after every chunk it references has landed. Snapshots are never overwritten.
+//! * A snapshot is visible only once its manifest exists; the manifest (head) is written last,
+//!   with `IfAbsent`, after every chunk and segment it references has landed. Snapshots are
+//!   never overwritten; segments, like chunks, are immutable and shared by name.
 //! * Chunks are immutable and written with `IfAbsent`: a chunk already stored is never
 //!   uploaded again, so an interrupted backup resumes by re-reading but not re-uploading.
 //! * Locking (see [`lock`]): backups hold a shared lock, prune/GC an exclusive one. GC refuses
