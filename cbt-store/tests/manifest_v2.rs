@@ -215,3 +215,67 @@ async fn missing_or_damaged_segments_are_integrity_errors_in_verify_and_restore(
     );
     assert_eq!(segment_keys(fx.store.as_ref()).await.len(), before);
 }
+
+/// In an encrypted repository segments are sealed and named by a keyed hash: the store sees
+/// neither the map's plain bytes nor names it could recompute, and a lean incremental works
+/// the same way.
+#[tokio::test]
+async fn encrypted_segments_are_sealed_and_keyed() {
+    use cbt_store::crypto::{KdfParams, Password};
+    let fx = Fixture::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store: std::sync::Arc<dyn ObjectStore> =
+        std::sync::Arc::new(cbt_store::store::LocalStore::new(dir.path()).unwrap());
+    let repo = cbt_store::repo::Repository::init_encrypted(
+        store.clone(),
+        cbt_store::repo::InitOptions {
+            chunk_size: Some(CS),
+            now: Timestamp::from_unix_secs(1),
+        },
+        &Password::new("segment secrets").unwrap(),
+        KdfParams {
+            memory_kib: 256,
+            iterations: 1,
+            parallelism: 1,
+        },
+    )
+    .await
+    .unwrap();
+    let img = image(SIZE, 22);
+    let path = fx.write("e.img", &img);
+    let a = backup_file(&repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    let mut next = img.clone();
+    next[SIZE - 50..SIZE - 40].copy_from_slice(b"0123456789");
+    std::fs::write(&path, &next).unwrap();
+    let mode = BackupMode::IncrementalOf {
+        parent: a.head.as_parent(),
+        changed: cbt_core::RangeSet::try_from_extents([((SIZE - 50) as u64, 10)]).unwrap(),
+    };
+    let b = backup_file(&repo, &path, request("v", "b", mode, 20))
+        .await
+        .unwrap();
+    assert_eq!(b.metadata.written.segments, 2);
+    for key in segment_keys(store.as_ref()).await {
+        let body = store.get(&key).await.unwrap();
+        assert!(
+            !body.windows(4).any(|w| w == b"CBTS"),
+            "{key} is not sealed"
+        );
+        let name = key.rsplit('/').next().unwrap();
+        assert_ne!(name, cbt_store::chunk::hash_raw(&body).to_hex());
+    }
+    let target = fx.path("e-restored.img");
+    engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("b"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), next);
+}
