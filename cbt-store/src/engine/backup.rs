@@ -32,7 +32,11 @@ pub enum BackupMode {
         allocated: Option<RangeSet>,
     },
     /// Read only the chunks touched by `changed` (CSI `GetMetadataDelta` against the parent's
-    /// snapshot); every other chunk keeps the parent's state.
+    /// snapshot); every other chunk keeps the parent's state. The caller holds the parent's
+    /// whole map, and the engine reads the stored parent whole to check it is the same; the
+    /// outcome carries the child's whole map. Prefer [`BackupMode::IncrementalOf`], whose
+    /// metadata cost follows the change (both write only the changed segments of a format-2
+    /// parent).
     Incremental {
         /// The snapshot this one is based on.
         parent: Box<Manifest>,
