@@ -244,8 +244,8 @@ async fn run(size: u64) -> Res<()> {
         BackupRequest {
             volume: volume.clone(),
             snapshot: SnapshotName::new("incr")?,
-            mode: BackupMode::Incremental {
-                parent: Box::new(full.manifest.clone()),
+            mode: BackupMode::IncrementalOf {
+                parent: full.head.as_parent(),
                 changed,
             },
             created: Timestamp::from_unix_secs(3),

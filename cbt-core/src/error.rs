@@ -213,6 +213,27 @@ pub enum CoreError {
         /// Chunk count the limit was derived from, once the geometry was known.
         chunk_count: Option<u64>,
     },
+    /// A segment of a format-2 manifest's chunk map failed a check (see
+    /// [`crate::maptree::decode_segment`]).
+    #[error("manifest segment at level {level}, chunk index {first_index} is invalid: {reason}")]
+    SegmentInvalid {
+        /// Level of the segment (0 = leaf).
+        level: u8,
+        /// First chunk index its position covers.
+        first_index: u64,
+        /// The check that failed.
+        reason: String,
+    },
+    /// A segment of an encoding version this build does not know.
+    #[error(
+        "manifest segment encoding version {found} is not supported (this build reads {supported}); upgrade cbt"
+    )]
+    UnsupportedSegmentVersion {
+        /// Version found.
+        found: u8,
+        /// Version this build reads.
+        supported: u8,
+    },
     /// A retention policy with no rule, which would delete every snapshot.
     #[error(
         "retention policy has no rule (keep-last / keep-within); refusing to delete everything"
@@ -224,13 +245,15 @@ impl CoreError {
     /// Classifies the error for callers that react by kind (retry, fix input, repair).
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CoreError::UnsupportedManifestVersion { .. } => ErrorKind::Unsupported,
+            CoreError::UnsupportedManifestVersion { .. }
+            | CoreError::UnsupportedSegmentVersion { .. } => ErrorKind::Unsupported,
             CoreError::ManifestDecode { .. }
             | CoreError::ManifestInvalid { .. }
             | CoreError::ChunkLengthMismatch { .. }
             | CoreError::ConflictingChunkRefs { .. }
             | CoreError::StoredSizeOutOfBounds { .. }
-            | CoreError::ManifestTooLarge { .. } => ErrorKind::Integrity,
+            | CoreError::ManifestTooLarge { .. }
+            | CoreError::SegmentInvalid { .. } => ErrorKind::Integrity,
             _ => ErrorKind::Usage,
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! This crate owns the decisions, never the I/O: byte-range algebra ([`ranges`]), name rules for
 //! anything that ends up in an object key ([`names`]), the versioned snapshot manifest
-//! ([`manifest`]), backup and restore plans ([`plan`]), garbage-collection reachability plus
+//! ([`manifest`], its format-2 segment tree in [`maptree`]), backup and restore plans ([`plan`]), garbage-collection reachability plus
 //! retention ([`gc`]), escaping repository text for printing ([`text`]), and parsing the sizes
 //! and durations users type ([`units`]). It has no async runtime, no network and no clock: time
 //! is always passed in by the caller, so every function is deterministic and testable. The one
@@ -15,6 +15,7 @@ pub mod extents;
 pub mod gc;
 pub mod lineage;
 pub mod manifest;
+pub mod maptree;
 pub mod names;
 pub mod plan;
 pub mod ranges;

@@ -5,8 +5,9 @@
 //! backup that was read from `B`; building on any other backup would silently mix two states of
 //! the volume. These functions make that decision (and explain a refusal); they read nothing.
 
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, ManifestHead, SourceInfo};
 use crate::names::{SnapshotName, VolumeName};
+use crate::time::Timestamp;
 
 /// Why no parent could be chosen for a delta.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,25 +90,68 @@ impl LineageError {
     }
 }
 
+/// What lineage decisions need of a backup: a whole [`Manifest`] or only its
+/// [`ManifestHead`] (which is all a format-2 manifest object holds).
+pub trait BackupRecord {
+    /// Snapshot name.
+    fn snapshot(&self) -> &SnapshotName;
+    /// Unique id.
+    fn snapshot_id(&self) -> &str;
+    /// Creation time.
+    fn created(&self) -> Timestamp;
+    /// Provenance.
+    fn source(&self) -> &SourceInfo;
+}
+
+impl BackupRecord for Manifest {
+    fn snapshot(&self) -> &SnapshotName {
+        &self.snapshot
+    }
+    fn snapshot_id(&self) -> &str {
+        &self.snapshot_id
+    }
+    fn created(&self) -> Timestamp {
+        self.created
+    }
+    fn source(&self) -> &SourceInfo {
+        &self.source
+    }
+}
+
+impl BackupRecord for ManifestHead {
+    fn snapshot(&self) -> &SnapshotName {
+        &self.snapshot
+    }
+    fn snapshot_id(&self) -> &str {
+        &self.snapshot_id
+    }
+    fn created(&self) -> Timestamp {
+        self.created
+    }
+    fn source(&self) -> &SourceInfo {
+        &self.source
+    }
+}
+
 /// The CSI snapshot a backup was read from, or a description for messages.
-fn taken_from(m: &Manifest) -> String {
-    m.source
+fn taken_from<M: BackupRecord>(m: &M) -> String {
+    m.source()
         .csi_snapshot_id
         .clone()
         .unwrap_or_else(|| "an unrecorded snapshot".into())
 }
 
 /// Orders backups of one volume oldest first (creation time, then name for equal times).
-fn by_age(manifests: &mut [Manifest]) {
-    manifests.sort_by(|a, b| (a.created, &a.snapshot).cmp(&(b.created, &b.snapshot)));
+fn by_age<M: BackupRecord>(manifests: &mut [M]) {
+    manifests.sort_by(|a, b| (a.created(), a.snapshot()).cmp(&(b.created(), b.snapshot())));
 }
 
 /// The volume's latest backup and the CSI handle it was read from, if it recorded one: the
 /// base of the next delta when the caller does not name one.
-pub fn latest_delta_base(mut manifests: Vec<Manifest>) -> Option<(Manifest, Option<String>)> {
+pub fn latest_delta_base<M: BackupRecord>(mut manifests: Vec<M>) -> Option<(M, Option<String>)> {
     by_age(&mut manifests);
     let latest = manifests.pop()?;
-    let handle = latest.source.csi_snapshot_id.clone();
+    let handle = latest.source().csi_snapshot_id.clone();
     Some((latest, handle))
 }
 
@@ -119,13 +163,13 @@ pub fn latest_delta_base(mut manifests: Vec<Manifest>) -> Option<(Manifest, Opti
 ///
 /// # Errors
 /// A [`LineageError`] naming the volume, the base and the latest backup.
-pub fn choose_parent(
-    mut manifests: Vec<Manifest>,
+pub fn choose_parent<M: BackupRecord + Clone>(
+    mut manifests: Vec<M>,
     volume: &VolumeName,
     base: &str,
     explicit: Option<&SnapshotName>,
     allow_non_latest: bool,
-) -> Result<Manifest, LineageError> {
+) -> Result<M, LineageError> {
     by_age(&mut manifests);
     let Some(latest) = manifests.last() else {
         return Err(LineageError::NoBackup {
@@ -134,36 +178,37 @@ pub fn choose_parent(
         });
     };
     let candidate = match explicit {
-        Some(p) => manifests.iter().find(|m| &m.snapshot == p).ok_or_else(|| {
-            LineageError::ParentNotFound {
+        Some(p) => manifests
+            .iter()
+            .find(|m| m.snapshot() == p)
+            .ok_or_else(|| LineageError::ParentNotFound {
                 volume: volume.clone(),
                 parent: p.clone(),
-            }
-        })?,
+            })?,
         None => manifests
             .iter()
             .rev()
-            .find(|m| m.source.csi_snapshot_id.as_deref() == Some(base))
+            .find(|m| m.source().csi_snapshot_id.as_deref() == Some(base))
             .ok_or_else(|| LineageError::NoBackupFromBase {
                 volume: volume.clone(),
                 base: base.to_string(),
-                latest: latest.snapshot.clone(),
+                latest: latest.snapshot().clone(),
                 latest_from: taken_from(latest),
             })?,
     };
-    if candidate.source.csi_snapshot_id.as_deref() != Some(base) {
+    if candidate.source().csi_snapshot_id.as_deref() != Some(base) {
         return Err(LineageError::ParentFromOtherBase {
-            parent: candidate.snapshot.clone(),
+            parent: candidate.snapshot().clone(),
             parent_from: taken_from(candidate),
             base: base.to_string(),
         });
     }
-    if candidate.snapshot_id != latest.snapshot_id && !allow_non_latest {
+    if candidate.snapshot_id() != latest.snapshot_id() && !allow_non_latest {
         return Err(LineageError::BaseNotLatest {
             volume: volume.clone(),
             base: base.to_string(),
-            candidate: candidate.snapshot.clone(),
-            latest: latest.snapshot.clone(),
+            candidate: candidate.snapshot().clone(),
+            latest: latest.snapshot().clone(),
             latest_from: taken_from(latest),
         });
     }
@@ -229,7 +274,7 @@ mod tests {
             Err(LineageError::NoBackupFromBase { .. })
         ));
         assert!(matches!(
-            choose_parent(vec![], &v(), "h1", None, false),
+            choose_parent::<Manifest>(vec![], &v(), "h1", None, false),
             Err(LineageError::NoBackup { .. })
         ));
         let b1 = SnapshotName::new("b1").unwrap();
@@ -257,6 +302,6 @@ mod tests {
             handle, None,
             "a backup without a recorded handle cannot be a delta base"
         );
-        assert!(latest_delta_base(vec![]).is_none());
+        assert!(latest_delta_base::<Manifest>(vec![]).is_none());
     }
 }

@@ -36,14 +36,21 @@ use std::rc::Rc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
+use crate::maptree::SegmentRef;
 use crate::names::{SnapshotName, VolumeName, validate_name};
 use crate::ranges::{ChunkGeometry, ChunkSet, RangeSet};
 use crate::time::Timestamp;
 
-/// The manifest format version this build writes.
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
-/// The oldest manifest format version this build reads.
+/// The manifest format version this build writes (2: a head plus a segment tree, see
+/// [`crate::maptree`]).
+pub const MANIFEST_FORMAT_VERSION: u32 = 2;
+/// The oldest manifest format version this build reads (1: one JSON document with the whole
+/// chunk map).
 pub const MIN_MANIFEST_FORMAT_VERSION: u32 = 1;
+/// Format version of the single-document JSON manifest ([`Manifest::to_json`]).
+pub const MANIFEST_V1: u32 = 1;
+/// Most bytes of a format-2 manifest head's JSON: the metadata budget plus the map reference.
+pub const MAX_HEAD_JSON: u64 = MAX_METADATA_JSON + 1024;
 
 /// Most framing bytes (header + trailer) a stored chunk object may add to its raw bytes; a
 /// recorded stored size above `raw_len + MAX_CHUNK_FRAMING` is rejected. `cbt-store`'s chunk
@@ -426,77 +433,7 @@ impl Manifest {
     /// [`CoreError::ManifestInvalid`] for totals that overflow, [`CoreError::InvalidName`].
     pub fn validate(&self) -> Result<(), CoreError> {
         validate_name("snapshot id", &self.snapshot_id)?;
-        let g = self.chunks.geometry();
-        let count = g.chunk_count();
-        let mut first: HashMap<ChunkHash, (u64, ChunkRef)> = HashMap::new();
-        let mut allocated: u64 = 0;
-        let mut stored_total: u64 = 0;
-        let overflow = |what: &str| CoreError::ManifestInvalid {
-            reason: format!("{what} overflows 64 bits"),
-        };
-        for (index, r) in self.chunks.iter_stored() {
-            if index >= count {
-                return Err(CoreError::ChunkIndexOutOfRange {
-                    index,
-                    chunk_count: count,
-                });
-            }
-            let expected = g.chunk_len(index);
-            if r.raw_len != expected {
-                return Err(CoreError::ChunkLengthMismatch {
-                    index,
-                    raw_len: r.raw_len,
-                    expected,
-                });
-            }
-            // raw_len <= 64 MiB here (it equals a chunk length), so the sum cannot overflow.
-            let max = r.raw_len + MAX_CHUNK_FRAMING;
-            if r.stored_size == 0 || r.stored_size > max {
-                return Err(CoreError::StoredSizeOutOfBounds {
-                    index,
-                    stored_size: r.stored_size,
-                    raw_len: r.raw_len,
-                    max,
-                });
-            }
-            allocated = allocated
-                .checked_add(r.raw_len)
-                .ok_or_else(|| overflow("allocated bytes"))?;
-            match first.get(&r.hash) {
-                Some((first_index, f)) => {
-                    if f != r {
-                        let show = |c: &ChunkRef| {
-                            format!(
-                                "raw {} / stored {} / crc32c {:#010x}",
-                                c.raw_len, c.stored_size, c.crc32c
-                            )
-                        };
-                        return Err(CoreError::ConflictingChunkRefs {
-                            hash: r.hash.to_hex(),
-                            first_index: *first_index,
-                            first: show(f),
-                            index,
-                            other: show(r),
-                        });
-                    }
-                }
-                None => {
-                    stored_total = stored_total
-                        .checked_add(r.stored_size)
-                        .ok_or_else(|| overflow("stored bytes"))?;
-                    first.insert(r.hash, (index, *r));
-                }
-            }
-        }
-        if allocated > g.volume_size() {
-            return Err(CoreError::ManifestInvalid {
-                reason: format!(
-                    "stored chunks hold {allocated} bytes, more than the volume's {}",
-                    g.volume_size()
-                ),
-            });
-        }
-        Ok(())
+        check_chunk_refs(self.chunks.geometry(), self.chunks.iter_stored())
     }
 
     /// Builds an incremental manifest: the parent's map, resized to `volume_size`, with
@@ -575,14 +512,15 @@ impl Manifest {
         self.chunks.geometry().chunk_size()
     }
 
-    /// Serializes to the compact JSON wire form (always the current format version).
+    /// Serializes to the single-document JSON form of format 1, which every build reads (the
+    /// repository writes format 2: [`ManifestHead`] plus [`crate::maptree`] segments).
     ///
     /// # Errors
     /// [`CoreError::ManifestInvalid`] if the encoder fails, which plain strings and integers
     /// never make it do; the error exists so a broken manifest is never written silently.
     pub fn to_json(&self) -> Result<Vec<u8>, CoreError> {
         let wire = WireRef {
-            format_version: MANIFEST_FORMAT_VERSION,
+            format_version: MANIFEST_V1,
             volume: &self.volume,
             snapshot: &self.snapshot,
             snapshot_id: &self.snapshot_id,
@@ -638,14 +576,9 @@ impl Manifest {
             .ok_or_else(|| CoreError::ManifestDecode {
                 message: "missing format_version".into(),
             })?;
-        if version < u64::from(MIN_MANIFEST_FORMAT_VERSION)
-            || version > u64::from(MANIFEST_FORMAT_VERSION)
-        {
-            return Err(CoreError::UnsupportedManifestVersion {
-                found: version,
-                min_supported: MIN_MANIFEST_FORMAT_VERSION,
-                max_supported: MANIFEST_FORMAT_VERSION,
-            });
+        check_version(version)?;
+        if version != u64::from(MANIFEST_V1) {
+            return Err(not_inline());
         }
         let wire: Wire = serde_json::from_slice(bytes).map_err(|e| CoreError::ManifestDecode {
             message: e.to_string(),
@@ -706,7 +639,375 @@ impl Manifest {
     /// malformed JSON, a header field out of order, or a failing reader (a damaged compressed
     /// stream); otherwise as [`Manifest::from_json`].
     pub fn from_json_reader<R: Read>(reader: R) -> Result<Manifest, CoreError> {
+        match decode_json_reader(reader)? {
+            StoredManifest::V1(m) => Ok(m),
+            StoredManifest::V2(_) => Err(not_inline()),
+        }
+    }
+
+    /// The metadata of this manifest, without its map (whose location is unknown in memory).
+    pub fn head(&self) -> ManifestHead {
+        ManifestHead {
+            volume: self.volume.clone(),
+            snapshot: self.snapshot.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+            created: self.created,
+            geometry: *self.chunks.geometry(),
+            parent: self.parent.clone(),
+            source: self.source.clone(),
+            labels: self.labels.clone(),
+            stats: self.stats,
+            map: MapLocation::Inline,
+        }
+    }
+}
+
+fn not_inline() -> CoreError {
+    CoreError::ManifestDecode {
+        message: "a format-2 manifest keeps its chunk map in segments; read it through the \
+                  repository"
+            .into(),
+    }
+}
+
+fn check_version(version: u64) -> Result<(), CoreError> {
+    if version < u64::from(MIN_MANIFEST_FORMAT_VERSION)
+        || version > u64::from(MANIFEST_FORMAT_VERSION)
+    {
+        return Err(CoreError::UnsupportedManifestVersion {
+            found: version,
+            min_supported: MIN_MANIFEST_FORMAT_VERSION,
+            max_supported: MANIFEST_FORMAT_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// A manifest object's content as decoded: a whole format-1 manifest, or a format-2 head
+/// whose map lives in segments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredManifest {
+    /// Format 1: the complete manifest.
+    V1(Manifest),
+    /// Format 2: the head; the map is read from its segments.
+    V2(ManifestHead),
+}
+
+impl StoredManifest {
+    /// The head of either form.
+    pub fn head(&self) -> ManifestHead {
+        match self {
+            StoredManifest::V1(m) => m.head(),
+            StoredManifest::V2(h) => h.clone(),
+        }
+    }
+}
+
+/// Where a manifest's chunk map is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapLocation {
+    /// Inside the manifest document itself (format 1), or in memory.
+    Inline,
+    /// In a segment tree (format 2); `None` when every chunk is zero.
+    Tree {
+        /// The root segment.
+        root: Option<SegmentRef>,
+    },
+}
+
+/// A snapshot's metadata without its chunk map: identity, geometry, lineage, provenance,
+/// figures, and where the map is. In format 2 this is the whole manifest object (bounded by
+/// [`MAX_HEAD_JSON`], whatever the volume size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestHead {
+    /// Volume the snapshot belongs to.
+    pub volume: VolumeName,
+    /// Snapshot name, unique within the volume.
+    pub snapshot: SnapshotName,
+    /// Unique id of this snapshot.
+    pub snapshot_id: String,
+    /// Creation time.
+    pub created: Timestamp,
+    /// Volume size and chunk size.
+    pub geometry: ChunkGeometry,
+    /// Lineage: the snapshot this one was derived from, if incremental.
+    pub parent: Option<ParentRef>,
+    /// Kubernetes/CSI provenance.
+    pub source: SourceInfo,
+    /// Free-form labels.
+    pub labels: BTreeMap<String, String>,
+    /// Figures of the run that produced it.
+    pub stats: BackupStats,
+    /// Where the chunk map is.
+    pub map: MapLocation,
+}
+
+impl ManifestHead {
+    /// Size of the volume in bytes.
+    pub fn volume_size(&self) -> u64 {
+        self.geometry.volume_size()
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u64 {
+        self.geometry.chunk_size()
+    }
+
+    /// The lineage link a child of this snapshot records.
+    pub fn as_parent(&self) -> ParentRef {
+        ParentRef {
+            snapshot: self.snapshot.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+        }
+    }
+
+    /// The metadata part, to build a [`Manifest`] with a map.
+    pub fn meta(&self) -> SnapshotMeta {
+        SnapshotMeta {
+            volume: self.volume.clone(),
+            snapshot: self.snapshot.clone(),
+            snapshot_id: self.snapshot_id.clone(),
+            created: self.created,
+            source: self.source.clone(),
+            labels: self.labels.clone(),
+            stats: self.stats,
+        }
+    }
+
+    /// Serializes the format-2 head (`format_version` and the geometry first, like format 1).
+    ///
+    /// # Errors
+    /// [`CoreError::ManifestInvalid`] for a head that is not format 2 (its map is inline) or
+    /// larger than [`MAX_HEAD_JSON`] (labels or descriptions too long), or a bad snapshot id.
+    pub fn to_json(&self) -> Result<Vec<u8>, CoreError> {
+        validate_name("snapshot id", &self.snapshot_id)?;
+        let MapLocation::Tree { root } = self.map else {
+            return Err(CoreError::ManifestInvalid {
+                reason: "a format-2 head needs a segment tree".into(),
+            });
+        };
+        let wire = WireHeadRef {
+            format_version: 2,
+            volume: &self.volume,
+            snapshot: &self.snapshot,
+            snapshot_id: &self.snapshot_id,
+            created_unix_ms: self.created,
+            volume_size: self.volume_size(),
+            chunk_size: self.chunk_size(),
+            parent: self.parent.as_ref(),
+            source: &self.source,
+            labels: &self.labels,
+            stats: &self.stats,
+            map: WireMap {
+                segment_version: crate::maptree::SEGMENT_FORMAT_VERSION,
+                leaf_span: crate::maptree::LEAF_SPAN,
+                fanout: crate::maptree::FANOUT,
+                root: root.map(|r| WireSegRef {
+                    name: r.name,
+                    len: r.len,
+                    stored: r.stored,
+                }),
+            },
+        };
+        let json = serde_json::to_vec(&wire).map_err(|e| CoreError::ManifestInvalid {
+            reason: format!("cannot encode: {e}"),
+        })?;
+        if json.len() as u64 > MAX_HEAD_JSON {
+            return Err(CoreError::ManifestInvalid {
+                reason: format!(
+                    "encoded manifest head is {} bytes, more than the {MAX_HEAD_JSON} a reader \
+                     accepts (labels or source descriptions too long?)",
+                    json.len()
+                ),
+            });
+        }
+        Ok(json)
+    }
+
+    /// Parses a format-2 head, checking everything that does not need the segments: version,
+    /// tree parameters, names, geometry, and that the root's stored count fits the volume.
+    ///
+    /// # Errors
+    /// [`CoreError::ManifestTooLarge`], [`CoreError::ManifestDecode`],
+    /// [`CoreError::UnsupportedManifestVersion`], [`CoreError::ManifestInvalid`].
+    pub fn from_json(bytes: &[u8]) -> Result<ManifestHead, CoreError> {
+        if bytes.len() as u64 > MAX_HEAD_JSON {
+            return Err(CoreError::ManifestTooLarge {
+                limit: MAX_HEAD_JSON,
+                chunk_count: None,
+            });
+        }
+        let decode = |e: serde_json::Error| CoreError::ManifestDecode {
+            message: e.to_string(),
+        };
+        #[derive(Deserialize)]
+        struct Probe {
+            format_version: Option<u64>,
+        }
+        let probe: Probe = serde_json::from_slice(bytes).map_err(decode)?;
+        let version = probe
+            .format_version
+            .ok_or_else(|| CoreError::ManifestDecode {
+                message: "missing format_version".into(),
+            })?;
+        check_version(version)?;
+        if version != 2 {
+            return Err(CoreError::ManifestDecode {
+                message: format!("format {version} is not a manifest head"),
+            });
+        }
+        let wire: WireHead = serde_json::from_slice(bytes).map_err(decode)?;
+        let invalid = |reason: String| CoreError::ManifestInvalid { reason };
+        if wire.map.segment_version != crate::maptree::SEGMENT_FORMAT_VERSION {
+            return Err(CoreError::UnsupportedSegmentVersion {
+                found: wire.map.segment_version,
+                supported: crate::maptree::SEGMENT_FORMAT_VERSION,
+            });
+        }
+        if wire.map.leaf_span != crate::maptree::LEAF_SPAN
+            || wire.map.fanout != crate::maptree::FANOUT
+        {
+            return Err(invalid(format!(
+                "segment tree of leaf span {} and fan-out {}; this build reads {} and {}",
+                wire.map.leaf_span,
+                wire.map.fanout,
+                crate::maptree::LEAF_SPAN,
+                crate::maptree::FANOUT
+            )));
+        }
+        validate_name("snapshot id", &wire.snapshot_id).map_err(|e| invalid(e.to_string()))?;
+        let geometry = ChunkGeometry::new(wire.volume_size, wire.chunk_size)
+            .map_err(|e| invalid(e.to_string()))?;
+        let root = match wire.map.root {
+            None => None,
+            Some(r) => {
+                if r.stored == 0 || r.stored > geometry.chunk_count() {
+                    return Err(invalid(format!(
+                        "root claims {} stored chunks in a volume of {}",
+                        r.stored,
+                        geometry.chunk_count()
+                    )));
+                }
+                if r.len == 0 || u64::from(r.len) > crate::maptree::MAX_SEGMENT_LEN {
+                    return Err(invalid(format!("root segment length {}", r.len)));
+                }
+                Some(SegmentRef {
+                    name: r.name,
+                    len: r.len,
+                    stored: r.stored,
+                })
+            }
+        };
+        Ok(ManifestHead {
+            volume: wire.volume,
+            snapshot: wire.snapshot,
+            snapshot_id: wire.snapshot_id,
+            created: wire.created_unix_ms,
+            geometry,
+            parent: wire.parent,
+            source: wire.source,
+            labels: wire.labels,
+            stats: wire.stats,
+            map: MapLocation::Tree { root },
+        })
+    }
+}
+
+/// Checks chunk references gathered from several places (the loaded leaves of a tree, or a
+/// whole map) against each other and the geometry: indices inside the volume, raw lengths
+/// the geometry gives, possible stored sizes, one raw length / stored size / checksum per
+/// content hash, and sums that fit in 64 bits. [`Manifest::validate`] applies it to whole
+/// maps.
+///
+/// # Errors
+/// As [`Manifest::validate`].
+pub fn check_chunk_refs<'a, I>(geometry: &ChunkGeometry, refs: I) -> Result<(), CoreError>
+where
+    I: IntoIterator<Item = (u64, &'a ChunkRef)>,
+{
+    let g = geometry;
+    let count = g.chunk_count();
+    let mut first: HashMap<ChunkHash, (u64, ChunkRef)> = HashMap::new();
+    let mut allocated: u64 = 0;
+    let mut stored_total: u64 = 0;
+    let overflow = |what: &str| CoreError::ManifestInvalid {
+        reason: format!("{what} overflows 64 bits"),
+    };
+    for (index, r) in refs {
+        if index >= count {
+            return Err(CoreError::ChunkIndexOutOfRange {
+                index,
+                chunk_count: count,
+            });
+        }
+        let expected = g.chunk_len(index);
+        if r.raw_len != expected {
+            return Err(CoreError::ChunkLengthMismatch {
+                index,
+                raw_len: r.raw_len,
+                expected,
+            });
+        }
+        // raw_len <= 64 MiB here (it equals a chunk length), so the sum cannot overflow.
+        let max = r.raw_len + MAX_CHUNK_FRAMING;
+        if r.stored_size == 0 || r.stored_size > max {
+            return Err(CoreError::StoredSizeOutOfBounds {
+                index,
+                stored_size: r.stored_size,
+                raw_len: r.raw_len,
+                max,
+            });
+        }
+        allocated = allocated
+            .checked_add(r.raw_len)
+            .ok_or_else(|| overflow("allocated bytes"))?;
+        match first.get(&r.hash) {
+            Some((first_index, f)) => {
+                if f != r {
+                    let show = |c: &ChunkRef| {
+                        format!(
+                            "raw {} / stored {} / crc32c {:#010x}",
+                            c.raw_len, c.stored_size, c.crc32c
+                        )
+                    };
+                    return Err(CoreError::ConflictingChunkRefs {
+                        hash: r.hash.to_hex(),
+                        first_index: *first_index,
+                        first: show(f),
+                        index,
+                        other: show(r),
+                    });
+                }
+            }
+            None => {
+                stored_total = stored_total
+                    .checked_add(r.stored_size)
+                    .ok_or_else(|| overflow("stored bytes"))?;
+                first.insert(r.hash, (index, *r));
+            }
+        }
+    }
+    if allocated > g.volume_size() {
+        return Err(CoreError::ManifestInvalid {
+            reason: format!(
+                "stored chunks hold {allocated} bytes, more than the volume's {}",
+                g.volume_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Decodes a stored manifest document of either format from a stream, reading no more than
+/// its declared version and geometry can need (see [`Manifest::from_json_reader`]; a format-2
+/// head is at most [`MAX_HEAD_JSON`] bytes).
+///
+/// # Errors
+/// As [`Manifest::from_json_reader`] and [`ManifestHead::from_json`].
+pub fn decode_json_reader<R: Read>(reader: R) -> Result<StoredManifest, CoreError> {
+    {
         let state = Rc::new(ProbeState {
+            version: Cell::new(None),
             limit: Cell::new(MAX_METADATA_JSON),
             chunk_count: Cell::new(None),
             exceeded: Cell::new(false),
@@ -754,12 +1055,17 @@ impl Manifest {
         }
         let bytes = std::mem::take(&mut buffered.get_mut().buf);
         drop(buffered);
-        Manifest::from_json(&bytes)
+        match state.version.get() {
+            Some(2) => ManifestHead::from_json(&bytes).map(StoredManifest::V2),
+            _ => Manifest::from_json(&bytes).map(StoredManifest::V1),
+        }
     }
 }
 
 /// What the header probe of [`Manifest::from_json_reader`] learned, shared with the reader.
 struct ProbeState {
+    /// The format version, once read.
+    version: Cell<Option<u64>>,
     /// Bytes the reader may still produce in total.
     limit: Cell<u64>,
     /// Chunk count once `volume_size` and `chunk_size` are known.
@@ -815,14 +1121,11 @@ impl<'de> serde::de::Visitor<'de> for HeaderVisitor<'_> {
             match key.as_str() {
                 "format_version" => {
                     let version: u64 = map.next_value()?;
-                    if version < u64::from(MIN_MANIFEST_FORMAT_VERSION)
-                        || version > u64::from(MANIFEST_FORMAT_VERSION)
-                    {
-                        return Err(self.fail(CoreError::UnsupportedManifestVersion {
-                            found: version,
-                            min_supported: MIN_MANIFEST_FORMAT_VERSION,
-                            max_supported: MANIFEST_FORMAT_VERSION,
-                        }));
+                    check_version(version).map_err(|e| self.fail(e))?;
+                    self.state.version.set(Some(version));
+                    if version == 2 {
+                        // A head holds no chunk entries: its size does not follow the geometry.
+                        self.state.limit.set(MAX_HEAD_JSON);
                     }
                 }
                 "volume_size" => volume_size = Some(map.next_value::<u64>()?),
@@ -840,7 +1143,9 @@ impl<'de> serde::de::Visitor<'de> for HeaderVisitor<'_> {
                     })
                 })?;
                 self.state.chunk_count.set(Some(g.chunk_count()));
-                self.state.limit.set(max_json_len(&g));
+                if self.state.version.get() != Some(2) {
+                    self.state.limit.set(max_json_len(&g));
+                }
             }
         }
         Ok(())
@@ -863,6 +1168,64 @@ struct WireRef<'a> {
     labels: &'a BTreeMap<String, String>,
     stats: &'a BackupStats,
     chunks: Vec<WireChunk>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct WireSegRef {
+    name: ChunkHash,
+    len: u32,
+    stored: u64,
+}
+
+#[derive(Serialize)]
+struct WireMap {
+    segment_version: u8,
+    leaf_span: u64,
+    fanout: u64,
+    root: Option<WireSegRef>,
+}
+
+#[derive(Deserialize)]
+struct WireMapIn {
+    segment_version: u8,
+    leaf_span: u64,
+    fanout: u64,
+    root: Option<WireSegRef>,
+}
+
+#[derive(Serialize)]
+struct WireHeadRef<'a> {
+    format_version: u32,
+    volume: &'a VolumeName,
+    snapshot: &'a SnapshotName,
+    snapshot_id: &'a str,
+    created_unix_ms: Timestamp,
+    volume_size: u64,
+    chunk_size: u64,
+    parent: Option<&'a ParentRef>,
+    source: &'a SourceInfo,
+    labels: &'a BTreeMap<String, String>,
+    stats: &'a BackupStats,
+    map: WireMap,
+}
+
+#[derive(Deserialize)]
+struct WireHead {
+    volume: VolumeName,
+    snapshot: SnapshotName,
+    snapshot_id: String,
+    created_unix_ms: Timestamp,
+    volume_size: u64,
+    chunk_size: u64,
+    #[serde(default)]
+    parent: Option<ParentRef>,
+    #[serde(default)]
+    source: SourceInfo,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    stats: BackupStats,
+    map: WireMapIn,
 }
 
 #[derive(Deserialize)]
@@ -956,16 +1319,16 @@ mod tests {
     fn future_and_missing_versions_are_typed_errors() {
         let mut v: serde_json::Value =
             serde_json::from_slice(&sample().to_json().unwrap()).unwrap();
-        v["format_version"] = 2.into();
+        v["format_version"] = 3.into();
         // A future version may change any field; it must be rejected before decoding them.
         v["chunks"] = "something new".into();
         let err = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert_eq!(
             err,
             CoreError::UnsupportedManifestVersion {
-                found: 2,
+                found: 3,
                 min_supported: 1,
-                max_supported: 1
+                max_supported: 2
             }
         );
         assert_eq!(err.kind(), crate::ErrorKind::Unsupported);

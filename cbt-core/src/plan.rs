@@ -62,6 +62,19 @@ impl BackupPlan {
         changed: &RangeSet,
         volume_size: u64,
     ) -> Result<Self, CoreError> {
+        Self::incremental_of(parent.chunks.geometry(), changed, volume_size)
+    }
+
+    /// [`BackupPlan::incremental`] from the parent's geometry alone (all it needs; a format-2
+    /// parent need not be loaded for it).
+    ///
+    /// # Errors
+    /// As [`BackupPlan::incremental`].
+    pub fn incremental_of(
+        parent: &ChunkGeometry,
+        changed: &RangeSet,
+        volume_size: u64,
+    ) -> Result<Self, CoreError> {
         changed.check_within(volume_size)?;
         let geometry = ChunkGeometry::new(volume_size, parent.chunk_size())?;
         let old_size = parent.volume_size();

@@ -391,7 +391,7 @@ async fn backup(
         &opts,
     )
     .await?;
-    let man = &outcome.manifest;
+    let man = &outcome.head;
     Ok(MoverReport {
         ok: true,
         snapshot: Some(man.snapshot.to_string()),
@@ -444,7 +444,7 @@ async fn full_without_service(
     repo: &Repository,
     volume: &VolumeName,
 ) -> Result<CbtBackupPlan, MoverError> {
-    let latest = cbt_core::lineage::latest_delta_base(repo.load_manifests(Some(volume)).await?);
+    let latest = cbt_core::lineage::latest_delta_base(repo.load_heads(Some(volume)).await?);
     let mode = match latest {
         Some((m, _)) => BackupMode::FullWithParent {
             allocated: None,

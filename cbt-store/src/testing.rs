@@ -1,9 +1,11 @@
 //! Test support shared by this crate's tests and its users' tests (enabled by the `testing`
-//! feature): an in-process S3 server on loopback and the object-store conformance suite.
+//! feature): an in-process S3 server on loopback, the object-store conformance suite, and a
+//! synthetic block source for scaling tests ([`synthetic::SyntheticSource`]).
 //!
 //! Nothing here is used by production code paths.
 
 pub mod conformance;
+pub mod synthetic;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -83,13 +83,13 @@ async fn two_snapshots(repo: &Repository, fx: &Fixture) -> (Vec<u8>, Vec<u8>, cb
     let changed = mutate(&mut img, 3, 3000, 9);
     std::fs::write(&src, &img).unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(first.manifest.clone()),
+        parent: Box::new(first.manifest.as_ref().unwrap().clone()),
         changed,
     };
     backup_file(repo, &src, request("pvc", "two", mode, 2))
         .await
         .unwrap();
-    (v1, img, first.manifest)
+    (v1, img, first.manifest.unwrap())
 }
 
 async fn restore_eq(repo: &Repository, fx: &Fixture, name: &str, expected: &[u8]) {
@@ -585,11 +585,13 @@ async fn two_repositories_name_the_same_data_differently() {
     let ma = backup_file(&a.repo, &src, request("pvc", "x", full(), 1))
         .await
         .unwrap()
-        .manifest;
+        .manifest
+        .unwrap();
     let mb = backup_file(&b.repo, &src, request("pvc", "x", full(), 1))
         .await
         .unwrap()
-        .manifest;
+        .manifest
+        .unwrap();
     let names = |m: &cbt_core::Manifest| {
         m.chunks
             .iter_stored()

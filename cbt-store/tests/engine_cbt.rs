@@ -147,7 +147,7 @@ async fn latest_base_plans_a_full_then_a_delta_from_the_recorded_handle() {
         .await
         .unwrap();
     match &second.mode {
-        BackupMode::Incremental { parent, changed } => {
+        BackupMode::IncrementalOf { parent, changed } => {
             assert_eq!(parent.snapshot.as_str(), "b1");
             assert_eq!(
                 changed,

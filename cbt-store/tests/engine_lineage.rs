@@ -33,7 +33,7 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     let repo = Repository::open(store).await.unwrap();
     let parent = ParentRef {
         snapshot: snap("a"),
-        snapshot_id: first.manifest.snapshot_id.clone(),
+        snapshot_id: first.manifest.as_ref().unwrap().snapshot_id.clone(),
     };
     let mode = BackupMode::FullWithParent {
         allocated: None,
@@ -43,7 +43,7 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     let out = backup_file(&repo, &path, request("v", "b", mode, 20))
         .await
         .unwrap();
-    assert_eq!(out.manifest.parent, Some(parent.clone()));
+    assert_eq!(out.manifest.as_ref().unwrap().parent, Some(parent.clone()));
     assert_eq!(
         repo.load_manifest(&vol("v"), &snap("b"))
             .await
@@ -53,11 +53,12 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     );
     // Only the 3 mutated chunks are new: they alone are checked and uploaded.
     assert_eq!(out.stats.objects_written, 3);
-    // Puts: the lock, 3 chunks, the manifest. Heads: the name check, the 3 new chunks and,
-    // before the commit, the parent's manifest; the unchanged chunks are vouched for by the
-    // parent, whose existence is checked once instead of each of its chunks.
-    assert_eq!(faulty.calls(Op::Put), 5, "{:?}", faulty.call_counts());
-    assert!(out.manifest.chunks.stored_count() > 10);
+    // Puts: the lock, 3 chunks, the manifest's one map segment and its head. Heads: the name
+    // check, the 3 new chunks and, before the commit, the parent's manifest; the unchanged
+    // chunks are vouched for by the parent, whose existence is checked once instead of each of
+    // its chunks.
+    assert_eq!(faulty.calls(Op::Put), 6, "{:?}", faulty.call_counts());
+    assert!(out.manifest.as_ref().unwrap().chunks.stored_count() > 10);
     assert_eq!(faulty.calls(Op::Head), 5, "{:?}", faulty.call_counts());
     assert_eq!(out.stats.bytes_changed, 3 * CS);
     assert!(
@@ -88,9 +89,17 @@ async fn full_with_a_wrong_or_missing_parent_is_refused_before_anything_is_store
         .await
         .unwrap();
     let cases = [
-        ("missing", snap("nope"), first.manifest.snapshot_id.clone()),
+        (
+            "missing",
+            snap("nope"),
+            first.manifest.as_ref().unwrap().snapshot_id.clone(),
+        ),
         ("other id", snap("a"), "not-the-id".to_string()),
-        ("itself", snap("b"), first.manifest.snapshot_id.clone()),
+        (
+            "itself",
+            snap("b"),
+            first.manifest.as_ref().unwrap().snapshot_id.clone(),
+        ),
     ];
     for (what, snapshot, snapshot_id) in cases {
         let mode = BackupMode::FullWithParent {
@@ -128,7 +137,7 @@ async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
         .await
         .unwrap();
     let loaded = fx.repo.load_manifest(&vol("v"), &snap("a")).await.unwrap();
-    assert_eq!(loaded, a.manifest);
+    assert_eq!(loaded, a.manifest.unwrap());
 
     // Meanwhile: "a" is deleted and collected, and a different image is backed up as "a".
     fx.repo
@@ -208,7 +217,7 @@ async fn incremental_refuses_a_parent_that_differs_from_the_stored_one() {
     let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
         .await
         .unwrap();
-    let mut forged = a.manifest.clone();
+    let mut forged = a.manifest.as_ref().unwrap().clone();
     let (index, r) = forged
         .chunks
         .iter_stored()
@@ -313,14 +322,17 @@ async fn incrementals_across_grow_and_shrink_restore_exactly() {
     grown.extend_from_slice(&noise(3, 3 * CS as usize + 100));
     std::fs::write(&path, &grown).unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(base.manifest.clone()),
+        parent: Box::new(base.manifest.as_ref().unwrap().clone()),
         changed: cbt_core::RangeSet::new(),
     };
     let b = backup_file(&fx.repo, &path, request("v", "b", mode, 20))
         .await
         .unwrap();
     // 25 chunks become 28: the old short last chunk (24) is re-read with the new 25..28.
-    assert_eq!(b.manifest.chunks.geometry().chunk_count(), 28);
+    assert_eq!(
+        b.manifest.as_ref().unwrap().chunks.geometry().chunk_count(),
+        28
+    );
     assert_eq!(b.stats.chunks_read, 4);
     assert!(restore("b").await == grown);
 
@@ -328,14 +340,17 @@ async fn incrementals_across_grow_and_shrink_restore_exactly() {
     let shrunk = grown[..10 * CS as usize + 5].to_vec();
     std::fs::write(&path, &shrunk).unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(b.manifest.clone()),
+        parent: Box::new(b.manifest.as_ref().unwrap().clone()),
         changed: cbt_core::RangeSet::new(),
     };
     let c = backup_file(&fx.repo, &path, request("v", "c", mode, 30))
         .await
         .unwrap();
     assert_eq!(c.stats.chunks_read, 1);
-    assert_eq!(c.manifest.volume_size(), shrunk.len() as u64);
+    assert_eq!(
+        c.manifest.as_ref().unwrap().volume_size(),
+        shrunk.len() as u64
+    );
     assert!(restore("c").await == shrunk);
     // The older snapshots are unaffected.
     assert!(restore("a").await == img);
@@ -463,7 +478,14 @@ async fn verify_read_data_names_the_snapshot_of_a_damaged_chunk() {
     backup_file(&fx.repo, &path, request("b-vol", "s2", full(), 2))
         .await
         .unwrap();
-    let (index, r) = a.manifest.chunks.iter_stored().nth(2).unwrap();
+    let (index, r) = a
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .nth(2)
+        .unwrap();
     let key = cbt_store::chunk::chunk_key(&r.hash);
     let file = fx.local.path_of(&key).unwrap();
     let mut bytes = std::fs::read(&file).unwrap();
@@ -487,6 +509,6 @@ async fn verify_read_data_names_the_snapshot_of_a_damaged_chunk() {
     assert!(matches!(p.problem, ProblemKind::Corrupt { .. }));
     assert_eq!(
         report.chunks_read,
-        a.manifest.chunks.unique_chunks().len() as u64
+        a.manifest.as_ref().unwrap().chunks.unique_chunks().len() as u64
     );
 }

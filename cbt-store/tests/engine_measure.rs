@@ -102,20 +102,27 @@ async fn uploaded_per_changed_byte_by_chunk_size() {
             .size;
         let src = Arc::new(FileSource::open(&next_path).unwrap());
         let mode = BackupMode::Incremental {
-            parent: Box::new(base.manifest.clone()),
+            parent: Box::new(base.manifest.as_ref().unwrap().clone()),
             changed: changed.clone(),
         };
         let inc = engine::backup(&repo, src, req("next", mode), &opts)
             .await
             .unwrap();
-        let touched = changed.chunks(base.manifest.chunks.geometry()).count();
+        let touched = changed
+            .chunks(base.manifest.as_ref().unwrap().chunks.geometry())
+            .count();
         assert_eq!(inc.stats.chunks_read, touched);
         assert_eq!(inc.stats.objects_written, touched);
         let per_tib = manifest_bytes as f64 * TIB / VOLUME as f64;
         println!(
             "| {} KiB | {touched} of {} | {:.1} | {:.1} MB |",
             cs >> 10,
-            base.manifest.chunks.geometry().chunk_count(),
+            base.manifest
+                .as_ref()
+                .unwrap()
+                .chunks
+                .geometry()
+                .chunk_count(),
             inc.stats.bytes_uploaded as f64 / changed_bytes as f64,
             per_tib / 1e6,
         );

@@ -60,7 +60,7 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
     // Change about 1% of the volume in 8 places.
     let changed = mutate(&mut img, 8, SIZE / 800, 5);
     std::fs::write(&src, &img).unwrap();
-    let parent = Box::new(first.manifest.clone());
+    let parent = Box::new(first.manifest.as_ref().unwrap().clone());
     let mode = BackupMode::Incremental {
         parent,
         changed: changed.clone(),
@@ -82,20 +82,34 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
     );
     assert!(st2.bytes_in_ranges <= st2.bytes_read);
     assert_eq!(
-        second.manifest.parent.as_ref().unwrap().snapshot.as_str(),
+        second
+            .manifest
+            .as_ref()
+            .unwrap()
+            .parent
+            .as_ref()
+            .unwrap()
+            .snapshot
+            .as_str(),
         "s1"
     );
     // Unchanged chunks keep the parent's references.
-    let untouched = (0..first.manifest.chunks.geometry().chunk_count())
+    let untouched = (0..first
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .geometry()
+        .chunk_count())
         .find(|i| {
             !changed
-                .chunks(first.manifest.chunks.geometry())
+                .chunks(first.manifest.as_ref().unwrap().chunks.geometry())
                 .contains(*i)
         })
         .unwrap();
     assert_eq!(
-        first.manifest.chunks.get(untouched),
-        second.manifest.chunks.get(untouched)
+        first.manifest.as_ref().unwrap().chunks.get(untouched),
+        second.manifest.as_ref().unwrap().chunks.get(untouched)
     );
 
     for (name, expected) in [("s1", &v1), ("s2", &img)] {
@@ -162,7 +176,13 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
     assert!(verify.is_ok(), "{:?}", verify.problems);
     assert_eq!(
         verify.chunks_read,
-        second.manifest.chunks.unique_chunks().len() as u64
+        second
+            .manifest
+            .as_ref()
+            .unwrap()
+            .chunks
+            .unique_chunks()
+            .len() as u64
     );
 }
 
@@ -178,8 +198,11 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
     let one = backup_file(&fx.repo, &path, request("v", "a", full(), 1))
         .await
         .unwrap();
-    assert!(one.manifest.chunks.stored_count() >= 2);
-    assert_eq!(one.manifest.chunks.get(0), ChunkState::Zero);
+    assert!(one.manifest.as_ref().unwrap().chunks.stored_count() >= 2);
+    assert_eq!(
+        one.manifest.as_ref().unwrap().chunks.get(0),
+        ChunkState::Zero
+    );
     // SEEK_DATA is honoured where the file system supports it (tmpfs, ext4, xfs, btrfs).
     if FileSource::open(&path).unwrap().data_ranges_supported() {
         assert!(
@@ -214,7 +237,10 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
     assert_eq!(two.stats.objects_written, 0);
     assert_eq!(two.stats.bytes_uploaded, 0);
     assert_eq!(two.stats.chunks_deduplicated, one.stats.objects_written);
-    assert_eq!(two.manifest.chunks, one.manifest.chunks);
+    assert_eq!(
+        two.manifest.as_ref().unwrap().chunks,
+        one.manifest.as_ref().unwrap().chunks
+    );
 
     // Same name twice is refused and the first snapshot is untouched.
     let err = backup_file(&fx.repo, &path, request("v", "b", full(), 3))
@@ -360,7 +386,7 @@ async fn bad_requests_are_clear_errors() {
         .await
         .unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(base.manifest.clone()),
+        parent: Box::new(base.manifest.as_ref().unwrap().clone()),
         changed: cbt_core::RangeSet::new(),
     };
     let err = backup_file(&fx.repo, &src, request("other", "x", mode, 2))
@@ -370,7 +396,7 @@ async fn bad_requests_are_clear_errors() {
 
     // An incremental cannot change the chunk size.
     let mode = BackupMode::Incremental {
-        parent: Box::new(base.manifest.clone()),
+        parent: Box::new(base.manifest.as_ref().unwrap().clone()),
         changed: cbt_core::RangeSet::new(),
     };
     let mut req = request("v", "z", mode, 2);
@@ -384,7 +410,7 @@ async fn bad_requests_are_clear_errors() {
         .await
         .unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(base.manifest),
+        parent: Box::new(base.manifest.unwrap()),
         changed: cbt_core::RangeSet::new(),
     };
     let err = backup_file(&fx.repo, &src, request("v", "y", mode, 2))
@@ -448,8 +474,8 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     .unwrap();
     assert_eq!(
         counting.calls(Op::Get),
-        4,
-        "the manifest, the lock's check for an exclusive holder, one chunk download and the \
+        5,
+        "the manifest head, its one map segment, the lock's check for an exclusive holder, one chunk download and the \
          lock read back before it is released (only our own lock is deleted)"
     );
     assert_eq!(r.chunks, 8);
@@ -496,7 +522,10 @@ async fn empty_and_tiny_volumes_round_trip() {
         let out = backup_file(&fx.repo, &src, request(name, "s", full(), 1))
             .await
             .unwrap();
-        assert_eq!(out.manifest.volume_size(), data.len() as u64);
+        assert_eq!(
+            out.manifest.as_ref().unwrap().volume_size(),
+            data.len() as u64
+        );
         let target = fx.path(&format!("{name}.restored"));
         engine::restore(
             &fx.repo,
@@ -619,7 +648,8 @@ async fn a_dry_run_checks_that_every_chunk_is_stored() {
     let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap()
-        .manifest;
+        .manifest
+        .unwrap();
     let (index, gone) = m.chunks.iter_stored().map(|(i, r)| (i, *r)).nth(5).unwrap();
     fx.store
         .delete(&cbt_store::chunk::chunk_key(&gone.hash))

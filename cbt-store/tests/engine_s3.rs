@@ -33,7 +33,7 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
     let changed = mutate(&mut img, 3, 5000, 2);
     std::fs::write(&src, &img).unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(first.manifest.clone()),
+        parent: Box::new(first.manifest.as_ref().unwrap().clone()),
         changed,
     };
     let second = backup_file(&repo, &src, request("pvc", "two", mode, 2))
@@ -95,7 +95,14 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
     assert!(std::fs::read(&out).unwrap() == img);
 
     // Damage one chunk on the server's disk: restore names it.
-    let (index, r) = second.manifest.chunks.iter_stored().next().unwrap();
+    let (index, r) = second
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .next()
+        .unwrap();
     let path = server.object_path(
         "backups",
         &format!("team/repo/{}", cbt_store::chunk::chunk_key(&r.hash)),

@@ -77,7 +77,7 @@ async fn check(encrypted: bool) {
     )
     .await
     .unwrap();
-    let r = verify_target(repo.codec(), &out.manifest, &target)
+    let r = verify_target(repo.codec(), out.manifest.as_ref().unwrap(), &target)
         .await
         .unwrap();
     assert!(r.is_ok(), "{r:?}");
@@ -91,7 +91,7 @@ async fn check(encrypted: bool) {
         .unwrap();
     w.write_all_at(&[1], 70_001).unwrap();
     w.write_all_at(&[1], 5 * 64 * 1024 + 3).unwrap();
-    let r = verify_target(repo.codec(), &out.manifest, &target)
+    let r = verify_target(repo.codec(), out.manifest.as_ref().unwrap(), &target)
         .await
         .unwrap();
     assert_eq!(r.mismatched, vec![1, 5]);
@@ -99,7 +99,7 @@ async fn check(encrypted: bool) {
 
     // A target shorter than the volume cannot hold it.
     w.set_len(1000).unwrap();
-    let e = verify_target(repo.codec(), &out.manifest, &target)
+    let e = verify_target(repo.codec(), out.manifest.as_ref().unwrap(), &target)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);

@@ -1,5 +1,6 @@
 //! Fuzzing the decoders of everything read from a store: manifest objects (framing, zstd,
-//! JSON, validation) and chunk objects, fed mutated valid objects and arbitrary bytes.
+//! JSON, validation; format-1 manifests and format-2 heads), format-2 map segments (leaves
+//! and nodes) and chunk objects, fed mutated valid objects and arbitrary bytes.
 //!
 //! Property-based (proptest), so it needs no nightly toolchain and runs in `cargo test` in a
 //! few seconds: each property runs a fixed number of cases (`CASES`, raise it with
@@ -15,11 +16,15 @@ use std::cell::Cell;
 use std::collections::BTreeMap;
 
 use cbt_core::manifest::{ChunkMap, SnapshotMeta};
+use cbt_core::manifest::{ManifestHead, MapLocation, StoredManifest};
+use cbt_core::maptree::{
+    EncodedSegment, MAX_SEGMENT_LEN, Segment, SegmentRef, TreeShape, TreeWriter, decode_segment,
+};
 use cbt_core::plan::{RestorePlan, TargetState};
 use cbt_core::ranges::ChunkGeometry;
 use cbt_core::{ChunkRef, ChunkState, Manifest, SnapshotName, Timestamp, VolumeName};
 use cbt_store::chunk::{self, MAX_RAW_LEN};
-use cbt_store::repo::{SnapshotSummary, decode_manifest};
+use cbt_store::repo::{SnapshotSummary, decode_manifest, decode_stored_manifest};
 use proptest::prelude::*;
 
 /// Cases per property: enough to reach the deep paths, few enough to run in seconds.
@@ -146,6 +151,47 @@ fn exercise(m: &Manifest) {
     assert!(m.chunks.allocated_bytes() + m.chunks.zero_bytes() == m.volume_size());
     let again = Manifest::from_json(&m.to_json().unwrap()).unwrap();
     assert_eq!(&again, m);
+}
+
+/// A format-2 tree of a map with full and partial leaves over three levels: its shape and
+/// every segment (children before parents), named by plain BLAKE3.
+fn seed_tree() -> (TreeShape, Vec<EncodedSegment>) {
+    let g = ChunkGeometry::new(40_000 * 4096 + 1000, 4096).unwrap();
+    let shape = TreeShape::new(g);
+    let namer = |b: &[u8]| chunk::hash_raw(b);
+    let mut w = TreeWriter::new(shape, &namer);
+    let e = chunk::encode(&b"segment fuzz ".repeat(316)[..4096], 3);
+    let short = chunk::encode(&[5u8; 1000], 3);
+    for i in (0..g.chunk_count() - 1).filter(|i| i % 3 == 0 || (16_384..16_600).contains(i)) {
+        w.push(i, e.chunk).unwrap();
+    }
+    w.push(g.chunk_count() - 1, short.chunk).unwrap();
+    let mut all = w.take_finished();
+    all.extend(w.finish().1);
+    (shape, all)
+}
+
+/// A decoded segment used the way readers use it: every entry inside its position's range
+/// and the volume, with a stored size a chunk object of that length can have.
+fn exercise_segment(shape: &TreeShape, s: &EncodedSegment, seg: &Segment) {
+    let g = shape.geometry();
+    let end = s.pos.first + cbt_core::maptree::span(s.pos.level);
+    match seg {
+        Segment::Leaf(e) => {
+            for (i, r) in e {
+                assert!(*i >= s.pos.first && *i < end && *i < g.chunk_count());
+                assert_eq!(r.raw_len, g.chunk_len(*i));
+                assert!(r.stored_size >= 1 && r.stored_size <= r.raw_len + 256);
+            }
+        }
+        Segment::Node(c) => {
+            for (p, r) in c {
+                assert_eq!(p.level + 1, s.pos.level);
+                assert!(p.first >= s.pos.first && p.first < end && p.first < g.chunk_count());
+                assert!(u64::from(r.len) <= MAX_SEGMENT_LEN && r.stored >= 1);
+            }
+        }
+    }
 }
 
 /// Byte-level damage: flips, truncation, splices of random bytes.
@@ -346,5 +392,90 @@ proptest! {
         prop_assert!(peak < MAX_RAW_LEN as usize + MIB, "{} bytes allocated", peak);
         let r = ChunkRef { hash: cbt_core::ChunkHash([0; 32]), stored_size: body.len() as u64, crc32c: 0, raw_len: raw_len.min(1 << 20) };
         let _ = chunk::decode_into(&body, &r, &mut out);
+    }
+
+    /// Damaged map segments (leaves and nodes at every level), checked against their parent's
+    /// record, or against a record rewritten to the damaged length and count (as a forger
+    /// who controls the parent would) so the checks behind the length are reached.
+    #[test]
+    fn damaged_segments_never_panic(
+        which in any::<prop::sample::Index>(),
+        d in damage(),
+        relabel in any::<bool>(),
+        stored in nasty_u64(),
+    ) {
+        let (shape, all) = seed_tree();
+        let s = &all[which.index(all.len())];
+        let body = apply(s.bytes.clone(), &d);
+        let expected = if relabel {
+            SegmentRef { name: s.seg.name, len: body.len() as u32, stored: if stored % 2 == 0 { s.seg.stored } else { stored } }
+        } else {
+            s.seg
+        };
+        let (result, peak) = peak_of(|| decode_segment(&body, &shape, s.pos, &expected));
+        prop_assert!(peak < MIB, "{} bytes allocated", peak);
+        match result {
+            Ok(seg) => exercise_segment(&shape, s, &seg),
+            Err(e) => prop_assert!(
+                matches!(e.kind(), cbt_core::ErrorKind::Integrity | cbt_core::ErrorKind::Unsupported),
+                "{e:?}"
+            ),
+        }
+    }
+
+    /// Arbitrary entries behind a valid segment header, at any level and position.
+    #[test]
+    fn arbitrary_segments_never_panic(
+        level in 0u8..4,
+        first in nasty_u64(),
+        count in 0u64..300,
+        payload in prop::collection::vec(any::<u8>(), 0..2048),
+        stored in nasty_u64(),
+    ) {
+        let (shape, _) = seed_tree();
+        let mut body = b"CBTS\x01".to_vec();
+        body.push(level);
+        body.extend_from_slice(&first.to_le_bytes());
+        let mut c = count;
+        while c >= 0x80 {
+            body.push((c as u8) | 0x80);
+            c >>= 7;
+        }
+        body.push(c as u8);
+        body.extend_from_slice(&payload);
+        let pos = cbt_core::maptree::SegmentPos { level, first };
+        let expected = SegmentRef { name: chunk::hash_raw(&body), len: body.len() as u32, stored };
+        let (result, peak) = peak_of(|| decode_segment(&body, &shape, pos, &expected));
+        prop_assert!(peak < MIB, "{} bytes allocated", peak);
+        if let Ok(seg) = result {
+            let s = EncodedSegment { pos, seg: expected, bytes: body.clone() };
+            exercise_segment(&shape, &s, &seg);
+        }
+    }
+
+    /// Damaged format-2 heads, framed as stored: decode or fail, never panic, small memory.
+    #[test]
+    fn damaged_heads_never_panic(d in damage(), reframe in any::<bool>()) {
+        let (_, all) = seed_tree();
+        let root = all.last().unwrap().seg;
+        let mut head: ManifestHead = seed_manifest().head();
+        head.map = MapLocation::Tree { root: Some(root) };
+        let json = head.to_json().unwrap();
+        let body = if reframe { frame(&apply(json, &d)) } else { apply(frame(&json), &d) };
+        let (result, peak) = peak_of(|| decode_stored_manifest("snapshots/vol/snap", &body));
+        prop_assert!(peak < 16 * MIB, "{} bytes allocated", peak);
+        match result {
+            Ok(StoredManifest::V2(h)) => {
+                let MapLocation::Tree { root } = h.map else { panic!("a head without a tree") };
+                if let Some(r) = root {
+                    prop_assert!(r.stored >= 1 && r.stored <= h.geometry.chunk_count());
+                    prop_assert!(u64::from(r.len) <= MAX_SEGMENT_LEN);
+                }
+                let again = ManifestHead::from_json(&h.to_json().unwrap()).unwrap();
+                prop_assert_eq!(again, h);
+            }
+            Ok(StoredManifest::V1(m)) => exercise(&m),
+            Err(_) => {}
+        }
     }
 }

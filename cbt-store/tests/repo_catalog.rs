@@ -21,14 +21,17 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
     req.source_info.csi_snapshot_id = Some("snap-handle-1".into());
     let a1 = backup_file(&fx.repo, &pa, req).await.unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(a1.manifest.clone()),
+        parent: Box::new(a1.manifest.as_ref().unwrap().clone()),
         changed: cbt_core::RangeSet::new(),
     };
     let a2 = backup_file(&fx.repo, &pa, request("vol-a", "tue", mode, 200))
         .await
         .unwrap();
     assert_eq!(a2.stats.chunks_read, 0, "nothing changed, nothing read");
-    assert_eq!(a2.manifest.chunks, a1.manifest.chunks);
+    assert_eq!(
+        a2.manifest.as_ref().unwrap().chunks,
+        a1.manifest.as_ref().unwrap().chunks
+    );
     backup_file(&fx.repo, &pb, request("vol-b", "mon", full(), 150))
         .await
         .unwrap();
@@ -56,7 +59,7 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
     );
     assert_eq!(
         all[1].parent.as_ref().unwrap().snapshot_id,
-        a1.manifest.snapshot_id
+        a1.manifest.as_ref().unwrap().snapshot_id
     );
     assert_eq!(
         fx.repo
@@ -97,7 +100,7 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
         .load_manifest(&vol("vol-a"), &snap("mon"))
         .await
         .unwrap();
-    assert_eq!(shown, a1.manifest);
+    assert_eq!(shown, a1.manifest.unwrap());
 
     let st = fx.repo.status().await.unwrap();
     assert_eq!(st.snapshots.len(), 3);

@@ -32,7 +32,14 @@ async fn setup() -> (Fixture, BackupOutcome, Vec<u8>) {
 
 /// First stored chunk of the manifest: (index, key).
 fn first_chunk(out: &BackupOutcome) -> (u64, String) {
-    let (i, r) = out.manifest.chunks.iter_stored().next().unwrap();
+    let (i, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .next()
+        .unwrap();
     (i, chunk::chunk_key(&r.hash))
 }
 
@@ -160,7 +167,7 @@ async fn damage_behind_the_store_checksum_is_caught_by_the_chunk_format() {
     let problems = verify(&repo, true).await;
     assert_eq!(
         problems.len() as u64,
-        out.manifest.chunks.unique_chunks().len() as u64
+        out.manifest.as_ref().unwrap().chunks.unique_chunks().len() as u64
     );
     assert!(
         problems.iter().all(
@@ -172,7 +179,7 @@ async fn damage_behind_the_store_checksum_is_caught_by_the_chunk_format() {
 #[tokio::test]
 async fn truncated_and_missing_objects() {
     let (fx, out, _) = setup().await;
-    let mut stored = out.manifest.chunks.iter_stored();
+    let mut stored = out.manifest.as_ref().unwrap().chunks.iter_stored();
     let (i1, r1) = stored.next().unwrap();
     let (i2, r2) = stored.next().unwrap();
     // Truncate one chunk file on disk and delete another.
@@ -224,7 +231,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
 
     // A manifest of format version 99.
     let mut json: serde_json::Value =
-        serde_json::from_slice(&out.manifest.to_json().unwrap()).unwrap();
+        serde_json::from_slice(&out.manifest.as_ref().unwrap().to_json().unwrap()).unwrap();
     json["format_version"] = 99.into();
     let mut body = b"CBMF\x01".to_vec();
     body.extend(zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 1).unwrap());
@@ -283,7 +290,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
     fx.store
         .put(
             &key,
-            Bytes::from(fx_manifest_body(&out.manifest)),
+            Bytes::from(fx_manifest_body(out.manifest.as_ref().unwrap())),
             PutMode::Overwrite,
         )
         .await
@@ -346,7 +353,7 @@ async fn hostile_names_never_reach_keys() {
     fx.store
         .put(
             &other,
-            Bytes::from(fx_manifest_body(&out.manifest)),
+            Bytes::from(fx_manifest_body(out.manifest.as_ref().unwrap())),
             PutMode::Overwrite,
         )
         .await
@@ -380,7 +387,7 @@ async fn hostile_names_never_reach_keys() {
     assert_eq!(list[0].snapshot.as_str(), "s");
     // Names in a manifest are validated on read.
     let mut json: serde_json::Value =
-        serde_json::from_slice(&out.manifest.to_json().unwrap()).unwrap();
+        serde_json::from_slice(&out.manifest.as_ref().unwrap().to_json().unwrap()).unwrap();
     json["volume"] = "../x".into();
     assert!(Manifest::from_json(&serde_json::to_vec(&json).unwrap()).is_err());
 }
@@ -456,7 +463,7 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
     assert_eq!(gc.deleted_chunks, 0);
     assert_eq!(
         gc.kept_chunks,
-        out.manifest.chunks.unique_chunks().len() as u64
+        out.manifest.as_ref().unwrap().chunks.unique_chunks().len() as u64
     );
 
     // While GC holds the exclusive lock, a backup is refused and leaves nothing behind.
@@ -520,7 +527,10 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
     );
     assert!(st.snapshots.iter().all(|s| s.exclusive_stored_bytes == 0));
     assert!(
-        matches!(out.manifest.chunks.get(3), ChunkState::Zero),
+        matches!(
+            out.manifest.as_ref().unwrap().chunks.get(3),
+            ChunkState::Zero
+        ),
         "image() leaves chunks 3..6 zero"
     );
 }

@@ -23,12 +23,14 @@ use engine_support::*;
 const SIZE: usize = 12 * CS as usize;
 
 /// The JSON inside a stored manifest object.
-async fn manifest_json(store: &dyn ObjectStore, volume: &str, snapshot: &str) -> serde_json::Value {
-    let body = store
-        .get(&manifest_key(&vol(volume), &snap(snapshot)))
+/// The manifest in its format-1 (single JSON document) form, which every build still reads:
+/// tampering with it is how these tests forge hostile manifests.
+async fn manifest_json(repo: &Repository, volume: &str, snapshot: &str) -> serde_json::Value {
+    let m = repo
+        .load_manifest(&vol(volume), &snap(snapshot))
         .await
         .unwrap();
-    serde_json::from_slice(&zstd::stream::decode_all(&body[5..]).unwrap()).unwrap()
+    serde_json::from_slice(&m.to_json().unwrap()).unwrap()
 }
 
 /// Writes `json` back as the manifest object, framed exactly as the writer frames it.
@@ -80,17 +82,26 @@ async fn a_hash_recorded_with_two_lengths_is_refused_and_nothing_is_written_past
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let last = out.manifest.chunks.geometry().chunk_count() - 1;
+    let last = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .geometry()
+        .chunk_count()
+        - 1;
     // A full chunk that compresses well, so its stored size is plausible for 1000 raw bytes.
     let (_, full_chunk) = out
         .manifest
+        .as_ref()
+        .unwrap()
         .chunks
         .iter_stored()
         .filter(|(i, _)| *i != last)
         .min_by_key(|(_, r)| r.stored_size)
         .unwrap();
     assert!(full_chunk.stored_size < 1000);
-    let mut json = manifest_json(fx.store.as_ref(), "v", "s").await;
+    let mut json = manifest_json(&fx.repo, "v", "s").await;
     let chunks = json["chunks"].as_array_mut().unwrap();
     chunks.retain(|c| c[0] != last);
     chunks.push(serde_json::json!([
@@ -154,8 +165,15 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
     let s2 = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
         .await
         .unwrap();
-    let (index, r) = s2.manifest.chunks.iter_stored().next().unwrap();
-    let mut json = manifest_json(fx.store.as_ref(), "v", "s2").await;
+    let (index, r) = s2
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .next()
+        .unwrap();
+    let mut json = manifest_json(&fx.repo, "v", "s2").await;
     // Consistently wrong within s2 (every index holding this chunk), so s2 alone is valid.
     for c in json["chunks"].as_array_mut().unwrap() {
         if c[1] == serde_json::json!(r.hash) {
@@ -235,7 +253,7 @@ async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_li
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let json = out.manifest.to_json().unwrap();
+    let json = out.manifest.as_ref().unwrap().to_json().unwrap();
     let bomb = bomb_frame(&json, b' ', 1 << 30);
     assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
     put_manifest_body(fx.store.as_ref(), "v", "s", &bomb).await;
@@ -246,7 +264,7 @@ async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_li
         .load_manifest(&vol("v"), &snap("s"))
         .await
         .unwrap_err();
-    let limit = cbt_core::manifest::max_json_len(out.manifest.chunks.geometry());
+    let limit = cbt_core::manifest::max_json_len(out.manifest.as_ref().unwrap().chunks.geometry());
     assert!(
         matches!(
             err,
@@ -264,7 +282,7 @@ async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_li
     put_manifest_body(fx.store.as_ref(), "v", "s", &bomb_frame(&json, b' ', 1)).await;
     assert_eq!(
         fx.repo.load_manifest(&vol("v"), &snap("s")).await.unwrap(),
-        out.manifest
+        out.manifest.unwrap()
     );
 }
 
@@ -376,7 +394,14 @@ async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let (index, r) = out.manifest.chunks.iter_stored().last().unwrap();
+    let (index, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .last()
+        .unwrap();
     std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
 
     let device = fx.write("device.img", &vec![0xAA; SIZE]);
@@ -412,7 +437,14 @@ async fn a_failed_in_place_restore_says_which_ranges_hold_the_snapshot() {
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let (index, r) = out.manifest.chunks.iter_stored().nth(2).unwrap();
+    let (index, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .nth(2)
+        .unwrap();
     let path = chunk_file(&fx, &r.hash);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[60] ^= 0x01;
@@ -443,7 +475,14 @@ async fn a_failed_in_place_restore_says_which_ranges_hold_the_snapshot() {
     );
     assert_eq!(err.kind(), ErrorKind::Integrity);
     assert_eq!(*volume_size, SIZE as u64);
-    let bad = out.manifest.chunks.geometry().chunk_range(index).unwrap();
+    let bad = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .geometry()
+        .chunk_range(index)
+        .unwrap();
     assert!(!restored.contains(bad.start()));
     assert!(restored.total_bytes() > 0);
     let now = std::fs::read(&device).unwrap();
@@ -471,7 +510,14 @@ async fn gc_keeps_unreferenced_chunks_younger_than_the_grace_period() {
         .delete_snapshot(&vol("v"), &snap("s"))
         .await
         .unwrap();
-    let unique: Vec<_> = out.manifest.chunks.unique_chunks().into_keys().collect();
+    let unique: Vec<_> = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .unique_chunks()
+        .into_keys()
+        .collect();
     assert!(unique.len() >= 4);
     let real_now = Timestamp::from_system_time(SystemTime::now());
     let gc = |now: Timestamp| {
@@ -706,7 +752,14 @@ async fn a_backup_does_not_commit_when_a_chunk_it_deduplicated_against_is_gone()
     let first = backup_file(&fx.repo, &path, request("v", "s1", full(), 1))
         .await
         .unwrap();
-    let (_, gone) = first.manifest.chunks.iter_stored().nth(1).unwrap();
+    let (_, gone) = first
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .nth(1)
+        .unwrap();
     let store: Arc<dyn ObjectStore> = Arc::new(DeleteAtRecheck {
         inner: fx.store.clone(),
         victim: chunk::chunk_key(&gone.hash),
@@ -765,7 +818,7 @@ async fn a_backup_whose_lock_was_broken_does_not_commit() {
     let repo = fx.repo.clone();
     let changed = cbt_core::RangeSet::try_from_extents([(0, 10)]).unwrap();
     let mode = BackupMode::Incremental {
-        parent: Box::new(parent.manifest),
+        parent: Box::new(parent.manifest.unwrap()),
         changed,
     };
     let running = tokio::spawn(async move {
@@ -808,8 +861,15 @@ async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() 
     let mut req = request("v", "s", full(), 1);
     req.chunk_size = Some(4096);
     let out = backup_file(&fx.repo, &src, req).await.unwrap();
-    assert!(out.manifest.chunks.unique_chunks().len() > 1024);
-    let (index, r) = out.manifest.chunks.iter_stored().nth(700).unwrap();
+    assert!(out.manifest.as_ref().unwrap().chunks.unique_chunks().len() > 1024);
+    let (index, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .nth(700)
+        .unwrap();
     std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
     let counting = Arc::new(FaultyStore::new(fx.store.clone()));
     let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)

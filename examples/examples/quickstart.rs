@@ -214,7 +214,7 @@ async fn cbt_backup(
     let plan = plan_cbt_backup(repo, client, &spec).await?;
     let ranges = match &plan.mode {
         BackupMode::Full { allocated: Some(r) } => r.clone(),
-        BackupMode::Incremental { changed, .. } => changed.clone(),
+        BackupMode::IncrementalOf { changed, .. } => changed.clone(),
         other => return Err(format!("unexpected plan {other:?}").into()),
     };
     let summary = plan.metadata.clone().ok_or("no metadata answer")?;
@@ -326,7 +326,7 @@ async fn main() -> Result<(), Error> {
     let t = Instant::now();
     println!("5. incremental backup incr-2 of snap-2 (base: the latest backup's CSI snapshot)");
     let (incr, delta) = cbt_backup(&repo, &client, &volume, &snaps, "snap-2", "incr-2").await?;
-    let parent = incr.manifest.parent.as_ref().map(|p| p.snapshot.as_str());
+    let parent = incr.head.parent.as_ref().map(|p| p.snapshot.as_str());
     if parent != Some("full-1") {
         return Err(format!("the incremental's parent is {parent:?}, not full-1").into());
     }

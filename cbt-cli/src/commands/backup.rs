@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cbt_core::manifest::{ParentRef, SourceInfo};
+use cbt_core::manifest::SourceInfo;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::cbt::plan_cbt_backup;
 use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions, FileSource};
@@ -172,10 +172,11 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
             (plan.mode, plan.volume_size)
         }
         (None, Some(changed), Some(parent)) => {
-            let parent_manifest = repo.load_manifest(&volume, &parent).await?;
+            // The head only: the engine reads just the map segments the change touches.
+            let parent_head = repo.load_head(&volume, &parent).await?;
             (
-                BackupMode::Incremental {
-                    parent: Box::new(parent_manifest),
+                BackupMode::IncrementalOf {
+                    parent: parent_head.as_parent(),
                     changed: changed.ranges,
                 },
                 Some(changed.volume_size),
@@ -186,13 +187,10 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
             let allocated = allocated.map(|a| a.ranges);
             let mode = match parent {
                 Some(parent) => {
-                    let parent_manifest = repo.load_manifest(&volume, &parent).await?;
+                    let parent_head = repo.load_head(&volume, &parent).await?;
                     BackupMode::FullWithParent {
                         allocated,
-                        parent: ParentRef {
-                            snapshot: parent_manifest.snapshot,
-                            snapshot_id: parent_manifest.snapshot_id,
-                        },
+                        parent: parent_head.as_parent(),
                     }
                 }
                 None => BackupMode::Full { allocated },
@@ -223,7 +221,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         b.finish_and_clear();
     }
     let outcome = result?;
-    let m = &outcome.manifest;
+    let m = &outcome.head;
     let s = &outcome.stats;
     ctx.out.emit(
         &serde_json::json!({

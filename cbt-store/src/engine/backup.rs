@@ -4,14 +4,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cbt_core::manifest::{BackupStats, ChunkMap, ParentRef, SnapshotMeta, SourceInfo};
+use std::borrow::Cow;
+use std::collections::BTreeSet;
+
+use cbt_core::manifest::{
+    BackupStats, ChunkMap, ManifestHead, MapLocation, ParentRef, SnapshotMeta, SourceInfo,
+};
+use cbt_core::maptree::{LoadedTree, SegmentRef, TreeShape, derive_tree};
 use cbt_core::plan::{BackupPlan, ChunkRead};
-use cbt_core::{ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName};
+use cbt_core::{
+    ChunkGeometry, ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName,
+};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::EncodedChunk;
-use crate::repo::{ChunkAt, RepoError, RepoLock, Repository, Result, random_id};
+use crate::repo::{ChunkAt, MetadataWritten, RepoError, RepoLock, Repository, Result, random_id};
 
 /// Full or incremental.
 #[derive(Debug, Clone)]
@@ -24,10 +32,26 @@ pub enum BackupMode {
         allocated: Option<RangeSet>,
     },
     /// Read only the chunks touched by `changed` (CSI `GetMetadataDelta` against the parent's
-    /// snapshot); every other chunk keeps the parent's state.
+    /// snapshot); every other chunk keeps the parent's state. The caller holds the parent's
+    /// whole map, and the engine reads the stored parent whole to check it is the same; the
+    /// outcome carries the child's whole map. Prefer [`BackupMode::IncrementalOf`], whose
+    /// metadata cost follows the change (both write only the changed segments of a format-2
+    /// parent).
     Incremental {
         /// The snapshot this one is based on.
         parent: Box<Manifest>,
+        /// Byte ranges changed since the parent.
+        changed: RangeSet,
+    },
+    /// An incremental against a stored parent named by `parent`, reading as little of the
+    /// parent as possible: its head and, in format 2, only the map segments on the paths to
+    /// the chunks `changed` touches. The new snapshot's map shares every other segment with
+    /// the parent, so the metadata written and read follows the change, not the volume (see
+    /// [`cbt_core::maptree`]). A format-1 parent, or a resized volume, is read whole. The
+    /// outcome carries the head ([`BackupOutcome::head`]), not a full map.
+    IncrementalOf {
+        /// The stored snapshot this one is based on.
+        parent: ParentRef,
         /// Byte ranges changed since the parent.
         changed: RangeSet,
     },
@@ -70,8 +94,13 @@ pub struct BackupRequest {
 /// The committed snapshot and the figures of the run.
 #[derive(Debug, Clone)]
 pub struct BackupOutcome {
-    /// The manifest as committed.
-    pub manifest: Manifest,
+    /// The manifest as committed, with its whole map; `None` for
+    /// [`BackupMode::IncrementalOf`], which never holds the whole map (see `head`).
+    pub manifest: Option<Manifest>,
+    /// The committed snapshot's metadata (always present).
+    pub head: ManifestHead,
+    /// Manifest metadata this run wrote, and read of its parent's.
+    pub metadata: MetadataIo,
     /// Figures of the run (also stored in the manifest).
     pub stats: BackupStats,
     /// Read throughput in MB/s (bytes read / wall time).
@@ -79,6 +108,18 @@ pub struct BackupOutcome {
     /// Raw chunk buffers allocated by the run (buffers are reused; at most
     /// `readers + readahead + workers` whatever the volume size).
     pub raw_buffers_allocated: u64,
+}
+
+/// Manifest metadata moved by one backup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetadataIo {
+    /// Segments and head written.
+    pub written: MetadataWritten,
+    /// Bytes of the parent's map segments read (format 2 parents; a format-1 parent is read
+    /// whole and counted here as 0 segment bytes).
+    pub parent_segment_bytes_read: u64,
+    /// Parent map segments read.
+    pub parent_segments_read: u64,
 }
 
 /// Result of the CPU stage for one chunk.
@@ -172,6 +213,22 @@ pub async fn backup(
                 in_ranges,
             )
         }
+        BackupMode::IncrementalOf { parent, changed } => {
+            let head = load_parent_head(repo, &req.volume, parent).await?;
+            if let Some(cs) = req.chunk_size.filter(|cs| *cs != head.chunk_size()) {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!(
+                        "chunk size {cs} differs from the parent's {}; an incremental keeps its parent's chunk size",
+                        head.chunk_size()
+                    ),
+                });
+            }
+            let in_ranges = changed.clip(volume_size).total_bytes();
+            (
+                BackupPlan::incremental_of(&head.geometry, changed, volume_size)?,
+                in_ranges,
+            )
+        }
         BackupMode::Incremental { parent, changed } => {
             if parent.volume != req.volume {
                 return Err(RepoError::InvalidRequest {
@@ -233,6 +290,101 @@ pub async fn backup(
     }
 }
 
+/// The parent as this run holds it: a whole manifest, or (format 2, same geometry) its head
+/// and the segments on the paths to the planned chunks.
+enum Parent<'a> {
+    Whole(Cow<'a, Manifest>),
+    Lean {
+        head: ManifestHead,
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        loaded: LoadedTree,
+        /// The whole parent, when the caller handed it in ([`BackupMode::Incremental`]).
+        given: Option<&'a Manifest>,
+    },
+}
+
+impl Parent<'_> {
+    fn view(&self) -> ParentView<'_> {
+        match self {
+            Parent::Whole(m) => ParentView::Full(&m.chunks),
+            Parent::Lean { shape, loaded, .. } => ParentView::Lean(shape, loaded),
+        }
+    }
+
+    fn link(&self) -> ParentRef {
+        match self {
+            Parent::Whole(m) => ParentRef {
+                snapshot: m.snapshot.clone(),
+                snapshot_id: m.snapshot_id.clone(),
+            },
+            Parent::Lean { head, .. } => head.as_parent(),
+        }
+    }
+
+    fn names(&self) -> (&VolumeName, &SnapshotName) {
+        match self {
+            Parent::Whole(m) => (&m.volume, &m.snapshot),
+            Parent::Lean { head, .. } => (&head.volume, &head.snapshot),
+        }
+    }
+}
+
+/// The parent's chunk states the pipeline compares against (only planned indices are asked).
+#[derive(Clone, Copy)]
+enum ParentView<'a> {
+    Full(&'a ChunkMap),
+    Lean(&'a TreeShape, &'a LoadedTree),
+}
+
+impl ParentView<'_> {
+    fn get(&self, index: u64) -> ChunkState {
+        match self {
+            ParentView::Full(m) => m.get(index),
+            ParentView::Lean(shape, loaded) => loaded.get(shape, index),
+        }
+    }
+
+    fn chunk_size(&self) -> u64 {
+        match self {
+            ParentView::Full(m) => m.geometry().chunk_size(),
+            ParentView::Lean(shape, _) => shape.geometry().chunk_size(),
+        }
+    }
+}
+
+/// The root of a format-2 parent whose geometry equals the new snapshot's: then only the
+/// paths to the changed leaves are needed. `None` when the whole parent must be read.
+fn lean_root(head: &ManifestHead, geometry: &ChunkGeometry) -> Option<Option<SegmentRef>> {
+    match head.map {
+        MapLocation::Tree { root } if head.geometry == *geometry => Some(root),
+        _ => None,
+    }
+}
+
+/// Loads the paths of a format-2 parent to the planned chunks.
+async fn load_lean<'a>(
+    repo: &Repository,
+    head: ManifestHead,
+    root: Option<SegmentRef>,
+    plan: &BackupPlan,
+    given: Option<&'a Manifest>,
+    metadata: &mut MetadataIo,
+) -> Result<Parent<'a>> {
+    let shape = TreeShape::new(head.geometry);
+    let changed: BTreeSet<u64> = plan.chunks().iter().collect();
+    let (loaded, bytes) = repo.load_paths(&shape, root, &changed).await?;
+    metadata.parent_segment_bytes_read = bytes;
+    metadata.parent_segments_read = (loaded.nodes.len() + loaded.leaves.len()) as u64;
+    Ok(Parent::Lean {
+        head,
+        shape,
+        root,
+        loaded,
+        given,
+    })
+}
+
 #[allow(clippy::too_many_arguments)] // one private call site; the pieces are distinct
 async fn run_locked(
     repo: &Repository,
@@ -247,32 +399,53 @@ async fn run_locked(
     // Under the lock no GC can start, so the parent (and every chunk it references) stays
     // as long as it still exists now, with the same id: a parent deleted and re-created under
     // the same name before we got here may have lost chunks the caller's copy references.
-    let loaded_parent;
-    let parent: Option<&Manifest> = match &req.mode {
-        BackupMode::Incremental { parent, .. } => {
+    let geometry = *plan.geometry();
+    let mut metadata = MetadataIo::default();
+    let parent: Option<Parent<'_>> = match &req.mode {
+        BackupMode::Incremental { parent: given, .. } => {
+            // The caller's whole parent must be what the repository holds, or the child would
+            // reference chunks nobody checked: this mode reads the stored parent whole.
             let stored =
-                load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?;
-            if stored.chunks != parent.chunks {
+                load_parent(repo, &req.volume, &given.snapshot, &given.snapshot_id).await?;
+            if stored.chunks != given.chunks {
                 return Err(RepoError::InvalidRequest {
                     reason: format!(
                         "the parent manifest given for {}/{} differs from the stored one; load it from the repository",
-                        parent.volume, parent.snapshot
+                        given.volume, given.snapshot
                     ),
                 });
             }
             drop(stored);
-            Some(parent.as_ref())
+            let link = ParentRef {
+                snapshot: given.snapshot.clone(),
+                snapshot_id: given.snapshot_id.clone(),
+            };
+            let head = load_parent_head(repo, &req.volume, &link).await?;
+            match lean_root(&head, &geometry) {
+                // Format 2: the new map is still written as the changed segments only.
+                Some(root) => {
+                    Some(load_lean(repo, head, root, &plan, Some(given), &mut metadata).await?)
+                }
+                None => Some(Parent::Whole(Cow::Borrowed(given.as_ref()))),
+            }
         }
-        BackupMode::FullWithParent { parent, .. } => {
-            loaded_parent =
-                load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?;
-            Some(&loaded_parent)
+        BackupMode::IncrementalOf { parent: link, .. } => {
+            let head = load_parent_head(repo, &req.volume, link).await?;
+            match lean_root(&head, &geometry) {
+                Some(root) => Some(load_lean(repo, head, root, &plan, None, &mut metadata).await?),
+                None => Some(Parent::Whole(Cow::Owned(
+                    load_parent(repo, &req.volume, &link.snapshot, &link.snapshot_id).await?,
+                ))),
+            }
         }
+        BackupMode::FullWithParent { parent, .. } => Some(Parent::Whole(Cow::Owned(
+            load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
+        ))),
         BackupMode::Full { .. } => None,
     };
-    let geometry = *plan.geometry();
+    let view = parent.as_ref().map(Parent::view);
     let (read, mut stats, raw_buffers_allocated, found_stored) =
-        run_pipeline(repo, source, &plan, parent, opts).await?;
+        run_pipeline(repo, source, &plan, view, opts).await?;
     stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     stats.bytes_in_ranges = bytes_in_ranges;
 
@@ -285,28 +458,77 @@ async fn run_locked(
         labels: req.labels.clone(),
         stats,
     };
-    let manifest = match (&req.mode, parent) {
-        (BackupMode::Incremental { .. }, Some(p)) => {
+    let name = format!("{}/{}", req.volume, req.snapshot);
+    let parent_names = parent.as_ref().map(Parent::names);
+    let incremental = matches!(
+        req.mode,
+        BackupMode::Incremental { .. } | BackupMode::IncrementalOf { .. }
+    );
+    let (head, manifest) = match &parent {
+        Some(
+            p @ Parent::Lean {
+                shape,
+                root,
+                loaded,
+                given,
+                ..
+            },
+        ) => {
             // Every planned chunk was read: its new state replaces the parent's.
-            let changes = plan.chunks().iter().map(|i| (i, read.get(i)));
-            Manifest::derive_child(p, meta, geometry.volume_size(), changes)?
+            let changes: BTreeMap<u64, ChunkState> =
+                plan.chunks().iter().map(|i| (i, read.get(i))).collect();
+            drop(read);
+            let namer = |b: &[u8]| repo.segment_name(b);
+            let (new_root, segments) = derive_tree(shape, *root, loaded, &changes, &namer)?;
+            let manifest = match given {
+                Some(g) => Some(Manifest::derive_child(
+                    g,
+                    meta.clone(),
+                    geometry.volume_size(),
+                    changes.iter().map(|(i, s)| (*i, *s)),
+                )?),
+                None => None,
+            };
+            let head = ManifestHead {
+                volume: meta.volume,
+                snapshot: meta.snapshot,
+                snapshot_id: meta.snapshot_id,
+                created: meta.created,
+                geometry,
+                parent: Some(p.link()),
+                source: meta.source,
+                labels: meta.labels,
+                stats: meta.stats,
+                map: MapLocation::Tree { root: new_root },
+            };
+            // Refused before anything is written, like every other invalid manifest.
+            head.to_json()?;
+            recheck_before_commit(repo, lock, &name, parent_names, found_stored, opts).await?;
+            metadata.written = repo.put_segments_of(segments).await?;
+            metadata.written.head_bytes = repo.commit_head(&head).await?;
+            (head, manifest)
         }
-        (_, p) => Manifest::new(
-            meta,
-            read,
-            p.map(|p| ParentRef {
-                snapshot: p.snapshot.clone(),
-                snapshot_id: p.snapshot_id.clone(),
-            }),
-        )?,
+        p => {
+            let manifest = match p {
+                Some(Parent::Whole(pm)) if incremental => {
+                    let changes = plan.chunks().iter().map(|i| (i, read.get(i)));
+                    Manifest::derive_child(pm, meta, geometry.volume_size(), changes)?
+                }
+                _ => Manifest::new(meta, read, p.as_ref().map(|p| p.link()))?,
+            };
+            recheck_before_commit(repo, lock, &name, parent_names, found_stored, opts).await?;
+            let (head, written) = repo.commit_manifest_head(&manifest).await?;
+            metadata.written = written;
+            (head, Some(manifest))
+        }
     };
-    recheck_before_commit(repo, lock, &manifest, parent, found_stored, opts).await?;
-    repo.commit_manifest(&manifest).await?;
     Ok(BackupOutcome {
-        read_mb_per_s: mb_per_s(stats.bytes_read, stats.wall_ms),
+        read_mb_per_s: mb_per_s(head.stats.bytes_read, head.stats.wall_ms),
         raw_buffers_allocated,
-        stats: manifest.stats,
+        stats: head.stats,
+        head,
         manifest,
+        metadata,
     })
 }
 
@@ -314,15 +536,15 @@ async fn run_locked(
 /// operator broke the lock while the backup ran, and a prune deleted data under it.
 ///
 /// The lock object must still be ours (nobody recreates a broken lock, so if it is there it
-/// was there all along and no GC can have run); the parent must still exist (its chunks, which
-/// the new manifest inherits, are then still referenced and kept by any GC); and every chunk
-/// this run found already stored instead of uploading must still be stored. Chunks this run
-/// uploaded itself are protected by GC's grace period.
+/// was there all along and no GC can have run); the parent must still exist (its chunks and
+/// segments, which the new manifest inherits, are then still referenced and kept by any GC);
+/// and every chunk this run found already stored instead of uploading must still be stored.
+/// Chunks and segments this run uploaded itself are protected by GC's grace period.
 async fn recheck_before_commit(
     repo: &Repository,
     lock: &RepoLock,
-    manifest: &Manifest,
-    parent: Option<&Manifest>,
+    name: &str,
+    parent: Option<(&VolumeName, &SnapshotName)>,
     found_stored: HashMap<ChunkHash, ChunkAt>,
     opts: &EngineOptions,
 ) -> Result<()> {
@@ -332,26 +554,46 @@ async fn recheck_before_commit(
     if !lock.still_held().await? {
         return Err(lost());
     }
-    if let Some(p) = parent
-        && !repo.snapshot_exists(&p.volume, &p.snapshot).await?
+    if let Some((v, s)) = parent
+        && !repo.snapshot_exists(v, s).await?
     {
         return Err(RepoError::InvalidRequest {
             reason: format!(
-                "parent snapshot {}/{} was deleted while the backup ran; nothing was committed: back up in full",
-                p.volume, p.snapshot
+                "parent snapshot {v}/{s} was deleted while the backup ran; nothing was committed: back up in full"
             ),
         });
     }
     let mut refs: Vec<ChunkAt> = found_stored.into_values().collect();
     refs.sort_by_key(|r| r.index);
-    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
-    repo.check_chunks_stored(&name, &refs, opts.transfers)
+    repo.check_chunks_stored(name, &refs, opts.transfers)
         .await?;
     // The checks above took time: the lock must not have gone meanwhile either.
     if !lock.still_held().await? {
         return Err(lost());
     }
     Ok(())
+}
+
+/// Loads the parent's head and checks it is the snapshot the caller meant (same id, same
+/// volume).
+async fn load_parent_head(
+    repo: &Repository,
+    volume: &VolumeName,
+    parent: &ParentRef,
+) -> Result<ManifestHead> {
+    let snapshot = &parent.snapshot;
+    let gone = |what: &str| RepoError::InvalidRequest {
+        reason: format!("parent snapshot {volume}/{snapshot} {what}; back up in full"),
+    };
+    match repo.load_head(volume, snapshot).await {
+        Ok(h) if h.snapshot_id == parent.snapshot_id => Ok(h),
+        Ok(h) => Err(gone(&format!(
+            "was replaced (id {} is now {}): it may have lost chunks to GC",
+            parent.snapshot_id, h.snapshot_id
+        ))),
+        Err(RepoError::SnapshotNotFound { .. }) => Err(gone("does not exist (deleted?)")),
+        Err(e) => Err(e),
+    }
 }
 
 /// Loads the parent under the backup's lock and checks it is the snapshot the caller meant.
@@ -386,7 +628,7 @@ struct Folded {
 }
 
 impl Folded {
-    fn add(&mut self, d: Done, compare: Option<&Manifest>) -> Result<()> {
+    fn add(&mut self, d: Done, compare: Option<ParentView<'_>>) -> Result<()> {
         let stats = &mut self.stats;
         stats.bytes_read += d.raw_len;
         stats.chunks_read += 1;
@@ -412,7 +654,7 @@ impl Folded {
                 }
             }
         }
-        let before = compare.map_or(ChunkState::Zero, |p| p.chunks.get(d.index));
+        let before = compare.map_or(ChunkState::Zero, |p| p.get(d.index));
         if !same_content(&before, &d.state) {
             stats.bytes_changed += d.raw_len;
         }
@@ -496,7 +738,7 @@ async fn run_pipeline(
     repo: &Repository,
     source: Arc<dyn BlockSource>,
     plan: &BackupPlan,
-    parent: Option<&Manifest>,
+    parent: Option<ParentView<'_>>,
     opts: &EngineOptions,
 ) -> Result<(ChunkMap, BackupStats, u64, HashMap<ChunkHash, ChunkAt>)> {
     let pool = BufferPool::default();
@@ -631,7 +873,7 @@ const KNOWN_CHUNKS_CAP: usize = 65_536;
 
 async fn upload(
     repo: &Repository,
-    parent: Option<&Manifest>,
+    parent: Option<ParentView<'_>>,
     known: &Mutex<HashMap<ChunkHash, u64>>,
     r: ChunkRead,
     e: EncodedChunk,
@@ -642,7 +884,7 @@ async fn upload(
     let hash = e.chunk.hash;
     // An unchanged chunk has the parent's hash at the same index; the parent (kept alive by
     // our lock) vouches that it is stored, without a table of the parent's hashes.
-    let from_parent = parent.and_then(|p| match p.chunks.get(r.index) {
+    let from_parent = parent.and_then(|p| match p.get(r.index) {
         ChunkState::Stored(c) if c.hash == hash => Some(c.stored_size),
         _ => None,
     });

@@ -249,7 +249,8 @@ pub async fn plan_cbt_backup(
             (None, None, None)
         }
         DeltaBase::Handle(base) => {
-            let manifests = repo.load_manifests(Some(&spec.volume)).await?;
+            // Heads only: choosing a parent needs names, times and provenance, not maps.
+            let manifests = repo.load_heads(Some(&spec.volume)).await?;
             let parent = lineage::choose_parent(
                 manifests,
                 &spec.volume,
@@ -260,7 +261,7 @@ pub async fn plan_cbt_backup(
             (Some(base.clone()), Some(parent), None)
         }
         DeltaBase::Latest => {
-            let manifests = repo.load_manifests(Some(&spec.volume)).await?;
+            let manifests = repo.load_heads(Some(&spec.volume)).await?;
             match lineage::latest_delta_base(manifests) {
                 None => (None, None, None),
                 Some((latest, Some(handle))) => (Some(handle), Some(latest), None),
@@ -287,8 +288,8 @@ pub async fn plan_cbt_backup(
     match client.collect_range_set(spec.request(query.clone())).await {
         Ok((ranges, summary)) => {
             let mode = match (parent, lineage_only) {
-                (Some(p), _) => BackupMode::Incremental {
-                    parent: Box::new(p),
+                (Some(p), _) => BackupMode::IncrementalOf {
+                    parent: p.as_parent(),
                     changed: ranges,
                 },
                 (None, Some(lineage)) => BackupMode::FullWithParent {

@@ -16,8 +16,11 @@
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
 //! None of this depends on the volume size; only chunk maps do (see `cbt_core::manifest`,
 //! about 18 MiB per fully allocated TiB at 4 MiB chunks). A backup folds each chunk's result
-//! into the new map as it arrives (no per-chunk list besides it); an incremental also holds
-//! its parent's map, and the child's map is built from both at the end. Hashes this run stored
+//! into the new map as it arrives (no per-chunk list besides it). An incremental
+//! ([`BackupMode::IncrementalOf`] against a format-2 parent of the same size) holds only the
+//! states of the chunks it reads plus the parent's segments on their paths (about 10 KB per
+//! touched 128-chunk range, see `cbt_core::maptree`), never the parent's whole map; other
+//! incrementals hold the parent's map and build the child's from both. Hashes this run stored
 //! are remembered for deduplication in a table capped at 65,536 entries (about 4 MiB).
 //! A restore holds the manifest's map, the ranges to zero and the offsets of chunks stored at
 //! several indices; planning counts references in a transient table (about 50 bytes per
@@ -76,8 +79,9 @@
 //! let full = engine::backup(&repo, source.clone(), request("mon", BackupMode::Full { allocated: None })?, &opts).await?;
 //! // Ranges changed since "mon", e.g. from CSI GetMetadataDelta as (offset, length) pairs.
 //! let changed = RangeSet::try_from_extents([(0, 4096), (1 << 30, 65536)])?;
-//! let parent = Box::new(full.manifest);
-//! engine::backup(&repo, source, request("tue", BackupMode::Incremental { parent, changed })?, &opts).await?;
+//! // Reads only the parent's head and the map segments the change touches.
+//! let parent = full.head.as_parent();
+//! engine::backup(&repo, source, request("tue", BackupMode::IncrementalOf { parent, changed })?, &opts).await?;
 //! engine::restore(&repo, &volume, &SnapshotName::new("tue")?, "/tmp/db.img".as_ref(),
 //!     &RestoreOptions::default(), &opts).await?;
 //! # Ok(())
@@ -94,7 +98,7 @@ use std::sync::Arc;
 #[cfg(feature = "csi")]
 pub mod cbt;
 
-pub use backup::{BackupMode, BackupOutcome, BackupRequest, backup};
+pub use backup::{BackupMode, BackupOutcome, BackupRequest, MetadataIo, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
 pub use source::{BlockSource, FileSource};
 pub use verify_target::{TargetVerifyReport, verify_target};

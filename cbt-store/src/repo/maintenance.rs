@@ -25,9 +25,11 @@ use serde::Serialize;
 
 use super::{
     ChunkContext, RepoError, RepoLock, Repository, Result, SnapshotSummary, manifest_key,
-    stored_chunks,
+    segment_key, stored_chunks,
 };
 use crate::chunk;
+use cbt_core::manifest::{MapLocation, StoredManifest};
+use cbt_core::maptree::{Segment, TreeShape};
 
 /// What makes two chunk references the same check for `verify --read-data`.
 type RefKey = (ChunkHash, u64, u32, u64);
@@ -151,6 +153,13 @@ pub struct GcReport {
     pub grace_cutoff: Option<Timestamp>,
     /// Referenced chunks not found in the store (run `verify`).
     pub missing_chunks: Vec<ChunkHash>,
+    /// Manifest segments (format 2) deleted (or that would be); their bytes are in
+    /// `reclaimed_bytes`.
+    pub deleted_segments: u64,
+    /// Segments kept (referenced, or within the grace period).
+    pub kept_segments: u64,
+    /// Unreferenced segments kept because they are younger than the grace period.
+    pub recent_segments: u64,
 }
 
 /// What `prune` does.
@@ -394,22 +403,46 @@ impl Repository {
             .buffered(LOAD_CONCURRENCY)
     }
 
-    /// Every chunk referenced by the manifests of `keys`; fails on the first unreadable one.
+    /// Every chunk and segment referenced by the manifests of `keys`; fails on the first
+    /// unreadable one. A segment shared by several manifests (same name, same content) is read
+    /// once: its subtree's references are already collected.
     async fn referenced(
         &self,
         keys: Vec<(VolumeName, SnapshotName)>,
-    ) -> Result<BTreeMap<ChunkHash, u64>> {
+    ) -> Result<(BTreeMap<ChunkHash, u64>, BTreeMap<ChunkHash, u64>)> {
         let mut referenced = BTreeMap::new();
-        let mut manifests = self.manifest_stream(keys);
-        while let Some((_, _, m)) = manifests.next().await {
-            match m {
-                Ok(m) => referenced.append(&mut referenced_chunks([&m])),
+        let mut segments: BTreeMap<ChunkHash, u64> = BTreeMap::new();
+        for (v, s) in keys {
+            match self.load_stored(&v, &s).await {
+                Ok(StoredManifest::V1(m)) => referenced.append(&mut referenced_chunks([&m])),
+                Ok(StoredManifest::V2(head)) => {
+                    let MapLocation::Tree { root } = head.map else {
+                        continue;
+                    };
+                    let shape = TreeShape::new(head.geometry);
+                    let seen = std::cell::RefCell::new(&mut segments);
+                    self.walk_tree(
+                        &shape,
+                        root,
+                        |r| seen.borrow().contains_key(&r.name),
+                        |_, r, seg| {
+                            seen.borrow_mut().insert(r.name, u64::from(r.len));
+                            if let Segment::Leaf(entries) = seg {
+                                for (_, c) in entries {
+                                    referenced.insert(c.hash, c.stored_size);
+                                }
+                            }
+                            Ok(())
+                        },
+                    )
+                    .await?;
+                }
                 // Deleted since the listing: its chunks need no protection any more.
                 Err(RepoError::SnapshotNotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(referenced)
+        Ok((referenced, segments))
     }
 
     async fn collect_garbage(
@@ -418,18 +451,29 @@ impl Repository {
         dry_run: bool,
         recent_since: Option<Timestamp>,
     ) -> Result<GcReport> {
-        let referenced = self.referenced(keys).await?;
+        let (referenced, referenced_segments) = self.referenced(keys).await?;
         let stored = stored_chunks(self.store().as_ref()).await?;
         let plan = plan_gc_with_grace(&referenced, stored.into_values(), recent_since);
+        // Segments follow the same rules as chunks: unreferenced and older than the grace.
+        let stored_segments = self.stored_segments().await?;
+        let seg_plan = plan_gc_with_grace(
+            &referenced_segments,
+            stored_segments.into_values(),
+            recent_since,
+        );
         if !dry_run {
             let store = self.store();
-            futures::stream::iter(plan.delete.iter())
-                .map(|h| async move {
-                    let key = chunk::chunk_key(h);
+            let keys = plan
+                .delete
+                .iter()
+                .map(chunk::chunk_key)
+                .chain(seg_plan.delete.iter().map(segment_key));
+            futures::stream::iter(keys)
+                .map(|key| async move {
                     store
                         .delete(&key)
                         .await
-                        .map_err(|e| RepoError::store(format!("deleting chunk {key}"), e))
+                        .map_err(|e| RepoError::store(format!("deleting {key}"), e))
                 })
                 .buffer_unordered(DELETE_CONCURRENCY)
                 .try_collect::<Vec<()>>()
@@ -438,12 +482,15 @@ impl Repository {
         Ok(GcReport {
             dry_run,
             deleted_chunks: plan.delete.len() as u64,
-            reclaimed_bytes: plan.reclaim_bytes,
+            reclaimed_bytes: plan.reclaim_bytes.saturating_add(seg_plan.reclaim_bytes),
             kept_chunks: plan.kept,
             recent_chunks: plan.recent,
             recent_bytes: plan.recent_bytes,
             grace_cutoff: recent_since,
             missing_chunks: plan.missing,
+            deleted_segments: seg_plan.delete.len() as u64,
+            kept_segments: seg_plan.kept,
+            recent_segments: seg_plan.recent,
         })
     }
 
@@ -474,7 +521,13 @@ impl Repository {
             listed.into_iter().map(|(v, s, t)| ((v, s), t)).collect();
         let keys: Vec<(VolumeName, SnapshotName)> = stored_at.keys().cloned().collect();
         let mut by_volume: BTreeMap<VolumeName, Vec<(SnapshotName, Timestamp)>> = BTreeMap::new();
-        let mut manifests = self.manifest_stream(keys.clone());
+        // Heads only: retention needs names and times, not maps.
+        let mut manifests = futures::stream::iter(keys.clone())
+            .map(|(v, s)| async move {
+                let h = self.load_head(&v, &s).await;
+                (v, s, h)
+            })
+            .buffered(LOAD_CONCURRENCY);
         while let Some((v, s, m)) = manifests.next().await {
             let m = match m {
                 Ok(m) => m,

@@ -7,7 +7,11 @@
 //! ```text
 //! config                           repository config (JSON): format version, id, chunk size
 //! chunks/<hh>/<blake3 hex>         chunk objects (format in crate::chunk), content addressed
-//! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON manifest)
+//! snapshots/<volume>/<snapshot>    manifests: "CBMF", encoding byte 1, zstd(JSON): a format-2
+//!                                  head (metadata + root of the map's segment tree), or a
+//!                                  whole format-1 manifest (still read, no longer written)
+//! segments/<hh>/<name>             format-2 map segments (binary, see cbt_core::maptree),
+//!                                  named by the hash of their bytes, shared between snapshots
 //! locks/exclusive                  held by prune / gc
 //! locks/shared/<lock id>           one per running backup (and restore, when it may write)
 //! locks/keys                       held while key slots are added or removed
@@ -19,8 +23,8 @@
 //! A repository created with [`Repository::init_encrypted`] or
 //! [`Repository::init_encrypted_with`] (config version
 //! [`ENCRYPTED_REPO_FORMAT_VERSION`], so older builds refuse it instead of writing into it in
-//! the clear) seals every chunk and manifest object ([`Codec`], [`crate::crypto`]) and names
-//! chunks by a keyed hash. The config stays readable (it carries no key material, only the
+//! the clear) seals every chunk, manifest and segment object ([`Codec`], [`crate::crypto`]) and
+//! names chunks and segments by a keyed hash. The config stays readable (it carries no key material, only the
 //! scheme and the key id). Open it with [`Repository::open_with_key`]; [`Repository::open`]
 //! refuses with [`RepoError::KeyRequired`], and `open_with_key` refuses an unencrypted
 //! repository ([`RepoError::NotEncrypted`]). Passwords and key files are managed with
@@ -38,16 +42,20 @@
 //! Everything read back is treated as hostile input. Every read is bounded by a size known
 //! before the read ([`ObjectStore::get_bounded`]): the config and lock objects by
 //! [`MAX_CONFIG_LEN`] and [`lock::MAX_LOCK_LEN`], a manifest object by
-//! [`MAX_MANIFEST_OBJECT_LEN`] and its decompressed JSON by the geometry it declares
-//! ([`Manifest::from_json_reader`]), a chunk object by the stored size its manifest records
+//! [`MAX_MANIFEST_OBJECT_LEN`] and its decompressed JSON by the version and geometry it
+//! declares ([`cbt_core::manifest::decode_json_reader`]: a format-2 head by
+//! [`cbt_core::manifest::MAX_HEAD_JSON`]), a segment by the length its parent records (at
+//! most [`cbt_core::maptree::MAX_SEGMENT_LEN`], then checked against its name and position),
+//! a chunk object by the stored size its manifest records
 //! (itself bounded by the chunk's raw length, see [`cbt_core::Manifest::validate`]).
 //! Decompression never produces more than that bound: a few KiB that would inflate to
 //! gigabytes are an error naming the object. Every manifest is validated before use, so
 //! nothing downstream (restore, verify, GC) acts on an inconsistent one.
 //!
 //! # Guarantees
-//! * A snapshot is visible only once its manifest exists; the manifest is written last, with
-//!   `IfAbsent`, after every chunk it references has landed. Snapshots are never overwritten.
+//! * A snapshot is visible only once its manifest exists; the manifest (head) is written last,
+//!   with `IfAbsent`, after every chunk and segment it references has landed. Snapshots are
+//!   never overwritten; segments, like chunks, are immutable and shared by name.
 //! * Chunks are immutable and written with `IfAbsent`: a chunk already stored is never
 //!   uploaded again, so an interrupted backup resumes by re-reading but not re-uploading.
 //! * Locking (see [`lock`]): backups hold a shared lock, prune/GC an exclusive one. GC refuses
@@ -78,13 +86,14 @@ mod error;
 mod keys;
 pub mod lock;
 mod maintenance;
+mod tree;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use cbt_core::gc::StoredChunk;
-use cbt_core::manifest::{BackupStats, ParentRef, SourceInfo};
+use cbt_core::manifest::{BackupStats, MapLocation, ParentRef, SourceInfo, StoredManifest};
 use cbt_core::ranges::{DEFAULT_CHUNK_SIZE, validate_chunk_size};
 use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeName};
 use futures::{StreamExt, TryStreamExt};
@@ -98,6 +107,7 @@ pub use maintenance::{
     DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
     SnapshotStatus, VerifyOptions, VerifyProblem, VerifyReport,
 };
+pub use tree::{MetadataWritten, SEGMENT_BATCH, segment_key};
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
 use crate::crypto::ObjectKind;
@@ -432,16 +442,32 @@ impl Repository {
             .map_err(|e| RepoError::store(format!("checking snapshot {volume}/{snapshot}"), e))
     }
 
-    /// Reads and decodes a snapshot's manifest.
+    /// Reads and decodes a snapshot's manifest, with its whole chunk map (the segments of a
+    /// format-2 manifest are read and validated; memory follows the map).
     ///
     /// # Errors
     /// [`RepoError::SnapshotNotFound`]; [`RepoError::Manifest`] for an unreadable or
-    /// future-version manifest; [`RepoError::ManifestFraming`]; store errors.
+    /// future-version manifest or segment; [`RepoError::ManifestFraming`]; store errors.
     pub async fn load_manifest(
         &self,
         volume: &VolumeName,
         snapshot: &SnapshotName,
     ) -> Result<Manifest> {
+        match self.load_stored(volume, snapshot).await? {
+            StoredManifest::V1(m) => Ok(m),
+            StoredManifest::V2(head) => self.load_tree_manifest(head).await,
+        }
+    }
+
+    /// Reads a snapshot's manifest object: a whole format-1 manifest or a format-2 head.
+    ///
+    /// # Errors
+    /// As [`Repository::load_manifest`], except that no segment is read.
+    pub async fn load_stored(
+        &self,
+        volume: &VolumeName,
+        snapshot: &SnapshotName,
+    ) -> Result<StoredManifest> {
         let key = manifest_key(volume, snapshot);
         let body = match self.store.get_bounded(&key, MAX_MANIFEST_OBJECT_LEN).await {
             Ok(b) => b,
@@ -454,17 +480,23 @@ impl Repository {
             Err(e) => return Err(RepoError::store(format!("reading manifest {key}"), e)),
         };
         let body = self.codec.open_object(ObjectKind::Manifest, &key, body)?;
-        let m = decode_manifest(&key, &body)?;
-        if &m.volume != volume || &m.snapshot != snapshot {
+        let m = decode_stored_manifest(&key, &body)?;
+        let (v, s) = match &m {
+            StoredManifest::V1(m) => (&m.volume, &m.snapshot),
+            StoredManifest::V2(h) => (&h.volume, &h.snapshot),
+        };
+        if v != volume || s != snapshot {
             return Err(RepoError::ManifestFraming {
                 key,
-                reason: format!("it describes {}/{}", m.volume, m.snapshot),
+                reason: format!("it describes {v}/{s}"),
             });
         }
         Ok(m)
     }
 
-    /// Commits a manifest, making the snapshot visible.
+    /// Commits a manifest in format 2, making the snapshot visible: its map is written as a
+    /// segment tree (segments already stored, e.g. shared with a parent, are not written
+    /// again), then the head. Returns the metadata written.
     ///
     /// # Errors
     /// [`RepoError::SnapshotExists`] if the name is taken; store errors.
@@ -476,38 +508,26 @@ impl Repository {
     /// found stored, and re-check under it that any parent it was derived from still exists
     /// with the same id: otherwise a GC may remove referenced chunks in between.
     /// [`crate::engine::backup`] does all this.
-    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
-        let key = manifest_key(&manifest.volume, &manifest.snapshot);
-        let body =
-            self.codec
-                .seal_object(ObjectKind::Manifest, &key, encode_manifest(manifest)?)?;
-        // Chunks are put with deferred durability; they must be on disk before the manifest
-        // that references them can be.
-        self.store
-            .sync()
-            .await
-            .map_err(|e| RepoError::store(format!("syncing chunks before manifest {key}"), e))?;
-        match self
-            .store
-            .put(&key, body, PutMode::IfAbsent)
-            .await
-            .map_err(|e| RepoError::store(format!("writing manifest {key}"), e))?
-        {
-            PutOutcome::Created => Ok(()),
-            PutOutcome::AlreadyExists => {
-                // A retried write whose first attempt landed finds its own manifest.
-                let existing = self
-                    .load_manifest(&manifest.volume, &manifest.snapshot)
-                    .await;
-                match existing {
-                    Ok(m) if m.snapshot_id == manifest.snapshot_id => Ok(()),
-                    _ => Err(RepoError::SnapshotExists {
-                        volume: manifest.volume.to_string(),
-                        snapshot: manifest.snapshot.to_string(),
-                    }),
-                }
-            }
-        }
+    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<MetadataWritten> {
+        self.commit_manifest_head(manifest).await.map(|(_, w)| w)
+    }
+
+    /// [`Repository::commit_manifest`], also returning the head as committed.
+    ///
+    /// # Errors
+    /// As [`Repository::commit_manifest`].
+    pub async fn commit_manifest_head(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<(cbt_core::manifest::ManifestHead, MetadataWritten)> {
+        let mut head = manifest.head();
+        // Refused before anything is written, like every other invalid manifest.
+        head.map = MapLocation::Tree { root: None };
+        head.to_json()?;
+        let (root, mut written) = self.write_tree(manifest).await?;
+        head.map = MapLocation::Tree { root };
+        written.head_bytes = self.commit_head(&head).await?;
+        Ok((head, written))
     }
 
     /// Volumes that have at least one snapshot.
@@ -569,6 +589,23 @@ impl Repository {
         let keys = self.manifest_keys(volume).await?;
         futures::stream::iter(keys)
             .map(|(v, s)| async move { self.load_manifest(&v, &s).await })
+            .buffered(LIST_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+
+    /// The heads of every snapshot (optionally of one volume): metadata without maps, so a
+    /// format-2 repository reads one small object per snapshot.
+    ///
+    /// # Errors
+    /// The first unreadable manifest, with its key; store errors.
+    pub async fn load_heads(
+        &self,
+        volume: Option<&VolumeName>,
+    ) -> Result<Vec<cbt_core::manifest::ManifestHead>> {
+        let keys = self.manifest_keys(volume).await?;
+        futures::stream::iter(keys)
+            .map(|(v, s)| async move { self.load_head(&v, &s).await })
             .buffered(LIST_CONCURRENCY)
             .try_collect()
             .await
@@ -928,9 +965,9 @@ pub struct ChunkContext<'a> {
     pub offset: u64,
 }
 
-fn encode_manifest(m: &Manifest) -> Result<Bytes> {
-    let json = m.to_json()?;
-    let z = zstd::bulk::compress(&json, 3).map_err(|e| RepoError::Internal {
+/// Frames a manifest document for storage: `CBMF`, encoding byte 1, zstd(JSON).
+pub(crate) fn frame_manifest_json(json: &[u8]) -> Result<Bytes> {
+    let z = zstd::bulk::compress(json, 3).map_err(|e| RepoError::Internal {
         message: format!("compressing manifest: {e}"),
     })?;
     let mut body = Vec::with_capacity(z.len() + 5);
@@ -954,6 +991,23 @@ const MANIFEST_WINDOW_LOG_MAX: u32 = 24;
 /// [`RepoError::UnsupportedObject`] for an unknown encoding; [`RepoError::Manifest`] for
 /// anything the manifest decoder or [`Manifest::validate`] rejects.
 pub fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
+    match decode_stored_manifest(key, body)? {
+        StoredManifest::V1(m) => Ok(m),
+        StoredManifest::V2(_) => Err(RepoError::Manifest {
+            key: key.to_string(),
+            source: cbt_core::CoreError::ManifestDecode {
+                message: "a format-2 head: its chunk map is in segments".into(),
+            },
+        }),
+    }
+}
+
+/// Decodes a manifest object of either format (a whole format-1 manifest, or a format-2
+/// head whose segments are not read), as [`decode_manifest`] does.
+///
+/// # Errors
+/// As [`decode_manifest`].
+pub fn decode_stored_manifest(key: &str, body: &[u8]) -> Result<StoredManifest> {
     let framing = |reason: String| RepoError::ManifestFraming {
         key: key.to_string(),
         reason,
@@ -977,7 +1031,7 @@ pub fn decode_manifest(key: &str, body: &[u8]) -> Result<Manifest> {
     decoder
         .window_log_max(MANIFEST_WINDOW_LOG_MAX)
         .map_err(|e| framing(format!("cannot decompress: {e}")))?;
-    Manifest::from_json_reader(decoder).map_err(|source| RepoError::Manifest {
+    cbt_core::manifest::decode_json_reader(decoder).map_err(|source| RepoError::Manifest {
         key: key.to_string(),
         source,
     })

@@ -1,0 +1,384 @@
+//! Manifest format 2 on the object store: segment objects, heads, and the tree walks over them.
+//!
+//! Owns the `segments/` prefix: how a segment is named (the content hash of its encoded bytes,
+//! keyed like chunk names in an encrypted repository), sealed (like manifests), written (with
+//! `IfAbsent`: a segment is immutable, and one already stored by a parent is the same bytes)
+//! and read back (bounded by the length its parent records, name re-checked against the
+//! content, then [`decode_segment`]). The tree logic itself is [`cbt_core::maptree`].
+//!
+//! # Memory
+//! Loading a whole map ([`Repository::load_manifest`]) holds the map (as format 1 did) plus one
+//! tree level of references. Writing a whole map streams it through a [`TreeWriter`]: one open
+//! segment per level plus at most [`SEGMENT_BATCH`] finished segments waiting for upload. An
+//! incremental ([`Repository::load_paths`] then [`derive_tree`]) holds only the segments on
+//! the paths to its changed leaves.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use cbt_core::manifest::{ManifestHead, MapLocation};
+use cbt_core::maptree::{
+    EncodedSegment, LoadedTree, MAX_SEGMENT_LEN, Segment, SegmentPos, SegmentRef, TreeShape,
+    TreeWriter, children_to_load, decode_segment,
+};
+use cbt_core::{ChunkHash, ChunkMap, ChunkState, CoreError, Manifest};
+use futures::{StreamExt, TryStreamExt};
+
+use super::{RepoError, Repository, Result};
+use crate::crypto::{ObjectKind, SEALED_OVERHEAD};
+use crate::store::{PutMode, PutOptions, PutOutcome, StoreError};
+
+/// Segments read or written concurrently.
+const SEGMENT_CONCURRENCY: usize = 16;
+/// Finished segments a full write collects before uploading them together.
+pub const SEGMENT_BATCH: usize = 64;
+
+/// Object key of a segment: `segments/<first two hex digits>/<name>`.
+pub fn segment_key(name: &ChunkHash) -> String {
+    let hex = name.to_hex();
+    format!("segments/{}/{hex}", &hex[..2])
+}
+
+/// The segment name in a `segments/` key, if it is one.
+pub(crate) fn parse_segment_key(key: &str) -> Option<ChunkHash> {
+    let rest = key.strip_prefix("segments/")?;
+    let (fan, hex) = rest.split_once('/')?;
+    let h = ChunkHash::from_hex(hex).ok()?;
+    (fan.len() == 2 && hex.starts_with(fan)).then_some(h)
+}
+
+/// Metadata bytes one commit wrote: segments and head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MetadataWritten {
+    /// Segment objects written (not counting those already stored).
+    pub segments: u64,
+    /// Bytes of those, as stored.
+    pub segment_bytes: u64,
+    /// Bytes of the head object, as stored.
+    pub head_bytes: u64,
+}
+
+fn segment_error(key: &str, pos: SegmentPos, reason: String) -> RepoError {
+    RepoError::Manifest {
+        key: key.to_string(),
+        source: CoreError::SegmentInvalid {
+            level: pos.level,
+            first_index: pos.first,
+            reason,
+        },
+    }
+}
+
+impl Repository {
+    /// The name of a segment with these encoded bytes (keyed in an encrypted repository).
+    pub fn segment_name(&self, bytes: &[u8]) -> ChunkHash {
+        self.codec().chunk_hash(bytes)
+    }
+
+    /// Stores a segment unless one of that name exists; returns the bytes written.
+    ///
+    /// # Errors
+    /// Store errors, with the key.
+    pub async fn put_segment(&self, seg: &EncodedSegment) -> Result<u64> {
+        let key = segment_key(&seg.seg.name);
+        let body = self.codec().seal_object(
+            ObjectKind::Manifest,
+            &key,
+            Bytes::copy_from_slice(&seg.bytes),
+        )?;
+        let len = body.len() as u64;
+        let opts = PutOptions {
+            mode: PutMode::IfAbsent,
+            crc32c: Some(crc32c::crc32c(&body)),
+            defer_sync: true,
+        };
+        match self
+            .store()
+            .put_with(&key, body, opts)
+            .await
+            .map_err(|e| RepoError::store(format!("writing segment {key}"), e))?
+        {
+            PutOutcome::Created => Ok(len),
+            PutOutcome::AlreadyExists => Ok(0),
+        }
+    }
+
+    /// Writes segments (children before parents is not required: nothing refers to them until
+    /// the head is written); returns how many were new and their bytes.
+    async fn put_segments(&self, segs: Vec<EncodedSegment>) -> Result<(u64, u64)> {
+        futures::stream::iter(segs)
+            .map(|s| async move { self.put_segment(&s).await })
+            .buffer_unordered(SEGMENT_CONCURRENCY)
+            .try_fold((0u64, 0u64), |(n, b), w| async move {
+                Ok(if w > 0 { (n + 1, b + w) } else { (n, b) })
+            })
+            .await
+    }
+
+    /// Reads and validates the segment at `pos` that its parent recorded as `seg`.
+    ///
+    /// # Errors
+    /// [`RepoError::Manifest`] with [`CoreError::SegmentInvalid`] for a missing, oversized,
+    /// misnamed or invalid segment (the key names it); [`RepoError::Sealed`]; store errors.
+    pub async fn read_segment(
+        &self,
+        shape: &TreeShape,
+        pos: SegmentPos,
+        seg: &SegmentRef,
+    ) -> Result<Segment> {
+        let key = segment_key(&seg.name);
+        let overhead = if self.is_encrypted() {
+            SEALED_OVERHEAD as u64
+        } else {
+            0
+        };
+        let max = u64::from(seg.len).min(MAX_SEGMENT_LEN) + overhead;
+        let body = match self.store().get_bounded(&key, max).await {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(segment_error(&key, pos, "missing from the store".into()));
+            }
+            Err(StoreError::TooLarge { size, .. }) => {
+                return Err(segment_error(
+                    &key,
+                    pos,
+                    format!(
+                        "stored as {} bytes, more than the {max} its parent allows",
+                        size.map_or_else(|| "more".to_string(), |s| s.to_string())
+                    ),
+                ));
+            }
+            Err(e) if e.kind() == crate::store::ErrorKind::Integrity => {
+                return Err(segment_error(&key, pos, e.to_string()));
+            }
+            Err(e) => return Err(RepoError::store(format!("reading segment {key}"), e)),
+        };
+        let plain = self.codec().open_object(ObjectKind::Manifest, &key, body)?;
+        if self.segment_name(&plain) != seg.name {
+            return Err(segment_error(
+                &key,
+                pos,
+                "content does not match its name".into(),
+            ));
+        }
+        decode_segment(&plain, shape, pos, seg).map_err(|source| RepoError::Manifest {
+            key: key.clone(),
+            source,
+        })
+    }
+
+    /// Walks a whole tree level by level, calling `visit` with each decoded segment. Subtrees
+    /// whose root name `skip` accepts are not read (GC uses it to read each shared subtree
+    /// once).
+    pub(crate) async fn walk_tree(
+        &self,
+        shape: &TreeShape,
+        root: Option<SegmentRef>,
+        mut skip: impl FnMut(&SegmentRef) -> bool,
+        mut visit: impl FnMut(SegmentPos, &SegmentRef, &Segment) -> Result<()>,
+    ) -> Result<()> {
+        let mut frontier: Vec<(SegmentPos, SegmentRef)> = root
+            .filter(|r| !skip(r))
+            .map(|r| (shape.root_pos(), r))
+            .into_iter()
+            .collect();
+        while !frontier.is_empty() {
+            let level = std::mem::take(&mut frontier);
+            let mut loaded = futures::stream::iter(level)
+                .map(|(pos, r)| async move {
+                    self.read_segment(shape, pos, &r).await.map(|s| (pos, r, s))
+                })
+                .buffered(SEGMENT_CONCURRENCY);
+            while let Some(item) = loaded.next().await {
+                let (pos, r, seg) = item?;
+                visit(pos, &r, &seg)?;
+                if let Segment::Node(children) = seg {
+                    frontier.extend(children.into_iter().filter(|(_, c)| !skip(c)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the whole chunk map of a format-2 head and validates it as a manifest.
+    pub(crate) async fn load_tree_manifest(&self, head: ManifestHead) -> Result<Manifest> {
+        let MapLocation::Tree { root } = head.map else {
+            return Err(RepoError::Internal {
+                message: "format-1 heads carry their map inline".into(),
+            });
+        };
+        let shape = TreeShape::new(head.geometry);
+        let mut map = ChunkMap::new(head.geometry);
+        self.walk_tree(
+            &shape,
+            root,
+            |_| false,
+            |_, _, seg| {
+                if let Segment::Leaf(entries) = seg {
+                    for (i, r) in entries {
+                        map.set(*i, ChunkState::Stored(*r))?;
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await?;
+        Ok(Manifest::new(head.meta(), map, head.parent)?)
+    }
+
+    /// Loads the segments of a format-2 tree on the paths to the leaves holding `changed`
+    /// chunk indices: what an incremental needs of its parent. Returns them with the bytes
+    /// read. The chunk references loaded are checked against each other.
+    ///
+    /// # Errors
+    /// As [`Repository::read_segment`]; [`RepoError::Core`] for loaded leaves that contradict
+    /// each other.
+    pub async fn load_paths(
+        &self,
+        shape: &TreeShape,
+        root: Option<SegmentRef>,
+        changed: &BTreeSet<u64>,
+    ) -> Result<(LoadedTree, u64)> {
+        let mut loaded = LoadedTree::default();
+        let mut bytes = 0u64;
+        let mut frontier: Vec<(SegmentPos, SegmentRef)> = match root {
+            Some(r) if !changed.is_empty() => vec![(shape.root_pos(), r)],
+            _ => Vec::new(),
+        };
+        while !frontier.is_empty() {
+            let level = std::mem::take(&mut frontier);
+            let segs: Vec<(SegmentPos, SegmentRef, Segment)> = futures::stream::iter(level)
+                .map(|(pos, r)| async move {
+                    self.read_segment(shape, pos, &r).await.map(|s| (pos, r, s))
+                })
+                .buffered(SEGMENT_CONCURRENCY)
+                .try_collect()
+                .await?;
+            for (pos, r, seg) in segs {
+                bytes += u64::from(r.len);
+                if let Segment::Node(children) = &seg {
+                    frontier.extend(children_to_load(pos, children, changed));
+                }
+                loaded.insert(pos, seg);
+            }
+        }
+        cbt_core::manifest::check_chunk_refs(shape.geometry(), loaded.loaded_chunks())?;
+        Ok((loaded, bytes))
+    }
+
+    /// Writes the whole map of `manifest` as a segment tree, streaming: segments are uploaded
+    /// in batches as the writer finishes them. Returns the root and what was written.
+    pub(crate) async fn write_tree(
+        &self,
+        manifest: &Manifest,
+    ) -> Result<(Option<SegmentRef>, MetadataWritten)> {
+        let shape = TreeShape::new(*manifest.chunks.geometry());
+        let namer = |b: &[u8]| self.segment_name(b);
+        let mut writer = TreeWriter::new(shape, &namer);
+        let mut written = MetadataWritten::default();
+        let mut pending: Vec<EncodedSegment> = Vec::new();
+        for (index, r) in manifest.chunks.iter_stored() {
+            writer.push(index, *r)?;
+            pending.extend(writer.take_finished());
+            if pending.len() >= SEGMENT_BATCH {
+                let (n, b) = self.put_segments(std::mem::take(&mut pending)).await?;
+                written.segments += n;
+                written.segment_bytes += b;
+            }
+        }
+        let (root, rest) = writer.finish();
+        pending.extend(rest);
+        let (n, b) = self.put_segments(pending).await?;
+        written.segments += n;
+        written.segment_bytes += b;
+        Ok((root, written))
+    }
+
+    /// Commits a format-2 head whose segments are all stored (new ones written by the caller
+    /// with [`Repository::put_segments_of`]), making the snapshot visible.
+    ///
+    /// # Errors
+    /// As [`Repository::commit_manifest`].
+    pub async fn commit_head(&self, head: &ManifestHead) -> Result<u64> {
+        let key = super::manifest_key(&head.volume, &head.snapshot);
+        let body = self.codec().seal_object(
+            ObjectKind::Manifest,
+            &key,
+            super::frame_manifest_json(&head.to_json()?)?,
+        )?;
+        let len = body.len() as u64;
+        // Chunks and segments are put with deferred durability; they must be on disk before
+        // the head that references them can be.
+        self.store()
+            .sync()
+            .await
+            .map_err(|e| RepoError::store(format!("syncing objects before manifest {key}"), e))?;
+        match self
+            .store()
+            .put(&key, body, PutMode::IfAbsent)
+            .await
+            .map_err(|e| RepoError::store(format!("writing manifest {key}"), e))?
+        {
+            PutOutcome::Created => Ok(len),
+            PutOutcome::AlreadyExists => {
+                // A retried write whose first attempt landed finds its own manifest.
+                match self.load_head(&head.volume, &head.snapshot).await {
+                    Ok(h) if h.snapshot_id == head.snapshot_id => Ok(0),
+                    _ => Err(RepoError::SnapshotExists {
+                        volume: head.volume.to_string(),
+                        snapshot: head.snapshot.to_string(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Writes new segments an incremental derived ([`cbt_core::maptree::derive_tree`]).
+    ///
+    /// # Errors
+    /// Store errors, with the key.
+    pub async fn put_segments_of(&self, segs: Vec<EncodedSegment>) -> Result<MetadataWritten> {
+        let (segments, segment_bytes) = self.put_segments(segs).await?;
+        Ok(MetadataWritten {
+            segments,
+            segment_bytes,
+            head_bytes: 0,
+        })
+    }
+
+    /// Reads a snapshot's head: its metadata and where its map is, without reading the map
+    /// of a format-2 manifest (a format-1 one is read whole and its map dropped).
+    ///
+    /// # Errors
+    /// As [`Repository::load_manifest`].
+    pub async fn load_head(
+        &self,
+        volume: &cbt_core::VolumeName,
+        snapshot: &cbt_core::SnapshotName,
+    ) -> Result<ManifestHead> {
+        Ok(self.load_stored(volume, snapshot).await?.head())
+    }
+
+    /// Every segment stored, with size and modification time (one listing of `segments/`).
+    pub(crate) async fn stored_segments(
+        &self,
+    ) -> Result<BTreeMap<ChunkHash, cbt_core::gc::StoredChunk>> {
+        let objects = crate::store::list_all(self.store().as_ref(), "segments/")
+            .await
+            .map_err(|e| RepoError::store("listing segments/", e))?;
+        Ok(objects
+            .iter()
+            .filter_map(|o| {
+                let hash = parse_segment_key(&o.key)?;
+                Some((
+                    hash,
+                    cbt_core::gc::StoredChunk {
+                        hash,
+                        size: o.size,
+                        modified: o.last_modified.map(cbt_core::Timestamp::from_system_time),
+                    },
+                ))
+            })
+            .collect())
+    }
+}
