@@ -239,8 +239,11 @@ impl Inner {
     /// Walks from the root to the directory holding `key`'s last segment one segment at a
     /// time, relative to the directory before, never following a symbolic link (a link
     /// anywhere on the way is [`StoreError::UnsafePath`]). With `create`, missing directories
-    /// are made (and their parents fsynced so the new entries survive a crash).
-    fn parent_of(&self, key: &str, create: bool) -> Result<Parent, StoreError> {
+    /// are made; with `durable` too, their parents are fsynced at once so the new entries
+    /// survive a crash (a deferred put leaves that to the next [`ObjectStore::sync`], whose
+    /// `syncfs` covers directory entries as well: an fsync per new fan-out directory would
+    /// also force a journal commit of all data written so far).
+    fn parent_of(&self, key: &str, create: bool, durable: bool) -> Result<Parent, StoreError> {
         let io = io_at(key);
         let segments: Vec<&str> = key.split('/').collect();
         let Some((last, dirs)) = segments.split_last() else {
@@ -255,7 +258,7 @@ impl Inner {
             loop {
                 match rfs::openat(&dir, *seg, dir_flags(), Mode::empty()) {
                     Ok(next) => {
-                        if made {
+                        if made && durable {
                             rfs::fsync(&dir).map_err(|e| io(e.into()))?;
                         }
                         dir = next;
@@ -287,7 +290,7 @@ impl Inner {
     /// Opens an object's file for reading without following a link; `None` if absent.
     fn open_object(&self, key: &str) -> Result<Option<File>, StoreError> {
         let io = io_at(key);
-        let (dir, name) = match self.parent_of(key, false)? {
+        let (dir, name) = match self.parent_of(key, false, false)? {
             Parent::Found(dir, name) => (dir, name),
             Parent::Missing | Parent::Clash => return Ok(None),
         };
@@ -334,7 +337,7 @@ impl Inner {
             key: key.to_string(),
             reason: PREFIX_CLASH,
         };
-        let (parent, name) = match self.parent_of(key, true)? {
+        let (parent, name) = match self.parent_of(key, true, durable)? {
             Parent::Found(dir, name) => (dir, name),
             Parent::Missing | Parent::Clash => return Err(clash()),
         };
@@ -495,7 +498,7 @@ impl Inner {
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let (dir, name) = match self.parent_of(key, false)? {
+        let (dir, name) = match self.parent_of(key, false, false)? {
             Parent::Found(dir, name) => (dir, name),
             // A missing directory or a file-in-the-path means no object has this key.
             Parent::Missing | Parent::Clash => return Ok(()),
