@@ -16,8 +16,10 @@
 //! 48+n    4     crc32c of bytes [0, 48+n), u32 LE
 //! ```
 //!
-//! The trailer crc catches damage to the stored bytes before decompression; the raw crc32c and
-//! the hash catch anything else (a decompression bug, a misnamed object). Data that does not
+//! The trailer crc catches damage to the stored bytes before decompression; the hash catches
+//! anything else (a decompression bug, a misnamed object). Reading checksums each stored byte
+//! once (the raw crc32c of a raw payload is that pass's too) and hashes each raw byte once.
+//! Data that does not
 //! shrink under zstd is stored raw, so a stored chunk is at most raw length + 52 bytes; a
 //! sample of each chunk decides whether a compression pass is tried at all.
 //!
@@ -172,9 +174,12 @@ fn give_back<T>(pool: &Mutex<Vec<T>>, item: T) {
     }
 }
 
-/// Compresses `raw` into a new buffer whose untouched capacity is never made resident;
-/// `None` if compression fails or does not shrink the data.
-fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
+/// Takes a pooled compression context for `level` (or makes one), runs `f`, and gives the
+/// context back.
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> T,
+) -> Option<T> {
     let pooled = COMPRESSORS.lock().ok().and_then(|mut p| {
         let i = p.iter().position(|(l, _)| *l == level)?;
         Some(p.swap_remove(i).1)
@@ -183,13 +188,32 @@ fn compress(raw: &[u8], level: i32) -> Option<Vec<u8>> {
         Some(c) => c,
         None => zstd::bulk::Compressor::new(level).ok()?,
     };
-    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
-    let result = c.compress_to_buffer(raw, &mut out);
+    let out = f(&mut c);
     give_back(&COMPRESSORS, (level, c));
-    match result {
-        Ok(n) if n < raw.len() => Some(out),
+    Some(out)
+}
+
+/// Compressed size of `raw`, if compression works and shrinks it (judging a sample).
+fn compressed_len(raw: &[u8], level: i32) -> Option<usize> {
+    let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(raw.len()));
+    match with_compressor(level, |c| c.compress_to_buffer(raw, &mut out))? {
+        Ok(n) if n < raw.len() => Some(n),
         _ => None,
     }
+}
+
+/// Compresses `raw` straight into a chunk object body: [`HEADER_LEN`] zero bytes (the header,
+/// filled in by the caller), then the zstd frame, with room for the trailer. The frame is
+/// written in place (no copy of the compressed bytes) and the buffer's untouched capacity is
+/// never made resident. `None` if compression fails or does not shrink the data.
+fn compress_framed(raw: &[u8], level: i32) -> Option<Vec<u8>> {
+    let mut body = Vec::with_capacity(OVERHEAD + zstd::zstd_safe::compress_bound(raw.len()));
+    body.resize(HEADER_LEN, 0);
+    let mut cursor = std::io::Cursor::new(body);
+    cursor.set_position(HEADER_LEN as u64);
+    let n = with_compressor(level, |c| c.compress_to_buffer(raw, &mut cursor))?.ok()?;
+    let body = cursor.into_inner();
+    (n < raw.len() && body.len() == HEADER_LEN + n).then_some(body)
 }
 
 fn decompress<W: zstd::zstd_safe::WriteBuf + ?Sized>(
@@ -232,7 +256,7 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
         let at = i * step;
         sample.extend_from_slice(&raw[at..at + SAMPLE_LEN]);
     }
-    compress(&sample, level).is_some_and(|z| z.len() <= total - total / 16)
+    compressed_len(&sample, level).is_some_and(|n| n <= total - total / 16)
 }
 
 /// Encodes `raw` (at most 4 GiB - 1 bytes) into a chunk object, compressing with zstd at
@@ -245,23 +269,20 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
 pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     let hash = hash_raw(raw);
     let raw_crc = crc32c::crc32c(raw);
-    let mut codec = CODEC_RAW;
-    let mut body = Vec::new();
-    if level > 0
-        && worth_compressing(raw, level)
-        && let Some(z) = compress(raw, level)
-    {
-        // Copy into an exact-size body so an upload in flight holds only the stored bytes.
-        body.reserve_exact(z.len() + OVERHEAD);
-        body.resize(HEADER_LEN, 0);
-        body.extend_from_slice(&z);
-        codec = CODEC_ZSTD;
-    }
-    if codec == CODEC_RAW {
-        body.reserve_exact(raw.len() + OVERHEAD);
-        body.resize(HEADER_LEN, 0);
-        body.extend_from_slice(raw);
-    }
+    let compressed = if level > 0 && worth_compressing(raw, level) {
+        compress_framed(raw, level)
+    } else {
+        None
+    };
+    let (mut body, codec) = match compressed {
+        Some(body) => (body, CODEC_ZSTD),
+        None => {
+            let mut body = Vec::with_capacity(raw.len() + OVERHEAD);
+            body.resize(HEADER_LEN, 0);
+            body.extend_from_slice(raw);
+            (body, CODEC_RAW)
+        }
+    };
     body[0..4].copy_from_slice(&CHUNK_MAGIC);
     body[4] = CHUNK_FORMAT_VERSION;
     body[5] = codec;
@@ -278,6 +299,9 @@ pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     };
     let trailer = crc.to_le_bytes();
     body.extend_from_slice(&trailer);
+    // An upload in flight holds only the stored bytes; shrinking a large allocation moves
+    // no data (the allocator remaps or splits it).
+    body.shrink_to_fit();
     EncodedChunk {
         chunk: ChunkRef {
             hash,
@@ -416,6 +440,8 @@ struct Header {
     codec: u8,
     raw_len: u64,
     raw_crc: u32,
+    /// crc32c of the stored payload (computed while checking the trailer).
+    payload_crc: u32,
     hash: ChunkHash,
 }
 
@@ -434,7 +460,15 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
     }
     let split = body.len() - TRAILER_LEN;
     let stored = le32(&body[split..]);
-    let computed = crc32c::crc32c(&body[..split]);
+    // Header and payload checksummed apart (one pass all the same), so that a raw payload's
+    // crc32c, which must equal the recorded raw crc32c, costs no second pass.
+    let payload = &body[HEADER_LEN..split];
+    let payload_crc = crc32c::crc32c(payload);
+    let computed = crc32c::crc32c_combine(
+        crc32c::crc32c(&body[..HEADER_LEN]),
+        payload_crc,
+        payload.len(),
+    );
     if stored != computed {
         return Err(ChunkDecodeError::ObjectCrc { stored, computed });
     }
@@ -458,6 +492,7 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
         codec: body[5],
         raw_len,
         raw_crc: le32(&body[12..16]),
+        payload_crc,
         hash: ChunkHash(hash),
     })
 }
@@ -497,12 +532,15 @@ fn decode_payload(body: &[u8], h: &Header, out: &mut Vec<u8>) -> Result<(), Chun
 }
 
 /// Checks decoded bytes against the header's crc32c and content hash.
+///
+/// A raw payload is the raw data, so its crc32c (computed with the trailer's) is compared
+/// without another pass. Decompressed data is checked by its BLAKE3 hash alone: a crc32c pass
+/// over bytes that must hash to the chunk's name would catch nothing the hash does not.
 fn verify_raw(out: &[u8], h: &Header) -> Result<(), ChunkDecodeError> {
-    let computed = crc32c::crc32c(out);
-    if computed != h.raw_crc {
+    if h.codec == CODEC_RAW && h.payload_crc != h.raw_crc {
         return Err(ChunkDecodeError::RawCrc {
             expected: h.raw_crc,
-            computed,
+            computed: h.payload_crc,
         });
     }
     let computed = hash_raw(out);
@@ -586,6 +624,37 @@ mod tests {
                 assert_eq!(out, raw);
             }
         }
+    }
+
+    /// The raw crc32c of a raw payload is checked from the trailer pass: a header whose
+    /// recorded crc disagrees with its (intact, re-trailered) payload is refused.
+    #[test]
+    fn a_raw_payload_that_disagrees_with_its_recorded_crc_is_refused() {
+        let raw = noise(64 << 10, 21);
+        let e = encode(&raw, 0);
+        let mut bad = e.body.to_vec();
+        let wrong = e.chunk.crc32c ^ 1;
+        bad[12..16].copy_from_slice(&wrong.to_le_bytes());
+        let split = bad.len() - TRAILER_LEN;
+        let trailer = crc32c::crc32c(&bad[..split]).to_le_bytes();
+        bad[split..].copy_from_slice(&trailer);
+        let expected = ChunkRef {
+            crc32c: wrong,
+            ..e.chunk
+        };
+        let mut out = Vec::new();
+        assert_eq!(
+            decode_into(&bad, &expected, &mut out),
+            Err(ChunkDecodeError::RawCrc {
+                expected: wrong,
+                computed: e.chunk.crc32c,
+            })
+        );
+        let mut exact = vec![0u8; raw.len()];
+        assert!(matches!(
+            decode_into_slice(&bad, &expected, &mut exact),
+            Err(ChunkDecodeError::RawCrc { .. })
+        ));
     }
 
     #[test]
