@@ -136,6 +136,51 @@ async fn stale_staging_files_are_ignored_and_removable() {
     assert_eq!(store.remove_stale_staging(Duration::ZERO).unwrap(), 0);
 }
 
+/// Racing create-if-absent puts of one key: exactly one is created and its body is the one
+/// stored, whole; neither the object's directory nor the staging directory keeps any other
+/// name (the unnamed-file path leaves nothing behind, the staging path removes its name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_if_absent_puts_leave_one_whole_object_and_no_other_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(LocalStore::new(dir.path()).unwrap());
+    for round in 0..10u8 {
+        let key = format!("chunks/{round:02x}/obj");
+        let bodies: Vec<Bytes> = (0..4)
+            .map(|i| body(u64::from(round) * 4 + i, 256 * 1024))
+            .collect();
+        let puts: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let (store, key, b) = (store.clone(), key.clone(), b.clone());
+                tokio::spawn(async move { store.put(&key, b, PutMode::IfAbsent).await.unwrap() })
+            })
+            .collect();
+        let mut created = 0;
+        for p in puts {
+            if p.await.unwrap() == PutOutcome::Created {
+                created += 1;
+            }
+        }
+        assert_eq!(created, 1, "round {round}");
+        let got = store.get(&key).await.unwrap();
+        assert!(
+            bodies.contains(&got),
+            "round {round}: stored body is none of the puts"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path().join(format!("chunks/{round:02x}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("obj")]);
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join(".cbt-tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn if_absent_on_existing_object_does_not_touch_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -551,23 +551,27 @@ async fn recheck_before_commit(
     let lost = || RepoError::LockLost {
         purpose: lock.info().purpose.clone(),
     };
-    if !lock.still_held().await? {
-        return Err(lost());
-    }
-    if let Some((v, s)) = parent
-        && !repo.snapshot_exists(v, s).await?
-    {
-        return Err(RepoError::InvalidRequest {
-            reason: format!(
-                "parent snapshot {v}/{s} was deleted while the backup ran; nothing was committed: back up in full"
-            ),
-        });
-    }
+    let parent_check = async {
+        if let Some((v, s)) = parent
+            && !repo.snapshot_exists(v, s).await?
+        {
+            return Err(RepoError::InvalidRequest {
+                reason: format!(
+                    "parent snapshot {v}/{s} was deleted while the backup ran; nothing was committed: back up in full"
+                ),
+            });
+        }
+        Ok(())
+    };
     let mut refs: Vec<ChunkAt> = found_stored.into_values().collect();
     refs.sort_by_key(|r| r.index);
-    repo.check_chunks_stored(name, &refs, opts.transfers)
-        .await?;
-    // The checks above took time: the lock must not have gone meanwhile either.
+    // Independent reads, so they run together (round trips on S3).
+    futures::try_join!(
+        parent_check,
+        repo.check_chunks_stored(name, &refs, opts.transfers)
+    )?;
+    // Read after the checks: a lock still there now was there all along (nobody recreates a
+    // broken one), so no GC can have run before or during them. One read covers both ends.
     if !lock.still_held().await? {
         return Err(lost());
     }

@@ -11,8 +11,9 @@
 //! Backup holds at most `(readers + readahead + 2 * workers + transfers) * (chunk_size + 52)`
 //! bytes of chunk data: raw buffers are pooled and reused (at most `readers + readahead +
 //! workers` exist,
-//! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body has its exact stored size and
-//! lives until its upload finishes. Restore holds at most `2 * transfers * (chunk_size + 52)`.
+//! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body lives until its upload
+//! finishes, and its buffer is then kept for the next chunk (at most 64 MiB of them, never
+//! more than were in flight at once). Restore holds at most `2 * transfers * (chunk_size + 52)`.
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
 //! None of this depends on the volume size; only chunk maps do (see `cbt_core::manifest`,
 //! about 18 MiB per fully allocated TiB at 4 MiB chunks). A backup folds each chunk's result

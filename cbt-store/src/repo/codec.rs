@@ -69,16 +69,12 @@ impl Codec {
     /// # Errors
     /// [`RepoError::Crypto`] if the system RNG fails (encrypted repositories only).
     pub fn encode_chunk(&self, raw: &[u8], level: i32) -> Result<EncodedChunk> {
-        let plain = chunk::encode(raw, level);
         let Some(keys) = &self.keys else {
-            return Ok(plain);
+            return Ok(chunk::encode(raw, level));
         };
-        let name = keys.chunk_name(&plain.chunk.hash);
-        // The encoded body is fresh and unshared: sealed in its own buffer, not copied.
-        let body: Vec<u8> = match plain.body.try_into_mut() {
-            Ok(owned) => owned.into(),
-            Err(shared) => shared.to_vec(),
-        };
+        // The encoded body is sealed in its own buffer, grown in place, not copied.
+        let (plain, body, _) = chunk::encode_vec(raw, level);
+        let name = keys.chunk_name(&plain.hash);
         let body = keys.seal_vec(ObjectKind::Chunk, &chunk::chunk_key(&name), body)?;
         // The store's checksum covers the bytes stored: the sealed ones. Their last four bytes
         // are the crc32c of all before them, so extending it over those four costs no pass.
@@ -90,7 +86,7 @@ impl Codec {
             chunk: ChunkRef {
                 hash: name,
                 stored_size: body.len() as u64,
-                ..plain.chunk
+                ..plain
             },
             body: Bytes::from(body),
             body_crc32c,

@@ -5,7 +5,10 @@
 //! body, little endian), so body and checksum are always replaced together. Writes go to a
 //! staging file in `<root>/.cbt-tmp/` (same file system), are fsynced, then made visible with
 //! `rename` (overwrite) or `link` (create-if-absent: the kernel refuses to link over an existing
-//! name, so of two racers exactly one wins). A reader therefore never sees a partial object.
+//! name, so of two racers exactly one wins). A create-if-absent put writes to an unnamed
+//! `O_TMPFILE` in the object's own directory instead, linked to its name through
+//! `/proc/self/fd` when complete, where the file system allows it. A reader therefore never
+//! sees a partial object.
 //! Unlike S3, a key cannot be both an object and a "directory" of other keys (`a` and `a/b`);
 //! such a put is refused with [`StoreError::InvalidKey`].
 //! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed, and those
@@ -222,6 +225,66 @@ enum Parent {
     Clash,
 }
 
+/// Whether `/proc/self/fd` links can name open files (to link an unnamed file into place).
+fn proc_fd_links() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
+/// Create-if-absent without a staging name: the object is written to an unnamed file
+/// (`O_TMPFILE`) in the directory that will hold it and linked to `name` once complete, so a
+/// crash leaves nothing behind and concurrent puts do not all create and delete names in one
+/// staging directory (on ext4 that serialises them on its lock: measured at a fifth of a
+/// backup's CPU time with 256 KiB chunks). `None` where the file system or a missing `/proc`
+/// does not allow it: the caller then uses a staging file.
+fn put_unnamed(
+    parent: &OwnedFd,
+    name: &str,
+    body: &[u8],
+    trailer: &[u8],
+    durable: bool,
+    io: &impl Fn(io::Error) -> StoreError,
+) -> Result<Option<PutOutcome>, StoreError> {
+    if !proc_fd_links() {
+        return Ok(None);
+    }
+    let fd = match rfs::openat(
+        parent,
+        ".",
+        OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o666),
+    ) {
+        Ok(fd) => fd,
+        // No O_TMPFILE in this file system (or kernel).
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => return Ok(None),
+        Err(e) => return Err(io(e.into())),
+    };
+    let mut file = File::from(fd);
+    file.write_all(body).map_err(io)?;
+    file.write_all(trailer).map_err(io)?;
+    if durable {
+        file.sync_all().map_err(io)?;
+    }
+    // The /proc link names exactly this open inode; the new name is relative to the
+    // directory opened without following links. Linking never replaces an existing name.
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+    match rfs::linkat(
+        rfs::CWD,
+        link.as_str(),
+        parent,
+        name,
+        AtFlags::SYMLINK_FOLLOW,
+    ) {
+        Ok(()) => {}
+        Err(Errno::EXIST) => return Ok(Some(PutOutcome::AlreadyExists)),
+        Err(e) => return Err(io(e.into())),
+    }
+    if durable {
+        rfs::fsync(parent).map_err(|e| io(e.into()))?;
+    }
+    Ok(Some(PutOutcome::Created))
+}
+
 impl Inner {
     fn unsafe_path(key: &str, segments: &[&str]) -> StoreError {
         StoreError::UnsafePath {
@@ -239,8 +302,11 @@ impl Inner {
     /// Walks from the root to the directory holding `key`'s last segment one segment at a
     /// time, relative to the directory before, never following a symbolic link (a link
     /// anywhere on the way is [`StoreError::UnsafePath`]). With `create`, missing directories
-    /// are made (and their parents fsynced so the new entries survive a crash).
-    fn parent_of(&self, key: &str, create: bool) -> Result<Parent, StoreError> {
+    /// are made; with `durable` too, their parents are fsynced at once so the new entries
+    /// survive a crash (a deferred put leaves that to the next [`ObjectStore::sync`], whose
+    /// `syncfs` covers directory entries as well: an fsync per new fan-out directory would
+    /// also force a journal commit of all data written so far).
+    fn parent_of(&self, key: &str, create: bool, durable: bool) -> Result<Parent, StoreError> {
         let io = io_at(key);
         let segments: Vec<&str> = key.split('/').collect();
         let Some((last, dirs)) = segments.split_last() else {
@@ -255,7 +321,7 @@ impl Inner {
             loop {
                 match rfs::openat(&dir, *seg, dir_flags(), Mode::empty()) {
                     Ok(next) => {
-                        if made {
+                        if made && durable {
                             rfs::fsync(&dir).map_err(|e| io(e.into()))?;
                         }
                         dir = next;
@@ -287,7 +353,7 @@ impl Inner {
     /// Opens an object's file for reading without following a link; `None` if absent.
     fn open_object(&self, key: &str) -> Result<Option<File>, StoreError> {
         let io = io_at(key);
-        let (dir, name) = match self.parent_of(key, false)? {
+        let (dir, name) = match self.parent_of(key, false, false)? {
             Parent::Found(dir, name) => (dir, name),
             Parent::Missing | Parent::Clash => return Ok(None),
         };
@@ -334,7 +400,7 @@ impl Inner {
             key: key.to_string(),
             reason: PREFIX_CLASH,
         };
-        let (parent, name) = match self.parent_of(key, true)? {
+        let (parent, name) = match self.parent_of(key, true, durable)? {
             Parent::Found(dir, name) => (dir, name),
             Parent::Missing | Parent::Clash => return Err(clash()),
         };
@@ -346,6 +412,14 @@ impl Inner {
             Some(FileType::RegularFile) | None => {}
             // A link (or anything else) where an object belongs was not written by us.
             Some(_) => return Err(Self::unsafe_path(key, &key.split('/').collect::<Vec<_>>())),
+        }
+        let mut trailer = [0u8; TRAILER_LEN as usize];
+        trailer[..4].copy_from_slice(&TRAILER_MAGIC);
+        trailer[4..].copy_from_slice(&crc.to_le_bytes());
+        if mode == PutMode::IfAbsent
+            && let Some(outcome) = put_unnamed(&parent, &name, body, &trailer, durable, &io)?
+        {
+            return Ok(outcome);
         }
         let staging_dir = self.staging_dir(key)?;
         let staging = format!(
@@ -366,9 +440,6 @@ impl Inner {
             )
             .map_err(|e| io(e.into()))?;
             let mut file = File::from(fd);
-            let mut trailer = [0u8; TRAILER_LEN as usize];
-            trailer[..4].copy_from_slice(&TRAILER_MAGIC);
-            trailer[4..].copy_from_slice(&crc.to_le_bytes());
             file.write_all(body).map_err(&io)?;
             file.write_all(&trailer).map_err(&io)?;
             if durable {
@@ -495,7 +566,7 @@ impl Inner {
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let (dir, name) = match self.parent_of(key, false)? {
+        let (dir, name) = match self.parent_of(key, false, false)? {
             Parent::Found(dir, name) => (dir, name),
             // A missing directory or a file-in-the-path means no object has this key.
             Parent::Missing | Parent::Clash => return Ok(()),
