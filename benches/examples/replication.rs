@@ -49,18 +49,29 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+const VERDICTS: [&str; 6] = [
+    "converged",
+    "in_progress",
+    "conflict",
+    "rejected",
+    "not_converging",
+    "error",
+];
+
 fn total_reconciles(m: &Metrics) -> u64 {
-    [
-        "converged",
-        "in_progress",
-        "conflict",
-        "rejected",
-        "not_converging",
-        "error",
-    ]
-    .iter()
-    .map(|r| m.reconcile_count("VolumeReplication", r))
-    .sum()
+    VERDICTS
+        .iter()
+        .map(|r| m.reconcile_count("VolumeReplication", r))
+        .sum()
+}
+
+/// Reconciles per verdict so far (conflicts are reconciles that met a newer object).
+fn breakdown(m: &Metrics) -> String {
+    VERDICTS
+        .iter()
+        .map(|r| format!("{r} {}", m.reconcile_count("VolumeReplication", r)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn flip(fake: &FakeKube, name: &str, to: &str) -> i64 {
@@ -256,6 +267,7 @@ async fn main() {
         burst_time.as_secs_f64(),
         burst_reconciles as f64 / burst_time.as_secs_f64()
     );
+    println!("reconciles by verdict, whole run: {}", breakdown(&metrics));
     println!(
         "burst p50 / baseline p50 = {:.1}x",
         percentile(&burst, 0.5).as_secs_f64() / percentile(&single, 0.5).as_secs_f64().max(1e-9)

@@ -387,7 +387,9 @@ pub struct Store {
 impl Store {
     /// An empty store keeping the last `log_cap` events for watch replay.
     pub fn new(log_cap: usize) -> Self {
-        let (tx, _) = broadcast::channel(1024);
+        // Each watch connection has its own cursor into this ring; one that falls further behind
+        // than the event log reaches must re-list anyway (410), so the ring is as deep as the log.
+        let (tx, _) = broadcast::channel(log_cap.clamp(1024, 1 << 20));
         Self {
             objects: BTreeMap::new(),
             rv: 0,

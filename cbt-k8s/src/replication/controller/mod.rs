@@ -11,10 +11,12 @@
 //! (Degraded with the reason, retried with backoff), and conflict handling.
 //!
 //! # Guarantees
-//! - State lives in the cluster only: every reconcile reads the subject, its
-//!   class, its PVCs and its backend objects afresh, so a restart at any point
-//!   continues where the cluster is. In memory there is only the retry count
-//!   that sets the backoff.
+//! - State lives in the cluster only: every reconcile reads the subject and its
+//!   backend objects from the API and its class and PVCs from watch caches (see
+//!   the `read` module), so a restart at any point continues where the cluster
+//!   is. In memory there is only the retry count that sets the backoff.
+//! - The status patch carries the subject's `resourceVersion` as read, so a
+//!   status is never computed from an older object than the one it lands on.
 //! - Only the leader writes ([`Leadership`]); a follower's reconcile reads and
 //!   returns.
 //! - A patch computed from a stale read carries its `resourceVersion` and fails
@@ -1004,7 +1006,7 @@ async fn reconcile_arc(
     let started = Instant::now();
     let ns = ns.unwrap_or_default();
     ctx.in_flight.fetch_add(1, Ordering::SeqCst);
-    let res = reconcile_with(ctx, Reader::Cache(&run.caches), kind, &ns, &name).await;
+    let res = reconcile_with(ctx, Reader::Cache(ctx, &run.caches), kind, &ns, &name).await;
     ctx.in_flight.fetch_sub(1, Ordering::SeqCst);
     match res {
         Ok(outcome) => {
@@ -1089,7 +1091,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default(),
     );
     let vr_store = vr_ctl.store();
-    let vr_cache = vr_store.clone();
     let mut vr_ctl = vr_ctl;
     // Backend kinds are watched only for the backends served: their CRDs may be absent.
     if serves_trident {
@@ -1138,7 +1139,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         watcher::Config::default(),
     );
     let vgr_store = vgr_ctl.store();
-    let vgr_cache = vgr_store.clone();
     let mut vgr_ctl = vgr_ctl;
     if serves_trident {
         vgr_ctl = vgr_ctl
@@ -1178,7 +1178,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .graceful_shutdown_on(mk_stop(stop_rx));
 
     // Reconciles read from caches, complete before the first one runs.
-    let caches = Caches::start(&client, vr_cache, vgr_cache, serves_trident, serves_dell);
+    let caches = Caches::start(&client, serves_trident);
     tokio::pin!(shutdown);
     let (caches, tasks) = tokio::select! {
         c = caches => c,

@@ -1,14 +1,20 @@
-//! Where a reconcile reads the cluster: the API server (one-shot reconciles) or the
-//! reflector caches the running controller keeps (no API read per reconcile).
+//! Where a reconcile reads the cluster: the API server (one-shot reconciles) or, in the
+//! running controller, reflector caches for everything that does not guard a write.
 //!
 //! Owns every read of a reconcile; writes stay in the parent module. It must not decide
 //! anything: it only answers "what is there", the same way from both sources.
 //!
 //! # Guarantees
-//! - A cached read may be older than the cluster. Every write the controller makes from it is
-//!   guarded (backend patches and the status patch carry the `resourceVersion` read, creates
-//!   fail on an existing name), so a stale read ends as a conflict and a retry, never as a
-//!   repeated Dell verb or a status describing an older object.
+//! - A running reconcile makes O(1) API reads per member, never a LIST: the subject, its
+//!   members' TridentMirrorRelationships and its DellCSIReplicationGroups are GET by name
+//!   (every write is computed from them and guarded by their `resourceVersion`; the watch
+//!   that triggered the reconcile is a different stream than a cache and may be ahead of
+//!   it, so a cached copy would often be our own write's predecessor and end in a
+//!   conflict); classes, PVCs, PVs, StorageClasses and our own TMRs/TAMUs (orphans, resync
+//!   requests) come from caches.
+//! - A cached read may be older than the cluster: whatever is written because of it is
+//!   guarded (creates fail on an existing name, patches carry the `resourceVersion`), so a
+//!   stale read ends as a conflict and a retry, never as a repeated Dell verb.
 //! - The caches are complete before the first reconcile ([`Caches::start`] waits for every
 //!   initial list), so "not in the cache" means "not in the cluster" as of that list.
 
@@ -36,21 +42,17 @@ use super::{Context, OWNER_UID_LABEL, Object};
 use crate::Error;
 use crate::error::ns_name;
 
-/// Reflector caches of every kind a reconcile reads (subjects come from the controllers'
-/// own stores).
+/// Reflector caches of every kind a reconcile reads besides the subject.
 #[derive(Clone)]
 pub struct Caches {
-    pub(super) volumes: Store<VolumeReplication>,
-    pub(super) groups: Store<VolumeGroupReplication>,
     volume_classes: Store<VolumeReplicationClass>,
     group_classes: Store<VolumeGroupReplicationClass>,
     pvcs: Store<PersistentVolumeClaim>,
     pvs: Store<PersistentVolume>,
     storage_classes: Store<StorageClass>,
-    /// Every TMR, not only ours: one named after a member but made by hand must be seen.
+    /// Our TMRs (by label): those of PVCs that left a group are found here.
     tmrs: Option<Store<TridentMirrorRelationship>>,
     tamus: Option<Store<TridentActionMirrorUpdate>>,
-    rgs: Option<Store<DellCSIReplicationGroup>>,
 }
 
 /// Runs a reflector for `api` until the returned future is dropped.
@@ -70,15 +72,12 @@ where
 }
 
 impl Caches {
-    /// Starts the reflectors for what `serves_trident`/`serves_dell` need and waits until each
-    /// has listed once. `volumes`/`groups` are the controllers' stores. The returned tasks
+    /// Starts the reflectors (the Trident ones only if `serves_trident`) and waits until each
+    /// has listed once. The returned tasks
     /// must be polled (spawned) for the caches to follow the cluster.
     pub(super) async fn start(
         client: &kube::Client,
-        volumes: Store<VolumeReplication>,
-        groups: Store<VolumeGroupReplication>,
         serves_trident: bool,
-        serves_dell: bool,
     ) -> (Self, Vec<tokio::task::JoinHandle<()>>) {
         let all = watcher::Config::default;
         let ours = || all().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
@@ -91,16 +90,13 @@ impl Caches {
             }};
         }
         let caches = Self {
-            volumes,
-            groups,
             volume_classes: cache!(Api::all(client.clone()), all()),
             group_classes: cache!(Api::all(client.clone()), all()),
             pvcs: cache!(Api::all(client.clone()), all()),
             pvs: cache!(Api::all(client.clone()), all()),
             storage_classes: cache!(Api::all(client.clone()), all()),
-            tmrs: serves_trident.then(|| cache!(Api::all(client.clone()), all())),
+            tmrs: serves_trident.then(|| cache!(Api::all(client.clone()), ours())),
             tamus: serves_trident.then(|| cache!(Api::all(client.clone()), ours())),
-            rgs: serves_dell.then(|| cache!(Api::all(client.clone()), all())),
         };
         caches.ready().await;
         (caches, tasks)
@@ -117,9 +113,6 @@ impl Caches {
             let _ = s.wait_until_ready().await;
         }
         if let Some(s) = &self.tamus {
-            let _ = s.wait_until_ready().await;
-        }
-        if let Some(s) = &self.rgs {
             let _ = s.wait_until_ready().await;
         }
     }
@@ -142,8 +135,8 @@ fn cached<K: Resource<DynamicType = ()> + Clone>(
 pub(super) enum Reader<'a> {
     /// GET/LIST on the API server (one-shot reconciles).
     Api(&'a Context),
-    /// The running controller's caches.
-    Cache(&'a Caches),
+    /// The running controller's caches (the subject itself still comes from the API).
+    Cache(&'a Context, &'a Caches),
 }
 
 macro_rules! api_get {
@@ -163,22 +156,20 @@ impl Reader<'_> {
         name: &str,
     ) -> Result<Option<Object>, Error> {
         let shown = ns_name(ns, name);
-        Ok(match (self, kind) {
-            (Self::Api(ctx), SubjectKind::Volume) => {
+        // The subject is always read from the API (one GET): our own status write of the
+        // previous reconcile may not be in the cache yet, and the status patch is guarded by
+        // the resourceVersion read here, so a cached read would conflict after every write.
+        let ctx = self.ctx();
+        Ok(match kind {
+            SubjectKind::Volume => {
                 let api: Api<VolumeReplication> = Api::namespaced(ctx.client.clone(), ns);
                 api_get!(ctx, api, "VolumeReplication", name, &shown)?
                     .map(|o| Object::Volume(Box::new(o)))
             }
-            (Self::Api(ctx), SubjectKind::Group) => {
+            SubjectKind::Group => {
                 let api: Api<VolumeGroupReplication> = Api::namespaced(ctx.client.clone(), ns);
                 api_get!(ctx, api, "VolumeGroupReplication", name, &shown)?
                     .map(|o| Object::Group(Box::new(o)))
-            }
-            (Self::Cache(c), SubjectKind::Volume) => {
-                cached(&c.volumes, Some(ns), name).map(|o| Object::Volume(Box::new(o)))
-            }
-            (Self::Cache(c), SubjectKind::Group) => {
-                cached(&c.groups, Some(ns), name).map(|o| Object::Group(Box::new(o)))
             }
         })
     }
@@ -200,10 +191,10 @@ impl Reader<'_> {
                 api_get!(ctx, api, "VolumeGroupReplicationClass", name, name)?
                     .map(|c| ClassView::from_group_class(&c))
             }
-            (Self::Cache(c), SubjectKind::Volume) => {
+            (Self::Cache(_, c), SubjectKind::Volume) => {
                 cached(&c.volume_classes, None, name).map(|c| ClassView::from_volume_class(&c))
             }
-            (Self::Cache(c), SubjectKind::Group) => {
+            (Self::Cache(_, c), SubjectKind::Group) => {
                 cached(&c.group_classes, None, name).map(|c| ClassView::from_group_class(&c))
             }
         })
@@ -215,7 +206,7 @@ impl Reader<'_> {
                 let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
                 api_get!(ctx, api, "PersistentVolumeClaim", name, ns_name(ns, name))
             }
-            Self::Cache(c) => Ok(cached(&c.pvcs, Some(ns), name)),
+            Self::Cache(_, c) => Ok(cached(&c.pvcs, Some(ns), name)),
         }
     }
 
@@ -238,7 +229,7 @@ impl Reader<'_> {
                     .map_err(|e| Error::api(&ctx.cluster, "list", "PersistentVolumeClaim", ns, e))?
                     .items)
             }
-            Self::Cache(c) => {
+            Self::Cache(_, c) => {
                 let mut out: Vec<PersistentVolumeClaim> = c
                     .pvcs
                     .state_filter(|p| {
@@ -263,7 +254,7 @@ impl Reader<'_> {
                 let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
                 api_get!(ctx, api, "PersistentVolume", name, name)
             }
-            Self::Cache(c) => Ok(cached(&c.pvs, None, name)),
+            Self::Cache(_, c) => Ok(cached(&c.pvs, None, name)),
         }
     }
 
@@ -273,7 +264,7 @@ impl Reader<'_> {
                 let api: Api<StorageClass> = Api::all(ctx.client.clone());
                 api_get!(ctx, api, "StorageClass", name, name)
             }
-            Self::Cache(c) => Ok(cached(&c.storage_classes, None, name)),
+            Self::Cache(_, c) => Ok(cached(&c.storage_classes, None, name)),
         }
     }
 
@@ -370,7 +361,7 @@ impl Reader<'_> {
                     .map_err(|e| Error::api(&ctx.cluster, "list", kind, ns, e))?
                     .items)
             }
-            Self::Cache(c) => {
+            Self::Cache(_, c) => {
                 let Some(store) = cache(c) else {
                     return Ok(Vec::new());
                 };
@@ -388,30 +379,32 @@ impl Reader<'_> {
         }
     }
 
-    async fn tmr(&self, ns: &str, name: &str) -> Result<Option<TridentMirrorRelationship>, Error> {
+    fn ctx(&self) -> &Context {
         match self {
-            Self::Api(ctx) => {
-                let api: Api<TridentMirrorRelationship> = Api::namespaced(ctx.client.clone(), ns);
-                api_get!(
-                    ctx,
-                    api,
-                    "TridentMirrorRelationship",
-                    name,
-                    ns_name(ns, name)
-                )
-            }
-            Self::Cache(c) => Ok(c.tmrs.as_ref().and_then(|s| cached(s, Some(ns), name))),
+            Self::Api(ctx) | Self::Cache(ctx, _) => ctx,
         }
     }
 
+    /// A member's relationship, read from the API: the planner patches it guarded by this
+    /// read, and the trigger that started this reconcile may be ahead of the cache (our own
+    /// create or patch of a moment ago), which would only end in a conflict.
+    async fn tmr(&self, ns: &str, name: &str) -> Result<Option<TridentMirrorRelationship>, Error> {
+        let ctx = self.ctx();
+        let api: Api<TridentMirrorRelationship> = Api::namespaced(ctx.client.clone(), ns);
+        api_get!(
+            ctx,
+            api,
+            "TridentMirrorRelationship",
+            name,
+            ns_name(ns, name)
+        )
+    }
+
+    /// A protection group's RG, read from the API for the same reason as [`Self::tmr`].
     async fn rg(&self, name: &str) -> Result<Option<DellCSIReplicationGroup>, Error> {
-        match self {
-            Self::Api(ctx) => {
-                let api: Api<DellCSIReplicationGroup> = Api::all(ctx.client.clone());
-                api_get!(ctx, api, "DellCSIReplicationGroup", name, name)
-            }
-            Self::Cache(c) => Ok(c.rgs.as_ref().and_then(|s| cached(s, None, name))),
-        }
+        let ctx = self.ctx();
+        let api: Api<DellCSIReplicationGroup> = Api::all(ctx.client.clone());
+        api_get!(ctx, api, "DellCSIReplicationGroup", name, name)
     }
 
     /// The backend objects of the subject's members.
@@ -425,8 +418,15 @@ impl Reader<'_> {
         match backend {
             Some(Backend::Trident) => {
                 let mut obs = TridentObserved::default();
+                // The TMRs named after members, whoever made them (detects foreign ones).
+                for name in member_names {
+                    if let Some(t) = self.tmr(&s.namespace, name).await? {
+                        obs.relationships.push(t);
+                    }
+                }
                 if let Some(uid) = &s.uid {
-                    obs.relationships = self
+                    // Ours named after PVCs that are no longer members (to delete).
+                    let owned = self
                         .trident_owned(
                             |c| c.tmrs.as_ref(),
                             "TridentMirrorRelationship",
@@ -434,6 +434,11 @@ impl Reader<'_> {
                             uid,
                         )
                         .await?;
+                    obs.relationships.extend(owned.into_iter().filter(|t| {
+                        !member_names
+                            .iter()
+                            .any(|m| t.metadata.name.as_deref() == Some(m.as_str()))
+                    }));
                     obs.updates = self
                         .trident_owned(
                             |c| c.tamus.as_ref(),
@@ -442,19 +447,6 @@ impl Reader<'_> {
                             uid,
                         )
                         .await?;
-                }
-                // Also the TMRs named after members, whoever made them (detects foreign ones).
-                for name in member_names {
-                    if obs
-                        .relationships
-                        .iter()
-                        .any(|t| t.metadata.name.as_deref() == Some(name.as_str()))
-                    {
-                        continue;
-                    }
-                    if let Some(t) = self.tmr(&s.namespace, name).await? {
-                        obs.relationships.push(t);
-                    }
                 }
                 Ok(Observed::Trident(obs))
             }
