@@ -11,13 +11,9 @@
 //!
 //! `cargo run --release -p cbt-benches --example replication [-- N]`
 //!
-//! Measured 2026-11-30 (release, 2 shared cores, same binary): N=100: 178 reconciles/s at cold
-//! start, baseline p50 9.9 ms / p99 29 ms, burst p50 359 ms / p99 464 ms (218 reconciles/s);
-//! N=1000: 18 reconciles/s at cold start (1000 VRs converged in 125 s), baseline p50 279 ms /
-//! p99 3.4 s, burst p50 73 s / p99 182 s (16 reconciles/s). The per-reconcile cost grows
-//! linearly with N; the likely cause (not yet profiled) is fake-kube itself: every write wakes
-//! its simulated controllers, which copy every PVC and TridentMirrorRelationship under the one
-//! store lock that all API requests take.
+//! Figures (before/after the cache and fake-kube indexing work, same machine, same run) are in
+//! the README's replication section. The last line breaks the reconciles down by verdict:
+//! `conflict` counts reconciles that met a newer object than the one they read.
 
 #![allow(clippy::unwrap_used)]
 
@@ -49,18 +45,29 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+const VERDICTS: [&str; 6] = [
+    "converged",
+    "in_progress",
+    "conflict",
+    "rejected",
+    "not_converging",
+    "error",
+];
+
 fn total_reconciles(m: &Metrics) -> u64 {
-    [
-        "converged",
-        "in_progress",
-        "conflict",
-        "rejected",
-        "not_converging",
-        "error",
-    ]
-    .iter()
-    .map(|r| m.reconcile_count("VolumeReplication", r))
-    .sum()
+    VERDICTS
+        .iter()
+        .map(|r| m.reconcile_count("VolumeReplication", r))
+        .sum()
+}
+
+/// Reconciles per verdict so far (conflicts are reconciles that met a newer object).
+fn breakdown(m: &Metrics) -> String {
+    VERDICTS
+        .iter()
+        .map(|r| format!("{r} {}", m.reconcile_count("VolumeReplication", r)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn flip(fake: &FakeKube, name: &str, to: &str) -> i64 {
@@ -256,6 +263,7 @@ async fn main() {
         burst_time.as_secs_f64(),
         burst_reconciles as f64 / burst_time.as_secs_f64()
     );
+    println!("reconciles by verdict, whole run: {}", breakdown(&metrics));
     println!(
         "burst p50 / baseline p50 = {:.1}x",
         percentile(&burst, 0.5).as_secs_f64() / percentile(&single, 0.5).as_secs_f64().max(1e-9)

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::store::{ResourceType, Selector, Store};
+use crate::store::{ResourceType, Store};
 use crate::values::rfc3339_now;
 
 /// `coordination.k8s.io/v1` Lease (leader election).
@@ -69,8 +69,14 @@ struct SimState {
     dell_delay: Duration,
     dell_fail: BTreeMap<String, String>,
     dell_paused: bool,
-    ready_at: HashMap<String, Instant>,
+    /// When an object's transition completes, by (plural, namespace, name).
+    ready_at: HashMap<(&'static str, String, String), Instant>,
     dell_history: Vec<(String, String)>,
+    /// The store's resourceVersion up to which changes were looked at.
+    seen_rv: u64,
+    /// A knob changed: look at every object once (a cleared fault affects objects that did
+    /// not change).
+    rescan: bool,
 }
 
 /// Timing and fault knobs of the simulated replication backends, shared with the test.
@@ -84,20 +90,27 @@ impl ReplicationSim {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Locks the knobs to change one: the next pass looks at every object.
+    fn knob(&self) -> MutexGuard<'_, SimState> {
+        let mut s = self.lock();
+        s.rescan = true;
+        s
+    }
+
     /// How long a TMR transition stays in its `-ing` state (default 0: next controller pass).
     pub fn set_trident_delay(&self, d: Duration) {
-        self.lock().trident_delay = d;
+        self.knob().trident_delay = d;
     }
 
     /// Keeps every TMR transition in its `-ing` state (a backend that never converges).
     pub fn set_trident_stuck(&self, stuck: bool) {
-        self.lock().trident_stuck = stuck;
+        self.knob().trident_stuck = stuck;
     }
 
     /// Makes promoting TMR `ns/name` fail (`failed`) until called again with `false`.
     pub fn fail_trident_promotion(&self, ns: &str, name: &str, fail: bool) {
         let key = format!("{ns}/{name}");
-        let mut s = self.lock();
+        let mut s = self.knob();
         if fail {
             s.trident_fail_promote.insert(key);
         } else {
@@ -108,7 +121,7 @@ impl ReplicationSim {
     /// Makes TMR `ns/name` report `invalid` with `message` (None clears it).
     pub fn set_trident_invalid(&self, ns: &str, name: &str, message: Option<&str>) {
         let key = format!("{ns}/{name}");
-        let mut s = self.lock();
+        let mut s = self.knob();
         match message {
             Some(m) => {
                 s.trident_invalid.insert(key, m.to_string());
@@ -121,12 +134,12 @@ impl ReplicationSim {
 
     /// How long a Dell action runs (default 0).
     pub fn set_dell_delay(&self, d: Duration) {
-        self.lock().dell_delay = d;
+        self.knob().dell_delay = d;
     }
 
     /// Makes Dell verb `action` fail finally with `error` (None: succeed again).
     pub fn fail_dell_action(&self, action: &str, error: Option<&str>) {
-        let mut s = self.lock();
+        let mut s = self.knob();
         match error {
             Some(e) => {
                 s.dell_fail.insert(action.to_string(), e.to_string());
@@ -139,7 +152,7 @@ impl ReplicationSim {
 
     /// Stops the Dell sidecar (actions stay pending) until resumed.
     pub fn set_dell_paused(&self, paused: bool) {
-        self.lock().dell_paused = paused;
+        self.knob().dell_paused = paused;
     }
 
     /// Every Dell verb the sidecar picked up, as (RG name, verb), in order.
@@ -166,28 +179,78 @@ pub(crate) fn reconcile(
     sim: &ReplicationSim,
 ) -> bool {
     let find = |plural: &str| types.iter().copied().find(|t| t.plural == plural);
+    // Our own writes of this pass come after this resourceVersion: the next pass sees them.
+    let since = {
+        let mut s = sim.lock();
+        let since = (!std::mem::take(&mut s.rescan)).then_some(s.seen_rv);
+        s.seen_rv = store.resource_version();
+        since
+    };
     let mut changed = false;
     if let Some(rt) = find("tridentmirrorrelationships") {
-        changed |= trident(store, rt, sim);
+        let todo = candidates(store, rt, since, sim);
+        changed |= trident(store, rt, sim, todo);
     }
     if let Some(rt) = find("tridentactionmirrorupdates") {
-        changed |= mirror_updates(store, rt);
+        let todo = candidates(store, rt, since, sim);
+        changed |= mirror_updates(store, rt, todo);
     }
     if let Some(rt) = find("dellcsireplicationgroups") {
-        changed |= dell(store, rt, sim);
+        let todo = candidates(store, rt, since, sim);
+        changed |= dell(store, rt, sim, todo);
     }
     changed
 }
 
-fn trident(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -> bool {
+/// The objects of `rt` a pass looks at, as (namespace, name): those changed since `since`
+/// and those waiting on a timer; every object when `since` is None (a knob changed) or the
+/// change log no longer reaches back to it. A pass thus costs what changed, not what exists.
+fn candidates(
+    store: &Store,
+    rt: &'static ResourceType,
+    since: Option<u64>,
+    sim: &ReplicationSim,
+) -> BTreeSet<(String, String)> {
+    let key = |o: &Value| {
+        (
+            text(o, &["metadata", "namespace"]).to_string(),
+            text(o, &["metadata", "name"]).to_string(),
+        )
+    };
+    let mut out: BTreeSet<(String, String)> = match since.and_then(|rv| store.changes_since(rv)) {
+        Some(events) => events
+            .filter(|e| e.rt.plural == rt.plural && e.kind != "DELETED")
+            .map(|e| key(&e.object))
+            .collect(),
+        None => store.iter_type(rt).map(key).collect(),
+    };
+    out.extend(
+        sim.lock()
+            .ready_at
+            .keys()
+            .filter(|(plural, _, _)| *plural == rt.plural)
+            .map(|(_, ns, name)| (ns.clone(), name.clone())),
+    );
+    out
+}
+
+fn trident(
+    store: &mut Store,
+    rt: &'static ResourceType,
+    sim: &ReplicationSim,
+    todo: BTreeSet<(String, String)>,
+) -> bool {
     let mut changed = false;
     let now = Instant::now();
-    for tmr in store.list(rt, None, &Selector::default()) {
+    for (ns, name) in todo {
+        let timer = (rt.plural, ns.clone(), name.clone());
+        let Ok(tmr) = store.get(rt, &ns, &name) else {
+            sim.lock().ready_at.remove(&timer);
+            continue;
+        };
         if tmr["metadata"]["deletionTimestamp"].is_string() {
             continue;
         }
-        let ns = text(&tmr, &["metadata", "namespace"]).to_string();
-        let name = text(&tmr, &["metadata", "name"]).to_string();
         let key = format!("{ns}/{name}");
         let generation = tmr["metadata"]["generation"].as_i64().unwrap_or(1);
         let desired = text(&tmr, &["spec", "state"]).to_string();
@@ -213,13 +276,13 @@ fn trident(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -
             }
             // Trident requeues a failed relationship: retry once the fault is gone.
             let at = now + s.trident_delay;
-            s.ready_at.insert(key.clone(), at);
+            s.ready_at.insert(timer, at);
             (ing.to_string(), String::new())
         } else if cur_gen == generation && cur == ing {
-            if s.trident_stuck || s.ready_at.get(&key).is_some_and(|t| now < *t) {
+            if s.trident_stuck || s.ready_at.get(&timer).is_some_and(|t| now < *t) {
                 continue;
             }
-            s.ready_at.remove(&key);
+            s.ready_at.remove(&timer);
             if desired == "promoted" && s.trident_fail_promote.contains(&key) {
                 (
                     "failed".to_string(),
@@ -231,7 +294,7 @@ fn trident(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -
             }
         } else {
             let at = now + s.trident_delay;
-            s.ready_at.insert(key.clone(), at);
+            s.ready_at.insert(timer, at);
             (ing.to_string(), String::new())
         };
         drop(s);
@@ -256,14 +319,19 @@ fn trident(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -
     changed
 }
 
-fn mirror_updates(store: &mut Store, rt: &'static ResourceType) -> bool {
+fn mirror_updates(
+    store: &mut Store,
+    rt: &'static ResourceType,
+    todo: BTreeSet<(String, String)>,
+) -> bool {
     let mut changed = false;
-    for u in store.list(rt, None, &Selector::default()) {
+    for (ns, name) in todo {
+        let Ok(u) = store.get(rt, &ns, &name) else {
+            continue;
+        };
         if !text(&u, &["status", "state"]).is_empty() {
             continue;
         }
-        let ns = text(&u, &["metadata", "namespace"]).to_string();
-        let name = text(&u, &["metadata", "name"]).to_string();
         let now = rfc3339_now();
         changed |= store.controller_update(rt, &ns, &name, |o| {
             o["status"] = json!({
@@ -278,17 +346,25 @@ fn mirror_updates(store: &mut Store, rt: &'static ResourceType) -> bool {
     changed
 }
 
-fn dell(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -> bool {
+fn dell(
+    store: &mut Store,
+    rt: &'static ResourceType,
+    sim: &ReplicationSim,
+    todo: BTreeSet<(String, String)>,
+) -> bool {
     let mut changed = false;
     let now = Instant::now();
-    for rg in store.list(rt, None, &Selector::default()) {
+    for (_, name) in todo {
+        let key = (rt.plural, String::new(), name.clone());
+        let Ok(rg) = store.get(rt, "", &name) else {
+            sim.lock().ready_at.remove(&key);
+            continue;
+        };
         if text(&rg, &["spec", "driverName"]) != DELL_DRIVER {
             continue;
         }
-        let name = text(&rg, &["metadata", "name"]).to_string();
         let action = text(&rg, &["spec", "action"]).trim().to_ascii_uppercase();
         let state = text(&rg, &["status", "state"]).to_string();
-        let key = format!("rg/{name}");
         let mut s = sim.lock();
         if s.dell_paused || action.is_empty() {
             continue;

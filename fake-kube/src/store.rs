@@ -387,7 +387,9 @@ pub struct Store {
 impl Store {
     /// An empty store keeping the last `log_cap` events for watch replay.
     pub fn new(log_cap: usize) -> Self {
-        let (tx, _) = broadcast::channel(1024);
+        // Each watch connection has its own cursor into this ring; one that falls further behind
+        // than the event log reaches must re-list anyway (410), so the ring is as deep as the log.
+        let (tx, _) = broadcast::channel(log_cap.clamp(1024, 1 << 20));
         Self {
             objects: BTreeMap::new(),
             rv: 0,
@@ -461,23 +463,51 @@ impl Store {
 
     /// Every stored object of a type, borrowed (no copies: CRDs are large).
     pub fn iter_type(&self, rt: &'static ResourceType) -> impl Iterator<Item = &Value> {
+        self.iter_in(rt, None)
+    }
+
+    /// Objects of a type, in one namespace or all, borrowed. Keys sort by type, then
+    /// namespace, so this visits only the requested range (a pass over one kind costs what
+    /// that kind holds, not what the whole cluster holds).
+    pub fn iter_in<'a>(
+        &'a self,
+        rt: &'static ResourceType,
+        ns: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Value> + 'a {
+        let ns = ns.filter(|_| rt.namespaced);
+        let start = (rt.plural, ns.unwrap_or("").to_string(), String::new());
         self.objects
-            .iter()
-            .filter(move |((plural, _, _), _)| *plural == rt.plural)
+            .range(start..)
+            .take_while(move |((plural, ons, _), _)| {
+                *plural == rt.plural && ns.is_none_or(|n| n == ons)
+            })
             .map(|(_, v)| v)
     }
 
     /// Lists objects of a type, in one namespace or all, filtered by a selector.
     pub fn list(&self, rt: &'static ResourceType, ns: Option<&str>, sel: &Selector) -> Vec<Value> {
-        self.objects
-            .iter()
-            .filter(|((plural, ons, _), _)| {
-                *plural == rt.plural && ns.is_none_or(|n| !rt.namespaced || n == ons)
-            })
-            .map(|(_, v)| v)
-            .filter(|v| sel.matches(v))
-            .cloned()
-            .collect()
+        self.list_where(rt, ns, |v| sel.matches(v))
+    }
+
+    /// Copies of the objects of a type (one namespace or all) that `keep` accepts; the
+    /// others are never copied.
+    pub fn list_where(
+        &self,
+        rt: &'static ResourceType,
+        ns: Option<&str>,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        self.iter_in(rt, ns).filter(|v| keep(v)).cloned().collect()
+    }
+
+    /// The events since resourceVersion `rv`, oldest first, or None when the log no longer
+    /// reaches back that far (the caller must then look at everything).
+    pub fn changes_since(&self, rv: u64) -> Option<impl Iterator<Item = &Event>> {
+        if rv < self.compacted_through {
+            return None;
+        }
+        let newer = self.log.iter().rev().take_while(|e| e.rv > rv).count();
+        Some(self.log.iter().skip(self.log.len() - newer))
     }
 
     /// Creates an object. `url_ns` is the namespace from the request path.
@@ -764,18 +794,31 @@ impl Store {
                 .is_none_or(|f| f.is_empty())
         {
             // The last finalizer is gone: the pending deletion completes.
-            self.store_modified(rt, ns, name, new.clone());
+            self.store_modified(rt, ns, name, new);
             return self.delete(rt, ns, name, false);
         }
-        self.store_modified(rt, ns, name, new.clone());
-        Ok(new)
+        // The answer carries the new resourceVersion, as the API server's does.
+        Ok(self.store_modified(rt, ns, name, new))
     }
 
-    fn store_modified(&mut self, rt: &'static ResourceType, ns: &str, name: &str, mut obj: Value) {
+    /// Stores an updated object under a new resourceVersion; returns it as stored.
+    fn store_modified(
+        &mut self,
+        rt: &'static ResourceType,
+        ns: &str,
+        name: &str,
+        mut obj: Value,
+    ) -> Value {
         self.rv += 1;
         obj["metadata"]["resourceVersion"] = Value::String(self.rv.to_string());
         self.objects.insert(Self::key(rt, ns, name), obj.clone());
-        self.emit("MODIFIED", rt, if rt.namespaced { ns } else { "" }, obj);
+        self.emit(
+            "MODIFIED",
+            rt,
+            if rt.namespaced { ns } else { "" },
+            obj.clone(),
+        );
+        obj
     }
 
     /// Deletes an object, returning it.

@@ -130,14 +130,13 @@ fn resolve_source(store: &Store, pvc: &Value, ns: &str, requested: i64) -> Resol
 
 fn provision(store: &mut Store, backend: &SharedBackend, driver: &str) -> bool {
     let mut changed = false;
-    for pvc in store.list(&PVCS, None, &Selector::default()) {
-        if s(&pvc, &["status", "phase"]) == Some("Bound")
+    let todo = store.list_where(&PVCS, None, |pvc| {
+        !(s(pvc, &["status", "phase"]) == Some("Bound")
             || pvc["metadata"].get("deletionTimestamp").is_some()
             // Pre-bound to a named PV: static binding is not simulated.
-            || s(&pvc, &["spec", "volumeName"]).is_some()
-        {
-            continue;
-        }
+            || s(pvc, &["spec", "volumeName"]).is_some())
+    });
+    for pvc in todo {
         let (Some(ns), Some(name), Some(uid)) = (
             s(&pvc, &["metadata", "namespace"]).map(str::to_string),
             s(&pvc, &["metadata", "name"]).map(str::to_string),
@@ -289,12 +288,11 @@ fn pv_object(name: &str, driver: &str, handle: &str, pvc: &Value, class: Option<
 
 fn reclaim(store: &mut Store, backend: &SharedBackend, driver: &str) -> bool {
     let mut changed = false;
-    for pv in store.list(&PERSISTENT_VOLUMES, None, &Selector::default()) {
-        if s(&pv, &["metadata", "annotations", PROVISIONED_BY]) != Some(driver)
-            || s(&pv, &["status", "phase"]) != Some("Bound")
-        {
-            continue;
-        }
+    let todo = store.list_where(&PERSISTENT_VOLUMES, None, |pv| {
+        s(pv, &["metadata", "annotations", PROVISIONED_BY]) == Some(driver)
+            && s(pv, &["status", "phase"]) == Some("Bound")
+    });
+    for pv in todo {
         let Some(name) = s(&pv, &["metadata", "name"]).map(str::to_string) else {
             continue;
         };

@@ -11,10 +11,12 @@
 //! (Degraded with the reason, retried with backoff), and conflict handling.
 //!
 //! # Guarantees
-//! - State lives in the cluster only: every reconcile reads the subject, its
-//!   class, its PVCs and its backend objects afresh, so a restart at any point
-//!   continues where the cluster is. In memory there is only the retry count
-//!   that sets the backoff.
+//! - State lives in the cluster only: every reconcile reads the subject and its
+//!   backend objects from the API and its class and PVCs from watch caches (see
+//!   the `read` module), so a restart at any point continues where the cluster
+//!   is. In memory there is only the retry count that sets the backoff.
+//! - The status patch carries the subject's `resourceVersion` as read, so a
+//!   status is never computed from an older object than the one it lands on.
 //! - Only the leader writes ([`Leadership`]); a follower's reconcile reads and
 //!   returns.
 //! - A patch computed from a stale read carries its `resourceVersion` and fails
@@ -25,6 +27,7 @@
 pub mod leader;
 pub mod metrics;
 pub mod process;
+mod read;
 pub mod serve;
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,9 +37,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Event as KubeEvent, EventSource, ObjectReference, PersistentVolume, PersistentVolumeClaim,
+    Event as KubeEvent, EventSource, ObjectReference, PersistentVolumeClaim,
 };
-use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
@@ -47,9 +49,9 @@ use serde_json::{Value, json};
 
 use super::translate::conditions::{reasons, types as cond_types};
 use super::translate::{
-    Backend, BackendObject, BackendWrite, ClassView, DellObserved, EventType, MANAGED_BY,
-    MANAGED_BY_LABEL, OWNER_ANNOTATION, ObjectKey, Observed, Plan, PvcInfo, Request, Subject,
-    SubjectKind, SubjectSource, SubjectStatus, TridentObserved, dell, members, plan,
+    Backend, BackendObject, BackendWrite, ClassView, EventType, MANAGED_BY, MANAGED_BY_LABEL,
+    OWNER_ANNOTATION, ObjectKey, Plan, Request, Subject, SubjectKind, SubjectStatus, dell, members,
+    plan,
 };
 use super::types::{
     DellCSIReplicationGroup, PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, ReplicatedState,
@@ -62,6 +64,7 @@ use crate::error::ns_name;
 
 pub use leader::Leadership;
 pub use metrics::Metrics;
+use read::{Caches, Reader};
 
 /// Finalizer we put on every VolumeReplication / VolumeGroupReplication we serve.
 pub const FINALIZER: &str = "replication.cbt.io/protection";
@@ -316,25 +319,18 @@ pub async fn reconcile_once(
     namespace: &str,
     name: &str,
 ) -> Result<Outcome, Error> {
-    let client = ctx.client.clone();
-    let cluster = ctx.cluster.as_str();
-    let object_name = ns_name(namespace, name);
-    let obj = match kind {
-        SubjectKind::Volume => {
-            let api: Api<VolumeReplication> = Api::namespaced(client.clone(), namespace);
-            api.get_opt(name)
-                .await
-                .map_err(|e| Error::api(cluster, "get", "VolumeReplication", &object_name, e))?
-                .map(|o| Object::Volume(Box::new(o)))
-        }
-        SubjectKind::Group => {
-            let api: Api<VolumeGroupReplication> = Api::namespaced(client.clone(), namespace);
-            api.get_opt(name)
-                .await
-                .map_err(|e| Error::api(cluster, "get", "VolumeGroupReplication", &object_name, e))?
-                .map(|o| Object::Group(Box::new(o)))
-        }
-    };
+    reconcile_with(ctx, Reader::Api(ctx), kind, namespace, name).await
+}
+
+/// One reconcile reading through `reader` (the API, or the running controller's caches).
+async fn reconcile_with(
+    ctx: &Context,
+    reader: Reader<'_>,
+    kind: SubjectKind,
+    namespace: &str,
+    name: &str,
+) -> Result<Outcome, Error> {
+    let obj = reader.subject(kind, namespace, name).await?;
     let key = format!("{}/{namespace}/{name}", kind.kind());
     let Some(obj) = obj else {
         ctx.metrics.set_state(kind.kind(), &key, None);
@@ -349,7 +345,7 @@ pub async fn reconcile_once(
         what: kind.kind().to_string(),
         reason: e.to_string(),
     })?;
-    let class = read_class(ctx, &subject).await?;
+    let class = reader.class(&subject).await?;
     let has_finalizer = obj
         .meta()
         .finalizers
@@ -366,7 +362,7 @@ pub async fn reconcile_once(
     let backend = class
         .as_ref()
         .and_then(|c| Backend::for_provisioner(&c.provisioner));
-    let pvcs = read_pvcs(ctx, &subject, backend).await?;
+    let pvcs = reader.pvc_infos(&subject, backend).await?;
     let mut req = Request {
         subject,
         class,
@@ -376,7 +372,7 @@ pub async fn reconcile_once(
     let member_names = backend
         .and_then(|b| members(&req, b).ok())
         .unwrap_or_default();
-    let observed = read_observed(ctx, &req, backend, &member_names).await?;
+    let observed = reader.observed(&req, backend, &member_names).await?;
     let the_plan = plan(&req, &observed).map_err(|e| Error::InvalidInput {
         what: kind.kind().to_string(),
         reason: e.to_string(),
@@ -390,12 +386,14 @@ pub async fn reconcile_once(
     }
     let reference = obj.object_ref();
     if req.subject.deleting {
-        return finish_deletion(ctx, &req, &obj, the_plan, &reference, &key).await;
+        return finish_deletion(ctx, reader, &req, &obj, the_plan, &reference, &key).await;
     }
+    // The status patch is guarded by this: a status computed from a stale read is refused.
+    let mut subject_rv = obj.meta().resource_version.clone();
     if !has_finalizer {
         match add_finalizer(ctx, &obj, kind).await? {
-            true => {}
-            false => {
+            Some(meta) => subject_rv = meta.resource_version,
+            None => {
                 return Ok(Outcome {
                     result: Verdict::Conflict,
                     plan: the_plan,
@@ -452,8 +450,22 @@ pub async fn reconcile_once(
         }
         .unwrap_or(Value::Null);
         let old_json = obj.status_json();
-        if new_json != old_json {
-            write_status(ctx, kind, &req.subject, &old_json, &new_json).await?;
+        if new_json != old_json
+            && !write_status(
+                ctx,
+                kind,
+                &req.subject,
+                subject_rv.as_deref(),
+                &old_json,
+                &new_json,
+            )
+            .await?
+        {
+            return Ok(Outcome {
+                result: Verdict::Conflict,
+                plan: the_plan,
+                requeue: Some(ctx.config.conflict_retry),
+            });
         }
         let state = status
             .replication()
@@ -560,227 +572,12 @@ fn owned(config: &Config, s: &Subject, class: Option<&ClassView>, has_finalizer:
     }
 }
 
-async fn read_class(ctx: &Context, s: &Subject) -> Result<Option<ClassView>, Error> {
-    let cluster = ctx.cluster.as_str();
-    if s.class_name.is_empty() {
-        return Ok(None);
-    }
-    Ok(match s.kind {
-        SubjectKind::Volume => {
-            let api: Api<VolumeReplicationClass> = Api::all(ctx.client.clone());
-            api.get_opt(&s.class_name)
-                .await
-                .map_err(|e| {
-                    Error::api(cluster, "get", "VolumeReplicationClass", &s.class_name, e)
-                })?
-                .map(|c| ClassView::from_volume_class(&c))
-        }
-        SubjectKind::Group => {
-            let api: Api<VolumeGroupReplicationClass> = Api::all(ctx.client.clone());
-            api.get_opt(&s.class_name)
-                .await
-                .map_err(|e| {
-                    Error::api(
-                        cluster,
-                        "get",
-                        "VolumeGroupReplicationClass",
-                        &s.class_name,
-                        e,
-                    )
-                })?
-                .map(|c| ClassView::from_group_class(&c))
-        }
-    })
-}
-
-/// The PVCs translation needs: the data source of a VR (plus, for Dell, the PVCs of its
-/// protection group), or every PVC of the namespace for a group.
-async fn read_pvcs(
+/// Adds our finalizer; the subject's new metadata, None on a conflict.
+async fn add_finalizer(
     ctx: &Context,
-    s: &Subject,
-    backend: Option<Backend>,
-) -> Result<Vec<PvcInfo>, Error> {
-    let cluster = ctx.cluster.as_str();
-    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
-    let raw: Vec<PersistentVolumeClaim> = match &s.source {
-        SubjectSource::Pvc(name) => {
-            let one = api.get_opt(name).await.map_err(|e| {
-                Error::api(
-                    cluster,
-                    "get",
-                    "PersistentVolumeClaim",
-                    ns_name(&s.namespace, name),
-                    e,
-                )
-            })?;
-            let mut all: Vec<PersistentVolumeClaim> = one.into_iter().collect();
-            let group = all
-                .first()
-                .and_then(|p| p.labels().get(dell::RG_LABEL).cloned());
-            if backend == Some(Backend::DellPowerStore)
-                && let Some(group) = group
-            {
-                let lp = ListParams::default().labels(&format!("{}={group}", dell::RG_LABEL));
-                let same = api.list(&lp).await.map_err(|e| {
-                    Error::api(cluster, "list", "PersistentVolumeClaim", &s.namespace, e)
-                })?;
-                for p in same.items {
-                    if p.metadata.name != all[0].metadata.name {
-                        all.push(p);
-                    }
-                }
-            }
-            all
-        }
-        SubjectSource::Other { .. } => Vec::new(),
-        SubjectSource::Selector(_) => {
-            api.list(&ListParams::default())
-                .await
-                .map_err(|e| Error::api(cluster, "list", "PersistentVolumeClaim", &s.namespace, e))?
-                .items
-        }
-    };
-    let mut drivers: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut out = Vec::with_capacity(raw.len());
-    for pvc in &raw {
-        let driver = pvc_driver(ctx, pvc, &mut drivers).await?;
-        out.push(PvcInfo::from_pvc(pvc, driver));
-    }
-    Ok(out)
-}
-
-/// The CSI driver of a PVC: its PV's, or its StorageClass's provisioner.
-async fn pvc_driver(
-    ctx: &Context,
-    pvc: &PersistentVolumeClaim,
-    classes: &mut BTreeMap<String, Option<String>>,
-) -> Result<Option<String>, Error> {
-    let cluster = ctx.cluster.as_str();
-    let spec = pvc.spec.clone().unwrap_or_default();
-    if let Some(pv_name) = spec.volume_name.filter(|n| !n.is_empty()) {
-        let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-        let pv = pvs
-            .get_opt(&pv_name)
-            .await
-            .map_err(|e| Error::api(cluster, "get", "PersistentVolume", &pv_name, e))?;
-        if let Some(driver) = pv
-            .and_then(|p| p.spec)
-            .and_then(|s| s.csi)
-            .map(|c| c.driver)
-        {
-            return Ok(Some(driver));
-        }
-    }
-    let Some(sc) = spec.storage_class_name.filter(|n| !n.is_empty()) else {
-        return Ok(None);
-    };
-    if let Some(known) = classes.get(&sc) {
-        return Ok(known.clone());
-    }
-    let scs: Api<StorageClass> = Api::all(ctx.client.clone());
-    let driver = scs
-        .get_opt(&sc)
-        .await
-        .map_err(|e| Error::api(cluster, "get", "StorageClass", &sc, e))?
-        .map(|c| c.provisioner);
-    classes.insert(sc, driver.clone());
-    Ok(driver)
-}
-
-async fn read_observed(
-    ctx: &Context,
-    req: &Request,
-    backend: Option<Backend>,
-    member_names: &[String],
-) -> Result<Observed, Error> {
-    let cluster = ctx.cluster.as_str();
-    let s = &req.subject;
-    match backend {
-        Some(Backend::Trident) => {
-            let tmrs: Api<TridentMirrorRelationship> =
-                Api::namespaced(ctx.client.clone(), &s.namespace);
-            let tamus: Api<TridentActionMirrorUpdate> =
-                Api::namespaced(ctx.client.clone(), &s.namespace);
-            let mut obs = TridentObserved::default();
-            if let Some(uid) = &s.uid {
-                let lp = ListParams::default().labels(&format!("{OWNER_UID_LABEL}={uid}"));
-                obs.relationships = tmrs
-                    .list(&lp)
-                    .await
-                    .map_err(|e| {
-                        Error::api(
-                            cluster,
-                            "list",
-                            "TridentMirrorRelationship",
-                            &s.namespace,
-                            e,
-                        )
-                    })?
-                    .items;
-                obs.updates = tamus
-                    .list(&lp)
-                    .await
-                    .map_err(|e| {
-                        Error::api(
-                            cluster,
-                            "list",
-                            "TridentActionMirrorUpdate",
-                            &s.namespace,
-                            e,
-                        )
-                    })?
-                    .items;
-            }
-            // Also the TMRs named after members, whoever made them (detects foreign ones).
-            for name in member_names {
-                if obs
-                    .relationships
-                    .iter()
-                    .any(|t| t.metadata.name.as_deref() == Some(name.as_str()))
-                {
-                    continue;
-                }
-                if let Some(t) = tmrs.get_opt(name).await.map_err(|e| {
-                    Error::api(
-                        cluster,
-                        "get",
-                        "TridentMirrorRelationship",
-                        ns_name(&s.namespace, name),
-                        e,
-                    )
-                })? {
-                    obs.relationships.push(t);
-                }
-            }
-            Ok(Observed::Trident(obs))
-        }
-        Some(Backend::DellPowerStore) => {
-            let rgs: Api<DellCSIReplicationGroup> = Api::all(ctx.client.clone());
-            let mut names: Vec<String> = req
-                .pvcs
-                .iter()
-                .filter(|p| member_names.contains(&p.name))
-                .filter_map(|p| p.labels.get(dell::RG_LABEL).cloned())
-                .collect();
-            names.sort();
-            names.dedup();
-            let mut obs = DellObserved::default();
-            for n in names {
-                if let Some(rg) = rgs
-                    .get_opt(&n)
-                    .await
-                    .map_err(|e| Error::api(cluster, "get", "DellCSIReplicationGroup", &n, e))?
-                {
-                    obs.groups.push(rg);
-                }
-            }
-            Ok(Observed::Dell(obs))
-        }
-        _ => Ok(Observed::Nothing),
-    }
-}
-
-async fn add_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Result<bool, Error> {
+    obj: &Object,
+    kind: SubjectKind,
+) -> Result<Option<ObjectMeta>, Error> {
     let meta = obj.meta();
     let mut finalizers = meta.finalizers.clone().unwrap_or_default();
     finalizers.push(FINALIZER.to_string());
@@ -789,6 +586,7 @@ async fn add_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Result
     patch_subject(ctx, kind, meta, &patch).await
 }
 
+/// Removes our finalizer; false on a conflict.
 async fn remove_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Result<bool, Error> {
     let meta = obj.meta();
     let finalizers: Vec<String> = meta
@@ -800,16 +598,16 @@ async fn remove_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Res
         .collect();
     let patch =
         json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
-    patch_subject(ctx, kind, meta, &patch).await
+    Ok(patch_subject(ctx, kind, meta, &patch).await?.is_some())
 }
 
-/// Merge-patches the subject; false on a conflict.
+/// Merge-patches the subject: its new metadata, None on a conflict (or if it is gone).
 async fn patch_subject(
     ctx: &Context,
     kind: SubjectKind,
     meta: &ObjectMeta,
     patch: &Value,
-) -> Result<bool, Error> {
+) -> Result<Option<ObjectMeta>, Error> {
     let ns = meta.namespace.clone().unwrap_or_default();
     let name = meta.name.clone().unwrap_or_default();
     let pp = PatchParams::default();
@@ -817,15 +615,15 @@ async fn patch_subject(
         SubjectKind::Volume => Api::<VolumeReplication>::namespaced(ctx.client.clone(), &ns)
             .patch(&name, &pp, &Patch::Merge(patch))
             .await
-            .map(|_| ()),
+            .map(|o| o.metadata),
         SubjectKind::Group => Api::<VolumeGroupReplication>::namespaced(ctx.client.clone(), &ns)
             .patch(&name, &pp, &Patch::Merge(patch))
             .await
-            .map(|_| ()),
+            .map(|o| o.metadata),
     };
     match res {
-        Ok(()) => Ok(true),
-        Err(e) if is_code(&e, 409) || is_code(&e, 404) => Ok(false),
+        Ok(meta) => Ok(Some(meta)),
+        Err(e) if is_code(&e, 409) || is_code(&e, 404) => Ok(None),
         Err(e) => Err(Error::api(
             &ctx.cluster,
             "patch",
@@ -836,13 +634,16 @@ async fn patch_subject(
     }
 }
 
+/// Writes the status subresource, guarded by `resource_version` (the subject as read); false
+/// on a conflict.
 async fn write_status(
     ctx: &Context,
     kind: SubjectKind,
     s: &Subject,
+    resource_version: Option<&str>,
     old: &Value,
     new: &Value,
-) -> Result<(), Error> {
+) -> Result<bool, Error> {
     // A merge patch keeps keys it does not name: null out what the new status drops.
     let mut body = new.clone();
     if let (Some(o), Some(b)) = (old.as_object(), body.as_object_mut()) {
@@ -852,7 +653,7 @@ async fn write_status(
             }
         }
     }
-    let patch = json!({ "status": body });
+    let patch = json!({ "metadata": {"resourceVersion": resource_version}, "status": body });
     let pp = PatchParams::default();
     let res = match kind {
         SubjectKind::Volume => {
@@ -869,8 +670,9 @@ async fn write_status(
         }
     };
     match res {
-        Ok(()) => Ok(()),
-        Err(e) if is_code(&e, 404) => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if is_code(&e, 404) => Ok(true),
+        Err(e) if is_code(&e, 409) => Ok(false),
         Err(e) => Err(Error::api(
             &ctx.cluster,
             "patch status of",
@@ -904,23 +706,12 @@ async fn claim_pvcs(ctx: &Context, req: &Request, members: &[String]) -> Result<
 }
 
 /// Takes our csi-addons owner annotation off every PVC that carries it.
-async fn release_pvcs(ctx: &Context, s: &Subject) -> Result<bool, Error> {
+async fn release_pvcs(ctx: &Context, reader: Reader<'_>, s: &Subject) -> Result<bool, Error> {
     let (key, _) = owner_annotation(s.kind);
     let me = s.csi_addons_owner();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
-    let pvcs = api.list(&ListParams::default()).await.map_err(|e| {
-        Error::api(
-            &ctx.cluster,
-            "list",
-            "PersistentVolumeClaim",
-            &s.namespace,
-            e,
-        )
-    })?;
-    for pvc in pvcs.items {
-        if pvc.annotations().get(key) == Some(&me)
-            && !patch_pvc(ctx, &api, &s.namespace, &pvc.name_any(), key, Value::Null).await?
-        {
+    for name in reader.pvcs_annotated(&s.namespace, key, &me).await? {
+        if !patch_pvc(ctx, &api, &s.namespace, &name, key, Value::Null).await? {
             return Ok(false);
         }
     }
@@ -1095,6 +886,7 @@ where
 
 async fn finish_deletion(
     ctx: &Context,
+    reader: Reader<'_>,
     req: &Request,
     obj: &Object,
     the_plan: Plan,
@@ -1121,7 +913,7 @@ async fn finish_deletion(
             requeue: Some(delay),
         });
     }
-    if !release_pvcs(ctx, &req.subject).await?
+    if !release_pvcs(ctx, reader, &req.subject).await?
         || !remove_finalizer(ctx, obj, req.subject.kind).await?
     {
         return Ok(Outcome {
@@ -1184,30 +976,37 @@ async fn record_event(ctx: &Context, reference: &ObjectReference, ev: &super::tr
 #[error(transparent)]
 pub struct ReconcileError(#[from] Box<Error>);
 
+/// What the running controllers share: the context and the caches they read from.
+struct Running {
+    ctx: Arc<Context>,
+    caches: Caches,
+}
+
 async fn reconcile_vr(
     obj: Arc<VolumeReplication>,
-    ctx: Arc<Context>,
+    run: Arc<Running>,
 ) -> Result<Action, ReconcileError> {
-    reconcile_arc(ctx, SubjectKind::Volume, obj.namespace(), obj.name_any()).await
+    reconcile_arc(run, SubjectKind::Volume, obj.namespace(), obj.name_any()).await
 }
 
 async fn reconcile_vgr(
     obj: Arc<VolumeGroupReplication>,
-    ctx: Arc<Context>,
+    run: Arc<Running>,
 ) -> Result<Action, ReconcileError> {
-    reconcile_arc(ctx, SubjectKind::Group, obj.namespace(), obj.name_any()).await
+    reconcile_arc(run, SubjectKind::Group, obj.namespace(), obj.name_any()).await
 }
 
 async fn reconcile_arc(
-    ctx: Arc<Context>,
+    run: Arc<Running>,
     kind: SubjectKind,
     ns: Option<String>,
     name: String,
 ) -> Result<Action, ReconcileError> {
+    let ctx = &run.ctx;
     let started = Instant::now();
     let ns = ns.unwrap_or_default();
     ctx.in_flight.fetch_add(1, Ordering::SeqCst);
-    let res = reconcile_once(&ctx, kind, &ns, &name).await;
+    let res = reconcile_with(ctx, Reader::Cache(ctx, &run.caches), kind, &ns, &name).await;
     ctx.in_flight.fetch_sub(1, Ordering::SeqCst);
     match res {
         Ok(outcome) => {
@@ -1229,9 +1028,9 @@ async fn reconcile_arc(
     }
 }
 
-fn error_policy<K>(_obj: Arc<K>, _err: &ReconcileError, ctx: Arc<Context>) -> Action {
+fn error_policy<K>(_obj: Arc<K>, _err: &ReconcileError, run: Arc<Running>) -> Action {
     // The per-object backoff is kept by the reconcile; errors use the base delay doubled.
-    Action::requeue(ctx.config.retry_base.saturating_mul(2))
+    Action::requeue(run.ctx.config.retry_base.saturating_mul(2))
 }
 
 /// Owner (`Kind/ns/name`) of a backend object we made, from its annotation.
@@ -1378,11 +1177,23 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         )
         .graceful_shutdown_on(mk_stop(stop_rx));
 
+    // Reconciles read from caches, complete before the first one runs.
+    let caches = Caches::start(&client, serves_trident);
+    tokio::pin!(shutdown);
+    let (caches, tasks) = tokio::select! {
+        c = caches => c,
+        _ = &mut shutdown => return,
+    };
+    let _stop_caches = AbortOnDrop(tasks);
+    let running = Arc::new(Running {
+        ctx: ctx.clone(),
+        caches,
+    });
     let vr = vr_ctl
-        .run(reconcile_vr, error_policy, ctx.clone())
+        .run(reconcile_vr, error_policy, running.clone())
         .for_each(|_| async {});
     let vgr = vgr_ctl
-        .run(reconcile_vgr, error_policy, ctx.clone())
+        .run(reconcile_vgr, error_policy, running)
         .for_each(|_| async {});
     let both = futures::future::join(vr, vgr);
     tokio::pin!(both);
@@ -1400,6 +1211,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                     _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                 }
             }
+        }
+    }
+}
+
+/// Stops the cache reflectors when `run` returns.
+struct AbortOnDrop(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
         }
     }
 }
