@@ -330,7 +330,14 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let (index, r) = out.manifest.as_ref().unwrap().chunks.iter_stored().next().unwrap();
+    let (index, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .next()
+        .unwrap();
     let file = chunk_file(&fx, &r.hash);
     std::fs::OpenOptions::new()
         .write(true)
@@ -681,14 +688,14 @@ fn open_gate(gate: &Gate) {
     gate.1.notify_all();
 }
 
-/// A store that deletes one object the first time a shared lock object is read back, which
-/// is what a backup does first when it checks, before committing, that its lock still holds:
-/// the deletion lands after every deduplication decision and before the commit.
+/// A store that deletes one chunk object when its metadata is asked for the second time: a
+/// backup asks once to deduplicate and once more to check, before committing, that it is
+/// still stored, so the deletion lands after the deduplication decision and before the commit.
 #[derive(Debug)]
 struct DeleteAtRecheck {
     inner: Arc<dyn ObjectStore>,
     victim: String,
-    fired: std::sync::atomic::AtomicBool,
+    heads: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -709,11 +716,6 @@ impl ObjectStore for DeleteAtRecheck {
         key: &str,
         max_len: u64,
     ) -> Result<Bytes, cbt_store::store::StoreError> {
-        if key.starts_with("locks/shared/")
-            && !self.fired.swap(true, std::sync::atomic::Ordering::SeqCst)
-        {
-            self.inner.delete(&self.victim).await?;
-        }
         self.inner.get_bounded(key, max_len).await
     }
     async fn get_range(
@@ -727,6 +729,10 @@ impl ObjectStore for DeleteAtRecheck {
         &self,
         key: &str,
     ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
+        // The first HEAD is the deduplication lookup, the second the check before commit.
+        if key == self.victim && self.heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.inner.delete(&self.victim).await?;
+        }
         self.inner.head(key).await
     }
     async fn list_page(
@@ -763,7 +769,7 @@ async fn a_backup_does_not_commit_when_a_chunk_it_deduplicated_against_is_gone()
     let store: Arc<dyn ObjectStore> = Arc::new(DeleteAtRecheck {
         inner: fx.store.clone(),
         victim: chunk::chunk_key(&gone.hash),
-        fired: Default::default(),
+        heads: Default::default(),
     });
     let repo = Repository::open(store).await.unwrap();
     // The same data again, as an unrelated full backup: every chunk is found stored.

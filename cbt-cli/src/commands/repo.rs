@@ -17,7 +17,7 @@ use crate::output::bytes;
 pub enum RepoCommand {
     /// Create a new, empty repository at --repo (fails if one exists there).
     Init {
-        /// Default chunk size of full backups (power of two, 4K..64M; default 4M).
+        /// Default chunk size of full backups (power of two, 4K..64M; default 1M).
         #[arg(long, value_parser = parse::size)]
         chunk_size: Option<u64>,
         /// Encrypt the repository (chunks, manifests, locks; chunk names keyed) under a password

@@ -566,16 +566,17 @@ async fn recheck_before_commit(
     let mut refs: Vec<ChunkAt> = found_stored.into_values().collect();
     refs.sort_by_key(|r| r.index);
     // Independent reads, so they run together (round trips on S3).
-    futures::try_join!(
+    let checks = futures::try_join!(
         parent_check,
         repo.check_chunks_stored(name, &refs, opts.transfers)
-    )?;
+    );
     // Read after the checks: a lock still there now was there all along (nobody recreates a
-    // broken one), so no GC can have run before or during them. One read covers both ends.
+    // broken one), so no GC can have run before or during them. One read covers both ends,
+    // and a lost lock is reported before what it let happen (a missing chunk or parent).
     if !lock.still_held().await? {
         return Err(lost());
     }
-    Ok(())
+    checks.map(|_| ())
 }
 
 /// Loads the parent's head and checks it is the snapshot the caller meant (same id, same

@@ -25,8 +25,8 @@
 //! are remembered for deduplication in a table capped at 65,536 entries (about 4 MiB).
 //! A restore holds the manifest's map, the ranges to zero and the offsets of chunks stored at
 //! several indices; planning counts references in a transient table (about 50 bytes per
-//! distinct chunk). With the defaults (4 MiB chunks,
-//! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 72 MiB of chunk
+//! distinct chunk). With the defaults (1 MiB chunks,
+//! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 18 MiB of chunk
 //! buffers; the
 //! whole `cbt-benches` e2e process (512 MiB image, backup + incremental + restore) peaked at
 //! about 160 MB RSS.
@@ -40,15 +40,17 @@
 //!
 //! | chunk size      | chunks touched | uploaded per changed byte | manifest per fully allocated TiB |
 //! |-----------------|----------------|---------------------------|----------------------------------|
-//! | 4 MiB (default) | 65% (166/256)  | 64.8                      | 11.9 MB stored, ~18 MiB in memory |
-//! | 1 MiB           | 25% (257/1024) | 25.1                      | 47 MB stored, ~73 MiB in memory   |
+//! | 4 MiB           | 65% (166/256)  | 64.8                      | 11.9 MB stored, ~18 MiB in memory |
+//! | 1 MiB (default) | 25% (257/1024) | 25.1                      | 47 MB stored, ~73 MiB in memory   |
 //! | 256 KiB         | 7.7% (317/4096)| 7.7                       | 190 MB stored, ~290 MiB in memory |
 //!
 //! Writes that cluster (logs, sequential files, most file systems) touch far fewer chunks than
-//! this uniform scatter, and compressible data uploads less. The 4 MiB default keeps
-//! manifests and memory small for large volumes; volumes with scattered small writes
-//! (databases) trade memory for upload volume with 1 MiB or 256 KiB (a full backup picks the
-//! size, its incrementals keep it).
+//! this uniform scatter, and compressible data uploads less. The manifest column is format 1
+//! (one JSON map per snapshot); format 2 stores about 40 bytes per chunk in shared segments
+//! and an incremental writes only the segments it changes, so the 1 MiB default costs memory
+//! and a larger full manifest, not per-incremental metadata. 256 KiB chunks cost a file or
+//! request each, which halved full-backup throughput on S3 (a full backup picks the size, its
+//! incrementals keep it).
 //!
 //! # Example
 //! ```no_run

@@ -126,7 +126,7 @@ const LIST_CONCURRENCY: usize = 8;
 /// Largest `config` object accepted (ours are a few hundred bytes).
 pub const MAX_CONFIG_LEN: u64 = 64 * 1024;
 /// Largest stored (compressed) manifest object accepted: 1 GiB, about 80 TiB of fully
-/// allocated volume at 4 MiB chunks (manifests store about 12.7 MB per such TiB).
+/// allocated volume at 4 MiB chunks in format 1 (which stored about 12.7 MB per such TiB).
 pub const MAX_MANIFEST_OBJECT_LEN: u64 = 1 << 30;
 
 /// The repository's `config` object.
@@ -159,7 +159,7 @@ pub struct EncryptionConfig {
 /// Options of [`Repository::init`].
 #[derive(Debug, Clone, Copy)]
 pub struct InitOptions {
-    /// Default chunk size (power of two, 4 KiB..=64 MiB); 4 MiB when `None`.
+    /// Default chunk size (power of two, 4 KiB..=64 MiB); 1 MiB ([`DEFAULT_CHUNK_SIZE`]) when `None`.
     pub chunk_size: Option<u64>,
     /// Creation time (injected).
     pub now: Timestamp,
