@@ -330,7 +330,14 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let (index, r) = out.manifest.as_ref().unwrap().chunks.iter_stored().next().unwrap();
+    let (index, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .next()
+        .unwrap();
     let file = chunk_file(&fx, &r.hash);
     std::fs::OpenOptions::new()
         .write(true)
