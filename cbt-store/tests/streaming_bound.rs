@@ -19,8 +19,11 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 /// Small chunks give many map entries per byte of volume: 4,096 per 16 MiB.
 const CHUNK: u64 = 4 * KIB;
-/// The documented bound: leaves read ahead, the batch gathered, the batch being written.
+/// The documented restore bound: leaves read ahead, the batch gathered, the batch written.
 const BOUND: u64 = 3 * LEAF_WINDOW as u64 * 128;
+/// The documented full-backup bound: results waiting (`transfers`, 8 by default), the open
+/// leaf and fewer than `LEAF_WINDOW + 2` finished leaves not yet stored.
+const BACKUP_BOUND: u64 = 8 + 10 * 128;
 
 struct Fx {
     dir: tempfile::TempDir,
@@ -47,6 +50,7 @@ fn vol() -> VolumeName {
     VolumeName::new("vol").unwrap()
 }
 
+/// A full backup; asserts it held a bounded part of its map and returned no whole map.
 async fn backup(fx: &Fx, source: &SyntheticSource, name: &str) {
     let req = BackupRequest {
         volume: vol(),
@@ -60,7 +64,7 @@ async fn backup(fx: &Fx, source: &SyntheticSource, name: &str) {
         chunk_size: None,
         volume_size: None,
     };
-    engine::backup(
+    let out = engine::backup(
         &fx.repo,
         Arc::new(source.clone()),
         req,
@@ -72,6 +76,20 @@ async fn backup(fx: &Fx, source: &SyntheticSource, name: &str) {
     )
     .await
     .unwrap();
+    assert!(
+        out.manifest.is_none(),
+        "a full backup hands back its head only"
+    );
+    let stored = out.stats.chunks_read - out.stats.chunks_zero;
+    assert!(
+        out.map_entries_peak <= BACKUP_BOUND,
+        "{name}: {} entries held, bound {BACKUP_BOUND}",
+        out.map_entries_peak
+    );
+    assert!(
+        stored < 2 * BACKUP_BOUND || out.map_entries_peak * 2 < stored,
+        "{name}: not streamed"
+    );
 }
 
 async fn restore(fx: &Fx, name: &str, target: &str, opts: RestoreOptions) -> RestoreReport {
