@@ -195,13 +195,17 @@ fn main() -> Result<(), Error> {
     } else {
         args
     };
-    let base = std::env::var_os("CBT_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let base =
+        std::env::var_os("CBT_BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     let work = tempfile::Builder::new()
         .prefix("cbt-memory-peak-")
         .tempdir_in(base)?;
     let exe = std::env::current_exe()?;
     println!("peak RSS per phase (each in its own process); bound 256 MiB");
-    println!("{:<8} {:<7} {:>10} {:>8}  detail", "phase", "volume", "peak MiB", "seconds");
+    println!(
+        "{:<8} {:<7} {:>10} {:>8}  detail",
+        "phase", "volume", "peak MiB", "seconds"
+    );
     for case in &cases {
         for phase in ["backup", "dry-run", "restore"] {
             let out = Command::new(&exe)
