@@ -1,6 +1,7 @@
 //! Peak resident memory (VmHWM, the kernel's getrusage maxrss) of a full backup and of a
 //! restore, each in its own process, for a 1 TiB sparse and a 64 GiB dense synthetic volume.
-//! The bound is 256 MiB whatever the volume size.
+//! The bound is 256 MiB whatever the volume size. The `load-whole` phase is the
+//! baseline of the same run: a process that only loads the snapshot's map whole.
 //!
 //! * sparse: 1 TiB with 1 GiB allocated in 1,024 scattered 1 MiB extents
 //!   ([`SyntheticSource`]), restored to a new sparse file.
@@ -173,6 +174,13 @@ async fn child(phase: &str, case: &str, dir: &Path) -> Result<(), Error> {
                 r.chunks, r.map_entries_peak
             )
         }
+        "load-whole" => {
+            // Baseline of the same run: what holding the whole map costs (how restore worked
+            // before it walked segments, and how a full backup held its map).
+            let repo = Repository::open(store).await?;
+            let m = repo.load_manifest(&volume, &snapshot).await?;
+            format!("{} entries loaded whole", m.chunks.stored_count())
+        }
         other => return Err(format!("unknown phase {other}").into()),
     };
     println!(
@@ -207,7 +215,7 @@ fn main() -> Result<(), Error> {
         "phase", "volume", "peak MiB", "seconds"
     );
     for case in &cases {
-        for phase in ["backup", "dry-run", "restore"] {
+        for phase in ["backup", "dry-run", "restore", "load-whole"] {
             let out = Command::new(&exe)
                 .args(["--child", phase, case])
                 .arg(work.path())
