@@ -13,6 +13,7 @@
 //! cargo run --release -p cbt-benches --example memory_peak            # both volumes
 //! cargo run --release -p cbt-benches --example memory_peak -- dense   # one
 //! ```
+//! `CBT_MEMORY_PHASES` picks phases (default `backup,dry-run,restore,load-whole`).
 //! The work directory is `CBT_BENCH_DIR` (default: a temporary directory under `/var/tmp`);
 //! the dense restore needs about 4.5 GB free there.
 
@@ -209,13 +210,19 @@ fn main() -> Result<(), Error> {
         .prefix("cbt-memory-peak-")
         .tempdir_in(base)?;
     let exe = std::env::current_exe()?;
+    // `CBT_MEMORY_PHASES=backup,load-whole` runs some phases only (backup always comes first).
+    let phases: Vec<String> = std::env::var("CBT_MEMORY_PHASES")
+        .unwrap_or_else(|_| "backup,dry-run,restore,load-whole".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
     println!("peak RSS per phase (each in its own process); bound 256 MiB");
     println!(
         "{:<8} {:<7} {:>10} {:>8}  detail",
         "phase", "volume", "peak MiB", "seconds"
     );
     for case in &cases {
-        for phase in ["backup", "dry-run", "restore", "load-whole"] {
+        for phase in &phases {
             let out = Command::new(&exe)
                 .args(["--child", phase, case])
                 .arg(work.path())
