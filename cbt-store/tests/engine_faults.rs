@@ -70,7 +70,11 @@ async fn killed_backup_leaves_nothing_visible_and_resumes_without_reupload() {
     )
     .await
     .unwrap();
-    let unique = out.manifest.as_ref().unwrap().chunks.unique_chunks().len() as u64;
+    let stored = repo
+        .load_manifest(&out.head.volume, &out.head.snapshot)
+        .await
+        .unwrap();
+    let unique = stored.chunks.unique_chunks().len() as u64;
     assert_eq!(out.stats.objects_written + 5, unique);
     // Every put of the resumed run: the uploaded chunks, the lock, the manifest's one map
     // segment and its head.

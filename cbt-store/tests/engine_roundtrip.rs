@@ -60,7 +60,14 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
     // Change about 1% of the volume in 8 places.
     let changed = mutate(&mut img, 8, SIZE / 800, 5);
     std::fs::write(&src, &img).unwrap();
-    let parent = Box::new(first.manifest.as_ref().unwrap().clone());
+    // A full backup hands back its head only; this mode takes the parent whole.
+    assert!(first.manifest.is_none());
+    let first_map = fx
+        .repo
+        .load_manifest(&first.head.volume, &first.head.snapshot)
+        .await
+        .unwrap();
+    let parent = Box::new(first_map.clone());
     let mode = BackupMode::Incremental {
         parent,
         changed: changed.clone(),
@@ -94,21 +101,11 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
         "s1"
     );
     // Unchanged chunks keep the parent's references.
-    let untouched = (0..first
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .geometry()
-        .chunk_count())
-        .find(|i| {
-            !changed
-                .chunks(first.manifest.as_ref().unwrap().chunks.geometry())
-                .contains(*i)
-        })
+    let untouched = (0..first_map.chunks.geometry().chunk_count())
+        .find(|i| !changed.chunks(first_map.chunks.geometry()).contains(*i))
         .unwrap();
     assert_eq!(
-        first.manifest.as_ref().unwrap().chunks.get(untouched),
+        first_map.chunks.get(untouched),
         second.manifest.as_ref().unwrap().chunks.get(untouched)
     );
 

@@ -49,7 +49,7 @@ async fn check(encrypted: bool) {
     assert_eq!(repo.is_encrypted(), encrypted);
     let volume = VolumeName::new("v").unwrap();
     let snap = SnapshotName::new("s").unwrap();
-    let out = engine::backup(
+    engine::backup(
         &repo,
         Arc::new(FileSource::open(&src).unwrap()),
         BackupRequest {
@@ -66,6 +66,8 @@ async fn check(encrypted: bool) {
     )
     .await
     .unwrap();
+    // A full backup streams its map; verify_target takes it whole.
+    let stored = repo.load_manifest(&volume, &snap).await.unwrap();
     let target = t.path().join("restored.img");
     engine::restore(
         &repo,
@@ -77,9 +79,7 @@ async fn check(encrypted: bool) {
     )
     .await
     .unwrap();
-    let r = verify_target(repo.codec(), out.manifest.as_ref().unwrap(), &target)
-        .await
-        .unwrap();
+    let r = verify_target(repo.codec(), &stored, &target).await.unwrap();
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(r.bytes_checked, 1 << 20);
     assert_eq!(r.chunks_ok, 16);
@@ -91,15 +91,13 @@ async fn check(encrypted: bool) {
         .unwrap();
     w.write_all_at(&[1], 70_001).unwrap();
     w.write_all_at(&[1], 5 * 64 * 1024 + 3).unwrap();
-    let r = verify_target(repo.codec(), out.manifest.as_ref().unwrap(), &target)
-        .await
-        .unwrap();
+    let r = verify_target(repo.codec(), &stored, &target).await.unwrap();
     assert_eq!(r.mismatched, vec![1, 5]);
     assert_eq!(r.mismatched_count, 2);
 
     // A target shorter than the volume cannot hold it.
     w.set_len(1000).unwrap();
-    let e = verify_target(repo.codec(), out.manifest.as_ref().unwrap(), &target)
+    let e = verify_target(repo.codec(), &stored, &target)
         .await
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);

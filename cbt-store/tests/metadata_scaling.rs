@@ -218,7 +218,11 @@ async fn run(size: u64) -> Run {
     )
     .await
     .unwrap();
-    let parent = full.manifest.unwrap();
+    // A full backup streams its map; the format-1 comparison needs it whole.
+    let parent = repo
+        .load_manifest(&full.head.volume, &full.head.snapshot)
+        .await
+        .unwrap();
     let v1_object = zstd::bulk::compress(&parent.to_json().unwrap(), 3)
         .unwrap()
         .len() as u64;

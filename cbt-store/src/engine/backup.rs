@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use cbt_core::manifest::{
     BackupStats, ChunkMap, ManifestHead, MapLocation, ParentRef, SnapshotMeta, SourceInfo,
 };
-use cbt_core::maptree::{LoadedTree, SegmentRef, TreeShape, derive_tree};
+use cbt_core::maptree::{
+    EncodedSegment, LoadedTree, SegmentRef, TreeShape, TreeWriter, derive_tree,
+};
 use cbt_core::plan::{BackupPlan, ChunkRead};
 use cbt_core::{
     ChunkGeometry, ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName,
@@ -19,7 +21,10 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::EncodedChunk;
-use crate::repo::{ChunkAt, MetadataWritten, RepoError, RepoLock, Repository, Result, random_id};
+use crate::repo::{
+    ChunkAt, EntryGauge, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock, Repository, Result,
+    random_id,
+};
 
 /// Full or incremental.
 #[derive(Debug, Clone)]
@@ -108,6 +113,12 @@ pub struct BackupOutcome {
     /// Raw chunk buffers allocated by the run (buffers are reused; at most
     /// `readers + readahead + workers` whatever the volume size).
     pub raw_buffers_allocated: u64,
+    /// Most chunk-map entries held at once. A full backup without a parent writes its map as
+    /// it goes: results waiting for an earlier chunk (at most `transfers`), the open leaf and
+    /// the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
+    /// `transfers + 10 * 128` whatever the volume size. Other modes hold a whole map (this
+    /// run's or the parent's) and report its stored chunks.
+    pub map_entries_peak: u64,
 }
 
 /// Manifest metadata moved by one backup.
@@ -444,15 +455,63 @@ async fn run_locked(
         BackupMode::Full { .. } => None,
     };
     let view = parent.as_ref().map(Parent::view);
-    let (read, mut stats, raw_buffers_allocated, found_stored) =
-        run_pipeline(repo, source, &plan, view, opts).await?;
+    // A full backup without a parent writes its map as it goes and never holds it.
+    let stream_tree = parent.is_none();
+    let snapshot_id = random_id("snapshot");
+    let head_of = |stats: BackupStats, root: Option<SegmentRef>| ManifestHead {
+        volume: req.volume.clone(),
+        snapshot: req.snapshot.clone(),
+        snapshot_id: snapshot_id.clone(),
+        created: req.created,
+        geometry,
+        parent: None,
+        source: req.source_info.clone(),
+        labels: req.labels.clone(),
+        stats,
+        map: MapLocation::Tree { root },
+    };
+    if stream_tree {
+        // Refused before any segment is written, like every other invalid manifest.
+        head_of(BackupStats::default(), None).to_json()?;
+    }
+    let (map, mut stats, raw_buffers_allocated) =
+        run_pipeline(repo, source, &plan, view, opts, stream_tree).await?;
+    let (read, found_stored) = match map {
+        PipelineMap::Whole(read, found) => (read, FoundStored::ByHash(found)),
+        PipelineMap::Tree {
+            shape,
+            root,
+            written,
+            found,
+            peak,
+        } => {
+            stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+            stats.bytes_in_ranges = bytes_in_ranges;
+            let head = head_of(stats, root);
+            let name = format!("{}/{}", req.volume, req.snapshot);
+            let found = FoundStored::InTree { shape, root, found };
+            recheck_before_commit(repo, lock, &name, None, found, opts).await?;
+            metadata.written = written;
+            metadata.written.head_bytes = repo.commit_head(&head).await?;
+            return Ok(BackupOutcome {
+                read_mb_per_s: mb_per_s(head.stats.bytes_read, head.stats.wall_ms),
+                raw_buffers_allocated,
+                stats: head.stats,
+                head,
+                manifest: None,
+                metadata,
+                map_entries_peak: peak,
+            });
+        }
+    };
+    let map_entries_peak = read.stored_count();
     stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     stats.bytes_in_ranges = bytes_in_ranges;
 
     let meta = SnapshotMeta {
         volume: req.volume.clone(),
         snapshot: req.snapshot.clone(),
-        snapshot_id: random_id("snapshot"),
+        snapshot_id,
         created: req.created,
         source: req.source_info.clone(),
         labels: req.labels.clone(),
@@ -529,6 +588,7 @@ async fn run_locked(
         head,
         manifest,
         metadata,
+        map_entries_peak,
     })
 }
 
@@ -545,7 +605,7 @@ async fn recheck_before_commit(
     lock: &RepoLock,
     name: &str,
     parent: Option<(&VolumeName, &SnapshotName)>,
-    found_stored: HashMap<ChunkHash, ChunkAt>,
+    found_stored: FoundStored,
     opts: &EngineOptions,
 ) -> Result<()> {
     let lost = || RepoError::LockLost {
@@ -563,13 +623,49 @@ async fn recheck_before_commit(
         }
         Ok(())
     };
-    let mut refs: Vec<ChunkAt> = found_stored.into_values().collect();
-    refs.sort_by_key(|r| r.index);
+    let chunk_check = async {
+        match found_stored {
+            FoundStored::ByHash(found) => {
+                let mut refs: Vec<ChunkAt> = found.into_values().collect();
+                refs.sort_by_key(|r| r.index);
+                repo.check_chunks_stored(name, &refs, opts.transfers)
+                    .await?;
+            }
+            FoundStored::InTree { shape, root, found } if !found.is_empty() => {
+                // The tree just written is walked in order, a window of leaves at a time; the
+                // chunks of each batch that were found stored are checked together.
+                let g = *shape.geometry();
+                let gauge = Arc::new(EntryGauge::default());
+                let mut batches = repo
+                    .leaves_in_order(shape, root, LEAF_WINDOW, gauge)
+                    .try_chunks(LEAF_WINDOW)
+                    .map_err(|e| e.1)
+                    .boxed();
+                let mut runs = found.iter().peekable();
+                while let Some(batch) = batches.try_next().await? {
+                    let mut refs = Vec::new();
+                    for (index, chunk) in batch.iter().flat_map(|l| l.entries.iter()) {
+                        while runs.next_if(|r| r.end <= *index).is_some() {}
+                        if runs.peek().is_some_and(|r| r.contains(index)) {
+                            refs.push(ChunkAt {
+                                index: *index,
+                                offset: g.chunk_offset(*index),
+                                chunk: *chunk,
+                            });
+                        }
+                    }
+                    if !refs.is_empty() {
+                        repo.check_chunks_stored(name, &refs, opts.transfers)
+                            .await?;
+                    }
+                }
+            }
+            FoundStored::InTree { .. } => {}
+        }
+        Ok::<(), RepoError>(())
+    };
     // Independent reads, so they run together (round trips on S3).
-    let checks = futures::try_join!(
-        parent_check,
-        repo.check_chunks_stored(name, &refs, opts.transfers)
-    );
+    let checks = futures::try_join!(parent_check, chunk_check);
     // Read after the checks: a lock still there now was there all along (nobody recreates a
     // broken one), so no GC can have run before or during them. One read covers both ends,
     // and a lost lock is reported before what it let happen (a missing chunk or parent).
@@ -624,16 +720,109 @@ async fn load_parent(
 
 /// What the pipeline hands back: the new state of every chunk read, folded as results arrive
 /// (stored chunks only, exactly the memory of the chunk map they become), and the figures.
-struct Folded {
+/// A full backup without a parent folds into a [`TreeFold`] instead and holds no map.
+struct Folded<'w> {
     read: ChunkMap,
+    tree: Option<TreeFold<'w>>,
     stats: BackupStats,
     /// Distinct chunks this run found already stored instead of uploading (not those the
-    /// parent vouches for), re-checked before the commit.
+    /// parent vouches for), re-checked before the commit (whole-map runs only; a tree fold
+    /// keeps their index ranges).
     found_stored: HashMap<ChunkHash, ChunkAt>,
 }
 
-impl Folded {
+/// A full backup's map written as it is produced: results are put back in plan order (at
+/// most `transfers` wait for an earlier one), pushed into a [`TreeWriter`], and finished
+/// segments are stored [`LEAF_WINDOW`] at a time as the backup passes their range.
+struct TreeFold<'w> {
+    shape: TreeShape,
+    writer: TreeWriter<'w>,
+    /// Planned indices not yet folded, ascending.
+    order: std::iter::Peekable<Box<dyn Iterator<Item = u64> + Send + 'w>>,
+    /// Results that arrived before an earlier planned chunk's.
+    waiting: BTreeMap<u64, Done>,
+    /// Finished segments not yet stored.
+    pending: Vec<EncodedSegment>,
+    written: MetadataWritten,
+    /// Index ranges of the chunks found already stored (ascending, merged): what the
+    /// pre-commit re-check looks up, 16 bytes per run instead of an entry per chunk.
+    found: Vec<std::ops::Range<u64>>,
+    /// Entries in the open leaf (first index of that leaf, count).
+    open_leaf: (u64, u64),
+    /// Most map entries held at once: waiting results, the open leaf, unstored leaves.
+    peak: u64,
+}
+
+impl TreeFold<'_> {
+    fn held(&self) -> u64 {
+        let pending: u64 = self
+            .pending
+            .iter()
+            .filter(|s| s.pos.level == 0)
+            .map(|s| s.seg.stored)
+            .sum();
+        self.waiting.len() as u64 + self.open_leaf.1 + pending
+    }
+
+    fn note_found(&mut self, index: u64) {
+        match self.found.last_mut() {
+            Some(r) if r.end == index => r.end += 1,
+            _ => self.found.push(index..index + 1),
+        }
+    }
+
+    /// Stores the finished segments once a window of them is ready.
+    async fn flush(&mut self, repo: &Repository) -> Result<()> {
+        if self.pending.len() >= LEAF_WINDOW {
+            let w = repo
+                .put_segments_of(std::mem::take(&mut self.pending))
+                .await?;
+            self.written.segments += w.segments;
+            self.written.segment_bytes += w.segment_bytes;
+        }
+        Ok(())
+    }
+}
+
+impl Folded<'_> {
     fn add(&mut self, d: Done, compare: Option<ParentView<'_>>) -> Result<()> {
+        let Some(tree) = &mut self.tree else {
+            return self.account(d, compare);
+        };
+        tree.waiting.insert(d.index, d);
+        tree.peak = tree.peak.max(tree.held());
+        loop {
+            let tree = self.tree.as_mut().ok_or_else(|| RepoError::Internal {
+                message: "tree fold vanished".into(),
+            })?;
+            let Some(next) = tree.order.peek().copied() else {
+                break;
+            };
+            let Some(d) = tree.waiting.remove(&next) else {
+                break;
+            };
+            tree.order.next();
+            if let ChunkState::Stored(r) = d.state {
+                tree.writer.push(d.index, r)?;
+                let leaf = tree.shape.pos_of(0, d.index).first;
+                tree.open_leaf = match tree.open_leaf {
+                    (first, n) if first == leaf => (first, n + 1),
+                    _ => (leaf, 1),
+                };
+                tree.pending.extend(tree.writer.take_finished());
+                if d.deduplicated && !d.from_parent {
+                    tree.note_found(d.index);
+                }
+            }
+            self.account(d, compare)?;
+        }
+        if let Some(tree) = &mut self.tree {
+            tree.peak = tree.peak.max(tree.held());
+        }
+        Ok(())
+    }
+
+    fn account(&mut self, d: Done, compare: Option<ParentView<'_>>) -> Result<()> {
         let stats = &mut self.stats;
         stats.bytes_read += d.raw_len;
         stats.chunks_read += 1;
@@ -646,7 +835,7 @@ impl Folded {
                 if d.deduplicated {
                     stats.bytes_deduplicated += d.raw_len;
                     stats.chunks_deduplicated += 1;
-                    if !d.from_parent {
+                    if !d.from_parent && self.tree.is_none() {
                         self.found_stored.entry(chunk.hash).or_insert(ChunkAt {
                             index: d.index,
                             offset: self.read.geometry().chunk_offset(d.index),
@@ -663,9 +852,36 @@ impl Folded {
         if !same_content(&before, &d.state) {
             stats.bytes_changed += d.raw_len;
         }
-        self.read.set(d.index, d.state)?;
+        if self.tree.is_none() {
+            self.read.set(d.index, d.state)?;
+        }
         Ok(())
     }
+}
+
+/// The map a pipeline produced.
+enum PipelineMap {
+    /// Held whole, with the chunks found stored by hash.
+    Whole(ChunkMap, HashMap<ChunkHash, ChunkAt>),
+    /// Written as a tree while the backup ran.
+    Tree {
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        written: MetadataWritten,
+        found: Vec<std::ops::Range<u64>>,
+        peak: u64,
+    },
+}
+
+/// Chunks a backup found stored, for the pre-commit re-check.
+enum FoundStored {
+    ByHash(HashMap<ChunkHash, ChunkAt>),
+    /// Index ranges into the tree just written (walked in order, a window of leaves at once).
+    InTree {
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        found: Vec<std::ops::Range<u64>>,
+    },
 }
 
 fn same_content(a: &ChunkState, b: &ChunkState) -> bool {
@@ -745,8 +961,26 @@ async fn run_pipeline(
     plan: &BackupPlan,
     parent: Option<ParentView<'_>>,
     opts: &EngineOptions,
-) -> Result<(ChunkMap, BackupStats, u64, HashMap<ChunkHash, ChunkAt>)> {
+    stream_tree: bool,
+) -> Result<(PipelineMap, BackupStats, u64)> {
     let pool = BufferPool::default();
+    let geometry = *plan.geometry();
+    let namer = |b: &[u8]| repo.segment_name(b);
+    let tree = stream_tree.then(|| {
+        let shape = TreeShape::new(geometry);
+        let order: Box<dyn Iterator<Item = u64> + Send + '_> = Box::new(plan.chunks().iter());
+        TreeFold {
+            shape,
+            writer: TreeWriter::new(shape, &namer),
+            order: order.peekable(),
+            waiting: BTreeMap::new(),
+            pending: Vec::new(),
+            written: MetadataWritten::default(),
+            found: Vec::new(),
+            open_leaf: (u64::MAX, 0),
+            peak: 0,
+        }
+    });
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
 
     // Readers: `readers` blocking threads taking the next planned chunk in offset order and
@@ -850,12 +1084,20 @@ async fn run_pipeline(
         .buffer_unordered(opts.transfers)
         .try_fold(
             Folded {
-                read: ChunkMap::new(*plan.geometry()),
+                read: ChunkMap::new(if stream_tree {
+                    ChunkGeometry::new(0, geometry.chunk_size())?
+                } else {
+                    geometry
+                }),
+                tree,
                 stats: BackupStats::default(),
                 found_stored: HashMap::new(),
             },
             |mut acc, done| async move {
                 acc.add(done, compare)?;
+                if let Some(tree) = &mut acc.tree {
+                    tree.flush(repo).await?;
+                }
                 Ok(acc)
             },
         )
@@ -865,12 +1107,38 @@ async fn run_pipeline(
             message: format!("reader task failed: {e}"),
         })?;
     }
-    Ok((
-        folded.read,
-        folded.stats,
-        pool.allocated(),
-        folded.found_stored,
-    ))
+    let map = match folded.tree {
+        None => PipelineMap::Whole(folded.read, folded.found_stored),
+        Some(mut tree) => {
+            if !tree.waiting.is_empty() || tree.order.peek().is_some() {
+                return Err(RepoError::Internal {
+                    message: "the pipeline ended before every planned chunk was folded".into(),
+                });
+            }
+            let TreeFold {
+                shape,
+                writer,
+                mut pending,
+                mut written,
+                found,
+                peak,
+                ..
+            } = tree;
+            let (root, rest) = writer.finish();
+            pending.extend(rest);
+            let w = repo.put_segments_of(pending).await?;
+            written.segments += w.segments;
+            written.segment_bytes += w.segment_bytes;
+            PipelineMap::Tree {
+                shape,
+                root,
+                written,
+                found,
+                peak,
+            }
+        }
+    };
+    Ok((map, folded.stats, pool.allocated()))
 }
 
 /// Most entries of a backup's table of chunks known to be stored (about 60 bytes each).

@@ -15,17 +15,33 @@
 //! finishes, and its buffer is then kept for the next chunk (at most 64 MiB of them, never
 //! more than were in flight at once). Restore holds at most `2 * transfers * (chunk_size + 52)`.
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
-//! None of this depends on the volume size; only chunk maps do (see `cbt_core::manifest`,
-//! about 18 MiB per fully allocated TiB at 4 MiB chunks). A backup folds each chunk's result
-//! into the new map as it arrives (no per-chunk list besides it). An incremental
-//! ([`BackupMode::IncrementalOf`] against a format-2 parent of the same size) holds only the
-//! states of the chunks it reads plus the parent's segments on their paths (about 10 KB per
-//! touched 128-chunk range, see `cbt_core::maptree`), never the parent's whole map; other
-//! incrementals hold the parent's map and build the child's from both. Hashes this run stored
-//! are remembered for deduplication in a table capped at 65,536 entries (about 4 MiB).
-//! A restore holds the manifest's map, the ranges to zero and the offsets of chunks stored at
-//! several indices; planning counts references in a transient table (about 50 bytes per
-//! distinct chunk). With the defaults (1 MiB chunks,
+//! In an encrypted repository each buffer holds 64 bytes more (the sealed envelope: header,
+//! GCM tag, checksum); [`EngineOptions::backup_memory_bound`] and
+//! [`EngineOptions::restore_memory_bound`] include it.
+//!
+//! Chunk maps are held in a bounded window too, except where noted:
+//! * A full backup without a parent folds results in plan order into a
+//!   [`cbt_core::maptree::TreeWriter`] (at most `transfers` results wait for an earlier one)
+//!   and stores each finished segment as it passes its range: at most `transfers + 10 * 128`
+//!   entries, whatever the volume size ([`BackupOutcome::map_entries_peak`]). Chunks it
+//!   found already stored are remembered as index ranges (16 bytes per run of consecutive
+//!   such chunks) and re-checked before the commit by walking the written tree in order.
+//! * An incremental ([`BackupMode::IncrementalOf`] against a format-2 parent of the same size)
+//!   holds only the states of the chunks it reads plus the parent's segments on their paths
+//!   (about 10 KB per touched 128-chunk range, see `cbt_core::maptree`), never the parent's
+//!   whole map.
+//! * A restore of a format-2 snapshot ([`restore`]) walks the map segment by segment in index
+//!   order, once for the check that every chunk is stored and once for the writes: at most
+//!   `3 * 8 * 128` = 3,072 entries ([`RestoreReport::map_entries_peak`]), plus the byte ranges
+//!   restored so far for the error of a failed in-place restore.
+//! * Still whole: a full backup with a parent ([`BackupMode::FullWithParent`]) and
+//!   incrementals of a format-1 or resized parent hold the parent's map (about 70 bytes per
+//!   stored chunk) and build the child's; [`restore_manifest`] and the restore of a format-1
+//!   manifest hold the given map; `Repository::verify` loads each map whole and keeps a table
+//!   of the store's chunks.
+//!
+//! Hashes this run stored are remembered for deduplication in a table capped at 65,536
+//! entries (about 4 MiB). With the defaults (1 MiB chunks,
 //! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 18 MiB of chunk
 //! buffers; the
 //! whole `cbt-benches` e2e process (512 MiB image, backup + incremental + restore) peaked at
@@ -107,6 +123,11 @@ pub use source::{BlockSource, FileSource};
 pub use verify_target::{TargetVerifyReport, verify_target};
 
 use crate::chunk::OVERHEAD;
+use crate::crypto::SEALED_OVERHEAD;
+
+/// Bytes a chunk buffer holds beyond the chunk: its framing, and in an encrypted repository
+/// the sealed envelope.
+const BUFFER_OVERHEAD: u64 = (OVERHEAD + SEALED_OVERHEAD) as u64;
 
 /// Progress of a running backup or restore, passed to the progress callback.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -184,16 +205,20 @@ impl EngineOptions {
         }
     }
 
-    /// Upper bound of chunk-buffer memory of a backup with these options.
+    /// Upper bound of chunk-buffer memory of a backup with these options, encrypted or not
+    /// (each buffer: the chunk, its framing and the sealed envelope of an encrypted
+    /// repository). The chunk map adds at most `transfers + 10 * 128` entries for a full
+    /// backup (see the module docs).
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
         (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64
-            * (chunk_size + OVERHEAD as u64)
+            * (chunk_size + BUFFER_OVERHEAD)
     }
 
-    /// Upper bound of chunk-buffer memory of a restore with these options.
+    /// Upper bound of chunk-buffer memory of a restore with these options, encrypted or not.
+    /// A format-2 map adds at most 3,072 entries (see the module docs).
     pub fn restore_memory_bound(&self, chunk_size: u64) -> u64 {
-        2 * self.normalized().transfers as u64 * (chunk_size + OVERHEAD as u64)
+        2 * self.normalized().transfers as u64 * (chunk_size + BUFFER_OVERHEAD)
     }
 
     fn report(&self, p: &Progress) {

@@ -25,13 +25,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cbt_core::plan::{RestorePlan, TargetState};
-use cbt_core::{ByteRange, Manifest, RangeSet, SnapshotName, VolumeName};
+use std::collections::{HashMap, HashSet};
+
+use cbt_core::manifest::{ManifestHead, MapLocation, StoredManifest};
+use cbt_core::maptree::{SegmentRef, TreeShape};
+use cbt_core::plan::{FetchGroup, TargetState};
+use cbt_core::{ByteRange, ChunkGeometry, ChunkHash, Manifest, RangeSet, SnapshotName, VolumeName};
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{EngineOptions, Progress, mb_per_s};
-use crate::repo::{ChunkAt, ChunkContext, RepoError, Repository, Result};
+use crate::repo::{
+    ChunkAt, ChunkContext, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, Repository, Result,
+};
 
 /// How the target is treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -88,12 +95,24 @@ pub struct RestoreReport {
     pub wall_ms: u64,
     /// Write throughput in MB/s (bytes written / wall time).
     pub write_mb_per_s: f64,
+    /// Most chunk-map entries held at once: a bounded window of segments for a format-2
+    /// manifest (at most `3 * LEAF_WINDOW * 128` = 3,072: leaves read ahead, the batch being
+    /// gathered and the batch being written; a map that small is loaded whole), whatever the volume size), the whole map
+    /// for a format-1 or caller-given manifest.
+    pub map_entries_peak: u64,
 }
 
 /// Restores `volume/snapshot` to the file or block device at `target`.
 ///
+/// A format-2 manifest is walked segment by segment in index order, twice (the presence check
+/// before the first write, then the writes): the chunk map is never held whole, so memory does
+/// not grow with the volume (see [`RestoreReport::map_entries_peak`]). A format-1 manifest is
+/// loaded whole (its map is bounded by its own object size) and restored by
+/// [`restore_manifest`].
+///
 /// # Errors
-/// See [`restore_manifest`]; also [`RepoError::SnapshotNotFound`] and manifest errors.
+/// See [`restore_manifest`]; also [`RepoError::SnapshotNotFound`] and manifest errors
+/// (a damaged or missing segment is a [`RepoError::Manifest`] raised before the first write).
 pub async fn restore(
     repo: &Repository,
     volume: &VolumeName,
@@ -102,8 +121,25 @@ pub async fn restore(
     opts: &RestoreOptions,
     engine: &EngineOptions,
 ) -> Result<RestoreReport> {
-    let manifest = repo.load_manifest(volume, snapshot).await?;
-    restore_manifest(repo, &manifest, target, opts, engine).await
+    match repo.load_stored(volume, snapshot).await? {
+        StoredManifest::V1(manifest) => {
+            restore_manifest(repo, &manifest, target, opts, engine).await
+        }
+        StoredManifest::V2(head) => {
+            let MapLocation::Tree { root } = head.map else {
+                return Err(RepoError::Internal {
+                    message: "a format-2 head without a tree".into(),
+                });
+            };
+            if root.is_none_or(|r| r.stored <= WHOLE_MAP_ENTRIES) {
+                // Within the streaming bound anyway: read once instead of walking twice.
+                let manifest = repo.load_tree_manifest(head).await?;
+                return restore_manifest(repo, &manifest, target, opts, engine).await;
+            }
+            let source = MapSource::Tree { head: &head, root };
+            restore_map(repo, source, target, opts, engine).await
+        }
+    }
 }
 
 /// Restores a loaded manifest to `target`.
@@ -128,11 +164,162 @@ pub async fn restore_manifest(
     opts: &RestoreOptions,
     engine: &EngineOptions,
 ) -> Result<RestoreReport> {
-    let started = Instant::now();
-    let engine = engine.normalized();
     // Loaders validate; a caller may have built or edited the manifest in memory.
     manifest.validate()?;
-    let volume_size = manifest.volume_size();
+    restore_map(repo, MapSource::Whole(manifest), target, opts, engine).await
+}
+
+/// Stored chunks handed to the presence check and the writer at once from a loaded map
+/// (a tree walk hands [`LEAF_WINDOW`] leaves of at most 128 chunks: the same bound).
+const BATCH_ENTRIES: usize = LEAF_WINDOW * 128;
+
+/// Stored chunks up to which a format-2 map is loaded whole rather than walked twice: the
+/// most a walk holds at once anyway (see [`RestoreReport::map_entries_peak`]).
+const WHOLE_MAP_ENTRIES: u64 = 3 * BATCH_ENTRIES as u64;
+
+/// Where a restore reads the chunk map from.
+enum MapSource<'a> {
+    /// A map loaded whole (format 1, or a caller's manifest).
+    Whole(&'a Manifest),
+    /// A format-2 tree, walked segment by segment.
+    Tree {
+        head: &'a ManifestHead,
+        root: Option<SegmentRef>,
+    },
+}
+
+/// Stored chunks in ascending index order, a bounded batch at a time.
+type Batches<'a> = BoxStream<'a, Result<Vec<HeldLeaf>>>;
+
+impl MapSource<'_> {
+    fn names(&self) -> (&VolumeName, &SnapshotName) {
+        match self {
+            MapSource::Whole(m) => (&m.volume, &m.snapshot),
+            MapSource::Tree { head, .. } => (&head.volume, &head.snapshot),
+        }
+    }
+
+    fn geometry(&self) -> ChunkGeometry {
+        match self {
+            MapSource::Whole(m) => *m.chunks.geometry(),
+            MapSource::Tree { head, .. } => head.geometry,
+        }
+    }
+
+    /// The map's stored chunks in index order, in batches of at most [`BATCH_ENTRIES`]
+    /// (whole maps) or [`LEAF_WINDOW`] leaves (trees, with as many leaves read ahead).
+    fn batches<'s>(&'s self, repo: &'s Repository, gauge: &Arc<EntryGauge>) -> Batches<'s> {
+        match self {
+            MapSource::Whole(m) => {
+                gauge.hold_whole(m.chunks.stored_count());
+                let mut stored = m.chunks.iter_stored().map(|(i, r)| (i, *r)).peekable();
+                let gauge = gauge.clone();
+                let batches = std::iter::from_fn(move || {
+                    stored.peek()?;
+                    let entries: Vec<_> = stored.by_ref().take(BATCH_ENTRIES).collect();
+                    Some(Ok(vec![HeldLeaf::new(entries, gauge.clone())]))
+                });
+                futures::stream::iter(batches).boxed()
+            }
+            MapSource::Tree { head, root } => repo
+                .leaves_in_order(
+                    TreeShape::new(head.geometry),
+                    *root,
+                    LEAF_WINDOW,
+                    gauge.clone(),
+                )
+                .try_chunks(LEAF_WINDOW)
+                .map_err(|e| e.1)
+                .boxed(),
+        }
+    }
+}
+
+/// What the first walk over the map found: the report's totals.
+struct Survey {
+    chunks: u64,
+    write_bytes: u64,
+    fetch_bytes: u64,
+}
+
+/// Walks the map once: validates each batch of references and, with `check`, confirms every
+/// chunk is stored with its recorded size (the first missing one fails, naming its index).
+async fn survey(
+    repo: &Repository,
+    source: &MapSource<'_>,
+    gauge: &Arc<EntryGauge>,
+    check: bool,
+    transfers: usize,
+) -> Result<Survey> {
+    let geometry = source.geometry();
+    let (volume, snapshot) = source.names();
+    let name = format!("{volume}/{snapshot}");
+    let mut s = Survey {
+        chunks: 0,
+        write_bytes: 0,
+        fetch_bytes: 0,
+    };
+    // A map held whole is checked in one call (which lists `chunks/` instead of asking for
+    // each chunk when there are many); a walked tree is checked a batch at a time (one
+    // existence check per distinct chunk of the batch), so nothing grows with the volume.
+    let whole = matches!(source, MapSource::Whole(_));
+    let mut all_refs: Vec<ChunkAt> = Vec::new();
+    let mut all_seen: HashSet<ChunkHash> = HashSet::new();
+    let mut batches = source.batches(repo, gauge);
+    while let Some(batch) = batches.try_next().await? {
+        let entries = || {
+            batch
+                .iter()
+                .flat_map(|l| l.entries.iter().map(|(i, r)| (*i, r)))
+        };
+        cbt_core::manifest::check_chunk_refs(&geometry, entries())?;
+        let mut seen: HashSet<ChunkHash> = HashSet::new();
+        let mut refs = Vec::new();
+        for (index, chunk) in entries() {
+            s.chunks += 1;
+            s.write_bytes += chunk.raw_len;
+            // Downloads are counted as the writer makes them: once per distinct chunk of a
+            // batch.
+            let first_in_batch = seen.insert(chunk.hash);
+            if first_in_batch {
+                s.fetch_bytes += chunk.stored_size;
+            }
+            let at = ChunkAt {
+                index,
+                offset: geometry.chunk_offset(index),
+                chunk: *chunk,
+            };
+            if whole {
+                if check && all_seen.insert(chunk.hash) {
+                    all_refs.push(at);
+                }
+            } else if first_in_batch {
+                refs.push(at);
+            }
+        }
+        if check && !refs.is_empty() {
+            repo.check_chunks_stored(&name, &refs, transfers).await?;
+        }
+    }
+    if check && !all_refs.is_empty() {
+        repo.check_chunks_stored(&name, &all_refs, transfers)
+            .await?;
+    }
+    Ok(s)
+}
+
+async fn restore_map(
+    repo: &Repository,
+    source: MapSource<'_>,
+    target: &Path,
+    opts: &RestoreOptions,
+    engine: &EngineOptions,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let engine = engine.normalized();
+    let geometry = source.geometry();
+    let volume_size = geometry.volume_size();
+    let (volume, snapshot) = source.names();
     let tio = |offset: Option<u64>| {
         let path = target.to_path_buf();
         move |source: io::Error| RepoError::TargetIo {
@@ -181,43 +368,36 @@ pub async fn restore_manifest(
         TargetKind::InPlace => TargetState::Dirty,
         _ => TargetState::Zeroed,
     };
-    let plan = RestorePlan::new(manifest, state);
-    let mut report = RestoreReport {
-        volume: manifest.volume.clone(),
-        snapshot: manifest.snapshot.clone(),
+    let gauge = Arc::new(EntryGauge::default());
+    let report = |s: &Survey, gauge: &EntryGauge| RestoreReport {
+        volume: volume.clone(),
+        snapshot: snapshot.clone(),
         target: target.to_path_buf(),
         kind,
         dry_run: opts.dry_run,
         volume_size,
-        chunks: plan.fetch_count(),
-        bytes_downloaded: plan.unique_fetch_bytes(),
-        bytes_written: plan.write_bytes(),
-        bytes_zeroed: plan.zero_bytes(),
+        chunks: s.chunks,
+        bytes_downloaded: s.fetch_bytes,
+        bytes_written: s.write_bytes,
+        bytes_zeroed: match state {
+            TargetState::Dirty => volume_size.saturating_sub(s.write_bytes),
+            TargetState::Zeroed => 0,
+        },
         wall_ms: 0,
         write_mb_per_s: 0.0,
-    };
-    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
-    let refs = || -> Vec<ChunkAt> {
-        plan.fetch_groups()
-            .map(|g| ChunkAt {
-                index: g.targets[0].0,
-                offset: g.targets[0].1,
-                chunk: g.chunk,
-            })
-            .collect()
+        map_entries_peak: gauge.peak(),
     };
     if opts.dry_run {
         // The plan is only worth showing if it can be carried out: every chunk it would fetch
         // is checked to be stored, with its recorded size, as the real restore does first.
-        repo.check_chunks_stored(&name, &refs(), engine.transfers)
-            .await?;
-        return Ok(report);
+        let s = survey(repo, &source, &gauge, true, engine.transfers).await?;
+        return Ok(report(&s, &gauge));
     }
     // A shared lock keeps GC from starting while chunks are being read. Restore must work from
     // read-only credentials and next to a stale exclusive lock (disaster recovery), so without
     // the lock it proceeds: every chunk is verified, so a chunk collected meanwhile is a
     // ChunkMissing error, never wrong data.
-    let purpose = format!("restore {}/{}", manifest.volume, manifest.snapshot);
+    let purpose = format!("restore {volume}/{snapshot}");
     let now = cbt_core::Timestamp::from_system_time(std::time::SystemTime::now());
     let lock = match repo.lock_shared(&purpose, now).await {
         Ok(lock) => Some(lock),
@@ -227,18 +407,18 @@ pub async fn restore_manifest(
         }
     };
     // Every chunk must be there before the first byte is written: a device must not be
-    // half-overwritten for want of data that was missing from the start.
-    let refs = refs();
-    let present = repo
-        .check_chunks_stored(&name, &refs, engine.transfers)
-        .await;
-    drop(refs);
-    if let Err(e) = present {
-        if let Some(lock) = lock {
-            let _ = lock.release().await;
+    // half-overwritten for want of data that was missing from the start. The map is walked
+    // for this check and walked again for the writes, never held whole.
+    let surveyed = survey(repo, &source, &gauge, true, engine.transfers).await;
+    let surveyed = match surveyed {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(lock) = lock {
+                let _ = lock.release().await;
+            }
+            return Err(e);
         }
-        return Err(e);
-    }
+    };
 
     // A replaced file is written as a new file beside it and renamed over it at the end.
     let write_path = match kind {
@@ -276,10 +456,16 @@ pub async fn restore_manifest(
 
     // A zeroed (fresh) target already reads as zeros: zero blocks inside chunks stay holes.
     let sparse = state == TargetState::Zeroed;
+    let totals = Progress {
+        chunks_total: surveyed.chunks,
+        bytes_total: surveyed.write_bytes,
+        ..Progress::default()
+    };
     let mut result = write_all(
         repo,
-        manifest,
-        &plan,
+        &source,
+        &gauge,
+        totals,
         file.clone(),
         &write_path,
         sparse,
@@ -323,16 +509,78 @@ pub async fn restore_manifest(
         tracing::warn!(error = %e, "restore finished but its lock stays; break it by hand");
     }
     result?;
+    let mut report = report(&surveyed, &gauge);
     report.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     report.write_mb_per_s = mb_per_s(report.bytes_written, report.wall_ms);
     Ok(report)
 }
 
+/// One distinct stored chunk of a batch and every place in the batch that holds it, in order
+/// of first use (a chunk repeated across batches is downloaded once per batch).
+fn fetch_groups(batch: &[HeldLeaf], geometry: &ChunkGeometry) -> Vec<FetchGroup> {
+    let mut groups: Vec<FetchGroup> = Vec::new();
+    let mut at: HashMap<ChunkHash, usize> = HashMap::new();
+    for (index, chunk) in batch.iter().flat_map(|l| l.entries.iter()) {
+        let target = (*index, geometry.chunk_offset(*index));
+        match at.get(&chunk.hash) {
+            Some(k) => groups[*k].targets.push(target),
+            None => {
+                at.insert(chunk.hash, groups.len());
+                groups.push(FetchGroup {
+                    chunk: *chunk,
+                    targets: vec![target],
+                });
+            }
+        }
+    }
+    groups
+}
+
+/// The bytes of chunks `from..upto` (none stored), up to the volume's end when `upto` is past
+/// the last chunk: what a dirty target must zero between two stored chunks.
+fn gap(geometry: &ChunkGeometry, from: u64, upto: u64) -> Option<ByteRange> {
+    let start = geometry.chunk_offset(from);
+    let end = if upto >= geometry.chunk_count() {
+        geometry.volume_size()
+    } else {
+        geometry.chunk_offset(upto)
+    };
+    (from < upto && start < end)
+        .then(|| ByteRange::new(start, end - start).ok())
+        .flatten()
+}
+
+/// Zeroes `ranges` on the target (blocking task) and marks them restored.
+async fn zero_now(
+    file: &Arc<Target>,
+    path: &Path,
+    ranges: RangeSet,
+    piece: usize,
+    restored: &Mutex<RangeSet>,
+) -> Result<()> {
+    if ranges.is_empty() {
+        return Ok(());
+    }
+    let (f, p, zero) = (file.clone(), path.to_path_buf(), ranges.clone());
+    tokio::task::spawn_blocking(move || zero_ranges(&f, &p, &zero, piece))
+        .await
+        .map_err(|e| RepoError::Internal {
+            message: format!("zeroing task failed: {e}"),
+        })??;
+    if let Ok(mut done) = restored.lock() {
+        for r in &ranges {
+            done.insert(*r);
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)] // one private call site; the pieces are distinct
 async fn write_all(
     repo: &Repository,
-    manifest: &Manifest,
-    plan: &RestorePlan<'_>,
+    source: &MapSource<'_>,
+    gauge: &Arc<EntryGauge>,
+    totals: Progress,
     file: Arc<Target>,
     target: &Path,
     sparse: bool,
@@ -345,29 +593,59 @@ async fn write_all(
             done.insert(r);
         }
     };
-    if !plan.zero_ranges().is_empty() {
-        let (f, p, zero) = (file.clone(), path.clone(), plan.zero_ranges().clone());
-        let chunk = plan.geometry().chunk_size() as usize;
-        let zeroed = zero.clone();
-        tokio::task::spawn_blocking(move || zero_ranges(&f, &p, &zero, chunk))
-            .await
-            .map_err(|e| RepoError::Internal {
-                message: format!("zeroing task failed: {e}"),
-            })??;
-        for r in &zeroed {
-            mark(r.start(), r.len());
-        }
-    }
-    let name = format!("{}/{}", manifest.volume, manifest.snapshot);
+    let geometry = source.geometry();
+    let piece = geometry.chunk_size() as usize;
+    let (volume, snapshot) = source.names();
+    let name = format!("{volume}/{snapshot}");
     // At most `transfers` buffers exist: one per chunk being decoded and written.
     let pool: Arc<Mutex<Vec<AlignedBuf>>> = Arc::default();
-    let progress = Arc::new(Mutex::new(Progress {
-        chunks_total: plan.fetch_count(),
-        bytes_total: plan.write_bytes(),
-        ..Progress::default()
-    }));
-    futures::stream::iter(plan.fetch_groups())
-        .map(|g| {
+    let progress = Arc::new(Mutex::new(totals));
+    // Batches in index order; before a batch's chunks are handed out, the gaps before them
+    // are zeroed on a dirty target. A batch stays held until its last chunk is handed out.
+    let state = (source.batches(repo, gauge), 0u64, false);
+    let (zfile, zpath) = (file.clone(), path.clone());
+    let groups = futures::stream::try_unfold(state, move |(mut batches, cursor, ended)| {
+        let (zfile, zpath) = (zfile.clone(), zpath.clone());
+        async move {
+            if ended {
+                return Ok(None);
+            }
+            let next = batches.try_next().await?;
+            let mut zero = RangeSet::new();
+            let mut cursor = cursor;
+            let stops: Vec<u64> = match &next {
+                Some(batch) => batch
+                    .iter()
+                    .flat_map(|l| l.entries.iter().map(|(i, _)| *i))
+                    .collect(),
+                None => vec![geometry.chunk_count()],
+            };
+            if !sparse {
+                for i in &stops {
+                    if let Some(r) = gap(&geometry, cursor, *i) {
+                        zero.insert(r);
+                    }
+                    cursor = i.saturating_add(1);
+                }
+                zero_now(&zfile, &zpath, zero, piece, restored).await?;
+            }
+            let ended = next.is_none();
+            let batch = next.unwrap_or_default();
+            // The batch stays owned by the iterator (and counted) until its last group is
+            // taken: its groups are copies of its entries.
+            let groups = fetch_groups(&batch, &geometry).into_iter().map(move |g| {
+                let _held = &batch;
+                Ok::<_, RepoError>(g)
+            });
+            Ok::<_, RepoError>(Some((
+                futures::stream::iter(groups),
+                (batches, cursor, ended),
+            )))
+        }
+    })
+    .try_flatten();
+    groups
+        .map_ok(|g| {
             let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
             let progress = progress.clone();
             let mark = &mark;
@@ -431,7 +709,7 @@ async fn write_all(
                 Ok::<_, RepoError>(())
             }
         })
-        .buffer_unordered(engine.transfers)
+        .try_buffer_unordered(engine.transfers)
         .try_collect::<Vec<()>>()
         .await?;
     let p = path.clone();

@@ -107,7 +107,7 @@ pub use maintenance::{
     DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
     SnapshotStatus, VerifyOptions, VerifyProblem, VerifyReport,
 };
-pub use tree::{MetadataWritten, SEGMENT_BATCH, segment_key};
+pub use tree::{EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH, segment_key};
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
 use crate::crypto::ObjectKind;

@@ -21,7 +21,7 @@ use cbt_core::maptree::{
     EncodedSegment, LoadedTree, MAX_SEGMENT_LEN, Segment, SegmentPos, SegmentRef, TreeShape,
     TreeWriter, children_to_load, decode_segment,
 };
-use cbt_core::{ChunkHash, ChunkMap, ChunkState, CoreError, Manifest};
+use cbt_core::{ChunkHash, ChunkMap, ChunkRef, ChunkState, CoreError, Manifest};
 use futures::{StreamExt, TryStreamExt};
 
 use super::{RepoError, Repository, Result};
@@ -380,5 +380,115 @@ impl Repository {
                 ))
             })
             .collect())
+    }
+}
+
+/// Leaves an in-order walk ([`Repository::leaves_in_order`]) reads ahead of its consumer.
+pub const LEAF_WINDOW: usize = 8;
+
+/// Counts the chunk-map entries a streaming walk holds at once (decoded leaves not yet
+/// dropped), and the most it ever held: the figure the memory bound is checked against.
+#[derive(Debug, Default)]
+pub struct EntryGauge {
+    now: std::sync::atomic::AtomicU64,
+    peak: std::sync::atomic::AtomicU64,
+}
+
+impl EntryGauge {
+    fn add(&self, n: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.now.fetch_add(n, Relaxed) + n;
+        self.peak.fetch_max(now, Relaxed);
+    }
+
+    fn sub(&self, n: u64) {
+        self.now.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Most entries held at once so far.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records a whole map of `n` entries held at once (a format-1 manifest).
+    pub fn hold_whole(&self, n: u64) {
+        self.add(n);
+        self.sub(n);
+    }
+}
+
+/// One decoded leaf of an in-order walk; counted in its walk's [`EntryGauge`] until dropped.
+#[derive(Debug)]
+pub struct HeldLeaf {
+    /// The leaf's stored chunks, ascending.
+    pub entries: Vec<(u64, ChunkRef)>,
+    gauge: std::sync::Arc<EntryGauge>,
+}
+
+impl HeldLeaf {
+    /// Wraps entries held outside a tree walk (a batch of a loaded map), counting them.
+    pub fn new(entries: Vec<(u64, ChunkRef)>, gauge: std::sync::Arc<EntryGauge>) -> Self {
+        gauge.add(entries.len() as u64);
+        HeldLeaf { entries, gauge }
+    }
+}
+
+impl Drop for HeldLeaf {
+    fn drop(&mut self) {
+        self.gauge.sub(self.entries.len() as u64);
+    }
+}
+
+impl Repository {
+    /// Walks a format-2 tree's leaves in ascending index order, holding the open nodes of one
+    /// path (at most `root level · 128` references) and at most `window` decoded leaves read
+    /// ahead (each at most 128 entries), whatever the volume size. Every leaf is read and
+    /// validated like [`Repository::read_segment`]; nodes are read when the walk reaches them.
+    pub fn leaves_in_order(
+        &self,
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        window: usize,
+        gauge: std::sync::Arc<EntryGauge>,
+    ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + '_ {
+        type Pending = std::collections::VecDeque<(SegmentPos, SegmentRef)>;
+        let start: Vec<Pending> = root
+            .map(|r| Pending::from([(shape.root_pos(), r)]))
+            .into_iter()
+            .collect();
+        let not_a = |pos: SegmentPos, what: &str| RepoError::Internal {
+            message: format!(
+                "segment at level {} index {} decoded as a {what}",
+                pos.level, pos.first
+            ),
+        };
+        futures::stream::try_unfold(start, move |mut stack| async move {
+            loop {
+                let Some(top) = stack.last_mut() else {
+                    return Ok(None);
+                };
+                let Some((pos, r)) = top.pop_front() else {
+                    stack.pop();
+                    continue;
+                };
+                if pos.level == 0 {
+                    return Ok(Some(((pos, r), stack)));
+                }
+                match self.read_segment(&shape, pos, &r).await? {
+                    Segment::Node(children) => stack.push(children.into()),
+                    Segment::Leaf(_) => return Err(not_a(pos, "leaf")),
+                }
+            }
+        })
+        .map_ok(move |(pos, r)| {
+            let gauge = gauge.clone();
+            async move {
+                match self.read_segment(&shape, pos, &r).await? {
+                    Segment::Leaf(entries) => Ok(HeldLeaf::new(entries, gauge)),
+                    Segment::Node(_) => Err(not_a(pos, "node")),
+                }
+            }
+        })
+        .try_buffered(window.max(1))
     }
 }
