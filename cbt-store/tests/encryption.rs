@@ -10,7 +10,7 @@ use std::sync::Arc;
 use cbt_core::Timestamp;
 use cbt_store::chunk;
 use cbt_store::crypto::{KdfParams, KeyFile, MasterKey, Password, SealError, SlotKind};
-use cbt_store::engine::{self, BackupMode, RestoreOptions};
+use cbt_store::engine::BackupMode;
 use cbt_store::repo::{
     ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, NewKey, ProblemKind, RepoError, RepoKey,
     Repository, VerifyOptions,
@@ -95,16 +95,9 @@ async fn two_snapshots(repo: &Repository, fx: &Fixture) -> (Vec<u8>, Vec<u8>, cb
 async fn restore_eq(repo: &Repository, fx: &Fixture, name: &str, expected: &[u8]) {
     let out = fx.path(&format!("{name}.out"));
     let _ = std::fs::remove_file(&out);
-    engine::restore(
-        repo,
-        &vol("pvc"),
-        &snap(name),
-        &out,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(repo, &vol("pvc"), &snap(name), &out)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == expected, "{name} differs");
 }
 
@@ -296,16 +289,9 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
     tamper(store.as_ref(), &chunk::chunk_key(&b.hash), false).await;
 
     let out = fx.path("t.out");
-    let e = engine::restore(
-        &repo,
-        &vol("pvc"),
-        &snap("one"),
-        &out,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let e = restore_file(&repo, &vol("pvc"), &snap("one"), &out)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
     assert!(matches!(e, RepoError::ChunkCorrupt { .. }), "{e}");
     let report = repo

@@ -6,7 +6,7 @@ mod engine_support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbt_store::engine::{self, EngineOptions, FileSource, RestoreOptions};
+use cbt_store::engine::{self, EngineOptions, FileSource};
 use cbt_store::repo::{GcOptions, RepoError, Repository};
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
 use cbt_store::store::{ErrorKind, ObjectStore, Op, RetryPolicy, RetryingStore, list_all};
@@ -82,16 +82,9 @@ async fn killed_backup_leaves_nothing_visible_and_resumes_without_reupload() {
     assert_eq!(chunk_count(fx.store.as_ref()).await as u64, unique);
 
     let target = fx.path("r.img");
-    engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
     assert!(std::fs::read(&target).unwrap() == img);
 }
 
@@ -139,16 +132,9 @@ async fn lost_manifest_write_and_lost_answers_resume_cleanly() {
         "an existing snapshot is refused before any upload"
     );
     let target = fx.path("r.img");
-    engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
     assert!(std::fs::read(&target).unwrap() == img);
 }
 
@@ -192,16 +178,9 @@ async fn transient_store_errors_are_retried_by_the_retrying_store() {
     .await
     .unwrap();
     let target = fx.path("r.img");
-    engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
     assert!(std::fs::read(&target).unwrap() == img);
     let gc = repo
         .gc(&GcOptions {

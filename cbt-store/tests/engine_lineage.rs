@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cbt_core::gc::RetentionPolicy;
 use cbt_core::manifest::ParentRef;
 use cbt_core::{ChunkState, Timestamp};
-use cbt_store::engine::{self, BackupMode, FileSource, RestoreOptions};
+use cbt_store::engine::{self, BackupMode, FileSource};
 use cbt_store::repo::{GcOptions, PruneOptions, RepoError, Repository};
 use cbt_store::store::fault::FaultyStore;
 use cbt_store::store::{ObjectStore, Op};
@@ -67,16 +67,9 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     );
 
     let target = fx.path("b.img");
-    engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("b"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("v"), &snap("b"), &target)
+        .await
+        .unwrap();
     assert!(std::fs::read(&target).unwrap() == img);
 }
 
@@ -303,16 +296,9 @@ async fn incrementals_across_grow_and_shrink_restore_exactly() {
         let target = fx.path(&format!("{name}.img"));
         let repo = fx.repo.clone();
         async move {
-            engine::restore(
-                &repo,
-                &vol("v"),
-                &snap(name),
-                &target,
-                &RestoreOptions::default(),
-                &opts(),
-            )
-            .await
-            .unwrap();
+            restore_file(&repo, &vol("v"), &snap(name), &target)
+                .await
+                .unwrap();
             std::fs::read(&target).unwrap()
         }
     };
@@ -404,16 +390,9 @@ async fn restore_locks_when_it_can_and_still_restores_when_it_cannot() {
     let run = |target: std::path::PathBuf| {
         let repo = repo.clone();
         async move {
-            engine::restore(
-                &repo,
-                &vol("v"),
-                &snap("s"),
-                &target,
-                &RestoreOptions::default(),
-                &opts(),
-            )
-            .await
-            .unwrap();
+            restore_file(&repo, &vol("v"), &snap("s"), &target)
+                .await
+                .unwrap();
             std::fs::read(&target).unwrap()
         }
     };

@@ -111,16 +111,9 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
 
     for (name, expected) in [("s1", &v1), ("s2", &img)] {
         let out = fx.path(&format!("restore-{name}.img"));
-        let r = engine::restore(
-            &fx.repo,
-            &vol("db"),
-            &snap(name),
-            &out,
-            &RestoreOptions::default(),
-            &opts(),
-        )
-        .await
-        .unwrap();
+        let r = restore_file(&fx.repo, &vol("db"), &snap(name), &out)
+            .await
+            .unwrap();
         assert_eq!(r.kind, TargetKind::NewFile);
         assert!(std::fs::read(&out).unwrap() == *expected, "{name} differs");
     }
@@ -151,16 +144,9 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
         before.stored_chunks - report.gc.deleted_chunks
     );
     let out = fx.path("after-prune.img");
-    engine::restore(
-        &fx.repo,
-        &vol("db"),
-        &snap("s2"),
-        &out,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&fx.repo, &vol("db"), &snap("s2"), &out)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
     let verify = fx
         .repo
@@ -210,16 +196,9 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
     }
     // The restored file is sparse: zero chunks and zero blocks inside chunks stay holes.
     let restored = fx.path("sparse-restored.img");
-    engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("a"),
-        &restored,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&fx.repo, &vol("v"), &snap("a"), &restored)
+        .await
+        .unwrap();
     assert!(std::fs::read(&restored).unwrap() == std::fs::read(&path).unwrap());
     use std::os::unix::fs::MetadataExt;
     let allocated = std::fs::metadata(&restored).unwrap().blocks() * 512;
@@ -272,16 +251,7 @@ async fn restore_targets_existing_files_in_place_and_dry_run() {
     // Existing target without overwrite: refused, untouched.
     let garbage = vec![0xA5u8; SIZE + 1000];
     let existing = fx.write("existing.img", &garbage);
-    let err = engine::restore(
-        &fx.repo,
-        &v,
-        &s,
-        &existing,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(&fx.repo, &v, &s, &existing).await.unwrap_err();
     assert!(matches!(err, RepoError::TargetExists { .. }));
     assert!(std::fs::read(&existing).unwrap() == garbage);
 
@@ -459,16 +429,9 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
         .unwrap();
     counting.reset_counts();
     let target = fx.path("rep-restored.img");
-    let r = engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    let r = restore_file(&repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
     assert_eq!(
         counting.calls(Op::Get),
         5,
@@ -524,16 +487,9 @@ async fn empty_and_tiny_volumes_round_trip() {
             data.len() as u64
         );
         let target = fx.path(&format!("{name}.restored"));
-        engine::restore(
-            &fx.repo,
-            &vol(name),
-            &snap("s"),
-            &target,
-            &RestoreOptions::default(),
-            &opts(),
-        )
-        .await
-        .unwrap();
+        restore_file(&fx.repo, &vol(name), &snap("s"), &target)
+            .await
+            .unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), data, "{name}");
     }
 }
@@ -624,16 +580,9 @@ async fn chunks_are_put_with_their_crc_and_deferred_durability_and_synced_before
     );
     // What was written that way reads back (the crc handed over was right).
     let restored = dir.path().join("out");
-    engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("s1"),
-        &restored,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("v"), &snap("s1"), &restored)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&restored).unwrap(), img);
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use cbt_core::Timestamp;
 use cbt_core::gc::RetentionPolicy;
-use cbt_store::engine::{self, BackupMode, RestoreOptions};
+use cbt_store::engine::BackupMode;
 use cbt_store::repo::{PruneOptions, RepoError, Repository, VerifyOptions};
 use cbt_store::store::ObjectStore;
 use cbt_store::testing::S3TestServer;
@@ -46,16 +46,9 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
     assert_eq!(reopened.config().id, repo.config().id);
     for (name, expected) in [("one", &v1), ("two", &img)] {
         let out = fx.path(name);
-        engine::restore(
-            &reopened,
-            &vol("pvc"),
-            &snap(name),
-            &out,
-            &RestoreOptions::default(),
-            &opts(),
-        )
-        .await
-        .unwrap();
+        restore_file(&reopened, &vol("pvc"), &snap(name), &out)
+            .await
+            .unwrap();
         assert!(std::fs::read(&out).unwrap() == *expected, "{name} differs");
     }
     let report = repo
@@ -82,16 +75,9 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
         .unwrap();
     assert_eq!(pruned.removed, vec!["pvc/one".to_string()]);
     let out = fx.path("two-after-prune");
-    engine::restore(
-        &repo,
-        &vol("pvc"),
-        &snap("two"),
-        &out,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("pvc"), &snap("two"), &out)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == img);
 
     // Damage one chunk on the server's disk: restore names it.
@@ -111,16 +97,9 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
-    let err = engine::restore(
-        &repo,
-        &vol("pvc"),
-        &snap("two"),
-        &fx.path("bad"),
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(&repo, &vol("pvc"), &snap("two"), &fx.path("bad"))
+        .await
+        .unwrap_err();
     match err {
         RepoError::ChunkCorrupt { index: i, .. } => assert_eq!(i, index),
         other => panic!("unexpected {other:?}"),

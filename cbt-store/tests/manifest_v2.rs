@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cbt_core::{CoreError, ErrorKind, Timestamp};
-use cbt_store::engine::{self, BackupMode, RestoreOptions};
+use cbt_store::engine::{self, BackupMode};
 use cbt_store::repo::{GcOptions, ProblemKind, RepoError, VerifyOptions, segment_key};
 use cbt_store::store::{ObjectStore, PutMode, list_all};
 use engine_support::*;
@@ -61,16 +61,9 @@ async fn an_incremental_touches_only_the_segments_on_its_path() {
     assert_eq!(segment_keys(fx.store.as_ref()).await.len(), 6);
     assert_eq!(b.stats.bytes_changed, CS);
     let target = fx.path("b.img");
-    engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("b"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&fx.repo, &vol("v"), &snap("b"), &target)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), next);
     let m = fx.repo.load_manifest(&vol("v"), &snap("b")).await.unwrap();
     assert_eq!(m.parent, b.head.parent);
@@ -111,16 +104,9 @@ async fn gc_deletes_unreferenced_segments_after_the_grace_and_keeps_shared_ones(
     assert_eq!(gc.kept_segments, 4);
     assert_eq!(segment_keys(fx.store.as_ref()).await.len(), 4);
     let target = fx.path("b.img");
-    engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("b"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&fx.repo, &vol("v"), &snap("b"), &target)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), next);
 }
 
@@ -189,16 +175,9 @@ async fn missing_or_damaged_segments_are_integrity_errors_in_verify_and_restore(
         .await
         .unwrap();
     let target = fx.path("a.img");
-    let err = engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("a"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(&fx.repo, &vol("v"), &snap("a"), &target)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err:?}");
     assert!(!target.exists());
     // GC never guesses: an unreadable manifest stops it before it deletes anything.
@@ -267,15 +246,8 @@ async fn encrypted_segments_are_sealed_and_keyed() {
         assert_ne!(name, cbt_store::chunk::hash_raw(&body).to_hex());
     }
     let target = fx.path("e-restored.img");
-    engine::restore(
-        &repo,
-        &vol("v"),
-        &snap("b"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&repo, &vol("v"), &snap("b"), &target)
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), next);
 }

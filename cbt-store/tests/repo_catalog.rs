@@ -5,7 +5,7 @@ mod engine_support;
 
 use cbt_core::Timestamp;
 use cbt_core::gc::RetentionPolicy;
-use cbt_store::engine::{self, BackupMode, RestoreOptions};
+use cbt_store::engine::BackupMode;
 use cbt_store::repo::{GcOptions, PruneOptions, RepoError, VerifyOptions};
 use engine_support::*;
 
@@ -164,16 +164,9 @@ async fn list_show_delete_latest_status_and_dry_run_prune() {
         .await
         .unwrap();
     let out = fx.path("tue.img");
-    engine::restore(
-        &fx.repo,
-        &vol("vol-a"),
-        &snap("tue"),
-        &out,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap();
+    restore_file(&fx.repo, &vol("vol-a"), &snap("tue"), &out)
+        .await
+        .unwrap();
     assert!(std::fs::read(&out).unwrap() == a);
 
     // Verify one snapshot; a snapshot without its volume is a usage error.

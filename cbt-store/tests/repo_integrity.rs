@@ -45,16 +45,9 @@ fn first_chunk(out: &BackupOutcome) -> (u64, String) {
 
 async fn restore_err(fx: &Fixture, repo: &Repository) -> RepoError {
     let target = fx.path("restored.img");
-    let err = engine::restore(
-        repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap_err();
     assert!(
         !target.exists(),
         "a failed restore removes the file it created"

@@ -114,16 +114,9 @@ async fn a_hash_recorded_with_two_lengths_is_refused_and_nothing_is_written_past
     put_manifest_json(fx.store.as_ref(), "v", "s", &json).await;
 
     let target = fx.path("r.img");
-    let err = engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             &err,
@@ -200,16 +193,9 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
         "{bad:?}"
     );
     let target = fx.path("r.img");
-    let err = engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("s2"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(&fx.repo, &vol("v"), &snap("s2"), &target)
+        .await
+        .unwrap_err();
     assert!(matches!(
         err,
         RepoError::ChunkCorrupt {
@@ -346,16 +332,9 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
         .set_len(1 << 30)
         .unwrap();
     let target = fx.path("out.img");
-    let err = engine::restore(
-        &fx.repo,
-        &vol("v"),
-        &snap("s"),
-        &target,
-        &RestoreOptions::default(),
-        &opts(),
-    )
-    .await
-    .unwrap_err();
+    let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             &err,

@@ -150,6 +150,25 @@ pub async fn backup_file(
     Ok(out)
 }
 
+/// Restores `volume`/`snapshot` to `target` with the default restore and engine options:
+/// [`backup_file`]'s twin.
+pub async fn restore_file(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    target: &Path,
+) -> Result<engine::RestoreReport, cbt_store::repo::RepoError> {
+    engine::restore(
+        repo,
+        volume,
+        snapshot,
+        target,
+        &engine::RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+}
+
 /// Overwrites `count` spread-out ranges of `len` bytes with new noise; returns them.
 pub fn mutate(img: &mut [u8], count: usize, len: usize, seed: u64) -> RangeSet {
     let step = img.len() / count;
