@@ -35,6 +35,8 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use cbt_core::{ChunkHash, ChunkRef};
 
+use crate::aligned::AlignedBuf;
+
 /// Magic bytes at the start of every chunk object.
 pub const CHUNK_MAGIC: [u8; 4] = *b"CBCH";
 /// Chunk object format version this build writes and reads.
@@ -202,21 +204,15 @@ fn compressed_len(raw: &[u8], level: i32) -> Option<usize> {
     }
 }
 
-/// Compresses `raw` straight into `body` (empty on entry) as a chunk object body:
-/// [`HEADER_LEN`] zero bytes (the header, filled in by the caller), then the zstd frame, with
-/// room for the trailer. The frame is written in place (no copy of the compressed bytes) and
-/// the buffer's untouched capacity is never made resident. False (and `body` in an
-/// unspecified state) if compression fails or does not shrink the data.
-fn compress_framed(raw: &[u8], level: i32, body: &mut Vec<u8>) -> bool {
-    body.reserve_exact(OVERHEAD + zstd::zstd_safe::compress_bound(raw.len()));
-    body.resize(HEADER_LEN, 0);
-    let mut cursor = std::io::Cursor::new(std::mem::take(body));
-    cursor.set_position(HEADER_LEN as u64);
-    let n = with_compressor(level, |c| c.compress_to_buffer(raw, &mut cursor));
-    *body = cursor.into_inner();
-    match n {
-        Some(Ok(n)) => n < raw.len() && body.len() == HEADER_LEN + n,
-        _ => false,
+/// Compresses `raw` into `body[HEADER_LEN..]` (the header is filled in by the caller) as
+/// one zstd frame written in place; `body` must be at least [`body_capacity`] long. The
+/// frame's length, if compression works and shrinks the data.
+fn compress_framed(raw: &[u8], level: i32, body: &mut [u8]) -> Option<usize> {
+    let room = body.len().checked_sub(OVERHEAD)?;
+    let out = &mut body[HEADER_LEN..HEADER_LEN + room];
+    match with_compressor(level, |c| c.compress_to_buffer(raw, out))? {
+        Ok(n) if n < raw.len() => Some(n),
+        _ => None,
     }
 }
 
@@ -265,14 +261,15 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
 
 /// Buffers of encoded bodies whose upload is done, kept for the next chunks: a fresh
 /// multi-megabyte allocation per chunk costs a page fault and a kernel zeroing per 4 KiB (a
-/// 1 GiB full backup faulted 110k pages with fresh buffers). At most
-/// [`MAX_POOLED_BODY_BYTES`] of capacity are kept.
-static BODIES: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// 1 GiB full backup faulted 110k pages with fresh buffers). They are aligned for direct
+/// I/O, so the local store writes a body to disk straight from here (no copy into the page
+/// cache, no aligned copy). At most [`MAX_POOLED_BODY_BYTES`] of capacity are kept.
+static BODIES: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
 /// Capacity kept by [`BODIES`] at most (16 bodies of 4 MiB chunks).
 const MAX_POOLED_BODY_BYTES: usize = 64 << 20;
 
-/// An empty buffer of at least `capacity` bytes, reused when one of a similar size is kept.
-fn take_body(capacity: usize) -> Vec<u8> {
+/// A buffer of at least `capacity` bytes, reused when one of a similar size is kept.
+fn take_body(capacity: usize) -> AlignedBuf {
     let reused = BODIES.lock().ok().and_then(|mut p| {
         // Within 2x, so a small chunk never pins a buffer sized for a large one.
         let i = p
@@ -280,25 +277,24 @@ fn take_body(capacity: usize) -> Vec<u8> {
             .position(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)?;
         Some(p.swap_remove(i))
     });
-    reused.unwrap_or_else(|| Vec::with_capacity(capacity))
+    reused.unwrap_or_default()
 }
 
 /// An encoded body that gives its buffer back to [`BODIES`] when the last reference to it
 /// (the upload, its retries) is dropped.
-struct PooledBody(Vec<u8>);
+struct PooledBody(AlignedBuf);
 
 impl AsRef<[u8]> for PooledBody {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        self.0.as_slice()
     }
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
-        let mut body = std::mem::take(&mut self.0);
-        body.clear();
+        let body = std::mem::take(&mut self.0);
         if let Ok(mut p) = BODIES.lock() {
-            let kept: usize = p.iter().map(Vec::capacity).sum();
+            let kept: usize = p.iter().map(AlignedBuf::capacity).sum();
             if kept + body.capacity() <= MAX_POOLED_BODY_BYTES {
                 p.push(body);
             }
@@ -315,7 +311,9 @@ impl Drop for PooledBody {
 /// raw crc32c, and [`EncodedChunk::body_crc32c`] (the whole object's, for the store) from the
 /// trailer, so neither the encoder nor the store reads the bytes again to checksum them.
 pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
-    let (chunk, body, body_crc32c) = encode_into(raw, level, take_body(body_capacity(raw, level)));
+    let mut body = take_body(body_capacity(raw, level));
+    let (chunk, len, body_crc32c) = encode_into(raw, level, body.resize(body_capacity(raw, level)));
+    body.resize(len);
     EncodedChunk {
         chunk,
         body: Bytes::from_owner(PooledBody(body)),
@@ -326,7 +324,11 @@ pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
 /// Like [`encode`], but into a buffer of its own that the caller keeps (the sealing stage
 /// grows it in place).
 pub(crate) fn encode_vec(raw: &[u8], level: i32) -> (ChunkRef, Vec<u8>, u32) {
-    encode_into(raw, level, Vec::new())
+    // Zeroed by the allocator (fresh pages), so capacity never written is never resident.
+    let mut body = vec![0; body_capacity(raw, level)];
+    let (chunk, len, crc) = encode_into(raw, level, &mut body);
+    body.truncate(len);
+    (chunk, body, crc)
 }
 
 /// Capacity an encoded body of `raw` may need.
@@ -339,21 +341,22 @@ fn body_capacity(raw: &[u8], level: i32) -> usize {
     payload + OVERHEAD
 }
 
-/// Encodes into `body` (cleared first): returns the reference, the body and its crc32c.
-fn encode_into(raw: &[u8], level: i32, mut body: Vec<u8>) -> (ChunkRef, Vec<u8>, u32) {
+/// Encodes into `body` (at least [`body_capacity`] long): returns the reference, the length
+/// of the object written at the start of `body` and its crc32c.
+fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32) {
     let hash = hash_raw(raw);
     let raw_crc = crc32c::crc32c(raw);
-    body.clear();
-    let compressed =
-        level > 0 && worth_compressing(raw, level) && compress_framed(raw, level, &mut body);
-    let codec = if compressed {
-        CODEC_ZSTD
+    let compressed = if level > 0 && worth_compressing(raw, level) {
+        compress_framed(raw, level, body)
     } else {
-        body.clear();
-        body.reserve_exact(raw.len() + OVERHEAD);
-        body.resize(HEADER_LEN, 0);
-        body.extend_from_slice(raw);
-        CODEC_RAW
+        None
+    };
+    let (codec, payload_len) = match compressed {
+        Some(n) => (CODEC_ZSTD, n),
+        None => {
+            body[HEADER_LEN..HEADER_LEN + raw.len()].copy_from_slice(raw);
+            (CODEC_RAW, raw.len())
+        }
     };
     body[0..4].copy_from_slice(&CHUNK_MAGIC);
     body[4] = CHUNK_FORMAT_VERSION;
@@ -364,20 +367,22 @@ fn encode_into(raw: &[u8], level: i32, mut body: Vec<u8>) -> (ChunkRef, Vec<u8>,
     body[12..16].copy_from_slice(&raw_crc.to_le_bytes());
     body[16..48].copy_from_slice(&hash.0);
     let header_crc = crc32c::crc32c(&body[..HEADER_LEN]);
+    let end = HEADER_LEN + payload_len;
     let crc = if codec == CODEC_RAW {
         crc32c::crc32c_combine(header_crc, raw_crc, raw.len())
     } else {
-        crc32c::crc32c_append(header_crc, &body[HEADER_LEN..])
+        crc32c::crc32c_append(header_crc, &body[HEADER_LEN..end])
     };
     let trailer = crc.to_le_bytes();
-    body.extend_from_slice(&trailer);
+    body[end..end + TRAILER_LEN].copy_from_slice(&trailer);
+    let len = end + TRAILER_LEN;
     let chunk = ChunkRef {
         hash,
-        stored_size: body.len() as u64,
+        stored_size: len as u64,
         crc32c: raw_crc,
         raw_len: raw.len() as u64,
     };
-    (chunk, body, crc32c::crc32c_append(crc, &trailer))
+    (chunk, len, crc32c::crc32c_append(crc, &trailer))
 }
 
 fn le32(b: &[u8]) -> u32 {

@@ -15,6 +15,8 @@
 
 pub mod store;
 
+mod aligned;
+
 pub mod chunk;
 pub mod crypto;
 pub mod engine;

@@ -26,7 +26,7 @@
 //! and canonicalized at open). Listings skip links.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
@@ -38,6 +38,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
+
+use crate::aligned::{self, AlignedBuf, DIRECT_ALIGN};
 
 use super::{
     ListPage, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, validate_key,
@@ -259,9 +261,8 @@ fn put_unnamed(
         Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => return Ok(None),
         Err(e) => return Err(io(e.into())),
     };
-    let mut file = File::from(fd);
-    file.write_all(body).map_err(io)?;
-    file.write_all(trailer).map_err(io)?;
+    let file = File::from(fd);
+    write_object(&file, body, trailer).map_err(io)?;
     if durable {
         file.sync_all().map_err(io)?;
     }
@@ -283,6 +284,83 @@ fn put_unnamed(
         rfs::fsync(parent).map_err(|e| io(e.into()))?;
     }
     Ok(Some(PutOutcome::Created))
+}
+
+/// Bodies at least this large bypass the page cache (chunks; never segments or heads).
+const DIRECT_MIN: usize = 256 << 10;
+/// Aligned staging buffers kept for reuse (each as large as the largest body written).
+const MAX_POOLED_ALIGNED: usize = 16;
+
+/// Aligned copies of bodies that were not aligned already (the chunk encoder's are), reused
+/// between writes (at most as many exist as objects are written at once).
+static ALIGNED: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// `bytes`, aligned for `O_DIRECT`, handed to `f`: as they are when they already start at an
+/// aligned address, else copied into a buffer taken from [`ALIGNED`].
+fn with_aligned<T>(bytes: &[u8], f: impl FnOnce(&[u8]) -> T) -> T {
+    if aligned::is_aligned(bytes) {
+        return f(bytes);
+    }
+    let mut buf = ALIGNED
+        .lock()
+        .ok()
+        .and_then(|mut p| p.pop())
+        .unwrap_or_default();
+    buf.resize(bytes.len()).copy_from_slice(bytes);
+    let out = f(buf.as_slice());
+    if let Ok(mut p) = ALIGNED.lock()
+        && p.len() < MAX_POOLED_ALIGNED
+    {
+        p.push(buf);
+    }
+    out
+}
+
+/// Writes `body` then `trailer` into the empty file `file`.
+///
+/// A large body's aligned prefix is written with `O_DIRECT`: straight from memory to the
+/// disk, without copying it into the page cache (a fifth of a full backup's CPU time) and
+/// without leaving it for the commit's `syncfs` to write back after the last chunk (the
+/// writes overlap the reading and hashing instead). The unaligned rest and the trailer go
+/// through the page cache as before; durability is unchanged (the caller's fsync or the
+/// store's `syncfs` still covers the file's metadata and its tail). Where the file system
+/// refuses `O_DIRECT`, everything is written through the page cache.
+fn write_object(file: &File, body: &[u8], trailer: &[u8]) -> io::Result<()> {
+    let direct_len = if body.len() >= DIRECT_MIN {
+        body.len() / DIRECT_ALIGN * DIRECT_ALIGN
+    } else {
+        0
+    };
+    if direct_len > 0 && write_direct(file, &body[..direct_len])? {
+        // The rest is under a block: one write for it and the trailer.
+        let mut rest = Vec::with_capacity(body.len() - direct_len + trailer.len());
+        rest.extend_from_slice(&body[direct_len..]);
+        rest.extend_from_slice(trailer);
+        return file.write_all_at(&rest, direct_len as u64);
+    }
+    file.write_all_at(body, 0)?;
+    file.write_all_at(trailer, body.len() as u64)
+}
+
+/// Writes `prefix` (a multiple of [`DIRECT_ALIGN`] long) at offset 0 of `file` with
+/// `O_DIRECT`, then turns `O_DIRECT` off again. False, with nothing written, if the file
+/// system refuses direct I/O.
+fn write_direct(file: &File, prefix: &[u8]) -> io::Result<bool> {
+    let flags = rfs::fcntl_getfl(file)?;
+    match rfs::fcntl_setfl(file, flags | OFlags::DIRECT) {
+        Ok(()) => {}
+        // No direct I/O on this file system (tmpfs on older kernels, some FUSE mounts).
+        Err(Errno::INVAL | Errno::OPNOTSUPP) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    let written = with_aligned(prefix, |buf| file.write_all_at(buf, 0));
+    rfs::fcntl_setfl(file, flags)?;
+    match written {
+        Ok(()) => Ok(true),
+        // Alignment the device does not accept: the caller rewrites it all buffered.
+        Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl Inner {
@@ -439,9 +517,8 @@ impl Inner {
                 Mode::from_raw_mode(0o666),
             )
             .map_err(|e| io(e.into()))?;
-            let mut file = File::from(fd);
-            file.write_all(body).map_err(&io)?;
-            file.write_all(&trailer).map_err(&io)?;
+            let file = File::from(fd);
+            write_object(&file, body, &trailer).map_err(&io)?;
             if durable {
                 file.sync_all().map_err(&io)?;
             }
