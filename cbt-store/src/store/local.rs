@@ -8,7 +8,9 @@
 //! name, so of two racers exactly one wins). A create-if-absent put writes to an unnamed
 //! `O_TMPFILE` in the object's own directory instead, linked to its name through
 //! `/proc/self/fd` when complete, where the file system allows it. A reader therefore never
-//! sees a partial object.
+//! sees a partial object. Bodies of 256 KiB or more (chunks) are written with `O_DIRECT` where
+//! the file system allows it (their block-aligned prefix; the rest and the trailer through the
+//! page cache), so they are neither copied into the page cache nor left for the sync to write.
 //! Unlike S3, a key cannot be both an object and a "directory" of other keys (`a` and `a/b`);
 //! such a put is refused with [`StoreError::InvalidKey`].
 //! A crash can leave staging files behind in `.cbt-tmp/`; they are never listed, and those
@@ -288,8 +290,8 @@ fn put_unnamed(
 
 /// Bodies at least this large bypass the page cache (chunks; never segments or heads).
 const DIRECT_MIN: usize = 256 << 10;
-/// Aligned staging buffers kept for reuse (each as large as the largest body written).
-const MAX_POOLED_ALIGNED: usize = 16;
+/// Aligned copies kept for reuse: as many as the engine has uploads in flight by default.
+const MAX_POOLED_ALIGNED: usize = 8;
 
 /// Aligned copies of bodies that were not aligned already (the chunk encoder's are), reused
 /// between writes (at most as many exist as objects are written at once).
