@@ -16,6 +16,7 @@
 pub mod store;
 
 pub mod chunk;
+mod crc;
 pub mod crypto;
 pub mod engine;
 pub mod repo;
