@@ -369,7 +369,7 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
     let header_crc = crc32c::crc32c(&body[..HEADER_LEN]);
     let end = HEADER_LEN + payload_len;
     let crc = if codec == CODEC_RAW {
-        crc32c::crc32c_combine(header_crc, raw_crc, raw.len())
+        crate::crc::combine(header_crc, raw_crc, raw.len())
     } else {
         crc32c::crc32c_append(header_crc, &body[HEADER_LEN..end])
     };
@@ -535,7 +535,7 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
     // crc32c, which must equal the recorded raw crc32c, costs no second pass.
     let payload = &body[HEADER_LEN..split];
     let payload_crc = crc32c::crc32c(payload);
-    let computed = crc32c::crc32c_combine(
+    let computed = crate::crc::combine(
         crc32c::crc32c(&body[..HEADER_LEN]),
         payload_crc,
         payload.len(),

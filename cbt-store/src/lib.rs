@@ -18,6 +18,7 @@ pub mod store;
 mod aligned;
 
 pub mod chunk;
+mod crc;
 pub mod crypto;
 pub mod engine;
 pub mod repo;

@@ -413,6 +413,53 @@ async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
 }
 
+/// A restore to a new file does not ask the store about each chunk before it starts (the
+/// fetch reports a missing chunk as well, and the partial file is removed): the same typed
+/// error, no file left behind, no existence requests, the lock released.
+#[tokio::test]
+async fn a_new_file_restore_finds_a_missing_chunk_by_fetching_it() {
+    use cbt_store::store::Op;
+    use cbt_store::store::fault::FaultyStore;
+    let fx = Fixture::new().await;
+    let img = image(SIZE, 9);
+    let src = fx.write("d.img", &img);
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let (index, r) = out
+        .manifest
+        .as_ref()
+        .unwrap()
+        .chunks
+        .iter_stored()
+        .last()
+        .unwrap();
+    std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
+    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    counting.reset_counts();
+    let target = fx.path("new.img");
+    let err = engine::restore(
+        &repo,
+        &vol("v"),
+        &snap("s"),
+        &target,
+        &RestoreOptions::default(),
+        &opts(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, RepoError::ChunkMissing { index: i, .. } if i == index),
+        "{err:?}"
+    );
+    assert!(!target.exists(), "a partial image was left behind");
+    assert_eq!(counting.calls(Op::Head), 0, "{:?}", counting.call_counts());
+    assert!(repo.list_locks().await.unwrap().is_empty());
+}
+
 /// A chunk whose stored bytes are damaged (same size, so only reading it tells) fails an
 /// in-place restore midway; the error says which ranges hold the snapshot, and they do.
 #[tokio::test]

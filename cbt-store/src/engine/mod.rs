@@ -31,7 +31,8 @@
 //!   (about 10 KB per touched 128-chunk range, see `cbt_core::maptree`), never the parent's
 //!   whole map.
 //! * A restore of a format-2 snapshot ([`restore`]) walks the map segment by segment in index
-//!   order, once for the check that every chunk is stored and once for the writes: at most
+//!   order, once for the totals (and, in place, the check that every chunk is stored) and
+//!   once for the writes: at most
 //!   `3 * 8 * 128` = 3,072 entries ([`RestoreReport::map_entries_peak`]), plus the byte ranges
 //!   restored so far for the error of a failed in-place restore.
 //! * Still whole: a full backup with a parent ([`BackupMode::FullWithParent`]) and
