@@ -41,6 +41,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{EngineOptions, Progress, mb_per_s};
+use crate::aligned::{AlignedBuf, DIRECT_ALIGN, is_aligned};
 use crate::repo::{
     ChunkAt, ChunkContext, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, Repository, Result,
 };
@@ -736,42 +737,6 @@ async fn write_all(
 /// Block size below which zero runs inside a chunk are written rather than skipped.
 const SPARSE_BLOCK: usize = 4096;
 
-/// Alignment of memory, offsets and lengths for direct writes: the largest logical block
-/// size of the disks we restore to (512 B and 4 KiB sectors both divide it).
-const DIRECT_ALIGN: usize = 4096;
-
-/// One aligned block; `size == align` so a slice of them has no padding.
-#[derive(Clone, Copy)]
-#[repr(C, align(4096))]
-struct Block([u8; DIRECT_ALIGN]);
-
-/// A chunk buffer whose start is [`DIRECT_ALIGN`]-aligned, as `O_DIRECT` requires.
-#[derive(Default)]
-struct AlignedBuf {
-    blocks: Vec<Block>,
-    len: usize,
-}
-
-impl AlignedBuf {
-    /// Sets the length to `len` (growing the buffer if needed) and returns the bytes.
-    fn resize(&mut self, len: usize) -> &mut [u8] {
-        let need = len.div_ceil(DIRECT_ALIGN);
-        if self.blocks.len() < need {
-            self.blocks.resize(need, Block([0; DIRECT_ALIGN]));
-        }
-        self.len = len;
-        // SAFETY: `Block` is `repr(C)` around a byte array with size equal to its alignment,
-        // so `blocks` is `blocks.len() * DIRECT_ALIGN` initialized bytes without padding, and
-        // `len` does not exceed that; the borrow of `self` guards the memory.
-        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), len) }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: as in `resize`; `len` never exceeds the initialized blocks.
-        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast::<u8>(), self.len) }
-    }
-}
-
 /// The restore target: the ordinary descriptor (zeroing, unaligned pieces, fsync) and, when
 /// the file system accepts it, a second `O_DIRECT` descriptor on the same file for the bulk.
 /// Every write goes through [`Target::write_at`], which refuses anything ending past `limit`
@@ -823,7 +788,7 @@ impl Target {
         if let Some(direct) = &self.direct
             && whole > 0
             && at.is_multiple_of(DIRECT_ALIGN as u64)
-            && (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && is_aligned(data)
         {
             match direct.write_all_at(&data[..whole], at) {
                 Ok(()) => {
