@@ -1348,3 +1348,236 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
     );
     ctl.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// VolumeGroupReplicationContent
+// ---------------------------------------------------------------------------
+
+impl Env {
+    /// A PV of `driver` with CSI handle `handle`, and `pvc` bound to it.
+    fn bound_pvc(&self, pvc: &str, class: &str, driver: &str, handle: &str, labels: Value) {
+        self.bind(pvc, driver, handle);
+        self.fake
+            .create(json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": pvc, "namespace": NS, "labels": labels},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                         "volumeName": format!("pv-{pvc}"),
+                         "resources": {"requests": {"storage": "1Gi"}}},
+            }))
+            .unwrap();
+    }
+
+    /// Creates the PV `pv-<pvc>` (the PVC, if it exists, is pointed at it).
+    fn bind(&self, pvc: &str, driver: &str, handle: &str) {
+        self.fake
+            .create(json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": format!("pv-{pvc}")},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                         "csi": {"driver": driver, "volumeHandle": handle}},
+            }))
+            .unwrap();
+        if self.get("v1", "PersistentVolumeClaim", pvc).is_some() {
+            self.fake
+                .merge_patch(
+                    "v1",
+                    "PersistentVolumeClaim",
+                    NS,
+                    pvc,
+                    &json!({"spec": {"volumeName": format!("pv-{pvc}")}}),
+                )
+                .unwrap();
+        }
+    }
+
+    fn content(&self, name: &str) -> Option<Value> {
+        self.fake
+            .get(VR_API, "VolumeGroupReplicationContent", "", name)
+    }
+
+    fn handles(&self, name: &str) -> Vec<String> {
+        self.content(name).map_or_else(Vec::new, |c| {
+            serde_json::from_value(c["spec"]["source"]["volumeHandles"].clone()).unwrap()
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.bound_pvc(
+        "pg-wal",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_wal",
+        json!({"app": "pg"}),
+    );
+    e.bound_pvc(
+        "pg-data",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_data",
+        json!({"app": "pg"}),
+    );
+    // Pending: no handle yet, so not in the content until bound.
+    e.pvc("pg-config", "ontap", json!({"app": "pg"}));
+    e.vgr(
+        "pg",
+        "trident-group",
+        json!({"matchLabels": {"app": "pg"}}),
+        "primary",
+    );
+    let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
+    let uid = vgr["metadata"]["uid"].as_str().unwrap().to_string();
+    let name = format!("vgrcontent-{uid}");
+    let ctl = start(e.ctx(fast()).await);
+    until("group primary with its content", || {
+        let (s, g) = e.vgr_status("pg");
+        ramen_accepts_primary(&s.replication, g) && e.content(&name).is_some()
+    })
+    .await;
+    let c = e.content(&name).unwrap();
+    assert_eq!(
+        c["metadata"]["annotations"]["replication.storage.openshift.io/volumegroupref"],
+        "app/pg"
+    );
+    assert_eq!(
+        c["metadata"]["annotations"]["replication.storage.openshift.io/provisioned-by"],
+        TRIDENT
+    );
+    assert_eq!(
+        c["metadata"]["finalizers"],
+        json!(["replication.storage.openshift.io/vgr-protection"])
+    );
+    assert_eq!(c["metadata"]["labels"][OWNER_UID_LABEL], uid.as_str());
+    let r = &c["spec"]["volumeGroupReplicationRef"];
+    assert_eq!(
+        (&r["kind"], &r["name"], &r["namespace"], &r["uid"]),
+        (
+            &json!("VolumeGroupReplication"),
+            &json!("pg"),
+            &json!(NS),
+            &json!(uid)
+        )
+    );
+    assert_eq!(r["apiVersion"], VR_API);
+    assert_eq!(c["spec"]["provisioner"], TRIDENT);
+    assert_eq!(
+        c["spec"]["volumeGroupReplicationClassName"],
+        "trident-group"
+    );
+    assert_eq!(c["spec"]["volumeGroupReplicationHandle"], "");
+    assert_eq!(e.handles(&name), ["svm0:vol_data", "svm0:vol_wal"]);
+    // The group names its content, in the spec and the annotation, as csi-addons leaves it.
+    let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
+    assert_eq!(
+        vgr["spec"]["volumeGroupReplicationContentName"],
+        name.as_str()
+    );
+    assert_eq!(
+        vgr["metadata"]["annotations"]["replication.storage.openshift.io/volume-group-replication-content-name"],
+        name.as_str()
+    );
+
+    // A member is bound, another leaves: the handles follow.
+    e.bind("pg-config", TRIDENT, "svm0:vol_config");
+    until("three handles", || {
+        e.handles(&name) == ["svm0:vol_config", "svm0:vol_data", "svm0:vol_wal"]
+    })
+    .await;
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {"app": null}}}),
+        )
+        .unwrap();
+    until("wal left", || {
+        e.handles(&name) == ["svm0:vol_config", "svm0:vol_data"]
+    })
+    .await;
+    until("converged", || {
+        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
+    })
+    .await;
+
+    // A restart finds everything in place: nothing is written to the content again.
+    ctl.kill();
+    let rv = e.content(&name).unwrap()["metadata"]["resourceVersion"].clone();
+    let ctx = e.ctx(fast()).await;
+    let out = reconcile_once(&ctx, SubjectKind::Group, NS, "pg")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::Converged);
+    assert_eq!(e.content(&name).unwrap()["metadata"]["resourceVersion"], rv);
+    assert_eq!(
+        e.fake.list(VR_API, "VolumeGroupReplicationContent").len(),
+        1
+    );
+
+    // Deleting the group deletes its content (our finalizer released) before the group goes.
+    let ctl = start(ctx);
+    e.fake
+        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
+        .unwrap();
+    until("group and content gone", || {
+        e.get(VR_API, "VolumeGroupReplication", "pg").is_none() && e.content(&name).is_none()
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn a_content_name_taken_by_another_group_is_left_alone() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.bound_pvc(
+        "pg-data",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_data",
+        json!({"app": "pg"}),
+    );
+    let taken = json!({
+        "apiVersion": VR_API, "kind": "VolumeGroupReplicationContent",
+        "metadata": {"name": "shared"},
+        "spec": {"provisioner": TRIDENT, "volumeGroupReplicationClassName": "trident-group",
+                 "volumeGroupReplicationHandle": "grp-1",
+                 "volumeGroupReplicationRef": {"kind": "VolumeGroupReplication",
+                     "name": "other", "namespace": "elsewhere", "uid": "0000-other"},
+                 "source": {"volumeHandles": ["svm0:vol_other"]}},
+    });
+    e.fake.create(taken).unwrap();
+    e.fake
+        .create(json!({
+            "apiVersion": VR_API, "kind": "VolumeGroupReplication",
+            "metadata": {"name": "pg", "namespace": NS},
+            "spec": {"volumeGroupReplicationClassName": "trident-group",
+                     "replicationState": "primary", "autoResync": false, "external": true,
+                     "volumeGroupReplicationContentName": "shared",
+                     "source": {"selector": {"matchLabels": {"app": "pg"}}}},
+        }))
+        .unwrap();
+    let before = e.content("shared").unwrap();
+    let ctl = start(e.ctx(fast()).await);
+    until("warning event", || {
+        e.events().iter().any(|(o, r, m)| {
+            o == "pg" && r == "VolumeGroupReplicationContentTaken" && m.contains("elsewhere/other")
+        })
+    })
+    .await;
+    assert_eq!(e.content("shared").unwrap(), before);
+    e.fake
+        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
+        .unwrap();
+    until("group gone", || {
+        e.get(VR_API, "VolumeGroupReplication", "pg").is_none()
+    })
+    .await;
+    assert_eq!(e.content("shared").unwrap(), before);
+    ctl.stop().await;
+}

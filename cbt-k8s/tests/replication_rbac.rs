@@ -339,6 +339,8 @@ async fn the_controller_works_with_exactly_the_example_rbac() {
                 .is_none()
             && fake.list(TMR_API, "TridentMirrorRelationship").is_empty()
             && fake.list(TMR_API, "TridentActionMirrorUpdate").is_empty()
+            // The Trident group's content went with it; the PowerStore group keeps its own.
+            && fake.list(VR_API, "VolumeGroupReplicationContent").len() == 1
     })
     .await;
 

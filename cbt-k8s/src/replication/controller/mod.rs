@@ -24,6 +24,7 @@
 //!   new read. A 410 on a watch makes kube-runtime's watcher list again.
 //! - Nothing is written to a backend for a rejected subject.
 
+pub mod content;
 pub mod leader;
 pub mod metrics;
 pub mod process;
@@ -56,8 +57,8 @@ use super::translate::{
 use super::types::{
     DellCSIReplicationGroup, PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, ReplicatedState,
     TridentActionMirrorUpdate, TridentMirrorRelationship, VolumeGroupReplication,
-    VolumeGroupReplicationClass, VolumeReplication, VolumeReplicationClass,
-    VolumeReplicationStatus,
+    VolumeGroupReplicationClass, VolumeGroupReplicationContent, VolumeReplication,
+    VolumeReplicationClass, VolumeReplicationStatus,
 };
 use crate::Error;
 use crate::error::ns_name;
@@ -414,6 +415,37 @@ async fn reconcile_with(
             });
         }
     }
+    let mut events = the_plan.events.clone();
+    if let (Object::Group(vgr), Some(class), true) = (
+        &obj,
+        req.class.as_ref(),
+        the_plan.rejection.is_none() && backend.is_some_and(|b| b != Backend::CephRbd),
+    ) {
+        let handles = reader
+            .volume_handles(&req.subject.namespace, &member_names, &class.provisioner)
+            .await?;
+        if let Some(want) = content::desired(vgr, &class.provisioner, handles) {
+            match content::apply(ctx, vgr, subject_rv.as_deref(), &want).await? {
+                content::Applied::Done => {}
+                content::Applied::Foreign(message) => {
+                    events.push(super::translate::Event {
+                        type_: EventType::Warning,
+                        reason: "VolumeGroupReplicationContentTaken".into(),
+                        message,
+                    });
+                }
+                // The group's generation moved (its spec now names the content): the status
+                // is computed by the reconcile that change triggers, from a fresh read.
+                content::Applied::GroupChanged | content::Applied::Conflict => {
+                    return Ok(Outcome {
+                        result: Verdict::Conflict,
+                        plan: the_plan,
+                        requeue: Some(ctx.config.conflict_retry),
+                    });
+                }
+            }
+        }
+    }
     for w in &the_plan.writes {
         if !execute(ctx, &req.subject, w).await? {
             return Ok(Outcome {
@@ -423,7 +455,6 @@ async fn reconcile_with(
             });
         }
     }
-    let mut events = the_plan.events.clone();
     // Ceph: csi-addons owns the status.
     let ours = backend != Some(Backend::CephRbd);
     let mut result = classify(&the_plan, &req.subject.status);
@@ -596,8 +627,16 @@ async fn remove_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Res
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    let patch =
+    let mut patch =
         json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
+    // The content is gone: the group no longer names it (as csi-addons' content controller).
+    if meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(content::VGR_CONTENT_ANNOTATION))
+    {
+        patch["metadata"]["annotations"] = json!({content::VGR_CONTENT_ANNOTATION: null});
+    }
     Ok(patch_subject(ctx, kind, meta, &patch).await?.is_some())
 }
 
@@ -913,7 +952,12 @@ async fn finish_deletion(
             requeue: Some(delay),
         });
     }
-    if !release_pvcs(ctx, reader, &req.subject).await?
+    let content_released = match obj {
+        Object::Group(vgr) => content::release(ctx, vgr).await?,
+        Object::Volume(_) => true,
+    };
+    if !content_released
+        || !release_pvcs(ctx, reader, &req.subject).await?
         || !remove_finalizer(ctx, obj, req.subject.kind).await?
     {
         return Ok(Outcome {
@@ -1078,6 +1122,7 @@ fn refs_for<K: Resource<DynamicType = ()>>(
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send) {
     let client = ctx.client.clone();
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let ours_content = ours.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mk_stop = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
@@ -1161,6 +1206,20 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         );
     }
     let vgr_ctl = vgr_ctl
+        .watches(
+            Api::<VolumeGroupReplicationContent>::all(client.clone()),
+            ours_content,
+            |c| {
+                // Our contents name their group in the csi-addons annotation.
+                let raw = c
+                    .metadata
+                    .annotations
+                    .as_ref()?
+                    .get(content::VGR_REF_ANNOTATION)?;
+                let (ns, name) = raw.split_once('/')?;
+                Some(ObjectRef::<VolumeGroupReplication>::new(name).within(ns))
+            },
+        )
         .watches(
             Api::<PersistentVolumeClaim>::all(client.clone()),
             watcher::Config::default(),
@@ -1263,6 +1322,11 @@ pub async fn preflight(client: &kube::Client, cluster: &str, config: &Config) ->
     probe!(
         VolumeGroupReplicationClass,
         "volumegroupreplicationclasses.replication.storage.openshift.io",
+        csi_addons
+    );
+    probe!(
+        VolumeGroupReplicationContent,
+        "volumegroupreplicationcontents.replication.storage.openshift.io",
         csi_addons
     );
     if config.serves(super::translate::trident::DRIVER) {
