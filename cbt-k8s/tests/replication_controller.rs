@@ -209,12 +209,17 @@ impl Env {
     }
 
     fn rg(&self, name: &str, is_source: bool, link: &str, pvcs: &[&str]) {
+        self.rg_of(name, ("pg-1", "pg-2"), is_source, link, pvcs);
+    }
+
+    /// An RG of protection group `pgs.0` replicating to `pgs.1`, with its PVCs.
+    fn rg_of(&self, name: &str, pgs: (&str, &str), is_source: bool, link: &str, pvcs: &[&str]) {
         self.fake
             .create(json!({
                 "apiVersion": RG_API, "kind": "DellCSIReplicationGroup",
                 "metadata": {"name": name},
                 "spec": {"driverName": DELL, "action": "", "remoteClusterId": "self",
-                         "protectionGroupId": "pg-1", "remoteProtectionGroupId": "pg-2",
+                         "protectionGroupId": pgs.0, "remoteProtectionGroupId": pgs.1,
                          "protectionGroupAttributes": {"remoteSystemName": "PS-B"}},
             }))
             .unwrap();
@@ -721,6 +726,83 @@ async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sen
     })
     .await;
     ctl.stop().await;
+}
+
+/// Two clusters on one PowerStore pair: a planned failover of the PostgreSQL group from A to B
+/// is one verb on each side (A: FAILOVER_REMOTE, B: REPROTECT_LOCAL), and both sides' RGs and
+/// statuses show the move.
+#[tokio::test]
+async fn dell_planned_failover_across_two_clusters_moves_both_sides() {
+    let a = env().await;
+    let b = env().await;
+    let pvcs = ["pg-data", "pg-wal", "pg-config"];
+    a.rg_of("rg-pg", ("pg-a", "pg-b"), true, "SYNCHRONIZED", &pvcs);
+    b.rg_of("rg-pg", ("pg-b", "pg-a"), false, "SYNCHRONIZED", &pvcs);
+    let (sim_a, sim_b) = (a.fake.replication().unwrap(), b.fake.replication().unwrap());
+    sim_a.pair_dell(sim_b);
+    let selector = json!({"matchLabels": {"app": "pg"}});
+    for (e, state) in [(&a, "primary"), (&b, "secondary")] {
+        dell_classes(e);
+        e.vgr("pg", "powerstore-group", selector.clone(), state);
+    }
+    let ctl_a = start(a.ctx(fast()).await);
+    let ctl_b = start(b.ctx(fast()).await);
+    let group = |e: &Env, primary: bool| {
+        let (s, g) = e.vgr_status("pg");
+        if primary {
+            ramen_accepts_primary(&s.replication, g)
+        } else {
+            ramen_accepts_secondary(&s.replication, g)
+        }
+    };
+    until("A primary, B secondary", || {
+        group(&a, true) && group(&b, false)
+    })
+    .await;
+    let link = |e: &Env| {
+        let rg = e.get(RG_API, "DellCSIReplicationGroup", "rg-pg").unwrap();
+        let l = &rg["status"]["replicationLinkState"];
+        (
+            l["isSource"].as_bool().unwrap(),
+            l["state"].as_str().unwrap().to_string(),
+        )
+    };
+    // Planned failover, as RamenDR orders it: demote A, then promote B.
+    a.set_state(
+        "VolumeGroupReplication",
+        "pg",
+        json!({"replicationState": "secondary"}),
+    );
+    until("A demoted, B's RG moved with it", || {
+        group(&a, false) && link(&b) == (true, "FAILEDOVER".into())
+    })
+    .await;
+    b.set_state(
+        "VolumeGroupReplication",
+        "pg",
+        json!({"replicationState": "primary"}),
+    );
+    until("B primary, A replicating from it", || {
+        group(&b, true)
+            && link(&b) == (true, "SYNCHRONIZED".into())
+            && link(&a) == (false, "SYNCHRONIZED".into())
+    })
+    .await;
+    until("A healthy secondary", || {
+        let (s, _) = a.vgr_status("pg");
+        group(&a, false) && cond(&s.replication, "Degraded").is_some_and(|(st, _, _)| st == "False")
+    })
+    .await;
+    assert_eq!(
+        sim_a.dell_actions(),
+        [("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
+    );
+    assert_eq!(
+        sim_b.dell_actions(),
+        [("rg-pg".to_string(), "REPROTECT_LOCAL".to_string())]
+    );
+    ctl_a.stop().await;
+    ctl_b.stop().await;
 }
 
 /// Unplanned failover to this (target) site: UNPLANNED_FAILOVER_LOCAL then REPROTECT_LOCAL;
