@@ -102,20 +102,17 @@ impl Env {
     }
 
     fn vrc(&self, name: &str, provisioner: &str, params: Value) {
-        self.fake
-            .create(json!({
-                "apiVersion": VR_API, "kind": "VolumeReplicationClass",
-                "metadata": {"name": name},
-                "spec": {"provisioner": provisioner, "parameters": params},
-            }))
-            .unwrap();
+        self.class("VolumeReplicationClass", name, provisioner, params);
     }
 
     fn vgrc(&self, name: &str, provisioner: &str, params: Value) {
+        self.class("VolumeGroupReplicationClass", name, provisioner, params);
+    }
+
+    fn class(&self, kind: &str, name: &str, provisioner: &str, params: Value) {
         self.fake
             .create(json!({
-                "apiVersion": VR_API, "kind": "VolumeGroupReplicationClass",
-                "metadata": {"name": name},
+                "apiVersion": VR_API, "kind": kind, "metadata": {"name": name},
                 "spec": {"provisioner": provisioner, "parameters": params},
             }))
             .unwrap();
@@ -133,7 +130,9 @@ impl Env {
             .unwrap();
     }
 
-    fn vgr(&self, name: &str, class: &str, selector: Value, state: &str) {
+    /// An external VolumeGroupReplication of `class` selecting the PVCs labelled `app=<app>`.
+    fn vgr(&self, name: &str, class: &str, app: &str, state: &str) {
+        let selector = json!({"matchLabels": {"app": app}});
         self.fake
             .create(json!({
                 "apiVersion": VR_API, "kind": "VolumeGroupReplication",
@@ -236,6 +235,64 @@ impl Env {
     }
 }
 
+const VR: SubjectKind = SubjectKind::Volume;
+const VGR: SubjectKind = SubjectKind::Group;
+const PRIMARY: bool = true;
+const SECONDARY: bool = false;
+
+impl Env {
+    /// Whether RamenDR accepts `name` as primary (or secondary) now.
+    fn accepts(&self, kind: SubjectKind, name: &str, primary: bool) -> bool {
+        let (s, g) = match kind {
+            SubjectKind::Volume => self.vr_status(name),
+            SubjectKind::Group => {
+                let (s, g) = self.vgr_status(name);
+                (s.replication, g)
+            }
+        };
+        if primary {
+            ramen_accepts_primary(&s, g)
+        } else {
+            ramen_accepts_secondary(&s, g)
+        }
+    }
+
+    /// Waits until RamenDR accepts `name` as primary (or secondary).
+    async fn accepted(&self, kind: SubjectKind, name: &str, primary: bool) {
+        let role = if primary { "primary" } else { "secondary" };
+        let what = format!("{} {name} accepted as {role}", kind.kind());
+        until(&what, || self.accepts(kind, name, primary)).await;
+    }
+
+    /// Waits until an Event `(object, reason, message)` satisfies `f`.
+    async fn event(&self, what: &str, f: impl Fn(&(String, String, String)) -> bool) {
+        until(what, || self.events().iter().any(&f)).await;
+    }
+
+    /// Sets `spec.replicationState` of `name`.
+    fn desire(&self, kind: SubjectKind, name: &str, state: &str) {
+        self.set_state(kind.kind(), name, json!({"replicationState": state}));
+    }
+
+    /// Waits until `name` is `Degraded=True` with `needle` in the message.
+    async fn degraded(&self, kind: SubjectKind, name: &str, needle: &str) {
+        let status = || match kind {
+            SubjectKind::Volume => self.vr_status(name).0,
+            SubjectKind::Group => self.vgr_status(name).0.replication,
+        };
+        until(&format!("{name} degraded: {needle}"), || {
+            cond(&status(), "Degraded").is_some_and(|(st, _, m)| st == "True" && m.contains(needle))
+        })
+        .await;
+    }
+
+    /// A PVC of the `ontap` class and its VolumeReplication of class `trident`, both `name`.
+    fn trident_volume(&self, name: &str, state: &str, handle: &str) {
+        self.pvc(name, "ontap", json!({}));
+        self.vr(name, "trident", name, state, handle);
+    }
+}
+
 fn fast() -> Config {
     let mut c = Config::new(vec![TRIDENT.into(), DELL.into()]);
     c.retry_base = Duration::from_millis(50);
@@ -308,14 +365,9 @@ fn trident_env_classes(e: &Env) {
 async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr("data", "trident", "data", "primary", "");
+    e.trident_volume("data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        let (s, g) = e.vr_status("data");
-        ramen_accepts_primary(&s, g)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
     assert_eq!(tmr["spec"]["state"], "promoted");
     assert_eq!(tmr["spec"]["volumeMappings"][0]["localPVCName"], "data");
@@ -340,10 +392,8 @@ async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary
         pvc["metadata"]["annotations"][PVC_VR_ANNOTATION],
         "data/app"
     );
-    until("creation event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "data" && r == "CreatedMirrorRelationship")
+    e.event("creation event", |(o, r, _)| {
+        o == "data" && r == "CreatedMirrorRelationship"
     })
     .await;
     ctl.stop().await;
@@ -353,20 +403,9 @@ async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary
 async fn trident_new_secondary_establishes_with_the_remote_handle() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr(
-        "data",
-        "trident",
-        "data",
-        "secondary",
-        "svm1:trident_app_data",
-    );
+    e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctl = start(e.ctx(fast()).await);
-    until("secondary", || {
-        let (s, g) = e.vr_status("data");
-        ramen_accepts_secondary(&s, g)
-    })
-    .await;
+    e.accepted(VR, "data", SECONDARY).await;
     let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
     assert_eq!(tmr["spec"]["state"], "established");
     assert_eq!(
@@ -392,17 +431,11 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
     }
     a.vr("data", "trident", "data", "primary", "");
     let ctl_a = start(a.ctx(fast()).await);
-    until("A primary", || {
-        ramen_accepts_primary(&a.vr_status("data").0, a.vr_status("data").1)
-    })
-    .await;
+    a.accepted(VR, "data", PRIMARY).await;
     let a_handle = a.local_handle("data");
     b.vr("data", "trident", "data", "secondary", &a_handle);
     let ctl_b = start(b.ctx(fast()).await);
-    until("B secondary", || {
-        ramen_accepts_secondary(&b.vr_status("data").0, b.vr_status("data").1)
-    })
-    .await;
+    b.accepted(VR, "data", SECONDARY).await;
     let b_handle = b.local_handle("data");
 
     // Planned failover: demote A (it learns B's handle), then promote B.
@@ -411,47 +444,23 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
         "data",
         json!({"replicationState": "secondary", "replicationHandle": b_handle}),
     );
-    until("A secondary", || {
-        ramen_accepts_secondary(&a.vr_status("data").0, a.vr_status("data").1)
-    })
-    .await;
+    a.accepted(VR, "data", SECONDARY).await;
     assert_eq!(a.tmr_state("data").0, "reestablished");
-    b.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "primary"}),
-    );
-    until("B primary", || {
-        ramen_accepts_primary(&b.vr_status("data").0, b.vr_status("data").1)
-    })
-    .await;
+    b.desire(VR, "data", "primary");
+    b.accepted(VR, "data", PRIMARY).await;
     assert_eq!(b.tmr_state("data"), ("promoted".into(), "promoted".into()));
 
     // Failback with resync: B back to secondary (reestablished: overwritten from A), A primary.
-    b.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "secondary"}),
-    );
-    until("B secondary again", || {
-        ramen_accepts_secondary(&b.vr_status("data").0, b.vr_status("data").1)
-    })
-    .await;
+    b.desire(VR, "data", "secondary");
+    b.accepted(VR, "data", SECONDARY).await;
     assert_eq!(b.tmr_state("data").0, "reestablished");
     assert!(
         b.events()
             .iter()
             .any(|(_, r, m)| r == "UpdatedMirrorRelationship" && m.contains("overwrites"))
     );
-    a.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "primary"}),
-    );
-    until("A primary again", || {
-        ramen_accepts_primary(&a.vr_status("data").0, a.vr_status("data").1)
-    })
-    .await;
+    a.desire(VR, "data", "primary");
+    a.accepted(VR, "data", PRIMARY).await;
     ctl_a.stop().await;
     ctl_b.stop().await;
 }
@@ -462,48 +471,24 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
 async fn trident_unplanned_failover_then_resync_of_the_old_primary() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr(
-        "data",
-        "trident",
-        "data",
-        "secondary",
-        "svm1:trident_app_data",
-    );
+    e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctl = start(e.ctx(fast()).await);
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
-    e.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "primary"}),
-    );
-    until("promoted", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", SECONDARY).await;
+    e.desire(VR, "data", "primary");
+    e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(e.tmr_state("data"), ("promoted".into(), "promoted".into()));
     e.set_state(
         "VolumeReplication",
         "data",
         json!({"replicationState": "secondary", "autoResync": true}),
     );
-    until("resynced", || {
-        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", SECONDARY).await;
     assert_eq!(
         e.tmr_state("data"),
         ("reestablished".into(), "reestablished".into())
     );
     // A resync of the reestablished destination: one transfer now.
-    e.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "resync"}),
-    );
+    e.desire(VR, "data", "resync");
     until("resync transfer", || {
         let (s, g) = e.vr_status("data");
         ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
@@ -524,35 +509,19 @@ async fn trident_group_of_three_with_one_member_failing_to_promote() {
     }
     let sim = e.fake.replication().unwrap();
     sim.fail_trident_promotion(NS, "pg-wal", true);
-    e.vgr(
-        "pg",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "trident-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("degraded naming pg-wal", || {
-        let (s, _) = e.vgr_status("pg");
-        cond(&s.replication, "Degraded")
-            .is_some_and(|(st, _, m)| st == "True" && m.contains("pg-wal"))
-    })
-    .await;
+    e.degraded(VGR, "pg", "pg-wal").await;
     let (s, g) = e.vgr_status("pg");
     assert!(!ramen_accepts_primary(&s.replication, g));
     assert_eq!(cond(&s.replication, "Completed").unwrap().0, "False");
     assert_eq!(s.persistent_volume_claims_ref_list.len(), 3);
-    until("failure event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "pg" && r.starts_with("FailedTo"))
+    e.event("failure event", |(o, r, _)| {
+        o == "pg" && r.starts_with("FailedTo")
     })
     .await;
     sim.fail_trident_promotion(NS, "pg-wal", false);
-    until("group primary", || {
-        let (s, g) = e.vgr_status("pg");
-        ramen_accepts_primary(&s.replication, g)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     for p in ["pg-data", "pg-wal", "pg-config"] {
         assert_eq!(e.tmr_state(p), ("promoted".into(), "promoted".into()));
         let pvc = e.get("v1", "PersistentVolumeClaim", p).unwrap();
@@ -568,17 +537,9 @@ async fn trident_pvcs_join_and_leave_a_group() {
     for p in ["pg-data", "pg-wal"] {
         e.pvc(p, "ontap", json!({"app": "pg"}));
     }
-    e.vgr(
-        "pg",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "trident-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("two members", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     e.pvc("pg-config", "ontap", json!({"app": "pg"}));
     until("third member", || {
         e.vgr_status("pg").0.persistent_volume_claims_ref_list.len() == 3
@@ -609,16 +570,11 @@ async fn trident_pvcs_join_and_leave_a_group() {
             .is_none()
     );
     // Events are recorded after the status write.
-    until("deletion event", || {
-        e.events()
-            .iter()
-            .any(|(_, r, m)| r == "DeletingMirrorRelationship" && m.contains("pg-wal"))
+    e.event("deletion event", |(_, r, m)| {
+        r == "DeletingMirrorRelationship" && m.contains("pg-wal")
     })
     .await;
-    until("converged", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     ctl.stop().await;
 }
 
@@ -638,10 +594,7 @@ async fn deleting_a_replication_deletes_only_what_it_created() {
         .unwrap();
     e.vr("data", "trident", "data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     e.fake
         .delete(VR_API, "VolumeReplication", NS, "data")
         .unwrap();
@@ -663,10 +616,8 @@ async fn deleting_a_replication_deletes_only_what_it_created() {
             .get(PVC_VR_ANNOTATION)
             .is_none()
     );
-    until("deletion event", || {
-        e.events()
-            .iter()
-            .any(|(_, r, m)| r == "DeletingMirrorRelationship" && m.contains("promotes"))
+    e.event("deletion event", |(_, r, m)| {
+        r == "DeletingMirrorRelationship" && m.contains("promotes")
     })
     .await;
     ctl.stop().await;
@@ -692,37 +643,20 @@ async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sen
         "SYNCHRONIZED",
         &["pg-data", "pg-wal", "pg-config"],
     );
-    e.vgr(
-        "pg",
-        "powerstore-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "powerstore-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     let sim = e.fake.replication().unwrap();
     assert!(sim.dell_actions().is_empty());
     // Planned failover from this site: FAILOVER_REMOTE, once.
-    e.set_state(
-        "VolumeGroupReplication",
-        "pg",
-        json!({"replicationState": "secondary"}),
-    );
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.desire(VGR, "pg", "secondary");
+    e.accepted(VGR, "pg", SECONDARY).await;
     assert_eq!(
         sim.dell_actions(),
         vec![("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
     );
-    until("action event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "pg" && r == "RequestedAction")
+    e.event("action event", |(o, r, _)| {
+        o == "pg" && r == "RequestedAction"
     })
     .await;
     ctl.stop().await;
@@ -740,23 +674,14 @@ async fn dell_planned_failover_across_two_clusters_moves_both_sides() {
     b.rg_of("rg-pg", ("pg-b", "pg-a"), false, "SYNCHRONIZED", &pvcs);
     let (sim_a, sim_b) = (a.fake.replication().unwrap(), b.fake.replication().unwrap());
     sim_a.pair_dell(sim_b);
-    let selector = json!({"matchLabels": {"app": "pg"}});
     for (e, state) in [(&a, "primary"), (&b, "secondary")] {
         dell_classes(e);
-        e.vgr("pg", "powerstore-group", selector.clone(), state);
+        e.vgr("pg", "powerstore-group", "pg", state);
     }
     let ctl_a = start(a.ctx(fast()).await);
     let ctl_b = start(b.ctx(fast()).await);
-    let group = |e: &Env, primary: bool| {
-        let (s, g) = e.vgr_status("pg");
-        if primary {
-            ramen_accepts_primary(&s.replication, g)
-        } else {
-            ramen_accepts_secondary(&s.replication, g)
-        }
-    };
     until("A primary, B secondary", || {
-        group(&a, true) && group(&b, false)
+        a.accepts(VGR, "pg", PRIMARY) && b.accepts(VGR, "pg", SECONDARY)
     })
     .await;
     let link = |e: &Env| {
@@ -768,29 +693,22 @@ async fn dell_planned_failover_across_two_clusters_moves_both_sides() {
         )
     };
     // Planned failover, as RamenDR orders it: demote A, then promote B.
-    a.set_state(
-        "VolumeGroupReplication",
-        "pg",
-        json!({"replicationState": "secondary"}),
-    );
+    a.desire(VGR, "pg", "secondary");
     until("A demoted, B's RG moved with it", || {
-        group(&a, false) && link(&b) == (true, "FAILEDOVER".into())
+        a.accepts(VGR, "pg", SECONDARY) && link(&b) == (true, "FAILEDOVER".into())
     })
     .await;
-    b.set_state(
-        "VolumeGroupReplication",
-        "pg",
-        json!({"replicationState": "primary"}),
-    );
+    b.desire(VGR, "pg", "primary");
     until("B primary, A replicating from it", || {
-        group(&b, true)
+        b.accepts(VGR, "pg", PRIMARY)
             && link(&b) == (true, "SYNCHRONIZED".into())
             && link(&a) == (false, "SYNCHRONIZED".into())
     })
     .await;
     until("A healthy secondary", || {
         let (s, _) = a.vgr_status("pg");
-        group(&a, false) && cond(&s.replication, "Degraded").is_some_and(|(st, _, _)| st == "False")
+        a.accepts(VGR, "pg", SECONDARY)
+            && cond(&s.replication, "Degraded").is_some_and(|(st, _, _)| st == "False")
     })
     .await;
     assert_eq!(
@@ -815,31 +733,14 @@ async fn dell_unplanned_failover_failback_and_resync() {
     e.rg("rg-1", false, "SYNCHRONIZED", &["vol"]);
     e.vr("vol", "powerstore", "vol", "secondary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
-    e.set_state(
-        "VolumeReplication",
-        "vol",
-        json!({"replicationState": "primary"}),
-    );
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
+    e.accepted(VR, "vol", SECONDARY).await;
+    e.desire(VR, "vol", "primary");
+    e.accepted(VR, "vol", PRIMARY).await;
     let sim = e.fake.replication().unwrap();
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
-    e.set_state(
-        "VolumeReplication",
-        "vol",
-        json!({"replicationState": "secondary"}),
-    );
-    until("secondary again", || {
-        ramen_accepts_secondary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
+    e.desire(VR, "vol", "secondary");
+    e.accepted(VR, "vol", SECONDARY).await;
     // The peer (not simulated) would reprotect; here the link is brought back by hand.
     e.fake.set_status(
         RG_API,
@@ -848,11 +749,7 @@ async fn dell_unplanned_failover_failback_and_resync() {
         "rg-1",
         json!({"state": "Ready", "replicationLinkState": {"state": "SYNCHRONIZED", "isSource": false}}),
     );
-    e.set_state(
-        "VolumeReplication",
-        "vol",
-        json!({"replicationState": "resync"}),
-    );
+    e.desire(VR, "vol", "resync");
     until("resynced", || {
         let (s, g) = e.vr_status("vol");
         ramen_accepts_secondary(&s, g) && s.observed_generation == g
@@ -899,10 +796,7 @@ async fn dell_restart_mid_transition_sends_no_verb_twice() {
     }
     sim.set_dell_paused(false);
     let ctl = start(ctx);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
+    e.accepted(VR, "vol", PRIMARY).await;
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
     ctl.stop().await;
@@ -931,10 +825,7 @@ async fn trident_restart_mid_transition_converges_without_duplicates() {
         e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"].clone();
     e.fake.replication().unwrap().set_trident_stuck(false);
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(
         e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"],
         uid
@@ -978,10 +869,7 @@ async fn two_replicas_only_the_leader_writes() {
         running.push((start(ctx), hold, stop_tx));
     }
     e.vr("data", "trident", "data", "primary", "");
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     let lease = e
         .get("coordination.k8s.io/v1", "Lease", "cbt-replicator")
         .unwrap();
@@ -1012,12 +900,8 @@ async fn two_replicas_only_the_leader_writes() {
     let _ = stop.send(true);
     let _ = hold.await;
     ctl.stop().await;
-    e.pvc("more", "ontap", json!({}));
-    e.vr("more", "trident", "more", "primary", "");
-    until("served by the other", || {
-        ramen_accepts_primary(&e.vr_status("more").0, e.vr_status("more").1)
-    })
-    .await;
+    e.trident_volume("more", "primary", "");
+    e.accepted(VR, "more", PRIMARY).await;
     let lease = e
         .get("coordination.k8s.io/v1", "Lease", "cbt-replicator")
         .unwrap();
@@ -1110,19 +994,9 @@ async fn bad_inputs_are_reported_and_write_nothing() {
     rejected(&e, SubjectKind::Volume, "no-remote", "remoteSystem").await;
     e.vr("no-rpo", "dell-norpo", "d", "primary", "");
     rejected(&e, SubjectKind::Volume, "no-rpo", "rpo").await;
-    e.vgr(
-        "empty",
-        "trident-group",
-        json!({"matchLabels": {"app": "nothing"}}),
-        "primary",
-    );
+    e.vgr("empty", "trident-group", "nothing", "primary");
     rejected(&e, SubjectKind::Group, "empty", "matches no PVC").await;
-    e.vgr(
-        "mixed",
-        "trident-group",
-        json!({"matchLabels": {"app": "mixed"}}),
-        "primary",
-    );
+    e.vgr("mixed", "trident-group", "mixed", "primary");
     rejected(&e, SubjectKind::Group, "mixed", "ebs.csi.aws.com").await;
 }
 
@@ -1133,12 +1007,7 @@ async fn too_many_pvcs_in_a_group_are_refused() {
     for i in 0..101 {
         e.pvc(&format!("v{i}"), "ontap", json!({"app": "big"}));
     }
-    e.vgr(
-        "big",
-        "trident-group",
-        json!({"matchLabels": {"app": "big"}}),
-        "primary",
-    );
+    e.vgr("big", "trident-group", "big", "primary");
     rejected(&e, SubjectKind::Group, "big", "at most 100").await;
 }
 
@@ -1156,12 +1025,7 @@ async fn a_pvc_in_another_replication_is_refused() {
     assert_eq!(out.result, Verdict::InProgress);
     e.vr("second", "trident", "data", "primary", "");
     rejected(&e, SubjectKind::Volume, "second", "already replicated").await;
-    e.vgr(
-        "group",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("group", "trident-group", "pg", "primary");
     let out = reconcile_once(&ctx, SubjectKind::Group, NS, "group")
         .await
         .unwrap();
@@ -1173,13 +1037,9 @@ async fn a_pvc_in_another_replication_is_refused() {
 async fn a_relationship_changed_by_hand_is_reported_not_overwritten() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr("data", "trident", "data", "primary", "");
+    e.trident_volume("data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     ctl.stop().await;
     e.fake
         .merge_patch(
@@ -1214,8 +1074,7 @@ async fn immutable_fields_and_schema_violations_are_refused_by_the_api() {
     let e = env().await;
     trident_env_classes(&e);
     e.vrc("trident-2", TRIDENT, json!({}));
-    e.pvc("data", "ontap", json!({}));
-    e.vr("data", "trident", "data", "primary", "");
+    e.trident_volume("data", "primary", "");
     let err = e
         .fake
         .merge_patch(
@@ -1256,15 +1115,9 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
     let ctx = e.ctx(config).await;
     let metrics = ctx.metrics.clone();
     let ctl = start(ctx);
-    until("degraded", || {
-        let (s, _) = e.vr_status("data");
-        cond(&s, "Degraded").is_some_and(|(st, _, m)| st == "True" && m.contains("not converged"))
-    })
-    .await;
-    until("NotConverging event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "data" && r == "NotConverging")
+    e.degraded(VR, "data", "not converged").await;
+    e.event("NotConverging event", |(o, r, _)| {
+        o == "data" && r == "NotConverging"
     })
     .await;
     // Backoff, not a tight loop: a handful of reconciles in a second, not hundreds.
@@ -1273,10 +1126,7 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
     let n1 = metrics.reconcile_count("VolumeReplication", "not_converging");
     assert!(n1 - n0 <= 5, "{n0} -> {n1}");
     e.fake.replication().unwrap().set_trident_stuck(false);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     let (s, _) = e.vr_status("data");
     assert_eq!(cond(&s, "Degraded").unwrap().0, "False");
     ctl.stop().await;
@@ -1286,25 +1136,11 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
 async fn trident_resync_of_a_destination_requests_one_mirror_update() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr(
-        "data",
-        "trident",
-        "data",
-        "secondary",
-        "svm1:trident_app_data",
-    );
+    e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctx = e.ctx(fast()).await;
     let ctl = start(ctx.clone());
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
-    e.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "resync"}),
-    );
+    e.accepted(VR, "data", SECONDARY).await;
+    e.desire(VR, "data", "resync");
     until("resynced", || {
         let (s, g) = e.vr_status("data");
         ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
@@ -1347,10 +1183,7 @@ async fn conflicts_and_stale_watches_are_retried_to_convergence() {
     );
     e.vr("data", "trident", "data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
     let statuses = e
         .fake
@@ -1380,19 +1213,9 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
         "UNPLANNED_FAILOVER_LOCAL",
         Some("remote system unreachable"),
     );
-    e.vgr(
-        "pg",
-        "powerstore-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "powerstore-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("degraded", || {
-        let (s, _) = e.vgr_status("pg");
-        cond(&s.replication, "Degraded")
-            .is_some_and(|(st, _, m)| st == "True" && m.contains("remote system unreachable"))
-    })
-    .await;
+    e.degraded(VGR, "pg", "remote system unreachable").await;
     let (s, g) = e.vgr_status("pg");
     assert!(!ramen_accepts_primary(&s.replication, g));
     assert!(
@@ -1414,11 +1237,7 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
             &json!({"metadata": {"annotations": {"replication.cbt.io/dell-actions": null}}}),
         )
         .unwrap();
-    until("primary", || {
-        let (s, g) = e.vgr_status("pg");
-        ramen_accepts_primary(&s.replication, g)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(
         verbs,
@@ -1505,12 +1324,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     );
     // Pending: no handle yet, so not in the content until bound.
     e.pvc("pg-config", "ontap", json!({"app": "pg"}));
-    e.vgr(
-        "pg",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "trident-group", "pg", "primary");
     let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
     let uid = vgr["metadata"]["uid"].as_str().unwrap().to_string();
     let name = format!("vgrcontent-{uid}");
@@ -1582,10 +1396,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
         e.handles(&name) == ["svm0:vol_config", "svm0:vol_data"]
     })
     .await;
-    until("converged", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
 
     // A restart finds everything in place: nothing is written to the content again.
     ctl.kill();
