@@ -337,26 +337,40 @@ pub struct VolumeReplicationSpec {
     pub replication_handle: String,
 }
 
-/// `spec` of a VolumeReplicationClass (cluster scoped): which driver, with which parameters.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "replication.storage.openshift.io",
-    version = "v1alpha1",
-    kind = "VolumeReplicationClass",
-    plural = "volumereplicationclasses",
-    shortname = "vrc",
-    schema = "disabled",
-    derive = "PartialEq"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeReplicationClassSpec {
-    /// CSI driver name (immutable).
-    pub provisioner: String,
-    /// Driver parameters (immutable). `Some(empty)` and `None` differ: the CRD
-    /// forbids adding or removing the map later, so its presence is kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parameters: Option<BTreeMap<String, String>>,
+/// Defines a class kind of csi-addons (VolumeReplicationClass and VolumeGroupReplicationClass
+/// have the same shape).
+macro_rules! replication_class {
+    ($(#[$doc:meta])* $spec:ident, $kind:tt, $plural:tt, $short:tt) => {
+        $(#[$doc])*
+        #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+        #[kube(
+            group = "replication.storage.openshift.io",
+            version = "v1alpha1",
+            kind = $kind,
+            plural = $plural,
+            shortname = $short,
+            schema = "disabled",
+            derive = "PartialEq"
+        )]
+        #[serde(rename_all = "camelCase")]
+        pub struct $spec {
+            /// CSI driver name (immutable).
+            pub provisioner: String,
+            /// Driver parameters (immutable). `Some(empty)` and `None` differ: the CRD
+            /// forbids adding or removing the map later, so its presence is kept.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub parameters: Option<BTreeMap<String, String>>,
+        }
+    };
 }
+
+replication_class!(
+    /// `spec` of a VolumeReplicationClass (cluster scoped): which driver, with which parameters.
+    VolumeReplicationClassSpec,
+    "VolumeReplicationClass",
+    "volumereplicationclasses",
+    "vrc"
+);
 
 // ---------------------------------------------------------------------------
 // csi-addons: VolumeGroupReplication, its class and content
@@ -425,25 +439,13 @@ pub struct VolumeGroupReplicationStatus {
     pub persistent_volume_claims_ref_list: Vec<LocalObjectReference>,
 }
 
-/// `spec` of a VolumeGroupReplicationClass (cluster scoped).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "replication.storage.openshift.io",
-    version = "v1alpha1",
-    kind = "VolumeGroupReplicationClass",
-    plural = "volumegroupreplicationclasses",
-    shortname = "vgrc",
-    schema = "disabled",
-    derive = "PartialEq"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeGroupReplicationClassSpec {
-    /// CSI driver name (immutable).
-    pub provisioner: String,
-    /// Driver parameters (immutable; presence kept as for [`VolumeReplicationClassSpec`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parameters: Option<BTreeMap<String, String>>,
-}
+replication_class!(
+    /// `spec` of a VolumeGroupReplicationClass (cluster scoped).
+    VolumeGroupReplicationClassSpec,
+    "VolumeGroupReplicationClass",
+    "volumegroupreplicationclasses",
+    "vgrc"
+);
 
 /// `spec` of a VolumeGroupReplicationContent (cluster scoped): the backend group.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
