@@ -1474,3 +1474,92 @@ async fn a_content_name_taken_by_another_group_is_left_alone() {
     assert_eq!(e.content("shared").unwrap(), before);
     ctl.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Triggers
+// ---------------------------------------------------------------------------
+
+fn reconciles(m: &Metrics) -> u64 {
+    [
+        "converged",
+        "in_progress",
+        "conflict",
+        "rejected",
+        "not_converging",
+        "error",
+        "not_served",
+        "gone",
+    ]
+    .iter()
+    .map(|r| m.reconcile_count("VolumeReplication", r))
+    .sum()
+}
+
+/// A converged VR is reconciled again for a spec change or a change of its PVC, not for a
+/// status write (ours, mostly), nor for a change of another PVC.
+#[tokio::test]
+async fn only_spec_changes_and_its_own_pvc_trigger_a_reconcile() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.trident_volume("data", "primary", "svm1:trident_app_data");
+    e.pvc("other", "ontap", json!({}));
+    let mut config = fast();
+    config.resync = Duration::from_secs(3600);
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        e.client_as(None).await,
+        "test",
+        config,
+        metrics.clone(),
+        Leadership::always(),
+    ));
+    let ctl = start(ctx);
+    e.accepted(VR, "data", PRIMARY).await;
+    // Settled: nothing is scheduled before the resync.
+    let quiet = || async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        reconciles(&metrics)
+    };
+    let mut n = quiet().await;
+    while quiet().await != n {
+        n = reconciles(&metrics);
+    }
+    let (mut status, _) = e.vr_status("data");
+    status.message = "touched by hand".into();
+    e.fake.set_status(
+        VR_API,
+        "VolumeReplication",
+        NS,
+        "data",
+        serde_json::to_value(&status).unwrap(),
+    );
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "other",
+            &json!({"metadata": {"labels": {"touched": "yes"}}}),
+        )
+        .unwrap();
+    assert_eq!(
+        quiet().await,
+        n,
+        "a status write or another PVC triggered it"
+    );
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "data",
+            &json!({"metadata": {"labels": {"touched": "yes"}}}),
+        )
+        .unwrap();
+    until("its PVC triggered it", || reconciles(&metrics) > n).await;
+    let n = quiet().await;
+    e.desire(VR, "data", "secondary");
+    e.accepted(VR, "data", SECONDARY).await;
+    assert!(reconciles(&metrics) > n);
+    ctl.stop().await;
+}

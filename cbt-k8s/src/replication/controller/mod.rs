@@ -1112,17 +1112,108 @@ fn refs_for<K: Resource<DynamicType = ()>>(
     (k == kind.kind()).then(|| ObjectRef::new(&name).within(&ns))
 }
 
+/// What of a csi-addons object triggers a reconcile: its generation (spec changes), the start
+/// of its deletion and its finalizers. Status writes (ours, mostly) and annotation changes do
+/// not; each reconcile schedules its own next look.
+fn spec_or_lifecycle<K: Resource>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    Some(h.finish())
+}
+
+/// PVC (namespace, name) -> the VolumeReplications naming it as data source (immutable), so a
+/// PVC event finds its VRs without looking at every VR. Entries of deleted VRs are dropped
+/// when looked up.
+type PvcIndex = Arc<Mutex<HashMap<(String, String), std::collections::BTreeSet<String>>>>;
+
+/// The trigger stream of a csi-addons kind: a reflector into `writer`, passing objects to
+/// `seen` (before filtering) and on only when [`spec_or_lifecycle`] changes.
+fn subject_stream<K>(
+    api: Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    seen: impl Fn(&K) + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::WatchStreamExt;
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .map(move |r| {
+            if let Ok(o) = &r {
+                seen(o);
+            }
+            r
+        })
+        .predicate_filter(spec_or_lifecycle, Default::default())
+}
+
+/// Adds the watches of the backend objects we make (by our label) and of Dell's RGs, mapped
+/// back to the subjects of `kind` that own them.
+fn backend_watches<K>(
+    mut ctl: Controller<K>,
+    client: &kube::Client,
+    kind: SubjectKind,
+    trident: bool,
+    dell: bool,
+) -> Controller<K>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    // Backend kinds are watched only for the backends served: their CRDs may be absent.
+    if trident {
+        ctl = ctl
+            .watches(
+                Api::<TridentMirrorRelationship>::all(client.clone()),
+                ours.clone(),
+                move |o| refs_for(kind, owner_of(&o.metadata)),
+            )
+            .watches(
+                Api::<TridentActionMirrorUpdate>::all(client.clone()),
+                ours,
+                move |o| refs_for(kind, owner_of(&o.metadata)),
+            );
+    }
+    if dell {
+        ctl = ctl.watches(
+            Api::<DellCSIReplicationGroup>::all(client.clone()),
+            watcher::Config::default(),
+            move |o| refs_for(kind, dell_owner(&o)),
+        );
+    }
+    ctl
+}
+
 /// Runs both controllers (VolumeReplication and VolumeGroupReplication) until `shutdown`
 /// resolves.
 ///
 /// # Guarantees
 /// Backend objects, PVCs and classes trigger the subjects they concern through watches
-/// (backend objects by our label, mapped back through the owner annotation); every subject
-/// is also re-read on its own schedule, so a missed event delays but never loses work.
+/// (backend objects by our label, mapped back through the owner annotation; a PVC to the VRs
+/// naming it, through an index, and to the groups whose selector matches it or that claim
+/// it); a subject's own status writes do not trigger it. Every subject is also re-read on its
+/// own schedule, so a missed event delays but never loses work.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send) {
     let client = ctx.client.clone();
-    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let ours_content = ours.clone();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mk_stop = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
@@ -1131,110 +1222,122 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
     let serves_trident = ctx.config.serves(super::translate::trident::DRIVER);
     let serves_dell = ctx.config.serves(dell::DRIVER);
-    let vr_ctl = Controller::new(
-        Api::<VolumeReplication>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let vr_store = vr_ctl.store();
-    let mut vr_ctl = vr_ctl;
-    // Backend kinds are watched only for the backends served: their CRDs may be absent.
-    if serves_trident {
-        vr_ctl = vr_ctl
-            .watches(
-                Api::<TridentMirrorRelationship>::all(client.clone()),
-                ours.clone(),
-                |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
-            )
-            .watches(
-                Api::<TridentActionMirrorUpdate>::all(client.clone()),
-                ours.clone(),
-                |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
-            );
-    }
-    if serves_dell {
-        vr_ctl = vr_ctl.watches(
-            Api::<DellCSIReplicationGroup>::all(client.clone()),
-            watcher::Config::default(),
-            |o| refs_for(SubjectKind::Volume, dell_owner(&o)),
-        );
-    }
-    let vr_ctl = vr_ctl
-        .watches(
-            Api::<PersistentVolumeClaim>::all(client.clone()),
-            watcher::Config::default(),
-            move |pvc| {
-                let ns = pvc.namespace();
-                let name = pvc.name_any();
-                vr_store
-                    .state()
-                    .into_iter()
-                    .filter(|vr| {
-                        vr.namespace() == ns
-                            && vr.spec.data_source.kind == "PersistentVolumeClaim"
-                            && vr.spec.data_source.name == name
-                    })
-                    .map(|vr| ObjectRef::from_obj(&*vr))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(mk_stop(stop_rx.clone()));
 
-    let vgr_ctl = Controller::new(
-        Api::<VolumeGroupReplication>::all(client.clone()),
+    let index: PvcIndex = Arc::default();
+    let (vr_store, vr_writer) = kube::runtime::reflector::store();
+    let vr_stream = subject_stream(Api::<VolumeReplication>::all(client.clone()), vr_writer, {
+        let index = index.clone();
+        move |vr: &VolumeReplication| {
+            if vr.spec.data_source.kind == "PersistentVolumeClaim"
+                && vr
+                    .spec
+                    .data_source
+                    .api_group
+                    .as_deref()
+                    .unwrap_or("")
+                    .is_empty()
+            {
+                index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((
+                        vr.namespace().unwrap_or_default(),
+                        vr.spec.data_source.name.clone(),
+                    ))
+                    .or_default()
+                    .insert(vr.name_any());
+            }
+        }
+    });
+    let vr_ctl = backend_watches(
+        Controller::for_stream(vr_stream, vr_store.clone()),
+        &client,
+        SubjectKind::Volume,
+        serves_trident,
+        serves_dell,
+    )
+    .watches(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
+        move |pvc| {
+            let ns = pvc.namespace().unwrap_or_default();
+            let key = (ns.clone(), pvc.name_any());
+            let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(names) = index.get_mut(&key) else {
+                return Vec::new();
+            };
+            names.retain(|n| {
+                vr_store
+                    .get(&ObjectRef::<VolumeReplication>::new(n).within(&ns))
+                    .is_some()
+            });
+            let refs: Vec<ObjectRef<VolumeReplication>> = names
+                .iter()
+                .map(|n| ObjectRef::new(n).within(&ns))
+                .collect();
+            if names.is_empty() {
+                index.remove(&key);
+            }
+            refs
+        },
+    )
+    .graceful_shutdown_on(mk_stop(stop_rx.clone()));
+
+    let (vgr_store, vgr_writer) = kube::runtime::reflector::store();
+    let vgr_stream = subject_stream(
+        Api::<VolumeGroupReplication>::all(client.clone()),
+        vgr_writer,
+        |_: &VolumeGroupReplication| {},
     );
-    let vgr_store = vgr_ctl.store();
-    let mut vgr_ctl = vgr_ctl;
-    if serves_trident {
-        vgr_ctl = vgr_ctl
-            .watches(
-                Api::<TridentMirrorRelationship>::all(client.clone()),
-                ours.clone(),
-                |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
-            )
-            .watches(
-                Api::<TridentActionMirrorUpdate>::all(client.clone()),
-                ours,
-                |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
-            );
-    }
-    if serves_dell {
-        vgr_ctl = vgr_ctl.watches(
-            Api::<DellCSIReplicationGroup>::all(client.clone()),
-            watcher::Config::default(),
-            |o| refs_for(SubjectKind::Group, dell_owner(&o)),
-        );
-    }
-    let vgr_ctl = vgr_ctl
-        .watches(
-            Api::<VolumeGroupReplicationContent>::all(client.clone()),
-            ours_content,
-            |c| {
-                // Our contents name their group in the csi-addons annotation.
-                let raw = c
-                    .metadata
-                    .annotations
-                    .as_ref()?
-                    .get(content::VGR_REF_ANNOTATION)?;
-                let (ns, name) = raw.split_once('/')?;
-                Some(ObjectRef::<VolumeGroupReplication>::new(name).within(ns))
-            },
-        )
-        .watches(
-            Api::<PersistentVolumeClaim>::all(client.clone()),
-            watcher::Config::default(),
-            move |pvc| {
-                // Labels decide membership: any PVC change may add or remove a member.
-                let ns = pvc.namespace();
-                vgr_store
-                    .state()
-                    .into_iter()
-                    .filter(|g| g.namespace() == ns)
-                    .map(|g| ObjectRef::from_obj(&*g))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(mk_stop(stop_rx));
+    let vgr_ctl = backend_watches(
+        Controller::for_stream(vgr_stream, vgr_store.clone()),
+        &client,
+        SubjectKind::Group,
+        serves_trident,
+        serves_dell,
+    )
+    .watches(
+        Api::<VolumeGroupReplicationContent>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        |c| {
+            // Our contents name their group in the csi-addons annotation.
+            let raw = c
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(content::VGR_REF_ANNOTATION)?;
+            let (ns, name) = raw.split_once('/')?;
+            Some(ObjectRef::<VolumeGroupReplication>::new(name).within(ns))
+        },
+    )
+    .watches(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+        move |pvc| {
+            // Groups it may join (selector matches) or leave (it carries their claim).
+            let ns = pvc.namespace();
+            let labels = pvc.labels();
+            let claim = pvc.annotations().get(PVC_VGR_ANNOTATION);
+            vgr_store
+                .state()
+                .into_iter()
+                .filter(|g| {
+                    g.namespace() == ns
+                        && (super::translate::selector_matches(&g.spec.source.selector, labels)
+                            .unwrap_or(true)
+                            || claim.is_some_and(|c| {
+                                *c == format!(
+                                    "{}/{}",
+                                    g.name_any(),
+                                    g.namespace().unwrap_or_default()
+                                )
+                            }))
+                })
+                .map(|g| ObjectRef::from_obj(&*g))
+                .collect::<Vec<_>>()
+        },
+    )
+    .graceful_shutdown_on(mk_stop(stop_rx));
 
     // Reconciles read from caches, complete before the first one runs.
     let caches = Caches::start(&client, serves_trident);
