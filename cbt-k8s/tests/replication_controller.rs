@@ -18,7 +18,8 @@ use cbt_k8s::replication::controller::{
 use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
 use cbt_k8s::replication::types::{
-    PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, VolumeGroupReplicationStatus, VolumeReplicationStatus,
+    PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER,
+    VolumeGroupReplicationStatus, VolumeReplicationStatus,
 };
 use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
@@ -392,6 +393,7 @@ async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary
         pvc["metadata"]["annotations"][PVC_VR_ANNOTATION],
         "data/app"
     );
+    assert_eq!(pvc["metadata"]["finalizers"], json!([PVC_VR_FINALIZER]));
     e.event("creation event", |(o, r, _)| {
         o == "data" && r == "CreatedMirrorRelationship"
     })
@@ -526,6 +528,7 @@ async fn trident_group_of_three_with_one_member_failing_to_promote() {
         assert_eq!(e.tmr_state(p), ("promoted".into(), "promoted".into()));
         let pvc = e.get("v1", "PersistentVolumeClaim", p).unwrap();
         assert_eq!(pvc["metadata"]["annotations"][PVC_VGR_ANNOTATION], "pg/app");
+        assert_eq!(pvc["metadata"]["finalizers"], json!([PVC_VGR_FINALIZER]));
     }
     ctl.stop().await;
 }
@@ -568,6 +571,11 @@ async fn trident_pvcs_join_and_leave_a_group() {
         wal["metadata"]["annotations"]
             .get(PVC_VGR_ANNOTATION)
             .is_none()
+    );
+    assert!(
+        wal["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
     );
     // Events are recorded after the status write.
     e.event("deletion event", |(_, r, m)| {
@@ -615,6 +623,11 @@ async fn deleting_a_replication_deletes_only_what_it_created() {
         pvc["metadata"]["annotations"]
             .get(PVC_VR_ANNOTATION)
             .is_none()
+    );
+    assert!(
+        pvc["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
     );
     e.event("deletion event", |(_, r, m)| {
         r == "DeletingMirrorRelationship" && m.contains("promotes")

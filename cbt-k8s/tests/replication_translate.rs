@@ -95,6 +95,7 @@ fn pvc(name: &str, driver: &str, labels: &[(&str, &str)], annotations: &[(&str, 
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         driver: Some(driver.into()),
+        finalizers: Vec::new(),
     }
 }
 

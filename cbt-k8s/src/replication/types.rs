@@ -42,6 +42,10 @@ pub const PVC_VR_ANNOTATION: &str = "replication.storage.openshift.io/volume-rep
 /// PVC annotation csi-addons sets to the VolumeGroupReplication that owns the PVC.
 pub const PVC_VGR_ANNOTATION: &str =
     "replication.storage.openshift.io/volume-group-replication-name";
+/// Finalizer csi-addons puts on the PVC of a VolumeReplication (we do the same).
+pub const PVC_VR_FINALIZER: &str = "replication.storage.openshift.io/pvc-protection";
+/// Finalizer csi-addons puts on the PVCs of a VolumeGroupReplication (we do the same).
+pub const PVC_VGR_FINALIZER: &str = "replication.storage.openshift.io/vgr-protection";
 /// Class parameter prefix csi-addons reserves for itself (never sent to a driver).
 pub const RESERVED_PARAMETER_PREFIX: &str = "replication.storage.openshift.io/";
 

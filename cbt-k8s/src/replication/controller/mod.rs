@@ -55,10 +55,10 @@ use super::translate::{
     plan,
 };
 use super::types::{
-    DellCSIReplicationGroup, PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, ReplicatedState,
-    TridentActionMirrorUpdate, TridentMirrorRelationship, VolumeGroupReplication,
-    VolumeGroupReplicationClass, VolumeGroupReplicationContent, VolumeReplication,
-    VolumeReplicationClass, VolumeReplicationStatus,
+    DellCSIReplicationGroup, PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION,
+    PVC_VR_FINALIZER, ReplicatedState, TridentActionMirrorUpdate, TridentMirrorRelationship,
+    VolumeGroupReplication, VolumeGroupReplicationClass, VolumeGroupReplicationContent,
+    VolumeReplication, VolumeReplicationClass, VolumeReplicationStatus,
 };
 use crate::Error;
 use crate::error::ns_name;
@@ -729,15 +729,18 @@ async fn claim_pvcs(ctx: &Context, req: &Request, members: &[String]) -> Result<
     let (key, _) = owner_annotation(s.kind);
     let me = s.csi_addons_owner();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
+    let finalizer = pvc_finalizer(s.kind);
     for pvc in &req.pvcs {
         let has = pvc.annotations.get(key) == Some(&me);
+        let protected = pvc.finalizers.iter().any(|f| f == finalizer);
         let member = members.contains(&pvc.name);
         let value = match (member, has) {
             (true, false) => Value::String(me.clone()),
+            (true, true) if !protected => Value::String(me.clone()),
             (false, true) => Value::Null,
             _ => continue,
         };
-        if !patch_pvc(ctx, &api, &s.namespace, &pvc.name, key, value).await? {
+        if !patch_pvc(ctx, &api, &s.namespace, &pvc.name, s.kind, value).await? {
             return Ok(false);
         }
     }
@@ -750,21 +753,25 @@ async fn release_pvcs(ctx: &Context, reader: Reader<'_>, s: &Subject) -> Result<
     let me = s.csi_addons_owner();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
     for name in reader.pvcs_annotated(&s.namespace, key, &me).await? {
-        if !patch_pvc(ctx, &api, &s.namespace, &name, key, Value::Null).await? {
+        if !patch_pvc(ctx, &api, &s.namespace, &name, s.kind, Value::Null).await? {
             return Ok(false);
         }
     }
     Ok(true)
 }
 
+/// Claims (`value` the owner) or releases (`value` null) a PVC as csi-addons does: the owner
+/// annotation and the protection finalizer of `kind`.
 async fn patch_pvc(
     ctx: &Context,
     api: &Api<PersistentVolumeClaim>,
     ns: &str,
     name: &str,
-    key: &str,
+    kind: SubjectKind,
     value: Value,
 ) -> Result<bool, Error> {
+    let (key, _) = owner_annotation(kind);
+    let finalizer = pvc_finalizer(kind);
     // Guarded by the resourceVersion we read, so two objects cannot both claim one PVC.
     let current = match api.get_opt(name).await {
         Ok(Some(p)) => p,
@@ -779,10 +786,19 @@ async fn patch_pvc(
             ));
         }
     };
-    let patch = json!({"metadata": {
+    let mut finalizers = current.metadata.finalizers.clone().unwrap_or_default();
+    let before = finalizers.len();
+    finalizers.retain(|f| f != finalizer);
+    if !value.is_null() {
+        finalizers.push(finalizer.to_string());
+    }
+    let mut patch = json!({"metadata": {
         "annotations": {key: value},
         "resourceVersion": current.metadata.resource_version,
     }});
+    if finalizers.len() != before || !value.is_null() {
+        patch["metadata"]["finalizers"] = json!(finalizers);
+    }
     match api
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -797,6 +813,14 @@ async fn patch_pvc(
             ns_name(ns, name),
             e,
         )),
+    }
+}
+
+/// The finalizer csi-addons puts on a PVC claimed by a subject of `kind`.
+fn pvc_finalizer(kind: SubjectKind) -> &'static str {
+    match kind {
+        SubjectKind::Volume => PVC_VR_FINALIZER,
+        SubjectKind::Group => PVC_VGR_FINALIZER,
     }
 }
 
