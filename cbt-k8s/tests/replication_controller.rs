@@ -1576,3 +1576,50 @@ async fn only_spec_changes_and_its_own_pvc_trigger_a_reconcile() {
     assert!(reconciles(&metrics) > n);
     ctl.stop().await;
 }
+
+/// Deleting a PowerStore group releases its PVCs and its content, and leaves Dell's RG (and the
+/// replication it runs) alone: no verb, no delete.
+#[tokio::test]
+async fn dell_deletion_releases_the_group_and_leaves_the_rg() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg("rg-pg", true, "SYNCHRONIZED", &["pg-data", "pg-wal"]);
+    e.vgr("pg", "powerstore-group", "pg", "primary");
+    let ctl = start(e.ctx(fast()).await);
+    e.accepted(VGR, "pg", PRIMARY).await;
+    let content = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["spec"]
+        ["volumeGroupReplicationContentName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(e.content(&content).is_some());
+    e.fake
+        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
+        .unwrap();
+    until("group gone", || {
+        e.get(VR_API, "VolumeGroupReplication", "pg").is_none()
+    })
+    .await;
+    assert!(e.content(&content).is_none());
+    let rg = e.get(RG_API, "DellCSIReplicationGroup", "rg-pg").unwrap();
+    assert_eq!(rg["spec"]["action"], "");
+    assert_eq!(
+        rg["status"]["replicationLinkState"]["state"],
+        "SYNCHRONIZED"
+    );
+    assert!(e.fake.replication().unwrap().dell_actions().is_empty());
+    for p in ["pg-data", "pg-wal"] {
+        let pvc = e.get("v1", "PersistentVolumeClaim", p).unwrap();
+        assert!(
+            pvc["metadata"]["annotations"]
+                .get(PVC_VGR_ANNOTATION)
+                .is_none()
+        );
+        assert!(
+            pvc["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+        );
+    }
+    ctl.stop().await;
+}
