@@ -9,22 +9,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
-use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, run};
-use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
 use fake_kube::rbac::{Policy, UserInfo};
 use serde_json::{Value, json};
+use support::replication::{TRIDENT, VR_API, cbt, start_controller, text};
 
 const NS: &str = "app";
-const VR_API: &str = "replication.storage.openshift.io/v1alpha1";
-const TRIDENT: &str = "csi.trident.netapp.io";
 const OPERATOR_TOKEN: &str = "operator-token";
 const LIMITED_TOKEN: &str = "limited-token";
 
@@ -32,24 +29,6 @@ fn cli_rbac() -> String {
     let p: PathBuf =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/replication/cli-rbac.yaml");
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
-/// (api group, resource, verb) granted by a policy's roles.
-fn granted(policy: &Policy) -> BTreeSet<(String, String, String)> {
-    let mut out = BTreeSet::new();
-    for role in &policy.roles {
-        for rule in &role.rules {
-            for g in &rule.api_groups {
-                for r in &rule.resources {
-                    for v in &rule.verbs {
-                        assert!(!(g.contains('*') || r.contains('*') || v.contains('*')));
-                        out.insert((g.clone(), r.clone(), v.clone()));
-                    }
-                }
-            }
-        }
-    }
-    out
 }
 
 /// The example's role without `patch` on VolumeReplications, bound to group `limited`.
@@ -144,27 +123,7 @@ async fn env() -> Env {
     let limited = dir.path().join("limited");
     fake.write_kubeconfig_as(&limited, "test", LIMITED_TOKEN)
         .unwrap();
-    let client = connect(&ClusterTarget {
-        kubeconfig: Some(admin),
-        context: None,
-    })
-    .await
-    .unwrap()
-    .client;
-    let mut config = Config::new(vec![TRIDENT.into()]);
-    config.retry_base = Duration::from_millis(50);
-    config.retry_max = Duration::from_millis(300);
-    let ctx = Arc::new(Context::new(
-        client,
-        "test",
-        config,
-        Arc::new(Metrics::default()),
-        Leadership::always(),
-    ));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(ctx, async move {
-        let _ = rx.await;
-    }));
+    let stop = start_controller(&admin).await;
     Env {
         fake,
         _dir: dir,
@@ -173,22 +132,6 @@ async fn env() -> Env {
         operator_user,
         _stop: stop,
     }
-}
-
-async fn cbt(kubeconfig: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cbt"));
-    cmd.args(args).arg("--kubeconfig").arg(kubeconfig);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 async fn until_primary(e: &Env, kind: &str, name: &str) {
@@ -244,7 +187,9 @@ async fn every_subcommand_works_with_exactly_the_example_rbac() {
             )
         })
         .collect();
-    let example = granted(&Policy::from_yaml(&cli_rbac()).unwrap());
+    let example = Policy::from_yaml(&cli_rbac()).unwrap();
+    assert!(!example.has_wildcards());
+    let example = example.grants();
     let unused: Vec<_> = example.difference(&used).collect();
     assert!(unused.is_empty(), "granted but never used: {unused:?}");
     assert_eq!(used, example);
