@@ -1149,6 +1149,29 @@ fn spec_or_lifecycle<K: Resource>(obj: &K) -> Option<u64> {
     Some(h.finish())
 }
 
+/// A cluster-wide kind the controller watches.
+trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// PVC (namespace, name) -> the VolumeReplications naming it as data source (immutable), so a
 /// PVC event finds its VRs without looking at every VR. Entries of deleted VRs are dropped
 /// when looked up.
@@ -1162,13 +1185,7 @@ fn subject_stream<K>(
     seen: impl Fn(&K) + Send + 'static,
 ) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     use kube::runtime::WatchStreamExt;
     watcher::watcher(api, watcher::Config::default())
@@ -1194,13 +1211,7 @@ fn backend_watches<K>(
     dell: bool,
 ) -> Controller<K>
 where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: Watched,
 {
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Backend kinds are watched only for the backends served: their CRDs may be absent.
