@@ -1623,3 +1623,47 @@ async fn dell_deletion_releases_the_group_and_leaves_the_rg() {
     }
     ctl.stop().await;
 }
+
+/// A group whose spec names its content `""` (set, so immutable): the content gets the
+/// default name, the annotation names it, and the group converges (no endless rewrite).
+#[tokio::test]
+async fn an_empty_content_name_in_the_spec_gets_the_default_name() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.bound_pvc(
+        "pg-data",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_data",
+        json!({"app": "pg"}),
+    );
+    e.fake
+        .create(json!({
+            "apiVersion": VR_API, "kind": "VolumeGroupReplication",
+            "metadata": {"name": "pg", "namespace": NS},
+            "spec": {"volumeGroupReplicationClassName": "trident-group",
+                     "replicationState": "primary", "autoResync": false, "external": true,
+                     "volumeGroupReplicationContentName": "",
+                     "source": {"selector": {"matchLabels": {"app": "pg"}}}},
+        }))
+        .unwrap();
+    let uid = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ctx = e.ctx(fast()).await;
+    let ctl = start(ctx.clone());
+    e.accepted(VGR, "pg", PRIMARY).await;
+    let name = format!("vgrcontent-{uid}");
+    assert_eq!(e.handles(&name), ["svm0:vol_data"]);
+    let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
+    assert_eq!(
+        vgr["metadata"]["annotations"]["replication.storage.openshift.io/volume-group-replication-content-name"],
+        name.as_str()
+    );
+    ctl.stop().await;
+    let out = reconcile_once(&ctx, SubjectKind::Group, NS, "pg")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::Converged);
+}

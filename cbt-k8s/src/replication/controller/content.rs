@@ -292,14 +292,17 @@ pub(super) async fn apply(
         .as_ref()
         .and_then(|a| a.get(VGR_CONTENT_ANNOTATION))
         .is_some_and(|v| *v == name);
-    if spec_named && annotated {
+    // A spec that names no content (`""`) cannot be set any more (immutable): the
+    // annotation alone then names it.
+    let spec_done = spec_named || vgr.spec.volume_group_replication_content_name.is_some();
+    if spec_done && annotated {
         return Ok(Applied::Done);
     }
     let mut patch = json!({"metadata": {
         "annotations": {VGR_CONTENT_ANNOTATION: name},
         "resourceVersion": vgr_rv,
     }});
-    if !spec_named && vgr.spec.volume_group_replication_content_name.is_none() {
+    if !spec_done {
         patch["spec"] = json!({"volumeGroupReplicationContentName": name});
     }
     let ns = vgr.metadata.namespace.clone().unwrap_or_default();
