@@ -133,13 +133,21 @@ impl Env {
 
     /// An external VolumeGroupReplication of `class` selecting the PVCs labelled `app=<app>`.
     fn vgr(&self, name: &str, class: &str, app: &str, state: &str) {
-        let selector = json!({"matchLabels": {"app": app}});
+        self.vgr_with(name, class, app, state, json!({}));
+    }
+
+    /// [`Self::vgr`] with more spec fields.
+    fn vgr_with(&self, name: &str, class: &str, app: &str, state: &str, more: Value) {
+        let mut spec = json!({"volumeGroupReplicationClassName": class, "replicationState": state,
+            "source": {"selector": {"matchLabels": {"app": app}}}, "autoResync": false,
+            "external": true});
+        for (k, v) in more.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
         self.fake
             .create(json!({
                 "apiVersion": VR_API, "kind": "VolumeGroupReplication",
-                "metadata": {"name": name, "namespace": NS},
-                "spec": {"volumeGroupReplicationClassName": class, "replicationState": state,
-                         "source": {"selector": selector}, "autoResync": false, "external": true},
+                "metadata": {"name": name, "namespace": NS}, "spec": spec,
             }))
             .unwrap();
     }
@@ -1458,16 +1466,13 @@ async fn a_content_name_taken_by_another_group_is_left_alone() {
                  "source": {"volumeHandles": ["svm0:vol_other"]}},
     });
     e.fake.create(taken).unwrap();
-    e.fake
-        .create(json!({
-            "apiVersion": VR_API, "kind": "VolumeGroupReplication",
-            "metadata": {"name": "pg", "namespace": NS},
-            "spec": {"volumeGroupReplicationClassName": "trident-group",
-                     "replicationState": "primary", "autoResync": false, "external": true,
-                     "volumeGroupReplicationContentName": "shared",
-                     "source": {"selector": {"matchLabels": {"app": "pg"}}}},
-        }))
-        .unwrap();
+    e.vgr_with(
+        "pg",
+        "trident-group",
+        "pg",
+        "primary",
+        json!({"volumeGroupReplicationContentName": "shared"}),
+    );
     let before = e.content("shared").unwrap();
     let ctl = start(e.ctx(fast()).await);
     until("warning event", || {
@@ -1637,16 +1642,13 @@ async fn an_empty_content_name_in_the_spec_gets_the_default_name() {
         "svm0:vol_data",
         json!({"app": "pg"}),
     );
-    e.fake
-        .create(json!({
-            "apiVersion": VR_API, "kind": "VolumeGroupReplication",
-            "metadata": {"name": "pg", "namespace": NS},
-            "spec": {"volumeGroupReplicationClassName": "trident-group",
-                     "replicationState": "primary", "autoResync": false, "external": true,
-                     "volumeGroupReplicationContentName": "",
-                     "source": {"selector": {"matchLabels": {"app": "pg"}}}},
-        }))
-        .unwrap();
+    e.vgr_with(
+        "pg",
+        "trident-group",
+        "pg",
+        "primary",
+        json!({"volumeGroupReplicationContentName": ""}),
+    );
     let uid = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["metadata"]["uid"]
         .as_str()
         .unwrap()
