@@ -148,11 +148,12 @@ async fn main() {
     // Our own watch: when did each VR's status first describe the awaited generation?
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
     let converged = Arc::new(Mutex::new(std::collections::HashSet::<String>::new()));
+    let watch_task;
     {
         let pending = pending.clone();
         let converged = converged.clone();
         let api: Api<VolumeReplication> = Api::namespaced(client.clone(), NS);
-        tokio::spawn(async move {
+        watch_task = tokio::spawn(async move {
             let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
             while let Some(ev) = stream.next().await {
                 let objs: Vec<VolumeReplication> = match ev {
@@ -198,7 +199,10 @@ async fn main() {
         Leadership::always(),
     ));
     let started = Instant::now();
-    tokio::spawn(run(ctx, futures::future::pending::<()>()));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let controller = tokio::spawn(run(ctx, async move {
+        let _ = stopped.await;
+    }));
     while converged.lock().unwrap().len() < n {
         if started.elapsed() > Duration::from_secs(600) {
             panic!(
@@ -268,4 +272,11 @@ async fn main() {
         "burst p50 / baseline p50 = {:.1}x",
         percentile(&burst, 0.5).as_secs_f64() / percentile(&single, 0.5).as_secs_f64().max(1e-9)
     );
+    // Stop the controller before the runtime goes: dropping the runtime under a running
+    // kube-runtime controller cancels its reconcile tasks while it still polls them, and it
+    // panics on the cancelled JoinHandle.
+    let _ = stop.send(());
+    let _ = controller.await;
+    watch_task.abort();
+    let _ = watch_task.await;
 }

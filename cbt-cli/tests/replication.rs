@@ -3,20 +3,17 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::Arc;
+mod support;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
-use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, run};
-use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
 use serde_json::{Value, json};
+use support::replication::{TRIDENT, VR_API, cbt, start_controller, text};
 
 const NS: &str = "app";
-const VR_API: &str = "replication.storage.openshift.io/v1alpha1";
-const TRIDENT: &str = "csi.trident.netapp.io";
 
 struct Env {
     fake: FakeKube,
@@ -48,49 +45,13 @@ async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     fake.write_kubeconfig(&kubeconfig, "test").unwrap();
-    let client = connect(&ClusterTarget {
-        kubeconfig: Some(kubeconfig.clone()),
-        context: None,
-    })
-    .await
-    .unwrap()
-    .client;
-    let mut config = Config::new(vec![TRIDENT.into()]);
-    config.retry_base = Duration::from_millis(50);
-    config.retry_max = Duration::from_millis(300);
-    let ctx = Arc::new(Context::new(
-        client,
-        "test",
-        config,
-        Arc::new(Metrics::default()),
-        Leadership::always(),
-    ));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(ctx, async move {
-        let _ = rx.await;
-    }));
+    let stop = start_controller(&kubeconfig).await;
     Env {
         fake,
         _dir: dir,
         kubeconfig,
         _stop: stop,
     }
-}
-
-async fn cbt(kubeconfig: &Path, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_cbt"));
-    cmd.args(args).arg("--kubeconfig").arg(kubeconfig);
-    tokio::task::spawn_blocking(move || cmd.output().unwrap())
-        .await
-        .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 async fn primary(e: &Env) {

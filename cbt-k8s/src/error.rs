@@ -415,6 +415,18 @@ fn resource_of(kind: &str) -> String {
         "SnapshotMetadataService" => "snapshotmetadataservices.cbt.storage.k8s.io".into(),
         "ServiceAccount" => "serviceaccounts/token".into(),
         "Job" => "jobs.batch".into(),
+        "VolumeReplication"
+        | "VolumeReplicationClass"
+        | "VolumeGroupReplication"
+        | "VolumeGroupReplicationClass"
+        | "VolumeGroupReplicationContent" => format!(
+            "{}s.replication.storage.openshift.io",
+            kind.to_ascii_lowercase()
+        ),
+        "TridentMirrorRelationship" | "TridentActionMirrorUpdate" => {
+            format!("{}s.trident.netapp.io", kind.to_ascii_lowercase())
+        }
+        "DellCSIReplicationGroup" => "dellcsireplicationgroups.replication.storage.dell.com".into(),
         other => format!("{}s", other.to_ascii_lowercase()),
     }
 }

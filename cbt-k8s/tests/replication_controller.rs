@@ -18,7 +18,8 @@ use cbt_k8s::replication::controller::{
 use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
 use cbt_k8s::replication::types::{
-    PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, VolumeGroupReplicationStatus, VolumeReplicationStatus,
+    PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER,
+    VolumeGroupReplicationStatus, VolumeReplicationStatus,
 };
 use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
@@ -102,20 +103,17 @@ impl Env {
     }
 
     fn vrc(&self, name: &str, provisioner: &str, params: Value) {
-        self.fake
-            .create(json!({
-                "apiVersion": VR_API, "kind": "VolumeReplicationClass",
-                "metadata": {"name": name},
-                "spec": {"provisioner": provisioner, "parameters": params},
-            }))
-            .unwrap();
+        self.class("VolumeReplicationClass", name, provisioner, params);
     }
 
     fn vgrc(&self, name: &str, provisioner: &str, params: Value) {
+        self.class("VolumeGroupReplicationClass", name, provisioner, params);
+    }
+
+    fn class(&self, kind: &str, name: &str, provisioner: &str, params: Value) {
         self.fake
             .create(json!({
-                "apiVersion": VR_API, "kind": "VolumeGroupReplicationClass",
-                "metadata": {"name": name},
+                "apiVersion": VR_API, "kind": kind, "metadata": {"name": name},
                 "spec": {"provisioner": provisioner, "parameters": params},
             }))
             .unwrap();
@@ -133,13 +131,23 @@ impl Env {
             .unwrap();
     }
 
-    fn vgr(&self, name: &str, class: &str, selector: Value, state: &str) {
+    /// An external VolumeGroupReplication of `class` selecting the PVCs labelled `app=<app>`.
+    fn vgr(&self, name: &str, class: &str, app: &str, state: &str) {
+        self.vgr_with(name, class, app, state, json!({}));
+    }
+
+    /// [`Self::vgr`] with more spec fields.
+    fn vgr_with(&self, name: &str, class: &str, app: &str, state: &str, more: Value) {
+        let mut spec = json!({"volumeGroupReplicationClassName": class, "replicationState": state,
+            "source": {"selector": {"matchLabels": {"app": app}}}, "autoResync": false,
+            "external": true});
+        for (k, v) in more.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
         self.fake
             .create(json!({
                 "apiVersion": VR_API, "kind": "VolumeGroupReplication",
-                "metadata": {"name": name, "namespace": NS},
-                "spec": {"volumeGroupReplicationClassName": class, "replicationState": state,
-                         "source": {"selector": selector}, "autoResync": false, "external": true},
+                "metadata": {"name": name, "namespace": NS}, "spec": spec,
             }))
             .unwrap();
     }
@@ -209,12 +217,17 @@ impl Env {
     }
 
     fn rg(&self, name: &str, is_source: bool, link: &str, pvcs: &[&str]) {
+        self.rg_of(name, ("pg-1", "pg-2"), is_source, link, pvcs);
+    }
+
+    /// An RG of protection group `pgs.0` replicating to `pgs.1`, with its PVCs.
+    fn rg_of(&self, name: &str, pgs: (&str, &str), is_source: bool, link: &str, pvcs: &[&str]) {
         self.fake
             .create(json!({
                 "apiVersion": RG_API, "kind": "DellCSIReplicationGroup",
                 "metadata": {"name": name},
                 "spec": {"driverName": DELL, "action": "", "remoteClusterId": "self",
-                         "protectionGroupId": "pg-1", "remoteProtectionGroupId": "pg-2",
+                         "protectionGroupId": pgs.0, "remoteProtectionGroupId": pgs.1,
                          "protectionGroupAttributes": {"remoteSystemName": "PS-B"}},
             }))
             .unwrap();
@@ -228,6 +241,64 @@ impl Env {
         for p in pvcs {
             self.pvc(p, "powerstore", json!({RG_LABEL: name, "app": "pg"}));
         }
+    }
+}
+
+const VR: SubjectKind = SubjectKind::Volume;
+const VGR: SubjectKind = SubjectKind::Group;
+const PRIMARY: bool = true;
+const SECONDARY: bool = false;
+
+impl Env {
+    /// Whether RamenDR accepts `name` as primary (or secondary) now.
+    fn accepts(&self, kind: SubjectKind, name: &str, primary: bool) -> bool {
+        let (s, g) = match kind {
+            SubjectKind::Volume => self.vr_status(name),
+            SubjectKind::Group => {
+                let (s, g) = self.vgr_status(name);
+                (s.replication, g)
+            }
+        };
+        if primary {
+            ramen_accepts_primary(&s, g)
+        } else {
+            ramen_accepts_secondary(&s, g)
+        }
+    }
+
+    /// Waits until RamenDR accepts `name` as primary (or secondary).
+    async fn accepted(&self, kind: SubjectKind, name: &str, primary: bool) {
+        let role = if primary { "primary" } else { "secondary" };
+        let what = format!("{} {name} accepted as {role}", kind.kind());
+        until(&what, || self.accepts(kind, name, primary)).await;
+    }
+
+    /// Waits until an Event `(object, reason, message)` satisfies `f`.
+    async fn event(&self, what: &str, f: impl Fn(&(String, String, String)) -> bool) {
+        until(what, || self.events().iter().any(&f)).await;
+    }
+
+    /// Sets `spec.replicationState` of `name`.
+    fn desire(&self, kind: SubjectKind, name: &str, state: &str) {
+        self.set_state(kind.kind(), name, json!({"replicationState": state}));
+    }
+
+    /// Waits until `name` is `Degraded=True` with `needle` in the message.
+    async fn degraded(&self, kind: SubjectKind, name: &str, needle: &str) {
+        let status = || match kind {
+            SubjectKind::Volume => self.vr_status(name).0,
+            SubjectKind::Group => self.vgr_status(name).0.replication,
+        };
+        until(&format!("{name} degraded: {needle}"), || {
+            cond(&status(), "Degraded").is_some_and(|(st, _, m)| st == "True" && m.contains(needle))
+        })
+        .await;
+    }
+
+    /// A PVC of the `ontap` class and its VolumeReplication of class `trident`, both `name`.
+    fn trident_volume(&self, name: &str, state: &str, handle: &str) {
+        self.pvc(name, "ontap", json!({}));
+        self.vr(name, "trident", name, state, handle);
     }
 }
 
@@ -303,14 +374,9 @@ fn trident_env_classes(e: &Env) {
 async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr("data", "trident", "data", "primary", "");
+    e.trident_volume("data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        let (s, g) = e.vr_status("data");
-        ramen_accepts_primary(&s, g)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
     assert_eq!(tmr["spec"]["state"], "promoted");
     assert_eq!(tmr["spec"]["volumeMappings"][0]["localPVCName"], "data");
@@ -335,10 +401,9 @@ async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary
         pvc["metadata"]["annotations"][PVC_VR_ANNOTATION],
         "data/app"
     );
-    until("creation event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "data" && r == "CreatedMirrorRelationship")
+    assert_eq!(pvc["metadata"]["finalizers"], json!([PVC_VR_FINALIZER]));
+    e.event("creation event", |(o, r, _)| {
+        o == "data" && r == "CreatedMirrorRelationship"
     })
     .await;
     ctl.stop().await;
@@ -348,20 +413,9 @@ async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary
 async fn trident_new_secondary_establishes_with_the_remote_handle() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr(
-        "data",
-        "trident",
-        "data",
-        "secondary",
-        "svm1:trident_app_data",
-    );
+    e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctl = start(e.ctx(fast()).await);
-    until("secondary", || {
-        let (s, g) = e.vr_status("data");
-        ramen_accepts_secondary(&s, g)
-    })
-    .await;
+    e.accepted(VR, "data", SECONDARY).await;
     let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
     assert_eq!(tmr["spec"]["state"], "established");
     assert_eq!(
@@ -387,17 +441,11 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
     }
     a.vr("data", "trident", "data", "primary", "");
     let ctl_a = start(a.ctx(fast()).await);
-    until("A primary", || {
-        ramen_accepts_primary(&a.vr_status("data").0, a.vr_status("data").1)
-    })
-    .await;
+    a.accepted(VR, "data", PRIMARY).await;
     let a_handle = a.local_handle("data");
     b.vr("data", "trident", "data", "secondary", &a_handle);
     let ctl_b = start(b.ctx(fast()).await);
-    until("B secondary", || {
-        ramen_accepts_secondary(&b.vr_status("data").0, b.vr_status("data").1)
-    })
-    .await;
+    b.accepted(VR, "data", SECONDARY).await;
     let b_handle = b.local_handle("data");
 
     // Planned failover: demote A (it learns B's handle), then promote B.
@@ -406,47 +454,23 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
         "data",
         json!({"replicationState": "secondary", "replicationHandle": b_handle}),
     );
-    until("A secondary", || {
-        ramen_accepts_secondary(&a.vr_status("data").0, a.vr_status("data").1)
-    })
-    .await;
+    a.accepted(VR, "data", SECONDARY).await;
     assert_eq!(a.tmr_state("data").0, "reestablished");
-    b.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "primary"}),
-    );
-    until("B primary", || {
-        ramen_accepts_primary(&b.vr_status("data").0, b.vr_status("data").1)
-    })
-    .await;
+    b.desire(VR, "data", "primary");
+    b.accepted(VR, "data", PRIMARY).await;
     assert_eq!(b.tmr_state("data"), ("promoted".into(), "promoted".into()));
 
     // Failback with resync: B back to secondary (reestablished: overwritten from A), A primary.
-    b.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "secondary"}),
-    );
-    until("B secondary again", || {
-        ramen_accepts_secondary(&b.vr_status("data").0, b.vr_status("data").1)
-    })
-    .await;
+    b.desire(VR, "data", "secondary");
+    b.accepted(VR, "data", SECONDARY).await;
     assert_eq!(b.tmr_state("data").0, "reestablished");
     assert!(
         b.events()
             .iter()
             .any(|(_, r, m)| r == "UpdatedMirrorRelationship" && m.contains("overwrites"))
     );
-    a.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "primary"}),
-    );
-    until("A primary again", || {
-        ramen_accepts_primary(&a.vr_status("data").0, a.vr_status("data").1)
-    })
-    .await;
+    a.desire(VR, "data", "primary");
+    a.accepted(VR, "data", PRIMARY).await;
     ctl_a.stop().await;
     ctl_b.stop().await;
 }
@@ -457,48 +481,24 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
 async fn trident_unplanned_failover_then_resync_of_the_old_primary() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr(
-        "data",
-        "trident",
-        "data",
-        "secondary",
-        "svm1:trident_app_data",
-    );
+    e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctl = start(e.ctx(fast()).await);
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
-    e.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "primary"}),
-    );
-    until("promoted", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", SECONDARY).await;
+    e.desire(VR, "data", "primary");
+    e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(e.tmr_state("data"), ("promoted".into(), "promoted".into()));
     e.set_state(
         "VolumeReplication",
         "data",
         json!({"replicationState": "secondary", "autoResync": true}),
     );
-    until("resynced", || {
-        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", SECONDARY).await;
     assert_eq!(
         e.tmr_state("data"),
         ("reestablished".into(), "reestablished".into())
     );
     // A resync of the reestablished destination: one transfer now.
-    e.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "resync"}),
-    );
+    e.desire(VR, "data", "resync");
     until("resync transfer", || {
         let (s, g) = e.vr_status("data");
         ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
@@ -519,39 +519,24 @@ async fn trident_group_of_three_with_one_member_failing_to_promote() {
     }
     let sim = e.fake.replication().unwrap();
     sim.fail_trident_promotion(NS, "pg-wal", true);
-    e.vgr(
-        "pg",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "trident-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("degraded naming pg-wal", || {
-        let (s, _) = e.vgr_status("pg");
-        cond(&s.replication, "Degraded")
-            .is_some_and(|(st, _, m)| st == "True" && m.contains("pg-wal"))
-    })
-    .await;
+    e.degraded(VGR, "pg", "pg-wal").await;
     let (s, g) = e.vgr_status("pg");
     assert!(!ramen_accepts_primary(&s.replication, g));
     assert_eq!(cond(&s.replication, "Completed").unwrap().0, "False");
     assert_eq!(s.persistent_volume_claims_ref_list.len(), 3);
-    until("failure event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "pg" && r.starts_with("FailedTo"))
+    e.event("failure event", |(o, r, _)| {
+        o == "pg" && r.starts_with("FailedTo")
     })
     .await;
     sim.fail_trident_promotion(NS, "pg-wal", false);
-    until("group primary", || {
-        let (s, g) = e.vgr_status("pg");
-        ramen_accepts_primary(&s.replication, g)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     for p in ["pg-data", "pg-wal", "pg-config"] {
         assert_eq!(e.tmr_state(p), ("promoted".into(), "promoted".into()));
         let pvc = e.get("v1", "PersistentVolumeClaim", p).unwrap();
         assert_eq!(pvc["metadata"]["annotations"][PVC_VGR_ANNOTATION], "pg/app");
+        assert_eq!(pvc["metadata"]["finalizers"], json!([PVC_VGR_FINALIZER]));
     }
     ctl.stop().await;
 }
@@ -563,17 +548,9 @@ async fn trident_pvcs_join_and_leave_a_group() {
     for p in ["pg-data", "pg-wal"] {
         e.pvc(p, "ontap", json!({"app": "pg"}));
     }
-    e.vgr(
-        "pg",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "trident-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("two members", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     e.pvc("pg-config", "ontap", json!({"app": "pg"}));
     until("third member", || {
         e.vgr_status("pg").0.persistent_volume_claims_ref_list.len() == 3
@@ -603,17 +580,17 @@ async fn trident_pvcs_join_and_leave_a_group() {
             .get(PVC_VGR_ANNOTATION)
             .is_none()
     );
+    assert!(
+        wal["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    );
     // Events are recorded after the status write.
-    until("deletion event", || {
-        e.events()
-            .iter()
-            .any(|(_, r, m)| r == "DeletingMirrorRelationship" && m.contains("pg-wal"))
+    e.event("deletion event", |(_, r, m)| {
+        r == "DeletingMirrorRelationship" && m.contains("pg-wal")
     })
     .await;
-    until("converged", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     ctl.stop().await;
 }
 
@@ -633,10 +610,7 @@ async fn deleting_a_replication_deletes_only_what_it_created() {
         .unwrap();
     e.vr("data", "trident", "data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     e.fake
         .delete(VR_API, "VolumeReplication", NS, "data")
         .unwrap();
@@ -658,10 +632,13 @@ async fn deleting_a_replication_deletes_only_what_it_created() {
             .get(PVC_VR_ANNOTATION)
             .is_none()
     );
-    until("deletion event", || {
-        e.events()
-            .iter()
-            .any(|(_, r, m)| r == "DeletingMirrorRelationship" && m.contains("promotes"))
+    assert!(
+        pvc["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(Vec::is_empty)
+    );
+    e.event("deletion event", |(_, r, m)| {
+        r == "DeletingMirrorRelationship" && m.contains("promotes")
     })
     .await;
     ctl.stop().await;
@@ -687,40 +664,84 @@ async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sen
         "SYNCHRONIZED",
         &["pg-data", "pg-wal", "pg-config"],
     );
-    e.vgr(
-        "pg",
-        "powerstore-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "powerstore-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     let sim = e.fake.replication().unwrap();
     assert!(sim.dell_actions().is_empty());
     // Planned failover from this site: FAILOVER_REMOTE, once.
-    e.set_state(
-        "VolumeGroupReplication",
-        "pg",
-        json!({"replicationState": "secondary"}),
-    );
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vgr_status("pg").0.replication, e.vgr_status("pg").1)
-    })
-    .await;
+    e.desire(VGR, "pg", "secondary");
+    e.accepted(VGR, "pg", SECONDARY).await;
     assert_eq!(
         sim.dell_actions(),
         vec![("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
     );
-    until("action event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "pg" && r == "RequestedAction")
+    e.event("action event", |(o, r, _)| {
+        o == "pg" && r == "RequestedAction"
     })
     .await;
     ctl.stop().await;
+}
+
+/// Two clusters on one PowerStore pair: a planned failover of the PostgreSQL group from A to B
+/// is one verb on each side (A: FAILOVER_REMOTE, B: REPROTECT_LOCAL), and both sides' RGs and
+/// statuses show the move.
+#[tokio::test]
+async fn dell_planned_failover_across_two_clusters_moves_both_sides() {
+    let a = env().await;
+    let b = env().await;
+    let pvcs = ["pg-data", "pg-wal", "pg-config"];
+    a.rg_of("rg-pg", ("pg-a", "pg-b"), true, "SYNCHRONIZED", &pvcs);
+    b.rg_of("rg-pg", ("pg-b", "pg-a"), false, "SYNCHRONIZED", &pvcs);
+    let (sim_a, sim_b) = (a.fake.replication().unwrap(), b.fake.replication().unwrap());
+    sim_a.pair_dell(sim_b);
+    for (e, state) in [(&a, "primary"), (&b, "secondary")] {
+        dell_classes(e);
+        e.vgr("pg", "powerstore-group", "pg", state);
+    }
+    let ctl_a = start(a.ctx(fast()).await);
+    let ctl_b = start(b.ctx(fast()).await);
+    until("A primary, B secondary", || {
+        a.accepts(VGR, "pg", PRIMARY) && b.accepts(VGR, "pg", SECONDARY)
+    })
+    .await;
+    let link = |e: &Env| {
+        let rg = e.get(RG_API, "DellCSIReplicationGroup", "rg-pg").unwrap();
+        let l = &rg["status"]["replicationLinkState"];
+        (
+            l["isSource"].as_bool().unwrap(),
+            l["state"].as_str().unwrap().to_string(),
+        )
+    };
+    // Planned failover, as RamenDR orders it: demote A, then promote B.
+    a.desire(VGR, "pg", "secondary");
+    until("A demoted, B's RG moved with it", || {
+        a.accepts(VGR, "pg", SECONDARY) && link(&b) == (true, "FAILEDOVER".into())
+    })
+    .await;
+    b.desire(VGR, "pg", "primary");
+    until("B primary, A replicating from it", || {
+        b.accepts(VGR, "pg", PRIMARY)
+            && link(&b) == (true, "SYNCHRONIZED".into())
+            && link(&a) == (false, "SYNCHRONIZED".into())
+    })
+    .await;
+    until("A healthy secondary", || {
+        let (s, _) = a.vgr_status("pg");
+        a.accepts(VGR, "pg", SECONDARY)
+            && cond(&s.replication, "Degraded").is_some_and(|(st, _, _)| st == "False")
+    })
+    .await;
+    assert_eq!(
+        sim_a.dell_actions(),
+        [("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
+    );
+    assert_eq!(
+        sim_b.dell_actions(),
+        [("rg-pg".to_string(), "REPROTECT_LOCAL".to_string())]
+    );
+    ctl_a.stop().await;
+    ctl_b.stop().await;
 }
 
 /// Unplanned failover to this (target) site: UNPLANNED_FAILOVER_LOCAL then REPROTECT_LOCAL;
@@ -733,31 +754,14 @@ async fn dell_unplanned_failover_failback_and_resync() {
     e.rg("rg-1", false, "SYNCHRONIZED", &["vol"]);
     e.vr("vol", "powerstore", "vol", "secondary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
-    e.set_state(
-        "VolumeReplication",
-        "vol",
-        json!({"replicationState": "primary"}),
-    );
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
+    e.accepted(VR, "vol", SECONDARY).await;
+    e.desire(VR, "vol", "primary");
+    e.accepted(VR, "vol", PRIMARY).await;
     let sim = e.fake.replication().unwrap();
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
-    e.set_state(
-        "VolumeReplication",
-        "vol",
-        json!({"replicationState": "secondary"}),
-    );
-    until("secondary again", || {
-        ramen_accepts_secondary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
+    e.desire(VR, "vol", "secondary");
+    e.accepted(VR, "vol", SECONDARY).await;
     // The peer (not simulated) would reprotect; here the link is brought back by hand.
     e.fake.set_status(
         RG_API,
@@ -766,11 +770,7 @@ async fn dell_unplanned_failover_failback_and_resync() {
         "rg-1",
         json!({"state": "Ready", "replicationLinkState": {"state": "SYNCHRONIZED", "isSource": false}}),
     );
-    e.set_state(
-        "VolumeReplication",
-        "vol",
-        json!({"replicationState": "resync"}),
-    );
+    e.desire(VR, "vol", "resync");
     until("resynced", || {
         let (s, g) = e.vr_status("vol");
         ramen_accepts_secondary(&s, g) && s.observed_generation == g
@@ -817,10 +817,7 @@ async fn dell_restart_mid_transition_sends_no_verb_twice() {
     }
     sim.set_dell_paused(false);
     let ctl = start(ctx);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("vol").0, e.vr_status("vol").1)
-    })
-    .await;
+    e.accepted(VR, "vol", PRIMARY).await;
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
     ctl.stop().await;
@@ -849,10 +846,7 @@ async fn trident_restart_mid_transition_converges_without_duplicates() {
         e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"].clone();
     e.fake.replication().unwrap().set_trident_stuck(false);
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(
         e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"],
         uid
@@ -896,10 +890,7 @@ async fn two_replicas_only_the_leader_writes() {
         running.push((start(ctx), hold, stop_tx));
     }
     e.vr("data", "trident", "data", "primary", "");
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     let lease = e
         .get("coordination.k8s.io/v1", "Lease", "cbt-replicator")
         .unwrap();
@@ -930,12 +921,8 @@ async fn two_replicas_only_the_leader_writes() {
     let _ = stop.send(true);
     let _ = hold.await;
     ctl.stop().await;
-    e.pvc("more", "ontap", json!({}));
-    e.vr("more", "trident", "more", "primary", "");
-    until("served by the other", || {
-        ramen_accepts_primary(&e.vr_status("more").0, e.vr_status("more").1)
-    })
-    .await;
+    e.trident_volume("more", "primary", "");
+    e.accepted(VR, "more", PRIMARY).await;
     let lease = e
         .get("coordination.k8s.io/v1", "Lease", "cbt-replicator")
         .unwrap();
@@ -1028,19 +1015,9 @@ async fn bad_inputs_are_reported_and_write_nothing() {
     rejected(&e, SubjectKind::Volume, "no-remote", "remoteSystem").await;
     e.vr("no-rpo", "dell-norpo", "d", "primary", "");
     rejected(&e, SubjectKind::Volume, "no-rpo", "rpo").await;
-    e.vgr(
-        "empty",
-        "trident-group",
-        json!({"matchLabels": {"app": "nothing"}}),
-        "primary",
-    );
+    e.vgr("empty", "trident-group", "nothing", "primary");
     rejected(&e, SubjectKind::Group, "empty", "matches no PVC").await;
-    e.vgr(
-        "mixed",
-        "trident-group",
-        json!({"matchLabels": {"app": "mixed"}}),
-        "primary",
-    );
+    e.vgr("mixed", "trident-group", "mixed", "primary");
     rejected(&e, SubjectKind::Group, "mixed", "ebs.csi.aws.com").await;
 }
 
@@ -1051,12 +1028,7 @@ async fn too_many_pvcs_in_a_group_are_refused() {
     for i in 0..101 {
         e.pvc(&format!("v{i}"), "ontap", json!({"app": "big"}));
     }
-    e.vgr(
-        "big",
-        "trident-group",
-        json!({"matchLabels": {"app": "big"}}),
-        "primary",
-    );
+    e.vgr("big", "trident-group", "big", "primary");
     rejected(&e, SubjectKind::Group, "big", "at most 100").await;
 }
 
@@ -1074,12 +1046,7 @@ async fn a_pvc_in_another_replication_is_refused() {
     assert_eq!(out.result, Verdict::InProgress);
     e.vr("second", "trident", "data", "primary", "");
     rejected(&e, SubjectKind::Volume, "second", "already replicated").await;
-    e.vgr(
-        "group",
-        "trident-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("group", "trident-group", "pg", "primary");
     let out = reconcile_once(&ctx, SubjectKind::Group, NS, "group")
         .await
         .unwrap();
@@ -1091,13 +1058,9 @@ async fn a_pvc_in_another_replication_is_refused() {
 async fn a_relationship_changed_by_hand_is_reported_not_overwritten() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr("data", "trident", "data", "primary", "");
+    e.trident_volume("data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     ctl.stop().await;
     e.fake
         .merge_patch(
@@ -1132,8 +1095,7 @@ async fn immutable_fields_and_schema_violations_are_refused_by_the_api() {
     let e = env().await;
     trident_env_classes(&e);
     e.vrc("trident-2", TRIDENT, json!({}));
-    e.pvc("data", "ontap", json!({}));
-    e.vr("data", "trident", "data", "primary", "");
+    e.trident_volume("data", "primary", "");
     let err = e
         .fake
         .merge_patch(
@@ -1174,15 +1136,9 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
     let ctx = e.ctx(config).await;
     let metrics = ctx.metrics.clone();
     let ctl = start(ctx);
-    until("degraded", || {
-        let (s, _) = e.vr_status("data");
-        cond(&s, "Degraded").is_some_and(|(st, _, m)| st == "True" && m.contains("not converged"))
-    })
-    .await;
-    until("NotConverging event", || {
-        e.events()
-            .iter()
-            .any(|(o, r, _)| o == "data" && r == "NotConverging")
+    e.degraded(VR, "data", "not converged").await;
+    e.event("NotConverging event", |(o, r, _)| {
+        o == "data" && r == "NotConverging"
     })
     .await;
     // Backoff, not a tight loop: a handful of reconciles in a second, not hundreds.
@@ -1191,10 +1147,7 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
     let n1 = metrics.reconcile_count("VolumeReplication", "not_converging");
     assert!(n1 - n0 <= 5, "{n0} -> {n1}");
     e.fake.replication().unwrap().set_trident_stuck(false);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     let (s, _) = e.vr_status("data");
     assert_eq!(cond(&s, "Degraded").unwrap().0, "False");
     ctl.stop().await;
@@ -1204,25 +1157,11 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
 async fn trident_resync_of_a_destination_requests_one_mirror_update() {
     let e = env().await;
     trident_env_classes(&e);
-    e.pvc("data", "ontap", json!({}));
-    e.vr(
-        "data",
-        "trident",
-        "data",
-        "secondary",
-        "svm1:trident_app_data",
-    );
+    e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctx = e.ctx(fast()).await;
     let ctl = start(ctx.clone());
-    until("secondary", || {
-        ramen_accepts_secondary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
-    e.set_state(
-        "VolumeReplication",
-        "data",
-        json!({"replicationState": "resync"}),
-    );
+    e.accepted(VR, "data", SECONDARY).await;
+    e.desire(VR, "data", "resync");
     until("resynced", || {
         let (s, g) = e.vr_status("data");
         ramen_accepts_secondary(&s, g) && s.last_sync_time.is_some()
@@ -1265,10 +1204,7 @@ async fn conflicts_and_stale_watches_are_retried_to_convergence() {
     );
     e.vr("data", "trident", "data", "primary", "");
     let ctl = start(e.ctx(fast()).await);
-    until("primary", || {
-        ramen_accepts_primary(&e.vr_status("data").0, e.vr_status("data").1)
-    })
-    .await;
+    e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
     let statuses = e
         .fake
@@ -1298,19 +1234,9 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
         "UNPLANNED_FAILOVER_LOCAL",
         Some("remote system unreachable"),
     );
-    e.vgr(
-        "pg",
-        "powerstore-group",
-        json!({"matchLabels": {"app": "pg"}}),
-        "primary",
-    );
+    e.vgr("pg", "powerstore-group", "pg", "primary");
     let ctl = start(e.ctx(fast()).await);
-    until("degraded", || {
-        let (s, _) = e.vgr_status("pg");
-        cond(&s.replication, "Degraded")
-            .is_some_and(|(st, _, m)| st == "True" && m.contains("remote system unreachable"))
-    })
-    .await;
+    e.degraded(VGR, "pg", "remote system unreachable").await;
     let (s, g) = e.vgr_status("pg");
     assert!(!ramen_accepts_primary(&s.replication, g));
     assert!(
@@ -1332,11 +1258,7 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
             &json!({"metadata": {"annotations": {"replication.cbt.io/dell-actions": null}}}),
         )
         .unwrap();
-    until("primary", || {
-        let (s, g) = e.vgr_status("pg");
-        ramen_accepts_primary(&s.replication, g)
-    })
-    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(
         verbs,
@@ -1347,4 +1269,403 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
         ]
     );
     ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// VolumeGroupReplicationContent
+// ---------------------------------------------------------------------------
+
+impl Env {
+    /// A PV of `driver` with CSI handle `handle`, and `pvc` bound to it.
+    fn bound_pvc(&self, pvc: &str, class: &str, driver: &str, handle: &str, labels: Value) {
+        self.bind(pvc, driver, handle);
+        self.fake
+            .create(json!({
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                "metadata": {"name": pvc, "namespace": NS, "labels": labels},
+                "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                         "volumeName": format!("pv-{pvc}"),
+                         "resources": {"requests": {"storage": "1Gi"}}},
+            }))
+            .unwrap();
+    }
+
+    /// Creates the PV `pv-<pvc>` (the PVC, if it exists, is pointed at it).
+    fn bind(&self, pvc: &str, driver: &str, handle: &str) {
+        self.fake
+            .create(json!({
+                "apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": format!("pv-{pvc}")},
+                "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                         "csi": {"driver": driver, "volumeHandle": handle}},
+            }))
+            .unwrap();
+        if self.get("v1", "PersistentVolumeClaim", pvc).is_some() {
+            self.fake
+                .merge_patch(
+                    "v1",
+                    "PersistentVolumeClaim",
+                    NS,
+                    pvc,
+                    &json!({"spec": {"volumeName": format!("pv-{pvc}")}}),
+                )
+                .unwrap();
+        }
+    }
+
+    fn content(&self, name: &str) -> Option<Value> {
+        self.fake
+            .get(VR_API, "VolumeGroupReplicationContent", "", name)
+    }
+
+    fn handles(&self, name: &str) -> Vec<String> {
+        self.content(name).map_or_else(Vec::new, |c| {
+            serde_json::from_value(c["spec"]["source"]["volumeHandles"].clone()).unwrap()
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.bound_pvc(
+        "pg-wal",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_wal",
+        json!({"app": "pg"}),
+    );
+    e.bound_pvc(
+        "pg-data",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_data",
+        json!({"app": "pg"}),
+    );
+    // Pending: no handle yet, so not in the content until bound.
+    e.pvc("pg-config", "ontap", json!({"app": "pg"}));
+    e.vgr("pg", "trident-group", "pg", "primary");
+    let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
+    let uid = vgr["metadata"]["uid"].as_str().unwrap().to_string();
+    let name = format!("vgrcontent-{uid}");
+    let ctl = start(e.ctx(fast()).await);
+    until("group primary with its content", || {
+        let (s, g) = e.vgr_status("pg");
+        ramen_accepts_primary(&s.replication, g) && e.content(&name).is_some()
+    })
+    .await;
+    let c = e.content(&name).unwrap();
+    assert_eq!(
+        c["metadata"]["annotations"]["replication.storage.openshift.io/volumegroupref"],
+        "app/pg"
+    );
+    assert_eq!(
+        c["metadata"]["annotations"]["replication.storage.openshift.io/provisioned-by"],
+        TRIDENT
+    );
+    assert_eq!(
+        c["metadata"]["finalizers"],
+        json!(["replication.storage.openshift.io/vgr-protection"])
+    );
+    assert_eq!(c["metadata"]["labels"][OWNER_UID_LABEL], uid.as_str());
+    let r = &c["spec"]["volumeGroupReplicationRef"];
+    assert_eq!(
+        (&r["kind"], &r["name"], &r["namespace"], &r["uid"]),
+        (
+            &json!("VolumeGroupReplication"),
+            &json!("pg"),
+            &json!(NS),
+            &json!(uid)
+        )
+    );
+    assert_eq!(r["apiVersion"], VR_API);
+    assert_eq!(c["spec"]["provisioner"], TRIDENT);
+    assert_eq!(
+        c["spec"]["volumeGroupReplicationClassName"],
+        "trident-group"
+    );
+    assert_eq!(c["spec"]["volumeGroupReplicationHandle"], "");
+    assert_eq!(e.handles(&name), ["svm0:vol_data", "svm0:vol_wal"]);
+    // The group names its content, in the spec and the annotation, as csi-addons leaves it.
+    let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
+    assert_eq!(
+        vgr["spec"]["volumeGroupReplicationContentName"],
+        name.as_str()
+    );
+    assert_eq!(
+        vgr["metadata"]["annotations"]["replication.storage.openshift.io/volume-group-replication-content-name"],
+        name.as_str()
+    );
+
+    // A member is bound, another leaves: the handles follow.
+    e.bind("pg-config", TRIDENT, "svm0:vol_config");
+    until("three handles", || {
+        e.handles(&name) == ["svm0:vol_config", "svm0:vol_data", "svm0:vol_wal"]
+    })
+    .await;
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {"app": null}}}),
+        )
+        .unwrap();
+    until("wal left", || {
+        e.handles(&name) == ["svm0:vol_config", "svm0:vol_data"]
+    })
+    .await;
+    e.accepted(VGR, "pg", PRIMARY).await;
+
+    // A restart finds everything in place: nothing is written to the content again.
+    ctl.kill();
+    let rv = e.content(&name).unwrap()["metadata"]["resourceVersion"].clone();
+    let ctx = e.ctx(fast()).await;
+    let out = reconcile_once(&ctx, SubjectKind::Group, NS, "pg")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::Converged);
+    assert_eq!(e.content(&name).unwrap()["metadata"]["resourceVersion"], rv);
+    assert_eq!(
+        e.fake.list(VR_API, "VolumeGroupReplicationContent").len(),
+        1
+    );
+
+    // Deleting the group deletes its content (our finalizer released) before the group goes.
+    let ctl = start(ctx);
+    e.fake
+        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
+        .unwrap();
+    until("group and content gone", || {
+        e.get(VR_API, "VolumeGroupReplication", "pg").is_none() && e.content(&name).is_none()
+    })
+    .await;
+    ctl.stop().await;
+}
+
+#[tokio::test]
+async fn a_content_name_taken_by_another_group_is_left_alone() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.bound_pvc(
+        "pg-data",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_data",
+        json!({"app": "pg"}),
+    );
+    let taken = json!({
+        "apiVersion": VR_API, "kind": "VolumeGroupReplicationContent",
+        "metadata": {"name": "shared"},
+        "spec": {"provisioner": TRIDENT, "volumeGroupReplicationClassName": "trident-group",
+                 "volumeGroupReplicationHandle": "grp-1",
+                 "volumeGroupReplicationRef": {"kind": "VolumeGroupReplication",
+                     "name": "other", "namespace": "elsewhere", "uid": "0000-other"},
+                 "source": {"volumeHandles": ["svm0:vol_other"]}},
+    });
+    e.fake.create(taken).unwrap();
+    e.vgr_with(
+        "pg",
+        "trident-group",
+        "pg",
+        "primary",
+        json!({"volumeGroupReplicationContentName": "shared"}),
+    );
+    let before = e.content("shared").unwrap();
+    let ctl = start(e.ctx(fast()).await);
+    until("warning event", || {
+        e.events().iter().any(|(o, r, m)| {
+            o == "pg" && r == "VolumeGroupReplicationContentTaken" && m.contains("elsewhere/other")
+        })
+    })
+    .await;
+    assert_eq!(e.content("shared").unwrap(), before);
+    e.fake
+        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
+        .unwrap();
+    until("group gone", || {
+        e.get(VR_API, "VolumeGroupReplication", "pg").is_none()
+    })
+    .await;
+    assert_eq!(e.content("shared").unwrap(), before);
+    ctl.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Triggers
+// ---------------------------------------------------------------------------
+
+fn reconciles(m: &Metrics) -> u64 {
+    [
+        "converged",
+        "in_progress",
+        "conflict",
+        "rejected",
+        "not_converging",
+        "error",
+        "not_served",
+        "gone",
+    ]
+    .iter()
+    .map(|r| m.reconcile_count("VolumeReplication", r))
+    .sum()
+}
+
+/// A converged VR is reconciled again for a spec change or a change of its PVC, not for a
+/// status write (ours, mostly), nor for a change of another PVC.
+#[tokio::test]
+async fn only_spec_changes_and_its_own_pvc_trigger_a_reconcile() {
+    let e = env().await;
+    trident_env_classes(&e);
+    e.trident_volume("data", "primary", "svm1:trident_app_data");
+    e.pvc("other", "ontap", json!({}));
+    let mut config = fast();
+    config.resync = Duration::from_secs(3600);
+    let metrics = Arc::new(Metrics::default());
+    let ctx = Arc::new(Context::new(
+        e.client_as(None).await,
+        "test",
+        config,
+        metrics.clone(),
+        Leadership::always(),
+    ));
+    let ctl = start(ctx);
+    e.accepted(VR, "data", PRIMARY).await;
+    // Settled: nothing is scheduled before the resync.
+    let quiet = || async {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        reconciles(&metrics)
+    };
+    let mut n = quiet().await;
+    while quiet().await != n {
+        n = reconciles(&metrics);
+    }
+    let (mut status, _) = e.vr_status("data");
+    status.message = "touched by hand".into();
+    e.fake.set_status(
+        VR_API,
+        "VolumeReplication",
+        NS,
+        "data",
+        serde_json::to_value(&status).unwrap(),
+    );
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "other",
+            &json!({"metadata": {"labels": {"touched": "yes"}}}),
+        )
+        .unwrap();
+    assert_eq!(
+        quiet().await,
+        n,
+        "a status write or another PVC triggered it"
+    );
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "data",
+            &json!({"metadata": {"labels": {"touched": "yes"}}}),
+        )
+        .unwrap();
+    until("its PVC triggered it", || reconciles(&metrics) > n).await;
+    let n = quiet().await;
+    e.desire(VR, "data", "secondary");
+    e.accepted(VR, "data", SECONDARY).await;
+    assert!(reconciles(&metrics) > n);
+    ctl.stop().await;
+}
+
+/// Deleting a PowerStore group releases its PVCs and its content, and leaves Dell's RG (and the
+/// replication it runs) alone: no verb, no delete.
+#[tokio::test]
+async fn dell_deletion_releases_the_group_and_leaves_the_rg() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg("rg-pg", true, "SYNCHRONIZED", &["pg-data", "pg-wal"]);
+    e.vgr("pg", "powerstore-group", "pg", "primary");
+    let ctl = start(e.ctx(fast()).await);
+    e.accepted(VGR, "pg", PRIMARY).await;
+    let content = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["spec"]
+        ["volumeGroupReplicationContentName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(e.content(&content).is_some());
+    e.fake
+        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
+        .unwrap();
+    until("group gone", || {
+        e.get(VR_API, "VolumeGroupReplication", "pg").is_none()
+    })
+    .await;
+    assert!(e.content(&content).is_none());
+    let rg = e.get(RG_API, "DellCSIReplicationGroup", "rg-pg").unwrap();
+    assert_eq!(rg["spec"]["action"], "");
+    assert_eq!(
+        rg["status"]["replicationLinkState"]["state"],
+        "SYNCHRONIZED"
+    );
+    assert!(e.fake.replication().unwrap().dell_actions().is_empty());
+    for p in ["pg-data", "pg-wal"] {
+        let pvc = e.get("v1", "PersistentVolumeClaim", p).unwrap();
+        assert!(
+            pvc["metadata"]["annotations"]
+                .get(PVC_VGR_ANNOTATION)
+                .is_none()
+        );
+        assert!(
+            pvc["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+        );
+    }
+    ctl.stop().await;
+}
+
+/// A group whose spec names its content `""` (set, so immutable): the content gets the
+/// default name, the annotation names it, and the group converges (no endless rewrite).
+#[tokio::test]
+async fn an_empty_content_name_in_the_spec_gets_the_default_name() {
+    let e = env().await;
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    e.bound_pvc(
+        "pg-data",
+        "ontap",
+        TRIDENT,
+        "svm0:vol_data",
+        json!({"app": "pg"}),
+    );
+    e.vgr_with(
+        "pg",
+        "trident-group",
+        "pg",
+        "primary",
+        json!({"volumeGroupReplicationContentName": ""}),
+    );
+    let uid = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ctx = e.ctx(fast()).await;
+    let ctl = start(ctx.clone());
+    e.accepted(VGR, "pg", PRIMARY).await;
+    let name = format!("vgrcontent-{uid}");
+    assert_eq!(e.handles(&name), ["svm0:vol_data"]);
+    let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
+    assert_eq!(
+        vgr["metadata"]["annotations"]["replication.storage.openshift.io/volume-group-replication-content-name"],
+        name.as_str()
+    );
+    ctl.stop().await;
+    let out = reconcile_once(&ctx, SubjectKind::Group, NS, "pg")
+        .await
+        .unwrap();
+    assert_eq!(out.result, Verdict::Converged);
 }

@@ -8,7 +8,8 @@ use cbt_k8s::replication::translate::conditions::{self, ReportKind, reasons, typ
 use cbt_k8s::replication::translate::dell::{self, LEDGER_ANNOTATION, Ledger};
 use cbt_k8s::replication::translate::trident::{self, LAST_APPLIED_ANNOTATION};
 use cbt_k8s::replication::translate::{
-    CLASS_ANNOTATION, OWNER_ANNOTATION, PVC_REMOTE_HANDLE_ANNOTATION,
+    CLASS_ANNOTATION, OWNER_ANNOTATION, PVC_PROMOTED_SNAPSHOT_ANNOTATION,
+    PVC_REMOTE_HANDLE_ANNOTATION,
 };
 use cbt_k8s::replication::types::*;
 use cbt_k8s::replication::*;
@@ -94,6 +95,7 @@ fn pvc(name: &str, driver: &str, labels: &[(&str, &str)], annotations: &[(&str, 
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         driver: Some(driver.into()),
+        finalizers: Vec::new(),
     }
 }
 
@@ -527,6 +529,75 @@ fn trident_demoting_a_promoted_volume_reestablishes_it() {
         p.events
             .iter()
             .any(|e| e.message.contains("overwrites its local data"))
+    );
+}
+
+/// Planned failover on the destination: promoting with the snapshot the PVC annotation names
+/// (the last one replicated) sends it as `promotedSnapshotHandle`; once promoted it is kept.
+#[test]
+fn trident_planned_promotion_sends_the_snapshot_handle_of_the_pvc_annotation() {
+    let s = vol(&vr("db", ReplicationState::Primary, false, ""));
+    let tmr = our_tmr(
+        &s,
+        "db",
+        MirrorState::Established,
+        MirrorStatusState::Established,
+    );
+    let snap = "snapshot-4f2a/svm0:trident_app_db";
+    let r = req(
+        s.clone(),
+        trident_class(),
+        vec![pvc(
+            "db",
+            TRIDENT,
+            &[],
+            &[(PVC_PROMOTED_SNAPSHOT_ANNOTATION, snap)],
+        )],
+    );
+    let p = plan(
+        &r,
+        &Observed::Trident(TridentObserved {
+            relationships: vec![tmr],
+            updates: vec![],
+        }),
+    )
+    .expect("plan");
+    let [BackendWrite::Patch { patch, .. }] = p.writes.as_slice() else {
+        panic!("{:?}", p.writes)
+    };
+    assert_eq!(patch["spec"]["state"], "promoted");
+    assert_eq!(
+        patch["spec"]["volumeMappings"][0]["promotedSnapshotHandle"],
+        snap
+    );
+    // Without the annotation: an unplanned promotion (no snapshot handle).
+    let r = req(
+        s.clone(),
+        trident_class(),
+        vec![pvc("db", TRIDENT, &[], &[])],
+    );
+    let tmr = our_tmr(
+        &s,
+        "db",
+        MirrorState::Established,
+        MirrorStatusState::Established,
+    );
+    let p = plan(
+        &r,
+        &Observed::Trident(TridentObserved {
+            relationships: vec![tmr],
+            updates: vec![],
+        }),
+    )
+    .expect("plan");
+    let [BackendWrite::Patch { patch, .. }] = p.writes.as_slice() else {
+        panic!("{:?}", p.writes)
+    };
+    assert_eq!(
+        patch["spec"]["volumeMappings"][0]["promotedSnapshotHandle"]
+            .as_str()
+            .unwrap_or(""),
+        ""
     );
 }
 

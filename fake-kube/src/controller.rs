@@ -38,6 +38,7 @@ pub(crate) fn reconcile(
     backend: &SharedBackend,
     faults: &Faults,
     driver: &str,
+    scan: &mut ProvisionerScan,
 ) -> bool {
     let mut changed = false;
     changed |= sidecar(store, backend, faults, driver);
@@ -46,7 +47,7 @@ pub(crate) fn reconcile(
     changed |= if backend.data_dir().is_some() {
         crate::volumes::reconcile(store, backend, driver)
     } else {
-        provisioner(store, driver)
+        provisioner(store, driver, scan)
     };
     changed
 }
@@ -354,15 +355,60 @@ fn dynamic_snapshot(
     true
 }
 
-fn provisioner(store: &mut Store, driver: &str) -> bool {
-    let mut changed = false;
-    // Only unbound claims restoring a snapshot are copied: a pass over many idle PVCs is cheap.
+/// What the snapshot provisioner has looked at: claims restoring a snapshot that are not bound
+/// yet, and the store's resourceVersion up to which changed claims were added to them.
+#[derive(Default)]
+pub(crate) struct ProvisionerScan {
+    seen_rv: Option<u64>,
+    waiting: std::collections::BTreeSet<(String, String)>,
+}
+
+/// A claim the provisioner has to act on: restoring a snapshot, not bound yet.
+fn restores_unbound(pvc: &Value) -> bool {
     // The data source first: most claims have none, and that lookup fails fastest.
-    let todo = store.list_where(&PVCS, None, |pvc| {
-        pvc["spec"].get("dataSource").is_some()
-            && s(pvc, &["spec", "dataSource", "kind"]) == Some("VolumeSnapshot")
-            && s(pvc, &["status", "phase"]) != Some("Bound")
-    });
+    pvc["spec"].get("dataSource").is_some()
+        && s(pvc, &["spec", "dataSource", "kind"]) == Some("VolumeSnapshot")
+        && s(pvc, &["status", "phase"]) != Some("Bound")
+}
+
+fn provisioner(store: &mut Store, driver: &str, scan: &mut ProvisionerScan) -> bool {
+    let mut changed = false;
+    // A pass looks at the claims changed since the last one plus those still waiting for their
+    // snapshot: what changed, not every PVC (a full list only when the change log no longer
+    // reaches back, or on the first pass).
+    let key = |o: &Value| {
+        (
+            s(o, &["metadata", "namespace"]).unwrap_or("").to_string(),
+            s(o, &["metadata", "name"]).unwrap_or("").to_string(),
+        )
+    };
+    let now = store.resource_version();
+    let fresh: Option<Vec<(String, String)>> = scan
+        .seen_rv
+        .and_then(|rv| store.changes_since(rv))
+        .map(|events| {
+            events
+                .filter(|e| e.rt.plural == PVCS.plural && e.kind != "DELETED")
+                .filter(|e| restores_unbound(&e.object))
+                .map(|e| key(&e.object))
+                .collect()
+        });
+    match fresh {
+        Some(keys) => scan.waiting.extend(keys),
+        None => {
+            scan.waiting = store
+                .list_where(&PVCS, None, restores_unbound)
+                .iter()
+                .map(key)
+                .collect();
+        }
+    }
+    scan.seen_rv = Some(now);
+    let todo: Vec<Value> = std::mem::take(&mut scan.waiting)
+        .into_iter()
+        .filter_map(|(ns, name)| store.get(&PVCS, &ns, &name).ok())
+        .filter(restores_unbound)
+        .collect();
     for pvc in todo {
         // Only this cluster's driver provisions, and only for classes it is the provisioner of;
         // any other PVC stays Pending, as with a real external-provisioner.
@@ -370,6 +416,8 @@ fn provisioner(store: &mut Store, driver: &str) -> bool {
             .and_then(|c| store.get(&STORAGE_CLASSES, "", c).ok())
             .and_then(|c| s(&c, &["provisioner"]).map(str::to_string));
         if class_driver.as_deref() != Some(driver) {
+            // Its class may yet appear (or be this driver's): keep looking at it.
+            scan.waiting.insert(key(&pvc));
             if pvc["status"].is_null() {
                 let (ns, name) = (
                     s(&pvc, &["metadata", "namespace"])
@@ -406,6 +454,9 @@ fn provisioner(store: &mut Store, driver: &str) -> bool {
         let uid = s(&pvc, &["metadata", "uid"]).unwrap_or("").to_string();
         let request = pvc["spec"]["resources"]["requests"]["storage"].clone();
         let modes = pvc["spec"]["accessModes"].clone();
+        if !matches!(ready_size, Some(size) if requested >= size) {
+            scan.waiting.insert((ns.clone(), name.clone()));
+        }
         changed |= store.controller_update(&PVCS, &ns, &name, |o| match ready_size {
             Some(size) if requested >= size => {
                 o["spec"]["volumeName"] = json!(format!("pv-{uid}"));

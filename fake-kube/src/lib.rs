@@ -451,6 +451,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, stop: watch::Rece
 }
 
 async fn controller_loop(state: Arc<State>) {
+    let mut scan = controller::ProvisionerScan::default();
     loop {
         tokio::select! {
             _ = state.changed.notified() => {}
@@ -470,8 +471,13 @@ async fn controller_loop(state: Arc<State>) {
                 }
                 None => false,
             };
-            let snapshots =
-                controller::reconcile(&mut store, &state.backend, &state.faults, &state.driver);
+            let snapshots = controller::reconcile(
+                &mut store,
+                &state.backend,
+                &state.faults,
+                &state.driver,
+                &mut scan,
+            );
             if !(kubelet::reconcile(&state, &mut store) | snapshots | crds | replicated) {
                 break;
             }

@@ -402,6 +402,29 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Every `(api group, resource[/subresource], verb)` the roles grant, spelled as written
+    /// (wildcards stay `*`): compare with what an access log used to prove a manifest minimal.
+    pub fn grants(&self) -> std::collections::BTreeSet<(String, String, String)> {
+        let mut out = std::collections::BTreeSet::new();
+        for rule in self.roles.iter().flat_map(|r| &r.rules) {
+            for g in &rule.api_groups {
+                for r in &rule.resources {
+                    for v in &rule.verbs {
+                        out.insert((g.clone(), r.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether any rule grants a wildcard group, resource or verb.
+    pub fn has_wildcards(&self) -> bool {
+        self.grants()
+            .iter()
+            .any(|(g, r, v)| g.contains('*') || r.contains('*') || v.contains('*'))
+    }
+
     /// Adds the objects of another policy (e.g. a second manifest file).
     pub fn merge(mut self, other: Policy) -> Self {
         self.roles.extend(other.roles);

@@ -22,8 +22,16 @@
 //!
 //! Link changes per verb (this side): `FAILOVER_REMOTE` -> not source, `FAILEDOVER`;
 //! `UNPLANNED_FAILOVER_LOCAL` -> source, `FAILEDOVER`; `REPROTECT_LOCAL` -> source,
-//! `SYNCHRONIZED`; `SUSPEND` -> `SUSPENDED`; `RESUME`, `SYNC` -> `SYNCHRONIZED`. The peer
-//! cluster's RG is not moved: a second fake cluster has its own RG.
+//! `SYNCHRONIZED`; `SUSPEND` -> `SUSPENDED`; `RESUME`, `SYNC` -> `SYNCHRONIZED`.
+//!
+//! Two fake clusters whose sims are joined by [`ReplicationSim::pair_dell`] share one
+//! PowerStore pair: a verb that succeeds on one side also moves the peer's RG (the one whose
+//! `spec.protectionGroupId` is this RG's `spec.remoteProtectionGroupId`), as Dell's sidecar on
+//! the peer reports the array's link on its next poll: `FAILOVER_REMOTE` -> peer source,
+//! `FAILEDOVER`; `FAILOVER_LOCAL`, `UNPLANNED_FAILOVER_LOCAL` -> peer not source, `FAILEDOVER`;
+//! `REPROTECT_LOCAL` -> peer not source, `SYNCHRONIZED`; `SUSPEND`, `RESUME`, `SYNC` -> the same
+//! link state on the peer. Only the link state moves there: the peer ran no verb, so its
+//! `lastAction` and `spec.action` stay. Unpaired, the peer is not simulated.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -77,12 +85,27 @@ struct SimState {
     /// A knob changed: look at every object once (a cleared fault affects objects that did
     /// not change).
     rescan: bool,
+    /// The paired cluster's inbox ([`ReplicationSim::pair_dell`]).
+    peer: Option<Inbox>,
 }
+
+/// A link change the paired cluster's array made, for this cluster's RG of protection group
+/// `protection_group`.
+#[derive(Clone, Debug)]
+struct PeerMove {
+    protection_group: String,
+    is_source: Option<bool>,
+    link: String,
+}
+
+type Inbox = Arc<Mutex<Vec<PeerMove>>>;
 
 /// Timing and fault knobs of the simulated replication backends, shared with the test.
 #[derive(Clone, Default)]
 pub struct ReplicationSim {
     inner: Arc<Mutex<SimState>>,
+    /// Link changes from the paired cluster, applied on the next pass.
+    inbox: Inbox,
 }
 
 impl ReplicationSim {
@@ -155,6 +178,14 @@ impl ReplicationSim {
         self.knob().dell_paused = paused;
     }
 
+    /// Joins this cluster's simulated PowerStore to `peer`'s: from now on a verb that succeeds
+    /// on one side also moves the other side's RG of the same protection-group pair (see the
+    /// module docs).
+    pub fn pair_dell(&self, peer: &ReplicationSim) {
+        self.lock().peer = Some(peer.inbox.clone());
+        peer.lock().peer = Some(self.inbox.clone());
+    }
+
     /// Every Dell verb the sidecar picked up, as (RG name, verb), in order.
     pub fn dell_actions(&self) -> Vec<(String, String)> {
         self.lock().dell_history.clone()
@@ -196,6 +227,7 @@ pub(crate) fn reconcile(
         changed |= mirror_updates(store, rt, todo);
     }
     if let Some(rt) = find("dellcsireplicationgroups") {
+        changed |= peer_moves(store, rt, sim);
         let todo = candidates(store, rt, since, sim);
         changed |= dell(store, rt, sim, todo);
     }
@@ -346,6 +378,53 @@ fn mirror_updates(
     changed
 }
 
+/// Applies the paired cluster's link changes to the RGs of their protection groups.
+fn peer_moves(store: &mut Store, rt: &'static ResourceType, sim: &ReplicationSim) -> bool {
+    let moves = std::mem::take(&mut *sim.inbox.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut changed = false;
+    for mv in moves {
+        let names: Vec<String> = store
+            .iter_type(rt)
+            .filter(|o| {
+                text(o, &["spec", "driverName"]) == DELL_DRIVER
+                    && text(o, &["spec", "protectionGroupId"]) == mv.protection_group
+            })
+            .map(|o| text(o, &["metadata", "name"]).to_string())
+            .collect();
+        let at = rfc3339_now();
+        for name in names {
+            changed |= store.controller_update(rt, "", &name, |o| {
+                let was = o["status"]["replicationLinkState"]["isSource"]
+                    .as_bool()
+                    .unwrap_or(false);
+                o["status"]["replicationLinkState"] = json!({
+                    "state": mv.link,
+                    "isSource": mv.is_source.unwrap_or(was),
+                    "lastSuccessfulUpdate": at,
+                });
+            });
+        }
+    }
+    changed
+}
+
+/// What a verb that succeeded on one side does to the paired side's link.
+fn peer_move(action: &str, remote_pg: &str) -> Option<PeerMove> {
+    let (is_source, link) = match action {
+        "FAILOVER_REMOTE" => (Some(true), "FAILEDOVER"),
+        "UNPLANNED_FAILOVER_LOCAL" | "FAILOVER_LOCAL" => (Some(false), "FAILEDOVER"),
+        "REPROTECT_LOCAL" => (Some(false), "SYNCHRONIZED"),
+        "SUSPEND" => (None, "SUSPENDED"),
+        "RESUME" | "SYNC" => (None, "SYNCHRONIZED"),
+        _ => return None,
+    };
+    (!remote_pg.is_empty()).then(|| PeerMove {
+        protection_group: remote_pg.to_string(),
+        is_source,
+        link: link.to_string(),
+    })
+}
+
 fn dell(
     store: &mut Store,
     rt: &'static ResourceType,
@@ -412,6 +491,12 @@ fn dell(
                 format!("Action {action} succeeded")
             }
         };
+        if failure.is_none()
+            && let Some(mv) = peer_move(&action, text(&rg, &["spec", "remoteProtectionGroupId"]))
+            && let Some(peer) = sim.lock().peer.clone()
+        {
+            peer.lock().unwrap_or_else(|p| p.into_inner()).push(mv);
+        }
         let error = failure.clone().unwrap_or_default();
         let annotation = json!({
             "name": action.to_ascii_lowercase(),

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod replication;
+
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;

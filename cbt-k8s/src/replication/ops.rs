@@ -404,8 +404,9 @@ pub async fn set_state(
     let owner = format!("{}/{namespace}/{name}", kind.kind());
     let view =
         |c: kube::Error| Error::api(cluster, "list", "TridentMirrorRelationship", namespace, c);
+    let rgs = |c: kube::Error| Error::api(cluster, "list", "DellCSIReplicationGroup", "", c);
     let mut before = backend_view(client, namespace, &uid).await.map_err(view)?;
-    before.extend(dell_view(client, &owner).await.map_err(view)?);
+    before.extend(dell_view(client, &owner).await.map_err(rgs)?);
     let patch = json!({"spec": {"replicationState": desired.to_string()}});
     let pp = PatchParams::default();
     let generation = match kind {
@@ -469,7 +470,7 @@ pub async fn set_state(
             };
             if done {
                 let mut after = backend_view(client, namespace, &uid).await.map_err(view)?;
-                after.extend(dell_view(client, &owner).await.map_err(view)?);
+                after.extend(dell_view(client, &owner).await.map_err(rgs)?);
                 let mut changes = Vec::new();
                 for (k, v) in &after {
                     match before.get(k) {

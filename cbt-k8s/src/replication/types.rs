@@ -42,6 +42,10 @@ pub const PVC_VR_ANNOTATION: &str = "replication.storage.openshift.io/volume-rep
 /// PVC annotation csi-addons sets to the VolumeGroupReplication that owns the PVC.
 pub const PVC_VGR_ANNOTATION: &str =
     "replication.storage.openshift.io/volume-group-replication-name";
+/// Finalizer csi-addons puts on the PVC of a VolumeReplication (we do the same).
+pub const PVC_VR_FINALIZER: &str = "replication.storage.openshift.io/pvc-protection";
+/// Finalizer csi-addons puts on the PVCs of a VolumeGroupReplication (we do the same).
+pub const PVC_VGR_FINALIZER: &str = "replication.storage.openshift.io/vgr-protection";
 /// Class parameter prefix csi-addons reserves for itself (never sent to a driver).
 pub const RESERVED_PARAMETER_PREFIX: &str = "replication.storage.openshift.io/";
 
@@ -337,26 +341,40 @@ pub struct VolumeReplicationSpec {
     pub replication_handle: String,
 }
 
-/// `spec` of a VolumeReplicationClass (cluster scoped): which driver, with which parameters.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "replication.storage.openshift.io",
-    version = "v1alpha1",
-    kind = "VolumeReplicationClass",
-    plural = "volumereplicationclasses",
-    shortname = "vrc",
-    schema = "disabled",
-    derive = "PartialEq"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeReplicationClassSpec {
-    /// CSI driver name (immutable).
-    pub provisioner: String,
-    /// Driver parameters (immutable). `Some(empty)` and `None` differ: the CRD
-    /// forbids adding or removing the map later, so its presence is kept.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parameters: Option<BTreeMap<String, String>>,
+/// Defines a class kind of csi-addons (VolumeReplicationClass and VolumeGroupReplicationClass
+/// have the same shape).
+macro_rules! replication_class {
+    ($(#[$doc:meta])* $spec:ident, $kind:tt, $plural:tt, $short:tt) => {
+        $(#[$doc])*
+        #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
+        #[kube(
+            group = "replication.storage.openshift.io",
+            version = "v1alpha1",
+            kind = $kind,
+            plural = $plural,
+            shortname = $short,
+            schema = "disabled",
+            derive = "PartialEq"
+        )]
+        #[serde(rename_all = "camelCase")]
+        pub struct $spec {
+            /// CSI driver name (immutable).
+            pub provisioner: String,
+            /// Driver parameters (immutable). `Some(empty)` and `None` differ: the CRD
+            /// forbids adding or removing the map later, so its presence is kept.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub parameters: Option<BTreeMap<String, String>>,
+        }
+    };
 }
+
+replication_class!(
+    /// `spec` of a VolumeReplicationClass (cluster scoped): which driver, with which parameters.
+    VolumeReplicationClassSpec,
+    "VolumeReplicationClass",
+    "volumereplicationclasses",
+    "vrc"
+);
 
 // ---------------------------------------------------------------------------
 // csi-addons: VolumeGroupReplication, its class and content
@@ -425,25 +443,13 @@ pub struct VolumeGroupReplicationStatus {
     pub persistent_volume_claims_ref_list: Vec<LocalObjectReference>,
 }
 
-/// `spec` of a VolumeGroupReplicationClass (cluster scoped).
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[kube(
-    group = "replication.storage.openshift.io",
-    version = "v1alpha1",
-    kind = "VolumeGroupReplicationClass",
-    plural = "volumegroupreplicationclasses",
-    shortname = "vgrc",
-    schema = "disabled",
-    derive = "PartialEq"
-)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeGroupReplicationClassSpec {
-    /// CSI driver name (immutable).
-    pub provisioner: String,
-    /// Driver parameters (immutable; presence kept as for [`VolumeReplicationClassSpec`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parameters: Option<BTreeMap<String, String>>,
-}
+replication_class!(
+    /// `spec` of a VolumeGroupReplicationClass (cluster scoped).
+    VolumeGroupReplicationClassSpec,
+    "VolumeGroupReplicationClass",
+    "volumegroupreplicationclasses",
+    "vgrc"
+);
 
 /// `spec` of a VolumeGroupReplicationContent (cluster scoped): the backend group.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq)]

@@ -24,6 +24,7 @@
 //!   new read. A 410 on a watch makes kube-runtime's watcher list again.
 //! - Nothing is written to a backend for a rejected subject.
 
+pub mod content;
 pub mod leader;
 pub mod metrics;
 pub mod process;
@@ -54,10 +55,10 @@ use super::translate::{
     plan,
 };
 use super::types::{
-    DellCSIReplicationGroup, PVC_VGR_ANNOTATION, PVC_VR_ANNOTATION, ReplicatedState,
-    TridentActionMirrorUpdate, TridentMirrorRelationship, VolumeGroupReplication,
-    VolumeGroupReplicationClass, VolumeReplication, VolumeReplicationClass,
-    VolumeReplicationStatus,
+    DellCSIReplicationGroup, PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION,
+    PVC_VR_FINALIZER, ReplicatedState, TridentActionMirrorUpdate, TridentMirrorRelationship,
+    VolumeGroupReplication, VolumeGroupReplicationClass, VolumeGroupReplicationContent,
+    VolumeReplication, VolumeReplicationClass, VolumeReplicationStatus,
 };
 use crate::Error;
 use crate::error::ns_name;
@@ -414,6 +415,37 @@ async fn reconcile_with(
             });
         }
     }
+    let mut events = the_plan.events.clone();
+    if let (Object::Group(vgr), Some(class), true) = (
+        &obj,
+        req.class.as_ref(),
+        the_plan.rejection.is_none() && backend.is_some_and(|b| b != Backend::CephRbd),
+    ) {
+        let handles = reader
+            .volume_handles(&req.subject.namespace, &member_names, &class.provisioner)
+            .await?;
+        if let Some(want) = content::desired(vgr, &class.provisioner, handles) {
+            match content::apply(ctx, vgr, subject_rv.as_deref(), &want).await? {
+                content::Applied::Done => {}
+                content::Applied::Foreign(message) => {
+                    events.push(super::translate::Event {
+                        type_: EventType::Warning,
+                        reason: "VolumeGroupReplicationContentTaken".into(),
+                        message,
+                    });
+                }
+                // The group's generation moved (its spec now names the content): the status
+                // is computed by the reconcile that change triggers, from a fresh read.
+                content::Applied::GroupChanged | content::Applied::Conflict => {
+                    return Ok(Outcome {
+                        result: Verdict::Conflict,
+                        plan: the_plan,
+                        requeue: Some(ctx.config.conflict_retry),
+                    });
+                }
+            }
+        }
+    }
     for w in &the_plan.writes {
         if !execute(ctx, &req.subject, w).await? {
             return Ok(Outcome {
@@ -423,7 +455,6 @@ async fn reconcile_with(
             });
         }
     }
-    let mut events = the_plan.events.clone();
     // Ceph: csi-addons owns the status.
     let ours = backend != Some(Backend::CephRbd);
     let mut result = classify(&the_plan, &req.subject.status);
@@ -596,8 +627,16 @@ async fn remove_finalizer(ctx: &Context, obj: &Object, kind: SubjectKind) -> Res
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    let patch =
+    let mut patch =
         json!({"metadata": {"finalizers": finalizers, "resourceVersion": meta.resource_version}});
+    // The content is gone: the group no longer names it (as csi-addons' content controller).
+    if meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(content::VGR_CONTENT_ANNOTATION))
+    {
+        patch["metadata"]["annotations"] = json!({content::VGR_CONTENT_ANNOTATION: null});
+    }
     Ok(patch_subject(ctx, kind, meta, &patch).await?.is_some())
 }
 
@@ -690,15 +729,18 @@ async fn claim_pvcs(ctx: &Context, req: &Request, members: &[String]) -> Result<
     let (key, _) = owner_annotation(s.kind);
     let me = s.csi_addons_owner();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
+    let finalizer = pvc_finalizer(s.kind);
     for pvc in &req.pvcs {
         let has = pvc.annotations.get(key) == Some(&me);
+        let protected = pvc.finalizers.iter().any(|f| f == finalizer);
         let member = members.contains(&pvc.name);
         let value = match (member, has) {
             (true, false) => Value::String(me.clone()),
+            (true, true) if !protected => Value::String(me.clone()),
             (false, true) => Value::Null,
             _ => continue,
         };
-        if !patch_pvc(ctx, &api, &s.namespace, &pvc.name, key, value).await? {
+        if !patch_pvc(ctx, &api, &s.namespace, &pvc.name, s.kind, value).await? {
             return Ok(false);
         }
     }
@@ -711,21 +753,25 @@ async fn release_pvcs(ctx: &Context, reader: Reader<'_>, s: &Subject) -> Result<
     let me = s.csi_addons_owner();
     let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &s.namespace);
     for name in reader.pvcs_annotated(&s.namespace, key, &me).await? {
-        if !patch_pvc(ctx, &api, &s.namespace, &name, key, Value::Null).await? {
+        if !patch_pvc(ctx, &api, &s.namespace, &name, s.kind, Value::Null).await? {
             return Ok(false);
         }
     }
     Ok(true)
 }
 
+/// Claims (`value` the owner) or releases (`value` null) a PVC as csi-addons does: the owner
+/// annotation and the protection finalizer of `kind`.
 async fn patch_pvc(
     ctx: &Context,
     api: &Api<PersistentVolumeClaim>,
     ns: &str,
     name: &str,
-    key: &str,
+    kind: SubjectKind,
     value: Value,
 ) -> Result<bool, Error> {
+    let (key, _) = owner_annotation(kind);
+    let finalizer = pvc_finalizer(kind);
     // Guarded by the resourceVersion we read, so two objects cannot both claim one PVC.
     let current = match api.get_opt(name).await {
         Ok(Some(p)) => p,
@@ -740,10 +786,19 @@ async fn patch_pvc(
             ));
         }
     };
-    let patch = json!({"metadata": {
+    let mut finalizers = current.metadata.finalizers.clone().unwrap_or_default();
+    let before = finalizers.len();
+    finalizers.retain(|f| f != finalizer);
+    if !value.is_null() {
+        finalizers.push(finalizer.to_string());
+    }
+    let mut patch = json!({"metadata": {
         "annotations": {key: value},
         "resourceVersion": current.metadata.resource_version,
     }});
+    if finalizers.len() != before || !value.is_null() {
+        patch["metadata"]["finalizers"] = json!(finalizers);
+    }
     match api
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
@@ -758,6 +813,14 @@ async fn patch_pvc(
             ns_name(ns, name),
             e,
         )),
+    }
+}
+
+/// The finalizer csi-addons puts on a PVC claimed by a subject of `kind`.
+fn pvc_finalizer(kind: SubjectKind) -> &'static str {
+    match kind {
+        SubjectKind::Volume => PVC_VR_FINALIZER,
+        SubjectKind::Group => PVC_VGR_FINALIZER,
     }
 }
 
@@ -913,7 +976,12 @@ async fn finish_deletion(
             requeue: Some(delay),
         });
     }
-    if !release_pvcs(ctx, reader, &req.subject).await?
+    let content_released = match obj {
+        Object::Group(vgr) => content::release(ctx, vgr).await?,
+        Object::Volume(_) => true,
+    };
+    if !content_released
+        || !release_pvcs(ctx, reader, &req.subject).await?
         || !remove_finalizer(ctx, obj, req.subject.kind).await?
     {
         return Ok(Outcome {
@@ -1068,16 +1136,119 @@ fn refs_for<K: Resource<DynamicType = ()>>(
     (k == kind.kind()).then(|| ObjectRef::new(&name).within(&ns))
 }
 
+/// What of a csi-addons object triggers a reconcile: its generation (spec changes), the start
+/// of its deletion and its finalizers. Status writes (ours, mostly) and annotation changes do
+/// not; each reconcile schedules its own next look.
+fn spec_or_lifecycle<K: Resource>(obj: &K) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let meta = obj.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    meta.generation.hash(&mut h);
+    meta.deletion_timestamp.is_some().hash(&mut h);
+    meta.finalizers.hash(&mut h);
+    Some(h.finish())
+}
+
+/// A cluster-wide kind the controller watches.
+trait Watched:
+    Resource<DynamicType = ()>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Watched for K where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// PVC (namespace, name) -> the VolumeReplications naming it as data source (immutable), so a
+/// PVC event finds its VRs without looking at every VR. Entries of deleted VRs are dropped
+/// when looked up.
+type PvcIndex = Arc<Mutex<HashMap<(String, String), std::collections::BTreeSet<String>>>>;
+
+/// The trigger stream of a csi-addons kind: a reflector into `writer`, passing objects to
+/// `seen` (before filtering) and on only when [`spec_or_lifecycle`] changes.
+fn subject_stream<K>(
+    api: Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    seen: impl Fn(&K) + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Watched,
+{
+    use kube::runtime::WatchStreamExt;
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .map(move |r| {
+            if let Ok(o) = &r {
+                seen(o);
+            }
+            r
+        })
+        .predicate_filter(spec_or_lifecycle, Default::default())
+}
+
+/// Adds the watches of the backend objects we make (by our label) and of Dell's RGs, mapped
+/// back to the subjects of `kind` that own them.
+fn backend_watches<K>(
+    mut ctl: Controller<K>,
+    client: &kube::Client,
+    kind: SubjectKind,
+    trident: bool,
+    dell: bool,
+) -> Controller<K>
+where
+    K: Watched,
+{
+    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    // Backend kinds are watched only for the backends served: their CRDs may be absent.
+    if trident {
+        ctl = ctl
+            .watches(
+                Api::<TridentMirrorRelationship>::all(client.clone()),
+                ours.clone(),
+                move |o| refs_for(kind, owner_of(&o.metadata)),
+            )
+            .watches(
+                Api::<TridentActionMirrorUpdate>::all(client.clone()),
+                ours,
+                move |o| refs_for(kind, owner_of(&o.metadata)),
+            );
+    }
+    if dell {
+        ctl = ctl.watches(
+            Api::<DellCSIReplicationGroup>::all(client.clone()),
+            watcher::Config::default(),
+            move |o| refs_for(kind, dell_owner(&o)),
+        );
+    }
+    ctl
+}
+
 /// Runs both controllers (VolumeReplication and VolumeGroupReplication) until `shutdown`
 /// resolves.
 ///
 /// # Guarantees
 /// Backend objects, PVCs and classes trigger the subjects they concern through watches
-/// (backend objects by our label, mapped back through the owner annotation); every subject
-/// is also re-read on its own schedule, so a missed event delays but never loses work.
+/// (backend objects by our label, mapped back through the owner annotation; a PVC to the VRs
+/// naming it, through an index, and to the groups whose selector matches it or that claim
+/// it); a subject's own status writes do not trigger it. Every subject is also re-read on its
+/// own schedule, so a missed event delays but never loses work.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send) {
     let client = ctx.client.clone();
-    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mk_stop = |rx: tokio::sync::watch::Receiver<bool>| async move {
         let mut rx = rx;
@@ -1086,96 +1257,122 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
 
     let serves_trident = ctx.config.serves(super::translate::trident::DRIVER);
     let serves_dell = ctx.config.serves(dell::DRIVER);
-    let vr_ctl = Controller::new(
-        Api::<VolumeReplication>::all(client.clone()),
-        watcher::Config::default(),
-    );
-    let vr_store = vr_ctl.store();
-    let mut vr_ctl = vr_ctl;
-    // Backend kinds are watched only for the backends served: their CRDs may be absent.
-    if serves_trident {
-        vr_ctl = vr_ctl
-            .watches(
-                Api::<TridentMirrorRelationship>::all(client.clone()),
-                ours.clone(),
-                |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
-            )
-            .watches(
-                Api::<TridentActionMirrorUpdate>::all(client.clone()),
-                ours.clone(),
-                |o| refs_for(SubjectKind::Volume, owner_of(&o.metadata)),
-            );
-    }
-    if serves_dell {
-        vr_ctl = vr_ctl.watches(
-            Api::<DellCSIReplicationGroup>::all(client.clone()),
-            watcher::Config::default(),
-            |o| refs_for(SubjectKind::Volume, dell_owner(&o)),
-        );
-    }
-    let vr_ctl = vr_ctl
-        .watches(
-            Api::<PersistentVolumeClaim>::all(client.clone()),
-            watcher::Config::default(),
-            move |pvc| {
-                let ns = pvc.namespace();
-                let name = pvc.name_any();
-                vr_store
-                    .state()
-                    .into_iter()
-                    .filter(|vr| {
-                        vr.namespace() == ns
-                            && vr.spec.data_source.kind == "PersistentVolumeClaim"
-                            && vr.spec.data_source.name == name
-                    })
-                    .map(|vr| ObjectRef::from_obj(&*vr))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(mk_stop(stop_rx.clone()));
 
-    let vgr_ctl = Controller::new(
-        Api::<VolumeGroupReplication>::all(client.clone()),
+    let index: PvcIndex = Arc::default();
+    let (vr_store, vr_writer) = kube::runtime::reflector::store();
+    let vr_stream = subject_stream(Api::<VolumeReplication>::all(client.clone()), vr_writer, {
+        let index = index.clone();
+        move |vr: &VolumeReplication| {
+            if vr.spec.data_source.kind == "PersistentVolumeClaim"
+                && vr
+                    .spec
+                    .data_source
+                    .api_group
+                    .as_deref()
+                    .unwrap_or("")
+                    .is_empty()
+            {
+                index
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry((
+                        vr.namespace().unwrap_or_default(),
+                        vr.spec.data_source.name.clone(),
+                    ))
+                    .or_default()
+                    .insert(vr.name_any());
+            }
+        }
+    });
+    let vr_ctl = backend_watches(
+        Controller::for_stream(vr_stream, vr_store.clone()),
+        &client,
+        SubjectKind::Volume,
+        serves_trident,
+        serves_dell,
+    )
+    .watches(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
+        move |pvc| {
+            let ns = pvc.namespace().unwrap_or_default();
+            let key = (ns.clone(), pvc.name_any());
+            let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(names) = index.get_mut(&key) else {
+                return Vec::new();
+            };
+            names.retain(|n| {
+                vr_store
+                    .get(&ObjectRef::<VolumeReplication>::new(n).within(&ns))
+                    .is_some()
+            });
+            let refs: Vec<ObjectRef<VolumeReplication>> = names
+                .iter()
+                .map(|n| ObjectRef::new(n).within(&ns))
+                .collect();
+            if names.is_empty() {
+                index.remove(&key);
+            }
+            refs
+        },
+    )
+    .graceful_shutdown_on(mk_stop(stop_rx.clone()));
+
+    let (vgr_store, vgr_writer) = kube::runtime::reflector::store();
+    let vgr_stream = subject_stream(
+        Api::<VolumeGroupReplication>::all(client.clone()),
+        vgr_writer,
+        |_: &VolumeGroupReplication| {},
     );
-    let vgr_store = vgr_ctl.store();
-    let mut vgr_ctl = vgr_ctl;
-    if serves_trident {
-        vgr_ctl = vgr_ctl
-            .watches(
-                Api::<TridentMirrorRelationship>::all(client.clone()),
-                ours.clone(),
-                |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
-            )
-            .watches(
-                Api::<TridentActionMirrorUpdate>::all(client.clone()),
-                ours,
-                |o| refs_for(SubjectKind::Group, owner_of(&o.metadata)),
-            );
-    }
-    if serves_dell {
-        vgr_ctl = vgr_ctl.watches(
-            Api::<DellCSIReplicationGroup>::all(client.clone()),
-            watcher::Config::default(),
-            |o| refs_for(SubjectKind::Group, dell_owner(&o)),
-        );
-    }
-    let vgr_ctl = vgr_ctl
-        .watches(
-            Api::<PersistentVolumeClaim>::all(client.clone()),
-            watcher::Config::default(),
-            move |pvc| {
-                // Labels decide membership: any PVC change may add or remove a member.
-                let ns = pvc.namespace();
-                vgr_store
-                    .state()
-                    .into_iter()
-                    .filter(|g| g.namespace() == ns)
-                    .map(|g| ObjectRef::from_obj(&*g))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .graceful_shutdown_on(mk_stop(stop_rx));
+    let vgr_ctl = backend_watches(
+        Controller::for_stream(vgr_stream, vgr_store.clone()),
+        &client,
+        SubjectKind::Group,
+        serves_trident,
+        serves_dell,
+    )
+    .watches(
+        Api::<VolumeGroupReplicationContent>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        |c| {
+            // Our contents name their group in the csi-addons annotation.
+            let raw = c
+                .metadata
+                .annotations
+                .as_ref()?
+                .get(content::VGR_REF_ANNOTATION)?;
+            let (ns, name) = raw.split_once('/')?;
+            Some(ObjectRef::<VolumeGroupReplication>::new(name).within(ns))
+        },
+    )
+    .watches(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+        move |pvc| {
+            // Groups it may join (selector matches) or leave (it carries their claim).
+            let ns = pvc.namespace();
+            let labels = pvc.labels();
+            let claim = pvc.annotations().get(PVC_VGR_ANNOTATION);
+            vgr_store
+                .state()
+                .into_iter()
+                .filter(|g| {
+                    g.namespace() == ns
+                        && (super::translate::selector_matches(&g.spec.source.selector, labels)
+                            .unwrap_or(true)
+                            || claim.is_some_and(|c| {
+                                *c == format!(
+                                    "{}/{}",
+                                    g.name_any(),
+                                    g.namespace().unwrap_or_default()
+                                )
+                            }))
+                })
+                .map(|g| ObjectRef::from_obj(&*g))
+                .collect::<Vec<_>>()
+        },
+    )
+    .graceful_shutdown_on(mk_stop(stop_rx));
 
     // Reconciles read from caches, complete before the first one runs.
     let caches = Caches::start(&client, serves_trident);
@@ -1263,6 +1460,11 @@ pub async fn preflight(client: &kube::Client, cluster: &str, config: &Config) ->
     probe!(
         VolumeGroupReplicationClass,
         "volumegroupreplicationclasses.replication.storage.openshift.io",
+        csi_addons
+    );
+    probe!(
+        VolumeGroupReplicationContent,
+        "volumegroupreplicationcontents.replication.storage.openshift.io",
         csi_addons
     );
     if config.serves(super::translate::trident::DRIVER) {

@@ -471,6 +471,38 @@ impl Reader<'_> {
         }
     }
 
+    /// CSI volume handles of the bound members of a group whose PV is of `driver` (members
+    /// still pending have none yet: they join the content when bound).
+    pub(super) async fn volume_handles(
+        &self,
+        ns: &str,
+        members: &[String],
+        driver: &str,
+    ) -> Result<Vec<String>, Error> {
+        let mut out = Vec::with_capacity(members.len());
+        for m in members {
+            let Some(pv_name) = self
+                .pvc(ns, m)
+                .await?
+                .and_then(|p| p.spec)
+                .and_then(|s| s.volume_name)
+                .filter(|n| !n.is_empty())
+            else {
+                continue;
+            };
+            if let Some(csi) = self
+                .pv(&pv_name)
+                .await?
+                .and_then(|p| p.spec)
+                .and_then(|s| s.csi)
+                .filter(|c| c.driver == driver)
+            {
+                out.push(csi.volume_handle);
+            }
+        }
+        Ok(out)
+    }
+
     /// PVCs of `ns` whose annotation `key` is `value` (a released subject's claims).
     pub(super) async fn pvcs_annotated(
         &self,

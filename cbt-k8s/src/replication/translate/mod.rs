@@ -353,6 +353,8 @@ pub struct PvcInfo {
     pub annotations: BTreeMap<String, String>,
     /// CSI driver of the bound PV, or the StorageClass provisioner while pending; None if unknown.
     pub driver: Option<String>,
+    /// Finalizers (csi-addons' protection finalizers of a claimed PVC).
+    pub finalizers: Vec<String>,
 }
 
 impl PvcInfo {
@@ -363,6 +365,7 @@ impl PvcInfo {
             labels: pvc.metadata.labels.clone().unwrap_or_default(),
             annotations: pvc.metadata.annotations.clone().unwrap_or_default(),
             driver,
+            finalizers: pvc.metadata.finalizers.clone().unwrap_or_default(),
         }
     }
 }
