@@ -142,6 +142,25 @@ async fn full_incremental_and_restore_stay_within_their_request_budgets() {
     assert_eq!(second.stats.objects_written, 2, "{:?}", second.stats);
     assert!(incr.total() <= 18, "{incr:?}");
 
+    // A full backup of what is stored already uploads nothing new: a head per chunk (the
+    // misses of the backups before do not carry over to a new process).
+    let (s3, _) = connect(&server).await;
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let (third, again) = counted(&s3, async {
+        let repo = Repository::open(store.clone()).await.unwrap();
+        let source = Arc::new(FileSource::open(&src).unwrap());
+        let req = request("pvc", "three", BackupMode::Full { allocated: None }, 3);
+        engine::backup(&repo, source, req, &engine_opts())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(third.stats.objects_written, 0, "{:?}", third.stats);
+    assert_eq!(third.stats.bytes_uploaded, 0, "{:?}", third.stats);
+    assert!(again.put <= 3, "{again:?}");
+    assert!(again.head <= CHUNKS + 2, "{again:?}");
+    assert!(again.total() <= CHUNKS + 20, "{again:?}");
+
     // Restore: one get per chunk and one listing to check they are all there, not a head each.
     let (s3, _) = connect(&server).await;
     let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());

@@ -248,6 +248,8 @@ const BLIND_PUT_AFTER_MISSES: u64 = 8;
 /// nothing stored, and a `head` per chunk then doubles the requests (on S3, the server work
 /// too); a full backup of data already stored finds almost everything, and the `head` saves
 /// an upload per chunk. Runs of either are long, so the recent past predicts the next chunk.
+/// It starts out asking: a backup resumed after a failure, or a full backup of data already
+/// stored, then uploads nothing twice.
 #[derive(Debug, Default)]
 struct DedupHint {
     /// Chunk puts in a row that found no stored copy.
