@@ -367,10 +367,24 @@ pub struct SeaweedServer {
     port: u16,
 }
 
+/// A free port whose gRPC companion (SeaweedFS listens on port + 10000 too) is a valid port:
+/// with the usual ephemeral range (32768-60999) about one server start in two used to die on
+/// "invalid port".
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    for _ in 0..1000 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        if port <= u16::MAX - 10_000 {
+            return Ok(port);
+        }
+    }
+    // The system hands out only high ports: take one from the low range directly.
+    for port in 20_000..=u16::MAX - 10_000 {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other("no free port below 55536"))
 }
 
 impl SeaweedServer {
@@ -407,6 +421,10 @@ impl SeaweedServer {
             .arg(format!("-master.port={}", free_port()?))
             .arg(format!("-volume.port={}", free_port()?))
             .arg(format!("-filer.port={}", free_port()?))
+            // On by default on fixed ports (8181, 9101): a second SeaweedFS on the machine (a
+            // benchmark, another test) would make this one exit.
+            .arg("-s3.port.iceberg=0")
+            .arg("-s3.port.lance=0")
             .arg("-ip=127.0.0.1")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

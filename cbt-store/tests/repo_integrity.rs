@@ -560,3 +560,44 @@ async fn init_twice_and_open_empty() {
         RepoError::Core(CoreError::InvalidChunkSize { .. })
     ));
 }
+
+#[tokio::test]
+async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy() {
+    let fx = Fixture::new().await;
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+
+    // A damaged copy of a chunk is already stored (another size: a torn or altered object).
+    let victim = chunk::encode(&noise(500, 3000), 1);
+    let key = chunk::chunk_key(&victim.chunk.hash);
+    fx.store
+        .put(&key, Bytes::from_static(b"not a chunk"), PutMode::Overwrite)
+        .await
+        .unwrap();
+
+    // New chunks: asked for first until enough of them in a row were missing.
+    for i in 0..20 {
+        let put = repo
+            .put_chunk(chunk::encode(&noise(600 + i, 3000), 1))
+            .await
+            .unwrap();
+        assert!(put.uploaded);
+    }
+    let heads = faulty.calls(Op::Head);
+    assert!(heads < 10, "a head for each of 20 new chunks: {heads}");
+
+    // Created directly, refused, found damaged, replaced by the intact copy.
+    let put = repo.put_chunk(victim.clone()).await.unwrap();
+    assert!(put.uploaded);
+    assert_eq!(put.chunk, victim.chunk);
+    let stored = fx.store.get(&key).await.unwrap();
+    assert_eq!(stored, victim.body);
+
+    // A chunk found stored brings the heads back: an intact copy is not uploaded again.
+    faulty.reset_counts();
+    let again = repo.put_chunk(victim.clone()).await.unwrap();
+    assert!(!again.uploaded);
+    let put_calls = faulty.calls(Op::Put);
+    assert_eq!(put_calls, 0, "the stored chunk was sent again");
+}

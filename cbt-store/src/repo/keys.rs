@@ -262,6 +262,7 @@ impl Repository {
             config,
             codec: Codec::sealed(Arc::new(keys)),
             slot,
+            dedup: Arc::default(),
         })
     }
 

@@ -15,8 +15,8 @@
 //! locks/exclusive                  held by prune / gc
 //! locks/shared/<lock id>           one per running backup (and restore, when it may write)
 //! locks/keys                       held while key slots are added or removed
-//! .cbt-probe/<id>                  S3 only: the connect-time conditional-write probe, deleted
-//!                                  right after (see crate::store::s3)
+//! .cbt-probe/conditional-writes    S3 only: the connect-time conditional-write probe's
+//!                                  marker, kept, hidden from listings (see crate::store::s3)
 //! keys/<slot id>                   encrypted repositories only: key slots (see crate::crypto)
 //! ```
 //! # Encryption
@@ -234,6 +234,44 @@ pub struct Repository {
     codec: Codec,
     /// The key slot whose password opened this repository, if any.
     slot: Option<String>,
+    /// Shared by clones: whether chunk puts have lately been finding their chunk stored.
+    dedup: Arc<DedupHint>,
+}
+
+/// After this many chunk puts in a row found no stored copy, [`Repository::put_chunk`] stops
+/// asking first and creates directly (a refused create says the chunk was stored after all).
+const BLIND_PUT_AFTER_MISSES: u64 = 8;
+
+/// Whether asking for a chunk before uploading it has lately been paying off.
+///
+/// A backup of new data (any first full, the changed chunks of an incremental) finds almost
+/// nothing stored, and a `head` per chunk then doubles the requests (on S3, the server work
+/// too); a full backup of data already stored finds almost everything, and the `head` saves
+/// an upload per chunk. Runs of either are long, so the recent past predicts the next chunk.
+/// It starts out asking: a backup resumed after a failure, or a full backup of data already
+/// stored, then uploads nothing twice.
+#[derive(Debug, Default)]
+struct DedupHint {
+    /// Chunk puts in a row that found no stored copy.
+    misses: std::sync::atomic::AtomicU64,
+}
+
+impl DedupHint {
+    fn ask_first(&self) -> bool {
+        self.misses.load(std::sync::atomic::Ordering::Relaxed) < BLIND_PUT_AFTER_MISSES
+    }
+
+    fn record(&self, found_stored: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if found_stored {
+            self.misses.store(0, Relaxed);
+        } else {
+            // Saturating: the count only needs to pass the threshold.
+            let _ = self
+                .misses
+                .fetch_update(Relaxed, Relaxed, |m| Some(m.saturating_add(1)));
+        }
+    }
 }
 
 /// Key of a snapshot's manifest.
@@ -309,6 +347,7 @@ impl Repository {
                 config,
                 codec,
                 slot,
+                dedup: Arc::default(),
             }),
             PutOutcome::AlreadyExists => {
                 let existing = read_config(store.as_ref()).await?;
@@ -333,6 +372,7 @@ impl Repository {
             config,
             codec: Codec::plain(),
             slot: None,
+            dedup: Arc::default(),
         })
     }
 
@@ -701,9 +741,11 @@ impl Repository {
     /// Hold a shared lock ([`Repository::lock_shared`]) until the manifest referencing the
     /// chunk is committed: an unreferenced chunk is garbage to GC.
     ///
-    /// A `head` comes first so existing chunks cost no upload; a missing chunk is written with
-    /// `IfAbsent`. An existing object whose size differs from this encoding is fetched and
-    /// checked; if it is damaged it is replaced by this (verified-by-construction) copy.
+    /// While chunk puts keep finding their chunk stored, a `head` comes first so existing
+    /// chunks cost no upload; after a run of new chunks the `head` is skipped (see
+    /// [`DedupHint`]). A missing chunk is written with `IfAbsent`. An existing object whose
+    /// size differs from this encoding is fetched and checked; if it is damaged (or gone) it
+    /// is replaced by this (verified-by-construction) copy.
     ///
     /// # Errors
     /// Store errors, with the chunk key.
@@ -716,55 +758,58 @@ impl Repository {
             crc32c: Some(encoded.body_crc32c),
             defer_sync: true,
         };
-        if let Some(meta) = self
-            .store
-            .head(&key)
-            .await
-            .map_err(|e| RepoError::store(ctx("checking"), e))?
-        {
-            if let Some(existing) = self.existing_chunk(&key, meta.size, &encoded).await? {
-                return Ok(ChunkPut {
-                    chunk: existing,
-                    uploaded: false,
-                });
-            }
+        let stored_size = if self.dedup.ask_first() {
             self.store
-                .put_with(&key, encoded.body, chunk_put(PutMode::Overwrite))
+                .head(&key)
                 .await
-                .map_err(|e| RepoError::store(ctx("repairing"), e))?;
-            return Ok(ChunkPut {
-                chunk: encoded.chunk,
-                uploaded: true,
-            });
-        }
-        match self
-            .store
-            .put_with(&key, encoded.body.clone(), chunk_put(PutMode::IfAbsent))
-            .await
-            .map_err(|e| RepoError::store(ctx("uploading"), e))?
-        {
-            PutOutcome::Created => Ok(ChunkPut {
-                chunk: encoded.chunk,
-                uploaded: true,
-            }),
-            PutOutcome::AlreadyExists => {
-                // Lost a race with another writer of the same content; use what it stored.
-                let size = self
+                .map_err(|e| RepoError::store(ctx("checking"), e))?
+                .map(|m| m.size)
+        } else {
+            None
+        };
+        // `None` from here on: a refused create found nothing left to check (deleted since).
+        let stored_size = match stored_size {
+            Some(size) => Some(size),
+            None => match self
+                .store
+                .put_with(&key, encoded.body.clone(), chunk_put(PutMode::IfAbsent))
+                .await
+                .map_err(|e| RepoError::store(ctx("uploading"), e))?
+            {
+                PutOutcome::Created => {
+                    self.dedup.record(false);
+                    return Ok(ChunkPut {
+                        chunk: encoded.chunk,
+                        uploaded: true,
+                    });
+                }
+                // Stored after all (skipped `head`, or another writer of the same content
+                // won a race): use what is stored if it is intact (and still there).
+                PutOutcome::AlreadyExists => self
                     .store
                     .head(&key)
                     .await
                     .map_err(|e| RepoError::store(ctx("checking"), e))?
-                    .map_or(encoded.chunk.stored_size, |m| m.size);
-                let chunk = self
-                    .existing_chunk(&key, size, &encoded)
-                    .await?
-                    .unwrap_or(encoded.chunk);
-                Ok(ChunkPut {
-                    chunk,
-                    uploaded: false,
-                })
-            }
+                    .map(|m| m.size),
+            },
+        };
+        self.dedup.record(true);
+        if let Some(size) = stored_size
+            && let Some(existing) = self.existing_chunk(&key, size, &encoded).await?
+        {
+            return Ok(ChunkPut {
+                chunk: existing,
+                uploaded: false,
+            });
         }
+        self.store
+            .put_with(&key, encoded.body, chunk_put(PutMode::Overwrite))
+            .await
+            .map_err(|e| RepoError::store(ctx("repairing"), e))?;
+        Ok(ChunkPut {
+            chunk: encoded.chunk,
+            uploaded: true,
+        })
     }
 
     /// The reference of an already stored chunk, or `None` if the stored copy is damaged.
@@ -851,9 +896,18 @@ impl Repository {
     }
 }
 
-/// Above this many distinct chunks, [`Repository::check_chunks_stored`] lists `chunks/` once
-/// instead of asking for each chunk (a listing page covers 1000 chunks).
-const HEAD_CHECK_LIMIT: usize = 1024;
+/// What one listing page of up to 1000 chunks costs, in single-chunk `head` requests (server
+/// work and round trips, measured on SeaweedFS: a page of 1000 about as much as 50 heads).
+/// [`Repository::check_chunks_stored`] lists while that is the cheaper way.
+const HEADS_PER_LIST_PAGE: usize = 32;
+
+/// Where `hash` falls in the hash space, from 0 to 1: chunk names are uniformly spread, so a
+/// listing that reached it has covered about that fraction of the chunks.
+fn hash_fraction(hash: &ChunkHash) -> f64 {
+    let mut top = [0_u8; 8];
+    top.copy_from_slice(&hash.0[..8]);
+    u64::from_be_bytes(top) as f64 / 18_446_744_073_709_551_616.0
+}
 
 /// One chunk reference to check, with where it sits (for the error).
 #[derive(Debug, Clone, Copy)]
@@ -869,8 +923,8 @@ pub struct ChunkAt {
 impl Repository {
     /// Checks that every chunk in `refs` is stored with its recorded size, before a caller
     /// commits to using them (a restore before its first write, a backup before it commits).
-    /// Asks for each distinct chunk (`concurrency` at a time) when there are few, lists
-    /// `chunks/` once when there are many.
+    /// Lists `chunks/` while a listing page costs less than asking for the chunks it would
+    /// answer for, and asks for the rest one by one (`concurrency` at a time).
     ///
     /// # Errors
     /// [`RepoError::ChunkMissing`] / [`RepoError::ChunkCorrupt`] (wrong size) for the first
@@ -885,9 +939,60 @@ impl Repository {
         for (i, r) in refs.iter().enumerate() {
             distinct.entry(r.chunk.hash).or_insert(i);
         }
-        let sizes: BTreeMap<ChunkHash, Option<u64>> = if distinct.len() <= HEAD_CHECK_LIMIT {
+        // Listing `chunks/` in key order answers for every chunk up to the last key listed;
+        // once the listing looks dearer than asking for the chunks left (estimated from how
+        // much of the uniformly spread hash space the pages so far covered), those are asked
+        // for one by one. Memory follows `refs`, not the size of the repository.
+        let mut sizes: BTreeMap<ChunkHash, Option<u64>> =
+            distinct.keys().map(|h| (*h, None)).collect();
+        let mut unresolved: Vec<ChunkHash> = Vec::new();
+        if distinct.len() < HEADS_PER_LIST_PAGE {
+            unresolved.extend(distinct.keys().copied());
+        } else {
+            let mut continuation = None;
+            let mut pages = 0_usize;
+            loop {
+                let page = self
+                    .store
+                    .list_page("chunks/", continuation.take())
+                    .await
+                    .map_err(|e| RepoError::store("listing chunks/", e))?;
+                pages += 1;
+                let mut last = None;
+                for o in &page.objects {
+                    if let Some(h) = chunk::parse_chunk_key(&o.key) {
+                        if let Some(slot) = sizes.get_mut(&h) {
+                            *slot = Some(o.size);
+                        }
+                        last = Some(h);
+                    }
+                }
+                let Some(next) = page.next else { break };
+                // Chunks after the last key listed are still open.
+                let open = match last {
+                    Some(l) => sizes.range(l..).skip(1).count(),
+                    None => sizes.len(),
+                };
+                let covered = last.map_or(0.0, |l| hash_fraction(&l));
+                let pages_left = if covered > 0.0 {
+                    pages as f64 / covered - pages as f64
+                } else {
+                    f64::INFINITY
+                };
+                if open == 0 || pages_left * HEADS_PER_LIST_PAGE as f64 > open as f64 {
+                    if let Some(l) = last {
+                        unresolved.extend(sizes.range(l..).skip(1).map(|(h, _)| *h));
+                    } else {
+                        unresolved.extend(sizes.keys().copied());
+                    }
+                    break;
+                }
+                continuation = Some(next);
+            }
+        }
+        if !unresolved.is_empty() {
             let store = &self.store;
-            futures::stream::iter(distinct.keys().copied())
+            let found: Vec<(ChunkHash, Option<u64>)> = futures::stream::iter(unresolved)
                 .map(|hash| async move {
                     let key = chunk::chunk_key(&hash);
                     store
@@ -898,32 +1003,9 @@ impl Repository {
                 })
                 .buffer_unordered(concurrency.max(1))
                 .try_collect()
-                .await?
-        } else {
-            // Page by page, keeping only the chunks asked about: memory follows `refs`, not
-            // the size of the repository.
-            let mut sizes: BTreeMap<ChunkHash, Option<u64>> =
-                distinct.keys().map(|h| (*h, None)).collect();
-            let mut continuation = None;
-            loop {
-                let page = self
-                    .store
-                    .list_page("chunks/", continuation.take())
-                    .await
-                    .map_err(|e| RepoError::store("listing chunks/", e))?;
-                for o in &page.objects {
-                    if let Some(slot) =
-                        chunk::parse_chunk_key(&o.key).and_then(|h| sizes.get_mut(&h))
-                    {
-                        *slot = Some(o.size);
-                    }
-                }
-                match page.next {
-                    Some(next) => continuation = Some(next),
-                    None => break sizes,
-                }
-            }
-        };
+                .await?;
+            sizes.extend(found);
+        }
         for r in refs {
             let key = chunk::chunk_key(&r.chunk.hash);
             match sizes.get(&r.chunk.hash).copied().flatten() {

@@ -29,7 +29,7 @@ use bytes::Bytes;
 pub use local::LocalStore;
 pub use retry::{RetryPolicy, RetryingStore};
 #[cfg(feature = "s3")]
-pub use s3::{ConditionalWrites, S3Config, S3Store};
+pub use s3::{ConditionalWrites, RequestCounts, S3Config, S3Store};
 
 /// User-facing S3 settings shared by every bucket a program opens (flags, config file).
 ///

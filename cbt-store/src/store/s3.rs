@@ -16,21 +16,27 @@
 //! Create-if-absent ([`PutMode::IfAbsent`], S3 `If-None-Match: *`) is what keeps locks
 //! exclusive and snapshots immutable, and not every S3-compatible server honours it: some
 //! ignore the header and overwrite. [`S3Store::connect`] therefore probes the server (when
-//! `check_on_connect` is on): it creates a scratch object under `.cbt-probe/` with the
-//! condition, writes it again with the condition (which must be refused), and reads it back
-//! (which must return the first body: conditional writes honoured, reads after writes
-//! consistent), then deletes it. On a server that fails, every `IfAbsent` put is refused with
-//! [`StoreError::ConditionalWritesUnsupported`] naming the server; reads (restore, verify,
-//! list) keep working. Credentials that may not write (a read-only restore) leave the answer
-//! [`ConditionalWrites::Unknown`] and change nothing.
+//! `check_on_connect` is on): after a one-key listing (the bucket exists, the credentials
+//! work) it creates a marker object, [`PROBE_KEY`], with the condition, and keeps it: on every
+//! later connect a server that honours the condition refuses to create it again (one
+//! request). The first creation writes it twice (the second must be refused) and reads it
+//! back (a read right after a write must see the first body). On a server that fails, every
+//! `IfAbsent` put is refused with [`StoreError::ConditionalWritesUnsupported`] naming the
+//! server; reads (restore, verify, list) keep working. Credentials that may not write (a
+//! read-only restore) leave the answer [`ConditionalWrites::Unknown`] and change nothing.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::config::{
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, CompletedMultipartUpload, CompletedPart};
@@ -92,7 +98,8 @@ pub struct S3Config {
     pub connect_timeout: Duration,
     /// Use these instead of the AWS credential chain.
     pub credentials: Option<StaticCredentials>,
-    /// Probe the bucket when connecting, so a missing bucket or bad credentials fail early.
+    /// Probe the bucket when connecting (see the module docs), so a missing bucket or bad
+    /// credentials fail early and a server that ignores conditional writes is known.
     pub check_on_connect: bool,
 }
 
@@ -134,8 +141,86 @@ pub enum ConditionalWrites {
     Unknown,
 }
 
-/// Key prefix of the connect-time probe's scratch objects (deleted right after).
-const PROBE_PREFIX: &str = ".cbt-probe";
+/// HTTP requests a [`S3Store`] has sent, by kind (every attempt counts, retries included).
+///
+/// Requests cost round trips and, on a server sharing the machine, its CPU: these counts are
+/// what tests bound and what `RUST_LOG=cbt_store::store::s3=debug` shows request by request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// `PUT` (objects and multipart parts).
+    pub put: u64,
+    /// `GET` of an object (whole or range).
+    pub get: u64,
+    /// `HEAD` of an object.
+    pub head: u64,
+    /// `GET` of a listing.
+    pub list: u64,
+    /// `DELETE`.
+    pub delete: u64,
+    /// Anything else (`POST`: multipart create and complete).
+    pub other: u64,
+}
+
+impl RequestCounts {
+    /// All requests.
+    pub fn total(&self) -> u64 {
+        self.put + self.get + self.head + self.list + self.delete + self.other
+    }
+}
+
+/// Shared by every clone of one store; one slot per [`RequestCounts`] field.
+#[derive(Debug, Default, Clone)]
+struct RequestCounter(Arc<[AtomicU64; 6]>);
+
+impl Intercept for RequestCounter {
+    fn name(&self) -> &'static str {
+        "cbt-request-counter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &BeforeTransmitInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let req = context.request();
+        let uri = req.uri();
+        let query = uri.split_once('?').map_or("", |(_, q)| q);
+        let slot = match req.method() {
+            "PUT" => 0,
+            "GET" if query.split('&').any(|p| p.starts_with("list-type=")) => 3,
+            "GET" => 1,
+            "HEAD" => 2,
+            "DELETE" => 4,
+            _ => 5,
+        };
+        self.0[slot].fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(method = req.method(), %uri, "S3 request");
+        Ok(())
+    }
+}
+
+impl RequestCounter {
+    fn snapshot(&self) -> RequestCounts {
+        let n = |i: usize| self.0[i].load(Ordering::Relaxed);
+        RequestCounts {
+            put: n(0),
+            get: n(1),
+            head: n(2),
+            list: n(3),
+            delete: n(4),
+            other: n(5),
+        }
+    }
+}
+
+/// The connect-time probe's marker object (kept: see [`S3Store::connect`]); listings skip
+/// everything under `.cbt-probe/`, so users of the store never see it.
+pub const PROBE_KEY: &str = ".cbt-probe/conditional-writes";
+/// What listings hide: the probe's marker (and scratch objects older versions left behind).
+const PROBE_DIR: &str = ".cbt-probe/";
+/// Body of [`PROBE_KEY`].
+const PROBE_BODY: &[u8] = b"cbt: conditional-write probe marker\n";
 
 /// [`ObjectStore`] on one S3 bucket and key prefix.
 #[derive(Debug, Clone)]
@@ -146,11 +231,12 @@ pub struct S3Store {
     conditional: ConditionalWrites,
     /// What the probe saw, for the error of a refused write.
     conditional_detail: String,
+    requests: RequestCounter,
 }
 
 impl S3Store {
-    /// Builds the client and, unless `check_on_connect` is off, lists one key to prove the
-    /// bucket exists and the credentials work.
+    /// Builds the client and, unless `check_on_connect` is off, probes the bucket: it exists,
+    /// the credentials work, and conditional writes are honoured (see the module docs).
     ///
     /// # Errors
     /// [`StoreError::BucketNotFound`], [`StoreError::AccessDenied`],
@@ -164,11 +250,23 @@ impl S3Store {
         if !cfg.prefix.is_empty() {
             validate_key(&cfg.prefix)?;
         }
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
+        // A plain-http endpoint (a server on the same host or network) gets a client without
+        // TLS: the TLS one loads the system's root certificates (twice per process, once when
+        // the client is checked and once on first use) for connections that never use them.
+        let plain_http = cfg
+            .endpoint
+            .as_deref()
+            .and_then(|e| e.get(..7))
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"));
+        let http = if plain_http {
+            aws_smithy_http_client::Builder::new().build_http()
+        } else {
+            aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::Ring,
+                ))
+                .build_https()
+        };
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
             .http_client(http)
             .retry_config(RetryConfig::disabled())
@@ -210,8 +308,10 @@ impl S3Store {
                     ),
                 })?;
         }
-        let mut builder =
-            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(cfg.force_path_style);
+        let requests = RequestCounter::default();
+        let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(cfg.force_path_style)
+            .interceptor(requests.clone());
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }
@@ -226,18 +326,10 @@ impl S3Store {
             endpoint_label,
             conditional: ConditionalWrites::Unknown,
             conditional_detail: String::new(),
+            requests,
         };
         if store.cfg.check_on_connect {
-            store
-                .client
-                .list_objects_v2()
-                .bucket(&store.cfg.bucket)
-                .prefix(store.full_key(""))
-                .max_keys(1)
-                .send()
-                .await
-                .map_err(|e| store.classify(Op::List, "", e))?;
-            let (found, detail) = store.probe_conditional_writes().await?;
+            let (found, detail) = store.probe().await?;
             if found == ConditionalWrites::Ignored {
                 tracing::warn!(endpoint = %store.endpoint_label, %detail, "S3 server ignores conditional writes; exclusive writes will be refused");
             }
@@ -252,64 +344,69 @@ impl S3Store {
         self.conditional
     }
 
-    /// Writes a scratch object twice with `If-None-Match: *` and reads it back.
-    async fn probe_conditional_writes(&self) -> Result<(ConditionalWrites, String), StoreError> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let key = format!(
-            "{PROBE_PREFIX}/{:x}-{:x}-{:x}",
-            nanos,
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let (first, second) = (Bytes::from_static(b"first"), Bytes::from_static(b"second"));
-        let put = |body: Bytes| {
+    /// Proves that the bucket exists and the credentials work (a one-key listing: some
+    /// servers, SeaweedFS among them, create a missing bucket on the first write into it), then
+    /// finds out whether the server honours `If-None-Match: *`: two requests once the marker
+    /// exists.
+    ///
+    /// The marker object ([`PROBE_KEY`]) is created with the condition the first time and
+    /// kept. Each later connect creates it again with the condition: a server that honours it
+    /// refuses (`412`), which answers the question in one request; one that ignores it
+    /// accepts, and a second create proves it. The first creation also reads the marker back
+    /// (a read right after a write must see it).
+    async fn probe(&self) -> Result<(ConditionalWrites, String), StoreError> {
+        self.client
+            .list_objects_v2()
+            .bucket(&self.cfg.bucket)
+            .prefix(self.full_key(""))
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.classify(Op::List, "", e))?;
+        let put = || {
+            let body = Bytes::from_static(PROBE_BODY);
             let crc = crc32c::crc32c(&body);
-            self.put_single(&key, body, crc, PutMode::IfAbsent)
+            self.put_single(PROBE_KEY, body, crc, PutMode::IfAbsent)
         };
-        match put(first.clone()).await {
-            Ok(PutOutcome::Created) => {}
-            // No write permission (or a leftover): nothing to learn, nothing to refuse.
+        match put().await {
             Ok(PutOutcome::AlreadyExists) => {
-                return Ok((ConditionalWrites::Unknown, String::new()));
+                return Ok((ConditionalWrites::Honoured, String::new()));
             }
+            Ok(PutOutcome::Created) => {}
             Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
+                // No write permission (a read-only restore): nothing to learn about writes.
                 tracing::debug!(error = %e, "conditional-write probe could not write");
                 return Ok((ConditionalWrites::Unknown, String::new()));
             }
         }
-        let result = async {
-            let again = put(second).await?;
-            let read = match self.get_limited(&key, Some(64)).await {
-                Ok(b) => Some(b),
-                Err(StoreError::NotFound { .. }) => None,
-                Err(e) => return Err(e),
-            };
-            Ok(match (again, read) {
-                (PutOutcome::Created, _) => (
-                    ConditionalWrites::Ignored,
-                    "a second create of the same key was accepted and overwrote the first".into(),
-                ),
-                (_, None) => (
-                    ConditionalWrites::Ignored,
-                    "an object just written could not be read back".into(),
-                ),
-                (_, Some(b)) if b != first => (
-                    ConditionalWrites::Ignored,
-                    "an object read back right after it was written has other contents".into(),
-                ),
-                _ => (ConditionalWrites::Honoured, String::new()),
-            })
-        }
-        .await;
-        if let Err(e) = self.delete(&key).await {
-            tracing::warn!(%key, error = %e, "could not delete the conditional-write probe object");
-        }
-        result
+        // Just created: a second create must be refused, and a read must see the first.
+        let again = put().await?;
+        let read = match self.get_limited(PROBE_KEY, Some(64)).await {
+            Ok(b) => Some(b),
+            Err(StoreError::NotFound { .. }) => None,
+            Err(e) => return Err(e),
+        };
+        Ok(match (again, read) {
+            (PutOutcome::Created, _) => (
+                ConditionalWrites::Ignored,
+                "a second create of the same key was accepted and overwrote the first".into(),
+            ),
+            (_, None) => (
+                ConditionalWrites::Ignored,
+                "an object just written could not be read back".into(),
+            ),
+            (_, Some(b)) if b != PROBE_BODY => (
+                ConditionalWrites::Ignored,
+                "an object read back right after it was written has other contents".into(),
+            ),
+            _ => (ConditionalWrites::Honoured, String::new()),
+        })
+    }
+
+    /// HTTP requests sent so far by this store and its clones, the connect probes included.
+    pub fn request_counts(&self) -> RequestCounts {
+        self.requests.snapshot()
     }
 
     /// Bucket this store writes to.
@@ -886,6 +983,9 @@ impl ObjectStore for S3Store {
             .iter()
             .filter_map(|o| {
                 let key = self.strip_prefix(o.key()?)?;
+                if key.starts_with(PROBE_DIR) {
+                    return None;
+                }
                 Some(ObjectMeta {
                     key: key.to_string(),
                     size: o.size().unwrap_or(0).max(0) as u64,

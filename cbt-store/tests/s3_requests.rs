@@ -1,0 +1,179 @@
+//! Requests per operation on S3, counted by the real client against the in-process server:
+//! each request is a round trip and, on a server sharing the machine, its CPU. The bounds are
+//! what a command costs today, as the `cbt` binary makes it (connect, open, lock, back up or
+//! restore); a change that adds requests per chunk or per command fails here.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+mod engine_support;
+
+use std::sync::Arc;
+
+use cbt_core::RangeSet;
+use cbt_store::engine::{self, BackupMode, EngineOptions, FileSource};
+use cbt_store::repo::Repository;
+use cbt_store::store::s3::{PROBE_KEY, RequestCounts, S3Store};
+use cbt_store::store::{ConditionalWrites, ObjectStore, list_all};
+use cbt_store::testing::S3TestServer;
+use engine_support::*;
+
+/// Chunks of the test volume (all allocated: random data, none repeated).
+const CHUNKS: u64 = 40;
+
+/// What `f` cost in requests on `store` (and every clone of it).
+async fn counted<T>(
+    store: &S3Store,
+    f: impl std::future::Future<Output = T>,
+) -> (T, RequestCounts) {
+    let before = store.request_counts();
+    let out = f.await;
+    let after = store.request_counts();
+    let d = RequestCounts {
+        put: after.put - before.put,
+        get: after.get - before.get,
+        head: after.head - before.head,
+        list: after.list - before.list,
+        delete: after.delete - before.delete,
+        other: after.other - before.other,
+    };
+    (out, d)
+}
+
+/// A fresh connection, as a new `cbt` process makes it; its requests are counted too.
+async fn connect(server: &S3TestServer) -> (S3Store, RequestCounts) {
+    let cfg = server.config("bkt", "repo");
+    let store = S3Store::connect(cfg).await.unwrap();
+    let counts = store.request_counts();
+    (store, counts)
+}
+
+fn engine_opts() -> EngineOptions {
+    EngineOptions {
+        transfers: 4,
+        ..opts()
+    }
+}
+
+#[tokio::test]
+async fn a_connect_costs_two_requests_once_the_probe_marker_exists() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    // First connect to a prefix: listing, create, refused create, read back.
+    let (first, c) = connect(&server).await;
+    assert_eq!(first.conditional_writes(), ConditionalWrites::Honoured);
+    assert_eq!(c.total(), 4, "{c:?}");
+    // Every later one: the listing and one refused create.
+    for _ in 0..2 {
+        let (store, c) = connect(&server).await;
+        assert_eq!(store.conditional_writes(), ConditionalWrites::Honoured);
+        assert_eq!(
+            c,
+            RequestCounts {
+                put: 1,
+                list: 1,
+                ..RequestCounts::default()
+            }
+        );
+    }
+    // The marker is the store's own: listings do not show it, but it is there.
+    assert!(list_all(&first, "").await.unwrap().is_empty());
+    assert!(
+        server
+            .object_path("bkt", &format!("repo/{PROBE_KEY}"))
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn full_incremental_and_restore_stay_within_their_request_budgets() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    let (setup, _) = connect(&server).await;
+    init(Arc::new(setup)).await;
+    let fx = Fixture::new().await; // only for its temp dir
+    let mut img = noise(7, (CHUNKS * CS) as usize);
+    let src = fx.write("d.img", &img);
+
+    // Full: one put per chunk; asking for each chunk first stops after a few misses.
+    let (s3, connect_cost) = connect(&server).await;
+    assert_eq!(connect_cost.total(), 2);
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let (first, full) = counted(&s3, async {
+        let repo = Repository::open(store.clone()).await.unwrap();
+        let source = Arc::new(FileSource::open(&src).unwrap());
+        let req = request("pvc", "one", BackupMode::Full { allocated: None }, 1);
+        engine::backup(&repo, source, req, &engine_opts())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(first.stats.objects_written, CHUNKS, "{:?}", first.stats);
+    // Chunks, one segment, the manifest, the lock; config, lock and manifest reads; the
+    // chunk heads until the misses stop them (at most `transfers` in flight past the point).
+    assert!(full.put <= CHUNKS + 3, "{full:?}");
+    assert!(full.head <= 8 + 4 + 2, "a head per chunk is back: {full:?}");
+    assert_eq!(full.list, 0, "{full:?}");
+    assert!(full.total() <= CHUNKS + 21, "{full:?}");
+
+    // Incremental of 2 changed chunks, as `cbt backup --parent --changed-ranges` makes it.
+    let mut extents = Vec::new();
+    for i in [3_u64, 17] {
+        let at = (i * CS) as usize;
+        img[at..at + 100].copy_from_slice(&noise(i, 100));
+        extents.push((i * CS, 100));
+    }
+    let changed = RangeSet::try_from_extents(extents).unwrap();
+    std::fs::write(&src, &img).unwrap();
+    let (s3, _) = connect(&server).await;
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let (second, incr) = counted(&s3, async {
+        let repo = Repository::open(store.clone()).await.unwrap();
+        let parent = repo.load_head(&vol("pvc"), &snap("one")).await.unwrap();
+        let source = Arc::new(FileSource::open(&src).unwrap());
+        let mode = BackupMode::IncrementalOf {
+            parent: parent.as_parent(),
+            changed,
+        };
+        let req = request("pvc", "two", mode, 2);
+        engine::backup(&repo, source, req, &engine_opts())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(second.stats.objects_written, 2, "{:?}", second.stats);
+    assert!(incr.total() <= 18, "{incr:?}");
+
+    // A full backup of what is stored already uploads nothing new: a head per chunk (the
+    // misses of the backups before do not carry over to a new process).
+    let (s3, _) = connect(&server).await;
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let (third, again) = counted(&s3, async {
+        let repo = Repository::open(store.clone()).await.unwrap();
+        let source = Arc::new(FileSource::open(&src).unwrap());
+        let req = request("pvc", "three", BackupMode::Full { allocated: None }, 3);
+        engine::backup(&repo, source, req, &engine_opts())
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(third.stats.objects_written, 0, "{:?}", third.stats);
+    assert_eq!(third.stats.bytes_uploaded, 0, "{:?}", third.stats);
+    assert!(again.put <= 3, "{again:?}");
+    assert!(again.head <= CHUNKS + 2, "{again:?}");
+    assert!(again.total() <= CHUNKS + 20, "{again:?}");
+
+    // Restore: one get per chunk and one listing to check they are all there, not a head each.
+    let (s3, _) = connect(&server).await;
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let out = fx.path("out.img");
+    let (_, rest) = counted(&s3, async {
+        let repo = Repository::open(store.clone()).await.unwrap();
+        restore_file(&repo, &vol("pvc"), &snap("two"), &out)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert!(std::fs::read(&out).unwrap() == img);
+    assert_eq!(rest.head, 0, "a head per chunk is back: {rest:?}");
+    assert_eq!(rest.list, 1, "{rest:?}");
+    assert!(rest.total() <= CHUNKS + 8, "{rest:?}");
+}
