@@ -19,11 +19,14 @@ use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
 use cbt_k8s::replication::types::{
     PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER,
+    VolumeGroupReplicationContent, VolumeGroupReplicationContentStatus,
     VolumeGroupReplicationStatus, VolumeReplicationStatus,
 };
 use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
 use fake_kube::rbac::UserInfo;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -1323,6 +1326,49 @@ impl Env {
             serde_json::from_value(c["spec"]["source"]["volumeHandles"].clone()).unwrap()
         })
     }
+
+    /// The content's status as (PV ref names, (PV, handle, destination handle) mappings).
+    #[allow(clippy::type_complexity)]
+    fn content_pvs(&self, name: &str) -> (Vec<String>, Vec<(String, String, Option<String>)>) {
+        let Some(c) = self.content(name) else {
+            return (Vec::new(), Vec::new());
+        };
+        let s: VolumeGroupReplicationContentStatus =
+            serde_json::from_value(c["status"].clone()).unwrap_or_default();
+        (
+            s.persistent_volume_ref_list
+                .into_iter()
+                .map(|r| r.name)
+                .collect(),
+            s.persistent_volume_mapping_list
+                .into_iter()
+                .map(|m| (m.name, m.volume_handle, m.destination_volume_handle))
+                .collect(),
+        )
+    }
+}
+
+impl Env {
+    /// Requests that wrote the status of content `name`.
+    fn status_writes(&self, name: &str) -> usize {
+        let path = format!("/volumegroupreplicationcontents/{name}/status");
+        self.fake
+            .requests()
+            .iter()
+            .filter(|r| r.method != "GET" && r.path.ends_with(&path))
+            .count()
+    }
+}
+
+fn pvs(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_string()).collect()
+}
+
+fn mapping(pairs: &[(&str, &str)]) -> Vec<(String, String, Option<String>)> {
+    pairs
+        .iter()
+        .map(|(p, h)| ((*p).to_string(), (*h).to_string(), None))
+        .collect()
 }
 
 #[tokio::test]
@@ -1387,6 +1433,18 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     );
     assert_eq!(c["spec"]["volumeGroupReplicationHandle"], "");
     assert_eq!(e.handles(&name), ["svm0:vol_data", "svm0:vol_wal"]);
+    // The status names the PVs behind the handles, as csi-addons' content controller does.
+    until("content status", || {
+        e.content_pvs(&name)
+            == (
+                pvs(&["pv-pg-data", "pv-pg-wal"]),
+                mapping(&[
+                    ("pv-pg-data", "svm0:vol_data"),
+                    ("pv-pg-wal", "svm0:vol_wal"),
+                ]),
+            )
+    })
+    .await;
     // The group names its content, in the spec and the annotation, as csi-addons leaves it.
     let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
     assert_eq!(
@@ -1400,10 +1458,19 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
 
     // A member is bound, another leaves: the handles follow.
     e.bind("pg-config", TRIDENT, "svm0:vol_config");
-    until("three handles", || {
+    until("three handles and PVs", || {
         e.handles(&name) == ["svm0:vol_config", "svm0:vol_data", "svm0:vol_wal"]
+            && e.content_pvs(&name).0 == pvs(&["pv-pg-config", "pv-pg-data", "pv-pg-wal"])
     })
     .await;
+    // Destination info reported by someone talking to the driver is kept across our writes.
+    let mut st = e.content(&name).unwrap()["status"].clone();
+    st["persistentVolumeMappingList"][1]["destinationVolumeHandle"] = json!("svm1:vol_data");
+    st["destinationVolumeGroupID"] = json!("cg-remote");
+    assert!(
+        e.fake
+            .set_status(VR_API, "VolumeGroupReplicationContent", "", &name, st)
+    );
     e.fake
         .merge_patch(
             "v1",
@@ -1415,19 +1482,55 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
         .unwrap();
     until("wal left", || {
         e.handles(&name) == ["svm0:vol_config", "svm0:vol_data"]
+            && e.content_pvs(&name).0 == pvs(&["pv-pg-config", "pv-pg-data"])
     })
     .await;
     e.accepted(VGR, "pg", PRIMARY).await;
+    assert_eq!(
+        e.content_pvs(&name).1,
+        vec![
+            ("pv-pg-config".into(), "svm0:vol_config".into(), None),
+            (
+                "pv-pg-data".into(),
+                "svm0:vol_data".into(),
+                Some("svm1:vol_data".into())
+            ),
+        ]
+    );
+    assert_eq!(
+        e.content(&name).unwrap()["status"]["destinationVolumeGroupID"],
+        "cg-remote"
+    );
+    // The status is written through the status subresource, which validates it against the
+    // real CRD: an entry without its required volumeHandle is refused there.
+    let contents = Api::<VolumeGroupReplicationContent>::all(e.client_as(None).await);
+    let bad = contents
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"persistentVolumeMappingList": [{"name": "pv-x"}]}})),
+        )
+        .await;
+    assert!(matches!(bad, Err(kube::Error::Api(r)) if r.code == 422));
+    // A converged group writes nothing more: its own status write (which wakes it through
+    // the content watch) starts no loop. Counted as requests: a no-op patch leaves the
+    // resourceVersion alone, so that would not show one.
+    let writes = e.status_writes(&name);
+    assert!(writes >= 3, "{writes} status writes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(e.status_writes(&name), writes);
 
     // A restart finds everything in place: nothing is written to the content again.
     ctl.kill();
     let rv = e.content(&name).unwrap()["metadata"]["resourceVersion"].clone();
+    let writes = e.status_writes(&name);
     let ctx = e.ctx(fast()).await;
     let out = reconcile_once(&ctx, SubjectKind::Group, NS, "pg")
         .await
         .unwrap();
     assert_eq!(out.result, Verdict::Converged);
     assert_eq!(e.content(&name).unwrap()["metadata"]["resourceVersion"], rv);
+    assert_eq!(e.status_writes(&name), writes);
     assert_eq!(
         e.fake.list(VR_API, "VolumeGroupReplicationContent").len(),
         1
