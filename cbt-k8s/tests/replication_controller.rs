@@ -18,7 +18,7 @@ use cbt_k8s::replication::controller::{
 use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
 use cbt_k8s::replication::types::{
-    PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER,
+    PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER, ReplicatedState,
     VolumeGroupReplicationContent, VolumeGroupReplicationContentStatus,
     VolumeGroupReplicationStatus, VolumeReplicationStatus,
 };
@@ -683,6 +683,150 @@ async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sen
         o == "pg" && r == "RequestedAction"
     })
     .await;
+    ctl.stop().await;
+}
+
+/// On PowerStore the protection group is the unit of replication (Dell's sidecar puts every
+/// replicated PVC of the namespace in it and labels it), so the VolumeGroupReplication must
+/// select exactly the PVCs of one RG. What a user sees when a PVC joins or leaves:
+/// - a labelled PVC not (yet) in the protection group: Validated=False PrerequisiteNotMet
+///   naming it and the label, a Warning event, nothing written to the RG; once Dell's sidecar
+///   adds it, the group grows with no verb sent;
+/// - a PVC unselected while still in the protection group: refused the same way (a failover
+///   would move it anyway), the RG untouched; once it leaves the protection group too, the
+///   group shrinks with no verb sent, and its claim is released;
+/// - the next failover is one verb for the group as it now is.
+#[tokio::test]
+async fn dell_pvcs_join_and_leave_a_group() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg("rg-pg", true, "SYNCHRONIZED", &["pg-data", "pg-wal"]);
+    e.vgr("pg", "powerstore-group", "pg", "primary");
+    let sim = e.fake.replication().unwrap();
+    let ctl = start(e.ctx(fast()).await);
+    e.accepted(VGR, "pg", PRIMARY).await;
+    let members = |e: &Env| -> Vec<String> {
+        let mut m: Vec<String> = e
+            .vgr_status("pg")
+            .0
+            .persistent_volume_claims_ref_list
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        m.sort();
+        m
+    };
+    assert_eq!(members(&e), ["pg-data", "pg-wal"]);
+    let rg_before = backend_snapshot(&e);
+    let refused = |e: &Env, needle: &str| {
+        cond(&e.vgr_status("pg").0.replication, "Validated").is_some_and(|(st, r, m)| {
+            st == "False" && r == "PrerequisiteNotMet" && m.contains(needle)
+        })
+    };
+
+    // Joins: the application labels a new PVC before Dell has put it in the protection group.
+    e.pvc("pg-config", "powerstore", json!({"app": "pg"}));
+    until("join refused", || refused(&e, "pg-config")).await;
+    // What RamenDR sees meanwhile: the array's state, the members last accepted, and
+    // Completed=False (nothing is attempted on a group that is not what Dell would move).
+    let (st, _) = e.vgr_status("pg");
+    assert_eq!(st.replication.state, Some(ReplicatedState::Primary));
+    assert_eq!(members(&e), ["pg-data", "pg-wal"]);
+    assert_eq!(
+        cond(&st.replication, "Completed").map(|c| c.0),
+        Some("False")
+    );
+    let (_, _, msg) = cond(&e.vgr_status("pg").0.replication, "Validated")
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .unwrap();
+    assert!(msg.contains(RG_LABEL), "{msg}");
+    e.event("join refused event", |(o, r, m)| {
+        o == "pg" && r == "PrerequisiteNotMet" && m.contains("pg-config")
+    })
+    .await;
+    assert_eq!(backend_snapshot(&e), rg_before);
+    // Dell's sidecar adds it to the protection group: the group takes it, no verb.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-config",
+            &json!({"metadata": {"labels": {RG_LABEL: "rg-pg"}}}),
+        )
+        .unwrap();
+    until("third member", || {
+        members(&e) == ["pg-config", "pg-data", "pg-wal"] && e.accepts(VGR, "pg", PRIMARY)
+    })
+    .await;
+    let config = e.get("v1", "PersistentVolumeClaim", "pg-config").unwrap();
+    assert_eq!(
+        config["metadata"]["annotations"][PVC_VGR_ANNOTATION],
+        format!("pg/{NS}").as_str(),
+        "the new member is claimed (csi-addons' `name/namespace`)"
+    );
+
+    // Leaves: pg-wal is unselected but still in the protection group.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {"app": null}}}),
+        )
+        .unwrap();
+    until("partial group refused", || {
+        refused(&e, "pg-wal") && refused(&e, "rg-pg")
+    })
+    .await;
+    // Still in the protection group, it stays a member (and claimed) until it leaves it.
+    assert_eq!(members(&e), ["pg-config", "pg-data", "pg-wal"]);
+    let wal = e.get("v1", "PersistentVolumeClaim", "pg-wal").unwrap();
+    assert!(
+        wal["metadata"]["annotations"]
+            .get(PVC_VGR_ANNOTATION)
+            .is_some()
+    );
+    e.event("leave refused event", |(o, r, m)| {
+        o == "pg" && r == "PrerequisiteNotMet" && m.contains("pg-wal")
+    })
+    .await;
+    assert_eq!(backend_snapshot(&e), rg_before);
+    // It leaves the protection group too: the group shrinks, its claim is released.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {RG_LABEL: null}}}),
+        )
+        .unwrap();
+    until("pg-wal gone", || {
+        members(&e) == ["pg-config", "pg-data"] && e.accepts(VGR, "pg", PRIMARY)
+    })
+    .await;
+    until("pg-wal released", || {
+        let wal = e.get("v1", "PersistentVolumeClaim", "pg-wal").unwrap();
+        wal["metadata"]["annotations"]
+            .get(PVC_VGR_ANNOTATION)
+            .is_none()
+            && wal["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+    })
+    .await;
+    assert_eq!(backend_snapshot(&e), rg_before);
+    assert!(sim.dell_actions().is_empty(), "{:?}", sim.dell_actions());
+
+    // The group as it now is fails over with one verb.
+    e.desire(VGR, "pg", "secondary");
+    e.accepted(VGR, "pg", SECONDARY).await;
+    assert_eq!(
+        sim.dell_actions(),
+        vec![("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
+    );
     ctl.stop().await;
 }
 
