@@ -488,3 +488,126 @@ pub(super) async fn release(ctx: &Context, vgr: &VolumeGroupReplication) -> Resu
         Err(e) => Err(wrap("patch", e)),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::replication::types::{
+        ReplicationState, VolumeGroupReplicationSource, VolumeGroupReplicationSpec,
+    };
+    use proptest::prelude::*;
+
+    fn group() -> VolumeGroupReplication {
+        let mut g = VolumeGroupReplication::new(
+            "pg",
+            VolumeGroupReplicationSpec {
+                volume_group_replication_class_name: "c".into(),
+                volume_replication_class_name: String::new(),
+                volume_replication_name: None,
+                volume_group_replication_content_name: None,
+                source: VolumeGroupReplicationSource::default(),
+                replication_state: ReplicationState::Primary,
+                auto_resync: false,
+                external: true,
+            },
+        );
+        g.metadata.namespace = Some("app".into());
+        g.metadata.uid = Some("u1".into());
+        g
+    }
+
+    /// `found` as the API returns it after `status` was merge-patched in.
+    fn stored(
+        want: &VolumeGroupReplicationContent,
+        patch: &Value,
+    ) -> VolumeGroupReplicationContent {
+        let mut found = want.clone();
+        found.metadata.resource_version = Some("7".into());
+        let mut v = serde_json::to_value(&found).unwrap();
+        v["status"] = patch["status"].clone();
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn volume() -> impl Strategy<Value = MemberVolume> {
+        ("pv-[a-e]", "h[a-e]").prop_map(|(pv, handle)| MemberVolume { pv, handle })
+    }
+
+    #[test]
+    fn a_new_content_gets_its_status_written_once() {
+        let vols = vec![
+            MemberVolume {
+                pv: "pv-wal".into(),
+                handle: "h2".into(),
+            },
+            MemberVolume {
+                pv: "pv-data".into(),
+                handle: "h1".into(),
+            },
+        ];
+        let want = desired(&group(), "d", &vols).unwrap();
+        // As created: the API server dropped the status.
+        let mut created = want.clone();
+        created.status = None;
+        created.metadata.resource_version = Some("7".into());
+        let patch = status_sync(&created, &want).unwrap();
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        assert_eq!(
+            patch["status"]["persistentVolumeRefList"],
+            json!([{"name": "pv-data"}, {"name": "pv-wal"}])
+        );
+        assert_eq!(
+            patch["status"]["persistentVolumeMappingList"],
+            json!([{"name": "pv-data", "volumeHandle": "h1"}, {"name": "pv-wal", "volumeHandle": "h2"}])
+        );
+        assert_eq!(status_sync(&stored(&want, &patch), &want), None);
+    }
+
+    #[test]
+    fn a_reported_destination_is_kept_until_its_member_changes() {
+        let vols = vec![MemberVolume {
+            pv: "pv-data".into(),
+            handle: "h1".into(),
+        }];
+        let want = desired(&group(), "d", &vols).unwrap();
+        let mut found = want.clone();
+        let status = found.status.as_mut().unwrap();
+        status.persistent_volume_mapping_list[0].destination_volume_handle = Some("r1".into());
+        status.destination_volume_group_id = Some("g".into());
+        assert_eq!(status_sync(&found, &want), None);
+        // Another member joins: the write keeps the destination of the one that stayed.
+        let more = vec![
+            vols[0].clone(),
+            MemberVolume {
+                pv: "pv-wal".into(),
+                handle: "h2".into(),
+            },
+        ];
+        let want = desired(&group(), "d", &more).unwrap();
+        let patch = status_sync(&found, &want).unwrap();
+        assert_eq!(
+            patch["status"]["persistentVolumeMappingList"][0]["destinationVolumeHandle"],
+            "r1"
+        );
+        assert!(patch["status"].get("destinationVolumeGroupID").is_none());
+    }
+
+    proptest! {
+        /// Whatever the stored status, one write converges it: the next comparison is a no-op.
+        #[test]
+        fn one_status_write_converges(
+            have in prop::collection::vec(volume(), 0..6),
+            now in prop::collection::vec(volume(), 0..6),
+        ) {
+            let g = group();
+            let found = desired(&g, "d", &have).unwrap();
+            let want = desired(&g, "d", &now).unwrap();
+            match status_sync(&found, &want) {
+                None => prop_assert_eq!(status_of(&have), status_of(&now)),
+                Some(patch) => {
+                    prop_assert_eq!(status_sync(&stored(&found, &patch), &want), None);
+                }
+            }
+        }
+    }
+}
