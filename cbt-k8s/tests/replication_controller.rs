@@ -18,12 +18,15 @@ use cbt_k8s::replication::controller::{
 use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
 use cbt_k8s::replication::types::{
-    PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER,
+    PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER, ReplicatedState,
+    VolumeGroupReplicationContent, VolumeGroupReplicationContentStatus,
     VolumeGroupReplicationStatus, VolumeReplicationStatus,
 };
 use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
 use fake_kube::rbac::UserInfo;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -683,6 +686,150 @@ async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sen
     ctl.stop().await;
 }
 
+/// On PowerStore the protection group is the unit of replication (Dell's sidecar puts every
+/// replicated PVC of the namespace in it and labels it), so the VolumeGroupReplication must
+/// select exactly the PVCs of one RG. What a user sees when a PVC joins or leaves:
+/// - a labelled PVC not (yet) in the protection group: Validated=False PrerequisiteNotMet
+///   naming it and the label, a Warning event, nothing written to the RG; once Dell's sidecar
+///   adds it, the group grows with no verb sent;
+/// - a PVC unselected while still in the protection group: refused the same way (a failover
+///   would move it anyway), the RG untouched; once it leaves the protection group too, the
+///   group shrinks with no verb sent, and its claim is released;
+/// - the next failover is one verb for the group as it now is.
+#[tokio::test]
+async fn dell_pvcs_join_and_leave_a_group() {
+    let e = env().await;
+    dell_classes(&e);
+    e.rg("rg-pg", true, "SYNCHRONIZED", &["pg-data", "pg-wal"]);
+    e.vgr("pg", "powerstore-group", "pg", "primary");
+    let sim = e.fake.replication().unwrap();
+    let ctl = start(e.ctx(fast()).await);
+    e.accepted(VGR, "pg", PRIMARY).await;
+    let members = |e: &Env| -> Vec<String> {
+        let mut m: Vec<String> = e
+            .vgr_status("pg")
+            .0
+            .persistent_volume_claims_ref_list
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        m.sort();
+        m
+    };
+    assert_eq!(members(&e), ["pg-data", "pg-wal"]);
+    let rg_before = backend_snapshot(&e);
+    let refused = |e: &Env, needle: &str| {
+        cond(&e.vgr_status("pg").0.replication, "Validated").is_some_and(|(st, r, m)| {
+            st == "False" && r == "PrerequisiteNotMet" && m.contains(needle)
+        })
+    };
+
+    // Joins: the application labels a new PVC before Dell has put it in the protection group.
+    e.pvc("pg-config", "powerstore", json!({"app": "pg"}));
+    until("join refused", || refused(&e, "pg-config")).await;
+    // What RamenDR sees meanwhile: the array's state, the members last accepted, and
+    // Completed=False (nothing is attempted on a group that is not what Dell would move).
+    let (st, _) = e.vgr_status("pg");
+    assert_eq!(st.replication.state, Some(ReplicatedState::Primary));
+    assert_eq!(members(&e), ["pg-data", "pg-wal"]);
+    assert_eq!(
+        cond(&st.replication, "Completed").map(|c| c.0),
+        Some("False")
+    );
+    let (_, _, msg) = cond(&e.vgr_status("pg").0.replication, "Validated")
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .unwrap();
+    assert!(msg.contains(RG_LABEL), "{msg}");
+    e.event("join refused event", |(o, r, m)| {
+        o == "pg" && r == "PrerequisiteNotMet" && m.contains("pg-config")
+    })
+    .await;
+    assert_eq!(backend_snapshot(&e), rg_before);
+    // Dell's sidecar adds it to the protection group: the group takes it, no verb.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-config",
+            &json!({"metadata": {"labels": {RG_LABEL: "rg-pg"}}}),
+        )
+        .unwrap();
+    until("third member", || {
+        members(&e) == ["pg-config", "pg-data", "pg-wal"] && e.accepts(VGR, "pg", PRIMARY)
+    })
+    .await;
+    let config = e.get("v1", "PersistentVolumeClaim", "pg-config").unwrap();
+    assert_eq!(
+        config["metadata"]["annotations"][PVC_VGR_ANNOTATION],
+        format!("pg/{NS}").as_str(),
+        "the new member is claimed (csi-addons' `name/namespace`)"
+    );
+
+    // Leaves: pg-wal is unselected but still in the protection group.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {"app": null}}}),
+        )
+        .unwrap();
+    until("partial group refused", || {
+        refused(&e, "pg-wal") && refused(&e, "rg-pg")
+    })
+    .await;
+    // Still in the protection group, it stays a member (and claimed) until it leaves it.
+    assert_eq!(members(&e), ["pg-config", "pg-data", "pg-wal"]);
+    let wal = e.get("v1", "PersistentVolumeClaim", "pg-wal").unwrap();
+    assert!(
+        wal["metadata"]["annotations"]
+            .get(PVC_VGR_ANNOTATION)
+            .is_some()
+    );
+    e.event("leave refused event", |(o, r, m)| {
+        o == "pg" && r == "PrerequisiteNotMet" && m.contains("pg-wal")
+    })
+    .await;
+    assert_eq!(backend_snapshot(&e), rg_before);
+    // It leaves the protection group too: the group shrinks, its claim is released.
+    e.fake
+        .merge_patch(
+            "v1",
+            "PersistentVolumeClaim",
+            NS,
+            "pg-wal",
+            &json!({"metadata": {"labels": {RG_LABEL: null}}}),
+        )
+        .unwrap();
+    until("pg-wal gone", || {
+        members(&e) == ["pg-config", "pg-data"] && e.accepts(VGR, "pg", PRIMARY)
+    })
+    .await;
+    until("pg-wal released", || {
+        let wal = e.get("v1", "PersistentVolumeClaim", "pg-wal").unwrap();
+        wal["metadata"]["annotations"]
+            .get(PVC_VGR_ANNOTATION)
+            .is_none()
+            && wal["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(Vec::is_empty)
+    })
+    .await;
+    assert_eq!(backend_snapshot(&e), rg_before);
+    assert!(sim.dell_actions().is_empty(), "{:?}", sim.dell_actions());
+
+    // The group as it now is fails over with one verb.
+    e.desire(VGR, "pg", "secondary");
+    e.accepted(VGR, "pg", SECONDARY).await;
+    assert_eq!(
+        sim.dell_actions(),
+        vec![("rg-pg".to_string(), "FAILOVER_REMOTE".to_string())]
+    );
+    ctl.stop().await;
+}
+
 /// Two clusters on one PowerStore pair: a planned failover of the PostgreSQL group from A to B
 /// is one verb on each side (A: FAILOVER_REMOTE, B: REPROTECT_LOCAL), and both sides' RGs and
 /// statuses show the move.
@@ -1323,6 +1470,49 @@ impl Env {
             serde_json::from_value(c["spec"]["source"]["volumeHandles"].clone()).unwrap()
         })
     }
+
+    /// The content's status as (PV ref names, (PV, handle, destination handle) mappings).
+    #[allow(clippy::type_complexity)]
+    fn content_pvs(&self, name: &str) -> (Vec<String>, Vec<(String, String, Option<String>)>) {
+        let Some(c) = self.content(name) else {
+            return (Vec::new(), Vec::new());
+        };
+        let s: VolumeGroupReplicationContentStatus =
+            serde_json::from_value(c["status"].clone()).unwrap_or_default();
+        (
+            s.persistent_volume_ref_list
+                .into_iter()
+                .map(|r| r.name)
+                .collect(),
+            s.persistent_volume_mapping_list
+                .into_iter()
+                .map(|m| (m.name, m.volume_handle, m.destination_volume_handle))
+                .collect(),
+        )
+    }
+}
+
+impl Env {
+    /// Requests that wrote the status of content `name`.
+    fn status_writes(&self, name: &str) -> usize {
+        let path = format!("/volumegroupreplicationcontents/{name}/status");
+        self.fake
+            .requests()
+            .iter()
+            .filter(|r| r.method != "GET" && r.path.ends_with(&path))
+            .count()
+    }
+}
+
+fn pvs(names: &[&str]) -> Vec<String> {
+    names.iter().map(|n| (*n).to_string()).collect()
+}
+
+fn mapping(pairs: &[(&str, &str)]) -> Vec<(String, String, Option<String>)> {
+    pairs
+        .iter()
+        .map(|(p, h)| ((*p).to_string(), (*h).to_string(), None))
+        .collect()
 }
 
 #[tokio::test]
@@ -1387,6 +1577,18 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     );
     assert_eq!(c["spec"]["volumeGroupReplicationHandle"], "");
     assert_eq!(e.handles(&name), ["svm0:vol_data", "svm0:vol_wal"]);
+    // The status names the PVs behind the handles, as csi-addons' content controller does.
+    until("content status", || {
+        e.content_pvs(&name)
+            == (
+                pvs(&["pv-pg-data", "pv-pg-wal"]),
+                mapping(&[
+                    ("pv-pg-data", "svm0:vol_data"),
+                    ("pv-pg-wal", "svm0:vol_wal"),
+                ]),
+            )
+    })
+    .await;
     // The group names its content, in the spec and the annotation, as csi-addons leaves it.
     let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
     assert_eq!(
@@ -1400,10 +1602,19 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
 
     // A member is bound, another leaves: the handles follow.
     e.bind("pg-config", TRIDENT, "svm0:vol_config");
-    until("three handles", || {
+    until("three handles and PVs", || {
         e.handles(&name) == ["svm0:vol_config", "svm0:vol_data", "svm0:vol_wal"]
+            && e.content_pvs(&name).0 == pvs(&["pv-pg-config", "pv-pg-data", "pv-pg-wal"])
     })
     .await;
+    // Destination info reported by someone talking to the driver is kept across our writes.
+    let mut st = e.content(&name).unwrap()["status"].clone();
+    st["persistentVolumeMappingList"][1]["destinationVolumeHandle"] = json!("svm1:vol_data");
+    st["destinationVolumeGroupID"] = json!("cg-remote");
+    assert!(
+        e.fake
+            .set_status(VR_API, "VolumeGroupReplicationContent", "", &name, st)
+    );
     e.fake
         .merge_patch(
             "v1",
@@ -1415,19 +1626,55 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
         .unwrap();
     until("wal left", || {
         e.handles(&name) == ["svm0:vol_config", "svm0:vol_data"]
+            && e.content_pvs(&name).0 == pvs(&["pv-pg-config", "pv-pg-data"])
     })
     .await;
     e.accepted(VGR, "pg", PRIMARY).await;
+    assert_eq!(
+        e.content_pvs(&name).1,
+        vec![
+            ("pv-pg-config".into(), "svm0:vol_config".into(), None),
+            (
+                "pv-pg-data".into(),
+                "svm0:vol_data".into(),
+                Some("svm1:vol_data".into())
+            ),
+        ]
+    );
+    assert_eq!(
+        e.content(&name).unwrap()["status"]["destinationVolumeGroupID"],
+        "cg-remote"
+    );
+    // The status is written through the status subresource, which validates it against the
+    // real CRD: an entry without its required volumeHandle is refused there.
+    let contents = Api::<VolumeGroupReplicationContent>::all(e.client_as(None).await);
+    let bad = contents
+        .patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"persistentVolumeMappingList": [{"name": "pv-x"}]}})),
+        )
+        .await;
+    assert!(matches!(bad, Err(kube::Error::Api(r)) if r.code == 422));
+    // A converged group writes nothing more: its own status write (which wakes it through
+    // the content watch) starts no loop. Counted as requests: a no-op patch leaves the
+    // resourceVersion alone, so that would not show one.
+    let writes = e.status_writes(&name);
+    assert!(writes >= 3, "{writes} status writes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(e.status_writes(&name), writes);
 
     // A restart finds everything in place: nothing is written to the content again.
     ctl.kill();
     let rv = e.content(&name).unwrap()["metadata"]["resourceVersion"].clone();
+    let writes = e.status_writes(&name);
     let ctx = e.ctx(fast()).await;
     let out = reconcile_once(&ctx, SubjectKind::Group, NS, "pg")
         .await
         .unwrap();
     assert_eq!(out.result, Verdict::Converged);
     assert_eq!(e.content(&name).unwrap()["metadata"]["resourceVersion"], rv);
+    assert_eq!(e.status_writes(&name), writes);
     assert_eq!(
         e.fake.list(VR_API, "VolumeGroupReplicationContent").len(),
         1

@@ -246,6 +246,11 @@ async fn the_controller_works_with_exactly_the_example_rbac() {
     .await;
 
     // A bound PVC (its driver is read from its PV) joins the Trident group.
+    fake.create(json!({"apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": "pv-archive"},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+                 "csi": {"driver": "csi.trident.netapp.io", "volumeHandle": "pvc-archive"}}}))
+        .unwrap();
     fake.create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
         "metadata": {"name": "postgres-archive", "namespace": "pg-trident",
                      "labels": {"app.kubernetes.io/name": "postgres"}},
@@ -254,6 +259,18 @@ async fn the_controller_works_with_exactly_the_example_rbac() {
         .unwrap();
     until("group of four", || {
         vgr_ok(&fake, "pg-trident", "postgres", 4)
+    })
+    .await;
+    // Its content's status (through the status subresource) names the bound member's PV.
+    until("content status", || {
+        fake.list(VR_API, "VolumeGroupReplicationContent")
+            .iter()
+            .filter(|c| c["spec"]["volumeGroupReplicationRef"]["namespace"] == "pg-trident")
+            .any(|c| {
+                c["status"]["persistentVolumeRefList"]
+                    .as_array()
+                    .is_some_and(|l| l.iter().any(|r| r["name"] == "pv-archive"))
+            })
     })
     .await;
 

@@ -14,11 +14,16 @@
 //!   that name made by someone else is bound (its handles kept current, as csi-addons does)
 //!   if its `volumeGroupReplicationRef` is unset or names this group, left alone (with a
 //!   Warning event) if it names another, and never deleted.
+//! - `status.persistentVolumeRefList` and `status.persistentVolumeMappingList` name the PVs
+//!   behind those handles (sorted by PV name), as csi-addons' content controller reports them;
+//!   written through the status subresource and only when they differ from what is stored, so
+//!   a converged group writes nothing and our own status write triggers no further write. A
+//!   `destinationVolumeHandle` or `destinationVolumeGroupID` someone else reported is kept.
 //! - Every patch carries the `resourceVersion` it was computed from.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{LocalObjectReference, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Resource};
@@ -26,8 +31,9 @@ use serde_json::{Value, json};
 
 use super::super::translate::{MANAGED_BY, MANAGED_BY_LABEL};
 use super::super::types::{
-    VolumeGroupReplication, VolumeGroupReplicationContent, VolumeGroupReplicationContentSource,
-    VolumeGroupReplicationContentSpec,
+    PersistentVolumeMapping, VolumeGroupReplication, VolumeGroupReplicationContent,
+    VolumeGroupReplicationContentSource, VolumeGroupReplicationContentSpec,
+    VolumeGroupReplicationContentStatus,
 };
 use super::{Context, OWNER_UID_LABEL, is_code};
 use crate::Error;
@@ -75,13 +81,46 @@ fn ref_annotation(vgr: &VolumeGroupReplication) -> String {
     )
 }
 
-/// The content we make for `vgr` (pure): `handles` sorted and deduplicated.
+/// One bound member of a group: its PersistentVolume and that PV's CSI volume handle.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemberVolume {
+    /// Name of the PersistentVolume.
+    pub pv: String,
+    /// `spec.csi.volumeHandle` of the PV.
+    pub handle: String,
+}
+
+/// The status a content of these members carries (pure): PVs sorted by name.
+pub fn status_of(volumes: &[MemberVolume]) -> VolumeGroupReplicationContentStatus {
+    let mut v = volumes.to_vec();
+    v.sort();
+    v.dedup();
+    VolumeGroupReplicationContentStatus {
+        persistent_volume_ref_list: v
+            .iter()
+            .map(|m| LocalObjectReference { name: m.pv.clone() })
+            .collect(),
+        persistent_volume_mapping_list: v
+            .iter()
+            .map(|m| PersistentVolumeMapping {
+                name: m.pv.clone(),
+                volume_handle: m.handle.clone(),
+                destination_volume_handle: None,
+            })
+            .collect(),
+        destination_volume_group_id: None,
+    }
+}
+
+/// The content we make for `vgr` (pure): handles sorted and deduplicated, status from
+/// [`status_of`].
 pub fn desired(
     vgr: &VolumeGroupReplication,
     provisioner: &str,
-    mut handles: Vec<String>,
+    volumes: &[MemberVolume],
 ) -> Option<VolumeGroupReplicationContent> {
     let name = name_of(vgr)?;
+    let mut handles: Vec<String> = volumes.iter().map(|m| m.handle.clone()).collect();
     handles.sort();
     handles.dedup();
     let mut labels = BTreeMap::from([(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())]);
@@ -115,7 +154,7 @@ pub fn desired(
                 volume_handles: handles,
             },
         },
-        status: None,
+        status: Some(status_of(volumes)),
     })
 }
 
@@ -210,6 +249,44 @@ pub fn sync(
     ContentSync::Patch(patch)
 }
 
+/// The status merge patch that brings `found`'s PV lists to `want`'s (pure), or None when
+/// they already match.
+///
+/// A destination handle already reported for the same PV and source handle is kept, and
+/// `destinationVolumeGroupID` is never touched: they come from whoever talks to the driver.
+/// The patch carries `found`'s `resourceVersion`.
+pub fn status_sync(
+    found: &VolumeGroupReplicationContent,
+    want: &VolumeGroupReplicationContent,
+) -> Option<Value> {
+    let have = found.status.clone().unwrap_or_default();
+    let want = want.status.clone().unwrap_or_default();
+    let mappings: Vec<PersistentVolumeMapping> = want
+        .persistent_volume_mapping_list
+        .into_iter()
+        .map(|mut m| {
+            m.destination_volume_handle = have
+                .persistent_volume_mapping_list
+                .iter()
+                .find(|h| h.name == m.name && h.volume_handle == m.volume_handle)
+                .and_then(|h| h.destination_volume_handle.clone());
+            m
+        })
+        .collect();
+    if have.persistent_volume_ref_list == want.persistent_volume_ref_list
+        && have.persistent_volume_mapping_list == mappings
+    {
+        return None;
+    }
+    Some(json!({
+        "metadata": {"resourceVersion": found.metadata.resource_version},
+        "status": {
+            "persistentVolumeRefList": want.persistent_volume_ref_list,
+            "persistentVolumeMappingList": mappings,
+        },
+    }))
+}
+
 /// What [`apply`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Applied {
@@ -255,19 +332,17 @@ pub(super) async fn apply(
     // may be ahead of any cache.
     let found = get(ctx, &name).await?;
     let res = match sync(found.as_ref(), want) {
-        ContentSync::Current => Ok(()),
+        ContentSync::Current => Ok(found),
         ContentSync::Foreign(msg) => return Ok(Applied::Foreign(msg)),
-        ContentSync::Create(c) => api(ctx)
-            .create(&PostParams::default(), &c)
-            .await
-            .map(|_| ()),
+        // The API server drops `status` on create (status subresource): it is written below.
+        ContentSync::Create(c) => api(ctx).create(&PostParams::default(), &c).await.map(Some),
         ContentSync::Patch(p) => api(ctx)
             .patch(&name, &PatchParams::default(), &Patch::Merge(&p))
             .await
-            .map(|_| ()),
+            .map(Some),
     };
-    match res {
-        Ok(()) => {}
+    let current = match res {
+        Ok(c) => c,
         Err(e) if is_code(&e, 409) => return Ok(Applied::Conflict),
         Err(e) => {
             return Err(Error::api(
@@ -277,6 +352,30 @@ pub(super) async fn apply(
                 name,
                 e,
             ));
+        }
+    };
+    // Guarded by the resourceVersion the spec step left: a member change meanwhile makes it
+    // a conflict, and the retry computes the lists again.
+    if let Some(patch) = current
+        .as_ref()
+        .filter(|c| c.metadata.deletion_timestamp.is_none())
+        .and_then(|c| status_sync(c, want))
+    {
+        match api(ctx)
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_code(&e, 409) || is_code(&e, 404) => return Ok(Applied::Conflict),
+            Err(e) => {
+                return Err(Error::api(
+                    &ctx.cluster,
+                    "write status of",
+                    "VolumeGroupReplicationContent",
+                    name,
+                    e,
+                ));
+            }
         }
     }
     // The group names its content as csi-addons leaves it: in the spec (set once, immutable
@@ -387,5 +486,128 @@ pub(super) async fn release(ctx: &Context, vgr: &VolumeGroupReplication) -> Resu
         Err(e) if is_code(&e, 404) => Ok(true),
         Err(e) if is_code(&e, 409) => Ok(false),
         Err(e) => Err(wrap("patch", e)),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::replication::types::{
+        ReplicationState, VolumeGroupReplicationSource, VolumeGroupReplicationSpec,
+    };
+    use proptest::prelude::*;
+
+    fn group() -> VolumeGroupReplication {
+        let mut g = VolumeGroupReplication::new(
+            "pg",
+            VolumeGroupReplicationSpec {
+                volume_group_replication_class_name: "c".into(),
+                volume_replication_class_name: String::new(),
+                volume_replication_name: None,
+                volume_group_replication_content_name: None,
+                source: VolumeGroupReplicationSource::default(),
+                replication_state: ReplicationState::Primary,
+                auto_resync: false,
+                external: true,
+            },
+        );
+        g.metadata.namespace = Some("app".into());
+        g.metadata.uid = Some("u1".into());
+        g
+    }
+
+    /// `found` as the API returns it after `status` was merge-patched in.
+    fn stored(
+        want: &VolumeGroupReplicationContent,
+        patch: &Value,
+    ) -> VolumeGroupReplicationContent {
+        let mut found = want.clone();
+        found.metadata.resource_version = Some("7".into());
+        let mut v = serde_json::to_value(&found).unwrap();
+        v["status"] = patch["status"].clone();
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn volume() -> impl Strategy<Value = MemberVolume> {
+        ("pv-[a-e]", "h[a-e]").prop_map(|(pv, handle)| MemberVolume { pv, handle })
+    }
+
+    #[test]
+    fn a_new_content_gets_its_status_written_once() {
+        let vols = vec![
+            MemberVolume {
+                pv: "pv-wal".into(),
+                handle: "h2".into(),
+            },
+            MemberVolume {
+                pv: "pv-data".into(),
+                handle: "h1".into(),
+            },
+        ];
+        let want = desired(&group(), "d", &vols).unwrap();
+        // As created: the API server dropped the status.
+        let mut created = want.clone();
+        created.status = None;
+        created.metadata.resource_version = Some("7".into());
+        let patch = status_sync(&created, &want).unwrap();
+        assert_eq!(patch["metadata"]["resourceVersion"], "7");
+        assert_eq!(
+            patch["status"]["persistentVolumeRefList"],
+            json!([{"name": "pv-data"}, {"name": "pv-wal"}])
+        );
+        assert_eq!(
+            patch["status"]["persistentVolumeMappingList"],
+            json!([{"name": "pv-data", "volumeHandle": "h1"}, {"name": "pv-wal", "volumeHandle": "h2"}])
+        );
+        assert_eq!(status_sync(&stored(&want, &patch), &want), None);
+    }
+
+    #[test]
+    fn a_reported_destination_is_kept_until_its_member_changes() {
+        let vols = vec![MemberVolume {
+            pv: "pv-data".into(),
+            handle: "h1".into(),
+        }];
+        let want = desired(&group(), "d", &vols).unwrap();
+        let mut found = want.clone();
+        let status = found.status.as_mut().unwrap();
+        status.persistent_volume_mapping_list[0].destination_volume_handle = Some("r1".into());
+        status.destination_volume_group_id = Some("g".into());
+        assert_eq!(status_sync(&found, &want), None);
+        // Another member joins: the write keeps the destination of the one that stayed.
+        let more = vec![
+            vols[0].clone(),
+            MemberVolume {
+                pv: "pv-wal".into(),
+                handle: "h2".into(),
+            },
+        ];
+        let want = desired(&group(), "d", &more).unwrap();
+        let patch = status_sync(&found, &want).unwrap();
+        assert_eq!(
+            patch["status"]["persistentVolumeMappingList"][0]["destinationVolumeHandle"],
+            "r1"
+        );
+        assert!(patch["status"].get("destinationVolumeGroupID").is_none());
+    }
+
+    proptest! {
+        /// Whatever the stored status, one write converges it: the next comparison is a no-op.
+        #[test]
+        fn one_status_write_converges(
+            have in prop::collection::vec(volume(), 0..6),
+            now in prop::collection::vec(volume(), 0..6),
+        ) {
+            let g = group();
+            let found = desired(&g, "d", &have).unwrap();
+            let want = desired(&g, "d", &now).unwrap();
+            match status_sync(&found, &want) {
+                None => prop_assert_eq!(status_of(&have), status_of(&now)),
+                Some(patch) => {
+                    prop_assert_eq!(status_sync(&stored(&found, &patch), &want), None);
+                }
+            }
+        }
     }
 }

@@ -421,10 +421,10 @@ async fn reconcile_with(
         req.class.as_ref(),
         the_plan.rejection.is_none() && backend.is_some_and(|b| b != Backend::CephRbd),
     ) {
-        let handles = reader
+        let volumes = reader
             .volume_handles(&req.subject.namespace, &member_names, &class.provisioner)
             .await?;
-        if let Some(want) = content::desired(vgr, &class.provisioner, handles) {
+        if let Some(want) = content::desired(vgr, &class.provisioner, &volumes) {
             match content::apply(ctx, vgr, subject_rv.as_deref(), &want).await? {
                 content::Applied::Done => {}
                 content::Applied::Foreign(message) => {

@@ -471,14 +471,14 @@ impl Reader<'_> {
         }
     }
 
-    /// CSI volume handles of the bound members of a group whose PV is of `driver` (members
-    /// still pending have none yet: they join the content when bound).
+    /// PV and CSI volume handle of the bound members of a group whose PV is of `driver`
+    /// (members still pending have none yet: they join the content when bound).
     pub(super) async fn volume_handles(
         &self,
         ns: &str,
         members: &[String],
         driver: &str,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<Vec<super::content::MemberVolume>, Error> {
         let mut out = Vec::with_capacity(members.len());
         for m in members {
             let Some(pv_name) = self
@@ -497,7 +497,10 @@ impl Reader<'_> {
                 .and_then(|s| s.csi)
                 .filter(|c| c.driver == driver)
             {
-                out.push(csi.volume_handle);
+                out.push(super::content::MemberVolume {
+                    pv: pv_name,
+                    handle: csi.volume_handle,
+                });
             }
         }
         Ok(out)
