@@ -17,6 +17,7 @@ use cbt_k8s::replication::controller::{
 };
 use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
+use cbt_k8s::replication::translate::dell::PENDING_EVENT_REASON;
 use cbt_k8s::replication::types::{
     PVC_VGR_ANNOTATION, PVC_VGR_FINALIZER, PVC_VR_ANNOTATION, PVC_VR_FINALIZER, ReplicatedState,
     VolumeGroupReplicationContent, VolumeGroupReplicationContentStatus,
@@ -726,22 +727,39 @@ async fn dell_pvcs_join_and_leave_a_group() {
 
     // Joins: the application labels a new PVC before Dell has put it in the protection group.
     e.pvc("pg-config", "powerstore", json!({"app": "pg"}));
-    until("join refused", || refused(&e, "pg-config")).await;
-    // What RamenDR sees meanwhile: the array's state, the members last accepted, and
-    // Completed=False (nothing is attempted on a group that is not what Dell would move).
+    let note = "PVC pg-config not yet in protection group rg-pg";
+    until("join pending", || {
+        e.vgr_status("pg").0.replication.message.contains(note)
+    })
+    .await;
+    // What RamenDR sees meanwhile: the array's group, its members, and done (the array is
+    // still primary); the pending PVC is named in the message and one event.
+    assert!(e.accepts(VGR, "pg", PRIMARY));
     let (st, _) = e.vgr_status("pg");
     assert_eq!(st.replication.state, Some(ReplicatedState::Primary));
     assert_eq!(members(&e), ["pg-data", "pg-wal"]);
     assert_eq!(
-        cond(&st.replication, "Completed").map(|c| c.0),
-        Some("False")
+        cond(&st.replication, "Completed").map(|c| (c.0, c.1)),
+        Some(("True", "Promoted"))
     );
-    let (_, _, msg) = cond(&e.vgr_status("pg").0.replication, "Validated")
-        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
-        .unwrap();
-    assert!(msg.contains(RG_LABEL), "{msg}");
-    e.event("join refused event", |(o, r, m)| {
-        o == "pg" && r == "PrerequisiteNotMet" && m.contains("pg-config")
+    assert_eq!(
+        cond(&st.replication, "Validated").map(|c| c.0),
+        Some("True")
+    );
+    assert!(
+        st.replication.message.contains(RG_LABEL),
+        "{}",
+        st.replication.message
+    );
+    e.event("pending event", |(o, r, m)| {
+        o == "pg" && r == PENDING_EVENT_REASON && m.contains("pg-config")
+    })
+    .await;
+    // Selected by the group, it is claimed already, so no other object can take it meanwhile.
+    until("pending PVC claimed", || {
+        e.get("v1", "PersistentVolumeClaim", "pg-config").unwrap()["metadata"]["annotations"]
+            [PVC_VGR_ANNOTATION]
+            == format!("pg/{NS}").as_str()
     })
     .await;
     assert_eq!(backend_snapshot(&e), rg_before);
@@ -759,6 +777,13 @@ async fn dell_pvcs_join_and_leave_a_group() {
         members(&e) == ["pg-config", "pg-data", "pg-wal"] && e.accepts(VGR, "pg", PRIMARY)
     })
     .await;
+    assert!(!e.vgr_status("pg").0.replication.message.contains(note));
+    let pending_events = e
+        .events()
+        .into_iter()
+        .filter(|(o, r, _)| o == "pg" && r == PENDING_EVENT_REASON)
+        .count();
+    assert_eq!(pending_events, 1, "one event per wait, not per reconcile");
     let config = e.get("v1", "PersistentVolumeClaim", "pg-config").unwrap();
     assert_eq!(
         config["metadata"]["annotations"][PVC_VGR_ANNOTATION],
@@ -780,6 +805,15 @@ async fn dell_pvcs_join_and_leave_a_group() {
         refused(&e, "pg-wal") && refused(&e, "rg-pg")
     })
     .await;
+    // One PVC, and the fix for a group: its selector (not "use a VolumeGroupReplication").
+    let (_, _, msg) = cond(&e.vgr_status("pg").0.replication, "Validated")
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .unwrap();
+    assert!(
+        msg.contains("holds PVC pg-wal that this VolumeGroupReplication does not select")
+            && msg.contains("spec.source.selector"),
+        "{msg}"
+    );
     // Still in the protection group, it stays a member (and claimed) until it leaves it.
     assert_eq!(members(&e), ["pg-config", "pg-data", "pg-wal"]);
     let wal = e.get("v1", "PersistentVolumeClaim", "pg-wal").unwrap();

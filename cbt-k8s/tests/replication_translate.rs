@@ -1269,7 +1269,7 @@ fn dell_refuses_partial_groups_hand_actions_and_resync_on_the_source() {
     });
     let p = plan(&r, &obs).expect("plan");
     assert!(
-        matches!(p.rejection, Some(Rejection::PartialProtectionGroup { ref others, .. }) if others == "c")
+        matches!(p.rejection, Some(Rejection::PartialProtectionGroup { subject: SubjectKind::Group, ref group, ref others }) if group == "rg-1" && others == &["c"])
     );
 
     // Someone else set spec.action.
@@ -1708,4 +1708,206 @@ proptest! {
         prop_assert!(p.status.is_none());
         prop_assert_eq!(p.events.is_empty(), p.rejection.is_none());
     }
+}
+
+/// The partial-group refusal names one PVC or several and the fix for the object refused.
+#[test]
+fn dell_partial_group_wording_fits_the_object_and_the_count() {
+    let params = [("remoteSystem", "RT-B"), ("rpo", "Five_Minutes")];
+    let obs = Observed::Dell(DellObserved {
+        groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")],
+    });
+    let refusal = |subject: Subject, class_name: &str, pvcs: Vec<PvcInfo>| {
+        plan(&req(subject, class(class_name, DELL, &params), pvcs), &obs)
+            .expect("plan")
+            .rejection
+            .expect("refused")
+    };
+    // A VolumeReplication of one PVC of a two-PVC group: the fix is a group.
+    let r = refusal(
+        vol(&vr("a", ReplicationState::Primary, false, "")),
+        "vrc",
+        dell_pvcs(&["a", "b"]),
+    );
+    let Rejection::PartialProtectionGroup {
+        subject,
+        ref group,
+        ref others,
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    assert_eq!((subject, group.as_str()), (SubjectKind::Volume, "rg-1"));
+    assert_eq!(others, &["b"]);
+    let text = r.to_string();
+    assert!(text.contains("PVC b;"), "{text}");
+    assert!(!text.contains("PVCs"), "{text}");
+    assert!(text.contains("with a VolumeGroupReplication"), "{text}");
+    assert_eq!(r.kind(), RejectionKind::Pvc);
+
+    // A VolumeGroupReplication leaving two out: plural, and the fix is its selector.
+    let mut pvcs = dell_pvcs(&["a"]);
+    pvcs.push(pvc("c", DELL, &[(dell::RG_LABEL, "rg-1")], &[]));
+    pvcs.push(pvc("b", DELL, &[(dell::RG_LABEL, "rg-1")], &[]));
+    let r = refusal(
+        grp(&vgr(ReplicationState::Primary, false, true)),
+        "vgrc",
+        pvcs,
+    );
+    let Rejection::PartialProtectionGroup {
+        subject,
+        ref others,
+        ..
+    } = r
+    else {
+        panic!("{r:?}")
+    };
+    assert_eq!(subject, SubjectKind::Group);
+    assert_eq!(others, &["b", "c"]);
+    let text = r.to_string();
+    assert!(
+        text.contains("PVCs b, c that this VolumeGroupReplication"),
+        "{text}"
+    );
+    assert!(
+        text.contains("spec.source.selector to select them"),
+        "{text}"
+    );
+    assert!(!text.contains("(a VolumeGroupReplication)"), "{text}");
+
+    // One left out of a group: singular.
+    let mut pvcs = dell_pvcs(&["a"]);
+    pvcs.push(pvc("b", DELL, &[(dell::RG_LABEL, "rg-1")], &[]));
+    let r = refusal(
+        grp(&vgr(ReplicationState::Primary, false, true)),
+        "vgrc",
+        pvcs,
+    );
+    let text = r.to_string();
+    assert!(
+        text.contains("PVC b that this VolumeGroupReplication"),
+        "{text}"
+    );
+    assert!(text.contains("select it too"), "{text}");
+}
+
+/// A selected PVC the Dell sidecar has not labelled yet waits: the group keeps its
+/// state and Completed for its labelled members (RamenDR still accepts it), the
+/// message names the PVC, and it joins once labelled, without a verb.
+#[test]
+fn dell_unlabelled_new_pvc_is_pending_not_refused() {
+    let obs = Observed::Dell(DellObserved {
+        groups: vec![rg_named("rg-1", true, "SYNCHRONIZED")],
+    });
+    let r = dell_req(ReplicationState::Primary, false);
+    let p = plan(&r, &obs).expect("plan");
+    let r = with_status(r, &p);
+    assert!(conditions::ramen_accepts_primary(&r.subject.status, 1));
+
+    let mut r = r;
+    r.pvcs.push(pvc("c", DELL, &[("app", "shop")], &[]));
+    let p = plan(&r, &obs).expect("plan");
+    assert_eq!(p.rejection, None);
+    assert!(p.writes.is_empty(), "no verb for a pending PVC");
+    let Some(SubjectStatus::Group(g)) = &p.status else {
+        panic!("{:?}", p.status)
+    };
+    assert!(
+        conditions::ramen_accepts_primary(&g.replication, 1),
+        "{g:?}"
+    );
+    assert_eq!(g.replication.state, Some(ReplicatedState::Primary));
+    let refs: Vec<&str> = g
+        .persistent_volume_claims_ref_list
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(
+        refs,
+        ["a", "b"],
+        "members are what the protection group holds"
+    );
+    let completed = cond(&p, ctypes::COMPLETED).expect("completed");
+    assert_eq!(
+        (completed.status.as_str(), completed.reason.as_str()),
+        ("True", reasons::PROMOTED)
+    );
+    let validated = cond(&p, ctypes::VALIDATED).expect("validated");
+    assert_eq!(validated.status, "True");
+    assert!(
+        g.replication
+            .message
+            .contains("PVC c not yet in protection group rg-1"),
+        "{}",
+        g.replication.message
+    );
+    let pending: Vec<&Event> = p
+        .events
+        .iter()
+        .filter(|e| e.reason == dell::PENDING_EVENT_REASON)
+        .collect();
+    assert_eq!(pending.len(), 1, "{:?}", p.events);
+    assert!(
+        pending[0].message.contains("PVC c "),
+        "{}",
+        pending[0].message
+    );
+    // The next reconcile of the same wait: nothing changes, no second event.
+    let r = with_status(r, &p);
+    let p = plan(&r, &obs).expect("plan");
+    assert!(p.is_noop(), "{p:?}");
+
+    // Two pending: plural, and the event says so once more.
+    let mut r2 = r.clone();
+    r2.pvcs.push(pvc("d", DELL, &[("app", "shop")], &[]));
+    let p = plan(&r2, &obs).expect("plan");
+    let msg = &p.status.as_ref().expect("status").replication().message;
+    assert!(
+        msg.contains("PVCs c, d not yet in protection group rg-1"),
+        "{msg}"
+    );
+    assert!(
+        p.events
+            .iter()
+            .any(|e| e.reason == dell::PENDING_EVENT_REASON)
+    );
+
+    // Labelled: it joins, the note goes, still no verb.
+    let mut r = r;
+    r.pvcs
+        .iter_mut()
+        .find(|p| p.name == "c")
+        .expect("c")
+        .labels
+        .insert(dell::RG_LABEL.into(), "rg-1".into());
+    let p = plan(&r, &obs).expect("plan");
+    assert!(p.writes.is_empty());
+    let Some(SubjectStatus::Group(g)) = &p.status else {
+        panic!("{:?}", p.status)
+    };
+    let refs: Vec<&str> = g
+        .persistent_volume_claims_ref_list
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(refs, ["a", "b", "c"]);
+    assert!(
+        !g.replication.message.contains("not yet"),
+        "{}",
+        g.replication.message
+    );
+    assert!(conditions::ramen_accepts_primary(&g.replication, 1));
+
+    // No labelled member at all: no group to report, the PVC is refused.
+    let r = req(
+        grp(&vgr(ReplicationState::Primary, false, true)),
+        dell_class(),
+        vec![pvc("c", DELL, &[("app", "shop")], &[])],
+    );
+    let p = plan(&r, &obs).expect("plan");
+    assert!(
+        matches!(p.rejection, Some(Rejection::NotInProtectionGroup { ref pvc, .. }) if pvc == "c"),
+        "{:?}",
+        p.rejection
+    );
 }

@@ -574,7 +574,10 @@ pub fn render_markdown() -> String {
     out.push_str("## Dell PowerStore: desired state and RG link -> verb and status\n\n");
     out.push_str(
         "The RG of the protection group (PVC label `replication.storage.dell.com/replicationGroupName`)\n\
-         must hold exactly the selected PVCs. A verb goes out once per transition\n\
+         must hold exactly the selected PVCs. A selected PVC the sidecar has not labelled yet is\n\
+         pending (named in `status.message`, not a member until labelled; the conditions below are\n\
+         those of the labelled members); with no labelled member the group is refused.\n\
+         A verb goes out once per transition\n\
          (`<desired>@<generation>`), recorded with it in annotation `replication.cbt.io/dell-actions`.\n\
          Rows assume no verb was sent yet in this transition; once sent, the row becomes\n\
          in progress until the link state shows the result (a `SYNC` that succeeded completes a resync).\n\n",

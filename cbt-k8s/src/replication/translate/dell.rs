@@ -11,7 +11,8 @@
 //! delete RGs; we only set `spec.action`, which the sidecar executes and clears.
 //! Because Dell fails over whole protection groups, the subject must select
 //! exactly the PVCs of one RG (a VolumeReplication only when the group has a
-//! single PVC).
+//! single PVC). A selected PVC not labelled yet is pending, not refused: the
+//! group reports its labelled members and names it until the sidecar labels it.
 //!
 //! Verbs (this side's view; PowerStore advertises `FAILOVER_REMOTE`,
 //! `UNPLANNED_FAILOVER_LOCAL`, `REPROTECT_LOCAL`, `SUSPEND`, `RESUME`, `SYNC`):
@@ -547,10 +548,11 @@ pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
     if let Err(r) = check_params(class) {
         return reject(req, backend, r);
     }
-    let rg_name = match protection_group(req, &names) {
-        Ok(n) => n,
+    let gm = match protection_group(req, &names) {
+        Ok(g) => g,
         Err(r) => return reject(req, backend, r),
     };
+    let rg_name = gm.group.clone();
     let Some(rg) = obs
         .groups
         .iter()
@@ -560,7 +562,7 @@ pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
             s.desired,
             &format!("waiting for the Dell sidecar to create DellCSIReplicationGroup {rg_name}"),
         );
-        return finish(req, backend, Vec::new(), Vec::new(), &report, Some(&names));
+        return finish_members(req, Vec::new(), Vec::new(), report, &gm);
     };
     if let Err(r) = check_rg(req, class, rg, &rg_name) {
         return reject(req, backend, r);
@@ -575,9 +577,7 @@ pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
     let view = RgView::of(rg);
     match decide(s.desired, s.auto_resync, &view, &sent, &ever_sent, &rg_name) {
         Decision::Reject(r) => reject(req, backend, r),
-        Decision::Report(report) => {
-            finish(req, backend, Vec::new(), Vec::new(), &report, Some(&names))
-        }
+        Decision::Report(report) => finish_members(req, Vec::new(), Vec::new(), report, &gm),
         Decision::Request(verb) => {
             let mut now_sent = sent;
             now_sent.push(verb.as_str().to_string());
@@ -614,16 +614,57 @@ pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
                 s.desired,
                 &format!("{} requested on RG {rg_name}", verb.as_str()),
             );
-            finish(
-                req,
-                backend,
-                vec![write],
-                vec![event],
-                &report,
-                Some(&names),
-            )
+            finish_members(req, vec![write], vec![event], report, &gm)
         }
     }
+}
+
+/// Finishes a plan of the labelled members; pending PVCs are named in `status.message`
+/// (and an event when that changes) but leave the conditions alone: the array's group is
+/// what it was, and RamenDR must keep seeing it as done (contracts §8.4).
+fn finish_members(
+    req: &Request,
+    writes: Vec<BackendWrite>,
+    mut events: Vec<Event>,
+    mut report: Report,
+    gm: &GroupMembers,
+) -> Plan {
+    if let Some(note) = pending_note(gm) {
+        report.message = format!("{}; {note}", report.message);
+        // Once per wait (or change of the pending set), not once per reconcile.
+        if !req.subject.status.message.ends_with(&note) {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: PENDING_EVENT_REASON.into(),
+                message: note,
+            });
+        }
+    }
+    finish(
+        req,
+        Some(Backend::DellPowerStore),
+        writes,
+        events,
+        &report,
+        Some(&gm.labelled),
+    )
+}
+
+/// Event reason when selected PVCs wait for the Dell sidecar to add them to the protection group.
+pub const PENDING_EVENT_REASON: &str = "WaitingForProtectionGroup";
+
+/// The `status.message` note naming PVCs not yet in the protection group, if any.
+pub fn pending_note(gm: &GroupMembers) -> Option<String> {
+    let list = gm.pending.join(", ");
+    let (pvcs, verb) = match gm.pending.as_slice() {
+        [] => return None,
+        [_] => (format!("PVC {list}"), "joins"),
+        _ => (format!("PVCs {list}"), "join"),
+    };
+    Some(format!(
+        "{pvcs} not yet in protection group {}: the Dell sidecar has not labelled {RG_LABEL} (the StorageClass needs isReplicationEnabled: \"true\"); {verb} the group once labelled",
+        gm.group
+    ))
 }
 
 fn ledger_of(rg: &DellCSIReplicationGroup) -> Option<Ledger> {
@@ -675,9 +716,32 @@ fn check_params(class: &ClassView) -> Result<(), Rejection> {
     }
 }
 
-/// The one RG all members belong to, and no PVC of it left out.
-fn protection_group(req: &Request, names: &[String]) -> Result<String, Rejection> {
+/// The members' protection group, as the Dell sidecar has labelled them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMembers {
+    /// RG name.
+    pub group: String,
+    /// Members labelled with `group` (sorted): what a verb moves.
+    pub labelled: Vec<String>,
+    /// Selected PVCs the sidecar has not labelled yet (sorted): they join once labelled.
+    pub pending: Vec<String>,
+}
+
+/// The one RG all labelled members belong to, and no PVC of it left out.
+///
+/// A selected PVC without the RG label while other members have it is
+/// pending, not refused: the sidecar labels a new PVC some time after it is
+/// bound, and the array's group is meanwhile what it was (as an unbound PVC of
+/// a Trident group, it joins when ready). With no labelled member at all there
+/// is no group to report: the first unlabelled PVC is refused.
+///
+/// # Errors
+/// [`Rejection::PvcMissing`], [`Rejection::NotInProtectionGroup`],
+/// [`Rejection::SpansProtectionGroups`], [`Rejection::PartialProtectionGroup`].
+pub fn protection_group(req: &Request, names: &[String]) -> Result<GroupMembers, Rejection> {
     let mut groups: Vec<String> = Vec::new();
+    let mut labelled = Vec::new();
+    let mut pending = Vec::new();
     for name in names {
         let Some(p) = pvc(req, name) else {
             return Err(Rejection::PvcMissing {
@@ -686,34 +750,50 @@ fn protection_group(req: &Request, names: &[String]) -> Result<String, Rejection
             });
         };
         let Some(g) = p.labels.get(RG_LABEL).filter(|g| !g.is_empty()) else {
-            return Err(Rejection::NotInProtectionGroup {
-                pvc: name.clone(),
-                label: RG_LABEL,
-            });
+            pending.push(name.clone());
+            continue;
         };
+        labelled.push(name.clone());
         if !groups.contains(g) {
             groups.push(g.clone());
         }
     }
     groups.sort();
-    let [group] = groups.as_slice() else {
-        return Err(Rejection::SpansProtectionGroups {
-            groups: groups.join(", "),
-        });
+    let group = match groups.as_slice() {
+        [group] => group.clone(),
+        [] => {
+            return Err(Rejection::NotInProtectionGroup {
+                pvc: pending.first().cloned().unwrap_or_default(),
+                label: RG_LABEL,
+            });
+        }
+        _ => {
+            return Err(Rejection::SpansProtectionGroups {
+                groups: groups.join(", "),
+            });
+        }
     };
-    let others: Vec<&str> = req
+    let mut others: Vec<String> = req
         .pvcs
         .iter()
-        .filter(|p| p.labels.get(RG_LABEL) == Some(group) && !names.contains(&p.name))
-        .map(|p| p.name.as_str())
+        .filter(|p| p.labels.get(RG_LABEL) == Some(&group) && !names.contains(&p.name))
+        .map(|p| p.name.clone())
         .collect();
     if !others.is_empty() {
+        others.sort();
         return Err(Rejection::PartialProtectionGroup {
-            group: group.clone(),
-            others: others.join(", "),
+            subject: req.subject.kind,
+            group,
+            others,
         });
     }
-    Ok(group.clone())
+    labelled.sort();
+    pending.sort();
+    Ok(GroupMembers {
+        group,
+        labelled,
+        pending,
+    })
 }
 
 fn check_rg(

@@ -802,15 +802,33 @@ pub enum Rejection {
         groups: String,
     },
     /// Dell: the protection group holds PVCs the subject does not select.
-    #[error(
-        "protection group {group} also holds PVCs {others} that this object does not select; Dell fails over the whole group, so select all of them (a VolumeGroupReplication)"
-    )]
+    #[error("{}", partial_group_message(*subject, group, others))]
     PartialProtectionGroup {
+        /// What the refused object is (the fix differs: widen a selector, or use a group).
+        subject: SubjectKind,
         /// RG name.
         group: String,
-        /// The unselected PVCs, comma separated.
-        others: String,
+        /// The unselected PVCs (at least one, sorted).
+        others: Vec<String>,
     },
+}
+
+/// The text of [`Rejection::PartialProtectionGroup`]: one PVC or several, and the fix that
+/// fits the object refused.
+fn partial_group_message(subject: SubjectKind, group: &str, others: &[String]) -> String {
+    let list = others.join(", ");
+    let (pvcs, them) = match others {
+        [_] => (format!("PVC {list}"), "it"),
+        _ => (format!("PVCs {list}"), "them"),
+    };
+    match subject {
+        SubjectKind::Volume => format!(
+            "protection group {group} also holds {pvcs}; Dell fails over whole protection groups, so a VolumeReplication serves only a group of one PVC: replicate the group with a VolumeGroupReplication that selects every PVC in it"
+        ),
+        SubjectKind::Group => format!(
+            "protection group {group} also holds {pvcs} that this VolumeGroupReplication does not select; Dell fails over whole protection groups, so widen spec.source.selector to select {them} too"
+        ),
+    }
 }
 
 impl Rejection {
