@@ -726,7 +726,13 @@ async fn dell_pvcs_join_and_leave_a_group() {
     };
 
     // Joins: the application labels a new PVC before Dell has put it in the protection group.
-    e.pvc("pg-config", "powerstore", json!({"app": "pg"}));
+    e.bound_pvc(
+        "pg-config",
+        "powerstore",
+        DELL,
+        "PS-A/vol-config",
+        json!({"app": "pg"}),
+    );
     let note = "PVC pg-config not yet in protection group rg-pg";
     until("join pending", || {
         e.vgr_status("pg").0.replication.message.contains(note)
@@ -762,6 +768,13 @@ async fn dell_pvcs_join_and_leave_a_group() {
             == format!("pg/{NS}").as_str()
     })
     .await;
+    // Not replicated yet, so not in the group's content either.
+    let uid = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let content = format!("vgrcontent-{uid}");
+    assert!(e.handles(&content).is_empty(), "{:?}", e.handles(&content));
     assert_eq!(backend_snapshot(&e), rg_before);
     // Dell's sidecar adds it to the protection group: the group takes it, no verb.
     e.fake
@@ -778,6 +791,10 @@ async fn dell_pvcs_join_and_leave_a_group() {
     })
     .await;
     assert!(!e.vgr_status("pg").0.replication.message.contains(note));
+    until("its volume in the content", || {
+        e.handles(&content) == ["PS-A/vol-config"]
+    })
+    .await;
     let pending_events = e
         .events()
         .into_iter()

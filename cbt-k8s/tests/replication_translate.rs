@@ -1898,6 +1898,18 @@ fn dell_unlabelled_new_pvc_is_pending_not_refused() {
     );
     assert!(conditions::ramen_accepts_primary(&g.replication, 1));
 
+    // A requested transition is not held back by a pending PVC (a failover must not wait
+    // on a PVC Dell may never label): the verb goes to the protection group as it is.
+    let mut r3 = dell_req(ReplicationState::Secondary, false);
+    r3.pvcs.push(pvc("c", DELL, &[("app", "shop")], &[]));
+    let p = plan(&r3, &obs).expect("plan");
+    assert_eq!(dell_verbs(&p), ["FAILOVER_REMOTE"]);
+    let msg = &p.status.as_ref().expect("status").replication().message;
+    assert!(
+        msg.contains("PVC c not yet in protection group rg-1"),
+        "{msg}"
+    );
+
     // No labelled member at all: no group to report, the PVC is refused.
     let r = req(
         grp(&vgr(ReplicationState::Primary, false, true)),

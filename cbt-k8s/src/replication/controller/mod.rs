@@ -421,8 +421,23 @@ async fn reconcile_with(
         req.class.as_ref(),
         the_plan.rejection.is_none() && backend.is_some_and(|b| b != Backend::CephRbd),
     ) {
+        // The content lists the group the plan reports (on PowerStore a selected PVC the
+        // sidecar has not put in the protection group yet is not replicated, so not listed).
+        let listed: Vec<String> = match &the_plan.status {
+            Some(SubjectStatus::Group(g)) => g
+                .persistent_volume_claims_ref_list
+                .iter()
+                .map(|r| r.name.clone())
+                .collect(),
+            _ => req
+                .subject
+                .group_pvcs
+                .iter()
+                .map(|r| r.name.clone())
+                .collect(),
+        };
         let volumes = reader
-            .volume_handles(&req.subject.namespace, &member_names, &class.provisioner)
+            .volume_handles(&req.subject.namespace, &listed, &class.provisioner)
             .await?;
         if let Some(want) = content::desired(vgr, &class.provisioner, &volumes) {
             match content::apply(ctx, vgr, subject_rv.as_deref(), &want).await? {
