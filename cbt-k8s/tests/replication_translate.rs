@@ -1923,3 +1923,51 @@ fn dell_unlabelled_new_pvc_is_pending_not_refused() {
         p.rejection
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Dell: selected PVCs the sidecar has not labelled yet change nothing but the message
+    /// (and one event): same verb, same refusal, same state and conditions, members are
+    /// the labelled PVCs; and the note's event is not repeated by the next reconcile.
+    #[test]
+    fn dell_pending_pvcs_change_only_the_message(
+        desired in any_state(),
+        auto in any::<bool>(),
+        is_source in any::<bool>(),
+        link in any_link(),
+        state in any_rg_state(),
+        pending in 1usize..4,
+    ) {
+        let mut g = rg_named("rg-1", is_source, &link);
+        g.status.as_mut().expect("st").state = state;
+        let obs = Observed::Dell(DellObserved { groups: vec![g] });
+        let base = dell_req(desired, auto);
+        let mut with = base.clone();
+        let names: Vec<String> = (0..pending).map(|i| format!("new{i}")).collect();
+        for n in &names {
+            with.pvcs.push(pvc(n, DELL, &[("app", "shop")], &[]));
+        }
+        let p0 = plan(&base, &obs).expect("plan");
+        let p1 = plan(&with, &obs).expect("plan");
+        prop_assert_eq!(&p1.writes, &p0.writes);
+        prop_assert_eq!(&p1.rejection, &p0.rejection);
+        let (Some(SubjectStatus::Group(s0)), Some(SubjectStatus::Group(s1))) = (&p0.status, &p1.status) else {
+            return Err(TestCaseError::fail(format!("{:?} / {:?}", p0.status, p1.status)));
+        };
+        prop_assert_eq!(&s1.replication.state, &s0.replication.state);
+        prop_assert_eq!(&s1.replication.conditions, &s0.replication.conditions);
+        prop_assert_eq!(&s1.persistent_volume_claims_ref_list, &s0.persistent_volume_claims_ref_list);
+        if p0.rejection.is_none() {
+            let refs: Vec<&str> = s1.persistent_volume_claims_ref_list.iter().map(|r| r.name.as_str()).collect();
+            prop_assert_eq!(refs, ["a", "b"]);
+            for n in &names {
+                prop_assert!(s1.replication.message.contains(n.as_str()), "{}", s1.replication.message);
+            }
+            let waits = |p: &Plan| p.events.iter().filter(|e| e.reason == dell::PENDING_EVENT_REASON).count();
+            prop_assert_eq!(waits(&p1), 1);
+            let again = plan(&with_status(with.clone(), &p1), &obs).expect("plan");
+            prop_assert_eq!(waits(&again), 0);
+        }
+    }
+}
