@@ -36,7 +36,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::ops::Range;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -86,6 +86,9 @@ struct Inner {
     sync_each_max: usize,
     counts: SyncCounters,
 }
+
+/// Threads that fsync a batch at once (see [`Inner::fsync_all`]).
+const SYNC_THREADS: usize = 16;
 
 /// Handles kept until the next sync by default: past a few hundred fsyncs one `syncfs` is
 /// cheaper, and the handles stay well under the usual limit of 1,024 open files.
@@ -503,17 +506,16 @@ impl Inner {
             let root = self.root_dir("")?;
             rfs::syncfs(&root).map_err(|e| io_at("")(e.into()))
         } else {
-            (|| {
-                for (key, file) in &taken.files {
-                    file.sync_all().map_err(io_at(key))?;
-                    self.counts.files.fetch_add(1, Ordering::Relaxed);
-                }
-                for (path, dir) in &taken.dirs {
-                    rfs::fsync(dir).map_err(|e| io_at(path)(e.into()))?;
-                    self.counts.dirs.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(())
-            })()
+            let jobs: Vec<(&str, std::os::fd::BorrowedFd<'_>, bool)> = (taken.files.iter())
+                .map(|(key, file)| (key.as_str(), file.as_fd(), false))
+                .chain(
+                    taken
+                        .dirs
+                        .iter()
+                        .map(|(p, d)| (p.as_str(), d.as_fd(), true)),
+                )
+                .collect();
+            self.fsync_all(&jobs)
         };
         if result.is_err()
             && let Ok(mut p) = self.pending.lock()
@@ -524,6 +526,50 @@ impl Inner {
             p.dirs.clear();
         }
         result
+    }
+
+    /// Fsyncs `jobs` (name, handle, is a directory) from up to [`SYNC_THREADS`] threads at
+    /// once: each fsync waits for a journal commit or a device cache flush, and concurrent
+    /// ones share them (measured: 45 one after another took 56 ms on a virtio disk).
+    fn fsync_all(
+        &self,
+        jobs: &[(&str, std::os::fd::BorrowedFd<'_>, bool)],
+    ) -> Result<(), StoreError> {
+        let run = |part: &[(&str, std::os::fd::BorrowedFd<'_>, bool)]| -> Result<(), StoreError> {
+            for (name, fd, is_dir) in part {
+                rfs::fsync(fd).map_err(|e| io_at(name)(e.into()))?;
+                let counter = if *is_dir {
+                    &self.counts.dirs
+                } else {
+                    &self.counts.files
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        };
+        if jobs.len() <= 1 {
+            return run(jobs);
+        }
+        let per_thread = jobs.len().div_ceil(SYNC_THREADS);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = jobs
+                .chunks(per_thread)
+                .map(|part| scope.spawn(move || run(part)))
+                .collect();
+            let mut result = Ok(());
+            for worker in workers {
+                let outcome = worker.join().unwrap_or_else(|_| {
+                    Err(StoreError::Io {
+                        key: String::new(),
+                        source: io::Error::other("local store fsync thread panicked"),
+                    })
+                });
+                if result.is_ok() {
+                    result = outcome;
+                }
+            }
+            result
+        })
     }
 
     fn unsafe_path(key: &str, segments: &[&str]) -> StoreError {
