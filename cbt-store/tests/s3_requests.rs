@@ -161,7 +161,8 @@ async fn full_incremental_and_restore_stay_within_their_request_budgets() {
     assert!(again.head <= CHUNKS + 2, "{again:?}");
     assert!(again.total() <= CHUNKS + 20, "{again:?}");
 
-    // Restore: one get per chunk and one listing to check they are all there, not a head each.
+    // Restore into a new file: one get per chunk and no presence pass (a missing chunk fails
+    // its fetch, and the partial file is removed).
     let (s3, _) = connect(&server).await;
     let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
     let out = fx.path("out.img");
@@ -174,6 +175,34 @@ async fn full_incremental_and_restore_stay_within_their_request_budgets() {
     .await;
     assert!(std::fs::read(&out).unwrap() == img);
     assert_eq!(rest.head, 0, "a head per chunk is back: {rest:?}");
-    assert_eq!(rest.list, 1, "{rest:?}");
+    assert_eq!(rest.list, 0, "{rest:?}");
     assert!(rest.total() <= CHUNKS + 8, "{rest:?}");
+
+    // Restore in place over that file: every chunk is checked before the first write, by one
+    // listing of `chunks/`, not a head each.
+    let (s3, _) = connect(&server).await;
+    let store: Arc<dyn ObjectStore> = Arc::new(s3.clone());
+    let (_, in_place) = counted(&s3, async {
+        let repo = Repository::open(store.clone()).await.unwrap();
+        let opts = engine::RestoreOptions {
+            overwrite: true,
+            in_place: true,
+            dry_run: false,
+        };
+        engine::restore(
+            &repo,
+            &vol("pvc"),
+            &snap("two"),
+            &out,
+            &opts,
+            &engine_opts(),
+        )
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(std::fs::read(&out).unwrap() == img);
+    assert_eq!(in_place.head, 0, "a head per chunk is back: {in_place:?}");
+    assert_eq!(in_place.list, 1, "{in_place:?}");
+    assert!(in_place.total() <= CHUNKS + 8, "{in_place:?}");
 }
