@@ -370,13 +370,9 @@ fn in_place() -> RestoreOptions {
     }
 }
 
-/// An in-place restore of a snapshot with a missing chunk refuses before it writes anything:
-/// the device keeps every byte it had (it used to be zeroed and partly overwritten first).
-#[tokio::test]
-async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
-    let fx = Fixture::new().await;
-    let img = image(SIZE, 9);
-    let src = fx.write("d.img", &img);
+/// Backs up `v`/`s` and deletes the file of its last stored chunk; returns that chunk's index.
+async fn snapshot_missing_its_last_chunk(fx: &Fixture) -> u64 {
+    let src = fx.write("d.img", &image(SIZE, 9));
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
@@ -388,7 +384,16 @@ async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
         .iter_stored()
         .last()
         .unwrap();
-    std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
+    std::fs::remove_file(chunk_file(fx, &r.hash)).unwrap();
+    index
+}
+
+/// An in-place restore of a snapshot with a missing chunk refuses before it writes anything:
+/// the device keeps every byte it had (it used to be zeroed and partly overwritten first).
+#[tokio::test]
+async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
+    let fx = Fixture::new().await;
+    let index = snapshot_missing_its_last_chunk(&fx).await;
 
     let device = fx.write("device.img", &vec![0xAA; SIZE]);
     let err = engine::restore(
@@ -421,20 +426,7 @@ async fn a_new_file_restore_finds_a_missing_chunk_by_fetching_it() {
     use cbt_store::store::Op;
     use cbt_store::store::fault::FaultyStore;
     let fx = Fixture::new().await;
-    let img = image(SIZE, 9);
-    let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
-    let (index, r) = out
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .last()
-        .unwrap();
-    std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
+    let index = snapshot_missing_its_last_chunk(&fx).await;
     let counting = Arc::new(FaultyStore::new(fx.store.clone()));
     let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
         .await
