@@ -200,6 +200,95 @@ async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
     assert!(fx.repo.list_snapshots(None).await.unwrap().is_empty());
 }
 
+/// [`BackupMode::IncrementalOf`] is handed the parent's head and does not read it again
+/// before the commit: whatever happened to the parent since the caller read it (deleted,
+/// replaced under its name, collected) is caught, and nothing is committed or left locked.
+#[tokio::test]
+async fn incremental_of_a_given_head_refuses_a_parent_that_no_longer_stands() {
+    let fx = Fixture::new().await;
+    let mut img = image(SIZE, 21);
+    let path = fx.write("d.img", &img);
+    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    let head_a = a.head.clone();
+    let changed = mutate(&mut img, 2, 3000, 6);
+    std::fs::write(&path, &img).unwrap();
+    let incremental = |parent: &cbt_core::manifest::ManifestHead| BackupMode::IncrementalOf {
+        parent: Box::new(parent.clone()),
+        changed: changed.clone(),
+    };
+    let refused = |mode: BackupMode| {
+        let (repo, path) = (fx.repo.clone(), path.clone());
+        async move {
+            let err = backup_file(&repo, &path, request("v", "b", mode, 20))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+            assert!(!repo.snapshot_exists(&vol("v"), &snap("b")).await.unwrap());
+            assert!(repo.list_locks().await.unwrap().is_empty());
+        }
+    };
+
+    // Deleted (not yet collected): its segments are still there; the commit finds it gone.
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("a"))
+        .await
+        .unwrap();
+    refused(incremental(&head_a)).await;
+
+    // Replaced under its name: the commit finds another id.
+    let other = fx.write("other.img", &image(SIZE, 98));
+    backup_file(&fx.repo, &other, request("v", "a", full(), 15))
+        .await
+        .unwrap();
+    refused(incremental(&head_a)).await;
+
+    // ... and collected: its map segments are gone before the lock is even taken, which is
+    // reported as the parent replaced, not as damage.
+    let gc = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(16),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert!(gc.deleted_chunks > 0, "the old parent's chunks are gone");
+    refused(incremental(&head_a)).await;
+
+    // A head that is not the stored one: the right id, but another snapshot's map.
+    let head_new = fx.repo.load_head(&vol("v"), &snap("a")).await.unwrap();
+    let c = backup_file(&fx.repo, &path, request("v", "c", full(), 17))
+        .await
+        .unwrap();
+    let forged = cbt_core::manifest::ManifestHead {
+        map: c.head.map,
+        ..head_new.clone()
+    };
+    assert_ne!(forged.map, head_new.map);
+    refused(incremental(&forged)).await;
+
+    // A head of another volume is refused before anything is written.
+    let wrong_volume = cbt_core::manifest::ManifestHead {
+        volume: vol("w"),
+        ..head_new.clone()
+    };
+    refused(incremental(&wrong_volume)).await;
+
+    // The head as stored now: committed, with that parent.
+    let b = backup_file(
+        &fx.repo,
+        &path,
+        request("v", "b", incremental(&head_new), 20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.head.parent, Some(head_new.as_parent()));
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
+}
+
 /// A parent whose map was edited by the caller (not what the repository holds) is refused:
 /// the child would otherwise reference chunks nobody checked.
 #[tokio::test]
