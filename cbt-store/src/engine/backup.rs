@@ -22,8 +22,8 @@ use futures::{StreamExt, TryStreamExt};
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::EncodedChunk;
 use crate::repo::{
-    ChunkAt, EntryGauge, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock, Repository, Result,
-    random_id,
+    ChunkAt, ChunkNovelty, EntryGauge, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
+    Repository, Result, random_id,
 };
 
 /// Full or incremental.
@@ -1215,7 +1215,7 @@ async fn run_pipeline(
                         deduplicated: false,
                         from_parent: false,
                     },
-                    Encoded::Data(r, e) => upload(repo, parent, &known, r, e).await?,
+                    Encoded::Data(r, e) => upload(repo, parent, compare, &known, r, e).await?,
                 };
                 let snapshot = {
                     let mut p = progress.lock().map_err(|_| RepoError::Internal {
@@ -1296,6 +1296,7 @@ const KNOWN_CHUNKS_CAP: usize = 65_536;
 async fn upload(
     repo: &Repository,
     parent: Option<ParentView<'_>>,
+    compare: Option<ParentView<'_>>,
     known: &Mutex<HashMap<ChunkHash, u64>>,
     r: ChunkRead,
     e: EncodedChunk,
@@ -1327,8 +1328,15 @@ async fn upload(
             from_parent,
         });
     }
+    // Not the parent's chunk at this place (same geometry): changed since the parent, and
+    // most likely stored nowhere yet, so not asked for before it is created.
+    let novelty = if compare.is_some() {
+        ChunkNovelty::Changed
+    } else {
+        ChunkNovelty::Unknown
+    };
     let body_len = e.body.len() as u64;
-    let put = repo.put_chunk(e).await?;
+    let put = repo.put_chunk_as(e, novelty).await?;
     {
         let mut known = known.lock().map_err(|_| poisoned())?;
         if known.len() >= KNOWN_CHUNKS_CAP {
