@@ -245,7 +245,7 @@ async fn run(size: u64) -> Res<()> {
             volume: volume.clone(),
             snapshot: SnapshotName::new("incr")?,
             mode: BackupMode::IncrementalOf {
-                parent: full.head.as_parent(),
+                parent: Box::new(full.head.clone()),
                 changed,
             },
             created: Timestamp::from_unix_secs(3),

@@ -148,7 +148,7 @@ async fn run(size: u64, chunk: u64) -> Result<Incremental, Error> {
             volume: full.head.volume.clone(),
             snapshot: SnapshotName::new("incr")?,
             mode: BackupMode::IncrementalOf {
-                parent: full.head.as_parent(),
+                parent: Box::new(full.head.clone()),
                 changed,
             },
             created: Timestamp(2),

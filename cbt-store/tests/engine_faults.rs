@@ -126,11 +126,19 @@ async fn lost_manifest_write_and_lost_answers_resume_cleanly() {
         .await
         .unwrap_err();
     assert!(matches!(err, RepoError::SnapshotExists { .. }));
+    // The name is checked while the lock is taken (one round trip for both): the lock is the
+    // only write, it is gone again, and no chunk was even asked for.
     assert_eq!(
         faulty.calls(Op::Put),
-        0,
+        1,
         "an existing snapshot is refused before any upload"
     );
+    assert_eq!(
+        faulty.calls(Op::Head),
+        1,
+        "only the snapshot's name is looked up"
+    );
+    assert!(repo.list_locks().await.unwrap().is_empty());
     let target = fx.path("r.img");
     restore_file(&repo, &vol("v"), &snap("s"), &target)
         .await

@@ -51,15 +51,15 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
             .parent,
         Some(parent)
     );
-    // Only the 3 mutated chunks are new: they alone are checked and uploaded.
+    // Only the 3 mutated chunks are new: they alone are uploaded.
     assert_eq!(out.stats.objects_written, 3);
     // Puts: the lock, 3 chunks, the manifest's one map segment and its head. Heads: the name
-    // check, the 3 new chunks and, before the commit, the parent's manifest; the unchanged
-    // chunks are vouched for by the parent, whose existence is checked once instead of each of
-    // its chunks.
+    // check and, before the commit, the parent's manifest; the unchanged chunks are vouched
+    // for by the parent, whose existence is checked once instead of each of its chunks, and
+    // the changed ones (not the parent's at their place) are created without asking first.
     assert_eq!(faulty.calls(Op::Put), 6, "{:?}", faulty.call_counts());
     assert!(out.manifest.as_ref().unwrap().chunks.stored_count() > 10);
-    assert_eq!(faulty.calls(Op::Head), 5, "{:?}", faulty.call_counts());
+    assert_eq!(faulty.calls(Op::Head), 2, "{:?}", faulty.call_counts());
     assert_eq!(out.stats.bytes_changed, 3 * CS);
     assert!(
         out.stats.bytes_read > 3 * CS,
@@ -198,6 +198,95 @@ async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
         .unwrap_err();
     assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
     assert!(fx.repo.list_snapshots(None).await.unwrap().is_empty());
+}
+
+/// [`BackupMode::IncrementalOf`] is handed the parent's head and does not read it again
+/// before the commit: whatever happened to the parent since the caller read it (deleted,
+/// replaced under its name, collected) is caught, and nothing is committed or left locked.
+#[tokio::test]
+async fn incremental_of_a_given_head_refuses_a_parent_that_no_longer_stands() {
+    let fx = Fixture::new().await;
+    let mut img = image(SIZE, 21);
+    let path = fx.write("d.img", &img);
+    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
+        .await
+        .unwrap();
+    let head_a = a.head.clone();
+    let changed = mutate(&mut img, 2, 3000, 6);
+    std::fs::write(&path, &img).unwrap();
+    let incremental = |parent: &cbt_core::manifest::ManifestHead| BackupMode::IncrementalOf {
+        parent: Box::new(parent.clone()),
+        changed: changed.clone(),
+    };
+    let refused = |mode: BackupMode| {
+        let (repo, path) = (fx.repo.clone(), path.clone());
+        async move {
+            let err = backup_file(&repo, &path, request("v", "b", mode, 20))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+            assert!(!repo.snapshot_exists(&vol("v"), &snap("b")).await.unwrap());
+            assert!(repo.list_locks().await.unwrap().is_empty());
+        }
+    };
+
+    // Deleted (not yet collected): its segments are still there; the commit finds it gone.
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("a"))
+        .await
+        .unwrap();
+    refused(incremental(&head_a)).await;
+
+    // Replaced under its name: the commit finds another id.
+    let other = fx.write("other.img", &image(SIZE, 98));
+    backup_file(&fx.repo, &other, request("v", "a", full(), 15))
+        .await
+        .unwrap();
+    refused(incremental(&head_a)).await;
+
+    // ... and collected: its map segments are gone before the lock is even taken, which is
+    // reported as the parent replaced, not as damage.
+    let gc = fx
+        .repo
+        .gc(&GcOptions {
+            now: Timestamp(16),
+            dry_run: false,
+            grace: std::time::Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert!(gc.deleted_chunks > 0, "the old parent's chunks are gone");
+    refused(incremental(&head_a)).await;
+
+    // A head that is not the stored one: the right id, but another snapshot's map.
+    let head_new = fx.repo.load_head(&vol("v"), &snap("a")).await.unwrap();
+    let c = backup_file(&fx.repo, &path, request("v", "c", full(), 17))
+        .await
+        .unwrap();
+    let forged = cbt_core::manifest::ManifestHead {
+        map: c.head.map,
+        ..head_new.clone()
+    };
+    assert_ne!(forged.map, head_new.map);
+    refused(incremental(&forged)).await;
+
+    // A head of another volume is refused before anything is written.
+    let wrong_volume = cbt_core::manifest::ManifestHead {
+        volume: vol("w"),
+        ..head_new.clone()
+    };
+    refused(incremental(&wrong_volume)).await;
+
+    // The head as stored now: committed, with that parent.
+    let b = backup_file(
+        &fx.repo,
+        &path,
+        request("v", "b", incremental(&head_new), 20),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.head.parent, Some(head_new.as_parent()));
+    assert!(fx.repo.list_locks().await.unwrap().is_empty());
 }
 
 /// A parent whose map was edited by the caller (not what the repository holds) is refused:

@@ -408,7 +408,7 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str, imgs: Vec<Vec<
     let work = tempfile::tempdir().unwrap();
     let root = out.join(name);
     let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
-    let mut parent: Option<cbt_core::manifest::ParentRef> = None;
+    let mut parent: Option<cbt_core::manifest::ManifestHead> = None;
     let mut expected = Expected {
         format: repo.config().version,
         snapshots: Vec::new(),
@@ -433,7 +433,7 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str, imgs: Vec<Vec<
                     }
                 }
                 BackupMode::IncrementalOf {
-                    parent: p,
+                    parent: Box::new(p),
                     changed: RangeSet::try_from_extents(extents).unwrap(),
                 }
             }
@@ -471,7 +471,7 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str, imgs: Vec<Vec<
             labels: m.labels.clone(),
             image_blake3: blake3_hex(img),
         });
-        parent = Some(done.head.as_parent());
+        parent = Some(done.head.clone());
     }
     std::fs::remove_dir_all(root.join(".cbt-tmp")).unwrap();
     expected.files = file_sums(&root);
@@ -597,7 +597,7 @@ async fn an_incremental_of_a_v1_parent_writes_v2() {
         volume: volume.clone(),
         snapshot: SnapshotName::new("snap-4").unwrap(),
         mode: BackupMode::IncrementalOf {
-            parent: parent.as_parent(),
+            parent: Box::new(parent.clone()),
             changed: RangeSet::try_from_extents([(0, CS as u64)]).unwrap(),
         },
         created: Timestamp(1_767_225_600_000 + 5 * 86_400_000),

@@ -38,7 +38,7 @@ async fn two_snapshots(fx: &Fixture) -> (Vec<u8>, Vec<u8>, engine::BackupOutcome
     next[100..110].copy_from_slice(b"0123456789");
     std::fs::write(&path, &next).unwrap();
     let mode = BackupMode::IncrementalOf {
-        parent: a.head.as_parent(),
+        parent: Box::new(a.head.clone()),
         changed: cbt_core::RangeSet::try_from_extents([(100, 10)]).unwrap(),
     };
     let b = backup_file(&fx.repo, &path, request("v", "b", mode, 20))
@@ -229,7 +229,7 @@ async fn encrypted_segments_are_sealed_and_keyed() {
     next[SIZE - 50..SIZE - 40].copy_from_slice(b"0123456789");
     std::fs::write(&path, &next).unwrap();
     let mode = BackupMode::IncrementalOf {
-        parent: a.head.as_parent(),
+        parent: Box::new(a.head.clone()),
         changed: cbt_core::RangeSet::try_from_extents([((SIZE - 50) as u64, 10)]).unwrap(),
     };
     let b = backup_file(&repo, &path, request("v", "b", mode, 20))

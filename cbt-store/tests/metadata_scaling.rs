@@ -236,7 +236,7 @@ async fn run(size: u64) -> Run {
         request(
             "incr",
             BackupMode::IncrementalOf {
-                parent: full.head.as_parent(),
+                parent: Box::new(full.head.clone()),
                 changed,
             },
         ),

@@ -11,8 +11,8 @@ use cbt_core::{ChunkState, CoreError, Manifest, Timestamp};
 use cbt_store::chunk::{self, ChunkDecodeError};
 use cbt_store::engine::{self, BackupOutcome, RestoreOptions};
 use cbt_store::repo::{
-    BreakMode, GcOptions, HolderState, ProblemKind, RepoError, Repository, VerifyOptions,
-    manifest_key,
+    BreakMode, ChunkNovelty, GcOptions, HolderState, ProblemKind, RepoError, Repository,
+    VerifyOptions, manifest_key,
 };
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
 use cbt_store::store::{ErrorKind, ObjectStore, Op, PutMode};
@@ -600,4 +600,67 @@ async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy
     assert!(!again.uploaded);
     let put_calls = faulty.calls(Op::Put);
     assert_eq!(put_calls, 0, "the stored chunk was sent again");
+}
+
+#[tokio::test]
+async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count() {
+    let fx = Fixture::new().await;
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    let repo = Repository::open(store).await.unwrap();
+    let changed = |seed: u64| chunk::encode(&noise(seed, 3000), 1);
+
+    // New content an incremental reports changed: created at once, one request each.
+    for i in 0..5 {
+        let put = repo
+            .put_chunk_as(changed(700 + i), ChunkNovelty::Changed)
+            .await
+            .unwrap();
+        assert!(put.uploaded);
+    }
+    assert_eq!(faulty.calls(Op::Head), 0);
+    assert_eq!(faulty.calls(Op::Put), 5);
+
+    // A damaged copy is stored: the refused create finds it, and it is replaced.
+    let victim = changed(800);
+    let key = chunk::chunk_key(&victim.chunk.hash);
+    fx.store
+        .put(&key, Bytes::from_static(b"not a chunk"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let put = repo
+        .put_chunk_as(victim.clone(), ChunkNovelty::Changed)
+        .await
+        .unwrap();
+    assert!(put.uploaded);
+    assert_eq!(put.chunk, victim.chunk);
+    assert_eq!(fx.store.get(&key).await.unwrap(), victim.body);
+
+    // A copy was just found stored (as when a failed run is resumed): the next changed chunk
+    // is asked for first, and an intact stored copy is not sent again.
+    faulty.reset_counts();
+    let again = repo
+        .put_chunk_as(victim.clone(), ChunkNovelty::Changed)
+        .await
+        .unwrap();
+    assert!(!again.uploaded);
+    assert_eq!(again.chunk, victim.chunk);
+    assert_eq!(faulty.calls(Op::Put), 0, "the stored chunk was sent again");
+    assert_eq!(faulty.calls(Op::Head), 1);
+
+    // Once a chunk is missing again, changed chunks go straight to the create once more.
+    faulty.reset_counts();
+    for i in 0..3 {
+        let put = repo
+            .put_chunk_as(changed(900 + i), ChunkNovelty::Changed)
+            .await
+            .unwrap();
+        assert!(put.uploaded);
+    }
+    assert_eq!(
+        faulty.calls(Op::Head),
+        1,
+        "only the first after the stored one asks"
+    );
+    assert_eq!(faulty.calls(Op::Put), 3);
 }

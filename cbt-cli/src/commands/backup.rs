@@ -172,11 +172,12 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
             (plan.mode, plan.volume_size)
         }
         (None, Some(changed), Some(parent)) => {
-            // The head only: the engine reads just the map segments the change touches.
+            // The head only, read once: the engine reads just the map segments the change
+            // touches, and checks at the commit that the parent is still this head.
             let parent_head = repo.load_head(&volume, &parent).await?;
             (
                 BackupMode::IncrementalOf {
-                    parent: parent_head.as_parent(),
+                    parent: Box::new(parent_head),
                     changed: changed.ranges,
                 },
                 Some(changed.volume_size),

@@ -22,8 +22,8 @@ use futures::{StreamExt, TryStreamExt};
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::EncodedChunk;
 use crate::repo::{
-    ChunkAt, EntryGauge, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock, Repository, Result,
-    random_id,
+    ChunkAt, ChunkNovelty, EntryGauge, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
+    Repository, Result, random_id,
 };
 
 /// Full or incremental.
@@ -48,15 +48,19 @@ pub enum BackupMode {
         /// Byte ranges changed since the parent.
         changed: RangeSet,
     },
-    /// An incremental against a stored parent named by `parent`, reading as little of the
-    /// parent as possible: its head and, in format 2, only the map segments on the paths to
-    /// the chunks `changed` touches. The new snapshot's map shares every other segment with
-    /// the parent, so the metadata written and read follows the change, not the volume (see
-    /// [`cbt_core::maptree`]). A format-1 parent, or a resized volume, is read whole. The
-    /// outcome carries the head ([`BackupOutcome::head`]), not a full map.
+    /// An incremental against the stored parent whose head the caller loaded
+    /// ([`Repository::load_head`], or the [`BackupOutcome::head`] of the backup that made it),
+    /// reading as little of the parent as possible: in format 2, only the map segments on the
+    /// paths to the chunks `changed` touches; the head is not read again before the commit,
+    /// which checks that the stored head is still this one (a parent deleted or replaced since
+    /// the caller read it fails the backup, nothing committed). The new snapshot's map shares
+    /// every other segment with the parent, so the metadata written and read follows the
+    /// change, not the volume (see [`cbt_core::maptree`]). A format-1 parent, or a resized
+    /// volume, is read whole. The outcome carries the head ([`BackupOutcome::head`]), not a
+    /// full map.
     IncrementalOf {
-        /// The stored snapshot this one is based on.
-        parent: ParentRef,
+        /// The stored snapshot this one is based on, as loaded from the repository.
+        parent: Box<ManifestHead>,
         /// Byte ranges changed since the parent.
         changed: RangeSet,
     },
@@ -224,8 +228,23 @@ pub async fn backup(
                 in_ranges,
             )
         }
-        BackupMode::IncrementalOf { parent, changed } => {
-            let head = load_parent_head(repo, &req.volume, parent).await?;
+        BackupMode::IncrementalOf {
+            parent: head,
+            changed,
+        } => {
+            if head.volume != req.volume {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!(
+                        "parent {}/{} belongs to another volume than {}",
+                        head.volume, head.snapshot, req.volume
+                    ),
+                });
+            }
+            if head.snapshot == req.snapshot {
+                return Err(RepoError::InvalidRequest {
+                    reason: format!("snapshot {} cannot be its own parent", req.snapshot),
+                });
+            }
             if let Some(cs) = req.chunk_size.filter(|cs| *cs != head.chunk_size()) {
                 return Err(RepoError::InvalidRequest {
                     reason: format!(
@@ -264,15 +283,57 @@ pub async fn backup(
             )
         }
     };
-    if repo.snapshot_exists(&req.volume, &req.snapshot).await? {
-        return Err(RepoError::SnapshotExists {
-            volume: req.volume.to_string(),
-            snapshot: req.snapshot.to_string(),
-        });
-    }
     let purpose = format!("backup {}/{}", req.volume, req.snapshot);
     let now = Timestamp::from_system_time(std::time::SystemTime::now());
-    let lock = repo.lock_shared(&purpose, now).await?;
+    // Three independent steps go together (each is a round trip or more on S3): whether the
+    // name is taken, the lock, and the parent's map segments on the changed paths. Reading
+    // those segments before the lock is safe: they are immutable and named by their content,
+    // so what is read is right whenever it is read, and the commit checks that the parent
+    // still stands as the caller read it, so they are still there (see `ParentCheck::Same`).
+    let lean = match &req.mode {
+        BackupMode::IncrementalOf { parent, .. } => {
+            lean_root(parent, plan.geometry()).map(|root| (parent.as_ref(), root))
+        }
+        _ => None,
+    };
+    let preload = async {
+        match lean {
+            Some((head, root)) => load_lean(repo, head, root, &plan).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (exists, lock, preloaded) = tokio::join!(
+        repo.snapshot_exists(&req.volume, &req.snapshot),
+        repo.lock_shared(&purpose, now),
+        preload
+    );
+    let early = match (exists, preloaded) {
+        (Ok(true), _) => Err(RepoError::SnapshotExists {
+            volume: req.volume.to_string(),
+            snapshot: req.snapshot.to_string(),
+        }),
+        (Err(e), _) => Err(e),
+        (Ok(false), Err(e)) => Err(match lean {
+            // A segment gone missing is most likely a parent pruned (and collected) since the
+            // caller read its head: say so rather than report damage.
+            Some((head, _)) => match check_parent_same(repo, head).await {
+                Err(gone) => gone,
+                Ok(()) => e,
+            },
+            None => e,
+        }),
+        (Ok(false), Ok(p)) => Ok(p),
+    };
+    let (lock, preloaded) = match (lock, early) {
+        (Ok(lock), Ok(p)) => (lock, p),
+        (Ok(lock), Err(e)) => {
+            // The original error matters more than a failure to release.
+            let _ = lock.release().await;
+            return Err(e);
+        }
+        // The name taken, or the parent gone, is the more useful answer than a held lock.
+        (Err(_), Err(e)) | (Err(e), Ok(_)) => return Err(e),
+    };
     let result = run_locked(
         repo,
         source,
@@ -282,6 +343,7 @@ pub async fn backup(
         bytes_in_ranges,
         started,
         &lock,
+        preloaded,
     )
     .await;
     match result {
@@ -373,26 +435,50 @@ fn lean_root(head: &ManifestHead, geometry: &ChunkGeometry) -> Option<Option<Seg
     }
 }
 
-/// Loads the paths of a format-2 parent to the planned chunks.
-async fn load_lean<'a>(
-    repo: &Repository,
+/// A format-2 parent's paths to the planned chunks, and what reading them cost.
+struct LeanParent {
     head: ManifestHead,
+    shape: TreeShape,
+    root: Option<SegmentRef>,
+    loaded: LoadedTree,
+    metadata: MetadataIo,
+}
+
+impl LeanParent {
+    fn into_parent<'a>(self, given: Option<&'a Manifest>, metadata: &mut MetadataIo) -> Parent<'a> {
+        metadata.parent_segment_bytes_read = self.metadata.parent_segment_bytes_read;
+        metadata.parent_segments_read = self.metadata.parent_segments_read;
+        Parent::Lean {
+            head: self.head,
+            shape: self.shape,
+            root: self.root,
+            loaded: self.loaded,
+            given,
+        }
+    }
+}
+
+/// Loads the paths of a format-2 parent to the planned chunks.
+async fn load_lean(
+    repo: &Repository,
+    head: &ManifestHead,
     root: Option<SegmentRef>,
     plan: &BackupPlan,
-    given: Option<&'a Manifest>,
-    metadata: &mut MetadataIo,
-) -> Result<Parent<'a>> {
+) -> Result<LeanParent> {
     let shape = TreeShape::new(head.geometry);
     let changed: BTreeSet<u64> = plan.chunks().iter().collect();
     let (loaded, bytes) = repo.load_paths(&shape, root, &changed).await?;
-    metadata.parent_segment_bytes_read = bytes;
-    metadata.parent_segments_read = (loaded.nodes.len() + loaded.leaves.len()) as u64;
-    Ok(Parent::Lean {
-        head,
+    let metadata = MetadataIo {
+        parent_segment_bytes_read: bytes,
+        parent_segments_read: (loaded.nodes.len() + loaded.leaves.len()) as u64,
+        ..MetadataIo::default()
+    };
+    Ok(LeanParent {
+        head: head.clone(),
         shape,
         root,
         loaded,
-        given,
+        metadata,
     })
 }
 
@@ -406,10 +492,12 @@ async fn run_locked(
     bytes_in_ranges: u64,
     started: Instant,
     lock: &RepoLock,
+    preloaded: Option<LeanParent>,
 ) -> Result<BackupOutcome> {
     // Under the lock no GC can start, so the parent (and every chunk it references) stays
     // as long as it still exists now, with the same id: a parent deleted and re-created under
     // the same name before we got here may have lost chunks the caller's copy references.
+    // A parent read before the lock (`preloaded`) is checked at the commit instead.
     let geometry = *plan.geometry();
     let mut metadata = MetadataIo::default();
     let parent: Option<Parent<'_>> = match &req.mode {
@@ -434,21 +522,21 @@ async fn run_locked(
             let head = load_parent_head(repo, &req.volume, &link).await?;
             match lean_root(&head, &geometry) {
                 // Format 2: the new map is still written as the changed segments only.
-                Some(root) => {
-                    Some(load_lean(repo, head, root, &plan, Some(given), &mut metadata).await?)
-                }
+                Some(root) => Some(
+                    load_lean(repo, &head, root, &plan)
+                        .await?
+                        .into_parent(Some(given), &mut metadata),
+                ),
                 None => Some(Parent::Whole(Cow::Borrowed(given.as_ref()))),
             }
         }
-        BackupMode::IncrementalOf { parent: link, .. } => {
-            let head = load_parent_head(repo, &req.volume, link).await?;
-            match lean_root(&head, &geometry) {
-                Some(root) => Some(load_lean(repo, head, root, &plan, None, &mut metadata).await?),
-                None => Some(Parent::Whole(Cow::Owned(
-                    load_parent(repo, &req.volume, &link.snapshot, &link.snapshot_id).await?,
-                ))),
-            }
-        }
+        BackupMode::IncrementalOf { parent: head, .. } => match preloaded {
+            Some(lean) => Some(lean.into_parent(None, &mut metadata)),
+            // Format 1, or resized: read whole under the lock, and checked to be the caller's.
+            None => Some(Parent::Whole(Cow::Owned(
+                load_parent(repo, &req.volume, &head.snapshot, &head.snapshot_id).await?,
+            ))),
+        },
         BackupMode::FullWithParent { parent, .. } => Some(Parent::Whole(Cow::Owned(
             load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
         ))),
@@ -518,7 +606,17 @@ async fn run_locked(
         stats,
     };
     let name = format!("{}/{}", req.volume, req.snapshot);
-    let parent_names = parent.as_ref().map(Parent::names);
+    let parent_check = match (&req.mode, &parent) {
+        // Read before the lock: the stored head must still be the one read.
+        (BackupMode::IncrementalOf { .. }, Some(Parent::Lean { head, .. })) => {
+            Some(ParentCheck::Same(head))
+        }
+        (_, Some(p)) => {
+            let (volume, snapshot) = p.names();
+            Some(ParentCheck::Exists(volume, snapshot))
+        }
+        (_, None) => None,
+    };
     let incremental = matches!(
         req.mode,
         BackupMode::Incremental { .. } | BackupMode::IncrementalOf { .. }
@@ -562,8 +660,14 @@ async fn run_locked(
             };
             // Refused before anything is written, like every other invalid manifest.
             head.to_json()?;
-            recheck_before_commit(repo, lock, &name, parent_names, found_stored, opts).await?;
-            metadata.written = repo.put_segments_of(segments).await?;
+            // The new segments are immutable and named by their content, and nothing refers
+            // to them before the head: they are stored while the checks run (if a check
+            // fails, they are garbage that GC's grace period lets it collect later).
+            let (written, ()) = futures::try_join!(
+                repo.put_segments_of(segments),
+                recheck_before_commit(repo, lock, &name, parent_check, found_stored, opts),
+            )?;
+            metadata.written = written;
             metadata.written.head_bytes = repo.commit_head(&head).await?;
             (head, manifest)
         }
@@ -575,7 +679,7 @@ async fn run_locked(
                 }
                 _ => Manifest::new(meta, read, p.as_ref().map(|p| p.link()))?,
             };
-            recheck_before_commit(repo, lock, &name, parent_names, found_stored, opts).await?;
+            recheck_before_commit(repo, lock, &name, parent_check, found_stored, opts).await?;
             let (head, written) = repo.commit_manifest_head(&manifest).await?;
             metadata.written = written;
             (head, Some(manifest))
@@ -592,6 +696,18 @@ async fn run_locked(
     })
 }
 
+/// How the parent is checked just before the commit.
+enum ParentCheck<'a> {
+    /// Read under the lock and found to be the one meant: it must still exist (a `head`).
+    Exists(&'a VolumeName, &'a SnapshotName),
+    /// Known from a head read before the lock ([`BackupMode::IncrementalOf`]): the stored head
+    /// must still be that one (a `get`, the same one round trip). Its snapshot id is random, so
+    /// a head found the same now is the object that was read, and it stood all the time in
+    /// between: any GC that ran before our lock saw it and kept its segments and chunks, and
+    /// none ran after (the lock check follows).
+    Same(&'a ManifestHead),
+}
+
 /// The last checks before a backup commits, for the case the lock protocol cannot cover: an
 /// operator broke the lock while the backup ran, and a prune deleted data under it.
 ///
@@ -604,7 +720,7 @@ async fn recheck_before_commit(
     repo: &Repository,
     lock: &RepoLock,
     name: &str,
-    parent: Option<(&VolumeName, &SnapshotName)>,
+    parent: Option<ParentCheck<'_>>,
     found_stored: FoundStored,
     opts: &EngineOptions,
 ) -> Result<()> {
@@ -612,16 +728,17 @@ async fn recheck_before_commit(
         purpose: lock.info().purpose.clone(),
     };
     let parent_check = async {
-        if let Some((v, s)) = parent
-            && !repo.snapshot_exists(v, s).await?
-        {
-            return Err(RepoError::InvalidRequest {
-                reason: format!(
-                    "parent snapshot {v}/{s} was deleted while the backup ran; nothing was committed: back up in full"
-                ),
-            });
+        match parent {
+            Some(ParentCheck::Exists(v, s)) if !repo.snapshot_exists(v, s).await? => {
+                Err(RepoError::InvalidRequest {
+                    reason: format!(
+                        "parent snapshot {v}/{s} was deleted while the backup ran; nothing was committed: back up in full"
+                    ),
+                })
+            }
+            Some(ParentCheck::Same(head)) => check_parent_same(repo, head).await,
+            _ => Ok(()),
         }
-        Ok(())
     };
     let chunk_check = async {
         match found_stored {
@@ -693,6 +810,38 @@ async fn load_parent_head(
             parent.snapshot_id, h.snapshot_id
         ))),
         Err(RepoError::SnapshotNotFound { .. }) => Err(gone("does not exist (deleted?)")),
+        Err(e) => Err(e),
+    }
+}
+
+/// Checks that the stored head of `given`'s snapshot is still `given`: the same snapshot id
+/// and the same map (what a child inherits).
+///
+/// # Errors
+/// [`RepoError::InvalidRequest`] if the parent was deleted or replaced; store errors.
+async fn check_parent_same(repo: &Repository, given: &ManifestHead) -> Result<()> {
+    let (volume, snapshot) = (&given.volume, &given.snapshot);
+    let gone = |what: &str| RepoError::InvalidRequest {
+        reason: format!(
+            "parent snapshot {volume}/{snapshot} {what}; nothing was committed: back up in full"
+        ),
+    };
+    match repo.load_head(volume, snapshot).await {
+        Ok(h)
+            if h.snapshot_id == given.snapshot_id
+                && h.geometry == given.geometry
+                && h.map == given.map =>
+        {
+            Ok(())
+        }
+        Ok(h) if h.snapshot_id == given.snapshot_id => Err(gone(
+            "is not the head given for it (its map differs): pass the head loaded from this repository",
+        )),
+        Ok(h) => Err(gone(&format!(
+            "was replaced (id {} is now {}): it may have lost chunks to GC",
+            given.snapshot_id, h.snapshot_id
+        ))),
+        Err(RepoError::SnapshotNotFound { .. }) => Err(gone("was deleted (or does not exist)")),
         Err(e) => Err(e),
     }
 }
@@ -1066,7 +1215,7 @@ async fn run_pipeline(
                         deduplicated: false,
                         from_parent: false,
                     },
-                    Encoded::Data(r, e) => upload(repo, parent, &known, r, e).await?,
+                    Encoded::Data(r, e) => upload(repo, parent, compare, &known, r, e).await?,
                 };
                 let snapshot = {
                     let mut p = progress.lock().map_err(|_| RepoError::Internal {
@@ -1147,6 +1296,7 @@ const KNOWN_CHUNKS_CAP: usize = 65_536;
 async fn upload(
     repo: &Repository,
     parent: Option<ParentView<'_>>,
+    compare: Option<ParentView<'_>>,
     known: &Mutex<HashMap<ChunkHash, u64>>,
     r: ChunkRead,
     e: EncodedChunk,
@@ -1178,8 +1328,15 @@ async fn upload(
             from_parent,
         });
     }
+    // Not the parent's chunk at this place (same geometry): changed since the parent, and
+    // most likely stored nowhere yet, so not asked for before it is created.
+    let novelty = if compare.is_some() {
+        ChunkNovelty::Changed
+    } else {
+        ChunkNovelty::Unknown
+    };
     let body_len = e.body.len() as u64;
-    let put = repo.put_chunk(e).await?;
+    let put = repo.put_chunk_as(e, novelty).await?;
     {
         let mut known = known.lock().map_err(|_| poisoned())?;
         if known.len() >= KNOWN_CHUNKS_CAP {

@@ -289,7 +289,7 @@ pub async fn plan_cbt_backup(
         Ok((ranges, summary)) => {
             let mode = match (parent, lineage_only) {
                 (Some(p), _) => BackupMode::IncrementalOf {
-                    parent: p.as_parent(),
+                    parent: Box::new(p),
                     changed: ranges,
                 },
                 (None, Some(lineage)) => BackupMode::FullWithParent {

@@ -99,8 +99,9 @@
 //! let full = engine::backup(&repo, source.clone(), request("mon", BackupMode::Full { allocated: None })?, &opts).await?;
 //! // Ranges changed since "mon", e.g. from CSI GetMetadataDelta as (offset, length) pairs.
 //! let changed = RangeSet::try_from_extents([(0, 4096), (1 << 30, 65536)])?;
-//! // Reads only the parent's head and the map segments the change touches.
-//! let parent = full.head.as_parent();
+//! // Reads only the map segments the change touches (the head is the one just committed;
+//! // `repo.load_head` gives it in a later process).
+//! let parent = Box::new(full.head);
 //! engine::backup(&repo, source, request("tue", BackupMode::IncrementalOf { parent, changed })?, &opts).await?;
 //! engine::restore(&repo, &volume, &SnapshotName::new("tue")?, "/tmp/db.img".as_ref(),
 //!     &RestoreOptions::default(), &opts).await?;

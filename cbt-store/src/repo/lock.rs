@@ -31,7 +31,9 @@
 //!
 //! Releasing (or dropping) a lock, and breaking one, delete a lock object only after reading
 //! it back and finding the expected id: a lock that was broken and then taken by another
-//! process (`locks/exclusive` is one key for every holder) is left alone. The object stores
+//! process (`locks/exclusive` is one key for every holder) is left alone. A shared lock is
+//! released without that read: its key carries its own random id, so nobody else's lock can
+//! be there (see `remove_if_ours`). The object stores
 //! offer no conditional delete, so a replacement in the instant between that read and the
 //! delete is not excluded; it would need a lock broken by hand at that very moment.
 
@@ -198,14 +200,23 @@ async fn read_lock_id(store: &dyn ObjectStore, codec: &Codec, key: &str) -> Resu
     }
 }
 
-/// Deletes the lock object at `key` only if it carries `id`; true if it was deleted.
+/// Deletes the lock object at `key` only if it carries `id`; true if it was deleted (or,
+/// for a shared lock, is gone now).
+///
+/// A shared lock's key is made of its own (random) id, so no other holder ever writes it:
+/// whatever is there is ours or nothing (broken: deleting an absent key succeeds), and it is
+/// deleted without being read first. Only the keys every holder shares (`locks/exclusive`,
+/// `locks/keys`) can hold someone else's lock and are read back first.
 async fn remove_if_ours(
     store: &dyn ObjectStore,
     codec: &Codec,
     key: &str,
     id: &str,
 ) -> Result<bool> {
-    if read_lock_id(store, codec, key).await?.as_deref() != Some(id) {
+    let own_key = key
+        .strip_prefix(SHARED_PREFIX)
+        .is_some_and(|rest| rest == id);
+    if !own_key && read_lock_id(store, codec, key).await?.as_deref() != Some(id) {
         tracing::warn!(%key, id, "lock was broken or replaced; leaving the current one alone");
         return Ok(false);
     }

@@ -226,6 +226,17 @@ pub struct ChunkPut {
     pub uploaded: bool,
 }
 
+/// What the caller of [`Repository::put_chunk_as`] knows about a chunk's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChunkNovelty {
+    /// Nothing: a full backup's chunk, which may well be stored already.
+    #[default]
+    Unknown,
+    /// It differs from the parent snapshot's chunk at the same place (an incremental's
+    /// changed chunk): most likely stored nowhere yet.
+    Changed,
+}
+
 /// An open repository on an object store. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -250,19 +261,32 @@ const BLIND_PUT_AFTER_MISSES: u64 = 8;
 /// an upload per chunk. Runs of either are long, so the recent past predicts the next chunk.
 /// It starts out asking: a backup resumed after a failure, or a full backup of data already
 /// stored, then uploads nothing twice.
+///
+/// A chunk the caller knows to differ from what the parent holds at its place
+/// ([`ChunkNovelty::Changed`]: CBT reported it changed, and its hash says so) is new far more
+/// often than not, so it is not asked for unless the last chunk put found its copy stored
+/// (a backup resumed after a failure: then it asks again at once, and at most the puts
+/// already in flight were sent in vain, each refused by the store's create-if-absent).
 #[derive(Debug, Default)]
 struct DedupHint {
     /// Chunk puts in a row that found no stored copy.
     misses: std::sync::atomic::AtomicU64,
+    /// Whether the last chunk put found its copy stored.
+    last_found: std::sync::atomic::AtomicBool,
 }
 
 impl DedupHint {
-    fn ask_first(&self) -> bool {
-        self.misses.load(std::sync::atomic::Ordering::Relaxed) < BLIND_PUT_AFTER_MISSES
+    fn ask_first(&self, novelty: ChunkNovelty) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        match novelty {
+            ChunkNovelty::Unknown => self.misses.load(Relaxed) < BLIND_PUT_AFTER_MISSES,
+            ChunkNovelty::Changed => self.last_found.load(Relaxed),
+        }
     }
 
     fn record(&self, found_stored: bool) {
         use std::sync::atomic::Ordering::Relaxed;
+        self.last_found.store(found_stored, Relaxed);
         if found_stored {
             self.misses.store(0, Relaxed);
         } else {
@@ -750,6 +774,21 @@ impl Repository {
     /// # Errors
     /// Store errors, with the chunk key.
     pub async fn put_chunk(&self, encoded: EncodedChunk) -> Result<ChunkPut> {
+        self.put_chunk_as(encoded, ChunkNovelty::Unknown).await
+    }
+
+    /// [`Repository::put_chunk`] for a chunk the caller knows more about: a
+    /// [`ChunkNovelty::Changed`] chunk is created directly, without asking for it first,
+    /// unless the last chunk put found its copy stored (see [`DedupHint`]). A copy that turns
+    /// out to be stored is still used (if intact) or repaired, as with `put_chunk`.
+    ///
+    /// # Errors
+    /// Store errors, with the chunk key.
+    pub async fn put_chunk_as(
+        &self,
+        encoded: EncodedChunk,
+        novelty: ChunkNovelty,
+    ) -> Result<ChunkPut> {
         let key = chunk::chunk_key(&encoded.chunk.hash);
         let ctx = |what: &str| format!("{what} chunk {key}");
         // Durable at the latest when a manifest is committed (`commit_manifest` syncs first).
@@ -758,7 +797,7 @@ impl Repository {
             crc32c: Some(encoded.body_crc32c),
             defer_sync: true,
         };
-        let stored_size = if self.dedup.ask_first() {
+        let stored_size = if self.dedup.ask_first(novelty) {
             self.store
                 .head(&key)
                 .await
