@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
+use cbt_k8s::replication::controller::testing::Running;
 use fake_kube::FakeKube;
 use serde_json::{Value, json};
 use support::replication::{TRIDENT, VR_API, cbt, start_controller, text};
@@ -19,7 +20,7 @@ struct Env {
     fake: FakeKube,
     _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _controller: Running,
 }
 
 async fn env() -> Env {
@@ -45,12 +46,12 @@ async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     fake.write_kubeconfig(&kubeconfig, "test").unwrap();
-    let stop = start_controller(&kubeconfig).await;
+    let controller = start_controller(&kubeconfig).await;
     Env {
         fake,
         _dir: dir,
         kubeconfig,
-        _stop: stop,
+        _controller: controller,
     }
 }
 

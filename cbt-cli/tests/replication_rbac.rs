@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
+use cbt_k8s::replication::controller::testing::Running;
 use fake_kube::FakeKube;
 use fake_kube::rbac::{Policy, UserInfo};
 use serde_json::{Value, json};
@@ -63,7 +64,7 @@ struct Env {
     operator: PathBuf,
     limited: PathBuf,
     operator_user: UserInfo,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _controller: Running,
 }
 
 async fn env() -> Env {
@@ -123,14 +124,14 @@ async fn env() -> Env {
     let limited = dir.path().join("limited");
     fake.write_kubeconfig_as(&limited, "test", LIMITED_TOKEN)
         .unwrap();
-    let stop = start_controller(&admin).await;
+    let controller = start_controller(&admin).await;
     Env {
         fake,
         _dir: dir,
         operator,
         limited,
         operator_user,
-        _stop: stop,
+        _controller: controller,
     }
 }
 

@@ -3,11 +3,9 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
-use std::time::Duration;
 
-use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, run};
-use cbt_k8s::{ClusterTarget, connect};
+use cbt_k8s::replication::controller::Leadership;
+use cbt_k8s::replication::controller::testing::{self, Running};
 
 /// The Trident CSI driver.
 pub const TRIDENT: &str = "csi.trident.netapp.io";
@@ -33,28 +31,11 @@ pub fn text(o: &Output) -> String {
 }
 
 /// Starts the controller (serving Trident, fast retries) as the user of `kubeconfig`; it runs
-/// until the returned sender is dropped or used.
-pub async fn start_controller(kubeconfig: &Path) -> tokio::sync::oneshot::Sender<()> {
-    let client = connect(&ClusterTarget {
-        kubeconfig: Some(kubeconfig.to_path_buf()),
-        context: None,
-    })
-    .await
-    .unwrap()
-    .client;
-    let mut config = Config::new(vec![TRIDENT.into()]);
-    config.retry_base = Duration::from_millis(50);
-    config.retry_max = Duration::from_millis(300);
-    let ctx = Arc::new(Context::new(
-        client,
-        "test",
-        config,
-        Arc::new(Metrics::default()),
-        Leadership::always(),
-    ));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(ctx, async move {
-        let _ = rx.await;
-    }));
-    stop
+/// until the returned handle is dropped or stopped.
+pub async fn start_controller(kubeconfig: &Path) -> Running {
+    let config = testing::fast_config(vec![TRIDENT.into()]);
+    let ctx = testing::context(kubeconfig, config, Leadership::always())
+        .await
+        .unwrap();
+    Running::start(ctx)
 }
