@@ -72,6 +72,14 @@ impl Env {
         .collect()
     }
 
+    /// [`Self::kube_args`] with the mover's S3 Secret `secret` instead of `s3-creds`.
+    fn kube_args_with_secret(&self, secret: &str) -> Vec<String> {
+        let mut args = self.kube_args();
+        let at = args.iter().position(|a| a == "s3-creds").unwrap();
+        args[at] = secret.into();
+        args
+    }
+
     /// Objects of a kind in the namespace that this tool created.
     fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
         self.kube
@@ -291,27 +299,15 @@ async fn ctrl_c_at_each_step_cleans_up() {
     ];
     for (step, extra, (api, kind)) in steps {
         env.kube.faults().set_never_ready(extra.is_empty());
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-        let endpoint = env.s3.endpoint();
-        cmd.args([
-            "--repo",
-            &env.repo,
-            "--s3-endpoint",
-            &endpoint,
-            "backup",
-            "--pvc",
-            "data",
-        ]);
         let kube = if extra.is_empty() {
             env.kube_args()
         } else {
             env.kube_args_without_image()
         };
-        cmd.args(kube).args(extra);
-        for (k, v) in env.s3.env() {
-            cmd.env(k, v);
-        }
-        let child = cmd
+        let child = env
+            .command(&["backup", "--pvc", "data"])
+            .args(kube)
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -386,6 +382,15 @@ fn error_of(doc: &Value) -> &Value {
     &doc["results"][0]["error"]
 }
 
+/// Asserts a failed single-PVC run: exit code `expected`, an error message containing `what`.
+fn assert_failed(code: Option<i32>, doc: &Value, expected: i32, what: &str) {
+    assert_eq!(code, Some(expected), "{doc:#}");
+    assert!(
+        error_of(doc)["message"].as_str().unwrap().contains(what),
+        "{doc:#}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
     let env = Env::start().await;
@@ -418,14 +423,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
                      "resources": {"requests": {"storage": "1Mi"}}}}))
         .unwrap();
     let (code, doc, _) = env.backup("pending", &[]).await;
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("not bound"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "not bound");
     env.assert_clean(0, "unbound");
 
     // No VolumeSnapshotClass for the driver: refused before anything is created.
@@ -447,14 +445,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         )
         .unwrap();
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("VolumeSnapshotClass"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "VolumeSnapshotClass");
     env.assert_clean(0, "no snapshot class");
     let mut class = class;
     class["metadata"] = json!({"name": "csi-snapclass",
@@ -466,28 +457,14 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         .faults()
         .set_snapshot_error(Some("backend pool is full"));
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(8), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("backend pool is full"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 8, "backend pool is full");
     env.assert_clean(0, "snapshot error");
     env.kube.faults().set_snapshot_error(None);
 
     // A snapshot that never becomes ready: a timeout, then the same cleanup.
     env.kube.faults().set_never_ready(true);
     let (code, doc, _) = env.backup("data", &["--snapshot-timeout-secs", "1"]).await;
-    assert_eq!(code, Some(4), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("timed out"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 4, "timed out");
     env.assert_clean(0, "never ready");
     env.kube.faults().set_never_ready(false);
 
@@ -508,27 +485,13 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
             (),
         )
     };
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("ErrImagePull"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "ErrImagePull");
     env.assert_clean(0, "image pull");
 
     // A mover killed by the kernel (OOM): its reason, and the same cleanup.
     env.kube.faults().oom_kill_next_pods(1);
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(4), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("OOMKilled"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 4, "OOMKilled");
     env.assert_clean(0, "OOM");
 
     // A SnapshotMetadataService whose CA is not the one the sidecar's certificate chains to:
@@ -604,14 +567,7 @@ async fn without_cbt_a_backup_fails_unless_a_full_read_is_allowed() {
         )
         .unwrap();
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("SnapshotMetadataService"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "SnapshotMetadataService");
     env.assert_clean(0, "no CBT");
 
     let (code, doc, _) = env.backup("data", &["--fallback-full"]).await;
@@ -800,40 +756,16 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
             "metadata": {"name": "s3-enc", "namespace": NS}, "stringData": creds}))
         .unwrap();
     let run = |args: Vec<String>, password: Option<&'static str>| {
-        let env = &env;
-        async move {
-            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-            cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()]);
-            cmd.args(&args);
-            cmd.env_remove("CBT_REPO")
-                .env_remove("KUBECONFIG")
-                .env_remove("CBT_PASSWORD_FILE");
-            match password {
-                Some(p) => cmd.env("CBT_PASSWORD", p),
-                None => cmd.env_remove("CBT_PASSWORD"),
-            };
-            for (k, v) in env.s3.env() {
-                cmd.env(k, v);
-            }
-            cmd.output().await.unwrap()
-        }
+        let mut cmd = env.command(&args);
+        cmd.env_remove("CBT_PASSWORD_FILE");
+        match password {
+            Some(p) => cmd.env("CBT_PASSWORD", p),
+            None => cmd.env_remove("CBT_PASSWORD"),
+        };
+        async move { cmd.output().await.unwrap() }
     };
-    let kube_args = || -> Vec<String> {
-        let mut a = env.kube_args();
-        let at = a.iter().position(|x| x == "s3-creds").unwrap();
-        a[at] = "s3-enc".into();
-        a
-    };
-    let ok = |out: std::process::Output| -> Value {
-        assert!(
-            out.status.success(),
-            "failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let kube_args = || env.kube_args_with_secret("s3-enc");
+    let ok = |out: std::process::Output| support::succeeded("cbt", &out);
     ok(run(
         ["repo", "init", "--encryption", "--chunk-size", "256K"]
             .map(String::from)
@@ -900,52 +832,26 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
     let env = Env::start().await;
     let key_file = env.t.path().join("repo.key");
     let run = |args: Vec<String>| {
-        let env = &env;
-        let key_file = key_file.clone();
-        async move {
-            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-            cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()]);
-            cmd.args(&args);
-            cmd.env_remove("CBT_REPO")
-                .env_remove("KUBECONFIG")
-                .env_remove("CBT_PASSWORD")
-                .env_remove("CBT_PASSWORD_FILE")
-                .env("CBT_KEY_FILE", &key_file);
-            for (k, v) in env.s3.env() {
-                cmd.env(k, v);
-            }
-            cmd.output().await.unwrap()
-        }
+        let mut cmd = env.command(&args);
+        cmd.env_remove("CBT_PASSWORD")
+            .env_remove("CBT_PASSWORD_FILE")
+            .env("CBT_KEY_FILE", &key_file);
+        async move { cmd.output().await.unwrap() }
     };
-    let ok = |out: std::process::Output| -> Value {
-        assert!(
-            out.status.success(),
-            "failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let ok = |out: std::process::Output| support::succeeded("cbt", &out);
     // `repo init` writes the key file; CBT_KEY_FILE names it for every later command.
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-    cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()])
-        .args([
-            "repo",
-            "init",
-            "--encryption",
-            "--chunk-size",
-            "256K",
-            "--key-file-out",
-        ])
-        .arg(&key_file)
-        .env_remove("CBT_REPO")
+    let mut cmd = env.command(&[
+        "repo",
+        "init",
+        "--encryption",
+        "--chunk-size",
+        "256K",
+        "--key-file-out",
+    ]);
+    cmd.arg(&key_file)
         .env_remove("CBT_PASSWORD")
         .env_remove("CBT_PASSWORD_FILE")
         .env_remove("CBT_KEY_FILE");
-    for (k, v) in env.s3.env() {
-        cmd.env(k, v);
-    }
     ok(cmd.output().await.unwrap());
 
     // One Secret without the key file, one with it (and a password that must not be used).
@@ -965,12 +871,6 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
                 "metadata": {"name": name, "namespace": NS}, "stringData": data}))
             .unwrap();
     }
-    let kube_args = |secret: &str| -> Vec<String> {
-        let mut a = env.kube_args();
-        let at = a.iter().position(|x| x == "s3-creds").unwrap();
-        a[at] = secret.into();
-        a
-    };
     env.kube
         .seed_pvc(NS, "data", "8Mi", "Block", &["ReadWriteOnce"], &[])
         .unwrap();
@@ -980,7 +880,7 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
         let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
             .map(String::from)
             .to_vec();
-        args.extend(kube_args(secret));
+        args.extend(env.kube_args_with_secret(secret));
         args
     };
 
@@ -1023,7 +923,7 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
     ]
     .map(String::from)
     .to_vec();
-    args.extend(kube_args("s3-kf"));
+    args.extend(env.kube_args_with_secret("s3-kf"));
     ok(run(args).await);
     let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
     assert_eq!(

@@ -370,15 +370,7 @@ impl Env {
     }
 
     async fn ok(&self, args: &[String]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        support::succeeded(&format!("cbt {args:?}"), &self.cbt(args).await)
     }
 
     /// Example args plus the orchestrator's kubeconfig (in a pod: the mounted token).

@@ -8,6 +8,7 @@
 
 pub mod replication;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -154,8 +155,9 @@ impl Cluster {
         }
     }
 
-    /// Runs the `cbt` binary with the repository and the S3 endpoint (and its credentials).
-    pub async fn cbt(&self, args: &[&str]) -> std::process::Output {
+    /// The `cbt` command with the repository and the S3 endpoint (and its credentials), for runs
+    /// that set more of the environment.
+    pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
         cmd.args(["--repo", &self.repo, "--s3-endpoint", &self.s3.endpoint()]);
         cmd.args(args);
@@ -163,19 +165,28 @@ impl Cluster {
         for (k, v) in self.s3.env() {
             cmd.env(k, v);
         }
-        cmd.output().await.unwrap()
+        cmd
+    }
+
+    /// Runs the `cbt` binary with the repository and the S3 endpoint (and its credentials).
+    pub async fn cbt(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().await.unwrap()
     }
 
     /// [`Cluster::cbt`] that must succeed; its stdout as JSON (`Null` when it is not JSON).
     pub async fn ok(&self, args: &[&str]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        succeeded(&format!("cbt {args:?}"), &self.cbt(args).await)
     }
+}
+
+/// The stdout of `what`, a run that must have succeeded, as JSON (`Null` when it is not JSON).
+pub fn succeeded(what: &str, out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
