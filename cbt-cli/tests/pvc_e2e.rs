@@ -80,6 +80,44 @@ impl Env {
         args
     }
 
+    /// `-o json backup --pvc <pvc>` with the cluster flags, the mover reading Secret `secret`.
+    fn backup_args(&self, pvc: &str, secret: &str) -> Vec<String> {
+        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", pvc]
+            .map(String::from)
+            .to_vec();
+        args.extend(self.kube_args_with_secret(secret));
+        args
+    }
+
+    /// `-o json restore` of `db.data` snapshot `snap` into the new PVC `restored`, with the
+    /// cluster flags, the mover reading Secret `secret`.
+    fn restore_args(&self, snap: &str, secret: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "-o",
+            "json",
+            "restore",
+            "--volume",
+            "db.data",
+            "--snapshot",
+            snap,
+            "--to-pvc",
+            "restored",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.kube_args_with_secret(secret));
+        args
+    }
+
+    /// Asserts that the PVC `restored` holds the bytes of `device`.
+    fn assert_restored(&self, device: &Path) {
+        let target = self.kube.pvc_backing_file(NS, "restored").unwrap();
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            std::fs::read(device).unwrap()
+        );
+    }
+
     /// Objects of a kind in the namespace that this tool created.
     fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
         self.kube
@@ -114,14 +152,7 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
     write(&device, 0, 1, 3 * MIB as usize);
     write(&device, 20 * MIB, 2, 100_000);
 
-    let mut args: Vec<String> = vec![
-        "-o".into(),
-        "json".into(),
-        "backup".into(),
-        "--pvc".into(),
-        "data".into(),
-    ];
-    args.extend(env.kube_args());
+    let args = env.backup_args("data", "s3-creds");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = env.ok(&argv).await;
     let r = &first["results"][0];
@@ -204,32 +235,14 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
     );
 
     // Restore into a new PVC: byte-identical to the source at the second backup.
-    let mut args: Vec<String> = [
-        "-o",
-        "json",
-        "restore",
-        "--volume",
-        "db.data",
-        "--snapshot",
-        &snap,
-        "--to-pvc",
-        "restored",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(env.kube_args());
+    let args = env.restore_args(&snap, "s3-creds");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let restored = env.ok(&argv).await;
     assert!(
         restored["mover"]["chunks_verified"].as_u64().unwrap() > 0,
         "{restored:#}"
     );
-    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    env.assert_restored(&device);
     assert!(env.ours("batch/v1", "Job").is_empty());
     // A second restore to the same name is refused and changes nothing.
     let out = env.cbt(&argv).await;
@@ -240,6 +253,7 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
         String::from_utf8_lossy(&out.stderr)
     );
     // With --overwrite it writes into the existing PVC (scribbled on first) and verifies.
+    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
     write(&target, 0, 0xee, 4096);
     let mut again = argv.clone();
     again.push("--overwrite");
@@ -248,10 +262,7 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
         doc["notes"][0].as_str().unwrap().contains("overwrote"),
         "{doc:#}"
     );
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    env.assert_restored(&device);
     assert!(
         env.kube
             .get("v1", "PersistentVolumeClaim", NS, "restored")
@@ -380,6 +391,16 @@ impl Env {
 /// The error document of a failed single-PVC run.
 fn error_of(doc: &Value) -> &Value {
     &doc["results"][0]["error"]
+}
+
+/// The repository snapshot a successful single-PVC backup made.
+fn snapshot_of(doc: &Value) -> String {
+    let r = &doc["results"][0];
+    assert_eq!(r["ok"], true, "{doc:#}");
+    r["report"]["mover"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 /// Asserts a failed single-PVC run: exit code `expected`, an error message containing `what`.
@@ -707,11 +728,7 @@ async fn measure_pvc_backup() {
         f.write_all_at(&buf, i * 2 * MIB).unwrap();
     }
     drop(f);
-    let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
+    let args = env.backup_args("data", "s3-creds");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let t = std::time::Instant::now();
     let full = env.ok(&argv).await;
@@ -764,7 +781,6 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
         };
         async move { cmd.output().await.unwrap() }
     };
-    let kube_args = || env.kube_args_with_secret("s3-enc");
     let ok = |out: std::process::Output| support::succeeded("cbt", &out);
     ok(run(
         ["repo", "init", "--encryption", "--chunk-size", "256K"]
@@ -779,32 +795,10 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
     let device = env.kube.pvc_backing_file(NS, "data").unwrap();
     write(&device, 0, 7, MIB as usize);
 
-    let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
-        .map(String::from)
-        .to_vec();
-    args.extend(kube_args());
-    let doc = ok(run(args, Some("pvc secret")).await);
-    let r = &doc["results"][0];
-    assert_eq!(r["ok"], true, "{doc:#}");
-    let snap = r["report"]["mover"]["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let doc = ok(run(env.backup_args("data", "s3-enc"), Some("pvc secret")).await);
+    let snap = snapshot_of(&doc);
 
-    let mut args: Vec<String> = [
-        "-o",
-        "json",
-        "restore",
-        "--volume",
-        "db.data",
-        "--snapshot",
-        &snap,
-        "--to-pvc",
-        "restored",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(kube_args());
+    let args = env.restore_args(&snap, "s3-enc");
     // Without the password the orchestrator stops before creating anything (exit 5).
     let out = run(args.clone(), None).await;
     assert_eq!(
@@ -819,11 +813,7 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
             .is_none()
     );
     ok(run(args, Some("pvc secret")).await);
-    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    env.assert_restored(&device);
     drop(env.t);
 }
 
@@ -876,17 +866,10 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
         .unwrap();
     let device = env.kube.pvc_backing_file(NS, "data").unwrap();
     write(&device, 0, 11, MIB as usize);
-    let backup = |secret: &str| {
-        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
-            .map(String::from)
-            .to_vec();
-        args.extend(env.kube_args_with_secret(secret));
-        args
-    };
 
     // A Secret without CBT_KEY_FILE stops the mover before it starts: a configuration error
     // naming the key, nothing committed.
-    let out = run(backup("s3-nokey")).await;
+    let out = run(env.backup_args("data", "s3-nokey")).await;
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -903,32 +886,9 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
     let listed = ok(run(["-o", "json", "list"].map(String::from).to_vec()).await);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 
-    let doc = ok(run(backup("s3-kf")).await);
-    let r = &doc["results"][0];
-    assert_eq!(r["ok"], true, "{doc:#}");
-    let snap = r["report"]["mover"]["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut args: Vec<String> = [
-        "-o",
-        "json",
-        "restore",
-        "--volume",
-        "db.data",
-        "--snapshot",
-        &snap,
-        "--to-pvc",
-        "restored",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(env.kube_args_with_secret("s3-kf"));
-    ok(run(args).await);
-    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    let doc = ok(run(env.backup_args("data", "s3-kf")).await);
+    let snap = snapshot_of(&doc);
+    ok(run(env.restore_args(&snap, "s3-kf")).await);
+    env.assert_restored(&device);
     drop(env.t);
 }
