@@ -13,12 +13,11 @@ use std::path::Path;
 
 use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
-use support::{DRIVER, sms};
+use support::{DRIVER, MOVER_IMAGE, sms};
 
 const MIB: u64 = 1 << 20;
 const NS: &str = "db";
 const AUDIENCE: &str = "cbt-e2e";
-const IMAGE: &str = "registry.example/cbt:e2e";
 const SLOW_IMAGE: &str = "registry.example/slow:e2e";
 
 type Env = support::Cluster;
@@ -38,7 +37,7 @@ impl Env {
             .driver(DRIVER)
             .backend(backend)
             .serve(sms())
-            .image(IMAGE, env!("CARGO_BIN_EXE_cbt"))
+            .image(MOVER_IMAGE, env!("CARGO_BIN_EXE_cbt"))
             .image(SLOW_IMAGE, slow)
             .start()
             .await
@@ -52,24 +51,6 @@ impl Env {
         let at = args.iter().position(|a| a == "--image").unwrap();
         args.drain(at..at + 2);
         args
-    }
-
-    fn kube_args(&self) -> Vec<String> {
-        [
-            "-n",
-            NS,
-            "--kubeconfig",
-            self.kubeconfig.to_str().unwrap(),
-            "--image",
-            IMAGE,
-            "--s3-secret",
-            "s3-creds",
-            "--service-account",
-            "cbt-mover",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
     }
 
     /// [`Self::kube_args`] with the mover's S3 Secret `secret` instead of `s3-creds`.
@@ -116,16 +97,6 @@ impl Env {
             std::fs::read(&target).unwrap(),
             std::fs::read(device).unwrap()
         );
-    }
-
-    /// Objects of a kind in the namespace that this tool created.
-    fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
-        self.kube
-            .list(api_version, kind)
-            .into_iter()
-            .filter(|o| o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cbt")
-            .map(|o| o["metadata"]["name"].as_str().unwrap_or("").to_string())
-            .collect()
     }
 }
 
@@ -355,14 +326,9 @@ async fn ctrl_c_at_each_step_cleans_up() {
 impl Env {
     /// `cbt -o json backup --pvc <pvc> <extra> <cluster flags>`: exit code and the JSON document.
     async fn backup(&self, pvc: &str, extra: &[&str]) -> (Option<i32>, Value, String) {
-        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", pvc]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(self.kube_args());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.cbt(&argv).await;
+        let mut args = vec!["-o", "json", "backup", "--pvc", pvc];
+        args.extend_from_slice(extra);
+        let out = self.cbt_kube(&args).await;
         let doc = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (
             out.status.code(),
@@ -648,13 +614,9 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
     env.assert_clean(0, "no image");
 
     // Dry run: the objects as YAML, nothing created, nothing in the repository.
-    let mut args: Vec<String> = ["backup", "--selector", "backup=cbt", "--dry-run"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env.cbt(&argv).await;
+    let out = env
+        .cbt_kube(&["backup", "--selector", "backup=cbt", "--dry-run"])
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -670,13 +632,9 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
     assert!(yaml.contains("secretKeyRef") && !yaml.contains("AWS_SECRET_ACCESS_KEY\n    value"));
     env.assert_clean(0, "dry run");
 
-    let mut args: Vec<String> = ["-o", "json", "backup", "--selector", "backup=cbt"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let doc = env.ok(&argv).await;
+    let doc = env
+        .ok_kube(&["-o", "json", "backup", "--selector", "backup=cbt"])
+        .await;
     let results = doc["results"].as_array().unwrap();
     let mut pvcs: Vec<&str> = results.iter().map(|r| r["pvc"].as_str().unwrap()).collect();
     pvcs.sort();

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 pub const DRIVER: &str = "hostpath.csi.k8s.io";
 /// The bucket every test repository lives in.
 pub const BUCKET: &str = "backups";
+/// The mover image of the PVC tests (the `cbt` binary under test).
+pub const MOVER_IMAGE: &str = "registry.example/cbt:e2e";
 
 /// The SnapshotMetadataService kind, served as a CRD.
 pub fn sms() -> ResourceType {
@@ -129,6 +131,8 @@ pub struct Cluster {
     pub kubeconfig: PathBuf,
     /// The repository URL.
     pub repo: String,
+    /// The namespace of the PVCs.
+    pub ns: String,
 }
 
 impl Cluster {
@@ -152,7 +156,66 @@ impl Cluster {
             _sidecar: sidecar,
             kubeconfig,
             repo: format!("s3://{BUCKET}/cluster-a"),
+            ns: ns.to_string(),
         }
+    }
+
+    /// The cluster flags of a PVC run: the namespace, the admin kubeconfig, the mover image,
+    /// its S3 Secret `s3-creds` and ServiceAccount `cbt-mover`.
+    pub fn kube_args(&self) -> Vec<String> {
+        [
+            "-n",
+            &self.ns,
+            "--kubeconfig",
+            self.kubeconfig.to_str().unwrap(),
+            "--image",
+            MOVER_IMAGE,
+            "--s3-secret",
+            "s3-creds",
+            "--service-account",
+            "cbt-mover",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Runs `cbt ARGS` followed by [`Cluster::kube_args`].
+    pub async fn cbt_kube(&self, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.kube_args());
+        let argv: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.cbt(&argv).await
+    }
+
+    /// [`Cluster::cbt_kube`] that must succeed; its stdout as JSON (`Null` when it is not JSON).
+    pub async fn ok_kube(&self, args: &[&str]) -> Value {
+        succeeded(&format!("cbt {args:?}"), &self.cbt_kube(args).await)
+    }
+
+    /// Names (sorted) of the objects of a kind that cbt created.
+    pub fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
+        self.names(api_version, kind, |o| {
+            o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cbt"
+        })
+    }
+
+    /// Names (sorted) of the objects of a kind that `keep` selects.
+    pub fn names(
+        &self,
+        api_version: &str,
+        kind: &str,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .kube
+            .list(api_version, kind)
+            .into_iter()
+            .filter(|o| keep(o))
+            .map(|o| o["metadata"]["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        names.sort();
+        names
     }
 
     /// The `cbt` command with the repository and the S3 endpoint (and its credentials), for runs
