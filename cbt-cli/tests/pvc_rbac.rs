@@ -181,25 +181,17 @@ impl Example {
                 .find(|r| r.name == binding.role && r.namespace.as_deref() == role_ns)
                 .unwrap_or_else(|| panic!("binding {} names a missing role", binding.name));
             for rule in &role.rules {
-                assert!(
-                    rule.api_groups.len() == 1
-                        && rule.resources.len() == 1
-                        && rule.verbs.len() == 1,
-                    "{}: one group, resource and verb per rule: {rule:?}",
-                    role.name
-                );
-                assert!(
-                    ![&rule.api_groups, &rule.resources, &rule.verbs]
-                        .iter()
-                        .any(|l| l.iter().any(|v| v.contains('*'))),
-                    "no wildcards: {rule:?}"
-                );
-                assert!(rule.resource_names.is_empty() && rule.non_resource_urls.is_empty());
+                let (group, resource, verb) = rule.single_grant().unwrap_or_else(|| {
+                    panic!(
+                        "{}: one group, resource and verb per rule, no wildcards, no names: {rule:?}",
+                        role.name
+                    )
+                });
                 out.push(Grant {
                     scope,
-                    group: rule.api_groups[0].clone(),
-                    resource: rule.resources[0].clone(),
-                    verb: rule.verbs[0].clone(),
+                    group: group.into(),
+                    resource: resource.into(),
+                    verb: verb.into(),
                 });
             }
         }
