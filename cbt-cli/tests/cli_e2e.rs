@@ -599,6 +599,16 @@ fn bad_input_gets_the_right_exit_code_and_message() {
     assert_eq!(out.status.code(), Some(2));
 
     cbt.ok(&full_backup(img, "v", "base"));
+    // Snapshot `s2` over `parent`, with the ranges file as it stands.
+    let incremental_s2 = |parent: &str| {
+        cbt.cmd(&incremental_backup(
+            img,
+            "v",
+            "s2",
+            ranges.to_str().unwrap(),
+            parent,
+        ))
+    };
     // Ranges past the end of the volume.
     std::fs::write(
         &ranges,
@@ -608,17 +618,7 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         ),
     )
     .unwrap();
-    fails(
-        &cbt.cmd(&incremental_backup(
-            img,
-            "v",
-            "s2",
-            ranges.to_str().unwrap(),
-            "base",
-        )),
-        2,
-        "past volume_size",
-    );
+    fails(&incremental_s2("base"), 2, "past volume_size");
     // A volume larger than the device.
     std::fs::write(
         &ranges,
@@ -628,40 +628,17 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         ),
     )
     .unwrap();
-    let out = cbt.cmd(&incremental_backup(
-        img,
-        "v",
-        "s2",
-        ranges.to_str().unwrap(),
-        "base",
-    ));
-    exits(&out, 2);
+    exits(&incremental_s2("base"), 2);
     // Malformed ranges file.
     std::fs::write(&ranges, "{not json").unwrap();
-    fails(
-        &cbt.cmd(&incremental_backup(
-            img,
-            "v",
-            "s2",
-            ranges.to_str().unwrap(),
-            "base",
-        )),
-        2,
-        "not valid",
-    );
+    fails(&incremental_s2("base"), 2, "not valid");
     // Unknown parent, unknown snapshot, missing device.
     std::fs::write(
         &ranges,
         format!(r#"{{"volume_size": {IMAGE_SIZE}, "ranges": []}}"#),
     )
     .unwrap();
-    let out = cbt.cmd(&incremental_backup(
-        img,
-        "v",
-        "s2",
-        ranges.to_str().unwrap(),
-        "nope",
-    ));
+    let out = incremental_s2("nope");
     assert_eq!(out.status.code(), Some(2));
     let out = cbt.cmd(&[
         "restore",
