@@ -61,9 +61,10 @@ impl Cbt {
     }
 }
 
-/// The arguments of a full backup of `device` as snapshot `snapshot` of `volume`.
-fn full_backup<'a>(device: &'a str, volume: &'a str, snapshot: &'a str) -> [&'a str; 8] {
-    [
+/// The arguments of a backup of `device` as snapshot `snapshot` of `volume`, without the
+/// flags that say what to read.
+fn backup<'a>(device: &'a str, volume: &'a str, snapshot: &'a str) -> Vec<&'a str> {
+    vec![
         "backup",
         "--device",
         device,
@@ -71,8 +72,14 @@ fn full_backup<'a>(device: &'a str, volume: &'a str, snapshot: &'a str) -> [&'a 
         volume,
         "--snapshot",
         snapshot,
-        "--full",
     ]
+}
+
+/// The arguments of a full backup of `device` as snapshot `snapshot` of `volume`.
+fn full_backup<'a>(device: &'a str, volume: &'a str, snapshot: &'a str) -> Vec<&'a str> {
+    let mut args = backup(device, volume, snapshot);
+    args.push("--full");
+    args
 }
 
 /// The arguments of a backup of `device` as snapshot `snapshot` of `volume` that reads the
@@ -83,20 +90,10 @@ fn incremental_backup<'a>(
     snapshot: &'a str,
     ranges: &'a str,
     parent: &'a str,
-) -> [&'a str; 11] {
-    [
-        "backup",
-        "--device",
-        device,
-        "--volume",
-        volume,
-        "--snapshot",
-        snapshot,
-        "--changed-ranges",
-        ranges,
-        "--parent",
-        parent,
-    ]
+) -> Vec<&'a str> {
+    let mut args = backup(device, volume, snapshot);
+    args.extend(["--changed-ranges", ranges, "--parent", parent]);
+    args
 }
 
 /// Deterministic image: random chunks, compressible chunks and all-zero holes.
@@ -386,18 +383,7 @@ fn a_killed_backup_process_leaves_no_snapshot_and_the_rerun_resumes() {
         "no snapshot is visible after the kill"
     );
 
-    let b = cbt.json(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s",
-        "--full",
-        "--compression-level",
-        "1",
-    ]);
+    let b = cbt.json(&[full_backup(dev, "v", "s"), vec!["--compression-level", "1"]].concat());
     let st = &b["stats"];
     assert_eq!(st["chunks_read"], total_chunks);
     assert_eq!(
@@ -435,18 +421,7 @@ fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
     let dev = image.to_str().unwrap();
     cbt.ok(&full_backup(dev, "v", "a"));
     change_image(&image, &mut data);
-    let b = cbt.json(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "b",
-        "--full",
-        "--parent",
-        "a",
-    ]);
+    let b = cbt.json(&[full_backup(dev, "v", "b"), vec!["--parent", "a"]].concat());
     assert_eq!(b["parent"], "a");
     let st = &b["stats"];
     assert_eq!(st["bytes_read"], st["bytes_in_ranges"], "a full read");
@@ -468,18 +443,7 @@ fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
     ]);
     assert_eq!(std::fs::read(&restored).unwrap(), data);
     // A parent that does not exist is a usage error, and nothing is written.
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "c",
-        "--full",
-        "--parent",
-        "zz",
-    ]);
+    let out = cbt.cmd(&[full_backup(dev, "v", "c"), vec!["--parent", "zz"]].concat());
     exits(&out, 2);
     assert_eq!(cbt.json(&["list"]).as_array().unwrap().len(), 2);
 }
@@ -568,15 +532,7 @@ fn bad_input_gets_the_right_exit_code_and_message() {
     assert!(!work.path().join("v").exists() && !work.path().join("etc").exists());
 
     // Usage errors from clap: neither --full nor --changed-ranges.
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s",
-    ]);
+    let out = cbt.cmd(&backup(img, "v", "s"));
     assert_eq!(out.status.code(), Some(2));
     // --changed-ranges needs --parent.
     let ranges = work.path().join("r.json");
@@ -585,17 +541,13 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         format!(r#"{{"volume_size": {IMAGE_SIZE}, "ranges": [{{"offset": 0, "length": 10}}]}}"#),
     )
     .unwrap();
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s",
-        "--changed-ranges",
-        ranges.to_str().unwrap(),
-    ]);
+    let out = cbt.cmd(
+        &[
+            backup(img, "v", "s"),
+            vec!["--changed-ranges", ranges.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     assert_eq!(out.status.code(), Some(2));
 
     cbt.ok(&full_backup(img, "v", "base"));
