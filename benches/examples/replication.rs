@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, run};
+use cbt_k8s::replication::controller::testing::{self, Running};
+use cbt_k8s::replication::controller::{Config, Leadership, Metrics};
 use cbt_k8s::replication::types::VolumeReplication;
-use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
 use futures::StreamExt;
 use kube::Api;
@@ -55,10 +55,7 @@ const VERDICTS: [&str; 6] = [
 ];
 
 fn total_reconciles(m: &Metrics) -> u64 {
-    VERDICTS
-        .iter()
-        .map(|r| m.reconcile_count("VolumeReplication", r))
-        .sum()
+    m.reconcile_total("VolumeReplication")
 }
 
 /// Reconciles per verdict so far (conflicts are reconciles that met a newer object).
@@ -137,13 +134,15 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     fake.write_kubeconfig(&kubeconfig, "bench").unwrap();
-    let client = connect(&ClusterTarget {
-        kubeconfig: Some(kubeconfig),
-        context: None,
-    })
-    .await
-    .unwrap()
-    .client;
+    let mut config = Config::new(vec![TRIDENT.into()]);
+    config.retry_base = Duration::from_millis(100);
+    config.retry_max = Duration::from_secs(2);
+    config.resync = Duration::from_secs(3600);
+    let ctx = testing::context(&kubeconfig, config, Leadership::always())
+        .await
+        .unwrap();
+    let client = ctx.client.clone();
+    let metrics = ctx.metrics.clone();
 
     // Our own watch: when did each VR's status first describe the awaited generation?
     let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
@@ -186,23 +185,8 @@ async fn main() {
         });
     }
 
-    let mut config = Config::new(vec![TRIDENT.into()]);
-    config.retry_base = Duration::from_millis(100);
-    config.retry_max = Duration::from_secs(2);
-    config.resync = Duration::from_secs(3600);
-    let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        "bench",
-        config,
-        metrics.clone(),
-        Leadership::always(),
-    ));
     let started = Instant::now();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let controller = tokio::spawn(run(ctx, async move {
-        let _ = stopped.await;
-    }));
+    let controller = Running::start(ctx);
     while converged.lock().unwrap().len() < n {
         if started.elapsed() > Duration::from_secs(600) {
             panic!(
@@ -275,8 +259,7 @@ async fn main() {
     // Stop the controller before the runtime goes: dropping the runtime under a running
     // kube-runtime controller cancels its reconcile tasks while it still polls them, and it
     // panics on the cancelled JoinHandle.
-    let _ = stop.send(());
-    let _ = controller.await;
+    controller.stop().await;
     watch_task.abort();
     let _ = watch_task.await;
 }

@@ -61,6 +61,41 @@ impl Cbt {
     }
 }
 
+/// The arguments of a backup of `device` as snapshot `snapshot` of `volume`, without the
+/// flags that say what to read.
+fn backup<'a>(device: &'a str, volume: &'a str, snapshot: &'a str) -> Vec<&'a str> {
+    vec![
+        "backup",
+        "--device",
+        device,
+        "--volume",
+        volume,
+        "--snapshot",
+        snapshot,
+    ]
+}
+
+/// The arguments of a full backup of `device` as snapshot `snapshot` of `volume`.
+fn full_backup<'a>(device: &'a str, volume: &'a str, snapshot: &'a str) -> Vec<&'a str> {
+    let mut args = backup(device, volume, snapshot);
+    args.push("--full");
+    args
+}
+
+/// The arguments of a backup of `device` as snapshot `snapshot` of `volume` that reads the
+/// changed ranges listed in the file `ranges`, over the snapshot `parent`.
+fn incremental_backup<'a>(
+    device: &'a str,
+    volume: &'a str,
+    snapshot: &'a str,
+    ranges: &'a str,
+    parent: &'a str,
+) -> Vec<&'a str> {
+    let mut args = backup(device, volume, snapshot);
+    args.extend(["--changed-ranges", ranges, "--parent", parent]);
+    args
+}
+
 /// Deterministic image: random chunks, compressible chunks and all-zero holes.
 fn make_image(path: &Path) -> Vec<u8> {
     let mut data = vec![0u8; IMAGE_SIZE];
@@ -348,18 +383,7 @@ fn a_killed_backup_process_leaves_no_snapshot_and_the_rerun_resumes() {
         "no snapshot is visible after the kill"
     );
 
-    let b = cbt.json(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s",
-        "--full",
-        "--compression-level",
-        "1",
-    ]);
+    let b = cbt.json(&[full_backup(dev, "v", "s"), vec!["--compression-level", "1"]].concat());
     let st = &b["stats"];
     assert_eq!(st["chunks_read"], total_chunks);
     assert_eq!(
@@ -395,29 +419,9 @@ fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
     let mut data = make_image(&image);
     cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
     let dev = image.to_str().unwrap();
-    cbt.ok(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "a",
-        "--full",
-    ]);
+    cbt.ok(&full_backup(dev, "v", "a"));
     change_image(&image, &mut data);
-    let b = cbt.json(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "b",
-        "--full",
-        "--parent",
-        "a",
-    ]);
+    let b = cbt.json(&[full_backup(dev, "v", "b"), vec!["--parent", "a"]].concat());
     assert_eq!(b["parent"], "a");
     let st = &b["stats"];
     assert_eq!(st["bytes_read"], st["bytes_in_ranges"], "a full read");
@@ -439,24 +443,8 @@ fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
     ]);
     assert_eq!(std::fs::read(&restored).unwrap(), data);
     // A parent that does not exist is a usage error, and nothing is written.
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "c",
-        "--full",
-        "--parent",
-        "zz",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cbt.cmd(&[full_backup(dev, "v", "c"), vec!["--parent", "zz"]].concat());
+    exits(&out, 2);
     assert_eq!(cbt.json(&["list"]).as_array().unwrap().len(), 2);
 }
 
@@ -479,6 +467,16 @@ fn s3_repository_full_incremental_restore_prune() {
         server
             .object_path("cbt-e2e", "backups/cluster-a/config")
             .exists()
+    );
+}
+
+/// Asserts the exit code of a run (showing its stderr if it differs).
+fn exits(out: &Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -526,41 +524,15 @@ fn bad_input_gets_the_right_exit_code_and_message() {
 
     // Hostile names never reach the store.
     for name in ["../../etc", "a/b", ".", "x\ny"] {
-        let out = cbt.cmd(&[
-            "backup",
-            "--device",
-            img,
-            "--volume",
-            "v",
-            "--snapshot",
-            name,
-            "--full",
-        ]);
+        let out = cbt.cmd(&full_backup(img, "v", name));
         assert_eq!(out.status.code(), Some(2), "snapshot name {name:?}");
     }
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "../v",
-        "--snapshot",
-        "s",
-        "--full",
-    ]);
+    let out = cbt.cmd(&full_backup(img, "../v", "s"));
     assert_eq!(out.status.code(), Some(2));
     assert!(!work.path().join("v").exists() && !work.path().join("etc").exists());
 
     // Usage errors from clap: neither --full nor --changed-ranges.
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s",
-    ]);
+    let out = cbt.cmd(&backup(img, "v", "s"));
     assert_eq!(out.status.code(), Some(2));
     // --changed-ranges needs --parent.
     let ranges = work.path().join("r.json");
@@ -569,29 +541,26 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         format!(r#"{{"volume_size": {IMAGE_SIZE}, "ranges": [{{"offset": 0, "length": 10}}]}}"#),
     )
     .unwrap();
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s",
-        "--changed-ranges",
-        ranges.to_str().unwrap(),
-    ]);
+    let out = cbt.cmd(
+        &[
+            backup(img, "v", "s"),
+            vec!["--changed-ranges", ranges.to_str().unwrap()],
+        ]
+        .concat(),
+    );
     assert_eq!(out.status.code(), Some(2));
 
-    cbt.ok(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "base",
-        "--full",
-    ]);
+    cbt.ok(&full_backup(img, "v", "base"));
+    // Snapshot `s2` over `parent`, with the ranges file as it stands.
+    let incremental_s2 = |parent: &str| {
+        cbt.cmd(&incremental_backup(
+            img,
+            "v",
+            "s2",
+            ranges.to_str().unwrap(),
+            parent,
+        ))
+    };
     // Ranges past the end of the volume.
     std::fs::write(
         &ranges,
@@ -601,23 +570,7 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         ),
     )
     .unwrap();
-    fails(
-        &cbt.cmd(&[
-            "backup",
-            "--device",
-            img,
-            "--volume",
-            "v",
-            "--snapshot",
-            "s2",
-            "--changed-ranges",
-            ranges.to_str().unwrap(),
-            "--parent",
-            "base",
-        ]),
-        2,
-        "past volume_size",
-    );
+    fails(&incremental_s2("base"), 2, "past volume_size");
     // A volume larger than the device.
     std::fs::write(
         &ranges,
@@ -627,63 +580,17 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         ),
     )
     .unwrap();
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s2",
-        "--changed-ranges",
-        ranges.to_str().unwrap(),
-        "--parent",
-        "base",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&incremental_s2("base"), 2);
     // Malformed ranges file.
     std::fs::write(&ranges, "{not json").unwrap();
-    fails(
-        &cbt.cmd(&[
-            "backup",
-            "--device",
-            img,
-            "--volume",
-            "v",
-            "--snapshot",
-            "s2",
-            "--changed-ranges",
-            ranges.to_str().unwrap(),
-            "--parent",
-            "base",
-        ]),
-        2,
-        "not valid",
-    );
+    fails(&incremental_s2("base"), 2, "not valid");
     // Unknown parent, unknown snapshot, missing device.
     std::fs::write(
         &ranges,
         format!(r#"{{"volume_size": {IMAGE_SIZE}, "ranges": []}}"#),
     )
     .unwrap();
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s2",
-        "--changed-ranges",
-        ranges.to_str().unwrap(),
-        "--parent",
-        "nope",
-    ]);
+    let out = incremental_s2("nope");
     assert_eq!(out.status.code(), Some(2));
     let out = cbt.cmd(&[
         "restore",
@@ -696,36 +603,13 @@ fn bad_input_gets_the_right_exit_code_and_message() {
     ]);
     assert_eq!(out.status.code(), Some(2));
     fails(
-        &cbt.cmd(&[
-            "backup",
-            "--device",
-            "/nonexistent/disk",
-            "--volume",
-            "v",
-            "--snapshot",
-            "s3",
-            "--full",
-        ]),
+        &cbt.cmd(&full_backup("/nonexistent/disk", "v", "s3")),
         2,
         "/nonexistent/disk",
     );
     // The same snapshot name twice: conflict, the first is untouched.
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "base",
-        "--full",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(6),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = cbt.cmd(&full_backup(img, "v", "base"));
+    exits(&out, 6);
 
     // JSON errors are one document on stdout.
     let out = cbt.cmd(&["-o", "json", "show", "--volume", "v", "--snapshot", "nope"]);
@@ -740,12 +624,7 @@ fn bad_input_gets_the_right_exit_code_and_message() {
     raw[mid] ^= 0xff;
     std::fs::write(&chunk, raw).unwrap();
     let out = cbt.cmd(&["verify", "--read-data"]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 3);
     assert!(String::from_utf8_lossy(&out.stdout).contains("PROBLEM"));
     let out = cbt.cmd(&[
         "restore",
@@ -756,12 +635,7 @@ fn bad_input_gets_the_right_exit_code_and_message() {
         "--target",
         work.path().join("bad.img").to_str().unwrap(),
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 3);
 }
 
 fn find_chunk_file(dir: &Path) -> PathBuf {
@@ -856,20 +730,7 @@ fn a_dead_process_lock_blocks_prune_until_broken() {
     });
 
     let img = image.to_str().unwrap();
-    fails(
-        &cbt.cmd(&[
-            "backup",
-            "--device",
-            img,
-            "--volume",
-            "v",
-            "--snapshot",
-            "s1",
-            "--full",
-        ]),
-        6,
-        "lock",
-    );
+    fails(&cbt.cmd(&full_backup(img, "v", "s1")), 6, "lock");
     let locks = cbt.json(&["lock", "list"]);
     assert_eq!(locks[0]["id"], lock_id.as_str());
     fails(&cbt.cmd(&["lock", "break", "no-such-lock"]), 2, "no lock");
@@ -878,16 +739,7 @@ fn a_dead_process_lock_blocks_prune_until_broken() {
     let broken = cbt.json(&["lock", "break", &lock_id, "--force"]);
     assert_eq!(broken["broken"], lock_id.as_str());
     assert_eq!(cbt.json(&["lock", "list"]), serde_json::json!([]));
-    cbt.ok(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s1",
-        "--full",
-    ]);
+    cbt.ok(&full_backup(img, "v", "s1"));
 }
 
 #[test]
@@ -960,16 +812,7 @@ fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
     fails(&first.cmd(&["repo", "init"]), 5, "--encryption");
     let init = first.json(&["repo", "init", "--encryption", "--chunk-size", "64K"]);
     let first_slot = init["key_slot"].as_str().unwrap().to_string();
-    first.ok(&[
-        "backup",
-        "--device",
-        image.to_str().unwrap(),
-        "--volume",
-        "v",
-        "--snapshot",
-        "s1",
-        "--full",
-    ]);
+    first.ok(&full_backup(image.to_str().unwrap(), "v", "s1"));
 
     // No password, a wrong one, both sources at once: configuration errors (exit 5).
     fails(&none.cmd(&["list"]), 5, "CBT_PASSWORD");
@@ -1033,12 +876,7 @@ fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
     bytes[60] ^= 0x10;
     std::fs::write(&chunk, bytes).unwrap();
     let out = second.cmd(&["verify", "--read-data"]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 3);
     let out = second.cmd(&[
         "restore",
         "--volume",
@@ -1048,12 +886,7 @@ fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
         "--target",
         work.path().join("r2.img").to_str().unwrap(),
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exits(&out, 3);
 }
 
 /// Every file under `dir` with its contents, for "nothing changed" checks.
@@ -1138,16 +971,7 @@ fn encrypted_repository_with_key_files_through_the_binary() {
     assert!(!other_dir.join("config").exists());
 
     // The key file opens it, from the flag and from CBT_KEY_FILE.
-    with_file(&k1).ok(&[
-        "backup",
-        "--device",
-        img,
-        "--volume",
-        "v",
-        "--snapshot",
-        "s1",
-        "--full",
-    ]);
+    with_file(&k1).ok(&full_backup(img, "v", "s1"));
     let by_env = at(
         &repo_dir,
         vec![],
@@ -1169,16 +993,7 @@ fn encrypted_repository_with_key_files_through_the_binary() {
     ]);
     fails(&with_file(&k_other).cmd(&["list"]), 5, "wrong key file");
     fails(
-        &with_file(&k_other).cmd(&[
-            "backup",
-            "--device",
-            img,
-            "--volume",
-            "v",
-            "--snapshot",
-            "s9",
-            "--full",
-        ]),
+        &with_file(&k_other).cmd(&full_backup(img, "v", "s9")),
         5,
         "wrong key file",
     );

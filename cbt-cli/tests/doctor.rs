@@ -174,15 +174,7 @@ impl Env {
     }
 
     async fn ok(&self, args: &[&str]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        support::succeeded(&format!("cbt {args:?}"), &self.cbt(args).await)
     }
 
     /// A block PVC with data and a ready VolumeSnapshot `snap` of it.

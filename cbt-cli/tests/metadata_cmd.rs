@@ -66,6 +66,42 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `cbt -o json show` of snapshot `snapshot` of `volume` in `repo`.
+fn show_json(repo: &str, volume: &str, snapshot: &str) -> serde_json::Value {
+    let out = ok(&[
+        "--repo",
+        repo,
+        "-o",
+        "json",
+        "show",
+        "--volume",
+        volume,
+        "--snapshot",
+        snapshot,
+    ]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Restores snapshot `snapshot` of `volume` in `repo` to the file `target` and asserts that it
+/// holds the bytes of `expected`.
+fn assert_restores(repo: &str, volume: &str, snapshot: &str, target: &Path, expected: &Path) {
+    ok(&[
+        "--repo",
+        repo,
+        "restore",
+        "--volume",
+        volume,
+        "--snapshot",
+        snapshot,
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(target).unwrap(),
+        std::fs::read(expected).unwrap()
+    );
+}
+
 fn image(path: &Path, size: u64, writes: &[(u64, u8, usize)]) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size).unwrap();
@@ -325,18 +361,7 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
             .contains("GetMetadataDelta snap-1 -> snap-2: 1 ranges")
     );
 
-    let show: serde_json::Value = serde_json::from_str(&ok(&[
-        "--repo",
-        &repo,
-        "-o",
-        "json",
-        "show",
-        "--volume",
-        "v",
-        "--snapshot",
-        "b2",
-    ]))
-    .unwrap();
+    let show = show_json(&repo, "v", "b2");
     assert_eq!(show["parent"]["snapshot"], "b1");
     assert_eq!(show["source"]["csi_snapshot_id"], "snap-2");
     assert_eq!(show["source"]["base_csi_snapshot_id"], "snap-1");
@@ -344,21 +369,12 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     assert_eq!(show["stats"]["bytes_read"], MIB);
 
     // The restored incremental equals the second snapshot.
-    let target = t.path().join("restored.img");
-    ok(&[
-        "--repo",
+    assert_restores(
         &repo,
-        "restore",
-        "--volume",
         "v",
-        "--snapshot",
         "b2",
-        "--target",
-        target.to_str().unwrap(),
-    ]);
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(snaps.join("snap-2")).unwrap()
+        &t.path().join("restored.img"),
+        &snaps.join("snap-2"),
     );
 
     // A base that is not the latest backup is refused unless allowed.
@@ -391,18 +407,7 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
     let mut allowed = again.to_vec();
     allowed.push("--allow-non-latest-base");
     ok(&allowed);
-    let show: serde_json::Value = serde_json::from_str(&ok(&[
-        "--repo",
-        &repo,
-        "-o",
-        "json",
-        "show",
-        "--volume",
-        "v",
-        "--snapshot",
-        "b3",
-    ]))
-    .unwrap();
+    let show = show_json(&repo, "v", "b3");
     assert_eq!(show["parent"]["snapshot"], "b1");
 
     // A delta the service refuses (base of another size: FAILED_PRECONDITION) fails with a hint,
@@ -462,18 +467,7 @@ fn backup_takes_ranges_from_the_service_and_records_lineage() {
             && !err.contains("allocated ranges unavailable"),
         "{err}"
     );
-    let show: serde_json::Value = serde_json::from_str(&ok(&[
-        "--repo",
-        &repo,
-        "-o",
-        "json",
-        "show",
-        "--volume",
-        "w",
-        "--snapshot",
-        "c2",
-    ]))
-    .unwrap();
+    let show = show_json(&repo, "w", "c2");
     assert!(show["parent"].is_null());
     assert_eq!(show["volume_size"], 32 * MIB);
     // Recorded as taken from `resized`, with no delta base: the next incremental can build on it.
@@ -544,18 +538,7 @@ fn backup_through_the_kubernetes_api_records_names_and_handles() {
     ];
     incr.extend_from_slice(&k8s);
     ok(&incr);
-    let show: serde_json::Value = serde_json::from_str(&ok(&[
-        "--repo",
-        &repo,
-        "-o",
-        "json",
-        "show",
-        "--volume",
-        "pvc",
-        "--snapshot",
-        "k2",
-    ]))
-    .unwrap();
+    let show = show_json(&repo, "pvc", "k2");
     assert_eq!(show["parent"]["snapshot"], "k1");
     assert_eq!(show["source"]["namespace"], "default");
     assert_eq!(show["source"]["volume_snapshot"], "vs-2");
@@ -824,34 +807,14 @@ fn listings_and_backups_resume_streams_cut_at_the_servers_time_limit() {
             }
             ok(&args);
         }
-        let show: serde_json::Value = serde_json::from_str(&ok(&[
-            "--repo",
-            &repo,
-            "-o",
-            "json",
-            "show",
-            "--volume",
-            "v",
-            "--snapshot",
-            "snap-2",
-        ]))
-        .unwrap();
+        let show = show_json(&repo, "v", "snap-2");
         assert_eq!(show["stats"]["bytes_read"], 8 * 65536);
-        let target = t.path().join("restored.img");
-        ok(&[
-            "--repo",
+        assert_restores(
             &repo,
-            "restore",
-            "--volume",
             "v",
-            "--snapshot",
             "snap-2",
-            "--target",
-            target.to_str().unwrap(),
-        ]);
-        assert_eq!(
-            std::fs::read(&target).unwrap(),
-            std::fs::read(snaps.join("snap-2")).unwrap()
+            &t.path().join("restored.img"),
+            &snaps.join("snap-2"),
         );
     }
 

@@ -13,12 +13,11 @@ use std::path::Path;
 
 use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
-use support::{DRIVER, sms};
+use support::{DRIVER, MOVER_IMAGE, sms};
 
 const MIB: u64 = 1 << 20;
 const NS: &str = "db";
 const AUDIENCE: &str = "cbt-e2e";
-const IMAGE: &str = "registry.example/cbt:e2e";
 const SLOW_IMAGE: &str = "registry.example/slow:e2e";
 
 type Env = support::Cluster;
@@ -38,7 +37,7 @@ impl Env {
             .driver(DRIVER)
             .backend(backend)
             .serve(sms())
-            .image(IMAGE, env!("CARGO_BIN_EXE_cbt"))
+            .image(MOVER_IMAGE, env!("CARGO_BIN_EXE_cbt"))
             .image(SLOW_IMAGE, slow)
             .start()
             .await
@@ -54,32 +53,50 @@ impl Env {
         args
     }
 
-    fn kube_args(&self) -> Vec<String> {
-        [
-            "-n",
-            NS,
-            "--kubeconfig",
-            self.kubeconfig.to_str().unwrap(),
-            "--image",
-            IMAGE,
-            "--s3-secret",
-            "s3-creds",
-            "--service-account",
-            "cbt-mover",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    /// [`Self::kube_args`] with the mover's S3 Secret `secret` instead of `s3-creds`.
+    fn kube_args_with_secret(&self, secret: &str) -> Vec<String> {
+        let mut args = self.kube_args();
+        let at = args.iter().position(|a| a == "s3-creds").unwrap();
+        args[at] = secret.into();
+        args
     }
 
-    /// Objects of a kind in the namespace that this tool created.
-    fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
-        self.kube
-            .list(api_version, kind)
-            .into_iter()
-            .filter(|o| o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cbt")
-            .map(|o| o["metadata"]["name"].as_str().unwrap_or("").to_string())
-            .collect()
+    /// `-o json backup --pvc <pvc>` with the cluster flags, the mover reading Secret `secret`.
+    fn backup_args(&self, pvc: &str, secret: &str) -> Vec<String> {
+        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", pvc]
+            .map(String::from)
+            .to_vec();
+        args.extend(self.kube_args_with_secret(secret));
+        args
+    }
+
+    /// `-o json restore` of `db.data` snapshot `snap` into the new PVC `restored`, with the
+    /// cluster flags, the mover reading Secret `secret`.
+    fn restore_args(&self, snap: &str, secret: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "-o",
+            "json",
+            "restore",
+            "--volume",
+            "db.data",
+            "--snapshot",
+            snap,
+            "--to-pvc",
+            "restored",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.kube_args_with_secret(secret));
+        args
+    }
+
+    /// Asserts that the PVC `restored` holds the bytes of `device`.
+    fn assert_restored(&self, device: &Path) {
+        let target = self.kube.pvc_backing_file(NS, "restored").unwrap();
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            std::fs::read(device).unwrap()
+        );
     }
 }
 
@@ -106,14 +123,7 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
     write(&device, 0, 1, 3 * MIB as usize);
     write(&device, 20 * MIB, 2, 100_000);
 
-    let mut args: Vec<String> = vec![
-        "-o".into(),
-        "json".into(),
-        "backup".into(),
-        "--pvc".into(),
-        "data".into(),
-    ];
-    args.extend(env.kube_args());
+    let args = env.backup_args("data", "s3-creds");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = env.ok(&argv).await;
     let r = &first["results"][0];
@@ -196,32 +206,14 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
     );
 
     // Restore into a new PVC: byte-identical to the source at the second backup.
-    let mut args: Vec<String> = [
-        "-o",
-        "json",
-        "restore",
-        "--volume",
-        "db.data",
-        "--snapshot",
-        &snap,
-        "--to-pvc",
-        "restored",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(env.kube_args());
+    let args = env.restore_args(&snap, "s3-creds");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let restored = env.ok(&argv).await;
     assert!(
         restored["mover"]["chunks_verified"].as_u64().unwrap() > 0,
         "{restored:#}"
     );
-    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    env.assert_restored(&device);
     assert!(env.ours("batch/v1", "Job").is_empty());
     // A second restore to the same name is refused and changes nothing.
     let out = env.cbt(&argv).await;
@@ -232,6 +224,7 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
         String::from_utf8_lossy(&out.stderr)
     );
     // With --overwrite it writes into the existing PVC (scribbled on first) and verifies.
+    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
     write(&target, 0, 0xee, 4096);
     let mut again = argv.clone();
     again.push("--overwrite");
@@ -240,10 +233,7 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
         doc["notes"][0].as_str().unwrap().contains("overwrote"),
         "{doc:#}"
     );
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    env.assert_restored(&device);
     assert!(
         env.kube
             .get("v1", "PersistentVolumeClaim", NS, "restored")
@@ -291,27 +281,15 @@ async fn ctrl_c_at_each_step_cleans_up() {
     ];
     for (step, extra, (api, kind)) in steps {
         env.kube.faults().set_never_ready(extra.is_empty());
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-        let endpoint = env.s3.endpoint();
-        cmd.args([
-            "--repo",
-            &env.repo,
-            "--s3-endpoint",
-            &endpoint,
-            "backup",
-            "--pvc",
-            "data",
-        ]);
         let kube = if extra.is_empty() {
             env.kube_args()
         } else {
             env.kube_args_without_image()
         };
-        cmd.args(kube).args(extra);
-        for (k, v) in env.s3.env() {
-            cmd.env(k, v);
-        }
-        let child = cmd
+        let child = env
+            .command(&["backup", "--pvc", "data"])
+            .args(kube)
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -348,14 +326,9 @@ async fn ctrl_c_at_each_step_cleans_up() {
 impl Env {
     /// `cbt -o json backup --pvc <pvc> <extra> <cluster flags>`: exit code and the JSON document.
     async fn backup(&self, pvc: &str, extra: &[&str]) -> (Option<i32>, Value, String) {
-        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", pvc]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(self.kube_args());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.cbt(&argv).await;
+        let mut args = vec!["-o", "json", "backup", "--pvc", pvc];
+        args.extend_from_slice(extra);
+        let out = self.cbt_kube(&args).await;
         let doc = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
         (
             out.status.code(),
@@ -384,6 +357,25 @@ impl Env {
 /// The error document of a failed single-PVC run.
 fn error_of(doc: &Value) -> &Value {
     &doc["results"][0]["error"]
+}
+
+/// The repository snapshot a successful single-PVC backup made.
+fn snapshot_of(doc: &Value) -> String {
+    let r = &doc["results"][0];
+    assert_eq!(r["ok"], true, "{doc:#}");
+    r["report"]["mover"]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Asserts a failed single-PVC run: exit code `expected`, an error message containing `what`.
+fn assert_failed(code: Option<i32>, doc: &Value, expected: i32, what: &str) {
+    assert_eq!(code, Some(expected), "{doc:#}");
+    assert!(
+        error_of(doc)["message"].as_str().unwrap().contains(what),
+        "{doc:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -418,14 +410,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
                      "resources": {"requests": {"storage": "1Mi"}}}}))
         .unwrap();
     let (code, doc, _) = env.backup("pending", &[]).await;
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("not bound"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "not bound");
     env.assert_clean(0, "unbound");
 
     // No VolumeSnapshotClass for the driver: refused before anything is created.
@@ -447,14 +432,7 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         )
         .unwrap();
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("VolumeSnapshotClass"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "VolumeSnapshotClass");
     env.assert_clean(0, "no snapshot class");
     let mut class = class;
     class["metadata"] = json!({"name": "csi-snapclass",
@@ -466,28 +444,14 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
         .faults()
         .set_snapshot_error(Some("backend pool is full"));
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(8), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("backend pool is full"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 8, "backend pool is full");
     env.assert_clean(0, "snapshot error");
     env.kube.faults().set_snapshot_error(None);
 
     // A snapshot that never becomes ready: a timeout, then the same cleanup.
     env.kube.faults().set_never_ready(true);
     let (code, doc, _) = env.backup("data", &["--snapshot-timeout-secs", "1"]).await;
-    assert_eq!(code, Some(4), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("timed out"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 4, "timed out");
     env.assert_clean(0, "never ready");
     env.kube.faults().set_never_ready(false);
 
@@ -508,27 +472,13 @@ async fn bad_input_gets_a_clear_error_and_leaves_nothing_behind() {
             (),
         )
     };
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("ErrImagePull"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "ErrImagePull");
     env.assert_clean(0, "image pull");
 
     // A mover killed by the kernel (OOM): its reason, and the same cleanup.
     env.kube.faults().oom_kill_next_pods(1);
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(4), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("OOMKilled"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 4, "OOMKilled");
     env.assert_clean(0, "OOM");
 
     // A SnapshotMetadataService whose CA is not the one the sidecar's certificate chains to:
@@ -604,14 +554,7 @@ async fn without_cbt_a_backup_fails_unless_a_full_read_is_allowed() {
         )
         .unwrap();
     let (code, doc, _) = env.backup("data", &[]).await;
-    assert_eq!(code, Some(5), "{doc:#}");
-    assert!(
-        error_of(&doc)["message"]
-            .as_str()
-            .unwrap()
-            .contains("SnapshotMetadataService"),
-        "{doc:#}"
-    );
+    assert_failed(code, &doc, 5, "SnapshotMetadataService");
     env.assert_clean(0, "no CBT");
 
     let (code, doc, _) = env.backup("data", &["--fallback-full"]).await;
@@ -671,13 +614,9 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
     env.assert_clean(0, "no image");
 
     // Dry run: the objects as YAML, nothing created, nothing in the repository.
-    let mut args: Vec<String> = ["backup", "--selector", "backup=cbt", "--dry-run"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env.cbt(&argv).await;
+    let out = env
+        .cbt_kube(&["backup", "--selector", "backup=cbt", "--dry-run"])
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -693,13 +632,9 @@ async fn a_selector_backs_up_each_pvc_and_dry_run_creates_nothing() {
     assert!(yaml.contains("secretKeyRef") && !yaml.contains("AWS_SECRET_ACCESS_KEY\n    value"));
     env.assert_clean(0, "dry run");
 
-    let mut args: Vec<String> = ["-o", "json", "backup", "--selector", "backup=cbt"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let doc = env.ok(&argv).await;
+    let doc = env
+        .ok_kube(&["-o", "json", "backup", "--selector", "backup=cbt"])
+        .await;
     let results = doc["results"].as_array().unwrap();
     let mut pvcs: Vec<&str> = results.iter().map(|r| r["pvc"].as_str().unwrap()).collect();
     pvcs.sort();
@@ -751,11 +686,7 @@ async fn measure_pvc_backup() {
         f.write_all_at(&buf, i * 2 * MIB).unwrap();
     }
     drop(f);
-    let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
+    let args = env.backup_args("data", "s3-creds");
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let t = std::time::Instant::now();
     let full = env.ok(&argv).await;
@@ -800,40 +731,15 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
             "metadata": {"name": "s3-enc", "namespace": NS}, "stringData": creds}))
         .unwrap();
     let run = |args: Vec<String>, password: Option<&'static str>| {
-        let env = &env;
-        async move {
-            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-            cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()]);
-            cmd.args(&args);
-            cmd.env_remove("CBT_REPO")
-                .env_remove("KUBECONFIG")
-                .env_remove("CBT_PASSWORD_FILE");
-            match password {
-                Some(p) => cmd.env("CBT_PASSWORD", p),
-                None => cmd.env_remove("CBT_PASSWORD"),
-            };
-            for (k, v) in env.s3.env() {
-                cmd.env(k, v);
-            }
-            cmd.output().await.unwrap()
-        }
+        let mut cmd = env.command(&args);
+        cmd.env_remove("CBT_PASSWORD_FILE");
+        match password {
+            Some(p) => cmd.env("CBT_PASSWORD", p),
+            None => cmd.env_remove("CBT_PASSWORD"),
+        };
+        async move { cmd.output().await.unwrap() }
     };
-    let kube_args = || -> Vec<String> {
-        let mut a = env.kube_args();
-        let at = a.iter().position(|x| x == "s3-creds").unwrap();
-        a[at] = "s3-enc".into();
-        a
-    };
-    let ok = |out: std::process::Output| -> Value {
-        assert!(
-            out.status.success(),
-            "failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let ok = |out: std::process::Output| support::succeeded("cbt", &out);
     ok(run(
         ["repo", "init", "--encryption", "--chunk-size", "256K"]
             .map(String::from)
@@ -847,32 +753,10 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
     let device = env.kube.pvc_backing_file(NS, "data").unwrap();
     write(&device, 0, 7, MIB as usize);
 
-    let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
-        .map(String::from)
-        .to_vec();
-    args.extend(kube_args());
-    let doc = ok(run(args, Some("pvc secret")).await);
-    let r = &doc["results"][0];
-    assert_eq!(r["ok"], true, "{doc:#}");
-    let snap = r["report"]["mover"]["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let doc = ok(run(env.backup_args("data", "s3-enc"), Some("pvc secret")).await);
+    let snap = snapshot_of(&doc);
 
-    let mut args: Vec<String> = [
-        "-o",
-        "json",
-        "restore",
-        "--volume",
-        "db.data",
-        "--snapshot",
-        &snap,
-        "--to-pvc",
-        "restored",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(kube_args());
+    let args = env.restore_args(&snap, "s3-enc");
     // Without the password the orchestrator stops before creating anything (exit 5).
     let out = run(args.clone(), None).await;
     assert_eq!(
@@ -887,11 +771,7 @@ async fn an_encrypted_repository_is_backed_up_and_restored_through_pvcs() {
             .is_none()
     );
     ok(run(args, Some("pvc secret")).await);
-    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    env.assert_restored(&device);
     drop(env.t);
 }
 
@@ -900,52 +780,26 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
     let env = Env::start().await;
     let key_file = env.t.path().join("repo.key");
     let run = |args: Vec<String>| {
-        let env = &env;
-        let key_file = key_file.clone();
-        async move {
-            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-            cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()]);
-            cmd.args(&args);
-            cmd.env_remove("CBT_REPO")
-                .env_remove("KUBECONFIG")
-                .env_remove("CBT_PASSWORD")
-                .env_remove("CBT_PASSWORD_FILE")
-                .env("CBT_KEY_FILE", &key_file);
-            for (k, v) in env.s3.env() {
-                cmd.env(k, v);
-            }
-            cmd.output().await.unwrap()
-        }
+        let mut cmd = env.command(&args);
+        cmd.env_remove("CBT_PASSWORD")
+            .env_remove("CBT_PASSWORD_FILE")
+            .env("CBT_KEY_FILE", &key_file);
+        async move { cmd.output().await.unwrap() }
     };
-    let ok = |out: std::process::Output| -> Value {
-        assert!(
-            out.status.success(),
-            "failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
+    let ok = |out: std::process::Output| support::succeeded("cbt", &out);
     // `repo init` writes the key file; CBT_KEY_FILE names it for every later command.
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
-    cmd.args(["--repo", &env.repo, "--s3-endpoint", &env.s3.endpoint()])
-        .args([
-            "repo",
-            "init",
-            "--encryption",
-            "--chunk-size",
-            "256K",
-            "--key-file-out",
-        ])
-        .arg(&key_file)
-        .env_remove("CBT_REPO")
+    let mut cmd = env.command(&[
+        "repo",
+        "init",
+        "--encryption",
+        "--chunk-size",
+        "256K",
+        "--key-file-out",
+    ]);
+    cmd.arg(&key_file)
         .env_remove("CBT_PASSWORD")
         .env_remove("CBT_PASSWORD_FILE")
         .env_remove("CBT_KEY_FILE");
-    for (k, v) in env.s3.env() {
-        cmd.env(k, v);
-    }
     ok(cmd.output().await.unwrap());
 
     // One Secret without the key file, one with it (and a password that must not be used).
@@ -965,28 +819,15 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
                 "metadata": {"name": name, "namespace": NS}, "stringData": data}))
             .unwrap();
     }
-    let kube_args = |secret: &str| -> Vec<String> {
-        let mut a = env.kube_args();
-        let at = a.iter().position(|x| x == "s3-creds").unwrap();
-        a[at] = secret.into();
-        a
-    };
     env.kube
         .seed_pvc(NS, "data", "8Mi", "Block", &["ReadWriteOnce"], &[])
         .unwrap();
     let device = env.kube.pvc_backing_file(NS, "data").unwrap();
     write(&device, 0, 11, MIB as usize);
-    let backup = |secret: &str| {
-        let mut args: Vec<String> = ["-o", "json", "backup", "--pvc", "data"]
-            .map(String::from)
-            .to_vec();
-        args.extend(kube_args(secret));
-        args
-    };
 
     // A Secret without CBT_KEY_FILE stops the mover before it starts: a configuration error
     // naming the key, nothing committed.
-    let out = run(backup("s3-nokey")).await;
+    let out = run(env.backup_args("data", "s3-nokey")).await;
     assert_eq!(
         out.status.code(),
         Some(5),
@@ -1003,32 +844,9 @@ async fn a_repository_opened_with_a_key_file_is_backed_up_and_restored_through_p
     let listed = ok(run(["-o", "json", "list"].map(String::from).to_vec()).await);
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 
-    let doc = ok(run(backup("s3-kf")).await);
-    let r = &doc["results"][0];
-    assert_eq!(r["ok"], true, "{doc:#}");
-    let snap = r["report"]["mover"]["snapshot"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut args: Vec<String> = [
-        "-o",
-        "json",
-        "restore",
-        "--volume",
-        "db.data",
-        "--snapshot",
-        &snap,
-        "--to-pvc",
-        "restored",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(kube_args("s3-kf"));
-    ok(run(args).await);
-    let target = env.kube.pvc_backing_file(NS, "restored").unwrap();
-    assert_eq!(
-        std::fs::read(&target).unwrap(),
-        std::fs::read(&device).unwrap()
-    );
+    let doc = ok(run(env.backup_args("data", "s3-kf")).await);
+    let snap = snapshot_of(&doc);
+    ok(run(env.restore_args(&snap, "s3-kf")).await);
+    env.assert_restored(&device);
     drop(env.t);
 }

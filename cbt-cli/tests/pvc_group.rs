@@ -12,13 +12,12 @@ use std::path::{Path, PathBuf};
 
 use fake_kube::{FakeKube, SharedBackend};
 use serde_json::{Value, json};
-use support::{DRIVER, sms};
+use support::{DRIVER, MOVER_IMAGE, sms};
 
 const MIB: u64 = 1 << 20;
 const CHUNK: u64 = 256 * 1024;
 const NS: &str = "db";
 const AUDIENCE: &str = "cbt-e2e";
-const IMAGE: &str = "registry.example/cbt:e2e";
 const GROUP_API: &str = "groupsnapshot.storage.k8s.io/v1";
 const VS_API: &str = "snapshot.storage.k8s.io/v1";
 const MEMBERS: [&str; 3] = ["conf", "data", "wal"];
@@ -34,7 +33,7 @@ impl Env {
             .driver(DRIVER)
             .backend(backend)
             .serve(sms())
-            .image(IMAGE, env!("CARGO_BIN_EXE_cbt"));
+            .image(MOVER_IMAGE, env!("CARGO_BIN_EXE_cbt"));
         if group_api {
             builder = builder.group_snapshot_api();
         }
@@ -42,59 +41,17 @@ impl Env {
         support::Cluster::from_kube(t, kube, NS, AUDIENCE).await
     }
 
-    fn kube_args(&self) -> Vec<String> {
-        [
-            "-n",
-            NS,
-            "--kubeconfig",
-            self.kubeconfig.to_str().unwrap(),
-            "--image",
-            IMAGE,
-            "--s3-secret",
-            "s3-creds",
-            "--service-account",
-            "cbt-mover",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    }
-
     /// `cbt -o json backup --selector app=pg --group <extra> <cluster flags>`: exit code, the
     /// JSON document, stderr.
     async fn group_backup(&self, extra: &[&str]) -> (Option<i32>, Value, String) {
-        let mut args: Vec<String> = ["-o", "json", "backup", "--selector", "app=pg", "--group"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(self.kube_args());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.cbt(&argv).await;
+        let mut args = vec!["-o", "json", "backup", "--selector", "app=pg", "--group"];
+        args.extend_from_slice(extra);
+        let out = self.cbt_kube(&args).await;
         (
             out.status.code(),
             serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
-    }
-
-    /// Names of the objects of a kind in the namespace that cbt created.
-    fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
-        self.names(api_version, kind, |o| {
-            o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cbt"
-        })
-    }
-
-    fn names(&self, api_version: &str, kind: &str, keep: impl Fn(&Value) -> bool) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .kube
-            .list(api_version, kind)
-            .into_iter()
-            .filter(|o| keep(o))
-            .map(|o| o["metadata"]["name"].as_str().unwrap_or("").to_string())
-            .collect();
-        names.sort();
-        names
     }
 
     /// Asserts that no temporary object is left and exactly `groups` group snapshots exist,
@@ -404,21 +361,17 @@ async fn missing_group_support_is_a_config_error_that_creates_nothing() {
     assert_eq!(out.status.code(), Some(2));
 
     // Dry run: the group and each member's temporary PVC and Job, nothing created.
-    let mut args: Vec<String> = [
-        "backup",
-        "-l",
-        "app=pg",
-        "--group",
-        "--group-snapshot-class",
-        "csi-group",
-        "--dry-run",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(env.kube_args());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env.cbt(&argv).await;
+    let out = env
+        .cbt_kube(&[
+            "backup",
+            "-l",
+            "app=pg",
+            "--group",
+            "--group-snapshot-class",
+            "csi-group",
+            "--dry-run",
+        ])
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -579,13 +532,9 @@ async fn a_failing_group_or_member_fails_the_run_and_cleans_up() {
 
     // For people: the group, its cut, and a line per member.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    let mut args: Vec<String> = ["backup", "--selector", "app=pg", "--group"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.extend(env.kube_args());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = env.cbt(&argv).await;
+    let out = env
+        .cbt_kube(&["backup", "--selector", "app=pg", "--group"])
+        .await;
     assert!(
         out.status.success(),
         "{}",

@@ -181,25 +181,17 @@ impl Example {
                 .find(|r| r.name == binding.role && r.namespace.as_deref() == role_ns)
                 .unwrap_or_else(|| panic!("binding {} names a missing role", binding.name));
             for rule in &role.rules {
-                assert!(
-                    rule.api_groups.len() == 1
-                        && rule.resources.len() == 1
-                        && rule.verbs.len() == 1,
-                    "{}: one group, resource and verb per rule: {rule:?}",
-                    role.name
-                );
-                assert!(
-                    ![&rule.api_groups, &rule.resources, &rule.verbs]
-                        .iter()
-                        .any(|l| l.iter().any(|v| v.contains('*'))),
-                    "no wildcards: {rule:?}"
-                );
-                assert!(rule.resource_names.is_empty() && rule.non_resource_urls.is_empty());
+                let (group, resource, verb) = rule.single_grant().unwrap_or_else(|| {
+                    panic!(
+                        "{}: one group, resource and verb per rule, no wildcards, no names: {rule:?}",
+                        role.name
+                    )
+                });
                 out.push(Grant {
                     scope,
-                    group: rule.api_groups[0].clone(),
-                    resource: rule.resources[0].clone(),
-                    verb: rule.verbs[0].clone(),
+                    group: group.into(),
+                    resource: resource.into(),
+                    verb: verb.into(),
                 });
             }
         }
@@ -370,15 +362,7 @@ impl Env {
     }
 
     async fn ok(&self, args: &[String]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        support::succeeded(&format!("cbt {args:?}"), &self.cbt(args).await)
     }
 
     /// Example args plus the orchestrator's kubeconfig (in a pod: the mounted token).

@@ -6,12 +6,15 @@
 mod support;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
+use cbt_k8s::replication::controller::testing::Running;
 use fake_kube::FakeKube;
 use serde_json::{Value, json};
-use support::replication::{TRIDENT, VR_API, cbt, start_controller, text};
+use support::replication::{
+    VR_API, assert_exit, cbt, ontap_pvc, primary_vr, seed_trident, start_controller, text,
+    until_primary,
+};
 
 const NS: &str = "app";
 
@@ -19,50 +22,28 @@ struct Env {
     fake: FakeKube,
     _dir: tempfile::TempDir,
     kubeconfig: PathBuf,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _controller: Running,
 }
 
 async fn env() -> Env {
     let fake = FakeKube::builder().replication_api().start().await.unwrap();
-    fake.seed_namespace(NS).unwrap();
-    fake.seed_storage_class("ontap", TRIDENT, false).unwrap();
-    fake.create(
-        json!({"apiVersion": VR_API, "kind": "VolumeReplicationClass",
-        "metadata": {"name": "trident"}, "spec": {"provisioner": TRIDENT}}),
-    )
-    .unwrap();
-    fake.create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-        "metadata": {"name": "data", "namespace": NS},
-        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "ontap",
-                 "resources": {"requests": {"storage": "1Gi"}}}}))
-        .unwrap();
-    fake.create(json!({"apiVersion": VR_API, "kind": "VolumeReplication",
-        "metadata": {"name": "data", "namespace": NS},
-        "spec": {"volumeReplicationClass": "trident", "replicationState": "primary",
-                 "dataSource": {"kind": "PersistentVolumeClaim", "name": "data"},
-                 "autoResync": false, "replicationHandle": ""}}))
-        .unwrap();
+    seed_trident(&fake, NS);
+    ontap_pvc(&fake, NS, "data", json!({}));
+    primary_vr(&fake, NS, "data", "");
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     fake.write_kubeconfig(&kubeconfig, "test").unwrap();
-    let stop = start_controller(&kubeconfig).await;
+    let controller = start_controller(&kubeconfig).await;
     Env {
         fake,
         _dir: dir,
         kubeconfig,
-        _stop: stop,
+        _controller: controller,
     }
 }
 
 async fn primary(e: &Env) {
-    for _ in 0..400 {
-        let vr = e.fake.get(VR_API, "VolumeReplication", NS, "data").unwrap();
-        if vr["status"]["state"] == "Primary" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never primary");
+    until_primary(&e.fake, NS, "VolumeReplication", "data").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -115,12 +96,7 @@ async fn demote_waits_and_prints_the_backend_change_or_the_refusal() {
         &["replication", "demote", "data", "-n", NS, "--timeout", "20"],
     )
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(ExitClass::Config.code())),
-        "{}",
-        text(&out)
-    );
+    assert_exit(&out, ExitClass::Config);
     assert!(text(&out).contains("remoteVolumeHandle"), "{}", text(&out));
     // Back to primary (nothing was written to the backend, so nothing changes there).
     let out = cbt(&e.kubeconfig, &["replication", "promote", "data", "-n", NS]).await;
@@ -167,12 +143,7 @@ async fn unknown_names_and_timeouts_have_their_exit_codes() {
     let e = env().await;
     primary(&e).await;
     let out = cbt(&e.kubeconfig, &["replication", "promote", "nope", "-n", NS]).await;
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(ExitClass::Config.code())),
-        "{}",
-        text(&out)
-    );
+    assert_exit(&out, ExitClass::Config);
     assert!(text(&out).contains("nope"));
     e.fake
         .merge_patch(
@@ -192,11 +163,6 @@ async fn unknown_names_and_timeouts_have_their_exit_codes() {
         &["replication", "promote", "data", "-n", NS, "--timeout", "1"],
     )
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(ExitClass::Transient.code())),
-        "{}",
-        text(&out)
-    );
+    assert_exit(&out, ExitClass::Transient);
     assert!(text(&out).contains("timed out"), "{}", text(&out));
 }

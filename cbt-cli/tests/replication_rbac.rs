@@ -13,13 +13,16 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use cbt_core::exit::ExitClass;
+use cbt_k8s::replication::controller::testing::Running;
 use fake_kube::FakeKube;
 use fake_kube::rbac::{Policy, UserInfo};
 use serde_json::{Value, json};
-use support::replication::{TRIDENT, VR_API, cbt, start_controller, text};
+use support::replication::{
+    TRIDENT, VR_API, assert_exit, cbt, ontap_pvc, primary_vr, seed_trident, start_controller, text,
+    until_primary,
+};
 
 const NS: &str = "app";
 const OPERATOR_TOKEN: &str = "operator-token";
@@ -63,7 +66,7 @@ struct Env {
     operator: PathBuf,
     limited: PathBuf,
     operator_user: UserInfo,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _controller: Running,
 }
 
 async fn env() -> Env {
@@ -81,31 +84,15 @@ async fn env() -> Env {
         .start()
         .await
         .unwrap();
-    fake.seed_namespace(NS).unwrap();
-    fake.seed_storage_class("ontap", TRIDENT, false).unwrap();
-    for (kind, name) in [
-        ("VolumeReplicationClass", "trident"),
-        ("VolumeGroupReplicationClass", "trident-group"),
-    ] {
-        fake.create(
-            json!({"apiVersion": VR_API, "kind": kind, "metadata": {"name": name},
-            "spec": {"provisioner": TRIDENT}}),
-        )
-        .unwrap();
-    }
-    for (pvc, labels) in [("data", json!({})), ("pg-data", json!({"app": "pg"}))] {
-        fake.create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-            "metadata": {"name": pvc, "namespace": NS, "labels": labels},
-            "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "ontap",
-                     "resources": {"requests": {"storage": "1Gi"}}}}))
-            .unwrap();
-    }
-    fake.create(json!({"apiVersion": VR_API, "kind": "VolumeReplication",
-        "metadata": {"name": "data", "namespace": NS},
-        "spec": {"volumeReplicationClass": "trident", "replicationState": "primary",
-                 "dataSource": {"kind": "PersistentVolumeClaim", "name": "data"},
-                 "autoResync": false, "replicationHandle": "svm1:trident_app_data"}}))
-        .unwrap();
+    seed_trident(&fake, NS);
+    fake.create(
+        json!({"apiVersion": VR_API, "kind": "VolumeGroupReplicationClass",
+        "metadata": {"name": "trident-group"}, "spec": {"provisioner": TRIDENT}}),
+    )
+    .unwrap();
+    ontap_pvc(&fake, NS, "data", json!({}));
+    ontap_pvc(&fake, NS, "pg-data", json!({"app": "pg"}));
+    primary_vr(&fake, NS, "data", "svm1:trident_app_data");
     fake.create(
         json!({"apiVersion": VR_API, "kind": "VolumeGroupReplication",
         "metadata": {"name": "pg", "namespace": NS},
@@ -123,33 +110,22 @@ async fn env() -> Env {
     let limited = dir.path().join("limited");
     fake.write_kubeconfig_as(&limited, "test", LIMITED_TOKEN)
         .unwrap();
-    let stop = start_controller(&admin).await;
+    let controller = start_controller(&admin).await;
     Env {
         fake,
         _dir: dir,
         operator,
         limited,
         operator_user,
-        _stop: stop,
+        _controller: controller,
     }
-}
-
-async fn until_primary(e: &Env, kind: &str, name: &str) {
-    for _ in 0..400 {
-        let o = e.fake.get(VR_API, kind, NS, name).unwrap();
-        if o["status"]["state"] == "Primary" {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("{kind} {name} never primary");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_subcommand_works_with_exactly_the_example_rbac() {
     let e = env().await;
-    until_primary(&e, "VolumeReplication", "data").await;
-    until_primary(&e, "VolumeGroupReplication", "pg").await;
+    until_primary(&e.fake, NS, "VolumeReplication", "data").await;
+    until_primary(&e.fake, NS, "VolumeGroupReplication", "pg").await;
     let runs: [&[&str]; 5] = [
         &["replication", "status", "-n", NS],
         &["replication", "demote", "data", "-n", NS, "--timeout", "20"],
@@ -198,7 +174,7 @@ async fn every_subcommand_works_with_exactly_the_example_rbac() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_verb_is_a_config_error_naming_the_permission() {
     let e = env().await;
-    until_primary(&e, "VolumeReplication", "data").await;
+    until_primary(&e.fake, NS, "VolumeReplication", "data").await;
     // Reading is granted: status works.
     let out = cbt(&e.limited, &["replication", "status", "-n", NS]).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -208,12 +184,7 @@ async fn a_missing_verb_is_a_config_error_naming_the_permission() {
         &["replication", "demote", "data", "-n", NS, "--timeout", "5"],
     )
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(i32::from(ExitClass::Config.code())),
-        "{}",
-        text(&out)
-    );
+    assert_exit(&out, ExitClass::Config);
     let t = text(&out);
     assert!(t.contains("Permission denied"), "{t}");
     assert!(

@@ -11,9 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cbt_k8s::replication::controller::testing::{self, Running};
 use cbt_k8s::replication::controller::{
     Config, Context, FINALIZER, Leadership, Metrics, OWNER_UID_LABEL, Verdict, leader,
-    reconcile_once, run,
+    reconcile_once,
 };
 use cbt_k8s::replication::translate::SubjectKind;
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
@@ -29,7 +30,6 @@ use fake_kube::rbac::UserInfo;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
-use tokio::sync::oneshot;
 
 const NS: &str = "app";
 const TRIDENT: &str = "csi.trident.netapp.io";
@@ -67,17 +67,16 @@ async fn env_with(builder: fake_kube::FakeKubeBuilder) -> Env {
 }
 
 impl Env {
-    async fn client_as(&self, token: Option<&str>) -> kube::Client {
-        let path = match token {
-            None => self.kubeconfig.clone(),
-            Some(t) => {
-                let p = self.kubeconfig.with_extension(t);
-                self.fake.write_kubeconfig_as(&p, "test", t).unwrap();
-                p
-            }
-        };
+    /// A kubeconfig for the user of `token`.
+    fn kubeconfig_as(&self, token: &str) -> PathBuf {
+        let p = self.kubeconfig.with_extension(token);
+        self.fake.write_kubeconfig_as(&p, "test", token).unwrap();
+        p
+    }
+
+    async fn client(&self) -> kube::Client {
         connect(&ClusterTarget {
-            kubeconfig: Some(path),
+            kubeconfig: Some(self.kubeconfig.clone()),
             context: None,
         })
         .await
@@ -86,13 +85,9 @@ impl Env {
     }
 
     async fn ctx(&self, config: Config) -> Arc<Context> {
-        Arc::new(Context::new(
-            self.client_as(None).await,
-            "test",
-            config,
-            Arc::new(Metrics::default()),
-            Leadership::always(),
-        ))
+        testing::context(&self.kubeconfig, config, Leadership::always())
+            .await
+            .unwrap()
     }
 
     fn pvc(&self, name: &str, class: &str, labels: Value) {
@@ -154,6 +149,29 @@ impl Env {
                 "metadata": {"name": name, "namespace": NS}, "spec": spec,
             }))
             .unwrap();
+    }
+
+    /// Merges `labels` into those of PVC `name` (a null value removes the label).
+    fn label_pvc(&self, name: &str, labels: Value) {
+        self.fake
+            .merge_patch(
+                "v1",
+                "PersistentVolumeClaim",
+                NS,
+                name,
+                &json!({"metadata": {"labels": labels}}),
+            )
+            .unwrap();
+    }
+
+    /// Deletes the csi-addons object `kind` `name` and waits until it is gone (our finalizer
+    /// released).
+    async fn delete_and_wait(&self, kind: &str, name: &str) {
+        self.fake.delete(VR_API, kind, NS, name).unwrap();
+        until(&format!("{kind} {name} gone"), || {
+            self.get(VR_API, kind, name).is_none()
+        })
+        .await;
     }
 
     fn set_state(&self, kind: &str, name: &str, patch: Value) {
@@ -333,41 +351,21 @@ async fn until(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.task).await;
-    }
-
-    fn kill(self) {
-        self.task.abort();
-    }
-}
-
-fn start(ctx: Arc<Context>) -> Running {
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(run(ctx, async move {
-        let _ = rx.await;
-    }));
-    Running {
-        stop: Some(tx),
-        task,
-    }
-}
-
 fn trident_env_classes(e: &Env) {
     e.vrc(
         "trident",
         TRIDENT,
         json!({"replicationPolicy": "MirrorAllSnapshots", "replicationSchedule": "5min"}),
     );
+}
+
+/// The class `trident-group`, and PVCs labelled `app=pg` bound to Trident volumes:
+/// `(pvc, volume handle)`.
+fn trident_group_members(e: &Env, members: &[(&str, &str)]) {
+    e.vgrc("trident-group", TRIDENT, json!({}));
+    for (pvc, handle) in members {
+        e.bound_pvc(pvc, "ontap", TRIDENT, handle, json!({"app": "pg"}));
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -379,7 +377,7 @@ async fn trident_new_primary_creates_a_promoted_relationship_and_reports_primary
     let e = env().await;
     trident_env_classes(&e);
     e.trident_volume("data", "primary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", PRIMARY).await;
     let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
     assert_eq!(tmr["spec"]["state"], "promoted");
@@ -418,7 +416,7 @@ async fn trident_new_secondary_establishes_with_the_remote_handle() {
     let e = env().await;
     trident_env_classes(&e);
     e.trident_volume("data", "secondary", "svm1:trident_app_data");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", SECONDARY).await;
     let tmr = e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap();
     assert_eq!(tmr["spec"]["state"], "established");
@@ -444,11 +442,11 @@ async fn trident_planned_failover_and_failback_across_two_clusters() {
         e.pvc("data", "ontap", json!({}));
     }
     a.vr("data", "trident", "data", "primary", "");
-    let ctl_a = start(a.ctx(fast()).await);
+    let ctl_a = Running::start(a.ctx(fast()).await);
     a.accepted(VR, "data", PRIMARY).await;
     let a_handle = a.local_handle("data");
     b.vr("data", "trident", "data", "secondary", &a_handle);
-    let ctl_b = start(b.ctx(fast()).await);
+    let ctl_b = Running::start(b.ctx(fast()).await);
     b.accepted(VR, "data", SECONDARY).await;
     let b_handle = b.local_handle("data");
 
@@ -486,7 +484,7 @@ async fn trident_unplanned_failover_then_resync_of_the_old_primary() {
     let e = env().await;
     trident_env_classes(&e);
     e.trident_volume("data", "secondary", "svm1:trident_app_data");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", SECONDARY).await;
     e.desire(VR, "data", "primary");
     e.accepted(VR, "data", PRIMARY).await;
@@ -524,7 +522,7 @@ async fn trident_group_of_three_with_one_member_failing_to_promote() {
     let sim = e.fake.replication().unwrap();
     sim.fail_trident_promotion(NS, "pg-wal", true);
     e.vgr("pg", "trident-group", "pg", "primary");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.degraded(VGR, "pg", "pg-wal").await;
     let (s, g) = e.vgr_status("pg");
     assert!(!ramen_accepts_primary(&s.replication, g));
@@ -553,7 +551,7 @@ async fn trident_pvcs_join_and_leave_a_group() {
         e.pvc(p, "ontap", json!({"app": "pg"}));
     }
     e.vgr("pg", "trident-group", "pg", "primary");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VGR, "pg", PRIMARY).await;
     e.pvc("pg-config", "ontap", json!({"app": "pg"}));
     until("third member", || {
@@ -563,15 +561,7 @@ async fn trident_pvcs_join_and_leave_a_group() {
     })
     .await;
     // pg-wal leaves: its relationship is deleted (Trident promotes it) and its claim released.
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "pg-wal",
-            &json!({"metadata": {"labels": {"app": null}}}),
-        )
-        .unwrap();
+    e.label_pvc("pg-wal", json!({"app": null}));
     until("pg-wal gone", || {
         e.get(TMR_API, "TridentMirrorRelationship", "pg-wal")
             .is_none()
@@ -613,15 +603,9 @@ async fn deleting_a_replication_deletes_only_what_it_created() {
         )
         .unwrap();
     e.vr("data", "trident", "data", "primary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", PRIMARY).await;
-    e.fake
-        .delete(VR_API, "VolumeReplication", NS, "data")
-        .unwrap();
-    until("VR gone", || {
-        e.get(VR_API, "VolumeReplication", "data").is_none()
-    })
-    .await;
+    e.delete_and_wait("VolumeReplication", "data").await;
     assert!(
         e.get(TMR_API, "TridentMirrorRelationship", "data")
             .is_none()
@@ -669,7 +653,7 @@ async fn dell_group_primary_on_the_source_needs_no_verb_and_planned_failover_sen
         &["pg-data", "pg-wal", "pg-config"],
     );
     e.vgr("pg", "powerstore-group", "pg", "primary");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VGR, "pg", PRIMARY).await;
     let sim = e.fake.replication().unwrap();
     assert!(sim.dell_actions().is_empty());
@@ -704,7 +688,7 @@ async fn dell_pvcs_join_and_leave_a_group() {
     e.rg("rg-pg", true, "SYNCHRONIZED", &["pg-data", "pg-wal"]);
     e.vgr("pg", "powerstore-group", "pg", "primary");
     let sim = e.fake.replication().unwrap();
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VGR, "pg", PRIMARY).await;
     let members = |e: &Env| -> Vec<String> {
         let mut m: Vec<String> = e
@@ -777,15 +761,7 @@ async fn dell_pvcs_join_and_leave_a_group() {
     assert!(e.handles(&content).is_empty(), "{:?}", e.handles(&content));
     assert_eq!(backend_snapshot(&e), rg_before);
     // Dell's sidecar adds it to the protection group: the group takes it, no verb.
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "pg-config",
-            &json!({"metadata": {"labels": {RG_LABEL: "rg-pg"}}}),
-        )
-        .unwrap();
+    e.label_pvc("pg-config", json!({RG_LABEL: "rg-pg"}));
     until("third member", || {
         members(&e) == ["pg-config", "pg-data", "pg-wal"] && e.accepts(VGR, "pg", PRIMARY)
     })
@@ -809,15 +785,7 @@ async fn dell_pvcs_join_and_leave_a_group() {
     );
 
     // Leaves: pg-wal is unselected but still in the protection group.
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "pg-wal",
-            &json!({"metadata": {"labels": {"app": null}}}),
-        )
-        .unwrap();
+    e.label_pvc("pg-wal", json!({"app": null}));
     until("partial group refused", || {
         refused(&e, "pg-wal") && refused(&e, "rg-pg")
     })
@@ -845,15 +813,7 @@ async fn dell_pvcs_join_and_leave_a_group() {
     .await;
     assert_eq!(backend_snapshot(&e), rg_before);
     // It leaves the protection group too: the group shrinks, its claim is released.
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "pg-wal",
-            &json!({"metadata": {"labels": {RG_LABEL: null}}}),
-        )
-        .unwrap();
+    e.label_pvc("pg-wal", json!({RG_LABEL: null}));
     until("pg-wal gone", || {
         members(&e) == ["pg-config", "pg-data"] && e.accepts(VGR, "pg", PRIMARY)
     })
@@ -897,8 +857,8 @@ async fn dell_planned_failover_across_two_clusters_moves_both_sides() {
         dell_classes(e);
         e.vgr("pg", "powerstore-group", "pg", state);
     }
-    let ctl_a = start(a.ctx(fast()).await);
-    let ctl_b = start(b.ctx(fast()).await);
+    let ctl_a = Running::start(a.ctx(fast()).await);
+    let ctl_b = Running::start(b.ctx(fast()).await);
     until("A primary, B secondary", || {
         a.accepts(VGR, "pg", PRIMARY) && b.accepts(VGR, "pg", SECONDARY)
     })
@@ -951,7 +911,7 @@ async fn dell_unplanned_failover_failback_and_resync() {
     dell_classes(&e);
     e.rg("rg-1", false, "SYNCHRONIZED", &["vol"]);
     e.vr("vol", "powerstore", "vol", "secondary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "vol", SECONDARY).await;
     e.desire(VR, "vol", "primary");
     e.accepted(VR, "vol", PRIMARY).await;
@@ -996,7 +956,7 @@ async fn dell_restart_mid_transition_sends_no_verb_twice() {
     let sim = e.fake.replication().unwrap();
     sim.set_dell_paused(true);
     e.vr("vol", "powerstore", "vol", "primary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     until("verb requested", || {
         e.fake
             .get(RG_API, "DellCSIReplicationGroup", "", "rg-1")
@@ -1014,7 +974,7 @@ async fn dell_restart_mid_transition_sends_no_verb_twice() {
         assert!(out.plan.writes.is_empty(), "{:?}", out.plan.writes);
     }
     sim.set_dell_paused(false);
-    let ctl = start(ctx);
+    let ctl = Running::start(ctx);
     e.accepted(VR, "vol", PRIMARY).await;
     let verbs: Vec<String> = sim.dell_actions().into_iter().map(|(_, v)| v).collect();
     assert_eq!(verbs, ["UNPLANNED_FAILOVER_LOCAL", "REPROTECT_LOCAL"]);
@@ -1033,7 +993,7 @@ async fn trident_restart_mid_transition_converges_without_duplicates() {
     e.pvc("data", "ontap", json!({}));
     e.fake.replication().unwrap().set_trident_stuck(true);
     e.vr("data", "trident", "data", "primary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     until("promoting", || {
         e.get(TMR_API, "TridentMirrorRelationship", "data")
             .is_some_and(|t| t["status"]["conditions"][0]["state"] == "promoting")
@@ -1043,7 +1003,7 @@ async fn trident_restart_mid_transition_converges_without_duplicates() {
     let uid =
         e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"].clone();
     e.fake.replication().unwrap().set_trident_stuck(false);
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(
         e.get(TMR_API, "TridentMirrorRelationship", "data").unwrap()["metadata"]["uid"],
@@ -1065,27 +1025,22 @@ async fn two_replicas_only_the_leader_writes() {
     e.pvc("data", "ontap", json!({}));
     let mut running = Vec::new();
     for (token, id) in [("token-a", "replica-a"), ("token-b", "replica-b")] {
-        let client = e.client_as(Some(token)).await;
         let leadership = Leadership::elected();
+        let ctx = testing::context(&e.kubeconfig_as(token), fast(), leadership.clone())
+            .await
+            .unwrap();
         let mut lease = leader::LeaseConfig::new(NS, "cbt-replicator", id);
         lease.lease_duration = Duration::from_secs(3);
         lease.retry_period = Duration::from_millis(100);
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let hold = tokio::spawn(leader::hold(
-            client.clone(),
+            ctx.client.clone(),
             lease,
-            leadership.clone(),
+            leadership,
             stop_rx,
             |_| {},
         ));
-        let ctx = Arc::new(Context::new(
-            client,
-            "test",
-            fast(),
-            Arc::new(Metrics::default()),
-            leadership,
-        ));
-        running.push((start(ctx), hold, stop_tx));
+        running.push((Running::start(ctx), hold, stop_tx));
     }
     e.vr("data", "trident", "data", "primary", "");
     e.accepted(VR, "data", PRIMARY).await;
@@ -1257,7 +1212,7 @@ async fn a_relationship_changed_by_hand_is_reported_not_overwritten() {
     let e = env().await;
     trident_env_classes(&e);
     e.trident_volume("data", "primary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", PRIMARY).await;
     ctl.stop().await;
     e.fake
@@ -1333,7 +1288,7 @@ async fn a_backend_that_never_converges_turns_degraded_with_backoff() {
     config.converge_timeout = Duration::from_secs(1);
     let ctx = e.ctx(config).await;
     let metrics = ctx.metrics.clone();
-    let ctl = start(ctx);
+    let ctl = Running::start(ctx);
     e.degraded(VR, "data", "not converged").await;
     e.event("NotConverging event", |(o, r, _)| {
         o == "data" && r == "NotConverging"
@@ -1357,7 +1312,7 @@ async fn trident_resync_of_a_destination_requests_one_mirror_update() {
     trident_env_classes(&e);
     e.trident_volume("data", "secondary", "svm1:trident_app_data");
     let ctx = e.ctx(fast()).await;
-    let ctl = start(ctx.clone());
+    let ctl = Running::start(ctx.clone());
     e.accepted(VR, "data", SECONDARY).await;
     e.desire(VR, "data", "resync");
     until("resynced", || {
@@ -1401,7 +1356,7 @@ async fn conflicts_and_stale_watches_are_retried_to_convergence() {
             .path_contains("/tridentmirrorrelationships"),
     );
     e.vr("data", "trident", "data", "primary", "");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VR, "data", PRIMARY).await;
     assert_eq!(e.fake.list(TMR_API, "TridentMirrorRelationship").len(), 1);
     let statuses = e
@@ -1433,7 +1388,7 @@ async fn dell_group_verb_failure_is_reported_and_retried_only_on_request() {
         Some("remote system unreachable"),
     );
     e.vgr("pg", "powerstore-group", "pg", "primary");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.degraded(VGR, "pg", "remote system unreachable").await;
     let (s, g) = e.vgr_status("pg");
     assert!(!ramen_accepts_primary(&s.replication, g));
@@ -1569,20 +1524,9 @@ fn mapping(pairs: &[(&str, &str)]) -> Vec<(String, String, Option<String>)> {
 #[tokio::test]
 async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     let e = env().await;
-    e.vgrc("trident-group", TRIDENT, json!({}));
-    e.bound_pvc(
-        "pg-wal",
-        "ontap",
-        TRIDENT,
-        "svm0:vol_wal",
-        json!({"app": "pg"}),
-    );
-    e.bound_pvc(
-        "pg-data",
-        "ontap",
-        TRIDENT,
-        "svm0:vol_data",
-        json!({"app": "pg"}),
+    trident_group_members(
+        &e,
+        &[("pg-wal", "svm0:vol_wal"), ("pg-data", "svm0:vol_data")],
     );
     // Pending: no handle yet, so not in the content until bound.
     e.pvc("pg-config", "ontap", json!({"app": "pg"}));
@@ -1590,7 +1534,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     let vgr = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap();
     let uid = vgr["metadata"]["uid"].as_str().unwrap().to_string();
     let name = format!("vgrcontent-{uid}");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     until("group primary with its content", || {
         let (s, g) = e.vgr_status("pg");
         ramen_accepts_primary(&s.replication, g) && e.content(&name).is_some()
@@ -1666,15 +1610,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
         e.fake
             .set_status(VR_API, "VolumeGroupReplicationContent", "", &name, st)
     );
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "pg-wal",
-            &json!({"metadata": {"labels": {"app": null}}}),
-        )
-        .unwrap();
+    e.label_pvc("pg-wal", json!({"app": null}));
     until("wal left", || {
         e.handles(&name) == ["svm0:vol_config", "svm0:vol_data"]
             && e.content_pvs(&name).0 == pvs(&["pv-pg-config", "pv-pg-data"])
@@ -1698,7 +1634,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     );
     // The status is written through the status subresource, which validates it against the
     // real CRD: an entry without its required volumeHandle is refused there.
-    let contents = Api::<VolumeGroupReplicationContent>::all(e.client_as(None).await);
+    let contents = Api::<VolumeGroupReplicationContent>::all(e.client().await);
     let bad = contents
         .patch_status(
             &name,
@@ -1732,7 +1668,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
     );
 
     // Deleting the group deletes its content (our finalizer released) before the group goes.
-    let ctl = start(ctx);
+    let ctl = Running::start(ctx);
     e.fake
         .delete(VR_API, "VolumeGroupReplication", NS, "pg")
         .unwrap();
@@ -1746,14 +1682,7 @@ async fn a_group_gets_its_content_kept_current_and_deleted_with_it() {
 #[tokio::test]
 async fn a_content_name_taken_by_another_group_is_left_alone() {
     let e = env().await;
-    e.vgrc("trident-group", TRIDENT, json!({}));
-    e.bound_pvc(
-        "pg-data",
-        "ontap",
-        TRIDENT,
-        "svm0:vol_data",
-        json!({"app": "pg"}),
-    );
+    trident_group_members(&e, &[("pg-data", "svm0:vol_data")]);
     let taken = json!({
         "apiVersion": VR_API, "kind": "VolumeGroupReplicationContent",
         "metadata": {"name": "shared"},
@@ -1772,7 +1701,7 @@ async fn a_content_name_taken_by_another_group_is_left_alone() {
         json!({"volumeGroupReplicationContentName": "shared"}),
     );
     let before = e.content("shared").unwrap();
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     until("warning event", || {
         e.events().iter().any(|(o, r, m)| {
             o == "pg" && r == "VolumeGroupReplicationContentTaken" && m.contains("elsewhere/other")
@@ -1780,13 +1709,7 @@ async fn a_content_name_taken_by_another_group_is_left_alone() {
     })
     .await;
     assert_eq!(e.content("shared").unwrap(), before);
-    e.fake
-        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
-        .unwrap();
-    until("group gone", || {
-        e.get(VR_API, "VolumeGroupReplication", "pg").is_none()
-    })
-    .await;
+    e.delete_and_wait("VolumeGroupReplication", "pg").await;
     assert_eq!(e.content("shared").unwrap(), before);
     ctl.stop().await;
 }
@@ -1796,19 +1719,7 @@ async fn a_content_name_taken_by_another_group_is_left_alone() {
 // ---------------------------------------------------------------------------
 
 fn reconciles(m: &Metrics) -> u64 {
-    [
-        "converged",
-        "in_progress",
-        "conflict",
-        "rejected",
-        "not_converging",
-        "error",
-        "not_served",
-        "gone",
-    ]
-    .iter()
-    .map(|r| m.reconcile_count("VolumeReplication", r))
-    .sum()
+    m.reconcile_total("VolumeReplication")
 }
 
 /// A converged VR is reconciled again for a spec change or a change of its PVC, not for a
@@ -1821,15 +1732,9 @@ async fn only_spec_changes_and_its_own_pvc_trigger_a_reconcile() {
     e.pvc("other", "ontap", json!({}));
     let mut config = fast();
     config.resync = Duration::from_secs(3600);
-    let metrics = Arc::new(Metrics::default());
-    let ctx = Arc::new(Context::new(
-        e.client_as(None).await,
-        "test",
-        config,
-        metrics.clone(),
-        Leadership::always(),
-    ));
-    let ctl = start(ctx);
+    let ctx = e.ctx(config).await;
+    let metrics = ctx.metrics.clone();
+    let ctl = Running::start(ctx);
     e.accepted(VR, "data", PRIMARY).await;
     // Settled: nothing is scheduled before the resync.
     let quiet = || async {
@@ -1849,29 +1754,13 @@ async fn only_spec_changes_and_its_own_pvc_trigger_a_reconcile() {
         "data",
         serde_json::to_value(&status).unwrap(),
     );
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "other",
-            &json!({"metadata": {"labels": {"touched": "yes"}}}),
-        )
-        .unwrap();
+    e.label_pvc("other", json!({"touched": "yes"}));
     assert_eq!(
         quiet().await,
         n,
         "a status write or another PVC triggered it"
     );
-    e.fake
-        .merge_patch(
-            "v1",
-            "PersistentVolumeClaim",
-            NS,
-            "data",
-            &json!({"metadata": {"labels": {"touched": "yes"}}}),
-        )
-        .unwrap();
+    e.label_pvc("data", json!({"touched": "yes"}));
     until("its PVC triggered it", || reconciles(&metrics) > n).await;
     let n = quiet().await;
     e.desire(VR, "data", "secondary");
@@ -1888,7 +1777,7 @@ async fn dell_deletion_releases_the_group_and_leaves_the_rg() {
     dell_classes(&e);
     e.rg("rg-pg", true, "SYNCHRONIZED", &["pg-data", "pg-wal"]);
     e.vgr("pg", "powerstore-group", "pg", "primary");
-    let ctl = start(e.ctx(fast()).await);
+    let ctl = Running::start(e.ctx(fast()).await);
     e.accepted(VGR, "pg", PRIMARY).await;
     let content = e.get(VR_API, "VolumeGroupReplication", "pg").unwrap()["spec"]
         ["volumeGroupReplicationContentName"]
@@ -1896,13 +1785,7 @@ async fn dell_deletion_releases_the_group_and_leaves_the_rg() {
         .unwrap()
         .to_string();
     assert!(e.content(&content).is_some());
-    e.fake
-        .delete(VR_API, "VolumeGroupReplication", NS, "pg")
-        .unwrap();
-    until("group gone", || {
-        e.get(VR_API, "VolumeGroupReplication", "pg").is_none()
-    })
-    .await;
+    e.delete_and_wait("VolumeGroupReplication", "pg").await;
     assert!(e.content(&content).is_none());
     let rg = e.get(RG_API, "DellCSIReplicationGroup", "rg-pg").unwrap();
     assert_eq!(rg["spec"]["action"], "");
@@ -1932,14 +1815,7 @@ async fn dell_deletion_releases_the_group_and_leaves_the_rg() {
 #[tokio::test]
 async fn an_empty_content_name_in_the_spec_gets_the_default_name() {
     let e = env().await;
-    e.vgrc("trident-group", TRIDENT, json!({}));
-    e.bound_pvc(
-        "pg-data",
-        "ontap",
-        TRIDENT,
-        "svm0:vol_data",
-        json!({"app": "pg"}),
-    );
+    trident_group_members(&e, &[("pg-data", "svm0:vol_data")]);
     e.vgr_with(
         "pg",
         "trident-group",
@@ -1952,7 +1828,7 @@ async fn an_empty_content_name_in_the_spec_gets_the_default_name() {
         .unwrap()
         .to_string();
     let ctx = e.ctx(fast()).await;
-    let ctl = start(ctx.clone());
+    let ctl = Running::start(ctx.clone());
     e.accepted(VGR, "pg", PRIMARY).await;
     let name = format!("vgrcontent-{uid}");
     assert_eq!(e.handles(&name), ["svm0:vol_data"]);

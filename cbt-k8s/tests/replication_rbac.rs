@@ -13,13 +13,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, leader, run};
+use cbt_k8s::replication::controller::testing::{self, Running};
+use cbt_k8s::replication::controller::{Leadership, leader};
 use cbt_k8s::replication::translate::conditions::{ramen_accepts_primary, ramen_accepts_secondary};
 use cbt_k8s::replication::types::{VolumeGroupReplicationStatus, VolumeReplicationStatus};
-use cbt_k8s::{ClusterTarget, connect};
 use fake_kube::FakeKube;
 use fake_kube::rbac::{Policy, UserInfo};
 use serde_json::{Value, json};
@@ -195,38 +194,25 @@ async fn the_controller_works_with_exactly_the_example_rbac() {
     let kubeconfig = dir.path().join("config");
     fake.write_kubeconfig_as(&kubeconfig, "test", TOKEN)
         .unwrap();
-    let client = connect(&ClusterTarget {
-        kubeconfig: Some(kubeconfig),
-        context: None,
-    })
-    .await
-    .unwrap()
-    .client;
     let leadership = Leadership::elected();
+    let ctx = testing::context(
+        &kubeconfig,
+        testing::fast_config(provisioners),
+        leadership.clone(),
+    )
+    .await
+    .unwrap();
     let mut lease = leader::LeaseConfig::new(&ns, "cbt-replicator", "pod-0");
     lease.retry_period = Duration::from_millis(100);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let hold = tokio::spawn(leader::hold(
-        client.clone(),
+        ctx.client.clone(),
         lease,
-        leadership.clone(),
+        leadership,
         stop_rx,
         |_| {},
     ));
-    let mut config = Config::new(provisioners);
-    config.retry_base = Duration::from_millis(50);
-    config.retry_max = Duration::from_millis(300);
-    let ctx = Arc::new(Context::new(
-        client,
-        "test",
-        config,
-        Arc::new(Metrics::default()),
-        leadership,
-    ));
-    let (ctl_stop, ctl_rx) = tokio::sync::oneshot::channel::<()>();
-    let ctl = tokio::spawn(run(ctx, async move {
-        let _ = ctl_rx.await;
-    }));
+    let ctl = Running::start(ctx);
 
     until("trident sample primary", || {
         vr_ok(&fake, "shop", "orders", true)
@@ -341,8 +327,7 @@ async fn the_controller_works_with_exactly_the_example_rbac() {
     })
     .await;
 
-    let _ = ctl_stop.send(());
-    let _ = ctl.await;
+    ctl.stop().await;
     let _ = stop_tx.send(true);
     hold.await.unwrap().unwrap();
 

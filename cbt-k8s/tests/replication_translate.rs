@@ -441,6 +441,18 @@ fn our_tmr(
     }
 }
 
+/// The plan for `r` with `relationships` observed and no mirror update.
+fn plan_with_tmrs(r: &Request, relationships: Vec<TridentMirrorRelationship>) -> Plan {
+    plan(
+        r,
+        &Observed::Trident(TridentObserved {
+            relationships,
+            updates: vec![],
+        }),
+    )
+    .expect("plan")
+}
+
 #[test]
 fn trident_destination_pvc_may_come_after_its_tmr_but_a_primary_needs_its_pvc() {
     let r = req(
@@ -507,14 +519,7 @@ fn trident_demoting_a_promoted_volume_reestablishes_it() {
             &[(PVC_REMOTE_HANDLE_ANNOTATION, "svmB:db")],
         )],
     );
-    let p = plan(
-        &r,
-        &Observed::Trident(TridentObserved {
-            relationships: vec![tmr],
-            updates: vec![],
-        }),
-    )
-    .expect("plan");
+    let p = plan_with_tmrs(&r, vec![tmr]);
     let [BackendWrite::Patch { target, patch }] = p.writes.as_slice() else {
         panic!("{:?}", p.writes)
     };
@@ -554,14 +559,7 @@ fn trident_planned_promotion_sends_the_snapshot_handle_of_the_pvc_annotation() {
             &[(PVC_PROMOTED_SNAPSHOT_ANNOTATION, snap)],
         )],
     );
-    let p = plan(
-        &r,
-        &Observed::Trident(TridentObserved {
-            relationships: vec![tmr],
-            updates: vec![],
-        }),
-    )
-    .expect("plan");
+    let p = plan_with_tmrs(&r, vec![tmr]);
     let [BackendWrite::Patch { patch, .. }] = p.writes.as_slice() else {
         panic!("{:?}", p.writes)
     };
@@ -582,14 +580,7 @@ fn trident_planned_promotion_sends_the_snapshot_handle_of_the_pvc_annotation() {
         MirrorState::Established,
         MirrorStatusState::Established,
     );
-    let p = plan(
-        &r,
-        &Observed::Trident(TridentObserved {
-            relationships: vec![tmr],
-            updates: vec![],
-        }),
-    )
-    .expect("plan");
+    let p = plan_with_tmrs(&r, vec![tmr]);
     let [BackendWrite::Patch { patch, .. }] = p.writes.as_slice() else {
         panic!("{:?}", p.writes)
     };
@@ -713,16 +704,7 @@ fn trident_refuses_tmrs_not_ours_edited_or_bound_to_another_class() {
         trident_class(),
         vec![pvc("db", TRIDENT, &[], &[])],
     );
-    let run = |t: TridentMirrorRelationship| {
-        plan(
-            &r,
-            &Observed::Trident(TridentObserved {
-                relationships: vec![t],
-                updates: vec![],
-            }),
-        )
-        .expect("plan")
-    };
+    let run = |t: TridentMirrorRelationship| plan_with_tmrs(&r, vec![t]);
     let mine = our_tmr(
         &s,
         "db",
@@ -785,14 +767,10 @@ fn trident_remote_handle_is_immutable_once_set() {
         LAST_APPLIED_ANNOTATION.into(),
         serde_json::to_string(&tmr2.spec).expect("json"),
     );
-    let p = plan(
+    let p = plan_with_tmrs(
         &req(s, trident_class(), vec![pvc("db", TRIDENT, &[], &[])]),
-        &Observed::Trident(TridentObserved {
-            relationships: vec![tmr2],
-            updates: vec![],
-        }),
-    )
-    .expect("plan");
+        vec![tmr2],
+    );
     assert!(
         matches!(p.rejection, Some(Rejection::ImmutableFieldChanged { ref field, .. }) if field == "spec.replicationHandle")
     );

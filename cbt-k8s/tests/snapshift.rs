@@ -603,6 +603,15 @@ async fn batch_continues_past_a_failing_item() {
     assert_eq!(env.west.list(SNAP, "VolumeSnapshot").len(), 2);
 }
 
+/// How many VolumeSnapshotContent creates `server` has received.
+fn content_creates(server: &FakeKube) -> usize {
+    server
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/volumesnapshotcontents"))
+        .count()
+}
+
 #[tokio::test]
 async fn transient_api_errors_are_retried() {
     let env = env().await;
@@ -636,12 +645,7 @@ async fn transient_api_errors_are_retried() {
         "{:?}",
         report.result
     );
-    let posts = env
-        .west
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/volumesnapshotcontents"))
-        .count();
+    let posts = content_creates(&env.west);
     assert_eq!(posts, 3, "two 429s, then success");
 
     // A create that lands but whose answer is lost: the retry meets 409 and adopts the object.
@@ -663,12 +667,7 @@ async fn transient_api_errors_are_retried() {
         "{:?}",
         report.result
     );
-    let posts = env
-        .west
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == "POST" && r.path.ends_with("/volumesnapshotcontents"))
-        .count();
+    let posts = content_creates(&env.west);
     assert_eq!(
         posts,
         3 + 2,

@@ -93,25 +93,17 @@ impl Manifests {
         for side in ["origin", "destination"] {
             for role in &self.policy(side).roles {
                 for rule in &role.rules {
-                    assert!(
-                        rule.api_groups.len() == 1
-                            && rule.resources.len() == 1
-                            && rule.verbs.len() == 1,
-                        "{side} {}: one group, resource and verb per rule: {rule:?}",
-                        role.name
-                    );
-                    assert!(
-                        ![&rule.api_groups, &rule.resources, &rule.verbs]
-                            .iter()
-                            .any(|l| l.iter().any(|v| v.contains('*'))),
-                        "no wildcards: {rule:?}"
-                    );
-                    assert!(rule.resource_names.is_empty() && rule.non_resource_urls.is_empty());
+                    let (group, resource, verb) = rule.single_grant().unwrap_or_else(|| {
+                        panic!(
+                            "{side} {}: one group, resource and verb per rule, no wildcards, no names: {rule:?}",
+                            role.name
+                        )
+                    });
                     out.push(Grant {
                         side,
-                        group: rule.api_groups[0].clone(),
-                        resource: rule.resources[0].clone(),
-                        verb: rule.verbs[0].clone(),
+                        group: group.into(),
+                        resource: resource.into(),
+                        verb: verb.into(),
                     });
                 }
             }

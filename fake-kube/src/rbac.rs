@@ -232,6 +232,22 @@ fn has(list: &[String], value: &str) -> bool {
 }
 
 impl PolicyRule {
+    /// The one `(api group, resource, verb)` of a rule written in the shape least-privilege
+    /// manifests keep to: one group, one resource and one verb, no wildcard, no resource names
+    /// and no non-resource URLs. `None` for any other rule.
+    pub fn single_grant(&self) -> Option<(&str, &str, &str)> {
+        let ([group], [resource], [verb]) = (
+            self.api_groups.as_slice(),
+            self.resources.as_slice(),
+            self.verbs.as_slice(),
+        ) else {
+            return None;
+        };
+        let wildcard = [group, resource, verb].iter().any(|v| v.contains('*'));
+        (!wildcard && self.resource_names.is_empty() && self.non_resource_urls.is_empty())
+            .then_some((group.as_str(), resource.as_str(), verb.as_str()))
+    }
+
     /// True if this rule grants the request (the apiserver's `RuleAllows`).
     pub fn allows(&self, attrs: &RequestAttributes) -> bool {
         if !has(&self.verbs, &attrs.verb) {
@@ -997,5 +1013,36 @@ subjects: [{kind: ServiceAccount, name: bot}]
             Policy::from_yaml("a: [b"),
             Err(RbacError::Yaml(_))
         ));
+    }
+
+    #[test]
+    fn a_single_grant_is_one_group_resource_and_verb_without_wildcards_or_names() {
+        let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+            api_groups: groups.iter().map(|s| s.to_string()).collect(),
+            resources: resources.iter().map(|s| s.to_string()).collect(),
+            verbs: verbs.iter().map(|s| s.to_string()).collect(),
+            ..PolicyRule::default()
+        };
+        let one = rule(&[""], &["pods/log"], &["get"]);
+        assert_eq!(one.single_grant(), Some(("", "pods/log", "get")));
+        for bad in [
+            rule(&["", "apps"], &["pods"], &["get"]),
+            rule(&[""], &["pods", "secrets"], &["get"]),
+            rule(&[""], &["pods"], &["get", "list"]),
+            rule(&[""], &["pods"], &[]),
+            rule(&["*"], &["pods"], &["get"]),
+            rule(&[""], &["*/status"], &["get"]),
+            rule(&[""], &["pods"], &["*"]),
+            PolicyRule {
+                resource_names: vec!["one".into()],
+                ..one.clone()
+            },
+            PolicyRule {
+                non_resource_urls: vec!["/healthz".into()],
+                ..one.clone()
+            },
+        ] {
+            assert_eq!(bad.single_grant(), None, "{bad:?}");
+        }
     }
 }

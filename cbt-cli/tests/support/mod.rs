@@ -8,6 +8,7 @@
 
 pub mod replication;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use serde_json::{Value, json};
 pub const DRIVER: &str = "hostpath.csi.k8s.io";
 /// The bucket every test repository lives in.
 pub const BUCKET: &str = "backups";
+/// The mover image of the PVC tests (the `cbt` binary under test).
+pub const MOVER_IMAGE: &str = "registry.example/cbt:e2e";
 
 /// The SnapshotMetadataService kind, served as a CRD.
 pub fn sms() -> ResourceType {
@@ -128,6 +131,8 @@ pub struct Cluster {
     pub kubeconfig: PathBuf,
     /// The repository URL.
     pub repo: String,
+    /// The namespace of the PVCs.
+    pub ns: String,
 }
 
 impl Cluster {
@@ -151,11 +156,71 @@ impl Cluster {
             _sidecar: sidecar,
             kubeconfig,
             repo: format!("s3://{BUCKET}/cluster-a"),
+            ns: ns.to_string(),
         }
     }
 
-    /// Runs the `cbt` binary with the repository and the S3 endpoint (and its credentials).
-    pub async fn cbt(&self, args: &[&str]) -> std::process::Output {
+    /// The cluster flags of a PVC run: the namespace, the admin kubeconfig, the mover image,
+    /// its S3 Secret `s3-creds` and ServiceAccount `cbt-mover`.
+    pub fn kube_args(&self) -> Vec<String> {
+        [
+            "-n",
+            &self.ns,
+            "--kubeconfig",
+            self.kubeconfig.to_str().unwrap(),
+            "--image",
+            MOVER_IMAGE,
+            "--s3-secret",
+            "s3-creds",
+            "--service-account",
+            "cbt-mover",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Runs `cbt ARGS` followed by [`Cluster::kube_args`].
+    pub async fn cbt_kube(&self, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.kube_args());
+        let argv: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.cbt(&argv).await
+    }
+
+    /// [`Cluster::cbt_kube`] that must succeed; its stdout as JSON (`Null` when it is not JSON).
+    pub async fn ok_kube(&self, args: &[&str]) -> Value {
+        succeeded(&format!("cbt {args:?}"), &self.cbt_kube(args).await)
+    }
+
+    /// Names (sorted) of the objects of a kind that cbt created.
+    pub fn ours(&self, api_version: &str, kind: &str) -> Vec<String> {
+        self.names(api_version, kind, |o| {
+            o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "cbt"
+        })
+    }
+
+    /// Names (sorted) of the objects of a kind that `keep` selects.
+    pub fn names(
+        &self,
+        api_version: &str,
+        kind: &str,
+        keep: impl Fn(&Value) -> bool,
+    ) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .kube
+            .list(api_version, kind)
+            .into_iter()
+            .filter(|o| keep(o))
+            .map(|o| o["metadata"]["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The `cbt` command with the repository and the S3 endpoint (and its credentials), for runs
+    /// that set more of the environment.
+    pub fn command<S: AsRef<OsStr>>(&self, args: &[S]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
         cmd.args(["--repo", &self.repo, "--s3-endpoint", &self.s3.endpoint()]);
         cmd.args(args);
@@ -163,19 +228,28 @@ impl Cluster {
         for (k, v) in self.s3.env() {
             cmd.env(k, v);
         }
-        cmd.output().await.unwrap()
+        cmd
+    }
+
+    /// Runs the `cbt` binary with the repository and the S3 endpoint (and its credentials).
+    pub async fn cbt(&self, args: &[&str]) -> std::process::Output {
+        self.command(args).output().await.unwrap()
     }
 
     /// [`Cluster::cbt`] that must succeed; its stdout as JSON (`Null` when it is not JSON).
     pub async fn ok(&self, args: &[&str]) -> Value {
-        let out = self.cbt(args).await;
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed ({:?})\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        succeeded(&format!("cbt {args:?}"), &self.cbt(args).await)
     }
+}
+
+/// The stdout of `what`, a run that must have succeeded, as JSON (`Null` when it is not JSON).
+pub fn succeeded(what: &str, out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }

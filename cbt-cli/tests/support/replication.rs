@@ -3,11 +3,13 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
-use cbt_k8s::replication::controller::{Config, Context, Leadership, Metrics, run};
-use cbt_k8s::{ClusterTarget, connect};
+use cbt_core::exit::ExitClass;
+use cbt_k8s::replication::controller::Leadership;
+use cbt_k8s::replication::controller::testing::{self, Running};
+use fake_kube::FakeKube;
+use serde_json::{Value, json};
 
 /// The Trident CSI driver.
 pub const TRIDENT: &str = "csi.trident.netapp.io";
@@ -33,28 +35,63 @@ pub fn text(o: &Output) -> String {
 }
 
 /// Starts the controller (serving Trident, fast retries) as the user of `kubeconfig`; it runs
-/// until the returned sender is dropped or used.
-pub async fn start_controller(kubeconfig: &Path) -> tokio::sync::oneshot::Sender<()> {
-    let client = connect(&ClusterTarget {
-        kubeconfig: Some(kubeconfig.to_path_buf()),
-        context: None,
-    })
-    .await
-    .unwrap()
-    .client;
-    let mut config = Config::new(vec![TRIDENT.into()]);
-    config.retry_base = Duration::from_millis(50);
-    config.retry_max = Duration::from_millis(300);
-    let ctx = Arc::new(Context::new(
-        client,
-        "test",
-        config,
-        Arc::new(Metrics::default()),
-        Leadership::always(),
-    ));
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(run(ctx, async move {
-        let _ = rx.await;
-    }));
-    stop
+/// until the returned handle is dropped or stopped.
+pub async fn start_controller(kubeconfig: &Path) -> Running {
+    let config = testing::fast_config(vec![TRIDENT.into()]);
+    let ctx = testing::context(kubeconfig, config, Leadership::always())
+        .await
+        .unwrap();
+    Running::start(ctx)
+}
+
+/// Asserts that the run ended with the exit code of `class` (showing its output if not).
+pub fn assert_exit(out: &Output, class: ExitClass) {
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(class.code())),
+        "{}",
+        text(out)
+    );
+}
+
+/// Namespace `ns`, the Trident StorageClass `ontap` and its VolumeReplicationClass `trident`.
+pub fn seed_trident(fake: &FakeKube, ns: &str) {
+    fake.seed_namespace(ns).unwrap();
+    fake.seed_storage_class("ontap", TRIDENT, false).unwrap();
+    fake.create(
+        json!({"apiVersion": VR_API, "kind": "VolumeReplicationClass",
+        "metadata": {"name": "trident"}, "spec": {"provisioner": TRIDENT}}),
+    )
+    .unwrap();
+}
+
+/// A 1Gi PVC `ns/name` of class `ontap` with `labels`.
+pub fn ontap_pvc(fake: &FakeKube, ns: &str, name: &str, labels: Value) {
+    fake.create(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "ontap",
+                 "resources": {"requests": {"storage": "1Gi"}}}}))
+        .unwrap();
+}
+
+/// A VolumeReplication `ns/name` of class `trident`, desired primary, of the PVC `name`.
+pub fn primary_vr(fake: &FakeKube, ns: &str, name: &str, handle: &str) {
+    fake.create(json!({"apiVersion": VR_API, "kind": "VolumeReplication",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"volumeReplicationClass": "trident", "replicationState": "primary",
+                 "dataSource": {"kind": "PersistentVolumeClaim", "name": name},
+                 "autoResync": false, "replicationHandle": handle}}))
+        .unwrap();
+}
+
+/// Waits until `kind` `ns/name` reports state Primary (10 s at most).
+pub async fn until_primary(fake: &FakeKube, ns: &str, kind: &str, name: &str) {
+    for _ in 0..400 {
+        let o = fake.get(VR_API, kind, ns, name).unwrap();
+        if o["status"]["state"] == "Primary" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{kind} {name} never primary");
 }

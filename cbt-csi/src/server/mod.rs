@@ -639,20 +639,24 @@ impl FileMetadataService {
         })
     }
 
-    fn csi_stream<T: Send + 'static>(
+    /// Admits the call, checks its paging against the volume the answer describes (a delta's
+    /// target), and streams the scan's messages as `wrap` builds them.
+    fn serve_work<T: Send + 'static>(
         &self,
-        permit: tokio::sync::OwnedSemaphorePermit,
         work: Work,
-        start: u64,
+        starting_offset: i64,
         max_results: i32,
         wrap: fn(Msg) -> T,
-    ) -> ResponseStream<T> {
+    ) -> Result<Response<ResponseStream<T>>, Status> {
+        let permit = self.admit()?;
+        let (Work::Allocated(described) | Work::Delta(_, described)) = &work;
+        let start = Self::check_paging(starting_offset, max_results, described.size)?;
         let rx = self.run(work, start, max_results);
         // The permit travels with the stream: the call counts until the client is done with it.
-        Box::pin(futures::stream::unfold(
+        Ok(Response::new(Box::pin(futures::stream::unfold(
             (rx, permit),
             move |(mut rx, permit)| async move { rx.recv().await.map(|m| (m.map(wrap), (rx, permit))) },
-        ))
+        ))))
     }
 }
 
@@ -687,19 +691,16 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         let r = request.into_inner();
         self.check_csi_secrets(&r.secrets)?;
         let snap = self.csi_lookup(&r.snapshot_id, "snapshot_id")?;
-        let permit = self.admit()?;
-        let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
-        Ok(Response::new(self.csi_stream(
-            permit,
+        self.serve_work(
             Work::Allocated(snap),
-            start,
+            r.starting_offset,
             r.max_results,
             |m| pb::csi::GetMetadataAllocatedResponse {
                 block_metadata_type: m.block_type.to_wire(),
                 volume_capacity_bytes: m.capacity as i64,
                 block_metadata: csi_tuples(m.tuples),
             },
-        )))
+        )
     }
 
     async fn get_metadata_delta(
@@ -712,19 +713,16 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         let target = self.csi_lookup(&r.target_snapshot_id, "target_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_id)?;
-        let permit = self.admit()?;
-        let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
-        Ok(Response::new(self.csi_stream(
-            permit,
+        self.serve_work(
             Work::Delta(base, target),
-            start,
+            r.starting_offset,
             r.max_results,
             |m| pb::csi::GetMetadataDeltaResponse {
                 block_metadata_type: m.block_type.to_wire(),
                 volume_capacity_bytes: m.capacity as i64,
                 block_metadata: csi_tuples(m.tuples),
             },
-        )))
+        )
     }
 }
 
@@ -746,19 +744,16 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         self.check_k8s_token(&r.security_token, &r.namespace)
             .await?;
         let snap = self.k8s_lookup(&r.namespace, &r.snapshot_name).await?;
-        let permit = self.admit()?;
-        let start = Self::check_paging(r.starting_offset, r.max_results, snap.size)?;
-        Ok(Response::new(self.csi_stream(
-            permit,
+        self.serve_work(
             Work::Allocated(snap),
-            start,
+            r.starting_offset,
             r.max_results,
             |m| pb::k8s::GetMetadataAllocatedResponse {
                 block_metadata_type: m.block_type.to_wire(),
                 volume_capacity_bytes: m.capacity as i64,
                 block_metadata: k8s_tuples(m.tuples),
             },
-        )))
+        )
     }
 
     async fn get_metadata_delta(
@@ -781,19 +776,16 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
             .await?;
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_name)?;
-        let permit = self.admit()?;
-        let start = Self::check_paging(r.starting_offset, r.max_results, target.size)?;
-        Ok(Response::new(self.csi_stream(
-            permit,
+        self.serve_work(
             Work::Delta(base, target),
-            start,
+            r.starting_offset,
             r.max_results,
             |m| pb::k8s::GetMetadataDeltaResponse {
                 block_metadata_type: m.block_type.to_wire(),
                 volume_capacity_bytes: m.capacity as i64,
                 block_metadata: k8s_tuples(m.tuples),
             },
-        )))
+        )
     }
 }
 

@@ -100,6 +100,16 @@ impl Metrics {
             .sum()
     }
 
+    /// Total reconciles of `kind` so far, whatever their result.
+    pub fn reconcile_total(&self, kind: &str) -> u64 {
+        lock(&self.inner)
+            .reconciles
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let inner = lock(&self.inner);
@@ -215,5 +225,17 @@ mod tests {
             "cbt_replicator_reconcile_errors_total{kind=\"VolumeReplication\",error=\"transient\"} 1"
         ));
         assert_eq!(m.reconcile_count("VolumeReplication", "converged"), 2);
+    }
+
+    #[test]
+    fn the_total_counts_every_result_of_one_kind() {
+        let m = Metrics::default();
+        m.reconciled("VolumeReplication", "converged", Duration::ZERO);
+        m.reconciled("VolumeReplication", "not_leader", Duration::ZERO);
+        m.reconciled("VolumeReplication", "released", Duration::ZERO);
+        m.reconciled("VolumeGroupReplication", "converged", Duration::ZERO);
+        assert_eq!(m.reconcile_total("VolumeReplication"), 3);
+        assert_eq!(m.reconcile_total("VolumeGroupReplication"), 1);
+        assert_eq!(m.reconcile_total("VolumeReplicationContent"), 0);
     }
 }

@@ -30,6 +30,8 @@ pub mod metrics;
 pub mod process;
 mod read;
 pub mod serve;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};

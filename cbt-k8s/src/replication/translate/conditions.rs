@@ -207,6 +207,33 @@ fn validated() -> CondSpec {
     )
 }
 
+fn not_resyncing() -> CondSpec {
+    c(
+        types::RESYNCING,
+        CondStatus::False,
+        reasons::NOT_RESYNCING,
+        "is not resyncing",
+    )
+}
+
+fn replicating() -> CondSpec {
+    c(
+        types::REPLICATING,
+        CondStatus::True,
+        reasons::REPLICATING,
+        "is replicating",
+    )
+}
+
+fn not_replicating(detail: &str) -> CondSpec {
+    c(
+        types::REPLICATING,
+        CondStatus::False,
+        reasons::NOT_REPLICATING,
+        detail,
+    )
+}
+
 fn failed_reason(desired: ReplicationState) -> &'static str {
     match desired {
         ReplicationState::Primary => reasons::FAILED_TO_PROMOTE,
@@ -239,12 +266,7 @@ impl Report {
                 reasons::HEALTHY,
                 "is healthy",
             ),
-            c(
-                types::RESYNCING,
-                CondStatus::False,
-                reasons::NOT_RESYNCING,
-                "is not resyncing",
-            ),
+            not_resyncing(),
             validated(),
         ];
         conditions.extend(replicating_cond(replicating));
@@ -271,19 +293,9 @@ impl Report {
                     "is promoted to primary",
                 ),
                 c(types::DEGRADED, CondStatus::True, reasons::ERROR, detail),
-                c(
-                    types::RESYNCING,
-                    CondStatus::False,
-                    reasons::NOT_RESYNCING,
-                    "is not resyncing",
-                ),
+                not_resyncing(),
                 validated(),
-                c(
-                    types::REPLICATING,
-                    CondStatus::False,
-                    reasons::NOT_REPLICATING,
-                    detail,
-                ),
+                not_replicating(detail),
             ],
             last_sync_time: None,
         }
@@ -308,19 +320,9 @@ impl Report {
                     reasons::HEALTHY,
                     "is healthy",
                 ),
-                c(
-                    types::RESYNCING,
-                    CondStatus::False,
-                    reasons::NOT_RESYNCING,
-                    "is not resyncing",
-                ),
+                not_resyncing(),
                 validated(),
-                c(
-                    types::REPLICATING,
-                    CondStatus::True,
-                    reasons::REPLICATING,
-                    "is replicating",
-                ),
+                replicating(),
             ],
             last_sync_time: None,
         }
@@ -376,19 +378,9 @@ impl Report {
                     reasons::VOLUME_DEGRADED,
                     detail,
                 ),
-                c(
-                    types::RESYNCING,
-                    CondStatus::False,
-                    reasons::NOT_RESYNCING,
-                    "is not resyncing",
-                ),
+                not_resyncing(),
                 validated(),
-                c(
-                    types::REPLICATING,
-                    CondStatus::False,
-                    reasons::NOT_REPLICATING,
-                    detail,
-                ),
+                not_replicating(detail),
             ],
             last_sync_time: None,
         }
@@ -432,12 +424,7 @@ impl Report {
                 "failed to resync",
             ));
         } else {
-            conditions.push(c(
-                types::RESYNCING,
-                CondStatus::False,
-                reasons::NOT_RESYNCING,
-                "is not resyncing",
-            ));
+            conditions.push(not_resyncing());
         }
         conditions.push(validated());
         Self {
@@ -511,22 +498,12 @@ impl Report {
     }
 }
 
-fn replicating_cond(replicating: Option<bool>) -> Option<CondSpec> {
-    replicating.map(|r| {
+fn replicating_cond(flowing: Option<bool>) -> Option<CondSpec> {
+    flowing.map(|r| {
         if r {
-            c(
-                types::REPLICATING,
-                CondStatus::True,
-                reasons::REPLICATING,
-                "is replicating",
-            )
+            replicating()
         } else {
-            c(
-                types::REPLICATING,
-                CondStatus::False,
-                reasons::NOT_REPLICATING,
-                "is not replicating",
-            )
+            not_replicating("is not replicating")
         }
     })
 }
