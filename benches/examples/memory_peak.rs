@@ -13,7 +13,8 @@
 //! cargo run --release -p cbt-benches --example memory_peak            # both volumes
 //! cargo run --release -p cbt-benches --example memory_peak -- dense   # one
 //! ```
-//! `CBT_MEMORY_PHASES` picks phases (default `backup,dry-run,restore,load-whole`).
+//! `CBT_MEMORY_PHASES` picks phases (default `backup,dry-run,restore,verify,load-whole`;
+//! `verify` is `cbt verify --read-data` over the repository).
 //! The work directory is `CBT_BENCH_DIR` (default: a temporary directory under `/var/tmp`);
 //! the dense restore needs about 4.5 GB free there.
 
@@ -26,7 +27,7 @@ use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, BlockSource, EngineOptions, RestoreOptions,
 };
-use cbt_store::repo::{InitOptions, Repository};
+use cbt_store::repo::{InitOptions, Repository, VerifyOptions};
 use cbt_store::store::{LocalStore, ObjectStore};
 use cbt_store::testing::synthetic::SyntheticSource;
 
@@ -175,6 +176,25 @@ async fn child(phase: &str, case: &str, dir: &Path) -> Result<(), Error> {
                 r.chunks, r.map_entries_peak
             )
         }
+        "verify" => {
+            // `cbt verify --read-data`: every map walked segment by segment, each distinct
+            // chunk downloaded once; the store's chunk table is what grows (56 bytes per
+            // stored chunk), not the map.
+            let repo = Repository::open(store).await?;
+            let r = repo
+                .verify(&VerifyOptions {
+                    read_data: true,
+                    ..VerifyOptions::default()
+                })
+                .await?;
+            if !r.is_ok() {
+                return Err(format!("verify found problems: {:?}", r.problems).into());
+            }
+            format!(
+                "{} references, {} chunks read, {} map entries held at most",
+                r.chunk_refs, r.chunks_read, r.map_entries_peak
+            )
+        }
         "load-whole" => {
             // Baseline of the same run: what holding the whole map costs (how restore worked
             // before it walked segments, and how a full backup held its map).
@@ -212,7 +232,7 @@ fn main() -> Result<(), Error> {
     let exe = std::env::current_exe()?;
     // `CBT_MEMORY_PHASES=backup,load-whole` runs some phases only (backup always comes first).
     let phases: Vec<String> = std::env::var("CBT_MEMORY_PHASES")
-        .unwrap_or_else(|_| "backup,dry-run,restore,load-whole".into())
+        .unwrap_or_else(|_| "backup,dry-run,restore,verify,load-whole".into())
         .split(',')
         .map(str::to_string)
         .collect();

@@ -16,13 +16,15 @@ use cbt_core::ErrorKind;
 use cbt_core::exit::ExitClass;
 use cbt_core::manifest::ParentRef;
 use cbt_core::manifest::SourceInfo;
+use cbt_core::manifest::StoredManifest;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_csi::MetadataClient;
 use cbt_store::engine::cbt::{
     CbtBackupPlan, CbtBackupSpec, CbtPlanError, CbtTarget, DeltaBase, plan_cbt_backup,
 };
 use cbt_store::engine::{
-    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, verify_target,
+    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
+    verify_target_stored,
 };
 use cbt_store::repo::{RepoError, Repository};
 use cbt_store::store::{S3Options, StoreError, open_url};
@@ -73,6 +75,9 @@ pub enum MoverTask {
     Backup(Box<BackupTask>),
     /// Restore a snapshot onto the device and read it back.
     Restore(RestoreTask),
+    /// Read the device back against a snapshot without writing to it: the check a restore
+    /// ends with, for a volume restored earlier (or by other means).
+    Verify(RestoreTask),
 }
 
 /// How the backup mover reaches the SnapshotMetadata service.
@@ -346,6 +351,20 @@ pub async fn run_with_key(
     let mut report = match &spec.task {
         MoverTask::Backup(t) => backup(&repo, &device, t, now).await?,
         MoverTask::Restore(t) => restore(&repo, &device, t).await?,
+        MoverTask::Verify(t) => {
+            let (volume, snapshot) = restore_names(t)?;
+            let stored = repo.load_stored(&volume, &snapshot).await?;
+            let head = stored.head();
+            let chunks_verified = read_back(&repo, device.as_path(), t, &stored).await?;
+            MoverReport {
+                ok: true,
+                snapshot: Some(head.snapshot.to_string()),
+                snapshot_id: Some(head.snapshot_id.clone()),
+                volume_size: head.volume_size(),
+                chunks_verified,
+                ..MoverReport::default()
+            }
+        }
     };
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
@@ -465,14 +484,21 @@ async fn full_without_service(
     })
 }
 
+fn restore_names(t: &RestoreTask) -> Result<(VolumeName, SnapshotName), MoverError> {
+    let volume = VolumeName::new(&t.volume).map_err(|e| MoverError::Spec(e.to_string()))?;
+    let snapshot = SnapshotName::new(&t.snapshot).map_err(|e| MoverError::Spec(e.to_string()))?;
+    Ok((volume, snapshot))
+}
+
+/// Restores in place, streaming a format-2 map segment by segment, then reads the device
+/// back the same way: the mover's memory does not grow with the volume.
 async fn restore(
     repo: &Repository,
     device: &Path,
     t: &RestoreTask,
 ) -> Result<MoverReport, MoverError> {
-    let volume = VolumeName::new(&t.volume).map_err(|e| MoverError::Spec(e.to_string()))?;
-    let snapshot = SnapshotName::new(&t.snapshot).map_err(|e| MoverError::Spec(e.to_string()))?;
-    let manifest = repo.load_manifest(&volume, &snapshot).await?;
+    let (volume, snapshot) = restore_names(t)?;
+    let head = repo.load_head(&volume, &snapshot).await?;
     // The device exists (a PVC at least the recorded size): write in place, zeroing what the
     // snapshot holds as zeros, since a provisioned volume need not read as zeros.
     let opts = RestoreOptions {
@@ -480,11 +506,51 @@ async fn restore(
         in_place: true,
         dry_run: false,
     };
-    let r =
-        engine::restore_manifest(repo, &manifest, device, &opts, &EngineOptions::default()).await?;
-    let check = verify_target(repo.codec(), &manifest, device)
-        .await
-        .map_err(io(format!("reading back {}", device.display())))?;
+    let r = engine::restore(
+        repo,
+        &volume,
+        &snapshot,
+        device,
+        &opts,
+        &EngineOptions::default(),
+    )
+    .await?;
+    // Loaded again rather than kept: a format-1 map is held once, by the restore or here.
+    let stored = repo.load_stored(&volume, &snapshot).await?;
+    let chunks_verified = read_back(repo, device, t, &stored).await?;
+    Ok(MoverReport {
+        ok: true,
+        snapshot: Some(head.snapshot.to_string()),
+        snapshot_id: Some(head.snapshot_id.clone()),
+        volume_size: head.volume_size(),
+        bytes_transferred: r.bytes_downloaded,
+        bytes_written: r.bytes_written,
+        chunks_verified,
+        ..MoverReport::default()
+    })
+}
+
+/// Reads `device` back against the snapshot (its map walked in a bounded window, see
+/// [`verify_target_stored`]); returns the chunks that matched.
+///
+/// # Errors
+/// [`MoverError::VerifyFailed`] when any chunk differs; [`MoverError::Io`] reading the device.
+async fn read_back(
+    repo: &Repository,
+    device: &Path,
+    t: &RestoreTask,
+    stored: &StoredManifest,
+) -> Result<u64, MoverError> {
+    let check = match verify_target_stored(repo, stored, device).await {
+        Ok(check) => check,
+        Err(RepoError::TargetIo { offset, source, .. }) => {
+            let at = offset
+                .map(|o| format!(" at offset {o}"))
+                .unwrap_or_default();
+            return Err(io(format!("reading back {}{at}", device.display()))(source));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if !check.is_ok() {
         return Err(MoverError::VerifyFailed {
             snapshot: t.snapshot.clone(),
@@ -492,16 +558,7 @@ async fn restore(
             first: check.mismatched,
         });
     }
-    Ok(MoverReport {
-        ok: true,
-        snapshot: Some(manifest.snapshot.to_string()),
-        snapshot_id: Some(manifest.snapshot_id.clone()),
-        volume_size: manifest.volume_size(),
-        bytes_transferred: r.bytes_downloaded,
-        bytes_written: r.bytes_written,
-        chunks_verified: check.chunks_ok,
-        ..MoverReport::default()
-    })
+    Ok(check.chunks_ok)
 }
 
 /// The report of a failed run.

@@ -4,12 +4,14 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use cbt_core::manifest::StoredManifest;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_store::crypto::{KdfParams, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, verify_target,
+    verify_target_stored,
 };
-use cbt_store::repo::{InitOptions, Repository};
+use cbt_store::repo::{InitOptions, RepoError, Repository};
 use cbt_store::store::{LocalStore, ObjectStore};
 
 #[tokio::test]
@@ -101,4 +103,104 @@ async fn check(encrypted: bool) {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+/// A format-2 map larger than the read-back window is walked leaf by leaf: the read-back holds
+/// at most `READ_BACK_ENTRIES` entries, still checks every chunk (stored ones far into the map,
+/// zero ones between and after leaves), and finds a changed byte in each kind.
+#[tokio::test]
+async fn a_map_larger_than_the_window_is_read_back_in_a_bounded_window() {
+    let t = tempfile::tempdir().unwrap();
+    let chunk = 4096u64;
+    let chunks = 2048u64;
+    let src = t.path().join("src.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(chunks * chunk).unwrap();
+    // Every chunk but each seventh and the last 100 holds distinct data.
+    let mut stored = 0u64;
+    for i in 0..chunks - 100 {
+        if i % 7 != 3 {
+            f.write_all_at(&i.to_le_bytes(), i * chunk + 17).unwrap();
+            stored += 1;
+        }
+    }
+    assert!(stored > engine::READ_BACK_ENTRIES);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
+    let init = InitOptions {
+        chunk_size: Some(chunk),
+        now: Timestamp::from_unix_secs(1),
+    };
+    let repo = Repository::init(store, init).await.unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    let snap = SnapshotName::new("s").unwrap();
+    engine::backup(
+        &repo,
+        Arc::new(FileSource::open(&src).unwrap()),
+        BackupRequest {
+            volume: volume.clone(),
+            snapshot: snap.clone(),
+            mode: BackupMode::Full { allocated: None },
+            created: Timestamp::from_unix_secs(2),
+            source_info: Default::default(),
+            labels: Default::default(),
+            chunk_size: None,
+            volume_size: None,
+        },
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let target = t.path().join("restored.img");
+    engine::restore(
+        &repo,
+        &volume,
+        &snap,
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let head = repo.load_stored(&volume, &snap).await.unwrap();
+    assert!(
+        matches!(head, StoredManifest::V2(_)),
+        "a full backup writes format 2"
+    );
+    let r = verify_target_stored(&repo, &head, &target).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(r.chunks_ok, chunks);
+    assert_eq!(r.bytes_checked, chunks * chunk);
+    assert!(r.map_entries_peak > 0);
+    assert!(
+        r.map_entries_peak <= engine::READ_BACK_ENTRIES,
+        "held {} entries",
+        r.map_entries_peak
+    );
+
+    // A stored chunk far past the window, a zero chunk between leaves and one after the last
+    // stored chunk.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    w.write_all_at(&[0xff], 1900 * chunk + 5).unwrap();
+    w.write_all_at(&[0xff], 1004 * chunk).unwrap(); // 1004 % 7 == 3: a zero chunk
+    w.write_all_at(&[0xff], (chunks - 1) * chunk + 9).unwrap();
+    let r = verify_target_stored(&repo, &head, &target).await.unwrap();
+    assert_eq!(r.mismatched, vec![1004, 1900, chunks - 1]);
+    assert_eq!(r.mismatched_count, 3);
+    assert_eq!(r.chunks_ok, chunks - 3);
+
+    // A target shorter than the volume cannot hold it: an I/O error naming the offset.
+    w.set_len(1000 * chunk).unwrap();
+    let e = verify_target_stored(&repo, &head, &target)
+        .await
+        .unwrap_err();
+    match e {
+        RepoError::TargetIo { offset, source, .. } => {
+            assert_eq!(offset, Some(1000 * chunk));
+            assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
+        other => panic!("expected a target I/O error, got {other:?}"),
+    }
 }

@@ -35,11 +35,21 @@
 //!   once for the writes: at most
 //!   `3 * 8 * 128` = 3,072 entries ([`RestoreReport::map_entries_peak`]), plus the byte ranges
 //!   restored so far for the error of a failed in-place restore.
+//! * Reading a restored target back against a stored snapshot ([`verify_target_stored`], what
+//!   the PVC mover does after its restore) walks a format-2 map the same way: at most
+//!   [`READ_BACK_ENTRIES`] = `(8 + 1) * 128` = 1,152 entries
+//!   ([`TargetVerifyReport::map_entries_peak`]) and one chunk buffer.
+//! * `Repository::verify` checks one snapshot at a time, walking a format-2 map the same
+//!   way (at most `(8 + 1) * 128` = 1,152 entries, `VerifyReport::map_entries_peak`). It
+//!   keeps a table of the store's chunks from one listing: 56 bytes per *stored* chunk
+//!   (`repo::CHUNK_TABLE_ENTRY_BYTES`; up to twice that while the listing grows it), which
+//!   grows with the repository, not with a volume: it saves a request per reference and
+//!   downloads a chunk shared by many snapshots once.
 //! * Still whole: a full backup with a parent ([`BackupMode::FullWithParent`]) and
 //!   incrementals of a format-1 or resized parent hold the parent's map (about 70 bytes per
-//!   stored chunk) and build the child's; [`restore_manifest`] and the restore of a format-1
-//!   manifest hold the given map; `Repository::verify` loads each map whole and keeps a table
-//!   of the store's chunks.
+//!   stored chunk) and build the child's; [`restore_manifest`], [`verify_target`] and the
+//!   restore, read-back or verify of a format-1 manifest hold the given map (a format-1 map
+//!   is bounded by its own object).
 //!
 //! Hashes this run stored are remembered for deduplication in a table capped at 65,536
 //! entries (about 4 MiB). With the defaults (1 MiB chunks,
@@ -122,7 +132,9 @@ pub mod cbt;
 pub use backup::{BackupMode, BackupOutcome, BackupRequest, MetadataIo, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
 pub use source::{BlockSource, FileSource};
-pub use verify_target::{TargetVerifyReport, verify_target};
+pub use verify_target::{
+    READ_BACK_ENTRIES, TargetVerifyReport, verify_target, verify_target_stored,
+};
 
 use crate::chunk::OVERHEAD;
 use crate::crypto::SEALED_OVERHEAD;

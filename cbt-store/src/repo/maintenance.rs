@@ -8,9 +8,9 @@
 //!
 //! Manifests are streamed (a few at a time), never all held at once: memory is bounded by the
 //! number of *distinct* chunks in the repository (about 150 bytes each for GC and status: the
-//! listing keeps each chunk's size and modification time; about 250 for `verify`, which also
-//! remembers where each distinct reference was first seen), not by the number of snapshots
-//! times their size.
+//! listing keeps each chunk's size and modification time; 56 for `verify`, which keeps each
+//! chunk's name and size and the way it was first downloaded, and walks format-2 maps a
+//! bounded window of segments at a time), not by the number of snapshots times their size.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -24,12 +24,13 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{
-    ChunkContext, RepoError, RepoLock, Repository, Result, SnapshotSummary, manifest_key,
-    segment_key, stored_chunks,
+    ChunkContext, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, RepoLock, Repository, Result,
+    SnapshotSummary, manifest_key, segment_key, stored_chunks,
 };
 use crate::chunk;
+use crate::store::ObjectStore;
 use cbt_core::manifest::{MapLocation, StoredManifest};
-use cbt_core::maptree::{Segment, TreeShape};
+use cbt_core::maptree::{LEAF_SPAN, Segment, TreeShape};
 
 /// What makes two chunk references the same check for `verify --read-data`.
 type RefKey = (ChunkHash, u64, u32, u64);
@@ -109,7 +110,15 @@ pub struct VerifyReport {
     pub bytes_read: u64,
     /// Everything found wrong.
     pub problems: Vec<VerifyProblem>,
+    /// Most chunk-map entries held at once: at most [`VERIFY_MAP_ENTRIES`] for format-2
+    /// maps (walked segment by segment), the whole map of the largest format-1 manifest.
+    pub map_entries_peak: u64,
 }
+
+/// Most chunk-map entries [`Repository::verify`] holds at once while walking format-2 maps:
+/// the leaves read ahead ([`LEAF_WINDOW`]) and the one being checked, each at most
+/// [`LEAF_SPAN`] entries, whatever the volume size.
+pub const VERIFY_MAP_ENTRIES: u64 = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
 
 impl VerifyReport {
     /// True when nothing is wrong.
@@ -216,17 +225,127 @@ pub struct RepoStatus {
     pub dedup_ratio: f64,
 }
 
+/// One chunk download of `verify --read-data`: the first place a distinct reference was seen.
+struct ReadJob {
+    snapshot: std::sync::Arc<str>,
+    index: u64,
+    offset: u64,
+    chunk: ChunkRef,
+}
+
+/// One stored chunk in [`ChunkTable`]: its name, its size in the store, and the way (checksum,
+/// raw length) it was first referenced, once a reference with the right size was seen.
+#[derive(Debug, Clone, Copy)]
+struct TableEntry {
+    hash: ChunkHash,
+    size: u64,
+    /// Raw length of the first reference handed to the readers; 0 until then (no chunk is
+    /// empty).
+    first_len: u64,
+    first_crc: u32,
+}
+
+/// The store's chunks as `verify` needs them: one listing of `chunks/`, kept sorted by name in
+/// [`TableEntry`]s of [`CHUNK_TABLE_ENTRY_BYTES`] each, so a reference is checked for
+/// presence and size without a request per chunk, and each chunk is downloaded once per
+/// distinct way it is referenced.
+struct ChunkTable {
+    entries: Vec<TableEntry>,
+    /// Further ways a chunk was referenced (another checksum or raw length than its first):
+    /// only damaged or inconsistent manifests add any.
+    other_ways: std::collections::HashSet<RefKey>,
+}
+
+/// Bytes [`Repository::verify`] keeps per stored chunk (see its docs).
+pub const CHUNK_TABLE_ENTRY_BYTES: usize = std::mem::size_of::<TableEntry>();
+
+impl ChunkTable {
+    /// Lists `chunks/` a page at a time into the table.
+    async fn list(store: &dyn ObjectStore) -> Result<Self> {
+        let mut entries = Vec::new();
+        let mut continuation = None;
+        loop {
+            let page = store
+                .list_page("chunks/", continuation.take())
+                .await
+                .map_err(|e| RepoError::store("listing chunks/", e))?;
+            entries.extend(page.objects.iter().filter_map(|o| {
+                Some(TableEntry {
+                    hash: chunk::parse_chunk_key(&o.key)?,
+                    size: o.size,
+                    first_len: 0,
+                    first_crc: 0,
+                })
+            }));
+            match page.next {
+                Some(next) => continuation = Some(next),
+                None => break,
+            }
+        }
+        // Listings come in key order, which is name order; a store that does not keep it
+        // costs a sort.
+        if !entries.is_sorted_by(|a, b| a.hash < b.hash) {
+            entries.sort_unstable_by_key(|e| e.hash);
+            entries.dedup_by(|a, b| a.hash == b.hash);
+        }
+        entries.shrink_to_fit();
+        Ok(ChunkTable {
+            entries,
+            other_ways: Default::default(),
+        })
+    }
+
+    /// The problem with reference `r` (absent, or another size than stored), and whether it
+    /// is the first reference of its kind to download.
+    fn check(&mut self, r: &ChunkRef) -> (Option<ProblemKind>, bool) {
+        let Ok(at) = self.entries.binary_search_by(|e| e.hash.cmp(&r.hash)) else {
+            return (Some(ProblemKind::Missing), false);
+        };
+        let e = &mut self.entries[at];
+        if e.size != r.stored_size {
+            let problem = ProblemKind::SizeMismatch {
+                expected: r.stored_size,
+                actual: e.size,
+            };
+            return (Some(problem), false);
+        }
+        if e.first_len == 0 {
+            e.first_len = r.raw_len.max(1);
+            e.first_crc = r.crc32c;
+            return (None, true);
+        }
+        if (e.first_len, e.first_crc) == (r.raw_len.max(1), r.crc32c) {
+            return (None, false);
+        }
+        (None, self.other_ways.insert(ref_key(r)))
+    }
+}
+
 impl Repository {
     /// Checks snapshots: every referenced chunk exists with the recorded size, and with
     /// `read_data` its bytes match crc32c and content hash. Problems are collected, not
     /// returned as errors.
     ///
+    /// # Memory
+    /// Snapshots are checked one at a time, each map in index order a leaf at a time: a
+    /// format-2 map holds at most [`VERIFY_MAP_ENTRIES`] entries
+    /// ([`VerifyReport::map_entries_peak`]), a format-1 map is held whole (bounded by its own
+    /// object). Downloads (`read_data`) are handed to `concurrency` readers through a queue of
+    /// `2 * concurrency` jobs. What grows is the table of the store's chunks, from one listing
+    /// of `chunks/`: [`CHUNK_TABLE_ENTRY_BYTES`] (56) bytes per stored chunk (its name, stored
+    /// size, and the checksum and length it was first downloaded for), up to twice that while
+    /// the listing grows it; 1 GiB of table per ~19 million chunks (19 TiB of distinct data at
+    /// the 1 MiB default). It is what makes the check one listing instead of a request per
+    /// reference (a 1 TiB volume at 1 MiB chunks: a million existence requests per snapshot),
+    /// and what lets a chunk shared by every snapshot be downloaded once instead of once per
+    /// snapshot; a bounded table would trade either away. A chunk referenced with another
+    /// checksum or length than its first (only damaged manifests do that) costs one more
+    /// entry of about 100 bytes.
+    ///
     /// # Errors
     /// Only failures to list or talk to the store, a missing requested snapshot, or a
     /// snapshot given without its volume.
     pub async fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        let mut report = VerifyReport::default();
-        let stored = stored_chunks(self.store().as_ref()).await?;
         let keys = if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
             vec![(v.clone(), s.clone())]
         } else if let Some(s) = &opts.snapshot {
@@ -236,136 +355,210 @@ impl Repository {
         } else {
             self.manifest_keys(opts.volume.as_ref()).await?
         };
-        let single = opts.snapshot.is_some();
-        // Every distinct reference (hash, stored size, crc32c, raw length) that is present with
-        // the right size, with the first place it was seen. References that agree on all four
-        // are the same check, so each object is downloaded once per distinct way it is
-        // referenced: a manifest that records a stored chunk with the wrong checksum or length
-        // is caught even when another manifest references the same chunk correctly. Snapshot
-        // names are kept once, in `names`, and referred to by position.
-        let mut names: Vec<String> = Vec::new();
-        let mut to_read: BTreeMap<RefKey, (u32, u64, u64, ChunkRef)> = BTreeMap::new();
-        let mut manifests = self.manifest_stream(keys);
-        while let Some((v, s, loaded)) = manifests.next().await {
-            let m = match loaded {
-                Ok(m) => m,
-                Err(e) if single || e.is_transient() => return Err(e),
-                Err(RepoError::SnapshotNotFound { .. }) => continue, // deleted since listed
-                Err(e) => {
-                    report.problems.push(VerifyProblem {
-                        snapshot: format!("{v}/{s}"),
-                        index: None,
-                        key: manifest_key(&v, &s),
-                        problem: ProblemKind::ManifestUnreadable {
-                            message: e.to_string(),
-                        },
-                    });
-                    continue;
-                }
-            };
-            report.snapshots += 1;
-            let name = format!("{}/{}", m.volume, m.snapshot);
-            let name_pos = u32::try_from(names.len()).map_err(|_| RepoError::Internal {
-                message: "more than 4 billion snapshots".into(),
-            })?;
-            let mut name_used = false;
-            let g = *m.chunks.geometry();
-            for (index, r) in m.chunks.iter_stored() {
-                report.chunk_refs += 1;
-                let key = chunk::chunk_key(&r.hash);
-                let problem = match stored.get(&r.hash) {
-                    None => Some(ProblemKind::Missing),
-                    Some(c) if c.size != r.stored_size => Some(ProblemKind::SizeMismatch {
-                        expected: r.stored_size,
-                        actual: c.size,
-                    }),
-                    Some(_) => None,
-                };
-                match problem {
-                    Some(problem) => report.problems.push(VerifyProblem {
-                        snapshot: name.clone(),
-                        index: Some(index),
-                        key,
-                        problem,
-                    }),
-                    None => {
-                        to_read.entry(ref_key(r)).or_insert_with(|| {
-                            name_used = true;
-                            (name_pos, index, g.chunk_offset(index), *r)
-                        });
-                    }
-                }
-            }
-            if name_used {
-                names.push(name);
-            }
+        let mut table = ChunkTable::list(self.store().as_ref()).await?;
+        let concurrency = if opts.concurrency == 0 {
+            8
+        } else {
+            opts.concurrency
+        };
+        if !opts.read_data {
+            return self.verify_walk(keys, opts, &mut table, None).await;
         }
-        if opts.read_data {
-            let names = &names;
-            let concurrency = if opts.concurrency == 0 {
-                8
-            } else {
-                opts.concurrency
-            };
-            report = futures::stream::iter(to_read)
-                .map(|(_, (name_pos, index, offset, r))| async move {
-                    let snapshot = names.get(name_pos as usize).cloned().unwrap_or_default();
-                    let at = ChunkContext {
-                        snapshot: &snapshot,
-                        index,
-                        offset,
-                    };
-                    let outcome = match self.fetch_chunk(&r, at).await {
-                        Ok(body) => {
-                            let len = body.len() as u64;
-                            let (snap, rr) = (snapshot.clone(), r);
-                            let codec = self.codec().clone();
-                            tokio::task::spawn_blocking(move || {
-                                let mut out = Vec::new();
-                                let at = ChunkContext {
-                                    snapshot: &snap,
-                                    index,
-                                    offset,
-                                };
-                                codec.decode_chunk(body, &rr, at, &mut out).map(|()| len)
-                            })
-                            .await
-                            .map_err(|e| RepoError::Internal {
-                                message: e.to_string(),
-                            })?
-                        }
-                        Err(e) => Err(e),
-                    };
-                    match outcome {
-                        Ok(len) => Ok((len, None)),
-                        Err(e) if e.is_transient() => Err(e),
-                        Err(e) => Ok((
-                            0,
-                            Some(VerifyProblem {
-                                snapshot,
-                                index: Some(index),
-                                key: chunk::chunk_key(&r.hash),
-                                problem: match e {
-                                    RepoError::ChunkMissing { .. } => ProblemKind::Missing,
-                                    other => ProblemKind::Corrupt {
-                                        message: other.to_string(),
-                                    },
-                                },
-                            }),
-                        )),
-                    }
-                })
-                .buffer_unordered(concurrency)
-                // Folded as they finish: nothing per chunk is kept but the problems.
-                .try_fold(report, |mut report, (len, problem)| async move {
+        // The walk hands each reference to download to the readers as it finds it, through a
+        // channel of a few jobs per reader: downloads overlap the walk, and neither the jobs
+        // nor the map pile up.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<ReadJob>(2 * concurrency);
+        let walk = self.verify_walk(keys, opts, &mut table, Some(tx));
+        let jobs = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let reads = jobs
+            .map(|job| self.verify_read(job))
+            .buffer_unordered(concurrency)
+            // Folded as they finish: nothing per chunk is kept but the problems.
+            .try_fold(
+                VerifyReport::default(),
+                |mut report, (len, problem)| async move {
                     report.chunks_read += 1;
                     report.bytes_read += len;
                     report.problems.extend(problem);
                     Ok(report)
-                })
-                .await?;
-        }
+                },
+            );
+        let (mut report, read) = futures::try_join!(walk, reads)?;
+        report.chunks_read = read.chunks_read;
+        report.bytes_read = read.bytes_read;
+        report.problems.extend(read.problems);
         Ok(report)
+    }
+
+    /// The walk of [`Repository::verify`]: every snapshot of `keys` in turn, its map in index
+    /// order a leaf at a time, each reference looked up in `table`; references to download
+    /// (the first of each distinct way a present chunk is referenced) go to `reads`.
+    async fn verify_walk(
+        &self,
+        keys: Vec<(VolumeName, SnapshotName)>,
+        opts: &VerifyOptions,
+        table: &mut ChunkTable,
+        reads: Option<tokio::sync::mpsc::Sender<ReadJob>>,
+    ) -> Result<VerifyReport> {
+        let single = opts.snapshot.is_some();
+        let mut report = VerifyReport::default();
+        let gauge = std::sync::Arc::new(EntryGauge::default());
+        for (v, s) in keys {
+            let unreadable = |e: &RepoError| VerifyProblem {
+                snapshot: format!("{v}/{s}"),
+                index: None,
+                key: manifest_key(&v, &s),
+                problem: ProblemKind::ManifestUnreadable {
+                    message: e.to_string(),
+                },
+            };
+            let stored = match self.load_stored(&v, &s).await {
+                Ok(m) => m,
+                Err(e) if single || e.is_transient() => return Err(e),
+                Err(RepoError::SnapshotNotFound { .. }) => continue, // deleted since listed
+                Err(e) => {
+                    report.problems.push(unreadable(&e));
+                    continue;
+                }
+            };
+            report.snapshots += 1;
+            let name: std::sync::Arc<str> = format!("{v}/{s}").into();
+            let geometry = stored.head().geometry;
+            let leaves = match &stored {
+                StoredManifest::V1(m) => {
+                    // Held whole already (bounded by its own object): handed out a leaf's
+                    // worth of copies at a time.
+                    gauge.hold_whole(m.chunks.stored_count());
+                    let mut entries = m.chunks.iter_stored().map(|(i, r)| (i, *r)).peekable();
+                    let g = gauge.clone();
+                    futures::stream::iter(std::iter::from_fn(move || {
+                        entries.peek()?;
+                        let leaf: Vec<_> = entries.by_ref().take(LEAF_SPAN as usize).collect();
+                        Some(Ok(HeldLeaf::new(leaf, g.clone())))
+                    }))
+                    .boxed()
+                }
+                StoredManifest::V2(head) => match head.map {
+                    MapLocation::Tree { root } => self
+                        .leaves_in_order(
+                            TreeShape::new(head.geometry),
+                            root,
+                            LEAF_WINDOW,
+                            gauge.clone(),
+                        )
+                        .boxed(),
+                    MapLocation::Inline => {
+                        return Err(RepoError::Internal {
+                            message: "a format-2 head without a tree".into(),
+                        });
+                    }
+                },
+            };
+            let mut leaves = leaves;
+            loop {
+                let leaf = match leaves.try_next().await {
+                    Ok(Some(leaf)) => leaf,
+                    Ok(None) => break,
+                    Err(e) if single || e.is_transient() => return Err(e),
+                    // A damaged or missing segment: what was walked so far is reported, the
+                    // rest of this map cannot be known.
+                    Err(e) => {
+                        report.problems.push(unreadable(&e));
+                        break;
+                    }
+                };
+                let refs = leaf.entries.iter().map(|(i, r)| (*i, r));
+                if let Err(e) = cbt_core::manifest::check_chunk_refs(&geometry, refs) {
+                    let e = RepoError::Core(e);
+                    if single {
+                        return Err(e);
+                    }
+                    report.problems.push(unreadable(&e));
+                    break;
+                }
+                for (index, r) in &leaf.entries {
+                    report.chunk_refs += 1;
+                    let (problem, read) = table.check(r);
+                    if let Some(problem) = problem {
+                        report.problems.push(VerifyProblem {
+                            snapshot: name.to_string(),
+                            index: Some(*index),
+                            key: chunk::chunk_key(&r.hash),
+                            problem,
+                        });
+                    }
+                    if let (true, Some(tx)) = (read, &reads) {
+                        let job = ReadJob {
+                            snapshot: name.clone(),
+                            index: *index,
+                            offset: geometry.chunk_offset(*index),
+                            chunk: *r,
+                        };
+                        if tx.send(job).await.is_err() {
+                            // The readers stopped on an error, which the caller returns.
+                            return Ok(report);
+                        }
+                    }
+                }
+            }
+        }
+        report.map_entries_peak = gauge.peak();
+        Ok(report)
+    }
+
+    /// Downloads and checks one chunk for [`Repository::verify`]: its stored bytes read, and
+    /// the problem found, if any. Only a transient failure is an error.
+    async fn verify_read(&self, job: ReadJob) -> Result<(u64, Option<VerifyProblem>)> {
+        let ReadJob {
+            snapshot,
+            index,
+            offset,
+            chunk: r,
+        } = job;
+        let at = ChunkContext {
+            snapshot: &snapshot,
+            index,
+            offset,
+        };
+        let outcome = match self.fetch_chunk(&r, at).await {
+            Ok(body) => {
+                let len = body.len() as u64;
+                let snap = snapshot.clone();
+                let codec = self.codec().clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    let at = ChunkContext {
+                        snapshot: &snap,
+                        index,
+                        offset,
+                    };
+                    codec.decode_chunk(body, &r, at, &mut out).map(|()| len)
+                })
+                .await
+                .map_err(|e| RepoError::Internal {
+                    message: e.to_string(),
+                })?
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(len) => Ok((len, None)),
+            Err(e) if e.is_transient() => Err(e),
+            Err(e) => Ok((
+                0,
+                Some(VerifyProblem {
+                    snapshot: snapshot.to_string(),
+                    index: Some(index),
+                    key: chunk::chunk_key(&r.hash),
+                    problem: match e {
+                        RepoError::ChunkMissing { .. } => ProblemKind::Missing,
+                        other => ProblemKind::Corrupt {
+                            message: other.to_string(),
+                        },
+                    },
+                }),
+            )),
+        }
     }
 
     /// Deletes chunk objects no manifest references, under the exclusive lock, except those

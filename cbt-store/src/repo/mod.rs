@@ -104,8 +104,9 @@ pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, NewKey, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
 pub use maintenance::{
-    DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions, PruneReport, RepoStatus,
-    SnapshotStatus, VerifyOptions, VerifyProblem, VerifyReport,
+    CHUNK_TABLE_ENTRY_BYTES, DEFAULT_GC_GRACE, GcOptions, GcReport, ProblemKind, PruneOptions,
+    PruneReport, RepoStatus, SnapshotStatus, VERIFY_MAP_ENTRIES, VerifyOptions, VerifyProblem,
+    VerifyReport,
 };
 pub use tree::{EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH, segment_key};
 

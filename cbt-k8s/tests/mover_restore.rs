@@ -1,0 +1,163 @@
+//! The data mover's restore and read-back, through `mover::run` with a `file://` repository and
+//! a regular file standing in for the attached block device.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use cbt_core::Timestamp;
+use cbt_core::manifest::StoredManifest;
+use cbt_k8s::mover::{
+    self, BackupTask, MOVER_SPEC_VERSION, MoverError, MoverSpec, MoverTask, RestoreTask,
+};
+use cbt_store::repo::{InitOptions, Repository};
+use cbt_store::store::{LocalStore, ObjectStore};
+
+const CHUNK: u64 = 4096;
+/// More stored chunks than the read-back window holds (`engine::READ_BACK_ENTRIES`).
+const CHUNKS: u64 = 1600;
+
+fn spec(repo: &Path, device: &Path, task: MoverTask) -> MoverSpec {
+    MoverSpec {
+        version: MOVER_SPEC_VERSION,
+        repo: format!("file://{}", repo.display()),
+        s3_endpoint: None,
+        s3_region: None,
+        device: device.display().to_string(),
+        task,
+    }
+}
+
+fn restore_task() -> RestoreTask {
+    RestoreTask {
+        volume: "ns-db".into(),
+        snapshot: "s1".into(),
+    }
+}
+
+/// A snapshot whose format-2 map spans many leaves, backed up by the mover from `src`.
+async fn backed_up(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let src = dir.join("src.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(CHUNKS * CHUNK).unwrap();
+    for i in 0..CHUNKS {
+        if i % 5 != 2 {
+            f.write_all_at(&(i + 1).to_le_bytes(), i * CHUNK + 100)
+                .unwrap();
+        }
+    }
+    let repo = dir.join("repo");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&repo).unwrap());
+    Repository::init(
+        store,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp::from_unix_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    let backup = MoverTask::Backup(Box::new(BackupTask {
+        volume: "ns-db".into(),
+        snapshot: "s1".into(),
+        metadata: None,
+        fallback_full: true,
+        source: Default::default(),
+        labels: Default::default(),
+        compression_level: 1,
+    }));
+    let r = mover::run(&spec(&repo, &src, backup), Timestamp::from_unix_secs(2))
+        .await
+        .unwrap();
+    assert!(r.ok);
+    (repo, src)
+}
+
+/// A restore onto a device holding other data makes it the snapshot and reads every chunk
+/// back; a device changed afterwards fails the read-back with the count and the first chunks;
+/// a second restore repairs it.
+#[tokio::test]
+async fn a_restore_reads_the_device_back_and_a_changed_device_fails_the_read_back() {
+    let t = tempfile::tempdir().unwrap();
+    let (repo, src) = backed_up(t.path()).await;
+    let stored = {
+        let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&repo).unwrap());
+        let r = Repository::open(store).await.unwrap();
+        let volume = cbt_core::VolumeName::new("ns-db").unwrap();
+        let snap = cbt_core::SnapshotName::new("s1").unwrap();
+        r.load_stored(&volume, &snap).await.unwrap()
+    };
+    let StoredManifest::V2(head) = &stored else {
+        panic!("the mover's full backup writes format 2");
+    };
+    // A provisioned volume holding someone else's bytes, one chunk larger than the snapshot.
+    let device = t.path().join("device");
+    std::fs::write(&device, vec![0xa5u8; ((CHUNKS + 1) * CHUNK) as usize]).unwrap();
+    let r = mover::run(
+        &spec(&repo, &device, MoverTask::Restore(restore_task())),
+        Timestamp::from_unix_secs(3),
+    )
+    .await
+    .unwrap();
+    assert!(r.ok);
+    assert_eq!(r.chunks_verified, CHUNKS);
+    assert_eq!(r.volume_size, CHUNKS * CHUNK);
+    assert_eq!(r.snapshot_id.as_deref(), Some(head.snapshot_id.as_str()));
+    let (want, got) = (
+        std::fs::read(&src).unwrap(),
+        std::fs::read(&device).unwrap(),
+    );
+    assert!(
+        got[..want.len()] == want[..],
+        "the device holds the snapshot"
+    );
+
+    // A stored chunk far into the map and a zero chunk change after the restore.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&device)
+        .unwrap();
+    w.write_all_at(&[1], 1500 * CHUNK + 100).unwrap();
+    w.write_all_at(&[1], 1202 * CHUNK).unwrap(); // 1202 % 5 == 2: a zero chunk
+    let verify = spec(&repo, &device, MoverTask::Verify(restore_task()));
+    let e = mover::run(&verify, Timestamp::from_unix_secs(4))
+        .await
+        .unwrap_err();
+    match &e {
+        MoverError::VerifyFailed {
+            snapshot,
+            count,
+            first,
+        } => {
+            assert_eq!(snapshot, "s1");
+            assert_eq!(*count, 2);
+            assert_eq!(first, &vec![1202, 1500]);
+        }
+        other => panic!("expected a failed read-back, got {other:?}"),
+    }
+    assert_eq!(e.kind(), cbt_core::ErrorKind::Integrity);
+    assert!(!mover::failure_report(&e).ok);
+
+    // Restoring again rewrites both chunks, and the read-back alone now passes.
+    let r = mover::run(
+        &spec(&repo, &device, MoverTask::Restore(restore_task())),
+        Timestamp::from_unix_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.chunks_verified, CHUNKS);
+    let r = mover::run(&verify, Timestamp::from_unix_secs(6))
+        .await
+        .unwrap();
+    assert!(r.ok);
+    assert_eq!(r.chunks_verified, CHUNKS);
+    assert_eq!(r.bytes_written, 0, "a read-back writes nothing");
+
+    // A device shorter than the volume cannot be read back: an I/O error, not a mismatch.
+    w.set_len(1000 * CHUNK).unwrap();
+    let e = mover::run(&verify, Timestamp::from_unix_secs(7))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, MoverError::Io { .. }), "{e:?}");
+}
