@@ -40,7 +40,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
-use super::{EngineOptions, Progress, mb_per_s};
+use super::{EngineOptions, Progress, mb_per_s, restore_stages};
 use crate::aligned::{AlignedBuf, DIRECT_ALIGN, is_aligned};
 use crate::repo::{
     ChunkAt, ChunkContext, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, Repository, Result,
@@ -606,7 +606,7 @@ async fn write_all(
     let piece = geometry.chunk_size() as usize;
     let (volume, snapshot) = source.names();
     let name = format!("{volume}/{snapshot}");
-    // At most `transfers` buffers exist: one per chunk being decoded and written.
+    // At most `writers` decode buffers exist: one per chunk being decoded and written.
     let pool: Arc<Mutex<Vec<AlignedBuf>>> = Arc::default();
     let progress = Arc::new(Mutex::new(totals));
     // Batches in index order; before a batch's chunks are handed out, the gaps before them
@@ -653,11 +653,15 @@ async fn write_all(
         }
     })
     .try_flatten();
+    // Downloads and writes are separate stages: a chunk's download starts while earlier
+    // chunks are still being verified and written, so reads (a cold local repository is on
+    // disk too) and direct writes overlap instead of taking turns in one slot. Bodies held:
+    // `reads` downloading or downloaded, `writers` being written, each of those with at most
+    // one decode buffer (see `EngineOptions::restore_memory_bound`).
+    let (reads, writers) = restore_stages(engine.transfers);
     groups
         .map_ok(|g| {
-            let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
-            let progress = progress.clone();
-            let mark = &mark;
+            let name = name.clone();
             async move {
                 let (index, offset) = g.targets[0];
                 let at = ChunkContext {
@@ -665,36 +669,60 @@ async fn write_all(
                     index,
                     offset,
                 };
-                let body = repo.fetch_chunk(&g.chunk, at).await?;
+                let body = repo.fetch_chunk_for_write(&g.chunk, at).await?;
+                Ok::<_, RepoError>((g, body))
+            }
+        })
+        .try_buffer_unordered(reads)
+        .map_ok(|(g, body)| {
+            let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
+            let progress = progress.clone();
+            let mark = &mark;
+            async move {
+                let (index, offset) = g.targets[0];
                 let downloaded = body.len() as u64;
                 let copies = g.targets.len() as u64;
-                let name2 = name.clone();
                 let chunk_len = g.chunk.raw_len;
                 let codec = repo.codec().clone();
                 let targets = tokio::task::spawn_blocking(move || {
-                    let mut buf = pool
-                        .lock()
-                        .ok()
-                        .and_then(|mut p| p.pop())
-                        .unwrap_or_default();
                     let at = ChunkContext {
-                        snapshot: &name2,
+                        snapshot: &name,
                         index,
                         offset,
                     };
-                    let raw = buf.resize(g.chunk.raw_len as usize);
-                    codec.decode_chunk_into_slice(body, &g.chunk, at, raw)?;
+                    let take = || {
+                        pool.lock()
+                            .ok()
+                            .and_then(|mut p| p.pop())
+                            .unwrap_or_default()
+                    };
+                    let mut buf: Option<AlignedBuf> = None;
+                    // A chunk stored raw is checked where it was read and written from there
+                    // when the store placed it aligned; anything else is decoded (or copied)
+                    // into an aligned buffer first.
+                    let payload = codec.decode_chunk_or_borrow(body, &g.chunk, at, |n| {
+                        buf.insert(take()).resize(n)
+                    })?;
+                    let data = match &payload {
+                        Some(p) if is_aligned(p) => &p[..],
+                        Some(p) => {
+                            let b = buf.insert(take());
+                            b.resize(p.len()).copy_from_slice(p);
+                            b.as_slice()
+                        }
+                        None => buf.as_ref().map_or(&[][..], AlignedBuf::as_slice),
+                    };
                     for (_, off) in &g.targets {
-                        write_chunk(&file, buf.as_slice(), *off, sparse).map_err(
-                            |(at, source)| RepoError::TargetIo {
+                        write_chunk(&file, data, *off, sparse).map_err(|(at, source)| {
+                            RepoError::TargetIo {
                                 path: path.clone(),
                                 offset: Some(at),
                                 source,
-                            },
-                        )?;
+                            }
+                        })?;
                     }
-                    if let Ok(mut p) = pool.lock() {
-                        p.push(buf);
+                    if let (Some(b), Ok(mut p)) = (buf, pool.lock()) {
+                        p.push(b);
                     }
                     Ok::<_, RepoError>(g.targets)
                 })
@@ -718,7 +746,7 @@ async fn write_all(
                 Ok::<_, RepoError>(())
             }
         })
-        .try_buffer_unordered(engine.transfers)
+        .try_buffer_unordered(writers)
         .try_collect::<Vec<()>>()
         .await?;
     let p = path.clone();

@@ -34,7 +34,7 @@
 //! and canonicalized at open). Listings skip links.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -452,6 +452,30 @@ fn write_direct(file: &File, prefix: &[u8]) -> io::Result<bool> {
     }
 }
 
+/// Checks the trailer after the first `size` bytes of `data` (a whole object file).
+fn check_trailer(key: &str, data: &[u8], size: usize) -> Result<(), StoreError> {
+    let trailer = &data[size..];
+    if trailer[..4] != TRAILER_MAGIC {
+        return Err(StoreError::Malformed {
+            key: key.to_string(),
+            reason: "checksum trailer magic is missing (not written by this store, or truncated)"
+                .into(),
+        });
+    }
+    let mut stored = [0u8; 4];
+    stored.copy_from_slice(&trailer[4..]);
+    let expected = u32::from_le_bytes(stored);
+    let actual = crc32c::crc32c(&data[..size]);
+    if expected != actual {
+        return Err(StoreError::Corrupt {
+            key: key.to_string(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 impl Inner {
     fn new(root: PathBuf, page_size: usize, sync_each_max: usize) -> Result<Self, StoreError> {
         let root_fd = rfs::open(&root, dir_flags(), Mode::empty()).map_err(|e| StoreError::Io {
@@ -847,8 +871,12 @@ impl Inner {
     }
 
     /// Reads and checks a whole object; refuses one whose body exceeds `max_len` before
-    /// reading it, and never reads more than the file's size at open.
-    fn get(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+    /// reading it, and never reads more than the file's size at open. The file is read with
+    /// one exact read (its size is known), not in growing pieces: a cold object is then one
+    /// disk request. With `aligned_at`, the body is read into a pooled aligned buffer so
+    /// that its byte `aligned_at` sits at an aligned address (see
+    /// [`ObjectStore::get_bounded_aligned`]).
+    fn get(&self, key: &str, max_len: u64, aligned_at: Option<usize>) -> Result<Bytes, StoreError> {
         let io = io_at(key);
         let file = self.open_object(key)?.ok_or_else(|| StoreError::NotFound {
             key: key.to_string(),
@@ -862,36 +890,39 @@ impl Inner {
                 limit: max_len,
             });
         }
-        let len = usize::try_from(file_len).map_err(|_| StoreError::TooLarge {
+        let too_large = || StoreError::TooLarge {
             key: key.to_string(),
             size: Some(body_len),
             limit: max_len,
-        })?;
-        let mut data = Vec::with_capacity(len);
-        file.take(file_len).read_to_end(&mut data).map_err(&io)?;
-        let size = body_size(key, data.len() as u64)? as usize;
-        let trailer = &data[size..];
-        if trailer[..4] != TRAILER_MAGIC {
-            return Err(StoreError::Malformed {
+        };
+        let len = usize::try_from(file_len).map_err(|_| too_large())?;
+        let size = len - TRAILER_LEN as usize;
+        // A file that shrank since it was measured is damage seen mid-read, like a bad trailer.
+        let read = |data: &mut [u8]| match file.read_exact_at(data, 0) {
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(StoreError::Malformed {
                 key: key.to_string(),
-                reason:
-                    "checksum trailer magic is missing (not written by this store, or truncated)"
-                        .into(),
-            });
+                reason: format!("file shrank below the {file_len} bytes it had when opened"),
+            }),
+            other => other.map_err(&io),
+        };
+        match aligned_at {
+            Some(at) => {
+                let pad = (DIRECT_ALIGN - at % DIRECT_ALIGN) % DIRECT_ALIGN;
+                let total = pad.checked_add(len).ok_or_else(too_large)?;
+                let mut buf = aligned::take(total);
+                let data = &mut buf.resize(total)[pad..];
+                read(data)?;
+                check_trailer(key, data, size)?;
+                Ok(aligned::into_bytes(buf, pad..pad + size))
+            }
+            None => {
+                let mut data = vec![0u8; len];
+                read(&mut data)?;
+                check_trailer(key, &data, size)?;
+                data.truncate(size);
+                Ok(Bytes::from(data))
+            }
         }
-        let mut stored = [0u8; 4];
-        stored.copy_from_slice(&trailer[4..]);
-        let expected = u32::from_le_bytes(stored);
-        let actual = crc32c::crc32c(&data[..size]);
-        if expected != actual {
-            return Err(StoreError::Corrupt {
-                key: key.to_string(),
-                expected,
-                actual,
-            });
-        }
-        data.truncate(size);
-        Ok(Bytes::from(data))
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
@@ -1067,14 +1098,26 @@ impl ObjectStore for LocalStore {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         validate_key(key)?;
         let k = key.to_string();
-        self.blocking(key, move |inner| inner.get(&k, u64::MAX))
+        self.blocking(key, move |inner| inner.get(&k, u64::MAX, None))
             .await
     }
 
     async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
         validate_key(key)?;
         let k = key.to_string();
-        self.blocking(key, move |inner| inner.get(&k, max_len))
+        self.blocking(key, move |inner| inner.get(&k, max_len, None))
+            .await
+    }
+
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.get(&k, max_len, Some(aligned_at)))
             .await
     }
 
