@@ -812,6 +812,69 @@ mod tests {
         );
     }
 
+    /// `decode_or_borrow` hands a raw payload back in place and decodes a compressed one,
+    /// with the same checks as `decode_into_slice`: every flipped byte, a forged raw payload
+    /// of the wrong length and a caller buffer of the wrong length are refused.
+    #[test]
+    fn decode_or_borrow_checks_what_decode_into_slice_checks() {
+        let raw = noise(70_000, 9);
+        let text = b"compressible text, compressible text ".repeat(2000);
+        for (data, level) in [(&raw[..], 0), (&text[..], 3)] {
+            let e = encode(data, level);
+            let mut out = vec![0u8; data.len()];
+            let mut asked = false;
+            let got = decode_or_borrow(&e.body, &e.chunk, |n| {
+                asked = true;
+                &mut out[..n]
+            })
+            .unwrap();
+            match got {
+                RawAt::Payload(range) => {
+                    assert_eq!(level, 0);
+                    assert!(!asked, "a raw payload needs no buffer");
+                    assert_eq!(&e.body[range], data);
+                }
+                RawAt::Out => {
+                    assert_eq!(level, 3);
+                    assert_eq!(out, data);
+                }
+            }
+            let n = e.body.len();
+            for pos in [0, 5, 9, 13, 20, 47, 48, 60, n / 2, n - 5, n - 1] {
+                let mut bad = e.body.to_vec();
+                bad[pos] ^= 0x10;
+                let mut out = vec![0u8; data.len()];
+                assert!(
+                    decode_or_borrow(&bad, &e.chunk, |n| &mut out[..n]).is_err(),
+                    "flip at {pos}, level {level}"
+                );
+            }
+            let mut short = vec![0u8; data.len() - 1];
+            if level > 0 {
+                assert!(matches!(
+                    decode_or_borrow(&e.body, &e.chunk, |_| &mut short[..]),
+                    Err(ChunkDecodeError::Size { .. })
+                ));
+            }
+        }
+        // A raw payload one byte shorter or longer than its (manifest-agreeing) header says.
+        for (len, size_error) in [(9, false), (11, true)] {
+            let forged = forge(CODEC_RAW, 10, &vec![1; len]);
+            let r = ChunkRef {
+                hash: ChunkHash([0; 32]),
+                stored_size: forged.len() as u64,
+                crc32c: 0,
+                raw_len: 10,
+            };
+            let mut out = [0u8; 10];
+            match decode_or_borrow(&forged, &r, |n| &mut out[..n]) {
+                Err(ChunkDecodeError::Size { .. }) if size_error => {}
+                Err(ChunkDecodeError::Decompress { .. }) if !size_error => {}
+                other => panic!("raw payload of {len} bytes for 10: {other:?}"),
+            }
+        }
+    }
+
     /// Re-frames `payload` as a chunk object with a valid trailer (what an attacker with write
     /// access to the store can do), so the checks past the trailer crc are reached.
     fn forge(codec: u8, raw_len: u32, payload: &[u8]) -> Vec<u8> {
