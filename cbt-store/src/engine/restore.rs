@@ -4,9 +4,13 @@
 //! Chunks are decoded into 4 KiB-aligned buffers and written with `O_DIRECT` where the target
 //! allows it: a restore writes each byte once and never reads it back, so copying it through
 //! the page cache only costs a kernel copy plus page allocation per byte (measured at about a
-//! fifth of direct-write speed on a VM) and leaves the final fsync all the writeback. Pieces
-//! that direct I/O cannot take (an unaligned tail, a file system that refuses `O_DIRECT`) go
-//! through the ordinary descriptor; the final `fsync` covers both.
+//! fifth of direct-write speed on a VM) and leaves the final fsync all the writeback. A chunk
+//! stored raw needs no decoding: the store is asked to read the object so that its payload
+//! lands aligned ([`Repository::fetch_chunk_for_write`]), the payload is checked where it lies
+//! and written from there. Pieces that direct I/O cannot take (an unaligned tail, a file
+//! system that refuses `O_DIRECT`) go through the ordinary descriptor; the final `fsync`
+//! covers both. Downloads run up to `transfers` ahead of the `transfers / 2` tasks that check
+//! and write, so the reads of a cold repository overlap the writes.
 //!
 //! # Before the first byte, and after a failure
 //! A restore checks what it needs before it touches the target: the manifest is validated
