@@ -5,7 +5,7 @@
 //! * backup: plan -> read (`readers` threads, `readahead` chunks ahead) -> zero check, BLAKE3,
 //!   crc32c and zstd on `workers` blocking tasks -> `transfers` uploads in flight -> manifest.
 //! * restore: manifest -> `transfers` downloads in flight -> verify + decompress + `pwrite` on
-//!   `transfers / 2` blocking tasks -> fsync.
+//!   blocking tasks -> fsync.
 //!
 //! # Memory bound
 //! Backup holds at most `(readers + readahead + 2 * workers + transfers) * (chunk_size + 52)`
@@ -13,9 +13,9 @@
 //! workers` exist,
 //! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body lives until its upload
 //! finishes, and its buffer is then kept for the next chunk (at most 64 MiB of them, never
-//! more than were in flight at once). Restore holds at most `(transfers + 2 * (transfers / 2)) *
-//! (chunk_size + 52 + 4096)` (a body being downloaded, or written with its decode buffer; a
-//! body read for direct writes starts up to 4 KiB into its buffer).
+//! more than were in flight at once). Restore holds at most `2 * transfers * (chunk_size + 52 +
+//! 4096)` (a body and its decode buffer per chunk in flight; a body read for direct writes
+//! starts up to 4 KiB into its buffer).
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
 //! In an encrypted repository each buffer holds 64 bytes more (the sealed envelope: header,
 //! GCM tag, checksum); [`EngineOptions::backup_memory_bound`] and
@@ -221,9 +221,8 @@ impl EngineOptions {
     /// Upper bound of chunk-buffer memory of a restore with these options, encrypted or not.
     /// A format-2 map adds at most 3,072 entries (see the module docs).
     pub fn restore_memory_bound(&self, chunk_size: u64) -> u64 {
-        let (reads, writers) = restore_stages(self.normalized().transfers);
         // A body read for direct writes starts up to an alignment unit into its buffer.
-        (reads + 2 * writers) as u64
+        2 * self.normalized().transfers as u64
             * (chunk_size + BUFFER_OVERHEAD + crate::aligned::DIRECT_ALIGN as u64)
     }
 
@@ -232,13 +231,6 @@ impl EngineOptions {
             cb(p);
         }
     }
-}
-
-/// Downloads in flight and chunks being verified and written at once by a restore with
-/// `transfers`: writing is CPU (verify, decompress) plus one direct write per chunk, so
-/// half as many writers keep two cores and the disk busy while the downloads run ahead.
-pub(crate) fn restore_stages(transfers: usize) -> (usize, usize) {
-    (transfers.max(1), (transfers / 2).max(1))
 }
 
 /// Megabytes (10^6 bytes) per second of `bytes` over `ms` milliseconds.
