@@ -35,7 +35,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use cbt_core::{ChunkHash, ChunkRef};
 
-use crate::aligned::AlignedBuf;
+use crate::aligned;
 
 /// Magic bytes at the start of every chunk object.
 pub const CHUNK_MAGIC: [u8; 4] = *b"CBCH";
@@ -259,49 +259,6 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
     compressed_len(&sample, level).is_some_and(|n| n <= total - total / 16)
 }
 
-/// Buffers of encoded bodies whose upload is done, kept for the next chunks: a fresh
-/// multi-megabyte allocation per chunk costs a page fault and a kernel zeroing per 4 KiB (a
-/// 1 GiB full backup faulted 110k pages with fresh buffers). They are aligned for direct
-/// I/O, so the local store writes a body to disk straight from here (no copy into the page
-/// cache, no aligned copy). At most [`MAX_POOLED_BODY_BYTES`] of capacity are kept.
-static BODIES: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
-/// Capacity kept by [`BODIES`] at most (16 bodies of 4 MiB chunks).
-const MAX_POOLED_BODY_BYTES: usize = 64 << 20;
-
-/// A buffer of at least `capacity` bytes, reused when one of a similar size is kept.
-fn take_body(capacity: usize) -> AlignedBuf {
-    let reused = BODIES.lock().ok().and_then(|mut p| {
-        // Within 2x, so a small chunk never pins a buffer sized for a large one.
-        let i = p
-            .iter()
-            .position(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)?;
-        Some(p.swap_remove(i))
-    });
-    reused.unwrap_or_default()
-}
-
-/// An encoded body that gives its buffer back to [`BODIES`] when the last reference to it
-/// (the upload, its retries) is dropped.
-struct PooledBody(AlignedBuf);
-
-impl AsRef<[u8]> for PooledBody {
-    fn as_ref(&self) -> &[u8] {
-        self.0.as_slice()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        let body = std::mem::take(&mut self.0);
-        if let Ok(mut p) = BODIES.lock() {
-            let kept: usize = p.iter().map(AlignedBuf::capacity).sum();
-            if kept + body.capacity() <= MAX_POOLED_BODY_BYTES {
-                p.push(body);
-            }
-        }
-    }
-}
-
 /// Encodes `raw` (at most 4 GiB - 1 bytes) into a chunk object, compressing with zstd at
 /// `level` when a sample says it pays and the result is smaller (`level <= 0` disables
 /// compression). The body's buffer (at most raw length + compression bound + framing) is
@@ -311,12 +268,14 @@ impl Drop for PooledBody {
 /// raw crc32c, and [`EncodedChunk::body_crc32c`] (the whole object's, for the store) from the
 /// trailer, so neither the encoder nor the store reads the bytes again to checksum them.
 pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
-    let mut body = take_body(body_capacity(raw, level));
+    // Aligned for direct I/O, so the local store writes a body to disk straight from here
+    // (no copy into the page cache, no aligned copy).
+    let mut body = aligned::take(body_capacity(raw, level));
     let (chunk, len, body_crc32c) = encode_into(raw, level, body.resize(body_capacity(raw, level)));
     body.resize(len);
     EncodedChunk {
         chunk,
-        body: Bytes::from_owner(PooledBody(body)),
+        body: aligned::into_bytes(body, 0..len),
         body_crc32c,
     }
 }
@@ -425,6 +384,58 @@ pub fn decode_into_slice(
     let h = check_against(body, expected)?;
     decode_exact(body, &h, out)?;
     verify_raw(out, &h)
+}
+
+/// Where [`decode_or_borrow`] left a chunk's raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawAt {
+    /// The payload is stored raw: these bytes of the object are the chunk, checked in place.
+    Payload(std::ops::Range<usize>),
+    /// The payload was decoded into the caller's buffer.
+    Out,
+}
+
+/// Checks a stored object against the manifest's reference exactly as [`decode_into_slice`]
+/// does (object size, object crc32c, header, raw crc32c, BLAKE3), without copying a raw
+/// payload: its raw bytes are the payload, checked where they lie, and their range in `body`
+/// is returned. A compressed payload is decoded into the buffer `out` returns when asked for
+/// `expected.raw_len` bytes (it must return exactly that many); `out` is not called for a
+/// raw payload.
+///
+/// # Errors
+/// A [`ChunkDecodeError`] naming the first check that failed.
+pub fn decode_or_borrow<'o>(
+    body: &[u8],
+    expected: &ChunkRef,
+    out: impl FnOnce(usize) -> &'o mut [u8],
+) -> Result<RawAt, ChunkDecodeError> {
+    let h = check_against(body, expected)?;
+    let payload = HEADER_LEN..body.len() - TRAILER_LEN;
+    if h.codec == CODEC_RAW {
+        // The header's raw length equals the manifest's (checked above), at most MAX_RAW_LEN.
+        if payload.len() as u64 != h.raw_len {
+            return Err(ChunkDecodeError::Decompress {
+                raw_len: h.raw_len,
+                message: format!("got {} bytes", payload.len()),
+            });
+        }
+        verify_raw(&body[payload.clone()], &h)?;
+        return Ok(RawAt::Payload(payload));
+    }
+    let raw_len = usize::try_from(h.raw_len).map_err(|_| ChunkDecodeError::RawTooLarge {
+        raw_len: h.raw_len,
+        max: MAX_RAW_LEN,
+    })?;
+    let out = out(raw_len);
+    if out.len() != raw_len {
+        return Err(ChunkDecodeError::Size {
+            expected: h.raw_len,
+            actual: out.len() as u64,
+        });
+    }
+    decode_exact(body, &h, out)?;
+    verify_raw(out, &h)?;
+    Ok(RawAt::Out)
 }
 
 /// Decodes the payload into `out`, which is exactly the header's raw length: a raw payload
@@ -804,6 +815,69 @@ mod tests {
             decode_standalone(&future, &mut out),
             Err(ChunkDecodeError::Version(9))
         );
+    }
+
+    /// `decode_or_borrow` hands a raw payload back in place and decodes a compressed one,
+    /// with the same checks as `decode_into_slice`: every flipped byte, a forged raw payload
+    /// of the wrong length and a caller buffer of the wrong length are refused.
+    #[test]
+    fn decode_or_borrow_checks_what_decode_into_slice_checks() {
+        let raw = noise(70_000, 9);
+        let text = b"compressible text, compressible text ".repeat(2000);
+        for (data, level) in [(&raw[..], 0), (&text[..], 3)] {
+            let e = encode(data, level);
+            let mut out = vec![0u8; data.len()];
+            let mut asked = false;
+            let got = decode_or_borrow(&e.body, &e.chunk, |n| {
+                asked = true;
+                &mut out[..n]
+            })
+            .unwrap();
+            match got {
+                RawAt::Payload(range) => {
+                    assert_eq!(level, 0);
+                    assert!(!asked, "a raw payload needs no buffer");
+                    assert_eq!(&e.body[range], data);
+                }
+                RawAt::Out => {
+                    assert_eq!(level, 3);
+                    assert_eq!(out, data);
+                }
+            }
+            let n = e.body.len();
+            for pos in [0, 5, 9, 13, 20, 47, 48, 60, n / 2, n - 5, n - 1] {
+                let mut bad = e.body.to_vec();
+                bad[pos] ^= 0x10;
+                let mut out = vec![0u8; data.len()];
+                assert!(
+                    decode_or_borrow(&bad, &e.chunk, |n| &mut out[..n]).is_err(),
+                    "flip at {pos}, level {level}"
+                );
+            }
+            let mut short = vec![0u8; data.len() - 1];
+            if level > 0 {
+                assert!(matches!(
+                    decode_or_borrow(&e.body, &e.chunk, |_| &mut short[..]),
+                    Err(ChunkDecodeError::Size { .. })
+                ));
+            }
+        }
+        // A raw payload one byte shorter or longer than its (manifest-agreeing) header says.
+        for (len, size_error) in [(9, false), (11, true)] {
+            let forged = forge(CODEC_RAW, 10, &vec![1; len]);
+            let r = ChunkRef {
+                hash: ChunkHash([0; 32]),
+                stored_size: forged.len() as u64,
+                crc32c: 0,
+                raw_len: 10,
+            };
+            let mut out = [0u8; 10];
+            match decode_or_borrow(&forged, &r, |n| &mut out[..n]) {
+                Err(ChunkDecodeError::Size { .. }) if size_error => {}
+                Err(ChunkDecodeError::Decompress { .. }) if !size_error => {}
+                other => panic!("raw payload of {len} bytes for 10: {other:?}"),
+            }
+        }
     }
 
     /// Re-frames `payload` as a chunk object with a valid trailer (what an attacker with write

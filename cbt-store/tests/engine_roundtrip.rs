@@ -616,3 +616,123 @@ async fn a_dry_run_checks_that_every_chunk_is_stored() {
     assert_eq!(err.kind(), ErrorKind::Integrity);
     assert!(!target.exists());
 }
+
+/// Hands every object out at a different misalignment whatever alignment is asked for, as
+/// a store that ignores [`ObjectStore::get_bounded_aligned`] may.
+#[derive(Debug)]
+struct Misaligning {
+    inner: Arc<dyn ObjectStore>,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for Misaligning {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        self.inner.get_bounded(key, max_len).await
+    }
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        let body = self.inner.get_bounded(key, max_len).await?;
+        let n = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // 0 (what was asked for), then steps through every residue mod 4096 (509 is prime).
+        let shift = n * 509 % 4096;
+        let mut v = vec![0u8; body.len() + 2 * 4096];
+        let base = v.as_ptr() as usize + aligned_at;
+        let start = (4096 - base % 4096) % 4096 + shift;
+        v[start..start + body.len()].copy_from_slice(&body);
+        assert_eq!((v.as_ptr() as usize + start + aligned_at) % 4096, shift);
+        Ok(Bytes::from(v).slice(start..start + body.len()))
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(key).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        self.inner.list_page(prefix, continuation).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// Chunks stored raw are written from the buffer the store read them into when it placed
+/// their payload aligned (the local store does), and copied into an aligned buffer when it
+/// did not, at every misalignment: a new file, a dirty file in place and a restore through
+/// a store that ignores the alignment wish all come out byte for byte. Chunk lengths include
+/// a last chunk that is not a whole number of blocks (a direct prefix and a buffered tail).
+#[tokio::test]
+async fn raw_chunks_restore_exactly_whether_or_not_the_store_aligned_them() {
+    let fx = Fixture::new().await;
+    let size = 40 * CS as usize + 3 * 4096 + 123;
+    let mut img = noise(41, size);
+    // Some zero blocks inside a chunk: a new file keeps them as holes.
+    img[5 * CS as usize + 4096..5 * CS as usize + 3 * 4096].fill(0);
+    let src = fx.write("d.img", &img);
+    let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap()
+        .manifest
+        .unwrap();
+    let raw = m
+        .chunks
+        .iter_stored()
+        .filter(|(_, r)| r.stored_size == r.raw_len + cbt_store::chunk::OVERHEAD as u64)
+        .count();
+    // 41 chunks; all but the one with zeros (it compresses) are random data, stored raw.
+    assert_eq!(raw, 40, "chunks stored raw");
+    let aligned = fx
+        .store
+        .get_bounded_aligned("config", 1 << 20, 48)
+        .await
+        .unwrap();
+    assert_eq!((aligned.as_ptr() as usize + 48) % 4096, 0);
+
+    let new = fx.path("new.img");
+    restore_file(&fx.repo, &vol("v"), &snap("s"), &new)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&new).unwrap() == img);
+
+    let dirty = fx.write("dirty.img", &noise(42, size));
+    let in_place = RestoreOptions {
+        overwrite: true,
+        in_place: true,
+        dry_run: false,
+    };
+    engine::restore(&fx.repo, &vol("v"), &snap("s"), &dirty, &in_place, &opts())
+        .await
+        .unwrap();
+    assert!(std::fs::read(&dirty).unwrap() == img);
+
+    let mis = Arc::new(Misaligning {
+        inner: fx.store.clone(),
+        calls: Default::default(),
+    });
+    let repo = cbt_store::repo::Repository::open(mis.clone())
+        .await
+        .unwrap();
+    let shifted = fx.path("shifted.img");
+    restore_file(&repo, &vol("v"), &snap("s"), &shifted)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&shifted).unwrap() == img);
+    assert!(mis.calls.load(std::sync::atomic::Ordering::Relaxed) >= 41);
+}

@@ -362,6 +362,88 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
     );
 }
 
+/// A chunk stored raw is checked where the store read it and written from there (no copy):
+/// an object one byte short or one byte long (with a valid store checksum), a payload byte
+/// changed (object crc32c), the same change with the trailer recomputed (raw crc32c), and a
+/// header that names other content are each refused as [`RepoError::ChunkCorrupt`] naming
+/// the chunk and the failed check, and the new target is removed.
+#[tokio::test]
+async fn a_raw_chunk_checked_in_place_still_refuses_every_damage() {
+    let fx = Fixture::new().await;
+    let src = fx.write("d.img", &image(SIZE, 4));
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let manifest = out.manifest.unwrap();
+    let (index, r) = manifest
+        .chunks
+        .iter_stored()
+        .find(|(_, r)| r.stored_size == r.raw_len + chunk::OVERHEAD as u64)
+        .map(|(i, r)| (i, *r))
+        .expect("a chunk of random data is stored raw");
+    let key = chunk::chunk_key(&r.hash);
+    let good = fx.store.get(&key).await.unwrap();
+    let payload_at = chunk::HEADER_LEN + 1000;
+    let trailer_at = good.len() - chunk::TRAILER_LEN;
+    let retrailer = |mut b: Vec<u8>| {
+        let end = b.len() - chunk::TRAILER_LEN;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
+        b
+    };
+    let mut short = good[..good.len() - 1].to_vec();
+    short = retrailer(short);
+    let mut long = good.to_vec();
+    long.push(0);
+    let mut flipped = good.to_vec();
+    flipped[payload_at] ^= 1;
+    let recrc = retrailer(flipped.clone());
+    let mut renamed = good.to_vec();
+    renamed[20] ^= 1;
+    let renamed = retrailer(renamed);
+    type Expect = fn(&ChunkDecodeError) -> bool;
+    let cases: [(&str, Vec<u8>, Expect); 5] = [
+        ("short", short, |e| {
+            matches!(e, ChunkDecodeError::Size { .. })
+        }),
+        ("long", long, |e| matches!(e, ChunkDecodeError::Size { .. })),
+        ("flipped", flipped, |e| {
+            matches!(e, ChunkDecodeError::ObjectCrc { .. })
+        }),
+        ("re-checksummed", recrc, |e| {
+            matches!(e, ChunkDecodeError::RawCrc { .. })
+        }),
+        ("renamed", renamed, |e| {
+            matches!(e, ChunkDecodeError::Mismatch(_))
+        }),
+    ];
+    assert!(trailer_at > payload_at);
+    for (what, body, reason_ok) in cases {
+        fx.store
+            .put(&key, Bytes::from(body), PutMode::Overwrite)
+            .await
+            .unwrap();
+        let target = fx.path(&format!("out-{what}.img"));
+        let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+            .await
+            .unwrap_err();
+        match &err {
+            RepoError::ChunkCorrupt {
+                index: i, reason, ..
+            } if *i == index && reason_ok(reason) => {}
+            other => panic!("{what}: {other:?}"),
+        }
+        assert!(!target.exists(), "{what}: the partial target was left");
+    }
+    // Put back, the same chunk restores byte for byte.
+    fx.store.put(&key, good, PutMode::Overwrite).await.unwrap();
+    let target = fx.path("out-good.img");
+    restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), image(SIZE, 4));
+}
+
 fn in_place() -> RestoreOptions {
     RestoreOptions {
         overwrite: true,

@@ -13,7 +13,9 @@
 //! workers` exist,
 //! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body lives until its upload
 //! finishes, and its buffer is then kept for the next chunk (at most 64 MiB of them, never
-//! more than were in flight at once). Restore holds at most `2 * transfers * (chunk_size + 52)`.
+//! more than were in flight at once). Restore holds at most `2 * transfers * (chunk_size + 52 +
+//! 4096)` (a body and its decode buffer per chunk in flight; a body read for direct writes
+//! starts up to 4 KiB into its buffer).
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
 //! In an encrypted repository each buffer holds 64 bytes more (the sealed envelope: header,
 //! GCM tag, checksum); [`EngineOptions::backup_memory_bound`] and
@@ -232,7 +234,9 @@ impl EngineOptions {
     /// Upper bound of chunk-buffer memory of a restore with these options, encrypted or not.
     /// A format-2 map adds at most 3,072 entries (see the module docs).
     pub fn restore_memory_bound(&self, chunk_size: u64) -> u64 {
-        2 * self.normalized().transfers as u64 * (chunk_size + BUFFER_OVERHEAD)
+        // A body read for direct writes starts up to an alignment unit into its buffer.
+        2 * self.normalized().transfers as u64
+            * (chunk_size + BUFFER_OVERHEAD + crate::aligned::DIRECT_ALIGN as u64)
     }
 
     fn report(&self, p: &Progress) {

@@ -4,9 +4,12 @@
 //! Chunks are decoded into 4 KiB-aligned buffers and written with `O_DIRECT` where the target
 //! allows it: a restore writes each byte once and never reads it back, so copying it through
 //! the page cache only costs a kernel copy plus page allocation per byte (measured at about a
-//! fifth of direct-write speed on a VM) and leaves the final fsync all the writeback. Pieces
-//! that direct I/O cannot take (an unaligned tail, a file system that refuses `O_DIRECT`) go
-//! through the ordinary descriptor; the final `fsync` covers both.
+//! fifth of direct-write speed on a VM) and leaves the final fsync all the writeback. A chunk
+//! stored raw needs no decoding: the store is asked to read the object so that its payload
+//! lands aligned ([`Repository::fetch_chunk_for_write`]), the payload is checked where it lies
+//! and written from there. Pieces that direct I/O cannot take (an unaligned tail, a file
+//! system that refuses `O_DIRECT`) go through the ordinary descriptor; the final `fsync`
+//! covers both.
 //!
 //! # Before the first byte, and after a failure
 //! A restore checks what it needs before it touches the target: the manifest is validated
@@ -606,7 +609,7 @@ async fn write_all(
     let piece = geometry.chunk_size() as usize;
     let (volume, snapshot) = source.names();
     let name = format!("{volume}/{snapshot}");
-    // At most `transfers` buffers exist: one per chunk being decoded and written.
+    // At most `transfers` decode buffers exist: one per chunk being decoded and written.
     let pool: Arc<Mutex<Vec<AlignedBuf>>> = Arc::default();
     let progress = Arc::new(Mutex::new(totals));
     // Batches in index order; before a batch's chunks are handed out, the gaps before them
@@ -653,6 +656,9 @@ async fn write_all(
         }
     })
     .try_flatten();
+    // One slot per chunk: its download, then its check and write. Splitting downloads into a
+    // stage that runs ahead of the writers was measured slower on a cold local repository
+    // (reads and direct writes competing for the same disk: 0.95-1.08 s against 0.83 s).
     groups
         .map_ok(|g| {
             let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
@@ -665,36 +671,50 @@ async fn write_all(
                     index,
                     offset,
                 };
-                let body = repo.fetch_chunk(&g.chunk, at).await?;
+                let body = repo.fetch_chunk_for_write(&g.chunk, at).await?;
                 let downloaded = body.len() as u64;
                 let copies = g.targets.len() as u64;
-                let name2 = name.clone();
                 let chunk_len = g.chunk.raw_len;
                 let codec = repo.codec().clone();
                 let targets = tokio::task::spawn_blocking(move || {
-                    let mut buf = pool
-                        .lock()
-                        .ok()
-                        .and_then(|mut p| p.pop())
-                        .unwrap_or_default();
                     let at = ChunkContext {
-                        snapshot: &name2,
+                        snapshot: &name,
                         index,
                         offset,
                     };
-                    let raw = buf.resize(g.chunk.raw_len as usize);
-                    codec.decode_chunk_into_slice(body, &g.chunk, at, raw)?;
+                    let take = || {
+                        pool.lock()
+                            .ok()
+                            .and_then(|mut p| p.pop())
+                            .unwrap_or_default()
+                    };
+                    let mut buf: Option<AlignedBuf> = None;
+                    // A chunk stored raw is checked where it was read and written from there
+                    // when the store placed it aligned; anything else is decoded (or copied)
+                    // into an aligned buffer first.
+                    let payload = codec.decode_chunk_or_borrow(body, &g.chunk, at, |n| {
+                        buf.insert(take()).resize(n)
+                    })?;
+                    let data = match &payload {
+                        Some(p) if is_aligned(p) => &p[..],
+                        Some(p) => {
+                            let b = buf.insert(take());
+                            b.resize(p.len()).copy_from_slice(p);
+                            b.as_slice()
+                        }
+                        None => buf.as_ref().map_or(&[][..], AlignedBuf::as_slice),
+                    };
                     for (_, off) in &g.targets {
-                        write_chunk(&file, buf.as_slice(), *off, sparse).map_err(
-                            |(at, source)| RepoError::TargetIo {
+                        write_chunk(&file, data, *off, sparse).map_err(|(at, source)| {
+                            RepoError::TargetIo {
                                 path: path.clone(),
                                 offset: Some(at),
                                 source,
-                            },
-                        )?;
+                            }
+                        })?;
                     }
-                    if let Ok(mut p) = pool.lock() {
-                        p.push(buf);
+                    if let (Some(b), Ok(mut p)) = (buf, pool.lock()) {
+                        p.push(b);
                     }
                     Ok::<_, RepoError>(g.targets)
                 })

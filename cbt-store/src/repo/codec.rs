@@ -191,6 +191,36 @@ impl Codec {
         result.map_err(|reason| Self::corrupt(expected, at, reason))
     }
 
+    /// Like [`Codec::decode_chunk_into_slice`], without copying the raw payload of an
+    /// unencrypted chunk stored raw: its bytes are checked in place and returned as a slice
+    /// of `body` (see [`chunk::decode_or_borrow`]). Otherwise the chunk is decoded into the
+    /// buffer `out` returns for its raw length, and `None` is returned.
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkCorrupt`] naming the failed check.
+    pub fn decode_chunk_or_borrow<'o>(
+        &self,
+        body: Bytes,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+        out: impl FnOnce(usize) -> &'o mut [u8],
+    ) -> Result<Option<Bytes>> {
+        let result = match &self.keys {
+            None => chunk::decode_or_borrow(&body, expected, out).map(|raw| match raw {
+                chunk::RawAt::Payload(range) => Some(body.slice(range)),
+                chunk::RawAt::Out => None,
+            }),
+            Some(keys) => {
+                let len = usize::try_from(expected.raw_len).unwrap_or(usize::MAX);
+                Self::open_chunk(keys, body, expected, |inner, r| {
+                    chunk::decode_into_slice(inner, r, out(len))
+                })
+                .map(|()| None)
+            }
+        };
+        result.map_err(|reason| Self::corrupt(expected, at, reason))
+    }
+
     /// Checks a stored chunk object on its own (no manifest) and returns the reference it
     /// describes, as recorded in manifests; `key` is where it is stored.
     ///

@@ -902,9 +902,43 @@ impl Repository {
     /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the store's own checksum
     /// fails, store errors.
     pub async fn fetch_chunk(&self, expected: &ChunkRef, at: ChunkContext<'_>) -> Result<Bytes> {
+        self.fetch_chunk_at(expected, at, None).await
+    }
+
+    /// Like [`Repository::fetch_chunk`], for a caller that writes the chunk with direct I/O:
+    /// in an unencrypted repository the store is asked to place the payload at an aligned
+    /// address, so that a chunk stored raw can be written straight from the object (see
+    /// [`Codec::decode_chunk_or_borrow`]).
+    ///
+    /// # Errors
+    /// As [`Repository::fetch_chunk`].
+    pub async fn fetch_chunk_for_write(
+        &self,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+    ) -> Result<Bytes> {
+        // An encrypted chunk is opened in place into a buffer of its own: nothing to align.
+        let aligned = (!self.codec.is_encrypted()).then_some(chunk::HEADER_LEN);
+        self.fetch_chunk_at(expected, at, aligned).await
+    }
+
+    async fn fetch_chunk_at(
+        &self,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+        aligned_at: Option<usize>,
+    ) -> Result<Bytes> {
         let key = chunk::chunk_key(&expected.hash);
         // The manifest says how large the object is; a larger one is not read at all.
-        match self.store.get_bounded(&key, expected.stored_size).await {
+        let got = match aligned_at {
+            Some(a) => {
+                self.store
+                    .get_bounded_aligned(&key, expected.stored_size, a)
+                    .await
+            }
+            None => self.store.get_bounded(&key, expected.stored_size).await,
+        };
+        match got {
             Ok(b) => Ok(b),
             Err(StoreError::TooLarge { size, .. }) => Err(RepoError::ChunkCorrupt {
                 snapshot: at.snapshot.to_string(),

