@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use cbt_core::manifest::StoredManifest;
@@ -49,25 +50,7 @@ async fn check(encrypted: bool) {
     }
     .unwrap();
     assert_eq!(repo.is_encrypted(), encrypted);
-    let volume = VolumeName::new("v").unwrap();
-    let snap = SnapshotName::new("s").unwrap();
-    engine::backup(
-        &repo,
-        Arc::new(FileSource::open(&src).unwrap()),
-        BackupRequest {
-            volume: volume.clone(),
-            snapshot: snap.clone(),
-            mode: BackupMode::Full { allocated: None },
-            created: Timestamp::from_unix_secs(2),
-            source_info: Default::default(),
-            labels: Default::default(),
-            chunk_size: None,
-            volume_size: None,
-        },
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
+    let (volume, snap) = back_up(&repo, &src).await;
     // A full backup streams its map; verify_target takes it whole.
     let stored = repo.load_manifest(&volume, &snap).await.unwrap();
     let target = t.path().join("restored.img");
@@ -131,25 +114,7 @@ async fn a_map_larger_than_the_window_is_read_back_in_a_bounded_window() {
         now: Timestamp::from_unix_secs(1),
     };
     let repo = Repository::init(store, init).await.unwrap();
-    let volume = VolumeName::new("v").unwrap();
-    let snap = SnapshotName::new("s").unwrap();
-    engine::backup(
-        &repo,
-        Arc::new(FileSource::open(&src).unwrap()),
-        BackupRequest {
-            volume: volume.clone(),
-            snapshot: snap.clone(),
-            mode: BackupMode::Full { allocated: None },
-            created: Timestamp::from_unix_secs(2),
-            source_info: Default::default(),
-            labels: Default::default(),
-            chunk_size: None,
-            volume_size: None,
-        },
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
+    let (volume, snap) = back_up(&repo, &src).await;
     let target = t.path().join("restored.img");
     engine::restore(
         &repo,
@@ -203,4 +168,28 @@ async fn a_map_larger_than_the_window_is_read_back_in_a_bounded_window() {
         }
         other => panic!("expected a target I/O error, got {other:?}"),
     }
+}
+
+/// Backs `src` up in full as `v/s`.
+async fn back_up(repo: &Repository, src: &Path) -> (VolumeName, SnapshotName) {
+    let volume = VolumeName::new("v").unwrap();
+    let snap = SnapshotName::new("s").unwrap();
+    engine::backup(
+        repo,
+        Arc::new(FileSource::open(src).unwrap()),
+        BackupRequest {
+            volume: volume.clone(),
+            snapshot: snap.clone(),
+            mode: BackupMode::Full { allocated: None },
+            created: Timestamp::from_unix_secs(2),
+            source_info: Default::default(),
+            labels: Default::default(),
+            chunk_size: None,
+            volume_size: None,
+        },
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    (volume, snap)
 }

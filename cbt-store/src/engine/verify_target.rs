@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use cbt_core::manifest::{MapLocation, StoredManifest};
 use cbt_core::maptree::{LEAF_SPAN, TreeShape};
-use cbt_core::{ChunkGeometry, ChunkRef, ChunkState, Manifest};
+use cbt_core::{ChunkGeometry, ChunkRef, Manifest};
 use futures::{Stream, TryStreamExt};
 use serde::Serialize;
 
@@ -27,7 +27,7 @@ use crate::repo::{Codec, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, Repositor
 pub const READ_BACK_ENTRIES: u64 = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
 
 /// Result of [`verify_target`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TargetVerifyReport {
     /// Bytes read back from the target.
     pub bytes_checked: u64,
@@ -63,54 +63,50 @@ pub async fn verify_target(
     manifest: &Manifest,
     target: &Path,
 ) -> std::io::Result<TargetVerifyReport> {
-    let manifest = manifest.clone();
-    let target = target.to_path_buf();
-    let codec = codec.clone();
-    tokio::task::spawn_blocking(move || verify_blocking(&codec, &manifest, &target))
-        .await
-        .map_err(std::io::Error::other)?
-}
-
-fn verify_blocking(
-    codec: &Codec,
-    manifest: &Manifest,
-    target: &Path,
-) -> std::io::Result<TargetVerifyReport> {
-    let file = File::open(target)?;
     let geometry = *manifest.chunks.geometry();
-    let mut buf = vec![0u8; usize::try_from(geometry.chunk_size()).map_err(std::io::Error::other)?];
-    let mut report = TargetVerifyReport {
-        bytes_checked: 0,
-        chunks_ok: 0,
-        mismatched: Vec::new(),
-        mismatched_count: 0,
-        map_entries_peak: manifest.chunks.stored_count(),
-    };
-    for index in 0..geometry.chunk_count() {
-        let len = usize::try_from(geometry.chunk_len(index)).map_err(std::io::Error::other)?;
-        let offset = geometry.chunk_offset(index);
-        let chunk = &mut buf[..len];
-        file.read_exact_at(chunk, offset).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("reading {} at offset {offset}: {e}", target.display()),
-            )
-        })?;
-        report.bytes_checked += len as u64;
-        let ok = match manifest.chunks.get(index) {
-            ChunkState::Zero => chunk.iter().all(|b| *b == 0),
-            ChunkState::Stored(r) => r.raw_len == len as u64 && codec.chunk_hash(chunk) == r.hash,
+    let entries: Vec<(u64, ChunkRef)> = manifest
+        .chunks
+        .iter_stored()
+        .map(|(i, r)| (i, *r))
+        .collect();
+    let path = target.to_path_buf();
+    let codec = codec.clone();
+    tokio::task::spawn_blocking(move || {
+        let reader = Reader {
+            codec,
+            file: Arc::new(File::open(&path)?),
+            path,
         };
-        if ok {
-            report.chunks_ok += 1;
-        } else {
-            report.mismatched_count += 1;
-            if report.mismatched.len() < 32 {
-                report.mismatched.push(index);
-            }
-        }
-    }
-    Ok(report)
+        let buf = vec![0u8; usize::try_from(geometry.chunk_size()).map_err(std::io::Error::other)?];
+        let (mut report, _) = reader
+            .compare_range(
+                &geometry,
+                0,
+                geometry.chunk_count(),
+                &entries,
+                TargetVerifyReport::default(),
+                buf,
+            )
+            .map_err(|e| match e {
+                RepoError::TargetIo {
+                    path,
+                    offset,
+                    source,
+                } => std::io::Error::new(
+                    source.kind(),
+                    format!(
+                        "reading {} at offset {}: {source}",
+                        path.display(),
+                        offset.unwrap_or(0)
+                    ),
+                ),
+                other => std::io::Error::other(other.to_string()),
+            })?;
+        report.map_entries_peak = entries.len() as u64;
+        Ok(report)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Reads `target` back and compares every chunk with the snapshot `stored` of `repo` (from
@@ -195,16 +191,7 @@ impl Reader {
             usize::try_from(geometry.chunk_size()).map_err(|_| RepoError::Internal {
                 message: "chunk size exceeds the address space".into(),
             })?;
-        let mut state = (
-            TargetVerifyReport {
-                bytes_checked: 0,
-                chunks_ok: 0,
-                mismatched: Vec::new(),
-                mismatched_count: 0,
-                map_entries_peak: 0,
-            },
-            vec![0u8; chunk_size],
-        );
+        let mut state = (TargetVerifyReport::default(), vec![0u8; chunk_size]);
         let mut cursor = 0u64;
         let mut leaves = std::pin::pin!(leaves);
         loop {
