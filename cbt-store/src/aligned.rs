@@ -38,11 +38,13 @@ impl AlignedBuf {
     }
 
     /// Bytes held (the last `resize`).
+    #[cfg(feature = "s3")]
     pub(crate) fn len(&self) -> usize {
         self.len
     }
 
     /// The first `len` bytes, writable.
+    #[cfg(feature = "s3")]
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `resize`; the mutable borrow of `self` guards the memory.
         unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), self.len) }
