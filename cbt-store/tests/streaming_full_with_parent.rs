@@ -76,7 +76,7 @@ async fn full_with_parent_holds_a_bounded_window_of_both_maps_and_uploads_only_c
     .unwrap();
     let mut peaks = Vec::new();
     for (k, size) in [13 * MIB, 26 * MIB].into_iter().enumerate() {
-        let volume = VolumeName::new(&format!("vol{k}")).unwrap();
+        let volume = VolumeName::new(format!("vol{k}")).unwrap();
         // The parent has a 1 MiB hole mid-volume: whole leaves without a segment.
         let half = size / 2;
         let parent_src =
