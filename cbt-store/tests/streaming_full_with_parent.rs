@@ -151,3 +151,68 @@ async fn full_with_parent_holds_a_bounded_window_of_both_maps_and_uploads_only_c
     assert!(peaks[1].0 < 2 * peaks[0].0, "{peaks:?}");
     assert!(peaks[1].0 * 2 < peaks[1].1, "not streamed: {peaks:?}");
 }
+
+/// A parent of another chunk size: no chunk can match by index, so its map is not read and
+/// the child streams its own; the lineage is recorded and the image restores exactly.
+#[tokio::test]
+async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
+    let repo = Repository::init(
+        local as Arc<dyn ObjectStore>,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap();
+    let volume = VolumeName::new("v").unwrap();
+    let size = 3 * MIB;
+    let src = SyntheticSource::new(size, RangeSet::full(size));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let child_src = src.rewritten(ranges(&[(MIB, CHUNK)]), 7);
+    let req = BackupRequest {
+        volume: volume.clone(),
+        snapshot: SnapshotName::new("c").unwrap(),
+        mode: BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.head.as_parent(),
+        },
+        created: Timestamp(2),
+        source_info: Default::default(),
+        labels: Default::default(),
+        chunk_size: Some(4 * CHUNK),
+        volume_size: None,
+    };
+    let out = engine::backup(&repo, Arc::new(child_src.clone()), req, &opts())
+        .await
+        .unwrap();
+    assert!(out.manifest.is_none());
+    assert_eq!(out.head.parent, Some(parent.head.as_parent()));
+    assert_eq!(out.head.chunk_size(), 4 * CHUNK);
+    assert_eq!(out.metadata.parent_segments_read, 0);
+    // Nothing compares by index across chunk sizes: every chunk counts as changed.
+    assert_eq!(out.stats.bytes_changed, size);
+    let target = dir.path().join("c.img");
+    engine::restore(
+        &repo,
+        &volume,
+        &SnapshotName::new("c").unwrap(),
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut want = vec![0u8; size as usize];
+    child_src.read_exact_at(&mut want, 0).unwrap();
+    assert!(std::fs::read(&target).unwrap() == want);
+}

@@ -70,8 +70,9 @@ pub enum BackupMode {
     /// with this id and belong to the same volume; its chunks seed deduplication, so chunks
     /// that did not change cost neither an upload nor an existence check. A format-2 parent of
     /// the same geometry is read in index order beside the backup, a window of leaves at a
-    /// time, and the new map is written as it goes (the outcome carries no whole map); any
-    /// other parent is held whole.
+    /// time, and the new map is written as it goes (the outcome carries no whole map); so is
+    /// a parent of another chunk size, whose map is not read at all (no chunk can match by
+    /// index). A format-1 or resized parent of the same chunk size is held whole.
     FullWithParent {
         /// Allocated byte ranges, if known (as for [`BackupMode::Full`]).
         allocated: Option<RangeSet>,
@@ -108,7 +109,8 @@ pub struct BackupRequest {
 pub struct BackupOutcome {
     /// The manifest as committed, with its whole map; `None` when the run never held the
     /// whole map (see `head`): [`BackupMode::IncrementalOf`], a full backup, and a
-    /// [`BackupMode::FullWithParent`] of a format-2 parent of the same geometry.
+    /// [`BackupMode::FullWithParent`] unless its parent is format 1 or resized with the same
+    /// chunk size.
     pub manifest: Option<Manifest>,
     /// The committed snapshot's metadata (always present).
     pub head: ManifestHead,
@@ -382,21 +384,22 @@ enum Parent<'a> {
         /// The whole parent, when the caller handed it in ([`BackupMode::Incremental`]).
         given: Option<&'a Manifest>,
     },
-    /// A format-2 parent of the same geometry as a full backup's, held as a sliding window
-    /// of its leaves ([`BackupMode::FullWithParent`]).
+    /// The parent of a full backup ([`BackupMode::FullWithParent`]) that streams its map: a
+    /// format-2 parent of the same geometry held as a sliding window of its leaves, or (no
+    /// window) one of another chunk size, whose chunks cannot match by index.
     Window {
         head: ManifestHead,
-        window: ParentWindow,
+        window: Option<ParentWindow>,
     },
 }
 
 impl Parent<'_> {
-    fn view(&self) -> ParentView<'_> {
-        match self {
+    fn view(&self) -> Option<ParentView<'_>> {
+        Some(match self {
             Parent::Whole(m) => ParentView::Full(&m.chunks),
             Parent::Lean { shape, loaded, .. } => ParentView::Lean(shape, loaded),
-            Parent::Window { window, .. } => ParentView::Window(&window.state),
-        }
+            Parent::Window { window, .. } => ParentView::Window(&window.as_ref()?.state),
+        })
     }
 
     fn link(&self) -> ParentRef {
@@ -664,9 +667,17 @@ async fn run_locked(
                 // Format 2, same geometry: read in order beside the backup, a window at a time.
                 Some(root) => {
                     let window = ParentWindow::new(repo, TreeShape::new(head.geometry), root);
-                    Some(Parent::Window { head, window })
+                    Some(Parent::Window {
+                        head,
+                        window: Some(window),
+                    })
                 }
-                // Format 1 or another geometry: held whole (checked to be the same id again).
+                // Another chunk size: no chunk can match by index, so only the link is kept
+                // (and the parent's existence checked before the commit).
+                None if head.chunk_size() != geometry.chunk_size() => {
+                    Some(Parent::Window { head, window: None })
+                }
+                // Format 1, or resized: held whole (checked to be the same id again).
                 None => Some(Parent::Whole(Cow::Owned(
                     load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
                 ))),
@@ -674,7 +685,7 @@ async fn run_locked(
         }
         BackupMode::Full { .. } => None,
     };
-    let view = parent.as_ref().map(Parent::view);
+    let view = parent.as_ref().and_then(Parent::view);
     // A full backup without a parent, or with one it reads in order, writes its map as it
     // goes and never holds it.
     let stream_tree = matches!(parent, None | Some(Parent::Window { .. }));
@@ -697,7 +708,7 @@ async fn run_locked(
         head_of(BackupStats::default(), None).to_json()?;
     }
     let feed = match &parent {
-        Some(Parent::Window { window, .. }) => Some(window),
+        Some(Parent::Window { window, .. }) => window.as_ref(),
         _ => None,
     };
     let (map, mut stats, raw_buffers_allocated) =
@@ -732,7 +743,10 @@ async fn run_locked(
                 metadata,
                 // The parent's leaves held beside it, counted as if all at once.
                 map_entries_peak: peak.saturating_add(match &parent {
-                    Some(Parent::Window { window, .. }) => window.state.gauge.peak(),
+                    Some(Parent::Window {
+                        window: Some(window),
+                        ..
+                    }) => window.state.gauge.peak(),
                     _ => 0,
                 }),
             });
