@@ -639,3 +639,57 @@ async fn an_incremental_of_a_v1_parent_writes_v2() {
         assert_eq!(&std::fs::read(&target).unwrap(), want, "{snap}");
     }
 }
+
+/// A full backup with a format-1 parent holds the parent whole (the streamed window needs
+/// format 2) and still uploads only the chunk that differs from it, recording the link.
+#[tokio::test]
+async fn a_full_backup_with_a_v1_parent_uploads_only_the_change() {
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("repo");
+    copy_tree(&fixtures().join("repo-v1"), &copy);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
+    let repo = Repository::open(store).await.unwrap();
+    let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
+    let parent = repo
+        .load_head(&volume, &SnapshotName::new("snap-3").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(parent.map, cbt_core::manifest::MapLocation::Inline);
+    let mut img = images()[2].clone();
+    img[100..105].copy_from_slice(b"v2 on");
+    let path = work.path().join("next.img");
+    std::fs::write(&path, &img).unwrap();
+    let req = BackupRequest {
+        volume: volume.clone(),
+        snapshot: SnapshotName::new("snap-4").unwrap(),
+        mode: BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.as_parent(),
+        },
+        created: Timestamp(1_767_225_600_000 + 5 * 86_400_000),
+        source_info: Default::default(),
+        labels: Default::default(),
+        chunk_size: None,
+        volume_size: None,
+    };
+    let src = Arc::new(FileSource::open(&path).unwrap());
+    let done = engine::backup(&repo, src, req, &EngineOptions::default())
+        .await
+        .unwrap();
+    assert!(done.manifest.is_some(), "a format-1 parent is held whole");
+    assert_eq!(done.head.parent, Some(parent.as_parent()));
+    assert_eq!(done.stats.objects_written, 1);
+    assert_eq!(done.stats.bytes_changed, CS as u64);
+    let target = work.path().join("snap-4.img");
+    engine::restore(
+        &repo,
+        &volume,
+        &SnapshotName::new("snap-4").unwrap(),
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), img);
+}

@@ -944,6 +944,34 @@ async fn a_backup_whose_lock_was_broken_does_not_commit() {
             .await
             .unwrap()
     );
+    // So does a full backup reading a parent's map in order beside it (format 2, same
+    // geometry): the parent's existence is checked again before the commit.
+    let parent = backup_file(&fx.repo, &path, request("v", "p2", full(), 4))
+        .await
+        .unwrap();
+    let (src, gate) = Gated::new(&path);
+    let repo = fx.repo.clone();
+    let mode = BackupMode::FullWithParent {
+        allocated: None,
+        parent: parent.head.as_parent(),
+    };
+    let running = tokio::spawn(async move {
+        engine::backup(&repo, src, request("v", "f", mode, 5), &opts()).await
+    });
+    wait_started(&gate).await;
+    fx.repo
+        .delete_snapshot(&vol("v"), &snap("p2"))
+        .await
+        .unwrap();
+    open_gate(&gate);
+    let err = running.await.unwrap().unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+    assert!(
+        !fx.repo
+            .snapshot_exists(&vol("v"), &snap("f"))
+            .await
+            .unwrap()
+    );
 }
 
 /// The hand-built frames of the bomb test are real zstd: the reference decoder agrees.

@@ -11,7 +11,7 @@ use cbt_core::manifest::{
     BackupStats, ChunkMap, ManifestHead, MapLocation, ParentRef, SnapshotMeta, SourceInfo,
 };
 use cbt_core::maptree::{
-    EncodedSegment, LoadedTree, SegmentRef, TreeShape, TreeWriter, derive_tree,
+    EncodedSegment, LEAF_SPAN, LoadedTree, SegmentRef, TreeShape, TreeWriter, derive_tree,
 };
 use cbt_core::plan::{BackupPlan, ChunkRead};
 use cbt_core::{
@@ -22,7 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::EncodedChunk;
 use crate::repo::{
-    ChunkAt, ChunkNovelty, EntryGauge, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
+    ChunkAt, ChunkNovelty, EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
     Repository, Result, random_id,
 };
 
@@ -68,7 +68,11 @@ pub enum BackupMode {
     /// for when the previous backup is known but no delta can be had (its CSI snapshot was
     /// deleted, CBT refused, the chunk size changes). The parent must exist in the repository
     /// with this id and belong to the same volume; its chunks seed deduplication, so chunks
-    /// that did not change cost neither an upload nor an existence check.
+    /// that did not change cost neither an upload nor an existence check. A format-2 parent of
+    /// the same geometry is read in index order beside the backup, a window of leaves at a
+    /// time, and the new map is written as it goes (the outcome carries no whole map); so is
+    /// a parent of another chunk size, whose map is not read at all (no chunk can match by
+    /// index). A format-1 or resized parent of the same chunk size is held whole.
     FullWithParent {
         /// Allocated byte ranges, if known (as for [`BackupMode::Full`]).
         allocated: Option<RangeSet>,
@@ -103,8 +107,10 @@ pub struct BackupRequest {
 /// The committed snapshot and the figures of the run.
 #[derive(Debug, Clone)]
 pub struct BackupOutcome {
-    /// The manifest as committed, with its whole map; `None` for
-    /// [`BackupMode::IncrementalOf`], which never holds the whole map (see `head`).
+    /// The manifest as committed, with its whole map; `None` when the run never held the
+    /// whole map (see `head`): [`BackupMode::IncrementalOf`], a full backup, and a
+    /// [`BackupMode::FullWithParent`] unless its parent is format 1 or resized with the same
+    /// chunk size.
     pub manifest: Option<Manifest>,
     /// The committed snapshot's metadata (always present).
     pub head: ManifestHead,
@@ -120,8 +126,11 @@ pub struct BackupOutcome {
     /// Most chunk-map entries held at once. A full backup without a parent writes its map as
     /// it goes: results waiting for an earlier chunk (at most `transfers`), the open leaf and
     /// the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
-    /// `transfers + 10 * 128` whatever the volume size. Other modes hold a whole map (this
-    /// run's or the parent's) and report its stored chunks.
+    /// `transfers + 10 * 128` whatever the volume size. A [`BackupMode::FullWithParent`] of a
+    /// format-2 parent of the same geometry adds the parent's leaves it held: those between
+    /// the chunk the fold waits for and the highest chunk read (readers, readahead, workers
+    /// and transfers apart), plus [`LEAF_WINDOW`] read ahead, 128 entries each. Other modes
+    /// hold a whole map (this run's or the parent's) and report its stored chunks.
     pub map_entries_peak: u64,
 }
 
@@ -375,14 +384,22 @@ enum Parent<'a> {
         /// The whole parent, when the caller handed it in ([`BackupMode::Incremental`]).
         given: Option<&'a Manifest>,
     },
+    /// The parent of a full backup ([`BackupMode::FullWithParent`]) that streams its map: a
+    /// format-2 parent of the same geometry held as a sliding window of its leaves, or (no
+    /// window) one of another chunk size, whose chunks cannot match by index.
+    Window {
+        head: ManifestHead,
+        window: Option<ParentWindow>,
+    },
 }
 
 impl Parent<'_> {
-    fn view(&self) -> ParentView<'_> {
-        match self {
+    fn view(&self) -> Option<ParentView<'_>> {
+        Some(match self {
             Parent::Whole(m) => ParentView::Full(&m.chunks),
             Parent::Lean { shape, loaded, .. } => ParentView::Lean(shape, loaded),
-        }
+            Parent::Window { window, .. } => ParentView::Window(&window.as_ref()?.state),
+        })
     }
 
     fn link(&self) -> ParentRef {
@@ -391,14 +408,16 @@ impl Parent<'_> {
                 snapshot: m.snapshot.clone(),
                 snapshot_id: m.snapshot_id.clone(),
             },
-            Parent::Lean { head, .. } => head.as_parent(),
+            Parent::Lean { head, .. } | Parent::Window { head, .. } => head.as_parent(),
         }
     }
 
     fn names(&self) -> (&VolumeName, &SnapshotName) {
         match self {
             Parent::Whole(m) => (&m.volume, &m.snapshot),
-            Parent::Lean { head, .. } => (&head.volume, &head.snapshot),
+            Parent::Lean { head, .. } | Parent::Window { head, .. } => {
+                (&head.volume, &head.snapshot)
+            }
         }
     }
 }
@@ -408,6 +427,7 @@ impl Parent<'_> {
 enum ParentView<'a> {
     Full(&'a ChunkMap),
     Lean(&'a TreeShape, &'a LoadedTree),
+    Window(&'a WindowState),
 }
 
 impl ParentView<'_> {
@@ -415,6 +435,7 @@ impl ParentView<'_> {
         match self {
             ParentView::Full(m) => m.get(index),
             ParentView::Lean(shape, loaded) => loaded.get(shape, index),
+            ParentView::Window(w) => w.get(index),
         }
     }
 
@@ -422,7 +443,110 @@ impl ParentView<'_> {
         match self {
             ParentView::Full(m) => m.geometry().chunk_size(),
             ParentView::Lean(shape, _) => shape.geometry().chunk_size(),
+            ParentView::Window(w) => w.shape.geometry().chunk_size(),
         }
+    }
+}
+
+type LeafStream = futures::stream::BoxStream<'static, Result<HeldLeaf>>;
+
+/// A format-2 parent read in index order alongside a full backup, holding only the leaves
+/// between the chunk the fold waits for and the highest chunk handed to the upload stage
+/// (plus the walk's read-ahead), whatever the volume size.
+///
+/// Readers hand out chunks in ascending order and the stages reorder at most `readers +
+/// readahead + workers + transfers` of them, so the window spans that many chunks' leaves.
+struct ParentWindow {
+    state: WindowState,
+    leaves: futures::lock::Mutex<LeafStream>,
+}
+
+/// What the pipeline's lookups see of a [`ParentWindow`].
+struct WindowState {
+    shape: TreeShape,
+    held: Mutex<WindowHeld>,
+    /// The next index the fold waits for: leaves ending at or below it are no longer asked.
+    fold_next: std::sync::atomic::AtomicU64,
+    gauge: Arc<EntryGauge>,
+}
+
+#[derive(Default)]
+struct WindowHeld {
+    /// Held leaves, ascending, each with the end of its index span.
+    leaves: std::collections::VecDeque<(u64, HeldLeaf)>,
+    /// Indexes below this are covered by the leaves read so far (or by none: all zero).
+    covered_to: u64,
+}
+
+impl ParentWindow {
+    fn new(repo: &Repository, shape: TreeShape, root: Option<SegmentRef>) -> Self {
+        let gauge = Arc::new(EntryGauge::default());
+        ParentWindow {
+            leaves: futures::lock::Mutex::new(
+                repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
+                    .boxed(),
+            ),
+            state: WindowState {
+                shape,
+                held: Mutex::new(WindowHeld::default()),
+                fold_next: std::sync::atomic::AtomicU64::new(0),
+                gauge,
+            },
+        }
+    }
+
+    /// Reads leaves until `index` is covered, dropping those behind the fold first.
+    async fn advance(&self, index: u64) -> Result<()> {
+        let st = &self.state;
+        let mut stream = self.leaves.lock().await;
+        loop {
+            {
+                let mut held = st.held();
+                let next = st.fold_next.load(std::sync::atomic::Ordering::Relaxed);
+                while held.leaves.front().is_some_and(|(end, _)| *end <= next) {
+                    held.leaves.pop_front();
+                }
+                if held.covered_to > index {
+                    return Ok(());
+                }
+            }
+            let leaf = stream.try_next().await?;
+            let mut held = st.held();
+            match leaf {
+                None => held.covered_to = u64::MAX,
+                Some(leaf) => {
+                    let Some(&(last, _)) = leaf.entries.last() else {
+                        continue;
+                    };
+                    let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
+                    held.covered_to = held.covered_to.max(end);
+                    held.leaves.push_back((end, leaf));
+                }
+            }
+        }
+    }
+}
+
+impl WindowState {
+    fn held(&self) -> std::sync::MutexGuard<'_, WindowHeld> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The parent's state of `index` (covered by [`ParentWindow::advance`], not yet folded).
+    fn get(&self, index: u64) -> ChunkState {
+        let held = self.held();
+        held.leaves
+            .iter()
+            .find(|(end, _)| *end > index)
+            .and_then(|(_, leaf)| {
+                leaf.entries
+                    .binary_search_by_key(&index, |(i, _)| *i)
+                    .ok()
+                    .map(|at| ChunkState::Stored(leaf.entries[at].1))
+            })
+            .unwrap_or(ChunkState::Zero)
     }
 }
 
@@ -537,14 +661,35 @@ async fn run_locked(
                 load_parent(repo, &req.volume, &head.snapshot, &head.snapshot_id).await?,
             ))),
         },
-        BackupMode::FullWithParent { parent, .. } => Some(Parent::Whole(Cow::Owned(
-            load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
-        ))),
+        BackupMode::FullWithParent { parent, .. } => {
+            let head = load_parent_head(repo, &req.volume, parent).await?;
+            match lean_root(&head, &geometry) {
+                // Format 2, same geometry: read in order beside the backup, a window at a time.
+                Some(root) => {
+                    let window = ParentWindow::new(repo, TreeShape::new(head.geometry), root);
+                    Some(Parent::Window {
+                        head,
+                        window: Some(window),
+                    })
+                }
+                // Another chunk size: no chunk can match by index, so only the link is kept
+                // (and the parent's existence checked before the commit).
+                None if head.chunk_size() != geometry.chunk_size() => {
+                    Some(Parent::Window { head, window: None })
+                }
+                // Format 1, or resized: held whole (checked to be the same id again).
+                None => Some(Parent::Whole(Cow::Owned(
+                    load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
+                ))),
+            }
+        }
         BackupMode::Full { .. } => None,
     };
-    let view = parent.as_ref().map(Parent::view);
-    // A full backup without a parent writes its map as it goes and never holds it.
-    let stream_tree = parent.is_none();
+    let view = parent.as_ref().and_then(Parent::view);
+    // A full backup without a parent, or with one it reads in order, writes its map as it
+    // goes and never holds it.
+    let stream_tree = matches!(parent, None | Some(Parent::Window { .. }));
+    let link = parent.as_ref().map(Parent::link);
     let snapshot_id = random_id("snapshot");
     let head_of = |stats: BackupStats, root: Option<SegmentRef>| ManifestHead {
         volume: req.volume.clone(),
@@ -552,7 +697,7 @@ async fn run_locked(
         snapshot_id: snapshot_id.clone(),
         created: req.created,
         geometry,
-        parent: None,
+        parent: link.clone(),
         source: req.source_info.clone(),
         labels: req.labels.clone(),
         stats,
@@ -562,8 +707,12 @@ async fn run_locked(
         // Refused before any segment is written, like every other invalid manifest.
         head_of(BackupStats::default(), None).to_json()?;
     }
+    let feed = match &parent {
+        Some(Parent::Window { window, .. }) => window.as_ref(),
+        _ => None,
+    };
     let (map, mut stats, raw_buffers_allocated) =
-        run_pipeline(repo, source, &plan, view, opts, stream_tree).await?;
+        run_pipeline(repo, source, &plan, view, feed, opts, stream_tree).await?;
     let (read, found_stored) = match map {
         PipelineMap::Whole(read, found) => (read, FoundStored::ByHash(found)),
         PipelineMap::Tree {
@@ -578,7 +727,11 @@ async fn run_locked(
             let head = head_of(stats, root);
             let name = format!("{}/{}", req.volume, req.snapshot);
             let found = FoundStored::InTree { shape, root, found };
-            recheck_before_commit(repo, lock, &name, None, found, opts).await?;
+            let parent_check = parent.as_ref().map(|p| {
+                let (volume, snapshot) = p.names();
+                ParentCheck::Exists(volume, snapshot)
+            });
+            recheck_before_commit(repo, lock, &name, parent_check, found, opts).await?;
             metadata.written = written;
             metadata.written.head_bytes = repo.commit_head(&head).await?;
             return Ok(BackupOutcome {
@@ -588,7 +741,14 @@ async fn run_locked(
                 head,
                 manifest: None,
                 metadata,
-                map_entries_peak: peak,
+                // The parent's leaves held beside it, counted as if all at once.
+                map_entries_peak: peak.saturating_add(match &parent {
+                    Some(Parent::Window {
+                        window: Some(window),
+                        ..
+                    }) => window.state.gauge.peak(),
+                    _ => 0,
+                }),
             });
         }
     };
@@ -967,6 +1127,11 @@ impl Folded<'_> {
         }
         if let Some(tree) = &mut self.tree {
             tree.peak = tree.peak.max(tree.held());
+            if let Some(ParentView::Window(w)) = compare {
+                let next = tree.order.peek().copied().unwrap_or(u64::MAX);
+                w.fold_next
+                    .store(next, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         Ok(())
     }
@@ -1109,6 +1274,7 @@ async fn run_pipeline(
     source: Arc<dyn BlockSource>,
     plan: &BackupPlan,
     parent: Option<ParentView<'_>>,
+    feed: Option<&ParentWindow>,
     opts: &EngineOptions,
     stream_tree: bool,
 ) -> Result<(PipelineMap, BackupStats, u64)> {
@@ -1206,7 +1372,14 @@ async fn run_pipeline(
             let known = known.clone();
             let progress = progress.clone();
             async move {
-                let done = match encoded? {
+                let encoded = encoded?;
+                if let (Some(w), Encoded::Zero(r) | Encoded::Data(r, _)) = (feed, &encoded) {
+                    // Idempotent (covers up to the highest index asked), so the order the
+                    // uploads poll it in does not matter; nothing at or above the fold's next
+                    // index is dropped, so every chunk in flight stays covered.
+                    w.advance(r.index).await?;
+                }
+                let done = match encoded {
                     Encoded::Zero(r) => Done {
                         index: r.index,
                         state: ChunkState::Zero,

@@ -450,7 +450,9 @@ impl Repository {
         root: Option<SegmentRef>,
         window: usize,
         gauge: std::sync::Arc<EntryGauge>,
-    ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + '_ {
+    ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + 'static {
+        // Owns a clone (cheap): a walk that borrows nothing can sit in any pipeline.
+        let (nodes, leaves) = (self.clone(), self.clone());
         type Pending = std::collections::VecDeque<(SegmentPos, SegmentRef)>;
         let start: Vec<Pending> = root
             .map(|r| Pending::from([(shape.root_pos(), r)]))
@@ -462,28 +464,32 @@ impl Repository {
                 pos.level, pos.first
             ),
         };
-        futures::stream::try_unfold(start, move |mut stack| async move {
-            loop {
-                let Some(top) = stack.last_mut() else {
-                    return Ok(None);
-                };
-                let Some((pos, r)) = top.pop_front() else {
-                    stack.pop();
-                    continue;
-                };
-                if pos.level == 0 {
-                    return Ok(Some(((pos, r), stack)));
-                }
-                match self.read_segment(&shape, pos, &r).await? {
-                    Segment::Node(children) => stack.push(children.into()),
-                    Segment::Leaf(_) => return Err(not_a(pos, "leaf")),
+        futures::stream::try_unfold(start, move |mut stack| {
+            let repo = nodes.clone();
+            async move {
+                loop {
+                    let Some(top) = stack.last_mut() else {
+                        return Ok(None);
+                    };
+                    let Some((pos, r)) = top.pop_front() else {
+                        stack.pop();
+                        continue;
+                    };
+                    if pos.level == 0 {
+                        return Ok(Some(((pos, r), stack)));
+                    }
+                    match repo.read_segment(&shape, pos, &r).await? {
+                        Segment::Node(children) => stack.push(children.into()),
+                        Segment::Leaf(_) => return Err(not_a(pos, "leaf")),
+                    }
                 }
             }
         })
         .map_ok(move |(pos, r)| {
             let gauge = gauge.clone();
+            let repo = leaves.clone();
             async move {
-                match self.read_segment(&shape, pos, &r).await? {
+                match repo.read_segment(&shape, pos, &r).await? {
                     Segment::Leaf(entries) => Ok(HeldLeaf::new(entries, gauge)),
                     Segment::Node(_) => Err(not_a(pos, "node")),
                 }

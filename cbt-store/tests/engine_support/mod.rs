@@ -137,7 +137,10 @@ pub async fn backup_file(
     req: BackupRequest,
 ) -> Result<BackupOutcome, cbt_store::repo::RepoError> {
     let src = Arc::new(FileSource::open(path).unwrap());
-    let full = matches!(req.mode, engine::BackupMode::Full { .. });
+    let full = matches!(
+        req.mode,
+        engine::BackupMode::Full { .. } | engine::BackupMode::FullWithParent { .. }
+    );
     let mut out = engine::backup(repo, src, req, &opts()).await?;
     // A full backup streams its map to the store and hands back only the head; the tests
     // look at the map as stored.
