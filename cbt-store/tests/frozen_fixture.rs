@@ -578,21 +578,7 @@ async fn generate_frozen_v2_fixture() {
 /// format 2; both restore to the right bytes, and GC keeps everything both reference.
 #[tokio::test]
 async fn an_incremental_of_a_v1_parent_writes_v2() {
-    let work = tempfile::tempdir().unwrap();
-    let copy = work.path().join("repo");
-    copy_tree(&fixtures().join("repo-v1"), &copy);
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
-    let repo = Repository::open(store).await.unwrap();
-    let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
-    let parent = repo
-        .load_head(&volume, &SnapshotName::new("snap-3").unwrap())
-        .await
-        .unwrap();
-    assert_eq!(parent.map, cbt_core::manifest::MapLocation::Inline);
-    let mut img = images()[2].clone();
-    img[100..105].copy_from_slice(b"v2 on");
-    let path = work.path().join("next.img");
-    std::fs::write(&path, &img).unwrap();
+    let (work, repo, volume, parent, img, path) = v1_parent_and_a_change().await;
     let req = BackupRequest {
         volume: volume.clone(),
         snapshot: SnapshotName::new("snap-4").unwrap(),
@@ -644,21 +630,7 @@ async fn an_incremental_of_a_v1_parent_writes_v2() {
 /// format 2) and still uploads only the chunk that differs from it, recording the link.
 #[tokio::test]
 async fn a_full_backup_with_a_v1_parent_uploads_only_the_change() {
-    let work = tempfile::tempdir().unwrap();
-    let copy = work.path().join("repo");
-    copy_tree(&fixtures().join("repo-v1"), &copy);
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
-    let repo = Repository::open(store).await.unwrap();
-    let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
-    let parent = repo
-        .load_head(&volume, &SnapshotName::new("snap-3").unwrap())
-        .await
-        .unwrap();
-    assert_eq!(parent.map, cbt_core::manifest::MapLocation::Inline);
-    let mut img = images()[2].clone();
-    img[100..105].copy_from_slice(b"v2 on");
-    let path = work.path().join("next.img");
-    std::fs::write(&path, &img).unwrap();
+    let (work, repo, volume, parent, img, path) = v1_parent_and_a_change().await;
     let req = BackupRequest {
         volume: volume.clone(),
         snapshot: SnapshotName::new("snap-4").unwrap(),
@@ -692,4 +664,32 @@ async fn a_full_backup_with_a_v1_parent_uploads_only_the_change() {
     .await
     .unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), img);
+}
+
+/// A copy of the format-1 fixture repository, its `snap-3` head (format 1) and the image of
+/// that snapshot with five bytes changed, written to `next.img` in the returned directory.
+async fn v1_parent_and_a_change() -> (
+    tempfile::TempDir,
+    Repository,
+    VolumeName,
+    cbt_core::manifest::ManifestHead,
+    Vec<u8>,
+    std::path::PathBuf,
+) {
+    let work = tempfile::tempdir().unwrap();
+    let copy = work.path().join("repo");
+    copy_tree(&fixtures().join("repo-v1"), &copy);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&copy).unwrap());
+    let repo = Repository::open(store).await.unwrap();
+    let volume = VolumeName::from_pvc("prod", "db-0").unwrap();
+    let parent = repo
+        .load_head(&volume, &SnapshotName::new("snap-3").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(parent.map, cbt_core::manifest::MapLocation::Inline);
+    let mut img = images()[2].clone();
+    img[100..105].copy_from_slice(b"v2 on");
+    let path = work.path().join("next.img");
+    std::fs::write(&path, &img).unwrap();
+    (work, repo, volume, parent, img, path)
 }
