@@ -1,10 +1,13 @@
 //! Test support shared by this crate's tests and its users' tests (enabled by the `testing`
-//! feature): an in-process S3 server on loopback, the object-store conformance suite, and a
-//! synthetic block source for scaling tests ([`synthetic::SyntheticSource`]).
+//! feature): an in-process S3 server on loopback, the object-store conformance suite, a
+//! synthetic block source for scaling tests ([`synthetic::SyntheticSource`]), and a forwarding
+//! store showing every call to a hook, for tests that need a store with one twist
+//! ([`hooked::HookedStore`]).
 //!
 //! Nothing here is used by production code paths.
 
 pub mod conformance;
+pub mod hooked;
 pub mod synthetic;
 
 use std::collections::VecDeque;

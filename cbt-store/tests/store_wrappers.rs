@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,6 +15,8 @@ use cbt_store::store::{
     StoreError,
 };
 use cbt_store::testing::S3TestServer;
+use cbt_store::testing::conformance::{self, Capabilities};
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 
 /// Records requested delays instead of sleeping.
 #[derive(Debug, Default)]
@@ -206,4 +209,84 @@ async fn retry_wrapper_over_s3_retries_a_dropped_connection_and_not_bad_credenti
     let err = store.get("k").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config, "{err:?}");
     assert_eq!(bad.calls(Op::Get), 1, "credential errors are not retried");
+}
+
+/// Records the operation and key of every call it sees; fails deletes of `keep/` keys.
+#[derive(Debug, Default)]
+struct Witness(Mutex<Vec<(Option<Op>, String)>>);
+
+#[async_trait::async_trait]
+impl StoreHook for Witness {
+    async fn before(&self, _inner: &dyn ObjectStore, call: &Call<'_>) -> Result<(), StoreError> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((call.op(), call.key().to_string()));
+        match call {
+            Call::Delete { key } if key.starts_with("keep/") => Err(StoreError::Backend {
+                op: Op::Delete,
+                key: key.to_string(),
+                message: "refused by the hook".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The shared forwarding test store changes nothing it is not told to: over a local store it
+/// passes the whole conformance suite, its hook sees calls of every operation (and syncs), and
+/// an error from the hook is the caller's answer with the inner store left untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalStore::new(dir.path()).unwrap().with_page_size(7));
+    let hooked = HookedStore::new(local.clone(), Witness::default());
+    conformance::run_all(
+        &hooked,
+        Capabilities {
+            atomic_if_absent: true,
+            page_size: Some(7),
+            strict_list_order: true,
+        },
+    )
+    .await;
+    let seen: BTreeSet<Option<Op>> = hooked
+        .hook()
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.0)
+        .collect();
+    for op in [
+        Op::Put,
+        Op::Get,
+        Op::GetRange,
+        Op::Head,
+        Op::List,
+        Op::Delete,
+    ] {
+        assert!(seen.contains(&Some(op)), "{op} not seen: {seen:?}");
+    }
+
+    hooked
+        .put("keep/a", Bytes::from_static(b"v"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    hooked.sync().await.unwrap();
+    let err = hooked.delete("keep/a").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Backend { op: Op::Delete, key, .. } if key == "keep/a"),
+        "{err:?}"
+    );
+    assert_eq!(local.get("keep/a").await.unwrap(), Bytes::from_static(b"v"));
+    let log = hooked.hook().0.lock().unwrap();
+    assert_eq!(
+        log[log.len() - 3..],
+        [
+            (Some(Op::Put), "keep/a".to_string()),
+            (None, String::new()),
+            (Some(Op::Delete), "keep/a".to_string()),
+        ]
+    );
 }

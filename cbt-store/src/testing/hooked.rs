@@ -1,0 +1,252 @@
+//! A forwarding [`ObjectStore`] for tests that need a store with one twist (counting what is
+//! read, recording puts, delaying a delete, acting on the store mid-run, handing out bodies at
+//! odd addresses): [`HookedStore`] forwards every call to an inner store and shows it to a
+//! [`StoreHook`], so a test writes only the twist, not another copy of the forwarding.
+//!
+//! Owns only forwarding and the hook points; rule-based fault injection (fail the n-th call,
+//! damage a body) is [`crate::store::fault::FaultyStore`]'s.
+
+use std::fmt;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::store::{
+    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError,
+};
+
+/// One call to a [`HookedStore`], as its hook sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call<'a> {
+    /// [`ObjectStore::put`] (shown with `PutOptions::new(mode)`) or [`ObjectStore::put_with`]
+    /// of a body of `len` bytes.
+    Put {
+        /// Key written.
+        key: &'a str,
+        /// Length of the body.
+        len: u64,
+        /// Options of the put.
+        opts: PutOptions,
+    },
+    /// [`ObjectStore::sync`].
+    Sync,
+    /// [`ObjectStore::get`], [`ObjectStore::get_bounded`] (with `max_len`) or
+    /// [`ObjectStore::get_bounded_aligned`] (with `max_len` and `aligned_at`).
+    Get {
+        /// Key read.
+        key: &'a str,
+        /// The bound asked for, if any.
+        max_len: Option<u64>,
+        /// The alignment wish, if any.
+        aligned_at: Option<usize>,
+    },
+    /// [`ObjectStore::get_range`].
+    GetRange {
+        /// Key read.
+        key: &'a str,
+        /// Bytes asked for.
+        range: Range<u64>,
+    },
+    /// [`ObjectStore::head`].
+    Head {
+        /// Key asked about.
+        key: &'a str,
+    },
+    /// [`ObjectStore::list_page`].
+    List {
+        /// Prefix listed.
+        prefix: &'a str,
+        /// Where the page starts.
+        continuation: Option<&'a str>,
+    },
+    /// [`ObjectStore::delete`].
+    Delete {
+        /// Key removed.
+        key: &'a str,
+    },
+}
+
+impl Call<'_> {
+    /// The operation as [`StoreError`]s name it; `None` for a sync.
+    pub fn op(&self) -> Option<Op> {
+        match self {
+            Call::Put { .. } => Some(Op::Put),
+            Call::Sync => None,
+            Call::Get { .. } => Some(Op::Get),
+            Call::GetRange { .. } => Some(Op::GetRange),
+            Call::Head { .. } => Some(Op::Head),
+            Call::List { .. } => Some(Op::List),
+            Call::Delete { .. } => Some(Op::Delete),
+        }
+    }
+
+    /// The key of the call (the prefix of a listing, empty for a sync).
+    pub fn key(&self) -> &str {
+        match self {
+            Call::Put { key, .. }
+            | Call::Get { key, .. }
+            | Call::GetRange { key, .. }
+            | Call::Head { key }
+            | Call::Delete { key } => key,
+            Call::List { prefix, .. } => prefix,
+            Call::Sync => "",
+        }
+    }
+}
+
+/// The twist of a [`HookedStore`]; every method defaults to doing nothing.
+#[async_trait::async_trait]
+pub trait StoreHook: fmt::Debug + Send + Sync + 'static {
+    /// Runs before `call` is forwarded, with the inner store at hand (to act on it first, or to
+    /// wait); an error is returned to the caller and the call is not forwarded.
+    async fn before(&self, inner: &dyn ObjectStore, call: &Call<'_>) -> Result<(), StoreError> {
+        let _ = (inner, call);
+        Ok(())
+    }
+
+    /// Sees the body a read returned; the caller gets what this returns.
+    fn read(&self, call: &Call<'_>, body: Bytes) -> Bytes {
+        let _ = call;
+        body
+    }
+
+    /// Sees the outcome of a put the inner store accepted.
+    fn put_done(&self, call: &Call<'_>, outcome: PutOutcome) {
+        let _ = (call, outcome);
+    }
+}
+
+/// [`ObjectStore`] that forwards every call to `inner` through a [`StoreHook`].
+#[derive(Debug)]
+pub struct HookedStore<H> {
+    inner: Arc<dyn ObjectStore>,
+    hook: H,
+}
+
+impl<H: StoreHook> HookedStore<H> {
+    /// Wraps `inner` with `hook`.
+    pub fn new(inner: Arc<dyn ObjectStore>, hook: H) -> Self {
+        HookedStore { inner, hook }
+    }
+
+    /// The hook, for a test to read what it recorded.
+    pub fn hook(&self) -> &H {
+        &self.hook
+    }
+
+    async fn before(&self, call: &Call<'_>) -> Result<(), StoreError> {
+        self.hook.before(self.inner.as_ref(), call).await
+    }
+}
+
+#[async_trait::async_trait]
+impl<H: StoreHook> ObjectStore for HookedStore<H> {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        let call = Call::Put {
+            key,
+            len: body.len() as u64,
+            opts: PutOptions::new(mode),
+        };
+        self.before(&call).await?;
+        let out = self.inner.put(key, body, mode).await?;
+        self.hook.put_done(&call, out);
+        Ok(out)
+    }
+
+    async fn put_with(
+        &self,
+        key: &str,
+        body: Bytes,
+        opts: PutOptions,
+    ) -> Result<PutOutcome, StoreError> {
+        let call = Call::Put {
+            key,
+            len: body.len() as u64,
+            opts,
+        };
+        self.before(&call).await?;
+        let out = self.inner.put_with(key, body, opts).await?;
+        self.hook.put_done(&call, out);
+        Ok(out)
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        self.before(&Call::Sync).await?;
+        self.inner.sync().await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let call = Call::Get {
+            key,
+            max_len: None,
+            aligned_at: None,
+        };
+        self.before(&call).await?;
+        let body = self.inner.get(key).await?;
+        Ok(self.hook.read(&call, body))
+    }
+
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        let call = Call::Get {
+            key,
+            max_len: Some(max_len),
+            aligned_at: None,
+        };
+        self.before(&call).await?;
+        let body = self.inner.get_bounded(key, max_len).await?;
+        Ok(self.hook.read(&call, body))
+    }
+
+    async fn get_bounded_aligned(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: usize,
+    ) -> Result<Bytes, StoreError> {
+        let call = Call::Get {
+            key,
+            max_len: Some(max_len),
+            aligned_at: Some(aligned_at),
+        };
+        self.before(&call).await?;
+        let body = self
+            .inner
+            .get_bounded_aligned(key, max_len, aligned_at)
+            .await?;
+        Ok(self.hook.read(&call, body))
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let call = Call::GetRange {
+            key,
+            range: range.clone(),
+        };
+        self.before(&call).await?;
+        let body = self.inner.get_range(key, range).await?;
+        Ok(self.hook.read(&call, body))
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        self.before(&Call::Head { key }).await?;
+        self.inner.head(key).await
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        self.before(&Call::List {
+            prefix,
+            continuation: continuation.as_deref(),
+        })
+        .await?;
+        self.inner.list_page(prefix, continuation).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.before(&Call::Delete { key }).await?;
+        self.inner.delete(key).await
+    }
+}
