@@ -17,6 +17,7 @@ use cbt_store::repo::{
 };
 use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutMode, list_all};
 use cbt_store::testing::S3TestServer;
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
 /// Small enough that every open takes milliseconds in tests; the bounds are the same.
@@ -784,62 +785,29 @@ async fn key_files_open_a_repository_and_a_wrong_one_changes_nothing() {
 /// Delays every delete of a key slot, so that two removals racing each other both read the
 /// slots before either deletes one (what a key removal without a lock would get wrong).
 #[derive(Debug)]
-struct SlowKeyDeletes(Arc<dyn ObjectStore>);
+struct SlowKeyDeletes;
 
 #[async_trait::async_trait]
-impl ObjectStore for SlowKeyDeletes {
-    async fn put(
+impl StoreHook for SlowKeyDeletes {
+    async fn before(
         &self,
-        key: &str,
-        body: bytes::Bytes,
-        mode: PutMode,
-    ) -> Result<cbt_store::store::PutOutcome, cbt_store::store::StoreError> {
-        self.0.put(key, body, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<bytes::Bytes, cbt_store::store::StoreError> {
-        self.0.get(key).await
-    }
-    async fn get_bounded(
-        &self,
-        key: &str,
-        max_len: u64,
-    ) -> Result<bytes::Bytes, cbt_store::store::StoreError> {
-        self.0.get_bounded(key, max_len).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<bytes::Bytes, cbt_store::store::StoreError> {
-        self.0.get_range(key, range).await
-    }
-    async fn head(
-        &self,
-        key: &str,
-    ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
-        self.0.head(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
-        self.0.list_page(prefix, continuation).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
-        if key.starts_with("keys/") {
+        _inner: &dyn ObjectStore,
+        call: &Call<'_>,
+    ) -> Result<(), cbt_store::store::StoreError> {
+        if matches!(call, Call::Delete { key } if key.starts_with("keys/")) {
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         }
-        self.0.delete(key).await
+        Ok(())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_key_removals_never_remove_the_last_usable_slot() {
     let fx = Fixture::new().await;
-    let store: Arc<dyn ObjectStore> = Arc::new(SlowKeyDeletes(Arc::new(
-        LocalStore::new(fx.dir.path().join("race")).unwrap(),
-    )));
+    let store: Arc<dyn ObjectStore> = Arc::new(HookedStore::new(
+        Arc::new(LocalStore::new(fx.dir.path().join("race")).unwrap()),
+        SlowKeyDeletes,
+    ));
     let repo = init_enc(store.clone(), "alpha").await;
     repo.add_key(
         &Password::new("beta").unwrap(),

@@ -12,10 +12,8 @@ use cbt_store::engine::{
     self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
 };
 use cbt_store::repo::{PruneOptions, RepoError, VerifyOptions};
-use cbt_store::store::{
-    ErrorKind, ListPage, LocalStore, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome,
-    StoreError,
-};
+use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutOptions, StoreError};
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
 const SIZE: usize = 8 * 1024 * 1024 + 12_345; // 129 chunks, the last one short
@@ -494,52 +492,22 @@ async fn empty_and_tiny_volumes_round_trip() {
     }
 }
 
-/// Forwards to a local store and records, in order, every put (with its options) and sync.
-#[derive(Debug)]
+/// Records, in order, every put (with its options) and sync.
+#[derive(Debug, Default)]
 struct Recording {
-    inner: Arc<dyn ObjectStore>,
-    log: std::sync::Mutex<Vec<(String, Option<PutOptions>)>>,
+    log: Mutex<Vec<(String, Option<PutOptions>)>>,
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for Recording {
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
-        self.put_with(key, body, PutOptions::new(mode)).await
-    }
-    async fn put_with(
-        &self,
-        key: &str,
-        body: Bytes,
-        opts: PutOptions,
-    ) -> Result<PutOutcome, StoreError> {
-        self.log.lock().unwrap().push((key.to_string(), Some(opts)));
-        self.inner.put_with(key, body, opts).await
-    }
-    async fn sync(&self) -> Result<(), StoreError> {
-        self.log.lock().unwrap().push(("<sync>".into(), None));
-        self.inner.sync().await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
-        self.inner.get_bounded(key, max_len).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list_page(prefix, continuation).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
+impl StoreHook for Recording {
+    async fn before(&self, _inner: &dyn ObjectStore, call: &Call<'_>) -> Result<(), StoreError> {
+        let entry = match call {
+            Call::Put { key, opts, .. } => (key.to_string(), Some(*opts)),
+            Call::Sync => ("<sync>".to_string(), None),
+            _ => return Ok(()),
+        };
+        self.log.lock().unwrap().push(entry);
+        Ok(())
     }
 }
 
@@ -547,19 +515,16 @@ impl ObjectStore for Recording {
 async fn chunks_are_put_with_their_crc_and_deferred_durability_and_synced_before_the_manifest() {
     let dir = tempfile::tempdir().unwrap();
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let rec = Arc::new(Recording {
-        inner: local,
-        log: Default::default(),
-    });
+    let rec = Arc::new(HookedStore::new(local, Recording::default()));
     let repo = init(rec.clone()).await;
     let img = image(20 * CS as usize, 5);
     let path = dir.path().join("img");
     std::fs::write(&path, &img).unwrap();
-    rec.log.lock().unwrap().clear();
+    rec.hook().log.lock().unwrap().clear();
     backup_file(&repo, &path, request("v", "s1", full(), 2_000))
         .await
         .unwrap();
-    let log = rec.log.lock().unwrap().clone();
+    let log = rec.hook().log.lock().unwrap().clone();
     let chunk_puts: Vec<usize> = (0..log.len())
         .filter(|&i| log[i].0.starts_with("chunks/"))
         .collect();
@@ -619,30 +584,20 @@ async fn a_dry_run_checks_that_every_chunk_is_stored() {
 
 /// Hands every object out at a different misalignment whatever alignment is asked for, as
 /// a store that ignores [`ObjectStore::get_bounded_aligned`] may.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Misaligning {
-    inner: Arc<dyn ObjectStore>,
     calls: std::sync::atomic::AtomicUsize,
 }
 
-#[async_trait::async_trait]
-impl ObjectStore for Misaligning {
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
-        self.inner.get_bounded(key, max_len).await
-    }
-    async fn get_bounded_aligned(
-        &self,
-        key: &str,
-        max_len: u64,
-        aligned_at: usize,
-    ) -> Result<Bytes, StoreError> {
-        let body = self.inner.get_bounded(key, max_len).await?;
+impl StoreHook for Misaligning {
+    fn read(&self, call: &Call<'_>, body: Bytes) -> Bytes {
+        let Call::Get {
+            aligned_at: Some(aligned_at),
+            ..
+        } = *call
+        else {
+            return body;
+        };
         let n = self
             .calls
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -653,23 +608,7 @@ impl ObjectStore for Misaligning {
         let start = (4096 - base % 4096) % 4096 + shift;
         v[start..start + body.len()].copy_from_slice(&body);
         assert_eq!((v.as_ptr() as usize + start + aligned_at) % 4096, shift);
-        Ok(Bytes::from(v).slice(start..start + body.len()))
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list_page(prefix, continuation).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
+        Bytes::from(v).slice(start..start + body.len())
     }
 }
 
@@ -722,10 +661,7 @@ async fn raw_chunks_restore_exactly_whether_or_not_the_store_aligned_them() {
         .unwrap();
     assert!(std::fs::read(&dirty).unwrap() == img);
 
-    let mis = Arc::new(Misaligning {
-        inner: fx.store.clone(),
-        calls: Default::default(),
-    });
+    let mis = Arc::new(HookedStore::new(fx.store.clone(), Misaligning::default()));
     let repo = cbt_store::repo::Repository::open(mis.clone())
         .await
         .unwrap();
@@ -734,5 +670,5 @@ async fn raw_chunks_restore_exactly_whether_or_not_the_store_aligned_them() {
         .await
         .unwrap();
     assert!(std::fs::read(&shifted).unwrap() == img);
-    assert!(mis.calls.load(std::sync::atomic::Ordering::Relaxed) >= 41);
+    assert!(mis.hook().calls.load(std::sync::atomic::Ordering::Relaxed) >= 41);
 }

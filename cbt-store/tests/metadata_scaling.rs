@@ -5,19 +5,16 @@
 //! volume costs the same metadata.
 #![allow(clippy::unwrap_used)]
 
-use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use cbt_core::maptree::{TreeShape, max_incremental_segment_bytes};
 use cbt_core::{ByteRange, ChunkGeometry, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions};
 use cbt_store::repo::{InitOptions, Repository};
-use cbt_store::store::{
-    ListPage, LocalStore, ObjectMeta, ObjectStore, PutOptions, PutOutcome, StoreError,
-};
+use cbt_store::store::{LocalStore, ObjectStore, PutOutcome};
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use cbt_store::testing::synthetic::SyntheticSource;
 
 const KIB: u64 = 1024;
@@ -40,98 +37,30 @@ struct Counts {
     head_put: AtomicU64,
 }
 
-/// Forwards every call to the inner store and counts metadata bytes actually stored or read.
-#[derive(Debug)]
-struct Counting {
-    inner: Arc<dyn ObjectStore>,
-    counts: Arc<Counts>,
-}
-
 fn is_meta(key: &str) -> bool {
     key.starts_with("segments/") || key.starts_with("snapshots/")
 }
 
-impl Counting {
-    fn put_counted(&self, key: &str, len: u64, outcome: &PutOutcome) {
-        if *outcome == PutOutcome::Created && is_meta(key) {
-            self.counts.meta_put.fetch_add(len, Ordering::Relaxed);
+/// Counts metadata bytes actually stored or read.
+impl StoreHook for Counts {
+    fn put_done(&self, call: &Call<'_>, outcome: PutOutcome) {
+        let Call::Put { key, len, .. } = *call else {
+            return;
+        };
+        if outcome == PutOutcome::Created && is_meta(key) {
+            self.meta_put.fetch_add(len, Ordering::Relaxed);
             if key.starts_with("snapshots/") {
-                self.counts.head_put.fetch_add(len, Ordering::Relaxed);
+                self.head_put.fetch_add(len, Ordering::Relaxed);
             }
         }
     }
 
-    fn got(&self, key: &str, body: &Bytes) {
-        if is_meta(key) {
-            self.counts
-                .meta_get
+    fn read(&self, call: &Call<'_>, body: Bytes) -> Bytes {
+        if is_meta(call.key()) {
+            self.meta_get
                 .fetch_add(body.len() as u64, Ordering::Relaxed);
         }
-    }
-}
-
-#[async_trait]
-impl ObjectStore for Counting {
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        mode: cbt_store::store::PutMode,
-    ) -> Result<PutOutcome, StoreError> {
-        let len = body.len() as u64;
-        let out = self.inner.put(key, body, mode).await?;
-        self.put_counted(key, len, &out);
-        Ok(out)
-    }
-
-    async fn put_with(
-        &self,
-        key: &str,
-        body: Bytes,
-        opts: PutOptions,
-    ) -> Result<PutOutcome, StoreError> {
-        let len = body.len() as u64;
-        let out = self.inner.put_with(key, body, opts).await?;
-        self.put_counted(key, len, &out);
-        Ok(out)
-    }
-
-    async fn sync(&self) -> Result<(), StoreError> {
-        self.inner.sync().await
-    }
-
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let b = self.inner.get(key).await?;
-        self.got(key, &b);
-        Ok(b)
-    }
-
-    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
-        let b = self.inner.get_bounded(key, max_len).await?;
-        self.got(key, &b);
-        Ok(b)
-    }
-
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
-        let b = self.inner.get_range(key, range).await?;
-        self.got(key, &b);
-        Ok(b)
-    }
-
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(key).await
-    }
-
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list_page(prefix, continuation).await
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
+        body
     }
 }
 
@@ -181,14 +110,11 @@ async fn run(size: u64) -> Run {
     } else {
         tempfile::tempdir().unwrap()
     };
-    let counts = Arc::new(Counts::default());
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()).unwrap());
-    let store: Arc<dyn ObjectStore> = Arc::new(Counting {
-        inner: local,
-        counts: counts.clone(),
-    });
+    let store = Arc::new(HookedStore::new(local, Counts::default()));
+    let counts = store.hook();
     let repo = Repository::init(
-        store,
+        store.clone(),
         InitOptions {
             chunk_size: Some(CHUNK),
             now: Timestamp(0),

@@ -18,6 +18,7 @@ use cbt_store::repo::{
     manifest_key,
 };
 use cbt_store::store::{ErrorKind, ObjectStore, PutMode};
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
 const SIZE: usize = 12 * CS as usize;
@@ -793,57 +794,24 @@ fn open_gate(gate: &Gate) {
 /// still stored, so the deletion lands after the deduplication decision and before the commit.
 #[derive(Debug)]
 struct DeleteAtRecheck {
-    inner: Arc<dyn ObjectStore>,
     victim: String,
     heads: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for DeleteAtRecheck {
-    async fn put(
+impl StoreHook for DeleteAtRecheck {
+    async fn before(
         &self,
-        key: &str,
-        body: Bytes,
-        mode: PutMode,
-    ) -> Result<cbt_store::store::PutOutcome, cbt_store::store::StoreError> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, cbt_store::store::StoreError> {
-        self.inner.get(key).await
-    }
-    async fn get_bounded(
-        &self,
-        key: &str,
-        max_len: u64,
-    ) -> Result<Bytes, cbt_store::store::StoreError> {
-        self.inner.get_bounded(key, max_len).await
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, cbt_store::store::StoreError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(
-        &self,
-        key: &str,
-    ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
+        inner: &dyn ObjectStore,
+        call: &Call<'_>,
+    ) -> Result<(), cbt_store::store::StoreError> {
         // The first HEAD is the deduplication lookup, the second the check before commit.
-        if key == self.victim && self.heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
-            self.inner.delete(&self.victim).await?;
+        if *call == (Call::Head { key: &self.victim })
+            && self.heads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1
+        {
+            inner.delete(&self.victim).await?;
         }
-        self.inner.head(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
-        self.inner.list_page(prefix, continuation).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
-        self.inner.delete(key).await
+        Ok(())
     }
 }
 
@@ -866,11 +834,13 @@ async fn a_backup_does_not_commit_when_a_chunk_it_deduplicated_against_is_gone()
         .iter_stored()
         .nth(1)
         .unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(DeleteAtRecheck {
-        inner: fx.store.clone(),
-        victim: chunk::chunk_key(&gone.hash),
-        heads: Default::default(),
-    });
+    let store: Arc<dyn ObjectStore> = Arc::new(HookedStore::new(
+        fx.store.clone(),
+        DeleteAtRecheck {
+            victim: chunk::chunk_key(&gone.hash),
+            heads: Default::default(),
+        },
+    ));
     let repo = Repository::open(store).await.unwrap();
     // The same data again, as an unrelated full backup: every chunk is found stored.
     let err = backup_file(&repo, &path, request("w", "s2", full(), 2))
