@@ -5,6 +5,7 @@
 
 mod engine_support;
 
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -12,7 +13,9 @@ use bytes::Bytes;
 use cbt_core::gc::RetentionPolicy;
 use cbt_core::{CoreError, Timestamp};
 use cbt_store::chunk::{self, ChunkDecodeError};
-use cbt_store::engine::{self, BackupMode, BlockSource, FileSource, RestoreOptions};
+use cbt_store::engine::{
+    self, BackupMode, BackupOutcome, BackupRequest, BlockSource, FileSource, RestoreOptions,
+};
 use cbt_store::repo::{
     BreakMode, GcOptions, ProblemKind, PruneOptions, RepoError, Repository, VerifyOptions,
     manifest_key,
@@ -789,6 +792,54 @@ fn open_gate(gate: &Gate) {
     gate.1.notify_all();
 }
 
+/// Runs the backup `req` of the file at `path`, held at its first read of the source until
+/// `meanwhile` has run, and returns how it ended.
+async fn backup_held_while(
+    repo: &Repository,
+    path: &Path,
+    req: BackupRequest,
+    meanwhile: impl Future<Output = ()>,
+) -> Result<BackupOutcome, RepoError> {
+    let (src, gate) = Gated::new(path);
+    let held = repo.clone();
+    let running = tokio::spawn(async move { engine::backup(&held, src, req, &opts()).await });
+    wait_started(&gate).await;
+    meanwhile.await;
+    open_gate(&gate);
+    running.await.unwrap()
+}
+
+/// A backup of `child` in the mode `mode` makes of a fresh full backup `parent`, whose parent
+/// is deleted while it runs, fails before committing (the parent's existence is checked again
+/// before the commit) and leaves no snapshot.
+async fn parent_deleted_while_backing_up(
+    fx: &Fixture,
+    path: &Path,
+    (parent, child, t): (&str, &str, i64),
+    mode: impl FnOnce(BackupOutcome) -> BackupMode,
+) {
+    let p = backup_file(&fx.repo, path, request("v", parent, full(), t))
+        .await
+        .unwrap();
+    let req = request("v", child, mode(p), t + 1);
+    let delete = async {
+        fx.repo
+            .delete_snapshot(&vol("v"), &snap(parent))
+            .await
+            .unwrap();
+    };
+    let err = backup_held_while(&fx.repo, path, req, delete)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
+    assert!(
+        !fx.repo
+            .snapshot_exists(&vol("v"), &snap(child))
+            .await
+            .unwrap()
+    );
+}
+
 /// A store that deletes one chunk object when its metadata is asked for the second time: a
 /// backup asks once to deduplicate and once more to check, before committing, that it is
 /// still stored, so the deletion lands after the deduplication decision and before the commit.
@@ -863,21 +914,18 @@ async fn a_backup_whose_lock_was_broken_does_not_commit() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 33);
     let path = fx.write("d.img", &img);
-    let (src, gate) = Gated::new(&path);
-    let repo = fx.repo.clone();
-    let running = tokio::spawn(async move {
-        engine::backup(&repo, src, request("v", "s", full(), 1), &opts()).await
-    });
-    wait_started(&gate).await;
-    let locks = fx.repo.list_locks().await.unwrap();
-    assert_eq!(locks.len(), 1);
-    fx.repo
-        .break_lock(&locks[0].id, BreakMode::Force)
+    let break_lock = async {
+        let locks = fx.repo.list_locks().await.unwrap();
+        assert_eq!(locks.len(), 1);
+        fx.repo
+            .break_lock(&locks[0].id, BreakMode::Force)
+            .await
+            .unwrap()
+            .unwrap();
+    };
+    let err = backup_held_while(&fx.repo, &path, request("v", "s", full(), 1), break_lock)
         .await
-        .unwrap()
-        .unwrap();
-    open_gate(&gate);
-    let err = running.await.unwrap().unwrap_err();
+        .unwrap_err();
     assert!(matches!(err, RepoError::LockLost { .. }), "{err:?}");
     assert_eq!(err.kind(), ErrorKind::Conflict);
     assert!(
@@ -887,61 +935,22 @@ async fn a_backup_whose_lock_was_broken_does_not_commit() {
             .unwrap()
     );
     // An incremental on a parent deleted meanwhile fails the same way.
-    let parent = backup_file(&fx.repo, &path, request("v", "p", full(), 2))
-        .await
-        .unwrap();
-    let (src, gate) = Gated::new(&path);
-    let repo = fx.repo.clone();
-    let changed = cbt_core::RangeSet::try_from_extents([(0, 10)]).unwrap();
-    let mode = BackupMode::Incremental {
-        parent: Box::new(parent.manifest.unwrap()),
-        changed,
-    };
-    let running = tokio::spawn(async move {
-        engine::backup(&repo, src, request("v", "c", mode, 3), &opts()).await
-    });
-    wait_started(&gate).await;
-    fx.repo
-        .delete_snapshot(&vol("v"), &snap("p"))
-        .await
-        .unwrap();
-    open_gate(&gate);
-    let err = running.await.unwrap().unwrap_err();
-    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
-    assert!(
-        !fx.repo
-            .snapshot_exists(&vol("v"), &snap("c"))
-            .await
-            .unwrap()
-    );
+    parent_deleted_while_backing_up(&fx, &path, ("p", "c", 2), |parent| {
+        BackupMode::Incremental {
+            parent: Box::new(parent.manifest.unwrap()),
+            changed: cbt_core::RangeSet::try_from_extents([(0, 10)]).unwrap(),
+        }
+    })
+    .await;
     // So does a full backup reading a parent's map in order beside it (format 2, same
-    // geometry): the parent's existence is checked again before the commit.
-    let parent = backup_file(&fx.repo, &path, request("v", "p2", full(), 4))
-        .await
-        .unwrap();
-    let (src, gate) = Gated::new(&path);
-    let repo = fx.repo.clone();
-    let mode = BackupMode::FullWithParent {
-        allocated: None,
-        parent: parent.head.as_parent(),
-    };
-    let running = tokio::spawn(async move {
-        engine::backup(&repo, src, request("v", "f", mode, 5), &opts()).await
-    });
-    wait_started(&gate).await;
-    fx.repo
-        .delete_snapshot(&vol("v"), &snap("p2"))
-        .await
-        .unwrap();
-    open_gate(&gate);
-    let err = running.await.unwrap().unwrap_err();
-    assert!(matches!(err, RepoError::InvalidRequest { .. }), "{err:?}");
-    assert!(
-        !fx.repo
-            .snapshot_exists(&vol("v"), &snap("f"))
-            .await
-            .unwrap()
-    );
+    // geometry).
+    parent_deleted_while_backing_up(&fx, &path, ("p2", "f", 4), |parent| {
+        BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.head.as_parent(),
+        }
+    })
+    .await;
 }
 
 /// The hand-built frames of the bomb test are real zstd: the reference decoder agrees.
