@@ -5,6 +5,8 @@
 //! volume costs the same metadata.
 #![allow(clippy::unwrap_used)]
 
+mod engine_support;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -12,10 +14,10 @@ use bytes::Bytes;
 use cbt_core::maptree::{TreeShape, max_incremental_segment_bytes};
 use cbt_core::{ByteRange, ChunkGeometry, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions};
-use cbt_store::repo::{InitOptions, Repository};
 use cbt_store::store::{LocalStore, ObjectStore, PutOutcome};
 use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use cbt_store::testing::synthetic::SyntheticSource;
+use engine_support::init_sized;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -113,15 +115,7 @@ async fn run(size: u64) -> Run {
     let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()).unwrap());
     let store = Arc::new(HookedStore::new(local, Counts::default()));
     let counts = store.hook();
-    let repo = Repository::init(
-        store.clone(),
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap();
+    let repo = init_sized(store.clone(), CHUNK).await;
     let (allocated, changed) = layout(size);
     let volume = VolumeName::new("vol").unwrap();
     let base = SyntheticSource::new(size, allocated);

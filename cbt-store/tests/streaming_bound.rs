@@ -5,15 +5,18 @@
 //! first write). Asserted on counts, never on time.
 #![allow(clippy::unwrap_used)]
 
+mod engine_support;
+
 use std::sync::Arc;
 
 use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, BlockSource, EngineOptions, RestoreOptions, RestoreReport,
 };
-use cbt_store::repo::{InitOptions, LEAF_WINDOW, RepoError, Repository};
-use cbt_store::store::{LocalStore, ObjectStore};
+use cbt_store::repo::{LEAF_WINDOW, RepoError, Repository};
+use cbt_store::store::LocalStore;
 use cbt_store::testing::synthetic::SyntheticSource;
+use engine_support::local_repo;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -33,16 +36,7 @@ struct Fx {
 
 async fn fixture() -> Fx {
     let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let repo = Repository::init(
-        local.clone() as Arc<dyn ObjectStore>,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap();
+    let (local, repo) = local_repo(dir.path(), CHUNK).await;
     Fx { dir, local, repo }
 }
 

@@ -5,6 +5,8 @@
 //! volume, while it still uploads exactly the chunks that differ from the parent.
 #![allow(clippy::unwrap_used)]
 
+mod engine_support;
+
 use std::sync::Arc;
 
 use cbt_core::manifest::ParentRef;
@@ -12,9 +14,9 @@ use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, BlockSource, EngineOptions, RestoreOptions,
 };
-use cbt_store::repo::{InitOptions, LEAF_WINDOW, Repository};
-use cbt_store::store::{LocalStore, ObjectStore};
+use cbt_store::repo::{LEAF_WINDOW, Repository};
 use cbt_store::testing::synthetic::SyntheticSource;
+use engine_support::local_repo;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -64,16 +66,7 @@ fn ranges(list: &[(u64, u64)]) -> RangeSet {
 #[tokio::test]
 async fn full_with_parent_holds_a_bounded_window_of_both_maps_and_uploads_only_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let repo = Repository::init(
-        local as Arc<dyn ObjectStore>,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap();
+    let (_, repo) = local_repo(dir.path(), CHUNK).await;
     let mut peaks = Vec::new();
     for (k, size) in [13 * MIB, 26 * MIB].into_iter().enumerate() {
         let volume = VolumeName::new(format!("vol{k}")).unwrap();
@@ -157,16 +150,7 @@ async fn full_with_parent_holds_a_bounded_window_of_both_maps_and_uploads_only_c
 #[tokio::test]
 async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link() {
     let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let repo = Repository::init(
-        local as Arc<dyn ObjectStore>,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap();
+    let (_, repo) = local_repo(dir.path(), CHUNK).await;
     let volume = VolumeName::new("v").unwrap();
     let size = 3 * MIB;
     let src = SyntheticSource::new(size, RangeSet::full(size));

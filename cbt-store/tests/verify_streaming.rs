@@ -4,17 +4,20 @@
 //! each at its index. Asserted on counts, never on time.
 #![allow(clippy::unwrap_used)]
 
+mod engine_support;
+
 use std::sync::Arc;
 
 use cbt_core::{ChunkState, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::chunk::chunk_key;
 use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions};
 use cbt_store::repo::{
-    CHUNK_TABLE_ENTRY_BYTES, InitOptions, ProblemKind, Repository, VERIFY_MAP_ENTRIES,
-    VerifyOptions, VerifyReport,
+    CHUNK_TABLE_ENTRY_BYTES, ProblemKind, Repository, VERIFY_MAP_ENTRIES, VerifyOptions,
+    VerifyReport,
 };
-use cbt_store::store::{LocalStore, ObjectStore};
+use cbt_store::store::ObjectStore;
 use cbt_store::testing::synthetic::SyntheticSource;
+use engine_support::local_repo;
 
 const CHUNK: u64 = 4096;
 /// Chunks of the volume: more than twice the verify window.
@@ -38,16 +41,7 @@ async fn verify_walks_a_large_map_in_a_bounded_window_and_finds_each_problem() {
         "the documented cost per stored chunk"
     );
     let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let repo = Repository::init(
-        local.clone() as Arc<dyn ObjectStore>,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap();
+    let (local, repo) = local_repo(dir.path(), CHUNK).await;
     // Two snapshots of the same content (shared chunks), the second with a hole.
     let size = CHUNKS * CHUNK;
     let dense = SyntheticSource::new(size, RangeSet::full(size));

@@ -83,16 +83,30 @@ impl Fixture {
     }
 }
 
+/// Initialises a repository of chunk size [`CS`] on `store`.
 pub async fn init(store: Arc<dyn ObjectStore>) -> Repository {
+    init_sized(store, CS).await
+}
+
+/// Initialises a repository of chunk size `chunk_size` on `store`.
+pub async fn init_sized(store: Arc<dyn ObjectStore>, chunk_size: u64) -> Repository {
     Repository::init(
         store,
         InitOptions {
-            chunk_size: Some(CS),
+            chunk_size: Some(chunk_size),
             now: Timestamp::from_unix_secs(1_000),
         },
     )
     .await
     .unwrap()
+}
+
+/// A repository of chunk size `chunk_size` on a new local store in `dir/repo`, with the
+/// store (for tests that damage or inspect objects behind the repository's back).
+pub async fn local_repo(dir: &Path, chunk_size: u64) -> (Arc<LocalStore>, Repository) {
+    let local = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    let repo = init_sized(local.clone(), chunk_size).await;
+    (local, repo)
 }
 
 pub fn opts() -> EngineOptions {
