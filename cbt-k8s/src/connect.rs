@@ -167,12 +167,17 @@ pub async fn connect(target: &ClusterTarget) -> Result<Cluster, Error> {
         context: Some(context.clone()),
         ..Default::default()
     };
-    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|source| Error::Kubeconfig {
             origin: format!("{origin} (context {context})"),
             source,
         })?;
+    cluster_from(config, context)
+}
+
+/// The client for `config`, with kube's own retries off, named `context` in every error.
+fn cluster_from(mut config: kube::Config, context: String) -> Result<Cluster, Error> {
     // Our RetryPolicy decides retries (bounded by deadlines); kube's layer would retry up to 15 times.
     config.default_retry = false;
     let server = config.cluster_url.to_string();
@@ -192,21 +197,9 @@ pub async fn connect(target: &ClusterTarget) -> Result<Cluster, Error> {
 /// The pod's own service account, as kubectl uses it when no kubeconfig exists.
 async fn connect_in_cluster() -> Result<Cluster, Error> {
     let context = "in-cluster".to_string();
-    let mut config = kube::Config::incluster().map_err(|e| Error::NoKubeconfig {
+    let config = kube::Config::incluster().map_err(|e| Error::NoKubeconfig {
         tried: format!("no kubeconfig, and the in-cluster configuration is unusable ({e})"),
         fix: "run inside a pod with a service account token, or set KUBECONFIG".into(),
     })?;
-    config.default_retry = false;
-    let server = config.cluster_url.to_string();
-    let default_namespace = config.default_namespace.clone();
-    let client = kube::Client::try_from(config).map_err(|source| Error::Client {
-        context: context.clone(),
-        source: Box::new(source),
-    })?;
-    Ok(Cluster {
-        client,
-        context,
-        server,
-        default_namespace,
-    })
+    cluster_from(config, context)
 }

@@ -184,7 +184,7 @@ pub async fn group_snapshot_class_for(
     named: Option<&str>,
 ) -> Result<String, Error> {
     let ctx = &cluster.context;
-    let preflight = |problem: String, fix: String| Error::Preflight {
+    let preflight = |(problem, fix): super::Refusal| Error::Preflight {
         cluster: ctx.clone(),
         problem,
         fix,
@@ -194,75 +194,38 @@ pub async fn group_snapshot_class_for(
         Ok(list) => list.items,
         // The API server answers 404 for a resource nobody registered: no CRD.
         Err(e) if is_not_found(&e) => {
-            return Err(preflight(
+            return Err(preflight((
                 "the group snapshot API (groupsnapshot.storage.k8s.io/v1 VolumeGroupSnapshot, VolumeGroupSnapshotContent, VolumeGroupSnapshotClass) is not served: the CRDs are not installed".into(),
                 "install the external-snapshotter group snapshot CRDs and run the snapshot-controller and csi-snapshotter with group snapshots enabled, or back up without --group".into(),
-            ));
+            )));
         }
         Err(e) => return Err(Error::api(ctx, "list", "VolumeGroupSnapshotClass", "", e)),
     };
-    let of_driver: Vec<&VolumeGroupSnapshotClass> =
-        all.iter().filter(|c| c.spec.driver == driver).collect();
     if let Some(name) = named {
         let class = all
             .iter()
             .find(|c| c.metadata.name.as_deref() == Some(name))
-            .ok_or_else(|| {
-                preflight(
-                    format!("VolumeGroupSnapshotClass {name} does not exist"),
-                    format!("create it for driver {driver}, or omit --group-snapshot-class"),
-                )
-            })?;
-        if class.spec.driver != driver {
-            return Err(preflight(
-                format!(
-                    "VolumeGroupSnapshotClass {name} is for driver {}, not {driver}",
-                    class.spec.driver
-                ),
-                format!("name a group class of driver {driver}"),
-            ));
-        }
-        return Ok(name.to_string());
+            .ok_or_else(|| preflight(GROUP_CLASS.missing(name, driver)))?;
+        return GROUP_CLASS
+            .check_driver(name, &class.spec.driver, driver)
+            .map_err(preflight);
     }
-    let defaults: Vec<String> = of_driver
-        .iter()
-        .filter(|c| c.is_default())
-        .filter_map(|c| c.metadata.name.clone())
-        .collect();
-    match defaults.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => {
-            let others: Vec<&str> = of_driver
-                .iter()
-                .filter_map(|c| c.metadata.name.as_deref())
-                .collect();
-            let (problem, fix) = if others.is_empty() {
-                (
-                    format!("no VolumeGroupSnapshotClass for driver {driver}"),
-                    format!(
-                        "create one (driver: {driver}, deletionPolicy: Delete) annotated groupsnapshot.storage.kubernetes.io/is-default-class: \"true\", or back up without --group"
-                    ),
-                )
-            } else {
-                (
-                    format!(
-                        "no default VolumeGroupSnapshotClass for driver {driver} (classes: {})",
-                        others.join(", ")
-                    ),
-                    "pass --group-snapshot-class, or annotate one with groupsnapshot.storage.kubernetes.io/is-default-class: \"true\"".into(),
-                )
-            };
-            Err(preflight(problem, fix))
-        }
-        many => Err(preflight(
-            format!(
-                "several default VolumeGroupSnapshotClasses for driver {driver}: {}",
-                many.join(", ")
-            ),
-            "pass --group-snapshot-class, or keep one default".into(),
-        )),
-    }
+    let of_driver = all.iter().filter(|c| c.spec.driver == driver);
+    GROUP_CLASS
+        .only_default(
+            driver,
+            of_driver.filter_map(|c| Some((c.metadata.name.as_deref()?, c.is_default()))),
+        )
+        .map_err(preflight)
 }
+
+/// The words of [`group_snapshot_class_for`].
+const GROUP_CLASS: super::ClassWords = super::ClassWords {
+    kind: "VolumeGroupSnapshotClass",
+    flag: "--group-snapshot-class",
+    default_annotation: crate::group_snapshot::DEFAULT_CLASS_ANNOTATION,
+    otherwise: ", or back up without --group",
+};
 
 /// The VolumeGroupSnapshot a group backup creates.
 pub fn group_snapshot_object(

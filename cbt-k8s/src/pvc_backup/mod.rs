@@ -137,6 +137,92 @@ pub(crate) struct Created {
     job: Option<String>,
 }
 
+/// How preflight messages name one kind of snapshot class (single or group).
+pub(crate) struct ClassWords {
+    /// The resource kind, e.g. `VolumeSnapshotClass`.
+    pub kind: &'static str,
+    /// The flag that names a class.
+    pub flag: &'static str,
+    /// The annotation that marks a driver's default class.
+    pub default_annotation: &'static str,
+    /// What else the user can do when the driver has no class at all (`""`: nothing).
+    pub otherwise: &'static str,
+}
+
+/// A preflight problem and its fix.
+pub(crate) type Refusal = (String, String);
+
+impl ClassWords {
+    /// The named class `name` does not exist.
+    pub(crate) fn missing(&self, name: &str, driver: &str) -> Refusal {
+        (
+            format!("{} {name} does not exist", self.kind),
+            format!("create it for driver {driver}, or omit {}", self.flag),
+        )
+    }
+
+    /// `name` as the class to use if its driver, `class_driver`, is `driver`.
+    pub(crate) fn check_driver(
+        &self,
+        name: &str,
+        class_driver: &str,
+        driver: &str,
+    ) -> Result<String, Refusal> {
+        if class_driver == driver {
+            return Ok(name.to_string());
+        }
+        Err((
+            format!(
+                "{} {name} is for driver {class_driver}, not {driver}",
+                self.kind
+            ),
+            format!("name a {} of driver {driver}", self.kind),
+        ))
+    }
+
+    /// The one default among the classes of `driver`, given as (name, annotated default).
+    pub(crate) fn only_default<'a>(
+        &self,
+        driver: &str,
+        classes: impl IntoIterator<Item = (&'a str, bool)>,
+    ) -> Result<String, Refusal> {
+        let (defaults, others): (Vec<_>, Vec<_>) = classes.into_iter().partition(|c| c.1);
+        let (kind, flag, annotation) = (self.kind, self.flag, self.default_annotation);
+        match defaults.as_slice() {
+            [(one, _)] => Ok(one.to_string()),
+            [] if others.is_empty() => Err((
+                format!("no {kind} for driver {driver}"),
+                format!(
+                    "create one (driver: {driver}, deletionPolicy: Delete) annotated {annotation}: \"true\"{}",
+                    self.otherwise
+                ),
+            )),
+            [] => Err((
+                format!(
+                    "no default {kind} for driver {driver} (classes: {})",
+                    others.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+                ),
+                format!("pass {flag}, or annotate one with {annotation}: \"true\""),
+            )),
+            many => Err((
+                format!(
+                    "several default {kind}es for driver {driver}: {}",
+                    many.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
+                ),
+                format!("pass {flag}, or keep one default"),
+            )),
+        }
+    }
+}
+
+/// The words of [`snapshot_class_for`].
+const SNAPSHOT_CLASS: ClassWords = ClassWords {
+    kind: "VolumeSnapshotClass",
+    flag: "--snapshot-class",
+    default_annotation: crate::snapshot::DEFAULT_CLASS_ANNOTATION,
+    otherwise: "",
+};
+
 /// The driver's default VolumeSnapshotClass, or the named one checked against the driver.
 ///
 /// # Errors
@@ -148,7 +234,7 @@ pub async fn snapshot_class_for(
     named: Option<&str>,
 ) -> Result<String, Error> {
     let api: Api<VolumeSnapshotClass> = Api::all(cluster.client.clone());
-    let preflight = |problem: String, fix: String| Error::Preflight {
+    let preflight = |(problem, fix): Refusal| Error::Preflight {
         cluster: cluster.context.clone(),
         problem,
         fix,
@@ -158,49 +244,22 @@ pub async fn snapshot_class_for(
             .get_opt(name)
             .await
             .map_err(|e| Error::api(&cluster.context, "get", "VolumeSnapshotClass", name, e))?
-            .ok_or_else(|| {
-                preflight(
-                    format!("VolumeSnapshotClass {name} does not exist"),
-                    format!("create it for driver {driver}, or omit --snapshot-class"),
-                )
-            })?;
-        if class.spec.driver != driver {
-            return Err(preflight(
-                format!(
-                    "VolumeSnapshotClass {name} is for driver {}, not {driver}",
-                    class.spec.driver
-                ),
-                format!("name a class of driver {driver}"),
-            ));
-        }
-        return Ok(name.to_string());
+            .ok_or_else(|| preflight(SNAPSHOT_CLASS.missing(name, driver)))?;
+        return SNAPSHOT_CLASS
+            .check_driver(name, &class.spec.driver, driver)
+            .map_err(preflight);
     }
     let all = api
         .list(&ListParams::default())
         .await
         .map_err(|e| Error::api(&cluster.context, "list", "VolumeSnapshotClass", "", e))?;
-    let defaults: Vec<String> = all
-        .items
-        .iter()
-        .filter(|c| c.spec.driver == driver && c.is_default())
-        .filter_map(|c| c.metadata.name.clone())
-        .collect();
-    match defaults.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => Err(preflight(
-            format!("no default VolumeSnapshotClass for driver {driver}"),
-            format!(
-                "pass --snapshot-class, or annotate a class of {driver} with snapshot.storage.kubernetes.io/is-default-class: \"true\""
-            ),
-        )),
-        many => Err(preflight(
-            format!(
-                "several default VolumeSnapshotClasses for driver {driver}: {}",
-                many.join(", ")
-            ),
-            "pass --snapshot-class, or keep one default".into(),
-        )),
-    }
+    let of_driver = all.items.iter().filter(|c| c.spec.driver == driver);
+    SNAPSHOT_CLASS
+        .only_default(
+            driver,
+            of_driver.filter_map(|c| Some((c.metadata.name.as_deref()?, c.is_default()))),
+        )
+        .map_err(preflight)
 }
 
 fn cancelled(cancel: &watch::Receiver<bool>) -> bool {
@@ -1035,4 +1094,33 @@ pub async fn restore_to_pvc(
     report.times.cleanup_s = t.elapsed().as_secs_f64();
     report.mover = Some(result?);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_class_chosen_is_the_one_default_of_the_driver_or_a_refusal_naming_the_way_out() {
+        let w = &SNAPSHOT_CLASS;
+        let d = "hostpath.csi.k8s.io";
+        assert_eq!(w.only_default(d, [("a", false), ("b", true)]).unwrap(), "b");
+        let (problem, fix) = w.only_default(d, []).unwrap_err();
+        assert_eq!(problem, format!("no VolumeSnapshotClass for driver {d}"));
+        assert!(
+            fix.contains(crate::snapshot::DEFAULT_CLASS_ANNOTATION),
+            "{fix}"
+        );
+        let (problem, fix) = w.only_default(d, [("a", false), ("c", false)]).unwrap_err();
+        assert!(problem.ends_with("(classes: a, c)"), "{problem}");
+        assert!(fix.starts_with("pass --snapshot-class"), "{fix}");
+        let (problem, _) = w.only_default(d, [("a", true), ("c", true)]).unwrap_err();
+        assert!(problem.ends_with("VolumeSnapshotClasses for driver hostpath.csi.k8s.io: a, c"));
+        assert_eq!(w.check_driver("a", d, d).unwrap(), "a");
+        let (problem, _) = w.check_driver("a", "other", d).unwrap_err();
+        assert_eq!(
+            problem,
+            "VolumeSnapshotClass a is for driver other, not hostpath.csi.k8s.io"
+        );
+    }
 }
