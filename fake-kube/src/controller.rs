@@ -138,20 +138,35 @@ fn sync_vs_from_content(store: &mut Store, ns: &str, name: &str, content: &Value
     })
 }
 
+/// The classes of `classes` (single or group) for `driver` marked default by `annotation`.
+pub(crate) fn default_classes(
+    store: &Store,
+    classes: &'static ResourceType,
+    annotation: &str,
+    driver: &str,
+) -> Vec<Value> {
+    store
+        .list(classes, None, &Selector::default())
+        .into_iter()
+        .filter(|c| {
+            s(c, &["driver"]) == Some(driver)
+                && s(c, &["metadata", "annotations", annotation]) == Some("true")
+        })
+        .collect()
+}
+
 fn find_class(store: &Store, vs: &Value, driver: &str) -> Result<Value, String> {
     if let Some(class) = s(vs, &["spec", "volumeSnapshotClassName"]) {
         return store
             .get(&VOLUME_SNAPSHOT_CLASSES, "", class)
             .map_err(|_| format!("failed to get snapshot class with name {class}: not found"));
     }
-    let defaults: Vec<Value> = store
-        .list(&VOLUME_SNAPSHOT_CLASSES, None, &Selector::default())
-        .into_iter()
-        .filter(|c| {
-            s(c, &["driver"]) == Some(driver)
-                && s(c, &["metadata", "annotations", DEFAULT_CLASS_ANNOTATION]) == Some("true")
-        })
-        .collect();
+    let defaults = default_classes(
+        store,
+        &VOLUME_SNAPSHOT_CLASSES,
+        DEFAULT_CLASS_ANNOTATION,
+        driver,
+    );
     match defaults.len() {
         1 => Ok(defaults.into_iter().next().unwrap_or_default()),
         0 => Err(format!(

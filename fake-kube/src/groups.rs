@@ -258,14 +258,12 @@ fn find_class(store: &Store, vgs: &Value, driver: &str) -> Result<Value, String>
                 format!("failed to get group snapshot class with name {class}: not found")
             });
     }
-    let defaults: Vec<Value> = store
-        .list(&VOLUME_GROUP_SNAPSHOT_CLASSES, None, &Selector::default())
-        .into_iter()
-        .filter(|c| {
-            s(c, &["driver"]) == Some(driver)
-                && s(c, &["metadata", "annotations", DEFAULT_CLASS_ANNOTATION]) == Some("true")
-        })
-        .collect();
+    let defaults = crate::controller::default_classes(
+        store,
+        &VOLUME_GROUP_SNAPSHOT_CLASSES,
+        DEFAULT_CLASS_ANNOTATION,
+        driver,
+    );
     match defaults.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err("cannot find default group snapshot class".into()),

@@ -504,6 +504,24 @@ impl Drop for FakeKube {
     }
 }
 
+/// A snapshot class (single or group, by `(apiVersion, kind)`) of `driver` with policy
+/// `Delete`, marked default by `default_annotation` when given.
+fn class_object(
+    (api_version, kind): (&str, &str),
+    name: &str,
+    driver: &str,
+    default_annotation: Option<&str>,
+) -> Value {
+    let mut class = json!({
+        "apiVersion": api_version, "kind": kind,
+        "metadata": {"name": name}, "driver": driver, "deletionPolicy": "Delete",
+    });
+    if let Some(annotation) = default_annotation {
+        class["metadata"]["annotations"] = json!({ annotation: "true" });
+    }
+    class
+}
+
 fn type_of(
     state: &State,
     api_version: &str,
@@ -766,15 +784,12 @@ impl FakeKube {
         driver: &str,
         default: bool,
     ) -> Result<Value, ApiError> {
-        let mut class = json!({
-            "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotClass",
-            "metadata": {"name": name}, "driver": driver, "deletionPolicy": "Delete",
-        });
-        if default {
-            class["metadata"]["annotations"] =
-                json!({"snapshot.storage.kubernetes.io/is-default-class": "true"});
-        }
-        self.create(class)
+        self.create(class_object(
+            ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"),
+            name,
+            driver,
+            default.then_some("snapshot.storage.kubernetes.io/is-default-class"),
+        ))
     }
 
     /// Creates a VolumeGroupSnapshotClass (policy `Delete`), optionally the driver's default
@@ -788,15 +803,15 @@ impl FakeKube {
         driver: &str,
         default: bool,
     ) -> Result<Value, ApiError> {
-        let mut class = json!({
-            "apiVersion": "groupsnapshot.storage.k8s.io/v1", "kind": "VolumeGroupSnapshotClass",
-            "metadata": {"name": name}, "driver": driver, "deletionPolicy": "Delete",
-        });
-        if default {
-            class["metadata"]["annotations"] =
-                json!({"groupsnapshot.storage.kubernetes.io/is-default-class": "true"});
-        }
-        self.create(class)
+        self.create(class_object(
+            (
+                "groupsnapshot.storage.k8s.io/v1",
+                "VolumeGroupSnapshotClass",
+            ),
+            name,
+            driver,
+            default.then_some("groupsnapshot.storage.kubernetes.io/is-default-class"),
+        ))
     }
 
     /// Creates a bound PVC with the given size, volume mode, access modes and labels; with a
