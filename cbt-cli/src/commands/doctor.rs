@@ -4,12 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cbt_k8s::ClusterTarget;
 use cbt_k8s::doctor::{DoctorOptions, DoctorReport, Status, run_doctor};
 use clap::Args;
 
 use crate::Ctx;
-use crate::commands::k8s::k8s_error;
+use crate::commands::k8s::connect_in;
 use crate::error::{CliError, ExitClass};
 
 /// `cbt doctor` flags.
@@ -77,16 +76,7 @@ fn human(report: &DoctorReport) -> String {
 
 /// Runs `cbt doctor`; exits 5 (configuration) when a check failed.
 pub async fn run(ctx: &Ctx, args: &DoctorArgs) -> Result<(), CliError> {
-    let cluster = cbt_k8s::connect(&ClusterTarget {
-        kubeconfig: args.kubeconfig.clone(),
-        context: args.context.clone(),
-    })
-    .await
-    .map_err(k8s_error)?;
-    let namespace = args
-        .namespace
-        .clone()
-        .unwrap_or_else(|| cluster.default_namespace.clone());
+    let (cluster, namespace) = connect_in(&args.kubeconfig, &args.context, &args.namespace).await?;
     let mut opts = DoctorOptions::new(&namespace);
     opts.driver = args.driver.clone();
     opts.service_account = args.service_account.clone();

@@ -103,6 +103,32 @@ pub struct PvcRestoreArgs {
     pub size: Option<u64>,
 }
 
+/// Connects to the cluster `kubeconfig` and `context` name (defaults as kubectl's).
+pub(crate) async fn connect(
+    kubeconfig: &Option<PathBuf>,
+    context: &Option<String>,
+) -> Result<cbt_k8s::Cluster, CliError> {
+    cbt_k8s::connect(&ClusterTarget {
+        kubeconfig: kubeconfig.clone(),
+        context: context.clone(),
+    })
+    .await
+    .map_err(k8s_error)
+}
+
+/// [`connect`], and `namespace` resolved against the context's default namespace.
+pub(crate) async fn connect_in(
+    kubeconfig: &Option<PathBuf>,
+    context: &Option<String>,
+    namespace: &Option<String>,
+) -> Result<(cbt_k8s::Cluster, String), CliError> {
+    let cluster = connect(kubeconfig, context).await?;
+    let namespace = namespace
+        .clone()
+        .unwrap_or_else(|| cluster.default_namespace.clone());
+    Ok((cluster, namespace))
+}
+
 /// A Kubernetes-layer error as the CLI reports it (class from its kind).
 pub(crate) fn k8s_error(e: cbt_k8s::Error) -> CliError {
     let class = ExitClass::from(e.kind());
@@ -213,16 +239,7 @@ pub async fn backup(
         // Fail on a wrong repository or credentials before anything is created in the cluster.
         ctx.repo().await?;
     }
-    let cluster = cbt_k8s::connect(&ClusterTarget {
-        kubeconfig: kube.kubeconfig.clone(),
-        context: kube.context.clone(),
-    })
-    .await
-    .map_err(k8s_error)?;
-    let namespace = kube
-        .namespace
-        .clone()
-        .unwrap_or_else(|| cluster.default_namespace.clone());
+    let (cluster, namespace) = connect_in(&kube.kubeconfig, &kube.context, &kube.namespace).await?;
     let names: Vec<String> = match &pvcs.selector {
         Some(sel) => cbt_k8s::pvc::pvcs_matching(&cluster, &namespace, sel)
             .await
@@ -467,16 +484,7 @@ pub async fn restore(
         Some(s) => s,
         None => recorded,
     };
-    let cluster = cbt_k8s::connect(&ClusterTarget {
-        kubeconfig: kube.kubeconfig.clone(),
-        context: kube.context.clone(),
-    })
-    .await
-    .map_err(k8s_error)?;
-    let namespace = kube
-        .namespace
-        .clone()
-        .unwrap_or_else(|| cluster.default_namespace.clone());
+    let (cluster, namespace) = connect_in(&kube.kubeconfig, &kube.context, &kube.namespace).await?;
     let opts = PvcRestoreOptions {
         namespace,
         pvc: pvc.clone(),

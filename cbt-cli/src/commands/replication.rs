@@ -4,14 +4,13 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use cbt_k8s::ClusterTarget;
 use cbt_k8s::replication::ops::{self, ChangeReport};
 use cbt_k8s::replication::types::ReplicationState;
 use clap::{Args, Subcommand};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::Ctx;
-use crate::commands::k8s::k8s_error;
+use crate::commands::k8s::{connect, connect_in, k8s_error};
 use crate::error::CliError;
 
 /// Which cluster.
@@ -73,17 +72,8 @@ pub async fn run(ctx: &Ctx, cmd: ReplicationCommand) -> Result<(), CliError> {
     if args.timeout == 0 {
         return Err(CliError::usage("--timeout must be at least 1 second"));
     }
-    let cluster = cbt_k8s::connect(&ClusterTarget {
-        kubeconfig: args.cluster.kubeconfig.clone(),
-        context: args.cluster.context.clone(),
-    })
-    .await
-    .map_err(k8s_error)?;
-    let ns = args
-        .cluster
-        .namespace
-        .clone()
-        .unwrap_or_else(|| cluster.default_namespace.clone());
+    let c = &args.cluster;
+    let (cluster, ns) = connect_in(&c.kubeconfig, &c.context, &c.namespace).await?;
     let report = ops::set_state(
         &cluster.client,
         &cluster.context,
@@ -114,12 +104,7 @@ fn human_change(r: &ChangeReport) -> String {
 }
 
 async fn status(ctx: &Ctx, c: &ClusterArgs) -> Result<(), CliError> {
-    let cluster = cbt_k8s::connect(&ClusterTarget {
-        kubeconfig: c.kubeconfig.clone(),
-        context: c.context.clone(),
-    })
-    .await
-    .map_err(k8s_error)?;
+    let cluster = connect(&c.kubeconfig, &c.context).await?;
     let rows = ops::status(
         &cluster.client,
         &cluster.context,
