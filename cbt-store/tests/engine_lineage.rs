@@ -546,14 +546,7 @@ async fn verify_read_data_names_the_snapshot_of_a_damaged_chunk() {
     backup_file(&fx.repo, &path, request("b-vol", "s2", full(), 2))
         .await
         .unwrap();
-    let (index, r) = a
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .nth(2)
-        .unwrap();
+    let (index, r) = nth_stored(&a, 2);
     let key = cbt_store::chunk::chunk_key(&r.hash);
     let file = fx.local.path_of(&key).unwrap();
     let mut bytes = std::fs::read(&file).unwrap();

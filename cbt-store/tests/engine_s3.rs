@@ -81,14 +81,7 @@ async fn backup_incremental_restore_verify_prune_over_s3() {
     assert!(std::fs::read(&out).unwrap() == img);
 
     // Damage one chunk on the server's disk: restore names it.
-    let (index, r) = second
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .next()
-        .unwrap();
+    let (index, r) = nth_stored(&second, 0);
     let path = server.object_path(
         "backups",
         &format!("team/repo/{}", cbt_store::chunk::chunk_key(&r.hash)),

@@ -162,14 +162,7 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
     let s2 = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
         .await
         .unwrap();
-    let (index, r) = s2
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .next()
-        .unwrap();
+    let (index, r) = nth_stored(&s2, 0);
     let mut json = manifest_json(&fx.repo, "v", "s2").await;
     // Consistently wrong within s2 (every index holding this chunk), so s2 alone is valid.
     for c in json["chunks"].as_array_mut().unwrap() {
@@ -320,14 +313,7 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let (index, r) = out
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .next()
-        .unwrap();
+    let (index, r) = nth_stored(&out, 0);
     let file = chunk_file(&fx, &r.hash);
     std::fs::OpenOptions::new()
         .write(true)
@@ -548,14 +534,7 @@ async fn a_failed_in_place_restore_says_which_ranges_hold_the_snapshot() {
     let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
         .await
         .unwrap();
-    let (index, r) = out
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .nth(2)
-        .unwrap();
+    let (index, r) = nth_stored(&out, 2);
     let path = chunk_file(&fx, &r.hash);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[60] ^= 0x01;
@@ -877,14 +856,7 @@ async fn a_backup_does_not_commit_when_a_chunk_it_deduplicated_against_is_gone()
     let first = backup_file(&fx.repo, &path, request("v", "s1", full(), 1))
         .await
         .unwrap();
-    let (_, gone) = first
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .nth(1)
-        .unwrap();
+    let (_, gone) = nth_stored(&first, 1);
     let store: Arc<dyn ObjectStore> = Arc::new(HookedStore::new(
         fx.store.clone(),
         DeleteAtRecheck {
@@ -975,14 +947,7 @@ async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() 
     req.chunk_size = Some(4096);
     let out = backup_file(&fx.repo, &src, req).await.unwrap();
     assert!(out.manifest.as_ref().unwrap().chunks.unique_chunks().len() > 1024);
-    let (index, r) = out
-        .manifest
-        .as_ref()
-        .unwrap()
-        .chunks
-        .iter_stored()
-        .nth(700)
-        .unwrap();
+    let (index, r) = nth_stored(&out, 700);
     std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
     let counting = Arc::new(FaultyStore::new(fx.store.clone()));
     let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
+use cbt_core::{ChunkRef, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource,
 };
@@ -184,6 +184,15 @@ pub async fn restore_file(
         &opts(),
     )
     .await
+}
+
+/// The `n`-th (0-based) stored chunk of the map `out` holds: its index and reference.
+pub fn nth_stored(out: &BackupOutcome, n: usize) -> (u64, ChunkRef) {
+    let map = &out.manifest.as_ref().expect("the map of the backup").chunks;
+    map.iter_stored()
+        .nth(n)
+        .map(|(i, r)| (i, *r))
+        .expect("enough stored chunks")
 }
 
 /// Overwrites `count` spread-out ranges of `len` bytes with new noise; returns them.
