@@ -11,7 +11,7 @@ use bytes::Bytes;
 use cbt_core::{CoreError, ErrorKind, Timestamp};
 use cbt_store::engine::{self, BackupMode};
 use cbt_store::repo::{GcOptions, ProblemKind, RepoError, VerifyOptions, segment_key};
-use cbt_store::store::{ObjectStore, PutMode, list_all};
+use cbt_store::store::{ObjectStore, list_all};
 use engine_support::*;
 
 /// 384 chunks of 64 KiB: three leaf segments under a root node.
@@ -123,10 +123,7 @@ async fn missing_or_damaged_segments_are_integrity_errors_in_verify_and_restore(
     let key = segment_key(&b_root.name);
     let mut body = fx.store.get(&key).await.unwrap().to_vec();
     body[20] ^= 1;
-    fx.store
-        .put(&key, Bytes::from(body), PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), &key, Bytes::from(body)).await;
     let err = fx
         .repo
         .load_manifest(&vol("v"), &snap("b"))

@@ -275,18 +275,12 @@ async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_li
 async fn oversized_config_and_lock_objects_are_not_read() {
     let fx = Fixture::new().await;
     let junk = Bytes::from(vec![b' '; 200 * 1024]);
-    fx.store
-        .put("locks/exclusive", junk.clone(), PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), "locks/exclusive", junk.clone()).await;
     // An unreadable lock still blocks what it blocks, and is listed for an operator.
     let locks = fx.repo.list_locks().await.unwrap();
     assert_eq!(locks.len(), 1);
     assert!(locks[0].purpose.contains("unreadable"));
-    fx.store
-        .put("config", junk, PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), "config", junk).await;
     let err = Repository::open(fx.store.clone()).await.unwrap_err();
     assert!(
         matches!(
@@ -409,10 +403,7 @@ async fn a_raw_chunk_checked_in_place_still_refuses_every_damage() {
     ];
     assert!(trailer_at > payload_at);
     for (what, body, reason_ok) in cases {
-        fx.store
-            .put(&key, Bytes::from(body), PutMode::Overwrite)
-            .await
-            .unwrap();
+        put_raw(fx.store.as_ref(), &key, Bytes::from(body)).await;
         let target = fx.path(&format!("out-{what}.img"));
         let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
             .await
@@ -426,7 +417,7 @@ async fn a_raw_chunk_checked_in_place_still_refuses_every_damage() {
         assert!(!target.exists(), "{what}: the partial target was left");
     }
     // Put back, the same chunk restores byte for byte.
-    fx.store.put(&key, good, PutMode::Overwrite).await.unwrap();
+    put_raw(fx.store.as_ref(), &key, good).await;
     let target = fx.path("out-good.img");
     restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
         .await

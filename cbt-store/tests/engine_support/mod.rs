@@ -10,7 +10,7 @@ use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource,
 };
 use cbt_store::repo::{InitOptions, Repository};
-use cbt_store::store::{LocalStore, ObjectStore};
+use cbt_store::store::{LocalStore, ObjectStore, PutMode};
 
 /// Chunk size of the test repositories (small so tests are fast but have many chunks).
 pub const CS: u64 = 64 * 1024;
@@ -184,6 +184,12 @@ pub async fn restore_file(
         &opts(),
     )
     .await
+}
+
+/// Stores `body` under `key` as it is, replacing what is there: how tests forge or damage
+/// objects behind the repository's back.
+pub async fn put_raw(store: &dyn ObjectStore, key: &str, body: bytes::Bytes) {
+    store.put(key, body, PutMode::Overwrite).await.unwrap();
 }
 
 /// The `n`-th (0-based) stored chunk of the map `out` holds: its index and reference.
