@@ -211,9 +211,13 @@ async fn retry_wrapper_over_s3_retries_a_dropped_connection_and_not_bad_credenti
     assert_eq!(bad.calls(Op::Get), 1, "credential errors are not retried");
 }
 
-/// Records the operation and key of every call it sees; fails deletes of `keep/` keys.
+/// Records the operation and key of every call it sees and counts the calls answered; fails
+/// deletes of `keep/` keys.
 #[derive(Debug, Default)]
-struct Witness(Mutex<Vec<(Option<Op>, String)>>);
+struct Witness(
+    Mutex<Vec<(Option<Op>, String)>>,
+    std::sync::atomic::AtomicUsize,
+);
 
 #[async_trait::async_trait]
 impl StoreHook for Witness {
@@ -231,11 +235,16 @@ impl StoreHook for Witness {
             _ => Ok(()),
         }
     }
+
+    fn finished(&self, _call: &Call<'_>) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The shared forwarding test store changes nothing it is not told to: over a local store it
-/// passes the whole conformance suite, its hook sees calls of every operation (and syncs), and
-/// an error from the hook is the caller's answer with the inner store left untouched.
+/// passes the whole conformance suite, its hook sees calls of every operation (and syncs) going
+/// in and coming back, and an error from the hook is the caller's answer with the inner store
+/// left untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
     let dir = tempfile::tempdir().unwrap();
@@ -281,6 +290,9 @@ async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
     );
     assert_eq!(local.get("keep/a").await.unwrap(), Bytes::from_static(b"v"));
     let log = hooked.hook().0.lock().unwrap();
+    // Every call was answered by the inner store except the one the hook refused.
+    let answered = hooked.hook().1.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(answered, log.len() - 1);
     assert_eq!(
         log[log.len() - 3..],
         [

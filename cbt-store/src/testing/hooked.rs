@@ -115,6 +115,12 @@ pub trait StoreHook: fmt::Debug + Send + Sync + 'static {
     fn put_done(&self, call: &Call<'_>, outcome: PutOutcome) {
         let _ = (call, outcome);
     }
+
+    /// Runs when the inner store has answered a forwarded call, whatever the answer (with
+    /// [`StoreHook::before`], brackets the call: e.g. to count calls in flight).
+    fn finished(&self, call: &Call<'_>) {
+        let _ = call;
+    }
 }
 
 /// [`ObjectStore`] that forwards every call to `inner` through a [`StoreHook`].
@@ -149,7 +155,9 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             opts: PutOptions::new(mode),
         };
         self.before(&call).await?;
-        let out = self.inner.put(key, body, mode).await?;
+        let out = self.inner.put(key, body, mode).await;
+        self.hook.finished(&call);
+        let out = out?;
         self.hook.put_done(&call, out);
         Ok(out)
     }
@@ -166,14 +174,19 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             opts,
         };
         self.before(&call).await?;
-        let out = self.inner.put_with(key, body, opts).await?;
+        let out = self.inner.put_with(key, body, opts).await;
+        self.hook.finished(&call);
+        let out = out?;
         self.hook.put_done(&call, out);
         Ok(out)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
-        self.before(&Call::Sync).await?;
-        self.inner.sync().await
+        let call = Call::Sync;
+        self.before(&call).await?;
+        let out = self.inner.sync().await;
+        self.hook.finished(&call);
+        out
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -183,7 +196,9 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             aligned_at: None,
         };
         self.before(&call).await?;
-        let body = self.inner.get(key).await?;
+        let body = self.inner.get(key).await;
+        self.hook.finished(&call);
+        let body = body?;
         Ok(self.hook.read(&call, body))
     }
 
@@ -194,7 +209,9 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             aligned_at: None,
         };
         self.before(&call).await?;
-        let body = self.inner.get_bounded(key, max_len).await?;
+        let body = self.inner.get_bounded(key, max_len).await;
+        self.hook.finished(&call);
+        let body = body?;
         Ok(self.hook.read(&call, body))
     }
 
@@ -213,7 +230,9 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
         let body = self
             .inner
             .get_bounded_aligned(key, max_len, aligned_at)
-            .await?;
+            .await;
+        self.hook.finished(&call);
+        let body = body?;
         Ok(self.hook.read(&call, body))
     }
 
@@ -223,13 +242,18 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             range: range.clone(),
         };
         self.before(&call).await?;
-        let body = self.inner.get_range(key, range).await?;
+        let body = self.inner.get_range(key, range).await;
+        self.hook.finished(&call);
+        let body = body?;
         Ok(self.hook.read(&call, body))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        self.before(&Call::Head { key }).await?;
-        self.inner.head(key).await
+        let call = Call::Head { key };
+        self.before(&call).await?;
+        let out = self.inner.head(key).await;
+        self.hook.finished(&call);
+        out
     }
 
     async fn list_page(
@@ -237,16 +261,22 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
         prefix: &str,
         continuation: Option<String>,
     ) -> Result<ListPage, StoreError> {
-        self.before(&Call::List {
+        let asked = continuation.clone();
+        let call = Call::List {
             prefix,
-            continuation: continuation.as_deref(),
-        })
-        .await?;
-        self.inner.list_page(prefix, continuation).await
+            continuation: asked.as_deref(),
+        };
+        self.before(&call).await?;
+        let out = self.inner.list_page(prefix, continuation).await;
+        self.hook.finished(&call);
+        out
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.before(&Call::Delete { key }).await?;
-        self.inner.delete(key).await
+        let call = Call::Delete { key };
+        self.before(&call).await?;
+        let out = self.inner.delete(key).await;
+        self.hook.finished(&call);
+        out
     }
 }
