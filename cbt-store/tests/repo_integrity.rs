@@ -32,7 +32,7 @@ async fn setup() -> (Fixture, BackupOutcome, Vec<u8>) {
 
 /// First stored chunk of the manifest: (index, key).
 fn first_chunk(out: &BackupOutcome) -> (u64, String) {
-    let (i, r) = nth_stored(&out, 0);
+    let (i, r) = nth_stored(out, 0);
     (i, chunk::chunk_key(&r.hash))
 }
 
