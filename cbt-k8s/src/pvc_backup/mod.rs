@@ -1097,6 +1097,7 @@ pub async fn restore_to_pvc(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
 
