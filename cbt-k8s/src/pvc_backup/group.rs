@@ -920,55 +920,16 @@ async fn group_retention(
     let selector = format!(
         "{MANAGED_BY_LABEL}={MANAGED_BY},{ROLE_LABEL}={GROUP_ROLE},{SELECTOR_HASH_LABEL}={hash}"
     );
-    let mut ours: Vec<VolumeGroupSnapshot> = groups
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .map_err(|e| Error::api(&cluster.context, "list", "VolumeGroupSnapshot", ns, e))?
-        .items
-        .into_iter()
-        // The labels alone could be copied by hand; the owner annotation says we cut it.
-        .filter(|g| {
-            g.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(OWNER_ANNOTATION))
-                .is_some_and(|o| o == GROUP_CREATED_BY)
-        })
-        .collect();
-    ours.sort_by(|a, b| {
-        (
-            a.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            &a.metadata.name,
-        )
-            .cmp(&(
-                b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                &b.metadata.name,
-            ))
-    });
-    let excess = ours.len().saturating_sub(opts.pvc.keep_snapshots.max(1));
-    let mut deleted = Vec::new();
-    for g in ours.iter().take(excess) {
-        let Some(name) = g.metadata.name.as_deref() else {
-            continue;
-        };
-        if name == current {
-            continue;
-        }
-        match groups.delete(name, &DeleteParams::default()).await {
-            Ok(_) => deleted.push(name.to_string()),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => {
-                return Err(Error::api(
-                    &cluster.context,
-                    "delete",
-                    "VolumeGroupSnapshot",
-                    ns_name(ns, name),
-                    e,
-                ));
-            }
-        }
-    }
-    Ok(deleted)
+    // Deleting a group deletes its members.
+    super::delete_oldest(
+        cluster,
+        &groups,
+        ("VolumeGroupSnapshot", ns),
+        &selector,
+        GROUP_CREATED_BY,
+        (opts.pvc.keep_snapshots, current),
+    )
+    .await
 }
 
 #[cfg(test)]

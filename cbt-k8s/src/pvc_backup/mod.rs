@@ -866,58 +866,68 @@ async fn retention(
         "{MANAGED_BY_LABEL}={MANAGED_BY},{ROLE_LABEL}=snapshot,{PVC_UID_LABEL}={}",
         pvc.uid
     );
-    let mut ours: Vec<VolumeSnapshot> = vss
-        .list(&ListParams::default().labels(&selector))
+    delete_oldest(
+        cluster,
+        &vss,
+        ("VolumeSnapshot", &pvc.namespace),
+        &selector,
+        "cbt backup --pvc",
+        (keep, current),
+    )
+    .await
+}
+
+/// Deletes the objects of `kind` in namespace `ns` that `api` lists under `selector` and this
+/// tool cut (owner annotation `owner`: labels alone could be copied by hand), oldest first,
+/// keeping the newest `keep` (at least one) and always `current`. Returns the names deleted.
+pub(crate) async fn delete_oldest<K>(
+    cluster: &Cluster,
+    api: &Api<K>,
+    (kind, ns): (&'static str, &str),
+    selector: &str,
+    owner: &str,
+    (keep, current): (usize, &str),
+) -> Result<Vec<String>, Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut ours: Vec<K> = api
+        .list(&ListParams::default().labels(selector))
         .await
-        .map_err(|e| {
-            Error::api(
-                &cluster.context,
-                "list",
-                "VolumeSnapshot",
-                &pvc.namespace,
-                e,
-            )
-        })?
+        .map_err(|e| Error::api(&cluster.context, "list", kind, ns, e))?
         .items
         .into_iter()
-        // The label alone could be copied by hand; the owner annotation says we cut it.
-        .filter(|vs| {
-            vs.metadata
+        .filter(|o| {
+            o.meta()
                 .annotations
                 .as_ref()
                 .and_then(|a| a.get(objects::OWNER_ANNOTATION))
-                .is_some_and(|o| o == "cbt backup --pvc")
+                .is_some_and(|o| o == owner)
         })
         .collect();
-    ours.sort_by(|a, b| {
-        (
-            a.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            &a.metadata.name,
-        )
-            .cmp(&(
-                b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                &b.metadata.name,
-            ))
-    });
-    let keep = keep.max(1);
+    let age = |o: &K| {
+        let m = o.meta();
+        (m.creation_timestamp.as_ref().map(|t| t.0), m.name.clone())
+    };
+    ours.sort_by_key(age);
+    let excess = ours.len().saturating_sub(keep.max(1));
     let mut deleted = Vec::new();
-    let excess = ours.len().saturating_sub(keep);
-    for vs in ours.iter().take(excess) {
-        let Some(name) = vs.metadata.name.as_deref() else {
+    for o in ours.iter().take(excess) {
+        let Some(name) = o.meta().name.as_deref() else {
             continue;
         };
         if name == current {
             continue;
         }
-        match vss.delete(name, &DeleteParams::default()).await {
+        match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => deleted.push(name.to_string()),
             Err(e) if is_not_found(&e) => {}
             Err(e) => {
                 return Err(Error::api(
                     &cluster.context,
                     "delete",
-                    "VolumeSnapshot",
-                    ns_name(&pvc.namespace, name),
+                    kind,
+                    ns_name(ns, name),
                     e,
                 ));
             }
