@@ -39,13 +39,27 @@ impl Timestamp {
 
     /// RFC 3339 text in UTC with millisecond precision, e.g. `2026-11-22T01:02:03.004Z`.
     pub fn to_rfc3339(&self) -> String {
-        let ms = self.0.rem_euclid(1000);
+        format!(
+            "{}.{:03}Z",
+            self.rfc3339_to_the_second(),
+            self.0.rem_euclid(1000)
+        )
+    }
+
+    /// RFC 3339 text in UTC to the second (the fraction dropped), e.g. `2026-11-22T01:02:03Z`:
+    /// how Kubernetes writes a `metav1.Time`.
+    pub fn to_rfc3339_secs(&self) -> String {
+        format!("{}Z", self.rfc3339_to_the_second())
+    }
+
+    /// `YYYY-MM-DDTHH:MM:SS` of the second this instant falls in.
+    fn rfc3339_to_the_second(&self) -> String {
         let secs = self.0.div_euclid(1000);
         let days = secs.div_euclid(86_400);
         let sod = secs.rem_euclid(86_400);
         let (y, m, d) = civil_from_days(days);
         format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
             sod / 3600,
             (sod / 60) % 60,
             sod % 60
@@ -89,5 +103,10 @@ mod tests {
             Timestamp(951_782_400_000).to_rfc3339(),
             "2000-02-29T00:00:00.000Z"
         );
+        assert_eq!(
+            Timestamp(1_795_309_323_004).to_rfc3339_secs(),
+            "2026-11-22T01:02:03Z"
+        );
+        assert_eq!(Timestamp(-1).to_rfc3339_secs(), "1969-12-31T23:59:59Z");
     }
 }

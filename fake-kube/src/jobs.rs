@@ -86,7 +86,8 @@ pub(crate) fn parse_rfc3339(ts: &str) -> Option<i64> {
     let num = |r: std::ops::Range<usize>| ts.get(r)?.parse::<i64>().ok();
     let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
     let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    // Days from civil (Howard Hinnant), the inverse of values::civil_from_days.
+    // Days from civil (Howard Hinnant), the inverse of the date arithmetic behind
+    // `cbt_core::Timestamp::to_rfc3339`.
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;

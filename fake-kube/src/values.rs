@@ -12,35 +12,12 @@ pub fn unix_nanos_now() -> i64 {
 
 /// RFC 3339 UTC timestamp with second precision, as metav1.Time serialises.
 pub fn rfc3339_from_unix_nanos(nanos: i64) -> String {
-    let secs = nanos.div_euclid(1_000_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    cbt_core::Timestamp(nanos.div_euclid(1_000_000)).to_rfc3339_secs()
 }
 
 /// Current time in RFC 3339.
 pub fn rfc3339_now() -> String {
     rfc3339_from_unix_nanos(unix_nanos_now())
-}
-
-// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
 /// Parses an integral resource quantity ("10Gi", "500M", "1024") into bytes.
