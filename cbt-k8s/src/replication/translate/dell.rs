@@ -518,15 +518,9 @@ pub fn decide(
 pub fn plan(req: &Request, class: &ClassView, obs: &DellObserved) -> Plan {
     let backend = Some(Backend::DellPowerStore);
     let s = &req.subject;
-    if s.kind == SubjectKind::Group && !s.external && !s.deleting {
-        return reject(
-            req,
-            backend,
-            Rejection::ExternalRequired {
-                backend: Backend::DellPowerStore,
-                class: class.name.clone(),
-            },
-        );
+    if let Some(rejected) = super::reject_unless_external_group(req, class, Backend::DellPowerStore)
+    {
+        return rejected;
     }
     if s.deleting {
         // The RG belongs to Dell: replication goes on; nothing of ours to remove.

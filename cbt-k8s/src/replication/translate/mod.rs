@@ -909,6 +909,26 @@ pub fn plan(req: &Request, observed: &Observed) -> Result<Plan, TranslateError> 
     }
 }
 
+/// The rejection of a group this tool would have to create on `backend`, which replicates
+/// groups only when adopted from outside (`None`: the subject may go on).
+pub(crate) fn reject_unless_external_group(
+    req: &Request,
+    class: &ClassView,
+    backend: Backend,
+) -> Option<Plan> {
+    let s = &req.subject;
+    (s.kind == SubjectKind::Group && !s.external && !s.deleting).then(|| {
+        reject(
+            req,
+            Some(backend),
+            Rejection::ExternalRequired {
+                backend,
+                class: class.name.clone(),
+            },
+        )
+    })
+}
+
 /// A plan that writes nothing and reports `rejection` (status owned by us).
 pub(crate) fn reject(req: &Request, backend: Option<Backend>, rejection: Rejection) -> Plan {
     if req.subject.deleting {

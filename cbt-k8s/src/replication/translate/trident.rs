@@ -317,15 +317,8 @@ pub fn aggregate(desired: ReplicationState, members: &[(String, MemberReport)]) 
 pub fn plan(req: &Request, class: &ClassView, obs: &TridentObserved) -> Plan {
     let backend = Some(Backend::Trident);
     let s = &req.subject;
-    if s.kind == SubjectKind::Group && !s.external && !s.deleting {
-        return reject(
-            req,
-            backend,
-            Rejection::ExternalRequired {
-                backend: Backend::Trident,
-                class: class.name.clone(),
-            },
-        );
+    if let Some(rejected) = super::reject_unless_external_group(req, class, Backend::Trident) {
+        return rejected;
     }
     let owner = s.owner_key();
     let ours = |meta: &ObjectMeta| {
