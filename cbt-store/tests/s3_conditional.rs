@@ -21,7 +21,10 @@ async fn a_server_that_honours_conditional_writes_is_recognised_and_left_clean()
     let server = S3TestServer::start().await.unwrap();
     server.create_bucket("bkt").unwrap();
     let store = server.store("bkt", "repo").await.unwrap();
-    assert_eq!(store.conditional_writes(), ConditionalWrites::Honoured);
+    assert_eq!(
+        store.conditional_writes().await.unwrap(),
+        ConditionalWrites::Honoured
+    );
     assert!(
         list_all(&store, "").await.unwrap().is_empty(),
         "probe object left behind"
@@ -49,7 +52,10 @@ async fn a_server_that_ignores_conditional_writes_gets_no_exclusive_writes() {
     let mut blind = server.config("bkt", "blind");
     blind.check_on_connect = false;
     let blind = S3Store::connect(blind).await.unwrap();
-    assert_eq!(blind.conditional_writes(), ConditionalWrites::Unknown);
+    assert_eq!(
+        blind.conditional_writes().await.unwrap(),
+        ConditionalWrites::Unknown
+    );
     for body in [&b"first"[..], b"second"] {
         let out = blind
             .put("k", Bytes::copy_from_slice(body), PutMode::IfAbsent)
@@ -61,7 +67,10 @@ async fn a_server_that_ignores_conditional_writes_gets_no_exclusive_writes() {
 
     // With the probe: detected, and exclusive writes are refused, naming the server.
     let store = server.store("bkt", "repo").await.unwrap();
-    assert_eq!(store.conditional_writes(), ConditionalWrites::Ignored);
+    assert_eq!(
+        store.conditional_writes().await.unwrap(),
+        ConditionalWrites::Ignored
+    );
     let err = store
         .put(
             "locks/exclusive",
