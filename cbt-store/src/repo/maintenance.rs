@@ -327,10 +327,10 @@ impl Repository {
     /// returned as errors.
     ///
     /// # Memory
-    /// Snapshots are checked one at a time, each map in index order a leaf at a time: a
+    /// Snapshots are checked one at a time (the next four heads are read meanwhile), each map in index order a leaf at a time: a
     /// format-2 map holds at most [`VERIFY_MAP_ENTRIES`] entries
     /// ([`VerifyReport::map_entries_peak`]), a format-1 map is held whole (bounded by its own
-    /// object). Downloads (`read_data`) are handed to `concurrency` readers through a queue of
+    /// object; up to five at once: the one walked and the heads read ahead). Downloads (`read_data`) are handed to `concurrency` readers through a queue of
     /// `2 * concurrency` jobs. What grows is the table of the store's chunks, from one listing
     /// of `chunks/`: [`CHUNK_TABLE_ENTRY_BYTES`] (56) bytes per stored chunk (its name, stored
     /// size, and the checksum and length it was first downloaded for), up to twice that while
@@ -403,7 +403,16 @@ impl Repository {
         let single = opts.snapshot.is_some();
         let mut report = VerifyReport::default();
         let gauge = std::sync::Arc::new(EntryGauge::default());
-        for (v, s) in keys {
+        // The next heads are read while one is walked, a few at a time and handed over in the
+        // listing's order, so the report (and the first error returned) is the same as one at
+        // a time: a round trip per snapshot is what a repository of many small snapshots cost.
+        let mut heads = futures::stream::iter(keys)
+            .map(|(v, s)| async move {
+                let loaded = self.load_stored(&v, &s).await;
+                (v, s, loaded)
+            })
+            .buffered(LOAD_CONCURRENCY);
+        while let Some((v, s, loaded)) = heads.next().await {
             let unreadable = |e: &RepoError| VerifyProblem {
                 snapshot: format!("{v}/{s}"),
                 index: None,
@@ -412,7 +421,7 @@ impl Repository {
                     message: e.to_string(),
                 },
             };
-            let stored = match self.load_stored(&v, &s).await {
+            let stored = match loaded {
                 Ok(m) => m,
                 Err(e) if single || e.is_transient() => return Err(e),
                 Err(RepoError::SnapshotNotFound { .. }) => continue, // deleted since listed
