@@ -39,7 +39,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_s3::config::interceptors::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
@@ -154,7 +156,9 @@ pub enum ConditionalWrites {
 /// HTTP requests a [`S3Store`] has sent, by kind (every attempt counts, retries included).
 ///
 /// Requests cost round trips and, on a server sharing the machine, its CPU: these counts are
-/// what tests bound and what `RUST_LOG=cbt_store::store::s3=debug` shows request by request.
+/// what tests bound and what `RUST_LOG=cbt_store::store::s3=debug` shows request by request
+/// (an `S3 request` line when one is sent, an `S3 answer` line with its status when the answer
+/// arrives: together they show which requests overlap).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestCounts {
     /// `PUT` (objects and multipart parts).
@@ -178,6 +182,14 @@ impl RequestCounts {
     }
 }
 
+/// `METHOD uri` of the attempt in flight, for its answer's log line.
+#[derive(Debug, Clone)]
+struct SentRequest(String);
+
+impl aws_smithy_types::config_bag::Storable for SentRequest {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
 /// Shared by every clone of one store; one slot per [`RequestCounts`] field.
 #[derive(Debug, Default, Clone)]
 struct RequestCounter(Arc<[AtomicU64; 6]>);
@@ -191,7 +203,7 @@ impl Intercept for RequestCounter {
         &self,
         context: &BeforeTransmitInterceptorContextRef<'_>,
         _components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
+        cfg: &mut ConfigBag,
     ) -> Result<(), aws_sdk_s3::error::BoxError> {
         let req = context.request();
         let uri = req.uri();
@@ -206,6 +218,23 @@ impl Intercept for RequestCounter {
         };
         self.0[slot].fetch_add(1, Ordering::Relaxed);
         tracing::debug!(method = req.method(), %uri, "S3 request");
+        // The request itself is gone by the time its answer is seen: keep what names it.
+        cfg.interceptor_state()
+            .store_put(SentRequest(format!("{} {uri}", req.method())));
+        Ok(())
+    }
+
+    // With the request lines, the answers show the round trips: which requests overlap and
+    // which wait for another.
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let status = context.response().map(|r| r.status().as_u16());
+        let sent = cfg.load::<SentRequest>().map_or("?", |s| s.0.as_str());
+        tracing::debug!(request = sent, ?status, "S3 answer");
         Ok(())
     }
 }
