@@ -131,6 +131,8 @@ struct Observed {
     /// `VERB key` per request, in arrival order.
     log: Mutex<Vec<String>>,
     hold: Mutex<Option<Hold>>,
+    /// PUTs of a key still to be answered `503 SlowDown`, by key.
+    slow_down: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// One armed hold: the answer to a PUT of `put_key` waits for a GET of `get_key`.
@@ -157,6 +159,20 @@ impl TestS3 {
             && h.get_key == key
         {
             h.get_seen.send_replace(true);
+        }
+    }
+
+    /// Whether this PUT of `key` is one to refuse with `SlowDown` (counting it).
+    fn slow_down(&self, key: &str) -> bool {
+        let Ok(mut pending) = self.observed.slow_down.lock() else {
+            return false;
+        };
+        match pending.get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -188,6 +204,9 @@ impl s3s::S3 for TestS3 {
         mut req: s3s::S3Request<s3s::dto::PutObjectInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::PutObjectOutput>> {
         self.log("PUT", &req.input.key);
+        if self.slow_down(&req.input.key) {
+            return Err(s3s::S3Error::new(s3s::S3ErrorCode::SlowDown));
+        }
         self.maybe_hold(&req.input.key).await;
         if self.ignore_conditional_writes {
             req.input.if_none_match = None;
@@ -425,6 +444,14 @@ impl S3TestServer {
                 get_seen: tokio::sync::watch::Sender::new(false),
                 overlapped: None,
             });
+        }
+    }
+
+    /// Answers the next `times` PUTs of `key` (including the store's prefix) with `503
+    /// SlowDown`, a transient error, without storing anything.
+    pub fn slow_down_puts(&self, key: &str, times: u32) {
+        if let Ok(mut pending) = self.observed.slow_down.lock() {
+            pending.insert(key.to_string(), times);
         }
     }
 
