@@ -666,12 +666,37 @@ async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count
 }
 
 /// A store that counts the manifest reads in flight at once, each held for a moment so that
-/// reads issued together overlap.
+/// reads issued together overlap, and holds the listings of `snapshots/` and `chunks/` until
+/// both have started (at most 5 s), recording whether they did.
 #[derive(Debug)]
 struct HeadReads {
     inner: Arc<dyn ObjectStore>,
     in_flight: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
+    /// Bit 1: a `snapshots/` listing started; bit 2: a `chunks/` listing started.
+    listings: tokio::sync::watch::Sender<u8>,
+    /// Whether every listing saw the other start while it was held.
+    listings_overlapped: std::sync::atomic::AtomicBool,
+}
+
+impl HeadReads {
+    fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner,
+            in_flight: Default::default(),
+            peak: Default::default(),
+            listings: tokio::sync::watch::Sender::new(0),
+            listings_overlapped: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Ready for another verify: counts and listings forgotten.
+    fn reset(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.peak.store(0, SeqCst);
+        self.listings.send_replace(0);
+        self.listings_overlapped.store(true, SeqCst);
+    }
 }
 
 #[async_trait::async_trait]
@@ -721,6 +746,27 @@ impl ObjectStore for HeadReads {
         prefix: &str,
         continuation: Option<String>,
     ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
+        let bit = if prefix.starts_with("snapshots/") {
+            1
+        } else if prefix.starts_with("chunks/") {
+            2
+        } else {
+            0
+        };
+        if bit != 0 {
+            self.listings.send_modify(|v| *v |= bit);
+            let mut seen = self.listings.subscribe();
+            let both = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                seen.wait_for(|v| *v == 3),
+            )
+            .await
+            .is_ok();
+            if !both {
+                self.listings_overlapped
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
         self.inner.list_page(prefix, continuation).await
     }
     async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
@@ -729,7 +775,7 @@ impl ObjectStore for HeadReads {
 }
 
 #[tokio::test]
-async fn verify_reads_heads_a_few_at_a_time_and_reports_each_problem_once_in_order() {
+async fn verify_lists_and_reads_heads_side_by_side_and_reports_each_problem_once_in_order() {
     let fx = Fixture::new().await;
     // Twelve snapshots of two chunks each, no chunk shared.
     let names: Vec<String> = (0..12).map(|i| format!("s{i:02}")).collect();
@@ -764,14 +810,10 @@ async fn verify_reads_heads_a_few_at_a_time_and_reports_each_problem_once_in_ord
         std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();
     }
 
-    let watched = Arc::new(HeadReads {
-        inner: fx.store.clone(),
-        in_flight: Default::default(),
-        peak: Default::default(),
-    });
+    let watched = Arc::new(HeadReads::new(fx.store.clone()));
     let repo = Repository::open(watched.clone()).await.unwrap();
     for read_data in [false, true] {
-        watched.peak.store(0, std::sync::atomic::Ordering::SeqCst);
+        watched.reset();
         let report = repo
             .verify(&VerifyOptions {
                 read_data,
@@ -804,5 +846,11 @@ async fn verify_reads_heads_a_few_at_a_time_and_reports_each_problem_once_in_ord
         // Heads are read four at a time, never more.
         let peak = watched.peak.load(std::sync::atomic::Ordering::SeqCst);
         assert_eq!(peak, 4, "manifest reads in flight at once");
+        // The snapshot listing and the chunk listing go out side by side.
+        assert!(
+            watched
+                .listings_overlapped
+                .load(std::sync::atomic::Ordering::SeqCst)
+        );
     }
 }

@@ -346,16 +346,22 @@ impl Repository {
     /// Only failures to list or talk to the store, a missing requested snapshot, or a
     /// snapshot given without its volume.
     pub async fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        let keys = if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
-            vec![(v.clone(), s.clone())]
-        } else if let Some(s) = &opts.snapshot {
+        if let (None, Some(s)) = (&opts.volume, &opts.snapshot) {
             return Err(RepoError::InvalidRequest {
                 reason: format!("snapshot {s} given without its volume"),
             });
-        } else {
-            self.manifest_keys(opts.volume.as_ref()).await?
+        }
+        let keys = async {
+            match (&opts.volume, &opts.snapshot) {
+                (Some(v), Some(s)) => Ok(vec![(v.clone(), s.clone())]),
+                _ => self.manifest_keys(opts.volume.as_ref()).await,
+            }
         };
-        let mut table = ChunkTable::list(self.store().as_ref()).await?;
+        // The two listings do not depend on each other: side by side, and when both fail the
+        // snapshots' error is the one returned, as when they ran one after the other.
+        let (keys, table) = futures::join!(keys, ChunkTable::list(self.store().as_ref()));
+        let keys = keys?;
+        let mut table = table?;
         let concurrency = if opts.concurrency == 0 {
             8
         } else {
