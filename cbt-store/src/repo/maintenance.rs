@@ -44,6 +44,27 @@ const DELETE_CONCURRENCY: usize = 16;
 /// Manifests loaded concurrently while streaming.
 const LOAD_CONCURRENCY: usize = 4;
 
+/// A spawned task that is cancelled when its handle is dropped (a walk that stops early
+/// leaves no reads behind).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What `verify` checks.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -412,13 +433,21 @@ impl Repository {
         // The next heads are read while one is walked, a few at a time and handed over in the
         // listing's order, so the report (and the first error returned) is the same as one at
         // a time: a round trip per snapshot is what a repository of many small snapshots cost.
+        // Each read is a task of its own: a buffered future would only make progress while the
+        // walk waits for it, not while the walk reads segments.
         let mut heads = futures::stream::iter(keys)
-            .map(|(v, s)| async move {
-                let loaded = self.load_stored(&v, &s).await;
-                (v, s, loaded)
+            .map(|(v, s)| {
+                let repo = self.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    let loaded = repo.load_stored(&v, &s).await;
+                    (v, s, loaded)
+                }))
             })
             .buffered(LOAD_CONCURRENCY);
-        while let Some((v, s, loaded)) = heads.next().await {
+        while let Some(joined) = heads.next().await {
+            let (v, s, loaded) = joined.map_err(|e| RepoError::Internal {
+                message: format!("reading a snapshot head: {e}"),
+            })?;
             let unreadable = |e: &RepoError| VerifyProblem {
                 snapshot: format!("{v}/{s}"),
                 index: None,
