@@ -23,7 +23,7 @@ use cbt_store::engine::cbt::{
     CbtBackupPlan, CbtBackupSpec, CbtPlanError, CbtTarget, DeltaBase, plan_cbt_backup,
 };
 use cbt_store::engine::{
-    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
+    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, TargetVerifyReport,
     verify_target_stored,
 };
 use cbt_store::repo::{RepoError, Repository};
@@ -160,7 +160,8 @@ pub struct MoverReport {
     /// Bytes the service reported (allocated or changed).
     #[serde(default)]
     pub bytes_in_ranges: u64,
-    /// Bytes read from the device (backup) or written to it (restore).
+    /// Bytes read from the device: by a backup, or by the read-back of a verify (a
+    /// regular file's holes are not read).
     #[serde(default)]
     pub bytes_read: u64,
     /// Bytes uploaded (backup) or downloaded (restore).
@@ -355,13 +356,14 @@ pub async fn run_with_key(
             let (volume, snapshot) = restore_names(t)?;
             let stored = repo.load_stored(&volume, &snapshot).await?;
             let head = stored.head();
-            let chunks_verified = read_back(&repo, device.as_path(), t, &stored).await?;
+            let check = read_back(&repo, device.as_path(), t, &stored).await?;
             MoverReport {
                 ok: true,
                 snapshot: Some(head.snapshot.to_string()),
                 snapshot_id: Some(head.snapshot_id.clone()),
                 volume_size: head.volume_size(),
-                chunks_verified,
+                bytes_read: check.bytes_read,
+                chunks_verified: check.chunks_ok,
                 ..MoverReport::default()
             }
         }
@@ -517,7 +519,7 @@ async fn restore(
     .await?;
     // Loaded again rather than kept: a format-1 map is held once, by the restore or here.
     let stored = repo.load_stored(&volume, &snapshot).await?;
-    let chunks_verified = read_back(repo, device, t, &stored).await?;
+    let chunks_verified = read_back(repo, device, t, &stored).await?.chunks_ok;
     Ok(MoverReport {
         ok: true,
         snapshot: Some(head.snapshot.to_string()),
@@ -531,7 +533,7 @@ async fn restore(
 }
 
 /// Reads `device` back against the snapshot (its map walked in a bounded window, see
-/// [`verify_target_stored`]); returns the chunks that matched.
+/// [`verify_target_stored`]); returns what it found when every chunk matched.
 ///
 /// # Errors
 /// [`MoverError::VerifyFailed`] when any chunk differs; [`MoverError::Io`] reading the device.
@@ -540,7 +542,7 @@ async fn read_back(
     device: &Path,
     t: &RestoreTask,
     stored: &StoredManifest,
-) -> Result<u64, MoverError> {
+) -> Result<TargetVerifyReport, MoverError> {
     let check = match verify_target_stored(repo, stored, device).await {
         Ok(check) => check,
         Err(RepoError::TargetIo { offset, source, .. }) => {
@@ -558,7 +560,7 @@ async fn read_back(
             first: check.mismatched,
         });
     }
-    Ok(check.chunks_ok)
+    Ok(check)
 }
 
 /// The report of a failed run.
