@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use cbt_core::manifest::ParentRef;
+use cbt_core::maptree::LEAF_SPAN;
 use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, BlockSource, EngineOptions, RestoreOptions,
@@ -215,4 +216,215 @@ async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link()
     let mut want = vec![0u8; size as usize];
     child_src.read_exact_at(&mut want, 0).unwrap();
     assert!(std::fs::read(&target).unwrap() == want);
+}
+
+/// A repository of 4 KiB chunks in `dir`.
+async fn repo_in(dir: &std::path::Path) -> Repository {
+    let local = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    Repository::init(
+        local as Arc<dyn ObjectStore>,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// The most map entries a full backup with a parent may hold with `o`, from the constants:
+/// the fold's results waiting for an earlier chunk (`transfers`), its open leaf and the
+/// finished leaves not yet stored (`LEAF_WINDOW + 1`), plus the parent's leaves over the
+/// chunks in flight (`ceil(in_flight / 128)`, one more where they straddle a boundary), the
+/// one the fold waits in and the walk's read-ahead (`LEAF_WINDOW`).
+fn peak_bound(o: &EngineOptions) -> u64 {
+    let leaf = LEAF_SPAN;
+    let in_flight = (o.readers + o.readahead + o.workers + o.transfers) as u64;
+    let fold = o.transfers as u64 + (LEAF_WINDOW as u64 + 2) * leaf;
+    let window = (LEAF_WINDOW as u64 + 2 + in_flight.div_ceil(leaf)) * leaf;
+    fold + window
+}
+
+/// Restores `name` of `volume` and checks it is `want`'s image, byte for byte.
+async fn assert_restores(
+    repo: &Repository,
+    dir: &std::path::Path,
+    volume: &VolumeName,
+    name: &str,
+    want: &SyntheticSource,
+) {
+    let target = dir.join(format!("{volume}-{name}.img"));
+    engine::restore(
+        repo,
+        volume,
+        &SnapshotName::new(name).unwrap(),
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = std::fs::read(&target).unwrap();
+    let mut image = vec![0u8; want.size() as usize];
+    want.read_exact_at(&mut image, 0).unwrap();
+    assert_eq!(got.len(), image.len(), "{name}: restored size");
+    assert!(got == image, "{name}: restored image differs");
+}
+
+/// The volume grew (about 2x, from a size that ends in a partial chunk): the parent is read in a
+/// window of its own shape; below its end, unchanged chunks are deduplicated against it; the
+/// partial chunk that became whole and everything past the old end are compared as new.
+#[tokio::test]
+async fn full_with_a_grown_parent_streams_and_uploads_only_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("grown").unwrap();
+    let old = 2 * MIB + 1000;
+    let parent_src = SyntheticSource::new(old, RangeSet::full(old));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    assert_eq!(parent.stats.objects_written, 2 * MIB / CHUNK + 1);
+    // The same bytes below the old end (content depends on the offset only), data up to
+    // 3 MiB and in the last 512 KiB, a hole between; one chunk rewritten below the old end.
+    let new = 4 * MIB;
+    let child_src = SyntheticSource::new(new, ranges(&[(0, 3 * MIB), (new - MIB / 2, MIB / 2)]))
+        .rewritten(ranges(&[(10 * CHUNK, CHUNK)]), 3);
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: Some(child_src.allocated().clone()),
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none(), "the parent was read in a window");
+    assert_eq!(out.head.parent, Some(parent.head.as_parent()));
+    assert_eq!(out.head.volume_size(), new);
+    let below = 2 * MIB / CHUNK; // whole chunks below the old end
+    let past = (3 * MIB - 2 * MIB) / CHUNK - 1 + MIB / 2 / CHUNK; // whole new ones past it
+    // The rewritten chunk, the old partial chunk (now whole), and every chunk past the end.
+    let uploaded = 1 + 1 + past;
+    assert_eq!(out.stats.chunks_read, below + 1 + past);
+    assert_eq!(out.stats.chunks_zero, 0);
+    assert_eq!(out.stats.objects_written, uploaded);
+    assert_eq!(out.stats.chunks_deduplicated, below - 1);
+    assert_eq!(out.stats.bytes_deduplicated, (below - 1) * CHUNK);
+    assert_eq!(out.stats.bytes_changed, uploaded * CHUNK);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+    assert_restores(&repo, dir.path(), &volume, "p", &parent_src).await;
+}
+
+/// The volume shrank (to half, ending in a partial chunk): the parent's window stops being
+/// read at the new end; the new partial last chunk differs from the parent's whole one.
+#[tokio::test]
+async fn full_with_a_shrunk_parent_streams_and_stops_at_the_new_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("shrunk").unwrap();
+    let old = 4 * MIB;
+    let parent_src = SyntheticSource::new(old, RangeSet::full(old));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let new = 2 * MIB + 1000;
+    let child_src = SyntheticSource::new(new, RangeSet::full(new))
+        .rewritten(ranges(&[(3 * CHUNK, CHUNK), (500 * CHUNK, 10)]), 4);
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none(), "the parent was read in a window");
+    assert_eq!(out.head.volume_size(), new);
+    let whole = 2 * MIB / CHUNK;
+    assert_eq!(out.stats.chunks_read, whole + 1);
+    // Two rewritten chunks and the partial last one.
+    assert_eq!(out.stats.objects_written, 3);
+    assert_eq!(out.stats.chunks_deduplicated, whole - 2);
+    assert_eq!(out.stats.bytes_changed, 2 * CHUNK + 1000);
+    // Stored raw (level 0): each object is its bytes and the chunk framing.
+    let framing = cbt_store::chunk::OVERHEAD as u64;
+    assert_eq!(out.stats.bytes_uploaded, 2 * CHUNK + 1000 + 3 * framing);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+}
+
+/// The fold's entries and the parent's leaves are counted together as they are held: where
+/// the parent has data only up to some point and the child only after it, the two are
+/// never held at the same time, so the peak stays under the larger of the two parts (plus a
+/// leaf), not their sum; and the parent's leaves over the range the child's plan skips are not
+/// kept (they would otherwise pile up until the fold passed them).
+#[tokio::test]
+async fn full_with_parent_reports_the_peak_of_both_maps_held_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("apart").unwrap();
+    // 14 leaves of the parent over what the child skips, 2 of the child's after them.
+    let (size, split) = (8 * MIB, 7 * MIB);
+    let parent_src = SyntheticSource::new(size, ranges(&[(0, split)]));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let child_src = SyntheticSource::new(size, ranges(&[(split, size - split)]));
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: Some(child_src.allocated().clone()),
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    let read = (size - split) / CHUNK;
+    assert_eq!(out.stats.chunks_read, read);
+    assert_eq!(out.stats.objects_written, read);
+    assert_eq!(out.stats.bytes_changed, size - split);
+    let o = opts();
+    let fold = o.transfers as u64 + (LEAF_WINDOW as u64 + 2) * LEAF_SPAN;
+    let window = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
+    let bound = fold.max(window) + LEAF_SPAN;
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} entries held, bound {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
 }

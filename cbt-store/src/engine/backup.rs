@@ -14,6 +14,7 @@ use cbt_core::maptree::{
     EncodedSegment, LEAF_SPAN, LoadedTree, SegmentRef, TreeShape, TreeWriter, derive_tree,
 };
 use cbt_core::plan::{BackupPlan, ChunkRead};
+use cbt_core::ranges::ChunkSet;
 use cbt_core::{
     ChunkGeometry, ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName,
 };
@@ -69,10 +70,11 @@ pub enum BackupMode {
     /// deleted, CBT refused, the chunk size changes). The parent must exist in the repository
     /// with this id and belong to the same volume; its chunks seed deduplication, so chunks
     /// that did not change cost neither an upload nor an existence check. A format-2 parent of
-    /// the same geometry is read in index order beside the backup, a window of leaves at a
-    /// time, and the new map is written as it goes (the outcome carries no whole map); so is
-    /// a parent of another chunk size, whose map is not read at all (no chunk can match by
-    /// index). A format-1 or resized parent of the same chunk size is held whole.
+    /// the same chunk size, of the same volume size or resized, is read in index order beside
+    /// the backup, a window of leaves at a time, and the new map is written as it goes (the
+    /// outcome carries no whole map); so is a parent of another chunk size, whose map is not
+    /// read at all (no chunk can match by index). A format-1 parent of the same chunk size is
+    /// held whole.
     FullWithParent {
         /// Allocated byte ranges, if known (as for [`BackupMode::Full`]).
         allocated: Option<RangeSet>,
@@ -109,8 +111,7 @@ pub struct BackupRequest {
 pub struct BackupOutcome {
     /// The manifest as committed, with its whole map; `None` when the run never held the
     /// whole map (see `head`): [`BackupMode::IncrementalOf`], a full backup, and a
-    /// [`BackupMode::FullWithParent`] unless its parent is format 1 or resized with the same
-    /// chunk size.
+    /// [`BackupMode::FullWithParent`] unless its parent is format 1 with the same chunk size.
     pub manifest: Option<Manifest>,
     /// The committed snapshot's metadata (always present).
     pub head: ManifestHead,
@@ -127,9 +128,13 @@ pub struct BackupOutcome {
     /// it goes: results waiting for an earlier chunk (at most `transfers`), the open leaf and
     /// the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
     /// `transfers + 10 * 128` whatever the volume size. A [`BackupMode::FullWithParent`] of a
-    /// format-2 parent of the same geometry adds the parent's leaves it held: those between
-    /// the chunk the fold waits for and the highest chunk read (readers, readahead, workers
-    /// and transfers apart), plus [`LEAF_WINDOW`] read ahead, 128 entries each. Other modes
+    /// format-2 parent of the same chunk size also holds the parent's entries at the planned
+    /// chunks between the one the fold waits for and the highest chunk read (readers,
+    /// readahead, workers and transfers apart), to the end of that leaf, plus [`LEAF_WINDOW`]
+    /// leaves read ahead, 128 entries each; both are counted in one gauge as they are held, so
+    /// this is the peak of their sum, at most
+    /// `transfers + 10 * 128 + (LEAF_WINDOW + 2 + ceil(in_flight / 128)) * 128` where chunks
+    /// are read densely (in flight: readers + readahead + workers + transfers). Other modes
     /// hold a whole map (this run's or the parent's) and report its stored chunks.
     pub map_entries_peak: u64,
 }
@@ -452,13 +457,19 @@ type LeafStream = futures::stream::BoxStream<'static, Result<HeldLeaf>>;
 
 /// A format-2 parent read in index order alongside a full backup, holding only the leaves
 /// between the chunk the fold waits for and the highest chunk handed to the upload stage
-/// (plus the walk's read-ahead), whatever the volume size.
+/// (plus the walk's read-ahead), and of those only the entries at planned chunks, whatever
+/// the volume size.
 ///
 /// Readers hand out chunks in ascending order and the stages reorder at most `readers +
-/// readahead + workers + transfers` of them, so the window spans that many chunks' leaves.
+/// readahead + workers + transfers` of them, so the window spans that many planned chunks'
+/// leaves. The parent may be of another volume size (same chunk size): leaves cover the same
+/// indexes in both, and past the parent's end its walk has ended, so nothing is found there.
 struct ParentWindow {
     state: WindowState,
     leaves: futures::lock::Mutex<LeafStream>,
+    /// The chunk indexes the backup reads: only the parent's entries at these are ever asked.
+    planned: ChunkSet,
+    gauge: Arc<EntryGauge>,
 }
 
 /// What the pipeline's lookups see of a [`ParentWindow`].
@@ -467,7 +478,6 @@ struct WindowState {
     held: Mutex<WindowHeld>,
     /// The next index the fold waits for: leaves ending at or below it are no longer asked.
     fold_next: std::sync::atomic::AtomicU64,
-    gauge: Arc<EntryGauge>,
 }
 
 #[derive(Default)]
@@ -479,9 +489,16 @@ struct WindowHeld {
 }
 
 impl ParentWindow {
-    fn new(repo: &Repository, shape: TreeShape, root: Option<SegmentRef>) -> Self {
-        let gauge = Arc::new(EntryGauge::default());
+    fn new(
+        repo: &Repository,
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        planned: &ChunkSet,
+        gauge: &Arc<EntryGauge>,
+    ) -> Self {
         ParentWindow {
+            planned: planned.clone(),
+            gauge: gauge.clone(),
             leaves: futures::lock::Mutex::new(
                 repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
                     .boxed(),
@@ -490,7 +507,6 @@ impl ParentWindow {
                 shape,
                 held: Mutex::new(WindowHeld::default()),
                 fold_next: std::sync::atomic::AtomicU64::new(0),
-                gauge,
             },
         }
     }
@@ -520,7 +536,23 @@ impl ParentWindow {
                     };
                     let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
                     held.covered_to = held.covered_to.max(end);
-                    held.leaves.push_back((end, leaf));
+                    // Entries the plan skips (ranges unallocated now that held data in the
+                    // parent) are never asked for: not kept, so a long gap in the plan does
+                    // not pile up the parent's leaves over it until the fold passes it.
+                    let leaf = if leaf.entries.iter().all(|(i, _)| self.planned.contains(*i)) {
+                        leaf
+                    } else {
+                        let entries = leaf
+                            .entries
+                            .iter()
+                            .filter(|(i, _)| self.planned.contains(*i))
+                            .copied()
+                            .collect();
+                        HeldLeaf::new(entries, self.gauge.clone())
+                    };
+                    if !leaf.entries.is_empty() {
+                        held.leaves.push_back((end, leaf));
+                    }
                 }
             }
         }
@@ -624,6 +656,8 @@ async fn run_locked(
     // A parent read before the lock (`preloaded`) is checked at the commit instead.
     let geometry = *plan.geometry();
     let mut metadata = MetadataIo::default();
+    // One count of the map entries held by the fold and by the parent's window together.
+    let gauge = Arc::new(EntryGauge::default());
     let parent: Option<Parent<'_>> = match &req.mode {
         BackupMode::Incremental { parent: given, .. } => {
             // The caller's whole parent must be what the repository holds, or the child would
@@ -663,22 +697,27 @@ async fn run_locked(
         },
         BackupMode::FullWithParent { parent, .. } => {
             let head = load_parent_head(repo, &req.volume, parent).await?;
-            match lean_root(&head, &geometry) {
-                // Format 2, same geometry: read in order beside the backup, a window at a time.
-                Some(root) => {
-                    let window = ParentWindow::new(repo, TreeShape::new(head.geometry), root);
+            match head.map {
+                // Another chunk size: no chunk can match by index, so only the link is kept
+                // (and the parent's existence checked before the commit).
+                _ if head.chunk_size() != geometry.chunk_size() => {
+                    Some(Parent::Window { head, window: None })
+                }
+                // Format 2 of the same chunk size: read in order beside the backup, a window
+                // at a time, in the parent's own shape. A leaf covers the same 128 indexes
+                // whatever the volume size, so a resized parent lines up index by index: a
+                // grown volume finds no parent entry past the parent's end (its walk has
+                // ended), a shrunk one stops reading the parent early.
+                MapLocation::Tree { root } => {
+                    let shape = TreeShape::new(head.geometry);
+                    let window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
                     Some(Parent::Window {
                         head,
                         window: Some(window),
                     })
                 }
-                // Another chunk size: no chunk can match by index, so only the link is kept
-                // (and the parent's existence checked before the commit).
-                None if head.chunk_size() != geometry.chunk_size() => {
-                    Some(Parent::Window { head, window: None })
-                }
-                // Format 1, or resized: held whole (checked to be the same id again).
-                None => Some(Parent::Whole(Cow::Owned(
+                // Format 1: held whole (checked to be the same id again).
+                MapLocation::Inline => Some(Parent::Whole(Cow::Owned(
                     load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
                 ))),
             }
@@ -711,8 +750,16 @@ async fn run_locked(
         Some(Parent::Window { window, .. }) => window.as_ref(),
         _ => None,
     };
-    let (map, mut stats, raw_buffers_allocated) =
-        run_pipeline(repo, source, &plan, view, feed, opts, stream_tree).await?;
+    let (map, mut stats, raw_buffers_allocated) = run_pipeline(
+        repo,
+        source,
+        &plan,
+        view,
+        feed,
+        opts,
+        stream_tree.then_some(&gauge),
+    )
+    .await?;
     let (read, found_stored) = match map {
         PipelineMap::Whole(read, found) => (read, FoundStored::ByHash(found)),
         PipelineMap::Tree {
@@ -720,7 +767,6 @@ async fn run_locked(
             root,
             written,
             found,
-            peak,
         } => {
             stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             stats.bytes_in_ranges = bytes_in_ranges;
@@ -741,14 +787,8 @@ async fn run_locked(
                 head,
                 manifest: None,
                 metadata,
-                // The parent's leaves held beside it, counted as if all at once.
-                map_entries_peak: peak.saturating_add(match &parent {
-                    Some(Parent::Window {
-                        window: Some(window),
-                        ..
-                    }) => window.state.gauge.peak(),
-                    _ => 0,
-                }),
+                // The fold's entries and the parent's leaves, counted together as they are held.
+                map_entries_peak: gauge.peak(),
             });
         }
     };
@@ -1058,8 +1098,11 @@ struct TreeFold<'w> {
     found: Vec<std::ops::Range<u64>>,
     /// Entries in the open leaf (first index of that leaf, count).
     open_leaf: (u64, u64),
-    /// Most map entries held at once: waiting results, the open leaf, unstored leaves.
-    peak: u64,
+    /// Counts the map entries held (waiting results, the open leaf, unstored leaves) beside
+    /// those of the parent's window, if any, so their peak is of the sum as it was held.
+    gauge: Arc<EntryGauge>,
+    /// What this fold last counted in `gauge`.
+    counted: u64,
 }
 
 impl TreeFold<'_> {
@@ -1071,6 +1114,17 @@ impl TreeFold<'_> {
             .map(|s| s.seg.stored)
             .sum();
         self.waiting.len() as u64 + self.open_leaf.1 + pending
+    }
+
+    /// Brings the fold's share of the gauge up to date with what it holds now.
+    fn sync(&mut self) {
+        let now = self.held();
+        if now > self.counted {
+            self.gauge.add(now - self.counted);
+        } else {
+            self.gauge.sub(self.counted - now);
+        }
+        self.counted = now;
     }
 
     fn note_found(&mut self, index: u64) {
@@ -1088,6 +1142,7 @@ impl TreeFold<'_> {
                 .await?;
             self.written.segments += w.segments;
             self.written.segment_bytes += w.segment_bytes;
+            self.sync();
         }
         Ok(())
     }
@@ -1099,7 +1154,7 @@ impl Folded<'_> {
             return self.account(d, compare);
         };
         tree.waiting.insert(d.index, d);
-        tree.peak = tree.peak.max(tree.held());
+        tree.sync();
         loop {
             let tree = self.tree.as_mut().ok_or_else(|| RepoError::Internal {
                 message: "tree fold vanished".into(),
@@ -1126,7 +1181,7 @@ impl Folded<'_> {
             self.account(d, compare)?;
         }
         if let Some(tree) = &mut self.tree {
-            tree.peak = tree.peak.max(tree.held());
+            tree.sync();
             if let Some(ParentView::Window(w)) = compare {
                 let next = tree.order.peek().copied().unwrap_or(u64::MAX);
                 w.fold_next
@@ -1183,7 +1238,6 @@ enum PipelineMap {
         root: Option<SegmentRef>,
         written: MetadataWritten,
         found: Vec<std::ops::Range<u64>>,
-        peak: u64,
     },
 }
 
@@ -1276,12 +1330,14 @@ async fn run_pipeline(
     parent: Option<ParentView<'_>>,
     feed: Option<&ParentWindow>,
     opts: &EngineOptions,
-    stream_tree: bool,
+    // Some: the map is folded into a tree as it goes, its entries held counted in the gauge.
+    tree_gauge: Option<&Arc<EntryGauge>>,
 ) -> Result<(PipelineMap, BackupStats, u64)> {
+    let stream_tree = tree_gauge.is_some();
     let pool = BufferPool::default();
     let geometry = *plan.geometry();
     let namer = |b: &[u8]| repo.segment_name(b);
-    let tree = stream_tree.then(|| {
+    let tree = tree_gauge.map(|gauge| {
         let shape = TreeShape::new(geometry);
         let order: Box<dyn Iterator<Item = u64> + Send + '_> = Box::new(plan.chunks().iter());
         TreeFold {
@@ -1293,7 +1349,8 @@ async fn run_pipeline(
             written: MetadataWritten::default(),
             found: Vec::new(),
             open_leaf: (u64::MAX, 0),
-            peak: 0,
+            gauge: gauge.clone(),
+            counted: 0,
         }
     });
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
@@ -1443,7 +1500,6 @@ async fn run_pipeline(
                 mut pending,
                 mut written,
                 found,
-                peak,
                 ..
             } = tree;
             let (root, rest) = writer.finish();
@@ -1456,7 +1512,6 @@ async fn run_pipeline(
                 root,
                 written,
                 found,
-                peak,
             }
         }
     };

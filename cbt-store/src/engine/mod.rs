@@ -29,12 +29,13 @@
 //!   found already stored are remembered as index ranges (16 bytes per run of consecutive
 //!   such chunks) and re-checked before the commit by walking the written tree in order.
 //! * A full backup with a parent ([`BackupMode::FullWithParent`]) of format 2 and the same
-//!   geometry folds its map the same way and reads the parent's leaves in index order beside
-//!   it: it holds the leaves from the chunk the fold waits for up to the highest chunk read
-//!   (the stages reorder at most `readers + readahead + workers + transfers` chunks, so about
-//!   two leaves) plus [`crate::repo::LEAF_WINDOW`] read ahead, 128 entries each, whatever the
-//!   volume size (counted in [`BackupOutcome::map_entries_peak`]). With a parent of another
-//!   chunk size it does not read the parent's map at all.
+//!   chunk size (resized or not) folds its map the same way and reads the parent's leaves in
+//!   index order beside it: it holds the leaves from the chunk the fold waits for up to the
+//!   highest chunk read (the stages reorder at most `readers + readahead + workers +
+//!   transfers` chunks, so about two leaves) plus [`crate::repo::LEAF_WINDOW`] read ahead, 128
+//!   entries each, whatever the volume size. [`BackupOutcome::map_entries_peak`] is the peak
+//!   of the fold's and the window's entries counted together as they are held. With a parent
+//!   of another chunk size it does not read the parent's map at all.
 //! * An incremental ([`BackupMode::IncrementalOf`] against a format-2 parent of the same size)
 //!   holds only the states of the chunks it reads plus the parent's segments on their paths
 //!   (about 10 KB per touched 128-chunk range, see `cbt_core::maptree`), never the parent's
