@@ -232,9 +232,8 @@ async fn a_backup_without_metadata_service_streams_against_its_parent_and_upload
     let o = cbt_store::engine::EngineOptions::default();
     let leaf = cbt_core::maptree::LEAF_SPAN;
     let window = cbt_store::repo::LEAF_WINDOW as u64;
-    let in_flight = (o.readers + o.readahead + o.workers + o.transfers) as u64;
-    let bound =
-        o.transfers as u64 + (window + 2) * leaf + (window + 2 + in_flight.div_ceil(leaf)) * leaf;
+    let ahead = (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64;
+    let bound = ahead + (window + 2) * leaf + (window + 2 + ahead.div_ceil(leaf)) * leaf;
     assert!(
         second.map_entries_peak <= bound && second.map_entries_peak < N,
         "{} entries held, bound {bound}, map {N}",

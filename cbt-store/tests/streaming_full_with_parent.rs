@@ -233,15 +233,16 @@ async fn repo_in(dir: &std::path::Path) -> Repository {
 }
 
 /// The most map entries a full backup with a parent may hold with `o`, from the constants:
-/// the fold's results waiting for an earlier chunk (`transfers`), its open leaf and the
-/// finished leaves not yet stored (`LEAF_WINDOW + 1`), plus the parent's leaves over the
-/// chunks in flight (`ceil(in_flight / 128)`, one more where they straddle a boundary), the
-/// one the fold waits in and the walk's read-ahead (`LEAF_WINDOW`).
+/// the fold's results waiting for an earlier chunk (fewer than the chunks handed out ahead of
+/// it, `readers + readahead + workers + 2 * transfers`), its open leaf and the finished leaves
+/// not yet stored (`LEAF_WINDOW + 1`), plus the parent's leaves over the chunks handed out
+/// (`ceil(ahead / 128)`, one more where they straddle a boundary), the one the fold waits in
+/// and the walk's read-ahead (`LEAF_WINDOW`).
 fn peak_bound(o: &EngineOptions) -> u64 {
     let leaf = LEAF_SPAN;
-    let in_flight = (o.readers + o.readahead + o.workers + o.transfers) as u64;
-    let fold = o.transfers as u64 + (LEAF_WINDOW as u64 + 2) * leaf;
-    let window = (LEAF_WINDOW as u64 + 2 + in_flight.div_ceil(leaf)) * leaf;
+    let ahead = (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64;
+    let fold = ahead + (LEAF_WINDOW as u64 + 2) * leaf;
+    let window = (LEAF_WINDOW as u64 + 2 + ahead.div_ceil(leaf)) * leaf;
     fold + window
 }
 
@@ -418,12 +419,81 @@ async fn full_with_parent_reports_the_peak_of_both_maps_held_together() {
     assert_eq!(out.stats.objects_written, read);
     assert_eq!(out.stats.bytes_changed, size - split);
     let o = opts();
-    let fold = o.transfers as u64 + (LEAF_WINDOW as u64 + 2) * LEAF_SPAN;
+    let ahead = (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64;
+    let fold = ahead + (LEAF_WINDOW as u64 + 2) * LEAF_SPAN;
     let window = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
     let bound = fold.max(window) + LEAF_SPAN;
     assert!(
         out.map_entries_peak <= bound,
         "{} entries held, bound {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+}
+
+/// One upload stalls (the changed first chunk's, delayed 1 s) while every later chunk is the
+/// parent's and completes at once: the results behind it, and the parent's leaves over them,
+/// must not pile up until it lands. The readers stop handing out chunks that far ahead of the
+/// fold, so the peak stays under the bound from the constants; and the backup is still exact.
+#[tokio::test]
+async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
+    use cbt_store::store::Op;
+    use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
+
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
+    let faulty = Arc::new(FaultyStore::new(local as Arc<dyn ObjectStore>));
+    let repo = Repository::init(
+        faulty.clone() as Arc<dyn ObjectStore>,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap();
+    let volume = VolumeName::new("stall").unwrap();
+    let size = 8 * MIB;
+    let parent_src = SyntheticSource::new(size, RangeSet::full(size));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let child_src = parent_src.rewritten(ranges(&[(0, CHUNK)]), 5);
+    faulty.add_rule(
+        FaultRule::new(
+            Op::Put,
+            When::Nth(1),
+            Fault::Delay(std::time::Duration::from_secs(1)),
+        )
+        .on_keys_containing("chunks/"),
+    );
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    assert_eq!(
+        faulty.injected(),
+        1,
+        "the changed chunk's upload was delayed"
+    );
+    assert_eq!(out.stats.objects_written, 1);
+    assert_eq!(out.stats.chunks_deduplicated, size / CHUNK - 1);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} entries held behind the stalled upload, bound {bound}",
         out.map_entries_peak
     );
     assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;

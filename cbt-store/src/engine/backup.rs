@@ -124,18 +124,19 @@ pub struct BackupOutcome {
     /// Raw chunk buffers allocated by the run (buffers are reused; at most
     /// `readers + readahead + workers` whatever the volume size).
     pub raw_buffers_allocated: u64,
-    /// Most chunk-map entries held at once. A full backup without a parent writes its map as
-    /// it goes: results waiting for an earlier chunk (at most `transfers`), the open leaf and
-    /// the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
-    /// `transfers + 10 * 128` whatever the volume size. A [`BackupMode::FullWithParent`] of a
+    /// Most chunk-map entries held at once. The readers hand out at most `ahead = readers +
+    /// readahead + workers + 2 * transfers` chunks the fold has not taken yet (24 to 30 with
+    /// the defaults), even while one upload stalls. A full backup without a parent writes its
+    /// map as it goes: results waiting for an earlier chunk (fewer than `ahead`), the open leaf
+    /// and the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
+    /// `ahead + 10 * 128` whatever the volume size. A [`BackupMode::FullWithParent`] of a
     /// format-2 parent of the same chunk size also holds the parent's entries at the planned
-    /// chunks between the one the fold waits for and the highest chunk read (readers,
-    /// readahead, workers and transfers apart), to the end of that leaf, plus [`LEAF_WINDOW`]
-    /// leaves read ahead, 128 entries each; both are counted in one gauge as they are held, so
-    /// this is the peak of their sum, at most
-    /// `transfers + 10 * 128 + (LEAF_WINDOW + 2 + ceil(in_flight / 128)) * 128` where chunks
-    /// are read densely (in flight: readers + readahead + workers + transfers). Other modes
-    /// hold a whole map (this run's or the parent's) and report its stored chunks.
+    /// chunks from the leaf the fold waits in to the leaf of the highest chunk handed out,
+    /// plus [`LEAF_WINDOW`] leaves read ahead, 128 entries each: at most
+    /// `(LEAF_WINDOW + 2 + ceil(ahead / 128)) * 128` more. Both are counted in one gauge as
+    /// they are held, so this is the peak of their sum (at most 2,718 with the defaults).
+    /// Other modes hold a whole map (this run's or the parent's) and report its stored
+    /// chunks.
     pub map_entries_peak: u64,
 }
 
@@ -1073,6 +1074,8 @@ async fn load_parent(
 struct Folded<'w> {
     read: ChunkMap,
     tree: Option<TreeFold<'w>>,
+    /// Freed a place for each chunk taken.
+    ahead: Arc<Ahead>,
     stats: BackupStats,
     /// Distinct chunks this run found already stored instead of uploading (not those the
     /// parent vouches for), re-checked before the commit (whole-map runs only; a tree fold
@@ -1080,8 +1083,8 @@ struct Folded<'w> {
     found_stored: HashMap<ChunkHash, ChunkAt>,
 }
 
-/// A full backup's map written as it is produced: results are put back in plan order (at
-/// most `transfers` wait for an earlier one), pushed into a [`TreeWriter`], and finished
+/// A full backup's map written as it is produced: results are put back in plan order (fewer
+/// than [`ahead_limit`] wait for an earlier one), pushed into a [`TreeWriter`], and finished
 /// segments are stored [`LEAF_WINDOW`] at a time as the backup passes their range.
 struct TreeFold<'w> {
     shape: TreeShape,
@@ -1151,6 +1154,7 @@ impl TreeFold<'_> {
 impl Folded<'_> {
     fn add(&mut self, d: Done, compare: Option<ParentView<'_>>) -> Result<()> {
         let Some(tree) = &mut self.tree else {
+            self.ahead.leave();
             return self.account(d, compare);
         };
         tree.waiting.insert(d.index, d);
@@ -1166,6 +1170,7 @@ impl Folded<'_> {
                 break;
             };
             tree.order.next();
+            self.ahead.leave();
             if let ChunkState::Stored(r) = d.state {
                 tree.writer.push(d.index, r)?;
                 let leaf = tree.shape.pos_of(0, d.index).first;
@@ -1293,6 +1298,64 @@ impl ReadCursor {
     }
 }
 
+/// Chunks the readers handed out that the fold has not taken yet, kept under a limit: the
+/// upload stage finishes chunks out of order, and without it one stalled upload would let
+/// every later result (and the parent's leaves over them) pile up until it lands.
+struct Ahead {
+    count: Mutex<u64>,
+    freed: std::sync::Condvar,
+    limit: u64,
+}
+
+impl Ahead {
+    /// At most `readers + readahead + workers + 2 * transfers`: the stages full, plus as many
+    /// again finished early while an earlier upload is still in flight.
+    fn new(opts: &EngineOptions) -> Self {
+        Ahead {
+            count: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            limit: ahead_limit(opts),
+        }
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks (a reader thread) until one more chunk may be handed out and counts it; false
+    /// once `stopped` says the pipeline is gone (nothing would ever free a place).
+    fn enter(&self, stopped: impl Fn() -> bool) -> bool {
+        let mut n = self.count();
+        while *n >= self.limit {
+            if stopped() {
+                return false;
+            }
+            n = self
+                .freed
+                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        *n += 1;
+        true
+    }
+
+    /// The fold took a chunk.
+    fn leave(&self) {
+        let mut n = self.count();
+        *n = n.saturating_sub(1);
+        self.freed.notify_one();
+    }
+}
+
+/// Most chunks handed out and not yet folded (see [`Ahead`]).
+fn ahead_limit(opts: &EngineOptions) -> u64 {
+    let o = opts.normalized();
+    (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64
+}
+
 /// Buffers of one chunk size, reused between the readers and the CPU stage.
 #[derive(Clone, Default)]
 struct BufferPool {
@@ -1359,11 +1422,16 @@ async fn run_pipeline(
     // issuing preads, at most `readahead` chunks ahead of the hashing stage. Several readers
     // keep several requests in flight, which network block devices (RBD, iSCSI) need.
     let cursor = Arc::new(Mutex::new(ReadCursor::new(plan.clone())));
+    let ahead = Arc::new(Ahead::new(opts));
     let mut readers = Vec::with_capacity(opts.readers);
     for _ in 0..opts.readers {
         let (cursor, pool, source, tx) = (cursor.clone(), pool.clone(), source.clone(), tx.clone());
+        let ahead = ahead.clone();
         readers.push(tokio::task::spawn_blocking(move || {
             loop {
+                if !ahead.enter(|| tx.is_closed()) {
+                    return;
+                }
                 let next = cursor.lock().ok().and_then(|mut c| c.next());
                 let Some(r) = next else { return };
                 let mut buf = pool.take(r.len as usize);
@@ -1471,6 +1539,7 @@ async fn run_pipeline(
                 tree,
                 stats: BackupStats::default(),
                 found_stored: HashMap::new(),
+                ahead: ahead.clone(),
             },
             |mut acc, done| async move {
                 acc.add(done, compare)?;

@@ -23,9 +23,11 @@
 //!
 //! Chunk maps are held in a bounded window too, except where noted:
 //! * A full backup without a parent folds results in plan order into a
-//!   [`cbt_core::maptree::TreeWriter`] (at most `transfers` results wait for an earlier one)
-//!   and stores each finished segment as it passes its range: at most `transfers + 10 * 128`
-//!   entries, whatever the volume size ([`BackupOutcome::map_entries_peak`]). Chunks it
+//!   [`cbt_core::maptree::TreeWriter`] (results wait for an earlier one, fewer than `ahead =
+//!   readers + readahead + workers + 2 * transfers`: the readers hand out no more chunks the
+//!   fold has not taken, so a stalled upload does not let later results pile up) and stores
+//!   each finished segment as it passes its range: at most `ahead + 10 * 128` entries
+//!   (1,310 with the defaults), whatever the volume size ([`BackupOutcome::map_entries_peak`]). Chunks it
 //!   found already stored are remembered as index ranges (16 bytes per run of consecutive
 //!   such chunks) and re-checked before the commit by walking the written tree in order.
 //! * A full backup with a parent ([`BackupMode::FullWithParent`]) of format 2 and the same
@@ -231,8 +233,8 @@ impl EngineOptions {
 
     /// Upper bound of chunk-buffer memory of a backup with these options, encrypted or not
     /// (each buffer: the chunk, its framing and the sealed envelope of an encrypted
-    /// repository). The chunk map adds at most `transfers + 10 * 128` entries for a full
-    /// backup (see the module docs).
+    /// repository). The chunk map adds at most `readers + readahead + workers + 2 * transfers
+    /// + 10 * 128` entries for a full backup (see the module docs).
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
         (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64
