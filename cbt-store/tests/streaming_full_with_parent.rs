@@ -498,3 +498,96 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
     );
     assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
 }
+
+/// An incremental (`IncrementalOf`) of a format-2 parent whose volume grew, then of one whose
+/// volume shrank: the new map is written whole by merging the parent's entries, walked in
+/// order, with the chunks read, so neither map is held (no whole manifest handed back, the
+/// peak under the bound although each map is larger); only the changed chunks, the grown
+/// tail and the boundary chunk are read; every restore is exact.
+#[tokio::test]
+async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("resized").unwrap();
+    // 4,097 chunks: 33 leaves, the last one holding a partial chunk.
+    let old = 16 * MIB + 1000;
+    let first = SyntheticSource::new(old, RangeSet::full(old));
+    let p = run(
+        &repo,
+        &volume,
+        "p",
+        &first,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let parent_head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+
+    // Grown by 1 MiB (data in its first half); two chunks rewritten below the old end.
+    let new = 17 * MIB;
+    let changed = ranges(&[(5 * CHUNK, CHUNK), (3000 * CHUNK, CHUNK)]);
+    let grown =
+        SyntheticSource::new(new, ranges(&[(0, 16 * MIB + MIB / 2)])).rewritten(changed.clone(), 6);
+    let out = run(
+        &repo,
+        &volume,
+        "g",
+        &grown,
+        BackupMode::IncrementalOf {
+            parent: Box::new(parent_head),
+            changed,
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none(), "the maps were merged in order");
+    assert_eq!(out.head.volume_size(), new);
+    assert_eq!(out.head.parent, Some(p.head.as_parent()));
+    // Read: the two changed chunks, the old partial chunk (now whole) and the 255 past it.
+    let tail = MIB / CHUNK - 1;
+    assert_eq!(out.stats.chunks_read, 2 + 1 + tail);
+    let data_past = MIB / 2 / CHUNK - 1; // chunks of the tail holding data
+    assert_eq!(out.stats.chunks_zero, tail - data_past);
+    assert_eq!(out.stats.objects_written, 2 + 1 + data_past);
+    assert_eq!(out.stats.bytes_changed, (2 + 1 + data_past) * CHUNK);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "g", &grown).await;
+
+    // Shrunk below the old size, ending in a partial chunk; one more chunk rewritten (the
+    // two rewritten before are rewritten again: one generation per synthetic source).
+    let g_head = repo.load_head(&volume, &out.head.snapshot).await.unwrap();
+    let small = 12 * MIB + 10;
+    let changed = ranges(&[
+        (5 * CHUNK, CHUNK),
+        (100 * CHUNK, CHUNK),
+        (3000 * CHUNK, CHUNK),
+    ]);
+    let shrunk = SyntheticSource::new(small, RangeSet::full(small)).rewritten(changed.clone(), 7);
+    let out = run(
+        &repo,
+        &volume,
+        "s",
+        &shrunk,
+        BackupMode::IncrementalOf {
+            parent: Box::new(g_head),
+            changed,
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none());
+    assert_eq!(out.head.volume_size(), small);
+    // Read: the changed chunks and the new partial last chunk.
+    assert_eq!(out.stats.chunks_read, 4);
+    assert_eq!(out.stats.objects_written, 4);
+    assert_eq!(out.stats.bytes_changed, 3 * CHUNK + 10);
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "s", &shrunk).await;
+    assert_restores(&repo, dir.path(), &volume, "p", &first).await;
+}

@@ -56,9 +56,11 @@ pub enum BackupMode {
     /// which checks that the stored head is still this one (a parent deleted or replaced since
     /// the caller read it fails the backup, nothing committed). The new snapshot's map shares
     /// every other segment with the parent, so the metadata written and read follows the
-    /// change, not the volume (see [`cbt_core::maptree`]). A format-1 parent, or a resized
-    /// volume, is read whole. The outcome carries the head ([`BackupOutcome::head`]), not a
-    /// full map.
+    /// change, not the volume (see [`cbt_core::maptree`]). After a resize (same chunk size)
+    /// the map is written whole instead, merging the parent's entries, walked in order, with
+    /// the chunks read: metadata once in proportion to the volume, memory still bounded. A
+    /// format-1 parent is read whole. The outcome carries the head ([`BackupOutcome::head`]),
+    /// not a full map (except with a format-1 parent).
     IncrementalOf {
         /// The stored snapshot this one is based on, as loaded from the repository.
         parent: Box<ManifestHead>,
@@ -110,8 +112,9 @@ pub struct BackupRequest {
 #[derive(Debug, Clone)]
 pub struct BackupOutcome {
     /// The manifest as committed, with its whole map; `None` when the run never held the
-    /// whole map (see `head`): [`BackupMode::IncrementalOf`], a full backup, and a
-    /// [`BackupMode::FullWithParent`] unless its parent is format 1 with the same chunk size.
+    /// whole map (see `head`): a full backup, and a [`BackupMode::IncrementalOf`] or
+    /// [`BackupMode::FullWithParent`] unless its parent is format 1 (with the same chunk
+    /// size).
     pub manifest: Option<Manifest>,
     /// The committed snapshot's metadata (always present).
     pub head: ManifestHead,
@@ -395,7 +398,7 @@ enum Parent<'a> {
     /// window) one of another chunk size, whose chunks cannot match by index.
     Window {
         head: ManifestHead,
-        window: Option<ParentWindow>,
+        window: Option<Box<ParentWindow>>,
     },
 }
 
@@ -471,6 +474,73 @@ struct ParentWindow {
     /// The chunk indexes the backup reads: only the parent's entries at these are ever asked.
     planned: ChunkSet,
     gauge: Arc<EntryGauge>,
+    /// For an incremental of a resized parent: the parent's entries at the chunks not read,
+    /// fed into the new map in order (a second walk of the parent, unfiltered).
+    merge: Option<futures::lock::Mutex<ParentMerge>>,
+}
+
+/// The parent's entries an incremental keeps (every index it does not read, below the new
+/// end), walked in order and pushed into the new map between the chunks read.
+struct ParentMerge {
+    leaves: LeafStream,
+    /// The leaf being merged and the position of its next entry.
+    current: Option<(HeldLeaf, usize)>,
+    /// The new map's chunk count: entries at or past it are dropped (a shrunk volume).
+    end: u64,
+    planned: ChunkSet,
+    /// Every parent entry below this index has been pushed (or dropped).
+    done_below: u64,
+}
+
+impl ParentMerge {
+    /// Pushes the kept parent entries below `limit` into `tree`, storing finished segments
+    /// as they fill a window.
+    async fn push_below(
+        &mut self,
+        tree: &mut TreeFold<'_>,
+        limit: u64,
+        repo: &Repository,
+    ) -> Result<()> {
+        while self.done_below < limit {
+            if self
+                .current
+                .as_ref()
+                .is_none_or(|(leaf, at)| *at >= leaf.entries.len())
+            {
+                self.current = None;
+                tree.flush(repo).await?;
+                match self.leaves.try_next().await? {
+                    Some(leaf) => self.current = Some((leaf, 0)),
+                    None => {
+                        self.done_below = u64::MAX;
+                        break;
+                    }
+                }
+                continue;
+            }
+            let Some((leaf, at)) = self.current.as_mut() else {
+                continue;
+            };
+            let (index, chunk) = leaf.entries[*at];
+            if index >= self.end {
+                // Past the new end: nothing more of the parent is kept.
+                self.current = None;
+                self.done_below = u64::MAX;
+                break;
+            }
+            if index >= limit {
+                self.done_below = limit;
+                break;
+            }
+            *at += 1;
+            if !self.planned.contains(index) {
+                tree.push(index, chunk)?;
+            }
+            self.done_below = index + 1;
+        }
+        tree.sync();
+        Ok(())
+    }
 }
 
 /// What the pipeline's lookups see of a [`ParentWindow`].
@@ -500,6 +570,7 @@ impl ParentWindow {
         ParentWindow {
             planned: planned.clone(),
             gauge: gauge.clone(),
+            merge: None,
             leaves: futures::lock::Mutex::new(
                 repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
                     .boxed(),
@@ -689,10 +760,32 @@ async fn run_locked(
                 None => Some(Parent::Whole(Cow::Borrowed(given.as_ref()))),
             }
         }
-        BackupMode::IncrementalOf { parent: head, .. } => match preloaded {
-            Some(lean) => Some(lean.into_parent(None, &mut metadata)),
-            // Format 1, or resized: read whole under the lock, and checked to be the caller's.
-            None => Some(Parent::Whole(Cow::Owned(
+        BackupMode::IncrementalOf { parent: head, .. } => match (preloaded, head.map) {
+            (Some(lean), _) => Some(lean.into_parent(None, &mut metadata)),
+            // Format 2 resized (same chunk size, `lean_root` refused it for the size): the new
+            // map is written whole, merging the parent's entries read in order with the chunks
+            // read, so neither map is held. The parent is checked under the lock to be the
+            // head the caller gave (the walk reads what that head names).
+            (None, MapLocation::Tree { root }) if head.chunk_size() == geometry.chunk_size() => {
+                check_parent_same(repo, head).await?;
+                let shape = TreeShape::new(head.geometry);
+                let mut window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
+                window.merge = Some(futures::lock::Mutex::new(ParentMerge {
+                    leaves: repo
+                        .leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
+                        .boxed(),
+                    current: None,
+                    end: geometry.chunk_count(),
+                    planned: plan.chunks().clone(),
+                    done_below: 0,
+                }));
+                Some(Parent::Window {
+                    head: head.as_ref().clone(),
+                    window: Some(Box::new(window)),
+                })
+            }
+            // Format 1: read whole under the lock, and checked to be the caller's.
+            (None, _) => Some(Parent::Whole(Cow::Owned(
                 load_parent(repo, &req.volume, &head.snapshot, &head.snapshot_id).await?,
             ))),
         },
@@ -714,7 +807,7 @@ async fn run_locked(
                     let window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
                     Some(Parent::Window {
                         head,
-                        window: Some(window),
+                        window: Some(Box::new(window)),
                     })
                 }
                 // Format 1: held whole (checked to be the same id again).
@@ -748,7 +841,7 @@ async fn run_locked(
         head_of(BackupStats::default(), None).to_json()?;
     }
     let feed = match &parent {
-        Some(Parent::Window { window, .. }) => window.as_ref(),
+        Some(Parent::Window { window, .. }) => window.as_deref(),
         _ => None,
     };
     let (map, mut stats, raw_buffers_allocated) = run_pipeline(
@@ -1106,6 +1199,11 @@ struct TreeFold<'w> {
     gauge: Arc<EntryGauge>,
     /// What this fold last counted in `gauge`.
     counted: u64,
+    /// The parent's kept entries are merged below this index (`u64::MAX` when nothing is
+    /// merged: every mode but an incremental of a resized parent).
+    merged_below: u64,
+    /// The next chunk to fold waits for the parent's entries below it to be merged.
+    need_merge: Option<u64>,
 }
 
 impl TreeFold<'_> {
@@ -1117,6 +1215,18 @@ impl TreeFold<'_> {
             .map(|s| s.seg.stored)
             .sum();
         self.waiting.len() as u64 + self.open_leaf.1 + pending
+    }
+
+    /// Adds a stored chunk to the map being written.
+    fn push(&mut self, index: u64, r: cbt_core::ChunkRef) -> Result<()> {
+        self.writer.push(index, r)?;
+        let leaf = self.shape.pos_of(0, index).first;
+        self.open_leaf = match self.open_leaf {
+            (first, n) if first == leaf => (first, n + 1),
+            _ => (leaf, 1),
+        };
+        self.pending.extend(self.writer.take_finished());
+        Ok(())
     }
 
     /// Brings the fold's share of the gauge up to date with what it holds now.
@@ -1159,6 +1269,12 @@ impl Folded<'_> {
         };
         tree.waiting.insert(d.index, d);
         tree.sync();
+        self.fold(compare)
+    }
+
+    /// Folds the results that are next in plan order, until one is missing or waits for a
+    /// merge of the parent's entries ([`TreeFold::need_merge`]).
+    fn fold(&mut self, compare: Option<ParentView<'_>>) -> Result<()> {
         loop {
             let tree = self.tree.as_mut().ok_or_else(|| RepoError::Internal {
                 message: "tree fold vanished".into(),
@@ -1169,16 +1285,17 @@ impl Folded<'_> {
             let Some(d) = tree.waiting.remove(&next) else {
                 break;
             };
+            if tree.merged_below <= next {
+                // The parent's kept entries below it go first (an incremental of a resized
+                // parent): put back, the caller merges them and folds again.
+                tree.waiting.insert(next, d);
+                tree.need_merge = Some(next);
+                break;
+            }
             tree.order.next();
             self.ahead.leave();
             if let ChunkState::Stored(r) = d.state {
-                tree.writer.push(d.index, r)?;
-                let leaf = tree.shape.pos_of(0, d.index).first;
-                tree.open_leaf = match tree.open_leaf {
-                    (first, n) if first == leaf => (first, n + 1),
-                    _ => (leaf, 1),
-                };
-                tree.pending.extend(tree.writer.take_finished());
+                tree.push(d.index, r)?;
                 if d.deduplicated && !d.from_parent {
                     tree.note_found(d.index);
                 }
@@ -1414,6 +1531,12 @@ async fn run_pipeline(
             open_leaf: (u64::MAX, 0),
             gauge: gauge.clone(),
             counted: 0,
+            merged_below: if feed.is_some_and(|w| w.merge.is_some()) {
+                0
+            } else {
+                u64::MAX
+            },
+            need_merge: None,
         }
     });
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
@@ -1543,6 +1666,17 @@ async fn run_pipeline(
             },
             |mut acc, done| async move {
                 acc.add(done, compare)?;
+                let merge = feed.and_then(|w| w.merge.as_ref());
+                while let (Some(tree), Some(merge)) = (&mut acc.tree, merge) {
+                    let Some(next) = tree.need_merge.take() else {
+                        break;
+                    };
+                    let mut merge = merge.lock().await;
+                    merge.push_below(tree, next.saturating_add(1), repo).await?;
+                    tree.merged_below = merge.done_below;
+                    drop(merge);
+                    acc.fold(compare)?;
+                }
                 if let Some(tree) = &mut acc.tree {
                     tree.flush(repo).await?;
                 }
@@ -1554,6 +1688,12 @@ async fn run_pipeline(
         reader.await.map_err(|e| RepoError::Internal {
             message: format!("reader task failed: {e}"),
         })?;
+    }
+    let mut folded = folded;
+    if let (Some(tree), Some(merge)) = (&mut folded.tree, feed.and_then(|w| w.merge.as_ref())) {
+        let mut merge = merge.lock().await;
+        merge.push_below(tree, u64::MAX, repo).await?;
+        tree.merged_below = merge.done_below;
     }
     let map = match folded.tree {
         None => PipelineMap::Whole(folded.read, folded.found_stored),

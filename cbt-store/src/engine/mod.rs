@@ -41,7 +41,9 @@
 //! * An incremental ([`BackupMode::IncrementalOf`] against a format-2 parent of the same size)
 //!   holds only the states of the chunks it reads plus the parent's segments on their paths
 //!   (about 10 KB per touched 128-chunk range, see `cbt_core::maptree`), never the parent's
-//!   whole map.
+//!   whole map. Against a resized format-2 parent (same chunk size) it writes the whole new
+//!   map instead, merging the parent's entries walked in order (a second walk beside the
+//!   window above, which serves the comparisons) with the chunks read: bounded as above.
 //! * A restore of a format-2 snapshot ([`restore`]) walks the map segment by segment in index
 //!   order, once for the totals (and, in place, the check that every chunk is stored) and
 //!   once for the writes: at most
@@ -57,8 +59,9 @@
 //!   (`repo::CHUNK_TABLE_ENTRY_BYTES`; up to twice that while the listing grows it), which
 //!   grows with the repository, not with a volume: it saves a request per reference and
 //!   downloads a chunk shared by many snapshots once.
-//! * Still whole: a full backup with a format-1 or resized parent of the same chunk size, and
-//!   incrementals of a format-1 or resized parent, hold the parent's map (about 70 bytes per
+//! * Still whole: a full backup or an incremental with a format-1 parent of the same chunk
+//!   size, and [`BackupMode::Incremental`] (the caller hands in the whole parent), hold the
+//!   parent's map (about 70 bytes per
 //!   stored chunk) and build the child's; [`restore_manifest`], [`verify_target`] and the
 //!   restore, read-back or verify of a format-1 manifest hold the given map (a format-1 map
 //!   is bounded by its own object).
