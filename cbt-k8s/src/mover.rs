@@ -170,6 +170,21 @@ pub struct MoverReport {
     /// Bytes written to the device (restore).
     #[serde(default)]
     pub bytes_written: u64,
+    /// Chunk objects a backup uploaded.
+    #[serde(default)]
+    pub chunks_uploaded: u64,
+    /// Chunks a backup did not upload because they were already stored (most often unchanged
+    /// since the parent).
+    #[serde(default)]
+    pub chunks_deduplicated: u64,
+    /// Bytes of a backup in chunks whose content differs from the parent's.
+    #[serde(default)]
+    pub bytes_changed: u64,
+    /// Most chunk-map entries a backup held at once: bounded by configuration where the maps
+    /// are streamed (see `cbt_store::engine::BackupOutcome::map_entries_peak`), the stored
+    /// chunks of a whole map otherwise.
+    #[serde(default)]
+    pub map_entries_peak: u64,
     /// Chunks read back and matched after a restore.
     #[serde(default)]
     pub chunks_verified: u64,
@@ -423,6 +438,10 @@ async fn backup(
         bytes_in_ranges: outcome.stats.bytes_in_ranges,
         bytes_read: outcome.stats.bytes_read,
         bytes_transferred: outcome.stats.bytes_uploaded,
+        chunks_uploaded: outcome.stats.objects_written,
+        chunks_deduplicated: outcome.stats.chunks_deduplicated,
+        bytes_changed: outcome.stats.bytes_changed,
+        map_entries_peak: outcome.map_entries_peak,
         notes: plan.notes,
         ..MoverReport::default()
     })
