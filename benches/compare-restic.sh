@@ -113,8 +113,27 @@ step() {
   res[$key.cpu]=$(echo "$u + $s" | bc)
   res[$key.srv]=$(echo "scale=2; ($s1 - $s0) / $hz" | bc)
 }
-measure_store() { # name cbt-repo-url restic-repo
+# evict DIR...: drops the page-cache pages of every file under DIR (and restic's cache).
+evict() {
+  sync
+  python3 - "$@" "${RESTIC_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/restic}" <<'EOF'
+import os, sys
+for top in sys.argv[1:]:
+    for root, _, files in os.walk(top):
+        for f in files:
+            try:
+                fd = os.open(os.path.join(root, f), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+EOF
+}
+measure_store() { # name cbt-repo-url restic-repo DIR... (the directories that hold both repositories)
   local name=$1 repo_url=$2 rrepo=$3 img=$work/disk.img up
+  shift 3
   cp --sparse=always "$pristine" "$img"
   sync
   export RESTIC_REPOSITORY=$rrepo RESTIC_PASSWORD=bench
@@ -138,6 +157,18 @@ measure_store() { # name cbt-repo-url restic-repo
   # disk (fsynced). The flush is timed apart, for the comparison of two durable restores.
   step "$name.r_flush" /dev/null sync "$work/r-out.img"
   step "$name.c_rest" /dev/null "$cbt" --repo "$repo_url" restore --volume disk --snapshot s2 --target "$work/c-out.img"
+  cmp "$img" "$work/c-out.img"
+  cmp "$img" "$work/r-out.img"
+  rm -f "$work/r-out.img" "$work/c-out.img"
+
+  # The same restores from cold storage, as on a machine restoring last night's backup: the
+  # files that hold both repositories (and restic's local cache) are evicted before each, and
+  # restic's output is flushed, so both restores read from disk and end durable.
+  evict "$@"
+  step "$name.r_cold" "$work/r-out.img" restic dump -q latest /disk.img
+  step "$name.r_cold_flush" /dev/null sync "$work/r-out.img"
+  evict "$@"
+  step "$name.c_cold" /dev/null "$cbt" --repo "$repo_url" restore --volume disk --snapshot s2 --target "$work/c-out.img"
   cmp "$img" "$work/c-out.img"
   cmp "$img" "$work/r-out.img"
   rm -f "$work/r-out.img" "$work/c-out.img"
@@ -202,11 +233,11 @@ ran=()
 for store in $stores; do
   case $store in
     local)
-      measure_store local "file://$work/cbt" "$work/restic"
+      measure_store local "file://$work/cbt" "$work/restic" "$work/cbt" "$work/restic"
       ran+=(local) ;;
     seaweedfs)
       if start_seaweed; then
-        measure_store seaweedfs s3://bench/cbt "s3:http://127.0.0.1:$s3_port/bench/restic"
+        measure_store seaweedfs s3://bench/cbt "s3:http://127.0.0.1:$s3_port/bench/restic" "$work/weed"
         ran+=(seaweedfs)
       fi ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
@@ -217,16 +248,18 @@ big_mib=$(( $(changed_bytes "$work/big.json") >> 20 ))
 printf '\n%d MiB image (3/8 random, 3/8 text, 1/4 zero MiB blocks), chunk size %s; incremental = %d MiB blocks rewritten (1%%)\n' \
   "$size_mib" "${CHUNK:-cbt default}" "$big_mib"
 printf 'plain read of the image: %.2f s; in-process limit (read+blake3+crc32c+zstd-1, 2 threads): %.2f s\n\n' "$read_s" "$limit_s"
-echo '| store | full | incremental | restore | restore, restic output flushed | full vs limit | uploaded per changed byte, 1 MiB writes | same, 8-64 KiB writes |'
-echo '|---|---|---|---|---|---|---|---|'
+echo '| store | full | incremental | restore | restore, restic output flushed | restore, both repositories cold, both flushed | full vs limit | uploaded per changed byte, 1 MiB writes | same, 8-64 KiB writes |'
+echo '|---|---|---|---|---|---|---|---|---|'
 for s in "${ran[@]}"; do
   r_durable=$(echo "${res[$s.r_rest]} + ${res[$s.r_flush]}" | bc)
-  printf '| %s | %sx restic (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx | %s | %s |\n' \
+  r_cold=$(echo "${res[$s.r_cold]} + ${res[$s.r_cold_flush]}" | bc)
+  printf '| %s | %sx restic (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx | %s | %s |\n' \
     "$s" \
     "$(ratio "${res[$s.r_full]}" "${res[$s.c_full]}")" "${res[$s.c_full]}" "${res[$s.r_full]}" \
     "$(ratio "${res[$s.r_incr]}" "${res[$s.c_incr]}")" "${res[$s.c_incr]}" "${res[$s.r_incr]}" \
     "$(ratio "${res[$s.r_rest]}" "${res[$s.c_rest]}")" "${res[$s.c_rest]}" "${res[$s.r_rest]}" \
     "$(ratio "$r_durable" "${res[$s.c_rest]}")" "${res[$s.c_rest]}" "$r_durable" \
+    "$(ratio "$r_cold" "${res[$s.c_cold]}")" "${res[$s.c_cold]}" "$r_cold" \
     "$(echo "scale=2; $limit_s / ${res[$s.c_full]}" | bc -l)" \
     "${res[$s.big_per_byte]}" "${res[$s.small_per_byte]}"
 done
@@ -237,7 +270,7 @@ echo
 echo '| store | step | cbt CPU | server CPU during cbt | cbt floor | restic CPU | server CPU during restic |'
 echo '|---|---|---|---|---|---|---|'
 for s in "${ran[@]}"; do
-  for st in full incr rest; do
+  for st in full incr rest cold; do
     printf '| %s | %s | %.2f | %.2f | %.2f s | %.2f | %.2f |\n' "$s" "$st" \
       "${res[$s.c_$st.cpu]}" "${res[$s.c_$st.srv]}" \
       "$(echo "scale=3; (${res[$s.c_$st.cpu]} + ${res[$s.c_$st.srv]}) / 2" | bc)" \
@@ -247,5 +280,7 @@ done
 echo
 echo "ratios are restic time / cbt time (higher is better for cbt); full vs limit is limit time / cbt full time"
 echo "restore: cbt's restore returns with the image fsynced; restic's dump returns with it in the page cache,"
-echo "the 'flushed' column adds the time of 'sync FILE' after it (restic writes the zero MiB blocks too)"
+echo "the 'flushed' column adds the time of 'sync FILE' after it (restic writes the zero MiB blocks too);"
+echo "'cold' restores again after evicting the files of both repositories (and restic's cache) from the page cache;"
+echo "the CPU table's 'cold' row is that cold restore"
 echo "every restore was compared byte for byte with the changed image"

@@ -23,7 +23,7 @@ use cbt_store::engine::cbt::{
     CbtBackupPlan, CbtBackupSpec, CbtPlanError, CbtTarget, DeltaBase, plan_cbt_backup,
 };
 use cbt_store::engine::{
-    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
+    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, TargetVerifyReport,
     verify_target_stored,
 };
 use cbt_store::repo::{RepoError, Repository};
@@ -160,7 +160,8 @@ pub struct MoverReport {
     /// Bytes the service reported (allocated or changed).
     #[serde(default)]
     pub bytes_in_ranges: u64,
-    /// Bytes read from the device (backup) or written to it (restore).
+    /// Bytes read from the device: by a backup, or by the read-back of a verify (a
+    /// regular file's holes are not read).
     #[serde(default)]
     pub bytes_read: u64,
     /// Bytes uploaded (backup) or downloaded (restore).
@@ -169,6 +170,21 @@ pub struct MoverReport {
     /// Bytes written to the device (restore).
     #[serde(default)]
     pub bytes_written: u64,
+    /// Chunk objects a backup uploaded.
+    #[serde(default)]
+    pub chunks_uploaded: u64,
+    /// Chunks a backup did not upload because they were already stored (most often unchanged
+    /// since the parent).
+    #[serde(default)]
+    pub chunks_deduplicated: u64,
+    /// Bytes of a backup in chunks whose content differs from the parent's.
+    #[serde(default)]
+    pub bytes_changed: u64,
+    /// Most chunk-map entries a backup held at once: bounded by configuration where the maps
+    /// are streamed (see `cbt_store::engine::BackupOutcome::map_entries_peak`), the stored
+    /// chunks of a whole map otherwise.
+    #[serde(default)]
+    pub map_entries_peak: u64,
     /// Chunks read back and matched after a restore.
     #[serde(default)]
     pub chunks_verified: u64,
@@ -355,13 +371,14 @@ pub async fn run_with_key(
             let (volume, snapshot) = restore_names(t)?;
             let stored = repo.load_stored(&volume, &snapshot).await?;
             let head = stored.head();
-            let chunks_verified = read_back(&repo, device.as_path(), t, &stored).await?;
+            let check = read_back(&repo, device.as_path(), t, &stored).await?;
             MoverReport {
                 ok: true,
                 snapshot: Some(head.snapshot.to_string()),
                 snapshot_id: Some(head.snapshot_id.clone()),
                 volume_size: head.volume_size(),
-                chunks_verified,
+                bytes_read: check.bytes_read,
+                chunks_verified: check.chunks_ok,
                 ..MoverReport::default()
             }
         }
@@ -421,6 +438,10 @@ async fn backup(
         bytes_in_ranges: outcome.stats.bytes_in_ranges,
         bytes_read: outcome.stats.bytes_read,
         bytes_transferred: outcome.stats.bytes_uploaded,
+        chunks_uploaded: outcome.stats.objects_written,
+        chunks_deduplicated: outcome.stats.chunks_deduplicated,
+        bytes_changed: outcome.stats.bytes_changed,
+        map_entries_peak: outcome.map_entries_peak,
         notes: plan.notes,
         ..MoverReport::default()
     })
@@ -517,7 +538,7 @@ async fn restore(
     .await?;
     // Loaded again rather than kept: a format-1 map is held once, by the restore or here.
     let stored = repo.load_stored(&volume, &snapshot).await?;
-    let chunks_verified = read_back(repo, device, t, &stored).await?;
+    let chunks_verified = read_back(repo, device, t, &stored).await?.chunks_ok;
     Ok(MoverReport {
         ok: true,
         snapshot: Some(head.snapshot.to_string()),
@@ -531,7 +552,7 @@ async fn restore(
 }
 
 /// Reads `device` back against the snapshot (its map walked in a bounded window, see
-/// [`verify_target_stored`]); returns the chunks that matched.
+/// [`verify_target_stored`]); returns what it found when every chunk matched.
 ///
 /// # Errors
 /// [`MoverError::VerifyFailed`] when any chunk differs; [`MoverError::Io`] reading the device.
@@ -540,7 +561,7 @@ async fn read_back(
     device: &Path,
     t: &RestoreTask,
     stored: &StoredManifest,
-) -> Result<u64, MoverError> {
+) -> Result<TargetVerifyReport, MoverError> {
     let check = match verify_target_stored(repo, stored, device).await {
         Ok(check) => check,
         Err(RepoError::TargetIo { offset, source, .. }) => {
@@ -558,7 +579,7 @@ async fn read_back(
             first: check.mismatched,
         });
     }
-    Ok(check.chunks_ok)
+    Ok(check)
 }
 
 /// The report of a failed run.

@@ -1,5 +1,5 @@
-//! The data mover's restore and read-back, through `mover::run` with a `file://` repository and
-//! a regular file standing in for the attached block device.
+//! The data mover's backup, restore and read-back, through `mover::run` with a `file://`
+//! repository and a regular file standing in for the attached block device.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 use std::os::unix::fs::FileExt;
@@ -153,6 +153,11 @@ async fn a_restore_reads_the_device_back_and_a_changed_device_fails_the_read_bac
     assert!(r.ok);
     assert_eq!(r.chunks_verified, CHUNKS);
     assert_eq!(r.bytes_written, 0, "a read-back writes nothing");
+    // Every stored chunk is read (four in five); zero chunks only where they are not holes.
+    assert!(
+        (CHUNKS / 5 * 4 * CHUNK..=CHUNKS * CHUNK).contains(&r.bytes_read),
+        "{r:?}"
+    );
 
     // A device shorter than the volume cannot be read back: an I/O error, not a mismatch.
     w.set_len(1000 * CHUNK).unwrap();
@@ -160,4 +165,96 @@ async fn a_restore_reads_the_device_back_and_a_changed_device_fails_the_read_bac
         .await
         .unwrap_err();
     assert!(matches!(e, MoverError::Io { .. }), "{e:?}");
+}
+
+/// The mover's second backup without a SnapshotMetadata service: a full read of the device
+/// with the latest backup as parent (`BackupMode::FullWithParent`), whose map is read in a
+/// window beside the new one. 4,096 chunks of 64 distinct contents (few objects, so it stays
+/// fast, but a map of 32 leaves, more than the streamed bound); three chunks change.
+#[tokio::test]
+async fn a_backup_without_metadata_service_streams_against_its_parent_and_uploads_only_changes() {
+    const N: u64 = 4096;
+    let t = tempfile::tempdir().unwrap();
+    let device = t.path().join("device");
+    let f = std::fs::File::create(&device).unwrap();
+    let mut image = vec![0u8; (N * CHUNK) as usize];
+    for i in 0..N {
+        let at = (i * CHUNK) as usize;
+        image[at..at + 8].copy_from_slice(&(i % 64 + 1).to_le_bytes());
+    }
+    f.write_all_at(&image, 0).unwrap();
+    let repo = t.path().join("repo");
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&repo).unwrap());
+    Repository::init(
+        store,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp::from_unix_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    let backup = |snapshot: &str| {
+        MoverTask::Backup(Box::new(BackupTask {
+            volume: "ns-big".into(),
+            snapshot: snapshot.into(),
+            metadata: None,
+            fallback_full: true,
+            source: Default::default(),
+            labels: Default::default(),
+            compression_level: 1,
+        }))
+    };
+    let first = mover::run(
+        &spec(&repo, &device, backup("b1")),
+        Timestamp::from_unix_secs(2),
+    )
+    .await
+    .unwrap();
+    assert!(first.ok);
+    assert_eq!(first.parent, None);
+    assert_eq!(first.chunks_uploaded, 64);
+
+    // Three chunks get content of their own: early, mid-volume, the last one.
+    for i in [5, 2000, N - 1] {
+        f.write_all_at(format!("changed {i}").as_bytes(), i * CHUNK + 200)
+            .unwrap();
+    }
+    let second = mover::run(
+        &spec(&repo, &device, backup("b2")),
+        Timestamp::from_unix_secs(3),
+    )
+    .await
+    .unwrap();
+    assert!(second.ok);
+    assert_eq!(second.parent.as_deref(), Some("b1"));
+    assert!(second.metadata_call.is_none(), "no service was asked");
+    assert_eq!(second.bytes_read, N * CHUNK);
+    assert_eq!(second.chunks_uploaded, 3);
+    assert_eq!(second.chunks_deduplicated, N - 3);
+    assert_eq!(second.bytes_changed, 3 * CHUNK);
+    // Both maps streamed: under the bound from the engine's constants, below the map's size.
+    let o = cbt_store::engine::EngineOptions::default();
+    let leaf = cbt_core::maptree::LEAF_SPAN;
+    let window = cbt_store::repo::LEAF_WINDOW as u64;
+    let ahead = (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64;
+    let bound = ahead + (window + 2) * leaf + (window + 2 + ahead.div_ceil(leaf)) * leaf;
+    assert!(
+        second.map_entries_peak <= bound && second.map_entries_peak < N,
+        "{} entries held, bound {bound}, map {N}",
+        second.map_entries_peak
+    );
+
+    // The snapshot restores to the changed device's bytes.
+    let target = t.path().join("target");
+    std::fs::write(&target, vec![0u8; (N * CHUNK) as usize]).unwrap();
+    let restore = MoverTask::Restore(RestoreTask {
+        volume: "ns-big".into(),
+        snapshot: "b2".into(),
+    });
+    let r = mover::run(&spec(&repo, &target, restore), Timestamp::from_unix_secs(4))
+        .await
+        .unwrap();
+    assert_eq!(r.chunks_verified, N);
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&device).unwrap());
 }

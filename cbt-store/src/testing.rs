@@ -39,6 +39,7 @@ pub struct S3TestServer {
     dir: tempfile::TempDir,
     task: tokio::task::JoinHandle<()>,
     faults: Arc<Mutex<VecDeque<InjectedError>>>,
+    observed: Arc<Observed>,
 }
 
 /// An S3 error answer the server gives instead of serving a connection's first request.
@@ -118,104 +119,236 @@ async fn answer_with_error(
     socket.shutdown().await
 }
 
-/// An S3 server that ignores `If-None-Match` on writes, as some S3-compatible servers do:
-/// forwards to s3s-fs with the condition removed.
-struct IgnoresConditionalWrites(s3s_fs::FileSystem);
+/// What the test server does besides serving s3s-fs: it logs the object requests it receives,
+/// may ignore `If-None-Match` (as some S3-compatible servers do), and may hold one answer
+/// (see [`S3TestServer::hold_put_until_get`]).
+struct TestS3 {
+    fs: s3s_fs::FileSystem,
+    ignore_conditional_writes: bool,
+    observed: Arc<Observed>,
+}
+
+/// Requests the test server received, and the armed hold; shared with [`S3TestServer`].
+#[derive(Debug, Default)]
+struct Observed {
+    /// `VERB key` per request, in arrival order.
+    log: Mutex<Vec<String>>,
+    hold: Mutex<Option<Hold>>,
+    /// PUTs of a key still to be answered `503 SlowDown`, by key.
+    slow_down: Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// One armed hold: the answer to a PUT of `put_key` waits for a GET of `get_key`.
+#[derive(Debug)]
+struct Hold {
+    put_key: String,
+    get_key: String,
+    get_seen: tokio::sync::watch::Sender<bool>,
+    /// Whether the held PUT saw the GET arrive (`None` until the PUT came).
+    overlapped: Option<bool>,
+}
+
+/// How long a held answer waits for the request it waits for.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl TestS3 {
+    fn log(&self, verb: &str, key: &str) {
+        if let Ok(mut log) = self.observed.log.lock() {
+            log.push(format!("{verb} {key}"));
+        }
+        if verb == "GET"
+            && let Ok(hold) = self.observed.hold.lock()
+            && let Some(h) = hold.as_ref()
+            && h.get_key == key
+        {
+            h.get_seen.send_replace(true);
+        }
+    }
+
+    /// Whether this PUT of `key` is one to refuse with `SlowDown` (counting it).
+    fn slow_down(&self, key: &str) -> bool {
+        let Ok(mut pending) = self.observed.slow_down.lock() else {
+            return false;
+        };
+        match pending.get_mut(key) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits (up to [`HOLD_LIMIT`]) if `key` is the armed hold's PUT, and records whether the
+    /// GET it waits for arrived.
+    async fn maybe_hold(&self, key: &str) {
+        let mut seen = match self.observed.hold.lock() {
+            Ok(hold) => match hold.as_ref() {
+                Some(h) if h.put_key == key && h.overlapped.is_none() => h.get_seen.subscribe(),
+                _ => return,
+            },
+            Err(_) => return,
+        };
+        let arrived = tokio::time::timeout(HOLD_LIMIT, seen.wait_for(|v| *v))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if let Ok(mut hold) = self.observed.hold.lock()
+            && let Some(h) = hold.as_mut()
+        {
+            h.overlapped = Some(arrived);
+        }
+    }
+}
 
 #[async_trait::async_trait]
-impl s3s::S3 for IgnoresConditionalWrites {
+impl s3s::S3 for TestS3 {
     async fn put_object(
         &self,
         mut req: s3s::S3Request<s3s::dto::PutObjectInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::PutObjectOutput>> {
-        req.input.if_none_match = None;
-        self.0.put_object(req).await
+        self.log("PUT", &req.input.key);
+        if self.slow_down(&req.input.key) {
+            return Err(s3s::S3Error::new(s3s::S3ErrorCode::SlowDown));
+        }
+        self.maybe_hold(&req.input.key).await;
+        if self.ignore_conditional_writes {
+            req.input.if_none_match = None;
+        }
+        self.fs.put_object(req).await
     }
 
     async fn complete_multipart_upload(
         &self,
         mut req: s3s::S3Request<s3s::dto::CompleteMultipartUploadInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CompleteMultipartUploadOutput>> {
-        req.input.if_none_match = None;
-        self.0.complete_multipart_upload(req).await
-    }
-
-    // Everything else unchanged.
-    async fn create_bucket(
-        &self,
-        req: s3s::S3Request<s3s::dto::CreateBucketInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CreateBucketOutput>> {
-        self.0.create_bucket(req).await
-    }
-
-    async fn delete_object(
-        &self,
-        req: s3s::S3Request<s3s::dto::DeleteObjectInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteObjectOutput>> {
-        self.0.delete_object(req).await
-    }
-
-    async fn delete_objects(
-        &self,
-        req: s3s::S3Request<s3s::dto::DeleteObjectsInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteObjectsOutput>> {
-        self.0.delete_objects(req).await
-    }
-
-    async fn get_object(
-        &self,
-        req: s3s::S3Request<s3s::dto::GetObjectInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
-        self.0.get_object(req).await
-    }
-
-    async fn head_bucket(
-        &self,
-        req: s3s::S3Request<s3s::dto::HeadBucketInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadBucketOutput>> {
-        self.0.head_bucket(req).await
-    }
-
-    async fn head_object(
-        &self,
-        req: s3s::S3Request<s3s::dto::HeadObjectInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
-        self.0.head_object(req).await
-    }
-
-    async fn list_objects(
-        &self,
-        req: s3s::S3Request<s3s::dto::ListObjectsInput>,
-    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsOutput>> {
-        self.0.list_objects(req).await
+        if self.ignore_conditional_writes {
+            req.input.if_none_match = None;
+        }
+        self.fs.complete_multipart_upload(req).await
     }
 
     async fn list_objects_v2(
         &self,
         req: s3s::S3Request<s3s::dto::ListObjectsV2Input>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsV2Output>> {
-        self.0.list_objects_v2(req).await
+        self.log("LIST", req.input.prefix.as_deref().unwrap_or(""));
+        self.fs.list_objects_v2(req).await
+    }
+
+    async fn get_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::GetObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetObjectOutput>> {
+        self.log("GET", &req.input.key);
+        self.fs.get_object(req).await
+    }
+
+    async fn head_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadObjectOutput>> {
+        self.log("HEAD", &req.input.key);
+        self.fs.head_object(req).await
+    }
+
+    async fn delete_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::DeleteObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteObjectOutput>> {
+        self.log("DELETE", &req.input.key);
+        self.fs.delete_object(req).await
+    }
+
+    // Everything else s3s-fs serves, unchanged.
+    async fn create_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::CreateBucketInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CreateBucketOutput>> {
+        self.fs.create_bucket(req).await
+    }
+
+    async fn copy_object(
+        &self,
+        req: s3s::S3Request<s3s::dto::CopyObjectInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CopyObjectOutput>> {
+        self.fs.copy_object(req).await
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::DeleteBucketInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteBucketOutput>> {
+        self.fs.delete_bucket(req).await
+    }
+
+    async fn delete_objects(
+        &self,
+        req: s3s::S3Request<s3s::dto::DeleteObjectsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::DeleteObjectsOutput>> {
+        self.fs.delete_objects(req).await
+    }
+
+    async fn get_bucket_location(
+        &self,
+        req: s3s::S3Request<s3s::dto::GetBucketLocationInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::GetBucketLocationOutput>> {
+        self.fs.get_bucket_location(req).await
+    }
+
+    async fn head_bucket(
+        &self,
+        req: s3s::S3Request<s3s::dto::HeadBucketInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::HeadBucketOutput>> {
+        self.fs.head_bucket(req).await
+    }
+
+    async fn list_buckets(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListBucketsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListBucketsOutput>> {
+        self.fs.list_buckets(req).await
+    }
+
+    async fn list_objects(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListObjectsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListObjectsOutput>> {
+        self.fs.list_objects(req).await
     }
 
     async fn create_multipart_upload(
         &self,
         req: s3s::S3Request<s3s::dto::CreateMultipartUploadInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::CreateMultipartUploadOutput>> {
-        self.0.create_multipart_upload(req).await
+        self.fs.create_multipart_upload(req).await
     }
 
     async fn upload_part(
         &self,
         req: s3s::S3Request<s3s::dto::UploadPartInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::UploadPartOutput>> {
-        self.0.upload_part(req).await
+        self.fs.upload_part(req).await
+    }
+
+    async fn upload_part_copy(
+        &self,
+        req: s3s::S3Request<s3s::dto::UploadPartCopyInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::UploadPartCopyOutput>> {
+        self.fs.upload_part_copy(req).await
+    }
+
+    async fn list_parts(
+        &self,
+        req: s3s::S3Request<s3s::dto::ListPartsInput>,
+    ) -> s3s::S3Result<s3s::S3Response<s3s::dto::ListPartsOutput>> {
+        self.fs.list_parts(req).await
     }
 
     async fn abort_multipart_upload(
         &self,
         req: s3s::S3Request<s3s::dto::AbortMultipartUploadInput>,
     ) -> s3s::S3Result<s3s::S3Response<s3s::dto::AbortMultipartUploadOutput>> {
-        self.0.abort_multipart_upload(req).await
+        self.fs.abort_multipart_upload(req).await
     }
 }
 
@@ -241,11 +374,12 @@ impl S3TestServer {
         let dir = tempfile::Builder::new().prefix("cbt-s3-").tempdir()?;
         let fs = s3s_fs::FileSystem::new(dir.path())
             .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        let mut builder = if ignore_conditional_writes {
-            S3ServiceBuilder::new(IgnoresConditionalWrites(fs))
-        } else {
-            S3ServiceBuilder::new(fs)
-        };
+        let observed = Arc::new(Observed::default());
+        let mut builder = S3ServiceBuilder::new(TestS3 {
+            fs,
+            ignore_conditional_writes,
+            observed: observed.clone(),
+        });
         builder.set_auth(SimpleAuth::from_single(TEST_ACCESS_KEY, TEST_SECRET_KEY));
         let service = builder.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -278,6 +412,7 @@ impl S3TestServer {
             dir,
             task,
             faults,
+            observed,
         })
     }
 
@@ -288,6 +423,49 @@ impl S3TestServer {
         if let Ok(mut q) = self.faults.lock() {
             q.extend(errors);
         }
+    }
+
+    /// The object requests received so far, in arrival order, as `VERB key` (`GET`, `PUT`,
+    /// `HEAD`, `DELETE`, and `LIST prefix` for a listing); keys include the store's prefix.
+    pub fn request_log(&self) -> Vec<String> {
+        self.observed
+            .log
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default()
+    }
+
+    /// Holds the answer to the next PUT of `put_key` until a GET of `get_key` has arrived (at
+    /// most 5 s): a client that sends the two one after the other waits out the limit, one
+    /// that sends them side by side does not. [`Self::held_put_overlapped`] tells which.
+    /// Keys include the store's prefix.
+    pub fn hold_put_until_get(&self, put_key: &str, get_key: &str) {
+        if let Ok(mut hold) = self.observed.hold.lock() {
+            *hold = Some(Hold {
+                put_key: put_key.to_string(),
+                get_key: get_key.to_string(),
+                get_seen: tokio::sync::watch::Sender::new(false),
+                overlapped: None,
+            });
+        }
+    }
+
+    /// Answers the next `times` PUTs of `key` (including the store's prefix) with `503
+    /// SlowDown`, a transient error, without storing anything.
+    pub fn slow_down_puts(&self, key: &str, times: u32) {
+        if let Ok(mut pending) = self.observed.slow_down.lock() {
+            pending.insert(key.to_string(), times);
+        }
+    }
+
+    /// For the hold armed by [`Self::hold_put_until_get`]: `None` if the PUT has not come,
+    /// else whether the GET arrived while the PUT was held.
+    pub fn held_put_overlapped(&self) -> Option<bool> {
+        self.observed
+            .hold
+            .lock()
+            .ok()
+            .and_then(|h| h.as_ref().and_then(|h| h.overlapped))
     }
 
     /// `http://127.0.0.1:<port>`.

@@ -193,3 +193,106 @@ async fn back_up(repo: &Repository, src: &Path) -> (VolumeName, SnapshotName) {
     .unwrap();
     (volume, snap)
 }
+
+/// A restore into a sparse file is read back without reading its holes: an 8 GiB volume with
+/// a few MiB of data reads about that much, and still finds a changed byte, a hole punched
+/// over a whole stored chunk (not read, judged as the zeros it reads as) and one punched into
+/// part of a stored chunk.
+#[tokio::test]
+async fn a_sparse_target_is_read_back_without_reading_its_holes() {
+    const MIB: u64 = 1 << 20;
+    let t = tempfile::tempdir().unwrap();
+    let size = 8 << 30;
+    let src = t.path().join("src.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(size).unwrap();
+    // Sixteen 1 MiB chunks of data spread over the volume (at 1 MiB chunks: 8192 chunks).
+    let data_chunks: Vec<u64> = (0..16).map(|i| i * 509 + 3).collect();
+    for &c in &data_chunks {
+        let fill: Vec<u8> = (0..MIB).map(|b| (b * 31 + c) as u8 | 1).collect();
+        f.write_all_at(&fill, c * MIB).unwrap();
+    }
+    drop(f);
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
+    let init = InitOptions {
+        chunk_size: Some(MIB),
+        now: Timestamp::from_unix_secs(1),
+    };
+    let repo = Repository::init(store, init).await.unwrap();
+    let (volume, snap) = back_up(&repo, &src).await;
+    let target = t.path().join("restored.img");
+    engine::restore(
+        &repo,
+        &volume,
+        &snap,
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let head = repo.load_stored(&volume, &snap).await.unwrap();
+    let sparse = {
+        let f = std::fs::File::open(&target).unwrap();
+        cbt_core::extents::data_ranges(&f, size)
+            .unwrap()
+            .is_some_and(|d| d.total_bytes() < size / 2)
+    };
+
+    let r = verify_target_stored(&repo, &head, &target).await.unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(r.chunks_ok, size / MIB);
+    assert_eq!(r.bytes_checked, size);
+    // Where the file system reports holes (ext4, xfs, btrfs, tmpfs), only the data is read.
+    if sparse {
+        assert_eq!(r.bytes_read, 16 * MIB, "{r:?}");
+    } else {
+        assert_eq!(r.bytes_read, size);
+    }
+
+    // A changed byte in one stored chunk, a hole over all of another and over part of a third.
+    let w = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap();
+    let (changed, emptied, pierced) = (data_chunks[2], data_chunks[7], data_chunks[12]);
+    w.write_all_at(&[0], changed * MIB + 77).unwrap();
+    let punch = |at: u64, len: u64| {
+        use rustix::fs::{FallocateFlags, fallocate};
+        fallocate(
+            &w,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            at,
+            len,
+        )
+    };
+    let punched = punch(emptied * MIB, MIB).is_ok() && punch(pierced * MIB + 8192, 4096).is_ok();
+    let r = verify_target_stored(&repo, &head, &target).await.unwrap();
+    if punched {
+        assert_eq!(r.mismatched, vec![changed, emptied, pierced], "{r:?}");
+        assert_eq!(r.mismatched_count, 3);
+        if sparse {
+            assert_eq!(
+                r.bytes_read,
+                15 * MIB,
+                "the emptied chunk is not read: {r:?}"
+            );
+        }
+    } else {
+        assert_eq!(r.mismatched, vec![changed], "{r:?}");
+    }
+    assert_eq!(r.bytes_checked, size);
+
+    // A sparse target shorter than the volume still cannot hold it.
+    w.set_len(size - 3 * MIB).unwrap();
+    let e = verify_target_stored(&repo, &head, &target)
+        .await
+        .unwrap_err();
+    match e {
+        RepoError::TargetIo { offset, source, .. } => {
+            assert_eq!(offset, Some(size - 3 * MIB));
+            assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+        }
+        other => panic!("expected a target I/O error, got {other:?}"),
+    }
+}

@@ -657,3 +657,217 @@ async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count
     );
     assert_eq!(faulty.calls(Op::Put), 3);
 }
+
+/// A store that counts the manifest reads in flight at once, each held for a moment so that
+/// reads issued together overlap, and holds the listings of `snapshots/` and `chunks/` until
+/// both have started (at most 5 s), recording whether they did.
+#[derive(Debug)]
+struct HeadReads {
+    inner: Arc<dyn ObjectStore>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    /// Bit 1: a `snapshots/` listing started; bit 2: a `chunks/` listing started.
+    listings: tokio::sync::watch::Sender<u8>,
+    /// Whether every listing saw the other start while it was held.
+    listings_overlapped: std::sync::atomic::AtomicBool,
+    /// Keys read, in the order the reads started.
+    reads: std::sync::Mutex<Vec<String>>,
+}
+
+impl HeadReads {
+    fn new(inner: Arc<dyn ObjectStore>) -> Self {
+        Self {
+            inner,
+            in_flight: Default::default(),
+            peak: Default::default(),
+            listings: tokio::sync::watch::Sender::new(0),
+            listings_overlapped: std::sync::atomic::AtomicBool::new(true),
+            reads: Default::default(),
+        }
+    }
+
+    /// How many segment reads started before the read of `key` did.
+    fn segment_reads_before(&self, key: &str) -> usize {
+        let reads = self.reads.lock().unwrap();
+        let at = reads.iter().position(|k| k == key).unwrap();
+        reads[..at]
+            .iter()
+            .filter(|k| k.starts_with("segments/"))
+            .count()
+    }
+
+    /// Ready for another verify: counts and listings forgotten.
+    fn reset(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.peak.store(0, SeqCst);
+        self.listings.send_replace(0);
+        self.listings_overlapped.store(true, SeqCst);
+        self.reads.lock().unwrap().clear();
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for HeadReads {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        mode: PutMode,
+    ) -> Result<cbt_store::store::PutOutcome, cbt_store::store::StoreError> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, cbt_store::store::StoreError> {
+        self.reads.lock().unwrap().push(key.to_string());
+        self.inner.get(key).await
+    }
+    async fn get_bounded(
+        &self,
+        key: &str,
+        max_len: u64,
+    ) -> Result<Bytes, cbt_store::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.reads.lock().unwrap().push(key.to_string());
+        if !key.starts_with("snapshots/") {
+            return self.inner.get_bounded(key, max_len).await;
+        }
+        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+        self.peak.fetch_max(now, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let out = self.inner.get_bounded(key, max_len).await;
+        self.in_flight.fetch_sub(1, SeqCst);
+        out
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<Bytes, cbt_store::store::StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(
+        &self,
+        key: &str,
+    ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
+        self.inner.head(key).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
+        let bit = if prefix.starts_with("snapshots/") {
+            1
+        } else if prefix.starts_with("chunks/") {
+            2
+        } else {
+            0
+        };
+        if bit != 0 {
+            self.listings.send_modify(|v| *v |= bit);
+            let mut seen = self.listings.subscribe();
+            let both = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                seen.wait_for(|v| *v == 3),
+            )
+            .await
+            .is_ok();
+            if !both {
+                self.listings_overlapped
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        self.inner.list_page(prefix, continuation).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+#[tokio::test]
+async fn verify_lists_and_reads_heads_side_by_side_and_reports_each_problem_once_in_order() {
+    let fx = Fixture::new().await;
+    // Twelve snapshots of two chunks each, no chunk shared.
+    let names: Vec<String> = (0..12).map(|i| format!("s{i:02}")).collect();
+    let mut outs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let src = fx.write("d.img", &noise(100 + i as u64, 2 * CS as usize));
+        let out = backup_file(&fx.repo, &src, request("v", name, full(), i as i64))
+            .await
+            .unwrap();
+        outs.push(out);
+    }
+    let chunk_of = |snapshot: usize, index: u64| {
+        let r = match outs[snapshot].manifest.as_ref().unwrap().chunks.get(index) {
+            ChunkState::Stored(r) => r,
+            ChunkState::Zero => panic!("chunk {index} of {snapshot} is stored"),
+        };
+        (chunk::chunk_key(&r.hash), r.stored_size)
+    };
+    // s03 loses a chunk, s07's manifest is garbage, s10 has a chunk cut short, s11 another.
+    fx.store.delete(&chunk_of(3, 1).0).await.unwrap();
+    fx.store
+        .put(
+            &manifest_key(&vol("v"), &snap("s07")),
+            Bytes::from_static(b"not a manifest"),
+            PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    for (s, i) in [(10, 0), (11, 1)] {
+        let p = fx.local.path_of(&chunk_of(s, i).0).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();
+    }
+
+    let watched = Arc::new(HeadReads::new(fx.store.clone()));
+    let repo = Repository::open(watched.clone()).await.unwrap();
+    for read_data in [false, true] {
+        watched.reset();
+        let report = repo
+            .verify(&VerifyOptions {
+                read_data,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let got: Vec<(String, Option<u64>, &str)> = report
+            .problems
+            .iter()
+            .map(|p| {
+                let kind = match p.problem {
+                    ProblemKind::Missing => "missing",
+                    ProblemKind::SizeMismatch { .. } => "size",
+                    ProblemKind::Corrupt { .. } => "corrupt",
+                    ProblemKind::ManifestUnreadable { .. } => "manifest",
+                };
+                (p.snapshot.clone(), p.index, kind)
+            })
+            .collect();
+        let expected = [
+            ("v/s03", Some(1), "missing"),
+            ("v/s07", None, "manifest"),
+            ("v/s10", Some(0), "size"),
+            ("v/s11", Some(1), "size"),
+        ]
+        .map(|(s, i, k)| (s.to_string(), i, k));
+        assert_eq!(got, expected, "read_data {read_data}");
+        assert_eq!(report.snapshots, 11, "the unreadable one is not counted");
+        // Heads are read four at a time, never more.
+        let peak = watched.peak.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(peak, 4, "manifest reads in flight at once");
+        // Heads are read while earlier snapshots are walked, not only when the walk asks for
+        // them: the fifth starts before the walk of the first four is over.
+        let fifth = manifest_key(&vol("v"), &snap("s04"));
+        assert!(
+            watched.segment_reads_before(&fifth) < 4,
+            "{:?}",
+            watched.reads
+        );
+        // The snapshot listing and the chunk listing go out side by side.
+        assert!(
+            watched
+                .listings_overlapped
+                .load(std::sync::atomic::Ordering::SeqCst)
+        );
+    }
+}

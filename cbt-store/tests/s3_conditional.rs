@@ -10,9 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cbt_core::Timestamp;
 use cbt_store::repo::{InitOptions, RepoError, Repository};
-use cbt_store::store::s3::S3Store;
+use cbt_store::store::s3::{PROBE_KEY, S3Store};
 use cbt_store::store::{
-    ConditionalWrites, ErrorKind, ObjectStore, PutMode, PutOutcome, StoreError, list_all,
+    ConditionalWrites, ErrorKind, ObjectStore, PutMode, PutOutcome, RetryPolicy, RetryingStore,
+    StoreError, list_all,
 };
 use cbt_store::testing::S3TestServer;
 
@@ -21,7 +22,10 @@ async fn a_server_that_honours_conditional_writes_is_recognised_and_left_clean()
     let server = S3TestServer::start().await.unwrap();
     server.create_bucket("bkt").unwrap();
     let store = server.store("bkt", "repo").await.unwrap();
-    assert_eq!(store.conditional_writes(), ConditionalWrites::Honoured);
+    assert_eq!(
+        store.conditional_writes().await.unwrap(),
+        ConditionalWrites::Honoured
+    );
     assert!(
         list_all(&store, "").await.unwrap().is_empty(),
         "probe object left behind"
@@ -49,7 +53,10 @@ async fn a_server_that_ignores_conditional_writes_gets_no_exclusive_writes() {
     let mut blind = server.config("bkt", "blind");
     blind.check_on_connect = false;
     let blind = S3Store::connect(blind).await.unwrap();
-    assert_eq!(blind.conditional_writes(), ConditionalWrites::Unknown);
+    assert_eq!(
+        blind.conditional_writes().await.unwrap(),
+        ConditionalWrites::Unknown
+    );
     for body in [&b"first"[..], b"second"] {
         let out = blind
             .put("k", Bytes::copy_from_slice(body), PutMode::IfAbsent)
@@ -61,7 +68,10 @@ async fn a_server_that_ignores_conditional_writes_gets_no_exclusive_writes() {
 
     // With the probe: detected, and exclusive writes are refused, naming the server.
     let store = server.store("bkt", "repo").await.unwrap();
-    assert_eq!(store.conditional_writes(), ConditionalWrites::Ignored);
+    assert_eq!(
+        store.conditional_writes().await.unwrap(),
+        ConditionalWrites::Ignored
+    );
     let err = store
         .put(
             "locks/exclusive",
@@ -114,4 +124,53 @@ async fn a_server_that_ignores_conditional_writes_gets_no_exclusive_writes() {
     );
     // The store in use is the configuration to change (the same kind the store reports).
     assert_eq!(err.kind(), ErrorKind::Config);
+}
+
+/// The conditional-write probe runs after `connect` returns; when it fails on a transient
+/// error, no exclusive write goes out unprobed: the first one probes again (directly, or on
+/// its retry when its own probe was the one that failed) and then succeeds.
+#[tokio::test]
+async fn a_probe_that_failed_transiently_is_run_again_before_an_exclusive_write() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    // The marker exists from now on (and this store's probe is over).
+    let first = server.store("bkt", "repo").await.unwrap();
+    first.conditional_writes().await.unwrap();
+    let probe = format!("repo/{PROBE_KEY}");
+    server.slow_down_puts(&probe, 1);
+    let seen = server.request_log().len();
+    let s3 = server.store("bkt", "repo").await.unwrap();
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        base_delay: std::time::Duration::from_millis(5),
+        max_delay: std::time::Duration::from_millis(20),
+    };
+    let store = RetryingStore::new(Arc::new(s3.clone()), retry);
+    let out = store
+        .put(
+            "locks/exclusive",
+            Bytes::from_static(b"x"),
+            PutMode::IfAbsent,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out, PutOutcome::Created);
+    assert_eq!(
+        s3.conditional_writes().await.unwrap(),
+        ConditionalWrites::Honoured
+    );
+    let puts: Vec<String> = server.request_log()[seen..]
+        .iter()
+        .filter(|r| r.starts_with("PUT "))
+        .cloned()
+        .collect();
+    let probe_put = format!("PUT {probe}");
+    assert_eq!(
+        puts,
+        [
+            probe_put.clone(),
+            probe_put,
+            "PUT repo/locks/exclusive".to_string()
+        ]
+    );
 }

@@ -38,10 +38,12 @@ async fn counted<T>(
     (out, d)
 }
 
-/// A fresh connection, as a new `cbt` process makes it; its requests are counted too.
+/// A fresh connection, as a new `cbt` process makes it; its requests are counted too (the
+/// conditional-write probe, which `connect` leaves running in the background, included).
 async fn connect(server: &S3TestServer) -> (S3Store, RequestCounts) {
     let cfg = server.config("bkt", "repo");
     let store = S3Store::connect(cfg).await.unwrap();
+    store.conditional_writes().await.unwrap();
     let counts = store.request_counts();
     (store, counts)
 }
@@ -59,12 +61,18 @@ async fn a_connect_costs_two_requests_once_the_probe_marker_exists() {
     server.create_bucket("bkt").unwrap();
     // First connect to a prefix: listing, create, refused create, read back.
     let (first, c) = connect(&server).await;
-    assert_eq!(first.conditional_writes(), ConditionalWrites::Honoured);
+    assert_eq!(
+        first.conditional_writes().await.unwrap(),
+        ConditionalWrites::Honoured
+    );
     assert_eq!(c.total(), 4, "{c:?}");
     // Every later one: the listing and one refused create.
     for _ in 0..2 {
         let (store, c) = connect(&server).await;
-        assert_eq!(store.conditional_writes(), ConditionalWrites::Honoured);
+        assert_eq!(
+            store.conditional_writes().await.unwrap(),
+            ConditionalWrites::Honoured
+        );
         assert_eq!(
             c,
             RequestCounts {
@@ -80,6 +88,49 @@ async fn a_connect_costs_two_requests_once_the_probe_marker_exists() {
         server
             .object_path("bkt", &format!("repo/{PROBE_KEY}"))
             .exists()
+    );
+}
+
+#[tokio::test]
+async fn opening_a_repository_costs_two_sequential_round_trips() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    let (setup, _) = connect(&server).await;
+    init(Arc::new(setup)).await;
+
+    // The server holds the probe's answer until the config read arrives: a client that waited
+    // for the probe before reading the config would wait out the hold and fail below.
+    let probe = format!("repo/{PROBE_KEY}");
+    server.hold_put_until_get(&probe, "repo/config");
+    let seen = server.request_log().len();
+    let s3 = S3Store::connect(server.config("bkt", "repo"))
+        .await
+        .unwrap();
+    let repo = Repository::open(Arc::new(s3.clone())).await.unwrap();
+    assert_eq!(repo.config().chunk_size, CS);
+    assert_eq!(
+        s3.conditional_writes().await.unwrap(),
+        ConditionalWrites::Honoured
+    );
+    assert_eq!(server.held_put_overlapped(), Some(true));
+    assert_eq!(
+        s3.request_counts(),
+        RequestCounts {
+            list: 1,
+            put: 1,
+            get: 1,
+            ..RequestCounts::default()
+        }
+    );
+    // The listing goes first and alone (it proves the bucket and the credentials before any
+    // write: some servers create a missing bucket on a write), then the other two together.
+    let log = server.request_log().split_off(seen);
+    assert_eq!(log[0], "LIST repo/", "{log:?}");
+    let mut rest = log[1..].to_vec();
+    rest.sort();
+    assert_eq!(
+        rest,
+        ["GET repo/config".to_string(), format!("PUT {probe}")]
     );
 }
 

@@ -10,6 +10,7 @@ mod engine_support;
 use std::sync::Arc;
 
 use cbt_core::manifest::ParentRef;
+use cbt_core::maptree::LEAF_SPAN;
 use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, BlockSource, EngineOptions, RestoreOptions,
@@ -199,4 +200,378 @@ async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link()
     let mut want = vec![0u8; size as usize];
     child_src.read_exact_at(&mut want, 0).unwrap();
     assert!(std::fs::read(&target).unwrap() == want);
+}
+
+/// A repository of 4 KiB chunks in `dir`.
+async fn repo_in(dir: &std::path::Path) -> Repository {
+    let local = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    Repository::init(
+        local as Arc<dyn ObjectStore>,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// The most map entries a full backup with a parent may hold with `o`, from the constants:
+/// the fold's results waiting for an earlier chunk (fewer than the chunks handed out ahead of
+/// it, `readers + readahead + workers + 2 * transfers`), its open leaf and the finished leaves
+/// not yet stored (`LEAF_WINDOW + 1`), plus the parent's leaves over the chunks handed out
+/// (`ceil(ahead / 128)`, one more where they straddle a boundary), the one the fold waits in
+/// and the walk's read-ahead (`LEAF_WINDOW`).
+fn peak_bound(o: &EngineOptions) -> u64 {
+    let leaf = LEAF_SPAN;
+    let ahead = (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64;
+    let fold = ahead + (LEAF_WINDOW as u64 + 2) * leaf;
+    let window = (LEAF_WINDOW as u64 + 2 + ahead.div_ceil(leaf)) * leaf;
+    fold + window
+}
+
+/// Restores `name` of `volume` and checks it is `want`'s image, byte for byte.
+async fn assert_restores(
+    repo: &Repository,
+    dir: &std::path::Path,
+    volume: &VolumeName,
+    name: &str,
+    want: &SyntheticSource,
+) {
+    let target = dir.join(format!("{volume}-{name}.img"));
+    engine::restore(
+        repo,
+        volume,
+        &SnapshotName::new(name).unwrap(),
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = std::fs::read(&target).unwrap();
+    let mut image = vec![0u8; want.size() as usize];
+    want.read_exact_at(&mut image, 0).unwrap();
+    assert_eq!(got.len(), image.len(), "{name}: restored size");
+    assert!(got == image, "{name}: restored image differs");
+}
+
+/// The volume grew (about 2x, from a size that ends in a partial chunk): the parent is read in a
+/// window of its own shape; below its end, unchanged chunks are deduplicated against it; the
+/// partial chunk that became whole and everything past the old end are compared as new.
+#[tokio::test]
+async fn full_with_a_grown_parent_streams_and_uploads_only_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("grown").unwrap();
+    let old = 2 * MIB + 1000;
+    let parent_src = SyntheticSource::new(old, RangeSet::full(old));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    assert_eq!(parent.stats.objects_written, 2 * MIB / CHUNK + 1);
+    // The same bytes below the old end (content depends on the offset only), data up to
+    // 3 MiB and in the last 512 KiB, a hole between; one chunk rewritten below the old end.
+    let new = 4 * MIB;
+    let child_src = SyntheticSource::new(new, ranges(&[(0, 3 * MIB), (new - MIB / 2, MIB / 2)]))
+        .rewritten(ranges(&[(10 * CHUNK, CHUNK)]), 3);
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: Some(child_src.allocated().clone()),
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none(), "the parent was read in a window");
+    assert_eq!(out.head.parent, Some(parent.head.as_parent()));
+    assert_eq!(out.head.volume_size(), new);
+    let below = 2 * MIB / CHUNK; // whole chunks below the old end
+    let past = (3 * MIB - 2 * MIB) / CHUNK - 1 + MIB / 2 / CHUNK; // whole new ones past it
+    // The rewritten chunk, the old partial chunk (now whole), and every chunk past the end.
+    let uploaded = 1 + 1 + past;
+    assert_eq!(out.stats.chunks_read, below + 1 + past);
+    assert_eq!(out.stats.chunks_zero, 0);
+    assert_eq!(out.stats.objects_written, uploaded);
+    assert_eq!(out.stats.chunks_deduplicated, below - 1);
+    assert_eq!(out.stats.bytes_deduplicated, (below - 1) * CHUNK);
+    assert_eq!(out.stats.bytes_changed, uploaded * CHUNK);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+    assert_restores(&repo, dir.path(), &volume, "p", &parent_src).await;
+}
+
+/// The volume shrank (to half, ending in a partial chunk): the parent's window stops being
+/// read at the new end; the new partial last chunk differs from the parent's whole one.
+#[tokio::test]
+async fn full_with_a_shrunk_parent_streams_and_stops_at_the_new_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("shrunk").unwrap();
+    let old = 4 * MIB;
+    let parent_src = SyntheticSource::new(old, RangeSet::full(old));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let new = 2 * MIB + 1000;
+    let child_src = SyntheticSource::new(new, RangeSet::full(new))
+        .rewritten(ranges(&[(3 * CHUNK, CHUNK), (500 * CHUNK, 10)]), 4);
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none(), "the parent was read in a window");
+    assert_eq!(out.head.volume_size(), new);
+    let whole = 2 * MIB / CHUNK;
+    assert_eq!(out.stats.chunks_read, whole + 1);
+    // Two rewritten chunks and the partial last one.
+    assert_eq!(out.stats.objects_written, 3);
+    assert_eq!(out.stats.chunks_deduplicated, whole - 2);
+    assert_eq!(out.stats.bytes_changed, 2 * CHUNK + 1000);
+    // Stored raw (level 0): each object is its bytes and the chunk framing.
+    let framing = cbt_store::chunk::OVERHEAD as u64;
+    assert_eq!(out.stats.bytes_uploaded, 2 * CHUNK + 1000 + 3 * framing);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+}
+
+/// The fold's entries and the parent's leaves are counted together as they are held: where
+/// the parent has data only up to some point and the child only after it, the two are
+/// never held at the same time, so the peak stays under the larger of the two parts (plus a
+/// leaf), not their sum; and the parent's leaves over the range the child's plan skips are not
+/// kept (they would otherwise pile up until the fold passed them).
+#[tokio::test]
+async fn full_with_parent_reports_the_peak_of_both_maps_held_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("apart").unwrap();
+    // 14 leaves of the parent over what the child skips, 2 of the child's after them.
+    let (size, split) = (8 * MIB, 7 * MIB);
+    let parent_src = SyntheticSource::new(size, ranges(&[(0, split)]));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let child_src = SyntheticSource::new(size, ranges(&[(split, size - split)]));
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: Some(child_src.allocated().clone()),
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    let read = (size - split) / CHUNK;
+    assert_eq!(out.stats.chunks_read, read);
+    assert_eq!(out.stats.objects_written, read);
+    assert_eq!(out.stats.bytes_changed, size - split);
+    let o = opts();
+    let ahead = (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64;
+    let fold = ahead + (LEAF_WINDOW as u64 + 2) * LEAF_SPAN;
+    let window = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
+    let bound = fold.max(window) + LEAF_SPAN;
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} entries held, bound {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+}
+
+/// One upload stalls (the changed first chunk's, delayed 1 s) while every later chunk is the
+/// parent's and completes at once: the results behind it, and the parent's leaves over them,
+/// must not pile up until it lands. The readers stop handing out chunks that far ahead of the
+/// fold, so the peak stays under the bound from the constants; and the backup is still exact.
+#[tokio::test]
+async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
+    use cbt_store::store::Op;
+    use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
+
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
+    let faulty = Arc::new(FaultyStore::new(local as Arc<dyn ObjectStore>));
+    let repo = Repository::init(
+        faulty.clone() as Arc<dyn ObjectStore>,
+        InitOptions {
+            chunk_size: Some(CHUNK),
+            now: Timestamp(0),
+        },
+    )
+    .await
+    .unwrap();
+    let volume = VolumeName::new("stall").unwrap();
+    let size = 8 * MIB;
+    let parent_src = SyntheticSource::new(size, RangeSet::full(size));
+    let parent = run(
+        &repo,
+        &volume,
+        "p",
+        &parent_src,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let child_src = parent_src.rewritten(ranges(&[(0, CHUNK)]), 5);
+    faulty.add_rule(
+        FaultRule::new(
+            Op::Put,
+            When::Nth(1),
+            Fault::Delay(std::time::Duration::from_secs(1)),
+        )
+        .on_keys_containing("chunks/"),
+    );
+    let out = run(
+        &repo,
+        &volume,
+        "c",
+        &child_src,
+        BackupMode::FullWithParent {
+            allocated: None,
+            parent: parent.head.as_parent(),
+        },
+    )
+    .await;
+    assert_eq!(
+        faulty.injected(),
+        1,
+        "the changed chunk's upload was delayed"
+    );
+    assert_eq!(out.stats.objects_written, 1);
+    assert_eq!(out.stats.chunks_deduplicated, size / CHUNK - 1);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} entries held behind the stalled upload, bound {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
+}
+
+/// An incremental (`IncrementalOf`) of a format-2 parent whose volume grew, then of one whose
+/// volume shrank: the new map is written whole by merging the parent's entries, walked in
+/// order, with the chunks read, so neither map is held (no whole manifest handed back, the
+/// peak under the bound although each map is larger); only the changed chunks, the grown
+/// tail and the boundary chunk are read; every restore is exact.
+#[tokio::test]
+async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo_in(dir.path()).await;
+    let volume = VolumeName::new("resized").unwrap();
+    // 4,097 chunks: 33 leaves, the last one holding a partial chunk.
+    let old = 16 * MIB + 1000;
+    let first = SyntheticSource::new(old, RangeSet::full(old));
+    let p = run(
+        &repo,
+        &volume,
+        "p",
+        &first,
+        BackupMode::Full { allocated: None },
+    )
+    .await;
+    let parent_head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+
+    // Grown by 1 MiB (data in its first half); two chunks rewritten below the old end.
+    let new = 17 * MIB;
+    let changed = ranges(&[(5 * CHUNK, CHUNK), (3000 * CHUNK, CHUNK)]);
+    let grown =
+        SyntheticSource::new(new, ranges(&[(0, 16 * MIB + MIB / 2)])).rewritten(changed.clone(), 6);
+    let out = run(
+        &repo,
+        &volume,
+        "g",
+        &grown,
+        BackupMode::IncrementalOf {
+            parent: Box::new(parent_head),
+            changed,
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none(), "the maps were merged in order");
+    assert_eq!(out.head.volume_size(), new);
+    assert_eq!(out.head.parent, Some(p.head.as_parent()));
+    // Read: the two changed chunks, the old partial chunk (now whole) and the 255 past it.
+    let tail = MIB / CHUNK - 1;
+    assert_eq!(out.stats.chunks_read, 2 + 1 + tail);
+    let data_past = MIB / 2 / CHUNK - 1; // chunks of the tail holding data
+    assert_eq!(out.stats.chunks_zero, tail - data_past);
+    assert_eq!(out.stats.objects_written, 2 + 1 + data_past);
+    assert_eq!(out.stats.bytes_changed, (2 + 1 + data_past) * CHUNK);
+    let bound = peak_bound(&opts());
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "g", &grown).await;
+
+    // Shrunk below the old size, ending in a partial chunk; one more chunk rewritten (the
+    // two rewritten before are rewritten again: one generation per synthetic source).
+    let g_head = repo.load_head(&volume, &out.head.snapshot).await.unwrap();
+    let small = 12 * MIB + 10;
+    let changed = ranges(&[
+        (5 * CHUNK, CHUNK),
+        (100 * CHUNK, CHUNK),
+        (3000 * CHUNK, CHUNK),
+    ]);
+    let shrunk = SyntheticSource::new(small, RangeSet::full(small)).rewritten(changed.clone(), 7);
+    let out = run(
+        &repo,
+        &volume,
+        "s",
+        &shrunk,
+        BackupMode::IncrementalOf {
+            parent: Box::new(g_head),
+            changed,
+        },
+    )
+    .await;
+    assert!(out.manifest.is_none());
+    assert_eq!(out.head.volume_size(), small);
+    // Read: the changed chunks and the new partial last chunk.
+    assert_eq!(out.stats.chunks_read, 4);
+    assert_eq!(out.stats.objects_written, 4);
+    assert_eq!(out.stats.bytes_changed, 3 * CHUNK + 10);
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} > {bound}",
+        out.map_entries_peak
+    );
+    assert_restores(&repo, dir.path(), &volume, "s", &shrunk).await;
+    assert_restores(&repo, dir.path(), &volume, "p", &first).await;
 }

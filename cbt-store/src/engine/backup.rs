@@ -14,6 +14,7 @@ use cbt_core::maptree::{
     EncodedSegment, LEAF_SPAN, LoadedTree, SegmentRef, TreeShape, TreeWriter, derive_tree,
 };
 use cbt_core::plan::{BackupPlan, ChunkRead};
+use cbt_core::ranges::ChunkSet;
 use cbt_core::{
     ChunkGeometry, ChunkHash, ChunkState, Manifest, RangeSet, SnapshotName, Timestamp, VolumeName,
 };
@@ -55,9 +56,11 @@ pub enum BackupMode {
     /// which checks that the stored head is still this one (a parent deleted or replaced since
     /// the caller read it fails the backup, nothing committed). The new snapshot's map shares
     /// every other segment with the parent, so the metadata written and read follows the
-    /// change, not the volume (see [`cbt_core::maptree`]). A format-1 parent, or a resized
-    /// volume, is read whole. The outcome carries the head ([`BackupOutcome::head`]), not a
-    /// full map.
+    /// change, not the volume (see [`cbt_core::maptree`]). After a resize (same chunk size)
+    /// the map is written whole instead, merging the parent's entries, walked in order, with
+    /// the chunks read: metadata once in proportion to the volume, memory still bounded. A
+    /// format-1 parent is read whole. The outcome carries the head ([`BackupOutcome::head`]),
+    /// not a full map (except with a format-1 parent).
     IncrementalOf {
         /// The stored snapshot this one is based on, as loaded from the repository.
         parent: Box<ManifestHead>,
@@ -69,10 +72,11 @@ pub enum BackupMode {
     /// deleted, CBT refused, the chunk size changes). The parent must exist in the repository
     /// with this id and belong to the same volume; its chunks seed deduplication, so chunks
     /// that did not change cost neither an upload nor an existence check. A format-2 parent of
-    /// the same geometry is read in index order beside the backup, a window of leaves at a
-    /// time, and the new map is written as it goes (the outcome carries no whole map); so is
-    /// a parent of another chunk size, whose map is not read at all (no chunk can match by
-    /// index). A format-1 or resized parent of the same chunk size is held whole.
+    /// the same chunk size, of the same volume size or resized, is read in index order beside
+    /// the backup, a window of leaves at a time, and the new map is written as it goes (the
+    /// outcome carries no whole map); so is a parent of another chunk size, whose map is not
+    /// read at all (no chunk can match by index). A format-1 parent of the same chunk size is
+    /// held whole.
     FullWithParent {
         /// Allocated byte ranges, if known (as for [`BackupMode::Full`]).
         allocated: Option<RangeSet>,
@@ -108,9 +112,9 @@ pub struct BackupRequest {
 #[derive(Debug, Clone)]
 pub struct BackupOutcome {
     /// The manifest as committed, with its whole map; `None` when the run never held the
-    /// whole map (see `head`): [`BackupMode::IncrementalOf`], a full backup, and a
-    /// [`BackupMode::FullWithParent`] unless its parent is format 1 or resized with the same
-    /// chunk size.
+    /// whole map (see `head`): a full backup, and a [`BackupMode::IncrementalOf`] or
+    /// [`BackupMode::FullWithParent`] unless its parent is format 1 (with the same chunk
+    /// size).
     pub manifest: Option<Manifest>,
     /// The committed snapshot's metadata (always present).
     pub head: ManifestHead,
@@ -123,14 +127,19 @@ pub struct BackupOutcome {
     /// Raw chunk buffers allocated by the run (buffers are reused; at most
     /// `readers + readahead + workers` whatever the volume size).
     pub raw_buffers_allocated: u64,
-    /// Most chunk-map entries held at once. A full backup without a parent writes its map as
-    /// it goes: results waiting for an earlier chunk (at most `transfers`), the open leaf and
-    /// the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
-    /// `transfers + 10 * 128` whatever the volume size. A [`BackupMode::FullWithParent`] of a
-    /// format-2 parent of the same geometry adds the parent's leaves it held: those between
-    /// the chunk the fold waits for and the highest chunk read (readers, readahead, workers
-    /// and transfers apart), plus [`LEAF_WINDOW`] read ahead, 128 entries each. Other modes
-    /// hold a whole map (this run's or the parent's) and report its stored chunks.
+    /// Most chunk-map entries held at once. The readers hand out at most `ahead = readers +
+    /// readahead + workers + 2 * transfers` chunks the fold has not taken yet (24 to 30 with
+    /// the defaults), even while one upload stalls. A full backup without a parent writes its
+    /// map as it goes: results waiting for an earlier chunk (fewer than `ahead`), the open leaf
+    /// and the finished leaves not yet stored (fewer than `LEAF_WINDOW + 2`), at most
+    /// `ahead + 10 * 128` whatever the volume size. A [`BackupMode::FullWithParent`] of a
+    /// format-2 parent of the same chunk size also holds the parent's entries at the planned
+    /// chunks from the leaf the fold waits in to the leaf of the highest chunk handed out,
+    /// plus [`LEAF_WINDOW`] leaves read ahead, 128 entries each: at most
+    /// `(LEAF_WINDOW + 2 + ceil(ahead / 128)) * 128` more. Both are counted in one gauge as
+    /// they are held, so this is the peak of their sum (at most 2,718 with the defaults).
+    /// Other modes hold a whole map (this run's or the parent's) and report its stored
+    /// chunks.
     pub map_entries_peak: u64,
 }
 
@@ -389,7 +398,7 @@ enum Parent<'a> {
     /// window) one of another chunk size, whose chunks cannot match by index.
     Window {
         head: ManifestHead,
-        window: Option<ParentWindow>,
+        window: Option<Box<ParentWindow>>,
     },
 }
 
@@ -452,13 +461,86 @@ type LeafStream = futures::stream::BoxStream<'static, Result<HeldLeaf>>;
 
 /// A format-2 parent read in index order alongside a full backup, holding only the leaves
 /// between the chunk the fold waits for and the highest chunk handed to the upload stage
-/// (plus the walk's read-ahead), whatever the volume size.
+/// (plus the walk's read-ahead), and of those only the entries at planned chunks, whatever
+/// the volume size.
 ///
 /// Readers hand out chunks in ascending order and the stages reorder at most `readers +
-/// readahead + workers + transfers` of them, so the window spans that many chunks' leaves.
+/// readahead + workers + transfers` of them, so the window spans that many planned chunks'
+/// leaves. The parent may be of another volume size (same chunk size): leaves cover the same
+/// indexes in both, and past the parent's end its walk has ended, so nothing is found there.
 struct ParentWindow {
     state: WindowState,
     leaves: futures::lock::Mutex<LeafStream>,
+    /// The chunk indexes the backup reads: only the parent's entries at these are ever asked.
+    planned: ChunkSet,
+    gauge: Arc<EntryGauge>,
+    /// For an incremental of a resized parent: the parent's entries at the chunks not read,
+    /// fed into the new map in order (a second walk of the parent, unfiltered).
+    merge: Option<futures::lock::Mutex<ParentMerge>>,
+}
+
+/// The parent's entries an incremental keeps (every index it does not read, below the new
+/// end), walked in order and pushed into the new map between the chunks read.
+struct ParentMerge {
+    leaves: LeafStream,
+    /// The leaf being merged and the position of its next entry.
+    current: Option<(HeldLeaf, usize)>,
+    /// The new map's chunk count: entries at or past it are dropped (a shrunk volume).
+    end: u64,
+    planned: ChunkSet,
+    /// Every parent entry below this index has been pushed (or dropped).
+    done_below: u64,
+}
+
+impl ParentMerge {
+    /// Pushes the kept parent entries below `limit` into `tree`, storing finished segments
+    /// as they fill a window.
+    async fn push_below(
+        &mut self,
+        tree: &mut TreeFold<'_>,
+        limit: u64,
+        repo: &Repository,
+    ) -> Result<()> {
+        while self.done_below < limit {
+            if self
+                .current
+                .as_ref()
+                .is_none_or(|(leaf, at)| *at >= leaf.entries.len())
+            {
+                self.current = None;
+                tree.flush(repo).await?;
+                match self.leaves.try_next().await? {
+                    Some(leaf) => self.current = Some((leaf, 0)),
+                    None => {
+                        self.done_below = u64::MAX;
+                        break;
+                    }
+                }
+                continue;
+            }
+            let Some((leaf, at)) = self.current.as_mut() else {
+                continue;
+            };
+            let (index, chunk) = leaf.entries[*at];
+            if index >= self.end {
+                // Past the new end: nothing more of the parent is kept.
+                self.current = None;
+                self.done_below = u64::MAX;
+                break;
+            }
+            if index >= limit {
+                self.done_below = limit;
+                break;
+            }
+            *at += 1;
+            if !self.planned.contains(index) {
+                tree.push(index, chunk)?;
+            }
+            self.done_below = index + 1;
+        }
+        tree.sync();
+        Ok(())
+    }
 }
 
 /// What the pipeline's lookups see of a [`ParentWindow`].
@@ -467,7 +549,6 @@ struct WindowState {
     held: Mutex<WindowHeld>,
     /// The next index the fold waits for: leaves ending at or below it are no longer asked.
     fold_next: std::sync::atomic::AtomicU64,
-    gauge: Arc<EntryGauge>,
 }
 
 #[derive(Default)]
@@ -479,9 +560,17 @@ struct WindowHeld {
 }
 
 impl ParentWindow {
-    fn new(repo: &Repository, shape: TreeShape, root: Option<SegmentRef>) -> Self {
-        let gauge = Arc::new(EntryGauge::default());
+    fn new(
+        repo: &Repository,
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        planned: &ChunkSet,
+        gauge: &Arc<EntryGauge>,
+    ) -> Self {
         ParentWindow {
+            planned: planned.clone(),
+            gauge: gauge.clone(),
+            merge: None,
             leaves: futures::lock::Mutex::new(
                 repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
                     .boxed(),
@@ -490,7 +579,6 @@ impl ParentWindow {
                 shape,
                 held: Mutex::new(WindowHeld::default()),
                 fold_next: std::sync::atomic::AtomicU64::new(0),
-                gauge,
             },
         }
     }
@@ -520,7 +608,23 @@ impl ParentWindow {
                     };
                     let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
                     held.covered_to = held.covered_to.max(end);
-                    held.leaves.push_back((end, leaf));
+                    // Entries the plan skips (ranges unallocated now that held data in the
+                    // parent) are never asked for: not kept, so a long gap in the plan does
+                    // not pile up the parent's leaves over it until the fold passes it.
+                    let leaf = if leaf.entries.iter().all(|(i, _)| self.planned.contains(*i)) {
+                        leaf
+                    } else {
+                        let entries = leaf
+                            .entries
+                            .iter()
+                            .filter(|(i, _)| self.planned.contains(*i))
+                            .copied()
+                            .collect();
+                        HeldLeaf::new(entries, self.gauge.clone())
+                    };
+                    if !leaf.entries.is_empty() {
+                        held.leaves.push_back((end, leaf));
+                    }
                 }
             }
         }
@@ -624,6 +728,8 @@ async fn run_locked(
     // A parent read before the lock (`preloaded`) is checked at the commit instead.
     let geometry = *plan.geometry();
     let mut metadata = MetadataIo::default();
+    // One count of the map entries held by the fold and by the parent's window together.
+    let gauge = Arc::new(EntryGauge::default());
     let parent: Option<Parent<'_>> = match &req.mode {
         BackupMode::Incremental { parent: given, .. } => {
             // The caller's whole parent must be what the repository holds, or the child would
@@ -654,31 +760,58 @@ async fn run_locked(
                 None => Some(Parent::Whole(Cow::Borrowed(given.as_ref()))),
             }
         }
-        BackupMode::IncrementalOf { parent: head, .. } => match preloaded {
-            Some(lean) => Some(lean.into_parent(None, &mut metadata)),
-            // Format 1, or resized: read whole under the lock, and checked to be the caller's.
-            None => Some(Parent::Whole(Cow::Owned(
+        BackupMode::IncrementalOf { parent: head, .. } => match (preloaded, head.map) {
+            (Some(lean), _) => Some(lean.into_parent(None, &mut metadata)),
+            // Format 2 resized (same chunk size, `lean_root` refused it for the size): the new
+            // map is written whole, merging the parent's entries read in order with the chunks
+            // read, so neither map is held. The parent is checked under the lock to be the
+            // head the caller gave (the walk reads what that head names).
+            (None, MapLocation::Tree { root }) if head.chunk_size() == geometry.chunk_size() => {
+                check_parent_same(repo, head).await?;
+                let shape = TreeShape::new(head.geometry);
+                let mut window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
+                window.merge = Some(futures::lock::Mutex::new(ParentMerge {
+                    leaves: repo
+                        .leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
+                        .boxed(),
+                    current: None,
+                    end: geometry.chunk_count(),
+                    planned: plan.chunks().clone(),
+                    done_below: 0,
+                }));
+                Some(Parent::Window {
+                    head: head.as_ref().clone(),
+                    window: Some(Box::new(window)),
+                })
+            }
+            // Format 1: read whole under the lock, and checked to be the caller's.
+            (None, _) => Some(Parent::Whole(Cow::Owned(
                 load_parent(repo, &req.volume, &head.snapshot, &head.snapshot_id).await?,
             ))),
         },
         BackupMode::FullWithParent { parent, .. } => {
             let head = load_parent_head(repo, &req.volume, parent).await?;
-            match lean_root(&head, &geometry) {
-                // Format 2, same geometry: read in order beside the backup, a window at a time.
-                Some(root) => {
-                    let window = ParentWindow::new(repo, TreeShape::new(head.geometry), root);
-                    Some(Parent::Window {
-                        head,
-                        window: Some(window),
-                    })
-                }
+            match head.map {
                 // Another chunk size: no chunk can match by index, so only the link is kept
                 // (and the parent's existence checked before the commit).
-                None if head.chunk_size() != geometry.chunk_size() => {
+                _ if head.chunk_size() != geometry.chunk_size() => {
                     Some(Parent::Window { head, window: None })
                 }
-                // Format 1, or resized: held whole (checked to be the same id again).
-                None => Some(Parent::Whole(Cow::Owned(
+                // Format 2 of the same chunk size: read in order beside the backup, a window
+                // at a time, in the parent's own shape. A leaf covers the same 128 indexes
+                // whatever the volume size, so a resized parent lines up index by index: a
+                // grown volume finds no parent entry past the parent's end (its walk has
+                // ended), a shrunk one stops reading the parent early.
+                MapLocation::Tree { root } => {
+                    let shape = TreeShape::new(head.geometry);
+                    let window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
+                    Some(Parent::Window {
+                        head,
+                        window: Some(Box::new(window)),
+                    })
+                }
+                // Format 1: held whole (checked to be the same id again).
+                MapLocation::Inline => Some(Parent::Whole(Cow::Owned(
                     load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
                 ))),
             }
@@ -708,11 +841,19 @@ async fn run_locked(
         head_of(BackupStats::default(), None).to_json()?;
     }
     let feed = match &parent {
-        Some(Parent::Window { window, .. }) => window.as_ref(),
+        Some(Parent::Window { window, .. }) => window.as_deref(),
         _ => None,
     };
-    let (map, mut stats, raw_buffers_allocated) =
-        run_pipeline(repo, source, &plan, view, feed, opts, stream_tree).await?;
+    let (map, mut stats, raw_buffers_allocated) = run_pipeline(
+        repo,
+        source,
+        &plan,
+        view,
+        feed,
+        opts,
+        stream_tree.then_some(&gauge),
+    )
+    .await?;
     let (read, found_stored) = match map {
         PipelineMap::Whole(read, found) => (read, FoundStored::ByHash(found)),
         PipelineMap::Tree {
@@ -720,7 +861,6 @@ async fn run_locked(
             root,
             written,
             found,
-            peak,
         } => {
             stats.wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
             stats.bytes_in_ranges = bytes_in_ranges;
@@ -741,14 +881,8 @@ async fn run_locked(
                 head,
                 manifest: None,
                 metadata,
-                // The parent's leaves held beside it, counted as if all at once.
-                map_entries_peak: peak.saturating_add(match &parent {
-                    Some(Parent::Window {
-                        window: Some(window),
-                        ..
-                    }) => window.state.gauge.peak(),
-                    _ => 0,
-                }),
+                // The fold's entries and the parent's leaves, counted together as they are held.
+                map_entries_peak: gauge.peak(),
             });
         }
     };
@@ -1033,6 +1167,8 @@ async fn load_parent(
 struct Folded<'w> {
     read: ChunkMap,
     tree: Option<TreeFold<'w>>,
+    /// Freed a place for each chunk taken.
+    ahead: Arc<Ahead>,
     stats: BackupStats,
     /// Distinct chunks this run found already stored instead of uploading (not those the
     /// parent vouches for), re-checked before the commit (whole-map runs only; a tree fold
@@ -1040,8 +1176,8 @@ struct Folded<'w> {
     found_stored: HashMap<ChunkHash, ChunkAt>,
 }
 
-/// A full backup's map written as it is produced: results are put back in plan order (at
-/// most `transfers` wait for an earlier one), pushed into a [`TreeWriter`], and finished
+/// A full backup's map written as it is produced: results are put back in plan order (fewer
+/// than [`ahead_limit`] wait for an earlier one), pushed into a [`TreeWriter`], and finished
 /// segments are stored [`LEAF_WINDOW`] at a time as the backup passes their range.
 struct TreeFold<'w> {
     shape: TreeShape,
@@ -1058,8 +1194,16 @@ struct TreeFold<'w> {
     found: Vec<std::ops::Range<u64>>,
     /// Entries in the open leaf (first index of that leaf, count).
     open_leaf: (u64, u64),
-    /// Most map entries held at once: waiting results, the open leaf, unstored leaves.
-    peak: u64,
+    /// Counts the map entries held (waiting results, the open leaf, unstored leaves) beside
+    /// those of the parent's window, if any, so their peak is of the sum as it was held.
+    gauge: Arc<EntryGauge>,
+    /// What this fold last counted in `gauge`.
+    counted: u64,
+    /// The parent's kept entries are merged below this index (`u64::MAX` when nothing is
+    /// merged: every mode but an incremental of a resized parent).
+    merged_below: u64,
+    /// The next chunk to fold waits for the parent's entries below it to be merged.
+    need_merge: Option<u64>,
 }
 
 impl TreeFold<'_> {
@@ -1071,6 +1215,29 @@ impl TreeFold<'_> {
             .map(|s| s.seg.stored)
             .sum();
         self.waiting.len() as u64 + self.open_leaf.1 + pending
+    }
+
+    /// Adds a stored chunk to the map being written.
+    fn push(&mut self, index: u64, r: cbt_core::ChunkRef) -> Result<()> {
+        self.writer.push(index, r)?;
+        let leaf = self.shape.pos_of(0, index).first;
+        self.open_leaf = match self.open_leaf {
+            (first, n) if first == leaf => (first, n + 1),
+            _ => (leaf, 1),
+        };
+        self.pending.extend(self.writer.take_finished());
+        Ok(())
+    }
+
+    /// Brings the fold's share of the gauge up to date with what it holds now.
+    fn sync(&mut self) {
+        let now = self.held();
+        if now > self.counted {
+            self.gauge.add(now - self.counted);
+        } else {
+            self.gauge.sub(self.counted - now);
+        }
+        self.counted = now;
     }
 
     fn note_found(&mut self, index: u64) {
@@ -1088,6 +1255,7 @@ impl TreeFold<'_> {
                 .await?;
             self.written.segments += w.segments;
             self.written.segment_bytes += w.segment_bytes;
+            self.sync();
         }
         Ok(())
     }
@@ -1096,10 +1264,17 @@ impl TreeFold<'_> {
 impl Folded<'_> {
     fn add(&mut self, d: Done, compare: Option<ParentView<'_>>) -> Result<()> {
         let Some(tree) = &mut self.tree else {
+            self.ahead.leave();
             return self.account(d, compare);
         };
         tree.waiting.insert(d.index, d);
-        tree.peak = tree.peak.max(tree.held());
+        tree.sync();
+        self.fold(compare)
+    }
+
+    /// Folds the results that are next in plan order, until one is missing or waits for a
+    /// merge of the parent's entries ([`TreeFold::need_merge`]).
+    fn fold(&mut self, compare: Option<ParentView<'_>>) -> Result<()> {
         loop {
             let tree = self.tree.as_mut().ok_or_else(|| RepoError::Internal {
                 message: "tree fold vanished".into(),
@@ -1110,15 +1285,17 @@ impl Folded<'_> {
             let Some(d) = tree.waiting.remove(&next) else {
                 break;
             };
+            if tree.merged_below <= next {
+                // The parent's kept entries below it go first (an incremental of a resized
+                // parent): put back, the caller merges them and folds again.
+                tree.waiting.insert(next, d);
+                tree.need_merge = Some(next);
+                break;
+            }
             tree.order.next();
+            self.ahead.leave();
             if let ChunkState::Stored(r) = d.state {
-                tree.writer.push(d.index, r)?;
-                let leaf = tree.shape.pos_of(0, d.index).first;
-                tree.open_leaf = match tree.open_leaf {
-                    (first, n) if first == leaf => (first, n + 1),
-                    _ => (leaf, 1),
-                };
-                tree.pending.extend(tree.writer.take_finished());
+                tree.push(d.index, r)?;
                 if d.deduplicated && !d.from_parent {
                     tree.note_found(d.index);
                 }
@@ -1126,7 +1303,7 @@ impl Folded<'_> {
             self.account(d, compare)?;
         }
         if let Some(tree) = &mut self.tree {
-            tree.peak = tree.peak.max(tree.held());
+            tree.sync();
             if let Some(ParentView::Window(w)) = compare {
                 let next = tree.order.peek().copied().unwrap_or(u64::MAX);
                 w.fold_next
@@ -1183,7 +1360,6 @@ enum PipelineMap {
         root: Option<SegmentRef>,
         written: MetadataWritten,
         found: Vec<std::ops::Range<u64>>,
-        peak: u64,
     },
 }
 
@@ -1239,6 +1415,64 @@ impl ReadCursor {
     }
 }
 
+/// Chunks the readers handed out that the fold has not taken yet, kept under a limit: the
+/// upload stage finishes chunks out of order, and without it one stalled upload would let
+/// every later result (and the parent's leaves over them) pile up until it lands.
+struct Ahead {
+    count: Mutex<u64>,
+    freed: std::sync::Condvar,
+    limit: u64,
+}
+
+impl Ahead {
+    /// At most `readers + readahead + workers + 2 * transfers`: the stages full, plus as many
+    /// again finished early while an earlier upload is still in flight.
+    fn new(opts: &EngineOptions) -> Self {
+        Ahead {
+            count: Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+            limit: ahead_limit(opts),
+        }
+    }
+
+    fn count(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Blocks (a reader thread) until one more chunk may be handed out and counts it; false
+    /// once `stopped` says the pipeline is gone (nothing would ever free a place).
+    fn enter(&self, stopped: impl Fn() -> bool) -> bool {
+        let mut n = self.count();
+        while *n >= self.limit {
+            if stopped() {
+                return false;
+            }
+            n = self
+                .freed
+                .wait_timeout(n, std::time::Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        *n += 1;
+        true
+    }
+
+    /// The fold took a chunk.
+    fn leave(&self) {
+        let mut n = self.count();
+        *n = n.saturating_sub(1);
+        self.freed.notify_one();
+    }
+}
+
+/// Most chunks handed out and not yet folded (see [`Ahead`]).
+fn ahead_limit(opts: &EngineOptions) -> u64 {
+    let o = opts.normalized();
+    (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64
+}
+
 /// Buffers of one chunk size, reused between the readers and the CPU stage.
 #[derive(Clone, Default)]
 struct BufferPool {
@@ -1276,12 +1510,14 @@ async fn run_pipeline(
     parent: Option<ParentView<'_>>,
     feed: Option<&ParentWindow>,
     opts: &EngineOptions,
-    stream_tree: bool,
+    // Some: the map is folded into a tree as it goes, its entries held counted in the gauge.
+    tree_gauge: Option<&Arc<EntryGauge>>,
 ) -> Result<(PipelineMap, BackupStats, u64)> {
+    let stream_tree = tree_gauge.is_some();
     let pool = BufferPool::default();
     let geometry = *plan.geometry();
     let namer = |b: &[u8]| repo.segment_name(b);
-    let tree = stream_tree.then(|| {
+    let tree = tree_gauge.map(|gauge| {
         let shape = TreeShape::new(geometry);
         let order: Box<dyn Iterator<Item = u64> + Send + '_> = Box::new(plan.chunks().iter());
         TreeFold {
@@ -1293,7 +1529,14 @@ async fn run_pipeline(
             written: MetadataWritten::default(),
             found: Vec::new(),
             open_leaf: (u64::MAX, 0),
-            peak: 0,
+            gauge: gauge.clone(),
+            counted: 0,
+            merged_below: if feed.is_some_and(|w| w.merge.is_some()) {
+                0
+            } else {
+                u64::MAX
+            },
+            need_merge: None,
         }
     });
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
@@ -1302,11 +1545,16 @@ async fn run_pipeline(
     // issuing preads, at most `readahead` chunks ahead of the hashing stage. Several readers
     // keep several requests in flight, which network block devices (RBD, iSCSI) need.
     let cursor = Arc::new(Mutex::new(ReadCursor::new(plan.clone())));
+    let ahead = Arc::new(Ahead::new(opts));
     let mut readers = Vec::with_capacity(opts.readers);
     for _ in 0..opts.readers {
         let (cursor, pool, source, tx) = (cursor.clone(), pool.clone(), source.clone(), tx.clone());
+        let ahead = ahead.clone();
         readers.push(tokio::task::spawn_blocking(move || {
             loop {
+                if !ahead.enter(|| tx.is_closed()) {
+                    return;
+                }
                 let next = cursor.lock().ok().and_then(|mut c| c.next());
                 let Some(r) = next else { return };
                 let mut buf = pool.take(r.len as usize);
@@ -1414,9 +1662,21 @@ async fn run_pipeline(
                 tree,
                 stats: BackupStats::default(),
                 found_stored: HashMap::new(),
+                ahead: ahead.clone(),
             },
             |mut acc, done| async move {
                 acc.add(done, compare)?;
+                let merge = feed.and_then(|w| w.merge.as_ref());
+                while let (Some(tree), Some(merge)) = (&mut acc.tree, merge) {
+                    let Some(next) = tree.need_merge.take() else {
+                        break;
+                    };
+                    let mut merge = merge.lock().await;
+                    merge.push_below(tree, next.saturating_add(1), repo).await?;
+                    tree.merged_below = merge.done_below;
+                    drop(merge);
+                    acc.fold(compare)?;
+                }
                 if let Some(tree) = &mut acc.tree {
                     tree.flush(repo).await?;
                 }
@@ -1428,6 +1688,12 @@ async fn run_pipeline(
         reader.await.map_err(|e| RepoError::Internal {
             message: format!("reader task failed: {e}"),
         })?;
+    }
+    let mut folded = folded;
+    if let (Some(tree), Some(merge)) = (&mut folded.tree, feed.and_then(|w| w.merge.as_ref())) {
+        let mut merge = merge.lock().await;
+        merge.push_below(tree, u64::MAX, repo).await?;
+        tree.merged_below = merge.done_below;
     }
     let map = match folded.tree {
         None => PipelineMap::Whole(folded.read, folded.found_stored),
@@ -1443,7 +1709,6 @@ async fn run_pipeline(
                 mut pending,
                 mut written,
                 found,
-                peak,
                 ..
             } = tree;
             let (root, rest) = writer.finish();
@@ -1456,7 +1721,6 @@ async fn run_pipeline(
                 root,
                 written,
                 found,
-                peak,
             }
         }
     };

@@ -23,22 +23,27 @@
 //!
 //! Chunk maps are held in a bounded window too, except where noted:
 //! * A full backup without a parent folds results in plan order into a
-//!   [`cbt_core::maptree::TreeWriter`] (at most `transfers` results wait for an earlier one)
-//!   and stores each finished segment as it passes its range: at most `transfers + 10 * 128`
-//!   entries, whatever the volume size ([`BackupOutcome::map_entries_peak`]). Chunks it
+//!   [`cbt_core::maptree::TreeWriter`] (results wait for an earlier one, fewer than `ahead =
+//!   readers + readahead + workers + 2 * transfers`: the readers hand out no more chunks the
+//!   fold has not taken, so a stalled upload does not let later results pile up) and stores
+//!   each finished segment as it passes its range: at most `ahead + 10 * 128` entries
+//!   (1,310 with the defaults), whatever the volume size ([`BackupOutcome::map_entries_peak`]). Chunks it
 //!   found already stored are remembered as index ranges (16 bytes per run of consecutive
 //!   such chunks) and re-checked before the commit by walking the written tree in order.
 //! * A full backup with a parent ([`BackupMode::FullWithParent`]) of format 2 and the same
-//!   geometry folds its map the same way and reads the parent's leaves in index order beside
-//!   it: it holds the leaves from the chunk the fold waits for up to the highest chunk read
-//!   (the stages reorder at most `readers + readahead + workers + transfers` chunks, so about
-//!   two leaves) plus [`crate::repo::LEAF_WINDOW`] read ahead, 128 entries each, whatever the
-//!   volume size (counted in [`BackupOutcome::map_entries_peak`]). With a parent of another
-//!   chunk size it does not read the parent's map at all.
+//!   chunk size (resized or not) folds its map the same way and reads the parent's leaves in
+//!   index order beside it: it holds the leaves from the chunk the fold waits for up to the
+//!   highest chunk read (the stages reorder at most `readers + readahead + workers +
+//!   transfers` chunks, so about two leaves) plus [`crate::repo::LEAF_WINDOW`] read ahead, 128
+//!   entries each, whatever the volume size. [`BackupOutcome::map_entries_peak`] is the peak
+//!   of the fold's and the window's entries counted together as they are held. With a parent
+//!   of another chunk size it does not read the parent's map at all.
 //! * An incremental ([`BackupMode::IncrementalOf`] against a format-2 parent of the same size)
 //!   holds only the states of the chunks it reads plus the parent's segments on their paths
 //!   (about 10 KB per touched 128-chunk range, see `cbt_core::maptree`), never the parent's
-//!   whole map.
+//!   whole map. Against a resized format-2 parent (same chunk size) it writes the whole new
+//!   map instead, merging the parent's entries walked in order (a second walk beside the
+//!   window above, which serves the comparisons) with the chunks read: bounded as above.
 //! * A restore of a format-2 snapshot ([`restore`]) walks the map segment by segment in index
 //!   order, once for the totals (and, in place, the check that every chunk is stored) and
 //!   once for the writes: at most
@@ -54,8 +59,9 @@
 //!   (`repo::CHUNK_TABLE_ENTRY_BYTES`; up to twice that while the listing grows it), which
 //!   grows with the repository, not with a volume: it saves a request per reference and
 //!   downloads a chunk shared by many snapshots once.
-//! * Still whole: a full backup with a format-1 or resized parent of the same chunk size, and
-//!   incrementals of a format-1 or resized parent, hold the parent's map (about 70 bytes per
+//! * Still whole: a full backup or an incremental with a format-1 parent of the same chunk
+//!   size, and [`BackupMode::Incremental`] (the caller hands in the whole parent), hold the
+//!   parent's map (about 70 bytes per
 //!   stored chunk) and build the child's; [`restore_manifest`], [`verify_target`] and the
 //!   restore, read-back or verify of a format-1 manifest hold the given map (a format-1 map
 //!   is bounded by its own object).
@@ -230,8 +236,8 @@ impl EngineOptions {
 
     /// Upper bound of chunk-buffer memory of a backup with these options, encrypted or not
     /// (each buffer: the chunk, its framing and the sealed envelope of an encrypted
-    /// repository). The chunk map adds at most `transfers + 10 * 128` entries for a full
-    /// backup (see the module docs).
+    /// repository). The chunk map adds at most `readers + readahead + workers + 2 * transfers
+    /// + 10 * 128` entries for a full backup (see the module docs).
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
         (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64

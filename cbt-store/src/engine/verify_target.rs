@@ -6,7 +6,13 @@
 //! device, not what was downloaded. Memory: one chunk buffer, plus the chunk map:
 //! [`verify_target_stored`] walks a format-2 map segment by segment (at most
 //! [`READ_BACK_ENTRIES`] entries at once, whatever the volume size); [`verify_target`] and a
-//! format-1 manifest hold the given map. Time: one sequential read of the volume.
+//! format-1 manifest hold the given map. Time: one sequential read of the volume's data.
+//!
+//! A regular file's holes are not read: a chunk that lies wholly in a hole reads as zeros, so
+//! it is compared as zeros without reading it (found with the workspace's one `SEEK_DATA`
+//! walker, [`cbt_core::extents`], about two `lseek` calls per data extent). A zero chunk there
+//! matches; a stored chunk there mismatches exactly as the zeros read from it would. Block
+//! devices (and files that cannot report holes) are read whole.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -29,8 +35,11 @@ pub const READ_BACK_ENTRIES: u64 = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
 /// Result of [`verify_target`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct TargetVerifyReport {
-    /// Bytes read back from the target.
+    /// Bytes of the volume compared: those read back plus those of chunks that lie wholly in a
+    /// hole of a regular-file target (compared as zeros without reading).
     pub bytes_checked: u64,
+    /// Bytes read from the target (the rest of [`Self::bytes_checked`] was holes).
+    pub bytes_read: u64,
     /// Chunks whose content matched.
     pub chunks_ok: u64,
     /// Chunk indexes whose content did not match (at most the first 32 are listed).
@@ -72,21 +81,15 @@ pub async fn verify_target(
     let path = target.to_path_buf();
     let codec = codec.clone();
     tokio::task::spawn_blocking(move || {
-        let reader = Reader {
-            codec,
-            file: Arc::new(File::open(&path)?),
-            path,
-        };
+        let reader = Reader::new(codec, File::open(&path)?, path)?;
         let buf = vec![0u8; usize::try_from(geometry.chunk_size()).map_err(std::io::Error::other)?];
-        let (mut report, _) = reader
-            .compare_range(
-                &geometry,
-                0,
-                geometry.chunk_count(),
-                &entries,
-                TargetVerifyReport::default(),
-                buf,
-            )
+        let scan = Scan {
+            report: TargetVerifyReport::default(),
+            buf,
+            data: DataCursor::default(),
+        };
+        let Scan { mut report, .. } = reader
+            .compare_range(&geometry, 0, geometry.chunk_count(), &entries, scan)
             .map_err(|e| match e {
                 RepoError::TargetIo {
                     path,
@@ -132,11 +135,13 @@ pub async fn verify_target_stored(
         offset: None,
         source,
     })?;
-    let reader = Reader {
-        codec: repo.codec().clone(),
-        file: Arc::new(file),
-        path,
-    };
+    let reader = Reader::new(repo.codec().clone(), file, path.clone()).map_err(|source| {
+        RepoError::TargetIo {
+            path,
+            offset: None,
+            source,
+        }
+    })?;
     let mut report = match stored {
         StoredManifest::V1(m) => {
             gauge.hold_whole(m.chunks.stored_count());
@@ -176,9 +181,82 @@ struct Reader {
     codec: Codec,
     file: Arc<File>,
     path: PathBuf,
+    /// Holes are looked up only below this offset: the length of a regular file (a chunk past
+    /// it is read, and a short target fails as it always did), 0 for anything else.
+    holes_below: u64,
+}
+
+/// What one walk over the target carries from chunk to chunk (and from leaf to leaf).
+struct Scan {
+    report: TargetVerifyReport,
+    /// One chunk's worth of buffer.
+    buf: Vec<u8>,
+    data: DataCursor,
+}
+
+/// The next data extent of the target at or after the last offset looked up: chunks are
+/// looked at in ascending order, so one lookup answers for every chunk up to the extent's end.
+#[derive(Debug, Default, Clone, Copy)]
+enum DataCursor {
+    /// Nothing looked up yet (or the last answer no longer covers the chunk asked about).
+    #[default]
+    Unknown,
+    /// Data in `start..end`, and none between the last lookup and `start`.
+    Data { start: u64, end: u64 },
+    /// No data from the last lookup to the hole limit.
+    NoMore,
 }
 
 impl Reader {
+    fn new(codec: Codec, file: File, path: PathBuf) -> std::io::Result<Self> {
+        let meta = file.metadata()?;
+        let holes_below = if meta.file_type().is_file() {
+            meta.len()
+        } else {
+            0
+        };
+        Ok(Self {
+            codec,
+            file: Arc::new(file),
+            path,
+            holes_below,
+        })
+    }
+
+    /// Whether `offset..end` lies wholly in a hole of the target (never for block devices, nor
+    /// for a range reaching past the end of the file). `offset` never goes backwards between
+    /// calls with the same `cursor`.
+    fn in_hole(&self, cursor: &mut DataCursor, offset: u64, end: u64) -> std::io::Result<bool> {
+        if end > self.holes_below {
+            return Ok(false);
+        }
+        loop {
+            match *cursor {
+                DataCursor::NoMore => return Ok(true),
+                DataCursor::Data {
+                    start,
+                    end: data_end,
+                } if offset < data_end => {
+                    return Ok(end <= start);
+                }
+                _ => {
+                    let limit = self.holes_below;
+                    *cursor = match cbt_core::extents::next_data(&self.file, offset, limit)? {
+                        None => DataCursor::NoMore,
+                        Some(start) => {
+                            let hole = cbt_core::extents::next_hole(&self.file, start, limit)?;
+                            DataCursor::Data {
+                                start,
+                                // Always past `offset`, so the loop ends at the next turn.
+                                end: hole.max(start + 1),
+                            }
+                        }
+                    };
+                }
+            }
+        }
+    }
+
     /// Compares the whole volume with `leaves` (stored chunks in ascending index order, in
     /// leaves): each leaf, with the zero chunks before it, in one blocking task, then the zero
     /// chunks after the last one.
@@ -191,7 +269,11 @@ impl Reader {
             usize::try_from(geometry.chunk_size()).map_err(|_| RepoError::Internal {
                 message: "chunk size exceeds the address space".into(),
             })?;
-        let mut state = (TargetVerifyReport::default(), vec![0u8; chunk_size]);
+        let mut state = Scan {
+            report: TargetVerifyReport::default(),
+            buf: vec![0u8; chunk_size],
+            data: DataCursor::default(),
+        };
         let mut cursor = 0u64;
         let mut leaves = std::pin::pin!(leaves);
         loop {
@@ -221,17 +303,16 @@ impl Reader {
             };
             let ended = leaf.is_none();
             let reader = self.clone();
-            let (report, buf) = state;
             state = tokio::task::spawn_blocking(move || {
                 let entries = leaf.as_ref().map_or(&[][..], |l| &l.entries[..]);
-                reader.compare_range(&geometry, cursor, upto, entries, report, buf)
+                reader.compare_range(&geometry, cursor, upto, entries, state)
             })
             .await
             .map_err(|e| RepoError::Internal {
                 message: format!("read-back task failed: {e}"),
             })??;
             if ended {
-                return Ok(state.0);
+                return Ok(state.report);
             }
             cursor = upto;
         }
@@ -245,9 +326,9 @@ impl Reader {
         from: u64,
         upto: u64,
         entries: &[(u64, ChunkRef)],
-        mut report: TargetVerifyReport,
-        mut buf: Vec<u8>,
-    ) -> crate::repo::Result<(TargetVerifyReport, Vec<u8>)> {
+        mut scan: Scan,
+    ) -> crate::repo::Result<Scan> {
+        let Scan { report, buf, data } = &mut scan;
         let mut stored = entries.iter().peekable();
         for index in from..upto {
             let len =
@@ -255,18 +336,29 @@ impl Reader {
                     message: "chunk length exceeds the address space".into(),
                 })?;
             let offset = geometry.chunk_offset(index);
-            let chunk = &mut buf[..len];
-            self.file
-                .read_exact_at(chunk, offset)
-                .map_err(|source| RepoError::TargetIo {
-                    path: self.path.clone(),
-                    offset: Some(offset),
-                    source,
-                })?;
-            report.bytes_checked += len as u64;
+            let io_err = |source| RepoError::TargetIo {
+                path: self.path.clone(),
+                offset: Some(offset),
+                source,
+            };
             let expected = stored.next_if(|(i, _)| *i == index).map(|(_, r)| r);
+            let chunk = &mut buf[..len];
+            let hole = self
+                .in_hole(data, offset, offset + len as u64)
+                .map_err(io_err)?;
+            if hole {
+                // Reads as zeros: a zero chunk matches unread; a stored chunk is judged on the
+                // zeros a read would have returned.
+                if expected.is_some() {
+                    chunk.fill(0);
+                }
+            } else {
+                self.file.read_exact_at(chunk, offset).map_err(io_err)?;
+                report.bytes_read += len as u64;
+            }
+            report.bytes_checked += len as u64;
             let ok = match expected {
-                None => super::is_zero(chunk),
+                None => hole || super::is_zero(chunk),
                 Some(r) => r.raw_len == len as u64 && self.codec.chunk_hash(chunk) == r.hash,
             };
             if ok {
@@ -278,6 +370,6 @@ impl Reader {
                 }
             }
         }
-        Ok((report, buf))
+        Ok(scan)
     }
 }

@@ -44,6 +44,27 @@ const DELETE_CONCURRENCY: usize = 16;
 /// Manifests loaded concurrently while streaming.
 const LOAD_CONCURRENCY: usize = 4;
 
+/// A spawned task that is cancelled when its handle is dropped (a walk that stops early
+/// leaves no reads behind).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What `verify` checks.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -327,10 +348,10 @@ impl Repository {
     /// returned as errors.
     ///
     /// # Memory
-    /// Snapshots are checked one at a time, each map in index order a leaf at a time: a
+    /// Snapshots are checked one at a time (the next four heads are read meanwhile), each map in index order a leaf at a time: a
     /// format-2 map holds at most [`VERIFY_MAP_ENTRIES`] entries
     /// ([`VerifyReport::map_entries_peak`]), a format-1 map is held whole (bounded by its own
-    /// object). Downloads (`read_data`) are handed to `concurrency` readers through a queue of
+    /// object; up to five at once: the one walked and the heads read ahead). Downloads (`read_data`) are handed to `concurrency` readers through a queue of
     /// `2 * concurrency` jobs. What grows is the table of the store's chunks, from one listing
     /// of `chunks/`: [`CHUNK_TABLE_ENTRY_BYTES`] (56) bytes per stored chunk (its name, stored
     /// size, and the checksum and length it was first downloaded for), up to twice that while
@@ -346,16 +367,22 @@ impl Repository {
     /// Only failures to list or talk to the store, a missing requested snapshot, or a
     /// snapshot given without its volume.
     pub async fn verify(&self, opts: &VerifyOptions) -> Result<VerifyReport> {
-        let keys = if let (Some(v), Some(s)) = (&opts.volume, &opts.snapshot) {
-            vec![(v.clone(), s.clone())]
-        } else if let Some(s) = &opts.snapshot {
+        if let (None, Some(s)) = (&opts.volume, &opts.snapshot) {
             return Err(RepoError::InvalidRequest {
                 reason: format!("snapshot {s} given without its volume"),
             });
-        } else {
-            self.manifest_keys(opts.volume.as_ref()).await?
+        }
+        let keys = async {
+            match (&opts.volume, &opts.snapshot) {
+                (Some(v), Some(s)) => Ok(vec![(v.clone(), s.clone())]),
+                _ => self.manifest_keys(opts.volume.as_ref()).await,
+            }
         };
-        let mut table = ChunkTable::list(self.store().as_ref()).await?;
+        // The two listings do not depend on each other: side by side, and when both fail the
+        // snapshots' error is the one returned, as when they ran one after the other.
+        let (keys, table) = futures::join!(keys, ChunkTable::list(self.store().as_ref()));
+        let keys = keys?;
+        let mut table = table?;
         let concurrency = if opts.concurrency == 0 {
             8
         } else {
@@ -403,7 +430,24 @@ impl Repository {
         let single = opts.snapshot.is_some();
         let mut report = VerifyReport::default();
         let gauge = std::sync::Arc::new(EntryGauge::default());
-        for (v, s) in keys {
+        // The next heads are read while one is walked, a few at a time and handed over in the
+        // listing's order, so the report (and the first error returned) is the same as one at
+        // a time: a round trip per snapshot is what a repository of many small snapshots cost.
+        // Each read is a task of its own: a buffered future would only make progress while the
+        // walk waits for it, not while the walk reads segments.
+        let mut heads = futures::stream::iter(keys)
+            .map(|(v, s)| {
+                let repo = self.clone();
+                AbortOnDrop(tokio::spawn(async move {
+                    let loaded = repo.load_stored(&v, &s).await;
+                    (v, s, loaded)
+                }))
+            })
+            .buffered(LOAD_CONCURRENCY);
+        while let Some(joined) = heads.next().await {
+            let (v, s, loaded) = joined.map_err(|e| RepoError::Internal {
+                message: format!("reading a snapshot head: {e}"),
+            })?;
             let unreadable = |e: &RepoError| VerifyProblem {
                 snapshot: format!("{v}/{s}"),
                 index: None,
@@ -412,7 +456,7 @@ impl Repository {
                     message: e.to_string(),
                 },
             };
-            let stored = match self.load_stored(&v, &s).await {
+            let stored = match loaded {
                 Ok(m) => m,
                 Err(e) if single || e.is_transient() => return Err(e),
                 Err(RepoError::SnapshotNotFound { .. }) => continue, // deleted since listed

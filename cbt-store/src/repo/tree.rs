@@ -395,13 +395,15 @@ pub struct EntryGauge {
 }
 
 impl EntryGauge {
-    fn add(&self, n: u64) {
+    /// Counts `n` more entries held.
+    pub(crate) fn add(&self, n: u64) {
         use std::sync::atomic::Ordering::Relaxed;
         let now = self.now.fetch_add(n, Relaxed) + n;
         self.peak.fetch_max(now, Relaxed);
     }
 
-    fn sub(&self, n: u64) {
+    /// Counts `n` entries released.
+    pub(crate) fn sub(&self, n: u64) {
         self.now.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
     }
 

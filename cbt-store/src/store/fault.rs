@@ -37,6 +37,9 @@ pub enum Fault {
     /// `put`: store the body with one bit flipped; `get`/`get_range`: return it flipped.
     /// The flipped bit is in the middle of the body (empty bodies are left alone).
     FlipBit,
+    /// Wait this long, then forward the call unchanged (a slow request: one upload that
+    /// stalls while the others go on).
+    Delay(std::time::Duration),
 }
 
 /// One injection rule.
@@ -207,6 +210,10 @@ macro_rules! pre {
         match fault {
             Some(Fault::Transient) => return Err(injected($op, $key, false)),
             Some(Fault::Permanent) => return Err(injected($op, $key, true)),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                None
+            }
             other => other,
         }
     }};

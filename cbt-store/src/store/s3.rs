@@ -24,6 +24,14 @@
 //! `IfAbsent` put is refused with [`StoreError::ConditionalWritesUnsupported`] naming the
 //! server; reads (restore, verify, list) keep working. Credentials that may not write (a
 //! read-only restore) leave the answer [`ConditionalWrites::Unknown`] and change nothing.
+//!
+//! Only the listing is waited for by `connect` (it is what turns a missing bucket or a wrong
+//! credential into a clear error, and it must come first: some servers, SeaweedFS among them,
+//! create a missing bucket on the first write into it). The conditional-write probe then runs
+//! in the background, so the caller's first reads (the repository config) travel beside it:
+//! opening a repository costs two sequential round trips instead of three. Every `IfAbsent`
+//! put waits for the probe's answer before it is sent; a probe that failed on a transient error
+//! is run again by the first put that needs it.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -31,7 +39,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_s3::config::interceptors::{
+    BeforeTransmitInterceptorContextRef, FinalizerInterceptorContextRef,
+};
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
@@ -146,7 +156,9 @@ pub enum ConditionalWrites {
 /// HTTP requests a [`S3Store`] has sent, by kind (every attempt counts, retries included).
 ///
 /// Requests cost round trips and, on a server sharing the machine, its CPU: these counts are
-/// what tests bound and what `RUST_LOG=cbt_store::store::s3=debug` shows request by request.
+/// what tests bound and what `RUST_LOG=cbt_store::store::s3=debug` shows request by request
+/// (an `S3 request` line when one is sent, an `S3 answer` line with its status when the answer
+/// arrives: together they show which requests overlap).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestCounts {
     /// `PUT` (objects and multipart parts).
@@ -170,6 +182,14 @@ impl RequestCounts {
     }
 }
 
+/// `METHOD uri` of the attempt in flight, for its answer's log line.
+#[derive(Debug, Clone)]
+struct SentRequest(String);
+
+impl aws_smithy_types::config_bag::Storable for SentRequest {
+    type Storer = aws_smithy_types::config_bag::StoreReplace<Self>;
+}
+
 /// Shared by every clone of one store; one slot per [`RequestCounts`] field.
 #[derive(Debug, Default, Clone)]
 struct RequestCounter(Arc<[AtomicU64; 6]>);
@@ -183,7 +203,7 @@ impl Intercept for RequestCounter {
         &self,
         context: &BeforeTransmitInterceptorContextRef<'_>,
         _components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
+        cfg: &mut ConfigBag,
     ) -> Result<(), aws_sdk_s3::error::BoxError> {
         let req = context.request();
         let uri = req.uri();
@@ -198,6 +218,23 @@ impl Intercept for RequestCounter {
         };
         self.0[slot].fetch_add(1, Ordering::Relaxed);
         tracing::debug!(method = req.method(), %uri, "S3 request");
+        // The request itself is gone by the time its answer is seen: keep what names it.
+        cfg.interceptor_state()
+            .store_put(SentRequest(format!("{} {uri}", req.method())));
+        Ok(())
+    }
+
+    // With the request lines, the answers show the round trips: which requests overlap and
+    // which wait for another.
+    fn read_after_attempt(
+        &self,
+        context: &FinalizerInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        let status = context.response().map(|r| r.status().as_u16());
+        let sent = cfg.load::<SentRequest>().map_or("?", |s| s.0.as_str());
+        tracing::debug!(request = sent, ?status, "S3 answer");
         Ok(())
     }
 }
@@ -230,15 +267,16 @@ pub struct S3Store {
     client: Client,
     cfg: S3Config,
     endpoint_label: String,
-    conditional: ConditionalWrites,
-    /// What the probe saw, for the error of a refused write.
-    conditional_detail: String,
+    /// The probe's answer and what it saw (for the error of a refused write); shared by every
+    /// clone, filled by the background probe or by the first `IfAbsent` put that needs it.
+    conditional: Arc<tokio::sync::OnceCell<(ConditionalWrites, String)>>,
     requests: RequestCounter,
 }
 
 impl S3Store {
-    /// Builds the client and, unless `check_on_connect` is off, probes the bucket: it exists,
-    /// the credentials work, and conditional writes are honoured (see the module docs).
+    /// Builds the client and, unless `check_on_connect` is off, probes the bucket: it exists and
+    /// the credentials work (waited for), and conditional writes are honoured (in the
+    /// background: see the module docs and [`Self::conditional_writes`]).
     ///
     /// # Errors
     /// [`StoreError::BucketNotFound`], [`StoreError::AccessDenied`],
@@ -322,41 +360,56 @@ impl S3Store {
             .endpoint
             .clone()
             .unwrap_or_else(|| "AWS S3 (default endpoint)".to_string());
-        let mut store = Self {
+        let store = Self {
             client,
             cfg,
             endpoint_label,
-            conditional: ConditionalWrites::Unknown,
-            conditional_detail: String::new(),
+            conditional: Arc::default(),
             requests,
         };
-        if store.cfg.check_on_connect {
-            let (found, detail) = store.probe().await?;
-            if found == ConditionalWrites::Ignored {
-                tracing::warn!(endpoint = %store.endpoint_label, %detail, "S3 server ignores conditional writes; exclusive writes will be refused");
-            }
-            store.conditional = found;
-            store.conditional_detail = detail;
+        if !store.cfg.check_on_connect {
+            // Cannot fail: the cell was created empty just above.
+            let _ = store
+                .conditional
+                .set((ConditionalWrites::Unknown, String::new()));
+            return Ok(store);
         }
+        store.check_bucket().await?;
+        let background = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = background.conditional_answer().await {
+                tracing::debug!(error = %e, "conditional-write probe failed; the first exclusive write retries it");
+            }
+        });
         Ok(store)
     }
 
-    /// What the connect-time probe found out about conditional writes (see the module docs).
-    pub fn conditional_writes(&self) -> ConditionalWrites {
-        self.conditional
+    /// What the connect-time probe found out about conditional writes (see the module docs);
+    /// waits for the probe if it is still running, and runs it again if it failed.
+    ///
+    /// # Errors
+    /// A transient failure of the probe's requests (the answer stays unknown: the next call
+    /// probes again).
+    pub async fn conditional_writes(&self) -> Result<ConditionalWrites, StoreError> {
+        Ok(self.conditional_answer().await?.0)
     }
 
-    /// Proves that the bucket exists and the credentials work (a one-key listing: some
-    /// servers, SeaweedFS among them, create a missing bucket on the first write into it), then
-    /// finds out whether the server honours `If-None-Match: *`: two requests once the marker
-    /// exists.
-    ///
-    /// The marker object ([`PROBE_KEY`]) is created with the condition the first time and
-    /// kept. Each later connect creates it again with the condition: a server that honours it
-    /// refuses (`412`), which answers the question in one request; one that ignores it
-    /// accepts, and a second create proves it. The first creation also reads the marker back
-    /// (a read right after a write must see it).
-    async fn probe(&self) -> Result<(ConditionalWrites, String), StoreError> {
+    /// The probe's answer, probing once for all clones.
+    async fn conditional_answer(&self) -> Result<&(ConditionalWrites, String), StoreError> {
+        self.conditional
+            .get_or_try_init(|| async {
+                let (found, detail) = self.probe().await?;
+                if found == ConditionalWrites::Ignored {
+                    tracing::warn!(endpoint = %self.endpoint_label, %detail, "S3 server ignores conditional writes; exclusive writes will be refused");
+                }
+                Ok((found, detail))
+            })
+            .await
+    }
+
+    /// Proves that the bucket exists and the credentials work: a one-key listing (not a write:
+    /// some servers, SeaweedFS among them, create a missing bucket on the first write into it).
+    async fn check_bucket(&self) -> Result<(), StoreError> {
         self.client
             .list_objects_v2()
             .bucket(&self.cfg.bucket)
@@ -365,6 +418,18 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| self.classify(Op::List, "", e))?;
+        Ok(())
+    }
+
+    /// Finds out whether the server honours `If-None-Match: *` (after [`Self::check_bucket`]):
+    /// one request once the marker exists.
+    ///
+    /// The marker object ([`PROBE_KEY`]) is created with the condition the first time and
+    /// kept. Each later connect creates it again with the condition: a server that honours it
+    /// refuses (`412`), which answers the question in one request; one that ignores it
+    /// accepts, and a second create proves it. The first creation also reads the marker back
+    /// (a read right after a write must see it).
+    async fn probe(&self) -> Result<(ConditionalWrites, String), StoreError> {
         let put = || {
             let body = Bytes::from_static(PROBE_BODY);
             let crc = crc32c::crc32c(&body);
@@ -908,11 +973,14 @@ impl ObjectStore for S3Store {
             }
             None => crc32c::crc32c(&body),
         };
-        if mode == PutMode::IfAbsent && self.conditional == ConditionalWrites::Ignored {
-            return Err(StoreError::ConditionalWritesUnsupported {
-                endpoint: self.endpoint_label.clone(),
-                detail: self.conditional_detail.clone(),
-            });
+        if mode == PutMode::IfAbsent {
+            let (found, detail) = self.conditional_answer().await?;
+            if *found == ConditionalWrites::Ignored {
+                return Err(StoreError::ConditionalWritesUnsupported {
+                    endpoint: self.endpoint_label.clone(),
+                    detail: detail.clone(),
+                });
+            }
         }
         if body.len() as u64 >= self.cfg.multipart_threshold.max(MIN_PART_SIZE) {
             self.put_multipart(key, body, crc, mode).await
