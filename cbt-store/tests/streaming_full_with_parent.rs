@@ -204,16 +204,7 @@ async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link()
 
 /// A repository of 4 KiB chunks in `dir`.
 async fn repo_in(dir: &std::path::Path) -> Repository {
-    let local = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
-    Repository::init(
-        local as Arc<dyn ObjectStore>,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap()
+    local_repo(dir, CHUNK).await.1
 }
 
 /// The most map entries a full backup with a parent may hold with `o`, from the constants:
@@ -425,17 +416,9 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
     use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
 
     let dir = tempfile::tempdir().unwrap();
-    let local = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let faulty = Arc::new(FaultyStore::new(local as Arc<dyn ObjectStore>));
-    let repo = Repository::init(
-        faulty.clone() as Arc<dyn ObjectStore>,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp(0),
-        },
-    )
-    .await
-    .unwrap();
+    let (local, _) = local_repo(dir.path(), CHUNK).await;
+    let faulty = Arc::new(FaultyStore::new(local));
+    let repo = Repository::open(faulty.clone()).await.unwrap();
     let volume = VolumeName::new("stall").unwrap();
     let size = 8 * MIB;
     let parent_src = SyntheticSource::new(size, RangeSet::full(size));
