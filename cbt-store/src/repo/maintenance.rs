@@ -520,7 +520,7 @@ impl Repository {
             index,
             offset,
         };
-        let outcome = match self.fetch_chunk(&r, at).await {
+        let outcome = match self.fetch_chunk_for_decode(&r, at).await {
             Ok(body) => {
                 let len = body.len() as u64;
                 let snap = snapshot.clone();
