@@ -281,6 +281,29 @@ impl Codec {
         result.map_err(|reason| Self::corrupt(expected, at, reason))
     }
 
+    /// Checks a downloaded chunk object exactly as [`Codec::decode_chunk`] does, keeping
+    /// nothing: a raw payload is checked where it lies, a compressed one is decoded into a
+    /// pooled buffer (no allocation, zeroing or copy per chunk; what `verify --read-data`
+    /// needs).
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkCorrupt`] naming the failed check.
+    pub fn check_chunk(
+        &self,
+        body: impl Into<FetchedChunk>,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+    ) -> Result<()> {
+        let mut buf: Option<crate::aligned::AlignedBuf> = None;
+        let checked = self.decode_chunk_or_borrow(body, expected, at, |n| {
+            buf.insert(crate::aligned::take(n)).resize(n)
+        });
+        if let Some(b) = buf {
+            crate::aligned::recycle(b);
+        }
+        checked.map(drop)
+    }
+
     /// Checks a stored chunk object on its own (no manifest) and returns the reference it
     /// describes, as recorded in manifests; `key` is where it is stored.
     ///

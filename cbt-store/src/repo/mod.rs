@@ -925,13 +925,13 @@ impl Repository {
         Ok(self.fetch_chunk_at(expected, at, None).await?.into())
     }
 
-    /// Like [`Repository::fetch_chunk`], for a caller that writes the chunk with direct I/O:
-    /// in an unencrypted repository the store is asked to place the payload at an aligned
-    /// address, so that a chunk stored raw can be written straight from the object (see
-    /// [`Codec::decode_chunk_or_borrow`]).
+    /// Like [`Repository::fetch_chunk_for_decode`], for a caller that writes the chunk with
+    /// direct I/O: in an unencrypted repository the store is asked to place the payload at an
+    /// aligned address (in a pooled buffer), so that a chunk stored raw can be written
+    /// straight from the object (see [`Codec::decode_chunk_or_borrow`]).
     ///
     /// # Errors
-    /// As [`Repository::fetch_chunk`].
+    /// As [`Repository::fetch_chunk_for_decode`].
     pub async fn fetch_chunk_for_write(
         &self,
         expected: &ChunkRef,
