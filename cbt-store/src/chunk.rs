@@ -316,7 +316,7 @@ fn body_capacity(raw: &[u8], level: i32) -> usize {
 /// of the object written at the start of `body` and its crc32c.
 fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32) {
     let hash = hash_raw(raw);
-    let raw_crc = crc32c::crc32c(raw);
+    let raw_crc = crate::crc::crc32c(raw);
     let compressed = if level > 0 && worth_compressing(raw, level) {
         compress_framed(raw, level, body)
     } else {
@@ -342,7 +342,11 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
     let crc = if codec == CODEC_RAW {
         crate::crc::combine(header_crc, raw_crc, raw.len())
     } else {
-        crc32c::crc32c_append(header_crc, &body[HEADER_LEN..end])
+        crate::crc::combine(
+            header_crc,
+            crate::crc::crc32c(&body[HEADER_LEN..end]),
+            payload_len,
+        )
     };
     let trailer = crc.to_le_bytes();
     body[end..end + TRAILER_LEN].copy_from_slice(&trailer);
@@ -604,7 +608,7 @@ fn decode_header(body: &[u8], stored_crc: Option<u32>) -> Result<Header, ChunkDe
     // Header and payload checksummed apart (one pass all the same), so that a raw payload's
     // crc32c, which must equal the recorded raw crc32c, costs no second pass.
     let payload = &body[HEADER_LEN..split];
-    let payload_crc = crc32c::crc32c(payload);
+    let payload_crc = crate::crc::crc32c(payload);
     let computed = crate::crc::combine(
         crc32c::crc32c(&body[..HEADER_LEN]),
         payload_crc,

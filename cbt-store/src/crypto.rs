@@ -717,7 +717,7 @@ impl RepoKeys {
             // Only for inputs beyond GCM's 64 GiB message limit, far above any object.
             .map_err(|_| CryptoError::Random)?;
         out.extend_from_slice(tag.as_ref());
-        let crc = crc32c::crc32c(&out);
+        let crc = crate::crc::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
@@ -829,7 +829,7 @@ fn check_envelope_stored(
     let mut stored = [0u8; 4];
     stored.copy_from_slice(&sealed[split..]);
     let stored = u32::from_le_bytes(stored);
-    let computed = crc32c::crc32c(&sealed[..split]);
+    let computed = crate::crc::crc32c(&sealed[..split]);
     if let Some(whole) = stored_crc {
         let computed = crc32c::crc32c_append(computed, &sealed[split..]);
         if whole != computed {

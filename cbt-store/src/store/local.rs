@@ -1100,7 +1100,7 @@ impl ObjectStore for LocalStore {
         validate_key(key)?;
         let k = key.to_string();
         self.blocking(key, move |inner| {
-            inner.put(&k, &body, crc32c::crc32c(&body), mode, true)
+            inner.put(&k, &body, crate::crc::crc32c(&body), mode, true)
         })
         .await
     }
@@ -1117,7 +1117,7 @@ impl ObjectStore for LocalStore {
         }
         let k = key.to_string();
         self.blocking(key, move |inner| {
-            let crc = opts.crc32c.unwrap_or_else(|| crc32c::crc32c(&body));
+            let crc = opts.crc32c.unwrap_or_else(|| crate::crc::crc32c(&body));
             inner.put(&k, &body, crc, opts.mode, !opts.defer_sync)
         })
         .await

@@ -253,7 +253,7 @@ impl UncheckedBody {
     /// As [`UncheckedBody::check`].
     pub fn into_checked(self) -> Result<Bytes, StoreError> {
         if self.pending.is_some() {
-            self.check(crc32c::crc32c(&self.body))?;
+            self.check(crate::crc::crc32c(&self.body))?;
         }
         Ok(self.body)
     }

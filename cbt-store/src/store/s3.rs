@@ -394,7 +394,7 @@ impl S3Store {
             .map_err(|e| self.classify(Op::List, "", e))?;
         let put = || {
             let body = Bytes::from_static(PROBE_BODY);
-            let crc = crc32c::crc32c(&body);
+            let crc = crate::crc::crc32c(&body);
             self.put_single(PROBE_KEY, body, crc, PutMode::IfAbsent)
         };
         match put().await {
@@ -605,7 +605,7 @@ impl S3Store {
         aligned_at: Option<usize>,
     ) -> Result<Bytes, StoreError> {
         let got = self.get_body(key, max_len, aligned_at, true).await?;
-        let actual = crc32c::crc32c(&got.body);
+        let actual = crate::crc::crc32c(&got.body);
         for expected in [got.meta_crc, got.wire_crc].into_iter().flatten() {
             if expected != actual {
                 return Err(StoreError::Corrupt {
@@ -838,7 +838,7 @@ impl S3Store {
         for (i, start) in (0..body.len()).step_by(part_size).enumerate() {
             let part = body.slice(start..(start + part_size).min(body.len()));
             let number = i as i32 + 1;
-            let part_crc = crc_b64(crc32c::crc32c(&part));
+            let part_crc = crc_b64(crate::crc::crc32c(&part));
             let out = self
                 .client
                 .upload_part()
@@ -983,7 +983,7 @@ impl ObjectStore for S3Store {
                 debug_assert_eq!(crc, crc32c::crc32c(&body), "put_with: wrong crc32c");
                 crc
             }
-            None => crc32c::crc32c(&body),
+            None => crate::crc::crc32c(&body),
         };
         if mode == PutMode::IfAbsent && self.conditional == ConditionalWrites::Ignored {
             return Err(StoreError::ConditionalWritesUnsupported {
