@@ -942,6 +942,15 @@ impl Repository {
         Ok(self.fetch_chunk_at(expected, at, aligned).await?.into())
     }
 
+    /// What reads chunks for direct-I/O writers on a blocking thread, where the store can
+    /// ([`ObjectStore::reads_now`]): see [`ChunkReader`].
+    pub fn chunk_reader(&self) -> ChunkReader {
+        ChunkReader {
+            store: self.store.clone(),
+            aligned_at: (!self.codec.is_encrypted()).then_some(chunk::HEADER_LEN),
+        }
+    }
+
     /// Reads a chunk object, the comparison with the store's checksum left to the caller
     /// where the store allows it.
     async fn fetch_chunk_at(
@@ -956,6 +965,45 @@ impl Repository {
             .get_unchecked(&key, expected.stored_size, aligned_at)
             .await
             .map_err(|e| chunk_fetch_error(expected, at, key, e))
+    }
+}
+
+/// Reads chunk objects as [`Repository::fetch_chunk_for_write`] does, on the calling
+/// (blocking) thread, for a store that reads without waiting (a local directory): a restore
+/// then reads, checks and writes a chunk in one blocking task instead of handing the read to
+/// another thread first. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ChunkReader {
+    store: Arc<dyn ObjectStore>,
+    aligned_at: Option<usize>,
+}
+
+impl ChunkReader {
+    /// Whether [`ChunkReader::read_now`] reads (else it always returns `None`).
+    pub fn reads_now(&self) -> bool {
+        self.store.reads_now()
+    }
+
+    /// The chunk object, read on this thread (which may block on disk I/O); `None` where the
+    /// store cannot, or after a transient failure: fetch it then with
+    /// [`Repository::fetch_chunk_for_write`], which retries.
+    ///
+    /// # Errors
+    /// As [`Repository::fetch_chunk_for_write`].
+    pub fn read_now(
+        &self,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+    ) -> Option<Result<FetchedChunk>> {
+        let key = chunk::chunk_key(&expected.hash);
+        match self
+            .store
+            .get_unchecked_now(&key, expected.stored_size, self.aligned_at)?
+        {
+            Ok(read) => Some(Ok(read.into())),
+            Err(e) if e.is_transient() => None,
+            Err(e) => Some(Err(chunk_fetch_error(expected, at, key, e))),
+        }
     }
 }
 

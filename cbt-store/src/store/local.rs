@@ -1153,6 +1153,19 @@ impl ObjectStore for LocalStore {
             .await
     }
 
+    fn reads_now(&self) -> bool {
+        true
+    }
+
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        Some(validate_key(key).and_then(|()| self.inner.get_unchecked(key, max_len, aligned_at)))
+    }
+
     async fn get_unchecked(
         &self,
         key: &str,

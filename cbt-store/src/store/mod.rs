@@ -172,6 +172,27 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         Ok(UncheckedBody::verified(body))
     }
 
+    /// Whether [`ObjectStore::get_unchecked_now`] reads (a local file system: nothing to wait
+    /// for but the disk), so that a caller on a blocking thread can read, check and use an
+    /// object in one task instead of handing each read to another thread first.
+    fn reads_now(&self) -> bool {
+        false
+    }
+
+    /// [`ObjectStore::get_unchecked`] on the calling thread, which may block on disk I/O (call
+    /// it from a blocking task); `None` where the backend cannot (see
+    /// [`ObjectStore::reads_now`]). No retries: a caller that gets a transient error retries
+    /// through [`ObjectStore::get_unchecked`].
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        let _ = (key, max_len, aligned_at);
+        None
+    }
+
     /// Reads bytes `[range.start, range.end)` of the object. A partial read cannot be checked
     /// against the whole-object checksum; callers verify ranges with their own hashes.
     ///

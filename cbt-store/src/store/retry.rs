@@ -211,6 +211,19 @@ impl ObjectStore for RetryingStore {
             .await
     }
 
+    fn reads_now(&self) -> bool {
+        self.inner.reads_now()
+    }
+
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        self.inner.get_unchecked_now(key, max_len, aligned_at)
+    }
+
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         self.run(Op::GetRange, key, |s| s.get_range(key, range.clone()))
             .await
