@@ -84,6 +84,16 @@ pub(crate) fn take(capacity: usize) -> AlignedBuf {
     reused.unwrap_or_default()
 }
 
+/// Gives a buffer no longer needed back to the pool (within [`MAX_POOLED_BYTES`]).
+pub(crate) fn recycle(buf: AlignedBuf) {
+    if let Ok(mut p) = POOL.lock() {
+        let kept: usize = p.iter().map(AlignedBuf::capacity).sum();
+        if kept + buf.capacity() <= MAX_POOLED_BYTES {
+            p.push(buf);
+        }
+    }
+}
+
 /// Bytes `range` of `buf` as [`bytes::Bytes`]; the buffer goes back to the pool when the
 /// last reference to them is dropped.
 ///
@@ -108,12 +118,6 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        if let Ok(mut p) = POOL.lock() {
-            let kept: usize = p.iter().map(AlignedBuf::capacity).sum();
-            if kept + buf.capacity() <= MAX_POOLED_BYTES {
-                p.push(buf);
-            }
-        }
+        recycle(std::mem::take(&mut self.buf));
     }
 }

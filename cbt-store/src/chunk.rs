@@ -83,6 +83,18 @@ pub enum ChunkDecodeError {
     /// Unknown compression codec.
     #[error("unknown chunk codec {0}")]
     Codec(u8),
+    /// The crc32c the store recorded for the whole object (its checksum trailer or
+    /// metadata, checked in the same pass as the chunk's own trailer) does not match the
+    /// bytes read.
+    #[error(
+        "the store's checksum of the object does not match: stored {stored:#010x}, computed {computed:#010x}"
+    )]
+    StoredCrc {
+        /// Value the store recorded.
+        stored: u32,
+        /// Computed over the object as read.
+        computed: u32,
+    },
     /// The trailer crc32c does not match the stored bytes.
     #[error("object checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     ObjectCrc {
@@ -304,7 +316,7 @@ fn body_capacity(raw: &[u8], level: i32) -> usize {
 /// of the object written at the start of `body` and its crc32c.
 fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32) {
     let hash = hash_raw(raw);
-    let raw_crc = crc32c::crc32c(raw);
+    let raw_crc = crate::crc::crc32c(raw);
     let compressed = if level > 0 && worth_compressing(raw, level) {
         compress_framed(raw, level, body)
     } else {
@@ -330,7 +342,11 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
     let crc = if codec == CODEC_RAW {
         crate::crc::combine(header_crc, raw_crc, raw.len())
     } else {
-        crc32c::crc32c_append(header_crc, &body[HEADER_LEN..end])
+        crate::crc::combine(
+            header_crc,
+            crate::crc::crc32c(&body[HEADER_LEN..end]),
+            payload_len,
+        )
     };
     let trailer = crc.to_le_bytes();
     body[end..end + TRAILER_LEN].copy_from_slice(&trailer);
@@ -360,7 +376,18 @@ pub fn decode_into(
     expected: &ChunkRef,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkDecodeError> {
-    let header = check_against(body, expected)?;
+    decode_into_stored(body, None, expected, out)
+}
+
+/// [`decode_into`], also comparing the crc32c the store recorded for the whole object
+/// (`stored_crc`, when the store left that comparison to us) in the same pass.
+pub(crate) fn decode_into_stored(
+    body: &[u8],
+    stored_crc: Option<u32>,
+    expected: &ChunkRef,
+    out: &mut Vec<u8>,
+) -> Result<(), ChunkDecodeError> {
+    let header = check_against(body, stored_crc, expected)?;
     decode_payload(body, &header, out)
 }
 
@@ -375,13 +402,23 @@ pub fn decode_into_slice(
     expected: &ChunkRef,
     out: &mut [u8],
 ) -> Result<(), ChunkDecodeError> {
+    decode_into_slice_stored(body, None, expected, out)
+}
+
+/// [`decode_into_slice`], comparing `stored_crc` as [`decode_into_stored`] does.
+pub(crate) fn decode_into_slice_stored(
+    body: &[u8],
+    stored_crc: Option<u32>,
+    expected: &ChunkRef,
+    out: &mut [u8],
+) -> Result<(), ChunkDecodeError> {
     if out.len() as u64 != expected.raw_len {
         return Err(ChunkDecodeError::Size {
             expected: expected.raw_len,
             actual: out.len() as u64,
         });
     }
-    let h = check_against(body, expected)?;
+    let h = check_against(body, stored_crc, expected)?;
     decode_exact(body, &h, out)?;
     verify_raw(out, &h)
 }
@@ -409,7 +446,17 @@ pub fn decode_or_borrow<'o>(
     expected: &ChunkRef,
     out: impl FnOnce(usize) -> &'o mut [u8],
 ) -> Result<RawAt, ChunkDecodeError> {
-    let h = check_against(body, expected)?;
+    decode_or_borrow_stored(body, None, expected, out)
+}
+
+/// [`decode_or_borrow`], comparing `stored_crc` as [`decode_into_stored`] does.
+pub(crate) fn decode_or_borrow_stored<'o>(
+    body: &[u8],
+    stored_crc: Option<u32>,
+    expected: &ChunkRef,
+    out: impl FnOnce(usize) -> &'o mut [u8],
+) -> Result<RawAt, ChunkDecodeError> {
+    let h = check_against(body, stored_crc, expected)?;
     let payload = HEADER_LEN..body.len() - TRAILER_LEN;
     if h.codec == CODEC_RAW {
         // The header's raw length equals the manifest's (checked above), at most MAX_RAW_LEN.
@@ -471,14 +518,18 @@ fn decode_exact(body: &[u8], h: &Header, out: &mut [u8]) -> Result<(), ChunkDeco
 }
 
 /// Checks the object's size and framing, and that its header agrees with `expected`.
-fn check_against(body: &[u8], expected: &ChunkRef) -> Result<Header, ChunkDecodeError> {
+fn check_against(
+    body: &[u8],
+    stored_crc: Option<u32>,
+    expected: &ChunkRef,
+) -> Result<Header, ChunkDecodeError> {
     if body.len() as u64 != expected.stored_size {
         return Err(ChunkDecodeError::Size {
             expected: expected.stored_size,
             actual: body.len() as u64,
         });
     }
-    let header = decode_header(body)?;
+    let header = decode_header(body, stored_crc)?;
     if header.hash != expected.hash {
         return Err(ChunkDecodeError::Mismatch(format!(
             "header names chunk {}",
@@ -500,7 +551,16 @@ fn check_against(body: &[u8], expected: &ChunkRef) -> Result<Header, ChunkDecode
 /// # Errors
 /// A [`ChunkDecodeError`] naming the first check that failed.
 pub fn decode_standalone(body: &[u8], out: &mut Vec<u8>) -> Result<ChunkRef, ChunkDecodeError> {
-    let header = decode_header(body)?;
+    decode_standalone_stored(body, None, out)
+}
+
+/// [`decode_standalone`], comparing `stored_crc` as [`decode_into_stored`] does.
+pub(crate) fn decode_standalone_stored(
+    body: &[u8],
+    stored_crc: Option<u32>,
+    out: &mut Vec<u8>,
+) -> Result<ChunkRef, ChunkDecodeError> {
+    let header = decode_header(body, stored_crc)?;
     decode_payload(body, &header, out)?;
     Ok(ChunkRef {
         hash: header.hash,
@@ -527,7 +587,10 @@ struct Header {
     hash: ChunkHash,
 }
 
-fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
+/// Checks the framing and the trailer crc32c; with `stored_crc` (the crc32c the store
+/// recorded for the whole object, left for us to compare), that too, from the same pass: the
+/// whole object's crc32c is the trailer's extended over the trailer's four bytes.
+fn decode_header(body: &[u8], stored_crc: Option<u32>) -> Result<Header, ChunkDecodeError> {
     if body.len() < OVERHEAD {
         return Err(ChunkDecodeError::Size {
             expected: OVERHEAD as u64,
@@ -545,12 +608,24 @@ fn decode_header(body: &[u8]) -> Result<Header, ChunkDecodeError> {
     // Header and payload checksummed apart (one pass all the same), so that a raw payload's
     // crc32c, which must equal the recorded raw crc32c, costs no second pass.
     let payload = &body[HEADER_LEN..split];
-    let payload_crc = crc32c::crc32c(payload);
+    let payload_crc = crate::crc::crc32c(payload);
     let computed = crate::crc::combine(
         crc32c::crc32c(&body[..HEADER_LEN]),
         payload_crc,
         payload.len(),
     );
+    // The store's check comes first, as it would have inside the store: damage to the
+    // bytes read is reported as the store's, a trailer that disagrees with bytes the store
+    // vouches for as the object's own.
+    if let Some(whole) = stored_crc {
+        let computed = crc32c::crc32c_append(computed, &body[split..]);
+        if whole != computed {
+            return Err(ChunkDecodeError::StoredCrc {
+                stored: whole,
+                computed,
+            });
+        }
+    }
     if stored != computed {
         return Err(ChunkDecodeError::ObjectCrc { stored, computed });
     }
@@ -704,6 +779,66 @@ mod tests {
                 let mut out = Vec::new();
                 decode_into(&e.body, &e.chunk, &mut out).unwrap();
                 assert_eq!(out, raw);
+            }
+        }
+    }
+
+    /// Every decoder, given the store's crc32c of the whole object to compare in its own
+    /// pass, accepts the object when that crc32c is right, and otherwise refuses it with
+    /// [`ChunkDecodeError::StoredCrc`]: for a store checksum that disagrees with intact bytes,
+    /// and for a damaged byte (both checks fail; the store's comes first). A trailer that
+    /// disagrees with bytes the store's checksum vouches for is [`ChunkDecodeError::ObjectCrc`].
+    #[test]
+    fn the_stored_crc_is_checked_in_the_trailer_pass_by_every_decoder() {
+        let text: Vec<u8> = b"row 0001 value=abcdefgh\n".repeat(20_000);
+        for raw in [noise(300_000, 9), text] {
+            let e = encode(&raw, 1);
+            let whole = e.body_crc32c;
+            type Decoder = fn(&[u8], Option<u32>, &ChunkRef) -> Result<Vec<u8>, ChunkDecodeError>;
+            let decoders: [(&str, Decoder); 4] = [
+                ("into", |b, c, r| {
+                    let mut out = Vec::new();
+                    decode_into_stored(b, c, r, &mut out).map(|()| out)
+                }),
+                ("into_slice", |b, c, r| {
+                    let mut out = vec![0; r.raw_len as usize];
+                    decode_into_slice_stored(b, c, r, &mut out).map(|()| out)
+                }),
+                ("or_borrow", |b, c, r| {
+                    let mut out = vec![0; r.raw_len as usize];
+                    match decode_or_borrow_stored(b, c, r, |_| &mut out[..])? {
+                        RawAt::Payload(range) => Ok(b[range].to_vec()),
+                        RawAt::Out => Ok(out),
+                    }
+                }),
+                ("standalone", |b, c, _| {
+                    let mut out = Vec::new();
+                    decode_standalone_stored(b, c, &mut out).map(|_| out)
+                }),
+            ];
+            let mut flipped = e.body.to_vec();
+            flipped[HEADER_LEN + 3] ^= 1;
+            let mut trailer = e.body.to_vec();
+            let t = trailer.len() - 1;
+            trailer[t] ^= 0x40;
+            let trailer_whole = crc32c::crc32c(&trailer);
+            for (name, decode) in decoders {
+                let r = &e.chunk;
+                assert_eq!(decode(&e.body, Some(whole), r).unwrap(), raw, "{name}");
+                assert_eq!(decode(&e.body, None, r).unwrap(), raw, "{name}");
+                for (what, body, stored, ok) in [
+                    ("store crc", &e.body[..], whole ^ 1, 0),
+                    ("flipped", &flipped[..], whole, 0),
+                    ("trailer", &trailer[..], trailer_whole, 1),
+                ] {
+                    let err = decode(body, Some(stored), r).unwrap_err();
+                    let right = match ok {
+                        0 => matches!(err, ChunkDecodeError::StoredCrc { stored: s, computed }
+                            if s == stored && computed == crc32c::crc32c(body)),
+                        _ => matches!(err, ChunkDecodeError::ObjectCrc { .. }),
+                    };
+                    assert!(right, "{name}, {what}: {err:?}");
+                }
             }
         }
     }

@@ -1,4 +1,11 @@
-//! crc32c of a concatenation from the crc32c of its parts, in microseconds.
+//! crc32c over every byte of an object, and of a concatenation from the crc32c of its parts.
+//!
+//! [`crc32c`] is the one pass each stored byte gets: crc-fast's carry-less-multiply
+//! implementation (AVX-512 VPCLMULQDQ where present) runs several times faster on megabyte
+//! objects than the `crc32c` crate's crc32-instruction loop (in a 1 GiB restore's profile,
+//! 1.1% of samples for a pass over 392 MiB in the S3 SDK's validation against 2.3-3.1% for
+//! ours). The `crc32c` crate stays for the few-byte extensions (`crc32c_append`) and as the
+//! tests' reference.
 //!
 //! `crc32c::crc32c_combine` squares a 32x32 bit matrix once per bit of the length (about
 //! 40 µs for a 1 MiB part, measured at 2.5% of a restore's CPU when called once per chunk).
@@ -52,6 +59,11 @@ fn x2n_mod_p(mut n: u64, mut k: usize) -> u32 {
     p
 }
 
+/// The crc32c (Castagnoli) of `data`.
+pub(crate) fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::crc32_iscsi(data)
+}
+
 /// The crc32c of `A || B` from `crc32c(A)`, `crc32c(B)` and `B`'s length in bytes.
 pub(crate) fn combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
     mult_mod_p(x2n_mod_p(len_b as u64, 3), crc_a) ^ crc_b
@@ -60,6 +72,25 @@ pub(crate) fn combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast pass agrees with the reference crate on every length around the SIMD block
+    /// sizes and on unaligned starts.
+    #[test]
+    fn fast_pass_matches_the_reference() {
+        let data: Vec<u8> = (0..(1usize << 20) + 300)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+            .collect();
+        for start in [0usize, 1, 3, 7, 48] {
+            for len in (0..600).chain([4095, 4096, 4097, 65_535, 1 << 20]) {
+                let part = &data[start..start + len];
+                assert_eq!(
+                    crc32c(part),
+                    crc32c::crc32c(part),
+                    "start {start} len {len}"
+                );
+            }
+        }
+    }
 
     /// Agrees with the crate's combine and with one pass over the concatenation, for empty,
     /// short, odd and chunk-sized second parts.

@@ -147,6 +147,17 @@ pub enum SealError {
         /// Computed over the object.
         computed: u32,
     },
+    /// The crc32c the store recorded for the object (left for the reader to compare, in the
+    /// same pass as the envelope's own) does not match the bytes read.
+    #[error(
+        "the store's checksum of the object does not match: stored {stored:#010x}, computed {computed:#010x}"
+    )]
+    StoredCrc {
+        /// Value the store recorded.
+        stored: u32,
+        /// Computed over the object as read.
+        computed: u32,
+    },
     /// The checksum matches but decryption fails: the object was altered, moved to another key,
     /// or sealed under another repository's key.
     #[error("authentication failed: the object was modified, moved, or written with another key")]
@@ -706,7 +717,7 @@ impl RepoKeys {
             // Only for inputs beyond GCM's 64 GiB message limit, far above any object.
             .map_err(|_| CryptoError::Random)?;
         out.extend_from_slice(tag.as_ref());
-        let crc = crc32c::crc32c(&out);
+        let crc = crate::crc::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         Ok(out)
     }
@@ -739,7 +750,23 @@ impl RepoKeys {
         object_key: &str,
         sealed: &mut [u8],
     ) -> Result<std::ops::Range<usize>, SealError> {
-        check_envelope(kind, sealed)?;
+        self.open_in_place_stored(kind, object_key, sealed, None)
+    }
+
+    /// [`RepoKeys::open_in_place`], also comparing `stored_crc`, the crc32c the store recorded
+    /// for the whole object when it left that comparison to the reader, in the envelope
+    /// checksum's pass ([`SealError::StoredCrc`] if it differs).
+    ///
+    /// # Errors
+    /// As [`RepoKeys::open_in_place`].
+    pub(crate) fn open_in_place_stored(
+        &self,
+        kind: ObjectKind,
+        object_key: &str,
+        sealed: &mut [u8],
+        stored_crc: Option<u32>,
+    ) -> Result<std::ops::Range<usize>, SealError> {
+        check_envelope_stored(kind, sealed, stored_crc)?;
         let key = self.object_key(kind, &sealed[8..8 + SALT_LEN])?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&sealed[8 + SALT_LEN..SEALED_HEADER_LEN]);
@@ -770,6 +797,16 @@ fn aad(header: &[u8], object_key: &str) -> Vec<u8> {
 /// # Errors
 /// A [`SealError`] other than [`SealError::Authentication`].
 pub fn check_envelope(kind: ObjectKind, sealed: &[u8]) -> Result<(), SealError> {
+    check_envelope_stored(kind, sealed, None)
+}
+
+/// [`check_envelope`], with the store's crc32c of the whole object compared first when the
+/// store left it to us: it is the envelope's crc32c extended over the envelope's trailer.
+fn check_envelope_stored(
+    kind: ObjectKind,
+    sealed: &[u8],
+    stored_crc: Option<u32>,
+) -> Result<(), SealError> {
     if sealed.len() < SEALED_OVERHEAD {
         return Err(SealError::TooShort {
             actual: sealed.len() as u64,
@@ -792,7 +829,16 @@ pub fn check_envelope(kind: ObjectKind, sealed: &[u8]) -> Result<(), SealError> 
     let mut stored = [0u8; 4];
     stored.copy_from_slice(&sealed[split..]);
     let stored = u32::from_le_bytes(stored);
-    let computed = crc32c::crc32c(&sealed[..split]);
+    let computed = crate::crc::crc32c(&sealed[..split]);
+    if let Some(whole) = stored_crc {
+        let computed = crc32c::crc32c_append(computed, &sealed[split..]);
+        if whole != computed {
+            return Err(SealError::StoredCrc {
+                stored: whole,
+                computed,
+            });
+        }
+    }
     if stored != computed {
         return Err(SealError::Crc { stored, computed });
     }

@@ -631,6 +631,83 @@ async fn lock_objects_are_sealed_and_still_block_when_unreadable() {
     assert!(matches!(e, RepoError::Locked { .. }), "{e}");
 }
 
+/// In an encrypted repository too, the store's checksum of a chunk is compared in the pass
+/// that checks the envelope's: a store checksum rewritten over intact sealed bytes is refused
+/// as [`chunk::ChunkDecodeError::StoredCrc`] by restore and `verify --read-data`, and an
+/// envelope whose own checksum disagrees with bytes the store vouches for as
+/// [`SealError::Crc`].
+#[tokio::test]
+async fn a_sealed_chunk_whose_store_checksum_and_envelope_disagree_is_refused() {
+    let Enc {
+        fx,
+        store,
+        local,
+        repo,
+    } = enc_fixture().await;
+    let (v1, _, first) = two_snapshots(&repo, &fx).await;
+    let (index, r) = first.chunks.iter_stored().next().unwrap();
+    let r = *r;
+    let key = chunk::chunk_key(&r.hash);
+    let file = local.path_of(&key).unwrap();
+    let good_file = std::fs::read(&file).unwrap();
+    let good = store.get(&key).await.unwrap();
+    let mut bad_store_crc = good_file.clone();
+    let n = bad_store_crc.len();
+    bad_store_crc[n - 1] ^= 0x10;
+    let mut bad_envelope = good.to_vec();
+    let t = bad_envelope.len() - 1;
+    bad_envelope[t] ^= 0x10;
+    for how in ["store checksum", "envelope checksum"] {
+        if how == "store checksum" {
+            std::fs::write(&file, &bad_store_crc).unwrap();
+        } else {
+            let body = bytes::Bytes::from(bad_envelope.clone());
+            store.put(&key, body, PutMode::Overwrite).await.unwrap();
+        }
+        let right = |reason: &chunk::ChunkDecodeError| match how {
+            "store checksum" => matches!(reason, chunk::ChunkDecodeError::StoredCrc { .. }),
+            _ => matches!(
+                reason,
+                chunk::ChunkDecodeError::Sealed(SealError::Crc { .. })
+            ),
+        };
+        let out = fx.path("sc.out");
+        match restore_file(&repo, &vol("pvc"), &snap("one"), &out).await {
+            Err(RepoError::ChunkCorrupt {
+                index: i, reason, ..
+            }) if i == index && right(&reason) => {}
+            other => panic!("{how}: restore said {other:?}"),
+        }
+        let mut buf = Vec::new();
+        let at = cbt_store::repo::ChunkContext {
+            snapshot: "pvc/one",
+            index,
+            offset: 0,
+        };
+        match repo.read_chunk(&r, at, &mut buf).await {
+            Err(RepoError::ChunkCorrupt { reason, .. }) if right(&reason) => {}
+            other => panic!("{how}: read_chunk said {other:?}"),
+        }
+        let report = repo
+            .verify(&VerifyOptions {
+                read_data: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(
+            report
+                .problems
+                .iter()
+                .any(|p| p.key == key && matches!(p.problem, ProblemKind::Corrupt { .. })),
+            "{how}: {:?}",
+            report.problems
+        );
+        std::fs::write(&file, &good_file).unwrap();
+    }
+    restore_eq(&repo, &fx, "one", &v1).await;
+}
+
 #[tokio::test]
 async fn sealed_chunks_carry_the_checksum_of_their_stored_bytes() {
     let Enc { fx: _fx, repo, .. } = enc_fixture().await;

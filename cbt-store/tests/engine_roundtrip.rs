@@ -672,3 +672,127 @@ async fn raw_chunks_restore_exactly_whether_or_not_the_store_aligned_them() {
     assert!(std::fs::read(&shifted).unwrap() == img);
     assert!(mis.hook().calls.load(std::sync::atomic::Ordering::Relaxed) >= 41);
 }
+
+/// A store that reads on the caller's thread, as the local store does, but fails every third
+/// such read transiently; counts reads of each kind.
+#[derive(Debug)]
+struct FlakyNow {
+    inner: Arc<dyn ObjectStore>,
+    now: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicUsize,
+    fetched: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FlakyNow {
+    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
+        self.inner.put(key, body, mode).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
+        self.inner.get_bounded(key, max_len).await
+    }
+    async fn get_unchecked(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<cbt_store::store::UncheckedBody, StoreError> {
+        if key.starts_with("chunks/") {
+            self.fetched
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.inner.get_unchecked(key, max_len, aligned_at).await
+    }
+    fn reads_now(&self) -> bool {
+        true
+    }
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<cbt_store::store::UncheckedBody, StoreError>> {
+        let n = self.now.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % 3 == 2 {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Some(Err(StoreError::Transient {
+                op: cbt_store::store::Op::Get,
+                key: key.to_string(),
+                message: "injected".into(),
+            }));
+        }
+        self.inner.get_unchecked_now(key, max_len, aligned_at)
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
+        self.inner.get_range(key, range).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        self.inner.head(key).await
+    }
+    async fn list_page(
+        &self,
+        prefix: &str,
+        continuation: Option<String>,
+    ) -> Result<ListPage, StoreError> {
+        self.inner.list_page(prefix, continuation).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+}
+
+/// A store that reads on the caller's thread is read inside the restore's blocking task, and
+/// a chunk whose read there fails transiently is fetched again through the async path (which
+/// the retrying wrapper retries): the restore comes out byte for byte, every chunk read once
+/// on the blocking thread, and exactly the refused ones fetched again.
+#[tokio::test]
+async fn a_store_read_in_the_writer_task_falls_back_to_the_async_fetch_on_transient_errors() {
+    let fx = Fixture::new().await;
+    let size = 24 * CS as usize + 777;
+    let img = image(size, 12);
+    let src = fx.write("d.img", &img);
+    let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap()
+        .manifest
+        .unwrap();
+    // Chunks of equal content are read once and written to each of their places.
+    let chunks = (m.chunks.iter_stored())
+        .map(|(_, r)| r.hash)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
+    let flaky = Arc::new(FlakyNow {
+        inner: fx.store.clone(),
+        now: Default::default(),
+        refused: Default::default(),
+        fetched: Default::default(),
+    });
+    let repo = cbt_store::repo::Repository::open(flaky.clone() as Arc<dyn ObjectStore>)
+        .await
+        .unwrap();
+    assert!(repo.chunk_reader().reads_now());
+    let out = fx.path("flaky.img");
+    restore_file(&repo, &vol("v"), &snap("s"), &out)
+        .await
+        .unwrap();
+    assert!(
+        std::fs::read(&out).unwrap() == img,
+        "restored image differs"
+    );
+    let load = |a: &std::sync::atomic::AtomicUsize| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        load(&flaky.now),
+        chunks,
+        "one read per chunk on the blocking thread"
+    );
+    assert!(
+        load(&flaky.refused) >= chunks / 3,
+        "{}",
+        load(&flaky.refused)
+    );
+    assert_eq!(load(&flaky.fetched), load(&flaky.refused));
+}

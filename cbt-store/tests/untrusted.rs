@@ -425,6 +425,128 @@ async fn a_raw_chunk_checked_in_place_still_refuses_every_damage() {
     assert_eq!(std::fs::read(&target).unwrap(), image(SIZE, 4));
 }
 
+/// How a chunk object is damaged: its file rewritten behind the store's back, or a body put
+/// through the store (which checksums it).
+enum Damage {
+    File(Vec<u8>),
+    Put(Bytes),
+}
+
+/// The store's checksum of a chunk object is compared in the same pass as the chunk's own
+/// trailer, not by the store beforehand; every way the two can disagree is still refused, for
+/// a chunk stored raw and a compressed one, by restore, `fetch_chunk` and `verify
+/// --read-data`: the store's recorded crc32c rewritten (the chunk's bytes intact), a byte of
+/// the file changed behind the store's back (both checksums fail; the store's is reported),
+/// and the chunk's trailer changed with the store's checksum recomputed over it (the store
+/// vouches for the bytes, the chunk's own check refuses them).
+#[tokio::test]
+async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_reader() {
+    let fx = Fixture::new().await;
+    let src = fx.write("d.img", &image(SIZE, 5));
+    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+        .await
+        .unwrap();
+    let manifest = out.manifest.unwrap();
+    let raw = manifest
+        .chunks
+        .iter_stored()
+        .find(|(_, r)| r.stored_size == r.raw_len + chunk::OVERHEAD as u64)
+        .map(|(i, r)| (i, *r))
+        .expect("a chunk of random data is stored raw");
+    let packed = manifest
+        .chunks
+        .iter_stored()
+        .find(|(_, r)| r.stored_size < r.raw_len)
+        .map(|(i, r)| (i, *r))
+        .expect("a chunk of text is compressed");
+    type Expect = fn(&ChunkDecodeError) -> bool;
+    let stored_crc: Expect = |e| matches!(e, ChunkDecodeError::StoredCrc { .. });
+    let object_crc: Expect = |e| matches!(e, ChunkDecodeError::ObjectCrc { .. });
+    for (what, (index, r)) in [("raw", raw), ("compressed", packed)] {
+        let key = chunk::chunk_key(&r.hash);
+        let file = chunk_file(&fx, &r.hash);
+        let good_file = std::fs::read(&file).unwrap();
+        let good = fx.store.get(&key).await.unwrap();
+        // The local store's file is the body, then "CBTC" and the body's crc32c (LE).
+        assert_eq!(good_file.len(), good.len() + 8);
+        let mut store_crc = good_file.clone();
+        let n = store_crc.len();
+        store_crc[n - 1] ^= 0x40;
+        let mut flipped = good_file.clone();
+        flipped[chunk::HEADER_LEN + 7] ^= 1;
+        let mut trailer = good.to_vec();
+        let t = trailer.len() - 1;
+        trailer[t] ^= 0x40;
+        let cases: [(&str, Damage, Expect); 3] = [
+            ("store checksum", Damage::File(store_crc), stored_crc),
+            ("flipped byte", Damage::File(flipped), stored_crc),
+            (
+                "chunk trailer",
+                Damage::Put(Bytes::from(trailer)),
+                object_crc,
+            ),
+        ];
+        for (how, damage, reason_ok) in cases {
+            let case = format!("{what}, {how}");
+            match damage {
+                Damage::File(b) => std::fs::write(&file, b).unwrap(),
+                Damage::Put(b) => {
+                    fx.store.put(&key, b, PutMode::Overwrite).await.unwrap();
+                }
+            }
+            let target = fx.path(&format!("out-{what}-{how}.img"));
+            let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+                .await
+                .unwrap_err();
+            match &err {
+                RepoError::ChunkCorrupt {
+                    index: i, reason, ..
+                } if *i == index && reason_ok(reason) => {}
+                other => panic!("{case}: restore said {other:?}"),
+            }
+            assert!(!target.exists(), "{case}: the partial target was left");
+            let at = cbt_store::repo::ChunkContext {
+                snapshot: "v/s",
+                index,
+                offset: 0,
+            };
+            match fx.repo.fetch_chunk(&r, at).await {
+                Err(RepoError::ChunkCorrupt { reason, .. }) if reason_ok(&reason) => {}
+                // The chunk's own trailer is not the store's business.
+                Ok(_) if how == "chunk trailer" => {}
+                other => panic!("{case}: fetch_chunk said {other:?}"),
+            }
+            let mut buf = Vec::new();
+            match fx.repo.read_chunk(&r, at, &mut buf).await {
+                Err(RepoError::ChunkCorrupt { reason, .. }) if reason_ok(&reason) => {}
+                other => panic!("{case}: read_chunk said {other:?}"),
+            }
+            let report = fx
+                .repo
+                .verify(&VerifyOptions {
+                    read_data: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert!(
+                matches!(
+                    report.problems.iter().map(|p| (p.index, &p.problem)).collect::<Vec<_>>()[..],
+                    [(Some(i), ProblemKind::Corrupt { .. })] if i == index
+                ),
+                "{case}: {:?}",
+                report.problems
+            );
+            std::fs::write(&file, &good_file).unwrap();
+        }
+    }
+    let target = fx.path("out-good.img");
+    restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), image(SIZE, 5));
+}
+
 fn in_place() -> RestoreOptions {
     RestoreOptions {
         overwrite: true,

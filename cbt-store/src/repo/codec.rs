@@ -15,7 +15,49 @@ use cbt_core::ChunkRef;
 
 use super::{ChunkContext, RepoError, Result};
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
-use crate::crypto::{ObjectKind, RepoKeys, SEALED_OVERHEAD};
+use crate::crypto::{ObjectKind, RepoKeys, SEALED_OVERHEAD, SealError};
+use crate::store::UncheckedBody;
+
+/// A downloaded chunk object for the [`Codec`] to check and decode, with the comparison of its
+/// bytes against the crc32c the store recorded still to be done when the store left it to the
+/// reader ([`crate::store::ObjectStore::get_unchecked`]): the codec does it in the same pass
+/// as the object's own checksum, so each byte read is checksummed once. Made from bytes the
+/// store has checked (`From<Bytes>`) or from an [`UncheckedBody`]; only the codec reads it.
+#[derive(Debug, Clone)]
+pub struct FetchedChunk {
+    body: Bytes,
+    stored_crc: Option<u32>,
+}
+
+impl FetchedChunk {
+    /// Bytes downloaded.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether the object is empty (never true of a valid chunk).
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+}
+
+impl From<Bytes> for FetchedChunk {
+    fn from(body: Bytes) -> Self {
+        FetchedChunk {
+            body,
+            stored_crc: None,
+        }
+    }
+}
+
+impl From<UncheckedBody> for FetchedChunk {
+    fn from(read: UncheckedBody) -> Self {
+        FetchedChunk {
+            stored_crc: read.pending_crc32c(),
+            body: read.body,
+        }
+    }
+}
 
 /// The object codec of one repository: plain, or sealed with the repository's keys. Cheap to
 /// clone (worker tasks each take one).
@@ -98,10 +140,11 @@ impl Codec {
     /// decoder checks it against, to `decode`.
     fn open_chunk<T>(
         keys: &RepoKeys,
-        body: Bytes,
+        fetched: FetchedChunk,
         expected: &ChunkRef,
         decode: impl FnOnce(&[u8], &ChunkRef) -> std::result::Result<T, ChunkDecodeError>,
     ) -> std::result::Result<T, ChunkDecodeError> {
+        let FetchedChunk { body, stored_crc } = fetched;
         if body.len() as u64 != expected.stored_size {
             return Err(ChunkDecodeError::Size {
                 expected: expected.stored_size,
@@ -113,12 +156,19 @@ impl Codec {
             Err(shared) => bytes::BytesMut::from(&shared[..]),
         };
         let range = keys
-            .open_in_place(
+            .open_in_place_stored(
                 ObjectKind::Chunk,
                 &chunk::chunk_key(&expected.hash),
                 &mut buf,
+                stored_crc,
             )
-            .map_err(ChunkDecodeError::Sealed)?;
+            .map_err(|e| match e {
+                // Named as for a plain chunk: the store's checksum failed, not the envelope.
+                SealError::StoredCrc { stored, computed } => {
+                    ChunkDecodeError::StoredCrc { stored, computed }
+                }
+                other => ChunkDecodeError::Sealed(other),
+            })?;
         let inner = &buf[range];
         let plain_hash = chunk::header_hash(inner).ok_or(ChunkDecodeError::Size {
             expected: chunk::OVERHEAD as u64,
@@ -156,14 +206,15 @@ impl Codec {
     /// [`RepoError::ChunkCorrupt`] naming the failed check.
     pub fn decode_chunk(
         &self,
-        body: Bytes,
+        body: impl Into<FetchedChunk>,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
+        let fetched = body.into();
         let result = match &self.keys {
-            None => chunk::decode_into(&body, expected, out),
-            Some(keys) => Self::open_chunk(keys, body, expected, |inner, r| {
+            None => chunk::decode_into_stored(&fetched.body, fetched.stored_crc, expected, out),
+            Some(keys) => Self::open_chunk(keys, fetched, expected, |inner, r| {
                 chunk::decode_into(inner, r, out)
             }),
         };
@@ -177,14 +228,17 @@ impl Codec {
     /// [`RepoError::ChunkCorrupt`] naming the failed check.
     pub fn decode_chunk_into_slice(
         &self,
-        body: Bytes,
+        body: impl Into<FetchedChunk>,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
         out: &mut [u8],
     ) -> Result<()> {
+        let fetched = body.into();
         let result = match &self.keys {
-            None => chunk::decode_into_slice(&body, expected, out),
-            Some(keys) => Self::open_chunk(keys, body, expected, |inner, r| {
+            None => {
+                chunk::decode_into_slice_stored(&fetched.body, fetched.stored_crc, expected, out)
+            }
+            Some(keys) => Self::open_chunk(keys, fetched, expected, |inner, r| {
                 chunk::decode_into_slice(inner, r, out)
             }),
         };
@@ -200,25 +254,54 @@ impl Codec {
     /// [`RepoError::ChunkCorrupt`] naming the failed check.
     pub fn decode_chunk_or_borrow<'o>(
         &self,
-        body: Bytes,
+        body: impl Into<FetchedChunk>,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
         out: impl FnOnce(usize) -> &'o mut [u8],
     ) -> Result<Option<Bytes>> {
+        let fetched = body.into();
         let result = match &self.keys {
-            None => chunk::decode_or_borrow(&body, expected, out).map(|raw| match raw {
-                chunk::RawAt::Payload(range) => Some(body.slice(range)),
-                chunk::RawAt::Out => None,
-            }),
+            None => {
+                let FetchedChunk { body, stored_crc } = fetched;
+                chunk::decode_or_borrow_stored(&body, stored_crc, expected, out).map(
+                    |raw| match raw {
+                        chunk::RawAt::Payload(range) => Some(body.slice(range)),
+                        chunk::RawAt::Out => None,
+                    },
+                )
+            }
             Some(keys) => {
                 let len = usize::try_from(expected.raw_len).unwrap_or(usize::MAX);
-                Self::open_chunk(keys, body, expected, |inner, r| {
+                Self::open_chunk(keys, fetched, expected, |inner, r| {
                     chunk::decode_into_slice(inner, r, out(len))
                 })
                 .map(|()| None)
             }
         };
         result.map_err(|reason| Self::corrupt(expected, at, reason))
+    }
+
+    /// Checks a downloaded chunk object exactly as [`Codec::decode_chunk`] does, keeping
+    /// nothing: a raw payload is checked where it lies, a compressed one is decoded into a
+    /// pooled buffer (no allocation, zeroing or copy per chunk; what `verify --read-data`
+    /// needs).
+    ///
+    /// # Errors
+    /// [`RepoError::ChunkCorrupt`] naming the failed check.
+    pub fn check_chunk(
+        &self,
+        body: impl Into<FetchedChunk>,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+    ) -> Result<()> {
+        let mut buf: Option<crate::aligned::AlignedBuf> = None;
+        let checked = self.decode_chunk_or_borrow(body, expected, at, |n| {
+            buf.insert(crate::aligned::take(n)).resize(n)
+        });
+        if let Some(b) = buf {
+            crate::aligned::recycle(b);
+        }
+        checked.map(drop)
     }
 
     /// Checks a stored chunk object on its own (no manifest) and returns the reference it

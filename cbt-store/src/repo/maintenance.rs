@@ -564,19 +564,20 @@ impl Repository {
             index,
             offset,
         };
-        let outcome = match self.fetch_chunk(&r, at).await {
+        // Read into pooled buffers (the restore's), and checked without keeping the raw bytes:
+        // no allocation, zeroing or copy per chunk.
+        let outcome = match self.fetch_chunk_for_write(&r, at).await {
             Ok(body) => {
                 let len = body.len() as u64;
                 let snap = snapshot.clone();
                 let codec = self.codec().clone();
                 tokio::task::spawn_blocking(move || {
-                    let mut out = Vec::new();
                     let at = ChunkContext {
                         snapshot: &snap,
                         index,
                         offset,
                     };
-                    codec.decode_chunk(body, &r, at, &mut out).map(|()| len)
+                    codec.check_chunk(body, &r, at).map(|()| len)
                 })
                 .await
                 .map_err(|e| RepoError::Internal {

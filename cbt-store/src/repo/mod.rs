@@ -99,7 +99,7 @@ use cbt_core::{ChunkHash, ChunkRef, Manifest, SnapshotName, Timestamp, VolumeNam
 use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
-pub use codec::Codec;
+pub use codec::{Codec, FetchedChunk};
 pub use error::{RepoError, Result};
 pub use keys::{KeySlotInfo, MAX_KEY_SLOTS, NewKey, RepoKey};
 pub use lock::{BreakMode, HolderState, LockInfo, LockKind, RepoLock};
@@ -112,7 +112,9 @@ pub use tree::{EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
 use crate::crypto::ObjectKind;
-use crate::store::{ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, list_all};
+use crate::store::{
+    ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, UncheckedBody, list_all,
+};
 
 /// Repository format version this build writes and reads (unencrypted repositories).
 pub const REPO_FORMAT_VERSION: u32 = 1;
@@ -892,81 +894,164 @@ impl Repository {
         at: ChunkContext<'_>,
         out: &mut Vec<u8>,
     ) -> Result<()> {
-        let body = self.fetch_chunk(expected, at).await?;
+        let body = self.fetch_chunk_for_decode(expected, at).await?;
         self.codec.decode_chunk(body, expected, at, out)
     }
 
-    /// Downloads one chunk object without decoding it (decode with [`Codec::decode_chunk`]).
+    /// Downloads one chunk object without decoding it, its bytes checked against the store's
+    /// checksum (to decode it, [`Repository::fetch_chunk_for_decode`] saves that pass).
     ///
     /// # Errors
     /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the store's own checksum
     /// fails, store errors.
     pub async fn fetch_chunk(&self, expected: &ChunkRef, at: ChunkContext<'_>) -> Result<Bytes> {
-        self.fetch_chunk_at(expected, at, None).await
+        let key = chunk::chunk_key(&expected.hash);
+        let read = self.fetch_chunk_at(expected, at, None).await?;
+        read.into_checked()
+            .map_err(|e| chunk_fetch_error(expected, at, key, e))
     }
 
-    /// Like [`Repository::fetch_chunk`], for a caller that writes the chunk with direct I/O:
-    /// in an unencrypted repository the store is asked to place the payload at an aligned
-    /// address, so that a chunk stored raw can be written straight from the object (see
-    /// [`Codec::decode_chunk_or_borrow`]).
+    /// Downloads one chunk object for [`Codec::decode_chunk`] (or its siblings), which
+    /// compares it with the store's checksum in the pass that checks the object's own.
     ///
     /// # Errors
-    /// As [`Repository::fetch_chunk`].
+    /// [`RepoError::ChunkMissing`], [`RepoError::ChunkCorrupt`] if the object is larger than
+    /// the reference says or its framing in the store is damaged, store errors.
+    pub async fn fetch_chunk_for_decode(
+        &self,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+    ) -> Result<FetchedChunk> {
+        Ok(self.fetch_chunk_at(expected, at, None).await?.into())
+    }
+
+    /// Like [`Repository::fetch_chunk_for_decode`], for a caller that writes the chunk with
+    /// direct I/O: in an unencrypted repository the store is asked to place the payload at an
+    /// aligned address (in a pooled buffer), so that a chunk stored raw can be written
+    /// straight from the object (see [`Codec::decode_chunk_or_borrow`]).
+    ///
+    /// # Errors
+    /// As [`Repository::fetch_chunk_for_decode`].
     pub async fn fetch_chunk_for_write(
         &self,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
-    ) -> Result<Bytes> {
+    ) -> Result<FetchedChunk> {
         // An encrypted chunk is opened in place into a buffer of its own: nothing to align.
         let aligned = (!self.codec.is_encrypted()).then_some(chunk::HEADER_LEN);
-        self.fetch_chunk_at(expected, at, aligned).await
+        Ok(self.fetch_chunk_at(expected, at, aligned).await?.into())
     }
 
+    /// What reads chunks for direct-I/O writers on a blocking thread, where the store can
+    /// ([`ObjectStore::reads_now`]): see [`ChunkReader`].
+    pub fn chunk_reader(&self) -> ChunkReader {
+        ChunkReader {
+            store: self.store.clone(),
+            aligned_at: (!self.codec.is_encrypted()).then_some(chunk::HEADER_LEN),
+        }
+    }
+
+    /// Reads a chunk object, the comparison with the store's checksum left to the caller
+    /// where the store allows it.
     async fn fetch_chunk_at(
         &self,
         expected: &ChunkRef,
         at: ChunkContext<'_>,
         aligned_at: Option<usize>,
-    ) -> Result<Bytes> {
+    ) -> Result<UncheckedBody> {
         let key = chunk::chunk_key(&expected.hash);
         // The manifest says how large the object is; a larger one is not read at all.
-        let got = match aligned_at {
-            Some(a) => {
-                self.store
-                    .get_bounded_aligned(&key, expected.stored_size, a)
-                    .await
-            }
-            None => self.store.get_bounded(&key, expected.stored_size).await,
-        };
-        match got {
-            Ok(b) => Ok(b),
-            Err(StoreError::TooLarge { size, .. }) => Err(RepoError::ChunkCorrupt {
-                snapshot: at.snapshot.to_string(),
-                index: at.index,
-                offset: at.offset,
-                key,
-                reason: ChunkDecodeError::Size {
-                    expected: expected.stored_size,
-                    actual: size.unwrap_or(u64::MAX),
-                },
-            }),
-            Err(StoreError::NotFound { .. }) => Err(RepoError::ChunkMissing {
-                snapshot: at.snapshot.to_string(),
-                index: at.index,
-                offset: at.offset,
-                key,
-            }),
-            Err(e) if e.kind() == crate::store::ErrorKind::Integrity => {
-                Err(RepoError::ChunkCorrupt {
-                    snapshot: at.snapshot.to_string(),
-                    index: at.index,
-                    offset: at.offset,
-                    key,
-                    reason: ChunkDecodeError::Mismatch(e.to_string()),
-                })
-            }
-            Err(e) => Err(RepoError::store(format!("reading chunk {key}"), e)),
+        self.store
+            .get_unchecked(&key, expected.stored_size, aligned_at)
+            .await
+            .map_err(|e| chunk_fetch_error(expected, at, key, e))
+    }
+}
+
+/// Reads chunk objects as [`Repository::fetch_chunk_for_write`] does, on the calling
+/// (blocking) thread, for a store that reads without waiting (a local directory): a restore
+/// then reads, checks and writes a chunk in one blocking task instead of handing the read to
+/// another thread first. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ChunkReader {
+    store: Arc<dyn ObjectStore>,
+    aligned_at: Option<usize>,
+}
+
+impl ChunkReader {
+    /// Whether [`ChunkReader::read_now`] reads (else it always returns `None`).
+    pub fn reads_now(&self) -> bool {
+        self.store.reads_now()
+    }
+
+    /// The chunk object, read on this thread (which may block on disk I/O); `None` where the
+    /// store cannot, or after a transient failure: fetch it then with
+    /// [`Repository::fetch_chunk_for_write`], which retries.
+    ///
+    /// # Errors
+    /// As [`Repository::fetch_chunk_for_write`].
+    pub fn read_now(
+        &self,
+        expected: &ChunkRef,
+        at: ChunkContext<'_>,
+    ) -> Option<Result<FetchedChunk>> {
+        let key = chunk::chunk_key(&expected.hash);
+        match self
+            .store
+            .get_unchecked_now(&key, expected.stored_size, self.aligned_at)?
+        {
+            Ok(read) => Some(Ok(read.into())),
+            Err(e) if e.is_transient() => None,
+            Err(e) => Some(Err(chunk_fetch_error(expected, at, key, e))),
         }
+    }
+}
+
+/// A failed chunk read as the repository reports it: a missing object as
+/// [`RepoError::ChunkMissing`], damage as [`RepoError::ChunkCorrupt`] (the store's checksum
+/// failing as [`ChunkDecodeError::StoredCrc`], whether the store or the decoder found it).
+fn chunk_fetch_error(
+    expected: &ChunkRef,
+    at: ChunkContext<'_>,
+    key: String,
+    e: StoreError,
+) -> RepoError {
+    match e {
+        StoreError::TooLarge { size, .. } => RepoError::ChunkCorrupt {
+            snapshot: at.snapshot.to_string(),
+            index: at.index,
+            offset: at.offset,
+            key,
+            reason: ChunkDecodeError::Size {
+                expected: expected.stored_size,
+                actual: size.unwrap_or(u64::MAX),
+            },
+        },
+        StoreError::NotFound { .. } => RepoError::ChunkMissing {
+            snapshot: at.snapshot.to_string(),
+            index: at.index,
+            offset: at.offset,
+            key,
+        },
+        StoreError::Corrupt {
+            expected: stored,
+            actual: computed,
+            ..
+        } => RepoError::ChunkCorrupt {
+            snapshot: at.snapshot.to_string(),
+            index: at.index,
+            offset: at.offset,
+            key,
+            reason: ChunkDecodeError::StoredCrc { stored, computed },
+        },
+        e if e.kind() == crate::store::ErrorKind::Integrity => RepoError::ChunkCorrupt {
+            snapshot: at.snapshot.to_string(),
+            index: at.index,
+            offset: at.offset,
+            key,
+            reason: ChunkDecodeError::Mismatch(e.to_string()),
+        },
+        e => RepoError::store(format!("reading chunk {key}"), e),
     }
 }
 

@@ -89,7 +89,7 @@ impl Repository {
         let len = body.len() as u64;
         let opts = PutOptions {
             mode: PutMode::IfAbsent,
-            crc32c: Some(crc32c::crc32c(&body)),
+            crc32c: Some(crate::crc::crc32c(&body)),
             defer_sync: true,
         };
         match self

@@ -50,8 +50,8 @@ use rustix::io::Errno;
 use crate::aligned::{self, AlignedBuf, DIRECT_ALIGN};
 
 use super::{
-    ListPage, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, validate_key,
-    validate_prefix,
+    ListPage, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome, StoreError, UncheckedBody,
+    validate_key, validate_prefix,
 };
 
 /// First read of an object file; each read that fills its piece doubles the next.
@@ -455,8 +455,9 @@ fn write_direct(file: &File, prefix: &[u8]) -> io::Result<bool> {
     }
 }
 
-/// Checks the trailer after the first `size` bytes of `data` (a whole object file).
-fn check_trailer(key: &str, data: &[u8], size: usize) -> Result<(), StoreError> {
+/// The crc32c stored in the trailer after the first `size` bytes of `data` (a whole object
+/// file), once the trailer's framing is checked.
+fn stored_crc(key: &str, data: &[u8], size: usize) -> Result<u32, StoreError> {
     let trailer = &data[size..];
     if trailer[..4] != TRAILER_MAGIC {
         return Err(StoreError::Malformed {
@@ -467,16 +468,7 @@ fn check_trailer(key: &str, data: &[u8], size: usize) -> Result<(), StoreError> 
     }
     let mut stored = [0u8; 4];
     stored.copy_from_slice(&trailer[4..]);
-    let expected = u32::from_le_bytes(stored);
-    let actual = crc32c::crc32c(&data[..size]);
-    if expected != actual {
-        return Err(StoreError::Corrupt {
-            key: key.to_string(),
-            expected,
-            actual,
-        });
-    }
-    Ok(())
+    Ok(u32::from_le_bytes(stored))
 }
 
 impl Inner {
@@ -879,6 +871,18 @@ impl Inner {
     /// that its byte `aligned_at` sits at an aligned address (see
     /// [`ObjectStore::get_bounded_aligned`]).
     fn get(&self, key: &str, max_len: u64, aligned_at: Option<usize>) -> Result<Bytes, StoreError> {
+        let read = self.get_unchecked(key, max_len, aligned_at)?;
+        read.into_checked()
+    }
+
+    /// Like [`Inner::get`], leaving the comparison of the body with its stored crc32c to the
+    /// caller (see [`ObjectStore::get_unchecked`]); the trailer's framing is checked here.
+    fn get_unchecked(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<UncheckedBody, StoreError> {
         let io = io_at(key);
         let file = self.open_object(key)?.ok_or_else(|| StoreError::NotFound {
             key: key.to_string(),
@@ -936,15 +940,19 @@ impl Inner {
                 let mut buf = aligned::take(total);
                 let data = &mut buf.resize(total)[pad..];
                 read(data)?;
-                check_trailer(key, data, size)?;
-                Ok(aligned::into_bytes(buf, pad..pad + size))
+                let stored = stored_crc(key, data, size)?;
+                Ok(UncheckedBody::pending(
+                    key,
+                    aligned::into_bytes(buf, pad..pad + size),
+                    stored,
+                ))
             }
             None => {
                 let mut data = vec![0u8; len];
                 read(&mut data)?;
-                check_trailer(key, &data, size)?;
+                let stored = stored_crc(key, &data, size)?;
                 data.truncate(size);
-                Ok(Bytes::from(data))
+                Ok(UncheckedBody::pending(key, Bytes::from(data), stored))
             }
         }
     }
@@ -1092,7 +1100,7 @@ impl ObjectStore for LocalStore {
         validate_key(key)?;
         let k = key.to_string();
         self.blocking(key, move |inner| {
-            inner.put(&k, &body, crc32c::crc32c(&body), mode, true)
+            inner.put(&k, &body, crate::crc::crc32c(&body), mode, true)
         })
         .await
     }
@@ -1109,7 +1117,7 @@ impl ObjectStore for LocalStore {
         }
         let k = key.to_string();
         self.blocking(key, move |inner| {
-            let crc = opts.crc32c.unwrap_or_else(|| crc32c::crc32c(&body));
+            let crc = opts.crc32c.unwrap_or_else(|| crate::crc::crc32c(&body));
             inner.put(&k, &body, crc, opts.mode, !opts.defer_sync)
         })
         .await
@@ -1143,6 +1151,33 @@ impl ObjectStore for LocalStore {
         let k = key.to_string();
         self.blocking(key, move |inner| inner.get(&k, max_len, Some(aligned_at)))
             .await
+    }
+
+    fn reads_now(&self) -> bool {
+        true
+    }
+
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        Some(validate_key(key).and_then(|()| self.inner.get_unchecked(key, max_len, aligned_at)))
+    }
+
+    async fn get_unchecked(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<UncheckedBody, StoreError> {
+        validate_key(key)?;
+        let k = key.to_string();
+        self.blocking(key, move |inner| {
+            inner.get_unchecked(&k, max_len, aligned_at)
+        })
+        .await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

@@ -148,6 +148,51 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
         self.get_bounded(key, max_len).await
     }
 
+    /// Like [`ObjectStore::get_bounded_aligned`] (or [`ObjectStore::get_bounded`] without
+    /// `aligned_at`), but a backend may leave its checksum comparison to the caller: the body
+    /// comes back with the crc32c stored beside it ([`UncheckedBody::pending_crc32c`]), and
+    /// the caller must run [`UncheckedBody::check`] with the crc32c of the bytes before using
+    /// them. For a caller that checksums the body anyway (a chunk's own trailer covers all
+    /// but its last four bytes), this saves a pass over every byte read. The default checks
+    /// as `get_bounded` does and leaves nothing pending, so wrappers that do not forward it
+    /// stay correct.
+    ///
+    /// # Errors
+    /// As [`ObjectStore::get_bounded`]; the checksum comparison itself is the caller's.
+    async fn get_unchecked(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<UncheckedBody, StoreError> {
+        let body = match aligned_at {
+            Some(at) => self.get_bounded_aligned(key, max_len, at).await?,
+            None => self.get_bounded(key, max_len).await?,
+        };
+        Ok(UncheckedBody::verified(body))
+    }
+
+    /// Whether [`ObjectStore::get_unchecked_now`] reads (a local file system: nothing to wait
+    /// for but the disk), so that a caller on a blocking thread can read, check and use an
+    /// object in one task instead of handing each read to another thread first.
+    fn reads_now(&self) -> bool {
+        false
+    }
+
+    /// [`ObjectStore::get_unchecked`] on the calling thread, which may block on disk I/O (call
+    /// it from a blocking task); `None` where the backend cannot (see
+    /// [`ObjectStore::reads_now`]). No retries: a caller that gets a transient error retries
+    /// through [`ObjectStore::get_unchecked`].
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        let _ = (key, max_len, aligned_at);
+        None
+    }
+
     /// Reads bytes `[range.start, range.end)` of the object. A partial read cannot be checked
     /// against the whole-object checksum; callers verify ranges with their own hashes.
     ///
@@ -169,6 +214,70 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 
     /// Removes the object; deleting an absent key succeeds.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// A body read by [`ObjectStore::get_unchecked`], with the checksum comparison the backend
+/// left to the caller (if any).
+#[derive(Debug, Clone)]
+#[must_use = "the body is not checked until `check` is called"]
+pub struct UncheckedBody {
+    /// The bytes read; untrusted until [`UncheckedBody::check`] has passed.
+    pub body: Bytes,
+    key: String,
+    pending: Option<u32>,
+}
+
+impl UncheckedBody {
+    /// A body the backend has already checked: nothing is pending.
+    pub fn verified(body: Bytes) -> Self {
+        UncheckedBody {
+            body,
+            key: String::new(),
+            pending: None,
+        }
+    }
+
+    /// A body read from `key` whose stored crc32c, `stored`, is still to be compared.
+    pub fn pending(key: &str, body: Bytes, stored: u32) -> Self {
+        UncheckedBody {
+            body,
+            key: key.to_string(),
+            pending: Some(stored),
+        }
+    }
+
+    /// The stored crc32c the caller must compare with the body's, or `None` if the backend
+    /// has compared it already.
+    pub fn pending_crc32c(&self) -> Option<u32> {
+        self.pending
+    }
+
+    /// Completes the check with `computed`, the crc32c of all of [`UncheckedBody::body`].
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if it differs from the stored one.
+    pub fn check(&self, computed: u32) -> Result<(), StoreError> {
+        match self.pending {
+            Some(expected) if expected != computed => Err(StoreError::Corrupt {
+                key: self.key.clone(),
+                expected,
+                actual: computed,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The body, checked with a pass of its own if a check is pending (for a caller that
+    /// does not checksum the bytes itself).
+    ///
+    /// # Errors
+    /// As [`UncheckedBody::check`].
+    pub fn into_checked(self) -> Result<Bytes, StoreError> {
+        if self.pending.is_some() {
+            self.check(crate::crc::crc32c(&self.body))?;
+        }
+        Ok(self.body)
+    }
 }
 
 /// How [`ObjectStore::put`] treats an existing object under the same key.

@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError};
+use super::{
+    ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError,
+    UncheckedBody,
+};
 
 /// How often and how patiently to retry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +199,29 @@ impl ObjectStore for RetryingStore {
             s.get_bounded_aligned(key, max_len, aligned_at)
         })
         .await
+    }
+
+    async fn get_unchecked(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<UncheckedBody, StoreError> {
+        self.run(Op::Get, key, |s| s.get_unchecked(key, max_len, aligned_at))
+            .await
+    }
+
+    fn reads_now(&self) -> bool {
+        self.inner.reads_now()
+    }
+
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        self.inner.get_unchecked_now(key, max_len, aligned_at)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

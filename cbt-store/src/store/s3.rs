@@ -10,7 +10,11 @@
 //! crc32c as user metadata `cbt-crc32c`; bodies are sent with an unsigned payload (the
 //! headers, checksum included, are signed; a SHA-256 of the body would only repeat what the
 //! crc32c checks, at a multiple of its cost); a whole-object GET asks for the checksum
-//! (`ChecksumMode::Enabled`) and compares both with the bytes received.
+//! (`ChecksumMode::Enabled`) and compares both with the bytes received. A chunk read
+//! ([`ObjectStore::get_unchecked`]) asks for neither check: the chunk decoder's one crc32c
+//! pass over the body is compared with the `cbt-crc32c` metadata instead, and the SDK's own
+//! response validation (on by default, a pass of its own) is configured to run only where a
+//! request asks for it.
 //!
 //! # Knowing the server
 //! Create-if-absent ([`PutMode::IfAbsent`], S3 `If-None-Match: *`) is what keeps locks
@@ -45,7 +49,8 @@ use aws_sdk_s3::config::interceptors::{
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RuntimeComponents,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, ResponseChecksumValidation,
+    RuntimeComponents,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -57,8 +62,17 @@ use crate::aligned::{self, DIRECT_ALIGN};
 
 use super::{
     ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError,
-    validate_key, validate_prefix,
+    UncheckedBody, validate_key, validate_prefix,
 };
+
+/// A GET's body and the crc32c values stored with the object, not yet compared.
+struct FetchedBody {
+    body: Bytes,
+    /// From the `cbt-crc32c` user metadata.
+    meta_crc: Option<u32>,
+    /// From `x-amz-checksum-crc32c` (only when asked for).
+    wire_crc: Option<u32>,
+}
 
 /// User-metadata name under which the body's crc32c (8 hex digits) is stored.
 pub const CRC_METADATA: &str = "cbt-crc32c";
@@ -173,6 +187,10 @@ pub struct RequestCounts {
     pub delete: u64,
     /// Anything else (`POST`: multipart create and complete).
     pub other: u64,
+    /// Of the object `GET`s, those that asked for the stored checksum
+    /// (`x-amz-checksum-mode: ENABLED`), which the SDK then validates with a crc32c pass of
+    /// its own (a chunk read does not: its bytes are checksummed once, by the decoder).
+    pub get_with_checksum: u64,
 }
 
 impl RequestCounts {
@@ -192,7 +210,7 @@ impl aws_smithy_types::config_bag::Storable for SentRequest {
 
 /// Shared by every clone of one store; one slot per [`RequestCounts`] field.
 #[derive(Debug, Default, Clone)]
-struct RequestCounter(Arc<[AtomicU64; 6]>);
+struct RequestCounter(Arc<[AtomicU64; 7]>);
 
 impl Intercept for RequestCounter {
     fn name(&self) -> &'static str {
@@ -217,6 +235,9 @@ impl Intercept for RequestCounter {
             _ => 5,
         };
         self.0[slot].fetch_add(1, Ordering::Relaxed);
+        if slot == 1 && req.headers().get("x-amz-checksum-mode").is_some() {
+            self.0[6].fetch_add(1, Ordering::Relaxed);
+        }
         tracing::debug!(method = req.method(), %uri, "S3 request");
         // The request itself is gone by the time its answer is seen: keep what names it.
         cfg.interceptor_state()
@@ -249,6 +270,7 @@ impl RequestCounter {
             list: n(3),
             delete: n(4),
             other: n(5),
+            get_with_checksum: n(6),
         }
     }
 }
@@ -349,7 +371,12 @@ impl S3Store {
                 })?;
         }
         let requests = RequestCounter::default();
+        // The SDK's default (`WhenSupported`) asks every GET for the stored checksum and
+        // validates it with a crc32c pass of its own; `WhenRequired` validates only where a
+        // request asks (`get_limited` does). Chunk reads leave it off: their crc32c is
+        // computed once, by the chunk decoder, over every byte (`get_unchecked`).
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
             .force_path_style(cfg.force_path_style)
             .interceptor(requests.clone());
         if sdk.region().is_none() {
@@ -432,7 +459,7 @@ impl S3Store {
     async fn probe(&self) -> Result<(ConditionalWrites, String), StoreError> {
         let put = || {
             let body = Bytes::from_static(PROBE_BODY);
-            let crc = crc32c::crc32c(&body);
+            let crc = crate::crc::crc32c(&body);
             self.put_single(PROBE_KEY, body, crc, PutMode::IfAbsent)
         };
         match put().await {
@@ -642,18 +669,74 @@ impl S3Store {
         max_len: Option<u64>,
         aligned_at: Option<usize>,
     ) -> Result<Bytes, StoreError> {
+        let got = self.get_body(key, max_len, aligned_at, true).await?;
+        let actual = crate::crc::crc32c(&got.body);
+        for expected in [got.meta_crc, got.wire_crc].into_iter().flatten() {
+            if expected != actual {
+                return Err(StoreError::Corrupt {
+                    key: key.to_string(),
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(got.body)
+    }
+
+    /// Whole-object GET whose crc32c comparison is the caller's (see
+    /// [`ObjectStore::get_unchecked`]). The response checksum is not asked for: the SDK would
+    /// validate it with a crc32c pass of its own over the same bytes the caller checksums,
+    /// so the body's stored crc32c comes from the `cbt-crc32c` metadata every put writes.
+    async fn get_unchecked_body(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<UncheckedBody, StoreError> {
+        let got = self.get_body(key, Some(max_len), aligned_at, false).await?;
+        match (got.meta_crc, got.wire_crc) {
+            (Some(meta), Some(wire)) if meta != wire => Err(StoreError::Malformed {
+                key: key.to_string(),
+                reason: format!(
+                    "the object's stored checksums disagree: metadata {meta:#010x}, \
+                     x-amz-checksum-crc32c {wire:#010x}"
+                ),
+            }),
+            (Some(crc), _) | (None, Some(crc)) => Ok(UncheckedBody::pending(key, got.body, crc)),
+            // `get_body` refuses an object without either.
+            (None, None) => Err(StoreError::Malformed {
+                key: key.to_string(),
+                reason: "object carries no crc32c (not written by this tool?)".into(),
+            }),
+        }
+    }
+
+    /// The body of a whole-object GET with the crc32c values stored beside it (at least
+    /// one), nothing compared yet. With `wire_checksum`, the server is asked for the
+    /// checksum it stored (`x-amz-checksum-mode: ENABLED`), which the SDK then validates
+    /// against the body as it streams in.
+    async fn get_body(
+        &self,
+        key: &str,
+        max_len: Option<u64>,
+        aligned_at: Option<usize>,
+        wire_checksum: bool,
+    ) -> Result<FetchedBody, StoreError> {
         validate_key(key)?;
         let too_large = |size| StoreError::TooLarge {
             key: key.to_string(),
             size,
             limit: max_len.unwrap_or(u64::MAX),
         };
-        let out = self
+        let mut req = self
             .client
             .get_object()
             .bucket(&self.cfg.bucket)
-            .key(self.full_key(key))
-            .checksum_mode(ChecksumMode::Enabled)
+            .key(self.full_key(key));
+        if wire_checksum {
+            req = req.checksum_mode(ChecksumMode::Enabled);
+        }
+        let out = req
             .send()
             .await
             .map_err(|e| self.classify(Op::Get, key, e))?;
@@ -723,23 +806,17 @@ impl S3Store {
             Some((b, pad, end)) => aligned::into_bytes(b, pad..end),
             None => buf.freeze(),
         };
-        let actual = crc32c::crc32c(&body);
         if meta_crc.or(wire_crc).is_none() {
             return Err(StoreError::Malformed {
                 key: key.to_string(),
                 reason: "object carries no crc32c (not written by this tool?)".into(),
             });
         }
-        for expected in [meta_crc, wire_crc].into_iter().flatten() {
-            if expected != actual {
-                return Err(StoreError::Corrupt {
-                    key: key.to_string(),
-                    expected,
-                    actual,
-                });
-            }
-        }
-        Ok(body)
+        Ok(FetchedBody {
+            body,
+            meta_crc,
+            wire_crc,
+        })
     }
 
     async fn put_single(
@@ -826,7 +903,7 @@ impl S3Store {
         for (i, start) in (0..body.len()).step_by(part_size).enumerate() {
             let part = body.slice(start..(start + part_size).min(body.len()));
             let number = i as i32 + 1;
-            let part_crc = crc_b64(crc32c::crc32c(&part));
+            let part_crc = crc_b64(crate::crc::crc32c(&part));
             let out = self
                 .client
                 .upload_part()
@@ -971,7 +1048,7 @@ impl ObjectStore for S3Store {
                 debug_assert_eq!(crc, crc32c::crc32c(&body), "put_with: wrong crc32c");
                 crc
             }
-            None => crc32c::crc32c(&body),
+            None => crate::crc::crc32c(&body),
         };
         if mode == PutMode::IfAbsent {
             let (found, detail) = self.conditional_answer().await?;
@@ -1004,6 +1081,15 @@ impl ObjectStore for S3Store {
         aligned_at: usize,
     ) -> Result<Bytes, StoreError> {
         self.get_limited(key, Some(max_len), Some(aligned_at)).await
+    }
+
+    async fn get_unchecked(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Result<UncheckedBody, StoreError> {
+        self.get_unchecked_body(key, max_len, aligned_at).await
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {

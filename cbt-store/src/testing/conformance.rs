@@ -84,6 +84,42 @@ pub async fn bounded_get(store: &dyn ObjectStore) {
             "get_bounded_aligned below the size must be TooLarge"
         );
     }
+    // The unchecked read: same bytes and limit; whatever check it leaves pending is the
+    // body's stored crc32c, and a wrong one is refused as `Corrupt`.
+    for aligned_at in [None, Some(0), Some(48), Some(4095)] {
+        let read = store
+            .get_unchecked(key, 4096, aligned_at)
+            .await
+            .expect("unchecked get at the exact limit");
+        assert_eq!(
+            read.body, data,
+            "get_unchecked({aligned_at:?}) returns the body"
+        );
+        let crc = crc32c::crc32c(&data);
+        if let Some(pending) = read.pending_crc32c() {
+            assert_eq!(pending, crc, "the pending crc32c is the body's stored one");
+            assert!(
+                matches!(read.check(crc ^ 1), Err(StoreError::Corrupt { .. })),
+                "a pending check refuses a wrong crc32c"
+            );
+        }
+        read.check(crc).expect("the right crc32c passes");
+        assert_eq!(read.into_checked().expect("into_checked"), data);
+        assert!(
+            matches!(
+                store.get_unchecked(key, 4095, aligned_at).await,
+                Err(StoreError::TooLarge { .. })
+            ),
+            "get_unchecked below the size must be TooLarge"
+        );
+    }
+    assert!(
+        matches!(
+            store.get_unchecked("conf/bounded/missing", 10, None).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "get_unchecked of a missing key is NotFound"
+    );
     match store.get_bounded(key, 4095).await {
         Err(e @ StoreError::TooLarge { .. }) => {
             assert_eq!(
