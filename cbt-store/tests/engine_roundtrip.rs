@@ -12,7 +12,10 @@ use cbt_store::engine::{
     self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
 };
 use cbt_store::repo::{PruneOptions, RepoError, VerifyOptions};
-use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutOptions, StoreError};
+use cbt_store::store::{
+    ErrorKind, ListPage, LocalStore, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome,
+    StoreError,
+};
 use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
