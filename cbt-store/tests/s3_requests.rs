@@ -120,6 +120,8 @@ async fn opening_a_repository_costs_two_sequential_round_trips() {
             list: 1,
             put: 1,
             get: 1,
+            // The config is metadata: its read asks for the stored checksum (chunks do not).
+            get_with_checksum: 1,
             ..RequestCounts::default()
         }
     );
