@@ -22,10 +22,6 @@ use engine_support::local_repo;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const CHUNK: u64 = 4 * KIB;
-/// The full-backup bound (results waiting, open leaf, unstored leaves) plus the parent's
-/// window: leaves spanning the reordered chunks (at most 2), the one the fold waits in, and
-/// the walk's read-ahead.
-const BOUND: u64 = 8 + 10 * 128 + (LEAF_WINDOW as u64 + 4) * 128;
 
 fn opts() -> EngineOptions {
     EngineOptions {
@@ -54,6 +50,47 @@ async fn run(
     engine::backup(repo, Arc::new(source.clone()), req, &opts())
         .await
         .unwrap()
+}
+
+/// A full backup of `src` without a parent.
+async fn full(
+    repo: &Repository,
+    volume: &VolumeName,
+    name: &str,
+    src: &SyntheticSource,
+) -> BackupOutcome {
+    run(
+        repo,
+        volume,
+        name,
+        src,
+        BackupMode::Full { allocated: None },
+    )
+    .await
+}
+
+/// Snapshot `c`: a full backup of `child` with `parent`'s snapshot as its parent.
+async fn with_parent(
+    repo: &Repository,
+    volume: &VolumeName,
+    child: &SyntheticSource,
+    parent: &BackupOutcome,
+    allocated: Option<RangeSet>,
+) -> BackupOutcome {
+    let mode = BackupMode::FullWithParent {
+        allocated,
+        parent: parent.head.as_parent(),
+    };
+    run(repo, volume, "c", child, mode).await
+}
+
+/// The backup held at most `bound` map entries at once.
+fn assert_within(out: &BackupOutcome, bound: u64) {
+    assert!(
+        out.map_entries_peak <= bound,
+        "{} entries held, bound {bound}",
+        out.map_entries_peak
+    );
 }
 
 fn ranges(list: &[(u64, u64)]) -> RangeSet {
@@ -117,29 +154,11 @@ async fn full_with_parent_holds_a_bounded_window_of_both_maps_and_uploads_only_c
         assert_eq!(out.stats.bytes_changed, changed_chunks * CHUNK);
         let stored = out.stats.chunks_read - out.stats.chunks_zero;
         assert_eq!(out.stats.chunks_deduplicated, stored - changed_chunks);
-        assert!(
-            out.map_entries_peak <= BOUND,
-            "{size}: {} entries held, bound {BOUND}",
-            out.map_entries_peak
-        );
+        assert_within(&out, peak_bound(&opts()));
         peaks.push((out.map_entries_peak, stored));
 
         // The map written is the child's: the restore is the child's image.
-        let target = dir.path().join(format!("child{k}.img"));
-        engine::restore(
-            &repo,
-            &volume,
-            &SnapshotName::new("child").unwrap(),
-            &target,
-            &RestoreOptions::default(),
-            &EngineOptions::default(),
-        )
-        .await
-        .unwrap();
-        let got = std::fs::read(&target).unwrap();
-        let mut want = vec![0u8; size as usize];
-        child_src.read_exact_at(&mut want, 0).unwrap();
-        assert!(got == want, "{size}: restored image differs");
+        assert_restores(&repo, dir.path(), &volume, "child", &child_src).await;
     }
     // 2x the volume, not 2x the entries; the larger one holds well under half its map.
     assert!(peaks[1].0 < 2 * peaks[0].0, "{peaks:?}");
@@ -155,14 +174,7 @@ async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link()
     let volume = VolumeName::new("v").unwrap();
     let size = 3 * MIB;
     let src = SyntheticSource::new(size, RangeSet::full(size));
-    let parent = run(
-        &repo,
-        &volume,
-        "p",
-        &src,
-        BackupMode::Full { allocated: None },
-    )
-    .await;
+    let parent = full(&repo, &volume, "p", &src).await;
     let child_src = src.rewritten(ranges(&[(MIB, CHUNK)]), 7);
     let req = BackupRequest {
         volume: volume.clone(),
@@ -186,20 +198,7 @@ async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link()
     assert_eq!(out.metadata.parent_segments_read, 0);
     // Nothing compares by index across chunk sizes: every chunk counts as changed.
     assert_eq!(out.stats.bytes_changed, size);
-    let target = dir.path().join("c.img");
-    engine::restore(
-        &repo,
-        &volume,
-        &SnapshotName::new("c").unwrap(),
-        &target,
-        &RestoreOptions::default(),
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
-    let mut want = vec![0u8; size as usize];
-    child_src.read_exact_at(&mut want, 0).unwrap();
-    assert!(std::fs::read(&target).unwrap() == want);
+    assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
 }
 
 /// A repository of 4 KiB chunks in `dir`.
@@ -257,29 +256,19 @@ async fn full_with_a_grown_parent_streams_and_uploads_only_what_differs() {
     let volume = VolumeName::new("grown").unwrap();
     let old = 2 * MIB + 1000;
     let parent_src = SyntheticSource::new(old, RangeSet::full(old));
-    let parent = run(
-        &repo,
-        &volume,
-        "p",
-        &parent_src,
-        BackupMode::Full { allocated: None },
-    )
-    .await;
+    let parent = full(&repo, &volume, "p", &parent_src).await;
     assert_eq!(parent.stats.objects_written, 2 * MIB / CHUNK + 1);
     // The same bytes below the old end (content depends on the offset only), data up to
     // 3 MiB and in the last 512 KiB, a hole between; one chunk rewritten below the old end.
     let new = 4 * MIB;
     let child_src = SyntheticSource::new(new, ranges(&[(0, 3 * MIB), (new - MIB / 2, MIB / 2)]))
         .rewritten(ranges(&[(10 * CHUNK, CHUNK)]), 3);
-    let out = run(
+    let out = with_parent(
         &repo,
         &volume,
-        "c",
         &child_src,
-        BackupMode::FullWithParent {
-            allocated: Some(child_src.allocated().clone()),
-            parent: parent.head.as_parent(),
-        },
+        &parent,
+        Some(child_src.allocated().clone()),
     )
     .await;
     assert!(out.manifest.is_none(), "the parent was read in a window");
@@ -296,11 +285,7 @@ async fn full_with_a_grown_parent_streams_and_uploads_only_what_differs() {
     assert_eq!(out.stats.bytes_deduplicated, (below - 1) * CHUNK);
     assert_eq!(out.stats.bytes_changed, uploaded * CHUNK);
     let bound = peak_bound(&opts());
-    assert!(
-        out.map_entries_peak <= bound,
-        "{} > {bound}",
-        out.map_entries_peak
-    );
+    assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
     assert_restores(&repo, dir.path(), &volume, "p", &parent_src).await;
 }
@@ -314,28 +299,11 @@ async fn full_with_a_shrunk_parent_streams_and_stops_at_the_new_end() {
     let volume = VolumeName::new("shrunk").unwrap();
     let old = 4 * MIB;
     let parent_src = SyntheticSource::new(old, RangeSet::full(old));
-    let parent = run(
-        &repo,
-        &volume,
-        "p",
-        &parent_src,
-        BackupMode::Full { allocated: None },
-    )
-    .await;
+    let parent = full(&repo, &volume, "p", &parent_src).await;
     let new = 2 * MIB + 1000;
     let child_src = SyntheticSource::new(new, RangeSet::full(new))
         .rewritten(ranges(&[(3 * CHUNK, CHUNK), (500 * CHUNK, 10)]), 4);
-    let out = run(
-        &repo,
-        &volume,
-        "c",
-        &child_src,
-        BackupMode::FullWithParent {
-            allocated: None,
-            parent: parent.head.as_parent(),
-        },
-    )
-    .await;
+    let out = with_parent(&repo, &volume, &child_src, &parent, None).await;
     assert!(out.manifest.is_none(), "the parent was read in a window");
     assert_eq!(out.head.volume_size(), new);
     let whole = 2 * MIB / CHUNK;
@@ -348,11 +316,7 @@ async fn full_with_a_shrunk_parent_streams_and_stops_at_the_new_end() {
     let framing = cbt_store::chunk::OVERHEAD as u64;
     assert_eq!(out.stats.bytes_uploaded, 2 * CHUNK + 1000 + 3 * framing);
     let bound = peak_bound(&opts());
-    assert!(
-        out.map_entries_peak <= bound,
-        "{} > {bound}",
-        out.map_entries_peak
-    );
+    assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
 }
 
@@ -369,24 +333,14 @@ async fn full_with_parent_reports_the_peak_of_both_maps_held_together() {
     // 14 leaves of the parent over what the child skips, 2 of the child's after them.
     let (size, split) = (8 * MIB, 7 * MIB);
     let parent_src = SyntheticSource::new(size, ranges(&[(0, split)]));
-    let parent = run(
-        &repo,
-        &volume,
-        "p",
-        &parent_src,
-        BackupMode::Full { allocated: None },
-    )
-    .await;
+    let parent = full(&repo, &volume, "p", &parent_src).await;
     let child_src = SyntheticSource::new(size, ranges(&[(split, size - split)]));
-    let out = run(
+    let out = with_parent(
         &repo,
         &volume,
-        "c",
         &child_src,
-        BackupMode::FullWithParent {
-            allocated: Some(child_src.allocated().clone()),
-            parent: parent.head.as_parent(),
-        },
+        &parent,
+        Some(child_src.allocated().clone()),
     )
     .await;
     let read = (size - split) / CHUNK;
@@ -398,11 +352,7 @@ async fn full_with_parent_reports_the_peak_of_both_maps_held_together() {
     let fold = ahead + (LEAF_WINDOW as u64 + 2) * LEAF_SPAN;
     let window = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
     let bound = fold.max(window) + LEAF_SPAN;
-    assert!(
-        out.map_entries_peak <= bound,
-        "{} entries held, bound {bound}",
-        out.map_entries_peak
-    );
+    assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
 }
 
@@ -422,14 +372,7 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
     let volume = VolumeName::new("stall").unwrap();
     let size = 8 * MIB;
     let parent_src = SyntheticSource::new(size, RangeSet::full(size));
-    let parent = run(
-        &repo,
-        &volume,
-        "p",
-        &parent_src,
-        BackupMode::Full { allocated: None },
-    )
-    .await;
+    let parent = full(&repo, &volume, "p", &parent_src).await;
     let child_src = parent_src.rewritten(ranges(&[(0, CHUNK)]), 5);
     faulty.add_rule(
         FaultRule::new(
@@ -439,17 +382,7 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
         )
         .on_keys_containing("chunks/"),
     );
-    let out = run(
-        &repo,
-        &volume,
-        "c",
-        &child_src,
-        BackupMode::FullWithParent {
-            allocated: None,
-            parent: parent.head.as_parent(),
-        },
-    )
-    .await;
+    let out = with_parent(&repo, &volume, &child_src, &parent, None).await;
     assert_eq!(
         faulty.injected(),
         1,
@@ -458,11 +391,7 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
     assert_eq!(out.stats.objects_written, 1);
     assert_eq!(out.stats.chunks_deduplicated, size / CHUNK - 1);
     let bound = peak_bound(&opts());
-    assert!(
-        out.map_entries_peak <= bound,
-        "{} entries held behind the stalled upload, bound {bound}",
-        out.map_entries_peak
-    );
+    assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "c", &child_src).await;
 }
 
@@ -479,14 +408,7 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     // 4,097 chunks: 33 leaves, the last one holding a partial chunk.
     let old = 16 * MIB + 1000;
     let first = SyntheticSource::new(old, RangeSet::full(old));
-    let p = run(
-        &repo,
-        &volume,
-        "p",
-        &first,
-        BackupMode::Full { allocated: None },
-    )
-    .await;
+    let p = full(&repo, &volume, "p", &first).await;
     let parent_head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
 
     // Grown by 1 MiB (data in its first half); two chunks rewritten below the old end.
@@ -516,11 +438,7 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     assert_eq!(out.stats.objects_written, 2 + 1 + data_past);
     assert_eq!(out.stats.bytes_changed, (2 + 1 + data_past) * CHUNK);
     let bound = peak_bound(&opts());
-    assert!(
-        out.map_entries_peak <= bound,
-        "{} > {bound}",
-        out.map_entries_peak
-    );
+    assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "g", &grown).await;
 
     // Shrunk below the old size, ending in a partial chunk; one more chunk rewritten (the
@@ -550,11 +468,7 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     assert_eq!(out.stats.chunks_read, 4);
     assert_eq!(out.stats.objects_written, 4);
     assert_eq!(out.stats.bytes_changed, 3 * CHUNK + 10);
-    assert!(
-        out.map_entries_peak <= bound,
-        "{} > {bound}",
-        out.map_entries_peak
-    );
+    assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "s", &shrunk).await;
     assert_restores(&repo, dir.path(), &volume, "p", &first).await;
 }
