@@ -36,17 +36,8 @@ fn restore_task() -> RestoreTask {
     }
 }
 
-/// A snapshot whose format-2 map spans many leaves, backed up by the mover from `src`.
-async fn backed_up(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let src = dir.join("src.img");
-    let f = std::fs::File::create(&src).unwrap();
-    f.set_len(CHUNKS * CHUNK).unwrap();
-    for i in 0..CHUNKS {
-        if i % 5 != 2 {
-            f.write_all_at(&(i + 1).to_le_bytes(), i * CHUNK + 100)
-                .unwrap();
-        }
-    }
+/// A `file://` repository of `CHUNK`-sized chunks in `dir/repo`.
+async fn init_repo(dir: &Path) -> std::path::PathBuf {
     let repo = dir.join("repo");
     let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&repo).unwrap());
     Repository::init(
@@ -58,15 +49,36 @@ async fn backed_up(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     )
     .await
     .unwrap();
-    let backup = MoverTask::Backup(Box::new(BackupTask {
-        volume: "ns-db".into(),
-        snapshot: "s1".into(),
+    repo
+}
+
+/// A backup of `volume` as `snapshot` without a metadata service (a full read, against the
+/// volume's last snapshot if it has one).
+fn backup_task(volume: &str, snapshot: &str) -> MoverTask {
+    MoverTask::Backup(Box::new(BackupTask {
+        volume: volume.into(),
+        snapshot: snapshot.into(),
         metadata: None,
         fallback_full: true,
         source: Default::default(),
         labels: Default::default(),
         compression_level: 1,
-    }));
+    }))
+}
+
+/// A snapshot whose format-2 map spans many leaves, backed up by the mover from `src`.
+async fn backed_up(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let src = dir.join("src.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(CHUNKS * CHUNK).unwrap();
+    for i in 0..CHUNKS {
+        if i % 5 != 2 {
+            f.write_all_at(&(i + 1).to_le_bytes(), i * CHUNK + 100)
+                .unwrap();
+        }
+    }
+    let repo = init_repo(dir).await;
+    let backup = backup_task("ns-db", "s1");
     let r = mover::run(&spec(&repo, &src, backup), Timestamp::from_unix_secs(2))
         .await
         .unwrap();
@@ -183,28 +195,8 @@ async fn a_backup_without_metadata_service_streams_against_its_parent_and_upload
         image[at..at + 8].copy_from_slice(&(i % 64 + 1).to_le_bytes());
     }
     f.write_all_at(&image, 0).unwrap();
-    let repo = t.path().join("repo");
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(&repo).unwrap());
-    Repository::init(
-        store,
-        InitOptions {
-            chunk_size: Some(CHUNK),
-            now: Timestamp::from_unix_secs(1),
-        },
-    )
-    .await
-    .unwrap();
-    let backup = |snapshot: &str| {
-        MoverTask::Backup(Box::new(BackupTask {
-            volume: "ns-big".into(),
-            snapshot: snapshot.into(),
-            metadata: None,
-            fallback_full: true,
-            source: Default::default(),
-            labels: Default::default(),
-            compression_level: 1,
-        }))
-    };
+    let repo = init_repo(t.path()).await;
+    let backup = |snapshot: &str| backup_task("ns-big", snapshot);
     let first = mover::run(
         &spec(&repo, &device, backup("b1")),
         Timestamp::from_unix_secs(2),
