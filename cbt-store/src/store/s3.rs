@@ -238,10 +238,13 @@ impl Intercept for RequestCounter {
         if slot == 1 && req.headers().get("x-amz-checksum-mode").is_some() {
             self.0[6].fetch_add(1, Ordering::Relaxed);
         }
-        tracing::debug!(method = req.method(), %uri, "S3 request");
-        // The request itself is gone by the time its answer is seen: keep what names it.
-        cfg.interceptor_state()
-            .store_put(SentRequest(format!("{} {uri}", req.method())));
+        // Only for the debug log: no string per request otherwise.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(method = req.method(), %uri, "S3 request");
+            // The request itself is gone by the time its answer is seen: keep what names it.
+            cfg.interceptor_state()
+                .store_put(SentRequest(format!("{} {uri}", req.method())));
+        }
         Ok(())
     }
 
@@ -253,9 +256,11 @@ impl Intercept for RequestCounter {
         _components: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), aws_sdk_s3::error::BoxError> {
-        let status = context.response().map(|r| r.status().as_u16());
-        let sent = cfg.load::<SentRequest>().map_or("?", |s| s.0.as_str());
-        tracing::debug!(request = sent, ?status, "S3 answer");
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let status = context.response().map(|r| r.status().as_u16());
+            let sent = cfg.load::<SentRequest>().map_or("?", |s| s.0.as_str());
+            tracing::debug!(request = sent, ?status, "S3 answer");
+        }
         Ok(())
     }
 }
