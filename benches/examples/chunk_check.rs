@@ -47,7 +47,7 @@ fn main() -> Res<()> {
     if chunks.is_empty() {
         return Err("the image holds no data".into());
     }
-    let stored: u64 = chunks.iter().map(|(_, b)| b.body.len() as u64).sum();
+    let stored: u64 = chunks.iter().map(|(_, b)| b.len() as u64).sum();
     let raw: u64 = chunks.iter().map(|(r, _)| r.raw_len).sum();
     let at = ChunkContext {
         snapshot: "bench/chunk_check",

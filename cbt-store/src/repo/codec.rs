@@ -52,10 +52,8 @@ impl From<Bytes> for FetchedChunk {
 
 impl From<UncheckedBody> for FetchedChunk {
     fn from(read: UncheckedBody) -> Self {
-        FetchedChunk {
-            stored_crc: read.pending_crc32c(),
-            body: read.body,
-        }
+        let (body, stored_crc) = read.into_parts();
+        FetchedChunk { body, stored_crc }
     }
 }
 

@@ -221,8 +221,10 @@ pub trait ObjectStore: Send + Sync + fmt::Debug + 'static {
 #[derive(Debug, Clone)]
 #[must_use = "the body is not checked until `check` is called"]
 pub struct UncheckedBody {
-    /// The bytes read; untrusted until [`UncheckedBody::check`] has passed.
-    pub body: Bytes,
+    /// The bytes read; untrusted until [`UncheckedBody::check`] has passed, so only the
+    /// crate's decoders (which compare the checksum in their own pass) take them out
+    /// unchecked.
+    body: Bytes,
     key: String,
     pending: Option<u32>,
 }
@@ -246,13 +248,29 @@ impl UncheckedBody {
         }
     }
 
+    /// Bytes read.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether no byte was read.
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// The bytes and the stored crc32c still to compare with them, for a decoder that
+    /// compares it in its own pass over the bytes.
+    pub(crate) fn into_parts(self) -> (Bytes, Option<u32>) {
+        (self.body, self.pending)
+    }
+
     /// The stored crc32c the caller must compare with the body's, or `None` if the backend
     /// has compared it already.
     pub fn pending_crc32c(&self) -> Option<u32> {
         self.pending
     }
 
-    /// Completes the check with `computed`, the crc32c of all of [`UncheckedBody::body`].
+    /// Completes the check with `computed`, the crc32c of all the bytes read.
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] if it differs from the stored one.
