@@ -19,18 +19,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cbt_core::manifest::{MapLocation, StoredManifest};
-use cbt_core::maptree::{LEAF_SPAN, TreeShape};
+use cbt_core::manifest::StoredManifest;
 use cbt_core::{ChunkGeometry, ChunkRef, Manifest};
 use futures::{Stream, TryStreamExt};
 use serde::Serialize;
 
-use crate::repo::{Codec, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, Repository};
+use crate::repo::{Codec, EntryGauge, HeldLeaf, RepoError, Repository};
 
-/// Most chunk-map entries [`verify_target_stored`] holds at once for a format-2 map: the
-/// leaves read ahead ([`LEAF_WINDOW`]) and the one being compared, each at most
-/// [`LEAF_SPAN`] entries.
-pub const READ_BACK_ENTRIES: u64 = (LEAF_WINDOW as u64 + 1) * LEAF_SPAN;
+/// Most chunk-map entries [`verify_target_stored`] holds at once for a format-2 map: it walks
+/// the map as [`Repository::verify`] does (the leaves read ahead and the one being compared),
+/// so the bound is [`crate::repo::VERIFY_MAP_ENTRIES`].
+pub const READ_BACK_ENTRIES: u64 = crate::repo::VERIFY_MAP_ENTRIES;
 
 /// Result of [`verify_target`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -142,35 +141,10 @@ pub async fn verify_target_stored(
             source,
         }
     })?;
-    let mut report = match stored {
-        StoredManifest::V1(m) => {
-            gauge.hold_whole(m.chunks.stored_count());
-            let geometry = *m.chunks.geometry();
-            // Copies of a leaf's worth of entries at a time: the map itself is the caller's.
-            let mut entries = m.chunks.iter_stored().map(|(i, r)| (i, *r)).peekable();
-            let g = gauge.clone();
-            let leaves = futures::stream::iter(std::iter::from_fn(move || {
-                entries.peek()?;
-                let leaf: Vec<_> = entries.by_ref().take(LEAF_SPAN as usize).collect();
-                Some(Ok(HeldLeaf::new(leaf, g.clone())))
-            }));
-            reader.compare_in_order(geometry, leaves).await?
-        }
-        StoredManifest::V2(head) => {
-            let MapLocation::Tree { root } = head.map else {
-                return Err(RepoError::Internal {
-                    message: "a format-2 head without a tree".into(),
-                });
-            };
-            let leaves = repo.leaves_in_order(
-                TreeShape::new(head.geometry),
-                root,
-                LEAF_WINDOW,
-                gauge.clone(),
-            );
-            reader.compare_in_order(head.geometry, leaves).await?
-        }
-    };
+    let leaves = repo.stored_leaves(stored, &gauge)?;
+    let mut report = reader
+        .compare_in_order(stored.head().geometry, leaves)
+        .await?;
     report.map_entries_peak = gauge.peak();
     Ok(report)
 }

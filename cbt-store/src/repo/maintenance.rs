@@ -24,7 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{
-    ChunkContext, EntryGauge, HeldLeaf, LEAF_WINDOW, RepoError, RepoLock, Repository, Result,
+    ChunkContext, EntryGauge, LEAF_WINDOW, RepoError, RepoLock, Repository, Result,
     SnapshotSummary, manifest_key, segment_key, stored_chunks,
 };
 use crate::chunk;
@@ -468,37 +468,7 @@ impl Repository {
             report.snapshots += 1;
             let name: std::sync::Arc<str> = format!("{v}/{s}").into();
             let geometry = stored.head().geometry;
-            let leaves = match &stored {
-                StoredManifest::V1(m) => {
-                    // Held whole already (bounded by its own object): handed out a leaf's
-                    // worth of copies at a time.
-                    gauge.hold_whole(m.chunks.stored_count());
-                    let mut entries = m.chunks.iter_stored().map(|(i, r)| (i, *r)).peekable();
-                    let g = gauge.clone();
-                    futures::stream::iter(std::iter::from_fn(move || {
-                        entries.peek()?;
-                        let leaf: Vec<_> = entries.by_ref().take(LEAF_SPAN as usize).collect();
-                        Some(Ok(HeldLeaf::new(leaf, g.clone())))
-                    }))
-                    .boxed()
-                }
-                StoredManifest::V2(head) => match head.map {
-                    MapLocation::Tree { root } => self
-                        .leaves_in_order(
-                            TreeShape::new(head.geometry),
-                            root,
-                            LEAF_WINDOW,
-                            gauge.clone(),
-                        )
-                        .boxed(),
-                    MapLocation::Inline => {
-                        return Err(RepoError::Internal {
-                            message: "a format-2 head without a tree".into(),
-                        });
-                    }
-                },
-            };
-            let mut leaves = leaves;
+            let mut leaves = self.stored_leaves(&stored, &gauge)?;
             loop {
                 let leaf = match leaves.try_next().await {
                     Ok(Some(leaf)) => leaf,

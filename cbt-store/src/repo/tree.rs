@@ -442,6 +442,50 @@ impl Drop for HeldLeaf {
 }
 
 impl Repository {
+    /// The stored chunks of a snapshot's map in ascending index order, a leaf's worth at a
+    /// time: a format-2 map's leaves as [`Repository::leaves_in_order`] walks them
+    /// ([`LEAF_WINDOW`] read ahead), a format-1 map (already held whole, bounded by its own
+    /// object, counted in `gauge` as held) as copies of 128 entries at a time.
+    ///
+    /// # Errors
+    /// [`RepoError::Internal`] for a format-2 head without a tree (loading refuses one).
+    pub(crate) fn stored_leaves<'a>(
+        &self,
+        stored: &'a cbt_core::manifest::StoredManifest,
+        gauge: &std::sync::Arc<EntryGauge>,
+    ) -> Result<futures::stream::BoxStream<'a, Result<HeldLeaf>>> {
+        use cbt_core::manifest::StoredManifest;
+        match stored {
+            StoredManifest::V1(m) => {
+                gauge.hold_whole(m.chunks.stored_count());
+                let mut entries = m.chunks.iter_stored().map(|(i, r)| (i, *r)).peekable();
+                let g = gauge.clone();
+                let leaves = std::iter::from_fn(move || {
+                    entries.peek()?;
+                    let leaf: Vec<_> = entries
+                        .by_ref()
+                        .take(cbt_core::maptree::LEAF_SPAN as usize)
+                        .collect();
+                    Some(Ok(HeldLeaf::new(leaf, g.clone())))
+                });
+                Ok(futures::stream::iter(leaves).boxed())
+            }
+            StoredManifest::V2(head) => match head.map {
+                MapLocation::Tree { root } => Ok(self
+                    .leaves_in_order(
+                        TreeShape::new(head.geometry),
+                        root,
+                        LEAF_WINDOW,
+                        gauge.clone(),
+                    )
+                    .boxed()),
+                MapLocation::Inline => Err(RepoError::Internal {
+                    message: "a format-2 head without a tree".into(),
+                }),
+            },
+        }
+    }
+
     /// Walks a format-2 tree's leaves in ascending index order, holding the open nodes of one
     /// path (at most `root level · 128` references) and at most `window` decoded leaves read
     /// ahead (each at most 128 entries), whatever the volume size. Every leaf is read and
