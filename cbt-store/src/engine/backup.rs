@@ -250,25 +250,10 @@ pub async fn backup(
             parent: head,
             changed,
         } => {
-            if head.volume != req.volume {
-                return Err(RepoError::InvalidRequest {
-                    reason: format!(
-                        "parent {}/{} belongs to another volume than {}",
-                        head.volume, head.snapshot, req.volume
-                    ),
-                });
-            }
+            check_incremental_parent(&req, &head.volume, &head.snapshot, head.chunk_size())?;
             if head.snapshot == req.snapshot {
                 return Err(RepoError::InvalidRequest {
                     reason: format!("snapshot {} cannot be its own parent", req.snapshot),
-                });
-            }
-            if let Some(cs) = req.chunk_size.filter(|cs| *cs != head.chunk_size()) {
-                return Err(RepoError::InvalidRequest {
-                    reason: format!(
-                        "chunk size {cs} differs from the parent's {}; an incremental keeps its parent's chunk size",
-                        head.chunk_size()
-                    ),
                 });
             }
             let in_ranges = changed.clip(volume_size).total_bytes();
@@ -278,22 +263,7 @@ pub async fn backup(
             )
         }
         BackupMode::Incremental { parent, changed } => {
-            if parent.volume != req.volume {
-                return Err(RepoError::InvalidRequest {
-                    reason: format!(
-                        "parent {}/{} belongs to another volume than {}",
-                        parent.volume, parent.snapshot, req.volume
-                    ),
-                });
-            }
-            if let Some(cs) = req.chunk_size.filter(|cs| *cs != parent.chunk_size()) {
-                return Err(RepoError::InvalidRequest {
-                    reason: format!(
-                        "chunk size {cs} differs from the parent's {}; an incremental keeps its parent's chunk size",
-                        parent.chunk_size()
-                    ),
-                });
-            }
+            check_incremental_parent(&req, &parent.volume, &parent.snapshot, parent.chunk_size())?;
             let in_ranges = changed.clip(volume_size).total_bytes();
             (
                 BackupPlan::incremental(parent, changed, volume_size)?,
@@ -455,6 +425,32 @@ impl ParentView<'_> {
             ParentView::Window(w) => w.shape.geometry().chunk_size(),
         }
     }
+}
+
+/// An incremental's parent must be a snapshot of the same volume, and a chunk size given
+/// with the request must be the parent's (an incremental keeps it).
+fn check_incremental_parent(
+    req: &BackupRequest,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    chunk_size: u64,
+) -> Result<()> {
+    if *volume != req.volume {
+        return Err(RepoError::InvalidRequest {
+            reason: format!(
+                "parent {volume}/{snapshot} belongs to another volume than {}",
+                req.volume
+            ),
+        });
+    }
+    if let Some(cs) = req.chunk_size.filter(|cs| *cs != chunk_size) {
+        return Err(RepoError::InvalidRequest {
+            reason: format!(
+                "chunk size {cs} differs from the parent's {chunk_size}; an incremental keeps its parent's chunk size"
+            ),
+        });
+    }
+    Ok(())
 }
 
 type LeafStream = futures::stream::BoxStream<'static, Result<HeldLeaf>>;
