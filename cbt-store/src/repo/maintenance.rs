@@ -284,12 +284,7 @@ impl ChunkTable {
     /// Lists `chunks/` a page at a time into the table.
     async fn list(store: &dyn ObjectStore) -> Result<Self> {
         let mut entries = Vec::new();
-        let mut continuation = None;
-        loop {
-            let page = store
-                .list_page("chunks/", continuation.take())
-                .await
-                .map_err(|e| RepoError::store("listing chunks/", e))?;
+        crate::store::list_pages(store, "chunks/", |page| {
             entries.extend(page.objects.iter().filter_map(|o| {
                 Some(TableEntry {
                     hash: chunk::parse_chunk_key(&o.key)?,
@@ -298,11 +293,10 @@ impl ChunkTable {
                     first_crc: 0,
                 })
             }));
-            match page.next {
-                Some(next) => continuation = Some(next),
-                None => break,
-            }
-        }
+            std::ops::ControlFlow::Continue(())
+        })
+        .await
+        .map_err(|e| RepoError::store("listing chunks/", e))?;
         // Listings come in key order, which is name order; a store that does not keep it
         // costs a sort.
         if !entries.is_sorted_by(|a, b| a.hash < b.hash) {

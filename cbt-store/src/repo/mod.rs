@@ -1108,14 +1108,8 @@ impl Repository {
         if distinct.len() < HEADS_PER_LIST_PAGE {
             unresolved.extend(distinct.keys().copied());
         } else {
-            let mut continuation = None;
             let mut pages = 0_usize;
-            loop {
-                let page = self
-                    .store
-                    .list_page("chunks/", continuation.take())
-                    .await
-                    .map_err(|e| RepoError::store("listing chunks/", e))?;
+            crate::store::list_pages(self.store.as_ref(), "chunks/", |page| {
                 pages += 1;
                 let mut last = None;
                 for o in &page.objects {
@@ -1126,7 +1120,9 @@ impl Repository {
                         last = Some(h);
                     }
                 }
-                let Some(next) = page.next else { break };
+                if page.next.is_none() {
+                    return std::ops::ControlFlow::Break(());
+                }
                 // Chunks after the last key listed are still open.
                 let open = match last {
                     Some(l) => sizes.range(l..).skip(1).count(),
@@ -1144,10 +1140,12 @@ impl Repository {
                     } else {
                         unresolved.extend(sizes.keys().copied());
                     }
-                    break;
+                    return std::ops::ControlFlow::Break(());
                 }
-                continuation = Some(next);
-            }
+                std::ops::ControlFlow::Continue(())
+            })
+            .await
+            .map_err(|e| RepoError::store("listing chunks/", e))?;
         }
         if !unresolved.is_empty() {
             let store = &self.store;

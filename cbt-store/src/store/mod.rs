@@ -375,13 +375,35 @@ pub async fn list_all(
     prefix: &str,
 ) -> Result<Vec<ObjectMeta>, StoreError> {
     let mut out = Vec::new();
+    list_pages(store, prefix, |page| {
+        out.extend(page.objects);
+        std::ops::ControlFlow::Continue(())
+    })
+    .await?;
+    Ok(out)
+}
+
+/// Lists every object under `prefix` a page at a time, handing each page (with its
+/// continuation token, `None` on the last) to `each` until the listing ends or `each` breaks.
+/// Memory is one page.
+///
+/// # Errors
+/// The first error of any page.
+pub async fn list_pages(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    mut each: impl FnMut(ListPage) -> std::ops::ControlFlow<()> + Send,
+) -> Result<(), StoreError> {
     let mut continuation = None;
     loop {
         let page = store.list_page(prefix, continuation.take()).await?;
-        out.extend(page.objects);
-        match page.next {
+        let next = page.next.clone();
+        if each(page).is_break() {
+            return Ok(());
+        }
+        match next {
             Some(next) => continuation = Some(next),
-            None => return Ok(out),
+            None => return Ok(()),
         }
     }
 }
