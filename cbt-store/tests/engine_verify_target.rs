@@ -108,25 +108,7 @@ async fn a_map_larger_than_the_window_is_read_back_in_a_bounded_window() {
         }
     }
     assert!(stored > engine::READ_BACK_ENTRIES);
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
-    let init = InitOptions {
-        chunk_size: Some(chunk),
-        now: Timestamp::from_unix_secs(1),
-    };
-    let repo = Repository::init(store, init).await.unwrap();
-    let (volume, snap) = back_up(&repo, &src).await;
-    let target = t.path().join("restored.img");
-    engine::restore(
-        &repo,
-        &volume,
-        &snap,
-        &target,
-        &RestoreOptions::default(),
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
-    let head = repo.load_stored(&volume, &snap).await.unwrap();
+    let (repo, head, target) = restored(t.path(), &src, chunk).await;
     assert!(
         matches!(head, StoredManifest::V2(_)),
         "a full backup writes format 2"
@@ -168,6 +150,35 @@ async fn a_map_larger_than_the_window_is_read_back_in_a_bounded_window() {
         }
         other => panic!("expected a target I/O error, got {other:?}"),
     }
+}
+
+/// A repository of `chunk`-sized chunks in `dir/repo`, `src` backed up into it in full and
+/// restored to `dir/restored.img`: the repository, the snapshot's stored manifest, the target.
+async fn restored(
+    dir: &Path,
+    src: &Path,
+    chunk: u64,
+) -> (Repository, StoredManifest, std::path::PathBuf) {
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    let init = InitOptions {
+        chunk_size: Some(chunk),
+        now: Timestamp::from_unix_secs(1),
+    };
+    let repo = Repository::init(store, init).await.unwrap();
+    let (volume, snap) = back_up(&repo, src).await;
+    let target = dir.join("restored.img");
+    engine::restore(
+        &repo,
+        &volume,
+        &snap,
+        &target,
+        &RestoreOptions::default(),
+        &EngineOptions::default(),
+    )
+    .await
+    .unwrap();
+    let head = repo.load_stored(&volume, &snap).await.unwrap();
+    (repo, head, target)
 }
 
 /// Backs `src` up in full as `v/s`.
@@ -213,25 +224,7 @@ async fn a_sparse_target_is_read_back_without_reading_its_holes() {
         f.write_all_at(&fill, c * MIB).unwrap();
     }
     drop(f);
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
-    let init = InitOptions {
-        chunk_size: Some(MIB),
-        now: Timestamp::from_unix_secs(1),
-    };
-    let repo = Repository::init(store, init).await.unwrap();
-    let (volume, snap) = back_up(&repo, &src).await;
-    let target = t.path().join("restored.img");
-    engine::restore(
-        &repo,
-        &volume,
-        &snap,
-        &target,
-        &RestoreOptions::default(),
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
-    let head = repo.load_stored(&volume, &snap).await.unwrap();
+    let (repo, head, target) = restored(t.path(), &src, MIB).await;
     let sparse = {
         let f = std::fs::File::open(&target).unwrap();
         cbt_core::extents::data_ranges(&f, size)
