@@ -346,6 +346,28 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
     );
 }
 
+/// A restore of `v/s` into the new file `target` fails on chunk `index` with a reason
+/// `reason_ok` accepts, and leaves no partial target behind.
+async fn assert_restore_refuses(
+    fx: &Fixture,
+    index: u64,
+    reason_ok: impl Fn(&ChunkDecodeError) -> bool,
+    case: &str,
+    target: &str,
+) {
+    let target = fx.path(target);
+    let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap_err();
+    match &err {
+        RepoError::ChunkCorrupt {
+            index: i, reason, ..
+        } if *i == index && reason_ok(reason) => {}
+        other => panic!("{case}: restore said {other:?}"),
+    }
+    assert!(!target.exists(), "{case}: the partial target was left");
+}
+
 /// A chunk stored raw is checked where the store read it and written from there (no copy):
 /// an object one byte short or one byte long (with a valid store checksum), a payload byte
 /// changed (object crc32c), the same change with the trailer recomputed (raw crc32c), and a
@@ -404,17 +426,7 @@ async fn a_raw_chunk_checked_in_place_still_refuses_every_damage() {
     assert!(trailer_at > payload_at);
     for (what, body, reason_ok) in cases {
         put_raw(fx.store.as_ref(), &key, Bytes::from(body)).await;
-        let target = fx.path(&format!("out-{what}.img"));
-        let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
-            .await
-            .unwrap_err();
-        match &err {
-            RepoError::ChunkCorrupt {
-                index: i, reason, ..
-            } if *i == index && reason_ok(reason) => {}
-            other => panic!("{what}: {other:?}"),
-        }
-        assert!(!target.exists(), "{what}: the partial target was left");
+        assert_restore_refuses(&fx, index, reason_ok, what, &format!("out-{what}.img")).await;
     }
     // Put back, the same chunk restores byte for byte.
     put_raw(fx.store.as_ref(), &key, good).await;
@@ -494,17 +506,8 @@ async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_r
                     fx.store.put(&key, b, PutMode::Overwrite).await.unwrap();
                 }
             }
-            let target = fx.path(&format!("out-{what}-{how}.img"));
-            let err = restore_file(&fx.repo, &vol("v"), &snap("s"), &target)
-                .await
-                .unwrap_err();
-            match &err {
-                RepoError::ChunkCorrupt {
-                    index: i, reason, ..
-                } if *i == index && reason_ok(reason) => {}
-                other => panic!("{case}: restore said {other:?}"),
-            }
-            assert!(!target.exists(), "{case}: the partial target was left");
+            let target = format!("out-{what}-{how}.img");
+            assert_restore_refuses(&fx, index, reason_ok, &case, &target).await;
             let at = cbt_store::repo::ChunkContext {
                 snapshot: "v/s",
                 index,
