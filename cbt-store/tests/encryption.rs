@@ -10,10 +10,8 @@ use std::sync::Arc;
 use cbt_core::Timestamp;
 use cbt_store::chunk;
 use cbt_store::crypto::{KdfParams, KeyFile, MasterKey, Password, SealError, SlotKind};
-use cbt_store::engine::BackupMode;
 use cbt_store::repo::{
-    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, NewKey, ProblemKind, RepoError, RepoKey,
-    Repository, VerifyOptions,
+    ENCRYPTED_REPO_FORMAT_VERSION, InitOptions, NewKey, ProblemKind, RepoError, RepoKey, Repository,
 };
 use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutMode, list_all};
 use cbt_store::testing::S3TestServer;
@@ -78,15 +76,10 @@ async fn two_snapshots(repo: &Repository, fx: &Fixture) -> (Vec<u8>, Vec<u8>, cb
     let mut img = image(size, 5);
     let v1 = img.clone();
     let src = fx.write("enc.img", &img);
-    let first = backup_file(repo, &src, request("pvc", "one", full(), 1))
-        .await
-        .unwrap();
+    let first = full_backup(repo, &src, "pvc", "one", 1).await;
     let changed = mutate(&mut img, 3, 3000, 9);
     std::fs::write(&src, &img).unwrap();
-    let mode = BackupMode::Incremental {
-        parent: Box::new(first.manifest.as_ref().unwrap().clone()),
-        changed,
-    };
+    let mode = incremental(&first, changed);
     backup_file(repo, &src, request("pvc", "two", mode, 2))
         .await
         .unwrap();
@@ -100,6 +93,25 @@ async fn restore_eq(repo: &Repository, fx: &Fixture, name: &str, expected: &[u8]
         .await
         .unwrap();
     assert!(std::fs::read(&out).unwrap() == expected, "{name} differs");
+}
+
+/// Loading the manifest of `pvc/name` fails authentication: an integrity error.
+async fn refused_as_unauthentic(repo: &Repository, name: &str) {
+    let e = repo
+        .load_manifest(&vol("pvc"), &snap(name))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            RepoError::Sealed {
+                source: SealError::Authentication,
+                ..
+            }
+        ),
+        "{name}: {e}"
+    );
+    assert_eq!(e.kind(), ErrorKind::Integrity, "{name}");
 }
 
 /// Every object of a store (key, bytes), in key order.
@@ -131,13 +143,7 @@ async fn encrypted_round_trip_on_the_local_store_leaks_no_content() {
     restore_eq(&reopened, &fx, "two", &v2).await;
     let listed = reopened.list_snapshots(None).await.unwrap();
     assert_eq!(listed.len(), 2);
-    let report = reopened
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&reopened).await;
     assert!(report.is_ok(), "{:?}", report.problems);
 
     // Chunk names are keyed: no stored chunk is named by the plain hash of its content.
@@ -174,13 +180,7 @@ async fn encrypted_round_trip_on_the_local_store_leaks_no_content() {
     assert!(config.contains("\"encryption\""));
 
     // Deduplication still works within the repository.
-    let again = backup_file(
-        &reopened,
-        &fx.path("enc.img"),
-        request("pvc", "three", full(), 3),
-    )
-    .await
-    .unwrap();
+    let again = full_backup(&reopened, &fx.path("enc.img"), "pvc", "three", 3).await;
     assert_eq!(again.stats.objects_written, 0);
     assert!(again.stats.chunks_deduplicated > 0);
 }
@@ -198,13 +198,7 @@ async fn encrypted_round_trip_over_s3() {
         .unwrap();
     restore_eq(&reopened, &fx, "one", &v1).await;
     restore_eq(&reopened, &fx, "two", &v2).await;
-    let report = reopened
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&reopened).await;
     assert!(report.is_ok(), "{:?}", report.problems);
     assert!(matches!(
         Repository::open_with_key(store, &pw("wrong")).await,
@@ -295,29 +289,20 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Integrity, "{e}");
     assert!(matches!(e, RepoError::ChunkCorrupt { .. }), "{e}");
-    let report = repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&repo).await;
     let corrupt: Vec<&str> = report
         .problems
         .iter()
         .filter(|p| matches!(p.problem, ProblemKind::Corrupt { .. }))
         .map(|p| p.key.as_str())
         .collect();
-    assert!(
-        corrupt.contains(&chunk::chunk_key(&a.hash).as_str()),
-        "{:?}",
-        report.problems
-    );
-    assert!(
-        corrupt.contains(&chunk::chunk_key(&b.hash).as_str()),
-        "{:?}",
-        report.problems
-    );
+    for r in [&a, &b] {
+        assert!(
+            corrupt.contains(&chunk::chunk_key(&r.hash).as_str()),
+            "{:?}",
+            report.problems
+        );
+    }
     let mut buf = Vec::new();
     let body = store.get(&chunk::chunk_key(&a.hash)).await.unwrap();
     let e = repo
@@ -348,41 +333,14 @@ async fn tampered_chunks_and_manifests_are_integrity_errors() {
     // name does too (the object key is authenticated).
     let key_two = cbt_store::repo::manifest_key(&vol("pvc"), &snap("two"));
     tamper(store.as_ref(), &key_two, true).await;
-    let e = repo
-        .load_manifest(&vol("pvc"), &snap("two"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            RepoError::Sealed {
-                source: SealError::Authentication,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert_eq!(e.kind(), ErrorKind::Integrity);
+    refused_as_unauthentic(&repo, "two").await;
     let one = store
         .get(&cbt_store::repo::manifest_key(&vol("pvc"), &snap("one")))
         .await
         .unwrap();
     let key_moved = cbt_store::repo::manifest_key(&vol("pvc"), &snap("moved"));
     store.put(&key_moved, one, PutMode::IfAbsent).await.unwrap();
-    let e = repo
-        .load_manifest(&vol("pvc"), &snap("moved"))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            &e,
-            RepoError::Sealed {
-                source: SealError::Authentication,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    refused_as_unauthentic(&repo, "moved").await;
 }
 
 #[tokio::test]
@@ -569,14 +527,12 @@ async fn two_repositories_name_the_same_data_differently() {
     let b = enc_fixture().await;
     let img = image(4 * CS as usize, 3);
     let src = a.fx.write("same.img", &img);
-    let ma = backup_file(&a.repo, &src, request("pvc", "x", full(), 1))
+    let ma = full_backup(&a.repo, &src, "pvc", "x", 1)
         .await
-        .unwrap()
         .manifest
         .unwrap();
-    let mb = backup_file(&b.repo, &src, request("pvc", "x", full(), 1))
+    let mb = full_backup(&b.repo, &src, "pvc", "x", 1)
         .await
-        .unwrap()
         .manifest
         .unwrap();
     let names = |m: &cbt_core::Manifest| {
@@ -688,13 +644,7 @@ async fn a_sealed_chunk_whose_store_checksum_and_envelope_disagree_is_refused() 
             Err(RepoError::ChunkCorrupt { reason, .. }) if right(&reason) => {}
             other => panic!("{how}: read_chunk said {other:?}"),
         }
-        let report = repo
-            .verify(&VerifyOptions {
-                read_data: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let report = verify_data(&repo).await;
         assert!(
             report
                 .problems

@@ -6,31 +6,33 @@ mod engine_support;
 
 use std::sync::Arc;
 
-use cbt_core::gc::RetentionPolicy;
 use cbt_core::manifest::ParentRef;
 use cbt_core::{ChunkState, Timestamp};
 use cbt_store::engine::{self, BackupMode, FileSource};
-use cbt_store::repo::{GcOptions, PruneOptions, RepoError, Repository};
+use cbt_store::repo::{GcOptions, RepoError, Repository};
 use cbt_store::store::fault::FaultyStore;
 use cbt_store::store::{ObjectStore, Op};
 use engine_support::*;
 
 const SIZE: usize = 24 * CS as usize + 1234;
 
+/// The fixture's repository opened again through a [`FaultyStore`] that counts and fails calls.
+async fn faulty_repo(fx: &Fixture) -> (Arc<FaultyStore>, Repository) {
+    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let store: Arc<dyn ObjectStore> = faulty.clone();
+    (faulty, Repository::open(store).await.unwrap())
+}
+
 #[tokio::test]
 async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     let fx = Fixture::new().await;
     let mut img = image(SIZE, 11);
     let path = fx.write("d.img", &img);
-    let first = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
-        .await
-        .unwrap();
+    let first = full_backup(&fx.repo, &path, "v", "a", 10).await;
     mutate(&mut img, 3, 5000, 2);
     std::fs::write(&path, &img).unwrap();
 
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    let (faulty, repo) = faulty_repo(&fx).await;
     let parent = ParentRef {
         snapshot: snap("a"),
         snapshot_id: first.manifest.as_ref().unwrap().snapshot_id.clone(),
@@ -78,9 +80,7 @@ async fn full_with_a_wrong_or_missing_parent_is_refused_before_anything_is_store
     let fx = Fixture::new().await;
     let img = image(SIZE, 12);
     let path = fx.write("d.img", &img);
-    let first = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
-        .await
-        .unwrap();
+    let first = full_backup(&fx.repo, &path, "v", "a", 10).await;
     let cases = [
         (
             "missing",
@@ -126,9 +126,7 @@ async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
     let fx = Fixture::new().await;
     let mut img = image(SIZE, 13);
     let path = fx.write("d.img", &img);
-    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
-        .await
-        .unwrap();
+    let a = full_backup(&fx.repo, &path, "v", "a", 10).await;
     let loaded = fx.repo.load_manifest(&vol("v"), &snap("a")).await.unwrap();
     assert_eq!(loaded, a.manifest.unwrap());
 
@@ -138,18 +136,8 @@ async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
         .await
         .unwrap();
     let other = fx.write("other.img", &image(SIZE, 99));
-    backup_file(&fx.repo, &other, request("v", "a", full(), 15))
-        .await
-        .unwrap();
-    let gc = fx
-        .repo
-        .gc(&GcOptions {
-            now: Timestamp(16),
-            dry_run: false,
-            grace: std::time::Duration::ZERO,
-        })
-        .await
-        .unwrap();
+    full_backup(&fx.repo, &other, "v", "a", 15).await;
+    let gc = collect(&fx.repo, Timestamp(16)).await;
     assert!(gc.deleted_chunks > 0, "the old parent's chunks are gone");
 
     let changed = mutate(&mut img, 2, 3000, 5);
@@ -170,20 +158,7 @@ async fn incremental_refuses_a_parent_replaced_while_it_was_not_locked() {
     );
 
     // Deleted outright (pruned) before the lock: refused the same way.
-    let prune = fx
-        .repo
-        .prune(&PruneOptions {
-            policy: RetentionPolicy {
-                keep_last: Some(1),
-                keep_within: None,
-            },
-            now: Timestamp::from_unix_secs(100),
-            volume: None,
-            dry_run: false,
-            gc_grace: std::time::Duration::ZERO,
-        })
-        .await
-        .unwrap();
+    let prune = prune_to_newest(&fx.repo, 100).await;
     assert!(prune.removed.is_empty());
     fx.repo
         .delete_snapshot(&vol("v"), &snap("a"))
@@ -208,9 +183,7 @@ async fn incremental_of_a_given_head_refuses_a_parent_that_no_longer_stands() {
     let fx = Fixture::new().await;
     let mut img = image(SIZE, 21);
     let path = fx.write("d.img", &img);
-    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
-        .await
-        .unwrap();
+    let a = full_backup(&fx.repo, &path, "v", "a", 10).await;
     let head_a = a.head.clone();
     let changed = mutate(&mut img, 2, 3000, 6);
     std::fs::write(&path, &img).unwrap();
@@ -239,30 +212,18 @@ async fn incremental_of_a_given_head_refuses_a_parent_that_no_longer_stands() {
 
     // Replaced under its name: the commit finds another id.
     let other = fx.write("other.img", &image(SIZE, 98));
-    backup_file(&fx.repo, &other, request("v", "a", full(), 15))
-        .await
-        .unwrap();
+    full_backup(&fx.repo, &other, "v", "a", 15).await;
     refused(incremental(&head_a)).await;
 
     // ... and collected: its map segments are gone before the lock is even taken, which is
     // reported as the parent replaced, not as damage.
-    let gc = fx
-        .repo
-        .gc(&GcOptions {
-            now: Timestamp(16),
-            dry_run: false,
-            grace: std::time::Duration::ZERO,
-        })
-        .await
-        .unwrap();
+    let gc = collect(&fx.repo, Timestamp(16)).await;
     assert!(gc.deleted_chunks > 0, "the old parent's chunks are gone");
     refused(incremental(&head_a)).await;
 
     // A head that is not the stored one: the right id, but another snapshot's map.
     let head_new = fx.repo.load_head(&vol("v"), &snap("a")).await.unwrap();
-    let c = backup_file(&fx.repo, &path, request("v", "c", full(), 17))
-        .await
-        .unwrap();
+    let c = full_backup(&fx.repo, &path, "v", "c", 17).await;
     let forged = cbt_core::manifest::ManifestHead {
         map: c.head.map,
         ..head_new.clone()
@@ -296,9 +257,7 @@ async fn incremental_refuses_a_parent_that_differs_from_the_stored_one() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 14);
     let path = fx.write("d.img", &img);
-    let a = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
-        .await
-        .unwrap();
+    let a = full_backup(&fx.repo, &path, "v", "a", 10).await;
     let mut forged = a.manifest.as_ref().unwrap().clone();
     let (index, r) = forged
         .chunks
@@ -377,58 +336,32 @@ async fn incrementals_across_grow_and_shrink_restore_exactly() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 15);
     let path = fx.write("d.img", &img);
-    let base = backup_file(&fx.repo, &path, request("v", "a", full(), 10))
-        .await
-        .unwrap();
+    let base = full_backup(&fx.repo, &path, "v", "a", 10).await;
 
-    let restore = |name: &'static str| {
-        let target = fx.path(&format!("{name}.img"));
-        let repo = fx.repo.clone();
-        async move {
-            restore_file(&repo, &vol("v"), &snap(name), &target)
-                .await
-                .unwrap();
-            std::fs::read(&target).unwrap()
-        }
-    };
-
-    // Grow by 3 chunks and a bit; the new area holds data, the old tail is untouched.
+    // Grow by 3 chunks and a bit (the new area holds data, the old tail is untouched), then
+    // shrink to 10 chunks and 5 bytes. Growing turns 25 chunks into 28: the old short last
+    // chunk (24) is re-read with the new 25..28; shrinking re-reads only the new short last
+    // chunk.
     let mut grown = img.clone();
     grown.extend_from_slice(&noise(3, 3 * CS as usize + 100));
-    std::fs::write(&path, &grown).unwrap();
-    let mode = BackupMode::Incremental {
-        parent: Box::new(base.manifest.as_ref().unwrap().clone()),
-        changed: cbt_core::RangeSet::new(),
-    };
-    let b = backup_file(&fx.repo, &path, request("v", "b", mode, 20))
-        .await
-        .unwrap();
-    // 25 chunks become 28: the old short last chunk (24) is re-read with the new 25..28.
-    assert_eq!(
-        b.manifest.as_ref().unwrap().chunks.geometry().chunk_count(),
-        28
-    );
-    assert_eq!(b.stats.chunks_read, 4);
-    assert!(restore("b").await == grown);
-
-    // Shrink to 10 chunks and 5 bytes: only the new short last chunk is re-read.
     let shrunk = grown[..10 * CS as usize + 5].to_vec();
-    std::fs::write(&path, &shrunk).unwrap();
-    let mode = BackupMode::Incremental {
-        parent: Box::new(b.manifest.as_ref().unwrap().clone()),
-        changed: cbt_core::RangeSet::new(),
-    };
-    let c = backup_file(&fx.repo, &path, request("v", "c", mode, 30))
-        .await
-        .unwrap();
-    assert_eq!(c.stats.chunks_read, 1);
-    assert_eq!(
-        c.manifest.as_ref().unwrap().volume_size(),
-        shrunk.len() as u64
-    );
-    assert!(restore("c").await == shrunk);
+    let mut parent = base;
+    for (name, t, resized, chunks, reread) in [("b", 20, &grown, 28, 4), ("c", 30, &shrunk, 11, 1)]
+    {
+        std::fs::write(&path, resized).unwrap();
+        let mode = incremental(&parent, cbt_core::RangeSet::new());
+        let out = backup_file(&fx.repo, &path, request("v", name, mode, t))
+            .await
+            .unwrap();
+        let map = out.manifest.as_ref().unwrap();
+        assert_eq!(map.chunks.geometry().chunk_count(), chunks, "{name}");
+        assert_eq!(map.volume_size(), resized.len() as u64, "{name}");
+        assert_eq!(out.stats.chunks_read, reread, "{name}");
+        assert!(fx.restored("v", name).await == *resized, "{name}");
+        parent = out;
+    }
     // The older snapshots are unaffected.
-    assert!(restore("a").await == img);
+    assert!(fx.restored("v", "a").await == img);
 }
 
 /// A backup whose manifest landed reports success even if its lock cannot be removed (a
@@ -438,9 +371,7 @@ async fn a_committed_backup_succeeds_even_if_its_lock_cannot_be_released() {
     use cbt_store::store::fault::{Fault, FaultRule, When};
     let fx = Fixture::new().await;
     let path = fx.write("d.img", &image(SIZE, 16));
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    let (faulty, repo) = faulty_repo(&fx).await;
     faulty.add_rule(
         FaultRule::new(Op::Delete, When::FirstN(1), Fault::Permanent).on_keys_containing("locks/"),
     );
@@ -468,12 +399,8 @@ async fn restore_locks_when_it_can_and_still_restores_when_it_cannot() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 17);
     let path = fx.write("d.img", &img);
-    backup_file(&fx.repo, &path, request("v", "s", full(), 1))
-        .await
-        .unwrap();
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    full_backup(&fx.repo, &path, "v", "s", 1).await;
+    let (faulty, repo) = faulty_repo(&fx).await;
     faulty.reset_counts();
     let target = fx.path("r1.img");
     let run = |target: std::path::PathBuf| {
@@ -536,30 +463,16 @@ async fn locks_of_dead_local_processes_are_recognised() {
 /// `verify --read-data` names the snapshot and index where a damaged chunk is first used.
 #[tokio::test]
 async fn verify_read_data_names_the_snapshot_of_a_damaged_chunk() {
-    use cbt_store::repo::{ProblemKind, VerifyOptions};
+    use cbt_store::repo::ProblemKind;
     let fx = Fixture::new().await;
     let img = image(SIZE, 18);
     let path = fx.write("d.img", &img);
-    let a = backup_file(&fx.repo, &path, request("a-vol", "s1", full(), 1))
-        .await
-        .unwrap();
-    backup_file(&fx.repo, &path, request("b-vol", "s2", full(), 2))
-        .await
-        .unwrap();
+    let a = full_backup(&fx.repo, &path, "a-vol", "s1", 1).await;
+    full_backup(&fx.repo, &path, "b-vol", "s2", 2).await;
     let (index, r) = nth_stored(&a, 2);
     let key = cbt_store::chunk::chunk_key(&r.hash);
-    let file = fx.local.path_of(&key).unwrap();
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[70] ^= 0x10;
-    std::fs::write(&file, &bytes).unwrap();
-    let report = fx
-        .repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    flip_stored_byte(&fx.local, &key, 70, 0x10);
+    let report = verify_data(&fx.repo).await;
     assert_eq!(report.snapshots, 2);
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     let p = &report.problems[0];

@@ -6,12 +6,11 @@ mod engine_support;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cbt_core::gc::RetentionPolicy;
-use cbt_core::{ChunkState, Timestamp};
+use cbt_core::ChunkState;
 use cbt_store::engine::{
     self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
 };
-use cbt_store::repo::{PruneOptions, RepoError, VerifyOptions};
+use cbt_store::repo::RepoError;
 use cbt_store::store::{
     ErrorKind, ListPage, LocalStore, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome,
     StoreError,
@@ -121,20 +120,7 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
 
     // Keep only the newest: s1 goes, its exclusive chunks are collected, s2 still restores.
     let before = fx.repo.status().await.unwrap();
-    let report = fx
-        .repo
-        .prune(&PruneOptions {
-            policy: RetentionPolicy {
-                keep_last: Some(1),
-                keep_within: None,
-            },
-            now: Timestamp::from_unix_secs(100),
-            volume: None,
-            dry_run: false,
-            gc_grace: std::time::Duration::ZERO,
-        })
-        .await
-        .unwrap();
+    let report = prune_to_newest(&fx.repo, 100).await;
     assert_eq!(report.removed, vec!["db/s1".to_string()]);
     assert!(report.gc.deleted_chunks > 0);
     let after = fx.repo.status().await.unwrap();
@@ -144,19 +130,8 @@ async fn full_then_incremental_restore_byte_identical_and_prune_keeps_second() {
         after.stored_chunks,
         before.stored_chunks - report.gc.deleted_chunks
     );
-    let out = fx.path("after-prune.img");
-    restore_file(&fx.repo, &vol("db"), &snap("s2"), &out)
-        .await
-        .unwrap();
-    assert!(std::fs::read(&out).unwrap() == img);
-    let verify = fx
-        .repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    assert!(fx.restored("db", "s2").await == img);
+    let verify = verify_data(&fx.repo).await;
     assert!(verify.is_ok(), "{:?}", verify.problems);
     assert_eq!(
         verify.chunks_read,
@@ -179,9 +154,7 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
     use std::os::unix::fs::FileExt;
     f.write_all_at(&noise(3, 100_000), 10 * CS).unwrap();
     f.sync_all().unwrap();
-    let one = backup_file(&fx.repo, &path, request("v", "a", full(), 1))
-        .await
-        .unwrap();
+    let one = full_backup(&fx.repo, &path, "v", "a", 1).await;
     assert!(one.manifest.as_ref().unwrap().chunks.stored_count() >= 2);
     assert_eq!(
         one.manifest.as_ref().unwrap().chunks.get(0),
@@ -208,9 +181,7 @@ async fn sparse_source_reads_only_data_and_same_image_dedups() {
         "restored file holds {allocated} bytes of blocks"
     );
 
-    let two = backup_file(&fx.repo, &path, request("v", "b", full(), 2))
-        .await
-        .unwrap();
+    let two = full_backup(&fx.repo, &path, "v", "b", 2).await;
     assert_eq!(two.stats.objects_written, 0);
     assert_eq!(two.stats.bytes_uploaded, 0);
     assert_eq!(two.stats.chunks_deduplicated, one.stats.objects_written);
@@ -232,9 +203,7 @@ async fn restore_targets_existing_files_in_place_and_dry_run() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 9);
     let src = fx.write("disk.img", &img);
-    backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    full_backup(&fx.repo, &src, "v", "s", 1).await;
     let (v, s) = (vol("v"), snap("s"));
 
     // Dry run: the plan, nothing written.
@@ -350,9 +319,7 @@ async fn bad_requests_are_clear_errors() {
     assert!(matches!(err, RepoError::InvalidRequest { .. }));
 
     // Parent of another volume.
-    let base = backup_file(&fx.repo, &src, request("v", "base", full(), 1))
-        .await
-        .unwrap();
+    let base = full_backup(&fx.repo, &src, "v", "base", 1).await;
     let mode = BackupMode::Incremental {
         parent: Box::new(base.manifest.as_ref().unwrap().clone()),
         changed: cbt_core::RangeSet::new(),
@@ -417,9 +384,7 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
         img.extend(std::iter::repeat_n(0u8, CS as usize));
     }
     let src = fx.write("rep.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     assert_eq!(out.stats.objects_written, 1);
     assert_eq!(out.stats.chunks_deduplicated, 7);
     assert_eq!(out.stats.chunks_zero, 8);
@@ -559,9 +524,8 @@ async fn a_dry_run_checks_that_every_chunk_is_stored() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 11);
     let src = fx.write("disk.img", &img);
-    let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+    let m = full_backup(&fx.repo, &src, "v", "s", 1)
         .await
-        .unwrap()
         .manifest
         .unwrap();
     let (index, gone) = m.chunks.iter_stored().map(|(i, r)| (i, *r)).nth(5).unwrap();
@@ -628,9 +592,8 @@ async fn raw_chunks_restore_exactly_whether_or_not_the_store_aligned_them() {
     // Some zero blocks inside a chunk: a new file keeps them as holes.
     img[5 * CS as usize + 4096..5 * CS as usize + 3 * 4096].fill(0);
     let src = fx.write("d.img", &img);
-    let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+    let m = full_backup(&fx.repo, &src, "v", "s", 1)
         .await
-        .unwrap()
         .manifest
         .unwrap();
     let raw = m
@@ -758,9 +721,8 @@ async fn a_store_read_in_the_writer_task_falls_back_to_the_async_fetch_on_transi
     let size = 24 * CS as usize + 777;
     let img = image(size, 12);
     let src = fx.write("d.img", &img);
-    let m = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
+    let m = full_backup(&fx.repo, &src, "v", "s", 1)
         .await
-        .unwrap()
         .manifest
         .unwrap();
     // Chunks of equal content are read once and written to each of their places.

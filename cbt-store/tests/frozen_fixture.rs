@@ -9,6 +9,8 @@
 //! deliberate change of both.
 #![allow(clippy::unwrap_used)]
 
+mod engine_support;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,8 +21,9 @@ use cbt_store::crypto::{KdfParams, KeyFile, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
 };
-use cbt_store::repo::{InitOptions, RepoError, RepoKey, Repository, VerifyOptions};
+use cbt_store::repo::{InitOptions, RepoError, RepoKey, Repository};
 use cbt_store::store::{LocalStore, ObjectStore};
+use engine_support::{XorShift, verify_data};
 use serde::{Deserialize, Serialize};
 
 const CS: usize = 4096;
@@ -59,17 +62,8 @@ struct ExpectedSnapshot {
 /// Raw and zstd-compressed chunks, zero chunks, one chunk stored at two indices, and a short
 /// last chunk.
 fn images() -> Vec<Vec<u8>> {
-    let mut x: u64 = 0x5eed_f12e_d0c0_ffee;
-    let mut noise = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let mut stream = XorShift::from_state(0x5eed_f12e_d0c0_ffee);
+    let mut noise = |n: usize| stream.bytes(n);
     let text =
         |n: usize| b"frozen fixture of cbt repository format v1. ".repeat(n / 44 + 1)[..n].to_vec();
     let mut v1 = Vec::new();
@@ -308,30 +302,14 @@ async fn check_fixture_images(name: &str, password: Option<&str>, imgs: Vec<Vec<
         assert_eq!(s.labels, e.labels);
     }
 
-    let report = repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&repo).await;
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.snapshots, expected.snapshots.len() as u64);
 
     for e in &expected.snapshots {
-        let target = work.path().join(format!("{}.img", e.snapshot));
-        let r = engine::restore(
-            &repo,
-            &VolumeName::new(&e.volume).unwrap(),
-            &SnapshotName::new(&e.snapshot).unwrap(),
-            &target,
-            &RestoreOptions::default(),
-            &EngineOptions::default(),
-        )
-        .await
-        .unwrap();
+        let volume = VolumeName::new(&e.volume).unwrap();
+        let (r, data) = restored(&repo, &volume, &e.snapshot, work.path()).await;
         assert_eq!(r.volume_size, e.volume_size);
-        let data = std::fs::read(&target).unwrap();
         assert_eq!(data.len() as u64, e.volume_size);
         assert_eq!(
             blake3_hex(&data),
@@ -486,17 +464,8 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str, imgs: Vec<Vec<
 /// root), mostly holes; `snap-2` changes one chunk of the first leaf (so it shares the other
 /// leaves with `snap-1`), `snap-3` grows the volume by a fourth leaf with a short last chunk.
 fn images_v2() -> Vec<Vec<u8>> {
-    let mut x: u64 = 0x0f0e_2222_c0de_f00d;
-    let mut noise = |n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    };
+    let mut stream = XorShift::from_state(0x0f0e_2222_c0de_f00d);
+    let mut noise = |n: usize| stream.bytes(n);
     let text =
         |n: usize| b"frozen fixture of cbt manifest format 2. ".repeat(n / 40 + 2)[..n].to_vec();
     let mut v1 = vec![0u8; 300 * CS];
@@ -579,50 +548,24 @@ async fn generate_frozen_v2_fixture() {
 #[tokio::test]
 async fn an_incremental_of_a_v1_parent_writes_v2() {
     let (work, repo, volume, parent, img, path) = v1_parent_and_a_change().await;
-    let req = BackupRequest {
-        volume: volume.clone(),
-        snapshot: SnapshotName::new("snap-4").unwrap(),
-        mode: BackupMode::IncrementalOf {
-            parent: Box::new(parent.clone()),
-            changed: RangeSet::try_from_extents([(0, CS as u64)]).unwrap(),
-        },
-        created: Timestamp(1_767_225_600_000 + 5 * 86_400_000),
-        source_info: Default::default(),
-        labels: Default::default(),
-        chunk_size: None,
-        volume_size: None,
+    let mode = BackupMode::IncrementalOf {
+        parent: Box::new(parent.clone()),
+        changed: RangeSet::try_from_extents([(0, CS as u64)]).unwrap(),
     };
-    let src = Arc::new(FileSource::open(&path).unwrap());
-    let done = engine::backup(&repo, src, req, &EngineOptions::default())
-        .await
-        .unwrap();
+    let done = back_up_snap_4(&repo, &volume, mode, &path).await;
     assert!(matches!(
         done.head.map,
         cbt_core::manifest::MapLocation::Tree { root: Some(_) }
     ));
     assert_eq!(done.head.parent, Some(parent.as_parent()));
-    let gc = repo
-        .gc(&cbt_store::repo::GcOptions {
-            dry_run: false,
-            now: Timestamp(1_800_000_000_000),
-            grace: std::time::Duration::ZERO,
-        })
-        .await
-        .unwrap();
+    let gc = engine_support::collect(&repo, Timestamp(1_800_000_000_000)).await;
     assert_eq!(gc.deleted_segments, 0);
     for (snap, want) in [("snap-3", &images()[2]), ("snap-4", &img)] {
-        let target = work.path().join(format!("{snap}.img"));
-        engine::restore(
-            &repo,
-            &volume,
-            &SnapshotName::new(snap).unwrap(),
-            &target,
-            &RestoreOptions::default(),
-            &EngineOptions::default(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(&std::fs::read(&target).unwrap(), want, "{snap}");
+        assert_eq!(
+            &restored(&repo, &volume, snap, work.path()).await.1,
+            want,
+            "{snap}"
+        );
     }
 }
 
@@ -631,39 +574,63 @@ async fn an_incremental_of_a_v1_parent_writes_v2() {
 #[tokio::test]
 async fn a_full_backup_with_a_v1_parent_uploads_only_the_change() {
     let (work, repo, volume, parent, img, path) = v1_parent_and_a_change().await;
+    let mode = BackupMode::FullWithParent {
+        allocated: None,
+        parent: parent.as_parent(),
+    };
+    let done = back_up_snap_4(&repo, &volume, mode, &path).await;
+    assert!(done.manifest.is_some(), "a format-1 parent is held whole");
+    assert_eq!(done.head.parent, Some(parent.as_parent()));
+    assert_eq!(done.stats.objects_written, 1);
+    assert_eq!(done.stats.bytes_changed, CS as u64);
+    assert_eq!(restored(&repo, &volume, "snap-4", work.path()).await.1, img);
+}
+
+/// Backs the file at `path` up as `volume`/`snap-4` (the day after the fixture's last
+/// snapshot) with default engine options.
+async fn back_up_snap_4(
+    repo: &Repository,
+    volume: &VolumeName,
+    mode: BackupMode,
+    path: &Path,
+) -> engine::BackupOutcome {
     let req = BackupRequest {
         volume: volume.clone(),
         snapshot: SnapshotName::new("snap-4").unwrap(),
-        mode: BackupMode::FullWithParent {
-            allocated: None,
-            parent: parent.as_parent(),
-        },
+        mode,
         created: Timestamp(1_767_225_600_000 + 5 * 86_400_000),
         source_info: Default::default(),
         labels: Default::default(),
         chunk_size: None,
         volume_size: None,
     };
-    let src = Arc::new(FileSource::open(&path).unwrap());
-    let done = engine::backup(&repo, src, req, &EngineOptions::default())
+    let src = Arc::new(FileSource::open(path).unwrap());
+    engine::backup(repo, src, req, &EngineOptions::default())
         .await
-        .unwrap();
-    assert!(done.manifest.is_some(), "a format-1 parent is held whole");
-    assert_eq!(done.head.parent, Some(parent.as_parent()));
-    assert_eq!(done.stats.objects_written, 1);
-    assert_eq!(done.stats.bytes_changed, CS as u64);
-    let target = work.path().join("snap-4.img");
-    engine::restore(
-        &repo,
-        &volume,
-        &SnapshotName::new("snap-4").unwrap(),
+        .unwrap()
+}
+
+/// Restores `volume`/`snapshot` with default options to `<dir>/<snapshot>.img`; the report
+/// and the bytes restored.
+async fn restored(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &str,
+    dir: &Path,
+) -> (engine::RestoreReport, Vec<u8>) {
+    let target = dir.join(format!("{snapshot}.img"));
+    let report = engine::restore(
+        repo,
+        volume,
+        &SnapshotName::new(snapshot).unwrap(),
         &target,
         &RestoreOptions::default(),
         &EngineOptions::default(),
     )
     .await
     .unwrap();
-    assert_eq!(std::fs::read(&target).unwrap(), img);
+    let data = std::fs::read(&target).unwrap();
+    (report, data)
 }
 
 /// A copy of the format-1 fixture repository, its `snap-3` head (format 1) and the image of

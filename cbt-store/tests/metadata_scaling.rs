@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use cbt_core::maptree::{TreeShape, max_incremental_segment_bytes};
-use cbt_core::{ByteRange, ChunkGeometry, RangeSet, SnapshotName, Timestamp, VolumeName};
-use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions};
+use cbt_core::{ByteRange, ChunkGeometry, RangeSet};
+use cbt_store::engine::{self, BackupMode, EngineOptions};
 use cbt_store::store::{LocalStore, ObjectStore, PutOutcome};
 use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use cbt_store::testing::synthetic::SyntheticSource;
-use engine_support::init_sized;
+use engine_support::{full, init_sized, request, snap, vol};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -117,23 +117,13 @@ async fn run(size: u64) -> Run {
     let counts = store.hook();
     let repo = init_sized(store.clone(), CHUNK).await;
     let (allocated, changed) = layout(size);
-    let volume = VolumeName::new("vol").unwrap();
     let base = SyntheticSource::new(size, allocated);
-    let request = |name: &str, mode| BackupRequest {
-        volume: volume.clone(),
-        snapshot: SnapshotName::new(name).unwrap(),
-        mode,
-        created: Timestamp(1),
-        source_info: Default::default(),
-        labels: Default::default(),
-        chunk_size: None,
-        volume_size: None,
-    };
+    let request = |name: &str, mode| request("vol", name, mode, 1);
     let opts = EngineOptions::default();
     let full = engine::backup(
         &repo,
         Arc::new(base.clone()),
-        request("full", BackupMode::Full { allocated: None }),
+        request("full", full()),
         &opts,
     )
     .await
@@ -180,7 +170,7 @@ async fn run(size: u64) -> Run {
 
     // The child is complete and correct: the changed places read back as the new content.
     let child = repo
-        .load_manifest(&volume, &SnapshotName::new("incr").unwrap())
+        .load_manifest(&vol("vol"), &snap("incr"))
         .await
         .unwrap();
     assert_eq!(child.chunks.stored_count(), parent.chunks.stored_count());

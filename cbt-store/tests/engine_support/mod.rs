@@ -9,23 +9,41 @@ use cbt_core::{ChunkRef, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource,
 };
-use cbt_store::repo::{InitOptions, Repository};
+use cbt_store::repo::{
+    GcOptions, GcReport, InitOptions, PruneOptions, PruneReport, Repository, VerifyOptions,
+    VerifyReport,
+};
 use cbt_store::store::{LocalStore, ObjectStore, PutMode};
 
 /// Chunk size of the test repositories (small so tests are fast but have many chunks).
 pub const CS: u64 = 64 * 1024;
 
-/// A deterministic xorshift byte stream.
+/// A deterministic xorshift byte stream that carries on where its last call stopped.
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// Starts from the raw state `state` (not 0): the frozen fixtures' images were drawn so.
+    pub fn from_state(state: u64) -> Self {
+        XorShift(state)
+    }
+
+    /// The next `len` bytes of the stream.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                let x = &mut self.0;
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                *x as u8
+            })
+            .collect()
+    }
+}
+
+/// `len` bytes of a deterministic xorshift stream chosen by `seed`.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    XorShift::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).bytes(len)
 }
 
 /// A test image: runs of random data, compressible text and zeros (with an odd tail).
@@ -80,6 +98,15 @@ impl Fixture {
         let p = self.path(name);
         std::fs::write(&p, data).unwrap();
         p
+    }
+
+    /// Restores `volume`/`snapshot` to a new file named after them and reads it back.
+    pub async fn restored(&self, volume: &str, snapshot: &str) -> Vec<u8> {
+        let target = self.path(&format!("{volume}-{snapshot}.restored"));
+        restore_file(&self.repo, &vol(volume), &snap(snapshot), &target)
+            .await
+            .unwrap();
+        std::fs::read(&target).unwrap()
     }
 }
 
@@ -145,6 +172,27 @@ pub fn full() -> BackupMode {
     BackupMode::Full { allocated: None }
 }
 
+/// An incremental on top of the map `parent` holds, with `changed` reported changed.
+pub fn incremental(parent: &BackupOutcome, changed: RangeSet) -> BackupMode {
+    BackupMode::Incremental {
+        parent: Box::new(parent.manifest.clone().expect("the map of the parent")),
+        changed,
+    }
+}
+
+/// A full backup of the file at `path` as `volume`/`snapshot` created at `t`, which must work.
+pub async fn full_backup(
+    repo: &Repository,
+    path: &Path,
+    volume: &str,
+    snapshot: &str,
+    t: i64,
+) -> BackupOutcome {
+    backup_file(repo, path, request(volume, snapshot, full(), t))
+        .await
+        .unwrap()
+}
+
 pub async fn backup_file(
     repo: &Repository,
     path: &Path,
@@ -184,6 +232,51 @@ pub async fn restore_file(
         &opts(),
     )
     .await
+}
+
+/// `verify` reading every chunk's data, which must run (what it finds is the caller's to check).
+pub async fn verify_data(repo: &Repository) -> VerifyReport {
+    repo.verify(&VerifyOptions {
+        read_data: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Garbage collection at `now` without a grace period, which must run.
+pub async fn collect(repo: &Repository, now: Timestamp) -> GcReport {
+    repo.gc(&GcOptions {
+        now,
+        dry_run: false,
+        grace: std::time::Duration::ZERO,
+    })
+    .await
+    .unwrap()
+}
+
+/// Prunes every volume down to its newest snapshot at `now_secs`, collecting without grace.
+pub async fn prune_to_newest(repo: &Repository, now_secs: i64) -> PruneReport {
+    repo.prune(&PruneOptions {
+        policy: cbt_core::gc::RetentionPolicy {
+            keep_last: Some(1),
+            keep_within: None,
+        },
+        now: Timestamp::from_unix_secs(now_secs),
+        volume: None,
+        dry_run: false,
+        gc_grace: std::time::Duration::ZERO,
+    })
+    .await
+    .unwrap()
+}
+
+/// Flips bit `mask` of byte `at` of the object stored under `key` in `local`, in place.
+pub fn flip_stored_byte(local: &LocalStore, key: &str, at: usize, mask: u8) {
+    let file = local.path_of(key).unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[at] ^= mask;
+    std::fs::write(&file, &bytes).unwrap();
 }
 
 /// Stores `body` under `key` as it is, replacing what is there: how tests forge or damage
