@@ -31,7 +31,7 @@ async fn killed_backup_leaves_nothing_visible_and_resumes_without_reupload() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 4);
     let src = fx.write("d.img", &img);
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let repo = Repository::open(store).await.unwrap();
     let source = Arc::new(FileSource::open(&src).unwrap());
@@ -93,7 +93,7 @@ async fn lost_manifest_write_and_lost_answers_resume_cleanly() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 6);
     let src = fx.write("d.img", &img);
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let repo = Repository::open(store).await.unwrap();
     let source = Arc::new(FileSource::open(&src).unwrap());
@@ -151,7 +151,7 @@ async fn transient_store_errors_are_retried_by_the_retrying_store() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 8);
     let src = fx.write("d.img", &img);
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     // Every third chunk upload and every fifth chunk download fails once.
     faulty.add_rule(
         FaultRule::new(Op::Put, When::Nth(3), Fault::Transient).on_keys_containing("chunks/"),
@@ -238,7 +238,7 @@ async fn concurrent_backups_share_the_repository_and_same_name_races_have_one_wi
 async fn a_lost_lock_write_does_not_leave_a_stale_lock() {
     let fx = Fixture::new().await;
     let src = fx.write("d.img", &image(4 * CS as usize, 3));
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     let repo = Repository::open(faulty.clone() as Arc<dyn ObjectStore>)
         .await
         .unwrap();

@@ -18,7 +18,7 @@ const SIZE: usize = 24 * CS as usize + 1234;
 
 /// The fixture's repository opened again through a [`FaultyStore`] that counts and fails calls.
 async fn faulty_repo(fx: &Fixture) -> (Arc<FaultyStore>, Repository) {
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     (faulty, Repository::open(store).await.unwrap())
 }

@@ -389,7 +389,7 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     assert_eq!(out.stats.chunks_deduplicated, 7);
     assert_eq!(out.stats.chunks_zero, 8);
 
-    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let counting = Arc::new(FaultyStore::over(fx.store.clone()));
     let repo = cbt_store::repo::Repository::open(counting.clone() as Arc<dyn ObjectStore>)
         .await
         .unwrap();

@@ -15,7 +15,8 @@ use cbt_store::repo::{
     VerifyOptions, manifest_key,
 };
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
-use cbt_store::store::{ErrorKind, ObjectStore, Op, PutMode};
+use cbt_store::store::{ErrorKind, ObjectStore, Op, PutMode, StoreError};
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
 const SIZE: usize = 16 * CS as usize;
@@ -113,7 +114,7 @@ async fn damage_behind_the_store_checksum_is_caught_by_the_chunk_format() {
     let (fx, out, _) = setup().await;
     let (index, _) = first_chunk(&out);
     // The bytes come back damaged although the store believes them intact.
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     faulty.add_rule(
         FaultRule::new(Op::Get, When::Nth(1), Fault::FlipBit).on_keys_containing("chunks/"),
     );
@@ -557,7 +558,7 @@ async fn init_twice_and_open_empty() {
 #[tokio::test]
 async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy() {
     let fx = Fixture::new().await;
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let repo = Repository::open(store).await.unwrap();
 
@@ -598,7 +599,7 @@ async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy
 #[tokio::test]
 async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count() {
     let fx = Fixture::new().await;
-    let faulty = Arc::new(FaultyStore::new(fx.store.clone()));
+    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
     let store: Arc<dyn ObjectStore> = faulty.clone();
     let repo = Repository::open(store).await.unwrap();
     let changed = |seed: u64| chunk::encode(&noise(seed, 3000), 1);
@@ -658,12 +659,11 @@ async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count
     assert_eq!(faulty.calls(Op::Put), 3);
 }
 
-/// A store that counts the manifest reads in flight at once, each held for a moment so that
+/// A hook that counts the manifest reads in flight at once, each held for a moment so that
 /// reads issued together overlap, and holds the listings of `snapshots/` and `chunks/` until
 /// both have started (at most 5 s), recording whether they did.
 #[derive(Debug)]
 struct HeadReads {
-    inner: Arc<dyn ObjectStore>,
     in_flight: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
     /// Bit 1: a `snapshots/` listing started; bit 2: a `chunks/` listing started.
@@ -672,17 +672,18 @@ struct HeadReads {
     listings_overlapped: std::sync::atomic::AtomicBool,
 }
 
-impl HeadReads {
-    fn new(inner: Arc<dyn ObjectStore>) -> Self {
+impl Default for HeadReads {
+    fn default() -> Self {
         Self {
-            inner,
             in_flight: Default::default(),
             peak: Default::default(),
             listings: tokio::sync::watch::Sender::new(0),
             listings_overlapped: std::sync::atomic::AtomicBool::new(true),
         }
     }
+}
 
+impl HeadReads {
     /// Ready for another verify: counts and listings forgotten.
     fn reset(&self) {
         use std::sync::atomic::Ordering::SeqCst;
@@ -692,78 +693,45 @@ impl HeadReads {
     }
 }
 
+/// A bounded read of a manifest head: the reads whose overlap is measured.
+fn is_head_read(call: &Call<'_>) -> bool {
+    matches!(call, Call::Get { key, max_len: Some(_), .. } if key.starts_with("snapshots/"))
+}
+
 #[async_trait::async_trait]
-impl ObjectStore for HeadReads {
-    async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        mode: PutMode,
-    ) -> Result<cbt_store::store::PutOutcome, cbt_store::store::StoreError> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, cbt_store::store::StoreError> {
-        self.inner.get(key).await
-    }
-    async fn get_bounded(
-        &self,
-        key: &str,
-        max_len: u64,
-    ) -> Result<Bytes, cbt_store::store::StoreError> {
+impl StoreHook for HeadReads {
+    async fn before(&self, _inner: &dyn ObjectStore, call: &Call<'_>) -> Result<(), StoreError> {
         use std::sync::atomic::Ordering::SeqCst;
-        if !key.starts_with("snapshots/") {
-            return self.inner.get_bounded(key, max_len).await;
+        if is_head_read(call) {
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.peak.fetch_max(now, SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            return Ok(());
         }
-        let now = self.in_flight.fetch_add(1, SeqCst) + 1;
-        self.peak.fetch_max(now, SeqCst);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let out = self.inner.get_bounded(key, max_len).await;
-        self.in_flight.fetch_sub(1, SeqCst);
-        out
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-    ) -> Result<Bytes, cbt_store::store::StoreError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(
-        &self,
-        key: &str,
-    ) -> Result<Option<cbt_store::store::ObjectMeta>, cbt_store::store::StoreError> {
-        self.inner.head(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<cbt_store::store::ListPage, cbt_store::store::StoreError> {
-        let bit = if prefix.starts_with("snapshots/") {
-            1
-        } else if prefix.starts_with("chunks/") {
-            2
-        } else {
-            0
+        let bit = match call {
+            Call::List { prefix, .. } if prefix.starts_with("snapshots/") => 1,
+            Call::List { prefix, .. } if prefix.starts_with("chunks/") => 2,
+            _ => return Ok(()),
         };
-        if bit != 0 {
-            self.listings.send_modify(|v| *v |= bit);
-            let mut seen = self.listings.subscribe();
-            let both = tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                seen.wait_for(|v| *v == 3),
-            )
-            .await
-            .is_ok();
-            if !both {
-                self.listings_overlapped
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
-            }
+        self.listings.send_modify(|v| *v |= bit);
+        let mut seen = self.listings.subscribe();
+        let both = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            seen.wait_for(|v| *v == 3),
+        )
+        .await
+        .is_ok();
+        if !both {
+            self.listings_overlapped.store(false, SeqCst);
         }
-        self.inner.list_page(prefix, continuation).await
+        Ok(())
     }
-    async fn delete(&self, key: &str) -> Result<(), cbt_store::store::StoreError> {
-        self.inner.delete(key).await
+
+    fn finished(&self, call: &Call<'_>) {
+        if is_head_read(call) {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 
@@ -803,8 +771,9 @@ async fn verify_lists_and_reads_heads_side_by_side_and_reports_each_problem_once
         std::fs::write(&p, &bytes[..bytes.len() - 3]).unwrap();
     }
 
-    let watched = Arc::new(HeadReads::new(fx.store.clone()));
+    let watched = Arc::new(HookedStore::new(fx.store.clone(), HeadReads::default()));
     let repo = Repository::open(watched.clone()).await.unwrap();
+    let watched = watched.hook();
     for read_data in [false, true] {
         watched.reset();
         let report = repo

@@ -47,7 +47,7 @@ fn setup(
     Arc<RecordingSleeper>,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let faulty = FaultyStore::new(Arc::new(LocalStore::new(dir.path()).unwrap()));
+    let faulty = FaultyStore::over(Arc::new(LocalStore::new(dir.path()).unwrap()));
     let sleeper = Arc::new(RecordingSleeper::default());
     let retrying = RetryingStore::new(Arc::new(faulty.clone()), policy(max_attempts))
         .with_sleeper(sleeper.clone())
@@ -134,7 +134,7 @@ async fn lost_answer_after_a_landed_write_is_safe_to_retry() {
 #[tokio::test]
 async fn fault_store_damages_bodies_and_counts_calls() {
     let dir = tempfile::tempdir().unwrap();
-    let faulty = FaultyStore::new(Arc::new(LocalStore::new(dir.path()).unwrap()));
+    let faulty = FaultyStore::over(Arc::new(LocalStore::new(dir.path()).unwrap()));
     let data = Bytes::from(vec![7u8; 1000]);
     faulty.add_rule(
         FaultRule::new(Op::Put, When::Nth(2), Fault::Truncate(10)).on_keys_containing("chunks/"),
@@ -184,7 +184,7 @@ async fn retry_wrapper_over_s3_retries_a_dropped_connection_and_not_bad_credenti
     let server = S3TestServer::start().await.unwrap();
     server.create_bucket("retry").unwrap();
     let s3 = Arc::new(server.store("retry", "").await.unwrap());
-    let faulty = FaultyStore::new(s3);
+    let faulty = FaultyStore::over(s3);
     faulty.fail_nth(Op::Put, 1);
     let sleeper = Arc::new(RecordingSleeper::default());
     let store =
@@ -202,7 +202,7 @@ async fn retry_wrapper_over_s3_retries_a_dropped_connection_and_not_bad_credenti
         access_key_id: cbt_store::testing::TEST_ACCESS_KEY.into(),
         secret_access_key: "wrong".into(),
     });
-    let bad = FaultyStore::new(Arc::new(
+    let bad = FaultyStore::over(Arc::new(
         cbt_store::store::S3Store::connect(bad).await.unwrap(),
     ));
     let store = RetryingStore::new(Arc::new(bad.clone()), policy(3)).with_sleeper(sleeper.clone());
@@ -300,5 +300,68 @@ async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
             (None, String::new()),
             (Some(Op::Delete), "keep/a".to_string()),
         ]
+    );
+}
+
+/// The fault store is a [`HookedStore`]: with no rule it passes the conformance suite and
+/// counts what went through; clones share rules and counters; a body damaged on its way into
+/// `put_with` is stored with a checksum of its own (so it reads back as the damaged bytes, not
+/// as a checksum failure); and a lost answer comes after the call took effect, for deletes and
+/// reads as for puts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_store_without_rules_conforms_and_injects_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = Arc::new(LocalStore::new(dir.path()).unwrap().with_page_size(7));
+    let faulty = FaultyStore::over(local.clone());
+    conformance::run_all(
+        &faulty,
+        Capabilities {
+            atomic_if_absent: true,
+            page_size: Some(7),
+            strict_list_order: true,
+        },
+    )
+    .await;
+    assert_eq!(faulty.injected(), 0);
+    for op in [
+        Op::Put,
+        Op::Get,
+        Op::GetRange,
+        Op::Head,
+        Op::List,
+        Op::Delete,
+    ] {
+        assert!(faulty.calls(op) > 0, "{op} not counted");
+    }
+
+    let other = faulty.clone();
+    other.reset_counts();
+    other.add_rule(FaultRule::new(Op::Put, When::Nth(1), Fault::Truncate(3)));
+    let body = Bytes::from_static(b"twelve bytes");
+    let opts = cbt_store::store::PutOptions {
+        crc32c: Some(crc32c::crc32c(&body)),
+        ..cbt_store::store::PutOptions::new(PutMode::Overwrite)
+    };
+    faulty.put_with("cut", body, opts).await.unwrap();
+    assert_eq!(local.get("cut").await.unwrap(), Bytes::from_static(b"twe"));
+    assert_eq!((faulty.calls(Op::Put), faulty.injected()), (1, 1));
+
+    for op in [Op::Get, Op::Delete] {
+        faulty.add_rule(FaultRule::new(op, When::Nth(1), Fault::TransientAfterCall));
+    }
+    let err = faulty.get("cut").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Transient { op: Op::Get, key, .. } if key == "cut"),
+        "{err:?}"
+    );
+    assert_eq!(faulty.get("cut").await.unwrap(), Bytes::from_static(b"twe"));
+    let err = faulty.delete("cut").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Transient { op: Op::Delete, key, .. } if key == "cut"),
+        "{err:?}"
+    );
+    assert!(
+        local.head("cut").await.unwrap().is_none(),
+        "the delete landed"
     );
 }

@@ -367,7 +367,7 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
 
     let dir = tempfile::tempdir().unwrap();
     let (local, _) = local_repo(dir.path(), CHUNK).await;
-    let faulty = Arc::new(FaultyStore::new(local));
+    let faulty = Arc::new(FaultyStore::over(local));
     let repo = Repository::open(faulty.clone()).await.unwrap();
     let volume = VolumeName::new("stall").unwrap();
     let size = 8 * MIB;

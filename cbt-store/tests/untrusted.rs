@@ -615,7 +615,7 @@ async fn a_new_file_restore_finds_a_missing_chunk_by_fetching_it() {
     use cbt_store::store::fault::FaultyStore;
     let fx = Fixture::new().await;
     let index = snapshot_missing_its_last_chunk(&fx).await;
-    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let counting = Arc::new(FaultyStore::over(fx.store.clone()));
     let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
         .await
         .unwrap();
@@ -1065,7 +1065,7 @@ async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() 
     assert!(out.manifest.as_ref().unwrap().chunks.unique_chunks().len() > 1024);
     let (index, r) = nth_stored(&out, 700);
     std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
-    let counting = Arc::new(FaultyStore::new(fx.store.clone()));
+    let counting = Arc::new(FaultyStore::over(fx.store.clone()));
     let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
         .await
         .unwrap();

@@ -1,15 +1,16 @@
 //! Fault-injecting wrapper for tests: fails chosen calls, damages bodies, and counts calls per
 //! operation, so crash, resume and retry behaviour can be tested deterministically.
 //!
-//! Owns only injection and counting; every call that no rule hits is forwarded unchanged.
+//! Owns only the rules and the counting: the forwarding is [`HookedStore`]'s (proved by the
+//! conformance suite), so every call that no rule hits reaches the inner store unchanged.
 
 use std::collections::BTreeMap;
-use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError};
+use super::{ObjectStore, Op, StoreError};
+use crate::testing::hooked::{Call, Forward, HookedStore, StoreHook};
 
 /// Which matching calls a [`FaultRule`] hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,24 +81,24 @@ struct State {
     injected: u64,
 }
 
-/// [`ObjectStore`] wrapper that injects faults by rule and counts calls.
-#[derive(Debug, Clone)]
-pub struct FaultyStore {
-    inner: Arc<dyn ObjectStore>,
+/// The hook of a [`FaultyStore`]: its rules and call counters, shared by every clone.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
     state: Arc<Mutex<State>>,
 }
 
-impl FaultyStore {
+/// [`ObjectStore`] wrapper that injects faults by rule and counts calls: a [`HookedStore`]
+/// whose hook is [`Faults`]. Clones share the rules and the counters.
+pub type FaultyStore = HookedStore<Faults>;
+
+impl HookedStore<Faults> {
     /// Wraps `inner` with no rules.
-    pub fn new(inner: Arc<dyn ObjectStore>) -> Self {
-        Self {
-            inner,
-            state: Arc::default(),
-        }
+    pub fn over(inner: Arc<dyn ObjectStore>) -> Self {
+        HookedStore::new(inner, Faults::default())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.hook().state()
     }
 
     /// Adds a rule; rules are checked in the order added and the first hit wins.
@@ -143,7 +144,15 @@ impl FaultyStore {
         s.calls.clear();
         s.injected = 0;
     }
+}
 
+impl Faults {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts the call and returns the fault of the first rule it hits, if any (every matching
+    /// rule counts the call, hit or not, so `Nth` stays true to its own count).
     fn check(&self, op: Op, key: &str) -> Option<Fault> {
         let mut s = self.state();
         *s.calls.entry(op).or_default() += 1;
@@ -174,6 +183,38 @@ impl FaultyStore {
     }
 }
 
+#[async_trait::async_trait]
+impl StoreHook for Faults {
+    async fn forward(
+        &self,
+        _inner: &dyn ObjectStore,
+        call: &Call<'_>,
+    ) -> Result<Forward, StoreError> {
+        // A sync is neither counted nor failed: rules name operations that move objects.
+        let Some(op) = call.op() else {
+            return Ok(Forward::as_is());
+        };
+        let key = call.key();
+        Ok(match self.check(op, key) {
+            None => Forward::as_is(),
+            Some(Fault::Transient) => return Err(injected(op, key, false)),
+            Some(Fault::Permanent) => return Err(injected(op, key, true)),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Forward::as_is()
+            }
+            Some(Fault::TransientAfterCall) => Forward {
+                then_fail: Some(injected(op, key, false)),
+                ..Forward::default()
+            },
+            Some(fault @ (Fault::Truncate(_) | Fault::FlipBit)) => Forward {
+                body: Some(Box::new(move |body| damage(body, &fault))),
+                ..Forward::default()
+            },
+        })
+    }
+}
+
 fn injected(op: Op, key: &str, permanent: bool) -> StoreError {
     if permanent {
         StoreError::Backend {
@@ -200,127 +241,5 @@ fn damage(body: Bytes, fault: &Fault) -> Bytes {
             b.freeze()
         }
         _ => body,
-    }
-}
-
-/// Decides what to do before forwarding; returns the fault to apply to the result, if any.
-macro_rules! pre {
-    ($self:ident, $op:expr, $key:expr) => {{
-        let fault = $self.check($op, $key);
-        match fault {
-            Some(Fault::Transient) => return Err(injected($op, $key, false)),
-            Some(Fault::Permanent) => return Err(injected($op, $key, true)),
-            Some(Fault::Delay(d)) => {
-                tokio::time::sleep(d).await;
-                None
-            }
-            other => other,
-        }
-    }};
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for FaultyStore {
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
-        let fault = pre!(self, Op::Put, key);
-        let body = match &fault {
-            Some(f) => damage(body, f),
-            None => body,
-        };
-        let out = self.inner.put(key, body, mode).await?;
-        if fault == Some(Fault::TransientAfterCall) {
-            return Err(injected(Op::Put, key, false));
-        }
-        Ok(out)
-    }
-
-    async fn put_with(
-        &self,
-        key: &str,
-        body: Bytes,
-        opts: PutOptions,
-    ) -> Result<PutOutcome, StoreError> {
-        let fault = pre!(self, Op::Put, key);
-        // A damaged body is stored with its own checksum, as `put` stores it, so a damage rule
-        // behaves the same whichever of the two calls the caller used.
-        let out = match &fault {
-            Some(f) => {
-                let opts = PutOptions {
-                    crc32c: None,
-                    ..opts
-                };
-                self.inner.put_with(key, damage(body, f), opts).await?
-            }
-            None => self.inner.put_with(key, body, opts).await?,
-        };
-        if fault == Some(Fault::TransientAfterCall) {
-            return Err(injected(Op::Put, key, false));
-        }
-        Ok(out)
-    }
-
-    async fn sync(&self) -> Result<(), StoreError> {
-        self.inner.sync().await
-    }
-
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        let fault = pre!(self, Op::Get, key);
-        let body = self.inner.get(key).await?;
-        match fault {
-            Some(Fault::TransientAfterCall) => Err(injected(Op::Get, key, false)),
-            Some(f) => Ok(damage(body, &f)),
-            None => Ok(body),
-        }
-    }
-
-    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
-        let fault = pre!(self, Op::Get, key);
-        let body = self.inner.get_bounded(key, max_len).await?;
-        match fault {
-            Some(Fault::TransientAfterCall) => Err(injected(Op::Get, key, false)),
-            Some(f) => Ok(damage(body, &f)),
-            None => Ok(body),
-        }
-    }
-
-    async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
-        let fault = pre!(self, Op::GetRange, key);
-        let body = self.inner.get_range(key, range).await?;
-        match fault {
-            Some(Fault::TransientAfterCall) => Err(injected(Op::GetRange, key, false)),
-            Some(f) => Ok(damage(body, &f)),
-            None => Ok(body),
-        }
-    }
-
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        let fault = pre!(self, Op::Head, key);
-        let out = self.inner.head(key).await?;
-        if fault == Some(Fault::TransientAfterCall) {
-            return Err(injected(Op::Head, key, false));
-        }
-        Ok(out)
-    }
-
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<ListPage, StoreError> {
-        let fault = pre!(self, Op::List, prefix);
-        let out = self.inner.list_page(prefix, continuation).await?;
-        if fault == Some(Fault::TransientAfterCall) {
-            return Err(injected(Op::List, prefix, false));
-        }
-        Ok(out)
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let fault = pre!(self, Op::Delete, key);
-        self.inner.delete(key).await?;
-        if fault == Some(Fault::TransientAfterCall) {
-            return Err(injected(Op::Delete, key, false));
-        }
-        Ok(())
     }
 }

@@ -4,7 +4,8 @@
 //! [`StoreHook`], so a test writes only the twist, not another copy of the forwarding.
 //!
 //! Owns only forwarding and the hook points; rule-based fault injection (fail the n-th call,
-//! damage a body) is [`crate::store::fault::FaultyStore`]'s.
+//! damage a body, lose an answer) is [`crate::store::fault::FaultyStore`]'s, itself a
+//! [`HookedStore`] whose hook decides each call's [`Forward`].
 
 use std::fmt;
 use std::ops::Range;
@@ -95,6 +96,48 @@ impl Call<'_> {
     }
 }
 
+/// How a [`HookedStore`] forwards one call, as [`StoreHook::forward`] decided for it: the
+/// decision travels with the call, so concurrent calls never see each other's.
+#[derive(Default)]
+pub struct Forward {
+    /// Replaces the body: a put's before it is stored (then with a checksum of its own, not
+    /// the one the caller gave), a read's before [`StoreHook::read`] sees it.
+    pub body: Option<Box<dyn FnOnce(Bytes) -> Bytes + Send>>,
+    /// Once the inner store has answered a call successfully, fail it with this error
+    /// instead: the call took effect, its answer was lost.
+    pub then_fail: Option<StoreError>,
+}
+
+impl Forward {
+    /// Forward the call as it is.
+    pub fn as_is() -> Self {
+        Forward::default()
+    }
+
+    fn reshape(&mut self, body: Bytes) -> Bytes {
+        match self.body.take() {
+            Some(f) => f(body),
+            None => body,
+        }
+    }
+
+    fn answer<T>(self, out: T) -> Result<T, StoreError> {
+        match self.then_fail {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+impl fmt::Debug for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("body", &self.body.as_ref().map(|_| "replaced"))
+            .field("then_fail", &self.then_fail)
+            .finish()
+    }
+}
+
 /// The twist of a [`HookedStore`]; every method defaults to doing nothing.
 #[async_trait::async_trait]
 pub trait StoreHook: fmt::Debug + Send + Sync + 'static {
@@ -103,6 +146,16 @@ pub trait StoreHook: fmt::Debug + Send + Sync + 'static {
     async fn before(&self, inner: &dyn ObjectStore, call: &Call<'_>) -> Result<(), StoreError> {
         let _ = (inner, call);
         Ok(())
+    }
+
+    /// Decides how `call` is forwarded (a hook that changes bodies or loses answers overrides
+    /// this); the default runs [`StoreHook::before`] and forwards the call as it is.
+    async fn forward(
+        &self,
+        inner: &dyn ObjectStore,
+        call: &Call<'_>,
+    ) -> Result<Forward, StoreError> {
+        self.before(inner, call).await.map(|()| Forward::as_is())
     }
 
     /// Sees the body a read returned; the caller gets what this returns.
@@ -141,8 +194,19 @@ impl<H: StoreHook> HookedStore<H> {
         &self.hook
     }
 
-    async fn before(&self, call: &Call<'_>) -> Result<(), StoreError> {
-        self.hook.before(self.inner.as_ref(), call).await
+    async fn forward(&self, call: &Call<'_>) -> Result<Forward, StoreError> {
+        self.hook.forward(self.inner.as_ref(), call).await
+    }
+}
+
+impl<H: StoreHook + Clone> Clone for HookedStore<H> {
+    /// Another handle on the same inner store with a clone of the hook (a hook whose state
+    /// sits behind an `Arc` is then shared by both).
+    fn clone(&self) -> Self {
+        HookedStore {
+            inner: self.inner.clone(),
+            hook: self.hook.clone(),
+        }
     }
 }
 
@@ -154,12 +218,12 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             len: body.len() as u64,
             opts: PutOptions::new(mode),
         };
-        self.before(&call).await?;
-        let out = self.inner.put(key, body, mode).await;
+        let mut how = self.forward(&call).await?;
+        let out = self.inner.put(key, how.reshape(body), mode).await;
         self.hook.finished(&call);
         let out = out?;
         self.hook.put_done(&call, out);
-        Ok(out)
+        how.answer(out)
     }
 
     async fn put_with(
@@ -173,20 +237,28 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             len: body.len() as u64,
             opts,
         };
-        self.before(&call).await?;
-        let out = self.inner.put_with(key, body, opts).await;
+        let mut how = self.forward(&call).await?;
+        // A replaced body is stored with its own checksum: the caller's was of the old one.
+        let opts = match how.body {
+            Some(_) => PutOptions {
+                crc32c: None,
+                ..opts
+            },
+            None => opts,
+        };
+        let out = self.inner.put_with(key, how.reshape(body), opts).await;
         self.hook.finished(&call);
         let out = out?;
         self.hook.put_done(&call, out);
-        Ok(out)
+        how.answer(out)
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
         let call = Call::Sync;
-        self.before(&call).await?;
+        let how = self.forward(&call).await?;
         let out = self.inner.sync().await;
         self.hook.finished(&call);
-        out
+        how.answer(out?)
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
@@ -195,11 +267,12 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             max_len: None,
             aligned_at: None,
         };
-        self.before(&call).await?;
+        let mut how = self.forward(&call).await?;
         let body = self.inner.get(key).await;
         self.hook.finished(&call);
-        let body = body?;
-        Ok(self.hook.read(&call, body))
+        let body = how.reshape(body?);
+        let body = self.hook.read(&call, body);
+        how.answer(body)
     }
 
     async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
@@ -208,11 +281,12 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             max_len: Some(max_len),
             aligned_at: None,
         };
-        self.before(&call).await?;
+        let mut how = self.forward(&call).await?;
         let body = self.inner.get_bounded(key, max_len).await;
         self.hook.finished(&call);
-        let body = body?;
-        Ok(self.hook.read(&call, body))
+        let body = how.reshape(body?);
+        let body = self.hook.read(&call, body);
+        how.answer(body)
     }
 
     async fn get_bounded_aligned(
@@ -226,14 +300,15 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             max_len: Some(max_len),
             aligned_at: Some(aligned_at),
         };
-        self.before(&call).await?;
+        let mut how = self.forward(&call).await?;
         let body = self
             .inner
             .get_bounded_aligned(key, max_len, aligned_at)
             .await;
         self.hook.finished(&call);
-        let body = body?;
-        Ok(self.hook.read(&call, body))
+        let body = how.reshape(body?);
+        let body = self.hook.read(&call, body);
+        how.answer(body)
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
@@ -241,19 +316,20 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             key,
             range: range.clone(),
         };
-        self.before(&call).await?;
+        let mut how = self.forward(&call).await?;
         let body = self.inner.get_range(key, range).await;
         self.hook.finished(&call);
-        let body = body?;
-        Ok(self.hook.read(&call, body))
+        let body = how.reshape(body?);
+        let body = self.hook.read(&call, body);
+        how.answer(body)
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
         let call = Call::Head { key };
-        self.before(&call).await?;
+        let how = self.forward(&call).await?;
         let out = self.inner.head(key).await;
         self.hook.finished(&call);
-        out
+        how.answer(out?)
     }
 
     async fn list_page(
@@ -266,17 +342,17 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
             prefix,
             continuation: asked.as_deref(),
         };
-        self.before(&call).await?;
+        let how = self.forward(&call).await?;
         let out = self.inner.list_page(prefix, continuation).await;
         self.hook.finished(&call);
-        out
+        how.answer(out?)
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let call = Call::Delete { key };
-        self.before(&call).await?;
+        let how = self.forward(&call).await?;
         let out = self.inner.delete(key).await;
         self.hook.finished(&call);
-        out
+        how.answer(out?)
     }
 }
