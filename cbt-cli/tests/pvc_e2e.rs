@@ -256,6 +256,31 @@ async fn a_pvc_is_backed_up_incrementally_and_restored_into_a_new_pvc() {
             .get("v1", "PersistentVolumeClaim", NS, "small")
             .is_none()
     );
+
+    // A third run, printed for people: its summary carries the mover's chunk counts. One
+    // chunk gets new content (uploaded); another, unallocated until now, becomes a copy of
+    // chunk 0 (all ones, already stored: deduplicated). Both differ from the parent.
+    write(&device, 12 * MIB, 7, 64 * 1024);
+    write(&device, 10 * MIB, 1, 256 * 1024);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let args = env.backup_args("data", "s3-creds");
+    let human: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+    let out = env.cbt(&human).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chunks = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("chunks:"))
+        .unwrap_or_else(|| panic!("no chunk line in:\n{stdout}"));
+    assert_eq!(
+        chunks.trim(),
+        "chunks: 1 uploaded, 1 deduplicated; 512.0 KiB changed; at most 2 map entries held",
+        "{stdout}"
+    );
     drop(env.t);
 }
 

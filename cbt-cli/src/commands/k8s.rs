@@ -421,7 +421,7 @@ fn human_backup_summary(
             Ok(rep) => {
                 let m = rep.mover.clone().unwrap_or_default();
                 text.push_str(&format!(
-                    "{namespace}/{name}: backup {}/{}{} from VolumeSnapshot {}\n  {}: {} in ranges, read {}, uploaded {}\n  snapshot wait {:.1} s, mover start {:.1} s, data {:.1} s, cleanup {:.1} s\n",
+                    "{namespace}/{name}: backup {}/{}{} from VolumeSnapshot {}\n  {}: {} in ranges, read {}, uploaded {}\n  chunks: {} uploaded, {} deduplicated; {} changed; at most {} map entries held\n  snapshot wait {:.1} s, mover start {:.1} s, data {:.1} s, cleanup {:.1} s\n",
                     rep.volume,
                     m.snapshot.as_deref().unwrap_or("?"),
                     m.parent
@@ -433,6 +433,10 @@ fn human_backup_summary(
                     bytes(m.bytes_in_ranges),
                     bytes(m.bytes_read),
                     bytes(m.bytes_transferred),
+                    m.chunks_uploaded,
+                    m.chunks_deduplicated,
+                    bytes(m.bytes_changed),
+                    m.map_entries_peak,
                     rep.times.snapshot_wait_s,
                     rep.times.mover_start_s,
                     rep.times.data_s,
