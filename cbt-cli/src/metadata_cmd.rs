@@ -496,7 +496,7 @@ pub enum BlockTypeArg {
 /// `cbt serve-metadata`: serve the CSI and Kubernetes SnapshotMetadata APIs from image files.
 #[derive(Debug, clap::Args)]
 pub struct ServeMetadataArgs {
-    /// Directory of snapshot images (snapshot id = file name; optional <id>.meta.json).
+    /// Directory of snapshot images (snapshot id = file name; optional ID.meta.json beside it).
     #[arg(long)]
     pub dir: PathBuf,
     /// unix:///path/to.sock or tcp://IP:PORT.

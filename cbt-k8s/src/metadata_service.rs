@@ -208,7 +208,7 @@ pub async fn request_token(
     Ok((token, Duration::from_secs(secs.unsigned_abs())))
 }
 
-/// A [`cbt_csi::TokenSource`] that mints audience-scoped tokens through TokenRequest and reuses
+/// A [`cbt_csi::client::TokenSource`] that mints audience-scoped tokens through TokenRequest and reuses
 /// one until a minute before it expires, so a long, resumed listing keeps a valid token.
 #[derive(Clone)]
 pub struct TokenRequestSource {

@@ -1,6 +1,6 @@
 //! Retrying API calls on transient failures with capped exponential backoff.
 //!
-//! kube's own retry layer is switched off by [`crate::connect`] so that this
+//! kube's own retry layer is switched off by [`crate::connect()`] so that this
 //! policy alone decides: it also covers 500/502 and dropped connections, and it
 //! never sleeps past the caller's deadline.
 

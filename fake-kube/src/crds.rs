@@ -35,7 +35,7 @@ pub(crate) static CUSTOM_RESOURCE_DEFINITIONS: ResourceType = ResourceType {
 };
 
 /// The upstream CRD manifests the project targets, byte-identical copies (see
-/// `fake-kube/crds/`), for tests that install them with [`crate::FakeKube::install_crds`].
+/// `fake-kube/crds/`), for tests that install them with [`crate::FakeKube::install_yaml`].
 pub mod upstream {
     /// `snapshotmetadataservices.cbt.storage.k8s.io` (external-snapshot-metadata v1.1.0:
     /// v1beta1 only).

@@ -95,7 +95,7 @@ struct MigrateArgs {
     /// Existing VolumeSnapshot to move instead of cutting one (repeatable).
     #[arg(long = "snapshot", value_name = "NAME", conflicts_with = "pvcs")]
     snapshots: Vec<String>,
-    /// Name of the snapshot cut from a single --pvc (default: <pvc>-snapshift).
+    /// Name of the snapshot cut from a single --pvc (default: PVC-snapshift).
     #[arg(long)]
     snapshot_name: Option<String>,
     /// VolumeSnapshotClass for the origin snapshot (default: the driver's default).

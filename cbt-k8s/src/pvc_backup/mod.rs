@@ -379,8 +379,9 @@ pub(crate) struct GroupCut {
     pub(crate) cut_time: Option<String>,
 }
 
-/// Manifest label holding [`GroupCut::cut_time`]: backups with the same value (and the same
-/// `source.volume_group_snapshot`) are crash-consistent with each other.
+/// Manifest label holding the group snapshot's creation time (the instant every member was
+/// cut at): backups with the same value (and the same `source.volume_group_snapshot`) are
+/// crash-consistent with each other.
 pub const GROUP_CUT_TIME_LABEL: &str = "cbt.io/group-cut-time";
 
 #[allow(clippy::too_many_arguments)] // the values the Job is built from

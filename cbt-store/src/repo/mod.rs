@@ -769,8 +769,8 @@ impl Repository {
     /// chunk is committed: an unreferenced chunk is garbage to GC.
     ///
     /// While chunk puts keep finding their chunk stored, a `head` comes first so existing
-    /// chunks cost no upload; after a run of new chunks the `head` is skipped (see
-    /// [`DedupHint`]). A missing chunk is written with `IfAbsent`. An existing object whose
+    /// chunks cost no upload; after a run of new chunks the `head` is skipped (until a put finds its chunk
+    /// stored again). A missing chunk is written with `IfAbsent`. An existing object whose
     /// size differs from this encoding is fetched and checked; if it is damaged (or gone) it
     /// is replaced by this (verified-by-construction) copy.
     ///
@@ -782,7 +782,7 @@ impl Repository {
 
     /// [`Repository::put_chunk`] for a chunk the caller knows more about: a
     /// [`ChunkNovelty::Changed`] chunk is created directly, without asking for it first,
-    /// unless the last chunk put found its copy stored (see [`DedupHint`]). A copy that turns
+    /// unless the last chunk put found its copy stored. A copy that turns
     /// out to be stored is still used (if intact) or repaired, as with `put_chunk`.
     ///
     /// # Errors

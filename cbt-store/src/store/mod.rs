@@ -47,7 +47,7 @@ pub struct S3Options {
     pub multipart_threshold: u64,
     /// Size of each part of a multipart upload (at least 5 MiB).
     pub part_size: u64,
-    /// Retry policy of the store returned by [`super::open_url`].
+    /// Retry policy of the store returned by [`open_url`].
     pub retry: RetryPolicy,
     /// Limit on one attempt of one request (connect + transfer).
     pub attempt_timeout: Duration,
