@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cbt_core::Timestamp;
 use cbt_store::repo::{InitOptions, RepoError, Repository};
-use cbt_store::store::s3::{PROBE_KEY, S3Store};
+use cbt_store::store::s3::{PROBE_KEY, S3Config, S3Store};
 use cbt_store::store::{
     ConditionalWrites, ErrorKind, ObjectStore, PutMode, PutOutcome, RetryPolicy, RetryingStore,
     StoreError, list_all,
@@ -173,4 +173,60 @@ async fn a_probe_that_failed_transiently_is_run_again_before_an_exclusive_write(
             "PUT repo/locks/exclusive".to_string()
         ]
     );
+}
+
+/// A store dropped right after `connect` (with every clone) aborts the conditional-write probe
+/// it left running. On a fresh prefix the probe's first create is held by the server while the
+/// store is dropped, then released: a probe still running would send its second create and its
+/// read-back. While a clone is kept, it does; once every clone is gone, it does not.
+#[tokio::test]
+async fn dropping_the_store_aborts_its_background_probe() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    // The GETs that release a held create are sent by a store that does not probe.
+    let quiet = S3Store::connect(S3Config {
+        check_on_connect: false,
+        ..server.config("bkt", "")
+    })
+    .await
+    .unwrap();
+    let probe_requests = |prefix: &str| {
+        let probe = format!("{prefix}/{PROBE_KEY}");
+        (server.request_log().iter())
+            .filter(|r| r.ends_with(&probe))
+            .map(|r| r.split(' ').next().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+    };
+    // Waits (at most 5 s) until the probe requests under `prefix` are `want`.
+    let wait_for = |prefix: &'static str, want: &'static [&'static str]| async move {
+        for _ in 0..500 {
+            if probe_requests(prefix) == want {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(probe_requests(prefix), want, "{prefix}");
+    };
+    for (prefix, keep_a_clone) in [("kept", true), ("dropped", false)] {
+        server.hold_put_until_get(&format!("{prefix}/{PROBE_KEY}"), "release");
+        let s3 = server.store("bkt", prefix).await.unwrap();
+        let clone = keep_a_clone.then(|| s3.clone());
+        wait_for(prefix, &["PUT"]).await; // the first create, held
+        drop(s3);
+        assert!(quiet.get("release").await.is_err());
+        match clone {
+            Some(clone) => {
+                wait_for(prefix, &["PUT", "PUT", "GET"]).await;
+                assert_eq!(
+                    clone.conditional_writes().await.unwrap(),
+                    ConditionalWrites::Honoured
+                );
+            }
+            None => {
+                // Time for a probe still running to send its next requests.
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                assert_eq!(probe_requests(prefix), ["PUT"], "the probe went on");
+            }
+        }
+    }
 }

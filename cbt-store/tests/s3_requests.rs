@@ -284,3 +284,101 @@ async fn full_incremental_and_restore_stay_within_their_request_budgets() {
     assert_eq!(in_place.list, 1, "{in_place:?}");
     assert!(in_place.total() <= CHUNKS + 8, "{in_place:?}");
 }
+
+/// One captured log event: its fields by name (`message` included), as text.
+type Event = std::collections::BTreeMap<&'static str, String>;
+
+/// A tracing layer that keeps every event it sees, for tests that check what is logged.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<Event>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Fields<'a>(&'a mut Event);
+        impl tracing::field::Visit for Fields<'_> {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                self.0.insert(field.name(), value.to_string());
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.insert(field.name(), format!("{value:?}"));
+            }
+        }
+        let mut fields = Event::new();
+        event.record(&mut Fields(&mut fields));
+        self.0.lock().unwrap().push(fields);
+    }
+}
+
+/// With debug logging on, every request the store sends is logged when it goes out and again,
+/// with its HTTP status, when its answer arrives: a `200` for an object read, a `404` for a
+/// missing one, and an answer line for each request line.
+#[tokio::test]
+async fn debug_logging_shows_each_request_and_its_answer_with_the_status() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let captured = Captured::default();
+    // Process-wide: a callsite's interest is shared by every thread, so a subscriber set for
+    // this thread alone can miss events whose interest other tests' threads settled. Other
+    // tests' requests are logged here too; only this server's are looked at.
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(captured.clone()))
+        .unwrap();
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("bkt").unwrap();
+    let (store, _) = connect(&server).await;
+    store
+        .put(
+            "k",
+            bytes::Bytes::from_static(b"v"),
+            cbt_store::store::PutMode::Overwrite,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get("k").await.unwrap().as_ref(), b"v");
+    assert!(store.get("gone").await.is_err());
+    let sent = store.request_counts().total();
+
+    let events = captured.0.lock().unwrap().clone();
+    let ours = format!(" {}/", server.endpoint().trim_end_matches('/'));
+    let of = |message: &str| -> Vec<&Event> {
+        (events.iter())
+            .filter(|e| e.get("message").map(String::as_str) == Some(message))
+            .filter(|e| {
+                let request = match (e.get("request"), e.get("method"), e.get("uri")) {
+                    (Some(r), _, _) => r.clone(),
+                    (None, Some(m), Some(u)) => format!("{m} {u}"),
+                    _ => return false,
+                };
+                request.contains(&ours)
+            })
+            .collect()
+    };
+    let requests: Vec<String> = of("S3 request")
+        .iter()
+        .map(|e| format!("{} {}", e["method"], e["uri"]))
+        .collect();
+    let mut answered: Vec<String> = of("S3 answer")
+        .iter()
+        .map(|e| e["request"].clone())
+        .collect();
+    assert_eq!(requests.len() as u64, sent, "{requests:#?}");
+    let mut asked = requests.clone();
+    asked.sort();
+    answered.sort();
+    assert_eq!(asked, answered, "one answer line per request line");
+    let status_of = |method: &str, key: &str| -> Vec<String> {
+        of("S3 answer")
+            .iter()
+            .filter(|e| {
+                e["request"].starts_with(&format!("{method} "))
+                    && e["request"].contains(&format!("/bkt/repo/{key}"))
+            })
+            .map(|e| e["status"].clone())
+            .collect()
+    };
+    assert_eq!(status_of("PUT", "k"), ["Some(200)"]);
+    assert_eq!(status_of("GET", "k"), ["Some(200)"]);
+    assert_eq!(status_of("GET", "gone"), ["Some(404)"]);
+}

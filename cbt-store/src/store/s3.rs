@@ -35,7 +35,8 @@
 //! in the background, so the caller's first reads (the repository config) travel beside it:
 //! opening a repository costs two sequential round trips instead of three. Every `IfAbsent`
 //! put waits for the probe's answer before it is sent; a probe that failed on a transient error
-//! is run again by the first put that needs it.
+//! is run again by the first put that needs it. Dropping the store and every clone of it aborts
+//! a probe still running: nothing is left sending requests for a store nobody holds.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -298,6 +299,20 @@ pub struct S3Store {
     /// clone, filled by the background probe or by the first `IfAbsent` put that needs it.
     conditional: Arc<tokio::sync::OnceCell<(ConditionalWrites, String)>>,
     requests: RequestCounter,
+    /// The background probe, aborted when the last clone the caller holds is dropped (the
+    /// probe's own clone holds none of this, so it does not keep itself alive).
+    probe_task: Option<Arc<ProbeTask>>,
+}
+
+/// Aborts the background conditional-write probe when dropped: a store dropped right after
+/// `connect` (a failed open, a short-lived tool) leaves no request running behind it.
+#[derive(Debug)]
+struct ProbeTask(tokio::task::AbortHandle);
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl S3Store {
@@ -392,12 +407,13 @@ impl S3Store {
             .endpoint
             .clone()
             .unwrap_or_else(|| "AWS S3 (default endpoint)".to_string());
-        let store = Self {
+        let mut store = Self {
             client,
             cfg,
             endpoint_label,
             conditional: Arc::default(),
             requests,
+            probe_task: None,
         };
         if !store.cfg.check_on_connect {
             // Cannot fail: the cell was created empty just above.
@@ -408,11 +424,12 @@ impl S3Store {
         }
         store.check_bucket().await?;
         let background = store.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = background.conditional_answer().await {
                 tracing::debug!(error = %e, "conditional-write probe failed; the first exclusive write retries it");
             }
         });
+        store.probe_task = Some(Arc::new(ProbeTask(task.abort_handle())));
         Ok(store)
     }
 
