@@ -31,9 +31,7 @@ async fn killed_backup_leaves_nothing_visible_and_resumes_without_reupload() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 4);
     let src = fx.write("d.img", &img);
-    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    let (faulty, repo) = fx.through_faults().await;
     let source = Arc::new(FileSource::open(&src).unwrap());
 
     // The store "dies" after 5 chunk uploads.
@@ -93,9 +91,7 @@ async fn lost_manifest_write_and_lost_answers_resume_cleanly() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 6);
     let src = fx.write("d.img", &img);
-    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    let (faulty, repo) = fx.through_faults().await;
     let source = Arc::new(FileSource::open(&src).unwrap());
 
     // Crash exactly at the commit point: every chunk landed, the manifest did not.
@@ -238,10 +234,7 @@ async fn concurrent_backups_share_the_repository_and_same_name_races_have_one_wi
 async fn a_lost_lock_write_does_not_leave_a_stale_lock() {
     let fx = Fixture::new().await;
     let src = fx.write("d.img", &image(4 * CS as usize, 3));
-    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
-    let repo = Repository::open(faulty.clone() as Arc<dyn ObjectStore>)
-        .await
-        .unwrap();
+    let (faulty, repo) = fx.through_faults().await;
     for key in ["locks/shared/", "locks/exclusive"] {
         faulty.clear_rules();
         faulty.add_rule(

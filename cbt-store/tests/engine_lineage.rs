@@ -9,19 +9,11 @@ use std::sync::Arc;
 use cbt_core::manifest::ParentRef;
 use cbt_core::{ChunkState, Timestamp};
 use cbt_store::engine::{self, BackupMode, FileSource};
-use cbt_store::repo::{GcOptions, RepoError, Repository};
-use cbt_store::store::fault::FaultyStore;
-use cbt_store::store::{ObjectStore, Op};
+use cbt_store::repo::{GcOptions, RepoError};
+use cbt_store::store::Op;
 use engine_support::*;
 
 const SIZE: usize = 24 * CS as usize + 1234;
-
-/// The fixture's repository opened again through a [`FaultyStore`] that counts and fails calls.
-async fn faulty_repo(fx: &Fixture) -> (Arc<FaultyStore>, Repository) {
-    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    (faulty, Repository::open(store).await.unwrap())
-}
 
 #[tokio::test]
 async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
@@ -32,7 +24,7 @@ async fn full_backup_records_its_parent_and_reuses_its_chunks_without_checks() {
     mutate(&mut img, 3, 5000, 2);
     std::fs::write(&path, &img).unwrap();
 
-    let (faulty, repo) = faulty_repo(&fx).await;
+    let (faulty, repo) = fx.through_faults().await;
     let parent = ParentRef {
         snapshot: snap("a"),
         snapshot_id: first.manifest.as_ref().unwrap().snapshot_id.clone(),
@@ -371,7 +363,7 @@ async fn a_committed_backup_succeeds_even_if_its_lock_cannot_be_released() {
     use cbt_store::store::fault::{Fault, FaultRule, When};
     let fx = Fixture::new().await;
     let path = fx.write("d.img", &image(SIZE, 16));
-    let (faulty, repo) = faulty_repo(&fx).await;
+    let (faulty, repo) = fx.through_faults().await;
     faulty.add_rule(
         FaultRule::new(Op::Delete, When::FirstN(1), Fault::Permanent).on_keys_containing("locks/"),
     );
@@ -400,7 +392,7 @@ async fn restore_locks_when_it_can_and_still_restores_when_it_cannot() {
     let img = image(SIZE, 17);
     let path = fx.write("d.img", &img);
     full_backup(&fx.repo, &path, "v", "s", 1).await;
-    let (faulty, repo) = faulty_repo(&fx).await;
+    let (faulty, repo) = fx.through_faults().await;
     faulty.reset_counts();
     let target = fx.path("r1.img");
     let run = |target: std::path::PathBuf| {

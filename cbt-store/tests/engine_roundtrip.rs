@@ -374,8 +374,7 @@ async fn bad_requests_are_clear_errors() {
 
 #[tokio::test]
 async fn repeated_chunks_are_stored_once_and_downloaded_once() {
-    use cbt_store::store::fault::FaultyStore;
-    use cbt_store::store::{ObjectStore, Op};
+    use cbt_store::store::Op;
     let fx = Fixture::new().await;
     let block = noise(42, CS as usize);
     let mut img = Vec::new();
@@ -389,10 +388,7 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
     assert_eq!(out.stats.chunks_deduplicated, 7);
     assert_eq!(out.stats.chunks_zero, 8);
 
-    let counting = Arc::new(FaultyStore::over(fx.store.clone()));
-    let repo = cbt_store::repo::Repository::open(counting.clone() as Arc<dyn ObjectStore>)
-        .await
-        .unwrap();
+    let (counting, repo) = fx.through_faults().await;
     counting.reset_counts();
     let target = fx.path("rep-restored.img");
     let r = restore_file(&repo, &vol("v"), &snap("s"), &target)

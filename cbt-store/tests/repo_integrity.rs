@@ -558,9 +558,7 @@ async fn init_twice_and_open_empty() {
 #[tokio::test]
 async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy() {
     let fx = Fixture::new().await;
-    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    let (faulty, repo) = fx.through_faults().await;
 
     // A damaged copy of a chunk is already stored (another size: a torn or altered object).
     let victim = chunk::encode(&noise(500, 3000), 1);
@@ -599,9 +597,7 @@ async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy
 #[tokio::test]
 async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count() {
     let fx = Fixture::new().await;
-    let faulty = Arc::new(FaultyStore::over(fx.store.clone()));
-    let store: Arc<dyn ObjectStore> = faulty.clone();
-    let repo = Repository::open(store).await.unwrap();
+    let (faulty, repo) = fx.through_faults().await;
     let changed = |seed: u64| chunk::encode(&noise(seed, 3000), 1);
 
     // New content an incremental reports changed: created at once, one request each.

@@ -612,13 +612,9 @@ async fn an_in_place_restore_checks_every_chunk_before_the_first_write() {
 #[tokio::test]
 async fn a_new_file_restore_finds_a_missing_chunk_by_fetching_it() {
     use cbt_store::store::Op;
-    use cbt_store::store::fault::FaultyStore;
     let fx = Fixture::new().await;
     let index = snapshot_missing_its_last_chunk(&fx).await;
-    let counting = Arc::new(FaultyStore::over(fx.store.clone()));
-    let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
-        .await
-        .unwrap();
+    let (counting, repo) = fx.through_faults().await;
     counting.reset_counts();
     let target = fx.path("new.img");
     let err = engine::restore(
@@ -1055,7 +1051,6 @@ fn bomb_frames_decode_with_the_reference_decoder() {
 #[tokio::test]
 async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() {
     use cbt_store::store::Op;
-    use cbt_store::store::fault::FaultyStore;
     let fx = Fixture::new().await;
     let img = noise(77, 1100 * 4096);
     let src = fx.write("d.img", &img);
@@ -1065,10 +1060,7 @@ async fn the_preflight_of_a_large_snapshot_lists_instead_of_asking_each_chunk() 
     assert!(out.manifest.as_ref().unwrap().chunks.unique_chunks().len() > 1024);
     let (index, r) = nth_stored(&out, 700);
     std::fs::remove_file(chunk_file(&fx, &r.hash)).unwrap();
-    let counting = Arc::new(FaultyStore::over(fx.store.clone()));
-    let repo = Repository::open(counting.clone() as Arc<dyn ObjectStore>)
-        .await
-        .unwrap();
+    let (counting, repo) = fx.through_faults().await;
     counting.reset_counts();
     let device = fx.write("device.img", &vec![0xAA; img.len()]);
     let err = engine::restore(&repo, &vol("v"), &snap("s"), &device, &in_place(), &opts())

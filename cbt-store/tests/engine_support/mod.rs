@@ -13,6 +13,7 @@ use cbt_store::repo::{
     GcOptions, GcReport, InitOptions, PruneOptions, PruneReport, Repository, VerifyOptions,
     VerifyReport,
 };
+use cbt_store::store::fault::FaultyStore;
 use cbt_store::store::{LocalStore, ObjectStore, PutMode};
 
 /// Chunk size of the test repositories (small so tests are fast but have many chunks).
@@ -98,6 +99,14 @@ impl Fixture {
         let p = self.path(name);
         std::fs::write(&p, data).unwrap();
         p
+    }
+
+    /// The fixture's repository opened again through a [`FaultyStore`] that counts calls and
+    /// fails the ones its rules pick (none yet): the store to steer, the repository to drive.
+    pub async fn through_faults(&self) -> (Arc<FaultyStore>, Repository) {
+        let faulty = Arc::new(FaultyStore::over(self.store.clone()));
+        let repo = Repository::open(faulty.clone()).await.unwrap();
+        (faulty, repo)
     }
 
     /// Restores `volume`/`snapshot` to a new file named after them and reads it back.
