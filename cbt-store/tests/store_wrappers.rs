@@ -18,6 +18,29 @@ use cbt_store::testing::S3TestServer;
 use cbt_store::testing::conformance::{self, Capabilities};
 use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 
+/// Every operation a wrapper forwards (besides `sync`, which has none).
+const EVERY_OP: [Op; 6] = [
+    Op::Put,
+    Op::Get,
+    Op::GetRange,
+    Op::Head,
+    Op::List,
+    Op::Delete,
+];
+
+/// Runs the conformance suite on a wrapper of a local store listing 7 keys a page.
+async fn conforms_as_local(store: &dyn ObjectStore) {
+    conformance::run_all(
+        store,
+        Capabilities {
+            atomic_if_absent: true,
+            page_size: Some(7),
+            strict_list_order: true,
+        },
+    )
+    .await;
+}
+
 /// Records requested delays instead of sleeping.
 #[derive(Debug, Default)]
 struct RecordingSleeper(Mutex<Vec<Duration>>);
@@ -250,15 +273,7 @@ async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
     let dir = tempfile::tempdir().unwrap();
     let local = Arc::new(LocalStore::new(dir.path()).unwrap().with_page_size(7));
     let hooked = HookedStore::new(local.clone(), Witness::default());
-    conformance::run_all(
-        &hooked,
-        Capabilities {
-            atomic_if_absent: true,
-            page_size: Some(7),
-            strict_list_order: true,
-        },
-    )
-    .await;
+    conforms_as_local(&hooked).await;
     let seen: BTreeSet<Option<Op>> = hooked
         .hook()
         .0
@@ -267,14 +282,7 @@ async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
         .iter()
         .map(|c| c.0)
         .collect();
-    for op in [
-        Op::Put,
-        Op::Get,
-        Op::GetRange,
-        Op::Head,
-        Op::List,
-        Op::Delete,
-    ] {
+    for op in EVERY_OP {
         assert!(seen.contains(&Some(op)), "{op} not seen: {seen:?}");
     }
 
@@ -313,24 +321,9 @@ async fn fault_store_without_rules_conforms_and_injects_per_call() {
     let dir = tempfile::tempdir().unwrap();
     let local = Arc::new(LocalStore::new(dir.path()).unwrap().with_page_size(7));
     let faulty = FaultyStore::over(local.clone());
-    conformance::run_all(
-        &faulty,
-        Capabilities {
-            atomic_if_absent: true,
-            page_size: Some(7),
-            strict_list_order: true,
-        },
-    )
-    .await;
+    conforms_as_local(&faulty).await;
     assert_eq!(faulty.injected(), 0);
-    for op in [
-        Op::Put,
-        Op::Get,
-        Op::GetRange,
-        Op::Head,
-        Op::List,
-        Op::Delete,
-    ] {
+    for op in EVERY_OP {
         assert!(faulty.calls(op) > 0, "{op} not counted");
     }
 
