@@ -11,10 +11,7 @@ use cbt_store::engine::{
     self, BackupMode, EngineOptions, FileSource, Progress, RestoreOptions, TargetKind,
 };
 use cbt_store::repo::RepoError;
-use cbt_store::store::{
-    ErrorKind, ListPage, LocalStore, ObjectMeta, ObjectStore, PutMode, PutOptions, PutOutcome,
-    StoreError,
-};
+use cbt_store::store::{ErrorKind, LocalStore, ObjectStore, PutOptions, StoreError};
 use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
@@ -635,75 +632,41 @@ async fn raw_chunks_restore_exactly_whether_or_not_the_store_aligned_them() {
     assert!(mis.hook().calls.load(std::sync::atomic::Ordering::Relaxed) >= 41);
 }
 
-/// A store that reads on the caller's thread, as the local store does, but fails every third
-/// such read transiently; counts reads of each kind.
-#[derive(Debug)]
+/// A hook that lets reads on the caller's thread through, as the local store offers them, but
+/// fails every third such read transiently; counts reads of each kind.
+#[derive(Debug, Default)]
 struct FlakyNow {
-    inner: Arc<dyn ObjectStore>,
     now: std::sync::atomic::AtomicUsize,
     refused: std::sync::atomic::AtomicUsize,
     fetched: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl ObjectStore for FlakyNow {
-    async fn put(&self, key: &str, body: Bytes, mode: PutMode) -> Result<PutOutcome, StoreError> {
-        self.inner.put(key, body, mode).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn get_bounded(&self, key: &str, max_len: u64) -> Result<Bytes, StoreError> {
-        self.inner.get_bounded(key, max_len).await
-    }
-    async fn get_unchecked(
-        &self,
-        key: &str,
-        max_len: u64,
-        aligned_at: Option<usize>,
-    ) -> Result<cbt_store::store::UncheckedBody, StoreError> {
-        if key.starts_with("chunks/") {
+impl StoreHook for FlakyNow {
+    async fn before(&self, _inner: &dyn ObjectStore, call: &Call<'_>) -> Result<(), StoreError> {
+        if matches!(call, Call::Get { key, .. } if key.starts_with("chunks/")) {
             self.fetched
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        self.inner.get_unchecked(key, max_len, aligned_at).await
+        Ok(())
     }
+
     fn reads_now(&self) -> bool {
         true
     }
-    fn get_unchecked_now(
-        &self,
-        key: &str,
-        max_len: u64,
-        aligned_at: Option<usize>,
-    ) -> Option<Result<cbt_store::store::UncheckedBody, StoreError>> {
+
+    fn before_now(&self, call: &Call<'_>) -> Result<(), StoreError> {
         let n = self.now.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n % 3 == 2 {
             self.refused
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Some(Err(StoreError::Transient {
+            return Err(StoreError::Transient {
                 op: cbt_store::store::Op::Get,
-                key: key.to_string(),
+                key: call.key().to_string(),
                 message: "injected".into(),
-            }));
+            });
         }
-        self.inner.get_unchecked_now(key, max_len, aligned_at)
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> Result<Bytes, StoreError> {
-        self.inner.get_range(key, range).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, StoreError> {
-        self.inner.head(key).await
-    }
-    async fn list_page(
-        &self,
-        prefix: &str,
-        continuation: Option<String>,
-    ) -> Result<ListPage, StoreError> {
-        self.inner.list_page(prefix, continuation).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
+        Ok(())
     }
 }
 
@@ -726,15 +689,11 @@ async fn a_store_read_in_the_writer_task_falls_back_to_the_async_fetch_on_transi
         .map(|(_, r)| r.hash)
         .collect::<std::collections::HashSet<_>>()
         .len();
-    let flaky = Arc::new(FlakyNow {
-        inner: fx.store.clone(),
-        now: Default::default(),
-        refused: Default::default(),
-        fetched: Default::default(),
-    });
-    let repo = cbt_store::repo::Repository::open(flaky.clone() as Arc<dyn ObjectStore>)
+    let hooked = Arc::new(HookedStore::new(fx.store.clone(), FlakyNow::default()));
+    let repo = cbt_store::repo::Repository::open(hooked.clone())
         .await
         .unwrap();
+    let flaky = hooked.hook();
     assert!(repo.chunk_reader().reads_now());
     let out = fx.path("flaky.img");
     restore_file(&repo, &vol("v"), &snap("s"), &out)

@@ -297,6 +297,10 @@ async fn hooked_store_forwards_every_call_and_shows_it_to_its_hook() {
         "{err:?}"
     );
     assert_eq!(local.get("keep/a").await.unwrap(), Bytes::from_static(b"v"));
+    // A hook that does not take reads on the caller's thread keeps every read where it sees
+    // it, although the local store offers them.
+    assert!(local.reads_now() && !hooked.reads_now());
+    assert!(hooked.get_unchecked_now("keep/a", 1 << 20, None).is_none());
     let log = hooked.hook().0.lock().unwrap();
     // Every call was answered by the inner store except the one the hook refused.
     let answered = hooked.hook().1.load(std::sync::atomic::Ordering::SeqCst);

@@ -15,6 +15,7 @@ use bytes::Bytes;
 
 use crate::store::{
     ListPage, ObjectMeta, ObjectStore, Op, PutMode, PutOptions, PutOutcome, StoreError,
+    UncheckedBody,
 };
 
 /// One call to a [`HookedStore`], as its hook sees it.
@@ -32,8 +33,9 @@ pub enum Call<'a> {
     },
     /// [`ObjectStore::sync`].
     Sync,
-    /// [`ObjectStore::get`], [`ObjectStore::get_bounded`] (with `max_len`) or
-    /// [`ObjectStore::get_bounded_aligned`] (with `max_len` and `aligned_at`).
+    /// [`ObjectStore::get`], [`ObjectStore::get_bounded`] (with `max_len`),
+    /// [`ObjectStore::get_bounded_aligned`] (with `max_len` and `aligned_at`), or a read on the
+    /// caller's thread, [`ObjectStore::get_unchecked_now`] (see [`StoreHook::reads_now`]).
     Get {
         /// Key read.
         key: &'a str,
@@ -156,6 +158,21 @@ pub trait StoreHook: fmt::Debug + Send + Sync + 'static {
         call: &Call<'_>,
     ) -> Result<Forward, StoreError> {
         self.before(inner, call).await.map(|()| Forward::as_is())
+    }
+
+    /// Whether reads on the caller's thread ([`ObjectStore::get_unchecked_now`]) are forwarded
+    /// where the inner store offers them. Only a hook that sees them through
+    /// [`StoreHook::before_now`] says yes: on that path no other hook point runs but
+    /// [`StoreHook::finished`]. The default keeps every read on the async path.
+    fn reads_now(&self) -> bool {
+        false
+    }
+
+    /// [`StoreHook::before`] for a read on the caller's thread (a blocking thread: nothing to
+    /// await); an error is returned to the caller and the read is not forwarded.
+    fn before_now(&self, call: &Call<'_>) -> Result<(), StoreError> {
+        let _ = call;
+        Ok(())
     }
 
     /// Sees the body a read returned; the caller gets what this returns.
@@ -309,6 +326,32 @@ impl<H: StoreHook> ObjectStore for HookedStore<H> {
         let body = how.reshape(body?);
         let body = self.hook.read(&call, body);
         how.answer(body)
+    }
+
+    fn reads_now(&self) -> bool {
+        self.hook.reads_now() && self.inner.reads_now()
+    }
+
+    fn get_unchecked_now(
+        &self,
+        key: &str,
+        max_len: u64,
+        aligned_at: Option<usize>,
+    ) -> Option<Result<UncheckedBody, StoreError>> {
+        if !self.reads_now() {
+            return None;
+        }
+        let call = Call::Get {
+            key,
+            max_len: Some(max_len),
+            aligned_at,
+        };
+        if let Err(e) = self.hook.before_now(&call) {
+            return Some(Err(e));
+        }
+        let out = self.inner.get_unchecked_now(key, max_len, aligned_at);
+        self.hook.finished(&call);
+        out
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
