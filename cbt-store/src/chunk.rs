@@ -35,7 +35,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use cbt_core::{ChunkHash, ChunkRef};
 
-use crate::aligned;
+use crate::aligned::{self, AlignedBuf};
 
 /// Magic bytes at the start of every chunk object.
 pub const CHUNK_MAGIC: [u8; 4] = *b"CBCH";
@@ -282,8 +282,9 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
 pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     // Aligned for direct I/O, so the local store writes a body to disk straight from here
     // (no copy into the page cache, no aligned copy).
-    let mut body = aligned::take(body_capacity(raw, level));
-    let (chunk, len, body_crc32c) = encode_into(raw, level, body.resize(body_capacity(raw, level)));
+    let cap = body_capacity(raw.len(), level);
+    let mut body = aligned::take(cap);
+    let (chunk, len, body_crc32c) = encode_into(raw, level, body.resize(cap));
     body.resize(len);
     EncodedChunk {
         chunk,
@@ -292,22 +293,93 @@ pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     }
 }
 
+/// A chunk's raw bytes in an aligned buffer with room for the framing on both sides, so that
+/// an incompressible chunk becomes its object where it was read (see [`encode_in_place`]).
+pub(crate) struct RawChunk {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl RawChunk {
+    /// Room for `len` raw bytes in `buf` (grown if needed; the raw bytes are whatever the
+    /// buffer held: the caller fills them through [`RawChunk::raw_mut`]).
+    pub(crate) fn new(mut buf: AlignedBuf, len: usize) -> Self {
+        buf.resize(len + OVERHEAD);
+        RawChunk { buf, len }
+    }
+
+    /// The raw bytes.
+    pub(crate) fn raw(&self) -> &[u8] {
+        &self.buf.as_slice()[HEADER_LEN..HEADER_LEN + self.len]
+    }
+
+    /// The raw bytes, to read the chunk into.
+    pub(crate) fn raw_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[HEADER_LEN..HEADER_LEN + self.len]
+    }
+
+    /// The buffer, for reuse.
+    pub(crate) fn into_buf(self) -> AlignedBuf {
+        self.buf
+    }
+}
+
+/// Encodes `raw` like [`encode`] (same bytes), without copying an incompressible chunk: its
+/// header and trailer are written around the raw bytes and the object is `raw`'s own buffer,
+/// which returns to `home` once the body is dropped. A compressed chunk is written into a
+/// buffer from the process-wide pool, and `raw`'s buffer is handed back for reuse.
+///
+/// The object starts at the buffer's start, so it is aligned for direct I/O like [`encode`]'s.
+pub(crate) fn encode_in_place(
+    mut raw: RawChunk,
+    level: i32,
+    home: &aligned::Shelf,
+) -> (EncodedChunk, Option<AlignedBuf>) {
+    let len = raw.len;
+    let bytes = raw.raw();
+    let hash = hash_raw(bytes);
+    let raw_crc = crate::crc::crc32c(bytes);
+    if level > 0 && worth_compressing(bytes, level) {
+        let cap = body_capacity(len, level);
+        let mut body = aligned::take(cap);
+        let out = body.resize(cap);
+        if let Some(n) = compress_framed(bytes, level, out) {
+            let (chunk, olen, crc) = frame(out, CODEC_ZSTD, &hash, raw_crc, len, n);
+            body.resize(olen);
+            let encoded = EncodedChunk {
+                chunk,
+                body: aligned::into_bytes(body, 0..olen),
+                body_crc32c: crc,
+            };
+            return (encoded, Some(raw.buf));
+        }
+        aligned::recycle(body);
+    }
+    let (chunk, olen, crc) = frame(raw.buf.as_mut_slice(), CODEC_RAW, &hash, raw_crc, len, len);
+    let encoded = EncodedChunk {
+        chunk,
+        body: aligned::into_bytes_home(raw.buf, 0..olen, home.clone()),
+        body_crc32c: crc,
+    };
+    (encoded, None)
+}
+
 /// Like [`encode`], but into a buffer of its own that the caller keeps (the sealing stage
 /// grows it in place).
 pub(crate) fn encode_vec(raw: &[u8], level: i32) -> (ChunkRef, Vec<u8>, u32) {
     // Zeroed by the allocator (fresh pages), so capacity never written is never resident.
-    let mut body = vec![0; body_capacity(raw, level)];
+    let mut body = vec![0; body_capacity(raw.len(), level)];
     let (chunk, len, crc) = encode_into(raw, level, &mut body);
     body.truncate(len);
     (chunk, body, crc)
 }
 
-/// Capacity an encoded body of `raw` may need.
-fn body_capacity(raw: &[u8], level: i32) -> usize {
+/// Capacity an encoded body of `raw_len` raw bytes may need.
+fn body_capacity(raw_len: usize, level: i32) -> usize {
     let payload = if level > 0 {
-        zstd::zstd_safe::compress_bound(raw.len()).max(raw.len())
+        zstd::zstd_safe::compress_bound(raw_len).max(raw_len)
     } else {
-        raw.len()
+        raw_len
     };
     payload + OVERHEAD
 }
@@ -329,18 +401,33 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
             (CODEC_RAW, raw.len())
         }
     };
+    frame(body, codec, &hash, raw_crc, raw.len(), payload_len)
+}
+
+/// Writes the header and trailer around the payload already at `body[HEADER_LEN..]`
+/// (`payload_len` bytes; for the raw codec, the raw bytes themselves): returns the reference,
+/// the object's length and its crc32c. A raw payload is not read again (its crc is derived
+/// from `raw_crc`); a compressed one is checksummed once.
+fn frame(
+    body: &mut [u8],
+    codec: u8,
+    hash: &ChunkHash,
+    raw_crc: u32,
+    raw_len: usize,
+    payload_len: usize,
+) -> (ChunkRef, usize, u32) {
     body[0..4].copy_from_slice(&CHUNK_MAGIC);
     body[4] = CHUNK_FORMAT_VERSION;
     body[5] = codec;
     body[6..8].fill(0);
     // Chunk sizes are capped at 64 MiB by cbt-core, so the length always fits.
-    body[8..12].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    body[8..12].copy_from_slice(&(raw_len as u32).to_le_bytes());
     body[12..16].copy_from_slice(&raw_crc.to_le_bytes());
     body[16..48].copy_from_slice(&hash.0);
     let header_crc = crc32c::crc32c(&body[..HEADER_LEN]);
     let end = HEADER_LEN + payload_len;
     let crc = if codec == CODEC_RAW {
-        crate::crc::combine(header_crc, raw_crc, raw.len())
+        crate::crc::combine(header_crc, raw_crc, raw_len)
     } else {
         crate::crc::combine(
             header_crc,
@@ -352,10 +439,10 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
     body[end..end + TRAILER_LEN].copy_from_slice(&trailer);
     let len = end + TRAILER_LEN;
     let chunk = ChunkRef {
-        hash,
+        hash: *hash,
         stored_size: len as u64,
         crc32c: raw_crc,
-        raw_len: raw.len() as u64,
+        raw_len: raw_len as u64,
     };
     (chunk, len, crc32c::crc32c_append(crc, &trailer))
 }
@@ -1071,6 +1158,90 @@ mod tests {
             decode_standalone(&forge(CODEC_RAW, 10, &[1; 200]), &mut out),
             Err(ChunkDecodeError::Size { .. })
         ));
+    }
+
+    /// Data of `len` bytes: random, text, or random with a text half (which the sample may
+    /// judge either way).
+    fn sample_data(kind: u8, len: usize, seed: u32) -> Vec<u8> {
+        let text: Vec<u8> = b"block volume text "
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect();
+        match kind {
+            0 => noise(len, seed),
+            1 => text,
+            _ => {
+                let mut mixed = noise(len, seed);
+                mixed[len / 2..].copy_from_slice(&text[len / 2..]);
+                mixed
+            }
+        }
+    }
+
+    /// Encodes `raw` in place from a buffer that held other bytes before (a reused one).
+    fn in_place(raw: &[u8], level: i32, home: &aligned::Shelf) -> (EncodedChunk, bool) {
+        let mut dirty = AlignedBuf::default();
+        dirty.resize(raw.len() + OVERHEAD + 5000).fill(0xA5);
+        let mut chunk = RawChunk::new(dirty, raw.len());
+        chunk.raw_mut().copy_from_slice(raw);
+        let (e, unused) = encode_in_place(chunk, level, home);
+        (e, unused.is_some())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// The in-place encoder writes exactly the object the copying encoder writes, for
+        /// every kind of data, level and size (including sizes that are not a multiple of the
+        /// block size, as a volume's last chunk is), and its body starts aligned.
+        #[test]
+        fn in_place_objects_are_the_copying_encoders_bytes(
+            kind in 0u8..3,
+            level in proptest::sample::select(vec![0, 1, 3]),
+            len in proptest::prop_oneof![
+                1usize..9000,
+                proptest::strategy::Strategy::prop_map(1usize..80, |b| b * 4096),
+                (4096usize * 32 - 7)..(4096 * 80 + 7),
+            ],
+            seed in proptest::prelude::any::<u32>(),
+        ) {
+            let raw = sample_data(kind, len, seed);
+            let home = aligned::Shelf::default();
+            let old = encode(&raw, level);
+            let (new, gave_back) = in_place(&raw, level, &home);
+            proptest::prop_assert_eq!(&new.chunk, &old.chunk);
+            proptest::prop_assert_eq!(new.body_crc32c, old.body_crc32c);
+            proptest::prop_assert!(new.body == old.body, "bodies differ");
+            proptest::prop_assert!(aligned::is_aligned(&new.body));
+            // The raw buffer is the object exactly when the chunk is stored raw.
+            proptest::prop_assert_eq!(gave_back, new.body[5] == CODEC_ZSTD);
+            let mut out = Vec::new();
+            decode_into(&new.body, &new.chunk, &mut out).unwrap();
+            proptest::prop_assert!(out == raw);
+        }
+    }
+
+    /// A raw body encoded in place is the read buffer itself, and it goes back to the
+    /// pipeline's shelf (not the process-wide pool) once the upload drops it.
+    #[test]
+    fn an_in_place_raw_body_returns_to_its_shelf() {
+        let home = aligned::Shelf::default();
+        let raw = noise(1 << 20, 9);
+        let mut chunk = RawChunk::new(AlignedBuf::default(), raw.len());
+        chunk.raw_mut().copy_from_slice(&raw);
+        let at = chunk.raw().as_ptr();
+        let (e, unused) = encode_in_place(chunk, 1, &home);
+        assert!(unused.is_none());
+        assert_eq!(e.body[5], CODEC_RAW);
+        assert_eq!(
+            e.body[HEADER_LEN..].as_ptr(),
+            at,
+            "the raw bytes were copied"
+        );
+        assert!(home.lock().unwrap().is_empty());
+        drop(e);
+        assert_eq!(home.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -133,6 +133,26 @@ impl Codec {
         })
     }
 
+    /// Like [`Codec::encode_chunk`] for a chunk read into a [`chunk::RawChunk`]: in a plain
+    /// repository an incompressible chunk becomes its object without a copy (its buffer returns
+    /// to `home` once the body is dropped); a sealed one is encoded from the raw bytes. Also
+    /// returns `raw`'s buffer when the object does not use it.
+    ///
+    /// # Errors
+    /// As [`Codec::encode_chunk`].
+    pub(crate) fn encode_chunk_in_place(
+        &self,
+        raw: chunk::RawChunk,
+        level: i32,
+        home: &crate::aligned::Shelf,
+    ) -> Result<(EncodedChunk, Option<crate::aligned::AlignedBuf>)> {
+        if self.keys.is_some() {
+            let encoded = self.encode_chunk(raw.raw(), level)?;
+            return Ok((encoded, Some(raw.into_buf())));
+        }
+        Ok(chunk::encode_in_place(raw, level, home))
+    }
+
     /// Opens a sealed chunk (in place when `body` is not shared, so the engine's download is
     /// decrypted without a copy) and hands its plain object, with the reference the plain
     /// decoder checks it against, to `decode`.
