@@ -294,8 +294,8 @@ pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
 }
 
 /// A chunk's raw bytes in an aligned buffer with room for the framing on both sides, so that
-/// an incompressible chunk becomes its object where it was read (see [`encode_in_place`]).
-pub(crate) struct RawChunk {
+/// an incompressible chunk becomes its object where it was read (see [`encode_raw_chunk`]).
+pub struct RawChunk {
     buf: AlignedBuf,
     len: usize,
 }
@@ -308,13 +308,19 @@ impl RawChunk {
         RawChunk { buf, len }
     }
 
+    /// Room for a chunk of `len` raw bytes, in a buffer from the process-wide pool (its
+    /// contents are unspecified: fill them through [`RawChunk::raw_mut`]).
+    pub fn with_len(len: usize) -> Self {
+        RawChunk::new(aligned::take(len + OVERHEAD), len)
+    }
+
     /// The raw bytes.
-    pub(crate) fn raw(&self) -> &[u8] {
+    pub fn raw(&self) -> &[u8] {
         &self.buf.as_slice()[HEADER_LEN..HEADER_LEN + self.len]
     }
 
     /// The raw bytes, to read the chunk into.
-    pub(crate) fn raw_mut(&mut self) -> &mut [u8] {
+    pub fn raw_mut(&mut self) -> &mut [u8] {
         &mut self.buf.as_mut_slice()[HEADER_LEN..HEADER_LEN + self.len]
     }
 
@@ -324,16 +330,27 @@ impl RawChunk {
     }
 }
 
-/// Encodes `raw` like [`encode`] (same bytes), without copying an incompressible chunk: its
-/// header and trailer are written around the raw bytes and the object is `raw`'s own buffer,
-/// which returns to `home` once the body is dropped. A compressed chunk is written into a
-/// buffer from the process-wide pool, and `raw`'s buffer is handed back for reuse.
+/// Encodes `raw` into the same object as [`encode`] of its bytes, without copying an
+/// incompressible chunk: its header and trailer are written around the raw bytes and the body
+/// is `raw`'s own buffer. Every buffer returns to the process-wide pool once unused.
+pub fn encode_raw_chunk(raw: RawChunk, level: i32) -> EncodedChunk {
+    let (encoded, unused) = encode_in_place(raw, level, None);
+    if let Some(buf) = unused {
+        aligned::recycle(buf);
+    }
+    encoded
+}
+
+/// [`encode_raw_chunk`], with the raw buffer returning to `home` (the process-wide pool when
+/// `None`) once the body is dropped when it is the object; when the chunk is compressed, the
+/// object is written into a buffer from the process-wide pool and `raw`'s buffer is handed
+/// back for reuse.
 ///
 /// The object starts at the buffer's start, so it is aligned for direct I/O like [`encode`]'s.
 pub(crate) fn encode_in_place(
     mut raw: RawChunk,
     level: i32,
-    home: &aligned::Shelf,
+    home: Option<&aligned::Shelf>,
 ) -> (EncodedChunk, Option<AlignedBuf>) {
     let len = raw.len;
     let bytes = raw.raw();
@@ -358,7 +375,10 @@ pub(crate) fn encode_in_place(
     let (chunk, olen, crc) = frame(raw.buf.as_mut_slice(), CODEC_RAW, &hash, raw_crc, len, len);
     let encoded = EncodedChunk {
         chunk,
-        body: aligned::into_bytes_home(raw.buf, 0..olen, home.clone()),
+        body: match home {
+            Some(home) => aligned::into_bytes_home(raw.buf, 0..olen, home.clone()),
+            None => aligned::into_bytes(raw.buf, 0..olen),
+        },
         body_crc32c: crc,
     };
     (encoded, None)
@@ -1186,7 +1206,7 @@ mod tests {
         dirty.resize(raw.len() + OVERHEAD + 5000).fill(0xA5);
         let mut chunk = RawChunk::new(dirty, raw.len());
         chunk.raw_mut().copy_from_slice(raw);
-        let (e, unused) = encode_in_place(chunk, level, home);
+        let (e, unused) = encode_in_place(chunk, level, Some(home));
         (e, unused.is_some())
     }
 
@@ -1231,7 +1251,7 @@ mod tests {
         let mut chunk = RawChunk::new(AlignedBuf::default(), raw.len());
         chunk.raw_mut().copy_from_slice(&raw);
         let at = chunk.raw().as_ptr();
-        let (e, unused) = encode_in_place(chunk, 1, &home);
+        let (e, unused) = encode_in_place(chunk, 1, Some(&home));
         assert!(unused.is_none());
         assert_eq!(e.body[5], CODEC_RAW);
         assert_eq!(

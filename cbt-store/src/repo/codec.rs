@@ -150,7 +150,7 @@ impl Codec {
             let encoded = self.encode_chunk(raw.raw(), level)?;
             return Ok((encoded, Some(raw.into_buf())));
         }
-        Ok(chunk::encode_in_place(raw, level, home))
+        Ok(chunk::encode_in_place(raw, level, Some(home)))
     }
 
     /// Opens a sealed chunk (in place when `body` is not shared, so the engine's download is
