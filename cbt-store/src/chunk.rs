@@ -490,7 +490,7 @@ pub fn decode_into(
 /// (`stored_crc`, when the store left that comparison to us) in the same pass.
 pub(crate) fn decode_into_stored(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkDecodeError> {
@@ -515,7 +515,7 @@ pub fn decode_into_slice(
 /// [`decode_into_slice`], comparing `stored_crc` as [`decode_into_stored`] does.
 pub(crate) fn decode_into_slice_stored(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
     out: &mut [u8],
 ) -> Result<(), ChunkDecodeError> {
@@ -559,7 +559,7 @@ pub fn decode_or_borrow<'o>(
 /// [`decode_or_borrow`], comparing `stored_crc` as [`decode_into_stored`] does.
 pub(crate) fn decode_or_borrow_stored<'o>(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
     out: impl FnOnce(usize) -> &'o mut [u8],
 ) -> Result<RawAt, ChunkDecodeError> {
@@ -627,7 +627,7 @@ fn decode_exact(body: &[u8], h: &Header, out: &mut [u8]) -> Result<(), ChunkDeco
 /// Checks the object's size and framing, and that its header agrees with `expected`.
 fn check_against(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
 ) -> Result<Header, ChunkDecodeError> {
     if body.len() as u64 != expected.stored_size {
@@ -636,7 +636,7 @@ fn check_against(
             actual: body.len() as u64,
         });
     }
-    let header = decode_header(body, stored_crc)?;
+    let header = decode_header(body, stored_crc.into())?;
     if header.hash != expected.hash {
         return Err(ChunkDecodeError::Mismatch(format!(
             "header names chunk {}",
@@ -664,10 +664,10 @@ pub fn decode_standalone(body: &[u8], out: &mut Vec<u8>) -> Result<ChunkRef, Chu
 /// [`decode_standalone`], comparing `stored_crc` as [`decode_into_stored`] does.
 pub(crate) fn decode_standalone_stored(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     out: &mut Vec<u8>,
 ) -> Result<ChunkRef, ChunkDecodeError> {
-    let header = decode_header(body, stored_crc)?;
+    let header = decode_header(body, stored_crc.into())?;
     decode_payload(body, &header, out)?;
     Ok(ChunkRef {
         hash: header.hash,
@@ -685,6 +685,26 @@ pub fn header_hash(body: &[u8]) -> Option<ChunkHash> {
     Some(ChunkHash(hash))
 }
 
+/// What a store tells the decoders about an object besides its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// The crc32c the store recorded for the whole object, left for the decoder to compare.
+    pub(crate) stored_crc: Option<u32>,
+    /// The crc32c of all the object's bytes but the trailer, computed by this process as the
+    /// bytes arrived ([`crate::store::UncheckedBody::with_crc_before_last4`]), so the decoder
+    /// needs no pass of its own to check the trailer and the stored crc32c.
+    pub(crate) before_trailer: Option<u32>,
+}
+
+impl From<Option<u32>> for Received {
+    fn from(stored_crc: Option<u32>) -> Self {
+        Received {
+            stored_crc,
+            before_trailer: None,
+        }
+    }
+}
+
 struct Header {
     codec: u8,
     raw_len: u64,
@@ -697,7 +717,7 @@ struct Header {
 /// Checks the framing and the trailer crc32c; with `stored_crc` (the crc32c the store
 /// recorded for the whole object, left for us to compare), that too, from the same pass: the
 /// whole object's crc32c is the trailer's extended over the trailer's four bytes.
-fn decode_header(body: &[u8], stored_crc: Option<u32>) -> Result<Header, ChunkDecodeError> {
+fn decode_header(body: &[u8], received: Received) -> Result<Header, ChunkDecodeError> {
     if body.len() < OVERHEAD {
         return Err(ChunkDecodeError::Size {
             expected: OVERHEAD as u64,
@@ -715,16 +735,26 @@ fn decode_header(body: &[u8], stored_crc: Option<u32>) -> Result<Header, ChunkDe
     // Header and payload checksummed apart (one pass all the same), so that a raw payload's
     // crc32c, which must equal the recorded raw crc32c, costs no second pass.
     let payload = &body[HEADER_LEN..split];
-    let payload_crc = crate::crc::crc32c(payload);
-    let computed = crate::crc::combine(
-        crc32c::crc32c(&body[..HEADER_LEN]),
-        payload_crc,
-        payload.len(),
-    );
+    let header_crc = crc32c::crc32c(&body[..HEADER_LEN]);
+    let (payload_crc, computed) = match received.before_trailer {
+        // Computed while the bytes arrived: the payload's crc32c is what remains of it once
+        // the header's is taken out (crc32c(A || B) = shift(crc32c(A), |B|) ^ crc32c(B)).
+        Some(before) => (
+            crate::crc::combine(header_crc, before, payload.len()),
+            before,
+        ),
+        None => {
+            let payload_crc = crate::crc::crc32c(payload);
+            (
+                payload_crc,
+                crate::crc::combine(header_crc, payload_crc, payload.len()),
+            )
+        }
+    };
     // The store's check comes first, as it would have inside the store: damage to the
     // bytes read is reported as the store's, a trailer that disagrees with bytes the store
     // vouches for as the object's own.
-    if let Some(whole) = stored_crc {
+    if let Some(whole) = received.stored_crc {
         let computed = crc32c::crc32c_append(computed, &body[split..]);
         if whole != computed {
             return Err(ChunkDecodeError::StoredCrc {
@@ -1262,6 +1292,58 @@ mod tests {
         assert!(home.lock().unwrap().is_empty());
         drop(e);
         assert_eq!(home.lock().unwrap().len(), 1);
+    }
+
+    /// Given the crc32c of all but the trailer (computed while the bytes arrived), every
+    /// decoder checks exactly what it checks from its own pass: intact objects decode the
+    /// same, a damaged payload (the crc computed over the damaged bytes, as a store would)
+    /// is refused as the store's damage or, without a stored crc, as the object's.
+    #[test]
+    fn a_crc_computed_on_arrival_checks_what_the_decoders_own_pass_checks() {
+        let text = b"arrived crc ".repeat(30_000);
+        for raw in [noise(300_000, 41), text, noise(4097, 42)] {
+            for level in [0, 1] {
+                let e = encode(&raw, level);
+                let split = e.body.len() - TRAILER_LEN;
+                let received = |body: &[u8], stored| Received {
+                    stored_crc: stored,
+                    before_trailer: Some(crc32c::crc32c(&body[..split])),
+                };
+                let mut out = Vec::new();
+                decode_into_stored(
+                    &e.body,
+                    received(&e.body, Some(e.body_crc32c)),
+                    &e.chunk,
+                    &mut out,
+                )
+                .unwrap();
+                assert!(out == raw);
+                let mut exact = vec![0u8; raw.len()];
+                decode_into_slice_stored(&e.body, received(&e.body, None), &e.chunk, &mut exact)
+                    .unwrap();
+                assert!(exact == raw);
+                let mut bad = e.body.to_vec();
+                bad[HEADER_LEN + raw.len() / 3 % (split - HEADER_LEN)] ^= 0x40;
+                assert!(matches!(
+                    decode_into_stored(
+                        &bad,
+                        received(&bad, Some(e.body_crc32c)),
+                        &e.chunk,
+                        &mut out
+                    ),
+                    Err(ChunkDecodeError::StoredCrc { .. })
+                ));
+                assert!(matches!(
+                    decode_or_borrow_stored(
+                        &bad,
+                        received(&bad, None),
+                        &e.chunk,
+                        |_| &mut exact[..]
+                    ),
+                    Err(ChunkDecodeError::ObjectCrc { .. })
+                ));
+            }
+        }
     }
 
     #[test]

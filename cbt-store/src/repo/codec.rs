@@ -27,9 +27,20 @@ use crate::store::UncheckedBody;
 pub struct FetchedChunk {
     body: Bytes,
     stored_crc: Option<u32>,
+    /// crc32c of all but the last four bytes, when the store computed it while reading.
+    before_last4: Option<u32>,
 }
 
 impl FetchedChunk {
+    /// What the plain chunk decoder is told besides the bytes (a sealed chunk's trailer is
+    /// the envelope's, checked by the opener with the stored crc32c only).
+    fn received(&self) -> chunk::Received {
+        chunk::Received {
+            stored_crc: self.stored_crc,
+            before_trailer: self.before_last4,
+        }
+    }
+
     /// Bytes downloaded.
     pub fn len(&self) -> usize {
         self.body.len()
@@ -46,14 +57,19 @@ impl From<Bytes> for FetchedChunk {
         FetchedChunk {
             body,
             stored_crc: None,
+            before_last4: None,
         }
     }
 }
 
 impl From<UncheckedBody> for FetchedChunk {
     fn from(read: UncheckedBody) -> Self {
-        let (body, stored_crc) = read.into_parts();
-        FetchedChunk { body, stored_crc }
+        let (body, stored_crc, before_last4) = read.into_parts();
+        FetchedChunk {
+            body,
+            stored_crc,
+            before_last4,
+        }
     }
 }
 
@@ -162,7 +178,9 @@ impl Codec {
         expected: &ChunkRef,
         decode: impl FnOnce(&[u8], &ChunkRef) -> std::result::Result<T, ChunkDecodeError>,
     ) -> std::result::Result<T, ChunkDecodeError> {
-        let FetchedChunk { body, stored_crc } = fetched;
+        let FetchedChunk {
+            body, stored_crc, ..
+        } = fetched;
         if body.len() as u64 != expected.stored_size {
             return Err(ChunkDecodeError::Size {
                 expected: expected.stored_size,
@@ -231,7 +249,7 @@ impl Codec {
     ) -> Result<()> {
         let fetched = body.into();
         let result = match &self.keys {
-            None => chunk::decode_into_stored(&fetched.body, fetched.stored_crc, expected, out),
+            None => chunk::decode_into_stored(&fetched.body, fetched.received(), expected, out),
             Some(keys) => Self::open_chunk(keys, fetched, expected, |inner, r| {
                 chunk::decode_into(inner, r, out)
             }),
@@ -254,7 +272,7 @@ impl Codec {
         let fetched = body.into();
         let result = match &self.keys {
             None => {
-                chunk::decode_into_slice_stored(&fetched.body, fetched.stored_crc, expected, out)
+                chunk::decode_into_slice_stored(&fetched.body, fetched.received(), expected, out)
             }
             Some(keys) => Self::open_chunk(keys, fetched, expected, |inner, r| {
                 chunk::decode_into_slice(inner, r, out)
@@ -280,8 +298,9 @@ impl Codec {
         let fetched = body.into();
         let result = match &self.keys {
             None => {
-                let FetchedChunk { body, stored_crc } = fetched;
-                chunk::decode_or_borrow_stored(&body, stored_crc, expected, out).map(
+                let received = fetched.received();
+                let body = fetched.body;
+                chunk::decode_or_borrow_stored(&body, received, expected, out).map(
                     |raw| match raw {
                         chunk::RawAt::Payload(range) => Some(body.slice(range)),
                         chunk::RawAt::Out => None,
