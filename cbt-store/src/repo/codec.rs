@@ -32,8 +32,8 @@ pub struct FetchedChunk {
 }
 
 impl FetchedChunk {
-    /// What the plain chunk decoder is told besides the bytes (a sealed chunk's trailer is
-    /// the envelope's, checked by the opener with the stored crc32c only).
+    /// What the decoders are told besides the bytes (the last four bytes of a plain chunk
+    /// and of a sealed envelope alike are the crc32c of the rest).
     fn received(&self) -> chunk::Received {
         chunk::Received {
             stored_crc: self.stored_crc,
@@ -178,9 +178,8 @@ impl Codec {
         expected: &ChunkRef,
         decode: impl FnOnce(&[u8], &ChunkRef) -> std::result::Result<T, ChunkDecodeError>,
     ) -> std::result::Result<T, ChunkDecodeError> {
-        let FetchedChunk {
-            body, stored_crc, ..
-        } = fetched;
+        let received = fetched.received();
+        let body = fetched.body;
         if body.len() as u64 != expected.stored_size {
             return Err(ChunkDecodeError::Size {
                 expected: expected.stored_size,
@@ -196,7 +195,7 @@ impl Codec {
                 ObjectKind::Chunk,
                 &chunk::chunk_key(&expected.hash),
                 &mut buf,
-                stored_crc,
+                received,
             )
             .map_err(|e| match e {
                 // Named as for a plain chunk: the store's checksum failed, not the envelope.
