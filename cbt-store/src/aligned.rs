@@ -44,7 +44,6 @@ impl AlignedBuf {
     }
 
     /// The first `len` bytes, writable.
-    #[cfg(feature = "s3")]
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `resize`; the mutable borrow of `self` guards the memory.
         unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast::<u8>(), self.len) }
@@ -101,13 +100,42 @@ pub(crate) fn recycle(buf: AlignedBuf) {
 /// If `range` is not within `buf`'s length (a caller bug).
 pub(crate) fn into_bytes(buf: AlignedBuf, range: std::ops::Range<usize>) -> bytes::Bytes {
     assert!(range.start <= range.end && range.end <= buf.len);
-    bytes::Bytes::from_owner(Pooled { buf, range })
+    bytes::Bytes::from_owner(Pooled {
+        buf,
+        range,
+        home: None,
+    })
+}
+
+/// A pool of buffers owned by one pipeline (rather than the process-wide one), so a buffer
+/// lent out as a body comes back to the stage that reuses it and that stage can count its
+/// buffers.
+pub(crate) type Shelf = std::sync::Arc<std::sync::Mutex<Vec<AlignedBuf>>>;
+
+/// Like [`into_bytes`], but the buffer goes back onto `home` when the last reference is
+/// dropped.
+///
+/// # Panics
+/// If `range` is not within `buf`'s length (a caller bug).
+pub(crate) fn into_bytes_home(
+    buf: AlignedBuf,
+    range: std::ops::Range<usize>,
+    home: Shelf,
+) -> bytes::Bytes {
+    assert!(range.start <= range.end && range.end <= buf.len);
+    bytes::Bytes::from_owner(Pooled {
+        buf,
+        range,
+        home: Some(home),
+    })
 }
 
 /// A pooled buffer lent out as [`bytes::Bytes`] (see [`into_bytes`]).
 struct Pooled {
     buf: AlignedBuf,
     range: std::ops::Range<usize>,
+    /// Where the buffer returns to; the process-wide pool when `None`.
+    home: Option<Shelf>,
 }
 
 impl AsRef<[u8]> for Pooled {
@@ -118,6 +146,14 @@ impl AsRef<[u8]> for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        recycle(std::mem::take(&mut self.buf));
+        let buf = std::mem::take(&mut self.buf);
+        match &self.home {
+            Some(home) => {
+                if let Ok(mut shelf) = home.lock() {
+                    shelf.push(buf);
+                }
+            }
+            None => recycle(buf),
+        }
     }
 }

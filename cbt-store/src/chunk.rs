@@ -35,7 +35,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use cbt_core::{ChunkHash, ChunkRef};
 
-use crate::aligned;
+use crate::aligned::{self, AlignedBuf};
 
 /// Magic bytes at the start of every chunk object.
 pub const CHUNK_MAGIC: [u8; 4] = *b"CBCH";
@@ -282,8 +282,9 @@ fn worth_compressing(raw: &[u8], level: i32) -> bool {
 pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     // Aligned for direct I/O, so the local store writes a body to disk straight from here
     // (no copy into the page cache, no aligned copy).
-    let mut body = aligned::take(body_capacity(raw, level));
-    let (chunk, len, body_crc32c) = encode_into(raw, level, body.resize(body_capacity(raw, level)));
+    let cap = body_capacity(raw.len(), level);
+    let mut body = aligned::take(cap);
+    let (chunk, len, body_crc32c) = encode_into(raw, level, body.resize(cap));
     body.resize(len);
     EncodedChunk {
         chunk,
@@ -292,22 +293,113 @@ pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
     }
 }
 
+/// A chunk's raw bytes in an aligned buffer with room for the framing on both sides, so that
+/// an incompressible chunk becomes its object where it was read (see [`encode_raw_chunk`]).
+pub struct RawChunk {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl RawChunk {
+    /// Room for `len` raw bytes in `buf` (grown if needed; the raw bytes are whatever the
+    /// buffer held: the caller fills them through [`RawChunk::raw_mut`]).
+    pub(crate) fn new(mut buf: AlignedBuf, len: usize) -> Self {
+        buf.resize(len + OVERHEAD);
+        RawChunk { buf, len }
+    }
+
+    /// Room for a chunk of `len` raw bytes, in a buffer from the process-wide pool (its
+    /// contents are unspecified: fill them through [`RawChunk::raw_mut`]).
+    pub fn with_len(len: usize) -> Self {
+        RawChunk::new(aligned::take(len + OVERHEAD), len)
+    }
+
+    /// The raw bytes.
+    pub fn raw(&self) -> &[u8] {
+        &self.buf.as_slice()[HEADER_LEN..HEADER_LEN + self.len]
+    }
+
+    /// The raw bytes, to read the chunk into.
+    pub fn raw_mut(&mut self) -> &mut [u8] {
+        &mut self.buf.as_mut_slice()[HEADER_LEN..HEADER_LEN + self.len]
+    }
+
+    /// The buffer, for reuse.
+    pub(crate) fn into_buf(self) -> AlignedBuf {
+        self.buf
+    }
+}
+
+/// Encodes `raw` into the same object as [`encode`] of its bytes, without copying an
+/// incompressible chunk: its header and trailer are written around the raw bytes and the body
+/// is `raw`'s own buffer. Every buffer returns to the process-wide pool once unused.
+pub fn encode_raw_chunk(raw: RawChunk, level: i32) -> EncodedChunk {
+    let (encoded, unused) = encode_in_place(raw, level, None);
+    if let Some(buf) = unused {
+        aligned::recycle(buf);
+    }
+    encoded
+}
+
+/// [`encode_raw_chunk`], with the raw buffer returning to `home` (the process-wide pool when
+/// `None`) once the body is dropped when it is the object; when the chunk is compressed, the
+/// object is written into a buffer from the process-wide pool and `raw`'s buffer is handed
+/// back for reuse.
+///
+/// The object starts at the buffer's start, so it is aligned for direct I/O like [`encode`]'s.
+pub(crate) fn encode_in_place(
+    mut raw: RawChunk,
+    level: i32,
+    home: Option<&aligned::Shelf>,
+) -> (EncodedChunk, Option<AlignedBuf>) {
+    let len = raw.len;
+    let bytes = raw.raw();
+    let hash = hash_raw(bytes);
+    let raw_crc = crate::crc::crc32c(bytes);
+    if level > 0 && worth_compressing(bytes, level) {
+        let cap = body_capacity(len, level);
+        let mut body = aligned::take(cap);
+        let out = body.resize(cap);
+        if let Some(n) = compress_framed(bytes, level, out) {
+            let (chunk, olen, crc) = frame(out, CODEC_ZSTD, &hash, raw_crc, len, n);
+            body.resize(olen);
+            let encoded = EncodedChunk {
+                chunk,
+                body: aligned::into_bytes(body, 0..olen),
+                body_crc32c: crc,
+            };
+            return (encoded, Some(raw.buf));
+        }
+        aligned::recycle(body);
+    }
+    let (chunk, olen, crc) = frame(raw.buf.as_mut_slice(), CODEC_RAW, &hash, raw_crc, len, len);
+    let encoded = EncodedChunk {
+        chunk,
+        body: match home {
+            Some(home) => aligned::into_bytes_home(raw.buf, 0..olen, home.clone()),
+            None => aligned::into_bytes(raw.buf, 0..olen),
+        },
+        body_crc32c: crc,
+    };
+    (encoded, None)
+}
+
 /// Like [`encode`], but into a buffer of its own that the caller keeps (the sealing stage
 /// grows it in place).
 pub(crate) fn encode_vec(raw: &[u8], level: i32) -> (ChunkRef, Vec<u8>, u32) {
     // Zeroed by the allocator (fresh pages), so capacity never written is never resident.
-    let mut body = vec![0; body_capacity(raw, level)];
+    let mut body = vec![0; body_capacity(raw.len(), level)];
     let (chunk, len, crc) = encode_into(raw, level, &mut body);
     body.truncate(len);
     (chunk, body, crc)
 }
 
-/// Capacity an encoded body of `raw` may need.
-fn body_capacity(raw: &[u8], level: i32) -> usize {
+/// Capacity an encoded body of `raw_len` raw bytes may need.
+fn body_capacity(raw_len: usize, level: i32) -> usize {
     let payload = if level > 0 {
-        zstd::zstd_safe::compress_bound(raw.len()).max(raw.len())
+        zstd::zstd_safe::compress_bound(raw_len).max(raw_len)
     } else {
-        raw.len()
+        raw_len
     };
     payload + OVERHEAD
 }
@@ -329,18 +421,33 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
             (CODEC_RAW, raw.len())
         }
     };
+    frame(body, codec, &hash, raw_crc, raw.len(), payload_len)
+}
+
+/// Writes the header and trailer around the payload already at `body[HEADER_LEN..]`
+/// (`payload_len` bytes; for the raw codec, the raw bytes themselves): returns the reference,
+/// the object's length and its crc32c. A raw payload is not read again (its crc is derived
+/// from `raw_crc`); a compressed one is checksummed once.
+fn frame(
+    body: &mut [u8],
+    codec: u8,
+    hash: &ChunkHash,
+    raw_crc: u32,
+    raw_len: usize,
+    payload_len: usize,
+) -> (ChunkRef, usize, u32) {
     body[0..4].copy_from_slice(&CHUNK_MAGIC);
     body[4] = CHUNK_FORMAT_VERSION;
     body[5] = codec;
     body[6..8].fill(0);
     // Chunk sizes are capped at 64 MiB by cbt-core, so the length always fits.
-    body[8..12].copy_from_slice(&(raw.len() as u32).to_le_bytes());
+    body[8..12].copy_from_slice(&(raw_len as u32).to_le_bytes());
     body[12..16].copy_from_slice(&raw_crc.to_le_bytes());
     body[16..48].copy_from_slice(&hash.0);
     let header_crc = crc32c::crc32c(&body[..HEADER_LEN]);
     let end = HEADER_LEN + payload_len;
     let crc = if codec == CODEC_RAW {
-        crate::crc::combine(header_crc, raw_crc, raw.len())
+        crate::crc::combine(header_crc, raw_crc, raw_len)
     } else {
         crate::crc::combine(
             header_crc,
@@ -352,10 +459,10 @@ fn encode_into(raw: &[u8], level: i32, body: &mut [u8]) -> (ChunkRef, usize, u32
     body[end..end + TRAILER_LEN].copy_from_slice(&trailer);
     let len = end + TRAILER_LEN;
     let chunk = ChunkRef {
-        hash,
+        hash: *hash,
         stored_size: len as u64,
         crc32c: raw_crc,
-        raw_len: raw.len() as u64,
+        raw_len: raw_len as u64,
     };
     (chunk, len, crc32c::crc32c_append(crc, &trailer))
 }
@@ -383,7 +490,7 @@ pub fn decode_into(
 /// (`stored_crc`, when the store left that comparison to us) in the same pass.
 pub(crate) fn decode_into_stored(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
     out: &mut Vec<u8>,
 ) -> Result<(), ChunkDecodeError> {
@@ -408,7 +515,7 @@ pub fn decode_into_slice(
 /// [`decode_into_slice`], comparing `stored_crc` as [`decode_into_stored`] does.
 pub(crate) fn decode_into_slice_stored(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
     out: &mut [u8],
 ) -> Result<(), ChunkDecodeError> {
@@ -452,7 +559,7 @@ pub fn decode_or_borrow<'o>(
 /// [`decode_or_borrow`], comparing `stored_crc` as [`decode_into_stored`] does.
 pub(crate) fn decode_or_borrow_stored<'o>(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
     out: impl FnOnce(usize) -> &'o mut [u8],
 ) -> Result<RawAt, ChunkDecodeError> {
@@ -520,7 +627,7 @@ fn decode_exact(body: &[u8], h: &Header, out: &mut [u8]) -> Result<(), ChunkDeco
 /// Checks the object's size and framing, and that its header agrees with `expected`.
 fn check_against(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     expected: &ChunkRef,
 ) -> Result<Header, ChunkDecodeError> {
     if body.len() as u64 != expected.stored_size {
@@ -529,7 +636,7 @@ fn check_against(
             actual: body.len() as u64,
         });
     }
-    let header = decode_header(body, stored_crc)?;
+    let header = decode_header(body, stored_crc.into())?;
     if header.hash != expected.hash {
         return Err(ChunkDecodeError::Mismatch(format!(
             "header names chunk {}",
@@ -557,10 +664,10 @@ pub fn decode_standalone(body: &[u8], out: &mut Vec<u8>) -> Result<ChunkRef, Chu
 /// [`decode_standalone`], comparing `stored_crc` as [`decode_into_stored`] does.
 pub(crate) fn decode_standalone_stored(
     body: &[u8],
-    stored_crc: Option<u32>,
+    stored_crc: impl Into<Received>,
     out: &mut Vec<u8>,
 ) -> Result<ChunkRef, ChunkDecodeError> {
-    let header = decode_header(body, stored_crc)?;
+    let header = decode_header(body, stored_crc.into())?;
     decode_payload(body, &header, out)?;
     Ok(ChunkRef {
         hash: header.hash,
@@ -578,6 +685,26 @@ pub fn header_hash(body: &[u8]) -> Option<ChunkHash> {
     Some(ChunkHash(hash))
 }
 
+/// What a store tells the decoders about an object besides its bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Received {
+    /// The crc32c the store recorded for the whole object, left for the decoder to compare.
+    pub(crate) stored_crc: Option<u32>,
+    /// The crc32c of all the object's bytes but the trailer, computed by this process as the
+    /// bytes arrived ([`crate::store::UncheckedBody::with_crc_before_last4`]), so the decoder
+    /// needs no pass of its own to check the trailer and the stored crc32c.
+    pub(crate) before_trailer: Option<u32>,
+}
+
+impl From<Option<u32>> for Received {
+    fn from(stored_crc: Option<u32>) -> Self {
+        Received {
+            stored_crc,
+            before_trailer: None,
+        }
+    }
+}
+
 struct Header {
     codec: u8,
     raw_len: u64,
@@ -590,7 +717,7 @@ struct Header {
 /// Checks the framing and the trailer crc32c; with `stored_crc` (the crc32c the store
 /// recorded for the whole object, left for us to compare), that too, from the same pass: the
 /// whole object's crc32c is the trailer's extended over the trailer's four bytes.
-fn decode_header(body: &[u8], stored_crc: Option<u32>) -> Result<Header, ChunkDecodeError> {
+fn decode_header(body: &[u8], received: Received) -> Result<Header, ChunkDecodeError> {
     if body.len() < OVERHEAD {
         return Err(ChunkDecodeError::Size {
             expected: OVERHEAD as u64,
@@ -608,16 +735,26 @@ fn decode_header(body: &[u8], stored_crc: Option<u32>) -> Result<Header, ChunkDe
     // Header and payload checksummed apart (one pass all the same), so that a raw payload's
     // crc32c, which must equal the recorded raw crc32c, costs no second pass.
     let payload = &body[HEADER_LEN..split];
-    let payload_crc = crate::crc::crc32c(payload);
-    let computed = crate::crc::combine(
-        crc32c::crc32c(&body[..HEADER_LEN]),
-        payload_crc,
-        payload.len(),
-    );
+    let header_crc = crc32c::crc32c(&body[..HEADER_LEN]);
+    let (payload_crc, computed) = match received.before_trailer {
+        // Computed while the bytes arrived: the payload's crc32c is what remains of it once
+        // the header's is taken out (crc32c(A || B) = shift(crc32c(A), |B|) ^ crc32c(B)).
+        Some(before) => (
+            crate::crc::combine(header_crc, before, payload.len()),
+            before,
+        ),
+        None => {
+            let payload_crc = crate::crc::crc32c(payload);
+            (
+                payload_crc,
+                crate::crc::combine(header_crc, payload_crc, payload.len()),
+            )
+        }
+    };
     // The store's check comes first, as it would have inside the store: damage to the
     // bytes read is reported as the store's, a trailer that disagrees with bytes the store
     // vouches for as the object's own.
-    if let Some(whole) = stored_crc {
+    if let Some(whole) = received.stored_crc {
         let computed = crc32c::crc32c_append(computed, &body[split..]);
         if whole != computed {
             return Err(ChunkDecodeError::StoredCrc {
@@ -1071,6 +1208,142 @@ mod tests {
             decode_standalone(&forge(CODEC_RAW, 10, &[1; 200]), &mut out),
             Err(ChunkDecodeError::Size { .. })
         ));
+    }
+
+    /// Data of `len` bytes: random, text, or random with a text half (which the sample may
+    /// judge either way).
+    fn sample_data(kind: u8, len: usize, seed: u32) -> Vec<u8> {
+        let text: Vec<u8> = b"block volume text "
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect();
+        match kind {
+            0 => noise(len, seed),
+            1 => text,
+            _ => {
+                let mut mixed = noise(len, seed);
+                mixed[len / 2..].copy_from_slice(&text[len / 2..]);
+                mixed
+            }
+        }
+    }
+
+    /// Encodes `raw` in place from a buffer that held other bytes before (a reused one).
+    fn in_place(raw: &[u8], level: i32, home: &aligned::Shelf) -> (EncodedChunk, bool) {
+        let mut dirty = AlignedBuf::default();
+        dirty.resize(raw.len() + OVERHEAD + 5000).fill(0xA5);
+        let mut chunk = RawChunk::new(dirty, raw.len());
+        chunk.raw_mut().copy_from_slice(raw);
+        let (e, unused) = encode_in_place(chunk, level, Some(home));
+        (e, unused.is_some())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// The in-place encoder writes exactly the object the copying encoder writes, for
+        /// every kind of data, level and size (including sizes that are not a multiple of the
+        /// block size, as a volume's last chunk is), and its body starts aligned.
+        #[test]
+        fn in_place_objects_are_the_copying_encoders_bytes(
+            kind in 0u8..3,
+            level in proptest::sample::select(vec![0, 1, 3]),
+            len in proptest::prop_oneof![
+                1usize..9000,
+                proptest::strategy::Strategy::prop_map(1usize..80, |b| b * 4096),
+                (4096usize * 32 - 7)..(4096 * 80 + 7),
+            ],
+            seed in proptest::prelude::any::<u32>(),
+        ) {
+            let raw = sample_data(kind, len, seed);
+            let home = aligned::Shelf::default();
+            let old = encode(&raw, level);
+            let (new, gave_back) = in_place(&raw, level, &home);
+            proptest::prop_assert_eq!(&new.chunk, &old.chunk);
+            proptest::prop_assert_eq!(new.body_crc32c, old.body_crc32c);
+            proptest::prop_assert!(new.body == old.body, "bodies differ");
+            proptest::prop_assert!(aligned::is_aligned(&new.body));
+            // The raw buffer is the object exactly when the chunk is stored raw.
+            proptest::prop_assert_eq!(gave_back, new.body[5] == CODEC_ZSTD);
+            let mut out = Vec::new();
+            decode_into(&new.body, &new.chunk, &mut out).unwrap();
+            proptest::prop_assert!(out == raw);
+        }
+    }
+
+    /// A raw body encoded in place is the read buffer itself, and it goes back to the
+    /// pipeline's shelf (not the process-wide pool) once the upload drops it.
+    #[test]
+    fn an_in_place_raw_body_returns_to_its_shelf() {
+        let home = aligned::Shelf::default();
+        let raw = noise(1 << 20, 9);
+        let mut chunk = RawChunk::new(AlignedBuf::default(), raw.len());
+        chunk.raw_mut().copy_from_slice(&raw);
+        let at = chunk.raw().as_ptr();
+        let (e, unused) = encode_in_place(chunk, 1, Some(&home));
+        assert!(unused.is_none());
+        assert_eq!(e.body[5], CODEC_RAW);
+        assert_eq!(
+            e.body[HEADER_LEN..].as_ptr(),
+            at,
+            "the raw bytes were copied"
+        );
+        assert!(home.lock().unwrap().is_empty());
+        drop(e);
+        assert_eq!(home.lock().unwrap().len(), 1);
+    }
+
+    /// Given the crc32c of all but the trailer (computed while the bytes arrived), every
+    /// decoder checks exactly what it checks from its own pass: intact objects decode the
+    /// same, a damaged payload (the crc computed over the damaged bytes, as a store would)
+    /// is refused as the store's damage or, without a stored crc, as the object's.
+    #[test]
+    fn a_crc_computed_on_arrival_checks_what_the_decoders_own_pass_checks() {
+        let text = b"arrived crc ".repeat(30_000);
+        for raw in [noise(300_000, 41), text, noise(4097, 42)] {
+            for level in [0, 1] {
+                let e = encode(&raw, level);
+                let split = e.body.len() - TRAILER_LEN;
+                let received = |body: &[u8], stored| Received {
+                    stored_crc: stored,
+                    before_trailer: Some(crc32c::crc32c(&body[..split])),
+                };
+                let mut out = Vec::new();
+                decode_into_stored(
+                    &e.body,
+                    received(&e.body, Some(e.body_crc32c)),
+                    &e.chunk,
+                    &mut out,
+                )
+                .unwrap();
+                assert!(out == raw);
+                let mut exact = vec![0u8; raw.len()];
+                decode_into_slice_stored(&e.body, received(&e.body, None), &e.chunk, &mut exact)
+                    .unwrap();
+                assert!(exact == raw);
+                let mut bad = e.body.to_vec();
+                bad[HEADER_LEN + raw.len() / 3 % (split - HEADER_LEN)] ^= 0x40;
+                assert!(matches!(
+                    decode_into_stored(
+                        &bad,
+                        received(&bad, Some(e.body_crc32c)),
+                        &e.chunk,
+                        &mut out
+                    ),
+                    Err(ChunkDecodeError::StoredCrc { .. })
+                ));
+                assert!(matches!(
+                    decode_or_borrow_stored(
+                        &bad,
+                        received(&bad, None),
+                        &e.chunk,
+                        |_| &mut exact[..]
+                    ),
+                    Err(ChunkDecodeError::ObjectCrc { .. })
+                ));
+            }
+        }
     }
 
     #[test]

@@ -73,6 +73,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
+use crate::chunk::Received;
+
 /// Magic bytes at the start of every sealed object.
 pub const SEALED_MAGIC: [u8; 4] = *b"CBEN";
 /// Envelope version this build writes and reads.
@@ -750,12 +752,13 @@ impl RepoKeys {
         object_key: &str,
         sealed: &mut [u8],
     ) -> Result<std::ops::Range<usize>, SealError> {
-        self.open_in_place_stored(kind, object_key, sealed, None)
+        self.open_in_place_stored(kind, object_key, sealed, Received::default())
     }
 
-    /// [`RepoKeys::open_in_place`], also comparing `stored_crc`, the crc32c the store recorded
-    /// for the whole object when it left that comparison to the reader, in the envelope
-    /// checksum's pass ([`SealError::StoredCrc`] if it differs).
+    /// [`RepoKeys::open_in_place`], also comparing the crc32c the store recorded for the
+    /// whole object when it left that comparison to the reader, in the envelope checksum's
+    /// pass ([`SealError::StoredCrc`] if it differs); that pass is skipped when the store
+    /// computed the crc32c of all but the envelope's trailer as the bytes arrived.
     ///
     /// # Errors
     /// As [`RepoKeys::open_in_place`].
@@ -764,9 +767,9 @@ impl RepoKeys {
         kind: ObjectKind,
         object_key: &str,
         sealed: &mut [u8],
-        stored_crc: Option<u32>,
+        received: Received,
     ) -> Result<std::ops::Range<usize>, SealError> {
-        check_envelope_stored(kind, sealed, stored_crc)?;
+        check_envelope_stored(kind, sealed, received)?;
         let key = self.object_key(kind, &sealed[8..8 + SALT_LEN])?;
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&sealed[8 + SALT_LEN..SEALED_HEADER_LEN]);
@@ -797,7 +800,7 @@ fn aad(header: &[u8], object_key: &str) -> Vec<u8> {
 /// # Errors
 /// A [`SealError`] other than [`SealError::Authentication`].
 pub fn check_envelope(kind: ObjectKind, sealed: &[u8]) -> Result<(), SealError> {
-    check_envelope_stored(kind, sealed, None)
+    check_envelope_stored(kind, sealed, Received::default())
 }
 
 /// [`check_envelope`], with the store's crc32c of the whole object compared first when the
@@ -805,7 +808,7 @@ pub fn check_envelope(kind: ObjectKind, sealed: &[u8]) -> Result<(), SealError> 
 fn check_envelope_stored(
     kind: ObjectKind,
     sealed: &[u8],
-    stored_crc: Option<u32>,
+    received: Received,
 ) -> Result<(), SealError> {
     if sealed.len() < SEALED_OVERHEAD {
         return Err(SealError::TooShort {
@@ -829,8 +832,10 @@ fn check_envelope_stored(
     let mut stored = [0u8; 4];
     stored.copy_from_slice(&sealed[split..]);
     let stored = u32::from_le_bytes(stored);
-    let computed = crate::crc::crc32c(&sealed[..split]);
-    if let Some(whole) = stored_crc {
+    let computed = received
+        .before_trailer
+        .unwrap_or_else(|| crate::crc::crc32c(&sealed[..split]));
+    if let Some(whole) = received.stored_crc {
         let computed = crc32c::crc32c_append(computed, &sealed[split..]);
         if whole != computed {
             return Err(SealError::StoredCrc {
@@ -1148,6 +1153,50 @@ mod tests {
         iterations: 1,
         parallelism: 1,
     };
+
+    /// The crc32c of all but the envelope's trailer, computed as the bytes arrived, stands in
+    /// for the opener's own pass: intact envelopes open, and bytes damaged on the way (the
+    /// crc computed over the damaged bytes) are refused as the store's damage or, without a
+    /// stored crc32c, as the envelope's.
+    #[test]
+    fn a_crc_computed_on_arrival_checks_what_the_openers_own_pass_checks() {
+        let keys = RepoKeys::derive(&MasterKey::generate().unwrap());
+        let plain = b"sealed on arrival ".repeat(5000);
+        let sealed = keys.seal(ObjectKind::Chunk, "chunks/ab/y", &plain).unwrap();
+        let split = sealed.len() - 4;
+        let whole = crc32c::crc32c(&sealed);
+        let received = |bytes: &[u8], stored| Received {
+            stored_crc: stored,
+            before_trailer: Some(crc32c::crc32c(&bytes[..split])),
+        };
+        let mut ok = sealed.clone();
+        let r = keys
+            .open_in_place_stored(
+                ObjectKind::Chunk,
+                "chunks/ab/y",
+                &mut ok,
+                received(&sealed, Some(whole)),
+            )
+            .unwrap();
+        assert!(ok[r] == plain[..]);
+        let mut bad = sealed.clone();
+        bad[split / 2] ^= 1;
+        let on_arrival = received(&bad, Some(whole));
+        assert!(matches!(
+            keys.open_in_place_stored(
+                ObjectKind::Chunk,
+                "chunks/ab/y",
+                &mut bad.clone(),
+                on_arrival
+            ),
+            Err(SealError::StoredCrc { .. })
+        ));
+        let on_arrival = received(&bad, None);
+        assert!(matches!(
+            keys.open_in_place_stored(ObjectKind::Chunk, "chunks/ab/y", &mut bad, on_arrival),
+            Err(SealError::Crc { .. })
+        ));
+    }
 
     #[test]
     fn seal_round_trip_and_every_alteration_fails() {

@@ -21,7 +21,8 @@ use cbt_core::{
 use futures::{StreamExt, TryStreamExt};
 
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
-use crate::chunk::EncodedChunk;
+use crate::aligned::{AlignedBuf, Shelf};
+use crate::chunk::{EncodedChunk, RawChunk};
 use crate::repo::{
     ChunkAt, ChunkNovelty, EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
     Repository, Result, random_id,
@@ -125,7 +126,8 @@ pub struct BackupOutcome {
     /// Read throughput in MB/s (bytes read / wall time).
     pub read_mb_per_s: f64,
     /// Raw chunk buffers allocated by the run (buffers are reused; at most
-    /// `readers + readahead + workers` whatever the volume size).
+    /// `readers + readahead + workers + transfers` whatever the volume size: an incompressible
+    /// chunk is uploaded from the buffer it was read into).
     pub raw_buffers_allocated: u64,
     /// Most chunk-map entries held at once. The readers hand out at most `ahead = readers +
     /// readahead + workers + 2 * transfers` chunks the fold has not taken yet (24 to 30 with
@@ -1469,26 +1471,26 @@ fn ahead_limit(opts: &EngineOptions) -> u64 {
     (o.readers + o.readahead + o.workers + 2 * o.transfers) as u64
 }
 
-/// Buffers of one chunk size, reused between the readers and the CPU stage.
+/// Buffers of one chunk size, reused between the readers, the CPU stage and (as the bodies of
+/// incompressible chunks, encoded where they were read) the uploads.
 #[derive(Clone, Default)]
 struct BufferPool {
-    free: Arc<Mutex<Vec<Vec<u8>>>>,
+    free: Shelf,
     allocated: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl BufferPool {
-    fn take(&self, len: usize) -> Vec<u8> {
+    fn take(&self, len: usize) -> RawChunk {
         let reused = self.free.lock().map(|mut p| p.pop()).ok().flatten();
-        let mut buf = reused.unwrap_or_else(|| {
+        let buf = reused.unwrap_or_else(|| {
             self.allocated
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Vec::new()
+            AlignedBuf::default()
         });
-        buf.resize(len, 0);
-        buf
+        RawChunk::new(buf, len)
     }
 
-    fn give(&self, buf: Vec<u8>) {
+    fn give(&self, buf: AlignedBuf) {
         if let Ok(mut p) = self.free.lock() {
             p.push(buf);
         }
@@ -1535,7 +1537,7 @@ async fn run_pipeline(
             need_merge: None,
         }
     });
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, Vec<u8>)>>(opts.readahead);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<(ChunkRead, RawChunk)>>(opts.readahead);
 
     // Readers: `readers` blocking threads taking the next planned chunk in offset order and
     // issuing preads, at most `readahead` chunks ahead of the hashing stage. Several readers
@@ -1555,7 +1557,7 @@ async fn run_pipeline(
                 let Some(r) = next else { return };
                 let mut buf = pool.take(r.len as usize);
                 let item = source
-                    .read_exact_at(&mut buf, r.offset)
+                    .read_exact_at(buf.raw_mut(), r.offset)
                     .map(|()| (r, buf))
                     .map_err(|e| RepoError::SourceIo {
                         path: source.describe(),
@@ -1595,15 +1597,17 @@ async fn run_pipeline(
             let pool = cpu_pool.clone();
             let codec = codec.clone();
             async move {
-                let (r, buf) = item?;
+                let (r, raw) = item?;
                 tokio::task::spawn_blocking(move || {
-                    let out = if is_zero(&buf) {
-                        Ok(Encoded::Zero(r))
-                    } else {
-                        codec.encode_chunk(&buf, level).map(|e| Encoded::Data(r, e))
-                    };
-                    pool.give(buf);
-                    out
+                    if is_zero(raw.raw()) {
+                        pool.give(raw.into_buf());
+                        return Ok(Encoded::Zero(r));
+                    }
+                    let (e, unused) = codec.encode_chunk_in_place(raw, level, &pool.free)?;
+                    if let Some(buf) = unused {
+                        pool.give(buf);
+                    }
+                    Ok::<_, RepoError>(Encoded::Data(r, e))
                 })
                 .await
                 .map_err(|e| RepoError::Internal {

@@ -9,11 +9,14 @@
 //!
 //! # Memory bound
 //! Backup holds at most `(readers + readahead + 2 * workers + transfers) * (chunk_size + 52)`
-//! bytes of chunk data: raw buffers are pooled and reused (at most `readers + readahead +
-//! workers` exist,
-//! see [`BackupOutcome::raw_buffers_allocated`]); an encoded body lives until its upload
-//! finishes, and its buffer is then kept for the next chunk (at most 64 MiB of them, never
-//! more than were in flight at once). Restore holds at most `2 * transfers * (chunk_size + 52 +
+//! bytes of chunk data (each buffer rounded up to 4 KiB): raw buffers are pooled and reused
+//! (at most `readers + readahead + workers + transfers` exist, see
+//! [`BackupOutcome::raw_buffers_allocated`]); an incompressible chunk is framed where it was
+//! read and its read buffer is the body uploaded, returning to the pool when the upload
+//! finishes; a compressed body is written into a buffer of its own, which lives until its
+//! upload finishes and is then kept for the next chunk (at most 64 MiB of them, never more
+//! than were in flight at once). Every chunk in flight holds one buffer, two while it is
+//! compressed. Restore holds at most `2 * transfers * (chunk_size + 52 +
 //! 4096)` (a body and its decode buffer per chunk in flight; a body read for direct writes
 //! starts up to 4 KiB into its buffer).
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
@@ -240,8 +243,9 @@ impl EngineOptions {
     /// + 10 * 128` entries for a full backup (see the module docs).
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
+        // Buffers are aligned for direct I/O, whole alignment units long.
         (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64
-            * (chunk_size + BUFFER_OVERHEAD)
+            * (chunk_size + BUFFER_OVERHEAD).next_multiple_of(crate::aligned::DIRECT_ALIGN as u64)
     }
 
     /// Upper bound of chunk-buffer memory of a restore with these options, encrypted or not.

@@ -660,44 +660,43 @@ async fn write_all(
     // stage that runs ahead of the writers was measured slower on a cold local repository
     // (reads and direct writes competing for the same disk: 0.95-1.08 s against 0.83 s).
     let reader = repo.chunk_reader();
+    // What every chunk's blocking task shares, made once for the run rather than per chunk.
+    let job = Arc::new(WriteJob {
+        file: file.clone(),
+        path: path.clone(),
+        pool: pool.clone(),
+        codec: repo.codec().clone(),
+        reader: reader.clone(),
+        name: name.clone(),
+        sparse,
+    });
     groups
         .map_ok(|g| {
-            let (file, path, pool, name) = (file.clone(), path.clone(), pool.clone(), name.clone());
+            let job = job.clone();
             let progress = progress.clone();
-            let reader = reader.clone();
             let mark = &mark;
             async move {
                 let (index, offset) = g.targets[0];
                 let at = ChunkContext {
-                    snapshot: &name,
+                    snapshot: &job.name,
                     index,
                     offset,
                 };
                 let copies = g.targets.len() as u64;
                 let chunk_len = g.chunk.raw_len;
-                let codec = repo.codec().clone();
                 // A store that reads without waiting (a local directory) is read in the same
                 // blocking task that checks and writes the chunk: one hand-off to a blocking
                 // thread per chunk instead of two. Otherwise, or after a transient failure
                 // there, the chunk is fetched here (with retries) and handed over.
                 let mut fetched = None;
-                if !reader.reads_now() {
+                if !job.reader.reads_now() {
                     fetched = Some(repo.fetch_chunk_for_write(&g.chunk, at).await?);
                 }
                 let Written {
                     targets,
                     downloaded,
                 } = loop {
-                    let job = WriteJob {
-                        file: file.clone(),
-                        path: path.clone(),
-                        pool: pool.clone(),
-                        codec: codec.clone(),
-                        reader: reader.clone(),
-                        name: name.clone(),
-                        sparse,
-                    };
-                    let (g2, body) = (g.clone(), fetched.take());
+                    let (job, g2, body) = (job.clone(), g.clone(), fetched.take());
                     let done = tokio::task::spawn_blocking(move || job.run(g2, body))
                         .await
                         .map_err(|e| RepoError::Internal {
@@ -762,7 +761,7 @@ impl WriteJob {
     /// What was written; `None` if the chunk has still to be fetched
     /// (the store cannot read here, or failed transiently).
     fn run(
-        self,
+        &self,
         g: FetchGroup,
         body: Option<crate::repo::FetchedChunk>,
     ) -> Result<Option<Written>> {

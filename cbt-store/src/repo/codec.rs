@@ -27,9 +27,20 @@ use crate::store::UncheckedBody;
 pub struct FetchedChunk {
     body: Bytes,
     stored_crc: Option<u32>,
+    /// crc32c of all but the last four bytes, when the store computed it while reading.
+    before_last4: Option<u32>,
 }
 
 impl FetchedChunk {
+    /// What the decoders are told besides the bytes (the last four bytes of a plain chunk
+    /// and of a sealed envelope alike are the crc32c of the rest).
+    fn received(&self) -> chunk::Received {
+        chunk::Received {
+            stored_crc: self.stored_crc,
+            before_trailer: self.before_last4,
+        }
+    }
+
     /// Bytes downloaded.
     pub fn len(&self) -> usize {
         self.body.len()
@@ -46,14 +57,19 @@ impl From<Bytes> for FetchedChunk {
         FetchedChunk {
             body,
             stored_crc: None,
+            before_last4: None,
         }
     }
 }
 
 impl From<UncheckedBody> for FetchedChunk {
     fn from(read: UncheckedBody) -> Self {
-        let (body, stored_crc) = read.into_parts();
-        FetchedChunk { body, stored_crc }
+        let (body, stored_crc, before_last4) = read.into_parts();
+        FetchedChunk {
+            body,
+            stored_crc,
+            before_last4,
+        }
     }
 }
 
@@ -133,6 +149,26 @@ impl Codec {
         })
     }
 
+    /// Like [`Codec::encode_chunk`] for a chunk read into a [`chunk::RawChunk`]: in a plain
+    /// repository an incompressible chunk becomes its object without a copy (its buffer returns
+    /// to `home` once the body is dropped); a sealed one is encoded from the raw bytes. Also
+    /// returns `raw`'s buffer when the object does not use it.
+    ///
+    /// # Errors
+    /// As [`Codec::encode_chunk`].
+    pub(crate) fn encode_chunk_in_place(
+        &self,
+        raw: chunk::RawChunk,
+        level: i32,
+        home: &crate::aligned::Shelf,
+    ) -> Result<(EncodedChunk, Option<crate::aligned::AlignedBuf>)> {
+        if self.keys.is_some() {
+            let encoded = self.encode_chunk(raw.raw(), level)?;
+            return Ok((encoded, Some(raw.into_buf())));
+        }
+        Ok(chunk::encode_in_place(raw, level, Some(home)))
+    }
+
     /// Opens a sealed chunk (in place when `body` is not shared, so the engine's download is
     /// decrypted without a copy) and hands its plain object, with the reference the plain
     /// decoder checks it against, to `decode`.
@@ -142,7 +178,8 @@ impl Codec {
         expected: &ChunkRef,
         decode: impl FnOnce(&[u8], &ChunkRef) -> std::result::Result<T, ChunkDecodeError>,
     ) -> std::result::Result<T, ChunkDecodeError> {
-        let FetchedChunk { body, stored_crc } = fetched;
+        let received = fetched.received();
+        let body = fetched.body;
         if body.len() as u64 != expected.stored_size {
             return Err(ChunkDecodeError::Size {
                 expected: expected.stored_size,
@@ -158,7 +195,7 @@ impl Codec {
                 ObjectKind::Chunk,
                 &chunk::chunk_key(&expected.hash),
                 &mut buf,
-                stored_crc,
+                received,
             )
             .map_err(|e| match e {
                 // Named as for a plain chunk: the store's checksum failed, not the envelope.
@@ -211,7 +248,7 @@ impl Codec {
     ) -> Result<()> {
         let fetched = body.into();
         let result = match &self.keys {
-            None => chunk::decode_into_stored(&fetched.body, fetched.stored_crc, expected, out),
+            None => chunk::decode_into_stored(&fetched.body, fetched.received(), expected, out),
             Some(keys) => Self::open_chunk(keys, fetched, expected, |inner, r| {
                 chunk::decode_into(inner, r, out)
             }),
@@ -234,7 +271,7 @@ impl Codec {
         let fetched = body.into();
         let result = match &self.keys {
             None => {
-                chunk::decode_into_slice_stored(&fetched.body, fetched.stored_crc, expected, out)
+                chunk::decode_into_slice_stored(&fetched.body, fetched.received(), expected, out)
             }
             Some(keys) => Self::open_chunk(keys, fetched, expected, |inner, r| {
                 chunk::decode_into_slice(inner, r, out)
@@ -260,8 +297,9 @@ impl Codec {
         let fetched = body.into();
         let result = match &self.keys {
             None => {
-                let FetchedChunk { body, stored_crc } = fetched;
-                chunk::decode_or_borrow_stored(&body, stored_crc, expected, out).map(
+                let received = fetched.received();
+                let body = fetched.body;
+                chunk::decode_or_borrow_stored(&body, received, expected, out).map(
                     |raw| match raw {
                         chunk::RawAt::Payload(range) => Some(body.slice(range)),
                         chunk::RawAt::Out => None,

@@ -227,6 +227,9 @@ pub struct UncheckedBody {
     body: Bytes,
     key: String,
     pending: Option<u32>,
+    /// crc32c of all the body's bytes but the last four, computed by this process as the
+    /// bytes arrived (see [`UncheckedBody::with_crc_before_last4`]).
+    before_last4: Option<u32>,
 }
 
 impl UncheckedBody {
@@ -236,6 +239,7 @@ impl UncheckedBody {
             body,
             key: String::new(),
             pending: None,
+            before_last4: None,
         }
     }
 
@@ -245,7 +249,22 @@ impl UncheckedBody {
             body,
             key: key.to_string(),
             pending: Some(stored),
+            before_last4: None,
         }
+    }
+
+    /// Records `crc`, the crc32c of all the body's bytes but the last four, which the backend
+    /// computed while receiving them (the pieces are checksummed as they are copied, while
+    /// they are in cache). Objects whose last four bytes are the crc32c of the rest (chunk
+    /// objects) are then checked without another pass over the bytes.
+    ///
+    /// # Panics
+    /// If the body is shorter than four bytes (a backend bug).
+    #[cfg_attr(not(feature = "s3"), allow(dead_code))]
+    pub(crate) fn with_crc_before_last4(mut self, crc: u32) -> Self {
+        assert!(self.body.len() >= 4);
+        self.before_last4 = Some(crc);
+        self
     }
 
     /// Bytes read.
@@ -258,10 +277,11 @@ impl UncheckedBody {
         self.body.is_empty()
     }
 
-    /// The bytes and the stored crc32c still to compare with them, for a decoder that
-    /// compares it in its own pass over the bytes.
-    pub(crate) fn into_parts(self) -> (Bytes, Option<u32>) {
-        (self.body, self.pending)
+    /// The bytes, the stored crc32c still to compare with them (for a decoder that compares
+    /// it in its own pass over the bytes), and the crc32c of all but the last four bytes
+    /// when the backend computed it.
+    pub(crate) fn into_parts(self) -> (Bytes, Option<u32>, Option<u32>) {
+        (self.body, self.pending, self.before_last4)
     }
 
     /// The stored crc32c the caller must compare with the body's, or `None` if the backend

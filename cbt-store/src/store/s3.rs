@@ -73,6 +73,10 @@ struct FetchedBody {
     meta_crc: Option<u32>,
     /// From `x-amz-checksum-crc32c` (only when asked for).
     wire_crc: Option<u32>,
+    /// crc32c of all the body's bytes but the last four, computed as they were copied (only
+    /// when read into an aligned buffer without a wire checksum, and the whole announced
+    /// length arrived).
+    before_last4: Option<u32>,
 }
 
 /// User-metadata name under which the body's crc32c (8 hex digits) is stored.
@@ -724,7 +728,13 @@ impl S3Store {
                      x-amz-checksum-crc32c {wire:#010x}"
                 ),
             }),
-            (Some(crc), _) | (None, Some(crc)) => Ok(UncheckedBody::pending(key, got.body, crc)),
+            (Some(crc), _) | (None, Some(crc)) => {
+                let read = UncheckedBody::pending(key, got.body, crc);
+                Ok(match got.before_last4 {
+                    Some(prefix) => read.with_crc_before_last4(prefix),
+                    None => read,
+                })
+            }
             // `get_body` refuses an object without either.
             (None, None) => Err(StoreError::Malformed {
                 key: key.to_string(),
@@ -805,6 +815,14 @@ impl S3Store {
         if fixed.is_none() {
             buf.reserve(expect);
         }
+        // Without a wire checksum the caller checksums the body; into an aligned buffer, each
+        // piece is checksummed as it is copied (still in cache) rather than in a pass of the
+        // caller's over the whole body later. The last four bytes are left out (a chunk's
+        // trailer is the crc32c of the bytes before it), so the caller derives both from this.
+        let mut prefix = expect
+            .checked_sub(4)
+            .filter(|_| !wire_checksum)
+            .map(|upto| (0u32, upto));
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| body_failed(format!("{}", DisplayErrorContext(&e))))?;
             let held = fixed.as_ref().map_or(buf.len(), |(_, pad, end)| end - pad);
@@ -812,9 +830,16 @@ impl S3Store {
                 return Err(too_large(None));
             }
             match &mut fixed {
-                Some((b, _, end)) if *end + piece.len() <= b.len() => {
+                Some((b, pad, end)) if *end + piece.len() <= b.len() => {
+                    let at = *end - *pad;
                     b.as_mut_slice()[*end..*end + piece.len()].copy_from_slice(&piece);
                     *end += piece.len();
+                    if let Some((crc, upto)) = &mut prefix
+                        && at < *upto
+                    {
+                        let take = (*upto - at).min(piece.len());
+                        *crc = crate::crc::combine(*crc, crate::crc::crc32c(&piece[..take]), take);
+                    }
                 }
                 Some((b, pad, end)) => {
                     buf.extend_from_slice(&b.as_slice()[*pad..*end]);
@@ -824,9 +849,16 @@ impl S3Store {
                 None => buf.extend_from_slice(&piece),
             }
         }
-        let body = match fixed {
-            Some((b, pad, end)) => aligned::into_bytes(b, pad..end),
-            None => buf.freeze(),
+        let (body, before_last4) = match fixed {
+            Some((b, pad, end)) => {
+                // Only when every announced byte arrived is the crc over all but the last four.
+                let whole = end - pad == expect;
+                (
+                    aligned::into_bytes(b, pad..end),
+                    prefix.filter(|_| whole).map(|(crc, _)| crc),
+                )
+            }
+            None => (buf.freeze(), None),
         };
         if meta_crc.or(wire_crc).is_none() {
             return Err(StoreError::Malformed {
@@ -838,6 +870,7 @@ impl S3Store {
             body,
             meta_crc,
             wire_crc,
+            before_last4,
         })
     }
 
@@ -1250,5 +1283,48 @@ mod tests {
             assert_eq!(parse_crc_b64(&crc_b64(v)), Some(v));
         }
         assert_eq!(parse_crc_b64("nope"), None);
+    }
+
+    /// A body read into an aligned buffer for a caller that checks it comes with the crc32c
+    /// of all but its last four bytes, computed as the pieces arrived (bodies of many pieces,
+    /// of sizes around four bytes, at several alignments); read otherwise, without.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn aligned_unchecked_reads_carry_the_crc_before_the_last_four_bytes() {
+        let server = crate::testing::S3TestServer::start().await.unwrap();
+        server.create_bucket("arrival").unwrap();
+        let store = server.store("arrival", "p").await.unwrap();
+        for (i, len) in [4usize, 5, 4099, 1 << 20, (3 << 20) + 7]
+            .into_iter()
+            .enumerate()
+        {
+            let body: Bytes = (0..len).map(|j| (j * 7 + j / 251 + i) as u8).collect();
+            let key = format!("o{i}");
+            store
+                .put(&key, body.clone(), PutMode::Overwrite)
+                .await
+                .unwrap();
+            for at in [0, 48, 4095] {
+                let read = store
+                    .get_unchecked(&key, len as u64, Some(at))
+                    .await
+                    .unwrap();
+                let (got, pending, before) = read.into_parts();
+                assert!(got == body);
+                assert_eq!(pending, Some(crc32c::crc32c(&body)));
+                assert_eq!(
+                    before,
+                    Some(crc32c::crc32c(&body[..len - 4])),
+                    "{len} at {at}"
+                );
+            }
+            let (_, _, before) = store
+                .get_unchecked(&key, len as u64, None)
+                .await
+                .unwrap()
+                .into_parts();
+            assert_eq!(before, None);
+        }
     }
 }

@@ -96,6 +96,13 @@ pub async fn bounded_get(store: &dyn ObjectStore) {
             data,
             "get_unchecked({aligned_at:?}) returns the body"
         );
+        if let (_, _, Some(before)) = read.clone().into_parts() {
+            assert_eq!(
+                before,
+                crc32c::crc32c(&data[..data.len() - 4]),
+                "get_unchecked({aligned_at:?}): the crc32c computed on arrival covers all but the last four bytes"
+            );
+        }
         let crc = crc32c::crc32c(&data);
         if let Some(pending) = read.pending_crc32c() {
             assert_eq!(pending, crc, "the pending crc32c is the body's stored one");
