@@ -13,9 +13,12 @@ use cbt_core::manifest::ParentRef;
 use cbt_core::maptree::LEAF_SPAN;
 use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
-    self, BackupMode, BackupOutcome, BackupRequest, BlockSource, EngineOptions, RestoreOptions,
+    self, BackupMode, BackupOutcome, BackupRequest, BlockSource, EngineOptions, MERGE_QUEUE,
+    RestoreOptions,
 };
 use cbt_store::repo::{LEAF_WINDOW, Repository};
+use cbt_store::store::{LocalStore, ObjectStore};
+use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use cbt_store::testing::synthetic::SyntheticSource;
 use engine_support::local_repo;
 
@@ -437,7 +440,7 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     assert_eq!(out.stats.chunks_zero, tail - data_past);
     assert_eq!(out.stats.objects_written, 2 + 1 + data_past);
     assert_eq!(out.stats.bytes_changed, (2 + 1 + data_past) * CHUNK);
-    let bound = peak_bound(&opts());
+    let bound = merge_bound(&opts());
     assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "g", &grown).await;
 
@@ -471,4 +474,116 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     assert_within(&out, bound);
     assert_restores(&repo, dir.path(), &volume, "s", &shrunk).await;
     assert_restores(&repo, dir.path(), &volume, "p", &first).await;
+}
+
+/// Reads of every `segments/` key: how many times, and the bytes each read returned.
+#[derive(Debug, Default)]
+struct SegmentReads(std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>);
+
+impl SegmentReads {
+    fn take(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
+impl StoreHook for SegmentReads {
+    fn read(&self, call: &Call<'_>, body: bytes::Bytes) -> bytes::Bytes {
+        if call.key().starts_with("segments/") {
+            let mut reads = self.0.lock().unwrap();
+            let e = reads.entry(call.key().to_string()).or_default();
+            e.0 += 1;
+            e.1 += body.len() as u64;
+        }
+        body
+    }
+}
+
+/// A repository of 4 KiB chunks whose segment reads are counted.
+async fn counted_repo(dir: &std::path::Path) -> (Arc<HookedStore<SegmentReads>>, Repository) {
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    let store = Arc::new(HookedStore::new(local, SegmentReads::default()));
+    let repo = engine_support::init_sized(store.clone(), CHUNK).await;
+    (store, repo)
+}
+
+/// The stored segments and their sizes (of the only snapshot, when called after it).
+async fn segment_sizes(store: &dyn ObjectStore) -> std::collections::BTreeMap<String, u64> {
+    cbt_store::store::list_all(store, "segments/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect()
+}
+
+/// The most map entries a resized incremental may hold: as a full backup with a parent
+/// (`peak_bound`), plus the parent's entries queued for the merge and the leaf being merged.
+fn merge_bound(o: &EngineOptions) -> u64 {
+    peak_bound(o) + (MERGE_QUEUE as u64 + 1) * LEAF_SPAN
+}
+
+/// An incremental of a resized parent walks the parent once: the lookups of the chunks read
+/// and the merge of the kept entries share the walk, so every parent segment is fetched
+/// exactly once (grown: the whole parent is kept; the first chunk read is 2,000 chunks in, so
+/// the merge reads ahead of every lookup from the start), and a shrunk parent's segments at
+/// most once; the peak stays within the documented bound; both restore byte for byte.
+#[tokio::test]
+async fn incremental_of_a_resized_parent_reads_each_parent_segment_once() {
+    for grow in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, repo) = counted_repo(dir.path()).await;
+        let volume = VolumeName::new("once").unwrap();
+        // 4,097 chunks: 33 leaves under one node, the last leaf holding a partial chunk.
+        let old = 16 * MIB + 1000;
+        let first = SyntheticSource::new(old, RangeSet::full(old));
+        let p = full(&repo, &volume, "p", &first).await;
+        let parent_segments = segment_sizes(store.as_ref()).await;
+        assert!(parent_segments.len() > 33, "leaves and a node");
+        let head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+        let (size, changed) = if grow {
+            (
+                17 * MIB,
+                ranges(&[(2000 * CHUNK, CHUNK), (3000 * CHUNK, CHUNK)]),
+            )
+        } else {
+            (
+                12 * MIB + 10,
+                ranges(&[(2000 * CHUNK, CHUNK), (2500 * CHUNK, CHUNK)]),
+            )
+        };
+        let src = SyntheticSource::new(size, RangeSet::full(size)).rewritten(changed.clone(), 9);
+        store.hook().take();
+        let out = run(
+            &repo,
+            &volume,
+            "c",
+            &src,
+            BackupMode::IncrementalOf {
+                parent: Box::new(head),
+                changed,
+            },
+        )
+        .await;
+        let reads = store.hook().take();
+        assert!(out.manifest.is_none(), "the maps were merged in order");
+        for (key, (n, _)) in &reads {
+            assert!(
+                parent_segments.contains_key(key),
+                "read {key}, not the parent's"
+            );
+            assert_eq!(*n, 1, "{key} read {n} times (grow {grow})");
+        }
+        if grow {
+            assert_eq!(
+                reads.len(),
+                parent_segments.len(),
+                "every parent segment read"
+            );
+        } else {
+            // At least the 24 leaves below the new end (3,073 chunks) and their node.
+            assert!(reads.len() > 24, "{} segments read", reads.len());
+        }
+        assert_within(&out, merge_bound(&opts()));
+        assert_restores(&repo, dir.path(), &volume, "c", &src).await;
+    }
 }
