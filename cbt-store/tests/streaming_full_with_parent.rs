@@ -579,11 +579,89 @@ async fn incremental_of_a_resized_parent_reads_each_parent_segment_once() {
                 parent_segments.len(),
                 "every parent segment read"
             );
+            let listed: u64 = parent_segments.values().sum();
+            assert_eq!(out.metadata.parent_segment_bytes_read, listed);
         } else {
             // At least the 24 leaves below the new end (3,073 chunks) and their node.
             assert!(reads.len() > 24, "{} segments read", reads.len());
         }
+        assert_counted(&out, &reads);
         assert_within(&out, merge_bound(&opts()));
         assert_restores(&repo, dir.path(), &volume, "c", &src).await;
     }
+}
+
+/// The backup's `MetadataIo` reports exactly the segment reads the store saw.
+fn assert_counted(out: &BackupOutcome, reads: &std::collections::BTreeMap<String, (u64, u64)>) {
+    let bytes: u64 = reads.values().map(|(_, b)| b).sum();
+    let count: u64 = reads.values().map(|(n, _)| n).sum();
+    assert!(count > 0, "the parent was read");
+    assert_eq!(out.metadata.parent_segment_bytes_read, bytes);
+    assert_eq!(out.metadata.parent_segments_read, count);
+}
+
+/// `MetadataIo::parent_segment_bytes_read` and `parent_segments_read` count what each path
+/// actually fetched of a format-2 parent, as the store saw it: the changed paths of a
+/// same-size incremental, and the in-order walk of a full backup with a parent (same size and
+/// grown), each segment once.
+#[tokio::test]
+async fn metadata_io_counts_the_parent_segments_each_path_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = counted_repo(dir.path()).await;
+    let volume = VolumeName::new("counted").unwrap();
+    let old = 16 * MIB + 1000;
+    let first = SyntheticSource::new(old, RangeSet::full(old));
+    let p = full(&repo, &volume, "p", &first).await;
+    let parent_segments = segment_sizes(store.as_ref()).await;
+    let head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+
+    // Same size: the root and the two leaves holding the changed chunks.
+    let changed = ranges(&[(5 * CHUNK, CHUNK), (3000 * CHUNK, CHUNK)]);
+    let src = SyntheticSource::new(old, RangeSet::full(old)).rewritten(changed.clone(), 3);
+    store.hook().take();
+    let out = run(
+        &repo,
+        &volume,
+        "i",
+        &src,
+        BackupMode::IncrementalOf {
+            parent: Box::new(head),
+            changed,
+        },
+    )
+    .await;
+    let reads = store.hook().take();
+    assert_eq!(reads.len(), 3, "{reads:?}");
+    assert_counted(&out, &reads);
+
+    // Full backups with the parent, of the same size and grown: the whole parent, once.
+    for (name, size) in [("f", old), ("g", 17 * MIB)] {
+        let src = SyntheticSource::new(size, RangeSet::full(size));
+        store.hook().take();
+        let out = with_parent_named(&repo, &volume, name, &src, &p).await;
+        let reads = store.hook().take();
+        assert_counted(&out, &reads);
+        let listed: u64 = parent_segments.values().sum();
+        assert_eq!(out.metadata.parent_segment_bytes_read, listed, "{name}");
+        assert_eq!(
+            out.metadata.parent_segments_read,
+            parent_segments.len() as u64
+        );
+        assert!(reads.keys().all(|k| parent_segments.contains_key(k)));
+    }
+}
+
+/// As `with_parent`, naming the new snapshot.
+async fn with_parent_named(
+    repo: &Repository,
+    volume: &VolumeName,
+    name: &str,
+    child: &SyntheticSource,
+    parent: &BackupOutcome,
+) -> BackupOutcome {
+    let mode = BackupMode::FullWithParent {
+        allocated: None,
+        parent: parent.head.as_parent(),
+    };
+    run(repo, volume, name, child, mode).await
 }

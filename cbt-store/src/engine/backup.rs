@@ -24,7 +24,7 @@ use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::chunk::EncodedChunk;
 use crate::repo::{
     ChunkAt, ChunkNovelty, EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
-    Repository, Result, random_id,
+    Repository, Result, WalkReads, random_id,
 };
 
 /// Full or incremental.
@@ -151,10 +151,13 @@ pub struct BackupOutcome {
 pub struct MetadataIo {
     /// Segments and head written.
     pub written: MetadataWritten,
-    /// Bytes of the parent's map segments read (format 2 parents; a format-1 parent is read
-    /// whole and counted here as 0 segment bytes).
+    /// Bytes of the parent's map segments read, as the store returned them (format 2
+    /// parents: the paths to the changed chunks of an incremental, or the parent walked in
+    /// order by a resized incremental or a full backup with a parent; a format-1 parent is
+    /// read whole and counted here as 0 segment bytes).
     pub parent_segment_bytes_read: u64,
-    /// Parent map segments read.
+    /// Parent map segments read (nodes and leaves), counted like
+    /// [`MetadataIo::parent_segment_bytes_read`].
     pub parent_segments_read: u64,
 }
 
@@ -487,6 +490,8 @@ struct ParentWindow {
     merge_end: u64,
     /// Woken when the fold takes a leaf from the merge queue.
     drained: tokio::sync::Notify,
+    /// What the walk read of the parent (reported in [`MetadataIo`]).
+    reads: Arc<WalkReads>,
 }
 
 /// Leaves of the parent's entries at chunks not read that a resized incremental's walk holds
@@ -531,6 +536,7 @@ impl ParentWindow {
         gauge: &Arc<EntryGauge>,
         merge_end: Option<u64>,
     ) -> Self {
+        let reads = Arc::new(WalkReads::default());
         ParentWindow {
             planned: planned.clone(),
             gauge: gauge.clone(),
@@ -542,8 +548,9 @@ impl ParentWindow {
             }),
             merge_end: merge_end.unwrap_or(0),
             drained: tokio::sync::Notify::new(),
+            reads: reads.clone(),
             leaves: futures::lock::Mutex::new(
-                repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
+                repo.leaves_in_order_counted(shape, root, LEAF_WINDOW, gauge.clone(), reads)
                     .boxed(),
             ),
             state: WindowState {
@@ -948,6 +955,13 @@ async fn run_locked(
                 ParentCheck::Exists(volume, snapshot)
             });
             recheck_before_commit(repo, lock, &name, parent_check, found, opts).await?;
+            if let Some(Parent::Window {
+                window: Some(w), ..
+            }) = &parent
+            {
+                metadata.parent_segment_bytes_read = w.reads.bytes();
+                metadata.parent_segments_read = w.reads.segments();
+            }
             metadata.written = written;
             metadata.written.head_bytes = repo.commit_head(&head).await?;
             return Ok(BackupOutcome {

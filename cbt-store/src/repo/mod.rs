@@ -108,7 +108,9 @@ pub use maintenance::{
     PruneReport, RepoStatus, SnapshotStatus, VERIFY_MAP_ENTRIES, VerifyOptions, VerifyProblem,
     VerifyReport,
 };
-pub use tree::{EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH, segment_key};
+pub use tree::{
+    EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH, WalkReads, segment_key,
+};
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
 use crate::crypto::ObjectKind;
