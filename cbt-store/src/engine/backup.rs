@@ -1703,7 +1703,7 @@ async fn run_pipeline(
     });
     let cpu_pool = pool.clone();
     let codec = repo.codec().clone();
-    let folded = raw_stream
+    let uploads = raw_stream
         .map(move |item| {
             let pool = cpu_pool.clone();
             let codec = codec.clone();
@@ -1761,21 +1761,26 @@ async fn run_pipeline(
             }
         })
         .buffer_unordered(opts.transfers)
-        .try_fold(init, |mut acc, done| async move {
-            acc.add(done, compare)?;
-            merge_needed(&mut acc, feed, compare, repo).await?;
-            if let Some(tree) = &mut acc.tree {
+        .fuse();
+    // The stream (and the channel from the readers) ends with this block.
+    let mut folded = {
+        let mut uploads = std::pin::pin!(uploads);
+        let mut folded = init;
+        let mut stash = Vec::new();
+        while let Some(done) = uploads.next().await {
+            folded.add(done?, compare)?;
+            merge_polling(&mut folded, feed, compare, repo, &mut uploads, &mut stash).await?;
+            if let Some(tree) = &mut folded.tree {
                 tree.flush(repo).await?;
             }
-            Ok(acc)
-        })
-        .await?;
+        }
+        folded
+    };
     for reader in readers {
         reader.await.map_err(|e| RepoError::Internal {
             message: format!("reader task failed: {e}"),
         })?;
     }
-    let mut folded = folded;
     if let (Some(tree), Some(w)) = (&mut folded.tree, feed)
         && let Some(merge) = &w.merge
     {
@@ -1838,6 +1843,41 @@ async fn merge_needed(
         acc.fold(compare)?;
     }
     Ok(())
+}
+
+/// [`merge_needed`], while the uploads go on: their results are kept in `stash` (fewer than
+/// the chunks handed out ahead of the fold) and folded once the merge is done. A lookup may
+/// hold the parent's walk while it reads a leaf, and the merge may wait for the walk: the
+/// lookup's future must be polled meanwhile, or neither would finish.
+async fn merge_polling(
+    acc: &mut Folded<'_>,
+    feed: Option<&ParentWindow>,
+    compare: Option<ParentView<'_>>,
+    repo: &Repository,
+    uploads: &mut (impl futures::stream::FusedStream<Item = Result<Done>> + Unpin),
+    stash: &mut Vec<Done>,
+) -> Result<()> {
+    loop {
+        {
+            let mut merge = std::pin::pin!(merge_needed(acc, feed, compare, repo));
+            loop {
+                tokio::select! {
+                    biased;
+                    merged = &mut merge => {
+                        merged?;
+                        break;
+                    }
+                    Some(done) = uploads.next(), if !uploads.is_terminated() => stash.push(done?),
+                }
+            }
+        }
+        if stash.is_empty() {
+            return Ok(());
+        }
+        for done in stash.drain(..) {
+            acc.add(done, compare)?;
+        }
+    }
 }
 
 /// Most entries of a backup's table of chunks known to be stored (about 60 bytes each).
