@@ -9,6 +9,8 @@ mod engine_support;
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use cbt_core::manifest::ParentRef;
 use cbt_core::maptree::LEAF_SPAN;
 use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
@@ -664,4 +666,108 @@ async fn with_parent_named(
         parent: parent.head.as_parent(),
     };
     run(repo, volume, name, child, mode).await
+}
+
+/// Delays every segment GET (while `slow` is set) and counts those in flight, their peak, and
+/// those finished.
+#[derive(Debug, Default)]
+struct SlowSegments {
+    slow: std::sync::atomic::AtomicBool,
+    in_flight: std::sync::atomic::AtomicU64,
+    peak: std::sync::atomic::AtomicU64,
+    finished: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl StoreHook for SlowSegments {
+    async fn before(
+        &self,
+        _: &dyn ObjectStore,
+        call: &Call<'_>,
+    ) -> Result<(), cbt_store::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if matches!(call, Call::Get { .. })
+            && call.key().starts_with("segments/")
+            && self.slow.load(SeqCst)
+        {
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.peak.fetch_max(now, SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    fn finished(&self, call: &Call<'_>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if matches!(call, Call::Get { .. })
+            && call.key().starts_with("segments/")
+            && self.slow.load(SeqCst)
+        {
+            self.in_flight.fetch_sub(1, SeqCst);
+            self.finished.fetch_add(1, SeqCst);
+        }
+    }
+}
+
+/// `Repository::leaves_in_order` reads its window ahead in tasks of their own: with every
+/// segment GET delayed, the reads overlap (more than one in flight, never more than the
+/// window plus the node being read), and they complete while the consumer holds a leaf
+/// without polling the walk (a buffered future would stall until polled again: the wait
+/// below would never end). The entries held stay within the window's bound, and the walk
+/// still yields every leaf in order.
+#[tokio::test]
+async fn leaves_in_order_reads_ahead_in_tasks_that_overlap_within_the_window() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path()).unwrap());
+    let store = Arc::new(HookedStore::new(local, SlowSegments::default()));
+    let repo = engine_support::init_sized(store.clone(), CHUNK).await;
+    let volume = VolumeName::new("ahead").unwrap();
+    // 4,097 chunks: 33 leaves under one node.
+    let size = 16 * MIB + 1000;
+    let p = full(
+        &repo,
+        &volume,
+        "p",
+        &SyntheticSource::new(size, RangeSet::full(size)),
+    )
+    .await;
+    let cbt_core::manifest::MapLocation::Tree { root } = p.head.map else {
+        panic!("a format-2 head");
+    };
+    let hook = store.hook();
+    hook.slow.store(true, SeqCst);
+    let gauge = Arc::new(cbt_store::repo::EntryGauge::default());
+    let shape = cbt_core::maptree::TreeShape::new(p.head.geometry);
+    let mut walk = Box::pin(repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone()));
+    let first = walk.next().await.unwrap().unwrap();
+    assert_eq!(first.entries.first().map(|e| e.0), Some(0));
+    // The root and the whole window, read while the walk is not polled. The timeout only
+    // keeps a stalled walk from hanging the suite.
+    let window_read = async {
+        while hook.finished.load(SeqCst) < 1 + LEAF_WINDOW as u64 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(60), window_read)
+        .await
+        .expect("the read-ahead progressed while the walk was not polled");
+    let mut leaves = 1;
+    let mut next = LEAF_SPAN;
+    while let Some(leaf) = walk.next().await {
+        let leaf = leaf.unwrap();
+        assert_eq!(leaf.entries.first().map(|e| e.0), Some(next));
+        next += LEAF_SPAN;
+        leaves += 1;
+    }
+    drop(first);
+    assert_eq!(leaves, 33);
+    let peak = hook.peak.load(SeqCst);
+    assert!(peak > 1, "reads overlapped: {peak} in flight at most");
+    assert!(peak <= LEAF_WINDOW as u64 + 1, "{peak} reads in flight");
+    assert!(
+        gauge.peak() <= (LEAF_WINDOW as u64 + 1) * LEAF_SPAN,
+        "{}",
+        gauge.peak()
+    );
 }

@@ -534,6 +534,8 @@ impl Repository {
     /// path (at most `root level · 128` references) and at most `window` decoded leaves read
     /// ahead (each at most 128 entries), whatever the volume size. Every leaf is read and
     /// validated like [`Repository::read_segment`]; nodes are read when the walk reaches them.
+    /// The leaves ahead are read by spawned tasks (on the current tokio runtime), so up to
+    /// `window` reads overlap and go on while the consumer is busy with an earlier leaf.
     pub fn leaves_in_order(
         &self,
         shape: TreeShape,
@@ -596,13 +598,21 @@ impl Repository {
             let gauge = gauge.clone();
             let repo = leaves.clone();
             let reads = leaf_reads.clone();
-            async move {
+            // Each leaf read is a task of its own, so the read-ahead progresses while the
+            // consumer works on a leaf instead of only while it polls the walk; dropped with
+            // the walk, the tasks are cancelled.
+            let task = super::AbortOnDrop(tokio::spawn(async move {
                 let (seg, read) = repo.read_segment_sized(&shape, pos, &r).await?;
                 reads.add(read);
                 match seg {
                     Segment::Leaf(entries) => Ok(HeldLeaf::new(entries, gauge)),
                     Segment::Node(_) => Err(not_a(pos, "node")),
                 }
+            }));
+            async move {
+                task.await.map_err(|e| RepoError::Internal {
+                    message: format!("reading a map leaf: {e}"),
+                })?
             }
         })
         .try_buffered(window.max(1))
