@@ -771,3 +771,49 @@ async fn leaves_in_order_reads_ahead_in_tasks_that_overlap_within_the_window() {
         gauge.peak()
     );
 }
+
+/// A resized incremental whose parent segments come slowly: a lookup holds the parent's walk
+/// while its leaf is read, and the fold's merge waits for the walk meanwhile, so the backup
+/// only finishes if the uploads are still driven while the merge waits (the timeout keeps a
+/// hang from stalling the suite; it measures nothing). The result restores exactly.
+#[tokio::test]
+async fn incremental_of_a_resized_parent_finishes_with_slow_segment_reads() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let local: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
+    let store = Arc::new(HookedStore::new(local, SlowSegments::default()));
+    let repo = engine_support::init_sized(store.clone(), CHUNK).await;
+    let volume = VolumeName::new("slow").unwrap();
+    let old = 16 * MIB + 1000;
+    let p = full(
+        &repo,
+        &volume,
+        "p",
+        &SyntheticSource::new(old, RangeSet::full(old)),
+    )
+    .await;
+    let head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+    // Changed chunks spread over the parent, so lookups run ahead of the merge throughout.
+    let new = 17 * MIB;
+    let places: Vec<(u64, u64)> = (0..16).map(|k| ((k * 250 + 7) * CHUNK, CHUNK)).collect();
+    let changed = ranges(&places);
+    let src = SyntheticSource::new(new, RangeSet::full(new)).rewritten(changed.clone(), 4);
+    store.hook().slow.store(true, SeqCst);
+    let mode = BackupMode::IncrementalOf {
+        parent: Box::new(head),
+        changed,
+    };
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        run(&repo, &volume, "c", &src, mode),
+    )
+    .await
+    .expect("the backup finished");
+    store.hook().slow.store(false, SeqCst);
+    assert!(
+        store.hook().peak.load(SeqCst) > 1,
+        "segment reads overlapped"
+    );
+    assert_within(&out, merge_bound(&opts()));
+    assert_restores(&repo, dir.path(), &volume, "c", &src).await;
+}

@@ -1867,12 +1867,21 @@ async fn merge_polling(
                         merged?;
                         break;
                     }
-                    Some(done) = uploads.next(), if !uploads.is_terminated() => stash.push(done?),
+                    Some(done) = uploads.next(), if !uploads.is_terminated() => {
+                        stash.push(done?);
+                        // Held like the fold's waiting results (both fewer than `ahead`).
+                        if let Some(w) = feed {
+                            w.gauge.add(1);
+                        }
+                    }
                 }
             }
         }
         if stash.is_empty() {
             return Ok(());
+        }
+        if let Some(w) = feed {
+            w.gauge.sub(stash.len() as u64);
         }
         for done in stash.drain(..) {
             acc.add(done, compare)?;
