@@ -636,6 +636,34 @@ async fn metadata_io_counts_the_parent_segments_each_path_reads() {
     assert_eq!(reads.len(), 3, "{reads:?}");
     assert_counted(&out, &reads);
 
+    // The whole parent handed in (`Incremental`): the stored parent is read whole to check
+    // it, then the changed paths again; both count.
+    let whole = repo
+        .load_manifest(&volume, &SnapshotName::new("p").unwrap())
+        .await
+        .unwrap();
+    let changed = ranges(&[(5 * CHUNK, CHUNK)]);
+    let src = SyntheticSource::new(old, RangeSet::full(old)).rewritten(changed.clone(), 5);
+    store.hook().take();
+    let out = run(
+        &repo,
+        &volume,
+        "w",
+        &src,
+        BackupMode::Incremental {
+            parent: Box::new(whole),
+            changed,
+        },
+    )
+    .await;
+    let reads = store.hook().take();
+    assert_counted(&out, &reads);
+    let listed: u64 = parent_segments.values().sum();
+    assert!(
+        out.metadata.parent_segment_bytes_read > listed,
+        "whole, then the paths"
+    );
+
     // Full backups with the parent, of the same size and grown: the whole parent, once.
     for (name, size) in [("f", old), ("g", 17 * MIB)] {
         let src = SyntheticSource::new(size, RangeSet::full(size));

@@ -818,8 +818,15 @@ async fn run_locked(
         BackupMode::Incremental { parent: given, .. } => {
             // The caller's whole parent must be what the repository holds, or the child would
             // reference chunks nobody checked: this mode reads the stored parent whole.
-            let stored =
-                load_parent(repo, &req.volume, &given.snapshot, &given.snapshot_id).await?;
+            let whole = WalkReads::default();
+            let stored = load_parent_counted(
+                repo,
+                &req.volume,
+                &given.snapshot,
+                &given.snapshot_id,
+                &whole,
+            )
+            .await?;
             if stored.chunks != given.chunks {
                 return Err(RepoError::InvalidRequest {
                     reason: format!(
@@ -834,15 +841,17 @@ async fn run_locked(
                 snapshot_id: given.snapshot_id.clone(),
             };
             let head = load_parent_head(repo, &req.volume, &link).await?;
-            match lean_root(&head, &geometry) {
+            let parent = match lean_root(&head, &geometry) {
                 // Format 2: the new map is still written as the changed segments only.
-                Some(root) => Some(
-                    load_lean(repo, &head, root, &plan)
-                        .await?
-                        .into_parent(Some(given), &mut metadata),
-                ),
-                None => Some(Parent::Whole(Cow::Borrowed(given.as_ref()))),
-            }
+                Some(root) => load_lean(repo, &head, root, &plan)
+                    .await?
+                    .into_parent(Some(given), &mut metadata),
+                None => Parent::Whole(Cow::Borrowed(given.as_ref())),
+            };
+            // The whole stored parent was read too (a format-2 one segment by segment).
+            metadata.parent_segment_bytes_read += whole.bytes();
+            metadata.parent_segments_read += whole.segments();
+            Some(parent)
         }
         BackupMode::IncrementalOf { parent: head, .. } => match (preloaded, head.map) {
             (Some(lean), _) => Some(lean.into_parent(None, &mut metadata)),
@@ -1237,10 +1246,21 @@ async fn load_parent(
     snapshot: &SnapshotName,
     snapshot_id: &str,
 ) -> Result<Manifest> {
+    load_parent_counted(repo, volume, snapshot, snapshot_id, &WalkReads::default()).await
+}
+
+/// As [`load_parent`], counting the map segments of a format-2 parent read in `reads`.
+async fn load_parent_counted(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    snapshot_id: &str,
+    reads: &WalkReads,
+) -> Result<Manifest> {
     let gone = |what: &str| RepoError::InvalidRequest {
         reason: format!("parent snapshot {volume}/{snapshot} {what}; back up in full"),
     };
-    match repo.load_manifest(volume, snapshot).await {
+    match repo.load_manifest_counted(volume, snapshot, reads).await {
         Ok(m) if m.snapshot_id == snapshot_id => Ok(m),
         Ok(m) => Err(gone(&format!(
             "was replaced (id {} is now {}): it may have lost chunks to GC",

@@ -615,6 +615,7 @@ impl Repository {
                             }
                             Ok(())
                         },
+                        &super::WalkReads::default(),
                     )
                     .await?;
                 }

@@ -192,6 +192,7 @@ impl Repository {
         root: Option<SegmentRef>,
         mut skip: impl FnMut(&SegmentRef) -> bool,
         mut visit: impl FnMut(SegmentPos, &SegmentRef, &Segment) -> Result<()>,
+        reads: &WalkReads,
     ) -> Result<()> {
         let mut frontier: Vec<(SegmentPos, SegmentRef)> = root
             .filter(|r| !skip(r))
@@ -202,11 +203,14 @@ impl Repository {
             let level = std::mem::take(&mut frontier);
             let mut loaded = futures::stream::iter(level)
                 .map(|(pos, r)| async move {
-                    self.read_segment(shape, pos, &r).await.map(|s| (pos, r, s))
+                    self.read_segment_sized(shape, pos, &r)
+                        .await
+                        .map(|(s, read)| (pos, r, s, read))
                 })
                 .buffered(SEGMENT_CONCURRENCY);
             while let Some(item) = loaded.next().await {
-                let (pos, r, seg) = item?;
+                let (pos, r, seg, read) = item?;
+                reads.add(read);
                 visit(pos, &r, &seg)?;
                 if let Segment::Node(children) = seg {
                     frontier.extend(children.into_iter().filter(|(_, c)| !skip(c)));
@@ -218,6 +222,16 @@ impl Repository {
 
     /// Loads the whole chunk map of a format-2 head and validates it as a manifest.
     pub(crate) async fn load_tree_manifest(&self, head: ManifestHead) -> Result<Manifest> {
+        self.load_tree_manifest_counted(head, &WalkReads::default())
+            .await
+    }
+
+    /// As [`Repository::load_tree_manifest`], counting the segments read in `reads`.
+    pub(crate) async fn load_tree_manifest_counted(
+        &self,
+        head: ManifestHead,
+        reads: &WalkReads,
+    ) -> Result<Manifest> {
         let MapLocation::Tree { root } = head.map else {
             return Err(RepoError::Internal {
                 message: "format-1 heads carry their map inline".into(),
@@ -237,6 +251,7 @@ impl Repository {
                 }
                 Ok(())
             },
+            reads,
         )
         .await?;
         Ok(Manifest::new(head.meta(), map, head.parent)?)
