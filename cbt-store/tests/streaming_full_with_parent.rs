@@ -584,8 +584,8 @@ async fn incremental_of_a_resized_parent_reads_each_parent_segment_once() {
             let listed: u64 = parent_segments.values().sum();
             assert_eq!(out.metadata.parent_segment_bytes_read, listed);
         } else {
-            // At least the 24 leaves below the new end (3,073 chunks) and their node.
-            assert!(reads.len() > 24, "{} segments read", reads.len());
+            // The 25 leaves below the new end (3,073 chunks) and their node, none past it.
+            assert_eq!(reads.len(), 26, "{} segments read", reads.len());
         }
         assert_counted(&out, &reads);
         assert_within(&out, merge_bound(&opts()));

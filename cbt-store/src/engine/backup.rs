@@ -534,9 +534,11 @@ impl ParentWindow {
         root: Option<SegmentRef>,
         planned: &ChunkSet,
         gauge: &Arc<EntryGauge>,
-        merge_end: Option<u64>,
+        end: u64,
+        merge: bool,
     ) -> Self {
         let reads = Arc::new(WalkReads::default());
+        let merge_end = merge.then_some(end);
         ParentWindow {
             planned: planned.clone(),
             gauge: gauge.clone(),
@@ -550,7 +552,7 @@ impl ParentWindow {
             drained: tokio::sync::Notify::new(),
             reads: reads.clone(),
             leaves: futures::lock::Mutex::new(
-                repo.leaves_in_order_counted(shape, root, LEAF_WINDOW, gauge.clone(), reads)
+                repo.leaves_in_order_counted(shape, root, LEAF_WINDOW, gauge.clone(), reads, end)
                     .boxed(),
             ),
             state: WindowState {
@@ -869,7 +871,8 @@ async fn run_locked(
                     root,
                     plan.chunks(),
                     &gauge,
-                    Some(geometry.chunk_count()),
+                    geometry.chunk_count(),
+                    true,
                 );
                 Some(Parent::Window {
                     head: head.as_ref().clone(),
@@ -896,7 +899,16 @@ async fn run_locked(
                 // ended), a shrunk one stops reading the parent early.
                 MapLocation::Tree { root } => {
                     let shape = TreeShape::new(head.geometry);
-                    let window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge, None);
+                    // The walk ends at the new end: a shrunk volume reads no parent leaf past it.
+                    let window = ParentWindow::new(
+                        repo,
+                        shape,
+                        root,
+                        plan.chunks(),
+                        &gauge,
+                        geometry.chunk_count(),
+                        false,
+                    );
                     Some(Parent::Window {
                         head,
                         window: Some(Box::new(window)),

@@ -558,11 +558,12 @@ impl Repository {
         window: usize,
         gauge: std::sync::Arc<EntryGauge>,
     ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + 'static {
-        self.leaves_in_order_counted(shape, root, window, gauge, Default::default())
+        self.leaves_in_order_counted(shape, root, window, gauge, Default::default(), u64::MAX)
     }
 
     /// As [`Repository::leaves_in_order`], counting the segments read and their bytes in
-    /// `reads`.
+    /// `reads`, and ending before the first segment that starts at or past chunk index
+    /// `below` (none of it is read: a backup of a volume shrunk below its parent's size).
     pub fn leaves_in_order_counted(
         &self,
         shape: TreeShape,
@@ -570,6 +571,7 @@ impl Repository {
         window: usize,
         gauge: std::sync::Arc<EntryGauge>,
         reads: std::sync::Arc<WalkReads>,
+        below: u64,
     ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + 'static {
         let leaf_reads = reads.clone();
         // Owns a clone (cheap): a walk that borrows nothing can sit in any pipeline.
@@ -597,6 +599,10 @@ impl Repository {
                         stack.pop();
                         continue;
                     };
+                    if pos.first >= below {
+                        // In index order: everything after starts later still.
+                        return Ok(None);
+                    }
                     if pos.level == 0 {
                         return Ok(Some(((pos, r), stack)));
                     }
