@@ -48,7 +48,7 @@
 //!   [`MERGE_QUEUE`] leaves (a lookup that would read past a full queue waits for the fold,
 //!   which reads the walk itself up to the chunk it waits for). Bounded as a full backup with
 //!   a parent plus `(MERGE_QUEUE + 1) * 128` entries (the queue and the leaf being merged):
-//!   at most 3,102 with the defaults on 2 cores ([`BackupOutcome::map_entries_peak`]).
+//!   at most 3,102 with the defaults ([`BackupOutcome::map_entries_peak`]).
 //! * A restore of a format-2 snapshot ([`restore`]) walks the map segment by segment in index
 //!   order, once for the totals (and, in place, the check that every chunk is stored) and
 //!   once for the writes: at most
