@@ -25,7 +25,7 @@ use crate::aligned::{AlignedBuf, Shelf};
 use crate::chunk::{EncodedChunk, RawChunk};
 use crate::repo::{
     ChunkAt, ChunkNovelty, EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
-    Repository, Result, random_id,
+    Repository, Result, WalkReads, random_id,
 };
 
 /// Full or incremental.
@@ -139,7 +139,10 @@ pub struct BackupOutcome {
     /// chunks from the leaf the fold waits in to the leaf of the highest chunk handed out,
     /// plus [`LEAF_WINDOW`] leaves read ahead, 128 entries each: at most
     /// `(LEAF_WINDOW + 2 + ceil(ahead / 128)) * 128` more. Both are counted in one gauge as
-    /// they are held, so this is the peak of their sum (at most 2,718 with the defaults).
+    /// they are held, so this is the peak of their sum (at most 2,718 with the defaults). An
+    /// [`BackupMode::IncrementalOf`] of a resized format-2 parent holds the same, plus the
+    /// parent's entries queued for the merge and the leaf being merged: at most
+    /// `(MERGE_QUEUE + 1) * 128` more.
     /// Other modes hold a whole map (this run's or the parent's) and report its stored
     /// chunks.
     pub map_entries_peak: u64,
@@ -150,10 +153,13 @@ pub struct BackupOutcome {
 pub struct MetadataIo {
     /// Segments and head written.
     pub written: MetadataWritten,
-    /// Bytes of the parent's map segments read (format 2 parents; a format-1 parent is read
-    /// whole and counted here as 0 segment bytes).
+    /// Bytes of the parent's map segments read, as the store returned them (format 2
+    /// parents: the paths to the changed chunks of an incremental, or the parent walked in
+    /// order by a resized incremental or a full backup with a parent; a format-1 parent is
+    /// read whole and counted here as 0 segment bytes).
     pub parent_segment_bytes_read: u64,
-    /// Parent map segments read.
+    /// Parent map segments read (nodes and leaves), counted like
+    /// [`MetadataIo::parent_segment_bytes_read`].
     pub parent_segments_read: u64,
 }
 
@@ -457,7 +463,7 @@ fn check_incremental_parent(
 
 type LeafStream = futures::stream::BoxStream<'static, Result<HeldLeaf>>;
 
-/// A format-2 parent read in index order alongside a full backup, holding only the leaves
+/// A format-2 parent read in index order alongside a backup, holding only the leaves
 /// between the chunk the fold waits for and the highest chunk handed to the upload stage
 /// (plus the walk's read-ahead), and of those only the entries at planned chunks, whatever
 /// the volume size.
@@ -466,79 +472,42 @@ type LeafStream = futures::stream::BoxStream<'static, Result<HeldLeaf>>;
 /// readahead + workers + transfers` of them, so the window spans that many planned chunks'
 /// leaves. The parent may be of another volume size (same chunk size): leaves cover the same
 /// indexes in both, and past the parent's end its walk has ended, so nothing is found there.
+///
+/// For an incremental of a resized parent the same walk also feeds the merge: the entries at
+/// chunks not read (below the new end) are queued for the fold, which pushes them into the
+/// new map between the chunks read, so every parent segment is read once. The queue holds at
+/// most [`MERGE_QUEUE`] leaves: a lookup that would read past it waits until the fold drains
+/// it, and the fold reads ahead itself up to the chunk it waits for, so it never waits on a
+/// lookup (see [`ParentWindow::merge_below`]).
 struct ParentWindow {
     state: WindowState,
     leaves: futures::lock::Mutex<LeafStream>,
     /// The chunk indexes the backup reads: only the parent's entries at these are ever asked.
     planned: ChunkSet,
     gauge: Arc<EntryGauge>,
-    /// For an incremental of a resized parent: the parent's entries at the chunks not read,
-    /// fed into the new map in order (a second walk of the parent, unfiltered).
+    /// For an incremental of a resized parent: where the merge stands.
     merge: Option<futures::lock::Mutex<ParentMerge>>,
+    /// The new map's chunk count when merging (entries at or past it are dropped: a shrunk
+    /// volume), else 0 (nothing is queued).
+    merge_end: u64,
+    /// Woken when the fold takes a leaf from the merge queue.
+    drained: tokio::sync::Notify,
+    /// What the walk read of the parent (reported in [`MetadataIo`]).
+    reads: Arc<WalkReads>,
 }
+
+/// Leaves of the parent's entries at chunks not read that a resized incremental's walk holds
+/// for the fold to merge, besides the one being merged.
+pub const MERGE_QUEUE: usize = 2;
 
 /// The parent's entries an incremental keeps (every index it does not read, below the new
-/// end), walked in order and pushed into the new map between the chunks read.
+/// end), taken from the window's queue in order and pushed into the new map between the
+/// chunks read.
 struct ParentMerge {
-    leaves: LeafStream,
     /// The leaf being merged and the position of its next entry.
     current: Option<(HeldLeaf, usize)>,
-    /// The new map's chunk count: entries at or past it are dropped (a shrunk volume).
-    end: u64,
-    planned: ChunkSet,
     /// Every parent entry below this index has been pushed (or dropped).
     done_below: u64,
-}
-
-impl ParentMerge {
-    /// Pushes the kept parent entries below `limit` into `tree`, storing finished segments
-    /// as they fill a window.
-    async fn push_below(
-        &mut self,
-        tree: &mut TreeFold<'_>,
-        limit: u64,
-        repo: &Repository,
-    ) -> Result<()> {
-        while self.done_below < limit {
-            if self
-                .current
-                .as_ref()
-                .is_none_or(|(leaf, at)| *at >= leaf.entries.len())
-            {
-                self.current = None;
-                tree.flush(repo).await?;
-                match self.leaves.try_next().await? {
-                    Some(leaf) => self.current = Some((leaf, 0)),
-                    None => {
-                        self.done_below = u64::MAX;
-                        break;
-                    }
-                }
-                continue;
-            }
-            let Some((leaf, at)) = self.current.as_mut() else {
-                continue;
-            };
-            let (index, chunk) = leaf.entries[*at];
-            if index >= self.end {
-                // Past the new end: nothing more of the parent is kept.
-                self.current = None;
-                self.done_below = u64::MAX;
-                break;
-            }
-            if index >= limit {
-                self.done_below = limit;
-                break;
-            }
-            *at += 1;
-            if !self.planned.contains(index) {
-                tree.push(index, chunk)?;
-            }
-            self.done_below = index + 1;
-        }
-        tree.sync();
-        Ok(())
-    }
 }
 
 /// What the pipeline's lookups see of a [`ParentWindow`].
@@ -555,6 +524,9 @@ struct WindowHeld {
     leaves: std::collections::VecDeque<(u64, HeldLeaf)>,
     /// Indexes below this are covered by the leaves read so far (or by none: all zero).
     covered_to: u64,
+    /// The parent's entries at chunks not read, below the new end, that the merge has not
+    /// taken yet (a resized incremental only), ascending.
+    unmerged: std::collections::VecDeque<HeldLeaf>,
 }
 
 impl ParentWindow {
@@ -564,13 +536,25 @@ impl ParentWindow {
         root: Option<SegmentRef>,
         planned: &ChunkSet,
         gauge: &Arc<EntryGauge>,
+        end: u64,
+        merge: bool,
     ) -> Self {
+        let reads = Arc::new(WalkReads::default());
+        let merge_end = merge.then_some(end);
         ParentWindow {
             planned: planned.clone(),
             gauge: gauge.clone(),
-            merge: None,
+            merge: merge_end.map(|_| {
+                futures::lock::Mutex::new(ParentMerge {
+                    current: None,
+                    done_below: 0,
+                })
+            }),
+            merge_end: merge_end.unwrap_or(0),
+            drained: tokio::sync::Notify::new(),
+            reads: reads.clone(),
             leaves: futures::lock::Mutex::new(
-                repo.leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
+                repo.leaves_in_order_counted(shape, root, LEAF_WINDOW, gauge.clone(), reads, end)
                     .boxed(),
             ),
             state: WindowState {
@@ -581,53 +565,159 @@ impl ParentWindow {
         }
     }
 
-    /// Reads leaves until `index` is covered, dropping those behind the fold first.
+    /// Whether a lookup must leave the next leaf to the fold (the merge queue is full).
+    fn queue_full(&self, held: &WindowHeld) -> bool {
+        self.merge.is_some() && held.unmerged.len() >= MERGE_QUEUE
+    }
+
+    /// Reads leaves until `index` is covered, dropping those behind the fold first. With a
+    /// full merge queue it waits for the fold to take from it instead of reading on.
     async fn advance(&self, index: u64) -> Result<()> {
-        let st = &self.state;
-        let mut stream = self.leaves.lock().await;
         loop {
-            {
-                let mut held = st.held();
-                let next = st.fold_next.load(std::sync::atomic::Ordering::Relaxed);
-                while held.leaves.front().is_some_and(|(end, _)| *end <= next) {
-                    held.leaves.pop_front();
+            // Registered before the check, so a drain between the two is not missed.
+            let drained = self.drained.notified();
+            match self.covered_or_full(index) {
+                Err(Covered) => return Ok(()),
+                Ok(true) => {
+                    drained.await;
+                    continue;
                 }
-                if held.covered_to > index {
-                    return Ok(());
-                }
+                Ok(false) => {}
             }
-            let leaf = stream.try_next().await?;
-            let mut held = st.held();
-            match leaf {
-                None => held.covered_to = u64::MAX,
-                Some(leaf) => {
-                    let Some(&(last, _)) = leaf.entries.last() else {
-                        continue;
-                    };
-                    let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
-                    held.covered_to = held.covered_to.max(end);
-                    // Entries the plan skips (ranges unallocated now that held data in the
-                    // parent) are never asked for: not kept, so a long gap in the plan does
-                    // not pile up the parent's leaves over it until the fold passes it.
-                    let leaf = if leaf.entries.iter().all(|(i, _)| self.planned.contains(*i)) {
-                        leaf
-                    } else {
-                        let entries = leaf
-                            .entries
-                            .iter()
-                            .filter(|(i, _)| self.planned.contains(*i))
-                            .copied()
-                            .collect();
-                        HeldLeaf::new(entries, self.gauge.clone())
-                    };
-                    if !leaf.entries.is_empty() {
-                        held.leaves.push_back((end, leaf));
-                    }
-                }
+            let mut stream = self.leaves.lock().await;
+            // Another lookup, or the fold, may have read while this one waited for the walk.
+            match self.covered_or_full(index) {
+                Err(Covered) => return Ok(()),
+                Ok(true) => continue,
+                Ok(false) => self.read_leaf(&mut stream).await?,
             }
         }
     }
+
+    /// `Err(Covered)` when `index` is covered; whether the merge queue is full otherwise.
+    fn covered_or_full(&self, index: u64) -> std::result::Result<bool, Covered> {
+        let st = &self.state;
+        let mut held = st.held();
+        let next = st.fold_next.load(std::sync::atomic::Ordering::Relaxed);
+        while held.leaves.front().is_some_and(|(end, _)| *end <= next) {
+            held.leaves.pop_front();
+        }
+        if held.covered_to > index {
+            return Err(Covered);
+        }
+        Ok(self.queue_full(&held))
+    }
+
+    /// Reads the walk's next leaf: its entries at planned chunks join the window, those a
+    /// resized incremental keeps from the parent join the merge queue, the rest are dropped.
+    async fn read_leaf(&self, stream: &mut LeafStream) -> Result<()> {
+        let st = &self.state;
+        let leaf = stream.try_next().await?;
+        let mut held = st.held();
+        let Some(leaf) = leaf else {
+            held.covered_to = u64::MAX;
+            return Ok(());
+        };
+        let Some(&(last, _)) = leaf.entries.last() else {
+            return Ok(());
+        };
+        let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
+        held.covered_to = held.covered_to.max(end);
+        let merge_end = self.merge_end;
+        let planned = leaf
+            .entries
+            .iter()
+            .filter(|(i, _)| self.planned.contains(*i))
+            .count();
+        if planned == leaf.entries.len() {
+            held.leaves.push_back((end, leaf));
+            return Ok(());
+        }
+        // Entries the plan skips are never asked for: not kept in the window, so a long gap
+        // in the plan does not pile up the parent's leaves over it until the fold passes it.
+        let split = |keep: &dyn Fn(u64) -> bool| -> Vec<(u64, cbt_core::ChunkRef)> {
+            leaf.entries
+                .iter()
+                .filter(|(i, _)| keep(*i))
+                .copied()
+                .collect()
+        };
+        if planned > 0 {
+            let entries = split(&|i| self.planned.contains(i));
+            held.leaves
+                .push_back((end, HeldLeaf::new(entries, self.gauge.clone())));
+        }
+        let kept = split(&|i| i < merge_end && !self.planned.contains(i));
+        if !kept.is_empty() {
+            held.unmerged
+                .push_back(HeldLeaf::new(kept, self.gauge.clone()));
+        }
+        Ok(())
+    }
+
+    /// Pushes the kept parent entries below `limit` into `tree`, storing finished segments
+    /// as they fill a window. Reads the walk on itself when the queue runs dry, into the
+    /// window too, until `limit` is covered: with `limit` one past the chunk the fold waits
+    /// for, that chunk's lookup then finds it covered and never waits for a full queue.
+    async fn merge_below(
+        &self,
+        merge: &mut ParentMerge,
+        tree: &mut TreeFold<'_>,
+        limit: u64,
+        repo: &Repository,
+    ) -> Result<()> {
+        let limit = limit.min(self.merge_end);
+        while merge.done_below < limit {
+            if merge
+                .current
+                .as_ref()
+                .is_none_or(|(leaf, at)| *at >= leaf.entries.len())
+            {
+                merge.current = None;
+                tree.flush(repo).await?;
+                let (next, covered) = {
+                    let mut held = self.state.held();
+                    (held.unmerged.pop_front(), held.covered_to)
+                };
+                match next {
+                    Some(leaf) => {
+                        self.drained.notify_waiters();
+                        merge.current = Some((leaf, 0));
+                    }
+                    None if covered >= limit => merge.done_below = limit,
+                    None => {
+                        let mut stream = self.leaves.lock().await;
+                        // A lookup may have read the next leaf while this waited for the walk.
+                        let idle = {
+                            let held = self.state.held();
+                            held.unmerged.is_empty() && held.covered_to < limit
+                        };
+                        if idle {
+                            self.read_leaf(&mut stream).await?;
+                        }
+                    }
+                }
+                continue;
+            }
+            let Some((leaf, at)) = merge.current.as_mut() else {
+                continue;
+            };
+            let (index, chunk) = leaf.entries[*at];
+            if index >= limit {
+                merge.done_below = limit;
+                break;
+            }
+            *at += 1;
+            tree.push(index, chunk)?;
+            merge.done_below = index + 1;
+        }
+        tree.sync();
+        Ok(())
+    }
 }
+
+/// The index asked is covered by the leaves read.
+struct Covered;
 
 impl WindowState {
     fn held(&self) -> std::sync::MutexGuard<'_, WindowHeld> {
@@ -732,8 +822,15 @@ async fn run_locked(
         BackupMode::Incremental { parent: given, .. } => {
             // The caller's whole parent must be what the repository holds, or the child would
             // reference chunks nobody checked: this mode reads the stored parent whole.
-            let stored =
-                load_parent(repo, &req.volume, &given.snapshot, &given.snapshot_id).await?;
+            let whole = WalkReads::default();
+            let stored = load_parent_counted(
+                repo,
+                &req.volume,
+                &given.snapshot,
+                &given.snapshot_id,
+                &whole,
+            )
+            .await?;
             if stored.chunks != given.chunks {
                 return Err(RepoError::InvalidRequest {
                     reason: format!(
@@ -748,15 +845,17 @@ async fn run_locked(
                 snapshot_id: given.snapshot_id.clone(),
             };
             let head = load_parent_head(repo, &req.volume, &link).await?;
-            match lean_root(&head, &geometry) {
+            let parent = match lean_root(&head, &geometry) {
                 // Format 2: the new map is still written as the changed segments only.
-                Some(root) => Some(
-                    load_lean(repo, &head, root, &plan)
-                        .await?
-                        .into_parent(Some(given), &mut metadata),
-                ),
-                None => Some(Parent::Whole(Cow::Borrowed(given.as_ref()))),
-            }
+                Some(root) => load_lean(repo, &head, root, &plan)
+                    .await?
+                    .into_parent(Some(given), &mut metadata),
+                None => Parent::Whole(Cow::Borrowed(given.as_ref())),
+            };
+            // The whole stored parent was read too (a format-2 one segment by segment).
+            metadata.parent_segment_bytes_read += whole.bytes();
+            metadata.parent_segments_read += whole.segments();
+            Some(parent)
         }
         BackupMode::IncrementalOf { parent: head, .. } => match (preloaded, head.map) {
             (Some(lean), _) => Some(lean.into_parent(None, &mut metadata)),
@@ -767,16 +866,16 @@ async fn run_locked(
             (None, MapLocation::Tree { root }) if head.chunk_size() == geometry.chunk_size() => {
                 check_parent_same(repo, head).await?;
                 let shape = TreeShape::new(head.geometry);
-                let mut window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
-                window.merge = Some(futures::lock::Mutex::new(ParentMerge {
-                    leaves: repo
-                        .leaves_in_order(shape, root, LEAF_WINDOW, gauge.clone())
-                        .boxed(),
-                    current: None,
-                    end: geometry.chunk_count(),
-                    planned: plan.chunks().clone(),
-                    done_below: 0,
-                }));
+                // One walk serves the lookups and the merge (see `ParentWindow`).
+                let window = ParentWindow::new(
+                    repo,
+                    shape,
+                    root,
+                    plan.chunks(),
+                    &gauge,
+                    geometry.chunk_count(),
+                    true,
+                );
                 Some(Parent::Window {
                     head: head.as_ref().clone(),
                     window: Some(Box::new(window)),
@@ -802,7 +901,16 @@ async fn run_locked(
                 // ended), a shrunk one stops reading the parent early.
                 MapLocation::Tree { root } => {
                     let shape = TreeShape::new(head.geometry);
-                    let window = ParentWindow::new(repo, shape, root, plan.chunks(), &gauge);
+                    // The walk ends at the new end: a shrunk volume reads no parent leaf past it.
+                    let window = ParentWindow::new(
+                        repo,
+                        shape,
+                        root,
+                        plan.chunks(),
+                        &gauge,
+                        geometry.chunk_count(),
+                        false,
+                    );
                     Some(Parent::Window {
                         head,
                         window: Some(Box::new(window)),
@@ -870,6 +978,13 @@ async fn run_locked(
                 ParentCheck::Exists(volume, snapshot)
             });
             recheck_before_commit(repo, lock, &name, parent_check, found, opts).await?;
+            if let Some(Parent::Window {
+                window: Some(w), ..
+            }) = &parent
+            {
+                metadata.parent_segment_bytes_read = w.reads.bytes();
+                metadata.parent_segments_read = w.reads.segments();
+            }
             metadata.written = written;
             metadata.written.head_bytes = repo.commit_head(&head).await?;
             return Ok(BackupOutcome {
@@ -1145,10 +1260,21 @@ async fn load_parent(
     snapshot: &SnapshotName,
     snapshot_id: &str,
 ) -> Result<Manifest> {
+    load_parent_counted(repo, volume, snapshot, snapshot_id, &WalkReads::default()).await
+}
+
+/// As [`load_parent`], counting the map segments of a format-2 parent read in `reads`.
+async fn load_parent_counted(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    snapshot_id: &str,
+    reads: &WalkReads,
+) -> Result<Manifest> {
     let gone = |what: &str| RepoError::InvalidRequest {
         reason: format!("parent snapshot {volume}/{snapshot} {what}; back up in full"),
     };
-    match repo.load_manifest(volume, snapshot).await {
+    match repo.load_manifest_counted(volume, snapshot, reads).await {
         Ok(m) if m.snapshot_id == snapshot_id => Ok(m),
         Ok(m) => Err(gone(&format!(
             "was replaced (id {} is now {}): it may have lost chunks to GC",
@@ -1280,16 +1406,17 @@ impl Folded<'_> {
             let Some(next) = tree.order.peek().copied() else {
                 break;
             };
-            let Some(d) = tree.waiting.remove(&next) else {
-                break;
-            };
             if tree.merged_below <= next {
                 // The parent's kept entries below it go first (an incremental of a resized
-                // parent): put back, the caller merges them and folds again.
-                tree.waiting.insert(next, d);
+                // parent): the caller merges them, before the chunk's result is even here
+                // (its lookup may wait for the walk's queue that merge drains), and folds
+                // again.
                 tree.need_merge = Some(next);
                 break;
             }
+            let Some(d) = tree.waiting.remove(&next) else {
+                break;
+            };
             tree.order.next();
             self.ahead.leave();
             if let ChunkState::Stored(r) = d.state {
@@ -1585,14 +1712,32 @@ async fn run_pipeline(
     let progress = Arc::new(Mutex::new(total));
     let level = opts.compression_level;
 
+    let mut init = Folded {
+        read: ChunkMap::new(if stream_tree {
+            ChunkGeometry::new(0, geometry.chunk_size())?
+        } else {
+            geometry
+        }),
+        tree,
+        stats: BackupStats::default(),
+        found_stored: HashMap::new(),
+        ahead: ahead.clone(),
+    };
+    // Chunk-by-chunk comparison with the parent only makes sense in the same geometry.
+    let compare = parent.filter(|p| p.chunk_size() == plan.geometry().chunk_size());
+    // The parent's kept entries below the first chunk read are merged before any lookup can
+    // wait for the merge queue.
+    if init.tree.is_some() && feed.is_some_and(|w| w.merge.is_some()) {
+        init.fold(compare)?;
+        merge_needed(&mut init, feed, compare, repo).await?;
+    }
+
     let raw_stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
     let cpu_pool = pool.clone();
     let codec = repo.codec().clone();
-    // Chunk-by-chunk comparison with the parent only makes sense in the same geometry.
-    let compare = parent.filter(|p| p.chunk_size() == plan.geometry().chunk_size());
-    let folded = raw_stream
+    let uploads = raw_stream
         .map(move |item| {
             let pool = cpu_pool.clone();
             let codec = codec.clone();
@@ -1652,47 +1797,31 @@ async fn run_pipeline(
             }
         })
         .buffer_unordered(opts.transfers)
-        .try_fold(
-            Folded {
-                read: ChunkMap::new(if stream_tree {
-                    ChunkGeometry::new(0, geometry.chunk_size())?
-                } else {
-                    geometry
-                }),
-                tree,
-                stats: BackupStats::default(),
-                found_stored: HashMap::new(),
-                ahead: ahead.clone(),
-            },
-            |mut acc, done| async move {
-                acc.add(done, compare)?;
-                let merge = feed.and_then(|w| w.merge.as_ref());
-                while let (Some(tree), Some(merge)) = (&mut acc.tree, merge) {
-                    let Some(next) = tree.need_merge.take() else {
-                        break;
-                    };
-                    let mut merge = merge.lock().await;
-                    merge.push_below(tree, next.saturating_add(1), repo).await?;
-                    tree.merged_below = merge.done_below;
-                    drop(merge);
-                    acc.fold(compare)?;
-                }
-                if let Some(tree) = &mut acc.tree {
-                    tree.flush(repo).await?;
-                }
-                Ok(acc)
-            },
-        )
-        .await?;
+        .fuse();
+    // The stream (and the channel from the readers) ends with this block.
+    let mut folded = {
+        let mut uploads = std::pin::pin!(uploads);
+        let mut folded = init;
+        let mut stash = Vec::new();
+        while let Some(done) = uploads.next().await {
+            folded.add(done?, compare)?;
+            merge_polling(&mut folded, feed, compare, repo, &mut uploads, &mut stash).await?;
+            if let Some(tree) = &mut folded.tree {
+                tree.flush(repo).await?;
+            }
+        }
+        folded
+    };
     for reader in readers {
         reader.await.map_err(|e| RepoError::Internal {
             message: format!("reader task failed: {e}"),
         })?;
     }
-    let mut folded = folded;
-    if let (Some(tree), Some(merge)) = (&mut folded.tree, feed.and_then(|w| w.merge.as_ref())) {
+    if let (Some(tree), Some(w)) = (&mut folded.tree, feed)
+        && let Some(merge) = &w.merge
+    {
         let mut merge = merge.lock().await;
-        merge.push_below(tree, u64::MAX, repo).await?;
+        w.merge_below(&mut merge, tree, u64::MAX, repo).await?;
         tree.merged_below = merge.done_below;
     }
     let map = match folded.tree {
@@ -1725,6 +1854,75 @@ async fn run_pipeline(
         }
     };
     Ok((map, folded.stats, pool.allocated()))
+}
+
+/// Merges the parent's kept entries below the chunk the fold waits for, as often as the fold
+/// asks ([`TreeFold::need_merge`]), and folds what that lets through.
+async fn merge_needed(
+    acc: &mut Folded<'_>,
+    feed: Option<&ParentWindow>,
+    compare: Option<ParentView<'_>>,
+    repo: &Repository,
+) -> Result<()> {
+    let Some((w, merge)) = feed.and_then(|w| w.merge.as_ref().map(|m| (w, m))) else {
+        return Ok(());
+    };
+    while let Some(tree) = &mut acc.tree {
+        let Some(next) = tree.need_merge.take() else {
+            break;
+        };
+        let mut merge = merge.lock().await;
+        w.merge_below(&mut merge, tree, next.saturating_add(1), repo)
+            .await?;
+        tree.merged_below = merge.done_below;
+        drop(merge);
+        acc.fold(compare)?;
+    }
+    Ok(())
+}
+
+/// [`merge_needed`], while the uploads go on: their results are kept in `stash` (fewer than
+/// the chunks handed out ahead of the fold) and folded once the merge is done. A lookup may
+/// hold the parent's walk while it reads a leaf, and the merge may wait for the walk: the
+/// lookup's future must be polled meanwhile, or neither would finish.
+async fn merge_polling(
+    acc: &mut Folded<'_>,
+    feed: Option<&ParentWindow>,
+    compare: Option<ParentView<'_>>,
+    repo: &Repository,
+    uploads: &mut (impl futures::stream::FusedStream<Item = Result<Done>> + Unpin),
+    stash: &mut Vec<Done>,
+) -> Result<()> {
+    loop {
+        {
+            let mut merge = std::pin::pin!(merge_needed(acc, feed, compare, repo));
+            loop {
+                tokio::select! {
+                    biased;
+                    merged = &mut merge => {
+                        merged?;
+                        break;
+                    }
+                    Some(done) = uploads.next(), if !uploads.is_terminated() => {
+                        stash.push(done?);
+                        // Held like the fold's waiting results (both fewer than `ahead`).
+                        if let Some(w) = feed {
+                            w.gauge.add(1);
+                        }
+                    }
+                }
+            }
+        }
+        if stash.is_empty() {
+            return Ok(());
+        }
+        if let Some(w) = feed {
+            w.gauge.sub(stash.len() as u64);
+        }
+        for done in stash.drain(..) {
+            acc.add(done, compare)?;
+        }
+    }
 }
 
 /// Most entries of a backup's table of chunks known to be stored (about 60 bytes each).

@@ -45,8 +45,13 @@
 //!   holds only the states of the chunks it reads plus the parent's segments on their paths
 //!   (about 10 KB per touched 128-chunk range, see `cbt_core::maptree`), never the parent's
 //!   whole map. Against a resized format-2 parent (same chunk size) it writes the whole new
-//!   map instead, merging the parent's entries walked in order (a second walk beside the
-//!   window above, which serves the comparisons) with the chunks read: bounded as above.
+//!   map instead, merging the parent's entries walked in order with the chunks read. One walk
+//!   serves both the window above (the comparisons) and the merge, so every parent segment
+//!   is read once: the walk queues the entries at chunks not read for the fold, at most
+//!   [`MERGE_QUEUE`] leaves (a lookup that would read past a full queue waits for the fold,
+//!   which reads the walk itself up to the chunk it waits for). Bounded as a full backup with
+//!   a parent plus `(MERGE_QUEUE + 1) * 128` entries (the queue and the leaf being merged):
+//!   at most 3,102 with the defaults ([`BackupOutcome::map_entries_peak`]).
 //! * A restore of a format-2 snapshot ([`restore`]) walks the map segment by segment in index
 //!   order, once for the totals (and, in place, the check that every chunk is stored) and
 //!   once for the writes: at most
@@ -147,7 +152,7 @@ use std::sync::Arc;
 #[cfg(feature = "csi")]
 pub mod cbt;
 
-pub use backup::{BackupMode, BackupOutcome, BackupRequest, MetadataIo, backup};
+pub use backup::{BackupMode, BackupOutcome, BackupRequest, MERGE_QUEUE, MetadataIo, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
 pub use source::{BlockSource, FileSource};
 pub use verify_target::{

@@ -24,7 +24,7 @@ use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 
 use super::{
-    ChunkContext, EntryGauge, LEAF_WINDOW, RepoError, RepoLock, Repository, Result,
+    AbortOnDrop, ChunkContext, EntryGauge, LEAF_WINDOW, RepoError, RepoLock, Repository, Result,
     SnapshotSummary, manifest_key, segment_key, stored_chunks,
 };
 use crate::chunk;
@@ -43,27 +43,6 @@ fn ref_key(r: &ChunkRef) -> RefKey {
 const DELETE_CONCURRENCY: usize = 16;
 /// Manifests loaded concurrently while streaming.
 const LOAD_CONCURRENCY: usize = 4;
-
-/// A spawned task that is cancelled when its handle is dropped (a walk that stops early
-/// leaves no reads behind).
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = std::result::Result<T, tokio::task::JoinError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// What `verify` checks.
 #[derive(Debug, Clone, Default)]
@@ -636,6 +615,7 @@ impl Repository {
                             }
                             Ok(())
                         },
+                        &super::WalkReads::default(),
                     )
                     .await?;
                 }

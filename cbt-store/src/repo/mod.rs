@@ -108,7 +108,30 @@ pub use maintenance::{
     PruneReport, RepoStatus, SnapshotStatus, VERIFY_MAP_ENTRIES, VerifyOptions, VerifyProblem,
     VerifyReport,
 };
-pub use tree::{EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH, segment_key};
+pub use tree::{
+    EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, SEGMENT_BATCH, WalkReads, segment_key,
+};
+
+/// A spawned task that is cancelled when its handle is dropped (a walk that stops early
+/// leaves no reads behind).
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 use crate::chunk::{self, ChunkDecodeError, EncodedChunk};
 use crate::crypto::ObjectKind;
@@ -520,9 +543,20 @@ impl Repository {
         volume: &VolumeName,
         snapshot: &SnapshotName,
     ) -> Result<Manifest> {
+        self.load_manifest_counted(volume, snapshot, &WalkReads::default())
+            .await
+    }
+
+    /// As [`Repository::load_manifest`], counting the map segments read in `reads`.
+    pub(crate) async fn load_manifest_counted(
+        &self,
+        volume: &VolumeName,
+        snapshot: &SnapshotName,
+        reads: &WalkReads,
+    ) -> Result<Manifest> {
         match self.load_stored(volume, snapshot).await? {
             StoredManifest::V1(m) => Ok(m),
-            StoredManifest::V2(head) => self.load_tree_manifest(head).await,
+            StoredManifest::V2(head) => self.load_tree_manifest_counted(head, reads).await,
         }
     }
 

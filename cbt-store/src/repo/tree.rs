@@ -126,6 +126,19 @@ impl Repository {
         pos: SegmentPos,
         seg: &SegmentRef,
     ) -> Result<Segment> {
+        self.read_segment_sized(shape, pos, seg)
+            .await
+            .map(|(s, _)| s)
+    }
+
+    /// As [`Repository::read_segment`], with the bytes the store returned for it (the
+    /// sealed envelope included in an encrypted repository).
+    pub(crate) async fn read_segment_sized(
+        &self,
+        shape: &TreeShape,
+        pos: SegmentPos,
+        seg: &SegmentRef,
+    ) -> Result<(Segment, u64)> {
         let key = segment_key(&seg.name);
         let overhead = if self.is_encrypted() {
             SEALED_OVERHEAD as u64
@@ -153,6 +166,7 @@ impl Repository {
             }
             Err(e) => return Err(RepoError::store(format!("reading segment {key}"), e)),
         };
+        let read = body.len() as u64;
         let plain = self.codec().open_object(ObjectKind::Manifest, &key, body)?;
         if self.segment_name(&plain) != seg.name {
             return Err(segment_error(
@@ -161,10 +175,12 @@ impl Repository {
                 "content does not match its name".into(),
             ));
         }
-        decode_segment(&plain, shape, pos, seg).map_err(|source| RepoError::Manifest {
-            key: key.clone(),
-            source,
-        })
+        decode_segment(&plain, shape, pos, seg)
+            .map(|s| (s, read))
+            .map_err(|source| RepoError::Manifest {
+                key: key.clone(),
+                source,
+            })
     }
 
     /// Walks a whole tree level by level, calling `visit` with each decoded segment. Subtrees
@@ -176,6 +192,7 @@ impl Repository {
         root: Option<SegmentRef>,
         mut skip: impl FnMut(&SegmentRef) -> bool,
         mut visit: impl FnMut(SegmentPos, &SegmentRef, &Segment) -> Result<()>,
+        reads: &WalkReads,
     ) -> Result<()> {
         let mut frontier: Vec<(SegmentPos, SegmentRef)> = root
             .filter(|r| !skip(r))
@@ -186,11 +203,14 @@ impl Repository {
             let level = std::mem::take(&mut frontier);
             let mut loaded = futures::stream::iter(level)
                 .map(|(pos, r)| async move {
-                    self.read_segment(shape, pos, &r).await.map(|s| (pos, r, s))
+                    self.read_segment_sized(shape, pos, &r)
+                        .await
+                        .map(|(s, read)| (pos, r, s, read))
                 })
                 .buffered(SEGMENT_CONCURRENCY);
             while let Some(item) = loaded.next().await {
-                let (pos, r, seg) = item?;
+                let (pos, r, seg, read) = item?;
+                reads.add(read);
                 visit(pos, &r, &seg)?;
                 if let Segment::Node(children) = seg {
                     frontier.extend(children.into_iter().filter(|(_, c)| !skip(c)));
@@ -202,6 +222,16 @@ impl Repository {
 
     /// Loads the whole chunk map of a format-2 head and validates it as a manifest.
     pub(crate) async fn load_tree_manifest(&self, head: ManifestHead) -> Result<Manifest> {
+        self.load_tree_manifest_counted(head, &WalkReads::default())
+            .await
+    }
+
+    /// As [`Repository::load_tree_manifest`], counting the segments read in `reads`.
+    pub(crate) async fn load_tree_manifest_counted(
+        &self,
+        head: ManifestHead,
+        reads: &WalkReads,
+    ) -> Result<Manifest> {
         let MapLocation::Tree { root } = head.map else {
             return Err(RepoError::Internal {
                 message: "format-1 heads carry their map inline".into(),
@@ -221,6 +251,7 @@ impl Repository {
                 }
                 Ok(())
             },
+            reads,
         )
         .await?;
         Ok(Manifest::new(head.meta(), map, head.parent)?)
@@ -247,15 +278,17 @@ impl Repository {
         };
         while !frontier.is_empty() {
             let level = std::mem::take(&mut frontier);
-            let segs: Vec<(SegmentPos, SegmentRef, Segment)> = futures::stream::iter(level)
+            let segs: Vec<(SegmentPos, u64, Segment)> = futures::stream::iter(level)
                 .map(|(pos, r)| async move {
-                    self.read_segment(shape, pos, &r).await.map(|s| (pos, r, s))
+                    self.read_segment_sized(shape, pos, &r)
+                        .await
+                        .map(|(s, read)| (pos, read, s))
                 })
                 .buffered(SEGMENT_CONCURRENCY)
                 .try_collect()
                 .await?;
-            for (pos, r, seg) in segs {
-                bytes += u64::from(r.len);
+            for (pos, read, seg) in segs {
+                bytes += read;
                 if let Segment::Node(children) = &seg {
                     frontier.extend(children_to_load(pos, children, changed));
                 }
@@ -419,6 +452,32 @@ impl EntryGauge {
     }
 }
 
+/// Segments a walk read from the store and the bytes it fetched for them (shared by the tasks
+/// of the walk; read once it is done).
+#[derive(Debug, Default)]
+pub struct WalkReads {
+    segments: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl WalkReads {
+    fn add(&self, bytes: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.segments.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// Segments read (nodes and leaves).
+    pub fn segments(&self) -> u64 {
+        self.segments.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Bytes the store returned for them.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// One decoded leaf of an in-order walk; counted in its walk's [`EntryGauge`] until dropped.
 #[derive(Debug)]
 pub struct HeldLeaf {
@@ -490,6 +549,8 @@ impl Repository {
     /// path (at most `root level · 128` references) and at most `window` decoded leaves read
     /// ahead (each at most 128 entries), whatever the volume size. Every leaf is read and
     /// validated like [`Repository::read_segment`]; nodes are read when the walk reaches them.
+    /// The leaves ahead are read by spawned tasks (on the current tokio runtime), so up to
+    /// `window` reads overlap and go on while the consumer is busy with an earlier leaf.
     pub fn leaves_in_order(
         &self,
         shape: TreeShape,
@@ -497,6 +558,22 @@ impl Repository {
         window: usize,
         gauge: std::sync::Arc<EntryGauge>,
     ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + 'static {
+        self.leaves_in_order_counted(shape, root, window, gauge, Default::default(), u64::MAX)
+    }
+
+    /// As [`Repository::leaves_in_order`], counting the segments read and their bytes in
+    /// `reads`, and ending before the first segment that starts at or past chunk index
+    /// `below` (none of it is read: a backup of a volume shrunk below its parent's size).
+    pub fn leaves_in_order_counted(
+        &self,
+        shape: TreeShape,
+        root: Option<SegmentRef>,
+        window: usize,
+        gauge: std::sync::Arc<EntryGauge>,
+        reads: std::sync::Arc<WalkReads>,
+        below: u64,
+    ) -> impl futures::Stream<Item = Result<HeldLeaf>> + Send + 'static {
+        let leaf_reads = reads.clone();
         // Owns a clone (cheap): a walk that borrows nothing can sit in any pipeline.
         let (nodes, leaves) = (self.clone(), self.clone());
         type Pending = std::collections::VecDeque<(SegmentPos, SegmentRef)>;
@@ -512,6 +589,7 @@ impl Repository {
         };
         futures::stream::try_unfold(start, move |mut stack| {
             let repo = nodes.clone();
+            let reads = reads.clone();
             async move {
                 loop {
                     let Some(top) = stack.last_mut() else {
@@ -521,10 +599,16 @@ impl Repository {
                         stack.pop();
                         continue;
                     };
+                    if pos.first >= below {
+                        // In index order: everything after starts later still.
+                        return Ok(None);
+                    }
                     if pos.level == 0 {
                         return Ok(Some(((pos, r), stack)));
                     }
-                    match repo.read_segment(&shape, pos, &r).await? {
+                    let (seg, read) = repo.read_segment_sized(&shape, pos, &r).await?;
+                    reads.add(read);
+                    match seg {
                         Segment::Node(children) => stack.push(children.into()),
                         Segment::Leaf(_) => return Err(not_a(pos, "leaf")),
                     }
@@ -534,11 +618,22 @@ impl Repository {
         .map_ok(move |(pos, r)| {
             let gauge = gauge.clone();
             let repo = leaves.clone();
-            async move {
-                match repo.read_segment(&shape, pos, &r).await? {
+            let reads = leaf_reads.clone();
+            // Each leaf read is a task of its own, so the read-ahead progresses while the
+            // consumer works on a leaf instead of only while it polls the walk; dropped with
+            // the walk, the tasks are cancelled.
+            let task = super::AbortOnDrop(tokio::spawn(async move {
+                let (seg, read) = repo.read_segment_sized(&shape, pos, &r).await?;
+                reads.add(read);
+                match seg {
                     Segment::Leaf(entries) => Ok(HeldLeaf::new(entries, gauge)),
                     Segment::Node(_) => Err(not_a(pos, "node")),
                 }
+            }));
+            async move {
+                task.await.map_err(|e| RepoError::Internal {
+                    message: format!("reading a map leaf: {e}"),
+                })?
             }
         })
         .try_buffered(window.max(1))
