@@ -74,10 +74,11 @@ const MAX_POOLED_BYTES: usize = 64 << 20;
 /// length and contents are whatever they were: callers `resize` and overwrite).
 pub(crate) fn take(capacity: usize) -> AlignedBuf {
     let reused = POOL.lock().ok().and_then(|mut p| {
-        // Within 2x, so a small chunk never pins a buffer sized for a large one.
+        // Within 2x, so a small chunk never pins a buffer sized for a large one; the most
+        // recently returned first, whose pages are the likeliest still in cache.
         let i = p
             .iter()
-            .position(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)?;
+            .rposition(|b| b.capacity() >= capacity && b.capacity() / 2 <= capacity)?;
         Some(p.swap_remove(i))
     });
     reused.unwrap_or_default()
