@@ -41,7 +41,8 @@ use crate::connect::Cluster;
 use crate::error::ns_name;
 use crate::retry::RetryPolicy;
 use crate::snapshot::{
-    DeletionPolicy, GROUP, VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
+    DeletionPolicy, GROUP, SnapshotClass, SnapshotState, VolumeMode, VolumeSnapshot,
+    VolumeSnapshotClass, VolumeSnapshotContent,
 };
 use crate::wait::{Check, Notice, WaitError, wait_for};
 
