@@ -224,21 +224,33 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn collect_alloc(f: &File, size: u64, start: u64, g: Geometry) -> Vec<(u64, u64)> {
+    /// 4 KiB blocks read `window` bytes at a time.
+    fn geometry(window: u64) -> Geometry {
+        Geometry {
+            block: 4096,
+            window,
+        }
+    }
+
+    /// Every run an uncancelled scan emits, and what it read.
+    fn collect(
+        scan: impl FnOnce(&mut dyn FnMut(u64, u64) -> ControlFlow<()>) -> io::Result<ScanStats>,
+    ) -> (Vec<(u64, u64)>, ScanStats) {
         let mut v = Vec::new();
-        allocated(
-            f,
-            size,
-            start,
-            g,
-            || false,
-            |o, l| {
-                v.push((o, l));
-                ControlFlow::Continue(())
-            },
-        )
+        let stats = scan(&mut |o, l| {
+            v.push((o, l));
+            ControlFlow::Continue(())
+        })
         .unwrap();
-        v
+        (v, stats)
+    }
+
+    fn collect_alloc(f: &File, size: u64, start: u64, g: Geometry) -> Vec<(u64, u64)> {
+        collect(|emit| allocated(f, size, start, g, || false, emit)).0
+    }
+
+    fn collect_delta(a: &File, b: &File, size: u64, g: Geometry) -> (Vec<(u64, u64)>, ScanStats) {
+        collect(|emit| delta(a, b, size, 0, g, || false, emit))
     }
 
     #[test]
@@ -251,10 +263,7 @@ mod tests {
         f.write_all_at(&[2u8; 8192], 4096 * 5).unwrap();
         f.write_all_at(&[3u8; 1], size - 1).unwrap();
         f.flush().unwrap();
-        let g = Geometry {
-            block: 4096,
-            window: 16384,
-        };
+        let g = geometry(16384);
         assert_eq!(
             collect_alloc(&f, size, 0, g),
             vec![(4096 * 3, 4096), (4096 * 5, 8192), (size - 4096, 4096)]
@@ -272,10 +281,7 @@ mod tests {
         let size = 4096 * 2 + 100;
         f.set_len(size).unwrap();
         f.write_all_at(&[9u8; 3], size - 3).unwrap();
-        let g = Geometry {
-            block: 4096,
-            window: 8192,
-        };
+        let g = geometry(8192);
         assert_eq!(collect_alloc(&f, size, 0, g), vec![(8192, 100)]);
     }
 
@@ -291,43 +297,15 @@ mod tests {
             f.write_all_at(&[1u8; 4096], 100 << 20).unwrap();
         }
         b.write_all_at(&[2u8; 4096], 700 << 20).unwrap();
-        let g = Geometry {
-            block: 4096,
-            window: 1 << 20,
-        };
-        let mut n = 0;
-        let stats = allocated(
-            &b,
-            size,
-            0,
-            g,
-            || false,
-            |_, _| {
-                n += 1;
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
-        assert_eq!(n, 2);
+        let g = geometry(1 << 20);
+        let (v, stats) = collect(|emit| allocated(&b, size, 0, g, || false, emit));
+        assert_eq!(v.len(), 2);
         assert!(
             stats.bytes_read <= 2 * 8192,
             "read {} bytes",
             stats.bytes_read
         );
-        let mut v = Vec::new();
-        let stats = delta(
-            &a,
-            &b,
-            size,
-            0,
-            g,
-            || false,
-            |o, l| {
-                v.push((o, l));
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
+        let (v, stats) = collect_delta(&a, &b, size, g);
         assert_eq!(v, vec![(700 << 20, 4096)]);
         assert!(
             stats.bytes_read <= 4 * 8192,
@@ -346,10 +324,7 @@ mod tests {
         for f in [&a, &b] {
             f.write_all_at(&vec![5u8; size as usize], 0).unwrap();
         }
-        let g = Geometry {
-            block: 4096,
-            window: 65536,
-        };
+        let g = geometry(65536);
         let never = |_: u64, _: u64| -> ControlFlow<()> { panic!("nothing differs") };
         let full = delta(&a, &b, size, 0, g, || false, never).unwrap();
         assert_eq!(full.bytes_read, 2 * size);
@@ -378,24 +353,8 @@ mod tests {
         b.write_all_at(&[8u8], 4096 * 2).unwrap(); // changed
         b.write_all_at(&[0u8; 4096], 4096 * 5).unwrap(); // zeroed in target
         b.write_all_at(&[1u8], size - 1).unwrap(); // new data in a base hole
-        let g = Geometry {
-            block: 4096,
-            window: 65536,
-        };
-        let mut v = Vec::new();
-        delta(
-            &a,
-            &b,
-            size,
-            0,
-            g,
-            || false,
-            |o, l| {
-                v.push((o, l));
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
+        let g = geometry(65536);
+        let (v, _) = collect_delta(&a, &b, size, g);
         assert_eq!(v, vec![(8192, 4096), (4096 * 5, 4096), (size - 4096, 4096)]);
     }
 }
