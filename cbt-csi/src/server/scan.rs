@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::os::unix::fs::FileExt;
 
 /// Scan geometry.
@@ -68,6 +68,26 @@ impl<F: FnMut(u64, u64) -> ControlFlow<()>> Runs<'_, F> {
             }
         }
     }
+    /// Pushes each `block`-sized piece of the window `[ws, ws + len)` that `differs` picks
+    /// (given the piece's range within the window buffers).
+    fn push_blocks(
+        &mut self,
+        ws: u64,
+        len: usize,
+        block: u64,
+        differs: impl Fn(Range<usize>) -> bool,
+    ) -> ControlFlow<()> {
+        let mut off = 0usize;
+        while off < len {
+            let n = (block as usize).min(len - off);
+            if differs(off..off + n) {
+                let s = ws + off as u64;
+                self.push(s, s + n as u64)?;
+            }
+            off += n;
+        }
+        ControlFlow::Continue(())
+    }
     fn finish(&mut self) -> ControlFlow<()> {
         match self.cur.take() {
             Some((s, e)) => (self.emit)(s, e - s),
@@ -120,16 +140,9 @@ pub fn allocated(
         let len = (we - ws) as usize;
         read_full(file, &mut buf[..len], ws)?;
         stats.bytes_read += len as u64;
-        let mut off = 0usize;
-        while off < len {
-            let n = (g.block as usize).min(len - off);
-            if buf[off..off + n] != zero[..n] {
-                let b = ws + off as u64;
-                if runs.push(b, b + n as u64).is_break() {
-                    return Ok(stats);
-                }
-            }
-            off += n;
+        let nonzero = |r: Range<usize>| buf[r.clone()] != zero[..r.len()];
+        if runs.push_blocks(ws, len, g.block, nonzero).is_break() {
+            return Ok(stats);
         }
         pos = we;
     }
@@ -201,16 +214,9 @@ pub fn delta(
         } else {
             b[..len].fill(0);
         }
-        let mut off = 0usize;
-        while off < len {
-            let n = (g.block as usize).min(len - off);
-            if a[off..off + n] != b[off..off + n] {
-                let s = ws + off as u64;
-                if runs.push(s, s + n as u64).is_break() {
-                    return Ok(stats);
-                }
-            }
-            off += n;
+        let differs = |r: Range<usize>| a[r.clone()] != b[r];
+        if runs.push_blocks(ws, len, g.block, differs).is_break() {
+            return Ok(stats);
         }
         pos = we;
     }
