@@ -25,9 +25,7 @@ async fn setup() -> (Fixture, BackupOutcome, Vec<u8>) {
     let fx = Fixture::new().await;
     let img = image(SIZE, 11);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     (fx, out, img)
 }
 
@@ -204,9 +202,7 @@ async fn truncated_and_missing_objects() {
 
     // Backing up the same data again repairs the damaged chunk and re-uploads the missing one.
     let src = fx.path("d.img");
-    let again = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
-        .await
-        .unwrap();
+    let again = full_backup(&fx.repo, &src, "v", "s2", 2).await;
     assert_eq!(again.stats.objects_written, 2, "{:?}", again.stats);
     assert!(verify(&fx.repo, true).await.is_empty());
 }
@@ -463,9 +459,7 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
     assert!(fx.repo.lock_exclusive("gc2", Timestamp(8)).await.is_err());
     excl.release().await.unwrap();
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
-    backup_file(&fx.repo, &src, request("v", "s2", full(), 9))
-        .await
-        .unwrap();
+    full_backup(&fx.repo, &src, "v", "s2", 9).await;
 
     // Orphans of a killed backup are collected; referenced chunks never are.
     let orphan = chunk::encode(&noise(77, 5000), 1);
