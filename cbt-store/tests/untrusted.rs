@@ -489,7 +489,7 @@ async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_r
             match damage {
                 Damage::File(b) => std::fs::write(&file, b).unwrap(),
                 Damage::Put(b) => {
-                    fx.store.put(&key, b, PutMode::Overwrite).await.unwrap();
+                    put_raw(fx.store.as_ref(), &key, b).await;
                 }
             }
             let target = format!("out-{what}-{how}.img");
