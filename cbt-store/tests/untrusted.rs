@@ -166,14 +166,7 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
     }
     put_manifest_json(fx.store.as_ref(), "v", "s2", &json).await;
 
-    let report = fx
-        .repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&fx.repo).await;
     let bad: Vec<_> = report
         .problems
         .iter()
@@ -321,14 +314,7 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
         "{err:?}"
     );
     assert_eq!(err.kind(), ErrorKind::Integrity);
-    let report = fx
-        .repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..VerifyOptions::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&fx.repo).await;
     assert!(
         report.problems.iter().any(|p| p.index == Some(index)),
         "{:?}",
@@ -510,14 +496,7 @@ async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_r
                 Err(RepoError::ChunkCorrupt { reason, .. }) if reason_ok(&reason) => {}
                 other => panic!("{case}: read_chunk said {other:?}"),
             }
-            let report = fx
-                .repo
-                .verify(&VerifyOptions {
-                    read_data: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let report = verify_data(&fx.repo).await;
             assert!(
                 matches!(
                     report.problems.iter().map(|p| (p.index, &p.problem)).collect::<Vec<_>>()[..],
