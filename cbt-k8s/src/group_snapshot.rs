@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use kube::CustomResource;
 use serde::{Deserialize, Serialize};
 
-use crate::snapshot::{DeletionPolicy, VolumeSnapshotError};
+use crate::snapshot::{DeletionPolicy, SnapshotClass, VolumeSnapshotError, snapshot_status_fields};
 
 /// API group of the group snapshot objects.
 pub const GROUP: &str = "groupsnapshot.storage.k8s.io";
@@ -203,34 +203,13 @@ pub struct VolumeGroupSnapshotClassFields {
     pub deletion_policy: DeletionPolicy,
 }
 
-impl VolumeGroupSnapshotClass {
-    /// True if annotated as its driver's default group class.
-    pub fn is_default(&self) -> bool {
-        self.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
-            .is_some_and(|v| v == "true")
-    }
+impl SnapshotClass for VolumeGroupSnapshotClass {
+    const DEFAULT_ANNOTATION: &'static str = DEFAULT_CLASS_ANNOTATION;
 }
 
+snapshot_status_fields!(VolumeGroupSnapshotStatus, VolumeGroupSnapshotContentStatus);
+
 impl VolumeGroupSnapshot {
-    /// `status.readyToUse == true`.
-    pub fn is_ready(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.ready_to_use)
-            .unwrap_or(false)
-    }
-
-    /// `status.error.message`, if any.
-    pub fn error_message(&self) -> Option<&str> {
-        self.status
-            .as_ref()
-            .and_then(|s| s.error.as_ref())
-            .and_then(|e| e.message.as_deref())
-    }
-
     /// `status.boundVolumeGroupSnapshotContentName`, if bound.
     pub fn bound_content(&self) -> Option<&str> {
         self.status
@@ -245,14 +224,6 @@ impl VolumeGroupSnapshot {
 }
 
 impl VolumeGroupSnapshotContent {
-    /// `status.readyToUse == true`.
-    pub fn is_ready(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.ready_to_use)
-            .unwrap_or(false)
-    }
-
     /// The `(volumeHandle, snapshotHandle)` pair of every member the driver reported complete.
     pub fn member_handles(&self) -> Vec<(String, String)> {
         self.status
@@ -387,6 +358,7 @@ pub fn label_selector(text: &str) -> Result<LabelSelector, SelectorError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::snapshot::SnapshotState;
     use kube::Resource;
     use serde_json::{Value, json};
 

@@ -13,7 +13,7 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use tonic::Status;
 
-use crate::snapshot::{VolumeSnapshot, VolumeSnapshotContent};
+use crate::snapshot::{SnapshotState, VolumeSnapshot, VolumeSnapshotContent};
 
 /// Checks tokens and resolves VolumeSnapshots through the Kubernetes API.
 #[derive(Clone)]

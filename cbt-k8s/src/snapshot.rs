@@ -12,6 +12,8 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
+use kube::Resource;
+use kube::core::object::HasStatus;
 use serde::{Deserialize, Serialize};
 
 /// API group of the snapshot objects.
@@ -208,34 +210,71 @@ pub struct VolumeSnapshotClassFields {
     pub deletion_policy: DeletionPolicy,
 }
 
-impl VolumeSnapshotClass {
+/// A snapshot class (plain or group): which annotation marks its driver's default.
+pub trait SnapshotClass: Resource {
+    /// The annotation that, set to `"true"`, makes this class its driver's default.
+    const DEFAULT_ANNOTATION: &'static str;
+
     /// True if annotated as its driver's default class.
-    pub fn is_default(&self) -> bool {
-        self.metadata
+    fn is_default(&self) -> bool {
+        self.meta()
             .annotations
             .as_ref()
-            .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+            .and_then(|a| a.get(Self::DEFAULT_ANNOTATION))
             .is_some_and(|v| v == "true")
     }
 }
 
-impl VolumeSnapshot {
+impl SnapshotClass for VolumeSnapshotClass {
+    const DEFAULT_ANNOTATION: &'static str = DEFAULT_CLASS_ANNOTATION;
+}
+
+/// The two `status` fields every snapshot object shares, plain or group, snapshot or content.
+pub trait SnapshotStatusFields {
+    /// `readyToUse`; absent = unknown.
+    fn ready_to_use(&self) -> Option<bool>;
+    /// `error`, the last one reported.
+    fn error(&self) -> Option<&VolumeSnapshotError>;
+}
+
+/// Readiness and error of any snapshot object, read through its [`SnapshotStatusFields`]; one
+/// definition so a wait on a VolumeSnapshot and one on a group judge alike.
+pub trait SnapshotState: HasStatus<Status: SnapshotStatusFields> {
     /// `status.readyToUse == true`.
-    pub fn is_ready(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.ready_to_use)
+    fn is_ready(&self) -> bool {
+        self.status()
+            .and_then(SnapshotStatusFields::ready_to_use)
             .unwrap_or(false)
     }
 
     /// `status.error.message`, if any.
-    pub fn error_message(&self) -> Option<&str> {
-        self.status
-            .as_ref()
-            .and_then(|s| s.error.as_ref())
+    fn error_message(&self) -> Option<&str> {
+        self.status()
+            .and_then(SnapshotStatusFields::error)
             .and_then(|e| e.message.as_deref())
     }
+}
 
+impl<T: HasStatus<Status: SnapshotStatusFields>> SnapshotState for T {}
+
+/// Implements [`SnapshotStatusFields`] for status structs with `ready_to_use` and `error`.
+macro_rules! snapshot_status_fields {
+    ($($status:ty),+ $(,)?) => {$(
+        impl $crate::snapshot::SnapshotStatusFields for $status {
+            fn ready_to_use(&self) -> Option<bool> {
+                self.ready_to_use
+            }
+            fn error(&self) -> Option<&$crate::snapshot::VolumeSnapshotError> {
+                self.error.as_ref()
+            }
+        }
+    )+};
+}
+pub(crate) use snapshot_status_fields;
+
+snapshot_status_fields!(VolumeSnapshotStatus, VolumeSnapshotContentStatus);
+
+impl VolumeSnapshot {
     /// `status.boundVolumeSnapshotContentName`, if bound.
     pub fn bound_content(&self) -> Option<&str> {
         self.status
@@ -252,14 +291,6 @@ impl VolumeSnapshotContent {
             .and_then(|s| s.snapshot_handle.as_deref())
             .or(self.spec.source.snapshot_handle.as_deref())
     }
-
-    /// `status.readyToUse == true`.
-    pub fn is_ready(&self) -> bool {
-        self.status
-            .as_ref()
-            .and_then(|s| s.ready_to_use)
-            .unwrap_or(false)
-    }
 }
 
 #[cfg(test)]
@@ -267,7 +298,7 @@ impl VolumeSnapshotContent {
 mod tests {
     use super::*;
     use kube::Resource;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     #[test]
     fn wire_shapes_match_the_crds() {
@@ -324,5 +355,93 @@ mod tests {
         assert_eq!(back["driver"], "d");
         assert!(back.get("spec").is_none());
         assert_eq!(back["kind"], "VolumeSnapshotClass");
+    }
+
+    /// The shared accessors answer for all four snapshot objects from their own wire shape,
+    /// and each class kind honours only its own default annotation.
+    #[test]
+    fn every_snapshot_object_reads_ready_and_error_through_the_shared_traits() {
+        use crate::group_snapshot::{
+            self as g, VolumeGroupSnapshot, VolumeGroupSnapshotClass, VolumeGroupSnapshotContent,
+        };
+        fn state<K: SnapshotState>(k: &K) -> (bool, Option<&str>) {
+            (k.is_ready(), k.error_message())
+        }
+        let status = json!({"readyToUse": true, "error": {"message": "late"}});
+        let failed = json!({"readyToUse": false, "error": {"message": "boom"}});
+        let obj = |api: &str, kind: &str, spec: Value, status: &Value| {
+            json!({"apiVersion": api, "kind": kind, "metadata": {"name": "x"},
+                   "spec": spec, "status": status})
+        };
+        let vs_spec = json!({"source": {"persistentVolumeClaimName": "p"}});
+        let vsc_spec = json!({"volumeSnapshotRef": {"name": "s"}, "deletionPolicy": "Delete",
+                              "driver": "d", "source": {"snapshotHandle": "h"}});
+        let vgs_spec = json!({"source": {"selector": {"matchLabels": {"a": "b"}}}});
+        let vgsc_spec = json!({"volumeGroupSnapshotRef": {"name": "g"},
+                               "deletionPolicy": "Delete", "driver": "d",
+                               "source": {"volumeHandles": ["v"]}});
+        let v1 = "snapshot.storage.k8s.io/v1";
+        let gv1 = "groupsnapshot.storage.k8s.io/v1";
+        for (st, want) in [
+            (&status, (true, Some("late"))),
+            (&failed, (false, Some("boom"))),
+        ] {
+            let vs: VolumeSnapshot =
+                serde_json::from_value(obj(v1, "VolumeSnapshot", vs_spec.clone(), st)).unwrap();
+            let vsc: VolumeSnapshotContent =
+                serde_json::from_value(obj(v1, "VolumeSnapshotContent", vsc_spec.clone(), st))
+                    .unwrap();
+            let vgs: VolumeGroupSnapshot =
+                serde_json::from_value(obj(gv1, "VolumeGroupSnapshot", vgs_spec.clone(), st))
+                    .unwrap();
+            let vgsc: VolumeGroupSnapshotContent = serde_json::from_value(obj(
+                gv1,
+                "VolumeGroupSnapshotContent",
+                vgsc_spec.clone(),
+                st,
+            ))
+            .unwrap();
+            assert_eq!(state(&vs), want);
+            assert_eq!(state(&vsc), want);
+            assert_eq!(state(&vgs), want);
+            assert_eq!(state(&vgsc), want);
+        }
+        let unset: VolumeSnapshot = serde_json::from_value(json!({
+            "apiVersion": v1, "kind": "VolumeSnapshot", "metadata": {"name": "x"},
+            "spec": vs_spec
+        }))
+        .unwrap();
+        assert_eq!(state(&unset), (false, None));
+
+        let class = |api: &str, kind: &str, annotation: &str| {
+            json!({"apiVersion": api, "kind": kind,
+                   "metadata": {"name": "k", "annotations": {annotation: "true"}},
+                   "driver": "d", "deletionPolicy": "Delete"})
+        };
+        let own: VolumeSnapshotClass =
+            serde_json::from_value(class(v1, "VolumeSnapshotClass", DEFAULT_CLASS_ANNOTATION))
+                .unwrap();
+        let other: VolumeSnapshotClass = serde_json::from_value(class(
+            v1,
+            "VolumeSnapshotClass",
+            g::DEFAULT_CLASS_ANNOTATION,
+        ))
+        .unwrap();
+        assert!(own.is_default());
+        assert!(!other.is_default());
+        let own: VolumeGroupSnapshotClass = serde_json::from_value(class(
+            gv1,
+            "VolumeGroupSnapshotClass",
+            g::DEFAULT_CLASS_ANNOTATION,
+        ))
+        .unwrap();
+        let other: VolumeGroupSnapshotClass = serde_json::from_value(class(
+            gv1,
+            "VolumeGroupSnapshotClass",
+            DEFAULT_CLASS_ANNOTATION,
+        ))
+        .unwrap();
+        assert!(own.is_default());
+        assert!(!other.is_default());
     }
 }

@@ -15,7 +15,7 @@ use cbt_store::repo::{
     VerifyOptions, manifest_key,
 };
 use cbt_store::store::fault::{Fault, FaultRule, FaultyStore, When};
-use cbt_store::store::{ErrorKind, ObjectStore, Op, PutMode, StoreError};
+use cbt_store::store::{ErrorKind, ObjectStore, Op, StoreError};
 use cbt_store::testing::hooked::{Call, HookedStore, StoreHook};
 use engine_support::*;
 
@@ -25,9 +25,7 @@ async fn setup() -> (Fixture, BackupOutcome, Vec<u8>) {
     let fx = Fixture::new().await;
     let img = image(SIZE, 11);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     (fx, out, img)
 }
 
@@ -204,9 +202,7 @@ async fn truncated_and_missing_objects() {
 
     // Backing up the same data again repairs the damaged chunk and re-uploads the missing one.
     let src = fx.path("d.img");
-    let again = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
-        .await
-        .unwrap();
+    let again = full_backup(&fx.repo, &src, "v", "s2", 2).await;
     assert_eq!(again.stats.objects_written, 2, "{:?}", again.stats);
     assert!(verify(&fx.repo, true).await.is_empty());
 }
@@ -222,10 +218,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
     json["format_version"] = 99.into();
     let mut body = b"CBMF\x01".to_vec();
     body.extend(zstd::bulk::compress(&serde_json::to_vec(&json).unwrap(), 1).unwrap());
-    fx.store
-        .put(&key, Bytes::from(body), PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), &key, Bytes::from(body)).await;
     let err = fx
         .repo
         .load_manifest(&vol("v"), &snap("s"))
@@ -258,14 +251,7 @@ async fn future_formats_are_typed_errors_not_misreads() {
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
 
     // An unknown manifest encoding.
-    fx.store
-        .put(
-            &key,
-            Bytes::from_static(b"CBMF\x07junk"),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), &key, Bytes::from_static(b"CBMF\x07junk")).await;
     let err = fx
         .repo
         .load_manifest(&vol("v"), &snap("s"))
@@ -274,21 +260,16 @@ async fn future_formats_are_typed_errors_not_misreads() {
     assert!(matches!(err, RepoError::UnsupportedObject { .. }));
 
     // A chunk object of a future format version.
-    fx.store
-        .put(
-            &key,
-            Bytes::from(fx_manifest_body(out.manifest.as_ref().unwrap())),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put_raw(
+        fx.store.as_ref(),
+        &key,
+        Bytes::from(fx_manifest_body(out.manifest.as_ref().unwrap())),
+    )
+    .await;
     let (_, ckey) = first_chunk(&out);
     let mut cbody = fx.store.get(&ckey).await.unwrap().to_vec();
     cbody[4] = 2;
-    fx.store
-        .put(&ckey, Bytes::from(cbody), PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), &ckey, Bytes::from(cbody)).await;
     let err = restore_err(&fx, &fx.repo).await;
     assert!(matches!(
         err,
@@ -303,14 +284,12 @@ async fn future_formats_are_typed_errors_not_misreads() {
     let cfg = fx.store.get("config").await.unwrap();
     let mut cfg: serde_json::Value = serde_json::from_slice(&cfg).unwrap();
     cfg["version"] = 3.into(); // 2 is the encrypted format
-    fx.store
-        .put(
-            "config",
-            Bytes::from(serde_json::to_vec(&cfg).unwrap()),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put_raw(
+        fx.store.as_ref(),
+        "config",
+        Bytes::from(serde_json::to_vec(&cfg).unwrap()),
+    )
+    .await;
     let err = Repository::open(fx.store.clone()).await.unwrap_err();
     assert!(matches!(
         err,
@@ -337,14 +316,12 @@ async fn hostile_names_never_reach_keys() {
     }
     // A manifest stored under another name than it describes is rejected, not trusted.
     let other = manifest_key(&vol("v"), &snap("renamed"));
-    fx.store
-        .put(
-            &other,
-            Bytes::from(fx_manifest_body(out.manifest.as_ref().unwrap())),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put_raw(
+        fx.store.as_ref(),
+        &other,
+        Bytes::from(fx_manifest_body(out.manifest.as_ref().unwrap())),
+    )
+    .await;
     let err = fx
         .repo
         .load_manifest(&vol("v"), &snap("renamed"))
@@ -353,22 +330,18 @@ async fn hostile_names_never_reach_keys() {
     assert!(matches!(err, RepoError::ManifestFraming { .. }));
     fx.store.delete(&other).await.unwrap();
     // Foreign keys under snapshots/ that are not valid names are ignored by listings.
-    fx.store
-        .put(
-            "snapshots/v/bad name",
-            Bytes::from_static(b"x"),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
-    fx.store
-        .put(
-            "snapshots/v/-dash",
-            Bytes::from_static(b"x"),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put_raw(
+        fx.store.as_ref(),
+        "snapshots/v/bad name",
+        Bytes::from_static(b"x"),
+    )
+    .await;
+    put_raw(
+        fx.store.as_ref(),
+        "snapshots/v/-dash",
+        Bytes::from_static(b"x"),
+    )
+    .await;
     let list = fx.repo.list_snapshots(None).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].snapshot.as_str(), "s");
@@ -463,9 +436,7 @@ async fn locks_keep_gc_and_backups_apart_until_broken() {
     assert!(fx.repo.lock_exclusive("gc2", Timestamp(8)).await.is_err());
     excl.release().await.unwrap();
     assert!(fx.repo.list_locks().await.unwrap().is_empty());
-    backup_file(&fx.repo, &src, request("v", "s2", full(), 9))
-        .await
-        .unwrap();
+    full_backup(&fx.repo, &src, "v", "s2", 9).await;
 
     // Orphans of a killed backup are collected; referenced chunks never are.
     let orphan = chunk::encode(&noise(77, 5000), 1);
@@ -563,10 +534,7 @@ async fn chunk_puts_stop_asking_after_new_chunks_and_still_repair_a_damaged_copy
     // A damaged copy of a chunk is already stored (another size: a torn or altered object).
     let victim = chunk::encode(&noise(500, 3000), 1);
     let key = chunk::chunk_key(&victim.chunk.hash);
-    fx.store
-        .put(&key, Bytes::from_static(b"not a chunk"), PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), &key, Bytes::from_static(b"not a chunk")).await;
 
     // New chunks: asked for first until enough of them in a row were missing.
     for i in 0..20 {
@@ -614,10 +582,7 @@ async fn changed_chunks_are_created_without_asking_and_stored_copies_still_count
     // A damaged copy is stored: the refused create finds it, and it is replaced.
     let victim = changed(800);
     let key = chunk::chunk_key(&victim.chunk.hash);
-    fx.store
-        .put(&key, Bytes::from_static(b"not a chunk"), PutMode::Overwrite)
-        .await
-        .unwrap();
+    put_raw(fx.store.as_ref(), &key, Bytes::from_static(b"not a chunk")).await;
     let put = repo
         .put_chunk_as(victim.clone(), ChunkNovelty::Changed)
         .await
@@ -753,14 +718,12 @@ async fn verify_lists_and_reads_heads_side_by_side_and_reports_each_problem_once
     };
     // s03 loses a chunk, s07's manifest is garbage, s10 has a chunk cut short, s11 another.
     fx.store.delete(&chunk_of(3, 1).0).await.unwrap();
-    fx.store
-        .put(
-            &manifest_key(&vol("v"), &snap("s07")),
-            Bytes::from_static(b"not a manifest"),
-            PutMode::Overwrite,
-        )
-        .await
-        .unwrap();
+    put_raw(
+        fx.store.as_ref(),
+        &manifest_key(&vol("v"), &snap("s07")),
+        Bytes::from_static(b"not a manifest"),
+    )
+    .await;
     for (s, i) in [(10, 0), (11, 1)] {
         let p = fx.local.path_of(&chunk_of(s, i).0).unwrap();
         let bytes = std::fs::read(&p).unwrap();

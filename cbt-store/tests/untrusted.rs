@@ -83,9 +83,7 @@ async fn a_hash_recorded_with_two_lengths_is_refused_and_nothing_is_written_past
     let size = SIZE + 1000; // a short last chunk of 1000 bytes
     let img = image(size, 3);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let last = out
         .manifest
         .as_ref()
@@ -156,12 +154,8 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 5);
     let src = fx.write("d.img", &img);
-    backup_file(&fx.repo, &src, request("v", "s1", full(), 1))
-        .await
-        .unwrap();
-    let s2 = backup_file(&fx.repo, &src, request("v", "s2", full(), 2))
-        .await
-        .unwrap();
+    full_backup(&fx.repo, &src, "v", "s1", 1).await;
+    let s2 = full_backup(&fx.repo, &src, "v", "s2", 2).await;
     let (index, r) = nth_stored(&s2, 0);
     let mut json = manifest_json(&fx.repo, "v", "s2").await;
     // Consistently wrong within s2 (every index holding this chunk), so s2 alone is valid.
@@ -172,14 +166,7 @@ async fn verify_read_data_checks_every_reference_not_one_per_hash() {
     }
     put_manifest_json(fx.store.as_ref(), "v", "s2", &json).await;
 
-    let report = fx
-        .repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&fx.repo).await;
     let bad: Vec<_> = report
         .problems
         .iter()
@@ -233,9 +220,7 @@ async fn a_manifest_that_inflates_to_a_gigabyte_is_refused_after_its_geometry_li
     let fx = Fixture::new().await;
     let img = image(SIZE, 7);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let json = out.manifest.as_ref().unwrap().to_json().unwrap();
     let bomb = bomb_frame(&json, b' ', 1 << 30);
     assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
@@ -304,9 +289,7 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 4);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let (index, r) = nth_stored(&out, 0);
     let file = chunk_file(&fx, &r.hash);
     std::fs::OpenOptions::new()
@@ -331,14 +314,7 @@ async fn a_chunk_object_grown_beyond_its_recorded_size_is_refused_unread() {
         "{err:?}"
     );
     assert_eq!(err.kind(), ErrorKind::Integrity);
-    let report = fx
-        .repo
-        .verify(&VerifyOptions {
-            read_data: true,
-            ..VerifyOptions::default()
-        })
-        .await
-        .unwrap();
+    let report = verify_data(&fx.repo).await;
     assert!(
         report.problems.iter().any(|p| p.index == Some(index)),
         "{:?}",
@@ -377,9 +353,7 @@ async fn assert_restore_refuses(
 async fn a_raw_chunk_checked_in_place_still_refuses_every_damage() {
     let fx = Fixture::new().await;
     let src = fx.write("d.img", &image(SIZE, 4));
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let manifest = out.manifest.unwrap();
     let (index, r) = manifest
         .chunks
@@ -455,9 +429,7 @@ enum Damage {
 async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_reader() {
     let fx = Fixture::new().await;
     let src = fx.write("d.img", &image(SIZE, 5));
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let manifest = out.manifest.unwrap();
     let raw = manifest
         .chunks
@@ -503,7 +475,7 @@ async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_r
             match damage {
                 Damage::File(b) => std::fs::write(&file, b).unwrap(),
                 Damage::Put(b) => {
-                    fx.store.put(&key, b, PutMode::Overwrite).await.unwrap();
+                    put_raw(fx.store.as_ref(), &key, b).await;
                 }
             }
             let target = format!("out-{what}-{how}.img");
@@ -524,14 +496,7 @@ async fn a_chunk_whose_store_checksum_and_trailer_disagree_is_refused_by_every_r
                 Err(RepoError::ChunkCorrupt { reason, .. }) if reason_ok(&reason) => {}
                 other => panic!("{case}: read_chunk said {other:?}"),
             }
-            let report = fx
-                .repo
-                .verify(&VerifyOptions {
-                    read_data: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let report = verify_data(&fx.repo).await;
             assert!(
                 matches!(
                     report.problems.iter().map(|p| (p.index, &p.problem)).collect::<Vec<_>>()[..],
@@ -561,9 +526,7 @@ fn in_place() -> RestoreOptions {
 /// Backs up `v`/`s` and deletes the file of its last stored chunk; returns that chunk's index.
 async fn snapshot_missing_its_last_chunk(fx: &Fixture) -> u64 {
     let src = fx.write("d.img", &image(SIZE, 9));
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let (index, r) = out
         .manifest
         .as_ref()
@@ -643,9 +606,7 @@ async fn a_failed_in_place_restore_says_which_ranges_hold_the_snapshot() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 13);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     let (index, r) = nth_stored(&out, 2);
     let path = chunk_file(&fx, &r.hash);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -705,9 +666,7 @@ async fn gc_keeps_unreferenced_chunks_younger_than_the_grace_period() {
     let fx = Fixture::new().await;
     let img = image(SIZE, 21);
     let src = fx.write("d.img", &img);
-    let out = backup_file(&fx.repo, &src, request("v", "s", full(), 1))
-        .await
-        .unwrap();
+    let out = full_backup(&fx.repo, &src, "v", "s", 1).await;
     fx.repo
         .delete_snapshot(&vol("v"), &snap("s"))
         .await
@@ -965,9 +924,7 @@ async fn a_backup_does_not_commit_when_a_chunk_it_deduplicated_against_is_gone()
     let fx = Fixture::new().await;
     let img = image(SIZE, 31);
     let path = fx.write("d.img", &img);
-    let first = backup_file(&fx.repo, &path, request("v", "s1", full(), 1))
-        .await
-        .unwrap();
+    let first = full_backup(&fx.repo, &path, "v", "s1", 1).await;
     let (_, gone) = nth_stored(&first, 1);
     let store: Arc<dyn ObjectStore> = Arc::new(HookedStore::new(
         fx.store.clone(),

@@ -867,8 +867,22 @@ impl MetadataStream {
         let remaining = self
             .deadline_at
             .map(|at| at.saturating_duration_since(Instant::now()));
-        let channel = self.client.channel.clone();
         let max_msg = self.client.config.max_message_bytes;
+        // One client per call: a tonic client is a cheap handle on the shared channel.
+        let csi = || {
+            pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(
+                self.client.channel.clone(),
+            )
+            .max_decoding_message_size(max_msg)
+        };
+        let k8s = || {
+            pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(
+                self.client.channel.clone(),
+            )
+            .max_decoding_message_size(max_msg)
+        };
+        // The CSI service takes the token as a bearer header, the Kubernetes one in the body.
+        let bearer = token.as_deref();
         let result = match &req.query {
             Query::CsiAllocated { snapshot_id } => {
                 let r = pb::csi::GetMetadataAllocatedRequest {
@@ -877,10 +891,8 @@ impl MetadataStream {
                     max_results: max,
                     secrets: req.secrets.clone(),
                 };
-                let r = decorate(tonic::Request::new(r), token.as_deref(), remaining)?;
-                pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
-                    .max_decoding_message_size(max_msg)
-                    .get_metadata_allocated(r)
+                csi()
+                    .get_metadata_allocated(decorate(r, bearer, remaining)?)
                     .await
                     .map(|r| Attempt::CsiAllocated(r.into_inner()))
             }
@@ -895,10 +907,8 @@ impl MetadataStream {
                     max_results: max,
                     secrets: req.secrets.clone(),
                 };
-                let r = decorate(tonic::Request::new(r), token.as_deref(), remaining)?;
-                pb::csi::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
-                    .max_decoding_message_size(max_msg)
-                    .get_metadata_delta(r)
+                csi()
+                    .get_metadata_delta(decorate(r, bearer, remaining)?)
                     .await
                     .map(|r| Attempt::CsiDelta(r.into_inner()))
             }
@@ -913,10 +923,8 @@ impl MetadataStream {
                     starting_offset: off,
                     max_results: max,
                 };
-                let r = decorate(tonic::Request::new(r), None, remaining)?;
-                pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
-                    .max_decoding_message_size(max_msg)
-                    .get_metadata_allocated(r)
+                k8s()
+                    .get_metadata_allocated(decorate(r, None, remaining)?)
                     .await
                     .map(|r| Attempt::K8sAllocated(r.into_inner()))
             }
@@ -933,10 +941,8 @@ impl MetadataStream {
                     starting_offset: off,
                     max_results: max,
                 };
-                let r = decorate(tonic::Request::new(r), None, remaining)?;
-                pb::k8s::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
-                    .max_decoding_message_size(max_msg)
-                    .get_metadata_delta(r)
+                k8s()
+                    .get_metadata_delta(decorate(r, None, remaining)?)
                     .await
                     .map(|r| Attempt::K8sDelta(r.into_inner()))
             }
@@ -956,11 +962,13 @@ enum Failure {
     Retry(Status),
 }
 
+/// Wraps a request message with the bearer token (if any) and the time left before the deadline.
 fn decorate<T>(
-    mut r: tonic::Request<T>,
+    message: T,
     token: Option<&str>,
     remaining: Option<Duration>,
 ) -> Result<tonic::Request<T>, Failure> {
+    let mut r = tonic::Request::new(message);
     if let Some(t) = token {
         let v = format!("Bearer {t}").parse().map_err(|_| {
             Failure::Fatal(CsiError::Token {

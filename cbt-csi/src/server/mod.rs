@@ -640,13 +640,12 @@ impl FileMetadataService {
     }
 
     /// Admits the call, checks its paging against the volume the answer describes (a delta's
-    /// target), and streams the scan's messages as `wrap` builds them.
-    fn serve_work<T: Send + 'static>(
+    /// target), and streams the scan's messages as the API's response type `T`.
+    fn serve_work<T: From<Msg> + Send + 'static>(
         &self,
         work: Work,
         starting_offset: i64,
         max_results: i32,
-        wrap: fn(Msg) -> T,
     ) -> Result<Response<ResponseStream<T>>, Status> {
         let permit = self.admit()?;
         let (Work::Allocated(described) | Work::Delta(_, described)) = &work;
@@ -655,27 +654,53 @@ impl FileMetadataService {
         // The permit travels with the stream: the call counts until the client is done with it.
         Ok(Response::new(Box::pin(futures::stream::unfold(
             (rx, permit),
-            move |(mut rx, permit)| async move { rx.recv().await.map(|m| (m.map(wrap), (rx, permit))) },
+            move |(mut rx, permit)| async move {
+                rx.recv().await.map(|m| (m.map(T::from), (rx, permit)))
+            },
         ))))
     }
 }
 
-fn csi_tuples(t: Vec<(u64, u64)>) -> Vec<pb::csi::BlockMetadata> {
-    t.into_iter()
-        .map(|(o, l)| pb::csi::BlockMetadata {
-            byte_offset: o as i64,
-            size_bytes: l as i64,
-        })
-        .collect()
+/// `From<Msg>` for the four response messages: the two APIs' responses carry the same three
+/// fields under the same names, in types the generated code keeps apart.
+macro_rules! response_from_msg {
+    ($api:ident: $($response:ident),+) => {$(
+        impl From<Msg> for pb::$api::$response {
+            fn from(m: Msg) -> Self {
+                Self {
+                    block_metadata_type: m.block_type.to_wire(),
+                    volume_capacity_bytes: m.capacity as i64,
+                    block_metadata: m
+                        .tuples
+                        .into_iter()
+                        .map(|(o, l)| pb::$api::BlockMetadata {
+                            byte_offset: o as i64,
+                            size_bytes: l as i64,
+                        })
+                        .collect(),
+                }
+            }
+        }
+    )+};
 }
 
-fn k8s_tuples(t: Vec<(u64, u64)>) -> Vec<pb::k8s::BlockMetadata> {
-    t.into_iter()
-        .map(|(o, l)| pb::k8s::BlockMetadata {
-            byte_offset: o as i64,
-            size_bytes: l as i64,
-        })
-        .collect()
+response_from_msg!(csi: GetMetadataAllocatedResponse, GetMetadataDeltaResponse);
+response_from_msg!(k8s: GetMetadataAllocatedResponse, GetMetadataDeltaResponse);
+
+/// INVALID_ARGUMENT listing all the required fields of a request (`a, b and c are required`)
+/// when any of them is empty.
+fn require(fields: &[(&str, &str)]) -> Result<(), Status> {
+    if fields.iter().all(|(_, value)| !value.is_empty()) {
+        return Ok(());
+    }
+    let names: Vec<&str> = fields.iter().map(|(name, _)| *name).collect();
+    let list = match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => {
+            format!("{} and {last} are required", rest.join(", "))
+        }
+        _ => format!("{} is required", names.concat()),
+    };
+    Err(Status::invalid_argument(list))
 }
 
 #[tonic::async_trait]
@@ -691,16 +716,7 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         let r = request.into_inner();
         self.check_csi_secrets(&r.secrets)?;
         let snap = self.csi_lookup(&r.snapshot_id, "snapshot_id")?;
-        self.serve_work(
-            Work::Allocated(snap),
-            r.starting_offset,
-            r.max_results,
-            |m| pb::csi::GetMetadataAllocatedResponse {
-                block_metadata_type: m.block_type.to_wire(),
-                volume_capacity_bytes: m.capacity as i64,
-                block_metadata: csi_tuples(m.tuples),
-            },
-        )
+        self.serve_work(Work::Allocated(snap), r.starting_offset, r.max_results)
     }
 
     async fn get_metadata_delta(
@@ -713,16 +729,7 @@ impl pb::csi::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         let target = self.csi_lookup(&r.target_snapshot_id, "target_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_id)?;
-        self.serve_work(
-            Work::Delta(base, target),
-            r.starting_offset,
-            r.max_results,
-            |m| pb::csi::GetMetadataDeltaResponse {
-                block_metadata_type: m.block_type.to_wire(),
-                volume_capacity_bytes: m.capacity as i64,
-                block_metadata: csi_tuples(m.tuples),
-            },
-        )
+        self.serve_work(Work::Delta(base, target), r.starting_offset, r.max_results)
     }
 }
 
@@ -736,24 +743,14 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         request: Request<pb::k8s::GetMetadataAllocatedRequest>,
     ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
         let r = request.into_inner();
-        if r.namespace.is_empty() || r.snapshot_name.is_empty() {
-            return Err(Status::invalid_argument(
-                "namespace and snapshot_name are required",
-            ));
-        }
+        require(&[
+            ("namespace", &r.namespace),
+            ("snapshot_name", &r.snapshot_name),
+        ])?;
         self.check_k8s_token(&r.security_token, &r.namespace)
             .await?;
         let snap = self.k8s_lookup(&r.namespace, &r.snapshot_name).await?;
-        self.serve_work(
-            Work::Allocated(snap),
-            r.starting_offset,
-            r.max_results,
-            |m| pb::k8s::GetMetadataAllocatedResponse {
-                block_metadata_type: m.block_type.to_wire(),
-                volume_capacity_bytes: m.capacity as i64,
-                block_metadata: k8s_tuples(m.tuples),
-            },
-        )
+        self.serve_work(Work::Allocated(snap), r.starting_offset, r.max_results)
     }
 
     async fn get_metadata_delta(
@@ -761,14 +758,11 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
         request: Request<pb::k8s::GetMetadataDeltaRequest>,
     ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
         let r = request.into_inner();
-        if r.namespace.is_empty()
-            || r.base_snapshot_id.is_empty()
-            || r.target_snapshot_name.is_empty()
-        {
-            return Err(Status::invalid_argument(
-                "namespace, base_snapshot_id and target_snapshot_name are required",
-            ));
-        }
+        require(&[
+            ("namespace", &r.namespace),
+            ("base_snapshot_id", &r.base_snapshot_id),
+            ("target_snapshot_name", &r.target_snapshot_name),
+        ])?;
         self.check_k8s_token(&r.security_token, &r.namespace)
             .await?;
         let target = self
@@ -776,16 +770,7 @@ impl pb::k8s::snapshot_metadata_server::SnapshotMetadata for FileMetadataService
             .await?;
         let base = self.csi_lookup(&r.base_snapshot_id, "base_snapshot_id")?;
         Self::check_delta(&base, &target, &r.base_snapshot_id, &r.target_snapshot_name)?;
-        self.serve_work(
-            Work::Delta(base, target),
-            r.starting_offset,
-            r.max_results,
-            |m| pb::k8s::GetMetadataDeltaResponse {
-                block_metadata_type: m.block_type.to_wire(),
-                volume_capacity_bytes: m.capacity as i64,
-                block_metadata: k8s_tuples(m.tuples),
-            },
-        )
+        self.serve_work(Work::Delta(base, target), r.starting_offset, r.max_results)
     }
 }
 
@@ -1170,8 +1155,58 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_required_field_names_them_all() {
+        assert!(require(&[("namespace", "n"), ("snapshot_name", "s")]).is_ok());
+        for fields in [
+            [("namespace", ""), ("snapshot_name", "s")],
+            [("namespace", "n"), ("snapshot_name", "")],
+        ] {
+            let e = require(&fields).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert_eq!(e.message(), "namespace and snapshot_name are required");
+        }
+        let e = require(&[
+            ("namespace", "n"),
+            ("base_snapshot_id", "b"),
+            ("target", ""),
+        ]);
+        assert_eq!(
+            e.unwrap_err().message(),
+            "namespace, base_snapshot_id and target are required"
+        );
+        let e = require(&[("volume_id", "")]).unwrap_err();
+        assert_eq!(e.message(), "volume_id is required");
+    }
+
+    #[test]
+    fn both_apis_answer_with_the_same_fields() {
+        let msg = || Msg {
+            block_type: BlockType::FixedLength,
+            capacity: 1 << 30,
+            tuples: vec![(0, 4096), (1 << 20, 8192)],
+        };
+        let csi = pb::csi::GetMetadataDeltaResponse::from(msg());
+        let k8s = pb::k8s::GetMetadataAllocatedResponse::from(msg());
+        assert_eq!(csi.block_metadata_type, BlockType::FixedLength.to_wire());
+        assert_eq!(k8s.block_metadata_type, csi.block_metadata_type);
+        assert_eq!(
+            (csi.volume_capacity_bytes, k8s.volume_capacity_bytes),
+            (1 << 30, 1 << 30)
+        );
+        let pairs: Vec<_> = k8s
+            .block_metadata
+            .iter()
+            .map(|b| (b.byte_offset, b.size_bytes))
+            .collect();
+        assert_eq!(pairs, [(0, 4096), (1 << 20, 8192)]);
+        assert_eq!(csi.block_metadata.len(), 2);
+        assert_eq!(csi.block_metadata[1].byte_offset, 1 << 20);
+    }
 
     #[test]
     fn tokens_match_only_exactly() {

@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::io;
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, Range};
 use std::os::unix::fs::FileExt;
 
 /// Scan geometry.
@@ -68,6 +68,26 @@ impl<F: FnMut(u64, u64) -> ControlFlow<()>> Runs<'_, F> {
             }
         }
     }
+    /// Pushes each `block`-sized piece of the window `[ws, ws + len)` that `differs` picks
+    /// (given the piece's range within the window buffers).
+    fn push_blocks(
+        &mut self,
+        ws: u64,
+        len: usize,
+        block: u64,
+        differs: impl Fn(Range<usize>) -> bool,
+    ) -> ControlFlow<()> {
+        let mut off = 0usize;
+        while off < len {
+            let n = (block as usize).min(len - off);
+            if differs(off..off + n) {
+                let s = ws + off as u64;
+                self.push(s, s + n as u64)?;
+            }
+            off += n;
+        }
+        ControlFlow::Continue(())
+    }
     fn finish(&mut self) -> ControlFlow<()> {
         match self.cur.take() {
             Some((s, e)) => (self.emit)(s, e - s),
@@ -120,16 +140,9 @@ pub fn allocated(
         let len = (we - ws) as usize;
         read_full(file, &mut buf[..len], ws)?;
         stats.bytes_read += len as u64;
-        let mut off = 0usize;
-        while off < len {
-            let n = (g.block as usize).min(len - off);
-            if buf[off..off + n] != zero[..n] {
-                let b = ws + off as u64;
-                if runs.push(b, b + n as u64).is_break() {
-                    return Ok(stats);
-                }
-            }
-            off += n;
+        let nonzero = |r: Range<usize>| buf[r.clone()] != zero[..r.len()];
+        if runs.push_blocks(ws, len, g.block, nonzero).is_break() {
+            return Ok(stats);
         }
         pos = we;
     }
@@ -201,16 +214,9 @@ pub fn delta(
         } else {
             b[..len].fill(0);
         }
-        let mut off = 0usize;
-        while off < len {
-            let n = (g.block as usize).min(len - off);
-            if a[off..off + n] != b[off..off + n] {
-                let s = ws + off as u64;
-                if runs.push(s, s + n as u64).is_break() {
-                    return Ok(stats);
-                }
-            }
-            off += n;
+        let differs = |r: Range<usize>| a[r.clone()] != b[r];
+        if runs.push_blocks(ws, len, g.block, differs).is_break() {
+            return Ok(stats);
         }
         pos = we;
     }
@@ -224,21 +230,33 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn collect_alloc(f: &File, size: u64, start: u64, g: Geometry) -> Vec<(u64, u64)> {
+    /// 4 KiB blocks read `window` bytes at a time.
+    fn geometry(window: u64) -> Geometry {
+        Geometry {
+            block: 4096,
+            window,
+        }
+    }
+
+    /// Every run an uncancelled scan emits, and what it read.
+    fn collect(
+        scan: impl FnOnce(&mut dyn FnMut(u64, u64) -> ControlFlow<()>) -> io::Result<ScanStats>,
+    ) -> (Vec<(u64, u64)>, ScanStats) {
         let mut v = Vec::new();
-        allocated(
-            f,
-            size,
-            start,
-            g,
-            || false,
-            |o, l| {
-                v.push((o, l));
-                ControlFlow::Continue(())
-            },
-        )
+        let stats = scan(&mut |o, l| {
+            v.push((o, l));
+            ControlFlow::Continue(())
+        })
         .unwrap();
-        v
+        (v, stats)
+    }
+
+    fn collect_alloc(f: &File, size: u64, start: u64, g: Geometry) -> Vec<(u64, u64)> {
+        collect(|emit| allocated(f, size, start, g, || false, emit)).0
+    }
+
+    fn collect_delta(a: &File, b: &File, size: u64, g: Geometry) -> (Vec<(u64, u64)>, ScanStats) {
+        collect(|emit| delta(a, b, size, 0, g, || false, emit))
     }
 
     #[test]
@@ -251,10 +269,7 @@ mod tests {
         f.write_all_at(&[2u8; 8192], 4096 * 5).unwrap();
         f.write_all_at(&[3u8; 1], size - 1).unwrap();
         f.flush().unwrap();
-        let g = Geometry {
-            block: 4096,
-            window: 16384,
-        };
+        let g = geometry(16384);
         assert_eq!(
             collect_alloc(&f, size, 0, g),
             vec![(4096 * 3, 4096), (4096 * 5, 8192), (size - 4096, 4096)]
@@ -272,10 +287,7 @@ mod tests {
         let size = 4096 * 2 + 100;
         f.set_len(size).unwrap();
         f.write_all_at(&[9u8; 3], size - 3).unwrap();
-        let g = Geometry {
-            block: 4096,
-            window: 8192,
-        };
+        let g = geometry(8192);
         assert_eq!(collect_alloc(&f, size, 0, g), vec![(8192, 100)]);
     }
 
@@ -291,43 +303,15 @@ mod tests {
             f.write_all_at(&[1u8; 4096], 100 << 20).unwrap();
         }
         b.write_all_at(&[2u8; 4096], 700 << 20).unwrap();
-        let g = Geometry {
-            block: 4096,
-            window: 1 << 20,
-        };
-        let mut n = 0;
-        let stats = allocated(
-            &b,
-            size,
-            0,
-            g,
-            || false,
-            |_, _| {
-                n += 1;
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
-        assert_eq!(n, 2);
+        let g = geometry(1 << 20);
+        let (v, stats) = collect(|emit| allocated(&b, size, 0, g, || false, emit));
+        assert_eq!(v.len(), 2);
         assert!(
             stats.bytes_read <= 2 * 8192,
             "read {} bytes",
             stats.bytes_read
         );
-        let mut v = Vec::new();
-        let stats = delta(
-            &a,
-            &b,
-            size,
-            0,
-            g,
-            || false,
-            |o, l| {
-                v.push((o, l));
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
+        let (v, stats) = collect_delta(&a, &b, size, g);
         assert_eq!(v, vec![(700 << 20, 4096)]);
         assert!(
             stats.bytes_read <= 4 * 8192,
@@ -346,10 +330,7 @@ mod tests {
         for f in [&a, &b] {
             f.write_all_at(&vec![5u8; size as usize], 0).unwrap();
         }
-        let g = Geometry {
-            block: 4096,
-            window: 65536,
-        };
+        let g = geometry(65536);
         let never = |_: u64, _: u64| -> ControlFlow<()> { panic!("nothing differs") };
         let full = delta(&a, &b, size, 0, g, || false, never).unwrap();
         assert_eq!(full.bytes_read, 2 * size);
@@ -378,24 +359,8 @@ mod tests {
         b.write_all_at(&[8u8], 4096 * 2).unwrap(); // changed
         b.write_all_at(&[0u8; 4096], 4096 * 5).unwrap(); // zeroed in target
         b.write_all_at(&[1u8], size - 1).unwrap(); // new data in a base hole
-        let g = Geometry {
-            block: 4096,
-            window: 65536,
-        };
-        let mut v = Vec::new();
-        delta(
-            &a,
-            &b,
-            size,
-            0,
-            g,
-            || false,
-            |o, l| {
-                v.push((o, l));
-                ControlFlow::Continue(())
-            },
-        )
-        .unwrap();
+        let g = geometry(65536);
+        let (v, _) = collect_delta(&a, &b, size, g);
         assert_eq!(v, vec![(8192, 4096), (4096 * 5, 4096), (size - 4096, 4096)]);
     }
 }

@@ -8,7 +8,7 @@ use kube::api::Api;
 
 use super::tls::Reach;
 use super::{Check, CheckId, Ctx};
-use crate::snapshot::{VolumeSnapshot, VolumeSnapshotContent};
+use crate::snapshot::{SnapshotState, VolumeSnapshot, VolumeSnapshotContent};
 
 /// The CSI driver of a VolumeSnapshot in the namespace (through its bound content), if it can
 /// be read.

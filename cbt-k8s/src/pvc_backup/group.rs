@@ -61,7 +61,7 @@ use crate::group_snapshot::{
 use crate::metadata_service::{MetadataEndpoint, discover};
 use crate::pvc::{PvcInfo, inspect_pvc, pvcs_matching};
 use crate::retry::RetryPolicy;
-use crate::snapshot::{VolumeSnapshot, VolumeSnapshotContent};
+use crate::snapshot::{SnapshotClass, SnapshotState, VolumeSnapshot, VolumeSnapshotContent};
 use crate::wait::{Check, WaitError, wait_for};
 
 /// Who creates (and so may delete) the group snapshots and their temporary objects.

@@ -49,7 +49,9 @@ use crate::mover::{
 };
 use crate::pvc::{PvcInfo, inspect_pvc};
 use crate::retry::RetryPolicy;
-use crate::snapshot::{VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent};
+use crate::snapshot::{
+    SnapshotClass, SnapshotState, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
+};
 use crate::wait::{Check, WaitError, wait_for};
 use objects::{
     MANAGED_BY, MANAGED_BY_LABEL, MoverRuntime, PVC_UID_LABEL, ROLE_LABEL, block_pvc, mover_job,

@@ -41,7 +41,8 @@ use crate::connect::Cluster;
 use crate::error::ns_name;
 use crate::retry::RetryPolicy;
 use crate::snapshot::{
-    DeletionPolicy, GROUP, VolumeMode, VolumeSnapshot, VolumeSnapshotClass, VolumeSnapshotContent,
+    DeletionPolicy, GROUP, SnapshotClass, SnapshotState, VolumeMode, VolumeSnapshot,
+    VolumeSnapshotClass, VolumeSnapshotContent,
 };
 use crate::wait::{Check, Notice, WaitError, wait_for};
 
@@ -1360,6 +1361,30 @@ impl SnapShift {
         Ok(())
     }
 
+    /// True when the cluster-scoped `K` named `name` is known to be missing on the destination;
+    /// a forbidden lookup proves nothing, so it is recorded in `state` as skipped and passes.
+    async fn dest_lacks<K>(
+        &self,
+        check: OptionalCheck,
+        kind: &'static str,
+        name: &str,
+        state: &mut RunState,
+        deadline: Instant,
+    ) -> Result<bool, Error>
+    where
+        K: Resource<Scope = kube::core::ClusterResourceScope, DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + fmt::Debug,
+    {
+        let d = &self.dest;
+        let api: Api<K> = Api::all(d.client.clone());
+        let found = self.get_opt(d, &api, kind, None, name, deadline);
+        Ok(optional(check, d, state, found)
+            .await?
+            .is_some_and(|found| found.is_none()))
+    }
+
     /// Checks the destination can take a snapshot of `driver` in `ns`; returns the class to use.
     ///
     /// The namespace, CSIDriver and named-class lookups only catch problems early: when RBAC
@@ -1380,11 +1405,15 @@ impl SnapShift {
             problem,
             fix,
         };
-        let namespaces: Api<Namespace> = Api::all(d.client.clone());
-        let namespace = self.get_opt(d, &namespaces, "Namespace", None, ns, deadline);
-        if optional(OptionalCheck::DestinationNamespace, d, state, namespace)
+        if self
+            .dest_lacks::<Namespace>(
+                OptionalCheck::DestinationNamespace,
+                "Namespace",
+                ns,
+                state,
+                deadline,
+            )
             .await?
-            .is_some_and(|found| found.is_none())
         {
             return Err(fail(
                 format!("namespace {ns} does not exist"),
@@ -1393,11 +1422,15 @@ impl SnapShift {
                 ),
             ));
         }
-        let drivers: Api<CSIDriver> = Api::all(d.client.clone());
-        let csi_driver = self.get_opt(d, &drivers, "CSIDriver", None, driver, deadline);
-        if optional(OptionalCheck::DestinationDriver, d, state, csi_driver)
+        if self
+            .dest_lacks::<CSIDriver>(
+                OptionalCheck::DestinationDriver,
+                "CSIDriver",
+                driver,
+                state,
+                deadline,
+            )
             .await?
-            .is_some_and(|found| found.is_none())
         {
             return Err(fail(
                 format!("CSIDriver {driver} is not installed"),
@@ -1502,6 +1535,24 @@ impl SnapShift {
         }
     }
 
+    /// Deletes `name` through `api`, retried until `deadline`; the caller judges the error.
+    async fn delete_retried<K>(
+        &self,
+        api: &Api<K>,
+        name: &str,
+        deadline: Instant,
+    ) -> Result<(), kube::Error>
+    where
+        K: Resource + Clone + DeserializeOwned + fmt::Debug,
+    {
+        let dp = DeleteParams::default();
+        self.opts
+            .retry
+            .run(Some(deadline), || api.delete(name, &dp))
+            .await
+            .map(|_| ())
+    }
+
     /// Deletes what a failed run created, newest first. Returns (removed, kept).
     async fn cleanup(&self, created: &[Created]) -> (Vec<String>, Vec<String>) {
         // The run's deadline may be spent; cleanup gets its own.
@@ -1510,7 +1561,6 @@ impl SnapShift {
         let (mut removed, mut kept) = (Vec::new(), Vec::new());
         let mut snapshot_kept = false;
         for obj in created.iter().rev() {
-            let dp = DeleteParams::default();
             let result = match obj {
                 // A snapshot left behind keeps its content, so it is not left pointing at nothing.
                 Created::Content(_) if snapshot_kept => {
@@ -1519,30 +1569,18 @@ impl SnapShift {
                 }
                 Created::Content(n) => {
                     let api: Api<VolumeSnapshotContent> = Api::all(d.client.clone());
-                    self.opts
-                        .retry
-                        .run(Some(deadline), || api.delete(n, &dp))
-                        .await
-                        .map(|_| ())
+                    self.delete_retried(&api, n, deadline).await
                 }
                 Created::Snapshot(ns, n) => {
                     let api: Api<VolumeSnapshot> = Api::namespaced(d.client.clone(), ns);
-                    self.opts
-                        .retry
-                        .run(Some(deadline), || api.delete(n, &dp))
-                        .await
-                        .map(|_| ())
+                    self.delete_retried(&api, n, deadline).await
                 }
                 // Not reached today: the PVC is a run's last step, so no later failure undoes it.
                 // The example RBAC manifests therefore grant no `delete` on PVCs; should a step
                 // ever follow it, the 403 would be reported in `kept` and the manifests need it.
                 Created::Pvc(ns, n) => {
                     let api: Api<PersistentVolumeClaim> = Api::namespaced(d.client.clone(), ns);
-                    self.opts
-                        .retry
-                        .run(Some(deadline), || api.delete(n, &dp))
-                        .await
-                        .map(|_| ())
+                    self.delete_retried(&api, n, deadline).await
                 }
             };
             match result {

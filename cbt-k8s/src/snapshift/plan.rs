@@ -14,7 +14,7 @@ use super::metadata::{ANN_CREATED_BY, LABEL_MIGRATED, MetadataFilter, Provenance
 use crate::Error;
 use crate::quantity;
 use crate::snapshot::{
-    DeletionPolicy, GROUP, VolumeMode, VolumeSnapshot, VolumeSnapshotContent,
+    DeletionPolicy, GROUP, SnapshotState, VolumeMode, VolumeSnapshot, VolumeSnapshotContent,
     VolumeSnapshotContentSource, VolumeSnapshotContentSpec, VolumeSnapshotSource,
     VolumeSnapshotSpec,
 };
