@@ -11,25 +11,13 @@
 use std::time::Instant;
 
 use cbt_store::chunk::{self, RawChunk};
+use cbt_store::testing::conformance;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 const CHUNK: usize = 1 << 20;
 /// Source chunks cycled through (64 MiB: larger than any cache, as a volume is).
 const SOURCE_CHUNKS: usize = 64;
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
 
 fn text(len: usize, seed: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(len + 64);
@@ -93,7 +81,7 @@ fn main() -> Res<()> {
     for kind in ["random", "text"] {
         let make = |s| {
             if kind == "random" {
-                noise(CHUNK, s)
+                Vec::from(conformance::body(s, CHUNK))
             } else {
                 text(CHUNK, s)
             }
