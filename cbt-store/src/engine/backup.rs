@@ -818,6 +818,20 @@ async fn run_locked(
     let mut metadata = MetadataIo::default();
     // One count of the map entries held by the fold and by the parent's window together.
     let gauge = Arc::new(EntryGauge::default());
+    // A format-2 parent of the same chunk size read in order beside the backup, in its own
+    // shape; `merge` also feeds its kept entries to the new map (a resized incremental).
+    let window = |head: ManifestHead, root, merge| Parent::Window {
+        window: Some(Box::new(ParentWindow::new(
+            repo,
+            TreeShape::new(head.geometry),
+            root,
+            plan.chunks(),
+            &gauge,
+            geometry.chunk_count(),
+            merge,
+        ))),
+        head,
+    };
     let parent: Option<Parent<'_>> = match &req.mode {
         BackupMode::Incremental { parent: given, .. } => {
             // The caller's whole parent must be what the repository holds, or the child would
@@ -865,21 +879,8 @@ async fn run_locked(
             // head the caller gave (the walk reads what that head names).
             (None, MapLocation::Tree { root }) if head.chunk_size() == geometry.chunk_size() => {
                 check_parent_same(repo, head).await?;
-                let shape = TreeShape::new(head.geometry);
                 // One walk serves the lookups and the merge (see `ParentWindow`).
-                let window = ParentWindow::new(
-                    repo,
-                    shape,
-                    root,
-                    plan.chunks(),
-                    &gauge,
-                    geometry.chunk_count(),
-                    true,
-                );
-                Some(Parent::Window {
-                    head: head.as_ref().clone(),
-                    window: Some(Box::new(window)),
-                })
+                Some(window(head.as_ref().clone(), root, true))
             }
             // Format 1: read whole under the lock, and checked to be the caller's.
             (None, _) => Some(Parent::Whole(Cow::Owned(
@@ -899,23 +900,8 @@ async fn run_locked(
                 // whatever the volume size, so a resized parent lines up index by index: a
                 // grown volume finds no parent entry past the parent's end (its walk has
                 // ended), a shrunk one stops reading the parent early.
-                MapLocation::Tree { root } => {
-                    let shape = TreeShape::new(head.geometry);
-                    // The walk ends at the new end: a shrunk volume reads no parent leaf past it.
-                    let window = ParentWindow::new(
-                        repo,
-                        shape,
-                        root,
-                        plan.chunks(),
-                        &gauge,
-                        geometry.chunk_count(),
-                        false,
-                    );
-                    Some(Parent::Window {
-                        head,
-                        window: Some(Box::new(window)),
-                    })
-                }
+                // The walk ends at the new end: a shrunk volume reads no parent leaf past it.
+                MapLocation::Tree { root } => Some(window(head, root, false)),
                 // Format 1: held whole (checked to be the same id again).
                 MapLocation::Inline => Some(Parent::Whole(Cow::Owned(
                     load_parent(repo, &req.volume, &parent.snapshot, &parent.snapshot_id).await?,
