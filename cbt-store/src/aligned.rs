@@ -100,12 +100,7 @@ pub(crate) fn recycle(buf: AlignedBuf) {
 /// # Panics
 /// If `range` is not within `buf`'s length (a caller bug).
 pub(crate) fn into_bytes(buf: AlignedBuf, range: std::ops::Range<usize>) -> bytes::Bytes {
-    assert!(range.start <= range.end && range.end <= buf.len);
-    bytes::Bytes::from_owner(Pooled {
-        buf,
-        range,
-        home: None,
-    })
+    lend(buf, range, None)
 }
 
 /// A pool of buffers owned by one pipeline (rather than the process-wide one), so a buffer
@@ -123,12 +118,14 @@ pub(crate) fn into_bytes_home(
     range: std::ops::Range<usize>,
     home: Shelf,
 ) -> bytes::Bytes {
+    lend(buf, range, Some(home))
+}
+
+/// `range` of `buf` lent out as [`bytes::Bytes`], returning to `home` (or the process-wide
+/// pool) when the last reference goes.
+fn lend(buf: AlignedBuf, range: std::ops::Range<usize>, home: Option<Shelf>) -> bytes::Bytes {
     assert!(range.start <= range.end && range.end <= buf.len);
-    bytes::Bytes::from_owner(Pooled {
-        buf,
-        range,
-        home: Some(home),
-    })
+    bytes::Bytes::from_owner(Pooled { buf, range, home })
 }
 
 /// A pooled buffer lent out as [`bytes::Bytes`] (see [`into_bytes`]).
