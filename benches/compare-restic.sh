@@ -17,6 +17,8 @@
 #   - scattered: the same number of bytes again in random 8-64 KiB writes (cbt only), for
 #     the bytes uploaded per changed byte of small writes.
 # The limit is read + BLAKE3 + crc32c + zstd-1 of the allocated chunks on 2 threads.
+# Restores are measured into a new image file and onto an existing volume (a file whose blocks
+# are all written beforehand, as a PVC restore writes into a block device).
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=lib.sh
@@ -111,6 +113,12 @@ for top in sys.argv[1:]:
                 os.close(fd)
 EOF
 }
+# fill_volume FILE MIB: a file of MIB MiB with every block written and on disk, standing in
+# for a block device.
+fill_volume() {
+  dd if=/dev/zero of="$1" bs=1M count="$2" oflag=direct status=none
+  sync "$1"
+}
 measure_store() { # name cbt-repo-url restic-repo DIR... (the directories that hold both repositories)
   local name=$1 repo_url=$2 rrepo=$3 img=$work/disk.img up
   shift 3
@@ -153,6 +161,20 @@ measure_store() { # name cbt-repo-url restic-repo DIR... (the directories that h
   cmp "$img" "$work/r-out.img"
   rm -f "$work/r-out.img" "$work/c-out.img"
 
+  # The same restore onto an existing volume, as a PVC restore writes into a Block device: the
+  # target's blocks are allocated beforehand, so the file system allocates nothing during the
+  # restore (writing a new file costs block allocation, which ext4 serialises for direct
+  # writes). restic 0.14's dump writes to stdout only, so dd writes it over its target.
+  fill_volume "$work/r-out.img" "$size_mib"
+  fill_volume "$work/c-out.img" "$size_mib"
+  # shellcheck disable=SC2016 # $1 is the inner shell's
+  step "$name.r_vol" /dev/null bash -c 'restic dump -q latest /disk.img | dd of="$1" bs=1M conv=notrunc iflag=fullblock status=none' _ "$work/r-out.img"
+  step "$name.r_vol_flush" /dev/null sync "$work/r-out.img"
+  step "$name.c_vol" /dev/null "$cbt" --repo "$repo_url" restore --volume disk --snapshot s2 --target "$work/c-out.img" --overwrite --in-place
+  cmp "$img" "$work/c-out.img"
+  cmp "$img" "$work/r-out.img"
+  rm -f "$work/r-out.img" "$work/c-out.img"
+
   apply_change "$img" "$work/small.json"
   step "$name.c_small" "$work/out.json" "$cbt" --repo "$repo_url" -o json backup --device "$img" --volume disk --snapshot s3 --parent s2 --changed-ranges "$work/small.json"
   up=$(uploaded <"$work/out.json")
@@ -184,18 +206,20 @@ big_mib=$(( $(changed_bytes "$work/big.json") >> 20 ))
 printf '\n%d MiB image (3/8 random, 3/8 text, 1/4 zero MiB blocks), chunk size %s; incremental = %d MiB blocks rewritten (1%%)\n' \
   "$size_mib" "${CHUNK:-cbt default}" "$big_mib"
 printf 'plain read of the image: %.2f s; in-process limit (read+blake3+crc32c+zstd-1, 2 threads): %.2f s\n\n' "$read_s" "$limit_s"
-echo '| store | full | incremental | restore | restore, restic output flushed | restore, both repositories cold, both flushed | full vs limit | uploaded per changed byte, 1 MiB writes | same, 8-64 KiB writes |'
-echo '|---|---|---|---|---|---|---|---|---|'
+echo '| store | full | incremental | restore | restore, restic output flushed | restore, both repositories cold, both flushed | restore onto an existing volume, both flushed | full vs limit | uploaded per changed byte, 1 MiB writes | same, 8-64 KiB writes |'
+echo '|---|---|---|---|---|---|---|---|---|---|'
 for s in "${ran[@]}"; do
   r_durable=$(echo "${res[$s.r_rest]} + ${res[$s.r_flush]}" | bc)
   r_cold=$(echo "${res[$s.r_cold]} + ${res[$s.r_cold_flush]}" | bc)
-  printf '| %s | %sx restic (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx | %s | %s |\n' \
+  r_vol=$(echo "${res[$s.r_vol]} + ${res[$s.r_vol_flush]}" | bc)
+  printf '| %s | %sx restic (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx (%.2f s vs %.2f s) | %sx | %s | %s |\n' \
     "$s" \
     "$(ratio "${res[$s.r_full]}" "${res[$s.c_full]}")" "${res[$s.c_full]}" "${res[$s.r_full]}" \
     "$(ratio "${res[$s.r_incr]}" "${res[$s.c_incr]}")" "${res[$s.c_incr]}" "${res[$s.r_incr]}" \
     "$(ratio "${res[$s.r_rest]}" "${res[$s.c_rest]}")" "${res[$s.c_rest]}" "${res[$s.r_rest]}" \
     "$(ratio "$r_durable" "${res[$s.c_rest]}")" "${res[$s.c_rest]}" "$r_durable" \
     "$(ratio "$r_cold" "${res[$s.c_cold]}")" "${res[$s.c_cold]}" "$r_cold" \
+    "$(ratio "$r_vol" "${res[$s.c_vol]}")" "${res[$s.c_vol]}" "$r_vol" \
     "$(echo "scale=2; $limit_s / ${res[$s.c_full]}" | bc -l)" \
     "${res[$s.big_per_byte]}" "${res[$s.small_per_byte]}"
 done
@@ -206,7 +230,7 @@ echo
 echo '| store | step | cbt CPU | server CPU during cbt | cbt floor | restic CPU | server CPU during restic |'
 echo '|---|---|---|---|---|---|---|'
 for s in "${ran[@]}"; do
-  for st in full incr rest cold; do
+  for st in full incr rest cold vol; do
     printf '| %s | %s | %.2f | %.2f | %.2f s | %.2f | %.2f |\n' "$s" "$st" \
       "${res[$s.c_$st.cpu]}" "${res[$s.c_$st.srv]}" \
       "$(echo "scale=3; (${res[$s.c_$st.cpu]} + ${res[$s.c_$st.srv]}) / 2" | bc)" \
@@ -219,4 +243,7 @@ echo "restore: cbt's restore returns with the image fsynced; restic's dump retur
 echo "the 'flushed' column adds the time of 'sync FILE' after it (restic writes the zero MiB blocks too);"
 echo "'cold' restores again after evicting the files of both repositories (and restic's cache) from the page cache;"
 echo "the CPU table's 'cold' row is that cold restore"
+echo "'existing volume' restores over a file whose blocks are all written and on disk, as a PVC restore writes"
+echo "into a block device (cbt restore --overwrite --in-place; restic dump piped to dd conv=notrunc), both flushed;"
+echo "the CPU table's 'vol' row is that restore (restic's CPU there includes dd's)"
 echo "every restore was compared byte for byte with the changed image"
