@@ -487,11 +487,8 @@ struct ParentWindow {
     /// The chunk indexes the backup reads: only the parent's entries at these are ever asked.
     planned: ChunkSet,
     gauge: Arc<EntryGauge>,
-    /// For an incremental of a resized parent: where the merge stands.
-    merge: Option<futures::lock::Mutex<ParentMerge>>,
-    /// The new map's chunk count when merging (entries at or past it are dropped: a shrunk
-    /// volume), else 0 (nothing is queued).
-    merge_end: u64,
+    /// For an incremental of a resized parent: the merge.
+    merge: Option<Merge>,
     /// Woken when the fold takes a leaf from the merge queue.
     drained: tokio::sync::Notify,
     /// What the walk read of the parent (reported in [`MetadataIo`]).
@@ -501,6 +498,15 @@ struct ParentWindow {
 /// Leaves of the parent's entries at chunks not read that a resized incremental's walk holds
 /// for the fold to merge, besides the one being merged.
 pub const MERGE_QUEUE: usize = 2;
+
+/// A resized incremental's merge of the parent's kept entries into the new map.
+struct Merge {
+    /// The new map's chunk count: entries at or past it are dropped (a shrunk volume). Fixed,
+    /// so lookups read it without the lock.
+    end: u64,
+    /// Where the merge stands (only the fold takes it).
+    at: futures::lock::Mutex<ParentMerge>,
+}
 
 /// The parent's entries an incremental keeps (every index it does not read, below the new
 /// end), taken from the window's queue in order and pushed into the new map between the
@@ -542,17 +548,16 @@ impl ParentWindow {
         merge: bool,
     ) -> Self {
         let reads = Arc::new(WalkReads::default());
-        let merge_end = merge.then_some(end);
         ParentWindow {
             planned: planned.clone(),
             gauge: gauge.clone(),
-            merge: merge_end.map(|_| {
-                futures::lock::Mutex::new(ParentMerge {
+            merge: merge.then(|| Merge {
+                end,
+                at: futures::lock::Mutex::new(ParentMerge {
                     current: None,
                     done_below: 0,
-                })
+                }),
             }),
-            merge_end: merge_end.unwrap_or(0),
             drained: tokio::sync::Notify::new(),
             reads: reads.clone(),
             leaves: futures::lock::Mutex::new(
@@ -565,6 +570,11 @@ impl ParentWindow {
                 fold_next: std::sync::atomic::AtomicU64::new(0),
             },
         }
+    }
+
+    /// The new map's chunk count when merging, else 0 (nothing is queued for a merge).
+    fn merge_end(&self) -> u64 {
+        self.merge.as_ref().map_or(0, |m| m.end)
     }
 
     /// Whether a lookup must leave the next leaf to the fold (the merge queue is full).
@@ -625,7 +635,7 @@ impl ParentWindow {
         };
         let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
         held.covered_to = held.covered_to.max(end);
-        let merge_end = self.merge_end;
+        let merge_end = self.merge_end();
         let planned = leaf
             .entries
             .iter()
@@ -668,7 +678,7 @@ impl ParentWindow {
         limit: u64,
         repo: &Repository,
     ) -> Result<()> {
-        let limit = limit.min(self.merge_end);
+        let limit = limit.min(self.merge_end());
         while merge.done_below < limit {
             if merge
                 .current
@@ -1835,7 +1845,7 @@ async fn run_pipeline(
     if let (Some(tree), Some(w)) = (&mut folded.tree, feed)
         && let Some(merge) = &w.merge
     {
-        let mut merge = merge.lock().await;
+        let mut merge = merge.at.lock().await;
         w.merge_below(&mut merge, tree, u64::MAX, repo).await?;
         tree.merged_below = merge.done_below;
     }
@@ -1886,7 +1896,7 @@ async fn merge_needed(
         let Some(next) = tree.need_merge.take() else {
             break;
         };
-        let mut merge = merge.lock().await;
+        let mut merge = merge.at.lock().await;
         w.merge_below(&mut merge, tree, next.saturating_add(1), repo)
             .await?;
         tree.merged_below = merge.done_below;
