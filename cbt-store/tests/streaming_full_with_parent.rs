@@ -479,23 +479,39 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     assert_restores(&repo, dir.path(), &volume, "p", &first).await;
 }
 
-/// Reads of every `segments/` key: how many times, and the bytes each read returned.
+/// Reads of every `segments/` key: how many times, and the bytes each read returned; and
+/// how many times each manifest object (`snapshots/`) was read.
 #[derive(Debug, Default)]
-struct SegmentReads(std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>);
+struct SegmentReads {
+    segments: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
+    manifests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
 
 impl SegmentReads {
     fn take(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+        std::mem::take(&mut *self.segments.lock().unwrap())
+    }
+
+    fn take_manifests(&self) -> std::collections::BTreeMap<String, u64> {
+        std::mem::take(&mut *self.manifests.lock().unwrap())
     }
 }
 
 impl StoreHook for SegmentReads {
     fn read(&self, call: &Call<'_>, body: bytes::Bytes) -> bytes::Bytes {
-        if call.key().starts_with("segments/") {
-            let mut reads = self.0.lock().unwrap();
-            let e = reads.entry(call.key().to_string()).or_default();
+        let key = call.key();
+        if key.starts_with("segments/") {
+            let mut reads = self.segments.lock().unwrap();
+            let e = reads.entry(key.to_string()).or_default();
             e.0 += 1;
             e.1 += body.len() as u64;
+        } else if key.starts_with("snapshots/") {
+            *self
+                .manifests
+                .lock()
+                .unwrap()
+                .entry(key.to_string())
+                .or_default() += 1;
         }
         body
     }
@@ -666,7 +682,9 @@ async fn incremental_with_the_whole_parent_reads_each_parent_segment_once() {
     assert!(!repo.snapshot_exists(&volume, &forged_name).await.unwrap());
     assert!(repo.list_locks().await.unwrap().is_empty());
 
-    // The stored parent handed in: each of its segments read once, and counted as read.
+    // The stored parent handed in: each of its segments read once, and counted as read, and
+    // its manifest object once.
+    store.hook().take_manifests();
     let out = run(
         &repo,
         &volume,
@@ -681,6 +699,8 @@ async fn incremental_with_the_whole_parent_reads_each_parent_segment_once() {
     let reads = store.hook().take();
     assert_read_once(&reads, &parent_segments);
     assert_counted(&out, &reads);
+    let parent_key = cbt_store::repo::manifest_key(&volume, &p.head.snapshot);
+    assert_eq!(store.hook().take_manifests().get(&parent_key), Some(&1));
     assert_eq!(out.stats.chunks_read, 1 + 2 + 1 + 1);
     assert_eq!(out.stats.objects_written, 5);
     let child = out
