@@ -9,9 +9,15 @@
 //! streaming [`TreeWriter`] exactly as a full backup writes it, then the incremental runs
 //! through the real engine against a synthetic source that generates the changed bytes.
 //!
+//! With `given`, it compares instead what the two incremental modes read of the parent for a
+//! 1% change (10 scattered 1 MiB changes) of the 1 GiB volume: `IncrementalOf` (the changed
+//! paths) and `Incremental` (the caller hands in the whole parent, which is read whole to be
+//! checked).
+//!
 //! ```sh
 //! cargo run --release -p cbt-benches --example metadata            # both chunk sizes
 //! cargo run --release -p cbt-benches --example metadata -- 1048576  # one chunk size
+//! cargo run --release -p cbt-benches --example metadata -- given    # the two modes at 1 GiB
 //! ```
 //! Repositories live on tmpfs (`/dev/shm`) when present, so the store's fsyncs do not blur the
 //! comparison; pass `CBT_BENCH_DIR` to put them elsewhere.
@@ -98,10 +104,10 @@ async fn write_parent(repo: &Repository, size: u64, chunk: u64) -> Result<Parent
     })
 }
 
-/// `PLACES` changes of 1 MiB spread over the volume.
-fn places(size: u64) -> RangeSet {
-    let step = size / PLACES;
-    RangeSet::from_ranges((0..PLACES).map(|k| {
+/// `n` changes of 1 MiB spread over the volume.
+fn places(size: u64, n: u64) -> RangeSet {
+    let step = size / n;
+    RangeSet::from_ranges((0..n).map(|k| {
         let off = (k * step + (k * 7919 * MIB) % step.max(MIB)) / MIB * MIB;
         ByteRange::new(off.min(size - MIB), MIB).expect("a 1 MiB range")
     }))
@@ -116,7 +122,10 @@ struct Incremental {
     full: Parent,
 }
 
-async fn run(size: u64, chunk: u64) -> Result<Incremental, Error> {
+/// An incremental of `n` scattered 1 MiB changes over a fully allocated parent of `size`,
+/// given the parent's head (`IncrementalOf`) or, with `given`, its whole manifest
+/// (`Incremental`).
+async fn run(size: u64, chunk: u64, n: u64, given: bool) -> Result<Incremental, Error> {
     let base = std::env::var_os("CBT_BENCH_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {
@@ -138,8 +147,22 @@ async fn run(size: u64, chunk: u64) -> Result<Incremental, Error> {
     )
     .await?;
     let full = write_parent(&repo, size, chunk).await?;
-    let changed = places(size);
+    let changed = places(size, n);
     let source = SyntheticSource::new(size, RangeSet::full(size)).rewritten(changed.clone(), 1);
+    let mode = if given {
+        let whole = repo
+            .load_manifest(&full.head.volume, &full.head.snapshot)
+            .await?;
+        BackupMode::Incremental {
+            parent: Box::new(whole),
+            changed,
+        }
+    } else {
+        BackupMode::IncrementalOf {
+            parent: Box::new(full.head.clone()),
+            changed,
+        }
+    };
     let started = Instant::now();
     let out = engine::backup(
         &repo,
@@ -147,10 +170,7 @@ async fn run(size: u64, chunk: u64) -> Result<Incremental, Error> {
         BackupRequest {
             volume: full.head.volume.clone(),
             snapshot: SnapshotName::new("incr")?,
-            mode: BackupMode::IncrementalOf {
-                parent: Box::new(full.head.clone()),
-                changed,
-            },
+            mode,
             created: Timestamp(2),
             source_info: Default::default(),
             labels: Default::default(),
@@ -178,7 +198,11 @@ fn mb(b: u64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), Error> {
-    let chunks: Vec<u64> = match std::env::args().nth(1) {
+    let arg = std::env::args().nth(1);
+    if arg.as_deref() == Some("given") {
+        return given().await;
+    }
+    let chunks: Vec<u64> = match arg {
         Some(c) => vec![c.parse()?],
         None => vec![MIB, 256 * 1024],
     };
@@ -187,8 +211,8 @@ async fn main() -> Result<(), Error> {
             "chunk size {} KiB, {PLACES} scattered 1 MiB changes",
             chunk / 1024
         );
-        let small = run(GIB, chunk).await?;
-        let big = run(TIB, chunk).await?;
+        let small = run(GIB, chunk, PLACES, false).await?;
+        let big = run(TIB, chunk, PLACES, false).await?;
         for (name, r) in [("1 GiB", &small), ("1 TiB", &big)] {
             println!(
                 "  {name}: incremental wrote {:.3} MB ({} segments + head), read {:.3} MB of the parent ({} segments), {:.3} s",
@@ -213,6 +237,33 @@ async fn main() -> Result<(), Error> {
             big.full.took.as_secs_f64(),
             mb(v1_bytes_per_entry(chunk)? * entries / 1000),
         );
+    }
+    Ok(())
+}
+
+/// What each incremental mode reads of a 1 GiB parent for a 1% change, at both chunk sizes.
+async fn given() -> Result<(), Error> {
+    let n = 10;
+    for chunk in [MIB, 256 * 1024] {
+        let of = run(GIB, chunk, n, false).await?;
+        let whole = run(GIB, chunk, n, true).await?;
+        println!(
+            "chunk size {} KiB, 1 GiB, {n} scattered 1 MiB changes: parent map {:.3} MB in {} segments",
+            chunk / 1024,
+            mb(of.full.segment_bytes),
+            of.full.segments
+        );
+        for (name, r) in [
+            ("IncrementalOf", &of),
+            ("Incremental (whole parent given)", &whole),
+        ] {
+            println!(
+                "  {name}: read {:.3} MB of the parent ({} segments), {:.2}x the map",
+                mb(r.read),
+                r.segments_read,
+                r.read as f64 / r.full.segment_bytes as f64
+            );
+        }
     }
     Ok(())
 }

@@ -74,6 +74,36 @@ async fn full(
     .await
 }
 
+/// A fully allocated volume of `size` and its full backup `name`.
+async fn full_allocated(
+    repo: &Repository,
+    volume: &VolumeName,
+    name: &str,
+    size: u64,
+) -> (SyntheticSource, BackupOutcome) {
+    let src = SyntheticSource::new(size, RangeSet::full(size));
+    let out = full(repo, volume, name, &src).await;
+    (src, out)
+}
+
+/// Snapshot `name`: an incremental (`IncrementalOf`) of `src` over `parent`'s head as stored,
+/// reading the chunks `changed` touches.
+async fn incremental_of(
+    repo: &Repository,
+    volume: &VolumeName,
+    name: &str,
+    src: &SyntheticSource,
+    parent: &BackupOutcome,
+    changed: RangeSet,
+) -> BackupOutcome {
+    let head = repo.load_head(volume, &parent.head.snapshot).await.unwrap();
+    let mode = BackupMode::IncrementalOf {
+        parent: Box::new(head),
+        changed,
+    };
+    run(repo, volume, name, src, mode).await
+}
+
 /// Snapshot `c`: a full backup of `child` with `parent`'s snapshot as its parent.
 async fn with_parent(
     repo: &Repository,
@@ -178,8 +208,7 @@ async fn full_with_a_parent_of_another_chunk_size_streams_and_records_the_link()
     let (_, repo) = local_repo(dir.path(), CHUNK).await;
     let volume = VolumeName::new("v").unwrap();
     let size = 3 * MIB;
-    let src = SyntheticSource::new(size, RangeSet::full(size));
-    let parent = full(&repo, &volume, "p", &src).await;
+    let (src, parent) = full_allocated(&repo, &volume, "p", size).await;
     let child_src = src.rewritten(ranges(&[(MIB, CHUNK)]), 7);
     let req = BackupRequest {
         volume: volume.clone(),
@@ -260,8 +289,7 @@ async fn full_with_a_grown_parent_streams_and_uploads_only_what_differs() {
     let repo = repo_in(dir.path()).await;
     let volume = VolumeName::new("grown").unwrap();
     let old = 2 * MIB + 1000;
-    let parent_src = SyntheticSource::new(old, RangeSet::full(old));
-    let parent = full(&repo, &volume, "p", &parent_src).await;
+    let (parent_src, parent) = full_allocated(&repo, &volume, "p", old).await;
     assert_eq!(parent.stats.objects_written, 2 * MIB / CHUNK + 1);
     // The same bytes below the old end (content depends on the offset only), data up to
     // 3 MiB and in the last 512 KiB, a hole between; one chunk rewritten below the old end.
@@ -302,9 +330,7 @@ async fn full_with_a_shrunk_parent_streams_and_stops_at_the_new_end() {
     let dir = tempfile::tempdir().unwrap();
     let repo = repo_in(dir.path()).await;
     let volume = VolumeName::new("shrunk").unwrap();
-    let old = 4 * MIB;
-    let parent_src = SyntheticSource::new(old, RangeSet::full(old));
-    let parent = full(&repo, &volume, "p", &parent_src).await;
+    let (_, parent) = full_allocated(&repo, &volume, "p", 4 * MIB).await;
     let new = 2 * MIB + 1000;
     let child_src = SyntheticSource::new(new, RangeSet::full(new))
         .rewritten(ranges(&[(3 * CHUNK, CHUNK), (500 * CHUNK, 10)]), 4);
@@ -376,8 +402,7 @@ async fn full_with_parent_stays_bounded_while_one_upload_stalls() {
     let repo = Repository::open(faulty.clone()).await.unwrap();
     let volume = VolumeName::new("stall").unwrap();
     let size = 8 * MIB;
-    let parent_src = SyntheticSource::new(size, RangeSet::full(size));
-    let parent = full(&repo, &volume, "p", &parent_src).await;
+    let (parent_src, parent) = full_allocated(&repo, &volume, "p", size).await;
     let child_src = parent_src.rewritten(ranges(&[(0, CHUNK)]), 5);
     faulty.add_rule(
         FaultRule::new(
@@ -411,27 +436,14 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     let repo = repo_in(dir.path()).await;
     let volume = VolumeName::new("resized").unwrap();
     // 4,097 chunks: 33 leaves, the last one holding a partial chunk.
-    let old = 16 * MIB + 1000;
-    let first = SyntheticSource::new(old, RangeSet::full(old));
-    let p = full(&repo, &volume, "p", &first).await;
-    let parent_head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+    let (first, p) = full_allocated(&repo, &volume, "p", 16 * MIB + 1000).await;
 
     // Grown by 1 MiB (data in its first half); two chunks rewritten below the old end.
     let new = 17 * MIB;
     let changed = ranges(&[(5 * CHUNK, CHUNK), (3000 * CHUNK, CHUNK)]);
     let grown =
         SyntheticSource::new(new, ranges(&[(0, 16 * MIB + MIB / 2)])).rewritten(changed.clone(), 6);
-    let out = run(
-        &repo,
-        &volume,
-        "g",
-        &grown,
-        BackupMode::IncrementalOf {
-            parent: Box::new(parent_head),
-            changed,
-        },
-    )
-    .await;
+    let out = incremental_of(&repo, &volume, "g", &grown, &p, changed).await;
     assert!(out.manifest.is_none(), "the maps were merged in order");
     assert_eq!(out.head.volume_size(), new);
     assert_eq!(out.head.parent, Some(p.head.as_parent()));
@@ -448,7 +460,6 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
 
     // Shrunk below the old size, ending in a partial chunk; one more chunk rewritten (the
     // two rewritten before are rewritten again: one generation per synthetic source).
-    let g_head = repo.load_head(&volume, &out.head.snapshot).await.unwrap();
     let small = 12 * MIB + 10;
     let changed = ranges(&[
         (5 * CHUNK, CHUNK),
@@ -456,17 +467,7 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
         (3000 * CHUNK, CHUNK),
     ]);
     let shrunk = SyntheticSource::new(small, RangeSet::full(small)).rewritten(changed.clone(), 7);
-    let out = run(
-        &repo,
-        &volume,
-        "s",
-        &shrunk,
-        BackupMode::IncrementalOf {
-            parent: Box::new(g_head),
-            changed,
-        },
-    )
-    .await;
+    let out = incremental_of(&repo, &volume, "s", &shrunk, &out, changed).await;
     assert!(out.manifest.is_none());
     assert_eq!(out.head.volume_size(), small);
     // Read: the changed chunks and the new partial last chunk.
@@ -478,23 +479,39 @@ async fn incremental_of_a_resized_parent_merges_the_maps_in_order() {
     assert_restores(&repo, dir.path(), &volume, "p", &first).await;
 }
 
-/// Reads of every `segments/` key: how many times, and the bytes each read returned.
+/// Reads of every `segments/` key: how many times, and the bytes each read returned; and
+/// how many times each manifest object (`snapshots/`) was read.
 #[derive(Debug, Default)]
-struct SegmentReads(std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>);
+struct SegmentReads {
+    segments: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>>,
+    manifests: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
 
 impl SegmentReads {
     fn take(&self) -> std::collections::BTreeMap<String, (u64, u64)> {
-        std::mem::take(&mut *self.0.lock().unwrap())
+        std::mem::take(&mut *self.segments.lock().unwrap())
+    }
+
+    fn take_manifests(&self) -> std::collections::BTreeMap<String, u64> {
+        std::mem::take(&mut *self.manifests.lock().unwrap())
     }
 }
 
 impl StoreHook for SegmentReads {
     fn read(&self, call: &Call<'_>, body: bytes::Bytes) -> bytes::Bytes {
-        if call.key().starts_with("segments/") {
-            let mut reads = self.0.lock().unwrap();
-            let e = reads.entry(call.key().to_string()).or_default();
+        let key = call.key();
+        if key.starts_with("segments/") {
+            let mut reads = self.segments.lock().unwrap();
+            let e = reads.entry(key.to_string()).or_default();
             e.0 += 1;
             e.1 += body.len() as u64;
+        } else if key.starts_with("snapshots/") {
+            *self
+                .manifests
+                .lock()
+                .unwrap()
+                .entry(key.to_string())
+                .or_default() += 1;
         }
         body
     }
@@ -531,17 +548,15 @@ fn merge_bound(o: &EngineOptions) -> u64 {
 /// most once; the peak stays within the documented bound; both restore byte for byte.
 #[tokio::test]
 async fn incremental_of_a_resized_parent_reads_each_parent_segment_once() {
-    for grow in [true, false] {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, repo) = counted_repo(dir.path()).await;
-        let volume = VolumeName::new("once").unwrap();
-        // 4,097 chunks: 33 leaves under one node, the last leaf holding a partial chunk.
-        let old = 16 * MIB + 1000;
-        let first = SyntheticSource::new(old, RangeSet::full(old));
-        let p = full(&repo, &volume, "p", &first).await;
-        let parent_segments = segment_sizes(store.as_ref()).await;
-        assert!(parent_segments.len() > 33, "leaves and a node");
-        let head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = counted_repo(dir.path()).await;
+    let volume = VolumeName::new("once").unwrap();
+    // 4,097 chunks: 33 leaves under one node, the last leaf holding a partial chunk.
+    let (_, p) = full_allocated(&repo, &volume, "p", 16 * MIB + 1000).await;
+    let parent_segments = segment_sizes(store.as_ref()).await;
+    assert!(parent_segments.len() > 33, "leaves and a node");
+    // Two children of the same parent: grown, then shrunk.
+    for (name, grow) in [("g", true), ("s", false)] {
         let (size, changed) = if grow {
             (
                 17 * MIB,
@@ -553,19 +568,13 @@ async fn incremental_of_a_resized_parent_reads_each_parent_segment_once() {
                 ranges(&[(2000 * CHUNK, CHUNK), (2500 * CHUNK, CHUNK)]),
             )
         };
-        let src = SyntheticSource::new(size, RangeSet::full(size)).rewritten(changed.clone(), 9);
+        // A generation per child: nothing one uploaded is found stored by the other (that
+        // would have the commit re-check walk the child's own new segments).
+        let generation = if grow { 9 } else { 10 };
+        let src =
+            SyntheticSource::new(size, RangeSet::full(size)).rewritten(changed.clone(), generation);
         store.hook().take();
-        let out = run(
-            &repo,
-            &volume,
-            "c",
-            &src,
-            BackupMode::IncrementalOf {
-                parent: Box::new(head),
-                changed,
-            },
-        )
-        .await;
+        let out = incremental_of(&repo, &volume, name, &src, &p, changed).await;
         let reads = store.hook().take();
         assert!(out.manifest.is_none(), "the maps were merged in order");
         for (key, (n, _)) in &reads {
@@ -589,8 +598,128 @@ async fn incremental_of_a_resized_parent_reads_each_parent_segment_once() {
         }
         assert_counted(&out, &reads);
         assert_within(&out, merge_bound(&opts()));
-        assert_restores(&repo, dir.path(), &volume, "c", &src).await;
+        assert_restores(&repo, dir.path(), &volume, name, &src).await;
     }
+}
+
+/// Every segment of the parent (`listed`) was read exactly once, and nothing else.
+fn assert_read_once(
+    reads: &std::collections::BTreeMap<String, (u64, u64)>,
+    listed: &std::collections::BTreeMap<String, u64>,
+) {
+    for (key, (n, _)) in reads {
+        assert!(listed.contains_key(key), "read {key}, not the parent's");
+        assert_eq!(*n, 1, "{key} read {n} times");
+    }
+    assert_eq!(reads.len(), listed.len(), "every parent segment read");
+}
+
+/// An `Incremental` (the caller hands in the whole parent) of a format-2 parent reads the
+/// stored parent once: the walk that checks the caller's map against it keeps the paths the
+/// new map is derived along, so every parent segment is fetched exactly once, `MetadataIo`
+/// reports exactly those reads, and the child's map is the one an `IncrementalOf` of the same
+/// change derives (same root), restoring byte for byte. A caller's map that differs from the
+/// stored one is still refused, with nothing committed and the parent still read once.
+#[tokio::test]
+async fn incremental_with_the_whole_parent_reads_each_parent_segment_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, repo) = counted_repo(dir.path()).await;
+    let volume = VolumeName::new("given").unwrap();
+    // 513 chunks: 5 leaves under one node, the last leaf holding only a partial chunk.
+    let (first, p) = full_allocated(&repo, &volume, "p", 2 * MIB + 1000).await;
+    let parent_segments = segment_sizes(store.as_ref()).await;
+    assert_eq!(parent_segments.len(), 5 + 1, "leaves and a node");
+    let whole = repo.load_manifest(&volume, &p.head.snapshot).await.unwrap();
+    // Changes in four of the five leaves (one the partial last chunk), one a run across a
+    // leaf boundary: the walk keeps the node and those leaves, not the one left unchanged.
+    let changed = ranges(&[
+        (5 * CHUNK, CHUNK),
+        (127 * CHUNK, 2 * CHUNK),
+        (300 * CHUNK, 10),
+        (512 * CHUNK, 1000),
+    ]);
+    let src = first.rewritten(changed.clone(), 11);
+
+    // A forged parent: one chunk reference the repository does not hold.
+    let mut forged = whole.clone();
+    let (index, r) = forged
+        .chunks
+        .iter_stored()
+        .nth(400)
+        .map(|(i, r)| (i, *r))
+        .unwrap();
+    let fake = cbt_core::ChunkRef {
+        hash: cbt_core::ChunkHash([0x5a; 32]),
+        ..r
+    };
+    forged
+        .chunks
+        .set(index, cbt_core::ChunkState::Stored(fake))
+        .unwrap();
+    store.hook().take();
+    let req = BackupRequest {
+        volume: volume.clone(),
+        snapshot: SnapshotName::new("forged").unwrap(),
+        mode: BackupMode::Incremental {
+            parent: Box::new(forged),
+            changed: changed.clone(),
+        },
+        created: Timestamp(1),
+        source_info: Default::default(),
+        labels: Default::default(),
+        chunk_size: None,
+        volume_size: None,
+    };
+    let err = engine::backup(&repo, Arc::new(src.clone()), req, &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, cbt_store::repo::RepoError::InvalidRequest { .. }),
+        "{err:?}"
+    );
+    assert_read_once(&store.hook().take(), &parent_segments);
+    let forged_name = SnapshotName::new("forged").unwrap();
+    assert!(!repo.snapshot_exists(&volume, &forged_name).await.unwrap());
+    assert!(repo.list_locks().await.unwrap().is_empty());
+
+    // The stored parent handed in: each of its segments read once, and counted as read, and
+    // its manifest object once.
+    store.hook().take_manifests();
+    let out = run(
+        &repo,
+        &volume,
+        "w",
+        &src,
+        BackupMode::Incremental {
+            parent: Box::new(whole),
+            changed: changed.clone(),
+        },
+    )
+    .await;
+    let reads = store.hook().take();
+    assert_read_once(&reads, &parent_segments);
+    assert_counted(&out, &reads);
+    let parent_key = cbt_store::repo::manifest_key(&volume, &p.head.snapshot);
+    assert_eq!(store.hook().take_manifests().get(&parent_key), Some(&1));
+    assert_eq!(out.stats.chunks_read, 1 + 2 + 1 + 1);
+    assert_eq!(out.stats.objects_written, 5);
+    let child = out
+        .manifest
+        .as_ref()
+        .expect("the whole child is handed back");
+    let stored = repo
+        .load_manifest(&volume, &out.head.snapshot)
+        .await
+        .unwrap();
+    assert!(
+        child.chunks == stored.chunks,
+        "the map handed back is the one committed"
+    );
+    assert_restores(&repo, dir.path(), &volume, "w", &src).await;
+
+    // The same change as an `IncrementalOf` derives the same map.
+    let of = incremental_of(&repo, &volume, "o", &src, &p, changed).await;
+    assert_eq!(of.head.map, out.head.map);
 }
 
 /// The backup's `MetadataIo` reports exactly the segment reads the store saw.
@@ -612,38 +741,26 @@ async fn metadata_io_counts_the_parent_segments_each_path_reads() {
     let (store, repo) = counted_repo(dir.path()).await;
     let volume = VolumeName::new("counted").unwrap();
     let old = 16 * MIB + 1000;
-    let first = SyntheticSource::new(old, RangeSet::full(old));
-    let p = full(&repo, &volume, "p", &first).await;
+    let (first, p) = full_allocated(&repo, &volume, "p", old).await;
     let parent_segments = segment_sizes(store.as_ref()).await;
-    let head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
 
     // Same size: the root and the two leaves holding the changed chunks.
     let changed = ranges(&[(5 * CHUNK, CHUNK), (3000 * CHUNK, CHUNK)]);
-    let src = SyntheticSource::new(old, RangeSet::full(old)).rewritten(changed.clone(), 3);
+    let src = first.rewritten(changed.clone(), 3);
     store.hook().take();
-    let out = run(
-        &repo,
-        &volume,
-        "i",
-        &src,
-        BackupMode::IncrementalOf {
-            parent: Box::new(head),
-            changed,
-        },
-    )
-    .await;
+    let out = incremental_of(&repo, &volume, "i", &src, &p, changed).await;
     let reads = store.hook().take();
     assert_eq!(reads.len(), 3, "{reads:?}");
     assert_counted(&out, &reads);
 
     // The whole parent handed in (`Incremental`): the stored parent is read whole to check
-    // it, then the changed paths again; both count.
+    // it, once, keeping the changed paths as the walk passes them.
     let whole = repo
         .load_manifest(&volume, &SnapshotName::new("p").unwrap())
         .await
         .unwrap();
     let changed = ranges(&[(5 * CHUNK, CHUNK)]);
-    let src = SyntheticSource::new(old, RangeSet::full(old)).rewritten(changed.clone(), 5);
+    let src = first.rewritten(changed.clone(), 5);
     store.hook().take();
     let out = run(
         &repo,
@@ -658,11 +775,7 @@ async fn metadata_io_counts_the_parent_segments_each_path_reads() {
     .await;
     let reads = store.hook().take();
     assert_counted(&out, &reads);
-    let listed: u64 = parent_segments.values().sum();
-    assert!(
-        out.metadata.parent_segment_bytes_read > listed,
-        "whole, then the paths"
-    );
+    assert_read_once(&reads, &parent_segments);
 
     // Full backups with the parent, of the same size and grown: the whole parent, once.
     for (name, size) in [("f", old), ("g", 17 * MIB)] {
@@ -752,14 +865,7 @@ async fn leaves_in_order_reads_ahead_in_tasks_that_overlap_within_the_window() {
     let repo = engine_support::init_sized(store.clone(), CHUNK).await;
     let volume = VolumeName::new("ahead").unwrap();
     // 4,097 chunks: 33 leaves under one node.
-    let size = 16 * MIB + 1000;
-    let p = full(
-        &repo,
-        &volume,
-        "p",
-        &SyntheticSource::new(size, RangeSet::full(size)),
-    )
-    .await;
+    let (_, p) = full_allocated(&repo, &volume, "p", 16 * MIB + 1000).await;
     let cbt_core::manifest::MapLocation::Tree { root } = p.head.map else {
         panic!("a format-2 head");
     };
@@ -812,28 +918,16 @@ async fn incremental_of_a_resized_parent_finishes_with_slow_segment_reads() {
     let store = Arc::new(HookedStore::new(local, SlowSegments::default()));
     let repo = engine_support::init_sized(store.clone(), CHUNK).await;
     let volume = VolumeName::new("slow").unwrap();
-    let old = 16 * MIB + 1000;
-    let p = full(
-        &repo,
-        &volume,
-        "p",
-        &SyntheticSource::new(old, RangeSet::full(old)),
-    )
-    .await;
-    let head = repo.load_head(&volume, &p.head.snapshot).await.unwrap();
+    let (_, p) = full_allocated(&repo, &volume, "p", 16 * MIB + 1000).await;
     // Changed chunks spread over the parent, so lookups run ahead of the merge throughout.
     let new = 17 * MIB;
     let places: Vec<(u64, u64)> = (0..16).map(|k| ((k * 250 + 7) * CHUNK, CHUNK)).collect();
     let changed = ranges(&places);
     let src = SyntheticSource::new(new, RangeSet::full(new)).rewritten(changed.clone(), 4);
     store.hook().slow.store(true, SeqCst);
-    let mode = BackupMode::IncrementalOf {
-        parent: Box::new(head),
-        changed,
-    };
     let out = tokio::time::timeout(
         std::time::Duration::from_secs(120),
-        run(&repo, &volume, "c", &src, mode),
+        incremental_of(&repo, &volume, "c", &src, &p, changed),
     )
     .await
     .expect("the backup finished");

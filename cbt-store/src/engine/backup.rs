@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 
 use cbt_core::manifest::{
     BackupStats, ChunkMap, ManifestHead, MapLocation, ParentRef, SnapshotMeta, SourceInfo,
+    StoredManifest,
 };
 use cbt_core::maptree::{
     EncodedSegment, LEAF_SPAN, LoadedTree, SegmentRef, TreeShape, TreeWriter, derive_tree,
@@ -154,9 +155,10 @@ pub struct MetadataIo {
     /// Segments and head written.
     pub written: MetadataWritten,
     /// Bytes of the parent's map segments read, as the store returned them (format 2
-    /// parents: the paths to the changed chunks of an incremental, or the parent walked in
-    /// order by a resized incremental or a full backup with a parent; a format-1 parent is
-    /// read whole and counted here as 0 segment bytes).
+    /// parents: the paths to the changed chunks of an incremental, the whole parent read
+    /// once by a [`BackupMode::Incremental`] (to check the map given, keeping those paths),
+    /// or the parent walked in order by a resized incremental or a full backup with a parent;
+    /// a format-1 parent is read whole and counted here as 0 segment bytes).
     pub parent_segment_bytes_read: u64,
     /// Parent map segments read (nodes and leaves), counted like
     /// [`MetadataIo::parent_segment_bytes_read`].
@@ -485,11 +487,8 @@ struct ParentWindow {
     /// The chunk indexes the backup reads: only the parent's entries at these are ever asked.
     planned: ChunkSet,
     gauge: Arc<EntryGauge>,
-    /// For an incremental of a resized parent: where the merge stands.
-    merge: Option<futures::lock::Mutex<ParentMerge>>,
-    /// The new map's chunk count when merging (entries at or past it are dropped: a shrunk
-    /// volume), else 0 (nothing is queued).
-    merge_end: u64,
+    /// For an incremental of a resized parent: the merge.
+    merge: Option<Merge>,
     /// Woken when the fold takes a leaf from the merge queue.
     drained: tokio::sync::Notify,
     /// What the walk read of the parent (reported in [`MetadataIo`]).
@@ -499,6 +498,15 @@ struct ParentWindow {
 /// Leaves of the parent's entries at chunks not read that a resized incremental's walk holds
 /// for the fold to merge, besides the one being merged.
 pub const MERGE_QUEUE: usize = 2;
+
+/// A resized incremental's merge of the parent's kept entries into the new map.
+struct Merge {
+    /// The new map's chunk count: entries at or past it are dropped (a shrunk volume). Fixed,
+    /// so lookups read it without the lock.
+    end: u64,
+    /// Where the merge stands (only the fold takes it).
+    at: futures::lock::Mutex<ParentMerge>,
+}
 
 /// The parent's entries an incremental keeps (every index it does not read, below the new
 /// end), taken from the window's queue in order and pushed into the new map between the
@@ -540,17 +548,16 @@ impl ParentWindow {
         merge: bool,
     ) -> Self {
         let reads = Arc::new(WalkReads::default());
-        let merge_end = merge.then_some(end);
         ParentWindow {
             planned: planned.clone(),
             gauge: gauge.clone(),
-            merge: merge_end.map(|_| {
-                futures::lock::Mutex::new(ParentMerge {
+            merge: merge.then(|| Merge {
+                end,
+                at: futures::lock::Mutex::new(ParentMerge {
                     current: None,
                     done_below: 0,
-                })
+                }),
             }),
-            merge_end: merge_end.unwrap_or(0),
             drained: tokio::sync::Notify::new(),
             reads: reads.clone(),
             leaves: futures::lock::Mutex::new(
@@ -563,6 +570,11 @@ impl ParentWindow {
                 fold_next: std::sync::atomic::AtomicU64::new(0),
             },
         }
+    }
+
+    /// The new map's chunk count when merging, else 0 (nothing is queued for a merge).
+    fn merge_end(&self) -> u64 {
+        self.merge.as_ref().map_or(0, |m| m.end)
     }
 
     /// Whether a lookup must leave the next leaf to the fold (the merge queue is full).
@@ -623,7 +635,7 @@ impl ParentWindow {
         };
         let end = st.shape.pos_of(0, last).first.saturating_add(LEAF_SPAN);
         held.covered_to = held.covered_to.max(end);
-        let merge_end = self.merge_end;
+        let merge_end = self.merge_end();
         let planned = leaf
             .entries
             .iter()
@@ -666,7 +678,7 @@ impl ParentWindow {
         limit: u64,
         repo: &Repository,
     ) -> Result<()> {
-        let limit = limit.min(self.merge_end);
+        let limit = limit.min(self.merge_end());
         while merge.done_below < limit {
             if merge
                 .current
@@ -835,16 +847,9 @@ async fn run_locked(
     let parent: Option<Parent<'_>> = match &req.mode {
         BackupMode::Incremental { parent: given, .. } => {
             // The caller's whole parent must be what the repository holds, or the child would
-            // reference chunks nobody checked: this mode reads the stored parent whole.
-            let whole = WalkReads::default();
-            let stored = load_parent_counted(
-                repo,
-                &req.volume,
-                &given.snapshot,
-                &given.snapshot_id,
-                &whole,
-            )
-            .await?;
+            // reference chunks nobody checked: this mode reads the stored parent whole, once,
+            // keeping of a format-2 one the paths the new map is derived along.
+            let (stored, lean, read) = load_given_parent(repo, &req.volume, given, &plan).await?;
             if stored.chunks != given.chunks {
                 return Err(RepoError::InvalidRequest {
                     reason: format!(
@@ -854,22 +859,12 @@ async fn run_locked(
                 });
             }
             drop(stored);
-            let link = ParentRef {
-                snapshot: given.snapshot.clone(),
-                snapshot_id: given.snapshot_id.clone(),
-            };
-            let head = load_parent_head(repo, &req.volume, &link).await?;
-            let parent = match lean_root(&head, &geometry) {
+            metadata = read;
+            Some(match lean {
                 // Format 2: the new map is still written as the changed segments only.
-                Some(root) => load_lean(repo, &head, root, &plan)
-                    .await?
-                    .into_parent(Some(given), &mut metadata),
+                Some(lean) => lean.into_parent(Some(given), &mut metadata),
                 None => Parent::Whole(Cow::Borrowed(given.as_ref())),
-            };
-            // The whole stored parent was read too (a format-2 one segment by segment).
-            metadata.parent_segment_bytes_read += whole.bytes();
-            metadata.parent_segments_read += whole.segments();
-            Some(parent)
+            })
         }
         BackupMode::IncrementalOf { parent: head, .. } => match (preloaded, head.map) {
             (Some(lean), _) => Some(lean.into_parent(None, &mut metadata)),
@@ -1192,16 +1187,36 @@ async fn load_parent_head(
     volume: &VolumeName,
     parent: &ParentRef,
 ) -> Result<ManifestHead> {
-    let snapshot = &parent.snapshot;
+    load_parent_stored(repo, volume, &parent.snapshot, &parent.snapshot_id)
+        .await
+        .map(|s| s.head())
+}
+
+/// Reads the parent's manifest object under the backup's lock and checks it is the snapshot
+/// the caller meant (same id, same volume), before any segment of it is read.
+async fn load_parent_stored(
+    repo: &Repository,
+    volume: &VolumeName,
+    snapshot: &SnapshotName,
+    snapshot_id: &str,
+) -> Result<StoredManifest> {
     let gone = |what: &str| RepoError::InvalidRequest {
         reason: format!("parent snapshot {volume}/{snapshot} {what}; back up in full"),
     };
-    match repo.load_head(volume, snapshot).await {
-        Ok(h) if h.snapshot_id == parent.snapshot_id => Ok(h),
-        Ok(h) => Err(gone(&format!(
-            "was replaced (id {} is now {}): it may have lost chunks to GC",
-            parent.snapshot_id, h.snapshot_id
-        ))),
+    match repo.load_stored(volume, snapshot).await {
+        Ok(s) => {
+            let id = match &s {
+                StoredManifest::V1(m) => &m.snapshot_id,
+                StoredManifest::V2(h) => &h.snapshot_id,
+            };
+            if id == snapshot_id {
+                Ok(s)
+            } else {
+                Err(gone(&format!(
+                    "was replaced (id {snapshot_id} is now {id}): it may have lost chunks to GC"
+                )))
+            }
+        }
         Err(RepoError::SnapshotNotFound { .. }) => Err(gone("does not exist (deleted?)")),
         Err(e) => Err(e),
     }
@@ -1246,29 +1261,53 @@ async fn load_parent(
     snapshot: &SnapshotName,
     snapshot_id: &str,
 ) -> Result<Manifest> {
-    load_parent_counted(repo, volume, snapshot, snapshot_id, &WalkReads::default()).await
+    match load_parent_stored(repo, volume, snapshot, snapshot_id).await? {
+        StoredManifest::V1(m) => Ok(m),
+        StoredManifest::V2(head) => repo.load_tree_manifest(head).await,
+    }
 }
 
-/// As [`load_parent`], counting the map segments of a format-2 parent read in `reads`.
-async fn load_parent_counted(
+/// The stored parent of a [`BackupMode::Incremental`], read once: whole, to check the
+/// caller's copy against it, and for a format-2 parent of the new snapshot's geometry also
+/// the segments on the paths to the planned chunks, kept as the walk passes them (what
+/// [`load_lean`] would read again). The segments read are counted in the metadata.
+async fn load_given_parent(
     repo: &Repository,
     volume: &VolumeName,
-    snapshot: &SnapshotName,
-    snapshot_id: &str,
-    reads: &WalkReads,
-) -> Result<Manifest> {
-    let gone = |what: &str| RepoError::InvalidRequest {
-        reason: format!("parent snapshot {volume}/{snapshot} {what}; back up in full"),
+    given: &Manifest,
+    plan: &BackupPlan,
+) -> Result<(Manifest, Option<LeanParent>, MetadataIo)> {
+    let stored = load_parent_stored(repo, volume, &given.snapshot, &given.snapshot_id).await?;
+    let reads = WalkReads::default();
+    let (whole, lean) = match stored {
+        StoredManifest::V1(m) => (m, None),
+        StoredManifest::V2(head) => {
+            let root = lean_root(&head, plan.geometry());
+            let changed: BTreeSet<u64> = match root {
+                Some(_) => plan.chunks().iter().collect(),
+                None => BTreeSet::new(),
+            };
+            let (whole, loaded) = repo
+                .load_tree_manifest_keeping(head.clone(), &reads, &changed)
+                .await?;
+            let lean = root.map(|root| LeanParent {
+                shape: TreeShape::new(head.geometry),
+                head,
+                root,
+                loaded,
+                metadata: MetadataIo::default(),
+            });
+            (whole, lean)
+        }
     };
-    match repo.load_manifest_counted(volume, snapshot, reads).await {
-        Ok(m) if m.snapshot_id == snapshot_id => Ok(m),
-        Ok(m) => Err(gone(&format!(
-            "was replaced (id {} is now {}): it may have lost chunks to GC",
-            snapshot_id, m.snapshot_id
-        ))),
-        Err(RepoError::SnapshotNotFound { .. }) => Err(gone("does not exist (deleted?)")),
-        Err(e) => Err(e),
-    }
+    let metadata = MetadataIo {
+        parent_segment_bytes_read: reads.bytes(),
+        parent_segments_read: reads.segments(),
+        ..MetadataIo::default()
+    };
+    // The whole walk is what reading the paths cost.
+    let lean = lean.map(|l| LeanParent { metadata, ..l });
+    Ok((whole, lean, metadata))
 }
 
 /// What the pipeline hands back: the new state of every chunk read, folded as results arrive
@@ -1806,7 +1845,7 @@ async fn run_pipeline(
     if let (Some(tree), Some(w)) = (&mut folded.tree, feed)
         && let Some(merge) = &w.merge
     {
-        let mut merge = merge.lock().await;
+        let mut merge = merge.at.lock().await;
         w.merge_below(&mut merge, tree, u64::MAX, repo).await?;
         tree.merged_below = merge.done_below;
     }
@@ -1857,7 +1896,7 @@ async fn merge_needed(
         let Some(next) = tree.need_merge.take() else {
             break;
         };
-        let mut merge = merge.lock().await;
+        let mut merge = merge.at.lock().await;
         w.merge_below(&mut merge, tree, next.saturating_add(1), repo)
             .await?;
         tree.merged_below = merge.done_below;

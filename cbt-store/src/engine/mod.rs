@@ -69,8 +69,11 @@
 //!   downloads a chunk shared by many snapshots once.
 //! * Still whole: a full backup or an incremental with a format-1 parent of the same chunk
 //!   size, and [`BackupMode::Incremental`] (the caller hands in the whole parent), hold the
-//!   parent's map (about 70 bytes per
-//!   stored chunk) and build the child's; [`restore_manifest`], [`verify_target`] and the
+//!   parent's map (about 70 bytes per stored chunk) and build the child's.
+//!   [`BackupMode::Incremental`] also reads the stored parent whole, once, to check the
+//!   caller's against it; of a format-2 parent of the same size it keeps the segments on the
+//!   changed paths as that walk passes them (what an [`BackupMode::IncrementalOf`] holds) and
+//!   writes only the changed segments. [`restore_manifest`], [`verify_target`] and the
 //!   restore, read-back or verify of a format-1 manifest hold the given map (a format-1 map
 //!   is bounded by its own object).
 //!

@@ -543,20 +543,9 @@ impl Repository {
         volume: &VolumeName,
         snapshot: &SnapshotName,
     ) -> Result<Manifest> {
-        self.load_manifest_counted(volume, snapshot, &WalkReads::default())
-            .await
-    }
-
-    /// As [`Repository::load_manifest`], counting the map segments read in `reads`.
-    pub(crate) async fn load_manifest_counted(
-        &self,
-        volume: &VolumeName,
-        snapshot: &SnapshotName,
-        reads: &WalkReads,
-    ) -> Result<Manifest> {
         match self.load_stored(volume, snapshot).await? {
             StoredManifest::V1(m) => Ok(m),
-            StoredManifest::V2(head) => self.load_tree_manifest_counted(head, reads).await,
+            StoredManifest::V2(head) => self.load_tree_manifest(head).await,
         }
     }
 

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use cbt_core::manifest::{ManifestHead, MapLocation};
 use cbt_core::maptree::{
     EncodedSegment, LoadedTree, MAX_SEGMENT_LEN, Segment, SegmentPos, SegmentRef, TreeShape,
-    TreeWriter, children_to_load, decode_segment,
+    TreeWriter, children_to_load, decode_segment, span,
 };
 use cbt_core::{ChunkHash, ChunkMap, ChunkRef, ChunkState, CoreError, Manifest};
 use futures::{StreamExt, TryStreamExt};
@@ -222,16 +222,22 @@ impl Repository {
 
     /// Loads the whole chunk map of a format-2 head and validates it as a manifest.
     pub(crate) async fn load_tree_manifest(&self, head: ManifestHead) -> Result<Manifest> {
-        self.load_tree_manifest_counted(head, &WalkReads::default())
+        self.load_tree_manifest_keeping(head, &WalkReads::default(), &BTreeSet::new())
             .await
+            .map(|(m, _)| m)
     }
 
-    /// As [`Repository::load_tree_manifest`], counting the segments read in `reads`.
-    pub(crate) async fn load_tree_manifest_counted(
+    /// As [`Repository::load_tree_manifest`], counting the segments read in `reads`, and
+    /// keeping as they pass the segments [`Repository::load_paths`] would load for `changed`
+    /// (those whose range holds a changed index): a caller that needs both the whole map and
+    /// those paths reads each segment once. The paths are not checked on their own (the
+    /// whole map they are part of is).
+    pub(crate) async fn load_tree_manifest_keeping(
         &self,
         head: ManifestHead,
         reads: &WalkReads,
-    ) -> Result<Manifest> {
+        changed: &BTreeSet<u64>,
+    ) -> Result<(Manifest, LoadedTree)> {
         let MapLocation::Tree { root } = head.map else {
             return Err(RepoError::Internal {
                 message: "format-1 heads carry their map inline".into(),
@@ -239,22 +245,27 @@ impl Repository {
         };
         let shape = TreeShape::new(head.geometry);
         let mut map = ChunkMap::new(head.geometry);
+        let mut kept = LoadedTree::default();
         self.walk_tree(
             &shape,
             root,
             |_| false,
-            |_, _, seg| {
+            |pos, _, seg| {
                 if let Segment::Leaf(entries) = seg {
                     for (i, r) in entries {
                         map.set(*i, ChunkState::Stored(*r))?;
                     }
+                }
+                let end = pos.first.saturating_add(span(pos.level));
+                if changed.range(pos.first..end).next().is_some() {
+                    kept.insert(pos, seg.clone());
                 }
                 Ok(())
             },
             reads,
         )
         .await?;
-        Ok(Manifest::new(head.meta(), map, head.parent)?)
+        Ok((Manifest::new(head.meta(), map, head.parent)?, kept))
     }
 
     /// Loads the segments of a format-2 tree on the paths to the leaves holding `changed`
