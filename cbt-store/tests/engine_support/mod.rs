@@ -156,6 +156,36 @@ pub fn opts() -> EngineOptions {
     }
 }
 
+/// Backs up 200 incompressible chunks into `repo` with small options and checks the raw
+/// buffers the run allocated stay within `readers + readahead + workers + transfers` (what
+/// `BackupOutcome::raw_buffers_allocated` documents): an incompressible chunk is uploaded from
+/// the buffer it was read into, so this holds only if the store lets go of a body when its
+/// put returns.
+pub async fn raw_buffers_are_bounded(fx: &Fixture, repo: &Repository) {
+    let src = fx.write("big.img", &noise(5, 200 * CS as usize));
+    let o = EngineOptions {
+        readers: 3,
+        readahead: 2,
+        workers: 2,
+        transfers: 3,
+        compression_level: 1,
+        progress: None,
+    };
+    let source = Arc::new(FileSource::open(&src).unwrap());
+    let out = engine::backup(repo, source, request("v", "s", full(), 1), &o)
+        .await
+        .unwrap();
+    assert_eq!(out.stats.chunks_read, 200);
+    assert_eq!(out.stats.objects_written, 200);
+    assert!(out.raw_buffers_allocated >= 1);
+    assert!(
+        out.raw_buffers_allocated <= (o.readers + o.readahead + o.workers + o.transfers) as u64,
+        "{} raw buffers for 200 chunks",
+        out.raw_buffers_allocated
+    );
+    assert!(o.backup_memory_bound(CS) < 20 * CS);
+}
+
 pub fn vol(name: &str) -> VolumeName {
     VolumeName::new(name).unwrap()
 }
