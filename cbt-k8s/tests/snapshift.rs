@@ -494,6 +494,91 @@ async fn preflight_failures_name_the_missing_object_and_create_nothing() {
     assert!(env.backend.handles().is_empty());
 }
 
+/// A destination namespace that does not exist is refused as a configuration error naming
+/// it, on the paths the PVC test above does not take: moving an existing snapshot, a dry run
+/// (its reads include the preflight), and a PVC whose driver cannot be learned beforehand
+/// (its StorageClass is gone, so the snapshot is cut first and the destination checked after).
+/// The destination is never written.
+#[tokio::test]
+async fn a_missing_destination_namespace_is_refused_on_every_path() {
+    let env = env().await;
+    env.east
+        .create(json!({"apiVersion": SNAP, "kind": "VolumeSnapshot",
+            "metadata": {"name": "nightly", "namespace": "apps"},
+            "spec": {"source": {"persistentVolumeClaimName": "web"}}}))
+        .unwrap();
+    let refused = |report: cbt_k8s::snapshift::MigrationReport| match report.result {
+        Err(e @ Error::Preflight { .. }) => {
+            assert_eq!(e.kind(), ErrorKind::Config);
+            let Error::Preflight {
+                cluster,
+                problem,
+                fix,
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!(cluster, "west");
+            assert_eq!(problem, "namespace nowhere does not exist");
+            assert!(
+                fix.contains("kubectl --context west create namespace nowhere"),
+                "{fix}"
+            );
+        }
+        other => panic!("{other:?}"),
+    };
+    let nowhere = |mut r: MigrationRequest| {
+        r.to_namespace = Some("nowhere".into());
+        r
+    };
+    let west_writes = writes(&env.west);
+
+    // An existing snapshot.
+    let s = shift(&env, opts()).await;
+    refused(
+        s.migrate(&nowhere(MigrationRequest::for_snapshot("apps", "nightly")))
+            .await,
+    );
+    // A dry run, of an existing snapshot and of a PVC.
+    let mut dry = opts();
+    dry.dry_run = true;
+    let d = shift(&env, dry).await;
+    let east_writes = writes(&env.east);
+    refused(
+        d.migrate(&nowhere(MigrationRequest::for_snapshot("apps", "nightly")))
+            .await,
+    );
+    refused(
+        d.migrate(&nowhere(MigrationRequest::for_pvc("apps", "db")))
+            .await,
+    );
+    assert_eq!(writes(&env.east), east_writes, "a dry run writes nothing");
+
+    // A PVC whose StorageClass is gone from the origin: the driver is learned from the
+    // snapshot, so the destination is checked once it is ready, and still refused.
+    env.east
+        .delete("storage.k8s.io/v1", "StorageClass", "", "csi-hostpath-sc")
+        .unwrap();
+    refused(
+        s.migrate(&nowhere(MigrationRequest::for_pvc("apps", "db")))
+            .await,
+    );
+    assert!(
+        env.east
+            .get(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+            .is_some(),
+        "the origin snapshot was cut before the driver was known"
+    );
+
+    assert_eq!(
+        writes(&env.west),
+        west_writes,
+        "the destination is never written"
+    );
+    assert!(env.west.list(SNAP, "VolumeSnapshotContent").is_empty());
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
+}
+
 #[tokio::test]
 async fn origin_snapshot_error_is_reported_with_the_driver_message() {
     let env = env().await;
