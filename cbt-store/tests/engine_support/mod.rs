@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cbt_core::{ChunkRef, RangeSet, SnapshotName, Timestamp, VolumeName};
+use cbt_store::crypto::{KdfParams, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource,
 };
@@ -143,6 +144,38 @@ pub async fn local_repo(dir: &Path, chunk_size: u64) -> (Arc<LocalStore>, Reposi
     let local = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
     let repo = init_sized(local.clone(), chunk_size).await;
     (local, repo)
+}
+
+/// A repository of chunk size `chunk_size` on a new local store in `dir/repo`, sealed under
+/// the password "pw" (with the cheapest key derivation) when `encrypted`.
+pub async fn local_repo_sealed_if(dir: &Path, chunk_size: u64, encrypted: bool) -> Repository {
+    if !encrypted {
+        return local_repo(dir, chunk_size).await.1;
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    let init = InitOptions {
+        chunk_size: Some(chunk_size),
+        now: Timestamp::from_unix_secs(1_000),
+    };
+    let kdf = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    Repository::init_encrypted(store, init, &Password::new("pw").unwrap(), kdf)
+        .await
+        .unwrap()
+}
+
+/// `src` backed up in full into `repo` as `v/s` and restored to `dir/restored.img`, which is
+/// returned.
+pub async fn backed_up_and_restored(repo: &Repository, src: &Path, dir: &Path) -> PathBuf {
+    full_backup(repo, src, "v", "s", 2).await;
+    let target = dir.join("restored.img");
+    restore_file(repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
+    target
 }
 
 pub fn opts() -> EngineOptions {
