@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cbt_core::testing::XorShift;
 use cbt_store::testing::S3TestServer;
 
 const CHUNK: usize = 64 * 1024;
@@ -99,17 +100,10 @@ fn incremental_backup<'a>(
 /// Deterministic image: random chunks, compressible chunks and all-zero holes.
 fn make_image(path: &Path) -> Vec<u8> {
     let mut data = vec![0u8; IMAGE_SIZE];
-    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut stream = XorShift::from_state(0x1234_5678_9abc_def1);
     for (i, chunk) in data.chunks_mut(CHUNK).enumerate() {
         match i % 4 {
-            0 | 1 => {
-                for b in chunk.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
-                }
-            }
+            0 | 1 => stream.fill_low(chunk),
             2 => chunk
                 .iter_mut()
                 .enumerate()
@@ -326,15 +320,7 @@ fn a_killed_backup_process_leaves_no_snapshot_and_the_rerun_resumes() {
     // killed part way (the content hash does not depend on the level, so the re-run at
     // level 1 finds what the first run stored).
     let image = work.path().join("disk.img");
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..24 * 1024 * 1024 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = XorShift::from_state(0x9e37_79b9_7f4a_7c15).bytes(24 * 1024 * 1024);
     std::fs::write(&image, &data).unwrap();
     let dev = image.to_str().unwrap();
     let total_chunks = data.len() / CHUNK;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cbt_core::testing::XorShift;
 use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{self, BackupMode, BackupRequest, BlockSource, EngineOptions, FileSource};
 use cbt_store::repo::{RepoError, Repository};
@@ -39,15 +40,7 @@ fn ok(repo: &Path, args: &[&str]) -> String {
 }
 
 fn image(path: &Path) -> Vec<u8> {
-    let mut x: u64 = 0x0123_4567_89ab_cdef;
-    let data: Vec<u8> = (0..16 * CHUNK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = XorShift::from_state(0x0123_4567_89ab_cdef).low_bytes(16 * CHUNK);
     std::fs::write(path, &data).unwrap();
     data
 }

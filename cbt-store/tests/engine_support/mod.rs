@@ -20,32 +20,13 @@ use cbt_store::store::{LocalStore, ObjectStore, PutMode};
 /// Chunk size of the test repositories (small so tests are fast but have many chunks).
 pub const CS: u64 = 64 * 1024;
 
-/// A deterministic xorshift byte stream that carries on where its last call stopped.
-pub struct XorShift(u64);
+/// The workspace's xorshift stream (the frozen fixtures' images were drawn one low byte per
+/// step, [`XorShift::low_bytes`]).
+pub use cbt_core::testing::XorShift;
 
-impl XorShift {
-    /// Starts from the raw state `state` (not 0): the frozen fixtures' images were drawn so.
-    pub fn from_state(state: u64) -> Self {
-        XorShift(state)
-    }
-
-    /// The next `len` bytes of the stream.
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                let x = &mut self.0;
-                *x ^= *x << 13;
-                *x ^= *x >> 7;
-                *x ^= *x << 17;
-                *x as u8
-            })
-            .collect()
-    }
-}
-
-/// `len` bytes of a deterministic xorshift stream chosen by `seed`.
+/// `len` bytes of a deterministic xorshift stream chosen by `seed` (one low byte per step).
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    XorShift::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).bytes(len)
+    XorShift::seeded(seed).low_bytes(len)
 }
 
 /// A test image: runs of random data, compressible text and zeros (with an odd tail).
