@@ -19,7 +19,10 @@
 //! finishes; a compressed body is written into a buffer of its own, which lives until its
 //! upload finishes and is then kept for the next chunk (at most 64 MiB of them, never more
 //! than were in flight at once). Every chunk in flight holds one buffer, two while it is
-//! compressed. Restore holds at most `2 * transfers * (chunk_size + 52 +
+//! compressed. Compressed bodies come from a process-wide pool (at most 64 MiB kept) that
+//! hands out a kept buffer up to twice the size asked for: in a process that also restored, or
+//! backed up with a larger chunk size, a body may be such a buffer, memory the pool already
+//! held, which the bound does not count again. Restore holds at most `2 * transfers * (chunk_size + 52 +
 //! 4096)` (a body and its decode buffer per chunk in flight; a body read for direct writes
 //! starts up to 4 KiB into its buffer).
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
