@@ -10,7 +10,7 @@ use cbt_k8s::snapshift::{
     MigrateOptions, MigrationRequest, Outcome, PlannedAction, Progress, Side, SnapShift, Stage,
 };
 use cbt_k8s::{ClusterTarget, Error, ErrorKind, RetryPolicy, connect};
-use fake_kube::{FakeKube, HttpFault, SharedBackend};
+use fake_kube::{ClusterPair, FakeKube, HttpFault, SharedBackend};
 use serde_json::json;
 
 const SNAP: &str = "snapshot.storage.k8s.io/v1";
@@ -24,38 +24,18 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let backend = SharedBackend::new();
-    let east = FakeKube::builder()
-        .backend(backend.clone())
-        .start()
+    let pair = ClusterPair::start(FakeKube::builder(), FakeKube::builder())
         .await
         .unwrap();
-    let west = FakeKube::builder()
-        .backend(backend.clone())
-        .start()
-        .await
-        .unwrap();
-    east.seed_standard("apps").unwrap();
-    west.seed_standard("apps").unwrap();
-    west.seed_namespace("dr").unwrap();
-    east.seed_pvc(
-        "apps",
-        "db",
-        "2Gi",
-        "Block",
-        &["ReadWriteOnce"],
-        &[("app", "db")],
-    )
-    .unwrap();
-    east.seed_pvc(
-        "apps",
-        "web",
-        "1Gi",
-        "Filesystem",
-        &["ReadWriteMany"],
-        &[("app", "web")],
-    )
-    .unwrap();
+    pair.east.seed_standard("apps").unwrap();
+    pair.west.seed_standard("apps").unwrap();
+    pair.west.seed_namespace("dr").unwrap();
+    pair.seed_db_and_web("apps").unwrap();
+    let ClusterPair {
+        backend,
+        east,
+        west,
+    } = pair;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     std::fs::write(
