@@ -14,6 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cbt_core::testing::XorShift;
 use cbt_core::{ByteRange, RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{
     self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions,
@@ -27,66 +28,23 @@ const BUF: usize = 4 * 1024 * 1024;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-struct Rng(u64);
-impl Rng {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for w in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            let b = self.0.to_le_bytes();
-            w.copy_from_slice(&b[..w.len()]);
-        }
-    }
-}
-
-/// Chunk kinds by index: 3/8 random, 3/8 compressible text, 1/4 holes (never written).
-fn kind(i: u64) -> u8 {
-    match i % 8 {
-        0..=2 => 0,
-        3..=5 => 1,
-        _ => 2,
-    }
-}
-
+/// The benchmark image: 3/8 random, 3/8 compressible text, 1/4 holes (never written).
 fn generate(path: &Path, size: u64) -> Res<()> {
-    let mut f = File::create(path)?;
-    f.set_len(size)?;
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
-    let mut buf = vec![0u8; CHUNK as usize];
-    let text: Vec<u8> = b"kubernetes block volume snapshot changed block tracking 0123456789\n"
-        .iter()
-        .copied()
-        .cycle()
-        .take(CHUNK as usize)
-        .collect();
-    for i in 0..size.div_ceil(CHUNK) {
-        let len = (size - i * CHUNK).min(CHUNK) as usize;
-        match kind(i) {
-            0 => {
-                rng.fill(&mut buf[..len]);
-                f.seek(SeekFrom::Start(i * CHUNK))?;
-                f.write_all(&buf[..len])?;
-            }
-            1 => {
-                // Mostly repetitive text with a few random bytes, so chunks differ.
-                buf[..len].copy_from_slice(&text[..len]);
-                rng.fill(&mut buf[..64.min(len)]);
-                f.seek(SeekFrom::Start(i * CHUNK))?;
-                f.write_all(&buf[..len])?;
-            }
-            _ => {}
-        }
-    }
-    f.sync_all()?;
-    Ok(())
+    let text = b"kubernetes block volume snapshot changed block tracking 0123456789\n";
+    Ok(cbt_benches::write_mixed_image(
+        path,
+        size,
+        CHUNK,
+        0x5eed_1234_abcd_0001,
+        text,
+    )?)
 }
 
 /// Overwrites 256 KiB in 1% of the chunks (every 100th, data and holes alike); returns the
 /// changed ranges.
 fn change(path: &Path, size: u64) -> Res<RangeSet> {
     let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let mut rng = Rng(0xc0ff_ee00_0000_0001);
+    let mut rng = XorShift::from_state(0xc0ff_ee00_0000_0001);
     let mut changed = RangeSet::new();
     let mut buf = vec![0u8; 256 * 1024];
     let chunks = size.div_ceil(CHUNK);

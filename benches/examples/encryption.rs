@@ -8,12 +8,11 @@
 //! the local directory store. The image mixes random data (3/8), compressible text (3/8) and
 //! holes (1/4), like the `e2e` example.
 
-use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use cbt_core::testing::XorShift;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_store::crypto::{KdfParams, Password};
 use cbt_store::engine::{
@@ -28,39 +27,14 @@ const CHUNK: u64 = 4 * 1024 * 1024;
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn generate(path: &Path, size: u64) -> Res<()> {
-    let mut f = File::create(path)?;
-    f.set_len(size)?;
-    let mut x: u64 = 0x5eed_1234_abcd_0002;
-    let mut buf = vec![0u8; CHUNK as usize];
-    let text: Vec<u8> = b"encrypted block volume backups, changed block tracking 0123456789\n"
-        .iter()
-        .copied()
-        .cycle()
-        .take(CHUNK as usize)
-        .collect();
-    for i in 0..size.div_ceil(CHUNK) {
-        let len = (size - i * CHUNK).min(CHUNK) as usize;
-        let mut fill = |b: &mut [u8]| {
-            for w in b.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-            }
-        };
-        match i % 8 {
-            0..=2 => fill(&mut buf[..len]),
-            3..=5 => {
-                buf[..len].copy_from_slice(&text[..len]);
-                fill(&mut buf[..64.min(len)]);
-            }
-            _ => continue,
-        }
-        f.seek(SeekFrom::Start(i * CHUNK))?;
-        f.write_all(&buf[..len])?;
-    }
-    f.sync_all()?;
-    Ok(())
+    let text = b"encrypted block volume backups, changed block tracking 0123456789\n";
+    Ok(cbt_benches::write_mixed_image(
+        path,
+        size,
+        CHUNK,
+        0x5eed_1234_abcd_0002,
+        text,
+    )?)
 }
 
 fn mbps(bytes: u64, secs: f64) -> f64 {
@@ -202,17 +176,12 @@ async fn run(size: u64, rounds: usize) -> Res<()> {
 fn cpu_cost() -> Res<()> {
     use cbt_store::crypto::{MasterKey, RepoKeys};
     use cbt_store::repo::{ChunkContext, Codec};
-    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut stream = XorShift::from_state(0x1234_5678_9abc_def1);
     let chunks: Vec<Vec<u8>> = (0..32)
         .map(|i| {
             let mut c = vec![0u8; CHUNK as usize];
             if i % 2 == 0 {
-                for w in c.chunks_mut(8) {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    w.copy_from_slice(&x.to_le_bytes());
-                }
+                stream.fill(&mut c);
             } else {
                 for (j, b) in c.iter_mut().enumerate() {
                     *b = b"sealed chunk text "[j % 18] ^ (i as u8);

@@ -3,63 +3,17 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use cbt_core::testing::XorShift;
 use cbt_store::testing::S3TestServer;
+use support::Cbt;
 
 const CHUNK: usize = 64 * 1024;
 const IMAGE_SIZE: usize = 64 * CHUNK; // 4 MiB
-
-struct Cbt {
-    repo: String,
-    env: Vec<(&'static str, String)>,
-    extra: Vec<String>,
-}
-
-impl Cbt {
-    fn cmd(&self, args: &[&str]) -> Output {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_cbt"));
-        c.arg("--repo").arg(&self.repo);
-        c.args(&self.extra);
-        c.args(args);
-        for var in [
-            "CBT_REPO",
-            "CBT_PASSWORD",
-            "CBT_PASSWORD_FILE",
-            "CBT_NEW_PASSWORD",
-            "CBT_NEW_PASSWORD_FILE",
-            "CBT_KEY_FILE",
-            "CBT_MOVER_KEY_FILE",
-            "CBT_MOVER_SPEC",
-        ] {
-            c.env_remove(var);
-        }
-        for (k, v) in &self.env {
-            c.env(k, v);
-        }
-        c.output().unwrap()
-    }
-
-    /// Runs and asserts success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cmd(args);
-        assert!(
-            out.status.success(),
-            "cbt {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> serde_json::Value {
-        let mut all = vec!["-o", "json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).unwrap()
-    }
-}
 
 /// The arguments of a backup of `device` as snapshot `snapshot` of `volume`, without the
 /// flags that say what to read.
@@ -99,17 +53,10 @@ fn incremental_backup<'a>(
 /// Deterministic image: random chunks, compressible chunks and all-zero holes.
 fn make_image(path: &Path) -> Vec<u8> {
     let mut data = vec![0u8; IMAGE_SIZE];
-    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut stream = XorShift::from_state(0x1234_5678_9abc_def1);
     for (i, chunk) in data.chunks_mut(CHUNK).enumerate() {
         match i % 4 {
-            0 | 1 => {
-                for b in chunk.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
-                }
-            }
+            0 | 1 => stream.fill_low(chunk),
             2 => chunk
                 .iter_mut()
                 .enumerate()
@@ -286,11 +233,7 @@ fn full_cycle(cbt: &Cbt, work: &Path, init_extra: &[&str]) {
 #[test]
 fn local_repository_full_incremental_restore_prune() {
     let work = tempfile::tempdir().unwrap();
-    let cbt = Cbt {
-        repo: format!("file://{}", work.path().join("repo").display()),
-        env: vec![],
-        extra: vec![],
-    };
+    let cbt = Cbt::local(&work.path().join("repo"));
     full_cycle(&cbt, work.path(), &[]);
 }
 
@@ -316,25 +259,13 @@ fn count_files(dir: &Path) -> usize {
 fn a_killed_backup_process_leaves_no_snapshot_and_the_rerun_resumes() {
     let work = tempfile::tempdir().unwrap();
     let repo_dir = work.path().join("repo");
-    let cbt = Cbt {
-        repo: format!("file://{}", repo_dir.display()),
-        env: vec![],
-        extra: vec![],
-    };
+    let cbt = Cbt::local(&repo_dir);
     cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
     // 24 MiB of incompressible data; zstd level 19 makes the first run slow enough to be
     // killed part way (the content hash does not depend on the level, so the re-run at
     // level 1 finds what the first run stored).
     let image = work.path().join("disk.img");
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..24 * 1024 * 1024 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = XorShift::from_state(0x9e37_79b9_7f4a_7c15).bytes(24 * 1024 * 1024);
     std::fs::write(&image, &data).unwrap();
     let dev = image.to_str().unwrap();
     let total_chunks = data.len() / CHUNK;
@@ -410,11 +341,7 @@ fn a_killed_backup_process_leaves_no_snapshot_and_the_rerun_resumes() {
 #[test]
 fn full_backup_with_parent_records_lineage_and_uploads_only_new_chunks() {
     let work = tempfile::tempdir().unwrap();
-    let cbt = Cbt {
-        repo: format!("file://{}", work.path().join("repo").display()),
-        env: vec![],
-        extra: vec![],
-    };
+    let cbt = Cbt::local(&work.path().join("repo"));
     let image = work.path().join("disk.img");
     let mut data = make_image(&image);
     cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
@@ -496,11 +423,7 @@ fn bad_input_gets_the_right_exit_code_and_message() {
     make_image(&image);
     let img = image.to_str().unwrap();
     let repo_dir = work.path().join("repo");
-    let cbt = Cbt {
-        repo: format!("file://{}", repo_dir.display()),
-        env: vec![],
-        extra: vec![],
-    };
+    let cbt = Cbt::local(&repo_dir);
 
     // Repository missing: configuration error.
     fails(&cbt.cmd(&["list"]), 5, "cbt repo init");
@@ -704,11 +627,7 @@ fn a_dead_process_lock_blocks_prune_until_broken() {
     let repo_dir = work.path().join("repo");
     let image = work.path().join("disk.img");
     make_image(&image);
-    let cbt = Cbt {
-        repo: format!("file://{}", repo_dir.display()),
-        env: vec![],
-        extra: vec![],
-    };
+    let cbt = Cbt::local(&repo_dir);
     cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
     assert_eq!(cbt.json(&["lock", "list"]), serde_json::json!([]));
 
@@ -797,11 +716,7 @@ fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
         env: vec![("CBT_PASSWORD", pw.into())],
         extra: vec![],
     };
-    let none = Cbt {
-        repo: format!("file://{}", repo_dir.display()),
-        env: vec![],
-        extra: vec![],
-    };
+    let none = Cbt::local(&repo_dir);
     let first = with("first password");
     // --encryption needs a password; a password without --encryption is refused too.
     fails(
@@ -826,11 +741,7 @@ fn encrypted_repository_passwords_keys_and_tampering_through_the_binary() {
     fails(&both.cmd(&["list"]), 5, "set only one");
     let by_file = Cbt {
         extra: vec!["--password-file".into(), pw_file.display().to_string()],
-        ..Cbt {
-            repo: format!("file://{}", repo_dir.display()),
-            env: vec![],
-            extra: vec![],
-        }
+        ..Cbt::local(&repo_dir)
     };
     assert_eq!(by_file.json(&["list"]).as_array().unwrap().len(), 1);
 

@@ -701,19 +701,14 @@ async fn measure_pvc_backup() {
         .unwrap();
     let device = env.kube.pvc_backing_file(NS, "data").unwrap();
     // Half the volume holds incompressible-ish data, the rest is never written.
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut stream = cbt_core::testing::XorShift::from_state(0x9e37_79b9_7f4a_7c15);
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&device)
         .unwrap();
     let mut buf = vec![0u8; MIB as usize];
     for i in 0..mib / 2 {
-        for b in buf.chunks_mut(8) {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            b.copy_from_slice(&seed.to_le_bytes()[..b.len()]);
-        }
+        stream.fill(&mut buf);
         f.write_all_at(&buf, i * 2 * MIB).unwrap();
     }
     drop(f);

@@ -3,51 +3,24 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use cbt_core::testing::XorShift;
 use cbt_core::{RangeSet, SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::{self, BackupMode, BackupRequest, BlockSource, EngineOptions, FileSource};
 use cbt_store::repo::{RepoError, Repository};
 use cbt_store::store::{LocalStore, ObjectStore, PutMode};
+use support::Cbt;
 
 const CHUNK: usize = 64 * 1024;
 
-fn cbt(repo: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cbt"))
-        .arg("--repo")
-        .arg(format!("file://{}", repo.display()))
-        .args(args)
-        .env_remove("CBT_REPO")
-        .output()
-        .unwrap()
-}
-
-fn ok(repo: &Path, args: &[&str]) -> String {
-    let out = cbt(repo, args);
-    assert!(
-        out.status.success(),
-        "cbt {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
 fn image(path: &Path) -> Vec<u8> {
-    let mut x: u64 = 0x0123_4567_89ab_cdef;
-    let data: Vec<u8> = (0..16 * CHUNK)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = XorShift::from_state(0x0123_4567_89ab_cdef).low_bytes(16 * CHUNK);
     std::fs::write(path, &data).unwrap();
     data
 }
@@ -86,23 +59,21 @@ impl BlockSource for Gated {
 fn a_backup_racing_lock_break_and_prune_fails_instead_of_committing() {
     let work = tempfile::tempdir().unwrap();
     let repo_dir = work.path().join("repo");
+    let cbt = Cbt::local(&repo_dir);
     let img = work.path().join("disk.img");
     image(&img);
-    ok(&repo_dir, &["repo", "init", "--chunk-size", "64K"]);
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
     let img_s = img.to_str().unwrap();
-    ok(
-        &repo_dir,
-        &[
-            "backup",
-            "--device",
-            img_s,
-            "--volume",
-            "v",
-            "--snapshot",
-            "s1",
-            "--full",
-        ],
-    );
+    cbt.ok(&[
+        "backup",
+        "--device",
+        img_s,
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--full",
+    ]);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,27 +113,24 @@ fn a_backup_racing_lock_break_and_prune_fails_instead_of_committing() {
 
     // The operator's side, as separate processes.
     let locks: serde_json::Value =
-        serde_json::from_str(&ok(&repo_dir, &["-o", "json", "lock", "list"])).unwrap();
+        serde_json::from_str(&cbt.ok(&["-o", "json", "lock", "list"])).unwrap();
     let id = locks[0]["id"].as_str().unwrap().to_string();
-    let refused = cbt(&repo_dir, &["lock", "break", &id]);
+    let refused = cbt.cmd(&["lock", "break", &id]);
     assert_eq!(refused.status.code(), Some(6), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
-    let forced = cbt(&repo_dir, &["lock", "break", &id, "--force"]);
+    let forced = cbt.cmd(&["lock", "break", &id, "--force"]);
     assert!(forced.status.success(), "{forced:?}");
     assert!(String::from_utf8_lossy(&forced.stderr).contains("warning"));
-    ok(&repo_dir, &["delete", "--volume", "v", "--snapshot", "s1"]);
-    let pruned: serde_json::Value = serde_json::from_str(&ok(
-        &repo_dir,
-        &[
-            "-o",
-            "json",
-            "prune",
-            "--keep-last",
-            "1",
-            "--gc-grace",
-            "0s",
-        ],
-    ))
+    cbt.ok(&["delete", "--volume", "v", "--snapshot", "s1"]);
+    let pruned: serde_json::Value = serde_json::from_str(&cbt.ok(&[
+        "-o",
+        "json",
+        "prune",
+        "--keep-last",
+        "1",
+        "--gc-grace",
+        "0s",
+    ]))
     .unwrap();
     assert!(pruned["gc"]["deleted_chunks"].as_u64().unwrap() > 0);
 
@@ -173,10 +141,9 @@ fn a_backup_racing_lock_break_and_prune_fails_instead_of_committing() {
     }
     let err = rt.block_on(running).unwrap().unwrap_err();
     assert!(matches!(err, RepoError::LockLost { .. }), "{err:?}");
-    let list: serde_json::Value =
-        serde_json::from_str(&ok(&repo_dir, &["-o", "json", "list"])).unwrap();
+    let list: serde_json::Value = serde_json::from_str(&cbt.ok(&["-o", "json", "list"])).unwrap();
     assert_eq!(list, serde_json::json!([]), "no snapshot was committed");
-    ok(&repo_dir, &["verify", "--read-data"]);
+    cbt.ok(&["verify", "--read-data"]);
 }
 
 /// Labels, lock holders' hosts and purposes come from whoever can write the repository;
@@ -185,36 +152,32 @@ fn a_backup_racing_lock_break_and_prune_fails_instead_of_committing() {
 fn repository_text_is_printed_with_control_characters_escaped() {
     let work = tempfile::tempdir().unwrap();
     let repo_dir = work.path().join("repo");
+    let cbt = Cbt::local(&repo_dir);
     let img = work.path().join("disk.img");
     image(&img);
-    ok(&repo_dir, &["repo", "init", "--chunk-size", "64K"]);
-    ok(
-        &repo_dir,
-        &[
-            "backup",
-            "--device",
-            img.to_str().unwrap(),
-            "--volume",
-            "v",
-            "--snapshot",
-            "s1",
-            "--full",
-            "--label",
-            "note=\u{1b}[2Jgone\nFAKE: all good",
-        ],
-    );
-    let show = ok(&repo_dir, &["show", "--volume", "v", "--snapshot", "s1"]);
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
+    cbt.ok(&[
+        "backup",
+        "--device",
+        img.to_str().unwrap(),
+        "--volume",
+        "v",
+        "--snapshot",
+        "s1",
+        "--full",
+        "--label",
+        "note=\u{1b}[2Jgone\nFAKE: all good",
+    ]);
+    let show = cbt.ok(&["show", "--volume", "v", "--snapshot", "s1"]);
     assert!(!show.contains('\u{1b}'), "{show:?}");
     assert!(
         show.contains("note=\\u{1b}[2Jgone\\nFAKE: all good"),
         "{show}"
     );
     // JSON keeps the exact text (JSON escapes control characters itself).
-    let json: serde_json::Value = serde_json::from_str(&ok(
-        &repo_dir,
-        &["-o", "json", "show", "--volume", "v", "--snapshot", "s1"],
-    ))
-    .unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&cbt.ok(&["-o", "json", "show", "--volume", "v", "--snapshot", "s1"]))
+            .unwrap();
     assert_eq!(json["labels"]["note"], "\u{1b}[2Jgone\nFAKE: all good");
 
     // A planted lock object with a hostile host and purpose.
@@ -234,7 +197,7 @@ fn repository_text_is_printed_with_control_characters_escaped() {
         PutMode::Overwrite,
     ))
     .unwrap();
-    let list = ok(&repo_dir, &["lock", "list"]);
+    let list = cbt.ok(&["lock", "list"]);
     assert!(
         !list.chars().any(|c| c.is_control() && c != '\n'),
         "{list:?}"
@@ -242,7 +205,7 @@ fn repository_text_is_printed_with_control_characters_escaped() {
     assert!(list.contains("prune\\r\\u{1b}[31mOK"), "{list}");
     assert!(list.contains("evil\\u{7}\\u{202e}host"), "{list}");
     // The same text inside an error message (the lock blocks a backup) is escaped too.
-    let out = cbt(&repo_dir, &["prune", "--keep-last", "1"]);
+    let out = cbt.cmd(&["prune", "--keep-last", "1"]);
     assert_eq!(out.status.code(), Some(6));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -1442,15 +1442,10 @@ mod tests {
         let cs = crate::ranges::DEFAULT_CHUNK_SIZE;
         let g = ChunkGeometry::new(65_536 * cs, cs).unwrap();
         let mut map = ChunkMap::new(g);
-        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut stream = crate::testing::XorShift::from_state(0x1234_5678_9abc_def1);
         for i in 0..g.chunk_count() {
             let mut hash = [0u8; 32];
-            for b in &mut hash {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }
+            stream.fill_low(&mut hash);
             let r = ChunkRef {
                 hash: ChunkHash(hash),
                 stored_size: cs + 52,

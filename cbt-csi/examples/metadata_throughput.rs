@@ -144,15 +144,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let block = 64 * 1024u64;
     {
         let base = std::fs::File::create(snaps.join("base"))?;
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut stream = cbt_core::testing::XorShift::from_state(0x2545_f491_4f6c_dd1d);
         let mut buf = vec![0u8; 1 << 20];
         for off in (0..size).step_by(buf.len()) {
-            for w in buf.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
-            }
+            stream.fill(&mut buf);
             base.write_all_at(&buf, off)?;
         }
     }

@@ -4,6 +4,7 @@
 //! driver (shuffled, duplicated tuples) still yields the exact union.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+use cbt_core::testing::XorShift;
 use cbt_csi::Extent;
 use cbt_csi::normalize::{Normalizer, RawMessage};
 use cbt_csi::ranges::merge_extents;
@@ -91,10 +92,9 @@ proptest! {
         // Duplicate every third tuple and shuffle deterministically.
         let dups: Vec<_> = tuples.iter().step_by(3).cloned().collect();
         tuples.extend(dups);
-        let mut x = seed | 1;
+        let mut stream = XorShift::from_state(seed | 1);
         for i in (1..tuples.len()).rev() {
-            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-            tuples.swap(i, (x % (i as u64 + 1)) as usize);
+            tuples.swap(i, (stream.next_u64() % (i as u64 + 1)) as usize);
         }
         let mut norm = Normalizer::new(0);
         let mut out = Vec::new();

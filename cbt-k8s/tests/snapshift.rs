@@ -10,7 +10,7 @@ use cbt_k8s::snapshift::{
     MigrateOptions, MigrationRequest, Outcome, PlannedAction, Progress, Side, SnapShift, Stage,
 };
 use cbt_k8s::{ClusterTarget, Error, ErrorKind, RetryPolicy, connect};
-use fake_kube::{FakeKube, HttpFault, SharedBackend};
+use fake_kube::{ClusterPair, FakeKube, HttpFault, SharedBackend};
 use serde_json::json;
 
 const SNAP: &str = "snapshot.storage.k8s.io/v1";
@@ -24,38 +24,18 @@ struct Env {
 }
 
 async fn env() -> Env {
-    let backend = SharedBackend::new();
-    let east = FakeKube::builder()
-        .backend(backend.clone())
-        .start()
+    let pair = ClusterPair::start(FakeKube::builder(), FakeKube::builder())
         .await
         .unwrap();
-    let west = FakeKube::builder()
-        .backend(backend.clone())
-        .start()
-        .await
-        .unwrap();
-    east.seed_standard("apps").unwrap();
-    west.seed_standard("apps").unwrap();
-    west.seed_namespace("dr").unwrap();
-    east.seed_pvc(
-        "apps",
-        "db",
-        "2Gi",
-        "Block",
-        &["ReadWriteOnce"],
-        &[("app", "db")],
-    )
-    .unwrap();
-    east.seed_pvc(
-        "apps",
-        "web",
-        "1Gi",
-        "Filesystem",
-        &["ReadWriteMany"],
-        &[("app", "web")],
-    )
-    .unwrap();
+    pair.east.seed_standard("apps").unwrap();
+    pair.west.seed_standard("apps").unwrap();
+    pair.west.seed_namespace("dr").unwrap();
+    pair.seed_db_and_web("apps").unwrap();
+    let ClusterPair {
+        backend,
+        east,
+        west,
+    } = pair;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     std::fs::write(
@@ -492,6 +472,91 @@ async fn preflight_failures_name_the_missing_object_and_create_nothing() {
     assert!(env.west.list(SNAP, "VolumeSnapshotContent").is_empty());
     assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
     assert!(env.backend.handles().is_empty());
+}
+
+/// A destination namespace that does not exist is refused as a configuration error naming
+/// it, on the paths the PVC test above does not take: moving an existing snapshot, a dry run
+/// (its reads include the preflight), and a PVC whose driver cannot be learned beforehand
+/// (its StorageClass is gone, so the snapshot is cut first and the destination checked after).
+/// The destination is never written.
+#[tokio::test]
+async fn a_missing_destination_namespace_is_refused_on_every_path() {
+    let env = env().await;
+    env.east
+        .create(json!({"apiVersion": SNAP, "kind": "VolumeSnapshot",
+            "metadata": {"name": "nightly", "namespace": "apps"},
+            "spec": {"source": {"persistentVolumeClaimName": "web"}}}))
+        .unwrap();
+    let refused = |report: cbt_k8s::snapshift::MigrationReport| match report.result {
+        Err(e @ Error::Preflight { .. }) => {
+            assert_eq!(e.kind(), ErrorKind::Config);
+            let Error::Preflight {
+                cluster,
+                problem,
+                fix,
+            } = e
+            else {
+                unreachable!()
+            };
+            assert_eq!(cluster, "west");
+            assert_eq!(problem, "namespace nowhere does not exist");
+            assert!(
+                fix.contains("kubectl --context west create namespace nowhere"),
+                "{fix}"
+            );
+        }
+        other => panic!("{other:?}"),
+    };
+    let nowhere = |mut r: MigrationRequest| {
+        r.to_namespace = Some("nowhere".into());
+        r
+    };
+    let west_writes = writes(&env.west);
+
+    // An existing snapshot.
+    let s = shift(&env, opts()).await;
+    refused(
+        s.migrate(&nowhere(MigrationRequest::for_snapshot("apps", "nightly")))
+            .await,
+    );
+    // A dry run, of an existing snapshot and of a PVC.
+    let mut dry = opts();
+    dry.dry_run = true;
+    let d = shift(&env, dry).await;
+    let east_writes = writes(&env.east);
+    refused(
+        d.migrate(&nowhere(MigrationRequest::for_snapshot("apps", "nightly")))
+            .await,
+    );
+    refused(
+        d.migrate(&nowhere(MigrationRequest::for_pvc("apps", "db")))
+            .await,
+    );
+    assert_eq!(writes(&env.east), east_writes, "a dry run writes nothing");
+
+    // A PVC whose StorageClass is gone from the origin: the driver is learned from the
+    // snapshot, so the destination is checked once it is ready, and still refused.
+    env.east
+        .delete("storage.k8s.io/v1", "StorageClass", "", "csi-hostpath-sc")
+        .unwrap();
+    refused(
+        s.migrate(&nowhere(MigrationRequest::for_pvc("apps", "db")))
+            .await,
+    );
+    assert!(
+        env.east
+            .get(SNAP, "VolumeSnapshot", "apps", "db-snapshift")
+            .is_some(),
+        "the origin snapshot was cut before the driver was known"
+    );
+
+    assert_eq!(
+        writes(&env.west),
+        west_writes,
+        "the destination is never written"
+    );
+    assert!(env.west.list(SNAP, "VolumeSnapshotContent").is_empty());
+    assert!(env.west.list(SNAP, "VolumeSnapshot").is_empty());
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@ use cbt_k8s::snapshift::{
 };
 use cbt_k8s::{ClusterTarget, Error, RetryPolicy, connect};
 use fake_kube::rbac::{Policy, ServiceAccountRef, UserInfo};
-use fake_kube::{AccessRecord, FakeKube};
+use fake_kube::{AccessRecord, ClusterPair, FakeKube};
 use futures::StreamExt;
 use serde_json::json;
 
@@ -259,43 +259,20 @@ struct Env {
 }
 
 async fn env(m: &Manifests) -> Env {
-    let backend = fake_kube::SharedBackend::new();
     let sa = UserInfo::service_account(&m.account.namespace, &m.account.name);
-    let east = FakeKube::builder()
-        .backend(backend.clone())
-        .rbac(m.origin.clone())
-        .user(TOKEN, sa.clone())
-        .start()
-        .await
-        .unwrap();
-    let west = FakeKube::builder()
-        .backend(backend)
-        .rbac(m.dest.clone())
-        .user(TOKEN, sa)
-        .start()
-        .await
-        .unwrap();
+    let pair = ClusterPair::start(
+        FakeKube::builder()
+            .rbac(m.origin.clone())
+            .user(TOKEN, sa.clone()),
+        FakeKube::builder().rbac(m.dest.clone()).user(TOKEN, sa),
+    )
+    .await
+    .unwrap();
     // Seeding acts as the cluster (no RBAC): only snapshift's own requests are checked.
-    east.seed_standard("apps").unwrap();
-    west.seed_standard("dr").unwrap();
-    east.seed_pvc(
-        "apps",
-        "db",
-        "2Gi",
-        "Block",
-        &["ReadWriteOnce"],
-        &[("app", "db")],
-    )
-    .unwrap();
-    east.seed_pvc(
-        "apps",
-        "web",
-        "1Gi",
-        "Filesystem",
-        &["ReadWriteMany"],
-        &[("app", "web")],
-    )
-    .unwrap();
+    pair.east.seed_standard("apps").unwrap();
+    pair.west.seed_standard("dr").unwrap();
+    pair.seed_db_and_web("apps").unwrap();
+    let ClusterPair { east, west, .. } = pair;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("config");
     std::fs::write(

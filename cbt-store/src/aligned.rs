@@ -28,6 +28,9 @@ impl AlignedBuf {
     pub(crate) fn resize(&mut self, len: usize) -> &mut [u8] {
         let need = len.div_ceil(DIRECT_ALIGN);
         if self.blocks.len() < need {
+            // Exactly: amortized growth would leave a buffer first sized for a short last chunk
+            // up to twice a chunk's size when reused for a whole one (past the engine's bound).
+            self.blocks.reserve_exact(need - self.blocks.len());
             self.blocks.resize(need, Block([0; DIRECT_ALIGN]));
         }
         self.len = len;
@@ -153,5 +156,22 @@ impl Drop for Pooled {
             }
             None => recycle(buf),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn growing_a_buffer_allocates_exactly_what_is_asked() {
+        let mut buf = AlignedBuf::default();
+        // A short last chunk first, then a whole one: amortized growth would double.
+        buf.resize(700 << 10);
+        buf.resize((1 << 20) + 52);
+        let blocks = ((1usize << 20) + 52).div_ceil(DIRECT_ALIGN);
+        assert_eq!(buf.capacity(), blocks * DIRECT_ALIGN);
+        assert_eq!(buf.blocks.capacity(), blocks);
+        assert!(is_aligned(buf.as_slice()));
     }
 }

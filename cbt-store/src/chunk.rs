@@ -855,14 +855,7 @@ mod tests {
     #[test]
     fn round_trip_compressible_and_random() {
         let text = b"hello block world ".repeat(500);
-        let mut noise = vec![0u8; 9000];
-        let mut x = 0x1234_5678u32;
-        for b in &mut noise {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            *b = x as u8;
-        }
+        let noise = noise(9000, 0x1234_5678);
         for (raw, compressed) in [(&text[..], true), (&noise[..], false)] {
             let e = encode(raw, 3);
             assert_eq!(e.body[5] == CODEC_ZSTD, compressed);
@@ -885,16 +878,8 @@ mod tests {
         assert_eq!(raw_only.chunk.hash, encode(&text, 3).chunk.hash);
     }
 
-    fn noise(len: usize, seed: u32) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        cbt_core::testing::noise(seed, len)
     }
 
     #[test]
@@ -1220,10 +1205,10 @@ mod tests {
             .take(len)
             .collect();
         match kind {
-            0 => noise(len, seed),
+            0 => noise(len, seed.into()),
             1 => text,
             _ => {
-                let mut mixed = noise(len, seed);
+                let mut mixed = noise(len, seed.into());
                 mixed[len / 2..].copy_from_slice(&text[len / 2..]);
                 mixed
             }

@@ -31,13 +31,8 @@ async fn uploaded_per_changed_byte_by_chunk_size() {
     std::fs::write(&path, &img).unwrap();
 
     // Scattered writes of 8..64 KiB at 4 KiB-aligned offsets until 1% of the volume changed.
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let mut rnd = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut stream = XorShift::from_state(0x2545_f491_4f6c_dd1d);
+    let mut rnd = move || stream.next_u64();
     let mut changed = RangeSet::new();
     let mut writes = 0;
     while changed.total_bytes() < VOLUME / 100 {

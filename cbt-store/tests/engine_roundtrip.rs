@@ -405,30 +405,7 @@ async fn repeated_chunks_are_stored_once_and_downloaded_once() {
 #[tokio::test]
 async fn buffers_are_bounded_by_options_not_volume_size() {
     let fx = Fixture::new().await;
-    let img = noise(5, 200 * CS as usize);
-    let src = fx.write("big.img", &img);
-    let o = EngineOptions {
-        readers: 3,
-        readahead: 2,
-        workers: 2,
-        transfers: 3,
-        compression_level: 1,
-        progress: None,
-    };
-    let source = Arc::new(FileSource::open(&src).unwrap());
-    let out = engine::backup(&fx.repo, source, request("v", "s", full(), 1), &o)
-        .await
-        .unwrap();
-    assert_eq!(out.stats.chunks_read, 200);
-    assert!(out.raw_buffers_allocated >= 1);
-    // Incompressible chunks (all of these) are uploaded from the buffer they were read into,
-    // so the uploads in flight hold read buffers too.
-    assert!(
-        out.raw_buffers_allocated <= (o.readers + o.readahead + o.workers + o.transfers) as u64,
-        "{} raw buffers for 200 chunks",
-        out.raw_buffers_allocated
-    );
-    assert!(o.backup_memory_bound(CS) < 20 * CS);
+    raw_buffers_are_bounded(&fx, &fx.repo).await;
 }
 
 #[tokio::test]

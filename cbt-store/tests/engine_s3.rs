@@ -157,3 +157,15 @@ async fn stored_chunks_are_the_copying_encoders_objects_in_both_stores() {
         );
     }
 }
+
+/// The raw-buffer limit holds over S3 too: the client lets go of an upload's body (a pooled
+/// read buffer) when the put returns, so the next read reuses it instead of allocating.
+#[tokio::test]
+async fn raw_buffers_are_bounded_over_s3() {
+    let server = S3TestServer::start().await.unwrap();
+    server.create_bucket("buffers").unwrap();
+    let store: Arc<dyn ObjectStore> = Arc::new(server.store("buffers", "r").await.unwrap());
+    let repo = init(store).await;
+    let fx = Fixture::new().await; // only for its temp dir
+    raw_buffers_are_bounded(&fx, &repo).await;
+}

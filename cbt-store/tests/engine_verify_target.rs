@@ -1,19 +1,15 @@
 //! `engine::verify_target`: a restored device is read back and compared with the manifest.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+mod engine_support;
+
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use cbt_core::manifest::StoredManifest;
-use cbt_core::{SnapshotName, Timestamp, VolumeName};
-use cbt_store::crypto::{KdfParams, Password};
-use cbt_store::engine::{
-    self, BackupMode, BackupRequest, EngineOptions, FileSource, RestoreOptions, verify_target,
-    verify_target_stored,
-};
-use cbt_store::repo::{InitOptions, RepoError, Repository};
-use cbt_store::store::{LocalStore, ObjectStore};
+use cbt_store::engine::{self, verify_target, verify_target_stored};
+use cbt_store::repo::{RepoError, Repository};
+use engine_support::{backed_up_and_restored, local_repo_sealed_if, snap, vol};
 
 #[tokio::test]
 async fn a_restored_target_verifies_and_a_changed_byte_is_found() {
@@ -33,37 +29,11 @@ async fn check(encrypted: bool) {
     f.set_len(1 << 20).unwrap();
     f.write_all_at(&[7u8; 5000], 70_000).unwrap();
     f.write_all_at(&[9u8; 10], (1 << 20) - 10).unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(t.path().join("repo")).unwrap());
-    let init = InitOptions {
-        chunk_size: Some(64 * 1024),
-        now: Timestamp::from_unix_secs(1),
-    };
-    let repo = if encrypted {
-        let kdf = KdfParams {
-            memory_kib: 64,
-            iterations: 1,
-            parallelism: 1,
-        };
-        Repository::init_encrypted(store, init, &Password::new("pw").unwrap(), kdf).await
-    } else {
-        Repository::init(store, init).await
-    }
-    .unwrap();
+    let repo = local_repo_sealed_if(t.path(), 64 * 1024, encrypted).await;
     assert_eq!(repo.is_encrypted(), encrypted);
-    let (volume, snap) = back_up(&repo, &src).await;
+    let target = backed_up_and_restored(&repo, &src, t.path()).await;
     // A full backup streams its map; verify_target takes it whole.
-    let stored = repo.load_manifest(&volume, &snap).await.unwrap();
-    let target = t.path().join("restored.img");
-    engine::restore(
-        &repo,
-        &volume,
-        &snap,
-        &target,
-        &RestoreOptions::default(),
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
+    let stored = repo.load_manifest(&vol("v"), &snap("s")).await.unwrap();
     let r = verify_target(repo.codec(), &stored, &target).await.unwrap();
     assert!(r.is_ok(), "{r:?}");
     assert_eq!(r.bytes_checked, 1 << 20);
@@ -154,55 +124,11 @@ async fn a_map_larger_than_the_window_is_read_back_in_a_bounded_window() {
 
 /// A repository of `chunk`-sized chunks in `dir/repo`, `src` backed up into it in full and
 /// restored to `dir/restored.img`: the repository, the snapshot's stored manifest, the target.
-async fn restored(
-    dir: &Path,
-    src: &Path,
-    chunk: u64,
-) -> (Repository, StoredManifest, std::path::PathBuf) {
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
-    let init = InitOptions {
-        chunk_size: Some(chunk),
-        now: Timestamp::from_unix_secs(1),
-    };
-    let repo = Repository::init(store, init).await.unwrap();
-    let (volume, snap) = back_up(&repo, src).await;
-    let target = dir.join("restored.img");
-    engine::restore(
-        &repo,
-        &volume,
-        &snap,
-        &target,
-        &RestoreOptions::default(),
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
-    let head = repo.load_stored(&volume, &snap).await.unwrap();
+async fn restored(dir: &Path, src: &Path, chunk: u64) -> (Repository, StoredManifest, PathBuf) {
+    let repo = local_repo_sealed_if(dir, chunk, false).await;
+    let target = backed_up_and_restored(&repo, src, dir).await;
+    let head = repo.load_stored(&vol("v"), &snap("s")).await.unwrap();
     (repo, head, target)
-}
-
-/// Backs `src` up in full as `v/s`.
-async fn back_up(repo: &Repository, src: &Path) -> (VolumeName, SnapshotName) {
-    let volume = VolumeName::new("v").unwrap();
-    let snap = SnapshotName::new("s").unwrap();
-    engine::backup(
-        repo,
-        Arc::new(FileSource::open(src).unwrap()),
-        BackupRequest {
-            volume: volume.clone(),
-            snapshot: snap.clone(),
-            mode: BackupMode::Full { allocated: None },
-            created: Timestamp::from_unix_secs(2),
-            source_info: Default::default(),
-            labels: Default::default(),
-            chunk_size: None,
-            volume_size: None,
-        },
-        &EngineOptions::default(),
-    )
-    .await
-    .unwrap();
-    (volume, snap)
 }
 
 /// A restore into a sparse file is read back without reading its holes: an 8 GiB volume with

@@ -63,7 +63,7 @@ struct ExpectedSnapshot {
 /// last chunk.
 fn images() -> Vec<Vec<u8>> {
     let mut stream = XorShift::from_state(0x5eed_f12e_d0c0_ffee);
-    let mut noise = |n: usize| stream.bytes(n);
+    let mut noise = |n: usize| stream.low_bytes(n);
     let text =
         |n: usize| b"frozen fixture of cbt repository format v1. ".repeat(n / 44 + 1)[..n].to_vec();
     let mut v1 = Vec::new();
@@ -465,7 +465,7 @@ async fn write_fixture(repo: &Repository, out: &Path, name: &str, imgs: Vec<Vec<
 /// leaves with `snap-1`), `snap-3` grows the volume by a fourth leaf with a short last chunk.
 fn images_v2() -> Vec<Vec<u8>> {
     let mut stream = XorShift::from_state(0x0f0e_2222_c0de_f00d);
-    let mut noise = |n: usize| stream.bytes(n);
+    let mut noise = |n: usize| stream.low_bytes(n);
     let text =
         |n: usize| b"frozen fixture of cbt manifest format 2. ".repeat(n / 40 + 2)[..n].to_vec();
     let mut v1 = vec![0u8; 300 * CS];

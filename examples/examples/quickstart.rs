@@ -53,7 +53,7 @@ fn mib(b: u64) -> String {
 fn make_volume(path: &std::path::Path) -> std::io::Result<u64> {
     let f = std::fs::File::create(path)?;
     f.set_len(VOLUME_SIZE)?;
-    let mut noise = Noise::new(7);
+    let mut noise = Noise::from_state(7);
     let mut written = 0;
     for i in 0..48u64 {
         let len = (256 * 1024) << (noise.next_u64() % 4);
@@ -78,7 +78,7 @@ fn make_volume(path: &std::path::Path) -> std::io::Result<u64> {
 fn change_volume(path: &std::path::Path) -> std::io::Result<BTreeSet<u64>> {
     let f = std::fs::OpenOptions::new().write(true).open(path)?;
     let blocks = VOLUME_SIZE / BLOCK;
-    let mut noise = Noise::new(99);
+    let mut noise = Noise::from_state(99);
     let mut buf = vec![0u8; 4096];
     let mut changed = BTreeSet::new();
     for _ in 0..blocks / 100 {

@@ -57,36 +57,9 @@ pub fn snapshot_image(src: &Path, dst: &Path) -> io::Result<SnapshotMethod> {
     Ok(SnapshotMethod::SparseCopy { bytes: copied })
 }
 
-/// Deterministic pseudo-random bytes (xorshift64), so examples are reproducible.
-#[derive(Debug, Clone)]
-pub struct Noise(u64);
-
-impl Noise {
-    /// Seeds the generator (0 is replaced by a fixed constant).
-    pub fn new(seed: u64) -> Self {
-        Self(if seed == 0 {
-            0x9E37_79B9_7F4A_7C15
-        } else {
-            seed
-        })
-    }
-
-    /// Next 64 pseudo-random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// Fills `buf` with pseudo-random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
+/// Deterministic pseudo-random bytes (the workspace's xorshift64), so examples are
+/// reproducible: `Noise::from_state(seed)`.
+pub use cbt_core::testing::XorShift as Noise;
 
 /// True if the two files have the same length and bytes (compared in 1 MiB pieces).
 ///

@@ -103,6 +103,7 @@ mod jobs;
 mod kinds;
 mod kubelet;
 mod network;
+mod pair;
 pub mod rbac;
 mod replication;
 mod schema;
@@ -127,6 +128,7 @@ use tokio::task::JoinHandle;
 
 pub use backend::{BackendError, BackendSnapshot, SharedBackend};
 pub use faults::{FaultAction, Faults, HttpFault};
+pub use pair::ClusterPair;
 pub use replication::{REPLICATION_CRDS, ReplicationSim};
 pub use store::{ApiError, Cause, ResourceType};
 pub use tokens::{

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use fake_kube::{FakeKube, HttpFault, SharedBackend};
+use fake_kube::{ClusterPair, FakeKube, HttpFault, SharedBackend};
 use serde_json::{Value, json};
 
 const SNAP: &str = "snapshot.storage.k8s.io/v1";
@@ -25,37 +25,17 @@ impl Env {
 }
 
 async fn env() -> Env {
-    let backend = SharedBackend::new();
-    let east = FakeKube::builder()
-        .backend(backend.clone())
-        .start()
+    let pair = ClusterPair::start(FakeKube::builder(), FakeKube::builder())
         .await
         .unwrap();
-    let west = FakeKube::builder()
-        .backend(backend.clone())
-        .start()
-        .await
-        .unwrap();
-    east.seed_standard("apps").unwrap();
-    west.seed_standard("dr").unwrap();
-    east.seed_pvc(
-        "apps",
-        "db",
-        "2Gi",
-        "Block",
-        &["ReadWriteOnce"],
-        &[("app", "db")],
-    )
-    .unwrap();
-    east.seed_pvc(
-        "apps",
-        "web",
-        "1Gi",
-        "Filesystem",
-        &["ReadWriteMany"],
-        &[("app", "web")],
-    )
-    .unwrap();
+    pair.east.seed_standard("apps").unwrap();
+    pair.west.seed_standard("dr").unwrap();
+    pair.seed_db_and_web("apps").unwrap();
+    let ClusterPair {
+        backend,
+        east,
+        west,
+    } = pair;
     let dir = tempfile::tempdir().unwrap();
     east.write_kubeconfig(&dir.path().join("east.yaml"), "east")
         .unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fake_kube::rbac::{Policy, UserInfo};
-use fake_kube::{FakeKube, SharedBackend};
+use fake_kube::{ClusterPair, FakeKube, SharedBackend};
 use serde_json::Value;
 
 const TOKEN: &str = "snapshift-sa-token";
@@ -47,21 +47,18 @@ struct Env {
 async fn env(origin: Policy, dest: Policy) -> Env {
     let account = &origin.service_accounts[0];
     let sa = UserInfo::service_account(&account.namespace, &account.name);
-    let backend = SharedBackend::new();
-    let east = FakeKube::builder()
-        .backend(backend.clone())
-        .rbac(origin.clone())
-        .user(TOKEN, sa.clone())
-        .start()
-        .await
-        .unwrap();
-    let west = FakeKube::builder()
-        .backend(backend.clone())
-        .rbac(dest)
-        .user(TOKEN, sa)
-        .start()
-        .await
-        .unwrap();
+    let ClusterPair {
+        backend,
+        east,
+        west,
+    } = ClusterPair::start(
+        FakeKube::builder()
+            .rbac(origin.clone())
+            .user(TOKEN, sa.clone()),
+        FakeKube::builder().rbac(dest).user(TOKEN, sa),
+    )
+    .await
+    .unwrap();
     east.seed_standard("apps").unwrap();
     west.seed_standard("dr").unwrap();
     for (name, size, labels) in [("db", "2Gi", "db"), ("web", "1Gi", "web")] {

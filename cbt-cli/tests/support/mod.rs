@@ -253,3 +253,69 @@ pub fn succeeded(what: &str, out: &std::process::Output) -> Value {
     );
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
+
+/// The `cbt` binary run against one repository, with every `CBT_*` variable of the test
+/// process removed (a developer's own settings must not leak into a test) and `env` set.
+pub struct Cbt {
+    /// The `--repo` URL.
+    pub repo: String,
+    /// Environment variables the runs get.
+    pub env: Vec<(&'static str, String)>,
+    /// Arguments before each command's own.
+    pub extra: Vec<String>,
+}
+
+impl Cbt {
+    /// Runs against the local repository in `dir`, with no extra environment or arguments.
+    pub fn local(dir: &Path) -> Self {
+        Cbt {
+            repo: format!("file://{}", dir.display()),
+            env: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Runs `cbt --repo REPO EXTRA.. ARGS..` to completion.
+    pub fn cmd(&self, args: &[&str]) -> std::process::Output {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cbt"));
+        c.arg("--repo").arg(&self.repo);
+        c.args(&self.extra);
+        c.args(args);
+        for var in [
+            "CBT_REPO",
+            "CBT_PASSWORD",
+            "CBT_PASSWORD_FILE",
+            "CBT_NEW_PASSWORD",
+            "CBT_NEW_PASSWORD_FILE",
+            "CBT_KEY_FILE",
+            "CBT_MOVER_KEY_FILE",
+            "CBT_MOVER_SPEC",
+        ] {
+            c.env_remove(var);
+        }
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args);
+        assert!(
+            out.status.success(),
+            "cbt {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs with `-o json`, asserts success and parses stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).unwrap()
+    }
+}

@@ -8,15 +8,21 @@
 //!   blocking tasks -> fsync.
 //!
 //! # Memory bound
-//! Backup holds at most `(readers + readahead + 2 * workers + transfers) * (chunk_size + 52)`
-//! bytes of chunk data (each buffer rounded up to 4 KiB): raw buffers are pooled and reused
+//! Backup holds at most `readers + readahead + 2 * workers + transfers` chunk buffers of at
+//! most [`backup_buffer_bound`] bytes each: the chunk plus zstd's worst-case growth
+//! (`ZSTD_compressBound`, about size/256: a body is given that room before compressing) plus
+//! 52 bytes of framing, rounded up to 4 KiB (1,056,768 bytes for 1 MiB chunks, a 0.8% margin
+//! over the chunk). Raw buffers are pooled and reused
 //! (at most `readers + readahead + workers + transfers` exist, see
 //! [`BackupOutcome::raw_buffers_allocated`]); an incompressible chunk is framed where it was
 //! read and its read buffer is the body uploaded, returning to the pool when the upload
 //! finishes; a compressed body is written into a buffer of its own, which lives until its
 //! upload finishes and is then kept for the next chunk (at most 64 MiB of them, never more
 //! than were in flight at once). Every chunk in flight holds one buffer, two while it is
-//! compressed. Restore holds at most `2 * transfers * (chunk_size + 52 +
+//! compressed. Compressed bodies come from a process-wide pool (at most 64 MiB kept) that
+//! hands out a kept buffer up to twice the size asked for: in a process that also restored, or
+//! backed up with a larger chunk size, a body may be such a buffer, memory the pool already
+//! held, which the bound does not count again. Restore holds at most `2 * transfers * (chunk_size + 52 +
 //! 4096)` (a body and its decode buffer per chunk in flight; a body read for direct writes
 //! starts up to 4 KiB into its buffer).
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
@@ -79,8 +85,8 @@
 //!
 //! Hashes this run stored are remembered for deduplication in a table capped at 65,536
 //! entries (about 4 MiB). With the defaults (1 MiB chunks,
-//! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 18 MiB of chunk
-//! buffers; the
+//! 2 readers, readahead 4, 2 workers, 8 transfers) a backup uses at most 18 buffers of
+//! 1,056,768 bytes (18.1 MiB) of chunk buffers; the
 //! whole `cbt-benches` e2e process (512 MiB image, backup + incremental + restore) peaked at
 //! about 160 MB RSS.
 //!
@@ -245,15 +251,14 @@ impl EngineOptions {
         }
     }
 
-    /// Upper bound of chunk-buffer memory of a backup with these options, encrypted or not
-    /// (each buffer: the chunk, its framing and the sealed envelope of an encrypted
-    /// repository). The chunk map adds at most `readers + readahead + workers + 2 * transfers
-    /// + 10 * 128` entries for a full backup (see the module docs).
+    /// Upper bound of chunk-buffer memory of a backup with these options, encrypted or not:
+    /// `readers + readahead + 2 * workers + transfers` buffers of at most
+    /// [`backup_buffer_bound`] bytes each. The chunk map adds at most `readers + readahead +
+    /// workers + 2 * transfers + 10 * 128` entries for a full backup (see the module docs).
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
-        // Buffers are aligned for direct I/O, whole alignment units long.
-        (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64
-            * (chunk_size + BUFFER_OVERHEAD).next_multiple_of(crate::aligned::DIRECT_ALIGN as u64)
+        ((o.readers + o.readahead + 2 * o.workers + o.transfers) as u64)
+            .saturating_mul(backup_buffer_bound(chunk_size))
     }
 
     /// Upper bound of chunk-buffer memory of a restore with these options, encrypted or not.
@@ -269,6 +274,22 @@ impl EngineOptions {
             cb(p);
         }
     }
+}
+
+/// Largest chunk buffer a backup allocates for chunks of `chunk_size` bytes, encrypted or not.
+///
+/// A compressed body is given room for zstd's worst case before it is known whether the
+/// chunk shrinks (`ZSTD_compressBound`: the size plus 1/256 of it plus up to 64 bytes for
+/// small inputs, so 4 KiB more for a 1 MiB chunk), a raw one the chunk itself; either adds the
+/// framing and, in an encrypted repository, the sealed envelope. Buffers written by direct I/O
+/// are whole 4 KiB units (the direct I/O alignment).
+pub fn backup_buffer_bound(chunk_size: u64) -> u64 {
+    let size = usize::try_from(chunk_size).unwrap_or(usize::MAX);
+    let payload = (zstd::zstd_safe::compress_bound(size) as u64).max(chunk_size);
+    payload
+        .saturating_add(BUFFER_OVERHEAD)
+        .checked_next_multiple_of(crate::aligned::DIRECT_ALIGN as u64)
+        .unwrap_or(u64::MAX)
 }
 
 /// Megabytes (10^6 bytes) per second of `bytes` over `ms` milliseconds.

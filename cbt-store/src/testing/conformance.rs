@@ -27,16 +27,7 @@ pub struct Capabilities {
 
 /// Deterministic pseudo-random body of `len` bytes (so failures are reproducible).
 pub fn body(seed: u64, len: usize) -> Bytes {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    Bytes::from(out)
+    Bytes::from(cbt_core::testing::noise(seed, len))
 }
 
 /// Runs every case against `store`.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cbt_core::{ChunkRef, RangeSet, SnapshotName, Timestamp, VolumeName};
+use cbt_store::crypto::{KdfParams, Password};
 use cbt_store::engine::{
     self, BackupMode, BackupOutcome, BackupRequest, EngineOptions, FileSource,
 };
@@ -19,32 +20,13 @@ use cbt_store::store::{LocalStore, ObjectStore, PutMode};
 /// Chunk size of the test repositories (small so tests are fast but have many chunks).
 pub const CS: u64 = 64 * 1024;
 
-/// A deterministic xorshift byte stream that carries on where its last call stopped.
-pub struct XorShift(u64);
+/// The workspace's xorshift stream (the frozen fixtures' images were drawn one low byte per
+/// step, [`XorShift::low_bytes`]).
+pub use cbt_core::testing::XorShift;
 
-impl XorShift {
-    /// Starts from the raw state `state` (not 0): the frozen fixtures' images were drawn so.
-    pub fn from_state(state: u64) -> Self {
-        XorShift(state)
-    }
-
-    /// The next `len` bytes of the stream.
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|_| {
-                let x = &mut self.0;
-                *x ^= *x << 13;
-                *x ^= *x >> 7;
-                *x ^= *x << 17;
-                *x as u8
-            })
-            .collect()
-    }
-}
-
-/// `len` bytes of a deterministic xorshift stream chosen by `seed`.
+/// `len` bytes of a deterministic xorshift stream chosen by `seed` (one low byte per step).
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
-    XorShift::from_state(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1).bytes(len)
+    XorShift::seeded(seed).low_bytes(len)
 }
 
 /// A test image: runs of random data, compressible text and zeros (with an odd tail).
@@ -145,6 +127,38 @@ pub async fn local_repo(dir: &Path, chunk_size: u64) -> (Arc<LocalStore>, Reposi
     (local, repo)
 }
 
+/// A repository of chunk size `chunk_size` on a new local store in `dir/repo`, sealed under
+/// the password "pw" (with the cheapest key derivation) when `encrypted`.
+pub async fn local_repo_sealed_if(dir: &Path, chunk_size: u64, encrypted: bool) -> Repository {
+    if !encrypted {
+        return local_repo(dir, chunk_size).await.1;
+    }
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    let init = InitOptions {
+        chunk_size: Some(chunk_size),
+        now: Timestamp::from_unix_secs(1_000),
+    };
+    let kdf = KdfParams {
+        memory_kib: 64,
+        iterations: 1,
+        parallelism: 1,
+    };
+    Repository::init_encrypted(store, init, &Password::new("pw").unwrap(), kdf)
+        .await
+        .unwrap()
+}
+
+/// `src` backed up in full into `repo` as `v/s` and restored to `dir/restored.img`, which is
+/// returned.
+pub async fn backed_up_and_restored(repo: &Repository, src: &Path, dir: &Path) -> PathBuf {
+    full_backup(repo, src, "v", "s", 2).await;
+    let target = dir.join("restored.img");
+    restore_file(repo, &vol("v"), &snap("s"), &target)
+        .await
+        .unwrap();
+    target
+}
+
 pub fn opts() -> EngineOptions {
     EngineOptions {
         readers: 2,
@@ -154,6 +168,36 @@ pub fn opts() -> EngineOptions {
         compression_level: 1,
         progress: None,
     }
+}
+
+/// Backs up 200 incompressible chunks into `repo` with small options and checks the raw
+/// buffers the run allocated stay within `readers + readahead + workers + transfers` (what
+/// `BackupOutcome::raw_buffers_allocated` documents): an incompressible chunk is uploaded from
+/// the buffer it was read into, so this holds only if the store lets go of a body when its
+/// put returns.
+pub async fn raw_buffers_are_bounded(fx: &Fixture, repo: &Repository) {
+    let src = fx.write("big.img", &noise(5, 200 * CS as usize));
+    let o = EngineOptions {
+        readers: 3,
+        readahead: 2,
+        workers: 2,
+        transfers: 3,
+        compression_level: 1,
+        progress: None,
+    };
+    let source = Arc::new(FileSource::open(&src).unwrap());
+    let out = engine::backup(repo, source, request("v", "s", full(), 1), &o)
+        .await
+        .unwrap();
+    assert_eq!(out.stats.chunks_read, 200);
+    assert_eq!(out.stats.objects_written, 200);
+    assert!(out.raw_buffers_allocated >= 1);
+    assert!(
+        out.raw_buffers_allocated <= (o.readers + o.readahead + o.workers + o.transfers) as u64,
+        "{} raw buffers for 200 chunks",
+        out.raw_buffers_allocated
+    );
+    assert!(o.backup_memory_bound(CS) < 20 * CS);
 }
 
 pub fn vol(name: &str) -> VolumeName {
