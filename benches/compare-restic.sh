@@ -18,7 +18,9 @@
 #     the bytes uploaded per changed byte of small writes.
 # The limit is read + BLAKE3 + crc32c + zstd-1 of the allocated chunks on 2 threads.
 # Restores are measured into a new image file and onto an existing volume (a file whose blocks
-# are all written beforehand, as a PVC restore writes into a block device).
+# are all written beforehand, as a PVC restore writes into a block device). Where a loop device
+# can be set up (root), both full backups run again reading the image through it, as a backup
+# of a Block PVC reads its volume.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=lib.sh
@@ -119,6 +121,17 @@ fill_volume() {
   dd if=/dev/zero of="$1" bs=1M count="$2" oflag=direct status=none
   sync "$1"
 }
+# measure_device name cbt-repo-url restic-repo: both full backups again, into fresh repositories,
+# reading the image through a loop device as a backup of a Block PVC reads its volume (cbt's
+# default reads a device with O_DIRECT; restic reads it from stdin). Skipped without $dev.
+measure_device() {
+  local name=$1 repo_url=$2 rrepo=$3
+  [ -n "$dev" ] || return 0
+  RESTIC_REPOSITORY=$rrepo RESTIC_PASSWORD=bench restic init -q >/dev/null
+  "$cbt" --repo "$repo_url" repo init ${CHUNK:+--chunk-size "$CHUNK"} >/dev/null
+  step "$name.r_dev" /dev/null env RESTIC_REPOSITORY="$rrepo" RESTIC_PASSWORD=bench restic backup -q --stdin --stdin-filename disk.img <"$dev"
+  step "$name.c_dev" /dev/null "$cbt" --repo "$repo_url" backup --device "$dev" --volume disk --snapshot s1 --full
+}
 measure_store() { # name cbt-repo-url restic-repo DIR... (the directories that hold both repositories)
   local name=$1 repo_url=$2 rrepo=$3 img=$work/disk.img up
   shift 3
@@ -182,6 +195,16 @@ measure_store() { # name cbt-repo-url restic-repo DIR... (the directories that h
   rm -f "$img"
 }
 
+# A loop device over a copy of the image, where the machine allows one (root, loop driver).
+dev=""
+cp --sparse=always "$pristine" "$work/dev.img"
+if dev=$(losetup -f --show --direct-io=on "$work/dev.img" 2>/dev/null); then
+  trap 'losetup -d "$dev" 2>/dev/null || true; cleanup' EXIT
+else
+  dev=""
+  echo "no loop device (needs root and the loop driver): the block-device column is skipped" >&2
+fi
+
 limit_out=$("$limit" "$pristine" 2)
 limit_s=${limit_out#limit_secs=}
 limit_s=${limit_s%% *}
@@ -192,10 +215,12 @@ for store in $stores; do
   case $store in
     local)
       measure_store local "file://$work/cbt" "$work/restic" "$work/cbt" "$work/restic"
+      measure_device local "file://$work/cbt-dev" "$work/restic-dev"
       ran+=(local) ;;
     seaweedfs)
       if start_seaweed "$cbt"; then
         measure_store seaweedfs s3://bench/cbt "s3:http://127.0.0.1:$s3_port/bench/restic" "$work/weed"
+        measure_device seaweedfs s3://bench/cbt-dev "s3:http://127.0.0.1:$s3_port/bench/restic-dev"
         ran+=(seaweedfs)
       fi ;;
     *) echo "unknown store $store" >&2; exit 2 ;;
@@ -223,6 +248,18 @@ for s in "${ran[@]}"; do
     "$(echo "scale=2; $limit_s / ${res[$s.c_full]}" | bc -l)" \
     "${res[$s.big_per_byte]}" "${res[$s.small_per_byte]}"
 done
+if [ -n "$dev" ]; then
+  echo
+  echo "Full backup of the same image read through a block device (loop device, direct I/O to its file), fresh repositories:"
+  echo
+  echo '| store | full from a block device | cbt CPU | server CPU during cbt | restic CPU | server CPU during restic |'
+  echo '|---|---|---|---|---|---|'
+  for s in "${ran[@]}"; do
+    printf '| %s | %sx restic (%.2f s vs %.2f s) | %.2f | %.2f | %.2f | %.2f |\n' "$s" \
+      "$(ratio "${res[$s.r_dev]}" "${res[$s.c_dev]}")" "${res[$s.c_dev]}" "${res[$s.r_dev]}" \
+      "${res[$s.c_dev.cpu]}" "${res[$s.c_dev.srv]}" "${res[$s.r_dev.cpu]}" "${res[$s.r_dev.srv]}"
+  done
+fi
 echo
 echo 'CPU seconds of each step (user + system): cbt / restic, and the S3 server'"'"'s meanwhile.'
 echo 'floor = (client CPU + server CPU) / 2 cores: the least wall time of that step on this machine.'
