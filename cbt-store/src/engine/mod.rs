@@ -9,7 +9,9 @@
 //!
 //! # Memory bound
 //! Backup holds at most `(readers + readahead + 2 * workers + transfers) * (chunk_size + 52)`
-//! bytes of chunk data (each buffer rounded up to 4 KiB): raw buffers are pooled and reused
+//! bytes of chunk data (each buffer rounded up to 4 KiB, plus 4 KiB when the source reads with
+//! `O_DIRECT`: the raw bytes then start an alignment unit in, see [`DirectIo`]): raw
+//! buffers are pooled and reused
 //! (at most `readers + readahead + workers + transfers` exist, see
 //! [`BackupOutcome::raw_buffers_allocated`]); an incompressible chunk is framed where it was
 //! read and its read buffer is the body uploaded, returning to the pool when the upload
@@ -154,7 +156,7 @@ pub mod cbt;
 
 pub use backup::{BackupMode, BackupOutcome, BackupRequest, MERGE_QUEUE, MetadataIo, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
-pub use source::{BlockSource, FileSource};
+pub use source::{BlockSource, DirectIo, FileSource, ReadCounts};
 pub use verify_target::{
     READ_BACK_ENTRIES, TargetVerifyReport, verify_target, verify_target_stored,
 };
@@ -248,9 +250,11 @@ impl EngineOptions {
     /// + 10 * 128` entries for a full backup (see the module docs).
     pub fn backup_memory_bound(&self, chunk_size: u64) -> u64 {
         let o = self.normalized();
-        // Buffers are aligned for direct I/O, whole alignment units long.
+        // Buffers are aligned for direct I/O, whole alignment units long; a chunk read with
+        // direct I/O starts an alignment unit into its buffer.
+        let align = crate::aligned::DIRECT_ALIGN as u64;
         (o.readers + o.readahead + 2 * o.workers + o.transfers) as u64
-            * (chunk_size + BUFFER_OVERHEAD).next_multiple_of(crate::aligned::DIRECT_ALIGN as u64)
+            * (chunk_size + BUFFER_OVERHEAD + align).next_multiple_of(align)
     }
 
     /// Upper bound of chunk-buffer memory of a restore with these options, encrypted or not.
