@@ -105,7 +105,7 @@ impl std::fmt::Display for DirectIo {
 }
 
 /// Bytes a [`FileSource`] has read so far, by the way they were read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ReadCounts {
     /// Read with `O_DIRECT`, past the page cache.
     pub direct_bytes: u64,
