@@ -295,17 +295,37 @@ pub fn encode(raw: &[u8], level: i32) -> EncodedChunk {
 
 /// A chunk's raw bytes in an aligned buffer with room for the framing on both sides, so that
 /// an incompressible chunk becomes its object where it was read (see [`encode_raw_chunk`]).
+///
+/// The object (header, raw bytes, trailer) sits at `start` in the buffer. Usually `start` is
+/// 0: the object is aligned, as the local store's direct write wants it. A source read with
+/// `O_DIRECT` needs the raw bytes themselves aligned instead; the header then ends at an
+/// alignment boundary (`start = raw_at - HEADER_LEN`), the object is not aligned, and the S3
+/// store uploads it as it is while the local store copies it once for its own direct write.
 pub struct RawChunk {
     buf: AlignedBuf,
+    /// Where the object (its header) starts in `buf`.
+    start: usize,
     len: usize,
 }
 
 impl RawChunk {
     /// Room for `len` raw bytes in `buf` (grown if needed; the raw bytes are whatever the
     /// buffer held: the caller fills them through [`RawChunk::raw_mut`]).
-    pub(crate) fn new(mut buf: AlignedBuf, len: usize) -> Self {
-        buf.resize(len + OVERHEAD);
-        RawChunk { buf, len }
+    pub(crate) fn new(buf: AlignedBuf, len: usize) -> Self {
+        RawChunk::with_raw_at(buf, len, HEADER_LEN)
+    }
+
+    /// Like [`RawChunk::new`], with the raw bytes at offset `raw_at` of `buf` (at least
+    /// [`HEADER_LEN`]; a multiple of a source's direct-I/O alignment so they can be read into
+    /// with `O_DIRECT`).
+    ///
+    /// # Panics
+    /// If `raw_at < HEADER_LEN` (a caller bug).
+    pub(crate) fn with_raw_at(mut buf: AlignedBuf, len: usize, raw_at: usize) -> Self {
+        assert!(raw_at >= HEADER_LEN, "no room for the chunk header");
+        let start = raw_at - HEADER_LEN;
+        buf.resize(start + len + OVERHEAD);
+        RawChunk { buf, start, len }
     }
 
     /// Room for a chunk of `len` raw bytes, in a buffer from the process-wide pool (its
@@ -316,12 +336,14 @@ impl RawChunk {
 
     /// The raw bytes.
     pub fn raw(&self) -> &[u8] {
-        &self.buf.as_slice()[HEADER_LEN..HEADER_LEN + self.len]
+        let at = self.start + HEADER_LEN;
+        &self.buf.as_slice()[at..at + self.len]
     }
 
     /// The raw bytes, to read the chunk into.
     pub fn raw_mut(&mut self) -> &mut [u8] {
-        &mut self.buf.as_mut_slice()[HEADER_LEN..HEADER_LEN + self.len]
+        let at = self.start + HEADER_LEN;
+        &mut self.buf.as_mut_slice()[at..at + self.len]
     }
 
     /// The buffer, for reuse.
@@ -346,7 +368,9 @@ pub fn encode_raw_chunk(raw: RawChunk, level: i32) -> EncodedChunk {
 /// object is written into a buffer from the process-wide pool and `raw`'s buffer is handed
 /// back for reuse.
 ///
-/// The object starts at the buffer's start, so it is aligned for direct I/O like [`encode`]'s.
+/// Unless `raw` was laid out for a direct read ([`RawChunk::with_raw_at`]), the object starts
+/// at the buffer's start, so it is aligned for direct I/O like [`encode`]'s; a compressed
+/// object always is.
 pub(crate) fn encode_in_place(
     mut raw: RawChunk,
     level: i32,
@@ -372,12 +396,15 @@ pub(crate) fn encode_in_place(
         }
         aligned::recycle(body);
     }
-    let (chunk, olen, crc) = frame(raw.buf.as_mut_slice(), CODEC_RAW, &hash, raw_crc, len, len);
+    let start = raw.start;
+    let object = &mut raw.buf.as_mut_slice()[start..];
+    let (chunk, olen, crc) = frame(object, CODEC_RAW, &hash, raw_crc, len, len);
+    let range = start..start + olen;
     let encoded = EncodedChunk {
         chunk,
         body: match home {
-            Some(home) => aligned::into_bytes_home(raw.buf, 0..olen, home.clone()),
-            None => aligned::into_bytes(raw.buf, 0..olen),
+            Some(home) => aligned::into_bytes_home(raw.buf, range, home.clone()),
+            None => aligned::into_bytes(raw.buf, range),
         },
         body_crc32c: crc,
     };
@@ -1215,11 +1242,17 @@ mod tests {
         }
     }
 
-    /// Encodes `raw` in place from a buffer that held other bytes before (a reused one).
-    fn in_place(raw: &[u8], level: i32, home: &aligned::Shelf) -> (EncodedChunk, bool) {
+    /// Encodes `raw` in place from a buffer that held other bytes before (a reused one), the
+    /// raw bytes at `raw_at` in it.
+    fn in_place_at(
+        raw: &[u8],
+        level: i32,
+        home: &aligned::Shelf,
+        raw_at: usize,
+    ) -> (EncodedChunk, bool) {
         let mut dirty = AlignedBuf::default();
         dirty.resize(raw.len() + OVERHEAD + 5000).fill(0xA5);
-        let mut chunk = RawChunk::new(dirty, raw.len());
+        let mut chunk = RawChunk::with_raw_at(dirty, raw.len(), raw_at);
         chunk.raw_mut().copy_from_slice(raw);
         let (e, unused) = encode_in_place(chunk, level, Some(home));
         (e, unused.is_some())
@@ -1244,7 +1277,7 @@ mod tests {
             let raw = sample_data(kind, len, seed);
             let home = aligned::Shelf::default();
             let old = encode(&raw, level);
-            let (new, gave_back) = in_place(&raw, level, &home);
+            let (new, gave_back) = in_place_at(&raw, level, &home, HEADER_LEN);
             proptest::prop_assert_eq!(&new.chunk, &old.chunk);
             proptest::prop_assert_eq!(new.body_crc32c, old.body_crc32c);
             proptest::prop_assert!(new.body == old.body, "bodies differ");
@@ -1254,6 +1287,40 @@ mod tests {
             let mut out = Vec::new();
             decode_into(&new.body, &new.chunk, &mut out).unwrap();
             proptest::prop_assert!(out == raw);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        /// Laid out for a direct read (the raw bytes at an alignment boundary, the header just
+        /// before), the in-place encoder still writes exactly the copying encoder's object;
+        /// a raw object then is the read buffer itself (no copy), starting where the header
+        /// was put, and a compressed one starts aligned in a buffer of its own.
+        #[test]
+        fn objects_read_for_direct_io_are_the_copying_encoders_bytes(
+            kind in 0u8..3,
+            level in proptest::sample::select(vec![0, 1]),
+            len in proptest::prop_oneof![
+                1usize..9000,
+                proptest::strategy::Strategy::prop_map(1usize..40, |b| b * 4096),
+                (4096usize * 32 - 7)..(4096 * 40 + 7),
+            ],
+            raw_at in proptest::sample::select(vec![512usize, 4096]),
+            seed in proptest::prelude::any::<u32>(),
+        ) {
+            let raw = sample_data(kind, len, seed);
+            let home = aligned::Shelf::default();
+            let old = encode(&raw, level);
+            let (new, gave_back) = in_place_at(&raw, level, &home, raw_at);
+            proptest::prop_assert_eq!(&new.chunk, &old.chunk);
+            proptest::prop_assert_eq!(new.body_crc32c, old.body_crc32c);
+            proptest::prop_assert!(new.body == old.body, "bodies differ");
+            let raw_addr = new.body[HEADER_LEN..].as_ptr() as usize;
+            if gave_back {
+                proptest::prop_assert!(aligned::is_aligned(&new.body));
+            } else {
+                proptest::prop_assert!(raw_addr.is_multiple_of(raw_at));
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cbt_core::manifest::SourceInfo;
 use cbt_core::{SnapshotName, Timestamp, VolumeName};
 use cbt_store::engine::cbt::plan_cbt_backup;
-use cbt_store::engine::{self, BackupMode, BackupRequest, EngineOptions, FileSource};
+use cbt_store::engine::{self, BackupMode, BackupRequest, DirectIo, EngineOptions, FileSource};
 use clap::{ArgGroup, Args};
 
 use super::parse::{self, RANGES_FORMAT_HELP};
@@ -63,6 +63,12 @@ pub struct BackupArgs {
         value_parser = clap::value_parser!(i32).range(0..=19)
     )]
     pub compression_level: i32,
+    /// Read --device with O_DIRECT, past the page cache: `auto` does for block devices (no
+    /// kernel copy per byte, and the node's cached data is not evicted) and reads image files
+    /// through the cache; `always` and `never` force either. Where the kernel refuses
+    /// O_DIRECT, the device is read through the cache. (--pvc data movers use `auto`.)
+    #[arg(long, value_enum, default_value_t = DirectIoArg::Auto, value_name = "WHEN", conflicts_with_all = ["pvcs", "selector"])]
+    pub direct_io: DirectIoArg,
     /// Uploads in flight (and at most this many compression workers).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub jobs: Option<u16>,
@@ -75,6 +81,27 @@ pub struct BackupArgs {
     /// Cluster and data-mover settings for --pvc.
     #[command(flatten, next_help_heading = "Kubernetes PVCs")]
     pub kube: Box<super::k8s::KubeArgs>,
+}
+
+/// `--direct-io` values (see [`DirectIo`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DirectIoArg {
+    /// Block devices with O_DIRECT, image files through the page cache.
+    Auto,
+    /// O_DIRECT whenever the kernel accepts it.
+    Always,
+    /// Through the page cache.
+    Never,
+}
+
+impl From<DirectIoArg> for DirectIo {
+    fn from(a: DirectIoArg) -> Self {
+        match a {
+            DirectIoArg::Auto => DirectIo::Auto,
+            DirectIoArg::Always => DirectIo::Always,
+            DirectIoArg::Never => DirectIo::Never,
+        }
+    }
 }
 
 /// Engine options from `--jobs` / `--compression-level`.
@@ -127,7 +154,7 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
         .map(parse::ranges_file)
         .transpose()?;
 
-    let source = FileSource::open(device).map_err(|e| {
+    let source = FileSource::open_with(device, args.direct_io.into()).map_err(|e| {
         let class = if e.kind() == std::io::ErrorKind::NotFound
             || e.kind() == std::io::ErrorKind::PermissionDenied
         {
@@ -217,13 +244,15 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
     if let Some((_, cb)) = &bar {
         opts.progress = Some(cb.clone());
     }
-    let result = engine::backup(&repo, Arc::new(source), req, &opts).await;
+    let source = Arc::new(source);
+    let result = engine::backup(&repo, source.clone(), req, &opts).await;
     if let Some((b, _)) = bar {
         b.finish_and_clear();
     }
     let outcome = result?;
     let m = &outcome.head;
     let s = &outcome.stats;
+    let read = source.read_counts();
     ctx.out.emit(
         &serde_json::json!({
             "volume": m.volume,
@@ -234,12 +263,13 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
             "chunk_size": m.chunk_size(),
             "stats": s,
             "read_mb_per_s": outcome.read_mb_per_s,
+            "source_read": read,
         }),
         || {
             format!(
                 "snapshot {}/{} committed ({}{})\n  ranges cover {}; read {} in whole chunks, of which {} \
                  {}\n  uploaded {} in {} object(s), deduplicated {}, zero {}\n  \
-                 {:.1} s, {:.1} MB/s read",
+                 {:.1} s, {:.1} MB/s read{}",
                 m.volume,
                 m.snapshot,
                 m.snapshot_id,
@@ -260,7 +290,12 @@ pub async fn run(ctx: &Ctx, args: BackupArgs) -> Result<(), CliError> {
                 bytes(s.bytes_deduplicated),
                 bytes(s.bytes_zero),
                 s.wall_ms as f64 / 1000.0,
-                outcome.read_mb_per_s
+                outcome.read_mb_per_s,
+                if read.direct_bytes > 0 {
+                    format!(" ({} with O_DIRECT)", bytes(read.direct_bytes))
+                } else {
+                    String::new()
+                }
             )
         },
     );

@@ -23,7 +23,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::{BlockSource, EngineOptions, Progress, is_zero, mb_per_s};
 use crate::aligned::{AlignedBuf, Shelf};
-use crate::chunk::{EncodedChunk, RawChunk};
+use crate::chunk::{self, EncodedChunk, RawChunk};
 use crate::repo::{
     ChunkAt, ChunkNovelty, EntryGauge, HeldLeaf, LEAF_WINDOW, MetadataWritten, RepoError, RepoLock,
     Repository, Result, WalkReads, random_id,
@@ -1632,14 +1632,15 @@ struct BufferPool {
 }
 
 impl BufferPool {
-    fn take(&self, len: usize) -> RawChunk {
+    /// A buffer for a chunk of `len` raw bytes, placed at `raw_at` (see [`raw_offset`]).
+    fn take(&self, len: usize, raw_at: usize) -> RawChunk {
         let reused = self.free.lock().map(|mut p| p.pop()).ok().flatten();
         let buf = reused.unwrap_or_else(|| {
             self.allocated
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             AlignedBuf::default()
         });
-        RawChunk::new(buf, len)
+        RawChunk::with_raw_at(buf, len, raw_at)
     }
 
     fn give(&self, buf: AlignedBuf) {
@@ -1650,6 +1651,28 @@ impl BufferPool {
 
     fn allocated(&self) -> u64 {
         self.allocated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Where a chunk's raw bytes go in its buffer for reads from a source wanting
+/// `direct_alignment`: right after the chunk header (the object then starts aligned, as the
+/// local store's direct write wants it), or, for a source reading with `O_DIRECT`, at the first
+/// boundary of its alignment after the header, so the read itself can bypass the page cache
+/// (see the `source` module docs). An alignment the buffers cannot honour (not a power of two,
+/// or above theirs) gets the plain layout: the source then reads those buffers as it can.
+fn raw_offset(direct_alignment: Option<usize>) -> usize {
+    match direct_alignment {
+        Some(a) if a.is_power_of_two() && a <= crate::aligned::DIRECT_ALIGN => {
+            chunk::HEADER_LEN.next_multiple_of(a)
+        }
+        Some(a) => {
+            tracing::debug!(
+                alignment = a,
+                "source alignment above the buffers'; reading into unaligned memory"
+            );
+            chunk::HEADER_LEN
+        }
+        None => chunk::HEADER_LEN,
     }
 }
 
@@ -1697,6 +1720,7 @@ async fn run_pipeline(
     let cursor = Arc::new(Mutex::new(ReadCursor::new(plan.clone())));
     let ahead = Arc::new(Ahead::new(opts));
     let mut readers = Vec::with_capacity(opts.readers);
+    let raw_at = raw_offset(source.direct_alignment());
     for _ in 0..opts.readers {
         let (cursor, pool, source, tx) = (cursor.clone(), pool.clone(), source.clone(), tx.clone());
         let ahead = ahead.clone();
@@ -1707,7 +1731,7 @@ async fn run_pipeline(
                 }
                 let next = cursor.lock().ok().and_then(|mut c| c.next());
                 let Some(r) = next else { return };
-                let mut buf = pool.take(r.len as usize);
+                let mut buf = pool.take(r.len as usize, raw_at);
                 let item = source
                     .read_exact_at(buf.raw_mut(), r.offset)
                     .map(|()| (r, buf))

@@ -10,9 +10,11 @@
 //! # Memory bound
 //! Backup holds at most `readers + readahead + 2 * workers + transfers` chunk buffers of at
 //! most [`backup_buffer_bound`] bytes each: the chunk plus zstd's worst-case growth
-//! (`ZSTD_compressBound`, about size/256: a body is given that room before compressing) plus
-//! 52 bytes of framing, rounded up to 4 KiB (1,056,768 bytes for 1 MiB chunks, a 0.8% margin
-//! over the chunk). Raw buffers are pooled and reused
+//! (`ZSTD_compressBound`, about size/256: a body is given that room before compressing), or
+//! the chunk plus one alignment unit when the source reads with `O_DIRECT` (the raw bytes then
+//! start an alignment unit in, see [`DirectIo`]), plus 52 bytes of framing, rounded up to 4 KiB
+//! (1,056,768 bytes for 1 MiB chunks, a 0.8% margin over the chunk). Raw buffers are pooled and
+//! reused
 //! (at most `readers + readahead + workers + transfers` exist, see
 //! [`BackupOutcome::raw_buffers_allocated`]); an incompressible chunk is framed where it was
 //! read and its read buffer is the body uploaded, returning to the pool when the upload
@@ -163,7 +165,7 @@ pub mod cbt;
 
 pub use backup::{BackupMode, BackupOutcome, BackupRequest, MERGE_QUEUE, MetadataIo, backup};
 pub use restore::{RestoreOptions, RestoreReport, TargetKind, restore, restore_manifest};
-pub use source::{BlockSource, FileSource};
+pub use source::{BlockSource, DirectIo, FileSource, ReadCounts};
 pub use verify_target::{
     READ_BACK_ENTRIES, TargetVerifyReport, verify_target, verify_target_stored,
 };
@@ -280,12 +282,14 @@ impl EngineOptions {
 ///
 /// A compressed body is given room for zstd's worst case before it is known whether the
 /// chunk shrinks (`ZSTD_compressBound`: the size plus 1/256 of it plus up to 64 bytes for
-/// small inputs, so 4 KiB more for a 1 MiB chunk), a raw one the chunk itself; either adds the
+/// small inputs, so 4 KiB more for a 1 MiB chunk), a raw one the chunk itself, one alignment
+/// unit in when the source reads with `O_DIRECT` (4 KiB more); either adds the
 /// framing and, in an encrypted repository, the sealed envelope. Buffers written by direct I/O
 /// are whole 4 KiB units (the direct I/O alignment).
 pub fn backup_buffer_bound(chunk_size: u64) -> u64 {
     let size = usize::try_from(chunk_size).unwrap_or(usize::MAX);
-    let payload = (zstd::zstd_safe::compress_bound(size) as u64).max(chunk_size);
+    let direct = chunk_size.saturating_add(crate::aligned::DIRECT_ALIGN as u64);
+    let payload = (zstd::zstd_safe::compress_bound(size) as u64).max(direct);
     payload
         .saturating_add(BUFFER_OVERHEAD)
         .checked_next_multiple_of(crate::aligned::DIRECT_ALIGN as u64)
