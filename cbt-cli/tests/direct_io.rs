@@ -4,52 +4,21 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod support;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-/// Runs `cbt --repo <repo> <args>` with no repository settings inherited from the environment.
-fn cbt(repo: &str, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cbt"));
-    c.arg("--repo").arg(repo).args(args);
-    for var in [
-        "CBT_REPO",
-        "CBT_PASSWORD",
-        "CBT_PASSWORD_FILE",
-        "CBT_KEY_FILE",
-        "CBT_MOVER_KEY_FILE",
-        "CBT_MOVER_SPEC",
-    ] {
-        c.env_remove(var);
-    }
-    c.output().unwrap()
-}
-
-/// Runs and asserts success; returns stdout.
-fn ok(repo: &str, args: &[&str]) -> String {
-    let out = cbt(repo, args);
-    assert!(
-        out.status.success(),
-        "cbt {args:?} failed with {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use cbt_core::testing::XorShift;
+use support::Cbt;
 
 /// An image of random and compressible 64 KiB blocks and holes, `len` bytes (not a multiple of
 /// 4 KiB, so the last chunk has an unaligned tail).
 fn make_image(path: &Path, len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x0dd1_7e57_5eed_0001;
+    let mut x = XorShift::from_state(0x0dd1_7e57_5eed_0001);
     let mut data = vec![0u8; len];
     for (i, block) in data.chunks_mut(64 * 1024).enumerate() {
         match i % 3 {
-            0 => block.iter_mut().for_each(|b| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *b = x as u8;
-            }),
+            0 => x.fill_low(block),
             1 => block
                 .iter_mut()
                 .enumerate()
@@ -65,8 +34,8 @@ fn make_image(path: &Path, len: usize) -> Vec<u8> {
 fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
     // On the target dir's disk: /tmp may be a tmpfs without O_DIRECT.
     let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let repo = format!("file://{}", work.path().join("repo").display());
-    ok(&repo, &["repo", "init", "--chunk-size", "64K"]);
+    let cbt = Cbt::local(&work.path().join("repo"));
+    cbt.ok(&["repo", "init", "--chunk-size", "64K"]);
     let image = work.path().join("disk.img");
     let data = make_image(&image, 40 * 64 * 1024 + 5_000);
     let dev = image.to_str().unwrap();
@@ -92,7 +61,7 @@ fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
         if let Some(mode) = mode {
             args.extend(["--direct-io", mode]);
         }
-        let report: serde_json::Value = serde_json::from_str(&ok(&repo, &args)).unwrap();
+        let report: serde_json::Value = serde_json::from_str(&cbt.ok(&args)).unwrap();
         let read = &report["source_read"];
         let (direct, buffered) = (
             read["direct_bytes"].as_u64().unwrap(),
@@ -121,18 +90,15 @@ fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
             );
         }
         let restored = work.path().join(format!("{snapshot}.out"));
-        ok(
-            &repo,
-            &[
-                "restore",
-                "--volume",
-                "v",
-                "--snapshot",
-                snapshot,
-                "--target",
-                restored.to_str().unwrap(),
-            ],
-        );
+        cbt.ok(&[
+            "restore",
+            "--volume",
+            "v",
+            "--snapshot",
+            snapshot,
+            "--target",
+            restored.to_str().unwrap(),
+        ]);
         assert!(
             std::fs::read(&restored).unwrap() == data,
             "{snapshot}: restore differs"
@@ -141,47 +107,38 @@ fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
     assert!(direct_seen.is_some());
 
     // The human report says how much was read with O_DIRECT.
-    let human = ok(
-        &repo,
-        &[
-            "backup",
-            "--device",
-            dev,
-            "--volume",
-            "v",
-            "--snapshot",
-            "human",
-            "--full",
-            "--direct-io",
-            "always",
-        ],
-    );
+    let human = cbt.ok(&[
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        "human",
+        "--full",
+        "--direct-io",
+        "always",
+    ]);
     if direct_seen == Some(true) {
         assert!(human.contains("with O_DIRECT"), "{human}");
     }
 
     // A mode that does not exist is a usage error (exit code 2), not a silent default.
-    let out = cbt(
-        &repo,
-        &[
-            "backup",
-            "--device",
-            dev,
-            "--volume",
-            "v",
-            "--snapshot",
-            "bad",
-            "--full",
-            "--direct-io",
-            "sometimes",
-        ],
-    );
+    let out = cbt.cmd(&[
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        "bad",
+        "--full",
+        "--direct-io",
+        "sometimes",
+    ]);
     assert_eq!(out.status.code(), Some(2));
     // --pvc backups are read by a data mover (which uses `auto`): the flag is refused there.
-    let out = cbt(
-        &repo,
-        &["backup", "--pvc", "ns/data", "--direct-io", "always"],
-    );
+    let out = cbt.cmd(&["backup", "--pvc", "ns/data", "--direct-io", "always"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--direct-io"),

@@ -93,18 +93,7 @@ async fn backup_check_restore(
         );
     }
     let map = &out.manifest.as_ref().unwrap().chunks;
-    let cs = BIG as usize;
-    for (index, r) in map.iter_stored() {
-        let at = (index * BIG) as usize;
-        let raw = &img[at..(at + cs).min(img.len())];
-        let expected = cbt_store::chunk::encode(raw, opts().compression_level);
-        let body = store
-            .get(&cbt_store::chunk::chunk_key(&r.hash))
-            .await
-            .unwrap();
-        assert!(body == expected.body, "{snapshot}: chunk {index} differs");
-        assert_eq!(*r, expected.chunk, "{snapshot}: chunk {index}");
-    }
+    assert_stored_as_encoded(store, map, img, BIG, snapshot).await;
     restore_file(repo, &vol("pvc"), &snap(snapshot), restored)
         .await
         .unwrap();

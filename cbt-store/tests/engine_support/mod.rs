@@ -358,3 +358,30 @@ pub fn mutate(img: &mut [u8], count: usize, len: usize, seed: u64) -> RangeSet {
     }
     RangeSet::try_from_extents(extents).unwrap()
 }
+
+/// Every chunk `map` stores is, byte for byte, the object `chunk::encode` makes of `img`'s
+/// bytes at its index (chunks of `chunk` bytes, the test options' level), with the same
+/// reference. Returns (chunks stored, of which stored raw).
+pub async fn assert_stored_as_encoded(
+    store: &dyn ObjectStore,
+    map: &cbt_core::ChunkMap,
+    img: &[u8],
+    chunk: u64,
+    label: &str,
+) -> (usize, usize) {
+    let (mut stored, mut raw) = (0, 0);
+    for (index, r) in map.iter_stored() {
+        let at = (index * chunk) as usize;
+        let bytes = &img[at..(at + chunk as usize).min(img.len())];
+        let expected = cbt_store::chunk::encode(bytes, opts().compression_level);
+        let body = store
+            .get(&cbt_store::chunk::chunk_key(&r.hash))
+            .await
+            .unwrap();
+        assert!(body == expected.body, "{label}: chunk {index} differs");
+        assert_eq!(*r, expected.chunk, "{label}: chunk {index}");
+        raw += usize::from(body[5] == 0);
+        stored += 1;
+    }
+    (stored, raw)
+}
