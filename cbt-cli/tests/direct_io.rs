@@ -30,6 +30,24 @@ fn make_image(path: &Path, len: usize) -> Vec<u8> {
     data
 }
 
+/// `backup --device DEV --volume v --snapshot SNAPSHOT --full`, with `--direct-io MODE` if given.
+fn full_backup<'a>(dev: &'a str, snapshot: &'a str, mode: Option<&'a str>) -> Vec<&'a str> {
+    let mut args = vec![
+        "backup",
+        "--device",
+        dev,
+        "--volume",
+        "v",
+        "--snapshot",
+        snapshot,
+        "--full",
+    ];
+    if let Some(mode) = mode {
+        args.extend(["--direct-io", mode]);
+    }
+    args
+}
+
 #[test]
 fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
     // On the target dir's disk: /tmp may be a tmpfs without O_DIRECT.
@@ -46,21 +64,8 @@ fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
         ("always", Some("always")),
         ("never", Some("never")),
     ] {
-        let mut args = vec![
-            "-o",
-            "json",
-            "backup",
-            "--device",
-            dev,
-            "--volume",
-            "v",
-            "--snapshot",
-            snapshot,
-            "--full",
-        ];
-        if let Some(mode) = mode {
-            args.extend(["--direct-io", mode]);
-        }
+        let mut args = vec!["-o", "json"];
+        args.extend(full_backup(dev, snapshot, mode));
         let report: serde_json::Value = serde_json::from_str(&cbt.ok(&args)).unwrap();
         let read = &report["source_read"];
         let (direct, buffered) = (
@@ -107,35 +112,13 @@ fn backup_reads_the_device_directly_when_told_and_restores_the_same_bytes() {
     assert!(direct_seen.is_some());
 
     // The human report says how much was read with O_DIRECT.
-    let human = cbt.ok(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "human",
-        "--full",
-        "--direct-io",
-        "always",
-    ]);
+    let human = cbt.ok(&full_backup(dev, "human", Some("always")));
     if direct_seen == Some(true) {
         assert!(human.contains("with O_DIRECT"), "{human}");
     }
 
     // A mode that does not exist is a usage error (exit code 2), not a silent default.
-    let out = cbt.cmd(&[
-        "backup",
-        "--device",
-        dev,
-        "--volume",
-        "v",
-        "--snapshot",
-        "bad",
-        "--full",
-        "--direct-io",
-        "sometimes",
-    ]);
+    let out = cbt.cmd(&full_backup(dev, "bad", Some("sometimes")));
     assert_eq!(out.status.code(), Some(2));
     // --pvc backups are read by a data mover (which uses `auto`): the flag is refused there.
     let out = cbt.cmd(&["backup", "--pvc", "ns/data", "--direct-io", "always"]);

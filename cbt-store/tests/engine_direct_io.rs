@@ -66,6 +66,17 @@ fn sparse(chunks: u64, tail: usize) -> Vec<u8> {
     img
 }
 
+/// [`backup_check_restore`] of `src` into a new local repository under `dir`, which reads the
+/// whole image; returns the bytes read.
+async fn backed_up_locally(dir: &Path, src: Arc<FileSource>, img: &[u8]) -> u64 {
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.join("repo")).unwrap());
+    let repo = init_sized(store.clone(), BIG).await;
+    let restored = dir.join("restored");
+    let read = backup_check_restore(&repo, store.as_ref(), src, img, "one", &restored).await;
+    assert_eq!(read, img.len() as u64);
+    read
+}
+
 /// Backs `path` up through `src` as `pvc`/`snapshot` with the test engine options, checks
 /// every stored chunk against the copying encoder's object of the same bytes of `img`, restores
 /// it and compares with `img`. Returns the bytes the backup read.
@@ -168,18 +179,13 @@ async fn a_source_refusing_direct_reads_falls_back_to_the_cache() {
     let img = dense(4, 777);
     let path = dir.path().join("refusing.img");
     std::fs::write(&path, &img).unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let repo = init_sized(store.clone(), BIG).await;
     let src = Arc::new(
         FileSource::open_with(&path, DirectIo::Always)
             .unwrap()
             .refusing_direct_reads(),
     );
     assert_eq!(src.direct_alignment(), Some(4096));
-    let restored = dir.path().join("restored");
-    let read =
-        backup_check_restore(&repo, store.as_ref(), src.clone(), &img, "one", &restored).await;
-    assert_eq!(read, img.len() as u64);
+    let read = backed_up_locally(dir.path(), src.clone(), &img).await;
     assert_eq!(
         src.read_counts(),
         ReadCounts {
@@ -245,12 +251,7 @@ async fn a_loop_device_is_read_directly_by_default() {
         src.reads_direct(),
         "a block device is read directly by default"
     );
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir.path().join("repo")).unwrap());
-    let repo = init_sized(store.clone(), BIG).await;
-    let restored = dir.path().join("restored");
-    let read =
-        backup_check_restore(&repo, store.as_ref(), src.clone(), &img, "one", &restored).await;
-    assert_eq!(read, img.len() as u64);
+    let read = backed_up_locally(dir.path(), src.clone(), &img).await;
     assert_eq!(
         src.read_counts(),
         ReadCounts {
