@@ -9,7 +9,9 @@
 //! lands aligned ([`Repository::fetch_chunk_for_write`]), the payload is checked where it lies
 //! and written from there. Pieces that direct I/O cannot take (an unaligned tail, a file
 //! system that refuses `O_DIRECT`) go through the ordinary descriptor; the final `fsync`
-//! covers both.
+//! covers both. A new file's chunks are allocated a batch at a time before they are written,
+//! so that the direct writes overwrite rather than allocate and can run side by side; the zero
+//! runs inside them are punched back into holes (see [`Target`]'s reservation).
 //!
 //! # Before the first byte, and after a failure
 //! A restore checks what it needs before it touches the target: the manifest is validated
@@ -30,6 +32,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -454,7 +457,7 @@ async fn restore_map(
     }
     .map_err(tio(None));
     let file = match file {
-        Ok(f) => Arc::new(Target::new(f, volume_size)),
+        Ok(f) => Arc::new(Target::new(f, volume_size, kind != TargetKind::InPlace)),
         Err(e) => {
             if let Some(lock) = lock {
                 let _ = lock.release().await;
@@ -587,6 +590,33 @@ async fn zero_now(
     Ok(())
 }
 
+/// Allocates the chunks of `batch` on a fresh target (blocking task), after giving back the
+/// zero runs the previous batches left.
+async fn reserve_now(
+    file: &Arc<Target>,
+    geometry: &ChunkGeometry,
+    batch: &[HeldLeaf],
+) -> Result<()> {
+    if !file.reserving() {
+        return Ok(());
+    }
+    let mut ranges = RangeSet::new();
+    for (index, _) in batch.iter().flat_map(|l| l.entries.iter()) {
+        if let Ok(r) = geometry.chunk_range(*index) {
+            ranges.insert(r);
+        }
+    }
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || {
+        f.give_back_zeros();
+        f.reserve(&ranges);
+    })
+    .await
+    .map_err(|e| RepoError::Internal {
+        message: format!("reserving task failed: {e}"),
+    })
+}
+
 #[allow(clippy::too_many_arguments)] // one private call site; the pieces are distinct
 async fn write_all(
     repo: &Repository,
@@ -640,6 +670,8 @@ async fn write_all(
                     cursor = i.saturating_add(1);
                 }
                 zero_now(&zfile, &zpath, zero, piece, restored).await?;
+            } else if let Some(batch) = &next {
+                reserve_now(&zfile, &geometry, batch).await?;
             }
             let ended = next.is_none();
             let batch = next.unwrap_or_default();
@@ -727,16 +759,19 @@ async fn write_all(
         .try_collect::<Vec<()>>()
         .await?;
     let p = path.clone();
-    tokio::task::spawn_blocking(move || file.file.sync_all())
-        .await
-        .map_err(|e| RepoError::Internal {
-            message: format!("fsync task failed: {e}"),
-        })?
-        .map_err(|source| RepoError::TargetIo {
-            path: p,
-            offset: None,
-            source,
-        })
+    tokio::task::spawn_blocking(move || {
+        file.give_back_zeros();
+        file.file.sync_all()
+    })
+    .await
+    .map_err(|e| RepoError::Internal {
+        message: format!("fsync task failed: {e}"),
+    })?
+    .map_err(|source| RepoError::TargetIo {
+        path: p,
+        offset: None,
+        source,
+    })
 }
 
 /// What one chunk's blocking task did: the (index, offset) pairs written, the bytes read.
@@ -824,6 +859,10 @@ impl WriteJob {
 /// Block size below which zero runs inside a chunk are written rather than skipped.
 const SPARSE_BLOCK: usize = 4096;
 
+/// Zero runs a fresh target holds allocated before they are given back (16 bytes each):
+/// past it, a chunk gives its own back at once.
+const PENDING_ZEROS: usize = 4096;
+
 /// The restore target: the ordinary descriptor (zeroing, unaligned pieces, fsync) and, when
 /// the file system accepts it, a second `O_DIRECT` descriptor on the same file for the bulk.
 /// Every write goes through [`Target::write_at`], which refuses anything ending past `limit`
@@ -832,10 +871,28 @@ struct Target {
     file: File,
     direct: Option<File>,
     limit: u64,
+    /// On a fresh (sparse) target only.
+    reserved: Option<Reserved>,
+}
+
+/// A fresh target's chunks are allocated a batch at a time before they are written. A direct
+/// write into a hole allocates as it goes, and ext4 runs such writes one at a time under the
+/// inode's exclusive lock, waiting for the disk each time; into allocated (unwritten) blocks
+/// they run side by side. Measured on a 1 GiB restore (768 MiB of data): 1.28-1.42 s into a
+/// new file before, 0.37-0.53 s after. The zero runs inside a chunk are skipped, so they stay
+/// allocated but unwritten until they are punched back into holes: at the next batch (one
+/// wait for the writes in flight per batch, as any allocation waits) or at the end.
+struct Reserved {
+    /// Cleared at the first refusal: reserving only saves time, it never fails a restore.
+    active: AtomicBool,
+    /// Whether anything was reserved, so skipped zero runs may be allocated.
+    any: AtomicBool,
+    /// Zero runs skipped inside reserved chunks, not yet punched (at most [`PENDING_ZEROS`]).
+    zeros: Mutex<Vec<ByteRange>>,
 }
 
 impl Target {
-    fn new(file: File, limit: u64) -> Self {
+    fn new(file: File, limit: u64, fresh: bool) -> Self {
         // Reopening through /proc names the same open inode, never whatever the path points
         // at now. Without /proc or O_DIRECT support everything goes through `file`.
         let direct = OpenOptions::new()
@@ -844,10 +901,89 @@ impl Target {
             .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
             .map_err(|e| tracing::debug!(error = %e, "restore target refuses O_DIRECT"))
             .ok();
+        let reserved = fresh.then(|| Reserved {
+            active: AtomicBool::new(true),
+            any: AtomicBool::new(false),
+            zeros: Mutex::default(),
+        });
         Self {
             file,
             direct,
             limit,
+            reserved,
+        }
+    }
+
+    /// Whether batches are still allocated ahead of their writes.
+    fn reserving(&self) -> bool {
+        self.reserved
+            .as_ref()
+            .is_some_and(|r| r.active.load(Ordering::Relaxed))
+    }
+
+    /// Allocates `ranges` (inside the volume) without writing them; the first refusal (a file
+    /// system without `fallocate`, a full disk) turns reserving off and the writes allocate.
+    fn reserve(&self, ranges: &RangeSet) {
+        use rustix::fs::{FallocateFlags, fallocate};
+        let Some(reserved) = &self.reserved else {
+            return;
+        };
+        for r in ranges {
+            if self.check_bounds(r.start(), r.len()).is_err() {
+                continue;
+            }
+            reserved.any.store(true, Ordering::Relaxed);
+            if let Err(e) = fallocate(&self.file, FallocateFlags::empty(), r.start(), r.len()) {
+                tracing::debug!(error = %e, "restore target refuses fallocate; writes allocate");
+                reserved.active.store(false, Ordering::Relaxed);
+                return;
+            }
+        }
+    }
+
+    /// Notes that `len` bytes at `at` were left as zeros: a reserved range is given back
+    /// later (or now, when [`PENDING_ZEROS`] runs already wait).
+    fn leave_zeros(&self, at: u64, len: u64) {
+        let Some(reserved) = &self.reserved else {
+            return;
+        };
+        let Ok(range) = ByteRange::new(at, len) else {
+            return;
+        };
+        if !reserved.any.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut zeros) = reserved.zeros.lock()
+            && zeros.len() < PENDING_ZEROS
+        {
+            zeros.push(range);
+            return;
+        }
+        self.punch(&[range]);
+    }
+
+    /// Punches the pending zero runs back into holes.
+    fn give_back_zeros(&self) {
+        let Some(reserved) = &self.reserved else {
+            return;
+        };
+        let zeros = reserved
+            .zeros
+            .lock()
+            .map(|mut z| std::mem::take(&mut *z))
+            .unwrap_or_default();
+        self.punch(&zeros);
+    }
+
+    /// Punches `ranges` into holes; a refusal leaves them allocated, where they read as zeros.
+    fn punch(&self, ranges: &[ByteRange]) {
+        use rustix::fs::{FallocateFlags, fallocate};
+        for r in ranges {
+            let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+            if let Err(e) = fallocate(&self.file, flags, r.start(), r.len()) {
+                tracing::debug!(error = %e, "restore target keeps zero runs allocated");
+                return;
+            }
         }
     }
 
@@ -906,23 +1042,22 @@ fn write_chunk(
     if !sparse {
         return file.write_at(buf, offset);
     }
-    let mut run_start: Option<usize> = None;
+    let block_is_zero = |at: usize| super::is_zero(&buf[at..(at + SPARSE_BLOCK).min(buf.len())]);
     let mut pos = 0;
     while pos < buf.len() {
-        let end = (pos + SPARSE_BLOCK).min(buf.len());
-        let zero = super::is_zero(&buf[pos..end]);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(pos),
-            (true, Some(start)) => {
-                file.write_at(&buf[start..pos], offset + start as u64)?;
-                run_start = None;
-            }
-            _ => {}
+        // The run of blocks from `pos` that are all zero, or all not.
+        let zero = block_is_zero(pos);
+        let mut end = (pos + SPARSE_BLOCK).min(buf.len());
+        while end < buf.len() && block_is_zero(end) == zero {
+            end = (end + SPARSE_BLOCK).min(buf.len());
+        }
+        let at = offset + pos as u64;
+        if zero {
+            file.leave_zeros(at, (end - pos) as u64);
+        } else {
+            file.write_at(&buf[pos..end], at)?;
         }
         pos = end;
-    }
-    if let Some(start) = run_start {
-        file.write_at(&buf[start..], offset + start as u64)?;
     }
     Ok(())
 }
@@ -992,7 +1127,7 @@ mod tests {
                 .create_new(true)
                 .open(&path)
                 .unwrap();
-            let mut t = Target::new(file, 32 * DIRECT_ALIGN as u64);
+            let mut t = Target::new(file, 32 * DIRECT_ALIGN as u64, false);
             if !with_direct {
                 t.direct = None;
             }
@@ -1010,5 +1145,46 @@ mod tests {
             assert_eq!(&got[at..at + len - 1], &data[1..]);
             assert!(got[len..8 * DIRECT_ALIGN + 7].iter().all(|&b| b == 0));
         }
+    }
+
+    /// A fresh target allocates what it reserves before any write, and a chunk written with
+    /// zero runs inside gives them back as holes: the file ends holding its data blocks only.
+    #[test]
+    fn fresh_target_reserves_then_gives_back_zero_runs() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh");
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let size = 64 * DIRECT_ALIGN as u64;
+        file.set_len(size).unwrap();
+        let t = Target::new(file, size, true);
+        let allocated = || fs::metadata(&path).unwrap().blocks() * 512;
+        let whole = RangeSet::from_ranges([ByteRange::new(0, size).unwrap()]);
+        t.reserve(&whole);
+        if !t.reserving() {
+            return; // a file system without fallocate: nothing is reserved, nothing to give back
+        }
+        assert!(allocated() >= size, "reserved {} of {size}", allocated());
+        // Even blocks hold data; the odd ones are zeros that the reservation allocated and
+        // that must be holes again at the end.
+        let mut buf = AlignedBuf::default();
+        let data = buf.resize(64 * DIRECT_ALIGN);
+        for (k, block) in data.chunks_mut(DIRECT_ALIGN).enumerate() {
+            block.fill(if k % 2 == 0 { k as u8 + 1 } else { 0 });
+        }
+        write_chunk(&t, buf.as_slice(), 0, true).unwrap();
+        t.give_back_zeros();
+        t.file.sync_all().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), buf.as_slice());
+        assert!(
+            allocated() <= size / 2 + DIRECT_ALIGN as u64,
+            "{} bytes still allocated for {} of data",
+            allocated(),
+            size / 2
+        );
     }
 }
