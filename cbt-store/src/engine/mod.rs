@@ -26,7 +26,8 @@
 //! backed up with a larger chunk size, a body may be such a buffer, memory the pool already
 //! held, which the bound does not count again. Restore holds at most `2 * transfers * (chunk_size + 52 +
 //! 4096)` (a body and its decode buffer per chunk in flight; a body read for direct writes
-//! starts up to 4 KiB into its buffer).
+//! starts up to 4 KiB into its buffer). A restore into a new file also keeps up to 4,096 skipped
+//! zero runs (64 KiB) until it punches them back into holes.
 //! On top come pooled zstd contexts (one per concurrent encode/decode, at most 16 kept).
 //! In an encrypted repository each buffer holds 64 bytes more (the sealed envelope: header,
 //! GCM tag, checksum); [`EngineOptions::backup_memory_bound`] and
