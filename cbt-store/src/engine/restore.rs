@@ -1147,6 +1147,35 @@ mod tests {
         }
     }
 
+    /// The first range the file system refuses to allocate turns reserving off for the rest of
+    /// the restore, and the writes still land (allocating as they go).
+    #[test]
+    fn a_refused_reservation_turns_reserving_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fresh");
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let size = 8 * DIRECT_ALIGN as u64;
+        file.set_len(size).unwrap();
+        // A range ending past the largest offset a file can have passes the volume check of
+        // this limit, and every file system refuses it (EFBIG).
+        let t = Target::new(file, u64::MAX, true);
+        assert!(t.reserving());
+        let near_end = i64::MAX as u64 - 4096;
+        let far = RangeSet::from_ranges([ByteRange::new(near_end, 1 << 20).unwrap()]);
+        t.reserve(&far);
+        assert!(!t.reserving());
+        let mut buf = AlignedBuf::default();
+        buf.resize(size as usize).fill(7);
+        write_chunk(&t, buf.as_slice(), 0, true).unwrap();
+        t.give_back_zeros();
+        t.file.sync_all().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), buf.as_slice());
+    }
+
     /// A fresh target allocates what it reserves before any write, and a chunk written with
     /// zero runs inside gives them back as holes: the file ends holding its data blocks only.
     #[test]
