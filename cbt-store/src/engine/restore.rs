@@ -590,26 +590,31 @@ async fn zero_now(
     Ok(())
 }
 
-/// Allocates the chunks of `batch` on a fresh target (blocking task), after giving back the
-/// zero runs the previous batches left.
+/// Gives back the zero runs the previous batches left on a fresh target and, while reserving
+/// is on, allocates the chunks of `batch` (blocking task). The runs are given back even after
+/// reserving stopped: the writes that allocate from then on may need their space.
 async fn reserve_now(
     file: &Arc<Target>,
     geometry: &ChunkGeometry,
     batch: &[HeldLeaf],
 ) -> Result<()> {
-    if !file.reserving() {
+    if file.reserved.is_none() {
         return Ok(());
     }
     let mut ranges = RangeSet::new();
-    for (index, _) in batch.iter().flat_map(|l| l.entries.iter()) {
-        if let Ok(r) = geometry.chunk_range(*index) {
-            ranges.insert(r);
+    if file.reserving() {
+        for (index, _) in batch.iter().flat_map(|l| l.entries.iter()) {
+            if let Ok(r) = geometry.chunk_range(*index) {
+                ranges.insert(r);
+            }
         }
     }
     let f = file.clone();
     tokio::task::spawn_blocking(move || {
         f.give_back_zeros();
-        f.reserve(&ranges);
+        if !ranges.is_empty() {
+            f.reserve(&ranges);
+        }
     })
     .await
     .map_err(|e| RepoError::Internal {
@@ -921,14 +926,16 @@ impl Target {
             .is_some_and(|r| r.active.load(Ordering::Relaxed))
     }
 
-    /// Allocates `ranges` (inside the volume) without writing them; the first refusal (a file
-    /// system without `fallocate`, a full disk) turns reserving off and the writes allocate.
+    /// Allocates `ranges` (inside the volume, none written yet) without writing them. The
+    /// first refusal (a file system without `fallocate`, a full disk) turns reserving off and
+    /// punches what this call allocated back into holes, so that a nearly full disk holds no
+    /// more than it did without reserving; the writes then allocate.
     fn reserve(&self, ranges: &RangeSet) {
         use rustix::fs::{FallocateFlags, fallocate};
         let Some(reserved) = &self.reserved else {
             return;
         };
-        for r in ranges {
+        for (k, r) in ranges.iter().enumerate() {
             if self.check_bounds(r.start(), r.len()).is_err() {
                 continue;
             }
@@ -936,6 +943,8 @@ impl Target {
             if let Err(e) = fallocate(&self.file, FallocateFlags::empty(), r.start(), r.len()) {
                 tracing::debug!(error = %e, "restore target refuses fallocate; writes allocate");
                 reserved.active.store(false, Ordering::Relaxed);
+                // A refused range may be partly allocated: it is punched with the others.
+                self.punch(&ranges.ranges()[..=k]);
                 return;
             }
         }
@@ -1148,9 +1157,11 @@ mod tests {
     }
 
     /// The first range the file system refuses to allocate turns reserving off for the rest of
-    /// the restore, and the writes still land (allocating as they go).
+    /// the restore and gives back what the same call allocated; the writes still land
+    /// (allocating as they go).
     #[test]
     fn a_refused_reservation_turns_reserving_off() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fresh");
         let file = OpenOptions::new()
@@ -1165,9 +1176,14 @@ mod tests {
         let t = Target::new(file, u64::MAX, true);
         assert!(t.reserving());
         let near_end = i64::MAX as u64 - 4096;
-        let far = RangeSet::from_ranges([ByteRange::new(near_end, 1 << 20).unwrap()]);
-        t.reserve(&far);
+        let ranges = RangeSet::from_ranges([
+            ByteRange::new(0, size).unwrap(),
+            ByteRange::new(near_end, 1 << 20).unwrap(),
+        ]);
+        t.reserve(&ranges);
         assert!(!t.reserving());
+        let allocated = fs::metadata(&path).unwrap().blocks() * 512;
+        assert_eq!(allocated, 0, "the allocated range was not given back");
         let mut buf = AlignedBuf::default();
         buf.resize(size as usize).fill(7);
         write_chunk(&t, buf.as_slice(), 0, true).unwrap();
